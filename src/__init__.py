@@ -1,0 +1,24 @@
+"""TaskRun: a control plane for AI agents on remote machines.
+
+`taskrun.Client` is the typed async client; it is imported lazily so that `taskrun.core` stays
+free of grpc.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+__version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from taskrun.cli.client import Client
+
+__all__ = ["Client", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name == "Client":
+        from taskrun.cli.client import Client
+
+        return Client
+    raise AttributeError(name)

@@ -1,0 +1,52 @@
+"""The agent plugin interface, in core terms.
+
+An agent is any object with a `spec` (an AgentSpec) and an async `run(ctx)`. Workers find agents
+through the `taskrun.agents` entry-point group; the entry point names a class (or factory) that
+takes no arguments. `run` streams text with `ctx.emit`, structured events with `ctx.event`,
+returns an AgentResult, raises AgentError to fail the run with a message, and must stop promptly
+when its task is cancelled (asyncio cancellation).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+from taskrun.core.ids import RunId, TaskId
+from taskrun.core.models import AgentSpec, ModelBackend, Usage
+
+
+class AgentError(Exception):
+    """The agent failed in a way it can explain; the run fails with this message."""
+
+
+@dataclass(slots=True)
+class AgentResult:
+    result: Any = None  # JSON-serialisable
+    usage: Usage = field(default_factory=Usage)
+    backend_used: ModelBackend | None = None
+    session_id: str = ""
+
+
+class RunContext(Protocol):
+    task_id: TaskId
+    run_id: RunId
+    attempt: int
+    input: dict[str, Any]
+    resume_session_id: str
+    prompt: str
+
+    async def emit(self, text: str) -> None:
+        """Append text to the run's output."""
+        ...
+
+    async def event(self, type: str, **data: Any) -> None:
+        """Record a structured event (tool use, tool result, ...)."""
+        ...
+
+
+@runtime_checkable
+class Agent(Protocol):
+    spec: AgentSpec
+
+    async def run(self, ctx: RunContext) -> AgentResult: ...

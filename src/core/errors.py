@@ -1,0 +1,39 @@
+"""Domain errors. The server maps each kind onto one gRPC status code at its edge."""
+
+from __future__ import annotations
+
+
+class TaskRunError(Exception):
+    """Base of every domain error; `field` names the offending input when there is one."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def __str__(self) -> str:
+        return f"{self.field}: {self.message}" if self.field else self.message
+
+
+class InvalidArgument(TaskRunError):
+    """The request is malformed (gRPC INVALID_ARGUMENT)."""
+
+
+class NotFound(TaskRunError):
+    """The named object does not exist (gRPC NOT_FOUND)."""
+
+
+class FailedPrecondition(TaskRunError):
+    """The object is not in a state that allows the operation (gRPC FAILED_PRECONDITION)."""
+
+
+class AlreadyExists(TaskRunError):
+    """A different object already holds this name or key (gRPC ALREADY_EXISTS)."""
+
+
+class PermissionDenied(TaskRunError):
+    """The caller's identity may not do this (gRPC PERMISSION_DENIED)."""
+
+
+class ResourceExhausted(TaskRunError):
+    """A size or rate limit was exceeded (gRPC RESOURCE_EXHAUSTED)."""

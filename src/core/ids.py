@@ -1,0 +1,38 @@
+"""Typed identifiers. Task and run ids sort by creation time (ULID-like), so pages are stable."""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from typing import NewType
+
+TaskId = NewType("TaskId", str)
+RunId = NewType("RunId", str)
+WorkerId = NewType("WorkerId", str)
+
+_ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
+_WORKER_ID = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
+
+
+def _sortable(prefix: str) -> str:
+    """prefix + 10 chars of millisecond time + 16 chars of randomness (80 bits)."""
+    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    chars = []
+    for _ in range(26):
+        chars.append(_ALPHABET[value & 31])
+        value >>= 5
+    return prefix + "".join(reversed(chars))
+
+
+def new_task_id() -> TaskId:
+    return TaskId(_sortable("tsk_"))
+
+
+def new_run_id() -> RunId:
+    return RunId(_sortable("run_"))
+
+
+def is_valid_worker_id(value: str) -> bool:
+    """Worker ids are DNS-label-like: lower case letters, digits, '.', '_' and '-', max 64."""
+    return bool(_WORKER_ID.match(value))

@@ -1,0 +1,171 @@
+"""Plain typed domain objects. Protobuf stays at the edges; these are what the code works with."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import IntEnum
+
+from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelBackend:
+    """The model behind an agent."""
+
+    provider: str
+    model_name: str = ""
+    context_window: int = 0
+    modalities: tuple[str, ...] = ("text",)
+    tools: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class AgentSpec:
+    """What a worker announces about one agent it can run."""
+
+    name: str
+    description: str = ""
+    backends: tuple[ModelBackend, ...] = ()
+    input_schema: str = ""  # JSON Schema text; empty when unconstrained
+    supports_sessions: bool = False
+
+
+@dataclass(slots=True)
+class Usage:
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cache_read_tokens: int = 0
+    cache_creation_tokens: int = 0
+    cost_usd: float = 0.0
+    turns: int = 0
+    duration_ms: int = 0
+
+    def add(self, other: Usage) -> None:
+        self.input_tokens += other.input_tokens
+        self.output_tokens += other.output_tokens
+        self.cache_read_tokens += other.cache_read_tokens
+        self.cache_creation_tokens += other.cache_creation_tokens
+        self.cost_usd += other.cost_usd
+        self.turns += other.turns
+        self.duration_ms += other.duration_ms
+
+    @property
+    def empty(self) -> bool:
+        return self == Usage()
+
+
+DEFAULT_MAX_ATTEMPTS = 3
+
+
+@dataclass(slots=True)
+class TaskPolicy:
+    """How a task is scheduled, retried and bounded. Durations are seconds."""
+
+    priority: int = 0
+    timeout: float | None = None
+    max_attempts: int = DEFAULT_MAX_ATTEMPTS
+    idempotency_key: str = ""
+    required_labels: dict[str, str] = field(default_factory=dict)
+    queue_timeout: float | None = None
+    retry_on_failure: bool = False
+    required_provider: str = ""
+    required_model: str = ""
+
+
+@dataclass(slots=True)
+class TaskSpec:
+    """A validated submission: what the user asked for, before it becomes a Task."""
+
+    agent: str
+    input: str  # a JSON object, as text
+    labels: dict[str, str] = field(default_factory=dict)
+    policy: TaskPolicy = field(default_factory=TaskPolicy)
+    schedule: str = ""
+
+
+@dataclass(slots=True)
+class Task:
+    id: TaskId
+    agent: str
+    input: str
+    labels: dict[str, str]
+    policy: TaskPolicy
+    status: TaskStatus
+    created_at: datetime
+    updated_at: datetime
+    attempts: int = 0
+    current_run_id: RunId | None = None
+    worker_id: WorkerId | None = None
+    finished_at: datetime | None = None
+    error: str = ""
+    result: str = ""
+    usage: Usage = field(default_factory=Usage)
+    schedule: str = ""
+    cancel_requested: bool = False
+
+    def same_request(self, spec: TaskSpec) -> bool:
+        """Whether `spec` asks for exactly this task (idempotent resubmission)."""
+        return (
+            self.agent == spec.agent
+            and self.input == spec.input
+            and self.labels == spec.labels
+            and self.policy == spec.policy
+        )
+
+
+@dataclass(slots=True)
+class Run:
+    id: RunId
+    task_id: TaskId
+    attempt: int
+    status: RunStatus
+    created_at: datetime
+    worker_id: WorkerId | None = None
+    assigned_at: datetime | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    error: str = ""
+    result: str = ""
+    usage: Usage = field(default_factory=Usage)
+    backend_used: ModelBackend | None = None
+    session_id: str = ""
+    prompt: str = ""
+
+
+@dataclass(slots=True)
+class Worker:
+    id: WorkerId
+    hostname: str = ""
+    version: str = ""
+    agents: tuple[AgentSpec, ...] = ()
+    labels: dict[str, str] = field(default_factory=dict)
+    max_concurrent_runs: int = 1
+    status: WorkerStatus = WorkerStatus.OFFLINE
+    first_seen_at: datetime | None = None
+    connected_at: datetime | None = None
+    last_heartbeat_at: datetime | None = None
+    certificate_expires_at: datetime | None = None
+
+
+class OutputKind(IntEnum):
+    TEXT = 1
+    EVENT = 2
+
+
+@dataclass(frozen=True, slots=True)
+class OutputChunk:
+    """One piece of a run's output; (run_id, attempt, seq) identifies it, seq from 1."""
+
+    run_id: RunId
+    attempt: int
+    seq: int
+    data: str
+    kind: OutputKind = OutputKind.TEXT
+    time: datetime | None = None
+    task_id: TaskId | None = None

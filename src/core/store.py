@@ -1,0 +1,84 @@
+"""Storage protocols. Every store (memory, SQLite, later PostgreSQL) implements `Store`.
+
+Writes go through `Store.apply(ChangeSet)`: one atomic, durable unit (upserts of tasks, runs and
+workers, and appends of output). Implementations may group several change sets into one
+transaction, but each change set is all-or-nothing and durable once `apply` returns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.models import OutputChunk, Run, Task, Worker
+from taskrun.core.status import TaskStatus, WorkerStatus
+
+
+@dataclass(slots=True)
+class ChangeSet:
+    tasks: list[Task] = field(default_factory=list)
+    runs: list[Run] = field(default_factory=list)
+    workers: list[Worker] = field(default_factory=list)
+    chunks: list[OutputChunk] = field(default_factory=list)  # duplicates are ignored
+
+    def __bool__(self) -> bool:
+        return bool(self.tasks or self.runs or self.workers or self.chunks)
+
+    def merge(self, other: ChangeSet) -> None:
+        self.tasks.extend(other.tasks)
+        self.runs.extend(other.runs)
+        self.workers.extend(other.workers)
+        self.chunks.extend(other.chunks)
+
+
+@dataclass(frozen=True, slots=True)
+class TaskQuery:
+    statuses: frozenset[TaskStatus] = frozenset()
+    agent: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    worker_id: str = ""
+    schedule: str = ""
+    limit: int = 50
+    before: TaskId | None = None  # newest first: only ids smaller than this
+
+
+@dataclass(frozen=True, slots=True)
+class TaskPage:
+    tasks: list[Task]
+    next_before: TaskId | None  # None on the last page
+
+
+class TaskStore(Protocol):
+    async def get_task(self, task_id: TaskId) -> Task | None: ...
+    async def get_task_by_idempotency_key(self, key: str) -> Task | None: ...
+    async def list_tasks(self, query: TaskQuery) -> TaskPage: ...
+    async def list_unfinished_tasks(self) -> list[Task]: ...
+
+
+class RunStore(Protocol):
+    async def get_run(self, run_id: RunId) -> Run | None: ...
+    async def list_runs(self, task_id: TaskId) -> list[Run]: ...
+    async def list_unfinished_runs(self) -> list[Run]: ...
+
+
+class WorkerStore(Protocol):
+    async def get_worker(self, worker_id: WorkerId) -> Worker | None: ...
+    async def list_workers(
+        self, statuses: frozenset[WorkerStatus] = frozenset()
+    ) -> list[Worker]: ...
+
+
+class OutputStore(Protocol):
+    async def read_output(
+        self, run_ids: Sequence[RunId], after: dict[RunId, int] | None = None, limit: int = 10_000
+    ) -> list[OutputChunk]:
+        """Chunks of these runs in (run order given, seq) order, after the given seq per run."""
+        ...
+
+
+class Store(TaskStore, RunStore, WorkerStore, OutputStore, Protocol):
+    async def open(self) -> None: ...
+    async def apply(self, changes: ChangeSet) -> None: ...
+    async def close(self) -> None: ...

@@ -1,0 +1,132 @@
+"""Validation of everything a user submits. Each rule raises InvalidArgument naming the field."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+from collections.abc import Mapping
+from typing import Any
+
+from taskrun.core.errors import InvalidArgument
+from taskrun.core.models import TaskPolicy, TaskSpec
+
+MAX_INPUT_BYTES = 1 << 20  # 1 MiB of JSON per task input
+MAX_LABELS = 64
+MAX_IDEMPOTENCY_KEY = 256
+MAX_ATTEMPTS_LIMIT = 100
+PRIORITY_RANGE = (-1000, 1000)
+MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0
+MAX_BATCH = 1000
+
+_AGENT = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_LABEL_NAME = r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
+_LABEL_KEY = re.compile(rf"^([a-z0-9]([a-z0-9.-]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}$")
+_LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
+
+
+def validate_agent_name(name: str, field: str = "agent") -> str:
+    if not name:
+        raise InvalidArgument("must not be empty", field=field)
+    if not _AGENT.match(name):
+        raise InvalidArgument(
+            f"{name!r} is not a valid agent name (lower case letters, digits, '_' or '-', "
+            "starting with a letter, at most 64)",
+            field=field,
+        )
+    return name
+
+
+def validate_input(text: str, field: str = "input_json") -> tuple[str, dict[str, Any]]:
+    """Parse a task input. Empty means {}. Returns the canonical text and the object."""
+    if not text.strip():
+        return "{}", {}
+    size = len(text.encode())
+    if size > MAX_INPUT_BYTES:
+        raise InvalidArgument(f"is {size} bytes, over the limit of {MAX_INPUT_BYTES}", field=field)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(f"is not valid JSON: {exc}", field=field) from None
+    if not isinstance(value, dict):
+        raise InvalidArgument(f"must be a JSON object, got {type(value).__name__}", field=field)
+    return text, value
+
+
+def validate_labels(labels: Mapping[str, str], field: str = "labels") -> dict[str, str]:
+    if len(labels) > MAX_LABELS:
+        raise InvalidArgument(f"has {len(labels)} labels, at most {MAX_LABELS}", field=field)
+    for key, value in labels.items():
+        if not _LABEL_KEY.match(key):
+            raise InvalidArgument(
+                f"key {key!r} is not a valid label key (letters, digits, '.', '_', '-', "
+                "at most 63, optional DNS prefix and '/')",
+                field=field,
+            )
+        if not _LABEL_VALUE.match(value):
+            raise InvalidArgument(
+                f"value {value!r} of {key!r} is not a valid label value (letters, digits, "
+                "'.', '_', '-', at most 63, starting and ending alphanumeric)",
+                field=field,
+            )
+    return dict(labels)
+
+
+def parse_label_args(items: list[str], field: str = "labels") -> dict[str, str]:
+    """Parse `k=v` strings (CLI flags) into a label map, validated."""
+    labels: dict[str, str] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise InvalidArgument(f"{item!r} must have the form key=value", field=field)
+        labels[key] = value
+    return validate_labels(labels, field)
+
+
+def _duration(value: float | None, field: str) -> float | None:
+    if value is None or value == 0:
+        return None
+    if not math.isfinite(value) or value < 0:
+        raise InvalidArgument(f"must be a positive number of seconds, got {value}", field=field)
+    if value > MAX_TIMEOUT_SECONDS:
+        raise InvalidArgument(f"must be at most {MAX_TIMEOUT_SECONDS:.0f} seconds", field=field)
+    return value
+
+
+def validate_policy(policy: TaskPolicy, field: str = "policy") -> TaskPolicy:
+    low, high = PRIORITY_RANGE
+    if not low <= policy.priority <= high:
+        raise InvalidArgument(f"must be between {low} and {high}", field=f"{field}.priority")
+    if not 1 <= policy.max_attempts <= MAX_ATTEMPTS_LIMIT:
+        raise InvalidArgument(
+            f"must be between 1 and {MAX_ATTEMPTS_LIMIT}", field=f"{field}.max_attempts"
+        )
+    if len(policy.idempotency_key) > MAX_IDEMPOTENCY_KEY:
+        raise InvalidArgument(
+            f"must be at most {MAX_IDEMPOTENCY_KEY} characters", field=f"{field}.idempotency_key"
+        )
+    return TaskPolicy(
+        priority=policy.priority,
+        timeout=_duration(policy.timeout, f"{field}.timeout"),
+        max_attempts=policy.max_attempts,
+        idempotency_key=policy.idempotency_key,
+        required_labels=validate_labels(policy.required_labels, f"{field}.required_labels"),
+        queue_timeout=_duration(policy.queue_timeout, f"{field}.queue_timeout"),
+        retry_on_failure=policy.retry_on_failure,
+        required_provider=policy.required_provider,
+        required_model=policy.required_model,
+    )
+
+
+def validate_task_spec(spec: TaskSpec, field_prefix: str = "") -> TaskSpec:
+    """Check a submission and return it in canonical form."""
+    p = field_prefix
+    agent = validate_agent_name(spec.agent, f"{p}agent")
+    text, _ = validate_input(spec.input, f"{p}input_json")
+    return TaskSpec(
+        agent=agent,
+        input=text,
+        labels=validate_labels(spec.labels, f"{p}labels"),
+        policy=validate_policy(spec.policy, f"{p}policy"),
+        schedule=spec.schedule,
+    )
