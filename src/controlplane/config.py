@@ -1,0 +1,25 @@
+"""Control-plane settings, from flags or TASKRUN_* environment variables (the CLI fills them)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, Field
+
+from taskrun.core.models import DEFAULT_MAX_ATTEMPTS
+
+
+class ServerConfig(BaseModel):
+    listen: str = "127.0.0.1:50051"
+    # "sqlite:PATH" (default, one file, WAL) or "memory" (tests; nothing survives a restart)
+    store: str = "sqlite:.taskrun/taskrun.db"
+    ca_cert: Path = Path("certs/ca.pem")
+    server_cert: Path = Path("certs/server.pem")
+    server_key: Path = Path("certs/server-key.pem")
+    heartbeat_interval: float = Field(default=5.0, gt=0)
+    heartbeat_timeout: float = Field(default=15.0, gt=0)
+    reconnect_grace: float = Field(default=30.0, ge=0)
+    default_max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=100)
+    max_chunks_per_message: int = Field(default=512, ge=1)
+    max_chunk_bytes: int = Field(default=64 * 1024, ge=1024)
+    max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)

@@ -1,0 +1,317 @@
+"""Conversion between taskrun.v1 protobuf messages and core models, in one place.
+
+Shared by the control plane, the worker and the client; nothing else touches both worlds.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+from google.protobuf.duration_pb2 import Duration
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.models import (
+    AgentSpec,
+    ModelBackend,
+    OutputChunk,
+    OutputKind,
+    Run,
+    Task,
+    TaskPolicy,
+    TaskSpec,
+    Usage,
+    Worker,
+)
+from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.v1 import common_pb2 as pb
+from taskrun.v1 import tasks_pb2
+
+# --- scalars ---------------------------------------------------------------------------------
+
+
+def ts_to_pb(value: datetime | None, out: Timestamp) -> None:
+    if value is not None:
+        out.FromDatetime(value)
+
+
+def ts_from_pb(msg: object, name: str) -> datetime | None:
+    if not msg.HasField(name):  # type: ignore[attr-defined]
+        return None
+    ts: Timestamp = getattr(msg, name)
+    return ts.ToDatetime(tzinfo=UTC)
+
+
+def duration_to_pb(seconds: float | None, out: Duration) -> None:
+    if seconds:
+        out.FromNanoseconds(round(seconds * 1e9))
+
+
+def duration_from_pb(msg: object, name: str) -> float | None:
+    if not msg.HasField(name):  # type: ignore[attr-defined]
+        return None
+    d: Duration = getattr(msg, name)
+    return d.ToNanoseconds() / 1e9
+
+
+# --- agents and backends ---------------------------------------------------------------------
+
+
+def backend_to_pb(b: ModelBackend) -> pb.ModelBackend:
+    return pb.ModelBackend(
+        provider=b.provider,
+        model_name=b.model_name,
+        context_window=b.context_window,
+        modalities=list(b.modalities),
+        tools=list(b.tools),
+    )
+
+
+def backend_from_pb(m: pb.ModelBackend) -> ModelBackend:
+    return ModelBackend(
+        provider=m.provider,
+        model_name=m.model_name,
+        context_window=m.context_window,
+        modalities=tuple(m.modalities),
+        tools=tuple(m.tools),
+    )
+
+
+def agent_to_pb(a: AgentSpec) -> pb.AgentSpec:
+    return pb.AgentSpec(
+        name=a.name,
+        description=a.description,
+        backends=[backend_to_pb(b) for b in a.backends],
+        input_schema_json=a.input_schema,
+        supports_sessions=a.supports_sessions,
+    )
+
+
+def agent_from_pb(m: pb.AgentSpec) -> AgentSpec:
+    return AgentSpec(
+        name=m.name,
+        description=m.description,
+        backends=tuple(backend_from_pb(b) for b in m.backends),
+        input_schema=m.input_schema_json,
+        supports_sessions=m.supports_sessions,
+    )
+
+
+def usage_to_pb(u: Usage, out: pb.Usage) -> None:
+    out.input_tokens = u.input_tokens
+    out.output_tokens = u.output_tokens
+    out.cache_read_tokens = u.cache_read_tokens
+    out.cache_creation_tokens = u.cache_creation_tokens
+    out.cost_usd = u.cost_usd
+    out.turns = u.turns
+    out.duration_ms = u.duration_ms
+
+
+def usage_from_pb(m: pb.Usage) -> Usage:
+    return Usage(
+        input_tokens=m.input_tokens,
+        output_tokens=m.output_tokens,
+        cache_read_tokens=m.cache_read_tokens,
+        cache_creation_tokens=m.cache_creation_tokens,
+        cost_usd=m.cost_usd,
+        turns=m.turns,
+        duration_ms=m.duration_ms,
+    )
+
+
+# --- tasks -----------------------------------------------------------------------------------
+
+
+def policy_to_pb(p: TaskPolicy, out: pb.TaskPolicy) -> None:
+    out.priority = p.priority
+    duration_to_pb(p.timeout, out.timeout)
+    out.max_attempts = p.max_attempts
+    out.idempotency_key = p.idempotency_key
+    out.required_labels.update(p.required_labels)
+    duration_to_pb(p.queue_timeout, out.queue_timeout)
+    out.retry_on_failure = p.retry_on_failure
+    out.required_provider = p.required_provider
+    out.required_model = p.required_model
+
+
+def policy_from_pb(m: pb.TaskPolicy, default_max_attempts: int) -> TaskPolicy:
+    return TaskPolicy(
+        priority=m.priority,
+        timeout=duration_from_pb(m, "timeout"),
+        max_attempts=m.max_attempts or default_max_attempts,
+        idempotency_key=m.idempotency_key,
+        required_labels=dict(m.required_labels),
+        queue_timeout=duration_from_pb(m, "queue_timeout"),
+        retry_on_failure=m.retry_on_failure,
+        required_provider=m.required_provider,
+        required_model=m.required_model,
+    )
+
+
+def spec_to_pb(spec: TaskSpec) -> tasks_pb2.CreateTaskRequest:
+    req = tasks_pb2.CreateTaskRequest(agent=spec.agent, input_json=spec.input, labels=spec.labels)
+    policy_to_pb(spec.policy, req.policy)
+    return req
+
+
+def spec_from_pb(m: tasks_pb2.CreateTaskRequest, default_max_attempts: int) -> TaskSpec:
+    """Unvalidated: the caller runs core.validation on the result."""
+    return TaskSpec(
+        agent=m.agent,
+        input=m.input_json,
+        labels=dict(m.labels),
+        policy=policy_from_pb(m.policy, default_max_attempts),
+    )
+
+
+def run_to_pb(r: Run, out: pb.Run) -> None:
+    out.id = r.id
+    out.task_id = r.task_id
+    out.attempt = r.attempt
+    out.worker_id = r.worker_id or ""
+    out.status = int(r.status)  # type: ignore[assignment]
+    ts_to_pb(r.created_at, out.created_at)
+    ts_to_pb(r.assigned_at, out.assigned_at)
+    ts_to_pb(r.started_at, out.started_at)
+    ts_to_pb(r.finished_at, out.finished_at)
+    out.error = r.error
+    out.result_json = r.result
+    usage_to_pb(r.usage, out.usage)
+    if r.backend_used is not None:
+        out.backend_used.CopyFrom(backend_to_pb(r.backend_used))
+    out.session_id = r.session_id
+    out.prompt = r.prompt
+
+
+def run_from_pb(m: pb.Run) -> Run:
+    return Run(
+        id=RunId(m.id),
+        task_id=TaskId(m.task_id),
+        attempt=m.attempt,
+        status=RunStatus(m.status),
+        created_at=ts_from_pb(m, "created_at") or datetime.fromtimestamp(0, UTC),
+        worker_id=WorkerId(m.worker_id) if m.worker_id else None,
+        assigned_at=ts_from_pb(m, "assigned_at"),
+        started_at=ts_from_pb(m, "started_at"),
+        finished_at=ts_from_pb(m, "finished_at"),
+        error=m.error,
+        result=m.result_json,
+        usage=usage_from_pb(m.usage),
+        backend_used=backend_from_pb(m.backend_used) if m.HasField("backend_used") else None,
+        session_id=m.session_id,
+        prompt=m.prompt,
+    )
+
+
+def task_to_pb(t: Task, runs: list[Run] | None = None) -> pb.Task:
+    out = pb.Task(
+        id=t.id,
+        agent=t.agent,
+        input_json=t.input,
+        labels=t.labels,
+        status=int(t.status),  # type: ignore[arg-type]
+        attempts=t.attempts,
+        current_run_id=t.current_run_id or "",
+        worker_id=t.worker_id or "",
+        error=t.error,
+        result_json=t.result,
+        schedule=t.schedule,
+        cancel_requested=t.cancel_requested,
+    )
+    policy_to_pb(t.policy, out.policy)
+    ts_to_pb(t.created_at, out.created_at)
+    ts_to_pb(t.updated_at, out.updated_at)
+    ts_to_pb(t.finished_at, out.finished_at)
+    usage_to_pb(t.usage, out.usage)
+    for r in runs or ():
+        run_to_pb(r, out.runs.add())
+    return out
+
+
+def task_from_pb(m: pb.Task) -> tuple[Task, list[Run]]:
+    epoch = datetime.fromtimestamp(0, UTC)
+    task = Task(
+        id=TaskId(m.id),
+        agent=m.agent,
+        input=m.input_json,
+        labels=dict(m.labels),
+        policy=policy_from_pb(m.policy, m.policy.max_attempts),
+        status=TaskStatus(m.status),
+        created_at=ts_from_pb(m, "created_at") or epoch,
+        updated_at=ts_from_pb(m, "updated_at") or epoch,
+        attempts=m.attempts,
+        current_run_id=RunId(m.current_run_id) if m.current_run_id else None,
+        worker_id=WorkerId(m.worker_id) if m.worker_id else None,
+        finished_at=ts_from_pb(m, "finished_at"),
+        error=m.error,
+        result=m.result_json,
+        usage=usage_from_pb(m.usage),
+        schedule=m.schedule,
+        cancel_requested=m.cancel_requested,
+    )
+    return task, [run_from_pb(r) for r in m.runs]
+
+
+# --- output ----------------------------------------------------------------------------------
+
+
+def chunk_to_pb(c: OutputChunk, out: pb.OutputChunk) -> None:
+    out.run_id = c.run_id
+    out.attempt = c.attempt
+    out.seq = c.seq
+    out.kind = int(c.kind)  # type: ignore[assignment]
+    out.data = c.data
+    ts_to_pb(c.time, out.time)
+    if c.task_id:
+        out.task_id = c.task_id
+
+
+def chunk_from_pb(m: pb.OutputChunk, task_id: TaskId | None = None) -> OutputChunk:
+    return OutputChunk(
+        run_id=RunId(m.run_id),
+        attempt=m.attempt,
+        seq=m.seq,
+        data=m.data,
+        kind=OutputKind(m.kind) if m.kind else OutputKind.TEXT,
+        time=ts_from_pb(m, "time"),
+        task_id=task_id or (TaskId(m.task_id) if m.task_id else None),
+    )
+
+
+# --- workers ---------------------------------------------------------------------------------
+
+
+def worker_to_pb(w: Worker, active_runs: list[RunId] | None = None) -> pb.Worker:
+    out = pb.Worker(
+        id=w.id,
+        hostname=w.hostname,
+        version=w.version,
+        agents=[agent_to_pb(a) for a in w.agents],
+        labels=w.labels,
+        max_concurrent_runs=w.max_concurrent_runs,
+        active_runs=len(active_runs or ()),
+        status=int(w.status),  # type: ignore[arg-type]
+        run_ids=list(active_runs or ()),
+    )
+    ts_to_pb(w.connected_at, out.connected_at)
+    ts_to_pb(w.last_heartbeat_at, out.last_heartbeat_at)
+    ts_to_pb(w.certificate_expires_at, out.certificate_expires_at)
+    ts_to_pb(w.first_seen_at, out.first_seen_at)
+    return out
+
+
+def worker_from_pb(m: pb.Worker) -> tuple[Worker, list[RunId]]:
+    worker = Worker(
+        id=WorkerId(m.id),
+        hostname=m.hostname,
+        version=m.version,
+        agents=tuple(agent_from_pb(a) for a in m.agents),
+        labels=dict(m.labels),
+        max_concurrent_runs=m.max_concurrent_runs,
+        status=WorkerStatus(m.status) if m.status else WorkerStatus.OFFLINE,
+        first_seen_at=ts_from_pb(m, "first_seen_at"),
+        connected_at=ts_from_pb(m, "connected_at"),
+        last_heartbeat_at=ts_from_pb(m, "last_heartbeat_at"),
+        certificate_expires_at=ts_from_pb(m, "certificate_expires_at"),
+    )
+    return worker, [RunId(r) for r in m.run_ids]
