@@ -23,3 +23,6 @@ class ServerConfig(BaseModel):
     max_chunks_per_message: int = Field(default=512, ge=1)
     max_chunk_bytes: int = Field(default=64 * 1024, ge=1024)
     max_message_bytes: int = Field(default=4 * 1024 * 1024, ge=64 * 1024)
+    retry_backoff_base: float = Field(default=1.0, ge=0)
+    retry_backoff_max: float = Field(default=60.0, ge=0)
+    max_inflight_commits: int = Field(default=64, ge=1)

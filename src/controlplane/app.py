@@ -1,0 +1,119 @@
+"""Assemble and run the control plane: store, engine, gRPC services, health and reflection."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from dataclasses import dataclass
+
+import grpc
+import structlog
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from taskrun.controlplane.config import ServerConfig
+from taskrun.controlplane.engine import Engine
+from taskrun.controlplane.services import RunService, TaskService, WorkerService
+from taskrun.controlplane.store import open_store
+from taskrun.v1 import tasks_pb2, tasks_pb2_grpc, workers_pb2, workers_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+SERVICE_NAMES = (
+    tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
+    workers_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
+    workers_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
+)
+
+# Keepalive: notice a silent peer in seconds (see FIELD-NOTES). Workers use matching settings.
+KEEPALIVE_OPTIONS = [
+    ("grpc.keepalive_time_ms", 10_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+    ("grpc.http2.max_pings_without_data", 0),
+]
+
+
+@dataclass
+class RunningServer:
+    """A started control plane; `port` is the bound port (useful with port 0)."""
+
+    server: grpc.aio.Server
+    engine: Engine
+    health: health.aio.HealthServicer
+    port: int
+
+    async def stop(self, grace: float = 5.0) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.engine.stop()
+        await self.server.stop(grace)
+        await self.engine.flush()
+        await self.engine.store.close()
+        log.info("server stopped")
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
+    for path in (config.ca_cert, config.server_cert, config.server_key):
+        if not path.exists():
+            raise FileNotFoundError(f"{path} is missing: run `taskrun certs init` first")
+    return grpc.ssl_server_credentials(
+        [(config.server_key.read_bytes(), config.server_cert.read_bytes())],
+        root_certificates=config.ca_cert.read_bytes(),
+        require_client_auth=True,
+    )
+
+
+async def start_server(config: ServerConfig) -> RunningServer:
+    """Open the store, load state, and start serving on `config.listen`."""
+    store = open_store(config.store)
+    await store.open()
+    engine = Engine(store, config)
+    await engine.start()
+    server = grpc.aio.server(
+        options=[
+            ("grpc.max_receive_message_length", config.max_message_bytes + 1024 * 1024),
+            ("grpc.max_send_message_length", config.max_message_bytes + 1024 * 1024),
+            *KEEPALIVE_OPTIONS,
+        ]
+    )
+    tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskService(engine), server)
+    workers_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(engine), server)
+    workers_pb2_grpc.add_RunServiceServicer_to_server(RunService(engine), server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (
+            *SERVICE_NAMES,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ),
+        server,
+    )
+    port = server.add_secure_port(config.listen, server_credentials(config))
+    if port == 0:
+        raise OSError(f"could not listen on {config.listen}")
+    await server.start()
+    for name in ("", *SERVICE_NAMES):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    host = config.listen.rsplit(":", 1)[0]
+    log.info("server listening", address=f"{host}:{port}", store=config.store)
+    return RunningServer(server, engine, health_servicer, port)
+
+
+async def run_server(config: ServerConfig) -> None:
+    """Serve until SIGINT or SIGTERM, then stop cleanly."""
+    running = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        with contextlib.suppress(NotImplementedError):
+            loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+        log.info("shutting down")
+    finally:
+        await running.stop()

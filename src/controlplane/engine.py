@@ -1,0 +1,647 @@
+"""The control plane's state machine: tasks, runs, worker sessions and the pending queue.
+
+All mutations happen synchronously on the event loop against the in-memory view of unfinished
+tasks and runs; each one produces a ChangeSet that the store commits (grouped with others) before
+anything becomes visible outside: replies to clients, assignments to workers, follower updates.
+Change sets commit in the order they were made, so the store never goes backwards.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+import uuid
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import structlog
+
+from taskrun.controlplane.config import ServerConfig
+from taskrun.controlplane.dispatcher import PendingQueue, PendingRun
+from taskrun.controlplane.followers import FollowHub
+from taskrun.controlplane.session import WorkerSession
+from taskrun.convert import backend_from_pb, usage_from_pb
+from taskrun.core.errors import FailedPrecondition, NotFound
+from taskrun.core.ids import RunId, TaskId, WorkerId, new_run_id, new_task_id
+from taskrun.core.models import OutputChunk, OutputKind, Run, Task, TaskSpec, Worker, utcnow
+from taskrun.core.status import (
+    RunStatus,
+    TaskStatus,
+    WorkerStatus,
+    run_can_move,
+    task_can_move,
+)
+from taskrun.core.store import ChangeSet, Store
+from taskrun.v1 import workers_pb2 as wpb
+
+log = structlog.get_logger(__name__)
+
+Effect = Callable[[], None]
+
+
+def _snapshot_task(task: Task) -> Task:
+    return replace(task, usage=replace(task.usage))
+
+
+def _snapshot_run(run: Run) -> Run:
+    return replace(run, usage=replace(run.usage))
+
+
+class Engine:
+    def __init__(self, store: Store, config: ServerConfig) -> None:
+        self.store = store
+        self.config = config
+        self.queue = PendingQueue()
+        self.hub = FollowHub()
+        self.sessions: dict[WorkerId, WorkerSession] = {}
+        self.workers: dict[WorkerId, Worker] = {}
+        self.tasks: dict[TaskId, Task] = {}  # unfinished tasks
+        self.runs: dict[RunId, Run] = {}  # current runs of unfinished tasks
+        self.rejected_reports = 0
+        self._idempotency: dict[str, Task] = {}  # keys whose task is not committed yet
+        self._orphans: dict[RunId, asyncio.TimerHandle] = {}
+        self._timers: set[asyncio.TimerHandle] = set()
+        self._dispatch_scheduled = False
+        self._inflight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._background: set[asyncio.Task[None]] = set()
+        self._started = time.monotonic()
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load unfinished work. Runs held by workers get one grace window to be reclaimed."""
+        for worker in await self.store.list_workers():
+            if worker.status in (WorkerStatus.ONLINE, WorkerStatus.DRAINING):
+                worker.status = WorkerStatus.OFFLINE
+            self.workers[worker.id] = worker
+        tasks = {t.id: t for t in await self.store.list_unfinished_tasks()}
+        for run in await self.store.list_unfinished_runs():
+            task = tasks.get(run.task_id)
+            if task is None or task.current_run_id != run.id:
+                continue
+            self.runs[run.id] = run
+            if run.status is RunStatus.PENDING:
+                self._enqueue(task, run)
+            else:
+                self._orphan(run)
+        self.tasks = tasks
+        if self.workers:
+            await self.store.apply(ChangeSet(workers=list(self.workers.values())))
+        log.info(
+            "engine started",
+            unfinished_tasks=len(self.tasks),
+            pending_runs=len(self.queue),
+            awaiting_workers=len(self._orphans),
+        )
+
+    async def stop(self) -> None:
+        for session in list(self.sessions.values()):
+            session.kick("control plane shutting down")
+        for handle in [*self._orphans.values(), *self._timers]:
+            handle.cancel()
+        await self.flush()
+
+    async def flush(self) -> None:
+        """Wait until every change made so far is committed."""
+        await self._idle.wait()
+
+    @property
+    def uptime(self) -> float:
+        return time.monotonic() - self._started
+
+    # --- committing --------------------------------------------------------------------------
+
+    def _commit(self, changes: ChangeSet, effect: Effect | None = None) -> asyncio.Task[None]:
+        """Hand `changes` to the store now (keeping order); run `effect` once it is durable."""
+        self._inflight += 1
+        self._idle.clear()
+        task = asyncio.ensure_future(self._apply(changes, effect))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
+
+    async def _apply(self, changes: ChangeSet, effect: Effect | None) -> None:
+        try:
+            await self.store.apply(changes)
+        except Exception:
+            log.exception("store write failed; the control plane's state is no longer durable")
+            raise
+        finally:
+            self._inflight -= 1
+            if self._inflight == 0:
+                self._idle.set()
+        if effect is not None:
+            effect()
+
+    @property
+    def backlog(self) -> int:
+        return self._inflight
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    async def create_tasks(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
+        """Create tasks (already validated). Returns (task, created) per spec, in order.
+
+        A spec whose idempotency key names an existing task returns that task, created=False;
+        the caller checks that the request is the same.
+        """
+        existing: dict[str, Task] = {}
+        for spec in specs:
+            key = spec.policy.idempotency_key
+            if key and key not in existing and key not in self._idempotency:
+                found = await self.store.get_task_by_idempotency_key(key)
+                if found is not None:
+                    existing[key] = found
+        now = utcnow()
+        changes = ChangeSet()
+        results: list[tuple[Task, bool]] = []
+        created: list[tuple[Task, Run]] = []
+        for spec in specs:
+            key = spec.policy.idempotency_key
+            if key:
+                prior = self._idempotency.get(key) or existing.get(key)
+                if prior is not None:
+                    results.append((prior, False))
+                    continue
+            task_id = new_task_id()
+            run = Run(
+                id=new_run_id(),
+                task_id=task_id,
+                attempt=1,
+                status=RunStatus.PENDING,
+                created_at=now,
+            )
+            task = Task(
+                id=task_id,
+                agent=spec.agent,
+                input=spec.input,
+                labels=spec.labels,
+                policy=spec.policy,
+                status=TaskStatus.PENDING,
+                created_at=now,
+                updated_at=now,
+                attempts=1,
+                current_run_id=run.id,
+                schedule=spec.schedule,
+            )
+            if key:
+                self._idempotency[key] = task
+            changes.tasks.append(_snapshot_task(task))
+            changes.runs.append(_snapshot_run(run))
+            created.append((task, run))
+            results.append((task, True))
+        if not changes:
+            return results
+        try:
+            await self._commit(changes)
+        finally:
+            for task, _ in created:
+                if task.policy.idempotency_key:
+                    self._idempotency.pop(task.policy.idempotency_key, None)
+        for task, run in created:
+            self.tasks[task.id] = task
+            self.runs[run.id] = run
+            self._enqueue(task, run)
+            log.debug("task created", task_id=task.id, run_id=run.id, agent=task.agent)
+        return [(_snapshot_task(t), c) for t, c in results]
+
+    async def cancel_task(self, task_id: TaskId, reason: str) -> Task:
+        task = self.tasks.get(task_id)
+        if task is None:
+            stored = await self.store.get_task(task_id)
+            if stored is None:
+                raise NotFound(f"no task {task_id!r}", field="task_id")
+            raise FailedPrecondition(
+                f"task {task_id} is already {stored.status.name.lower()}", field="task_id"
+            )
+        run = self.runs.pop(task.current_run_id) if task.current_run_id else None
+        now = utcnow()
+        message = f"cancelled: {reason}" if reason else "cancelled by an operator"
+        changes = ChangeSet()
+        deliver: Effect | None = None
+        if run is not None:
+            self.queue.remove(run.id)
+            self._forget_orphan(run.id)
+            was_held = run.status.active
+            run.status, run.finished_at, run.error = RunStatus.CANCELLED, now, message
+            changes.runs.append(_snapshot_run(run))
+            session = self.sessions.get(run.worker_id) if run.worker_id else None
+            if was_held and session is not None:
+                # The run keeps its slot on the worker until the worker confirms it stopped.
+                def deliver(s: WorkerSession = session, r: Run = run) -> None:
+                    s.send_cancel(r.id, r.attempt, message)
+
+        task.cancel_requested = True
+        self._finish_task(task, TaskStatus.CANCELLED, now, error=message)
+        changes.tasks.append(_snapshot_task(task))
+        snapshot = _snapshot_task(task)
+
+        def effect() -> None:
+            if deliver is not None:
+                deliver()
+            self.hub.publish(task.id, snapshot)
+
+        await self._commit(changes, effect)
+        log.info("task cancelled", task_id=task.id, run_id=run.id if run else None)
+        return snapshot
+
+    def _finish_task(
+        self, task: Task, status: TaskStatus, now: datetime, *, error: str = "", result: str = ""
+    ) -> None:
+        assert task_can_move(task.status, status), (task.status, status)
+        task.status = status
+        task.updated_at = task.finished_at = now
+        task.error = error
+        task.result = result
+        self.tasks.pop(task.id, None)
+
+    def _enqueue(self, task: Task, run: Run) -> None:
+        policy = task.policy
+        self.queue.add(
+            PendingRun(
+                run_id=run.id,
+                task_id=task.id,
+                agent=task.agent,
+                priority=policy.priority,
+                required_labels=tuple(sorted(policy.required_labels.items())),
+                provider=policy.required_provider,
+                model=policy.required_model,
+            )
+        )
+        self.request_dispatch()
+
+    def _retry_delay(self, attempt: int) -> float:
+        """Exponential backoff with jitter for the attempt after `attempt`."""
+        cfg = self.config
+        ceiling = min(cfg.retry_backoff_max, cfg.retry_backoff_base * 2 ** (attempt - 1))
+        return ceiling * random.uniform(0.5, 1.0)
+
+    def _retry_or_fail(self, task: Task, run: Run, changes: ChangeSet, reason: str) -> None:
+        """After `run` ended without success: start another attempt if the policy allows."""
+        now = utcnow()
+        if task.attempts >= task.policy.max_attempts:
+            self._finish_task(
+                task,
+                TaskStatus.FAILED,
+                now,
+                error=f"{reason} (attempt {run.attempt} of {task.policy.max_attempts})",
+            )
+            return
+        task.attempts += 1
+        retry = Run(
+            id=new_run_id(),
+            task_id=task.id,
+            attempt=task.attempts,
+            status=RunStatus.PENDING,
+            created_at=now,
+        )
+        task.status = TaskStatus.PENDING
+        task.current_run_id = retry.id
+        task.worker_id = None
+        task.updated_at = now
+        task.error = reason
+        self.runs[retry.id] = retry
+        changes.runs.append(_snapshot_run(retry))
+        delay = self._retry_delay(run.attempt)
+        log.info(
+            "run will be retried",
+            task_id=task.id,
+            run_id=run.id,
+            attempt=run.attempt,
+            next_run_id=retry.id,
+            delay_s=round(delay, 3),
+            reason=reason,
+        )
+
+        def enqueue() -> None:
+            self._timers.discard(handle)
+            if self.runs.get(retry.id) is retry and retry.status is RunStatus.PENDING:
+                self._enqueue(task, retry)
+
+        handle = asyncio.get_running_loop().call_later(delay, enqueue)
+        self._timers.add(handle)
+
+    # --- dispatch ----------------------------------------------------------------------------
+
+    def request_dispatch(self) -> None:
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+            asyncio.get_running_loop().call_soon(self._dispatch)
+
+    def _dispatch(self) -> None:
+        self._dispatch_scheduled = False
+        if not self.queue or not self.sessions:
+            return
+        sessions = {s.worker_id: s for s in self.sessions.values() if not s.draining}
+        plan = self.queue.plan([s.candidate() for s in sessions.values()])
+        if not plan:
+            return
+        now = utcnow()
+        changes = ChangeSet()
+        outgoing: list[tuple[WorkerSession, wpb.RunAssignment]] = []
+        for entry, worker_id in plan:
+            run = self.runs.get(entry.run_id)
+            task = self.tasks.get(entry.task_id)
+            if run is None or task is None or run.status is not RunStatus.PENDING:
+                continue
+            session = sessions[worker_id]
+            run.status, run.worker_id, run.assigned_at = RunStatus.ASSIGNED, worker_id, now
+            task.status, task.worker_id, task.updated_at = TaskStatus.RUNNING, worker_id, now
+            session.runs.add(run.id)
+            changes.runs.append(_snapshot_run(run))
+            changes.tasks.append(_snapshot_task(task))
+            outgoing.append((session, self._assignment(task, run)))
+        snapshots = [t for t in changes.tasks if self.hub.wants(t.id)]
+
+        def send() -> None:
+            for session, assignment in outgoing:
+                if not session.closed:
+                    session.send_assignment(assignment)
+            for snap in snapshots:
+                self.hub.publish(snap.id, snap)
+
+        self._commit(changes, send)
+
+    def _assignment(self, task: Task, run: Run) -> wpb.RunAssignment:
+        policy = task.policy
+        return wpb.RunAssignment(
+            run_id=run.id,
+            task_id=task.id,
+            attempt=run.attempt,
+            agent=task.agent,
+            input_json=task.input,
+            timeout_seconds=policy.timeout or 0.0,
+            labels=task.labels,
+            required_provider=policy.required_provider,
+            required_model=policy.required_model,
+            prompt=run.prompt,
+        )
+
+    # --- worker sessions ---------------------------------------------------------------------
+
+    def attach(self, worker: Worker, hello: wpb.WorkerHello) -> WorkerSession:
+        """A worker said hello: register its session and reconcile the runs it holds."""
+        old = self.sessions.pop(worker.id, None)
+        if old is not None:
+            old.closed = True
+            old.kick("replaced by a newer session of the same worker")
+        known = self.workers.get(worker.id)
+        now = utcnow()
+        worker.first_seen_at = known.first_seen_at if known and known.first_seen_at else now
+        worker.connected_at = worker.last_heartbeat_at = now
+        worker.status = WorkerStatus.DRAINING if hello.draining else WorkerStatus.ONLINE
+        session = WorkerSession(worker, uuid.uuid4().hex)
+        session.draining = hello.draining
+        self.sessions[worker.id] = session
+        self.workers[worker.id] = worker
+
+        changes = ChangeSet(workers=[replace(worker)])
+        held = {h.run_id: h for h in hello.held_runs}
+        for run in [r for r in self.runs.values() if r.worker_id == worker.id]:
+            if not run.status.active:
+                continue
+            claim = held.pop(run.id, None)
+            if claim is not None and claim.attempt == run.attempt:
+                session.runs.add(run.id)
+                self._forget_orphan(run.id)
+            else:
+                self._forget_orphan(run.id)
+                self._end_run(run, RunStatus.LOST, changes, error="the worker no longer has it")
+        for run_id, claim in held.items():
+            # The worker still runs something the server has ended (cancelled while it was
+            # away, or superseded): tell it to stop, and count the slot until it confirms.
+            session.runs.add(RunId(run_id))
+            session.send_cancel(run_id, claim.attempt, "run is no longer current")
+        log.info(
+            "worker connected",
+            worker_id=worker.id,
+            hostname=worker.hostname,
+            agents=[a.name for a in worker.agents],
+            capacity=worker.max_concurrent_runs,
+            reclaimed=len(session.runs),
+        )
+        self._commit(changes, self.request_dispatch)
+        return session
+
+    def detach(self, session: WorkerSession) -> None:
+        """The session's stream ended. Its runs wait one grace window for the worker to return."""
+        session.closed = True
+        if self.sessions.get(session.worker_id) is not session:
+            return  # replaced by a newer session, which owns the runs now
+        del self.sessions[session.worker_id]
+        worker = session.worker
+        worker.status = WorkerStatus.OFFLINE
+        for run_id in session.runs:
+            run = self.runs.get(run_id)
+            if run is not None and run.status.active:
+                self._orphan(run)
+        self._commit(ChangeSet(workers=[replace(worker)]))
+        log.info(
+            "worker disconnected",
+            worker_id=worker.id,
+            reason=session.kick_reason or "stream ended",
+            runs_waiting=len(session.runs),
+        )
+
+    def set_draining(self, session: WorkerSession) -> None:
+        if session.draining:
+            return
+        session.draining = True
+        session.worker.status = WorkerStatus.DRAINING
+        self._commit(ChangeSet(workers=[replace(session.worker)]))
+        log.info("worker draining", worker_id=session.worker_id, runs=len(session.runs))
+
+    def _orphan(self, run: Run) -> None:
+        self._forget_orphan(run.id)
+        loop = asyncio.get_running_loop()
+        self._orphans[run.id] = loop.call_later(
+            self.config.reconnect_grace, self._orphan_expired, run.id, run.attempt
+        )
+
+    def _forget_orphan(self, run_id: RunId) -> None:
+        handle = self._orphans.pop(run_id, None)
+        if handle is not None:
+            handle.cancel()
+
+    def _orphan_expired(self, run_id: RunId, attempt: int) -> None:
+        self._orphans.pop(run_id, None)
+        run = self.runs.get(run_id)
+        if run is None or run.attempt != attempt or not run.status.active:
+            return
+        if run.worker_id in self.sessions and run.id in self.sessions[run.worker_id].runs:
+            return
+        changes = ChangeSet()
+        self._end_run(
+            run,
+            RunStatus.LOST,
+            changes,
+            error=f"worker {run.worker_id} did not come back within "
+            f"{self.config.reconnect_grace:g}s",
+        )
+        self._commit(changes, self.request_dispatch)
+
+    # --- reports from workers ----------------------------------------------------------------
+
+    def _current(self, session: WorkerSession, run_id: str, attempt: int) -> Run | None:
+        run = self.runs.get(RunId(run_id))
+        if (
+            run is None
+            or run.attempt != attempt
+            or run.worker_id != session.worker_id
+            or run.status.terminal
+        ):
+            return None
+        return run
+
+    def _reject(self, session: WorkerSession, what: str, run_id: str, attempt: int) -> None:
+        self.rejected_reports += 1
+        log.warning(
+            "report rejected",
+            what=what,
+            worker_id=session.worker_id,
+            run_id=run_id,
+            attempt=attempt,
+            reason="run is not current on this worker (finished, other attempt or other worker)",
+        )
+
+    def handle_reports(self, session: WorkerSession, msg: wpb.WorkerMessage) -> None:
+        """Apply a batch of status updates, output and acks from one worker."""
+        session.last_seen = time.monotonic()
+        if msg.draining and not session.draining:
+            self.set_draining(session)
+        if not (msg.chunks or msg.statuses or msg.cancel_acks):
+            return
+        changes = ChangeSet()
+        published: list[tuple[TaskId, OutputChunk | Task]] = []
+        freed = False
+        max_bytes = self.config.max_chunk_bytes
+        for pc in msg.chunks:
+            run = self._current(session, pc.run_id, pc.attempt)
+            if run is None:
+                self._reject(session, "output", pc.run_id, pc.attempt)
+                continue
+            if len(pc.data) > max_bytes or pc.seq < 1:
+                self._reject(session, "oversized or unnumbered output", pc.run_id, pc.attempt)
+                continue
+            chunk = OutputChunk(
+                run_id=run.id,
+                attempt=run.attempt,
+                seq=pc.seq,
+                data=pc.data,
+                kind=OutputKind(pc.kind) if pc.kind else OutputKind.TEXT,
+                time=pc.time.ToDatetime(tzinfo=UTC) if pc.HasField("time") else None,
+                task_id=run.task_id,
+            )
+            changes.chunks.append(chunk)
+            if self.hub.wants(run.task_id):
+                published.append((run.task_id, chunk))
+        for ack in msg.cancel_acks:
+            if ack.run_id in session.runs and RunId(ack.run_id) not in self.runs:
+                session.runs.discard(RunId(ack.run_id))
+                freed = True
+        for update in msg.statuses:
+            freed |= self._status(session, update, changes, published)
+        if not changes:
+            if freed:
+                self.request_dispatch()
+            return
+        hub = self.hub
+
+        def effect() -> None:
+            for task_id, item in published:
+                hub.publish(task_id, item)
+            if freed:
+                self.request_dispatch()
+
+        self._commit(changes, effect)
+
+    def _status(
+        self,
+        session: WorkerSession,
+        update: wpb.RunStatusUpdate,
+        changes: ChangeSet,
+        published: list[tuple[TaskId, OutputChunk | Task]],
+    ) -> bool:
+        """Apply one status update. Returns whether a slot on the worker was freed."""
+        status = RunStatus(update.status) if update.status else None
+        run = self._current(session, update.run_id, update.attempt)
+        if run is None or status is None:
+            # A terminal report for a run the server already ended still frees the slot.
+            run_id = RunId(update.run_id)
+            if (
+                status is not None
+                and status.terminal
+                and run_id in session.runs
+                and run_id not in self.runs
+            ):
+                session.runs.discard(run_id)
+                return True
+            self._reject(session, "status", update.run_id, update.attempt)
+            return False
+        if status is run.status:
+            return False
+        if not run_can_move(run.status, status):
+            self._reject(session, f"status {status.name}", update.run_id, update.attempt)
+            return False
+        now = utcnow()
+        if status is RunStatus.RUNNING:
+            run.status, run.started_at = status, now
+            if update.session_id:
+                run.session_id = update.session_id
+            changes.runs.append(_snapshot_run(run))
+            return False
+        run.result = update.result_json
+        if update.HasField("usage"):
+            run.usage = usage_from_pb(update.usage)
+        if update.HasField("backend_used"):
+            run.backend_used = backend_from_pb(update.backend_used)
+        if update.session_id:
+            run.session_id = update.session_id
+        snapshot = self._end_run(run, status, changes, error=update.error)
+        session.runs.discard(run.id)
+        if snapshot is not None and self.hub.wants(snapshot.id):
+            published.append((snapshot.id, snapshot))
+        return True
+
+    def _end_run(
+        self, run: Run, status: RunStatus, changes: ChangeSet, *, error: str = ""
+    ) -> Task | None:
+        """Record a run's end and decide what happens to its task; returns the task's state."""
+        now = utcnow()
+        run.status, run.finished_at = status, now
+        run.started_at = run.started_at or (now if status is RunStatus.COMPLETED else None)
+        run.error = error
+        self.runs.pop(run.id, None)
+        changes.runs.append(_snapshot_run(run))
+        task = self.tasks.get(run.task_id)
+        if task is None:
+            return None
+        task.usage.add(run.usage)
+        log_ = log.bind(task_id=task.id, run_id=run.id, worker_id=run.worker_id)
+        if status is RunStatus.COMPLETED:
+            self._finish_task(task, TaskStatus.COMPLETED, now, result=run.result)
+            log_.debug("task completed")
+        elif status is RunStatus.FAILED and not task.policy.retry_on_failure:
+            self._finish_task(task, TaskStatus.FAILED, now, error=error or "run failed")
+            log_.info("task failed", error=error)
+        else:
+            reason = {
+                RunStatus.FAILED: f"run failed: {error}",
+                RunStatus.LOST: f"run lost: {error}" if error else "run lost",
+                RunStatus.CANCELLED: f"worker stopped the run: {error or 'no reason given'}",
+            }[status]
+            log_.warning("run ended without success", status=status.name, error=error)
+            self._retry_or_fail(task, run, changes, reason)
+        snapshot = _snapshot_task(task)
+        changes.tasks.append(snapshot)
+        return snapshot
+
+    # --- reads -------------------------------------------------------------------------------
+
+    def worker_runs(self, worker_id: WorkerId) -> list[RunId]:
+        session = self.sessions.get(worker_id)
+        return sorted(session.runs) if session else []

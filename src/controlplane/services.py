@@ -1,0 +1,428 @@
+"""gRPC handlers: authenticate, validate, convert at the edge, and call the engine."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import contextlib
+import functools
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from taskrun import convert
+from taskrun.controlplane.auth import peer_certificate_expiry, require
+from taskrun.controlplane.engine import Engine
+from taskrun.controlplane.followers import Subscription
+from taskrun.controlplane.session import WorkerSession
+from taskrun.core import errors
+from taskrun.core.identity import PrincipalKind
+from taskrun.core.ids import RunId, TaskId, WorkerId, is_valid_worker_id
+from taskrun.core.models import OutputChunk, OutputKind, Task, Worker
+from taskrun.core.status import TaskStatus, WorkerStatus
+from taskrun.core.store import TaskQuery
+from taskrun.core.validation import (
+    MAX_BATCH,
+    validate_agent_name,
+    validate_labels,
+    validate_task_spec,
+)
+from taskrun.v1 import common_pb2 as pb
+from taskrun.v1 import tasks_pb2, tasks_pb2_grpc, workers_pb2, workers_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+_CODES: dict[type[errors.TaskRunError], grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
+    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+MAX_PAGE_SIZE = 1000
+DEFAULT_PAGE_SIZE = 50
+OUTPUT_BATCH = 1000
+HELLO_TIMEOUT = 10.0
+
+
+def domain_errors(handler: F) -> F:
+    """Turn a domain error raised by a unary handler into its gRPC status."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await handler(self, request, context)
+        except errors.TaskRunError as exc:
+            await context.abort(_CODES[type(exc)], str(exc))
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _task_id(value: str, field: str = "task_id") -> TaskId:
+    if not value:
+        raise errors.InvalidArgument("must not be empty", field=field)
+    if len(value) > 64:
+        raise errors.InvalidArgument("is too long to be a task id", field=field)
+    return TaskId(value)
+
+
+def _encode_token(before: TaskId) -> str:
+    return base64.urlsafe_b64encode(f"v1:{before}".encode()).decode()
+
+
+def _decode_token(token: str) -> TaskId | None:
+    if not token:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        text = ""
+    if not text.startswith("v1:") or len(text) > 80:
+        raise errors.InvalidArgument("is not a token returned by ListTasks", field="page_token")
+    return TaskId(text[3:])
+
+
+class TaskService(tasks_pb2_grpc.TaskServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def _create(
+        self, requests: list[tasks_pb2.CreateTaskRequest], prefix: Callable[[int], str]
+    ) -> list[tasks_pb2.CreateTaskResponse]:
+        default_attempts = self.engine.config.default_max_attempts
+        specs = [
+            validate_task_spec(convert.spec_from_pb(req, default_attempts), prefix(i))
+            for i, req in enumerate(requests)
+        ]
+        results = await self.engine.create_tasks(specs)
+        out = []
+        for i, (spec, (task, created)) in enumerate(zip(specs, results, strict=True)):
+            if not created and not task.same_request(spec):
+                raise errors.AlreadyExists(
+                    f"idempotency key {spec.policy.idempotency_key!r} was used by task {task.id} "
+                    "with a different request",
+                    field=f"{prefix(i)}policy.idempotency_key",
+                )
+            out.append(tasks_pb2.CreateTaskResponse(task=convert.task_to_pb(task), created=created))
+        return out
+
+    @domain_errors
+    async def CreateTask(
+        self, request: tasks_pb2.CreateTaskRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.CreateTaskResponse:
+        await require(context, PrincipalKind.OPERATOR)
+        (response,) = await self._create([request], lambda _: "")
+        return response
+
+    @domain_errors
+    async def CreateTasks(
+        self, request: tasks_pb2.CreateTasksRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.CreateTasksResponse:
+        await require(context, PrincipalKind.OPERATOR)
+        if not request.tasks:
+            raise errors.InvalidArgument("must hold at least one task", field="tasks")
+        if len(request.tasks) > MAX_BATCH:
+            raise errors.InvalidArgument(
+                f"holds {len(request.tasks)} tasks, at most {MAX_BATCH}", field="tasks"
+            )
+        results = await self._create(list(request.tasks), lambda i: f"tasks[{i}].")
+        return tasks_pb2.CreateTasksResponse(results=results)
+
+    @domain_errors
+    async def GetTask(
+        self, request: tasks_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Task:
+        await require(context, PrincipalKind.OPERATOR)
+        task_id = _task_id(request.task_id)
+        store = self.engine.store
+        task = await store.get_task(task_id)
+        if task is None:
+            raise errors.NotFound(f"no task {task_id!r}", field="task_id")
+        return convert.task_to_pb(task, await store.list_runs(task_id))
+
+    @domain_errors
+    async def ListTasks(
+        self, request: tasks_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.ListTasksResponse:
+        await require(context, PrincipalKind.OPERATOR)
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            raise errors.InvalidArgument(f"must be between 1 and {MAX_PAGE_SIZE}", "page_size")
+        statuses: set[TaskStatus] = set()
+        for value in request.statuses:
+            try:
+                statuses.add(TaskStatus(value))
+            except ValueError:
+                raise errors.InvalidArgument(f"unknown status {value}", field="statuses") from None
+        if request.agent:
+            validate_agent_name(request.agent)
+        labels = validate_labels(dict(request.labels))
+        query = TaskQuery(
+            statuses=frozenset(statuses),
+            agent=request.agent,
+            labels=tuple(sorted(labels.items())),
+            worker_id=request.worker_id,
+            schedule=request.schedule,
+            limit=size,
+            before=_decode_token(request.page_token),
+        )
+        page = await self.engine.store.list_tasks(query)
+        return tasks_pb2.ListTasksResponse(
+            tasks=[convert.task_to_pb(t) for t in page.tasks],
+            next_page_token=_encode_token(page.next_before) if page.next_before else "",
+        )
+
+    @domain_errors
+    async def CancelTask(
+        self, request: tasks_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Task:
+        principal = await require(context, PrincipalKind.OPERATOR)
+        task_id = _task_id(request.task_id)
+        if len(request.reason) > 1024:
+            raise errors.InvalidArgument("must be at most 1024 characters", field="reason")
+        task = await self.engine.cancel_task(task_id, request.reason)
+        log.info("cancel requested", task_id=task_id, by=str(principal))
+        return convert.task_to_pb(task)
+
+    async def FollowTask(
+        self, request: tasks_pb2.FollowTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
+        await require(context, PrincipalKind.OPERATOR)
+        try:
+            task_id = _task_id(request.task_id)
+        except errors.TaskRunError as exc:
+            await context.abort(_CODES[type(exc)], str(exc))
+        engine = self.engine
+        sub = engine.hub.subscribe(task_id) if request.follow else None
+        try:
+            async for update in self._follow(task_id, request, sub, context):
+                yield update
+        finally:
+            if sub is not None:
+                engine.hub.unsubscribe(sub)
+
+    async def _follow(
+        self,
+        task_id: TaskId,
+        request: tasks_pb2.FollowTaskRequest,
+        sub: Subscription | None,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
+        store = self.engine.store
+        task = await store.get_task(task_id)
+        if task is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"task_id: no task {task_id!r}")
+            return
+        seen: dict[RunId, int] = {}
+        runs: list[RunId] = [r.id for r in await store.list_runs(task_id)]
+
+        def keep(chunk: OutputChunk) -> bool:
+            if chunk.seq <= seen.get(chunk.run_id, 0):
+                return False
+            if chunk.kind is OutputKind.EVENT and not request.include_events:
+                seen[chunk.run_id] = chunk.seq
+                return False
+            seen[chunk.run_id] = chunk.seq
+            return True
+
+        async def stored() -> list[OutputChunk]:
+            out: list[OutputChunk] = []
+            while True:
+                batch = await store.read_output(runs, after=dict(seen), limit=OUTPUT_BATCH * 10)
+                out.extend(c for c in batch if keep(c))
+                if len(batch) < OUTPUT_BATCH * 10:
+                    return out
+
+        def message(t: Task | None, chunks: list[OutputChunk]) -> tasks_pb2.TaskUpdate:
+            update = tasks_pb2.TaskUpdate(task=convert.task_to_pb(t) if t else None)
+            for c in chunks:
+                convert.chunk_to_pb(c, update.chunks.add())
+            return update
+
+        history = await stored()
+        for start in range(0, max(len(history), 1), OUTPUT_BATCH):
+            yield message(task if start == 0 else None, history[start : start + OUTPUT_BATCH])
+        if sub is None or task.status.terminal:
+            return
+        while True:
+            items, lagged = await sub.wait()
+            chunks: list[OutputChunk] = []
+            latest: Task | None = None
+            for item in items:
+                if isinstance(item, Task):
+                    latest = item
+                    if item.current_run_id and item.current_run_id not in runs:
+                        runs.append(item.current_run_id)
+                elif item.run_id in runs or item.task_id == task_id:
+                    if item.run_id not in runs:
+                        runs.append(item.run_id)
+                    if keep(item):
+                        chunks.append(item)
+            if lagged:
+                latest = await store.get_task(task_id) or latest
+                runs = [r.id for r in await store.list_runs(task_id)]
+                chunks = await stored()
+            for start in range(0, max(len(chunks), 1), OUTPUT_BATCH):
+                yield message(latest if start == 0 else None, chunks[start : start + OUTPUT_BATCH])
+            if latest is not None and latest.status.terminal:
+                return
+
+
+class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    @domain_errors
+    async def ListWorkers(
+        self, request: workers_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
+    ) -> workers_pb2.ListWorkersResponse:
+        await require(context, PrincipalKind.OPERATOR)
+        try:
+            statuses = {WorkerStatus(s) for s in request.statuses}
+        except ValueError:
+            raise errors.InvalidArgument("unknown worker status", field="statuses") from None
+        workers = sorted(self.engine.workers.values(), key=lambda w: w.id)
+        return workers_pb2.ListWorkersResponse(
+            workers=[
+                convert.worker_to_pb(w, self.engine.worker_runs(w.id))
+                for w in workers
+                if not statuses or w.status in statuses
+            ]
+        )
+
+    @domain_errors
+    async def GetWorker(
+        self, request: workers_pb2.GetWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Worker:
+        await require(context, PrincipalKind.OPERATOR)
+        if not request.worker_id:
+            raise errors.InvalidArgument("must not be empty", field="worker_id")
+        worker = self.engine.workers.get(WorkerId(request.worker_id))
+        if worker is None:
+            raise errors.NotFound(f"no worker {request.worker_id!r}", field="worker_id")
+        return convert.worker_to_pb(worker, self.engine.worker_runs(worker.id))
+
+
+def _worker_from_hello(hello: workers_pb2.WorkerHello) -> Worker:
+    """Validate a hello (INVALID_ARGUMENT naming the field) and turn it into a Worker."""
+    if not is_valid_worker_id(hello.worker_id):
+        raise errors.InvalidArgument("is not a valid worker id", field="hello.worker_id")
+    if not 1 <= hello.max_concurrent_runs <= 10_000:
+        raise errors.InvalidArgument("must be between 1 and 10000", "hello.max_concurrent_runs")
+    agents = []
+    for i, agent in enumerate(hello.agents):
+        validate_agent_name(agent.name, f"hello.agents[{i}].name")
+        agents.append(convert.agent_from_pb(agent))
+    return Worker(
+        id=WorkerId(hello.worker_id),
+        hostname=hello.hostname[:255],
+        version=hello.version[:64],
+        agents=tuple(agents),
+        labels=validate_labels(dict(hello.labels), "hello.labels"),
+        max_concurrent_runs=hello.max_concurrent_runs,
+    )
+
+
+class RunService(workers_pb2_grpc.RunServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def StreamConnect(
+        self,
+        request_iterator: AsyncIterator[workers_pb2.WorkerMessage],
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        principal = await require(context, PrincipalKind.WORKER)
+        try:
+            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within 10s")
+            return
+        if first is grpc.aio.EOF or not first.HasField("hello"):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "hello: the first message must be a hello"
+            )
+            return
+        hello = first.hello
+        if hello.worker_id != principal.name:
+            log.warning(
+                "worker identity mismatch", certificate=str(principal), hello=hello.worker_id
+            )
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"hello.worker_id {hello.worker_id!r} does not match the certificate "
+                f"identity {principal.name!r}",
+            )
+            return
+        try:
+            worker = _worker_from_hello(hello)
+        except errors.TaskRunError as exc:
+            await context.abort(_CODES[type(exc)], str(exc))
+            return
+        worker.certificate_expires_at = peer_certificate_expiry(context)
+        await self._serve(worker, hello, context)
+
+    async def _serve(
+        self,
+        worker: Worker,
+        hello: workers_pb2.WorkerHello,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        engine, cfg = self.engine, self.engine.config
+        session = engine.attach(worker, hello)
+        session.handler = asyncio.current_task()
+        params = workers_pb2.SessionParams(
+            session_id=session.session_id,
+            heartbeat_interval_ms=int(cfg.heartbeat_interval * 1000),
+            heartbeat_timeout_ms=int(cfg.heartbeat_timeout * 1000),
+            max_chunks_per_message=cfg.max_chunks_per_message,
+            max_chunk_bytes=cfg.max_chunk_bytes,
+            max_message_bytes=cfg.max_message_bytes,
+        )
+        writer: asyncio.Task[None] | None = None
+        watchdog: asyncio.Task[None] | None = None
+        try:
+            await context.write(workers_pb2.ServerMessage(params=params))
+            writer = asyncio.create_task(session.write_loop(context.write))
+            watchdog = asyncio.create_task(self._watch(session))
+            while True:
+                msg = await context.read()
+                if msg is grpc.aio.EOF:
+                    break
+                engine.handle_reports(session, msg)
+                if engine.backlog > cfg.max_inflight_commits:
+                    await engine.flush()
+        except asyncio.CancelledError:
+            if not session.kick_reason:
+                raise
+            # kicked by the engine: end the call with the reason instead of a bare CANCELLED
+        finally:
+            for t in (writer, watchdog):
+                if t is not None:
+                    t.cancel()
+                    with contextlib.suppress(asyncio.CancelledError, Exception):
+                        await t
+            engine.detach(session)
+        if session.kick_reason:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, session.kick_reason)
+
+    async def _watch(self, session: WorkerSession) -> None:
+        """End the session when the worker has been silent past the heartbeat timeout."""
+        cfg = self.engine.config
+        while True:
+            await asyncio.sleep(cfg.heartbeat_interval)
+            silent = time.monotonic() - session.last_seen
+            if silent > cfg.heartbeat_timeout:
+                log.warning(
+                    "worker heartbeat lost", worker_id=session.worker_id, silent_s=round(silent, 1)
+                )
+                session.kick(f"no heartbeat for {silent:.1f}s")
+                return

@@ -1,0 +1,91 @@
+"""One connected worker: what it offers, which runs it holds, and its outbound message queue.
+
+The gRPC handler owns the stream; this object owns the state. Only the writer coroutine writes
+to the stream, and it merges everything queued into one ServerMessage per write.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable
+
+from taskrun.controlplane.dispatcher import Candidate
+from taskrun.core.ids import RunId, WorkerId
+from taskrun.core.models import Worker
+from taskrun.v1 import workers_pb2 as wpb
+
+
+class WorkerSession:
+    def __init__(self, worker: Worker, session_id: str) -> None:
+        self.worker = worker
+        self.session_id = session_id
+        self.runs: set[RunId] = set()  # held by the worker: assigned, running, or cancel not acked
+        self.draining = False
+        self.last_seen = time.monotonic()
+        self.closed = False
+        self.kick_reason = ""
+        self.handler: asyncio.Task[object] | None = None
+        self._assignments: list[wpb.RunAssignment] = []
+        self._cancels: list[wpb.CancelRun] = []
+        self._forget: list[str] = []
+        self._drain = False
+        self._wake = asyncio.Event()
+        agents = frozenset(a.name for a in worker.agents)
+        backends = frozenset((b.provider, b.model_name) for a in worker.agents for b in a.backends)
+        self._agents = agents
+        self._backends = backends
+
+    @property
+    def worker_id(self) -> WorkerId:
+        return self.worker.id
+
+    def candidate(self) -> Candidate:
+        return Candidate(
+            worker_id=self.worker.id,
+            agents=self._agents,
+            labels=self.worker.labels,
+            backends=self._backends,
+            capacity=self.worker.max_concurrent_runs,
+            active=len(self.runs),
+            draining=self.draining,
+        )
+
+    # --- outbound ----------------------------------------------------------------------------
+
+    def send_assignment(self, assignment: wpb.RunAssignment) -> None:
+        self._assignments.append(assignment)
+        self._wake.set()
+
+    def send_cancel(self, run_id: str, attempt: int, reason: str) -> None:
+        self._cancels.append(wpb.CancelRun(run_id=run_id, attempt=attempt, reason=reason))
+        self._wake.set()
+
+    def send_forget(self, run_id: str) -> None:
+        self._forget.append(run_id)
+        self._wake.set()
+
+    def send_drain(self) -> None:
+        self._drain = True
+        self._wake.set()
+
+    async def write_loop(self, write: Callable[[wpb.ServerMessage], Awaitable[None]]) -> None:
+        """Merge whatever is queued into one message per write, until cancelled."""
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            msg = wpb.ServerMessage(
+                assignments=self._assignments,
+                cancels=self._cancels,
+                forget_run_ids=self._forget,
+                drain=self._drain,
+            )
+            self._assignments, self._cancels, self._forget = [], [], []
+            self._drain = False
+            await write(msg)
+
+    def kick(self, reason: str) -> None:
+        """End this session from outside its handler (replaced, revoked, heartbeat lost)."""
+        self.kick_reason = reason
+        if self.handler is not None and not self.handler.done():
+            self.handler.cancel()

@@ -1,0 +1,120 @@
+"""Execute one Run: give the agent a context, enforce the timeout, report how it ended."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from taskrun import convert
+from taskrun.core.agent import Agent, AgentError, AgentResult
+from taskrun.core.ids import RunId, TaskId
+from taskrun.core.status import RunStatus
+from taskrun.v1 import common_pb2 as pb
+from taskrun.v1 import workers_pb2 as wpb
+from taskrun.worker.outbox import Outbox
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class RunContext:
+    """What an agent sees of its run (implements core.agent.RunContext)."""
+
+    task_id: TaskId
+    run_id: RunId
+    attempt: int
+    input: dict[str, Any]
+    resume_session_id: str
+    prompt: str
+    outbox: Outbox
+    max_chunk_bytes: int
+    seq: int = 0
+    _log: Any = field(default=None, repr=False)
+
+    async def _put(self, kind: int, data: str) -> None:
+        self.seq += 1
+        chunk = pb.OutputChunk(
+            run_id=self.run_id, attempt=self.attempt, seq=self.seq, kind=kind, data=data
+        )
+        await self.outbox.put(chunk, len(data) + 48)
+
+    async def emit(self, text: str) -> None:
+        limit = self.max_chunk_bytes // 4  # characters, so UTF-8 can never exceed the limit
+        for start in range(0, len(text), limit):
+            await self._put(pb.OUTPUT_KIND_TEXT, text[start : start + limit])
+
+    async def event(self, type: str, **data: Any) -> None:
+        text = json.dumps({"type": type, **data}, default=str)
+        if len(text.encode()) > self.max_chunk_bytes:
+            text = json.dumps({"type": type, "truncated": True})
+        await self._put(pb.OUTPUT_KIND_EVENT, text)
+
+
+@dataclass
+class ActiveRun:
+    assignment: wpb.RunAssignment
+    ctx: RunContext
+    task: asyncio.Task[None] = field(init=False)
+    cancel_reason: str = ""  # set when the server cancelled it
+    status: RunStatus = RunStatus.ASSIGNED
+
+
+def _status(
+    ctx: RunContext, status: int, *, error: str = "", result: AgentResult | None = None
+) -> wpb.RunStatusUpdate:
+    update = wpb.RunStatusUpdate(
+        run_id=ctx.run_id, attempt=ctx.attempt, status=status, error=error, last_seq=ctx.seq
+    )
+    update.time.GetCurrentTime()
+    if result is not None:
+        if result.result is not None:
+            update.result_json = json.dumps(result.result, default=str)
+        convert.usage_to_pb(result.usage, update.usage)
+        if result.backend_used is not None:
+            update.backend_used.CopyFrom(convert.backend_to_pb(result.backend_used))
+        update.session_id = result.session_id
+    return update
+
+
+async def execute(agent: Agent, active: ActiveRun) -> None:
+    """Run the agent to its end and queue the outcome. Never raises (but re-raises cancel)."""
+    a, ctx, outbox = active.assignment, active.ctx, active.ctx.outbox
+    bound = log.bind(task_id=a.task_id, run_id=a.run_id, attempt=a.attempt, agent=a.agent)
+    active.status = RunStatus.RUNNING
+    outbox.put_nowait(_status(ctx, pb.RUN_STATUS_RUNNING))
+    started = time.monotonic()
+    timeout = a.timeout_seconds or None
+    try:
+        async with asyncio.timeout(timeout):
+            result = await agent.run(ctx)
+    except TimeoutError:
+        active.status = RunStatus.FAILED
+        outbox.put_nowait(_status(ctx, pb.RUN_STATUS_FAILED, error=f"timed out after {timeout:g}s"))
+        bound.info("run timed out", timeout_s=timeout)
+    except asyncio.CancelledError:
+        active.status = RunStatus.CANCELLED
+        reason = active.cancel_reason or "the worker stopped the run"
+        outbox.put_nowait(_status(ctx, pb.RUN_STATUS_CANCELLED, error=reason))
+        if active.cancel_reason:
+            outbox.put_nowait(wpb.CancelAck(run_id=a.run_id, attempt=a.attempt))
+        bound.info("run cancelled", reason=reason)
+        raise
+    except AgentError as exc:
+        active.status = RunStatus.FAILED
+        outbox.put_nowait(_status(ctx, pb.RUN_STATUS_FAILED, error=str(exc)))
+        bound.info("run failed", error=str(exc))
+    except Exception as exc:
+        active.status = RunStatus.FAILED
+        outbox.put_nowait(_status(ctx, pb.RUN_STATUS_FAILED, error=f"{type(exc).__name__}: {exc}"))
+        bound.exception("agent crashed")
+    else:
+        active.status = RunStatus.COMPLETED
+        if not result.usage.duration_ms:
+            result.usage.duration_ms = int((time.monotonic() - started) * 1000)
+        outbox.put_nowait(_status(ctx, pb.RUN_STATUS_COMPLETED, result=result))
+        bound.debug("run completed", chunks=ctx.seq)
