@@ -355,7 +355,7 @@ class Engine:
             changes.runs.append(_snapshot_run(run))
             changes.tasks.append(_snapshot_task(task))
             outgoing.append((session, self._assignment(task, run)))
-        snapshots = [t for t in changes.tasks if self.hub.wants(t.id)]
+        snapshots = changes.tasks
 
         def send() -> None:
             for session, assignment in outgoing:
@@ -537,8 +537,7 @@ class Engine:
                 task_id=run.task_id,
             )
             changes.chunks.append(chunk)
-            if self.hub.wants(run.task_id):
-                published.append((run.task_id, chunk))
+            published.append((run.task_id, chunk))
         for ack in msg.cancel_acks:
             if ack.run_id in session.runs and RunId(ack.run_id) not in self.runs:
                 session.runs.discard(RunId(ack.run_id))
@@ -603,7 +602,7 @@ class Engine:
             run.session_id = update.session_id
         snapshot = self._end_run(run, status, changes, error=update.error)
         session.runs.discard(run.id)
-        if snapshot is not None and self.hub.wants(snapshot.id):
+        if snapshot is not None:
             published.append((snapshot.id, snapshot))
         return True
 

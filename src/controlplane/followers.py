@@ -60,9 +60,8 @@ class FollowHub:
             if not subs:
                 del self._subs[sub.task_id]
 
-    def wants(self, task_id: TaskId) -> bool:
-        return task_id in self._subs
-
     def publish(self, task_id: TaskId, item: OutputChunk | Task) -> None:
+        """Deliver to the task's followers. Call only after the item is committed: a follower
+        that subscribes before the commit then either reads it from the store or gets it here."""
         for sub in self._subs.get(task_id, ()):
             sub.push(item)

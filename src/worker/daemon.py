@@ -87,8 +87,10 @@ class WorkerDaemon:
         while not self._exit.is_set():
             try:
                 async for attempt in AsyncRetrying(
-                    wait=wait_exponential_jitter(initial=0.2, max=self.config.reconnect_max_wait),
-                    retry=retry_if_exception(lambda e: not isinstance(e, FatalSessionError)),
+                    wait=wait_exponential_jitter(
+                        multiplier=0.2, max=self.config.reconnect_max_wait
+                    ),
+                    retry=retry_if_exception(_retryable),
                     sleep=self._sleep,
                     before_sleep=self._log_retry,
                     reraise=True,
@@ -379,6 +381,11 @@ class WorkerDaemon:
             return True
         except TimeoutError:
             return False
+
+
+def _retryable(exc: BaseException) -> bool:
+    """Connection trouble is retried; refusals and cancellation are not."""
+    return isinstance(exc, Exception) and not isinstance(exc, FatalSessionError)
 
 
 def _failed(a: wpb.RunAssignment, error: str) -> wpb.RunStatusUpdate:

@@ -1,0 +1,222 @@
+"""In-memory `Store` for tests. It mirrors `SqliteStore`: same ordering, pagination, output
+dedupe and constraints (foreign keys, unique idempotency keys, timezone-aware datetimes), with
+constraint violations raised as ValueError. Everything stored or returned is a copy.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from datetime import datetime
+
+from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.models import OutputChunk, Run, Task, Worker
+from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.store import ChangeSet, TaskPage, TaskQuery
+
+__all__ = ["MemoryStore"]
+
+_UNFINISHED_TASK = frozenset({TaskStatus.PENDING, TaskStatus.RUNNING})
+_UNFINISHED_RUN = frozenset({RunStatus.PENDING, RunStatus.ASSIGNED, RunStatus.RUNNING})
+
+
+def _copy_task(t: Task) -> Task:
+    return replace(
+        t,
+        labels=dict(t.labels),
+        policy=replace(t.policy, required_labels=dict(t.policy.required_labels)),
+        usage=replace(t.usage),
+    )
+
+
+def _copy_run(r: Run) -> Run:
+    return replace(r, usage=replace(r.usage))
+
+
+def _copy_worker(w: Worker) -> Worker:
+    return replace(w, labels=dict(w.labels))  # agents are immutable
+
+
+def _check_aware(values: Iterable[datetime | None]) -> None:
+    for value in values:
+        if value is not None and value.utcoffset() is None:
+            raise ValueError(f"datetimes must be timezone-aware, got {value!r}")
+
+
+class MemoryStore:
+    """Dict-based `Store`; `open()` is optional, use after `close()` raises RuntimeError."""
+
+    def __init__(self) -> None:
+        self.commits = 0
+        self._tasks: dict[TaskId, Task] = {}
+        self._by_key: dict[str, TaskId] = {}
+        self._runs: dict[RunId, Run] = {}
+        self._workers: dict[WorkerId, Worker] = {}
+        self._output: dict[RunId, dict[tuple[int, int], OutputChunk]] = {}
+        self._closed = False
+
+    async def open(self) -> None:
+        """Nothing to prepare."""
+        if self._closed:
+            raise RuntimeError("store is closed")
+
+    async def close(self) -> None:
+        """Refuse further use. Idempotent."""
+        self._closed = True
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise RuntimeError("store is not open")
+
+    # --- writes --------------------------------------------------------------------------------
+
+    async def apply(self, changes: ChangeSet) -> None:
+        """Validate the whole change set first, then store copies of it (all or nothing)."""
+        self._check_open()
+        if not changes:
+            return
+        self._validate(changes)
+        for task in changes.tasks:
+            old = self._tasks.get(task.id)
+            if old is not None and old.policy.idempotency_key:
+                self._by_key.pop(old.policy.idempotency_key, None)
+            self._tasks[task.id] = _copy_task(task)
+            if task.policy.idempotency_key:
+                self._by_key[task.policy.idempotency_key] = task.id
+        for run in changes.runs:
+            self._runs[run.id] = _copy_run(run)
+        for worker in changes.workers:
+            self._workers[worker.id] = _copy_worker(worker)
+        for chunk in changes.chunks:
+            stored = self._output.setdefault(chunk.run_id, {})
+            stored.setdefault((chunk.attempt, chunk.seq), replace(chunk, task_id=None))
+        self.commits += 1
+
+    def _validate(self, changes: ChangeSet) -> None:
+        """Raise ValueError where SQLite's constraints would reject `changes`."""
+        key_owner: dict[str, TaskId | None] = {}  # overlay on self._by_key
+        key_of: dict[TaskId, str] = {}  # overlay: a task's key after this change set
+        for t in changes.tasks:
+            _check_aware((t.created_at, t.updated_at, t.finished_at))
+            stored = self._tasks.get(t.id)
+            old = key_of.get(t.id, stored.policy.idempotency_key if stored else "")
+            if old:
+                key_owner[old] = None
+            new = t.policy.idempotency_key
+            if new:
+                owner = key_owner[new] if new in key_owner else self._by_key.get(new)
+                if owner is not None and owner != t.id:
+                    raise ValueError(f"idempotency key {new!r} already belongs to task {owner}")
+                key_owner[new] = t.id
+            key_of[t.id] = new
+        new_runs: set[RunId] = set()
+        for r in changes.runs:
+            _check_aware((r.created_at, r.assigned_at, r.started_at, r.finished_at))
+            if r.task_id not in self._tasks and r.task_id not in key_of:
+                raise ValueError(f"run {r.id} refers to unknown task {r.task_id}")
+            new_runs.add(r.id)
+        for w in changes.workers:
+            _check_aware(
+                (w.first_seen_at, w.connected_at, w.last_heartbeat_at, w.certificate_expires_at)
+            )
+        for c in changes.chunks:
+            _check_aware((c.time,))
+            if c.run_id not in self._runs and c.run_id not in new_runs:
+                raise ValueError(f"output chunk refers to unknown run {c.run_id}")
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    async def get_task(self, task_id: TaskId) -> Task | None:
+        self._check_open()
+        task = self._tasks.get(task_id)
+        return None if task is None else _copy_task(task)
+
+    async def get_task_by_idempotency_key(self, key: str) -> Task | None:
+        self._check_open()
+        task_id = self._by_key.get(key) if key else None
+        return None if task_id is None else _copy_task(self._tasks[task_id])
+
+    async def list_tasks(self, query: TaskQuery) -> TaskPage:
+        self._check_open()
+        if query.limit < 1:
+            raise ValueError(f"limit must be positive, got {query.limit}")
+        page: list[Task] = []
+        more = False
+        for task_id in sorted(self._tasks, reverse=True):
+            if query.before and task_id >= query.before:
+                continue
+            t = self._tasks[task_id]
+            if (
+                (query.statuses and t.status not in query.statuses)
+                or (query.agent and t.agent != query.agent)
+                or (query.worker_id and t.worker_id != query.worker_id)
+                or (query.schedule and t.schedule != query.schedule)
+                or any(t.labels.get(k) != v for k, v in query.labels)
+            ):
+                continue
+            if len(page) == query.limit:
+                more = True
+                break
+            page.append(_copy_task(t))
+        return TaskPage(page, page[-1].id if more else None)
+
+    async def list_unfinished_tasks(self) -> list[Task]:
+        self._check_open()
+        return [
+            _copy_task(self._tasks[i])
+            for i in sorted(self._tasks)
+            if self._tasks[i].status in _UNFINISHED_TASK
+        ]
+
+    async def get_run(self, run_id: RunId) -> Run | None:
+        self._check_open()
+        run = self._runs.get(run_id)
+        return None if run is None else _copy_run(run)
+
+    async def list_runs(self, task_id: TaskId) -> list[Run]:
+        self._check_open()
+        runs = [r for r in self._runs.values() if r.task_id == task_id]
+        return [_copy_run(r) for r in sorted(runs, key=lambda r: (r.attempt, r.id))]
+
+    async def list_unfinished_runs(self) -> list[Run]:
+        self._check_open()
+        return [
+            _copy_run(self._runs[i])
+            for i in sorted(self._runs)
+            if self._runs[i].status in _UNFINISHED_RUN
+        ]
+
+    async def get_worker(self, worker_id: WorkerId) -> Worker | None:
+        self._check_open()
+        worker = self._workers.get(worker_id)
+        return None if worker is None else _copy_worker(worker)
+
+    async def list_workers(self, statuses: frozenset[WorkerStatus] = frozenset()) -> list[Worker]:
+        self._check_open()
+        return [
+            _copy_worker(self._workers[i])
+            for i in sorted(self._workers)
+            if not statuses or self._workers[i].status in statuses
+        ]
+
+    async def read_output(
+        self, run_ids: Sequence[RunId], after: dict[RunId, int] | None = None, limit: int = 10_000
+    ) -> list[OutputChunk]:
+        """Chunks of these runs in (run order given, attempt, seq) order, after the given seq."""
+        self._check_open()
+        out: list[OutputChunk] = []
+        if limit < 1:
+            return out
+        for run_id in dict.fromkeys(run_ids):
+            stored = self._output.get(run_id)
+            if not stored:
+                continue
+            floor = after.get(run_id) if after else None
+            task_id = self._runs[run_id].task_id
+            for key in sorted(stored):
+                if floor is not None and key[1] <= floor:
+                    continue
+                if len(out) == limit:
+                    return out
+                out.append(replace(stored[key], task_id=task_id))
+        return out

@@ -1,0 +1,887 @@
+"""SQLite store: one file in WAL mode, a writer thread with group commit, pooled read connections.
+
+Durability: WAL with ``synchronous=NORMAL``. Once `SqliteStore.apply` returns, the change set is
+committed to the WAL and survives the process crashing (including ``kill -9``). A power loss or
+an operating-system crash may lose the last few commits; the file itself stays consistent.
+
+Writes: `apply` encodes the change set into row tuples on the caller's thread (so later mutation
+of the caller's objects cannot leak in) and queues them. One writer thread owns the only write
+connection: it takes everything queued, writes it in one transaction with ``executemany`` upserts,
+commits, then resolves every caller's future on its event loop. If that group transaction fails,
+each change set is retried in its own transaction so only the offending one gets the error.
+
+Reads run in a small thread pool; each thread has its own read-only connection, so reads see
+committed data and never wait behind the writer (WAL readers do not block on the writer).
+
+Datetimes are stored as integer microseconds since the Unix epoch (UTC) and come back as
+timezone-aware UTC datetimes equal to what was written. Naive datetimes are rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import dataclasses
+import functools
+import json
+import queue
+import sqlite3
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import structlog
+
+from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.models import (
+    AgentSpec,
+    ModelBackend,
+    OutputChunk,
+    OutputKind,
+    Run,
+    Task,
+    TaskPolicy,
+    Usage,
+    Worker,
+)
+from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.store import ChangeSet, TaskPage, TaskQuery
+
+__all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
+
+log = structlog.get_logger(__name__)
+
+_T = TypeVar("_T")
+Row = tuple[Any, ...]
+
+_BUSY_TIMEOUT_MS: Final = 10_000
+_READ_THREADS: Final = 4
+_NO_FLOOR: Final = -(2**63)  # smallest SQLite integer: "no `after` for this run"
+
+# --- schema ------------------------------------------------------------------------------------
+
+# Each migration is a tuple of statements applied in one transaction; PRAGMA user_version records
+# how many have been applied. Never edit a released migration: append a new one.
+MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
+    (
+        """CREATE TABLE tasks (
+            id               TEXT PRIMARY KEY,
+            agent            TEXT NOT NULL,
+            input            TEXT NOT NULL,
+            labels           TEXT NOT NULL,  -- JSON object
+            policy           TEXT NOT NULL,  -- JSON object
+            status           INTEGER NOT NULL,
+            attempts         INTEGER NOT NULL,
+            current_run_id   TEXT,
+            worker_id        TEXT,
+            created_at       INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+            updated_at       INTEGER NOT NULL,
+            finished_at      INTEGER,
+            error            TEXT NOT NULL,
+            result           TEXT NOT NULL,
+            usage            TEXT NOT NULL,  -- JSON object
+            schedule         TEXT NOT NULL,
+            cancel_requested INTEGER NOT NULL,
+            idempotency_key  TEXT NOT NULL   -- copy of policy.idempotency_key, for the index
+        )""",
+        "CREATE UNIQUE INDEX tasks_idempotency_key ON tasks (idempotency_key)"
+        " WHERE idempotency_key <> ''",
+        "CREATE INDEX tasks_status ON tasks (status, id)",
+        "CREATE INDEX tasks_agent ON tasks (agent, id)",
+        "CREATE INDEX tasks_worker ON tasks (worker_id, id) WHERE worker_id IS NOT NULL",
+        "CREATE INDEX tasks_schedule ON tasks (schedule, id) WHERE schedule <> ''",
+        """CREATE TABLE runs (
+            id           TEXT PRIMARY KEY,
+            task_id      TEXT NOT NULL REFERENCES tasks (id),
+            attempt      INTEGER NOT NULL,
+            status       INTEGER NOT NULL,
+            worker_id    TEXT,
+            created_at   INTEGER NOT NULL,
+            assigned_at  INTEGER,
+            started_at   INTEGER,
+            finished_at  INTEGER,
+            error        TEXT NOT NULL,
+            result       TEXT NOT NULL,
+            usage        TEXT NOT NULL,  -- JSON object
+            backend_used TEXT,           -- JSON object or NULL
+            session_id   TEXT NOT NULL,
+            prompt       TEXT NOT NULL
+        )""",
+        "CREATE INDEX runs_task ON runs (task_id, attempt)",
+        "CREATE INDEX runs_unfinished ON runs (status, id) WHERE status IN (1, 2, 3)",
+        """CREATE TABLE workers (
+            id                     TEXT PRIMARY KEY,
+            hostname               TEXT NOT NULL,
+            version                TEXT NOT NULL,
+            agents                 TEXT NOT NULL,  -- JSON array of agent specs
+            labels                 TEXT NOT NULL,  -- JSON object
+            max_concurrent_runs    INTEGER NOT NULL,
+            status                 INTEGER NOT NULL,
+            first_seen_at          INTEGER,
+            connected_at           INTEGER,
+            last_heartbeat_at      INTEGER,
+            certificate_expires_at INTEGER
+        )""",
+        """CREATE TABLE output (
+            run_id  TEXT NOT NULL REFERENCES runs (id),
+            attempt INTEGER NOT NULL,
+            seq     INTEGER NOT NULL,
+            kind    INTEGER NOT NULL,
+            data    TEXT NOT NULL,
+            time    INTEGER,
+            PRIMARY KEY (run_id, attempt, seq)
+        ) WITHOUT ROWID""",
+    ),
+)
+SCHEMA_VERSION: Final = len(MIGRATIONS)
+
+_TASK_COLUMNS: Final = (
+    "id",
+    "agent",
+    "input",
+    "labels",
+    "policy",
+    "status",
+    "attempts",
+    "current_run_id",
+    "worker_id",
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "error",
+    "result",
+    "usage",
+    "schedule",
+    "cancel_requested",
+    "idempotency_key",
+)
+_RUN_COLUMNS: Final = (
+    "id",
+    "task_id",
+    "attempt",
+    "status",
+    "worker_id",
+    "created_at",
+    "assigned_at",
+    "started_at",
+    "finished_at",
+    "error",
+    "result",
+    "usage",
+    "backend_used",
+    "session_id",
+    "prompt",
+)
+_WORKER_COLUMNS: Final = (
+    "id",
+    "hostname",
+    "version",
+    "agents",
+    "labels",
+    "max_concurrent_runs",
+    "status",
+    "first_seen_at",
+    "connected_at",
+    "last_heartbeat_at",
+    "certificate_expires_at",
+)
+
+
+def _upsert_sql(table: str, columns: Sequence[str]) -> str:
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
+        f" ON CONFLICT (id) DO UPDATE SET {updates}"
+    )
+
+
+_UPSERT_TASK: Final = _upsert_sql("tasks", _TASK_COLUMNS)
+_UPSERT_RUN: Final = _upsert_sql("runs", _RUN_COLUMNS)
+_UPSERT_WORKER: Final = _upsert_sql("workers", _WORKER_COLUMNS)
+_INSERT_CHUNK: Final = (
+    "INSERT OR IGNORE INTO output (run_id, attempt, seq, kind, data, time)"
+    " VALUES (?, ?, ?, ?, ?, ?)"
+)
+
+_SELECT_TASK: Final = f"SELECT {', '.join(_TASK_COLUMNS[:-1])} FROM tasks"
+_SELECT_RUN: Final = f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs"
+_SELECT_WORKER: Final = f"SELECT {', '.join(_WORKER_COLUMNS)} FROM workers"
+_SELECT_OUTPUT: Final = (
+    "SELECT o.run_id, o.attempt, o.seq, o.data, o.kind, o.time, r.task_id"
+    " FROM output o JOIN runs r ON r.id = o.run_id"
+    " WHERE o.run_id = ? AND o.seq > ? ORDER BY o.attempt, o.seq LIMIT ?"
+)
+_LABEL_MATCH: Final = (
+    "EXISTS (SELECT 1 FROM json_each(tasks.labels) AS l WHERE l.key = ? AND l.value = ?)"
+)
+
+
+class SchemaVersionError(RuntimeError):
+    """The database file was written by a newer TaskRun than this one."""
+
+
+# --- encoding ----------------------------------------------------------------------------------
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+_dumps: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_loads: Final = json.loads
+
+
+def _us(value: datetime) -> int:
+    try:
+        return (value - _EPOCH) // _MICROSECOND
+    except TypeError:
+        raise ValueError(f"datetimes must be timezone-aware, got {value!r}") from None
+
+
+def _us_or_none(value: datetime | None) -> int | None:
+    return None if value is None else _us(value)
+
+
+def _dt(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def _dt_or_none(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + timedelta(microseconds=value)
+
+
+_NO_USAGE: Final = Usage()
+_NO_USAGE_JSON: Final = _dumps(dataclasses.asdict(_NO_USAGE))  # the common case, precomputed
+
+
+def _usage_json(u: Usage) -> str:
+    if u == _NO_USAGE:
+        return _NO_USAGE_JSON
+    return _dumps(
+        {
+            "input_tokens": u.input_tokens,
+            "output_tokens": u.output_tokens,
+            "cache_read_tokens": u.cache_read_tokens,
+            "cache_creation_tokens": u.cache_creation_tokens,
+            "cost_usd": u.cost_usd,
+            "turns": u.turns,
+            "duration_ms": u.duration_ms,
+        }
+    )
+
+
+def _usage(text: str) -> Usage:
+    return Usage() if text == _NO_USAGE_JSON else Usage(**_loads(text))
+
+
+def _policy_json(p: TaskPolicy) -> str:
+    return _dumps(
+        {
+            "priority": p.priority,
+            "timeout": p.timeout,
+            "max_attempts": p.max_attempts,
+            "idempotency_key": p.idempotency_key,
+            "required_labels": p.required_labels,
+            "queue_timeout": p.queue_timeout,
+            "retry_on_failure": p.retry_on_failure,
+            "required_provider": p.required_provider,
+            "required_model": p.required_model,
+        }
+    )
+
+
+@functools.lru_cache(maxsize=1024)  # most tasks share a handful of policies
+def _policy_fields(text: str) -> dict[str, Any]:
+    fields: dict[str, Any] = _loads(text)
+    return fields
+
+
+def _policy(text: str) -> TaskPolicy:
+    policy = TaskPolicy(**_policy_fields(text))
+    policy.required_labels = dict(policy.required_labels)  # never share the cached dict
+    return policy
+
+
+def _backend_dict(b: ModelBackend) -> dict[str, Any]:
+    return {
+        "provider": b.provider,
+        "model_name": b.model_name,
+        "context_window": b.context_window,
+        "modalities": list(b.modalities),
+        "tools": list(b.tools),
+    }
+
+
+def _backend(d: dict[str, Any]) -> ModelBackend:
+    return ModelBackend(
+        provider=d["provider"],
+        model_name=d["model_name"],
+        context_window=d["context_window"],
+        modalities=tuple(d["modalities"]),
+        tools=tuple(d["tools"]),
+    )
+
+
+def _agents_json(agents: Sequence[AgentSpec]) -> str:
+    return _dumps(
+        [
+            {
+                "name": a.name,
+                "description": a.description,
+                "backends": [_backend_dict(b) for b in a.backends],
+                "input_schema": a.input_schema,
+                "supports_sessions": a.supports_sessions,
+            }
+            for a in agents
+        ]
+    )
+
+
+def _agents(text: str) -> tuple[AgentSpec, ...]:
+    return tuple(
+        AgentSpec(
+            name=a["name"],
+            description=a["description"],
+            backends=tuple(_backend(b) for b in a["backends"]),
+            input_schema=a["input_schema"],
+            supports_sessions=a["supports_sessions"],
+        )
+        for a in _loads(text)
+    )
+
+
+def _task_row(t: Task) -> Row:
+    p = t.policy
+    return (
+        t.id,
+        t.agent,
+        t.input,
+        _dumps(t.labels),
+        _policy_json(p),
+        int(t.status),
+        t.attempts,
+        t.current_run_id,
+        t.worker_id,
+        _us(t.created_at),
+        _us(t.updated_at),
+        _us_or_none(t.finished_at),
+        t.error,
+        t.result,
+        _usage_json(t.usage),
+        t.schedule,
+        int(t.cancel_requested),
+        p.idempotency_key,
+    )
+
+
+def _task(r: Row) -> Task:
+    return Task(
+        id=r[0],
+        agent=r[1],
+        input=r[2],
+        labels=_loads(r[3]),
+        policy=_policy(r[4]),
+        status=TaskStatus(r[5]),
+        attempts=r[6],
+        current_run_id=r[7],
+        worker_id=r[8],
+        created_at=_dt(r[9]),
+        updated_at=_dt(r[10]),
+        finished_at=_dt_or_none(r[11]),
+        error=r[12],
+        result=r[13],
+        usage=_usage(r[14]),
+        schedule=r[15],
+        cancel_requested=bool(r[16]),
+    )
+
+
+def _run_row(r: Run) -> Row:
+    b = r.backend_used
+    return (
+        r.id,
+        r.task_id,
+        r.attempt,
+        int(r.status),
+        r.worker_id,
+        _us(r.created_at),
+        _us_or_none(r.assigned_at),
+        _us_or_none(r.started_at),
+        _us_or_none(r.finished_at),
+        r.error,
+        r.result,
+        _usage_json(r.usage),
+        None if b is None else _dumps(_backend_dict(b)),
+        r.session_id,
+        r.prompt,
+    )
+
+
+def _run(r: Row) -> Run:
+    return Run(
+        id=r[0],
+        task_id=r[1],
+        attempt=r[2],
+        status=RunStatus(r[3]),
+        worker_id=r[4],
+        created_at=_dt(r[5]),
+        assigned_at=_dt_or_none(r[6]),
+        started_at=_dt_or_none(r[7]),
+        finished_at=_dt_or_none(r[8]),
+        error=r[9],
+        result=r[10],
+        usage=_usage(r[11]),
+        backend_used=None if r[12] is None else _backend(_loads(r[12])),
+        session_id=r[13],
+        prompt=r[14],
+    )
+
+
+def _worker_row(w: Worker) -> Row:
+    return (
+        w.id,
+        w.hostname,
+        w.version,
+        _agents_json(w.agents),
+        _dumps(w.labels),
+        w.max_concurrent_runs,
+        int(w.status),
+        _us_or_none(w.first_seen_at),
+        _us_or_none(w.connected_at),
+        _us_or_none(w.last_heartbeat_at),
+        _us_or_none(w.certificate_expires_at),
+    )
+
+
+def _worker(r: Row) -> Worker:
+    return Worker(
+        id=r[0],
+        hostname=r[1],
+        version=r[2],
+        agents=_agents(r[3]),
+        labels=_loads(r[4]),
+        max_concurrent_runs=r[5],
+        status=WorkerStatus(r[6]),
+        first_seen_at=_dt_or_none(r[7]),
+        connected_at=_dt_or_none(r[8]),
+        last_heartbeat_at=_dt_or_none(r[9]),
+        certificate_expires_at=_dt_or_none(r[10]),
+    )
+
+
+def _chunk_row(c: OutputChunk) -> Row:
+    return (c.run_id, c.attempt, c.seq, int(c.kind), c.data, _us_or_none(c.time))
+
+
+def _chunk(r: Row) -> OutputChunk:
+    return OutputChunk(
+        run_id=r[0],
+        attempt=r[1],
+        seq=r[2],
+        data=r[3],
+        kind=OutputKind(r[4]),
+        time=_dt_or_none(r[5]),
+        task_id=r[6],
+    )
+
+
+# --- the writer's queue ------------------------------------------------------------------------
+
+
+class _Pending:
+    """One encoded change set waiting for the writer, and the future its caller awaits."""
+
+    __slots__ = ("chunks", "future", "loop", "runs", "tasks", "workers")
+
+    def __init__(
+        self,
+        changes: ChangeSet,
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[None],
+    ) -> None:
+        self.tasks = [_task_row(t) for t in changes.tasks]
+        self.runs = [_run_row(r) for r in changes.runs]
+        self.workers = [_worker_row(w) for w in changes.workers]
+        self.chunks = [_chunk_row(c) for c in changes.chunks]
+        self.loop = loop
+        self.future = future
+
+
+def _public_error(exc: BaseException | None) -> BaseException | None:
+    """Constraint violations surface as ValueError, the same as from MemoryStore."""
+    if isinstance(exc, sqlite3.IntegrityError):
+        error = ValueError(f"change set rejected by the store: {exc}")
+        error.__cause__ = exc
+        return error
+    return exc
+
+
+def _settle(outcomes: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
+    """Runs on the event loop: resolve the callers' futures (skipping cancelled ones)."""
+    for future, error in outcomes:
+        if future.done():
+            continue
+        if error is None:
+            future.set_result(None)
+        else:
+            future.set_exception(error)
+
+
+class SqliteStore:
+    """`Store` on one SQLite file. Call `open()` before use and `close()` when done."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.commits = 0  # transactions committed by the writer (group commits count once)
+        self.migrations_applied = 0  # schema migrations run by the last `open()`
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._writer: threading.Thread | None = None
+        self._readers: ThreadPoolExecutor | None = None
+        self._local = threading.local()
+        self._read_connections: list[sqlite3.Connection] = []
+        self._read_lock = threading.Lock()
+        self._read_uri = ""
+        self._closed = False
+
+    # --- lifecycle -----------------------------------------------------------------------------
+
+    async def open(self) -> None:
+        """Create or migrate the schema and start the writer thread and the read pool."""
+        if self._closed:
+            raise RuntimeError("store is closed")
+        if self._writer is not None:
+            return
+        ready: concurrent.futures.Future[None] = concurrent.futures.Future()
+        writer = threading.Thread(
+            target=self._writer_main, args=(ready,), name="taskrun-store-writer", daemon=True
+        )
+        writer.start()
+        try:
+            await asyncio.wrap_future(ready)
+        except BaseException:
+            await asyncio.to_thread(writer.join)
+            raise
+        self._writer = writer
+        self._read_uri = self.path.resolve().as_uri() + "?mode=ro"
+        self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="taskrun-store-read")
+        log.info("store opened", path=str(self.path), schema_version=SCHEMA_VERSION)
+
+    async def close(self) -> None:
+        """Finish queued writes, stop the threads and close every connection. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        readers, self._readers = self._readers, None
+        if readers is not None:
+            await asyncio.to_thread(readers.shutdown, True)
+        with self._read_lock:
+            connections, self._read_connections = self._read_connections, []
+        for conn in connections:
+            conn.close()
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            self._queue.put(None)
+            await asyncio.to_thread(writer.join)
+            log.info("store closed", path=str(self.path), commits=self.commits)
+
+    # --- writes --------------------------------------------------------------------------------
+
+    async def apply(self, changes: ChangeSet) -> None:
+        """Commit `changes` atomically; returns once they are durable (see the module doc).
+
+        The change set is encoded before the first await, so change sets commit in call order.
+        Cancelling the caller does not withdraw a change set that is already queued.
+        """
+        if self._writer is None or self._closed:
+            raise RuntimeError("store is not open")
+        if not changes:
+            return
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[None] = loop.create_future()
+        self._queue.put(_Pending(changes, loop, future))
+        await future
+
+    def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
+        try:
+            conn = self._connect_writer()
+        except BaseException as exc:
+            ready.set_exception(exc)
+            return
+        ready.set_result(None)
+        try:
+            self._write_loop(conn)
+        finally:
+            try:
+                conn.execute("PRAGMA optimize")
+            except sqlite3.Error:
+                pass
+            conn.close()
+
+    def _write_loop(self, conn: sqlite3.Connection) -> None:
+        get, get_nowait = self._queue.get, self._queue.get_nowait
+        stopping = False
+        while not stopping:
+            batch = [get()]
+            while True:
+                try:
+                    batch.append(get_nowait())
+                except queue.Empty:
+                    break
+            pending = [p for p in batch if p is not None]
+            stopping = len(pending) != len(batch)
+            if not pending:
+                continue
+            try:
+                self._write(conn, pending)
+            except BaseException as exc:  # a bug here must not strand the callers
+                log.exception("store writer failed")
+                self._notify([(p, exc) for p in pending])
+
+    def _write(self, conn: sqlite3.Connection, pending: list[_Pending]) -> None:
+        """Commit the whole group at once; on failure, retry each change set on its own."""
+        if len(pending) > 1:
+            error = self._transaction(conn, pending)
+            if error is None:
+                self._notify([(p, None) for p in pending])
+                return
+            log.warning(
+                "group commit failed; retrying change sets one by one",
+                size=len(pending),
+                error=str(error),
+            )
+        outcomes: list[tuple[_Pending, BaseException | None]] = []
+        for p in pending:
+            error = self._transaction(conn, [p])
+            if error is not None:
+                log.warning("change set rejected", error=str(error))
+            outcomes.append((p, error))
+        self._notify(outcomes)
+
+    def _transaction(self, conn: sqlite3.Connection, pending: list[_Pending]) -> Exception | None:
+        """Write `pending` in one transaction; return the error instead of raising it.
+
+        Rows are written table by table (tasks, runs, workers, output), each table's rows in
+        call order, so the last upsert of an id wins. Within one group a run may therefore find
+        its task in a later change set of the same group; the engine never relies on that.
+        """
+        if len(pending) == 1:
+            one = pending[0]
+            tasks, runs, workers, chunks = one.tasks, one.runs, one.workers, one.chunks
+        else:
+            tasks = [row for p in pending for row in p.tasks]
+            runs = [row for p in pending for row in p.runs]
+            workers = [row for p in pending for row in p.workers]
+            chunks = [row for p in pending for row in p.chunks]
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if tasks:
+                    conn.executemany(_UPSERT_TASK, tasks)
+                if runs:
+                    conn.executemany(_UPSERT_RUN, runs)
+                if workers:
+                    conn.executemany(_UPSERT_WORKER, workers)
+                if chunks:
+                    conn.executemany(_INSERT_CHUNK, chunks)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except Exception as exc:
+            return exc
+        self.commits += 1
+        return None
+
+    @staticmethod
+    def _notify(outcomes: list[tuple[_Pending, BaseException | None]]) -> None:
+        by_loop: dict[
+            asyncio.AbstractEventLoop, list[tuple[asyncio.Future[None], BaseException | None]]
+        ] = {}
+        for p, error in outcomes:
+            by_loop.setdefault(p.loop, []).append((p.future, _public_error(error)))
+        for loop, results in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_settle, results)
+            except RuntimeError:  # that event loop is closed; nobody is waiting any more
+                pass
+
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, isolation_level=None)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            self._check_version(conn)
+            mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+            if str(mode).lower() != "wal":
+                raise RuntimeError(f"{self.path}: could not enable WAL (journal_mode={mode})")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            conn.execute("PRAGMA foreign_keys = ON")
+            self.migrations_applied = self._migrate(conn)
+        except BaseException:
+            conn.close()
+            raise
+        return conn
+
+    def _check_version(self, conn: sqlite3.Connection) -> int:
+        version: int = conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            raise SchemaVersionError(
+                f"{self.path} has schema version {version}, but this TaskRun only knows versions"
+                f" up to {SCHEMA_VERSION}; it was written by a newer TaskRun, upgrade to open it"
+            )
+        return version
+
+    def _migrate(self, conn: sqlite3.Connection) -> int:
+        """Apply the missing migrations, each in its own transaction; return how many ran."""
+        if self._check_version(conn) == SCHEMA_VERSION:
+            return 0
+        applied = 0
+        for target, statements in enumerate(MIGRATIONS, start=1):
+            conn.execute("BEGIN IMMEDIATE")
+            try:
+                if self._check_version(conn) >= target:  # another process got there first
+                    conn.execute("COMMIT")
+                    continue
+                for statement in statements:
+                    conn.execute(statement)
+                conn.execute(f"PRAGMA user_version = {target}")
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+            applied += 1
+            log.info("store schema migrated", path=str(self.path), version=target)
+        return applied
+
+    # --- reads ---------------------------------------------------------------------------------
+
+    def _reader(self) -> sqlite3.Connection:
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = sqlite3.connect(
+                self._read_uri, uri=True, isolation_level=None, check_same_thread=False
+            )
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            self._local.conn = conn
+            with self._read_lock:
+                self._read_connections.append(conn)
+        return conn
+
+    def _call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        return fn(self._reader())
+
+    async def _read(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        readers = self._readers
+        if readers is None or self._closed:
+            raise RuntimeError("store is not open")
+        return await asyncio.get_running_loop().run_in_executor(readers, self._call, fn)
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Row]:
+        return await self._read(lambda conn: conn.execute(sql, params).fetchall())
+
+    async def _fetchone(self, sql: str, params: Sequence[Any]) -> Row | None:
+        row: Row | None = await self._read(lambda conn: conn.execute(sql, params).fetchone())
+        return row
+
+    async def get_task(self, task_id: TaskId) -> Task | None:
+        row = await self._fetchone(f"{_SELECT_TASK} WHERE id = ?", (task_id,))
+        return None if row is None else _task(row)
+
+    async def get_task_by_idempotency_key(self, key: str) -> Task | None:
+        if not key:
+            return None
+        row = await self._fetchone(
+            f"{_SELECT_TASK} WHERE idempotency_key = ? AND idempotency_key <> ''", (key,)
+        )
+        return None if row is None else _task(row)
+
+    async def list_tasks(self, query: TaskQuery) -> TaskPage:
+        if query.limit < 1:
+            raise ValueError(f"limit must be positive, got {query.limit}")
+        where: list[str] = []
+        params: list[Any] = []
+        if query.statuses:
+            where.append(f"status IN ({', '.join('?' * len(query.statuses))})")
+            params.extend(sorted(int(s) for s in query.statuses))
+        if query.agent:
+            where.append("agent = ?")
+            params.append(query.agent)
+        if query.worker_id:
+            where.append("worker_id = ?")
+            params.append(query.worker_id)
+        if query.schedule:
+            where.append("schedule = ? AND schedule <> ''")  # lets the partial index serve it
+            params.append(query.schedule)
+        if query.before:
+            where.append("id < ?")
+            params.append(query.before)
+        for key, value in query.labels:
+            where.append(_LABEL_MATCH)
+            params.extend((key, value))
+        sql = _SELECT_TASK
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(query.limit + 1)
+        rows = await self._fetchall(sql, params)
+        tasks = [_task(r) for r in rows[: query.limit]]
+        return TaskPage(tasks, tasks[-1].id if len(rows) > query.limit else None)
+
+    async def list_unfinished_tasks(self) -> list[Task]:
+        rows = await self._fetchall(f"{_SELECT_TASK} WHERE status IN (1, 2) ORDER BY id")
+        return [_task(r) for r in rows]
+
+    async def get_run(self, run_id: RunId) -> Run | None:
+        row = await self._fetchone(f"{_SELECT_RUN} WHERE id = ?", (run_id,))
+        return None if row is None else _run(row)
+
+    async def list_runs(self, task_id: TaskId) -> list[Run]:
+        rows = await self._fetchall(
+            f"{_SELECT_RUN} WHERE task_id = ? ORDER BY attempt, id", (task_id,)
+        )
+        return [_run(r) for r in rows]
+
+    async def list_unfinished_runs(self) -> list[Run]:
+        rows = await self._fetchall(f"{_SELECT_RUN} WHERE status IN (1, 2, 3) ORDER BY id")
+        return [_run(r) for r in rows]
+
+    async def get_worker(self, worker_id: WorkerId) -> Worker | None:
+        row = await self._fetchone(f"{_SELECT_WORKER} WHERE id = ?", (worker_id,))
+        return None if row is None else _worker(row)
+
+    async def list_workers(self, statuses: frozenset[WorkerStatus] = frozenset()) -> list[Worker]:
+        if statuses:
+            marks = ", ".join("?" * len(statuses))
+            rows = await self._fetchall(
+                f"{_SELECT_WORKER} WHERE status IN ({marks}) ORDER BY id",
+                sorted(int(s) for s in statuses),
+            )
+        else:
+            rows = await self._fetchall(f"{_SELECT_WORKER} ORDER BY id")
+        return [_worker(r) for r in rows]
+
+    async def read_output(
+        self, run_ids: Sequence[RunId], after: dict[RunId, int] | None = None, limit: int = 10_000
+    ) -> list[OutputChunk]:
+        """Chunks of these runs in (run order given, attempt, seq) order, after the given seq."""
+        if limit < 1 or not run_ids:
+            return []
+        floors = after or {}
+        wanted = list(dict.fromkeys(run_ids))
+
+        def read(conn: sqlite3.Connection) -> list[Row]:
+            rows: list[Row] = []
+            conn.execute("BEGIN")  # one snapshot across the per-run queries
+            try:
+                for run_id in wanted:
+                    left = limit - len(rows)
+                    if left <= 0:
+                        break
+                    floor = floors.get(run_id, _NO_FLOOR)
+                    rows.extend(conn.execute(_SELECT_OUTPUT, (run_id, floor, left)).fetchall())
+            finally:
+                conn.execute("COMMIT")
+            return rows
+
+        return [_chunk(r) for r in await self._read(read)]

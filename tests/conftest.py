@@ -1,0 +1,137 @@
+"""Shared fixtures: a local PKI, a real control plane on loopback, real workers."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from taskrun.controlplane.app import RunningServer, start_server
+from taskrun.controlplane.config import ServerConfig
+from taskrun.controlplane.pki import PkiPaths, init_pki
+from taskrun.worker.agents import load_agents
+from taskrun.worker.config import WorkerConfig
+from taskrun.worker.daemon import WorkerDaemon
+
+WORKERS = tuple(f"worker-{n}" for n in range(1, 7))
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
+    return init_pki(tmp_path_factory.mktemp("pki") / "certs", workers=WORKERS)
+
+
+@dataclass
+class Cluster:
+    """A control plane and workers on loopback, torn down by the fixture."""
+
+    pki: PkiPaths
+    tmp: Path
+    server: RunningServer | None = None
+    port: int = 0
+    workers: dict[str, tuple[WorkerDaemon, asyncio.Task[int]]] = field(default_factory=dict)
+    clients: list[object] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    async def start_server(self, **overrides: object) -> RunningServer:
+        config = ServerConfig(
+            listen=f"127.0.0.1:{self.port}",
+            store=f"sqlite:{self.tmp / 'taskrun.db'}",
+            ca_cert=self.pki.ca_cert,
+            server_cert=self.pki.server_cert,
+            server_key=self.pki.server_key,
+            heartbeat_interval=0.5,
+            heartbeat_timeout=3.0,
+            reconnect_grace=5.0,
+            retry_backoff_base=0.05,
+            **overrides,  # type: ignore[arg-type]
+        )
+        self.server = await start_server(config)
+        self.port = self.server.port
+        return self.server
+
+    async def stop_server(self) -> None:
+        if self.server is not None:
+            await self.server.stop(grace=0.5)
+            self.server = None
+
+    async def start_worker(
+        self, worker_id: str = "worker-1", *, wait: bool = True, **overrides: object
+    ) -> WorkerDaemon:
+        config = WorkerConfig(
+            server=self.address,
+            worker_id=worker_id,
+            agents=["echo"],
+            ca_cert=self.pki.ca_cert,
+            cert=self.pki.worker_cert(worker_id),
+            key=self.pki.worker_key(worker_id),
+            reconnect_max_wait=0.5,
+            drain_timeout=5.0,
+            **overrides,  # type: ignore[arg-type]
+        )
+        daemon = WorkerDaemon(config, load_agents(config.agents))
+        task = asyncio.create_task(daemon.run())
+        self.workers[worker_id] = (daemon, task)
+        if wait:
+            await self.wait_registered(worker_id)
+        return daemon
+
+    async def wait_registered(self, worker_id: str) -> None:
+        """Until the server has a session for the worker (not only the worker's view)."""
+        assert self.server is not None
+        async with asyncio.timeout(10):
+            while worker_id not in self.server.engine.sessions:
+                await asyncio.sleep(0.01)
+
+    async def stop_worker(self, worker_id: str) -> int:
+        daemon, task = self.workers.pop(worker_id)
+        daemon.on_signal()
+        async with asyncio.timeout(15):
+            return await task
+
+    def client(self, identity: str = "operator"):  # type: ignore[no-untyped-def]
+        from taskrun.cli.client import Client
+
+        if identity == "operator":
+            cert, key = self.pki.operator_cert, self.pki.operator_key
+        else:
+            cert, key = self.pki.worker_cert(identity), self.pki.worker_key(identity)
+        client = Client(
+            self.address,
+            ca=self.pki.ca_cert.read_bytes(),
+            cert=cert.read_bytes(),
+            key=key.read_bytes(),
+        )
+        self.clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self.clients:
+            with contextlib.suppress(Exception):
+                await client.close()  # type: ignore[attr-defined]
+        for _daemon, task in self.workers.values():
+            task.cancel()
+            with contextlib.suppress(BaseException):
+                await task
+        await self.stop_server()
+
+
+@pytest.fixture
+async def cluster(pki: PkiPaths, tmp_path: Path) -> AsyncIterator[Cluster]:
+    c = Cluster(pki, tmp_path)
+    try:
+        yield c
+    finally:
+        await c.close()
+
+
+@pytest.fixture
+def anyio_backend() -> Iterator[str]:
+    yield "asyncio"

@@ -1,0 +1,690 @@
+"""The storage contract: every test runs against MemoryStore and SqliteStore alike,
+except the SQLite-only ones at the end (files, schema versions, group commit)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import sqlite3
+import sys
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta, timezone
+from pathlib import Path
+
+import pytest
+
+from taskrun.controlplane.store import (
+    SCHEMA_VERSION,
+    MemoryStore,
+    SchemaVersionError,
+    SqliteStore,
+    open_store,
+)
+from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.models import (
+    AgentSpec,
+    ModelBackend,
+    OutputChunk,
+    OutputKind,
+    Run,
+    Task,
+    TaskPolicy,
+    Usage,
+    Worker,
+)
+from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.store import ChangeSet, Store, TaskQuery
+
+T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
+
+
+def tid(n: int) -> TaskId:
+    return TaskId(f"tsk_{n:026d}")
+
+
+def rid(n: int) -> RunId:
+    return RunId(f"run_{n:026d}")
+
+
+def make_task(n: int, **fields: object) -> Task:
+    task = Task(
+        id=tid(n),
+        agent="echo",
+        input=f'{{"n": {n}}}',
+        labels={},
+        policy=TaskPolicy(),
+        status=TaskStatus.PENDING,
+        created_at=T0 + timedelta(seconds=n),
+        updated_at=T0 + timedelta(seconds=n),
+    )
+    for name, value in fields.items():
+        setattr(task, name, value)
+    return task
+
+
+def make_run(n: int, task: int, attempt: int = 1, **fields: object) -> Run:
+    run = Run(
+        id=rid(n),
+        task_id=tid(task),
+        attempt=attempt,
+        status=RunStatus.PENDING,
+        created_at=T0 + timedelta(seconds=n),
+    )
+    for name, value in fields.items():
+        setattr(run, name, value)
+    return run
+
+
+def chunk(run: int, seq: int, data: str = "", attempt: int = 1) -> OutputChunk:
+    return OutputChunk(rid(run), attempt, seq, data or f"r{run}s{seq}", time=T0)
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "t.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+@pytest.fixture
+async def sqlite_store(tmp_path: Path) -> AsyncIterator[SqliteStore]:
+    s = SqliteStore(tmp_path / "t.db")
+    await s.open()
+    yield s
+    await s.close()
+
+
+def full_task() -> Task:
+    return make_task(
+        7,
+        labels={"team": "ml", "gpu": "a100", "ünï": "çødé"},
+        policy=TaskPolicy(
+            priority=5,
+            timeout=90.5,
+            max_attempts=4,
+            idempotency_key="key-7",
+            required_labels={"gpu": "a100", "zone": "eu"},
+            queue_timeout=30.25,
+            retry_on_failure=True,
+            required_provider="anthropic",
+            required_model="claude",
+        ),
+        status=TaskStatus.RUNNING,
+        attempts=2,
+        current_run_id=rid(70),
+        worker_id=WorkerId("w-1"),
+        updated_at=T0 + timedelta(minutes=5, microseconds=1),
+        finished_at=T0 + timedelta(hours=1, microseconds=999_999),
+        error="boom",
+        result='{"ok": true}',
+        usage=Usage(1, 2, 3, 4, 0.125, 6, 7000),
+        schedule="nightly",
+        cancel_requested=True,
+    )
+
+
+def full_run() -> Run:
+    return make_run(
+        70,
+        7,
+        attempt=2,
+        status=RunStatus.RUNNING,
+        worker_id=WorkerId("w-1"),
+        assigned_at=T0 + timedelta(seconds=1),
+        started_at=T0 + timedelta(seconds=2),
+        finished_at=T0 + timedelta(seconds=3),
+        error="e",
+        result="r",
+        usage=Usage(10, 20, 30, 40, 1.5, 2, 99),
+        backend_used=ModelBackend("anthropic", "claude", 200_000, ("text", "image"), ("bash",)),
+        session_id="sess-1",
+        prompt="do it",
+    )
+
+
+# --- tasks and runs ----------------------------------------------------------------------------
+
+
+async def test_task_with_every_field_round_trips(store: Store) -> None:
+    task = full_task()
+    await store.apply(ChangeSet(tasks=[task]))
+    assert await store.get_task(task.id) == task
+
+
+async def test_run_with_backend_usage_and_session_round_trips(store: Store) -> None:
+    run = full_run()
+    await store.apply(ChangeSet(tasks=[full_task()], runs=[run]))
+    assert await store.get_run(run.id) == run
+
+
+async def test_non_utc_datetimes_come_back_equal(store: Store) -> None:
+    plus2 = T0.astimezone(timezone(timedelta(hours=2)))
+    task = make_task(1, created_at=plus2, updated_at=plus2)
+    await store.apply(ChangeSet(tasks=[task]))
+    got = await store.get_task(task.id)
+    assert got is not None
+    assert got.created_at == T0
+    assert got.created_at.utcoffset() is not None
+
+
+async def test_naive_datetime_is_rejected(store: Store) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await store.apply(ChangeSet(tasks=[make_task(1, created_at=datetime(2026, 1, 1))]))
+    assert await store.get_task(tid(1)) is None
+
+
+async def test_upsert_replaces_task_and_run(store: Store) -> None:
+    await store.apply(ChangeSet(tasks=[make_task(1)], runs=[make_run(1, 1)]))
+    task = make_task(1, status=TaskStatus.COMPLETED, result="done", finished_at=T0, attempts=1)
+    run = make_run(1, 1, status=RunStatus.COMPLETED, finished_at=T0, usage=Usage(turns=3))
+    await store.apply(ChangeSet(tasks=[task], runs=[run]))
+    assert await store.get_task(tid(1)) == task
+    assert await store.get_run(rid(1)) == run
+
+
+async def test_later_change_in_same_change_set_wins(store: Store) -> None:
+    first, second = make_task(1), make_task(1, status=TaskStatus.RUNNING)
+    await store.apply(ChangeSet(tasks=[first, second]))
+    assert await store.get_task(tid(1)) == second
+
+
+async def test_get_missing_returns_none(store: Store) -> None:
+    assert await store.get_task(tid(1)) is None
+    assert await store.get_run(rid(1)) is None
+    assert await store.get_worker(WorkerId("nope")) is None
+    assert await store.get_task_by_idempotency_key("nope") is None
+    assert await store.list_runs(tid(1)) == []
+
+
+async def test_idempotency_key_lookup(store: Store) -> None:
+    keyed = make_task(1, policy=TaskPolicy(idempotency_key="abc"))
+    await store.apply(ChangeSet(tasks=[keyed, make_task(2)]))
+    assert await store.get_task_by_idempotency_key("abc") == keyed
+    assert await store.get_task_by_idempotency_key("") is None
+
+
+async def test_idempotency_key_follows_updates(store: Store) -> None:
+    await store.apply(ChangeSet(tasks=[make_task(1, policy=TaskPolicy(idempotency_key="a"))]))
+    await store.apply(ChangeSet(tasks=[make_task(1, policy=TaskPolicy(idempotency_key="b"))]))
+    assert await store.get_task_by_idempotency_key("a") is None
+    found = await store.get_task_by_idempotency_key("b")
+    assert found is not None and found.id == tid(1)
+    # the released key may now be taken by another task
+    await store.apply(ChangeSet(tasks=[make_task(2, policy=TaskPolicy(idempotency_key="a"))]))
+    found = await store.get_task_by_idempotency_key("a")
+    assert found is not None and found.id == tid(2)
+
+
+async def test_duplicate_idempotency_key_is_rejected(store: Store) -> None:
+    await store.apply(ChangeSet(tasks=[make_task(1, policy=TaskPolicy(idempotency_key="k"))]))
+    dup = make_task(2, policy=TaskPolicy(idempotency_key="k"))
+    with pytest.raises(ValueError):
+        await store.apply(ChangeSet(tasks=[make_task(3), dup]))
+    assert await store.get_task(tid(2)) is None
+    assert await store.get_task(tid(3)) is None
+
+
+async def test_list_runs_orders_by_attempt(store: Store) -> None:
+    runs = [make_run(3, 1, attempt=2), make_run(9, 1, attempt=1), make_run(5, 1, attempt=3)]
+    await store.apply(ChangeSet(tasks=[make_task(1), make_task(2)], runs=[*runs, make_run(4, 2)]))
+    assert [r.attempt for r in await store.list_runs(tid(1))] == [1, 2, 3]
+
+
+async def test_empty_change_set_is_a_no_op(store: Store) -> None:
+    await store.apply(ChangeSet())
+    assert (await store.list_tasks(TaskQuery())).tasks == []
+
+
+async def test_returned_and_applied_objects_are_copies(store: Store) -> None:
+    task, run = full_task(), full_run()
+    await store.apply(ChangeSet(tasks=[task], runs=[run]))
+    task.labels["team"] = "changed"
+    task.policy.required_labels["zone"] = "us"
+    task.usage.turns = 99
+    run.usage.turns = 99
+    got = await store.get_task(tid(7))
+    assert got == full_task()
+    assert got is not None
+    got.labels.clear()
+    got.policy.required_labels.clear()
+    got.usage.add(Usage(turns=1))
+    assert await store.get_task(tid(7)) == full_task()
+    got_run = await store.get_run(rid(70))
+    assert got_run == full_run()
+
+
+# --- list_tasks ----------------------------------------------------------------------------------
+
+
+async def seed_for_filters(store: Store) -> None:
+    tasks = [
+        make_task(1, labels={"env": "prod", "team": "a"}),
+        make_task(2, agent="other", labels={"env": "prod"}),
+        make_task(3, status=TaskStatus.RUNNING, worker_id=WorkerId("w1")),
+        make_task(4, status=TaskStatus.COMPLETED, worker_id=WorkerId("w1"), schedule="daily"),
+        make_task(5, status=TaskStatus.FAILED, labels={"env": "dev", "team": "a"}),
+        make_task(6, agent="other", schedule="daily", labels={"team": "a"}),
+    ]
+    await store.apply(ChangeSet(tasks=tasks))
+
+
+FILTERS = {
+    "no_filter": (TaskQuery(), [6, 5, 4, 3, 2, 1]),
+    "statuses": (
+        TaskQuery(statuses=frozenset({TaskStatus.RUNNING, TaskStatus.FAILED})),
+        [5, 3],
+    ),
+    "agent": (TaskQuery(agent="other"), [6, 2]),
+    "one_label": (TaskQuery(labels=(("team", "a"),)), [6, 5, 1]),
+    "two_labels": (TaskQuery(labels=(("team", "a"), ("env", "prod"))), [1]),
+    "worker_id": (TaskQuery(worker_id="w1"), [4, 3]),
+    "schedule": (TaskQuery(schedule="daily"), [6, 4]),
+    "combined": (
+        TaskQuery(statuses=frozenset({TaskStatus.PENDING}), agent="echo", labels=(("team", "a"),)),
+        [1],
+    ),
+    "combined_schedule_and_worker": (TaskQuery(schedule="daily", worker_id="w1"), [4]),
+    "no_match": (TaskQuery(agent="echo", labels=(("env", "staging"),)), []),
+    "before": (TaskQuery(before=tid(4)), [3, 2, 1]),
+}
+
+
+@pytest.mark.parametrize("case", list(FILTERS))
+async def test_list_tasks_filter(store: Store, case: str) -> None:
+    await seed_for_filters(store)
+    query, expected = FILTERS[case]
+    page = await store.list_tasks(query)
+    assert [t.id for t in page.tasks] == [tid(n) for n in expected]
+    assert page.next_before is None
+
+
+async def test_list_tasks_paginates_newest_first_without_gaps(store: Store) -> None:
+    await store.apply(ChangeSet(tasks=[make_task(n) for n in range(1, 26)]))
+    seen: list[TaskId] = []
+    before: TaskId | None = None
+    pages = 0
+    while True:
+        page = await store.list_tasks(TaskQuery(limit=10, before=before))
+        pages += 1
+        seen.extend(t.id for t in page.tasks)
+        if page.next_before is None:
+            break
+        assert page.next_before == page.tasks[-1].id
+        before = page.next_before
+    assert pages == 3
+    assert seen == [tid(n) for n in range(25, 0, -1)]
+
+
+async def test_list_tasks_exact_fit_has_no_next_page(store: Store) -> None:
+    await store.apply(ChangeSet(tasks=[make_task(n) for n in range(1, 11)]))
+    page = await store.list_tasks(TaskQuery(limit=10))
+    assert len(page.tasks) == 10
+    assert page.next_before is None
+
+
+async def test_list_tasks_paginates_filtered_results(store: Store) -> None:
+    tasks = [make_task(n, agent="a" if n % 2 else "b") for n in range(1, 21)]
+    await store.apply(ChangeSet(tasks=tasks))
+    first = await store.list_tasks(TaskQuery(agent="a", limit=4))
+    assert [t.id for t in first.tasks] == [tid(n) for n in (19, 17, 15, 13)]
+    second = await store.list_tasks(TaskQuery(agent="a", limit=4, before=first.next_before))
+    assert [t.id for t in second.tasks] == [tid(n) for n in (11, 9, 7, 5)]
+    third = await store.list_tasks(TaskQuery(agent="a", limit=4, before=second.next_before))
+    assert [t.id for t in third.tasks] == [tid(3), tid(1)]
+    assert third.next_before is None
+
+
+async def test_list_tasks_rejects_non_positive_limit(store: Store) -> None:
+    with pytest.raises(ValueError):
+        await store.list_tasks(TaskQuery(limit=0))
+
+
+async def test_list_unfinished_tasks(store: Store) -> None:
+    await store.apply(
+        ChangeSet(tasks=[make_task(n, status=s) for n, s in enumerate(TaskStatus, start=1)])
+    )
+    unfinished = await store.list_unfinished_tasks()
+    assert [(t.id, t.status) for t in unfinished] == [
+        (tid(1), TaskStatus.PENDING),
+        (tid(2), TaskStatus.RUNNING),
+    ]
+
+
+async def test_list_unfinished_runs(store: Store) -> None:
+    runs = [make_run(n, 1, attempt=n, status=s) for n, s in enumerate(RunStatus, start=1)]
+    await store.apply(ChangeSet(tasks=[make_task(1)], runs=runs))
+    unfinished = await store.list_unfinished_runs()
+    assert [r.status for r in unfinished] == [
+        RunStatus.PENDING,
+        RunStatus.ASSIGNED,
+        RunStatus.RUNNING,
+    ]
+
+
+# --- output --------------------------------------------------------------------------------------
+
+
+async def seed_runs(store: Store, *runs: int) -> None:
+    await store.apply(ChangeSet(tasks=[make_task(1)], runs=[make_run(n, 1) for n in runs]))
+
+
+async def test_output_append_is_deduplicated(store: Store) -> None:
+    await seed_runs(store, 1)
+    await store.apply(ChangeSet(chunks=[chunk(1, 1, "first"), chunk(1, 2)]))
+    await store.apply(ChangeSet(chunks=[chunk(1, 1, "again"), chunk(1, 2), chunk(1, 3)]))
+    await store.apply(ChangeSet(chunks=[chunk(1, 4), chunk(1, 4, "dup in same set")]))
+    got = await store.read_output([rid(1)])
+    assert [(c.seq, c.data) for c in got] == [(1, "first"), (2, "r1s2"), (3, "r1s3"), (4, "r1s4")]
+
+
+async def test_read_output_round_trips_chunk_fields(store: Store) -> None:
+    await seed_runs(store, 1)
+    sent = OutputChunk(rid(1), 1, 1, '{"e": 1}', OutputKind.EVENT, T0, task_id=None)
+    untimed = OutputChunk(rid(1), 1, 2, "x")
+    await store.apply(ChangeSet(chunks=[sent, untimed]))
+    got = await store.read_output([rid(1)])
+    assert got == [
+        OutputChunk(rid(1), 1, 1, '{"e": 1}', OutputKind.EVENT, T0, task_id=tid(1)),
+        OutputChunk(rid(1), 1, 2, "x", task_id=tid(1)),
+    ]
+
+
+async def test_read_output_in_run_order_then_seq_after_cursor(store: Store) -> None:
+    await seed_runs(store, 1, 2, 3)
+    await store.apply(ChangeSet(chunks=[chunk(2, s) for s in (3, 1, 2)]))
+    await store.apply(ChangeSet(chunks=[chunk(1, s) for s in (2, 1, 3)]))
+    got = await store.read_output([rid(2), rid(3), rid(1)])
+    assert [(c.run_id, c.seq) for c in got] == [
+        (rid(2), 1),
+        (rid(2), 2),
+        (rid(2), 3),
+        (rid(1), 1),
+        (rid(1), 2),
+        (rid(1), 3),
+    ]
+    got = await store.read_output([rid(1), rid(2)], after={rid(1): 2, rid(2): 3})
+    assert [(c.run_id, c.seq) for c in got] == [(rid(1), 3)]
+    got = await store.read_output([rid(1), rid(2)], after={rid(2): 1})
+    assert [(c.run_id, c.seq) for c in got] == [
+        (rid(1), 1),
+        (rid(1), 2),
+        (rid(1), 3),
+        (rid(2), 2),
+        (rid(2), 3),
+    ]
+
+
+async def test_read_output_respects_limit(store: Store) -> None:
+    await seed_runs(store, 1, 2)
+    await store.apply(ChangeSet(chunks=[chunk(r, s) for r in (1, 2) for s in range(1, 6)]))
+    got = await store.read_output([rid(1), rid(2)], limit=7)
+    assert [(c.run_id, c.seq) for c in got] == [(rid(1), s) for s in range(1, 6)] + [
+        (rid(2), 1),
+        (rid(2), 2),
+    ]
+    assert await store.read_output([rid(1)], limit=0) == []
+    assert await store.read_output([]) == []
+
+
+async def test_chunk_for_unknown_run_is_rejected(store: Store) -> None:
+    await seed_runs(store, 1)
+    with pytest.raises(ValueError):
+        await store.apply(ChangeSet(chunks=[chunk(1, 1), chunk(2, 1)]))
+    assert await store.read_output([rid(1)]) == []
+
+
+# --- workers -------------------------------------------------------------------------------------
+
+
+def full_worker(name: str = "w-1", status: WorkerStatus = WorkerStatus.ONLINE) -> Worker:
+    return Worker(
+        id=WorkerId(name),
+        hostname="host-1",
+        version="1.2.3",
+        agents=(
+            AgentSpec(
+                "echo",
+                "echoes",
+                (ModelBackend("anthropic", "claude", 200_000, ("text",), ("bash", "edit")),),
+                '{"type": "object"}',
+                True,
+            ),
+            AgentSpec("plain"),
+        ),
+        labels={"gpu": "a100"},
+        max_concurrent_runs=4,
+        status=status,
+        first_seen_at=T0,
+        connected_at=T0 + timedelta(seconds=1),
+        last_heartbeat_at=T0 + timedelta(seconds=2),
+        certificate_expires_at=T0 + timedelta(days=30),
+    )
+
+
+async def test_worker_round_trips(store: Store) -> None:
+    worker = full_worker()
+    await store.apply(ChangeSet(workers=[worker]))
+    assert await store.get_worker(worker.id) == worker
+    bare = Worker(id=WorkerId("w-2"))
+    await store.apply(ChangeSet(workers=[bare]))
+    assert await store.get_worker(bare.id) == bare
+
+
+async def test_list_workers_filters_by_status_ordered_by_id(store: Store) -> None:
+    workers = [
+        full_worker("w-c", WorkerStatus.ONLINE),
+        full_worker("w-a", WorkerStatus.OFFLINE),
+        full_worker("w-b", WorkerStatus.DRAINING),
+        full_worker("w-d", WorkerStatus.REVOKED),
+    ]
+    await store.apply(ChangeSet(workers=workers))
+    assert [w.id for w in await store.list_workers()] == ["w-a", "w-b", "w-c", "w-d"]
+    live = await store.list_workers(frozenset({WorkerStatus.ONLINE, WorkerStatus.DRAINING}))
+    assert [w.id for w in live] == ["w-b", "w-c"]
+    await store.apply(ChangeSet(workers=[full_worker("w-c", WorkerStatus.OFFLINE)]))
+    assert [w.id for w in await store.list_workers(frozenset({WorkerStatus.ONLINE}))] == []
+
+
+# --- atomicity -----------------------------------------------------------------------------------
+
+
+async def test_change_set_with_dangling_run_fails_as_a_whole(store: Store) -> None:
+    await store.apply(ChangeSet(tasks=[make_task(1)]))
+    bad = ChangeSet(
+        tasks=[make_task(2), make_task(1, status=TaskStatus.RUNNING)],
+        runs=[make_run(1, 1), make_run(2, 99)],
+        workers=[full_worker()],
+    )
+    with pytest.raises(ValueError):
+        await store.apply(bad)
+    assert await store.get_task(tid(2)) is None
+    assert await store.get_run(rid(1)) is None
+    assert await store.get_worker(WorkerId("w-1")) is None
+    assert await store.get_task(tid(1)) == make_task(1)
+
+
+async def test_bad_change_set_fails_alone_among_concurrent_ones(store: Store) -> None:
+    good = [ChangeSet(tasks=[make_task(n)], runs=[make_run(n, n)]) for n in range(1, 101)]
+    bad = ChangeSet(tasks=[make_task(500)], runs=[make_run(500, 999)])
+    results = await asyncio.gather(
+        *(store.apply(c) for c in [*good[:50], bad, *good[50:]]), return_exceptions=True
+    )
+    errors = [r for r in results if r is not None]
+    assert len(errors) == 1
+    assert isinstance(errors[0], ValueError)
+    assert results[50] is errors[0]
+    assert len(await store.list_unfinished_runs()) == 100
+    assert await store.get_task(tid(500)) is None
+
+
+async def test_use_after_close_raises(store: Store) -> None:
+    await store.close()
+    await store.close()  # idempotent
+    with pytest.raises(RuntimeError):
+        await store.apply(ChangeSet(tasks=[make_task(1)]))
+
+
+# --- SQLite only ---------------------------------------------------------------------------------
+
+
+async def test_sqlite_uses_wal_and_foreign_keys(sqlite_store: SqliteStore) -> None:
+    conn = sqlite3.connect(sqlite_store.path)
+    try:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+        assert conn.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION
+    finally:
+        conn.close()
+
+
+async def test_sqlite_data_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    first = SqliteStore(path)
+    await first.open()
+    await first.apply(
+        ChangeSet(
+            tasks=[full_task()],
+            runs=[full_run()],
+            workers=[full_worker()],
+            chunks=[chunk(70, 1)],
+        )
+    )
+    await first.close()
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert await second.get_task(tid(7)) == full_task()
+        assert await second.get_run(rid(70)) == full_run()
+        assert await second.get_worker(WorkerId("w-1")) == full_worker()
+        assert [c.data for c in await second.read_output([rid(70)])] == ["r70s1"]
+    finally:
+        await second.close()
+
+
+async def test_sqlite_close_drains_pending_writes(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    first = SqliteStore(path)
+    await first.open()
+    writes = [
+        asyncio.ensure_future(first.apply(ChangeSet(tasks=[make_task(n)]))) for n in range(50)
+    ]
+    await asyncio.sleep(0)  # let every apply() enqueue
+    await first.close()
+    await asyncio.gather(*writes)
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert len((await second.list_tasks(TaskQuery(limit=100))).tasks) == 50
+    finally:
+        await second.close()
+
+
+KILLED_WRITER = """
+import asyncio, os, signal, sys
+from datetime import UTC, datetime
+from taskrun.controlplane.store import SqliteStore
+from taskrun.core.ids import TaskId
+from taskrun.core.models import Task, TaskPolicy
+from taskrun.core.status import TaskStatus
+from taskrun.core.store import ChangeSet
+
+async def main() -> None:
+    store = SqliteStore(sys.argv[1])
+    await store.open()
+    now = datetime.now(UTC)
+    task = Task(TaskId("tsk_killed"), "echo", "{}", {}, TaskPolicy(), TaskStatus.PENDING, now, now)
+    await store.apply(ChangeSet(tasks=[task]))
+    os.kill(os.getpid(), signal.SIGKILL)
+
+asyncio.run(main())
+"""
+
+
+async def test_sqlite_commit_survives_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    proc = await asyncio.create_subprocess_exec(sys.executable, "-c", KILLED_WRITER, str(path))
+    assert await proc.wait() == -signal.SIGKILL
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert await store.get_task(TaskId("tsk_killed")) is not None
+    finally:
+        await store.close()
+
+
+def schema_of(path: Path) -> tuple[int, list[tuple[str, str]]]:
+    conn = sqlite3.connect(path)
+    try:
+        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        objects = conn.execute("SELECT name, sql FROM sqlite_master ORDER BY name").fetchall()
+        return version, objects
+    finally:
+        conn.close()
+
+
+async def test_sqlite_reopen_at_current_version_is_a_no_op(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    first = SqliteStore(path)
+    await first.open()
+    assert first.migrations_applied == SCHEMA_VERSION
+    await first.close()
+    before = schema_of(path)
+    second = SqliteStore(path)
+    await second.open()
+    await second.close()
+    assert second.migrations_applied == 0
+    assert second.commits == 0
+    assert schema_of(path) == before == (SCHEMA_VERSION, before[1])
+
+
+async def test_sqlite_refuses_newer_schema_version(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 1}")
+    conn.close()
+    store = SqliteStore(path)
+    with pytest.raises(SchemaVersionError, match="newer"):
+        await store.open()
+    await store.close()
+    assert schema_of(path) == (SCHEMA_VERSION + 1, [])
+
+
+async def test_sqlite_group_commits_concurrent_applies(sqlite_store: SqliteStore) -> None:
+    before = sqlite_store.commits
+    changes = [
+        ChangeSet(tasks=[make_task(n)], runs=[make_run(n, n)], chunks=[chunk(n, 1)])
+        for n in range(1, 2001)
+    ]
+    await asyncio.gather(*(sqlite_store.apply(c) for c in changes))
+    transactions = sqlite_store.commits - before
+    assert 1 <= transactions <= 200
+    assert len(await sqlite_store.list_unfinished_tasks()) == 2000
+    assert len(await sqlite_store.list_unfinished_runs()) == 2000
+
+
+async def test_sqlite_reads_see_each_committed_write(sqlite_store: SqliteStore) -> None:
+    for n in range(1, 21):
+        await sqlite_store.apply(ChangeSet(tasks=[make_task(n)]))
+        assert (await sqlite_store.get_task(tid(n))) == make_task(n)
+
+
+# --- open_store ----------------------------------------------------------------------------------
+
+
+async def test_open_store_memory() -> None:
+    assert isinstance(open_store("memory"), MemoryStore)
+
+
+async def test_open_store_sqlite_creates_parent_dirs(tmp_path: Path) -> None:
+    path = tmp_path / "a" / "b" / "t.db"
+    store = open_store(f"sqlite:{path}")
+    assert isinstance(store, SqliteStore)
+    await store.open()
+    await store.close()
+    assert path.is_file()
+
+
+@pytest.mark.parametrize("url", ["", "postgres://x", "sqlite:", "sqlite::memory:", "Memory"])
+def test_open_store_rejects_unknown_url(url: str) -> None:
+    with pytest.raises(ValueError, match="unsupported store url"):
+        open_store(url)
