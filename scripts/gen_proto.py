@@ -13,14 +13,22 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_DIR = ROOT / "proto"
 OUT_DIR = ROOT / "src" / "v1"
-INIT = '"""Generated protobuf and gRPC modules for taskrun.v1. Do not edit: run scripts/gen-proto."""\n'
+INIT = '"""Generated protobuf and gRPC modules for taskrun.v1 (scripts/gen-proto)."""\n'
 
 
 def generate(into: Path) -> None:
-    protos = sorted(str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "taskrun" / "v1").glob("*.proto"))
+    protos = sorted(
+        str(p.relative_to(PROTO_DIR)) for p in (PROTO_DIR / "taskrun" / "v1").glob("*.proto")
+    )
     cmd = [
-        sys.executable, "-m", "grpc_tools.protoc", f"-I{PROTO_DIR}",
-        f"--python_out={into}", f"--grpc_python_out={into}", f"--pyi_out={into}", *protos,
+        sys.executable,
+        "-m",
+        "grpc_tools.protoc",
+        f"-I{PROTO_DIR}",
+        f"--python_out={into}",
+        f"--grpc_python_out={into}",
+        f"--pyi_out={into}",
+        *protos,
     ]
     subprocess.run(cmd, check=True, cwd=PROTO_DIR)
     (into / "taskrun" / "v1" / "__init__.py").write_text(INIT)
@@ -35,11 +43,15 @@ def main() -> int:
         fresh = Path(tmp) / "taskrun" / "v1"
         if args.check:
             names = sorted(p.name for p in fresh.iterdir() if p.is_file())
-            current = sorted(p.name for p in OUT_DIR.glob("*") if p.is_file()) if OUT_DIR.exists() else []
+            current = (
+                sorted(p.name for p in OUT_DIR.glob("*") if p.is_file()) if OUT_DIR.exists() else []
+            )
             _, mismatch, errors = filecmp.cmpfiles(fresh, OUT_DIR, names, shallow=False)
             if names != current or mismatch or errors:
                 stale = sorted(set(mismatch) | set(errors) | set(names) ^ set(current))
-                print(f"src/v1 is stale ({', '.join(stale)}): run scripts/gen-proto", file=sys.stderr)
+                print(
+                    f"src/v1 is stale ({', '.join(stale)}): run scripts/gen-proto", file=sys.stderr
+                )
                 return 1
             print("src/v1 is up to date")
             return 0

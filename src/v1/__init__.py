@@ -1,1 +1,1 @@
-"""Generated protobuf and gRPC modules for taskrun.v1. Do not edit: run scripts/gen-proto."""
+"""Generated protobuf and gRPC modules for taskrun.v1 (scripts/gen-proto)."""
