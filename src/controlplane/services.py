@@ -155,7 +155,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         await require(context, PrincipalKind.OPERATOR)
         size = request.page_size or DEFAULT_PAGE_SIZE
         if not 1 <= size <= MAX_PAGE_SIZE:
-            raise errors.InvalidArgument(f"must be between 1 and {MAX_PAGE_SIZE}", "page_size")
+            raise errors.InvalidArgument(
+                f"must be between 1 and {MAX_PAGE_SIZE}", field="page_size"
+            )
         statuses: set[TaskStatus] = set()
         for value in request.statuses:
             try:
@@ -316,7 +318,9 @@ def _worker_from_hello(hello: workers_pb2.WorkerHello) -> Worker:
     if not is_valid_worker_id(hello.worker_id):
         raise errors.InvalidArgument("is not a valid worker id", field="hello.worker_id")
     if not 1 <= hello.max_concurrent_runs <= 10_000:
-        raise errors.InvalidArgument("must be between 1 and 10000", "hello.max_concurrent_runs")
+        raise errors.InvalidArgument(
+            "must be between 1 and 10000", field="hello.max_concurrent_runs"
+        )
     agents = []
     for i, agent in enumerate(hello.agents):
         validate_agent_name(agent.name, f"hello.agents[{i}].name")
