@@ -1,0 +1,136 @@
+"""Core: ids, status machines and validation rules (each rule with a bad value)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from taskrun.core.errors import InvalidArgument
+from taskrun.core.identity import Principal, PrincipalKind, parse_spiffe_id
+from taskrun.core.ids import is_valid_worker_id, new_run_id, new_task_id
+from taskrun.core.models import TaskPolicy, TaskSpec
+from taskrun.core.status import (
+    RUN_TRANSITIONS,
+    TASK_TRANSITIONS,
+    RunStatus,
+    TaskStatus,
+    run_can_move,
+    task_can_move,
+)
+from taskrun.core.validation import (
+    parse_label_args,
+    validate_input,
+    validate_policy,
+    validate_task_spec,
+)
+
+
+def test_ids_are_prefixed_and_unique() -> None:
+    ids = [new_task_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000
+    assert all(i.startswith("tsk_") and len(i) == 30 for i in ids)
+    assert new_run_id().startswith("run_")
+
+
+def test_ids_from_later_milliseconds_sort_after() -> None:
+    earlier = new_task_id()
+    time.sleep(0.002)
+    assert new_task_id() > earlier
+
+
+@pytest.mark.parametrize("bad", ["", "UPPER", "-lead", "trail-", "has space", "x" * 65, "a/b"])
+def test_bad_worker_ids(bad: str) -> None:
+    assert not is_valid_worker_id(bad)
+
+
+def test_good_worker_ids() -> None:
+    assert is_valid_worker_id("worker-1")
+    assert is_valid_worker_id("gpu.box_7")
+
+
+def test_terminal_states_have_no_way_out() -> None:
+    for status in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED):
+        assert status.terminal and not TASK_TRANSITIONS[status]
+    for run_status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.LOST):
+        assert run_status.terminal and not RUN_TRANSITIONS[run_status]
+
+
+def test_cancelled_run_never_completes() -> None:
+    assert not run_can_move(RunStatus.CANCELLED, RunStatus.COMPLETED)
+    assert not task_can_move(TaskStatus.CANCELLED, TaskStatus.COMPLETED)
+
+
+def test_run_lifecycle_and_retry_edge() -> None:
+    assert run_can_move(RunStatus.PENDING, RunStatus.ASSIGNED)
+    assert run_can_move(RunStatus.ASSIGNED, RunStatus.RUNNING)
+    assert run_can_move(RunStatus.RUNNING, RunStatus.LOST)
+    assert not run_can_move(RunStatus.PENDING, RunStatus.RUNNING)
+    assert task_can_move(TaskStatus.RUNNING, TaskStatus.PENDING)  # a retry waits for a worker
+
+
+def test_every_status_has_a_transition_entry() -> None:
+    assert set(TASK_TRANSITIONS) == set(TaskStatus)
+    assert set(RUN_TRANSITIONS) == set(RunStatus)
+
+
+def test_empty_input_means_empty_object() -> None:
+    assert validate_input("") == ("{}", {})
+    assert validate_input('{"a": 1}')[1] == {"a": 1}
+
+
+@pytest.mark.parametrize("bad", ["nope", "[1]", "1", "null", '"s"', "{"])
+def test_input_must_be_a_json_object(bad: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate_input(bad)
+    assert err.value.field == "input_json"
+
+
+@pytest.mark.parametrize(
+    ("policy", "field"),
+    [
+        (TaskPolicy(priority=1001), "policy.priority"),
+        (TaskPolicy(priority=-1001), "policy.priority"),
+        (TaskPolicy(max_attempts=0), "policy.max_attempts"),
+        (TaskPolicy(max_attempts=101), "policy.max_attempts"),
+        (TaskPolicy(timeout=-1), "policy.timeout"),
+        (TaskPolicy(timeout=float("nan")), "policy.timeout"),
+        (TaskPolicy(timeout=10**9), "policy.timeout"),
+        (TaskPolicy(queue_timeout=-5), "policy.queue_timeout"),
+        (TaskPolicy(idempotency_key="k" * 257), "policy.idempotency_key"),
+        (TaskPolicy(required_labels={"": "x"}), "policy.required_labels"),
+    ],
+)
+def test_bad_policies(policy: TaskPolicy, field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate_policy(policy)
+    assert err.value.field == field
+
+
+@pytest.mark.parametrize("bad", ["novalue", "=v", "k=v v", "k=" + "v" * 64, "a b=c"])
+def test_bad_label_args(bad: str) -> None:
+    with pytest.raises(InvalidArgument):
+        parse_label_args([bad])
+
+
+def test_label_args() -> None:
+    assert parse_label_args(["a=b", "example.com/zone=eu-1", "empty="]) == {
+        "a": "b",
+        "example.com/zone": "eu-1",
+        "empty": "",
+    }
+
+
+def test_spec_field_prefix_names_the_batch_index() -> None:
+    with pytest.raises(InvalidArgument) as err:
+        validate_task_spec(TaskSpec(agent="echo", input="[]"), "tasks[3].")
+    assert str(err.value).startswith("tasks[3].input_json:")
+
+
+def test_spiffe_ids() -> None:
+    assert parse_spiffe_id("spiffe://taskrun/worker/w1") == Principal(PrincipalKind.WORKER, "w1")
+    assert parse_spiffe_id("spiffe://taskrun/operator/admin") == Principal(
+        PrincipalKind.OPERATOR, "admin"
+    )
+    for bad in ("spiffe://other/worker/w1", "spiffe://taskrun/robot/x", "spiffe://taskrun/worker/"):
+        assert parse_spiffe_id(bad) is None
