@@ -9,10 +9,11 @@ Change sets commit in the order they were made, so the store never goes backward
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -41,14 +42,6 @@ log = structlog.get_logger(__name__)
 Effect = Callable[[], None]
 
 
-def _snapshot_task(task: Task) -> Task:
-    return replace(task, usage=replace(task.usage))
-
-
-def _snapshot_run(run: Run) -> Run:
-    return replace(run, usage=replace(run.usage))
-
-
 class Engine:
     def __init__(self, store: Store, config: ServerConfig) -> None:
         self.store = store
@@ -67,7 +60,6 @@ class Engine:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._background: set[asyncio.Task[None]] = set()
         self._started = time.monotonic()
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -115,25 +107,29 @@ class Engine:
 
     # --- committing --------------------------------------------------------------------------
 
-    def _commit(self, changes: ChangeSet, effect: Effect | None = None) -> asyncio.Task[None]:
-        """Hand `changes` to the store now (keeping order); run `effect` once it is durable."""
+    def _commit(self, changes: ChangeSet, effect: Effect | None = None) -> Awaitable[None]:
+        """Hand `changes` to the store now (keeping order); run `effect` once they are durable.
+
+        The store captures the objects' state at this call, so the engine can keep mutating
+        them. Awaiting the result from a handler should go through `asyncio.shield`, so that a
+        cancelled caller never skips the effect.
+        """
+        future = asyncio.ensure_future(self.store.submit(changes))
         self._inflight += 1
         self._idle.clear()
-        task = asyncio.ensure_future(self._apply(changes, effect))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-        return task
+        future.add_done_callback(functools.partial(self._committed, effect))
+        return future
 
-    async def _apply(self, changes: ChangeSet, effect: Effect | None) -> None:
-        try:
-            await self.store.apply(changes)
-        except Exception:
-            log.exception("store write failed; the control plane's state is no longer durable")
-            raise
-        finally:
-            self._inflight -= 1
-            if self._inflight == 0:
-                self._idle.set()
+    def _committed(self, effect: Effect | None, future: asyncio.Future[None]) -> None:
+        self._inflight -= 1
+        if self._inflight == 0:
+            self._idle.set()
+        if future.cancelled() or future.exception() is not None:
+            log.error(
+                "store write failed; the control plane's state is no longer durable",
+                error=repr(None if future.cancelled() else future.exception()),
+            )
+            return
         if effect is not None:
             effect()
 
@@ -190,24 +186,27 @@ class Engine:
             )
             if key:
                 self._idempotency[key] = task
-            changes.tasks.append(_snapshot_task(task))
-            changes.runs.append(_snapshot_run(run))
+            changes.tasks.append(task)
+            changes.runs.append(run)
             created.append((task, run))
             results.append((task, True))
         if not changes:
             return results
-        try:
-            await self._commit(changes)
-        finally:
-            for task, _ in created:
-                if task.policy.idempotency_key:
-                    self._idempotency.pop(task.policy.idempotency_key, None)
         for task, run in created:
             self.tasks[task.id] = task
             self.runs[run.id] = run
-            self._enqueue(task, run)
-            log.debug("task created", task_id=task.id, run_id=run.id, agent=task.agent)
-        return [(_snapshot_task(t), c) for t, c in results]
+            self._enqueue(task, run, dispatch=False)
+        # Assign what fits right away, in the same commit as the creation.
+        outgoing = self._plan(changes)
+
+        def effect() -> None:
+            for task, _ in created:
+                if task.policy.idempotency_key:
+                    self._idempotency.pop(task.policy.idempotency_key, None)
+            self._send(outgoing)
+
+        await asyncio.shield(self._commit(changes, effect))
+        return results
 
     async def cancel_task(self, task_id: TaskId, reason: str) -> Task:
         task = self.tasks.get(task_id)
@@ -228,7 +227,7 @@ class Engine:
             self._forget_orphan(run.id)
             was_held = run.status.active
             run.status, run.finished_at, run.error = RunStatus.CANCELLED, now, message
-            changes.runs.append(_snapshot_run(run))
+            changes.runs.append(run)
             session = self.sessions.get(run.worker_id) if run.worker_id else None
             if was_held and session is not None:
                 # The run keeps its slot on the worker until the worker confirms it stopped.
@@ -237,17 +236,16 @@ class Engine:
 
         task.cancel_requested = True
         self._finish_task(task, TaskStatus.CANCELLED, now, error=message)
-        changes.tasks.append(_snapshot_task(task))
-        snapshot = _snapshot_task(task)
+        changes.tasks.append(task)
 
         def effect() -> None:
             if deliver is not None:
                 deliver()
-            self.hub.publish(task.id, snapshot)
+            self.hub.publish(task.id, task)
 
-        await self._commit(changes, effect)
+        await asyncio.shield(self._commit(changes, effect))
         log.info("task cancelled", task_id=task.id, run_id=run.id if run else None)
-        return snapshot
+        return task
 
     def _finish_task(
         self, task: Task, status: TaskStatus, now: datetime, *, error: str = "", result: str = ""
@@ -259,7 +257,7 @@ class Engine:
         task.result = result
         self.tasks.pop(task.id, None)
 
-    def _enqueue(self, task: Task, run: Run) -> None:
+    def _enqueue(self, task: Task, run: Run, *, dispatch: bool = True) -> None:
         policy = task.policy
         self.queue.add(
             PendingRun(
@@ -272,7 +270,8 @@ class Engine:
                 model=policy.required_model,
             )
         )
-        self.request_dispatch()
+        if dispatch:
+            self.request_dispatch()
 
     def _retry_delay(self, attempt: int) -> float:
         """Exponential backoff with jitter for the attempt after `attempt`."""
@@ -305,7 +304,7 @@ class Engine:
         task.updated_at = now
         task.error = reason
         self.runs[retry.id] = retry
-        changes.runs.append(_snapshot_run(retry))
+        changes.runs.append(retry)
         delay = self._retry_delay(run.attempt)
         log.info(
             "run will be retried",
@@ -334,15 +333,19 @@ class Engine:
 
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
-        if not self.queue or not self.sessions:
-            return
-        sessions = {s.worker_id: s for s in self.sessions.values() if not s.draining}
-        plan = self.queue.plan([s.candidate() for s in sessions.values()])
-        if not plan:
-            return
-        now = utcnow()
         changes = ChangeSet()
-        outgoing: list[tuple[WorkerSession, wpb.RunAssignment]] = []
+        outgoing = self._plan(changes)
+        if outgoing:
+            self._commit(changes, functools.partial(self._send, outgoing))
+
+    def _plan(self, changes: ChangeSet) -> list[tuple[WorkerSession, Task, wpb.RunAssignment]]:
+        """Assign pending runs to free slots, recording the changes; send after the commit."""
+        if not self.queue or not self.sessions:
+            return []
+        sessions = self.sessions
+        plan = self.queue.plan([s.candidate() for s in sessions.values() if not s.draining])
+        now = utcnow()
+        outgoing: list[tuple[WorkerSession, Task, wpb.RunAssignment]] = []
         for entry, worker_id in plan:
             run = self.runs.get(entry.run_id)
             task = self.tasks.get(entry.task_id)
@@ -352,19 +355,16 @@ class Engine:
             run.status, run.worker_id, run.assigned_at = RunStatus.ASSIGNED, worker_id, now
             task.status, task.worker_id, task.updated_at = TaskStatus.RUNNING, worker_id, now
             session.runs.add(run.id)
-            changes.runs.append(_snapshot_run(run))
-            changes.tasks.append(_snapshot_task(task))
-            outgoing.append((session, self._assignment(task, run)))
-        snapshots = changes.tasks
+            changes.runs.append(run)
+            changes.tasks.append(task)
+            outgoing.append((session, task, self._assignment(task, run)))
+        return outgoing
 
-        def send() -> None:
-            for session, assignment in outgoing:
-                if not session.closed:
-                    session.send_assignment(assignment)
-            for snap in snapshots:
-                self.hub.publish(snap.id, snap)
-
-        self._commit(changes, send)
+    def _send(self, outgoing: list[tuple[WorkerSession, Task, wpb.RunAssignment]]) -> None:
+        for session, task, assignment in outgoing:
+            if not session.closed:
+                session.send_assignment(assignment)
+            self.hub.publish(task.id, task)
 
     def _assignment(self, task: Task, run: Run) -> wpb.RunAssignment:
         policy = task.policy
@@ -544,17 +544,16 @@ class Engine:
                 freed = True
         for update in msg.statuses:
             freed |= self._status(session, update, changes, published)
+        # Slots freed by finished runs are refilled in the same commit.
+        outgoing = self._plan(changes) if freed else []
         if not changes:
-            if freed:
-                self.request_dispatch()
             return
         hub = self.hub
 
         def effect() -> None:
             for task_id, item in published:
                 hub.publish(task_id, item)
-            if freed:
-                self.request_dispatch()
+            self._send(outgoing)
 
         self._commit(changes, effect)
 
@@ -591,7 +590,7 @@ class Engine:
             run.status, run.started_at = status, now
             if update.session_id:
                 run.session_id = update.session_id
-            changes.runs.append(_snapshot_run(run))
+            changes.runs.append(run)
             return False
         run.result = update.result_json
         if update.HasField("usage"):
@@ -600,10 +599,10 @@ class Engine:
             run.backend_used = backend_from_pb(update.backend_used)
         if update.session_id:
             run.session_id = update.session_id
-        snapshot = self._end_run(run, status, changes, error=update.error)
+        task = self._end_run(run, status, changes, error=update.error)
         session.runs.discard(run.id)
-        if snapshot is not None:
-            published.append((snapshot.id, snapshot))
+        if task is not None:
+            published.append((task.id, task))
         return True
 
     def _end_run(
@@ -615,7 +614,7 @@ class Engine:
         run.started_at = run.started_at or (now if status is RunStatus.COMPLETED else None)
         run.error = error
         self.runs.pop(run.id, None)
-        changes.runs.append(_snapshot_run(run))
+        changes.runs.append(run)
         task = self.tasks.get(run.task_id)
         if task is None:
             return None
@@ -635,9 +634,8 @@ class Engine:
             }[status]
             log_.warning("run ended without success", status=status.name, error=error)
             self._retry_or_fail(task, run, changes, reason)
-        snapshot = _snapshot_task(task)
-        changes.tasks.append(snapshot)
-        return snapshot
+        changes.tasks.append(task)
+        return task
 
     # --- reads -------------------------------------------------------------------------------
 

@@ -7,7 +7,7 @@ transaction, but each change set is all-or-nothing and durable once `apply` retu
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -80,5 +80,17 @@ class OutputStore(Protocol):
 
 class Store(TaskStore, RunStore, WorkerStore, OutputStore, Protocol):
     async def open(self) -> None: ...
-    async def apply(self, changes: ChangeSet) -> None: ...
+
+    async def apply(self, changes: ChangeSet) -> None:
+        """Commit atomically; return once durable."""
+        ...
+
+    def submit(self, changes: ChangeSet) -> Awaitable[None]:
+        """Capture `changes` now (later mutation of the objects cannot leak in) and queue them.
+
+        The returned awaitable completes once they are durable. Change sets commit in the order
+        they were submitted.
+        """
+        ...
+
     async def close(self) -> None: ...

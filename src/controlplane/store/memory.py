@@ -5,6 +5,7 @@ constraint violations raised as ValueError. Everything stored or returned is a c
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
@@ -70,7 +71,21 @@ class MemoryStore:
 
     # --- writes --------------------------------------------------------------------------------
 
+    def submit(self, changes: ChangeSet) -> asyncio.Future[None]:
+        """Apply now (copies, all or nothing); the returned future holds the outcome."""
+        future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        try:
+            self._apply_now(changes)
+        except Exception as exc:
+            future.set_exception(exc)
+        else:
+            future.set_result(None)
+        return future
+
     async def apply(self, changes: ChangeSet) -> None:
+        self._apply_now(changes)
+
+    def _apply_now(self, changes: ChangeSet) -> None:
         """Validate the whole change set first, then store copies of it (all or nothing)."""
         self._check_open()
         if not changes:

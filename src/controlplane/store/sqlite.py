@@ -58,6 +58,7 @@ _T = TypeVar("_T")
 Row = tuple[Any, ...]
 
 _BUSY_TIMEOUT_MS: Final = 10_000
+_CHECKPOINT_INTERVAL: Final = 1.0  # seconds
 _READ_THREADS: Final = 4
 _NO_FLOOR: Final = -(2**63)  # smallest SQLite integer: "no `after` for this run"
 
@@ -536,6 +537,8 @@ class SqliteStore:
         self.migrations_applied = 0  # schema migrations run by the last `open()`
         self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
+        self._checkpointer: threading.Thread | None = None
+        self._stop_checkpoints = threading.Event()
         self._readers: ThreadPoolExecutor | None = None
         self._local = threading.local()
         self._read_connections: list[sqlite3.Connection] = []
@@ -562,6 +565,10 @@ class SqliteStore:
             await asyncio.to_thread(writer.join)
             raise
         self._writer = writer
+        self._checkpointer = threading.Thread(
+            target=self._checkpoint_main, name="taskrun-store-checkpoint", daemon=True
+        )
+        self._checkpointer.start()
         self._read_uri = self.path.resolve().as_uri() + "?mode=ro"
         self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="taskrun-store-read")
         log.info("store opened", path=str(self.path), schema_version=SCHEMA_VERSION)
@@ -578,6 +585,9 @@ class SqliteStore:
             connections, self._read_connections = self._read_connections, []
         for conn in connections:
             conn.close()
+        self._stop_checkpoints.set()
+        if self._checkpointer is not None:
+            await asyncio.to_thread(self._checkpointer.join)
         writer, self._writer = self._writer, None
         if writer is not None:
             self._queue.put(None)
@@ -587,19 +597,25 @@ class SqliteStore:
     # --- writes --------------------------------------------------------------------------------
 
     async def apply(self, changes: ChangeSet) -> None:
-        """Commit `changes` atomically; returns once they are durable (see the module doc).
+        """Commit `changes` atomically; returns once they are durable (see the module doc)."""
+        await self.submit(changes)
 
-        The change set is encoded before the first await, so change sets commit in call order.
-        Cancelling the caller does not withdraw a change set that is already queued.
+    def submit(self, changes: ChangeSet) -> asyncio.Future[None]:
+        """Encode `changes` now and queue them; the future resolves once they are durable.
+
+        Encoding happens before this returns, so change sets commit in call order and later
+        mutation of the caller's objects cannot leak in. Cancelling the future does not withdraw
+        a change set that is already queued.
         """
         if self._writer is None or self._closed:
             raise RuntimeError("store is not open")
-        if not changes:
-            return
         loop = asyncio.get_running_loop()
         future: asyncio.Future[None] = loop.create_future()
+        if not changes:
+            future.set_result(None)
+            return future
         self._queue.put(_Pending(changes, loop, future))
-        await future
+        return future
 
     def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
         try:
@@ -716,11 +732,33 @@ class SqliteStore:
                 raise RuntimeError(f"{self.path}: could not enable WAL (journal_mode={mode})")
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
+            # Checkpoints run in their own thread (see _checkpoint_main), never inside a commit.
+            conn.execute("PRAGMA wal_autocheckpoint = 0")
             self.migrations_applied = self._migrate(conn)
         except BaseException:
             conn.close()
             raise
         return conn
+
+    def _checkpoint_main(self) -> None:
+        """Copy the WAL back into the database every second, off the commit path.
+
+        PASSIVE checkpoints never block the writer; left to SQLite, a checkpoint runs inside
+        the COMMIT that crosses 1,000 WAL pages and stalls it for several milliseconds.
+        """
+        conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        try:
+            conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
+            seen = self.commits
+            while not self._stop_checkpoints.wait(_CHECKPOINT_INTERVAL):
+                if self.commits != seen:
+                    seen = self.commits
+                    try:
+                        conn.execute("PRAGMA wal_checkpoint(PASSIVE)")
+                    except sqlite3.Error as exc:
+                        log.warning("wal checkpoint failed", error=str(exc))
+        finally:
+            conn.close()
 
     def _check_version(self, conn: sqlite3.Connection) -> int:
         version: int = conn.execute("PRAGMA user_version").fetchone()[0]
