@@ -514,6 +514,8 @@ class Engine:
         if msg.draining and not session.draining:
             self.set_draining(session)
         if not (msg.chunks or msg.statuses or msg.cancel_acks):
+            if msg.message_seq:
+                session.send_ack(msg.message_seq)
             return
         changes = ChangeSet()
         published: list[tuple[TaskId, OutputChunk | Task]] = []
@@ -546,11 +548,16 @@ class Engine:
             freed |= self._status(session, update, changes, published)
         # Slots freed by finished runs are refilled in the same commit.
         outgoing = self._plan(changes) if freed else []
+        seq = msg.message_seq
         if not changes:
+            if seq:
+                session.send_ack(seq)
             return
         hub = self.hub
 
         def effect() -> None:
+            if seq:
+                session.send_ack(seq)
             for task_id, item in published:
                 hub.publish(task_id, item)
             self._send(outgoing)

@@ -30,6 +30,7 @@ class WorkerSession:
         self._cancels: list[wpb.CancelRun] = []
         self._forget: list[str] = []
         self._drain = False
+        self._ack = 0
         self._wake = asyncio.Event()
         agents = frozenset(a.name for a in worker.agents)
         backends = frozenset((b.provider, b.model_name) for a in worker.agents for b in a.backends)
@@ -65,6 +66,12 @@ class WorkerSession:
         self._forget.append(run_id)
         self._wake.set()
 
+    def send_ack(self, message_seq: int) -> None:
+        """Acknowledge the worker's messages up to `message_seq` (they are committed)."""
+        if message_seq > self._ack:
+            self._ack = message_seq
+            self._wake.set()
+
     def send_drain(self) -> None:
         self._drain = True
         self._wake.set()
@@ -79,6 +86,7 @@ class WorkerSession:
                 cancels=self._cancels,
                 forget_run_ids=self._forget,
                 drain=self._drain,
+                ack_seq=self._ack,
             )
             self._assignments, self._cancels, self._forget = [], [], []
             self._drain = False

@@ -10,6 +10,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class DrainWorkerRequest(_message.Message):
+    __slots__ = ("worker_id",)
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    worker_id: str
+    def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
+
 class ListWorkersRequest(_message.Message):
     __slots__ = ("statuses",)
     STATUSES_FIELD_NUMBER: _ClassVar[int]
@@ -29,20 +35,22 @@ class GetWorkerRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "statuses", "chunks", "cancel_acks", "draining")
+    __slots__ = ("hello", "heartbeat", "statuses", "chunks", "cancel_acks", "draining", "message_seq")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     STATUSES_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     CANCEL_ACKS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_SEQ_FIELD_NUMBER: _ClassVar[int]
     hello: WorkerHello
     heartbeat: Heartbeat
     statuses: _containers.RepeatedCompositeFieldContainer[RunStatusUpdate]
     chunks: _containers.RepeatedCompositeFieldContainer[_common_pb2.OutputChunk]
     cancel_acks: _containers.RepeatedCompositeFieldContainer[CancelAck]
     draining: bool
-    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., statuses: _Optional[_Iterable[_Union[RunStatusUpdate, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.OutputChunk, _Mapping]]] = ..., cancel_acks: _Optional[_Iterable[_Union[CancelAck, _Mapping]]] = ..., draining: _Optional[bool] = ...) -> None: ...
+    message_seq: int
+    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., statuses: _Optional[_Iterable[_Union[RunStatusUpdate, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.OutputChunk, _Mapping]]] = ..., cancel_acks: _Optional[_Iterable[_Union[CancelAck, _Mapping]]] = ..., draining: _Optional[bool] = ..., message_seq: _Optional[int] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
     __slots__ = ("worker_id", "hostname", "version", "agents", "labels", "max_concurrent_runs", "held_runs", "draining")
@@ -124,18 +132,20 @@ class CancelAck(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("params", "assignments", "cancels", "drain", "forget_run_ids")
+    __slots__ = ("params", "assignments", "cancels", "drain", "forget_run_ids", "ack_seq")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     CANCELS_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     FORGET_RUN_IDS_FIELD_NUMBER: _ClassVar[int]
+    ACK_SEQ_FIELD_NUMBER: _ClassVar[int]
     params: SessionParams
     assignments: _containers.RepeatedCompositeFieldContainer[RunAssignment]
     cancels: _containers.RepeatedCompositeFieldContainer[CancelRun]
     drain: bool
     forget_run_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, params: _Optional[_Union[SessionParams, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[RunAssignment, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[CancelRun, _Mapping]]] = ..., drain: _Optional[bool] = ..., forget_run_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    ack_seq: int
+    def __init__(self, params: _Optional[_Union[SessionParams, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[RunAssignment, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[CancelRun, _Mapping]]] = ..., drain: _Optional[bool] = ..., forget_run_ids: _Optional[_Iterable[str]] = ..., ack_seq: _Optional[int] = ...) -> None: ...
 
 class SessionParams(_message.Message):
     __slots__ = ("session_id", "heartbeat_interval_ms", "heartbeat_timeout_ms", "max_chunks_per_message", "max_chunk_bytes", "max_message_bytes")

@@ -46,6 +46,11 @@ class WorkerServiceStub:
                 request_serializer=taskrun_dot_v1_dot_workers__pb2.GetWorkerRequest.SerializeToString,
                 response_deserializer=taskrun_dot_v1_dot_common__pb2.Worker.FromString,
                 _registered_method=True)
+        self.DrainWorker = channel.unary_unary(
+                '/taskrun.v1.WorkerService/DrainWorker',
+                request_serializer=taskrun_dot_v1_dot_workers__pb2.DrainWorkerRequest.SerializeToString,
+                response_deserializer=taskrun_dot_v1_dot_common__pb2.Worker.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -64,6 +69,13 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainWorker(self, request, context):
+        """Stop giving the worker new runs; it finishes what it has, reports it and exits.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -75,6 +87,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
             'GetWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.GetWorker,
                     request_deserializer=taskrun_dot_v1_dot_workers__pb2.GetWorkerRequest.FromString,
+                    response_serializer=taskrun_dot_v1_dot_common__pb2.Worker.SerializeToString,
+            ),
+            'DrainWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainWorker,
+                    request_deserializer=taskrun_dot_v1_dot_workers__pb2.DrainWorkerRequest.FromString,
                     response_serializer=taskrun_dot_v1_dot_common__pb2.Worker.SerializeToString,
             ),
     }
@@ -132,6 +149,33 @@ class WorkerService:
             target,
             '/taskrun.v1.WorkerService/GetWorker',
             taskrun_dot_v1_dot_workers__pb2.GetWorkerRequest.SerializeToString,
+            taskrun_dot_v1_dot_common__pb2.Worker.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskrun.v1.WorkerService/DrainWorker',
+            taskrun_dot_v1_dot_workers__pb2.DrainWorkerRequest.SerializeToString,
             taskrun_dot_v1_dot_common__pb2.Worker.FromString,
             options,
             channel_credentials,

@@ -221,6 +221,9 @@ class WorkerDaemon:
             runs=len(self.runs),
         )
         self._draining_unsent = False
+        resent = self.outbox.requeue_unacknowledged()
+        if resent:
+            self.log.info("resending reports the server did not acknowledge", items=resent)
         writer = asyncio.create_task(self._write_loop(call))
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         try:
@@ -261,6 +264,10 @@ class WorkerDaemon:
         outbox = self.outbox
         while True:
             if self._exit.is_set() and not len(outbox):
+                # Half-close only once the server has committed everything we sent.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(10.0):
+                        await outbox.wait_settled()
                 await call.done_writing()
                 return
             await outbox.wait_ready()
@@ -290,6 +297,8 @@ class WorkerDaemon:
     # --- messages from the server ------------------------------------------------------------
 
     def _handle(self, msg: wpb.ServerMessage) -> None:
+        if msg.ack_seq:
+            self.outbox.ack(msg.ack_seq)
         for assignment in msg.assignments:
             self._start(assignment)
         for cancel in msg.cancels:

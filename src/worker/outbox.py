@@ -1,9 +1,12 @@
 """What the worker has to tell the server, in order, bounded, surviving reconnects.
 
 Runs append output chunks and status updates; the session's writer takes them in order and
-packs as many as fit into one WorkerMessage. A run's terminal status is always behind its last
-chunk, so the server sees every chunk before the run ends. When the outbox is full, `put` waits:
-a flood of output slows the agent, never the worker's memory.
+packs as many as fit into one numbered WorkerMessage. A run's terminal status is always behind
+its last chunk, so the server sees every chunk before the run ends. Sent messages stay here until
+the server acknowledges their number (after its commit); when a session breaks, whatever was not
+acknowledged goes back to the front of the queue and is sent again (the server drops duplicates
+by `(run_id, attempt, seq)`). Queued and unacknowledged items share one bound: when it is
+reached, `put` waits, so a flood of output slows the agent, never grows the worker's memory.
 """
 
 from __future__ import annotations
@@ -20,7 +23,10 @@ Item = pb.OutputChunk | wpb.RunStatusUpdate | wpb.CancelAck
 class Outbox:
     def __init__(self, max_items: int = 10_000, max_bytes: int = 16 * 1024 * 1024) -> None:
         self._items: deque[tuple[Item, int]] = deque()
-        self._bytes = 0
+        self._unacked: deque[tuple[int, list[tuple[Item, int]]]] = deque()
+        self._unacked_count = 0
+        self._seq = 0
+        self._bytes = 0  # queued and unacknowledged
         self._max_items = max_items
         self._max_bytes = max_bytes
         self._ready = asyncio.Event()  # something to send
@@ -28,12 +34,19 @@ class Outbox:
         self._space.set()
         self._empty = asyncio.Event()
         self._empty.set()
+        self._settled = asyncio.Event()  # nothing queued and nothing unacknowledged
+        self._settled.set()
 
     def __len__(self) -> int:
         return len(self._items)
 
+    @property
+    def unacknowledged(self) -> int:
+        return self._unacked_count
+
     def _full(self) -> bool:
-        return len(self._items) >= self._max_items or self._bytes >= self._max_bytes
+        count = len(self._items) + self._unacked_count
+        return count >= self._max_items or self._bytes >= self._max_bytes
 
     def put_nowait(self, item: Item, size: int = 64) -> None:
         """Append without waiting (status updates and acks: small and must not be dropped)."""
@@ -41,6 +54,7 @@ class Outbox:
         self._bytes += size
         self._ready.set()
         self._empty.clear()
+        self._settled.clear()
         if self._full():
             self._space.clear()
 
@@ -61,11 +75,15 @@ class Outbox:
         await self._empty.wait()
 
     def take(self, max_chunks: int, max_bytes: int) -> wpb.WorkerMessage | None:
-        """Pop items in order into one message, within the limits; None when empty."""
+        """Pop items in order into one numbered message, within the limits; None when empty.
+
+        The items stay unacknowledged until `ack` covers the message's number.
+        """
         if not self._items:
             self._ready.clear()
             return None
         msg = wpb.WorkerMessage()
+        taken: list[tuple[Item, int]] = []
         chunks = 0
         size = 0
         while self._items:
@@ -75,8 +93,7 @@ class Outbox:
                 or (isinstance(item, pb.OutputChunk) and chunks >= max_chunks)
             ):
                 break
-            self._items.popleft()
-            self._bytes -= item_size
+            taken.append(self._items.popleft())
             size += item_size
             if isinstance(item, pb.OutputChunk):
                 msg.chunks.append(item)
@@ -85,17 +102,48 @@ class Outbox:
                 msg.statuses.append(item)
             else:
                 msg.cancel_acks.append(item)
+        self._seq += 1
+        msg.message_seq = self._seq
+        self._unacked.append((self._seq, taken))
+        self._unacked_count += len(taken)
         if not self._items:
             self._ready.clear()
             self._empty.set()
+        return msg
+
+    def ack(self, seq: int) -> None:
+        """The server committed every message up to `seq`: forget their items."""
+        while self._unacked and self._unacked[0][0] <= seq:
+            _, items = self._unacked.popleft()
+            self._unacked_count -= len(items)
+            self._bytes -= sum(size for _, size in items)
         if not self._full():
             self._space.set()
-        return msg
+        if not self._unacked and not self._items:
+            self._settled.set()
+
+    def requeue_unacknowledged(self) -> int:
+        """A session ended: put unacknowledged items back in front, in their order."""
+        count = 0
+        while self._unacked:
+            _, items = self._unacked.pop()
+            self._items.extendleft(reversed(items))
+            count += len(items)
+        self._unacked_count = 0
+        if self._items:
+            self._ready.set()
+            self._empty.clear()
+        return count
+
+    async def wait_settled(self) -> None:
+        """Until everything put so far was sent and acknowledged."""
+        await self._settled.wait()
 
     def pending_statuses(self) -> dict[str, wpb.RunStatusUpdate]:
         """Latest queued status per run (for the hello after a reconnect)."""
         latest: dict[str, wpb.RunStatusUpdate] = {}
-        for item, _ in self._items:
+        pending = [entry for _, items in self._unacked for entry in items]
+        for item, _ in [*pending, *self._items]:
             if isinstance(item, wpb.RunStatusUpdate):
                 latest[item.run_id] = item
         return latest
