@@ -41,18 +41,18 @@ class Cluster:
         return f"127.0.0.1:{self.port}"
 
     async def start_server(self, **overrides: object) -> RunningServer:
-        config = ServerConfig(
-            listen=f"127.0.0.1:{self.port}",
-            store=f"sqlite:{self.tmp / 'taskrun.db'}",
-            ca_cert=self.pki.ca_cert,
-            server_cert=self.pki.server_cert,
-            server_key=self.pki.server_key,
-            heartbeat_interval=0.5,
-            heartbeat_timeout=3.0,
-            reconnect_grace=5.0,
-            retry_backoff_base=0.05,
-            **overrides,  # type: ignore[arg-type]
-        )
+        settings: dict[str, object] = {
+            "listen": f"127.0.0.1:{self.port}",
+            "store": f"sqlite:{self.tmp / 'taskrun.db'}",
+            "ca_cert": self.pki.ca_cert,
+            "server_cert": self.pki.server_cert,
+            "server_key": self.pki.server_key,
+            "heartbeat_interval": 0.5,
+            "heartbeat_timeout": 3.0,
+            "reconnect_grace": 5.0,
+            "retry_backoff_base": 0.05,
+        }
+        config = ServerConfig.model_validate({**settings, **overrides})
         self.server = await start_server(config)
         self.port = self.server.port
         return self.server
@@ -65,17 +65,17 @@ class Cluster:
     async def start_worker(
         self, worker_id: str = "worker-1", *, wait: bool = True, **overrides: object
     ) -> WorkerDaemon:
-        config = WorkerConfig(
-            server=self.address,
-            worker_id=worker_id,
-            agents=["echo"],
-            ca_cert=self.pki.ca_cert,
-            cert=self.pki.worker_cert(worker_id),
-            key=self.pki.worker_key(worker_id),
-            reconnect_max_wait=0.5,
-            drain_timeout=5.0,
-            **overrides,  # type: ignore[arg-type]
-        )
+        settings: dict[str, object] = {
+            "server": self.address,
+            "worker_id": worker_id,
+            "agents": ["echo"],
+            "ca_cert": self.pki.ca_cert,
+            "cert": self.pki.worker_cert(worker_id),
+            "key": self.pki.worker_key(worker_id),
+            "reconnect_max_wait": 0.5,
+            "drain_timeout": 5.0,
+        }
+        config = WorkerConfig.model_validate({**settings, **overrides})
         daemon = WorkerDaemon(config, load_agents(config.agents))
         task = asyncio.create_task(daemon.run())
         self.workers[worker_id] = (daemon, task)

@@ -26,3 +26,6 @@ class ServerConfig(BaseModel):
     retry_backoff_base: float = Field(default=1.0, ge=0)
     retry_backoff_max: float = Field(default=60.0, ge=0)
     max_inflight_commits: int = Field(default=64, ge=1)
+    # A run still active this long after its task's timeout is failed by the control plane
+    # (the worker should have stopped it; this catches a worker that cannot).
+    timeout_backstop: float = Field(default=10.0, ge=0)

@@ -270,8 +270,58 @@ class Engine:
                 model=policy.required_model,
             )
         )
+        if policy.queue_timeout:
+            self._later(policy.queue_timeout, self._queue_expired, run.id, policy.queue_timeout)
         if dispatch:
             self.request_dispatch()
+
+    def _later(self, delay: float, callback: Callable[..., None], *args: object) -> None:
+        """A timer the engine cancels when it stops."""
+        loop = asyncio.get_running_loop()
+
+        def fire() -> None:
+            self._timers.discard(handle)
+            callback(*args)
+
+        handle = loop.call_later(delay, fire)
+        self._timers.add(handle)
+
+    def _queue_expired(self, run_id: RunId, timeout: float) -> None:
+        run = self.runs.get(run_id)
+        if run is None or run.status is not RunStatus.PENDING or run_id not in self.queue:
+            return
+        self.queue.remove(run_id)
+        reason = f"no worker took it within {timeout:g}s (queue timeout)"
+        changes = ChangeSet()
+        task = self._end_run(run, RunStatus.FAILED, changes, error=reason, retry=False)
+        log.info("task failed in the queue", task_id=run.task_id, run_id=run_id, reason=reason)
+        self._commit(changes, functools.partial(self._publish, task))
+
+    def _run_overdue(self, run_id: RunId, attempt: int, timeout: float) -> None:
+        """The worker should have stopped this run at its timeout; stop it from here."""
+        run = self.runs.get(run_id)
+        if run is None or run.attempt != attempt or not run.status.active:
+            return
+        reason = (
+            f"timed out after {timeout:g}s; the worker did not report the end within "
+            f"{self.config.timeout_backstop:g}s more, so the control plane stopped it"
+        )
+        session = self.sessions.get(run.worker_id) if run.worker_id else None
+        changes = ChangeSet()
+        task = self._end_run(run, RunStatus.FAILED, changes, error=reason)
+        log.warning("run overdue", task_id=run.task_id, run_id=run_id, worker_id=run.worker_id)
+
+        def effect() -> None:
+            if session is not None and not session.closed:
+                # keeps its slot until the worker confirms it stopped
+                session.send_cancel(run_id, attempt, reason)
+            self._publish(task)
+
+        self._commit(changes, effect)
+
+    def _publish(self, task: Task | None) -> None:
+        if task is not None:
+            self.hub.publish(task.id, task)
 
     def _retry_delay(self, attempt: int) -> float:
         """Exponential backoff with jitter for the attempt after `attempt`."""
@@ -317,12 +367,10 @@ class Engine:
         )
 
         def enqueue() -> None:
-            self._timers.discard(handle)
             if self.runs.get(retry.id) is retry and retry.status is RunStatus.PENDING:
                 self._enqueue(task, retry)
 
-        handle = asyncio.get_running_loop().call_later(delay, enqueue)
-        self._timers.add(handle)
+        self._later(delay, enqueue)
 
     # --- dispatch ----------------------------------------------------------------------------
 
@@ -358,6 +406,14 @@ class Engine:
             changes.runs.append(run)
             changes.tasks.append(task)
             outgoing.append((session, task, self._assignment(task, run)))
+            if task.policy.timeout:
+                self._later(
+                    task.policy.timeout + self.config.timeout_backstop,
+                    self._run_overdue,
+                    run.id,
+                    run.attempt,
+                    task.policy.timeout,
+                )
         return outgoing
 
     def _send(self, outgoing: list[tuple[WorkerSession, Task, wpb.RunAssignment]]) -> None:
@@ -400,6 +456,7 @@ class Engine:
         self.workers[worker.id] = worker
 
         changes = ChangeSet(workers=[replace(worker)])
+        lost: list[Task | None] = []
         held = {h.run_id: h for h in hello.held_runs}
         for run in [r for r in self.runs.values() if r.worker_id == worker.id]:
             if not run.status.active:
@@ -410,7 +467,9 @@ class Engine:
                 self._forget_orphan(run.id)
             else:
                 self._forget_orphan(run.id)
-                self._end_run(run, RunStatus.LOST, changes, error="the worker no longer has it")
+                lost.append(
+                    self._end_run(run, RunStatus.LOST, changes, error="the worker no longer has it")
+                )
         for run_id, claim in held.items():
             # The worker still runs something the server has ended (cancelled while it was
             # away, or superseded): tell it to stop, and count the slot until it confirms.
@@ -424,7 +483,13 @@ class Engine:
             capacity=worker.max_concurrent_runs,
             reclaimed=len(session.runs),
         )
-        self._commit(changes, self.request_dispatch)
+
+        def effect() -> None:
+            for task in lost:
+                self._publish(task)
+            self.request_dispatch()
+
+        self._commit(changes, effect)
         return session
 
     def detach(self, session: WorkerSession) -> None:
@@ -446,6 +511,21 @@ class Engine:
             reason=session.kick_reason or "stream ended",
             runs_waiting=len(session.runs),
         )
+
+    def drain_worker(self, worker_id: WorkerId) -> Worker:
+        """Tell a connected worker to drain: no new runs; it finishes, reports and exits."""
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            raise NotFound(f"no worker {worker_id!r}", field="worker_id")
+        session = self.sessions.get(worker_id)
+        if session is None:
+            raise FailedPrecondition(
+                f"worker {worker_id} is {worker.status.name.lower()}, not connected",
+                field="worker_id",
+            )
+        self.set_draining(session)
+        session.send_drain()
+        return worker
 
     def set_draining(self, session: WorkerSession) -> None:
         if session.draining:
@@ -475,14 +555,19 @@ class Engine:
         if run.worker_id in self.sessions and run.id in self.sessions[run.worker_id].runs:
             return
         changes = ChangeSet()
-        self._end_run(
+        task = self._end_run(
             run,
             RunStatus.LOST,
             changes,
             error=f"worker {run.worker_id} did not come back within "
             f"{self.config.reconnect_grace:g}s",
         )
-        self._commit(changes, self.request_dispatch)
+
+        def effect() -> None:
+            self._publish(task)
+            self.request_dispatch()
+
+        self._commit(changes, effect)
 
     # --- reports from workers ----------------------------------------------------------------
 
@@ -613,7 +698,13 @@ class Engine:
         return True
 
     def _end_run(
-        self, run: Run, status: RunStatus, changes: ChangeSet, *, error: str = ""
+        self,
+        run: Run,
+        status: RunStatus,
+        changes: ChangeSet,
+        *,
+        error: str = "",
+        retry: bool = True,
     ) -> Task | None:
         """Record a run's end and decide what happens to its task; returns the task's state."""
         now = utcnow()
@@ -630,7 +721,7 @@ class Engine:
         if status is RunStatus.COMPLETED:
             self._finish_task(task, TaskStatus.COMPLETED, now, result=run.result)
             log_.debug("task completed")
-        elif status is RunStatus.FAILED and not task.policy.retry_on_failure:
+        elif status is RunStatus.FAILED and not (retry and task.policy.retry_on_failure):
             self._finish_task(task, TaskStatus.FAILED, now, error=error or "run failed")
             log_.info("task failed", error=error)
         else:

@@ -312,6 +312,17 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             raise errors.NotFound(f"no worker {request.worker_id!r}", field="worker_id")
         return convert.worker_to_pb(worker, self.engine.worker_runs(worker.id))
 
+    @domain_errors
+    async def DrainWorker(
+        self, request: workers_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Worker:
+        principal = await require(context, PrincipalKind.OPERATOR)
+        if not request.worker_id:
+            raise errors.InvalidArgument("must not be empty", field="worker_id")
+        worker = self.engine.drain_worker(WorkerId(request.worker_id))
+        log.info("drain requested", worker_id=worker.id, by=str(principal))
+        return convert.worker_to_pb(worker, self.engine.worker_runs(worker.id))
+
 
 def _worker_from_hello(hello: workers_pb2.WorkerHello) -> Worker:
     """Validate a hello (INVALID_ARGUMENT naming the field) and turn it into a Worker."""

@@ -1,0 +1,368 @@
+"""`taskrun.Client`: the typed async client of the control plane, shared by the CLI and the TUI.
+
+Protobuf stays inside this module: every method takes and returns core models. Errors from the
+server are raised as `grpc.aio.AioRpcError` (its `code()` is the gRPC status, `details()` names
+the offending field).
+
+    async with Client.from_env() as client:
+        task = await client.create_task("echo", {"text": "hello"})
+        final = await client.wait(task.id)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self, cast
+
+import grpc
+
+from taskrun import convert
+from taskrun.cli.credentials import load_credentials, resolve_settings
+from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.models import OutputChunk, Run, Task, TaskPolicy, TaskSpec, Worker
+from taskrun.core.status import TaskStatus, WorkerStatus
+from taskrun.v1 import tasks_pb2, tasks_pb2_grpc, workers_pb2, workers_pb2_grpc
+
+# Keepalive only while a call is open (a follow stream): the server accepts pings every 5 s.
+CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_timeout_ms", 5_000),
+    ("grpc.http2.ping_timeout_ms", 5_000),
+    # A follow update may batch up to 1000 output chunks.
+    ("grpc.max_receive_message_length", 128 * 1024 * 1024),
+)
+DEFAULT_TIMEOUT = 30.0
+# How long `follow` keeps trying to re-open a stream that broke with UNAVAILABLE.
+RECONNECT_FOR = 30.0
+
+
+@dataclass(frozen=True, slots=True)
+class OutputReceived:
+    """A piece of the followed task's output (text, or an event when events were asked for)."""
+
+    chunk: OutputChunk
+
+
+@dataclass(frozen=True, slots=True)
+class TaskChanged:
+    """The followed task's state: first its state when following began, then each change."""
+
+    task: Task
+
+
+TaskEvent = OutputReceived | TaskChanged
+
+
+class Client:
+    """An mTLS connection to the control plane, as an operator.
+
+    The channel is opened on first use, inside the running event loop; close it with
+    `await client.close()` or by using the client as an async context manager.
+    """
+
+    def __init__(
+        self,
+        target: str,
+        *,
+        ca: bytes,
+        cert: bytes,
+        key: bytes,
+        server_name: str | None = None,
+        options: Sequence[tuple[str, Any]] = (),
+        timeout: float | None = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.target = target
+        self.server_name = server_name
+        self.timeout = timeout  # per unary call; follow streams have none
+        self._credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca, private_key=key, certificate_chain=cert
+        )
+        merged = dict(CHANNEL_OPTIONS)
+        if server_name:
+            merged["grpc.ssl_target_name_override"] = server_name
+        merged.update(options)
+        self._options = list(merged.items())
+        self._channel: grpc.aio.Channel | None = None
+        self._tasks: Any = None
+        self._workers: Any = None
+
+    @classmethod
+    def from_env(
+        cls,
+        *,
+        server: str | None = None,
+        certs_dir: str | Path | None = None,
+        ca: str | Path | None = None,
+        cert: str | Path | None = None,
+        key: str | Path | None = None,
+        server_name: str | None = None,
+        env: Mapping[str, str] | None = None,
+        **kwargs: Any,
+    ) -> Client:
+        """Resolve the target and certificates like the CLI: arguments, then TASKRUN_*, defaults.
+
+        Raises MissingCredentials when a certificate or key file does not exist.
+        """
+        settings = resolve_settings(
+            server=server,
+            certs_dir=str(certs_dir) if certs_dir else None,
+            ca=str(ca) if ca else None,
+            cert=str(cert) if cert else None,
+            key=str(key) if key else None,
+            server_name=server_name,
+            env=env,
+        )
+        creds = load_credentials(settings)
+        return cls(
+            settings.server,
+            ca=creds.ca,
+            cert=creds.cert,
+            key=creds.key,
+            server_name=settings.server_name,
+            **kwargs,
+        )
+
+    # --- lifecycle ---------------------------------------------------------------------------
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The gRPC channel, opened on first use."""
+        if self._channel is None:
+            self._channel = grpc.aio.secure_channel(
+                self.target, self._credentials, options=self._options
+            )
+            self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)  # type: ignore[no-untyped-call]
+            self._workers = workers_pb2_grpc.WorkerServiceStub(self._channel)  # type: ignore[no-untyped-call]
+        return self._channel
+
+    async def wait_ready(self) -> None:
+        """Wait until the channel is connected (TLS handshake done); bound it with a timeout."""
+        await self.channel.channel_ready()
+
+    async def close(self) -> None:
+        if self._channel is not None:
+            channel, self._channel = self._channel, None
+            await channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    def _task_stub(self) -> Any:
+        _ = self.channel
+        return self._tasks
+
+    def _worker_stub(self) -> Any:
+        _ = self.channel
+        return self._workers
+
+    # --- tasks -------------------------------------------------------------------------------
+
+    async def create_task(
+        self,
+        agent: str,
+        input: Mapping[str, Any] | str = "{}",
+        *,
+        labels: Mapping[str, str] | None = None,
+        priority: int = 0,
+        timeout: float | None = None,  # noqa: ASYNC109 - the task's run timeout, not this call's
+        max_attempts: int = 0,
+        idempotency_key: str = "",
+        required_labels: Mapping[str, str] | None = None,
+        queue_timeout: float | None = None,
+        retry_on_failure: bool = False,
+    ) -> Task:
+        """Submit one task. `input` is a JSON object (as a mapping or as text).
+
+        `timeout` and `queue_timeout` are the task's policy (seconds per run, and how long it may
+        wait for a worker), not deadlines of this call.
+        max_attempts=0 means the server's default. With an idempotency key that was used before
+        for the same request, the existing task is returned.
+        """
+        spec = TaskSpec(
+            agent=agent,
+            input=input if isinstance(input, str) else json.dumps(input),
+            labels=dict(labels or {}),
+            policy=TaskPolicy(
+                priority=priority,
+                timeout=timeout,
+                max_attempts=max_attempts,
+                idempotency_key=idempotency_key,
+                required_labels=dict(required_labels or {}),
+                queue_timeout=queue_timeout,
+                retry_on_failure=retry_on_failure,
+            ),
+        )
+        response = await self._task_stub().CreateTask(
+            convert.spec_to_pb(spec), timeout=self.timeout
+        )
+        task, _ = convert.task_from_pb(response.task)
+        return task
+
+    async def create_tasks(self, specs: Sequence[TaskSpec]) -> list[Task]:
+        """Submit several tasks in one call: all are created, or none when one is invalid."""
+        request = tasks_pb2.CreateTasksRequest(tasks=[convert.spec_to_pb(s) for s in specs])
+        response = await self._task_stub().CreateTasks(request, timeout=self.timeout)
+        return [convert.task_from_pb(r.task)[0] for r in response.results]
+
+    async def get_task(self, task_id: str) -> tuple[Task, list[Run]]:
+        """The task and all its runs, oldest first."""
+        message = await self._task_stub().GetTask(
+            tasks_pb2.GetTaskRequest(task_id=task_id), timeout=self.timeout
+        )
+        return convert.task_from_pb(message)
+
+    async def list_tasks(
+        self,
+        *,
+        statuses: Sequence[TaskStatus] = (),
+        agent: str = "",
+        labels: Mapping[str, str] | None = None,
+        worker_id: str = "",
+        limit: int = 50,
+        page_token: str = "",
+    ) -> tuple[list[Task], str]:
+        """One page of tasks, newest first, and the token of the next page ("" on the last)."""
+        request = tasks_pb2.ListTasksRequest(
+            statuses=cast(Any, [int(s) for s in statuses]),
+            agent=agent,
+            labels=dict(labels or {}),
+            worker_id=worker_id,
+            page_size=limit,
+            page_token=page_token,
+        )
+        response = await self._task_stub().ListTasks(request, timeout=self.timeout)
+        return [convert.task_from_pb(t)[0] for t in response.tasks], str(response.next_page_token)
+
+    async def iter_tasks(
+        self,
+        *,
+        statuses: Sequence[TaskStatus] = (),
+        agent: str = "",
+        labels: Mapping[str, str] | None = None,
+        worker_id: str = "",
+        page_size: int = 200,
+    ) -> AsyncIterator[Task]:
+        """Every matching task, newest first, fetching pages as needed."""
+        token = ""
+        while True:
+            tasks, token = await self.list_tasks(
+                statuses=statuses,
+                agent=agent,
+                labels=labels,
+                worker_id=worker_id,
+                limit=page_size,
+                page_token=token,
+            )
+            for task in tasks:
+                yield task
+            if not token:
+                return
+
+    async def cancel_task(self, task_id: str, reason: str = "") -> Task:
+        """Cancel a task that has not finished; FAILED_PRECONDITION if it has."""
+        message = await self._task_stub().CancelTask(
+            tasks_pb2.CancelTaskRequest(task_id=task_id, reason=reason), timeout=self.timeout
+        )
+        task, _ = convert.task_from_pb(message)
+        return task
+
+    async def follow(
+        self,
+        task_id: str,
+        *,
+        follow: bool = True,
+        include_events: bool = False,
+        reconnect: bool = True,
+    ) -> AsyncGenerator[TaskEvent, None]:
+        """The task's stored output, then (with follow) live output and changes until it ends.
+
+        The first event is a TaskChanged with the task's current state. Output of a batch is
+        yielded before the task state that came with it, so the terminal TaskChanged is last.
+        When an open stream breaks with UNAVAILABLE (a server restart), it is re-opened for up
+        to RECONNECT_FOR seconds and output already yielded is skipped.
+        Use `contextlib.aclosing` when you may stop iterating early.
+        """
+        seen: dict[RunId, int] = {}
+        request = tasks_pb2.FollowTaskRequest(
+            task_id=task_id, follow=follow, include_events=include_events
+        )
+        connected_once, delay, give_up_at = False, 0.25, 0.0
+        while True:
+            call = self._task_stub().FollowTask(request)
+            received = False
+            try:
+                async for update in call:
+                    received = connected_once = True
+                    for message in update.chunks:
+                        chunk = convert.chunk_from_pb(message, TaskId(task_id))
+                        if chunk.seq <= seen.get(chunk.run_id, 0):
+                            continue
+                        seen[chunk.run_id] = chunk.seq
+                        yield OutputReceived(chunk)
+                    if update.HasField("task"):
+                        task, _ = convert.task_from_pb(update.task)
+                        yield TaskChanged(task)
+                return
+            except grpc.aio.AioRpcError as exc:
+                unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
+                if not (reconnect and follow and unavailable and connected_once):
+                    raise
+                if received:  # this stream had been working: a new reconnect window starts
+                    delay, give_up_at = 0.25, time.monotonic() + RECONNECT_FOR
+                elif time.monotonic() >= give_up_at:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 5.0)
+            finally:
+                call.cancel()
+
+    async def wait(self, task_id: str) -> Task:
+        """Follow the task until it is COMPLETED, FAILED or CANCELLED; return its final state."""
+        last: Task | None = None
+        async with contextlib.aclosing(self.follow(task_id)) as events:
+            async for event in events:
+                if isinstance(event, TaskChanged):
+                    last = event.task
+        if last is None or not last.status.terminal:
+            last, _ = await self.get_task(task_id)
+        return last
+
+    # --- workers -----------------------------------------------------------------------------
+
+    async def list_workers(
+        self, statuses: Sequence[WorkerStatus] = ()
+    ) -> list[tuple[Worker, list[RunId]]]:
+        """Known workers (sorted by id) with the runs each currently holds."""
+        response = await self._worker_stub().ListWorkers(
+            workers_pb2.ListWorkersRequest(statuses=cast(Any, [int(s) for s in statuses])),
+            timeout=self.timeout,
+        )
+        return [convert.worker_from_pb(w) for w in response.workers]
+
+    async def get_worker(self, worker_id: str) -> tuple[Worker, list[RunId]]:
+        message = await self._worker_stub().GetWorker(
+            workers_pb2.GetWorkerRequest(worker_id=WorkerId(worker_id)), timeout=self.timeout
+        )
+        return convert.worker_from_pb(message)
+
+    async def drain_worker(self, worker_id: str) -> Worker:
+        """Stop assigning runs to the worker; it finishes what it has and exits."""
+        message = await self._worker_stub().DrainWorker(
+            workers_pb2.DrainWorkerRequest(worker_id=WorkerId(worker_id)), timeout=self.timeout
+        )
+        return convert.worker_from_pb(message)[0]
