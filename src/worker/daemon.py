@@ -19,7 +19,7 @@ import time
 
 import grpc
 import structlog
-from tenacity import AsyncRetrying, retry_if_exception, wait_exponential_jitter
+from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 from taskrun import __version__, convert
 from taskrun.core.agent import Agent
@@ -87,7 +87,8 @@ class WorkerDaemon:
         while not self._exit.is_set():
             try:
                 async for attempt in AsyncRetrying(
-                    wait=wait_exponential_jitter(
+                    # full jitter: sleep uniformly in [0, min(max, 0.2 * 2^n)]
+                    wait=wait_random_exponential(
                         multiplier=0.2, max=self.config.reconnect_max_wait
                     ),
                     retry=retry_if_exception(_retryable),
