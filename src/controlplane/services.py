@@ -219,12 +219,19 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
         store = self.engine.store
-        task = await store.get_task(task_id)
+        live = self.engine.tasks.get(task_id)
+        runs: list[RunId]
+        if live is not None and live.attempts == 1 and live.current_run_id:
+            # unfinished first attempt: the engine knows the task and its only run
+            task: Task | None = live
+            runs = [live.current_run_id]
+        else:
+            task = await store.get_task(task_id)
+            runs = [r.id for r in await store.list_runs(task_id)] if task else []
         if task is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"task_id: no task {task_id!r}")
             return
         seen: dict[RunId, int] = {}
-        runs: list[RunId] = [r.id for r in await store.list_runs(task_id)]
 
         def keep(chunk: OutputChunk) -> bool:
             if chunk.seq <= seen.get(chunk.run_id, 0):
