@@ -326,7 +326,7 @@ class Engine:
     def _retry_delay(self, attempt: int) -> float:
         """Exponential backoff with jitter for the attempt after `attempt`."""
         cfg = self.config
-        ceiling = min(cfg.retry_backoff_max, cfg.retry_backoff_base * 2 ** (attempt - 1))
+        ceiling = min(cfg.retry_backoff_max, cfg.retry_backoff_base * 2.0 ** (attempt - 1))
         return ceiling * random.uniform(0.5, 1.0)
 
     def _retry_or_fail(self, task: Task, run: Run, changes: ChangeSet, reason: str) -> None:

@@ -16,6 +16,7 @@ import json
 import signal
 import socket
 import time
+from typing import cast
 
 import grpc
 import structlog
@@ -177,13 +178,16 @@ class WorkerDaemon:
         for run_id, active in self.runs.items():
             a = active.assignment
             held[run_id] = wpb.HeldRun(
-                run_id=run_id, attempt=a.attempt, status=int(active.status), last_seq=active.ctx.seq
+                run_id=run_id,
+                attempt=a.attempt,
+                status=cast(pb.RunStatus, int(active.status)),
+                last_seq=active.ctx.seq,
             )
-        for run_id, update in self.outbox.pending_statuses().items():
+        for queued_id, update in self.outbox.pending_statuses().items():
             held.setdefault(
-                run_id,
+                queued_id,
                 wpb.HeldRun(
-                    run_id=run_id,
+                    run_id=queued_id,
                     attempt=update.attempt,
                     status=update.status,
                     last_seq=update.last_seq,

@@ -36,7 +36,7 @@ class RunContext:
     seq: int = 0
     _log: Any = field(default=None, repr=False)
 
-    async def _put(self, kind: int, data: str) -> None:
+    async def _put(self, kind: pb.OutputKind, data: str) -> None:
         self.seq += 1
         chunk = pb.OutputChunk(
             run_id=self.run_id, attempt=self.attempt, seq=self.seq, kind=kind, data=data
@@ -65,7 +65,11 @@ class ActiveRun:
 
 
 def _status(
-    ctx: RunContext, status: int, *, error: str = "", result: AgentResult | None = None
+    ctx: RunContext,
+    status: pb.RunStatus,
+    *,
+    error: str = "",
+    result: AgentResult | None = None,
 ) -> wpb.RunStatusUpdate:
     update = wpb.RunStatusUpdate(
         run_id=ctx.run_id, attempt=ctx.attempt, status=status, error=error, last_seq=ctx.seq
