@@ -138,8 +138,8 @@ class Client:
             self._channel = grpc.aio.secure_channel(
                 self.target, self._credentials, options=self._options
             )
-            self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)  # type: ignore[no-untyped-call]
-            self._workers = workers_pb2_grpc.WorkerServiceStub(self._channel)  # type: ignore[no-untyped-call]
+            self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
+            self._workers = workers_pb2_grpc.WorkerServiceStub(self._channel)
         return self._channel
 
     async def wait_ready(self) -> None:

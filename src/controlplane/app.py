@@ -16,6 +16,7 @@ from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.services import RunService, TaskService, WorkerService
 from taskrun.controlplane.store import open_store
+from taskrun.core.store import Store
 from taskrun.v1 import tasks_pb2, tasks_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -71,6 +72,14 @@ async def start_server(config: ServerConfig) -> RunningServer:
     """Open the store, load state, and start serving on `config.listen`."""
     store = open_store(config.store)
     await store.open()
+    try:
+        return await _serve(config, store)
+    except BaseException:
+        await store.close()
+        raise
+
+
+async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     engine = Engine(store, config)
     await engine.start()
     server = grpc.aio.server(
@@ -93,7 +102,10 @@ async def start_server(config: ServerConfig) -> RunningServer:
         ),
         server,
     )
-    port = server.add_secure_port(config.listen, server_credentials(config))
+    try:
+        port = server.add_secure_port(config.listen, server_credentials(config))
+    except RuntimeError as exc:  # grpc reports a failed bind this way
+        raise OSError(f"could not listen on {config.listen}: {exc}") from None
     if port == 0:
         raise OSError(f"could not listen on {config.listen}")
     await server.start()

@@ -606,6 +606,7 @@ class Engine:
         published: list[tuple[TaskId, OutputChunk | Task]] = []
         freed = False
         max_bytes = self.config.max_chunk_bytes
+        received = utcnow() if msg.chunks else None
         for pc in msg.chunks:
             run = self._current(session, pc.run_id, pc.attempt)
             if run is None:
@@ -620,7 +621,7 @@ class Engine:
                 seq=pc.seq,
                 data=pc.data,
                 kind=OutputKind(pc.kind) if pc.kind else OutputKind.TEXT,
-                time=pc.time.ToDatetime(tzinfo=UTC) if pc.HasField("time") else None,
+                time=pc.time.ToDatetime(tzinfo=UTC) if pc.HasField("time") else received,
                 task_id=run.task_id,
             )
             changes.chunks.append(chunk)

@@ -9,6 +9,7 @@ import contextlib
 import functools
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -222,8 +223,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         live = self.engine.tasks.get(task_id)
         runs: list[RunId]
         if live is not None and live.attempts == 1 and live.current_run_id:
-            # unfinished first attempt: the engine knows the task and its only run
-            task: Task | None = live
+            # Unfinished first attempt: the engine knows the task and its only run. Copy it now,
+            # right after subscribing: it is not terminal at this instant, and every later
+            # change reaches the subscription once committed.
+            task: Task | None = replace(live, usage=replace(live.usage))
             runs = [live.current_run_id]
         else:
             task = await store.get_task(task_id)

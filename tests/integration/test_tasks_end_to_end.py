@@ -245,3 +245,16 @@ async def test_tasks_survive_a_server_restart(cluster: Cluster) -> None:
     final = await client.wait(task.id)
     assert final.status is TaskStatus.COMPLETED
     assert final.labels == {"team": "a"}
+
+
+async def test_following_quick_tasks_never_misses_their_output(cluster: Cluster) -> None:
+    """Regression: a follow that races the task's completion still sees all of its output."""
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", capacity=8)
+    client = cluster.client()
+    for n in range(60):
+        task = await client.create_task("echo", {"text": f"hello-{n}"})
+        pieces = [
+            e.chunk.data async for e in client.follow(task.id) if isinstance(e, OutputReceived)
+        ]
+        assert "".join(pieces) == f"hello-{n}"

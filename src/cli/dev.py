@@ -1,0 +1,376 @@
+"""`taskrun dev`: certificates, a server and N workers on this machine, in one command.
+
+The server and the workers are child processes (`python -m taskrun.cli.main ...`) in their own
+sessions, so a Ctrl-C in the terminal reaches only `dev`, which then stops them in order:
+workers first (SIGTERM, they drain), then the server. A child that dies on its own stops
+everything and makes `dev` exit 1. Children's log lines are copied to stderr with a name prefix;
+stdout carries only the ready message.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import shlex
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from taskrun.cli.client import Client
+from taskrun.cli.credentials import load_credentials, resolve_settings
+from taskrun.core.status import WorkerStatus
+
+log = structlog.get_logger(__name__)
+
+READY_TIMEOUT = 30.0
+WORKER_DRAIN_TIMEOUT = 10.0
+STOP_GRACE = 15.0  # after SIGTERM, how long a child may take before it is killed
+POLL_INTERVAL = 0.1
+# Reconnect quickly while the server is starting (gRPC's default backoff starts at 1 s).
+FAST_RECONNECT = (
+    ("grpc.initial_reconnect_backoff_ms", 100),
+    ("grpc.min_reconnect_backoff_ms", 100),
+    ("grpc.max_reconnect_backoff_ms", 500),
+)
+READY_LINE = "taskrun dev is ready"
+PREFIX_COLORS = (36, 35, 34, 33, 32, 96)  # ANSI foreground colours of the name prefixes
+
+Check = Callable[[Client], Awaitable[bool]]
+
+
+@dataclass(frozen=True)
+class DevOptions:
+    directory: Path
+    workers: int = 2
+    agents: str = "echo"
+    listen: str = "127.0.0.1:50051"
+    store: str | None = None  # default sqlite:<directory>/taskrun.db
+    log_level: str = "info"
+    ready_timeout: float = READY_TIMEOUT
+
+
+@dataclass
+class Child:
+    """One supervised process and the task copying its output."""
+
+    name: str
+    process: asyncio.subprocess.Process
+    pump: asyncio.Task[None]
+    stopping: bool = False
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def signal(self, sig: signal.Signals) -> None:
+        if self.process.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(sig)
+
+
+class ChildDied(Exception):
+    """A child process exited while it should have been running."""
+
+    def __init__(self, child: Child) -> None:
+        super().__init__(f"{child.name} exited unexpectedly with code {child.returncode}")
+        self.child = child
+
+
+# --- addresses -------------------------------------------------------------------------------
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """`127.0.0.1:50051` -> ("127.0.0.1", 50051); `[::1]:0` -> ("::1", 0)."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"{address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def free_port(host: str) -> int:
+    """A port that was free a moment ago (the server binds it right after)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def resolve_listen(listen: str) -> tuple[str, str]:
+    """(address the server listens on, address clients connect to); port 0 picks a free port."""
+    host, port = split_host_port(listen)
+    if port == 0:
+        port = free_port(host or "127.0.0.1")
+    connect_host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
+    return join_host_port(host, port), join_host_port(connect_host, port)
+
+
+def ready_message(server: str, certs: Path, worker_ids: Sequence[str], agents: str) -> str:
+    """What `dev` prints on stdout once the server answers and the workers are connected."""
+    env = f"TASKRUN_SERVER={shlex.quote(server)} TASKRUN_CERTS_DIR={shlex.quote(str(certs))}"
+    names = [a.strip() for a in agents.split(",") if a.strip()]
+    agent = "echo" if "echo" in names or not names else names[0]
+    payload = '{"text": "hello from taskrun"}' if agent == "echo" else "{}"
+    create = f"taskrun task create {agent} --input {shlex.quote(payload)} --follow"
+    return (
+        f"{READY_LINE}: server {server}, workers {', '.join(worker_ids)} "
+        f"(agents: {', '.join(names) or 'all'})\n"
+        "\n"
+        "Talk to it from another shell:\n"
+        f"  export {env}\n"
+        f"  {create}\n"
+        "  taskrun task list\n"
+        "  taskrun workers list\n"
+        "\n"
+        "or in one line:\n"
+        f"  {env} {create}\n"
+        "\n"
+        "Ctrl-C stops the workers, then the server.\n"
+    )
+
+
+# --- the supervisor --------------------------------------------------------------------------
+
+
+def _child_env() -> dict[str, str]:
+    """Our environment without TASKRUN_* (children get every setting as a flag)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRUN_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Dev:
+    """Starts, watches and stops the server and workers of one `taskrun dev`."""
+
+    def __init__(self, options: DevOptions, listen: str, connect: str) -> None:
+        self.options = options
+        self.listen, self.connect = listen, connect
+        self.directory = options.directory.resolve()
+        self.certs = self.directory / "certs"
+        self.worker_ids = [f"worker-{i}" for i in range(1, options.workers + 1)]
+        self.store = options.store or f"sqlite:{self.directory / 'taskrun.db'}"
+        self.children: list[Child] = []
+        self.stop = asyncio.Event()
+        self.kill = asyncio.Event()
+        self.width = max(len("server"), *(len(w) for w in self.worker_ids))
+        self.color = sys.stderr.isatty()
+
+    def _on_signal(self) -> None:
+        if self.stop.is_set():
+            self.kill.set()  # a second Ctrl-C: no more waiting
+        self.stop.set()
+
+    def _base_argv(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "taskrun.cli.main",
+            "--certs-dir",
+            str(self.certs),
+            "--log-format",
+            "console",
+            "--log-level",
+            self.options.log_level,
+        ]
+
+    async def _spawn(self, name: str, argv: list[str]) -> Child:
+        process = await asyncio.create_subprocess_exec(
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            env=_child_env(),
+            start_new_session=True,
+        )
+        index = len(self.children)
+        child = Child(name, process, asyncio.create_task(self._pump(name, process, index)))
+        self.children.append(child)
+        return child
+
+    async def _pump(self, name: str, process: asyncio.subprocess.Process, index: int) -> None:
+        """Copy a child's output lines to stderr, prefixed with its name."""
+        assert process.stdout is not None
+        prefix = f"{name:<{self.width}} | "
+        if self.color:
+            prefix = f"\x1b[{PREFIX_COLORS[index % len(PREFIX_COLORS)]}m{prefix}\x1b[0m"
+        while line := await process.stdout.readline():
+            sys.stderr.write(prefix + line.decode(errors="replace").rstrip("\n") + "\n")
+            sys.stderr.flush()
+
+    def _check_children(self) -> None:
+        for child in self.children:
+            if child.returncode is not None and not child.stopping:
+                raise ChildDied(child)
+
+    async def _until(self, client: Client, check: Check, what: str) -> bool:
+        """Poll `check` until it is true; False if a stop was requested first.
+
+        Raises ChildDied when a child exits, TimeoutError after `ready_timeout`.
+        """
+        seconds = self.options.ready_timeout
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not self.stop.is_set():
+            self._check_children()
+            with contextlib.suppress(Exception):
+                if await check(client):
+                    return True
+            if loop.time() >= deadline:
+                raise TimeoutError(f"{what} within {seconds:.0f} s")
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(POLL_INTERVAL):
+                    await self.stop.wait()
+        return False
+
+    @staticmethod
+    async def _server_ready(client: Client) -> bool:
+        async with asyncio.timeout(0.5):
+            await client.wait_ready()
+        return True
+
+    async def _workers_online(self, client: Client) -> bool:
+        workers = await client.list_workers([WorkerStatus.ONLINE])
+        online = {w.id for w, _ in workers}
+        return all(w in online for w in self.worker_ids)
+
+    async def run(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal)
+        settings = resolve_settings(server=self.connect, certs_dir=str(self.certs), env={})
+        credentials = load_credentials(settings)
+        client = Client(
+            settings.server,
+            ca=credentials.ca,
+            cert=credentials.cert,
+            key=credentials.key,
+            server_name=settings.server_name,
+            options=FAST_RECONNECT,
+            timeout=2.0,
+        )
+        code = 0
+        try:
+            async with client:
+                await self._start(client)
+                if not self.stop.is_set():
+                    sys.stdout.write(
+                        ready_message(
+                            self.connect, self.certs, self.worker_ids, self.options.agents
+                        )
+                    )
+                    sys.stdout.flush()
+                    await self._watch()
+        except ChildDied as exc:
+            log.error(
+                "child exited unexpectedly; stopping everything",
+                child=exc.child.name,
+                code=exc.child.returncode,
+            )
+            code = 1
+        except TimeoutError as exc:
+            log.error(f"not ready: {exc}; stopping everything")
+            code = 1
+        finally:
+            clean = await self._shutdown()
+        return code if code else (0 if clean else 1)
+
+    async def _start(self, client: Client) -> None:
+        server = await self._spawn(
+            "server",
+            [*self._base_argv(), "server", "--listen", self.listen, "--store", self.store],
+        )
+        log.info("starting server", address=self.listen, store=self.store, pid=server.process.pid)
+        if not await self._until(client, self._server_ready, "the server accepted no connection"):
+            return
+        for worker_id in self.worker_ids:
+            argv = [
+                *self._base_argv(),
+                "--server",
+                self.connect,
+                "worker",
+                "run",
+                "--id",
+                worker_id,
+                "--drain-timeout",
+                str(WORKER_DRAIN_TIMEOUT),
+            ]
+            if self.options.agents:
+                argv += ["--agents", self.options.agents]
+            await self._spawn(worker_id, argv)
+        await self._until(client, self._workers_online, "the workers did not all connect")
+
+    async def _watch(self) -> None:
+        """Wait for a stop request or for a child to exit on its own."""
+        stop = asyncio.create_task(self.stop.wait())
+        exits = [asyncio.create_task(c.process.wait()) for c in self.children]
+        try:
+            await asyncio.wait([stop, *exits], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for t in (stop, *exits):
+                t.cancel()
+        self._check_children()
+
+    async def _stop(self, children: Sequence[Child]) -> None:
+        """SIGTERM, wait up to STOP_GRACE (or a second Ctrl-C), then SIGKILL."""
+        for child in children:
+            child.stopping = True
+            child.signal(signal.SIGTERM)
+        waits = [asyncio.create_task(c.process.wait()) for c in children]
+        if not waits:
+            return
+        kill = asyncio.create_task(self.kill.wait())
+        racing: list[asyncio.Future[Any]] = [asyncio.gather(*waits), kill]
+        await asyncio.wait(racing, timeout=STOP_GRACE, return_when=asyncio.FIRST_COMPLETED)
+        kill.cancel()
+        for child in children:
+            if child.returncode is None:
+                log.warning("killing child that did not stop", child=child.name)
+                child.signal(signal.SIGKILL)
+        await asyncio.gather(*waits)
+
+    async def _shutdown(self) -> bool:
+        """Stop workers, then the server. True when every child exited with status 0."""
+        for child in self.children:
+            if child.returncode is not None:
+                child.stopping = True
+        workers = [c for c in self.children if c.name != "server"]
+        servers = [c for c in self.children if c.name == "server"]
+        if workers:
+            log.info("stopping workers")
+        await self._stop(workers)
+        if servers:
+            log.info("stopping server")
+        await self._stop(servers)
+        await asyncio.gather(*(c.pump for c in self.children), return_exceptions=True)
+        clean = True
+        for child in self.children:
+            if child.returncode != 0:
+                clean = False
+                log.warning("child exited with an error", child=child.name, code=child.returncode)
+        log.info("stopped")
+        return clean
+
+
+def run_dev(options: DevOptions) -> int:
+    """Run `taskrun dev` until Ctrl-C or SIGTERM; 0 after a clean stop, 1 otherwise."""
+    from taskrun.controlplane.pki import init_pki
+
+    try:
+        listen, connect = resolve_listen(options.listen)
+    except (ValueError, OSError) as exc:
+        log.error(f"bad --listen: {exc}")
+        return 2
+    workers = [f"worker-{i}" for i in range(1, options.workers + 1)]
+    init_pki(options.directory / "certs", workers=workers)
+    return asyncio.run(Dev(options, listen, connect).run())

@@ -1,0 +1,977 @@
+"""`taskrun`: the command line of TaskRun (certificates, server, worker, tasks, workers, dev).
+
+Every global flag has a TASKRUN_* environment fallback; flags win over the environment.
+Exit codes: 0 success; 1 a followed task FAILED or an unexpected server error; 2 a usage,
+validation, not-found, precondition or permission error; 3 the server is unreachable;
+130 a followed task was CANCELLED, or Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from datetime import UTC, datetime
+from enum import IntEnum
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+
+from taskrun import __version__
+from taskrun.cli import credentials as creds
+from taskrun.cli import output
+from taskrun.cli.client import Client, TaskChanged
+from taskrun.core.errors import TaskRunError
+from taskrun.core.models import DEFAULT_MAX_ATTEMPTS, Task, TaskPolicy, TaskSpec
+from taskrun.core.status import TaskStatus, WorkerStatus
+from taskrun.core.validation import parse_label_args, validate_input, validate_task_spec
+
+E = TypeVar("E", bound=IntEnum)
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNAVAILABLE = 3
+EXIT_CANCELLED = 130
+EXIT_INTERRUPTED = 130
+
+# gRPC status codes that mean "your request is wrong" rather than "something broke".
+_CALLER_ERRORS = frozenset(
+    {
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.NOT_FOUND,
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.ALREADY_EXISTS,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.OUT_OF_RANGE,
+    }
+)
+_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+
+FOLLOW_EXIT_HELP = (
+    "With --follow the exit status is the task's outcome: 0 COMPLETED, 1 FAILED, 130 CANCELLED "
+    "(Ctrl-C stops following without cancelling the task, and also exits 130). "
+    "Other exit codes: 2 invalid request, 3 server unreachable."
+)
+
+
+class CliError(Exception):
+    """A problem to report as `error: <message>` with an exit code, without a traceback."""
+
+    def __init__(self, message: str, code: int = EXIT_USAGE) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+
+
+# --- exit codes ------------------------------------------------------------------------------
+
+
+def exit_code_for_status(code: grpc.StatusCode) -> int:
+    """2 for a request the server refused, 3 when it could not be reached, 1 otherwise."""
+    if code in _CALLER_ERRORS:
+        return EXIT_USAGE
+    if code in _UNREACHABLE:
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED
+
+
+def exit_code_for_task(status: TaskStatus) -> int:
+    """The exit status of a command that followed a task until it ended."""
+    return {
+        TaskStatus.COMPLETED: EXIT_OK,
+        TaskStatus.FAILED: EXIT_FAILED,
+        TaskStatus.CANCELLED: EXIT_CANCELLED,
+    }.get(status, EXIT_FAILED)
+
+
+def describe_rpc_error(exc: grpc.aio.AioRpcError, server: str) -> str:
+    """`error: NOT_FOUND: task_id: no task 'x'`, with a hint when the server is unreachable."""
+    code = exc.code()
+    text = f"error: {code.name}: {exc.details() or 'no details'}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        text += (
+            f"\nis the server running at {server}? (a certificate the server rejects, or a "
+            "server name that does not match its certificate, also shows up as UNAVAILABLE)"
+        )
+    return text
+
+
+# --- argument types --------------------------------------------------------------------------
+
+
+def enum_arg(kind: type[E]) -> Callable[[str], list[E]]:
+    """An argparse type reading one or more comma-separated lower-case enum names."""
+    names = ", ".join(m.name.lower() for m in kind)
+
+    def parse(text: str) -> list[E]:
+        values = []
+        for part in text.split(","):
+            try:
+                values.append(kind[part.strip().upper()])
+            except KeyError:
+                raise argparse.ArgumentTypeError(
+                    f"unknown status {part.strip()!r} (choose from {names})"
+                ) from None
+        return values
+
+    return parse
+
+
+def positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of seconds") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a finite number >= 0")
+    return value
+
+
+def flatten(groups: Sequence[list[E]] | None) -> list[E]:
+    return [v for group in groups or () for v in group]
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+
+def _add_global_options(parser: argparse.ArgumentParser, *, top: bool, cert: bool = True) -> None:
+    """Connection and logging flags. On subcommands they default to SUPPRESS, so a flag given
+    before the subcommand is not overwritten, and either position works."""
+
+    def default(value: Any) -> Any:
+        return value if top else argparse.SUPPRESS
+
+    group = parser.add_argument_group("connection (flags win over TASKRUN_* variables)")
+    group.add_argument(
+        "--server",
+        default=default(None),
+        help=f"control plane address host:port (TASKRUN_SERVER, default {creds.DEFAULT_SERVER})",
+    )
+    group.add_argument(
+        "--certs-dir",
+        default=default(None),
+        help="directory of the PKI files (TASKRUN_CERTS_DIR, default certs)",
+    )
+    group.add_argument(
+        "--ca",
+        default=default(None),
+        help="CA certificate (TASKRUN_CA, default <certs-dir>/ca.pem)",
+    )
+    if cert:
+        group.add_argument(
+            "--cert",
+            default=default(None),
+            help="operator certificate (TASKRUN_CERT, default <certs-dir>/operator.pem)",
+        )
+        group.add_argument(
+            "--key",
+            default=default(None),
+            help="operator key (TASKRUN_KEY, default <certs-dir>/operator-key.pem)",
+        )
+    group.add_argument(
+        "--server-name",
+        default=default(None),
+        help="TLS name to verify in the server certificate (TASKRUN_SERVER_NAME; "
+        "default localhost when --server is an IP address)",
+    )
+    group.add_argument(
+        "--log-level",
+        default=default(None),
+        choices=("debug", "info", "warning", "error"),
+        help="log level (TASKRUN_LOG_LEVEL, default info)",
+    )
+    group.add_argument(
+        "--log-format",
+        default=default(None),
+        choices=("json", "console"),
+        help="log format (TASKRUN_LOG_FORMAT; default json for server and worker, "
+        "console otherwise)",
+    )
+
+
+def _add_output(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--output",
+        "-o",
+        choices=("table", "json"),
+        default="table",
+        help="table for people (default) or one JSON document",
+    )
+
+
+def _leaf(
+    subparsers: Any, name: str, func: Callable[[argparse.Namespace], int], **kwargs: Any
+) -> argparse.ArgumentParser:
+    cert = kwargs.pop("operator_cert", True)
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, **kwargs)
+    _add_global_options(parser, top=False, cert=cert)
+    parser.set_defaults(func=func)
+    return parser
+
+
+def _group(subparsers: Any, name: str, help: str) -> Any:
+    parser: argparse.ArgumentParser = subparsers.add_parser(name, help=help, description=help)
+    parser.set_defaults(func=lambda _args: _usage(parser))
+    return parser.add_subparsers(title="commands", metavar="COMMAND")
+
+
+def _usage(parser: argparse.ArgumentParser) -> int:
+    parser.print_help(sys.stderr)
+    return EXIT_USAGE
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="taskrun",
+        description="TaskRun: run AI agents as Tasks on remote Workers.",
+        epilog="Start everything locally with `taskrun dev`. " + FOLLOW_EXIT_HELP,
+    )
+    parser.add_argument("--version", action="version", version=f"taskrun {__version__}")
+    _add_global_options(parser, top=True)
+    parser.set_defaults(func=lambda _args: _usage(parser))
+    commands = parser.add_subparsers(title="commands", metavar="COMMAND")
+
+    # certs
+    certs = _group(commands, "certs", "create the local PKI: CA, server, operator, workers")
+    p = _leaf(certs, "init", cmd_certs_init, help="create a CA and certificates")
+    p.add_argument("--dir", help="where to write them (default --certs-dir)")
+    p.add_argument(
+        "--worker",
+        action="append",
+        metavar="ID",
+        help="a worker to issue a certificate for (repeat; default worker-1 and worker-2)",
+    )
+    p.add_argument("--operator", default="admin", help="operator name (default admin)")
+    p.add_argument(
+        "--host",
+        action="append",
+        metavar="H",
+        help="a name or address of the server (repeat; default localhost and 127.0.0.1)",
+    )
+    p.add_argument("--force", action="store_true", help="replace everything, including the CA")
+    p = _leaf(certs, "worker", cmd_certs_worker, help="issue a certificate for one worker")
+    p.add_argument("worker_id", metavar="ID")
+    p.add_argument("--dir", help="the PKI directory (default --certs-dir)")
+
+    # server
+    p = _leaf(commands, "server", cmd_server, help="run the control plane")
+    p.add_argument(
+        "--listen", help="address to listen on (TASKRUN_LISTEN, default 127.0.0.1:50051)"
+    )
+    p.add_argument(
+        "--store",
+        help="sqlite:PATH or memory (TASKRUN_STORE, default sqlite:.taskrun/taskrun.db)",
+    )
+    p.add_argument("--db", metavar="PATH", help="shorthand for --store sqlite:PATH (TASKRUN_DB)")
+    p.add_argument("--server-cert", help="default <certs-dir>/server.pem (TASKRUN_SERVER_CERT)")
+    p.add_argument("--server-key", help="default <certs-dir>/server-key.pem (TASKRUN_SERVER_KEY)")
+    p.add_argument("--heartbeat-interval", type=positive_float, metavar="S")
+    p.add_argument("--heartbeat-timeout", type=positive_float, metavar="S")
+    p.add_argument("--reconnect-grace", type=positive_float, metavar="S")
+
+    # worker
+    worker = _group(commands, "worker", "run a worker daemon")
+    p = _leaf(
+        worker,
+        "run",
+        cmd_worker_run,
+        operator_cert=False,
+        help="connect to the control plane and run agents until SIGTERM",
+    )
+    p.add_argument("--id", dest="worker_id", help="worker id (TASKRUN_WORKER_ID, default worker-1)")
+    p.add_argument("--agents", help="comma-separated agents to offer (TASKRUN_AGENTS; default all)")
+    p.add_argument("--capacity", type=int, help="concurrent runs (TASKRUN_CAPACITY, default 4)")
+    p.add_argument("--label", action="append", metavar="K=V", help="a worker label (repeat)")
+    p.add_argument(
+        "--cert", dest="worker_cert", help="default <certs-dir>/<id>.pem (TASKRUN_WORKER_CERT)"
+    )
+    p.add_argument(
+        "--key", dest="worker_key", help="default <certs-dir>/<id>-key.pem (TASKRUN_WORKER_KEY)"
+    )
+    p.add_argument("--drain-timeout", type=positive_float, metavar="S")
+
+    # task
+    task = _group(commands, "task", "create, inspect, follow and cancel tasks")
+    p = _leaf(
+        task,
+        "create",
+        cmd_task_create,
+        help="submit a task",
+        description="Submit a task and print its id (or, with --output json, the task).",
+        epilog=FOLLOW_EXIT_HELP,
+    )
+    p.add_argument("agent", metavar="AGENT")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--input", metavar="JSON", help="the input, a JSON object (default {})")
+    source.add_argument("--input-file", metavar="PATH", help="read the input from PATH (- = stdin)")
+    p.add_argument("--label", action="append", metavar="K=V", help="a task label (repeat)")
+    p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
+    p.add_argument("--timeout", type=positive_float, metavar="S", help="run timeout in seconds")
+    p.add_argument(
+        "--max-attempts", type=int, default=0, metavar="N", help="default: the server's (3)"
+    )
+    p.add_argument("--idempotency-key", default="", metavar="K")
+    p.add_argument(
+        "--require-label",
+        action="append",
+        metavar="K=V",
+        help="only workers with this label may run it (repeat)",
+    )
+    p.add_argument(
+        "--queue-timeout",
+        type=positive_float,
+        metavar="S",
+        help="fail if no worker takes it within S seconds",
+    )
+    p.add_argument(
+        "--retry-on-failure", action="store_true", help="retry failed runs too, not only lost ones"
+    )
+    p.add_argument(
+        "--follow",
+        "-f",
+        action="store_true",
+        help="stream the output until the task ends; the exit status is its outcome",
+    )
+    _add_output(p)
+
+    p = _leaf(task, "list", cmd_task_list, help="list tasks, newest first")
+    p.add_argument(
+        "--status",
+        action="append",
+        type=enum_arg(TaskStatus),
+        metavar="S",
+        help="pending, running, completed, failed, cancelled (repeat or comma-separate)",
+    )
+    p.add_argument("--agent", default="")
+    p.add_argument("--label", action="append", metavar="K=V", help="must match (repeat)")
+    p.add_argument("--worker", default="", metavar="ID")
+    p.add_argument("--limit", type=int, default=50, help="page size (default 50, at most 1000)")
+    p.add_argument("--page-token", default="", metavar="T")
+    p.add_argument("--all", action="store_true", help="fetch every page")
+    _add_output(p)
+
+    p = _leaf(task, "get", cmd_task_get, help="show a task with its policy, runs and result")
+    p.add_argument("task_id", metavar="ID")
+    _add_output(p)
+
+    p = _leaf(task, "cancel", cmd_task_cancel, help="cancel a task that has not finished")
+    p.add_argument("task_id", metavar="ID")
+    p.add_argument("--reason", default="")
+    _add_output(p)
+
+    p = _leaf(
+        task,
+        "logs",
+        cmd_task_logs,
+        help="print a task's output",
+        description="Print a task's stored output; with -f keep streaming until it ends. "
+        "With --output json, one JSON object per line (output chunks and task changes).",
+        epilog=FOLLOW_EXIT_HELP,
+    )
+    p.add_argument("task_id", metavar="ID")
+    p.add_argument("--follow", "-f", action="store_true", help="keep streaming until it ends")
+    _add_output(p)
+
+    # workers
+    workers = _group(commands, "workers", "inspect workers")
+    p = _leaf(workers, "list", cmd_workers_list, help="list workers")
+    p.add_argument(
+        "--status",
+        action="append",
+        type=enum_arg(WorkerStatus),
+        metavar="S",
+        help="online, draining, offline, revoked (repeat or comma-separate)",
+    )
+    _add_output(p)
+    p = _leaf(workers, "get", cmd_workers_get, help="show a worker with its agents")
+    p.add_argument("worker_id", metavar="ID")
+    _add_output(p)
+    p = _leaf(
+        workers,
+        "drain",
+        cmd_workers_drain,
+        help="stop giving a worker runs; it finishes what it has and exits",
+    )
+    p.add_argument("worker_id", metavar="ID")
+    _add_output(p)
+
+    # dev
+    p = _leaf(
+        commands,
+        "dev",
+        cmd_dev,
+        help="run a server and workers locally in one command",
+        description="Create certificates if missing, start a server and N workers as child "
+        "processes, and print how to talk to them. Ctrl-C stops workers, then the server.",
+    )
+    p.add_argument("--workers", type=int, default=2, help="number of workers (default 2)")
+    p.add_argument("--agents", default="echo", help="agents to offer (default echo)")
+    p.add_argument("--dir", default=".taskrun/dev", help="state directory (default .taskrun/dev)")
+    p.add_argument(
+        "--listen",
+        default="127.0.0.1:50051",
+        help="server address (default 127.0.0.1:50051; port 0 picks a free port)",
+    )
+    p.add_argument("--store", help="sqlite:PATH or memory (default sqlite:<dir>/taskrun.db)")
+    return parser
+
+
+# --- resolving settings ----------------------------------------------------------------------
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def _arg(args: argparse.Namespace, name: str) -> Any:
+    return getattr(args, name, None)
+
+
+def operator_settings(args: argparse.Namespace) -> creds.OperatorSettings:
+    return creds.resolve_settings(
+        server=_arg(args, "server"),
+        certs_dir=_arg(args, "certs_dir"),
+        ca=_arg(args, "ca"),
+        cert=_arg(args, "cert"),
+        key=_arg(args, "key"),
+        server_name=_arg(args, "server_name"),
+    )
+
+
+def certs_dir(args: argparse.Namespace) -> Path:
+    return creds.resolve_certs_dir(_arg(args, "certs_dir"))
+
+
+def log_level(args: argparse.Namespace) -> str:
+    return _arg(args, "log_level") or _env("TASKRUN_LOG_LEVEL") or "info"
+
+
+def log_json(args: argparse.Namespace, *, daemon: bool) -> bool:
+    fmt = _arg(args, "log_format") or _env("TASKRUN_LOG_FORMAT")
+    return fmt == "json" if fmt else daemon
+
+
+def _setup_logging(args: argparse.Namespace, *, daemon: bool) -> None:
+    from taskrun.logging import configure_logging
+
+    configure_logging(json=log_json(args, daemon=daemon), level=log_level(args))
+
+
+def resolve_store(args: argparse.Namespace) -> str | None:
+    """--store, --db (sqlite:PATH), TASKRUN_STORE, TASKRUN_DB, in that order; None = default."""
+    store, db = _arg(args, "store"), _arg(args, "db")
+    if store and db:
+        raise CliError("give either --store or --db, not both")
+    value = store or (f"sqlite:{db}" if db else None)
+    if value is None:
+        value = _env("TASKRUN_STORE") or (
+            f"sqlite:{_env('TASKRUN_DB')}" if _env("TASKRUN_DB") else None
+        )
+    if (
+        value is not None
+        and value != "memory"
+        and not (value.startswith("sqlite:") and len(value) > len("sqlite:"))
+    ):
+        raise CliError(f"store {value!r} must be sqlite:PATH or memory")
+    return value
+
+
+def _labels(items: list[str] | None, field: str) -> dict[str, str]:
+    return parse_label_args(items or [], field)
+
+
+def task_spec_from_args(args: argparse.Namespace) -> TaskSpec:
+    """The submission described by `task create` flags, validated locally (InvalidArgument)."""
+    if args.input_file:
+        try:
+            text = sys.stdin.read() if args.input_file == "-" else Path(args.input_file).read_text()
+        except OSError as exc:
+            raise CliError(f"cannot read --input-file {args.input_file}: {exc.strerror}") from None
+    else:
+        text = args.input or "{}"
+    text, _ = validate_input(text, "input_json")
+    spec = TaskSpec(
+        agent=args.agent,
+        input=text,
+        labels=_labels(args.label, "labels"),
+        policy=TaskPolicy(
+            priority=args.priority,
+            timeout=args.timeout,
+            max_attempts=args.max_attempts,
+            idempotency_key=args.idempotency_key,
+            required_labels=_labels(args.require_label, "policy.required_labels"),
+            queue_timeout=args.queue_timeout,
+            retry_on_failure=args.retry_on_failure,
+        ),
+    )
+    # max_attempts 0 asks for the server's default; check the rest as the server would.
+    check = replace(
+        spec,
+        policy=replace(spec.policy, max_attempts=spec.policy.max_attempts or DEFAULT_MAX_ATTEMPTS),
+    )
+    validate_task_spec(check)
+    return spec
+
+
+# --- streaming -------------------------------------------------------------------------------
+
+
+@dataclass
+class FollowState:
+    """What a follow loop has seen, for the Ctrl-C message and the exit status."""
+
+    task_id: str = ""
+    last: Task | None = None
+
+
+async def follow_task(
+    client: Client, task_id: str, printer: output.StreamPrinter, state: FollowState, *, follow: bool
+) -> int:
+    """Print a task's output; with follow, until it ends. Returns the exit status."""
+    state.task_id = task_id
+    async with contextlib.aclosing(
+        client.follow(task_id, follow=follow, include_events=True)
+    ) as events:
+        async for event in events:
+            printer.event(event)
+            if isinstance(event, TaskChanged):
+                state.last = event.task
+    if not follow:
+        return EXIT_OK
+    if state.last is None or not state.last.status.terminal:
+        state.last, _ = await client.get_task(task_id)
+    printer.finish(state.last)
+    return exit_code_for_task(state.last.status)
+
+
+def _stopped_following(state: FollowState) -> int:
+    if state.task_id:
+        sys.stderr.write(
+            f"\nstopped following {state.task_id}; the task keeps running.\n"
+            f"cancel it with: taskrun task cancel {state.task_id}\n"
+        )
+    return EXIT_INTERRUPTED
+
+
+# --- commands --------------------------------------------------------------------------------
+
+
+def _client(args: argparse.Namespace) -> Client:
+    settings = operator_settings(args)
+    credentials = creds.load_credentials(settings)
+    return Client(
+        settings.server,
+        ca=credentials.ca,
+        cert=credentials.cert,
+        key=credentials.key,
+        server_name=settings.server_name,
+    )
+
+
+def _write(text: str) -> None:
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def _now() -> datetime:
+    return datetime.now(UTC)
+
+
+def cmd_certs_init(args: argparse.Namespace) -> int:
+    from taskrun.controlplane.pki import PkiPaths, ca_fingerprint, init_pki
+
+    directory = Path(args.dir) if args.dir else certs_dir(args)
+    workers = tuple(args.worker) if args.worker else ("worker-1", "worker-2")
+    hosts = tuple(args.host) if args.host else ("localhost", "127.0.0.1")
+    planned = PkiPaths.at(directory)
+    try:
+        files = [
+            planned.ca_cert,
+            planned.ca_key,
+            planned.server_cert,
+            planned.server_key,
+            planned.operator_cert,
+            planned.operator_key,
+        ]
+        for worker_id in workers:
+            files += [planned.worker_cert(worker_id), planned.worker_key(worker_id)]
+        before = {f: f.stat().st_mtime_ns if f.exists() else None for f in files}
+        paths = init_pki(
+            directory, workers=workers, operator=args.operator, server_hosts=hosts, force=args.force
+        )
+    except (ValueError, FileNotFoundError) as exc:
+        raise CliError(str(exc)) from None
+    lines = []
+    for f in files:
+        now = f.stat().st_mtime_ns if f.exists() else None
+        state = "kept" if before[f] is not None and before[f] == now else "wrote"
+        lines.append(f"{state:5}  {f}\n")
+    fingerprint = ca_fingerprint(paths.ca_cert.read_bytes())
+    _write("".join(lines) + f"CA fingerprint: {fingerprint}\n")
+    return EXIT_OK
+
+
+def cmd_certs_worker(args: argparse.Namespace) -> int:
+    from taskrun.controlplane.pki import issue_worker_cert
+
+    directory = Path(args.dir) if args.dir else certs_dir(args)
+    try:
+        cert, key = issue_worker_cert(directory, args.worker_id)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except FileNotFoundError:
+        raise CliError(
+            f"no CA in {directory}: create one with `taskrun certs init --dir {directory}`"
+        ) from None
+    _write(f"wrote  {cert}\nwrote  {key}\n")
+    return EXIT_OK
+
+
+def _require_files(*paths: tuple[Path, str]) -> None:
+    for path, what in paths:
+        if not path.exists():
+            raise CliError(
+                f"{what} {path} does not exist: create the certificates with "
+                "`taskrun certs init` or point --certs-dir (TASKRUN_CERTS_DIR) at them"
+            )
+
+
+def server_config(args: argparse.Namespace) -> Any:
+    """The ServerConfig described by flags, TASKRUN_* variables and defaults."""
+    from pydantic import ValidationError
+
+    from taskrun.controlplane.config import ServerConfig
+
+    directory = certs_dir(args)
+    values: dict[str, Any] = {
+        "ca_cert": creds.resolve_ca(_arg(args, "ca"), directory),
+        "server_cert": Path(
+            _arg(args, "server_cert") or _env("TASKRUN_SERVER_CERT") or directory / "server.pem"
+        ),
+        "server_key": Path(
+            _arg(args, "server_key") or _env("TASKRUN_SERVER_KEY") or directory / "server-key.pem"
+        ),
+    }
+    listen = _arg(args, "listen") or _env("TASKRUN_LISTEN")
+    optional = {
+        "listen": listen,
+        "store": resolve_store(args),
+        "heartbeat_interval": _arg(args, "heartbeat_interval"),
+        "heartbeat_timeout": _arg(args, "heartbeat_timeout"),
+        "reconnect_grace": _arg(args, "reconnect_grace"),
+    }
+    values.update({k: v for k, v in optional.items() if v is not None})
+    try:
+        return ServerConfig(**values)
+    except ValidationError as exc:
+        raise CliError(_validation_message(exc)) from None
+
+
+def _validation_message(exc: Any) -> str:
+    parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+    return "; ".join(parts)
+
+
+def cmd_server(args: argparse.Namespace) -> int:
+    config = server_config(args)
+    _require_files(
+        (config.ca_cert, "CA certificate"),
+        (config.server_cert, "server certificate"),
+        (config.server_key, "server key"),
+    )
+    _setup_logging(args, daemon=True)
+    from taskrun.controlplane.app import run_server
+
+    try:
+        asyncio.run(run_server(config))
+    except RuntimeError as exc:
+        if "bind" not in str(exc):
+            raise
+        raise CliError(
+            f"could not listen on {config.listen}: is another server using it?", EXIT_FAILED
+        ) from None
+    except OSError as exc:
+        raise CliError(f"could not start the server: {exc}", EXIT_FAILED) from None
+    return EXIT_OK
+
+
+def worker_config(args: argparse.Namespace) -> Any:
+    """The WorkerConfig described by flags, TASKRUN_* variables and defaults."""
+    from pydantic import ValidationError
+
+    from taskrun.worker.config import WorkerConfig
+
+    directory = certs_dir(args)
+    server = creds.resolve_server(_arg(args, "server"))
+    worker_id = _arg(args, "worker_id") or _env("TASKRUN_WORKER_ID") or "worker-1"
+    agents_text = _arg(args, "agents") or _env("TASKRUN_AGENTS") or ""
+    capacity = _arg(args, "capacity") or _env("TASKRUN_CAPACITY")
+    cert = _arg(args, "worker_cert") or _env("TASKRUN_WORKER_CERT")
+    key = _arg(args, "worker_key") or _env("TASKRUN_WORKER_KEY")
+    values: dict[str, Any] = {
+        "server": server,
+        "worker_id": worker_id,
+        "agents": [a.strip() for a in agents_text.split(",") if a.strip()],
+        "labels": _labels(_arg(args, "label"), "labels"),
+        "ca_cert": creds.resolve_ca(_arg(args, "ca"), directory),
+        "cert": Path(cert) if cert else directory / f"{worker_id}.pem",
+        "key": Path(key) if key else directory / f"{worker_id}-key.pem",
+        "server_name": creds.resolve_server_name(_arg(args, "server_name"), server) or "",
+    }
+    if capacity is not None:
+        values["capacity"] = capacity
+    drain = _arg(args, "drain_timeout")
+    if drain is not None:
+        values["drain_timeout"] = drain
+    try:
+        return WorkerConfig(**values)
+    except ValidationError as exc:
+        raise CliError(_validation_message(exc)) from None
+
+
+def cmd_worker_run(args: argparse.Namespace) -> int:
+    config = worker_config(args)
+    _require_files(
+        (config.ca_cert, "CA certificate"),
+        (config.cert_path(), "worker certificate"),
+        (config.key_path(), "worker key"),
+    )
+    _setup_logging(args, daemon=True)
+    from taskrun.worker.daemon import run_worker
+
+    code: int = asyncio.run(run_worker(config))
+    return code
+
+
+def cmd_task_create(args: argparse.Namespace) -> int:
+    spec = task_spec_from_args(args)
+    client = _client(args)
+    state = FollowState()
+
+    async def run() -> int:
+        async with client:
+            policy = spec.policy
+            task = await client.create_task(
+                spec.agent,
+                spec.input,
+                labels=spec.labels,
+                priority=policy.priority,
+                timeout=policy.timeout,
+                max_attempts=policy.max_attempts,
+                idempotency_key=policy.idempotency_key,
+                required_labels=policy.required_labels,
+                queue_timeout=policy.queue_timeout,
+                retry_on_failure=policy.retry_on_failure,
+            )
+            if not args.follow:
+                _write(
+                    output.dumps(output.task_doc(task)) if args.output == "json" else f"{task.id}\n"
+                )
+                return EXIT_OK
+            json_lines = args.output == "json"
+            if not json_lines:
+                sys.stderr.write(f"task {task.id} created; following its output\n")
+            printer = output.StreamPrinter(sys.stdout, sys.stderr, json_lines=json_lines)
+            return await follow_task(client, task.id, printer, state, follow=True)
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return _stopped_following(state)
+
+
+def cmd_task_list(args: argparse.Namespace) -> int:
+    statuses = flatten(args.status)
+    labels = _labels(args.label, "labels")
+    client = _client(args)
+
+    async def run() -> tuple[list[Task], str]:
+        async with client:
+            if args.all:
+                tasks = [
+                    t
+                    async for t in client.iter_tasks(
+                        statuses=statuses,
+                        agent=args.agent,
+                        labels=labels,
+                        worker_id=args.worker,
+                        page_size=min(max(args.limit, 1), 1000),
+                    )
+                ]
+                return tasks, ""
+            return await client.list_tasks(
+                statuses=statuses,
+                agent=args.agent,
+                labels=labels,
+                worker_id=args.worker,
+                limit=args.limit,
+                page_token=args.page_token,
+            )
+
+    tasks, token = asyncio.run(run())
+    if args.output == "json":
+        _write(
+            output.dumps({"tasks": [output.task_doc(t) for t in tasks], "next_page_token": token})
+        )
+        return EXIT_OK
+    _write(output.tasks_table(tasks, _now()) if tasks else "")
+    if not tasks:
+        sys.stderr.write("no tasks\n")
+    if token:
+        sys.stderr.write(f"more tasks: repeat with --page-token {token} (or use --all)\n")
+    return EXIT_OK
+
+
+def cmd_task_get(args: argparse.Namespace) -> int:
+    client = _client(args)
+
+    async def run() -> tuple[Task, list[Any]]:
+        async with client:
+            return await client.get_task(args.task_id)
+
+    task, runs = asyncio.run(run())
+    if args.output == "json":
+        _write(output.dumps(output.task_doc(task, runs)))
+    else:
+        _write(output.task_detail(task, runs, _now()))
+    return EXIT_OK
+
+
+def cmd_task_cancel(args: argparse.Namespace) -> int:
+    client = _client(args)
+
+    async def run() -> Task:
+        async with client:
+            return await client.cancel_task(args.task_id, args.reason)
+
+    task = asyncio.run(run())
+    if args.output == "json":
+        _write(output.dumps(output.task_doc(task)))
+    else:
+        _write(f"task {task.id} {output.status_name(task.status)}\n")
+    return EXIT_OK
+
+
+def cmd_task_logs(args: argparse.Namespace) -> int:
+    client = _client(args)
+    state = FollowState()
+
+    async def run() -> int:
+        async with client:
+            printer = output.StreamPrinter(sys.stdout, sys.stderr, json_lines=args.output == "json")
+            return await follow_task(client, args.task_id, printer, state, follow=args.follow)
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+
+
+def cmd_workers_list(args: argparse.Namespace) -> int:
+    client = _client(args)
+    statuses = flatten(args.status)
+
+    async def run() -> list[Any]:
+        async with client:
+            return await client.list_workers(statuses)
+
+    workers = asyncio.run(run())
+    if args.output == "json":
+        _write(output.dumps({"workers": [output.worker_doc(w, r) for w, r in workers]}))
+    elif workers:
+        _write(output.workers_table(workers, _now()))
+    else:
+        sys.stderr.write("no workers\n")
+    return EXIT_OK
+
+
+def cmd_workers_get(args: argparse.Namespace) -> int:
+    client = _client(args)
+
+    async def run() -> tuple[Any, Any]:
+        async with client:
+            return await client.get_worker(args.worker_id)
+
+    worker, runs = asyncio.run(run())
+    if args.output == "json":
+        _write(output.dumps(output.worker_doc(worker, runs)))
+    else:
+        _write(output.worker_detail(worker, runs, _now()))
+    return EXIT_OK
+
+
+def cmd_workers_drain(args: argparse.Namespace) -> int:
+    client = _client(args)
+
+    async def run() -> Any:
+        async with client:
+            return await client.drain_worker(args.worker_id)
+
+    worker = asyncio.run(run())
+    if args.output == "json":
+        _write(output.dumps(output.to_json_value(worker)))
+    else:
+        _write(f"worker {worker.id} {output.status_name(worker.status)}\n")
+    return EXIT_OK
+
+
+def cmd_dev(args: argparse.Namespace) -> int:
+    from taskrun.cli.dev import DevOptions, run_dev
+
+    if args.workers < 1:
+        raise CliError("--workers must be at least 1")
+    options = DevOptions(
+        directory=Path(args.dir),
+        workers=args.workers,
+        agents=args.agents,
+        listen=args.listen,
+        store=args.store,
+        log_level=log_level(args),
+    )
+    _setup_logging(args, daemon=False)
+    return run_dev(options)
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run one `taskrun` command and return its exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except CliError as exc:
+        sys.stderr.write(f"error: {exc.message}\n")
+        return exc.code
+    except TaskRunError as exc:  # local validation, before anything was sent
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    except creds.MissingCredentials as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return EXIT_USAGE
+    except grpc.aio.AioRpcError as exc:
+        server = _arg(args, "server") or creds.resolve_server(None)
+        sys.stderr.write(describe_rpc_error(exc, server) + "\n")
+        return exit_code_for_status(exc.code())
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # The reader went away (`taskrun task logs X | head`): stop quietly.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,350 @@
+"""The `taskrun` command line as processes: certs, server, worker, tasks, and `taskrun dev`.
+
+One server and one worker are started per module (`python -m taskrun.cli.main ...` in a temporary
+directory); the tests talk to them only through the CLI, as an operator would. The last test of
+the first part stops them with SIGTERM.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import queue
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+CLI = [sys.executable, "-m", "taskrun.cli.main"]
+STARTUP = 20.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+def clean_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRUN_")}
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra)
+    return env
+
+
+@dataclass
+class Proc:
+    """A long-running child whose stdout and stderr lines are collected by reader threads."""
+
+    name: str
+    popen: subprocess.Popen[str]
+    lines: queue.Queue[tuple[str, str]] = field(default_factory=queue.Queue)
+    seen: list[tuple[str, str]] = field(default_factory=list)
+    readers: list[threading.Thread] = field(default_factory=list)
+
+    @classmethod
+    def start(cls, name: str, argv: list[str], *, cwd: Path, env: dict[str, str]) -> Proc:
+        popen = subprocess.Popen(
+            argv,
+            cwd=cwd,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        proc = cls(name, popen)
+        assert popen.stdout is not None and popen.stderr is not None
+        for stream, label in ((popen.stdout, "out"), (popen.stderr, "err")):
+            reader = threading.Thread(target=proc._read, args=(stream, label), daemon=True)
+            reader.start()
+            proc.readers.append(reader)
+        return proc
+
+    def _read(self, stream: IO[str], label: str) -> None:
+        for line in stream:
+            self.lines.put((label, line))
+
+    def wait_for_line(
+        self, predicate: Callable[[str], bool], timeout: float = STARTUP, stream: str = ""
+    ) -> str:
+        """The first new line (of `stream`, "out" or "err", or either) that matches."""
+        deadline = time.monotonic() + timeout
+        while (left := deadline - time.monotonic()) > 0:
+            try:
+                label, line = self.lines.get(timeout=min(left, 0.2))
+            except queue.Empty:
+                if self.popen.poll() is not None and self.lines.empty():
+                    break
+                continue
+            self.seen.append((label, line))
+            if (not stream or label == stream) and predicate(line):
+                return line
+        raise AssertionError(f"{self.name}: no matching line; exit={self.popen.poll()}\n{self.log}")
+
+    def output(self, stream: str) -> str:
+        """Everything the exited process wrote to `stream` ("out" or "err")."""
+        for reader in self.readers:
+            reader.join(timeout=5)
+        _ = self.log
+        return "".join(line for label, line in self.seen if label == stream)
+
+    @property
+    def log(self) -> str:
+        while not self.lines.empty():
+            self.seen.append(self.lines.get_nowait())
+        return "".join(f"[{label}] {line}" for label, line in self.seen)
+
+    def stop(self, sig: signal.Signals = signal.SIGTERM, timeout: float = 15.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+        try:
+            return self.popen.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+            raise AssertionError(
+                f"{self.name} did not stop within {timeout} s\n{self.log}"
+            ) from None
+
+
+@dataclass
+class Deployment:
+    """A server and a worker started with the CLI, and a way to run CLI commands against them."""
+
+    tmp: Path
+    server_address: str
+    certs_init_output: str
+    server: Proc | None = None
+    worker: Proc | None = None
+    server_args: tuple[str, ...] = ()
+
+    @property
+    def env(self) -> dict[str, str]:
+        return clean_env(
+            TASKRUN_SERVER=self.server_address, TASKRUN_CERTS_DIR=str(self.tmp / "certs")
+        )
+
+    def run(self, *args: str, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [*CLI, *args],
+            cwd=self.tmp,
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def start(self, name: str, *args: str) -> Proc:
+        return Proc.start(name, [*CLI, *args], cwd=self.tmp, env=self.env)
+
+    def start_server(self) -> None:
+        store = f"sqlite:{self.tmp / 't.db'}"
+        args = ("server", "--store", store, "--listen", self.server_address, *self.server_args)
+        self.server = self.start("server", *args)
+        self.server.wait_for_line(lambda line: "server listening" in line, stream="err")
+
+    def kill(self) -> None:
+        for proc in (self.worker, self.server):
+            if proc is not None and proc.popen.poll() is None:
+                proc.popen.kill()
+                proc.popen.wait()
+
+
+def created_id(line: str) -> str:
+    """The id in `task tsk_... created; following its output`."""
+    assert line.startswith("task ") and " created" in line, line
+    return line.split()[1]
+
+
+def launch(tmp: Path, *server_args: str) -> Deployment:
+    """`certs init`, then a server (SQLite in tmp) and worker-1 offering echo, both connected."""
+    init = subprocess.run(
+        [*CLI, "certs", "init"], cwd=tmp, env=clean_env(), capture_output=True, text=True
+    )
+    assert init.returncode == 0, init.stderr
+    d = Deployment(tmp, f"127.0.0.1:{free_port()}", init.stdout, server_args=server_args)
+    try:
+        d.start_server()
+        d.worker = d.start("worker", "worker", "run", "--agents", "echo")
+        d.worker.wait_for_line(lambda line: '"connected"' in line)
+    except BaseException:
+        d.kill()
+        raise
+    return d
+
+
+@pytest.fixture(scope="module")
+def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
+    d = launch(tmp_path_factory.mktemp("cli"))
+    try:
+        yield d
+    finally:
+        d.kill()
+
+
+def test_certs_init_reports_what_it_wrote(deployment: Deployment) -> None:
+    out = deployment.certs_init_output
+    for name in ("ca.pem", "server.pem", "operator-key.pem", "worker-1.pem", "worker-2-key.pem"):
+        assert f"certs/{name}" in out
+    assert "CA fingerprint: sha256:" in out
+
+
+def test_follow_prints_the_output_and_exits_0(deployment: Deployment) -> None:
+    result = deployment.run("task", "create", "echo", "--input", '{"text":"hello"}', "--follow")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "hello"
+    assert " completed" in result.stderr
+
+
+def test_a_failing_task_makes_follow_exit_1(deployment: Deployment) -> None:
+    result = deployment.run("task", "create", "echo", "--input", '{"fail":"boom"}', "--follow")
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.rstrip().endswith("failed: boom")
+
+
+def test_task_list_json_contains_a_created_task(deployment: Deployment) -> None:
+    created = deployment.run("task", "create", "echo", "--input", '{"text":"listed"}')
+    assert created.returncode == 0, created.stderr
+    task_id = created.stdout.strip()
+    listed = deployment.run("task", "list", "--output", "json")
+    assert listed.returncode == 0, listed.stderr
+    doc = json.loads(listed.stdout)
+    assert set(doc) == {"tasks", "next_page_token"}
+    (task,) = [t for t in doc["tasks"] if t["id"] == task_id]
+    assert task["agent"] == "echo"
+    assert task["input"] == {"text": "listed"}
+    assert task["status"] in {"pending", "running", "completed"}
+
+
+def test_task_get_shows_runs_and_result(deployment: Deployment) -> None:
+    result = deployment.run("task", "create", "echo", "--input", '{"text":"abc"}', "--follow")
+    assert result.returncode == 0, result.stderr
+    task_id = created_id(result.stderr.splitlines()[0])
+    shown = deployment.run("task", "get", task_id, "--output", "json")
+    assert shown.returncode == 0, shown.stderr
+    doc = json.loads(shown.stdout)
+    assert doc["status"] == "completed"
+    assert doc["result"] == {"chars": 3, "chunks": 1}
+    assert [r["status"] for r in doc["runs"]] == ["completed"]
+    assert doc["runs"][0]["worker_id"] == "worker-1"
+    table = deployment.run("task", "get", task_id)
+    assert table.returncode == 0, table.stderr
+    assert "Status:    completed" in table.stdout
+    assert "Runs:" in table.stdout and "worker-1" in table.stdout
+    logs = deployment.run("task", "logs", task_id)
+    assert (logs.returncode, logs.stdout) == (0, "abc")
+
+
+def test_unknown_task_exits_2_with_not_found(deployment: Deployment) -> None:
+    result = deployment.run("task", "get", "nonexistent")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: NOT_FOUND: ")
+    assert "Traceback" not in result.stderr
+
+
+def test_input_that_is_not_an_object_exits_2_naming_input_json(deployment: Deployment) -> None:
+    result = deployment.run("task", "create", "echo", "--input", "[1]")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: ")
+    assert "input_json" in result.stderr
+
+
+def test_workers_list_shows_the_worker(deployment: Deployment) -> None:
+    result = deployment.run("workers", "list", "--output", "json")
+    assert result.returncode == 0, result.stderr
+    (worker,) = json.loads(result.stdout)["workers"]
+    assert (worker["id"], worker["status"]) == ("worker-1", "online")
+    assert [a["name"] for a in worker["agents"]] == ["echo"]
+    shown = deployment.run("workers", "get", "worker-1")
+    assert shown.returncode == 0, shown.stderr
+    assert "none/echo" in shown.stdout
+    unknown = deployment.run("workers", "drain", "no-such-worker")
+    assert unknown.returncode == 2
+    assert unknown.stderr.startswith("error: NOT_FOUND: ")
+
+
+def test_cancelling_a_followed_task_makes_follow_exit_130(deployment: Deployment) -> None:
+    follow = deployment.start(
+        "follow", "task", "create", "echo", "--input",
+        '{"text":"x","chunks":100,"delay":0.1}', "--follow",
+    )  # fmt: skip
+    task_id = created_id(follow.wait_for_line(lambda line: " created" in line, stream="err"))
+    cancelled = deployment.run("task", "cancel", task_id, "--reason", "e2e")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert follow.popen.wait(timeout=10) == 130, follow.log
+    assert "cancelled: e2e" in follow.log
+
+
+def test_follow_survives_a_server_restart(tmp_path: Path) -> None:
+    d = launch(tmp_path, "--reconnect-grace", "30")
+    try:
+        text = "abcdefghijklmnopqrst"
+        payload = json.dumps({"text": text, "chunks": len(text), "delay": 0.2})
+        follow = d.start("follow", "task", "create", "echo", "--input", payload, "--follow")
+        follow.wait_for_line(lambda line: " created" in line, stream="err")
+        time.sleep(1.0)  # some output has been streamed
+        assert d.server is not None
+        assert d.server.stop(signal.SIGTERM) == 0, d.server.log
+        d.start_server()  # same port, same database
+        assert follow.popen.wait(timeout=30) == 0, follow.log
+        assert follow.output("out") == text  # each piece once, none lost
+    finally:
+        d.kill()
+
+
+def test_sigterm_stops_worker_then_server_with_exit_0(deployment: Deployment) -> None:
+    assert deployment.worker is not None and deployment.server is not None
+    assert deployment.worker.stop(signal.SIGTERM) == 0, deployment.worker.log
+    assert deployment.server.stop(signal.SIGTERM) == 0, deployment.server.log
+
+
+def test_dev_runs_everything_and_stops_cleanly_on_ctrl_c(tmp_path: Path) -> None:
+    dev = Proc.start(
+        "dev",
+        [*CLI, "dev", "--workers", "2", "--listen", "127.0.0.1:0", "--dir", str(tmp_path / "dev")],
+        cwd=tmp_path,
+        env=clean_env(),
+    )
+    try:
+        dev.wait_for_line(lambda line: line.startswith("taskrun dev is ready"), stream="out")
+        command = dev.wait_for_line(
+            lambda line: line.strip().startswith("TASKRUN_SERVER="), stream="out"
+        )
+        words = shlex.split(command)
+        env = clean_env(**dict(w.split("=", 1) for w in words[:2]))
+        result = subprocess.run(
+            [*CLI, "task", "create", "echo", "--input", '{"text":"hello dev"}', "--follow"],
+            cwd=tmp_path,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert (result.returncode, result.stdout) == (0, "hello dev"), result.stderr
+        workers = subprocess.run(
+            [*CLI, "workers", "list", "-o", "json"], env=env, capture_output=True, text=True
+        )
+        online = [w["id"] for w in json.loads(workers.stdout)["workers"] if w["status"] == "online"]
+        assert online == ["worker-1", "worker-2"]
+        started = time.monotonic()
+        assert dev.stop(signal.SIGINT, timeout=15) == 0, dev.log
+        assert time.monotonic() - started < 10
+    finally:
+        if dev.popen.poll() is None:  # SIGTERM lets dev stop its children (own sessions)
+            with contextlib.suppress(AssertionError):
+                dev.stop(signal.SIGTERM)
