@@ -1,0 +1,75 @@
+"""The `anthropic` agent: one Messages API call, streamed into the run's output.
+
+Environment (read when a run starts): ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL,
+TASKRUN_ANTHROPIC_MODEL (default model), TASKRUN_ANTHROPIC_MAX_RETRIES (SDK retries, default 2).
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import structlog
+
+from taskrun.core.agent import AgentResult, RunContext
+from taskrun.core.models import AgentSpec
+from taskrun.worker.agents.backends import (
+    AnthropicBackend,
+    announced_backends,
+    check_input,
+    default_model,
+)
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_MAX_TOKENS = 1024
+
+INPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "prompt": {"type": "string", "minLength": 1, "description": "the user message"},
+        "system": {"type": "string", "description": "system prompt"},
+        "model": {"type": "string", "minLength": 1, "description": "model id"},
+        "max_tokens": {"type": "integer", "minimum": 1, "maximum": 128000, "default": 1024},
+        "temperature": {"type": "number", "minimum": 0, "maximum": 1},
+    },
+    "required": ["prompt"],
+    "additionalProperties": False,
+}
+
+
+class AnthropicAgent:
+    """Sends `prompt` (with an optional system prompt) to the Messages API and streams the reply."""
+
+    def __init__(self) -> None:
+        self.spec = AgentSpec(
+            name="anthropic",
+            description="One Anthropic Messages API call (streaming): prompt, system, model, "
+            "max_tokens, temperature.",
+            backends=announced_backends(),
+            input_schema=json.dumps(INPUT_SCHEMA),
+        )
+
+    async def run(self, ctx: RunContext) -> AgentResult:
+        check_input(INPUT_SCHEMA, ctx.input)
+        bound = log.bind(task_id=ctx.task_id, run_id=ctx.run_id, agent="anthropic")
+        model = ctx.input.get("model") or default_model()
+        backend = AnthropicBackend.from_env(bound)
+        bound.info("calling the messages api", model=model, endpoint=backend.endpoint)
+        completion = await backend.complete(
+            system=ctx.input.get("system", ""),
+            messages=[{"role": "user", "content": ctx.input["prompt"]}],
+            model=model,
+            max_tokens=ctx.input.get("max_tokens", DEFAULT_MAX_TOKENS),
+            temperature=ctx.input.get("temperature"),
+            on_text=ctx.emit,
+        )
+        return AgentResult(
+            result={
+                "text": completion.text,
+                "stop_reason": completion.stop_reason,
+                "model": completion.backend.model_name,
+            },
+            usage=completion.usage,
+            backend_used=completion.backend,
+        )

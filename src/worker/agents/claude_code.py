@@ -1,0 +1,220 @@
+"""The `claude_code` agent: a Claude Code session (claude-agent-sdk) on the worker's machine.
+
+Needs the optional extra `taskrun[claude]` (the SDK bundles the Claude Code CLI); it is imported
+only when a run starts. Text streams as it is produced (partial messages); tool use and tool
+results become events; the result carries session id, model, cost, usage, turns and duration.
+A follow-up (`ctx.resume_session_id`) resumes that session with `ctx.prompt` as the new user
+message; sessions live under the worker's $HOME/.claude. Cancelling the run interrupts the
+session and stops the CLI process (see `backends.claude_session`).
+
+Environment: ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL (read by the CLI), TASKRUN_ANTHROPIC_MODEL
+(default model), TASKRUN_CLAUDE_CLI_PATH (use this CLI instead of the bundled one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from taskrun.core.agent import AgentError, AgentResult, RunContext
+from taskrun.core.models import AgentSpec
+from taskrun.worker.agents.backends import (
+    CLAUDE_EXTRA_HINT,
+    StderrTail,
+    announced_backends,
+    check_input,
+    claude_options,
+    claude_result_error,
+    claude_session,
+    default_model,
+    import_claude_sdk,
+    model_backend,
+    usage_from_claude,
+)
+
+log = structlog.get_logger(__name__)
+
+TOOLS = ("Read", "Write", "Edit", "Bash", "Glob", "Grep", "WebFetch", "WebSearch")
+PERMISSION_MODES = ["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk", "auto"]
+MAX_EVENT_TEXT = 4000  # characters of a tool result kept in its event
+
+INPUT_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "prompt": {"type": "string", "minLength": 1, "description": "the first user message"},
+        "cwd": {"type": "string", "description": "working directory on the worker"},
+        "allowed_tools": {"type": "array", "items": {"type": "string"}},
+        "disallowed_tools": {"type": "array", "items": {"type": "string"}},
+        "permission_mode": {"enum": PERMISSION_MODES},
+        "model": {"type": "string", "minLength": 1},
+        "max_turns": {"type": "integer", "minimum": 1, "maximum": 1000},
+        "max_budget_usd": {"type": "number", "exclusiveMinimum": 0},
+    },
+    "required": ["prompt"],
+    "additionalProperties": False,
+}
+
+
+def _text_of(content: Any) -> str:
+    """A tool result's content (string or content blocks) as bounded text."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        text = content
+    else:
+        text = "\n".join(
+            b.get("text", "") if isinstance(b, dict) and b.get("type") == "text" else json.dumps(b)
+            for b in content
+        )
+    return text if len(text) <= MAX_EVENT_TEXT else text[:MAX_EVENT_TEXT] + "…"
+
+
+class ClaudeCodeAgent:
+    """Runs Claude Code with the given prompt, tools and limits; supports follow-ups."""
+
+    def __init__(self) -> None:
+        if importlib.util.find_spec("claude_agent_sdk") is None:
+            log.warning(
+                "claude_code runs will fail: claude-agent-sdk is not installed; "
+                + CLAUDE_EXTRA_HINT
+            )
+        self.spec = AgentSpec(
+            name="claude_code",
+            description="A Claude Code session (claude-agent-sdk): prompt, cwd, allowed/"
+            "disallowed tools, permission mode, model, max turns, budget; follow-ups resume it.",
+            backends=announced_backends(tools=TOOLS),
+            input_schema=json.dumps(INPUT_SCHEMA),
+            supports_sessions=True,
+        )
+
+    async def run(self, ctx: RunContext) -> AgentResult:
+        check_input(INPUT_SCHEMA, ctx.input)
+        sdk = import_claude_sdk()
+        inp = ctx.input
+        resume = ctx.resume_session_id or None
+        prompt = ctx.prompt if resume else inp["prompt"]
+        if not prompt:
+            raise AgentError("a follow-up needs a prompt (the new user message)")
+        cwd = inp.get("cwd")
+        if cwd and not await asyncio.to_thread(Path(cwd).is_dir):
+            raise AgentError(f"cwd {cwd!r} is not a directory on this worker")
+        bound = log.bind(task_id=ctx.task_id, run_id=ctx.run_id, agent="claude_code")
+        stderr = StderrTail()
+        options = claude_options(
+            cwd=cwd,
+            allowed_tools=list(inp.get("allowed_tools", [])),
+            disallowed_tools=list(inp.get("disallowed_tools", [])),
+            permission_mode=inp.get("permission_mode"),
+            model=inp.get("model") or default_model(),
+            max_turns=inp.get("max_turns"),
+            max_budget_usd=inp.get("max_budget_usd"),
+            resume=resume,
+            include_partial_messages=True,
+            stderr=stderr,
+        )
+        bound.info("starting claude code", resume=resume, cwd=cwd)
+        session_id = resume or ""
+        model = inp.get("model") or default_model()
+        tools: list[str] = []
+        streamed_ids: set[str] = set()  # messages whose text already went out as deltas
+        current_id = ""  # the message the last emitted text belongs to
+        stream_id = ""  # the message being streamed
+        emitted_any = False
+        ends_with_newline = True
+        result: Any = None
+
+        async def emit(text: str, message_id: str) -> None:
+            nonlocal emitted_any, ends_with_newline, current_id
+            if not text:
+                return
+            if emitted_any and message_id != current_id and not ends_with_newline:
+                await ctx.emit("\n")
+            current_id = message_id
+            await ctx.emit(text)
+            emitted_any, ends_with_newline = True, text.endswith("\n")
+
+        async with claude_session(options, log=bound) as client:
+            await client.query(prompt)
+            async for message in client.receive_response():
+                if isinstance(message, sdk.StreamEvent):
+                    if message.parent_tool_use_id is not None:
+                        continue  # a subagent's stream
+                    event = message.event
+                    if event.get("type") == "message_start":
+                        stream_id = event.get("message", {}).get("id", "")
+                        streamed_ids.add(stream_id)
+                    elif event.get("type") == "content_block_delta":
+                        delta = event.get("delta") or {}
+                        if delta.get("type") == "text_delta":
+                            await emit(delta.get("text", ""), stream_id)
+                elif isinstance(message, sdk.SystemMessage) and message.subtype == "init":
+                    session_id = message.data.get("session_id", session_id)
+                    model = message.data.get("model", model)
+                    tools = list(message.data.get("tools", []))
+                    await ctx.event(
+                        "session", session_id=session_id, model=model, resumed=bool(resume)
+                    )
+                elif isinstance(message, sdk.AssistantMessage):
+                    model = message.model or model
+                    if message.error:
+                        await ctx.event("error", error=str(message.error))
+                    for block in message.content:
+                        if isinstance(block, sdk.TextBlock) and message.parent_tool_use_id is None:
+                            if (message.message_id or "") not in streamed_ids:
+                                await emit(block.text, message.message_id or "")
+                        elif isinstance(block, sdk.ToolUseBlock):
+                            await ctx.event(
+                                "tool_use", id=block.id, name=block.name, input=block.input
+                            )
+                        elif isinstance(block, sdk.ToolResultBlock):
+                            await self._tool_result(ctx, block)
+                elif isinstance(message, sdk.UserMessage) and isinstance(message.content, list):
+                    for block in message.content:
+                        if isinstance(block, sdk.ToolResultBlock):
+                            await self._tool_result(ctx, block)
+                elif isinstance(message, sdk.ResultMessage):
+                    result = message
+        if result is None:
+            raise AgentError(f"Claude Code ended without a result; stderr: {stderr.text()}")
+        session_id = result.session_id or session_id
+        if result.is_error:
+            bound.info("claude code failed", subtype=result.subtype, session_id=session_id)
+            raise AgentError(claude_result_error(result, stderr))
+        usage = usage_from_claude(result.usage)
+        usage.cost_usd = float(result.total_cost_usd or 0.0)
+        usage.turns = result.num_turns
+        usage.duration_ms = result.duration_ms
+        bound.info(
+            "claude code done",
+            session_id=session_id,
+            turns=result.num_turns,
+            cost_usd=usage.cost_usd,
+        )
+        return AgentResult(
+            result={
+                "text": result.result or "",
+                "session_id": session_id,
+                "model": model,
+                "stop_reason": result.stop_reason or "",
+                "turns": result.num_turns,
+                "duration_ms": result.duration_ms,
+                "cost_usd": usage.cost_usd,
+            },
+            usage=usage,
+            backend_used=model_backend(model, tools=tools),
+            session_id=session_id,
+        )
+
+    @staticmethod
+    async def _tool_result(ctx: RunContext, block: Any) -> None:
+        await ctx.event(
+            "tool_result",
+            tool_use_id=block.tool_use_id,
+            is_error=bool(block.is_error),
+            content=_text_of(block.content),
+        )
