@@ -19,6 +19,7 @@ from datetime import UTC, datetime
 
 import structlog
 
+from taskrun.controlplane.catalog import AgentCatalog
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.dispatcher import PendingQueue, PendingRun
 from taskrun.controlplane.followers import FollowHub
@@ -48,6 +49,7 @@ class Engine:
         self.config = config
         self.queue = PendingQueue()
         self.hub = FollowHub()
+        self.catalog = AgentCatalog()
         self.sessions: dict[WorkerId, WorkerSession] = {}
         self.workers: dict[WorkerId, Worker] = {}
         self.tasks: dict[TaskId, Task] = {}  # unfinished tasks
@@ -70,6 +72,7 @@ class Engine:
             if worker.status in (WorkerStatus.ONLINE, WorkerStatus.DRAINING):
                 worker.status = WorkerStatus.OFFLINE
             self.workers[worker.id] = worker
+            self.catalog.learn(worker.agents)
         tasks = {t.id: t for t in await self.store.list_unfinished_tasks()}
         for run in await self.store.list_unfinished_runs():
             task = tasks.get(run.task_id)
@@ -454,6 +457,7 @@ class Engine:
         session.draining = hello.draining
         self.sessions[worker.id] = session
         self.workers[worker.id] = worker
+        self.catalog.learn(worker.agents)
 
         changes = ChangeSet(workers=[replace(worker)])
         lost: list[Task | None] = []

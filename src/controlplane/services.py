@@ -7,6 +7,7 @@ import base64
 import binascii
 import contextlib
 import functools
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import replace
@@ -103,6 +104,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             validate_task_spec(convert.spec_from_pb(req, default_attempts), prefix(i))
             for i, req in enumerate(requests)
         ]
+        catalog = self.engine.catalog
+        for i, spec in enumerate(specs):
+            catalog.check_input(spec.agent, json.loads(spec.input), f"{prefix(i)}input_json")
         results = await self.engine.create_tasks(specs)
         out = []
         for i, (spec, (task, created)) in enumerate(zip(specs, results, strict=True)):

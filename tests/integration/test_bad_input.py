@@ -285,3 +285,31 @@ async def test_reports_for_a_run_of_another_worker_are_rejected(cluster: Cluster
     async for event in client.follow(task.id, follow=False):
         text += getattr(getattr(event, "chunk", None), "data", "")
     assert text == "abc"
+
+
+async def test_input_is_checked_against_the_announced_agent_schema(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")  # announces echo with its input schema
+    client = cluster.client()
+    for bad, needle in (({"chunks": 0}, "chunks"), ({"bogus": 1}, "bogus"), ({"text": 5}, "text")):
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await client.create_task("echo", bad)
+        assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = err.value.details() or ""
+        assert "input_json" in details and "echo" in details and needle in details, details
+    assert await count_tasks(cluster) == 0
+    # an agent nobody has announced yet is accepted: it waits for a worker
+    waiting = await client.create_task("someday_agent", {"anything": True})
+    assert waiting.status is TaskStatus.PENDING
+
+
+async def test_agent_schemas_are_remembered_across_restarts(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    await cluster.stop_worker("worker-1")
+    await cluster.stop_server()
+    await cluster.start_server()  # no worker connected now
+    client = cluster.client()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.create_task("echo", {"chunks": "many"})
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
