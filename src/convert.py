@@ -6,10 +6,12 @@ Shared by the control plane, the worker and the client; nothing else touches bot
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
 
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from taskrun.core.errors import InvalidArgument
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import (
     AgentSpec,
@@ -23,9 +25,10 @@ from taskrun.core.models import (
     Usage,
     Worker,
 )
+from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.v1 import common_pb2 as pb
-from taskrun.v1 import tasks_pb2
+from taskrun.v1 import schedules_pb2, tasks_pb2
 
 # --- scalars ---------------------------------------------------------------------------------
 
@@ -315,3 +318,94 @@ def worker_from_pb(m: pb.Worker) -> tuple[Worker, list[RunId]]:
         certificate_expires_at=ts_from_pb(m, "certificate_expires_at"),
     )
     return worker, [RunId(r) for r in m.run_ids]
+
+
+# --- schedules -------------------------------------------------------------------------------
+
+# UpdateSchedule's update_mask paths and the Schedule attributes they name.
+SCHEDULE_UPDATE_PATHS: dict[str, str] = {
+    "agent": "agent",
+    "input_json": "input",
+    "labels": "labels",
+    "policy": "policy",
+    "cron": "cron",
+    "rrule": "rrule",
+    "timezone": "timezone",
+    "misfire_policy": "misfire",
+    "overlap_policy": "overlap",
+}
+
+
+def schedule_to_pb(s: Schedule) -> schedules_pb2.Schedule:
+    out = schedules_pb2.Schedule(
+        name=s.name,
+        agent=s.agent,
+        input_json=s.input,
+        labels=s.labels,
+        cron=s.cron,
+        rrule=s.rrule,
+        timezone=s.timezone,
+        misfire_policy=int(s.misfire),  # type: ignore[arg-type]
+        overlap_policy=int(s.overlap),  # type: ignore[arg-type]
+        paused=s.paused,
+        last_task_id=s.last_task_id or "",
+        last_outcome=s.last_outcome,
+    )
+    policy_to_pb(s.policy, out.policy)
+    ts_to_pb(s.created_at, out.created_at)
+    ts_to_pb(s.updated_at, out.updated_at)
+    ts_to_pb(s.last_fire_time, out.last_fire_time)
+    ts_to_pb(s.next_fire_time, out.next_fire_time)
+    return out
+
+
+def schedule_from_pb(
+    m: schedules_pb2.Schedule, default_max_attempts: int, field_prefix: str = ""
+) -> Schedule:
+    """Unvalidated (the caller runs core.schedule validation), except for unknown enum values.
+
+    Unspecified policies take their defaults: misfire RUN_ONCE, overlap SKIP.
+    """
+    try:
+        misfire = MisfirePolicy(m.misfire_policy) if m.misfire_policy else MisfirePolicy.RUN_ONCE
+    except ValueError:
+        raise InvalidArgument(
+            f"unknown misfire policy {m.misfire_policy}", field=f"{field_prefix}misfire_policy"
+        ) from None
+    try:
+        overlap = OverlapPolicy(m.overlap_policy) if m.overlap_policy else OverlapPolicy.SKIP
+    except ValueError:
+        raise InvalidArgument(
+            f"unknown overlap policy {m.overlap_policy}", field=f"{field_prefix}overlap_policy"
+        ) from None
+    epoch = datetime.fromtimestamp(0, UTC)
+    return Schedule(
+        name=m.name,
+        agent=m.agent,
+        timezone=m.timezone,
+        cron=m.cron,
+        rrule=m.rrule,
+        input=m.input_json,
+        labels=dict(m.labels),
+        policy=policy_from_pb(m.policy, default_max_attempts),
+        misfire=misfire,
+        overlap=overlap,
+        paused=m.paused,
+        created_at=ts_from_pb(m, "created_at") or epoch,
+        updated_at=ts_from_pb(m, "updated_at") or epoch,
+        last_fire_time=ts_from_pb(m, "last_fire_time"),
+        next_fire_time=ts_from_pb(m, "next_fire_time"),
+        last_task_id=TaskId(m.last_task_id) if m.last_task_id else None,
+        last_outcome=m.last_outcome,
+    )
+
+
+def fire_time_to_pb(instant: datetime, zone: ZoneInfo) -> schedules_pb2.FireTime:
+    out = schedules_pb2.FireTime(local_time=instant.astimezone(zone).isoformat())
+    out.time.FromDatetime(instant)
+    return out
+
+
+def fire_time_from_pb(m: schedules_pb2.FireTime) -> tuple[datetime, str]:
+    """The instant (UTC) and its ISO 8601 local time in the schedule's zone."""
+    return m.time.ToDatetime(tzinfo=UTC), m.local_time

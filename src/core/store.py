@@ -13,6 +13,7 @@ from typing import Protocol
 
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
+from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
 
 
@@ -22,15 +23,27 @@ class ChangeSet:
     runs: list[Run] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)
     chunks: list[OutputChunk] = field(default_factory=list)  # duplicates are ignored
+    # Schedules: upserts by name, then deletions by name (deleting a missing one is a no-op).
+    schedules: list[Schedule] = field(default_factory=list)
+    deleted_schedules: list[str] = field(default_factory=list)
 
     def __bool__(self) -> bool:
-        return bool(self.tasks or self.runs or self.workers or self.chunks)
+        return bool(
+            self.tasks
+            or self.runs
+            or self.workers
+            or self.chunks
+            or self.schedules
+            or self.deleted_schedules
+        )
 
     def merge(self, other: ChangeSet) -> None:
         self.tasks.extend(other.tasks)
         self.runs.extend(other.runs)
         self.workers.extend(other.workers)
         self.chunks.extend(other.chunks)
+        self.schedules.extend(other.schedules)
+        self.deleted_schedules.extend(other.deleted_schedules)
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +91,14 @@ class OutputStore(Protocol):
         ...
 
 
-class Store(TaskStore, RunStore, WorkerStore, OutputStore, Protocol):
+class ScheduleStore(Protocol):
+    async def get_schedule(self, name: str) -> Schedule | None: ...
+    async def list_schedules(self) -> list[Schedule]:
+        """Every schedule, ordered by name."""
+        ...
+
+
+class Store(TaskStore, RunStore, WorkerStore, OutputStore, ScheduleStore, Protocol):
     async def open(self) -> None: ...
 
     async def apply(self, changes: ChangeSet) -> None:

@@ -32,6 +32,7 @@ from taskrun.core.models import (
     Usage,
     Worker,
 )
+from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import ChangeSet, Store, TaskQuery
 
@@ -525,6 +526,137 @@ async def test_use_after_close_raises(store: Store) -> None:
         await store.apply(ChangeSet(tasks=[make_task(1)]))
 
 
+# --- schedules -----------------------------------------------------------------------------------
+
+
+def make_schedule(name: str = "nightly", **fields: object) -> Schedule:
+    schedule = Schedule(
+        name=name,
+        agent="echo",
+        timezone="Europe/Chisinau",
+        cron="30 8 * * MON-FRI",
+        created_at=T0,
+        updated_at=T0,
+    )
+    for key, value in fields.items():
+        setattr(schedule, key, value)
+    return schedule
+
+
+def full_schedule() -> Schedule:
+    return make_schedule(
+        "monthly",
+        cron="",
+        rrule="DTSTART:20260101T090000\nRRULE:FREQ=MONTHLY;BYDAY=-1FR;BYHOUR=17;BYMINUTE=0",
+        timezone="America/New_York",
+        input='{"prompt": "summarise the repo", "ünï": "çødé"}',
+        labels={"team": "ml"},
+        policy=TaskPolicy(
+            priority=3,
+            timeout=600.5,
+            max_attempts=2,
+            required_labels={"gpu": "a100"},
+            queue_timeout=60.0,
+            retry_on_failure=True,
+            required_provider="anthropic",
+            required_model="claude",
+        ),
+        misfire=MisfirePolicy.SKIP,
+        overlap=OverlapPolicy.CANCEL_PREVIOUS,
+        paused=True,
+        updated_at=T0 + timedelta(minutes=1),
+        last_fire_time=T0 + timedelta(hours=1, microseconds=1),
+        next_fire_time=T0 + timedelta(days=30),
+        last_task_id=tid(9),
+        last_outcome="skipped: previous task still running",
+    )
+
+
+async def test_schedule_with_every_field_round_trips(store: Store) -> None:
+    schedule = full_schedule()
+    await store.apply(ChangeSet(schedules=[schedule]))
+    assert await store.get_schedule("monthly") == schedule
+    bare = make_schedule("bare")
+    await store.apply(ChangeSet(schedules=[bare]))
+    assert await store.get_schedule("bare") == bare
+
+
+async def test_missing_schedule_is_none_and_none_are_listed(store: Store) -> None:
+    assert await store.get_schedule("nope") is None
+    assert await store.list_schedules() == []
+
+
+async def test_schedules_are_listed_by_name(store: Store) -> None:
+    await store.apply(ChangeSet(schedules=[make_schedule(n) for n in ("c", "a", "b")]))
+    assert [s.name for s in await store.list_schedules()] == ["a", "b", "c"]
+
+
+async def test_schedule_upsert_replaces_by_name(store: Store) -> None:
+    await store.apply(ChangeSet(schedules=[make_schedule()]))
+    fired = make_schedule(
+        last_fire_time=T0, next_fire_time=T0 + timedelta(days=1), last_task_id=tid(1)
+    )
+    await store.apply(ChangeSet(schedules=[fired]))
+    assert await store.list_schedules() == [fired]
+
+
+async def test_schedule_delete_removes_it_and_missing_is_a_no_op(store: Store) -> None:
+    await store.apply(ChangeSet(schedules=[make_schedule("a"), make_schedule("b")]))
+    await store.apply(ChangeSet(deleted_schedules=["a", "never-there"]))
+    assert [s.name for s in await store.list_schedules()] == ["b"]
+    assert await store.get_schedule("a") is None
+
+
+async def test_schedule_upserts_apply_before_deletions_in_one_change_set(store: Store) -> None:
+    await store.apply(ChangeSet(schedules=[make_schedule("a")], deleted_schedules=["a"]))
+    assert await store.get_schedule("a") is None
+
+
+async def test_concurrent_schedule_changes_commit_in_call_order(store: Store) -> None:
+    second = make_schedule("a", cron="0 9 * * *")
+    await asyncio.gather(
+        store.apply(ChangeSet(schedules=[make_schedule("a")])),
+        store.apply(ChangeSet(deleted_schedules=["a"])),
+        store.apply(ChangeSet(schedules=[second])),
+        store.apply(ChangeSet(schedules=[make_schedule("b")])),
+        store.apply(ChangeSet(deleted_schedules=["b"])),
+    )
+    assert await store.list_schedules() == [second]
+
+
+async def test_schedule_with_naive_datetime_is_rejected(store: Store) -> None:
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await store.apply(
+            ChangeSet(
+                tasks=[make_task(1)],
+                schedules=[make_schedule(next_fire_time=datetime(2026, 1, 1))],
+            )
+        )
+    assert await store.get_schedule("nightly") is None
+    assert await store.get_task(tid(1)) is None
+
+
+async def test_schedule_fails_with_the_rest_of_its_change_set(store: Store) -> None:
+    with pytest.raises(ValueError):
+        await store.apply(
+            ChangeSet(runs=[make_run(1, 99)], schedules=[make_schedule()], deleted_schedules=[])
+        )
+    assert await store.list_schedules() == []
+
+
+async def test_stored_and_returned_schedules_are_copies(store: Store) -> None:
+    schedule = full_schedule()
+    await store.apply(ChangeSet(schedules=[schedule]))
+    schedule.labels["team"] = "changed"
+    schedule.policy.required_labels["gpu"] = "none"
+    got = await store.get_schedule("monthly")
+    assert got == full_schedule()
+    assert got is not None
+    got.labels.clear()
+    got.policy.required_labels.clear()
+    assert await store.list_schedules() == [full_schedule()]
+
+
 # --- SQLite only ---------------------------------------------------------------------------------
 
 
@@ -647,6 +779,45 @@ async def test_sqlite_refuses_newer_schema_version(tmp_path: Path) -> None:
         await store.open()
     await store.close()
     assert schema_of(path) == (SCHEMA_VERSION + 1, [])
+
+
+async def test_sqlite_migrates_a_version_1_file_keeping_its_data(tmp_path: Path) -> None:
+    from taskrun.controlplane.store.sqlite import MIGRATIONS
+
+    path = tmp_path / "t.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in MIGRATIONS[0]:
+        conn.execute(statement)
+    conn.execute("PRAGMA user_version = 1")
+    conn.close()
+    first = SqliteStore(path)
+    await first.open()
+    await first.apply(ChangeSet(tasks=[make_task(1)]))  # a version-1 table still works
+    await first.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert first.migrations_applied == SCHEMA_VERSION - 1
+        assert await store.get_task(tid(1)) == make_task(1)
+        await store.apply(ChangeSet(schedules=[full_schedule()]))
+        assert await store.get_schedule("monthly") == full_schedule()
+    finally:
+        await store.close()
+    assert schema_of(path)[0] == SCHEMA_VERSION
+
+
+async def test_sqlite_schedules_survive_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    first = SqliteStore(path)
+    await first.open()
+    await first.apply(ChangeSet(schedules=[full_schedule(), make_schedule()]))
+    await first.close()
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert await second.list_schedules() == [full_schedule(), make_schedule()]
+    finally:
+        await second.close()
 
 
 async def test_sqlite_group_commits_concurrent_applies(sqlite_store: SqliteStore) -> None:

@@ -12,6 +12,7 @@ from datetime import datetime
 
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
+from taskrun.core.schedule import Schedule, copy_schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import ChangeSet, TaskPage, TaskQuery
 
@@ -54,6 +55,7 @@ class MemoryStore:
         self._runs: dict[RunId, Run] = {}
         self._workers: dict[WorkerId, Worker] = {}
         self._output: dict[RunId, dict[tuple[int, int], OutputChunk]] = {}
+        self._schedules: dict[str, Schedule] = {}
         self._closed = False
 
     async def open(self) -> None:
@@ -105,6 +107,10 @@ class MemoryStore:
         for chunk in changes.chunks:
             stored = self._output.setdefault(chunk.run_id, {})
             stored.setdefault((chunk.attempt, chunk.seq), replace(chunk, task_id=None))
+        for schedule in changes.schedules:
+            self._schedules[schedule.name] = copy_schedule(schedule)
+        for name in changes.deleted_schedules:
+            self._schedules.pop(name, None)
         self.commits += 1
 
     def _validate(self, changes: ChangeSet) -> None:
@@ -138,6 +144,8 @@ class MemoryStore:
             _check_aware((c.time,))
             if c.run_id not in self._runs and c.run_id not in new_runs:
                 raise ValueError(f"output chunk refers to unknown run {c.run_id}")
+        for s in changes.schedules:
+            _check_aware((s.created_at, s.updated_at, s.last_fire_time, s.next_fire_time))
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -235,3 +243,14 @@ class MemoryStore:
                     return out
                 out.append(replace(stored[key], task_id=task_id))
         return out
+
+    # --- schedules -----------------------------------------------------------------------------
+
+    async def get_schedule(self, name: str) -> Schedule | None:
+        self._check_open()
+        schedule = self._schedules.get(name)
+        return None if schedule is None else copy_schedule(schedule)
+
+    async def list_schedules(self) -> list[Schedule]:
+        self._check_open()
+        return [copy_schedule(self._schedules[n]) for n in sorted(self._schedules)]

@@ -47,6 +47,7 @@ from taskrun.core.models import (
     Usage,
     Worker,
 )
+from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import ChangeSet, TaskPage, TaskQuery
 
@@ -134,6 +135,28 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             data    TEXT NOT NULL,
             time    INTEGER,
             PRIMARY KEY (run_id, attempt, seq)
+        ) WITHOUT ROWID""",
+    ),
+    # 2: schedules (recurring rules that create tasks)
+    (
+        """CREATE TABLE schedules (
+            name           TEXT PRIMARY KEY,
+            agent          TEXT NOT NULL,
+            input          TEXT NOT NULL,
+            labels         TEXT NOT NULL,  -- JSON object
+            policy         TEXT NOT NULL,  -- JSON object, the policy of the tasks it creates
+            cron           TEXT NOT NULL,
+            rrule          TEXT NOT NULL,
+            timezone       TEXT NOT NULL,
+            misfire        INTEGER NOT NULL,
+            overlap        INTEGER NOT NULL,
+            paused         INTEGER NOT NULL,
+            created_at     INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+            updated_at     INTEGER NOT NULL,
+            last_fire_time INTEGER,
+            next_fire_time INTEGER,
+            last_task_id   TEXT,
+            last_outcome   TEXT NOT NULL
         ) WITHOUT ROWID""",
     ),
 )
@@ -486,13 +509,97 @@ def _chunk(r: Row) -> OutputChunk:
     )
 
 
+# --- schedules ---------------------------------------------------------------------------------
+
+_SCHEDULE_COLUMNS: Final = (
+    "name",
+    "agent",
+    "input",
+    "labels",
+    "policy",
+    "cron",
+    "rrule",
+    "timezone",
+    "misfire",
+    "overlap",
+    "paused",
+    "created_at",
+    "updated_at",
+    "last_fire_time",
+    "next_fire_time",
+    "last_task_id",
+    "last_outcome",
+)
+_UPSERT_SCHEDULE: Final = (
+    f"INSERT INTO schedules ({', '.join(_SCHEDULE_COLUMNS)})"
+    f" VALUES ({', '.join('?' * len(_SCHEDULE_COLUMNS))})"
+    " ON CONFLICT (name) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _SCHEDULE_COLUMNS[1:])
+)
+_DELETE_SCHEDULE: Final = "DELETE FROM schedules WHERE name = ?"
+_SELECT_SCHEDULE: Final = f"SELECT {', '.join(_SCHEDULE_COLUMNS)} FROM schedules"
+
+
+def _schedule_row(s: Schedule) -> Row:
+    return (
+        s.name,
+        s.agent,
+        s.input,
+        _dumps(s.labels),
+        _policy_json(s.policy),
+        s.cron,
+        s.rrule,
+        s.timezone,
+        int(s.misfire),
+        int(s.overlap),
+        int(s.paused),
+        _us(s.created_at),
+        _us(s.updated_at),
+        _us_or_none(s.last_fire_time),
+        _us_or_none(s.next_fire_time),
+        s.last_task_id,
+        s.last_outcome,
+    )
+
+
+def _schedule(r: Row) -> Schedule:
+    return Schedule(
+        name=r[0],
+        agent=r[1],
+        input=r[2],
+        labels=_loads(r[3]),
+        policy=_policy(r[4]),
+        cron=r[5],
+        rrule=r[6],
+        timezone=r[7],
+        misfire=MisfirePolicy(r[8]),
+        overlap=OverlapPolicy(r[9]),
+        paused=bool(r[10]),
+        created_at=_dt(r[11]),
+        updated_at=_dt(r[12]),
+        last_fire_time=_dt_or_none(r[13]),
+        next_fire_time=_dt_or_none(r[14]),
+        last_task_id=r[15],
+        last_outcome=r[16],
+    )
+
+
 # --- the writer's queue ------------------------------------------------------------------------
 
 
 class _Pending:
     """One encoded change set waiting for the writer, and the future its caller awaits."""
 
-    __slots__ = ("chunks", "future", "loop", "runs", "tasks", "workers")
+    __slots__ = (
+        "chunks",
+        "deleted_schedules",
+        "future",
+        "loop",
+        "runs",
+        "schedules",
+        "tasks",
+        "workers",
+    )
 
     def __init__(
         self,
@@ -504,6 +611,8 @@ class _Pending:
         self.runs = [_run_row(r) for r in changes.runs]
         self.workers = [_worker_row(w) for w in changes.workers]
         self.chunks = [_chunk_row(c) for c in changes.chunks]
+        self.schedules = [_schedule_row(s) for s in changes.schedules] if changes.schedules else []
+        self.deleted_schedules = [(n,) for n in changes.deleted_schedules]
         self.loop = loop
         self.future = future
 
@@ -699,6 +808,11 @@ class SqliteStore:
                     conn.executemany(_UPSERT_WORKER, workers)
                 if chunks:
                     conn.executemany(_INSERT_CHUNK, chunks)
+                for p in pending:  # schedules: in call order, upserts then deletions
+                    if p.schedules:
+                        conn.executemany(_UPSERT_SCHEDULE, p.schedules)
+                    if p.deleted_schedules:
+                        conn.executemany(_DELETE_SCHEDULE, p.deleted_schedules)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -923,3 +1037,13 @@ class SqliteStore:
             return rows
 
         return [_chunk(r) for r in await self._read(read)]
+
+    # --- schedules -----------------------------------------------------------------------------
+
+    async def get_schedule(self, name: str) -> Schedule | None:
+        row = await self._fetchone(f"{_SELECT_SCHEDULE} WHERE name = ?", (name,))
+        return None if row is None else _schedule(row)
+
+    async def list_schedules(self) -> list[Schedule]:
+        rows = await self._fetchall(f"{_SELECT_SCHEDULE} ORDER BY name")
+        return [_schedule(r) for r in rows]

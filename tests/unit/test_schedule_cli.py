@@ -1,0 +1,159 @@
+"""`taskrun schedule ...` parsing and output, without a server."""
+
+from __future__ import annotations
+
+import argparse
+from datetime import UTC, datetime
+from pathlib import Path
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from taskrun.cli import main as cli
+from taskrun.cli import schedule_cmd
+from taskrun.core.errors import InvalidArgument
+from taskrun.core.models import TaskPolicy
+from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return cli.build_parser().parse_args(list(argv))
+
+
+def test_create_flags_make_the_schedule(tmp_path: Path) -> None:
+    task_file = tmp_path / "task.json"
+    task_file.write_text('{"prompt": "summarise"}')
+    args = parse(
+        "schedule",
+        "create",
+        "monthly",
+        "--agent",
+        "claude_code",
+        "--input-file",
+        str(task_file),
+        "--rrule",
+        "FREQ=MONTHLY;BYDAY=-1FR;BYHOUR=17;BYMINUTE=0",
+        "--timezone",
+        "America/New_York",
+        "--misfire",
+        "skip",
+        "--overlap",
+        "cancel_previous",
+        "--label",
+        "team=docs",
+        "--priority",
+        "2",
+        "--timeout",
+        "600",
+        "--require-label",
+        "gpu=a100",
+        "--paused",
+    )
+    assert args.func is schedule_cmd.cmd_create
+    s = schedule_cmd.schedule_from_args(args)
+    assert s == Schedule(
+        name="monthly",
+        agent="claude_code",
+        timezone="America/New_York",
+        rrule="FREQ=MONTHLY;BYDAY=-1FR;BYHOUR=17;BYMINUTE=0",
+        input='{"prompt": "summarise"}',
+        labels={"team": "docs"},
+        policy=TaskPolicy(
+            priority=2, timeout=600.0, max_attempts=0, required_labels={"gpu": "a100"}
+        ),
+        misfire=MisfirePolicy.SKIP,
+        overlap=OverlapPolicy.CANCEL_PREVIOUS,
+        paused=True,
+        created_at=s.created_at,
+        updated_at=s.updated_at,
+    )
+
+
+def test_create_defaults_to_run_once_and_skip() -> None:
+    args = parse("schedule", "create", "b", "--agent", "echo", "--cron", "@daily", "--tz", "UTC")
+    s = schedule_cmd.schedule_from_args(args)
+    assert (s.misfire, s.overlap, s.input, s.paused) == (
+        MisfirePolicy.RUN_ONCE,
+        OverlapPolicy.SKIP,
+        "{}",
+        False,
+    )
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--agent", "echo", "--timezone", "UTC"],  # no rule
+        ["--agent", "echo", "--cron", "* * * * *"],  # no zone
+        ["--agent", "echo", "--cron", "* * * * *", "--rrule", "FREQ=DAILY", "--tz", "UTC"],
+        ["--cron", "* * * * *", "--tz", "UTC"],  # no agent
+        ["--agent", "echo", "--cron", "* * * * *", "--tz", "UTC", "--overlap", "queue"],
+    ],
+    ids=["no_rule", "no_zone", "both_rules", "no_agent", "bad_overlap"],
+)
+def test_create_usage_errors_exit_2(argv: list[str]) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse("schedule", "create", "x", *argv)
+    assert info.value.code == 2
+
+
+def test_create_rejects_bad_input_locally() -> None:
+    args = parse(
+        "schedule", "create", "x", "--agent", "echo", "--cron", "@daily", "--tz", "UTC",
+        "--input", "[1, 2]",
+    )  # fmt: skip
+    with pytest.raises(InvalidArgument, match="JSON object"):
+        schedule_cmd.schedule_from_args(args)
+
+
+CURRENT = Schedule(
+    name="b",
+    agent="echo",
+    timezone="UTC",
+    cron="@daily",
+    policy=TaskPolicy(priority=1, max_attempts=5, required_labels={"zone": "eu"}),
+)
+
+
+def test_update_changes_only_the_fields_given() -> None:
+    args = parse("schedule", "update", "b", "--rrule", "FREQ=HOURLY", "--priority", "9")
+    assert args.func is schedule_cmd.cmd_update
+    changed, fields = schedule_cmd.update_from_args(args, CURRENT)
+    assert fields == ["rrule", "policy"]
+    assert changed.rrule == "FREQ=HOURLY"
+    assert changed.policy == TaskPolicy(priority=9, max_attempts=5, required_labels={"zone": "eu"})
+    assert (changed.agent, changed.timezone) == ("echo", "UTC")
+
+
+def test_update_without_flags_is_an_error() -> None:
+    with pytest.raises(InvalidArgument, match="at least one field"):
+        schedule_cmd.update_from_args(parse("schedule", "update", "b"), CURRENT)
+
+
+@pytest.mark.parametrize("command", ["list", "get b", "pause b", "resume b", "delete b"])
+def test_read_and_state_commands_parse(command: str) -> None:
+    args = parse("schedule", *command.split())
+    assert args.func.__module__ == "taskrun.cli.schedule_cmd"
+
+
+def test_next_and_task_list_by_schedule_parse() -> None:
+    assert parse("schedule", "next", "b", "--count", "7").count == 7
+    assert parse("task", "list", "--schedule", "b").schedule == "b"
+
+
+def test_local_times_show_the_zone_offset_and_utc() -> None:
+    ny = ZoneInfo("America/New_York")
+    assert (
+        schedule_cmd.format_local(datetime(2026, 3, 8, 7, tzinfo=UTC), ny)
+        == "2026-03-08 03:00:00 -04:00 (2026-03-08 07:00:00 UTC)"
+    )
+    assert schedule_cmd.format_local(None, ny) == "-"
+
+
+def test_schedule_json_document_embeds_the_input() -> None:
+    doc = schedule_cmd.schedule_doc(
+        Schedule(name="b", agent="echo", timezone="UTC", cron="@daily", input='{"a": 1}')
+    )
+    assert doc["input"] == {"a": 1}
+    assert doc["misfire"] == "run_once" and doc["overlap"] == "skip"
+    assert doc["next_fire_time"] is None
