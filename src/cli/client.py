@@ -16,7 +16,9 @@ import contextlib
 import json
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import IntEnum
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self, cast
@@ -27,8 +29,18 @@ from taskrun import convert
 from taskrun.cli.credentials import load_credentials, resolve_settings
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, TaskPolicy, TaskSpec, Worker
+from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
-from taskrun.v1 import tasks_pb2, tasks_pb2_grpc, workers_pb2, workers_pb2_grpc
+from taskrun.v1 import (
+    events_pb2,
+    events_pb2_grpc,
+    schedules_pb2,
+    schedules_pb2_grpc,
+    tasks_pb2,
+    tasks_pb2_grpc,
+    workers_pb2,
+    workers_pb2_grpc,
+)
 
 # Keepalive only while a call is open (a follow stream): the server accepts pings every 5 s.
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
@@ -58,6 +70,49 @@ class TaskChanged:
 
 
 TaskEvent = OutputReceived | TaskChanged
+
+
+# --- fleet events (issue 6: WatchEvents) ------------------------------------------------------
+
+
+class EventKind(IntEnum):
+    """What a FleetEvent is about (taskrun.v1.EventKind)."""
+
+    WORKER_CONNECTED = 1
+    WORKER_DISCONNECTED = 2
+    WORKER_DRAINING = 3
+    TASK_CHANGED = 4
+    RUN_CHANGED = 5
+    OUTPUT = 6
+    SNAPSHOT_END = 7
+
+
+@dataclass(frozen=True, slots=True)
+class FleetEvent:
+    """One event of `Client.watch_events`: the new state of a worker, task or run, or output."""
+
+    kind: EventKind
+    time: datetime | None
+    snapshot: bool = False  # part of the initial snapshot
+    task: Task | None = None
+    run: Run | None = None
+    worker: Worker | None = None
+    worker_runs: tuple[RunId, ...] = field(default=())  # runs the worker holds
+    chunk: OutputChunk | None = None
+
+
+def _fleet_event(m: events_pb2.Event) -> FleetEvent:
+    worker, worker_runs = convert.worker_from_pb(m.worker) if m.HasField("worker") else (None, [])
+    return FleetEvent(
+        kind=EventKind(m.kind),
+        time=convert.ts_from_pb(m, "time"),
+        snapshot=m.snapshot,
+        task=convert.task_from_pb(m.task)[0] if m.HasField("task") else None,
+        run=convert.run_from_pb(m.run) if m.HasField("run") else None,
+        worker=worker,
+        worker_runs=tuple(worker_runs),
+        chunk=convert.chunk_from_pb(m.chunk) if m.HasField("chunk") else None,
+    )
 
 
 class Client:
@@ -235,6 +290,7 @@ class Client:
         worker_id: str = "",
         limit: int = 50,
         page_token: str = "",
+        schedule: str = "",
     ) -> tuple[list[Task], str]:
         """One page of tasks, newest first, and the token of the next page ("" on the last)."""
         request = tasks_pb2.ListTasksRequest(
@@ -244,6 +300,7 @@ class Client:
             worker_id=worker_id,
             page_size=limit,
             page_token=page_token,
+            schedule=schedule,
         )
         response = await self._task_stub().ListTasks(request, timeout=self.timeout)
         return [convert.task_from_pb(t)[0] for t in response.tasks], str(response.next_page_token)
@@ -256,6 +313,7 @@ class Client:
         labels: Mapping[str, str] | None = None,
         worker_id: str = "",
         page_size: int = 200,
+        schedule: str = "",
     ) -> AsyncIterator[Task]:
         """Every matching task, newest first, fetching pages as needed."""
         token = ""
@@ -267,6 +325,7 @@ class Client:
                 worker_id=worker_id,
                 limit=page_size,
                 page_token=token,
+                schedule=schedule,
             )
             for task in tasks:
                 yield task
@@ -366,3 +425,127 @@ class Client:
             workers_pb2.DrainWorkerRequest(worker_id=WorkerId(worker_id)), timeout=self.timeout
         )
         return convert.worker_from_pb(message)[0]
+
+    # --- events (issue 6) ---------------------------------------------------------------------
+
+    async def watch_events(
+        self,
+        *,
+        task_id: str = "",
+        worker_id: str = "",
+        kinds: Sequence[EventKind] = (),
+        include_output: bool = False,
+        snapshot: bool = True,
+    ) -> AsyncGenerator[FleetEvent, None]:
+        """Live events: with `snapshot`, first the current workers and unfinished tasks (ending
+        with a SNAPSHOT_END event), then every change in commit order, until cancelled.
+
+        A watcher that reads too slowly is ended by the server with RESOURCE_EXHAUSTED.
+        Use `contextlib.aclosing` when you may stop iterating early.
+        """
+        request = events_pb2.WatchEventsRequest(
+            task_id=task_id,
+            worker_id=worker_id,
+            kinds=cast(Any, [int(k) for k in kinds]),
+            include_output=include_output,
+            snapshot=snapshot,
+        )
+        call = events_pb2_grpc.EventServiceStub(self.channel).WatchEvents(request)
+        try:
+            async for message in call:
+                yield _fleet_event(message)
+        finally:
+            call.cancel()
+
+    # --- schedules ---------------------------------------------------------------------------
+
+    def _schedule_stub(self) -> Any:
+        return schedules_pb2_grpc.ScheduleServiceStub(self.channel)
+
+    async def create_schedule(self, schedule: Schedule) -> Schedule:
+        """Create a schedule: name, agent, timezone, cron or rrule, and the task template.
+
+        INVALID_ARGUMENT names the offending field (`schedule.cron`, `schedule.agent`, ...).
+        """
+        message = await self._schedule_stub().CreateSchedule(
+            schedules_pb2.CreateScheduleRequest(schedule=convert.schedule_to_pb(schedule)),
+            timeout=self.timeout,
+        )
+        return _schedule(message)
+
+    async def get_schedule(self, name: str) -> Schedule:
+        message = await self._schedule_stub().GetSchedule(
+            schedules_pb2.GetScheduleRequest(name=name), timeout=self.timeout
+        )
+        return _schedule(message)
+
+    async def list_schedules(self, *, page_size: int = 1000) -> list[Schedule]:
+        """Every schedule, ordered by name (all pages)."""
+        out: list[Schedule] = []
+        token = ""
+        while True:
+            response = await self._schedule_stub().ListSchedules(
+                schedules_pb2.ListSchedulesRequest(page_size=page_size, page_token=token),
+                timeout=self.timeout,
+            )
+            out.extend(_schedule(m) for m in response.schedules)
+            token = response.next_page_token
+            if not token:
+                return out
+
+    async def update_schedule(self, schedule: Schedule, fields: Sequence[str] = ()) -> Schedule:
+        """Change the named fields (Schedule attribute names: agent, input, labels, policy, cron,
+        rrule, timezone, misfire, overlap) of the schedule called `schedule.name`; all of them
+        when `fields` is empty."""
+        paths = {attr: path for path, attr in convert.SCHEDULE_UPDATE_PATHS.items()}
+        request = schedules_pb2.UpdateScheduleRequest(schedule=convert.schedule_to_pb(schedule))
+        request.update_mask.paths.extend(paths.get(f, f) for f in fields)
+        message = await self._schedule_stub().UpdateSchedule(request, timeout=self.timeout)
+        return _schedule(message)
+
+    async def pause_schedule(self, name: str) -> Schedule:
+        message = await self._schedule_stub().PauseSchedule(
+            schedules_pb2.PauseScheduleRequest(name=name), timeout=self.timeout
+        )
+        return _schedule(message)
+
+    async def resume_schedule(self, name: str) -> Schedule:
+        message = await self._schedule_stub().ResumeSchedule(
+            schedules_pb2.ResumeScheduleRequest(name=name), timeout=self.timeout
+        )
+        return _schedule(message)
+
+    async def delete_schedule(self, name: str) -> None:
+        await self._schedule_stub().DeleteSchedule(
+            schedules_pb2.DeleteScheduleRequest(name=name), timeout=self.timeout
+        )
+
+    async def trigger_schedule(self, name: str) -> tuple[Schedule, Task]:
+        """Create one task of the schedule now, outside its rhythm."""
+        response = await self._schedule_stub().TriggerSchedule(
+            schedules_pb2.TriggerScheduleRequest(name=name), timeout=self.timeout
+        )
+        return _schedule(response.schedule), convert.task_from_pb(response.task)[0]
+
+    async def preview_schedule(
+        self,
+        name: str = "",
+        *,
+        schedule: Schedule | None = None,
+        count: int = 5,
+        after: datetime | None = None,
+    ) -> tuple[str, list[tuple[datetime, str]]]:
+        """The zone and the next `count` fire times (UTC instant, ISO local time) of the stored
+        schedule `name`, or of `schedule`'s rule (cron or rrule, and timezone) before creating
+        it."""
+        request = schedules_pb2.PreviewScheduleRequest(name=name, count=count)
+        if schedule is not None:
+            request.schedule.CopyFrom(convert.schedule_to_pb(schedule))
+        if after is not None:
+            request.after.FromDatetime(after)
+        response = await self._schedule_stub().PreviewSchedule(request, timeout=self.timeout)
+        return response.timezone, [convert.fire_time_from_pb(f) for f in response.fire_times]
+
+
+def _schedule(message: schedules_pb2.Schedule) -> Schedule:
+    return convert.schedule_from_pb(message, message.policy.max_attempts)

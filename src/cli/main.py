@@ -24,7 +24,7 @@ import grpc
 
 from taskrun import __version__
 from taskrun.cli import credentials as creds
-from taskrun.cli import output
+from taskrun.cli import events_cmd, output, schedule_cmd
 from taskrun.cli.client import Client, TaskChanged
 from taskrun.core.errors import TaskRunError
 from taskrun.core.models import DEFAULT_MAX_ATTEMPTS, Task, TaskPolicy, TaskSpec
@@ -276,6 +276,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--heartbeat-interval", type=positive_float, metavar="S")
     p.add_argument("--heartbeat-timeout", type=positive_float, metavar="S")
     p.add_argument("--reconnect-grace", type=positive_float, metavar="S")
+    p.add_argument(  # issue 6
+        "--metrics-listen",
+        metavar="ADDR",
+        help="serve Prometheus /metrics on host:port; empty disables "
+        "(TASKRUN_METRICS_LISTEN, default 127.0.0.1:9464)",
+    )
 
     # worker
     worker = _group(commands, "worker", "run a worker daemon")
@@ -297,6 +303,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--key", dest="worker_key", help="default <certs-dir>/<id>-key.pem (TASKRUN_WORKER_KEY)"
     )
     p.add_argument("--drain-timeout", type=positive_float, metavar="S")
+    p.add_argument(  # issue 6
+        "--metrics-listen",
+        metavar="ADDR",
+        help="serve Prometheus /metrics on host:port (TASKRUN_METRICS_LISTEN; default off)",
+    )
 
     # task
     task = _group(commands, "task", "create, inspect, follow and cancel tasks")
@@ -353,6 +364,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--agent", default="")
     p.add_argument("--label", action="append", metavar="K=V", help="must match (repeat)")
     p.add_argument("--worker", default="", metavar="ID")
+    p.add_argument("--schedule", default="", metavar="NAME", help="tasks this schedule created")
     p.add_argument("--limit", type=int, default=50, help="page size (default 50, at most 1000)")
     p.add_argument("--page-token", default="", metavar="T")
     p.add_argument("--all", action="store_true", help="fetch every page")
@@ -402,6 +414,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("worker_id", metavar="ID")
     _add_output(p)
+
+    schedule_cmd.register(commands)
+    events_cmd.register(commands)  # issue 6: `taskrun events`, `taskrun tui`
 
     # dev
     p = _leaf(
@@ -667,12 +682,25 @@ def server_config(args: argparse.Namespace) -> Any:
         "heartbeat_interval": _arg(args, "heartbeat_interval"),
         "heartbeat_timeout": _arg(args, "heartbeat_timeout"),
         "reconnect_grace": _arg(args, "reconnect_grace"),
+        "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),  # issue 6
+        "metrics_optional": _metrics_listen(args, "") == "",
     }
     values.update({k: v for k, v in optional.items() if v is not None})
     try:
         return ServerConfig(**values)
     except ValidationError as exc:
         raise CliError(_validation_message(exc)) from None
+
+
+DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+
+
+def _metrics_listen(args: argparse.Namespace, default: str) -> str:
+    """--metrics-listen, else TASKRUN_METRICS_LISTEN (set but empty disables), else default."""
+    flag = _arg(args, "metrics_listen")
+    if flag is not None:
+        return str(flag)
+    return os.environ.get("TASKRUN_METRICS_LISTEN", default)
 
 
 def _validation_message(exc: Any) -> str:
@@ -728,6 +756,7 @@ def worker_config(args: argparse.Namespace) -> Any:
     }
     if capacity is not None:
         values["capacity"] = capacity
+    values["metrics_listen"] = _metrics_listen(args, "")  # issue 6
     drain = _arg(args, "drain_timeout")
     if drain is not None:
         values["drain_timeout"] = drain
@@ -804,6 +833,7 @@ def cmd_task_list(args: argparse.Namespace) -> int:
                         labels=labels,
                         worker_id=args.worker,
                         page_size=min(max(args.limit, 1), 1000),
+                        schedule=args.schedule,
                     )
                 ]
                 return tasks, ""
@@ -814,6 +844,7 @@ def cmd_task_list(args: argparse.Namespace) -> int:
                 worker_id=args.worker,
                 limit=args.limit,
                 page_token=args.page_token,
+                schedule=args.schedule,
             )
 
     tasks, token = asyncio.run(run())

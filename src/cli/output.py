@@ -15,7 +15,7 @@ from datetime import UTC, datetime
 from enum import Enum
 from typing import IO, Any
 
-from taskrun.cli.client import OutputReceived, TaskEvent
+from taskrun.cli.client import FleetEvent, OutputReceived, TaskEvent
 from taskrun.core.ids import RunId
 from taskrun.core.models import (
     AgentSpec,
@@ -453,3 +453,59 @@ def finish_line(task: Task) -> str:
     if task.status is TaskStatus.COMPLETED or not error:
         return f"task {task.id} {status}"
     return f"task {task.id} {status}: {error}"
+
+
+# --- fleet events (issue 6: `taskrun events`) --------------------------------------------------
+
+
+def event_doc(event: FleetEvent) -> dict[str, Any]:
+    """One JSON object per event: kind, time, snapshot, and the worker, task, run or chunk."""
+    doc: dict[str, Any] = {
+        "kind": status_name(event.kind),
+        "time": format_time(event.time) if event.time else None,
+        "snapshot": event.snapshot,
+    }
+    if event.worker is not None:
+        doc["worker"] = worker_doc(event.worker, event.worker_runs)
+    if event.task is not None:
+        doc["task"] = task_doc(event.task)
+    if event.run is not None:
+        doc["run"] = run_doc(event.run)
+    if event.chunk is not None:
+        doc["chunk"] = chunk_doc(event.chunk)
+    return doc
+
+
+def event_line(event: FleetEvent) -> str:
+    """One line per event: `10:00:01.250  task_changed  t-… echo running worker=worker-1`."""
+    stamp = event.time.astimezone(UTC).strftime("%H:%M:%S.%f")[:-3] if event.time else NONE
+    kind = status_name(event.kind)
+    if event.worker is not None:
+        w = event.worker
+        text = (
+            f"{w.id} {status_name(w.status)} host={w.hostname or NONE} "
+            f"runs={len(event.worker_runs)}/{w.max_concurrent_runs} "
+            f"agents={_agent_names(w.agents)}"
+        )
+    elif event.task is not None:
+        t = event.task
+        text = f"{t.id} {t.agent} {status_name(t.status)} attempts={t.attempts}"
+        if t.worker_id:
+            text += f" worker={t.worker_id}"
+        if t.error:
+            text += f" error={_one_line(t.error, 80)}"
+    elif event.run is not None:
+        r = event.run
+        text = f"{r.id} task={r.task_id} attempt={r.attempt} {status_name(r.status)}"
+        if r.worker_id:
+            text += f" worker={r.worker_id}"
+        if r.error:
+            text += f" error={_one_line(r.error, 80)}"
+    elif event.chunk is not None:
+        c = event.chunk
+        data = format_event(c.data, 120) if c.kind is OutputKind.EVENT else _one_line(c.data, 120)
+        text = f"{c.task_id or NONE} {c.run_id} #{c.seq} {data}"
+    else:
+        text = "snapshot complete; live changes follow" if event.kind.name == "SNAPSHOT_END" else ""
+    marker = " (snapshot)" if event.snapshot and event.kind.name != "SNAPSHOT_END" else ""
+    return f"{stamp}  {kind:<19} {text}{marker}\n"

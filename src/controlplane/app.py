@@ -14,10 +14,24 @@ from grpc_reflection.v1alpha import reflection
 
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.engine import Engine
+from taskrun.controlplane.event_service import EventService  # issue 6
+from taskrun.controlplane.metrics import ControlPlaneMetrics  # issue 6
+from taskrun.controlplane.schedule_service import ScheduleService
+from taskrun.controlplane.scheduler import Scheduler
 from taskrun.controlplane.services import RunService, TaskService, WorkerService
 from taskrun.controlplane.store import open_store
 from taskrun.core.store import Store
-from taskrun.v1 import tasks_pb2, tasks_pb2_grpc, workers_pb2, workers_pb2_grpc
+from taskrun.metrics_http import MetricsServer  # issue 6
+from taskrun.v1 import (
+    events_pb2,
+    events_pb2_grpc,
+    schedules_pb2,
+    schedules_pb2_grpc,
+    tasks_pb2,
+    tasks_pb2_grpc,
+    workers_pb2,
+    workers_pb2_grpc,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -25,6 +39,8 @@ SERVICE_NAMES = (
     tasks_pb2.DESCRIPTOR.services_by_name["TaskService"].full_name,
     workers_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     workers_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
+    schedules_pb2.DESCRIPTOR.services_by_name["ScheduleService"].full_name,
+    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,  # issue 6
 )
 
 # Keepalive: notice a silent peer in seconds (see FIELD-NOTES). Workers use matching settings.
@@ -46,10 +62,17 @@ class RunningServer:
     engine: Engine
     health: health.aio.HealthServicer
     port: int
+    scheduler: Scheduler | None = None
+    metrics: ControlPlaneMetrics | None = None  # issue 6
+    metrics_server: MetricsServer | None = None  # issue 6: None unless config.metrics_listen
 
     async def stop(self, grace: float = 5.0) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.metrics_server is not None:  # issue 6
+            await self.metrics_server.close()
+        if self.scheduler is not None:
+            await self.scheduler.stop()
         await self.engine.stop()
         await self.server.stop(grace)
         await self.engine.flush()
@@ -82,16 +105,22 @@ async def start_server(config: ServerConfig) -> RunningServer:
 async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     engine = Engine(store, config)
     await engine.start()
+    scheduler = Scheduler(engine, misfire_grace=config.schedule_misfire_grace)
+    await scheduler.load()
+    metrics = ControlPlaneMetrics(engine)  # issue 6
     server = grpc.aio.server(
+        interceptors=[metrics.interceptor()],  # issue 6: rejections, stream messages
         options=[
             ("grpc.max_receive_message_length", config.max_message_bytes + 1024 * 1024),
             ("grpc.max_send_message_length", config.max_message_bytes + 1024 * 1024),
             *KEEPALIVE_OPTIONS,
-        ]
+        ],
     )
     tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskService(engine), server)
     workers_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(engine), server)
     workers_pb2_grpc.add_RunServiceServicer_to_server(RunService(engine), server)
+    schedules_pb2_grpc.add_ScheduleServiceServicer_to_server(ScheduleService(scheduler), server)
+    events_pb2_grpc.add_EventServiceServicer_to_server(EventService(engine), server)  # issue 6
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -108,12 +137,23 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         raise OSError(f"could not listen on {config.listen}: {exc}") from None
     if port == 0:
         raise OSError(f"could not listen on {config.listen}")
+    metrics_server = None  # issue 6
+    if config.metrics_listen:
+        try:
+            metrics_server = await MetricsServer(metrics.registry, config.metrics_listen).start()
+        except (OSError, ValueError) as exc:
+            if not config.metrics_optional:
+                raise OSError(
+                    f"could not serve metrics on {config.metrics_listen}: {exc}"
+                ) from None
+            log.warning("metrics not served", address=config.metrics_listen, error=str(exc))
     await server.start()
+    scheduler.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.listen.rsplit(":", 1)[0]
     log.info("server listening", address=f"{host}:{port}", store=config.store)
-    return RunningServer(server, engine, health_servicer, port)
+    return RunningServer(server, engine, health_servicer, port, scheduler, metrics, metrics_server)
 
 
 async def run_server(config: ServerConfig) -> None:

@@ -29,3 +29,10 @@ class ServerConfig(BaseModel):
     # A run still active this long after its task's timeout is failed by the control plane
     # (the worker should have stopped it; this catches a worker that cannot).
     timeout_backstop: float = Field(default=10.0, ge=0)
+    # A schedule's occurrence handled later than this after its fire time (the control plane was
+    # not running) is a misfire: its misfire policy decides whether it still runs.
+    schedule_misfire_grace: float = Field(default=60.0, ge=0)
+    # issue 6: where to serve Prometheus `/metrics` (host:port); empty = not served
+    metrics_listen: str = ""
+    # a busy metrics address only logs a warning (the CLI default, not chosen explicitly)
+    metrics_optional: bool = False

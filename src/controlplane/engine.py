@@ -22,6 +22,7 @@ import structlog
 from taskrun.controlplane.catalog import AgentCatalog
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.dispatcher import PendingQueue, PendingRun
+from taskrun.controlplane.events import Captured, EventHub
 from taskrun.controlplane.followers import FollowHub
 from taskrun.controlplane.session import WorkerSession
 from taskrun.convert import backend_from_pb, usage_from_pb
@@ -49,6 +50,7 @@ class Engine:
         self.config = config
         self.queue = PendingQueue()
         self.hub = FollowHub()
+        self.events = EventHub(runs_of=self.worker_runs)  # issue 6: WatchEvents and metrics
         self.catalog = AgentCatalog()
         self.sessions: dict[WorkerId, WorkerSession] = {}
         self.workers: dict[WorkerId, Worker] = {}
@@ -120,10 +122,14 @@ class Engine:
         future = asyncio.ensure_future(self.store.submit(changes))
         self._inflight += 1
         self._idle.clear()
-        future.add_done_callback(functools.partial(self._committed, effect))
+        # issue 6 (events): copy what changes now; emitted in _committed once it is durable
+        captured = self.events.capture(changes, self.runs)
+        future.add_done_callback(functools.partial(self._committed, effect, captured))
         return future
 
-    def _committed(self, effect: Effect | None, future: asyncio.Future[None]) -> None:
+    def _committed(
+        self, effect: Effect | None, captured: Captured, future: asyncio.Future[None]
+    ) -> None:
         self._inflight -= 1
         if self._inflight == 0:
             self._idle.set()
@@ -135,6 +141,7 @@ class Engine:
             return
         if effect is not None:
             effect()
+        self.events.emit(captured)  # issue 6 (events): after the commit and its effect
 
     @property
     def backlog(self) -> int:
@@ -247,7 +254,13 @@ class Engine:
             self.hub.publish(task.id, task)
 
         await asyncio.shield(self._commit(changes, effect))
-        log.info("task cancelled", task_id=task.id, run_id=run.id if run else None)
+        log.info(
+            "task cancelled",
+            task_id=task.id,
+            run_id=run.id if run else None,
+            worker_id=run.worker_id if run else None,
+            attempt=run.attempt if run else None,
+        )
         return task
 
     def _finish_task(
@@ -297,7 +310,14 @@ class Engine:
         reason = f"no worker took it within {timeout:g}s (queue timeout)"
         changes = ChangeSet()
         task = self._end_run(run, RunStatus.FAILED, changes, error=reason, retry=False)
-        log.info("task failed in the queue", task_id=run.task_id, run_id=run_id, reason=reason)
+        log.info(
+            "task failed in the queue",
+            task_id=run.task_id,
+            run_id=run_id,
+            worker_id=None,
+            attempt=run.attempt,
+            reason=reason,
+        )
         self._commit(changes, functools.partial(self._publish, task))
 
     def _run_overdue(self, run_id: RunId, attempt: int, timeout: float) -> None:
@@ -312,7 +332,13 @@ class Engine:
         session = self.sessions.get(run.worker_id) if run.worker_id else None
         changes = ChangeSet()
         task = self._end_run(run, RunStatus.FAILED, changes, error=reason)
-        log.warning("run overdue", task_id=run.task_id, run_id=run_id, worker_id=run.worker_id)
+        log.warning(
+            "run overdue",
+            task_id=run.task_id,
+            run_id=run_id,
+            worker_id=run.worker_id,
+            attempt=attempt,
+        )
 
         def effect() -> None:
             if session is not None and not session.closed:
@@ -363,6 +389,7 @@ class Engine:
             "run will be retried",
             task_id=task.id,
             run_id=run.id,
+            worker_id=run.worker_id,
             attempt=run.attempt,
             next_run_id=retry.id,
             delay_s=round(delay, 3),
@@ -588,9 +615,11 @@ class Engine:
 
     def _reject(self, session: WorkerSession, what: str, run_id: str, attempt: int) -> None:
         self.rejected_reports += 1
+        known = self.runs.get(RunId(run_id))
         log.warning(
             "report rejected",
             what=what,
+            task_id=known.task_id if known else None,
             worker_id=session.worker_id,
             run_id=run_id,
             attempt=attempt,
@@ -600,6 +629,7 @@ class Engine:
     def handle_reports(self, session: WorkerSession, msg: wpb.WorkerMessage) -> None:
         """Apply a batch of status updates, output and acks from one worker."""
         session.last_seen = time.monotonic()
+        session.worker.last_heartbeat_at = utcnow()  # in memory; ListWorkers reads it there
         if msg.draining and not session.draining:
             self.set_draining(session)
         if not (msg.chunks or msg.statuses or msg.cancel_acks):
@@ -722,7 +752,9 @@ class Engine:
         if task is None:
             return None
         task.usage.add(run.usage)
-        log_ = log.bind(task_id=task.id, run_id=run.id, worker_id=run.worker_id)
+        log_ = log.bind(
+            task_id=task.id, run_id=run.id, worker_id=run.worker_id, attempt=run.attempt
+        )
         if status is RunStatus.COMPLETED:
             self._finish_task(task, TaskStatus.COMPLETED, now, result=run.result)
             log_.debug("task completed")

@@ -21,6 +21,7 @@ class WorkerConfig(BaseModel):
     drain_timeout: float = Field(default=30.0, ge=0)
     cancel_grace: float = Field(default=5.0, ge=0)
     reconnect_max_wait: float = Field(default=10.0, gt=0)
+    metrics_listen: str = ""  # issue 6: serve Prometheus /metrics on host:port; empty = off
 
     def cert_path(self) -> Path:
         return self.cert or self.ca_cert.parent / f"{self.worker_id}.pem"

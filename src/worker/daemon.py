@@ -25,12 +25,14 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 from taskrun import __version__, convert
 from taskrun.core.agent import Agent
 from taskrun.core.ids import RunId, TaskId
+from taskrun.metrics_http import MetricsServer  # issue 6
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 from taskrun.v1 import workers_pb2_grpc
 from taskrun.worker.agents import load_agents
 from taskrun.worker.config import WorkerConfig
 from taskrun.worker.executor import ActiveRun, RunContext, execute
+from taskrun.worker.metrics import WorkerMetrics  # issue 6
 from taskrun.worker.outbox import Outbox
 
 log = structlog.get_logger(__name__)
@@ -80,6 +82,7 @@ class WorkerDaemon:
         self._signals = 0
         self._drainer: asyncio.Task[None] | None = None
         self.log = log.bind(worker_id=config.worker_id)
+        self.metrics = WorkerMetrics(lambda: len(self.runs))  # issue 6
 
     # --- top level ---------------------------------------------------------------------------
 
@@ -337,7 +340,7 @@ class WorkerDaemon:
         except ValueError as exc:
             self.outbox.put_nowait(_failed(a, f"input is not valid JSON: {exc}"))
             return
-        active = ActiveRun(a, ctx)
+        active = ActiveRun(a, ctx, worker_id=self.config.worker_id)
         active.task = asyncio.create_task(execute(agent, active))
         self.runs[run_id] = active
         self._runs_idle.clear()
@@ -345,7 +348,9 @@ class WorkerDaemon:
         bound.debug("run started", agent=a.agent)
 
     def _run_done(self, run_id: RunId) -> None:
-        self.runs.pop(run_id, None)
+        active = self.runs.pop(run_id, None)
+        if active is not None:  # issue 6 (metrics)
+            self.metrics.run_ended(active.status)
         if not self.runs:
             self._runs_idle.set()
 
@@ -441,4 +446,17 @@ async def run_worker(config: WorkerConfig) -> int:
         agents=sorted(agents),
         capacity=config.capacity,
     )
-    return await daemon.run()
+    metrics_server = None  # issue 6
+    if config.metrics_listen:
+        try:
+            metrics_server = await MetricsServer(
+                daemon.metrics.registry, config.metrics_listen
+            ).start()
+        except (OSError, ValueError) as exc:
+            log.error("cannot serve metrics", address=config.metrics_listen, error=str(exc))
+            return 2
+    try:
+        return await daemon.run()
+    finally:
+        if metrics_server is not None:
+            await metrics_server.close()

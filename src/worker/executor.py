@@ -62,6 +62,7 @@ class ActiveRun:
     task: asyncio.Task[None] = field(init=False)
     cancel_reason: str = ""  # set when the server cancelled it
     status: RunStatus = RunStatus.ASSIGNED
+    worker_id: str = ""  # for the log lines about this run
 
 
 def _status(
@@ -88,7 +89,13 @@ def _status(
 async def execute(agent: Agent, active: ActiveRun) -> None:
     """Run the agent to its end and queue the outcome. Never raises (but re-raises cancel)."""
     a, ctx, outbox = active.assignment, active.ctx, active.ctx.outbox
-    bound = log.bind(task_id=a.task_id, run_id=a.run_id, attempt=a.attempt, agent=a.agent)
+    bound = log.bind(
+        task_id=a.task_id,
+        run_id=a.run_id,
+        worker_id=active.worker_id,
+        attempt=a.attempt,
+        agent=a.agent,
+    )
     active.status = RunStatus.RUNNING
     outbox.put_nowait(_status(ctx, pb.RUN_STATUS_RUNNING))
     started = time.monotonic()

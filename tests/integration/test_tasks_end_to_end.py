@@ -258,3 +258,14 @@ async def test_following_quick_tasks_never_misses_their_output(cluster: Cluster)
             e.chunk.data async for e in client.follow(task.id) if isinstance(e, OutputReceived)
         ]
         assert "".join(pieces) == f"hello-{n}"
+
+
+async def test_last_heartbeat_moves_while_a_worker_is_connected(cluster: Cluster) -> None:
+    await cluster.start_server(heartbeat_interval=0.1)
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    first, _ = await client.get_worker("worker-1")
+    await asyncio.sleep(0.5)  # a few heartbeat intervals
+    later, _ = await client.get_worker("worker-1")
+    assert first.last_heartbeat_at is not None and later.last_heartbeat_at is not None
+    assert later.last_heartbeat_at > first.last_heartbeat_at

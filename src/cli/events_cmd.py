@@ -1,0 +1,118 @@
+"""`taskrun events` (a live stream of what happens, one line per event) and `taskrun tui`.
+
+`register(subparsers)` adds both commands to the `taskrun` parser (src/cli/main.py); they reuse
+main's connection flags and client.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import sys
+from typing import Any
+
+from taskrun.cli import output
+from taskrun.cli.client import EventKind
+
+KIND_NAMES = {k.name.lower(): k for k in EventKind if k is not EventKind.SNAPSHOT_END}
+
+
+def _cli() -> Any:
+    from taskrun.cli import main  # main imports this module: resolve it when it is used
+
+    return main
+
+
+def _kinds(text: str) -> list[EventKind]:
+    out: list[EventKind] = []
+    for part in text.split(","):
+        name = part.strip().lower()
+        if name not in KIND_NAMES:
+            raise argparse.ArgumentTypeError(
+                f"unknown event kind {name!r} (one of {', '.join(KIND_NAMES)})"
+            )
+        out.append(KIND_NAMES[name])
+    return out
+
+
+def register(subparsers: Any) -> None:
+    """Add `events` and `tui` to the `taskrun` parser."""
+    cli = _cli()
+    p = cli._leaf(
+        subparsers,
+        "events",
+        cmd_events,
+        help="stream what happens: workers, tasks, runs (and output), live",
+        description="Print the current workers and unfinished tasks, then every change as it "
+        "is committed, one line per event (with --output json, one JSON object per line). "
+        "Stop with Ctrl-C.",
+    )
+    p.add_argument("--task", default="", metavar="ID", help="only events about this task")
+    p.add_argument(
+        "--worker", default="", metavar="ID", help="only events about this worker and its runs"
+    )
+    p.add_argument(
+        "--kind",
+        action="append",
+        type=_kinds,
+        metavar="K",
+        help=f"only these kinds (repeat or comma-separate): {', '.join(KIND_NAMES)}",
+    )
+    p.add_argument("--include-output", action="store_true", help="also stream run output")
+    p.add_argument(
+        "--no-snapshot", action="store_true", help="only changes, not the current state first"
+    )
+    cli._add_output(p)
+
+    cli._leaf(
+        subparsers,
+        "tui",
+        cmd_tui,
+        help="a terminal UI: workers, tasks, runs and events, live",
+        description="Watch and steer the fleet: workers (drain), tasks (new, cancel), run "
+        "output, live events. Press ? inside for the key bindings.",
+    )
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    cli = _cli()
+    client = cli._client(args)
+    kinds = cli.flatten(args.kind)
+    json_lines = args.output == "json"
+
+    async def run() -> int:
+        async with (
+            client,
+            contextlib.aclosing(
+                client.watch_events(
+                    task_id=args.task,
+                    worker_id=args.worker,
+                    kinds=kinds,
+                    include_output=args.include_output or EventKind.OUTPUT in kinds,
+                    snapshot=not args.no_snapshot,
+                )
+            ) as events,
+        ):
+            async for event in events:
+                if json_lines:
+                    cli._write(output.dumps(output.event_doc(event), indent=None))
+                else:
+                    cli._write(output.event_line(event))
+        return int(cli.EXIT_OK)
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        sys.stderr.write("\n")
+        return int(cli.EXIT_INTERRUPTED)
+
+
+def cmd_tui(args: argparse.Namespace) -> int:
+    cli = _cli()
+    client = cli._client(args)
+    from taskrun.cli.tui.app import TaskRunApp
+
+    app = TaskRunApp(client)
+    app.run()
+    return int(cli.EXIT_OK)

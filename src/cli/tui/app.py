@@ -1,0 +1,213 @@
+"""The TaskRun TUI: one WatchEvents stream feeds a FleetState; widgets re-render on news."""
+
+from __future__ import annotations
+
+import contextlib
+
+import grpc
+from textual import work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.widgets import DataTable, Footer, Input, TabbedContent, TabPane
+
+from taskrun.cli.client import Client, FleetEvent
+from taskrun.cli.tui.screens import ConfirmScreen, HelpScreen, NewTaskScreen, RunScreen
+from taskrun.cli.tui.state import FleetState
+from taskrun.cli.tui.widgets import EventsPane, FleetHeader, TasksTable, WorkersTable
+from taskrun.core.models import Task
+from taskrun.core.status import TaskStatus
+
+RECENT_TASKS = 200
+
+
+class TaskRunApp(App[None]):
+    """Workers, tasks and events of one control plane, live."""
+
+    TITLE = "TaskRun"
+    CSS = """
+    #search { display: none; height: 3; }
+    #search.visible { display: block; }
+    """
+    BINDINGS = [
+        Binding("1", "tab('workers')", "workers"),
+        Binding("2", "tab('tasks')", "tasks"),
+        Binding("3", "tab('events')", "events"),
+        Binding("n", "new_task", "new"),
+        Binding("enter", "open_run", "run", show=False),
+        Binding("c", "cancel", "cancel"),
+        Binding("d", "drain", "drain"),
+        Binding("s", "cycle_status", "status"),
+        Binding("a", "cycle_agent", "agent", show=False),
+        Binding("slash", "search", "search"),
+        Binding("question_mark", "help", "help"),
+        Binding("q", "quit", "quit"),
+    ]
+
+    def __init__(self, client: Client) -> None:
+        super().__init__()
+        self.client = client
+        self.state = FleetState(server=client.target)
+        self.error = ""
+
+    def compose(self) -> ComposeResult:
+        yield FleetHeader(id="header")
+        with TabbedContent(initial="tasks"):
+            with TabPane("Workers [1]", id="workers"):
+                yield WorkersTable(id="workers-table")
+            with TabPane("Tasks [2]", id="tasks"):
+                yield Input(placeholder="search task id (enter to apply)", id="search")
+                yield TasksTable(id="tasks-table")
+            with TabPane("Events [3]", id="events"):
+                yield EventsPane()
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.render_state()
+        self.watch_fleet()
+        self.set_interval(1.0, self.tick)  # ages and uptime only; data comes from events
+
+    # --- data --------------------------------------------------------------------------------
+
+    @work(exclusive=True, group="watch")
+    async def watch_fleet(self) -> None:
+        """Read recent history once, then follow WatchEvents until the app ends."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            tasks, _ = await self.client.list_tasks(limit=RECENT_TASKS)
+            self.state.add_tasks(tasks)
+        try:
+            async for event in self.client.watch_events(snapshot=True):
+                self.apply(event)
+        except grpc.aio.AioRpcError as exc:
+            self.error = f"event stream ended: {exc.code().name}: {exc.details()}"
+            self.notify(self.error, severity="error", timeout=30)
+
+    def apply(self, event: FleetEvent) -> None:
+        self.state.apply(event)
+        self.render_state()
+
+    def render_state(self) -> None:
+        self.query_one(FleetHeader).refresh_from(self.state)
+        self.query_one(WorkersTable).refresh_from(self.state)
+        self.query_one(TasksTable).refresh_from(self.state)
+        self.query_one(EventsPane).refresh_from(self.state)
+
+    def tick(self) -> None:
+        self.query_one(FleetHeader).refresh_from(self.state)
+
+    # --- actions -----------------------------------------------------------------------------
+
+    def action_tab(self, tab: str) -> None:
+        self.query_one(TabbedContent).active = tab
+        table: DataTable[str] | None = None
+        if tab == "workers":
+            table = self.query_one(WorkersTable)
+        elif tab == "tasks":
+            table = self.query_one(TasksTable)
+        if table is not None:
+            table.focus()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def _selected_task(self) -> str | None:
+        if self.query_one(TabbedContent).active != "tasks":
+            return None
+        return self.query_one(TasksTable).selected_key()
+
+    def action_new_task(self) -> None:
+        def created(task: Task | None) -> None:
+            if task is not None:
+                self.notify(f"task {task.id} created")
+                self.push_screen(RunScreen(self.client, task.id))
+
+        self.push_screen(NewTaskScreen(self.client, self.state.agents()), created)
+
+    def action_open_run(self) -> None:
+        task_id = self._selected_task()
+        if task_id:
+            self.push_screen(RunScreen(self.client, task_id))
+
+    def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
+        if isinstance(event.data_table, TasksTable) and event.row_key.value:
+            self.push_screen(RunScreen(self.client, event.row_key.value))
+
+    def action_cancel(self) -> None:
+        task_id = self._selected_task()
+        if task_id:
+            self.confirm_cancel(task_id)
+
+    def confirm_cancel(self, task_id: str) -> None:
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.cancel_task(task_id)
+
+        self.push_screen(ConfirmScreen(f"Cancel task {task_id}?"), answered)
+
+    @work(group="actions")
+    async def cancel_task(self, task_id: str) -> None:
+        try:
+            task = await self.client.cancel_task(task_id, "cancelled from the TUI")
+            self.notify(f"task {task.id} {task.status.name.lower()}")
+        except grpc.aio.AioRpcError as exc:
+            self.notify(f"{exc.code().name}: {exc.details()}", severity="error")
+
+    def action_drain(self) -> None:
+        if self.query_one(TabbedContent).active != "workers":
+            self.notify("select a worker on the Workers tab (1) to drain it")
+            return
+        worker_id = self.query_one(WorkersTable).selected_key()
+        if not worker_id:
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.drain_worker(worker_id)
+
+        message = f"Drain worker {worker_id}? It takes no new runs, finishes its runs and exits."
+        self.push_screen(ConfirmScreen(message), answered)
+
+    @work(group="actions")
+    async def drain_worker(self, worker_id: str) -> None:
+        try:
+            await self.client.drain_worker(worker_id)
+            self.notify(f"worker {worker_id} draining")
+        except grpc.aio.AioRpcError as exc:
+            self.notify(f"{exc.code().name}: {exc.details()}", severity="error")
+
+    def action_cycle_status(self) -> None:
+        table = self.query_one(TasksTable)
+        order: list[TaskStatus | None] = [None, *TaskStatus]
+        table.status_filter = order[(order.index(table.status_filter) + 1) % len(order)]
+        self._filtered(table)
+
+    def action_cycle_agent(self) -> None:
+        table = self.query_one(TasksTable)
+        order = ["", *sorted({t.agent for t in self.state.tasks.values()})]
+        current = order.index(table.agent_filter) if table.agent_filter in order else 0
+        table.agent_filter = order[(current + 1) % len(order)]
+        self._filtered(table)
+
+    def action_search(self) -> None:
+        self.action_tab("tasks")
+        search = self.query_one("#search", Input)
+        search.add_class("visible")
+        search.focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "search":
+            table = self.query_one(TasksTable)
+            table.search = event.value.strip()
+            if not table.search:
+                event.input.remove_class("visible")
+            self._filtered(table)
+            table.focus()
+
+    def _filtered(self, table: TasksTable) -> None:
+        table.refresh_from(self.state)
+        parts = [
+            f"status={table.status_filter.name.lower()}" if table.status_filter else "",
+            f"agent={table.agent_filter}" if table.agent_filter else "",
+            f"id~{table.search}" if table.search else "",
+        ]
+        shown = " ".join(p for p in parts if p) or "none"
+        self.notify(f"task filter: {shown}", timeout=2)

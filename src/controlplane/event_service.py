@@ -1,0 +1,68 @@
+"""EventService.WatchEvents: a snapshot of the fleet, then every committed change, filtered."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from taskrun.controlplane.auth import require
+from taskrun.controlplane.engine import Engine
+from taskrun.controlplane.events import Filter, Overflowed
+from taskrun.core.identity import PrincipalKind
+from taskrun.v1 import events_pb2 as epb
+from taskrun.v1 import events_pb2_grpc
+
+log = structlog.get_logger(__name__)
+
+MAX_ID = 128
+
+
+class EventService(events_pb2_grpc.EventServiceServicer):
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def WatchEvents(
+        self, request: epb.WatchEventsRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[epb.Event]:
+        principal = await require(context, PrincipalKind.OPERATOR)
+        for name in ("task_id", "worker_id"):
+            if len(getattr(request, name)) > MAX_ID:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: is too long")
+        known = set(epb.EventKind.values())
+        for kind in request.kinds:
+            if kind not in known or kind == epb.EVENT_KIND_UNSPECIFIED:
+                await context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT, f"kinds: unknown event kind {kind}"
+                )
+        wanted = Filter(
+            task_id=request.task_id,
+            worker_id=request.worker_id,
+            kinds=frozenset(int(k) for k in request.kinds),
+            include_output=request.include_output,
+        )
+        engine = self.engine
+        # Subscribe and take the snapshot in one step (no await between): every change after
+        # the snapshot reaches the subscription.
+        sub = engine.events.subscribe(wanted)
+        log.info(
+            "event watcher connected", by=str(principal), subscribers=engine.events.subscribers
+        )
+        try:
+            if request.snapshot:
+                for event in engine.events.snapshot(
+                    engine.workers.values(), engine.tasks.values(), engine.runs, wanted
+                ):
+                    yield event
+            while True:
+                try:
+                    events = await sub.wait()
+                except Overflowed as exc:
+                    log.warning("event watcher dropped: too slow", by=str(principal))
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
+                    return
+                for event in events:
+                    yield event
+        finally:
+            engine.events.unsubscribe(sub)

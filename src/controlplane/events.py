@@ -1,0 +1,222 @@
+"""Fan-out of committed changes to WatchEvents subscribers and to in-process observers (metrics).
+
+The engine calls `capture(changes)` when it hands a ChangeSet to the store (copying what it
+needs, since the engine keeps mutating its objects) and `emit(captured)` once that ChangeSet is
+durable, so subscribers see changes in commit order and never before they are committed.
+
+Each subscriber has a bounded buffer. One that falls behind it is marked `overflowed` and ends
+(RESOURCE_EXHAUSTED at the edge): a slow reader costs at most `limit` events of memory and never
+slows the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from taskrun import convert
+from taskrun.core.ids import RunId, WorkerId
+from taskrun.core.models import OutputChunk, Run, Task, Worker, utcnow
+from taskrun.core.status import WorkerStatus
+from taskrun.core.store import ChangeSet
+from taskrun.v1 import events_pb2 as epb
+
+DEFAULT_LIMIT = 10_000
+
+WORKER_KIND: dict[WorkerStatus, epb.EventKind] = {
+    WorkerStatus.ONLINE: epb.EVENT_KIND_WORKER_CONNECTED,
+    WorkerStatus.DRAINING: epb.EVENT_KIND_WORKER_DRAINING,
+    WorkerStatus.OFFLINE: epb.EVENT_KIND_WORKER_DISCONNECTED,
+    WorkerStatus.REVOKED: epb.EVENT_KIND_WORKER_DISCONNECTED,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Captured:
+    """Copies of what one ChangeSet changed, taken when it was handed to the store."""
+
+    workers: list[tuple[Worker, list[RunId]]]
+    tasks: list[Task]
+    runs: list[Run]
+    chunks: list[OutputChunk]
+    run_workers: dict[RunId, WorkerId | None]  # worker of each changed run and chunk's run
+
+
+@dataclass(frozen=True, slots=True)
+class Filter:
+    """What a subscriber asked for; empty fields match everything."""
+
+    task_id: str = ""
+    worker_id: str = ""
+    kinds: frozenset[int] = frozenset()
+    include_output: bool = False
+
+    def wants(self, kind: int, task_id: str, worker_id: str) -> bool:
+        if kind == epb.EVENT_KIND_OUTPUT and not self.include_output:
+            return False
+        if self.kinds and kind not in self.kinds:
+            return False
+        if self.task_id and task_id != self.task_id:
+            return False
+        return not (self.worker_id and worker_id != self.worker_id)
+
+
+@dataclass(eq=False, slots=True)
+class EventSubscription:
+    filter: Filter
+    limit: int
+    items: deque[epb.Event] = field(default_factory=deque)
+    overflowed: bool = False
+    wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def push(self, event: epb.Event) -> None:
+        if self.overflowed:
+            return
+        if len(self.items) >= self.limit:
+            self.items.clear()
+            self.overflowed = True
+        else:
+            self.items.append(event)
+        self.wakeup.set()
+
+    async def wait(self) -> list[epb.Event]:
+        """Wait for events and take them all; raises Overflowed if the buffer overflowed."""
+        await self.wakeup.wait()
+        self.wakeup.clear()
+        if self.overflowed:
+            raise Overflowed(self.limit)
+        items = list(self.items)
+        self.items.clear()
+        return items
+
+
+class Overflowed(Exception):
+    def __init__(self, limit: int) -> None:
+        super().__init__(
+            f"this event stream fell more than {limit} events behind and was ended so that it "
+            "does not slow the control plane; reconnect (with a snapshot) to resume"
+        )
+
+
+Observer = Callable[[Captured], None]
+
+
+class EventHub:
+    def __init__(
+        self,
+        runs_of: Callable[[WorkerId], list[RunId]] = lambda _w: [],
+        limit: int = DEFAULT_LIMIT,
+    ) -> None:
+        self.limit = limit
+        self._runs_of = runs_of
+        self._subs: set[EventSubscription] = set()
+        self._observers: list[Observer] = []
+
+    # --- producers (the engine) --------------------------------------------------------------
+
+    def capture(self, changes: ChangeSet, runs: dict[RunId, Run]) -> Captured:
+        """Copy what `changes` holds now; `runs` (the engine's current runs) names the worker
+        of each chunk's run."""
+        tasks = {t.id: replace(t, usage=replace(t.usage)) for t in changes.tasks}
+        run_copies = {r.id: replace(r) for r in changes.runs}
+        run_workers: dict[RunId, WorkerId | None] = {r.id: r.worker_id for r in run_copies.values()}
+        for chunk in changes.chunks:
+            if chunk.run_id not in run_workers:
+                run = runs.get(chunk.run_id)
+                run_workers[chunk.run_id] = run.worker_id if run else None
+        workers = {w.id: w for w in changes.workers}
+        return Captured(
+            workers=[(replace(w), self._runs_of(w.id)) for w in workers.values()],
+            tasks=list(tasks.values()),
+            runs=list(run_copies.values()),
+            chunks=list(changes.chunks),
+            run_workers=run_workers,
+        )
+
+    def emit(self, captured: Captured) -> None:
+        """Deliver a committed change to observers and subscribers (call after the commit)."""
+        for observer in self._observers:
+            observer(captured)
+        if self._subs:
+            events = list(self._events(captured, utcnow()))
+            for sub in self._subs:
+                for kind, task_id, worker_id, event in events:
+                    if sub.filter.wants(kind, task_id, worker_id):
+                        sub.push(event)
+
+    def observe(self, observer: Observer) -> None:
+        self._observers.append(observer)
+
+    # --- consumers (WatchEvents) -------------------------------------------------------------
+
+    def subscribe(self, filter: Filter, limit: int | None = None) -> EventSubscription:
+        sub = EventSubscription(filter, limit or self.limit)
+        self._subs.add(sub)
+        return sub
+
+    def unsubscribe(self, sub: EventSubscription) -> None:
+        self._subs.discard(sub)
+
+    @property
+    def subscribers(self) -> int:
+        return len(self._subs)
+
+    def snapshot(
+        self,
+        workers: Iterable[Worker],
+        tasks: Iterable[Task],
+        runs: dict[RunId, Run],
+        filter: Filter,
+    ) -> list[epb.Event]:
+        """Events describing the current state (workers, unfinished tasks and their runs),
+        ending with SNAPSHOT_END."""
+        now = utcnow()
+        task_list = list(tasks)
+        current = [runs[t.current_run_id] for t in task_list if t.current_run_id in runs]
+        captured = Captured(
+            workers=[(w, self._runs_of(w.id)) for w in sorted(workers, key=lambda w: w.id)],
+            tasks=sorted(task_list, key=lambda t: t.id),
+            runs=sorted(current, key=lambda r: r.task_id),
+            chunks=[],
+            run_workers={r.id: r.worker_id for r in current},
+        )
+        out = []
+        for kind, task_id, worker_id, event in self._events(captured, now):
+            if filter.wants(kind, task_id, worker_id):
+                event.snapshot = True
+                out.append(event)
+        end = epb.Event(kind=epb.EVENT_KIND_SNAPSHOT_END, snapshot=True)
+        end.time.FromDatetime(now)
+        out.append(end)
+        return out
+
+    # --- building events ---------------------------------------------------------------------
+
+    def _events(
+        self, captured: Captured, now: datetime
+    ) -> Iterable[tuple[int, str, str, epb.Event]]:
+        """(kind, task_id, worker_id, event) for each change: workers, output, runs, tasks."""
+        for worker, run_ids in captured.workers:
+            event = epb.Event(kind=WORKER_KIND.get(worker.status, epb.EVENT_KIND_UNSPECIFIED))
+            event.worker.CopyFrom(convert.worker_to_pb(worker, run_ids))
+            yield event.kind, "", worker.id, _stamped(event, now)
+        for chunk in captured.chunks:
+            event = epb.Event(kind=epb.EVENT_KIND_OUTPUT)
+            convert.chunk_to_pb(chunk, event.chunk)
+            worker_id = captured.run_workers.get(chunk.run_id) or ""
+            yield event.kind, chunk.task_id or "", worker_id, _stamped(event, now)
+        for run in captured.runs:
+            event = epb.Event(kind=epb.EVENT_KIND_RUN_CHANGED)
+            convert.run_to_pb(run, event.run)
+            yield event.kind, run.task_id, run.worker_id or "", _stamped(event, now)
+        for task in captured.tasks:
+            event = epb.Event(kind=epb.EVENT_KIND_TASK_CHANGED, task=convert.task_to_pb(task))
+            yield event.kind, task.id, task.worker_id or "", _stamped(event, now)
+
+
+def _stamped(event: epb.Event, now: datetime) -> epb.Event:
+    event.time.FromDatetime(now)
+    return event

@@ -1,0 +1,208 @@
+"""Prometheus metrics of the control plane (served by taskrun.metrics_http on --metrics-listen).
+
+Gauges are read from the engine at scrape time; histograms and terminal task counts are fed by
+the engine's committed changes (an EventHub observer); gRPC rejections and worker stream traffic
+are counted by a server interceptor, so handlers stay unaware of metrics.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections import Counter as Tally
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from typing import Any
+
+import grpc
+from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from taskrun.controlplane.engine import Engine
+from taskrun.controlplane.events import Captured
+from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
+DURATION_BUCKETS = (0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 7200)
+# Rejections counted at the edge (the engine counts rejected worker reports itself).
+EDGE_REJECTIONS = {
+    grpc.StatusCode.INVALID_ARGUMENT: "invalid_argument",
+    grpc.StatusCode.PERMISSION_DENIED: "permission_denied",
+    grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
+}
+STREAM_METHOD = "/taskrun.v1.RunService/StreamConnect"
+
+
+class ControlPlaneMetrics(Collector):
+    """Every series of the control plane, in its own registry."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.registry = CollectorRegistry()
+        self.finished: Tally[TaskStatus] = Tally()  # tasks that ended since the start
+        self.rejected: Tally[str] = Tally()
+        self.dispatch_latency = Histogram(
+            "taskrun_dispatch_latency_seconds",
+            "Time from a run's creation to its assignment to a worker.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self.run_duration = Histogram(
+            "taskrun_run_duration_seconds",
+            "Time from a run's start (or assignment) to its end, by agent and outcome.",
+            ["agent", "outcome"],
+            buckets=DURATION_BUCKETS,
+            registry=self.registry,
+        )
+        self.stream_in = Counter(
+            "taskrun_stream_messages_received",
+            "WorkerMessages received on worker sessions (StreamConnect).",
+            registry=self.registry,
+        )
+        self.stream_out = Counter(
+            "taskrun_stream_messages_sent",
+            "ServerMessages sent on worker sessions (StreamConnect).",
+            registry=self.registry,
+        )
+        self.registry.register(self)
+        engine.events.observe(self.observe)
+
+    # --- fed by committed changes ------------------------------------------------------------
+
+    def observe(self, captured: Captured) -> None:
+        agents = {t.id: t.agent for t in captured.tasks}
+        for task in captured.tasks:
+            if task.status.terminal:
+                self.finished[task.status] += 1
+        for run in captured.runs:
+            if run.status is RunStatus.ASSIGNED and run.assigned_at and run.created_at:
+                latency = (run.assigned_at - run.created_at).total_seconds()
+                self.dispatch_latency.observe(max(latency, 0.0))
+            elif run.status.terminal and run.finished_at:
+                began = run.started_at or run.assigned_at
+                if began is None:
+                    continue  # never reached a worker (cancelled or failed in the queue)
+                live = self.engine.tasks.get(run.task_id)
+                agent = agents.get(run.task_id) or (live.agent if live else "unknown")
+                self.run_duration.labels(agent, run.status.name.lower()).observe(
+                    max((run.finished_at - began).total_seconds(), 0.0)
+                )
+
+    # --- read at scrape time -----------------------------------------------------------------
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterable[Metric]:
+        engine = self.engine
+        tasks = GaugeMetricFamily(
+            "taskrun_tasks",
+            "Tasks by status: pending and running now; completed, failed and cancelled since "
+            "this control plane started.",
+            labels=["status"],
+        )
+        live = Tally(t.status for t in engine.tasks.values())
+        for status in TaskStatus:
+            count = self.finished[status] if status.terminal else live[status]
+            tasks.add_metric([status.name.lower()], count)
+        yield tasks
+        depth = GaugeMetricFamily(
+            "taskrun_queue_depth", "Runs waiting for a worker, by agent.", labels=["agent"]
+        )
+        for agent, count in sorted(engine.queue.depth_by_agent().items()):
+            depth.add_metric([agent], count)
+        yield depth
+        workers = GaugeMetricFamily(
+            "taskrun_workers", "Known workers by status.", labels=["status"]
+        )
+        by_status = Tally(w.status for w in engine.workers.values())
+        for ws in WorkerStatus:
+            workers.add_metric([ws.name.lower()], by_status[ws])
+        yield workers
+        rejected = CounterMetricFamily(
+            "taskrun_rejected_requests",
+            "Requests refused, by reason: stale_report (a worker report for a run that is not "
+            "current), invalid_argument, permission_denied, unauthenticated.",
+            labels=["reason"],
+        )
+        rejected.add_metric(["stale_report"], engine.rejected_reports)
+        for reason in EDGE_REJECTIONS.values():
+            rejected.add_metric([reason], self.rejected[reason])
+        yield rejected
+
+    # --- the gRPC edge -----------------------------------------------------------------------
+
+    def interceptor(self) -> grpc.aio.ServerInterceptor:
+        return _EdgeInterceptor(self)
+
+    def note_status(self, context: grpc.aio.ServicerContext) -> None:
+        code = context.code()
+        reason = EDGE_REJECTIONS.get(code) if isinstance(code, grpc.StatusCode) else None
+        if reason is not None:
+            self.rejected[reason] += 1
+
+
+class _CountingContext:
+    """A ServicerContext that counts the messages read and written on a worker session."""
+
+    def __init__(self, context: grpc.aio.ServicerContext, metrics: ControlPlaneMetrics) -> None:
+        self._context = context
+        self._metrics = metrics
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def read(self) -> Any:
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:
+            self._metrics.stream_in.inc()
+        return message
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._metrics.stream_out.inc()
+
+
+class _EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    def __init__(self, metrics: ControlPlaneMetrics) -> None:
+        self.metrics = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(details)
+        if handler is None:
+            return handler
+        counting = details.method == STREAM_METHOD
+        for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
+            behavior = getattr(handler, name)
+            if behavior is not None:
+                wrapped = self._wrap(behavior, counting)
+                return handler._replace(**{name: wrapped})
+        return handler
+
+    def _wrap(self, behavior: Callable[..., Any], counting: bool) -> Callable[..., Any]:
+        metrics = self.metrics
+
+        if inspect.isasyncgenfunction(behavior):
+
+            async def streaming(
+                request: Any, context: grpc.aio.ServicerContext
+            ) -> AsyncIterator[Any]:
+                try:
+                    async for item in behavior(request, context):
+                        yield item
+                finally:
+                    metrics.note_status(context)
+
+            return streaming
+
+        async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            inner: Any = _CountingContext(context, metrics) if counting else context
+            try:
+                return await behavior(request, inner)
+            finally:
+                metrics.note_status(context)
+
+        return unary
