@@ -128,7 +128,7 @@ class Engine:
         return future
 
     def _committed(
-        self, effect: Effect | None, captured: Captured, future: asyncio.Future[None]
+        self, effect: Effect | None, captured: Captured | None, future: asyncio.Future[None]
     ) -> None:
         self._inflight -= 1
         if self._inflight == 0:

@@ -101,7 +101,9 @@ class Overflowed(Exception):
         )
 
 
-Observer = Callable[[Captured], None]
+# Observers (metrics) see each change set as it is handed to the store, with the engine's live
+# objects: they must read them at once and keep no reference.
+Observer = Callable[[ChangeSet], None]
 
 
 class EventHub:
@@ -117,9 +119,14 @@ class EventHub:
 
     # --- producers (the engine) --------------------------------------------------------------
 
-    def capture(self, changes: ChangeSet, runs: dict[RunId, Run]) -> Captured:
-        """Copy what `changes` holds now; `runs` (the engine's current runs) names the worker
-        of each chunk's run."""
+    def capture(self, changes: ChangeSet, runs: dict[RunId, Run]) -> Captured | None:
+        """Feed observers, and copy what `changes` holds now for subscribers, if there are any
+        (the copies cost a quarter of the event loop at full load). `runs` (the engine's
+        current runs) names the worker of each chunk's run."""
+        for observer in self._observers:
+            observer(changes)
+        if not self._subs:
+            return None
         tasks = {t.id: replace(t, usage=replace(t.usage)) for t in changes.tasks}
         run_copies = {r.id: replace(r) for r in changes.runs}
         run_workers: dict[RunId, WorkerId | None] = {r.id: r.worker_id for r in run_copies.values()}
@@ -136,11 +143,9 @@ class EventHub:
             run_workers=run_workers,
         )
 
-    def emit(self, captured: Captured) -> None:
-        """Deliver a committed change to observers and subscribers (call after the commit)."""
-        for observer in self._observers:
-            observer(captured)
-        if self._subs:
+    def emit(self, captured: Captured | None) -> None:
+        """Deliver a committed change to subscribers (call after the commit)."""
+        if captured is not None and self._subs:
             events = list(self._events(captured, utcnow()))
             for sub in self._subs:
                 for kind, task_id, worker_id, event in events:

@@ -18,8 +18,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from taskrun.controlplane.engine import Engine
-from taskrun.controlplane.events import Captured
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.store import ChangeSet
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
 DURATION_BUCKETS = (0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300, 900, 1800, 3600, 7200)
@@ -68,12 +68,14 @@ class ControlPlaneMetrics(Collector):
 
     # --- fed by committed changes ------------------------------------------------------------
 
-    def observe(self, captured: Captured) -> None:
-        agents = {t.id: t.agent for t in captured.tasks}
-        for task in captured.tasks:
+    def observe(self, captured: ChangeSet) -> None:
+        # a change set may list one object twice (created, then assigned in the same commit)
+        tasks = {t.id: t for t in captured.tasks}
+        agents = {task_id: t.agent for task_id, t in tasks.items()}
+        for task in tasks.values():
             if task.status.terminal:
                 self.finished[task.status] += 1
-        for run in captured.runs:
+        for run in {r.id: r for r in captured.runs}.values():
             if run.status is RunStatus.ASSIGNED and run.assigned_at and run.created_at:
                 latency = (run.assigned_at - run.created_at).total_seconds()
                 self.dispatch_latency.observe(max(latency, 0.0))
