@@ -29,6 +29,14 @@ ensure_venv() {
   local spec="."
   [ -n "$extras" ] && spec=".[$extras]"
   echo "==> installing taskrun${extras:+[$extras]} into .venv"
-  "$PY" -m pip install --quiet --disable-pip-version-check -e "$spec" \
-    --config-settings editable_mode=strict
+  local log
+  log="$(mktemp)"
+  if ! "$PY" -m pip install --quiet --disable-pip-version-check -e "$spec" \
+    --config-settings editable_mode=strict >"$log" 2>&1; then
+    cat "$log" >&2
+    rm -f "$log"
+    echo "installing taskrun failed (pip output above)" >&2
+    return 1
+  fi
+  rm -f "$log"
 }
