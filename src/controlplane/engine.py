@@ -64,7 +64,6 @@ class Engine:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
-        self._started = time.monotonic()
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -105,10 +104,6 @@ class Engine:
     async def flush(self) -> None:
         """Wait until every change made so far is committed."""
         await self._idle.wait()
-
-    @property
-    def uptime(self) -> float:
-        return time.monotonic() - self._started
 
     # --- committing --------------------------------------------------------------------------
 

@@ -28,7 +28,6 @@ class WorkerSession:
         self.handler: asyncio.Task[object] | None = None
         self._assignments: list[wpb.RunAssignment] = []
         self._cancels: list[wpb.CancelRun] = []
-        self._forget: list[str] = []
         self._drain = False
         self._ack = 0
         self._wake = asyncio.Event()
@@ -62,10 +61,6 @@ class WorkerSession:
         self._cancels.append(wpb.CancelRun(run_id=run_id, attempt=attempt, reason=reason))
         self._wake.set()
 
-    def send_forget(self, run_id: str) -> None:
-        self._forget.append(run_id)
-        self._wake.set()
-
     def send_ack(self, message_seq: int) -> None:
         """Acknowledge the worker's messages up to `message_seq` (they are committed)."""
         if message_seq > self._ack:
@@ -84,11 +79,10 @@ class WorkerSession:
             msg = wpb.ServerMessage(
                 assignments=self._assignments,
                 cancels=self._cancels,
-                forget_run_ids=self._forget,
                 drain=self._drain,
                 ack_seq=self._ack,
             )
-            self._assignments, self._cancels, self._forget = [], [], []
+            self._assignments, self._cancels = [], []
             self._drain = False
             await write(msg)
 
