@@ -340,6 +340,14 @@ class Client:
         task, _ = convert.task_from_pb(message)
         return task
 
+    async def continue_task(self, task_id: str, prompt: str) -> Task:
+        """Send a follow-up message to a completed task whose agent keeps a session."""
+        message = await self._task_stub().ContinueTask(
+            tasks_pb2.ContinueTaskRequest(task_id=task_id, prompt=prompt), timeout=self.timeout
+        )
+        task, _ = convert.task_from_pb(message)
+        return task
+
     async def follow(
         self,
         task_id: str,

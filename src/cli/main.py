@@ -381,6 +381,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = _leaf(
         task,
+        "continue",
+        cmd_task_continue,
+        help="send a follow-up message to a completed task (agents with sessions)",
+        description="Resume the agent session of a completed task with a new user message, as "
+        "a new run on the worker that holds the session (FAILED_PRECONDITION, saying why, when "
+        "that worker is gone or the agent keeps no session).",
+        epilog=FOLLOW_EXIT_HELP,
+    )
+    p.add_argument("task_id", metavar="ID")
+    p.add_argument("message", help="the follow-up message")
+    p.add_argument("--follow", action="store_true", help="stream the conversation until it ends")
+    _add_output(p)
+
+    p = _leaf(
+        task,
         "logs",
         cmd_task_logs,
         help="print a task's output",
@@ -889,6 +904,28 @@ def cmd_task_cancel(args: argparse.Namespace) -> int:
     else:
         _write(f"task {task.id} {output.status_name(task.status)}\n")
     return EXIT_OK
+
+
+def cmd_task_continue(args: argparse.Namespace) -> int:
+    client = _client(args)
+    state = FollowState()
+
+    async def run() -> int:
+        async with client:
+            task = await client.continue_task(args.task_id, args.message)
+            if not args.follow:
+                if args.output == "json":
+                    _write(output.dumps(output.task_doc(task)))
+                else:
+                    _write(f"task {task.id} continued (attempt {task.attempts})\n")
+                return EXIT_OK
+            printer = output.StreamPrinter(sys.stdout, sys.stderr, json_lines=args.output == "json")
+            return await follow_task(client, task.id, printer, state, follow=True)
+
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return _stopped_following(state)
 
 
 def cmd_task_logs(args: argparse.Namespace) -> int:

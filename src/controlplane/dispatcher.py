@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 
 from taskrun.core.ids import RunId, TaskId, WorkerId
 
-Requirement = tuple[str, tuple[tuple[str, str], ...], str, str]  # agent, labels, provider, model
+# agent, labels, provider, model, worker (a follow-up must run where its session lives)
+Requirement = tuple[str, tuple[tuple[str, str], ...], str, str, str]
 
 
 @dataclass(slots=True)
@@ -26,11 +27,12 @@ class PendingRun:
     required_labels: tuple[tuple[str, str], ...] = ()
     provider: str = ""
     model: str = ""
+    worker_id: str = ""  # only this worker may run it
     order: int = 0  # creation order; set by the queue
 
     @property
     def requirement(self) -> Requirement:
-        return (self.agent, self.required_labels, self.provider, self.model)
+        return (self.agent, self.required_labels, self.provider, self.model, self.worker_id)
 
 
 @dataclass(slots=True)
@@ -50,8 +52,8 @@ class Candidate:
         return 0 if self.draining else max(0, self.capacity - self.active)
 
     def fits(self, req: Requirement) -> bool:
-        agent, labels, provider, model = req
-        if agent not in self.agents:
+        agent, labels, provider, model, worker_id = req
+        if agent not in self.agents or (worker_id and worker_id != self.worker_id):
             return False
         if any(self.labels.get(k) != v for k, v in labels):
             return False

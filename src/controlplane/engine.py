@@ -258,6 +258,61 @@ class Engine:
         )
         return task
 
+    async def continue_task(self, task_id: TaskId, prompt: str) -> Task:
+        """Resume the agent session of a completed task with a new user message, as a new run
+        pinned to the worker that holds the session."""
+        stored = await self.store.get_task(task_id)
+        if stored is None:
+            raise NotFound(f"no task {task_id!r}", field="task_id")
+        runs = await self.store.list_runs(task_id)
+        if task_id in self.tasks or stored.status is not TaskStatus.COMPLETED:
+            status = self.tasks[task_id].status if task_id in self.tasks else stored.status
+            raise FailedPrecondition(
+                f"task {task_id} is {status.name.lower()}; only a completed task can be continued",
+                field="task_id",
+            )
+        spec = self.catalog.get(stored.agent)
+        if spec is None or not spec.supports_sessions:
+            raise FailedPrecondition(
+                f"agent {stored.agent!r} keeps no session to continue", field="task_id"
+            )
+        last = runs[-1] if runs else None
+        if last is None or not last.session_id or not last.worker_id:
+            raise FailedPrecondition("its last run recorded no agent session", field="task_id")
+        worker_id = last.worker_id
+        session = self.sessions.get(worker_id)
+        if session is None or session.draining:
+            state = "draining" if session else self.workers[worker_id].status.name.lower()
+            raise FailedPrecondition(
+                f"its session lives on worker {worker_id}, which is {state}; sessions are kept "
+                "on the worker's disk and cannot move",
+                field="task_id",
+            )
+        now = utcnow()
+        task = stored
+        run = Run(
+            id=new_run_id(),
+            task_id=task.id,
+            attempt=task.attempts + 1,
+            status=RunStatus.PENDING,
+            created_at=now,
+            worker_id=worker_id,
+            session_id=last.session_id,
+            prompt=prompt,
+        )
+        assert task_can_move(task.status, TaskStatus.PENDING)
+        task.status, task.attempts, task.current_run_id = TaskStatus.PENDING, run.attempt, run.id
+        task.worker_id, task.finished_at, task.error, task.result = None, None, "", ""
+        task.updated_at = now
+        self.tasks[task.id] = task
+        self.runs[run.id] = run
+        self._enqueue(task, run, dispatch=False)
+        changes = ChangeSet(tasks=[task], runs=[run])
+        outgoing = self._plan(changes)
+        await asyncio.shield(self._commit(changes, functools.partial(self._send, outgoing)))
+        log.info("task continued", task_id=task.id, run_id=run.id, worker_id=worker_id)
+        return task
+
     def _finish_task(
         self, task: Task, status: TaskStatus, now: datetime, *, error: str = "", result: str = ""
     ) -> None:
@@ -279,6 +334,7 @@ class Engine:
                 required_labels=tuple(sorted(policy.required_labels.items())),
                 provider=policy.required_provider,
                 model=policy.required_model,
+                worker_id=(run.worker_id or "") if run.prompt else "",
             )
         )
         if policy.queue_timeout:
@@ -460,6 +516,7 @@ class Engine:
             required_provider=policy.required_provider,
             required_model=policy.required_model,
             prompt=run.prompt,
+            resume_session_id=run.session_id if run.prompt else "",
         )
 
     # --- worker sessions ---------------------------------------------------------------------
@@ -763,7 +820,11 @@ class Engine:
                 RunStatus.CANCELLED: f"worker stopped the run: {error or 'no reason given'}",
             }[status]
             log_.warning("run ended without success", status=status.name, error=error)
-            self._retry_or_fail(task, run, changes, reason)
+            if run.prompt:
+                # a follow-up resumes a session that lives on one worker: it cannot move
+                self._finish_task(task, TaskStatus.FAILED, now, error=f"follow-up {reason}")
+            else:
+                self._retry_or_fail(task, run, changes, reason)
         changes.tasks.append(task)
         return task
 

@@ -29,6 +29,7 @@ from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.store import TaskQuery
 from taskrun.core.validation import (
     MAX_BATCH,
+    MAX_INPUT_BYTES,
     validate_agent_name,
     validate_labels,
     validate_task_spec,
@@ -197,6 +198,22 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             raise errors.InvalidArgument("must be at most 1024 characters", field="reason")
         task = await self.engine.cancel_task(task_id, request.reason)
         log.info("cancel requested", task_id=task_id, by=str(principal))
+        return convert.task_to_pb(task)
+
+    @domain_errors
+    async def ContinueTask(
+        self, request: tasks_pb2.ContinueTaskRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Task:
+        principal = await require(context, PrincipalKind.OPERATOR)
+        task_id = _task_id(request.task_id)
+        if not request.prompt.strip():
+            raise errors.InvalidArgument("must not be empty", field="prompt")
+        if len(request.prompt.encode()) > MAX_INPUT_BYTES:
+            raise errors.InvalidArgument(
+                f"is over the limit of {MAX_INPUT_BYTES} bytes", field="prompt"
+            )
+        task = await self.engine.continue_task(task_id, request.prompt)
+        log.info("task continued by operator", task_id=task_id, by=str(principal))
         return convert.task_to_pb(task)
 
     async def FollowTask(

@@ -63,7 +63,8 @@ TASK_TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
             TaskStatus.CANCELLED,
         }
     ),
-    TaskStatus.COMPLETED: frozenset(),
+    # COMPLETED -> PENDING: a follow-up message continues the agent's session as a new run.
+    TaskStatus.COMPLETED: frozenset({TaskStatus.PENDING}),
     TaskStatus.FAILED: frozenset(),
     TaskStatus.CANCELLED: frozenset(),
 }

@@ -7,6 +7,14 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class ContinueTaskRequest(_message.Message):
+    __slots__ = ("task_id", "prompt")
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    task_id: str
+    prompt: str
+    def __init__(self, task_id: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
+
 class CreateTaskRequest(_message.Message):
     __slots__ = ("agent", "input_json", "labels", "policy")
     class LabelsEntry(_message.Message):

@@ -66,6 +66,11 @@ class TaskServiceStub:
                 request_serializer=taskrun_dot_v1_dot_tasks__pb2.FollowTaskRequest.SerializeToString,
                 response_deserializer=taskrun_dot_v1_dot_tasks__pb2.TaskUpdate.FromString,
                 _registered_method=True)
+        self.ContinueTask = channel.unary_unary(
+                '/taskrun.v1.TaskService/ContinueTask',
+                request_serializer=taskrun_dot_v1_dot_tasks__pb2.ContinueTaskRequest.SerializeToString,
+                response_deserializer=taskrun_dot_v1_dot_common__pb2.Task.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -110,6 +115,14 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ContinueTask(self, request, context):
+        """A follow-up message to a completed task whose agent keeps a session: a new Run of the same
+        task resumes the session on the worker that holds it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -142,6 +155,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.FollowTask,
                     request_deserializer=taskrun_dot_v1_dot_tasks__pb2.FollowTaskRequest.FromString,
                     response_serializer=taskrun_dot_v1_dot_tasks__pb2.TaskUpdate.SerializeToString,
+            ),
+            'ContinueTask': grpc.unary_unary_rpc_method_handler(
+                    servicer.ContinueTask,
+                    request_deserializer=taskrun_dot_v1_dot_tasks__pb2.ContinueTaskRequest.FromString,
+                    response_serializer=taskrun_dot_v1_dot_common__pb2.Task.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -307,6 +325,33 @@ class TaskService:
             '/taskrun.v1.TaskService/FollowTask',
             taskrun_dot_v1_dot_tasks__pb2.FollowTaskRequest.SerializeToString,
             taskrun_dot_v1_dot_tasks__pb2.TaskUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ContinueTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskrun.v1.TaskService/ContinueTask',
+            taskrun_dot_v1_dot_tasks__pb2.ContinueTaskRequest.SerializeToString,
+            taskrun_dot_v1_dot_common__pb2.Task.FromString,
             options,
             channel_credentials,
             insecure,

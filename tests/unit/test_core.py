@@ -50,8 +50,10 @@ def test_good_worker_ids() -> None:
 
 
 def test_terminal_states_have_no_way_out() -> None:
-    for status in (TaskStatus.COMPLETED, TaskStatus.FAILED, TaskStatus.CANCELLED):
+    for status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
         assert status.terminal and not TASK_TRANSITIONS[status]
+    # a completed task can only be continued (a follow-up message starts a new run)
+    assert TASK_TRANSITIONS[TaskStatus.COMPLETED] == {TaskStatus.PENDING}
     for run_status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.LOST):
         assert run_status.terminal and not RUN_TRANSITIONS[run_status]
 

@@ -121,3 +121,11 @@ def test_depth_by_agent() -> None:
     q.add(run(2, agent="other"))
     q.add(run(3))
     assert q.depth_by_agent() == {"echo": 2, "other": 1}
+
+
+def test_follow_up_is_pinned_to_the_worker_holding_its_session() -> None:
+    q = PendingQueue()
+    q.add(run(1, worker_id="busy"))
+    idle = worker("idle", capacity=4)
+    assert q.plan([idle]) == []
+    assert ids(q.plan([idle, worker("busy", capacity=4, active=3)])) == [("r1", "busy")]
