@@ -240,6 +240,8 @@ class Client:
         required_labels: Mapping[str, str] | None = None,
         queue_timeout: float | None = None,
         retry_on_failure: bool = False,
+        required_provider: str = "",
+        required_model: str = "",
     ) -> Task:
         """Submit one task. `input` is a JSON object (as a mapping or as text).
 
@@ -260,8 +262,14 @@ class Client:
                 required_labels=dict(required_labels or {}),
                 queue_timeout=queue_timeout,
                 retry_on_failure=retry_on_failure,
+                required_provider=required_provider,
+                required_model=required_model,
             ),
         )
+        return await self.submit(spec)
+
+    async def submit(self, spec: TaskSpec) -> Task:
+        """Submit one task described by a TaskSpec (see create_task)."""
         response = await self._task_stub().CreateTask(
             convert.spec_to_pb(spec), timeout=self.timeout
         )

@@ -346,6 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--retry-on-failure", action="store_true", help="retry failed runs too, not only lost ones"
     )
     p.add_argument(
+        "--require-provider",
+        default="",
+        metavar="P",
+        help="only workers offering a model backend of this provider (e.g. anthropic)",
+    )
+    p.add_argument(
+        "--require-model",
+        default="",
+        metavar="M",
+        help="only workers offering a model backend with this model name",
+    )
+    p.add_argument(
         "--follow",
         "-f",
         action="store_true",
@@ -540,6 +552,8 @@ def task_spec_from_args(args: argparse.Namespace) -> TaskSpec:
             required_labels=_labels(args.require_label, "policy.required_labels"),
             queue_timeout=args.queue_timeout,
             retry_on_failure=args.retry_on_failure,
+            required_provider=args.require_provider,
+            required_model=args.require_model,
         ),
     )
     # max_attempts 0 asks for the server's default; check the rest as the server would.
@@ -802,19 +816,7 @@ def cmd_task_create(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with client:
-            policy = spec.policy
-            task = await client.create_task(
-                spec.agent,
-                spec.input,
-                labels=spec.labels,
-                priority=policy.priority,
-                timeout=policy.timeout,
-                max_attempts=policy.max_attempts,
-                idempotency_key=policy.idempotency_key,
-                required_labels=policy.required_labels,
-                queue_timeout=policy.queue_timeout,
-                retry_on_failure=policy.retry_on_failure,
-            )
+            task = await client.submit(spec)
             if not args.follow:
                 _write(
                     output.dumps(output.task_doc(task)) if args.output == "json" else f"{task.id}\n"

@@ -269,3 +269,20 @@ async def test_last_heartbeat_moves_while_a_worker_is_connected(cluster: Cluster
     later, _ = await client.get_worker("worker-1")
     assert first.last_heartbeat_at is not None and later.last_heartbeat_at is not None
     assert later.last_heartbeat_at > first.last_heartbeat_at
+
+
+async def test_required_provider_and_model_pick_the_worker_that_offers_them(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")  # echo announces provider "none", model "echo"
+    client = cluster.client()
+    fits = await client.create_task(
+        "echo", {"text": "ok"}, required_provider="none", required_model="echo"
+    )
+    assert (await client.wait(fits.id)).status is TaskStatus.COMPLETED
+    unfit = await client.create_task(
+        "echo", {"text": "no"}, required_provider="anthropic", queue_timeout=0.3
+    )
+    final = await client.wait(unfit.id)
+    assert final.status is TaskStatus.FAILED and "queue timeout" in final.error
