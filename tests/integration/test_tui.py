@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,7 +16,9 @@ from taskrun.cli.tui.widgets import TasksTable, WorkersTable
 from taskrun.core.status import TaskStatus
 from tests.conftest import Cluster
 
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+# Screenshots go to a temporary folder; `TASKRUN_SCREENSHOTS=docs scripts/test
+# tests/integration/test_tui.py` refreshes the ones the README shows.
+DOCS = Path(os.environ.get("TASKRUN_SCREENSHOTS") or tempfile.mkdtemp(prefix="taskrun-tui-"))
 SIZE = (80, 24)
 
 
@@ -109,3 +113,22 @@ async def test_cancel_from_the_tui_cancels_the_task(cluster: Cluster) -> None:
         )
     final, _ = await client.get_task(task.id)
     assert final.status is TaskStatus.CANCELLED
+
+
+async def test_revoke_from_the_tui_cuts_the_worker_off(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("1")
+        workers = app.query_one(WorkersTable)
+        await until(pilot.pause, lambda: "worker-1" in workers.rows)
+        workers.focus()
+        workers.move_cursor(row=workers.get_row_index("worker-1"))
+        await pilot.press("R")
+        await pilot.pause()
+        await pilot.press("y")
+        await until(pilot.pause, lambda: workers.get_row("worker-1")[3] == "revoked")
+    worker, _ = await client.get_worker("worker-1")
+    assert worker.revoked_reason == "revoked from the TUI"
