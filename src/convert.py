@@ -295,11 +295,13 @@ def worker_to_pb(w: Worker, active_runs: list[RunId] | None = None) -> pb.Worker
         active_runs=len(active_runs or ()),
         status=int(w.status),  # type: ignore[arg-type]
         run_ids=list(active_runs or ()),
+        revoked_reason=w.revoked_reason,
     )
     ts_to_pb(w.connected_at, out.connected_at)
     ts_to_pb(w.last_heartbeat_at, out.last_heartbeat_at)
     ts_to_pb(w.certificate_expires_at, out.certificate_expires_at)
     ts_to_pb(w.first_seen_at, out.first_seen_at)
+    ts_to_pb(w.revoked_at, out.revoked_at)
     return out
 
 
@@ -316,6 +318,8 @@ def worker_from_pb(m: pb.Worker) -> tuple[Worker, list[RunId]]:
         connected_at=ts_from_pb(m, "connected_at"),
         last_heartbeat_at=ts_from_pb(m, "last_heartbeat_at"),
         certificate_expires_at=ts_from_pb(m, "certificate_expires_at"),
+        revoked_at=ts_from_pb(m, "revoked_at"),
+        revoked_reason=m.revoked_reason,
     )
     return worker, [RunId(r) for r in m.run_ids]
 

@@ -442,6 +442,14 @@ class Client:
         )
         return convert.worker_from_pb(message)[0]
 
+    async def revoke_worker(self, worker_id: str, reason: str = "") -> Worker:
+        """Cut the worker off at once and for good; its runs are retried elsewhere."""
+        message = await self._worker_stub().RevokeWorker(
+            workers_pb2.RevokeWorkerRequest(worker_id=WorkerId(worker_id), reason=reason),
+            timeout=self.timeout,
+        )
+        return convert.worker_from_pb(message)[0]
+
     # --- events (issue 6) ---------------------------------------------------------------------
 
     async def watch_events(

@@ -228,6 +228,19 @@ def _usage(parser: argparse.ArgumentParser) -> int:
     return EXIT_USAGE
 
 
+def _add_revoke(subparsers: Any) -> None:
+    """`worker revoke` (the spelling of the security docs) and `workers revoke`."""
+    p = _leaf(
+        subparsers,
+        "revoke",
+        cmd_workers_revoke,
+        help="cut a worker off at once and for good; its runs are retried elsewhere",
+    )
+    p.add_argument("worker_id", metavar="ID")
+    p.add_argument("--reason", default="", help="recorded with the revocation")
+    _add_output(p)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="taskrun",
@@ -284,7 +297,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     # worker
-    worker = _group(commands, "worker", "run a worker daemon")
+    worker = _group(commands, "worker", "run a worker daemon, or revoke a worker")
     p = _leaf(
         worker,
         "run",
@@ -308,6 +321,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="serve Prometheus /metrics on host:port (TASKRUN_METRICS_LISTEN; default off)",
     )
+    _add_revoke(worker)
 
     # task
     task = _group(commands, "task", "create, inspect, follow and cancel tasks")
@@ -441,6 +455,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("worker_id", metavar="ID")
     _add_output(p)
+    _add_revoke(workers)
 
     schedule_cmd.register(commands)
     events_cmd.register(commands)  # issue 6: `taskrun events`, `taskrun tui`
@@ -990,6 +1005,21 @@ def cmd_workers_drain(args: argparse.Namespace) -> int:
         _write(output.dumps(output.to_json_value(worker)))
     else:
         _write(f"worker {worker.id} {output.status_name(worker.status)}\n")
+    return EXIT_OK
+
+
+def cmd_workers_revoke(args: argparse.Namespace) -> int:
+    client = _client(args)
+
+    async def run() -> Any:
+        async with client:
+            return await client.revoke_worker(args.worker_id, args.reason)
+
+    worker = asyncio.run(run())
+    if args.output == "json":
+        _write(output.dumps(output.to_json_value(worker)))
+    else:
+        _write(f"worker {worker.id} {output.status_name(worker.status)}: {worker.revoked_reason}\n")
     return EXIT_OK
 
 

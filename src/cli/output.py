@@ -357,6 +357,10 @@ def worker_detail(worker: Worker, run_ids: Sequence[RunId], now: datetime) -> st
         ("Last heartbeat", format_when(worker.last_heartbeat_at, now)),
         ("Cert expires", _format_expiry(worker.certificate_expires_at, now)),
     ]
+    if worker.revoked_at is not None:
+        fields.append(
+            ("Revoked", f"{format_when(worker.revoked_at, now)}: {worker.revoked_reason}")
+        )
     out = render_fields(fields)
     out += "Agents:\n" if worker.agents else "Agents:  none\n"
     for agent in worker.agents:

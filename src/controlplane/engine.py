@@ -26,7 +26,7 @@ from taskrun.controlplane.events import Captured, EventHub
 from taskrun.controlplane.followers import FollowHub
 from taskrun.controlplane.session import WorkerSession
 from taskrun.convert import backend_from_pb, usage_from_pb
-from taskrun.core.errors import FailedPrecondition, NotFound
+from taskrun.core.errors import FailedPrecondition, NotFound, PermissionDenied
 from taskrun.core.ids import RunId, TaskId, WorkerId, new_run_id, new_task_id
 from taskrun.core.models import OutputChunk, OutputKind, Run, Task, TaskSpec, Worker, utcnow
 from taskrun.core.status import (
@@ -609,6 +609,56 @@ class Engine:
         self.set_draining(session)
         session.send_drain()
         return worker
+
+    async def revoke_worker(self, worker_id: WorkerId, reason: str) -> Worker:
+        """Cut a worker's identity off for good: close its stream, lose its runs at once (no
+        grace window; retried elsewhere per policy) and refuse it from now on. Durable on return.
+        """
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            raise NotFound(f"no worker {worker_id!r}", field="worker_id")
+        if worker.status is WorkerStatus.REVOKED:
+            raise FailedPrecondition(
+                f"worker {worker_id} was already revoked: {worker.revoked_reason}",
+                field="worker_id",
+            )
+        reason = reason or "revoked by an operator"
+        session = self.sessions.pop(worker_id, None)
+        if session is not None:
+            worker = session.worker
+            session.closed = True
+            session.kick(f"worker {worker_id} was revoked: {reason}", denied=True)
+        worker.status = WorkerStatus.REVOKED
+        worker.revoked_at, worker.revoked_reason = utcnow(), reason
+        self.workers[worker_id] = worker
+        changes = ChangeSet(workers=[replace(worker)])
+        lost: list[Task | None] = []
+        for run in [r for r in self.runs.values() if r.worker_id == worker_id]:
+            if run.status.active:
+                self._forget_orphan(run.id)
+                lost.append(
+                    self._end_run(run, RunStatus.LOST, changes, error=f"worker revoked: {reason}")
+                )
+            elif run.status is RunStatus.PENDING and run.prompt:
+                # a follow-up waiting for this worker's session: it can never run now
+                self.queue.remove(run.id)
+                error = f"worker revoked: {reason}"
+                lost.append(self._end_run(run, RunStatus.FAILED, changes, error=error, retry=False))
+
+        def effect() -> None:
+            for task in lost:
+                self._publish(task)
+            self.request_dispatch()
+
+        await asyncio.shield(self._commit(changes, effect))
+        log.warning("worker revoked", worker_id=worker_id, reason=reason, runs_ended=len(lost))
+        return worker
+
+    def check_not_revoked(self, worker_id: WorkerId) -> None:
+        """Raise PermissionDenied when `worker_id` was revoked (checked before every attach)."""
+        worker = self.workers.get(worker_id)
+        if worker is not None and worker.status is WorkerStatus.REVOKED:
+            raise PermissionDenied(f"worker {worker_id} was revoked: {worker.revoked_reason}")
 
     def set_draining(self, session: WorkerSession) -> None:
         if session.draining:

@@ -354,6 +354,19 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
         log.info("drain requested", worker_id=worker.id, by=str(principal))
         return convert.worker_to_pb(worker, self.engine.worker_runs(worker.id))
 
+    @domain_errors
+    async def RevokeWorker(
+        self, request: workers_pb2.RevokeWorkerRequest, context: grpc.aio.ServicerContext
+    ) -> pb.Worker:
+        principal = await require(context, PrincipalKind.OPERATOR)
+        if not request.worker_id:
+            raise errors.InvalidArgument("must not be empty", field="worker_id")
+        if len(request.reason) > 1024:
+            raise errors.InvalidArgument("must be at most 1024 characters", field="reason")
+        worker = await self.engine.revoke_worker(WorkerId(request.worker_id), request.reason)
+        log.info("revoke requested", worker_id=worker.id, by=str(principal))
+        return convert.worker_to_pb(worker)
+
 
 def _worker_from_hello(hello: workers_pb2.WorkerHello) -> Worker:
     """Validate a hello (INVALID_ARGUMENT naming the field) and turn it into a Worker."""
@@ -409,6 +422,7 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
             )
             return
         try:
+            self.engine.check_not_revoked(WorkerId(hello.worker_id))
             worker = _worker_from_hello(hello)
         except errors.TaskRunError as exc:
             await context.abort(_CODES[type(exc)], str(exc))
@@ -458,7 +472,12 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
                         await t
             engine.detach(session)
         if session.kick_reason:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, session.kick_reason)
+            code = (
+                grpc.StatusCode.PERMISSION_DENIED
+                if session.kick_denied
+                else grpc.StatusCode.UNAVAILABLE
+            )
+            await context.abort(code, session.kick_reason)
 
     async def _watch(self, session: WorkerSession) -> None:
         """End the session when the worker has been silent past the heartbeat timeout."""

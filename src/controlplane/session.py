@@ -25,6 +25,7 @@ class WorkerSession:
         self.last_seen = time.monotonic()
         self.closed = False
         self.kick_reason = ""
+        self.kick_denied = False  # ended because the identity was revoked: PERMISSION_DENIED
         self.handler: asyncio.Task[object] | None = None
         self._assignments: list[wpb.RunAssignment] = []
         self._cancels: list[wpb.CancelRun] = []
@@ -86,8 +87,12 @@ class WorkerSession:
             self._drain = False
             await write(msg)
 
-    def kick(self, reason: str) -> None:
-        """End this session from outside its handler (replaced, revoked, heartbeat lost)."""
+    def kick(self, reason: str, *, denied: bool = False) -> None:
+        """End this session from outside its handler (replaced, revoked, heartbeat lost).
+
+        `denied` ends the call PERMISSION_DENIED (the worker must not retry), else UNAVAILABLE.
+        """
         self.kick_reason = reason
+        self.kick_denied = denied
         if self.handler is not None and not self.handler.done():
             self.handler.cancel()

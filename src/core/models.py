@@ -151,6 +151,8 @@ class Worker:
     connected_at: datetime | None = None
     last_heartbeat_at: datetime | None = None
     certificate_expires_at: datetime | None = None
+    revoked_at: datetime | None = None  # revoked by an operator: refused for good
+    revoked_reason: str = ""
 
 
 class OutputKind(IntEnum):

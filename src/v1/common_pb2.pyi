@@ -242,7 +242,7 @@ class OutputChunk(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., seq: _Optional[int] = ..., kind: _Optional[_Union[OutputKind, str]] = ..., data: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("id", "hostname", "version", "agents", "labels", "max_concurrent_runs", "active_runs", "status", "connected_at", "last_heartbeat_at", "certificate_expires_at", "first_seen_at", "run_ids")
+    __slots__ = ("id", "hostname", "version", "agents", "labels", "max_concurrent_runs", "active_runs", "status", "connected_at", "last_heartbeat_at", "certificate_expires_at", "first_seen_at", "run_ids", "revoked_at", "revoked_reason")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -263,6 +263,8 @@ class Worker(_message.Message):
     CERTIFICATE_EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
     FIRST_SEEN_AT_FIELD_NUMBER: _ClassVar[int]
     RUN_IDS_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     hostname: str
     version: str
@@ -276,4 +278,6 @@ class Worker(_message.Message):
     certificate_expires_at: _timestamp_pb2.Timestamp
     first_seen_at: _timestamp_pb2.Timestamp
     run_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., version: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[AgentSpec, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., max_concurrent_runs: _Optional[int] = ..., active_runs: _Optional[int] = ..., status: _Optional[_Union[WorkerStatus, str]] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    revoked_at: _timestamp_pb2.Timestamp
+    revoked_reason: str
+    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., version: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[AgentSpec, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., max_concurrent_runs: _Optional[int] = ..., active_runs: _Optional[int] = ..., status: _Optional[_Union[WorkerStatus, str]] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_ids: _Optional[_Iterable[str]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_reason: _Optional[str] = ...) -> None: ...

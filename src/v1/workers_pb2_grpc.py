@@ -51,6 +51,11 @@ class WorkerServiceStub:
                 request_serializer=taskrun_dot_v1_dot_workers__pb2.DrainWorkerRequest.SerializeToString,
                 response_deserializer=taskrun_dot_v1_dot_common__pb2.Worker.FromString,
                 _registered_method=True)
+        self.RevokeWorker = channel.unary_unary(
+                '/taskrun.v1.WorkerService/RevokeWorker',
+                request_serializer=taskrun_dot_v1_dot_workers__pb2.RevokeWorkerRequest.SerializeToString,
+                response_deserializer=taskrun_dot_v1_dot_common__pb2.Worker.FromString,
+                _registered_method=True)
 
 
 class WorkerServiceServicer:
@@ -76,6 +81,14 @@ class WorkerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RevokeWorker(self, request, context):
+        """Cut the worker's identity off at once and for good: its stream is closed, its runs are
+        lost (and retried elsewhere per policy), and it can never connect again.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WorkerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -92,6 +105,11 @@ def add_WorkerServiceServicer_to_server(servicer, server):
             'DrainWorker': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainWorker,
                     request_deserializer=taskrun_dot_v1_dot_workers__pb2.DrainWorkerRequest.FromString,
+                    response_serializer=taskrun_dot_v1_dot_common__pb2.Worker.SerializeToString,
+            ),
+            'RevokeWorker': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeWorker,
+                    request_deserializer=taskrun_dot_v1_dot_workers__pb2.RevokeWorkerRequest.FromString,
                     response_serializer=taskrun_dot_v1_dot_common__pb2.Worker.SerializeToString,
             ),
     }
@@ -176,6 +194,33 @@ class WorkerService:
             target,
             '/taskrun.v1.WorkerService/DrainWorker',
             taskrun_dot_v1_dot_workers__pb2.DrainWorkerRequest.SerializeToString,
+            taskrun_dot_v1_dot_common__pb2.Worker.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeWorker(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskrun.v1.WorkerService/RevokeWorker',
+            taskrun_dot_v1_dot_workers__pb2.RevokeWorkerRequest.SerializeToString,
             taskrun_dot_v1_dot_common__pb2.Worker.FromString,
             options,
             channel_credentials,

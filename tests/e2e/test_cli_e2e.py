@@ -278,6 +278,14 @@ def test_workers_list_shows_the_worker(deployment: Deployment) -> None:
     assert unknown.stderr.startswith("error: NOT_FOUND: ")
 
 
+def test_worker_revoke_of_an_unknown_worker_exits_2_with_not_found(
+    deployment: Deployment,
+) -> None:
+    result = deployment.run("worker", "revoke", "no-such-worker", "--reason", "e2e")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: NOT_FOUND: ")
+
+
 def test_cancelling_a_followed_task_makes_follow_exit_130(deployment: Deployment) -> None:
     follow = deployment.start(
         "follow", "task", "create", "echo", "--input",

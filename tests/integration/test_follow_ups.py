@@ -104,3 +104,27 @@ async def test_follow_up_refusals(cluster: Cluster) -> None:
     await refused("tsk_00000000000000000000000000", "x", grpc.StatusCode.NOT_FOUND, "task_id")
     _, runs = await client.get_task(done.id)
     assert [r.status for r in runs] == [RunStatus.COMPLETED]
+
+
+async def test_a_follow_up_waiting_for_a_revoked_worker_fails(
+    api: FakeAnthropic,  # noqa: F811
+    workdir: Path,  # noqa: F811
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    busy = await cluster.start_worker("worker-1", agents=["claude_code", "echo"], capacity=1)
+    client = cluster.client()
+    api.enqueue(Text("Noted."))
+    task = await client.create_task("claude_code", {"prompt": "Note it.", "cwd": str(workdir)})
+    assert (await client.wait(task.id)).status is TaskStatus.COMPLETED
+    await client.create_task("echo", {"text": "zz", "chunks": 2, "delay": 2})
+    async with asyncio.timeout(10):
+        while not busy.runs:
+            await asyncio.sleep(0.01)
+    continued = await client.continue_task(task.id, "Still there?")
+    assert continued.status is TaskStatus.PENDING  # worker-1's only slot is taken
+    await client.revoke_worker("worker-1", "decommissioned")
+    final, runs = await client.get_task(task.id)
+    assert final.status is TaskStatus.FAILED
+    assert "worker revoked: decommissioned" in final.error
+    assert runs[-1].status is RunStatus.FAILED

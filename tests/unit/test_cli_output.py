@@ -282,6 +282,16 @@ def test_worker_detail_lists_agents_with_their_backends() -> None:
     assert "Active runs:\n  run_1\n" in text
 
 
+def test_worker_detail_says_when_and_why_a_worker_was_revoked() -> None:
+    worker = make_worker()
+    assert "Revoked" not in output.worker_detail(worker, [], NOW)
+    worker.status, worker.revoked_reason = WorkerStatus.REVOKED, "stolen laptop"
+    worker.revoked_at = NOW - timedelta(minutes=5)
+    text = output.worker_detail(worker, [], NOW)
+    assert "revoked" in text
+    assert "(5m ago): stolen laptop\n" in text
+
+
 def test_event_chunks_are_one_line() -> None:
     assert (
         output.format_event('{"type": "tool_use", "name": "bash"}') == 'tool_use {"name": "bash"}'

@@ -243,6 +243,17 @@ def test_status_filters_accept_repeats_and_commas() -> None:
     assert cli.flatten(args.status) == [WorkerStatus.ONLINE]
 
 
+def test_revoke_is_spelled_worker_revoke_and_workers_revoke() -> None:
+    for group in ("worker", "workers"):
+        args = parse(group, "revoke", "worker-3", "--reason", "stolen")
+        assert (args.func, args.worker_id, args.reason) == (
+            cli.cmd_workers_revoke,
+            "worker-3",
+            "stolen",
+        )
+    assert parse("worker", "revoke", "worker-3").reason == ""
+
+
 def test_unknown_status_is_a_usage_error(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exc:
         parse("task", "list", "--status", "done")

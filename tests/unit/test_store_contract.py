@@ -472,6 +472,14 @@ async def test_worker_round_trips(store: Store) -> None:
     assert await store.get_worker(bare.id) == bare
 
 
+async def test_revoked_worker_round_trips_with_when_and_why(store: Store) -> None:
+    worker = full_worker("w-r", WorkerStatus.REVOKED)
+    worker.revoked_at, worker.revoked_reason = T0 + timedelta(hours=1), "stolen laptop"
+    await store.apply(ChangeSet(workers=[worker]))
+    assert await store.get_worker(worker.id) == worker
+    assert await store.list_workers(frozenset({WorkerStatus.REVOKED})) == [worker]
+
+
 async def test_list_workers_filters_by_status_ordered_by_id(store: Store) -> None:
     workers = [
         full_worker("w-c", WorkerStatus.ONLINE),
@@ -801,6 +809,29 @@ async def test_sqlite_migrates_a_version_1_file_keeping_its_data(tmp_path: Path)
         assert await store.get_task(tid(1)) == make_task(1)
         await store.apply(ChangeSet(schedules=[full_schedule()]))
         assert await store.get_schedule("monthly") == full_schedule()
+    finally:
+        await store.close()
+    assert schema_of(path)[0] == SCHEMA_VERSION
+
+
+async def test_sqlite_migrates_a_version_2_file_keeping_its_workers(tmp_path: Path) -> None:
+    from taskrun.controlplane.store.sqlite import MIGRATIONS
+
+    path = tmp_path / "t.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in (*MIGRATIONS[0], *MIGRATIONS[1]):
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO workers VALUES ('w-old', 'h', '1', '[]', '{}', 2, 3, NULL, NULL, NULL, NULL)"
+    )
+    conn.execute("PRAGMA user_version = 2")
+    conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert store.migrations_applied == SCHEMA_VERSION - 2
+        old = await store.get_worker(WorkerId("w-old"))
+        assert old == Worker(id=WorkerId("w-old"), hostname="h", version="1", max_concurrent_runs=2)
     finally:
         await store.close()
     assert schema_of(path)[0] == SCHEMA_VERSION

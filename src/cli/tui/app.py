@@ -8,6 +8,7 @@ import grpc
 from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
+from textual.css.query import NoMatches
 from textual.widgets import DataTable, Footer, Input, TabbedContent, TabPane
 
 from taskrun.cli.client import Client, FleetEvent
@@ -36,6 +37,7 @@ class TaskRunApp(App[None]):
         Binding("enter", "open_run", "run", show=False),
         Binding("c", "cancel", "cancel"),
         Binding("d", "drain", "drain"),
+        Binding("R", "revoke", "revoke", show=False),
         Binding("s", "cycle_status", "status"),
         Binding("a", "cycle_agent", "agent", show=False),
         Binding("slash", "search", "search"),
@@ -92,7 +94,8 @@ class TaskRunApp(App[None]):
         self.query_one(EventsPane).refresh_from(self.state)
 
     def tick(self) -> None:
-        self.query_one(FleetHeader).refresh_from(self.state)
+        with contextlib.suppress(NoMatches):  # no header while the screens change or close
+            self.query_one(FleetHeader).refresh_from(self.state)
 
     # --- actions -----------------------------------------------------------------------------
 
@@ -171,6 +174,32 @@ class TaskRunApp(App[None]):
         try:
             await self.client.drain_worker(worker_id)
             self.notify(f"worker {worker_id} draining")
+        except grpc.aio.AioRpcError as exc:
+            self.notify(f"{exc.code().name}: {exc.details()}", severity="error")
+
+    def action_revoke(self) -> None:
+        if self.query_one(TabbedContent).active != "workers":
+            self.notify("select a worker on the Workers tab (1) to revoke it")
+            return
+        worker_id = self.query_one(WorkersTable).selected_key()
+        if not worker_id:
+            return
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.revoke_worker(worker_id)
+
+        message = (
+            f"Revoke worker {worker_id}? It is cut off at once and for good; "
+            "its runs are retried elsewhere."
+        )
+        self.push_screen(ConfirmScreen(message), answered)
+
+    @work(group="actions")
+    async def revoke_worker(self, worker_id: str) -> None:
+        try:
+            await self.client.revoke_worker(worker_id, "revoked from the TUI")
+            self.notify(f"worker {worker_id} revoked")
         except grpc.aio.AioRpcError as exc:
             self.notify(f"{exc.code().name}: {exc.details()}", severity="error")
 

@@ -25,6 +25,7 @@ HELP = """\
   enter         open the selected task's run: live output, events, usage
   c             cancel the selected task (asks first)
   d             drain the selected worker (asks first)
+  R             revoke the selected worker: cut off for good (asks first)
   s / a         filter tasks by status / by agent (cycles)
   /             search tasks by id
   escape        back;  ?  this help;  q  quit

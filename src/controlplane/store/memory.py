@@ -138,7 +138,13 @@ class MemoryStore:
             new_runs.add(r.id)
         for w in changes.workers:
             _check_aware(
-                (w.first_seen_at, w.connected_at, w.last_heartbeat_at, w.certificate_expires_at)
+                (
+                    w.first_seen_at,
+                    w.connected_at,
+                    w.last_heartbeat_at,
+                    w.certificate_expires_at,
+                    w.revoked_at,
+                )
             )
         for c in changes.chunks:
             _check_aware((c.time,))

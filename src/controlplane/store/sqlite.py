@@ -159,6 +159,11 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             last_outcome   TEXT NOT NULL
         ) WITHOUT ROWID""",
     ),
+    # 3: worker revocation (operators cut an identity off for good)
+    (
+        "ALTER TABLE workers ADD COLUMN revoked_at INTEGER",
+        "ALTER TABLE workers ADD COLUMN revoked_reason TEXT NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -211,6 +216,8 @@ _WORKER_COLUMNS: Final = (
     "connected_at",
     "last_heartbeat_at",
     "certificate_expires_at",
+    "revoked_at",
+    "revoked_reason",
 )
 
 
@@ -474,6 +481,8 @@ def _worker_row(w: Worker) -> Row:
         _us_or_none(w.connected_at),
         _us_or_none(w.last_heartbeat_at),
         _us_or_none(w.certificate_expires_at),
+        _us_or_none(w.revoked_at),
+        w.revoked_reason,
     )
 
 
@@ -490,6 +499,8 @@ def _worker(r: Row) -> Worker:
         connected_at=_dt_or_none(r[8]),
         last_heartbeat_at=_dt_or_none(r[9]),
         certificate_expires_at=_dt_or_none(r[10]),
+        revoked_at=_dt_or_none(r[11]),
+        revoked_reason=r[12],
     )
 
 
