@@ -59,6 +59,10 @@ class FatalSessionError(Exception):
     """The server refused this worker in a way retrying cannot fix."""
 
 
+class SessionLost(Exception):
+    """An established session ended; reconnecting starts a fresh backoff."""
+
+
 class WorkerDaemon:
     def __init__(self, config: WorkerConfig, agents: dict[str, Agent]) -> None:
         self.config = config
@@ -104,6 +108,9 @@ class WorkerDaemon:
                         if self._exit.is_set():
                             break
                         await self._session()
+            except SessionLost as exc:
+                # it was up: reconnect at once, then back off from the start again
+                self.log.warning("lost the control plane; reconnecting", error=str(exc))
             except FatalSessionError as exc:
                 self.log.error("server refused this worker", reason=str(exc))
                 self._stop_all_runs("the server refused this worker")
@@ -211,7 +218,12 @@ class WorkerDaemon:
                         raise FatalSessionError(f"{code.name}: {details}")
                     raise ConnectionError(f"session refused: {code.name}: {details}")
                 self._params = first.params
-                await self._serve(call)
+                try:
+                    await self._serve(call)
+                except (ConnectionError, grpc.aio.AioRpcError) as exc:
+                    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() in FATAL_CODES:
+                        raise
+                    raise SessionLost(_describe(exc)) from exc
             except grpc.aio.AioRpcError as exc:
                 if exc.code() in FATAL_CODES:
                     raise FatalSessionError(f"{exc.code().name}: {exc.details()}") from None
@@ -404,7 +416,7 @@ class WorkerDaemon:
 
 def _retryable(exc: BaseException) -> bool:
     """Connection trouble is retried; refusals and cancellation are not."""
-    return isinstance(exc, Exception) and not isinstance(exc, FatalSessionError)
+    return isinstance(exc, Exception) and not isinstance(exc, FatalSessionError | SessionLost)
 
 
 def _failed(a: wpb.RunAssignment, error: str) -> wpb.RunStatusUpdate:
