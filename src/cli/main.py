@@ -13,7 +13,7 @@ import asyncio
 import contextlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -32,6 +32,7 @@ from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.validation import parse_label_args, validate_input, validate_task_spec
 
 E = TypeVar("E", bound=IntEnum)
+T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -893,14 +894,19 @@ def cmd_task_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def cmd_task_get(args: argparse.Namespace) -> int:
+def _one_call(args: argparse.Namespace, call: Callable[[Client], Awaitable[T]]) -> T:
+    """Open a client from the flags, make one call, close it."""
     client = _client(args)
 
-    async def run() -> tuple[Task, list[Any]]:
+    async def run() -> T:
         async with client:
-            return await client.get_task(args.task_id)
+            return await call(client)
 
-    task, runs = asyncio.run(run())
+    return asyncio.run(run())
+
+
+def cmd_task_get(args: argparse.Namespace) -> int:
+    task, runs = _one_call(args, lambda c: c.get_task(args.task_id))
     if args.output == "json":
         _write(output.dumps(output.task_doc(task, runs)))
     else:
@@ -909,13 +915,7 @@ def cmd_task_get(args: argparse.Namespace) -> int:
 
 
 def cmd_task_cancel(args: argparse.Namespace) -> int:
-    client = _client(args)
-
-    async def run() -> Task:
-        async with client:
-            return await client.cancel_task(args.task_id, args.reason)
-
-    task = asyncio.run(run())
+    task = _one_call(args, lambda c: c.cancel_task(args.task_id, args.reason))
     if args.output == "json":
         _write(output.dumps(output.task_doc(task)))
     else:
@@ -979,13 +979,7 @@ def cmd_workers_list(args: argparse.Namespace) -> int:
 
 
 def cmd_workers_get(args: argparse.Namespace) -> int:
-    client = _client(args)
-
-    async def run() -> tuple[Any, Any]:
-        async with client:
-            return await client.get_worker(args.worker_id)
-
-    worker, runs = asyncio.run(run())
+    worker, runs = _one_call(args, lambda c: c.get_worker(args.worker_id))
     if args.output == "json":
         _write(output.dumps(output.worker_doc(worker, runs)))
     else:
@@ -994,13 +988,7 @@ def cmd_workers_get(args: argparse.Namespace) -> int:
 
 
 def cmd_workers_drain(args: argparse.Namespace) -> int:
-    client = _client(args)
-
-    async def run() -> Any:
-        async with client:
-            return await client.drain_worker(args.worker_id)
-
-    worker = asyncio.run(run())
+    worker = _one_call(args, lambda c: c.drain_worker(args.worker_id))
     if args.output == "json":
         _write(output.dumps(output.to_json_value(worker)))
     else:
@@ -1009,13 +997,7 @@ def cmd_workers_drain(args: argparse.Namespace) -> int:
 
 
 def cmd_workers_revoke(args: argparse.Namespace) -> int:
-    client = _client(args)
-
-    async def run() -> Any:
-        async with client:
-            return await client.revoke_worker(args.worker_id, args.reason)
-
-    worker = asyncio.run(run())
+    worker = _one_call(args, lambda c: c.revoke_worker(args.worker_id, args.reason))
     if args.output == "json":
         _write(output.dumps(output.to_json_value(worker)))
     else:
