@@ -26,7 +26,7 @@ from typing import Any, Self, cast
 import grpc
 
 from taskrun import convert
-from taskrun.cli.credentials import load_credentials, resolve_settings
+from taskrun.cli.credentials import OperatorSettings, load_credentials, resolve_settings
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, TaskPolicy, TaskSpec, Worker
 from taskrun.core.schedule import Schedule
@@ -174,6 +174,11 @@ class Client:
             server_name=server_name,
             env=env,
         )
+        return cls.from_settings(settings, **kwargs)
+
+    @classmethod
+    def from_settings(cls, settings: OperatorSettings, **kwargs: Any) -> Self:
+        """A client for resolved settings (reads the certificate files)."""
         creds = load_credentials(settings)
         return cls(
             settings.server,

@@ -625,15 +625,7 @@ def _stopped_following(state: FollowState) -> int:
 
 
 def _client(args: argparse.Namespace) -> Client:
-    settings = operator_settings(args)
-    credentials = creds.load_credentials(settings)
-    return Client(
-        settings.server,
-        ca=credentials.ca,
-        cert=credentials.cert,
-        key=credentials.key,
-        server_name=settings.server_name,
-    )
+    return Client.from_settings(operator_settings(args))
 
 
 def _write(text: str) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 
 import grpc
 from textual import work
@@ -154,9 +155,12 @@ class TaskRunApp(App[None]):
         except grpc.aio.AioRpcError as exc:
             self.notify(f"{exc.code().name}: {exc.details()}", severity="error")
 
-    def action_drain(self) -> None:
+    def _confirm_for_selected_worker(
+        self, verb: str, question: Callable[[str], str], act: Callable[[str], object]
+    ) -> None:
+        """Ask about the worker selected on the Workers tab; `act` on it if confirmed."""
         if self.query_one(TabbedContent).active != "workers":
-            self.notify("select a worker on the Workers tab (1) to drain it")
+            self.notify(f"select a worker on the Workers tab (1) to {verb} it")
             return
         worker_id = self.query_one(WorkersTable).selected_key()
         if not worker_id:
@@ -164,10 +168,16 @@ class TaskRunApp(App[None]):
 
         def answered(yes: bool | None) -> None:
             if yes:
-                self.drain_worker(worker_id)
+                act(worker_id)
 
-        message = f"Drain worker {worker_id}? It takes no new runs, finishes its runs and exits."
-        self.push_screen(ConfirmScreen(message), answered)
+        self.push_screen(ConfirmScreen(question(worker_id)), answered)
+
+    def action_drain(self) -> None:
+        self._confirm_for_selected_worker(
+            "drain",
+            lambda w: f"Drain worker {w}? It takes no new runs, finishes its runs and exits.",
+            self.drain_worker,
+        )
 
     @work(group="actions")
     async def drain_worker(self, worker_id: str) -> None:
@@ -178,22 +188,14 @@ class TaskRunApp(App[None]):
             self.notify(f"{exc.code().name}: {exc.details()}", severity="error")
 
     def action_revoke(self) -> None:
-        if self.query_one(TabbedContent).active != "workers":
-            self.notify("select a worker on the Workers tab (1) to revoke it")
-            return
-        worker_id = self.query_one(WorkersTable).selected_key()
-        if not worker_id:
-            return
-
-        def answered(yes: bool | None) -> None:
-            if yes:
-                self.revoke_worker(worker_id)
-
-        message = (
-            f"Revoke worker {worker_id}? It is cut off at once and for good; "
-            "its runs are retried elsewhere."
+        self._confirm_for_selected_worker(
+            "revoke",
+            lambda w: (
+                f"Revoke worker {w}? It is cut off at once and for good; "
+                "its runs are retried elsewhere."
+            ),
+            self.revoke_worker,
         )
-        self.push_screen(ConfirmScreen(message), answered)
 
     @work(group="actions")
     async def revoke_worker(self, worker_id: str) -> None:
