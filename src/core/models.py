@@ -153,6 +153,10 @@ class Worker:
     certificate_expires_at: datetime | None = None
     revoked_at: datetime | None = None  # revoked by an operator: refused for good
     revoked_reason: str = ""
+    # Labels bound to the worker's bootstrap token at enrollment; they override what the worker
+    # announces in its hello, so a worker cannot claim labels it was not enrolled with.
+    enrolled_labels: dict[str, str] = field(default_factory=dict)
+    enrolled_at: datetime | None = None
 
 
 class OutputKind(IntEnum):

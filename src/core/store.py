@@ -9,8 +9,10 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import Protocol
 
+from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
@@ -26,6 +28,10 @@ class ChangeSet:
     # Schedules: upserts by name, then deletions by name (deleting a missing one is a no-op).
     schedules: list[Schedule] = field(default_factory=list)
     deleted_schedules: list[str] = field(default_factory=list)
+    # Access control: token upserts by id; audit events are appended (the store numbers them).
+    bootstrap_tokens: list[BootstrapToken] = field(default_factory=list)
+    api_tokens: list[ApiToken] = field(default_factory=list)
+    audit_events: list[AuditEvent] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -35,6 +41,9 @@ class ChangeSet:
             or self.chunks
             or self.schedules
             or self.deleted_schedules
+            or self.bootstrap_tokens
+            or self.api_tokens
+            or self.audit_events
         )
 
     def merge(self, other: ChangeSet) -> None:
@@ -44,6 +53,9 @@ class ChangeSet:
         self.chunks.extend(other.chunks)
         self.schedules.extend(other.schedules)
         self.deleted_schedules.extend(other.deleted_schedules)
+        self.bootstrap_tokens.extend(other.bootstrap_tokens)
+        self.api_tokens.extend(other.api_tokens)
+        self.audit_events.extend(other.audit_events)
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,7 +110,38 @@ class ScheduleStore(Protocol):
         ...
 
 
-class Store(TaskStore, RunStore, WorkerStore, OutputStore, ScheduleStore, Protocol):
+class TokenStore(Protocol):
+    async def get_bootstrap_token(self, token_id: str) -> BootstrapToken | None: ...
+    async def list_bootstrap_tokens(self) -> list[BootstrapToken]:
+        """Every bootstrap token, oldest first."""
+        ...
+
+    async def consume_bootstrap_token(
+        self, token_id: str, now: datetime, host: str = ""
+    ) -> BootstrapToken | None:
+        """Atomically mark the token used (used_at=now, used_by_host=host) if it is neither used
+        nor revoked, and return it as updated; None when it is missing, used or revoked.
+
+        Expiry is deliberately not checked here: the caller consumes first and checks after, so
+        that a replay of any token, expired or not, always fails. Durable on return.
+        """
+        ...
+
+    async def get_api_token(self, token_id: str) -> ApiToken | None: ...
+    async def list_api_tokens(self) -> list[ApiToken]:
+        """Every API token, oldest first."""
+        ...
+
+
+class AuditStore(Protocol):
+    async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
+        """Newest first; at most query.limit; only ids below query.before_id when it is set."""
+        ...
+
+
+class Store(
+    TaskStore, RunStore, WorkerStore, OutputStore, ScheduleStore, TokenStore, AuditStore, Protocol
+):
     async def open(self) -> None: ...
 
     async def apply(self, changes: ChangeSet) -> None:

@@ -20,6 +20,14 @@ from taskrun.controlplane.store import (
     SqliteStore,
     open_store,
 )
+from taskrun.core.access import (
+    ApiToken,
+    AuditEvent,
+    AuditKind,
+    AuditQuery,
+    BootstrapToken,
+    Scope,
+)
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import (
     AgentSpec,
@@ -460,6 +468,8 @@ def full_worker(name: str = "w-1", status: WorkerStatus = WorkerStatus.ONLINE) -
         connected_at=T0 + timedelta(seconds=1),
         last_heartbeat_at=T0 + timedelta(seconds=2),
         certificate_expires_at=T0 + timedelta(days=30),
+        enrolled_labels={"zone": "eu", "ünï": "çødé"},
+        enrolled_at=T0 - timedelta(days=1),
     )
 
 
@@ -478,6 +488,32 @@ async def test_revoked_worker_round_trips_with_when_and_why(store: Store) -> Non
     await store.apply(ChangeSet(workers=[worker]))
     assert await store.get_worker(worker.id) == worker
     assert await store.list_workers(frozenset({WorkerStatus.REVOKED})) == [worker]
+
+
+async def test_worker_enrolled_labels_and_time_round_trip(store: Store) -> None:
+    worker = Worker(
+        id=WorkerId("w-e"),
+        labels={"gpu": "h100"},
+        enrolled_labels={"gpu": "a100", "team": "ml"},
+        enrolled_at=T0.astimezone(timezone(timedelta(hours=-5))),
+    )
+    await store.apply(ChangeSet(workers=[worker]))
+    got = await store.get_worker(worker.id)
+    assert got == worker
+    assert got is not None and got.enrolled_at is not None
+    assert got.enrolled_at.utcoffset() is not None
+    got.enrolled_labels["team"] = "changed"  # a copy
+    assert await store.list_workers() == [worker]
+    worker.enrolled_labels, worker.enrolled_at = {}, None  # and back to none
+    await store.apply(ChangeSet(workers=[worker]))
+    assert await store.get_worker(worker.id) == Worker(id=WorkerId("w-e"), labels={"gpu": "h100"})
+
+
+async def test_worker_with_naive_enrolled_at_is_rejected(store: Store) -> None:
+    worker = Worker(id=WorkerId("w-n"), enrolled_at=datetime(2026, 1, 1))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await store.apply(ChangeSet(workers=[worker]))
+    assert await store.get_worker(worker.id) is None
 
 
 async def test_list_workers_filters_by_status_ordered_by_id(store: Store) -> None:
@@ -665,6 +701,328 @@ async def test_stored_and_returned_schedules_are_copies(store: Store) -> None:
     assert await store.list_schedules() == [full_schedule()]
 
 
+# --- access control ----------------------------------------------------------------------------
+
+
+def make_bootstrap(n: int, **fields: object) -> BootstrapToken:
+    token = BootstrapToken(
+        id=f"{n:016x}",
+        secret_hash=f"{n:064x}",
+        worker_id=WorkerId(f"w-{n}"),
+        created_at=T0 + timedelta(seconds=n),
+        expires_at=T0 + timedelta(hours=1, seconds=n),
+    )
+    for name, value in fields.items():
+        setattr(token, name, value)
+    return token
+
+
+def full_bootstrap() -> BootstrapToken:
+    return make_bootstrap(
+        9,
+        labels={"gpu": "a100", "ünï": "çødé"},
+        created_by="alice",
+        used_at=T0 + timedelta(minutes=5, microseconds=7),
+        used_by_host="host-9",
+        revoked_at=T0 + timedelta(minutes=6),
+    )
+
+
+def make_api_token(n: int, **fields: object) -> ApiToken:
+    token = ApiToken(
+        id=f"{n:016x}",
+        secret_hash=f"{n:064x}",
+        name=f"ci-{n}",
+        scopes=frozenset({Scope.SUBMIT}),
+        created_at=T0 + timedelta(seconds=n),
+    )
+    for name, value in fields.items():
+        setattr(token, name, value)
+    return token
+
+
+def audit(n: int, kind: AuditKind = AuditKind.WORKER_ENROLLED) -> AuditEvent:
+    """An event as submitted (id 0); `stored(audit(n), id)` is how it comes back."""
+    return AuditEvent(
+        time=T0 + timedelta(seconds=n),
+        kind=kind,
+        principal=f"p{n}",
+        subject=f"s{n}",
+        peer="ipv4:127.0.0.1:5000",
+        detail=f"d{n} ünï",
+    )
+
+
+def stored(event: AuditEvent, event_id: int) -> AuditEvent:
+    return AuditEvent(
+        event.time, event.kind, event.principal, event.subject, event.peer, event.detail, event_id
+    )
+
+
+async def test_bootstrap_token_with_every_field_round_trips(store: Store) -> None:
+    token, bare = full_bootstrap(), make_bootstrap(1)
+    await store.apply(ChangeSet(bootstrap_tokens=[token, bare]))
+    assert await store.get_bootstrap_token(token.id) == token
+    assert await store.get_bootstrap_token(bare.id) == bare
+
+
+async def test_missing_tokens_are_none_and_none_are_listed(store: Store) -> None:
+    assert await store.get_bootstrap_token("0" * 16) is None
+    assert await store.get_api_token("0" * 16) is None
+    assert await store.list_bootstrap_tokens() == []
+    assert await store.list_api_tokens() == []
+    assert await store.list_audit_events(AuditQuery()) == []
+
+
+async def test_bootstrap_token_upsert_replaces_by_id(store: Store) -> None:
+    await store.apply(ChangeSet(bootstrap_tokens=[make_bootstrap(1), make_bootstrap(2)]))
+    revoked = make_bootstrap(1, revoked_at=T0 + timedelta(minutes=1), labels={"a": "b"})
+    await store.apply(ChangeSet(bootstrap_tokens=[revoked]))
+    assert await store.get_bootstrap_token(revoked.id) == revoked
+    assert await store.list_bootstrap_tokens() == [revoked, make_bootstrap(2)]
+
+
+async def test_tokens_are_listed_oldest_first(store: Store) -> None:
+    # created_at order, not id or insertion order; ties broken by id
+    tokens = [
+        make_bootstrap(3, created_at=T0),
+        make_bootstrap(1, created_at=T0 + timedelta(seconds=10)),
+        make_bootstrap(2, created_at=T0),
+    ]
+    api = [
+        make_api_token(3, created_at=T0),
+        make_api_token(1, created_at=T0 + timedelta(seconds=10)),
+        make_api_token(2, created_at=T0),
+    ]
+    await store.apply(ChangeSet(bootstrap_tokens=tokens[:1], api_tokens=api[:1]))
+    await store.apply(ChangeSet(bootstrap_tokens=tokens[1:], api_tokens=api[1:]))
+    assert await store.list_bootstrap_tokens() == [tokens[2], tokens[0], tokens[1]]
+    assert await store.list_api_tokens() == [api[2], api[0], api[1]]
+
+
+async def test_consume_bootstrap_token_succeeds_once(store: Store) -> None:
+    token = make_bootstrap(1, labels={"gpu": "a100"})
+    await store.apply(ChangeSet(bootstrap_tokens=[token]))
+    now = T0 + timedelta(minutes=1)
+    got = await store.consume_bootstrap_token(token.id, now, "host-a")
+    expected = make_bootstrap(1, labels={"gpu": "a100"}, used_at=now, used_by_host="host-a")
+    assert got == expected
+    assert await store.get_bootstrap_token(token.id) == expected
+    later = now + timedelta(seconds=1)
+    assert await store.consume_bootstrap_token(token.id, later, "host-b") is None
+    assert await store.get_bootstrap_token(token.id) == expected  # unchanged by the replay
+
+
+async def test_consume_refuses_revoked_and_missing_tokens(store: Store) -> None:
+    revoked = make_bootstrap(1, revoked_at=T0)
+    await store.apply(ChangeSet(bootstrap_tokens=[revoked]))
+    assert await store.consume_bootstrap_token(revoked.id, T0, "h") is None
+    assert await store.get_bootstrap_token(revoked.id) == revoked
+    assert await store.consume_bootstrap_token("f" * 16, T0, "h") is None
+    assert await store.get_bootstrap_token("f" * 16) is None
+
+
+async def test_consume_does_not_check_expiry(store: Store) -> None:
+    token = make_bootstrap(1)
+    await store.apply(ChangeSet(bootstrap_tokens=[token]))
+    now = token.expires_at + timedelta(days=1)
+    got = await store.consume_bootstrap_token(token.id, now)
+    assert got is not None
+    assert (got.used_at, got.used_by_host) == (now, "")
+    assert await store.consume_bootstrap_token(token.id, now) is None
+
+
+async def test_concurrent_consumes_have_exactly_one_winner(store: Store) -> None:
+    token = make_bootstrap(1)
+    await store.apply(ChangeSet(bootstrap_tokens=[token]))
+    results = await asyncio.gather(
+        *(store.consume_bootstrap_token(token.id, T0, f"host-{i}") for i in range(10))
+    )
+    winners = [r for r in results if r is not None]
+    assert len(winners) == 1
+    assert await store.get_bootstrap_token(token.id) == winners[0]
+    assert winners[0].used_by_host.startswith("host-")
+
+
+async def test_consume_sees_a_token_submitted_just_before(store: Store) -> None:
+    token = make_bootstrap(1)
+    written = store.submit(ChangeSet(bootstrap_tokens=[token]))  # not awaited yet
+    assert await store.consume_bootstrap_token(token.id, T0, "h") is not None
+    await written
+
+
+async def test_consume_with_naive_datetime_is_rejected(store: Store) -> None:
+    token = make_bootstrap(1)
+    await store.apply(ChangeSet(bootstrap_tokens=[token]))
+    with pytest.raises(ValueError, match="timezone-aware"):
+        await store.consume_bootstrap_token(token.id, datetime(2026, 1, 1))
+    assert await store.get_bootstrap_token(token.id) == token
+
+
+async def test_api_token_round_trips_with_scopes(store: Store) -> None:
+    forever = make_api_token(1, scopes=frozenset(Scope), created_by="alice")
+    expiring = make_api_token(
+        2,
+        scopes=frozenset({Scope.READ}),
+        expires_at=T0 + timedelta(days=90, microseconds=1),
+        revoked_at=T0 + timedelta(days=1),
+    )
+    await store.apply(ChangeSet(api_tokens=[forever, expiring]))
+    got = await store.get_api_token(forever.id)
+    assert got == forever
+    assert got is not None
+    assert got.expires_at is None
+    assert isinstance(got.scopes, frozenset)
+    assert all(isinstance(s, Scope) for s in got.scopes)
+    assert await store.get_api_token(expiring.id) == expiring
+    none = make_api_token(3, scopes=frozenset())
+    await store.apply(ChangeSet(api_tokens=[none]))
+    assert await store.get_api_token(none.id) == none
+
+
+async def test_api_token_upsert_replaces_by_id(store: Store) -> None:
+    await store.apply(ChangeSet(api_tokens=[make_api_token(1)]))
+    revoked = make_api_token(1, revoked_at=T0 + timedelta(hours=1), name="renamed")
+    await store.apply(ChangeSet(api_tokens=[revoked]))
+    assert await store.list_api_tokens() == [revoked]
+
+
+async def test_token_with_naive_datetime_fails_with_its_change_set(store: Store) -> None:
+    bad = [
+        ChangeSet(
+            tasks=[make_task(1)], bootstrap_tokens=[make_bootstrap(1, used_at=datetime(2026, 1, 1))]
+        ),
+        ChangeSet(
+            tasks=[make_task(1)], api_tokens=[make_api_token(1, expires_at=datetime(2026, 1, 1))]
+        ),
+        ChangeSet(
+            tasks=[make_task(1)],
+            audit_events=[AuditEvent(datetime(2026, 1, 1), AuditKind.WORKER_REVOKED)],
+        ),
+    ]
+    for changes in bad:
+        with pytest.raises(ValueError, match="timezone-aware"):
+            await store.apply(changes)
+    assert await store.get_task(tid(1)) is None
+    assert await store.list_bootstrap_tokens() == []
+    assert await store.list_api_tokens() == []
+    assert await store.list_audit_events(AuditQuery()) == []
+
+
+async def test_stored_and_returned_tokens_are_copies(store: Store) -> None:
+    token = make_bootstrap(1, labels={"gpu": "a100"})
+    await store.apply(ChangeSet(bootstrap_tokens=[token]))
+    token.labels["gpu"] = "leaked"
+    token.used_at = T0
+    got = await store.get_bootstrap_token(token.id)
+    assert got == make_bootstrap(1, labels={"gpu": "a100"})
+    assert got is not None
+    got.labels.clear()
+    consumed = await store.consume_bootstrap_token(got.id, T0)
+    assert consumed is not None
+    consumed.labels["x"] = "y"
+    assert (await store.list_bootstrap_tokens())[0].labels == {"gpu": "a100"}
+
+
+async def test_audit_events_get_increasing_ids_newest_first(store: Store) -> None:
+    await store.apply(ChangeSet(audit_events=[audit(1), audit(2)]))
+    await store.apply(ChangeSet(audit_events=[audit(3, AuditKind.CONNECTION_REJECTED)]))
+    assert await store.list_audit_events(AuditQuery()) == [
+        stored(audit(3, AuditKind.CONNECTION_REJECTED), 3),
+        stored(audit(2), 2),
+        stored(audit(1), 1),
+    ]
+
+
+async def test_audit_event_id_given_by_the_caller_is_ignored(store: Store) -> None:
+    await store.apply(ChangeSet(audit_events=[stored(audit(1), 42)]))
+    assert await store.list_audit_events(AuditQuery()) == [stored(audit(1), 1)]
+
+
+async def test_concurrent_audit_events_are_numbered_in_call_order(store: Store) -> None:
+    await asyncio.gather(*(store.apply(ChangeSet(audit_events=[audit(n)])) for n in range(1, 51)))
+    events = await store.list_audit_events(AuditQuery(limit=100))
+    assert events == [stored(audit(n), n) for n in range(50, 0, -1)]
+
+
+async def test_audit_limit_and_before_id_page_through(store: Store) -> None:
+    await store.apply(ChangeSet(audit_events=[audit(n) for n in range(1, 11)]))
+    first = await store.list_audit_events(AuditQuery(limit=4))
+    assert [e.id for e in first] == [10, 9, 8, 7]
+    second = await store.list_audit_events(AuditQuery(limit=4, before_id=first[-1].id))
+    assert [e.id for e in second] == [6, 5, 4, 3]
+    third = await store.list_audit_events(AuditQuery(limit=4, before_id=second[-1].id))
+    assert [e.id for e in third] == [2, 1]
+    assert await store.list_audit_events(AuditQuery(before_id=1)) == []
+    beyond = await store.list_audit_events(AuditQuery(limit=2, before_id=1000))
+    assert [e.id for e in beyond] == [10, 9]
+
+
+async def test_audit_kinds_filter(store: Store) -> None:
+    kinds = [AuditKind.WORKER_ENROLLED, AuditKind.ENROLLMENT_REJECTED, AuditKind.REQUEST_REJECTED]
+    await store.apply(ChangeSet(audit_events=[audit(n, kinds[n % 3]) for n in range(1, 13)]))
+    rejected = frozenset({AuditKind.ENROLLMENT_REJECTED, AuditKind.REQUEST_REJECTED})
+    got = await store.list_audit_events(AuditQuery(kinds=rejected))
+    assert [e.id for e in got] == [11, 10, 8, 7, 5, 4, 2, 1]
+    assert all(e.kind in rejected for e in got)
+    paged = await store.list_audit_events(AuditQuery(limit=3, before_id=10, kinds=rejected))
+    assert [e.id for e in paged] == [8, 7, 5]
+    only = frozenset({AuditKind.WORKER_ENROLLED})
+    assert [e.id for e in await store.list_audit_events(AuditQuery(kinds=only))] == [12, 9, 6, 3]
+    none = frozenset({AuditKind.API_TOKEN_REVOKED})
+    assert await store.list_audit_events(AuditQuery(kinds=none)) == []
+
+
+async def test_audit_list_rejects_non_positive_limit(store: Store) -> None:
+    with pytest.raises(ValueError, match="limit"):
+        await store.list_audit_events(AuditQuery(limit=0))
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+async def small_audit_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A store that keeps only 5 audit events."""
+    s: Store = (
+        MemoryStore(audit_retention=5)
+        if request.param == "memory"
+        else SqliteStore(tmp_path / "t.db", audit_retention=5)
+    )
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_audit_retention_drops_the_oldest(small_audit_store: Store) -> None:
+    store = small_audit_store
+    await store.apply(ChangeSet(audit_events=[audit(n) for n in range(1, 4)]))
+    assert [e.id for e in await store.list_audit_events(AuditQuery())] == [3, 2, 1]
+    await store.apply(ChangeSet(audit_events=[audit(n) for n in range(4, 8)]))
+    assert [e.id for e in await store.list_audit_events(AuditQuery())] == [7, 6, 5, 4, 3]
+    await store.apply(ChangeSet(audit_events=[audit(n) for n in range(8, 20)]))  # one change set
+    events = await store.list_audit_events(AuditQuery())
+    assert events == [stored(audit(n), n) for n in range(19, 14, -1)]  # ids are never reused
+    await asyncio.gather(*(store.apply(ChangeSet(audit_events=[audit(n)])) for n in range(20, 40)))
+    assert [e.id for e in await store.list_audit_events(AuditQuery())] == [39, 38, 37, 36, 35]
+
+
+@pytest.mark.parametrize("retention", [0, -1])
+def test_audit_retention_must_be_positive(tmp_path: Path, retention: int) -> None:
+    with pytest.raises(ValueError, match="audit_retention"):
+        MemoryStore(audit_retention=retention)
+    with pytest.raises(ValueError, match="audit_retention"):
+        SqliteStore(tmp_path / "t.db", audit_retention=retention)
+
+
+async def test_access_control_use_after_close_raises(store: Store) -> None:
+    await store.apply(ChangeSet(bootstrap_tokens=[make_bootstrap(1)]))
+    await store.close()
+    with pytest.raises(RuntimeError):
+        await store.consume_bootstrap_token(make_bootstrap(1).id, T0)
+    with pytest.raises(RuntimeError):
+        await store.list_audit_events(AuditQuery())
+    with pytest.raises(RuntimeError):
+        await store.get_api_token("0" * 16)
+
+
 # --- SQLite only ---------------------------------------------------------------------------------
 
 
@@ -835,6 +1193,115 @@ async def test_sqlite_migrates_a_version_2_file_keeping_its_workers(tmp_path: Pa
     finally:
         await store.close()
     assert schema_of(path)[0] == SCHEMA_VERSION
+
+
+async def test_sqlite_migrates_a_version_3_file_keeping_its_workers(tmp_path: Path) -> None:
+    from taskrun.controlplane.store.sqlite import MIGRATIONS
+
+    path = tmp_path / "t.db"
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in (*MIGRATIONS[0], *MIGRATIONS[1], *MIGRATIONS[2]):
+        conn.execute(statement)
+    conn.execute(
+        "INSERT INTO workers VALUES"
+        " ('w-old', 'h', '1', '[]', '{\"gpu\":\"a100\"}', 2, 3, 0, NULL, NULL, NULL, 5, 'gone')"
+    )
+    conn.execute("PRAGMA user_version = 3")
+    conn.close()
+    store = SqliteStore(path)
+    await store.open()
+    try:
+        assert store.migrations_applied == SCHEMA_VERSION - 3
+        old = await store.get_worker(WorkerId("w-old"))
+        assert old == Worker(
+            id=WorkerId("w-old"),
+            hostname="h",
+            version="1",
+            labels={"gpu": "a100"},
+            max_concurrent_runs=2,
+            status=WorkerStatus(3),
+            first_seen_at=datetime(1970, 1, 1, tzinfo=UTC),
+            revoked_at=datetime(1970, 1, 1, 0, 0, 0, 5, tzinfo=UTC),
+            revoked_reason="gone",
+        )
+        assert old.enrolled_labels == {}
+        assert old.enrolled_at is None
+        await store.apply(
+            ChangeSet(
+                workers=[full_worker()],
+                bootstrap_tokens=[make_bootstrap(1)],
+                api_tokens=[make_api_token(1)],
+                audit_events=[audit(1)],
+            )
+        )
+        assert await store.get_worker(WorkerId("w-1")) == full_worker()
+        assert await store.consume_bootstrap_token(make_bootstrap(1).id, T0) is not None
+        assert await store.list_api_tokens() == [make_api_token(1)]
+        assert await store.list_audit_events(AuditQuery()) == [stored(audit(1), 1)]
+    finally:
+        await store.close()
+    assert schema_of(path)[0] == SCHEMA_VERSION
+
+
+async def test_sqlite_consume_is_durable(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    first = SqliteStore(path)
+    await first.open()
+    token = make_bootstrap(1)
+    await first.apply(ChangeSet(bootstrap_tokens=[token]))
+    assert await first.consume_bootstrap_token(token.id, T0, "host-a") is not None
+    conn = sqlite3.connect(path)  # committed: another connection sees it at once
+    try:
+        used = conn.execute("SELECT used_by_host FROM bootstrap_tokens").fetchall()
+        assert used == [("host-a",)]
+    finally:
+        conn.close()
+    await first.close()
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        expected = make_bootstrap(1, used_at=T0, used_by_host="host-a")
+        assert await second.get_bootstrap_token(token.id) == expected
+        assert await second.consume_bootstrap_token(token.id, T0, "host-b") is None
+    finally:
+        await second.close()
+
+
+async def test_sqlite_access_control_survives_close_and_reopen(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    first = SqliteStore(path, audit_retention=3)
+    await first.open()
+    await first.apply(
+        ChangeSet(
+            bootstrap_tokens=[full_bootstrap()],
+            api_tokens=[make_api_token(1, scopes=frozenset(Scope))],
+            audit_events=[audit(n) for n in range(1, 6)],
+        )
+    )
+    await first.close()
+    second = SqliteStore(path, audit_retention=3)
+    await second.open()
+    try:
+        assert await second.list_bootstrap_tokens() == [full_bootstrap()]
+        assert await second.list_api_tokens() == [make_api_token(1, scopes=frozenset(Scope))]
+        await second.apply(ChangeSet(audit_events=[audit(6)]))
+        got = await second.list_audit_events(AuditQuery())
+        assert got == [stored(audit(6), 6), stored(audit(5), 5), stored(audit(4), 4)]
+    finally:
+        await second.close()
+
+
+async def test_sqlite_consume_runs_in_order_with_group_commits(
+    sqlite_store: SqliteStore,
+) -> None:
+    tokens = [make_bootstrap(n) for n in range(1, 21)]
+    writes = [sqlite_store.submit(ChangeSet(bootstrap_tokens=[t])) for t in tokens]
+    consumed = await asyncio.gather(
+        *(sqlite_store.consume_bootstrap_token(t.id, T0, "h") for t in tokens)
+    )
+    await asyncio.gather(*writes)
+    assert all(c is not None for c in consumed)
+    assert all(t.used_at == T0 for t in await sqlite_store.list_bootstrap_tokens())
 
 
 async def test_sqlite_schedules_survive_close_and_reopen(tmp_path: Path) -> None:

@@ -6,10 +6,12 @@ constraint violations raised as ValueError. Everything stored or returned is a c
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
 
+from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule, copy_schedule
@@ -36,7 +38,16 @@ def _copy_run(r: Run) -> Run:
 
 
 def _copy_worker(w: Worker) -> Worker:
-    return replace(w, labels=dict(w.labels))  # agents are immutable
+    # agents are immutable
+    return replace(w, labels=dict(w.labels), enrolled_labels=dict(w.enrolled_labels))
+
+
+def _copy_bootstrap(t: BootstrapToken) -> BootstrapToken:
+    return replace(t, labels=dict(t.labels))
+
+
+def _copy_api(t: ApiToken) -> ApiToken:
+    return replace(t)  # scopes is a frozenset
 
 
 def _check_aware(values: Iterable[datetime | None]) -> None:
@@ -46,9 +57,14 @@ def _check_aware(values: Iterable[datetime | None]) -> None:
 
 
 class MemoryStore:
-    """Dict-based `Store`; `open()` is optional, use after `close()` raises RuntimeError."""
+    """Dict-based `Store`; `open()` is optional, use after `close()` raises RuntimeError.
 
-    def __init__(self) -> None:
+    At most `audit_retention` audit events are kept: the oldest are dropped beyond that.
+    """
+
+    def __init__(self, *, audit_retention: int = 100_000) -> None:
+        if audit_retention < 1:
+            raise ValueError(f"audit_retention must be positive, got {audit_retention}")
         self.commits = 0
         self._tasks: dict[TaskId, Task] = {}
         self._by_key: dict[str, TaskId] = {}
@@ -56,6 +72,10 @@ class MemoryStore:
         self._workers: dict[WorkerId, Worker] = {}
         self._output: dict[RunId, dict[tuple[int, int], OutputChunk]] = {}
         self._schedules: dict[str, Schedule] = {}
+        self._bootstrap_tokens: dict[str, BootstrapToken] = {}
+        self._api_tokens: dict[str, ApiToken] = {}
+        self._audit: deque[AuditEvent] = deque(maxlen=audit_retention)  # oldest first
+        self._last_audit_id = 0  # ids are never reused, even after retention drops events
         self._closed = False
 
     async def open(self) -> None:
@@ -111,6 +131,13 @@ class MemoryStore:
             self._schedules[schedule.name] = copy_schedule(schedule)
         for name in changes.deleted_schedules:
             self._schedules.pop(name, None)
+        for token in changes.bootstrap_tokens:
+            self._bootstrap_tokens[token.id] = _copy_bootstrap(token)
+        for api_token in changes.api_tokens:
+            self._api_tokens[api_token.id] = _copy_api(api_token)
+        for event in changes.audit_events:  # frozen: no copy needed
+            self._last_audit_id += 1
+            self._audit.append(replace(event, id=self._last_audit_id))
         self.commits += 1
 
     def _validate(self, changes: ChangeSet) -> None:
@@ -144,6 +171,7 @@ class MemoryStore:
                     w.last_heartbeat_at,
                     w.certificate_expires_at,
                     w.revoked_at,
+                    w.enrolled_at,
                 )
             )
         for c in changes.chunks:
@@ -152,6 +180,11 @@ class MemoryStore:
                 raise ValueError(f"output chunk refers to unknown run {c.run_id}")
         for s in changes.schedules:
             _check_aware((s.created_at, s.updated_at, s.last_fire_time, s.next_fire_time))
+        for b in changes.bootstrap_tokens:
+            _check_aware((b.created_at, b.expires_at, b.used_at, b.revoked_at))
+        for a in changes.api_tokens:
+            _check_aware((a.created_at, a.expires_at, a.revoked_at))
+        _check_aware(e.time for e in changes.audit_events)
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -260,3 +293,56 @@ class MemoryStore:
     async def list_schedules(self) -> list[Schedule]:
         self._check_open()
         return [copy_schedule(self._schedules[n]) for n in sorted(self._schedules)]
+
+    # --- access control ------------------------------------------------------------------------
+
+    async def get_bootstrap_token(self, token_id: str) -> BootstrapToken | None:
+        self._check_open()
+        token = self._bootstrap_tokens.get(token_id)
+        return None if token is None else _copy_bootstrap(token)
+
+    async def list_bootstrap_tokens(self) -> list[BootstrapToken]:
+        """Oldest first: by (created_at, id)."""
+        self._check_open()
+        tokens = sorted(self._bootstrap_tokens.values(), key=lambda t: (t.created_at, t.id))
+        return [_copy_bootstrap(t) for t in tokens]
+
+    async def consume_bootstrap_token(
+        self, token_id: str, now: datetime, host: str = ""
+    ) -> BootstrapToken | None:
+        """Mark the token used if it is neither used nor revoked (expiry is not checked)."""
+        self._check_open()
+        _check_aware((now,))
+        token = self._bootstrap_tokens.get(token_id)
+        if token is None or token.used_at is not None or token.revoked_at is not None:
+            return None
+        token.used_at, token.used_by_host = now, host  # no await in between: atomic
+        self.commits += 1
+        return _copy_bootstrap(token)
+
+    async def get_api_token(self, token_id: str) -> ApiToken | None:
+        self._check_open()
+        token = self._api_tokens.get(token_id)
+        return None if token is None else _copy_api(token)
+
+    async def list_api_tokens(self) -> list[ApiToken]:
+        """Oldest first: by (created_at, id)."""
+        self._check_open()
+        tokens = sorted(self._api_tokens.values(), key=lambda t: (t.created_at, t.id))
+        return [_copy_api(t) for t in tokens]
+
+    async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
+        """Newest first; at most query.limit; only ids below query.before_id when it is set."""
+        self._check_open()
+        if query.limit < 1:
+            raise ValueError(f"limit must be positive, got {query.limit}")
+        out: list[AuditEvent] = []
+        for event in reversed(self._audit):
+            if query.before_id and event.id >= query.before_id:
+                continue
+            if query.kinds and event.kind not in query.kinds:
+                continue
+            out.append(event)
+            if len(out) == query.limit:
+                break
+        return out

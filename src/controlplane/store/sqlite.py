@@ -9,6 +9,8 @@ of the caller's objects cannot leak in) and queues them. One writer thread owns 
 connection: it takes everything queued, writes it in one transaction with ``executemany`` upserts,
 commits, then resolves every caller's future on its event loop. If that group transaction fails,
 each change set is retried in its own transaction so only the offending one gets the error.
+A write whose outcome the caller needs (consuming a bootstrap token: a conditional UPDATE) is
+queued the same way as a `_Call` and runs alone in its own transaction, in queue order.
 
 Reads run in a small thread pool; each thread has its own read-only connection, so reads see
 committed data and never wait behind the writer (WAL readers do not block on the writer).
@@ -31,10 +33,18 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import Any, Final, Generic, TypeVar
 
 import structlog
 
+from taskrun.core.access import (
+    ApiToken,
+    AuditEvent,
+    AuditKind,
+    AuditQuery,
+    BootstrapToken,
+    Scope,
+)
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import (
     AgentSpec,
@@ -164,6 +174,43 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE workers ADD COLUMN revoked_at INTEGER",
         "ALTER TABLE workers ADD COLUMN revoked_reason TEXT NOT NULL DEFAULT ''",
     ),
+    # 4: access control (bootstrap tokens, API tokens, audit events, labels bound at enrollment)
+    (
+        """CREATE TABLE bootstrap_tokens (
+            id           TEXT PRIMARY KEY,
+            secret_hash  TEXT NOT NULL,  -- SHA-256 of the secret, hex
+            worker_id    TEXT NOT NULL,
+            created_at   INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+            expires_at   INTEGER NOT NULL,
+            labels       TEXT NOT NULL,  -- JSON object
+            created_by   TEXT NOT NULL,
+            used_at      INTEGER,
+            used_by_host TEXT NOT NULL,
+            revoked_at   INTEGER
+        ) WITHOUT ROWID""",
+        """CREATE TABLE api_tokens (
+            id          TEXT PRIMARY KEY,
+            secret_hash TEXT NOT NULL,  -- SHA-256 of the secret, hex
+            name        TEXT NOT NULL,
+            scopes      TEXT NOT NULL,  -- JSON array of scope names, sorted
+            created_at  INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+            expires_at  INTEGER,           -- NULL: does not expire
+            created_by  TEXT NOT NULL,
+            revoked_at  INTEGER
+        ) WITHOUT ROWID""",
+        """CREATE TABLE audit_events (
+            id        INTEGER PRIMARY KEY AUTOINCREMENT,  -- increasing, never reused
+            time      INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+            kind      TEXT NOT NULL,
+            principal TEXT NOT NULL,
+            subject   TEXT NOT NULL,
+            peer      TEXT NOT NULL,
+            detail    TEXT NOT NULL
+        )""",
+        "CREATE INDEX audit_events_kind ON audit_events (kind, id)",
+        "ALTER TABLE workers ADD COLUMN enrolled_labels TEXT NOT NULL DEFAULT '{}'",
+        "ALTER TABLE workers ADD COLUMN enrolled_at INTEGER",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -218,6 +265,8 @@ _WORKER_COLUMNS: Final = (
     "certificate_expires_at",
     "revoked_at",
     "revoked_reason",
+    "enrolled_labels",
+    "enrolled_at",
 )
 
 
@@ -483,6 +532,8 @@ def _worker_row(w: Worker) -> Row:
         _us_or_none(w.certificate_expires_at),
         _us_or_none(w.revoked_at),
         w.revoked_reason,
+        _dumps(w.enrolled_labels),
+        _us_or_none(w.enrolled_at),
     )
 
 
@@ -501,6 +552,8 @@ def _worker(r: Row) -> Worker:
         certificate_expires_at=_dt_or_none(r[10]),
         revoked_at=_dt_or_none(r[11]),
         revoked_reason=r[12],
+        enrolled_labels=_loads(r[13]),
+        enrolled_at=_dt_or_none(r[14]),
     )
 
 
@@ -595,6 +648,123 @@ def _schedule(r: Row) -> Schedule:
     )
 
 
+# --- access control ----------------------------------------------------------------------------
+
+_BOOTSTRAP_COLUMNS: Final = (
+    "id",
+    "secret_hash",
+    "worker_id",
+    "created_at",
+    "expires_at",
+    "labels",
+    "created_by",
+    "used_at",
+    "used_by_host",
+    "revoked_at",
+)
+_API_TOKEN_COLUMNS: Final = (
+    "id",
+    "secret_hash",
+    "name",
+    "scopes",
+    "created_at",
+    "expires_at",
+    "created_by",
+    "revoked_at",
+)
+_AUDIT_COLUMNS: Final = ("id", "time", "kind", "principal", "subject", "peer", "detail")
+_UPSERT_BOOTSTRAP: Final = _upsert_sql("bootstrap_tokens", _BOOTSTRAP_COLUMNS)
+_UPSERT_API_TOKEN: Final = _upsert_sql("api_tokens", _API_TOKEN_COLUMNS)
+_INSERT_AUDIT: Final = (
+    f"INSERT INTO audit_events ({', '.join(_AUDIT_COLUMNS[1:])})"
+    f" VALUES ({', '.join('?' * (len(_AUDIT_COLUMNS) - 1))})"
+)
+# Keep the newest `retention` events. Ids have no gaps (AUTOINCREMENT, rolled back with the
+# transaction), and both lookups are on the primary key, so this costs a few page reads.
+_TRIM_AUDIT: Final = "DELETE FROM audit_events WHERE id <= (SELECT max(id) FROM audit_events) - ?"
+_SELECT_BOOTSTRAP: Final = f"SELECT {', '.join(_BOOTSTRAP_COLUMNS)} FROM bootstrap_tokens"
+_SELECT_API_TOKEN: Final = f"SELECT {', '.join(_API_TOKEN_COLUMNS)} FROM api_tokens"
+_SELECT_AUDIT: Final = f"SELECT {', '.join(_AUDIT_COLUMNS)} FROM audit_events"
+_CONSUME_BOOTSTRAP: Final = (
+    "UPDATE bootstrap_tokens SET used_at = ?, used_by_host = ?"
+    " WHERE id = ? AND used_at IS NULL AND revoked_at IS NULL"
+    f" RETURNING {', '.join(_BOOTSTRAP_COLUMNS)}"
+)
+
+
+def _bootstrap_row(t: BootstrapToken) -> Row:
+    return (
+        t.id,
+        t.secret_hash,
+        t.worker_id,
+        _us(t.created_at),
+        _us(t.expires_at),
+        _dumps(t.labels),
+        t.created_by,
+        _us_or_none(t.used_at),
+        t.used_by_host,
+        _us_or_none(t.revoked_at),
+    )
+
+
+def _bootstrap(r: Row) -> BootstrapToken:
+    return BootstrapToken(
+        id=r[0],
+        secret_hash=r[1],
+        worker_id=WorkerId(r[2]),
+        created_at=_dt(r[3]),
+        expires_at=_dt(r[4]),
+        labels=_loads(r[5]),
+        created_by=r[6],
+        used_at=_dt_or_none(r[7]),
+        used_by_host=r[8],
+        revoked_at=_dt_or_none(r[9]),
+    )
+
+
+def _api_token_row(t: ApiToken) -> Row:
+    return (
+        t.id,
+        t.secret_hash,
+        t.name,
+        _dumps(sorted(str(s) for s in t.scopes)),
+        _us(t.created_at),
+        _us_or_none(t.expires_at),
+        t.created_by,
+        _us_or_none(t.revoked_at),
+    )
+
+
+def _api_token(r: Row) -> ApiToken:
+    return ApiToken(
+        id=r[0],
+        secret_hash=r[1],
+        name=r[2],
+        scopes=frozenset(Scope(s) for s in _loads(r[3])),
+        created_at=_dt(r[4]),
+        expires_at=_dt_or_none(r[5]),
+        created_by=r[6],
+        revoked_at=_dt_or_none(r[7]),
+    )
+
+
+def _audit_row(e: AuditEvent) -> Row:
+    """Without the id: the table assigns it."""
+    return (_us(e.time), str(e.kind), e.principal, e.subject, e.peer, e.detail)
+
+
+def _audit(r: Row) -> AuditEvent:
+    return AuditEvent(
+        id=r[0],
+        time=_dt(r[1]),
+        kind=AuditKind(r[2]),
+        principal=r[3],
+        subject=r[4],
+        peer=r[5],
+        detail=r[6],
+    )
+
+
 # --- the writer's queue ------------------------------------------------------------------------
 
 
@@ -602,6 +772,9 @@ class _Pending:
     """One encoded change set waiting for the writer, and the future its caller awaits."""
 
     __slots__ = (
+        "api_tokens",
+        "audit_events",
+        "bootstrap_tokens",
         "chunks",
         "deleted_schedules",
         "future",
@@ -624,6 +797,29 @@ class _Pending:
         self.chunks = [_chunk_row(c) for c in changes.chunks]
         self.schedules = [_schedule_row(s) for s in changes.schedules] if changes.schedules else []
         self.deleted_schedules = [(n,) for n in changes.deleted_schedules]
+        self.bootstrap_tokens = [_bootstrap_row(t) for t in changes.bootstrap_tokens]
+        self.api_tokens = [_api_token_row(t) for t in changes.api_tokens]
+        self.audit_events = [_audit_row(e) for e in changes.audit_events]
+        self.loop = loop
+        self.future = future
+
+
+class _Call(Generic[_T]):
+    """A function to run on the writer connection in its own transaction, between change sets.
+
+    For writes whose outcome the caller needs (a compare-and-set): they are serialized with
+    every other write and committed (durable) before the caller's future resolves.
+    """
+
+    __slots__ = ("fn", "future", "loop")
+
+    def __init__(
+        self,
+        fn: Callable[[sqlite3.Connection], _T],
+        loop: asyncio.AbstractEventLoop,
+        future: asyncio.Future[_T],
+    ) -> None:
+        self.fn = fn
         self.loop = loop
         self.future = future
 
@@ -635,6 +831,16 @@ def _public_error(exc: BaseException | None) -> BaseException | None:
         error.__cause__ = exc
         return error
     return exc
+
+
+def _settle_call(future: asyncio.Future[_T], result: _T, error: BaseException | None) -> None:
+    """Runs on the event loop: resolve a `_Call`'s future (unless it was cancelled)."""
+    if future.done():
+        return
+    if error is None:
+        future.set_result(result)
+    else:
+        future.set_exception(error)
 
 
 def _settle(outcomes: list[tuple[asyncio.Future[None], BaseException | None]]) -> None:
@@ -651,11 +857,15 @@ def _settle(outcomes: list[tuple[asyncio.Future[None], BaseException | None]]) -
 class SqliteStore:
     """`Store` on one SQLite file. Call `open()` before use and `close()` when done."""
 
-    def __init__(self, path: str | Path) -> None:
+    def __init__(self, path: str | Path, *, audit_retention: int = 100_000) -> None:
+        """`audit_retention`: how many audit events to keep; beyond it the oldest are deleted."""
+        if audit_retention < 1:
+            raise ValueError(f"audit_retention must be positive, got {audit_retention}")
         self.path = Path(path)
+        self.audit_retention = audit_retention
         self.commits = 0  # transactions committed by the writer (group commits count once)
         self.migrations_applied = 0  # schema migrations run by the last `open()`
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[_Pending | _Call[Any] | None] = queue.SimpleQueue()
         self._writer: threading.Thread | None = None
         self._checkpointer: threading.Thread | None = None
         self._stop_checkpoints = threading.Event()
@@ -737,6 +947,17 @@ class SqliteStore:
         self._queue.put(_Pending(changes, loop, future))
         return future
 
+    async def _write_call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+        """Run `fn` on the writer thread in its own transaction, in order with the change sets
+        queued before it, and return its result once committed. Cancelling the caller does not
+        withdraw it."""
+        if self._writer is None or self._closed:
+            raise RuntimeError("store is not open")
+        loop = asyncio.get_running_loop()
+        future: asyncio.Future[_T] = loop.create_future()
+        self._queue.put(_Call(fn, loop, future))
+        return await future
+
     def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
         try:
             conn = self._connect_writer()
@@ -763,15 +984,49 @@ class SqliteStore:
                     batch.append(get_nowait())
                 except queue.Empty:
                     break
-            pending = [p for p in batch if p is not None]
-            stopping = len(pending) != len(batch)
-            if not pending:
-                continue
+            items = [p for p in batch if p is not None]
+            stopping = len(items) != len(batch)
+            # Consecutive change sets are group-committed; a call runs alone, in queue order.
+            group: list[_Pending] = []
+            for item in items:
+                if isinstance(item, _Pending):
+                    group.append(item)
+                    continue
+                if group:
+                    self._write_group(conn, group)
+                    group = []
+                self._run_call(conn, item)
+            if group:
+                self._write_group(conn, group)
+
+    def _write_group(self, conn: sqlite3.Connection, pending: list[_Pending]) -> None:
+        try:
+            self._write(conn, pending)
+        except BaseException as exc:  # a bug here must not strand the callers
+            log.exception("store writer failed")
+            self._notify([(p, exc) for p in pending])
+
+    def _run_call(self, conn: sqlite3.Connection, call: _Call[Any]) -> None:
+        """Run one call in its own transaction and hand its outcome to its event loop."""
+        result: Any = None
+        error: BaseException | None = None
+        try:
+            conn.execute("BEGIN IMMEDIATE")
             try:
-                self._write(conn, pending)
-            except BaseException as exc:  # a bug here must not strand the callers
-                log.exception("store writer failed")
-                self._notify([(p, exc) for p in pending])
+                result = call.fn(conn)
+                conn.execute("COMMIT")
+            except BaseException:
+                if conn.in_transaction:
+                    conn.execute("ROLLBACK")
+                raise
+        except BaseException as exc:  # the caller gets every failure, bugs included
+            error = exc
+        else:
+            self.commits += 1
+        try:
+            call.loop.call_soon_threadsafe(_settle_call, call.future, result, _public_error(error))
+        except RuntimeError:  # that event loop is closed; nobody is waiting any more
+            pass
 
     def _write(self, conn: sqlite3.Connection, pending: list[_Pending]) -> None:
         """Commit the whole group at once; on failure, retry each change set on its own."""
@@ -799,6 +1054,8 @@ class SqliteStore:
         Rows are written table by table (tasks, runs, workers, output), each table's rows in
         call order, so the last upsert of an id wins. Within one group a run may therefore find
         its task in a later change set of the same group; the engine never relies on that.
+        Then, change set by change set: schedules, tokens and audit events (numbered in call
+        order); the audit events beyond retention are deleted, oldest first.
         """
         if len(pending) == 1:
             one = pending[0]
@@ -819,11 +1076,21 @@ class SqliteStore:
                     conn.executemany(_UPSERT_WORKER, workers)
                 if chunks:
                     conn.executemany(_INSERT_CHUNK, chunks)
-                for p in pending:  # schedules: in call order, upserts then deletions
-                    if p.schedules:
+                audited = False
+                for p in pending:  # in call order
+                    if p.schedules:  # upserts then deletions
                         conn.executemany(_UPSERT_SCHEDULE, p.schedules)
                     if p.deleted_schedules:
                         conn.executemany(_DELETE_SCHEDULE, p.deleted_schedules)
+                    if p.bootstrap_tokens:
+                        conn.executemany(_UPSERT_BOOTSTRAP, p.bootstrap_tokens)
+                    if p.api_tokens:
+                        conn.executemany(_UPSERT_API_TOKEN, p.api_tokens)
+                    if p.audit_events:
+                        conn.executemany(_INSERT_AUDIT, p.audit_events)
+                        audited = True
+                if audited:
+                    conn.execute(_TRIM_AUDIT, (self.audit_retention,))
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
@@ -1058,3 +1325,59 @@ class SqliteStore:
     async def list_schedules(self) -> list[Schedule]:
         rows = await self._fetchall(f"{_SELECT_SCHEDULE} ORDER BY name")
         return [_schedule(r) for r in rows]
+
+    # --- access control ------------------------------------------------------------------------
+
+    async def get_bootstrap_token(self, token_id: str) -> BootstrapToken | None:
+        row = await self._fetchone(f"{_SELECT_BOOTSTRAP} WHERE id = ?", (token_id,))
+        return None if row is None else _bootstrap(row)
+
+    async def list_bootstrap_tokens(self) -> list[BootstrapToken]:
+        """Oldest first: by (created_at, id)."""
+        rows = await self._fetchall(f"{_SELECT_BOOTSTRAP} ORDER BY created_at, id")
+        return [_bootstrap(r) for r in rows]
+
+    async def consume_bootstrap_token(
+        self, token_id: str, now: datetime, host: str = ""
+    ) -> BootstrapToken | None:
+        """Mark the token used if it is neither used nor revoked (expiry is not checked).
+
+        One conditional UPDATE ... RETURNING on the writer connection, serialized with every
+        other write and committed before this returns; the row comes back only to the winner.
+        """
+        params = (_us(now), host, token_id)
+
+        def consume(conn: sqlite3.Connection) -> Row | None:
+            rows = conn.execute(_CONSUME_BOOTSTRAP, params).fetchall()
+            return rows[0] if rows else None
+
+        row = await self._write_call(consume)
+        return None if row is None else _bootstrap(row)
+
+    async def get_api_token(self, token_id: str) -> ApiToken | None:
+        row = await self._fetchone(f"{_SELECT_API_TOKEN} WHERE id = ?", (token_id,))
+        return None if row is None else _api_token(row)
+
+    async def list_api_tokens(self) -> list[ApiToken]:
+        """Oldest first: by (created_at, id)."""
+        rows = await self._fetchall(f"{_SELECT_API_TOKEN} ORDER BY created_at, id")
+        return [_api_token(r) for r in rows]
+
+    async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
+        """Newest first; at most query.limit; only ids below query.before_id when it is set."""
+        if query.limit < 1:
+            raise ValueError(f"limit must be positive, got {query.limit}")
+        where: list[str] = []
+        params: list[Any] = []
+        if query.before_id:
+            where.append("id < ?")
+            params.append(query.before_id)
+        if query.kinds:
+            where.append(f"kind IN ({', '.join('?' * len(query.kinds))})")
+            params.extend(sorted(str(k) for k in query.kinds))
+        sql = _SELECT_AUDIT
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        sql += " ORDER BY id DESC LIMIT ?"
+        params.append(query.limit)
+        return [_audit(r) for r in await self._fetchall(sql, params)]
