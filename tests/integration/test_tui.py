@@ -8,12 +8,19 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-from textual.widgets import Input, Select
+from textual.app import App
+from textual.widgets import Footer, Input, RichLog, Select
+from textual.widgets._footer import FooterKey
 
 from taskrun.cli.tui.app import TaskRunApp
-from taskrun.cli.tui.screens import NewTaskScreen, RunScreen
-from taskrun.cli.tui.widgets import TasksTable, WorkersTable
+from taskrun.cli.tui.screens import ConfirmScreen, HelpScreen, NewTaskScreen, RunScreen
+from taskrun.cli.tui.widgets import FleetHeader, TasksTable, Transcript, WorkersTable
+from taskrun.core.agent import AgentError, AgentResult, RunContext
+from taskrun.core.models import AgentSpec
 from taskrun.core.status import TaskStatus
+from taskrun.worker.agents import load_agents
+from taskrun.worker.config import WorkerConfig
+from taskrun.worker.daemon import WorkerDaemon
 from tests.conftest import Cluster
 
 # Screenshots go to a temporary folder; `TASKRUN_SCREENSHOTS=docs scripts/test
@@ -26,6 +33,47 @@ async def until(pilot_pause: Callable[[], object], predicate: Callable[[], bool]
     async with asyncio.timeout(10):
         while not predicate():
             await pilot_pause()  # type: ignore[misc]
+
+
+def lines(log: RichLog) -> list[str]:
+    return [strip.text.rstrip() for strip in log.lines]
+
+
+def toasts(app: App[None]) -> str:
+    """The notifications raised so far (and not expired), one per line."""
+    return "\n".join(n.message for n in app._notifications)
+
+
+def header(app: App[None]) -> str:
+    return str(app.query_one(FleetHeader).render())
+
+
+class Parrot:
+    """A test agent with sessions: repeats each message; a follow-up resumes its session."""
+
+    spec = AgentSpec(name="parrot", description="repeats what it is told", supports_sessions=True)
+
+    async def run(self, ctx: RunContext) -> AgentResult:
+        said = ctx.prompt if ctx.resume_session_id else str(ctx.input["prompt"])
+        if said == "fail":
+            raise AgentError("told to fail")
+        await ctx.emit(f"you said: {said}")
+        session = ctx.resume_session_id or f"session-{ctx.task_id}"
+        return AgentResult(result={"text": f"you said: {said}"}, session_id=session)
+
+
+async def start_parrot_worker(cluster: Cluster, worker_id: str = "worker-1") -> None:
+    config = WorkerConfig(
+        server=cluster.address,
+        worker_id=worker_id,
+        ca_cert=cluster.pki.ca_cert,
+        cert=cluster.pki.worker_cert(worker_id),
+        key=cluster.pki.worker_key(worker_id),
+        reconnect_max_wait=0.5,
+    )
+    daemon = WorkerDaemon(config, {"parrot": Parrot(), **load_agents(["echo"])})
+    cluster.workers[worker_id] = (daemon, asyncio.create_task(daemon.run()))  # torn down there
+    await cluster.wait_registered(worker_id)
 
 
 async def test_screens_render_live_workers_tasks_and_events(cluster: Cluster) -> None:
@@ -52,7 +100,8 @@ async def test_screens_render_live_workers_tasks_and_events(cluster: Cluster) ->
         app.save_screenshot("tui-events.svg", path=str(DOCS))
         await pilot.press("question_mark")
         await pilot.pause()
-        assert app.screen.__class__.__name__ == "HelpScreen"
+        assert isinstance(app.screen, HelpScreen)
+        app.save_screenshot("tui-help.svg", path=str(DOCS))
         await pilot.press("escape")
         # filters: status cycles pending first
         await pilot.press("2", "s")
@@ -88,6 +137,7 @@ async def test_a_task_from_the_form_runs_and_its_output_shows(cluster: Cluster) 
             lambda: run.task_state is not None and run.task_state.status is TaskStatus.COMPLETED,
         )
         assert run.text == "hello from the form"
+        assert not run.query_one("#follow-up").display  # echo keeps no session: no chat
         app.save_screenshot("tui-run.svg", path=str(DOCS))
         task, _ = await client.get_task(run.task_id)
         assert task.status is TaskStatus.COMPLETED
@@ -132,3 +182,225 @@ async def test_revoke_from_the_tui_cuts_the_worker_off(cluster: Cluster) -> None
         await until(pilot.pause, lambda: workers.get_row("worker-1")[3] == "revoked")
     worker, _ = await client.get_worker("worker-1")
     assert worker.revoked_reason == "revoked from the TUI"
+
+
+async def test_the_footer_shows_every_main_key_within_80_columns(cluster: Cluster) -> None:
+    await cluster.start_server()
+    app = TaskRunApp(cluster.client())
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot.pause, lambda: app.state.synced)
+        keys = list(app.query_one(Footer).query(FooterKey))
+        shown = {k.key for k in keys}
+        assert {"n", "c", "r", "d", "R", "s", "a", "question_mark", "q"} <= shown
+        assert all(k.region.right <= SIZE[0] for k in keys), [(k.key, k.region.right) for k in keys]
+        await pilot.press("question_mark")
+        await pilot.pause()
+        help_text = str(app.screen.query_one("Static").render())
+        for key in ("1 / 2 / 3", "enter", "\n  c ", "\n  r ", "\n  d ", "\n  R ", "s / a", "/"):
+            assert key in help_text, key
+
+
+async def test_retry_from_the_tui_creates_a_new_task_like_the_cancelled_one(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    old = await client.create_task(
+        "echo",
+        {"text": "again", "chunks": 2, "delay": 0.3},
+        labels={"team": "ops"},
+        idempotency_key="first-try",
+        priority=3,
+    )
+    await client.cancel_task(old.id, "changed my mind")
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        tasks = app.query_one(TasksTable)
+        await until(
+            pilot.pause,
+            lambda: old.id in tasks.rows and tasks.get_row(old.id)[2] == "cancelled",
+        )
+        tasks.focus()
+        tasks.move_cursor(row=tasks.get_row_index(old.id))
+        await pilot.press("r")
+        await until(pilot.pause, lambda: isinstance(app.screen, ConfirmScreen))
+        await pilot.press("y")
+        await until(
+            pilot.pause, lambda: isinstance(app.screen, RunScreen) and app.screen.task_id != old.id
+        )
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        await until(
+            pilot.pause,
+            lambda: run.task_state is not None and run.task_state.status is TaskStatus.COMPLETED,
+        )
+        assert run.text == "again"
+    new, _ = await client.get_task(run.task_id)
+    original, _ = await client.get_task(old.id)
+    assert new.id != old.id and new.status is TaskStatus.COMPLETED
+    assert (new.agent, new.input) == (original.agent, original.input)
+    assert new.labels == {"team": "ops", "retry_of": old.id}
+    assert new.policy.priority == 3 and new.policy.idempotency_key == ""
+    assert original.status is TaskStatus.CANCELLED  # the old task is left as it was
+
+
+async def test_run_again_from_a_run_view_switches_to_the_new_tasks_run(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    old = await client.create_task("echo", {"text": "once more"})
+    await client.wait(old.id)
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot.pause, lambda: app.state.synced)
+        app.push_screen(app.run_screen(old.id))
+        await until(pilot.pause, lambda: isinstance(app.screen, RunScreen))
+        await pilot.press("r")
+        await until(pilot.pause, lambda: isinstance(app.screen, ConfirmScreen))
+        assert "again" in str(app.screen.query_one("Label").render())
+        await pilot.press("y")
+        await until(
+            pilot.pause, lambda: isinstance(app.screen, RunScreen) and app.screen.task_id != old.id
+        )
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        await until(pilot.pause, lambda: run.text == "once more")
+        assert len(app.screen_stack) == 2  # replaced the old run view, not stacked on it
+    new, _ = await client.get_task(run.task_id)
+    assert new.labels == {"retry_of": old.id}
+
+
+async def test_retry_of_a_running_task_is_refused(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    task = await client.create_task("echo", {"text": "x" * 100, "chunks": 100, "delay": 0.1})
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        tasks = app.query_one(TasksTable)
+        await until(
+            pilot.pause,
+            lambda: task.id in tasks.rows and tasks.get_row(task.id)[2] == "running",
+        )
+        tasks.focus()
+        tasks.move_cursor(row=tasks.get_row_index(task.id))
+        await pilot.press("r")
+        await until(pilot.pause, lambda: "only a finished task can be retried" in toasts(app))
+        assert not isinstance(app.screen, ConfirmScreen)
+        assert list(tasks.rows) == [task.id]
+    listed, _ = await client.list_tasks()
+    assert [t.id for t in listed] == [task.id]
+    await client.cancel_task(task.id)
+
+
+async def test_the_chat_view_shows_the_conversation_and_sends_a_follow_up(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    await start_parrot_worker(cluster)
+    client = cluster.client()
+    task = await client.create_task("parrot", {"prompt": "remember 7"})
+    assert (await client.wait(task.id)).status is TaskStatus.COMPLETED
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        tasks = app.query_one(TasksTable)
+        await until(pilot.pause, lambda: app.state.supports_sessions("parrot"))
+        await until(pilot.pause, lambda: task.id in tasks.rows)
+        tasks.focus()
+        tasks.move_cursor(row=tasks.get_row_index(task.id))
+        await pilot.press("enter")
+        await until(pilot.pause, lambda: isinstance(app.screen, RunScreen))
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        chat = run.query_one(Transcript)
+        await until(pilot.pause, lambda: "you said: remember 7" in lines(chat))
+        assert lines(chat) == ["you: remember 7", "you said: remember 7"]
+        field = run.query_one("#follow-up", Input)
+        assert field.display
+        await pilot.press("i")
+        assert field.has_focus
+        field.value = "which number?"
+        await pilot.press("enter")
+        await until(pilot.pause, lambda: "you said: which number?" in lines(chat))
+        await until(
+            pilot.pause,
+            lambda: run.task_state is not None and run.task_state.status is TaskStatus.COMPLETED,
+        )
+        assert lines(chat) == [
+            "you: remember 7",
+            "you said: remember 7",
+            "",
+            "you: which number?",
+            "you said: which number?",
+        ]
+        assert field.value == ""
+        chat.focus()  # the footer shows the run view's keys again
+        await pilot.pause()
+        app.save_screenshot("tui-chat.svg", path=str(DOCS))
+    final, runs = await client.get_task(task.id)
+    assert final.status is TaskStatus.COMPLETED and final.attempts == 2
+    assert [r.prompt for r in runs] == ["", "which number?"]
+
+
+async def test_a_refused_follow_up_shows_the_servers_reason(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await start_parrot_worker(cluster)
+    client = cluster.client()
+    task = await client.create_task("parrot", {"prompt": "fail"})
+    assert (await client.wait(task.id)).status is TaskStatus.FAILED
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot.pause, lambda: app.state.supports_sessions("parrot"))
+        app.push_screen(app.run_screen(task.id))
+        await until(pilot.pause, lambda: isinstance(app.screen, RunScreen) and app.screen.chat)
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        chat = run.query_one(Transcript)
+        await until(pilot.pause, lambda: "run failed: told to fail" in lines(chat))
+        field = run.query_one("#follow-up", Input)
+        field.focus()
+        field.value = "try again"
+        await pilot.press("enter")
+        await until(pilot.pause, lambda: "only a completed task can be continued" in toasts(app))
+        assert "FAILED_PRECONDITION" in toasts(app)
+        assert field.value == "try again"  # kept, to send once the problem is fixed
+    _, runs = await client.get_task(task.id)
+    assert len(runs) == 1
+
+
+async def test_the_tui_reconnects_after_a_server_restart(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    before = await client.create_task("echo", {"text": "before"})
+    await client.wait(before.id)
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        tasks = app.query_one(TasksTable)
+        await until(pilot.pause, lambda: before.id in tasks.rows)
+        assert "disconnected" not in header(app)
+        await cluster.stop_server()
+        await until(pilot.pause, lambda: "disconnected, retrying" in header(app))
+        await cluster.start_server()  # the same port and database
+        await cluster.wait_registered("worker-1")
+        after = await client.create_task("echo", {"text": "after"})
+        await until(
+            pilot.pause,
+            lambda: after.id in tasks.rows and tasks.get_row(after.id)[2] == "completed",
+        )
+        assert "disconnected" not in header(app)
+        assert sorted(tasks.rows) == sorted([before.id, after.id])
+        assert sorted(app.state.tasks) == sorted([before.id, after.id])
+        workers = app.query_one(WorkersTable)
+        assert list(workers.rows) == ["worker-1"]
+
+
+async def test_a_denied_event_stream_is_shown_and_not_retried(cluster: Cluster) -> None:
+    await cluster.start_server()
+    app = TaskRunApp(cluster.client("worker-1"))  # a worker identity: not an operator
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot.pause, lambda: "PERMISSION_DENIED" in header(app))
+        assert "retrying" not in header(app)
+        assert "PERMISSION_DENIED" in toasts(app)
+        assert not app.state.synced

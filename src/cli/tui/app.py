@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 from collections.abc import Callable
 
 import grpc
@@ -12,14 +14,35 @@ from textual.binding import Binding
 from textual.css.query import NoMatches
 from textual.widgets import DataTable, Footer, Input, TabbedContent, TabPane
 
-from taskrun.cli.client import Client, FleetEvent
+from taskrun.cli.client import Client, EventKind, FleetEvent
+from taskrun.cli.output import status_name
 from taskrun.cli.tui.screens import ConfirmScreen, HelpScreen, NewTaskScreen, RunScreen
 from taskrun.cli.tui.state import FleetState
 from taskrun.cli.tui.widgets import EventsPane, FleetHeader, TasksTable, WorkersTable
-from taskrun.core.models import Task
+from taskrun.core.ids import TaskId
+from taskrun.core.models import Task, TaskSpec
 from taskrun.core.status import TaskStatus
 
 RECENT_TASKS = 200
+# Reconnecting the event stream: first wait, doubled after each failure up to the cap (seconds).
+RETRY_FIRST, RETRY_CAP = 0.25, 3.0
+# Errors that reconnecting cannot fix: shown, not retried.
+FATAL = frozenset({grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED})
+# Actions on the main screen's tables: off (and out of the footer) while another screen is up.
+MAIN_SCREEN_ACTIONS = frozenset(
+    {"tab", "new_task", "open_run", "cancel", "retry", "drain", "revoke", "cycle_status"}
+    | {"cycle_agent", "search"}
+)
+
+
+def retry_spec(task: Task) -> TaskSpec:
+    """A new task like `task` (agent, input, labels, policy), labelled `retry_of`; no idempotency
+    key, so the server creates it rather than returning an earlier one."""
+    policy = dataclasses.replace(
+        task.policy, idempotency_key="", required_labels=dict(task.policy.required_labels)
+    )
+    labels = {**task.labels, "retry_of": task.id}
+    return TaskSpec(agent=task.agent, input=task.input, labels=labels, policy=policy)
 
 
 class TaskRunApp(App[None]):
@@ -31,17 +54,18 @@ class TaskRunApp(App[None]):
     #search.visible { display: block; }
     """
     BINDINGS = [
-        Binding("1", "tab('workers')", "workers"),
-        Binding("2", "tab('tasks')", "tasks"),
-        Binding("3", "tab('events')", "events"),
+        Binding("1", "tab('workers')", "workers", show=False),
+        Binding("2", "tab('tasks')", "tasks", show=False),
+        Binding("3", "tab('events')", "events", show=False),
         Binding("n", "new_task", "new"),
         Binding("enter", "open_run", "run", show=False),
         Binding("c", "cancel", "cancel"),
+        Binding("r", "retry", "retry"),
         Binding("d", "drain", "drain"),
-        Binding("R", "revoke", "revoke", show=False),
+        Binding("R", "revoke", "revoke"),
         Binding("s", "cycle_status", "status"),
-        Binding("a", "cycle_agent", "agent", show=False),
-        Binding("slash", "search", "search"),
+        Binding("a", "cycle_agent", "agent"),
+        Binding("slash", "search", "find"),
         Binding("question_mark", "help", "help"),
         Binding("q", "quit", "quit"),
     ]
@@ -62,7 +86,7 @@ class TaskRunApp(App[None]):
                 yield TasksTable(id="tasks-table")
             with TabPane("Events [3]", id="events"):
                 yield EventsPane()
-        yield Footer()
+        yield Footer(compact=True, show_command_palette=False)  # every key fits in 80 columns
 
     def on_mount(self) -> None:
         self.render_state()
@@ -73,16 +97,46 @@ class TaskRunApp(App[None]):
 
     @work(exclusive=True, group="watch")
     async def watch_fleet(self) -> None:
-        """Read recent history once, then follow WatchEvents until the app ends."""
-        with contextlib.suppress(grpc.aio.AioRpcError):
-            tasks, _ = await self.client.list_tasks(limit=RECENT_TASKS)
-            self.state.add_tasks(tasks)
-        try:
-            async for event in self.client.watch_events(snapshot=True):
-                self.apply(event)
-        except grpc.aio.AioRpcError as exc:
-            self.error = f"event stream ended: {exc.code().name}: {exc.details()}"
-            self.notify(self.error, severity="error", timeout=30)
+        """Follow WatchEvents until the app ends. When the stream breaks, say so in the header
+        and reconnect with backoff; each new snapshot rebuilds the state."""
+        delay = RETRY_FIRST
+        while True:
+            try:
+                await self.follow_events()
+                problem = "stream ended"
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in FATAL:
+                    self.error = f"event stream ended: {exc.code().name}: {exc.details()}"
+                    self.state.link = f"event stream ended: {exc.code().name}"  # header: short
+                    self.render_state()
+                    self.notify(self.error, severity="error", timeout=30)
+                    return
+                problem = exc.code().name
+            if not self.state.link:  # it had been live: start the backoff again
+                delay = RETRY_FIRST
+            self.state.link = f"disconnected, retrying… ({problem})"
+            self.render_state()
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, RETRY_CAP)
+
+    async def follow_events(self) -> None:
+        """One WatchEvents stream: collect its snapshot, rebuild the state from it (and recent
+        history), then apply each change until the stream ends."""
+        snapshot: list[FleetEvent] = []
+        live = False
+        async with contextlib.aclosing(self.client.watch_events(snapshot=True)) as events:
+            async for event in events:
+                if live:
+                    self.apply(event)
+                    continue
+                snapshot.append(event)
+                if event.kind is EventKind.SNAPSHOT_END:
+                    recent: list[Task] = []
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        recent, _ = await self.client.list_tasks(limit=RECENT_TASKS)
+                    self.state.rebuild(snapshot, recent, log=not self.state.synced)
+                    self.render_state()
+                    live = True
 
     def apply(self, event: FleetEvent) -> None:
         self.state.apply(event)
@@ -110,8 +164,14 @@ class TaskRunApp(App[None]):
         if table is not None:
             table.focus()
 
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return action not in MAIN_SCREEN_ACTIONS or len(self.screen_stack) == 1
+
     def action_help(self) -> None:
         self.push_screen(HelpScreen())
+
+    def run_screen(self, task_id: str) -> RunScreen:
+        return RunScreen(self.client, task_id, supports_sessions=self.state.supports_sessions)
 
     def _selected_task(self) -> str | None:
         if self.query_one(TabbedContent).active != "tasks":
@@ -122,18 +182,18 @@ class TaskRunApp(App[None]):
         def created(task: Task | None) -> None:
             if task is not None:
                 self.notify(f"task {task.id} created")
-                self.push_screen(RunScreen(self.client, task.id))
+                self.push_screen(self.run_screen(task.id))
 
         self.push_screen(NewTaskScreen(self.client, self.state.agents()), created)
 
     def action_open_run(self) -> None:
         task_id = self._selected_task()
         if task_id:
-            self.push_screen(RunScreen(self.client, task_id))
+            self.push_screen(self.run_screen(task_id))
 
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if isinstance(event.data_table, TasksTable) and event.row_key.value:
-            self.push_screen(RunScreen(self.client, event.row_key.value))
+            self.push_screen(self.run_screen(event.row_key.value))
 
     def action_cancel(self) -> None:
         task_id = self._selected_task()
@@ -154,6 +214,54 @@ class TaskRunApp(App[None]):
             self.notify(f"task {task.id} {task.status.name.lower()}")
         except grpc.aio.AioRpcError as exc:
             self.notify(f"{exc.code().name}: {exc.details()}", severity="error")
+
+    def action_retry(self) -> None:
+        task_id = self._selected_task()
+        if task_id:
+            self.confirm_retry(task_id)
+
+    def confirm_retry(self, task_id: str) -> None:
+        """Ask, then submit a new task like this finished one; refuse while it is unfinished."""
+        task = self.state.tasks.get(TaskId(task_id))
+        if task is not None and not self._retryable(task):
+            return
+        again = task is not None and task.status is TaskStatus.COMPLETED
+        question = (
+            f"{'Run task' if again else 'Retry task'} {task_id}{' again' if again else ''}? "
+            "A new task gets the same agent, input, labels and policy."
+        )
+
+        def answered(yes: bool | None) -> None:
+            if yes:
+                self.retry_task(task_id)
+
+        self.push_screen(ConfirmScreen(question), answered)
+
+    def _retryable(self, task: Task) -> bool:
+        if task.status.terminal:
+            return True
+        self.notify(
+            f"task {task.id} is {status_name(task.status)}: only a finished task can be "
+            "retried (cancel it first)",
+            severity="warning",
+        )
+        return False
+
+    @work(group="actions")
+    async def retry_task(self, task_id: str) -> None:
+        try:
+            old, _ = await self.client.get_task(task_id)  # the full spec: rows carry no input
+            if not self._retryable(old):
+                return
+            task = await self.client.submit(retry_spec(old))
+        except grpc.aio.AioRpcError as exc:
+            self.notify(f"{exc.code().name}: {exc.details()}", severity="error")
+            return
+        self.notify(f"task {task.id} created (retry of {old.id})")
+        if isinstance(self.screen, RunScreen):  # retried from its run view: show the new one
+            self.switch_screen(self.run_screen(task.id))
+        else:
+            self.push_screen(self.run_screen(task.id))
 
     def _confirm_for_selected_worker(
         self, verb: str, question: Callable[[str], str], act: Callable[[str], object]

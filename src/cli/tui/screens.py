@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -16,21 +17,28 @@ from textual.widgets import Button, Footer, Input, Label, RichLog, Select, Stati
 
 from taskrun.cli import output
 from taskrun.cli.client import Client, OutputReceived, TaskChanged
+from taskrun.cli.tui.widgets import Transcript
+from taskrun.core.ids import RunId
 from taskrun.core.models import OutputKind, Task
 
 HELP = """\
 [b]Keys[/b]
-  1 / 2 / 3     workers, tasks, events
-  n             new task (agent from those announced; input checked as JSON)
-  enter         open the selected task's run: live output, events, usage
-  c             cancel the selected task (asks first)
-  d             drain the selected worker (asks first)
-  R             revoke the selected worker: cut off for good (asks first)
-  s / a         filter tasks by status / by agent (cycles)
-  /             search tasks by id
-  escape        back;  ?  this help;  q  quit
+  1 / 2 / 3   workers, tasks, events
+  n           new task: agent from those announced, JSON input checked
+  enter       the selected task's run: live output, events, usage
+  c           cancel the selected task
+  r           retry a finished task: a new one like it, retry_of=<id>
+  d           drain the selected worker: no new runs, then it exits
+  R           revoke the selected worker: cut off for good
+  s / a       filter tasks by status / by agent (cycles)
+  /           search tasks by id
+  i           in the run view of an agent with sessions: a follow-up
+  escape      back;   ?  this help;   q  quit
+c, r, d and R ask first.
 
-Everything on screen is pushed by the control plane (WatchEvents): nothing is polled.
+Everything is pushed by the control plane (WatchEvents), nothing is
+polled. When the stream breaks, the header says so and the TUI
+reconnects by itself.
 """
 
 
@@ -154,62 +162,134 @@ class NewTaskScreen(ModalScreen[Task | None]):
 
 
 class RunScreen(Screen[None]):
-    """One task's run: status, usage, live output and events (FollowTask)."""
+    """One task's run: status, usage, live output and events (FollowTask). For an agent with
+    sessions, a chat: the runs' prompts and answers, and an input box for a follow-up."""
 
     BINDINGS = [
         Binding("escape", "app.pop_screen", "back"),
-        Binding("c", "cancel", "cancel task"),
+        Binding("c", "cancel", "cancel"),
+        Binding("r", "retry", "retry"),
+        Binding("i", "reply", "follow-up"),
         Binding("question_mark", "app.help", "help"),
     ]
     DEFAULT_CSS = """
     RunScreen #summary { height: auto; max-height: 6; background: $primary-background; }
     RunScreen #output { height: 1fr; border: round $primary; }
     RunScreen #run-events { height: 6; border: round $secondary; }
+    RunScreen.chat #run-events { height: 5; }
+    RunScreen #follow-up { display: none; }
+    RunScreen.chat #follow-up { display: block; }
     """
 
-    def __init__(self, client: Client, task_id: str) -> None:
+    def __init__(
+        self,
+        client: Client,
+        task_id: str,
+        *,
+        supports_sessions: Callable[[str], bool] = lambda _agent: False,
+    ) -> None:
         super().__init__()
         self.client = client
         self.task_id = task_id
+        self.supports_sessions = supports_sessions
         self.task_state: Task | None = None
-        self.text = ""  # all text output so far
+        self.seen: dict[RunId, int] = {}  # last output seq shown per run (follows restart)
+
+    @property
+    def text(self) -> str:
+        """All text output so far."""
+        return self.query_one(Transcript).text
+
+    @property
+    def chat(self) -> bool:
+        return self.has_class("chat")
 
     def compose(self) -> ComposeResult:
         yield Static(f"task {self.task_id}", id="summary")
-        yield RichLog(id="output", wrap=True, markup=False)
+        yield Transcript(id="output")
         yield RichLog(id="run-events", wrap=False, markup=False)
-        yield Footer()
+        yield Input(placeholder="follow-up message (enter sends it)", id="follow-up")
+        yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
-        self.query_one("#output", RichLog).border_title = "output"
+        self.query_one(Transcript).border_title = "output"
         self.query_one("#run-events", RichLog).border_title = "events"
         self.follow()
 
-    @work(exclusive=True)
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        return self.chat if action == "reply" else True
+
+    @work(exclusive=True, group="follow")
     async def follow(self) -> None:
-        out = self.query_one("#output", RichLog)
+        """Stream the task's output and changes until it ends (again after each follow-up)."""
+        out = self.query_one(Transcript)
         events = self.query_one("#run-events", RichLog)
-        pending = ""
+        if self.task_state is None:  # the agent decides the view before any output shows
+            task = await self.load_runs()
+            if task is not None and self.supports_sessions(task.agent):
+                self.start_chat()
         with contextlib.suppress(grpc.aio.AioRpcError):
             async for event in self.client.follow(self.task_id, include_events=True):
                 if isinstance(event, OutputReceived):
                     chunk = event.chunk
+                    if chunk.seq <= self.seen.get(chunk.run_id, 0):
+                        continue  # shown by an earlier follow
+                    self.seen[chunk.run_id] = chunk.seq
                     if chunk.kind is OutputKind.EVENT:
                         events.write(f"#{chunk.seq} {output.format_event(chunk.data)}")
-                    else:
-                        self.text += chunk.data
-                        pending += chunk.data
-                        *lines, pending = pending.split("\n")
-                        for line in lines:
-                            out.write(line)
+                        continue
+                    if out.chat and not out.knows(chunk.run_id):
+                        await self.load_runs()
+                    out.add_text(chunk.run_id, chunk.data)
                 elif isinstance(event, TaskChanged):
-                    if pending:
-                        out.write(pending)
-                        pending = ""
-                    self.show(event.task)
-                    events.write(f"task {output.status_name(event.task.status)}")
-        if pending:
-            out.write(pending)
+                    task = event.task
+                    self.show(task)
+                    if out.chat and (task.status.terminal or not out.knows(task.current_run_id)):
+                        await self.load_runs()
+                    out.catch_up(ended=task.status.terminal)
+                    events.write(f"task {output.status_name(task.status)}")
+        out.flush()
+
+    def start_chat(self) -> None:
+        self.add_class("chat")
+        transcript = self.query_one(Transcript)
+        transcript.chat = True
+        transcript.border_title = "chat"
+        self.refresh_bindings()
+
+    async def load_runs(self) -> Task | None:
+        """Read the task's runs (their prompts, results and errors) for the chat."""
+        try:
+            task, runs = await self.client.get_task(self.task_id)
+        except grpc.aio.AioRpcError:
+            return None  # the follow stream reports what is wrong
+        self.query_one(Transcript).set_runs(runs, _first_prompt(task.input))
+        return task
+
+    def action_reply(self) -> None:
+        self.query_one("#follow-up", Input).focus()
+
+    def on_input_submitted(self, event: Input.Submitted) -> None:
+        if event.input.id == "follow-up":
+            event.stop()
+            if event.value.strip():
+                self.send_follow_up(event.value.strip())
+
+    @work(group="chat")
+    async def send_follow_up(self, prompt: str) -> None:
+        """ContinueTask; the server says why when it refuses (the task is not completed, its
+        worker is gone, ...)."""
+        try:
+            task = await self.client.continue_task(self.task_id, prompt)
+        except grpc.aio.AioRpcError as exc:
+            self.notify(f"{exc.code().name}: {exc.details()}", severity="error", timeout=10)
+            return
+        self.query_one("#follow-up", Input).value = ""
+        self.query_one("#run-events", RichLog).write(f"follow-up sent (attempt {task.attempts})")
+        self.show(task)
+        await self.load_runs()
+        self.query_one(Transcript).catch_up(ended=False)  # the new message shows at once
+        self.follow()
 
     def show(self, task: Task) -> None:
         self.task_state = task
@@ -224,6 +304,11 @@ class RunScreen(Screen[None]):
             lines.append(f"result: {task.result[:200]}")
         self.query_one("#summary", Static).update("\n".join(lines))
 
+    def action_retry(self) -> None:
+        confirm_retry = getattr(self.app, "confirm_retry", None)
+        if confirm_retry is not None:
+            confirm_retry(self.task_id)
+
     def action_cancel(self) -> None:
         if self.task_state is not None and self.task_state.status.terminal:
             self.notify(
@@ -233,3 +318,13 @@ class RunScreen(Screen[None]):
         confirm_cancel = getattr(self.app, "confirm_cancel", None)
         if confirm_cancel is not None:
             confirm_cancel(self.task_id)
+
+
+def _first_prompt(input_json: str) -> str:
+    """The first run's message: the task input's `prompt`, else the input itself."""
+    try:
+        value = json.loads(input_json)
+    except json.JSONDecodeError:
+        return input_json
+    prompt = value.get("prompt") if isinstance(value, dict) else None
+    return prompt if isinstance(prompt, str) else input_json

@@ -26,24 +26,41 @@ class FleetState:
     events: deque[FleetEvent] = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
     synced: bool = False  # the snapshot has been received
     applied: int = 0  # events kept so far (the events pane shows the new ones)
+    link: str = "connecting…"  # what is wrong with the event stream; "" while it is live
 
     def apply(self, event: FleetEvent) -> None:
         if event.kind is EventKind.SNAPSHOT_END:
             self.synced = True
+        self._absorb(event)
+        if event.kind is not EventKind.SNAPSHOT_END:
+            self.events.append(event)
+            self.applied += 1
+
+    def _absorb(self, event: FleetEvent) -> None:
+        """Take the event's new worker, task or run state (without logging the event)."""
         if event.worker is not None:
             self.workers[event.worker.id] = event.worker
         if event.task is not None:
             self.tasks[event.task.id] = event.task
         if event.run is not None:
             self.runs[event.run.id] = event.run
-        if event.kind is not EventKind.SNAPSHOT_END:
-            self.events.append(event)
-            self.applied += 1
 
     def add_tasks(self, tasks: list[Task]) -> None:
-        """Tasks read once at start (recent history); newer states from events win."""
+        """Recent history (read after each snapshot): states from events win over it."""
         for task in tasks:
             self.tasks.setdefault(task.id, task)
+
+    def rebuild(self, snapshot: list[FleetEvent], recent: list[Task], *, log: bool) -> None:
+        """Replace workers, tasks and runs with a new snapshot (ending with SNAPSHOT_END) and
+        recent history; with `log` its events also go to the events pane."""
+        self.workers, self.tasks, self.runs = {}, {}, {}
+        for event in snapshot:
+            if log or event.kind is EventKind.SNAPSHOT_END:
+                self.apply(event)
+            else:
+                self._absorb(event)
+        self.add_tasks(recent)
+        self.link = ""
 
     # --- derived -----------------------------------------------------------------------------
 
@@ -59,6 +76,12 @@ class FleetState:
             for a in w.agents
         }
         return sorted(names)
+
+    def supports_sessions(self, agent: str) -> bool:
+        """Whether a known worker announces `agent` as keeping sessions (follow-ups work)."""
+        return any(
+            a.name == agent and a.supports_sessions for w in self.workers.values() for a in w.agents
+        )
 
     def task_counts(self) -> Counter[TaskStatus]:
         return Counter(t.status for t in self.tasks.values())

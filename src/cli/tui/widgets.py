@@ -1,17 +1,23 @@
-"""The main screen's widgets. Each renders a FleetState; the app calls `refresh_from` on news."""
+"""The TUI's widgets. The main screen's render a FleetState (the app calls `refresh_from` on
+news); the run view's Transcript is fed output as it streams."""
 
 from __future__ import annotations
 
+import json
 from collections import Counter
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
+from rich.text import Text
+from textual.markup import escape
 from textual.widgets import DataTable, RichLog, Static
 
 from taskrun.cli import output
 from taskrun.cli.tui.state import FleetState
-from taskrun.core.status import TaskStatus, WorkerStatus
+from taskrun.core.ids import RunId
+from taskrun.core.models import Run
+from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 
 
 def _now() -> datetime:
@@ -27,7 +33,7 @@ class FleetHeader(Static):
         workers = state.worker_counts()
         tasks = state.task_counts()
         up = output.format_span((_now() - state.started).total_seconds())
-        sync = "" if state.synced else "  (connecting…)"
+        sync = f"  [b $warning]{escape(state.link)}[/]" if state.link else ""
         self.update(
             f"[b]TaskRun[/b] {state.server}  up {up}{sync}\n"
             f"workers {_counts(workers, WorkerStatus)}  tasks {_counts(tasks, TaskStatus)}"
@@ -131,3 +137,89 @@ class EventsPane(RichLog):
             for event in list(state.events)[-new:]:
                 self.write(output.event_line(event).rstrip("\n"))
         self._shown = state.applied
+
+
+class Transcript(RichLog):
+    """A task's text output as it streams. In chat mode, the conversation: each run's prompt,
+    then what the agent answered (its output, or its result when it wrote none)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(wrap=True, markup=False, **kwargs)
+        self.chat = False
+        self.text = ""  # all text output so far
+        self._runs: list[Run] = []  # the task's runs, oldest first
+        self._first_prompt = ""  # the task input's prompt: the first run's message
+        self._turn = -1  # index in _runs of the turn being written
+        self._spoke: set[RunId] = set()  # runs whose text output was written
+        self._answered: set[RunId] = set()  # runs whose result or error was written
+        self._pending = ""  # the last line, until it ends
+
+    def set_runs(self, runs: list[Run], first_prompt: str) -> None:
+        self._runs, self._first_prompt = list(runs), first_prompt
+
+    def knows(self, run_id: RunId | None) -> bool:
+        return any(r.id == run_id for r in self._runs)
+
+    def add_text(self, run_id: RunId, data: str) -> None:
+        self.text += data
+        if self.chat:
+            self._reach(run_id)
+            self._spoke.add(run_id)
+        self._pending += data
+        *lines, self._pending = self._pending.split("\n")
+        for line in lines:
+            self.write(line)
+
+    def flush(self) -> None:
+        """Write the unfinished last line."""
+        if self._pending:
+            self.write(self._pending)
+            self._pending = ""
+
+    def catch_up(self, *, ended: bool) -> None:
+        """Show every known run's prompt; when the task `ended`, also the last run's answer."""
+        self.flush()
+        if not self.chat or not self._runs:
+            return
+        self._reach(self._runs[-1].id)
+        if ended:
+            self._close(self._runs[-1])
+
+    def _reach(self, run_id: RunId) -> None:
+        index = next((i for i, r in enumerate(self._runs) if r.id == run_id), -1)
+        while self._turn < index:
+            if self._turn >= 0:
+                self._close(self._runs[self._turn])
+            self._turn += 1
+            self._open(self._turn)
+
+    def _open(self, index: int) -> None:
+        self.flush()
+        run = self._runs[index]
+        if index:
+            self.write("")
+        if run.prompt or not index:
+            self.write(Text.assemble(("you: ", "bold cyan"), run.prompt or self._first_prompt))
+        else:
+            self.write(Text(f"(attempt {run.attempt}: the previous message, again)", "dim"))
+
+    def _close(self, run: Run) -> None:
+        self.flush()
+        if run.id in self._answered or not run.status.terminal:
+            return
+        self._answered.add(run.id)
+        if run.result and run.id not in self._spoke:
+            self.write(_answer(run.result))
+        if run.status is not RunStatus.COMPLETED:
+            reason = f": {run.error}" if run.error else ""
+            self.write(Text(f"run {output.status_name(run.status)}{reason}", "red"))
+
+
+def _answer(result: str) -> str:
+    """What a run's result says: its `text` field when it has one, else the result itself."""
+    try:
+        value = json.loads(result)
+    except json.JSONDecodeError:
+        return result
+    text = value.get("text") if isinstance(value, dict) else None
+    return text if isinstance(text, str) else result
