@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 from google.protobuf.duration_pb2 import Duration
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from taskrun.core.access import ApiToken, AuditEvent, AuditKind, BootstrapToken, Scope
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import (
@@ -28,7 +29,7 @@ from taskrun.core.models import (
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.v1 import common_pb2 as pb
-from taskrun.v1 import schedules_pb2, tasks_pb2
+from taskrun.v1 import schedules_pb2, security_pb2, tasks_pb2
 
 # --- scalars ---------------------------------------------------------------------------------
 
@@ -322,6 +323,79 @@ def worker_from_pb(m: pb.Worker) -> tuple[Worker, list[RunId]]:
         revoked_reason=m.revoked_reason,
     )
     return worker, [RunId(r) for r in m.run_ids]
+
+
+# --- access control (issue 3) ----------------------------------------------------------------
+
+
+def bootstrap_token_to_pb(t: BootstrapToken, now: datetime) -> security_pb2.BootstrapToken:
+    out = security_pb2.BootstrapToken(
+        token_id=t.id,
+        worker_id=t.worker_id,
+        labels=t.labels,
+        state=int(t.state(now)),  # type: ignore[arg-type]
+        created_by=t.created_by,
+        used_by_host=t.used_by_host,
+    )
+    ts_to_pb(t.created_at, out.created_at)
+    ts_to_pb(t.expires_at, out.expires_at)
+    ts_to_pb(t.used_at, out.used_at)
+    ts_to_pb(t.revoked_at, out.revoked_at)
+    return out
+
+
+def api_token_to_pb(t: ApiToken, now: datetime) -> security_pb2.ApiToken:
+    out = security_pb2.ApiToken(
+        token_id=t.id,
+        name=t.name,
+        scopes=sorted(s.value for s in t.scopes),
+        state=int(t.state(now)),  # type: ignore[arg-type]
+        created_by=t.created_by,
+    )
+    ts_to_pb(t.created_at, out.created_at)
+    ts_to_pb(t.expires_at, out.expires_at)
+    ts_to_pb(t.revoked_at, out.revoked_at)
+    return out
+
+
+def scopes_from_pb(values: list[str], field: str = "scopes") -> frozenset[Scope]:
+    """The scopes named; INVALID_ARGUMENT for an unknown or missing one."""
+    if not values:
+        raise InvalidArgument(
+            f"must name at least one of {', '.join(s.value for s in Scope)}", field=field
+        )
+    try:
+        return frozenset(Scope(v) for v in values)
+    except ValueError:
+        bad = next(v for v in values if v not in {s.value for s in Scope})
+        raise InvalidArgument(
+            f"unknown scope {bad!r}; use {', '.join(s.value for s in Scope)}", field=field
+        ) from None
+
+
+def audit_event_to_pb(e: AuditEvent) -> security_pb2.AuditEvent:
+    out = security_pb2.AuditEvent(
+        id=e.id,
+        kind=e.kind.value,
+        principal=e.principal,
+        subject=e.subject,
+        peer=e.peer,
+        detail=e.detail,
+    )
+    ts_to_pb(e.time, out.time)
+    return out
+
+
+def audit_event_from_pb(m: security_pb2.AuditEvent) -> AuditEvent:
+    return AuditEvent(
+        id=m.id,
+        time=ts_from_pb(m, "time") or datetime.fromtimestamp(0, UTC),
+        kind=AuditKind(m.kind),
+        principal=m.principal,
+        subject=m.subject,
+        peer=m.peer,
+        detail=m.detail,
+    )
 
 
 # --- schedules -------------------------------------------------------------------------------

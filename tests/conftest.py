@@ -33,6 +33,7 @@ class Cluster:
     tmp: Path
     server: RunningServer | None = None
     port: int = 0
+    public_port: int = 0  # the TLS-only listener (Enroll, health, API tokens)
     workers: dict[str, tuple[WorkerDaemon, asyncio.Task[int]]] = field(default_factory=dict)
     clients: list[object] = field(default_factory=list)
 
@@ -40,9 +41,14 @@ class Cluster:
     def address(self) -> str:
         return f"127.0.0.1:{self.port}"
 
+    @property
+    def public_address(self) -> str:
+        return f"127.0.0.1:{self.public_port}"
+
     async def start_server(self, **overrides: object) -> RunningServer:
         settings: dict[str, object] = {
             "listen": f"127.0.0.1:{self.port}",
+            "public_listen": f"127.0.0.1:{self.public_port}",
             "store": f"sqlite:{self.tmp / 'taskrun.db'}",
             "ca_cert": self.pki.ca_cert,
             "server_cert": self.pki.server_cert,
@@ -55,6 +61,7 @@ class Cluster:
         config = ServerConfig.model_validate({**settings, **overrides})
         self.server = await start_server(config)
         self.port = self.server.port
+        self.public_port = self.server.public_port
         return self.server
 
     async def stop_server(self) -> None:

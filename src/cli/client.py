@@ -27,6 +27,7 @@ import grpc
 
 from taskrun import convert
 from taskrun.cli.credentials import OperatorSettings, load_credentials, resolve_settings
+from taskrun.core.access import AuditEvent, AuditKind, TokenState
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, TaskPolicy, TaskSpec, Worker
 from taskrun.core.schedule import Schedule
@@ -36,6 +37,8 @@ from taskrun.v1 import (
     events_pb2_grpc,
     schedules_pb2,
     schedules_pb2_grpc,
+    security_pb2,
+    security_pb2_grpc,
     tasks_pb2,
     tasks_pb2_grpc,
     workers_pb2,
@@ -115,8 +118,76 @@ def _fleet_event(m: events_pb2.Event) -> FleetEvent:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class BootstrapTokenInfo:
+    """A bootstrap token as the control plane lists it (never its secret)."""
+
+    token_id: str
+    worker_id: str
+    labels: dict[str, str]
+    state: TokenState
+    created_at: datetime | None
+    expires_at: datetime | None
+    used_at: datetime | None
+    revoked_at: datetime | None
+    created_by: str
+    used_by_host: str
+
+
+@dataclass(frozen=True, slots=True)
+class NewBootstrapToken:
+    """A token just created: `token` is shown this once."""
+
+    token: str
+    info: BootstrapTokenInfo
+    ca_fingerprint: str
+    public_port: int
+    session_port: int
+
+
+@dataclass(frozen=True, slots=True)
+class ApiTokenInfo:
+    token_id: str
+    name: str
+    scopes: tuple[str, ...]
+    state: TokenState
+    created_at: datetime | None
+    expires_at: datetime | None
+    revoked_at: datetime | None
+    created_by: str
+
+
+def _bootstrap_info(m: security_pb2.BootstrapToken) -> BootstrapTokenInfo:
+    return BootstrapTokenInfo(
+        token_id=m.token_id,
+        worker_id=m.worker_id,
+        labels=dict(m.labels),
+        state=TokenState(m.state),
+        created_at=convert.ts_from_pb(m, "created_at"),
+        expires_at=convert.ts_from_pb(m, "expires_at"),
+        used_at=convert.ts_from_pb(m, "used_at"),
+        revoked_at=convert.ts_from_pb(m, "revoked_at"),
+        created_by=m.created_by,
+        used_by_host=m.used_by_host,
+    )
+
+
+def _api_info(m: security_pb2.ApiToken) -> ApiTokenInfo:
+    return ApiTokenInfo(
+        token_id=m.token_id,
+        name=m.name,
+        scopes=tuple(m.scopes),
+        state=TokenState(m.state),
+        created_at=convert.ts_from_pb(m, "created_at"),
+        expires_at=convert.ts_from_pb(m, "expires_at"),
+        revoked_at=convert.ts_from_pb(m, "revoked_at"),
+        created_by=m.created_by,
+    )
+
+
 class Client:
-    """An mTLS connection to the control plane, as an operator.
+    """A TLS connection to the control plane, as an operator (client certificate) or as a
+    program (API token, `authorization: Bearer tra_…`, usually on the public listener).
 
     The channel is opened on first use, inside the running event loop; close it with
     `await client.close()` or by using the client as an async context manager.
@@ -127,18 +198,25 @@ class Client:
         target: str,
         *,
         ca: bytes,
-        cert: bytes,
-        key: bytes,
+        cert: bytes | None = None,
+        key: bytes | None = None,
+        api_token: str | None = None,
         server_name: str | None = None,
         options: Sequence[tuple[str, Any]] = (),
         timeout: float | None = DEFAULT_TIMEOUT,
     ) -> None:
+        if api_token is None and (cert is None or key is None):
+            raise ValueError("a client needs a certificate and key, or an API token")
         self.target = target
         self.server_name = server_name
         self.timeout = timeout  # per unary call; follow streams have none
         self._credentials = grpc.ssl_channel_credentials(
             root_certificates=ca, private_key=key, certificate_chain=cert
         )
+        if api_token is not None:
+            self._credentials = grpc.composite_channel_credentials(
+                self._credentials, grpc.access_token_call_credentials(api_token)
+            )
         merged = dict(CHANNEL_OPTIONS)
         if server_name:
             merged["grpc.ssl_target_name_override"] = server_name
@@ -158,6 +236,7 @@ class Client:
         cert: str | Path | None = None,
         key: str | Path | None = None,
         server_name: str | None = None,
+        api_token: str | None = None,
         env: Mapping[str, str] | None = None,
         **kwargs: Any,
     ) -> Client:
@@ -172,6 +251,7 @@ class Client:
             cert=str(cert) if cert else None,
             key=str(key) if key else None,
             server_name=server_name,
+            api_token=api_token,
             env=env,
         )
         return cls.from_settings(settings, **kwargs)
@@ -185,6 +265,7 @@ class Client:
             ca=creds.ca,
             cert=creds.cert,
             key=creds.key,
+            api_token=creds.api_token,
             server_name=settings.server_name,
             **kwargs,
         )
@@ -454,6 +535,85 @@ class Client:
             timeout=self.timeout,
         )
         return convert.worker_from_pb(message)[0]
+
+    # --- access control (issue 3) ------------------------------------------------------------
+
+    def _access_stub(self) -> Any:
+        return security_pb2_grpc.AccessServiceStub(self.channel)
+
+    async def create_bootstrap_token(
+        self,
+        *,
+        ttl: float = 0,
+        worker_id: str = "",
+        labels: Mapping[str, str] | None = None,
+    ) -> NewBootstrapToken:
+        """A single-use enrollment token (ttl 0 = the server's default, 1 h)."""
+        m = await self._access_stub().CreateBootstrapToken(
+            security_pb2.CreateBootstrapTokenRequest(
+                ttl_seconds=round(ttl), worker_id=worker_id, labels=dict(labels or {})
+            ),
+            timeout=self.timeout,
+        )
+        return NewBootstrapToken(
+            token=m.token,
+            info=_bootstrap_info(m.info),
+            ca_fingerprint=m.ca_fingerprint,
+            public_port=m.public_port,
+            session_port=m.session_port,
+        )
+
+    async def list_bootstrap_tokens(
+        self, *, include_inactive: bool = False
+    ) -> list[BootstrapTokenInfo]:
+        m = await self._access_stub().ListBootstrapTokens(
+            security_pb2.ListBootstrapTokensRequest(include_inactive=include_inactive),
+            timeout=self.timeout,
+        )
+        return [_bootstrap_info(t) for t in m.tokens]
+
+    async def revoke_bootstrap_token(self, token_id: str) -> BootstrapTokenInfo:
+        m = await self._access_stub().RevokeBootstrapToken(
+            security_pb2.RevokeBootstrapTokenRequest(token_id=token_id), timeout=self.timeout
+        )
+        return _bootstrap_info(m)
+
+    async def create_api_token(
+        self, name: str, scopes: Sequence[str], *, ttl: float = 0
+    ) -> tuple[str, ApiTokenInfo]:
+        """A bearer token for programs; the string is shown this once (ttl 0 = no expiry)."""
+        m = await self._access_stub().CreateApiToken(
+            security_pb2.CreateApiTokenRequest(
+                name=name, scopes=list(scopes), ttl_seconds=round(ttl)
+            ),
+            timeout=self.timeout,
+        )
+        return m.token, _api_info(m.info)
+
+    async def list_api_tokens(self, *, include_inactive: bool = False) -> list[ApiTokenInfo]:
+        m = await self._access_stub().ListApiTokens(
+            security_pb2.ListApiTokensRequest(include_inactive=include_inactive),
+            timeout=self.timeout,
+        )
+        return [_api_info(t) for t in m.tokens]
+
+    async def revoke_api_token(self, token_id: str) -> ApiTokenInfo:
+        m = await self._access_stub().RevokeApiToken(
+            security_pb2.RevokeApiTokenRequest(token_id=token_id), timeout=self.timeout
+        )
+        return _api_info(m)
+
+    async def list_audit_events(
+        self, *, limit: int = 100, before_id: int = 0, kinds: Sequence[AuditKind | str] = ()
+    ) -> list[AuditEvent]:
+        """Security events, newest first."""
+        m = await self._access_stub().ListAuditEvents(
+            security_pb2.ListAuditEventsRequest(
+                limit=limit, before_id=before_id, kinds=[str(k) for k in kinds]
+            ),
+            timeout=self.timeout,
+        )
+        return [convert.audit_event_from_pb(e) for e in m.events]
 
     # --- events (issue 6) ---------------------------------------------------------------------
 

@@ -18,6 +18,7 @@ ENV_CA = "TASKRUN_CA"
 ENV_CERT = "TASKRUN_CERT"
 ENV_KEY = "TASKRUN_KEY"
 ENV_SERVER_NAME = "TASKRUN_SERVER_NAME"
+ENV_API_TOKEN = "TASKRUN_API_TOKEN"
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 DEFAULT_CERTS_DIR = Path("certs")
@@ -38,15 +39,18 @@ class OperatorSettings:
     cert: Path
     key: Path
     server_name: str | None  # TLS name to verify instead of the host in `server`
+    # An API token (`tra_…`): sent as `authorization: Bearer …` instead of a client certificate
+    api_token: str | None = None
 
 
 @dataclass(frozen=True, slots=True)
 class Credentials:
-    """The PEM bytes of an operator's TLS material."""
+    """The PEM bytes of an operator's TLS material (no certificate when an API token is used)."""
 
     ca: bytes
-    cert: bytes
-    key: bytes
+    cert: bytes | None
+    key: bytes | None
+    api_token: str | None = None
 
 
 def _pick(flag: str | None, env: Mapping[str, str], name: str) -> str | None:
@@ -114,6 +118,7 @@ def resolve_settings(
     cert: str | None = None,
     key: str | None = None,
     server_name: str | None = None,
+    api_token: str | None = None,
     env: Mapping[str, str] | None = None,
 ) -> OperatorSettings:
     """Fill every setting not given as an argument from `env` (default os.environ) or defaults."""
@@ -128,6 +133,7 @@ def resolve_settings(
         cert=Path(cert_value) if cert_value else directory / "operator.pem",
         key=Path(key_value) if key_value else directory / "operator-key.pem",
         server_name=resolve_server_name(server_name, target, env),
+        api_token=_pick(api_token, env, ENV_API_TOKEN),
     )
 
 
@@ -145,6 +151,9 @@ def read_pem(path: Path, what: str) -> bytes:
 
 
 def load_credentials(settings: OperatorSettings) -> Credentials:
+    if settings.api_token:
+        ca = read_pem(settings.ca, "CA certificate")
+        return Credentials(ca=ca, cert=None, key=None, api_token=settings.api_token)
     return Credentials(
         ca=read_pem(settings.ca, "CA certificate"),
         cert=read_pem(settings.cert, "client certificate"),

@@ -23,8 +23,8 @@ from typing import Any, TypeVar
 import grpc
 
 from taskrun import __version__
+from taskrun.cli import access_cmd, events_cmd, output, schedule_cmd
 from taskrun.cli import credentials as creds
-from taskrun.cli import events_cmd, output, schedule_cmd
 from taskrun.cli.client import Client, TaskChanged
 from taskrun.core.errors import TaskRunError
 from taskrun.core.models import DEFAULT_MAX_ATTEMPTS, Task, TaskPolicy, TaskSpec
@@ -178,6 +178,13 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top: bool, cert: boo
             help="operator key (TASKRUN_KEY, default <certs-dir>/operator-key.pem)",
         )
     group.add_argument(
+        "--api-token",
+        default=default(None),
+        metavar="TOKEN",
+        help="authenticate with an API token instead of a certificate (TASKRUN_API_TOKEN; "
+        "prefer the variable, a flag shows in the process list)",
+    )
+    group.add_argument(
         "--server-name",
         default=default(None),
         help="TLS name to verify in the server certificate (TASKRUN_SERVER_NAME; "
@@ -275,6 +282,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("worker_id", metavar="ID")
     p.add_argument("--dir", help="the PKI directory (default --certs-dir)")
 
+    p = _leaf(
+        certs,
+        "server",
+        cmd_certs_server,
+        help="issue a new server certificate (a running server uses it for new connections)",
+    )
+    p.add_argument("--dir", help="the PKI directory (default --certs-dir)")
+    p.add_argument(
+        "--host",
+        action="append",
+        metavar="H",
+        help="a name or address of the server (repeat; default localhost and 127.0.0.1)",
+    )
+
     # server
     p = _leaf(commands, "server", cmd_server, help="run the control plane")
     p.add_argument(
@@ -287,6 +308,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--db", metavar="PATH", help="shorthand for --store sqlite:PATH (TASKRUN_DB)")
     p.add_argument("--server-cert", help="default <certs-dir>/server.pem (TASKRUN_SERVER_CERT)")
     p.add_argument("--server-key", help="default <certs-dir>/server-key.pem (TASKRUN_SERVER_KEY)")
+    p.add_argument(
+        "--ca-key",
+        help="CA key that signs worker certificates "
+        "(TASKRUN_CA_KEY, default <certs-dir>/ca-key.pem)",
+    )
+    p.add_argument(
+        "--public-listen",
+        metavar="ADDR",
+        help="TLS-only listener for enrollment, health and API tokens; empty disables "
+        "(TASKRUN_PUBLIC_LISTEN, default: the --listen host, next port)",
+    )
+    p.add_argument(
+        "--worker-cert-lifetime",
+        type=positive_float,
+        metavar="S",
+        help="lifetime of enrolled and renewed worker certificates (default 86400 = 24 h)",
+    )
     p.add_argument("--heartbeat-interval", type=positive_float, metavar="S")
     p.add_argument("--heartbeat-timeout", type=positive_float, metavar="S")
     p.add_argument("--reconnect-grace", type=positive_float, metavar="S")
@@ -298,7 +336,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
 
     # worker
-    worker = _group(commands, "worker", "run a worker daemon, or revoke a worker")
+    worker = _group(commands, "worker", "enroll a worker, run a worker daemon, or revoke a worker")
+    p = _leaf(
+        worker,
+        "enroll",
+        cmd_worker_enroll,
+        operator_cert=False,
+        help="give this machine a worker identity with a bootstrap token",
+        description="Pin the control plane's CA by its fingerprint, generate a key, trade the "
+        "token and a CSR for a certificate, and store them in the state directory. --server is "
+        "the public (enrollment) address printed by `taskrun token create`.",
+    )
+    p.add_argument(
+        "--token", help="the bootstrap token (TASKRUN_TOKEN, which keeps it out of shell history)"
+    )
+    p.add_argument(
+        "--ca-fingerprint",
+        metavar="sha256:HEX",
+        help="the CA fingerprint printed with the token (TASKRUN_CA_FINGERPRINT)",
+    )
+    p.add_argument(
+        "--state-dir",
+        help="where to keep the identity (TASKRUN_STATE_DIR, default .taskrun/worker)",
+    )
     p = _leaf(
         worker,
         "run",
@@ -321,6 +381,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--metrics-listen",
         metavar="ADDR",
         help="serve Prometheus /metrics on host:port (TASKRUN_METRICS_LISTEN; default off)",
+    )
+    p.add_argument(
+        "--state-dir",
+        help="use the identity enrolled there (`taskrun worker enroll`): its worker id, CA, "
+        "certificate and key, and its server unless --server is given (TASKRUN_STATE_DIR)",
     )
     _add_revoke(worker)
 
@@ -460,6 +525,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     schedule_cmd.register(commands)
     events_cmd.register(commands)  # issue 6: `taskrun events`, `taskrun tui`
+    access_cmd.register(commands)  # issue 3: `taskrun token`, `api-token`, `audit`
 
     # dev
     p = _leaf(
@@ -501,6 +567,7 @@ def operator_settings(args: argparse.Namespace) -> creds.OperatorSettings:
         cert=_arg(args, "cert"),
         key=_arg(args, "key"),
         server_name=_arg(args, "server_name"),
+        api_token=_arg(args, "api_token"),
     )
 
 
@@ -687,6 +754,26 @@ def cmd_certs_worker(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_certs_server(args: argparse.Namespace) -> int:
+    from taskrun.controlplane.pki import issue_server_cert
+
+    directory = Path(args.dir) if args.dir else certs_dir(args)
+    hosts = tuple(args.host) if args.host else ("localhost", "127.0.0.1")
+    try:
+        cert, key = issue_server_cert(directory, hosts)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    except FileNotFoundError:
+        raise CliError(
+            f"no CA in {directory}: create one with `taskrun certs init --dir {directory}`"
+        ) from None
+    _write(
+        f"wrote  {key}\nwrote  {cert}\n"
+        "a running control plane serves it on new connections; live streams keep the old one\n"
+    )
+    return EXIT_OK
+
+
 def _require_files(*paths: tuple[Path, str]) -> None:
     for path, what in paths:
         if not path.exists():
@@ -711,10 +798,16 @@ def server_config(args: argparse.Namespace) -> Any:
         "server_key": Path(
             _arg(args, "server_key") or _env("TASKRUN_SERVER_KEY") or directory / "server-key.pem"
         ),
+        "ca_key": Path(_arg(args, "ca_key") or _env("TASKRUN_CA_KEY") or directory / "ca-key.pem"),
     }
     listen = _arg(args, "listen") or _env("TASKRUN_LISTEN")
+    public = _arg(args, "public_listen")
+    if public is None:
+        public = os.environ.get("TASKRUN_PUBLIC_LISTEN")  # set but empty disables it
     optional = {
         "listen": listen,
+        "public_listen": public,
+        "worker_cert_lifetime": _arg(args, "worker_cert_lifetime"),
         "store": resolve_store(args),
         "heartbeat_interval": _arg(args, "heartbeat_interval"),
         "heartbeat_timeout": _arg(args, "heartbeat_timeout"),
@@ -797,10 +890,31 @@ def worker_config(args: argparse.Namespace) -> Any:
     drain = _arg(args, "drain_timeout")
     if drain is not None:
         values["drain_timeout"] = drain
+    state_dir = _arg(args, "state_dir") or _env("TASKRUN_STATE_DIR")
+    if not state_dir and not (cert or key or _arg(args, "worker_id") or _env("TASKRUN_WORKER_ID")):
+        from taskrun.worker.identity import DEFAULT_STATE_DIR
+
+        if (DEFAULT_STATE_DIR / "identity.json").exists():  # enrolled here: use that identity
+            state_dir = str(DEFAULT_STATE_DIR)
+    if state_dir:
+        # The enrolled identity supplies these; only what is given explicitly overrides it.
+        values["state_dir"] = Path(state_dir)
+        for name in ("ca_cert", "cert", "key"):
+            del values[name]
+        explicit = {
+            "worker_id": _arg(args, "worker_id") or _env("TASKRUN_WORKER_ID"),
+            "server": _arg(args, "server") or _env(creds.ENV_SERVER),
+            "server_name": _arg(args, "server_name") or _env(creds.ENV_SERVER_NAME),
+        }
+        for name, given in explicit.items():
+            if not given:
+                del values[name]
     try:
-        return WorkerConfig(**values)
+        return WorkerConfig(**values).with_identity()
     except ValidationError as exc:
         raise CliError(_validation_message(exc)) from None
+    except ValueError as exc:  # the state directory holds no (matching) identity
+        raise CliError(str(exc)) from None
 
 
 def cmd_worker_run(args: argparse.Namespace) -> int:
@@ -815,6 +929,48 @@ def cmd_worker_run(args: argparse.Namespace) -> int:
 
     code: int = asyncio.run(run_worker(config))
     return code
+
+
+def cmd_worker_enroll(args: argparse.Namespace) -> int:
+    from taskrun.worker.identity import (
+        DEFAULT_STATE_DIR,
+        EnrollmentError,
+        ServerUnreachable,
+        enroll,
+    )
+
+    server = _arg(args, "server")
+    token = args.token or _env("TASKRUN_TOKEN")
+    fingerprint = args.ca_fingerprint or _env("TASKRUN_CA_FINGERPRINT")
+    if not server:
+        raise CliError(
+            "give --server HOST:PORT: the control plane's public (enrollment) address, as "
+            "printed by `taskrun token create`"
+        )
+    if not token:
+        raise CliError("give the bootstrap token with --token or TASKRUN_TOKEN")
+    if not fingerprint:
+        raise CliError("give --ca-fingerprint sha256:… (printed by `taskrun token create`)")
+    state_dir = Path(args.state_dir or _env("TASKRUN_STATE_DIR") or DEFAULT_STATE_DIR)
+    server_name = _arg(args, "server_name") or _env(creds.ENV_SERVER_NAME) or ""
+    try:
+        enrolled = asyncio.run(
+            enroll(server, token, fingerprint, state_dir, server_name=server_name)
+        )
+    except ServerUnreachable as exc:
+        raise CliError(str(exc), EXIT_UNAVAILABLE) from None
+    except (EnrollmentError, ValueError) as exc:
+        raise CliError(str(exc)) from None
+    identity = enrolled.identity
+    labels = ",".join(f"{k}={v}" for k, v in sorted(enrolled.labels.items()))
+    _write(
+        f"enrolled as worker {identity.worker_id}\n"
+        f"certificate expires {enrolled.expires_at.isoformat()} (renewed automatically)\n"
+        f"identity stored in {enrolled.paths.directory}\n"
+        + (f"labels {labels}\n" if labels else "")
+        + f"start the worker with: taskrun worker run --state-dir {enrolled.paths.directory}\n"
+    )
+    return EXIT_OK
 
 
 def cmd_task_create(args: argparse.Namespace) -> int:

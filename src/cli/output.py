@@ -355,7 +355,7 @@ def worker_detail(worker: Worker, run_ids: Sequence[RunId], now: datetime) -> st
         ("First seen", format_when(worker.first_seen_at, now)),
         ("Connected", format_when(worker.connected_at, now)),
         ("Last heartbeat", format_when(worker.last_heartbeat_at, now)),
-        ("Cert expires", _format_expiry(worker.certificate_expires_at, now)),
+        ("Cert expires", format_expiry(worker.certificate_expires_at, now)),
     ]
     if worker.revoked_at is not None:
         fields.append(
@@ -376,7 +376,7 @@ def worker_detail(worker: Worker, run_ids: Sequence[RunId], now: datetime) -> st
     return out
 
 
-def _format_expiry(value: datetime | None, now: datetime) -> str:
+def format_expiry(value: datetime | None, now: datetime) -> str:
     if value is None:
         return NONE
     stamp = value.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%S UTC")

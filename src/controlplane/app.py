@@ -12,14 +12,22 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from taskrun.controlplane.access import AccessControl
+from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.event_service import EventService  # issue 6
 from taskrun.controlplane.metrics import ControlPlaneMetrics  # issue 6
 from taskrun.controlplane.schedule_service import ScheduleService
 from taskrun.controlplane.scheduler import Scheduler
+from taskrun.controlplane.security_service import (
+    AccessService,
+    CertificateService,
+    EnrollmentService,
+)
 from taskrun.controlplane.services import RunService, TaskService, WorkerService
 from taskrun.controlplane.store import open_store
+from taskrun.controlplane.tls import ServerCertificateSource
 from taskrun.core.store import Store
 from taskrun.metrics_http import MetricsServer  # issue 6
 from taskrun.v1 import (
@@ -27,6 +35,8 @@ from taskrun.v1 import (
     events_pb2_grpc,
     schedules_pb2,
     schedules_pb2_grpc,
+    security_pb2,
+    security_pb2_grpc,
     tasks_pb2,
     tasks_pb2_grpc,
     workers_pb2,
@@ -41,6 +51,9 @@ SERVICE_NAMES = (
     workers_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
     schedules_pb2.DESCRIPTOR.services_by_name["ScheduleService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,  # issue 6
+    security_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name,
+    security_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
+    security_pb2.DESCRIPTOR.services_by_name["EnrollmentService"].full_name,
 )
 
 # Keepalive: notice a silent peer in seconds (see FIELD-NOTES). Workers use matching settings.
@@ -65,6 +78,11 @@ class RunningServer:
     scheduler: Scheduler | None = None
     metrics: ControlPlaneMetrics | None = None  # issue 6
     metrics_server: MetricsServer | None = None  # issue 6: None unless config.metrics_listen
+    # issue 3: the TLS-only listener (Enroll, health, API-token callers); None when disabled
+    public_server: grpc.aio.Server | None = None
+    public_port: int = 0
+    access: AccessControl | None = None
+    tls_sources: tuple[ServerCertificateSource, ...] = ()
 
     async def stop(self, grace: float = 5.0) -> None:
         for name in ("", *SERVICE_NAMES):
@@ -74,21 +92,11 @@ class RunningServer:
         if self.scheduler is not None:
             await self.scheduler.stop()
         await self.engine.stop()
-        await self.server.stop(grace)
+        servers = [self.server] if self.public_server is None else [self.server, self.public_server]
+        await asyncio.gather(*(server.stop(grace) for server in servers))
         await self.engine.flush()
         await self.engine.store.close()
         log.info("server stopped")
-
-
-def server_credentials(config: ServerConfig) -> grpc.ServerCredentials:
-    for path in (config.ca_cert, config.server_cert, config.server_key):
-        if not path.exists():
-            raise FileNotFoundError(f"{path} is missing: run `taskrun certs init` first")
-    return grpc.ssl_server_credentials(
-        [(config.server_key.read_bytes(), config.server_cert.read_bytes())],
-        root_certificates=config.ca_cert.read_bytes(),
-        require_client_auth=True,
-    )
 
 
 async def start_server(config: ServerConfig) -> RunningServer:
@@ -108,21 +116,36 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     scheduler = Scheduler(engine, misfire_grace=config.schedule_misfire_grace)
     await scheduler.load()
     metrics = ControlPlaneMetrics(engine)  # issue 6
-    server = grpc.aio.server(
-        interceptors=[metrics.interceptor()],  # issue 6: rejections, stream messages
-        options=[
-            ("grpc.max_receive_message_length", config.max_message_bytes + 1024 * 1024),
-            ("grpc.max_send_message_length", config.max_message_bytes + 1024 * 1024),
-            *KEEPALIVE_OPTIONS,
-        ],
-    )
-    tasks_pb2_grpc.add_TaskServiceServicer_to_server(TaskService(engine), server)
-    workers_pb2_grpc.add_WorkerServiceServicer_to_server(WorkerService(engine), server)
-    workers_pb2_grpc.add_RunServiceServicer_to_server(RunService(engine), server)
-    schedules_pb2_grpc.add_ScheduleServiceServicer_to_server(ScheduleService(scheduler), server)
-    events_pb2_grpc.add_EventServiceServicer_to_server(EventService(engine), server)  # issue 6
+    access = AccessControl(engine, config)
+    await access.load()
+    auth = Authenticator(access)
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes + 1024 * 1024),
+        ("grpc.max_send_message_length", config.max_message_bytes + 1024 * 1024),
+        *KEEPALIVE_OPTIONS,
+    ]
+    tasks = TaskService(engine, auth)
+    workers = WorkerService(engine, auth)
+    schedules = ScheduleService(scheduler, auth)
+    events = EventService(engine, auth)  # issue 6
+    admin = AccessService(auth)
+    enrollment = EnrollmentService(access)
     health_servicer = health.aio.HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
+    def operator_services(server: grpc.aio.Server) -> None:
+        tasks_pb2_grpc.add_TaskServiceServicer_to_server(tasks, server)
+        workers_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
+        schedules_pb2_grpc.add_ScheduleServiceServicer_to_server(schedules, server)
+        events_pb2_grpc.add_EventServiceServicer_to_server(events, server)
+        security_pb2_grpc.add_AccessServiceServicer_to_server(admin, server)
+        security_pb2_grpc.add_EnrollmentServiceServicer_to_server(enrollment, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
+    # The mTLS listener: every caller presents a certificate signed by our CA.
+    server = grpc.aio.server(interceptors=[metrics.interceptor()], options=options)
+    operator_services(server)
+    workers_pb2_grpc.add_RunServiceServicer_to_server(RunService(engine, auth), server)
+    security_pb2_grpc.add_CertificateServiceServicer_to_server(CertificateService(auth), server)
     reflection.enable_server_reflection(
         (
             *SERVICE_NAMES,
@@ -131,12 +154,24 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         ),
         server,
     )
-    try:
-        port = server.add_secure_port(config.listen, server_credentials(config))
-    except RuntimeError as exc:  # grpc reports a failed bind this way
-        raise OSError(f"could not listen on {config.listen}: {exc}") from None
-    if port == 0:
-        raise OSError(f"could not listen on {config.listen}")
+    sources = [ServerCertificateSource(config.ca_cert, config.server_cert, config.server_key)]
+    port = _bind(server, config.listen, sources[0].credentials(require_client_auth=True))
+    access.session_port = port
+    # The public listener: TLS only. Enroll and health need nothing; the operator services
+    # need an API token there (no certificate can be presented); worker sessions are absent.
+    public_server: grpc.aio.Server | None = None
+    public_port = 0
+    public_address = config.public_address()
+    if public_address:
+        public_server = grpc.aio.server(interceptors=[metrics.interceptor()], options=options)
+        operator_services(public_server)
+        sources.append(
+            ServerCertificateSource(config.ca_cert, config.server_cert, config.server_key)
+        )
+        public_port = _bind(
+            public_server, public_address, sources[1].credentials(require_client_auth=False)
+        )
+        access.public_port = public_port
     metrics_server = None  # issue 6
     if config.metrics_listen:
         try:
@@ -148,12 +183,39 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
                 ) from None
             log.warning("metrics not served", address=config.metrics_listen, error=str(exc))
     await server.start()
+    if public_server is not None:
+        await public_server.start()
     scheduler.start()
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.listen.rsplit(":", 1)[0]
-    log.info("server listening", address=f"{host}:{port}", store=config.store)
-    return RunningServer(server, engine, health_servicer, port, scheduler, metrics, metrics_server)
+    public = f"{public_address.rsplit(':', 1)[0]}:{public_port}" if public_server else ""
+    log.info(
+        "server listening", address=f"{host}:{port}", public_address=public, store=config.store
+    )
+    return RunningServer(
+        server,
+        engine,
+        health_servicer,
+        port,
+        scheduler,
+        metrics,
+        metrics_server,
+        public_server=public_server,
+        public_port=public_port,
+        access=access,
+        tls_sources=tuple(sources),
+    )
+
+
+def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> int:
+    try:
+        port: int = server.add_secure_port(address, credentials)
+    except RuntimeError as exc:  # grpc reports a failed bind this way
+        raise OSError(f"could not listen on {address}: {exc}") from None
+    if port == 0:
+        raise OSError(f"could not listen on {address}")
+    return port
 
 
 async def run_server(config: ServerConfig) -> None:

@@ -1,13 +1,26 @@
-"""Who is calling: the principal in the peer's client certificate (mTLS), checked per handler."""
+"""Who is calling, and may they: checked at the top of every handler.
+
+Callers prove who they are with a client certificate (mTLS listener: operators and workers) or
+an API token (`authorization: Bearer tra_…`, on either listener). An operator certificate holds
+every scope; an API token holds the scopes it was created with. Refusals are audited.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import datetime
+from typing import NoReturn
 
 import grpc
 from cryptography import x509
 
+from taskrun.controlplane.access import AccessControl
+from taskrun.core import errors
+from taskrun.core.access import AuditKind, Scope, grants
 from taskrun.core.identity import Principal, PrincipalKind, parse_spiffe_id
+from taskrun.core.ids import WorkerId
+
+ALL_SCOPES = frozenset(Scope)
 
 
 def _values(context: grpc.aio.ServicerContext, key: str) -> list[str]:
@@ -33,17 +46,100 @@ def peer_certificate_expiry(context: grpc.aio.ServicerContext) -> datetime | Non
     return x509.load_pem_x509_certificate(pems[0].encode()).not_valid_after_utc
 
 
-async def require(context: grpc.aio.ServicerContext, kind: PrincipalKind) -> Principal:
-    """The caller's principal if it is of `kind`; otherwise the call ends PERMISSION_DENIED."""
-    principal = peer_principal(context)
-    if principal is None:
-        await context.abort(
-            grpc.StatusCode.UNAUTHENTICATED, "no TaskRun identity in the client certificate"
+def _bearer(context: grpc.aio.ServicerContext) -> str | None:
+    for key, value in context.invocation_metadata() or ():
+        if key == "authorization":
+            text = value.decode() if isinstance(value, bytes) else value
+            scheme, _, credential = text.partition(" ")
+            if scheme.lower() != "bearer" or not credential:
+                return ""  # present but malformed
+            return credential.strip()
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Caller:
+    """An authenticated operator or program: who, and what it may do."""
+
+    name: str  # a SPIFFE id, or "api-token <id> (<name>)"
+    scopes: frozenset[Scope]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Authenticator:
+    def __init__(self, access: AccessControl) -> None:
+        self.access = access
+
+    async def _refuse(
+        self,
+        context: grpc.aio.ServicerContext,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        principal: str = "",
+        kind: AuditKind = AuditKind.REQUEST_REJECTED,
+    ) -> NoReturn:
+        self.access.audit(
+            kind, principal=principal, peer=context.peer() or "", detail=message, rejection=True
         )
+        await context.abort(code, message)
         raise AssertionError("unreachable")
-    if principal.kind is not kind:
-        await context.abort(
-            grpc.StatusCode.PERMISSION_DENIED,
-            f"{principal} may not call this; it needs a {kind.value} identity",
-        )
-    return principal
+
+    async def operator(self, context: grpc.aio.ServicerContext, needed: Scope) -> Caller:
+        """The caller if it holds `needed`; otherwise the call ends UNAUTHENTICATED or
+        PERMISSION_DENIED (and the refusal is audited)."""
+        bearer = _bearer(context)
+        if bearer is not None:
+            try:
+                token = self.access.authenticate_api_token(bearer)
+            except errors.Unauthenticated as exc:
+                await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+            caller = Caller(f"api-token {token.id} ({token.name})", token.scopes)
+        else:
+            principal = peer_principal(context)
+            if principal is None:
+                await self._refuse(
+                    context,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    "no credentials: present an operator client certificate or an API token "
+                    "(authorization: Bearer tra_…)",
+                )
+            if principal.kind is not PrincipalKind.OPERATOR:
+                await self._refuse(
+                    context,
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"{principal} may not call this; it needs an operator identity",
+                    principal=str(principal),
+                )
+            caller = Caller(str(principal), ALL_SCOPES)
+        if not grants(caller.scopes, needed):
+            held = ", ".join(sorted(caller.scopes)) or "none"
+            await self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{caller} holds scopes [{held}]; this call needs {needed.value!r}",
+                principal=caller.name,
+            )
+        return caller
+
+    async def worker(self, context: grpc.aio.ServicerContext) -> WorkerId:
+        """The worker identity of the caller's certificate; otherwise the call is refused."""
+        principal = peer_principal(context)
+        if principal is None:
+            await self._refuse(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "no TaskRun identity in the client certificate",
+                kind=AuditKind.CONNECTION_REJECTED,
+            )
+        if principal.kind is not PrincipalKind.WORKER:
+            await self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{principal} may not call this; it needs a worker identity",
+                principal=str(principal),
+                kind=AuditKind.CONNECTION_REJECTED,
+            )
+        return WorkerId(principal.name)

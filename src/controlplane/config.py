@@ -16,6 +16,16 @@ class ServerConfig(BaseModel):
     ca_cert: Path = Path("certs/ca.pem")
     server_cert: Path = Path("certs/server.pem")
     server_key: Path = Path("certs/server-key.pem")
+    # issue 3: the CA key signs enrolled and renewed worker certificates; without it enrollment
+    # and renewal are refused (FAILED_PRECONDITION) and everything else works.
+    ca_key: Path | None = None  # default: ca-key.pem next to ca_cert
+    # The public listener: TLS with the server certificate, no client certificate. It serves
+    # Enroll and health to anyone, and the operator services to callers with an API token.
+    # None = the host of `listen` and the port after its port (0 stays 0); "" = not served.
+    public_listen: str | None = None
+    worker_cert_lifetime: float = Field(default=24 * 3600.0, gt=0)  # seconds
+    bootstrap_token_ttl: float = Field(default=3600.0, gt=0)  # default TTL, seconds
+    max_bootstrap_token_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
     heartbeat_interval: float = Field(default=5.0, gt=0)
     heartbeat_timeout: float = Field(default=15.0, gt=0)
     reconnect_grace: float = Field(default=30.0, ge=0)
@@ -36,3 +46,15 @@ class ServerConfig(BaseModel):
     metrics_listen: str = ""
     # a busy metrics address only logs a warning (the CLI default, not chosen explicitly)
     metrics_optional: bool = False
+
+    def ca_key_path(self) -> Path:
+        return self.ca_key if self.ca_key is not None else self.ca_cert.parent / "ca-key.pem"
+
+    def public_address(self) -> str:
+        """Where the public listener binds ("" when it is off)."""
+        if self.public_listen is not None:
+            return self.public_listen
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not port.isdigit():
+            return ""
+        return f"{host}:{int(port) + 1 if int(port) else 0}"

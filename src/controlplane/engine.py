@@ -138,6 +138,10 @@ class Engine:
             effect()
         self.events.emit(captured)  # issue 6 (events): after the commit and its effect
 
+    def commit(self, changes: ChangeSet) -> Awaitable[None]:
+        """Commit changes that hold no engine state (tokens, audit) in order with the rest."""
+        return self._commit(changes)
+
     @property
     def backlog(self) -> int:
         return self._inflight
@@ -529,6 +533,10 @@ class Engine:
             old.kick("replaced by a newer session of the same worker")
         known = self.workers.get(worker.id)
         now = utcnow()
+        if known is not None and known.enrolled_labels:
+            # labels bound at enrollment win over what the worker announces
+            worker.labels = {**worker.labels, **known.enrolled_labels}
+            worker.enrolled_labels, worker.enrolled_at = known.enrolled_labels, known.enrolled_at
         worker.first_seen_at = known.first_seen_at if known and known.first_seen_at else now
         worker.connected_at = worker.last_heartbeat_at = now
         worker.status = WorkerStatus.DRAINING if hello.draining else WorkerStatus.ONLINE
@@ -548,6 +556,14 @@ class Engine:
             if claim is not None and claim.attempt == run.attempt:
                 session.runs.add(run.id)
                 self._forget_orphan(run.id)
+            elif claim is None and run.status is RunStatus.ASSIGNED:
+                # Sent, but maybe never read (the worker moved to a new channel, or the stream
+                # broke first): send it again. A worker that has it already ignores the copy.
+                session.runs.add(run.id)
+                self._forget_orphan(run.id)
+                task = self.tasks.get(run.task_id)
+                if task is not None:
+                    session.send_assignment(self._assignment(task, run))
             else:
                 self._forget_orphan(run.id)
                 lost.append(
@@ -652,6 +668,20 @@ class Engine:
 
         await asyncio.shield(self._commit(changes, effect))
         log.warning("worker revoked", worker_id=worker_id, reason=reason, runs_ended=len(lost))
+        return worker
+
+    async def record_enrollment(
+        self, worker_id: WorkerId, labels: dict[str, str], hostname: str
+    ) -> Worker:
+        """A worker identity was issued: remember it (offline until it connects) and its labels."""
+        self.check_not_revoked(worker_id)
+        worker = self.workers.get(worker_id)
+        if worker is None:
+            worker = Worker(id=worker_id, hostname=hostname, status=WorkerStatus.OFFLINE)
+            self.workers[worker_id] = worker
+        worker.enrolled_labels, worker.enrolled_at = dict(labels), utcnow()
+        worker.labels = {**worker.labels, **labels}
+        await asyncio.shield(self._commit(ChangeSet(workers=[replace(worker)])))
         return worker
 
     def check_not_revoked(self, worker_id: WorkerId) -> None:

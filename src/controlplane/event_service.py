@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator
 import grpc
 import structlog
 
-from taskrun.controlplane.auth import require
+from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.events import Filter, Overflowed
-from taskrun.core.identity import PrincipalKind
+from taskrun.core.access import Scope
 from taskrun.v1 import events_pb2 as epb
 from taskrun.v1 import events_pb2_grpc
 
@@ -20,13 +20,14 @@ MAX_ID = 128
 
 
 class EventService(events_pb2_grpc.EventServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, auth: Authenticator) -> None:
         self.engine = engine
+        self.auth = auth
 
     async def WatchEvents(
         self, request: epb.WatchEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[epb.Event]:
-        principal = await require(context, PrincipalKind.OPERATOR)
+        principal = await self.auth.operator(context, Scope.READ)
         for name in ("task_id", "worker_id"):
             if len(getattr(request, name)) > MAX_ID:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: is too long")

@@ -13,7 +13,7 @@ import ipaddress
 import os
 import tempfile
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -193,6 +193,88 @@ def _load_ca(paths: PkiPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivate
     return cert, key
 
 
+def load_ca(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+    """The CA certificate and its key from two PEM files (FileNotFoundError if absent)."""
+    return _load_ca(replace(PkiPaths.at(cert_path.parent), ca_cert=cert_path, ca_key=key_path))
+
+
+class CsrRejected(ValueError):
+    """A certificate signing request that cannot be signed; the message says why."""
+
+
+MAX_CSR_BYTES = 16 * 1024
+
+
+def csr_public_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The key of a well-formed, correctly self-signed CSR holding an ECDSA P-256 key.
+
+    Only the key is used: names and extensions inside the CSR are ignored by design.
+    """
+    if not csr_pem:
+        raise CsrRejected("must not be empty")
+    if len(csr_pem) > MAX_CSR_BYTES:
+        raise CsrRejected(f"is over {MAX_CSR_BYTES} bytes")
+    try:
+        csr = x509.load_pem_x509_csr(csr_pem)
+    except ValueError:
+        raise CsrRejected("is not a PEM-encoded PKCS#10 certificate signing request") from None
+    key = csr.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise CsrRejected(f"key must be ECDSA P-256, got ECDSA {key.curve.name}")
+    else:
+        raise CsrRejected(f"key must be ECDSA P-256, got {_key_kind(key)}")
+    try:
+        valid = csr.is_signature_valid
+    except Exception:  # an unsupported signature algorithm
+        valid = False
+    if not valid:
+        raise CsrRejected("signature does not verify: the request was altered or is corrupt")
+    return key
+
+
+def _key_kind(key: object) -> str:
+    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, rsa
+
+    if isinstance(key, rsa.RSAPublicKey):
+        return f"RSA-{key.key_size}"
+    if isinstance(key, ed25519.Ed25519PublicKey):
+        return "Ed25519"
+    if isinstance(key, ed448.Ed448PublicKey):
+        return "Ed448"
+    return type(key).__name__
+
+
+def sign_worker_csr(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    csr_pem: bytes,
+    worker_id: str,
+    lifetime: timedelta,
+    *,
+    now: datetime | None = None,
+) -> x509.Certificate:
+    """A client certificate for `worker_id` (never for the names in the CSR) over the CSR's key.
+
+    CsrRejected when the CSR is unusable. Backdated by at most a tenth of the lifetime (5 min at
+    most), so that clock skew is tolerated and short lifetimes stay mostly in the future.
+    """
+    key = csr_public_key(csr_pem)
+    _check_worker_id(worker_id)
+    return _sign_leaf(
+        ca,
+        key,
+        Principal(PrincipalKind.WORKER, worker_id),
+        lifetime=lifetime,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        now=now,
+        skew=min(CLOCK_SKEW, lifetime / 10),
+    )
+
+
+def cert_pem(cert: x509.Certificate) -> bytes:
+    return _cert_pem(cert)
+
+
 def _sign_leaf(
     ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     public_key: ec.EllipticCurvePublicKey,
@@ -202,6 +284,7 @@ def _sign_leaf(
     usage: x509.ObjectIdentifier,
     extra_names: Sequence[x509.GeneralName] = (),
     now: datetime | None = None,
+    skew: timedelta = CLOCK_SKEW,
 ) -> x509.Certificate:
     """A certificate for principal (CN + URI SAN), valid for lifetime but not past the CA."""
     if parse_spiffe_id(principal.uri) != principal:
@@ -222,7 +305,7 @@ def _sign_leaf(
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())
-        .not_valid_before(start - CLOCK_SKEW)
+        .not_valid_before(start - skew)
         .not_valid_after(end)
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(
@@ -385,6 +468,33 @@ def issue_worker_cert(
     )
     _write_pair(cert_path, key_path, cert_pem, _key_pem(key))
     return cert_path, key_path
+
+
+def issue_server_cert(
+    directory: Path,
+    server_hosts: Sequence[str] = ("localhost", "127.0.0.1"),
+    lifetime: timedelta = DEFAULT_LIFETIME,
+) -> tuple[Path, Path]:
+    """Replace `server.pem` and `server-key.pem` with a new key and certificate.
+
+    A running control plane picks them up for new connections without a restart (live streams
+    keep the old certificate until they reconnect).
+    """
+    if not server_hosts:
+        raise ValueError("server_hosts must name at least one host")
+    paths = PkiPaths.at(directory)
+    ca = _load_ca(paths)
+    key = _new_key()
+    cert = _sign_leaf(
+        ca,
+        key.public_key(),
+        SERVER_PRINCIPAL,
+        lifetime=lifetime,
+        usage=ExtendedKeyUsageOID.SERVER_AUTH,
+        extra_names=[_host_name(h) for h in server_hosts],
+    )
+    _write_pair(paths.server_cert, paths.server_key, _cert_pem(cert), _key_pem(key))
+    return paths.server_cert, paths.server_key
 
 
 def ca_fingerprint(ca_pem: bytes) -> str:

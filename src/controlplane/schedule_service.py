@@ -9,11 +9,11 @@ import itertools
 import grpc
 
 from taskrun import convert
-from taskrun.controlplane.auth import require
+from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.scheduler import USER_FIELDS, Scheduler
 from taskrun.controlplane.services import domain_errors
 from taskrun.core import errors
-from taskrun.core.identity import PrincipalKind
+from taskrun.core.access import Scope
 from taskrun.core.schedule import MAX_PREVIEW, Schedule, validate_rule
 from taskrun.v1 import schedules_pb2, schedules_pb2_grpc
 
@@ -46,8 +46,9 @@ def _decode_token(token: str) -> str:
 
 
 class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
-    def __init__(self, scheduler: Scheduler) -> None:
+    def __init__(self, scheduler: Scheduler, auth: Authenticator) -> None:
         self.scheduler = scheduler
+        self.auth = auth
 
     def _from_pb(
         self,
@@ -62,7 +63,7 @@ class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
     async def CreateSchedule(
         self, request: schedules_pb2.CreateScheduleRequest, context: grpc.aio.ServicerContext
     ) -> schedules_pb2.Schedule:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.SUBMIT)
         created = await self.scheduler.create(self._from_pb(request), prefix="schedule.")
         return convert.schedule_to_pb(created)
 
@@ -70,14 +71,14 @@ class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
     async def GetSchedule(
         self, request: schedules_pb2.GetScheduleRequest, context: grpc.aio.ServicerContext
     ) -> schedules_pb2.Schedule:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.READ)
         return convert.schedule_to_pb(self.scheduler.get(request.name))
 
     @domain_errors
     async def ListSchedules(
         self, request: schedules_pb2.ListSchedulesRequest, context: grpc.aio.ServicerContext
     ) -> schedules_pb2.ListSchedulesResponse:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.READ)
         size = request.page_size or DEFAULT_PAGE_SIZE
         if not 1 <= size <= MAX_PAGE_SIZE:
             raise errors.InvalidArgument(
@@ -96,7 +97,7 @@ class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
     async def UpdateSchedule(
         self, request: schedules_pb2.UpdateScheduleRequest, context: grpc.aio.ServicerContext
     ) -> schedules_pb2.Schedule:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.SUBMIT)
         submitted = self._from_pb(request)
         fields: set[str] = set()
         for path in request.update_mask.paths:
@@ -117,21 +118,21 @@ class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
     async def PauseSchedule(
         self, request: schedules_pb2.PauseScheduleRequest, context: grpc.aio.ServicerContext
     ) -> schedules_pb2.Schedule:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.SUBMIT)
         return convert.schedule_to_pb(await self.scheduler.pause(request.name))
 
     @domain_errors
     async def ResumeSchedule(
         self, request: schedules_pb2.ResumeScheduleRequest, context: grpc.aio.ServicerContext
     ) -> schedules_pb2.Schedule:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.SUBMIT)
         return convert.schedule_to_pb(await self.scheduler.resume(request.name))
 
     @domain_errors
     async def DeleteSchedule(
         self, request: schedules_pb2.DeleteScheduleRequest, context: grpc.aio.ServicerContext
     ) -> schedules_pb2.DeleteScheduleResponse:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.SUBMIT)
         await self.scheduler.delete(request.name)
         return schedules_pb2.DeleteScheduleResponse()
 
@@ -139,7 +140,7 @@ class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
     async def TriggerSchedule(
         self, request: schedules_pb2.TriggerScheduleRequest, context: grpc.aio.ServicerContext
     ) -> schedules_pb2.TriggerScheduleResponse:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.SUBMIT)
         schedule, task = await self.scheduler.trigger(request.name)
         return schedules_pb2.TriggerScheduleResponse(
             schedule=convert.schedule_to_pb(schedule), task=convert.task_to_pb(task)
@@ -149,7 +150,7 @@ class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
     async def PreviewSchedule(
         self, request: schedules_pb2.PreviewScheduleRequest, context: grpc.aio.ServicerContext
     ) -> schedules_pb2.PreviewScheduleResponse:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.READ)
         count = request.count or DEFAULT_PREVIEW
         if not 1 <= count <= MAX_PREVIEW:
             raise errors.InvalidArgument(f"must be between 1 and {MAX_PREVIEW}", field="count")

@@ -17,12 +17,12 @@ import grpc
 import structlog
 
 from taskrun import convert
-from taskrun.controlplane.auth import peer_certificate_expiry, require
+from taskrun.controlplane.auth import Authenticator, peer_certificate_expiry
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.followers import Subscription
 from taskrun.controlplane.session import WorkerSession
 from taskrun.core import errors
-from taskrun.core.identity import PrincipalKind
+from taskrun.core.access import AuditKind, Scope
 from taskrun.core.ids import RunId, TaskId, WorkerId, is_valid_worker_id
 from taskrun.core.models import OutputChunk, OutputKind, Task, Worker
 from taskrun.core.status import TaskStatus, WorkerStatus
@@ -46,6 +46,7 @@ _CODES: dict[type[errors.TaskRunError], grpc.StatusCode] = {
     errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -94,8 +95,9 @@ def _decode_token(token: str) -> TaskId | None:
 
 
 class TaskService(tasks_pb2_grpc.TaskServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, auth: Authenticator) -> None:
         self.engine = engine
+        self.auth = auth
 
     async def _create(
         self, requests: list[tasks_pb2.CreateTaskRequest], prefix: Callable[[int], str]
@@ -124,7 +126,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def CreateTask(
         self, request: tasks_pb2.CreateTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.CreateTaskResponse:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.SUBMIT)
         (response,) = await self._create([request], lambda _: "")
         return response
 
@@ -132,7 +134,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def CreateTasks(
         self, request: tasks_pb2.CreateTasksRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.CreateTasksResponse:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.SUBMIT)
         if not request.tasks:
             raise errors.InvalidArgument("must hold at least one task", field="tasks")
         if len(request.tasks) > MAX_BATCH:
@@ -146,7 +148,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def GetTask(
         self, request: tasks_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.Task:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.READ)
         task_id = _task_id(request.task_id)
         store = self.engine.store
         task = await store.get_task(task_id)
@@ -158,7 +160,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def ListTasks(
         self, request: tasks_pb2.ListTasksRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.ListTasksResponse:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.READ)
         size = request.page_size or DEFAULT_PAGE_SIZE
         if not 1 <= size <= MAX_PAGE_SIZE:
             raise errors.InvalidArgument(
@@ -192,7 +194,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def CancelTask(
         self, request: tasks_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.Task:
-        principal = await require(context, PrincipalKind.OPERATOR)
+        principal = await self.auth.operator(context, Scope.SUBMIT)
         task_id = _task_id(request.task_id)
         if len(request.reason) > 1024:
             raise errors.InvalidArgument("must be at most 1024 characters", field="reason")
@@ -204,7 +206,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def ContinueTask(
         self, request: tasks_pb2.ContinueTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.Task:
-        principal = await require(context, PrincipalKind.OPERATOR)
+        principal = await self.auth.operator(context, Scope.SUBMIT)
         task_id = _task_id(request.task_id)
         if not request.prompt.strip():
             raise errors.InvalidArgument("must not be empty", field="prompt")
@@ -219,7 +221,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def FollowTask(
         self, request: tasks_pb2.FollowTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.READ)
         try:
             task_id = _task_id(request.task_id)
         except errors.TaskRunError as exc:
@@ -310,14 +312,15 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
 
 
 class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, auth: Authenticator) -> None:
         self.engine = engine
+        self.auth = auth
 
     @domain_errors
     async def ListWorkers(
         self, request: workers_pb2.ListWorkersRequest, context: grpc.aio.ServicerContext
     ) -> workers_pb2.ListWorkersResponse:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.READ)
         try:
             statuses = {WorkerStatus(s) for s in request.statuses}
         except ValueError:
@@ -335,7 +338,7 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
     async def GetWorker(
         self, request: workers_pb2.GetWorkerRequest, context: grpc.aio.ServicerContext
     ) -> pb.Worker:
-        await require(context, PrincipalKind.OPERATOR)
+        await self.auth.operator(context, Scope.READ)
         if not request.worker_id:
             raise errors.InvalidArgument("must not be empty", field="worker_id")
         worker = self.engine.workers.get(WorkerId(request.worker_id))
@@ -347,7 +350,7 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
     async def DrainWorker(
         self, request: workers_pb2.DrainWorkerRequest, context: grpc.aio.ServicerContext
     ) -> pb.Worker:
-        principal = await require(context, PrincipalKind.OPERATOR)
+        principal = await self.auth.operator(context, Scope.ADMIN)
         if not request.worker_id:
             raise errors.InvalidArgument("must not be empty", field="worker_id")
         worker = self.engine.drain_worker(WorkerId(request.worker_id))
@@ -358,13 +361,19 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
     async def RevokeWorker(
         self, request: workers_pb2.RevokeWorkerRequest, context: grpc.aio.ServicerContext
     ) -> pb.Worker:
-        principal = await require(context, PrincipalKind.OPERATOR)
+        principal = await self.auth.operator(context, Scope.ADMIN)
         if not request.worker_id:
             raise errors.InvalidArgument("must not be empty", field="worker_id")
         if len(request.reason) > 1024:
             raise errors.InvalidArgument("must be at most 1024 characters", field="reason")
         worker = await self.engine.revoke_worker(WorkerId(request.worker_id), request.reason)
-        log.info("revoke requested", worker_id=worker.id, by=str(principal))
+        self.auth.access.audit(
+            AuditKind.WORKER_REVOKED,
+            principal=str(principal),
+            subject=worker.id,
+            peer=context.peer() or "",
+            detail=f"worker revoked: {worker.revoked_reason}",
+        )
         return convert.worker_to_pb(worker)
 
 
@@ -391,15 +400,16 @@ def _worker_from_hello(hello: workers_pb2.WorkerHello) -> Worker:
 
 
 class RunService(workers_pb2_grpc.RunServiceServicer):
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, auth: Authenticator) -> None:
         self.engine = engine
+        self.auth = auth
 
     async def StreamConnect(
         self,
         request_iterator: AsyncIterator[workers_pb2.WorkerMessage],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        principal = await require(context, PrincipalKind.WORKER)
+        worker_id = await self.auth.worker(context)
         try:
             first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
         except TimeoutError:
@@ -411,20 +421,23 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
             )
             return
         hello = first.hello
-        if hello.worker_id != principal.name:
-            log.warning(
-                "worker identity mismatch", certificate=str(principal), hello=hello.worker_id
-            )
-            await context.abort(
-                grpc.StatusCode.PERMISSION_DENIED,
-                f"hello.worker_id {hello.worker_id!r} does not match the certificate "
-                f"identity {principal.name!r}",
-            )
-            return
         try:
-            self.engine.check_not_revoked(WorkerId(hello.worker_id))
+            if hello.worker_id != worker_id:
+                raise errors.PermissionDenied(
+                    f"hello.worker_id {hello.worker_id!r} does not match the certificate "
+                    f"identity {worker_id!r}"
+                )
+            self.engine.check_not_revoked(worker_id)
             worker = _worker_from_hello(hello)
         except errors.TaskRunError as exc:
+            self.auth.access.audit(
+                AuditKind.CONNECTION_REJECTED,
+                principal=f"worker {worker_id}",
+                subject=hello.worker_id[:64],
+                peer=context.peer() or "",
+                detail=str(exc),
+                rejection=True,
+            )
             await context.abort(_CODES[type(exc)], str(exc))
             return
         worker.certificate_expires_at = peer_certificate_expiry(context)

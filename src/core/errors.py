@@ -37,3 +37,7 @@ class PermissionDenied(TaskRunError):
 
 class ResourceExhausted(TaskRunError):
     """A size or rate limit was exceeded (gRPC RESOURCE_EXHAUSTED)."""
+
+
+class Unauthenticated(TaskRunError):
+    """The credentials are missing, unknown, used, expired or revoked (gRPC UNAUTHENTICATED)."""

@@ -6,6 +6,8 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field
 
+from taskrun.worker.identity import StatePaths, enroll_command, load_identity
+
 
 class WorkerConfig(BaseModel):
     server: str = "127.0.0.1:50051"
@@ -22,9 +24,45 @@ class WorkerConfig(BaseModel):
     cancel_grace: float = Field(default=5.0, ge=0)
     reconnect_max_wait: float = Field(default=10.0, gt=0)
     metrics_listen: str = ""  # issue 6: serve Prometheus /metrics on host:port; empty = off
+    # an enrolled identity (`taskrun worker enroll`): its worker id, CA, certificate and key are
+    # used, and its server and server name unless those are given explicitly
+    state_dir: Path | None = None
 
     def cert_path(self) -> Path:
         return self.cert or self.ca_cert.parent / f"{self.worker_id}.pem"
 
     def key_path(self) -> Path:
         return self.key or self.ca_cert.parent / f"{self.worker_id}-key.pem"
+
+    def with_identity(self) -> WorkerConfig:
+        """This config with the identity enrolled in state_dir applied (itself without one).
+
+        ValueError when state_dir holds no identity, or one for another worker than an explicitly
+        given worker_id.
+        """
+        if self.state_dir is None:
+            return self
+        identity = load_identity(self.state_dir)
+        if identity is None:
+            raise ValueError(
+                f"{self.state_dir} holds no enrolled identity; enroll first: "
+                + enroll_command(state_dir=self.state_dir)
+            )
+        explicit = self.model_fields_set
+        if "worker_id" in explicit and self.worker_id != identity.worker_id:
+            raise ValueError(
+                f"worker id {self.worker_id!r} differs from {identity.worker_id!r} enrolled in "
+                f"{self.state_dir}"
+            )
+        paths = StatePaths(self.state_dir)
+        update: dict[str, object] = {
+            "worker_id": identity.worker_id,
+            "ca_cert": paths.ca_cert,
+            "cert": paths.cert,
+            "key": paths.key,
+        }
+        if "server" not in explicit:
+            update["server"] = identity.server
+        if "server_name" not in explicit:
+            update["server_name"] = identity.server_name
+        return self.model_copy(update=update)

@@ -13,13 +13,16 @@ import asyncio
 import contextlib
 import ipaddress
 import json
+import random
 import signal
 import socket
 import time
-from typing import cast
+from datetime import UTC, datetime
+from typing import Any, cast
 
 import grpc
 import structlog
+from cryptography import x509
 from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 from taskrun import __version__, convert
@@ -32,8 +35,10 @@ from taskrun.v1 import workers_pb2_grpc
 from taskrun.worker.agents import load_agents
 from taskrun.worker.config import WorkerConfig
 from taskrun.worker.executor import ActiveRun, RunContext, execute
+from taskrun.worker.identity import enroll_command, fingerprint_of, load_identity
 from taskrun.worker.metrics import WorkerMetrics  # issue 6
 from taskrun.worker.outbox import Outbox
+from taskrun.worker.renewal import RenewalError, RenewalRefused, renew, renewal_time
 
 log = structlog.get_logger(__name__)
 
@@ -54,17 +59,36 @@ KEEPALIVE_OPTIONS = [
     ("grpc.http2.max_pings_without_data", 0),
 ]
 
+# After a renewal: how long the old session may wait for the server to acknowledge what it sent.
+HANDOVER_SETTLE = 1.5
+RENEW_RETRY_MIN = 1.0
+RENEW_RETRY_MAX = 60.0
+
 
 class FatalSessionError(Exception):
     """The server refused this worker in a way retrying cannot fix."""
+
+
+class CertificateExpired(FatalSessionError):
+    """The worker's certificate expired: it cannot connect or renew, only enroll again."""
+
+    def __init__(self, expired_at: datetime, command: str) -> None:
+        super().__init__(f"the worker certificate expired at {expired_at.isoformat()}")
+        self.expired_at = expired_at
+        self.command = command
 
 
 class SessionLost(Exception):
     """An established session ended; reconnecting starts a fresh backoff."""
 
 
+class SessionMoved(SessionLost):
+    """The session ended on purpose, to go on over a channel with the renewed certificate."""
+
+
 class WorkerDaemon:
     def __init__(self, config: WorkerConfig, agents: dict[str, Agent]) -> None:
+        config = config.with_identity()
         self.config = config
         self.agents = agents
         self.outbox = Outbox()
@@ -87,11 +111,26 @@ class WorkerDaemon:
         self._drainer: asyncio.Task[None] | None = None
         self.log = log.bind(worker_id=config.worker_id)
         self.metrics = WorkerMetrics(lambda: len(self.runs))  # issue 6
+        self._move = asyncio.Event()  # renewed (or refused): end the session, reconnect at once
+        self._writes_open = asyncio.Event()  # cleared while a session hands over
+        self._fatal: FatalSessionError | None = None  # set by the renewal loop
 
     # --- top level ---------------------------------------------------------------------------
 
     async def run(self) -> int:
-        """Hold a session until the daemon is told to exit; 0 on a clean exit."""
+        """Hold a session until the daemon is told to exit; 0 on a clean exit.
+
+        Meanwhile the certificate is renewed before it expires, and the session moved to it.
+        """
+        renewer = asyncio.create_task(self._renewal_loop())
+        try:
+            return await self._hold_sessions()
+        finally:
+            renewer.cancel()
+            with contextlib.suppress(BaseException):
+                await renewer
+
+    async def _hold_sessions(self) -> int:
         while not self._exit.is_set():
             try:
                 async for attempt in AsyncRetrying(
@@ -108,9 +147,20 @@ class WorkerDaemon:
                         if self._exit.is_set():
                             break
                         await self._session()
+            except SessionMoved:
+                self.log.info("moving the session to the renewed certificate")
             except SessionLost as exc:
                 # it was up: reconnect at once, then back off from the start again
                 self.log.warning("lost the control plane; reconnecting", error=str(exc))
+            except CertificateExpired as exc:
+                self.log.error(
+                    "certificate expired; enroll again",
+                    expired_at=exc.expired_at.isoformat(),
+                    command=exc.command,
+                    reason=f"{exc}; enroll again with: {exc.command}",
+                )
+                self._stop_all_runs("the worker certificate expired")
+                return 2
             except FatalSessionError as exc:
                 self.log.error("server refused this worker", reason=str(exc))
                 self._stop_all_runs("the server refused this worker")
@@ -173,6 +223,105 @@ class WorkerDaemon:
             options.append(("grpc.ssl_target_name_override", name))
         return grpc.aio.secure_channel(cfg.server, creds, options=options)
 
+    def _check_not_expired(self) -> None:
+        """CertificateExpired when the certificate in use is past its end (a missing or
+        unreadable file is reported by `_channel`)."""
+        cert = self._current_cert()
+        if cert is not None and cert.not_valid_after_utc <= _utcnow():
+            raise CertificateExpired(cert.not_valid_after_utc, self._enroll_again())
+
+    def _current_cert(self) -> x509.Certificate | None:
+        try:
+            return x509.load_pem_x509_certificate(self.config.cert_path().read_bytes())
+        except (OSError, ValueError):
+            return None
+
+    def _enroll_again(self) -> str:
+        """The command that gives this worker a new identity, filled in as far as known."""
+        cfg = self.config
+        identity = None
+        if cfg.state_dir is not None:
+            with contextlib.suppress(ValueError):
+                identity = load_identity(cfg.state_dir)
+        if identity is not None:
+            return enroll_command(
+                enroll_server=identity.enroll_server,
+                ca_fingerprint=identity.ca_fingerprint,
+                state_dir=cfg.state_dir,
+            )
+        fingerprint = ""
+        with contextlib.suppress(OSError, ValueError):
+            fingerprint = fingerprint_of(x509.load_pem_x509_certificate(cfg.ca_cert.read_bytes()))
+        return enroll_command(ca_fingerprint=fingerprint, state_dir=cfg.state_dir)
+
+    # --- certificate renewal -----------------------------------------------------------------
+
+    async def _renewal_loop(self) -> None:
+        """Renew at a jittered 70 to 90 % of each certificate's lifetime, then move the session.
+
+        Ends when the certificate cannot be read or expired (connecting then stops the worker),
+        or when the control plane refuses this identity (fatal, like a revoked stream).
+        """
+        while True:
+            cert = self._current_cert()
+            if cert is None or cert.not_valid_after_utc <= _utcnow():
+                return
+            at = renewal_time(cert)
+            self.log.debug(
+                "certificate renewal scheduled",
+                at=at.isoformat(),
+                expires_at=cert.not_valid_after_utc.isoformat(),
+            )
+            await asyncio.sleep(max(0.0, (at - _utcnow()).total_seconds()))
+            if not await self._renew_before(cert.not_valid_after_utc):
+                return
+
+    async def _renew_before(self, expires_at: datetime) -> bool:
+        """Try to renew until expires_at, backing off between failures; True once renewed."""
+        cfg = self.config
+        backoff = RENEW_RETRY_MIN
+        while True:
+            remaining = (expires_at - _utcnow()).total_seconds()
+            if remaining <= 0:
+                self.log.error(
+                    "certificate expired before it could be renewed",
+                    expired_at=expires_at.isoformat(),
+                    command=self._enroll_again(),
+                )
+                return False
+            try:
+                renewed = await renew(
+                    server=cfg.server,
+                    server_name=cfg.server_name,
+                    ca_cert=cfg.ca_cert,
+                    cert=cfg.cert_path(),
+                    key=cfg.key_path(),
+                )
+            except RenewalRefused as exc:
+                self.log.error("certificate renewal refused", reason=str(exc))
+                self._fatal = FatalSessionError(f"PERMISSION_DENIED: {exc}")
+                self._move.set()
+                self.outbox.poke()
+                return False
+            except RenewalError as exc:
+                wait = min(backoff, remaining) * random.uniform(0.5, 1.0)
+                self.log.warning(
+                    "certificate renewal failed; retrying",
+                    error=str(exc),
+                    retry_in_s=round(wait, 2),
+                    expires_at=expires_at.isoformat(),
+                )
+                await asyncio.sleep(wait)
+                backoff = min(backoff * 2, RENEW_RETRY_MAX)
+                continue
+            self.log.info(
+                "certificate renewed",
+                expires_at=renewed.not_valid_after_utc.isoformat(),
+                serial=format(renewed.serial_number, "x"),
+            )
+            self._move.set()
+            return True
+
     def _hello(self) -> wpb.WorkerHello:
         cfg = self.config
         hello = wpb.WorkerHello(
@@ -207,6 +356,10 @@ class WorkerDaemon:
         return hello
 
     async def _session(self) -> None:
+        if self._fatal is not None:
+            raise self._fatal
+        self._check_not_expired()
+        self._move.clear()  # the channel made now uses the newest certificate
         async with self._channel() as channel:
             call = workers_pb2_grpc.RunServiceStub(channel).StreamConnect()
             try:
@@ -244,29 +397,58 @@ class WorkerDaemon:
         resent = self.outbox.requeue_unacknowledged()
         if resent:
             self.log.info("resending reports the server did not acknowledge", items=resent)
+        self._writes_open.set()
         writer = asyncio.create_task(self._write_loop(call))
         heartbeat = asyncio.create_task(self._heartbeat_loop())
+        moving: asyncio.Task[Any] | None = asyncio.create_task(self._move.wait())
+        reader: asyncio.Future[Any] | None = None
+        settle_by: float | None = None  # handing over to a renewed certificate: end by then
+        loop = asyncio.get_running_loop()
         try:
             while True:
-                reader = asyncio.ensure_future(call.read())
-                done, _ = await asyncio.wait({reader, writer}, return_when=asyncio.FIRST_COMPLETED)
+                if reader is None:
+                    reader = asyncio.ensure_future(call.read())
+                waiting: set[asyncio.Future[Any]] = {reader, writer}
+                if moving is not None:
+                    waiting.add(moving)
+                timeout = None if settle_by is None else max(0.0, settle_by - loop.time())
+                done, _ = await asyncio.wait(
+                    waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+                )
                 if writer in done:
                     writer.result()  # raises if the writer failed
                     # Every report is out and we half-closed: the server ends the stream once
                     # it has read them all. Cancelling the call earlier could drop them.
                     await self._await_end(call, reader)
                     return
-                msg = reader.result()
-                if msg is grpc.aio.EOF:
-                    code = await call.code()
-                    if code in FATAL_CODES:
-                        raise FatalSessionError(f"{code.name}: {await call.details()}")
-                    if self._exit.is_set():
-                        return
-                    raise ConnectionError(f"stream ended: {code.name}: {await call.details()}")
-                self._handle(msg)
+                if moving is not None and moving in done:
+                    moving = None
+                    if self._fatal is not None:
+                        raise self._fatal
+                    if not self._exit.is_set():  # an exiting worker finishes on this channel
+                        # Send nothing more here; keep reading acks until the server has
+                        # committed what it got (or briefly), then reconnect with the new files.
+                        self._writes_open.clear()
+                        settle_by = loop.time() + HANDOVER_SETTLE
+                if reader in done:
+                    msg = reader.result()
+                    reader = None
+                    if msg is grpc.aio.EOF:
+                        code = await call.code()
+                        if code in FATAL_CODES:
+                            raise FatalSessionError(f"{code.name}: {await call.details()}")
+                        if self._exit.is_set():
+                            return
+                        raise ConnectionError(f"stream ended: {code.name}: {await call.details()}")
+                    self._handle(msg)
+                if settle_by is not None and (
+                    not self.outbox.unacknowledged or loop.time() >= settle_by
+                ):
+                    raise SessionMoved("the certificate was renewed")
         finally:
-            for t in (writer, heartbeat):
+            for t in (writer, heartbeat, moving, reader):
+                if t is None:
+                    continue
                 t.cancel()
                 with contextlib.suppress(BaseException):
                     await t
@@ -283,6 +465,7 @@ class WorkerDaemon:
     async def _write_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         outbox = self.outbox
         while True:
+            await self._writes_open.wait()  # closed while the session hands over
             if self._exit.is_set() and not len(outbox):
                 # Half-close only once the server has committed everything we sent.
                 with contextlib.suppress(TimeoutError):
@@ -425,6 +608,10 @@ def _failed(a: wpb.RunAssignment, error: str) -> wpb.RunStatusUpdate:
     )
 
 
+def _utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
 def _is_ip(host: str) -> bool:
     try:
         ipaddress.ip_address(host)
@@ -441,6 +628,11 @@ def _describe(exc: BaseException | None) -> str:
 
 async def run_worker(config: WorkerConfig) -> int:
     """Run a worker daemon until it is signalled and drained; returns the exit code."""
+    try:
+        config = config.with_identity()
+    except ValueError as exc:
+        log.error("cannot use the enrolled identity", error=str(exc))
+        return 2
     try:
         agents = load_agents(config.agents)
     except (ValueError, TypeError) as exc:
