@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import argparse
 import re
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from taskrun.cli import output
-from taskrun.cli.client import ApiTokenInfo, BootstrapTokenInfo
+from taskrun.cli.client import ApiTokenInfo, BootstrapTokenInfo, Client
 from taskrun.cli.credentials import target_host
 from taskrun.core.access import AuditEvent, AuditKind, Scope
 
+T = TypeVar("T")
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
@@ -260,24 +261,35 @@ def cmd_token_create(args: argparse.Namespace) -> int:
     return int(cli.EXIT_OK)
 
 
-def cmd_token_list(args: argparse.Namespace) -> int:
+def _show(
+    args: argparse.Namespace,
+    call: Callable[[Client], Awaitable[T]],
+    doc: Callable[[T], Any],
+    text: Callable[[T], str],
+) -> int:
+    """Make one call; print its result as JSON (`--output json`) or as text."""
     cli = _cli()
-    tokens = cli._one_call(args, lambda c: c.list_bootstrap_tokens(include_inactive=args.all))
-    if args.output == "json":
-        cli._write(output.dumps([bootstrap_doc(t) for t in tokens]))
-    else:
-        cli._write(_bootstrap_table(tokens, cli._now()))
+    result = cli._one_call(args, call)
+    cli._write(output.dumps(doc(result)) if args.output == "json" else text(result))
     return int(cli.EXIT_OK)
+
+
+def cmd_token_list(args: argparse.Namespace) -> int:
+    return _show(
+        args,
+        lambda c: c.list_bootstrap_tokens(include_inactive=args.all),
+        lambda tokens: [bootstrap_doc(t) for t in tokens],
+        lambda tokens: _bootstrap_table(tokens, _cli()._now()),
+    )
 
 
 def cmd_token_revoke(args: argparse.Namespace) -> int:
-    cli = _cli()
-    token = cli._one_call(args, lambda c: c.revoke_bootstrap_token(args.token_id))
-    if args.output == "json":
-        cli._write(output.dumps(bootstrap_doc(token)))
-    else:
-        cli._write(f"token {token.token_id} revoked\n")
-    return int(cli.EXIT_OK)
+    return _show(
+        args,
+        lambda c: c.revoke_bootstrap_token(args.token_id),
+        bootstrap_doc,
+        lambda t: f"token {t.token_id} revoked\n",
+    )
 
 
 def cmd_api_token_create(args: argparse.Namespace) -> int:
@@ -300,34 +312,28 @@ def cmd_api_token_create(args: argparse.Namespace) -> int:
 
 
 def cmd_api_token_list(args: argparse.Namespace) -> int:
-    cli = _cli()
-    tokens = cli._one_call(args, lambda c: c.list_api_tokens(include_inactive=args.all))
-    if args.output == "json":
-        cli._write(output.dumps([api_doc(t) for t in tokens]))
-    else:
-        cli._write(_api_table(tokens, cli._now()))
-    return int(cli.EXIT_OK)
+    return _show(
+        args,
+        lambda c: c.list_api_tokens(include_inactive=args.all),
+        lambda tokens: [api_doc(t) for t in tokens],
+        lambda tokens: _api_table(tokens, _cli()._now()),
+    )
 
 
 def cmd_api_token_revoke(args: argparse.Namespace) -> int:
-    cli = _cli()
-    token = cli._one_call(args, lambda c: c.revoke_api_token(args.token_id))
-    if args.output == "json":
-        cli._write(output.dumps(api_doc(token)))
-    else:
-        cli._write(f"API token {token.token_id} ({token.name}) revoked\n")
-    return int(cli.EXIT_OK)
+    return _show(
+        args,
+        lambda c: c.revoke_api_token(args.token_id),
+        api_doc,
+        lambda t: f"API token {t.token_id} ({t.name}) revoked\n",
+    )
 
 
 def cmd_audit(args: argparse.Namespace) -> int:
-    cli = _cli()
     kinds = [k for group in args.kind or () for k in group]
-    events = cli._one_call(
+    return _show(
         args,
         lambda c: c.list_audit_events(limit=args.limit, before_id=args.before, kinds=kinds),
+        lambda events: [audit_doc(e) for e in events],
+        _audit_table,
     )
-    if args.output == "json":
-        cli._write(output.dumps([audit_doc(e) for e in events]))
-    else:
-        cli._write(_audit_table(events))
-    return int(cli.EXIT_OK)

@@ -8,10 +8,7 @@ Layout of a PKI directory (mode 0700; keys 0600, certificates 0644)::
 
 from __future__ import annotations
 
-import contextlib
 import ipaddress
-import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -24,6 +21,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from taskrun.core.identity import Principal, PrincipalKind, parse_spiffe_id
 from taskrun.core.ids import is_valid_worker_id
+from taskrun.files import write_atomic
 
 CA_LIFETIME = timedelta(days=3650)
 DEFAULT_LIFETIME = timedelta(days=90)
@@ -84,31 +82,14 @@ class PkiPaths:
 # --- files -------------------------------------------------------------------------------------
 
 
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write data to a temporary file next to path, set mode, fsync, then rename over path."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
 def write_private(path: Path, data: bytes) -> None:
     """Atomically write a secret (a private key) readable by the owner only (0600)."""
-    _write_atomic(path, data, 0o600)
+    write_atomic(path, data, 0o600)
 
 
 def _write_public(path: Path, data: bytes) -> None:
     """Atomically write a certificate (0644)."""
-    _write_atomic(path, data, 0o644)
+    write_atomic(path, data, 0o644)
 
 
 def _write_pair(cert_path: Path, key_path: Path, cert_pem: bytes, key_pem: bytes) -> None:

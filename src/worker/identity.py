@@ -15,15 +15,12 @@ from __future__ import annotations
 
 import _ssl
 import asyncio
-import contextlib
 import hashlib
 import ipaddress
 import json
-import os
 import re
 import socket
 import ssl
-import tempfile
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -37,6 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from taskrun.core.identity import Principal, PrincipalKind
+from taskrun.files import write_atomic
 from taskrun.v1 import security_pb2 as spb
 from taskrun.v1 import security_pb2_grpc
 
@@ -118,34 +116,6 @@ class WorkerIdentity:
             enrolled_at=datetime.fromisoformat(str(data["enrolled_at"])),
             enroll_server=str(data.get("enroll_server", "")),
         )
-
-
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
-    """Write data to a temporary file next to path with mode, fsync it, then rename over path."""
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            os.fchmod(f.fileno(), mode)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        tmp.replace(path)
-        _fsync_dir(path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
-        raise
-
-
-def _fsync_dir(directory: Path) -> None:
-    """Make a rename in directory durable."""
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
 
 
 def write_key_and_cert(key_path: Path, cert_path: Path, key_pem: bytes, cert_pem: bytes) -> None:
