@@ -49,6 +49,8 @@ class ConfirmScreen(ModalScreen[bool]):
     DEFAULT_CSS = """
     ConfirmScreen { align: center middle; }
     ConfirmScreen > Vertical { width: 60; height: auto; border: thick $warning; padding: 1 2; }
+    ConfirmScreen Label { width: 100%; margin-bottom: 1; }
+    ConfirmScreen Horizontal { height: auto; }
     """
 
     def __init__(self, question: str) -> None:
