@@ -89,5 +89,5 @@ async def test_without_the_ca_key_enrollment_is_refused_naming_the_missing_file(
     await engine.start()
     access = AccessControl(engine, config)
     await access.load()
-    with pytest.raises(FailedPrecondition, match="absent.pem"):
+    with pytest.raises(FailedPrecondition, match=r"absent\.pem"):
         await access.enroll("trb_" + "0" * 16 + "." + "a" * 43, b"", "host", "peer")
