@@ -24,7 +24,7 @@ from taskrun.controlplane.session import WorkerSession
 from taskrun.core import errors
 from taskrun.core.access import AuditKind, Scope
 from taskrun.core.ids import RunId, TaskId, WorkerId, is_valid_worker_id
-from taskrun.core.models import OutputChunk, OutputKind, Task, Worker
+from taskrun.core.models import OutputChunk, OutputKind, Task, Worker, utcnow
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.store import TaskQuery
 from taskrun.core.validation import (
@@ -493,10 +493,20 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
             await context.abort(code, session.kick_reason)
 
     async def _watch(self, session: WorkerSession) -> None:
-        """End the session when the worker has been silent past the heartbeat timeout."""
+        """End the session when the worker has been silent past the heartbeat timeout, or when
+        the certificate it connected with expires (a renewed worker has moved on by then)."""
         cfg = self.engine.config
+        expires = session.worker.certificate_expires_at
         while True:
-            await asyncio.sleep(cfg.heartbeat_interval)
+            wait = cfg.heartbeat_interval
+            if expires is not None:
+                wait = min(wait, max(0.0, (expires - utcnow()).total_seconds()))
+            await asyncio.sleep(wait)
+            if expires is not None and utcnow() >= expires:
+                reason = f"the client certificate expired at {expires:%Y-%m-%d %H:%M:%S} UTC"
+                log.warning("worker certificate expired", worker_id=session.worker_id)
+                session.kick(f"{reason}; renew it or enroll again")
+                return
             silent = time.monotonic() - session.last_seen
             if silent > cfg.heartbeat_timeout:
                 log.warning(

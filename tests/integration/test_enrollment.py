@@ -268,3 +268,43 @@ async def test_a_certificate_issued_by_taskrun_certs_is_renewed_in_place(
     client = cluster.client()
     task = await client.create_task("echo", {"text": "still here"})
     assert (await client.wait(task.id)).status is TaskStatus.COMPLETED
+
+
+async def test_a_live_session_ends_when_its_certificate_expires_and_the_worker_stops(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    # No CA key on the server: the worker cannot renew, so its certificate runs out while its
+    # stream is up. The server ends the stream at expiry; the worker then stops with exit 2.
+    await cluster.start_server(ca_key=tmp_path / "no-ca-key.pem")
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert_pem, _ = issue_client_cert(
+        cluster.pki,
+        Principal(PrincipalKind.WORKER, "worker-6"),
+        timedelta(seconds=3),
+        public_key=key.public_key(),
+    )
+    cert_path, key_path = tmp_path / "worker-6.pem", tmp_path / "worker-6-key.pem"
+    cert_path.write_bytes(cert_pem)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    expires = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+
+    with capture_logs() as logs:
+        await cluster.start_worker("worker-6", cert=cert_path, key=key_path)
+        assert cluster.server is not None
+        assert cluster.server.engine.sessions["worker-6"].worker.certificate_expires_at == expires
+        _, runner = cluster.workers.pop("worker-6")
+        assert await asyncio.wait_for(runner, 15) == 2
+
+    assert datetime.now(UTC) >= expires
+    assert any(
+        e["event"] == "worker certificate expired" and e.get("worker_id") == "worker-6"
+        for e in logs
+    )
+    assert any(e["event"] == "certificate expired; enroll again" for e in logs)
+    assert "worker-6" not in cluster.server.engine.sessions
