@@ -60,6 +60,30 @@ def serial_and_key(state: Path) -> tuple[int, bytes]:
     )
 
 
+def short_lived_files(
+    cluster: Cluster, worker_id: str, lifetime: timedelta, directory: Path
+) -> tuple[Path, Path, x509.Certificate]:
+    """`<id>.pem` and `<id>-key.pem` in directory, as `taskrun certs` writes them, valid for
+    lifetime from now (after the usual 5 minutes of clock-skew allowance)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert_pem, _ = issue_client_cert(
+        cluster.pki,
+        Principal(PrincipalKind.WORKER, worker_id),
+        lifetime,
+        public_key=key.public_key(),
+    )
+    cert_path, key_path = directory / f"{worker_id}.pem", directory / f"{worker_id}-key.pem"
+    cert_path.write_bytes(cert_pem)
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path, x509.load_pem_x509_certificate(cert_pem)
+
+
 async def test_an_enrolled_worker_runs_tasks_from_its_state_directory(
     cluster: Cluster, tmp_path: Path
 ) -> None:
@@ -235,24 +259,10 @@ async def test_a_certificate_issued_by_taskrun_certs_is_renewed_in_place(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     await start(cluster, worker_cert_lifetime=60)
-    cert_path, key_path = tmp_path / "worker-5.pem", tmp_path / "worker-5-key.pem"
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert_pem, _ = issue_client_cert(
-        cluster.pki,
-        Principal(PrincipalKind.WORKER, "worker-5"),
-        timedelta(seconds=2),
-        public_key=key.public_key(),
+    # already due for renewal: 2 s lifetime after 5 minutes of clock-skew allowance
+    cert_path, key_path, first = short_lived_files(
+        cluster, "worker-5", timedelta(seconds=2), tmp_path
     )
-    # issued with the usual 5 minutes of clock-skew allowance: already due for renewal
-    cert_path.write_bytes(cert_pem)
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    first = x509.load_pem_x509_certificate(cert_pem)
 
     await cluster.start_worker("worker-5", cert=cert_path, key=key_path)
 
@@ -276,23 +286,10 @@ async def test_a_live_session_ends_when_its_certificate_expires_and_the_worker_s
     # No CA key on the server: the worker cannot renew, so its certificate runs out while its
     # stream is up. The server ends the stream at expiry; the worker then stops with exit 2.
     await cluster.start_server(ca_key=tmp_path / "no-ca-key.pem")
-    key = ec.generate_private_key(ec.SECP256R1())
-    cert_pem, _ = issue_client_cert(
-        cluster.pki,
-        Principal(PrincipalKind.WORKER, "worker-6"),
-        timedelta(seconds=3),
-        public_key=key.public_key(),
+    cert_path, key_path, cert = short_lived_files(
+        cluster, "worker-6", timedelta(seconds=3), tmp_path
     )
-    cert_path, key_path = tmp_path / "worker-6.pem", tmp_path / "worker-6-key.pem"
-    cert_path.write_bytes(cert_pem)
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    expires = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+    expires = cert.not_valid_after_utc
 
     with capture_logs() as logs:
         await cluster.start_worker("worker-6", cert=cert_path, key=key_path)
