@@ -7,6 +7,7 @@ and only then checked for expiry, so a replay of any token, expired or not, alwa
 
 from __future__ import annotations
 
+import asyncio
 import secrets
 import time
 from collections.abc import Mapping
@@ -70,6 +71,7 @@ class AccessControl:
         self._ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
         self._ca_pem = b""
         self._api_tokens: dict[str, ApiToken] = {}
+        self._revoked: dict[str, asyncio.Event] = {}  # set when that API token is revoked
         self._window_start = 0.0
         self._window_rejections = 0
         self.suppressed_rejections = 0
@@ -351,6 +353,7 @@ class AccessControl:
             raise errors.FailedPrecondition(f"token {token.id} is revoked", field="token_id")
         token = replace(token, revoked_at=utcnow())
         self._api_tokens[token.id] = token  # refused from this instant, before the commit
+        self.revocation(token.id).set()  # and its live streams end now
         await self.engine.commit(ChangeSet(api_tokens=[token]))
         self.audit(
             AuditKind.API_TOKEN_REVOKED,
@@ -359,6 +362,13 @@ class AccessControl:
             detail="API token revoked",
         )
         return token
+
+    def revocation(self, token_id: str) -> asyncio.Event:
+        """Set once the API token is revoked (streaming calls made with it wait on this too)."""
+        event = self._revoked.get(token_id)
+        if event is None:
+            event = self._revoked[token_id] = asyncio.Event()
+        return event
 
     def authenticate_api_token(self, text: str) -> ApiToken:
         """The active API token `text` names; Unauthenticated otherwise."""

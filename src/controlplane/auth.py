@@ -7,9 +7,11 @@ every scope; an API token holds the scopes it was created with. Refusals are aud
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import NoReturn
+from typing import NoReturn, TypeVar
 
 import grpc
 from cryptography import x509
@@ -21,6 +23,7 @@ from taskrun.core.identity import Principal, PrincipalKind, parse_spiffe_id
 from taskrun.core.ids import WorkerId
 
 ALL_SCOPES = frozenset(Scope)
+T = TypeVar("T")
 
 
 def _values(context: grpc.aio.ServicerContext, key: str) -> list[str]:
@@ -63,6 +66,7 @@ class Caller:
 
     name: str  # a SPIFFE id, or "api-token <id> (<name>)"
     scopes: frozenset[Scope]
+    token_id: str = ""  # the API token used, if any
 
     def __str__(self) -> str:
         return self.name
@@ -96,7 +100,7 @@ class Authenticator:
                 token = self.access.authenticate_api_token(bearer)
             except errors.Unauthenticated as exc:
                 await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
-            caller = Caller(f"api-token {token.id} ({token.name})", token.scopes)
+            caller = Caller(f"api-token {token.id} ({token.name})", token.scopes, token.id)
         else:
             principal = peer_principal(context)
             if principal is None:
@@ -123,6 +127,30 @@ class Authenticator:
                 principal=caller.name,
             )
         return caller
+
+    async def until_revoked(
+        self, caller: Caller, context: grpc.aio.ServicerContext, waiting: Awaitable[T]
+    ) -> T:
+        """Await `waiting` inside a streaming call; if the caller's API token is revoked
+        meanwhile, end the call UNAUTHENTICATED at once instead."""
+        if not caller.token_id:
+            return await waiting
+        revoked = self.access.revocation(caller.token_id)
+        work = asyncio.ensure_future(waiting)
+        stop = asyncio.ensure_future(revoked.wait())
+        try:
+            await asyncio.wait({work, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+            if not work.done():
+                work.cancel()
+        if work.done() and not work.cancelled():
+            return work.result()
+        await context.abort(
+            grpc.StatusCode.UNAUTHENTICATED,
+            f"authorization: API token {caller.token_id} was revoked",
+        )
+        raise AssertionError("unreachable")
 
     async def worker(self, context: grpc.aio.ServicerContext) -> WorkerId:
         """The worker identity of the caller's certificate; otherwise the call is refused."""

@@ -58,7 +58,7 @@ class EventService(events_pb2_grpc.EventServiceServicer):
                     yield event
             while True:
                 try:
-                    events = await sub.wait()
+                    events = await self.auth.until_revoked(principal, context, sub.wait())
                 except Overflowed as exc:
                     log.warning("event watcher dropped: too slow", by=str(principal))
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))

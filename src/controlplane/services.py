@@ -17,7 +17,7 @@ import grpc
 import structlog
 
 from taskrun import convert
-from taskrun.controlplane.auth import Authenticator, peer_certificate_expiry
+from taskrun.controlplane.auth import Authenticator, Caller, peer_certificate_expiry
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.followers import Subscription
 from taskrun.controlplane.session import WorkerSession
@@ -221,7 +221,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def FollowTask(
         self, request: tasks_pb2.FollowTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
-        await self.auth.operator(context, Scope.READ)
+        caller = await self.auth.operator(context, Scope.READ)
         try:
             task_id = _task_id(request.task_id)
         except errors.TaskRunError as exc:
@@ -229,7 +229,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         engine = self.engine
         sub = engine.hub.subscribe(task_id) if request.follow else None
         try:
-            async for update in self._follow(task_id, request, sub, context):
+            async for update in self._follow(task_id, request, sub, caller, context):
                 yield update
         finally:
             if sub is not None:
@@ -240,6 +240,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         task_id: TaskId,
         request: tasks_pb2.FollowTaskRequest,
         sub: Subscription | None,
+        caller: Caller,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
         store = self.engine.store
@@ -288,7 +289,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if sub is None or task.status.terminal:
             return
         while True:
-            items, lagged = await sub.wait()
+            items, lagged = await self.auth.until_revoked(caller, context, sub.wait())
             chunks: list[OutputChunk] = []
             latest: Task | None = None
             for item in items:

@@ -7,6 +7,7 @@ calling TaskService is in test_bad_input (test_worker_certificate_cannot_call_op
 
 from __future__ import annotations
 
+import asyncio
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -222,3 +223,28 @@ async def test_an_admin_token_creates_bootstrap_tokens_that_enroll(cluster: Clus
     enrolled = await enroll_raw(cluster, token.token, csr_for(new_key()))
     assert enrolled.worker_id == "edge-admin"
     assert enrolled.session_port == cluster.port
+
+
+async def test_revoking_an_api_token_ends_its_live_streams_at_once(cluster: Cluster) -> None:
+    await start(cluster)
+    await cluster.start_worker("worker-1")
+    admin = cluster.client()
+    secret, info = await admin.create_api_token("watcher", ["read"])
+    reader = token_client(cluster, secret)
+    task = await admin.create_task("echo", {"text": "abcdefghij", "chunks": 10, "delay": 0.15})
+    events = reader.watch_events(snapshot=True)
+    followed = reader.follow(task.id)
+    await anext(events)  # both streams are up and waiting for news
+    await anext(followed)
+
+    await admin.revoke_api_token(info.token_id)
+
+    for stream in (events, followed):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async with asyncio.timeout(5):
+                async for _ in stream:
+                    pass
+        assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+        assert f"API token {info.token_id} was revoked" in (refused.value.details() or "")
+    # the task itself is untouched: revoking a reader does not stop the work
+    assert (await admin.wait(task.id)).status is TaskStatus.COMPLETED
