@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import secrets
 import time
+from collections import Counter as Tally
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -75,6 +76,7 @@ class AccessControl:
         self._window_start = 0.0
         self._window_rejections = 0
         self.suppressed_rejections = 0
+        self.event_counts: Tally[AuditKind] = Tally()  # every audit event since the start
 
     async def load(self) -> None:
         """Read the CA (if its key is here) and the API tokens."""
@@ -106,6 +108,7 @@ class AccessControl:
         rejection: bool = False,
     ) -> None:
         """Record a security event: one structured log line, and a row in the store."""
+        self.event_counts[kind] += 1
         fields = {"audit": kind.value, "principal": principal, "subject": subject, "peer": peer}
         if rejection:
             log.warning(detail or kind.value, **fields)

@@ -115,9 +115,9 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     await engine.start()
     scheduler = Scheduler(engine, misfire_grace=config.schedule_misfire_grace)
     await scheduler.load()
-    metrics = ControlPlaneMetrics(engine)  # issue 6
     access = AccessControl(engine, config)
     await access.load()
+    metrics = ControlPlaneMetrics(engine, access)  # issue 6
     auth = Authenticator(access)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes + 1024 * 1024),

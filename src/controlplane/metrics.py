@@ -17,7 +17,9 @@ from prometheus_client import CollectorRegistry, Counter, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from taskrun.controlplane.access import AccessControl
 from taskrun.controlplane.engine import Engine
+from taskrun.core.access import AuditKind
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import ChangeSet
 
@@ -35,8 +37,9 @@ STREAM_METHOD = "/taskrun.v1.RunService/StreamConnect"
 class ControlPlaneMetrics(Collector):
     """Every series of the control plane, in its own registry."""
 
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, access: AccessControl | None = None) -> None:
         self.engine = engine
+        self.access = access  # issue 3: security events
         self.registry = CollectorRegistry()
         self.finished: Tally[TaskStatus] = Tally()  # tasks that ended since the start
         self.rejected: Tally[str] = Tally()
@@ -130,6 +133,27 @@ class ControlPlaneMetrics(Collector):
         for reason in EDGE_REJECTIONS.values():
             rejected.add_metric([reason], self.rejected[reason])
         yield rejected
+        expiry = GaugeMetricFamily(
+            "taskrun_worker_certificate_expiry_timestamp_seconds",
+            "When the certificate of each connected worker's session expires (Unix time); "
+            "alert when it comes near: renewal should have replaced it at 70-90 % of its life.",
+            labels=["worker"],
+        )
+        for worker_id, session in sorted(engine.sessions.items()):
+            expires = session.worker.certificate_expires_at
+            if expires is not None:
+                expiry.add_metric([worker_id], expires.timestamp())
+        yield expiry
+        if self.access is not None:
+            security = CounterMetricFamily(
+                "taskrun_security_events",
+                "Audit events by kind since this control plane started (enrollments, renewals, "
+                "revocations, token changes, refusals), including refusals not stored.",
+                labels=["kind"],
+            )
+            for kind in AuditKind:
+                security.add_metric([kind.value], self.access.event_counts[kind])
+            yield security
 
     # --- the gRPC edge -----------------------------------------------------------------------
 

@@ -95,3 +95,26 @@ async def test_health_reports_not_serving_while_the_server_stops(cluster: Cluste
         second = await watch.read()
         assert second.status == health_pb2.HealthCheckResponse.NOT_SERVING
         await stopping
+
+
+async def test_security_metrics_show_certificate_expiry_and_audit_events(
+    cluster: Cluster,
+) -> None:
+    server = await cluster.start_server(metrics_listen="127.0.0.1:0")
+    assert server.metrics_server is not None
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    await client.create_bootstrap_token(worker_id="edge-1")
+    await client.create_bootstrap_token(worker_id="edge-2")
+    with pytest.raises(grpc.aio.AioRpcError):
+        await cluster.client("worker-1").list_workers()  # refused: a worker is no operator
+
+    _, body = await scrape(server.metrics_server.port)
+    expires = server.engine.sessions["worker-1"].worker.certificate_expires_at
+    assert expires is not None
+    assert value(
+        body, 'taskrun_worker_certificate_expiry_timestamp_seconds{worker="worker-1"}'
+    ) == pytest.approx(expires.timestamp())
+    assert value(body, 'taskrun_security_events_total{kind="bootstrap_token_created"}') == 2
+    assert value(body, 'taskrun_security_events_total{kind="request_rejected"}') == 1
+    assert value(body, 'taskrun_security_events_total{kind="worker_enrolled"}') == 0
