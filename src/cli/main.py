@@ -774,12 +774,12 @@ def cmd_certs_server(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def _require_files(*paths: tuple[Path, str]) -> None:
+def _require_files(*paths: tuple[Path, str], hint: str = "") -> None:
     for path, what in paths:
         if not path.exists():
             raise CliError(
                 f"{what} {path} does not exist: create the certificates with "
-                "`taskrun certs init` or point --certs-dir (TASKRUN_CERTS_DIR) at them"
+                f"`taskrun certs init` or point --certs-dir (TASKRUN_CERTS_DIR) at them{hint}"
             )
 
 
@@ -923,6 +923,8 @@ def cmd_worker_run(args: argparse.Namespace) -> int:
         (config.ca_cert, "CA certificate"),
         (config.cert_path(), "worker certificate"),
         (config.key_path(), "worker key"),
+        hint="; on a new machine, enroll it first: `taskrun worker enroll --server HOST:PORT "
+        "--token TOKEN --ca-fingerprint sha256:…` (see `taskrun token create`)",
     )
     _setup_logging(args, daemon=True)
     from taskrun.worker.daemon import run_worker

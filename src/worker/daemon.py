@@ -210,8 +210,9 @@ class WorkerDaemon:
             )
         except FileNotFoundError as exc:
             raise FatalSessionError(
-                f"{exc.filename} is missing: run `taskrun certs init` or `taskrun certs worker "
-                f"{cfg.worker_id}`"
+                f"{exc.filename} is missing: enroll this machine (`taskrun worker enroll`) or "
+                f"create the files with `taskrun certs init` / "
+                f"`taskrun certs worker {cfg.worker_id}`"
             ) from None
         options: list[tuple[str, str | int]] = [
             *KEEPALIVE_OPTIONS,
