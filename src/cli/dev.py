@@ -132,6 +132,7 @@ def ready_message(server: str, certs: Path, worker_ids: Sequence[str], agents: s
         f"  {create}\n"
         "  taskrun task list\n"
         "  taskrun workers list\n"
+        "  taskrun token create --worker-id edge-1   # enroll a worker on another machine\n"
         "\n"
         "or in one line:\n"
         f"  {env} {create}\n"

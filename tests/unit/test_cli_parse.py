@@ -513,3 +513,4 @@ def test_dev_ready_message_gives_copyable_commands() -> None:
     )
     assert line in text
     assert "--follow" in text
+    assert "taskrun token create" in text  # how another machine's worker joins
