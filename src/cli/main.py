@@ -320,6 +320,14 @@ def build_parser() -> argparse.ArgumentParser:
         "(TASKRUN_PUBLIC_LISTEN, default: the --listen host, next port)",
     )
     p.add_argument(
+        "--no-public-api",
+        dest="public_operator_api",
+        action="store_false",
+        default=None,
+        help="serve only enrollment and health on the public listener, not the operator "
+        "services for API tokens (TASKRUN_PUBLIC_API=0)",
+    )
+    p.add_argument(
         "--worker-cert-lifetime",
         type=positive_float,
         metavar="S",
@@ -807,6 +815,7 @@ def server_config(args: argparse.Namespace) -> Any:
     optional = {
         "listen": listen,
         "public_listen": public,
+        "public_operator_api": _public_api(args),
         "worker_cert_lifetime": _arg(args, "worker_cert_lifetime"),
         "store": resolve_store(args),
         "heartbeat_interval": _arg(args, "heartbeat_interval"),
@@ -823,6 +832,17 @@ def server_config(args: argparse.Namespace) -> Any:
 
 
 DEFAULT_METRICS_LISTEN = "127.0.0.1:9464"
+
+
+def _public_api(args: argparse.Namespace) -> bool | None:
+    """--no-public-api, else TASKRUN_PUBLIC_API (0/false/no turns it off), else the default."""
+    flag = _arg(args, "public_operator_api")
+    if flag is not None:
+        return bool(flag)
+    value = _env("TASKRUN_PUBLIC_API")
+    if value is None:
+        return None
+    return value.strip().lower() not in {"0", "false", "no", "off"}
 
 
 def _metrics_listen(args: argparse.Namespace, default: str) -> str:

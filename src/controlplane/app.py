@@ -132,17 +132,20 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     enrollment = EnrollmentService(access)
     health_servicer = health.aio.HealthServicer()
 
+    def public_services(server: grpc.aio.Server) -> None:
+        security_pb2_grpc.add_EnrollmentServiceServicer_to_server(enrollment, server)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+
     def operator_services(server: grpc.aio.Server) -> None:
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(tasks, server)
         workers_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
         schedules_pb2_grpc.add_ScheduleServiceServicer_to_server(schedules, server)
         events_pb2_grpc.add_EventServiceServicer_to_server(events, server)
         security_pb2_grpc.add_AccessServiceServicer_to_server(admin, server)
-        security_pb2_grpc.add_EnrollmentServiceServicer_to_server(enrollment, server)
-        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 
     # The mTLS listener: every caller presents a certificate signed by our CA.
     server = grpc.aio.server(interceptors=[metrics.interceptor()], options=options)
+    public_services(server)
     operator_services(server)
     workers_pb2_grpc.add_RunServiceServicer_to_server(RunService(engine, auth), server)
     security_pb2_grpc.add_CertificateServiceServicer_to_server(CertificateService(auth), server)
@@ -157,14 +160,16 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     sources = [ServerCertificateSource(config.ca_cert, config.server_cert, config.server_key)]
     port = _bind(server, config.listen, sources[0].credentials(require_client_auth=True))
     access.session_port = port
-    # The public listener: TLS only. Enroll and health need nothing; the operator services
-    # need an API token there (no certificate can be presented); worker sessions are absent.
+    # The public listener: TLS only. Enroll and health need nothing; the operator services (unless
+    # turned off) need an API token there (no certificate can be presented); no worker sessions.
     public_server: grpc.aio.Server | None = None
     public_port = 0
     public_address = config.public_address()
     if public_address:
         public_server = grpc.aio.server(interceptors=[metrics.interceptor()], options=options)
-        operator_services(public_server)
+        public_services(public_server)
+        if config.public_operator_api:
+            operator_services(public_server)
         sources.append(
             ServerCertificateSource(config.ca_cert, config.server_cert, config.server_key)
         )

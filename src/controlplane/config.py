@@ -23,6 +23,9 @@ class ServerConfig(BaseModel):
     # Enroll and health to anyone, and the operator services to callers with an API token.
     # None = the host of `listen` and the port after its port (0 stays 0); "" = not served.
     public_listen: str | None = None
+    # Serve the operator services on the public listener to API-token callers. Off: it serves
+    # only Enroll and health (expose enrollment, keep the API on the mTLS listener).
+    public_operator_api: bool = True
     worker_cert_lifetime: float = Field(default=24 * 3600.0, gt=0)  # seconds
     bootstrap_token_ttl: float = Field(default=3600.0, gt=0)  # default TTL, seconds
     max_bootstrap_token_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)

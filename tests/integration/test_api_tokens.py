@@ -248,3 +248,22 @@ async def test_revoking_an_api_token_ends_its_live_streams_at_once(cluster: Clus
         assert f"API token {info.token_id} was revoked" in (refused.value.details() or "")
     # the task itself is untouched: revoking a reader does not stop the work
     assert (await admin.wait(task.id)).status is TaskStatus.COMPLETED
+
+
+async def test_with_the_public_api_off_the_public_port_serves_only_enrollment_and_health(
+    cluster: Cluster,
+) -> None:
+    await start(cluster, public_operator_api=False)
+    admin = cluster.client()  # the mTLS listener keeps every service
+    secret, _ = await admin.create_api_token("ci", ["admin"])
+    async with tls_channel(cluster) as ch:
+        reply = await health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest())
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        enroll = security_pb2_grpc.EnrollmentServiceStub(ch).Enroll(
+            spb.EnrollRequest(token="trb_" + "0" * 16 + "." + "a" * 43, csr_pem=csr_for(new_key()))
+        )
+        await expect(enroll, grpc.StatusCode.UNAUTHENTICATED, "unknown token")
+    program = token_client(cluster, secret)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await program.list_tasks()
+    assert refused.value.code() is UNIMPLEMENTED

@@ -290,6 +290,19 @@ def test_server_config_defaults_come_from_the_certs_dir() -> None:
     assert config.server_key == Path("/pki/server-key.pem")
 
 
+def test_the_public_listener_defaults_to_the_next_port_and_can_be_narrowed_or_turned_off(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TASKRUN_PUBLIC_LISTEN", raising=False)
+    monkeypatch.delenv("TASKRUN_PUBLIC_API", raising=False)
+    config = cli.server_config(parse("server", "--listen", "127.0.0.1:7000"))
+    assert (config.public_address(), config.public_operator_api) == ("127.0.0.1:7001", True)
+    config = cli.server_config(parse("server", "--public-listen", "", "--no-public-api"))
+    assert (config.public_address(), config.public_operator_api) == ("", False)
+    monkeypatch.setenv("TASKRUN_PUBLIC_API", "0")
+    assert cli.server_config(parse("server")).public_operator_api is False
+
+
 def test_server_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASKRUN_LISTEN", "0.0.0.0:1")
     args = parse(
