@@ -38,28 +38,23 @@ def parse_duration(text: str) -> float:
     return float(match.group(1)) * _UNITS[match.group(2)]
 
 
-def _scopes(text: str) -> list[str]:
-    out = []
-    for part in text.split(","):
-        name = part.strip()
-        if name not in {s.value for s in Scope}:
-            raise argparse.ArgumentTypeError(
-                f"unknown scope {name!r} (one of {', '.join(s.value for s in Scope)})"
-            )
-        out.append(name)
-    return out
+def _one_of(allowed: Sequence[str], what: str) -> Callable[[str], list[str]]:
+    """An argparse type: comma-separated names, each one of `allowed`."""
+
+    def parse(text: str) -> list[str]:
+        names = [part.strip() for part in text.split(",")]
+        for name in names:
+            if name not in allowed:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {what} {name!r} (one of {', '.join(allowed)})"
+                )
+        return names
+
+    return parse
 
 
-def _kinds(text: str) -> list[str]:
-    out = []
-    for part in text.split(","):
-        name = part.strip()
-        if name not in {k.value for k in AuditKind}:
-            raise argparse.ArgumentTypeError(
-                f"unknown kind {name!r} (one of {', '.join(k.value for k in AuditKind)})"
-            )
-        out.append(name)
-    return out
+_scopes = _one_of([s.value for s in Scope], "scope")
+_kinds = _one_of([k.value for k in AuditKind], "kind")
 
 
 def register(subparsers: Any) -> None:

@@ -71,6 +71,7 @@ class AccessControl:
         self.public_port = 0
         self._ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
         self._ca_pem = b""
+        self.ca_fingerprint = ""  # sha256:… of the CA certificate, handed out with tokens
         self._api_tokens: dict[str, ApiToken] = {}
         self._revoked: dict[str, asyncio.Event] = {}  # set when that API token is revoked
         self._window_start = 0.0
@@ -82,6 +83,7 @@ class AccessControl:
         """Read the CA (if its key is here) and the API tokens."""
         cfg = self.config
         self._ca_pem = cfg.ca_cert.read_bytes()
+        self.ca_fingerprint = pki.ca_fingerprint(self._ca_pem)
         if cfg.ca_key_path().exists():
             self._ca = pki.load_ca(cfg.ca_cert, cfg.ca_key_path())
         else:
@@ -90,10 +92,6 @@ class AccessControl:
                 ca_key=str(cfg.ca_key_path()),
             )
         self._api_tokens = {t.id: t for t in await self.store.list_api_tokens()}
-
-    @property
-    def ca_fingerprint(self) -> str:
-        return pki.ca_fingerprint(self._ca_pem)
 
     # --- audit ---------------------------------------------------------------------------------
 
@@ -114,8 +112,6 @@ class AccessControl:
             log.warning(detail or kind.value, **fields)
             now = time.monotonic()
             if now - self._window_start > REJECTION_WINDOW:
-                if self.suppressed_rejections and self._window_rejections > REJECTIONS_PER_WINDOW:
-                    log.warning("audit: refusals not stored", count=self.suppressed_rejections)
                 self._window_start, self._window_rejections = now, 0
             self._window_rejections += 1
             if self._window_rejections > REJECTIONS_PER_WINDOW:
@@ -213,6 +209,10 @@ class AccessControl:
 
     # --- enrollment and renewal ----------------------------------------------------------------
 
+    @property
+    def _worker_cert_lifetime(self) -> timedelta:
+        return timedelta(seconds=self.config.worker_cert_lifetime)
+
     def _require_ca(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         if self._ca is None:
             raise errors.FailedPrecondition(
@@ -241,10 +241,7 @@ class AccessControl:
         parsed = parse_token(token_text, BOOTSTRAP_PREFIX)
         if parsed is None:
             raise errors.Unauthenticated("is not a TaskRun bootstrap token (trb_…)", field="token")
-        try:  # checked before the token is touched: a bad request leaves it usable
-            pki.csr_public_key(csr_pem)
-        except pki.CsrRejected as exc:
-            raise errors.InvalidArgument(str(exc), field="csr_pem") from None
+        key = _csr_key(csr_pem)  # checked before the token is touched: it stays usable
         stored = await self.store.get_bootstrap_token(parsed.token_id)
         if stored is None or not secret_matches(parsed.secret, stored.secret_hash):
             raise errors.Unauthenticated("unknown token", field="token")
@@ -259,8 +256,7 @@ class AccessControl:
                 field="token",
             )
         self.engine.check_not_revoked(token.worker_id)
-        lifetime = timedelta(seconds=self.config.worker_cert_lifetime)
-        cert = pki.sign_worker_csr(ca, csr_pem, token.worker_id, lifetime)
+        cert = pki.sign_worker_key(ca, key, token.worker_id, self._worker_cert_lifetime)
         await self.engine.record_enrollment(token.worker_id, token.labels, hostname)
         self.audit(
             AuditKind.WORKER_ENROLLED,
@@ -283,12 +279,8 @@ class AccessControl:
         try:
             ca = self._require_ca()
             self.engine.check_not_revoked(worker_id)
-            try:
-                cert = pki.sign_worker_csr(
-                    ca, csr_pem, worker_id, timedelta(seconds=self.config.worker_cert_lifetime)
-                )
-            except pki.CsrRejected as exc:
-                raise errors.InvalidArgument(str(exc), field="csr_pem") from None
+            key = _csr_key(csr_pem)
+            cert = pki.sign_worker_key(ca, key, worker_id, self._worker_cert_lifetime)
         except errors.TaskRunError as exc:
             self.audit(
                 AuditKind.RENEWAL_REJECTED,
@@ -387,6 +379,14 @@ class AccessControl:
                 f"authorization: API token {token.id} is {state.name.lower()}"
             )
         return token
+
+
+def _csr_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
+    """The key of a usable CSR; INVALID_ARGUMENT naming `csr_pem` and why otherwise."""
+    try:
+        return pki.csr_public_key(csr_pem)
+    except pki.CsrRejected as exc:
+        raise errors.InvalidArgument(str(exc), field="csr_pem") from None
 
 
 def _token_id(value: str, prefix: str) -> str:

@@ -81,7 +81,6 @@ class RunningServer:
     # issue 3: the TLS-only listener (Enroll, health, API-token callers); None when disabled
     public_server: grpc.aio.Server | None = None
     public_port: int = 0
-    access: AccessControl | None = None
     tls_sources: tuple[ServerCertificateSource, ...] = ()
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -92,8 +91,8 @@ class RunningServer:
         if self.scheduler is not None:
             await self.scheduler.stop()
         await self.engine.stop()
-        servers = [self.server] if self.public_server is None else [self.server, self.public_server]
-        await asyncio.gather(*(server.stop(grace) for server in servers))
+        servers = (self.server, self.public_server)
+        await asyncio.gather(*(server.stop(grace) for server in servers if server is not None))
         await self.engine.flush()
         await self.engine.store.close()
         log.info("server stopped")
@@ -170,6 +169,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         public_services(public_server)
         if config.public_operator_api:
             operator_services(public_server)
+        # a source of its own: each listener's fetcher must see a rotation once for itself
         sources.append(
             ServerCertificateSource(config.ca_cert, config.server_cert, config.server_key)
         )
@@ -208,7 +208,6 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         metrics_server,
         public_server=public_server,
         public_port=public_port,
-        access=access,
         tls_sources=tuple(sources),
     )
 

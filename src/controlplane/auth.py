@@ -144,7 +144,7 @@ class Authenticator:
             stop.cancel()
             if not work.done():
                 work.cancel()
-        if work.done() and not work.cancelled():
+        if work.done():
             return work.result()
         await context.abort(
             grpc.StatusCode.UNAUTHENTICATED,

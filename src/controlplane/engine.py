@@ -556,14 +556,12 @@ class Engine:
             if claim is not None and claim.attempt == run.attempt:
                 session.runs.add(run.id)
                 self._forget_orphan(run.id)
-            elif claim is None and run.status is RunStatus.ASSIGNED:
+            elif claim is None and run.status is RunStatus.ASSIGNED and run.task_id in self.tasks:
                 # Sent, but maybe never read (the worker moved to a new channel, or the stream
                 # broke first): send it again. A worker that has it already ignores the copy.
                 session.runs.add(run.id)
                 self._forget_orphan(run.id)
-                task = self.tasks.get(run.task_id)
-                if task is not None:
-                    session.send_assignment(self._assignment(task, run))
+                session.send_assignment(self._assignment(self.tasks[run.task_id], run))
             else:
                 self._forget_orphan(run.id)
                 lost.append(

@@ -10,13 +10,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from taskrun.core.identity import Principal, PrincipalKind, parse_spiffe_id
@@ -113,7 +113,7 @@ def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
     )
 
 
-def _cert_pem(cert: x509.Certificate) -> bytes:
+def cert_pem(cert: x509.Certificate) -> bytes:
     return cert.public_bytes(serialization.Encoding.PEM)
 
 
@@ -163,20 +163,15 @@ def _create_ca() -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     return cert, key
 
 
-def _load_ca(paths: PkiPaths) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
-    """The CA certificate and key of a PKI directory (FileNotFoundError if absent)."""
-    cert = x509.load_pem_x509_certificate(paths.ca_cert.read_bytes())
-    key = serialization.load_pem_private_key(paths.ca_key.read_bytes(), password=None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{paths.ca_key} is not an EC private key")
-    if key.public_key() != cert.public_key():
-        raise ValueError(f"{paths.ca_key} does not match {paths.ca_cert}")
-    return cert, key
-
-
 def load_ca(cert_path: Path, key_path: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """The CA certificate and its key from two PEM files (FileNotFoundError if absent)."""
-    return _load_ca(replace(PkiPaths.at(cert_path.parent), ca_cert=cert_path, ca_key=key_path))
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{key_path} is not an EC private key")
+    if key.public_key() != cert.public_key():
+        raise ValueError(f"{key_path} does not match {cert_path}")
+    return cert, key
 
 
 class CsrRejected(ValueError):
@@ -215,8 +210,6 @@ def csr_public_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
 
 
 def _key_kind(key: object) -> str:
-    from cryptography.hazmat.primitives.asymmetric import ed448, ed25519, rsa
-
     if isinstance(key, rsa.RSAPublicKey):
         return f"RSA-{key.key_size}"
     if isinstance(key, ed25519.Ed25519PublicKey):
@@ -226,34 +219,30 @@ def _key_kind(key: object) -> str:
     return type(key).__name__
 
 
-def sign_worker_csr(
+def sign_worker_key(
     ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
-    csr_pem: bytes,
+    public_key: ec.EllipticCurvePublicKey,
     worker_id: str,
     lifetime: timedelta,
     *,
     now: datetime | None = None,
 ) -> x509.Certificate:
-    """A client certificate for `worker_id` (never for the names in the CSR) over the CSR's key.
+    """A client certificate for `worker_id` over a key taken from a checked CSR
+    (`csr_public_key`); the CSR's names never reach it.
 
-    CsrRejected when the CSR is unusable. Backdated by at most a tenth of the lifetime (5 min at
-    most), so that clock skew is tolerated and short lifetimes stay mostly in the future.
+    Backdated by at most a tenth of the lifetime (5 min at most), so that clock skew is
+    tolerated and short lifetimes stay mostly in the future.
     """
-    key = csr_public_key(csr_pem)
     _check_worker_id(worker_id)
     return _sign_leaf(
         ca,
-        key,
+        public_key,
         Principal(PrincipalKind.WORKER, worker_id),
         lifetime=lifetime,
         usage=ExtendedKeyUsageOID.CLIENT_AUTH,
         now=now,
         skew=min(CLOCK_SKEW, lifetime / 10),
     )
-
-
-def cert_pem(cert: x509.Certificate) -> bytes:
-    return _cert_pem(cert)
 
 
 def _sign_leaf(
@@ -363,10 +352,10 @@ def init_pki(
                 f"{paths.ca_cert} exists but {paths.ca_key} is missing; use force=True to replace"
             )
         ca_cert, ca_key = _create_ca()
-        _write_pair(paths.ca_cert, paths.ca_key, _cert_pem(ca_cert), _key_pem(ca_key))
+        _write_pair(paths.ca_cert, paths.ca_key, cert_pem(ca_cert), _key_pem(ca_key))
         ca = (ca_cert, ca_key)
     else:
-        ca = _load_ca(paths)
+        ca = load_ca(paths.ca_cert, paths.ca_key)
 
     def ensure(
         cert_path: Path,
@@ -386,7 +375,7 @@ def init_pki(
             usage=usage,
             extra_names=extra_names,
         )
-        _write_pair(cert_path, key_path, _cert_pem(cert), _key_pem(key))
+        _write_pair(cert_path, key_path, cert_pem(cert), _key_pem(key))
 
     server_names = [_host_name(h) for h in server_hosts]
     ensure(
@@ -426,7 +415,7 @@ def issue_client_cert(
     The names come only from principal. now (tz-aware, default: the current time) is the start of
     the validity period, before the usual clock-skew allowance.
     """
-    ca = _load_ca(paths)
+    ca = load_ca(paths.ca_cert, paths.ca_key)
     key_pem: bytes | None = None
     if public_key is None:
         key = _new_key()
@@ -434,7 +423,7 @@ def issue_client_cert(
     cert = _sign_leaf(
         ca, public_key, principal, lifetime=lifetime, usage=ExtendedKeyUsageOID.CLIENT_AUTH, now=now
     )
-    return _cert_pem(cert), key_pem
+    return cert_pem(cert), key_pem
 
 
 def issue_worker_cert(
@@ -464,7 +453,7 @@ def issue_server_cert(
     if not server_hosts:
         raise ValueError("server_hosts must name at least one host")
     paths = PkiPaths.at(directory)
-    ca = _load_ca(paths)
+    ca = load_ca(paths.ca_cert, paths.ca_key)
     key = _new_key()
     cert = _sign_leaf(
         ca,
@@ -474,7 +463,7 @@ def issue_server_cert(
         usage=ExtendedKeyUsageOID.SERVER_AUTH,
         extra_names=[_host_name(h) for h in server_hosts],
     )
-    _write_pair(paths.server_cert, paths.server_key, _cert_pem(cert), _key_pem(key))
+    _write_pair(paths.server_cert, paths.server_key, cert_pem(cert), _key_pem(key))
     return paths.server_cert, paths.server_key
 
 
