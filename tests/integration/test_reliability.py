@@ -10,10 +10,12 @@ import pytest
 from taskrun.core.agent import AgentResult, RunContext
 from taskrun.core.models import AgentSpec
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.v1 import common_pb2, workers_pb2, workers_pb2_grpc
 from taskrun.worker.agents import load_agents
 from taskrun.worker.config import WorkerConfig
 from taskrun.worker.daemon import WorkerDaemon
 from tests.conftest import Cluster
+from tests.integration.test_bad_input import channel
 
 
 async def wait_for(predicate, within: float = 10.0) -> None:  # type: ignore[no-untyped-def]
@@ -173,3 +175,40 @@ async def test_failed_run_is_retried_when_the_policy_says_so(cluster: Cluster) -
 def test_load_agents_names_unknown_agents() -> None:
     with pytest.raises(ValueError, match="unknown agent"):
         load_agents(["definitely_not_installed"])
+
+
+async def _session_assignments(
+    stub: workers_pb2_grpc.RunServiceStub,
+) -> tuple[grpc.aio.StreamStreamCall, list[workers_pb2.RunAssignment]]:
+    """Open a raw worker-1 session that holds nothing; (call, the first assignments sent)."""
+    call = stub.StreamConnect()
+    hello = workers_pb2.WorkerHello(
+        worker_id="worker-1", max_concurrent_runs=1, agents=[common_pb2.AgentSpec(name="echo")]
+    )
+    await call.write(workers_pb2.WorkerMessage(hello=hello))
+    first = await call.read()
+    assert first.HasField("params")
+    async with asyncio.timeout(10):
+        while True:
+            message = await call.read()
+            if message.assignments:
+                return call, list(message.assignments)
+
+
+async def test_an_assignment_the_worker_may_never_have_read_is_sent_again_on_its_next_session(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    client = cluster.client()
+    task = await client.create_task("echo", {"text": "hi"})
+    async with channel(cluster, "worker-1") as ch:
+        stub = workers_pb2_grpc.RunServiceStub(ch)
+        first, sent = await _session_assignments(stub)
+        # the worker moves to a new session whose hello does not list the run (it never read it)
+        second, again = await _session_assignments(stub)
+        first.cancel()
+        second.cancel()
+    assert [(a.task_id, a.attempt) for a in sent] == [(task.id, 1)]
+    assert [(a.run_id, a.attempt) for a in again] == [(sent[0].run_id, 1)]  # same run, not lost
+    _, runs = await client.get_task(task.id)
+    assert [r.status for r in runs] == [RunStatus.ASSIGNED]
