@@ -41,3 +41,13 @@ class ResourceExhausted(TaskRunError):
 
 class Unauthenticated(TaskRunError):
     """The credentials are missing, unknown, used, expired or revoked (gRPC UNAUTHENTICATED)."""
+
+
+class Unavailable(TaskRunError):
+    """The control plane cannot serve this now, e.g. its store cannot write; retrying later may
+    succeed (gRPC UNAVAILABLE). Nothing of the request took effect."""
+
+
+class StoreUnavailable(Unavailable):
+    """The store refused a write: the disk is full, the database is unreachable, or an earlier
+    write failed and the store refuses writes until its owner resumes it."""

@@ -3,6 +3,11 @@
 Writes go through `Store.apply(ChangeSet)`: one atomic, durable unit (upserts of tasks, runs and
 workers, and appends of output). Implementations may group several change sets into one
 transaction, but each change set is all-or-nothing and durable once `apply` returns.
+
+A failed write fences the store: the change set that failed, every one queued behind it and every
+one submitted later fail too (StoreUnavailable) until the owner calls `resume`. Change sets are
+built on the ones before them, so letting a later one land after an earlier one failed would
+store a state that never existed; the owner reloads its view from the store before resuming.
 """
 
 from __future__ import annotations
@@ -17,6 +22,9 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
+
+
+FENCED = "the store refuses writes after a failed one until the control plane recovers"
 
 
 @dataclass(slots=True)
@@ -152,7 +160,15 @@ class Store(
         """Capture `changes` now (later mutation of the objects cannot leak in) and queue them.
 
         The returned awaitable completes once they are durable. Change sets commit in the order
-        they were submitted.
+        they were submitted. Once one fails, it and all after it fail until `resume` (see above):
+        StoreUnavailable when the store cannot write, ValueError for a constraint violation.
+        """
+        ...
+
+    async def resume(self) -> None:
+        """Accept writes again after a failure, once a test write succeeds.
+
+        Raises StoreUnavailable while the store still cannot write (the fence stays up).
         """
         ...
 

@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import sys
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from taskrun.core.access import (
     BootstrapToken,
     Scope,
 )
+from taskrun.core.errors import StoreUnavailable
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import (
     AgentSpec,
@@ -43,6 +45,7 @@ from taskrun.core.models import (
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import ChangeSet, Store, TaskQuery
+from tests.faults import fill, small_filesystem
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
 
@@ -549,18 +552,30 @@ async def test_change_set_with_dangling_run_fails_as_a_whole(store: Store) -> No
     assert await store.get_task(tid(1)) == make_task(1)
 
 
-async def test_bad_change_set_fails_alone_among_concurrent_ones(store: Store) -> None:
+async def test_a_failed_change_set_fences_the_ones_after_it_until_resumed(store: Store) -> None:
     good = [ChangeSet(tasks=[make_task(n)], runs=[make_run(n, n)]) for n in range(1, 101)]
     bad = ChangeSet(tasks=[make_task(500)], runs=[make_run(500, 999)])
     results = await asyncio.gather(
         *(store.apply(c) for c in [*good[:50], bad, *good[50:]]), return_exceptions=True
     )
-    errors = [r for r in results if r is not None]
-    assert len(errors) == 1
-    assert isinstance(errors[0], ValueError)
-    assert results[50] is errors[0]
-    assert len(await store.list_unfinished_runs()) == 100
+    assert results[:50] == [None] * 50
+    assert isinstance(results[50], ValueError)
+    # built on a change set that failed: they must not land either
+    assert all(isinstance(r, StoreUnavailable) for r in results[51:])
+    assert "refuses writes after a failed one" in str(results[51])
+    assert len(await store.list_unfinished_runs()) == 50
     assert await store.get_task(tid(500)) is None
+    with pytest.raises(StoreUnavailable):
+        await store.apply(good[60])
+    await store.resume()
+    await store.apply(good[60])
+    assert await store.get_task(tid(61)) is not None
+
+
+async def test_resume_without_a_failure_is_harmless(store: Store) -> None:
+    await store.resume()
+    await store.apply(ChangeSet(tasks=[make_task(1)]))
+    assert await store.get_task(tid(1)) is not None
 
 
 async def test_use_after_close_raises(store: Store) -> None:
@@ -1357,3 +1372,27 @@ async def test_open_store_sqlite_creates_parent_dirs(tmp_path: Path) -> None:
 def test_open_store_rejects_unknown_url(url: str) -> None:
     with pytest.raises(ValueError, match="unsupported store url"):
         open_store(url)
+
+
+async def test_sqlite_full_disk_fails_writes_cleanly_then_resumes(tmp_path: Path) -> None:
+    with small_filesystem(tmp_path / "small", "1m") as small:
+        store = SqliteStore(small / "t.db")
+        await store.open()
+        try:
+            await store.apply(ChangeSet(tasks=[make_task(1)], runs=[make_run(1, 1)]))
+            filler = fill(small)
+            big = "x" * 200_000
+            with pytest.raises(StoreUnavailable, match="database or disk is full"):
+                for n in range(2, 50):
+                    await store.apply(ChangeSet(tasks=[replace(make_task(n), input=big)]))
+            with pytest.raises(StoreUnavailable):
+                await store.resume()  # still full
+            with pytest.raises(StoreUnavailable, match="refuses writes after a failed one"):
+                await store.apply(ChangeSet(tasks=[make_task(99)]))
+            filler.unlink()
+            await store.resume()
+            await store.apply(ChangeSet(tasks=[make_task(99)]))
+            assert await store.get_task(tid(99)) is not None
+            assert await store.get_task(tid(1)) == make_task(1)
+        finally:
+            await store.close()

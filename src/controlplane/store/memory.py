@@ -16,7 +16,8 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule, copy_schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.store import ChangeSet, TaskPage, TaskQuery
+from taskrun.core.errors import StoreUnavailable
+from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
 
 __all__ = ["MemoryStore"]
 
@@ -50,10 +51,14 @@ def _copy_api(t: ApiToken) -> ApiToken:
     return replace(t)  # scopes is a frozenset
 
 
+class _Unencodable(ValueError):
+    """A value SQLite could not even encode: refused before it is queued, so it fences nothing."""
+
+
 def _check_aware(values: Iterable[datetime | None]) -> None:
     for value in values:
         if value is not None and value.utcoffset() is None:
-            raise ValueError(f"datetimes must be timezone-aware, got {value!r}")
+            raise _Unencodable(f"datetimes must be timezone-aware, got {value!r}")
 
 
 class MemoryStore:
@@ -77,6 +82,8 @@ class MemoryStore:
         self._audit: deque[AuditEvent] = deque(maxlen=audit_retention)  # oldest first
         self._last_audit_id = 0  # ids are never reused, even after retention drops events
         self._closed = False
+        self._fenced = ""  # why writes are refused until `resume` (a write failed)
+        self._failing = ""  # test hook: every write fails with this reason while set
 
     async def open(self) -> None:
         """Nothing to prepare."""
@@ -93,6 +100,18 @@ class MemoryStore:
 
     # --- writes --------------------------------------------------------------------------------
 
+    def fail_writes(self, reason: str | None) -> None:
+        """Make every write fail with StoreUnavailable(reason) until called with None (the
+        memory store's stand-in for a full disk, for tests)."""
+        self._failing = reason or ""
+
+    async def resume(self) -> None:
+        """Accept writes again after a failed one; StoreUnavailable while writes still fail."""
+        self._check_open()
+        if self._failing:
+            raise StoreUnavailable(f"the store cannot write: {self._failing}")
+        self._fenced = ""
+
     def submit(self, changes: ChangeSet) -> asyncio.Future[None]:
         """Apply now (copies, all or nothing); the returned future holds the outcome."""
         future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -108,11 +127,24 @@ class MemoryStore:
         self._apply_now(changes)
 
     def _apply_now(self, changes: ChangeSet) -> None:
-        """Validate the whole change set first, then store copies of it (all or nothing)."""
+        """Validate the whole change set first, then store copies of it (all or nothing).
+
+        A failure fences the store: later writes fail too until `resume`, as in SqliteStore.
+        """
         self._check_open()
         if not changes:
             return
-        self._validate(changes)
+        if self._fenced:
+            raise StoreUnavailable(f"{FENCED}: {self._fenced}")
+        try:
+            if self._failing:
+                raise StoreUnavailable(f"the store cannot write: {self._failing}")
+            self._validate(changes)
+        except _Unencodable:
+            raise
+        except Exception as exc:
+            self._fenced = str(exc)
+            raise
         for task in changes.tasks:
             old = self._tasks.get(task.id)
             if old is not None and old.policy.idempotency_key:
@@ -313,6 +345,8 @@ class MemoryStore:
         """Mark the token used if it is neither used nor revoked (expiry is not checked)."""
         self._check_open()
         _check_aware((now,))
+        if self._fenced or self._failing:
+            raise StoreUnavailable(f"{FENCED}: {self._fenced or self._failing}")
         token = self._bootstrap_tokens.get(token_id)
         if token is None or token.used_at is not None or token.revoked_at is not None:
             return None

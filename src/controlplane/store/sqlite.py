@@ -59,7 +59,8 @@ from taskrun.core.models import (
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.store import ChangeSet, TaskPage, TaskQuery
+from taskrun.core.errors import StoreUnavailable
+from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
 
@@ -210,6 +211,13 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX audit_events_kind ON audit_events (kind, id)",
         "ALTER TABLE workers ADD COLUMN enrolled_labels TEXT NOT NULL DEFAULT '{}'",
         "ALTER TABLE workers ADD COLUMN enrolled_at INTEGER",
+    ),
+    # 5: one row rewritten by `resume` to learn whether the store can write again
+    (
+        """CREATE TABLE store_probe (
+            id         INTEGER PRIMARY KEY CHECK (id = 1),
+            written_at INTEGER NOT NULL  -- microseconds since the epoch, UTC
+        )""",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -811,26 +819,34 @@ class _Call(Generic[_T]):
     every other write and committed (durable) before the caller's future resolves.
     """
 
-    __slots__ = ("fn", "future", "loop")
+    __slots__ = ("fn", "future", "loop", "runs_fenced")
 
     def __init__(
         self,
         fn: Callable[[sqlite3.Connection], _T],
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[_T],
+        *,
+        runs_fenced: bool = False,  # runs even while the store is fenced (the resume probe)
     ) -> None:
         self.fn = fn
         self.loop = loop
         self.future = future
+        self.runs_fenced = runs_fenced
 
 
 def _public_error(exc: BaseException | None) -> BaseException | None:
-    """Constraint violations surface as ValueError, the same as from MemoryStore."""
+    """Constraint violations surface as ValueError, the same as from MemoryStore; a store that
+    cannot write (full disk, I/O error, locked past the busy timeout) as StoreUnavailable."""
+    error: BaseException
     if isinstance(exc, sqlite3.IntegrityError):
         error = ValueError(f"change set rejected by the store: {exc}")
-        error.__cause__ = exc
-        return error
-    return exc
+    elif isinstance(exc, sqlite3.Error):
+        error = StoreUnavailable(f"the store cannot write: {exc}")
+    else:
+        return exc
+    error.__cause__ = exc
+    return error
 
 
 def _settle_call(future: asyncio.Future[_T], result: _T, error: BaseException | None) -> None:
@@ -854,6 +870,16 @@ def _settle(outcomes: list[tuple[asyncio.Future[None], BaseException | None]]) -
             future.set_exception(error)
 
 
+def _rollback(conn: sqlite3.Connection) -> None:
+    """Roll back after a failed statement or COMMIT. A full disk can fail the COMMIT itself and
+    leave the transaction open; a ROLLBACK that fails too leaves nothing to undo."""
+    if conn.in_transaction:
+        try:
+            conn.execute("ROLLBACK")
+        except sqlite3.Error as exc:
+            log.warning("rollback failed", error=str(exc))
+
+
 class SqliteStore:
     """`Store` on one SQLite file. Call `open()` before use and `close()` when done."""
 
@@ -875,6 +901,9 @@ class SqliteStore:
         self._read_lock = threading.Lock()
         self._read_uri = ""
         self._closed = False
+        # Set by the writer thread when a write fails; while set, every write fails (see
+        # core.store). Only the writer thread reads or changes it.
+        self._fence: BaseException | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -947,7 +976,21 @@ class SqliteStore:
         self._queue.put(_Pending(changes, loop, future))
         return future
 
-    async def _write_call(self, fn: Callable[[sqlite3.Connection], _T]) -> _T:
+    async def resume(self) -> None:
+        """Lift the fence after a failed write once a test write commits (see core.store)."""
+        await self._write_call(self._probe, fenced=True)
+
+    def _probe(self, conn: sqlite3.Connection) -> None:
+        conn.execute(
+            "INSERT INTO store_probe (id, written_at) VALUES (1, ?) "
+            "ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at",
+            (_us(datetime.now(UTC)),),
+        )
+        self._fence = None
+
+    async def _write_call(
+        self, fn: Callable[[sqlite3.Connection], _T], *, fenced: bool = False
+    ) -> _T:
         """Run `fn` on the writer thread in its own transaction, in order with the change sets
         queued before it, and return its result once committed. Cancelling the caller does not
         withdraw it."""
@@ -955,7 +998,7 @@ class SqliteStore:
             raise RuntimeError("store is not open")
         loop = asyncio.get_running_loop()
         future: asyncio.Future[_T] = loop.create_future()
-        self._queue.put(_Call(fn, loop, future))
+        self._queue.put(_Call(fn, loop, future, runs_fenced=fenced))
         return await future
 
     def _writer_main(self, ready: concurrent.futures.Future[None]) -> None:
@@ -1004,33 +1047,46 @@ class SqliteStore:
             self._write(conn, pending)
         except BaseException as exc:  # a bug here must not strand the callers
             log.exception("store writer failed")
+            self._fence = self._fence or exc
             self._notify([(p, exc) for p in pending])
 
     def _run_call(self, conn: sqlite3.Connection, call: _Call[Any]) -> None:
         """Run one call in its own transaction and hand its outcome to its event loop."""
         result: Any = None
         error: BaseException | None = None
+        if self._fence is not None and not call.runs_fenced:
+            self._settle_one(call, None, self._fenced_error())
+            return
         try:
             conn.execute("BEGIN IMMEDIATE")
             try:
                 result = call.fn(conn)
                 conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
         except BaseException as exc:  # the caller gets every failure, bugs included
-            error = exc
+            error = _public_error(exc)
+            if self._fence is None:
+                self._fence = error
         else:
             self.commits += 1
+        self._settle_one(call, result, error)
+
+    @staticmethod
+    def _settle_one(call: _Call[Any], result: Any, error: BaseException | None) -> None:
         try:
-            call.loop.call_soon_threadsafe(_settle_call, call.future, result, _public_error(error))
+            call.loop.call_soon_threadsafe(_settle_call, call.future, result, error)
         except RuntimeError:  # that event loop is closed; nobody is waiting any more
             pass
 
+    def _fenced_error(self) -> StoreUnavailable:
+        return StoreUnavailable(f"{FENCED}: {self._fence}")
+
     def _write(self, conn: sqlite3.Connection, pending: list[_Pending]) -> None:
-        """Commit the whole group at once; on failure, retry each change set on its own."""
-        if len(pending) > 1:
+        """Commit the whole group at once; on failure, commit the change sets one by one up to
+        the one that fails, which fences the store: it and all after it fail (core.store)."""
+        if self._fence is None and len(pending) > 1:
             error = self._transaction(conn, pending)
             if error is None:
                 self._notify([(p, None) for p in pending])
@@ -1042,9 +1098,13 @@ class SqliteStore:
             )
         outcomes: list[tuple[_Pending, BaseException | None]] = []
         for p in pending:
+            if self._fence is not None:
+                outcomes.append((p, self._fenced_error()))
+                continue
             error = self._transaction(conn, [p])
             if error is not None:
-                log.warning("change set rejected", error=str(error))
+                self._fence = _public_error(error)
+                log.error("store write failed; refusing writes until resumed", error=str(error))
             outcomes.append((p, error))
         self._notify(outcomes)
 
@@ -1093,8 +1153,7 @@ class SqliteStore:
                     conn.execute(_TRIM_AUDIT, (self.audit_retention,))
                 conn.execute("COMMIT")
             except BaseException:
-                if conn.in_transaction:
-                    conn.execute("ROLLBACK")
+                _rollback(conn)
                 raise
         except Exception as exc:
             return exc
