@@ -23,7 +23,6 @@ from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
 
-
 FENCED = "the store refuses writes after a failed one until the control plane recovers"
 
 

@@ -12,11 +12,11 @@ from dataclasses import replace
 from datetime import datetime
 
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
+from taskrun.core.errors import StoreUnavailable
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule, copy_schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.errors import StoreUnavailable
 from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
 
 __all__ = ["MemoryStore"]

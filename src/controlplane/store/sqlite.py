@@ -45,6 +45,7 @@ from taskrun.core.access import (
     BootstrapToken,
     Scope,
 )
+from taskrun.core.errors import StoreUnavailable
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import (
     AgentSpec,
@@ -59,7 +60,6 @@ from taskrun.core.models import (
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.errors import StoreUnavailable
 from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
