@@ -54,8 +54,8 @@ class Cluster:
             "server_cert": self.pki.server_cert,
             "server_key": self.pki.server_key,
             "heartbeat_interval": 0.5,
-            "heartbeat_timeout": 3.0,
-            "reconnect_grace": 5.0,
+            "lease_duration": 2.0,
+            "lease_margin": 0.2,
             "retry_backoff_base": 0.05,
         }
         config = ServerConfig.model_validate({**settings, **overrides})

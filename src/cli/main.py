@@ -333,9 +333,25 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="lifetime of enrolled and renewed worker certificates (default 86400 = 24 h)",
     )
-    p.add_argument("--heartbeat-interval", type=positive_float, metavar="S")
-    p.add_argument("--heartbeat-timeout", type=positive_float, metavar="S")
-    p.add_argument("--reconnect-grace", type=positive_float, metavar="S")
+    p.add_argument(
+        "--heartbeat-interval",
+        type=positive_float,
+        metavar="S",
+        help="how often workers renew their lease (default 1; at most a third of --lease)",
+    )
+    p.add_argument(
+        "--lease",
+        type=positive_float,
+        metavar="S",
+        help="the lease on a worker's runs (default 4): a worker that cannot renew it stops its "
+        "runs; the runs of a dead or cut-off worker are retried after it plus --lease-margin",
+    )
+    p.add_argument(
+        "--lease-margin",
+        type=positive_float,
+        metavar="S",
+        help="wait this long after a lease ran out before retrying its runs (default 0.5)",
+    )
     p.add_argument(  # issue 6
         "--metrics-listen",
         metavar="ADDR",
@@ -819,8 +835,8 @@ def server_config(args: argparse.Namespace) -> Any:
         "worker_cert_lifetime": _arg(args, "worker_cert_lifetime"),
         "store": resolve_store(args),
         "heartbeat_interval": _arg(args, "heartbeat_interval"),
-        "heartbeat_timeout": _arg(args, "heartbeat_timeout"),
-        "reconnect_grace": _arg(args, "reconnect_grace"),
+        "lease_duration": _arg(args, "lease"),
+        "lease_margin": _arg(args, "lease_margin"),
         "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),  # issue 6
         "metrics_optional": _metrics_listen(args, "") == "",
     }

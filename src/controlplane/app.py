@@ -112,6 +112,26 @@ async def start_server(config: ServerConfig) -> RunningServer:
 async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     engine = Engine(store, config)
     await engine.start()
+    health_servicer = health.aio.HealthServicer()
+    background: set[asyncio.Task[None]] = set()
+
+    def store_health(serving: bool) -> None:
+        """NOT_SERVING while the store cannot write; SERVING again once the engine recovered."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING
+            if serving
+            else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+
+        async def report() -> None:
+            for name in ("", *SERVICE_NAMES):
+                await health_servicer.set(name, status)
+
+        task = asyncio.get_running_loop().create_task(report())
+        background.add(task)
+        task.add_done_callback(background.discard)
+
+    engine.on_health = store_health
     scheduler = Scheduler(engine, misfire_grace=config.schedule_misfire_grace)
     await scheduler.load()
     access = AccessControl(engine, config)
@@ -129,7 +149,6 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     events = EventService(engine, auth)  # issue 6
     admin = AccessService(auth)
     enrollment = EnrollmentService(access)
-    health_servicer = health.aio.HealthServicer()
 
     def public_services(server: grpc.aio.Server) -> None:
         security_pb2_grpc.add_EnrollmentServiceServicer_to_server(enrollment, server)
@@ -191,8 +210,9 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     if public_server is not None:
         await public_server.start()
     scheduler.start()
-    for name in ("", *SERVICE_NAMES):
-        await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    if not engine.store_error:
+        for name in ("", *SERVICE_NAMES):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.listen.rsplit(":", 1)[0]
     public = f"{public_address.rsplit(':', 1)[0]}:{public_port}" if public_server else ""
     log.info(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from taskrun.core.models import DEFAULT_MAX_ATTEMPTS
 
@@ -29,9 +29,14 @@ class ServerConfig(BaseModel):
     worker_cert_lifetime: float = Field(default=24 * 3600.0, gt=0)  # seconds
     bootstrap_token_ttl: float = Field(default=3600.0, gt=0)  # default TTL, seconds
     max_bootstrap_token_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
-    heartbeat_interval: float = Field(default=5.0, gt=0)
-    heartbeat_timeout: float = Field(default=15.0, gt=0)
-    reconnect_grace: float = Field(default=30.0, ge=0)
+    # Workers renew the lease on their runs with a heartbeat every `heartbeat_interval`. A worker
+    # that goes `lease_duration` without a renewal stops its runs itself; the control plane
+    # retries them `lease_margin` later (the margin covers the worker's stopping and clocks that
+    # tick at slightly different rates). Their sum bounds how long a dead worker's runs wait;
+    # the lease also bounds how long a control-plane restart may take before runs are stopped.
+    heartbeat_interval: float = Field(default=1.0, gt=0)
+    lease_duration: float = Field(default=4.0, ge=0.5)
+    lease_margin: float = Field(default=0.5, ge=0.1)
     default_max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=100)
     max_chunks_per_message: int = Field(default=512, ge=1)
     max_chunk_bytes: int = Field(default=64 * 1024, ge=1024)
@@ -49,6 +54,16 @@ class ServerConfig(BaseModel):
     metrics_listen: str = ""
     # a busy metrics address only logs a warning (the CLI default, not chosen explicitly)
     metrics_optional: bool = False
+
+    @model_validator(mode="after")
+    def _heartbeats_fit_the_lease(self) -> ServerConfig:
+        if self.heartbeat_interval * 3 > self.lease_duration:
+            raise ValueError(
+                f"heartbeat_interval ({self.heartbeat_interval:g}s) must be at most a third of "
+                f"lease_duration ({self.lease_duration:g}s), so a lost heartbeat or two does not "
+                "stop the runs"
+            )
+        return self
 
     def ca_key_path(self) -> Path:
         return self.ca_key if self.ca_key is not None else self.ca_cert.parent / "ca-key.pem"

@@ -1,15 +1,33 @@
 """The control plane's state machine: tasks, runs, worker sessions and the pending queue.
 
-All mutations happen synchronously on the event loop against the in-memory view of unfinished
-tasks and runs; each one produces a ChangeSet that the store commits (grouped with others) before
-anything becomes visible outside: replies to clients, assignments to workers, follower updates.
-Change sets commit in the order they were made, so the store never goes backwards.
+Invariant: nothing is visible before it is durable, and a failed commit leaves no trace.
+
+Every mutation happens synchronously on the event loop against the in-memory view of unfinished
+tasks and runs, and produces a ChangeSet that the store commits (grouped with others). Only after
+the commit do replies, assignments, acknowledgements, follower updates and events go out (the
+commit's *effect*). Change sets commit in the order they were made, so the store never goes
+backwards.
+
+The view runs ahead of the store by the change sets in flight. When one fails, the view can no
+longer be trusted, so the engine does not try to undo it: it stops accepting writes (callers get
+UNAVAILABLE, health says NOT_SERVING), ends every worker session, and reloads the view from the
+store once the store can write again: the same path as a restart. Workers keep their runs within
+their lease, reconnect, reclaim them and resend what was never acknowledged.
+
+Workers hold a lease on their runs, renewed by their session's heartbeats. The next attempt of a
+run whose worker went away is created only once that lease has run out plus a margin; the worker
+stops the runs itself when it cannot renew (see worker.lease), so two attempts never overlap.
+
+One module, not several: every method here reads and writes the same view under the invariant
+above, and keeping them together keeps that invariant checkable in one place.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import math
 import random
 import time
 import uuid
@@ -24,9 +42,16 @@ from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.dispatcher import PendingQueue, PendingRun
 from taskrun.controlplane.events import Captured, EventHub
 from taskrun.controlplane.followers import FollowHub
+from taskrun.controlplane.rejections import RejectionLog
 from taskrun.controlplane.session import WorkerSession
 from taskrun.convert import backend_from_pb, usage_from_pb
-from taskrun.core.errors import FailedPrecondition, NotFound, PermissionDenied
+from taskrun.core.errors import (
+    FailedPrecondition,
+    NotFound,
+    PermissionDenied,
+    StoreUnavailable,
+    Unavailable,
+)
 from taskrun.core.ids import RunId, TaskId, WorkerId, new_run_id, new_task_id
 from taskrun.core.models import OutputChunk, OutputKind, Run, Task, TaskSpec, Worker, utcnow
 from taskrun.core.status import (
@@ -36,7 +61,8 @@ from taskrun.core.status import (
     run_can_move,
     task_can_move,
 )
-from taskrun.core.store import ChangeSet, Store
+from taskrun.core.store import FENCED, ChangeSet, Store
+from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 
 log = structlog.get_logger(__name__)
@@ -57,7 +83,16 @@ class Engine:
         self.tasks: dict[TaskId, Task] = {}  # unfinished tasks
         self.runs: dict[RunId, Run] = {}  # current runs of unfinished tasks
         self.rejected_reports = 0
-        self._idempotency: dict[str, Task] = {}  # keys whose task is not committed yet
+        # While set, the store cannot write (or the view was lost): writes are refused with this
+        # reason and the engine is recovering. Empty when healthy.
+        self.store_error = ""
+        self.on_health: Callable[[bool], None] | None = None  # told when writes fail / resume
+        self.recoveries = 0  # how often the view was reloaded after a failed write
+        self._recovery: asyncio.Task[None] | None = None
+        self._tail: asyncio.Future[None] | None = None  # the newest commit
+        self._rejections = RejectionLog()
+        # keys whose task is not committed yet, with that commit: a second request waits for it
+        self._idempotency: dict[str, tuple[Task, Awaitable[None]]] = {}
         self._orphans: dict[RunId, asyncio.TimerHandle] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._dispatch_scheduled = False
@@ -68,25 +103,41 @@ class Engine:
     # --- lifecycle ---------------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Load unfinished work. Runs held by workers get one grace window to be reclaimed."""
-        for worker in await self.store.list_workers():
+        """Load unfinished work from the store (at start, and to recover from a failed write).
+
+        Runs held by workers wait one lease (plus the margin) to be reclaimed: a worker renewed
+        its lease at the latest when the previous view ended, so by then it has stopped them.
+        """
+        workers = await self.store.list_workers()
+        tasks = {t.id: t for t in await self.store.list_unfinished_tasks()}
+        runs = await self.store.list_unfinished_runs()
+        # No await from here on: the new view replaces the old one at once.
+        for handle in [*self._orphans.values(), *self._timers]:
+            handle.cancel()
+        self._orphans.clear()
+        self._timers.clear()
+        self.queue = PendingQueue()
+        self._idempotency.clear()
+        self.runs = {}
+        self.workers = {}
+        for worker in workers:
             if worker.status in (WorkerStatus.ONLINE, WorkerStatus.DRAINING):
                 worker.status = WorkerStatus.OFFLINE
             self.workers[worker.id] = worker
             self.catalog.learn(worker.agents)
-        tasks = {t.id: t for t in await self.store.list_unfinished_tasks()}
-        for run in await self.store.list_unfinished_runs():
+        self.tasks = tasks
+        deadline = time.monotonic() + self.config.lease_duration + self.config.lease_margin
+        for run in runs:
             task = tasks.get(run.task_id)
             if task is None or task.current_run_id != run.id:
                 continue
             self.runs[run.id] = run
             if run.status is RunStatus.PENDING:
-                self._enqueue(task, run)
+                self._enqueue(task, run, dispatch=False)
             else:
-                self._orphan(run)
-        self.tasks = tasks
+                self._orphan(run, deadline)
         if self.workers:
-            await self.store.apply(ChangeSet(workers=list(self.workers.values())))
+            await self.store.apply(ChangeSet(workers=[replace(w) for w in self.workers.values()]))
         log.info(
             "engine started",
             unfinished_tasks=len(self.tasks),
@@ -95,6 +146,10 @@ class Engine:
         )
 
     async def stop(self) -> None:
+        if self._recovery is not None:
+            self._recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._recovery
         for session in list(self.sessions.values()):
             session.kick("control plane shutting down")
         for handle in [*self._orphans.values(), *self._timers]:
@@ -107,40 +162,118 @@ class Engine:
 
     # --- committing --------------------------------------------------------------------------
 
-    def _commit(self, changes: ChangeSet, effect: Effect | None = None) -> Awaitable[None]:
+    def _commit(self, changes: ChangeSet, effect: Effect | None = None) -> asyncio.Future[None]:
         """Hand `changes` to the store now (keeping order); run `effect` once they are durable.
 
         The store captures the objects' state at this call, so the engine can keep mutating
-        them. Awaiting the result from a handler should go through `asyncio.shield`, so that a
-        cancelled caller never skips the effect.
+        them. The returned future fails with Unavailable when the commit fails. Awaiting it from
+        a handler should go through `asyncio.shield`, so that a cancelled caller never skips the
+        effect.
         """
-        future = asyncio.ensure_future(self.store.submit(changes))
+        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self.store_error:
+            done.set_exception(Unavailable(self.store_error))
+            return done
+        try:
+            stored = asyncio.ensure_future(self.store.submit(changes))
+        except Exception as exc:  # the store refused to even queue it
+            self._lose_view(exc)
+            done.set_exception(Unavailable(self.store_error))
+            return done
         self._inflight += 1
         self._idle.clear()
-        # issue 6 (events): copy what changes now; emitted in _committed once it is durable
-        captured = self.events.capture(changes, self.runs)
-        future.add_done_callback(functools.partial(self._committed, effect, captured))
-        return future
+        self._tail = done
+        captured = self.events.capture(changes, self.runs)  # emitted once durable
+        stored.add_done_callback(functools.partial(self._committed, effect, captured, done))
+        return done
 
     def _committed(
-        self, effect: Effect | None, captured: Captured | None, future: asyncio.Future[None]
+        self,
+        effect: Effect | None,
+        captured: Captured | None,
+        done: asyncio.Future[None],
+        future: asyncio.Future[None],
     ) -> None:
         self._inflight -= 1
         if self._inflight == 0:
             self._idle.set()
-        if future.cancelled() or future.exception() is not None:
-            log.error(
-                "store write failed; the control plane's state is no longer durable",
-                error=repr(None if future.cancelled() else future.exception()),
-            )
+        error: BaseException | None = (
+            StoreUnavailable("the commit was cancelled") if future.cancelled() else None
+        )
+        error = error or future.exception()
+        if error is not None:
+            self._lose_view(error)
+            if not done.done():
+                done.set_exception(Unavailable(self.store_error))
+                done.exception()  # retrieved: fire-and-forget commits fail quietly
             return
         if effect is not None:
             effect()
-        self.events.emit(captured)  # issue 6 (events): after the commit and its effect
+        self.events.emit(captured)  # after the commit and its effect
+        if not done.done():
+            done.set_result(None)
 
     def commit(self, changes: ChangeSet) -> Awaitable[None]:
         """Commit changes that hold no engine state (tokens, audit) in order with the rest."""
         return self._commit(changes)
+
+    def _check_writable(self) -> None:
+        if self.store_error:
+            raise Unavailable(self.store_error)
+
+    # --- recovery ----------------------------------------------------------------------------
+
+    def _lose_view(self, error: BaseException) -> None:
+        """A commit failed (or a change could not be built): the view may hold what the store
+        does not. Refuse writes, end the worker sessions, and reload once the store writes."""
+        if self.store_error:
+            return
+        if isinstance(error, StoreUnavailable | Unavailable):
+            reason = str(error)
+        else:
+            reason = "the control plane lost track of a change and is reloading its state"
+        if FENCED in reason:
+            reason = "the store cannot write"
+        self.store_error = reason
+        log.error(
+            "store write failed; refusing writes until the store recovers",
+            error=str(error),
+            sessions=len(self.sessions),
+        )
+        if self.on_health is not None:
+            self.on_health(False)
+        sessions, self.sessions = list(self.sessions.values()), {}
+        for session in sessions:
+            session.closed = True
+            session.kick(f"{reason}; reconnect shortly (the control plane is recovering)")
+        for handle in [*self._orphans.values(), *self._timers]:
+            handle.cancel()
+        self._orphans.clear()
+        self._timers.clear()
+        self._recovery = asyncio.get_running_loop().create_task(self._recover())
+
+    async def _recover(self) -> None:
+        """Until the store writes again: then reload the view from it and accept writes."""
+        delay, last = 0.05, ""
+        while True:
+            await self._idle.wait()  # every commit in flight has settled
+            try:
+                await self.store.resume()
+                await self.start()
+                break
+            except Exception as exc:
+                if str(exc) != last:
+                    log.warning("store still cannot write; retrying", error=str(exc))
+                    last = str(exc)
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 1.0)
+        self.recoveries += 1
+        self.store_error = ""
+        self._recovery = None
+        if self.on_health is not None:
+            self.on_health(True)
+        log.info("store writable again; state reloaded from it", recoveries=self.recoveries)
+        self.request_dispatch()
 
     @property
     def backlog(self) -> int:
@@ -149,11 +282,14 @@ class Engine:
     # --- tasks -------------------------------------------------------------------------------
 
     async def create_tasks(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
-        """Create tasks (already validated). Returns (task, created) per spec, in order.
+        """Create tasks (already validated). Returns (task, created) per spec, in order, once
+        every one of them is durable.
 
         A spec whose idempotency key names an existing task returns that task, created=False;
-        the caller checks that the request is the same.
+        the caller checks that the request is the same. A key whose task is still being
+        committed waits for that commit (and fails with it).
         """
+        self._check_writable()
         existing: dict[str, Task] = {}
         for spec in specs:
             key = spec.policy.idempotency_key
@@ -161,16 +297,22 @@ class Engine:
                 found = await self.store.get_task_by_idempotency_key(key)
                 if found is not None:
                     existing[key] = found
+        self._check_writable()
         now = utcnow()
         changes = ChangeSet()
         results: list[tuple[Task, bool]] = []
         created: list[tuple[Task, Run]] = []
+        waits: list[Awaitable[None]] = []
         for spec in specs:
             key = spec.policy.idempotency_key
             if key:
-                prior = self._idempotency.get(key) or existing.get(key)
-                if prior is not None:
+                if key in self._idempotency:
+                    prior, committing = self._idempotency[key]
+                    waits.append(committing)
                     results.append((prior, False))
+                    continue
+                if key in existing:
+                    results.append((existing[key], False))
                     continue
             task_id = new_task_id()
             run = Run(
@@ -193,31 +335,35 @@ class Engine:
                 current_run_id=run.id,
                 schedule=spec.schedule,
             )
-            if key:
-                self._idempotency[key] = task
             changes.tasks.append(task)
             changes.runs.append(run)
             created.append((task, run))
             results.append((task, True))
-        if not changes:
-            return results
-        for task, run in created:
-            self.tasks[task.id] = task
-            self.runs[run.id] = run
-            self._enqueue(task, run, dispatch=False)
-        # Assign what fits right away, in the same commit as the creation.
-        outgoing = self._plan(changes)
+        if changes:
+            for task, run in created:
+                self.tasks[task.id] = task
+                self.runs[run.id] = run
+                self._enqueue(task, run, dispatch=False)
+            # Assign what fits right away, in the same commit as the creation.
+            outgoing = self._plan(changes)
 
-        def effect() -> None:
+            def effect() -> None:
+                for task, _ in created:
+                    if task.policy.idempotency_key:
+                        self._idempotency.pop(task.policy.idempotency_key, None)
+                self._send(outgoing)
+
+            committing = self._commit(changes, effect)
             for task, _ in created:
                 if task.policy.idempotency_key:
-                    self._idempotency.pop(task.policy.idempotency_key, None)
-            self._send(outgoing)
-
-        await asyncio.shield(self._commit(changes, effect))
+                    self._idempotency[task.policy.idempotency_key] = (task, committing)
+            waits.insert(0, committing)
+        for commit in waits:
+            await asyncio.shield(commit)
         return results
 
     async def cancel_task(self, task_id: TaskId, reason: str) -> Task:
+        self._check_writable()
         task = self.tasks.get(task_id)
         if task is None:
             stored = await self.store.get_task(task_id)
@@ -280,6 +426,7 @@ class Engine:
             raise FailedPrecondition(
                 f"agent {stored.agent!r} keeps no session to continue", field="task_id"
             )
+        self._check_writable()
         last = runs[-1] if runs else None
         if last is None or not last.session_id or not last.worker_id:
             raise FailedPrecondition("its last run recorded no agent session", field="task_id")
@@ -358,6 +505,8 @@ class Engine:
         self._timers.add(handle)
 
     def _queue_expired(self, run_id: RunId, timeout: float) -> None:
+        if self.store_error:
+            return
         run = self.runs.get(run_id)
         if run is None or run.status is not RunStatus.PENDING or run_id not in self.queue:
             return
@@ -377,6 +526,8 @@ class Engine:
 
     def _run_overdue(self, run_id: RunId, attempt: int, timeout: float) -> None:
         """The worker should have stopped this run at its timeout; stop it from here."""
+        if self.store_error:
+            return
         run = self.runs.get(run_id)
         if run is None or run.attempt != attempt or not run.status.active:
             return
@@ -452,7 +603,8 @@ class Engine:
         )
 
         def enqueue() -> None:
-            if self.runs.get(retry.id) is retry and retry.status is RunStatus.PENDING:
+            current = self.runs.get(retry.id) is retry and retry.status is RunStatus.PENDING
+            if current and not self.store_error:
                 self._enqueue(task, retry)
 
         self._later(delay, enqueue)
@@ -466,6 +618,8 @@ class Engine:
 
     def _dispatch(self) -> None:
         self._dispatch_scheduled = False
+        if self.store_error:
+            return
         changes = ChangeSet()
         outgoing = self._plan(changes)
         if outgoing:
@@ -521,12 +675,17 @@ class Engine:
             required_model=policy.required_model,
             prompt=run.prompt,
             resume_session_id=run.session_id if run.prompt else "",
+            fencing_token=run.attempt,
         )
 
     # --- worker sessions ---------------------------------------------------------------------
 
     def attach(self, worker: Worker, hello: wpb.WorkerHello) -> WorkerSession:
-        """A worker said hello: register its session and reconcile the runs it holds."""
+        """A worker said hello: register its session and reconcile the runs it holds.
+
+        The session's lease starts now: the worker counts it from when it sent the hello.
+        """
+        self._check_writable()
         old = self.sessions.pop(worker.id, None)
         if old is not None:
             old.closed = True
@@ -540,7 +699,7 @@ class Engine:
         worker.first_seen_at = known.first_seen_at if known and known.first_seen_at else now
         worker.connected_at = worker.last_heartbeat_at = now
         worker.status = WorkerStatus.DRAINING if hello.draining else WorkerStatus.ONLINE
-        session = WorkerSession(worker, uuid.uuid4().hex)
+        session = WorkerSession(worker, uuid.uuid4().hex, self.config.lease_duration)
         session.draining = hello.draining
         self.sessions[worker.id] = session
         self.workers[worker.id] = worker
@@ -590,17 +749,19 @@ class Engine:
         return session
 
     def detach(self, session: WorkerSession) -> None:
-        """The session's stream ended. Its runs wait one grace window for the worker to return."""
+        """The session's stream ended. Its runs wait for the worker to come back until its lease
+        runs out (plus the margin); by then the worker has stopped them itself."""
         session.closed = True
         if self.sessions.get(session.worker_id) is not session:
-            return  # replaced by a newer session, which owns the runs now
+            return  # replaced by a newer session (or dropped in recovery)
         del self.sessions[session.worker_id]
         worker = session.worker
         worker.status = WorkerStatus.OFFLINE
+        deadline = session.lease_expires + self.config.lease_margin
         for run_id in session.runs:
             run = self.runs.get(run_id)
             if run is not None and run.status.active:
-                self._orphan(run)
+                self._orphan(run, deadline)
         self._commit(ChangeSet(workers=[replace(worker)]))
         log.info(
             "worker disconnected",
@@ -611,6 +772,7 @@ class Engine:
 
     def drain_worker(self, worker_id: WorkerId) -> Worker:
         """Tell a connected worker to drain: no new runs; it finishes, reports and exits."""
+        self._check_writable()
         worker = self.workers.get(worker_id)
         if worker is None:
             raise NotFound(f"no worker {worker_id!r}", field="worker_id")
@@ -628,6 +790,7 @@ class Engine:
         """Cut a worker's identity off for good: close its stream, lose its runs at once (no
         grace window; retried elsewhere per policy) and refuse it from now on. Durable on return.
         """
+        self._check_writable()
         worker = self.workers.get(worker_id)
         if worker is None:
             raise NotFound(f"no worker {worker_id!r}", field="worker_id")
@@ -672,6 +835,7 @@ class Engine:
         self, worker_id: WorkerId, labels: dict[str, str], hostname: str
     ) -> Worker:
         """A worker identity was issued: remember it (offline until it connects) and its labels."""
+        self._check_writable()
         self.check_not_revoked(worker_id)
         worker = self.workers.get(worker_id)
         if worker is None:
@@ -689,18 +853,20 @@ class Engine:
             raise PermissionDenied(f"worker {worker_id} was revoked: {worker.revoked_reason}")
 
     def set_draining(self, session: WorkerSession) -> None:
-        if session.draining:
+        if session.draining or self.store_error:
             return
         session.draining = True
         session.worker.status = WorkerStatus.DRAINING
         self._commit(ChangeSet(workers=[replace(session.worker)]))
         log.info("worker draining", worker_id=session.worker_id, runs=len(session.runs))
 
-    def _orphan(self, run: Run) -> None:
+    def _orphan(self, run: Run, deadline: float) -> None:
+        """`run`'s worker is away: end the run (LOST, retried per policy) at `deadline`
+        (time.monotonic()) unless the worker reclaims it first."""
         self._forget_orphan(run.id)
         loop = asyncio.get_running_loop()
         self._orphans[run.id] = loop.call_later(
-            self.config.reconnect_grace, self._orphan_expired, run.id, run.attempt
+            max(0.0, deadline - time.monotonic()), self._orphan_expired, run.id, run.attempt
         )
 
     def _forget_orphan(self, run_id: RunId) -> None:
@@ -710,6 +876,8 @@ class Engine:
 
     def _orphan_expired(self, run_id: RunId, attempt: int) -> None:
         self._orphans.pop(run_id, None)
+        if self.store_error:
+            return
         run = self.runs.get(run_id)
         if run is None or run.attempt != attempt or not run.status.active:
             return
@@ -720,8 +888,8 @@ class Engine:
             run,
             RunStatus.LOST,
             changes,
-            error=f"worker {run.worker_id} did not come back within "
-            f"{self.config.reconnect_grace:g}s",
+            error=f"the lease of worker {run.worker_id} ran out "
+            f"({self.config.lease_duration:g}s without renewal)",
         )
 
         def effect() -> None:
@@ -743,65 +911,62 @@ class Engine:
             return None
         return run
 
-    def _reject(self, session: WorkerSession, what: str, run_id: str, attempt: int) -> None:
+    def _reject(
+        self, session: WorkerSession, what: str, run_id: str, attempt: int, reason: str = ""
+    ) -> None:
         self.rejected_reports += 1
         known = self.runs.get(RunId(run_id))
-        log.warning(
-            "report rejected",
-            what=what,
+        self._rejections.reject(
+            session.worker_id,
+            what,
+            reason or "run is not current on this worker (finished, other attempt or other worker)",
             task_id=known.task_id if known else None,
-            worker_id=session.worker_id,
             run_id=run_id,
             attempt=attempt,
-            reason="run is not current on this worker (finished, other attempt or other worker)",
         )
 
     def handle_reports(self, session: WorkerSession, msg: wpb.WorkerMessage) -> None:
-        """Apply a batch of status updates, output and acks from one worker."""
+        """Apply a batch of status updates, output and acks from one worker.
+
+        Each item is checked on its own first: one the server cannot understand (an unknown
+        enum value, a time out of range) is refused alone and the rest goes on. The batch is
+        acknowledged once what it changed is durable; a heartbeat renews the lease at once.
+        """
         session.last_seen = time.monotonic()
+        if msg.HasField("heartbeat"):
+            session.renew_lease(msg.heartbeat.seq)
+        if self.store_error or session.closed:
+            return  # nothing is acknowledged: the worker sends it again after recovery
         session.worker.last_heartbeat_at = utcnow()  # in memory; ListWorkers reads it there
         if msg.draining and not session.draining:
             self.set_draining(session)
         if not (msg.chunks or msg.statuses or msg.cancel_acks):
-            if msg.message_seq:
-                session.send_ack(msg.message_seq)
+            self._ack_in_order(session, msg.message_seq)
             return
-        changes = ChangeSet()
-        published: list[tuple[TaskId, OutputChunk | Task]] = []
-        freed = False
-        max_bytes = self.config.max_chunk_bytes
-        received = utcnow() if msg.chunks else None
-        for pc in msg.chunks:
-            run = self._current(session, pc.run_id, pc.attempt)
-            if run is None:
-                self._reject(session, "output", pc.run_id, pc.attempt)
-                continue
-            if len(pc.data) > max_bytes or pc.seq < 1:
-                self._reject(session, "oversized or unnumbered output", pc.run_id, pc.attempt)
-                continue
-            chunk = OutputChunk(
-                run_id=run.id,
-                attempt=run.attempt,
-                seq=pc.seq,
-                data=pc.data,
-                kind=OutputKind(pc.kind) if pc.kind else OutputKind.TEXT,
-                time=pc.time.ToDatetime(tzinfo=UTC) if pc.HasField("time") else received,
-                task_id=run.task_id,
-            )
-            changes.chunks.append(chunk)
-            published.append((run.task_id, chunk))
-        for ack in msg.cancel_acks:
-            if ack.run_id in session.runs and RunId(ack.run_id) not in self.runs:
-                session.runs.discard(RunId(ack.run_id))
-                freed = True
-        for update in msg.statuses:
-            freed |= self._status(session, update, changes, published)
-        # Slots freed by finished runs are refilled in the same commit.
-        outgoing = self._plan(changes) if freed else []
+        received = utcnow()
+        chunks = [c for c in (self._parse_chunk(session, pc, received) for pc in msg.chunks) if c]
+        statuses = [u for u in (self._parse_status(session, u) for u in msg.statuses) if u]
+        changes = ChangeSet(chunks=chunks)
+        published: list[tuple[TaskId, OutputChunk | Task]] = [
+            (run_task, c) for c in chunks if (run_task := c.task_id) is not None
+        ]
+        try:
+            freed = False
+            for ack in msg.cancel_acks:
+                if ack.run_id in session.runs and RunId(ack.run_id) not in self.runs:
+                    session.runs.discard(RunId(ack.run_id))
+                    freed = True
+            for update, status in statuses:
+                freed |= self._status(session, update, status, changes, published)
+            # Slots freed by finished runs are refilled in the same commit.
+            outgoing = self._plan(changes) if freed else []
+        except Exception as exc:  # a bug: the view may now be ahead of the store
+            log.exception("applying a worker's reports failed", worker_id=session.worker_id)
+            self._lose_view(exc)
+            return
         seq = msg.message_seq
         if not changes:
-            if seq:
-                session.send_ack(seq)
+            self._ack_in_order(session, seq)
             return
         hub = self.hub
 
@@ -814,25 +979,86 @@ class Engine:
 
         self._commit(changes, effect)
 
+    def _ack_in_order(self, session: WorkerSession, seq: int) -> None:
+        """Acknowledge a message that changed nothing, but only after everything before it is
+        durable: an acknowledgement covers every earlier message too."""
+        if not seq:
+            return
+        tail = self._tail
+        if tail is None or (tail.done() and not tail.cancelled() and tail.exception() is None):
+            session.send_ack(seq)
+            return
+
+        def after(future: asyncio.Future[None]) -> None:
+            if not future.cancelled() and future.exception() is None:
+                session.send_ack(seq)
+
+        tail.add_done_callback(after)
+
+    def _parse_chunk(
+        self, session: WorkerSession, pc: pb.OutputChunk, received: datetime
+    ) -> OutputChunk | None:
+        run = self._current(session, pc.run_id, pc.attempt)
+        if run is None:
+            self._reject(session, "output", pc.run_id, pc.attempt)
+            return None
+        if len(pc.data) > self.config.max_chunk_bytes or pc.seq < 1:
+            self._reject(session, "output", pc.run_id, pc.attempt, "oversized or unnumbered")
+            return None
+        try:
+            kind = OutputKind(pc.kind) if pc.kind else OutputKind.TEXT
+        except ValueError:
+            self._reject(session, "output", pc.run_id, pc.attempt, f"unknown kind {pc.kind}")
+            return None
+        try:
+            at = pc.time.ToDatetime(tzinfo=UTC) if pc.HasField("time") else received
+        except (ValueError, OverflowError, OSError):
+            self._reject(session, "output", pc.run_id, pc.attempt, "time is out of range")
+            return None
+        return OutputChunk(
+            run_id=run.id,
+            attempt=run.attempt,
+            seq=pc.seq,
+            data=pc.data,
+            kind=kind,
+            time=at,
+            task_id=run.task_id,
+        )
+
+    def _parse_status(
+        self, session: WorkerSession, update: wpb.RunStatusUpdate
+    ) -> tuple[wpb.RunStatusUpdate, RunStatus] | None:
+        try:
+            status: RunStatus | None = RunStatus(update.status)
+        except ValueError:
+            status = None
+        if status is None:
+            reason = f"unknown run status {update.status}"
+            self._reject(session, "status", update.run_id, update.attempt, reason)
+            return None
+        usage = update.usage
+        if update.HasField("usage") and not (
+            math.isfinite(usage.cost_usd) and usage.cost_usd >= 0
+        ):
+            reason = "usage.cost_usd must be a finite number >= 0"
+            self._reject(session, "status", update.run_id, update.attempt, reason)
+            return None
+        return update, status
+
     def _status(
         self,
         session: WorkerSession,
         update: wpb.RunStatusUpdate,
+        status: RunStatus,
         changes: ChangeSet,
         published: list[tuple[TaskId, OutputChunk | Task]],
     ) -> bool:
-        """Apply one status update. Returns whether a slot on the worker was freed."""
-        status = RunStatus(update.status) if update.status else None
+        """Apply one (parsed) status update. Returns whether a slot on the worker was freed."""
         run = self._current(session, update.run_id, update.attempt)
-        if run is None or status is None:
+        if run is None:
             # A terminal report for a run the server already ended still frees the slot.
             run_id = RunId(update.run_id)
-            if (
-                status is not None
-                and status.terminal
-                and run_id in session.runs
-                and run_id not in self.runs
-            ):
+            if status.terminal and run_id in session.runs and run_id not in self.runs:
                 session.runs.discard(run_id)
                 return True
             self._reject(session, "status", update.run_id, update.attempt)

@@ -10,7 +10,6 @@ import functools
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import replace
 from typing import Any, TypeVar
 
 import grpc
@@ -47,7 +46,16 @@ _CODES: dict[type[errors.TaskRunError], grpc.StatusCode] = {
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
     errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
     errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
+
+
+def status_code(exc: errors.TaskRunError) -> grpc.StatusCode:
+    """The gRPC status for a domain error (its nearest mapped base class)."""
+    for kind in type(exc).__mro__:
+        if kind in _CODES:
+            return _CODES[kind]
+    return grpc.StatusCode.INTERNAL
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
@@ -65,7 +73,7 @@ def domain_errors(handler: F) -> F:
         try:
             return await handler(self, request, context)
         except errors.TaskRunError as exc:
-            await context.abort(_CODES[type(exc)], str(exc))
+            await context.abort(status_code(exc), str(exc))
 
     return wrapper  # type: ignore[return-value]
 
@@ -225,7 +233,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         try:
             task_id = _task_id(request.task_id)
         except errors.TaskRunError as exc:
-            await context.abort(_CODES[type(exc)], str(exc))
+            await context.abort(status_code(exc), str(exc))
         engine = self.engine
         sub = engine.hub.subscribe(task_id) if request.follow else None
         try:
@@ -244,17 +252,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
         store = self.engine.store
-        live = self.engine.tasks.get(task_id)
-        runs: list[RunId]
-        if live is not None and live.attempts == 1 and live.current_run_id:
-            # Unfinished first attempt: the engine knows the task and its only run. Copy it now,
-            # right after subscribing: it is not terminal at this instant, and every later
-            # change reaches the subscription once committed.
-            task: Task | None = replace(live, usage=replace(live.usage))
-            runs = [live.current_run_id]
-        else:
-            task = await store.get_task(task_id)
-            runs = [r.id for r in await store.list_runs(task_id)] if task else []
+        # Read after subscribing, from the store (never the engine's view, which may hold a
+        # change still being committed): whatever commits later reaches the subscription.
+        task = await store.get_task(task_id)
+        runs: list[RunId] = [r.id for r in await store.list_runs(task_id)] if task else []
         if task is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"task_id: no task {task_id!r}")
             return
@@ -439,7 +440,7 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
                 detail=str(exc),
                 rejection=True,
             )
-            await context.abort(_CODES[type(exc)], str(exc))
+            await context.abort(status_code(exc), str(exc))
             return
         worker.certificate_expires_at = peer_certificate_expiry(context)
         await self._serve(worker, hello, context)
@@ -451,12 +452,17 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
         context: grpc.aio.ServicerContext,
     ) -> None:
         engine, cfg = self.engine, self.engine.config
-        session = engine.attach(worker, hello)
+        try:
+            session = engine.attach(worker, hello)
+        except errors.Unavailable as exc:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+            return
         session.handler = asyncio.current_task()
         params = workers_pb2.SessionParams(
             session_id=session.session_id,
             heartbeat_interval_ms=int(cfg.heartbeat_interval * 1000),
-            heartbeat_timeout_ms=int(cfg.heartbeat_timeout * 1000),
+            lease_duration_ms=int(cfg.lease_duration * 1000),
+            lease_margin_ms=int(cfg.lease_margin * 1000),
             max_chunks_per_message=cfg.max_chunks_per_message,
             max_chunk_bytes=cfg.max_chunk_bytes,
             max_message_bytes=cfg.max_message_bytes,
@@ -494,24 +500,28 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
             await context.abort(code, session.kick_reason)
 
     async def _watch(self, session: WorkerSession) -> None:
-        """End the session when the worker has been silent past the heartbeat timeout, or when
-        the certificate it connected with expires (a renewed worker has moved on by then)."""
-        cfg = self.engine.config
+        """End the session when its lease ran out (plus the margin) without a renewal, or when
+        the certificate it connected with expires (a renewed worker has moved on by then).
+
+        A session ended here has its runs retried at once: the worker stopped them already.
+        """
+        margin = self.engine.config.lease_margin
         expires = session.worker.certificate_expires_at
         while True:
-            wait = cfg.heartbeat_interval
+            wait = session.lease_expires + margin - time.monotonic()
             if expires is not None:
-                wait = min(wait, max(0.0, (expires - utcnow()).total_seconds()))
-            await asyncio.sleep(wait)
+                wait = min(wait, (expires - utcnow()).total_seconds())
+            if wait > 0:
+                await asyncio.sleep(wait)
+                continue
             if expires is not None and utcnow() >= expires:
                 reason = f"the client certificate expired at {expires:%Y-%m-%d %H:%M:%S} UTC"
                 log.warning("worker certificate expired", worker_id=session.worker_id)
                 session.kick(f"{reason}; renew it or enroll again")
                 return
             silent = time.monotonic() - session.last_seen
-            if silent > cfg.heartbeat_timeout:
-                log.warning(
-                    "worker heartbeat lost", worker_id=session.worker_id, silent_s=round(silent, 1)
-                )
-                session.kick(f"no heartbeat for {silent:.1f}s")
-                return
+            log.warning(
+                "worker lease ran out", worker_id=session.worker_id, silent_s=round(silent, 1)
+            )
+            session.kick(f"the lease ran out: nothing heard from the worker for {silent:.1f}s")
+            return

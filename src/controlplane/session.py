@@ -1,7 +1,11 @@
-"""One connected worker: what it offers, which runs it holds, and its outbound message queue.
+"""One connected worker: what it offers, which runs it holds, its lease, and its outbound queue.
 
 The gRPC handler owns the stream; this object owns the state. Only the writer coroutine writes
 to the stream, and it merges everything queued into one ServerMessage per write.
+
+The lease: the worker numbers its heartbeats and remembers when it sent each; the server renews
+the lease when one arrives (now + duration) and answers with its number, from which the worker
+counts the same duration. The worker's lease therefore always ends before the server's.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from taskrun.v1 import workers_pb2 as wpb
 
 
 class WorkerSession:
-    def __init__(self, worker: Worker, session_id: str) -> None:
+    def __init__(self, worker: Worker, session_id: str, lease_duration: float) -> None:
         self.worker = worker
         self.session_id = session_id
+        self.lease_duration = lease_duration
+        self.lease_expires = time.monotonic() + lease_duration  # the hello starts it
+        self._lease_seq = 0
         self.runs: set[RunId] = set()  # held by the worker: assigned, running, or cancel not acked
         self.draining = False
         self.last_seen = time.monotonic()
@@ -68,6 +75,13 @@ class WorkerSession:
             self._ack = message_seq
             self._wake.set()
 
+    def renew_lease(self, heartbeat_seq: int) -> None:
+        """A numbered heartbeat arrived: extend the lease and tell the worker which one."""
+        self.lease_expires = time.monotonic() + self.lease_duration
+        if heartbeat_seq > self._lease_seq:
+            self._lease_seq = heartbeat_seq
+            self._wake.set()
+
     def send_drain(self) -> None:
         self._drain = True
         self._wake.set()
@@ -82,6 +96,7 @@ class WorkerSession:
                 cancels=self._cancels,
                 drain=self._drain,
                 ack_seq=self._ack,
+                lease_seq=self._lease_seq,
             )
             self._assignments, self._cancels = [], []
             self._drain = False

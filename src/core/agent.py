@@ -35,6 +35,16 @@ class RunContext(Protocol):
     input: dict[str, Any]
     resume_session_id: str
     prompt: str
+    # Grows with every attempt of the task. Pass it to whatever the agent changes in the world,
+    # and have that refuse a token lower than the highest it has seen: a run that outlived its
+    # lease (a frozen or cut-off worker) can then never act after its retry did.
+    fencing_token: int
+
+    def supervised_program(self, program: str) -> str:
+        """An executable that runs `program` (given the same arguments) so that it, and every
+        process it starts in its process group, is killed when the worker dies (kill -9
+        included) or its lease on the run ends. Start every child process through it."""
+        ...
 
     async def emit(self, text: str) -> None:
         """Append text to the run's output."""

@@ -100,12 +100,14 @@ class HeldRun(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., status: _Optional[_Union[_common_pb2.RunStatus, str]] = ..., last_seq: _Optional[int] = ...) -> None: ...
 
 class Heartbeat(_message.Message):
-    __slots__ = ("time", "active_runs")
+    __slots__ = ("time", "active_runs", "seq")
     TIME_FIELD_NUMBER: _ClassVar[int]
     ACTIVE_RUNS_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     time: _timestamp_pb2.Timestamp
     active_runs: int
-    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_runs: _Optional[int] = ...) -> None: ...
+    seq: int
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_runs: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class RunStatusUpdate(_message.Message):
     __slots__ = ("run_id", "attempt", "status", "error", "result_json", "usage", "backend_used", "session_id", "time", "last_seq")
@@ -140,39 +142,43 @@ class CancelAck(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., attempt: _Optional[int] = ...) -> None: ...
 
 class ServerMessage(_message.Message):
-    __slots__ = ("params", "assignments", "cancels", "drain", "forget_run_ids", "ack_seq")
+    __slots__ = ("params", "assignments", "cancels", "drain", "forget_run_ids", "ack_seq", "lease_seq")
     PARAMS_FIELD_NUMBER: _ClassVar[int]
     ASSIGNMENTS_FIELD_NUMBER: _ClassVar[int]
     CANCELS_FIELD_NUMBER: _ClassVar[int]
     DRAIN_FIELD_NUMBER: _ClassVar[int]
     FORGET_RUN_IDS_FIELD_NUMBER: _ClassVar[int]
     ACK_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LEASE_SEQ_FIELD_NUMBER: _ClassVar[int]
     params: SessionParams
     assignments: _containers.RepeatedCompositeFieldContainer[RunAssignment]
     cancels: _containers.RepeatedCompositeFieldContainer[CancelRun]
     drain: bool
     forget_run_ids: _containers.RepeatedScalarFieldContainer[str]
     ack_seq: int
-    def __init__(self, params: _Optional[_Union[SessionParams, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[RunAssignment, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[CancelRun, _Mapping]]] = ..., drain: _Optional[bool] = ..., forget_run_ids: _Optional[_Iterable[str]] = ..., ack_seq: _Optional[int] = ...) -> None: ...
+    lease_seq: int
+    def __init__(self, params: _Optional[_Union[SessionParams, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[RunAssignment, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[CancelRun, _Mapping]]] = ..., drain: _Optional[bool] = ..., forget_run_ids: _Optional[_Iterable[str]] = ..., ack_seq: _Optional[int] = ..., lease_seq: _Optional[int] = ...) -> None: ...
 
 class SessionParams(_message.Message):
-    __slots__ = ("session_id", "heartbeat_interval_ms", "heartbeat_timeout_ms", "max_chunks_per_message", "max_chunk_bytes", "max_message_bytes")
+    __slots__ = ("session_id", "heartbeat_interval_ms", "lease_margin_ms", "max_chunks_per_message", "max_chunk_bytes", "max_message_bytes", "lease_duration_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
-    HEARTBEAT_TIMEOUT_MS_FIELD_NUMBER: _ClassVar[int]
+    LEASE_MARGIN_MS_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNKS_PER_MESSAGE_FIELD_NUMBER: _ClassVar[int]
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LEASE_DURATION_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     heartbeat_interval_ms: int
-    heartbeat_timeout_ms: int
+    lease_margin_ms: int
     max_chunks_per_message: int
     max_chunk_bytes: int
     max_message_bytes: int
-    def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., heartbeat_timeout_ms: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ...) -> None: ...
+    lease_duration_ms: int
+    def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., lease_margin_ms: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., lease_duration_ms: _Optional[int] = ...) -> None: ...
 
 class RunAssignment(_message.Message):
-    __slots__ = ("run_id", "task_id", "attempt", "agent", "input_json", "timeout_seconds", "labels", "required_provider", "required_model", "resume_session_id", "prompt")
+    __slots__ = ("run_id", "task_id", "attempt", "agent", "input_json", "timeout_seconds", "labels", "required_provider", "required_model", "resume_session_id", "prompt", "fencing_token")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -191,6 +197,7 @@ class RunAssignment(_message.Message):
     REQUIRED_MODEL_FIELD_NUMBER: _ClassVar[int]
     RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task_id: str
     attempt: int
@@ -202,7 +209,8 @@ class RunAssignment(_message.Message):
     required_model: str
     resume_session_id: str
     prompt: str
-    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., required_provider: _Optional[str] = ..., required_model: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
+    fencing_token: int
+    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., required_provider: _Optional[str] = ..., required_model: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
 
 class CancelRun(_message.Message):
     __slots__ = ("run_id", "attempt", "reason")

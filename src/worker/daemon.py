@@ -2,7 +2,9 @@
 
 Top to bottom: connect (with exponential backoff and jitter), say hello, then read assignments
 and cancellations while one writer task sends batched output, status and heartbeats. When the
-stream breaks, runs keep going and their reports wait in the outbox for the next session. On
+stream breaks, runs keep going and their reports wait in the outbox for the next session, for
+as long as the worker's lease on them lasts (see worker.lease): a worker that cannot renew it
+stops them itself, and the supervisor of every child process kills it when the lease ends. On
 SIGTERM/SIGINT the worker drains: it takes no new runs, finishes what it has (up to a deadline),
 reports it and exits; a second signal stops the runs at once.
 """
@@ -14,10 +16,15 @@ import contextlib
 import ipaddress
 import json
 import random
+import shlex
+import shutil
 import signal
 import socket
+import sys
+import tempfile
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, cast
 
 import grpc
@@ -36,9 +43,11 @@ from taskrun.worker.agents import load_agents
 from taskrun.worker.config import WorkerConfig
 from taskrun.worker.executor import ActiveRun, RunContext, execute
 from taskrun.worker.identity import enroll_command, fingerprint_of, load_identity
+from taskrun.worker.lease import Lease, LeaseFile
 from taskrun.worker.metrics import WorkerMetrics  # issue 6
 from taskrun.worker.outbox import Outbox
 from taskrun.worker.renewal import RenewalError, RenewalRefused, renew, renewal_time
+from taskrun.worker.supervise import command as supervised_command
 
 log = structlog.get_logger(__name__)
 
@@ -114,7 +123,13 @@ class WorkerDaemon:
         self._move = asyncio.Event()  # renewed (or refused): end the session, reconnect at once
         self._writes_open = asyncio.Event()  # cleared while a session hands over
         self._fatal: FatalSessionError | None = None  # set by the renewal loop
-
+        self.lease = Lease()
+        self._lease_lost = asyncio.Event()  # the lease ran out: drop the session, reconnect
+        self._fenced_expiry: float | None = None  # the lease end whose runs were stopped
+        self.runtime_dir = Path(tempfile.mkdtemp(prefix="taskrun-worker-"))
+        self.lease_file = LeaseFile(self.runtime_dir / "lease")
+        self.lease_file.end()
+        self._programs: dict[str, str] = {}  # program -> its supervised wrapper
     # --- top level ---------------------------------------------------------------------------
 
     async def run(self) -> int:
@@ -123,21 +138,22 @@ class WorkerDaemon:
         Meanwhile the certificate is renewed before it expires, and the session moved to it.
         """
         renewer = asyncio.create_task(self._renewal_loop())
+        watcher = asyncio.create_task(self._lease_watch())
         try:
             return await self._hold_sessions()
         finally:
-            renewer.cancel()
-            with contextlib.suppress(BaseException):
-                await renewer
+            for task in (renewer, watcher):
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+            self.lease_file.end()
+            shutil.rmtree(self.runtime_dir, ignore_errors=True)
 
     async def _hold_sessions(self) -> int:
         while not self._exit.is_set():
             try:
                 async for attempt in AsyncRetrying(
-                    # full jitter: sleep uniformly in [0, min(max, 0.2 * 2^n)]
-                    wait=wait_random_exponential(
-                        multiplier=0.2, max=self.config.reconnect_max_wait
-                    ),
+                    wait=self._reconnect_wait,
                     retry=retry_if_exception(_retryable),
                     sleep=self._sleep,
                     before_sleep=self._log_retry,
@@ -171,6 +187,16 @@ class WorkerDaemon:
         await self._wait_runs(5.0)
         self.log.info("worker stopped")
         return 0
+
+    def _reconnect_wait(self, state: Any) -> float:
+        """Full jitter: uniformly in [0, min(max, 0.2 * 2^n)]; while the worker holds runs, at
+        most an eighth of the lease, so it comes back before the lease forces it to stop them."""
+        wait = float(
+            wait_random_exponential(multiplier=0.2, max=self.config.reconnect_max_wait)(state)
+        )
+        if self.runs and self.lease.duration:
+            wait = min(wait, self.lease.duration / 8)
+        return wait
 
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
@@ -360,10 +386,12 @@ class WorkerDaemon:
         if self._fatal is not None:
             raise self._fatal
         self._check_not_expired()
+        self._fence_if_expired()  # runs past their lease never reach a new session as held
         self._move.clear()  # the channel made now uses the newest certificate
         async with self._channel() as channel:
             call = workers_pb2_grpc.RunServiceStub(channel).StreamConnect()
             try:
+                self.lease.hello_sent()
                 await call.write(wpb.WorkerMessage(hello=self._hello()))
                 first = await call.read()
                 if first is grpc.aio.EOF or not first.HasField("params"):
@@ -372,6 +400,9 @@ class WorkerDaemon:
                         raise FatalSessionError(f"{code.name}: {details}")
                     raise ConnectionError(f"session refused: {code.name}: {details}")
                 self._params = first.params
+                if first.params.lease_duration_ms > 0:
+                    self.lease.session_granted(first.params.lease_duration_ms / 1000)
+                    self._lease_changed()
                 try:
                     await self._serve(call)
                 except (ConnectionError, grpc.aio.AioRpcError) as exc:
@@ -399,8 +430,10 @@ class WorkerDaemon:
         if resent:
             self.log.info("resending reports the server did not acknowledge", items=resent)
         self._writes_open.set()
+        self._lease_lost.clear()
         writer = asyncio.create_task(self._write_loop(call))
         heartbeat = asyncio.create_task(self._heartbeat_loop())
+        lease_lost = asyncio.create_task(self._lease_lost.wait())
         moving: asyncio.Task[Any] | None = asyncio.create_task(self._move.wait())
         reader: asyncio.Future[Any] | None = None
         settle_by: float | None = None  # handing over to a renewed certificate: end by then
@@ -409,13 +442,18 @@ class WorkerDaemon:
             while True:
                 if reader is None:
                     reader = asyncio.ensure_future(call.read())
-                waiting: set[asyncio.Future[Any]] = {reader, writer}
+                waiting: set[asyncio.Future[Any]] = {reader, writer, lease_lost}
                 if moving is not None:
                     waiting.add(moving)
                 timeout = None if settle_by is None else max(0.0, settle_by - loop.time())
                 done, _ = await asyncio.wait(
                     waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
                 )
+                if lease_lost in done:
+                    raise ConnectionError(
+                        "the lease ran out: the control plane answered no heartbeat for "
+                        f"{self.lease.duration:g}s"
+                    )
                 if writer in done:
                     writer.result()  # raises if the writer failed
                     # Every report is out and we half-closed: the server ends the stream once
@@ -447,7 +485,7 @@ class WorkerDaemon:
                 ):
                     raise SessionMoved("the certificate was renewed")
         finally:
-            for t in (writer, heartbeat, moving, reader):
+            for t in (writer, heartbeat, moving, reader, lease_lost):
                 if t is None:
                     continue
                 t.cancel()
@@ -486,21 +524,70 @@ class WorkerDaemon:
                 self._heartbeat_due = False
                 msg.heartbeat.active_runs = len(self.runs)
                 msg.heartbeat.time.GetCurrentTime()
+                msg.heartbeat.seq = self.lease.next_heartbeat()
             if msg.ByteSize():
                 await call.write(msg)
                 self._last_write = time.monotonic()
 
     async def _heartbeat_loop(self) -> None:
-        interval = max(0.05, self._params.heartbeat_interval_ms / 1000 or 5.0)
+        """A numbered heartbeat every interval, busy or idle: each one renews the lease."""
+        interval = max(0.05, self._params.heartbeat_interval_ms / 1000 or 1.0)
         while True:
-            await asyncio.sleep(interval / 2)
-            if time.monotonic() - self._last_write >= interval / 2:
-                self._heartbeat_due = True
-                self.outbox.poke()
+            await asyncio.sleep(interval)
+            self._heartbeat_due = True
+            self.outbox.poke()
+
+    # --- the lease ---------------------------------------------------------------------------
+
+    async def _lease_watch(self) -> None:
+        """Stop the runs shortly before the lease runs out without a renewal; the supervisors of
+        their child processes kill what is left when it does."""
+        while True:
+            await asyncio.sleep(0.05)
+            self._fence_if_expired()
+
+    def _fence_if_expired(self) -> None:
+        lease = self.lease
+        if lease.expires is None or lease.remaining() > lease.fence_lead():
+            return
+        if self._fenced_expiry == lease.expires:
+            return
+        self._fenced_expiry = lease.expires
+        self._lease_lost.set()
+        if self.runs:
+            silent = lease.duration - lease.remaining()
+            self.log.warning(
+                "lease running out: stopping runs",
+                runs=len(self.runs),
+                since_last_renewal_s=round(silent, 2),
+            )
+            self._stop_all_runs(
+                f"the worker's lease ran out (no renewal from the control plane for "
+                f"{silent:.1f}s); the control plane retries the run elsewhere"
+            )
+
+    def _lease_changed(self) -> None:
+        if self.lease.expires is not None:
+            self.lease_file.write(self.lease.expires)
+
+    def supervised_program(self, program: str) -> str:
+        """An executable that runs `program` (with its arguments) under the supervisor, so it
+        dies with the worker and when the lease ends; cached per program."""
+        wrapper = self._programs.get(program)
+        if wrapper is None:
+            argv = supervised_command(sys.executable, self.lease_file.path, [program])
+            path = self.runtime_dir / f"supervised-{len(self._programs) + 1}"
+            path.write_text(f'#!/bin/sh\nexec {shlex.join(argv)} "$@"\n')
+            path.chmod(0o700)
+            wrapper = self._programs[program] = str(path)
+        return wrapper
 
     # --- messages from the server ------------------------------------------------------------
 
     def _handle(self, msg: wpb.ServerMessage) -> None:
+        if msg.lease_seq:
+            self.lease.granted(msg.lease_seq)
+            self._lease_changed()
         if msg.ack_seq:
             self.outbox.ack(msg.ack_seq)
         for assignment in msg.assignments:
@@ -527,6 +614,8 @@ class WorkerDaemon:
             prompt=a.prompt,
             outbox=self.outbox,
             max_chunk_bytes=self._params.max_chunk_bytes or 64 * 1024,
+            fencing_token=a.fencing_token or a.attempt,
+            supervisor=self.supervised_program,
         )
         if agent is None:
             self.outbox.put_nowait(_failed(a, f"agent {a.agent!r} is not offered by this worker"))
@@ -563,6 +652,7 @@ class WorkerDaemon:
     def _stop_all_runs(self, reason: str) -> None:
         for active in list(self.runs.values()):
             if not active.task.done():
+                active.stop_reason = active.stop_reason or reason
                 active.task.cancel()
         if self.runs:
             self.log.info("stopping runs", count=len(self.runs), reason=reason)

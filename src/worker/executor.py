@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,8 +34,13 @@ class RunContext:
     prompt: str
     outbox: Outbox
     max_chunk_bytes: int
+    fencing_token: int = 0
+    supervisor: Callable[[str], str] | None = field(default=None, repr=False)
     seq: int = 0
     _log: Any = field(default=None, repr=False)
+
+    def supervised_program(self, program: str) -> str:
+        return self.supervisor(program) if self.supervisor is not None else program
 
     async def _put(self, kind: pb.OutputKind, data: str) -> None:
         self.seq += 1
@@ -61,6 +67,7 @@ class ActiveRun:
     ctx: RunContext
     task: asyncio.Task[None] = field(init=False)
     cancel_reason: str = ""  # set when the server cancelled it
+    stop_reason: str = ""  # set when the worker stopped it itself (lease, shutdown)
     status: RunStatus = RunStatus.ASSIGNED
     worker_id: str = ""  # for the log lines about this run
 
@@ -109,7 +116,7 @@ async def execute(agent: Agent, active: ActiveRun) -> None:
         bound.info("run timed out", timeout_s=timeout)
     except asyncio.CancelledError:
         active.status = RunStatus.CANCELLED
-        reason = active.cancel_reason or "the worker stopped the run"
+        reason = active.cancel_reason or active.stop_reason or "the worker stopped the run"
         outbox.put_nowait(_status(ctx, pb.RUN_STATUS_CANCELLED, error=reason))
         if active.cancel_reason:
             outbox.put_nowait(wpb.CancelAck(run_id=a.run_id, attempt=a.attempt))

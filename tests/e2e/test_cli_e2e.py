@@ -299,7 +299,7 @@ def test_cancelling_a_followed_task_makes_follow_exit_130(deployment: Deployment
 
 
 def test_follow_survives_a_server_restart(tmp_path: Path) -> None:
-    d = launch(tmp_path, "--reconnect-grace", "30")
+    d = launch(tmp_path, "--lease", "30")
     try:
         text = "abcdefghijklmnopqrst"
         payload = json.dumps({"text": text, "chunks": len(text), "delay": 0.2})

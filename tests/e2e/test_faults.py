@@ -62,7 +62,8 @@ class Processes:
             stderr=subprocess.STDOUT,
         )
 
-    def start_server(self) -> None:
+    def start_server(self, *flags: str) -> None:
+        """With the default lease and heartbeats: the numbers the README promises."""
         self.server = self._spawn(
             "server",
             "server",
@@ -70,12 +71,7 @@ class Processes:
             f"127.0.0.1:{self.port}",
             "--store",
             f"sqlite:{self.tmp / 'taskrun.db'}",
-            "--heartbeat-interval",
-            "0.3",
-            "--heartbeat-timeout",
-            "1.5",
-            "--reconnect-grace",
-            "3",
+            *flags,
         )
 
     def start_worker(self, worker_id: str, capacity: int = 4, server: str | None = None) -> None:

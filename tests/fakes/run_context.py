@@ -20,9 +20,13 @@ class RecordingContext:
     task_id: TaskId = TASK_ID
     run_id: RunId = RUN_ID
     attempt: int = 1
+    fencing_token: int = 1
     texts: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     first_text: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def supervised_program(self, program: str) -> str:
+        return program  # tests of one agent run without a worker around it
 
     async def emit(self, text: str) -> None:
         self.texts.append(text)

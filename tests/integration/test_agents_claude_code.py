@@ -24,6 +24,7 @@ from taskrun.worker.agents.support_triage import SupportTriageAgent
 from tests.conftest import Cluster
 from tests.fakes.anthropic_server import FakeAnthropic, Text, ToolUse
 from tests.fakes.run_context import RecordingContext
+from tests.processes import alive, descendants
 
 pytest.importorskip("claude_agent_sdk", reason="needs the taskrun[claude] extra")
 
@@ -58,23 +59,12 @@ def workdir(tmp_path: Path) -> Path:
 
 
 def cli_children() -> list[int]:
-    """Pids of the Claude Code CLI processes this test process started and still has."""
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-        except OSError:
-            continue
-        name, rest = stat[stat.index("(") + 1 : stat.rindex(")")], stat[stat.rindex(")") + 2 :]
-        if name == "claude" and int(rest.split()[1]) == os.getpid():
-            pids.append(int(entry.name))
-    return pids
+    """Pids of the Claude Code CLI processes below this test process (under their supervisor)."""
+    return descendants(name="claude")
 
 
 def exited_and_reaped(pid: int) -> bool:
-    return not Path(f"/proc/{pid}").exists()
+    return not alive(pid)
 
 
 async def test_claude_code_streams_text_and_reports_tools_usage_and_session(

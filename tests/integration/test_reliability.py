@@ -126,7 +126,7 @@ async def test_cancel_while_the_worker_is_away_reaches_it_when_it_returns(
 
 async def test_lost_run_is_retried_on_another_worker(cluster: Cluster) -> None:
     """A worker vanishes without a word (its task is cancelled, like a crash in-process)."""
-    await cluster.start_server(reconnect_grace=0.3)
+    await cluster.start_server(heartbeat_interval=0.2, lease_duration=0.8)
     doomed = await cluster.start_worker("worker-1")
     client = cluster.client()
     task = await client.create_task("echo", {"text": "abc", "chunks": 3, "delay": 0.2})
@@ -145,7 +145,7 @@ async def test_lost_run_is_retried_on_another_worker(cluster: Cluster) -> None:
 
 
 async def test_lost_run_fails_the_task_after_max_attempts(cluster: Cluster) -> None:
-    await cluster.start_server(reconnect_grace=0.2)
+    await cluster.start_server(heartbeat_interval=0.2, lease_duration=0.8)
     doomed = await cluster.start_worker("worker-1")
     client = cluster.client()
     task = await client.create_task("echo", {"text": "a", "delay": 1, "chunks": 2}, max_attempts=1)

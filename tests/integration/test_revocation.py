@@ -22,8 +22,8 @@ async def wait_for(predicate, within: float = 10.0) -> None:  # type: ignore[no-
 async def test_revoking_a_worker_mid_run_closes_its_stream_and_retries_elsewhere(
     cluster: Cluster,
 ) -> None:
-    # a long grace window: the run must be lost at once, not after the worker fails to return
-    server = await cluster.start_server(reconnect_grace=60)
+    # a long lease: the run must be lost at once, not after the lease runs out
+    server = await cluster.start_server(lease_duration=60)
     doomed = await cluster.start_worker("worker-1")
     client = cluster.client()
     task = await client.create_task("echo", {"text": "abc", "chunks": 3, "delay": 0.3})
@@ -97,13 +97,13 @@ async def test_revocation_survives_a_control_plane_restart(cluster: Cluster) -> 
 async def test_revoking_an_offline_worker_loses_its_runs_without_waiting(
     cluster: Cluster,
 ) -> None:
-    await cluster.start_server(reconnect_grace=60)
+    await cluster.start_server(lease_duration=60)
     doomed = await cluster.start_worker("worker-1")
     client = cluster.client()
     task = await client.create_task("echo", {"text": "a", "chunks": 2, "delay": 1}, max_attempts=1)
     await wait_for(lambda: bool(doomed.runs))
     _, runner = cluster.workers.pop("worker-1")
-    runner.cancel()  # vanishes; its run waits for it within the grace window
+    runner.cancel()  # vanishes; its run waits for it until the lease runs out
     with pytest.raises(asyncio.CancelledError):
         await runner
     await client.revoke_worker("worker-1")

@@ -306,17 +306,22 @@ def test_the_public_listener_defaults_to_the_next_port_and_can_be_narrowed_or_tu
 def test_server_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("TASKRUN_LISTEN", "0.0.0.0:1")
     args = parse(
-        "server", "--db", "/data/t.db", "--heartbeat-interval", "1", "--heartbeat-timeout", "4",
-        "--reconnect-grace", "9",
+        "server", "--db", "/data/t.db", "--heartbeat-interval", "2", "--lease", "9",
+        "--lease-margin", "0.7",
     )  # fmt: skip
     config = cli.server_config(args)
     assert config.listen == "0.0.0.0:1"
     assert config.store == "sqlite:/data/t.db"
-    assert (config.heartbeat_interval, config.heartbeat_timeout, config.reconnect_grace) == (
-        1.0,
-        4.0,
+    assert (config.heartbeat_interval, config.lease_duration, config.lease_margin) == (
+        2.0,
         9.0,
+        0.7,
     )
+
+
+def test_a_heartbeat_interval_too_long_for_the_lease_is_refused() -> None:
+    with pytest.raises(cli.CliError, match=r"at most a third of lease_duration"):
+        cli.server_config(parse("server", "--heartbeat-interval", "2", "--lease", "4"))
 
 
 @pytest.mark.parametrize(

@@ -17,10 +17,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
 import signal
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
 
 import jsonschema
@@ -313,13 +315,26 @@ def import_claude_sdk() -> Any:
     return claude_agent_sdk
 
 
-def claude_options(**options: Any) -> ClaudeAgentOptions:
-    """ClaudeAgentOptions with the worker's defaults: `cli_path` from TASKRUN_CLAUDE_CLI_PATH."""
+def claude_options(
+    *, supervise: Callable[[str], str] | None = None, **options: Any
+) -> ClaudeAgentOptions:
+    """ClaudeAgentOptions with the worker's defaults: `cli_path` from TASKRUN_CLAUDE_CLI_PATH
+    (else the CLI bundled with the SDK, else `claude` on PATH), started through `supervise`
+    (RunContext.supervised_program) so that it dies with the worker and with its lease."""
     sdk = import_claude_sdk()
-    cli_path = os.environ.get("TASKRUN_CLAUDE_CLI_PATH")
+    cli_path = options.get("cli_path") or os.environ.get("TASKRUN_CLAUDE_CLI_PATH")
+    cli_path = cli_path or find_claude_cli(sdk)
     if cli_path:
-        options.setdefault("cli_path", cli_path)
+        options["cli_path"] = supervise(cli_path) if supervise is not None else cli_path
     return sdk.ClaudeAgentOptions(**options)  # type: ignore[no-any-return]
+
+
+def find_claude_cli(sdk: Any) -> str | None:
+    """The CLI the SDK would run: the one bundled in its wheel, else `claude` on PATH."""
+    bundled = Path(sdk.__file__).parent / "_bundled" / "claude"
+    if bundled.is_file():
+        return str(bundled)
+    return shutil.which("claude")
 
 
 @dataclass
@@ -441,6 +456,7 @@ class ClaudeCodeBackend:
 
     log: Any = field(default=log, repr=False)
     name: str = "claude_code"
+    supervise: Callable[[str], str] | None = field(default=None, repr=False)
 
     async def complete(
         self,
@@ -465,6 +481,7 @@ class ClaudeCodeBackend:
             include_partial_messages=True,
             stderr=stderr,
             env={"CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(max_tokens)},
+            supervise=self.supervise,
         )
         streamed: list[str] = []
         text_blocks: list[str] = []
@@ -499,9 +516,13 @@ class ClaudeCodeBackend:
         return Completion(text, usage, model_backend(used_model), result.stop_reason or "")
 
 
-def backend_named(name: str, log: Any = log) -> MessagesBackend:
+def backend_named(
+    name: str, log: Any = log, supervise: Callable[[str], str] | None = None
+) -> MessagesBackend:
+    """`supervise` (RunContext.supervised_program) starts any child process under the worker's
+    supervisor."""
     if name == "anthropic":
         return AnthropicBackend.from_env(log)
     if name == "claude_code":
-        return ClaudeCodeBackend(log=log)
+        return ClaudeCodeBackend(log=log, supervise=supervise)
     raise AgentError(f"unknown backend {name!r}; use 'anthropic' or 'claude_code'")

@@ -8,7 +8,9 @@ message; sessions live under the worker's $HOME/.claude. Cancelling the run inte
 session and stops the CLI process (see `backends.claude_session`).
 
 Environment: ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL (read by the CLI), TASKRUN_ANTHROPIC_MODEL
-(default model), TASKRUN_CLAUDE_CLI_PATH (use this CLI instead of the bundled one).
+(default model), TASKRUN_CLAUDE_CLI_PATH (use this CLI instead of the bundled one). The CLI and
+its tools see TASKRUN_TASK_ID, TASKRUN_RUN_ID, TASKRUN_ATTEMPT and TASKRUN_FENCING_TOKEN. The CLI
+runs under the worker's supervisor: it dies with the worker and when the worker's lease ends.
 """
 
 from __future__ import annotations
@@ -58,6 +60,17 @@ INPUT_SCHEMA: dict[str, Any] = {
     "required": ["prompt"],
     "additionalProperties": False,
 }
+
+
+def run_environment(ctx: RunContext) -> dict[str, str]:
+    """What the CLI and the tools it runs learn about their run: the fencing token above all,
+    for a tool that changes the world to refuse a stale attempt."""
+    return {
+        "TASKRUN_TASK_ID": ctx.task_id,
+        "TASKRUN_RUN_ID": ctx.run_id,
+        "TASKRUN_ATTEMPT": str(ctx.attempt),
+        "TASKRUN_FENCING_TOKEN": str(ctx.fencing_token),
+    }
 
 
 def _text_of(content: Any) -> str:
@@ -116,6 +129,8 @@ class ClaudeCodeAgent:
             resume=resume,
             include_partial_messages=True,
             stderr=stderr,
+            env=run_environment(ctx),
+            supervise=ctx.supervised_program,
         )
         bound.info("starting claude code", resume=resume, cwd=cwd)
         session_id = resume or ""

@@ -120,7 +120,7 @@ class SupportTriageAgent:
         bound = log.bind(
             task_id=ctx.task_id, run_id=ctx.run_id, agent="support_triage", backend=name
         )
-        backend = backend_named(name, bound)
+        backend = backend_named(name, bound, ctx.supervised_program)
         model = ctx.input.get("model") or default_model()
         messages: list[ChatMessage] = [{"role": "user", "content": ticket_prompt(ctx.input)}]
         usage = Usage()
