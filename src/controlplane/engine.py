@@ -590,7 +590,8 @@ class Engine:
         task.error = reason
         self.runs[retry.id] = retry
         changes.runs.append(retry)
-        delay = self._retry_delay(run.attempt)
+        # A lost run already waited out its worker's lease: retry it at once. Failures back off.
+        delay = 0.0 if run.status is RunStatus.LOST else self._retry_delay(run.attempt)
         log.info(
             "run will be retried",
             task_id=task.id,
@@ -607,7 +608,10 @@ class Engine:
             if current and not self.store_error:
                 self._enqueue(task, retry)
 
-        self._later(delay, enqueue)
+        if delay:
+            self._later(delay, enqueue)
+        else:
+            self._enqueue(task, retry, dispatch=False)  # the caller's commit plans it
 
     # --- dispatch ----------------------------------------------------------------------------
 

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+PARENT_DIED = signal.SIGUSR1  # the parent-death signal: distinct from a request to stop
 POLL = 0.05
 
 
@@ -72,14 +73,14 @@ def _kill_group(pgid: int, sig: signal.Signals) -> None:
 
 def supervise(argv: Sequence[str], lease_file: Path, grace: float) -> int:
     parent = os.getppid()
-    set_parent_death_signal(signal.SIGTERM)
     stop_requested: list[int] = []
 
     def on_signal(signum: int, _frame: object) -> None:
         stop_requested.append(signum)
 
-    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, PARENT_DIED):
         signal.signal(sig, on_signal)
+    set_parent_death_signal(PARENT_DIED)
     if os.getppid() != parent or lease_end(lease_file) <= time.monotonic():
         return 1  # the worker died, or the lease ended, before we could start
     try:
@@ -97,10 +98,10 @@ def supervise(argv: Sequence[str], lease_file: Path, grace: float) -> int:
             pass
         now = time.monotonic()
         if stopping_since is None:
-            if stop_requested:
-                reason = "stop requested"
-            elif os.getppid() != parent:
+            if PARENT_DIED in stop_requested or os.getppid() != parent:
                 reason = "the worker died"
+            elif stop_requested:
+                reason = "stop requested"
             elif lease_end(lease_file) <= now:
                 reason = "the worker's lease ended"
             if reason:

@@ -74,7 +74,9 @@ class Processes:
             *flags,
         )
 
-    def start_worker(self, worker_id: str, capacity: int = 4, server: str | None = None) -> None:
+    def start_worker(
+        self, worker_id: str, capacity: int = 4, server: str | None = None, agents: str = "echo"
+    ) -> None:
         self.workers[worker_id] = self._spawn(
             worker_id,
             "worker",
@@ -82,7 +84,7 @@ class Processes:
             "--id",
             worker_id,
             "--agents",
-            "echo",
+            agents,
             "--capacity",
             str(capacity),
             server=server,

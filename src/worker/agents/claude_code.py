@@ -96,6 +96,8 @@ class ClaudeCodeAgent:
                 "claude_code runs will fail: claude-agent-sdk is not installed; "
                 + CLAUDE_EXTRA_HINT
             )
+        else:
+            import_claude_sdk()  # about a second: paid when the worker starts, not by a run
         self.spec = AgentSpec(
             name="claude_code",
             description="A Claude Code session (claude-agent-sdk): prompt, cwd, allowed/"
