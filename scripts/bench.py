@@ -8,6 +8,8 @@
    submit until ListTasks finds no PENDING or RUNNING task.
 5. Latency: sequential CreateTask, then FollowTask until the task is COMPLETED. A follow that
    has not delivered the end after --follow-timeout is counted apart (and the task looked up).
+6. Failover (scripts/bench_failover.py): from `kill -9` of a worker, and from a silent network
+   cut, to the run's next attempt RUNNING on another worker, with the default lease.
 
 It prints a table (or, with --json, one JSON document) and never asserts. Everything listens on
 127.0.0.1, lives in a temporary directory and stops by itself within --timeout seconds.
@@ -27,7 +29,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import sys
 import tempfile
@@ -39,6 +40,21 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from bench_failover import FAILOVER_WORKERS, MAX_ROUNDS, Failover, measure_failover
+from benchprocs import (  # scripts/ is on sys.path: this file runs as a script
+    READY_WITHIN,
+    STOP_GRACE,
+    BenchError,
+    Child,
+    clients,
+    free_port,
+    note,
+    spawn,
+    stop,
+    tail,
+    taskrun_argv,
+    until,
+)
 
 from taskrun.cli.client import Client
 from taskrun.controlplane.pki import PkiPaths, init_pki
@@ -55,19 +71,7 @@ BARE_PAYLOAD = b"x" * 64  # about the size of a CreateTask request for echo {"te
 ECHO_INPUT = '{"text":"x"}'
 NON_TERMINAL = (TaskStatus.PENDING, TaskStatus.RUNNING)
 WORKER_IDS = ("worker-1", "worker-2")
-STOP_GRACE = 10.0  # seconds a child gets after SIGTERM before SIGKILL
-READY_WITHIN = 30.0  # seconds for a child to come up
 SCRIPT = Path(__file__).resolve()
-
-
-def note(text: str) -> None:
-    """Progress, on stderr (stdout holds only the report)."""
-    sys.stderr.write(f"bench: {text}\n")
-    sys.stderr.flush()
-
-
-class BenchError(Exception):
-    """The benchmark could not measure something (a child died, a deadline passed)."""
 
 
 # --- arguments ---------------------------------------------------------------------------------
@@ -104,6 +108,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument(
         "--timeout", type=float, default=300.0, metavar="S", help="overall deadline (300)"
+    )
+    p.add_argument(
+        "--failover-rounds",
+        type=int,
+        choices=range(MAX_ROUNDS + 1),
+        metavar="0-5",
+        default=3,
+        help="kill -9 and silent-cut rounds for the failover figures; 0 skips them (3)",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document instead")
     p.add_argument(
@@ -203,6 +215,7 @@ class Report:
     ratios: dict[str, float]
     targets: dict[str, Any]
     method: dict[str, str] = field(default_factory=dict)
+    failover: Failover | None = None
 
 
 def machine_info() -> dict[str, Any]:
@@ -259,81 +272,6 @@ def thread_cpu_seconds(pid: int) -> dict[str, float]:
 
 
 # --- child processes ---------------------------------------------------------------------------
-
-
-@dataclass
-class Child:
-    name: str
-    proc: asyncio.subprocess.Process
-    log: Path
-
-    @property
-    def alive(self) -> bool:
-        return self.proc.returncode is None
-
-    def check(self) -> None:
-        if not self.alive:
-            raise BenchError(
-                f"{self.name} exited with {self.proc.returncode}:\n{tail(self.log)}".rstrip()
-            )
-
-
-def tail(path: Path, lines: int = 20) -> str:
-    try:
-        text = path.read_text(errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.splitlines()[-lines:])
-
-
-def _open_log(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-
-
-def child_env() -> dict[str, str]:
-    """This environment without TASKRUN_* settings, so only the flags given apply."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("TASKRUN_")}
-
-
-async def spawn(name: str, argv: Sequence[str], log: Path, *, pipe_stdout: bool = False) -> Child:
-    fd = _open_log(log)
-    try:
-        proc = await asyncio.create_subprocess_exec(
-            *argv,
-            stdin=asyncio.subprocess.DEVNULL,
-            stdout=asyncio.subprocess.PIPE if pipe_stdout else fd,
-            stderr=fd,
-            env=child_env(),
-            start_new_session=True,  # our SIGTERM decides the order of shutdown, not the tty's
-        )
-    finally:
-        os.close(fd)
-    return Child(name, proc, log)
-
-
-async def stop(child: Child, grace: float = STOP_GRACE) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds."""
-    if child.alive:
-        with contextlib.suppress(ProcessLookupError):
-            child.proc.send_signal(signal.SIGTERM)
-    try:
-        async with asyncio.timeout(grace):
-            await child.proc.wait()
-    except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            child.proc.kill()
-        await child.proc.wait()
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def taskrun_argv(*args: str) -> list[str]:
-    return [sys.executable, "-m", "taskrun.cli.main", *args]
 
 
 # --- the bare baseline -------------------------------------------------------------------------
@@ -447,29 +385,6 @@ async def measure_baseline(address: str, pki: PkiPaths, unary_n: int, stream_n: 
 # --- the control plane -------------------------------------------------------------------------
 
 
-def operator_client(address: str, pki: PkiPaths) -> Client:
-    return Client(
-        address,
-        ca=pki.ca_cert.read_bytes(),
-        cert=pki.operator_cert.read_bytes(),
-        key=pki.operator_key.read_bytes(),
-    )
-
-
-@contextlib.asynccontextmanager
-async def clients(address: str, pki: PkiPaths, n: int) -> AsyncIterator[list[Client]]:
-    """`n` connected clients, each with its own channel (own HTTP/2 connection)."""
-    opened = [operator_client(address, pki) for _ in range(n)]
-    try:
-        async with asyncio.timeout(READY_WITHIN):
-            await asyncio.gather(*(c.wait_ready() for c in opened))
-        yield opened
-    finally:
-        for c in opened:
-            with contextlib.suppress(Exception):
-                await c.close()
-
-
 @dataclass
 class ControlPlane:
     server: Child
@@ -504,7 +419,7 @@ async def start_control_plane(
     )
     started.append(server)
     async with clients(address, pki, 1) as (client,):
-        await _until(lambda: _answers(client), server.check, "the server to answer")
+        await until(lambda: _answers(client), server.check, "the server to answer")
         workers = []
         for worker_id in WORKER_IDS:
             argv = taskrun_argv(
@@ -530,7 +445,7 @@ async def start_control_plane(
             listed = await client.list_workers([WorkerStatus.ONLINE])
             return {w.id for w, _ in listed} >= set(WORKER_IDS)
 
-        await _until(online, plane.check, "both workers to be ONLINE")
+        await until(online, plane.check, "both workers to be ONLINE")
     return plane
 
 
@@ -542,17 +457,6 @@ async def _answers(client: Client) -> bool:
             return False
         raise
     return True
-
-
-async def _until(
-    probe: Any, check: Any, what: str, within: float = READY_WITHIN, every: float = 0.05
-) -> None:
-    deadline = time.monotonic() + within
-    while not await probe():
-        check()
-        if time.monotonic() > deadline:
-            raise BenchError(f"gave up waiting {within:g}s for {what}")
-        await asyncio.sleep(every)
 
 
 # --- profiling (optional) ----------------------------------------------------------------------
@@ -937,6 +841,23 @@ def render(r: Report) -> str:
                 "",
             )
         )
+    if r.failover is not None:
+        f = r.failover
+        rows += [
+            ("failover: fault -> next attempt RUNNING elsewhere (default lease)", "", "", ""),
+            (
+                f"  kill -9 of the worker (n={len(f.kill_9_to_running_s)})",
+                f.summary(f.kill_9_to_running_s),
+                "",
+                "<= 5 s: " + _met(max(f.kill_9_to_running_s, default=99) <= 5),
+            ),
+            (
+                f"  silent network cut (n={len(f.silent_cut_to_running_s)})",
+                f.summary(f.silent_cut_to_running_s),
+                "",
+                "<= 15 s: " + _met(max(f.silent_cut_to_running_s, default=99) <= 15),
+            ),
+        ]
     # A row with only its first cell is a section title: printed whole, not sized as a column.
     sized = [row for row in rows if any(row[1:])]
     widths = [max(len(row[i]) for row in sized) for i in range(4)]
@@ -968,7 +889,7 @@ def report(r: Report, as_json: bool) -> None:
 
 async def bench(args: argparse.Namespace, tmp: Path) -> Report:
     machine = machine_info()
-    pki = init_pki(tmp / "certs", workers=WORKER_IDS)
+    pki = init_pki(tmp / "certs", workers=(*WORKER_IDS, *FAILOVER_WORKERS))
     started: list[Child] = []
     try:
         async with asyncio.timeout(args.timeout):
@@ -992,6 +913,10 @@ async def bench(args: argparse.Namespace, tmp: Path) -> Report:
             latency = await measure_latency(
                 plane, pki, profile, args.latency_tasks, args.warmup, args.follow_timeout
             )
+            failover = None
+            if args.failover_rounds > 0:
+                note(f"failover: {args.failover_rounds} x kill -9, {args.failover_rounds} x cut")
+                failover = await measure_failover(pki, tmp, args.failover_rounds, started)
     except TimeoutError:
         raise BenchError(
             f"the benchmark did not finish within --timeout {args.timeout:g}s"
@@ -1019,6 +944,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> Report:
         ratios=ratios(baseline, throughput, latency),
         targets=targets(),
         method=METHOD,
+        failover=failover,
     )
 
 

@@ -485,12 +485,14 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
                 raise
             # kicked by the engine: end the call with the reason instead of a bare CANCELLED
         finally:
+            # Detach first: a writer blocked on a silent peer may take long to unwind.
+            engine.detach(session)
             for t in (writer, watchdog):
                 if t is not None:
                     t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception):
-                        await t
-            engine.detach(session)
+                    with contextlib.suppress(asyncio.CancelledError, Exception, TimeoutError):
+                        async with asyncio.timeout(1.0):
+                            await t
         if session.kick_reason:
             code = (
                 grpc.StatusCode.PERMISSION_DENIED
@@ -524,4 +526,5 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
                 "worker lease ran out", worker_id=session.worker_id, silent_s=round(silent, 1)
             )
             session.kick(f"the lease ran out: nothing heard from the worker for {silent:.1f}s")
+            self.engine.detach(session)  # its runs are retried now, however long the stream lingers
             return
