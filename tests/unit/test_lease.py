@@ -1,0 +1,87 @@
+"""The worker's count of its lease: always from when it sent what the server answered."""
+
+from __future__ import annotations
+
+import pytest
+
+from taskrun.worker import lease as lease_module
+from taskrun.worker.lease import Lease, LeaseFile
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
+    c = Clock()
+    monkeypatch.setattr(lease_module.time, "monotonic", c)
+    return c
+
+
+def test_no_lease_before_the_first_session(clock: Clock) -> None:
+    assert Lease().remaining() == float("inf")
+
+
+def test_the_first_lease_counts_from_sending_the_hello(clock: Clock) -> None:
+    lease = Lease()
+    lease.hello_sent()
+    clock.now += 0.3  # the answer takes a while
+    lease.session_granted(4.0)
+    assert lease.remaining() == pytest.approx(3.7)
+
+
+def test_a_renewal_counts_from_sending_that_heartbeat(clock: Clock) -> None:
+    lease = Lease()
+    lease.hello_sent()
+    lease.session_granted(4.0)
+    clock.now += 1.0
+    seq = lease.next_heartbeat()
+    clock.now += 2.5  # a slow answer
+    lease.granted(seq)
+    assert lease.remaining() == pytest.approx(4.0 - 2.5)
+
+
+def test_an_old_or_unknown_grant_never_shortens_or_extends_wrongly(clock: Clock) -> None:
+    lease = Lease()
+    lease.hello_sent()
+    lease.session_granted(4.0)
+    first = lease.next_heartbeat()
+    clock.now += 1.0
+    second = lease.next_heartbeat()
+    lease.granted(second)
+    expires = lease.expires
+    lease.granted(first)  # arrives late: forgotten already
+    lease.granted(99)  # never sent
+    assert lease.expires == expires
+
+
+def test_heartbeats_are_numbered_afresh_each_session(clock: Clock) -> None:
+    lease = Lease()
+    lease.hello_sent()
+    lease.session_granted(4.0)
+    assert [lease.next_heartbeat(), lease.next_heartbeat()] == [1, 2]
+    lease.hello_sent()
+    assert lease.next_heartbeat() == 1
+
+
+def test_the_worker_starts_stopping_runs_before_the_end(clock: Clock) -> None:
+    lease = Lease()
+    lease.hello_sent()
+    lease.session_granted(4.0)
+    assert lease.fence_lead() == 1.0
+    lease.duration = 1.0
+    assert lease.fence_lead() == 0.25
+
+
+def test_lease_file_holds_the_end_and_zero_once_ended(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    f = LeaseFile(tmp_path / "lease")
+    f.write(123.5)
+    assert float(f.path.read_text()) == 123.5
+    f.end()
+    assert float(f.path.read_text()) == 0.0
+    assert f.path.stat().st_mode & 0o777 == 0o600
