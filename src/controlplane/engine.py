@@ -1041,9 +1041,7 @@ class Engine:
             self._reject(session, "status", update.run_id, update.attempt, reason)
             return None
         usage = update.usage
-        if update.HasField("usage") and not (
-            math.isfinite(usage.cost_usd) and usage.cost_usd >= 0
-        ):
+        if update.HasField("usage") and not (math.isfinite(usage.cost_usd) and usage.cost_usd >= 0):
             reason = "usage.cost_usd must be a finite number >= 0"
             self._reject(session, "status", update.run_id, update.attempt, reason)
             return None

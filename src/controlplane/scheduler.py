@@ -25,7 +25,13 @@ from datetime import datetime, timedelta
 import structlog
 
 from taskrun.controlplane.engine import Engine
-from taskrun.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from taskrun.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from taskrun.core.ids import TaskId
 from taskrun.core.models import Task, TaskSpec, utcnow
 from taskrun.core.schedule import (
@@ -505,6 +511,8 @@ class Scheduler:
     async def _round(self) -> None:
         try:
             await self.run_due()
+        except Unavailable as exc:  # the store cannot write: expected until it recovers
+            log.warning("scheduler round deferred", reason=str(exc), retry_in_s=RETRY_DELAY)
         except Exception:
             log.exception("scheduler round failed; retrying", retry_in_s=RETRY_DELAY)
         finally:

@@ -57,6 +57,7 @@ def status_code(exc: errors.TaskRunError) -> grpc.StatusCode:
             return _CODES[kind]
     return grpc.StatusCode.INTERNAL
 
+
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 MAX_PAGE_SIZE = 1000

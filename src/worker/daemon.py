@@ -130,6 +130,7 @@ class WorkerDaemon:
         self.lease_file = LeaseFile(self.runtime_dir / "lease")
         self.lease_file.end()
         self._programs: dict[str, str] = {}  # program -> its supervised wrapper
+
     # --- top level ---------------------------------------------------------------------------
 
     async def run(self) -> int:
