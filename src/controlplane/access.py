@@ -346,10 +346,16 @@ class AccessControl:
             raise errors.NotFound(f"no API token {token_id!r}", field="token_id")
         if token.revoked_at is not None:
             raise errors.FailedPrecondition(f"token {token.id} is revoked", field="token_id")
-        token = replace(token, revoked_at=utcnow())
+        active, token = token, replace(token, revoked_at=utcnow())
         self._api_tokens[token.id] = token  # refused from this instant, before the commit
         self.revocation(token.id).set()  # and its live streams end now
-        await self.engine.commit(ChangeSet(api_tokens=[token]))
+        try:
+            await self.engine.commit(ChangeSet(api_tokens=[token]))
+        except errors.Unavailable:
+            # Not revoked after all (the caller is told so): the token works as the store says.
+            self._api_tokens[token.id] = active
+            self._revoked.pop(token.id, None)
+            raise
         self.audit(
             AuditKind.API_TOKEN_REVOKED,
             principal=by,
