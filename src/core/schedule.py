@@ -36,7 +36,7 @@ from taskrun.core.validation import (
 MAX_RRULE_COUNT = 100_000  # a COUNT rule is expanded in full once; keep that bounded
 MAX_RULE_CHARS = 4096
 MAX_PREVIEW = 100
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _CRON_MACROS = {
     "@yearly": "0 0 1 1 *",
     "@annually": "0 0 1 1 *",
@@ -111,7 +111,7 @@ def format_utc(value: datetime) -> str:
 def validate_schedule_name(name: str, field: str = "name") -> str:
     if not name:
         raise InvalidArgument("must not be empty", field=field)
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(
             f"{name!r} is not a valid schedule name (lower case letters, digits, '_' or '-', "
             "starting with a letter, at most 64)",
@@ -327,8 +327,8 @@ def compile_cron(expr: str, zone: ZoneInfo, field: str = "cron") -> Rule:
 
 # --- RRULE -----------------------------------------------------------------------------------
 
-_DTSTART = re.compile(r"^DTSTART(?P<params>(;[^:;]+)*):(?P<value>\S+)$", re.IGNORECASE)
-_DATE_TIME = re.compile(r"^(\d{8})(T(\d{6})(Z?))?$", re.IGNORECASE)
+_DTSTART = re.compile(r"DTSTART(?P<params>(;[^:;]+)*):(?P<value>\S+)", re.IGNORECASE)
+_DATE_TIME = re.compile(r"(\d{8})(T(\d{6})(Z?))?", re.IGNORECASE)
 _PERIOD = {  # frequencies whose periods have a fixed length on the wall clock
     "SECONDLY": timedelta(seconds=1),
     "MINUTELY": timedelta(minutes=1),
@@ -346,7 +346,7 @@ class _RRuleParts:
 
 
 def _parse_dtstart(line: str, zone: ZoneInfo, field: str) -> datetime:
-    match = _DTSTART.match(line)
+    match = _DTSTART.fullmatch(line)
     if match is None:
         raise InvalidArgument(f"{line!r} is not a valid DTSTART line", field=field)
     tzid = ""
@@ -359,7 +359,7 @@ def _parse_dtstart(line: str, zone: ZoneInfo, field: str) -> datetime:
         else:
             raise InvalidArgument(f"DTSTART parameter {param!r} is not supported", field=field)
     value = match["value"]
-    parsed = _DATE_TIME.match(value)
+    parsed = _DATE_TIME.fullmatch(value)
     if parsed is None:
         raise InvalidArgument(
             f"DTSTART {value!r} is not a date-time like 20260301T083000 (local), "
@@ -453,7 +453,7 @@ def compile_rrule(text: str, zone: ZoneInfo, field: str = "rrule") -> Rule:
     body = parts.body
     if "UNTIL" in params:
         until = params["UNTIL"]
-        parsed = _DATE_TIME.match(until)
+        parsed = _DATE_TIME.fullmatch(until)
         if parsed is None:
             raise InvalidArgument(
                 f"UNTIL {until!r} is not a date-time like 20261231T235959Z or a date", field=field
