@@ -15,10 +15,10 @@ from typing import Any, TypeVar
 from taskrun.cli import output
 from taskrun.cli.client import ApiTokenInfo, BootstrapTokenInfo, Client
 from taskrun.cli.credentials import target_host
-from taskrun.core.access import AuditEvent, AuditKind, Scope
+from taskrun.core.access import AuditEvent, AuditKind, Scope, TokenState
 
 T = TypeVar("T")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -30,7 +30,7 @@ def _cli() -> Any:
 
 def parse_duration(text: str) -> float:
     """`90`, `90s`, `30m`, `1h`, `7d` → seconds."""
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if match is None:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a duration (a number with s, m, h or d, e.g. 1h)"
@@ -184,13 +184,20 @@ def _bootstrap_table(tokens: Sequence[BootstrapTokenInfo], now: datetime) -> str
             t.state.name.lower(),
             output.format_expiry(t.expires_at, now),
             output.format_labels(t.labels),
-            t.used_by_host,
+            _used_by(t),
         )
         for t in tokens
     ]
     return output.render_table(
         ("TOKEN ID", "WORKER", "STATE", "EXPIRES", "LABELS", "USED BY"), rows
     )
+
+
+def _used_by(t: BootstrapTokenInfo) -> str:
+    """Who used the token; for one consumed after it expired, who presented it (refused)."""
+    if t.state is TokenState.EXPIRED and t.used_by_host:
+        return f"expired, presented by {t.used_by_host}"
+    return t.used_by_host
 
 
 def _api_table(tokens: Sequence[ApiTokenInfo], now: datetime) -> str:

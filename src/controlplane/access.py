@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import secrets
-import time
 from collections import Counter as Tally
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -22,6 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from taskrun.controlplane import pki
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.engine import Engine
+from taskrun.controlplane.guard import current_method
+from taskrun.controlplane.ratelimit import RateLimit
 from taskrun.core import errors
 from taskrun.core.access import (
     API_PREFIX,
@@ -40,13 +41,15 @@ from taskrun.core.access import (
 from taskrun.core.ids import WorkerId, is_valid_worker_id
 from taskrun.core.models import utcnow
 from taskrun.core.store import ChangeSet
+from taskrun.core.text import clip, quoted
 from taskrun.core.validation import validate_labels
 
 log = structlog.get_logger("taskrun.audit")
 
 MAX_TOKEN_NAME = 64
-# Refusals are recorded, but a flood of them must not fill the store: at most this many are
-# persisted per window; the rest are only counted (and logged once per window).
+MAX_API_TOKEN_TTL = 5 * 365 * 86400.0
+# Refusals are recorded, but a flood of them must not fill the store: at most this many per
+# source (principal, else peer host) are persisted and logged per window; the rest are counted.
 REJECTIONS_PER_WINDOW = 100
 REJECTION_WINDOW = 10.0
 
@@ -74,8 +77,7 @@ class AccessControl:
         self.ca_fingerprint = ""  # sha256:… of the CA certificate, handed out with tokens
         self._api_tokens: dict[str, ApiToken] = {}
         self._revoked: dict[str, asyncio.Event] = {}  # set when that API token is revoked
-        self._window_start = 0.0
-        self._window_rejections = 0
+        self._rejections = RateLimit(REJECTIONS_PER_WINDOW, REJECTION_WINDOW)
         self.suppressed_rejections = 0
         self.event_counts: Tally[AuditKind] = Tally()  # every audit event since the start
 
@@ -105,27 +107,36 @@ class AccessControl:
         detail: str = "",
         rejection: bool = False,
     ) -> None:
-        """Record a security event: one structured log line, and a row in the store."""
+        """Record a security event: one structured log line, and a row in the store.
+
+        A refusal names the method it refused (in its detail). Refusals are rate-limited per
+        source (the principal if there is one, else the peer's address), so a flood from one
+        source never hides another's attempt."""
         self.event_counts[kind] += 1
-        fields = {"audit": kind.value, "principal": principal, "subject": subject, "peer": peer}
+        method = current_method.get()
+        if rejection and method:
+            detail = f"{detail or kind.value} (call {method})"
+        fields = {
+            "audit": kind.value,
+            "principal": clip(principal),
+            "subject": clip(subject),
+            "peer": clip(peer),
+        }
         if rejection:
-            log.warning(detail or kind.value, **fields)
-            now = time.monotonic()
-            if now - self._window_start > REJECTION_WINDOW:
-                self._window_start, self._window_rejections = now, 0
-            self._window_rejections += 1
-            if self._window_rejections > REJECTIONS_PER_WINDOW:
+            if self._rejections.allow(principal or _peer_host(peer)):
+                log.warning(clip(detail or kind.value, 1024), **fields)
+            else:
                 self.suppressed_rejections += 1
                 return
         else:
-            log.info(detail or kind.value, **fields)
+            log.info(clip(detail or kind.value, 1024), **fields)
         event = AuditEvent(
             time=utcnow(),
             kind=kind,
-            principal=principal[:256],
-            subject=subject[:256],
-            peer=peer[:256],
-            detail=detail[:1024],
+            principal=clip(principal, 256),
+            subject=clip(subject, 256),
+            peer=clip(peer, 256),
+            detail=clip(detail, 1024),
         )
         self.engine.commit(ChangeSet(audit_events=[event]))
 
@@ -248,11 +259,14 @@ class AccessControl:
         now = utcnow()
         token = await self.store.consume_bootstrap_token(parsed.token_id, now, hostname)
         if token is None:  # used or revoked: a replay, or a race lost to another enrollment
-            state = "revoked" if stored.revoked_at is not None else "already used"
+            state = {TokenState.REVOKED: "revoked", TokenState.EXPIRED: "expired"}.get(
+                stored.state(now), "already used"
+            )
             raise errors.Unauthenticated(f"token {parsed.token_id} was {state}", field="token")
         if now >= token.expires_at:
             raise errors.Unauthenticated(
-                f"token {token.id} expired at {token.expires_at:%Y-%m-%d %H:%M:%S} UTC",
+                f"token {token.id} expired at {token.expires_at:%Y-%m-%d %H:%M:%S} UTC "
+                f"(presented by host {quoted(hostname)})",
                 field="token",
             )
         self.engine.check_not_revoked(token.worker_id)
@@ -314,6 +328,11 @@ class AccessControl:
             )
         if ttl < 0:
             raise errors.InvalidArgument("must not be negative", field="ttl_seconds")
+        if ttl > MAX_API_TOKEN_TTL:
+            raise errors.InvalidArgument(
+                f"must be at most {MAX_API_TOKEN_TTL:.0f} seconds (5 years), or 0 for no expiry",
+                field="ttl_seconds",
+            )
         issued = new_token(API_PREFIX)
         now = utcnow()
         token = ApiToken(
@@ -365,6 +384,10 @@ class AccessControl:
             event = self._revoked[token_id] = asyncio.Event()
         return event
 
+    def api_token_active(self, token_id: str) -> bool:
+        token = self._api_tokens.get(token_id)
+        return token is not None and token.state(utcnow()) is TokenState.ACTIVE
+
     def authenticate_api_token(self, text: str) -> ApiToken:
         """The active API token `text` names; Unauthenticated otherwise."""
         parsed = parse_token(text, API_PREFIX)
@@ -379,6 +402,11 @@ class AccessControl:
                 f"authorization: API token {token.id} is {state.name.lower()}"
             )
         return token
+
+
+def _peer_host(peer: str) -> str:
+    """`ipv4:10.0.0.5:51234` → `ipv4:10.0.0.5`: one source however many ports it opens."""
+    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
 
 
 def _csr_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:

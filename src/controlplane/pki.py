@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -194,7 +195,12 @@ def csr_public_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError:
         raise CsrRejected("is not a PEM-encoded PKCS#10 certificate signing request") from None
-    key = csr.public_key()
+    try:
+        key = csr.public_key()
+    except (UnsupportedAlgorithm, ValueError):  # an unknown key algorithm or curve OID
+        raise CsrRejected(
+            "key must be ECDSA P-256, got a key algorithm or curve this control plane does not know"
+        ) from None
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ec.SECP256R1):
             raise CsrRejected(f"key must be ECDSA P-256, got ECDSA {key.curve.name}")

@@ -20,6 +20,7 @@ from taskrun import convert
 from taskrun.controlplane.auth import Authenticator, Caller, peer_certificate_expiry
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.followers import Subscription
+from taskrun.controlplane.guard import STATUS_CODES
 from taskrun.controlplane.session import WorkerSession
 from taskrun.core import errors
 from taskrun.core.access import AuditKind, Scope
@@ -39,15 +40,7 @@ from taskrun.v1 import tasks_pb2, tasks_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
-_CODES: dict[type[errors.TaskRunError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-}
+_CODES = STATUS_CODES
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 

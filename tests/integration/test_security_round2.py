@@ -1,0 +1,277 @@
+"""Security, second round (issue 12): each defect found by the outside attack, as a behaviour of
+a real control plane on loopback with real certificates (short-lived ones made here)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import stat
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from structlog.testing import capture_logs
+
+from taskrun.cli.client import Client
+from taskrun.controlplane.pki import issue_client_cert
+from taskrun.core.access import AuditKind, Scope
+from taskrun.core.identity import Principal, PrincipalKind
+from taskrun.v1 import security_pb2 as spb
+from taskrun.v1 import security_pb2_grpc, tasks_pb2
+from tests.conftest import Cluster
+from tests.integration.test_security import (
+    audit_mark,
+    audit_since,
+    csr_for,
+    enroll_raw,
+    key_pem,
+    mtls_channel,
+    new_key,
+    running,
+)
+
+# An exception class name, a traceback, or a Python repr of a type: never in a reply.
+INTERNALS = re.compile(r"Traceback|[A-Z][A-Za-z]*(Error|Exception)\b|<class |File \"")
+
+
+def short_lived(cluster: Cluster, principal: Principal, seconds: float) -> tuple[bytes, bytes]:
+    """A certificate of `principal` that expires `seconds` from now, and its key."""
+    key = new_key()
+    cert, _ = issue_client_cert(
+        cluster.pki, principal, timedelta(seconds=seconds), public_key=key.public_key()
+    )
+    return cert, key_pem(key)
+
+
+async def until_expired(cert_pem: bytes) -> None:
+    end = x509.load_pem_x509_certificate(cert_pem).not_valid_after_utc
+    await asyncio.sleep(max(0.0, (end - datetime.now(UTC)).total_seconds()) + 1.1)
+
+
+def clean(details: str | None) -> str:
+    """The message of a refusal, checked to hold nothing of our internals."""
+    assert details is not None
+    assert not INTERNALS.search(details), details
+    return details
+
+
+async def refused(call, code: grpc.StatusCode, *needles: str) -> str:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await call
+    details = clean(err.value.details())
+    assert err.value.code() is code, details
+    for needle in needles:
+        assert needle in details, details
+    return details
+
+
+@pytest.fixture
+async def admin(cluster: Cluster) -> Client:
+    await cluster.start_server(ca_key=cluster.pki.ca_key, public_listen="127.0.0.1:0")
+    return cluster.client()
+
+
+# --- 1: expiry binds per call -------------------------------------------------------------------
+
+
+async def test_an_expired_operator_certificate_is_refused_on_a_connection_opened_before(
+    cluster: Cluster, admin: Client
+) -> None:
+    cert, key = short_lived(cluster, Principal(PrincipalKind.OPERATOR, "short"), 3)
+    client = Client(cluster.address, ca=cluster.pki.ca_cert.read_bytes(), cert=cert, key=key)
+    cluster.clients.append(client)
+    await client.list_workers()  # the connection opens while the certificate is valid
+    await until_expired(cert)
+    mark = await audit_mark(admin)
+
+    await refused(client.list_workers(), grpc.StatusCode.UNAUTHENTICATED, "expired at")
+    await refused(
+        client.create_api_token("outlives-the-cert", [Scope.ADMIN]),
+        grpc.StatusCode.UNAUTHENTICATED,
+        "expired at",
+    )
+    assert [t.name for t in await admin.list_api_tokens()] == []
+    events = await audit_since(admin, mark)
+    assert [e.kind for e in events] == [AuditKind.REQUEST_REJECTED] * 2
+    assert events[0].principal == "spiffe://taskrun/operator/short"
+    assert events[0].detail.endswith("(call /taskrun.v1.WorkerService/ListWorkers)")
+    assert events[1].detail.endswith("(call /taskrun.v1.AccessService/CreateApiToken)")
+
+
+async def test_an_expired_worker_certificate_cannot_renew_on_its_open_channel(
+    cluster: Cluster, admin: Client
+) -> None:
+    cert, key = short_lived(cluster, Principal(PrincipalKind.WORKER, "worker-2"), 3)
+    async with mtls_channel(cluster, cert, key) as ch:
+        stub = security_pb2_grpc.CertificateServiceStub(ch)
+        request = spb.RenewCertificateRequest(csr_pem=csr_for(new_key()))
+        await stub.RenewCertificate(request, timeout=5)  # valid: renews
+        await until_expired(cert)
+        await refused(
+            stub.RenewCertificate(request, timeout=5),
+            grpc.StatusCode.UNAUTHENTICATED,
+            "expired at",
+        )
+        # and nothing else on that connection works either, not even the anonymous methods
+        enroll = security_pb2_grpc.EnrollmentServiceStub(ch).Enroll(
+            spb.EnrollRequest(token="trb_x", csr_pem=b"x"), timeout=5
+        )
+        await refused(enroll, grpc.StatusCode.UNAUTHENTICATED, "expired at")
+
+
+# --- 3: malformed requests are INVALID_ARGUMENT naming the field --------------------------------
+
+
+def raw_call(ch: grpc.aio.Channel, method: str) -> grpc.aio.UnaryUnaryMultiCallable:
+    """A unary method that sends bytes as they are (no serializer)."""
+    return ch.unary_unary(method, request_serializer=None, response_deserializer=None)
+
+
+def der_csr_with(old: bytes, new: bytes) -> bytes:
+    """A P-256 CSR with one OID's bytes replaced (so its key cannot be loaded)."""
+    csr = x509.load_pem_x509_csr(csr_for(new_key()))
+    der = csr.public_bytes(serialization.Encoding.DER)
+    assert der.count(old) == 1
+    return x509_pem(der.replace(old, new))
+
+
+def x509_pem(der: bytes) -> bytes:
+    import base64
+
+    body = base64.encodebytes(der)
+    return b"-----BEGIN CERTIFICATE REQUEST-----\n" + body + b"-----END CERTIFICATE REQUEST-----\n"
+
+
+EC_PUBLIC_KEY = bytes.fromhex("06072a8648ce3d0201")  # id-ecPublicKey
+P256 = bytes.fromhex("06082a8648ce3d030107")  # prime256v1
+UNKNOWN_KEY_ALGORITHM = bytes.fromhex("06072a8648ce3d0209")
+UNKNOWN_CURVE = bytes.fromhex("06082a8648ce3d030109")
+
+TASKS = "/taskrun.v1.TaskService/"
+
+
+def create_task_bytes(agent: bytes, input_json: bytes = b"{}") -> bytes:
+    """A CreateTaskRequest encoded by hand, so that a field can hold bytes that are not UTF-8."""
+    return b"\x0a" + bytes([len(agent)]) + agent + b"\x12" + bytes([len(input_json)]) + input_json
+
+
+@pytest.mark.parametrize(
+    ("method", "payload", "field"),
+    [
+        pytest.param(TASKS + "CreateTask", os.urandom(64) + b"\xff", "request", id="random bytes"),
+        pytest.param(
+            TASKS + "CreateTask", create_task_bytes(b"ec\xffho"), "request", id="bad utf-8"
+        ),
+        pytest.param(
+            TASKS + "CreateTask",
+            tasks_pb2.CreateTaskRequest(
+                agent="echo", input_json='{"a": ' + "[" * 10_000 + "]" * 10_000 + "}"
+            ).SerializeToString(),
+            "input_json: is nested too deep",
+            id="json nested 10000 deep",
+        ),
+        pytest.param(
+            TASKS + "CreateTask",
+            tasks_pb2.CreateTaskRequest(
+                agent="echo", input_json='{"a": ' + "7" * 5000 + "}"
+            ).SerializeToString(),
+            "input_json: holds a number too long",
+            id="5000-digit integer",
+        ),
+        pytest.param(
+            "/taskrun.v1.AccessService/CreateApiToken",
+            spb.CreateApiTokenRequest(
+                name="forever", scopes=["read"], ttl_seconds=2**62
+            ).SerializeToString(),
+            "ttl_seconds: must be at most",
+            id="ttl of 2^62 seconds",
+        ),
+    ],
+)
+async def test_a_malformed_request_is_invalid_argument_naming_the_field_with_one_log_line(
+    cluster: Cluster, admin: Client, method: str, payload: bytes, field: str
+) -> None:
+    with capture_logs() as logs:
+        await refused(
+            raw_call(admin.channel, method)(payload, timeout=10),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            field,
+        )
+    assert len(logs) <= 1, logs
+
+
+@pytest.mark.parametrize(
+    ("old", "new"),
+    [(EC_PUBLIC_KEY, UNKNOWN_KEY_ALGORITHM), (P256, UNKNOWN_CURVE)],
+    ids=["unknown key algorithm", "unknown curve"],
+)
+async def test_an_anonymous_csr_with_an_unknown_key_oid_is_invalid_argument_with_one_log_line(
+    cluster: Cluster, admin: Client, old: bytes, new: bytes
+) -> None:
+    token = await admin.create_bootstrap_token(ttl=600, worker_id="edge-oid")
+    with capture_logs() as logs:
+        await refused(
+            enroll_raw(cluster, token.token, der_csr_with(old, new)),
+            grpc.StatusCode.INVALID_ARGUMENT,
+            "csr_pem: key must be ECDSA P-256",
+        )
+    assert len(logs) <= 1, logs
+    assert await enroll_raw(cluster, token.token, csr_for(new_key()))  # the token stays usable
+
+
+async def test_a_malformed_message_on_a_worker_stream_ends_it_invalid_argument(
+    cluster: Cluster, admin: Client
+) -> None:
+    ch = mtls_channel(
+        cluster,
+        cluster.pki.worker_cert("worker-4").read_bytes(),
+        cluster.pki.worker_key("worker-4").read_bytes(),
+    )
+    async with ch:
+        call = ch.stream_stream(
+            "/taskrun.v1.RunService/StreamConnect",
+            request_serializer=None,
+            response_deserializer=None,
+        )()
+        await call.write(b"\x0a\x05\xff\xff\xff\xff\xff")
+        await refused(call.read(), grpc.StatusCode.INVALID_ARGUMENT, "request")
+    assert "worker-4" not in running(cluster).engine.sessions
+
+
+# --- 4: whole-string matching -------------------------------------------------------------------
+
+
+async def test_a_worker_id_ending_in_a_newline_cannot_stand_in_for_a_revoked_one(
+    cluster: Cluster, admin: Client
+) -> None:
+    token = await admin.create_bootstrap_token(ttl=600, worker_id="enr-a")
+    await enroll_raw(cluster, token.token, csr_for(new_key()))
+    await admin.revoke_worker("enr-a", "laptop stolen")
+
+    await refused(
+        admin.create_bootstrap_token(ttl=600, worker_id="enr-a\n"),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "worker_id",
+    )
+    await refused(admin.create_task("echo\n", {}), grpc.StatusCode.INVALID_ARGUMENT, "agent")
+    await refused(
+        admin.create_task("echo", {}, labels={"team\n": "a"}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "labels",
+    )
+    await refused(
+        admin.create_task("echo", {}, labels={"team": "a\n"}),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "labels",
+    )
+
+
+# --- 6: file modes ------------------------------------------------------------------------------
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
