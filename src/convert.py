@@ -43,7 +43,12 @@ def ts_from_pb(msg: object, name: str) -> datetime | None:
     if not msg.HasField(name):  # type: ignore[attr-defined]
         return None
     ts: Timestamp = getattr(msg, name)
-    return ts.ToDatetime(tzinfo=UTC)
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):  # outside what a datetime holds
+        raise InvalidArgument(
+            "is not a timestamp between 0001-01-01 and 9999-12-31", field=name
+        ) from None
 
 
 def duration_to_pb(seconds: float | None, out: Duration) -> None:

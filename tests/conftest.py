@@ -81,6 +81,7 @@ class Cluster:
             "key": self.pki.worker_key(worker_id),
             "reconnect_max_wait": 0.5,
             "drain_timeout": 5.0,
+            "workspace_root": self.tmp / "workspaces" / worker_id,
         }
         config = WorkerConfig.model_validate({**settings, **overrides})
         daemon = WorkerDaemon(config, load_agents(config.agents))

@@ -395,6 +395,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="use the identity enrolled there (`taskrun worker enroll`): its worker id, CA, "
         "certificate and key, and its server unless --server is given (TASKRUN_STATE_DIR)",
     )
+    p.add_argument(  # issue 12: agents work in per-run directories, away from the keys
+        "--workspace-root",
+        metavar="DIR",
+        help="where each run gets its own working directory (TASKRUN_WORKSPACE_ROOT; default "
+        "~/.cache/taskrun/workspaces/<id>); must lie outside the state and certificate dirs",
+    )
+    p.add_argument(
+        "--allow-cwd",
+        action="append",
+        metavar="DIR",
+        help="a directory a task's input.cwd may name or lie inside (repeat; default none: "
+        "a task giving input.cwd fails)",
+    )
+    p.add_argument(
+        "--keep-workspaces",
+        action="store_true",
+        help="keep each run's working directory after the run (default: removed)",
+    )
+    p.add_argument(
+        "--agent-sandbox",
+        action="store_true",
+        help="ask agents that can (claude_code) to sandbox the commands they run "
+        "(needs bubblewrap: apt install bubblewrap)",
+    )
     _add_revoke(worker)
 
     # task
@@ -910,6 +934,12 @@ def worker_config(args: argparse.Namespace) -> Any:
     drain = _arg(args, "drain_timeout")
     if drain is not None:
         values["drain_timeout"] = drain
+    workspace_root = _arg(args, "workspace_root") or _env("TASKRUN_WORKSPACE_ROOT")
+    if workspace_root:
+        values["workspace_root"] = Path(workspace_root)
+    values["allow_cwd"] = [Path(d) for d in _arg(args, "allow_cwd") or []]
+    values["keep_workspaces"] = bool(_arg(args, "keep_workspaces"))
+    values["agent_sandbox"] = bool(_arg(args, "agent_sandbox"))
     state_dir = _arg(args, "state_dir") or _env("TASKRUN_STATE_DIR")
     if not state_dir and not (cert or key or _arg(args, "worker_id") or _env("TASKRUN_WORKER_ID")):
         from taskrun.worker.identity import DEFAULT_STATE_DIR
@@ -946,6 +976,10 @@ def cmd_worker_run(args: argparse.Namespace) -> int:
         hint="; on a new machine, enroll it first: `taskrun worker enroll --server HOST:PORT "
         "--token TOKEN --ca-fingerprint sha256:…` (see `taskrun token create`)",
     )
+    try:
+        config.workspaces()  # issue 12: refuse a workspace root among the keys, before starting
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from None
     _setup_logging(args, daemon=True)
     from taskrun.worker.daemon import run_worker
 

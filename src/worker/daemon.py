@@ -90,6 +90,7 @@ class WorkerDaemon:
     def __init__(self, config: WorkerConfig, agents: dict[str, Agent]) -> None:
         config = config.with_identity()
         self.config = config
+        self.workspaces = config.workspaces()  # ValueError for a root among the worker's keys
         self.agents = agents
         self.outbox = Outbox()
         self.runs: dict[RunId, ActiveRun] = {}
@@ -527,6 +528,7 @@ class WorkerDaemon:
             prompt=a.prompt,
             outbox=self.outbox,
             max_chunk_bytes=self._params.max_chunk_bytes or 64 * 1024,
+            workspaces=self.workspaces,
         )
         if agent is None:
             self.outbox.put_nowait(_failed(a, f"agent {a.agent!r} is not offered by this worker"))
@@ -535,6 +537,12 @@ class WorkerDaemon:
             ctx.input = json.loads(a.input_json or "{}")
         except ValueError as exc:
             self.outbox.put_nowait(_failed(a, f"input is not valid JSON: {exc}"))
+            return
+        try:
+            ctx.workspace = self.workspaces.open(run_id)
+        except OSError as exc:
+            bound.warning("no workspace for the run", error=str(exc))
+            self.outbox.put_nowait(_failed(a, f"the worker could not create a workspace: {exc}"))
             return
         active = ActiveRun(a, ctx, worker_id=self.config.worker_id)
         active.task = asyncio.create_task(execute(agent, active))
@@ -547,6 +555,10 @@ class WorkerDaemon:
         active = self.runs.pop(run_id, None)
         if active is not None:  # issue 6 (metrics)
             self.metrics.run_ended(active.status)
+            # removed off the event loop: a workspace can be large
+            asyncio.get_running_loop().run_in_executor(
+                None, self.workspaces.close, active.ctx.workspace
+            )
         if not self.runs:
             self._runs_idle.set()
 
@@ -639,7 +651,11 @@ async def run_worker(config: WorkerConfig) -> int:
     except (ValueError, TypeError) as exc:
         log.error("cannot load agents", error=str(exc))
         return 2
-    daemon = WorkerDaemon(config, agents)
+    try:
+        daemon = WorkerDaemon(config, agents)
+    except ValueError as exc:  # a workspace root among the worker's keys
+        log.error("cannot use the workspace settings", error=str(exc))
+        return 2
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):

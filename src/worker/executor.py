@@ -6,6 +6,7 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -17,6 +18,7 @@ from taskrun.core.status import RunStatus
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 from taskrun.worker.outbox import Outbox
+from taskrun.worker.workspace import Workspaces
 
 log = structlog.get_logger(__name__)
 
@@ -33,8 +35,21 @@ class RunContext:
     prompt: str
     outbox: Outbox
     max_chunk_bytes: int
+    workspaces: Workspaces
+    workspace: Path = field(default_factory=Path)
     seq: int = 0
     _log: Any = field(default=None, repr=False)
+
+    @property
+    def protected_paths(self) -> tuple[Path, ...]:
+        return self.workspaces.protected
+
+    @property
+    def sandbox(self) -> bool:
+        return self.workspaces.sandbox
+
+    def working_directory(self, requested: str | None) -> Path:
+        return self.workspaces.cwd_for(requested, self.workspace)
 
     async def _put(self, kind: pb.OutputKind, data: str) -> None:
         self.seq += 1
