@@ -4,6 +4,7 @@ a real control plane on loopback with real certificates (short-lived ones made h
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import re
 import stat
@@ -20,9 +21,11 @@ from taskrun.cli.client import Client
 from taskrun.controlplane.pki import issue_client_cert
 from taskrun.core.access import AuditKind, Scope
 from taskrun.core.identity import Principal, PrincipalKind
+from taskrun.core.models import TaskSpec
 from taskrun.v1 import security_pb2 as spb
 from taskrun.v1 import security_pb2_grpc, tasks_pb2
 from tests.conftest import Cluster
+from tests.integration.test_access_cli import run_cli
 from tests.integration.test_security import (
     audit_mark,
     audit_since,
@@ -275,3 +278,36 @@ async def test_a_worker_id_ending_in_a_newline_cannot_stand_in_for_a_revoked_one
 
 def mode(path: Path) -> int:
     return stat.S_IMODE(path.stat().st_mode)
+
+
+# --- 5: text that is not UTF-8 ------------------------------------------------------------------
+
+
+async def test_an_input_holding_a_lone_surrogate_is_refused_naming_input_json(
+    cluster: Cluster, admin: Client
+) -> None:
+    await refused(
+        admin.create_task("echo", '{"t": "\\ud800"}'),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input_json:",
+        "surrogate",
+    )
+    await refused(
+        admin.create_task("echo", '{"\\udfff": 1}'), grpc.StatusCode.INVALID_ARGUMENT, "input_json:"
+    )
+
+
+async def test_task_list_and_get_print_json_even_when_a_stored_input_holds_a_lone_surrogate(
+    cluster: Cluster, admin: Client
+) -> None:
+    # stored before submissions were checked: written through the engine, as the old server did
+    engine = running(cluster).engine
+    [(task, _)] = await engine.create_tasks([TaskSpec(agent="echo", input='{"t": "\\ud800"}')])
+    for args in (("task", "list"), ("task", "get", task.id)):
+        code, out, err = await run_cli(cluster, *args, "--output", "json")
+        assert code == 0, err
+        doc = json.loads(out)
+        doc = doc["tasks"][0] if "tasks" in doc else doc
+        assert doc["input"] == {"t": "\ud800"}  # the same value, escaped in the JSON text
+    code, out, err = await run_cli(cluster, "task", "get", task.id)
+    assert code == 0, err
