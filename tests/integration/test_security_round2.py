@@ -8,6 +8,7 @@ import json
 import os
 import re
 import stat
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -311,3 +312,50 @@ async def test_task_list_and_get_print_json_even_when_a_stored_input_holds_a_lon
         assert doc["input"] == {"t": "\ud800"}  # the same value, escaped in the JSON text
     code, out, err = await run_cli(cluster, "task", "get", task.id)
     assert code == 0, err
+
+
+@pytest.fixture
+def umask_022() -> Iterator[None]:
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+async def test_the_database_its_wal_and_shm_are_0600_in_a_0700_directory(
+    cluster: Cluster, tmp_path: Path, umask_022: None
+) -> None:
+    db = tmp_path / "site" / ".taskrun" / "taskrun.db"
+    await cluster.start_server(store=f"sqlite:{db}")
+    client = cluster.client()
+    await client.create_task("echo", {"text": "secret input"})
+    await running(cluster).engine.flush()
+    for path in (db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        assert path.exists() and mode(path) == 0o600, (path, oct(mode(path)))
+    assert mode(db.parent) == 0o700 and mode(db.parent.parent) == 0o700
+
+
+async def test_an_existing_world_readable_database_and_taskrun_directory_are_tightened(
+    cluster: Cluster, tmp_path: Path, umask_022: None
+) -> None:
+    db = tmp_path / ".taskrun" / "taskrun.db"
+    await cluster.start_server(store=f"sqlite:{db}")
+    await cluster.stop_server()
+    for path in (db.parent, db, Path(f"{db}-wal"), Path(f"{db}-shm")):
+        if path.exists():
+            path.chmod(0o755 if path.is_dir() else 0o644)
+    await cluster.start_server(store=f"sqlite:{db}")
+    assert mode(db) == 0o600 and mode(db.parent) == 0o700
+    for path in (Path(f"{db}-wal"), Path(f"{db}-shm")):
+        assert not path.exists() or mode(path) == 0o600
+
+
+def test_a_worker_state_directory_and_taskrun_above_it_are_0700(
+    tmp_path: Path, umask_022: None
+) -> None:
+    from taskrun.worker.identity import ensure_state_dir
+
+    ensure_state_dir(tmp_path / ".taskrun" / "worker")
+    assert mode(tmp_path / ".taskrun") == 0o700
+    assert mode(tmp_path / ".taskrun" / "worker") == 0o700
