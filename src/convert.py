@@ -28,6 +28,7 @@ from taskrun.core.models import (
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.text import quoted
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import schedules_pb2, security_pb2, tasks_pb2
 
@@ -374,7 +375,7 @@ def scopes_from_pb(values: list[str], field: str = "scopes") -> frozenset[Scope]
     except ValueError:
         bad = next(v for v in values if v not in {s.value for s in Scope})
         raise InvalidArgument(
-            f"unknown scope {bad!r}; use {', '.join(s.value for s in Scope)}", field=field
+            f"unknown scope {quoted(bad)}; use {', '.join(s.value for s in Scope)}", field=field
         ) from None
 
 

@@ -204,7 +204,7 @@ class AccessControl:
         await self.engine.flush()
         token = await self.store.get_bootstrap_token(_token_id(token_id, BOOTSTRAP_PREFIX))
         if token is None:
-            raise errors.NotFound(f"no bootstrap token {token_id!r}", field="token_id")
+            raise errors.NotFound(f"no bootstrap token {quoted(token_id)}", field="token_id")
         if token.revoked_at is not None or token.used_at is not None:
             state = token.state(utcnow()).name.lower()
             raise errors.FailedPrecondition(f"token {token.id} is {state}", field="token_id")
@@ -277,7 +277,7 @@ class AccessControl:
             principal=f"token {token.id}",
             subject=token.worker_id,
             peer=peer,
-            detail=f"worker enrolled from host {hostname!r}; certificate serial "
+            detail=f"worker enrolled from host {quoted(hostname)}; certificate serial "
             f"{cert.serial_number:x} valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
         )
         return Enrolled(
@@ -362,7 +362,7 @@ class AccessControl:
     async def revoke_api_token(self, token_id: str, *, by: str) -> ApiToken:
         token = self._api_tokens.get(_token_id(token_id, API_PREFIX))
         if token is None:
-            raise errors.NotFound(f"no API token {token_id!r}", field="token_id")
+            raise errors.NotFound(f"no API token {quoted(token_id)}", field="token_id")
         if token.revoked_at is not None:
             raise errors.FailedPrecondition(f"token {token.id} is revoked", field="token_id")
         token = replace(token, revoked_at=utcnow())

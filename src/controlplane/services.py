@@ -28,6 +28,7 @@ from taskrun.core.ids import RunId, TaskId, WorkerId, is_valid_worker_id
 from taskrun.core.models import OutputChunk, OutputKind, Task, Worker, utcnow
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.store import TaskQuery
+from taskrun.core.text import quoted
 from taskrun.core.validation import (
     MAX_BATCH,
     MAX_INPUT_BYTES,
@@ -108,7 +109,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         for i, (spec, (task, created)) in enumerate(zip(specs, results, strict=True)):
             if not created and not task.same_request(spec):
                 raise errors.AlreadyExists(
-                    f"idempotency key {spec.policy.idempotency_key!r} was used by task {task.id} "
+                    f"idempotency key {quoted(spec.policy.idempotency_key)} was used by task "
+                    f"{task.id} "
                     "with a different request",
                     field=f"{prefix(i)}policy.idempotency_key",
                 )
@@ -146,7 +148,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         store = self.engine.store
         task = await store.get_task(task_id)
         if task is None:
-            raise errors.NotFound(f"no task {task_id!r}", field="task_id")
+            raise errors.NotFound(f"no task {quoted(task_id)}", field="task_id")
         return convert.task_to_pb(task, await store.list_runs(task_id))
 
     @domain_errors
@@ -249,7 +251,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             task = await store.get_task(task_id)
             runs = [r.id for r in await store.list_runs(task_id)] if task else []
         if task is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"task_id: no task {task_id!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"task_id: no task {quoted(task_id)}")
             return
         seen: dict[RunId, int] = {}
 
@@ -337,7 +339,7 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             raise errors.InvalidArgument("must not be empty", field="worker_id")
         worker = self.engine.workers.get(WorkerId(request.worker_id))
         if worker is None:
-            raise errors.NotFound(f"no worker {request.worker_id!r}", field="worker_id")
+            raise errors.NotFound(f"no worker {quoted(request.worker_id)}", field="worker_id")
         return convert.worker_to_pb(worker, self.engine.worker_runs(worker.id))
 
     @domain_errors
@@ -418,8 +420,8 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
         try:
             if hello.worker_id != worker_id:
                 raise errors.PermissionDenied(
-                    f"hello.worker_id {hello.worker_id!r} does not match the certificate "
-                    f"identity {worker_id!r}"
+                    f"hello.worker_id {quoted(hello.worker_id)} does not match the certificate "
+                    f"identity {quoted(worker_id)}"
                 )
             self.engine.check_not_revoked(worker_id)
             worker = _worker_from_hello(hello)

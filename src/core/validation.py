@@ -10,6 +10,7 @@ from typing import Any
 
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import TaskPolicy, TaskSpec
+from taskrun.core.text import quoted
 
 MAX_INPUT_BYTES = 1 << 20  # 1 MiB of JSON per task input
 MAX_LABELS = 64
@@ -31,7 +32,7 @@ def validate_agent_name(name: str, field: str = "agent") -> str:
         raise InvalidArgument("must not be empty", field=field)
     if not _AGENT.fullmatch(name):
         raise InvalidArgument(
-            f"{name!r} is not a valid agent name (lower case letters, digits, '_' or '-', "
+            f"{quoted(name)} is not a valid agent name (lower case letters, digits, '_' or '-', "
             "starting with a letter, at most 64)",
             field=field,
         )
@@ -104,13 +105,14 @@ def validate_labels(labels: Mapping[str, str], field: str = "labels") -> dict[st
     for key, value in labels.items():
         if not _LABEL_KEY.fullmatch(key):
             raise InvalidArgument(
-                f"key {key!r} is not a valid label key (letters, digits, '.', '_', '-', "
+                f"key {quoted(key)} is not a valid label key (letters, digits, '.', '_', '-', "
                 "at most 63, optional DNS prefix and '/')",
                 field=field,
             )
         if not _LABEL_VALUE.fullmatch(value):
             raise InvalidArgument(
-                f"value {value!r} of {key!r} is not a valid label value (letters, digits, "
+                f"value {quoted(value)} of {quoted(key)} is not a valid label value (letters, "
+                "digits, "
                 "'.', '_', '-', at most 63, starting and ending alphanumeric)",
                 field=field,
             )
@@ -123,7 +125,7 @@ def parse_label_args(items: list[str], field: str = "labels") -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise InvalidArgument(f"{item!r} must have the form key=value", field=field)
+            raise InvalidArgument(f"{quoted(item)} must have the form key=value", field=field)
         labels[key] = value
     return validate_labels(labels, field)
 

@@ -24,7 +24,7 @@ from taskrun.core.access import AuditKind, Scope
 from taskrun.core.identity import Principal, PrincipalKind
 from taskrun.core.models import TaskSpec
 from taskrun.v1 import security_pb2 as spb
-from taskrun.v1 import security_pb2_grpc, tasks_pb2
+from taskrun.v1 import security_pb2_grpc, tasks_pb2, workers_pb2, workers_pb2_grpc
 from tests.conftest import Cluster
 from tests.integration.test_access_cli import run_cli
 from tests.integration.test_security import (
@@ -36,6 +36,8 @@ from tests.integration.test_security import (
     mtls_channel,
     new_key,
     running,
+    tls_channel,
+    token_client,
 )
 
 # An exception class name, a traceback, or a Python repr of a type: never in a reply.
@@ -359,3 +361,74 @@ def test_a_worker_state_directory_and_taskrun_above_it_are_0700(
     ensure_state_dir(tmp_path / ".taskrun" / "worker")
     assert mode(tmp_path / ".taskrun") == 0o700
     assert mode(tmp_path / ".taskrun" / "worker") == 0o700
+
+
+# --- 7: audit rows say which call, whose token, and a flood hides nobody ------------------------
+
+
+async def test_a_refusal_for_a_revoked_or_unknown_api_token_records_the_token_id_it_claimed(
+    cluster: Cluster, admin: Client
+) -> None:
+    secret, info = await admin.create_api_token("ci", [Scope.READ])
+    await admin.revoke_api_token(info.token_id)
+    unknown = f"tra_{'ab' * 8}.{'A' * 43}"
+    mark = await audit_mark(admin)
+    for token in (secret, unknown):
+        program = token_client(cluster, token)
+        await refused(program.list_workers(), grpc.StatusCode.UNAUTHENTICATED)
+    revoked, stranger = await audit_since(admin, mark)
+    assert revoked.principal == f"api-token {info.token_id}", revoked
+    assert stranger.principal == f"api-token {'ab' * 8}", stranger
+    assert revoked.detail.endswith("(call /taskrun.v1.WorkerService/ListWorkers)")
+    assert secret.split(".")[1] not in str(revoked)  # never the secret
+
+
+async def test_a_flood_of_anonymous_refusals_does_not_hide_a_worker_trying_to_revoke_a_worker(
+    cluster: Cluster, admin: Client
+) -> None:
+    mark = await audit_mark(admin)
+    async with tls_channel(cluster) as ch:
+        stub = workers_pb2_grpc.WorkerServiceStub(ch)
+        for _ in range(150):
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.ListWorkers(workers_pb2.ListWorkersRequest(), timeout=5)
+    worker = mtls_channel(
+        cluster,
+        cluster.pki.worker_cert("worker-6").read_bytes(),
+        cluster.pki.worker_key("worker-6").read_bytes(),
+    )
+    async with worker as ch:
+        attempt = workers_pb2_grpc.WorkerServiceStub(ch).RevokeWorker(
+            workers_pb2.RevokeWorkerRequest(worker_id="worker-1"), timeout=5
+        )
+        await refused(attempt, grpc.StatusCode.PERMISSION_DENIED, "needs an operator identity")
+    events = [e for e in await admin.list_audit_events(limit=1000) if e.id > mark]
+    anonymous = [e for e in events if e.principal == ""]
+    assert len(anonymous) == 100  # capped per source …
+    [attempted] = [e for e in events if e.principal == "spiffe://taskrun/worker/worker-6"]
+    assert attempted.detail.endswith("(call /taskrun.v1.WorkerService/RevokeWorker)")
+
+
+# --- 8: bounded echoes --------------------------------------------------------------------------
+
+
+async def test_a_100kb_label_value_in_a_hello_is_not_echoed_in_the_reply_or_the_log(
+    cluster: Cluster, admin: Client
+) -> None:
+    huge = "v" * 100_000
+    ch = mtls_channel(
+        cluster,
+        cluster.pki.worker_cert("worker-4").read_bytes(),
+        cluster.pki.worker_key("worker-4").read_bytes(),
+    )
+    with capture_logs() as logs:
+        async with ch:
+            call = workers_pb2_grpc.RunServiceStub(ch).StreamConnect()
+            hello = workers_pb2.WorkerHello(
+                worker_id="worker-4", max_concurrent_runs=1, labels={"team": huge + "!"}
+            )
+            await call.write(workers_pb2.WorkerMessage(hello=hello))
+            details = await refused(call.read(), grpc.StatusCode.INVALID_ARGUMENT, "hello.labels")
+    assert len(details) < 600, len(details)
+    assert "(100001 characters)" in details
+    assert logs and all(len(str(entry)) < 2000 for entry in logs), [len(str(e)) for e in logs]
