@@ -67,9 +67,16 @@ class LogLimiter:
         limiter.warning(worker_id, "report rejected", worker_id=worker_id, run_id=run_id)
     """
 
-    def __init__(self, logger: Any, *, limit: int = 10, window: float = 10.0) -> None:
+    def __init__(
+        self,
+        logger: Any,
+        *,
+        limit: int = 10,
+        window: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._log = logger
-        self._limit = RateLimit(limit, window)
+        self._limit = RateLimit(limit, window, clock=clock)
         self._pending: dict[str, int] = {}  # key -> suppressed in the window that ended
 
     def warning(self, key: str, event: str, **fields: Any) -> bool:
