@@ -91,6 +91,9 @@ class _GuardedContext:
 
 async def _end(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
     """End the call for an exception a handler let through: its status, never UNKNOWN."""
+    if context.done() or context.cancelled():  # the call has ended (the peer went away)
+        log.debug("request ended after its call", method=method, error=type(exc).__name__)
+        return
     if isinstance(exc, errors.TaskRunError):
         await context.abort(STATUS_CODES[type(exc)], str(exc))
     log.error("request failed", method=method, error=type(exc).__name__)

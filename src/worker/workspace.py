@@ -101,13 +101,15 @@ class Workspaces:
         if not path.is_absolute() or not any(path.is_relative_to(a) for a in self.allow_cwd):
             allowed = ", ".join(str(a) for a in self.allow_cwd) or "none"
             raise AgentError(
-                f"input.cwd: {quoted(requested)} is not inside a directory this worker allows "
+                f"input.cwd: {quoted(requested, 256)} is not inside a directory this worker allows "
                 f"(allowed: {allowed}; the worker's operator adds one with --allow-cwd DIR)"
             )
         if any(_overlaps(path, p) for p in self.protected):
             raise AgentError(
-                f"input.cwd: {quoted(requested)} overlaps the worker's state or certificates"
+                f"input.cwd: {quoted(requested, 256)} overlaps the worker's state or certificates"
             )
         if not path.is_dir():
-            raise AgentError(f"input.cwd: {quoted(requested)} is not a directory on this worker")
+            raise AgentError(
+                f"input.cwd: {quoted(requested, 256)} is not a directory on this worker"
+            )
         return path
