@@ -47,6 +47,7 @@ from taskrun.core.validation import validate_labels
 log = structlog.get_logger("taskrun.audit")
 
 MAX_TOKEN_NAME = 64
+LOGIN_UNIT_PREFIX = "login api-token "  # the subject OU of a `taskrun login` certificate
 MAX_API_TOKEN_TTL = 5 * 365 * 86400.0
 # Refusals are recorded, but a flood of them must not fill the store: at most this many per
 # source (principal, else peer host) are persisted and logged per window; the rest are counted.
@@ -314,6 +315,41 @@ class AccessControl:
             f"valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
         )
         return cert
+
+    async def issue_operator_certificate(
+        self, token_id: str, csr_pem: bytes, ttl: float, peer: str
+    ) -> x509.Certificate:
+        """`taskrun login`: an operator certificate bound to the caller's (admin) API token,
+        valid for `ttl` (0: the default) but never past the token's expiry."""
+        cfg = self.config
+        token = self._api_tokens.get(token_id)
+        if token is None or token.state(utcnow()) is not TokenState.ACTIVE:
+            raise errors.Unauthenticated("authorization: the API token is not active")
+        if ttl < 0 or ttl > cfg.operator_cert_lifetime:
+            raise errors.InvalidArgument(
+                f"must be between 0 (the default) and {cfg.operator_cert_lifetime:.0f} seconds",
+                field="ttl_seconds",
+            )
+        lifetime = timedelta(seconds=ttl or cfg.operator_cert_lifetime)
+        if token.expires_at is not None:
+            lifetime = min(lifetime, token.expires_at - utcnow())
+        ca = self._require_ca()
+        key = _csr_key(csr_pem)
+        name = f"api-token-{token.id}"
+        cert = pki.sign_operator_key(ca, key, name, lifetime, unit=f"{LOGIN_UNIT_PREFIX}{token.id}")
+        self.audit(
+            AuditKind.OPERATOR_CERTIFICATE_ISSUED,
+            principal=f"api-token {token.id} ({token.name})",
+            subject=f"operator {name}",
+            peer=peer,
+            detail=f"operator certificate issued; serial {cert.serial_number:x} valid until "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC, while token {token.id} is active",
+        )
+        return cert
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self._ca_pem
 
     # --- API tokens ----------------------------------------------------------------------------
 

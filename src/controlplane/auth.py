@@ -17,7 +17,7 @@ from typing import NoReturn, TypeVar
 import grpc
 from cryptography import x509
 
-from taskrun.controlplane.access import AccessControl
+from taskrun.controlplane.access import LOGIN_UNIT_PREFIX, AccessControl
 from taskrun.core import errors
 from taskrun.core.access import API_PREFIX, AuditKind, Scope, grants, parse_token
 from taskrun.core.identity import Principal, PrincipalKind, parse_spiffe_id
@@ -25,7 +25,6 @@ from taskrun.core.ids import WorkerId
 from taskrun.core.models import utcnow
 
 ALL_SCOPES = frozenset(Scope)
-LOGIN_UNIT_PREFIX = "login api-token "  # the subject OU of a `taskrun login` certificate
 T = TypeVar("T")
 
 
@@ -182,7 +181,8 @@ class Authenticator:
                     f"{principal} may not call this; it needs an operator identity",
                     principal=str(principal),
                 )
-            caller = Caller(str(principal), ALL_SCOPES)
+            cert = peer_certificate(context)  # a `taskrun login` certificate ends with its token
+            caller = Caller(str(principal), ALL_SCOPES, cert.login_token_id if cert else "")
         if not grants(caller.scopes, needed):
             held = ", ".join(sorted(caller.scopes)) or "none"
             await self._refuse(

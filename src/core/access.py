@@ -147,6 +147,7 @@ class AuditKind(StrEnum):
     BOOTSTRAP_TOKEN_REVOKED = "bootstrap_token_revoked"
     API_TOKEN_CREATED = "api_token_created"
     API_TOKEN_REVOKED = "api_token_revoked"
+    OPERATOR_CERTIFICATE_ISSUED = "operator_certificate_issued"  # `taskrun login`
 
 
 @dataclass(frozen=True, slots=True)

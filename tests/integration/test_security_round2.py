@@ -432,3 +432,75 @@ async def test_a_100kb_label_value_in_a_hello_is_not_echoed_in_the_reply_or_the_
     assert len(details) < 600, len(details)
     assert "(100001 characters)" in details
     assert logs and all(len(str(entry)) < 2000 for entry in logs), [len(str(e)) for e in logs]
+
+
+# --- operators: short-lived certificates from `taskrun login`, revoked with their token ---------
+
+
+async def test_login_gives_a_short_lived_operator_certificate_that_dies_with_its_token(
+    cluster: Cluster, admin: Client, tmp_path: Path
+) -> None:
+    secret, info = await admin.create_api_token("alice", [Scope.ADMIN])
+    out = tmp_path / "login"
+    code, stdout, err = await run_cli(
+        cluster,
+        "login",
+        "--out",
+        str(out),
+        "--ttl",
+        "2h",
+        server=cluster.public_address,
+        TASKRUN_API_TOKEN=secret,
+    )
+    assert code == 0, err
+    assert mode(out / "operator-key.pem") == 0o600 and mode(out) == 0o700
+    cert = x509.load_pem_x509_certificate((out / "operator.pem").read_bytes())
+    lifetime = cert.not_valid_after_utc - datetime.now(UTC)
+    assert timedelta(hours=1.9) < lifetime <= timedelta(hours=2)
+    identity = f"spiffe://taskrun/operator/api-token-{info.token_id}"
+    assert identity in stdout and f"TASKRUN_SERVER=127.0.0.1:{cluster.port}" in stdout
+
+    operator = Client(
+        cluster.address,
+        ca=(out / "ca.pem").read_bytes(),
+        cert=(out / "operator.pem").read_bytes(),
+        key=(out / "operator-key.pem").read_bytes(),
+    )
+    cluster.clients.append(operator)
+    await operator.list_workers()  # an operator: every scope, on the mTLS listener
+    mark = await audit_mark(admin)
+    await admin.revoke_api_token(info.token_id)
+    await refused(operator.list_workers(), grpc.StatusCode.UNAUTHENTICATED, info.token_id)
+    refusal = [e for e in await audit_since(admin, mark) if e.kind is AuditKind.REQUEST_REJECTED]
+    assert [e.principal for e in refusal] == [identity]
+
+
+async def test_login_needs_an_admin_token_and_refuses_certificates_and_long_lifetimes(
+    cluster: Cluster, admin: Client
+) -> None:
+    csr = csr_for(new_key())
+    reader, _ = await admin.create_api_token("reader", [Scope.READ])
+    await refused(
+        token_client(cluster, reader).issue_operator_certificate(csr),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "needs 'admin'",
+    )
+    await refused(
+        admin.issue_operator_certificate(csr),
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "log in with an admin API token",
+    )
+    boss, _ = await admin.create_api_token("boss", [Scope.ADMIN])
+    await refused(
+        token_client(cluster, boss).issue_operator_certificate(csr, ttl=25 * 3600),
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "ttl_seconds: must be between 0",
+    )
+
+
+async def test_a_login_certificate_never_outlives_its_token(
+    cluster: Cluster, admin: Client
+) -> None:
+    boss, _ = await admin.create_api_token("short", [Scope.ADMIN], ttl=600)
+    issued = await token_client(cluster, boss).issue_operator_certificate(csr_for(new_key()))
+    assert issued.expires_at - datetime.now(UTC) <= timedelta(seconds=600)
