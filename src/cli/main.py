@@ -334,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="lifetime of enrolled and renewed worker certificates (default 86400 = 24 h)",
     )
+    p.add_argument(  # issue 12
+        "--operator-cert-lifetime",
+        type=positive_float,
+        metavar="S",
+        help="default and longest lifetime of `taskrun login` certificates "
+        "(default 43200 = 12 h, at most 86400)",
+    )
     p.add_argument("--heartbeat-interval", type=positive_float, metavar="S")
     p.add_argument("--heartbeat-timeout", type=positive_float, metavar="S")
     p.add_argument("--reconnect-grace", type=positive_float, metavar="S")
@@ -842,6 +849,7 @@ def server_config(args: argparse.Namespace) -> Any:
         "public_listen": public,
         "public_operator_api": _public_api(args),
         "worker_cert_lifetime": _arg(args, "worker_cert_lifetime"),
+        "operator_cert_lifetime": _arg(args, "operator_cert_lifetime"),
         "store": resolve_store(args),
         "heartbeat_interval": _arg(args, "heartbeat_interval"),
         "heartbeat_timeout": _arg(args, "heartbeat_timeout"),
