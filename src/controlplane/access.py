@@ -8,6 +8,7 @@ and only then checked for expiry, so a replay of any token, expired or not, alwa
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
 from collections import Counter as Tally
 from collections.abc import Mapping
@@ -53,6 +54,7 @@ MAX_API_TOKEN_TTL = 5 * 365 * 86400.0
 # source (principal, else peer host) are persisted and logged per window; the rest are counted.
 REJECTIONS_PER_WINDOW = 100
 REJECTION_WINDOW = 10.0
+REJECTION_SOURCES = 1000  # sources tracked at once; beyond, new ones share one budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,7 +80,9 @@ class AccessControl:
         self.ca_fingerprint = ""  # sha256:… of the CA certificate, handed out with tokens
         self._api_tokens: dict[str, ApiToken] = {}
         self._revoked: dict[str, asyncio.Event] = {}  # set when that API token is revoked
-        self._rejections = RateLimit(REJECTIONS_PER_WINDOW, REJECTION_WINDOW)
+        self._rejections = RateLimit(
+            REJECTIONS_PER_WINDOW, REJECTION_WINDOW, max_keys=REJECTION_SOURCES
+        )
         self.suppressed_rejections = 0
         self.event_counts: Tally[AuditKind] = Tally()  # every audit event since the start
 
@@ -107,12 +111,15 @@ class AccessControl:
         peer: str = "",
         detail: str = "",
         rejection: bool = False,
+        claimed: bool = False,
     ) -> None:
         """Record a security event: one structured log line, and a row in the store.
 
         A refusal names the method it refused (in its detail). Refusals are rate-limited per
-        source (the principal if there is one, else the peer's address), so a flood from one
-        source never hides another's attempt."""
+        source, so a flood from one source never hides another's attempt: the source is the
+        principal when it was authenticated (a certificate, a valid API token), else the peer's
+        address (`claimed`: the principal is only what the caller said, e.g. an unknown token id,
+        which an attacker could vary to get a fresh budget each time)."""
         self.event_counts[kind] += 1
         method = current_method.get()
         if rejection and method:
@@ -124,10 +131,13 @@ class AccessControl:
             "peer": clip(peer),
         }
         if rejection:
-            if self._rejections.allow(principal or _peer_host(peer)):
+            source = _peer_host(peer) if claimed or not principal else principal
+            if self._rejections.allow(source):
                 log.warning(clip(detail or kind.value, 1024), **fields)
             else:
                 self.suppressed_rejections += 1
+                if self._rejections.suppressed(source) == 1:
+                    log.warning("further refusals from this source are only counted", **fields)
                 return
         else:
             log.info(clip(detail or kind.value, 1024), **fields)
@@ -245,6 +255,7 @@ class AccessControl:
                 peer=peer,
                 detail=str(exc),
                 rejection=True,
+                claimed=True,
             )
             raise
 
@@ -441,8 +452,16 @@ class AccessControl:
 
 
 def _peer_host(peer: str) -> str:
-    """`ipv4:10.0.0.5:51234` → `ipv4:10.0.0.5`: one source however many ports it opens."""
-    return peer.rsplit(":", 1)[0] if peer.count(":") >= 2 else peer
+    """`ipv4:10.0.0.5:51234` → `ipv4:10.0.0.5`, `ipv6:[2001:db8::1]:443` → its /64: one source
+    however many ports (or IPv6 addresses of one network) it uses."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        try:
+            address = ipaddress.ip_address(rest[1:].partition("]")[0])
+        except ValueError:
+            return peer
+        return f"ipv6:{ipaddress.ip_network(f'{address}/64', strict=False)}"
+    return peer.rsplit(":", 1)[0] if kind == "ipv4" else peer
 
 
 def _csr_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:

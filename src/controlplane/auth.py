@@ -118,9 +118,15 @@ class Authenticator:
         *,
         principal: str = "",
         kind: AuditKind = AuditKind.REQUEST_REJECTED,
+        claimed: bool = False,
     ) -> NoReturn:
         self.access.audit(
-            kind, principal=principal, peer=context.peer() or "", detail=message, rejection=True
+            kind,
+            principal=principal,
+            peer=context.peer() or "",
+            detail=message,
+            rejection=True,
+            claimed=claimed,
         )
         await context.abort(code, message)
         raise AssertionError("unreachable")
@@ -163,6 +169,7 @@ class Authenticator:
                     grpc.StatusCode.UNAUTHENTICATED,
                     str(exc),
                     principal=f"api-token {claimed.token_id}" if claimed else "",
+                    claimed=True,
                 )
             caller = Caller(f"api-token {token.id} ({token.name})", token.scopes, token.id)
         else:

@@ -504,3 +504,17 @@ async def test_a_login_certificate_never_outlives_its_token(
     boss, _ = await admin.create_api_token("short", [Scope.ADMIN], ttl=600)
     issued = await token_client(cluster, boss).issue_operator_certificate(csr_for(new_key()))
     assert issued.expires_at - datetime.now(UTC) <= timedelta(seconds=600)
+
+
+async def test_varying_the_claimed_token_id_does_not_buy_a_fresh_refusal_budget(
+    cluster: Cluster, admin: Client
+) -> None:
+    mark = await audit_mark(admin)
+    async with tls_channel(cluster) as ch:
+        stub = workers_pb2_grpc.WorkerServiceStub(ch)
+        for i in range(150):
+            bearer = (("authorization", f"Bearer tra_{i:016x}.{'A' * 43}"),)
+            with pytest.raises(grpc.aio.AioRpcError):
+                await stub.ListWorkers(workers_pb2.ListWorkersRequest(), metadata=bearer)
+    events = [e for e in await admin.list_audit_events(limit=1000) if e.id > mark]
+    assert len(events) == 100  # one source: this host, whatever token ids it claims
