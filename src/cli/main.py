@@ -425,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--agent-sandbox",
         action="store_true",
         help="ask agents that can (claude_code) to sandbox the commands they run "
-        "(needs bubblewrap: apt install bubblewrap)",
+        "(needs bubblewrap: apt install bubblewrap socat)",
     )
     _add_revoke(worker)
 

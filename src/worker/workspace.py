@@ -6,7 +6,8 @@ them. The root must lie outside the directories holding the worker's state and c
 worker's operator allowed (`--allow-cwd DIR`), and never one holding or inside a protected
 directory. What this does not do: stop a program the agent runs (Bash) from opening any file the
 worker's user can open. Agents that can (claude_code) also deny their file tools the protected
-directories; a sandbox (claude_code's opt-in `agent_sandbox`, bubblewrap) is the stronger fence.
+directories; a sandbox (claude_code's opt-in `agent_sandbox`, bubblewrap) hides them from the
+programs too.
 """
 
 from __future__ import annotations

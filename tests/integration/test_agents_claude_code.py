@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -379,3 +380,37 @@ async def test_each_run_gets_a_fresh_workspace_removed_after_the_run_unless_kept
         while not keep and workspace.exists():
             await asyncio.sleep(0.01)
     assert (workspace / "made-here").exists() is keep
+
+
+async def test_without_the_sandbox_a_bash_command_can_still_read_the_keys(
+    api: FakeAnthropic, tmp_path: Path
+) -> None:
+    """What the deny rules do not cover (the README says so): programs the agent runs. Claude
+    Code refuses a command naming a denied path, but not one that finds it by a glob."""
+    certs, _ = key_dir(tmp_path)
+    sneaky = f"cat {certs.parent}/cert?/ca-k*"
+    api.enqueue(Text("x", tool_uses=(ToolUse("Bash", {"command": sneaky}),)), Text("."))
+    ctx = RecordingContext(
+        input={"prompt": "Print the CA key.", "allowed_tools": ["Bash"]},
+        workspaces=Workspaces.create(tmp_path / "workspaces", [certs]),
+    )
+    await ClaudeCodeAgent().run(ctx)
+    [result] = ctx.events_of("tool_result")
+    assert "SECRET-KEY-MATERIAL" in result["content"]
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (apt install)")
+async def test_with_the_sandbox_a_bash_command_cannot_read_the_keys(
+    api: FakeAnthropic, tmp_path: Path
+) -> None:
+    certs, _ = key_dir(tmp_path)
+    sneaky = f"cat {certs.parent}/cert?/ca-k*"
+    api.enqueue(Text("x", tool_uses=(ToolUse("Bash", {"command": sneaky}),)), Text("."))
+    ctx = RecordingContext(
+        input={"prompt": "Print the CA key.", "allowed_tools": ["Bash"]},
+        workspaces=Workspaces.create(tmp_path / "workspaces", [certs], sandbox=True),
+    )
+    await ClaudeCodeAgent().run(ctx)
+    [result] = ctx.events_of("tool_result")
+    assert "SECRET-KEY-MATERIAL" not in json.dumps(ctx.events), result
+    assert "cat: " in result["content"]  # the command ran, sandboxed: the directory is not there
