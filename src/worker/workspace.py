@@ -77,6 +77,10 @@ class Workspaces:
                         f"allow_cwd {a} overlaps {p}, which holds the worker's state or "
                         "certificates"
                     )
+        if sandbox and shutil.which("bwrap") is None:
+            raise ValueError(
+                "agent_sandbox needs bubblewrap (bwrap) on PATH: apt install bubblewrap socat"
+            )
         real_root.mkdir(mode=0o700, parents=True, exist_ok=True)
         real_root.chmod(0o700)
         return cls(real_root, guarded, allowed, keep, sandbox)

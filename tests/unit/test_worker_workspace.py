@@ -55,3 +55,11 @@ def test_runs_get_private_directories_and_cwd_must_be_allowed(tmp_path: Path) ->
         ws.cwd_for(str(repo / "link"), path)
     ws.close(path)
     assert not path.exists()
+
+
+def test_the_sandbox_is_refused_at_start_when_bubblewrap_is_missing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no bwrap here
+    with pytest.raises(ValueError, match="bubblewrap"):
+        Workspaces.create(tmp_path / "ws", [], sandbox=True)
