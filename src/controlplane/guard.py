@@ -24,9 +24,12 @@ from typing import Any
 import grpc
 import structlog
 
+from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.core import errors
 
 log = structlog.get_logger(__name__)
+# a caller can make these at will: at most 10 lines per 10 s per peer host (or per method)
+noted = LogLimiter(log, limit=10, window=10.0)
 
 STATUS_CODES: dict[type[errors.TaskRunError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -96,7 +99,7 @@ async def _end(context: grpc.aio.ServicerContext, exc: Exception, method: str) -
         return
     if isinstance(exc, errors.TaskRunError):
         await context.abort(STATUS_CODES[type(exc)], str(exc))
-    log.error("request failed", method=method, error=type(exc).__name__)
+    noted.error(method, "request failed", method=method, error=type(exc).__name__)
     await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_MESSAGE)
 
 
@@ -130,7 +133,10 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         async def admit(request: Any, context: grpc.aio.ServicerContext) -> None:
             current_method.set(method)
             if request is MALFORMED:
-                log.info("malformed request refused", method=method, peer=context.peer())
+                peer = context.peer() or ""
+                noted.info(
+                    peer.rsplit(":", 1)[0], "malformed request refused", method=method, peer=peer
+                )
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, MALFORMED_MESSAGE)
             await check(context)
 

@@ -80,13 +80,24 @@ class LogLimiter:
         self._pending: dict[str, int] = {}  # key -> suppressed in the window that ended
 
     def warning(self, key: str, event: str, **fields: Any) -> bool:
-        """Log `event` unless `key` is over its budget; True when it was logged."""
+        """Log `event` as a warning unless `key` is over its budget; True when it was logged."""
+        return self._emit("warning", key, event, fields)
+
+    def info(self, key: str, event: str, **fields: Any) -> bool:
+        """Like warning, at info level."""
+        return self._emit("info", key, event, fields)
+
+    def error(self, key: str, event: str, **fields: Any) -> bool:
+        """Like warning, at error level."""
+        return self._emit("error", key, event, fields)
+
+    def _emit(self, level: str, key: str, event: str, fields: dict[str, Any]) -> bool:
         before = self._limit.suppressed(key)
         if self._limit.allow(key):
             missed = self._pending.pop(key, 0)
             if missed:
                 self._log.warning("similar warnings suppressed", key=key, suppressed=missed)
-            self._log.warning(event, **fields)
+            getattr(self._log, level)(event, **fields)
             return True
         self._pending[key] = before + 1
         if len(self._pending) > MAX_KEYS:
