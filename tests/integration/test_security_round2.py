@@ -518,3 +518,29 @@ async def test_varying_the_claimed_token_id_does_not_buy_a_fresh_refusal_budget(
                 await stub.ListWorkers(workers_pb2.ListWorkersRequest(), metadata=bearer)
     events = [e for e in await admin.list_audit_events(limit=1000) if e.id > mark]
     assert len(events) == 100  # one source: this host, whatever token ids it claims
+
+
+async def test_revoking_the_token_ends_the_live_streams_of_its_login_certificate(
+    cluster: Cluster, admin: Client
+) -> None:
+    secret, info = await admin.create_api_token("bob", [Scope.ADMIN])
+    key = new_key()
+    issued = await token_client(cluster, secret).issue_operator_certificate(csr_for(key))
+    operator = Client(
+        cluster.address,
+        ca=cluster.pki.ca_cert.read_bytes(),
+        cert=issued.certificate_pem,
+        key=key_pem(key),
+    )
+    cluster.clients.append(operator)
+    events = operator.watch_events(snapshot=True)
+    await anext(events)  # the stream is up
+
+    await admin.revoke_api_token(info.token_id)
+
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        async with asyncio.timeout(5):
+            async for _ in events:
+                pass
+    assert err.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert f"API token {info.token_id} was revoked" in (err.value.details() or "")
