@@ -28,8 +28,6 @@ from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.core import errors
 
 log = structlog.get_logger(__name__)
-# a caller can make these at will: at most 10 lines per 10 s per peer host (or per method)
-noted = LogLimiter(log, limit=10, window=10.0)
 
 STATUS_CODES: dict[type[errors.TaskRunError], grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -92,7 +90,9 @@ class _GuardedContext:
         return message
 
 
-async def _end(context: grpc.aio.ServicerContext, exc: Exception, method: str) -> None:
+async def _end(
+    context: grpc.aio.ServicerContext, exc: Exception, method: str, noted: LogLimiter
+) -> None:
     """End the call for an exception a handler let through: its status, never UNKNOWN."""
     if context.done() or context.cancelled():  # the call has ended (the peer went away)
         log.debug("request ended after its call", method=method, error=type(exc).__name__)
@@ -108,6 +108,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
 
     def __init__(self, check_credentials: CredentialCheck) -> None:
         self.check_credentials = check_credentials
+        # a caller can cause these lines at will: at most 10 per 10 s per peer host (or method)
+        self.noted = LogLimiter(log, limit=10, window=10.0)
 
     async def intercept_service(
         self,
@@ -128,7 +130,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         return handler
 
     def _wrap(self, behavior: Callable[..., Any], method: str) -> Callable[..., Any]:
-        check = self.check_credentials
+        check, noted = self.check_credentials, self.noted
 
         async def admit(request: Any, context: grpc.aio.ServicerContext) -> None:
             current_method.set(method)
@@ -152,7 +154,7 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
                 except grpc.aio.AbortError:
                     raise
                 except Exception as exc:
-                    await _end(context, exc, method)
+                    await _end(context, exc, method, noted)
 
             return streaming
 
@@ -163,6 +165,6 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _end(context, exc, method)
+                await _end(context, exc, method, noted)
 
         return unary
