@@ -28,6 +28,7 @@ from taskrun.core.models import (
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.text import quoted
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import schedules_pb2, security_pb2, tasks_pb2
 
@@ -43,7 +44,12 @@ def ts_from_pb(msg: object, name: str) -> datetime | None:
     if not msg.HasField(name):  # type: ignore[attr-defined]
         return None
     ts: Timestamp = getattr(msg, name)
-    return ts.ToDatetime(tzinfo=UTC)
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):  # outside what a datetime holds
+        raise InvalidArgument(
+            "is not a timestamp between 0001-01-01 and 9999-12-31", field=name
+        ) from None
 
 
 def duration_to_pb(seconds: float | None, out: Duration) -> None:
@@ -369,7 +375,7 @@ def scopes_from_pb(values: list[str], field: str = "scopes") -> frozenset[Scope]
     except ValueError:
         bad = next(v for v in values if v not in {s.value for s in Scope})
         raise InvalidArgument(
-            f"unknown scope {bad!r}; use {', '.join(s.value for s in Scope)}", field=field
+            f"unknown scope {quoted(bad)}; use {', '.join(s.value for s in Scope)}", field=field
         ) from None
 
 

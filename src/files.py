@@ -1,4 +1,4 @@
-"""Crash-safe file writes shared by the control plane's PKI and the worker's identity."""
+"""Crash-safe file writes and private directories, shared by the control plane and the worker."""
 
 from __future__ import annotations
 
@@ -39,3 +39,23 @@ def fsync_dir(directory: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def private_directory(directory: Path) -> None:
+    """Create `directory` and any missing parents with mode 0700 (set explicitly, not left to
+    the umask). An existing directory keeps its mode, except TaskRun's own `.taskrun`, which
+    older versions created 0755 and which is tightened when this process owns it."""
+    missing = []
+    for level in (directory, *directory.parents):
+        if level.exists():
+            break
+        missing.append(level)
+    for level in reversed(missing):
+        level.mkdir(mode=0o700, exist_ok=True)
+        level.chmod(0o700)
+    for level in (directory, *directory.parents):
+        if level.name == ".taskrun":
+            with contextlib.suppress(PermissionError):
+                if level.stat().st_uid == os.getuid():
+                    level.chmod(0o700)
+            break

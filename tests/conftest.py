@@ -81,6 +81,8 @@ class Cluster:
             "key": self.pki.worker_key(worker_id),
             "reconnect_max_wait": 0.5,
             "drain_timeout": 5.0,
+            # beside tmp, not in it: some tests keep certificates or state right in tmp
+            "workspace_root": self.tmp.with_name(f"{self.tmp.name}-ws") / worker_id,
         }
         config = WorkerConfig.model_validate({**settings, **overrides})
         daemon = WorkerDaemon(config, load_agents(config.agents))

@@ -7,18 +7,26 @@ connection flags and client. Every command needs the `admin` scope.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any, TypeVar
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 
 from taskrun.cli import output
 from taskrun.cli.client import ApiTokenInfo, BootstrapTokenInfo, Client
 from taskrun.cli.credentials import target_host
-from taskrun.core.access import AuditEvent, AuditKind, Scope
+from taskrun.core.access import AuditEvent, AuditKind, Scope, TokenState
+from taskrun.files import private_directory, write_atomic
 
 T = TypeVar("T")
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
@@ -30,7 +38,7 @@ def _cli() -> Any:
 
 def parse_duration(text: str) -> float:
     """`90`, `90s`, `30m`, `1h`, `7d` → seconds."""
-    match = _DURATION.match(text)
+    match = _DURATION.fullmatch(text)
     if match is None:
         raise argparse.ArgumentTypeError(
             f"{text!r} is not a duration (a number with s, m, h or d, e.g. 1h)"
@@ -117,6 +125,23 @@ def register(subparsers: Any) -> None:
 
     p = cli._leaf(
         subparsers,
+        "login",
+        cmd_login,
+        help="trade an admin API token for a short-lived operator certificate",
+        description="Make a new key, and trade the admin API token (--api-token or "
+        "TASKRUN_API_TOKEN) for an operator client certificate bound to it: valid 12 h by "
+        "default (at most 24 h, never past the token), refused at once when the token is "
+        "revoked (`taskrun api-token revoke`). Writes ca.pem, operator.pem and operator-key.pem "
+        "(0600) to --out (default ~/.config/taskrun); use them with --certs-dir.",
+    )
+    p.add_argument(
+        "--ttl", type=parse_duration, default=0.0, help="lifetime, e.g. 8h (default 12h)"
+    )
+    p.add_argument("--out", metavar="DIR", help="where to write (default ~/.config/taskrun)")
+    cli._add_output(p)
+
+    p = cli._leaf(
+        subparsers,
         "audit",
         cmd_audit,
         help="security events: enrollments, renewals, revocations, refusals (newest first)",
@@ -184,13 +209,20 @@ def _bootstrap_table(tokens: Sequence[BootstrapTokenInfo], now: datetime) -> str
             t.state.name.lower(),
             output.format_expiry(t.expires_at, now),
             output.format_labels(t.labels),
-            t.used_by_host,
+            _used_by(t),
         )
         for t in tokens
     ]
     return output.render_table(
         ("TOKEN ID", "WORKER", "STATE", "EXPIRES", "LABELS", "USED BY"), rows
     )
+
+
+def _used_by(t: BootstrapTokenInfo) -> str:
+    """Who used the token; for one consumed after it expired, who presented it (refused)."""
+    if t.state is TokenState.EXPIRED and t.used_by_host:
+        return f"expired, presented by {t.used_by_host}"
+    return t.used_by_host
 
 
 def _api_table(tokens: Sequence[ApiTokenInfo], now: datetime) -> str:
@@ -332,3 +364,53 @@ def cmd_audit(args: argparse.Namespace) -> int:
         lambda events: [audit_doc(e) for e in events],
         _audit_table,
     )
+
+
+def default_login_dir() -> Path:
+    """`$XDG_CONFIG_HOME/taskrun` (default `~/.config/taskrun`)."""
+    config = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(config) / "taskrun"
+
+
+def cmd_login(args: argparse.Namespace) -> int:
+    cli = _cli()
+    settings = cli.operator_settings(args)
+    if not settings.api_token:
+        raise cli.CliError(
+            "login needs an admin API token: --api-token tra_… or TASKRUN_API_TOKEN "
+            "(an admin creates one with `taskrun api-token create NAME --scope admin`)"
+        )
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "taskrun login")]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    issued = cli._one_call(args, lambda c: c.issue_operator_certificate(csr, ttl=args.ttl))
+    out = Path(args.out) if args.out else default_login_dir()
+    private_directory(out)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    write_atomic(out / "operator-key.pem", key_pem, 0o600)
+    write_atomic(out / "operator.pem", issued.certificate_pem, 0o644)
+    write_atomic(out / "ca.pem", issued.ca_pem, 0o644)
+    server = f"{target_host(settings.server)}:{issued.session_port}"
+    if args.output == "json":
+        doc = {
+            "identity": issued.identity,
+            "expires_at": _time(issued.expires_at),
+            "certs_dir": str(out),
+            "server": server,
+        }
+        cli._write(output.dumps(doc))
+        return int(cli.EXIT_OK)
+    cli._write(
+        f"identity:  {issued.identity}\n"
+        f"expires:   {output.format_time(issued.expires_at)}\n"
+        f"written:   {out}/operator.pem, operator-key.pem, ca.pem\n"
+        "\nUse it on the mTLS listener until it expires or the token is revoked:\n"
+        f"  TASKRUN_CERTS_DIR={out} TASKRUN_SERVER={server} taskrun workers list\n"
+    )
+    return int(cli.EXIT_OK)

@@ -172,6 +172,17 @@ def _bootstrap_info(m: security_pb2.BootstrapToken) -> BootstrapTokenInfo:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class OperatorCertificate:
+    """What `taskrun login` receives: a certificate bound to the API token it was traded for."""
+
+    certificate_pem: bytes
+    ca_pem: bytes
+    identity: str
+    expires_at: datetime
+    session_port: int
+
+
 def _api_info(m: security_pb2.ApiToken) -> ApiTokenInfo:
     return ApiTokenInfo(
         token_id=m.token_id,
@@ -602,6 +613,25 @@ class Client:
             security_pb2.RevokeApiTokenRequest(token_id=token_id), timeout=self.timeout
         )
         return _api_info(m)
+
+    async def issue_operator_certificate(
+        self, csr_pem: bytes, *, ttl: float = 0
+    ) -> OperatorCertificate:
+        """`taskrun login`: a short-lived operator certificate for the key in `csr_pem`, bound
+        to this client's (admin) API token."""
+        m = await self._access_stub().IssueOperatorCertificate(
+            security_pb2.IssueOperatorCertificateRequest(csr_pem=csr_pem, ttl_seconds=round(ttl)),
+            timeout=self.timeout,
+        )
+        expires_at = convert.ts_from_pb(m, "expires_at")
+        assert expires_at is not None
+        return OperatorCertificate(
+            certificate_pem=m.certificate_pem,
+            ca_pem=m.ca_pem,
+            identity=m.identity,
+            expires_at=expires_at,
+            session_port=m.session_port,
+        )
 
     async def list_audit_events(
         self, *, limit: int = 100, before_id: int = 0, kinds: Sequence[AuditKind | str] = ()

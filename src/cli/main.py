@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import io
 import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -333,6 +334,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="lifetime of enrolled and renewed worker certificates (default 86400 = 24 h)",
     )
+    p.add_argument(  # issue 12
+        "--operator-cert-lifetime",
+        type=positive_float,
+        metavar="S",
+        help="default and longest lifetime of `taskrun login` certificates "
+        "(default 43200 = 12 h, at most 86400)",
+    )
     p.add_argument(
         "--heartbeat-interval",
         type=positive_float,
@@ -410,6 +418,30 @@ def build_parser() -> argparse.ArgumentParser:
         "--state-dir",
         help="use the identity enrolled there (`taskrun worker enroll`): its worker id, CA, "
         "certificate and key, and its server unless --server is given (TASKRUN_STATE_DIR)",
+    )
+    p.add_argument(  # issue 12: agents work in per-run directories, away from the keys
+        "--workspace-root",
+        metavar="DIR",
+        help="where each run gets its own working directory (TASKRUN_WORKSPACE_ROOT; default "
+        "~/.cache/taskrun/workspaces/<id>); must lie outside the state and certificate dirs",
+    )
+    p.add_argument(
+        "--allow-cwd",
+        action="append",
+        metavar="DIR",
+        help="a directory a task's input.cwd may name or lie inside (repeat; default none: "
+        "a task giving input.cwd fails)",
+    )
+    p.add_argument(
+        "--keep-workspaces",
+        action="store_true",
+        help="keep each run's working directory after the run (default: removed)",
+    )
+    p.add_argument(
+        "--agent-sandbox",
+        action="store_true",
+        help="ask agents that can (claude_code) to sandbox the commands they run "
+        "(needs bubblewrap: apt install bubblewrap socat)",
     )
     _add_revoke(worker)
 
@@ -833,6 +865,7 @@ def server_config(args: argparse.Namespace) -> Any:
         "public_listen": public,
         "public_operator_api": _public_api(args),
         "worker_cert_lifetime": _arg(args, "worker_cert_lifetime"),
+        "operator_cert_lifetime": _arg(args, "operator_cert_lifetime"),
         "store": resolve_store(args),
         "heartbeat_interval": _arg(args, "heartbeat_interval"),
         "lease_duration": _arg(args, "lease"),
@@ -926,6 +959,12 @@ def worker_config(args: argparse.Namespace) -> Any:
     drain = _arg(args, "drain_timeout")
     if drain is not None:
         values["drain_timeout"] = drain
+    workspace_root = _arg(args, "workspace_root") or _env("TASKRUN_WORKSPACE_ROOT")
+    if workspace_root:
+        values["workspace_root"] = Path(workspace_root)
+    values["allow_cwd"] = [Path(d) for d in _arg(args, "allow_cwd") or []]
+    values["keep_workspaces"] = bool(_arg(args, "keep_workspaces"))
+    values["agent_sandbox"] = bool(_arg(args, "agent_sandbox"))
     state_dir = _arg(args, "state_dir") or _env("TASKRUN_STATE_DIR")
     if not state_dir and not (cert or key or _arg(args, "worker_id") or _env("TASKRUN_WORKER_ID")):
         from taskrun.worker.identity import DEFAULT_STATE_DIR
@@ -962,6 +1001,10 @@ def cmd_worker_run(args: argparse.Namespace) -> int:
         hint="; on a new machine, enroll it first: `taskrun worker enroll --server HOST:PORT "
         "--token TOKEN --ca-fingerprint sha256:…` (see `taskrun token create`)",
     )
+    try:
+        config.workspaces()  # issue 12: refuse a workspace root among the keys, before starting
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from None
     _setup_logging(args, daemon=True)
     from taskrun.worker.daemon import run_worker
 
@@ -1216,6 +1259,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func
+    for stream in (sys.stdout, sys.stderr):  # stored text that is not UTF-8 never crashes output
+        if isinstance(stream, io.TextIOWrapper):
+            stream.reconfigure(errors="backslashreplace")
     try:
         return func(args)
     except CliError as exc:

@@ -96,8 +96,20 @@ def chunk_doc(chunk: OutputChunk) -> dict[str, Any]:
 
 
 def dumps(doc: Any, *, indent: int | None = 2) -> str:
-    """One JSON document as text (UTF-8, not ASCII-escaped), ending with a newline."""
-    return json.dumps(doc, indent=indent, ensure_ascii=False) + "\n"
+    """One JSON document as text (UTF-8, not ASCII-escaped), ending with a newline.
+
+    A lone surrogate in stored data (`"\\ud800"`, which has no UTF-8 form) is written as its
+    JSON escape, so the document still encodes and parses back to the same value."""
+    return printable(json.dumps(doc, indent=indent, ensure_ascii=False) + "\n")
+
+
+def printable(text: str) -> str:
+    """`text` with any lone surrogate replaced by its `\\uXXXX` escape (encodable as UTF-8)."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return text.encode(errors="backslashreplace").decode()
+    return text
 
 
 # --- small formatters ------------------------------------------------------------------------

@@ -8,8 +8,8 @@ and only then checked for expiry, so a replay of any token, expired or not, alwa
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import secrets
-import time
 from collections import Counter as Tally
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
@@ -22,6 +22,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from taskrun.controlplane import pki
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.engine import Engine
+from taskrun.controlplane.guard import current_method
+from taskrun.controlplane.ratelimit import RateLimit
 from taskrun.core import errors
 from taskrun.core.access import (
     API_PREFIX,
@@ -40,15 +42,19 @@ from taskrun.core.access import (
 from taskrun.core.ids import WorkerId, is_valid_worker_id
 from taskrun.core.models import utcnow
 from taskrun.core.store import ChangeSet
+from taskrun.core.text import clip, quoted
 from taskrun.core.validation import validate_labels
 
 log = structlog.get_logger("taskrun.audit")
 
 MAX_TOKEN_NAME = 64
-# Refusals are recorded, but a flood of them must not fill the store: at most this many are
-# persisted per window; the rest are only counted (and logged once per window).
+LOGIN_UNIT_PREFIX = "login api-token "  # the subject OU of a `taskrun login` certificate
+MAX_API_TOKEN_TTL = 5 * 365 * 86400.0
+# Refusals are recorded, but a flood of them must not fill the store: at most this many per
+# source (principal, else peer host) are persisted and logged per window; the rest are counted.
 REJECTIONS_PER_WINDOW = 100
 REJECTION_WINDOW = 10.0
+REJECTION_SOURCES = 1000  # sources tracked at once; beyond, new ones share one budget
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,8 +80,9 @@ class AccessControl:
         self.ca_fingerprint = ""  # sha256:… of the CA certificate, handed out with tokens
         self._api_tokens: dict[str, ApiToken] = {}
         self._revoked: dict[str, asyncio.Event] = {}  # set when that API token is revoked
-        self._window_start = 0.0
-        self._window_rejections = 0
+        self._rejections = RateLimit(
+            REJECTIONS_PER_WINDOW, REJECTION_WINDOW, max_keys=REJECTION_SOURCES
+        )
         self.suppressed_rejections = 0
         self.event_counts: Tally[AuditKind] = Tally()  # every audit event since the start
 
@@ -104,28 +111,43 @@ class AccessControl:
         peer: str = "",
         detail: str = "",
         rejection: bool = False,
+        claimed: bool = False,
     ) -> None:
-        """Record a security event: one structured log line, and a row in the store."""
+        """Record a security event: one structured log line, and a row in the store.
+
+        A refusal names the method it refused (in its detail). Refusals are rate-limited per
+        source, so a flood from one source never hides another's attempt: the source is the
+        principal when it was authenticated (a certificate, a valid API token), else the peer's
+        address (`claimed`: the principal is only what the caller said, e.g. an unknown token id,
+        which an attacker could vary to get a fresh budget each time)."""
         self.event_counts[kind] += 1
-        fields = {"audit": kind.value, "principal": principal, "subject": subject, "peer": peer}
+        method = current_method.get()
+        if rejection and method:
+            detail = f"{detail or kind.value} (call {method})"
+        fields = {
+            "audit": kind.value,
+            "principal": clip(principal),
+            "subject": clip(subject),
+            "peer": clip(peer),
+        }
         if rejection:
-            log.warning(detail or kind.value, **fields)
-            now = time.monotonic()
-            if now - self._window_start > REJECTION_WINDOW:
-                self._window_start, self._window_rejections = now, 0
-            self._window_rejections += 1
-            if self._window_rejections > REJECTIONS_PER_WINDOW:
+            source = _peer_host(peer) if claimed or not principal else principal
+            if self._rejections.allow(source):
+                log.warning(clip(detail or kind.value, 1024), **fields)
+            else:
                 self.suppressed_rejections += 1
+                if self._rejections.suppressed(source) == 1:
+                    log.warning("further refusals from this source are only counted", **fields)
                 return
         else:
-            log.info(detail or kind.value, **fields)
+            log.info(clip(detail or kind.value, 1024), **fields)
         event = AuditEvent(
             time=utcnow(),
             kind=kind,
-            principal=principal[:256],
-            subject=subject[:256],
-            peer=peer[:256],
-            detail=detail[:1024],
+            principal=clip(principal, 256),
+            subject=clip(subject, 256),
+            peer=clip(peer, 256),
+            detail=clip(detail, 1024),
         )
         self.engine.commit(ChangeSet(audit_events=[event]))
 
@@ -193,7 +215,7 @@ class AccessControl:
         await self.engine.flush()
         token = await self.store.get_bootstrap_token(_token_id(token_id, BOOTSTRAP_PREFIX))
         if token is None:
-            raise errors.NotFound(f"no bootstrap token {token_id!r}", field="token_id")
+            raise errors.NotFound(f"no bootstrap token {quoted(token_id)}", field="token_id")
         if token.revoked_at is not None or token.used_at is not None:
             state = token.state(utcnow()).name.lower()
             raise errors.FailedPrecondition(f"token {token.id} is {state}", field="token_id")
@@ -233,6 +255,7 @@ class AccessControl:
                 peer=peer,
                 detail=str(exc),
                 rejection=True,
+                claimed=True,
             )
             raise
 
@@ -248,11 +271,14 @@ class AccessControl:
         now = utcnow()
         token = await self.store.consume_bootstrap_token(parsed.token_id, now, hostname)
         if token is None:  # used or revoked: a replay, or a race lost to another enrollment
-            state = "revoked" if stored.revoked_at is not None else "already used"
+            state = {TokenState.REVOKED: "revoked", TokenState.EXPIRED: "expired"}.get(
+                stored.state(now), "already used"
+            )
             raise errors.Unauthenticated(f"token {parsed.token_id} was {state}", field="token")
         if now >= token.expires_at:
             raise errors.Unauthenticated(
-                f"token {token.id} expired at {token.expires_at:%Y-%m-%d %H:%M:%S} UTC",
+                f"token {token.id} expired at {token.expires_at:%Y-%m-%d %H:%M:%S} UTC "
+                f"(presented by host {quoted(hostname)})",
                 field="token",
             )
         self.engine.check_not_revoked(token.worker_id)
@@ -263,7 +289,7 @@ class AccessControl:
             principal=f"token {token.id}",
             subject=token.worker_id,
             peer=peer,
-            detail=f"worker enrolled from host {hostname!r}; certificate serial "
+            detail=f"worker enrolled from host {quoted(hostname)}; certificate serial "
             f"{cert.serial_number:x} valid until {cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC",
         )
         return Enrolled(
@@ -301,6 +327,41 @@ class AccessControl:
         )
         return cert
 
+    async def issue_operator_certificate(
+        self, token_id: str, csr_pem: bytes, ttl: float, peer: str
+    ) -> x509.Certificate:
+        """`taskrun login`: an operator certificate bound to the caller's (admin) API token,
+        valid for `ttl` (0: the default) but never past the token's expiry."""
+        cfg = self.config
+        token = self._api_tokens.get(token_id)
+        if token is None or token.state(utcnow()) is not TokenState.ACTIVE:
+            raise errors.Unauthenticated("authorization: the API token is not active")
+        if ttl < 0 or ttl > cfg.operator_cert_lifetime:
+            raise errors.InvalidArgument(
+                f"must be between 0 (the default) and {cfg.operator_cert_lifetime:.0f} seconds",
+                field="ttl_seconds",
+            )
+        lifetime = timedelta(seconds=ttl or cfg.operator_cert_lifetime)
+        if token.expires_at is not None:
+            lifetime = min(lifetime, token.expires_at - utcnow())
+        ca = self._require_ca()
+        key = _csr_key(csr_pem)
+        name = f"api-token-{token.id}"
+        cert = pki.sign_operator_key(ca, key, name, lifetime, unit=f"{LOGIN_UNIT_PREFIX}{token.id}")
+        self.audit(
+            AuditKind.OPERATOR_CERTIFICATE_ISSUED,
+            principal=f"api-token {token.id} ({token.name})",
+            subject=f"operator {name}",
+            peer=peer,
+            detail=f"operator certificate issued; serial {cert.serial_number:x} valid until "
+            f"{cert.not_valid_after_utc:%Y-%m-%d %H:%M:%S} UTC, while token {token.id} is active",
+        )
+        return cert
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self._ca_pem
+
     # --- API tokens ----------------------------------------------------------------------------
 
     async def create_api_token(
@@ -314,6 +375,11 @@ class AccessControl:
             )
         if ttl < 0:
             raise errors.InvalidArgument("must not be negative", field="ttl_seconds")
+        if ttl > MAX_API_TOKEN_TTL:
+            raise errors.InvalidArgument(
+                f"must be at most {MAX_API_TOKEN_TTL:.0f} seconds (5 years), or 0 for no expiry",
+                field="ttl_seconds",
+            )
         issued = new_token(API_PREFIX)
         now = utcnow()
         token = ApiToken(
@@ -343,7 +409,7 @@ class AccessControl:
     async def revoke_api_token(self, token_id: str, *, by: str) -> ApiToken:
         token = self._api_tokens.get(_token_id(token_id, API_PREFIX))
         if token is None:
-            raise errors.NotFound(f"no API token {token_id!r}", field="token_id")
+            raise errors.NotFound(f"no API token {quoted(token_id)}", field="token_id")
         if token.revoked_at is not None:
             raise errors.FailedPrecondition(f"token {token.id} is revoked", field="token_id")
         active, token = token, replace(token, revoked_at=utcnow())
@@ -371,6 +437,10 @@ class AccessControl:
             event = self._revoked[token_id] = asyncio.Event()
         return event
 
+    def api_token_active(self, token_id: str) -> bool:
+        token = self._api_tokens.get(token_id)
+        return token is not None and token.state(utcnow()) is TokenState.ACTIVE
+
     def authenticate_api_token(self, text: str) -> ApiToken:
         """The active API token `text` names; Unauthenticated otherwise."""
         parsed = parse_token(text, API_PREFIX)
@@ -385,6 +455,19 @@ class AccessControl:
                 f"authorization: API token {token.id} is {state.name.lower()}"
             )
         return token
+
+
+def _peer_host(peer: str) -> str:
+    """`ipv4:10.0.0.5:51234` → `ipv4:10.0.0.5`, `ipv6:[2001:db8::1]:443` → its /64: one source
+    however many ports (or IPv6 addresses of one network) it uses."""
+    kind, _, rest = peer.partition(":")
+    if kind == "ipv6" and rest.startswith("["):
+        try:
+            address = ipaddress.ip_address(rest[1:].partition("]")[0])
+        except ValueError:
+            return peer
+        return f"ipv6:{ipaddress.ip_network(f'{address}/64', strict=False)}"
+    return peer.rsplit(":", 1)[0] if kind == "ipv4" else peer
 
 
 def _csr_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:

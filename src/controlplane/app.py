@@ -17,6 +17,7 @@ from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.event_service import EventService  # issue 6
+from taskrun.controlplane.guard import RequestGuard
 from taskrun.controlplane.metrics import ControlPlaneMetrics  # issue 6
 from taskrun.controlplane.schedule_service import ScheduleService
 from taskrun.controlplane.scheduler import Scheduler
@@ -143,6 +144,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         ("grpc.max_send_message_length", config.max_message_bytes + 1024 * 1024),
         *KEEPALIVE_OPTIONS,
     ]
+    guard = RequestGuard(auth.check_call)  # parse, per-call credentials, never UNKNOWN
     tasks = TaskService(engine, auth)
     workers = WorkerService(engine, auth)
     schedules = ScheduleService(scheduler, auth)
@@ -162,7 +164,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         security_pb2_grpc.add_AccessServiceServicer_to_server(admin, server)
 
     # The mTLS listener: every caller presents a certificate signed by our CA.
-    server = grpc.aio.server(interceptors=[metrics.interceptor()], options=options)
+    server = grpc.aio.server(interceptors=[metrics.interceptor(), guard], options=options)
     public_services(server)
     operator_services(server)
     workers_pb2_grpc.add_RunServiceServicer_to_server(RunService(engine, auth), server)
@@ -184,7 +186,9 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     public_port = 0
     public_address = config.public_address()
     if public_address:
-        public_server = grpc.aio.server(interceptors=[metrics.interceptor()], options=options)
+        public_server = grpc.aio.server(
+            interceptors=[metrics.interceptor(), guard], options=options
+        )
         public_services(public_server)
         if config.public_operator_api:
             operator_services(public_server)

@@ -8,6 +8,7 @@ every scope; an API token holds the scopes it was created with. Refusals are aud
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable
 from dataclasses import dataclass
 from datetime import datetime
@@ -16,11 +17,12 @@ from typing import NoReturn, TypeVar
 import grpc
 from cryptography import x509
 
-from taskrun.controlplane.access import AccessControl
+from taskrun.controlplane.access import LOGIN_UNIT_PREFIX, AccessControl
 from taskrun.core import errors
-from taskrun.core.access import AuditKind, Scope, grants
+from taskrun.core.access import API_PREFIX, AuditKind, Scope, grants, parse_token
 from taskrun.core.identity import Principal, PrincipalKind, parse_spiffe_id
 from taskrun.core.ids import WorkerId
+from taskrun.core.models import utcnow
 
 ALL_SCOPES = frozenset(Scope)
 T = TypeVar("T")
@@ -42,11 +44,43 @@ def peer_principal(context: grpc.aio.ServicerContext) -> Principal | None:
     return None
 
 
-def peer_certificate_expiry(context: grpc.aio.ServicerContext) -> datetime | None:
-    pems = _values(context, "x509_pem_cert")
+@dataclass(frozen=True, slots=True)
+class PeerCertificate:
+    """What a call needs to know of the caller's certificate (parsed once per PEM, cached)."""
+
+    not_after: datetime
+    login_token_id: str  # the API token a `taskrun login` certificate was issued against
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse_peer_certificate(pem: bytes) -> PeerCertificate:
+    cert = x509.load_pem_x509_certificate(pem)
+    return PeerCertificate(cert.not_valid_after_utc, login_token_id(cert))
+
+
+def login_token_id(cert: x509.Certificate) -> str:
+    """The API token id recorded in an operator certificate issued by `taskrun login`, or ""."""
+    values = cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATIONAL_UNIT_NAME)
+    for attribute in values:
+        text = attribute.value if isinstance(attribute.value, str) else ""
+        if text.startswith(LOGIN_UNIT_PREFIX):
+            return text.removeprefix(LOGIN_UNIT_PREFIX)
+    return ""
+
+
+def peer_certificate(context: grpc.aio.ServicerContext) -> PeerCertificate | None:
+    """The caller's client certificate, or None when it presented none."""
+    auth = context.auth_context() or {}
+    pems = auth.get("x509_pem_cert") or []
     if not pems:
         return None
-    return x509.load_pem_x509_certificate(pems[0].encode()).not_valid_after_utc
+    pem = pems[0]
+    return _parse_peer_certificate(pem if isinstance(pem, bytes) else str(pem).encode())
+
+
+def peer_certificate_expiry(context: grpc.aio.ServicerContext) -> datetime | None:
+    cert = peer_certificate(context)
+    return cert.not_after if cert is not None else None
 
 
 def _bearer(context: grpc.aio.ServicerContext) -> str | None:
@@ -84,12 +118,42 @@ class Authenticator:
         *,
         principal: str = "",
         kind: AuditKind = AuditKind.REQUEST_REJECTED,
+        claimed: bool = False,
     ) -> NoReturn:
         self.access.audit(
-            kind, principal=principal, peer=context.peer() or "", detail=message, rejection=True
+            kind,
+            principal=principal,
+            peer=context.peer() or "",
+            detail=message,
+            rejection=True,
+            claimed=claimed,
         )
         await context.abort(code, message)
         raise AssertionError("unreachable")
+
+    async def check_call(self, context: grpc.aio.ServicerContext) -> None:
+        """Per call, on both listeners: an expired client certificate, or a `taskrun login`
+        certificate whose API token is no longer active, is refused UNAUTHENTICATED."""
+        cert = peer_certificate(context)
+        if cert is None:
+            return
+        principal = peer_principal(context)
+        if utcnow() >= cert.not_after:
+            await self._refuse(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the client certificate expired at {cert.not_after:%Y-%m-%d %H:%M:%S} UTC; "
+                "a worker must enroll again, an operator must run `taskrun login` again",
+                principal=str(principal or ""),
+            )
+        if cert.login_token_id and not self.access.api_token_active(cert.login_token_id):
+            await self._refuse(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                f"the client certificate was issued against API token {cert.login_token_id}, "
+                "which is revoked or expired; run `taskrun login` with an active token",
+                principal=str(principal or ""),
+            )
 
     async def operator(self, context: grpc.aio.ServicerContext, needed: Scope) -> Caller:
         """The caller if it holds `needed`; otherwise the call ends UNAUTHENTICATED or
@@ -99,7 +163,14 @@ class Authenticator:
             try:
                 token = self.access.authenticate_api_token(bearer)
             except errors.Unauthenticated as exc:
-                await self._refuse(context, grpc.StatusCode.UNAUTHENTICATED, str(exc))
+                claimed = parse_token(bearer, API_PREFIX)  # record the id it claimed, never more
+                await self._refuse(
+                    context,
+                    grpc.StatusCode.UNAUTHENTICATED,
+                    str(exc),
+                    principal=f"api-token {claimed.token_id}" if claimed else "",
+                    claimed=True,
+                )
             caller = Caller(f"api-token {token.id} ({token.name})", token.scopes, token.id)
         else:
             principal = peer_principal(context)
@@ -117,7 +188,8 @@ class Authenticator:
                     f"{principal} may not call this; it needs an operator identity",
                     principal=str(principal),
                 )
-            caller = Caller(str(principal), ALL_SCOPES)
+            cert = peer_certificate(context)  # a `taskrun login` certificate ends with its token
+            caller = Caller(str(principal), ALL_SCOPES, cert.login_token_id if cert else "")
         if not grants(caller.scopes, needed):
             held = ", ".join(sorted(caller.scopes)) or "none"
             await self._refuse(

@@ -68,7 +68,7 @@ def _compile(spec: AgentSpec) -> Validator | None:
         cls = jsonschema.validators.validator_for(schema)
         cls.check_schema(schema)
         validator: Validator = cls(schema)
-    except (ValueError, jsonschema.SchemaError) as exc:
+    except (ValueError, RecursionError, jsonschema.SchemaError) as exc:
         log.warning("agent announced an unusable input schema", agent=spec.name, error=str(exc))
         return None
     return validator

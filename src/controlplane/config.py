@@ -27,6 +27,8 @@ class ServerConfig(BaseModel):
     # only Enroll and health (expose enrollment, keep the API on the mTLS listener).
     public_operator_api: bool = True
     worker_cert_lifetime: float = Field(default=24 * 3600.0, gt=0)  # seconds
+    # `taskrun login`: operator certificates bound to an API token; default and maximum lifetime
+    operator_cert_lifetime: float = Field(default=12 * 3600.0, gt=0, le=24 * 3600.0)
     bootstrap_token_ttl: float = Field(default=3600.0, gt=0)  # default TTL, seconds
     max_bootstrap_token_ttl: float = Field(default=7 * 24 * 3600.0, gt=0)
     # Workers renew the lease on their runs with a heartbeat every `heartbeat_interval`. A worker

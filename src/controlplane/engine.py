@@ -42,7 +42,7 @@ from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.dispatcher import PendingQueue, PendingRun
 from taskrun.controlplane.events import Captured, EventHub
 from taskrun.controlplane.followers import FollowHub
-from taskrun.controlplane.rejections import RejectionLog
+from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.session import WorkerSession
 from taskrun.convert import backend_from_pb, usage_from_pb
 from taskrun.core.errors import (
@@ -62,6 +62,7 @@ from taskrun.core.status import (
     task_can_move,
 )
 from taskrun.core.store import FENCED, ChangeSet, Store
+from taskrun.core.text import clip
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 
@@ -90,7 +91,7 @@ class Engine:
         self.recoveries = 0  # how often the view was reloaded after a failed write
         self._recovery: asyncio.Task[None] | None = None
         self._tail: asyncio.Future[None] | None = None  # the newest commit
-        self._rejections = RejectionLog()
+        self._rejections = LogLimiter(log, limit=10, window=10.0)  # per worker
         # keys whose task is not committed yet, with that commit: a second request waits for it
         self._idempotency: dict[str, tuple[Task, Awaitable[None]]] = {}
         self._orphans: dict[RunId, asyncio.TimerHandle] = {}
@@ -920,13 +921,16 @@ class Engine:
     ) -> None:
         self.rejected_reports += 1
         known = self.runs.get(RunId(run_id))
-        self._rejections.reject(
+        self._rejections.warning(
             session.worker_id,
-            what,
-            reason or "run is not current on this worker (finished, other attempt or other worker)",
+            "report rejected",
+            what=what,
             task_id=known.task_id if known else None,
-            run_id=run_id,
+            worker_id=session.worker_id,
+            run_id=clip(run_id, 64),
             attempt=attempt,
+            reason=reason
+            or "run is not current on this worker (finished, other attempt or other worker)",
         )
 
     def handle_reports(self, session: WorkerSession, msg: wpb.WorkerMessage) -> None:

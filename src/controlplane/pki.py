@@ -15,6 +15,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -194,7 +195,12 @@ def csr_public_key(csr_pem: bytes) -> ec.EllipticCurvePublicKey:
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError:
         raise CsrRejected("is not a PEM-encoded PKCS#10 certificate signing request") from None
-    key = csr.public_key()
+    try:
+        key = csr.public_key()
+    except (UnsupportedAlgorithm, ValueError):  # an unknown key algorithm or curve OID
+        raise CsrRejected(
+            "key must be ECDSA P-256, got a key algorithm or curve this control plane does not know"
+        ) from None
     if isinstance(key, ec.EllipticCurvePublicKey):
         if not isinstance(key.curve, ec.SECP256R1):
             raise CsrRejected(f"key must be ECDSA P-256, got ECDSA {key.curve.name}")
@@ -245,6 +251,27 @@ def sign_worker_key(
     )
 
 
+def sign_operator_key(
+    ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
+    public_key: ec.EllipticCurvePublicKey,
+    name: str,
+    lifetime: timedelta,
+    *,
+    unit: str,
+) -> x509.Certificate:
+    """A short-lived operator client certificate (`taskrun login`); `unit` (the subject's OU)
+    records what it was issued against, so that revoking that revokes the certificate."""
+    return _sign_leaf(
+        ca,
+        public_key,
+        Principal(PrincipalKind.OPERATOR, name),
+        lifetime=lifetime,
+        usage=ExtendedKeyUsageOID.CLIENT_AUTH,
+        skew=min(CLOCK_SKEW, lifetime / 10),
+        unit=unit,
+    )
+
+
 def _sign_leaf(
     ca: tuple[x509.Certificate, ec.EllipticCurvePrivateKey],
     public_key: ec.EllipticCurvePublicKey,
@@ -255,6 +282,7 @@ def _sign_leaf(
     extra_names: Sequence[x509.GeneralName] = (),
     now: datetime | None = None,
     skew: timedelta = CLOCK_SKEW,
+    unit: str = "",
 ) -> x509.Certificate:
     """A certificate for principal (CN + URI SAN), valid for lifetime but not past the CA."""
     if parse_spiffe_id(principal.uri) != principal:
@@ -269,9 +297,12 @@ def _sign_leaf(
         raise ValueError("now must be timezone-aware")
     end = min(start + lifetime, ca_cert.not_valid_after_utc)
     ca_ski = ca_cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+    subject = _name(principal.name)
+    if unit:
+        subject = x509.Name([*subject, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, unit)])
     return (
         x509.CertificateBuilder()
-        .subject_name(_name(principal.name))
+        .subject_name(subject)
         .issuer_name(ca_cert.subject)
         .public_key(public_key)
         .serial_number(x509.random_serial_number())

@@ -15,6 +15,7 @@ from taskrun.controlplane.services import domain_errors
 from taskrun.core import errors
 from taskrun.core.access import Scope
 from taskrun.core.schedule import MAX_PREVIEW, Schedule, validate_rule
+from taskrun.core.text import quoted
 from taskrun.v1 import schedules_pb2, schedules_pb2_grpc
 
 DEFAULT_PAGE_SIZE = 100
@@ -103,11 +104,11 @@ class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
         for path in request.update_mask.paths:
             if path in _NOT_UPDATABLE:
                 raise errors.InvalidArgument(
-                    f"{path!r} cannot be updated: {_NOT_UPDATABLE[path]}", field="update_mask"
+                    f"{quoted(path)} cannot be updated: {_NOT_UPDATABLE[path]}", field="update_mask"
                 )
             if path not in _UPDATE_PATHS:
                 raise errors.InvalidArgument(
-                    f"unknown path {path!r} (updatable: {', '.join(_UPDATE_PATHS)})",
+                    f"unknown path {quoted(path)} (updatable: {', '.join(_UPDATE_PATHS)})",
                     field="update_mask",
                 )
             fields.add(_UPDATE_PATHS[path])

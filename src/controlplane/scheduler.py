@@ -47,6 +47,7 @@ from taskrun.core.schedule import (
     validate_schedule_name,
 )
 from taskrun.core.store import ChangeSet
+from taskrun.core.text import quoted
 
 log = structlog.get_logger(__name__)
 
@@ -170,7 +171,7 @@ class Scheduler:
         rule = self._rules.get(schedule.name)
         if rule is None:
             raise FailedPrecondition(
-                f"schedule {name!r} cannot be read on this server", field=field
+                f"schedule {quoted(name)} cannot be read on this server", field=field
             )
         return rule
 
@@ -178,7 +179,7 @@ class Scheduler:
         validate_schedule_name(name, field)
         schedule = self._schedules.get(name)
         if schedule is None:
-            raise NotFound(f"no schedule {name!r}", field=field)
+            raise NotFound(f"no schedule {quoted(name)}", field=field)
         return schedule
 
     # --- changes -----------------------------------------------------------------------------
@@ -190,7 +191,9 @@ class Scheduler:
             schedule = validate_schedule(submitted, now, prefix)
             self._check_agent(schedule.agent, f"{prefix}agent")
             if schedule.name in self._schedules:
-                raise AlreadyExists(f"schedule {schedule.name!r} exists", field=f"{prefix}name")
+                raise AlreadyExists(
+                    f"schedule {quoted(schedule.name)} exists", field=f"{prefix}name"
+                )
             rule = compile_schedule(schedule)
             schedule = replace(
                 schedule,
@@ -315,7 +318,8 @@ class Scheduler:
             if any(a.name == agent for a in worker.agents):
                 return
         raise InvalidArgument(
-            f"no worker has announced an agent {agent!r}; start a worker that offers it first "
+            f"no worker has announced an agent {quoted(agent)}; start a worker that offers it "
+            "first "
             "(see `taskrun workers list`)",
             field=field,
         )

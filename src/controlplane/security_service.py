@@ -7,7 +7,7 @@ import grpc
 from taskrun import convert
 from taskrun.controlplane.access import AccessControl
 from taskrun.controlplane.auth import Authenticator
-from taskrun.controlplane.pki import cert_pem
+from taskrun.controlplane.pki import cert_pem, principal_of
 from taskrun.controlplane.services import domain_errors
 from taskrun.core import errors
 from taskrun.core.access import AuditKind, AuditQuery, Scope
@@ -138,6 +138,29 @@ class AccessService(security_pb2_grpc.AccessServiceServicer):
         caller = await self.auth.operator(context, Scope.ADMIN)
         token = await self.access.revoke_api_token(request.token_id, by=caller.name)
         return convert.api_token_to_pb(token, utcnow())
+
+    @domain_errors
+    async def IssueOperatorCertificate(
+        self, request: spb.IssueOperatorCertificateRequest, context: grpc.aio.ServicerContext
+    ) -> spb.IssueOperatorCertificateResponse:
+        caller = await self.auth.operator(context, Scope.ADMIN)
+        if not caller.token_id or caller.name.startswith("spiffe://"):
+            raise errors.FailedPrecondition(
+                "log in with an admin API token (authorization: Bearer tra_…); a certificate "
+                "cannot be traded for another"
+            )
+        cert = await self.access.issue_operator_certificate(
+            caller.token_id, request.csr_pem, float(request.ttl_seconds), context.peer() or ""
+        )
+        principal = principal_of(cert_pem(cert))
+        response = spb.IssueOperatorCertificateResponse(
+            certificate_pem=cert_pem(cert),
+            ca_pem=self.access.ca_pem,
+            identity=str(principal or ""),
+            session_port=self.access.session_port,
+        )
+        convert.ts_to_pb(cert.not_valid_after_utc, response.expires_at)
+        return response
 
     @domain_errors
     async def ListAuditEvents(

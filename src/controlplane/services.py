@@ -19,6 +19,7 @@ from taskrun import convert
 from taskrun.controlplane.auth import Authenticator, Caller, peer_certificate_expiry
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.followers import Subscription
+from taskrun.controlplane.guard import status_code
 from taskrun.controlplane.session import WorkerSession
 from taskrun.core import errors
 from taskrun.core.access import AuditKind, Scope
@@ -26,6 +27,7 @@ from taskrun.core.ids import RunId, TaskId, WorkerId, is_valid_worker_id
 from taskrun.core.models import OutputChunk, OutputKind, Task, Worker, utcnow
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.store import TaskQuery
+from taskrun.core.text import quoted
 from taskrun.core.validation import (
     MAX_BATCH,
     MAX_INPUT_BYTES,
@@ -37,25 +39,6 @@ from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import tasks_pb2, tasks_pb2_grpc, workers_pb2, workers_pb2_grpc
 
 log = structlog.get_logger(__name__)
-
-_CODES: dict[type[errors.TaskRunError], grpc.StatusCode] = {
-    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
-    errors.NotFound: grpc.StatusCode.NOT_FOUND,
-    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
-    errors.AlreadyExists: grpc.StatusCode.ALREADY_EXISTS,
-    errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
-    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
-    errors.Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
-    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
-}
-
-
-def status_code(exc: errors.TaskRunError) -> grpc.StatusCode:
-    """The gRPC status for a domain error (its nearest mapped base class)."""
-    for kind in type(exc).__mro__:
-        if kind in _CODES:
-            return _CODES[kind]
-    return grpc.StatusCode.INTERNAL
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -124,7 +107,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         for i, (spec, (task, created)) in enumerate(zip(specs, results, strict=True)):
             if not created and not task.same_request(spec):
                 raise errors.AlreadyExists(
-                    f"idempotency key {spec.policy.idempotency_key!r} was used by task {task.id} "
+                    f"idempotency key {quoted(spec.policy.idempotency_key)} was used by task "
+                    f"{task.id} "
                     "with a different request",
                     field=f"{prefix(i)}policy.idempotency_key",
                 )
@@ -162,7 +146,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         store = self.engine.store
         task = await store.get_task(task_id)
         if task is None:
-            raise errors.NotFound(f"no task {task_id!r}", field="task_id")
+            raise errors.NotFound(f"no task {quoted(task_id)}", field="task_id")
         return convert.task_to_pb(task, await store.list_runs(task_id))
 
     @domain_errors
@@ -258,7 +242,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         task = await store.get_task(task_id)
         runs: list[RunId] = [r.id for r in await store.list_runs(task_id)] if task else []
         if task is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"task_id: no task {task_id!r}")
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"task_id: no task {quoted(task_id)}")
             return
         seen: dict[RunId, int] = {}
 
@@ -346,7 +330,7 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             raise errors.InvalidArgument("must not be empty", field="worker_id")
         worker = self.engine.workers.get(WorkerId(request.worker_id))
         if worker is None:
-            raise errors.NotFound(f"no worker {request.worker_id!r}", field="worker_id")
+            raise errors.NotFound(f"no worker {quoted(request.worker_id)}", field="worker_id")
         return convert.worker_to_pb(worker, self.engine.worker_runs(worker.id))
 
     @domain_errors
@@ -427,8 +411,8 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
         try:
             if hello.worker_id != worker_id:
                 raise errors.PermissionDenied(
-                    f"hello.worker_id {hello.worker_id!r} does not match the certificate "
-                    f"identity {worker_id!r}"
+                    f"hello.worker_id {quoted(hello.worker_id)} does not match the certificate "
+                    f"identity {quoted(worker_id)}"
                 )
             self.engine.check_not_revoked(worker_id)
             worker = _worker_from_hello(hello)

@@ -19,7 +19,7 @@ from taskrun.core.ids import WorkerId
 
 BOOTSTRAP_PREFIX = "trb_"
 API_PREFIX = "tra_"
-_TOKEN = re.compile(r"^(tr[ab]_)([0-9a-f]{16})\.([A-Za-z0-9_-]{43})$")
+_TOKEN = re.compile(r"(tr[ab]_)([0-9a-f]{16})\.([A-Za-z0-9_-]{43})")
 
 
 class Scope(StrEnum):
@@ -77,7 +77,7 @@ def hash_secret(secret: str) -> str:
 
 def parse_token(text: str, prefix: str) -> ParsedToken | None:
     """The parts of a token string of the given kind, or None when it is not one."""
-    match = _TOKEN.match(text.strip())
+    match = _TOKEN.fullmatch(text.strip())
     if match is None or match.group(1) != prefix:
         return None
     return ParsedToken(match.group(1), match.group(2), match.group(3))
@@ -107,7 +107,8 @@ class BootstrapToken:
         if self.revoked_at is not None:
             return TokenState.REVOKED
         if self.used_at is not None:
-            return TokenState.USED
+            # consumed after it expired: it was presented (and refused), never used to enroll
+            return TokenState.EXPIRED if self.used_at >= self.expires_at else TokenState.USED
         if now >= self.expires_at:
             return TokenState.EXPIRED
         return TokenState.ACTIVE
@@ -146,6 +147,7 @@ class AuditKind(StrEnum):
     BOOTSTRAP_TOKEN_REVOKED = "bootstrap_token_revoked"
     API_TOKEN_CREATED = "api_token_created"
     API_TOKEN_REVOKED = "api_token_revoked"
+    OPERATOR_CERTIFICATE_ISSUED = "operator_certificate_issued"  # `taskrun login`
 
 
 @dataclass(frozen=True, slots=True)

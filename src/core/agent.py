@@ -10,6 +10,7 @@ when its task is cancelled (asyncio cancellation).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from taskrun.core.ids import RunId, TaskId
@@ -44,6 +45,25 @@ class RunContext(Protocol):
         """An executable that runs `program` (given the same arguments) so that it, and every
         process it starts in its process group, is killed when the worker dies (kill -9
         included) or its lease on the run ends. Start every child process through it."""
+        ...
+
+    # this run's own working directory, created empty by the worker and removed after the run
+    # (unless the worker keeps workspaces); work here rather than in the worker's directory
+    workspace: Path
+
+    @property
+    def protected_paths(self) -> tuple[Path, ...]:
+        """Directories holding the worker's state and keys: never give a tool access to them."""
+        ...
+
+    @property
+    def sandbox(self) -> bool:
+        """The worker's operator asked agents that can to sandbox the programs they run."""
+        ...
+
+    def working_directory(self, requested: str | None) -> Path:
+        """The workspace, or `requested` (the input's `cwd`) if the worker allows it; raises
+        AgentError naming `input.cwd` otherwise."""
         ...
 
     async def emit(self, text: str) -> None:

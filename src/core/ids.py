@@ -12,7 +12,7 @@ RunId = NewType("RunId", str)
 WorkerId = NewType("WorkerId", str)
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
-_WORKER_ID = re.compile(r"^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$")
+_WORKER_ID = re.compile(r"[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?")
 
 
 def _sortable(prefix: str) -> str:
@@ -35,4 +35,4 @@ def new_run_id() -> RunId:
 
 def is_valid_worker_id(value: str) -> bool:
     """Worker ids are DNS-label-like: lower case letters, digits, '.', '_' and '-', max 64."""
-    return bool(_WORKER_ID.match(value))
+    return bool(_WORKER_ID.fullmatch(value))

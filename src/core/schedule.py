@@ -26,6 +26,7 @@ from dateutil.rrule import rrule, rrulestr
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.ids import TaskId
 from taskrun.core.models import TaskPolicy, utcnow
+from taskrun.core.text import quoted
 from taskrun.core.validation import (
     validate_agent_name,
     validate_input,
@@ -36,7 +37,7 @@ from taskrun.core.validation import (
 MAX_RRULE_COUNT = 100_000  # a COUNT rule is expanded in full once; keep that bounded
 MAX_RULE_CHARS = 4096
 MAX_PREVIEW = 100
-_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_NAME = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _CRON_MACROS = {
     "@yearly": "0 0 1 1 *",
     "@annually": "0 0 1 1 *",
@@ -111,9 +112,9 @@ def format_utc(value: datetime) -> str:
 def validate_schedule_name(name: str, field: str = "name") -> str:
     if not name:
         raise InvalidArgument("must not be empty", field=field)
-    if not _NAME.match(name):
+    if not _NAME.fullmatch(name):
         raise InvalidArgument(
-            f"{name!r} is not a valid schedule name (lower case letters, digits, '_' or '-', "
+            f"{quoted(name)} is not a valid schedule name (lower case letters, digits, '_' or '-', "
             "starting with a letter, at most 64)",
             field=field,
         )
@@ -130,7 +131,7 @@ def parse_timezone(name: str, field: str = "timezone") -> ZoneInfo:
         return ZoneInfo(name)
     except (ZoneInfoNotFoundError, ValueError, OSError):
         raise InvalidArgument(
-            f"{name!r} is not a known IANA time zone (such as Europe/Chisinau, "
+            f"{quoted(name)} is not a known IANA time zone (such as Europe/Chisinau, "
             "America/New_York or UTC)",
             field=field,
         ) from None
@@ -303,7 +304,7 @@ def compile_cron(expr: str, zone: ZoneInfo, field: str = "cron") -> Rule:
     fields = text.split()
     if len(fields) != 5:
         raise InvalidArgument(
-            f"{expr!r} has {len(fields)} fields; a cron expression has 5: minute hour "
+            f"{quoted(expr)} has {len(fields)} fields; a cron expression has 5: minute hour "
             "day-of-month month day-of-week (e.g. '30 8 * * MON-FRI')",
             field=field,
         )
@@ -312,7 +313,7 @@ def compile_cron(expr: str, zone: ZoneInfo, field: str = "cron") -> Rule:
         croniter(text, datetime(2000, 1, 1))
     except (CroniterError, ValueError, KeyError, IndexError) as exc:
         raise InvalidArgument(
-            f"{expr!r} is not a valid cron expression: {exc}", field=field
+            f"{quoted(expr)} is not a valid cron expression: {exc}", field=field
         ) from None
 
     def wall_after(wall: datetime) -> datetime | None:
@@ -327,8 +328,8 @@ def compile_cron(expr: str, zone: ZoneInfo, field: str = "cron") -> Rule:
 
 # --- RRULE -----------------------------------------------------------------------------------
 
-_DTSTART = re.compile(r"^DTSTART(?P<params>(;[^:;]+)*):(?P<value>\S+)$", re.IGNORECASE)
-_DATE_TIME = re.compile(r"^(\d{8})(T(\d{6})(Z?))?$", re.IGNORECASE)
+_DTSTART = re.compile(r"DTSTART(?P<params>(;[^:;]+)*):(?P<value>\S+)", re.IGNORECASE)
+_DATE_TIME = re.compile(r"(\d{8})(T(\d{6})(Z?))?", re.IGNORECASE)
 _PERIOD = {  # frequencies whose periods have a fixed length on the wall clock
     "SECONDLY": timedelta(seconds=1),
     "MINUTELY": timedelta(minutes=1),
@@ -346,9 +347,9 @@ class _RRuleParts:
 
 
 def _parse_dtstart(line: str, zone: ZoneInfo, field: str) -> datetime:
-    match = _DTSTART.match(line)
+    match = _DTSTART.fullmatch(line)
     if match is None:
-        raise InvalidArgument(f"{line!r} is not a valid DTSTART line", field=field)
+        raise InvalidArgument(f"{quoted(line)} is not a valid DTSTART line", field=field)
     tzid = ""
     for param in filter(None, match["params"].split(";")):
         key, _, value = param.partition("=")
@@ -357,12 +358,14 @@ def _parse_dtstart(line: str, zone: ZoneInfo, field: str) -> datetime:
         elif key.upper() == "VALUE" and value.upper() in ("DATE", "DATE-TIME"):
             continue
         else:
-            raise InvalidArgument(f"DTSTART parameter {param!r} is not supported", field=field)
+            raise InvalidArgument(
+                f"DTSTART parameter {quoted(param)} is not supported", field=field
+            )
     value = match["value"]
-    parsed = _DATE_TIME.match(value)
+    parsed = _DATE_TIME.fullmatch(value)
     if parsed is None:
         raise InvalidArgument(
-            f"DTSTART {value!r} is not a date-time like 20260301T083000 (local), "
+            f"DTSTART {quoted(value)} is not a date-time like 20260301T083000 (local), "
             "20260301T063000Z (UTC) or a date like 20260301",
             field=field,
         )
@@ -370,7 +373,7 @@ def _parse_dtstart(line: str, zone: ZoneInfo, field: str) -> datetime:
         wall = datetime.strptime(parsed[1] + (parsed[3] or "000000"), "%Y%m%d%H%M%S")
     except ValueError:
         raise InvalidArgument(
-            f"DTSTART {value!r} is not a real date and time", field=field
+            f"DTSTART {quoted(value)} is not a real date and time", field=field
         ) from None
     if parsed[4]:  # UTC: read it as the wall time of the schedule's zone
         if tzid:
@@ -404,7 +407,7 @@ def _split_rrule(text: str, zone: ZoneInfo, field: str) -> _RRuleParts:
         else:
             name = re.split(r"[:;]", line, maxsplit=1)[0]
             raise InvalidArgument(
-                f"{name!r} is not supported: give an RRULE, optionally with a DTSTART line",
+                f"{quoted(name)} is not supported: give an RRULE, optionally with a DTSTART line",
                 field=field,
             )
     if not body:
@@ -413,7 +416,9 @@ def _split_rrule(text: str, zone: ZoneInfo, field: str) -> _RRuleParts:
     for part in filter(None, body.split(";")):
         key, sep, value = part.partition("=")
         if not sep or not key:
-            raise InvalidArgument(f"{part!r} is not a NAME=VALUE part of an RRULE", field=field)
+            raise InvalidArgument(
+                f"{quoted(part)} is not a NAME=VALUE part of an RRULE", field=field
+            )
         if key.upper() in params:
             raise InvalidArgument(f"gives {key.upper()} more than once", field=field)
         params[key.upper()] = value
@@ -446,23 +451,26 @@ def compile_rrule(text: str, zone: ZoneInfo, field: str = "rrule") -> Rule:
             value = params[key]
             if not value.isdigit() or int(value) < 1:
                 raise InvalidArgument(
-                    f"{key} must be a positive integer, got {value!r}", field=field
+                    f"{key} must be a positive integer, got {quoted(value)}", field=field
                 )
     if "COUNT" in params and int(params["COUNT"]) > MAX_RRULE_COUNT:
         raise InvalidArgument(f"COUNT must be at most {MAX_RRULE_COUNT}", field=field)
     body = parts.body
     if "UNTIL" in params:
         until = params["UNTIL"]
-        parsed = _DATE_TIME.match(until)
+        parsed = _DATE_TIME.fullmatch(until)
         if parsed is None:
             raise InvalidArgument(
-                f"UNTIL {until!r} is not a date-time like 20261231T235959Z or a date", field=field
+                f"UNTIL {quoted(until)} is not a date-time like 20261231T235959Z or a date",
+                field=field,
             )
         if parsed[4]:  # UTC: the same instant as a wall time of the zone
             try:
                 instant = datetime.strptime(parsed[1] + parsed[3], "%Y%m%d%H%M%S")
             except ValueError:
-                raise InvalidArgument(f"UNTIL {until!r} is not a real date", field=field) from None
+                raise InvalidArgument(
+                    f"UNTIL {quoted(until)} is not a real date", field=field
+                ) from None
             local = instant.replace(tzinfo=UTC).astimezone(zone)
             body = re.sub(r"(?i)UNTIL=[^;]*", f"UNTIL={local:%Y%m%dT%H%M%S}", body, count=1)
     dtstart = parts.dtstart or datetime(2000, 1, 1)

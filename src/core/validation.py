@@ -10,6 +10,7 @@ from typing import Any
 
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import TaskPolicy, TaskSpec
+from taskrun.core.text import quoted
 
 MAX_INPUT_BYTES = 1 << 20  # 1 MiB of JSON per task input
 MAX_LABELS = 64
@@ -18,19 +19,20 @@ MAX_ATTEMPTS_LIMIT = 100
 PRIORITY_RANGE = (-1000, 1000)
 MAX_TIMEOUT_SECONDS = 7 * 24 * 3600.0
 MAX_BATCH = 1000
+MAX_JSON_DEPTH = 64
 
-_AGENT = re.compile(r"^[a-z][a-z0-9_-]{0,63}$")
+_AGENT = re.compile(r"[a-z][a-z0-9_-]{0,63}")
 _LABEL_NAME = r"[A-Za-z0-9]([A-Za-z0-9._-]{0,61}[A-Za-z0-9])?"
-_LABEL_KEY = re.compile(rf"^([a-z0-9]([a-z0-9.-]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}$")
-_LABEL_VALUE = re.compile(rf"^({_LABEL_NAME})?$")
+_LABEL_KEY = re.compile(rf"([a-z0-9]([a-z0-9.-]{{0,251}}[a-z0-9])?/)?{_LABEL_NAME}")
+_LABEL_VALUE = re.compile(rf"({_LABEL_NAME})?")
 
 
 def validate_agent_name(name: str, field: str = "agent") -> str:
     if not name:
         raise InvalidArgument("must not be empty", field=field)
-    if not _AGENT.match(name):
+    if not _AGENT.fullmatch(name):
         raise InvalidArgument(
-            f"{name!r} is not a valid agent name (lower case letters, digits, '_' or '-', "
+            f"{quoted(name)} is not a valid agent name (lower case letters, digits, '_' or '-', "
             "starting with a letter, at most 64)",
             field=field,
         )
@@ -38,34 +40,79 @@ def validate_agent_name(name: str, field: str = "agent") -> str:
 
 
 def validate_input(text: str, field: str = "input_json") -> tuple[str, dict[str, Any]]:
-    """Parse a task input. Empty means {}. Returns the canonical text and the object."""
+    """Parse a task input. Empty means {}. Returns the canonical text and the object.
+
+    Refused: text over MAX_INPUT_BYTES, invalid JSON, anything but an object, nesting deeper than
+    MAX_JSON_DEPTH, integers longer than Python parses, and strings holding a lone surrogate
+    (`"\\ud800"`: no UTF-8 form, so no client could print it back).
+    """
     if not text.strip():
         return "{}", {}
-    size = len(text.encode())
+    size = len(text.encode(errors="surrogatepass"))
     if size > MAX_INPUT_BYTES:
         raise InvalidArgument(f"is {size} bytes, over the limit of {MAX_INPUT_BYTES}", field=field)
     try:
         value = json.loads(text)
     except json.JSONDecodeError as exc:
         raise InvalidArgument(f"is not valid JSON: {exc}", field=field) from None
+    except RecursionError:
+        raise InvalidArgument(
+            f"is nested too deep (at most {MAX_JSON_DEPTH} levels)", field=field
+        ) from None
+    except ValueError:  # an integer with more digits than int() accepts
+        raise InvalidArgument(
+            "holds a number too long to read (integers of at most 4300 digits)", field=field
+        ) from None
     if not isinstance(value, dict):
         raise InvalidArgument(f"must be a JSON object, got {type(value).__name__}", field=field)
+    check_json_value(value, field)
     return text, value
+
+
+def check_json_value(value: object, field: str) -> None:
+    """Refuse nesting past MAX_JSON_DEPTH and strings (or keys) holding lone surrogates."""
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise InvalidArgument(
+                f"is nested too deep (at most {MAX_JSON_DEPTH} levels)", field=field
+            )
+        if isinstance(item, str):
+            _check_text(item, field)
+        elif isinstance(item, dict):
+            for key, child in item.items():
+                _check_text(key, field)
+                stack.append((child, depth + 1))
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+
+
+def _check_text(text: str, field: str) -> None:
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        raise InvalidArgument(
+            "holds a lone UTF-16 surrogate escape (like \\ud800), which is not text; "
+            "send valid Unicode",
+            field=field,
+        ) from None
 
 
 def validate_labels(labels: Mapping[str, str], field: str = "labels") -> dict[str, str]:
     if len(labels) > MAX_LABELS:
         raise InvalidArgument(f"has {len(labels)} labels, at most {MAX_LABELS}", field=field)
     for key, value in labels.items():
-        if not _LABEL_KEY.match(key):
+        if not _LABEL_KEY.fullmatch(key):
             raise InvalidArgument(
-                f"key {key!r} is not a valid label key (letters, digits, '.', '_', '-', "
+                f"key {quoted(key)} is not a valid label key (letters, digits, '.', '_', '-', "
                 "at most 63, optional DNS prefix and '/')",
                 field=field,
             )
-        if not _LABEL_VALUE.match(value):
+        if not _LABEL_VALUE.fullmatch(value):
             raise InvalidArgument(
-                f"value {value!r} of {key!r} is not a valid label value (letters, digits, "
+                f"value {quoted(value)} of {quoted(key)} is not a valid label value (letters, "
+                "digits, "
                 "'.', '_', '-', at most 63, starting and ending alphanumeric)",
                 field=field,
             )
@@ -78,7 +125,7 @@ def parse_label_args(items: list[str], field: str = "labels") -> dict[str, str]:
     for item in items:
         key, sep, value = item.partition("=")
         if not sep:
-            raise InvalidArgument(f"{item!r} must have the form key=value", field=field)
+            raise InvalidArgument(f"{quoted(item)} must have the form key=value", field=field)
         labels[key] = value
     return validate_labels(labels, field)
 

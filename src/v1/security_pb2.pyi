@@ -239,3 +239,25 @@ class ListAuditEventsResponse(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
     def __init__(self, events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ...) -> None: ...
+
+class IssueOperatorCertificateRequest(_message.Message):
+    __slots__ = ("csr_pem", "ttl_seconds")
+    CSR_PEM_FIELD_NUMBER: _ClassVar[int]
+    TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    csr_pem: bytes
+    ttl_seconds: int
+    def __init__(self, csr_pem: _Optional[bytes] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+
+class IssueOperatorCertificateResponse(_message.Message):
+    __slots__ = ("certificate_pem", "ca_pem", "identity", "expires_at", "session_port")
+    CERTIFICATE_PEM_FIELD_NUMBER: _ClassVar[int]
+    CA_PEM_FIELD_NUMBER: _ClassVar[int]
+    IDENTITY_FIELD_NUMBER: _ClassVar[int]
+    EXPIRES_AT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_PORT_FIELD_NUMBER: _ClassVar[int]
+    certificate_pem: bytes
+    ca_pem: bytes
+    identity: str
+    expires_at: _timestamp_pb2.Timestamp
+    session_port: int
+    def __init__(self, certificate_pem: _Optional[bytes] = ..., ca_pem: _Optional[bytes] = ..., identity: _Optional[str] = ..., expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., session_port: _Optional[int] = ...) -> None: ...

@@ -226,6 +226,11 @@ class AccessServiceStub:
                 request_serializer=taskrun_dot_v1_dot_security__pb2.ListAuditEventsRequest.SerializeToString,
                 response_deserializer=taskrun_dot_v1_dot_security__pb2.ListAuditEventsResponse.FromString,
                 _registered_method=True)
+        self.IssueOperatorCertificate = channel.unary_unary(
+                '/taskrun.v1.AccessService/IssueOperatorCertificate',
+                request_serializer=taskrun_dot_v1_dot_security__pb2.IssueOperatorCertificateRequest.SerializeToString,
+                response_deserializer=taskrun_dot_v1_dot_security__pb2.IssueOperatorCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class AccessServiceServicer:
@@ -274,6 +279,14 @@ class AccessServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def IssueOperatorCertificate(self, request, context):
+        """`taskrun login`: trade the caller's admin API token for a short-lived operator client
+        certificate bound to that token (it stops working at once when the token is revoked).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AccessServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -311,6 +324,11 @@ def add_AccessServiceServicer_to_server(servicer, server):
                     servicer.ListAuditEvents,
                     request_deserializer=taskrun_dot_v1_dot_security__pb2.ListAuditEventsRequest.FromString,
                     response_serializer=taskrun_dot_v1_dot_security__pb2.ListAuditEventsResponse.SerializeToString,
+            ),
+            'IssueOperatorCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.IssueOperatorCertificate,
+                    request_deserializer=taskrun_dot_v1_dot_security__pb2.IssueOperatorCertificateRequest.FromString,
+                    response_serializer=taskrun_dot_v1_dot_security__pb2.IssueOperatorCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -503,6 +521,33 @@ class AccessService:
             '/taskrun.v1.AccessService/ListAuditEvents',
             taskrun_dot_v1_dot_security__pb2.ListAuditEventsRequest.SerializeToString,
             taskrun_dot_v1_dot_security__pb2.ListAuditEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def IssueOperatorCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskrun.v1.AccessService/IssueOperatorCertificate',
+            taskrun_dot_v1_dot_security__pb2.IssueOperatorCertificateRequest.SerializeToString,
+            taskrun_dot_v1_dot_security__pb2.IssueOperatorCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import BaseModel, Field
 
 from taskrun.worker.identity import StatePaths, enroll_command, load_identity
+from taskrun.worker.workspace import Workspaces, default_root
 
 
 class WorkerConfig(BaseModel):
@@ -27,12 +28,37 @@ class WorkerConfig(BaseModel):
     # an enrolled identity (`taskrun worker enroll`): its worker id, CA, certificate and key are
     # used, and its server and server name unless those are given explicitly
     state_dir: Path | None = None
+    # issue 12: where each run gets its own working directory (default: the user's cache,
+    # `~/.cache/taskrun/workspaces/<worker_id>`); never inside the state or certificate dirs
+    workspace_root: Path | None = None
+    keep_workspaces: bool = False  # keep each run's directory after the run (debugging)
+    # directories an input's `cwd` may name (or lie inside); empty: `cwd` is refused
+    allow_cwd: list[Path] = Field(default_factory=list)
+    # ask agents that can (claude_code) to sandbox the programs they run (needs bubblewrap)
+    agent_sandbox: bool = False
 
     def cert_path(self) -> Path:
         return self.cert or self.ca_cert.parent / f"{self.worker_id}.pem"
 
     def key_path(self) -> Path:
         return self.key or self.ca_cert.parent / f"{self.worker_id}-key.pem"
+
+    def protected_paths(self) -> list[Path]:
+        """Directories holding this worker's state, CA, certificate and key."""
+        paths = [self.ca_cert.parent, self.cert_path().parent, self.key_path().parent]
+        if self.state_dir is not None:
+            paths.append(self.state_dir)
+        return paths
+
+    def workspaces(self) -> Workspaces:
+        """The checked workspace settings (ValueError naming the setting at fault)."""
+        return Workspaces.create(
+            self.workspace_root or default_root(self.worker_id),
+            self.protected_paths(),
+            self.allow_cwd,
+            keep=self.keep_workspaces,
+            sandbox=self.agent_sandbox,
+        )
 
     def with_identity(self) -> WorkerConfig:
         """This config with the identity enrolled in state_dir applied (itself without one).

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import ipaddress
 import json
 import random
@@ -99,6 +100,7 @@ class WorkerDaemon:
     def __init__(self, config: WorkerConfig, agents: dict[str, Agent]) -> None:
         config = config.with_identity()
         self.config = config
+        self.workspaces = config.workspaces()  # ValueError for a root among the worker's keys
         self.agents = agents
         self.outbox = Outbox()
         self.runs: dict[RunId, ActiveRun] = {}
@@ -129,6 +131,10 @@ class WorkerDaemon:
         self.runtime_dir = Path(tempfile.mkdtemp(prefix="taskrun-worker-"))
         self.lease_file = LeaseFile(self.runtime_dir / "lease")
         self.lease_file.end()
+        # the lease file and the supervised wrappers are the worker's, not the agents'
+        self.workspaces = dataclasses.replace(
+            self.workspaces, protected=(*self.workspaces.protected, self.runtime_dir.resolve())
+        )
         self._programs: dict[str, str] = {}  # program -> its supervised wrapper
 
     # --- top level ---------------------------------------------------------------------------
@@ -617,6 +623,7 @@ class WorkerDaemon:
             max_chunk_bytes=self._params.max_chunk_bytes or 64 * 1024,
             fencing_token=a.fencing_token or a.attempt,
             supervisor=self.supervised_program,
+            workspaces=self.workspaces,
         )
         if agent is None:
             self.outbox.put_nowait(_failed(a, f"agent {a.agent!r} is not offered by this worker"))
@@ -625,6 +632,12 @@ class WorkerDaemon:
             ctx.input = json.loads(a.input_json or "{}")
         except ValueError as exc:
             self.outbox.put_nowait(_failed(a, f"input is not valid JSON: {exc}"))
+            return
+        try:
+            ctx.workspace = self.workspaces.open(run_id)
+        except OSError as exc:
+            bound.warning("no workspace for the run", error=str(exc))
+            self.outbox.put_nowait(_failed(a, f"the worker could not create a workspace: {exc}"))
             return
         active = ActiveRun(a, ctx, worker_id=self.config.worker_id)
         active.task = asyncio.create_task(execute(agent, active))
@@ -637,6 +650,10 @@ class WorkerDaemon:
         active = self.runs.pop(run_id, None)
         if active is not None:  # issue 6 (metrics)
             self.metrics.run_ended(active.status)
+            # removed off the event loop: a workspace can be large
+            asyncio.get_running_loop().run_in_executor(
+                None, self.workspaces.close, active.ctx.workspace
+            )
         if not self.runs:
             self._runs_idle.set()
 
@@ -730,7 +747,11 @@ async def run_worker(config: WorkerConfig) -> int:
     except (ValueError, TypeError) as exc:
         log.error("cannot load agents", error=str(exc))
         return 2
-    daemon = WorkerDaemon(config, agents)
+    try:
+        daemon = WorkerDaemon(config, agents)
+    except ValueError as exc:  # a workspace root among the worker's keys
+        log.error("cannot use the workspace settings", error=str(exc))
+        return 2
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):

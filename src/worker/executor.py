@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -18,6 +19,7 @@ from taskrun.core.status import RunStatus
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 from taskrun.worker.outbox import Outbox
+from taskrun.worker.workspace import Workspaces
 
 log = structlog.get_logger(__name__)
 
@@ -34,6 +36,8 @@ class RunContext:
     prompt: str
     outbox: Outbox
     max_chunk_bytes: int
+    workspaces: Workspaces
+    workspace: Path = field(default_factory=Path)
     fencing_token: int = 0
     supervisor: Callable[[str], str] | None = field(default=None, repr=False)
     seq: int = 0
@@ -41,6 +45,17 @@ class RunContext:
 
     def supervised_program(self, program: str) -> str:
         return self.supervisor(program) if self.supervisor is not None else program
+
+    @property
+    def protected_paths(self) -> tuple[Path, ...]:
+        return self.workspaces.protected
+
+    @property
+    def sandbox(self) -> bool:
+        return self.workspaces.sandbox
+
+    def working_directory(self, requested: str | None) -> Path:
+        return self.workspaces.cwd_for(requested, self.workspace)
 
     async def _put(self, kind: pb.OutputKind, data: str) -> None:
         self.seq += 1

@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from taskrun.core.identity import Principal, PrincipalKind
-from taskrun.files import write_atomic
+from taskrun.files import private_directory, write_atomic
 from taskrun.v1 import security_pb2 as spb
 from taskrun.v1 import security_pb2_grpc
 
@@ -126,7 +126,7 @@ def write_key_and_cert(key_path: Path, cert_path: Path, key_pem: bytes, cert_pem
 
 def ensure_state_dir(directory: Path) -> StatePaths:
     """Create the state directory (0700) if needed and tighten its mode."""
-    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    private_directory(directory)  # and `.taskrun` above it, when created here: 0700
     directory.chmod(0o700)
     return StatePaths(directory)
 

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import tempfile
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from taskrun.core.ids import RunId, TaskId
+from taskrun.worker.workspace import Workspaces
 
 TASK_ID = TaskId("task-test")
 RUN_ID = RunId("run-test")
@@ -24,6 +27,31 @@ class RecordingContext:
     texts: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     first_text: asyncio.Event = field(default_factory=asyncio.Event)
+    # the worker's workspace settings (the real class); by default a fresh root, nothing
+    # protected, and any `cwd` under the system's temporary directory allowed (tests' tmp_path)
+    workspaces: Workspaces | None = None
+    workspace: Path = field(default_factory=Path)
+
+    def __post_init__(self) -> None:
+        if self.workspaces is None:
+            self.workspaces = Workspaces.create(
+                Path(tempfile.mkdtemp(prefix="taskrun-ws-")), (), [Path(tempfile.gettempdir())]
+            )
+        self.workspace = self.workspaces.open(self.run_id)
+
+    @property
+    def protected_paths(self) -> tuple[Path, ...]:
+        assert self.workspaces is not None
+        return self.workspaces.protected
+
+    @property
+    def sandbox(self) -> bool:
+        assert self.workspaces is not None
+        return self.workspaces.sandbox
+
+    def working_directory(self, requested: str | None) -> Path:
+        assert self.workspaces is not None
+        return self.workspaces.cwd_for(requested, self.workspace)
 
     def supervised_program(self, program: str) -> str:
         return program  # tests of one agent run without a worker around it

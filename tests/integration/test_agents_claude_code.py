@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ from taskrun.core.agent import AgentError
 from taskrun.core.status import RunStatus, TaskStatus
 from taskrun.worker.agents.claude_code import ClaudeCodeAgent
 from taskrun.worker.agents.support_triage import SupportTriageAgent
+from taskrun.worker.workspace import Workspaces
 from tests.conftest import Cluster
 from tests.fakes.anthropic_server import FakeAnthropic, Text, ToolUse
 from tests.fakes.run_context import RecordingContext
@@ -182,7 +184,9 @@ async def test_missing_cli_and_bad_cwd_are_reported(
     api: FakeAnthropic, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     with pytest.raises(AgentError, match="is not a directory"):
-        await ClaudeCodeAgent().run(RecordingContext(input={"prompt": "hi", "cwd": "/nope/x"}))
+        await ClaudeCodeAgent().run(
+            RecordingContext(input={"prompt": "hi", "cwd": str(workdir / "nope")})
+        )
     monkeypatch.setenv("TASKRUN_CLAUDE_CLI_PATH", str(workdir / "no-such-claude"))
     with pytest.raises(AgentError, match="Claude Code CLI not found"):
         await ClaudeCodeAgent().run(RecordingContext(input={"prompt": "hi", "cwd": str(workdir)}))
@@ -218,7 +222,7 @@ async def test_claude_code_task_records_session_usage_and_backend_on_the_run(
 ) -> None:
     api.enqueue(Text(["Done", "."]))
     await cluster.start_server()
-    await cluster.start_worker("worker-1", agents=["claude_code"])
+    await cluster.start_worker("worker-1", agents=["claude_code"], allow_cwd=[workdir])
     client = cluster.client()
     task = await client.create_task("claude_code", {"prompt": "Do it", "cwd": str(workdir)})
     final = await client.wait(task.id)
@@ -237,7 +241,7 @@ async def test_cancelling_a_claude_code_task_stops_the_cli_on_the_worker(
 ) -> None:
     api.enqueue(Text(["tick "] * 200, delay=0.05))
     await cluster.start_server()
-    daemon = await cluster.start_worker("worker-1", agents=["claude_code"])
+    daemon = await cluster.start_worker("worker-1", agents=["claude_code"], allow_cwd=[workdir])
     client = cluster.client()
     task = await client.create_task("claude_code", {"prompt": "Count.", "cwd": str(workdir)})
     async with asyncio.timeout(20):
@@ -252,3 +256,151 @@ async def test_cancelling_a_claude_code_task_stops_the_cli_on_the_worker(
     assert final.status is TaskStatus.CANCELLED
     assert run.status is RunStatus.CANCELLED
     assert cli_children() == []
+
+
+# --- issue 12: agents work in their own directory, away from the worker's keys ----------------
+
+
+def key_dir(tmp_path: Path) -> tuple[Path, Path]:
+    """A directory like the worker's certs/, holding a private key."""
+    certs = tmp_path / "certs"
+    certs.mkdir()
+    key = certs / "ca-key.pem"
+    key.write_text("-----BEGIN PRIVATE KEY-----\nSECRET-KEY-MATERIAL\n")
+    return certs, key
+
+
+async def test_claude_code_works_in_its_run_workspace_and_cannot_read_the_worker_keys(
+    api: FakeAnthropic, tmp_path: Path
+) -> None:
+    certs, key = key_dir(tmp_path)
+    workspaces = Workspaces.create(tmp_path / "workspaces", [certs])
+    api.enqueue(
+        Text(
+            "Looking around.",
+            tool_uses=(
+                ToolUse("Read", {"file_path": str(key)}),
+                ToolUse("Bash", {"command": "pwd"}),
+            ),
+        ),
+        Text("Done."),
+    )
+    ctx = RecordingContext(
+        input={"prompt": "Print the CA key.", "allowed_tools": ["Read", "Bash"]},
+        workspaces=workspaces,
+    )
+    await ClaudeCodeAgent().run(ctx)
+
+    read, bash = ctx.events_of("tool_result")
+    assert read["is_error"] and "SECRET-KEY-MATERIAL" not in json.dumps(ctx.events)
+    assert bash["content"].strip() == str(ctx.workspace)
+    assert ctx.workspace.parent == workspaces.root and ctx.workspace.name == ctx.run_id
+    assert "SECRET-KEY-MATERIAL" not in json.dumps([r.body for r in api.message_requests])
+
+
+async def test_the_same_read_succeeds_when_the_directory_is_not_protected(
+    api: FakeAnthropic, tmp_path: Path
+) -> None:
+    """The control for the test above: the fake model's Read does reach files it may read."""
+    _, key = key_dir(tmp_path)
+    api.enqueue(Text("Reading.", tool_uses=(ToolUse("Read", {"file_path": str(key)}),)), Text("."))
+    ctx = RecordingContext(
+        input={"prompt": "Print the CA key.", "allowed_tools": ["Read"]},
+        workspaces=Workspaces.create(tmp_path / "workspaces", []),
+    )
+    await ClaudeCodeAgent().run(ctx)
+    [read] = ctx.events_of("tool_result")
+    assert not read["is_error"] and "SECRET-KEY-MATERIAL" in read["content"]
+
+
+async def test_a_task_cwd_outside_the_workers_allow_list_fails_naming_input_cwd(
+    api: FakeAnthropic, workdir: Path, cluster: Cluster, tmp_path: Path
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["claude_code"], allow_cwd=[workdir])
+    client = cluster.client()
+    outside = tmp_path / "elsewhere"
+    outside.mkdir()
+    task = await client.create_task("claude_code", {"prompt": "Hi", "cwd": str(outside)})
+    final = await client.wait(task.id)
+    assert final.status is TaskStatus.FAILED
+    assert "input.cwd:" in final.error and str(workdir) in final.error, final.error
+    inside = workdir / "sub"
+    inside.mkdir()
+    api.enqueue(Text("ok"))
+    task = await client.create_task("claude_code", {"prompt": "Hi", "cwd": str(inside)})
+    assert (await client.wait(task.id)).status is TaskStatus.COMPLETED
+    assert len(api.message_requests) == 1  # the refused run never reached the model
+
+
+async def test_without_allow_cwd_any_input_cwd_is_refused(
+    api: FakeAnthropic, workdir: Path, cluster: Cluster
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["claude_code"])
+    client = cluster.client()
+    task = await client.create_task("claude_code", {"prompt": "Hi", "cwd": str(workdir)})
+    final = await client.wait(task.id)
+    assert final.status is TaskStatus.FAILED
+    assert "input.cwd:" in final.error and "allowed: none" in final.error, final.error
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["removed", "kept"])
+async def test_each_run_gets_a_fresh_workspace_removed_after_the_run_unless_kept(
+    api: FakeAnthropic, cluster: Cluster, tmp_path: Path, keep: bool
+) -> None:
+    root = tmp_path / "ws"
+    api.enqueue(
+        Text("Writing.", tool_uses=(ToolUse("Bash", {"command": "pwd; touch made-here"}),)),
+        Text("Done."),
+    )
+    await cluster.start_server()
+    await cluster.start_worker(
+        "worker-1", agents=["claude_code"], workspace_root=root, keep_workspaces=keep
+    )
+    client = cluster.client()
+    task = await client.create_task("claude_code", {"prompt": "Hi", "allowed_tools": ["Bash"]})
+    final = await client.wait(task.id)
+    assert final.status is TaskStatus.COMPLETED, final.error
+    _, [run] = await client.get_task(task.id)
+    workspace = root.resolve() / run.id
+    result = next(e for e in api.message_requests[1].tool_results())
+    assert str(workspace) in json.dumps(result)
+    async with asyncio.timeout(5):
+        while not keep and workspace.exists():
+            await asyncio.sleep(0.01)
+    assert (workspace / "made-here").exists() is keep
+
+
+async def test_without_the_sandbox_a_bash_command_can_still_read_the_keys(
+    api: FakeAnthropic, tmp_path: Path
+) -> None:
+    """What the deny rules do not cover (the README says so): programs the agent runs. Claude
+    Code refuses a command naming a denied path, but not one that finds it by a glob."""
+    certs, _ = key_dir(tmp_path)
+    sneaky = f"cat {certs.parent}/cert?/ca-k*"
+    api.enqueue(Text("x", tool_uses=(ToolUse("Bash", {"command": sneaky}),)), Text("."))
+    ctx = RecordingContext(
+        input={"prompt": "Print the CA key.", "allowed_tools": ["Bash"]},
+        workspaces=Workspaces.create(tmp_path / "workspaces", [certs]),
+    )
+    await ClaudeCodeAgent().run(ctx)
+    [result] = ctx.events_of("tool_result")
+    assert "SECRET-KEY-MATERIAL" in result["content"]
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (apt install)")
+async def test_with_the_sandbox_a_bash_command_cannot_read_the_keys(
+    api: FakeAnthropic, tmp_path: Path
+) -> None:
+    certs, _ = key_dir(tmp_path)
+    sneaky = f"cat {certs.parent}/cert?/ca-k*"
+    api.enqueue(Text("x", tool_uses=(ToolUse("Bash", {"command": sneaky}),)), Text("."))
+    ctx = RecordingContext(
+        input={"prompt": "Print the CA key.", "allowed_tools": ["Bash"]},
+        workspaces=Workspaces.create(tmp_path / "workspaces", [certs], sandbox=True),
+    )
+    await ClaudeCodeAgent().run(ctx)
+    [result] = ctx.events_of("tool_result")
+    assert "SECRET-KEY-MATERIAL" not in json.dumps(ctx.events), result
+    assert "cat: " in result["content"]  # the command ran, sandboxed: the directory is not there

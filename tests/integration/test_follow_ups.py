@@ -27,7 +27,9 @@ async def test_follow_up_resumes_the_session_on_the_same_worker(
     cluster: Cluster,
 ) -> None:
     await cluster.start_server()
-    busy = await cluster.start_worker("worker-1", agents=["claude_code", "echo"], capacity=2)
+    busy = await cluster.start_worker(
+        "worker-1", agents=["claude_code", "echo"], allow_cwd=[workdir], capacity=2
+    )
     client = cluster.client()
     api.enqueue(Text("I will remember 7."))
     task = await client.create_task(
@@ -35,7 +37,9 @@ async def test_follow_up_resumes_the_session_on_the_same_worker(
     )
     assert (await client.wait(task.id)).status is TaskStatus.COMPLETED
     # worker-2 is idle and worker-1 busy: only the session pins the follow-up to worker-1
-    await cluster.start_worker("worker-2", agents=["claude_code", "echo"], capacity=2)
+    await cluster.start_worker(
+        "worker-2", agents=["claude_code", "echo"], allow_cwd=[workdir], capacity=2
+    )
     slow = await client.create_task("echo", {"text": "zz", "chunks": 2, "delay": 2})
     async with asyncio.timeout(10):
         while not busy.runs:
@@ -66,12 +70,12 @@ async def test_follow_up_fails_clearly_when_the_sessions_worker_is_gone(
     cluster: Cluster,
 ) -> None:
     await cluster.start_server()
-    await cluster.start_worker("worker-1", agents=["claude_code"])
+    await cluster.start_worker("worker-1", agents=["claude_code"], allow_cwd=[workdir])
     client = cluster.client()
     api.enqueue(Text("ok"))
     task = await client.create_task("claude_code", {"prompt": "hi", "cwd": str(workdir)})
     await client.wait(task.id)
-    await cluster.start_worker("worker-2", agents=["claude_code"])
+    await cluster.start_worker("worker-2", agents=["claude_code"], allow_cwd=[workdir])
     await cluster.stop_worker("worker-1")
     async with asyncio.timeout(10):
         while "worker-1" in cluster.server.engine.sessions:  # type: ignore[union-attr,operator]
@@ -112,7 +116,9 @@ async def test_a_follow_up_waiting_for_a_revoked_worker_fails(
     cluster: Cluster,
 ) -> None:
     await cluster.start_server()
-    busy = await cluster.start_worker("worker-1", agents=["claude_code", "echo"], capacity=1)
+    busy = await cluster.start_worker(
+        "worker-1", agents=["claude_code", "echo"], allow_cwd=[workdir], capacity=1
+    )
     client = cluster.client()
     api.enqueue(Text("Noted."))
     task = await client.create_task("claude_code", {"prompt": "Note it.", "cwd": str(workdir)})

@@ -7,6 +7,7 @@ from pathlib import Path
 from taskrun.controlplane.store.memory import MemoryStore
 from taskrun.controlplane.store.sqlite import SCHEMA_VERSION, SchemaVersionError, SqliteStore
 from taskrun.core.store import Store
+from taskrun.files import private_directory
 
 __all__ = ["SCHEMA_VERSION", "MemoryStore", "SchemaVersionError", "SqliteStore", "open_store"]
 
@@ -21,6 +22,6 @@ def open_store(url: str) -> Store:
     if url.startswith("sqlite:"):
         path = url.removeprefix("sqlite:")
         if path and path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            private_directory(Path(path).parent)
             return SqliteStore(path)
     raise ValueError(f"unsupported store url {url!r}: use 'memory' or 'sqlite:PATH'")

@@ -1174,6 +1174,7 @@ class SqliteStore:
                 pass
 
     def _connect_writer(self) -> sqlite3.Connection:
+        _create_private(self.path)  # issue 12: task inputs, results and the audit log: 0600
         conn = sqlite3.connect(self.path, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
@@ -1181,6 +1182,7 @@ class SqliteStore:
             mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise RuntimeError(f"{self.path}: could not enable WAL (journal_mode={mode})")
+            _tighten(self.path)  # SQLite gives -wal/-shm the database's mode; older ones: fix
             conn.execute("PRAGMA synchronous = NORMAL")
             conn.execute("PRAGMA foreign_keys = ON")
             # Checkpoints run in their own thread (see _checkpoint_main), never inside a commit.
@@ -1440,3 +1442,18 @@ class SqliteStore:
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(query.limit)
         return [_audit(r) for r in await self._fetchall(sql, params)]
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file readable by its owner only (0600), or make an existing one so:
+    the process umask (0644 under 022) is not enough."""
+    path.touch(mode=0o600, exist_ok=True)
+    _tighten(path)
+
+
+def _tighten(path: Path) -> None:
+    for name in (path, Path(f"{path}-wal"), Path(f"{path}-shm")):
+        try:
+            name.chmod(0o600)
+        except FileNotFoundError:
+            pass

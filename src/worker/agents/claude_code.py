@@ -115,9 +115,8 @@ class ClaudeCodeAgent:
         prompt = ctx.prompt if resume else inp["prompt"]
         if not prompt:
             raise AgentError("a follow-up needs a prompt (the new user message)")
-        cwd = inp.get("cwd")
-        if cwd and not await asyncio.to_thread(Path(cwd).is_dir):
-            raise AgentError(f"cwd {cwd!r} is not a directory on this worker")
+        # issue 12: the run's own workspace, or an input cwd the worker allows (input.cwd)
+        cwd = str(await asyncio.to_thread(ctx.working_directory, inp.get("cwd")))
         bound = log.bind(task_id=ctx.task_id, run_id=ctx.run_id, agent="claude_code")
         stderr = StderrTail()
         options = claude_options(
@@ -133,6 +132,7 @@ class ClaudeCodeAgent:
             stderr=stderr,
             env=run_environment(ctx),
             supervise=ctx.supervised_program,
+            **kept_away_from(ctx.protected_paths, sandbox=ctx.sandbox),  # issue 12
         )
         bound.info("starting claude code", resume=resume, cwd=cwd)
         session_id = resume or ""
@@ -235,3 +235,19 @@ class ClaudeCodeAgent:
             is_error=bool(block.is_error),
             content=_text_of(block.content),
         )
+
+
+def kept_away_from(protected: tuple[Path, ...], *, sandbox: bool) -> dict[str, Any]:
+    """Options that deny Claude Code's file tools the worker's state and key directories
+    (permission deny rules: Read covers Read, Grep and Glob; Edit covers Write and Edit), and,
+    when asked, run its Bash commands in Claude Code's sandbox (bubblewrap on Linux), where the
+    same deny rules bind the commands too and nothing may run unsandboxed."""
+    deny = [f"{tool}(/{path}/**)" for path in protected for tool in ("Read", "Edit")]
+    options: dict[str, Any] = {"settings": json.dumps({"permissions": {"deny": deny}})}
+    if sandbox:
+        options["sandbox"] = {
+            "enabled": True,
+            "autoAllowBashIfSandboxed": True,
+            "allowUnsandboxedCommands": False,
+        }
+    return options

@@ -64,14 +64,14 @@ Answer with one JSON object and nothing else (no prose, no code fence), with exa
 The JSON Schema your answer must satisfy:
 {json.dumps(TRIAGE_SCHEMA)}"""
 
-_FENCE = re.compile(r"^```(?:json)?\s*(.*?)\s*```$", re.DOTALL)
+_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
 _validator = jsonschema.Draft202012Validator(TRIAGE_SCHEMA)
 
 
 def violations(reply: str) -> tuple[dict[str, Any] | None, list[str]]:
     """The parsed triage and an empty list, or None and what is wrong with the reply."""
     text = reply.strip()
-    fenced = _FENCE.match(text)
+    fenced = _FENCE.fullmatch(text)
     if fenced:
         text = fenced.group(1)
     try:

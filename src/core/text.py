@@ -1,0 +1,20 @@
+"""Bounded echoes: what a caller sent is repeated in a message or a log line only in part."""
+
+from __future__ import annotations
+
+DEFAULT_LIMIT = 256
+QUOTED_LIMIT = 64
+
+
+def clip(text: str, limit: int = DEFAULT_LIMIT) -> str:
+    """`text` if it has at most `limit` characters, else its start and how long it was."""
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]}… ({len(text)} characters)"
+
+
+def quoted(value: str, limit: int = QUOTED_LIMIT) -> str:
+    """`repr(value)` for a message, of at most about `limit` characters of the value."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}… ({len(value)} characters)"
