@@ -196,12 +196,14 @@ class WorkerDaemon:
         return 0
 
     def _reconnect_wait(self, state: Any) -> float:
-        """Full jitter: uniformly in [0, min(max, 0.2 * 2^n)]; while the worker holds runs, at
-        most an eighth of the lease, so it comes back before the lease forces it to stop them."""
+        """Full jitter: uniformly in [0, min(max, 0.2 * 2^n)]; while the worker holds runs or
+        reports about them, at most an eighth of the lease, so that it comes back before the
+        lease runs out (the control plane then retries the runs, and their reports are late)."""
         wait = float(
             wait_random_exponential(multiplier=0.2, max=self.config.reconnect_max_wait)(state)
         )
-        if self.runs and self.lease.duration:
+        holding = self.runs or len(self.outbox) or self.outbox.unacknowledged
+        if holding and self.lease.duration:
             wait = min(wait, self.lease.duration / 8)
         return wait
 
