@@ -342,6 +342,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus /metrics on host:port; empty disables "
         "(TASKRUN_METRICS_LISTEN, default 127.0.0.1:9464)",
     )
+    p.add_argument(  # issue 16
+        "--http-listen",
+        metavar="ADDR",
+        help="serve the HTTP API (JSON, server-sent events) and the MCP server (/mcp) on "
+        "host:port, TLS with the server certificate, API tokens (TASKRUN_HTTP_LISTEN, "
+        "default: not served)",
+    )
 
     # worker
     worker = _group(commands, "worker", "enroll a worker, run a worker daemon, or revoke a worker")
@@ -823,6 +830,7 @@ def server_config(args: argparse.Namespace) -> Any:
         "reconnect_grace": _arg(args, "reconnect_grace"),
         "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),  # issue 6
         "metrics_optional": _metrics_listen(args, "") == "",
+        "http_listen": _arg(args, "http_listen") or _env("TASKRUN_HTTP_LISTEN"),  # issue 16
     }
     values.update({k: v for k, v in optional.items() if v is not None})
     try:

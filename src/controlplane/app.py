@@ -17,6 +17,9 @@ from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.event_service import EventService  # issue 6
+from taskrun.controlplane.http.api import HttpApi, Servicers  # issue 16
+from taskrun.controlplane.http.openapi import build as build_openapi  # issue 16
+from taskrun.controlplane.http.server import HttpServer  # issue 16
 from taskrun.controlplane.metrics import ControlPlaneMetrics  # issue 6
 from taskrun.controlplane.schedule_service import ScheduleService
 from taskrun.controlplane.scheduler import Scheduler
@@ -82,10 +85,17 @@ class RunningServer:
     public_server: grpc.aio.Server | None = None
     public_port: int = 0
     tls_sources: tuple[ServerCertificateSource, ...] = ()
+    http_server: HttpServer | None = None  # issue 16: None unless config.http_listen
+
+    @property
+    def http_port(self) -> int:
+        return self.http_server.port if self.http_server is not None else 0
 
     async def stop(self, grace: float = 5.0) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http_server is not None:  # issue 16
+            await self.http_server.close()
         if self.metrics_server is not None:  # issue 6
             await self.metrics_server.close()
         if self.scheduler is not None:
@@ -187,6 +197,20 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
                     f"could not serve metrics on {config.metrics_listen}: {exc}"
                 ) from None
             log.warning("metrics not served", address=config.metrics_listen, error=str(exc))
+    http_server = None  # issue 16
+    if config.http_listen:
+        api = HttpApi(
+            Servicers(tasks, workers, schedules, events),
+            max_body_bytes=config.http_max_body_bytes,
+            openapi=build_openapi(),
+        )
+        try:
+            http_server = HttpServer(
+                api.app(), config.http_listen, config.server_cert, config.server_key
+            )
+        except (OSError, ValueError) as exc:
+            raise OSError(f"could not serve the HTTP API on {config.http_listen}: {exc}") from None
+        await http_server.start()
     await server.start()
     if public_server is not None:
         await public_server.start()
@@ -196,7 +220,11 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     host = config.listen.rsplit(":", 1)[0]
     public = f"{public_address.rsplit(':', 1)[0]}:{public_port}" if public_server else ""
     log.info(
-        "server listening", address=f"{host}:{port}", public_address=public, store=config.store
+        "server listening",
+        address=f"{host}:{port}",
+        public_address=public,
+        http_address=f"{http_server.host}:{http_server.port}" if http_server else "",
+        store=config.store,
     )
     return RunningServer(
         server,
@@ -209,6 +237,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         public_server=public_server,
         public_port=public_port,
         tls_sources=tuple(sources),
+        http_server=http_server,
     )
 
 

@@ -49,6 +49,10 @@ class ServerConfig(BaseModel):
     metrics_listen: str = ""
     # a busy metrics address only logs a warning (the CLI default, not chosen explicitly)
     metrics_optional: bool = False
+    # issue 16: the HTTP API (JSON, server-sent events) and the MCP server, TLS with the server
+    # certificate and API tokens; host:port, empty = not served
+    http_listen: str = ""
+    http_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
 
     def ca_key_path(self) -> Path:
         return self.ca_key if self.ca_key is not None else self.ca_cert.parent / "ca-key.pem"
