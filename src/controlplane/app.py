@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -18,6 +19,7 @@ from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.event_service import EventService  # issue 6
 from taskrun.controlplane.http.api import HttpApi, Servicers  # issue 16
+from taskrun.controlplane.http.mcp_server import McpEndpoint  # issue 16
 from taskrun.controlplane.http.openapi import build as build_openapi  # issue 16
 from taskrun.controlplane.http.server import HttpServer  # issue 16
 from taskrun.controlplane.metrics import ControlPlaneMetrics  # issue 6
@@ -199,14 +201,21 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
             log.warning("metrics not served", address=config.metrics_listen, error=str(exc))
     http_server = None  # issue 16
     if config.http_listen:
-        api = HttpApi(
-            Servicers(tasks, workers, schedules, events),
-            max_body_bytes=config.http_max_body_bytes,
-            openapi=build_openapi(),
-        )
+        servicers = Servicers(tasks, workers, schedules, events)
+        api = HttpApi(servicers, max_body_bytes=config.http_max_body_bytes, openapi=build_openapi())
+        mcp = McpEndpoint(servicers)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_: object) -> AsyncIterator[None]:
+            async with mcp.running():
+                yield
+
         try:
             http_server = HttpServer(
-                api.app(), config.http_listen, config.server_cert, config.server_key
+                api.app([("/mcp", mcp)], lifespan),
+                config.http_listen,
+                config.server_cert,
+                config.server_key,
             )
         except (OSError, ValueError) as exc:
             raise OSError(f"could not serve the HTTP API on {config.http_listen}: {exc}") from None

@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
-from starlette.routing import BaseRoute, Mount, Route
+from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from taskrun.controlplane.event_service import EventService, watch_filter
@@ -312,10 +312,11 @@ class HttpApi:
 
     def app(
         self,
-        mounts: Sequence[tuple[str, ASGIApp]] = (),
+        apps: Sequence[tuple[str, ASGIApp]] = (),
         lifespan: Callable[[Starlette], AbstractAsyncContextManager[None]] | None = None,
     ) -> Starlette:
-        routes = self.routes() + [Mount(path, app=app) for path, app in mounts]
+        """The application; `apps` are ASGI apps served at exact paths (all methods)."""
+        routes = self.routes() + [Route(path, endpoint=app) for path, app in apps]
         return Starlette(
             routes=routes,
             lifespan=lifespan,
