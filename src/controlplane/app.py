@@ -33,6 +33,8 @@ from taskrun.controlplane.security_service import (
 from taskrun.controlplane.services import RunService, TaskService, WorkerService
 from taskrun.controlplane.store import open_store
 from taskrun.controlplane.tls import ServerCertificateSource
+from taskrun.controlplane.webhook_service import WebhookService  # issue 16
+from taskrun.controlplane.webhooks import WebhookDispatcher  # issue 16
 from taskrun.core.store import Store
 from taskrun.metrics_http import MetricsServer  # issue 6
 from taskrun.v1 import (
@@ -44,6 +46,8 @@ from taskrun.v1 import (
     security_pb2_grpc,
     tasks_pb2,
     tasks_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
     workers_pb2,
     workers_pb2_grpc,
 )
@@ -59,6 +63,7 @@ SERVICE_NAMES = (
     security_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name,
     security_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
     security_pb2.DESCRIPTOR.services_by_name["EnrollmentService"].full_name,
+    webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,  # issue 16
 )
 
 # Keepalive: notice a silent peer in seconds (see FIELD-NOTES). Workers use matching settings.
@@ -88,6 +93,7 @@ class RunningServer:
     public_port: int = 0
     tls_sources: tuple[ServerCertificateSource, ...] = ()
     http_server: HttpServer | None = None  # issue 16: None unless config.http_listen
+    webhooks: WebhookDispatcher | None = None  # issue 16
 
     @property
     def http_port(self) -> int:
@@ -102,6 +108,8 @@ class RunningServer:
             await self.metrics_server.close()
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.webhooks is not None:  # issue 16
+            await self.webhooks.stop()
         await self.engine.stop()
         servers = (self.server, self.public_server)
         await asyncio.gather(*(server.stop(grace) for server in servers if server is not None))
@@ -128,6 +136,8 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     await scheduler.load()
     access = AccessControl(engine, config)
     await access.load()
+    webhooks = WebhookDispatcher(engine, config)  # issue 16
+    await webhooks.load()
     metrics = ControlPlaneMetrics(engine, access)  # issue 6
     auth = Authenticator(access)
     options = [
@@ -140,6 +150,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     schedules = ScheduleService(scheduler, auth)
     events = EventService(engine, auth)  # issue 6
     admin = AccessService(auth)
+    webhook_service = WebhookService(webhooks, auth)  # issue 16
     enrollment = EnrollmentService(access)
     health_servicer = health.aio.HealthServicer()
 
@@ -153,6 +164,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         schedules_pb2_grpc.add_ScheduleServiceServicer_to_server(schedules, server)
         events_pb2_grpc.add_EventServiceServicer_to_server(events, server)
         security_pb2_grpc.add_AccessServiceServicer_to_server(admin, server)
+        webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(webhook_service, server)
 
     # The mTLS listener: every caller presents a certificate signed by our CA.
     server = grpc.aio.server(interceptors=[metrics.interceptor()], options=options)
@@ -201,7 +213,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
             log.warning("metrics not served", address=config.metrics_listen, error=str(exc))
     http_server = None  # issue 16
     if config.http_listen:
-        servicers = Servicers(tasks, workers, schedules, events)
+        servicers = Servicers(tasks, workers, schedules, events, webhook_service)
         api = HttpApi(servicers, max_body_bytes=config.http_max_body_bytes, openapi=build_openapi())
         mcp = McpEndpoint(servicers)
 
@@ -224,6 +236,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     if public_server is not None:
         await public_server.start()
     scheduler.start()
+    webhooks.start()  # issue 16
     for name in ("", *SERVICE_NAMES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.listen.rsplit(":", 1)[0]
@@ -247,6 +260,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         public_port=public_port,
         tls_sources=tuple(sources),
         http_server=http_server,
+        webhooks=webhooks,
     )
 
 

@@ -22,12 +22,14 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
+from taskrun import convert
 from taskrun.controlplane.event_service import EventService, watch_filter
 from taskrun.controlplane.http.context import Aborted, HttpCallContext
 from taskrun.controlplane.http.endpoints import ENDPOINTS, Endpoint, Query
 from taskrun.controlplane.http.problems import from_aborted, problem, sse_error
 from taskrun.controlplane.schedule_service import ScheduleService
 from taskrun.controlplane.services import TaskService, WorkerService
+from taskrun.controlplane.webhook_service import WebhookService
 from taskrun.core import errors
 from taskrun.core.access import Scope
 from taskrun.v1 import events_pb2 as epb
@@ -40,11 +42,7 @@ MAX_CURSOR = 16 * 1024
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def to_json(message: Message) -> dict[str, Any]:
-    """The protobuf JSON mapping of a message, with snake_case names and every field shown."""
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+to_json = convert.to_json_dict
 
 
 def _dumps(message: Message) -> str:
@@ -59,6 +57,7 @@ class Servicers:
     workers: WorkerService
     schedules: ScheduleService
     events: EventService
+    webhooks: WebhookService
 
 
 class BadRequest(Exception):
@@ -110,7 +109,7 @@ def _parse_error_field(text: str) -> str | None:
 
 def parse_message(value: dict[str, Any], message: Message) -> None:
     try:
-        json_format.ParseDict(value, message)
+        convert.parse_json_dict(value, message)
     except json_format.ParseError as exc:
         text = str(exc)
         raise BadRequest(text, field=_parse_error_field(text)) from None

@@ -15,6 +15,7 @@ from taskrun.core.access import Scope
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import schedules_pb2 as spb
 from taskrun.v1 import tasks_pb2 as tpb
+from taskrun.v1 import webhooks_pb2 as whpb
 from taskrun.v1 import workers_pb2 as wpb
 
 
@@ -271,5 +272,49 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             Query("count", "count", "how many (default 5, at most 100)"),
             Query("after", "after", "from this instant (RFC 3339; default now)"),
         ),
+    ),
+    Endpoint(
+        "POST",
+        "/v1/webhooks",
+        "webhooks",
+        "CreateWebhook",
+        whpb.CreateWebhookRequest,
+        whpb.CreateWebhookResponse,
+        Scope.ADMIN,
+        "Register a webhook endpoint; the answer holds its signing secret, shown only here",
+        body=True,
+    ),
+    Endpoint(
+        "GET",
+        "/v1/webhooks",
+        "webhooks",
+        "ListWebhooks",
+        whpb.ListWebhooksRequest,
+        whpb.ListWebhooksResponse,
+        Scope.READ,
+        "Every webhook (without secrets)",
+    ),
+    Endpoint(
+        "DELETE",
+        "/v1/webhooks/{webhook_id}",
+        "webhooks",
+        "DeleteWebhook",
+        whpb.DeleteWebhookRequest,
+        whpb.DeleteWebhookResponse,
+        Scope.ADMIN,
+        "Delete a webhook and its deliveries",
+        path_fields=(("webhook_id", "webhook_id"),),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/webhooks/{webhook_id}/deliveries",
+        "webhooks",
+        "ListWebhookDeliveries",
+        whpb.ListWebhookDeliveriesRequest,
+        whpb.ListWebhookDeliveriesResponse,
+        Scope.READ,
+        "A webhook's deliveries, newest first: status, attempts, last response code and error",
+        path_fields=(("webhook_id", "webhook_id"),),
+        query=(Query("limit", "limit", "at most this many (default 50, at most 1000)"),),
     ),
 )
