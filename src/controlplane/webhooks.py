@@ -59,6 +59,7 @@ log = structlog.get_logger(__name__)
 MAX_IN_FLIGHT = 16
 SUBSCRIPTION_LIMIT = 100_000
 MAX_ERROR = 500
+_TASK_CHANGES = Filter(kinds=frozenset({epb.EVENT_KIND_TASK_CHANGED}))
 _TASK_STATUS = {
     pb.TASK_STATUS_COMPLETED: TaskStatus.COMPLETED,
     pb.TASK_STATUS_FAILED: TaskStatus.FAILED,
@@ -87,6 +88,7 @@ class WebhookDispatcher:
         self._tasks: list[asyncio.Task[None]] = []
         self._attempts: set[asyncio.Task[None]] = set()
         self._sub: EventSubscription | None = None
+        self._started = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -99,16 +101,19 @@ class WebhookDispatcher:
         log.info("webhooks loaded", webhooks=len(self.hooks), pending_deliveries=len(pending))
 
     def start(self) -> None:
-        self._sub = self.engine.events.subscribe(
-            Filter(kinds=frozenset({epb.EVENT_KIND_TASK_CHANGED})), limit=SUBSCRIPTION_LIMIT
-        )
         self._client = httpx.AsyncClient(
             follow_redirects=False, timeout=self.config.webhook_timeout, trust_env=False
         )
-        self._tasks = [
-            asyncio.create_task(self._consume(), name="webhook-events"),
-            asyncio.create_task(self._send_loop(), name="webhook-sender"),
-        ]
+        self._tasks = [asyncio.create_task(self._send_loop(), name="webhook-sender")]
+        self._started = True
+        if self.hooks:
+            self._subscribe()
+
+    def _subscribe(self) -> None:
+        """Watch task changes from the first webhook on (no webhook: no subscriber)."""
+        if self._sub is None and self._started:
+            self._sub = self.engine.events.subscribe(_TASK_CHANGES, limit=SUBSCRIPTION_LIMIT)
+            self._tasks.append(asyncio.create_task(self._consume(), name="webhook-events"))
 
     async def stop(self) -> None:
         for task in [*self._tasks, *self._attempts]:
@@ -150,6 +155,7 @@ class WebhookDispatcher:
         validate_webhook(webhook, self.allowed)
         await self.store.add_webhook(webhook)
         self.hooks[webhook.id] = webhook
+        self._subscribe()
         log.info("webhook created", webhook_id=webhook.id, url=webhook.url, by=created_by)
         return webhook
 
@@ -176,10 +182,7 @@ class WebhookDispatcher:
             except Overflowed:
                 log.error("webhook events fell behind; some task outcomes were not announced")
                 self.engine.events.unsubscribe(self._sub)
-                self._sub = self.engine.events.subscribe(
-                    Filter(kinds=frozenset({epb.EVENT_KIND_TASK_CHANGED})),
-                    limit=SUBSCRIPTION_LIMIT,
-                )
+                self._sub = self.engine.events.subscribe(_TASK_CHANGES, limit=SUBSCRIPTION_LIMIT)
                 continue
             deliveries = [d for event in events for d in self._deliveries_for(event)]
             if not deliveries:
