@@ -236,3 +236,38 @@ async def test_webhooks_over_http_need_admin_to_create_and_read_to_list(cluster:
         assert assert_problem(bad, 400)["field"] == "url"
         assert (await client.delete(f"/v1/webhooks/{hook_id}")).status_code == 200
         assert_problem(await client.delete(f"/v1/webhooks/{hook_id}"), 404, "webhook_id")
+
+
+async def test_the_webhook_cli_creates_lists_shows_deliveries_and_deletes(cluster: Cluster) -> None:
+    from tests.integration.test_access_cli import json_of, run_cli
+
+    await start(cluster)
+    await cluster.start_worker("worker-1")
+    async with receiver() as hook_receiver:
+        created = await json_of(
+            cluster,
+            "webhook",
+            "create",
+            hook_receiver.url,
+            "--event",
+            "task.completed,task.failed",
+            "--agent",
+            "echo",
+        )
+        hook_receiver.secret = created["secret"]
+        assert created["events"] == ["task.completed", "task.failed"]
+        assert [w["id"] for w in await json_of(cluster, "webhook", "list")] == [created["id"]]
+        await cluster.client().create_task("echo", {"text": "cli"})
+        await hook_receiver.wait_for(1)
+        assert hook_receiver.requests[0].verified
+        await delivered(cluster, created["id"], DeliveryStatus.SUCCEEDED)
+        (shown,) = await json_of(cluster, "webhook", "deliveries", created["id"])
+        assert shown["status"] == "succeeded" and shown["last_status_code"] == 204
+        code, out, _ = await run_cli(cluster, "webhook", "delete", created["id"])
+        assert code == 0 and "deleted" in out
+        code, _, err = await run_cli(cluster, "webhook", "delete", created["id"])
+        assert code != 0 and "no webhook" in err
+        code, _, err = await run_cli(
+            cluster, "webhook", "create", hook_receiver.url, "--event", "task.done"
+        )
+        assert code != 0 and "unknown event 'task.done'" in err
