@@ -3,17 +3,22 @@ worker running the echo agent, and httpx as the curl-equivalent client."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import ssl
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
+from taskrun.controlplane.pki import PkiPaths, issue_server_cert
 from tests.conftest import Cluster
+from tests.integration.test_security import cert_serial, presented_serial
 
 
 @dataclass
@@ -400,3 +405,23 @@ async def test_a_follower_whose_token_is_revoked_gets_an_error_event_and_the_str
         assert error.json()["status"] == 401 and "revoked" in error.json()["detail"]
         with pytest.raises(StopAsyncIteration):
             await anext(events)
+
+
+async def test_a_rotated_server_certificate_reaches_new_http_connections_without_a_restart(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    copy = PkiPaths.at(Path(shutil.copytree(cluster.pki.directory, tmp_path / "pki-copy")))
+    server = await cluster.start_server(
+        http_listen="127.0.0.1:0",
+        public_listen="",
+        server_cert=copy.server_cert,
+        server_key=copy.server_key,
+    )
+    before = await asyncio.to_thread(presented_serial, server.http_port, cluster.pki)
+    assert before == cert_serial(copy.server_cert)
+    issue_server_cert(copy.directory)
+    after = await asyncio.to_thread(presented_serial, server.http_port, cluster.pki)
+    assert after == cert_serial(copy.server_cert) != before
+    base = f"https://127.0.0.1:{server.http_port}"
+    async with http_client(cluster, base, None) as client:
+        assert (await client.get("/v1/healthz")).status_code == 200

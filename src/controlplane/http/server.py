@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Iterator
+import ssl
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import structlog
@@ -30,6 +31,48 @@ class _EmbeddedServer(uvicorn.Server):
         await super().startup(sockets)
         if self.started:
             self.ready.set()
+
+
+class _RotatingTls:
+    """The server certificate files, re-read when they change: each new handshake checks their
+    stamps (as the gRPC listeners do) and moves to a new context once the pair is consistent;
+    live connections keep theirs."""
+
+    def __init__(self, cert: Path, key: Path) -> None:
+        self.paths = (cert, key)
+        self._stamps = self._current()
+        self._make: Callable[[], ssl.SSLContext] | None = None
+        self.context: ssl.SSLContext | None = None
+        self.rotations = 0
+
+    def _current(self) -> tuple[tuple[int, int, int], ...]:
+        out = []
+        for path in self.paths:
+            st = path.stat()
+            out.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(out)
+
+    def factory(
+        self, config: uvicorn.Config, default: Callable[[], ssl.SSLContext]
+    ) -> ssl.SSLContext:
+        self._make = default
+        self.context = default()
+        self.context.sni_callback = self._on_hello
+        return self.context
+
+    def _on_hello(self, sock: ssl.SSLObject, server_name: str | None, ctx: ssl.SSLContext) -> None:
+        try:
+            stamps = self._current()
+            if stamps != self._stamps and self._make is not None:
+                fresh = self._make()  # refuses a key that does not match the certificate
+                fresh.sni_callback = self._on_hello
+                self.context, self._stamps = fresh, stamps
+                self.rotations += 1
+                log.info("http api certificate reloaded")
+        except (OSError, ssl.SSLError, ValueError) as exc:
+            log.warning("http api certificate not reloaded (kept the current one)", error=str(exc))
+        if self.context is not None and self.context is not ctx:
+            sock.context = self.context
 
 
 def _bind(address: str) -> socket.socket:
@@ -57,10 +100,12 @@ class HttpServer:
         self._sock = _bind(address)
         self.host = address.rpartition(":")[0]
         self.port: int = self._sock.getsockname()[1]
+        self.tls = _RotatingTls(cert, key)
         config = uvicorn.Config(
             app,
             ssl_certfile=str(cert),
             ssl_keyfile=str(key),
+            ssl_context_factory=self.tls.factory,
             log_config=None,
             access_log=False,
             lifespan="on",
