@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
         action="append",
         type=_events,
         metavar="EVENT",
-        help=f"{', '.join(EVENTS)} (repeat or comma-separate; default: all three)",
+        help=f"{', '.join(EVENTS)} (repeat or comma-separate; default: all of them)",
     )
     p.add_argument("--label", action="append", metavar="K=V", help="only tasks with it (repeat)")
     p.add_argument("--agent", default="", help="only tasks of this agent")

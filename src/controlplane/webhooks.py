@@ -24,7 +24,7 @@ import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from urllib.parse import urlsplit
 
 import httpx
@@ -42,6 +42,7 @@ from taskrun.core.webhooks import (
     DeliveryStatus,
     Webhook,
     WebhookDelivery,
+    WebhookEvent,
     address_allowed,
     new_delivery_id,
     new_secret,
@@ -89,6 +90,7 @@ class WebhookDispatcher:
         self._attempts: set[asyncio.Task[None]] = set()
         self._sub: EventSubscription | None = None
         self._started = False
+        self._announced: set[str] = set()  # schedule firings already turned into deliveries
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -197,38 +199,54 @@ class WebhookDispatcher:
 
     def _deliveries_for(self, event: epb.Event) -> list[WebhookDelivery]:
         task = event.task
+        if not self.hooks:
+            return []
+        candidates: list[tuple[WebhookEvent, str]] = []
         status = _TASK_STATUS.get(task.status)
-        if status is None or not self.hooks:
-            return []
-        kind = EVENT_OF_STATUS[status]
-        wanting = [
-            h
-            for h in self.hooks.values()
-            if h.wants(kind, task.agent, task.schedule, dict(task.labels))
-        ]
-        if not wanting:
-            return []
-        payload = json.dumps(
-            {
-                "type": str(kind),
-                "timestamp": event.time.ToDatetime().isoformat() + "Z",
-                "data": {"task": convert.to_json_dict(task)},
-            },
-            separators=(",", ":"),
-        )
+        if status is not None:
+            candidates.append((EVENT_OF_STATUS[status], f"{task.id}:{status.name.lower()}"))
+        fired = f"{task.id}:fired"
+        if task.schedule and fired not in self._announced:
+            # The first change seen of a task a schedule created (creation and assignment may
+            # share one commit, so its status then is not always pending).
+            candidates.append((WebhookEvent.SCHEDULE_FIRED, fired))
+            if len(self._announced) > 100_000:
+                self._announced.clear()  # the store's unique key still prevents a repeat
+            self._announced.add(fired)
+        created = task.created_at.ToDatetime(tzinfo=UTC)
+        out: list[WebhookDelivery] = []
         now = self.clock()
-        return [
-            WebhookDelivery(
-                id=new_delivery_id(),
-                webhook_id=hook.id,
-                event=kind,
-                event_key=f"{task.id}:{kind.value.removeprefix('task.')}",
-                payload=payload,
-                created_at=now,
-                next_attempt_at=now,
+        for kind, key in candidates:
+            wanting = [
+                h
+                for h in self.hooks.values()
+                if h.wants(kind, task.agent, task.schedule, dict(task.labels))
+                # a firing counts only for webhooks that existed when it created the task
+                and (kind is not WebhookEvent.SCHEDULE_FIRED or created >= h.created_at)
+            ]
+            if not wanting:
+                continue
+            payload = json.dumps(
+                {
+                    "type": str(kind),
+                    "timestamp": event.time.ToDatetime().isoformat() + "Z",
+                    "data": {"task": convert.to_json_dict(task)},
+                },
+                separators=(",", ":"),
             )
-            for hook in wanting
-        ]
+            out.extend(
+                WebhookDelivery(
+                    id=new_delivery_id(),
+                    webhook_id=hook.id,
+                    event=kind,
+                    event_key=key,
+                    payload=payload,
+                    created_at=now,
+                    next_attempt_at=now,
+                )
+                for hook in wanting
+            )
+        return out
 
     # --- sending -----------------------------------------------------------------------------
 

@@ -38,6 +38,7 @@ class WebhookEvent(StrEnum):
     TASK_COMPLETED = "task.completed"
     TASK_FAILED = "task.failed"
     TASK_CANCELLED = "task.cancelled"
+    SCHEDULE_FIRED = "schedule.fired"  # a schedule created a task (its `data.task`)
 
 
 EVENT_OF_STATUS: dict[TaskStatus, WebhookEvent] = {

@@ -271,3 +271,31 @@ async def test_the_webhook_cli_creates_lists_shows_deliveries_and_deletes(cluste
             cluster, "webhook", "create", hook_receiver.url, "--event", "task.done"
         )
         assert code != 0 and "unknown event 'task.done'" in err
+
+
+async def test_a_schedule_that_fires_is_announced_to_a_webhook_that_names_it(
+    cluster: Cluster,
+) -> None:
+    from taskrun.core.schedule import Schedule
+
+    await start(cluster)
+    await cluster.start_worker("worker-1")
+    admin = cluster.client()
+    await admin.create_schedule(
+        Schedule(name="brief", agent="echo", timezone="UTC", cron="0 8 * * *", input="{}")
+    )
+    async with receiver() as hook_receiver:
+        webhook, secret = await admin.create_webhook(
+            hook_receiver.url, ["schedule.fired", "task.completed"], schedule="brief"
+        )
+        hook_receiver.secret = secret
+        await admin.create_task("echo", {"text": "not from the schedule"})
+        _, task = await admin.trigger_schedule("brief")
+        await hook_receiver.wait_for(2)
+        kinds = [json.loads(r.body)["type"] for r in hook_receiver.requests]
+        assert sorted(kinds) == ["schedule.fired", "task.completed"]
+        assert {json.loads(r.body)["data"]["task"]["id"] for r in hook_receiver.requests} == {
+            task.id
+        }
+        found = await delivered(cluster, webhook.id, DeliveryStatus.SUCCEEDED)
+        assert sorted(d.event_key for d in found) == [f"{task.id}:completed", f"{task.id}:fired"]
