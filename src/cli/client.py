@@ -693,6 +693,13 @@ class Client:
             webhooks_pb2.DeleteWebhookRequest(webhook_id=webhook_id), timeout=self.timeout
         )
 
+    async def test_webhook(self, webhook_id: str) -> WebhookDelivery:
+        """Queue a `webhook.test` delivery (signed and recorded like any other)."""
+        m = await self._webhook_stub().TestWebhook(
+            webhooks_pb2.TestWebhookRequest(webhook_id=webhook_id), timeout=self.timeout
+        )
+        return convert.delivery_from_pb(m)
+
     async def list_webhook_deliveries(
         self, webhook_id: str, *, limit: int = 50
     ) -> list[WebhookDelivery]:

@@ -7,12 +7,14 @@ connection flags and client. Creating and deleting need the `admin` scope, readi
 from __future__ import annotations
 
 import argparse
+import asyncio
 from typing import Any
 
 from taskrun.cli import output
-from taskrun.core.webhooks import Webhook, WebhookDelivery, WebhookEvent
+from taskrun.cli.client import Client
+from taskrun.core.webhooks import SUBSCRIBABLE, Webhook, WebhookDelivery
 
-EVENTS = [e.value for e in WebhookEvent]
+EVENTS = [e.value for e in SUBSCRIBABLE]
 
 
 def _cli() -> Any:
@@ -60,6 +62,14 @@ def register(subparsers: Any) -> None:
     p = cli._leaf(group, "list", cmd_webhook_list, help="registered webhooks")
     cli._add_output(p)
     p = cli._leaf(group, "delete", cmd_webhook_delete, help="delete a webhook and its deliveries")
+    p.add_argument("webhook_id", metavar="WEBHOOK_ID")
+    cli._add_output(p)
+    p = cli._leaf(
+        group,
+        "test",
+        cmd_webhook_test,
+        help="send a webhook.test delivery now; prints how it went",
+    )
     p.add_argument("webhook_id", metavar="WEBHOOK_ID")
     cli._add_output(p)
     p = cli._leaf(
@@ -179,4 +189,33 @@ def cmd_webhook_deliveries(args: argparse.Namespace) -> int:
         for d in found
     ]
     cli._write("\n".join(rows) + "\n")
+    return int(cli.EXIT_OK)
+
+
+def cmd_webhook_test(args: argparse.Namespace) -> int:
+    """Send a test delivery, then wait (up to the first retry) to say how its attempt went."""
+    cli = _cli()
+
+    async def run(client: Client) -> WebhookDelivery:
+        delivery = await client.test_webhook(args.webhook_id)
+        for _ in range(150):  # 15 s
+            for found in await client.list_webhook_deliveries(args.webhook_id, limit=20):
+                if found.id == delivery.id and found.attempts:
+                    return found
+            await asyncio.sleep(0.1)
+        return delivery
+
+    delivery = cli._one_call(args, run)
+    if args.output == "json":
+        cli._write(output.dumps(delivery_doc(delivery)))
+    elif not delivery.attempts:
+        cli._write(f"test delivery {delivery.id} queued; no attempt yet\n")
+    elif delivery.status.value == "succeeded":
+        cli._write(f"test delivery {delivery.id}: answered {delivery.last_status_code}\n")
+    else:
+        cli._write(
+            f"test delivery {delivery.id} failed: {delivery.last_error}; it is retried "
+            f"(taskrun webhook deliveries {args.webhook_id})\n"
+        )
+        return int(cli.EXIT_FAILED)
     return int(cli.EXIT_OK)

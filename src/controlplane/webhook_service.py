@@ -79,3 +79,13 @@ class WebhookService(webhooks_pb2_grpc.WebhookServiceServicer):
         return webhooks_pb2.ListWebhookDeliveriesResponse(
             deliveries=[convert.delivery_to_pb(d) for d in found]
         )
+
+    @domain_errors
+    async def TestWebhook(
+        self, request: webhooks_pb2.TestWebhookRequest, context: grpc.aio.ServicerContext
+    ) -> webhooks_pb2.WebhookDelivery:
+        caller = await self.auth.operator(context, Scope.ADMIN)
+        if not request.webhook_id:
+            raise errors.InvalidArgument("must not be empty", field="webhook_id")
+        delivery = await self.webhooks.send_test(request.webhook_id, str(caller))
+        return convert.delivery_to_pb(delivery)

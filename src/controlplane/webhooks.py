@@ -169,6 +169,32 @@ class WebhookDispatcher:
             self._pending.pop(delivery_id, None)
         log.info("webhook deleted", webhook_id=webhook_id)
 
+    async def send_test(self, webhook_id: str, by: str) -> WebhookDelivery:
+        hook = self.hooks.get(webhook_id)
+        if hook is None:
+            raise errors.NotFound(f"no webhook {webhook_id!r}", field="webhook_id")
+        now = self.clock()
+        delivery_id = new_delivery_id()
+        payload = {
+            "type": str(WebhookEvent.WEBHOOK_TEST),
+            "timestamp": now.isoformat().replace("+00:00", "Z"),
+            "data": {"webhook_id": webhook_id, "requested_by": by},
+        }
+        delivery = WebhookDelivery(
+            id=delivery_id,
+            webhook_id=webhook_id,
+            event=WebhookEvent.WEBHOOK_TEST,
+            event_key=f"test:{delivery_id}",
+            payload=json.dumps(payload, separators=(",", ":")),
+            created_at=now,
+            next_attempt_at=now,
+        )
+        stored = await self.store.add_webhook_deliveries([delivery])
+        if not stored:  # deleted meanwhile
+            raise errors.NotFound(f"no webhook {webhook_id!r}", field="webhook_id")
+        self._schedule(delivery)
+        return delivery
+
     async def deliveries(self, webhook_id: str, limit: int) -> list[WebhookDelivery]:
         if webhook_id not in self.hooks:
             raise errors.NotFound(f"no webhook {webhook_id!r}", field="webhook_id")

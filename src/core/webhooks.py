@@ -39,6 +39,10 @@ class WebhookEvent(StrEnum):
     TASK_FAILED = "task.failed"
     TASK_CANCELLED = "task.cancelled"
     SCHEDULE_FIRED = "schedule.fired"  # a schedule created a task (its `data.task`)
+    WEBHOOK_TEST = "webhook.test"  # `taskrun webhook test`: sent on request, never subscribed
+
+
+SUBSCRIBABLE = tuple(e for e in WebhookEvent if e is not WebhookEvent.WEBHOOK_TEST)
 
 
 EVENT_OF_STATUS: dict[TaskStatus, WebhookEvent] = {
@@ -221,9 +225,12 @@ def validate_events(values: Iterable[str], field_name: str = "events") -> frozen
     events = set()
     for value in values:
         try:
-            events.add(WebhookEvent(value))
+            event = WebhookEvent(value)
+            if event not in SUBSCRIBABLE:
+                raise ValueError(value)
+            events.add(event)
         except ValueError:
-            known = ", ".join(e.value for e in WebhookEvent)
+            known = ", ".join(e.value for e in SUBSCRIBABLE)
             raise errors.InvalidArgument(
                 f"unknown event {value!r} (known: {known})", field=field_name
             ) from None

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19taskrun/v1/webhooks.proto\x12\ntaskrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x8c\x02\n\x07Webhook\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06\x65vents\x18\x03 \x03(\t\x12/\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.taskrun.v1.Webhook.LabelsEntry\x12\r\n\x05\x61gent\x18\x05 \x01(\t\x12\x10\n\x08schedule\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x01\n\x14\x43reateWebhookRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x03(\t\x12<\n\x06labels\x18\x03 \x03(\x0b\x32,.taskrun.v1.CreateWebhookRequest.LabelsEntry\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x10\n\x08schedule\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\x0e\n\x06secret\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x15\x43reateWebhookResponse\x12$\n\x07webhook\x18\x01 \x01(\x0b\x32\x13.taskrun.v1.Webhook\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x15\n\x13ListWebhooksRequest\"=\n\x14ListWebhooksResponse\x12%\n\x08webhooks\x18\x01 \x03(\x0b\x32\x13.taskrun.v1.Webhook\"*\n\x14\x44\x65leteWebhookRequest\x12\x12\n\nwebhook_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteWebhookResponse\"A\n\x1cListWebhookDeliveriesRequest\x12\x12\n\nwebhook_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xba\x02\n\x0fWebhookDelivery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nwebhook_id\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\x11\n\tevent_key\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x18\n\x10last_status_code\x18\x07 \x01(\x05\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_attempt_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\x1dListWebhookDeliveriesResponse\x12/\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1b.taskrun.v1.WebhookDelivery2\xfd\x02\n\x0eWebhookService\x12T\n\rCreateWebhook\x12 .taskrun.v1.CreateWebhookRequest\x1a!.taskrun.v1.CreateWebhookResponse\x12Q\n\x0cListWebhooks\x12\x1f.taskrun.v1.ListWebhooksRequest\x1a .taskrun.v1.ListWebhooksResponse\x12T\n\rDeleteWebhook\x12 .taskrun.v1.DeleteWebhookRequest\x1a!.taskrun.v1.DeleteWebhookResponse\x12l\n\x15ListWebhookDeliveries\x12(.taskrun.v1.ListWebhookDeliveriesRequest\x1a).taskrun.v1.ListWebhookDeliveriesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19taskrun/v1/webhooks.proto\x12\ntaskrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"(\n\x12TestWebhookRequest\x12\x12\n\nwebhook_id\x18\x01 \x01(\t\"\x8c\x02\n\x07Webhook\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0b\n\x03url\x18\x02 \x01(\t\x12\x0e\n\x06\x65vents\x18\x03 \x03(\t\x12/\n\x06labels\x18\x04 \x03(\x0b\x32\x1f.taskrun.v1.Webhook.LabelsEntry\x12\r\n\x05\x61gent\x18\x05 \x01(\t\x12\x10\n\x08schedule\x18\x06 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x01\n\x14\x43reateWebhookRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\x12\x0e\n\x06\x65vents\x18\x02 \x03(\t\x12<\n\x06labels\x18\x03 \x03(\x0b\x32,.taskrun.v1.CreateWebhookRequest.LabelsEntry\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x10\n\x08schedule\x18\x05 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x06 \x01(\t\x12\x0e\n\x06secret\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x15\x43reateWebhookResponse\x12$\n\x07webhook\x18\x01 \x01(\x0b\x32\x13.taskrun.v1.Webhook\x12\x0e\n\x06secret\x18\x02 \x01(\t\"\x15\n\x13ListWebhooksRequest\"=\n\x14ListWebhooksResponse\x12%\n\x08webhooks\x18\x01 \x03(\x0b\x32\x13.taskrun.v1.Webhook\"*\n\x14\x44\x65leteWebhookRequest\x12\x12\n\nwebhook_id\x18\x01 \x01(\t\"\x17\n\x15\x44\x65leteWebhookResponse\"A\n\x1cListWebhookDeliveriesRequest\x12\x12\n\nwebhook_id\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"\xba\x02\n\x0fWebhookDelivery\x12\n\n\x02id\x18\x01 \x01(\t\x12\x12\n\nwebhook_id\x18\x02 \x01(\t\x12\r\n\x05\x65vent\x18\x03 \x01(\t\x12\x11\n\tevent_key\x18\x04 \x01(\t\x12\x0e\n\x06status\x18\x05 \x01(\t\x12\x10\n\x08\x61ttempts\x18\x06 \x01(\x05\x12\x18\n\x10last_status_code\x18\x07 \x01(\x05\x12\x12\n\nlast_error\x18\x08 \x01(\t\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0fnext_attempt_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x30\n\x0c\x64\x65livered_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"P\n\x1dListWebhookDeliveriesResponse\x12/\n\ndeliveries\x18\x01 \x03(\x0b\x32\x1b.taskrun.v1.WebhookDelivery2\xc9\x03\n\x0eWebhookService\x12T\n\rCreateWebhook\x12 .taskrun.v1.CreateWebhookRequest\x1a!.taskrun.v1.CreateWebhookResponse\x12Q\n\x0cListWebhooks\x12\x1f.taskrun.v1.ListWebhooksRequest\x1a .taskrun.v1.ListWebhooksResponse\x12T\n\rDeleteWebhook\x12 .taskrun.v1.DeleteWebhookRequest\x1a!.taskrun.v1.DeleteWebhookResponse\x12l\n\x15ListWebhookDeliveries\x12(.taskrun.v1.ListWebhookDeliveriesRequest\x1a).taskrun.v1.ListWebhookDeliveriesResponse\x12J\n\x0bTestWebhook\x12\x1e.taskrun.v1.TestWebhookRequest\x1a\x1b.taskrun.v1.WebhookDeliveryb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,30 +36,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_WEBHOOK_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CREATEWEBHOOKREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATEWEBHOOKREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_WEBHOOK']._serialized_start=75
-  _globals['_WEBHOOK']._serialized_end=343
-  _globals['_WEBHOOK_LABELSENTRY']._serialized_start=298
-  _globals['_WEBHOOK_LABELSENTRY']._serialized_end=343
-  _globals['_CREATEWEBHOOKREQUEST']._serialized_start=346
-  _globals['_CREATEWEBHOOKREQUEST']._serialized_end=576
-  _globals['_CREATEWEBHOOKREQUEST_LABELSENTRY']._serialized_start=298
-  _globals['_CREATEWEBHOOKREQUEST_LABELSENTRY']._serialized_end=343
-  _globals['_CREATEWEBHOOKRESPONSE']._serialized_start=578
-  _globals['_CREATEWEBHOOKRESPONSE']._serialized_end=655
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=657
-  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=678
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=680
-  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=741
-  _globals['_DELETEWEBHOOKREQUEST']._serialized_start=743
-  _globals['_DELETEWEBHOOKREQUEST']._serialized_end=785
-  _globals['_DELETEWEBHOOKRESPONSE']._serialized_start=787
-  _globals['_DELETEWEBHOOKRESPONSE']._serialized_end=810
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=812
-  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=877
-  _globals['_WEBHOOKDELIVERY']._serialized_start=880
-  _globals['_WEBHOOKDELIVERY']._serialized_end=1194
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1196
-  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1276
-  _globals['_WEBHOOKSERVICE']._serialized_start=1279
-  _globals['_WEBHOOKSERVICE']._serialized_end=1660
+  _globals['_TESTWEBHOOKREQUEST']._serialized_start=74
+  _globals['_TESTWEBHOOKREQUEST']._serialized_end=114
+  _globals['_WEBHOOK']._serialized_start=117
+  _globals['_WEBHOOK']._serialized_end=385
+  _globals['_WEBHOOK_LABELSENTRY']._serialized_start=340
+  _globals['_WEBHOOK_LABELSENTRY']._serialized_end=385
+  _globals['_CREATEWEBHOOKREQUEST']._serialized_start=388
+  _globals['_CREATEWEBHOOKREQUEST']._serialized_end=618
+  _globals['_CREATEWEBHOOKREQUEST_LABELSENTRY']._serialized_start=340
+  _globals['_CREATEWEBHOOKREQUEST_LABELSENTRY']._serialized_end=385
+  _globals['_CREATEWEBHOOKRESPONSE']._serialized_start=620
+  _globals['_CREATEWEBHOOKRESPONSE']._serialized_end=697
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_start=699
+  _globals['_LISTWEBHOOKSREQUEST']._serialized_end=720
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_start=722
+  _globals['_LISTWEBHOOKSRESPONSE']._serialized_end=783
+  _globals['_DELETEWEBHOOKREQUEST']._serialized_start=785
+  _globals['_DELETEWEBHOOKREQUEST']._serialized_end=827
+  _globals['_DELETEWEBHOOKRESPONSE']._serialized_start=829
+  _globals['_DELETEWEBHOOKRESPONSE']._serialized_end=852
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_start=854
+  _globals['_LISTWEBHOOKDELIVERIESREQUEST']._serialized_end=919
+  _globals['_WEBHOOKDELIVERY']._serialized_start=922
+  _globals['_WEBHOOKDELIVERY']._serialized_end=1236
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_start=1238
+  _globals['_LISTWEBHOOKDELIVERIESRESPONSE']._serialized_end=1318
+  _globals['_WEBHOOKSERVICE']._serialized_start=1321
+  _globals['_WEBHOOKSERVICE']._serialized_end=1778
 # @@protoc_insertion_point(module_scope)

@@ -57,6 +57,11 @@ class WebhookServiceStub:
                 request_serializer=taskrun_dot_v1_dot_webhooks__pb2.ListWebhookDeliveriesRequest.SerializeToString,
                 response_deserializer=taskrun_dot_v1_dot_webhooks__pb2.ListWebhookDeliveriesResponse.FromString,
                 _registered_method=True)
+        self.TestWebhook = channel.unary_unary(
+                '/taskrun.v1.WebhookService/TestWebhook',
+                request_serializer=taskrun_dot_v1_dot_webhooks__pb2.TestWebhookRequest.SerializeToString,
+                response_deserializer=taskrun_dot_v1_dot_webhooks__pb2.WebhookDelivery.FromString,
+                _registered_method=True)
 
 
 class WebhookServiceServicer:
@@ -92,6 +97,13 @@ class WebhookServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TestWebhook(self, request, context):
+        """Send a `webhook.test` delivery now (signed, retried, recorded like any other). Scope admin.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_WebhookServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -114,6 +126,11 @@ def add_WebhookServiceServicer_to_server(servicer, server):
                     servicer.ListWebhookDeliveries,
                     request_deserializer=taskrun_dot_v1_dot_webhooks__pb2.ListWebhookDeliveriesRequest.FromString,
                     response_serializer=taskrun_dot_v1_dot_webhooks__pb2.ListWebhookDeliveriesResponse.SerializeToString,
+            ),
+            'TestWebhook': grpc.unary_unary_rpc_method_handler(
+                    servicer.TestWebhook,
+                    request_deserializer=taskrun_dot_v1_dot_webhooks__pb2.TestWebhookRequest.FromString,
+                    response_serializer=taskrun_dot_v1_dot_webhooks__pb2.WebhookDelivery.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -227,6 +244,33 @@ class WebhookService:
             '/taskrun.v1.WebhookService/ListWebhookDeliveries',
             taskrun_dot_v1_dot_webhooks__pb2.ListWebhookDeliveriesRequest.SerializeToString,
             taskrun_dot_v1_dot_webhooks__pb2.ListWebhookDeliveriesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TestWebhook(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskrun.v1.WebhookService/TestWebhook',
+            taskrun_dot_v1_dot_webhooks__pb2.TestWebhookRequest.SerializeToString,
+            taskrun_dot_v1_dot_webhooks__pb2.WebhookDelivery.FromString,
             options,
             channel_credentials,
             insecure,

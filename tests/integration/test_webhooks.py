@@ -263,6 +263,12 @@ async def test_the_webhook_cli_creates_lists_shows_deliveries_and_deletes(cluste
         await delivered(cluster, created["id"], DeliveryStatus.SUCCEEDED)
         (shown,) = await json_of(cluster, "webhook", "deliveries", created["id"])
         assert shown["status"] == "succeeded" and shown["last_status_code"] == 204
+        code, out, err = await run_cli(cluster, "webhook", "test", created["id"])
+        assert code == 0, err
+        assert "answered 204" in out
+        tested = json.loads(hook_receiver.requests[-1].body)
+        assert tested["type"] == "webhook.test" and tested["data"]["webhook_id"] == created["id"]
+        assert hook_receiver.requests[-1].verified
         code, out, _ = await run_cli(cluster, "webhook", "delete", created["id"])
         assert code == 0 and "deleted" in out
         code, _, err = await run_cli(cluster, "webhook", "delete", created["id"])

@@ -317,4 +317,15 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         path_fields=(("webhook_id", "webhook_id"),),
         query=(Query("limit", "limit", "at most this many (default 50, at most 1000)"),),
     ),
+    Endpoint(
+        "POST",
+        "/v1/webhooks/{webhook_id}/test",
+        "webhooks",
+        "TestWebhook",
+        whpb.TestWebhookRequest,
+        whpb.WebhookDelivery,
+        Scope.ADMIN,
+        "Send a webhook.test delivery now (signed, retried and recorded like any other)",
+        path_fields=(("webhook_id", "webhook_id"),),
+    ),
 )
