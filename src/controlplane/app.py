@@ -228,6 +228,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
                 config.http_listen,
                 config.server_cert,
                 config.server_key,
+                on_close=api.closing.set,
             )
         except (OSError, ValueError) as exc:
             raise OSError(f"could not serve the HTTP API on {config.http_listen}: {exc}") from None

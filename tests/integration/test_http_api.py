@@ -425,3 +425,25 @@ async def test_a_rotated_server_certificate_reaches_new_http_connections_without
     base = f"https://127.0.0.1:{server.http_port}"
     async with http_client(cluster, base, None) as client:
         assert (await client.get("/v1/healthz")).status_code == 200
+
+
+async def test_an_idle_stream_gets_keepalive_comments_and_ends_when_the_server_stops(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from taskrun.controlplane.http import api as http_api
+
+    monkeypatch.setattr(http_api, "KEEPALIVE", 0.05)
+    async with api(cluster, "read") as reader:
+        await cluster.start_worker("worker-1")
+        task = await cluster.client().create_task("echo", {"text": "ab", "chunks": 2, "delay": 30})
+        lines: list[str] = []
+        async with reader.stream("GET", f"/v1/tasks/{task.id}/follow") as response:
+            stream = response.aiter_lines()
+            while lines.count(": keepalive") < 2:
+                lines.append(await anext(stream))
+            stopping = asyncio.create_task(cluster.stop_server())
+            async with asyncio.timeout(5):  # not the 2 s graceful timeout per stream, nor hung
+                rest = [line async for line in stream]
+            await stopping
+        error = rest[rest.index("event: error") + 1]
+        assert json.loads(error.removeprefix("data: "))["status"] == 503

@@ -3,16 +3,19 @@ server-sent event streams for a task and for the event hub, health and the OpenA
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import json
 import re
 import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
+import grpc
 import structlog
 from google.protobuf import json_format
 from google.protobuf.message import Message
@@ -36,6 +39,8 @@ from taskrun.v1 import events_pb2 as epb
 from taskrun.v1 import tasks_pb2 as tpb
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 DEFAULT_MAX_BODY = 8 * 1024 * 1024
 MAX_CURSOR = 16 * 1024
@@ -173,6 +178,7 @@ class HttpApi:
         self.auth = servicers.tasks.auth
         self.max_body_bytes = max_body_bytes
         self.openapi = openapi
+        self.closing = asyncio.Event()  # set when the server stops: open streams end
 
     async def _authorize(self, request: Request, scope: Scope) -> None:
         """Refuse a missing, bad or too weak token before the body is even read (401/403)."""
@@ -235,7 +241,7 @@ class HttpApi:
             updates = self.servicers.tasks.FollowTask(follow, context)
             first = await anext(updates)
             return StreamingResponse(
-                _task_events(first, updates, cursor),
+                _task_events(first, updates, cursor, self.closing),
                 media_type="text/event-stream",
                 headers=SSE_HEADERS,
             )
@@ -284,7 +290,9 @@ class HttpApi:
                 raise BadRequest(exc.message, field=exc.field) from None
             stream = self.servicers.events.WatchEvents(watch, context_of(request))
             return StreamingResponse(
-                _hub_events(stream), media_type="text/event-stream", headers=SSE_HEADERS
+                _hub_events(stream, self.closing),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
             )
 
         return await guarded(run, "WatchEvents")
@@ -394,8 +402,53 @@ def decode_cursor(value: str) -> dict[str, int]:
     return out
 
 
+class Closing(Exception):
+    """The server is shutting down: the stream ends with a 503 error event."""
+
+
+KEEPALIVE = 15.0  # seconds without an event before a comment line keeps the stream open
+
+
+async def _relay(source: AsyncIterator[T], closing: asyncio.Event) -> AsyncIterator[T | None]:
+    """The items of `source`, None after KEEPALIVE seconds without one (a tick to send a
+    comment: proxies keep the connection, dead clients are noticed), until `closing` is set."""
+    stop = asyncio.ensure_future(closing.wait())
+    step: asyncio.Future[T] | None = None
+    try:
+        while True:
+            if step is None:
+                step = asyncio.ensure_future(anext(source))
+            waiting: set[asyncio.Future[Any]] = {step, stop}
+            done, _ = await asyncio.wait(
+                waiting, timeout=KEEPALIVE, return_when=asyncio.FIRST_COMPLETED
+            )
+            if step in done:
+                finished, step = step, None
+                try:
+                    item = finished.result()
+                except StopAsyncIteration:
+                    return
+                yield item
+            elif stop in done:
+                raise Closing
+            else:
+                yield None
+    finally:
+        stop.cancel()
+        if step is not None:
+            step.cancel()
+            with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration, Aborted):
+                await step
+
+
+_CLOSING = Aborted(grpc.StatusCode.UNAVAILABLE, "the control plane is shutting down; reconnect")
+
+
 async def _task_events(
-    first: tpb.TaskUpdate, updates: AsyncIterator[tpb.TaskUpdate], cursor: dict[str, int]
+    first: tpb.TaskUpdate,
+    updates: AsyncIterator[tpb.TaskUpdate],
+    cursor: dict[str, int],
+    closing: asyncio.Event,
 ) -> AsyncIterator[str]:
     seen = dict(cursor)
 
@@ -414,23 +467,32 @@ async def _task_events(
         text = event(first)
         if text:
             yield text
-        async for update in updates:
-            text = event(update)
+        async for update in _relay(updates, closing):
+            text = event(update) if update is not None else ": keepalive\n\n"
             if text:
                 yield text
         yield "event: end\ndata: {}\n\n"
     except Aborted as exc:
         yield sse_error(exc)
+    except Closing:
+        yield sse_error(_CLOSING)
     finally:
         await updates.aclose()  # type: ignore[attr-defined]
 
 
-async def _hub_events(stream: AsyncIterator[epb.Event]) -> AsyncIterator[str]:
+async def _hub_events(
+    stream: AsyncIterator[epb.Event], closing: asyncio.Event
+) -> AsyncIterator[str]:
     try:
         yield ": connected\n\n"
-        async for item in stream:
-            yield f"event: {epb.EventKind.Name(item.kind)}\ndata: {_dumps(item)}\n\n"
+        async for item in _relay(stream, closing):
+            if item is None:
+                yield ": keepalive\n\n"
+            else:
+                yield f"event: {epb.EventKind.Name(item.kind)}\ndata: {_dumps(item)}\n\n"
     except Aborted as exc:
         yield sse_error(exc)
+    except Closing:
+        yield sse_error(_CLOSING)
     finally:
         await stream.aclose()  # type: ignore[attr-defined]

@@ -96,7 +96,15 @@ def _bind(address: str) -> socket.socket:
 class HttpServer:
     """A started uvicorn server; `port` is the bound port (useful with port 0)."""
 
-    def __init__(self, app: ASGIApp, address: str, cert: Path, key: Path) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        address: str,
+        cert: Path,
+        key: Path,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        self._on_close = on_close
         self._sock = _bind(address)
         self.host = address.rpartition(":")[0]
         self.port: int = self._sock.getsockname()[1]
@@ -127,6 +135,8 @@ class HttpServer:
         return self
 
     async def close(self) -> None:
+        if self._on_close is not None:
+            self._on_close()  # open streams end now instead of at the graceful timeout
         self._server.should_exit = True
         if self._task is not None:
             with contextlib.suppress(asyncio.CancelledError):
