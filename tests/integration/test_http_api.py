@@ -447,3 +447,26 @@ async def test_an_idle_stream_gets_keepalive_comments_and_ends_when_the_server_s
             await stopping
         error = rest[rest.index("event: error") + 1]
         assert json.loads(error.removeprefix("data: "))["status"] == 503
+
+
+async def test_boolean_query_parameters_read_true_and_false_and_refuse_anything_else(
+    cluster: Cluster,
+) -> None:
+    async with api(cluster, "read") as reader:
+        await cluster.start_worker("worker-1")
+        params = {"snapshot": "true", "kind": ["worker_connected", "snapshot_end"]}
+        async with reader.stream("GET", "/v1/events", params=params) as response:
+            assert response.status_code == 200
+            events = sse_events(response)
+            first, second = await anext(events), await anext(events)
+        assert first.event == "EVENT_KIND_WORKER_CONNECTED" and first.json()["snapshot"] is True
+        assert first.json()["worker"]["id"] == "worker-1"
+        assert second.event == "EVENT_KIND_SNAPSHOT_END"
+        task = await cluster.client().create_task("echo", {"text": "x"})
+        await cluster.client().wait(task.id)
+        with_events = await reader.get(
+            f"/v1/tasks/{task.id}/output", params={"include_events": "false"}
+        )
+        assert with_events.status_code == 200
+        bad = await reader.get("/v1/events", params={"snapshot": "maybe"})
+        assert assert_problem(bad, 400, "maybe")["field"] == "snapshot"

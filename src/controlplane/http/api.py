@@ -126,7 +126,22 @@ def _query_value(param: Query, raw: str) -> object:
     return raw
 
 
-def query_dict(request: Request, params: Sequence[Query]) -> dict[str, Any]:
+_TRUE, _FALSE = {"true", "1", "yes"}, {"false", "0", "no"}
+
+
+def _boolean(value: str, name: str) -> bool:
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise BadRequest(f"{value!r} is not true or false", field=name)
+
+
+def query_dict(
+    request: Request, params: Sequence[Query], message: Message | None = None
+) -> dict[str, Any]:
+    """The query string as the JSON mapping of `message` (booleans read from true/false)."""
+    fields = message.DESCRIPTOR.fields_by_name if message is not None else {}
     known = {p.name for p in params}
     for name in request.query_params:
         if name not in known:
@@ -152,7 +167,11 @@ def query_dict(request: Request, params: Sequence[Query]) -> dict[str, Any]:
         else:
             if len(values) > 1:
                 raise BadRequest("may be given once", field=param.name)
-            out[param.field] = _query_value(param, values[0])
+            field = fields.get(param.field)
+            if field is not None and field.type == field.TYPE_BOOL:
+                out[param.field] = _boolean(values[0], param.name)
+            else:
+                out[param.field] = _query_value(param, values[0])
     return out
 
 
@@ -198,7 +217,7 @@ class HttpApi:
             async def run() -> Response:
                 await self._authorize(request, endpoint.scope)
                 message = endpoint.request()
-                values = query_dict(request, endpoint.query)
+                values = query_dict(request, endpoint.query, message)
                 if endpoint.body:
                     values.update(await read_json(request, self.max_body_bytes))
                 parse_message(values, message)
@@ -223,17 +242,18 @@ class HttpApi:
 
         async def run() -> Response:
             await self._authorize(request, Scope.READ)
+            follow = tpb.FollowTaskRequest(task_id=request.path_params["task_id"], follow=True)
             values = query_dict(
                 request,
                 (
                     Query("include_events", "include_events", "also structured events"),
                     Query("last_event_id", "last_event_id", "resume after this event id"),
                 ),
+                follow,
             )
             in_query = values.pop("last_event_id", "")
             raw_cursor = request.headers.get("last-event-id") or in_query
             cursor = decode_cursor(str(raw_cursor))
-            follow = tpb.FollowTaskRequest(task_id=request.path_params["task_id"], follow=True)
             parse_message(values, follow)
             context = context_of(request)
             # the first update (the task and its stored output) arrives at once: an unknown
@@ -253,10 +273,12 @@ class HttpApi:
 
         async def run() -> Response:
             await self._authorize(request, Scope.READ)
-            values = query_dict(
-                request, (Query("include_events", "include_events", "also structured events"),)
-            )
             follow = tpb.FollowTaskRequest(task_id=request.path_params["task_id"], follow=False)
+            values = query_dict(
+                request,
+                (Query("include_events", "include_events", "also structured events"),),
+                follow,
+            )
             parse_message(values, follow)
             merged = tpb.TaskUpdate()
             async for update in self.servicers.tasks.FollowTask(follow, context_of(request)):
@@ -272,6 +294,7 @@ class HttpApi:
 
         async def run() -> Response:
             await self._authorize(request, Scope.READ)
+            watch = epb.WatchEventsRequest()
             values = query_dict(
                 request,
                 (
@@ -281,8 +304,8 @@ class HttpApi:
                     Query("include_output", "include_output", ""),
                     Query("snapshot", "snapshot", ""),
                 ),
+                watch,
             )
-            watch = epb.WatchEventsRequest()
             parse_message(values, watch)
             try:
                 watch_filter(watch)
