@@ -305,3 +305,45 @@ async def test_a_schedule_that_fires_is_announced_to_a_webhook_that_names_it(
         }
         found = await delivered(cluster, webhook.id, DeliveryStatus.SUCCEEDED)
         assert sorted(d.event_key for d in found) == [f"{task.id}:completed", f"{task.id}:fired"]
+
+
+async def test_a_dead_endpoint_never_slows_dispatch(cluster: Cluster) -> None:
+    """A receiver that accepts connections and never answers: tasks still run at full speed,
+    and each attempt is recorded as timed out."""
+    hung = socket.socket()
+    hung.bind(("127.0.0.1", 0))
+    hung.listen(64)  # accepted by the kernel, never read: every request waits forever
+    try:
+        await start(cluster, webhook_timeout=1.0, webhook_max_attempts=1)
+        await cluster.start_worker("worker-1")
+        admin = cluster.client()
+        url = f"http://127.0.0.1:{hung.getsockname()[1]}/hook"
+        webhook, _ = await admin.create_webhook(url, ["task.completed"])
+        started = time.monotonic()
+        tasks = [await admin.create_task("echo", {"text": str(n)}) for n in range(20)]
+        for task in tasks:
+            await ended(cluster, task.id)
+        assert time.monotonic() - started < 5  # not 20 x the 1 s timeout
+        found = await delivered(cluster, webhook.id, DeliveryStatus.FAILED)
+        assert len(found) == 20
+        assert all("no answer within 1s" in d.last_error for d in found)
+    finally:
+        hung.close()
+
+
+async def test_a_name_that_resolves_to_an_internal_address_is_refused_when_sent(
+    cluster: Cluster,
+) -> None:
+    await start(cluster)  # loopback allowed: the webhook is accepted
+    admin = cluster.client()
+    async with receiver() as hook_receiver:
+        url = f"http://localhost:{hook_receiver.port}/hook"
+        webhook, _ = await admin.create_webhook(url, ["task.completed"])
+        await cluster.stop_server()
+        await start(cluster, webhook_allow_networks=[], webhook_max_attempts=1)
+        await cluster.start_worker("worker-1")
+        await admin.create_task("echo", {"text": "x"})
+        (delivery,) = await delivered(cluster, webhook.id, DeliveryStatus.FAILED)
+        assert "localhost resolves to" in delivery.last_error
+        assert "internal address" in delivery.last_error
+        assert hook_receiver.requests == []
