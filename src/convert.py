@@ -6,9 +6,12 @@ Shared by the control plane, the worker and the client; nothing else touches bot
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 from zoneinfo import ZoneInfo
 
+from google.protobuf import json_format
 from google.protobuf.duration_pb2 import Duration
+from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from taskrun.core.access import ApiToken, AuditEvent, AuditKind, BootstrapToken, Scope
@@ -29,8 +32,14 @@ from taskrun.core.models import (
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.text import quoted
+from taskrun.core.webhooks import (
+    DeliveryStatus,
+    Webhook,
+    WebhookDelivery,
+    WebhookEvent,
+)
 from taskrun.v1 import common_pb2 as pb
-from taskrun.v1 import schedules_pb2, security_pb2, tasks_pb2
+from taskrun.v1 import schedules_pb2, security_pb2, tasks_pb2, webhooks_pb2
 
 # --- scalars ---------------------------------------------------------------------------------
 
@@ -493,3 +502,87 @@ def fire_time_to_pb(instant: datetime, zone: ZoneInfo) -> schedules_pb2.FireTime
 def fire_time_from_pb(m: schedules_pb2.FireTime) -> tuple[datetime, str]:
     """The instant (UTC) and its ISO 8601 local time in the schedule's zone."""
     return m.time.ToDatetime(tzinfo=UTC), m.local_time
+
+
+# --- JSON (issue 16: the HTTP API, MCP answers and webhook bodies) ---------------------------
+
+
+def to_json_dict(message: Message) -> dict[str, Any]:
+    """The protobuf JSON mapping of a message, with snake_case names and every field shown."""
+    return json_format.MessageToDict(
+        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def parse_json_dict(value: dict[str, Any], message: Message) -> None:
+    """Fill `message` from its JSON mapping; json_format.ParseError names the field."""
+    json_format.ParseDict(value, message)
+
+
+# --- webhooks (issue 16) -----------------------------------------------------------------------
+
+
+def webhook_to_pb(w: Webhook) -> webhooks_pb2.Webhook:
+    m = webhooks_pb2.Webhook(
+        id=w.id,
+        url=w.url,
+        events=sorted(str(e) for e in w.events),
+        labels=w.labels,
+        agent=w.agent,
+        schedule=w.schedule,
+        description=w.description,
+        created_by=w.created_by,
+    )
+    ts_to_pb(w.created_at, m.created_at)
+    return m
+
+
+def delivery_to_pb(d: WebhookDelivery) -> webhooks_pb2.WebhookDelivery:
+    m = webhooks_pb2.WebhookDelivery(
+        id=d.id,
+        webhook_id=d.webhook_id,
+        event=str(d.event),
+        event_key=d.event_key,
+        status=str(d.status),
+        attempts=d.attempts,
+        last_status_code=d.last_status_code,
+        last_error=d.last_error,
+    )
+    ts_to_pb(d.created_at, m.created_at)
+    ts_to_pb(d.next_attempt_at, m.next_attempt_at)
+    ts_to_pb(d.delivered_at, m.delivered_at)
+    return m
+
+
+def webhook_from_pb(m: webhooks_pb2.Webhook) -> Webhook:
+    """A listed webhook (its secret is never sent back: empty here)."""
+    return Webhook(
+        id=m.id,
+        url=m.url,
+        events=frozenset(WebhookEvent(e) for e in m.events if e in set(WebhookEvent)),
+        secret="",
+        created_at=ts_from_pb(m, "created_at") or datetime.fromtimestamp(0, UTC),
+        labels=dict(m.labels),
+        agent=m.agent,
+        schedule=m.schedule,
+        description=m.description,
+        created_by=m.created_by,
+    )
+
+
+def delivery_from_pb(m: webhooks_pb2.WebhookDelivery) -> WebhookDelivery:
+    epoch = datetime.fromtimestamp(0, UTC)
+    return WebhookDelivery(
+        id=m.id,
+        webhook_id=m.webhook_id,
+        event=WebhookEvent(m.event),
+        event_key=m.event_key,
+        payload="",
+        created_at=ts_from_pb(m, "created_at") or epoch,
+        next_attempt_at=ts_from_pb(m, "next_attempt_at") or epoch,
+        status=DeliveryStatus(m.status),
+        attempts=m.attempts,
+        last_status_code=m.last_status_code,
+        last_error=m.last_error,
+        delivered_at=ts_from_pb(m, "delivered_at"),
+    )

@@ -32,6 +32,7 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, TaskPolicy, TaskSpec, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
+from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.v1 import (
     events_pb2,
     events_pb2_grpc,
@@ -41,6 +42,8 @@ from taskrun.v1 import (
     security_pb2_grpc,
     tasks_pb2,
     tasks_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
     workers_pb2,
     workers_pb2_grpc,
 )
@@ -677,6 +680,65 @@ class Client:
             call.cancel()
 
     # --- schedules ---------------------------------------------------------------------------
+
+    # --- webhooks (issue 16) ------------------------------------------------------------------
+
+    def _webhook_stub(self) -> Any:
+        return webhooks_pb2_grpc.WebhookServiceStub(self.channel)
+
+    async def create_webhook(
+        self,
+        url: str,
+        events: Sequence[str],
+        *,
+        labels: Mapping[str, str] | None = None,
+        agent: str = "",
+        schedule: str = "",
+        description: str = "",
+        secret: str = "",
+    ) -> tuple[Webhook, str]:
+        """Register a webhook; returns it and its signing secret (shown only this once)."""
+        m = await self._webhook_stub().CreateWebhook(
+            webhooks_pb2.CreateWebhookRequest(
+                url=url,
+                events=list(events),
+                labels=dict(labels or {}),
+                agent=agent,
+                schedule=schedule,
+                description=description,
+                secret=secret,
+            ),
+            timeout=self.timeout,
+        )
+        return convert.webhook_from_pb(m.webhook), m.secret
+
+    async def list_webhooks(self) -> list[Webhook]:
+        m = await self._webhook_stub().ListWebhooks(
+            webhooks_pb2.ListWebhooksRequest(), timeout=self.timeout
+        )
+        return [convert.webhook_from_pb(w) for w in m.webhooks]
+
+    async def delete_webhook(self, webhook_id: str) -> None:
+        await self._webhook_stub().DeleteWebhook(
+            webhooks_pb2.DeleteWebhookRequest(webhook_id=webhook_id), timeout=self.timeout
+        )
+
+    async def test_webhook(self, webhook_id: str) -> WebhookDelivery:
+        """Queue a `webhook.test` delivery (signed and recorded like any other)."""
+        m = await self._webhook_stub().TestWebhook(
+            webhooks_pb2.TestWebhookRequest(webhook_id=webhook_id), timeout=self.timeout
+        )
+        return convert.delivery_from_pb(m)
+
+    async def list_webhook_deliveries(
+        self, webhook_id: str, *, limit: int = 50
+    ) -> list[WebhookDelivery]:
+        """Newest first: status, attempts, last response code and error."""
+        m = await self._webhook_stub().ListWebhookDeliveries(
+            webhooks_pb2.ListWebhookDeliveriesRequest(webhook_id=webhook_id, limit=limit),
+            timeout=self.timeout,
+        )
+        return [convert.delivery_from_pb(d) for d in m.deliveries]
 
     def _schedule_stub(self) -> Any:
         return schedules_pb2_grpc.ScheduleServiceStub(self.channel)

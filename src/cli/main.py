@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import grpc
 
 from taskrun import __version__
-from taskrun.cli import access_cmd, events_cmd, output, schedule_cmd
+from taskrun.cli import access_cmd, events_cmd, output, schedule_cmd, webhook_cmd
 from taskrun.cli import credentials as creds
 from taskrun.cli.client import Client, TaskChanged
 from taskrun.core.errors import TaskRunError
@@ -366,6 +366,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="serve Prometheus /metrics on host:port; empty disables "
         "(TASKRUN_METRICS_LISTEN, default 127.0.0.1:9464)",
     )
+    p.add_argument(  # issue 16
+        "--http-listen",
+        metavar="ADDR",
+        help="serve the HTTP API (JSON, server-sent events) and the MCP server (/mcp) on "
+        "host:port, TLS with the server certificate, API tokens (TASKRUN_HTTP_LISTEN, "
+        "default: not served)",
+    )
+    p.add_argument(  # issue 16
+        "--webhook-allow-network",
+        action="append",
+        metavar="CIDR",
+        help="let webhooks reach this loopback or private network, e.g. 10.0.0.0/8 (repeat; "
+        "TASKRUN_WEBHOOK_ALLOW_NETWORKS, comma-separated; default: only public addresses)",
+    )
 
     # worker
     worker = _group(commands, "worker", "enroll a worker, run a worker daemon, or revoke a worker")
@@ -582,6 +596,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_cmd.register(commands)
     events_cmd.register(commands)  # issue 6: `taskrun events`, `taskrun tui`
     access_cmd.register(commands)  # issue 3: `taskrun token`, `api-token`, `audit`
+    webhook_cmd.register(commands)  # issue 16: `taskrun webhook`
 
     # dev
     p = _leaf(
@@ -872,6 +887,14 @@ def server_config(args: argparse.Namespace) -> Any:
         "lease_margin": _arg(args, "lease_margin"),
         "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),  # issue 6
         "metrics_optional": _metrics_listen(args, "") == "",
+        "http_listen": _arg(args, "http_listen") or _env("TASKRUN_HTTP_LISTEN"),  # issue 16
+        "webhook_allow_networks": _arg(args, "webhook_allow_network")
+        or [
+            n.strip()
+            for n in (_env("TASKRUN_WEBHOOK_ALLOW_NETWORKS") or "").split(",")
+            if n.strip()
+        ]
+        or None,
     }
     values.update({k: v for k, v in optional.items() if v is not None})
     try:

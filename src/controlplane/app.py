@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import signal
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
@@ -18,6 +19,10 @@ from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.event_service import EventService  # issue 6
 from taskrun.controlplane.guard import RequestGuard
+from taskrun.controlplane.http.api import HttpApi, Servicers  # issue 16
+from taskrun.controlplane.http.mcp_server import McpEndpoint  # issue 16
+from taskrun.controlplane.http.openapi import build as build_openapi  # issue 16
+from taskrun.controlplane.http.server import HttpServer  # issue 16
 from taskrun.controlplane.metrics import ControlPlaneMetrics  # issue 6
 from taskrun.controlplane.schedule_service import ScheduleService
 from taskrun.controlplane.scheduler import Scheduler
@@ -29,6 +34,8 @@ from taskrun.controlplane.security_service import (
 from taskrun.controlplane.services import RunService, TaskService, WorkerService
 from taskrun.controlplane.store import open_store
 from taskrun.controlplane.tls import ServerCertificateSource
+from taskrun.controlplane.webhook_service import WebhookService  # issue 16
+from taskrun.controlplane.webhooks import WebhookDispatcher  # issue 16
 from taskrun.core.store import Store
 from taskrun.metrics_http import MetricsServer  # issue 6
 from taskrun.v1 import (
@@ -40,6 +47,8 @@ from taskrun.v1 import (
     security_pb2_grpc,
     tasks_pb2,
     tasks_pb2_grpc,
+    webhooks_pb2,
+    webhooks_pb2_grpc,
     workers_pb2,
     workers_pb2_grpc,
 )
@@ -55,6 +64,7 @@ SERVICE_NAMES = (
     security_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name,
     security_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
     security_pb2.DESCRIPTOR.services_by_name["EnrollmentService"].full_name,
+    webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,  # issue 16
 )
 
 # Keepalive: notice a silent peer in seconds (see FIELD-NOTES). Workers use matching settings.
@@ -83,14 +93,24 @@ class RunningServer:
     public_server: grpc.aio.Server | None = None
     public_port: int = 0
     tls_sources: tuple[ServerCertificateSource, ...] = ()
+    http_server: HttpServer | None = None  # issue 16: None unless config.http_listen
+    webhooks: WebhookDispatcher | None = None  # issue 16
+
+    @property
+    def http_port(self) -> int:
+        return self.http_server.port if self.http_server is not None else 0
 
     async def stop(self, grace: float = 5.0) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        if self.http_server is not None:  # issue 16
+            await self.http_server.close()
         if self.metrics_server is not None:  # issue 6
             await self.metrics_server.close()
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.webhooks is not None:  # issue 16
+            await self.webhooks.stop()
         await self.engine.stop()
         servers = (self.server, self.public_server)
         await asyncio.gather(*(server.stop(grace) for server in servers if server is not None))
@@ -137,6 +157,8 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     await scheduler.load()
     access = AccessControl(engine, config)
     await access.load()
+    webhooks = WebhookDispatcher(engine, config)  # issue 16
+    await webhooks.load()
     metrics = ControlPlaneMetrics(engine, access)  # issue 6
     auth = Authenticator(access)
     options = [
@@ -150,6 +172,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     schedules = ScheduleService(scheduler, auth)
     events = EventService(engine, auth)  # issue 6
     admin = AccessService(auth)
+    webhook_service = WebhookService(webhooks, auth)  # issue 16
     enrollment = EnrollmentService(access)
 
     def public_services(server: grpc.aio.Server) -> None:
@@ -162,6 +185,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         schedules_pb2_grpc.add_ScheduleServiceServicer_to_server(schedules, server)
         events_pb2_grpc.add_EventServiceServicer_to_server(events, server)
         security_pb2_grpc.add_AccessServiceServicer_to_server(admin, server)
+        webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(webhook_service, server)
 
     # The mTLS listener: every caller presents a certificate signed by our CA.
     server = grpc.aio.server(interceptors=[metrics.interceptor(), guard], options=options)
@@ -210,17 +234,44 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
                     f"could not serve metrics on {config.metrics_listen}: {exc}"
                 ) from None
             log.warning("metrics not served", address=config.metrics_listen, error=str(exc))
+    http_server = None  # issue 16
+    if config.http_listen:
+        servicers = Servicers(tasks, workers, schedules, events, webhook_service)
+        api = HttpApi(servicers, max_body_bytes=config.http_max_body_bytes, openapi=build_openapi())
+        mcp = McpEndpoint(servicers)
+
+        @contextlib.asynccontextmanager
+        async def lifespan(_: object) -> AsyncIterator[None]:
+            async with mcp.running():
+                yield
+
+        try:
+            http_server = HttpServer(
+                api.app([("/mcp", mcp)], lifespan),
+                config.http_listen,
+                config.server_cert,
+                config.server_key,
+                on_close=api.closing.set,
+            )
+        except (OSError, ValueError) as exc:
+            raise OSError(f"could not serve the HTTP API on {config.http_listen}: {exc}") from None
+        await http_server.start()
     await server.start()
     if public_server is not None:
         await public_server.start()
     scheduler.start()
+    webhooks.start()
     if not engine.store_error:
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.listen.rsplit(":", 1)[0]
     public = f"{public_address.rsplit(':', 1)[0]}:{public_port}" if public_server else ""
     log.info(
-        "server listening", address=f"{host}:{port}", public_address=public, store=config.store
+        "server listening",
+        address=f"{host}:{port}",
+        public_address=public,
+        http_address=f"{http_server.host}:{http_server.port}" if http_server else "",
+        store=config.store,
     )
     return RunningServer(
         server,
@@ -233,6 +284,8 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         public_server=public_server,
         public_port=public_port,
         tls_sources=tuple(sources),
+        http_server=http_server,
+        webhooks=webhooks,
     )
 
 

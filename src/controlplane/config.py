@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import ipaddress
 from pathlib import Path
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, field_validator, model_validator
 
 from taskrun.core.models import DEFAULT_MAX_ATTEMPTS
 
@@ -56,6 +57,28 @@ class ServerConfig(BaseModel):
     metrics_listen: str = ""
     # a busy metrics address only logs a warning (the CLI default, not chosen explicitly)
     metrics_optional: bool = False
+    # issue 16: the HTTP API (JSON, server-sent events) and the MCP server, TLS with the server
+    # certificate and API tokens; host:port, empty = not served
+    http_listen: str = ""
+    http_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # issue 16: webhooks. Targets in loopback, private, link-local and other internal ranges are
+    # refused unless one of these networks (CIDR) holds them.
+    webhook_allow_networks: list[str] = Field(default_factory=list)
+    webhook_timeout: float = Field(default=10.0, gt=0)  # per attempt, seconds
+    webhook_retry_base: float = Field(default=2.0, gt=0)  # first retry after 1-2 s, doubling
+    webhook_retry_max: float = Field(default=3600.0, gt=0)  # longest wait between attempts
+    webhook_max_attempts: int = Field(default=12, ge=1, le=100)
+    webhook_max_age: float = Field(default=24 * 3600.0, gt=0)  # give up on older deliveries
+
+    @field_validator("webhook_allow_networks")
+    @classmethod
+    def _networks(cls, values: list[str]) -> list[str]:
+        for value in values:
+            try:
+                ipaddress.ip_network(value, strict=False)
+            except ValueError:
+                raise ValueError(f"{value!r} is not a network (CIDR, e.g. 10.0.0.0/8)") from None
+        return values
 
     @model_validator(mode="after")
     def _heartbeats_fit_the_lease(self) -> ServerConfig:

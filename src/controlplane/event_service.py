@@ -10,6 +10,7 @@ import structlog
 from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.events import Filter, Overflowed
+from taskrun.core import errors
 from taskrun.core.access import Scope
 from taskrun.v1 import events_pb2 as epb
 from taskrun.v1 import events_pb2_grpc
@@ -17,6 +18,23 @@ from taskrun.v1 import events_pb2_grpc
 log = structlog.get_logger(__name__)
 
 MAX_ID = 128
+
+
+def watch_filter(request: epb.WatchEventsRequest) -> Filter:
+    """The subscription filter a request asks for (INVALID_ARGUMENT naming the field)."""
+    for name in ("task_id", "worker_id"):
+        if len(getattr(request, name)) > MAX_ID:
+            raise errors.InvalidArgument("is too long", field=name)
+    known = set(epb.EventKind.values())
+    for kind in request.kinds:
+        if kind not in known or kind == epb.EVENT_KIND_UNSPECIFIED:
+            raise errors.InvalidArgument(f"unknown event kind {kind}", field="kinds")
+    return Filter(
+        task_id=request.task_id,
+        worker_id=request.worker_id,
+        kinds=frozenset(int(k) for k in request.kinds),
+        include_output=request.include_output,
+    )
 
 
 class EventService(events_pb2_grpc.EventServiceServicer):
@@ -28,21 +46,10 @@ class EventService(events_pb2_grpc.EventServiceServicer):
         self, request: epb.WatchEventsRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[epb.Event]:
         principal = await self.auth.operator(context, Scope.READ)
-        for name in ("task_id", "worker_id"):
-            if len(getattr(request, name)) > MAX_ID:
-                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{name}: is too long")
-        known = set(epb.EventKind.values())
-        for kind in request.kinds:
-            if kind not in known or kind == epb.EVENT_KIND_UNSPECIFIED:
-                await context.abort(
-                    grpc.StatusCode.INVALID_ARGUMENT, f"kinds: unknown event kind {kind}"
-                )
-        wanted = Filter(
-            task_id=request.task_id,
-            worker_id=request.worker_id,
-            kinds=frozenset(int(k) for k in request.kinds),
-            include_output=request.include_output,
-        )
+        try:
+            wanted = watch_filter(request)
+        except errors.InvalidArgument as exc:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         engine = self.engine
         # Subscribe and take the snapshot in one step (no await between): every change after
         # the snapshot reaches the subscription.

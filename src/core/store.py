@@ -22,6 +22,7 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
+from taskrun.core.webhooks import Webhook, WebhookDelivery
 
 FENCED = "the store refuses writes after a failed one until the control plane recovers"
 
@@ -146,8 +147,50 @@ class AuditStore(Protocol):
         ...
 
 
+class WebhookStore(Protocol):
+    """Issue 16: webhook subscriptions and their deliveries. Each write is its own transaction,
+    durable on return (webhooks are not part of the engine's change sets)."""
+
+    async def add_webhook(self, webhook: Webhook) -> None:
+        """Store a new webhook; ValueError when its id is taken."""
+        ...
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        """Delete the webhook and its deliveries; False when there was none."""
+        ...
+
+    async def list_webhooks(self) -> list[Webhook]:
+        """Every webhook, oldest first."""
+        ...
+
+    async def add_webhook_deliveries(
+        self, deliveries: Sequence[WebhookDelivery]
+    ) -> list[WebhookDelivery]:
+        """Store new deliveries; one whose (webhook_id, event_key) is already stored, or whose
+        webhook is gone, is skipped. Returns those stored."""
+        ...
+
+    async def update_webhook_delivery(self, delivery: WebhookDelivery) -> None:
+        """Record an attempt: status, attempts, last code and error, next attempt, delivered."""
+        ...
+
+    async def list_webhook_deliveries(
+        self, webhook_id: str = "", *, pending: bool = False, limit: int = 100
+    ) -> list[WebhookDelivery]:
+        """Pending ones by next attempt (`pending`), else every one newest first."""
+        ...
+
+
 class Store(
-    TaskStore, RunStore, WorkerStore, OutputStore, ScheduleStore, TokenStore, AuditStore, Protocol
+    TaskStore,
+    RunStore,
+    WorkerStore,
+    OutputStore,
+    ScheduleStore,
+    TokenStore,
+    AuditStore,
+    WebhookStore,
+    Protocol,
 ):
     async def open(self) -> None: ...
 

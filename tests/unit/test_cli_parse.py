@@ -532,3 +532,39 @@ def test_dev_ready_message_gives_copyable_commands() -> None:
     assert line in text
     assert "--follow" in text
     assert "taskrun token create" in text  # how another machine's worker joins
+
+
+def test_the_http_api_is_off_unless_an_address_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TASKRUN_HTTP_LISTEN", raising=False)
+    assert cli.server_config(parse("server")).http_listen == ""
+    config = cli.server_config(parse("server", "--http-listen", "0.0.0.0:8443"))
+    assert config.http_listen == "0.0.0.0:8443"
+    monkeypatch.setenv("TASKRUN_HTTP_LISTEN", "127.0.0.1:9443")
+    assert cli.server_config(parse("server")).http_listen == "127.0.0.1:9443"
+
+
+def test_webhook_networks_come_from_flags_or_the_environment(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.delenv("TASKRUN_WEBHOOK_ALLOW_NETWORKS", raising=False)
+    assert cli.server_config(parse("server")).webhook_allow_networks == []
+    args = parse(
+        "server", "--webhook-allow-network", "10.0.0.0/8", "--webhook-allow-network", "::1/128"
+    )
+    assert cli.server_config(args).webhook_allow_networks == ["10.0.0.0/8", "::1/128"]
+    monkeypatch.setenv("TASKRUN_WEBHOOK_ALLOW_NETWORKS", "127.0.0.0/8, 192.168.0.0/16")
+    assert cli.server_config(parse("server")).webhook_allow_networks == [
+        "127.0.0.0/8",
+        "192.168.0.0/16",
+    ]
+    assert cli.main(["server", "--webhook-allow-network", "intranet"]) == 2
+    assert "'intranet' is not a network" in capsys.readouterr().err
+
+
+def test_webhook_create_refuses_an_unknown_event_before_calling(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        parse("webhook", "create", "https://x.example/", "--event", "task.finished")
+    err = capsys.readouterr().err
+    assert "unknown event 'task.finished'" in err and "schedule.fired" in err

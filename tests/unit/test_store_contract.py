@@ -45,6 +45,13 @@ from taskrun.core.models import (
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import ChangeSet, Store, TaskQuery
+from taskrun.core.webhooks import (
+    DeliveryStatus,
+    Webhook,
+    WebhookDelivery,
+    WebhookEvent,
+    new_secret,
+)
 from tests.faults import fill, small_filesystem
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -1396,3 +1403,110 @@ async def test_sqlite_full_disk_fails_writes_cleanly_then_resumes(tmp_path: Path
             assert await store.get_task(tid(1)) == make_task(1)
         finally:
             await store.close()
+
+
+# --- webhooks (issue 16) -------------------------------------------------------------------------
+
+
+def make_webhook(n: int, **fields: object) -> Webhook:
+    hook = Webhook(
+        id=f"wh_{n:016d}",
+        url=f"https://hooks.example/{n}",
+        events=frozenset({WebhookEvent.TASK_COMPLETED, WebhookEvent.TASK_FAILED}),
+        secret=new_secret(),
+        created_at=T0 + timedelta(seconds=n),
+        labels={"team": "ml"},
+        agent="echo",
+        schedule="nightly",
+        description="to the channel",
+        created_by="spiffe://taskrun/operator/admin",
+    )
+    return replace(hook, **fields)  # type: ignore[arg-type]
+
+
+def make_delivery(n: int, webhook: Webhook, key: str = "", **fields: object) -> WebhookDelivery:
+    delivery = WebhookDelivery(
+        id=f"msg_{n:024d}",
+        webhook_id=webhook.id,
+        event=WebhookEvent.TASK_COMPLETED,
+        event_key=key or f"tsk_{n}:completed",
+        payload='{"type": "task.completed"}',
+        created_at=T0 + timedelta(seconds=n),
+        next_attempt_at=T0 + timedelta(seconds=100 - n),
+    )
+    return replace(delivery, **fields)  # type: ignore[arg-type]
+
+
+async def test_webhooks_round_trip_and_a_taken_id_is_refused(store: Store) -> None:
+    first, second = make_webhook(1), make_webhook(2, labels={}, agent="", schedule="")
+    await store.add_webhook(second)
+    await store.add_webhook(first)
+    assert await store.list_webhooks() == [first, second]
+    with pytest.raises(ValueError, match="already exists"):
+        await store.add_webhook(make_webhook(1, url="https://other.example/"))
+    assert await store.delete_webhook(first.id) is True
+    assert await store.delete_webhook(first.id) is False
+    assert await store.list_webhooks() == [second]
+
+
+async def test_a_delivery_is_stored_once_per_webhook_and_event(store: Store) -> None:
+    hook, other = make_webhook(1), make_webhook(2)
+    await store.add_webhook(hook)
+    await store.add_webhook(other)
+    one = make_delivery(1, hook, key="tsk_1:completed")
+    stored = await store.add_webhook_deliveries(
+        [one, make_delivery(2, other, key="tsk_1:completed")]
+    )
+    assert [d.id for d in stored] == [one.id, make_delivery(2, other).id]
+    again = await store.add_webhook_deliveries([make_delivery(3, hook, key="tsk_1:completed")])
+    assert again == []
+    orphan = make_delivery(4, make_webhook(9), key="tsk_4:completed")
+    assert await store.add_webhook_deliveries([orphan]) == []
+    assert await store.list_webhook_deliveries(hook.id) == [one]
+
+
+async def test_pending_deliveries_come_by_next_attempt_and_leave_once_settled(store: Store) -> None:
+    hook = make_webhook(1)
+    await store.add_webhook(hook)
+    deliveries = [make_delivery(n, hook) for n in (1, 2, 3)]
+    await store.add_webhook_deliveries(deliveries)
+    pending = await store.list_webhook_deliveries(pending=True)
+    assert [d.id for d in pending] == [deliveries[2].id, deliveries[1].id, deliveries[0].id]
+    done = replace(
+        deliveries[2],
+        status=DeliveryStatus.SUCCEEDED,
+        attempts=3,
+        last_status_code=204,
+        last_error="",
+        delivered_at=T0 + timedelta(hours=1),
+    )
+    await store.update_webhook_delivery(done)
+    failed = replace(deliveries[1], attempts=1, last_status_code=500, last_error="HTTP 500")
+    await store.update_webhook_delivery(failed)
+    assert [d.id for d in await store.list_webhook_deliveries(hook.id, pending=True)] == [
+        failed.id,
+        deliveries[0].id,
+    ]
+    newest_first = await store.list_webhook_deliveries(hook.id, limit=2)
+    assert newest_first == [done, failed]
+    assert await store.delete_webhook(hook.id)
+    assert await store.list_webhook_deliveries() == []
+
+
+async def test_webhook_deliveries_survive_reopening_the_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    first = SqliteStore(path)
+    await first.open()
+    hook = make_webhook(1)
+    await first.add_webhook(hook)
+    await first.add_webhook_deliveries([make_delivery(1, hook)])
+    await first.close()
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert await second.list_webhooks() == [hook]
+        assert [d.id for d in await second.list_webhook_deliveries(pending=True)] == [
+            make_delivery(1, hook).id
+        ]
+    finally:
+        await second.close()

@@ -18,6 +18,7 @@ from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule, copy_schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
+from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery
 
 __all__ = ["MemoryStore"]
 
@@ -84,6 +85,8 @@ class MemoryStore:
         self._closed = False
         self._fenced = ""  # why writes are refused until `resume` (a write failed)
         self._failing = ""  # test hook: every write fails with this reason while set
+        self._webhooks: dict[str, Webhook] = {}  # issue 16
+        self._deliveries: dict[str, WebhookDelivery] = {}
 
     async def open(self) -> None:
         """Nothing to prepare."""
@@ -380,3 +383,77 @@ class MemoryStore:
             if len(out) == query.limit:
                 break
         return out
+
+    # --- webhooks (issue 16) -------------------------------------------------------------------
+
+    async def add_webhook(self, webhook: Webhook) -> None:
+        self._check_open()
+        _check_aware([webhook.created_at])
+        if webhook.id in self._webhooks:
+            raise ValueError(f"webhook {webhook.id!r} already exists")
+        self._webhooks[webhook.id] = replace(webhook, labels=dict(webhook.labels))
+        self.commits += 1
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        self._check_open()
+        for delivery_id in [d.id for d in self._deliveries.values() if d.webhook_id == webhook_id]:
+            del self._deliveries[delivery_id]
+        self.commits += 1
+        return self._webhooks.pop(webhook_id, None) is not None
+
+    async def list_webhooks(self) -> list[Webhook]:
+        self._check_open()
+        hooks = sorted(self._webhooks.values(), key=lambda w: (w.created_at, w.id))
+        return [replace(w, labels=dict(w.labels)) for w in hooks]
+
+    async def add_webhook_deliveries(
+        self, deliveries: Sequence[WebhookDelivery]
+    ) -> list[WebhookDelivery]:
+        self._check_open()
+        taken = {(d.webhook_id, d.event_key) for d in self._deliveries.values()}
+        stored = []
+        for delivery in deliveries:
+            _check_aware([delivery.created_at, delivery.next_attempt_at, delivery.delivered_at])
+            key = (delivery.webhook_id, delivery.event_key)
+            if delivery.webhook_id not in self._webhooks or key in taken:
+                continue
+            if delivery.id in self._deliveries:
+                raise ValueError(f"delivery {delivery.id!r} already exists")
+            taken.add(key)
+            self._deliveries[delivery.id] = replace(delivery)
+            stored.append(replace(delivery))
+        self.commits += 1
+        return stored
+
+    async def update_webhook_delivery(self, delivery: WebhookDelivery) -> None:
+        self._check_open()
+        current = self._deliveries.get(delivery.id)
+        if current is not None:
+            self._deliveries[delivery.id] = replace(
+                current,
+                status=delivery.status,
+                attempts=delivery.attempts,
+                last_status_code=delivery.last_status_code,
+                last_error=delivery.last_error,
+                next_attempt_at=delivery.next_attempt_at,
+                delivered_at=delivery.delivered_at,
+            )
+        self.commits += 1
+
+    async def list_webhook_deliveries(
+        self, webhook_id: str = "", *, pending: bool = False, limit: int = 100
+    ) -> list[WebhookDelivery]:
+        self._check_open()
+        if limit < 1:
+            raise ValueError(f"limit must be positive, got {limit}")
+        found = [
+            d
+            for d in self._deliveries.values()
+            if (not webhook_id or d.webhook_id == webhook_id)
+            and (not pending or d.status is DeliveryStatus.PENDING)
+        ]
+        if pending:
+            found.sort(key=lambda d: (d.next_attempt_at, d.id))
+        else:
+            found.sort(key=lambda d: (d.created_at, d.id), reverse=True)
+        return [replace(d) for d in found[:limit]]

@@ -61,6 +61,7 @@ from taskrun.core.models import (
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
+from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery, WebhookEvent
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
 
@@ -218,6 +219,38 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             id         INTEGER PRIMARY KEY CHECK (id = 1),
             written_at INTEGER NOT NULL  -- microseconds since the epoch, UTC
         )""",
+    ),
+    # 6: webhooks: subscriptions and their durable deliveries
+    (
+        """CREATE TABLE webhooks (
+            id          TEXT PRIMARY KEY,
+            url         TEXT NOT NULL,
+            events      TEXT NOT NULL,  -- JSON array of event names, sorted
+            secret      TEXT NOT NULL,  -- whsec_…: needed to sign, so kept as given
+            created_at  INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+            labels      TEXT NOT NULL,  -- JSON object
+            agent       TEXT NOT NULL,
+            schedule    TEXT NOT NULL,
+            description TEXT NOT NULL,
+            created_by  TEXT NOT NULL
+        ) WITHOUT ROWID""",
+        """CREATE TABLE webhook_deliveries (
+            id               TEXT PRIMARY KEY,
+            webhook_id       TEXT NOT NULL,
+            event            TEXT NOT NULL,
+            event_key        TEXT NOT NULL,
+            payload          TEXT NOT NULL,
+            created_at       INTEGER NOT NULL,
+            next_attempt_at  INTEGER NOT NULL,
+            status           TEXT NOT NULL,
+            attempts         INTEGER NOT NULL,
+            last_status_code INTEGER NOT NULL,
+            last_error       TEXT NOT NULL,
+            delivered_at     INTEGER,
+            UNIQUE (webhook_id, event_key)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_attempt_at)",
+        "CREATE INDEX webhook_deliveries_of ON webhook_deliveries (webhook_id, created_at)",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -1067,7 +1100,9 @@ class SqliteStore:
                 raise
         except BaseException as exc:  # the caller gets every failure, bugs included
             error = _public_error(exc)
-            if self._fence is None:
+            # A call decides on its own (a compare-and-set, an insert of a new id): its refusal
+            # fences nothing. A store that cannot write fences every later write.
+            if isinstance(error, StoreUnavailable) and self._fence is None:
                 self._fence = error
         else:
             self.commits += 1
@@ -1442,6 +1477,168 @@ class SqliteStore:
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(query.limit)
         return [_audit(r) for r in await self._fetchall(sql, params)]
+
+    # --- webhooks (issue 16) -------------------------------------------------------------------
+
+    async def add_webhook(self, webhook: Webhook) -> None:
+        row = _webhook_row(webhook)
+
+        def insert(conn: sqlite3.Connection) -> None:
+            try:
+                conn.execute(f"INSERT INTO webhooks VALUES ({', '.join('?' * len(row))})", row)
+            except sqlite3.IntegrityError:
+                raise ValueError(f"webhook {webhook.id!r} already exists") from None
+
+        await self._write_call(insert)
+
+    async def delete_webhook(self, webhook_id: str) -> bool:
+        def delete(conn: sqlite3.Connection) -> bool:
+            conn.execute("DELETE FROM webhook_deliveries WHERE webhook_id = ?", (webhook_id,))
+            return conn.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,)).rowcount > 0
+
+        return await self._write_call(delete)
+
+    async def list_webhooks(self) -> list[Webhook]:
+        rows = await self._fetchall(f"{_SELECT_WEBHOOK} ORDER BY created_at, id")
+        return [_webhook(r) for r in rows]
+
+    async def add_webhook_deliveries(
+        self, deliveries: Sequence[WebhookDelivery]
+    ) -> list[WebhookDelivery]:
+        rows = [(_delivery_row(d), d) for d in deliveries]
+
+        def insert(conn: sqlite3.Connection) -> list[WebhookDelivery]:
+            stored = []
+            for row, delivery in rows:
+                cursor = conn.execute(_INSERT_DELIVERY, row)
+                if cursor.rowcount > 0:
+                    stored.append(delivery)
+            return stored
+
+        return await self._write_call(insert) if rows else []
+
+    async def update_webhook_delivery(self, delivery: WebhookDelivery) -> None:
+        params = (
+            str(delivery.status),
+            delivery.attempts,
+            delivery.last_status_code,
+            delivery.last_error,
+            _us(delivery.next_attempt_at),
+            _us_or_none(delivery.delivered_at),
+            delivery.id,
+        )
+
+        def update(conn: sqlite3.Connection) -> None:
+            conn.execute(
+                "UPDATE webhook_deliveries SET status = ?, attempts = ?, last_status_code = ?, "
+                "last_error = ?, next_attempt_at = ?, delivered_at = ? WHERE id = ?",
+                params,
+            )
+
+        await self._write_call(update)
+
+    async def list_webhook_deliveries(
+        self, webhook_id: str = "", *, pending: bool = False, limit: int = 100
+    ) -> list[WebhookDelivery]:
+        if limit < 1:
+            raise ValueError(f"limit must be positive, got {limit}")
+        where: list[str] = []
+        params: list[Any] = []
+        if webhook_id:
+            where.append("webhook_id = ?")
+            params.append(webhook_id)
+        if pending:
+            where.append("status = ?")
+            params.append(str(DeliveryStatus.PENDING))
+        sql = _SELECT_DELIVERY + (" WHERE " + " AND ".join(where) if where else "")
+        sql += (
+            " ORDER BY next_attempt_at, id LIMIT ?"
+            if pending
+            else " ORDER BY created_at DESC, id DESC LIMIT ?"
+        )
+        params.append(limit)
+        return [_delivery(r) for r in await self._fetchall(sql, params)]
+
+
+_SELECT_WEBHOOK: Final = (
+    "SELECT id, url, events, secret, created_at, labels, agent, schedule, description, "
+    "created_by FROM webhooks"
+)
+_DELIVERY_COLUMNS: Final = (
+    "id, webhook_id, event, event_key, payload, created_at, next_attempt_at, status, attempts, "
+    "last_status_code, last_error, delivered_at"
+)
+_SELECT_DELIVERY: Final = f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries"
+_INSERT_DELIVERY: Final = (
+    f"INSERT OR IGNORE INTO webhook_deliveries ({_DELIVERY_COLUMNS}) "
+    "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = ?)"
+)
+
+
+def _webhook_row(w: Webhook) -> Row:
+    return (
+        w.id,
+        w.url,
+        _dumps(sorted(str(e) for e in w.events)),
+        w.secret,
+        _us(w.created_at),
+        _dumps(w.labels),
+        w.agent,
+        w.schedule,
+        w.description,
+        w.created_by,
+    )
+
+
+def _webhook(r: Row) -> Webhook:
+    return Webhook(
+        id=r[0],
+        url=r[1],
+        events=frozenset(WebhookEvent(e) for e in _loads(r[2])),
+        secret=r[3],
+        created_at=_dt(r[4]),
+        labels=_loads(r[5]),
+        agent=r[6],
+        schedule=r[7],
+        description=r[8],
+        created_by=r[9],
+    )
+
+
+def _delivery_row(d: WebhookDelivery) -> Row:
+    """The insert's parameters: the columns, then the webhook id again (it must exist)."""
+    return (
+        d.id,
+        d.webhook_id,
+        str(d.event),
+        d.event_key,
+        d.payload,
+        _us(d.created_at),
+        _us(d.next_attempt_at),
+        str(d.status),
+        d.attempts,
+        d.last_status_code,
+        d.last_error,
+        _us_or_none(d.delivered_at),
+        d.webhook_id,
+    )
+
+
+def _delivery(r: Row) -> WebhookDelivery:
+    return WebhookDelivery(
+        id=r[0],
+        webhook_id=r[1],
+        event=WebhookEvent(r[2]),
+        event_key=r[3],
+        payload=r[4],
+        created_at=_dt(r[5]),
+        next_attempt_at=_dt(r[6]),
+        status=DeliveryStatus(r[7]),
+        attempts=r[8],
+        last_status_code=r[9],
+        last_error=r[10],
+        delivered_at=_dt_or_none(r[11]),
+    )
 
 
 def _create_private(path: Path) -> None:
