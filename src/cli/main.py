@@ -1176,7 +1176,7 @@ def cmd_workers_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from taskrun.cli.dev import DevOptions, run_dev
+    from taskrun.cli.dev import DevOptions, guard_output, run_dev
 
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
@@ -1188,6 +1188,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         store=args.store,
         log_level=log_level(args),
     )
+    guard_output()  # a broken pipe on our output stops the children in order (before logging)
     _setup_logging(args, daemon=False)
     return run_dev(options)
 
@@ -1197,6 +1198,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `taskrun` command and return its exit status."""
+    if os.environ.get("TASKRUN_DEV_PARENT_PID"):  # a server or worker started by `taskrun dev`
+        from taskrun.cli.dev import die_with_parent
+
+        die_with_parent()
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

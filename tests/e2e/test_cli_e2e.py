@@ -66,9 +66,15 @@ class Proc:
             stderr=subprocess.PIPE,
             text=True,
         )
+        return cls.start_reading(name, popen)
+
+    @classmethod
+    def start_reading(cls, name: str, popen: subprocess.Popen[str]) -> Proc:
+        """Collect the lines of a started process's stdout (and stderr, when it is a pipe)."""
         proc = cls(name, popen)
-        assert popen.stdout is not None and popen.stderr is not None
         for stream, label in ((popen.stdout, "out"), (popen.stderr, "err")):
+            if stream is None:
+                continue
             reader = threading.Thread(target=proc._read, args=(stream, label), daemon=True)
             reader.start()
             proc.readers.append(reader)
