@@ -215,3 +215,22 @@ def test_children_die_when_dev_is_killed_with_sigkill(tmp_path: Path) -> None:
         assert wait_gone(children) == set()
     finally:
         kill_all(dev_children(directory))
+
+
+def test_a_failed_handshake_leaves_no_grpc_core_lines_on_the_cli_stderr(
+    running_server: tuple[Path, int], tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    _, port = running_server
+    stranger = tmp_path_factory.mktemp("other-ca")
+    certs_init(stranger)  # a CA the server does not know: the handshake fails
+    result = subprocess.run(
+        [*CLI, "--server", f"127.0.0.1:{port}", "workers", "list"],
+        cwd=stranger,
+        env=clean_env(),
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.startswith("error: UNAVAILABLE: ")
+    assert "ssl_transport_security" not in result.stderr
