@@ -328,9 +328,12 @@ class Client:
         retry_on_failure: bool = False,
         required_provider: str = "",
         required_model: str = "",
+        allow_unknown_agent: bool = False,
     ) -> Task:
         """Submit one task. `input` is a JSON object (as a mapping or as text).
 
+        An agent that no worker has announced is refused (INVALID_ARGUMENT naming `agent` and
+        the known agents) unless `allow_unknown_agent` (for workers that are not up yet).
         `timeout` and `queue_timeout` are the task's policy (seconds per run, and how long it may
         wait for a worker), not deadlines of this call.
         max_attempts=0 means the server's default. With an idempotency key that was used before
@@ -352,19 +355,23 @@ class Client:
                 required_model=required_model,
             ),
         )
-        return await self.submit(spec)
+        return await self.submit(spec, allow_unknown_agent=allow_unknown_agent)
 
-    async def submit(self, spec: TaskSpec) -> Task:
+    async def submit(self, spec: TaskSpec, *, allow_unknown_agent: bool = False) -> Task:
         """Submit one task described by a TaskSpec (see create_task)."""
-        response = await self._task_stub().CreateTask(
-            convert.spec_to_pb(spec), timeout=self.timeout
-        )
+        request = convert.spec_to_pb(spec)
+        request.allow_unknown_agent = allow_unknown_agent
+        response = await self._task_stub().CreateTask(request, timeout=self.timeout)
         task, _ = convert.task_from_pb(response.task)
         return task
 
-    async def create_tasks(self, specs: Sequence[TaskSpec]) -> list[Task]:
+    async def create_tasks(
+        self, specs: Sequence[TaskSpec], *, allow_unknown_agent: bool = False
+    ) -> list[Task]:
         """Submit several tasks in one call: all are created, or none when one is invalid."""
         request = tasks_pb2.CreateTasksRequest(tasks=[convert.spec_to_pb(s) for s in specs])
+        for message in request.tasks:
+            message.allow_unknown_agent = allow_unknown_agent
         response = await self._task_stub().CreateTasks(request, timeout=self.timeout)
         return [convert.task_from_pb(r.task)[0] for r in response.results]
 

@@ -446,6 +446,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="only workers offering a model backend with this model name",
     )
     p.add_argument(
+        "--allow-unknown-agent",
+        action="store_true",
+        help="submit even if no worker has announced AGENT yet (its workers are not up yet); "
+        "without it such a task is refused",
+    )
+    p.add_argument(
         "--follow",
         "-f",
         action="store_true",
@@ -1002,7 +1008,7 @@ def cmd_task_create(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with client:
-            task = await client.submit(spec)
+            task = await client.submit(spec, allow_unknown_agent=args.allow_unknown_agent)
             if not args.follow:
                 _write(
                     output.dumps(output.task_doc(task)) if args.output == "json" else f"{task.id}\n"

@@ -292,6 +292,7 @@ def task_detail(task: Task, runs: Sequence[Run], now: datetime) -> str:
         ),
         ("Attempts", f"{task.attempts} of {task.policy.max_attempts}"),
         ("Worker", task.worker_id or NONE),
+        *([("Waiting", task.waiting_reason)] if task.waiting_reason else []),
         ("Labels", format_labels(task.labels)),
         ("Created", format_when(task.created_at, now)),
         ("Updated", format_when(task.updated_at, now)),
@@ -401,6 +402,7 @@ class StreamPrinter:
         self.color = err.isatty() if color is None else color
         self.attempts = 0
         self.ends_with_newline = True
+        self.waiting = ""  # the last reason given for waiting, said once
 
     def _note(self, text: str, style: str = "2") -> None:
         if self.color:
@@ -433,6 +435,9 @@ class StreamPrinter:
         elif self.attempts and task.attempts > self.attempts:
             where = f" on {task.worker_id}" if task.worker_id else ""
             self._note(f"[retry] attempt {task.attempts} of {task.policy.max_attempts}{where}")
+        if not self.json_lines and task.waiting_reason and task.waiting_reason != self.waiting:
+            self._note(f"[waiting] {task.waiting_reason}")
+        self.waiting = task.waiting_reason
         self.attempts = max(self.attempts, task.attempts)
 
     def finish(self, task: Task) -> None:

@@ -270,6 +270,37 @@ def test_input_that_is_not_an_object_exits_2_naming_input_json(deployment: Deplo
     assert "input_json" in result.stderr
 
 
+def test_a_task_for_an_agent_no_worker_offers_is_refused_naming_the_known_agents(
+    deployment: Deployment,
+) -> None:
+    result = deployment.run("task", "create", "ecoh", "--input", '{"text":"typo"}')
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "error: INVALID_ARGUMENT: agent: no worker has announced an agent 'ecoh' "
+        "(known agents: 'echo')"
+    )
+    assert "--allow-unknown-agent" in result.stderr
+
+
+def test_allow_unknown_agent_submits_and_task_get_says_why_it_waits(
+    deployment: Deployment,
+) -> None:
+    created = deployment.run("task", "create", "later", "--allow-unknown-agent")
+    assert created.returncode == 0, created.stderr
+    task_id = created.stdout.strip()
+    shown = deployment.run("task", "get", task_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "Waiting:   no online worker offers agent 'later'" in shown.stdout
+    follow = deployment.start("follow", "task", "logs", task_id, "--follow")
+    try:
+        follow.wait_for_line(
+            lambda line: line == "[waiting] no online worker offers agent 'later'\n", stream="err"
+        )
+    finally:
+        follow.stop(signal.SIGINT)
+    assert deployment.run("task", "cancel", task_id).returncode == 0
+
+
 def test_workers_list_shows_the_worker(deployment: Deployment) -> None:
     result = deployment.run("workers", "list", "--output", "json")
     assert result.returncode == 0, result.stderr

@@ -85,7 +85,7 @@ async def test_screens_render_live_workers_tasks_and_events(cluster: Cluster) ->
     app = TaskRunApp(client)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot.pause, lambda: app.state.synced)
-        waiting = await client.create_task("nobody-offers-this", {})
+        waiting = await client.create_task("nobody-offers-this", {}, allow_unknown_agent=True)
         await until(pilot.pause, lambda: waiting.id in app.query_one(TasksTable).rows)
         tasks = app.query_one(TasksTable)
         assert done.id in tasks.rows

@@ -41,6 +41,7 @@ TASK_KEYS = [
     "usage",
     "schedule",
     "cancel_requested",
+    "waiting_reason",
 ]
 RUN_KEYS = [
     "id",
