@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -183,6 +184,7 @@ class Scheduler:
             now = self.clock()
             schedule = validate_schedule(submitted, now, prefix)
             self._check_agent(schedule.agent, f"{prefix}agent")
+            self._check_input(schedule, f"{prefix}input_json")
             if schedule.name in self._schedules:
                 raise AlreadyExists(f"schedule {schedule.name!r} exists", field=f"{prefix}name")
             rule = compile_schedule(schedule)
@@ -234,6 +236,8 @@ class Scheduler:
             schedule = validate_schedule(merged, now, prefix)
             if schedule.agent != current.agent:
                 self._check_agent(schedule.agent, f"{prefix}agent")
+            if schedule.agent != current.agent or schedule.input != current.input:
+                self._check_input(schedule, f"{prefix}input_json")
             rule = compile_schedule(schedule)
             schedule.updated_at = now
             schedule.next_fire_time = None if schedule.paused else rule.next_after(now)
@@ -285,6 +289,7 @@ class Scheduler:
         async with self._lock:
             current = self._get(name, "name")
             now = self.clock()
+            self._check_input(current, "input_json")
             ((task, _),) = await self.engine.create_tasks([self._spec(current, None)])
             schedule = copy_schedule(current)
             schedule.last_fire_time = now
@@ -313,6 +318,10 @@ class Scheduler:
             "(see `taskrun workers list`)",
             field=field,
         )
+
+    def _check_input(self, schedule: Schedule, field: str) -> None:
+        """The input must match the agent's announced input schema, as for `task create`."""
+        self.engine.catalog.check_input(schedule.agent, json.loads(schedule.input), field)
 
     # --- firing ------------------------------------------------------------------------------
 
@@ -408,6 +417,11 @@ class Scheduler:
         ]
         if unfinished and schedule.overlap is OverlapPolicy.SKIP:
             firing.outcome = f"skipped: previous task still running ({unfinished[-1]})"
+            return firing
+        try:  # the agent may have announced a new schema since the schedule was made
+            self._check_input(schedule, "input_json")
+        except InvalidArgument as exc:
+            firing.outcome = f"skipped: {exc.message}"
             return firing
         if unfinished and schedule.overlap is OverlapPolicy.CANCEL_PREVIOUS:
             firing.cancel = unfinished
