@@ -31,6 +31,7 @@ import structlog
 from taskrun.cli.client import Client
 from taskrun.cli.credentials import load_credentials, resolve_settings
 from taskrun.core.status import WorkerStatus
+from taskrun.logging import wants_color
 from taskrun.ports import AddressUnavailable, check_listen_address, split_host_port
 
 log = structlog.get_logger(__name__)
@@ -238,7 +239,7 @@ class Dev:
         self.stop = asyncio.Event()
         self.kill = asyncio.Event()
         self.width = max(len("server"), *(len(w) for w in self.worker_ids))
-        self.color = sys.stderr.isatty()
+        self.color = wants_color(sys.stderr)
 
     def _on_signal(self) -> None:
         if self.stop.is_set():

@@ -136,6 +136,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+def attempts_arg(text: str) -> int:
+    """--max-attempts: a whole number >= 1 (leaving the flag out asks for the server's default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{value} is too small: a task needs at least 1 attempt "
+            f"(leave the flag out for the server's default, {DEFAULT_MAX_ATTEMPTS})"
+        )
+    return value
+
+
 def flatten(groups: Sequence[list[E]] | None) -> list[E]:
     return [v for group in groups or () for v in group]
 
@@ -246,6 +260,22 @@ def _add_revoke(subparsers: Any) -> None:
     )
     p.add_argument("worker_id", metavar="ID")
     p.add_argument("--reason", default="", help="recorded with the revocation")
+    _add_output(p)
+
+
+def _add_workers_list_and_get(subparsers: Any) -> None:
+    """`workers list|get`, also spelled `worker list|get`."""
+    p = _leaf(subparsers, "list", cmd_workers_list, help="list workers")
+    p.add_argument(
+        "--status",
+        action="append",
+        type=enum_arg(WorkerStatus),
+        metavar="S",
+        help="online, draining, offline, revoked (repeat or comma-separate)",
+    )
+    _add_output(p)
+    p = _leaf(subparsers, "get", cmd_workers_get, help="show a worker with its agents")
+    p.add_argument("worker_id", metavar="ID")
     _add_output(p)
 
 
@@ -396,6 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         "certificate and key, and its server unless --server is given (TASKRUN_STATE_DIR)",
     )
     _add_revoke(worker)
+    _add_workers_list_and_get(worker)  # `worker list` = `workers list`, `worker get` = ...
 
     # task
     task = _group(commands, "task", "create, inspect, follow and cancel tasks")
@@ -415,7 +446,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     p.add_argument("--timeout", type=positive_float, metavar="S", help="run timeout in seconds")
     p.add_argument(
-        "--max-attempts", type=int, default=0, metavar="N", help="default: the server's (3)"
+        "--max-attempts",
+        type=attempts_arg,
+        default=0,  # 0 on the wire asks for the server's default
+        metavar="N",
+        help="at least 1 (default: the server's, 3)",
     )
     p.add_argument("--idempotency-key", default="", metavar="K")
     p.add_argument(
@@ -515,18 +550,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     # workers
     workers = _group(commands, "workers", "inspect workers")
-    p = _leaf(workers, "list", cmd_workers_list, help="list workers")
-    p.add_argument(
-        "--status",
-        action="append",
-        type=enum_arg(WorkerStatus),
-        metavar="S",
-        help="online, draining, offline, revoked (repeat or comma-separate)",
-    )
-    _add_output(p)
-    p = _leaf(workers, "get", cmd_workers_get, help="show a worker with its agents")
-    p.add_argument("worker_id", metavar="ID")
-    _add_output(p)
+    _add_workers_list_and_get(workers)
     p = _leaf(
         workers,
         "drain",

@@ -29,6 +29,7 @@ from taskrun.core.models import (
     Worker,
 )
 from taskrun.core.status import TaskStatus
+from taskrun.logging import wants_color
 
 NONE = "-"
 
@@ -399,7 +400,7 @@ class StreamPrinter:
         self, out: IO[str], err: IO[str], *, json_lines: bool = False, color: bool | None = None
     ) -> None:
         self.out, self.err, self.json_lines = out, err, json_lines
-        self.color = err.isatty() if color is None else color
+        self.color = wants_color(err) if color is None else color
         self.attempts = 0
         self.ends_with_newline = True
         self.waiting = ""  # the last reason given for waiting, said once

@@ -527,3 +527,12 @@ def test_dev_ready_message_gives_copyable_commands() -> None:
     assert line in text
     assert "--follow" in text
     assert "taskrun token create" in text  # how another machine's worker joins
+
+
+@pytest.mark.parametrize("group", ["worker", "workers"])
+def test_worker_list_and_get_are_spelled_both_ways(group: str) -> None:
+    listed = cli.build_parser().parse_args([group, "list", "--status", "online", "-o", "json"])
+    assert listed.func is cli.cmd_workers_list
+    assert (listed.status, listed.output) == ([[WorkerStatus.ONLINE]], "json")
+    shown = cli.build_parser().parse_args([group, "get", "worker-1"])
+    assert (shown.func, shown.worker_id) == (cli.cmd_workers_get, "worker-1")
