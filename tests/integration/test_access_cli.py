@@ -195,3 +195,13 @@ async def test_a_token_lifetime_over_the_limit_is_refused_in_days_not_seconds(
     code, _, err = await run_cli(cluster, "token", "create", "--ttl", "30d")
     assert code == 2
     assert "ttl_seconds: must be at most 7d, not 30d" in err
+
+
+async def test_the_cli_with_a_certificate_on_the_public_port_is_told_which_port_takes_it(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    code, _, err = await run_cli(cluster, "task", "list", server=cluster.public_address)
+    assert code == 2
+    assert "this is the public (TLS-only) port" in err
+    assert f"operator certificates are accepted on port {cluster.port}" in err
