@@ -1105,8 +1105,49 @@ def _one_call(args: argparse.Namespace, call: Callable[[Client], Awaitable[T]]) 
     return asyncio.run(run())
 
 
+TASK_ID_PREFIX = "tsk_"
+TASK_ID_LENGTH = len(TASK_ID_PREFIX) + 26
+MAX_CANDIDATES_SHOWN = 5
+
+
+async def resolve_task_id(client: Client, text: str) -> str:
+    """A full task id as given, or the one task whose id starts with `text` (`tsk_` optional),
+    like git's short hashes. An ambiguous prefix is a usage error listing the matches; one that
+    matches nothing is sent as it is (the server answers NOT_FOUND). Prefixes are looked up by
+    listing the tasks (every page), so a full id is cheaper.
+    """
+    if len(text) == TASK_ID_LENGTH and text.startswith(TASK_ID_PREFIX):
+        return text
+    if not text:
+        raise CliError("task id: must not be empty")
+    prefix = text if text.startswith(TASK_ID_PREFIX) else TASK_ID_PREFIX + text
+    matches = [t.id async for t in client.iter_tasks(page_size=1000) if t.id.startswith(prefix)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        return text  # the server answers NOT_FOUND naming it
+    shown = ", ".join(matches[:MAX_CANDIDATES_SHOWN])
+    extra = len(matches) - MAX_CANDIDATES_SHOWN
+    more = f" and {extra} more" if extra > 0 else ""
+    raise CliError(
+        f"task id: {text!r} is ambiguous, {len(matches)} tasks match: {shown}{more}; "
+        "give more characters"
+    )
+
+
+def _task_call(args: argparse.Namespace, call: Callable[[Client, str], Awaitable[T]]) -> T:
+    """`_one_call` for a command naming a task by id or unique prefix (`args.task_id`)."""
+    return _one_call(args, lambda c: _with_task_id(c, args.task_id, call))
+
+
+async def _with_task_id(
+    client: Client, text: str, call: Callable[[Client, str], Awaitable[T]]
+) -> T:
+    return await call(client, await resolve_task_id(client, text))
+
+
 def cmd_task_get(args: argparse.Namespace) -> int:
-    task, runs = _one_call(args, lambda c: c.get_task(args.task_id))
+    task, runs = _task_call(args, lambda c, task_id: c.get_task(task_id))
     if args.output == "json":
         _write(output.dumps(output.task_doc(task, runs)))
     else:
@@ -1115,7 +1156,7 @@ def cmd_task_get(args: argparse.Namespace) -> int:
 
 
 def cmd_task_cancel(args: argparse.Namespace) -> int:
-    task = _one_call(args, lambda c: c.cancel_task(args.task_id, args.reason))
+    task = _task_call(args, lambda c, task_id: c.cancel_task(task_id, args.reason))
     if args.output == "json":
         _write(output.dumps(output.task_doc(task)))
     else:
@@ -1129,7 +1170,8 @@ def cmd_task_continue(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with client:
-            task = await client.continue_task(args.task_id, args.message)
+            task_id = await resolve_task_id(client, args.task_id)
+            task = await client.continue_task(task_id, args.message)
             if not args.follow:
                 if args.output == "json":
                     _write(output.dumps(output.task_doc(task)))
@@ -1152,7 +1194,8 @@ def cmd_task_logs(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with client:
             printer = output.StreamPrinter(sys.stdout, sys.stderr, json_lines=args.output == "json")
-            return await follow_task(client, args.task_id, printer, state, follow=args.follow)
+            task_id = await resolve_task_id(client, args.task_id)
+            return await follow_task(client, task_id, printer, state, follow=args.follow)
 
     try:
         return asyncio.run(run())

@@ -256,6 +256,32 @@ def test_task_get_shows_runs_and_result(deployment: Deployment) -> None:
     assert (logs.returncode, logs.stdout) == (0, "abc")
 
 
+def test_a_task_is_found_by_a_unique_prefix_of_its_id_like_git(deployment: Deployment) -> None:
+    created = deployment.run("task", "create", "echo", "--input", '{"text":"short"}')
+    assert created.returncode == 0, created.stderr
+    task_id = created.stdout.strip()
+    for prefix in (task_id[:-3], task_id[len("tsk_") : -3]):  # `tsk_` may be left out
+        shown = deployment.run("task", "get", prefix, "-o", "json")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["id"] == task_id
+
+
+def test_an_ambiguous_task_id_prefix_is_refused_listing_the_candidates(
+    deployment: Deployment,
+) -> None:
+    ids = [
+        deployment.run("task", "create", "echo", "--input", '{"text":"twin"}').stdout.strip()
+        for _ in range(2)
+    ]
+    result = deployment.run("task", "get", "tsk_")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: task id: 'tsk_' is ambiguous, ")
+    assert "give more characters" in result.stderr
+    listed = deployment.run("task", "list", "-o", "json", "--limit", "5")
+    newest = [t["id"] for t in json.loads(listed.stdout)["tasks"]]
+    assert newest[:2] == ids[::-1] and all(i in result.stderr for i in ids)
+
+
 def test_unknown_task_exits_2_with_not_found(deployment: Deployment) -> None:
     result = deployment.run("task", "get", "nonexistent")
     assert result.returncode == 2
