@@ -219,7 +219,19 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top: bool, cert: boo
     )
 
 
-def _add_output(parser: argparse.ArgumentParser) -> None:
+def _add_output(parser: argparse.ArgumentParser, *, stream: bool = False) -> None:
+    """--output: table or one JSON document; where a command streams, also jsonl (one JSON
+    object per line as it happens)."""
+    if stream:
+        parser.add_argument(
+            "--output",
+            "-o",
+            choices=("table", "json", "jsonl"),
+            default="table",
+            help="table for people (default); json: one JSON document when it ends "
+            '({"task": …, "output": […]}); jsonl: one JSON object per line as it streams',
+        )
+        return
     parser.add_argument(
         "--output",
         "-o",
@@ -492,7 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stream the output until the task ends; the exit status is its outcome",
     )
-    _add_output(p)
+    _add_output(p, stream=True)
 
     p = _leaf(task, "list", cmd_task_list, help="list tasks, newest first")
     p.add_argument(
@@ -533,7 +545,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task_id", metavar="ID")
     p.add_argument("message", help="the follow-up message")
     p.add_argument("--follow", action="store_true", help="stream the conversation until it ends")
-    _add_output(p)
+    _add_output(p, stream=True)
 
     p = _leaf(
         task,
@@ -541,12 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_task_logs,
         help="print a task's output",
         description="Print a task's stored output; with -f keep streaming until it ends. "
-        "With --output json, one JSON object per line (output chunks and task changes).",
+        'With --output json, one JSON document when it ends ({"task": …, "output": […]}); '
+        "with --output jsonl, one JSON object per line as it streams (output chunks and task "
+        "changes).",
         epilog=FOLLOW_EXIT_HELP,
     )
     p.add_argument("task_id", metavar="ID")
     p.add_argument("--follow", "-f", action="store_true", help="keep streaming until it ends")
-    _add_output(p)
+    _add_output(p, stream=True)
 
     # workers
     workers = _group(commands, "workers", "inspect workers")
@@ -697,8 +711,20 @@ class FollowState:
     last: Task | None = None
 
 
+def _printer(args: argparse.Namespace) -> output.StreamPrinter | output.DocumentPrinter:
+    """How a followed task is printed: text, one JSON document (json), or JSON lines (jsonl)."""
+    if args.output == "json":
+        return output.DocumentPrinter(sys.stdout)
+    return output.StreamPrinter(sys.stdout, sys.stderr, json_lines=args.output == "jsonl")
+
+
 async def follow_task(
-    client: Client, task_id: str, printer: output.StreamPrinter, state: FollowState, *, follow: bool
+    client: Client,
+    task_id: str,
+    printer: output.StreamPrinter | output.DocumentPrinter,
+    state: FollowState,
+    *,
+    follow: bool,
 ) -> int:
     """Print a task's output; with follow, until it ends. Returns the exit status."""
     state.task_id = task_id
@@ -710,6 +736,8 @@ async def follow_task(
             if isinstance(event, TaskChanged):
                 state.last = event.task
     if not follow:
+        if isinstance(printer, output.DocumentPrinter) and state.last is not None:
+            printer.finish(state.last)
         return EXIT_OK
     if state.last is None or not state.last.status.terminal:
         state.last, _ = await client.get_task(task_id)
@@ -1034,15 +1062,15 @@ def cmd_task_create(args: argparse.Namespace) -> int:
         async with client:
             task = await client.submit(spec, allow_unknown_agent=args.allow_unknown_agent)
             if not args.follow:
-                _write(
-                    output.dumps(output.task_doc(task)) if args.output == "json" else f"{task.id}\n"
-                )
+                if args.output == "table":
+                    _write(f"{task.id}\n")
+                else:
+                    indent = None if args.output == "jsonl" else 2
+                    _write(output.dumps(output.task_doc(task), indent=indent))
                 return EXIT_OK
-            json_lines = args.output == "json"
-            if not json_lines:
+            if args.output == "table":
                 sys.stderr.write(f"task {task.id} created; following its output\n")
-            printer = output.StreamPrinter(sys.stdout, sys.stderr, json_lines=json_lines)
-            return await follow_task(client, task.id, printer, state, follow=True)
+            return await follow_task(client, task.id, _printer(args), state, follow=True)
 
     try:
         return asyncio.run(run())
@@ -1178,8 +1206,7 @@ def cmd_task_continue(args: argparse.Namespace) -> int:
                 else:
                     _write(f"task {task.id} continued (attempt {task.attempts})\n")
                 return EXIT_OK
-            printer = output.StreamPrinter(sys.stdout, sys.stderr, json_lines=args.output == "json")
-            return await follow_task(client, task.id, printer, state, follow=True)
+            return await follow_task(client, task.id, _printer(args), state, follow=True)
 
     try:
         return asyncio.run(run())
@@ -1193,9 +1220,8 @@ def cmd_task_logs(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with client:
-            printer = output.StreamPrinter(sys.stdout, sys.stderr, json_lines=args.output == "json")
             task_id = await resolve_task_id(client, args.task_id)
-            return await follow_task(client, task_id, printer, state, follow=args.follow)
+            return await follow_task(client, task_id, _printer(args), state, follow=args.follow)
 
     try:
         return asyncio.run(run())

@@ -86,6 +86,8 @@ def task_doc(task: Task, runs: Sequence[Run] | None = None) -> dict[str, Any]:
 
 def worker_doc(worker: Worker, run_ids: Sequence[RunId]) -> dict[str, Any]:
     doc: dict[str, Any] = to_json_value(worker)
+    for agent in doc.get("agents", []):  # a JSON Schema is a JSON object, not text inside JSON
+        agent["input_schema"] = _embedded_json(agent.get("input_schema", ""))
     doc["active_runs"] = len(run_ids)
     doc["run_ids"] = list(run_ids)
     return doc
@@ -449,6 +451,24 @@ class StreamPrinter:
             self.out.write("\n")
             self.out.flush()
         self._note(finish_line(task), _STATUS_STYLE.get(task.status, "33"))
+
+
+class DocumentPrinter:
+    """`--output json` of a followed task: nothing while it streams, then one JSON document,
+    `{"task": <task>, "output": [<chunk>, …]}`, with the task as it ended (or as it was, when
+    only the stored output was printed)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.chunks: list[dict[str, Any]] = []
+
+    def event(self, event: TaskEvent) -> None:
+        if isinstance(event, OutputReceived):
+            self.chunks.append(chunk_doc(event.chunk))
+
+    def finish(self, task: Task) -> None:
+        self.out.write(dumps({"task": task_doc(task), "output": self.chunks}))
+        self.out.flush()
 
 
 _STATUS_STYLE = {TaskStatus.COMPLETED: "32", TaskStatus.FAILED: "31"}

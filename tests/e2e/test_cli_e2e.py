@@ -282,6 +282,26 @@ def test_an_ambiguous_task_id_prefix_is_refused_listing_the_candidates(
     assert newest[:2] == ids[::-1] and all(i in result.stderr for i in ids)
 
 
+def test_task_logs_json_is_one_document_and_jsonl_one_object_per_line(
+    deployment: Deployment,
+) -> None:
+    followed = deployment.run(
+        "task", "create", "echo", "--input", '{"text":"abcd","chunks":2}', "--follow", "-o", "json"
+    )
+    assert followed.returncode == 0, followed.stderr
+    doc = json.loads(followed.stdout)  # one document, not one object per line
+    assert doc["task"]["status"] == "completed"
+    assert "".join(c["data"] for c in doc["output"] if c["kind"] == "text") == "abcd"
+    task_id = doc["task"]["id"]
+    logs = deployment.run("task", "logs", task_id, "-o", "json")
+    assert logs.returncode == 0, logs.stderr
+    assert json.loads(logs.stdout) == {"task": doc["task"], "output": doc["output"]}
+    lines = deployment.run("task", "logs", task_id, "-o", "jsonl")
+    assert lines.returncode == 0, lines.stderr
+    events = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert sorted(e["event"] for e in events) == ["output", "output", "task"]
+
+
 def test_unknown_task_exits_2_with_not_found(deployment: Deployment) -> None:
     result = deployment.run("task", "get", "nonexistent")
     assert result.returncode == 2
@@ -333,6 +353,8 @@ def test_workers_list_shows_the_worker(deployment: Deployment) -> None:
     (worker,) = json.loads(result.stdout)["workers"]
     assert (worker["id"], worker["status"]) == ("worker-1", "online")
     assert [a["name"] for a in worker["agents"]] == ["echo"]
+    schema = worker["agents"][0]["input_schema"]  # an object, not JSON text inside JSON
+    assert schema["type"] == "object" and "text" in schema["properties"]
     shown = deployment.run("workers", "get", "worker-1")
     assert shown.returncode == 0, shown.stderr
     assert "none/echo" in shown.stdout

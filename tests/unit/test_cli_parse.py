@@ -488,9 +488,10 @@ def test_server_errors_are_one_line_without_traceback(
         raise rpc_error(code, f"task_id: no task {task_id!r}")
 
     monkeypatch.setattr(Client, "get_task", get_task)
-    assert cli.main(["task", "get", "tsk_nope"]) == exit_code
+    full_id = "tsk_" + "0" * 26  # a whole id is sent as it is (a prefix would be looked up)
+    assert cli.main(["task", "get", full_id]) == exit_code
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {code.name}: task_id: no task 'tsk_nope'\n")
+    assert err.startswith(f"error: {code.name}: task_id: no task '{full_id}'\n")
     assert "Traceback" not in err
 
 
