@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
@@ -456,13 +456,16 @@ class Client:
         follow: bool = True,
         include_events: bool = False,
         reconnect: bool = True,
+        on_reconnect: Callable[[grpc.aio.AioRpcError | None], None] | None = None,
     ) -> AsyncGenerator[TaskEvent, None]:
         """The task's stored output, then (with follow) live output and changes until it ends.
 
         The first event is a TaskChanged with the task's current state. Output of a batch is
         yielded before the task state that came with it, so the terminal TaskChanged is last.
         When an open stream breaks with UNAVAILABLE (a server restart), it is re-opened for up
-        to RECONNECT_FOR seconds and output already yielded is skipped.
+        to RECONNECT_FOR seconds (backing off from 0.25 s to 5 s) and output already yielded is
+        skipped; `on_reconnect` is called with the error when that starts, and with None once
+        the stream works again.
         Use `contextlib.aclosing` when you may stop iterating early.
         """
         seen: dict[RunId, int] = {}
@@ -470,12 +473,17 @@ class Client:
             task_id=task_id, follow=follow, include_events=include_events
         )
         connected_once, delay, give_up_at = False, 0.25, 0.0
+        reconnecting = False
         while True:
             call = self._task_stub().FollowTask(request)
             received = False
             try:
                 async for update in call:
                     received = connected_once = True
+                    if reconnecting:
+                        reconnecting = False
+                        if on_reconnect is not None:
+                            on_reconnect(None)
                     for message in update.chunks:
                         chunk = convert.chunk_from_pb(message, TaskId(task_id))
                         if chunk.seq <= seen.get(chunk.run_id, 0):
@@ -494,6 +502,10 @@ class Client:
                     delay, give_up_at = 0.25, time.monotonic() + RECONNECT_FOR
                 elif time.monotonic() >= give_up_at:
                     raise
+                if not reconnecting:
+                    reconnecting = True
+                    if on_reconnect is not None:
+                        on_reconnect(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:

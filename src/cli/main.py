@@ -728,13 +728,27 @@ async def follow_task(
 ) -> int:
     """Print a task's output; with follow, until it ends. Returns the exit status."""
     state.task_id = task_id
-    async with contextlib.aclosing(
-        client.follow(task_id, follow=follow, include_events=True)
-    ) as events:
-        async for event in events:
-            printer.event(event)
-            if isinstance(event, TaskChanged):
-                state.last = event.task
+
+    def on_reconnect(error: grpc.aio.AioRpcError | None) -> None:
+        printer.break_line()  # a note never continues a line of the task's output
+        if error is None:
+            sys.stderr.write("reconnected\n")
+        else:
+            code = error.code().name if error.code() else "UNAVAILABLE"
+            sys.stderr.write(f"lost the connection to the server ({code}); reconnecting…\n")
+        sys.stderr.flush()
+
+    try:
+        async with contextlib.aclosing(
+            client.follow(task_id, follow=follow, include_events=True, on_reconnect=on_reconnect)
+        ) as events:
+            async for event in events:
+                printer.event(event)
+                if isinstance(event, TaskChanged):
+                    state.last = event.task
+    except grpc.aio.AioRpcError:
+        printer.break_line()  # the error line starts on a line of its own
+        raise
     if not follow:
         if isinstance(printer, output.DocumentPrinter) and state.last is not None:
             printer.finish(state.last)

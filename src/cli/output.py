@@ -443,6 +443,13 @@ class StreamPrinter:
         self.waiting = task.waiting_reason
         self.attempts = max(self.attempts, task.attempts)
 
+    def break_line(self) -> None:
+        """End a partly written line of output on a terminal, before a note on stderr."""
+        if not self.json_lines and not self.ends_with_newline and self.out.isatty():
+            self.out.write("\n")
+            self.out.flush()
+            self.ends_with_newline = True
+
     def finish(self, task: Task) -> None:
         """A final status line on stderr (nothing in JSON mode: the last line says it)."""
         if self.json_lines:
@@ -465,6 +472,9 @@ class DocumentPrinter:
     def event(self, event: TaskEvent) -> None:
         if isinstance(event, OutputReceived):
             self.chunks.append(chunk_doc(event.chunk))
+
+    def break_line(self) -> None:
+        """Nothing is written before the end."""
 
     def finish(self, task: Task) -> None:
         self.out.write(dumps({"task": task_doc(task), "output": self.chunks}))

@@ -393,7 +393,15 @@ def test_follow_survives_a_server_restart(tmp_path: Path) -> None:
         time.sleep(1.0)  # some output has been streamed
         assert d.server is not None
         assert d.server.stop(signal.SIGTERM) == 0, d.server.log
+        follow.wait_for_line(  # said at once, not after the reconnect window
+            lambda line: line.startswith(
+                "lost the connection to the server (UNAVAILABLE); reconnecting…"
+            ),
+            timeout=10,
+            stream="err",
+        )
         d.start_server()  # same port, same database
+        follow.wait_for_line(lambda line: line == "reconnected\n", stream="err")
         assert follow.popen.wait(timeout=30) == 0, follow.log
         assert follow.output("out") == text  # each piece once, none lost
     finally:
