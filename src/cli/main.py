@@ -407,7 +407,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--state-dir",
-        help="where to keep the identity (TASKRUN_STATE_DIR, default .taskrun/worker)",
+        help="where to keep the identity (TASKRUN_STATE_DIR; default $XDG_STATE_HOME/taskrun/"
+        "worker, i.e. ~/.local/state/taskrun/worker, or $STATE_DIRECTORY under systemd, "
+        "/var/lib/taskrun/worker with the unit in deploy/)",
     )
     p = _leaf(
         worker,
@@ -435,7 +437,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state-dir",
         help="use the identity enrolled there (`taskrun worker enroll`): its worker id, CA, "
-        "certificate and key, and its server unless --server is given (TASKRUN_STATE_DIR)",
+        "certificate and key, and its server unless --server is given (TASKRUN_STATE_DIR; "
+        "default: the enrollment's default state directory, when it holds an identity and no "
+        "--id, --cert or --key is given)",
     )
     _add_revoke(worker)
     _add_workers_list_and_get(worker)  # `worker list` = `workers list`, `worker get` = ...
@@ -984,10 +988,11 @@ def worker_config(args: argparse.Namespace) -> Any:
         values["drain_timeout"] = drain
     state_dir = _arg(args, "state_dir") or _env("TASKRUN_STATE_DIR")
     if not state_dir and not (cert or key or _arg(args, "worker_id") or _env("TASKRUN_WORKER_ID")):
-        from taskrun.worker.identity import DEFAULT_STATE_DIR
+        from taskrun.worker.identity import default_state_dir
 
-        if (DEFAULT_STATE_DIR / "identity.json").exists():  # enrolled here: use that identity
-            state_dir = str(DEFAULT_STATE_DIR)
+        default = default_state_dir()
+        if (default / "identity.json").exists():  # enrolled on this machine: use that identity
+            state_dir = str(default)
     if state_dir:
         # The enrolled identity supplies these; only what is given explicitly overrides it.
         values["state_dir"] = Path(state_dir)
@@ -1010,13 +1015,21 @@ def worker_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_worker_run(args: argparse.Namespace) -> int:
+    from taskrun.worker.identity import default_state_dir
+
     config = worker_config(args)
+    looked = (
+        ""
+        if config.state_dir is not None
+        else f"; no enrolled identity in {default_state_dir()} either (the default state "
+        "directory; --state-dir or TASKRUN_STATE_DIR picks another)"
+    )
     _require_files(
         (config.ca_cert, "CA certificate"),
         (config.cert_path(), "worker certificate"),
         (config.key_path(), "worker key"),
-        hint="; on a new machine, enroll it first: `taskrun worker enroll --server HOST:PORT "
-        "--token TOKEN --ca-fingerprint sha256:…` (see `taskrun token create`)",
+        hint=f"{looked}; on a new machine, enroll it first: `taskrun worker enroll --server "
+        "HOST:PORT --token TOKEN --ca-fingerprint sha256:…` (see `taskrun token create`)",
     )
     _setup_logging(args, daemon=True)
     from taskrun.worker.daemon import run_worker
@@ -1027,9 +1040,9 @@ def cmd_worker_run(args: argparse.Namespace) -> int:
 
 def cmd_worker_enroll(args: argparse.Namespace) -> int:
     from taskrun.worker.identity import (
-        DEFAULT_STATE_DIR,
         EnrollmentError,
         ServerUnreachable,
+        default_state_dir,
         enroll,
     )
 
@@ -1045,7 +1058,7 @@ def cmd_worker_enroll(args: argparse.Namespace) -> int:
         raise CliError("give the bootstrap token with --token or TASKRUN_TOKEN")
     if not fingerprint:
         raise CliError("give --ca-fingerprint sha256:… (printed by `taskrun token create`)")
-    state_dir = Path(args.state_dir or _env("TASKRUN_STATE_DIR") or DEFAULT_STATE_DIR)
+    state_dir = Path(args.state_dir or _env("TASKRUN_STATE_DIR") or default_state_dir())
     server_name = _arg(args, "server_name") or _env(creds.ENV_SERVER_NAME) or ""
     try:
         enrolled = asyncio.run(
