@@ -14,6 +14,7 @@ import queue
 import shlex
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -406,6 +407,27 @@ def test_follow_survives_a_server_restart(tmp_path: Path) -> None:
         assert follow.output("out") == text  # each piece once, none lost
     finally:
         d.kill()
+
+
+def test_backup_copies_the_store_while_the_server_runs(deployment: Deployment) -> None:
+    created = deployment.run("task", "create", "echo", "--input", '{"text":"keep me"}')
+    assert created.returncode == 0, created.stderr
+    task_id = created.stdout.strip()
+    target = deployment.tmp / "backups" / "taskrun-copy.db"
+    target.parent.mkdir()
+    result = deployment.run("backup", str(target), "--db", str(deployment.tmp / "t.db"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"backed up {deployment.tmp / 't.db'} to {target} (")
+    assert target.stat().st_mode & 0o777 == 0o600
+    with contextlib.closing(sqlite3.connect(target)) as copy:
+        ids = {row[0] for row in copy.execute("SELECT id FROM tasks")}
+    assert task_id in ids
+
+
+def test_backup_of_a_missing_store_names_it(deployment: Deployment) -> None:
+    result = deployment.run("backup", "x.db", "--db", "nowhere.db")
+    assert result.returncode == 2
+    assert result.stderr == "error: store nowhere.db does not exist\n"
 
 
 def test_sigterm_stops_worker_then_server_with_exit_0(deployment: Deployment) -> None:
