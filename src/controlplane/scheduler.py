@@ -313,9 +313,10 @@ class Scheduler:
         for worker in self.engine.workers.values():
             if any(a.name == agent for a in worker.agents):
                 return
+        known = ", ".join(repr(name) for name in self.engine.catalog.names()) or "none yet"
         raise InvalidArgument(
-            f"no worker has announced an agent {agent!r}; start a worker that offers it first "
-            "(see `taskrun workers list`)",
+            f"no worker has announced an agent {agent!r} (known agents: {known}); start a "
+            "worker that offers it first (see `taskrun workers list`)",
             field=field,
         )
 

@@ -342,9 +342,11 @@ async def test_trigger_creates_one_task_now_regardless_of_overlap(env: Env) -> N
 
 
 async def test_unknown_agent_is_rejected_and_nothing_stored(env: Env) -> None:
+    env.engine.catalog.learn([AgentSpec("echo")])
     with pytest.raises(InvalidArgument, match="no worker has announced") as info:
         await env.scheduler.create(every_minute(agent="claude_code"), prefix="schedule.")
     assert info.value.field == "schedule.agent"
+    assert "(known agents: 'echo')" in info.value.message
     assert await env.store.list_schedules() == []
     assert env.scheduler.list_schedules() == []
 
