@@ -26,9 +26,13 @@ ensure_venv() {
     "$(pick_python)" -m venv "$VENV"
     "$PY" -m pip install --quiet --upgrade pip
   fi
+  # the distribution was called `taskrun` before it became `taskrun-agents`: drop an old install
+  if "$PY" -m pip show --quiet taskrun >/dev/null 2>&1; then
+    "$PY" -m pip uninstall --quiet --yes taskrun >/dev/null
+  fi
   local spec="."
   [ -n "$extras" ] && spec=".[$extras]"
-  echo "==> installing taskrun${extras:+[$extras]} into .venv"
+  echo "==> installing taskrun-agents${extras:+[$extras]} into .venv"
   local log
   log="$(mktemp)"
   if ! "$PY" -m pip install --quiet --disable-pip-version-check -e "$spec" \

@@ -267,6 +267,7 @@ def task_from_pb(m: pb.Task) -> tuple[Task, list[Run]]:
         usage=usage_from_pb(m.usage),
         schedule=m.schedule,
         cancel_requested=m.cancel_requested,
+        waiting_reason=m.waiting_reason,
     )
     return task, [run_from_pb(r) for r in m.runs]
 

@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
+from typing import IO
 
 import structlog
+
+
+def wants_color(stream: IO[str]) -> bool:
+    """Colour only on a terminal, and never when NO_COLOR is set (https://no-color.org)."""
+    return stream.isatty() and not os.environ.get("NO_COLOR")
 
 
 def configure_logging(json: bool, level: str = "info") -> None:
@@ -14,7 +21,7 @@ def configure_logging(json: bool, level: str = "info") -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer()
         if json
-        else structlog.dev.ConsoleRenderer(colors=sys.stderr.isatty())
+        else structlog.dev.ConsoleRenderer(colors=wants_color(sys.stderr))
     )
     structlog.configure(
         processors=[

@@ -23,6 +23,7 @@ from taskrun.cli import output
 from taskrun.cli.client import ApiTokenInfo, BootstrapTokenInfo, Client
 from taskrun.cli.credentials import target_host
 from taskrun.core.access import AuditEvent, AuditKind, Scope, TokenState
+from taskrun.core.durations import human_duration
 from taskrun.files import private_directory, write_atomic
 
 T = TypeVar("T")
@@ -277,10 +278,11 @@ def cmd_token_create(args: argparse.Namespace) -> int:
         cli._write(output.dumps(doc))
         return int(cli.EXIT_OK)
     expires = output.format_time(new.info.expires_at) if new.info.expires_at else "?"
+    lifetime = human_duration((new.info.expires_at - new.info.created_at).total_seconds())
     cli._write(
         f"token:           {new.token}\n"
         f"worker id:       {new.info.worker_id}\n"
-        f"expires:         {expires} (single use)\n"
+        f"expires:         {expires} (valid for {lifetime}, single use)\n"
         f"CA fingerprint:  {new.ca_fingerprint}\n"
         "\nThe token is shown only this once. On the new machine run:\n\n"
         f"  {command}\n"
@@ -305,7 +307,7 @@ def cmd_token_list(args: argparse.Namespace) -> int:
     return _show(
         args,
         lambda c: c.list_bootstrap_tokens(include_inactive=args.all),
-        lambda tokens: [bootstrap_doc(t) for t in tokens],
+        lambda tokens: {"tokens": [bootstrap_doc(t) for t in tokens]},
         lambda tokens: _bootstrap_table(tokens, _cli()._now()),
     )
 
@@ -342,7 +344,7 @@ def cmd_api_token_list(args: argparse.Namespace) -> int:
     return _show(
         args,
         lambda c: c.list_api_tokens(include_inactive=args.all),
-        lambda tokens: [api_doc(t) for t in tokens],
+        lambda tokens: {"api_tokens": [api_doc(t) for t in tokens]},
         lambda tokens: _api_table(tokens, _cli()._now()),
     )
 
@@ -361,7 +363,7 @@ def cmd_audit(args: argparse.Namespace) -> int:
     return _show(
         args,
         lambda c: c.list_audit_events(limit=args.limit, before_id=args.before, kinds=kinds),
-        lambda events: [audit_doc(e) for e in events],
+        lambda events: {"events": [audit_doc(e) for e in events]},
         _audit_table,
     )
 

@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import json
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import IntEnum
@@ -342,9 +342,12 @@ class Client:
         retry_on_failure: bool = False,
         required_provider: str = "",
         required_model: str = "",
+        allow_unknown_agent: bool = False,
     ) -> Task:
         """Submit one task. `input` is a JSON object (as a mapping or as text).
 
+        An agent that no worker has announced is refused (INVALID_ARGUMENT naming `agent` and
+        the known agents) unless `allow_unknown_agent` (for workers that are not up yet).
         `timeout` and `queue_timeout` are the task's policy (seconds per run, and how long it may
         wait for a worker), not deadlines of this call.
         max_attempts=0 means the server's default. With an idempotency key that was used before
@@ -366,19 +369,23 @@ class Client:
                 required_model=required_model,
             ),
         )
-        return await self.submit(spec)
+        return await self.submit(spec, allow_unknown_agent=allow_unknown_agent)
 
-    async def submit(self, spec: TaskSpec) -> Task:
+    async def submit(self, spec: TaskSpec, *, allow_unknown_agent: bool = False) -> Task:
         """Submit one task described by a TaskSpec (see create_task)."""
-        response = await self._task_stub().CreateTask(
-            convert.spec_to_pb(spec), timeout=self.timeout
-        )
+        request = convert.spec_to_pb(spec)
+        request.allow_unknown_agent = allow_unknown_agent
+        response = await self._task_stub().CreateTask(request, timeout=self.timeout)
         task, _ = convert.task_from_pb(response.task)
         return task
 
-    async def create_tasks(self, specs: Sequence[TaskSpec]) -> list[Task]:
+    async def create_tasks(
+        self, specs: Sequence[TaskSpec], *, allow_unknown_agent: bool = False
+    ) -> list[Task]:
         """Submit several tasks in one call: all are created, or none when one is invalid."""
         request = tasks_pb2.CreateTasksRequest(tasks=[convert.spec_to_pb(s) for s in specs])
+        for message in request.tasks:
+            message.allow_unknown_agent = allow_unknown_agent
         response = await self._task_stub().CreateTasks(request, timeout=self.timeout)
         return [convert.task_from_pb(r.task)[0] for r in response.results]
 
@@ -463,13 +470,16 @@ class Client:
         follow: bool = True,
         include_events: bool = False,
         reconnect: bool = True,
+        on_reconnect: Callable[[grpc.aio.AioRpcError | None], None] | None = None,
     ) -> AsyncGenerator[TaskEvent, None]:
         """The task's stored output, then (with follow) live output and changes until it ends.
 
         The first event is a TaskChanged with the task's current state. Output of a batch is
         yielded before the task state that came with it, so the terminal TaskChanged is last.
         When an open stream breaks with UNAVAILABLE (a server restart), it is re-opened for up
-        to RECONNECT_FOR seconds and output already yielded is skipped.
+        to RECONNECT_FOR seconds (backing off from 0.25 s to 5 s) and output already yielded is
+        skipped; `on_reconnect` is called with the error when that starts, and with None once
+        the stream works again.
         Use `contextlib.aclosing` when you may stop iterating early.
         """
         seen: dict[RunId, int] = {}
@@ -477,12 +487,17 @@ class Client:
             task_id=task_id, follow=follow, include_events=include_events
         )
         connected_once, delay, give_up_at = False, 0.25, 0.0
+        reconnecting = False
         while True:
             call = self._task_stub().FollowTask(request)
             received = False
             try:
                 async for update in call:
                     received = connected_once = True
+                    if reconnecting:
+                        reconnecting = False
+                        if on_reconnect is not None:
+                            on_reconnect(None)
                     for message in update.chunks:
                         chunk = convert.chunk_from_pb(message, TaskId(task_id))
                         if chunk.seq <= seen.get(chunk.run_id, 0):
@@ -501,6 +516,10 @@ class Client:
                     delay, give_up_at = 0.25, time.monotonic() + RECONNECT_FOR
                 elif time.monotonic() >= give_up_at:
                     raise
+                if not reconnecting:
+                    reconnecting = True
+                    if on_reconnect is not None:
+                        on_reconnect(exc)
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 5.0)
             finally:

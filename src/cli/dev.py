@@ -2,15 +2,20 @@
 
 The server and the workers are child processes (`python -m taskrun.cli.main ...`) in their own
 sessions, so a Ctrl-C in the terminal reaches only `dev`, which then stops them in order:
-workers first (SIGTERM, they drain), then the server. A child that dies on its own stops
-everything and makes `dev` exit 1. Children's log lines are copied to stderr with a name prefix;
-stdout carries only the ready message.
+workers first (SIGTERM, they drain), then the server. SIGTERM and SIGHUP do the same. A child
+that dies on its own stops everything and makes `dev` exit 1. Children's log lines are copied to
+stderr with a name prefix; stdout carries only the ready message.
+
+Children never outlive `dev`: each asks the kernel for SIGTERM when `dev` dies, however it dies
+(`PR_SET_PDEATHSIG`, even after `kill -9`), and a broken pipe on `dev`'s output (`dev | tee log`
+whose reader is gone) stops everything in order instead of ending `dev` with an exception.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import os
 import shlex
 import signal
@@ -19,13 +24,15 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
 from taskrun.cli.client import Client
 from taskrun.cli.credentials import load_credentials, resolve_settings
 from taskrun.core.status import WorkerStatus
+from taskrun.logging import wants_color
+from taskrun.ports import AddressUnavailable, check_listen_address, split_host_port
 
 log = structlog.get_logger(__name__)
 
@@ -40,6 +47,8 @@ FAST_RECONNECT = (
     ("grpc.max_reconnect_backoff_ms", 500),
 )
 READY_LINE = "taskrun dev is ready"
+PARENT_ENV = "TASKRUN_DEV_PARENT_PID"  # set for children: the pid of the `dev` they die with
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PREFIX_COLORS = (36, 35, 34, 33, 32, 96)  # ANSI foreground colours of the name prefixes
 
 Check = Callable[[Client], Awaitable[bool]]
@@ -84,14 +93,6 @@ class ChildDied(Exception):
 
 
 # --- addresses -------------------------------------------------------------------------------
-
-
-def split_host_port(address: str) -> tuple[str, int]:
-    """`127.0.0.1:50051` -> ("127.0.0.1", 50051); `[::1]:0` -> ("::1", 0)."""
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"{address!r} is not host:port")
-    return host.strip("[]"), int(port)
 
 
 def join_host_port(host: str, port: int) -> str:
@@ -141,13 +142,86 @@ def ready_message(server: str, certs: Path, worker_ids: Sequence[str], agents: s
     )
 
 
+# --- lifetime of children and of our output --------------------------------------------------
+
+
+def die_with_parent() -> None:
+    """In a child of `dev` (PARENT_ENV set): be sent SIGTERM when `dev` dies, however it dies.
+
+    Called first thing by `taskrun`'s main. The variable is removed so that processes this one
+    starts (agents) are not tied to `dev` by mistake.
+    """
+    parent = os.environ.pop(PARENT_ENV, None)
+    if parent is None or not parent.isdigit():
+        return
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(signal.SIGTERM), 0, 0, 0) != 0:
+            log.warning("prctl(PR_SET_PDEATHSIG) failed", errno=ctypes.get_errno())
+    if os.getppid() != int(parent):  # `dev` died before the request took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+class GuardedOutput:
+    """A text stream whose broken pipe (or hung-up terminal) becomes a callback, not an error.
+
+    After the first failed write the file descriptor is pointed at /dev/null, so later writes
+    (ours, the logger's, the interpreter's last flush) succeed and go nowhere.
+    """
+
+    def __init__(self, stream: TextIO) -> None:
+        self.stream = stream
+        self.broken = False
+        self.on_broken: list[Callable[[], None]] = []
+
+    def write(self, text: str) -> int:
+        if not self.broken:
+            try:
+                self.stream.write(text)
+            except OSError:
+                self._break()
+        return len(text)
+
+    def flush(self) -> None:
+        if not self.broken:
+            try:
+                self.stream.flush()
+            except OSError:
+                self._break()
+
+    def isatty(self) -> bool:
+        return not self.broken and self.stream.isatty()
+
+    def fileno(self) -> int:
+        return self.stream.fileno()
+
+    def _break(self) -> None:
+        self.broken = True
+        with contextlib.suppress(OSError, ValueError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, self.stream.fileno())
+            os.close(devnull)
+        for callback in self.on_broken:
+            callback()
+
+
+def guard_output() -> tuple[GuardedOutput, GuardedOutput]:
+    """Replace sys.stdout and sys.stderr with guarded streams (before logging is configured)."""
+    out = sys.stdout if isinstance(sys.stdout, GuardedOutput) else GuardedOutput(sys.stdout)
+    err = sys.stderr if isinstance(sys.stderr, GuardedOutput) else GuardedOutput(sys.stderr)
+    sys.stdout, sys.stderr = out, err
+    return out, err
+
+
 # --- the supervisor --------------------------------------------------------------------------
 
 
 def _child_env() -> dict[str, str]:
-    """Our environment without TASKRUN_* (children get every setting as a flag)."""
+    """Our environment without TASKRUN_* (children get every setting as a flag), plus our pid
+    so that each child dies with us (see die_with_parent)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRUN_")}
     env["PYTHONUNBUFFERED"] = "1"
+    env[PARENT_ENV] = str(os.getpid())
     return env
 
 
@@ -165,11 +239,15 @@ class Dev:
         self.stop = asyncio.Event()
         self.kill = asyncio.Event()
         self.width = max(len("server"), *(len(w) for w in self.worker_ids))
-        self.color = sys.stderr.isatty()
+        self.color = wants_color(sys.stderr)
 
     def _on_signal(self) -> None:
         if self.stop.is_set():
             self.kill.set()  # a second Ctrl-C: no more waiting
+        self.stop.set()
+
+    def _on_output_broken(self) -> None:
+        """Nobody reads our output any more (`dev | tee` after Ctrl-C): stop in order."""
         self.stop.set()
 
     def _base_argv(self) -> list[str]:
@@ -247,8 +325,13 @@ class Dev:
 
     async def run(self) -> int:
         loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             loop.add_signal_handler(sig, self._on_signal)
+        for stream in (sys.stdout, sys.stderr):
+            if isinstance(stream, GuardedOutput):
+                stream.on_broken.append(self._on_output_broken)
+                if stream.broken:
+                    self.stop.set()
         settings = resolve_settings(server=self.connect, certs_dir=str(self.certs), env={})
         credentials = load_credentials(settings)
         client = Client(
@@ -372,6 +455,13 @@ def run_dev(options: DevOptions) -> int:
     except (ValueError, OSError) as exc:
         log.error(f"bad --listen: {exc}")
         return 2
+    host, port = split_host_port(listen)
+    try:  # the server's two listeners: --listen and the public one on the next port
+        check_listen_address(listen)
+        check_listen_address(join_host_port(host, port + 1))
+    except AddressUnavailable as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 1
     workers = [f"worker-{i}" for i in range(1, options.workers + 1)]
     init_pki(options.directory / "certs", workers=workers)
     return asyncio.run(Dev(options, listen, connect).run())

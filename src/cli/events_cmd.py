@@ -45,7 +45,8 @@ def register(subparsers: Any) -> None:
         cmd_events,
         help="stream what happens: workers, tasks, runs (and output), live",
         description="Print the current workers and unfinished tasks, then every change as it "
-        "is committed, one line per event (with --output json, one JSON object per line). "
+        "is committed, one line per event (with --output jsonl, one JSON object per line; "
+        "json means the same here, as an endless stream is never one document). "
         "Stop with Ctrl-C.",
     )
     p.add_argument("--task", default="", metavar="ID", help="only events about this task")
@@ -63,7 +64,13 @@ def register(subparsers: Any) -> None:
     p.add_argument(
         "--no-snapshot", action="store_true", help="only changes, not the current state first"
     )
-    cli._add_output(p)
+    p.add_argument(
+        "--output",
+        "-o",
+        choices=("table", "jsonl", "json"),
+        default="table",
+        help="table for people (default), or jsonl: one JSON object per line (json: the same)",
+    )
 
     cli._leaf(
         subparsers,
@@ -79,7 +86,7 @@ def cmd_events(args: argparse.Namespace) -> int:
     cli = _cli()
     client = cli._client(args)
     kinds = cli.flatten(args.kind)
-    json_lines = args.output == "json"
+    json_lines = args.output in ("json", "jsonl")
 
     async def run() -> int:
         async with (

@@ -24,7 +24,7 @@ from typing import Any, TypeVar
 import grpc
 
 from taskrun import __version__
-from taskrun.cli import access_cmd, events_cmd, output, schedule_cmd, webhook_cmd
+from taskrun.cli import access_cmd, events_cmd, maintenance_cmd, output, schedule_cmd, webhook_cmd
 from taskrun.cli import credentials as creds
 from taskrun.cli.client import Client, TaskChanged
 from taskrun.core.errors import TaskRunError
@@ -137,6 +137,20 @@ def positive_float(text: str) -> float:
     return value
 
 
+def attempts_arg(text: str) -> int:
+    """--max-attempts: a whole number >= 1 (leaving the flag out asks for the server's default)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(
+            f"{value} is too small: a task needs at least 1 attempt "
+            f"(leave the flag out for the server's default, {DEFAULT_MAX_ATTEMPTS})"
+        )
+    return value
+
+
 def flatten(groups: Sequence[list[E]] | None) -> list[E]:
     return [v for group in groups or () for v in group]
 
@@ -206,7 +220,19 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top: bool, cert: boo
     )
 
 
-def _add_output(parser: argparse.ArgumentParser) -> None:
+def _add_output(parser: argparse.ArgumentParser, *, stream: bool = False) -> None:
+    """--output: table or one JSON document; where a command streams, also jsonl (one JSON
+    object per line as it happens)."""
+    if stream:
+        parser.add_argument(
+            "--output",
+            "-o",
+            choices=("table", "json", "jsonl"),
+            default="table",
+            help="table for people (default); json: one JSON document when it ends "
+            '({"task": …, "output": […]}); jsonl: one JSON object per line as it streams',
+        )
+        return
     parser.add_argument(
         "--output",
         "-o",
@@ -247,6 +273,22 @@ def _add_revoke(subparsers: Any) -> None:
     )
     p.add_argument("worker_id", metavar="ID")
     p.add_argument("--reason", default="", help="recorded with the revocation")
+    _add_output(p)
+
+
+def _add_workers_list_and_get(subparsers: Any) -> None:
+    """`workers list|get`, also spelled `worker list|get`."""
+    p = _leaf(subparsers, "list", cmd_workers_list, help="list workers")
+    p.add_argument(
+        "--status",
+        action="append",
+        type=enum_arg(WorkerStatus),
+        metavar="S",
+        help="online, draining, offline, revoked (repeat or comma-separate)",
+    )
+    _add_output(p)
+    p = _leaf(subparsers, "get", cmd_workers_get, help="show a worker with its agents")
+    p.add_argument("worker_id", metavar="ID")
     _add_output(p)
 
 
@@ -403,7 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--state-dir",
-        help="where to keep the identity (TASKRUN_STATE_DIR, default .taskrun/worker)",
+        help="where to keep the identity (TASKRUN_STATE_DIR; default $XDG_STATE_HOME/taskrun/"
+        "worker, i.e. ~/.local/state/taskrun/worker, or $STATE_DIRECTORY under systemd, "
+        "/var/lib/taskrun/worker with the unit in deploy/)",
     )
     p = _leaf(
         worker,
@@ -431,7 +475,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--state-dir",
         help="use the identity enrolled there (`taskrun worker enroll`): its worker id, CA, "
-        "certificate and key, and its server unless --server is given (TASKRUN_STATE_DIR)",
+        "certificate and key, and its server unless --server is given (TASKRUN_STATE_DIR; "
+        "default: the enrollment's default state directory, when it holds an identity and no "
+        "--id, --cert or --key is given)",
     )
     p.add_argument(  # issue 12: agents work in per-run directories, away from the keys
         "--workspace-root",
@@ -458,6 +504,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(needs bubblewrap: apt install bubblewrap socat)",
     )
     _add_revoke(worker)
+    _add_workers_list_and_get(worker)  # `worker list` = `workers list`, `worker get` = ...
 
     # task
     task = _group(commands, "task", "create, inspect, follow and cancel tasks")
@@ -477,7 +524,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--priority", type=int, default=0, help="higher runs first (default 0)")
     p.add_argument("--timeout", type=positive_float, metavar="S", help="run timeout in seconds")
     p.add_argument(
-        "--max-attempts", type=int, default=0, metavar="N", help="default: the server's (3)"
+        "--max-attempts",
+        type=attempts_arg,
+        default=0,  # 0 on the wire asks for the server's default
+        metavar="N",
+        help="at least 1 (default: the server's, 3)",
     )
     p.add_argument("--idempotency-key", default="", metavar="K")
     p.add_argument(
@@ -508,12 +559,18 @@ def build_parser() -> argparse.ArgumentParser:
         help="only workers offering a model backend with this model name",
     )
     p.add_argument(
+        "--allow-unknown-agent",
+        action="store_true",
+        help="submit even if no worker has announced AGENT yet (its workers are not up yet); "
+        "without it such a task is refused",
+    )
+    p.add_argument(
         "--follow",
         "-f",
         action="store_true",
         help="stream the output until the task ends; the exit status is its outcome",
     )
-    _add_output(p)
+    _add_output(p, stream=True)
 
     p = _leaf(task, "list", cmd_task_list, help="list tasks, newest first")
     p.add_argument(
@@ -554,7 +611,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task_id", metavar="ID")
     p.add_argument("message", help="the follow-up message")
     p.add_argument("--follow", action="store_true", help="stream the conversation until it ends")
-    _add_output(p)
+    _add_output(p, stream=True)
 
     p = _leaf(
         task,
@@ -562,27 +619,18 @@ def build_parser() -> argparse.ArgumentParser:
         cmd_task_logs,
         help="print a task's output",
         description="Print a task's stored output; with -f keep streaming until it ends. "
-        "With --output json, one JSON object per line (output chunks and task changes).",
+        'With --output json, one JSON document when it ends ({"task": …, "output": […]}); '
+        "with --output jsonl, one JSON object per line as it streams (output chunks and task "
+        "changes).",
         epilog=FOLLOW_EXIT_HELP,
     )
     p.add_argument("task_id", metavar="ID")
     p.add_argument("--follow", "-f", action="store_true", help="keep streaming until it ends")
-    _add_output(p)
+    _add_output(p, stream=True)
 
     # workers
     workers = _group(commands, "workers", "inspect workers")
-    p = _leaf(workers, "list", cmd_workers_list, help="list workers")
-    p.add_argument(
-        "--status",
-        action="append",
-        type=enum_arg(WorkerStatus),
-        metavar="S",
-        help="online, draining, offline, revoked (repeat or comma-separate)",
-    )
-    _add_output(p)
-    p = _leaf(workers, "get", cmd_workers_get, help="show a worker with its agents")
-    p.add_argument("worker_id", metavar="ID")
-    _add_output(p)
+    _add_workers_list_and_get(workers)
     p = _leaf(
         workers,
         "drain",
@@ -597,6 +645,7 @@ def build_parser() -> argparse.ArgumentParser:
     events_cmd.register(commands)  # issue 6: `taskrun events`, `taskrun tui`
     access_cmd.register(commands)  # issue 3: `taskrun token`, `api-token`, `audit`
     webhook_cmd.register(commands)  # issue 16: `taskrun webhook`
+    maintenance_cmd.register(commands)  # `taskrun backup`, `taskrun completion`
 
     # dev
     p = _leaf(
@@ -730,19 +779,47 @@ class FollowState:
     last: Task | None = None
 
 
+def _printer(args: argparse.Namespace) -> output.StreamPrinter | output.DocumentPrinter:
+    """How a followed task is printed: text, one JSON document (json), or JSON lines (jsonl)."""
+    if args.output == "json":
+        return output.DocumentPrinter(sys.stdout)
+    return output.StreamPrinter(sys.stdout, sys.stderr, json_lines=args.output == "jsonl")
+
+
 async def follow_task(
-    client: Client, task_id: str, printer: output.StreamPrinter, state: FollowState, *, follow: bool
+    client: Client,
+    task_id: str,
+    printer: output.StreamPrinter | output.DocumentPrinter,
+    state: FollowState,
+    *,
+    follow: bool,
 ) -> int:
     """Print a task's output; with follow, until it ends. Returns the exit status."""
     state.task_id = task_id
-    async with contextlib.aclosing(
-        client.follow(task_id, follow=follow, include_events=True)
-    ) as events:
-        async for event in events:
-            printer.event(event)
-            if isinstance(event, TaskChanged):
-                state.last = event.task
+
+    def on_reconnect(error: grpc.aio.AioRpcError | None) -> None:
+        printer.break_line()  # a note never continues a line of the task's output
+        if error is None:
+            sys.stderr.write("reconnected\n")
+        else:
+            code = error.code().name if error.code() else "UNAVAILABLE"
+            sys.stderr.write(f"lost the connection to the server ({code}); reconnecting…\n")
+        sys.stderr.flush()
+
+    try:
+        async with contextlib.aclosing(
+            client.follow(task_id, follow=follow, include_events=True, on_reconnect=on_reconnect)
+        ) as events:
+            async for event in events:
+                printer.event(event)
+                if isinstance(event, TaskChanged):
+                    state.last = event.task
+    except grpc.aio.AioRpcError:
+        printer.break_line()  # the error line starts on a line of its own
+        raise
     if not follow:
+        if isinstance(printer, output.DocumentPrinter) and state.last is not None:
+            printer.finish(state.last)
         return EXIT_OK
     if state.last is None or not state.last.status.terminal:
         state.last, _ = await client.get_task(task_id)
@@ -990,10 +1067,11 @@ def worker_config(args: argparse.Namespace) -> Any:
     values["agent_sandbox"] = bool(_arg(args, "agent_sandbox"))
     state_dir = _arg(args, "state_dir") or _env("TASKRUN_STATE_DIR")
     if not state_dir and not (cert or key or _arg(args, "worker_id") or _env("TASKRUN_WORKER_ID")):
-        from taskrun.worker.identity import DEFAULT_STATE_DIR
+        from taskrun.worker.identity import default_state_dir
 
-        if (DEFAULT_STATE_DIR / "identity.json").exists():  # enrolled here: use that identity
-            state_dir = str(DEFAULT_STATE_DIR)
+        default = default_state_dir()
+        if (default / "identity.json").exists():  # enrolled on this machine: use that identity
+            state_dir = str(default)
     if state_dir:
         # The enrolled identity supplies these; only what is given explicitly overrides it.
         values["state_dir"] = Path(state_dir)
@@ -1016,13 +1094,21 @@ def worker_config(args: argparse.Namespace) -> Any:
 
 
 def cmd_worker_run(args: argparse.Namespace) -> int:
+    from taskrun.worker.identity import default_state_dir
+
     config = worker_config(args)
+    looked = (
+        ""
+        if config.state_dir is not None
+        else f"; no enrolled identity in {default_state_dir()} either (the default state "
+        "directory; --state-dir or TASKRUN_STATE_DIR picks another)"
+    )
     _require_files(
         (config.ca_cert, "CA certificate"),
         (config.cert_path(), "worker certificate"),
         (config.key_path(), "worker key"),
-        hint="; on a new machine, enroll it first: `taskrun worker enroll --server HOST:PORT "
-        "--token TOKEN --ca-fingerprint sha256:…` (see `taskrun token create`)",
+        hint=f"{looked}; on a new machine, enroll it first: `taskrun worker enroll --server "
+        "HOST:PORT --token TOKEN --ca-fingerprint sha256:…` (see `taskrun token create`)",
     )
     try:
         config.workspaces()  # issue 12: refuse a workspace root among the keys, before starting
@@ -1037,9 +1123,9 @@ def cmd_worker_run(args: argparse.Namespace) -> int:
 
 def cmd_worker_enroll(args: argparse.Namespace) -> int:
     from taskrun.worker.identity import (
-        DEFAULT_STATE_DIR,
         EnrollmentError,
         ServerUnreachable,
+        default_state_dir,
         enroll,
     )
 
@@ -1055,7 +1141,7 @@ def cmd_worker_enroll(args: argparse.Namespace) -> int:
         raise CliError("give the bootstrap token with --token or TASKRUN_TOKEN")
     if not fingerprint:
         raise CliError("give --ca-fingerprint sha256:… (printed by `taskrun token create`)")
-    state_dir = Path(args.state_dir or _env("TASKRUN_STATE_DIR") or DEFAULT_STATE_DIR)
+    state_dir = Path(args.state_dir or _env("TASKRUN_STATE_DIR") or default_state_dir())
     server_name = _arg(args, "server_name") or _env(creds.ENV_SERVER_NAME) or ""
     try:
         enrolled = asyncio.run(
@@ -1084,17 +1170,17 @@ def cmd_task_create(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with client:
-            task = await client.submit(spec)
+            task = await client.submit(spec, allow_unknown_agent=args.allow_unknown_agent)
             if not args.follow:
-                _write(
-                    output.dumps(output.task_doc(task)) if args.output == "json" else f"{task.id}\n"
-                )
+                if args.output == "table":
+                    _write(f"{task.id}\n")
+                else:
+                    indent = None if args.output == "jsonl" else 2
+                    _write(output.dumps(output.task_doc(task), indent=indent))
                 return EXIT_OK
-            json_lines = args.output == "json"
-            if not json_lines:
+            if args.output == "table":
                 sys.stderr.write(f"task {task.id} created; following its output\n")
-            printer = output.StreamPrinter(sys.stdout, sys.stderr, json_lines=json_lines)
-            return await follow_task(client, task.id, printer, state, follow=True)
+            return await follow_task(client, task.id, _printer(args), state, follow=True)
 
     try:
         return asyncio.run(run())
@@ -1157,8 +1243,49 @@ def _one_call(args: argparse.Namespace, call: Callable[[Client], Awaitable[T]]) 
     return asyncio.run(run())
 
 
+TASK_ID_PREFIX = "tsk_"
+TASK_ID_LENGTH = len(TASK_ID_PREFIX) + 26
+MAX_CANDIDATES_SHOWN = 5
+
+
+async def resolve_task_id(client: Client, text: str) -> str:
+    """A full task id as given, or the one task whose id starts with `text` (`tsk_` optional),
+    like git's short hashes. An ambiguous prefix is a usage error listing the matches; one that
+    matches nothing is sent as it is (the server answers NOT_FOUND). Prefixes are looked up by
+    listing the tasks (every page), so a full id is cheaper.
+    """
+    if len(text) == TASK_ID_LENGTH and text.startswith(TASK_ID_PREFIX):
+        return text
+    if not text:
+        raise CliError("task id: must not be empty")
+    prefix = text if text.startswith(TASK_ID_PREFIX) else TASK_ID_PREFIX + text
+    matches = [t.id async for t in client.iter_tasks(page_size=1000) if t.id.startswith(prefix)]
+    if len(matches) == 1:
+        return matches[0]
+    if not matches:
+        return text  # the server answers NOT_FOUND naming it
+    shown = ", ".join(matches[:MAX_CANDIDATES_SHOWN])
+    extra = len(matches) - MAX_CANDIDATES_SHOWN
+    more = f" and {extra} more" if extra > 0 else ""
+    raise CliError(
+        f"task id: {text!r} is ambiguous, {len(matches)} tasks match: {shown}{more}; "
+        "give more characters"
+    )
+
+
+def _task_call(args: argparse.Namespace, call: Callable[[Client, str], Awaitable[T]]) -> T:
+    """`_one_call` for a command naming a task by id or unique prefix (`args.task_id`)."""
+    return _one_call(args, lambda c: _with_task_id(c, args.task_id, call))
+
+
+async def _with_task_id(
+    client: Client, text: str, call: Callable[[Client, str], Awaitable[T]]
+) -> T:
+    return await call(client, await resolve_task_id(client, text))
+
+
 def cmd_task_get(args: argparse.Namespace) -> int:
-    task, runs = _one_call(args, lambda c: c.get_task(args.task_id))
+    task, runs = _task_call(args, lambda c, task_id: c.get_task(task_id))
     if args.output == "json":
         _write(output.dumps(output.task_doc(task, runs)))
     else:
@@ -1167,7 +1294,7 @@ def cmd_task_get(args: argparse.Namespace) -> int:
 
 
 def cmd_task_cancel(args: argparse.Namespace) -> int:
-    task = _one_call(args, lambda c: c.cancel_task(args.task_id, args.reason))
+    task = _task_call(args, lambda c, task_id: c.cancel_task(task_id, args.reason))
     if args.output == "json":
         _write(output.dumps(output.task_doc(task)))
     else:
@@ -1181,15 +1308,15 @@ def cmd_task_continue(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with client:
-            task = await client.continue_task(args.task_id, args.message)
+            task_id = await resolve_task_id(client, args.task_id)
+            task = await client.continue_task(task_id, args.message)
             if not args.follow:
                 if args.output == "json":
                     _write(output.dumps(output.task_doc(task)))
                 else:
                     _write(f"task {task.id} continued (attempt {task.attempts})\n")
                 return EXIT_OK
-            printer = output.StreamPrinter(sys.stdout, sys.stderr, json_lines=args.output == "json")
-            return await follow_task(client, task.id, printer, state, follow=True)
+            return await follow_task(client, task.id, _printer(args), state, follow=True)
 
     try:
         return asyncio.run(run())
@@ -1203,8 +1330,8 @@ def cmd_task_logs(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with client:
-            printer = output.StreamPrinter(sys.stdout, sys.stderr, json_lines=args.output == "json")
-            return await follow_task(client, args.task_id, printer, state, follow=args.follow)
+            task_id = await resolve_task_id(client, args.task_id)
+            return await follow_task(client, task_id, _printer(args), state, follow=args.follow)
 
     try:
         return asyncio.run(run())
@@ -1258,7 +1385,7 @@ def cmd_workers_revoke(args: argparse.Namespace) -> int:
 
 
 def cmd_dev(args: argparse.Namespace) -> int:
-    from taskrun.cli.dev import DevOptions, run_dev
+    from taskrun.cli.dev import DevOptions, guard_output, run_dev
 
     if args.workers < 1:
         raise CliError("--workers must be at least 1")
@@ -1270,6 +1397,7 @@ def cmd_dev(args: argparse.Namespace) -> int:
         store=args.store,
         log_level=log_level(args),
     )
+    guard_output()  # a broken pipe on our output stops the children in order (before logging)
     _setup_logging(args, daemon=False)
     return run_dev(options)
 
@@ -1279,6 +1407,10 @@ def cmd_dev(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one `taskrun` command and return its exit status."""
+    if os.environ.get("TASKRUN_DEV_PARENT_PID"):  # a server or worker started by `taskrun dev`
+        from taskrun.cli.dev import die_with_parent
+
+        die_with_parent()
     parser = build_parser()
     args = parser.parse_args(argv)
     func: Callable[[argparse.Namespace], int] = args.func

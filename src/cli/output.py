@@ -29,6 +29,7 @@ from taskrun.core.models import (
     Worker,
 )
 from taskrun.core.status import TaskStatus
+from taskrun.logging import wants_color
 
 NONE = "-"
 
@@ -85,6 +86,8 @@ def task_doc(task: Task, runs: Sequence[Run] | None = None) -> dict[str, Any]:
 
 def worker_doc(worker: Worker, run_ids: Sequence[RunId]) -> dict[str, Any]:
     doc: dict[str, Any] = to_json_value(worker)
+    for agent in doc.get("agents", []):  # a JSON Schema is a JSON object, not text inside JSON
+        agent["input_schema"] = _embedded_json(agent.get("input_schema", ""))
     doc["active_runs"] = len(run_ids)
     doc["run_ids"] = list(run_ids)
     return doc
@@ -304,6 +307,7 @@ def task_detail(task: Task, runs: Sequence[Run], now: datetime) -> str:
         ),
         ("Attempts", f"{task.attempts} of {task.policy.max_attempts}"),
         ("Worker", task.worker_id or NONE),
+        *([("Waiting", task.waiting_reason)] if task.waiting_reason else []),
         ("Labels", format_labels(task.labels)),
         ("Created", format_when(task.created_at, now)),
         ("Updated", format_when(task.updated_at, now)),
@@ -410,9 +414,10 @@ class StreamPrinter:
         self, out: IO[str], err: IO[str], *, json_lines: bool = False, color: bool | None = None
     ) -> None:
         self.out, self.err, self.json_lines = out, err, json_lines
-        self.color = err.isatty() if color is None else color
+        self.color = wants_color(err) if color is None else color
         self.attempts = 0
         self.ends_with_newline = True
+        self.waiting = ""  # the last reason given for waiting, said once
 
     def _note(self, text: str, style: str = "2") -> None:
         if self.color:
@@ -445,7 +450,17 @@ class StreamPrinter:
         elif self.attempts and task.attempts > self.attempts:
             where = f" on {task.worker_id}" if task.worker_id else ""
             self._note(f"[retry] attempt {task.attempts} of {task.policy.max_attempts}{where}")
+        if not self.json_lines and task.waiting_reason and task.waiting_reason != self.waiting:
+            self._note(f"[waiting] {task.waiting_reason}")
+        self.waiting = task.waiting_reason
         self.attempts = max(self.attempts, task.attempts)
+
+    def break_line(self) -> None:
+        """End a partly written line of output on a terminal, before a note on stderr."""
+        if not self.json_lines and not self.ends_with_newline and self.out.isatty():
+            self.out.write("\n")
+            self.out.flush()
+            self.ends_with_newline = True
 
     def finish(self, task: Task) -> None:
         """A final status line on stderr (nothing in JSON mode: the last line says it)."""
@@ -455,6 +470,27 @@ class StreamPrinter:
             self.out.write("\n")
             self.out.flush()
         self._note(finish_line(task), _STATUS_STYLE.get(task.status, "33"))
+
+
+class DocumentPrinter:
+    """`--output json` of a followed task: nothing while it streams, then one JSON document,
+    `{"task": <task>, "output": [<chunk>, …]}`, with the task as it ended (or as it was, when
+    only the stored output was printed)."""
+
+    def __init__(self, out: IO[str]) -> None:
+        self.out = out
+        self.chunks: list[dict[str, Any]] = []
+
+    def event(self, event: TaskEvent) -> None:
+        if isinstance(event, OutputReceived):
+            self.chunks.append(chunk_doc(event.chunk))
+
+    def break_line(self) -> None:
+        """Nothing is written before the end."""
+
+    def finish(self, task: Task) -> None:
+        self.out.write(dumps({"task": task_doc(task), "output": self.chunks}))
+        self.out.flush()
 
 
 _STATUS_STYLE = {TaskStatus.COMPLETED: "32", TaskStatus.FAILED: "31"}

@@ -63,10 +63,10 @@ def _policy_flags(p: argparse.ArgumentParser, *, update: bool) -> None:
     )
     group.add_argument(
         "--max-attempts",
-        type=int,
-        default=None if update else 0,
+        type=cli.attempts_arg,
+        default=None if update else 0,  # 0 on the wire asks for the server's default
         metavar="N",
-        help="default: the server's (3)",
+        help="at least 1 (default: the server's, 3)",
     )
     group.add_argument(
         "--require-label",
@@ -105,9 +105,9 @@ def _rule_flags(p: argparse.ArgumentParser, *, update: bool) -> None:
     p.add_argument(
         "--timezone",
         "--tz",
-        required=not update,
+        default=None if update else "UTC",
         metavar="TZ",
-        help="IANA time zone the rule is read in, e.g. Europe/Chisinau",
+        help="IANA time zone the rule is read in, e.g. Europe/Chisinau (default UTC)",
     )
     p.add_argument("--misfire", choices=("skip", "run_once"), default=None)
     p.add_argument("--overlap", choices=("allow", "skip", "cancel_previous"), default=None)

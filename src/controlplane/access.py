@@ -39,6 +39,7 @@ from taskrun.core.access import (
     parse_token,
     secret_matches,
 )
+from taskrun.core.durations import human_duration
 from taskrun.core.ids import WorkerId, is_valid_worker_id
 from taskrun.core.models import utcnow
 from taskrun.core.store import ChangeSet
@@ -167,7 +168,9 @@ class AccessControl:
         ttl = ttl or cfg.bootstrap_token_ttl
         if ttl > cfg.max_bootstrap_token_ttl:
             raise errors.InvalidArgument(
-                f"must be at most {cfg.max_bootstrap_token_ttl:g}s", field="ttl_seconds"
+                f"must be at most {human_duration(cfg.max_bootstrap_token_ttl)}, "
+                f"not {human_duration(ttl)}",
+                field="ttl_seconds",
             )
         if worker_id:
             if not is_valid_worker_id(worker_id):
@@ -201,7 +204,7 @@ class AccessControl:
             AuditKind.BOOTSTRAP_TOKEN_CREATED,
             principal=by,
             subject=f"token {token.id} for worker {worker_id}",
-            detail=f"bootstrap token created, valid for {ttl:g}s",
+            detail=f"bootstrap token created, valid for {human_duration(ttl)}",
         )
         return issued.token, token
 

@@ -38,6 +38,7 @@ from taskrun.controlplane.webhook_service import WebhookService  # issue 16
 from taskrun.controlplane.webhooks import WebhookDispatcher  # issue 16
 from taskrun.core.store import Store
 from taskrun.metrics_http import MetricsServer  # issue 6
+from taskrun.ports import check_listen_address
 from taskrun.v1 import (
     events_pb2,
     events_pb2_grpc,
@@ -165,6 +166,9 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         ("grpc.max_receive_message_length", config.max_message_bytes + 1024 * 1024),
         ("grpc.max_send_message_length", config.max_message_bytes + 1024 * 1024),
         *KEEPALIVE_OPTIONS,
+        # grpc binds with SO_REUSEPORT by default: a second server on a busy port would start and
+        # share the connections. Without it, a busy port is a bind error.
+        ("grpc.so_reuseport", 0),
     ]
     guard = RequestGuard(auth.check_call)  # parse, per-call credentials, never UNKNOWN
     tasks = TaskService(engine, auth)
@@ -290,12 +294,15 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
 
 
 def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> int:
+    """Bind `address`; a busy port (or an address not on this host) is an OSError naming it."""
+    check_listen_address(address)  # AddressUnavailable (an OSError) names the port
+    problem = f"could not listen on {address}: the port is in use or the address is not local"
     try:
         port: int = server.add_secure_port(address, credentials)
-    except RuntimeError as exc:  # grpc reports a failed bind this way
-        raise OSError(f"could not listen on {address}: {exc}") from None
+    except RuntimeError:  # grpc reports a failed bind this way
+        raise OSError(problem) from None
     if port == 0:
-        raise OSError(f"could not listen on {address}")
+        raise OSError(problem)
     return port
 
 

@@ -175,11 +175,19 @@ class Authenticator:
         else:
             principal = peer_principal(context)
             if principal is None:
+                # the mTLS listener refuses a missing certificate in the handshake: this call
+                # came to the public listener, which never asks for one
+                certificates = (
+                    f"port {self.access.session_port}"
+                    if self.access.session_port
+                    else "the mTLS port"
+                )
                 await self._refuse(
                     context,
                     grpc.StatusCode.UNAUTHENTICATED,
-                    "no credentials: present an operator client certificate or an API token "
-                    "(authorization: Bearer tra_…)",
+                    "no credentials: this is the public (TLS-only) port, which takes API tokens "
+                    "(authorization: Bearer tra_…) but not client certificates; operator "
+                    f"certificates are accepted on {certificates}",
                 )
             if principal.kind is not PrincipalKind.OPERATOR:
                 await self._refuse(

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import json
 from collections.abc import Callable, Collection
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
@@ -190,6 +191,7 @@ class Scheduler:
             now = self.clock()
             schedule = validate_schedule(submitted, now, prefix)
             self._check_agent(schedule.agent, f"{prefix}agent")
+            self._check_input(schedule, f"{prefix}input_json")
             if schedule.name in self._schedules:
                 raise AlreadyExists(
                     f"schedule {quoted(schedule.name)} exists", field=f"{prefix}name"
@@ -243,6 +245,8 @@ class Scheduler:
             schedule = validate_schedule(merged, now, prefix)
             if schedule.agent != current.agent:
                 self._check_agent(schedule.agent, f"{prefix}agent")
+            if schedule.agent != current.agent or schedule.input != current.input:
+                self._check_input(schedule, f"{prefix}input_json")
             rule = compile_schedule(schedule)
             schedule.updated_at = now
             schedule.next_fire_time = None if schedule.paused else rule.next_after(now)
@@ -294,6 +298,7 @@ class Scheduler:
         async with self._lock:
             current = self._get(name, "name")
             now = self.clock()
+            self._check_input(current, "input_json")
             ((task, _),) = await self.engine.create_tasks([self._spec(current, None)])
             schedule = copy_schedule(current)
             schedule.last_fire_time = now
@@ -317,12 +322,16 @@ class Scheduler:
         for worker in self.engine.workers.values():
             if any(a.name == agent for a in worker.agents):
                 return
+        known = ", ".join(repr(name) for name in self.engine.catalog.names()) or "none yet"
         raise InvalidArgument(
-            f"no worker has announced an agent {quoted(agent)}; start a worker that offers it "
-            "first "
-            "(see `taskrun workers list`)",
+            f"no worker has announced an agent {quoted(agent)} (known agents: {known}); start a "
+            "worker that offers it first (see `taskrun workers list`)",
             field=field,
         )
+
+    def _check_input(self, schedule: Schedule, field: str) -> None:
+        """The input must match the agent's announced input schema, as for `task create`."""
+        self.engine.catalog.check_input(schedule.agent, json.loads(schedule.input), field)
 
     # --- firing ------------------------------------------------------------------------------
 
@@ -418,6 +427,11 @@ class Scheduler:
         ]
         if unfinished and schedule.overlap is OverlapPolicy.SKIP:
             firing.outcome = f"skipped: previous task still running ({unfinished[-1]})"
+            return firing
+        try:  # the agent may have announced a new schema since the schedule was made
+            self._check_input(schedule, "input_json")
+        except InvalidArgument as exc:
+            firing.outcome = f"skipped: {exc.message}"
             return firing
         if unfinished and schedule.overlap is OverlapPolicy.CANCEL_PREVIOUS:
             firing.cancel = unfinished

@@ -21,10 +21,11 @@ from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.followers import Subscription
 from taskrun.controlplane.guard import status_code
 from taskrun.controlplane.session import WorkerSession
+from taskrun.controlplane.waiting import check_known_agent, waiting_reason
 from taskrun.core import errors
 from taskrun.core.access import AuditKind, Scope
 from taskrun.core.ids import RunId, TaskId, WorkerId, is_valid_worker_id
-from taskrun.core.models import OutputChunk, OutputKind, Task, Worker, utcnow
+from taskrun.core.models import OutputChunk, OutputKind, Run, Task, Worker, utcnow
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.store import TaskQuery
 from taskrun.core.text import quoted
@@ -91,6 +92,12 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         self.engine = engine
         self.auth = auth
 
+    def _task_pb(self, task: Task, runs: list[Run] | None = None) -> pb.Task:
+        """The task as sent to callers, with why it waits when it is pending."""
+        message = convert.task_to_pb(task, runs)
+        message.waiting_reason = waiting_reason(task, self.engine.workers.values())
+        return message
+
     async def _create(
         self, requests: list[tasks_pb2.CreateTaskRequest], prefix: Callable[[int], str]
     ) -> list[tasks_pb2.CreateTaskResponse]:
@@ -101,6 +108,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         ]
         catalog = self.engine.catalog
         for i, spec in enumerate(specs):
+            if not requests[i].allow_unknown_agent:
+                check_known_agent(spec.agent, catalog.names(), f"{prefix(i)}agent")
             catalog.check_input(spec.agent, json.loads(spec.input), f"{prefix(i)}input_json")
         results = await self.engine.create_tasks(specs)
         out = []
@@ -112,7 +121,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                     "with a different request",
                     field=f"{prefix(i)}policy.idempotency_key",
                 )
-            out.append(tasks_pb2.CreateTaskResponse(task=convert.task_to_pb(task), created=created))
+            out.append(tasks_pb2.CreateTaskResponse(task=self._task_pb(task), created=created))
         return out
 
     @domain_errors
@@ -147,7 +156,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         task = await store.get_task(task_id)
         if task is None:
             raise errors.NotFound(f"no task {quoted(task_id)}", field="task_id")
-        return convert.task_to_pb(task, await store.list_runs(task_id))
+        return self._task_pb(task, await store.list_runs(task_id))
 
     @domain_errors
     async def ListTasks(
@@ -179,7 +188,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         page = await self.engine.store.list_tasks(query)
         return tasks_pb2.ListTasksResponse(
-            tasks=[convert.task_to_pb(t) for t in page.tasks],
+            tasks=[self._task_pb(t) for t in page.tasks],
             next_page_token=_encode_token(page.next_before) if page.next_before else "",
         )
 
@@ -264,7 +273,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                     return out
 
         def message(t: Task | None, chunks: list[OutputChunk]) -> tasks_pb2.TaskUpdate:
-            update = tasks_pb2.TaskUpdate(task=convert.task_to_pb(t) if t else None)
+            update = tasks_pb2.TaskUpdate(task=self._task_pb(t) if t else None)
             for c in chunks:
                 convert.chunk_to_pb(c, update.chunks.add())
             return update

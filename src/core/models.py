@@ -108,6 +108,8 @@ class Task:
     usage: Usage = field(default_factory=Usage)
     schedule: str = ""
     cancel_requested: bool = False
+    # why a PENDING task waits; computed by the control plane when the task is read, never stored
+    waiting_reason: str = ""
 
     def same_request(self, spec: TaskSpec) -> bool:
         """Whether `spec` asks for exactly this task (idempotent resubmission)."""

@@ -16,7 +16,7 @@ class ContinueTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
 
 class CreateTaskRequest(_message.Message):
-    __slots__ = ("agent", "input_json", "labels", "policy")
+    __slots__ = ("agent", "input_json", "labels", "policy", "allow_unknown_agent")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -28,11 +28,13 @@ class CreateTaskRequest(_message.Message):
     INPUT_JSON_FIELD_NUMBER: _ClassVar[int]
     LABELS_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_UNKNOWN_AGENT_FIELD_NUMBER: _ClassVar[int]
     agent: str
     input_json: str
     labels: _containers.ScalarMap[str, str]
     policy: _common_pb2.TaskPolicy
-    def __init__(self, agent: _Optional[str] = ..., input_json: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., policy: _Optional[_Union[_common_pb2.TaskPolicy, _Mapping]] = ...) -> None: ...
+    allow_unknown_agent: bool
+    def __init__(self, agent: _Optional[str] = ..., input_json: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., policy: _Optional[_Union[_common_pb2.TaskPolicy, _Mapping]] = ..., allow_unknown_agent: _Optional[bool] = ...) -> None: ...
 
 class CreateTaskResponse(_message.Message):
     __slots__ = ("task", "created")

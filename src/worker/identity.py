@@ -18,9 +18,11 @@ import asyncio
 import hashlib
 import ipaddress
 import json
+import os
 import re
 import socket
 import ssl
+from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,13 +40,32 @@ from taskrun.files import private_directory, write_atomic
 from taskrun.v1 import security_pb2 as spb
 from taskrun.v1 import security_pb2_grpc
 
-DEFAULT_STATE_DIR = Path(".taskrun/worker")
+SYSTEM_STATE_DIR = Path("/var/lib/taskrun/worker")  # what deploy/systemd's StateDirectory= gives
 CONNECT_TIMEOUT = 10.0
 ENROLL_TIMEOUT = 30.0
 # The name `taskrun certs init` puts in the server certificate, verified when dialling an IP.
 DEFAULT_TLS_NAME = "localhost"
 
 _FINGERPRINT = re.compile(r"sha256:([0-9a-fA-F]{64})")
+
+
+def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """Where a worker keeps its enrolled identity unless --state-dir says otherwise.
+
+    Under systemd with `StateDirectory=taskrun/worker` (deploy/systemd), $STATE_DIRECTORY, i.e.
+    /var/lib/taskrun/worker; otherwise the user's XDG state directory:
+    $XDG_STATE_HOME/taskrun/worker, by default ~/.local/state/taskrun/worker. Never relative to
+    the current directory.
+    """
+    env = os.environ if env is None else env
+    service = env.get("STATE_DIRECTORY", "").split(":")[0]
+    if service:
+        return Path(service)
+    xdg = env.get("XDG_STATE_HOME", "")
+    if xdg and Path(xdg).is_absolute():  # the spec says to ignore a relative one
+        return Path(xdg) / "taskrun" / "worker"
+    home = Path(env["HOME"]) if env.get("HOME") else Path.home()
+    return home / ".local" / "state" / "taskrun" / "worker"
 
 
 class EnrollmentError(Exception):

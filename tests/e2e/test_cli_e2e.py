@@ -14,6 +14,7 @@ import queue
 import shlex
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -66,9 +67,15 @@ class Proc:
             stderr=subprocess.PIPE,
             text=True,
         )
+        return cls.start_reading(name, popen)
+
+    @classmethod
+    def start_reading(cls, name: str, popen: subprocess.Popen[str]) -> Proc:
+        """Collect the lines of a started process's stdout (and stderr, when it is a pipe)."""
         proc = cls(name, popen)
-        assert popen.stdout is not None and popen.stderr is not None
         for stream, label in ((popen.stdout, "out"), (popen.stderr, "err")):
+            if stream is None:
+                continue
             reader = threading.Thread(target=proc._read, args=(stream, label), daemon=True)
             reader.start()
             proc.readers.append(reader)
@@ -250,6 +257,52 @@ def test_task_get_shows_runs_and_result(deployment: Deployment) -> None:
     assert (logs.returncode, logs.stdout) == (0, "abc")
 
 
+def test_a_task_is_found_by_a_unique_prefix_of_its_id_like_git(deployment: Deployment) -> None:
+    created = deployment.run("task", "create", "echo", "--input", '{"text":"short"}')
+    assert created.returncode == 0, created.stderr
+    task_id = created.stdout.strip()
+    for prefix in (task_id[:-3], task_id[len("tsk_") : -3]):  # `tsk_` may be left out
+        shown = deployment.run("task", "get", prefix, "-o", "json")
+        assert shown.returncode == 0, shown.stderr
+        assert json.loads(shown.stdout)["id"] == task_id
+
+
+def test_an_ambiguous_task_id_prefix_is_refused_listing_the_candidates(
+    deployment: Deployment,
+) -> None:
+    ids = [
+        deployment.run("task", "create", "echo", "--input", '{"text":"twin"}').stdout.strip()
+        for _ in range(2)
+    ]
+    result = deployment.run("task", "get", "tsk_")
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: task id: 'tsk_' is ambiguous, ")
+    assert "give more characters" in result.stderr
+    listed = deployment.run("task", "list", "-o", "json", "--limit", "5")
+    newest = [t["id"] for t in json.loads(listed.stdout)["tasks"]]
+    assert newest[:2] == ids[::-1] and all(i in result.stderr for i in ids)
+
+
+def test_task_logs_json_is_one_document_and_jsonl_one_object_per_line(
+    deployment: Deployment,
+) -> None:
+    followed = deployment.run(
+        "task", "create", "echo", "--input", '{"text":"abcd","chunks":2}', "--follow", "-o", "json"
+    )
+    assert followed.returncode == 0, followed.stderr
+    doc = json.loads(followed.stdout)  # one document, not one object per line
+    assert doc["task"]["status"] == "completed"
+    assert "".join(c["data"] for c in doc["output"] if c["kind"] == "text") == "abcd"
+    task_id = doc["task"]["id"]
+    logs = deployment.run("task", "logs", task_id, "-o", "json")
+    assert logs.returncode == 0, logs.stderr
+    assert json.loads(logs.stdout) == {"task": doc["task"], "output": doc["output"]}
+    lines = deployment.run("task", "logs", task_id, "-o", "jsonl")
+    assert lines.returncode == 0, lines.stderr
+    events = [json.loads(line) for line in lines.stdout.splitlines()]
+    assert sorted(e["event"] for e in events) == ["output", "output", "task"]
+
+
 def test_unknown_task_exits_2_with_not_found(deployment: Deployment) -> None:
     result = deployment.run("task", "get", "nonexistent")
     assert result.returncode == 2
@@ -264,12 +317,45 @@ def test_input_that_is_not_an_object_exits_2_naming_input_json(deployment: Deplo
     assert "input_json" in result.stderr
 
 
+def test_a_task_for_an_agent_no_worker_offers_is_refused_naming_the_known_agents(
+    deployment: Deployment,
+) -> None:
+    result = deployment.run("task", "create", "ecoh", "--input", '{"text":"typo"}')
+    assert result.returncode == 2
+    assert result.stderr.startswith(
+        "error: INVALID_ARGUMENT: agent: no worker has announced an agent 'ecoh' "
+        "(known agents: 'echo')"
+    )
+    assert "--allow-unknown-agent" in result.stderr
+
+
+def test_allow_unknown_agent_submits_and_task_get_says_why_it_waits(
+    deployment: Deployment,
+) -> None:
+    created = deployment.run("task", "create", "later", "--allow-unknown-agent")
+    assert created.returncode == 0, created.stderr
+    task_id = created.stdout.strip()
+    shown = deployment.run("task", "get", task_id)
+    assert shown.returncode == 0, shown.stderr
+    assert "Waiting:   no online worker offers agent 'later'" in shown.stdout
+    follow = deployment.start("follow", "task", "logs", task_id, "--follow")
+    try:
+        follow.wait_for_line(
+            lambda line: line == "[waiting] no online worker offers agent 'later'\n", stream="err"
+        )
+    finally:
+        follow.stop(signal.SIGINT)
+    assert deployment.run("task", "cancel", task_id).returncode == 0
+
+
 def test_workers_list_shows_the_worker(deployment: Deployment) -> None:
     result = deployment.run("workers", "list", "--output", "json")
     assert result.returncode == 0, result.stderr
     (worker,) = json.loads(result.stdout)["workers"]
     assert (worker["id"], worker["status"]) == ("worker-1", "online")
     assert [a["name"] for a in worker["agents"]] == ["echo"]
+    schema = worker["agents"][0]["input_schema"]  # an object, not JSON text inside JSON
+    assert schema["type"] == "object" and "text" in schema["properties"]
     shown = deployment.run("workers", "get", "worker-1")
     assert shown.returncode == 0, shown.stderr
     assert "none/echo" in shown.stdout
@@ -308,11 +394,40 @@ def test_follow_survives_a_server_restart(tmp_path: Path) -> None:
         time.sleep(1.0)  # some output has been streamed
         assert d.server is not None
         assert d.server.stop(signal.SIGTERM) == 0, d.server.log
+        follow.wait_for_line(  # said at once, not after the reconnect window
+            lambda line: line.startswith(
+                "lost the connection to the server (UNAVAILABLE); reconnecting…"
+            ),
+            timeout=10,
+            stream="err",
+        )
         d.start_server()  # same port, same database
+        follow.wait_for_line(lambda line: line == "reconnected\n", stream="err")
         assert follow.popen.wait(timeout=30) == 0, follow.log
         assert follow.output("out") == text  # each piece once, none lost
     finally:
         d.kill()
+
+
+def test_backup_copies_the_store_while_the_server_runs(deployment: Deployment) -> None:
+    created = deployment.run("task", "create", "echo", "--input", '{"text":"keep me"}')
+    assert created.returncode == 0, created.stderr
+    task_id = created.stdout.strip()
+    target = deployment.tmp / "backups" / "taskrun-copy.db"
+    target.parent.mkdir()
+    result = deployment.run("backup", str(target), "--db", str(deployment.tmp / "t.db"))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith(f"backed up {deployment.tmp / 't.db'} to {target} (")
+    assert target.stat().st_mode & 0o777 == 0o600
+    with contextlib.closing(sqlite3.connect(target)) as copy:
+        ids = {row[0] for row in copy.execute("SELECT id FROM tasks")}
+    assert task_id in ids
+
+
+def test_backup_of_a_missing_store_names_it(deployment: Deployment) -> None:
+    result = deployment.run("backup", "x.db", "--db", "nowhere.db")
+    assert result.returncode == 2
+    assert result.stderr == "error: store nowhere.db does not exist\n"
 
 
 def test_sigterm_stops_worker_then_server_with_exit_0(deployment: Deployment) -> None:

@@ -65,7 +65,8 @@ async def test_token_create_prints_the_token_once_with_the_fingerprint_and_enrol
         f"taskrun worker enroll --server 127.0.0.1:{cluster.public_port} --token {token} "
         "--ca-fingerprint sha256:"
     ) in out
-    listed = await json_of(cluster, "token", "list")
+    assert "(valid for 30m, single use)" in out
+    listed = (await json_of(cluster, "token", "list"))["tokens"]
     assert [(t["worker_id"], t["state"], t["labels"]) for t in listed] == [
         ("edge-1", "active", {"zone": "eu"})
     ]
@@ -77,8 +78,9 @@ async def test_token_revoke_makes_it_unusable_and_list_all_shows_it(cluster: Clu
     created = await json_of(cluster, "token", "create", "--worker-id", "edge-2")
     revoked = await json_of(cluster, "token", "revoke", created["token_id"])
     assert revoked["state"] == "revoked"
-    assert await json_of(cluster, "token", "list") == []
-    assert [t["state"] for t in await json_of(cluster, "token", "list", "--all")] == ["revoked"]
+    assert await json_of(cluster, "token", "list") == {"tokens": []}
+    revoked_too = (await json_of(cluster, "token", "list", "--all"))["tokens"]
+    assert [t["state"] for t in revoked_too] == ["revoked"]
     code, _, err = await run_cli(cluster, "token", "revoke", created["token_id"])
     assert code != 0
     assert "FAILED_PRECONDITION" in err
@@ -106,7 +108,7 @@ async def test_an_api_token_with_read_scope_lists_but_cannot_submit(cluster: Clu
     )
     assert code != 0
     assert "PERMISSION_DENIED" in err and "submit" in err
-    tokens = await json_of(cluster, "api-token", "list")
+    tokens = (await json_of(cluster, "api-token", "list"))["api_tokens"]
     assert [t["name"] for t in tokens] == ["ci"]
     await json_of(cluster, "api-token", "revoke", created["token_id"])
     code, _, err = await run_cli(
@@ -122,10 +124,10 @@ async def test_audit_lists_security_events_newest_first_filtered_by_kind(
     await cluster.start_server()
     await json_of(cluster, "token", "create", "--worker-id", "edge-3")
     await json_of(cluster, "api-token", "create", "bot", "--scope", "submit")
-    events = await json_of(cluster, "audit")
+    events = (await json_of(cluster, "audit"))["events"]
     assert [e["kind"] for e in events] == ["api_token_created", "bootstrap_token_created"]
     assert events[0]["id"] > events[1]["id"]
-    only = await json_of(cluster, "audit", "--kind", "bootstrap_token_created")
+    only = (await json_of(cluster, "audit", "--kind", "bootstrap_token_created"))["events"]
     assert [e["subject"] for e in only] == [events[1]["subject"]]
     code, out, _ = await run_cli(cluster, "audit")
     assert code == 0 and "api_token_created" in out
@@ -152,7 +154,7 @@ async def test_a_worker_id_the_server_refuses_is_invalid_argument(cluster: Clust
     code, _, err = await run_cli(cluster, "token", "create", "--worker-id", "Not Valid")
     assert code != 0
     assert "INVALID_ARGUMENT" in err and "worker_id" in err
-    assert await json_of(cluster, "token", "list", "--all") == []
+    assert await json_of(cluster, "token", "list", "--all") == {"tokens": []}
 
 
 async def test_certs_server_rotates_the_certificate_a_running_server_serves(
@@ -184,3 +186,22 @@ def test_durations_read_seconds_minutes_hours_and_days() -> None:
         172800,
         5400,
     ]
+
+
+async def test_a_token_lifetime_over_the_limit_is_refused_in_days_not_seconds(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    code, _, err = await run_cli(cluster, "token", "create", "--ttl", "30d")
+    assert code == 2
+    assert "ttl_seconds: must be at most 7d, not 30d" in err
+
+
+async def test_the_cli_with_a_certificate_on_the_public_port_is_told_which_port_takes_it(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    code, _, err = await run_cli(cluster, "task", "list", server=cluster.public_address)
+    assert code == 2
+    assert "this is the public (TLS-only) port" in err
+    assert f"operator certificates are accepted on port {cluster.port}" in err

@@ -28,7 +28,7 @@ from tests.fakes.anthropic_server import FakeAnthropic, Text, ToolUse
 from tests.fakes.run_context import RecordingContext
 from tests.processes import alive, descendants
 
-pytest.importorskip("claude_agent_sdk", reason="needs the taskrun[claude] extra")
+pytest.importorskip("claude_agent_sdk", reason="needs the taskrun-agents[claude] extra")
 
 KEY = "sk-ant-test-key"
 

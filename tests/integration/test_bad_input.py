@@ -168,8 +168,11 @@ async def test_list_tasks_rejects_bad_paging(cluster: Cluster) -> None:
 async def test_list_tasks_pages_and_filters(cluster: Cluster) -> None:
     await cluster.start_server()
     client = cluster.client()
-    made = [await client.create_task("echo", {"n": i}, labels={"batch": "b1"}) for i in range(7)]
-    await client.create_task("echo", {}, labels={"batch": "b2"})
+    made = [
+        await client.create_task("echo", {"n": i}, labels={"batch": "b1"}, allow_unknown_agent=True)
+        for i in range(7)
+    ]
+    await client.create_task("echo", {}, labels={"batch": "b2"}, allow_unknown_agent=True)
     seen: list[str] = []
     token = ""
     while True:
@@ -185,11 +188,17 @@ async def test_list_tasks_pages_and_filters(cluster: Cluster) -> None:
 async def test_idempotent_submission(cluster: Cluster) -> None:
     await cluster.start_server()
     client = cluster.client()
-    first = await client.create_task("echo", {"text": "a"}, idempotency_key="order-42")
-    again = await client.create_task("echo", {"text": "a"}, idempotency_key="order-42")
+    first = await client.create_task(
+        "echo", {"text": "a"}, idempotency_key="order-42", allow_unknown_agent=True
+    )
+    again = await client.create_task(
+        "echo", {"text": "a"}, idempotency_key="order-42", allow_unknown_agent=True
+    )
     assert again.id == first.id
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await client.create_task("echo", {"text": "DIFFERENT"}, idempotency_key="order-42")
+        await client.create_task(
+            "echo", {"text": "DIFFERENT"}, idempotency_key="order-42", allow_unknown_agent=True
+        )
     assert err.value.code() is grpc.StatusCode.ALREADY_EXISTS
     assert "order-42" in (err.value.details() or "")
     assert await count_tasks(cluster) == 1
@@ -298,9 +307,46 @@ async def test_input_is_checked_against_the_announced_agent_schema(cluster: Clus
         details = err.value.details() or ""
         assert "input_json" in details and "echo" in details and needle in details, details
     assert await count_tasks(cluster) == 0
-    # an agent nobody has announced yet is accepted: it waits for a worker
-    waiting = await client.create_task("someday_agent", {"anything": True})
+
+
+async def test_a_task_for_an_agent_no_worker_announced_is_refused_naming_the_known_agents(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")  # announces echo
+    client = cluster.client()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.create_task("ecoh", {"text": "typo"})
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details() or ""
+    assert details.startswith("agent: no worker has announced an agent 'ecoh'"), details
+    assert "known agents: 'echo'" in details
+    assert await count_tasks(cluster) == 0
+
+
+async def test_allow_unknown_agent_accepts_a_task_that_waits_saying_why(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")  # announces echo only
+    client = cluster.client()
+    waiting = await client.create_task(
+        "someday_agent", {"anything": True}, allow_unknown_agent=True
+    )
     assert waiting.status is TaskStatus.PENDING
+    assert waiting.waiting_reason == "no online worker offers agent 'someday_agent'"
+    shown, _ = await client.get_task(waiting.id)
+    assert shown.waiting_reason == "no online worker offers agent 'someday_agent'"
+
+
+async def test_a_pending_task_says_which_required_label_no_online_worker_has(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")  # echo, without a gpu label
+    client = cluster.client()
+    task = await client.create_task("echo", {"text": "g"}, required_labels={"gpu": "a100"})
+    (listed,), _ = await client.list_tasks()
+    assert listed.id == task.id
+    assert listed.waiting_reason == "no online worker offers agent 'echo' with label gpu=a100"
 
 
 async def test_agent_schemas_are_remembered_across_restarts(cluster: Cluster) -> None:

@@ -172,7 +172,7 @@ async def test_one_bad_item_in_a_batch_is_refused_alone_and_the_session_goes_on(
 ) -> None:
     server = await cluster.start_server()
     client = cluster.client()
-    task = await client.create_task("echo", {"text": "hi"})
+    task = await client.create_task("echo", {"text": "hi"}, allow_unknown_agent=True)
     async with channel(cluster, "worker-1") as ch:
         call, a = await _raw_session(workers_pb2_grpc.RunServiceStub(ch))
         assert a.fencing_token == 1

@@ -173,6 +173,62 @@ async def test_the_cli_enrolls_a_worker_and_runs_it_from_the_state_directory(
     assert "refused the token" in err.decode()
 
 
+async def test_a_worker_enrolled_in_one_directory_runs_from_another_via_the_state_dir(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    await start(cluster)
+    token = await create_token(cluster, "xdg-1")
+    xdg, here, elsewhere = tmp_path / "xdg", tmp_path / "here", tmp_path / "elsewhere"
+    here.mkdir()
+    elsewhere.mkdir()
+    env = cli_env(XDG_STATE_HOME=str(xdg))
+    enroll_proc = await asyncio.create_subprocess_exec(
+        *CLI,
+        "worker",
+        "enroll",
+        "--server",
+        cluster.public_address,
+        "--ca-fingerprint",
+        token.ca_fingerprint,
+        cwd=here,
+        env={**env, "TASKRUN_TOKEN": token.token},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    _, err = await asyncio.wait_for(enroll_proc.communicate(), 30)
+    assert enroll_proc.returncode == 0, err.decode()
+    assert load_identity(xdg / "taskrun" / "worker") is not None
+    assert list(here.iterdir()) == []  # nothing relative to the current directory
+    with (tmp_path / "worker.log").open("wb") as log_file:
+        worker = await asyncio.create_subprocess_exec(
+            *CLI, "worker", "run", "--agents", "echo",
+            cwd=elsewhere, env=env, stdout=log_file, stderr=log_file,
+        )  # fmt: skip
+        try:
+            await asyncio.wait_for(cluster.wait_registered("xdg-1"), 30)
+            worker.send_signal(signal.SIGTERM)
+            assert await asyncio.wait_for(worker.wait(), 20) == 0
+        finally:
+            if worker.returncode is None:
+                worker.kill()
+                await worker.wait()
+
+
+async def test_a_worker_without_identity_says_where_it_looked(tmp_path: Path) -> None:
+    xdg = tmp_path / "xdg"
+    proc = await asyncio.create_subprocess_exec(
+        *CLI, "worker", "run",
+        cwd=tmp_path, env=cli_env(XDG_STATE_HOME=str(xdg)),
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, err = await asyncio.wait_for(proc.communicate(), 30)
+    assert proc.returncode == 2
+    text = err.decode()
+    assert text.startswith("error: CA certificate certs/ca.pem does not exist")
+    assert f"no enrolled identity in {xdg / 'taskrun' / 'worker'} either" in text
+    assert "taskrun worker enroll" in text
+
+
 async def test_a_token_works_once(cluster: Cluster, tmp_path: Path) -> None:
     from taskrun.worker.identity import EnrollmentError
 

@@ -62,7 +62,7 @@ def done(task_id: str) -> Callable[[list[FleetEvent]], bool]:
 async def test_snapshot_comes_first_then_changes_in_commit_order(cluster: Cluster) -> None:
     await cluster.start_server()
     client = cluster.client()
-    task = await client.create_task("echo", {"text": "hi"})
+    task = await client.create_task("echo", {"text": "hi"}, allow_unknown_agent=True)
     watch = Watch(client.watch_events())
     try:
         await watch.until(lambda ev: any(e.kind is EventKind.SNAPSHOT_END for e in ev))
@@ -97,8 +97,8 @@ async def test_snapshot_comes_first_then_changes_in_commit_order(cluster: Cluste
 async def test_task_filter_shows_only_that_task(cluster: Cluster) -> None:
     await cluster.start_server()
     client = cluster.client()
-    first = await client.create_task("echo", {"text": "a"})
-    other = await client.create_task("echo", {"text": "b"})
+    first = await client.create_task("echo", {"text": "a"}, allow_unknown_agent=True)
+    other = await client.create_task("echo", {"text": "b"}, allow_unknown_agent=True)
     watch = Watch(client.watch_events(task_id=first.id))
     try:
         await watch.until(lambda ev: any(e.kind is EventKind.SNAPSHOT_END for e in ev))

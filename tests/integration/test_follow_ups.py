@@ -18,7 +18,7 @@ from tests.conftest import Cluster
 from tests.fakes.anthropic_server import FakeAnthropic, Text
 from tests.integration.test_agents_claude_code import api, workdir  # noqa: F401  (fixtures)
 
-pytest.importorskip("claude_agent_sdk", reason="needs the taskrun[claude] extra")
+pytest.importorskip("claude_agent_sdk", reason="needs the taskrun-agents[claude] extra")
 
 
 async def test_follow_up_resumes_the_session_on_the_same_worker(

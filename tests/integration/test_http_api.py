@@ -94,7 +94,11 @@ async def test_a_task_created_over_http_is_followed_to_its_end_as_server_sent_ev
         text = "hello over http"
         created = await client.post(
             "/v1/tasks",
-            json={"agent": "echo", "input_json": json.dumps({"text": text, "chunks": 3})},
+            json={
+                "agent": "echo",
+                "allow_unknown_agent": True,
+                "input_json": json.dumps({"text": text, "chunks": 3}),
+            },
         )
         assert created.status_code == 201, created.text
         assert created.json()["created"] is True
@@ -157,7 +161,7 @@ async def test_a_follower_that_reconnects_with_last_event_id_loses_and_repeats_n
 
 async def test_a_bad_last_event_id_is_a_400_naming_it(cluster: Cluster) -> None:
     async with api(cluster, "read") as reader:
-        task = await cluster.client().create_task("echo", {"text": "x"})
+        task = await cluster.client().create_task("echo", {"text": "x"}, allow_unknown_agent=True)
         response = await reader.get(
             f"/v1/tasks/{task.id}/follow", headers={"Last-Event-ID": "%%not-a-cursor%%"}
         )
@@ -169,7 +173,12 @@ async def test_tasks_are_listed_with_the_grpc_filters_and_pages(cluster: Cluster
     async with api(cluster, "submit") as client:
         ids = []
         for n in range(3):
-            body = {"agent": "echo", "input_json": "{}", "labels": {"team": f"t{n % 2}"}}
+            body = {
+                "agent": "echo",
+                "allow_unknown_agent": True,
+                "input_json": "{}",
+                "labels": {"team": f"t{n % 2}"},
+            }
             ids.append((await client.post("/v1/tasks", json=body)).json()["task"]["id"])
         page = (await client.get("/v1/tasks", params={"page_size": 2})).json()
         assert [t["id"] for t in page["tasks"]] == ids[::-1][:2]
@@ -191,8 +200,8 @@ async def test_create_many_validates_all_first_and_creates_none_when_one_is_bad(
     cluster: Cluster,
 ) -> None:
     async with api(cluster, "submit") as client:
-        good = {"agent": "echo", "input_json": "{}"}
-        bad = {"agent": "echo", "input_json": "[1]"}
+        good = {"agent": "echo", "allow_unknown_agent": True, "input_json": "{}"}
+        bad = {"agent": "echo", "allow_unknown_agent": True, "input_json": "[1]"}
         response = await client.post("/v1/tasks/batch", json={"tasks": [good, bad]})
         body = assert_problem(response, 400)
         assert body["field"] == "tasks[1].input_json"
@@ -204,7 +213,11 @@ async def test_create_many_validates_all_first_and_creates_none_when_one_is_bad(
 async def test_cancel_over_http_cancels_a_running_task(cluster: Cluster) -> None:
     async with api(cluster, "submit") as client:
         await cluster.start_worker("worker-1")
-        body = {"agent": "echo", "input_json": json.dumps({"text": "ab", "chunks": 2, "delay": 30})}
+        body = {
+            "agent": "echo",
+            "allow_unknown_agent": True,
+            "input_json": json.dumps({"text": "ab", "chunks": 2, "delay": 30}),
+        }
         task_id = (await client.post("/v1/tasks", json=body)).json()["task"]["id"]
         cancelled = await client.post(f"/v1/tasks/{task_id}/cancel", json={"reason": "enough"})
         assert cancelled.status_code == 200, cancelled.text
@@ -226,7 +239,9 @@ async def test_no_token_is_401_and_a_read_token_cannot_submit_403(cluster: Clust
     base = await start_http(cluster)
     admin = cluster.client()
     async with http_client(cluster, base, None) as anonymous:
-        response = await anonymous.post("/v1/tasks", json={"agent": "echo"})
+        response = await anonymous.post(
+            "/v1/tasks", json={"agent": "echo", "allow_unknown_agent": True}
+        )
         assert_problem(response, 401, "no credentials")
         assert response.headers["www-authenticate"].startswith("Bearer")
         assert (await anonymous.get("/v1/healthz")).status_code == 200
@@ -236,7 +251,7 @@ async def test_no_token_is_401_and_a_read_token_cannot_submit_403(cluster: Clust
     token, info = await admin.create_api_token("viewer", ["read"])
     async with http_client(cluster, base, token) as reader:
         assert (await reader.get("/v1/tasks")).status_code == 200
-        body = {"agent": "echo", "input_json": "{}"}
+        body = {"agent": "echo", "allow_unknown_agent": True, "input_json": "{}"}
         assert_problem(await reader.post("/v1/tasks", json=body), 403, "submit")
         await admin.revoke_api_token(info.token_id)
         assert_problem(await reader.get("/v1/tasks"), 401, "revoked")
@@ -247,9 +262,18 @@ async def test_bad_input_is_a_400_naming_the_field_and_stores_nothing(cluster: C
     async with api(cluster, "submit") as client:
         cases: list[tuple[Any, str]] = [
             ({"agent": "", "input_json": "{}"}, "agent"),
-            ({"agent": "echo", "input_json": "not json"}, "input_json"),
-            ({"agent": "echo", "input_json": "{}", "agnet": "x"}, "agnet"),
-            ({"agent": "echo", "policy": {"priority": "high"}}, "policy.priority"),
+            (
+                {"agent": "echo", "allow_unknown_agent": True, "input_json": "not json"},
+                "input_json",
+            ),
+            (
+                {"agent": "echo", "allow_unknown_agent": True, "input_json": "{}", "agnet": "x"},
+                "agnet",
+            ),
+            (
+                {"agent": "echo", "allow_unknown_agent": True, "policy": {"priority": "high"}},
+                "policy.priority",
+            ),
         ]
         for body, named in cases:
             response = await client.post("/v1/tasks", json=body)
@@ -273,7 +297,12 @@ async def test_not_found_conflict_precondition_and_size_limits(cluster: Cluster)
         assert_problem(await client.get("/v1/tasks/t-missing/follow"), 404, "task_id")
         assert_problem(await client.get("/v1/workers/nobody"), 404, "worker_id")
         assert_problem(await client.get("/v1/nothing-here"), 404)
-        body = {"agent": "echo", "input_json": "{}", "policy": {"idempotency_key": "k1"}}
+        body = {
+            "agent": "echo",
+            "allow_unknown_agent": True,
+            "input_json": "{}",
+            "policy": {"idempotency_key": "k1"},
+        }
         first = await client.post("/v1/tasks", json=body)
         assert first.status_code == 201
         same = await client.post("/v1/tasks", json=body)
@@ -284,7 +313,11 @@ async def test_not_found_conflict_precondition_and_size_limits(cluster: Cluster)
         assert_problem(
             await client.post(f"/v1/tasks/{task_id}/continue", json={"prompt": "more"}), 412
         )
-        huge = {"agent": "echo", "input_json": json.dumps({"text": "x" * (9 * 1024 * 1024)})}
+        huge = {
+            "agent": "echo",
+            "allow_unknown_agent": True,
+            "input_json": json.dumps({"text": "x" * (9 * 1024 * 1024)}),
+        }
         assert_problem(await client.post("/v1/tasks", json=huge), 413)
 
 
@@ -346,7 +379,7 @@ async def test_the_event_stream_carries_committed_task_changes(cluster: Cluster)
         params = {"kind": "task_changed"}
         async with reader.stream("GET", "/v1/events", params=params) as response:
             assert response.status_code == 200
-            task = await admin.create_task("echo", {"text": "x"})
+            task = await admin.create_task("echo", {"text": "x"}, allow_unknown_agent=True)
             async for event in sse_events(response):
                 assert event.event == "EVENT_KIND_TASK_CHANGED"
                 got = event.json()["task"]
@@ -389,7 +422,9 @@ async def test_a_follower_whose_token_is_revoked_gets_an_error_event_and_the_str
     admin = cluster.client()
     await cluster.start_worker("worker-1")
     token, info = await admin.create_api_token("watcher", ["read"])
-    task = await admin.create_task("echo", {"text": "ab", "chunks": 2, "delay": 30})
+    task = await admin.create_task(
+        "echo", {"text": "ab", "chunks": 2, "delay": 30}, allow_unknown_agent=True
+    )
     async with (
         http_client(cluster, base, token) as reader,
         reader.stream("GET", f"/v1/tasks/{task.id}/follow") as response,
@@ -435,7 +470,9 @@ async def test_an_idle_stream_gets_keepalive_comments_and_ends_when_the_server_s
     monkeypatch.setattr(http_api, "KEEPALIVE", 0.05)
     async with api(cluster, "read") as reader:
         await cluster.start_worker("worker-1")
-        task = await cluster.client().create_task("echo", {"text": "ab", "chunks": 2, "delay": 30})
+        task = await cluster.client().create_task(
+            "echo", {"text": "ab", "chunks": 2, "delay": 30}, allow_unknown_agent=True
+        )
         lines: list[str] = []
         async with reader.stream("GET", f"/v1/tasks/{task.id}/follow") as response:
             stream = response.aiter_lines()
@@ -462,7 +499,7 @@ async def test_boolean_query_parameters_read_true_and_false_and_refuse_anything_
         assert first.event == "EVENT_KIND_WORKER_CONNECTED" and first.json()["snapshot"] is True
         assert first.json()["worker"]["id"] == "worker-1"
         assert second.event == "EVENT_KIND_SNAPSHOT_END"
-        task = await cluster.client().create_task("echo", {"text": "x"})
+        task = await cluster.client().create_task("echo", {"text": "x"}, allow_unknown_agent=True)
         await cluster.client().wait(task.id)
         with_events = await reader.get(
             f"/v1/tasks/{task.id}/output", params={"include_events": "false"}

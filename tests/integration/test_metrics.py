@@ -39,9 +39,9 @@ async def test_control_plane_metrics_match_what_happened(cluster: Cluster) -> No
     await cluster.start_worker("worker-1", capacity=2, metrics_listen="127.0.0.1:0")
     client = cluster.client()
     for _ in range(3):
-        task = await client.create_task("echo", {"text": "hi"})
+        task = await client.create_task("echo", {"text": "hi"}, allow_unknown_agent=True)
         await client.wait(task.id)
-    waiting = await client.create_task("nobody-offers-this", {})
+    waiting = await client.create_task("nobody-offers-this", {}, allow_unknown_agent=True)
     with pytest.raises(grpc.aio.AioRpcError):
         await client.create_task("echo", "[1, 2]")  # not an object: INVALID_ARGUMENT
     with pytest.raises(grpc.aio.AioRpcError):

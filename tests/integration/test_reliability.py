@@ -45,7 +45,9 @@ class Stubborn:
 async def test_queue_timeout_fails_a_task_no_worker_takes(cluster: Cluster) -> None:
     await cluster.start_server()
     client = cluster.client()
-    task = await client.create_task("nobody_runs_this", {}, queue_timeout=0.3)
+    task = await client.create_task(
+        "nobody_runs_this", {}, queue_timeout=0.3, allow_unknown_agent=True
+    )
     final = await client.wait(task.id)
     assert final.status is TaskStatus.FAILED
     assert "queue timeout" in final.error
@@ -200,7 +202,7 @@ async def test_an_assignment_the_worker_may_never_have_read_is_sent_again_on_its
 ) -> None:
     await cluster.start_server()
     client = cluster.client()
-    task = await client.create_task("echo", {"text": "hi"})
+    task = await client.create_task("echo", {"text": "hi"}, allow_unknown_agent=True)
     async with channel(cluster, "worker-1") as ch:
         stub = workers_pb2_grpc.RunServiceStub(ch)
         first, sent = await _session_assignments(stub)

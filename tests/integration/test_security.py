@@ -626,10 +626,14 @@ async def test_labels_bound_to_the_token_win_over_the_labels_a_worker_announces(
     token = await admin.create_bootstrap_token(ttl=600, worker_id="edge-eu", labels={"zone": "eu"})
     state = tmp_path / "state"
     await enroll(cluster.public_address, token.token, token.ca_fingerprint, state)
-    us_only = await admin.create_task("echo", {"text": "us"}, required_labels={"zone": "us"})
+    us_only = await admin.create_task(
+        "echo", {"text": "us"}, required_labels={"zone": "us"}, allow_unknown_agent=True
+    )
 
     await cluster.start_worker("edge-eu", state_dir=state, labels={"zone": "us", "gpu": "none"})
-    eu_only = await admin.create_task("echo", {"text": "eu"}, required_labels={"zone": "eu"})
+    eu_only = await admin.create_task(
+        "echo", {"text": "eu"}, required_labels={"zone": "eu"}, allow_unknown_agent=True
+    )
 
     assert (await admin.wait(eu_only.id)).status is TaskStatus.COMPLETED
     worker, _ = await admin.get_worker("edge-eu")

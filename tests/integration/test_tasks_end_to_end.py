@@ -64,7 +64,7 @@ async def test_follow_streams_output_in_order_and_ends_with_the_outcome(cluster:
 async def test_task_waits_for_a_worker_and_runs_when_one_appears(cluster: Cluster) -> None:
     await cluster.start_server()
     client = cluster.client()
-    task = await client.create_task("echo", {"text": "late"})
+    task = await client.create_task("echo", {"text": "late"}, allow_unknown_agent=True)
     await asyncio.sleep(0.2)
     assert (await client.get_task(task.id))[0].status is TaskStatus.PENDING
     await cluster.start_worker("worker-1")
@@ -125,7 +125,7 @@ async def test_required_labels_are_respected(cluster: Cluster) -> None:
 async def test_cancel_pending_task(cluster: Cluster) -> None:
     await cluster.start_server()
     client = cluster.client()
-    task = await client.create_task("echo", {"text": "never"})
+    task = await client.create_task("echo", {"text": "never"}, allow_unknown_agent=True)
     cancelled = await client.cancel_task(task.id, "changed my mind")
     assert cancelled.status is TaskStatus.CANCELLED
     await cluster.start_worker("worker-1")
@@ -238,7 +238,9 @@ async def test_drained_worker_finishes_its_run_then_exits(cluster: Cluster) -> N
 async def test_tasks_survive_a_server_restart(cluster: Cluster) -> None:
     await cluster.start_server()
     client = cluster.client()
-    task = await client.create_task("echo", {"text": "durable"}, labels={"team": "a"})
+    task = await client.create_task(
+        "echo", {"text": "durable"}, labels={"team": "a"}, allow_unknown_agent=True
+    )
     await cluster.stop_server()
     await cluster.start_server()
     await cluster.start_worker("worker-1")

@@ -5,17 +5,21 @@ from __future__ import annotations
 import asyncio
 import os
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 from textual.app import App
-from textual.widgets import Footer, Input, RichLog, Select
+from textual.notifications import Notification
+from textual.widgets import Footer, Input, Label, RichLog, Select, Static
 from textual.widgets._footer import FooterKey
 
-from taskrun.cli.tui.app import TaskRunApp
+from taskrun.cli.tui.app import TOAST_MARGIN, TaskRunApp
 from taskrun.cli.tui.screens import ConfirmScreen, HelpScreen, NewTaskScreen, RunScreen
 from taskrun.cli.tui.widgets import FleetHeader, TasksTable, Transcript, WorkersTable
 from taskrun.core.agent import AgentError, AgentResult, RunContext
+from taskrun.core.ids import RunId
 from taskrun.core.models import AgentSpec
 from taskrun.core.status import TaskStatus
 from taskrun.worker.agents import load_agents
@@ -85,7 +89,7 @@ async def test_screens_render_live_workers_tasks_and_events(cluster: Cluster) ->
     app = TaskRunApp(client)
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot.pause, lambda: app.state.synced)
-        waiting = await client.create_task("nobody-offers-this", {})
+        waiting = await client.create_task("nobody-offers-this", {}, allow_unknown_agent=True)
         await until(pilot.pause, lambda: waiting.id in app.query_one(TasksTable).rows)
         tasks = app.query_one(TasksTable)
         assert done.id in tasks.rows
@@ -404,3 +408,131 @@ async def test_a_denied_event_stream_is_shown_and_not_retried(cluster: Cluster) 
         assert "retrying" not in header(app)
         assert "PERMISSION_DENIED" in toasts(app)
         assert not app.state.synced
+
+
+class _Partial(App[None]):
+    """A transcript and its partial-line view, fed by hand."""
+
+    def compose(self):  # type: ignore[no-untyped-def]
+        yield Transcript(id="output")
+        yield Static("", id="partial")
+
+    def on_mount(self) -> None:
+        self.query_one(Transcript).partial = self.query_one("#partial", Static)
+
+
+async def test_a_line_streamed_in_pieces_shows_as_it_comes_and_stays_one_line() -> None:
+    app = _Partial()
+    async with app.run_test(size=SIZE) as pilot:
+        transcript = app.query_one(Transcript)
+        partial = app.query_one("#partial", Static)
+        run = RunId("run_1")
+        transcript.add_text(run, "from")
+        transcript.catch_up(ended=False)  # a task update between two chunks of one line
+        await pilot.pause()
+        assert (partial.display, str(partial.render())) == (True, "from")  # shown before \n
+        transcript.add_text(run, " tui\nnext")
+        await pilot.pause()
+        assert lines(transcript) == ["from tui"]
+        assert str(partial.render()) == "next"
+        transcript.catch_up(ended=True)
+        await pilot.pause()
+        assert lines(transcript) == ["from tui", "next"]
+        assert not partial.display
+
+
+async def test_ages_in_the_tasks_table_move_with_the_clock_without_events(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    done = await client.create_task("echo", {"text": "old"})
+    await client.wait(done.id)
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        tasks = app.query_one(TasksTable)
+        await until(pilot.pause, lambda: done.id in tasks.rows)
+        first = tasks.get_cell(done.id, tasks.column_keys["age"])
+        await until(pilot.pause, lambda: tasks.get_cell(done.id, tasks.column_keys["age"]) != first)
+
+
+async def test_the_task_filter_is_shown_above_the_table_for_as_long_as_it_applies(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    app = TaskRunApp(cluster.client())
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot.pause, lambda: app.state.synced)
+        shown = app.query_one("#filter", Static)
+        assert str(shown.render()) == "filter: none (s status, a agent, / id)"
+        await pilot.press("2", "s", "s")
+        await pilot.pause()
+        assert str(shown.render()) == "filter: status=running"
+        assert "task filter" not in toasts(app)  # not a popup that goes away
+        assert shown.region.height == 1 and shown.display
+
+
+async def test_a_long_error_in_the_new_task_form_wraps_instead_of_being_cut(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    app = TaskRunApp(cluster.client())
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot.pause, lambda: app.state.agents() == ["echo"])
+        await pilot.press("n")
+        await until(pilot.pause, lambda: isinstance(app.screen, NewTaskScreen))
+        form = app.screen
+        form.query_one("#input", Input).value = '{"bogus": 1, "other": 2, "chunks": "many"}'
+        await pilot.click("#create")
+        error = form.query_one("#error", Label)
+        await until(pilot.pause, lambda: "INVALID_ARGUMENT" in str(error.render()))
+        message = str(error.render())
+        assert len(message) > error.region.width  # longer than one line of the form
+        assert error.region.height >= 2  # so it wraps onto more lines
+        assert error.region.height >= len(message) // error.region.width
+
+
+@pytest.mark.timeout(20)
+async def test_a_notification_about_to_expire_is_dropped_not_shown_again_on_a_screen_change(
+    cluster: Cluster,
+) -> None:
+    """Textual 8.2 gives a re-shown toast a timer of the notification's time left; when that is
+    negative by the time the toast is made, the timer spins the event loop (the TUI froze at
+    100 % CPU). The app drops notifications within TOAST_MARGIN of expiring before it re-shows
+    them, so the toast is never made."""
+    await cluster.start_server()
+    app = TaskRunApp(cluster.client())
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot.pause, lambda: app.state.synced)
+        nearly = Notification(
+            "nearly gone", timeout=5, raised_at=time.time() - 5 + TOAST_MARGIN / 2
+        )
+        lasting = Notification("still here", timeout=30)
+        app._notifications.add(nearly)
+        app._notifications.add(lasting)
+        await pilot.press("question_mark")  # a screen change shows the notifications again
+        await pilot.pause()
+        assert nearly not in app._notifications
+        assert lasting in app._notifications
+        await pilot.press("escape")
+        await pilot.pause()
+        assert not isinstance(app.screen, HelpScreen)  # still answering keys
+
+
+async def test_the_run_view_of_a_pending_task_says_why_it_waits(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")  # offers echo, not the agent asked for
+    client = cluster.client()
+    waiting = await client.create_task("nobody-offers-this", {}, allow_unknown_agent=True)
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        app.push_screen(app.run_screen(waiting.id))
+        await until(pilot.pause, lambda: isinstance(app.screen, RunScreen))
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        await until(pilot.pause, lambda: run.task_state is not None)
+        summary = str(run.query_one("#summary", Static).render())
+        assert "waiting: no online worker offers agent 'nobody-offers-this'" in summary
+    await client.cancel_task(waiting.id)

@@ -6,6 +6,8 @@ import io
 import json
 from datetime import UTC, datetime, timedelta, timezone
 
+import pytest
+
 from taskrun.cli import output
 from taskrun.cli.client import OutputReceived, TaskChanged
 from taskrun.core.ids import RunId, TaskId, WorkerId
@@ -41,6 +43,7 @@ TASK_KEYS = [
     "usage",
     "schedule",
     "cancel_requested",
+    "waiting_reason",
 ]
 RUN_KEYS = [
     "id",
@@ -344,3 +347,16 @@ def test_final_line_does_not_repeat_the_status() -> None:
     assert output.finish_line(cancelled) == "task tsk_1 cancelled: changed my mind"
     failed = make_task(status=TaskStatus.FAILED, error="boom")
     assert output.finish_line(failed) == "task tsk_1 failed: boom"
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_no_color_turns_colour_off_even_on_a_terminal(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    assert output.StreamPrinter(io.StringIO(), _Terminal()).color
+    assert not output.StreamPrinter(io.StringIO(), io.StringIO()).color  # not a terminal
+    monkeypatch.setenv("NO_COLOR", "1")
+    assert not output.StreamPrinter(io.StringIO(), _Terminal()).color

@@ -493,9 +493,10 @@ def test_server_errors_are_one_line_without_traceback(
         raise rpc_error(code, f"task_id: no task {task_id!r}")
 
     monkeypatch.setattr(Client, "get_task", get_task)
-    assert cli.main(["task", "get", "tsk_nope"]) == exit_code
+    full_id = "tsk_" + "0" * 26  # a whole id is sent as it is (a prefix would be looked up)
+    assert cli.main(["task", "get", full_id]) == exit_code
     err = capsys.readouterr().err
-    assert err.startswith(f"error: {code.name}: task_id: no task 'tsk_nope'\n")
+    assert err.startswith(f"error: {code.name}: task_id: no task '{full_id}'\n")
     assert "Traceback" not in err
 
 
@@ -568,3 +569,12 @@ def test_webhook_create_refuses_an_unknown_event_before_calling(
         parse("webhook", "create", "https://x.example/", "--event", "task.finished")
     err = capsys.readouterr().err
     assert "unknown event 'task.finished'" in err and "schedule.fired" in err
+
+
+@pytest.mark.parametrize("group", ["worker", "workers"])
+def test_worker_list_and_get_are_spelled_both_ways(group: str) -> None:
+    listed = cli.build_parser().parse_args([group, "list", "--status", "online", "-o", "json"])
+    assert listed.func is cli.cmd_workers_list
+    assert (listed.status, listed.output) == ([[WorkerStatus.ONLINE]], "json")
+    shown = cli.build_parser().parse_args([group, "get", "worker-1"])
+    assert (shown.func, shown.worker_id) == (cli.cmd_workers_get, "worker-1")

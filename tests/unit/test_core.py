@@ -6,6 +6,7 @@ import time
 
 import pytest
 
+from taskrun.core.durations import human_duration
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.identity import Principal, PrincipalKind, parse_spiffe_id
 from taskrun.core.ids import is_valid_worker_id, new_run_id, new_task_id
@@ -136,3 +137,18 @@ def test_spiffe_ids() -> None:
     )
     for bad in ("spiffe://other/worker/w1", "spiffe://taskrun/robot/x", "spiffe://taskrun/worker/"):
         assert parse_spiffe_id(bad) is None
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (2_592_000, "30d"),
+        (86_400, "1d"),
+        (5_400, "1h30m"),
+        (90, "1m30s"),
+        (45, "45s"),
+        (0.5, "0.5s"),
+    ],
+)
+def test_durations_are_written_as_people_write_them(seconds: float, text: str) -> None:
+    assert human_duration(seconds) == text

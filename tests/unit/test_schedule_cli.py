@@ -84,12 +84,11 @@ def test_create_defaults_to_run_once_and_skip() -> None:
     "argv",
     [
         ["--agent", "echo", "--timezone", "UTC"],  # no rule
-        ["--agent", "echo", "--cron", "* * * * *"],  # no zone
         ["--agent", "echo", "--cron", "* * * * *", "--rrule", "FREQ=DAILY", "--tz", "UTC"],
         ["--cron", "* * * * *", "--tz", "UTC"],  # no agent
         ["--agent", "echo", "--cron", "* * * * *", "--tz", "UTC", "--overlap", "queue"],
     ],
-    ids=["no_rule", "no_zone", "both_rules", "no_agent", "bad_overlap"],
+    ids=["no_rule", "both_rules", "no_agent", "bad_overlap"],
 )
 def test_create_usage_errors_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:
@@ -157,3 +156,30 @@ def test_schedule_json_document_embeds_the_input() -> None:
     assert doc["input"] == {"a": 1}
     assert doc["misfire"] == "run_once" and doc["overlap"] == "skip"
     assert doc["next_fire_time"] is None
+
+
+def test_create_reads_the_rule_in_utc_when_no_timezone_is_given() -> None:
+    args = parse("schedule", "create", "b", "--agent", "echo", "--cron", "@daily")
+    assert schedule_cmd.schedule_from_args(args).timezone == "UTC"
+
+
+def test_update_without_timezone_keeps_the_schedules_zone() -> None:
+    args = parse("schedule", "update", "b", "--cron", "@hourly")
+    assert args.timezone is None
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["task", "create", "echo"],
+        ["schedule", "create", "b", "--agent", "echo", "--cron", "@daily"],
+    ],
+    ids=["task", "schedule"],
+)
+def test_max_attempts_0_is_refused_instead_of_becoming_the_default(
+    argv: list[str], capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as info:
+        parse(*argv, "--max-attempts", "0")
+    assert info.value.code == 2
+    assert "0 is too small: a task needs at least 1 attempt" in capsys.readouterr().err

@@ -342,11 +342,67 @@ async def test_trigger_creates_one_task_now_regardless_of_overlap(env: Env) -> N
 
 
 async def test_unknown_agent_is_rejected_and_nothing_stored(env: Env) -> None:
+    env.engine.catalog.learn([AgentSpec("echo")])
     with pytest.raises(InvalidArgument, match="no worker has announced") as info:
         await env.scheduler.create(every_minute(agent="claude_code"), prefix="schedule.")
     assert info.value.field == "schedule.agent"
+    assert "(known agents: 'echo')" in info.value.message
     assert await env.store.list_schedules() == []
     assert env.scheduler.list_schedules() == []
+
+
+TEXT_ONLY = '{"type": "object", "properties": {"text": {"type": "string"}}, ' + (
+    '"additionalProperties": false}'
+)
+NEEDS_PROMPT = '{"type": "object", "required": ["prompt"]}'
+
+
+def announce_echo_schema(env: Env, schema: str) -> None:
+    env.engine.catalog.learn([AgentSpec("echo", input_schema=schema)])
+
+
+async def test_an_input_that_does_not_match_the_agents_schema_is_rejected_at_create(
+    env: Env,
+) -> None:
+    announce_echo_schema(env, TEXT_ONLY)
+    with pytest.raises(InvalidArgument, match="input schema of agent 'echo'") as info:
+        await env.scheduler.create(every_minute(input='{"x": 1}'), prefix="schedule.")
+    assert info.value.field == "schedule.input_json"
+    assert "x" in info.value.message
+    assert await env.store.list_schedules() == []
+
+
+async def test_an_update_to_an_input_that_does_not_match_the_schema_changes_nothing(
+    env: Env,
+) -> None:
+    announce_echo_schema(env, TEXT_ONLY)
+    created = await env.scheduler.create(every_minute())
+    with pytest.raises(InvalidArgument, match="input schema of agent 'echo'"):
+        await env.scheduler.update(every_minute(input='{"x": 1}'), fields=["input"])
+    assert await env.store.get_schedule("every-minute") == created
+
+
+async def test_an_occurrence_whose_input_no_longer_matches_the_schema_is_skipped_saying_why(
+    env: Env,
+) -> None:
+    await env.scheduler.create(every_minute())  # {"text": "tick"}
+    announce_echo_schema(env, NEEDS_PROMPT)  # a worker announced a stricter echo since
+    env.clock.advance(30 * timedelta(seconds=1))  # 08:01:00
+    assert await env.scheduler.run_due() == 1
+    assert await env.tasks() == []
+    stored = await env.store.get_schedule("every-minute")
+    assert stored is not None
+    assert stored.last_outcome.startswith("skipped: does not match the input schema of agent")
+    assert "prompt" in stored.last_outcome
+    assert stored.next_fire_time == datetime(2026, 3, 2, 8, 2, tzinfo=UTC)
+
+
+async def test_trigger_refuses_an_input_that_does_not_match_the_schema(env: Env) -> None:
+    await env.scheduler.create(every_minute())
+    announce_echo_schema(env, NEEDS_PROMPT)
+    with pytest.raises(InvalidArgument, match="input schema of agent 'echo'"):
+        await env.scheduler.trigger("every-minute")
+    assert await env.tasks() == []
 
 
 @pytest.mark.parametrize(

@@ -25,6 +25,7 @@ from taskrun.worker.identity import (
     StatePaths,
     WorkerIdentity,
     check_worker_cert,
+    default_state_dir,
     enroll,
     fetch_pinned_ca,
     fingerprint_of,
@@ -344,3 +345,25 @@ def test_a_state_directory_without_identity_or_for_another_worker_is_refused(
     save_identity(tmp_path, _identity(), ca_pem=b"ca", cert_pem=b"cert", key_pem=b"key")
     with pytest.raises(ValueError, match="differs from 'w-7'"):
         WorkerConfig(state_dir=tmp_path, worker_id="worker-1").with_identity()
+
+
+@pytest.mark.parametrize(
+    ("env", "expected"),
+    [
+        ({"HOME": "/home/ada"}, "/home/ada/.local/state/taskrun/worker"),
+        ({"HOME": "/home/ada", "XDG_STATE_HOME": "/srv/state"}, "/srv/state/taskrun/worker"),
+        (
+            {"HOME": "/home/ada", "XDG_STATE_HOME": "relative"},
+            "/home/ada/.local/state/taskrun/worker",
+        ),
+        (
+            {"HOME": "/root", "STATE_DIRECTORY": "/var/lib/taskrun/worker"},
+            "/var/lib/taskrun/worker",
+        ),
+    ],
+    ids=["home", "xdg", "relative_xdg_ignored", "systemd_state_directory"],
+)
+def test_the_default_state_directory_is_per_user_or_the_services_never_the_cwd(
+    env: dict[str, str], expected: str
+) -> None:
+    assert default_state_dir(env) == Path(expected)

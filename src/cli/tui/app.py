@@ -12,7 +12,7 @@ from textual import work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.css.query import NoMatches
-from textual.widgets import DataTable, Footer, Input, TabbedContent, TabPane
+from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, TabPane
 
 from taskrun.cli.client import Client, EventKind, FleetEvent
 from taskrun.cli.output import status_name
@@ -24,6 +24,8 @@ from taskrun.core.models import Task, TaskSpec
 from taskrun.core.status import TaskStatus
 
 RECENT_TASKS = 200
+# A notification with less time left than this is not shown again on another screen (seconds).
+TOAST_MARGIN = 0.5
 # Reconnecting the event stream: first wait, doubled after each failure up to the cap (seconds).
 RETRY_FIRST, RETRY_CAP = 0.25, 3.0
 # Errors that reconnecting cannot fix: shown, not retried.
@@ -52,6 +54,7 @@ class TaskRunApp(App[None]):
     CSS = """
     #search { display: none; height: 3; }
     #search.visible { display: block; }
+    #filter { height: 1; padding: 0 1; color: $text-muted; }
     """
     BINDINGS = [
         Binding("1", "tab('workers')", "workers", show=False),
@@ -83,12 +86,14 @@ class TaskRunApp(App[None]):
                 yield WorkersTable(id="workers-table")
             with TabPane("Tasks [2]", id="tasks"):
                 yield Input(placeholder="search task id (enter to apply)", id="search")
+                yield Static("", id="filter")  # what the table is filtered by, always shown
                 yield TasksTable(id="tasks-table")
             with TabPane("Events [3]", id="events"):
                 yield EventsPane()
         yield Footer(compact=True, show_command_palette=False)  # every key fits in 80 columns
 
     def on_mount(self) -> None:
+        self.query_one("#filter", Static).update(self.query_one(TasksTable).filter_text())
         self.render_state()
         self.watch_fleet()
         self.set_interval(1.0, self.tick)  # ages and uptime only; data comes from events
@@ -149,8 +154,24 @@ class TaskRunApp(App[None]):
         self.query_one(EventsPane).refresh_from(self.state)
 
     def tick(self) -> None:
-        with contextlib.suppress(NoMatches):  # no header while the screens change or close
+        """Every second: the header's uptime and the tables' ages (data comes from events)."""
+        with contextlib.suppress(NoMatches):  # nothing to update while the screens change or close
             self.query_one(FleetHeader).refresh_from(self.state)
+            self.query_one(TasksTable).refresh_ages(self.state)
+            self.query_one(WorkersTable).refresh_ages(self.state)
+
+    def _refresh_notifications(self) -> None:
+        """Guard against a Textual 8.2 hang: a toast's timer is set to its notification's
+        `time_left`, which is negative when the notification expires between ToastRack's
+        expiry check and the toast's creation, and a Timer with a negative delay loops without
+        yielding (100 % CPU, frozen app). Notifications about to expire are dropped first, so
+        no toast is made for them when the screens change."""
+        # a comprehension, not list(): list() asks len(), which drops expired notifications
+        # from the dict that the iterator is walking (RuntimeError)
+        for notification in [n for n in self._notifications]:
+            if notification.time_left < TOAST_MARGIN:
+                self._unnotify(notification, refresh=False)
+        super()._refresh_notifications()
 
     # --- actions -----------------------------------------------------------------------------
 
@@ -343,10 +364,4 @@ class TaskRunApp(App[None]):
 
     def _filtered(self, table: TasksTable) -> None:
         table.refresh_from(self.state)
-        parts = [
-            f"status={table.status_filter.name.lower()}" if table.status_filter else "",
-            f"agent={table.agent_filter}" if table.agent_filter else "",
-            f"id~{table.search}" if table.search else "",
-        ]
-        shown = " ".join(p for p in parts if p) or "none"
-        self.notify(f"task filter: {shown}", timeout=2)
+        self.query_one("#filter", Static).update(table.filter_text())

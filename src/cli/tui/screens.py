@@ -91,7 +91,7 @@ class NewTaskScreen(ModalScreen[Task | None]):
     DEFAULT_CSS = """
     NewTaskScreen { align: center middle; }
     NewTaskScreen > Vertical { width: 70; height: auto; border: thick $primary; padding: 0 1; }
-    NewTaskScreen #error { color: $error; height: auto; }
+    NewTaskScreen #error { color: $error; height: auto; width: 100%; }
     """
 
     def __init__(self, client: Client, agents: list[str]) -> None:
@@ -177,6 +177,7 @@ class RunScreen(Screen[None]):
     DEFAULT_CSS = """
     RunScreen #summary { height: auto; max-height: 6; background: $primary-background; }
     RunScreen #output { height: 1fr; border: round $primary; }
+    RunScreen #partial { height: auto; max-height: 3; padding: 0 1; display: none; }
     RunScreen #run-events { height: 6; border: round $secondary; }
     RunScreen.chat #run-events { height: 5; }
     RunScreen #follow-up { display: none; }
@@ -209,12 +210,14 @@ class RunScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Static(f"task {self.task_id}", id="summary")
         yield Transcript(id="output")
+        yield Static("", id="partial")  # the output line still being streamed
         yield RichLog(id="run-events", wrap=False, markup=False)
         yield Input(placeholder="follow-up message (enter sends it)", id="follow-up")
         yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
         self.query_one(Transcript).border_title = "output"
+        self.query_one(Transcript).partial = self.query_one("#partial", Static)
         self.query_one("#run-events", RichLog).border_title = "events"
         self.follow()
 
@@ -300,6 +303,8 @@ class RunScreen(Screen[None]):
             f"attempt {task.attempts}  worker {task.worker_id or output.NONE}",
             f"usage: {output.format_usage(task.usage)}",
         ]
+        if task.waiting_reason:
+            lines.append(f"waiting: {task.waiting_reason}")
         if task.error:
             lines.append(f"error: {task.error}")
         if task.result:

@@ -15,7 +15,7 @@ from textual.widgets import DataTable, RichLog, Static
 
 from taskrun.cli import output
 from taskrun.cli.tui.state import FleetState
-from taskrun.core.ids import RunId
+from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import Run
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 
@@ -58,9 +58,30 @@ class WorkersTable(DataTable[str]):
         "cert expires",
     )
 
+    AGE_COLUMNS: tuple[str, ...] = ("heartbeat", "cert expires")  # change with the clock
+
     def on_mount(self) -> None:
         self.cursor_type = "row"
-        self.add_columns(*self.COLUMNS)
+        self.column_keys = dict(zip(self.COLUMNS, self.add_columns(*self.COLUMNS), strict=True))
+
+    def ages(self, state: FleetState, row: str, now: datetime) -> tuple[str, ...]:
+        """The AGE_COLUMNS cells of one row, as of `now`."""
+        worker = state.workers.get(WorkerId(row))
+        if worker is None:
+            return ()
+        expiry = worker.certificate_expires_at
+        return (
+            output.format_age(worker.last_heartbeat_at, now),
+            output.format_span((expiry - now).total_seconds()) if expiry else output.NONE,
+        )
+
+    def refresh_ages(self, state: FleetState) -> None:
+        """Update only the cells that change with the clock (called every second)."""
+        now = _now()
+        for row_key in list(self.rows):
+            row = str(row_key.value)
+            for column, value in zip(self.AGE_COLUMNS, self.ages(state, row, now), strict=False):
+                self.update_cell(row, self.column_keys[column], value)
 
     def refresh_from(self, state: FleetState) -> None:
         now = _now()
@@ -95,10 +116,25 @@ class TasksTable(WorkersTable):
     """Tasks: id, agent, status, age, attempts, worker; filtered by status, agent and id."""
 
     COLUMNS = ("id", "agent", "status", "age", "tries", "worker")
+    AGE_COLUMNS = ("age",)
 
     status_filter: TaskStatus | None = None
     agent_filter: str = ""
     search: str = ""
+
+    def ages(self, state: FleetState, row: str, now: datetime) -> tuple[str, ...]:
+        task = state.tasks.get(TaskId(row))
+        return (output.format_age(task.created_at, now),) if task is not None else ()
+
+    def filter_text(self) -> str:
+        """What the table is filtered by, for the line above it."""
+        parts = [
+            f"status={self.status_filter.name.lower()}" if self.status_filter else "",
+            f"agent={self.agent_filter}" if self.agent_filter else "",
+            f"id~{self.search}" if self.search else "",
+        ]
+        shown = " ".join(p for p in parts if p)
+        return f"filter: {shown}" if shown else "filter: none (s status, a agent, / id)"
 
     def refresh_from(self, state: FleetState) -> None:
         now = _now()
@@ -145,6 +181,7 @@ class Transcript(RichLog):
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(wrap=True, markup=False, **kwargs)
+        self.partial: Static | None = None  # shows the line still being streamed, if given
         self.chat = False
         self.text = ""  # all text output so far
         self._runs: list[Run] = []  # the task's runs, oldest first
@@ -169,16 +206,28 @@ class Transcript(RichLog):
         *lines, self._pending = self._pending.split("\n")
         for line in lines:
             self.write(line)
+        self._show_partial()
+
+    def _show_partial(self) -> None:
+        if self.partial is not None:
+            self.partial.update(Text(self._pending))
+            self.partial.display = bool(self._pending)
 
     def flush(self) -> None:
-        """Write the unfinished last line."""
+        """Write the unfinished last line (the output or a turn ended: it will not go on)."""
         if self._pending:
             self.write(self._pending)
             self._pending = ""
+            self._show_partial()
 
     def catch_up(self, *, ended: bool) -> None:
-        """Show every known run's prompt; when the task `ended`, also the last run's answer."""
-        self.flush()
+        """Show every known run's prompt; when the task `ended`, also the last run's answer.
+
+        A line still being streamed stays in the partial view: a task update between two
+        chunks of one line must not split it.
+        """
+        if ended:
+            self.flush()
         if not self.chat or not self._runs:
             return
         self._reach(self._runs[-1].id)

@@ -6,7 +6,7 @@ Two implementations of `MessagesBackend`:
   retries 408/409/429/5xx/529 and connection errors `TASKRUN_ANTHROPIC_MAX_RETRIES` times
   (default 2).
 - `ClaudeCodeBackend`: the same request through Claude Code (claude-agent-sdk, the optional
-  `taskrun[claude]` extra), with no tools and one turn.
+  `taskrun-agents[claude]` extra), with no tools and one turn.
 
 Failures become `AgentError` with a message that says what happened. `claude_session` is the
 one place a Claude Code CLI process is started and, however the run ends, stopped.
@@ -40,7 +40,7 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_MODEL = "claude-sonnet-5-5"
 DEFAULT_MAX_RETRIES = 2
-CLAUDE_EXTRA_HINT = "install it on the worker with: pip install 'taskrun[claude]'"
+CLAUDE_EXTRA_HINT = "install it on the worker with: pip install 'taskrun-agents[claude]'"
 
 
 @dataclass(frozen=True, slots=True)

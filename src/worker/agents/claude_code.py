@@ -1,11 +1,11 @@
 """The `claude_code` agent: a Claude Code session (claude-agent-sdk) on the worker's machine.
 
-Needs the optional extra `taskrun[claude]` (the SDK bundles the Claude Code CLI); it is imported
-only when a run starts. Text streams as it is produced (partial messages); tool use and tool
-results become events; the result carries session id, model, cost, usage, turns and duration.
+Needs the optional extra `taskrun-agents[claude]` (the SDK bundles the Claude Code CLI); it is
+imported only when a run starts. Text streams as it is produced (partial messages); tool use and
+tool results become events; the result carries session id, model, cost, usage, turns and duration.
 A follow-up (`ctx.resume_session_id`) resumes that session with `ctx.prompt` as the new user
-message; sessions live under the worker's $HOME/.claude. Cancelling the run interrupts the
-session and stops the CLI process (see `backends.claude_session`).
+message; sessions live under the worker's $HOME/.claude. Cancelling the run interrupts the session
+and stops the CLI process (see `backends.claude_session`).
 
 Environment: ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL (read by the CLI), TASKRUN_ANTHROPIC_MODEL
 (default model), TASKRUN_CLAUDE_CLI_PATH (use this CLI instead of the bundled one). The CLI and
