@@ -76,13 +76,14 @@ async def attempt_running(client: Client, task_id: str, attempt: int, worker_id:
     return found[0]
 
 
-async def cli_of(worker_pid: int) -> int:
-    """The pid of the Claude Code CLI the worker process runs (below its supervisor)."""
+async def cli_of(worker_pid: int, api: FakeAnthropic) -> int:
+    """The pid of the Claude Code CLI the worker process runs (below its supervisor), once it
+    is streaming its answer (so that the next attempt gets the next reply, not this one)."""
     found: list[int] = []
 
     async def check() -> bool:
         found[:] = descendants(worker_pid, "claude")
-        return bool(found)
+        return bool(found) and api.streams_started >= 1
 
     await until(check, within=30)
     return found[0]
@@ -106,7 +107,7 @@ async def test_kill_9_worker_run_retried_within_5s_and_its_cli_dies_within_1s(
         await online(client, "worker-1")
         task = await client.create_task("claude_code", {"prompt": "Count."}, max_attempts=2)
         await attempt_running(client, task.id, 1, "worker-1")
-        cli = await cli_of(procs.workers["worker-1"].pid)
+        cli = await cli_of(procs.workers["worker-1"].pid, api)
         procs.start_worker("worker-2", agents="claude_code")
         await online(client, "worker-2")
 
@@ -137,7 +138,7 @@ async def test_silent_cut_run_retried_within_15s_after_the_cut_worker_stopped_it
             await online(client, "worker-1")
             task = await client.create_task("claude_code", {"prompt": "Count."}, max_attempts=2)
             await attempt_running(client, task.id, 1, "worker-1")
-            cli = await cli_of(procs.workers["worker-1"].pid)
+            cli = await cli_of(procs.workers["worker-1"].pid, api)
             procs.start_worker("worker-2", agents="claude_code")
             await online(client, "worker-2")
 
@@ -173,7 +174,7 @@ async def test_sigstopped_worker_past_its_lease_never_overlaps_the_retry(
         task = await client.create_task("claude_code", {"prompt": "Count."}, max_attempts=2)
         await attempt_running(client, task.id, 1, "worker-1")
         frozen = procs.workers["worker-1"]
-        cli = await cli_of(frozen.pid)
+        cli = await cli_of(frozen.pid, api)
         procs.start_worker("worker-2", agents="claude_code")
         await online(client, "worker-2")
 
