@@ -8,11 +8,21 @@ from taskrun.controlplane.store.memory import MemoryStore
 from taskrun.controlplane.store.sqlite import SCHEMA_VERSION, SchemaVersionError, SqliteStore
 from taskrun.core.store import Store
 
-__all__ = ["SCHEMA_VERSION", "MemoryStore", "SchemaVersionError", "SqliteStore", "open_store"]
+__all__ = [
+    "POSTGRES_SCHEMES",
+    "SCHEMA_VERSION",
+    "MemoryStore",
+    "SchemaVersionError",
+    "SqliteStore",
+    "open_store",
+]
+
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
 
 
 def open_store(url: str) -> Store:
-    """A store for `url`: "memory", or "sqlite:PATH" (parent directories are created).
+    """A store for `url`: "memory", "sqlite:PATH" (parent directories are created), or a
+    PostgreSQL URL "postgresql://USER:PASSWORD@HOST:PORT/DBNAME" (needs the `postgres` extra).
 
     The caller then awaits `store.open()`.
     """
@@ -23,4 +33,16 @@ def open_store(url: str) -> Store:
         if path and path != ":memory:":
             Path(path).parent.mkdir(parents=True, exist_ok=True)
             return SqliteStore(path)
-    raise ValueError(f"unsupported store url {url!r}: use 'memory' or 'sqlite:PATH'")
+    if url.startswith(POSTGRES_SCHEMES) and len(url.split("://", 1)[1]) > 0:
+        try:
+            from taskrun.controlplane.store.postgres import PostgresStore
+        except ImportError as exc:
+            raise ValueError(
+                f"the PostgreSQL store needs psycopg ({exc.name} is missing):"
+                " pip install 'taskrun[postgres]'"
+            ) from exc
+        return PostgresStore(url)
+    raise ValueError(
+        f"unsupported store url {url!r}: use 'memory', 'sqlite:PATH' or"
+        " 'postgresql://USER@HOST:PORT/DBNAME'"
+    )
