@@ -1,4 +1,4 @@
-"""PostgreSQL store: psycopg 3 (asyncio), one writer task with group commit, a pool for reads.
+"""PostgreSQL store: psycopg 3 (asyncio), one writer task with group commit, pooled reads.
 
 Writes: `submit` encodes the change set into parameter tuples at once (so later mutation of the
 caller's objects cannot leak in; a naive datetime is refused there with ValueError and fences
@@ -12,9 +12,10 @@ same way and runs alone in its own transaction, in queue order.
 
 Errors: constraint violations (and values PostgreSQL cannot hold, such as NUL characters in
 text) surface as ValueError, as from MemoryStore and SqliteStore; a database that cannot be
-reached or cannot write as StoreUnavailable ("the store cannot write: <reason>"). A connection
-lost to a restart is replaced by the next write or by `resume`; reads check a pooled connection
-before using it, so they work again as soon as the server is back.
+reached or cannot write as StoreUnavailable ("the store cannot write: <reason>"; reads: "the
+store cannot read: <reason>"). A connection lost to a restart is replaced by the next write or
+by `resume`; a read on a pooled connection that died is retried once on a new one, so reads fail
+at once while the server is down and work again as soon as it is back.
 
 Durability: a change set is committed (PostgreSQL's own durability, ``synchronous_commit``) when
 its future resolves. A connection lost during COMMIT leaves the outcome unknown; the change set is
@@ -31,16 +32,17 @@ values are jsonb. Row mapping and encodings are shared with SQLite (rows.py).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Sequence
+import contextlib
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any, Final, Generic, TypeVar
 
 import psycopg
 import structlog
 from psycopg.conninfo import conninfo_to_dict
+from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.string import TextLoader
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from taskrun.controlplane.store.rows import (
     API_TOKEN_COLUMNS,
@@ -92,9 +94,7 @@ _T = TypeVar("_T")
 Connection = psycopg.AsyncConnection[DictRow]
 
 _CONNECT_TIMEOUT: Final = 10  # seconds, unless the URL sets connect_timeout
-_POOL_MIN: Final = 1
-_POOL_MAX: Final = 8
-_POOL_TIMEOUT: Final = 10.0  # seconds a read waits for a pooled connection
+_READ_CONNECTIONS: Final = 8  # at most this many reads at once, each on its own connection
 _NO_FLOOR: Final = -(2**63)  # smallest bigint: "no `after` for this run"
 _LOCK_CLASS: Final = 0x7461736B  # "task": advisory lock namespace for migrations
 
@@ -335,6 +335,48 @@ async def _configure(conn: Connection) -> None:
     conn.adapters.register_loader("jsonb", TextLoader)
 
 
+class _ReadPool:
+    """Connections for reads: at most `size` in use, idle ones kept for the next read.
+
+    Made for failing fast and recovering at once: a read while the server is down fails after
+    one connection attempt (psycopg_pool's would wait for its timeout, and retry connecting
+    with a backoff that grows to seconds, delaying reads after the server is back); a
+    connection that broke is closed, never returned.
+    """
+
+    def __init__(self, connect: Callable[[], Awaitable[Connection]], size: int) -> None:
+        self._connect = connect
+        self._slots = asyncio.Semaphore(size)
+        self._idle: list[Connection] = []
+
+    @contextlib.asynccontextmanager
+    async def connection(self, *, fresh: bool = False) -> AsyncIterator[Connection]:
+        """A connection for one read; `fresh`: a new one (after an idle one turned out dead)."""
+        async with self._slots:
+            if fresh:
+                await self.discard_idle()
+            conn = self._idle.pop() if self._idle else await self._connect()
+            try:
+                yield conn
+            finally:
+                if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
+                    await _close_quietly(conn)
+                else:
+                    self._idle.append(conn)
+
+    async def discard_idle(self) -> None:
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            await _close_quietly(conn)
+
+
+async def _close_quietly(conn: Connection) -> None:
+    try:
+        await conn.close()
+    except psycopg.Error as exc:
+        log.warning("closing a store connection failed", error=_reason(exc))
+
+
 class _Pending:
     """One encoded change set waiting for the writer, and the future its caller awaits."""
 
@@ -412,7 +454,7 @@ class PostgresStore:
         self._queue: asyncio.Queue[_Pending | _Call[Any] | None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._conn: Connection | None = None  # the writer's connection
-        self._pool: AsyncConnectionPool[Connection] | None = None
+        self._pool: _ReadPool | None = None
         self._closed = False
         # Set by the writer when a write fails; while set, every write fails (see core.store).
         self._fence: BaseException | None = None
@@ -428,19 +470,7 @@ class PostgresStore:
         try:
             self._conn = await self._connect()
             self.migrations_applied = await self._migrate(self._conn)
-            pool: AsyncConnectionPool[Connection] = AsyncConnectionPool(
-                self.url,
-                min_size=_POOL_MIN,
-                max_size=_POOL_MAX,
-                kwargs=self._connect_options,
-                configure=_configure,
-                check=AsyncConnectionPool.check_connection,
-                timeout=_POOL_TIMEOUT,
-                name="taskrun-store-read",
-                open=False,
-            )
-            await pool.open(wait=True, timeout=_POOL_TIMEOUT)
-        except (psycopg.OperationalError, PoolTimeout) as exc:
+        except psycopg.OperationalError as exc:
             await self._close_connection()
             raise StoreUnavailable(
                 f"cannot open the PostgreSQL store at {self.where}: {_reason(exc)}"
@@ -448,7 +478,7 @@ class PostgresStore:
         except BaseException:
             await self._close_connection()
             raise
-        self._pool = pool
+        self._pool = _ReadPool(self._connect, _READ_CONNECTIONS)
         self._queue = asyncio.Queue()
         self._writer = asyncio.create_task(self._write_loop(), name="taskrun-store-writer")
         log.info("store opened", store="postgresql", database=self.where, schema=SCHEMA_VERSION)
@@ -464,17 +494,14 @@ class PostgresStore:
             await writer
         pool, self._pool = self._pool, None
         if pool is not None:
-            await pool.close()
+            await pool.discard_idle()
         await self._close_connection()
         log.info("store closed", store="postgresql", database=self.where, commits=self.commits)
 
     async def _close_connection(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
-            try:
-                await conn.close()
-            except psycopg.Error as exc:
-                log.warning("closing the store's connection failed", error=_reason(exc))
+            await _close_quietly(conn)
 
     async def _connect(self) -> Connection:
         conn: Connection = await psycopg.AsyncConnection.connect(self.url, **self._connect_options)
@@ -713,15 +740,21 @@ class PostgresStore:
     async def _fetchall(
         self, sql: str, params: Sequence[Any] | dict[str, Any] = ()
     ) -> list[DictRow]:
+        """Run one read. A pooled connection found dead (the server restarted since it was
+        last used) is replaced and the read retried once on a new connection."""
         pool = self._pool
         if pool is None or self._closed:
             raise RuntimeError("store is not open")
-        try:
-            async with pool.connection() as conn:
-                cur = await conn.execute(sql, params)
-                return await cur.fetchall()
-        except (psycopg.OperationalError, PoolTimeout) as exc:
-            raise StoreUnavailable(f"the store cannot read: {_reason(exc)}") from exc
+        for fresh in (False, True):
+            conn: Connection | None = None
+            try:
+                async with pool.connection(fresh=fresh) as conn:
+                    cur = await conn.execute(sql, params)
+                    return await cur.fetchall()
+            except psycopg.OperationalError as exc:
+                if fresh or conn is None or not conn.broken:
+                    raise StoreUnavailable(f"the store cannot read: {_reason(exc)}") from exc
+        raise AssertionError("unreachable")
 
     async def _fetchone(self, sql: str, params: Sequence[Any]) -> DictRow | None:
         rows = await self._fetchall(sql, params)
