@@ -25,6 +25,7 @@ import structlog
 
 from taskrun.cli.client import Client
 from taskrun.cli.credentials import load_credentials, resolve_settings
+from taskrun.controlplane.store import redact
 from taskrun.core.status import WorkerStatus
 
 log = structlog.get_logger(__name__)
@@ -291,7 +292,9 @@ class Dev:
             "server",
             [*self._base_argv(), "server", "--listen", self.listen, "--store", self.store],
         )
-        log.info("starting server", address=self.listen, store=self.store, pid=server.process.pid)
+        log.info(
+            "starting server", address=self.listen, store=redact(self.store), pid=server.process.pid
+        )
         if not await self._until(client, self._server_ready, "the server accepted no connection"):
             return
         for worker_id in self.worker_ids:

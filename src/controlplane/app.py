@@ -26,7 +26,7 @@ from taskrun.controlplane.security_service import (
     EnrollmentService,
 )
 from taskrun.controlplane.services import RunService, TaskService, WorkerService
-from taskrun.controlplane.store import open_store
+from taskrun.controlplane.store import open_store, redact
 from taskrun.controlplane.tls import ServerCertificateSource
 from taskrun.core.store import Store
 from taskrun.metrics_http import MetricsServer  # issue 6
@@ -216,7 +216,10 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     host = config.listen.rsplit(":", 1)[0]
     public = f"{public_address.rsplit(':', 1)[0]}:{public_port}" if public_server else ""
     log.info(
-        "server listening", address=f"{host}:{port}", public_address=public, store=config.store
+        "server listening",
+        address=f"{host}:{port}",
+        public_address=public,
+        store=redact(config.store),
     )
     return RunningServer(
         server,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 from taskrun.controlplane.store.memory import MemoryStore
 from taskrun.controlplane.store.sqlite import SCHEMA_VERSION, SchemaVersionError, SqliteStore
@@ -15,6 +16,7 @@ __all__ = [
     "SchemaVersionError",
     "SqliteStore",
     "open_store",
+    "redact",
 ]
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")
@@ -46,3 +48,18 @@ def open_store(url: str) -> Store:
         f"unsupported store url {url!r}: use 'memory', 'sqlite:PATH' or"
         " 'postgresql://USER@HOST:PORT/DBNAME'"
     )
+
+
+def redact(url: str) -> str:
+    """`url` fit for a log line: a PostgreSQL URL's password becomes "***"."""
+    if not url.startswith(POSTGRES_SCHEMES):
+        return url
+    try:
+        parts = urlsplit(url)
+        if parts.password is None:
+            return url
+        user = parts.username or ""
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit(parts._replace(netloc=f"{user}:***@{host}"))
+    except ValueError:
+        return "postgresql://(a URL that could not be parsed)"
