@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 import grpc
 
 from taskrun import __version__
-from taskrun.cli import access_cmd, events_cmd, output, schedule_cmd
+from taskrun.cli import access_cmd, events_cmd, output, schedule_cmd, store_cmd
 from taskrun.cli import credentials as creds
 from taskrun.cli.client import Client, TaskChanged
 from taskrun.core.errors import TaskRunError
@@ -551,6 +551,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_cmd.register(commands)
     events_cmd.register(commands)  # issue 6: `taskrun events`, `taskrun tui`
     access_cmd.register(commands)  # issue 3: `taskrun token`, `api-token`, `audit`
+    store_cmd.register(commands)  # issue 18: `taskrun store copy`
 
     # dev
     p = _leaf(
