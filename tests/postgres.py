@@ -71,8 +71,9 @@ def _free_port() -> int:
 class PostgresServer:
     """One throwaway PostgreSQL cluster. `start()`, `stop()` (and `start()` again), `destroy()`."""
 
-    def __init__(self, bin_dir: Path) -> None:
+    def __init__(self, bin_dir: Path, *, fsync: bool = False) -> None:
         self.bin_dir = bin_dir
+        self.fsync = fsync  # off by default: a test cluster need not survive a power cut
         self.dir = Path(tempfile.mkdtemp(prefix="taskrun-pg-"))
         self.data = self.dir / "data"
         self.log = self.dir / "log"
@@ -98,11 +99,11 @@ class PostgresServer:
             )
 
     def start(self) -> None:
-        # fsync off: a test cluster need not survive a power cut, and it makes commits cheap
         options = (
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c fsync=off"
-            " -c full_page_writes=off -c max_connections=200"
+            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
         )
+        if not self.fsync:
+            options += " -c fsync=off -c full_page_writes=off"
         self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "start")
         self._wait_accepting()
 

@@ -19,12 +19,11 @@ STORE_HELP = (
 
 
 def _cli() -> Any:
-    """The `taskrun` main module, resolved when used (it imports this one)."""
-    module = sys.modules.get("taskrun.cli.main")
-    if module is not None:
-        return module
+    """The running `taskrun` main module, resolved when used (it imports this one): `__main__`
+    under `python -m taskrun.cli.main` (whose `main()` catches its own CliError, even when
+    another module imported `taskrun.cli.main` a second time), else `taskrun.cli.main`."""
     running = sys.modules.get("__main__")
-    if running is not None and hasattr(running, "build_parser") and hasattr(running, "_leaf"):
+    if running is not None and hasattr(running, "build_parser") and hasattr(running, "CliError"):
         return running
     from taskrun.cli import main
 

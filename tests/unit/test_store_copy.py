@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from dataclasses import replace
 from datetime import timedelta
 from pathlib import Path
 
 import pytest
 
-from taskrun.cli import main as cli
 from taskrun.controlplane.store import SqliteStore
 from taskrun.controlplane.store.copy import DestinationNotEmpty, copy_store
 from taskrun.controlplane.store.postgres import PostgresStore
@@ -133,17 +134,15 @@ async def test_a_destination_that_holds_anything_is_refused(
         await destination.close()
 
 
-async def test_store_copy_command(
-    tmp_path: Path, postgres_url: str, capsys: pytest.CaptureFixture[str]
-) -> None:
+async def test_store_copy_command(tmp_path: Path, postgres_url: str) -> None:
     path = tmp_path / "taskrun.db"
     source = SqliteStore(path)
     await source.open()
     await source.apply(ChangeSet(tasks=[full_task()], runs=[full_run()], workers=[full_worker()]))
     await source.close()
 
-    assert await _run_cli("store", "copy", f"sqlite:{path}", postgres_url) == 0
-    out = capsys.readouterr().out
+    code, out, _ = await taskrun("store", "copy", f"sqlite:{path}", postgres_url)
+    assert code == 0
     assert "copied 1 tasks, 1 runs, 0 output chunks, 1 workers" in out
     check = PostgresStore(postgres_url)
     await check.open()
@@ -152,14 +151,26 @@ async def test_store_copy_command(
     finally:
         await check.close()
 
-    assert await _run_cli("store", "copy", f"sqlite:{path}", postgres_url) == 1
-    assert "already holds tasks" in capsys.readouterr().err
-    assert await _run_cli("store", "copy", f"sqlite:{tmp_path / 'none.db'}", postgres_url) == 2
-    assert "does not exist" in capsys.readouterr().err
+    code, _, err = await taskrun("store", "copy", f"sqlite:{path}", postgres_url)
+    assert (code, err.splitlines()[-1]) == (
+        1,
+        "error: the destination store already holds tasks: copy into an empty one",
+    )
+    code, _, err = await taskrun("store", "copy", f"sqlite:{tmp_path / 'none.db'}", postgres_url)
+    assert code == 2
+    assert "does not exist" in err
 
 
-async def _run_cli(*argv: str) -> int:
-    """The command runs its own event loop: run it in a thread, away from the test's."""
-    import asyncio
-
-    return await asyncio.to_thread(cli.main, list(argv))
+async def taskrun(*argv: str) -> tuple[int, str, str]:
+    """The `taskrun` command in its own process: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskrun.cli.main",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()

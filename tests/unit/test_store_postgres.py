@@ -24,7 +24,7 @@ from taskrun.core.errors import StoreUnavailable
 from taskrun.core.ids import WorkerId
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.store import ChangeSet, TaskQuery
-from tests.postgres import new_schema, running_server, schema_url
+from tests.postgres import new_schema, postgres_or_skip, running_server, schema_url
 from tests.unit.test_store_contract import (
     T0,
     audit,
@@ -264,3 +264,38 @@ async def test_reads_work_again_at_once_after_a_restart() -> None:
             assert asyncio.get_running_loop().time() - started < 1.0
         finally:
             await store.close()
+
+
+async def test_a_restart_while_the_store_is_idle_costs_no_write() -> None:
+    """The writer's connection died with the server while nothing was being written: the next
+    write finds it dead before committing anything and writes on a new one, without fencing."""
+    with running_server() as server:
+        store = PostgresStore(server.url)
+        await store.open()
+        try:
+            await store.apply(ChangeSet(tasks=[make_task(1)]))
+            server.stop()
+            server.start()
+            await store.apply(ChangeSet(tasks=[make_task(2)], runs=[make_run(2, 2)]))
+            token = make_bootstrap(1)
+            await store.apply(ChangeSet(bootstrap_tokens=[token]))
+            server.stop()
+            server.start()
+            assert await store.consume_bootstrap_token(token.id, T0, "h") is not None
+            assert [t.id for t in (await store.list_tasks(TaskQuery())).tasks] == [tid(2), tid(1)]
+        finally:
+            await store.close()
+
+
+@pytest.mark.parametrize(
+    ("ci", "outcome"), [("true", pytest.fail.Exception), ("", pytest.skip.Exception)]
+)
+def test_missing_server_binaries_fail_on_ci_and_skip_elsewhere(
+    ci: str, outcome: type[BaseException], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("tests.postgres._SEARCH", ())
+    monkeypatch.setenv("PG_BIN", "")
+    monkeypatch.setenv("PATH", "/nonexistent")
+    monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="need the server binaries"):
+        postgres_or_skip()

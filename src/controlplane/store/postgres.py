@@ -14,13 +14,15 @@ Errors: constraint violations (and values PostgreSQL cannot hold, such as NUL ch
 text) surface as ValueError, as from MemoryStore and SqliteStore; a database that cannot be
 reached or cannot write as StoreUnavailable ("the store cannot write: <reason>"; reads: "the
 store cannot read: <reason>"). A connection lost to a restart is replaced by the next write or
-by `resume`; a read on a pooled connection that died is retried once on a new one, so reads fail
-at once while the server is down and work again as soon as it is back.
+by `resume`; a write or read whose connection turns out dead before anything was committed is
+retried once on a new connection, so a restart while the store was idle costs nothing, reads
+fail at once while the server is down, and everything works again as soon as it is back.
 
 Durability: a change set is committed (PostgreSQL's own durability, ``synchronous_commit``) when
-its future resolves. A connection lost during COMMIT leaves the outcome unknown; the change set is
-then retried once on a new connection when the server is back at once: its upserts and output
-appends are idempotent, its audit events are not (they may then be stored twice).
+its future resolves. A connection lost during COMMIT leaves the outcome unknown: the change set
+fails and fences the store, or, when it was in a group whose transaction failed so, it is written
+again alone on a new connection if the server is back at once: its upserts and output appends
+are idempotent, its audit events are not (they may then be stored twice).
 
 Schema: versioned migrations in `MIGRATIONS`, applied by `open()` under an advisory lock (several
 processes may open one database at once) and recorded in the table ``taskrun_schema``. Tables are
@@ -635,9 +637,7 @@ class PostgresStore:
             return
         result: Any = None
         try:
-            conn = await self._connection()
-            async with conn.transaction():
-                result = await call.fn(conn)
+            result = await self._in_transaction(call.fn)
         except Exception as exc:  # the caller gets every failure, bugs included
             error = _public_error(exc)
             if self._fence is None:
@@ -697,9 +697,9 @@ class PostgresStore:
         runs = [row for p in pending for row in p.runs]
         workers = [row for p in pending for row in p.workers]
         chunks = [row for p in pending for row in p.chunks]
-        try:
-            conn = await self._connection()
-            async with conn.transaction(), conn.cursor() as cur:
+
+        async def write(conn: Connection) -> None:
+            async with conn.cursor() as cur:
                 if tasks:
                     await cur.executemany(_UPSERT_TASK, tasks)
                 if runs:
@@ -730,10 +730,38 @@ class PostgresStore:
                         await cur.executemany(_INSERT_AUDIT, numbered)
                 if last_audit_id is not None and last_audit_id > self.audit_retention:
                     await cur.execute(_TRIM_AUDIT, (last_audit_id - self.audit_retention,))
+
+        try:
+            await self._in_transaction(write)
         except Exception as exc:
             return exc
         self.commits += 1
         return None
+
+    async def _in_transaction(self, body: Callable[[Connection], Awaitable[_T]]) -> _T:
+        """Run `body` in one transaction on the writer's connection and commit it.
+
+        A connection found dead before COMMIT was sent (the server restarted, or dropped it
+        while it was idle) has committed nothing: the transaction runs once more on a new
+        connection. A connection lost during COMMIT leaves the outcome unknown: that fails.
+        """
+        for retry in (False, True):
+            conn = await self._connection()
+            committing = False
+            try:
+                async with conn.transaction():
+                    result = await body(conn)
+                    committing = True  # leaving the block sends COMMIT
+                return result
+            except psycopg.OperationalError as exc:
+                if retry or committing or not conn.broken:
+                    raise
+                log.warning(
+                    "store connection lost before the commit; writing on a new one",
+                    database=self.where,
+                    error=_reason(exc),
+                )
+        raise AssertionError("unreachable")
 
     # --- reads ---------------------------------------------------------------------------------
 
