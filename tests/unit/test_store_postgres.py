@@ -15,6 +15,7 @@ from taskrun.controlplane.store import SchemaVersionError
 from taskrun.controlplane.store.postgres import (
     _UNFINISHED_RUNS,
     _UNFINISHED_TASKS,
+    APPLICATION_NAME,
     MIGRATIONS,
     SCHEMA_VERSION,
     PostgresStore,
@@ -299,3 +300,30 @@ def test_missing_server_binaries_fail_on_ci_and_skip_elsewhere(
     monkeypatch.setenv("CI", ci)
     with pytest.raises(outcome, match="need the server binaries"):
         postgres_or_skip()
+
+
+async def test_close_leaves_no_connection_behind(postgres_url: str) -> None:
+    """The writer's and the pooled readers' connections, with reads in flight at close: none is
+    left open on the server. (A connection that would be dropped unclosed is also closed by the
+    garbage collector, so this catches connections the store keeps referring to.)"""
+
+    def connections() -> int:
+        with psycopg.connect(postgres_url, autocommit=True) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s",
+                (APPLICATION_NAME,),
+            ).fetchone()
+            return int(row[0]) if row else 0
+
+    store = PostgresStore(postgres_url)
+    await store.open()
+    await store.apply(ChangeSet(tasks=[make_task(n) for n in range(1, 50)]))
+    await asyncio.gather(*(store.list_tasks(TaskQuery()) for _ in range(8)))  # 8 pooled
+    assert connections() == 9  # the writer's and the readers'
+    reads = [asyncio.create_task(store.list_tasks(TaskQuery())) for _ in range(8)]
+    await asyncio.sleep(0.001)  # some of them in flight
+    await store.close()
+    await asyncio.gather(*reads, return_exceptions=True)
+    async with asyncio.timeout(5):
+        while connections():
+            await asyncio.sleep(0.02)

@@ -88,7 +88,7 @@ from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
 from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
 
-__all__ = ["SCHEMA_VERSION", "PostgresStore"]
+__all__ = ["APPLICATION_NAME", "SCHEMA_VERSION", "PostgresStore"]
 
 log = structlog.get_logger(__name__)
 
@@ -96,6 +96,7 @@ _T = TypeVar("_T")
 Connection = psycopg.AsyncConnection[DictRow]
 
 _CONNECT_TIMEOUT: Final = 10  # seconds, unless the URL sets connect_timeout
+APPLICATION_NAME: Final = "taskrun"  # unless the URL sets application_name
 _READ_CONNECTIONS: Final = 8  # at most this many reads at once, each on its own connection
 _NO_FLOOR: Final = -(2**63)  # smallest bigint: "no `after` for this run"
 _LOCK_CLASS: Final = 0x7461736B  # "task": advisory lock namespace for migrations
@@ -350,6 +351,7 @@ class _ReadPool:
         self._connect = connect
         self._slots = asyncio.Semaphore(size)
         self._idle: list[Connection] = []
+        self._closed = False
 
     @contextlib.asynccontextmanager
     async def connection(self, *, fresh: bool = False) -> AsyncIterator[Connection]:
@@ -361,7 +363,11 @@ class _ReadPool:
             try:
                 yield conn
             finally:
-                if conn.closed or conn.info.transaction_status != TransactionStatus.IDLE:
+                if (
+                    self._closed
+                    or conn.closed
+                    or conn.info.transaction_status != TransactionStatus.IDLE
+                ):
                     await _close_quietly(conn)
                 else:
                     self._idle.append(conn)
@@ -370,6 +376,11 @@ class _ReadPool:
         idle, self._idle = self._idle, []
         for conn in idle:
             await _close_quietly(conn)
+
+    async def close(self) -> None:
+        """Close the idle connections now, and the ones in use when their read ends."""
+        self._closed = True
+        await self.discard_idle()
 
 
 async def _close_quietly(conn: Connection) -> None:
@@ -451,8 +462,11 @@ class PostgresStore:
         self.commits = 0  # transactions committed by the writer (group commits count once)
         self.migrations_applied = 0  # schema migrations run by the last `open()`
         self._connect_options: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
-        if "connect_timeout" not in conninfo_to_dict(url):
+        given = conninfo_to_dict(url)
+        if "connect_timeout" not in given:
             self._connect_options["connect_timeout"] = _CONNECT_TIMEOUT
+        if "application_name" not in given:  # how pg_stat_activity names its connections
+            self._connect_options["application_name"] = APPLICATION_NAME
         self._queue: asyncio.Queue[_Pending | _Call[Any] | None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._conn: Connection | None = None  # the writer's connection
@@ -496,7 +510,7 @@ class PostgresStore:
             await writer
         pool, self._pool = self._pool, None
         if pool is not None:
-            await pool.discard_idle()
+            await pool.close()
         await self._close_connection()
         log.info("store closed", store="postgresql", database=self.where, commits=self.commits)
 
