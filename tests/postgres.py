@@ -80,7 +80,13 @@ class PostgresServer:
         self.port = _free_port()
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
-            user = pwd.getpwnam("postgres")
+            try:
+                user = pwd.getpwnam("postgres")
+            except KeyError:
+                raise RuntimeError(
+                    "PostgreSQL refuses to run as root and there is no `postgres` user to run it"
+                    f" as: create one, or set {URL_VARIABLE}"
+                ) from None
             os.chown(self.dir, user.pw_uid, user.pw_gid)
         self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
 

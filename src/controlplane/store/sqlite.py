@@ -679,7 +679,6 @@ class SqliteStore:
 
     def _connect_writer(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None)
-        conn.row_factory = sqlite3.Row  # RETURNING rows are read by column name
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             self._check_version(conn)
@@ -913,7 +912,9 @@ class SqliteStore:
         params = (us(now), host, token_id)
 
         def consume(conn: sqlite3.Connection) -> Row | None:
-            rows = conn.execute(_CONSUME_BOOTSTRAP, params).fetchall()
+            cursor = conn.cursor()
+            cursor.row_factory = sqlite3.Row  # read by column name (rows.py)
+            rows: list[Row] = cursor.execute(_CONSUME_BOOTSTRAP, params).fetchall()
             return rows[0] if rows else None
 
         row = await self._write_call(consume)
