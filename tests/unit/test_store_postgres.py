@@ -16,6 +16,7 @@ from taskrun.controlplane.store.postgres import (
     _UNFINISHED_RUNS,
     _UNFINISHED_TASKS,
     APPLICATION_NAME,
+    CONNECTION_DEFAULTS,
     MIGRATIONS,
     SCHEMA_VERSION,
     PostgresStore,
@@ -327,3 +328,21 @@ async def test_close_leaves_no_connection_behind(postgres_url: str) -> None:
     async with asyncio.timeout(5):
         while connections():
             await asyncio.sleep(0.02)
+
+
+async def test_connections_get_the_defaults_the_url_does_not_override(postgres_url: str) -> None:
+    store = PostgresStore(f"{postgres_url}&keepalives_idle=42&application_name=cp-1")
+    await store.open()
+    try:
+        await store.get_task(tid(1))  # opens a read connection too
+        assert store._conn is not None
+        assert store._pool is not None
+        for conn in [store._conn, *store._pool._idle]:
+            params = conn.info.get_parameters()
+            assert params["application_name"] == "cp-1"
+            dsn = conn.info.dsn
+            assert "keepalives_idle=42" in dsn
+            assert f"tcp_user_timeout={CONNECTION_DEFAULTS['tcp_user_timeout']}" in dsn
+            assert "keepalives_count=3" in dsn
+    finally:
+        await store.close()

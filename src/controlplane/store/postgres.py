@@ -88,15 +88,27 @@ from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
 from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
 
-__all__ = ["APPLICATION_NAME", "SCHEMA_VERSION", "PostgresStore"]
+__all__ = ["APPLICATION_NAME", "CONNECTION_DEFAULTS", "SCHEMA_VERSION", "PostgresStore"]
 
 log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
 Connection = psycopg.AsyncConnection[DictRow]
 
-_CONNECT_TIMEOUT: Final = 10  # seconds, unless the URL sets connect_timeout
-APPLICATION_NAME: Final = "taskrun"  # unless the URL sets application_name
+APPLICATION_NAME: Final = "taskrun"
+# libpq settings the store uses unless the URL sets them: how pg_stat_activity names its
+# connections, and bounds on how long a dead server or network path goes unnoticed (TCP
+# keepalives after 10 s idle, and a cap on unacknowledged data): the writes in flight then fail
+# with StoreUnavailable instead of waiting for the kernel's defaults (minutes to hours).
+CONNECTION_DEFAULTS: Final[dict[str, str | int]] = {
+    "application_name": APPLICATION_NAME,
+    "connect_timeout": 10,  # seconds
+    "keepalives": 1,
+    "keepalives_idle": 10,  # seconds
+    "keepalives_interval": 5,
+    "keepalives_count": 3,
+    "tcp_user_timeout": 30_000,  # milliseconds
+}
 _READ_CONNECTIONS: Final = 8  # at most this many reads at once, each on its own connection
 _NO_FLOOR: Final = -(2**63)  # smallest bigint: "no `after` for this run"
 _LOCK_CLASS: Final = 0x7461736B  # "task": advisory lock namespace for migrations
@@ -463,10 +475,9 @@ class PostgresStore:
         self.migrations_applied = 0  # schema migrations run by the last `open()`
         self._connect_options: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
         given = conninfo_to_dict(url)
-        if "connect_timeout" not in given:
-            self._connect_options["connect_timeout"] = _CONNECT_TIMEOUT
-        if "application_name" not in given:  # how pg_stat_activity names its connections
-            self._connect_options["application_name"] = APPLICATION_NAME
+        for name, value in CONNECTION_DEFAULTS.items():
+            if name not in given:
+                self._connect_options[name] = value
         self._queue: asyncio.Queue[_Pending | _Call[Any] | None] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._conn: Connection | None = None  # the writer's connection
