@@ -19,10 +19,11 @@ retried once on a new connection, so a restart while the store was idle costs no
 fail at once while the server is down, and everything works again as soon as it is back.
 
 Durability: a change set is committed (PostgreSQL's own durability, ``synchronous_commit``) when
-its future resolves. A connection lost during COMMIT leaves the outcome unknown: the change set
-fails and fences the store, or, when it was in a group whose transaction failed so, it is written
-again alone on a new connection if the server is back at once: its upserts and output appends
-are idempotent, its audit events are not (they may then be stored twice).
+its future resolves. A connection lost during COMMIT leaves the outcome unknown. A change set
+written alone then fails and fences the store. A group is retried change set by change set, as
+after any failed group commit: if the server is back at once, each is written again on a new
+connection; their upserts and output appends are idempotent, their audit events are not (they
+may then be stored twice).
 
 Schema: versioned migrations in `MIGRATIONS`, applied by `open()` under an advisory lock (several
 processes may open one database at once) and recorded in the table ``taskrun_schema``. Tables are
