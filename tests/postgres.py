@@ -78,6 +78,7 @@ class PostgresServer:
         self.data = self.dir / "data"
         self.log = self.dir / "log"
         self.port = _free_port()
+        self._started = False
         self._as_postgres = os.geteuid() == 0
         if self._as_postgres:
             try:
@@ -105,12 +106,23 @@ class PostgresServer:
             )
 
     def start(self) -> None:
-        options = (
-            f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
-        )
-        if not self.fsync:
-            options += " -c fsync=off -c full_page_writes=off"
-        self._run("pg_ctl", "-D", str(self.data), "-o", options, "-l", str(self.log), "-w", "start")
+        """Start the server; the first start moves to another free port if its port was taken
+        meanwhile (later starts keep the port: URLs handed out name it)."""
+        for last in (False, False, True) if not self._started else (True,):
+            options = (
+                f"-p {self.port} -k {self.dir} -c listen_addresses=127.0.0.1 -c max_connections=200"
+            )
+            if not self.fsync:
+                options += " -c fsync=off -c full_page_writes=off"
+            try:
+                data, log = str(self.data), str(self.log)
+                self._run("pg_ctl", "-D", data, "-o", options, "-l", log, "-w", "start")
+                break
+            except RuntimeError:
+                if last:
+                    raise
+                self.port = _free_port()
+        self._started = True
         self._wait_accepting()
 
     def _wait_accepting(self, within: float = 15.0) -> None:
