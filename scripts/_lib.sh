@@ -44,3 +44,21 @@ ensure_venv() {
   fi
   rm -f "$log"
 }
+
+# ensure_postgres_binaries: the PostgreSQL tests start their own server with initdb/pg_ctl
+# (tests/postgres.py). On CI, as root, install Debian's server package when they are missing;
+# elsewhere say what the tests will do without them.
+ensure_postgres_binaries() {
+  if [ -n "${TASKRUN_TEST_POSTGRES_URL:-}" ] || [ -n "${PG_BIN:-}" ] ||
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1; then
+    return 0
+  fi
+  if [ "${CI:-}" = "true" ] && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing the PostgreSQL server for its tests (apt-get install postgresql)"
+    apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  else
+    echo "note: no PostgreSQL server binaries (initdb): the PostgreSQL tests will be skipped" \
+      "(apt-get install postgresql, or set TASKRUN_TEST_POSTGRES_URL)" >&2
+  fi
+}

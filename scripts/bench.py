@@ -1,6 +1,7 @@
 """Benchmark TaskRun on this machine against a bare grpc.aio baseline measured in the same run.
 
-1. A temporary PKI and SQLite file.
+1. A temporary PKI and store: a SQLite file, or with --store postgresql a throwaway PostgreSQL
+   server (initdb + pg_ctl on a free loopback port, fsync on, as the tests start it).
 2. Baseline: a bare grpc.aio server (a subprocess, the same mTLS certificates, raw bytes, no
    protobuf): sequential unary round trips, and one bidi stream carrying small messages one way.
 3. The real control plane and two workers, as subprocesses started through the `taskrun` CLI.
@@ -116,6 +117,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="0-5",
         default=3,
         help="kill -9 and silent-cut rounds for the failover figures; 0 skips them (3)",
+    )
+    p.add_argument(
+        "--store",
+        choices=("sqlite", "postgresql"),
+        default="sqlite",
+        help="the control plane's store: a SQLite temp file (default), or a PostgreSQL server "
+        "started for the run (needs the postgres extra and the server binaries); the failover "
+        "figures always use SQLite",
     )
     p.add_argument("--json", action="store_true", help="print one JSON document instead")
     p.add_argument(
@@ -401,7 +410,7 @@ class ControlPlane:
 
 
 async def start_control_plane(
-    pki: PkiPaths, tmp: Path, capacity: int, started: list[Child]
+    pki: PkiPaths, tmp: Path, capacity: int, started: list[Child], store: str
 ) -> ControlPlane:
     """Server, then the workers once it answers; returns when both workers are ONLINE.
 
@@ -412,9 +421,7 @@ async def start_control_plane(
     common = ["--certs-dir", str(pki.directory), "--log-level", "warning"]
     server = await spawn(
         "server",
-        taskrun_argv(
-            "server", "--listen", address, "--store", f"sqlite:{tmp / 'taskrun.db'}", *common
-        ),
+        taskrun_argv("server", "--listen", address, "--store", store, *common),
         tmp / "server.log",
     )
     started.append(server)
@@ -749,7 +756,7 @@ def render(r: Report) -> str:
         f"TaskRun benchmark: {cores}, Python {m['python']}, grpcio {m['grpcio']}"
         + (f", load {load:.2f} at start" if load is not None else ""),
         f"control plane: server + {len(WORKER_IDS)} workers (echo, capacity "
-        f"{r.setup['capacity']} each), SQLite in a temp file, mTLS, all on 127.0.0.1",
+        f"{r.setup['capacity']} each), {r.setup['store']}, mTLS, all on 127.0.0.1",
         "",
     ]
     rows: list[tuple[str, str, str, str]] = [
@@ -891,7 +898,13 @@ async def bench(args: argparse.Namespace, tmp: Path) -> Report:
     machine = machine_info()
     pki = init_pki(tmp / "certs", workers=(*WORKER_IDS, *FAILOVER_WORKERS))
     started: list[Child] = []
+    database: Any = None  # tests.postgres.PostgresServer with --store postgresql
+    store_url, store_label = f"sqlite:{tmp / 'taskrun.db'}", "SQLite in a temp file"
     try:
+        if args.store == "postgresql":
+            database = start_postgres()
+            store_url = database.url
+            store_label = "PostgreSQL on loopback (fsync on)"
         async with asyncio.timeout(args.timeout):
             note("baseline: bare grpc.aio server")
             bare, port = await start_baseline(pki, tmp)
@@ -899,8 +912,8 @@ async def bench(args: argparse.Namespace, tmp: Path) -> Report:
             baseline = await measure_baseline(f"127.0.0.1:{port}", pki, args.unary, args.stream)
             await stop(bare)
 
-            note("starting the control plane and workers")
-            plane = await start_control_plane(pki, tmp, args.capacity, started)
+            note(f"starting the control plane ({store_label}) and workers")
+            plane = await start_control_plane(pki, tmp, args.capacity, started, store_url)
             note(f"throughput: {args.tasks} echo tasks")
 
             def profile(phase: str) -> contextlib.AbstractAsyncContextManager[None]:
@@ -928,12 +941,14 @@ async def bench(args: argparse.Namespace, tmp: Path) -> Report:
         for child in started:
             if child not in workers:
                 await stop(child)
+        if database is not None:
+            database.destroy()
     return Report(
         machine=machine,
         setup={
             "workers": len(WORKER_IDS),
             "capacity": args.capacity,
-            "store": "sqlite (temporary file)",
+            "store": store_label,
             "poll_interval": args.poll_interval,
             "warmup_tasks": args.warmup,
             "follow_timeout": args.follow_timeout,
@@ -946,6 +961,23 @@ async def bench(args: argparse.Namespace, tmp: Path) -> Report:
         method=METHOD,
         failover=failover,
     )
+
+
+def start_postgres() -> Any:
+    """A throwaway PostgreSQL server with fsync on (tests/postgres.py starts it)."""
+    from tests.postgres import PostgresServer, find_pg_bin  # scripts/.. is on sys.path
+
+    found = find_pg_bin()
+    if found is None:
+        raise BenchError("--store postgresql needs the PostgreSQL server binaries (initdb)")
+    note("starting a PostgreSQL server")
+    server = PostgresServer(found, fsync=True)
+    try:
+        server.start()
+    except BaseException:
+        server.destroy()
+        raise
+    return server
 
 
 @contextlib.contextmanager

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +17,14 @@ from taskrun.controlplane.pki import PkiPaths, init_pki
 from taskrun.worker.agents import load_agents
 from taskrun.worker.config import WorkerConfig
 from taskrun.worker.daemon import WorkerDaemon
+from tests.postgres import (
+    URL_VARIABLE,
+    PostgresServer,
+    drop_schema,
+    new_schema,
+    postgres_or_skip,
+    schema_url,
+)
 
 WORKERS = tuple(f"worker-{n}" for n in range(1, 7))
 
@@ -23,6 +32,32 @@ WORKERS = tuple(f"worker-{n}" for n in range(1, 7))
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
     return init_pki(tmp_path_factory.mktemp("pki") / "certs", workers=WORKERS)
+
+
+@pytest.fixture(scope="session")
+def postgres_server_url() -> Iterator[str]:
+    """A PostgreSQL server for the whole run: $TASKRUN_TEST_POSTGRES_URL, or one started here
+    (and stopped at the end). Without the binaries: fails on CI, skips elsewhere."""
+    given = os.environ.get(URL_VARIABLE)
+    if given:
+        yield given
+        return
+    server = PostgresServer(postgres_or_skip())
+    try:
+        server.start()
+        yield server.url
+    finally:
+        server.destroy()
+
+
+@pytest.fixture
+def postgres_url(postgres_server_url: str) -> Iterator[str]:
+    """A URL whose connections work in a new, empty schema of their own (dropped afterwards)."""
+    schema = new_schema(postgres_server_url)
+    try:
+        yield schema_url(postgres_server_url, schema)
+    finally:
+        drop_schema(postgres_server_url, schema)
 
 
 @dataclass

@@ -30,6 +30,7 @@ import structlog
 
 from taskrun.cli.client import Client
 from taskrun.cli.credentials import load_credentials, resolve_settings
+from taskrun.controlplane.store import redact
 from taskrun.core.status import WorkerStatus
 from taskrun.logging import wants_color
 from taskrun.ports import AddressUnavailable, check_listen_address, split_host_port
@@ -374,7 +375,9 @@ class Dev:
             "server",
             [*self._base_argv(), "server", "--listen", self.listen, "--store", self.store],
         )
-        log.info("starting server", address=self.listen, store=self.store, pid=server.process.pid)
+        log.info(
+            "starting server", address=self.listen, store=redact(self.store), pid=server.process.pid
+        )
         if not await self._until(client, self._server_ready, "the server accepted no connection"):
             return
         for worker_id in self.worker_ids:

@@ -24,7 +24,15 @@ from typing import Any, TypeVar
 import grpc
 
 from taskrun import __version__
-from taskrun.cli import access_cmd, events_cmd, maintenance_cmd, output, schedule_cmd, webhook_cmd
+from taskrun.cli import (
+    access_cmd,
+    events_cmd,
+    maintenance_cmd,
+    output,
+    schedule_cmd,
+    store_cmd,
+    webhook_cmd,
+)
 from taskrun.cli import credentials as creds
 from taskrun.cli.client import Client, TaskChanged
 from taskrun.core.errors import TaskRunError
@@ -346,7 +354,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--store",
-        help="sqlite:PATH or memory (TASKRUN_STORE, default sqlite:.taskrun/taskrun.db)",
+        help="sqlite:PATH, postgresql://USER:PASSWORD@HOST:PORT/DBNAME or memory "
+        "(TASKRUN_STORE, default sqlite:.taskrun/taskrun.db)",
     )
     p.add_argument("--db", metavar="PATH", help="shorthand for --store sqlite:PATH (TASKRUN_DB)")
     p.add_argument("--server-cert", help="default <certs-dir>/server.pem (TASKRUN_SERVER_CERT)")
@@ -646,6 +655,7 @@ def build_parser() -> argparse.ArgumentParser:
     access_cmd.register(commands)  # issue 3: `taskrun token`, `api-token`, `audit`
     webhook_cmd.register(commands)  # issue 16: `taskrun webhook`
     maintenance_cmd.register(commands)  # `taskrun backup`, `taskrun completion`
+    store_cmd.register(commands)  # issue 18: `taskrun store copy`
 
     # dev
     p = _leaf(
@@ -664,7 +674,10 @@ def build_parser() -> argparse.ArgumentParser:
         default="127.0.0.1:50051",
         help="server address (default 127.0.0.1:50051; port 0 picks a free port)",
     )
-    p.add_argument("--store", help="sqlite:PATH or memory (default sqlite:<dir>/taskrun.db)")
+    p.add_argument(
+        "--store",
+        help="sqlite:PATH, postgresql://... or memory (default sqlite:<dir>/taskrun.db)",
+    )
     return parser
 
 
@@ -712,6 +725,8 @@ def _setup_logging(args: argparse.Namespace, *, daemon: bool) -> None:
 
 def resolve_store(args: argparse.Namespace) -> str | None:
     """--store, --db (sqlite:PATH), TASKRUN_STORE, TASKRUN_DB, in that order; None = default."""
+    from taskrun.controlplane.store import POSTGRES_SCHEMES
+
     store, db = _arg(args, "store"), _arg(args, "db")
     if store and db:
         raise CliError("give either --store or --db, not both")
@@ -724,8 +739,11 @@ def resolve_store(args: argparse.Namespace) -> str | None:
         value is not None
         and value != "memory"
         and not (value.startswith("sqlite:") and len(value) > len("sqlite:"))
+        and not (value.startswith(POSTGRES_SCHEMES) and not value.endswith("://"))
     ):
-        raise CliError(f"store {value!r} must be sqlite:PATH or memory")
+        raise CliError(
+            f"store {value!r} must be sqlite:PATH, postgresql://USER@HOST:PORT/DBNAME or memory"
+        )
     return value
 
 

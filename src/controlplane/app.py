@@ -32,7 +32,7 @@ from taskrun.controlplane.security_service import (
     EnrollmentService,
 )
 from taskrun.controlplane.services import RunService, TaskService, WorkerService
-from taskrun.controlplane.store import open_store
+from taskrun.controlplane.store import open_store, redact
 from taskrun.controlplane.tls import ServerCertificateSource
 from taskrun.controlplane.webhook_service import WebhookService  # issue 16
 from taskrun.controlplane.webhooks import WebhookDispatcher  # issue 16
@@ -275,7 +275,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         address=f"{host}:{port}",
         public_address=public,
         http_address=f"{http_server.host}:{http_server.port}" if http_server else "",
-        store=config.store,
+        store=redact(config.store),
     )
     return RunningServer(
         server,

@@ -12,7 +12,8 @@ from taskrun.core.models import DEFAULT_MAX_ATTEMPTS
 
 class ServerConfig(BaseModel):
     listen: str = "127.0.0.1:50051"
-    # "sqlite:PATH" (default, one file, WAL) or "memory" (tests; nothing survives a restart)
+    # "sqlite:PATH" (default, one file, WAL), "postgresql://USER:PASSWORD@HOST:PORT/DBNAME"
+    # (the `postgres` extra) or "memory" (tests; nothing survives a restart)
     store: str = "sqlite:.taskrun/taskrun.db"
     ca_cert: Path = Path("certs/ca.pem")
     server_cert: Path = Path("certs/server.pem")

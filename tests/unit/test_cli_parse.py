@@ -332,6 +332,8 @@ def test_a_heartbeat_interval_too_long_for_the_lease_is_refused() -> None:
         ([], {"TASKRUN_STORE": "memory"}, "memory"),
         ([], {"TASKRUN_DB": "/v/t.db"}, "sqlite:/v/t.db"),
         (["--store", "sqlite:a.db"], {"TASKRUN_STORE": "memory"}, "sqlite:a.db"),
+        (["--store", "postgresql://tr@db:5432/taskrun"], {}, "postgresql://tr@db:5432/taskrun"),
+        ([], {"TASKRUN_STORE": "postgres://tr:pw@db/taskrun"}, "postgres://tr:pw@db/taskrun"),
         ([], {}, None),
     ],
 )
@@ -345,7 +347,12 @@ def test_store_resolution(
 
 @pytest.mark.parametrize(
     "argv",
-    [["--store", "postgres://x"], ["--store", "sqlite:"], ["--store", "memory", "--db", "x"]],
+    [
+        ["--store", "mysql://x"],
+        ["--store", "postgresql://"],
+        ["--store", "sqlite:"],
+        ["--store", "memory", "--db", "x"],
+    ],
 )
 def test_bad_store_is_a_usage_error(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.main(["server", *argv]) == 2

@@ -1,5 +1,6 @@
-"""The storage contract: every test runs against MemoryStore and SqliteStore alike,
-except the SQLite-only ones at the end (files, schema versions, group commit)."""
+"""The storage contract: every test runs against MemoryStore, SqliteStore and PostgresStore
+alike, except the SQLite-only ones at the end (files, schema versions, group commit); the
+PostgreSQL-only ones are in test_store_postgres.py."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from taskrun.controlplane.store import (
     SqliteStore,
     open_store,
 )
+from taskrun.controlplane.store.postgres import PostgresStore
 from taskrun.core.access import (
     ApiToken,
     AuditEvent,
@@ -98,9 +100,21 @@ def chunk(run: int, seq: int, data: str = "", attempt: int = 1) -> OutputChunk:
     return OutputChunk(rid(run), attempt, seq, data or f"r{run}s{seq}", time=T0)
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+STORES = ["memory", "sqlite", "postgres"]
+
+
+def new_store(request: pytest.FixtureRequest, tmp_path: Path, **options: int) -> Store:
+    """A store of the kind `request.param` names; PostgreSQL in a fresh schema of its own."""
+    if request.param == "memory":
+        return MemoryStore(**options)
+    if request.param == "sqlite":
+        return SqliteStore(tmp_path / "t.db", **options)
+    return PostgresStore(request.getfixturevalue("postgres_url"), **options)
+
+
+@pytest.fixture(params=STORES)
 async def store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
-    s: Store = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "t.db")
+    s = new_store(request, tmp_path)
     await s.open()
     yield s
     await s.close()
@@ -1000,14 +1014,10 @@ async def test_audit_list_rejects_non_positive_limit(store: Store) -> None:
         await store.list_audit_events(AuditQuery(limit=0))
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=STORES)
 async def small_audit_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
     """A store that keeps only 5 audit events."""
-    s: Store = (
-        MemoryStore(audit_retention=5)
-        if request.param == "memory"
-        else SqliteStore(tmp_path / "t.db", audit_retention=5)
-    )
+    s = new_store(request, tmp_path, audit_retention=5)
     await s.open()
     yield s
     await s.close()
@@ -1032,6 +1042,8 @@ def test_audit_retention_must_be_positive(tmp_path: Path, retention: int) -> Non
         MemoryStore(audit_retention=retention)
     with pytest.raises(ValueError, match="audit_retention"):
         SqliteStore(tmp_path / "t.db", audit_retention=retention)
+    with pytest.raises(ValueError, match="audit_retention"):
+        PostgresStore("postgresql://localhost/taskrun", audit_retention=retention)
 
 
 async def test_access_control_use_after_close_raises(store: Store) -> None:
@@ -1375,7 +1387,16 @@ async def test_open_store_sqlite_creates_parent_dirs(tmp_path: Path) -> None:
     assert path.is_file()
 
 
-@pytest.mark.parametrize("url", ["", "postgres://x", "sqlite:", "sqlite::memory:", "Memory"])
+async def test_open_store_postgresql_url() -> None:
+    for url in ("postgresql://u@db.example:5433/taskrun", "postgres://u:secret@db/taskrun"):
+        store = open_store(url)
+        assert isinstance(store, PostgresStore)
+        assert "secret" not in store.where
+
+
+@pytest.mark.parametrize(
+    "url", ["", "mysql://x", "postgresql://", "sqlite:", "sqlite::memory:", "Memory"]
+)
 def test_open_store_rejects_unknown_url(url: str) -> None:
     with pytest.raises(ValueError, match="unsupported store url"):
         open_store(url)

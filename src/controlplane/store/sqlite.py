@@ -15,7 +15,8 @@ queued the same way as a `_Call` and runs alone in its own transaction, in queue
 Reads run in a small thread pool; each thread has its own read-only connection, so reads see
 committed data and never wait behind the writer (WAL readers do not block on the writer).
 
-Datetimes are stored as integer microseconds since the Unix epoch (UTC) and come back as
+Rows are read by column name and mapped to models by rows.py, shared with the PostgreSQL store:
+datetimes are integer microseconds since the Unix epoch (UTC) and come back as
 timezone-aware UTC datetimes equal to what was written. Naive datetimes are rejected.
 """
 
@@ -23,52 +24,68 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import dataclasses
-import functools
-import json
 import queue
 import sqlite3
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Generic, TypeVar
 
 import structlog
 
-from taskrun.core.access import (
-    ApiToken,
-    AuditEvent,
-    AuditKind,
-    AuditQuery,
-    BootstrapToken,
-    Scope,
+from taskrun.controlplane.store.rows import (
+    API_TOKEN_COLUMNS,
+    AUDIT_COLUMNS,
+    BOOTSTRAP_COLUMNS,
+    CHUNK_COLUMNS,
+    DELIVERY_COLUMNS,
+    RUN_COLUMNS,
+    SCHEDULE_COLUMNS,
+    TASK_COLUMNS,
+    WEBHOOK_COLUMNS,
+    WORKER_COLUMNS,
+    api_token_from,
+    api_token_row,
+    audit_from,
+    audit_row,
+    bootstrap_from,
+    bootstrap_row,
+    chunk_from,
+    chunk_row,
+    column_list,
+    delivery_from,
+    delivery_row,
+    run_from,
+    run_row,
+    schedule_from,
+    schedule_row,
+    task_from,
+    task_row,
+    upsert_sql,
+    us,
+    us_or_none,
+    webhook_from,
+    webhook_row,
+    worker_from,
+    worker_row,
 )
+from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.errors import StoreUnavailable
 from taskrun.core.ids import RunId, TaskId, WorkerId
-from taskrun.core.models import (
-    AgentSpec,
-    ModelBackend,
-    OutputChunk,
-    OutputKind,
-    Run,
-    Task,
-    TaskPolicy,
-    Usage,
-    Worker,
-)
-from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
-from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.models import OutputChunk, Run, Task, Worker
+from taskrun.core.schedule import Schedule
+from taskrun.core.status import WorkerStatus
 from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
-from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery, WebhookEvent
+from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
 
 log = structlog.get_logger(__name__)
 
 _T = TypeVar("_T")
-Row = tuple[Any, ...]
+Row = sqlite3.Row  # read by column name (see rows.py)
 
 _BUSY_TIMEOUT_MS: Final = 10_000
 _CHECKPOINT_INTERVAL: Final = 1.0  # seconds
@@ -255,555 +272,49 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-_TASK_COLUMNS: Final = (
-    "id",
-    "agent",
-    "input",
-    "labels",
-    "policy",
-    "status",
-    "attempts",
-    "current_run_id",
-    "worker_id",
-    "created_at",
-    "updated_at",
-    "finished_at",
-    "error",
-    "result",
-    "usage",
-    "schedule",
-    "cancel_requested",
-    "idempotency_key",
-)
-_RUN_COLUMNS: Final = (
-    "id",
-    "task_id",
-    "attempt",
-    "status",
-    "worker_id",
-    "created_at",
-    "assigned_at",
-    "started_at",
-    "finished_at",
-    "error",
-    "result",
-    "usage",
-    "backend_used",
-    "session_id",
-    "prompt",
-)
-_WORKER_COLUMNS: Final = (
-    "id",
-    "hostname",
-    "version",
-    "agents",
-    "labels",
-    "max_concurrent_runs",
-    "status",
-    "first_seen_at",
-    "connected_at",
-    "last_heartbeat_at",
-    "certificate_expires_at",
-    "revoked_at",
-    "revoked_reason",
-    "enrolled_labels",
-    "enrolled_at",
-)
-
-
-def _upsert_sql(table: str, columns: Sequence[str]) -> str:
-    updates = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
-    return (
-        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join('?' * len(columns))})"
-        f" ON CONFLICT (id) DO UPDATE SET {updates}"
-    )
-
-
-_UPSERT_TASK: Final = _upsert_sql("tasks", _TASK_COLUMNS)
-_UPSERT_RUN: Final = _upsert_sql("runs", _RUN_COLUMNS)
-_UPSERT_WORKER: Final = _upsert_sql("workers", _WORKER_COLUMNS)
+_UPSERT_TASK: Final = upsert_sql("tasks", TASK_COLUMNS, "?")
+_UPSERT_RUN: Final = upsert_sql("runs", RUN_COLUMNS, "?")
+_UPSERT_WORKER: Final = upsert_sql("workers", WORKER_COLUMNS, "?")
 _INSERT_CHUNK: Final = (
-    "INSERT OR IGNORE INTO output (run_id, attempt, seq, kind, data, time)"
-    " VALUES (?, ?, ?, ?, ?, ?)"
+    f"INSERT OR IGNORE INTO output ({column_list(CHUNK_COLUMNS)})"
+    f" VALUES ({', '.join('?' * len(CHUNK_COLUMNS))})"
 )
 
-_SELECT_TASK: Final = f"SELECT {', '.join(_TASK_COLUMNS[:-1])} FROM tasks"
-_SELECT_RUN: Final = f"SELECT {', '.join(_RUN_COLUMNS)} FROM runs"
-_SELECT_WORKER: Final = f"SELECT {', '.join(_WORKER_COLUMNS)} FROM workers"
+_SELECT_TASK: Final = f"SELECT {column_list(TASK_COLUMNS)} FROM tasks"
+_SELECT_RUN: Final = f"SELECT {column_list(RUN_COLUMNS)} FROM runs"
+_SELECT_WORKER: Final = f"SELECT {column_list(WORKER_COLUMNS)} FROM workers"
 _SELECT_OUTPUT: Final = (
-    "SELECT o.run_id, o.attempt, o.seq, o.data, o.kind, o.time, r.task_id"
+    f"SELECT {column_list(CHUNK_COLUMNS, 'o.')}, r.task_id"
     " FROM output o JOIN runs r ON r.id = o.run_id"
     " WHERE o.run_id = ? AND o.seq > ? ORDER BY o.attempt, o.seq LIMIT ?"
 )
 _LABEL_MATCH: Final = (
     "EXISTS (SELECT 1 FROM json_each(tasks.labels) AS l WHERE l.key = ? AND l.value = ?)"
 )
-
-
-class SchemaVersionError(RuntimeError):
-    """The database file was written by a newer TaskRun than this one."""
-
-
-# --- encoding ----------------------------------------------------------------------------------
-
-_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
-_MICROSECOND: Final = timedelta(microseconds=1)
-_dumps: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_loads: Final = json.loads
-
-
-def _us(value: datetime) -> int:
-    try:
-        return (value - _EPOCH) // _MICROSECOND
-    except TypeError:
-        raise ValueError(f"datetimes must be timezone-aware, got {value!r}") from None
-
-
-def _us_or_none(value: datetime | None) -> int | None:
-    return None if value is None else _us(value)
-
-
-def _dt(value: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=value)
-
-
-def _dt_or_none(value: int | None) -> datetime | None:
-    return None if value is None else _EPOCH + timedelta(microseconds=value)
-
-
-_NO_USAGE: Final = Usage()
-_NO_USAGE_JSON: Final = _dumps(dataclasses.asdict(_NO_USAGE))  # the common case, precomputed
-
-
-def _usage_json(u: Usage) -> str:
-    if u == _NO_USAGE:
-        return _NO_USAGE_JSON
-    return _dumps(
-        {
-            "input_tokens": u.input_tokens,
-            "output_tokens": u.output_tokens,
-            "cache_read_tokens": u.cache_read_tokens,
-            "cache_creation_tokens": u.cache_creation_tokens,
-            "cost_usd": u.cost_usd,
-            "turns": u.turns,
-            "duration_ms": u.duration_ms,
-        }
-    )
-
-
-def _usage(text: str) -> Usage:
-    return Usage() if text == _NO_USAGE_JSON else Usage(**_loads(text))
-
-
-def _policy_json(p: TaskPolicy) -> str:
-    return _dumps(
-        {
-            "priority": p.priority,
-            "timeout": p.timeout,
-            "max_attempts": p.max_attempts,
-            "idempotency_key": p.idempotency_key,
-            "required_labels": p.required_labels,
-            "queue_timeout": p.queue_timeout,
-            "retry_on_failure": p.retry_on_failure,
-            "required_provider": p.required_provider,
-            "required_model": p.required_model,
-        }
-    )
-
-
-@functools.lru_cache(maxsize=1024)  # most tasks share a handful of policies
-def _policy_fields(text: str) -> dict[str, Any]:
-    fields: dict[str, Any] = _loads(text)
-    return fields
-
-
-def _policy(text: str) -> TaskPolicy:
-    policy = TaskPolicy(**_policy_fields(text))
-    policy.required_labels = dict(policy.required_labels)  # never share the cached dict
-    return policy
-
-
-def _backend_dict(b: ModelBackend) -> dict[str, Any]:
-    return {
-        "provider": b.provider,
-        "model_name": b.model_name,
-        "context_window": b.context_window,
-        "modalities": list(b.modalities),
-        "tools": list(b.tools),
-    }
-
-
-def _backend(d: dict[str, Any]) -> ModelBackend:
-    return ModelBackend(
-        provider=d["provider"],
-        model_name=d["model_name"],
-        context_window=d["context_window"],
-        modalities=tuple(d["modalities"]),
-        tools=tuple(d["tools"]),
-    )
-
-
-def _agents_json(agents: Sequence[AgentSpec]) -> str:
-    return _dumps(
-        [
-            {
-                "name": a.name,
-                "description": a.description,
-                "backends": [_backend_dict(b) for b in a.backends],
-                "input_schema": a.input_schema,
-                "supports_sessions": a.supports_sessions,
-            }
-            for a in agents
-        ]
-    )
-
-
-def _agents(text: str) -> tuple[AgentSpec, ...]:
-    return tuple(
-        AgentSpec(
-            name=a["name"],
-            description=a["description"],
-            backends=tuple(_backend(b) for b in a["backends"]),
-            input_schema=a["input_schema"],
-            supports_sessions=a["supports_sessions"],
-        )
-        for a in _loads(text)
-    )
-
-
-def _task_row(t: Task) -> Row:
-    p = t.policy
-    return (
-        t.id,
-        t.agent,
-        t.input,
-        _dumps(t.labels),
-        _policy_json(p),
-        int(t.status),
-        t.attempts,
-        t.current_run_id,
-        t.worker_id,
-        _us(t.created_at),
-        _us(t.updated_at),
-        _us_or_none(t.finished_at),
-        t.error,
-        t.result,
-        _usage_json(t.usage),
-        t.schedule,
-        int(t.cancel_requested),
-        p.idempotency_key,
-    )
-
-
-def _task(r: Row) -> Task:
-    return Task(
-        id=r[0],
-        agent=r[1],
-        input=r[2],
-        labels=_loads(r[3]),
-        policy=_policy(r[4]),
-        status=TaskStatus(r[5]),
-        attempts=r[6],
-        current_run_id=r[7],
-        worker_id=r[8],
-        created_at=_dt(r[9]),
-        updated_at=_dt(r[10]),
-        finished_at=_dt_or_none(r[11]),
-        error=r[12],
-        result=r[13],
-        usage=_usage(r[14]),
-        schedule=r[15],
-        cancel_requested=bool(r[16]),
-    )
-
-
-def _run_row(r: Run) -> Row:
-    b = r.backend_used
-    return (
-        r.id,
-        r.task_id,
-        r.attempt,
-        int(r.status),
-        r.worker_id,
-        _us(r.created_at),
-        _us_or_none(r.assigned_at),
-        _us_or_none(r.started_at),
-        _us_or_none(r.finished_at),
-        r.error,
-        r.result,
-        _usage_json(r.usage),
-        None if b is None else _dumps(_backend_dict(b)),
-        r.session_id,
-        r.prompt,
-    )
-
-
-def _run(r: Row) -> Run:
-    return Run(
-        id=r[0],
-        task_id=r[1],
-        attempt=r[2],
-        status=RunStatus(r[3]),
-        worker_id=r[4],
-        created_at=_dt(r[5]),
-        assigned_at=_dt_or_none(r[6]),
-        started_at=_dt_or_none(r[7]),
-        finished_at=_dt_or_none(r[8]),
-        error=r[9],
-        result=r[10],
-        usage=_usage(r[11]),
-        backend_used=None if r[12] is None else _backend(_loads(r[12])),
-        session_id=r[13],
-        prompt=r[14],
-    )
-
-
-def _worker_row(w: Worker) -> Row:
-    return (
-        w.id,
-        w.hostname,
-        w.version,
-        _agents_json(w.agents),
-        _dumps(w.labels),
-        w.max_concurrent_runs,
-        int(w.status),
-        _us_or_none(w.first_seen_at),
-        _us_or_none(w.connected_at),
-        _us_or_none(w.last_heartbeat_at),
-        _us_or_none(w.certificate_expires_at),
-        _us_or_none(w.revoked_at),
-        w.revoked_reason,
-        _dumps(w.enrolled_labels),
-        _us_or_none(w.enrolled_at),
-    )
-
-
-def _worker(r: Row) -> Worker:
-    return Worker(
-        id=r[0],
-        hostname=r[1],
-        version=r[2],
-        agents=_agents(r[3]),
-        labels=_loads(r[4]),
-        max_concurrent_runs=r[5],
-        status=WorkerStatus(r[6]),
-        first_seen_at=_dt_or_none(r[7]),
-        connected_at=_dt_or_none(r[8]),
-        last_heartbeat_at=_dt_or_none(r[9]),
-        certificate_expires_at=_dt_or_none(r[10]),
-        revoked_at=_dt_or_none(r[11]),
-        revoked_reason=r[12],
-        enrolled_labels=_loads(r[13]),
-        enrolled_at=_dt_or_none(r[14]),
-    )
-
-
-def _chunk_row(c: OutputChunk) -> Row:
-    return (c.run_id, c.attempt, c.seq, int(c.kind), c.data, _us_or_none(c.time))
-
-
-def _chunk(r: Row) -> OutputChunk:
-    return OutputChunk(
-        run_id=r[0],
-        attempt=r[1],
-        seq=r[2],
-        data=r[3],
-        kind=OutputKind(r[4]),
-        time=_dt_or_none(r[5]),
-        task_id=r[6],
-    )
-
-
-# --- schedules ---------------------------------------------------------------------------------
-
-_SCHEDULE_COLUMNS: Final = (
-    "name",
-    "agent",
-    "input",
-    "labels",
-    "policy",
-    "cron",
-    "rrule",
-    "timezone",
-    "misfire",
-    "overlap",
-    "paused",
-    "created_at",
-    "updated_at",
-    "last_fire_time",
-    "next_fire_time",
-    "last_task_id",
-    "last_outcome",
-)
-_UPSERT_SCHEDULE: Final = (
-    f"INSERT INTO schedules ({', '.join(_SCHEDULE_COLUMNS)})"
-    f" VALUES ({', '.join('?' * len(_SCHEDULE_COLUMNS))})"
-    " ON CONFLICT (name) DO UPDATE SET "
-    + ", ".join(f"{c} = excluded.{c}" for c in _SCHEDULE_COLUMNS[1:])
-)
+_UPSERT_SCHEDULE: Final = upsert_sql("schedules", SCHEDULE_COLUMNS, "?")
 _DELETE_SCHEDULE: Final = "DELETE FROM schedules WHERE name = ?"
-_SELECT_SCHEDULE: Final = f"SELECT {', '.join(_SCHEDULE_COLUMNS)} FROM schedules"
-
-
-def _schedule_row(s: Schedule) -> Row:
-    return (
-        s.name,
-        s.agent,
-        s.input,
-        _dumps(s.labels),
-        _policy_json(s.policy),
-        s.cron,
-        s.rrule,
-        s.timezone,
-        int(s.misfire),
-        int(s.overlap),
-        int(s.paused),
-        _us(s.created_at),
-        _us(s.updated_at),
-        _us_or_none(s.last_fire_time),
-        _us_or_none(s.next_fire_time),
-        s.last_task_id,
-        s.last_outcome,
-    )
-
-
-def _schedule(r: Row) -> Schedule:
-    return Schedule(
-        name=r[0],
-        agent=r[1],
-        input=r[2],
-        labels=_loads(r[3]),
-        policy=_policy(r[4]),
-        cron=r[5],
-        rrule=r[6],
-        timezone=r[7],
-        misfire=MisfirePolicy(r[8]),
-        overlap=OverlapPolicy(r[9]),
-        paused=bool(r[10]),
-        created_at=_dt(r[11]),
-        updated_at=_dt(r[12]),
-        last_fire_time=_dt_or_none(r[13]),
-        next_fire_time=_dt_or_none(r[14]),
-        last_task_id=r[15],
-        last_outcome=r[16],
-    )
-
-
-# --- access control ----------------------------------------------------------------------------
-
-_BOOTSTRAP_COLUMNS: Final = (
-    "id",
-    "secret_hash",
-    "worker_id",
-    "created_at",
-    "expires_at",
-    "labels",
-    "created_by",
-    "used_at",
-    "used_by_host",
-    "revoked_at",
-)
-_API_TOKEN_COLUMNS: Final = (
-    "id",
-    "secret_hash",
-    "name",
-    "scopes",
-    "created_at",
-    "expires_at",
-    "created_by",
-    "revoked_at",
-)
-_AUDIT_COLUMNS: Final = ("id", "time", "kind", "principal", "subject", "peer", "detail")
-_UPSERT_BOOTSTRAP: Final = _upsert_sql("bootstrap_tokens", _BOOTSTRAP_COLUMNS)
-_UPSERT_API_TOKEN: Final = _upsert_sql("api_tokens", _API_TOKEN_COLUMNS)
+_SELECT_SCHEDULE: Final = f"SELECT {column_list(SCHEDULE_COLUMNS)} FROM schedules"
+_UPSERT_BOOTSTRAP: Final = upsert_sql("bootstrap_tokens", BOOTSTRAP_COLUMNS, "?")
+_UPSERT_API_TOKEN: Final = upsert_sql("api_tokens", API_TOKEN_COLUMNS, "?")
 _INSERT_AUDIT: Final = (
-    f"INSERT INTO audit_events ({', '.join(_AUDIT_COLUMNS[1:])})"
-    f" VALUES ({', '.join('?' * (len(_AUDIT_COLUMNS) - 1))})"
+    f"INSERT INTO audit_events ({column_list(AUDIT_COLUMNS[1:])})"
+    f" VALUES ({', '.join('?' * (len(AUDIT_COLUMNS) - 1))})"
 )
 # Keep the newest `retention` events. Ids have no gaps (AUTOINCREMENT, rolled back with the
 # transaction), and both lookups are on the primary key, so this costs a few page reads.
 _TRIM_AUDIT: Final = "DELETE FROM audit_events WHERE id <= (SELECT max(id) FROM audit_events) - ?"
-_SELECT_BOOTSTRAP: Final = f"SELECT {', '.join(_BOOTSTRAP_COLUMNS)} FROM bootstrap_tokens"
-_SELECT_API_TOKEN: Final = f"SELECT {', '.join(_API_TOKEN_COLUMNS)} FROM api_tokens"
-_SELECT_AUDIT: Final = f"SELECT {', '.join(_AUDIT_COLUMNS)} FROM audit_events"
+_SELECT_BOOTSTRAP: Final = f"SELECT {column_list(BOOTSTRAP_COLUMNS)} FROM bootstrap_tokens"
+_SELECT_API_TOKEN: Final = f"SELECT {column_list(API_TOKEN_COLUMNS)} FROM api_tokens"
+_SELECT_AUDIT: Final = f"SELECT {column_list(AUDIT_COLUMNS)} FROM audit_events"
 _CONSUME_BOOTSTRAP: Final = (
     "UPDATE bootstrap_tokens SET used_at = ?, used_by_host = ?"
     " WHERE id = ? AND used_at IS NULL AND revoked_at IS NULL"
-    f" RETURNING {', '.join(_BOOTSTRAP_COLUMNS)}"
+    f" RETURNING {column_list(BOOTSTRAP_COLUMNS)}"
 )
 
 
-def _bootstrap_row(t: BootstrapToken) -> Row:
-    return (
-        t.id,
-        t.secret_hash,
-        t.worker_id,
-        _us(t.created_at),
-        _us(t.expires_at),
-        _dumps(t.labels),
-        t.created_by,
-        _us_or_none(t.used_at),
-        t.used_by_host,
-        _us_or_none(t.revoked_at),
-    )
-
-
-def _bootstrap(r: Row) -> BootstrapToken:
-    return BootstrapToken(
-        id=r[0],
-        secret_hash=r[1],
-        worker_id=WorkerId(r[2]),
-        created_at=_dt(r[3]),
-        expires_at=_dt(r[4]),
-        labels=_loads(r[5]),
-        created_by=r[6],
-        used_at=_dt_or_none(r[7]),
-        used_by_host=r[8],
-        revoked_at=_dt_or_none(r[9]),
-    )
-
-
-def _api_token_row(t: ApiToken) -> Row:
-    return (
-        t.id,
-        t.secret_hash,
-        t.name,
-        _dumps(sorted(str(s) for s in t.scopes)),
-        _us(t.created_at),
-        _us_or_none(t.expires_at),
-        t.created_by,
-        _us_or_none(t.revoked_at),
-    )
-
-
-def _api_token(r: Row) -> ApiToken:
-    return ApiToken(
-        id=r[0],
-        secret_hash=r[1],
-        name=r[2],
-        scopes=frozenset(Scope(s) for s in _loads(r[3])),
-        created_at=_dt(r[4]),
-        expires_at=_dt_or_none(r[5]),
-        created_by=r[6],
-        revoked_at=_dt_or_none(r[7]),
-    )
-
-
-def _audit_row(e: AuditEvent) -> Row:
-    """Without the id: the table assigns it."""
-    return (_us(e.time), str(e.kind), e.principal, e.subject, e.peer, e.detail)
-
-
-def _audit(r: Row) -> AuditEvent:
-    return AuditEvent(
-        id=r[0],
-        time=_dt(r[1]),
-        kind=AuditKind(r[2]),
-        principal=r[3],
-        subject=r[4],
-        peer=r[5],
-        detail=r[6],
-    )
+class SchemaVersionError(RuntimeError):
+    """The database file was written by a newer TaskRun than this one."""
 
 
 # --- the writer's queue ------------------------------------------------------------------------
@@ -832,15 +343,15 @@ class _Pending:
         loop: asyncio.AbstractEventLoop,
         future: asyncio.Future[None],
     ) -> None:
-        self.tasks = [_task_row(t) for t in changes.tasks]
-        self.runs = [_run_row(r) for r in changes.runs]
-        self.workers = [_worker_row(w) for w in changes.workers]
-        self.chunks = [_chunk_row(c) for c in changes.chunks]
-        self.schedules = [_schedule_row(s) for s in changes.schedules] if changes.schedules else []
+        self.tasks = [task_row(t) for t in changes.tasks]
+        self.runs = [run_row(r) for r in changes.runs]
+        self.workers = [worker_row(w) for w in changes.workers]
+        self.chunks = [chunk_row(c) for c in changes.chunks]
+        self.schedules = [schedule_row(s) for s in changes.schedules] if changes.schedules else []
         self.deleted_schedules = [(n,) for n in changes.deleted_schedules]
-        self.bootstrap_tokens = [_bootstrap_row(t) for t in changes.bootstrap_tokens]
-        self.api_tokens = [_api_token_row(t) for t in changes.api_tokens]
-        self.audit_events = [_audit_row(e) for e in changes.audit_events]
+        self.bootstrap_tokens = [bootstrap_row(t) for t in changes.bootstrap_tokens]
+        self.api_tokens = [api_token_row(t) for t in changes.api_tokens]
+        self.audit_events = [audit_row(e) for e in changes.audit_events]
         self.loop = loop
         self.future = future
 
@@ -1017,7 +528,7 @@ class SqliteStore:
         conn.execute(
             "INSERT INTO store_probe (id, written_at) VALUES (1, ?) "
             "ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at",
-            (_us(datetime.now(UTC)),),
+            (us(datetime.now(UTC)),),
         )
         self._fence = None
 
@@ -1288,6 +799,7 @@ class SqliteStore:
             conn = sqlite3.connect(
                 self._read_uri, uri=True, isolation_level=None, check_same_thread=False
             )
+            conn.row_factory = sqlite3.Row  # rows are read by column name (rows.py)
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
             self._local.conn = conn
             with self._read_lock:
@@ -1312,7 +824,7 @@ class SqliteStore:
 
     async def get_task(self, task_id: TaskId) -> Task | None:
         row = await self._fetchone(f"{_SELECT_TASK} WHERE id = ?", (task_id,))
-        return None if row is None else _task(row)
+        return None if row is None else task_from(row)
 
     async def get_task_by_idempotency_key(self, key: str) -> Task | None:
         if not key:
@@ -1320,7 +832,7 @@ class SqliteStore:
         row = await self._fetchone(
             f"{_SELECT_TASK} WHERE idempotency_key = ? AND idempotency_key <> ''", (key,)
         )
-        return None if row is None else _task(row)
+        return None if row is None else task_from(row)
 
     async def list_tasks(self, query: TaskQuery) -> TaskPage:
         if query.limit < 1:
@@ -1351,30 +863,30 @@ class SqliteStore:
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(query.limit + 1)
         rows = await self._fetchall(sql, params)
-        tasks = [_task(r) for r in rows[: query.limit]]
+        tasks = [task_from(r) for r in rows[: query.limit]]
         return TaskPage(tasks, tasks[-1].id if len(rows) > query.limit else None)
 
     async def list_unfinished_tasks(self) -> list[Task]:
         rows = await self._fetchall(f"{_SELECT_TASK} WHERE status IN (1, 2) ORDER BY id")
-        return [_task(r) for r in rows]
+        return [task_from(r) for r in rows]
 
     async def get_run(self, run_id: RunId) -> Run | None:
         row = await self._fetchone(f"{_SELECT_RUN} WHERE id = ?", (run_id,))
-        return None if row is None else _run(row)
+        return None if row is None else run_from(row)
 
     async def list_runs(self, task_id: TaskId) -> list[Run]:
         rows = await self._fetchall(
             f"{_SELECT_RUN} WHERE task_id = ? ORDER BY attempt, id", (task_id,)
         )
-        return [_run(r) for r in rows]
+        return [run_from(r) for r in rows]
 
     async def list_unfinished_runs(self) -> list[Run]:
         rows = await self._fetchall(f"{_SELECT_RUN} WHERE status IN (1, 2, 3) ORDER BY id")
-        return [_run(r) for r in rows]
+        return [run_from(r) for r in rows]
 
     async def get_worker(self, worker_id: WorkerId) -> Worker | None:
         row = await self._fetchone(f"{_SELECT_WORKER} WHERE id = ?", (worker_id,))
-        return None if row is None else _worker(row)
+        return None if row is None else worker_from(row)
 
     async def list_workers(self, statuses: frozenset[WorkerStatus] = frozenset()) -> list[Worker]:
         if statuses:
@@ -1385,7 +897,7 @@ class SqliteStore:
             )
         else:
             rows = await self._fetchall(f"{_SELECT_WORKER} ORDER BY id")
-        return [_worker(r) for r in rows]
+        return [worker_from(r) for r in rows]
 
     async def read_output(
         self, run_ids: Sequence[RunId], after: dict[RunId, int] | None = None, limit: int = 10_000
@@ -1410,28 +922,28 @@ class SqliteStore:
                 conn.execute("COMMIT")
             return rows
 
-        return [_chunk(r) for r in await self._read(read)]
+        return [chunk_from(r) for r in await self._read(read)]
 
     # --- schedules -----------------------------------------------------------------------------
 
     async def get_schedule(self, name: str) -> Schedule | None:
         row = await self._fetchone(f"{_SELECT_SCHEDULE} WHERE name = ?", (name,))
-        return None if row is None else _schedule(row)
+        return None if row is None else schedule_from(row)
 
     async def list_schedules(self) -> list[Schedule]:
         rows = await self._fetchall(f"{_SELECT_SCHEDULE} ORDER BY name")
-        return [_schedule(r) for r in rows]
+        return [schedule_from(r) for r in rows]
 
     # --- access control ------------------------------------------------------------------------
 
     async def get_bootstrap_token(self, token_id: str) -> BootstrapToken | None:
         row = await self._fetchone(f"{_SELECT_BOOTSTRAP} WHERE id = ?", (token_id,))
-        return None if row is None else _bootstrap(row)
+        return None if row is None else bootstrap_from(row)
 
     async def list_bootstrap_tokens(self) -> list[BootstrapToken]:
         """Oldest first: by (created_at, id)."""
         rows = await self._fetchall(f"{_SELECT_BOOTSTRAP} ORDER BY created_at, id")
-        return [_bootstrap(r) for r in rows]
+        return [bootstrap_from(r) for r in rows]
 
     async def consume_bootstrap_token(
         self, token_id: str, now: datetime, host: str = ""
@@ -1441,23 +953,25 @@ class SqliteStore:
         One conditional UPDATE ... RETURNING on the writer connection, serialized with every
         other write and committed before this returns; the row comes back only to the winner.
         """
-        params = (_us(now), host, token_id)
+        params = (us(now), host, token_id)
 
         def consume(conn: sqlite3.Connection) -> Row | None:
-            rows = conn.execute(_CONSUME_BOOTSTRAP, params).fetchall()
+            cursor = conn.cursor()
+            cursor.row_factory = sqlite3.Row  # read by column name (rows.py)
+            rows: list[Row] = cursor.execute(_CONSUME_BOOTSTRAP, params).fetchall()
             return rows[0] if rows else None
 
         row = await self._write_call(consume)
-        return None if row is None else _bootstrap(row)
+        return None if row is None else bootstrap_from(row)
 
     async def get_api_token(self, token_id: str) -> ApiToken | None:
         row = await self._fetchone(f"{_SELECT_API_TOKEN} WHERE id = ?", (token_id,))
-        return None if row is None else _api_token(row)
+        return None if row is None else api_token_from(row)
 
     async def list_api_tokens(self) -> list[ApiToken]:
         """Oldest first: by (created_at, id)."""
         rows = await self._fetchall(f"{_SELECT_API_TOKEN} ORDER BY created_at, id")
-        return [_api_token(r) for r in rows]
+        return [api_token_from(r) for r in rows]
 
     async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
         """Newest first; at most query.limit; only ids below query.before_id when it is set."""
@@ -1476,16 +990,16 @@ class SqliteStore:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
         params.append(query.limit)
-        return [_audit(r) for r in await self._fetchall(sql, params)]
+        return [audit_from(r) for r in await self._fetchall(sql, params)]
 
     # --- webhooks (issue 16) -------------------------------------------------------------------
 
     async def add_webhook(self, webhook: Webhook) -> None:
-        row = _webhook_row(webhook)
+        row = webhook_row(webhook)
 
         def insert(conn: sqlite3.Connection) -> None:
             try:
-                conn.execute(f"INSERT INTO webhooks VALUES ({', '.join('?' * len(row))})", row)
+                conn.execute(_INSERT_WEBHOOK, row)
             except sqlite3.IntegrityError:
                 raise ValueError(f"webhook {webhook.id!r} already exists") from None
 
@@ -1500,12 +1014,12 @@ class SqliteStore:
 
     async def list_webhooks(self) -> list[Webhook]:
         rows = await self._fetchall(f"{_SELECT_WEBHOOK} ORDER BY created_at, id")
-        return [_webhook(r) for r in rows]
+        return [webhook_from(r) for r in rows]
 
     async def add_webhook_deliveries(
         self, deliveries: Sequence[WebhookDelivery]
     ) -> list[WebhookDelivery]:
-        rows = [(_delivery_row(d), d) for d in deliveries]
+        rows = [((*delivery_row(d), d.webhook_id), d) for d in deliveries]
 
         def insert(conn: sqlite3.Connection) -> list[WebhookDelivery]:
             stored = []
@@ -1523,8 +1037,8 @@ class SqliteStore:
             delivery.attempts,
             delivery.last_status_code,
             delivery.last_error,
-            _us(delivery.next_attempt_at),
-            _us_or_none(delivery.delivered_at),
+            us(delivery.next_attempt_at),
+            us_or_none(delivery.delivered_at),
             delivery.id,
         )
 
@@ -1557,88 +1071,21 @@ class SqliteStore:
             else " ORDER BY created_at DESC, id DESC LIMIT ?"
         )
         params.append(limit)
-        return [_delivery(r) for r in await self._fetchall(sql, params)]
+        return [delivery_from(r) for r in await self._fetchall(sql, params)]
 
 
-_SELECT_WEBHOOK: Final = (
-    "SELECT id, url, events, secret, created_at, labels, agent, schedule, description, "
-    "created_by FROM webhooks"
+_SELECT_WEBHOOK: Final = f"SELECT {column_list(WEBHOOK_COLUMNS)} FROM webhooks"
+_INSERT_WEBHOOK: Final = (
+    f"INSERT INTO webhooks ({column_list(WEBHOOK_COLUMNS)}) "
+    f"VALUES ({', '.join('?' * len(WEBHOOK_COLUMNS))})"
 )
-_DELIVERY_COLUMNS: Final = (
-    "id, webhook_id, event, event_key, payload, created_at, next_attempt_at, status, attempts, "
-    "last_status_code, last_error, delivered_at"
-)
-_SELECT_DELIVERY: Final = f"SELECT {_DELIVERY_COLUMNS} FROM webhook_deliveries"
+_SELECT_DELIVERY: Final = f"SELECT {column_list(DELIVERY_COLUMNS)} FROM webhook_deliveries"
+# the delivery's columns, then its webhook id again: stored only while the webhook exists
 _INSERT_DELIVERY: Final = (
-    f"INSERT OR IGNORE INTO webhook_deliveries ({_DELIVERY_COLUMNS}) "
-    "SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ? WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = ?)"
+    f"INSERT OR IGNORE INTO webhook_deliveries ({column_list(DELIVERY_COLUMNS)}) "
+    f"SELECT {', '.join('?' * len(DELIVERY_COLUMNS))} "
+    "WHERE EXISTS (SELECT 1 FROM webhooks WHERE id = ?)"
 )
-
-
-def _webhook_row(w: Webhook) -> Row:
-    return (
-        w.id,
-        w.url,
-        _dumps(sorted(str(e) for e in w.events)),
-        w.secret,
-        _us(w.created_at),
-        _dumps(w.labels),
-        w.agent,
-        w.schedule,
-        w.description,
-        w.created_by,
-    )
-
-
-def _webhook(r: Row) -> Webhook:
-    return Webhook(
-        id=r[0],
-        url=r[1],
-        events=frozenset(WebhookEvent(e) for e in _loads(r[2])),
-        secret=r[3],
-        created_at=_dt(r[4]),
-        labels=_loads(r[5]),
-        agent=r[6],
-        schedule=r[7],
-        description=r[8],
-        created_by=r[9],
-    )
-
-
-def _delivery_row(d: WebhookDelivery) -> Row:
-    """The insert's parameters: the columns, then the webhook id again (it must exist)."""
-    return (
-        d.id,
-        d.webhook_id,
-        str(d.event),
-        d.event_key,
-        d.payload,
-        _us(d.created_at),
-        _us(d.next_attempt_at),
-        str(d.status),
-        d.attempts,
-        d.last_status_code,
-        d.last_error,
-        _us_or_none(d.delivered_at),
-        d.webhook_id,
-    )
-
-
-def _delivery(r: Row) -> WebhookDelivery:
-    return WebhookDelivery(
-        id=r[0],
-        webhook_id=r[1],
-        event=WebhookEvent(r[2]),
-        event_key=r[3],
-        payload=r[4],
-        created_at=_dt(r[5]),
-        next_attempt_at=_dt(r[6]),
-        status=DeliveryStatus(r[7]),
-        attempts=r[8],
-        last_status_code=r[9],
-        last_error=r[10],
-        delivered_at=_dt_or_none(r[11]),
-    )
 
 
 def _create_private(path: Path) -> None:

@@ -1,0 +1,666 @@
+"""What the SQL stores (SQLite, PostgreSQL) share: each table's columns, and the mapping between
+rows and core models.
+
+Writes: `task_row(task)` and friends encode a model into a tuple of parameters in the order of
+the table's column list (`TASK_COLUMNS`, ...), which the dialects' INSERT statements are built
+from. Reads: `task_from(row)` and friends read a row by column name (an `sqlite3.Row`, a
+psycopg dict row), so a SELECT may name its columns in any order.
+
+Encodings, the same in both dialects:
+- datetimes: integer microseconds since the Unix epoch (UTC); they come back as timezone-aware
+  UTC datetimes equal to what was written. Naive datetimes are refused with ValueError.
+- labels, policies, usage, agents, a run's backend, API token scopes: JSON text (SQLite TEXT,
+  PostgreSQL jsonb read back as text).
+- statuses and other enums: their integer (or, for audit kinds, string) values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, Final, Protocol
+
+from taskrun.core.access import ApiToken, AuditEvent, AuditKind, BootstrapToken, Scope
+from taskrun.core.ids import WorkerId
+from taskrun.core.models import (
+    AgentSpec,
+    ModelBackend,
+    OutputChunk,
+    OutputKind,
+    Run,
+    Task,
+    TaskPolicy,
+    Usage,
+    Worker,
+)
+from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
+from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery, WebhookEvent
+
+Params = tuple[Any, ...]
+
+
+class RowLike(Protocol):
+    """A row whose values are found by column name (sqlite3.Row, a dict)."""
+
+    def __getitem__(self, key: str, /) -> Any: ...
+
+
+# --- columns, in the order of the parameters the encoders produce ------------------------------
+
+TASK_COLUMNS: Final = (
+    "id",
+    "agent",
+    "input",
+    "labels",
+    "policy",
+    "status",
+    "attempts",
+    "current_run_id",
+    "worker_id",
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "error",
+    "result",
+    "usage",
+    "schedule",
+    "cancel_requested",
+    "idempotency_key",  # a copy of policy.idempotency_key, for its unique index
+)
+RUN_COLUMNS: Final = (
+    "id",
+    "task_id",
+    "attempt",
+    "status",
+    "worker_id",
+    "created_at",
+    "assigned_at",
+    "started_at",
+    "finished_at",
+    "error",
+    "result",
+    "usage",
+    "backend_used",
+    "session_id",
+    "prompt",
+)
+WORKER_COLUMNS: Final = (
+    "id",
+    "hostname",
+    "version",
+    "agents",
+    "labels",
+    "max_concurrent_runs",
+    "status",
+    "first_seen_at",
+    "connected_at",
+    "last_heartbeat_at",
+    "certificate_expires_at",
+    "revoked_at",
+    "revoked_reason",
+    "enrolled_labels",
+    "enrolled_at",
+)
+CHUNK_COLUMNS: Final = ("run_id", "attempt", "seq", "kind", "data", "time")
+SCHEDULE_COLUMNS: Final = (
+    "name",
+    "agent",
+    "input",
+    "labels",
+    "policy",
+    "cron",
+    "rrule",
+    "timezone",
+    "misfire",
+    "overlap",
+    "paused",
+    "created_at",
+    "updated_at",
+    "last_fire_time",
+    "next_fire_time",
+    "last_task_id",
+    "last_outcome",
+)
+BOOTSTRAP_COLUMNS: Final = (
+    "id",
+    "secret_hash",
+    "worker_id",
+    "created_at",
+    "expires_at",
+    "labels",
+    "created_by",
+    "used_at",
+    "used_by_host",
+    "revoked_at",
+)
+API_TOKEN_COLUMNS: Final = (
+    "id",
+    "secret_hash",
+    "name",
+    "scopes",
+    "created_at",
+    "expires_at",
+    "created_by",
+    "revoked_at",
+)
+AUDIT_COLUMNS: Final = ("id", "time", "kind", "principal", "subject", "peer", "detail")
+
+# Unfinished statuses, as the integers stored (the partial indexes use the same lists).
+UNFINISHED_TASK_STATUSES: Final = (int(TaskStatus.PENDING), int(TaskStatus.RUNNING))
+UNFINISHED_RUN_STATUSES: Final = (
+    int(RunStatus.PENDING),
+    int(RunStatus.ASSIGNED),
+    int(RunStatus.RUNNING),
+)
+
+
+def column_list(columns: Sequence[str], prefix: str = "") -> str:
+    return ", ".join(f"{prefix}{c}" for c in columns)
+
+
+def upsert_sql(table: str, columns: Sequence[str], mark: str) -> str:
+    """INSERT ... ON CONFLICT (first column) DO UPDATE, with `mark` as the placeholder ("?" for
+    SQLite, "%s" for psycopg); the same statement in both dialects."""
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
+    return (
+        f"INSERT INTO {table} ({column_list(columns)})"
+        f" VALUES ({', '.join([mark] * len(columns))})"
+        f" ON CONFLICT ({columns[0]}) DO UPDATE SET {updates}"
+    )
+
+
+# --- values ------------------------------------------------------------------------------------
+
+_EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
+_MICROSECOND: Final = timedelta(microseconds=1)
+dumps: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+loads: Final = json.loads
+
+
+def us(value: datetime) -> int:
+    """Microseconds since the epoch; ValueError for a naive datetime."""
+    try:
+        return (value - _EPOCH) // _MICROSECOND
+    except TypeError:
+        raise ValueError(f"datetimes must be timezone-aware, got {value!r}") from None
+
+
+def us_or_none(value: datetime | None) -> int | None:
+    return None if value is None else us(value)
+
+
+def dt(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)
+
+
+def dt_or_none(value: int | None) -> datetime | None:
+    return None if value is None else _EPOCH + timedelta(microseconds=value)
+
+
+_NO_USAGE: Final = Usage()
+_NO_USAGE_JSON: Final = dumps(dataclasses.asdict(_NO_USAGE))  # the common case, precomputed
+
+
+def usage_json(u: Usage) -> str:
+    if u == _NO_USAGE:
+        return _NO_USAGE_JSON
+    return dumps(
+        {
+            "input_tokens": u.input_tokens,
+            "output_tokens": u.output_tokens,
+            "cache_read_tokens": u.cache_read_tokens,
+            "cache_creation_tokens": u.cache_creation_tokens,
+            "cost_usd": u.cost_usd,
+            "turns": u.turns,
+            "duration_ms": u.duration_ms,
+        }
+    )
+
+
+def usage_from(text: str) -> Usage:
+    return Usage() if text == _NO_USAGE_JSON else Usage(**loads(text))
+
+
+def policy_json(p: TaskPolicy) -> str:
+    return dumps(
+        {
+            "priority": p.priority,
+            "timeout": p.timeout,
+            "max_attempts": p.max_attempts,
+            "idempotency_key": p.idempotency_key,
+            "required_labels": p.required_labels,
+            "queue_timeout": p.queue_timeout,
+            "retry_on_failure": p.retry_on_failure,
+            "required_provider": p.required_provider,
+            "required_model": p.required_model,
+        }
+    )
+
+
+@functools.lru_cache(maxsize=1024)  # most tasks share a handful of policies
+def _policy_fields(text: str) -> dict[str, Any]:
+    fields: dict[str, Any] = loads(text)
+    return fields
+
+
+def policy_from(text: str) -> TaskPolicy:
+    policy = TaskPolicy(**_policy_fields(text))
+    policy.required_labels = dict(policy.required_labels)  # never share the cached dict
+    return policy
+
+
+def _backend_dict(b: ModelBackend) -> dict[str, Any]:
+    return {
+        "provider": b.provider,
+        "model_name": b.model_name,
+        "context_window": b.context_window,
+        "modalities": list(b.modalities),
+        "tools": list(b.tools),
+    }
+
+
+def _backend(d: dict[str, Any]) -> ModelBackend:
+    return ModelBackend(
+        provider=d["provider"],
+        model_name=d["model_name"],
+        context_window=d["context_window"],
+        modalities=tuple(d["modalities"]),
+        tools=tuple(d["tools"]),
+    )
+
+
+def agents_json(agents: Sequence[AgentSpec]) -> str:
+    return dumps(
+        [
+            {
+                "name": a.name,
+                "description": a.description,
+                "backends": [_backend_dict(b) for b in a.backends],
+                "input_schema": a.input_schema,
+                "supports_sessions": a.supports_sessions,
+            }
+            for a in agents
+        ]
+    )
+
+
+def agents_from(text: str) -> tuple[AgentSpec, ...]:
+    return tuple(
+        AgentSpec(
+            name=a["name"],
+            description=a["description"],
+            backends=tuple(_backend(b) for b in a["backends"]),
+            input_schema=a["input_schema"],
+            supports_sessions=a["supports_sessions"],
+        )
+        for a in loads(text)
+    )
+
+
+# --- tasks, runs, workers, output --------------------------------------------------------------
+
+
+def task_row(t: Task) -> Params:
+    p = t.policy
+    return (
+        t.id,
+        t.agent,
+        t.input,
+        dumps(t.labels),
+        policy_json(p),
+        int(t.status),
+        t.attempts,
+        t.current_run_id,
+        t.worker_id,
+        us(t.created_at),
+        us(t.updated_at),
+        us_or_none(t.finished_at),
+        t.error,
+        t.result,
+        usage_json(t.usage),
+        t.schedule,
+        int(t.cancel_requested),
+        p.idempotency_key,
+    )
+
+
+def task_from(r: RowLike) -> Task:
+    return Task(
+        id=r["id"],
+        agent=r["agent"],
+        input=r["input"],
+        labels=loads(r["labels"]),
+        policy=policy_from(r["policy"]),
+        status=TaskStatus(r["status"]),
+        attempts=r["attempts"],
+        current_run_id=r["current_run_id"],
+        worker_id=r["worker_id"],
+        created_at=dt(r["created_at"]),
+        updated_at=dt(r["updated_at"]),
+        finished_at=dt_or_none(r["finished_at"]),
+        error=r["error"],
+        result=r["result"],
+        usage=usage_from(r["usage"]),
+        schedule=r["schedule"],
+        cancel_requested=bool(r["cancel_requested"]),
+    )
+
+
+def run_row(r: Run) -> Params:
+    b = r.backend_used
+    return (
+        r.id,
+        r.task_id,
+        r.attempt,
+        int(r.status),
+        r.worker_id,
+        us(r.created_at),
+        us_or_none(r.assigned_at),
+        us_or_none(r.started_at),
+        us_or_none(r.finished_at),
+        r.error,
+        r.result,
+        usage_json(r.usage),
+        None if b is None else dumps(_backend_dict(b)),
+        r.session_id,
+        r.prompt,
+    )
+
+
+def run_from(r: RowLike) -> Run:
+    backend = r["backend_used"]
+    return Run(
+        id=r["id"],
+        task_id=r["task_id"],
+        attempt=r["attempt"],
+        status=RunStatus(r["status"]),
+        worker_id=r["worker_id"],
+        created_at=dt(r["created_at"]),
+        assigned_at=dt_or_none(r["assigned_at"]),
+        started_at=dt_or_none(r["started_at"]),
+        finished_at=dt_or_none(r["finished_at"]),
+        error=r["error"],
+        result=r["result"],
+        usage=usage_from(r["usage"]),
+        backend_used=None if backend is None else _backend(loads(backend)),
+        session_id=r["session_id"],
+        prompt=r["prompt"],
+    )
+
+
+def worker_row(w: Worker) -> Params:
+    return (
+        w.id,
+        w.hostname,
+        w.version,
+        agents_json(w.agents),
+        dumps(w.labels),
+        w.max_concurrent_runs,
+        int(w.status),
+        us_or_none(w.first_seen_at),
+        us_or_none(w.connected_at),
+        us_or_none(w.last_heartbeat_at),
+        us_or_none(w.certificate_expires_at),
+        us_or_none(w.revoked_at),
+        w.revoked_reason,
+        dumps(w.enrolled_labels),
+        us_or_none(w.enrolled_at),
+    )
+
+
+def worker_from(r: RowLike) -> Worker:
+    return Worker(
+        id=r["id"],
+        hostname=r["hostname"],
+        version=r["version"],
+        agents=agents_from(r["agents"]),
+        labels=loads(r["labels"]),
+        max_concurrent_runs=r["max_concurrent_runs"],
+        status=WorkerStatus(r["status"]),
+        first_seen_at=dt_or_none(r["first_seen_at"]),
+        connected_at=dt_or_none(r["connected_at"]),
+        last_heartbeat_at=dt_or_none(r["last_heartbeat_at"]),
+        certificate_expires_at=dt_or_none(r["certificate_expires_at"]),
+        revoked_at=dt_or_none(r["revoked_at"]),
+        revoked_reason=r["revoked_reason"],
+        enrolled_labels=loads(r["enrolled_labels"]),
+        enrolled_at=dt_or_none(r["enrolled_at"]),
+    )
+
+
+def chunk_row(c: OutputChunk) -> Params:
+    return (c.run_id, c.attempt, c.seq, int(c.kind), c.data, us_or_none(c.time))
+
+
+def chunk_from(r: RowLike) -> OutputChunk:
+    """A chunk from an output row joined with its run's task_id."""
+    return OutputChunk(
+        run_id=r["run_id"],
+        attempt=r["attempt"],
+        seq=r["seq"],
+        data=r["data"],
+        kind=OutputKind(r["kind"]),
+        time=dt_or_none(r["time"]),
+        task_id=r["task_id"],
+    )
+
+
+# --- schedules ---------------------------------------------------------------------------------
+
+
+def schedule_row(s: Schedule) -> Params:
+    return (
+        s.name,
+        s.agent,
+        s.input,
+        dumps(s.labels),
+        policy_json(s.policy),
+        s.cron,
+        s.rrule,
+        s.timezone,
+        int(s.misfire),
+        int(s.overlap),
+        int(s.paused),
+        us(s.created_at),
+        us(s.updated_at),
+        us_or_none(s.last_fire_time),
+        us_or_none(s.next_fire_time),
+        s.last_task_id,
+        s.last_outcome,
+    )
+
+
+def schedule_from(r: RowLike) -> Schedule:
+    return Schedule(
+        name=r["name"],
+        agent=r["agent"],
+        input=r["input"],
+        labels=loads(r["labels"]),
+        policy=policy_from(r["policy"]),
+        cron=r["cron"],
+        rrule=r["rrule"],
+        timezone=r["timezone"],
+        misfire=MisfirePolicy(r["misfire"]),
+        overlap=OverlapPolicy(r["overlap"]),
+        paused=bool(r["paused"]),
+        created_at=dt(r["created_at"]),
+        updated_at=dt(r["updated_at"]),
+        last_fire_time=dt_or_none(r["last_fire_time"]),
+        next_fire_time=dt_or_none(r["next_fire_time"]),
+        last_task_id=r["last_task_id"],
+        last_outcome=r["last_outcome"],
+    )
+
+
+# --- access control ----------------------------------------------------------------------------
+
+
+def bootstrap_row(t: BootstrapToken) -> Params:
+    return (
+        t.id,
+        t.secret_hash,
+        t.worker_id,
+        us(t.created_at),
+        us(t.expires_at),
+        dumps(t.labels),
+        t.created_by,
+        us_or_none(t.used_at),
+        t.used_by_host,
+        us_or_none(t.revoked_at),
+    )
+
+
+def bootstrap_from(r: RowLike) -> BootstrapToken:
+    return BootstrapToken(
+        id=r["id"],
+        secret_hash=r["secret_hash"],
+        worker_id=WorkerId(r["worker_id"]),
+        created_at=dt(r["created_at"]),
+        expires_at=dt(r["expires_at"]),
+        labels=loads(r["labels"]),
+        created_by=r["created_by"],
+        used_at=dt_or_none(r["used_at"]),
+        used_by_host=r["used_by_host"],
+        revoked_at=dt_or_none(r["revoked_at"]),
+    )
+
+
+def api_token_row(t: ApiToken) -> Params:
+    return (
+        t.id,
+        t.secret_hash,
+        t.name,
+        dumps(sorted(str(s) for s in t.scopes)),
+        us(t.created_at),
+        us_or_none(t.expires_at),
+        t.created_by,
+        us_or_none(t.revoked_at),
+    )
+
+
+def api_token_from(r: RowLike) -> ApiToken:
+    return ApiToken(
+        id=r["id"],
+        secret_hash=r["secret_hash"],
+        name=r["name"],
+        scopes=frozenset(Scope(s) for s in loads(r["scopes"])),
+        created_at=dt(r["created_at"]),
+        expires_at=dt_or_none(r["expires_at"]),
+        created_by=r["created_by"],
+        revoked_at=dt_or_none(r["revoked_at"]),
+    )
+
+
+def audit_row(e: AuditEvent) -> Params:
+    """Without the id (AUDIT_COLUMNS[1:]): the store numbers events."""
+    return (us(e.time), str(e.kind), e.principal, e.subject, e.peer, e.detail)
+
+
+def audit_from(r: RowLike) -> AuditEvent:
+    return AuditEvent(
+        id=r["id"],
+        time=dt(r["time"]),
+        kind=AuditKind(r["kind"]),
+        principal=r["principal"],
+        subject=r["subject"],
+        peer=r["peer"],
+        detail=r["detail"],
+    )
+
+
+# --- webhooks ----------------------------------------------------------------------------------
+
+WEBHOOK_COLUMNS: Final = (
+    "id",
+    "url",
+    "events",
+    "secret",
+    "created_at",
+    "labels",
+    "agent",
+    "schedule",
+    "description",
+    "created_by",
+)
+DELIVERY_COLUMNS: Final = (
+    "id",
+    "webhook_id",
+    "event",
+    "event_key",
+    "payload",
+    "created_at",
+    "next_attempt_at",
+    "status",
+    "attempts",
+    "last_status_code",
+    "last_error",
+    "delivered_at",
+)
+
+
+def webhook_row(w: Webhook) -> Params:
+    return (
+        w.id,
+        w.url,
+        dumps(sorted(str(e) for e in w.events)),
+        w.secret,
+        us(w.created_at),
+        dumps(w.labels),
+        w.agent,
+        w.schedule,
+        w.description,
+        w.created_by,
+    )
+
+
+def webhook_from(r: RowLike) -> Webhook:
+    return Webhook(
+        id=r["id"],
+        url=r["url"],
+        events=frozenset(WebhookEvent(e) for e in loads(r["events"])),
+        secret=r["secret"],
+        created_at=dt(r["created_at"]),
+        labels=loads(r["labels"]),
+        agent=r["agent"],
+        schedule=r["schedule"],
+        description=r["description"],
+        created_by=r["created_by"],
+    )
+
+
+def delivery_row(d: WebhookDelivery) -> Params:
+    return (
+        d.id,
+        d.webhook_id,
+        str(d.event),
+        d.event_key,
+        d.payload,
+        us(d.created_at),
+        us(d.next_attempt_at),
+        str(d.status),
+        d.attempts,
+        d.last_status_code,
+        d.last_error,
+        us_or_none(d.delivered_at),
+    )
+
+
+def delivery_from(r: RowLike) -> WebhookDelivery:
+    return WebhookDelivery(
+        id=r["id"],
+        webhook_id=r["webhook_id"],
+        event=WebhookEvent(r["event"]),
+        event_key=r["event_key"],
+        payload=r["payload"],
+        created_at=dt(r["created_at"]),
+        next_attempt_at=dt(r["next_attempt_at"]),
+        status=DeliveryStatus(r["status"]),
+        attempts=r["attempts"],
+        last_status_code=r["last_status_code"],
+        last_error=r["last_error"],
+        delivered_at=dt_or_none(r["delivered_at"]),
+    )

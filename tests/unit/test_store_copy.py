@@ -1,0 +1,176 @@
+"""`taskrun store copy`: everything a SQLite store holds arrives in PostgreSQL, equal."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from dataclasses import replace
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+
+from taskrun.controlplane.store import SqliteStore
+from taskrun.controlplane.store.copy import DestinationNotEmpty, copy_store
+from taskrun.controlplane.store.postgres import PostgresStore
+from taskrun.core.access import AuditQuery, Scope
+from taskrun.core.models import OutputChunk
+from taskrun.core.status import RunStatus, TaskStatus
+from taskrun.core.store import ChangeSet, Store, TaskQuery
+from tests.unit.test_store_contract import (
+    T0,
+    audit,
+    chunk,
+    full_bootstrap,
+    full_run,
+    full_schedule,
+    full_task,
+    full_worker,
+    make_api_token,
+    make_run,
+    make_schedule,
+    make_task,
+    rid,
+    stored,
+)
+
+
+async def seed(store: SqliteStore) -> None:
+    """30 tasks (task 7 with every field, two with two attempts), a run with 300 chunks, workers,
+    schedules, tokens, and 12 audit events of which retention keeps the last 5 (ids 8..12)."""
+    tasks = [make_task(n, labels={"n": str(n)}) for n in range(1, 31)]
+    runs = [make_run(n, n) for n in range(1, 31)]
+    runs += [make_run(100 + n, n, attempt=2, status=RunStatus.RUNNING) for n in (3, 4)]
+    tasks[2] = replace(tasks[2], status=TaskStatus.RUNNING, attempts=2)
+    await store.apply(ChangeSet(tasks=[*tasks, full_task()], runs=[*runs, full_run()]))
+    await store.apply(ChangeSet(chunks=[chunk(1, s) for s in range(1, 301)]))
+    await store.apply(ChangeSet(chunks=[chunk(n, 1) for n in range(2, 31)]))
+    await store.apply(ChangeSet(chunks=[chunk(103, s, attempt=2) for s in (1, 2)]))
+    await store.apply(
+        ChangeSet(
+            workers=[full_worker("w-1"), full_worker("w-2")],
+            schedules=[full_schedule(), make_schedule()],
+            bootstrap_tokens=[full_bootstrap()],
+            api_tokens=[make_api_token(1, scopes=frozenset(Scope), expires_at=T0)],
+            audit_events=[audit(n) for n in range(1, 13)],
+        )
+    )
+
+
+async def everything(store: Store) -> dict[str, object]:
+    tasks = []
+    before = None
+    while True:
+        page = await store.list_tasks(TaskQuery(limit=7, before=before))
+        tasks.extend(page.tasks)
+        if page.next_before is None:
+            break
+        before = page.next_before
+    runs = {t.id: await store.list_runs(t.id) for t in tasks}
+    output: dict[str, list[OutputChunk]] = {}
+    for task_runs in runs.values():
+        for run in task_runs:
+            output[run.id] = await store.read_output([run.id])
+    return {
+        "tasks": tasks,
+        "runs": runs,
+        "output": output,
+        "workers": await store.list_workers(),
+        "schedules": await store.list_schedules(),
+        "bootstrap": await store.list_bootstrap_tokens(),
+        "api": await store.list_api_tokens(),
+    }
+
+
+async def test_a_sqlite_store_is_copied_into_postgresql_whole(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    source = SqliteStore(tmp_path / "t.db", audit_retention=5)
+    destination = PostgresStore(postgres_url)
+    await source.open()
+    await destination.open()
+    try:
+        await seed(source)
+        counts = await copy_store(source, destination, batch=7)  # several pages of everything
+        assert (counts.tasks, counts.runs, counts.output_chunks) == (30, 33, 331)
+        assert (counts.workers, counts.schedules, counts.bootstrap_tokens) == (2, 2, 1)
+        assert (counts.api_tokens, counts.audit_events) == (1, 5)
+        copied, original = await everything(destination), await everything(source)
+        assert copied == original
+        assert len(copied["output"][rid(1)]) == 300  # type: ignore[index]
+        assert await destination.list_unfinished_runs() == await source.list_unfinished_runs()
+        # audit events: same order and contents, numbered again from 1
+        assert await destination.list_audit_events(AuditQuery()) == [
+            stored(audit(n), n - 7) for n in range(12, 7, -1)
+        ]
+        assert [e.id for e in await source.list_audit_events(AuditQuery())] == [12, 11, 10, 9, 8]
+        # the copy is a working store: the numbering and the key index go on
+        await destination.apply(ChangeSet(audit_events=[audit(13)]))
+        newest = await destination.list_audit_events(AuditQuery(limit=1))
+        assert newest[0].id == 6
+        assert await destination.get_task_by_idempotency_key("key-7") == full_task()
+    finally:
+        await source.close()
+        await destination.close()
+
+
+async def test_a_destination_that_holds_anything_is_refused(
+    tmp_path: Path, postgres_url: str
+) -> None:
+    source = SqliteStore(tmp_path / "t.db")
+    destination = PostgresStore(postgres_url)
+    await source.open()
+    await destination.open()
+    try:
+        await source.apply(ChangeSet(tasks=[make_task(1)]))
+        await destination.apply(
+            ChangeSet(schedules=[make_schedule(created_at=T0 - timedelta(days=1))])
+        )
+        with pytest.raises(DestinationNotEmpty, match="already holds schedules"):
+            await copy_store(source, destination)
+        assert (await destination.list_tasks(TaskQuery())).tasks == []
+    finally:
+        await source.close()
+        await destination.close()
+
+
+async def test_store_copy_command(tmp_path: Path, postgres_url: str) -> None:
+    path = tmp_path / "taskrun.db"
+    source = SqliteStore(path)
+    await source.open()
+    await source.apply(ChangeSet(tasks=[full_task()], runs=[full_run()], workers=[full_worker()]))
+    await source.close()
+
+    code, out, _ = await taskrun("store", "copy", f"sqlite:{path}", postgres_url)
+    assert code == 0
+    assert "copied 1 tasks, 1 runs, 0 output chunks, 1 workers" in out
+    check = PostgresStore(postgres_url)
+    await check.open()
+    try:
+        assert (await check.list_tasks(TaskQuery())).tasks == [full_task()]
+    finally:
+        await check.close()
+
+    code, _, err = await taskrun("store", "copy", f"sqlite:{path}", postgres_url)
+    assert (code, err.splitlines()[-1]) == (
+        1,
+        "error: the destination store already holds tasks: copy into an empty one",
+    )
+    code, _, err = await taskrun("store", "copy", f"sqlite:{tmp_path / 'none.db'}", postgres_url)
+    assert code == 2
+    assert "does not exist" in err
+
+
+async def taskrun(*argv: str) -> tuple[int, str, str]:
+    """The `taskrun` command in its own process: exit code, stdout, stderr."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "taskrun.cli.main",
+        *argv,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return proc.returncode, out.decode(), err.decode()
