@@ -46,21 +46,23 @@ from taskrun.core.access import (
     Scope,
 )
 from taskrun.core.errors import StoreUnavailable
-from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.models import (
     AgentSpec,
+    Conversation,
     ModelBackend,
     OutputChunk,
     OutputKind,
     Run,
     Task,
     TaskPolicy,
+    Turn,
     Usage,
     Worker,
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
+from taskrun.core.store import FENCED, ChangeSet, ConversationQuery, TaskPage, TaskQuery
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
 
@@ -219,6 +221,43 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             written_at INTEGER NOT NULL  -- microseconds since the epoch, UTC
         )""",
     ),
+    # conversations: turns are tasks; the transcript and the agent's session live here
+    (
+        "ALTER TABLE tasks ADD COLUMN conversation_id TEXT",
+        "ALTER TABLE tasks ADD COLUMN turn INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE conversations (
+            id                 TEXT PRIMARY KEY,
+            agent              TEXT NOT NULL,
+            title              TEXT NOT NULL,
+            labels             TEXT NOT NULL,  -- JSON object
+            input              TEXT NOT NULL,  -- JSON object: agent options of every turn
+            policy             TEXT NOT NULL,  -- JSON object, the policy of every turn
+            created_at         INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+            updated_at         INTEGER NOT NULL,
+            turns              INTEGER NOT NULL,
+            usage              TEXT NOT NULL,  -- JSON object, summed over turns
+            session_id         TEXT NOT NULL,
+            session_snapshot   BLOB NOT NULL,  -- zlib-compressed session file, or empty
+            session_cost_usd   REAL NOT NULL,  -- the session's running total at the snapshot
+            summarized_through INTEGER NOT NULL,
+            summary            TEXT NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX conversations_agent ON conversations (agent, id)",
+        """CREATE TABLE turns (
+            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            idx             INTEGER NOT NULL,
+            task_id         TEXT NOT NULL REFERENCES tasks (id),
+            message         TEXT NOT NULL,
+            created_at      INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+            status          INTEGER NOT NULL,
+            answer          TEXT NOT NULL,
+            tools           TEXT NOT NULL,  -- compact JSON array
+            error           TEXT NOT NULL,
+            usage           TEXT NOT NULL,  -- JSON object: this turn's own spending
+            finished_at     INTEGER,
+            PRIMARY KEY (conversation_id, idx)
+        ) WITHOUT ROWID""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -240,6 +279,8 @@ _TASK_COLUMNS: Final = (
     "usage",
     "schedule",
     "cancel_requested",
+    "conversation_id",
+    "turn",
     "idempotency_key",
 )
 _RUN_COLUMNS: Final = (
@@ -458,6 +499,8 @@ def _task_row(t: Task) -> Row:
         _usage_json(t.usage),
         t.schedule,
         int(t.cancel_requested),
+        t.conversation_id,
+        t.turn,
         p.idempotency_key,
     )
 
@@ -481,6 +524,8 @@ def _task(r: Row) -> Task:
         usage=_usage(r[14]),
         schedule=r[15],
         cancel_requested=bool(r[16]),
+        conversation_id=r[17],
+        turn=r[18],
     )
 
 
@@ -700,6 +745,119 @@ _CONSUME_BOOTSTRAP: Final = (
 )
 
 
+_CONVERSATION_COLUMNS: Final = (
+    "id",
+    "agent",
+    "title",
+    "labels",
+    "input",
+    "policy",
+    "created_at",
+    "updated_at",
+    "turns",
+    "usage",
+    "session_id",
+    "session_snapshot",
+    "session_cost_usd",
+    "summarized_through",
+    "summary",
+)
+_UPSERT_CONVERSATION: Final = _upsert_sql("conversations", _CONVERSATION_COLUMNS)
+_SELECT_CONVERSATION: Final = f"SELECT {', '.join(_CONVERSATION_COLUMNS)} FROM conversations"
+_TURN_COLUMNS: Final = (
+    "conversation_id",
+    "idx",
+    "task_id",
+    "message",
+    "created_at",
+    "status",
+    "answer",
+    "tools",
+    "error",
+    "usage",
+    "finished_at",
+)
+_UPSERT_TURN: Final = (
+    f"INSERT INTO turns ({', '.join(_TURN_COLUMNS)}) VALUES ({', '.join('?' * len(_TURN_COLUMNS))})"
+    " ON CONFLICT (conversation_id, idx) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _TURN_COLUMNS[2:])
+)
+_SELECT_TURN: Final = f"SELECT {', '.join(_TURN_COLUMNS)} FROM turns"
+_DELETE_CONVERSATION: Final = "DELETE FROM conversations WHERE id = ?"
+
+
+def _conversation_row(c: Conversation) -> Row:
+    return (
+        c.id,
+        c.agent,
+        c.title,
+        _dumps(c.labels),
+        c.input,
+        _policy_json(c.policy),
+        _us(c.created_at),
+        _us(c.updated_at),
+        c.turns,
+        _usage_json(c.usage),
+        c.session_id,
+        c.session_snapshot,
+        c.session_cost_usd,
+        c.summarized_through,
+        c.summary,
+    )
+
+
+def _conversation(r: Row) -> Conversation:
+    return Conversation(
+        id=r[0],
+        agent=r[1],
+        title=r[2],
+        labels=_loads(r[3]),
+        input=r[4],
+        policy=_policy(r[5]),
+        created_at=_dt(r[6]),
+        updated_at=_dt(r[7]),
+        turns=r[8],
+        usage=_usage(r[9]),
+        session_id=r[10],
+        session_snapshot=bytes(r[11]),
+        session_cost_usd=r[12],
+        summarized_through=r[13],
+        summary=r[14],
+    )
+
+
+def _turn_row(t: Turn) -> Row:
+    return (
+        t.conversation_id,
+        t.index,
+        t.task_id,
+        t.message,
+        _us(t.created_at),
+        int(t.status),
+        t.answer,
+        t.tools,
+        t.error,
+        _usage_json(t.usage),
+        _us_or_none(t.finished_at),
+    )
+
+
+def _turn(r: Row) -> Turn:
+    return Turn(
+        conversation_id=r[0],
+        index=r[1],
+        task_id=r[2],
+        message=r[3],
+        created_at=_dt(r[4]),
+        status=TaskStatus(r[5]),
+        answer=r[6],
+        tools=r[7],
+        error=r[8],
+        usage=_usage(r[9]),
+        finished_at=_dt_or_none(r[10]),
+    )
+
+
 def _bootstrap_row(t: BootstrapToken) -> Row:
     return (
         t.id,
@@ -784,12 +942,15 @@ class _Pending:
         "audit_events",
         "bootstrap_tokens",
         "chunks",
+        "conversations",
+        "deleted_conversations",
         "deleted_schedules",
         "future",
         "loop",
         "runs",
         "schedules",
         "tasks",
+        "turns",
         "workers",
     )
 
@@ -808,6 +969,9 @@ class _Pending:
         self.bootstrap_tokens = [_bootstrap_row(t) for t in changes.bootstrap_tokens]
         self.api_tokens = [_api_token_row(t) for t in changes.api_tokens]
         self.audit_events = [_audit_row(e) for e in changes.audit_events]
+        self.conversations = [_conversation_row(c) for c in changes.conversations]
+        self.turns = [_turn_row(t) for t in changes.turns]
+        self.deleted_conversations = [(c,) for c in changes.deleted_conversations]
         self.loop = loop
         self.future = future
 
@@ -1149,6 +1313,12 @@ class SqliteStore:
                     if p.audit_events:
                         conn.executemany(_INSERT_AUDIT, p.audit_events)
                         audited = True
+                    if p.conversations:  # upserts, turns, then deletions
+                        conn.executemany(_UPSERT_CONVERSATION, p.conversations)
+                    if p.turns:
+                        conn.executemany(_UPSERT_TURN, p.turns)
+                    if p.deleted_conversations:
+                        conn.executemany(_DELETE_CONVERSATION, p.deleted_conversations)
                 if audited:
                     conn.execute(_TRIM_AUDIT, (self.audit_retention,))
                 conn.execute("COMMIT")
@@ -1386,6 +1556,37 @@ class SqliteStore:
         return [_schedule(r) for r in rows]
 
     # --- access control ------------------------------------------------------------------------
+
+    async def get_conversation(self, conversation_id: ConversationId) -> Conversation | None:
+        row = await self._fetchone(f"{_SELECT_CONVERSATION} WHERE id = ?", (conversation_id,))
+        return None if row is None else _conversation(row)
+
+    async def list_conversations(self, query: ConversationQuery) -> list[Conversation]:
+        if query.limit < 1:
+            raise ValueError(f"limit must be positive, got {query.limit}")
+        where: list[str] = []
+        params: list[Any] = []
+        if query.agent:
+            where.append("agent = ?")
+            params.append(query.agent)
+        if query.before:
+            where.append("id < ?")
+            params.append(query.before)
+        for key, value in query.labels:
+            where.append(
+                "EXISTS (SELECT 1 FROM json_each(conversations.labels) AS l"
+                " WHERE l.key = ? AND l.value = ?)"
+            )
+            params.extend((key, value))
+        sql = _SELECT_CONVERSATION + (f" WHERE {' AND '.join(where)}" if where else "")
+        rows = await self._fetchall(f"{sql} ORDER BY id DESC LIMIT ?", (*params, query.limit))
+        return [_conversation(r) for r in rows]
+
+    async def list_turns(self, conversation_id: ConversationId) -> list[Turn]:
+        rows = await self._fetchall(
+            f"{_SELECT_TURN} WHERE conversation_id = ? ORDER BY idx", (conversation_id,)
+        )
+        return [_turn(r) for r in rows]
 
     async def get_bootstrap_token(self, token_id: str) -> BootstrapToken | None:
         row = await self._fetchone(f"{_SELECT_BOOTSTRAP} WHERE id = ?", (token_id,))
