@@ -617,6 +617,9 @@ class WorkerDaemon:
             max_chunk_bytes=self._params.max_chunk_bytes or 64 * 1024,
             fencing_token=a.fencing_token or a.attempt,
             supervisor=self.supervised_program,
+            conversation=(
+                convert.turn_context_from_pb(a.conversation) if a.HasField("conversation") else None
+            ),
         )
         if agent is None:
             self.outbox.put_nowait(_failed(a, f"agent {a.agent!r} is not offered by this worker"))
@@ -626,6 +629,9 @@ class WorkerDaemon:
         except ValueError as exc:
             self.outbox.put_nowait(_failed(a, f"input is not valid JSON: {exc}"))
             return
+        if ctx.conversation is not None and ctx.resume_session_id:
+            # for agents written against a session's resume_session_id + prompt
+            ctx.prompt = str(ctx.input.get("prompt", ""))
         active = ActiveRun(a, ctx, worker_id=self.config.worker_id)
         active.task = asyncio.create_task(execute(agent, active))
         self.runs[run_id] = active

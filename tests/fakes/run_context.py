@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from taskrun.core.ids import RunId, TaskId
+from taskrun.core.models import TurnContext
 
 TASK_ID = TaskId("task-test")
 RUN_ID = RunId("run-test")
@@ -17,6 +18,7 @@ class RecordingContext:
     input: dict[str, Any]
     resume_session_id: str = ""
     prompt: str = ""
+    conversation: TurnContext | None = None
     task_id: TaskId = TASK_ID
     run_id: RunId = RUN_ID
     attempt: int = 1

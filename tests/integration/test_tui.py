@@ -57,6 +57,8 @@ class Parrot:
         said = ctx.prompt if ctx.resume_session_id else str(ctx.input["prompt"])
         if said == "fail":
             raise AgentError("told to fail")
+        if said == "hold on":
+            await asyncio.sleep(30)
         await ctx.emit(f"you said: {said}")
         session = ctx.resume_session_id or f"session-{ctx.task_id}"
         return AgentResult(result={"text": f"you said: {said}"}, session_id=session)
@@ -338,12 +340,41 @@ async def test_the_chat_view_shows_the_conversation_and_sends_a_follow_up(
         chat.focus()  # the footer shows the run view's keys again
         await pilot.pause()
         app.save_screenshot("tui-chat.svg", path=str(DOCS))
-    final, runs = await client.get_task(task.id)
-    assert final.status is TaskStatus.COMPLETED and final.attempts == 2
-    assert [r.prompt for r in runs] == ["", "which number?"]
+    final, runs = await client.get_task(task.id)  # the first turn's task never changed
+    assert final.status is TaskStatus.COMPLETED and final.attempts == 1 and len(runs) == 1
+    assert final.conversation_id is not None
+    _, turns = await client.get_conversation(final.conversation_id)
+    assert [t.message for t in turns] == ["remember 7", "which number?"]
+    assert turns[1].answer == "you said: which number?"
 
 
 async def test_a_refused_follow_up_shows_the_servers_reason(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await start_parrot_worker(cluster)
+    client = cluster.client()
+    task = await client.create_task("parrot", {"prompt": "hold on"})
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot.pause, lambda: app.state.supports_sessions("parrot"))
+        app.push_screen(app.run_screen(task.id))
+        await until(pilot.pause, lambda: isinstance(app.screen, RunScreen) and app.screen.chat)
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        chat = run.query_one(Transcript)
+        await until(pilot.pause, lambda: "you: hold on" in lines(chat))
+        field = run.query_one("#follow-up", Input)
+        field.focus()
+        field.value = "try again"
+        await pilot.press("enter")
+        await until(pilot.pause, lambda: "send the next message once it ended" in toasts(app))
+        assert "FAILED_PRECONDITION" in toasts(app)
+        assert field.value == "try again"  # kept, to send once the problem is fixed
+    _, runs = await client.get_task(task.id)
+    assert len(runs) == 1
+    await client.cancel_task(task.id)
+
+
+async def test_the_chat_goes_on_after_a_failed_turn(cluster: Cluster) -> None:
     await cluster.start_server()
     await start_parrot_worker(cluster)
     client = cluster.client()
@@ -362,11 +393,10 @@ async def test_a_refused_follow_up_shows_the_servers_reason(cluster: Cluster) ->
         field.focus()
         field.value = "try again"
         await pilot.press("enter")
-        await until(pilot.pause, lambda: "only a completed task can be continued" in toasts(app))
-        assert "FAILED_PRECONDITION" in toasts(app)
-        assert field.value == "try again"  # kept, to send once the problem is fixed
-    _, runs = await client.get_task(task.id)
-    assert len(runs) == 1
+        await until(pilot.pause, lambda: "you said: try again" in lines(chat))
+        assert lines(chat)[-2:] == ["you: try again", "you said: try again"]
+    final, _ = await client.get_task(task.id)
+    assert final.status is TaskStatus.FAILED  # the failed turn stays failed
 
 
 async def test_the_tui_reconnects_after_a_server_restart(cluster: Cluster) -> None:

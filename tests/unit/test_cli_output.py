@@ -41,6 +41,8 @@ TASK_KEYS = [
     "usage",
     "schedule",
     "cancel_requested",
+    "conversation_id",
+    "turn",
 ]
 RUN_KEYS = [
     "id",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -19,7 +20,7 @@ from taskrun.cli import output
 from taskrun.cli.client import Client, OutputReceived, TaskChanged
 from taskrun.cli.tui.widgets import Transcript
 from taskrun.core.ids import RunId
-from taskrun.core.models import OutputKind, Task
+from taskrun.core.models import OutputKind, Run, Task
 
 HELP = """\
 [b]Keys[/b]
@@ -260,12 +261,27 @@ class RunScreen(Screen[None]):
         self.refresh_bindings()
 
     async def load_runs(self) -> Task | None:
-        """Read the task's runs (their prompts, results and errors) for the chat."""
+        """Read the runs (their prompts, results and errors) for the chat: of every turn of the
+        task's conversation when it is one, else of the task. A turn's message is its task's
+        prompt; the chat shows it before the turn's first run."""
         try:
             task, runs = await self.client.get_task(self.task_id)
+            if task.conversation_id is None:
+                self.query_one(Transcript).set_runs(runs, _first_prompt(task.input))
+                return task
+            _, turns = await self.client.get_conversation(task.conversation_id)
+            every: list[Run] = []
+            for turn in turns:
+                turn_runs = runs if turn.task_id == task.id else []
+                if not turn_runs:
+                    turn_runs = (await self.client.get_task(turn.task_id))[1]
+                turn_runs = [replace(r, prompt="") for r in turn_runs]
+                if turn_runs:
+                    turn_runs[0].prompt = turn.message
+                every.extend(turn_runs)
         except grpc.aio.AioRpcError:
             return None  # the follow stream reports what is wrong
-        self.query_one(Transcript).set_runs(runs, _first_prompt(task.input))
+        self.query_one(Transcript).set_runs(every, "")
         return task
 
     def action_reply(self) -> None:
@@ -279,15 +295,16 @@ class RunScreen(Screen[None]):
 
     @work(group="chat")
     async def send_follow_up(self, prompt: str) -> None:
-        """ContinueTask; the server says why when it refuses (the task is not completed, its
-        worker is gone, ...)."""
+        """ContinueTask: the next turn of the task's conversation, a new task this screen then
+        follows; the server says why when it refuses (the last turn is still running, ...)."""
         try:
             task = await self.client.continue_task(self.task_id, prompt)
         except grpc.aio.AioRpcError as exc:
             self.notify(f"{exc.code().name}: {exc.details()}", severity="error", timeout=10)
             return
+        self.task_id = task.id
         self.query_one("#follow-up", Input).value = ""
-        self.query_one("#run-events", RichLog).write(f"follow-up sent (attempt {task.attempts})")
+        self.query_one("#run-events", RichLog).write(f"message sent (turn {task.turn}, {task.id})")
         self.show(task)
         await self.load_runs()
         self.query_one(Transcript).catch_up(ended=False)  # the new message shows at once

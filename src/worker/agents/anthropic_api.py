@@ -1,5 +1,8 @@
 """The `anthropic` agent: one Messages API call, streamed into the run's output.
 
+As a turn of a conversation it sends the whole transcript the control plane keeps (earlier user
+messages and answers, in order) followed by the new message, so any worker can answer it.
+
 Environment (read when a run starts): ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL,
 TASKRUN_ANTHROPIC_MODEL (default model), TASKRUN_ANTHROPIC_MAX_RETRIES (SDK retries, default 2).
 """
@@ -15,6 +18,7 @@ from taskrun.core.agent import AgentResult, RunContext
 from taskrun.core.models import AgentSpec
 from taskrun.worker.agents.backends import (
     AnthropicBackend,
+    ChatMessage,
     announced_backends,
     check_input,
     default_model,
@@ -38,6 +42,20 @@ INPUT_SCHEMA: dict[str, Any] = {
 }
 
 
+def messages(ctx: RunContext) -> list[ChatMessage]:
+    """The Messages API `messages`: the conversation so far (if any), then this prompt. Messages
+    of one role in a row are joined, so roles alternate as the API expects."""
+    history = ctx.conversation.history if ctx.conversation is not None else ()
+    out: list[ChatMessage] = []
+    items = [*((m.role, m.text) for m in history), ("user", str(ctx.input["prompt"]))]
+    for role, text in items:
+        if out and out[-1]["role"] == role:
+            out[-1]["content"] += "\n\n" + text
+        else:
+            out.append({"role": "assistant" if role == "assistant" else "user", "content": text})
+    return out
+
+
 class AnthropicAgent:
     """Sends `prompt` (with an optional system prompt) to the Messages API and streams the reply."""
 
@@ -58,7 +76,7 @@ class AnthropicAgent:
         bound.info("calling the messages api", model=model, endpoint=backend.endpoint)
         completion = await backend.complete(
             system=ctx.input.get("system", ""),
-            messages=[{"role": "user", "content": ctx.input["prompt"]}],
+            messages=messages(ctx),
             model=model,
             max_tokens=ctx.input.get("max_tokens", DEFAULT_MAX_TOKENS),
             temperature=ctx.input.get("temperature"),

@@ -1,0 +1,341 @@
+"""Conversations: turns are tasks, the transcript lives in the control plane, and the next turn runs
+on any worker that offers the agent, after any failure, with each turn's own cost.
+
+The `anthropic` agent runs against the fake Messages API; `claude_code` runs the Claude Code CLI
+bundled with the SDK against the same fake, offline (see test_agents_claude_code.py). Everything
+else is real: the control plane on loopback with mTLS and SQLite, workers, the typed client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from taskrun.cli.client import OutputReceived, TaskChanged, TurnEnded, TurnStarted
+from taskrun.core.status import RunStatus, TaskStatus
+from tests.conftest import Cluster
+from tests.fakes.anthropic_server import FakeAnthropic, Overloaded, Text
+from tests.integration.test_metrics import scrape, value
+
+KEY = "sk-ant-test-key"
+
+
+@pytest.fixture
+def api(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[FakeAnthropic]:
+    home = tmp_path / "home"
+    home.mkdir()
+    with FakeAnthropic(api_key=KEY) as fake:
+        for name in list(os.environ):  # nothing from the developer's own setup leaks in
+            if name.startswith(("ANTHROPIC_", "CLAUDE_", "TASKRUN_ANTHROPIC_", "TASKRUN_CLAUDE_")):
+                monkeypatch.delenv(name)
+        for name, value in {
+            "ANTHROPIC_BASE_URL": fake.base_url,
+            "ANTHROPIC_API_KEY": KEY,
+            "ANTHROPIC_CONFIG_DIR": str(tmp_path / "anthropic-config"),
+            "TASKRUN_ANTHROPIC_MAX_RETRIES": "0",
+            "HOME": str(home),
+            "CLAUDE_CODE_DISABLE_NONESSENTIAL_TRAFFIC": "1",
+            "CLAUDE_CODE_MAX_RETRIES": "0",
+        }.items():
+            monkeypatch.setenv(name, value)
+        yield fake
+
+
+@pytest.fixture
+def workdir(tmp_path: Path) -> Path:
+    path = tmp_path / "repo"
+    path.mkdir()
+    return path
+
+
+def roles_and_texts(messages: list[dict[str, object]]) -> list[tuple[object, str]]:
+    out = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            content = "".join(b.get("text", "") for b in content if isinstance(b, dict))
+        out.append((m["role"], str(content)))
+    return out
+
+
+async def answer(client: object, conversation_id: str, message: str) -> list[object]:
+    """Send a message and collect the chat events until the turn ended."""
+    events: list[object] = []
+    async with contextlib.aclosing(
+        client.chat(message, conversation_id=conversation_id)  # type: ignore[attr-defined]
+    ) as stream:
+        async for event in stream:
+            events.append(event)
+    return events
+
+
+async def test_a_turn_that_failed_with_529_is_history_and_the_next_message_sends_all_of_it(
+    api: FakeAnthropic, cluster: Cluster
+) -> None:
+    server = await cluster.start_server(metrics_listen="127.0.0.1:0")
+    await cluster.start_worker("worker-1", agents=["anthropic"])
+    client = cluster.client()
+    api.enqueue(Text("Hi Ana.", input_tokens=10, output_tokens=3))
+    events = [e async for e in client.chat("My name is Ana.", agent="anthropic")]
+    started, ended = events[0], events[-1]
+    assert isinstance(started, TurnStarted) and started.conversation is not None
+    assert isinstance(ended, TurnEnded) and ended.turn.status is TaskStatus.COMPLETED
+    assert ended.turn.answer == "Hi Ana."
+    conversation_id = started.conversation.id
+
+    api.enqueue(Overloaded())  # no retries left in the SDK: the turn fails
+    failed = await answer(client, conversation_id, "What is 2+2?")
+    assert isinstance(failed[-1], TurnEnded)
+    assert failed[-1].turn.status is TaskStatus.FAILED and "529" in failed[-1].turn.error
+
+    api.enqueue(Text("You are Ana; 2+2 is 4.", input_tokens=40, output_tokens=9))
+    third = await answer(client, conversation_id, "Who am I, and what is 2+2?")
+    assert isinstance(third[-1], TurnEnded) and third[-1].turn.status is TaskStatus.COMPLETED
+    text = "".join(e.chunk.data for e in third if isinstance(e, OutputReceived))
+    assert text == "You are Ana; 2+2 is 4."
+
+    sent = roles_and_texts(api.message_requests[-1].messages)
+    assert sent[0] == ("user", "My name is Ana.")
+    assert sent[1] == ("assistant", "Hi Ana.")
+    assert sent[2] == ("user", "What is 2+2?")
+    assert sent[3][0] == "assistant" and "failed" in sent[3][1]
+    assert sent[4] == ("user", "Who am I, and what is 2+2?")
+    assert len(sent) == 5
+
+    conversation, turns = await client.get_conversation(conversation_id)
+    assert [t.index for t in turns] == [1, 2, 3]
+    assert [t.status for t in turns] == [
+        TaskStatus.COMPLETED,
+        TaskStatus.FAILED,
+        TaskStatus.COMPLETED,
+    ]
+    assert [t.message for t in turns] == [
+        "My name is Ana.",
+        "What is 2+2?",
+        "Who am I, and what is 2+2?",
+    ]
+    assert [t.usage.input_tokens for t in turns] == [10, 0, 40]
+    assert conversation.turns == 3
+    assert conversation.usage.input_tokens == 50 and conversation.usage.output_tokens == 12
+    # every turn is its own task, and each keeps its terminal state
+    tasks = [(await client.get_task(t.task_id))[0] for t in turns]
+    assert len({t.id for t in tasks}) == 3
+    assert [t.status for t in tasks] == [t.status for t in turns]
+    assert all(t.conversation_id == conversation_id for t in tasks)
+    assert [t.turn for t in tasks] == [1, 2, 3]
+
+    # Prometheus: tokens and cost per agent and model, each run counted once
+    assert server.metrics_server is not None
+    _, body = await scrape(server.metrics_server.port)
+    model = api.message_requests[0].body["model"]
+
+    def tokens(kind: str) -> str:
+        return f'taskrun_tokens_total{{agent="anthropic",kind="{kind}",model="{model}"}}'
+
+    assert value(body, tokens("input")) == 50
+    assert value(body, tokens("output")) == 12
+    cost = f'taskrun_cost_usd_total{{agent="anthropic",model="{model}"}}'
+    assert value(body, cost) == pytest.approx(conversation.usage.cost_usd)
+    assert conversation.usage.cost_usd > 0
+
+
+async def test_a_cancelled_turn_is_history_and_the_conversation_goes_on(
+    api: FakeAnthropic, cluster: Cluster
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["anthropic"])
+    client = cluster.client()
+    api.enqueue(Text(["tick "] * 200, delay=0.05))  # ten seconds if left alone
+    conversation, turn = await client.create_conversation("anthropic", "Count slowly.")
+    async with asyncio.timeout(20):
+        while api.streams_started == 0:
+            await asyncio.sleep(0.01)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await answer(client, conversation.id, "Are you there?")  # the first turn still runs
+    assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+    assert turn.task_id in (refused.value.details() or "")
+    await client.cancel_task(turn.task_id, "too slow")
+
+    api.enqueue(Text("Stopped; how can I help?"))
+    events = await answer(client, conversation.id, "Stop counting.")
+    assert isinstance(events[-1], TurnEnded) and events[-1].turn.status is TaskStatus.COMPLETED
+    sent = roles_and_texts(api.message_requests[-1].messages)
+    assert sent[0] == ("user", "Count slowly.")
+    assert sent[1][0] == "assistant" and "cancelled" in sent[1][1]
+    assert sent[2] == ("user", "Stop counting.")
+    _, turns = await client.get_conversation(conversation.id)
+    assert [t.status for t in turns] == [TaskStatus.CANCELLED, TaskStatus.COMPLETED]
+
+
+async def test_a_completed_task_stays_completed_when_the_conversation_continues(
+    api: FakeAnthropic, cluster: Cluster
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["anthropic"])
+    client = cluster.client()
+    api.enqueue(Text("Blue."))
+    task = await client.create_task("anthropic", {"prompt": "Pick a colour.", "max_tokens": 50})
+    first = await client.wait(task.id)
+    assert first.status is TaskStatus.COMPLETED and first.conversation_id is None
+    watched: list[TaskStatus] = []
+
+    async def watch() -> None:
+        async for event in client.follow(task.id):
+            if isinstance(event, TaskChanged):
+                watched.append(event.task.status)
+
+    api.enqueue(Text("Because it is calm."), Text("Green, then."))
+    second = await client.continue_task(task.id, "Why?")
+    assert second.id != task.id and second.turn == 2 and second.conversation_id
+    assert (await client.wait(second.id)).status is TaskStatus.COMPLETED
+    third = await client.continue_task(task.id, "Another one?")  # any turn's task continues it
+    assert (await client.wait(third.id)).status is TaskStatus.COMPLETED
+    await asyncio.wait_for(watch(), 5)  # the original task: its stream ends at once, COMPLETED
+
+    after, runs = await client.get_task(task.id)
+    assert after.status is TaskStatus.COMPLETED and watched == [TaskStatus.COMPLETED]
+    assert [r.status for r in runs] == [RunStatus.COMPLETED] and after.attempts == 1
+    assert after.finished_at == first.finished_at and after.result == first.result
+    assert after.conversation_id == second.conversation_id and after.turn == 1
+    sent = roles_and_texts(api.message_requests[-1].messages)
+    assert sent == [
+        ("user", "Pick a colour."),
+        ("assistant", "Blue."),
+        ("user", "Why?"),
+        ("assistant", "Because it is calm."),
+        ("user", "Another one?"),
+    ]
+    assert api.message_requests[-1].body["max_tokens"] == 50  # the first task's options carry on
+    _, turns = await client.get_conversation(second.conversation_id)
+    assert [t.task_id for t in turns] == [task.id, second.id, third.id]
+
+
+async def test_conversation_requests_are_checked_and_deleting_keeps_the_tasks(
+    api: FakeAnthropic, cluster: Cluster
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["anthropic"])
+    client = cluster.client()
+
+    async def refused(code: grpc.StatusCode, needle: str, call: object) -> None:
+        with pytest.raises(grpc.aio.AioRpcError) as err:
+            await call  # type: ignore[misc]
+        assert err.value.code() is code, err.value.details()
+        assert needle in (err.value.details() or ""), err.value.details()
+
+    await refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "input_json",
+        client.create_conversation("anthropic", "hi", options={"prompt": "x"}),
+    )
+    await refused(
+        grpc.StatusCode.INVALID_ARGUMENT, "message", client.create_conversation("anthropic", " ")
+    )
+    await refused(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        "max_tokens",
+        client.create_conversation("anthropic", "hi", options={"max_tokens": "many"}),
+    )
+    await refused(grpc.StatusCode.NOT_FOUND, "conversation_id", answer(client, "cnv_nope", "hello"))
+    await refused(grpc.StatusCode.NOT_FOUND, "conversation_id", client.get_conversation("cnv_nope"))
+    api.enqueue(Text("one"))
+    conversation, turn = await client.create_conversation(
+        "anthropic", "first", labels={"team": "x"}, title="Greeting"
+    )
+    await client.wait(turn.task_id)
+    listed = await client.list_conversations(labels={"team": "x"})
+    assert [(c.id, c.title, c.turns) for c in listed] == [(conversation.id, "Greeting", 1)]
+    await client.delete_conversation(conversation.id)
+    await refused(
+        grpc.StatusCode.NOT_FOUND, "conversation_id", client.get_conversation(conversation.id)
+    )
+    task, _ = await client.get_task(turn.task_id)
+    assert task.status is TaskStatus.COMPLETED  # the turn's task stays, as history
+
+
+# --- claude_code: the session moves through the control plane -----------------------------
+
+
+def claude_sdk() -> None:
+    pytest.importorskip("claude_agent_sdk", reason="needs the taskrun[claude] extra")
+
+
+async def test_claude_code_conversation_continues_on_another_worker_after_the_first_is_killed(
+    api: FakeAnthropic, workdir: Path, cluster: Cluster
+) -> None:
+    claude_sdk()
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["claude_code"])
+    client = cluster.client()
+    api.enqueue(Text("I will remember 7."))
+    conversation, turn = await client.create_conversation(
+        "claude_code", "Remember the number 7.", options={"cwd": str(workdir)}
+    )
+    first = await client.wait(turn.task_id)
+    assert first.status is TaskStatus.COMPLETED, first.error
+    stored, _ = await client.get_conversation(conversation.id)
+    assert stored.session_id  # the session's file went to the control plane with the result
+
+    # worker-1 dies without a word, and its disk with it (the session files are gone)
+    daemon_task = cluster.workers.pop("worker-1")[1]
+    daemon_task.cancel()
+    with contextlib.suppress(BaseException):
+        await daemon_task
+    shutil.rmtree(Path(os.environ["HOME"]) / ".claude" / "projects")
+    await cluster.start_worker("worker-2", agents=["claude_code"])
+
+    api.enqueue(Text("The number was 7."))
+    events = await answer(client, conversation.id, "Which number?")
+    ended = events[-1]
+    assert isinstance(ended, TurnEnded) and ended.turn.status is TaskStatus.COMPLETED
+    assert ended.turn.answer == "The number was 7."
+    _, [run] = await client.get_task(ended.turn.task_id)
+    assert run.worker_id == "worker-2"
+    assert run.session_id == stored.session_id  # resumed the same session, not a new one
+    request = api.message_requests[-1]
+    conversation_text = json.dumps(request.messages)
+    assert "Remember the number 7." in conversation_text
+    assert "I will remember 7." in conversation_text
+    assert "conversation so far" not in conversation_text  # the session, not a preamble
+    assert request.last_user_text() == "Which number?"
+
+
+async def test_claude_code_cost_per_turn_is_what_the_turn_spent_not_the_running_total(
+    api: FakeAnthropic, workdir: Path, cluster: Cluster
+) -> None:
+    claude_sdk()
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["claude_code"])
+    client = cluster.client()
+    # the bundled CLI prices claude-sonnet-5-5 at $2 per million input tokens, $10 per million
+    # output tokens (measured with the fake); turn k spends 1000k input and 100k output tokens
+    api.enqueue(
+        *(Text(f"answer {k}", input_tokens=1000 * k, output_tokens=100 * k) for k in range(1, 6))
+    )
+    conversation, turn = await client.create_conversation(
+        "claude_code", "turn 1", options={"cwd": str(workdir)}
+    )
+    assert (await client.wait(turn.task_id)).status is TaskStatus.COMPLETED
+    for k in range(2, 6):
+        events = await answer(client, conversation.id, f"turn {k}")
+        assert isinstance(events[-1], TurnEnded)
+        assert events[-1].turn.status is TaskStatus.COMPLETED, events[-1].turn.error
+    stored, turns = await client.get_conversation(conversation.id)
+    expected = [(1000 * k * 2 + 100 * k * 10) / 1e6 for k in range(1, 6)]
+    assert [t.usage.input_tokens for t in turns] == [1000 * k for k in range(1, 6)]
+    assert [t.usage.output_tokens for t in turns] == [100 * k for k in range(1, 6)]
+    assert [t.usage.cost_usd for t in turns] == pytest.approx(expected)
+    assert stored.usage.cost_usd == pytest.approx(sum(expected))  # $0.045, not the $0.105 of
+    # summing running totals
+    for t in turns:
+        task, runs = await client.get_task(t.task_id)
+        assert task.usage.cost_usd == pytest.approx(t.usage.cost_usd)
+        assert len(runs) == 1
