@@ -22,7 +22,7 @@ import pytest
 from taskrun.cli.client import OutputReceived, TaskChanged, TurnEnded, TurnStarted
 from taskrun.core.status import RunStatus, TaskStatus
 from tests.conftest import Cluster
-from tests.fakes.anthropic_server import FakeAnthropic, Overloaded, Text
+from tests.fakes.anthropic_server import ErrorMidStream, FakeAnthropic, Overloaded, Text
 from tests.integration.test_metrics import scrape, value
 
 KEY = "sk-ant-test-key"
@@ -339,3 +339,21 @@ async def test_claude_code_cost_per_turn_is_what_the_turn_spent_not_the_running_
         task, runs = await client.get_task(t.task_id)
         assert task.usage.cost_usd == pytest.approx(t.usage.cost_usd)
         assert len(runs) == 1
+
+
+async def test_a_turn_that_broke_mid_stream_records_what_it_spent(
+    api: FakeAnthropic, cluster: Cluster
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["anthropic"])
+    client = cluster.client()
+    api.enqueue(ErrorMidStream(before=["Half an ans"]))
+    conversation, turn = await client.create_conversation("anthropic", "Tell me a story.")
+    final = await client.wait(turn.task_id)
+    assert final.status is TaskStatus.FAILED and "mid-response" in final.error
+    _, [run] = await client.get_task(turn.task_id)
+    assert run.usage.input_tokens == 12  # from message_start, as the fake reports
+    stored, [failed] = await client.get_conversation(conversation.id)
+    assert failed.usage.input_tokens == 12 and failed.usage.cost_usd > 0
+    assert stored.usage == failed.usage
+    assert final.attempts == 1

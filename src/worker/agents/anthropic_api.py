@@ -60,6 +60,11 @@ class AnthropicAgent:
     """Sends `prompt` (with an optional system prompt) to the Messages API and streams the reply."""
 
     def __init__(self) -> None:
+        # about a second on a busy machine: paid when the worker starts, not inside a run, where
+        # it would hold up the worker's event loop (and its heartbeats)
+        import anthropic  # noqa: F401
+        import httpx2  # noqa: F401
+
         self.spec = AgentSpec(
             name="anthropic",
             description="One Anthropic Messages API call (streaming): prompt, system, model, "
