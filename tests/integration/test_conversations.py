@@ -357,3 +357,33 @@ async def test_a_turn_that_broke_mid_stream_records_what_it_spent(
     assert failed.usage.input_tokens == 12 and failed.usage.cost_usd > 0
     assert stored.usage == failed.usage
     assert final.attempts == 1
+
+
+async def test_a_turn_waiting_for_a_worker_keeps_its_history_across_a_restart(
+    api: FakeAnthropic, cluster: Cluster
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["anthropic"])
+    client = cluster.client()
+    api.enqueue(Text("Noted: 7."))
+    conversation, turn = await client.create_conversation("anthropic", "Remember 7.")
+    assert (await client.wait(turn.task_id)).status is TaskStatus.COMPLETED
+    await cluster.stop_worker("worker-1")
+    async with contextlib.aclosing(client.send_message(conversation.id, "Which number?")) as events:
+        started = await anext(events)  # no worker: the turn waits in the queue
+    assert isinstance(started, TurnStarted)
+
+    await cluster.stop_server()
+    await cluster.start_server()  # the same SQLite file: the view is loaded from it
+    client = cluster.client()
+    api.enqueue(Text("7."))
+    await cluster.start_worker("worker-2", agents=["anthropic"])
+    final = await client.wait(started.turn.task_id)
+    assert final.status is TaskStatus.COMPLETED, final.error
+    assert roles_and_texts(api.message_requests[-1].messages) == [
+        ("user", "Remember 7."),
+        ("assistant", "Noted: 7."),
+        ("user", "Which number?"),
+    ]
+    stored, turns = await client.get_conversation(conversation.id)
+    assert [t.answer for t in turns] == ["Noted: 7.", "7."] and stored.turns == 2
