@@ -338,19 +338,21 @@ def conversation_from_pb(m: conversations_pb2.Conversation) -> tuple[Conversatio
 def turn_context_to_pb(c: TurnContext, out: workers_pb2.TurnContext) -> None:
     out.conversation_id, out.turn = c.conversation_id, c.turn
     for message in c.history:
-        out.history.add(role=message.role, text=message.text)
+        out.history.add(role=message.role, text=message.text, turn=message.turn)
     out.session_id, out.session_snapshot = c.session_id, c.session_snapshot
     out.session_cost_usd = c.session_cost_usd
+    out.summarize_through = c.summarize_through
 
 
 def turn_context_from_pb(m: workers_pb2.TurnContext) -> TurnContext:
     return TurnContext(
         conversation_id=ConversationId(m.conversation_id),
         turn=m.turn,
-        history=tuple(TranscriptMessage(h.role, h.text) for h in m.history),
+        history=tuple(TranscriptMessage(h.role, h.text, h.turn) for h in m.history),
         session_id=m.session_id,
         session_snapshot=m.session_snapshot,
         session_cost_usd=m.session_cost_usd,
+        summarize_through=m.summarize_through,
     )
 
 

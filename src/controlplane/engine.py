@@ -64,6 +64,8 @@ from taskrun.core.ids import (
     new_task_id,
 )
 from taskrun.core.models import (
+    COMPACT_AT,
+    KEEP_RECENT_TURNS,
     Conversation,
     OutputChunk,
     OutputKind,
@@ -71,10 +73,12 @@ from taskrun.core.models import (
     Task,
     TaskPolicy,
     TaskSpec,
+    TranscriptMessage,
     Turn,
     TurnContext,
     Usage,
     Worker,
+    estimated_tokens,
     transcript,
     utcnow,
 )
@@ -144,7 +148,7 @@ class Engine:
         runs = await self.store.list_unfinished_runs()
         conversations: dict[ConversationId, Conversation] = {}
         turns: dict[TaskId, Turn] = {}
-        contexts: dict[TaskId, TurnContext] = {}
+        earlier_turns: dict[TaskId, list[Turn]] = {}
         for unfinished in tasks.values():
             if unfinished.conversation_id is None:
                 continue
@@ -157,10 +161,9 @@ class Engine:
                 continue
             conversations[conversation.id] = conversation
             turns[unfinished.id] = turn
-            contexts[unfinished.id] = self._context(conversation, turn, earlier)
+            earlier_turns[unfinished.id] = earlier
         # No await from here on: the new view replaces the old one at once.
-        self.conversations, self.turns, self.contexts = conversations, turns, contexts
-        self._tools = {}
+        self.conversations, self.turns, self._tools = conversations, turns, {}
         for handle in [*self._orphans.values(), *self._timers]:
             handle.cancel()
         self._orphans.clear()
@@ -175,6 +178,12 @@ class Engine:
             self.workers[worker.id] = worker
             self.catalog.learn(worker.agents)
         self.tasks = tasks
+        self.contexts = {  # after the catalog learned the agents' context windows
+            task_id: self._context(
+                conversations[turn.conversation_id], turn, earlier_turns[task_id]
+            )
+            for task_id, turn in turns.items()
+        }
         deadline = time.monotonic() + self.config.lease_duration + self.config.lease_margin
         for run in runs:
             task = tasks.get(run.task_id)
@@ -673,17 +682,30 @@ class Engine:
         outgoing = self._plan(changes)  # assigned in the same commit when a worker is free
         await asyncio.shield(self._commit(changes, functools.partial(self._send, outgoing)))
 
-    @staticmethod
-    def _context(conversation: Conversation, turn: Turn, earlier: list[Turn]) -> TurnContext:
+    def _context(self, conversation: Conversation, turn: Turn, earlier: list[Turn]) -> TurnContext:
         before = [t for t in earlier if t.index < turn.index]
+        history = transcript(before, conversation.summary, conversation.summarized_through)
         return TurnContext(
             conversation_id=conversation.id,
             turn=turn.index,
-            history=transcript(before, conversation.summary, conversation.summarized_through),
+            history=history,
             session_id=conversation.session_id,
             session_snapshot=conversation.session_snapshot,
             session_cost_usd=conversation.session_cost_usd,
+            summarize_through=self._summarize_through(conversation, turn, history),
         )
+
+    def _summarize_through(
+        self, conversation: Conversation, turn: Turn, history: tuple[TranscriptMessage, ...]
+    ) -> int:
+        """The turns to compact before this one runs: 0 unless the transcript would take more
+        than COMPACT_AT of the smallest context window the agent announced (ModelBackend)."""
+        spec = self.catalog.get(conversation.agent)
+        windows = [b.context_window for b in spec.backends if b.context_window] if spec else []
+        if not windows or estimated_tokens(history, turn.message) <= min(windows) * COMPACT_AT:
+            return 0
+        through = turn.index - 1 - KEEP_RECENT_TURNS
+        return through if through > conversation.summarized_through else 0
 
     def _close_turn(self, task: Task, run: Run | None, changes: ChangeSet) -> None:
         """`task` (a turn) reached its terminal state: record the turn's outcome and exact usage,
@@ -1365,10 +1387,13 @@ class Engine:
         """A turn's run ended with its agent's session state: the next turn continues from it,
         whichever worker runs it. The snapshot and its running cost total travel together."""
         turn = self.turns.get(run.task_id)
-        if turn is None or not (update.session_id or update.session_snapshot):
-            return
-        conversation = self.conversations.get(turn.conversation_id)
+        conversation = self.conversations.get(turn.conversation_id) if turn else None
         if conversation is None:
+            return
+        if update.summary and update.summarized_through > conversation.summarized_through:
+            conversation.summary = update.summary
+            conversation.summarized_through = update.summarized_through
+        if not (update.session_id or update.session_snapshot):
             return
         # Replaced even by nothing: an older snapshot no longer is the session (too big to move,
         # or a new session); the next worker then resumes its own copy or uses the transcript.

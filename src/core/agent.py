@@ -46,6 +46,9 @@ class AgentResult:
     # turn on any worker, and the session's running cost total (usage.cost_usd is this run's).
     session_snapshot: bytes = b""
     session_cost_usd: float = 0.0
+    # Compaction done by this run (TurnContext.summarize_through): the summary it made.
+    summary: str = ""
+    summarized_through: int = 0
 
 
 class RunContext(Protocol):

@@ -229,6 +229,7 @@ class Turn:
 class TranscriptMessage:
     role: str  # "user" or "assistant"
     text: str
+    turn: int = 0  # the turn it belongs to; 0 for the summary of earlier turns
 
 
 @dataclass(frozen=True, slots=True)
@@ -241,6 +242,21 @@ class TurnContext:
     session_id: str = ""
     session_snapshot: bytes = b""
     session_cost_usd: float = 0.0
+    # Compaction: the history would not fit the model's context window, so the agent first
+    # summarizes the messages of turns up to this one (and any earlier summary) into one, uses
+    # that instead, and returns the summary with its result. 0: no compaction.
+    summarize_through: int = 0
+
+
+# Compaction: when the transcript would take more than this share of the model's context window
+# (estimated at 4 characters a token), older turns are summarized; the newest are kept verbatim.
+COMPACT_AT = 0.5
+KEEP_RECENT_TURNS = 1
+SUMMARY_PREFIX = "Summary of our conversation so far:\n"
+
+
+def estimated_tokens(messages: tuple[TranscriptMessage, ...], message: str) -> int:
+    return (sum(len(m.text) for m in messages) + len(message)) // 4 + 4 * len(messages)
 
 
 def transcript(
@@ -251,18 +267,19 @@ def transcript(
     calls in compact form. Turns up to `summarized_through` are replaced by `summary`."""
     out: list[TranscriptMessage] = []
     if summary and summarized_through:
-        out.append(TranscriptMessage("user", f"Summary of our conversation so far:\n{summary}"))
+        out.append(TranscriptMessage("user", SUMMARY_PREFIX + summary))
         out.append(TranscriptMessage("assistant", "Understood."))
     for turn in turns:
         if turn.index <= summarized_through:
             continue
-        out.append(TranscriptMessage("user", turn.message))
+        out.append(TranscriptMessage("user", turn.message, turn.index))
         answer = turn.answer
         if turn.tools:
             answer = f"[tools used: {turn.tools}]\n{answer}".strip()
         if turn.status is TaskStatus.COMPLETED or answer:
-            out.append(TranscriptMessage("assistant", answer or "(no answer)"))
+            out.append(TranscriptMessage("assistant", answer or "(no answer)", turn.index))
         elif turn.status.terminal:
             what = turn.status.name.lower()
-            out.append(TranscriptMessage("assistant", f"(this turn {what}: {turn.error})"))
+            text = f"(this turn {what}: {turn.error})"
+            out.append(TranscriptMessage("assistant", text, turn.index))
     return tuple(out)

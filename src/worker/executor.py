@@ -91,6 +91,7 @@ def _status(
         convert.usage_to_pb(result.usage, update.usage)
         if result.backend_used is not None:
             update.backend_used.CopyFrom(convert.backend_to_pb(result.backend_used))
+        update.summary, update.summarized_through = result.summary, result.summarized_through
     elif result is not None and result.usage is not None:
         convert.usage_to_pb(result.usage, update.usage)  # what a failed run spent
     if result is not None:

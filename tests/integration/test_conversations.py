@@ -387,3 +387,46 @@ async def test_a_turn_waiting_for_a_worker_keeps_its_history_across_a_restart(
     ]
     stored, turns = await client.get_conversation(conversation.id)
     assert [t.answer for t in turns] == ["Noted: 7.", "7."] and stored.turns == 2
+
+
+async def test_a_transcript_beyond_the_context_window_is_compacted_by_the_model(
+    api: FakeAnthropic, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the worker announces a 200-token window; compaction starts beyond half of it
+    monkeypatch.setenv("TASKRUN_ANTHROPIC_CONTEXT_WINDOW", "200")
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["anthropic"])
+    client = cluster.client()
+    first, answer1 = "My plan: " + "a" * 300, "Noted: " + "b" * 300
+    api.enqueue(
+        Text(answer1),
+        Text("Second answer."),
+        Text("The user has a plan of many a's; the assistant noted it."),  # the summary
+        Text("Third answer."),
+    )
+    conversation, turn = await client.create_conversation("anthropic", first)
+    await client.wait(turn.task_id)
+    await answer(client, conversation.id, "Second question?")
+    assert len(api.message_requests) == 2  # turn 2 kept turn 1 verbatim (the newest turn)
+    events = await answer(client, conversation.id, "Third question?")
+    assert isinstance(events[-1], TurnEnded) and events[-1].turn.answer == "Third answer."
+
+    summary_request, answer_request = api.message_requests[2:]
+    asked = summary_request.last_user_text()
+    assert asked.startswith("Summarize this conversation so far")
+    assert first in asked and answer1 in asked and "Second question?" not in asked
+    assert roles_and_texts(answer_request.messages) == [
+        (
+            "user",
+            "Summary of our conversation so far:\n"
+            "The user has a plan of many a's; the assistant noted it.",
+        ),
+        ("assistant", "Understood."),
+        ("user", "Second question?"),
+        ("assistant", "Second answer."),
+        ("user", "Third question?"),
+    ]
+    stored, turns = await client.get_conversation(conversation.id)
+    assert stored.summarized_through == 1
+    assert turns[2].usage.input_tokens == 24  # the summary call and the answer, 12 each
+    assert [t.message for t in turns] == [first, "Second question?", "Third question?"]

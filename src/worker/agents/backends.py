@@ -70,12 +70,21 @@ def default_model() -> str:
     return os.environ.get("TASKRUN_ANTHROPIC_MODEL") or DEFAULT_MODEL
 
 
-def model_backend(model: str, *, tools: Sequence[str] = ()) -> ModelBackend:
+def context_window(model: str) -> int:
+    """The model's context window in tokens; TASKRUN_ANTHROPIC_CONTEXT_WINDOW overrides it (a
+    smaller budget for conversations, which are compacted beyond it)."""
+    raw = os.environ.get("TASKRUN_ANTHROPIC_CONTEXT_WINDOW", "")
+    if raw.strip().isdigit() and int(raw) > 0:
+        return int(raw)
     info = MODELS.get(model)
+    return info.context_window if info else 0
+
+
+def model_backend(model: str, *, tools: Sequence[str] = ()) -> ModelBackend:
     return ModelBackend(
         provider="anthropic",
         model_name=model,
-        context_window=info.context_window if info else 0,
+        context_window=context_window(model),
         modalities=("text",),
         tools=tuple(tools),
     )
