@@ -143,7 +143,7 @@ def preamble(history: TurnContext) -> str:
 
 
 class ClaudeCodeAgent:
-    """Runs Claude Code with the given prompt, tools and limits; supports follow-ups."""
+    """Runs Claude Code with the given prompt, tools and limits; resumes its session per turn."""
 
     def __init__(self) -> None:
         if importlib.util.find_spec("claude_agent_sdk") is None:
@@ -156,7 +156,8 @@ class ClaudeCodeAgent:
         self.spec = AgentSpec(
             name="claude_code",
             description="A Claude Code session (claude-agent-sdk): prompt, cwd, allowed/"
-            "disallowed tools, permission mode, model, max turns, budget; follow-ups resume it.",
+            "disallowed tools, permission mode, model, max turns, budget; a conversation's "
+            "turns resume its session on any worker.",
             backends=announced_backends(tools=TOOLS),
             input_schema=json.dumps(INPUT_SCHEMA),
             supports_sessions=True,
