@@ -430,3 +430,35 @@ async def test_a_transcript_beyond_the_context_window_is_compacted_by_the_model(
     assert stored.summarized_through == 1
     assert turns[2].usage.input_tokens == 24  # the summary call and the answer, 12 each
     assert [t.message for t in turns] == [first, "Second question?", "Third question?"]
+
+
+async def test_claude_code_turn_that_failed_with_529_then_the_next_message_has_all_of_it(
+    api: FakeAnthropic, workdir: Path, cluster: Cluster
+) -> None:
+    claude_sdk()
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["claude_code"])
+    client = cluster.client()
+    api.enqueue(Text("Noted: blue.", input_tokens=1000, output_tokens=100))
+    conversation, turn = await client.create_conversation(
+        "claude_code", "My colour is blue.", options={"cwd": str(workdir)}
+    )
+    assert (await client.wait(turn.task_id)).status is TaskStatus.COMPLETED
+    api.enqueue(Overloaded())  # the CLI's retries are off: the turn fails
+    failed = await answer(client, conversation.id, "And my number is 7.")
+    assert isinstance(failed[-1], TurnEnded) and failed[-1].turn.status is TaskStatus.FAILED
+    assert "529" in failed[-1].turn.error
+
+    api.enqueue(Text("Blue and 7.", input_tokens=2000, output_tokens=200))
+    ended = (await answer(client, conversation.id, "What do you know about me?"))[-1]
+    assert isinstance(ended, TurnEnded) and ended.turn.status is TaskStatus.COMPLETED
+    sent = json.dumps(api.message_requests[-1].messages)
+    for said in ("My colour is blue.", "Noted: blue.", "And my number is 7."):
+        assert said in sent, said
+    # the failed turn's session (sent back with the failure) holds its unanswered message, which
+    # Claude Code sends with the new one
+    last = api.message_requests[-1].last_user_text()
+    assert last.endswith("What do you know about me?") and "And my number is 7." in last
+    _, turns = await client.get_conversation(conversation.id)
+    # prices of the bundled CLI for claude-sonnet-5-5: $2 / $10 per million in / out tokens
+    assert [t.usage.cost_usd for t in turns] == pytest.approx([0.003, 0.0, 0.006])
