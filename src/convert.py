@@ -342,6 +342,7 @@ def turn_context_to_pb(c: TurnContext, out: workers_pb2.TurnContext) -> None:
     out.session_id, out.session_snapshot = c.session_id, c.session_snapshot
     out.session_cost_usd = c.session_cost_usd
     out.summarize_through = c.summarize_through
+    out.session_turn = c.session_turn
 
 
 def turn_context_from_pb(m: workers_pb2.TurnContext) -> TurnContext:
@@ -353,6 +354,7 @@ def turn_context_from_pb(m: workers_pb2.TurnContext) -> TurnContext:
         session_snapshot=m.session_snapshot,
         session_cost_usd=m.session_cost_usd,
         summarize_through=m.summarize_through,
+        session_turn=m.session_turn,
     )
 
 

@@ -575,6 +575,7 @@ class Engine:
             # the session stays on the worker that ran it: resumed there, else the transcript
             session_id=last.session_id if last else "",
             session_cost_usd=last.usage.cost_usd if last else 0.0,
+            session_turn=1,
         )
         turn = Turn(
             conversation_id=conversation.id,
@@ -692,6 +693,7 @@ class Engine:
             session_id=conversation.session_id,
             session_snapshot=conversation.session_snapshot,
             session_cost_usd=conversation.session_cost_usd,
+            session_turn=conversation.session_turn,
             summarize_through=self._summarize_through(conversation, turn, history),
         )
 
@@ -1400,6 +1402,7 @@ class Engine:
         conversation.session_id = update.session_id or conversation.session_id
         conversation.session_snapshot = update.session_snapshot
         conversation.session_cost_usd = update.session_cost_usd
+        conversation.session_turn = turn.index if turn else 0
 
     def _end_run(
         self,

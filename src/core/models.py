@@ -204,6 +204,7 @@ class Conversation:
     session_id: str = ""
     session_snapshot: bytes = b""
     session_cost_usd: float = 0.0
+    session_turn: int = 0  # the turn whose end left the session as it is
     summarized_through: int = 0  # turns up to this one are summarized (0: none)
     summary: str = ""
 
@@ -242,6 +243,7 @@ class TurnContext:
     session_id: str = ""
     session_snapshot: bytes = b""
     session_cost_usd: float = 0.0
+    session_turn: int = 0  # the turn whose end left the session as it is; later ones it lacks
     # Compaction: the history would not fit the model's context window, so the agent first
     # summarizes the messages of turns up to this one (and any earlier summary) into one, uses
     # that instead, and returns the summary with its result. 0: no compaction.

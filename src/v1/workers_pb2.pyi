@@ -223,7 +223,7 @@ class RunAssignment(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., required_provider: _Optional[str] = ..., required_model: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., fencing_token: _Optional[int] = ..., conversation: _Optional[_Union[TurnContext, _Mapping]] = ...) -> None: ...
 
 class TurnContext(_message.Message):
-    __slots__ = ("conversation_id", "turn", "history", "session_id", "session_snapshot", "session_cost_usd", "summarize_through")
+    __slots__ = ("conversation_id", "turn", "history", "session_id", "session_snapshot", "session_cost_usd", "summarize_through", "session_turn")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_FIELD_NUMBER: _ClassVar[int]
     HISTORY_FIELD_NUMBER: _ClassVar[int]
@@ -231,6 +231,7 @@ class TurnContext(_message.Message):
     SESSION_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     SESSION_COST_USD_FIELD_NUMBER: _ClassVar[int]
     SUMMARIZE_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TURN_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
     turn: int
     history: _containers.RepeatedCompositeFieldContainer[TranscriptMessage]
@@ -238,7 +239,8 @@ class TurnContext(_message.Message):
     session_snapshot: bytes
     session_cost_usd: float
     summarize_through: int
-    def __init__(self, conversation_id: _Optional[str] = ..., turn: _Optional[int] = ..., history: _Optional[_Iterable[_Union[TranscriptMessage, _Mapping]]] = ..., session_id: _Optional[str] = ..., session_snapshot: _Optional[bytes] = ..., session_cost_usd: _Optional[float] = ..., summarize_through: _Optional[int] = ...) -> None: ...
+    session_turn: int
+    def __init__(self, conversation_id: _Optional[str] = ..., turn: _Optional[int] = ..., history: _Optional[_Iterable[_Union[TranscriptMessage, _Mapping]]] = ..., session_id: _Optional[str] = ..., session_snapshot: _Optional[bytes] = ..., session_cost_usd: _Optional[float] = ..., summarize_through: _Optional[int] = ..., session_turn: _Optional[int] = ...) -> None: ...
 
 class TranscriptMessage(_message.Message):
     __slots__ = ("role", "text", "turn")

@@ -462,3 +462,43 @@ async def test_claude_code_turn_that_failed_with_529_then_the_next_message_has_a
     _, turns = await client.get_conversation(conversation.id)
     # prices of the bundled CLI for claude-sonnet-5-5: $2 / $10 per million in / out tokens
     assert [t.usage.cost_usd for t in turns] == pytest.approx([0.003, 0.0, 0.006])
+
+
+async def test_claude_code_cancelled_turn_followed_by_another_tells_the_session_what_it_missed(
+    api: FakeAnthropic, workdir: Path, cluster: Cluster
+) -> None:
+    claude_sdk()
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["claude_code"])
+    client = cluster.client()
+    api.enqueue(Text("Noted: blue."))
+    conversation, turn = await client.create_conversation(
+        "claude_code", "My colour is blue.", options={"cwd": str(workdir)}
+    )
+    assert (await client.wait(turn.task_id)).status is TaskStatus.COMPLETED
+    api.enqueue(Text(["tick "] * 200, delay=0.05))
+    stream = client.send_message(conversation.id, "Count to 200 slowly.")
+    cancelled = False
+    async with contextlib.aclosing(stream) as events:
+        async for event in events:
+            if isinstance(event, OutputReceived) and not cancelled:  # it answers: stop it
+                await client.cancel_task(event.chunk.task_id, "enough")
+                cancelled = True
+            if isinstance(event, TurnEnded):
+                assert event.turn.status is TaskStatus.CANCELLED
+    api.enqueue(Text("Your colour is blue."))
+    ended = (await answer(client, conversation.id, "What is my colour?"))[-1]
+    assert isinstance(ended, TurnEnded) and ended.turn.status is TaskStatus.COMPLETED
+    request = api.message_requests[-1]
+    sent = json.dumps(request.messages)
+    assert "My colour is blue." in sent and "Noted: blue." in sent  # the resumed session
+    prompt = request.last_user_text()
+    assert "not in this session" in prompt and "Count to 200 slowly." in prompt
+    assert "(this turn cancelled: cancelled: enough)" in prompt
+    assert prompt.endswith("What is my colour?")
+    _, turns = await client.get_conversation(conversation.id)
+    assert [t.status for t in turns] == [
+        TaskStatus.COMPLETED,
+        TaskStatus.CANCELLED,
+        TaskStatus.COMPLETED,
+    ]

@@ -1445,6 +1445,7 @@ async def test_conversation_with_every_field_and_its_turns_round_trip(store: Sto
         session_id="sess-1",
         session_snapshot=b"\x00\x01zlib\xff",
         session_cost_usd=0.5,
+        session_turn=3,
         summarized_through=1,
         summary="they said hello",
     )

@@ -239,6 +239,7 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             session_id         TEXT NOT NULL,
             session_snapshot   BLOB NOT NULL,  -- zlib-compressed session file, or empty
             session_cost_usd   REAL NOT NULL,  -- the session's running total at the snapshot
+            session_turn       INTEGER NOT NULL,  -- the turn that left the session so
             summarized_through INTEGER NOT NULL,
             summary            TEXT NOT NULL
         ) WITHOUT ROWID""",
@@ -759,6 +760,7 @@ _CONVERSATION_COLUMNS: Final = (
     "session_id",
     "session_snapshot",
     "session_cost_usd",
+    "session_turn",
     "summarized_through",
     "summary",
 )
@@ -801,6 +803,7 @@ def _conversation_row(c: Conversation) -> Row:
         c.session_id,
         c.session_snapshot,
         c.session_cost_usd,
+        c.session_turn,
         c.summarized_through,
         c.summary,
     )
@@ -821,8 +824,9 @@ def _conversation(r: Row) -> Conversation:
         session_id=r[10],
         session_snapshot=bytes(r[11]),
         session_cost_usd=r[12],
-        summarized_through=r[13],
-        summary=r[14],
+        session_turn=r[13],
+        summarized_through=r[14],
+        summary=r[15],
     )
 
 

@@ -31,7 +31,12 @@ from typing import Any
 import structlog
 
 from taskrun.core.agent import AgentError, AgentResult, RunContext
-from taskrun.core.models import MAX_SESSION_SNAPSHOT_BYTES, AgentSpec, TurnContext
+from taskrun.core.models import (
+    MAX_SESSION_SNAPSHOT_BYTES,
+    AgentSpec,
+    TranscriptMessage,
+    TurnContext,
+)
 from taskrun.worker.agents.backends import (
     CLAUDE_EXTRA_HINT,
     StderrTail,
@@ -138,6 +143,16 @@ def preamble(history: TurnContext) -> str:
     lines = ["(Our conversation so far, as the control plane recorded it:)"]
     for message in history.history:
         lines.append(f"{message.role.upper()}: {message.text}")
+    lines.append("(The new message follows.)\n")
+    return "\n\n".join(lines)
+
+
+def missed_preamble(missed: tuple[TranscriptMessage, ...]) -> str:
+    """Turns the resumed session lacks (a cancelled turn's message), told before the new one."""
+    if not missed:
+        return ""
+    lines = ["(Messages of our conversation that are not in this session:)"]
+    lines.extend(f"{m.role.upper()}: {m.text}" for m in missed)
     lines.append("(The new message follows.)\n")
     return "\n\n".join(lines)
 
@@ -305,11 +320,14 @@ class ClaudeCodeAgent:
     ) -> tuple[str | None, str]:
         """(session to resume, prompt) for a conversation's turn; see the module docstring."""
         session_id = turn.session_id
+        # turns after the one that left the session as it is (a cancelled one): it lacks them
+        missed = tuple(m for m in turn.history if m.turn > turn.session_turn)
+        resumed = missed_preamble(missed) + message
         if session_id and turn.session_snapshot:
             try:
                 await asyncio.to_thread(restore_session, session_id, cwd, turn.session_snapshot)
                 bound.info("session restored from the control plane", session_id=session_id)
-                return session_id, message
+                return session_id, resumed
             except (OSError, zlib.error) as exc:
                 bound.warning("could not restore the session", error=str(exc))
         kept: Path | None = (
@@ -317,7 +335,7 @@ class ClaudeCodeAgent:
         )
         if kept is not None and not turn.session_snapshot:
             bound.info("resuming the session kept on this worker", session_id=session_id)
-            return session_id, message
+            return session_id, resumed
         if turn.history:
             bound.info("session not available; continuing from the transcript", turns=turn.turn)
             return None, preamble(turn) + message
