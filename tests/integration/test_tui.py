@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -35,8 +36,10 @@ async def until(pilot_pause: Callable[[], object], predicate: Callable[[], bool]
             await pilot_pause()  # type: ignore[misc]
 
 
-def lines(log: RichLog) -> list[str]:
-    return [strip.text.rstrip() for strip in log.lines]
+def lines(log: RichLog, *, times: bool = False) -> list[str]:
+    """The log's lines; without the chat's HH:MM:SS times unless `times`."""
+    text = [strip.text.rstrip() for strip in log.lines]
+    return text if times else [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in text]
 
 
 def toasts(app: App[None]) -> str:
@@ -316,25 +319,26 @@ async def test_the_chat_view_shows_the_conversation_and_sends_a_follow_up(
         run = app.screen
         assert isinstance(run, RunScreen)
         chat = run.query_one(Transcript)
-        await until(pilot.pause, lambda: "you said: remember 7" in lines(chat))
-        assert lines(chat) == ["you: remember 7", "you said: remember 7"]
+        await until(pilot.pause, lambda: "parrot: you said: remember 7" in lines(chat))
+        assert lines(chat) == ["you: remember 7", "parrot: you said: remember 7"]
+        assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in lines(chat, times=True))
         field = run.query_one("#follow-up", Input)
         assert field.display
         await pilot.press("i")
         assert field.has_focus
         field.value = "which number?"
         await pilot.press("enter")
-        await until(pilot.pause, lambda: "you said: which number?" in lines(chat))
+        await until(pilot.pause, lambda: "parrot: you said: which number?" in lines(chat))
         await until(
             pilot.pause,
             lambda: run.task_state is not None and run.task_state.status is TaskStatus.COMPLETED,
         )
         assert lines(chat) == [
             "you: remember 7",
-            "you said: remember 7",
+            "parrot: you said: remember 7",
             "",
             "you: which number?",
-            "you said: which number?",
+            "parrot: you said: which number?",
         ]
         assert field.value == ""
         chat.focus()  # the footer shows the run view's keys again
@@ -393,8 +397,8 @@ async def test_the_chat_goes_on_after_a_failed_turn(cluster: Cluster) -> None:
         field.focus()
         field.value = "try again"
         await pilot.press("enter")
-        await until(pilot.pause, lambda: "you said: try again" in lines(chat))
-        assert lines(chat)[-2:] == ["you: try again", "you said: try again"]
+        await until(pilot.pause, lambda: "parrot: you said: try again" in lines(chat))
+        assert lines(chat)[-2:] == ["you: try again", "parrot: you said: try again"]
     final, _ = await client.get_task(task.id)
     assert final.status is TaskStatus.FAILED  # the failed turn stays failed
 

@@ -230,7 +230,7 @@ class RunScreen(Screen[None]):
         if self.task_state is None:  # the agent decides the view before any output shows
             task = await self.load_runs()
             if task is not None and self.supports_sessions(task.agent):
-                self.start_chat()
+                self.start_chat(task.agent)
         with contextlib.suppress(grpc.aio.AioRpcError):
             async for event in self.client.follow(self.task_id, include_events=True):
                 if isinstance(event, OutputReceived):
@@ -253,10 +253,11 @@ class RunScreen(Screen[None]):
                     events.write(f"task {output.status_name(task.status)}")
         out.flush()
 
-    def start_chat(self) -> None:
+    def start_chat(self, agent: str) -> None:
         self.add_class("chat")
         transcript = self.query_one(Transcript)
         transcript.chat = True
+        transcript.agent = agent
         transcript.border_title = "chat"
         self.refresh_bindings()
 
