@@ -32,7 +32,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -116,6 +116,7 @@ class Engine:
         self.turns: dict[TaskId, Turn] = {}
         self.contexts: dict[TaskId, TurnContext] = {}
         self._tools: dict[TaskId, list[dict[str, object]]] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # with their users; _serialized
         self.on_usage: Callable[[str, str, Usage], None] | None = None  # metrics, once durable
         self.rejected_reports = 0
         # While set, the store cannot write (or the view was lost): writes are refused with this
@@ -511,16 +512,17 @@ class Engine:
         the previous turn is unfinished. Durable on return."""
         self._check_writable()
         self._check_idle(conversation_id)
-        conversation = await self.store.get_conversation(conversation_id)
-        if conversation is None:
-            raise NotFound(f"no conversation {conversation_id!r}", field="conversation_id")
-        self._check_turn_input(conversation.agent, conversation.input, message, "conversation_id")
-        earlier = await self.store.list_turns(conversation_id)
-        self._check_writable()
-        self._check_idle(conversation_id)  # another message may have arrived meanwhile
-        changes = ChangeSet()
-        turn, task = self._new_turn(conversation, message, earlier, changes)
-        await self._commit_turn(changes)
+        async with self._serialized(conversation_id):  # one new turn at a time
+            self._check_idle(conversation_id)
+            conversation, earlier = await self._load_conversation(conversation_id)
+            self._check_turn_input(
+                conversation.agent, conversation.input, message, "conversation_id"
+            )
+            self._check_writable()
+            self._check_idle(conversation_id)
+            changes = ChangeSet()
+            turn, task = self._new_turn(conversation, message, earlier, changes)
+            await self._commit_turn(changes)
         log.info(
             "message sent",
             conversation_id=conversation_id,
@@ -548,10 +550,15 @@ class Engine:
             )
         options = _options(stored.input)
         self._check_turn_input(stored.agent, json.dumps(options), prompt, "task_id")
-        runs = await self.store.list_runs(task_id)
-        self._check_writable()
-        if stored.conversation_id is None and task_id not in self.tasks:
-            stored = await self._adopt(stored, runs)
+        async with self._serialized(task_id):  # one conversation around a task, not two
+            await self._settled()
+            again = await self.store.get_task(task_id)
+            runs = await self.store.list_runs(task_id)
+            self._check_writable()
+            if again is not None and again.conversation_id is None:
+                stored = await self._adopt(again, runs)
+            elif again is not None:
+                stored = again
         assert stored.conversation_id is not None
         return (await self.send_message(stored.conversation_id, prompt))[2]
 
@@ -602,12 +609,47 @@ class Engine:
         """Delete a conversation and its transcript (its tasks stay). Durable on return."""
         self._check_writable()
         self._check_idle(conversation_id)
-        if await self.store.get_conversation(conversation_id) is None:
-            raise NotFound(f"no conversation {conversation_id!r}", field="conversation_id")
-        self._check_writable()
-        self._check_idle(conversation_id)
-        await asyncio.shield(self._commit(ChangeSet(deleted_conversations=[conversation_id])))
+        async with self._serialized(conversation_id):
+            await self._load_conversation(conversation_id)
+            self._check_writable()
+            self._check_idle(conversation_id)
+            await asyncio.shield(self._commit(ChangeSet(deleted_conversations=[conversation_id])))
         log.info("conversation deleted", conversation_id=conversation_id)
+
+    @contextlib.asynccontextmanager
+    async def _serialized(self, key: str) -> AsyncIterator[None]:
+        """Changes to one conversation (or around one task) one at a time: each reads the store
+        and commits before the next starts."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    async def _settled(self) -> None:
+        """Until every commit made so far is durable, so that the store shows it (a turn that
+        just ended, say). Unavailable when one of them failed."""
+        tail = self._tail
+        if tail is not None and not tail.done():
+            await asyncio.shield(tail)
+        elif tail is not None and not tail.cancelled() and tail.exception() is not None:
+            self._check_writable()
+
+    async def _load_conversation(
+        self, conversation_id: ConversationId
+    ) -> tuple[Conversation, list[Turn]]:
+        """The conversation and its turns as committed (after every commit in flight)."""
+        await self._settled()
+        conversation = await self.store.get_conversation(conversation_id)
+        if conversation is None:
+            raise NotFound(f"no conversation {conversation_id!r}", field="conversation_id")
+        return conversation, await self.store.list_turns(conversation_id)
 
     def _check_turn_input(self, agent: str, options: str, message: str, field: str) -> None:
         """A turn's input is the conversation's options plus "prompt": the agent must take it."""

@@ -16,6 +16,7 @@ from taskrun.core.errors import FailedPrecondition, NotFound, Unavailable
 from taskrun.core.ids import ConversationId
 from taskrun.core.models import TaskSpec
 from taskrun.core.status import TaskStatus, task_can_move
+from tests.unit.test_engine_recovery import GatedStore
 
 
 @pytest.fixture
@@ -110,3 +111,55 @@ async def test_continuing_a_lone_task_makes_it_the_first_turn_and_leaves_it_as_i
         (1, "hi", TaskStatus.CANCELLED),
         (2, "more", TaskStatus.PENDING),
     ]
+
+
+async def test_two_messages_at_once_make_one_turn_and_one_refusal(
+    engine: tuple[Engine, MemoryStore],
+) -> None:
+    e, store = engine
+    conversation, _, first = await e.create_conversation("anthropic", "one")
+    await e.cancel_task(first.id, "")
+    results = await asyncio.gather(
+        e.send_message(conversation.id, "two"),
+        e.send_message(conversation.id, "two, again"),
+        return_exceptions=True,
+    )
+    assert sorted(type(r).__name__ for r in results) == ["FailedPrecondition", "tuple"]
+    assert [t.index for t in await store.list_turns(conversation.id)] == [1, 2]
+
+
+async def test_continuing_one_lone_task_twice_at_once_makes_one_conversation(
+    engine: tuple[Engine, MemoryStore],
+) -> None:
+    e, store = engine
+    [(lone, _)] = await e.create_tasks([TaskSpec(agent="anthropic", input='{"prompt": "hi"}')])
+    await e.cancel_task(lone.id, "")
+    results = await asyncio.gather(
+        e.continue_task(lone.id, "a"), e.continue_task(lone.id, "b"), return_exceptions=True
+    )
+    made = [r for r in results if not isinstance(r, BaseException)]
+    assert len(made) == 1
+    assert sum(isinstance(r, FailedPrecondition) for r in results) == 1
+    after = await store.get_task(lone.id)
+    assert after is not None and after.conversation_id == made[0].conversation_id
+
+
+async def test_a_message_right_after_a_turn_ended_sees_that_turn_even_mid_commit() -> None:
+    store = GatedStore()
+    store.gate.set()
+    e = Engine(store, ServerConfig(store="memory"))
+    await e.start()
+    conversation, _, first = await e.create_conversation("anthropic", "one")
+    store.gate.clear()  # the end of turn 1 is in the view, its commit not yet in the store
+    cancelling = asyncio.ensure_future(e.cancel_task(first.id, "stop"))
+    await asyncio.sleep(0.01)
+    assert first.id not in e.turns and not cancelling.done()
+    sending = asyncio.ensure_future(e.send_message(conversation.id, "two"))
+    await asyncio.sleep(0.01)
+    assert not sending.done()  # waits for the commit instead of reading a stale store
+    store.gate.set()
+    await cancelling
+    _, turn, task = await sending
+    assert turn.index == 2
+    assert [m.text for m in e.contexts[task.id].history][1].startswith("(this turn cancelled")
+    await e.stop()
