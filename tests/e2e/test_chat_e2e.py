@@ -150,6 +150,14 @@ def test_chat_streams_answers_ctrl_c_cancels_the_turn_and_the_chat_goes_on(
             popen.wait()
     assert len(fake.message_requests[-1].messages) == 7
 
+    # `task continue` of any turn's task: the next turn; --follow shows only the new answer
+    fake.enqueue(Text("Last."))
+    first_task = doc["turn_list"][0]["task_id"]
+    continued = deployment.run("task", "continue", first_task, "One last thing?", "--follow")
+    assert continued.returncode == 0, continued.stderr
+    assert continued.stdout.strip() == "Last."
+    assert len(fake.message_requests[-1].messages) == 9
+
     listed = deployment.run("conversation", "list")
     assert listed.returncode == 0 and conversation_id in listed.stdout
     deleted = deployment.run("conversation", "delete", conversation_id)
