@@ -33,7 +33,7 @@ HELP = """\
   R           revoke the selected worker: cut off for good
   s / a       filter tasks by status / by agent (cycles)
   /           search tasks by id
-  i           in the run view of an agent with sessions: a follow-up
+  i           in the run view of an agent with sessions: next message
   escape      back;   ?  this help;   q  quit
 c, r, d and R ask first.
 
@@ -166,13 +166,13 @@ class NewTaskScreen(ModalScreen[Task | None]):
 
 class RunScreen(Screen[None]):
     """One task's run: status, usage, live output and events (FollowTask). For an agent with
-    sessions, a chat: the runs' prompts and answers, and an input box for a follow-up."""
+    sessions, a chat: every turn of its conversation, and an input box for the next message."""
 
     BINDINGS = [
         Binding("escape", "app.pop_screen", "back"),
         Binding("c", "cancel", "cancel"),
         Binding("r", "retry", "retry"),
-        Binding("i", "reply", "follow-up"),
+        Binding("i", "reply", "message"),
         Binding("question_mark", "app.help", "help"),
     ]
     DEFAULT_CSS = """
@@ -211,7 +211,7 @@ class RunScreen(Screen[None]):
         yield Static(f"task {self.task_id}", id="summary")
         yield Transcript(id="output")
         yield RichLog(id="run-events", wrap=False, markup=False)
-        yield Input(placeholder="follow-up message (enter sends it)", id="follow-up")
+        yield Input(placeholder="next message (enter sends it)", id="follow-up")
         yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
@@ -224,7 +224,7 @@ class RunScreen(Screen[None]):
 
     @work(exclusive=True, group="follow")
     async def follow(self) -> None:
-        """Stream the task's output and changes until it ends (again after each follow-up)."""
+        """Stream the task's output and changes until it ends (again for each new turn)."""
         out = self.query_one(Transcript)
         events = self.query_one("#run-events", RichLog)
         if self.task_state is None:  # the agent decides the view before any output shows
