@@ -998,6 +998,23 @@ class Engine:
         if context is not None:
             assignment.resume_session_id = context.session_id
             turn_context_to_pb(context, assignment.conversation)
+            history = assignment.conversation.history
+            dropped = 0
+            while history and assignment.ByteSize() > self.config.max_message_bytes:
+                del history[0]  # the oldest first; compaction keeps this rare
+                dropped += 1
+            if dropped:
+                kept = list(history)
+                del history[:]
+                note = f"({dropped} earlier messages left out: the transcript was too long)"
+                history.add(role="user", text=note)
+                history.extend(kept)
+                log.warning(
+                    "transcript cut to fit the assignment",
+                    task_id=task.id,
+                    run_id=run.id,
+                    dropped_messages=dropped,
+                )
         return assignment
 
     # --- worker sessions ---------------------------------------------------------------------
@@ -1021,7 +1038,12 @@ class Engine:
         worker.first_seen_at = known.first_seen_at if known and known.first_seen_at else now
         worker.connected_at = worker.last_heartbeat_at = now
         worker.status = WorkerStatus.DRAINING if hello.draining else WorkerStatus.ONLINE
-        session = WorkerSession(worker, uuid.uuid4().hex, self.config.lease_duration)
+        session = WorkerSession(
+            worker,
+            uuid.uuid4().hex,
+            self.config.lease_duration,
+            self.config.max_message_bytes,  # the server may send 1 MiB more (app.py)
+        )
         session.draining = hello.draining
         self.sessions[worker.id] = session
         self.workers[worker.id] = worker

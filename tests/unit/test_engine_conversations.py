@@ -163,3 +163,43 @@ async def test_a_message_right_after_a_turn_ended_sees_that_turn_even_mid_commit
     assert turn.index == 2
     assert [m.text for m in e.contexts[task.id].history][1].startswith("(this turn cancelled")
     await e.stop()
+
+
+async def test_a_transcript_too_long_for_one_message_is_cut_oldest_first() -> None:
+    store = MemoryStore()
+    e = Engine(store, ServerConfig(store="memory", max_message_bytes=64 * 1024))
+    await e.start()
+    conversation, _, first = await e.create_conversation("anthropic", "a" * 30_000)
+    for n in range(3):
+        await e.cancel_task(first.id, "")
+        _, _, first = await e.send_message(conversation.id, str(n) + "b" * 30_000)
+    task = e.tasks[first.id]
+    run = e.runs[task.current_run_id]  # type: ignore[index]
+    assignment = e._assignment(task, run)
+    assert assignment.ByteSize() <= 64 * 1024
+    history = assignment.conversation.history
+    assert "earlier messages left out" in history[0].text
+    assert history[-2].text.startswith("1b")  # the newest earlier turn is kept
+    assert task.input.startswith('{"prompt": "2b')  # and the new message is the prompt
+    await e.stop()
+
+
+def test_assignments_beyond_one_message_go_in_the_next() -> None:
+    from taskrun.controlplane.session import WorkerSession
+    from taskrun.core.ids import WorkerId
+    from taskrun.core.models import Worker
+    from taskrun.v1 import workers_pb2 as wpb
+
+    session = WorkerSession(Worker(WorkerId("w")), "s", 5.0, max_message_bytes=100_000)
+    for n in range(3):
+        session.send_assignment(wpb.RunAssignment(run_id=f"r{n}", input_json="x" * 60_000))
+    sent: list[list[str]] = []
+
+    async def write(msg: wpb.ServerMessage) -> None:
+        sent.append([a.run_id for a in msg.assignments])
+        if sum(map(len, sent)) == 3:
+            raise asyncio.CancelledError
+
+    with pytest.raises(asyncio.CancelledError):
+        asyncio.run(session.write_loop(write))
+    assert sent == [["r0"], ["r1"], ["r2"]]
