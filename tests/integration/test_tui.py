@@ -67,6 +67,12 @@ class Parrot:
         return AgentResult(result={"text": f"you said: {said}"}, session_id=session)
 
 
+class PlainParrot(Parrot):
+    """A parrot that keeps no session: its conversations live in the control plane only."""
+
+    spec = AgentSpec(name="plainparrot", description="repeats what it is told")
+
+
 async def start_parrot_worker(cluster: Cluster, worker_id: str = "worker-1") -> None:
     config = WorkerConfig(
         server=cluster.address,
@@ -76,7 +82,8 @@ async def start_parrot_worker(cluster: Cluster, worker_id: str = "worker-1") -> 
         key=cluster.pki.worker_key(worker_id),
         reconnect_max_wait=0.5,
     )
-    daemon = WorkerDaemon(config, {"parrot": Parrot(), **load_agents(["echo"])})
+    agents = {"parrot": Parrot(), "plainparrot": PlainParrot(), **load_agents(["echo"])}
+    daemon = WorkerDaemon(config, agents)
     cluster.workers[worker_id] = (daemon, asyncio.create_task(daemon.run()))  # torn down there
     await cluster.wait_registered(worker_id)
 
@@ -438,3 +445,31 @@ async def test_a_denied_event_stream_is_shown_and_not_retried(cluster: Cluster) 
         assert "retrying" not in header(app)
         assert "PERMISSION_DENIED" in toasts(app)
         assert not app.state.synced
+
+
+async def test_a_conversation_of_an_agent_without_sessions_is_a_chat_too(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await start_parrot_worker(cluster)
+    client = cluster.client()
+    _, turn = await client.create_conversation("plainparrot", "hello")
+    assert (await client.wait(turn.task_id)).status is TaskStatus.COMPLETED
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        app.push_screen(app.run_screen(turn.task_id))
+        await until(pilot.pause, lambda: isinstance(app.screen, RunScreen) and app.screen.chat)
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        chat = run.query_one(Transcript)
+        await until(pilot.pause, lambda: "plainparrot: you said: hello" in lines(chat))
+        field = run.query_one("#follow-up", Input)
+        field.focus()
+        field.value = "again"
+        await pilot.press("enter")
+        await until(pilot.pause, lambda: "plainparrot: you said: again" in lines(chat))
+        assert lines(chat) == [
+            "you: hello",
+            "plainparrot: you said: hello",
+            "",
+            "you: again",
+            "plainparrot: you said: again",
+        ]

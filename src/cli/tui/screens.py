@@ -229,7 +229,7 @@ class RunScreen(Screen[None]):
         events = self.query_one("#run-events", RichLog)
         if self.task_state is None:  # the agent decides the view before any output shows
             task = await self.load_runs()
-            if task is not None and self.supports_sessions(task.agent):
+            if task is not None and (task.conversation_id or self.supports_sessions(task.agent)):
                 self.start_chat(task.agent)
         with contextlib.suppress(grpc.aio.AioRpcError):
             async for event in self.client.follow(self.task_id, include_events=True):

@@ -83,7 +83,7 @@ class AnthropicAgent:
         self.spec = AgentSpec(
             name="anthropic",
             description="One Anthropic Messages API call (streaming): prompt, system, model, "
-            "max_tokens, temperature.",
+            "max_tokens, temperature; in a conversation, with its transcript.",
             backends=announced_backends(),
             input_schema=json.dumps(INPUT_SCHEMA),
         )
