@@ -663,6 +663,8 @@ class Engine:
             ) from None
 
     def _check_idle(self, conversation_id: ConversationId) -> None:
+        if conversation_id not in self.conversations:  # only those with an unfinished turn
+            return
         for turn in self.turns.values():
             if turn.conversation_id == conversation_id:
                 raise FailedPrecondition(
