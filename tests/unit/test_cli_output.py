@@ -250,6 +250,12 @@ def test_task_detail_shows_policy_runs_result_and_usage() -> None:
     assert runs[1].split() == ["1", "run_1", "failed", "worker-1", "4m", "ago", "4.0s", "boom"]
 
 
+def test_task_detail_of_a_turn_names_its_conversation() -> None:
+    text = output.task_detail(make_task(conversation_id="cnv_1", turn=3), [], NOW)
+    assert "Conversation:  cnv_1, turn 3" in text
+    assert "Conversation" not in output.task_detail(make_task(), [], NOW)
+
+
 def test_task_detail_without_runs() -> None:
     text = output.task_detail(make_task(status=TaskStatus.PENDING, attempts=0), [], NOW)
     assert "none yet" in text
