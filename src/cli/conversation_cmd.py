@@ -17,6 +17,8 @@ import signal
 import sys
 from typing import Any
 
+import grpc
+
 from taskrun.cli import output
 from taskrun.cli.client import Client, OutputReceived, TurnEnded, TurnStarted
 from taskrun.core.errors import InvalidArgument
@@ -311,7 +313,12 @@ async def _chat(
                 with contextlib.suppress(asyncio.CancelledError):
                     await turn_task
                 break
-            turn_task.result()  # a refused message raises here (gRPC error)
+            try:
+                turn_task.result()
+            except grpc.aio.AioRpcError as exc:  # refused (the last turn still runs, ...)
+                if exc.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.NOT_FOUND):
+                    raise
+                _note(f"error: {exc.code().name}: {exc.details()}\n")
     finally:
         loop.remove_signal_handler(signal.SIGINT)
         lines.close()

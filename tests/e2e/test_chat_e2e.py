@@ -164,3 +164,37 @@ def test_chat_streams_answers_ctrl_c_cancels_the_turn_and_the_chat_goes_on(
     assert deleted.returncode == 0, deleted.stderr
     missing = deployment.run("conversation", "get", conversation_id)
     assert missing.returncode != 0 and "conversation_id" in missing.stderr
+
+
+def test_a_refused_message_is_reported_and_the_chat_goes_on(
+    deployment: Deployment, fake: FakeAnthropic
+) -> None:
+    fake.enqueue(Text(["tick "] * 400, delay=0.05), Text("Hello again."))
+    first, first_popen = start_chat(deployment, "anthropic")
+    second_popen: subprocess.Popen[str] | None = None
+    try:
+        say(first_popen, "Count slowly.")
+        header = seen(first, lambda line: line.startswith("conversation "), "err")
+        conversation_id = header.split()[1]
+        deadline = time.monotonic() + 20
+        while fake.streams_started < 1 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        # a second chat on the same conversation while the first turn still runs
+        second, second_popen = start_chat(deployment, "--conversation", conversation_id)
+        say(second_popen, "Hello?")
+        refused = seen(second, lambda line: line.startswith("error: FAILED_PRECONDITION"), "err")
+        assert "is unfinished" in refused
+        assert second_popen.poll() is None  # the chat goes on
+        first_popen.send_signal(signal.SIGINT)  # cancel the long turn from the first chat
+        seen(first, lambda line: line.startswith("[turn 1 cancelled"), "err")
+        say(second_popen, "Hello now?")
+        seen(second, lambda line: line == "Hello again.\n", "out")
+        for popen in (first_popen, second_popen):
+            assert popen.stdin is not None
+            popen.stdin.close()
+            assert popen.wait(15) == 0
+    finally:
+        for popen in (first_popen, second_popen):
+            if popen is not None and popen.poll() is None:
+                popen.kill()
+                popen.wait()
