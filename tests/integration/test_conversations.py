@@ -23,7 +23,10 @@ from taskrun.cli.client import OutputReceived, TaskChanged, TurnEnded, TurnStart
 from taskrun.core.status import RunStatus, TaskStatus
 from tests.conftest import Cluster
 from tests.fakes.anthropic_server import ErrorMidStream, FakeAnthropic, Overloaded, Text
+from tests.integration.test_bad_input import expect
+from tests.integration.test_enrollment import start
 from tests.integration.test_metrics import scrape, value
+from tests.integration.test_security import token_client
 
 KEY = "sk-ant-test-key"
 
@@ -502,3 +505,36 @@ async def test_claude_code_cancelled_turn_followed_by_another_tells_the_session_
         TaskStatus.CANCELLED,
         TaskStatus.COMPLETED,
     ]
+
+
+async def test_a_read_only_api_token_reads_conversations_but_cannot_send_a_message(
+    api: FakeAnthropic, cluster: Cluster
+) -> None:
+    await start(cluster)  # with the public (TLS-only) port that serves API-token callers
+    await cluster.start_worker("worker-1", agents=["anthropic"])
+    admin = cluster.client()
+    api.enqueue(Text("Hi."))
+    conversation, turn = await admin.create_conversation("anthropic", "Hello.")
+    await admin.wait(turn.task_id)
+    secret, info = await admin.create_api_token("dashboard", ["read"])
+    reader = token_client(cluster, secret)
+    _, turns = await reader.get_conversation(conversation.id)
+    assert [t.answer for t in turns] == ["Hi."]
+    assert [c.id for c in await reader.list_conversations()] == [conversation.id]
+    for refused in (
+        answer(reader, conversation.id, "More?"),
+        reader.create_conversation("anthropic", "Mine?"),
+        reader.delete_conversation(conversation.id),
+    ):
+        await expect(
+            refused,
+            grpc.StatusCode.PERMISSION_DENIED,
+            f"api-token {info.token_id} (dashboard) holds scopes [read]",
+            "needs 'submit'",
+        )
+    stored, turns = await admin.get_conversation(conversation.id)
+    assert stored.turns == 1 and len(turns) == 1
+    writer = token_client(cluster, (await admin.create_api_token("bot", ["submit"]))[0])
+    api.enqueue(Text("Sure."))
+    events = await answer(writer, conversation.id, "More?")
+    assert isinstance(events[-1], TurnEnded) and events[-1].turn.answer == "Sure."
