@@ -16,9 +16,10 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from taskrun.core.access import ApiToken, AuditEvent, AuditKind, BootstrapToken, Scope
 from taskrun.core.errors import InvalidArgument
-from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.models import (
     AgentSpec,
+    Conversation,
     ModelBackend,
     OutputChunk,
     OutputKind,
@@ -26,6 +27,9 @@ from taskrun.core.models import (
     Task,
     TaskPolicy,
     TaskSpec,
+    TranscriptMessage,
+    Turn,
+    TurnContext,
     Usage,
     Worker,
 )
@@ -39,7 +43,14 @@ from taskrun.core.webhooks import (
     WebhookEvent,
 )
 from taskrun.v1 import common_pb2 as pb
-from taskrun.v1 import schedules_pb2, security_pb2, tasks_pb2, webhooks_pb2
+from taskrun.v1 import (
+    conversations_pb2,
+    schedules_pb2,
+    security_pb2,
+    tasks_pb2,
+    webhooks_pb2,
+    workers_pb2,
+)
 
 # --- scalars ---------------------------------------------------------------------------------
 
@@ -236,6 +247,8 @@ def task_to_pb(t: Task, runs: list[Run] | None = None) -> pb.Task:
         result_json=t.result,
         schedule=t.schedule,
         cancel_requested=t.cancel_requested,
+        conversation_id=t.conversation_id or "",
+        turn=t.turn,
     )
     policy_to_pb(t.policy, out.policy)
     ts_to_pb(t.created_at, out.created_at)
@@ -268,8 +281,104 @@ def task_from_pb(m: pb.Task) -> tuple[Task, list[Run]]:
         schedule=m.schedule,
         cancel_requested=m.cancel_requested,
         waiting_reason=m.waiting_reason,
+        conversation_id=ConversationId(m.conversation_id) if m.conversation_id else None,
+        turn=m.turn,
     )
     return task, [run_from_pb(r) for r in m.runs]
+
+
+# --- conversations ---------------------------------------------------------------------------
+
+
+def turn_to_pb(t: Turn, out: conversations_pb2.Turn) -> None:
+    out.index, out.task_id, out.message = t.index, t.task_id, t.message
+    out.status = int(t.status)  # type: ignore[assignment]
+    out.answer, out.tools_json, out.error = t.answer, t.tools, t.error
+    usage_to_pb(t.usage, out.usage)
+    ts_to_pb(t.created_at, out.created_at)
+    ts_to_pb(t.finished_at, out.finished_at)
+
+
+def turn_from_pb(m: conversations_pb2.Turn, conversation_id: ConversationId) -> Turn:
+    return Turn(
+        conversation_id=conversation_id,
+        index=m.index,
+        task_id=TaskId(m.task_id),
+        message=m.message,
+        created_at=ts_from_pb(m, "created_at") or datetime.fromtimestamp(0, UTC),
+        status=TaskStatus(m.status),
+        answer=m.answer,
+        tools=m.tools_json,
+        error=m.error,
+        usage=usage_from_pb(m.usage),
+        finished_at=ts_from_pb(m, "finished_at"),
+    )
+
+
+def conversation_to_pb(
+    c: Conversation, turns: list[Turn] | None = None
+) -> conversations_pb2.Conversation:
+    out = conversations_pb2.Conversation(
+        id=c.id,
+        agent=c.agent,
+        title=c.title,
+        labels=c.labels,
+        input_json=c.input,
+        turn_count=c.turns,
+        session_id=c.session_id,
+        session_snapshot_bytes=len(c.session_snapshot),
+        summarized_through=c.summarized_through,
+    )
+    policy_to_pb(c.policy, out.policy)
+    ts_to_pb(c.created_at, out.created_at)
+    ts_to_pb(c.updated_at, out.updated_at)
+    usage_to_pb(c.usage, out.usage)
+    for turn in turns or ():
+        turn_to_pb(turn, out.turns.add())
+    return out
+
+
+def conversation_from_pb(m: conversations_pb2.Conversation) -> tuple[Conversation, list[Turn]]:
+    """The conversation as the client sees it (no session snapshot), with its turns."""
+    epoch = datetime.fromtimestamp(0, UTC)
+    conversation = Conversation(
+        id=ConversationId(m.id),
+        agent=m.agent,
+        title=m.title,
+        labels=dict(m.labels),
+        input=m.input_json,
+        policy=policy_from_pb(m.policy, m.policy.max_attempts),
+        created_at=ts_from_pb(m, "created_at") or epoch,
+        updated_at=ts_from_pb(m, "updated_at") or epoch,
+        turns=m.turn_count,
+        usage=usage_from_pb(m.usage),
+        session_id=m.session_id,
+        summarized_through=m.summarized_through,
+    )
+    return conversation, [turn_from_pb(t, conversation.id) for t in m.turns]
+
+
+def turn_context_to_pb(c: TurnContext, out: workers_pb2.TurnContext) -> None:
+    out.conversation_id, out.turn = c.conversation_id, c.turn
+    for message in c.history:
+        out.history.add(role=message.role, text=message.text, turn=message.turn)
+    out.session_id, out.session_snapshot = c.session_id, c.session_snapshot
+    out.session_cost_usd = c.session_cost_usd
+    out.summarize_through = c.summarize_through
+    out.session_turn = c.session_turn
+
+
+def turn_context_from_pb(m: workers_pb2.TurnContext) -> TurnContext:
+    return TurnContext(
+        conversation_id=ConversationId(m.conversation_id),
+        turn=m.turn,
+        history=tuple(TranscriptMessage(h.role, h.text, h.turn) for h in m.history),
+        session_id=m.session_id,
+        session_snapshot=m.session_snapshot,
+        session_cost_usd=m.session_cost_usd,
+        summarize_through=m.summarize_through,
+        session_turn=m.session_turn,
+    )
 
 
 # --- output ----------------------------------------------------------------------------------

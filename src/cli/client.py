@@ -28,12 +28,23 @@ import grpc
 from taskrun import convert
 from taskrun.cli.credentials import OperatorSettings, load_credentials, resolve_settings
 from taskrun.core.access import AuditEvent, AuditKind, TokenState
-from taskrun.core.ids import RunId, TaskId, WorkerId
-from taskrun.core.models import OutputChunk, Run, Task, TaskPolicy, TaskSpec, Worker
+from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
+from taskrun.core.models import (
+    Conversation,
+    OutputChunk,
+    Run,
+    Task,
+    TaskPolicy,
+    TaskSpec,
+    Turn,
+    Worker,
+)
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.v1 import (
+    conversations_pb2,
+    conversations_pb2_grpc,
     events_pb2,
     events_pb2_grpc,
     schedules_pb2,
@@ -76,6 +87,25 @@ class TaskChanged:
 
 
 TaskEvent = OutputReceived | TaskChanged
+
+
+@dataclass(frozen=True, slots=True)
+class TurnStarted:
+    """`Client.chat`: the message became this turn (its task is `turn.task_id`). `conversation`
+    is set when the chat created the conversation."""
+
+    turn: Turn
+    conversation: Conversation | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TurnEnded:
+    """`Client.chat`: the turn ended (completed, failed or cancelled), with what it spent."""
+
+    turn: Turn
+
+
+ChatEvent = TurnStarted | OutputReceived | TaskChanged | TurnEnded
 
 
 # --- fleet events (issue 6: WatchEvents) ------------------------------------------------------
@@ -456,12 +486,145 @@ class Client:
         return task
 
     async def continue_task(self, task_id: str, prompt: str) -> Task:
-        """Send a follow-up message to a completed task whose agent keeps a session."""
+        """Send the next message of the conversation `task_id` belongs to (one is created around
+        a task that had none); returns the new turn's task. The given task never changes."""
         message = await self._task_stub().ContinueTask(
             tasks_pb2.ContinueTaskRequest(task_id=task_id, prompt=prompt), timeout=self.timeout
         )
         task, _ = convert.task_from_pb(message)
         return task
+
+    # --- conversations -----------------------------------------------------------------------
+
+    def _conversation_stub(self) -> Any:
+        return conversations_pb2_grpc.ConversationServiceStub(self.channel)
+
+    async def create_conversation(
+        self,
+        agent: str,
+        message: str,
+        *,
+        title: str = "",
+        labels: Mapping[str, str] | None = None,
+        options: Mapping[str, Any] | None = None,
+        policy: TaskPolicy | None = None,
+    ) -> tuple[Conversation, Turn]:
+        """A new conversation with `agent`, its first turn carrying `message`. `options` are the
+        agent's input fields every turn shares (not "prompt": each turn's prompt is its message).
+        """
+        request = conversations_pb2.CreateConversationRequest(
+            agent=agent,
+            message=message,
+            title=title,
+            labels=dict(labels or {}),
+            input_json=json.dumps(dict(options or {})),
+        )
+        if policy is not None:
+            convert.policy_to_pb(policy, request.policy)
+        reply = await self._conversation_stub().CreateConversation(request, timeout=self.timeout)
+        conversation, turns = convert.conversation_from_pb(reply)
+        return conversation, turns[0]
+
+    async def get_conversation(self, conversation_id: str) -> tuple[Conversation, list[Turn]]:
+        """The conversation and its turns in order."""
+        reply = await self._conversation_stub().GetConversation(
+            conversations_pb2.GetConversationRequest(conversation_id=conversation_id),
+            timeout=self.timeout,
+        )
+        return convert.conversation_from_pb(reply)
+
+    async def list_conversations(
+        self, *, agent: str = "", labels: Mapping[str, str] | None = None, limit: int = 50
+    ) -> list[Conversation]:
+        """Newest first, at most `limit` (all pages up to it)."""
+        out: list[Conversation] = []
+        token = ""
+        while len(out) < limit:
+            reply = await self._conversation_stub().ListConversations(
+                conversations_pb2.ListConversationsRequest(
+                    agent=agent,
+                    labels=dict(labels or {}),
+                    page_size=min(limit - len(out), 1000),
+                    page_token=token,
+                ),
+                timeout=self.timeout,
+            )
+            out.extend(convert.conversation_from_pb(c)[0] for c in reply.conversations)
+            token = reply.next_page_token
+            if not token:
+                break
+        return out
+
+    async def delete_conversation(self, conversation_id: str) -> None:
+        await self._conversation_stub().DeleteConversation(
+            conversations_pb2.DeleteConversationRequest(conversation_id=conversation_id),
+            timeout=self.timeout,
+        )
+
+    async def send_message(
+        self, conversation_id: str, message: str
+    ) -> AsyncGenerator[ChatEvent, None]:
+        """The next turn: TurnStarted, its output (text and events) and task changes, then
+        TurnEnded. FAILED_PRECONDITION while the previous turn is unfinished."""
+        call = self._conversation_stub().SendMessage(
+            conversations_pb2.SendMessageRequest(conversation_id=conversation_id, message=message)
+        )
+        cid = ConversationId(conversation_id)
+        task_id = TaskId("")
+        started = False
+        try:
+            async for event in call:
+                if event.HasField("turn"):
+                    turn = convert.turn_from_pb(event.turn, cid)
+                    task_id = turn.task_id
+                    if not started:
+                        started = True
+                        yield TurnStarted(turn)
+                    else:
+                        yield TurnEnded(turn)
+                    continue
+                for chunk in event.update.chunks:
+                    yield OutputReceived(convert.chunk_from_pb(chunk, task_id))
+                if event.update.HasField("task"):
+                    yield TaskChanged(convert.task_from_pb(event.update.task)[0])
+        finally:
+            call.cancel()
+
+    async def chat(
+        self,
+        message: str,
+        *,
+        agent: str = "",
+        conversation_id: str = "",
+        options: Mapping[str, Any] | None = None,
+        labels: Mapping[str, str] | None = None,
+        title: str = "",
+    ) -> AsyncGenerator[ChatEvent, None]:
+        """Send `message` and follow the answer: to `conversation_id`, or to a new conversation
+        with `agent` (TurnStarted then carries it). Events: TurnStarted, OutputReceived (text
+        and events), TaskChanged, and TurnEnded last. Stop iterating (aclosing) to stop
+        following; cancel the turn with `cancel_task(turn.task_id)`.
+
+            async with Client.from_env() as client:
+                async for event in client.chat("Hello", agent="anthropic"):
+                    ...
+        """
+        if conversation_id:
+            async with contextlib.aclosing(self.send_message(conversation_id, message)) as events:
+                async for event in events:
+                    yield event
+            return
+        if not agent:
+            raise ValueError("chat needs an agent (a new conversation) or a conversation_id")
+        conversation, turn = await self.create_conversation(
+            agent, message, options=options, labels=labels, title=title
+        )
+        yield TurnStarted(turn, conversation)
+        async with contextlib.aclosing(self.follow(turn.task_id, include_events=True)) as events:
+            async for event in events:
+                yield event
+        _, turns = await self.get_conversation(conversation.id)
+        yield TurnEnded(next(t for t in turns if t.index == turn.index))
 
     async def follow(
         self,

@@ -26,6 +26,7 @@ import grpc
 from taskrun import __version__
 from taskrun.cli import (
     access_cmd,
+    conversation_cmd,
     events_cmd,
     maintenance_cmd,
     output,
@@ -611,15 +612,15 @@ def build_parser() -> argparse.ArgumentParser:
         task,
         "continue",
         cmd_task_continue,
-        help="send a follow-up message to a completed task (agents with sessions)",
-        description="Resume the agent session of a completed task with a new user message, as "
-        "a new run on the worker that holds the session (FAILED_PRECONDITION, saying why, when "
-        "that worker is gone or the agent keeps no session).",
+        help="send the next message of the conversation a task belongs to",
+        description="Send MESSAGE as the next turn of the conversation task ID belongs to (a "
+        "conversation is created around a task that had none). The turn is a new task, on any "
+        "worker offering the agent; task ID itself never changes. See also `taskrun chat`.",
         epilog=FOLLOW_EXIT_HELP,
     )
     p.add_argument("task_id", metavar="ID")
-    p.add_argument("message", help="the follow-up message")
-    p.add_argument("--follow", action="store_true", help="stream the conversation until it ends")
+    p.add_argument("message", help="the next message")
+    p.add_argument("--follow", action="store_true", help="stream the new answer until it ends")
     _add_output(p, stream=True)
 
     p = _leaf(
@@ -651,6 +652,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_revoke(workers)
 
     schedule_cmd.register(commands)
+    conversation_cmd.register(commands)  # issue 14: `taskrun chat`, `taskrun conversation`
     events_cmd.register(commands)  # issue 6: `taskrun events`, `taskrun tui`
     access_cmd.register(commands)  # issue 3: `taskrun token`, `api-token`, `audit`
     webhook_cmd.register(commands)  # issue 16: `taskrun webhook`
@@ -1332,7 +1334,10 @@ def cmd_task_continue(args: argparse.Namespace) -> int:
                 if args.output == "json":
                     _write(output.dumps(output.task_doc(task)))
                 else:
-                    _write(f"task {task.id} continued (attempt {task.attempts})\n")
+                    _write(
+                        f"task {task.id} is turn {task.turn} of conversation "
+                        f"{task.conversation_id}\n"
+                    )
                 return EXIT_OK
             return await follow_task(client, task.id, _printer(args), state, follow=True)
 

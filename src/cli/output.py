@@ -316,6 +316,8 @@ def task_detail(task: Task, runs: Sequence[Run], now: datetime) -> str:
     ]
     if task.schedule:
         fields.append(("Schedule", task.schedule))
+    if task.conversation_id:
+        fields.append(("Conversation", f"{task.conversation_id}, turn {task.turn}"))
     if task.error:
         fields.append(("Error", task.error))
     fields.append(("Result", _one_line(task.result) if task.result else NONE))

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from taskrun.controlplane.access import AccessControl
 from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.config import ServerConfig
+from taskrun.controlplane.conversation_service import ConversationService
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.event_service import EventService  # issue 6
 from taskrun.controlplane.guard import RequestGuard
@@ -40,6 +41,8 @@ from taskrun.core.store import Store
 from taskrun.metrics_http import MetricsServer  # issue 6
 from taskrun.ports import check_listen_address
 from taskrun.v1 import (
+    conversations_pb2,
+    conversations_pb2_grpc,
     events_pb2,
     events_pb2_grpc,
     schedules_pb2,
@@ -61,6 +64,7 @@ SERVICE_NAMES = (
     workers_pb2.DESCRIPTOR.services_by_name["WorkerService"].full_name,
     workers_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
     schedules_pb2.DESCRIPTOR.services_by_name["ScheduleService"].full_name,
+    conversations_pb2.DESCRIPTOR.services_by_name["ConversationService"].full_name,
     events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,  # issue 6
     security_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name,
     security_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
@@ -172,6 +176,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     ]
     guard = RequestGuard(auth.check_call)  # parse, per-call credentials, never UNKNOWN
     tasks = TaskService(engine, auth)
+    conversations = ConversationService(engine, auth, tasks)
     workers = WorkerService(engine, auth)
     schedules = ScheduleService(scheduler, auth)
     events = EventService(engine, auth)  # issue 6
@@ -185,6 +190,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
 
     def operator_services(server: grpc.aio.Server) -> None:
         tasks_pb2_grpc.add_TaskServiceServicer_to_server(tasks, server)
+        conversations_pb2_grpc.add_ConversationServiceServicer_to_server(conversations, server)
         workers_pb2_grpc.add_WorkerServiceServicer_to_server(workers, server)
         schedules_pb2_grpc.add_ScheduleServiceServicer_to_server(schedules, server)
         events_pb2_grpc.add_EventServiceServicer_to_server(events, server)

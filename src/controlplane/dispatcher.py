@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from taskrun.core.ids import RunId, TaskId, WorkerId
 
-# agent, labels, provider, model, worker (a follow-up must run where its session lives)
+# agent, labels, provider, model, worker (a run may be pinned to one worker)
 Requirement = tuple[str, tuple[tuple[str, str], ...], str, str, str]
 
 

@@ -27,11 +27,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
 import math
 import random
 import time
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -44,16 +45,43 @@ from taskrun.controlplane.events import Captured, EventHub
 from taskrun.controlplane.followers import FollowHub
 from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.session import WorkerSession
-from taskrun.convert import backend_from_pb, usage_from_pb
+from taskrun.convert import backend_from_pb, turn_context_to_pb, usage_from_pb
 from taskrun.core.errors import (
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     StoreUnavailable,
     Unavailable,
 )
-from taskrun.core.ids import RunId, TaskId, WorkerId, new_run_id, new_task_id
-from taskrun.core.models import OutputChunk, OutputKind, Run, Task, TaskSpec, Worker, utcnow
+from taskrun.core.ids import (
+    ConversationId,
+    RunId,
+    TaskId,
+    WorkerId,
+    new_conversation_id,
+    new_run_id,
+    new_task_id,
+)
+from taskrun.core.models import (
+    COMPACT_AT,
+    KEEP_RECENT_TURNS,
+    Conversation,
+    OutputChunk,
+    OutputKind,
+    Run,
+    Task,
+    TaskPolicy,
+    TaskSpec,
+    TranscriptMessage,
+    Turn,
+    TurnContext,
+    Usage,
+    Worker,
+    estimated_tokens,
+    transcript,
+    utcnow,
+)
 from taskrun.core.status import (
     RunStatus,
     TaskStatus,
@@ -83,6 +111,14 @@ class Engine:
         self.workers: dict[WorkerId, Worker] = {}
         self.tasks: dict[TaskId, Task] = {}  # unfinished tasks
         self.runs: dict[RunId, Run] = {}  # current runs of unfinished tasks
+        # Conversations with an unfinished turn (at most one each), that turn by its task, what
+        # its assignment carries, and the tool calls its runs reported so far (compact).
+        self.conversations: dict[ConversationId, Conversation] = {}
+        self.turns: dict[TaskId, Turn] = {}
+        self.contexts: dict[TaskId, TurnContext] = {}
+        self._tools: dict[TaskId, list[dict[str, object]]] = {}
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # with their users; _serialized
+        self.on_usage: Callable[[str, str, Usage], None] | None = None  # metrics, once durable
         self.rejected_reports = 0
         # While set, the store cannot write (or the view was lost): writes are refused with this
         # reason and the engine is recovering. Empty when healthy.
@@ -112,7 +148,24 @@ class Engine:
         workers = await self.store.list_workers()
         tasks = {t.id: t for t in await self.store.list_unfinished_tasks()}
         runs = await self.store.list_unfinished_runs()
+        conversations: dict[ConversationId, Conversation] = {}
+        turns: dict[TaskId, Turn] = {}
+        earlier_turns: dict[TaskId, list[Turn]] = {}
+        for unfinished in tasks.values():
+            if unfinished.conversation_id is None:
+                continue
+            conversation = await self.store.get_conversation(unfinished.conversation_id)
+            if conversation is None:
+                continue
+            earlier = await self.store.list_turns(conversation.id)
+            turn = next((t for t in earlier if t.index == unfinished.turn), None)
+            if turn is None:
+                continue
+            conversations[conversation.id] = conversation
+            turns[unfinished.id] = turn
+            earlier_turns[unfinished.id] = earlier
         # No await from here on: the new view replaces the old one at once.
+        self.conversations, self.turns, self._tools = conversations, turns, {}
         for handle in [*self._orphans.values(), *self._timers]:
             handle.cancel()
         self._orphans.clear()
@@ -127,6 +180,12 @@ class Engine:
             self.workers[worker.id] = worker
             self.catalog.learn(worker.agents)
         self.tasks = tasks
+        self.contexts = {  # after the catalog learned the agents' context windows
+            task_id: self._context(
+                conversations[turn.conversation_id], turn, earlier_turns[task_id]
+            )
+            for task_id, turn in turns.items()
+        }
         deadline = time.monotonic() + self.config.lease_duration + self.config.lease_margin
         for run in runs:
             task = tasks.get(run.task_id)
@@ -393,6 +452,7 @@ class Engine:
         task.cancel_requested = True
         self._finish_task(task, TaskStatus.CANCELLED, now, error=message)
         changes.tasks.append(task)
+        self._close_turn(task, run, changes)
 
         def effect() -> None:
             if deliver is not None:
@@ -409,61 +469,319 @@ class Engine:
         )
         return task
 
+    # --- conversations -----------------------------------------------------------------------
+
+    async def create_conversation(
+        self,
+        agent: str,
+        message: str,
+        *,
+        title: str = "",
+        labels: dict[str, str] | None = None,
+        options: str = "{}",
+        policy: TaskPolicy | None = None,
+    ) -> tuple[Conversation, Turn, Task]:
+        """A new conversation and its first turn (validated by the caller). Durable on return."""
+        self._check_writable()
+        now = utcnow()
+        conversation = Conversation(
+            id=new_conversation_id(),
+            agent=agent,
+            title=title or _title(message),
+            labels=dict(labels or {}),
+            input=options,
+            policy=policy or TaskPolicy(),
+            created_at=now,
+            updated_at=now,
+        )
+        changes = ChangeSet()
+        turn, task = self._new_turn(conversation, message, [], changes)
+        await self._commit_turn(changes)
+        log.info(
+            "conversation created",
+            conversation_id=conversation.id,
+            agent=agent,
+            task_id=task.id,
+            run_id=task.current_run_id,
+        )
+        return conversation, turn, task
+
+    async def send_message(
+        self, conversation_id: ConversationId, message: str
+    ) -> tuple[Conversation, Turn, Task]:
+        """The next turn of a conversation, on any worker that offers its agent. Refused while
+        the previous turn is unfinished. Durable on return."""
+        self._check_writable()
+        self._check_idle(conversation_id)
+        async with self._serialized(conversation_id):  # one new turn at a time
+            self._check_idle(conversation_id)
+            conversation, earlier = await self._load_conversation(conversation_id)
+            self._check_turn_input(
+                conversation.agent, conversation.input, message, "conversation_id"
+            )
+            self._check_writable()
+            self._check_idle(conversation_id)
+            changes = ChangeSet()
+            turn, task = self._new_turn(conversation, message, earlier, changes)
+            await self._commit_turn(changes)
+        log.info(
+            "message sent",
+            conversation_id=conversation_id,
+            turn=turn.index,
+            task_id=task.id,
+            run_id=task.current_run_id,
+        )
+        return conversation, turn, task
+
     async def continue_task(self, task_id: TaskId, prompt: str) -> Task:
-        """Resume the agent session of a completed task with a new user message, as a new run
-        pinned to the worker that holds the session."""
+        """The next message of the conversation `task_id` is a turn of; a task outside any
+        conversation becomes the first turn of a new one. Returns the new turn's task: the given
+        task never changes state (terminal is terminal)."""
+        self._check_writable()
         stored = await self.store.get_task(task_id)
         if stored is None:
             raise NotFound(f"no task {task_id!r}", field="task_id")
-        runs = await self.store.list_runs(task_id)
-        if task_id in self.tasks or stored.status is not TaskStatus.COMPLETED:
+        if stored.conversation_id is not None:
+            return (await self.send_message(stored.conversation_id, prompt))[2]
+        if task_id in self.tasks or not stored.status.terminal:
             status = self.tasks[task_id].status if task_id in self.tasks else stored.status
             raise FailedPrecondition(
-                f"task {task_id} is {status.name.lower()}; only a completed task can be continued",
+                f"task {task_id} is {status.name.lower()}; send the next message once it ended",
                 field="task_id",
             )
-        spec = self.catalog.get(stored.agent)
-        if spec is None or not spec.supports_sessions:
-            raise FailedPrecondition(
-                f"agent {stored.agent!r} keeps no session to continue", field="task_id"
-            )
-        self._check_writable()
-        last = runs[-1] if runs else None
-        if last is None or not last.session_id or not last.worker_id:
-            raise FailedPrecondition("its last run recorded no agent session", field="task_id")
-        worker_id = last.worker_id
-        session = self.sessions.get(worker_id)
-        if session is None or session.draining:
-            state = "draining" if session else self.workers[worker_id].status.name.lower()
-            raise FailedPrecondition(
-                f"its session lives on worker {worker_id}, which is {state}; sessions are kept "
-                "on the worker's disk and cannot move",
-                field="task_id",
-            )
+        options = _options(stored.input)
+        self._check_turn_input(stored.agent, json.dumps(options), prompt, "task_id")
+        async with self._serialized(task_id):  # one conversation around a task, not two
+            await self._settled()
+            again = await self.store.get_task(task_id)
+            runs = await self.store.list_runs(task_id)
+            self._check_writable()
+            if again is not None and again.conversation_id is None:
+                stored = await self._adopt(again, runs)
+            elif again is not None:
+                stored = again
+        assert stored.conversation_id is not None
+        return (await self.send_message(stored.conversation_id, prompt))[2]
+
+    async def _adopt(self, task: Task, runs: list[Run]) -> Task:
+        """Make a finished task outside any conversation the first turn of a new one."""
+        message = str(_options(task.input, keep_prompt=True).get("prompt", ""))
+        options = _options(task.input)
         now = utcnow()
-        task = stored
+        last = runs[-1] if runs else None
+        conversation = Conversation(
+            id=new_conversation_id(),
+            agent=task.agent,
+            title=_title(message or task.agent),
+            labels=dict(task.labels),
+            input=json.dumps(options),
+            policy=replace(task.policy, idempotency_key=""),
+            created_at=task.created_at,
+            updated_at=now,
+            turns=1,
+            usage=replace(task.usage),
+            # the session stays on the worker that ran it: resumed there, else the transcript
+            session_id=last.session_id if last else "",
+            session_cost_usd=last.usage.cost_usd if last else 0.0,
+            session_turn=1,
+        )
+        turn = Turn(
+            conversation_id=conversation.id,
+            index=1,
+            task_id=task.id,
+            message=message or task.input,
+            created_at=task.created_at,
+            status=task.status,
+            answer=_answer(task.result),
+            error=task.error,
+            usage=replace(task.usage),
+            finished_at=task.finished_at,
+        )
+        task.conversation_id, task.turn = conversation.id, 1  # a link; its state is unchanged
+        await asyncio.shield(
+            self._commit(ChangeSet(tasks=[task], conversations=[conversation], turns=[turn]))
+        )
+        log.info(
+            "conversation created around a task", conversation_id=conversation.id, task_id=task.id
+        )
+        return task
+
+    async def delete_conversation(self, conversation_id: ConversationId) -> None:
+        """Delete a conversation and its transcript (its tasks stay). Durable on return."""
+        self._check_writable()
+        self._check_idle(conversation_id)
+        async with self._serialized(conversation_id):
+            await self._load_conversation(conversation_id)
+            self._check_writable()
+            self._check_idle(conversation_id)
+            await asyncio.shield(self._commit(ChangeSet(deleted_conversations=[conversation_id])))
+        log.info("conversation deleted", conversation_id=conversation_id)
+
+    @contextlib.asynccontextmanager
+    async def _serialized(self, key: str) -> AsyncIterator[None]:
+        """Changes to one conversation (or around one task) one at a time: each reads the store
+        and commits before the next starts."""
+        lock, users = self._locks.get(key, (asyncio.Lock(), 0))
+        self._locks[key] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[key]
+            if users == 1:
+                del self._locks[key]
+            else:
+                self._locks[key] = (lock, users - 1)
+
+    async def _settled(self) -> None:
+        """Until every commit made so far is durable, so that the store shows it (a turn that
+        just ended, say). Unavailable when one of them failed."""
+        tail = self._tail
+        if tail is not None and not tail.done():
+            await asyncio.shield(tail)
+        elif tail is not None and not tail.cancelled() and tail.exception() is not None:
+            self._check_writable()
+
+    async def _load_conversation(
+        self, conversation_id: ConversationId
+    ) -> tuple[Conversation, list[Turn]]:
+        """The conversation and its turns as committed (after every commit in flight)."""
+        await self._settled()
+        conversation = await self.store.get_conversation(conversation_id)
+        if conversation is None:
+            raise NotFound(f"no conversation {conversation_id!r}", field="conversation_id")
+        return conversation, await self.store.list_turns(conversation_id)
+
+    def _check_turn_input(self, agent: str, options: str, message: str, field: str) -> None:
+        """A turn's input is the conversation's options plus "prompt": the agent must take it."""
+        try:
+            self.catalog.check_input(agent, {**_options(options), "prompt": message})
+        except InvalidArgument as exc:
+            raise FailedPrecondition(
+                f'agent {agent!r} cannot take a conversation\'s next message as its "prompt" '
+                f"({exc})",
+                field=field,
+            ) from None
+
+    def _check_idle(self, conversation_id: ConversationId) -> None:
+        if conversation_id not in self.conversations:  # only those with an unfinished turn
+            return
+        for turn in self.turns.values():
+            if turn.conversation_id == conversation_id:
+                raise FailedPrecondition(
+                    f"turn {turn.index} of conversation {conversation_id} (task {turn.task_id}) "
+                    "is unfinished; wait for its answer or cancel that task",
+                    field="conversation_id",
+                )
+
+    def _new_turn(
+        self, conversation: Conversation, message: str, earlier: list[Turn], changes: ChangeSet
+    ) -> tuple[Turn, Task]:
+        """Build the next turn (a task and its first run) into `changes` and the view."""
+        now = utcnow()
+        conversation.turns += 1
+        conversation.updated_at = now
+        options = json.loads(conversation.input or "{}")
         run = Run(
             id=new_run_id(),
-            task_id=task.id,
-            attempt=task.attempts + 1,
+            task_id=new_task_id(),
+            attempt=1,
             status=RunStatus.PENDING,
             created_at=now,
-            worker_id=worker_id,
-            session_id=last.session_id,
-            prompt=prompt,
         )
-        assert task_can_move(task.status, TaskStatus.PENDING)
-        task.status, task.attempts, task.current_run_id = TaskStatus.PENDING, run.attempt, run.id
-        task.worker_id, task.finished_at, task.error, task.result = None, None, "", ""
-        task.updated_at = now
+        task = Task(
+            id=run.task_id,
+            agent=conversation.agent,
+            input=json.dumps({**options, "prompt": message}),
+            labels=dict(conversation.labels),
+            policy=replace(
+                conversation.policy, required_labels=dict(conversation.policy.required_labels)
+            ),
+            status=TaskStatus.PENDING,
+            created_at=now,
+            updated_at=now,
+            attempts=1,
+            current_run_id=run.id,
+            conversation_id=conversation.id,
+            turn=conversation.turns,
+        )
+        turn = Turn(
+            conversation_id=conversation.id,
+            index=conversation.turns,
+            task_id=task.id,
+            message=message,
+            created_at=now,
+        )
         self.tasks[task.id] = task
         self.runs[run.id] = run
+        self.conversations[conversation.id] = conversation
+        self.turns[task.id] = turn
+        self.contexts[task.id] = self._context(conversation, turn, earlier)
         self._enqueue(task, run, dispatch=False)
-        changes = ChangeSet(tasks=[task], runs=[run])
-        outgoing = self._plan(changes)
+        changes.tasks.append(task)
+        changes.runs.append(run)
+        changes.conversations.append(replace(conversation))
+        changes.turns.append(replace(turn))
+        return turn, task
+
+    async def _commit_turn(self, changes: ChangeSet) -> None:
+        outgoing = self._plan(changes)  # assigned in the same commit when a worker is free
         await asyncio.shield(self._commit(changes, functools.partial(self._send, outgoing)))
-        log.info("task continued", task_id=task.id, run_id=run.id, worker_id=worker_id)
-        return task
+
+    def _context(self, conversation: Conversation, turn: Turn, earlier: list[Turn]) -> TurnContext:
+        before = [t for t in earlier if t.index < turn.index]
+        history = transcript(before, conversation.summary, conversation.summarized_through)
+        return TurnContext(
+            conversation_id=conversation.id,
+            turn=turn.index,
+            history=history,
+            session_id=conversation.session_id,
+            session_snapshot=conversation.session_snapshot,
+            session_cost_usd=conversation.session_cost_usd,
+            session_turn=conversation.session_turn,
+            summarize_through=self._summarize_through(conversation, turn, history),
+        )
+
+    def _summarize_through(
+        self, conversation: Conversation, turn: Turn, history: tuple[TranscriptMessage, ...]
+    ) -> int:
+        """The turns to compact before this one runs: 0 unless the transcript would take more
+        than COMPACT_AT of the smallest context window the agent announced (ModelBackend)."""
+        spec = self.catalog.get(conversation.agent)
+        windows = [b.context_window for b in spec.backends if b.context_window] if spec else []
+        if not windows or estimated_tokens(history, turn.message) <= min(windows) * COMPACT_AT:
+            return 0
+        through = turn.index - 1 - KEEP_RECENT_TURNS
+        return through if through > conversation.summarized_through else 0
+
+    def _close_turn(self, task: Task, run: Run | None, changes: ChangeSet) -> None:
+        """`task` (a turn) reached its terminal state: record the turn's outcome and exact usage,
+        and add it to the conversation's totals, in the same commit."""
+        turn = self.turns.pop(task.id, None)
+        self.contexts.pop(task.id, None)
+        tools = self._tools.pop(task.id, [])
+        if turn is None:
+            return
+        conversation = self.conversations.pop(turn.conversation_id, None)
+        turn.status, turn.error, turn.finished_at = task.status, task.error, task.finished_at
+        turn.answer = _answer(task.result) if task.status is TaskStatus.COMPLETED else ""
+        turn.tools = _compact_tools(tools)
+        turn.usage = replace(task.usage)
+        changes.turns.append(replace(turn))
+        if conversation is not None:
+            conversation.usage.add(turn.usage)
+            conversation.updated_at = task.updated_at
+            changes.conversations.append(replace(conversation, usage=replace(conversation.usage)))
+        log.info(
+            "turn ended",
+            conversation_id=turn.conversation_id,
+            turn=turn.index,
+            task_id=task.id,
+            run_id=run.id if run else None,
+            worker_id=run.worker_id if run else None,
+            status=task.status.name,
+            cost_usd=turn.usage.cost_usd,
+        )
 
     def _finish_task(
         self, task: Task, status: TaskStatus, now: datetime, *, error: str = "", result: str = ""
@@ -486,7 +804,6 @@ class Engine:
                 required_labels=tuple(sorted(policy.required_labels.items())),
                 provider=policy.required_provider,
                 model=policy.required_model,
-                worker_id=(run.worker_id or "") if run.prompt else "",
             )
         )
         if policy.queue_timeout:
@@ -668,7 +985,7 @@ class Engine:
 
     def _assignment(self, task: Task, run: Run) -> wpb.RunAssignment:
         policy = task.policy
-        return wpb.RunAssignment(
+        assignment = wpb.RunAssignment(
             run_id=run.id,
             task_id=task.id,
             attempt=run.attempt,
@@ -678,10 +995,30 @@ class Engine:
             labels=task.labels,
             required_provider=policy.required_provider,
             required_model=policy.required_model,
-            prompt=run.prompt,
-            resume_session_id=run.session_id if run.prompt else "",
             fencing_token=run.attempt,
         )
+        context = self.contexts.get(task.id)
+        if context is not None:
+            assignment.resume_session_id = context.session_id
+            turn_context_to_pb(context, assignment.conversation)
+            history = assignment.conversation.history
+            dropped = 0
+            while history and assignment.ByteSize() > self.config.max_message_bytes:
+                del history[0]  # the oldest first; compaction keeps this rare
+                dropped += 1
+            if dropped:
+                kept = list(history)
+                del history[:]
+                note = f"({dropped} earlier messages left out: the transcript was too long)"
+                history.add(role="user", text=note)
+                history.extend(kept)
+                log.warning(
+                    "transcript cut to fit the assignment",
+                    task_id=task.id,
+                    run_id=run.id,
+                    dropped_messages=dropped,
+                )
+        return assignment
 
     # --- worker sessions ---------------------------------------------------------------------
 
@@ -704,7 +1041,12 @@ class Engine:
         worker.first_seen_at = known.first_seen_at if known and known.first_seen_at else now
         worker.connected_at = worker.last_heartbeat_at = now
         worker.status = WorkerStatus.DRAINING if hello.draining else WorkerStatus.ONLINE
-        session = WorkerSession(worker, uuid.uuid4().hex, self.config.lease_duration)
+        session = WorkerSession(
+            worker,
+            uuid.uuid4().hex,
+            self.config.lease_duration,
+            self.config.max_message_bytes,  # the server may send 1 MiB more (app.py)
+        )
         session.draining = hello.draining
         self.sessions[worker.id] = session
         self.workers[worker.id] = worker
@@ -821,11 +1163,6 @@ class Engine:
                 lost.append(
                     self._end_run(run, RunStatus.LOST, changes, error=f"worker revoked: {reason}")
                 )
-            elif run.status is RunStatus.PENDING and run.prompt:
-                # a follow-up waiting for this worker's session: it can never run now
-                self.queue.remove(run.id)
-                error = f"worker revoked: {reason}"
-                lost.append(self._end_run(run, RunStatus.FAILED, changes, error=error, retry=False))
 
         def effect() -> None:
             for task in lost:
@@ -954,6 +1291,9 @@ class Engine:
         received = utcnow()
         chunks = [c for c in (self._parse_chunk(session, pc, received) for pc in msg.chunks) if c]
         statuses = [u for u in (self._parse_status(session, u) for u in msg.statuses) if u]
+        for c in chunks:
+            if c.kind is OutputKind.EVENT and c.task_id in self.turns:
+                self._note_tool(c)
         changes = ChangeSet(chunks=chunks)
         published: list[tuple[TaskId, OutputChunk | Task]] = [
             (run_task, c) for c in chunks if (run_task := c.task_id) is not None
@@ -986,6 +1326,26 @@ class Engine:
             self._send(outgoing)
 
         self._commit(changes, effect)
+
+    def _note_tool(self, chunk: OutputChunk) -> None:
+        """Keep a turn's tool calls and results, compactly, for its transcript."""
+        try:
+            event = json.loads(chunk.data)
+        except ValueError:
+            return
+        if not isinstance(event, dict) or chunk.task_id is None:
+            return
+        kind = event.get("type")
+        if kind == "tool_use":
+            entry: dict[str, object] = {
+                "tool": event.get("name", ""),
+                "input": _clip(event.get("input")),
+            }
+        elif kind == "tool_result":
+            entry = {"result": _clip(event.get("content")), "error": bool(event.get("is_error"))}
+        else:
+            return
+        self._tools.setdefault(chunk.task_id, []).append(entry)
 
     def _ack_in_order(self, session: WorkerSession, seq: int) -> None:
         """Acknowledge a message that changed nothing, but only after everything before it is
@@ -1088,11 +1448,31 @@ class Engine:
             run.backend_used = backend_from_pb(update.backend_used)
         if update.session_id:
             run.session_id = update.session_id
+        self._adopt_session(run, update)
         task = self._end_run(run, status, changes, error=update.error)
         session.runs.discard(run.id)
         if task is not None:
             published.append((task.id, task))
         return True
+
+    def _adopt_session(self, run: Run, update: wpb.RunStatusUpdate) -> None:
+        """A turn's run ended with its agent's session state: the next turn continues from it,
+        whichever worker runs it. The snapshot and its running cost total travel together."""
+        turn = self.turns.get(run.task_id)
+        conversation = self.conversations.get(turn.conversation_id) if turn else None
+        if conversation is None:
+            return
+        if update.summary and update.summarized_through > conversation.summarized_through:
+            conversation.summary = update.summary
+            conversation.summarized_through = update.summarized_through
+        if not (update.session_id or update.session_snapshot):
+            return
+        # Replaced even by nothing: an older snapshot no longer is the session (too big to move,
+        # or a new session); the next worker then resumes its own copy or uses the transcript.
+        conversation.session_id = update.session_id or conversation.session_id
+        conversation.session_snapshot = update.session_snapshot
+        conversation.session_cost_usd = update.session_cost_usd
+        conversation.session_turn = turn.index if turn else 0
 
     def _end_run(
         self,
@@ -1130,12 +1510,10 @@ class Engine:
                 RunStatus.CANCELLED: f"worker stopped the run: {error or 'no reason given'}",
             }[status]
             log_.warning("run ended without success", status=status.name, error=error)
-            if run.prompt:
-                # a follow-up resumes a session that lives on one worker: it cannot move
-                self._finish_task(task, TaskStatus.FAILED, now, error=f"follow-up {reason}")
-            else:
-                self._retry_or_fail(task, run, changes, reason)
+            self._retry_or_fail(task, run, changes, reason)
         changes.tasks.append(task)
+        if task.status.terminal:
+            self._close_turn(task, run, changes)
         return task
 
     # --- reads -------------------------------------------------------------------------------
@@ -1143,3 +1521,51 @@ class Engine:
     def worker_runs(self, worker_id: WorkerId) -> list[RunId]:
         session = self.sessions.get(worker_id)
         return sorted(session.runs) if session else []
+
+
+MAX_TOOLS_JSON = 4000  # characters of a turn's compact tool log
+MAX_TOOL_FIELD = 300
+
+
+def _options(text: str, *, keep_prompt: bool = False) -> dict[str, object]:
+    """A task input (a JSON object) as a conversation's options: without "prompt"."""
+    try:
+        value = json.loads(text or "{}")
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    if not keep_prompt:
+        value.pop("prompt", None)
+    return value
+
+
+def _title(message: str) -> str:
+    line = " ".join(message.split())
+    return line if len(line) <= 60 else line[:59] + "…"
+
+
+def _answer(result: str) -> str:
+    """The text of an answer: the result's "text" when it has one, else the result itself."""
+    try:
+        value = json.loads(result) if result else None
+    except ValueError:
+        return result
+    if isinstance(value, dict) and isinstance(value.get("text"), str):
+        return str(value["text"])
+    return result
+
+
+def _clip(value: object) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text if len(text) <= MAX_TOOL_FIELD else text[: MAX_TOOL_FIELD - 1] + "…"
+
+
+def _compact_tools(tools: list[dict[str, object]]) -> str:
+    if not tools:
+        return ""
+    text = json.dumps(tools, separators=(",", ":"))
+    while len(text) > MAX_TOOLS_JSON and len(tools) > 1:
+        tools = tools[1:]  # the newest calls matter most for what comes next
+        text = json.dumps([{"omitted": "earlier tool calls"}, *tools], separators=(",", ":"))
+    return text[:MAX_TOOLS_JSON]

@@ -20,6 +20,7 @@ from prometheus_client.registry import Collector
 from taskrun.controlplane.access import AccessControl
 from taskrun.controlplane.engine import Engine
 from taskrun.core.access import AuditKind
+from taskrun.core.models import Run
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import ChangeSet
 
@@ -66,6 +67,21 @@ class ControlPlaneMetrics(Collector):
             "ServerMessages sent on worker sessions (StreamConnect).",
             registry=self.registry,
         )
+        self.tokens = Counter(
+            "taskrun_tokens",
+            "Model tokens spent by finished runs (failed and cancelled ones too, where the agent "
+            "reported them), by agent, model and kind (input, output, cache_read, "
+            "cache_creation).",
+            ["agent", "model", "kind"],
+            registry=self.registry,
+        )
+        self.cost = Counter(
+            "taskrun_cost_usd",
+            "Cost in US dollars of finished runs, by agent and model: each run's own spending "
+            "(never a session's running total).",
+            ["agent", "model"],
+            registry=self.registry,
+        )
         self.registry.register(self)
         engine.events.observe(self.observe)
 
@@ -83,6 +99,9 @@ class ControlPlaneMetrics(Collector):
                 latency = (run.assigned_at - run.created_at).total_seconds()
                 self.dispatch_latency.observe(max(latency, 0.0))
             elif run.status.terminal and run.finished_at:
+                live = self.engine.tasks.get(run.task_id)
+                agent = agents.get(run.task_id) or (live.agent if live else "unknown")
+                self._count_usage(agent, run)
                 began = run.started_at or run.assigned_at
                 if began is None:
                     continue  # never reached a worker (cancelled or failed in the queue)
@@ -91,6 +110,22 @@ class ControlPlaneMetrics(Collector):
                 self.run_duration.labels(agent, run.status.name.lower()).observe(
                     max((run.finished_at - began).total_seconds(), 0.0)
                 )
+
+    def _count_usage(self, agent: str, run: Run) -> None:
+        usage = run.usage
+        if usage.empty:
+            return
+        model = run.backend_used.model_name if run.backend_used else ""
+        for kind, count in (
+            ("input", usage.input_tokens),
+            ("output", usage.output_tokens),
+            ("cache_read", usage.cache_read_tokens),
+            ("cache_creation", usage.cache_creation_tokens),
+        ):
+            if count > 0:
+                self.tokens.labels(agent, model, kind).inc(count)
+        if usage.cost_usd > 0:
+            self.cost.labels(agent, model).inc(usage.cost_usd)
 
     # --- read at scrape time -----------------------------------------------------------------
 

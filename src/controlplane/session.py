@@ -1,7 +1,9 @@
 """One connected worker: what it offers, which runs it holds, its lease, and its outbound queue.
 
 The gRPC handler owns the stream; this object owns the state. Only the writer coroutine writes
-to the stream, and it merges everything queued into one ServerMessage per write.
+to the stream, and it merges everything queued into one ServerMessage per write, as many
+assignments as fit in `max_message_bytes` (a conversation's turn may carry a large transcript or
+session snapshot); the rest go in the next write.
 
 The lease: the worker numbers its heartbeats and remembers when it sent each; the server renews
 the lease when one arrives (now + duration) and answers with its number, from which the worker
@@ -21,8 +23,15 @@ from taskrun.v1 import workers_pb2 as wpb
 
 
 class WorkerSession:
-    def __init__(self, worker: Worker, session_id: str, lease_duration: float) -> None:
+    def __init__(
+        self,
+        worker: Worker,
+        session_id: str,
+        lease_duration: float,
+        max_message_bytes: int = 4 * 1024 * 1024,
+    ) -> None:
         self.worker = worker
+        self.max_message_bytes = max_message_bytes
         self.session_id = session_id
         self.lease_duration = lease_duration
         self.lease_expires = time.monotonic() + lease_duration  # the hello starts it
@@ -91,14 +100,22 @@ class WorkerSession:
         while True:
             await self._wake.wait()
             self._wake.clear()
+            fit, size = 0, 0
+            for assignment in self._assignments:
+                size += assignment.ByteSize() + 8
+                if fit and size > self.max_message_bytes:
+                    break
+                fit += 1
             msg = wpb.ServerMessage(
-                assignments=self._assignments,
+                assignments=self._assignments[:fit],
                 cancels=self._cancels,
                 drain=self._drain,
                 ack_seq=self._ack,
                 lease_seq=self._lease_seq,
             )
-            self._assignments, self._cancels = [], []
+            self._assignments, self._cancels = self._assignments[fit:], []
+            if self._assignments:
+                self._wake.set()  # the rest in the next message
             self._drain = False
             await write(msg)
 

@@ -14,11 +14,27 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from taskrun.core.ids import RunId, TaskId
-from taskrun.core.models import AgentSpec, ModelBackend, Usage
+from taskrun.core.models import AgentSpec, ModelBackend, TurnContext, Usage
 
 
 class AgentError(Exception):
-    """The agent failed in a way it can explain; the run fails with this message."""
+    """The agent failed in a way it can explain; the run fails with this message. `usage` is
+    what the failed run spent, when the agent knows it; `session_*` as in AgentResult."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        usage: Usage | None = None,
+        session_id: str = "",
+        session_snapshot: bytes = b"",
+        session_cost_usd: float = 0.0,
+    ) -> None:
+        super().__init__(message)
+        self.usage = usage
+        self.session_id = session_id
+        self.session_snapshot = session_snapshot
+        self.session_cost_usd = session_cost_usd
 
 
 @dataclass(slots=True)
@@ -27,6 +43,13 @@ class AgentResult:
     usage: Usage = field(default_factory=Usage)
     backend_used: ModelBackend | None = None
     session_id: str = ""
+    # A conversation's turn: the agent's session state (zlib-compressed, bounded) for the next
+    # turn on any worker, and the session's running cost total (usage.cost_usd is this run's).
+    session_snapshot: bytes = b""
+    session_cost_usd: float = 0.0
+    # Compaction done by this run (TurnContext.summarize_through): the summary it made.
+    summary: str = ""
+    summarized_through: int = 0
 
 
 class RunContext(Protocol):
@@ -36,6 +59,9 @@ class RunContext(Protocol):
     input: dict[str, Any]
     resume_session_id: str
     prompt: str
+    # Set when the task is a turn of a conversation: the earlier turns and the agent's session.
+    # The turn's message is input["prompt"].
+    conversation: TurnContext | None
     # Grows with every attempt of the task. Pass it to whatever the agent changes in the world,
     # and have that refuse a token lower than the highest it has seen: a run that outlived its
     # lease (a frozen or cut-off worker) can then never act after its retry did.

@@ -10,6 +10,7 @@ from typing import NewType
 TaskId = NewType("TaskId", str)
 RunId = NewType("RunId", str)
 WorkerId = NewType("WorkerId", str)
+ConversationId = NewType("ConversationId", str)
 
 _ALPHABET = "0123456789abcdefghjkmnpqrstvwxyz"  # Crockford base32, lower case
 _WORKER_ID = re.compile(r"[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?")
@@ -31,6 +32,10 @@ def new_task_id() -> TaskId:
 
 def new_run_id() -> RunId:
     return RunId(_sortable("run_"))
+
+
+def new_conversation_id() -> ConversationId:
+    return ConversationId(_sortable("cnv_"))
 
 
 def is_valid_worker_id(value: str) -> bool:

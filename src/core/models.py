@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
 
-from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 
 
@@ -110,6 +110,8 @@ class Task:
     cancel_requested: bool = False
     # why a PENDING task waits; computed by the control plane when the task is read, never stored
     waiting_reason: str = ""
+    conversation_id: ConversationId | None = None  # set when the task is a conversation's turn
+    turn: int = 0  # its index in the conversation, from 1
 
     def same_request(self, spec: TaskSpec) -> bool:
         """Whether `spec` asks for exactly this task (idempotent resubmission)."""
@@ -177,3 +179,111 @@ class OutputChunk:
     kind: OutputKind = OutputKind.TEXT
     time: datetime | None = None
     task_id: TaskId | None = None
+
+
+# --- conversations -----------------------------------------------------------------------------
+
+MAX_SESSION_SNAPSHOT_BYTES = 2 * 1024 * 1024  # compressed; larger sessions are not moved
+
+
+@dataclass(slots=True)
+class Conversation:
+    """An ordered list of turns with one agent; each turn is one Task. The transcript (the turns'
+    messages and answers) lives in the control plane, so any worker offering the agent can run the
+    next turn. `session_*` is the agent's own state (claude_code) as of the newest turn that
+    reported it: its id, its file (zlib-compressed JSONL) and the running cost total it had."""
+
+    id: ConversationId
+    agent: str
+    title: str
+    labels: dict[str, str]
+    input: str  # JSON object: the agent options every turn starts from ("prompt" excluded)
+    policy: TaskPolicy
+    created_at: datetime
+    updated_at: datetime
+    turns: int = 0
+    usage: Usage = field(default_factory=Usage)  # the sum of the turns' usage
+    session_id: str = ""
+    session_snapshot: bytes = b""
+    session_cost_usd: float = 0.0
+    session_turn: int = 0  # the turn whose end left the session as it is
+    summarized_through: int = 0  # turns up to this one are summarized (0: none)
+    summary: str = ""
+
+
+@dataclass(slots=True)
+class Turn:
+    """One user message of a conversation and what the agent answered; `task_id` ran it."""
+
+    conversation_id: ConversationId
+    index: int  # from 1
+    task_id: TaskId
+    message: str
+    created_at: datetime
+    status: TaskStatus = TaskStatus.PENDING
+    answer: str = ""
+    tools: str = ""  # compact JSON array of the tool calls and results, bounded
+    error: str = ""
+    usage: Usage = field(default_factory=Usage)  # what this turn spent, never a running total
+    finished_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TranscriptMessage:
+    role: str  # "user" or "assistant"
+    text: str
+    turn: int = 0  # the turn it belongs to; 0 for the summary of earlier turns
+
+
+@dataclass(frozen=True, slots=True)
+class TurnContext:
+    """What a worker needs to run a conversation's turn: the earlier turns and the session."""
+
+    conversation_id: ConversationId
+    turn: int
+    history: tuple[TranscriptMessage, ...] = ()
+    session_id: str = ""
+    session_snapshot: bytes = b""
+    session_cost_usd: float = 0.0
+    session_turn: int = 0  # the turn whose end left the session as it is; later ones it lacks
+    # Compaction: the history would not fit the model's context window, so the agent first
+    # summarizes the messages of turns up to this one (and any earlier summary) into one, uses
+    # that instead, and returns the summary with its result. 0: no compaction.
+    summarize_through: int = 0
+
+
+# Compaction: when the transcript would take more than this share of the model's context window
+# (estimated at 4 characters a token), older turns are summarized; the newest are kept verbatim.
+COMPACT_AT = 0.5
+KEEP_RECENT_TURNS = 1
+SUMMARY_PREFIX = "Summary of our conversation so far:\n"
+
+
+def estimated_tokens(messages: tuple[TranscriptMessage, ...], message: str) -> int:
+    return (sum(len(m.text) for m in messages) + len(message)) // 4 + 4 * len(messages)
+
+
+def transcript(
+    turns: list[Turn], summary: str = "", summarized_through: int = 0
+) -> tuple[TranscriptMessage, ...]:
+    """The messages of finished turns, in order: each user message, then the answer when there
+    is one (a failed or cancelled turn keeps its message and says how it ended), with the tool
+    calls in compact form. Turns up to `summarized_through` are replaced by `summary`."""
+    out: list[TranscriptMessage] = []
+    if summary and summarized_through:
+        out.append(TranscriptMessage("user", SUMMARY_PREFIX + summary))
+        out.append(TranscriptMessage("assistant", "Understood."))
+    for turn in turns:
+        if turn.index <= summarized_through:
+            continue
+        out.append(TranscriptMessage("user", turn.message, turn.index))
+        answer = turn.answer
+        if turn.tools:
+            answer = f"[tools used: {turn.tools}]\n{answer}".strip()
+        if turn.status is TaskStatus.COMPLETED or answer:
+            out.append(TranscriptMessage("assistant", answer or "(no answer)", turn.index))
+        elif turn.status.terminal:
+            what = turn.status.name.lower()
+            text = f"(this turn {what}: {turn.error})"
+            out.append(TranscriptMessage("assistant", text, turn.index))
+    return tuple(out)

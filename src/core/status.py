@@ -63,8 +63,8 @@ TASK_TRANSITIONS: Mapping[TaskStatus, frozenset[TaskStatus]] = {
             TaskStatus.CANCELLED,
         }
     ),
-    # COMPLETED -> PENDING: a follow-up message continues the agent's session as a new run.
-    TaskStatus.COMPLETED: frozenset({TaskStatus.PENDING}),
+    # Terminal is terminal: the next message of a conversation is a new task (a new turn).
+    TaskStatus.COMPLETED: frozenset(),
     TaskStatus.FAILED: frozenset(),
     TaskStatus.CANCELLED: frozenset(),
 }

@@ -18,8 +18,8 @@ from datetime import datetime
 from typing import Protocol
 
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
-from taskrun.core.ids import RunId, TaskId, WorkerId
-from taskrun.core.models import OutputChunk, Run, Task, Worker
+from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
+from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.webhooks import Webhook, WebhookDelivery
@@ -40,6 +40,11 @@ class ChangeSet:
     bootstrap_tokens: list[BootstrapToken] = field(default_factory=list)
     api_tokens: list[ApiToken] = field(default_factory=list)
     audit_events: list[AuditEvent] = field(default_factory=list)
+    # Conversations: upserts by id, turns by (conversation_id, index); deleting a conversation
+    # deletes its turns (its tasks stay, as history). Deletions run after the upserts.
+    conversations: list[Conversation] = field(default_factory=list)
+    turns: list[Turn] = field(default_factory=list)
+    deleted_conversations: list[ConversationId] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -52,6 +57,9 @@ class ChangeSet:
             or self.bootstrap_tokens
             or self.api_tokens
             or self.audit_events
+            or self.conversations
+            or self.turns
+            or self.deleted_conversations
         )
 
     def merge(self, other: ChangeSet) -> None:
@@ -64,6 +72,9 @@ class ChangeSet:
         self.bootstrap_tokens.extend(other.bootstrap_tokens)
         self.api_tokens.extend(other.api_tokens)
         self.audit_events.extend(other.audit_events)
+        self.conversations.extend(other.conversations)
+        self.turns.extend(other.turns)
+        self.deleted_conversations.extend(other.deleted_conversations)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +192,25 @@ class WebhookStore(Protocol):
         ...
 
 
+@dataclass(frozen=True, slots=True)
+class ConversationQuery:
+    agent: str = ""
+    labels: tuple[tuple[str, str], ...] = ()
+    limit: int = 50
+    before: ConversationId | None = None  # newest first: only ids smaller than this
+
+
+class ConversationStore(Protocol):
+    async def get_conversation(self, conversation_id: ConversationId) -> Conversation | None: ...
+    async def list_conversations(self, query: ConversationQuery) -> list[Conversation]:
+        """Newest first, at most query.limit."""
+        ...
+
+    async def list_turns(self, conversation_id: ConversationId) -> list[Turn]:
+        """The conversation's turns in order."""
+        ...
+
+
 class Store(
     TaskStore,
     RunStore,
@@ -190,6 +220,7 @@ class Store(
     TokenStore,
     AuditStore,
     WebhookStore,
+    ConversationStore,
     Protocol,
 ):
     async def open(self) -> None: ...

@@ -116,8 +116,8 @@ class TaskServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ContinueTask(self, request, context):
-        """A follow-up message to a completed task whose agent keeps a session: a new Run of the same
-        task resumes the session on the worker that holds it.
+        """The next message of the conversation the task belongs to (one is created around a task that
+        had none): returns the new turn's task. The given task itself never changes.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

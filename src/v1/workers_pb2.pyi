@@ -110,7 +110,7 @@ class Heartbeat(_message.Message):
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_runs: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class RunStatusUpdate(_message.Message):
-    __slots__ = ("run_id", "attempt", "status", "error", "result_json", "usage", "backend_used", "session_id", "time", "last_seq")
+    __slots__ = ("run_id", "attempt", "status", "error", "result_json", "usage", "backend_used", "session_id", "time", "last_seq", "session_snapshot", "session_cost_usd", "summary", "summarized_through")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +121,10 @@ class RunStatusUpdate(_message.Message):
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    SUMMARY_FIELD_NUMBER: _ClassVar[int]
+    SUMMARIZED_THROUGH_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     attempt: int
     status: _common_pb2.RunStatus
@@ -131,7 +135,11 @@ class RunStatusUpdate(_message.Message):
     session_id: str
     time: _timestamp_pb2.Timestamp
     last_seq: int
-    def __init__(self, run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., status: _Optional[_Union[_common_pb2.RunStatus, str]] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., backend_used: _Optional[_Union[_common_pb2.ModelBackend, _Mapping]] = ..., session_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    session_snapshot: bytes
+    session_cost_usd: float
+    summary: str
+    summarized_through: int
+    def __init__(self, run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., status: _Optional[_Union[_common_pb2.RunStatus, str]] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., backend_used: _Optional[_Union[_common_pb2.ModelBackend, _Mapping]] = ..., session_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., session_snapshot: _Optional[bytes] = ..., session_cost_usd: _Optional[float] = ..., summary: _Optional[str] = ..., summarized_through: _Optional[int] = ...) -> None: ...
 
 class CancelAck(_message.Message):
     __slots__ = ("run_id", "attempt")
@@ -178,7 +186,7 @@ class SessionParams(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., lease_margin_ms: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., lease_duration_ms: _Optional[int] = ...) -> None: ...
 
 class RunAssignment(_message.Message):
-    __slots__ = ("run_id", "task_id", "attempt", "agent", "input_json", "timeout_seconds", "labels", "required_provider", "required_model", "resume_session_id", "prompt", "fencing_token")
+    __slots__ = ("run_id", "task_id", "attempt", "agent", "input_json", "timeout_seconds", "labels", "required_provider", "required_model", "resume_session_id", "prompt", "fencing_token", "conversation")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -198,6 +206,7 @@ class RunAssignment(_message.Message):
     RESUME_SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    CONVERSATION_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     task_id: str
     attempt: int
@@ -210,7 +219,38 @@ class RunAssignment(_message.Message):
     resume_session_id: str
     prompt: str
     fencing_token: int
-    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., required_provider: _Optional[str] = ..., required_model: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., fencing_token: _Optional[int] = ...) -> None: ...
+    conversation: TurnContext
+    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., required_provider: _Optional[str] = ..., required_model: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., fencing_token: _Optional[int] = ..., conversation: _Optional[_Union[TurnContext, _Mapping]] = ...) -> None: ...
+
+class TurnContext(_message.Message):
+    __slots__ = ("conversation_id", "turn", "history", "session_id", "session_snapshot", "session_cost_usd", "summarize_through", "session_turn")
+    CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    HISTORY_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_COST_USD_FIELD_NUMBER: _ClassVar[int]
+    SUMMARIZE_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    SESSION_TURN_FIELD_NUMBER: _ClassVar[int]
+    conversation_id: str
+    turn: int
+    history: _containers.RepeatedCompositeFieldContainer[TranscriptMessage]
+    session_id: str
+    session_snapshot: bytes
+    session_cost_usd: float
+    summarize_through: int
+    session_turn: int
+    def __init__(self, conversation_id: _Optional[str] = ..., turn: _Optional[int] = ..., history: _Optional[_Iterable[_Union[TranscriptMessage, _Mapping]]] = ..., session_id: _Optional[str] = ..., session_snapshot: _Optional[bytes] = ..., session_cost_usd: _Optional[float] = ..., summarize_through: _Optional[int] = ..., session_turn: _Optional[int] = ...) -> None: ...
+
+class TranscriptMessage(_message.Message):
+    __slots__ = ("role", "text", "turn")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    TURN_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    text: str
+    turn: int
+    def __init__(self, role: _Optional[str] = ..., text: _Optional[str] = ..., turn: _Optional[int] = ...) -> None: ...
 
 class CancelRun(_message.Message):
     __slots__ = ("run_id", "attempt", "reason")

@@ -626,6 +626,9 @@ class WorkerDaemon:
             fencing_token=a.fencing_token or a.attempt,
             supervisor=self.supervised_program,
             workspaces=self.workspaces,
+            conversation=(
+                convert.turn_context_from_pb(a.conversation) if a.HasField("conversation") else None
+            ),
         )
         if agent is None:
             self.outbox.put_nowait(_failed(a, f"agent {a.agent!r} is not offered by this worker"))
@@ -641,6 +644,9 @@ class WorkerDaemon:
             bound.warning("no workspace for the run", error=str(exc))
             self.outbox.put_nowait(_failed(a, f"the worker could not create a workspace: {exc}"))
             return
+        if ctx.conversation is not None and ctx.resume_session_id:
+            # for agents written against a session's resume_session_id + prompt
+            ctx.prompt = str(ctx.input.get("prompt", ""))
         active = ActiveRun(a, ctx, worker_id=self.config.worker_id)
         active.task = asyncio.create_task(execute(agent, active))
         self.runs[run_id] = active

@@ -15,6 +15,7 @@ import structlog
 from taskrun import convert
 from taskrun.core.agent import Agent, AgentError, AgentResult
 from taskrun.core.ids import RunId, TaskId
+from taskrun.core.models import TurnContext
 from taskrun.core.status import RunStatus
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
@@ -40,6 +41,7 @@ class RunContext:
     workspace: Path = field(default_factory=Path)
     fencing_token: int = 0
     supervisor: Callable[[str], str] | None = field(default=None, repr=False)
+    conversation: TurnContext | None = None
     seq: int = 0
     _log: Any = field(default=None, repr=False)
 
@@ -92,19 +94,25 @@ def _status(
     status: pb.RunStatus,
     *,
     error: str = "",
-    result: AgentResult | None = None,
+    result: AgentResult | AgentError | None = None,
 ) -> wpb.RunStatusUpdate:
     update = wpb.RunStatusUpdate(
         run_id=ctx.run_id, attempt=ctx.attempt, status=status, error=error, last_seq=ctx.seq
     )
     update.time.GetCurrentTime()
-    if result is not None:
+    if isinstance(result, AgentResult):
         if result.result is not None:
             update.result_json = json.dumps(result.result, default=str)
         convert.usage_to_pb(result.usage, update.usage)
         if result.backend_used is not None:
             update.backend_used.CopyFrom(convert.backend_to_pb(result.backend_used))
+        update.summary, update.summarized_through = result.summary, result.summarized_through
+    elif result is not None and result.usage is not None:
+        convert.usage_to_pb(result.usage, update.usage)  # what a failed run spent
+    if result is not None:
         update.session_id = result.session_id
+        update.session_snapshot = result.session_snapshot
+        update.session_cost_usd = result.session_cost_usd
     return update
 
 
@@ -139,7 +147,8 @@ async def execute(agent: Agent, active: ActiveRun) -> None:
         raise
     except AgentError as exc:
         active.status = RunStatus.FAILED
-        outbox.put_nowait(_status(ctx, pb.RUN_STATUS_FAILED, error=str(exc)))
+        update = _status(ctx, pb.RUN_STATUS_FAILED, error=str(exc), result=exc)
+        outbox.put_nowait(update, 64 + len(update.session_snapshot))
         bound.info("run failed", error=str(exc))
     except Exception as exc:
         active.status = RunStatus.FAILED
@@ -149,5 +158,6 @@ async def execute(agent: Agent, active: ActiveRun) -> None:
         active.status = RunStatus.COMPLETED
         if not result.usage.duration_ms:
             result.usage.duration_ms = int((time.monotonic() - started) * 1000)
-        outbox.put_nowait(_status(ctx, pb.RUN_STATUS_COMPLETED, result=result))
+        update = _status(ctx, pb.RUN_STATUS_COMPLETED, result=result)
+        outbox.put_nowait(update, 64 + len(update.session_snapshot))
         bound.debug("run completed", chunks=ctx.seq)

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from taskrun.core.ids import RunId, TaskId
+from taskrun.core.models import TurnContext
 from taskrun.worker.workspace import Workspaces
 
 TASK_ID = TaskId("task-test")
@@ -20,6 +21,7 @@ class RecordingContext:
     input: dict[str, Any]
     resume_session_id: str = ""
     prompt: str = ""
+    conversation: TurnContext | None = None
     task_id: TaskId = TASK_ID
     run_id: RunId = RUN_ID
     attempt: int = 1

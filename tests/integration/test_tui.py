@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import tempfile
 import time
 from collections.abc import Callable
@@ -39,8 +40,10 @@ async def until(pilot_pause: Callable[[], object], predicate: Callable[[], bool]
             await pilot_pause()  # type: ignore[misc]
 
 
-def lines(log: RichLog) -> list[str]:
-    return [strip.text.rstrip() for strip in log.lines]
+def lines(log: RichLog, *, times: bool = False) -> list[str]:
+    """The log's lines; without the chat's HH:MM:SS times unless `times`."""
+    text = [strip.text.rstrip() for strip in log.lines]
+    return text if times else [re.sub(r"^\d\d:\d\d:\d\d ", "", line) for line in text]
 
 
 def toasts(app: App[None]) -> str:
@@ -61,9 +64,17 @@ class Parrot:
         said = ctx.prompt if ctx.resume_session_id else str(ctx.input["prompt"])
         if said == "fail":
             raise AgentError("told to fail")
+        if said == "hold on":
+            await asyncio.sleep(30)
         await ctx.emit(f"you said: {said}")
         session = ctx.resume_session_id or f"session-{ctx.task_id}"
         return AgentResult(result={"text": f"you said: {said}"}, session_id=session)
+
+
+class PlainParrot(Parrot):
+    """A parrot that keeps no session: its conversations live in the control plane only."""
+
+    spec = AgentSpec(name="plainparrot", description="repeats what it is told")
 
 
 async def start_parrot_worker(cluster: Cluster, worker_id: str = "worker-1") -> None:
@@ -75,7 +86,8 @@ async def start_parrot_worker(cluster: Cluster, worker_id: str = "worker-1") -> 
         key=cluster.pki.worker_key(worker_id),
         reconnect_max_wait=0.5,
     )
-    daemon = WorkerDaemon(config, {"parrot": Parrot(), **load_agents(["echo"])})
+    agents = {"parrot": Parrot(), "plainparrot": PlainParrot(), **load_agents(["echo"])}
+    daemon = WorkerDaemon(config, agents)
     cluster.workers[worker_id] = (daemon, asyncio.create_task(daemon.run()))  # torn down there
     await cluster.wait_registered(worker_id)
 
@@ -318,36 +330,66 @@ async def test_the_chat_view_shows_the_conversation_and_sends_a_follow_up(
         run = app.screen
         assert isinstance(run, RunScreen)
         chat = run.query_one(Transcript)
-        await until(pilot.pause, lambda: "you said: remember 7" in lines(chat))
-        assert lines(chat) == ["you: remember 7", "you said: remember 7"]
+        await until(pilot.pause, lambda: "parrot: you said: remember 7" in lines(chat))
+        assert lines(chat) == ["you: remember 7", "parrot: you said: remember 7"]
+        assert all(re.match(r"\d\d:\d\d:\d\d ", line) for line in lines(chat, times=True))
         field = run.query_one("#follow-up", Input)
         assert field.display
         await pilot.press("i")
         assert field.has_focus
         field.value = "which number?"
         await pilot.press("enter")
-        await until(pilot.pause, lambda: "you said: which number?" in lines(chat))
+        await until(pilot.pause, lambda: "parrot: you said: which number?" in lines(chat))
         await until(
             pilot.pause,
             lambda: run.task_state is not None and run.task_state.status is TaskStatus.COMPLETED,
         )
         assert lines(chat) == [
             "you: remember 7",
-            "you said: remember 7",
+            "parrot: you said: remember 7",
             "",
             "you: which number?",
-            "you said: which number?",
+            "parrot: you said: which number?",
         ]
         assert field.value == ""
         chat.focus()  # the footer shows the run view's keys again
         await pilot.pause()
         app.save_screenshot("tui-chat.svg", path=str(DOCS))
-    final, runs = await client.get_task(task.id)
-    assert final.status is TaskStatus.COMPLETED and final.attempts == 2
-    assert [r.prompt for r in runs] == ["", "which number?"]
+    final, runs = await client.get_task(task.id)  # the first turn's task never changed
+    assert final.status is TaskStatus.COMPLETED and final.attempts == 1 and len(runs) == 1
+    assert final.conversation_id is not None
+    _, turns = await client.get_conversation(final.conversation_id)
+    assert [t.message for t in turns] == ["remember 7", "which number?"]
+    assert turns[1].answer == "you said: which number?"
 
 
 async def test_a_refused_follow_up_shows_the_servers_reason(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await start_parrot_worker(cluster)
+    client = cluster.client()
+    task = await client.create_task("parrot", {"prompt": "hold on"})
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot.pause, lambda: app.state.supports_sessions("parrot"))
+        app.push_screen(app.run_screen(task.id))
+        await until(pilot.pause, lambda: isinstance(app.screen, RunScreen) and app.screen.chat)
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        chat = run.query_one(Transcript)
+        await until(pilot.pause, lambda: "you: hold on" in lines(chat))
+        field = run.query_one("#follow-up", Input)
+        field.focus()
+        field.value = "try again"
+        await pilot.press("enter")
+        await until(pilot.pause, lambda: "send the next message once it ended" in toasts(app))
+        assert "FAILED_PRECONDITION" in toasts(app)
+        assert field.value == "try again"  # kept, to send once the problem is fixed
+    _, runs = await client.get_task(task.id)
+    assert len(runs) == 1
+    await client.cancel_task(task.id)
+
+
+async def test_the_chat_goes_on_after_a_failed_turn(cluster: Cluster) -> None:
     await cluster.start_server()
     await start_parrot_worker(cluster)
     client = cluster.client()
@@ -366,11 +408,10 @@ async def test_a_refused_follow_up_shows_the_servers_reason(cluster: Cluster) ->
         field.focus()
         field.value = "try again"
         await pilot.press("enter")
-        await until(pilot.pause, lambda: "only a completed task can be continued" in toasts(app))
-        assert "FAILED_PRECONDITION" in toasts(app)
-        assert field.value == "try again"  # kept, to send once the problem is fixed
-    _, runs = await client.get_task(task.id)
-    assert len(runs) == 1
+        await until(pilot.pause, lambda: "parrot: you said: try again" in lines(chat))
+        assert lines(chat)[-2:] == ["you: try again", "parrot: you said: try again"]
+    final, _ = await client.get_task(task.id)
+    assert final.status is TaskStatus.FAILED  # the failed turn stays failed
 
 
 async def test_the_tui_reconnects_after_a_server_restart(cluster: Cluster) -> None:
@@ -536,3 +577,31 @@ async def test_the_run_view_of_a_pending_task_says_why_it_waits(cluster: Cluster
         summary = str(run.query_one("#summary", Static).render())
         assert "waiting: no online worker offers agent 'nobody-offers-this'" in summary
     await client.cancel_task(waiting.id)
+
+
+async def test_a_conversation_of_an_agent_without_sessions_is_a_chat_too(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await start_parrot_worker(cluster)
+    client = cluster.client()
+    _, turn = await client.create_conversation("plainparrot", "hello")
+    assert (await client.wait(turn.task_id)).status is TaskStatus.COMPLETED
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        app.push_screen(app.run_screen(turn.task_id))
+        await until(pilot.pause, lambda: isinstance(app.screen, RunScreen) and app.screen.chat)
+        run = app.screen
+        assert isinstance(run, RunScreen)
+        chat = run.query_one(Transcript)
+        await until(pilot.pause, lambda: "plainparrot: you said: hello" in lines(chat))
+        field = run.query_one("#follow-up", Input)
+        field.focus()
+        field.value = "again"
+        await pilot.press("enter")
+        await until(pilot.pause, lambda: "plainparrot: you said: again" in lines(chat))
+        assert lines(chat) == [
+            "you: hello",
+            "plainparrot: you said: hello",
+            "",
+            "you: again",
+            "plainparrot: you said: again",
+        ]

@@ -44,6 +44,8 @@ TASK_KEYS = [
     "schedule",
     "cancel_requested",
     "waiting_reason",
+    "conversation_id",
+    "turn",
 ]
 RUN_KEYS = [
     "id",
@@ -249,6 +251,12 @@ def test_task_detail_shows_policy_runs_result_and_usage() -> None:
     runs = text.split("Runs:\n")[1].splitlines()
     assert runs[0].split()[:4] == ["ATTEMPT", "RUN", "STATUS", "WORKER"]
     assert runs[1].split() == ["1", "run_1", "failed", "worker-1", "4m", "ago", "4.0s", "boom"]
+
+
+def test_task_detail_of_a_turn_names_its_conversation() -> None:
+    text = output.task_detail(make_task(conversation_id="cnv_1", turn=3), [], NOW)
+    assert "Conversation:  cnv_1, turn 3" in text
+    assert "Conversation" not in output.task_detail(make_task(), [], NOW)
 
 
 def test_task_detail_without_runs() -> None:

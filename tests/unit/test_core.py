@@ -13,6 +13,7 @@ from taskrun.core.ids import is_valid_worker_id, new_run_id, new_task_id
 from taskrun.core.models import TaskPolicy, TaskSpec
 from taskrun.core.status import (
     RUN_TRANSITIONS,
+    TASK_TERMINAL,
     TASK_TRANSITIONS,
     RunStatus,
     TaskStatus,
@@ -54,7 +55,7 @@ def test_terminal_states_have_no_way_out() -> None:
     for status in (TaskStatus.FAILED, TaskStatus.CANCELLED):
         assert status.terminal and not TASK_TRANSITIONS[status]
     # a completed task can only be continued (a follow-up message starts a new run)
-    assert TASK_TRANSITIONS[TaskStatus.COMPLETED] == {TaskStatus.PENDING}
+    assert all(not TASK_TRANSITIONS[s] for s in TASK_TERMINAL)  # terminal is terminal
     for run_status in (RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.CANCELLED, RunStatus.LOST):
         assert run_status.terminal and not RUN_TRANSITIONS[run_status]
 

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,21 +33,23 @@ from taskrun.core.access import (
     Scope,
 )
 from taskrun.core.errors import StoreUnavailable
-from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.models import (
     AgentSpec,
+    Conversation,
     ModelBackend,
     OutputChunk,
     OutputKind,
     Run,
     Task,
     TaskPolicy,
+    Turn,
     Usage,
     Worker,
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.store import ChangeSet, Store, TaskQuery
+from taskrun.core.store import ChangeSet, ConversationQuery, Store, TaskQuery
 from taskrun.core.webhooks import (
     DeliveryStatus,
     Webhook,
@@ -1531,3 +1534,136 @@ async def test_webhook_deliveries_survive_reopening_the_sqlite_file(tmp_path: Pa
         ]
     finally:
         await second.close()
+
+
+# --- conversations ------------------------------------------------------------------------------
+
+
+def cid(n: int) -> ConversationId:
+    return ConversationId(f"cnv_{n:026d}")
+
+
+def make_conversation(n: int, **fields: object) -> Conversation:
+    conversation = Conversation(
+        id=cid(n),
+        agent="anthropic",
+        title=f"chat {n}",
+        labels={"team": "a" if n % 2 else "b"},
+        input='{"model": "claude-sonnet-5-5"}',
+        policy=TaskPolicy(max_attempts=2, required_labels={"zone": "eu"}),
+        created_at=T0 + timedelta(seconds=n),
+        updated_at=T0 + timedelta(seconds=n),
+    )
+    for name, value in fields.items():
+        setattr(conversation, name, value)
+    return conversation
+
+
+def make_turn(conversation: int, index: int, task: int, **fields: object) -> Turn:
+    turn = Turn(
+        conversation_id=cid(conversation),
+        index=index,
+        task_id=tid(task),
+        message=f"message {index}",
+        created_at=T0 + timedelta(seconds=index),
+    )
+    for name, value in fields.items():
+        setattr(turn, name, value)
+    return turn
+
+
+async def test_conversation_with_every_field_and_its_turns_round_trip(store: Store) -> None:
+    conversation = make_conversation(
+        1,
+        turns=2,
+        usage=Usage(input_tokens=5, output_tokens=7, cost_usd=0.25, turns=2),
+        session_id="sess-1",
+        session_snapshot=b"\x00\x01zlib\xff",
+        session_cost_usd=0.5,
+        session_turn=3,
+        summarized_through=1,
+        summary="they said hello",
+    )
+    first = make_task(1, conversation_id=cid(1), turn=1, status=TaskStatus.FAILED)
+    second = make_task(2, conversation_id=cid(1), turn=2)
+    turns = [
+        make_turn(
+            1,
+            1,
+            1,
+            status=TaskStatus.FAILED,
+            error="overloaded",
+            usage=Usage(input_tokens=5, cost_usd=0.1),
+            finished_at=T0 + timedelta(seconds=9),
+        ),
+        make_turn(1, 2, 2, answer="hi", tools='[{"tool_use":"Read"}]'),
+    ]
+    # the turns come first in the change set: the store orders the tables, not the caller
+    await store.apply(
+        ChangeSet(tasks=[first, second], turns=turns[::-1], conversations=[conversation])
+    )
+    assert await store.get_conversation(cid(1)) == conversation
+    assert await store.list_turns(cid(1)) == turns
+    assert await store.get_task(tid(2)) == second
+    assert await store.get_conversation(cid(9)) is None
+    assert await store.list_turns(cid(9)) == []
+
+
+async def test_turn_upsert_replaces_it(store: Store) -> None:
+    await store.apply(
+        ChangeSet(
+            tasks=[make_task(1)], conversations=[make_conversation(1)], turns=[make_turn(1, 1, 1)]
+        )
+    )
+    done = make_turn(1, 1, 1, status=TaskStatus.COMPLETED, answer="42", usage=Usage(cost_usd=1.5))
+    await store.apply(ChangeSet(turns=[done]))
+    assert await store.list_turns(cid(1)) == [done]
+
+
+async def test_a_turn_needs_its_conversation_and_its_task(store: Store) -> None:
+    with pytest.raises(ValueError):
+        await store.apply(ChangeSet(tasks=[make_task(1)], turns=[make_turn(1, 1, 1)]))
+    await store.resume()
+    with pytest.raises(ValueError):
+        await store.apply(
+            ChangeSet(conversations=[make_conversation(1)], turns=[make_turn(1, 1, 7)])
+        )
+    await store.resume()
+    assert await store.get_conversation(cid(1)) is None  # all or nothing
+
+
+async def test_deleting_a_conversation_deletes_its_turns_not_its_tasks(store: Store) -> None:
+    await store.apply(
+        ChangeSet(
+            tasks=[make_task(1, conversation_id=cid(1), turn=1)],
+            conversations=[make_conversation(1), make_conversation(2)],
+            turns=[make_turn(1, 1, 1)],
+        )
+    )
+    await store.apply(ChangeSet(deleted_conversations=[cid(1), cid(5)]))
+    assert await store.get_conversation(cid(1)) is None
+    assert await store.list_turns(cid(1)) == []
+    assert (await store.get_task(tid(1))) is not None
+    assert [c.id for c in await store.list_conversations(ConversationQuery())] == [cid(2)]
+
+
+async def test_list_conversations_newest_first_with_filters_and_pages(store: Store) -> None:
+    await store.apply(
+        ChangeSet(
+            conversations=[
+                make_conversation(n, agent="claude_code" if n > 3 else "anthropic")
+                for n in range(1, 6)
+            ]
+        )
+    )
+
+    async def ids(**query: Any) -> list[ConversationId]:
+        return [c.id for c in await store.list_conversations(ConversationQuery(**query))]
+
+    assert await ids() == [cid(5), cid(4), cid(3), cid(2), cid(1)]
+    assert await ids(limit=2) == [cid(5), cid(4)]
+    assert await ids(limit=2, before=cid(4)) == [cid(3), cid(2)]
+    assert await ids(agent="claude_code") == [cid(5), cid(4)]
+    assert await ids(labels=(("team", "a"),)) == [cid(5), cid(3), cid(1)]
+    with pytest.raises(ValueError):
+        await ids(limit=0)

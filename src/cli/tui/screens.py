@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import grpc
@@ -19,7 +20,7 @@ from taskrun.cli import output
 from taskrun.cli.client import Client, OutputReceived, TaskChanged
 from taskrun.cli.tui.widgets import Transcript
 from taskrun.core.ids import RunId
-from taskrun.core.models import OutputKind, Task
+from taskrun.core.models import OutputKind, Run, Task
 
 HELP = """\
 [b]Keys[/b]
@@ -32,7 +33,7 @@ HELP = """\
   R           revoke the selected worker: cut off for good
   s / a       filter tasks by status / by agent (cycles)
   /           search tasks by id
-  i           in the run view of an agent with sessions: a follow-up
+  i           in the run view of an agent with sessions: next message
   escape      back;   ?  this help;   q  quit
 c, r, d and R ask first.
 
@@ -165,13 +166,13 @@ class NewTaskScreen(ModalScreen[Task | None]):
 
 class RunScreen(Screen[None]):
     """One task's run: status, usage, live output and events (FollowTask). For an agent with
-    sessions, a chat: the runs' prompts and answers, and an input box for a follow-up."""
+    sessions, a chat: every turn of its conversation, and an input box for the next message."""
 
     BINDINGS = [
         Binding("escape", "app.pop_screen", "back"),
         Binding("c", "cancel", "cancel"),
         Binding("r", "retry", "retry"),
-        Binding("i", "reply", "follow-up"),
+        Binding("i", "reply", "message"),
         Binding("question_mark", "app.help", "help"),
     ]
     DEFAULT_CSS = """
@@ -212,7 +213,7 @@ class RunScreen(Screen[None]):
         yield Transcript(id="output")
         yield Static("", id="partial")  # the output line still being streamed
         yield RichLog(id="run-events", wrap=False, markup=False)
-        yield Input(placeholder="follow-up message (enter sends it)", id="follow-up")
+        yield Input(placeholder="next message (enter sends it)", id="follow-up")
         yield Footer(compact=True, show_command_palette=False)
 
     def on_mount(self) -> None:
@@ -226,13 +227,13 @@ class RunScreen(Screen[None]):
 
     @work(exclusive=True, group="follow")
     async def follow(self) -> None:
-        """Stream the task's output and changes until it ends (again after each follow-up)."""
+        """Stream the task's output and changes until it ends (again for each new turn)."""
         out = self.query_one(Transcript)
         events = self.query_one("#run-events", RichLog)
         if self.task_state is None:  # the agent decides the view before any output shows
             task = await self.load_runs()
-            if task is not None and self.supports_sessions(task.agent):
-                self.start_chat()
+            if task is not None and (task.conversation_id or self.supports_sessions(task.agent)):
+                self.start_chat(task.agent)
         with contextlib.suppress(grpc.aio.AioRpcError):
             async for event in self.client.follow(self.task_id, include_events=True):
                 if isinstance(event, OutputReceived):
@@ -255,20 +256,36 @@ class RunScreen(Screen[None]):
                     events.write(f"task {output.status_name(task.status)}")
         out.flush()
 
-    def start_chat(self) -> None:
+    def start_chat(self, agent: str) -> None:
         self.add_class("chat")
         transcript = self.query_one(Transcript)
         transcript.chat = True
+        transcript.agent = agent
         transcript.border_title = "chat"
         self.refresh_bindings()
 
     async def load_runs(self) -> Task | None:
-        """Read the task's runs (their prompts, results and errors) for the chat."""
+        """Read the runs (their prompts, results and errors) for the chat: of every turn of the
+        task's conversation when it is one, else of the task. A turn's message is its task's
+        prompt; the chat shows it before the turn's first run."""
         try:
             task, runs = await self.client.get_task(self.task_id)
+            if task.conversation_id is None:
+                self.query_one(Transcript).set_runs(runs, _first_prompt(task.input))
+                return task
+            _, turns = await self.client.get_conversation(task.conversation_id)
+            every: list[Run] = []
+            for turn in turns:
+                turn_runs = runs if turn.task_id == task.id else []
+                if not turn_runs:
+                    turn_runs = (await self.client.get_task(turn.task_id))[1]
+                turn_runs = [replace(r, prompt="") for r in turn_runs]
+                if turn_runs:
+                    turn_runs[0].prompt = turn.message
+                every.extend(turn_runs)
         except grpc.aio.AioRpcError:
             return None  # the follow stream reports what is wrong
-        self.query_one(Transcript).set_runs(runs, _first_prompt(task.input))
+        self.query_one(Transcript).set_runs(every, "")
         return task
 
     def action_reply(self) -> None:
@@ -282,15 +299,16 @@ class RunScreen(Screen[None]):
 
     @work(group="chat")
     async def send_follow_up(self, prompt: str) -> None:
-        """ContinueTask; the server says why when it refuses (the task is not completed, its
-        worker is gone, ...)."""
+        """ContinueTask: the next turn of the task's conversation, a new task this screen then
+        follows; the server says why when it refuses (the last turn is still running, ...)."""
         try:
             task = await self.client.continue_task(self.task_id, prompt)
         except grpc.aio.AioRpcError as exc:
             self.notify(f"{exc.code().name}: {exc.details()}", severity="error", timeout=10)
             return
+        self.task_id = task.id
         self.query_one("#follow-up", Input).value = ""
-        self.query_one("#run-events", RichLog).write(f"follow-up sent (attempt {task.attempts})")
+        self.query_one("#run-events", RichLog).write(f"message sent (turn {task.turn}, {task.id})")
         self.show(task)
         await self.load_runs()
         self.query_one(Transcript).catch_up(ended=False)  # the new message shows at once

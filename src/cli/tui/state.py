@@ -78,7 +78,7 @@ class FleetState:
         return sorted(names)
 
     def supports_sessions(self, agent: str) -> bool:
-        """Whether a known worker announces `agent` as keeping sessions (follow-ups work)."""
+        """Whether a known worker announces `agent` as keeping sessions (the run view chats)."""
         return any(
             a.name == agent and a.supports_sessions for w in self.workers.values() for a in w.agents
         )

@@ -176,8 +176,9 @@ class EventsPane(RichLog):
 
 
 class Transcript(RichLog):
-    """A task's text output as it streams. In chat mode, the conversation: each run's prompt,
-    then what the agent answered (its output, or its result when it wrote none)."""
+    """A task's text output as it streams. In chat mode, the conversation: each message (the
+    first run of each turn carries it as its prompt), then what the agent answered (its output,
+    or its result when it wrote none), both sides with the time (local, HH:MM:SS)."""
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(wrap=True, markup=False, **kwargs)
@@ -190,6 +191,7 @@ class Transcript(RichLog):
         self._spoke: set[RunId] = set()  # runs whose text output was written
         self._answered: set[RunId] = set()  # runs whose result or error was written
         self._pending = ""  # the last line, until it ends
+        self.agent = "agent"  # who answers, in chat mode
 
     def set_runs(self, runs: list[Run], first_prompt: str) -> None:
         self._runs, self._first_prompt = list(runs), first_prompt
@@ -201,6 +203,8 @@ class Transcript(RichLog):
         self.text += data
         if self.chat:
             self._reach(run_id)
+            if run_id not in self._spoke:
+                self._pending += f"{_clock(None)} {self.agent}: "
             self._spoke.add(run_id)
         self._pending += data
         *lines, self._pending = self._pending.split("\n")
@@ -248,7 +252,13 @@ class Transcript(RichLog):
         if index:
             self.write("")
         if run.prompt or not index:
-            self.write(Text.assemble(("you: ", "bold cyan"), run.prompt or self._first_prompt))
+            self.write(
+                Text.assemble(
+                    (f"{_clock(run.created_at)} ", "dim"),
+                    ("you: ", "bold cyan"),
+                    run.prompt or self._first_prompt,
+                )
+            )
         else:
             self.write(Text(f"(attempt {run.attempt}: the previous message, again)", "dim"))
 
@@ -258,10 +268,15 @@ class Transcript(RichLog):
             return
         self._answered.add(run.id)
         if run.result and run.id not in self._spoke:
-            self.write(_answer(run.result))
+            self.write(f"{_clock(run.finished_at)} {self.agent}: {_answer(run.result)}")
         if run.status is not RunStatus.COMPLETED:
             reason = f": {run.error}" if run.error else ""
             self.write(Text(f"run {output.status_name(run.status)}{reason}", "red"))
+
+
+def _clock(at: datetime | None) -> str:
+    """A time of the chat, local, to the second (now when unknown)."""
+    return (at or datetime.now(UTC)).astimezone().strftime("%H:%M:%S")
 
 
 def _answer(result: str) -> str:

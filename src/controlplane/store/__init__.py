@@ -42,7 +42,7 @@ def open_store(url: str) -> Store:
         except ImportError as exc:
             raise ValueError(
                 f"the PostgreSQL store needs psycopg ({exc.name} is missing):"
-                " pip install 'taskrun[postgres]'"
+                " pip install 'taskrun-agents[postgres]'"
             ) from exc
         return PostgresStore(url)
     raise ValueError(

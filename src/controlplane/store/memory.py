@@ -13,11 +13,11 @@ from datetime import datetime
 
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.errors import StoreUnavailable
-from taskrun.core.ids import RunId, TaskId, WorkerId
-from taskrun.core.models import OutputChunk, Run, Task, Worker
+from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
+from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Worker
 from taskrun.core.schedule import Schedule, copy_schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
+from taskrun.core.store import FENCED, ChangeSet, ConversationQuery, TaskPage, TaskQuery
 from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery
 
 __all__ = ["MemoryStore"]
@@ -42,6 +42,19 @@ def _copy_run(r: Run) -> Run:
 def _copy_worker(w: Worker) -> Worker:
     # agents are immutable
     return replace(w, labels=dict(w.labels), enrolled_labels=dict(w.enrolled_labels))
+
+
+def _copy_conversation(c: Conversation) -> Conversation:
+    return replace(
+        c,
+        labels=dict(c.labels),
+        policy=replace(c.policy, required_labels=dict(c.policy.required_labels)),
+        usage=replace(c.usage),
+    )
+
+
+def _copy_turn(t: Turn) -> Turn:
+    return replace(t, usage=replace(t.usage))
 
 
 def _copy_bootstrap(t: BootstrapToken) -> BootstrapToken:
@@ -78,6 +91,8 @@ class MemoryStore:
         self._workers: dict[WorkerId, Worker] = {}
         self._output: dict[RunId, dict[tuple[int, int], OutputChunk]] = {}
         self._schedules: dict[str, Schedule] = {}
+        self._conversations: dict[ConversationId, Conversation] = {}
+        self._turns: dict[ConversationId, dict[int, Turn]] = {}
         self._bootstrap_tokens: dict[str, BootstrapToken] = {}
         self._api_tokens: dict[str, ApiToken] = {}
         self._audit: deque[AuditEvent] = deque(maxlen=audit_retention)  # oldest first
@@ -170,6 +185,14 @@ class MemoryStore:
             self._bootstrap_tokens[token.id] = _copy_bootstrap(token)
         for api_token in changes.api_tokens:
             self._api_tokens[api_token.id] = _copy_api(api_token)
+        for conversation in changes.conversations:
+            self._conversations[conversation.id] = _copy_conversation(conversation)
+            self._turns.setdefault(conversation.id, {})
+        for turn in changes.turns:
+            self._turns[turn.conversation_id][turn.index] = _copy_turn(turn)
+        for conversation_id in changes.deleted_conversations:
+            self._conversations.pop(conversation_id, None)
+            self._turns.pop(conversation_id, None)
         for event in changes.audit_events:  # frozen: no copy needed
             self._last_audit_id += 1
             self._audit.append(replace(event, id=self._last_audit_id))
@@ -220,6 +243,18 @@ class MemoryStore:
         for a in changes.api_tokens:
             _check_aware((a.created_at, a.expires_at, a.revoked_at))
         _check_aware(e.time for e in changes.audit_events)
+        new_conversations = {c.id for c in changes.conversations}
+        for conversation in changes.conversations:
+            _check_aware((conversation.created_at, conversation.updated_at))
+        for turn in changes.turns:
+            _check_aware((turn.created_at, turn.finished_at))
+            known = turn.conversation_id in self._conversations
+            if not known and turn.conversation_id not in new_conversations:
+                raise ValueError(
+                    f"turn {turn.index} refers to unknown conversation {turn.conversation_id}"
+                )
+            if turn.task_id not in self._tasks and turn.task_id not in key_of:
+                raise ValueError(f"turn {turn.index} refers to unknown task {turn.task_id}")
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -330,6 +365,36 @@ class MemoryStore:
         return [copy_schedule(self._schedules[n]) for n in sorted(self._schedules)]
 
     # --- access control ------------------------------------------------------------------------
+
+    # --- conversations -------------------------------------------------------------------------
+
+    async def get_conversation(self, conversation_id: ConversationId) -> Conversation | None:
+        self._check_open()
+        found = self._conversations.get(conversation_id)
+        return None if found is None else _copy_conversation(found)
+
+    async def list_conversations(self, query: ConversationQuery) -> list[Conversation]:
+        self._check_open()
+        if query.limit < 1:
+            raise ValueError(f"limit must be positive, got {query.limit}")
+        out: list[Conversation] = []
+        for conversation_id in sorted(self._conversations, reverse=True):
+            c = self._conversations[conversation_id]
+            if query.before and conversation_id >= query.before:
+                continue
+            if (query.agent and c.agent != query.agent) or any(
+                c.labels.get(k) != v for k, v in query.labels
+            ):
+                continue
+            out.append(_copy_conversation(c))
+            if len(out) == query.limit:
+                break
+        return out
+
+    async def list_turns(self, conversation_id: ConversationId) -> list[Turn]:
+        self._check_open()
+        turns = self._turns.get(conversation_id, {})
+        return [_copy_turn(turns[i]) for i in sorted(turns)]
 
     async def get_bootstrap_token(self, token_id: str) -> BootstrapToken | None:
         self._check_open()

@@ -52,10 +52,12 @@ from taskrun.controlplane.store.rows import (
     AUDIT_COLUMNS,
     BOOTSTRAP_COLUMNS,
     CHUNK_COLUMNS,
+    CONVERSATION_COLUMNS,
     DELIVERY_COLUMNS,
     RUN_COLUMNS,
     SCHEDULE_COLUMNS,
     TASK_COLUMNS,
+    TURN_COLUMNS,
     UNFINISHED_RUN_STATUSES,
     UNFINISHED_TASK_STATUSES,
     WEBHOOK_COLUMNS,
@@ -70,6 +72,8 @@ from taskrun.controlplane.store.rows import (
     chunk_from,
     chunk_row,
     column_list,
+    conversation_from,
+    conversation_row,
     delivery_from,
     delivery_row,
     dumps,
@@ -79,7 +83,10 @@ from taskrun.controlplane.store.rows import (
     schedule_row,
     task_from,
     task_row,
+    turn_from,
+    turn_row,
     upsert_sql,
+    upsert_turn_sql,
     us,
     us_or_none,
     webhook_from,
@@ -90,11 +97,11 @@ from taskrun.controlplane.store.rows import (
 from taskrun.controlplane.store.sqlite import SchemaVersionError
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.errors import StoreUnavailable
-from taskrun.core.ids import RunId, TaskId, WorkerId
-from taskrun.core.models import OutputChunk, Run, Task, Worker
+from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
+from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
-from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
+from taskrun.core.store import FENCED, ChangeSet, ConversationQuery, TaskPage, TaskQuery
 from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery
 
 __all__ = ["APPLICATION_NAME", "CONNECTION_DEFAULTS", "SCHEMA_VERSION", "PostgresStore"]
@@ -302,6 +309,44 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX webhook_deliveries_of ON webhook_deliveries (webhook_id, created_at, id)",
         "CREATE INDEX webhook_deliveries_new ON webhook_deliveries (created_at, id)",
     ),
+    # 3: conversations: turns are tasks; the transcript and the agent's session live here
+    (
+        "ALTER TABLE tasks ADD COLUMN conversation_id text",
+        "ALTER TABLE tasks ADD COLUMN turn integer NOT NULL DEFAULT 0",
+        """CREATE TABLE conversations (
+            id                 text PRIMARY KEY,
+            agent              text NOT NULL,
+            title              text NOT NULL,
+            labels             text NOT NULL,  -- JSON object
+            input              text NOT NULL,  -- JSON object: agent options of every turn
+            policy             text NOT NULL,  -- JSON object, the policy of every turn
+            created_at         bigint NOT NULL,
+            updated_at         bigint NOT NULL,
+            turns              integer NOT NULL,
+            usage              text NOT NULL,  -- JSON object, summed over turns
+            session_id         text NOT NULL,
+            session_snapshot   bytea NOT NULL,  -- zlib-compressed session file, or empty
+            session_cost_usd   double precision NOT NULL,
+            session_turn       integer NOT NULL,
+            summarized_through integer NOT NULL,
+            summary            text NOT NULL
+        )""",
+        "CREATE INDEX conversations_agent ON conversations (agent, id)",
+        """CREATE TABLE turns (
+            conversation_id text NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            idx             integer NOT NULL,
+            task_id         text NOT NULL REFERENCES tasks (id),
+            message         text NOT NULL,
+            created_at      bigint NOT NULL,
+            status          integer NOT NULL,
+            answer          text NOT NULL,
+            tools           text NOT NULL,  -- compact JSON array
+            error           text NOT NULL,
+            usage           text NOT NULL,  -- JSON object: this turn's own spending
+            finished_at     bigint,
+            PRIMARY KEY (conversation_id, idx)
+        )""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -453,11 +498,14 @@ class _Pending:
         "audit_events",
         "bootstrap_tokens",
         "chunks",
+        "conversations",
+        "deleted_conversations",
         "deleted_schedules",
         "future",
         "runs",
         "schedules",
         "tasks",
+        "turns",
         "workers",
     )
 
@@ -471,6 +519,9 @@ class _Pending:
         self.bootstrap_tokens = [bootstrap_row(t) for t in changes.bootstrap_tokens]
         self.api_tokens = [api_token_row(t) for t in changes.api_tokens]
         self.audit_events = [audit_row(e) for e in changes.audit_events]
+        self.conversations = [conversation_row(c) for c in changes.conversations]
+        self.turns = [turn_row(t) for t in changes.turns]
+        self.deleted_conversations = [(c,) for c in changes.deleted_conversations]
         self.future = future
 
 
@@ -798,6 +849,12 @@ class PostgresStore:
                             last_audit_id += 1
                             numbered.append((last_audit_id, *event))
                         await cur.executemany(_INSERT_AUDIT, numbered)
+                    if p.conversations:  # upserts, turns, then deletions
+                        await cur.executemany(_UPSERT_CONVERSATION, p.conversations)
+                    if p.turns:
+                        await cur.executemany(_UPSERT_TURN, p.turns)
+                    if p.deleted_conversations:
+                        await cur.executemany(_DELETE_CONVERSATION, p.deleted_conversations)
                 if last_audit_id is not None and last_audit_id > self.audit_retention:
                     await cur.execute(_TRIM_AUDIT, (last_audit_id - self.audit_retention,))
 
@@ -1024,6 +1081,36 @@ class PostgresStore:
         params.append(query.limit)
         return [audit_from(r) for r in await self._fetchall(sql, params)]
 
+    # --- conversations -------------------------------------------------------------------------
+
+    async def get_conversation(self, conversation_id: ConversationId) -> Conversation | None:
+        row = await self._fetchone(f"{_SELECT_CONVERSATION} WHERE id = %s", (conversation_id,))
+        return None if row is None else conversation_from(row)
+
+    async def list_conversations(self, query: ConversationQuery) -> list[Conversation]:
+        if query.limit < 1:
+            raise ValueError(f"limit must be positive, got {query.limit}")
+        where: list[str] = []
+        params: list[Any] = []
+        if query.agent:
+            where.append("agent = %s")
+            params.append(query.agent)
+        if query.before:
+            where.append("id < %s")
+            params.append(query.before)
+        for key, value in query.labels:
+            where.append("(labels::jsonb ->> %s) = %s")
+            params.extend((key, value))
+        sql = _SELECT_CONVERSATION + (f" WHERE {' AND '.join(where)}" if where else "")
+        rows = await self._fetchall(f"{sql} ORDER BY id DESC LIMIT %s", (*params, query.limit))
+        return [conversation_from(r) for r in rows]
+
+    async def list_turns(self, conversation_id: ConversationId) -> list[Turn]:
+        rows = await self._fetchall(
+            f"{_SELECT_TURN} WHERE conversation_id = %s ORDER BY idx", (conversation_id,)
+        )
+        return [turn_from(r) for r in rows]
+
     # --- webhooks ------------------------------------------------------------------------------
 
     async def add_webhook(self, webhook: Webhook) -> None:
@@ -1111,6 +1198,11 @@ class PostgresStore:
         return [delivery_from(r) for r in await self._fetchall(sql, params)]
 
 
+_UPSERT_CONVERSATION: Final = upsert_sql("conversations", CONVERSATION_COLUMNS, "%s")
+_SELECT_CONVERSATION: Final = f"SELECT {column_list(CONVERSATION_COLUMNS)} FROM conversations"
+_UPSERT_TURN: Final = upsert_turn_sql("%s")
+_SELECT_TURN: Final = f"SELECT {column_list(TURN_COLUMNS)} FROM turns"
+_DELETE_CONVERSATION: Final = "DELETE FROM conversations WHERE id = %s"
 _SELECT_WEBHOOK: Final = f"SELECT {column_list(WEBHOOK_COLUMNS)} FROM webhooks"
 _INSERT_WEBHOOK: Final = (
     f"INSERT INTO webhooks ({column_list(WEBHOOK_COLUMNS)}) "

@@ -27,12 +27,14 @@ from taskrun.core.access import ApiToken, AuditEvent, AuditKind, BootstrapToken,
 from taskrun.core.ids import WorkerId
 from taskrun.core.models import (
     AgentSpec,
+    Conversation,
     ModelBackend,
     OutputChunk,
     OutputKind,
     Run,
     Task,
     TaskPolicy,
+    Turn,
     Usage,
     Worker,
 )
@@ -69,6 +71,8 @@ TASK_COLUMNS: Final = (
     "usage",
     "schedule",
     "cancel_requested",
+    "conversation_id",
+    "turn",
     "idempotency_key",  # a copy of policy.idempotency_key, for its unique index
 )
 RUN_COLUMNS: Final = (
@@ -324,6 +328,8 @@ def task_row(t: Task) -> Params:
         usage_json(t.usage),
         t.schedule,
         int(t.cancel_requested),
+        t.conversation_id,
+        t.turn,
         p.idempotency_key,
     )
 
@@ -347,6 +353,8 @@ def task_from(r: RowLike) -> Task:
         usage=usage_from(r["usage"]),
         schedule=r["schedule"],
         cancel_requested=bool(r["cancel_requested"]),
+        conversation_id=r["conversation_id"],
+        turn=r["turn"],
     )
 
 
@@ -663,4 +671,123 @@ def delivery_from(r: RowLike) -> WebhookDelivery:
         last_status_code=r["last_status_code"],
         last_error=r["last_error"],
         delivered_at=dt_or_none(r["delivered_at"]),
+    )
+
+
+# --- conversations -----------------------------------------------------------------------------
+
+CONVERSATION_COLUMNS: Final = (
+    "id",
+    "agent",
+    "title",
+    "labels",
+    "input",
+    "policy",
+    "created_at",
+    "updated_at",
+    "turns",
+    "usage",
+    "session_id",
+    "session_snapshot",
+    "session_cost_usd",
+    "session_turn",
+    "summarized_through",
+    "summary",
+)
+TURN_COLUMNS: Final = (
+    "conversation_id",
+    "idx",
+    "task_id",
+    "message",
+    "created_at",
+    "status",
+    "answer",
+    "tools",
+    "error",
+    "usage",
+    "finished_at",
+)
+
+
+def conversation_row(c: Conversation) -> Params:
+    return (
+        c.id,
+        c.agent,
+        c.title,
+        dumps(c.labels),
+        c.input,
+        policy_json(c.policy),
+        us(c.created_at),
+        us(c.updated_at),
+        c.turns,
+        usage_json(c.usage),
+        c.session_id,
+        c.session_snapshot,
+        c.session_cost_usd,
+        c.session_turn,
+        c.summarized_through,
+        c.summary,
+    )
+
+
+def conversation_from(r: RowLike) -> Conversation:
+    return Conversation(
+        id=r["id"],
+        agent=r["agent"],
+        title=r["title"],
+        labels=loads(r["labels"]),
+        input=r["input"],
+        policy=policy_from(r["policy"]),
+        created_at=dt(r["created_at"]),
+        updated_at=dt(r["updated_at"]),
+        turns=r["turns"],
+        usage=usage_from(r["usage"]),
+        session_id=r["session_id"],
+        session_snapshot=bytes(r["session_snapshot"]),
+        session_cost_usd=r["session_cost_usd"],
+        session_turn=r["session_turn"],
+        summarized_through=r["summarized_through"],
+        summary=r["summary"],
+    )
+
+
+def turn_row(t: Turn) -> Params:
+    return (
+        t.conversation_id,
+        t.index,
+        t.task_id,
+        t.message,
+        us(t.created_at),
+        int(t.status),
+        t.answer,
+        t.tools,
+        t.error,
+        usage_json(t.usage),
+        us_or_none(t.finished_at),
+    )
+
+
+def turn_from(r: RowLike) -> Turn:
+    return Turn(
+        conversation_id=r["conversation_id"],
+        index=r["idx"],
+        task_id=r["task_id"],
+        message=r["message"],
+        created_at=dt(r["created_at"]),
+        status=TaskStatus(r["status"]),
+        answer=r["answer"],
+        tools=r["tools"],
+        error=r["error"],
+        usage=usage_from(r["usage"]),
+        finished_at=dt_or_none(r["finished_at"]),
+    )
+
+
+def upsert_turn_sql(mark: str) -> str:
+    """Insert a turn, or update all but its key (conversation_id, idx)."""
+    marks = ", ".join([mark] * len(TURN_COLUMNS))
+    updates = ", ".join(f"{c} = excluded.{c}" for c in TURN_COLUMNS[2:])
+    return (
+        f"INSERT INTO turns ({column_list(TURN_COLUMNS)}) VALUES ({marks})"
+        f" ON CONFLICT (conversation_id, idx) DO UPDATE SET {updates}"
     )

@@ -40,10 +40,12 @@ from taskrun.controlplane.store.rows import (
     AUDIT_COLUMNS,
     BOOTSTRAP_COLUMNS,
     CHUNK_COLUMNS,
+    CONVERSATION_COLUMNS,
     DELIVERY_COLUMNS,
     RUN_COLUMNS,
     SCHEDULE_COLUMNS,
     TASK_COLUMNS,
+    TURN_COLUMNS,
     WEBHOOK_COLUMNS,
     WORKER_COLUMNS,
     api_token_from,
@@ -55,6 +57,8 @@ from taskrun.controlplane.store.rows import (
     chunk_from,
     chunk_row,
     column_list,
+    conversation_from,
+    conversation_row,
     delivery_from,
     delivery_row,
     run_from,
@@ -63,7 +67,10 @@ from taskrun.controlplane.store.rows import (
     schedule_row,
     task_from,
     task_row,
+    turn_from,
+    turn_row,
     upsert_sql,
+    upsert_turn_sql,
     us,
     us_or_none,
     webhook_from,
@@ -73,11 +80,11 @@ from taskrun.controlplane.store.rows import (
 )
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.errors import StoreUnavailable
-from taskrun.core.ids import RunId, TaskId, WorkerId
-from taskrun.core.models import OutputChunk, Run, Task, Worker
+from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
+from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
-from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
+from taskrun.core.store import FENCED, ChangeSet, ConversationQuery, TaskPage, TaskQuery
 from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
@@ -269,6 +276,44 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_attempt_at)",
         "CREATE INDEX webhook_deliveries_of ON webhook_deliveries (webhook_id, created_at)",
     ),
+    # 7: conversations: turns are tasks; the transcript and the agent's session live here
+    (
+        "ALTER TABLE tasks ADD COLUMN conversation_id TEXT",
+        "ALTER TABLE tasks ADD COLUMN turn INTEGER NOT NULL DEFAULT 0",
+        """CREATE TABLE conversations (
+            id                 TEXT PRIMARY KEY,
+            agent              TEXT NOT NULL,
+            title              TEXT NOT NULL,
+            labels             TEXT NOT NULL,  -- JSON object
+            input              TEXT NOT NULL,  -- JSON object: agent options of every turn
+            policy             TEXT NOT NULL,  -- JSON object, the policy of every turn
+            created_at         INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+            updated_at         INTEGER NOT NULL,
+            turns              INTEGER NOT NULL,
+            usage              TEXT NOT NULL,  -- JSON object, summed over turns
+            session_id         TEXT NOT NULL,
+            session_snapshot   BLOB NOT NULL,  -- zlib-compressed session file, or empty
+            session_cost_usd   REAL NOT NULL,  -- the session's running total at the snapshot
+            session_turn       INTEGER NOT NULL,  -- the turn that left the session so
+            summarized_through INTEGER NOT NULL,
+            summary            TEXT NOT NULL
+        ) WITHOUT ROWID""",
+        "CREATE INDEX conversations_agent ON conversations (agent, id)",
+        """CREATE TABLE turns (
+            conversation_id TEXT NOT NULL REFERENCES conversations (id) ON DELETE CASCADE,
+            idx             INTEGER NOT NULL,
+            task_id         TEXT NOT NULL REFERENCES tasks (id),
+            message         TEXT NOT NULL,
+            created_at      INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+            status          INTEGER NOT NULL,
+            answer          TEXT NOT NULL,
+            tools           TEXT NOT NULL,  -- compact JSON array
+            error           TEXT NOT NULL,
+            usage           TEXT NOT NULL,  -- JSON object: this turn's own spending
+            finished_at     INTEGER,
+            PRIMARY KEY (conversation_id, idx)
+        ) WITHOUT ROWID""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -328,12 +373,15 @@ class _Pending:
         "audit_events",
         "bootstrap_tokens",
         "chunks",
+        "conversations",
+        "deleted_conversations",
         "deleted_schedules",
         "future",
         "loop",
         "runs",
         "schedules",
         "tasks",
+        "turns",
         "workers",
     )
 
@@ -352,6 +400,9 @@ class _Pending:
         self.bootstrap_tokens = [bootstrap_row(t) for t in changes.bootstrap_tokens]
         self.api_tokens = [api_token_row(t) for t in changes.api_tokens]
         self.audit_events = [audit_row(e) for e in changes.audit_events]
+        self.conversations = [conversation_row(c) for c in changes.conversations]
+        self.turns = [turn_row(t) for t in changes.turns]
+        self.deleted_conversations = [(c,) for c in changes.deleted_conversations]
         self.loop = loop
         self.future = future
 
@@ -695,6 +746,12 @@ class SqliteStore:
                     if p.audit_events:
                         conn.executemany(_INSERT_AUDIT, p.audit_events)
                         audited = True
+                    if p.conversations:  # upserts, turns, then deletions
+                        conn.executemany(_UPSERT_CONVERSATION, p.conversations)
+                    if p.turns:
+                        conn.executemany(_UPSERT_TURN, p.turns)
+                    if p.deleted_conversations:
+                        conn.executemany(_DELETE_CONVERSATION, p.deleted_conversations)
                 if audited:
                     conn.execute(_TRIM_AUDIT, (self.audit_retention,))
                 conn.execute("COMMIT")
@@ -973,6 +1030,37 @@ class SqliteStore:
         rows = await self._fetchall(f"{_SELECT_API_TOKEN} ORDER BY created_at, id")
         return [api_token_from(r) for r in rows]
 
+    async def get_conversation(self, conversation_id: ConversationId) -> Conversation | None:
+        row = await self._fetchone(f"{_SELECT_CONVERSATION} WHERE id = ?", (conversation_id,))
+        return None if row is None else conversation_from(row)
+
+    async def list_conversations(self, query: ConversationQuery) -> list[Conversation]:
+        if query.limit < 1:
+            raise ValueError(f"limit must be positive, got {query.limit}")
+        where: list[str] = []
+        params: list[Any] = []
+        if query.agent:
+            where.append("agent = ?")
+            params.append(query.agent)
+        if query.before:
+            where.append("id < ?")
+            params.append(query.before)
+        for key, value in query.labels:
+            where.append(
+                "EXISTS (SELECT 1 FROM json_each(conversations.labels) AS l"
+                " WHERE l.key = ? AND l.value = ?)"
+            )
+            params.extend((key, value))
+        sql = _SELECT_CONVERSATION + (f" WHERE {' AND '.join(where)}" if where else "")
+        rows = await self._fetchall(f"{sql} ORDER BY id DESC LIMIT ?", (*params, query.limit))
+        return [conversation_from(r) for r in rows]
+
+    async def list_turns(self, conversation_id: ConversationId) -> list[Turn]:
+        rows = await self._fetchall(
+            f"{_SELECT_TURN} WHERE conversation_id = ? ORDER BY idx", (conversation_id,)
+        )
+        return [turn_from(r) for r in rows]
+
     async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
         """Newest first; at most query.limit; only ids below query.before_id when it is set."""
         if query.limit < 1:
@@ -1074,6 +1162,11 @@ class SqliteStore:
         return [delivery_from(r) for r in await self._fetchall(sql, params)]
 
 
+_UPSERT_CONVERSATION: Final = upsert_sql("conversations", CONVERSATION_COLUMNS, "?")
+_SELECT_CONVERSATION: Final = f"SELECT {column_list(CONVERSATION_COLUMNS)} FROM conversations"
+_UPSERT_TURN: Final = upsert_turn_sql("?")
+_SELECT_TURN: Final = f"SELECT {column_list(TURN_COLUMNS)} FROM turns"
+_DELETE_CONVERSATION: Final = "DELETE FROM conversations WHERE id = ?"
 _SELECT_WEBHOOK: Final = f"SELECT {column_list(WEBHOOK_COLUMNS)} FROM webhooks"
 _INSERT_WEBHOOK: Final = (
     f"INSERT INTO webhooks ({column_list(WEBHOOK_COLUMNS)}) "

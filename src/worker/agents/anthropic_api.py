@@ -1,5 +1,11 @@
 """The `anthropic` agent: one Messages API call, streamed into the run's output.
 
+As a turn of a conversation it sends the whole transcript the control plane keeps (earlier user
+messages and answers, in order) followed by the new message, so any worker can answer it. When
+the control plane asks for compaction (the transcript would not fit the model's context window),
+it first has the model summarize the older turns into one message, answers with that summary
+instead of them, and returns the summary for the next turns.
+
 Environment (read when a run starts): ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL,
 TASKRUN_ANTHROPIC_MODEL (default model), TASKRUN_ANTHROPIC_MAX_RETRIES (SDK retries, default 2).
 """
@@ -7,14 +13,16 @@ TASKRUN_ANTHROPIC_MODEL (default model), TASKRUN_ANTHROPIC_MAX_RETRIES (SDK retr
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from typing import Any
 
 import structlog
 
 from taskrun.core.agent import AgentResult, RunContext
-from taskrun.core.models import AgentSpec
+from taskrun.core.models import SUMMARY_PREFIX, AgentSpec, TranscriptMessage, Usage
 from taskrun.worker.agents.backends import (
     AnthropicBackend,
+    ChatMessage,
     announced_backends,
     check_input,
     default_model,
@@ -38,14 +46,44 @@ INPUT_SCHEMA: dict[str, Any] = {
 }
 
 
+SUMMARY_SYSTEM = (
+    "You compact a conversation between a user and an assistant. Write a concise summary that "
+    "keeps every fact, name, number, decision and open question the assistant needs to go on."
+)
+SUMMARY_REQUEST = "Summarize this conversation so far:\n\n"
+SUMMARY_MAX_TOKENS = 1024
+
+
+def messages(
+    ctx: RunContext, history: Sequence[TranscriptMessage] | None = None
+) -> list[ChatMessage]:
+    """The Messages API `messages`: the conversation so far (if any), then this prompt. Messages
+    of one role in a row are joined, so roles alternate as the API expects."""
+    if history is None:
+        history = ctx.conversation.history if ctx.conversation is not None else ()
+    out: list[ChatMessage] = []
+    items = [*((m.role, m.text) for m in history), ("user", str(ctx.input["prompt"]))]
+    for role, text in items:
+        if out and out[-1]["role"] == role:
+            out[-1]["content"] += "\n\n" + text
+        else:
+            out.append({"role": "assistant" if role == "assistant" else "user", "content": text})
+    return out
+
+
 class AnthropicAgent:
     """Sends `prompt` (with an optional system prompt) to the Messages API and streams the reply."""
 
     def __init__(self) -> None:
+        # about a second on a busy machine: paid when the worker starts, not inside a run, where
+        # it would hold up the worker's event loop (and its heartbeats)
+        import anthropic  # noqa: F401
+        import httpx2  # noqa: F401
+
         self.spec = AgentSpec(
             name="anthropic",
             description="One Anthropic Messages API call (streaming): prompt, system, model, "
-            "max_tokens, temperature.",
+            "max_tokens, temperature; in a conversation, with its transcript.",
             backends=announced_backends(),
             input_schema=json.dumps(INPUT_SCHEMA),
         )
@@ -55,10 +93,33 @@ class AnthropicAgent:
         bound = log.bind(task_id=ctx.task_id, run_id=ctx.run_id, agent="anthropic")
         model = ctx.input.get("model") or default_model()
         backend = AnthropicBackend.from_env(bound)
+        turn = ctx.conversation
+        history = list(turn.history) if turn is not None else []
+        spent = Usage()
+        summary, through = "", 0
+        if turn is not None and turn.summarize_through:
+            through = turn.summarize_through
+            old = [m for m in history if m.turn <= through]
+            text = "\n\n".join(f"{m.role.upper()}: {m.text}" for m in old)
+            bound.info("compacting the conversation", summarize_through=through, messages=len(old))
+            summarized = await backend.complete(
+                system=SUMMARY_SYSTEM,
+                messages=[{"role": "user", "content": SUMMARY_REQUEST + text}],
+                model=model,
+                max_tokens=SUMMARY_MAX_TOKENS,
+            )
+            summary = summarized.text
+            spent.add(summarized.usage)
+            history = [
+                TranscriptMessage("user", SUMMARY_PREFIX + summary),
+                TranscriptMessage("assistant", "Understood."),
+                *(m for m in history if m.turn > through),
+            ]
+            await ctx.event("compacted", summarized_through=through, summary=summary)
         bound.info("calling the messages api", model=model, endpoint=backend.endpoint)
         completion = await backend.complete(
             system=ctx.input.get("system", ""),
-            messages=[{"role": "user", "content": ctx.input["prompt"]}],
+            messages=messages(ctx, history),
             model=model,
             max_tokens=ctx.input.get("max_tokens", DEFAULT_MAX_TOKENS),
             temperature=ctx.input.get("temperature"),
@@ -70,6 +131,15 @@ class AnthropicAgent:
                 "stop_reason": completion.stop_reason,
                 "model": completion.backend.model_name,
             },
-            usage=completion.usage,
+            usage=_plus(completion.usage, spent),
             backend_used=completion.backend,
+            summary=summary,
+            summarized_through=through,
         )
+
+
+def _plus(usage: Usage, more: Usage) -> Usage:
+    total = Usage()
+    total.add(usage)
+    total.add(more)
+    return total

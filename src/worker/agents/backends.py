@@ -70,12 +70,21 @@ def default_model() -> str:
     return os.environ.get("TASKRUN_ANTHROPIC_MODEL") or DEFAULT_MODEL
 
 
-def model_backend(model: str, *, tools: Sequence[str] = ()) -> ModelBackend:
+def context_window(model: str) -> int:
+    """The model's context window in tokens; TASKRUN_ANTHROPIC_CONTEXT_WINDOW overrides it (a
+    smaller budget for conversations, which are compacted beyond it)."""
+    raw = os.environ.get("TASKRUN_ANTHROPIC_CONTEXT_WINDOW", "")
+    if raw.strip().isdigit() and int(raw) > 0:
+        return int(raw)
     info = MODELS.get(model)
+    return info.context_window if info else 0
+
+
+def model_backend(model: str, *, tools: Sequence[str] = ()) -> ModelBackend:
     return ModelBackend(
         provider="anthropic",
         model_name=model,
-        context_window=info.context_window if info else 0,
+        context_window=context_window(model),
         modalities=("text",),
         tools=tuple(tools),
     )
@@ -99,6 +108,27 @@ def cost_usd(model: str, usage: Usage) -> float:
         + usage.cache_creation_tokens * info.input_usd * CACHE_WRITE_FACTOR
     )
     return round(total / 1_000_000, 8)
+
+
+def _spent(stream: Any) -> Usage | None:
+    """What a stream that broke had spent, as far as it told (message_start carries the input
+    tokens, each message_delta the output so far); None when it never started."""
+    if stream is None:
+        return None
+    try:
+        snapshot = stream.current_message_snapshot
+    except AssertionError:
+        return None
+    u = snapshot.usage
+    usage = Usage(
+        input_tokens=u.input_tokens or 0,
+        output_tokens=u.output_tokens or 0,
+        cache_read_tokens=u.cache_read_input_tokens or 0,
+        cache_creation_tokens=u.cache_creation_input_tokens or 0,
+        turns=1,
+    )
+    usage.cost_usd = cost_usd(snapshot.model, usage)
+    return usage
 
 
 def check_input(schema: Mapping[str, Any], data: Mapping[str, Any]) -> None:
@@ -209,6 +239,7 @@ class AnthropicBackend:
         # anthropic 2.x has no `temperature` keyword (newer models reject non-default sampling);
         # it is still sent as-is for the models that accept it.
         extra_body = {"temperature": temperature} if temperature is not None else None
+        opened: Any = None  # the stream, once it started: what it spent if it breaks
         try:
             async with (
                 anthropic.AsyncAnthropic(
@@ -222,6 +253,7 @@ class AnthropicBackend:
                     extra_body=extra_body,
                 ) as stream,
             ):
+                opened = stream
                 async for text in stream.text_stream:
                     if on_text is not None and text:
                         await on_text(text)
@@ -231,11 +263,14 @@ class AnthropicBackend:
                 f"no Anthropic credentials: set ANTHROPIC_API_KEY on the worker ({exc})"
             ) from exc
         except anthropic.AnthropicError as exc:
-            raise self._explain(exc) from exc
+            error = self._explain(exc)
+            error.usage = _spent(opened)
+            raise error from exc
         except httpx2.HTTPError as exc:  # the SDK does not wrap errors while reading a stream
             raise AgentError(
                 f"the connection to the Anthropic API at {self.endpoint} broke mid-response: "
-                f"{type(exc).__name__} {exc}".rstrip()
+                f"{type(exc).__name__} {exc}".rstrip(),
+                usage=_spent(opened),
             ) from exc
         except TypeError as exc:
             if "authentication method" in str(exc):

@@ -1,11 +1,17 @@
 """The `claude_code` agent: a Claude Code session (claude-agent-sdk) on the worker's machine.
 
-Needs the optional extra `taskrun-agents[claude]` (the SDK bundles the Claude Code CLI); it is
-imported only when a run starts. Text streams as it is produced (partial messages); tool use and
-tool results become events; the result carries session id, model, cost, usage, turns and duration.
-A follow-up (`ctx.resume_session_id`) resumes that session with `ctx.prompt` as the new user
-message; sessions live under the worker's $HOME/.claude. Cancelling the run interrupts the session
-and stops the CLI process (see `backends.claude_session`).
+Needs the optional extra `taskrun-agents[claude]` (the SDK bundles the Claude Code CLI; it is
+imported when the worker starts). Text streams as it is produced (partial messages); tool use
+and tool results become events; the result carries session id, model, cost, usage, turns and
+duration.
+Sessions live under the worker's $HOME/.claude/projects/<cwd-slug>/<session-id>.jsonl. As a turn of
+a conversation (`ctx.conversation`) it resumes the conversation's session: from the snapshot the
+control plane sent (written over any local copy, so every worker continues from the same state),
+else from the worker's own copy, else it starts a new session with the transcript as a preamble.
+At the end of a turn it sends the session file back (zlib-compressed, at most
+MAX_SESSION_SNAPSHOT_BYTES) for the next turn on any worker. Claude Code reports the session's
+running cost total; a turn's cost is that total minus the total before the turn. Cancelling the
+run interrupts the session and stops the CLI process (see `backends.claude_session`).
 
 Environment: ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL (read by the CLI), TASKRUN_ANTHROPIC_MODEL
 (default model), TASKRUN_CLAUDE_CLI_PATH (use this CLI instead of the bundled one). The CLI and
@@ -18,13 +24,20 @@ from __future__ import annotations
 import asyncio
 import importlib.util
 import json
+import re
+import zlib
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from taskrun.core.agent import AgentError, AgentResult, RunContext
-from taskrun.core.models import AgentSpec
+from taskrun.core.models import (
+    MAX_SESSION_SNAPSHOT_BYTES,
+    AgentSpec,
+    TranscriptMessage,
+    TurnContext,
+)
 from taskrun.worker.agents.backends import (
     CLAUDE_EXTRA_HINT,
     StderrTail,
@@ -87,8 +100,66 @@ def _text_of(content: Any) -> str:
     return text if len(text) <= MAX_EVENT_TEXT else text[:MAX_EVENT_TEXT] + "…"
 
 
+def session_file(session_id: str, cwd: str | None) -> Path:
+    """Where the CLI keeps a session started in `cwd`: $HOME/.claude/projects/<slug>/<id>.jsonl,
+    the slug being the absolute cwd with every character but letters and digits as '-'."""
+    where = str((Path(cwd) if cwd else Path.cwd()).resolve())
+    return (
+        Path.home()
+        / ".claude"
+        / "projects"
+        / re.sub(r"[^A-Za-z0-9]", "-", where)
+        / (f"{session_id}.jsonl")
+    )
+
+
+def find_session(session_id: str) -> Path | None:
+    """The worker's own copy of a session, in whichever project folder the CLI put it."""
+    if not re.fullmatch(r"[A-Za-z0-9-]{1,100}", session_id):
+        return None
+    found = sorted((Path.home() / ".claude" / "projects").glob(f"*/{session_id}.jsonl"))
+    return found[0] if found else None
+
+
+def restore_session(session_id: str, cwd: str | None, snapshot: bytes) -> None:
+    """Write the snapshot the control plane sent where the CLI will look for the session."""
+    path = session_file(session_id, cwd)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_bytes(zlib.decompress(snapshot))
+    tmp.replace(path)
+
+
+def capture_session(session_id: str) -> bytes:
+    """The session file, compressed, for the control plane; empty when missing or too big."""
+    path = find_session(session_id) if session_id else None
+    if path is None:
+        return b""
+    data = zlib.compress(path.read_bytes(), 6)
+    return data if len(data) <= MAX_SESSION_SNAPSHOT_BYTES else b""
+
+
+def preamble(history: TurnContext) -> str:
+    """The transcript as the start of a prompt, for a session that could not be resumed."""
+    lines = ["(Our conversation so far, as the control plane recorded it:)"]
+    for message in history.history:
+        lines.append(f"{message.role.upper()}: {message.text}")
+    lines.append("(The new message follows.)\n")
+    return "\n\n".join(lines)
+
+
+def missed_preamble(missed: tuple[TranscriptMessage, ...]) -> str:
+    """Turns the resumed session lacks (a cancelled turn's message), told before the new one."""
+    if not missed:
+        return ""
+    lines = ["(Messages of our conversation that are not in this session:)"]
+    lines.extend(f"{m.role.upper()}: {m.text}" for m in missed)
+    lines.append("(The new message follows.)\n")
+    return "\n\n".join(lines)
+
+
 class ClaudeCodeAgent:
-    """Runs Claude Code with the given prompt, tools and limits; supports follow-ups."""
+    """Runs Claude Code with the given prompt, tools and limits; resumes its session per turn."""
 
     def __init__(self) -> None:
         if importlib.util.find_spec("claude_agent_sdk") is None:
@@ -101,7 +172,8 @@ class ClaudeCodeAgent:
         self.spec = AgentSpec(
             name="claude_code",
             description="A Claude Code session (claude-agent-sdk): prompt, cwd, allowed/"
-            "disallowed tools, permission mode, model, max turns, budget; follow-ups resume it.",
+            "disallowed tools, permission mode, model, max turns, budget; a conversation's "
+            "turns resume its session on any worker.",
             backends=announced_backends(tools=TOOLS),
             input_schema=json.dumps(INPUT_SCHEMA),
             supports_sessions=True,
@@ -111,13 +183,19 @@ class ClaudeCodeAgent:
         check_input(INPUT_SCHEMA, ctx.input)
         sdk = import_claude_sdk()
         inp = ctx.input
-        resume = ctx.resume_session_id or None
-        prompt = ctx.prompt if resume else inp["prompt"]
-        if not prompt:
-            raise AgentError("a follow-up needs a prompt (the new user message)")
-        # issue 12: the run's own workspace, or an input cwd the worker allows (input.cwd)
+        # the run's own workspace, or an input cwd the worker allows (input.cwd)
         cwd = str(await asyncio.to_thread(ctx.working_directory, inp.get("cwd")))
         bound = log.bind(task_id=ctx.task_id, run_id=ctx.run_id, agent="claude_code")
+        turn = ctx.conversation
+        cost_before = 0.0  # the session's running cost total before this run
+        if turn is not None:
+            resume, prompt = await self._continue(turn, cwd, inp["prompt"], bound)
+            cost_before = turn.session_cost_usd if resume else 0.0
+        else:  # a direct resume (tests, tools): the new message is ctx.prompt
+            resume = ctx.resume_session_id or None
+            prompt = ctx.prompt if resume else inp["prompt"]
+        if not prompt:
+            raise AgentError("a follow-up needs a prompt (the new user message)")
         stderr = StderrTail()
         options = claude_options(
             cwd=cwd,
@@ -199,13 +277,21 @@ class ClaudeCodeAgent:
         if result is None:
             raise AgentError(f"Claude Code ended without a result; stderr: {stderr.text()}")
         session_id = result.session_id or session_id
-        if result.is_error:
-            bound.info("claude code failed", subtype=result.subtype, session_id=session_id)
-            raise AgentError(claude_result_error(result, stderr))
-        usage = usage_from_claude(result.usage)
-        usage.cost_usd = float(result.total_cost_usd or 0.0)
+        total_cost = float(result.total_cost_usd or 0.0)  # the session's running total
+        usage = usage_from_claude(result.usage)  # tokens: this run's own
+        usage.cost_usd = max(0.0, total_cost - cost_before)
         usage.turns = result.num_turns
         usage.duration_ms = result.duration_ms
+        snapshot = await asyncio.to_thread(capture_session, session_id) if turn else b""
+        if result.is_error:
+            bound.info("claude code failed", subtype=result.subtype, session_id=session_id)
+            raise AgentError(
+                claude_result_error(result, stderr),
+                usage=usage,
+                session_id=session_id,
+                session_snapshot=snapshot,
+                session_cost_usd=total_cost,
+            )
         bound.info(
             "claude code done",
             session_id=session_id,
@@ -225,7 +311,36 @@ class ClaudeCodeAgent:
             usage=usage,
             backend_used=model_backend(model, tools=tools),
             session_id=session_id,
+            session_snapshot=snapshot,
+            session_cost_usd=total_cost,
         )
+
+    @staticmethod
+    async def _continue(
+        turn: TurnContext, cwd: str | None, message: str, bound: Any
+    ) -> tuple[str | None, str]:
+        """(session to resume, prompt) for a conversation's turn; see the module docstring."""
+        session_id = turn.session_id
+        # turns after the one that left the session as it is (a cancelled one): it lacks them
+        missed = tuple(m for m in turn.history if m.turn > turn.session_turn)
+        resumed = missed_preamble(missed) + message
+        if session_id and turn.session_snapshot:
+            try:
+                await asyncio.to_thread(restore_session, session_id, cwd, turn.session_snapshot)
+                bound.info("session restored from the control plane", session_id=session_id)
+                return session_id, resumed
+            except (OSError, zlib.error) as exc:
+                bound.warning("could not restore the session", error=str(exc))
+        kept: Path | None = (
+            await asyncio.to_thread(find_session, session_id) if session_id else None
+        )
+        if kept is not None and not turn.session_snapshot:
+            bound.info("resuming the session kept on this worker", session_id=session_id)
+            return session_id, resumed
+        if turn.history:
+            bound.info("session not available; continuing from the transcript", turns=turn.turn)
+            return None, preamble(turn) + message
+        return None, message
 
     @staticmethod
     async def _tool_result(ctx: RunContext, block: Any) -> None:

@@ -1,0 +1,213 @@
+"""gRPC handlers of ConversationService: authenticate, validate, convert at the edge, and call the
+engine. A turn is a task, so following a turn's answer is following its task."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import AsyncIterator
+
+import grpc
+import structlog
+
+from taskrun import convert
+from taskrun.controlplane.auth import Authenticator
+from taskrun.controlplane.engine import Engine
+from taskrun.controlplane.guard import status_code
+from taskrun.controlplane.services import TaskService, domain_errors
+from taskrun.core import errors
+from taskrun.core.access import Scope
+from taskrun.core.ids import ConversationId
+from taskrun.core.models import Conversation, TaskPolicy, Turn
+from taskrun.core.store import ConversationQuery
+from taskrun.core.validation import (
+    MAX_INPUT_BYTES,
+    validate_agent_name,
+    validate_input,
+    validate_labels,
+    validate_policy,
+)
+from taskrun.v1 import conversations_pb2, conversations_pb2_grpc, tasks_pb2
+
+log = structlog.get_logger(__name__)
+
+DEFAULT_PAGE_SIZE = 50
+MAX_PAGE_SIZE = 1000
+MAX_TITLE = 200
+
+
+def _conversation_id(value: str) -> ConversationId:
+    if not value:
+        raise errors.InvalidArgument("must not be empty", field="conversation_id")
+    if len(value) > 64:
+        raise errors.InvalidArgument("is too long to be a conversation id", field="conversation_id")
+    return ConversationId(value)
+
+
+def _message(value: str) -> str:
+    if not value.strip():
+        raise errors.InvalidArgument("must not be empty", field="message")
+    if len(value.encode()) > MAX_INPUT_BYTES:
+        raise errors.InvalidArgument(
+            f"is over the limit of {MAX_INPUT_BYTES} bytes", field="message"
+        )
+    return value
+
+
+def _decode_token(token: str) -> ConversationId | None:
+    if not token:
+        return None
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        text = ""
+    if not text.startswith("v1:") or len(text) > 80:
+        raise errors.InvalidArgument(
+            "is not a token returned by ListConversations", field="page_token"
+        )
+    return ConversationId(text[3:])
+
+
+class ConversationService(conversations_pb2_grpc.ConversationServiceServicer):
+    def __init__(self, engine: Engine, auth: Authenticator, tasks: TaskService) -> None:
+        self.engine = engine
+        self.auth = auth
+        self.tasks = tasks  # follows a turn's task
+
+    def _with_live_state(self, turns: list[Turn]) -> list[Turn]:
+        """Turns as stored, with an unfinished one's status taken from its task."""
+        for turn in turns:
+            if not turn.status.terminal:
+                task = self.engine.tasks.get(turn.task_id)
+                if task is not None:
+                    turn.status = task.status
+        return turns
+
+    @domain_errors
+    async def CreateConversation(
+        self,
+        request: conversations_pb2.CreateConversationRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> conversations_pb2.Conversation:
+        principal = await self.auth.operator(context, Scope.SUBMIT)
+        agent = validate_agent_name(request.agent)
+        message = _message(request.message)
+        if len(request.title) > MAX_TITLE:
+            raise errors.InvalidArgument(f"must be at most {MAX_TITLE} characters", field="title")
+        text, options = validate_input(request.input_json)
+        if "prompt" in options:
+            raise errors.InvalidArgument(
+                'must not hold "prompt": each turn\'s prompt is its message', field="input_json"
+            )
+        policy = TaskPolicy()
+        if request.HasField("policy"):
+            default_attempts = self.engine.config.default_max_attempts
+            policy = convert.policy_from_pb(request.policy, default_attempts)
+        else:
+            policy.max_attempts = self.engine.config.default_max_attempts
+        policy = validate_policy(policy)
+        if policy.idempotency_key:
+            raise errors.InvalidArgument(
+                "must be empty: each turn is a new task", field="policy.idempotency_key"
+            )
+        self.engine.catalog.check_input(agent, {**options, "prompt": message}, "input_json")
+        conversation, turn, _ = await self.engine.create_conversation(
+            agent,
+            message,
+            title=request.title,
+            labels=validate_labels(dict(request.labels)),
+            options=text,
+            policy=policy,
+        )
+        log.info(
+            "conversation created by operator", conversation_id=conversation.id, by=str(principal)
+        )
+        return convert.conversation_to_pb(conversation, [turn])
+
+    async def SendMessage(
+        self, request: conversations_pb2.SendMessageRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[conversations_pb2.ConversationEvent]:
+        caller = await self.auth.operator(context, Scope.SUBMIT)
+        try:
+            conversation_id = _conversation_id(request.conversation_id)
+            message = _message(request.message)
+            _, turn, task = await self.engine.send_message(conversation_id, message)
+        except errors.TaskRunError as exc:
+            await context.abort(status_code(exc), str(exc))
+        event = conversations_pb2.ConversationEvent()
+        convert.turn_to_pb(turn, event.turn)
+        yield event
+        sub = self.engine.hub.subscribe(task.id)
+        follow = tasks_pb2.FollowTaskRequest(task_id=task.id, follow=True, include_events=True)
+        try:
+            async for update in self.tasks._follow(task.id, follow, sub, caller, context):
+                yield conversations_pb2.ConversationEvent(update=update)
+        finally:
+            self.engine.hub.unsubscribe(sub)
+        ended = [
+            t for t in await self.engine.store.list_turns(conversation_id) if t.index == turn.index
+        ]
+        if ended:
+            event = conversations_pb2.ConversationEvent()
+            convert.turn_to_pb(ended[0], event.turn)
+            yield event
+
+    @domain_errors
+    async def GetConversation(
+        self, request: conversations_pb2.GetConversationRequest, context: grpc.aio.ServicerContext
+    ) -> conversations_pb2.Conversation:
+        await self.auth.operator(context, Scope.READ)
+        conversation_id = _conversation_id(request.conversation_id)
+        store = self.engine.store
+        conversation = await store.get_conversation(conversation_id)
+        if conversation is None:
+            raise errors.NotFound(f"no conversation {conversation_id!r}", field="conversation_id")
+        turns = self._with_live_state(await store.list_turns(conversation_id))
+        return convert.conversation_to_pb(conversation, turns)
+
+    @domain_errors
+    async def ListConversations(
+        self,
+        request: conversations_pb2.ListConversationsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> conversations_pb2.ListConversationsResponse:
+        await self.auth.operator(context, Scope.READ)
+        size = request.page_size or DEFAULT_PAGE_SIZE
+        if not 1 <= size <= MAX_PAGE_SIZE:
+            raise errors.InvalidArgument(
+                f"must be between 1 and {MAX_PAGE_SIZE}", field="page_size"
+            )
+        if request.agent:
+            validate_agent_name(request.agent)
+        labels = validate_labels(dict(request.labels))
+        page: list[Conversation] = await self.engine.store.list_conversations(
+            ConversationQuery(
+                agent=request.agent,
+                labels=tuple(sorted(labels.items())),
+                limit=size + 1,
+                before=_decode_token(request.page_token),
+            )
+        )
+        more = len(page) > size
+        page = page[:size]
+        token = base64.urlsafe_b64encode(f"v1:{page[-1].id}".encode()).decode() if more else ""
+        return conversations_pb2.ListConversationsResponse(
+            conversations=[convert.conversation_to_pb(c) for c in page], next_page_token=token
+        )
+
+    @domain_errors
+    async def DeleteConversation(
+        self,
+        request: conversations_pb2.DeleteConversationRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> conversations_pb2.DeleteConversationResponse:
+        principal = await self.auth.operator(context, Scope.SUBMIT)
+        conversation_id = _conversation_id(request.conversation_id)
+        await self.engine.delete_conversation(conversation_id)
+        log.info(
+            "conversation deleted by operator", conversation_id=conversation_id, by=str(principal)
+        )
+        return conversations_pb2.DeleteConversationResponse()
+
+
+__all__ = ["ConversationService"]
