@@ -58,7 +58,7 @@ async def test_a_claude_code_conversation_continues_on_another_machine_after_kil
         for home in homes.values():
             home.mkdir()
         procs.env["HOME"] = str(homes["worker-1"])
-        procs.start_worker("worker-1", agents="claude_code")
+        procs.start_worker("worker-1", agents="claude_code", allow_cwd=workdir)
         async with procs.client() as client:
             await online(client, "worker-1")
             api.enqueue(Text("I will remember 7."))
@@ -73,7 +73,7 @@ async def test_a_claude_code_conversation_continues_on_another_machine_after_kil
             worker1.send_signal(signal.SIGKILL)
             worker1.wait(10)
             procs.env["HOME"] = str(homes["worker-2"])
-            procs.start_worker("worker-2", agents="claude_code")
+            procs.start_worker("worker-2", agents="claude_code", allow_cwd=workdir)
             await online(client, "worker-2")
             assert sessions(homes["worker-2"]) == []  # nothing of the session on this machine
 

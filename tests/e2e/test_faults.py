@@ -75,7 +75,12 @@ class Processes:
         )
 
     def start_worker(
-        self, worker_id: str, capacity: int = 4, server: str | None = None, agents: str = "echo"
+        self,
+        worker_id: str,
+        capacity: int = 4,
+        server: str | None = None,
+        agents: str = "echo",
+        allow_cwd: Path | None = None,
     ) -> None:
         self.workers[worker_id] = self._spawn(
             worker_id,
@@ -87,6 +92,7 @@ class Processes:
             agents,
             "--capacity",
             str(capacity),
+            *(["--allow-cwd", str(allow_cwd)] if allow_cwd else []),
             server=server,
         )
 
