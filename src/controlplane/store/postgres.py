@@ -74,8 +74,11 @@ from taskrun.controlplane.store.rows import (
     column_list,
     conversation_from,
     conversation_row,
+    conversations_query,
+    deliveries_query,
     delivery_from,
     delivery_row,
+    delivery_update,
     dumps,
     run_from,
     run_row,
@@ -88,7 +91,6 @@ from taskrun.controlplane.store.rows import (
     upsert_sql,
     upsert_turn_sql,
     us,
-    us_or_none,
     webhook_from,
     webhook_row,
     worker_from,
@@ -102,7 +104,7 @@ from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Work
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
 from taskrun.core.store import FENCED, ChangeSet, ConversationQuery, TaskPage, TaskQuery
-from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery
+from taskrun.core.webhooks import Webhook, WebhookDelivery
 
 __all__ = ["APPLICATION_NAME", "CONNECTION_DEFAULTS", "SCHEMA_VERSION", "PostgresStore"]
 
@@ -1088,22 +1090,10 @@ class PostgresStore:
         return None if row is None else conversation_from(row)
 
     async def list_conversations(self, query: ConversationQuery) -> list[Conversation]:
-        if query.limit < 1:
-            raise ValueError(f"limit must be positive, got {query.limit}")
-        where: list[str] = []
-        params: list[Any] = []
-        if query.agent:
-            where.append("agent = %s")
-            params.append(query.agent)
-        if query.before:
-            where.append("id < %s")
-            params.append(query.before)
-        for key, value in query.labels:
-            where.append("(labels::jsonb ->> %s) = %s")
-            params.extend((key, value))
-        sql = _SELECT_CONVERSATION + (f" WHERE {' AND '.join(where)}" if where else "")
-        rows = await self._fetchall(f"{sql} ORDER BY id DESC LIMIT %s", (*params, query.limit))
-        return [conversation_from(r) for r in rows]
+        sql, params = conversations_query(
+            query.agent, query.labels, query.before, query.limit, "%s", _LABEL_MATCHES
+        )
+        return [conversation_from(r) for r in await self._fetchall(sql, params)]
 
     async def list_turns(self, conversation_id: ConversationId) -> list[Turn]:
         rows = await self._fetchall(
@@ -1155,50 +1145,22 @@ class PostgresStore:
         return await self._write_call(insert) if rows else []
 
     async def update_webhook_delivery(self, delivery: WebhookDelivery) -> None:
-        params = (
-            str(delivery.status),
-            delivery.attempts,
-            delivery.last_status_code,
-            delivery.last_error,
-            us(delivery.next_attempt_at),
-            us_or_none(delivery.delivered_at),
-            delivery.id,
-        )
+        sql, params = delivery_update(delivery, "%s")
 
         async def update(conn: Connection) -> None:
-            await conn.execute(
-                "UPDATE webhook_deliveries SET status = %s, attempts = %s, "
-                "last_status_code = %s, last_error = %s, next_attempt_at = %s, "
-                "delivered_at = %s WHERE id = %s",
-                params,
-            )
+            await conn.execute(sql, params)
 
         await self._write_call(update)
 
     async def list_webhook_deliveries(
         self, webhook_id: str = "", *, pending: bool = False, limit: int = 100
     ) -> list[WebhookDelivery]:
-        if limit < 1:
-            raise ValueError(f"limit must be positive, got {limit}")
-        where: list[str] = []
-        params: list[Any] = []
-        if webhook_id:
-            where.append("webhook_id = %s")
-            params.append(webhook_id)
-        if pending:
-            where.append("status = %s")
-            params.append(str(DeliveryStatus.PENDING))
-        sql = _SELECT_DELIVERY + (" WHERE " + " AND ".join(where) if where else "")
-        sql += (
-            " ORDER BY next_attempt_at, id LIMIT %s"
-            if pending
-            else " ORDER BY created_at DESC, id DESC LIMIT %s"
-        )
-        params.append(limit)
+        sql, params = deliveries_query(webhook_id, pending, limit, "%s")
         return [delivery_from(r) for r in await self._fetchall(sql, params)]
 
 
 _UPSERT_CONVERSATION: Final = upsert_sql("conversations", CONVERSATION_COLUMNS, "%s")
+_LABEL_MATCHES: Final = "(labels::jsonb ->> %s) = %s"
 _SELECT_CONVERSATION: Final = f"SELECT {column_list(CONVERSATION_COLUMNS)} FROM conversations"
 _UPSERT_TURN: Final = upsert_turn_sql("%s")
 _SELECT_TURN: Final = f"SELECT {column_list(TURN_COLUMNS)} FROM turns"
@@ -1208,7 +1170,6 @@ _INSERT_WEBHOOK: Final = (
     f"INSERT INTO webhooks ({column_list(WEBHOOK_COLUMNS)}) "
     f"VALUES ({', '.join(['%s'] * len(WEBHOOK_COLUMNS))})"
 )
-_SELECT_DELIVERY: Final = f"SELECT {column_list(DELIVERY_COLUMNS)} FROM webhook_deliveries"
 # the delivery's columns, then its webhook id again: stored only while the webhook exists
 _INSERT_DELIVERY: Final = (
     f"INSERT INTO webhook_deliveries ({column_list(DELIVERY_COLUMNS)}) "

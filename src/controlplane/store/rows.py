@@ -791,3 +791,76 @@ def upsert_turn_sql(mark: str) -> str:
         f"INSERT INTO turns ({column_list(TURN_COLUMNS)}) VALUES ({marks})"
         f" ON CONFLICT (conversation_id, idx) DO UPDATE SET {updates}"
     )
+
+
+# --- queries both dialects build the same way (`mark`: "?" or "%s") ----------------------------
+
+
+def delivery_update(d: WebhookDelivery, mark: str) -> tuple[str, Params]:
+    """The UPDATE recording an attempt at a delivery, and its parameters."""
+    sets = ("status", "attempts", "last_status_code", "last_error", "next_attempt_at")
+    sql = (
+        "UPDATE webhook_deliveries SET "
+        + ", ".join(f"{c} = {mark}" for c in (*sets, "delivered_at"))
+        + f" WHERE id = {mark}"
+    )
+    params = (
+        str(d.status),
+        d.attempts,
+        d.last_status_code,
+        d.last_error,
+        us(d.next_attempt_at),
+        us_or_none(d.delivered_at),
+        d.id,
+    )
+    return sql, params
+
+
+def deliveries_query(
+    webhook_id: str, pending: bool, limit: int, mark: str
+) -> tuple[str, list[Any]]:
+    """SELECT deliveries: pending ones by next attempt, else every one newest first."""
+    if limit < 1:
+        raise ValueError(f"limit must be positive, got {limit}")
+    where: list[str] = []
+    params: list[Any] = []
+    if webhook_id:
+        where.append(f"webhook_id = {mark}")
+        params.append(webhook_id)
+    if pending:
+        where.append(f"status = {mark}")
+        params.append(str(DeliveryStatus.PENDING))
+    sql = f"SELECT {column_list(DELIVERY_COLUMNS)} FROM webhook_deliveries"
+    sql += " WHERE " + " AND ".join(where) if where else ""
+    order = "next_attempt_at, id" if pending else "created_at DESC, id DESC"
+    params.append(limit)
+    return f"{sql} ORDER BY {order} LIMIT {mark}", params
+
+
+def conversations_query(
+    agent: str,
+    labels: Sequence[tuple[str, str]],
+    before: str | None,
+    limit: int,
+    mark: str,
+    label_clause: str,
+) -> tuple[str, list[Any]]:
+    """SELECT conversations newest first; `label_clause` matches one label given as (key, value)
+    parameters (the dialects read JSON differently)."""
+    if limit < 1:
+        raise ValueError(f"limit must be positive, got {limit}")
+    where: list[str] = []
+    params: list[Any] = []
+    if agent:
+        where.append(f"agent = {mark}")
+        params.append(agent)
+    if before:
+        where.append(f"id < {mark}")
+        params.append(before)
+    for key, value in labels:
+        where.append(label_clause)
+        params.extend((key, value))
+    sql = f"SELECT {column_list(CONVERSATION_COLUMNS)} FROM conversations"
+    sql += f" WHERE {' AND '.join(where)}" if where else ""
+    params.append(limit)
+    return f"{sql} ORDER BY id DESC LIMIT {mark}", params

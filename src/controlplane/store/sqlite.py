@@ -59,8 +59,11 @@ from taskrun.controlplane.store.rows import (
     column_list,
     conversation_from,
     conversation_row,
+    conversations_query,
+    deliveries_query,
     delivery_from,
     delivery_row,
+    delivery_update,
     run_from,
     run_row,
     schedule_from,
@@ -72,7 +75,6 @@ from taskrun.controlplane.store.rows import (
     upsert_sql,
     upsert_turn_sql,
     us,
-    us_or_none,
     webhook_from,
     webhook_row,
     worker_from,
@@ -85,7 +87,7 @@ from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Work
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
 from taskrun.core.store import FENCED, ChangeSet, ConversationQuery, TaskPage, TaskQuery
-from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery
+from taskrun.core.webhooks import Webhook, WebhookDelivery
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
 
@@ -1035,25 +1037,10 @@ class SqliteStore:
         return None if row is None else conversation_from(row)
 
     async def list_conversations(self, query: ConversationQuery) -> list[Conversation]:
-        if query.limit < 1:
-            raise ValueError(f"limit must be positive, got {query.limit}")
-        where: list[str] = []
-        params: list[Any] = []
-        if query.agent:
-            where.append("agent = ?")
-            params.append(query.agent)
-        if query.before:
-            where.append("id < ?")
-            params.append(query.before)
-        for key, value in query.labels:
-            where.append(
-                "EXISTS (SELECT 1 FROM json_each(conversations.labels) AS l"
-                " WHERE l.key = ? AND l.value = ?)"
-            )
-            params.extend((key, value))
-        sql = _SELECT_CONVERSATION + (f" WHERE {' AND '.join(where)}" if where else "")
-        rows = await self._fetchall(f"{sql} ORDER BY id DESC LIMIT ?", (*params, query.limit))
-        return [conversation_from(r) for r in rows]
+        sql, params = conversations_query(
+            query.agent, query.labels, query.before, query.limit, "?", _LABEL_MATCHES
+        )
+        return [conversation_from(r) for r in await self._fetchall(sql, params)]
 
     async def list_turns(self, conversation_id: ConversationId) -> list[Turn]:
         rows = await self._fetchall(
@@ -1120,49 +1107,24 @@ class SqliteStore:
         return await self._write_call(insert) if rows else []
 
     async def update_webhook_delivery(self, delivery: WebhookDelivery) -> None:
-        params = (
-            str(delivery.status),
-            delivery.attempts,
-            delivery.last_status_code,
-            delivery.last_error,
-            us(delivery.next_attempt_at),
-            us_or_none(delivery.delivered_at),
-            delivery.id,
-        )
+        sql, params = delivery_update(delivery, "?")
 
         def update(conn: sqlite3.Connection) -> None:
-            conn.execute(
-                "UPDATE webhook_deliveries SET status = ?, attempts = ?, last_status_code = ?, "
-                "last_error = ?, next_attempt_at = ?, delivered_at = ? WHERE id = ?",
-                params,
-            )
+            conn.execute(sql, params)
 
         await self._write_call(update)
 
     async def list_webhook_deliveries(
         self, webhook_id: str = "", *, pending: bool = False, limit: int = 100
     ) -> list[WebhookDelivery]:
-        if limit < 1:
-            raise ValueError(f"limit must be positive, got {limit}")
-        where: list[str] = []
-        params: list[Any] = []
-        if webhook_id:
-            where.append("webhook_id = ?")
-            params.append(webhook_id)
-        if pending:
-            where.append("status = ?")
-            params.append(str(DeliveryStatus.PENDING))
-        sql = _SELECT_DELIVERY + (" WHERE " + " AND ".join(where) if where else "")
-        sql += (
-            " ORDER BY next_attempt_at, id LIMIT ?"
-            if pending
-            else " ORDER BY created_at DESC, id DESC LIMIT ?"
-        )
-        params.append(limit)
+        sql, params = deliveries_query(webhook_id, pending, limit, "?")
         return [delivery_from(r) for r in await self._fetchall(sql, params)]
 
 
 _UPSERT_CONVERSATION: Final = upsert_sql("conversations", CONVERSATION_COLUMNS, "?")
+_LABEL_MATCHES: Final = (
+    "EXISTS (SELECT 1 FROM json_each(conversations.labels) AS l WHERE l.key = ? AND l.value = ?)"
+)
 _SELECT_CONVERSATION: Final = f"SELECT {column_list(CONVERSATION_COLUMNS)} FROM conversations"
 _UPSERT_TURN: Final = upsert_turn_sql("?")
 _SELECT_TURN: Final = f"SELECT {column_list(TURN_COLUMNS)} FROM turns"
@@ -1172,7 +1134,6 @@ _INSERT_WEBHOOK: Final = (
     f"INSERT INTO webhooks ({column_list(WEBHOOK_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(WEBHOOK_COLUMNS))})"
 )
-_SELECT_DELIVERY: Final = f"SELECT {column_list(DELIVERY_COLUMNS)} FROM webhook_deliveries"
 # the delivery's columns, then its webhook id again: stored only while the webhook exists
 _INSERT_DELIVERY: Final = (
     f"INSERT OR IGNORE INTO webhook_deliveries ({column_list(DELIVERY_COLUMNS)}) "
