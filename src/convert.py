@@ -52,7 +52,7 @@ from taskrun.v1 import (
     workers_pb2,
 )
 
-# --- scalars ---------------------------------------------------------------------------------
+# --- scalars -------------------------------------------------------------------------------------
 
 
 def ts_to_pb(value: datetime | None, out: Timestamp) -> None:
@@ -84,7 +84,7 @@ def duration_from_pb(msg: object, name: str) -> float | None:
     return d.ToNanoseconds() / 1e9
 
 
-# --- agents and backends ---------------------------------------------------------------------
+# --- agents and backends -------------------------------------------------------------------------
 
 
 def backend_to_pb(b: ModelBackend) -> pb.ModelBackend:
@@ -149,7 +149,7 @@ def usage_from_pb(m: pb.Usage) -> Usage:
     )
 
 
-# --- tasks -----------------------------------------------------------------------------------
+# --- tasks ---------------------------------------------------------------------------------------
 
 
 def policy_to_pb(p: TaskPolicy, out: pb.TaskPolicy) -> None:
@@ -287,7 +287,7 @@ def task_from_pb(m: pb.Task) -> tuple[Task, list[Run]]:
     return task, [run_from_pb(r) for r in m.runs]
 
 
-# --- conversations ---------------------------------------------------------------------------
+# --- conversations -------------------------------------------------------------------------------
 
 
 def turn_to_pb(t: Turn, out: conversations_pb2.Turn) -> None:
@@ -381,7 +381,7 @@ def turn_context_from_pb(m: workers_pb2.TurnContext) -> TurnContext:
     )
 
 
-# --- output ----------------------------------------------------------------------------------
+# --- output --------------------------------------------------------------------------------------
 
 
 def chunk_to_pb(c: OutputChunk, out: pb.OutputChunk) -> None:
@@ -407,7 +407,7 @@ def chunk_from_pb(m: pb.OutputChunk, task_id: TaskId | None = None) -> OutputChu
     )
 
 
-# --- workers ---------------------------------------------------------------------------------
+# --- workers -------------------------------------------------------------------------------------
 
 
 def worker_to_pb(w: Worker, active_runs: list[RunId] | None = None) -> pb.Worker:
@@ -450,7 +450,7 @@ def worker_from_pb(m: pb.Worker) -> tuple[Worker, list[RunId]]:
     return worker, [RunId(r) for r in m.run_ids]
 
 
-# --- access control (issue 3) ----------------------------------------------------------------
+# --- access control ------------------------------------------------------------------------------
 
 
 def bootstrap_token_to_pb(t: BootstrapToken, now: datetime) -> security_pb2.BootstrapToken:
@@ -523,7 +523,7 @@ def audit_event_from_pb(m: security_pb2.AuditEvent) -> AuditEvent:
     )
 
 
-# --- schedules -------------------------------------------------------------------------------
+# --- schedules -----------------------------------------------------------------------------------
 
 # UpdateSchedule's update_mask paths and the Schedule attributes they name.
 SCHEDULE_UPDATE_PATHS: dict[str, str] = {
@@ -614,7 +614,7 @@ def fire_time_from_pb(m: schedules_pb2.FireTime) -> tuple[datetime, str]:
     return m.time.ToDatetime(tzinfo=UTC), m.local_time
 
 
-# --- JSON (issue 16: the HTTP API, MCP answers and webhook bodies) ---------------------------
+# --- JSON (the HTTP API, MCP answers and webhook bodies) -----------------------------------------
 
 
 def to_json_dict(message: Message) -> dict[str, Any]:
@@ -629,7 +629,7 @@ def parse_json_dict(value: dict[str, Any], message: Message) -> None:
     json_format.ParseDict(value, message)
 
 
-# --- webhooks (issue 16) -----------------------------------------------------------------------
+# --- webhooks ------------------------------------------------------------------------------------
 
 
 def webhook_to_pb(w: Webhook) -> webhooks_pb2.Webhook:

@@ -108,7 +108,7 @@ class TurnEnded:
 ChatEvent = TurnStarted | OutputReceived | TaskChanged | TurnEnded
 
 
-# --- fleet events (issue 6: WatchEvents) ------------------------------------------------------
+# --- fleet events (WatchEvents) ------------------------------------------------------------------
 
 
 class EventKind(IntEnum):
@@ -732,7 +732,7 @@ class Client:
         )
         return convert.worker_from_pb(message)[0]
 
-    # --- access control (issue 3) ------------------------------------------------------------
+    # --- access control ------------------------------------------------------------
 
     def _access_stub(self) -> Any:
         return security_pb2_grpc.AccessServiceStub(self.channel)
@@ -830,7 +830,7 @@ class Client:
         )
         return [convert.audit_event_from_pb(e) for e in m.events]
 
-    # --- events (issue 6) ---------------------------------------------------------------------
+    # --- events ---------------------------------------------------------------------
 
     async def watch_events(
         self,
@@ -863,7 +863,7 @@ class Client:
 
     # --- schedules ---------------------------------------------------------------------------
 
-    # --- webhooks (issue 16) ------------------------------------------------------------------
+    # --- webhooks ------------------------------------------------------------------
 
     def _webhook_stub(self) -> Any:
         return webhooks_pb2_grpc.WebhookServiceStub(self.channel)

@@ -386,7 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="lifetime of enrolled and renewed worker certificates (default 86400 = 24 h)",
     )
-    p.add_argument(  # issue 12
+    p.add_argument(
         "--operator-cert-lifetime",
         type=positive_float,
         metavar="S",
@@ -412,20 +412,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="wait this long after a lease ran out before retrying its runs (default 0.5)",
     )
-    p.add_argument(  # issue 6
+    p.add_argument(
         "--metrics-listen",
         metavar="ADDR",
         help="serve Prometheus /metrics on host:port; empty disables "
         "(TASKRUN_METRICS_LISTEN, default 127.0.0.1:9464)",
     )
-    p.add_argument(  # issue 16
+    p.add_argument(
         "--http-listen",
         metavar="ADDR",
         help="serve the HTTP API (JSON, server-sent events) and the MCP server (/mcp) on "
         "host:port, TLS with the server certificate, API tokens (TASKRUN_HTTP_LISTEN, "
         "default: not served)",
     )
-    p.add_argument(  # issue 16
+    p.add_argument(
         "--webhook-allow-network",
         action="append",
         metavar="CIDR",
@@ -477,7 +477,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--key", dest="worker_key", help="default <certs-dir>/<id>-key.pem (TASKRUN_WORKER_KEY)"
     )
     p.add_argument("--drain-timeout", type=positive_float, metavar="S")
-    p.add_argument(  # issue 6
+    p.add_argument(
         "--metrics-listen",
         metavar="ADDR",
         help="serve Prometheus /metrics on host:port (TASKRUN_METRICS_LISTEN; default off)",
@@ -489,7 +489,7 @@ def build_parser() -> argparse.ArgumentParser:
         "default: the enrollment's default state directory, when it holds an identity and no "
         "--id, --cert or --key is given)",
     )
-    p.add_argument(  # issue 12: agents work in per-run directories, away from the keys
+    p.add_argument(  # agents work in per-run directories, away from the keys
         "--workspace-root",
         metavar="DIR",
         help="where each run gets its own working directory (TASKRUN_WORKSPACE_ROOT; default "
@@ -652,12 +652,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_revoke(workers)
 
     schedule_cmd.register(commands)
-    conversation_cmd.register(commands)  # issue 14: `taskrun chat`, `taskrun conversation`
-    events_cmd.register(commands)  # issue 6: `taskrun events`, `taskrun tui`
-    access_cmd.register(commands)  # issue 3: `taskrun token`, `api-token`, `audit`
-    webhook_cmd.register(commands)  # issue 16: `taskrun webhook`
+    conversation_cmd.register(commands)  # `taskrun chat`, `taskrun conversation`
+    events_cmd.register(commands)  # `taskrun events`, `taskrun tui`
+    access_cmd.register(commands)  # `taskrun token`, `api-token`, `audit`
+    webhook_cmd.register(commands)  # `taskrun webhook`
     maintenance_cmd.register(commands)  # `taskrun backup`, `taskrun completion`
-    store_cmd.register(commands)  # issue 18: `taskrun store copy`
+    store_cmd.register(commands)  # `taskrun store copy`
 
     # dev
     p = _leaf(
@@ -982,9 +982,9 @@ def server_config(args: argparse.Namespace) -> Any:
         "heartbeat_interval": _arg(args, "heartbeat_interval"),
         "lease_duration": _arg(args, "lease"),
         "lease_margin": _arg(args, "lease_margin"),
-        "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),  # issue 6
+        "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),
         "metrics_optional": _metrics_listen(args, "") == "",
-        "http_listen": _arg(args, "http_listen") or _env("TASKRUN_HTTP_LISTEN"),  # issue 16
+        "http_listen": _arg(args, "http_listen") or _env("TASKRUN_HTTP_LISTEN"),
         "webhook_allow_networks": _arg(args, "webhook_allow_network")
         or [
             n.strip()
@@ -1075,7 +1075,7 @@ def worker_config(args: argparse.Namespace) -> Any:
     }
     if capacity is not None:
         values["capacity"] = capacity
-    values["metrics_listen"] = _metrics_listen(args, "")  # issue 6
+    values["metrics_listen"] = _metrics_listen(args, "")
     drain = _arg(args, "drain_timeout")
     if drain is not None:
         values["drain_timeout"] = drain
@@ -1131,7 +1131,7 @@ def cmd_worker_run(args: argparse.Namespace) -> int:
         "HOST:PORT --token TOKEN --ca-fingerprint sha256:…` (see `taskrun token create`)",
     )
     try:
-        config.workspaces()  # issue 12: refuse a workspace root among the keys, before starting
+        config.workspaces()  # refuse a workspace root among the keys, before starting
     except (ValueError, OSError) as exc:
         raise CliError(str(exc)) from None
     _setup_logging(args, daemon=True)

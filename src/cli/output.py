@@ -33,7 +33,7 @@ from taskrun.logging import wants_color
 
 NONE = "-"
 
-# --- JSON ------------------------------------------------------------------------------------
+# --- JSON ----------------------------------------------------------------------------------------
 
 
 def format_time(value: datetime) -> str:
@@ -115,7 +115,7 @@ def printable(text: str) -> str:
     return text
 
 
-# --- small formatters ------------------------------------------------------------------------
+# --- small formatters ----------------------------------------------------------------------------
 
 
 def format_age(value: datetime | None, now: datetime) -> str:
@@ -219,7 +219,7 @@ def _one_line(text: str, limit: int = 200) -> str:
     return flat if len(flat) <= limit else flat[: limit - 1] + "…"
 
 
-# --- tables ----------------------------------------------------------------------------------
+# --- tables --------------------------------------------------------------------------------------
 
 
 def render_table(headers: Sequence[str], rows: Iterable[Sequence[str]]) -> str:
@@ -403,7 +403,7 @@ def format_expiry(value: datetime | None, now: datetime) -> str:
     return f"{stamp} (in {format_span((value - now).total_seconds())})"
 
 
-# --- following a task ------------------------------------------------------------------------
+# --- following a task ----------------------------------------------------------------------------
 
 
 class StreamPrinter:
@@ -509,7 +509,7 @@ def finish_line(task: Task) -> str:
     return f"task {task.id} {status}: {error}"
 
 
-# --- fleet events (issue 6: `taskrun events`) --------------------------------------------------
+# --- fleet events (`taskrun events`) -------------------------------------------------------------
 
 
 def event_doc(event: FleetEvent) -> dict[str, Any]:

@@ -18,13 +18,13 @@ from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.conversation_service import ConversationService
 from taskrun.controlplane.engine import Engine
-from taskrun.controlplane.event_service import EventService  # issue 6
+from taskrun.controlplane.event_service import EventService
 from taskrun.controlplane.guard import RequestGuard
-from taskrun.controlplane.http.api import HttpApi, Servicers  # issue 16
-from taskrun.controlplane.http.mcp_server import McpEndpoint  # issue 16
-from taskrun.controlplane.http.openapi import build as build_openapi  # issue 16
-from taskrun.controlplane.http.server import HttpServer  # issue 16
-from taskrun.controlplane.metrics import ControlPlaneMetrics  # issue 6
+from taskrun.controlplane.http.api import HttpApi, Servicers
+from taskrun.controlplane.http.mcp_server import McpEndpoint
+from taskrun.controlplane.http.openapi import build as build_openapi
+from taskrun.controlplane.http.server import HttpServer
+from taskrun.controlplane.metrics import ControlPlaneMetrics
 from taskrun.controlplane.schedule_service import ScheduleService
 from taskrun.controlplane.scheduler import Scheduler
 from taskrun.controlplane.security_service import (
@@ -35,10 +35,10 @@ from taskrun.controlplane.security_service import (
 from taskrun.controlplane.services import RunService, TaskService, WorkerService
 from taskrun.controlplane.store import open_store, redact
 from taskrun.controlplane.tls import ServerCertificateSource
-from taskrun.controlplane.webhook_service import WebhookService  # issue 16
-from taskrun.controlplane.webhooks import WebhookDispatcher  # issue 16
+from taskrun.controlplane.webhook_service import WebhookService
+from taskrun.controlplane.webhooks import WebhookDispatcher
 from taskrun.core.store import Store
-from taskrun.metrics_http import MetricsServer  # issue 6
+from taskrun.metrics_http import MetricsServer
 from taskrun.ports import check_listen_address
 from taskrun.v1 import (
     conversations_pb2,
@@ -65,11 +65,11 @@ SERVICE_NAMES = (
     workers_pb2.DESCRIPTOR.services_by_name["RunService"].full_name,
     schedules_pb2.DESCRIPTOR.services_by_name["ScheduleService"].full_name,
     conversations_pb2.DESCRIPTOR.services_by_name["ConversationService"].full_name,
-    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,  # issue 6
+    events_pb2.DESCRIPTOR.services_by_name["EventService"].full_name,
     security_pb2.DESCRIPTOR.services_by_name["CertificateService"].full_name,
     security_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
     security_pb2.DESCRIPTOR.services_by_name["EnrollmentService"].full_name,
-    webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,  # issue 16
+    webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
 )
 
 # Keepalive: notice a silent peer in seconds (see FIELD-NOTES). Workers use matching settings.
@@ -92,14 +92,14 @@ class RunningServer:
     health: health.aio.HealthServicer
     port: int
     scheduler: Scheduler | None = None
-    metrics: ControlPlaneMetrics | None = None  # issue 6
-    metrics_server: MetricsServer | None = None  # issue 6: None unless config.metrics_listen
-    # issue 3: the TLS-only listener (Enroll, health, API-token callers); None when disabled
+    metrics: ControlPlaneMetrics | None = None
+    metrics_server: MetricsServer | None = None  # None unless config.metrics_listen
+    # the TLS-only listener (Enroll, health, API-token callers); None when disabled
     public_server: grpc.aio.Server | None = None
     public_port: int = 0
     tls_sources: tuple[ServerCertificateSource, ...] = ()
-    http_server: HttpServer | None = None  # issue 16: None unless config.http_listen
-    webhooks: WebhookDispatcher | None = None  # issue 16
+    http_server: HttpServer | None = None  # None unless config.http_listen
+    webhooks: WebhookDispatcher | None = None
 
     @property
     def http_port(self) -> int:
@@ -108,13 +108,13 @@ class RunningServer:
     async def stop(self, grace: float = 5.0) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        if self.http_server is not None:  # issue 16
+        if self.http_server is not None:
             await self.http_server.close()
-        if self.metrics_server is not None:  # issue 6
+        if self.metrics_server is not None:
             await self.metrics_server.close()
         if self.scheduler is not None:
             await self.scheduler.stop()
-        if self.webhooks is not None:  # issue 16
+        if self.webhooks is not None:
             await self.webhooks.stop()
         await self.engine.stop()
         servers = (self.server, self.public_server)
@@ -162,9 +162,9 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     await scheduler.load()
     access = AccessControl(engine, config)
     await access.load()
-    webhooks = WebhookDispatcher(engine, config)  # issue 16
+    webhooks = WebhookDispatcher(engine, config)
     await webhooks.load()
-    metrics = ControlPlaneMetrics(engine, access)  # issue 6
+    metrics = ControlPlaneMetrics(engine, access)
     auth = Authenticator(access)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes + 1024 * 1024),
@@ -179,9 +179,9 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     conversations = ConversationService(engine, auth, tasks)
     workers = WorkerService(engine, auth)
     schedules = ScheduleService(scheduler, auth)
-    events = EventService(engine, auth)  # issue 6
+    events = EventService(engine, auth)
     admin = AccessService(auth)
-    webhook_service = WebhookService(webhooks, auth)  # issue 16
+    webhook_service = WebhookService(webhooks, auth)
     enrollment = EnrollmentService(access)
 
     def public_services(server: grpc.aio.Server) -> None:
@@ -234,7 +234,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
             public_server, public_address, sources[1].credentials(require_client_auth=False)
         )
         access.public_port = public_port
-    metrics_server = None  # issue 6
+    metrics_server = None
     if config.metrics_listen:
         try:
             metrics_server = await MetricsServer(metrics.registry, config.metrics_listen).start()
@@ -244,7 +244,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
                     f"could not serve metrics on {config.metrics_listen}: {exc}"
                 ) from None
             log.warning("metrics not served", address=config.metrics_listen, error=str(exc))
-    http_server = None  # issue 16
+    http_server = None
     if config.http_listen:
         servicers = Servicers(tasks, workers, schedules, events, webhook_service)
         api = HttpApi(servicers, max_body_bytes=config.http_max_body_bytes, openapi=build_openapi())

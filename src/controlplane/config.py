@@ -18,7 +18,7 @@ class ServerConfig(BaseModel):
     ca_cert: Path = Path("certs/ca.pem")
     server_cert: Path = Path("certs/server.pem")
     server_key: Path = Path("certs/server-key.pem")
-    # issue 3: the CA key signs enrolled and renewed worker certificates; without it enrollment
+    # the CA key signs enrolled and renewed worker certificates; without it enrollment
     # and renewal are refused (FAILED_PRECONDITION) and everything else works.
     ca_key: Path | None = None  # default: ca-key.pem next to ca_cert
     # The public listener: TLS with the server certificate, no client certificate. It serves
@@ -54,15 +54,15 @@ class ServerConfig(BaseModel):
     # A schedule's occurrence handled later than this after its fire time (the control plane was
     # not running) is a misfire: its misfire policy decides whether it still runs.
     schedule_misfire_grace: float = Field(default=60.0, ge=0)
-    # issue 6: where to serve Prometheus `/metrics` (host:port); empty = not served
+    # where to serve Prometheus `/metrics` (host:port); empty = not served
     metrics_listen: str = ""
     # a busy metrics address only logs a warning (the CLI default, not chosen explicitly)
     metrics_optional: bool = False
-    # issue 16: the HTTP API (JSON, server-sent events) and the MCP server, TLS with the server
+    # the HTTP API (JSON, server-sent events) and the MCP server, TLS with the server
     # certificate and API tokens; host:port, empty = not served
     http_listen: str = ""
     http_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
-    # issue 16: webhooks. Targets in loopback, private, link-local and other internal ranges are
+    # webhooks. Targets in loopback, private, link-local and other internal ranges are
     # refused unless one of these networks (CIDR) holds them.
     webhook_allow_networks: list[str] = Field(default_factory=list)
     webhook_timeout: float = Field(default=10.0, gt=0)  # per attempt, seconds

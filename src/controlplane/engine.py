@@ -105,7 +105,7 @@ class Engine:
         self.config = config
         self.queue = PendingQueue()
         self.hub = FollowHub()
-        self.events = EventHub(runs_of=self.worker_runs)  # issue 6: WatchEvents and metrics
+        self.events = EventHub(runs_of=self.worker_runs)  # WatchEvents and metrics
         self.catalog = AgentCatalog()
         self.sessions: dict[WorkerId, WorkerSession] = {}
         self.workers: dict[WorkerId, Worker] = {}

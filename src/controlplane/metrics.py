@@ -40,7 +40,7 @@ class ControlPlaneMetrics(Collector):
 
     def __init__(self, engine: Engine, access: AccessControl | None = None) -> None:
         self.engine = engine
-        self.access = access  # issue 3: security events
+        self.access = access  # security events
         self.registry = CollectorRegistry()
         self.finished: Tally[TaskStatus] = Tally()  # tasks that ended since the start
         self.rejected: Tally[str] = Tally()

@@ -159,7 +159,7 @@ class AuditStore(Protocol):
 
 
 class WebhookStore(Protocol):
-    """Issue 16: webhook subscriptions and their deliveries. Each write is its own transaction,
+    """webhook subscriptions and their deliveries. Each write is its own transaction,
     durable on return (webhooks are not part of the engine's change sets)."""
 
     async def add_webhook(self, webhook: Webhook) -> None:

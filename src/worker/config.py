@@ -24,11 +24,11 @@ class WorkerConfig(BaseModel):
     drain_timeout: float = Field(default=30.0, ge=0)
     cancel_grace: float = Field(default=5.0, ge=0)
     reconnect_max_wait: float = Field(default=10.0, gt=0)
-    metrics_listen: str = ""  # issue 6: serve Prometheus /metrics on host:port; empty = off
+    metrics_listen: str = ""  # serve Prometheus /metrics on host:port; empty = off
     # an enrolled identity (`taskrun worker enroll`): its worker id, CA, certificate and key are
     # used, and its server and server name unless those are given explicitly
     state_dir: Path | None = None
-    # issue 12: where each run gets its own working directory (default: the user's cache,
+    # where each run gets its own working directory (default: the user's cache,
     # `~/.cache/taskrun/workspaces/<worker_id>`); never inside the state or certificate dirs
     workspace_root: Path | None = None
     keep_workspaces: bool = False  # keep each run's directory after the run (debugging)

@@ -36,7 +36,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 from taskrun import __version__, convert
 from taskrun.core.agent import Agent
 from taskrun.core.ids import RunId, TaskId
-from taskrun.metrics_http import MetricsServer  # issue 6
+from taskrun.metrics_http import MetricsServer
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 from taskrun.v1 import workers_pb2_grpc
@@ -45,7 +45,7 @@ from taskrun.worker.config import WorkerConfig
 from taskrun.worker.executor import ActiveRun, RunContext, execute
 from taskrun.worker.identity import enroll_command, fingerprint_of, load_identity
 from taskrun.worker.lease import Lease, LeaseFile
-from taskrun.worker.metrics import WorkerMetrics  # issue 6
+from taskrun.worker.metrics import WorkerMetrics
 from taskrun.worker.outbox import Outbox
 from taskrun.worker.renewal import RenewalError, RenewalRefused, renew, renewal_time
 from taskrun.worker.supervise import command as supervised_command
@@ -121,7 +121,7 @@ class WorkerDaemon:
         self._signals = 0
         self._drainer: asyncio.Task[None] | None = None
         self.log = log.bind(worker_id=config.worker_id)
-        self.metrics = WorkerMetrics(lambda: len(self.runs))  # issue 6
+        self.metrics = WorkerMetrics(lambda: len(self.runs))
         self._move = asyncio.Event()  # renewed (or refused): end the session, reconnect at once
         self._writes_open = asyncio.Event()  # cleared while a session hands over
         self._fatal: FatalSessionError | None = None  # set by the renewal loop
@@ -656,7 +656,7 @@ class WorkerDaemon:
 
     def _run_done(self, run_id: RunId) -> None:
         active = self.runs.pop(run_id, None)
-        if active is not None:  # issue 6 (metrics)
+        if active is not None:
             self.metrics.run_ended(active.status)
             # removed off the event loop: a workspace can be large
             asyncio.get_running_loop().run_in_executor(
@@ -771,7 +771,7 @@ async def run_worker(config: WorkerConfig) -> int:
         agents=sorted(agents),
         capacity=config.capacity,
     )
-    metrics_server = None  # issue 6
+    metrics_server = None
     if config.metrics_listen:
         try:
             metrics_server = await MetricsServer(

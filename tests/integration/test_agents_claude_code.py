@@ -258,7 +258,7 @@ async def test_cancelling_a_claude_code_task_stops_the_cli_on_the_worker(
     assert cli_children() == []
 
 
-# --- issue 12: agents work in their own directory, away from the worker's keys ----------------
+# --- agents work in their own directory, away from the worker's keys -----------------------------
 
 
 def key_dir(tmp_path: Path) -> tuple[Path, Path]:

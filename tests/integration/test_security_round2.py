@@ -1,4 +1,4 @@
-"""Security, second round (issue 12): each defect found by the outside attack, as a behaviour of
+"""Security, second round: each defect found by the outside attack, as a behaviour of
 a real control plane on loopback with real certificates (short-lived ones made here)."""
 
 from __future__ import annotations

@@ -1429,7 +1429,7 @@ async def test_sqlite_full_disk_fails_writes_cleanly_then_resumes(tmp_path: Path
             await store.close()
 
 
-# --- webhooks (issue 16) -------------------------------------------------------------------------
+# --- webhooks -------------------------------------------------------------------------
 
 
 def make_webhook(n: int, **fields: object) -> Webhook:

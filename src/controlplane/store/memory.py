@@ -100,7 +100,7 @@ class MemoryStore:
         self._closed = False
         self._fenced = ""  # why writes are refused until `resume` (a write failed)
         self._failing = ""  # test hook: every write fails with this reason while set
-        self._webhooks: dict[str, Webhook] = {}  # issue 16
+        self._webhooks: dict[str, Webhook] = {}
         self._deliveries: dict[str, WebhookDelivery] = {}
 
     async def open(self) -> None:
@@ -449,7 +449,7 @@ class MemoryStore:
                 break
         return out
 
-    # --- webhooks (issue 16) -------------------------------------------------------------------
+    # --- webhooks -------------------------------------------------------------------
 
     async def add_webhook(self, webhook: Webhook) -> None:
         self._check_open()

@@ -779,7 +779,7 @@ class SqliteStore:
                 pass
 
     def _connect_writer(self) -> sqlite3.Connection:
-        _create_private(self.path)  # issue 12: task inputs, results and the audit log: 0600
+        _create_private(self.path)  # task inputs, results and the audit log: 0600
         conn = sqlite3.connect(self.path, isolation_level=None)
         try:
             conn.execute(f"PRAGMA busy_timeout = {_BUSY_TIMEOUT_MS}")
@@ -1067,7 +1067,7 @@ class SqliteStore:
         params.append(query.limit)
         return [audit_from(r) for r in await self._fetchall(sql, params)]
 
-    # --- webhooks (issue 16) -------------------------------------------------------------------
+    # --- webhooks -------------------------------------------------------------------
 
     async def add_webhook(self, webhook: Webhook) -> None:
         row = webhook_row(webhook)

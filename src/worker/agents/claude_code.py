@@ -210,7 +210,7 @@ class ClaudeCodeAgent:
             stderr=stderr,
             env=run_environment(ctx),
             supervise=ctx.supervised_program,
-            **kept_away_from(ctx.protected_paths, sandbox=ctx.sandbox),  # issue 12
+            **kept_away_from(ctx.protected_paths, sandbox=ctx.sandbox),
         )
         bound.info("starting claude code", resume=resume, cwd=cwd)
         session_id = resume or ""
