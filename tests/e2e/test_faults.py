@@ -142,7 +142,9 @@ async def online(client: Client, *worker_ids: str) -> None:
             )
         return False
 
-    await until(check)
+    # A worker started with its control plane backs off up to 10 s between attempts while the
+    # server is still starting (slow on a loaded machine).
+    await until(check, within=40)
 
 
 async def output(client: Client, task_id: str) -> str:
