@@ -75,7 +75,10 @@ class RunContext(Protocol):
 
     # this run's own working directory, created empty by the worker and removed after the run
     # (unless the worker keeps workspaces); work here rather than in the worker's directory
-    workspace: Path
+    @property
+    def workspace(self) -> Path:
+        """This run's own directory (made on first use; see above)."""
+        ...
 
     @property
     def protected_paths(self) -> tuple[Path, ...]:

@@ -638,12 +638,6 @@ class WorkerDaemon:
         except ValueError as exc:
             self.outbox.put_nowait(_failed(a, f"input is not valid JSON: {exc}"))
             return
-        try:
-            ctx.workspace = self.workspaces.open(run_id)
-        except OSError as exc:
-            bound.warning("no workspace for the run", error=str(exc))
-            self.outbox.put_nowait(_failed(a, f"the worker could not create a workspace: {exc}"))
-            return
         if ctx.conversation is not None and ctx.resume_session_id:
             # for agents written against a session's resume_session_id + prompt
             ctx.prompt = str(ctx.input.get("prompt", ""))
@@ -658,10 +652,9 @@ class WorkerDaemon:
         active = self.runs.pop(run_id, None)
         if active is not None:
             self.metrics.run_ended(active.status)
-            # removed off the event loop: a workspace can be large
-            asyncio.get_running_loop().run_in_executor(
-                None, self.workspaces.close, active.ctx.workspace
-            )
+            workspace = active.ctx.opened_workspace
+            if workspace is not None:  # removed off the event loop: a workspace can be large
+                asyncio.get_running_loop().run_in_executor(None, self.workspaces.close, workspace)
         if not self.runs:
             self._runs_idle.set()
 

@@ -38,12 +38,25 @@ class RunContext:
     outbox: Outbox
     max_chunk_bytes: int
     workspaces: Workspaces
-    workspace: Path = field(default_factory=Path)
     fencing_token: int = 0
     supervisor: Callable[[str], str] | None = field(default=None, repr=False)
     conversation: TurnContext | None = None
     seq: int = 0
     _log: Any = field(default=None, repr=False)
+    _workspace: Path | None = field(default=None, repr=False)
+
+    @property
+    def workspace(self) -> Path:
+        """Created when first asked for: most runs of most agents never touch the disk, and a
+        directory made and removed per run costs more than the echo agent's whole run."""
+        if self._workspace is None:
+            self._workspace = self.workspaces.open(self.run_id)
+        return self._workspace
+
+    @property
+    def opened_workspace(self) -> Path | None:
+        """The workspace if the run asked for one (the worker removes it after the run)."""
+        return self._workspace
 
     def supervised_program(self, program: str) -> str:
         return self.supervisor(program) if self.supervisor is not None else program
