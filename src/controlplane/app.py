@@ -36,6 +36,7 @@ from taskrun.controlplane.store import open_store
 from taskrun.controlplane.tls import ServerCertificateSource
 from taskrun.controlplane.webhook_service import WebhookService  # issue 16
 from taskrun.controlplane.webhooks import WebhookDispatcher  # issue 16
+from taskrun.controlplane.workflows.executor import WorkflowExecutor  # issue 17
 from taskrun.core.store import Store
 from taskrun.metrics_http import MetricsServer  # issue 6
 from taskrun.ports import check_listen_address
@@ -96,6 +97,7 @@ class RunningServer:
     tls_sources: tuple[ServerCertificateSource, ...] = ()
     http_server: HttpServer | None = None  # issue 16: None unless config.http_listen
     webhooks: WebhookDispatcher | None = None  # issue 16
+    workflows: WorkflowExecutor | None = None  # issue 17
 
     @property
     def http_port(self) -> int:
@@ -110,6 +112,8 @@ class RunningServer:
             await self.metrics_server.close()
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.workflows is not None:  # issue 17
+            await self.workflows.stop()
         if self.webhooks is not None:  # issue 16
             await self.webhooks.stop()
         await self.engine.stop()
@@ -156,6 +160,8 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     engine.on_health = store_health
     scheduler = Scheduler(engine, misfire_grace=config.schedule_misfire_grace)
     await scheduler.load()
+    workflows = WorkflowExecutor(engine)  # issue 17
+    await workflows.load()
     access = AccessControl(engine, config)
     await access.load()
     webhooks = WebhookDispatcher(engine, config)  # issue 16
@@ -264,6 +270,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     if public_server is not None:
         await public_server.start()
     scheduler.start()
+    workflows.start()
     webhooks.start()
     if not engine.store_error:
         for name in ("", *SERVICE_NAMES):
@@ -290,6 +297,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         tls_sources=tuple(sources),
         http_server=http_server,
         webhooks=webhooks,
+        workflows=workflows,
     )
 
 

@@ -23,6 +23,7 @@ from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.webhooks import Webhook, WebhookDelivery
+from taskrun.core.workflow import Workflow, WorkflowRun
 
 FENCED = "the store refuses writes after a failed one until the control plane recovers"
 
@@ -40,6 +41,10 @@ class ChangeSet:
     bootstrap_tokens: list[BootstrapToken] = field(default_factory=list)
     api_tokens: list[ApiToken] = field(default_factory=list)
     audit_events: list[AuditEvent] = field(default_factory=list)
+    # Issue 17: workflow definitions are inserted (a (name, version) is never rewritten);
+    # workflow runs are upserts by id (their steps' state included).
+    workflows: list[Workflow] = field(default_factory=list)
+    workflow_runs: list[WorkflowRun] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -52,6 +57,8 @@ class ChangeSet:
             or self.bootstrap_tokens
             or self.api_tokens
             or self.audit_events
+            or self.workflows
+            or self.workflow_runs
         )
 
     def merge(self, other: ChangeSet) -> None:
@@ -64,6 +71,8 @@ class ChangeSet:
         self.bootstrap_tokens.extend(other.bootstrap_tokens)
         self.api_tokens.extend(other.api_tokens)
         self.audit_events.extend(other.audit_events)
+        self.workflows.extend(other.workflows)
+        self.workflow_runs.extend(other.workflow_runs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -181,6 +190,26 @@ class WebhookStore(Protocol):
         ...
 
 
+class WorkflowStore(Protocol):
+    """Issue 17: workflow definitions (every version) and workflow runs."""
+
+    async def get_workflow(self, name: str, version: int = 0) -> Workflow | None:
+        """That version of the workflow; the newest when `version` is 0."""
+        ...
+
+    async def list_workflows(self) -> list[Workflow]:
+        """The newest version of every workflow, ordered by name."""
+        ...
+
+    async def get_workflow_run(self, run_id: str) -> WorkflowRun | None: ...
+    async def get_workflow_run_by_key(self, key: str) -> WorkflowRun | None: ...
+    async def list_workflow_runs(
+        self, workflow: str = "", *, unfinished: bool = False, limit: int = 100
+    ) -> list[WorkflowRun]:
+        """Newest first (all of them when `unfinished`), of one workflow when it is named."""
+        ...
+
+
 class Store(
     TaskStore,
     RunStore,
@@ -190,6 +219,7 @@ class Store(
     TokenStore,
     AuditStore,
     WebhookStore,
+    WorkflowStore,
     Protocol,
 ):
     async def open(self) -> None: ...

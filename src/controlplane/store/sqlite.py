@@ -62,6 +62,13 @@ from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
 from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery, WebhookEvent
+from taskrun.core.workflow import (
+    Workflow,
+    WorkflowRun,
+    WorkflowRunStatus,
+    decode_run_state,
+    encode_run_state,
+)
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
 
@@ -251,6 +258,35 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         ) WITHOUT ROWID""",
         "CREATE INDEX webhook_deliveries_due ON webhook_deliveries (status, next_attempt_at)",
         "CREATE INDEX webhook_deliveries_of ON webhook_deliveries (webhook_id, created_at)",
+    ),
+    # 7 (issue 17): workflow definitions (every version kept) and workflow runs
+    (
+        """CREATE TABLE workflows (
+            name        TEXT NOT NULL,
+            version     INTEGER NOT NULL,
+            definition  TEXT NOT NULL,  -- the parsed document, as JSON
+            description TEXT NOT NULL,
+            created_at  INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+            PRIMARY KEY (name, version)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE workflow_runs (
+            id              TEXT PRIMARY KEY,
+            workflow        TEXT NOT NULL,
+            version         INTEGER NOT NULL,
+            input           TEXT NOT NULL,  -- JSON
+            status          INTEGER NOT NULL,
+            created_at      INTEGER NOT NULL,
+            updated_at      INTEGER NOT NULL,
+            finished_at     INTEGER,
+            idempotency_key TEXT,  -- NULL when none; unique otherwise
+            error           TEXT NOT NULL,
+            schedule        TEXT NOT NULL,
+            steps           TEXT NOT NULL,  -- JSON: each step's state
+            UNIQUE (idempotency_key),
+            FOREIGN KEY (workflow, version) REFERENCES workflows (name, version)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX workflow_runs_of ON workflow_runs (workflow, created_at)",
+        "CREATE INDEX workflow_runs_unfinished ON workflow_runs (status) WHERE status = 1",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -806,6 +842,75 @@ def _audit(r: Row) -> AuditEvent:
     )
 
 
+# --- workflows (issue 17) ---------------------------------------------------------------------
+
+_WORKFLOW_COLUMNS: Final = ("name", "version", "definition", "description", "created_at")
+_INSERT_WORKFLOW: Final = (
+    f"INSERT INTO workflows ({', '.join(_WORKFLOW_COLUMNS)}) VALUES (?, ?, ?, ?, ?)"
+)
+_SELECT_WORKFLOW: Final = f"SELECT {', '.join(_WORKFLOW_COLUMNS)} FROM workflows"
+_WORKFLOW_RUN_COLUMNS: Final = (
+    "id",
+    "workflow",
+    "version",
+    "input",
+    "status",
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "idempotency_key",
+    "error",
+    "schedule",
+    "steps",
+)
+_UPSERT_WORKFLOW_RUN: Final = _upsert_sql("workflow_runs", _WORKFLOW_RUN_COLUMNS)
+_SELECT_WORKFLOW_RUN: Final = f"SELECT {', '.join(_WORKFLOW_RUN_COLUMNS)} FROM workflow_runs"
+
+
+def _workflow_row(w: Workflow) -> Row:
+    return (w.name, w.version, _dumps(w.definition), w.description, _us(w.created_at))
+
+
+def _workflow(r: Row) -> Workflow:
+    return Workflow(
+        name=r[0], version=r[1], definition=json.loads(r[2]), description=r[3], created_at=_dt(r[4])
+    )
+
+
+def _workflow_run_row(w: WorkflowRun) -> Row:
+    return (
+        w.id,
+        w.workflow,
+        w.version,
+        _dumps(w.input),
+        int(w.status),
+        _us(w.created_at),
+        _us(w.updated_at),
+        _us_or_none(w.finished_at),
+        w.idempotency_key or None,
+        w.error,
+        w.schedule,
+        encode_run_state(w),
+    )
+
+
+def _workflow_run(r: Row) -> WorkflowRun:
+    return WorkflowRun(
+        id=r[0],
+        workflow=r[1],
+        version=r[2],
+        input=json.loads(r[3]),
+        status=WorkflowRunStatus(r[4]),
+        created_at=_dt(r[5]),
+        updated_at=_dt(r[6]),
+        finished_at=_dt_or_none(r[7]),
+        idempotency_key=r[8] or "",
+        error=r[9],
+        schedule=r[10],
+        steps=decode_run_state(r[11]),
+    )
+
+
 # --- the writer's queue ------------------------------------------------------------------------
 
 
@@ -824,6 +929,8 @@ class _Pending:
         "schedules",
         "tasks",
         "workers",
+        "workflow_runs",
+        "workflows",
     )
 
     def __init__(
@@ -841,6 +948,8 @@ class _Pending:
         self.bootstrap_tokens = [_bootstrap_row(t) for t in changes.bootstrap_tokens]
         self.api_tokens = [_api_token_row(t) for t in changes.api_tokens]
         self.audit_events = [_audit_row(e) for e in changes.audit_events]
+        self.workflows = [_workflow_row(w) for w in changes.workflows]
+        self.workflow_runs = [_workflow_run_row(w) for w in changes.workflow_runs]
         self.loop = loop
         self.future = future
 
@@ -1184,6 +1293,10 @@ class SqliteStore:
                     if p.audit_events:
                         conn.executemany(_INSERT_AUDIT, p.audit_events)
                         audited = True
+                    if p.workflows:
+                        conn.executemany(_INSERT_WORKFLOW, p.workflows)
+                    if p.workflow_runs:
+                        conn.executemany(_UPSERT_WORKFLOW_RUN, p.workflow_runs)
                 if audited:
                     conn.execute(_TRIM_AUDIT, (self.audit_retention,))
                 conn.execute("COMMIT")
@@ -1421,6 +1534,49 @@ class SqliteStore:
     async def list_schedules(self) -> list[Schedule]:
         rows = await self._fetchall(f"{_SELECT_SCHEDULE} ORDER BY name")
         return [_schedule(r) for r in rows]
+
+    # --- workflows (issue 17) -------------------------------------------------------------------
+
+    async def get_workflow(self, name: str, version: int = 0) -> Workflow | None:
+        if version:
+            row = await self._fetchone(
+                f"{_SELECT_WORKFLOW} WHERE name = ? AND version = ?", (name, version)
+            )
+        else:
+            row = await self._fetchone(
+                f"{_SELECT_WORKFLOW} WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+            )
+        return None if row is None else _workflow(row)
+
+    async def list_workflows(self) -> list[Workflow]:
+        rows = await self._fetchall(
+            f"{_SELECT_WORKFLOW} w WHERE version = "
+            "(SELECT MAX(version) FROM workflows v WHERE v.name = w.name) ORDER BY name"
+        )
+        return [_workflow(r) for r in rows]
+
+    async def get_workflow_run(self, run_id: str) -> WorkflowRun | None:
+        row = await self._fetchone(f"{_SELECT_WORKFLOW_RUN} WHERE id = ?", (run_id,))
+        return None if row is None else _workflow_run(row)
+
+    async def get_workflow_run_by_key(self, key: str) -> WorkflowRun | None:
+        row = await self._fetchone(f"{_SELECT_WORKFLOW_RUN} WHERE idempotency_key = ?", (key,))
+        return None if row is None else _workflow_run(row)
+
+    async def list_workflow_runs(
+        self, workflow: str = "", *, unfinished: bool = False, limit: int = 100
+    ) -> list[WorkflowRun]:
+        where, params = [], []
+        if workflow:
+            where.append("workflow = ?")
+            params.append(workflow)
+        if unfinished:
+            where.append("status = 1")
+        sql = _SELECT_WORKFLOW_RUN + (f" WHERE {' AND '.join(where)}" if where else "")
+        sql += " ORDER BY created_at DESC, id DESC"
+        if not unfinished:
+            sql += f" LIMIT {int(limit)}"
+        return [_workflow_run(r) for r in await self._fetchall(sql, params)]
 
     # --- access control ------------------------------------------------------------------------
 
