@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import pytest
 
@@ -104,3 +105,247 @@ async def test_invalid_definitions_name_the_path(cluster: Cluster) -> None:
             await executor(cluster).put_workflow(text)
         assert info.value.field == field, text
         assert message in info.value.message, (text, info.value.message)
+
+
+async def restart(cluster: Cluster) -> None:
+    await cluster.stop_server()
+    await cluster.start_server()
+
+
+async def step_tasks(cluster: Cluster, run_id: str, step: str) -> list[Any]:
+    tasks, _ = await cluster.client().list_tasks(
+        labels={"workflow_run": run_id, "step": step}, limit=100
+    )
+    return list(tasks)
+
+
+APPROVAL = """
+name: publish
+steps:
+  draft:
+    type: task
+    agent: echo
+    input: {text: "${input.topic}"}
+  review:
+    type: approval
+    needs: [draft]
+    question: "Publish the ${steps.draft.result.chars}-char draft about ${input.topic}?"
+    choices: [publish, shelve]
+    timeout: 600
+    branches:
+      publish: [send]
+      shelve: [archive]
+      rejected: [archive]
+  send:
+    type: task
+    agent: echo
+    input: {text: "sent"}
+  archive:
+    type: task
+    agent: echo
+    input: {text: "archived"}
+"""
+
+
+async def test_approval_survives_a_restart_and_takes_the_chosen_branch(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    await executor(cluster).put_workflow(APPROVAL)
+    run, _ = await executor(cluster).start_run("publish", {"topic": "owls"})
+    await step_is(cluster, run.id, "review", StepStatus.WAITING)
+    [item] = executor(cluster).inbox()
+    assert item.question == "Publish the 4-char draft about owls?"
+    assert item.choices == ("publish", "shelve") and item.run_id == run.id
+    await restart(cluster)
+    [again] = executor(cluster).inbox()
+    assert again == item  # the same item, still waiting
+    with pytest.raises(InvalidArgument) as info:
+        await executor(cluster).answer(item.id, approve=True, choice="maybe")
+    assert info.value.field == "choice" and "publish, shelve" in info.value.message
+    await executor(cluster).answer(item.id, approve=True, choice="publish", comment="ship it")
+    done = await finished(cluster, run.id)
+    assert done.status is WorkflowRunStatus.COMPLETED, done.error
+    assert done.steps["send"].status is StepStatus.COMPLETED
+    assert done.steps["archive"].status is StepStatus.SKIPPED
+    assert done.steps["review"].result == {
+        "decision": "approved",
+        "choice": "publish",
+        "comment": "ship it",
+    }
+    assert executor(cluster).inbox() == []
+
+
+async def test_approval_timeout_takes_its_branch(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    await executor(cluster).put_workflow(
+        """
+name: gate
+steps:
+  ask:
+    type: approval
+    question: go?
+    timeout: 0.5
+    branches: {timeout: [fallback], approved: [go]}
+  go: {type: task, agent: echo, input: {text: go}}
+  fallback: {type: task, agent: echo, input: {text: fallback}}
+"""
+    )
+    run, _ = await executor(cluster).start_run("gate", {})
+    done = await finished(cluster, run.id)
+    assert done.status is WorkflowRunStatus.COMPLETED, done.error
+    ask = done.steps["ask"]
+    assert ask.result["decision"] == "timeout" and ask.branch == "timeout"
+    assert ask.finished_at is not None and ask.started_at is not None
+    assert (ask.finished_at - ask.started_at).total_seconds() >= 0.5
+    assert done.steps["fallback"].status is StepStatus.COMPLETED
+    assert done.steps["go"].status is StepStatus.SKIPPED
+
+
+async def test_rejection_without_a_branch_fails_the_run_naming_the_step(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await executor(cluster).put_workflow(
+        "name: ask\nsteps:\n  ok: {type: approval, question: 'fine?'}\n"
+        "  then: {type: wait, duration: 0, needs: [ok]}\n"
+    )
+    run, _ = await executor(cluster).start_run("ask", {})
+    await step_is(cluster, run.id, "ok", StepStatus.WAITING)
+    [item] = executor(cluster).inbox()
+    await executor(cluster).answer(item.id, approve=False, comment="not now", by="ana")
+    done = await finished(cluster, run.id)
+    assert done.status is WorkflowRunStatus.FAILED
+    assert done.error == "step 'ok': rejected by ana: not now"
+    assert done.steps["then"].status is StepStatus.CANCELLED
+
+
+WAIT = """
+name: later
+steps:
+  pause: {type: wait, duration: 2}
+  after: {type: task, agent: echo, needs: [pause], input: {text: after}}
+"""
+
+
+async def test_wait_step_across_a_restart_fires_once(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    await executor(cluster).put_workflow(WAIT)
+    run, _ = await executor(cluster).start_run("later", {})
+    await step_is(cluster, run.id, "pause", StepStatus.WAITING)
+    await restart(cluster)
+    assert (await executor(cluster).get_run(run.id)).steps["pause"].status is StepStatus.WAITING
+    done = await finished(cluster, run.id)
+    assert done.status is WorkflowRunStatus.COMPLETED, done.error
+    pause = done.steps["pause"]
+    assert pause.started_at is not None and pause.finished_at is not None
+    assert pause.due_at is not None and pause.finished_at >= pause.due_at
+    assert (pause.finished_at - pause.started_at).total_seconds() >= 2
+    await restart(cluster)
+    again = await executor(cluster).get_run(run.id)
+    assert again.steps["pause"].finished_at == pause.finished_at  # not fired again
+    assert len(await step_tasks(cluster, run.id, "after")) == 1
+
+
+async def test_crash_between_task_creation_and_recording_finds_the_task(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await executor(cluster).put_workflow(TWO_STEPS)
+    crashed = asyncio.Event()
+
+    def crash(run_id: str, step: str) -> None:
+        crashed.set()
+        raise RuntimeError("simulated crash after the task was created")
+
+    executor(cluster).after_task_created = crash
+    run, _ = await executor(cluster).start_run("two-steps", {"topic": "once"})
+    await asyncio.wait_for(crashed.wait(), 10)
+    [task] = await step_tasks(cluster, run.id, "first")
+    assert task.policy.idempotency_key == f"wf:{run.id}:first:1"
+    stored = await executor(cluster).get_run(run.id)
+    assert stored.steps["first"].task_id == ""  # created, never recorded
+    await restart(cluster)  # the new executor has no crash hook
+    await cluster.start_worker("worker-1")
+    done = await finished(cluster, run.id)
+    assert done.status is WorkflowRunStatus.COMPLETED, done.error
+    assert done.steps["first"].task_id == task.id
+    assert [t.id for t in await step_tasks(cluster, run.id, "first")] == [task.id]
+
+
+async def test_condition_chooses_a_branch_and_parallel_branches_join(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    await executor(cluster).put_workflow(
+        """
+name: fan
+steps:
+  left: {type: task, agent: echo, input: {text: "${input.left}"}}
+  right: {type: task, agent: echo, input: {text: "${input.right}"}}
+  longer:
+    type: condition
+    needs: [left, right]
+    expression: "steps.left.result.chars > steps.right.result.chars"
+    then: [praise_left]
+    else: [praise_right]
+  praise_left: {type: task, agent: echo, input: {text: left}}
+  praise_right: {type: task, agent: echo, input: {text: right}}
+  join: {type: wait, duration: 0, needs: [praise_left, praise_right]}
+"""
+    )
+    run, _ = await executor(cluster).start_run("fan", {"left": "ab", "right": "abcdef"})
+    done = await finished(cluster, run.id)
+    assert done.status is WorkflowRunStatus.COMPLETED, done.error
+    steps = done.steps
+    assert steps["longer"].result is False and steps["longer"].branch == "else"
+    assert steps["praise_left"].status is StepStatus.SKIPPED
+    assert steps["praise_right"].status is StepStatus.COMPLETED
+    assert steps["join"].status is StepStatus.COMPLETED
+    # both branches ran before the join, which started after the later of them
+    assert steps["left"].finished_at and steps["right"].finished_at and steps["longer"].started_at
+    assert steps["longer"].started_at >= max(steps["left"].finished_at, steps["right"].finished_at)
+    assert steps["join"].started_at and steps["praise_right"].finished_at
+    assert steps["join"].started_at >= steps["praise_right"].finished_at
+
+
+async def test_cancel_in_the_middle_cancels_the_running_step(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    await executor(cluster).put_workflow(
+        """
+name: slow
+steps:
+  long: {type: task, agent: echo, input: {text: xxxxxxxxxx, chunks: 10, delay: 1}}
+  next: {type: task, agent: echo, needs: [long], input: {text: next}}
+"""
+    )
+    run, _ = await executor(cluster).start_run("slow", {})
+    await step_is(cluster, run.id, "long", StepStatus.RUNNING)
+    cancelled = await executor(cluster).cancel_run(run.id, "changed my mind")
+    assert cancelled.status is WorkflowRunStatus.CANCELLED
+    assert cancelled.steps["long"].status is StepStatus.CANCELLED
+    assert cancelled.steps["next"].status is StepStatus.CANCELLED
+    task, _ = await cluster.client().get_task(cancelled.steps["long"].task_id)
+    assert task.status.name == "CANCELLED"
+    assert await step_tasks(cluster, run.id, "next") == []
+
+
+async def test_a_failing_step_fails_the_run_after_its_retries(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    await executor(cluster).put_workflow(
+        """
+name: doomed
+steps:
+  bad:
+    type: task
+    agent: echo
+    input: {text: x, fail: boom}
+    policy: {max_attempts: 2, retry_on_failure: true}
+  never: {type: task, agent: echo, needs: [bad], input: {text: never}}
+"""
+    )
+    run, _ = await executor(cluster).start_run("doomed", {})
+    done = await finished(cluster, run.id)
+    assert done.status is WorkflowRunStatus.FAILED
+    assert done.error.startswith("step 'bad': task ") and "boom" in done.error
+    _, runs = await cluster.client().get_task(done.steps["bad"].task_id)
+    assert len(runs) == 2  # the task policy's retries ran first
+    assert done.steps["never"].status is StepStatus.CANCELLED
