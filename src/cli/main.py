@@ -24,7 +24,15 @@ from typing import Any, TypeVar
 import grpc
 
 from taskrun import __version__
-from taskrun.cli import access_cmd, events_cmd, maintenance_cmd, output, schedule_cmd, webhook_cmd
+from taskrun.cli import (
+    access_cmd,
+    events_cmd,
+    maintenance_cmd,
+    output,
+    schedule_cmd,
+    webhook_cmd,
+    workflow_cmd,
+)
 from taskrun.cli import credentials as creds
 from taskrun.cli.client import Client, TaskChanged
 from taskrun.core.errors import TaskRunError
@@ -645,6 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
     events_cmd.register(commands)  # issue 6: `taskrun events`, `taskrun tui`
     access_cmd.register(commands)  # issue 3: `taskrun token`, `api-token`, `audit`
     webhook_cmd.register(commands)  # issue 16: `taskrun webhook`
+    workflow_cmd.register(commands)  # issue 17: `taskrun workflow`, `inbox`, `approve`, `reject`
     maintenance_cmd.register(commands)  # `taskrun backup`, `taskrun completion`
 
     # dev

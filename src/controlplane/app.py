@@ -37,6 +37,7 @@ from taskrun.controlplane.tls import ServerCertificateSource
 from taskrun.controlplane.webhook_service import WebhookService  # issue 16
 from taskrun.controlplane.webhooks import WebhookDispatcher  # issue 16
 from taskrun.controlplane.workflows.executor import WorkflowExecutor  # issue 17
+from taskrun.controlplane.workflows.service import WorkflowService  # issue 17
 from taskrun.core.store import Store
 from taskrun.metrics_http import MetricsServer  # issue 6
 from taskrun.ports import check_listen_address
@@ -53,6 +54,8 @@ from taskrun.v1 import (
     webhooks_pb2_grpc,
     workers_pb2,
     workers_pb2_grpc,
+    workflows_pb2,
+    workflows_pb2_grpc,
 )
 
 log = structlog.get_logger(__name__)
@@ -67,6 +70,7 @@ SERVICE_NAMES = (
     security_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
     security_pb2.DESCRIPTOR.services_by_name["EnrollmentService"].full_name,
     webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,  # issue 16
+    workflows_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,  # issue 17
 )
 
 # Keepalive: notice a silent peer in seconds (see FIELD-NOTES). Workers use matching settings.
@@ -161,6 +165,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     scheduler = Scheduler(engine, misfire_grace=config.schedule_misfire_grace)
     await scheduler.load()
     workflows = WorkflowExecutor(engine)  # issue 17
+    workflows.on_inbox_item = engine.events.announce_inbox_item
     await workflows.load()
     access = AccessControl(engine, config)
     await access.load()
@@ -183,6 +188,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     events = EventService(engine, auth)  # issue 6
     admin = AccessService(auth)
     webhook_service = WebhookService(webhooks, auth)  # issue 16
+    workflow_service = WorkflowService(workflows, auth)  # issue 17
     enrollment = EnrollmentService(access)
 
     def public_services(server: grpc.aio.Server) -> None:
@@ -196,6 +202,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         events_pb2_grpc.add_EventServiceServicer_to_server(events, server)
         security_pb2_grpc.add_AccessServiceServicer_to_server(admin, server)
         webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(webhook_service, server)
+        workflows_pb2_grpc.add_WorkflowServiceServicer_to_server(workflow_service, server)
 
     # The mTLS listener: every caller presents a certificate signed by our CA.
     server = grpc.aio.server(interceptors=[metrics.interceptor(), guard], options=options)

@@ -4,11 +4,17 @@ the echo agent, control-plane restarts while steps wait."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import io
+import json
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
+from taskrun.cli import main as cli
+from taskrun.cli.client import EventKind
 from taskrun.controlplane.workflows.executor import WorkflowExecutor
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.workflow import StepStatus, WorkflowRun, WorkflowRunStatus
@@ -349,3 +355,127 @@ steps:
     _, runs = await cluster.client().get_task(done.steps["bad"].task_id)
     assert len(runs) == 2  # the task policy's retries ran first
     assert done.steps["never"].status is StepStatus.CANCELLED
+
+
+# --- the CLI and the event stream ---------------------------------------------------------------
+
+
+@pytest.fixture
+def quiet_logs() -> Iterator[None]:
+    """The server and worker log to stdout in this process; keep that out of the CLI's output."""
+    before = structlog.get_config()
+    structlog.configure(logger_factory=structlog.PrintLoggerFactory(io.StringIO()))
+    try:
+        yield
+    finally:
+        structlog.configure(**before)
+
+
+async def test_approval_answered_from_the_cli_across_a_restart(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str], tmp_path: Path, quiet_logs: None
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    pki = cluster.pki
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        connection = ["--server", cluster.address, "--ca", str(pki.ca_cert)]
+        connection += ["--cert", str(pki.operator_cert), "--key", str(pki.operator_key)]
+        code = await asyncio.to_thread(cli.main, [*argv, *connection])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: broken\nsteps:\n  a: {type: task, agent: echo, needs: [zzz]}\n")
+    code, out, err = await run("workflow", "apply", str(bad))
+    assert code != 0 and "steps.a.needs[0]" in err and "'zzz'" in err, err
+    good = tmp_path / "publish.yaml"
+    good.write_text(APPROVAL)
+    code, out, err = await run("workflow", "apply", str(good))
+    assert code == 0 and out == "workflow publish stored as version 1\n", err
+    code, out, _ = await run("workflow", "apply", str(good))
+    assert out == "workflow publish unchanged at version 1\n"
+
+    client = cluster.client()
+    watching: list[Any] = []
+
+    async def watch() -> None:
+        async for event in client.watch_events(
+            kinds=[EventKind.INBOX_ITEM_CREATED], snapshot=False
+        ):
+            watching.append(event)
+
+    watcher = asyncio.create_task(watch())
+    await asyncio.sleep(0.2)  # the subscription is open before the item exists
+    code, out, err = await run(
+        "workflow", "run", "publish", "--input", '{"topic": "bees"}', "--output", "json"
+    )
+    assert code == 0, err
+    run_id = json.loads(out)["id"]
+    await step_is(cluster, run_id, "review", StepStatus.WAITING)
+    code, out, _ = await run("inbox", "--output", "json")
+    [item] = json.loads(out)
+    assert item["workflow_run_id"] == run_id and item["choices"] == ["publish", "shelve"]
+    await eventually(lambda: _true(bool(watching)))
+    assert watching[0].inbox_item.id == item["id"]
+    watcher.cancel()
+
+    await restart(cluster)
+    code, out, _ = await run("inbox", "--output", "json")
+    assert [i["id"] for i in json.loads(out)] == [item["id"]]
+    code, out, err = await run("approve", item["id"], "--choice", "nope")
+    assert code != 0 and "publish, shelve" in err
+    code, out, err = await run("reject", item["id"], "--comment", "not about bees")
+    assert code == 0, err
+    done = await finished(cluster, run_id)
+    assert done.status is WorkflowRunStatus.COMPLETED, done.error
+    assert done.steps["review"].result["decision"] == "rejected"
+    assert done.steps["review"].comment == "not about bees"
+    assert "operator" in done.steps["review"].answered_by
+    assert done.steps["archive"].status is StepStatus.COMPLETED
+    assert done.steps["send"].status is StepStatus.SKIPPED
+    code, out, _ = await run("workflow", "show", run_id)
+    assert "archive" in out and "completed" in out
+    code, out, _ = await run("workflow", "runs", "--output", "json")
+    assert [r["id"] for r in json.loads(out)] == [run_id]
+    code, out, _ = await run("inbox")
+    assert out == "the inbox is empty\n"
+
+
+async def test_run_follow_and_cancel_from_the_cli(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str], tmp_path: Path, quiet_logs: None
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    pki = cluster.pki
+
+    async def run(*argv: str) -> tuple[int, str, str]:
+        connection = ["--server", cluster.address, "--ca", str(pki.ca_cert)]
+        connection += ["--cert", str(pki.operator_cert), "--key", str(pki.operator_key)]
+        code = await asyncio.to_thread(cli.main, [*argv, *connection])
+        out, err = capsys.readouterr()
+        return code, out, err
+
+    (tmp_path / "two.yaml").write_text(TWO_STEPS)
+    assert (await run("workflow", "apply", str(tmp_path / "two.yaml")))[0] == 0
+    code, out, err = await run(
+        "workflow", "run", "two-steps", "--input", '{"topic": "x"}', "--follow"
+    )
+    assert code == 0, err
+    assert "first: completed" in out and "second: completed" in out
+    assert out.index("first: completed") < out.index("second: completed")
+    assert out.rstrip().endswith("completed")
+    (tmp_path / "wait.yaml").write_text(WAIT)
+    await run("workflow", "apply", str(tmp_path / "wait.yaml"))
+    code, out, _ = await run("workflow", "run", "later", "--output", "json")
+    run_id = json.loads(out)["id"]
+    code, out, err = await run("workflow", "cancel", run_id, "--reason", "not today")
+    assert code == 0, err
+    done = await executor(cluster).get_run(run_id)
+    assert done.status is WorkflowRunStatus.CANCELLED and "not today" in done.error
+    code, out, err = await run("workflow", "cancel", run_id)
+    assert code != 0 and "already cancelled" in err
+
+
+async def _true(value: bool) -> bool:
+    return value
