@@ -4,8 +4,10 @@
   `wf:<run_id>:<step>:<attempt>`, and only then is the step recorded as RUNNING with its task. A
   crash in between leaves the step PENDING with its needs met; after the restart the executor
   creates it again and the key finds the same task, so no step runs twice.
-- Task outcomes come from the engine's event hub (which emits only committed changes), plus a
-  reconciliation scan of every RUNNING step at start (and after a lost event stream).
+- Task outcomes come from the engine's follow hub (which publishes only committed changes; one
+  subscription per running step's task), plus a reconciliation scan of every RUNNING step at
+  start (and after the store recovers). The event hub is left alone: a permanent subscriber
+  there would make every commit copy its tasks.
 - Waits and approval timeouts are absolute times stored in the step (`due_at`); one timer per
   due step is armed at load. When it fires, the step's end is committed once; a restart after
   that commit finds the step finished, a restart before it finds it still due.
@@ -30,7 +32,6 @@ import jsonschema
 import structlog
 
 from taskrun.controlplane.engine import Engine
-from taskrun.controlplane.events import EventSubscription, Filter, Overflowed
 from taskrun.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -63,7 +64,6 @@ from taskrun.core.workflow import (
     truthy,
     wait_due,
 )
-from taskrun.v1 import events_pb2 as epb
 
 log = structlog.get_logger(__name__)
 
@@ -92,13 +92,11 @@ class WorkflowExecutor:
         self.after_task_created: AfterTaskCreated | None = None
         self.on_inbox_item: Callable[[InboxItem], None] | None = None  # after it is durable
         self._workflows: dict[tuple[str, int], Workflow] = {}
-        self._by_task: dict[str, tuple[str, str]] = {}  # task id -> (run id, step)
+        self._following: set[str] = set()  # task ids being watched
         self._locks: dict[str, asyncio.Lock] = {}
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._definitions = asyncio.Lock()
-        self._sub: EventSubscription | None = None
-        self._listener: asyncio.Task[None] | None = None
         self._closed = False
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -109,32 +107,18 @@ class WorkflowExecutor:
             handle.cancel()
         self._timers.clear()
         self.runs = {r.id: r for r in await self.store.list_workflow_runs(unfinished=True)}
-        self._by_task = {
-            s.task_id: (r.id, s.name)
-            for r in self.runs.values()
-            for s in r.steps.values()
-            if s.task_id and s.status is StepStatus.RUNNING
-        }
         for run in self.runs.values():
             await self._workflow(run.workflow, run.version)
         log.info("workflow runs loaded", unfinished=len(self.runs))
 
     def start(self) -> None:
-        self._subscribe()
-        for run_id in list(self.runs):
-            self._spawn(self._reconcile(run_id))
+        self.start_reconciling()
 
     async def stop(self) -> None:
         self._closed = True
         for handle in self._timers.values():
             handle.cancel()
         self._timers.clear()
-        if self._sub is not None:
-            self.engine.events.unsubscribe(self._sub)
-        if self._listener is not None:
-            self._listener.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._listener
         for task in list(self._background):
             task.cancel()
         for task in list(self._background):
@@ -149,27 +133,29 @@ class WorkflowExecutor:
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    def _subscribe(self) -> None:
-        self._sub = self.engine.events.subscribe(
-            Filter(kinds=frozenset({epb.EVENT_KIND_TASK_CHANGED}))
-        )
-        self._listener = asyncio.get_running_loop().create_task(self._listen(self._sub))
+    def _follow(self, run_id: str, step: str, task_id: TaskId) -> None:
+        """Watch a step's task through the engine's follow hub (which publishes only committed
+        changes) until it ends. Subscribes at once, so no change after this call is missed."""
+        if task_id in self._following or self._closed:
+            return
+        self._following.add(task_id)
+        sub = self.engine.hub.subscribe(task_id)
 
-    async def _listen(self, sub: EventSubscription) -> None:
-        while not self._closed:
+        async def watch() -> None:
             try:
-                events = await sub.wait()
-            except Overflowed:
-                log.warning("workflow executor fell behind the event stream; reconciling")
-                self.engine.events.unsubscribe(sub)
-                self._subscribe()
-                for run_id in list(self.runs):
-                    self._spawn(self._reconcile(run_id))
-                return
-            for event in events:
-                owner = self._by_task.get(event.task.id)
-                if owner is not None:
-                    self._spawn(self._task_changed(owner[0], owner[1], TaskId(event.task.id)))
+                pending = task_id not in self.engine.tasks  # ended before we subscribed
+                while True:
+                    if pending and not await self._task_changed(run_id, step, task_id):
+                        return
+                    items, lagged = await sub.wait()
+                    pending = lagged or any(
+                        isinstance(i, Task) and i.status.terminal for i in items
+                    )
+            finally:
+                self.engine.hub.unsubscribe(sub)
+                self._following.discard(task_id)
+
+        self._spawn(watch())
 
     # --- definitions -------------------------------------------------------------------------
 
@@ -345,7 +331,6 @@ class WorkflowExecutor:
         if run.status.finished:
             self.runs.pop(run.id, None)
             for step in run.steps.values():
-                self._by_task.pop(step.task_id, None)
                 handle = self._timers.pop((run.id, step.name), None)
                 if handle is not None:
                     handle.cancel()
@@ -371,6 +356,7 @@ class WorkflowExecutor:
                     return
                 for step in list(run.steps.values()):
                     if step.status is StepStatus.RUNNING and step.task_id:
+                        self._follow(run.id, step.name, TaskId(step.task_id))
                         task = self.engine.tasks.get(TaskId(step.task_id))
                         if task is None:
                             task = await self.store.get_task(TaskId(step.task_id))
@@ -386,31 +372,34 @@ class WorkflowExecutor:
         except Exception:
             log.exception("workflow run could not be advanced", workflow_run_id=run_id)
 
-    async def _task_changed(self, run_id: str, step_name: str, task_id: TaskId) -> None:
+    async def _task_changed(self, run_id: str, step_name: str, task_id: TaskId) -> bool:
+        """Record the outcome of a step's task if it ended; whether it is still to be watched."""
         try:
             async with self._lock(run_id):
                 run = self.runs.get(run_id)
                 if run is None:
-                    return
+                    return False
                 step = run.steps[step_name]
                 if step.status is not StepStatus.RUNNING or step.task_id != task_id:
-                    return
+                    return False
                 task = await self.store.get_task(task_id)
                 if task is None or not task.status.terminal:
-                    return
+                    return True
                 await self._task_finished(run, step, task)
                 if not run.status.finished:
                     await self._advance(run)
+                return False
         except Unavailable as exc:
             log.warning("workflow step outcome not recorded yet", error=str(exc))
+            return False  # the reload after recovery reconciles it
         except Exception:
             log.exception("workflow step outcome could not be recorded", workflow_run_id=run_id)
+            return False
 
     async def _task_finished(self, run: WorkflowRun, step: Step, task: Task) -> None:
         workflow = await self._workflow(run.workflow, run.version)
         spec = workflow.steps[step.name]
         now = self.clock()
-        self._by_task.pop(step.task_id, None)
         step.finished_at = now
         if task.status is TaskStatus.COMPLETED:
             result = _parse_result(task.result)
@@ -549,7 +538,6 @@ class WorkflowExecutor:
             self.after_task_created(run.id, step.name)
         step.task_id = task.id
         step.status = StepStatus.RUNNING
-        self._by_task[task.id] = (run.id, step.name)
         log.info(
             "workflow step task",
             workflow_run_id=run.id,
@@ -557,8 +545,8 @@ class WorkflowExecutor:
             task_id=task.id,
             created=created,
         )
-        if task.status.terminal:  # found by its key, already finished
-            self._spawn(self._task_changed(run.id, step.name, task.id))
+        # once the step is saved (the caller holds the run's lock until then)
+        self._follow(run.id, step.name, task.id)
 
     # --- timers ------------------------------------------------------------------------------
 
