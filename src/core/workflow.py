@@ -127,7 +127,6 @@ DEFINITION_SCHEMA: dict[str, Any] = {
                     {
                         "if": {"properties": {"type": {"const": "wait"}}},
                         "then": {
-                            "oneOf": [{"required": ["duration"]}, {"required": ["until"]}],
                             "properties": {
                                 **_COMMON,
                                 "duration": {"type": "number", "minimum": 0},
@@ -269,9 +268,15 @@ def validate_definition(document: Any) -> None:
                     ) from None
         elif kind == "condition":
             _compile(step["expression"], f"steps.{name}.expression")
-        elif kind == "wait" and "until" in step:
-            _zone(step.get("timezone", "UTC"), f"steps.{name}.timezone")
-            _parse_until(step["until"], f"steps.{name}.until")
+        elif kind == "wait":
+            if ("duration" in step) == ("until" in step):
+                raise InvalidArgument(
+                    "give either duration (seconds) or until (HH:MM or an ISO date-time)",
+                    field=f"steps.{name}",
+                )
+            if "until" in step:
+                _zone(step.get("timezone", "UTC"), f"steps.{name}.timezone")
+                _parse_until(step["until"], f"steps.{name}.until")
     for target, decider in owner.items():
         if decider not in steps[target].get("needs", []):
             # a branch target runs after its decision: make the edge explicit
