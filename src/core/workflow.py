@@ -4,8 +4,9 @@ A Workflow is a stored definition of Steps; a WorkflowRun is one execution of on
 Steps form a graph by `needs` (parallel branches join by needing several steps). Four kinds:
 
 - `task`: creates a Task for `agent` with `input`, a template whose `${expr}` parts are JMESPath
-  expressions over `{"input": <run input>, "steps": {<name>: {"result": …, "status": …}}}`; an
-  optional `output_schema` (JSON Schema) is checked against the result;
+  expressions over `{"input": <run input>, "steps": {<name>: {"result": …, "status": …}}}`; with
+  `json_field`, that field of the agent's result (e.g. a model's `text`) is parsed as JSON and
+  becomes the step's result; an optional `output_schema` (JSON Schema) is checked against it;
 - `approval`: waits for a person (an InboxItem) to approve (with one of `choices`) or reject, or
   for `timeout` to pass; `branches` maps the outcome (a choice, `approved`, `rejected`,
   `timeout`) to the steps it enables;
@@ -99,6 +100,7 @@ DEFINITION_SCHEMA: dict[str, Any] = {
                                     "additionalProperties": {"type": "string"},
                                 },
                                 "output_schema": {"type": "object"},
+                                "json_field": {"type": "string", "minLength": 1},
                             },
                             "additionalProperties": False,
                         },
@@ -400,6 +402,22 @@ def wait_due(step: dict[str, Any], now: datetime) -> datetime:
     if candidate <= local:
         candidate = datetime.combine(local.date() + timedelta(days=1), until, tzinfo=zone)
     return candidate
+
+
+def result_json(result: Any, field: str) -> Any:
+    """The JSON held as text in `result[field]` (a model's reply; a ```json fence is allowed).
+    ValueError naming the field when it is not there or not JSON."""
+    text = result.get(field) if isinstance(result, dict) else None
+    if not isinstance(text, str):
+        raise ValueError(f"result.{field} is not text (json_field {quoted(field)})")
+    body = text.strip()
+    fenced = re.fullmatch(r"```(?:json)?\s*(.*?)\s*```", body, re.DOTALL)
+    if fenced:
+        body = fenced.group(1)
+    try:
+        return json.loads(body)
+    except ValueError as exc:
+        raise ValueError(f"result.{field} is not JSON ({exc}): {body[:200]!r}") from None
 
 
 def check_output(schema: dict[str, Any], result: Any) -> str:

@@ -60,6 +60,7 @@ from taskrun.core.workflow import (
     parse_definition,
     ready_steps,
     render,
+    result_json,
     task_key,
     truthy,
     wait_due,
@@ -403,10 +404,18 @@ class WorkflowExecutor:
         step.finished_at = now
         if task.status is TaskStatus.COMPLETED:
             result = _parse_result(task.result)
-            problem = check_output(spec["output_schema"], result) if "output_schema" in spec else ""
+            problem = ""
+            if "json_field" in spec:
+                try:
+                    result = result_json(result, spec["json_field"])
+                except ValueError as exc:
+                    problem = str(exc)
+            if not problem and "output_schema" in spec:
+                problem = check_output(spec["output_schema"], result)
+                problem = f"output schema: {problem}" if problem else ""
             step.result = result
             if problem:
-                step.status, step.error = StepStatus.FAILED, f"output schema: {problem}"
+                step.status, step.error = StepStatus.FAILED, problem
             else:
                 step.status = StepStatus.COMPLETED
         else:
