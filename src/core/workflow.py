@@ -553,11 +553,11 @@ def ready_steps(workflow: Workflow, run: WorkflowRun) -> tuple[list[str], list[s
     when a decision it depends on took another branch."""
     start: list[str] = []
     skip: list[str] = []
-    owner: dict[str, tuple[str, str]] = {}
+    owner: dict[str, tuple[str, set[str]]] = {}  # a branch target -> (decider, its outcomes)
     for name, spec in workflow.steps.items():
         for outcome, targets in branches_of(spec).items():
             for target in targets:
-                owner[target] = (name, outcome)
+                owner.setdefault(target, (name, set()))[1].add(outcome)
     for name, spec in workflow.steps.items():
         state = run.steps[name]
         if state.status is not StepStatus.PENDING or state.task_id:
@@ -566,9 +566,9 @@ def ready_steps(workflow: Workflow, run: WorkflowRun) -> tuple[list[str], list[s
         if any(not run.steps[n].status.finished for n in needs):
             continue
         if name in owner:
-            decider, outcome = owner[name]
+            decider, outcomes = owner[name]
             decided = run.steps[decider]
-            if decided.status is StepStatus.COMPLETED and decided.branch != outcome:
+            if decided.status is StepStatus.COMPLETED and decided.branch not in outcomes:
                 skip.append(name)
                 continue
         if needs and all(run.steps[n].status is StepStatus.SKIPPED for n in needs):

@@ -479,3 +479,44 @@ async def test_run_follow_and_cancel_from_the_cli(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_workflows_over_the_http_api(cluster: Cluster) -> None:
+    from tests.integration.test_http_api import api, assert_problem
+
+    async with api(cluster, "submit") as http:
+        await cluster.start_worker("worker-1")
+        bad = await http.post("/v1/workflows", json={"definition": "name: x\nsteps: {a: {}}"})
+        assert_problem(bad, 400, "steps.a", "'type' is a required property")
+        put = await http.post("/v1/workflows", json={"definition": APPROVAL})
+        assert put.status_code == 201, put.text
+        assert put.json()["workflow"]["version"] == 1
+        again = await http.post("/v1/workflows", json={"definition": APPROVAL})
+        assert again.status_code == 200 and again.json().get("created", False) is False
+        got = await http.get("/v1/workflows/publish", params={"version": "1"})
+        assert json.loads(got.json()["definition_json"])["name"] == "publish"
+        started = await http.post(
+            "/v1/workflows/publish/runs",
+            json={"input_json": '{"topic": "moss"}', "idempotency_key": "http-1"},
+        )
+        assert started.status_code == 201, started.text
+        run_id = started.json()["run"]["id"]
+        await step_is(cluster, run_id, "review", StepStatus.WAITING)
+        [item] = (await http.get("/v1/inbox")).json()["items"]
+        assert item["workflow_run_id"] == run_id and item["choices"] == ["publish", "shelve"]
+        answered = await http.post(
+            f"/v1/inbox/{item['id']}/answer", json={"approve": True, "choice": "shelve"}
+        )
+        assert answered.status_code == 200, answered.text
+        done = await finished(cluster, run_id)
+        assert done.status is WorkflowRunStatus.COMPLETED, done.error
+        shown = (await http.get(f"/v1/workflow-runs/{run_id}")).json()
+        assert shown["status"] == "WORKFLOW_RUN_STATUS_COMPLETED"
+        steps = {s["name"]: s["status"] for s in shown["steps"]}
+        assert (
+            steps["archive"] == "STEP_STATUS_COMPLETED" and steps["send"] == "STEP_STATUS_SKIPPED"
+        )
+        listed = (await http.get("/v1/workflow-runs", params={"workflow": "publish"})).json()
+        assert [r["id"] for r in listed["runs"]] == [run_id]
+        late = await http.post(f"/v1/workflow-runs/{run_id}/cancel", json={})
+        assert_problem(late, 412, "already completed")

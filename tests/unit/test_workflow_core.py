@@ -132,3 +132,20 @@ def test_output_schema_problems_name_the_path() -> None:
         check_output(schema, {"score": "high"}) == "result.score: 'high' is not of type 'integer'"
     )
     assert check_output(schema, "text") == "result: 'text' is not of type 'object'"
+
+
+def test_a_step_on_several_branches_of_one_decision_runs_on_any_of_them() -> None:
+    wf = workflow(
+        "name: w\nsteps:\n"
+        "  ask: {type: approval, question: q, choices: [a, b, c], "
+        "branches: {a: [one], b: [one], rejected: [one], c: [two]}}\n"
+        "  one: {type: wait, duration: 0}\n"
+        "  two: {type: wait, duration: 0}\n"
+    )
+    for branch, expected in (("a", (["one"], ["two"])), ("b", (["one"], ["two"]))):
+        run = new_run("r", wf, {}, NOW)
+        run.steps["ask"].status, run.steps["ask"].branch = StepStatus.COMPLETED, branch
+        assert ready_steps(wf, run) == expected
+    run = new_run("r", wf, {}, NOW)
+    run.steps["ask"].status, run.steps["ask"].branch = StepStatus.COMPLETED, "c"
+    assert ready_steps(wf, run) == (["two"], ["one"])
