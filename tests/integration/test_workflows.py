@@ -520,3 +520,19 @@ async def test_workflows_over_the_http_api(cluster: Cluster) -> None:
         assert [r["id"] for r in listed["runs"]] == [run_id]
         late = await http.post(f"/v1/workflow-runs/{run_id}/cancel", json={})
         assert_problem(late, 412, "already completed")
+
+
+async def test_concurrent_starts_with_one_key_make_one_run(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await executor(cluster).put_workflow(WAIT)
+    client = cluster.client()
+    results = await asyncio.gather(
+        *(client.start_workflow_run("later", {}, idempotency_key="same") for _ in range(5))
+    )
+    assert len({run.id for run, _ in results}) == 1
+    assert sorted(created for _, created in results) == [False, False, False, False, True]
+    assert cluster.server is not None and not cluster.server.engine.store_error
+    assert cluster.server.engine.recoveries == 0
+    with pytest.raises(Exception, match="belongs to a run of 'later'"):
+        await executor(cluster).put_workflow(TWO_STEPS)
+        await client.start_workflow_run("two-steps", {"topic": "x"}, idempotency_key="same")

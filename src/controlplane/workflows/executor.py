@@ -98,6 +98,7 @@ class WorkflowExecutor:
         self._timers: dict[tuple[str, str], asyncio.TimerHandle] = {}
         self._background: set[asyncio.Task[Any]] = set()
         self._definitions = asyncio.Lock()
+        self._starts = asyncio.Lock()
         self._closed = False
 
     # --- lifecycle ---------------------------------------------------------------------------
@@ -202,7 +203,16 @@ class WorkflowExecutor:
     async def start_run(
         self, name: str, input: Any, *, version: int = 0, key: str = "", schedule: str = ""
     ) -> tuple[WorkflowRun, bool]:
-        """Start a run (or return the one holding `key`, False)."""
+        """Start a run (or return the one holding `key`, False).
+
+        Starts are serialised, so two requests with one key never both reach the store (a
+        refused duplicate would fence it and make the whole control plane reload)."""
+        async with self._starts:
+            return await self._start_run(name, input, version, key, schedule)
+
+    async def _start_run(
+        self, name: str, input: Any, version: int, key: str, schedule: str
+    ) -> tuple[WorkflowRun, bool]:
         if key:
             existing = await self.store.get_workflow_run_by_key(key)
             if existing is not None:
