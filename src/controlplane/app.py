@@ -277,8 +277,8 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     if public_server is not None:
         await public_server.start()
     scheduler.start()
-    workflows.start()
     webhooks.start()
+    workflows.start()  # after webhooks: it announces the inbox items still waiting
     if not engine.store_error:
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)

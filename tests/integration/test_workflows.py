@@ -536,3 +536,39 @@ async def test_concurrent_starts_with_one_key_make_one_run(cluster: Cluster) -> 
     with pytest.raises(Exception, match="belongs to a run of 'later'"):
         await executor(cluster).put_workflow(TWO_STEPS)
         await client.start_workflow_run("two-steps", {"topic": "x"}, idempotency_key="same")
+
+
+async def test_a_new_inbox_item_is_sent_to_a_webhook_once_even_across_a_restart(
+    cluster: Cluster,
+) -> None:
+    from taskrun.core.webhooks import DeliveryStatus
+    from tests.integration.test_webhooks import LOOPBACK, delivered, receiver
+
+    settings = {"webhook_allow_networks": LOOPBACK, "webhook_retry_base": 0.05}
+    await cluster.start_server(**settings)
+    admin = cluster.client()
+    async with receiver() as hook:
+        webhook, hook.secret = await admin.create_webhook(
+            hook.url, ["inbox.item_created"], labels={"workflow": "ask"}
+        )
+        await executor(cluster).put_workflow(
+            "name: ask\nsteps:\n  ok: {type: approval, question: 'Ship ${input.what}?'}\n"
+        )
+        await executor(cluster).put_workflow(  # another workflow: not for this webhook
+            "name: other\nsteps:\n  ok: {type: approval, question: 'other?'}\n"
+        )
+        await executor(cluster).start_run("other", {})
+        run, _ = await executor(cluster).start_run("ask", {"what": "v2"})
+        await hook.wait_for(1)
+        body = json.loads(hook.requests[0].body)
+        assert hook.requests[0].verified
+        assert body["type"] == "inbox.item_created"
+        item = body["data"]["inbox_item"]
+        assert item["workflow_run_id"] == run.id and item["question"] == "Ship v2?"
+        await delivered(cluster, webhook.id, DeliveryStatus.SUCCEEDED)  # recorded as sent
+        await cluster.stop_server()
+        await cluster.start_server(**settings)  # announces the waiting item again
+        await asyncio.sleep(1.0)  # time for a second delivery, which must not come
+        assert len(hook.requests) == 1, [r.headers["webhook-id"] for r in hook.requests]
+        [only] = await admin.list_webhook_deliveries(webhook.id)
+        assert only.event_key == f"{item['id']}:created"

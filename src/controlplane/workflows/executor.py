@@ -375,6 +375,9 @@ class WorkflowExecutor:
                             await self._task_finished(run, step, task)
                     elif step.status is StepStatus.WAITING:
                         self._arm(run, step)
+                        item = _inbox_item(run, step)
+                        if item is not None and self.on_inbox_item is not None:
+                            self.on_inbox_item(item)  # again: a crash may have cut the first
                     if run.status.finished:
                         return
                 await self._advance(run)
