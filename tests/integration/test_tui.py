@@ -536,3 +536,33 @@ async def test_the_run_view_of_a_pending_task_says_why_it_waits(cluster: Cluster
         summary = str(run.query_one("#summary", Static).render())
         assert "waiting: no online worker offers agent 'nobody-offers-this'" in summary
     await client.cancel_task(waiting.id)
+
+
+async def test_the_inbox_tab_lists_waiting_approvals_with_a_count_in_the_header(
+    cluster: Cluster,
+) -> None:
+    from taskrun.cli.tui.widgets import InboxTable
+
+    await cluster.start_server()
+    client = cluster.client()
+    await client.put_workflow(
+        "name: ask\nsteps:\n  ok: {type: approval, question: 'Ship ${input.v}?', "
+        "choices: [yes_ship, no_wait]}\n"
+    )
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot.pause, lambda: app.state.synced)
+        assert "inbox 0" in header(app)
+        await client.start_workflow_run("ask", {"v": "2.1"})
+        table = app.query_one(InboxTable)
+        await until(pilot.pause, lambda: len(table.rows) == 1)
+        assert "inbox 1" in header(app)
+        await pilot.press("4")
+        await pilot.pause()
+        [key] = list(table.rows)
+        row = table.get_row(key)
+        assert row[1] == "ask/ok" and row[2] == "Ship 2.1?" and row[3] == "yes_ship,no_wait"
+        app.save_screenshot("tui-inbox.svg", path=str(DOCS))
+        await client.answer_inbox_item(str(key.value), approve=True, choice="yes_ship")
+        await until(pilot.pause, lambda: len(table.rows) == 0)
+        assert "inbox 0" in header(app)

@@ -18,12 +18,19 @@ from taskrun.cli.client import Client, EventKind, FleetEvent
 from taskrun.cli.output import status_name
 from taskrun.cli.tui.screens import ConfirmScreen, HelpScreen, NewTaskScreen, RunScreen
 from taskrun.cli.tui.state import FleetState
-from taskrun.cli.tui.widgets import EventsPane, FleetHeader, TasksTable, WorkersTable
+from taskrun.cli.tui.widgets import (
+    EventsPane,
+    FleetHeader,
+    InboxTable,
+    TasksTable,
+    WorkersTable,
+)
 from taskrun.core.ids import TaskId
 from taskrun.core.models import Task, TaskSpec
 from taskrun.core.status import TaskStatus
 
 RECENT_TASKS = 200
+INBOX_POLL = 2.0  # seconds between reads of the inbox (issue 17)
 # A notification with less time left than this is not shown again on another screen (seconds).
 TOAST_MARGIN = 0.5
 # Reconnecting the event stream: first wait, doubled after each failure up to the cap (seconds).
@@ -60,6 +67,7 @@ class TaskRunApp(App[None]):
         Binding("1", "tab('workers')", "workers", show=False),
         Binding("2", "tab('tasks')", "tasks", show=False),
         Binding("3", "tab('events')", "events", show=False),
+        Binding("4", "tab('inbox')", "inbox", show=False),  # issue 17
         Binding("n", "new_task", "new"),
         Binding("enter", "open_run", "run", show=False),
         Binding("c", "cancel", "cancel"),
@@ -90,6 +98,8 @@ class TaskRunApp(App[None]):
                 yield TasksTable(id="tasks-table")
             with TabPane("Events [3]", id="events"):
                 yield EventsPane()
+            with TabPane("Inbox [4]", id="inbox"):  # issue 17
+                yield InboxTable(id="inbox-table")
         yield Footer(compact=True, show_command_palette=False)  # every key fits in 80 columns
 
     def on_mount(self) -> None:
@@ -97,6 +107,8 @@ class TaskRunApp(App[None]):
         self.render_state()
         self.watch_fleet()
         self.set_interval(1.0, self.tick)  # ages and uptime only; data comes from events
+        self.poll_inbox()
+        self.set_interval(INBOX_POLL, self.poll_inbox)  # answered items leave the inbox
 
     # --- data --------------------------------------------------------------------------------
 
@@ -143,6 +155,13 @@ class TaskRunApp(App[None]):
                     self.render_state()
                     live = True
 
+    @work(exclusive=True, group="inbox")
+    async def poll_inbox(self) -> None:
+        """Read the inbox (new items also arrive as events; answered ones only leave here)."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            self.state.set_inbox(await self.client.list_inbox())
+            self.render_state()
+
     def apply(self, event: FleetEvent) -> None:
         self.state.apply(event)
         self.render_state()
@@ -152,6 +171,7 @@ class TaskRunApp(App[None]):
         self.query_one(WorkersTable).refresh_from(self.state)
         self.query_one(TasksTable).refresh_from(self.state)
         self.query_one(EventsPane).refresh_from(self.state)
+        self.query_one(InboxTable).refresh_from(self.state)
 
     def tick(self) -> None:
         """Every second: the header's uptime and the tables' ages (data comes from events)."""

@@ -23,7 +23,7 @@ from taskrun.core.models import OutputKind, Task
 
 HELP = """\
 [b]Keys[/b]
-  1 / 2 / 3   workers, tasks, events
+  1 2 3 4     workers, tasks, events, inbox (answer: taskrun approve ID)
   n           new task: agent from those announced, JSON input checked
   enter       the selected task's run: live output, events, usage
   c           cancel the selected task
@@ -36,9 +36,9 @@ HELP = """\
   escape      back;   ?  this help;   q  quit
 c, r, d and R ask first.
 
-Everything is pushed by the control plane (WatchEvents), nothing is
-polled. When the stream breaks, the header says so and the TUI
-reconnects by itself.
+Everything is pushed by the control plane (WatchEvents); only the
+inbox is also read every 2 s (answered items leave it). When the
+stream breaks, the header says so and the TUI reconnects by itself.
 """
 
 
