@@ -649,6 +649,10 @@ def workflow_run_to_pb(r: WorkflowRun) -> workflows_pb2.WorkflowRun:
             error=step.error,
             inbox_item_id=step.inbox_item_id,
             branch=step.branch,
+            question=step.question,
+            choices=list(step.choices),
+            comment=step.comment,
+            answered_by=step.answered_by,
         )
         ts_to_pb(step.started_at, s.started_at)
         ts_to_pb(step.finished_at, s.finished_at)
@@ -670,6 +674,10 @@ def workflow_run_from_pb(m: workflows_pb2.WorkflowRun) -> WorkflowRun:
             due_at=ts_from_pb(s, "due_at"),
             inbox_item_id=s.inbox_item_id,
             branch=s.branch,
+            question=s.question,
+            choices=list(s.choices),
+            comment=s.comment,
+            answered_by=s.answered_by,
         )
         for s in m.steps
     }

@@ -89,7 +89,7 @@ class GetWorkflowRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class WorkflowStep(_message.Message):
-    __slots__ = ("name", "kind", "status", "task_id", "result_json", "error", "started_at", "finished_at", "due_at", "inbox_item_id", "branch")
+    __slots__ = ("name", "kind", "status", "task_id", "result_json", "error", "started_at", "finished_at", "due_at", "inbox_item_id", "branch", "question", "choices", "comment", "answered_by")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +101,10 @@ class WorkflowStep(_message.Message):
     DUE_AT_FIELD_NUMBER: _ClassVar[int]
     INBOX_ITEM_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_FIELD_NUMBER: _ClassVar[int]
+    QUESTION_FIELD_NUMBER: _ClassVar[int]
+    CHOICES_FIELD_NUMBER: _ClassVar[int]
+    COMMENT_FIELD_NUMBER: _ClassVar[int]
+    ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     status: StepStatus
@@ -112,7 +116,11 @@ class WorkflowStep(_message.Message):
     due_at: _timestamp_pb2.Timestamp
     inbox_item_id: str
     branch: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[StepStatus, str]] = ..., task_id: _Optional[str] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., due_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., inbox_item_id: _Optional[str] = ..., branch: _Optional[str] = ...) -> None: ...
+    question: str
+    choices: _containers.RepeatedScalarFieldContainer[str]
+    comment: str
+    answered_by: str
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[StepStatus, str]] = ..., task_id: _Optional[str] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., due_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., inbox_item_id: _Optional[str] = ..., branch: _Optional[str] = ..., question: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., comment: _Optional[str] = ..., answered_by: _Optional[str] = ...) -> None: ...
 
 class WorkflowRun(_message.Message):
     __slots__ = ("id", "workflow", "version", "status", "input_json", "idempotency_key", "error", "created_at", "updated_at", "finished_at", "steps")

@@ -149,3 +149,21 @@ def test_a_step_on_several_branches_of_one_decision_runs_on_any_of_them() -> Non
     run = new_run("r", wf, {}, NOW)
     run.steps["ask"].status, run.steps["ask"].branch = StepStatus.COMPLETED, "c"
     assert ready_steps(wf, run) == (["two"], ["one"])
+
+
+def test_a_workflow_run_and_an_inbox_item_survive_the_protobuf_round_trip() -> None:
+    from taskrun import convert
+    from taskrun.core.workflow import InboxItem, WorkflowRunStatus
+
+    wf = workflow("name: w\nsteps: {ask: {type: approval, question: q, choices: [a]}}")
+    run = new_run("wfr_1", wf, {"k": [1, None]}, NOW, key="key")
+    run.status, run.error, run.finished_at = WorkflowRunStatus.FAILED, "step 'ask': no", NOW
+    step = run.steps["ask"]
+    step.status, step.result, step.branch = StepStatus.FAILED, {"decision": "rejected"}, "x"
+    step.started_at = step.finished_at = step.due_at = NOW
+    step.question, step.choices, step.comment, step.answered_by = "q?", ["a"], "no", "ana"
+    step.inbox_item_id, step.error = "inb_1", "rejected by ana: no"
+    assert convert.workflow_run_from_pb(convert.workflow_run_to_pb(run)) == run
+    item = InboxItem("inb_1", "wfr_1", "w", "ask", "q?", ("a",), NOW, None)
+    assert convert.inbox_item_from_pb(convert.inbox_item_to_pb(item)) == item
+    assert convert.workflow_from_pb(convert.workflow_to_pb(wf)) == wf
