@@ -56,10 +56,14 @@ async def test_a_failed_answer_leaves_the_item_waiting_and_it_can_be_answered_af
         await executor.answer(item.id, approve=True)
     with pytest.raises(Unavailable):  # the engine refuses while it recovers
         await executor.start_run("ask", {})
+    assert executor.recovering
+    with pytest.raises(Unavailable):  # the executor too, until it reloaded its runs
+        await executor.answer(item.id, approve=True)
+    assert [i.id for i in executor.inbox()] == [item.id]  # readers see what was committed
     store.fail_writes(None)
     await until(lambda: not engine.store_error and engine.recoveries == 1)
+    await until(lambda: not executor.recovering)
     # the executor reloaded: the answer that failed left no trace
-    await until(lambda: [i.id for i in executor.inbox()] == [item.id])
     stored = await store.get_workflow_run(run.id)
     assert stored is not None and stored.steps["ok"].status is StepStatus.WAITING
     after = await executor.answer(item.id, approve=True)

@@ -89,7 +89,10 @@ class WorkflowExecutor:
         self.engine = engine
         self.store = engine.store
         self.clock = clock
-        self.runs: dict[str, WorkflowRun] = {}  # unfinished runs
+        self.runs: dict[str, WorkflowRun] = {}  # unfinished runs, as being changed
+        # What readers see: each unfinished run as last committed (the live ones run ahead of
+        # the store by the commit in flight, and nothing is visible before it is durable).
+        self._visible: dict[str, WorkflowRun] = {}
         self.after_task_created: AfterTaskCreated | None = None
         self.on_inbox_item: Callable[[InboxItem], None] | None = None  # after it is durable
         self._workflows: dict[tuple[str, int], Workflow] = {}
@@ -100,6 +103,7 @@ class WorkflowExecutor:
         self._definitions = asyncio.Lock()
         self._starts = asyncio.Lock()
         self._closed = False
+        self._stale = False  # a save failed: the live view is ahead of the store until reloaded
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -109,6 +113,7 @@ class WorkflowExecutor:
             handle.cancel()
         self._timers.clear()
         self.runs = {r.id: r for r in await self.store.list_workflow_runs(unfinished=True)}
+        self._visible = {r.id: copy_run(r) for r in self.runs.values()}
         for run in self.runs.values():
             await self._workflow(run.workflow, run.version)
         log.info("workflow runs loaded", unfinished=len(self.runs))
@@ -207,6 +212,7 @@ class WorkflowExecutor:
 
         Starts are serialised, so two requests with one key never both reach the store (a
         refused duplicate would fence it and make the whole control plane reload)."""
+        self._check_writable()
         async with self._starts:
             return await self._start_run(name, input, version, key, schedule)
 
@@ -233,16 +239,18 @@ class WorkflowExecutor:
                 raise InvalidArgument(problem.replace("result", "input", 1), field="input_json")
         run = new_run(new_workflow_run_id(), workflow, input, self.clock(), key, schedule)
         self._workflows[(workflow.name, workflow.version)] = workflow
-        await self.engine.commit(ChangeSet(workflow_runs=[copy_run(run)]))
+        committed = copy_run(run)
+        await self.engine.commit(ChangeSet(workflow_runs=[committed]))
         self.runs[run.id] = run
+        self._visible[run.id] = committed
         log.info("workflow run started", workflow_run_id=run.id, workflow=name, version=run.version)
         self._spawn(self._reconcile(run.id))
         return copy_run(run), True
 
     async def get_run(self, run_id: str) -> WorkflowRun:
-        live = self.runs.get(run_id)
-        if live is not None:
-            return copy_run(live)
+        visible = self._visible.get(run_id)
+        if visible is not None:
+            return copy_run(visible)
         stored = await self.store.get_workflow_run(run_id)
         if stored is None:
             raise NotFound(f"no workflow run {quoted(run_id)}", field="id")
@@ -254,14 +262,16 @@ class WorkflowExecutor:
     def inbox(self) -> list[InboxItem]:
         items = [
             item
-            for run in self.runs.values()
+            for run in self._visible.values()
             for step in run.steps.values()
             if (item := _inbox_item(run, step)) is not None
         ]
         return sorted(items, key=lambda i: (i.created_at, i.id))
 
     async def cancel_run(self, run_id: str, reason: str = "") -> WorkflowRun:
+        self._check_writable()
         async with self._lock(run_id):
+            self._check_writable()
             run = self.runs.get(run_id)
             if run is None:
                 stored = await self.get_run(run_id)
@@ -287,20 +297,15 @@ class WorkflowExecutor:
         self, item_id: str, *, approve: bool, choice: str = "", comment: str = "", by: str = ""
     ) -> WorkflowRun:
         """Answer an inbox item: approve (with one of its choices, when it has some) or reject."""
-        found = next(
-            (
-                (r, s)
-                for r in self.runs.values()
-                for s in r.steps.values()
-                if s.inbox_item_id == item_id
-            ),
-            None,
-        )
+        found = next((i for i in self.inbox() if i.id == item_id), None)
         if found is None:
             raise NotFound(f"no open inbox item {quoted(item_id)}", field="id")
-        run, step = found
-        async with self._lock(run.id):
-            if step.status is not StepStatus.WAITING or run.id not in self.runs:
+        self._check_writable()
+        async with self._lock(found.run_id):
+            self._check_writable()
+            run = self.runs.get(found.run_id)
+            step = run.steps[found.step] if run is not None else None
+            if run is None or step is None or step.status is not StepStatus.WAITING:
                 raise FailedPrecondition(f"inbox item {item_id} was already answered", field="id")
             if approve:
                 if step.choices and not choice:
@@ -329,18 +334,35 @@ class WorkflowExecutor:
 
     # --- advancing ---------------------------------------------------------------------------
 
+    @property
+    def recovering(self) -> bool:
+        """A save failed and the runs are not reloaded from the store yet (writes refused)."""
+        return self._stale
+
+    def _check_writable(self) -> None:
+        if self._stale or self.engine.store_error:
+            raise Unavailable(
+                self.engine.store_error
+                or "the control plane is reloading its workflow runs after a failed write"
+            )
+
     def _lock(self, run_id: str) -> asyncio.Lock:
         return self._locks.setdefault(run_id, asyncio.Lock())
 
     async def _save(self, run: WorkflowRun) -> None:
         run.updated_at = self.clock()
+        committed = copy_run(run)
         try:
-            await self.engine.commit(ChangeSet(workflow_runs=[copy_run(run)]))
+            await self.engine.commit(ChangeSet(workflow_runs=[committed]))
         except Unavailable:
-            self._spawn(self._reload_after_recovery())
+            if not self._stale:
+                self._stale = True
+                self._spawn(self._reload_after_recovery())
             raise
+        self._visible[run.id] = committed
         if run.status.finished:
             self.runs.pop(run.id, None)
+            self._visible.pop(run.id, None)
             for step in run.steps.values():
                 handle = self._timers.pop((run.id, step.name), None)
                 if handle is not None:
@@ -349,9 +371,17 @@ class WorkflowExecutor:
     async def _reload_after_recovery(self) -> None:
         """The executor's view may be ahead of the store: reload it once the engine writes."""
         # the engine offers no event for its recovery (its on_health belongs to the app)
-        while self.engine.store_error:  # noqa: ASYNC110
-            await asyncio.sleep(0.1)
-        await self.load()
+        while True:
+            while self.engine.store_error:  # noqa: ASYNC110
+                await asyncio.sleep(0.1)
+            try:
+                await self.load()
+                break
+            except Exception as exc:
+                log.warning("workflow runs not reloaded yet; retrying", error=str(exc))
+                await asyncio.sleep(0.5)
+        self._stale = False
+        log.info("workflow runs reloaded from the store", unfinished=len(self.runs))
         self.start_reconciling()
 
     def start_reconciling(self) -> None:
@@ -363,8 +393,8 @@ class WorkflowExecutor:
         try:
             async with self._lock(run_id):
                 run = self.runs.get(run_id)
-                if run is None:
-                    return
+                if run is None or self._stale:
+                    return  # stale: the reload reconciles every run again
                 for step in list(run.steps.values()):
                     if step.status is StepStatus.RUNNING and step.task_id:
                         self._follow(run.id, step.name, TaskId(step.task_id))
@@ -391,8 +421,8 @@ class WorkflowExecutor:
         try:
             async with self._lock(run_id):
                 run = self.runs.get(run_id)
-                if run is None:
-                    return False
+                if run is None or self._stale:
+                    return False  # stale: the reload reconciles (and follows) it again
                 step = run.steps[step_name]
                 if step.status is not StepStatus.RUNNING or step.task_id != task_id:
                     return False
@@ -530,12 +560,17 @@ class WorkflowExecutor:
         """Arm the step's timer and announce its inbox item once the run is saved."""
 
         async def later() -> None:
-            async with self._lock(run.id):
-                if step.status is StepStatus.WAITING and run.id in self.runs:
-                    self._arm(run, step)
-                    item = _inbox_item(run, step)
-                    if item is not None and self.on_inbox_item is not None:
-                        self.on_inbox_item(item)
+            async with self._lock(run.id):  # held by whoever is saving the run
+                committed = self._visible.get(run.id)
+                saved = committed.steps[step.name] if committed is not None else None
+                if saved is None or saved.status is not StepStatus.WAITING:
+                    return  # the save failed (the reload re-arms), or it ended meanwhile
+                live = self.runs.get(run.id)
+                if live is not None:
+                    self._arm(live, live.steps[step.name])
+                item = _inbox_item(committed, saved) if committed is not None else None
+                if item is not None and self.on_inbox_item is not None:
+                    self.on_inbox_item(item)
 
         self._spawn(later())
 
@@ -589,8 +624,8 @@ class WorkflowExecutor:
             async with self._lock(run_id):
                 self._timers.pop((run_id, step_name), None)
                 run = self.runs.get(run_id)
-                if run is None:
-                    return
+                if run is None or self._stale:
+                    return  # stale: the reload re-arms it
                 step = run.steps[step_name]
                 if step.status is not StepStatus.WAITING or step.due_at is None:
                     return
