@@ -10,6 +10,7 @@ from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 import structlog
 
@@ -572,3 +573,41 @@ async def test_a_new_inbox_item_is_sent_to_a_webhook_once_even_across_a_restart(
         assert len(hook.requests) == 1, [r.headers["webhook-id"] for r in hook.requests]
         [only] = await admin.list_webhook_deliveries(webhook.id)
         assert only.event_key == f"{item['id']}:created"
+
+
+async def test_runs_refuse_bad_input_and_a_step_for_an_unoffered_agent_waits_saying_why(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    client = cluster.client()
+    await client.put_workflow(
+        """
+name: typed
+input_schema: {type: object, required: [topic], properties: {topic: {type: string}}}
+steps:
+  research: {type: task, agent: nobody-offers-this, input: {q: "${input.topic}"}}
+"""
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.start_workflow_run("typed", {"topic": 3})
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert info.value.details() == "input_json: input.topic: 3 is not of type 'string'"
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.start_workflow_run("typo", {})
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    assert "no workflow 'typo' (workflows: typed)" in (info.value.details() or "")
+    run, created = await client.start_workflow_run("typed", {"topic": "moss"})
+    assert created and run.version == 1
+    await step_is(cluster, run.id, "research", StepStatus.RUNNING)
+    run = await client.get_workflow_run(run.id)
+    task, _ = await client.get_task(run.steps["research"].task_id)
+    assert task.status.name == "PENDING" and "nobody-offers-this" in task.waiting_reason
+    # a new version does not change the running run
+    await client.put_workflow("name: typed\nsteps:\n  other: {type: wait, duration: 0}\n")
+    assert [w.version for w in await client.list_workflows()] == [2]
+    assert (await client.get_workflow("typed", 1)).steps["research"][
+        "agent"
+    ] == "nobody-offers-this"
+    still = await client.get_workflow_run(run.id)
+    assert still.version == 1 and list(still.steps) == ["research"]
+    await client.cancel_workflow_run(run.id)
