@@ -40,10 +40,13 @@ import jsonschema
 import yaml
 
 from taskrun.core.errors import InvalidArgument
+from taskrun.core.models import TaskPolicy
 from taskrun.core.text import quoted
+from taskrun.core.validation import validate_agent_name, validate_labels, validate_policy
 
-NAME_PATTERN = r"^[a-z][a-z0-9_-]{0,62}$"
-STEP_PATTERN = r"^[a-z][a-z0-9_]{0,62}$"  # usable in JMESPath without quoting
+# Both end alphanumeric: they become label values (`workflow`, `step`) of the steps' tasks.
+NAME_PATTERN = r"^[a-z]([a-z0-9_-]{0,61}[a-z0-9])?$"
+STEP_PATTERN = r"^[a-z]([a-z0-9_]{0,61}[a-z0-9])?$"  # usable in JMESPath without quoting
 MAX_DEFINITION_BYTES = 256 * 1024
 MAX_STEPS = 100
 APPROVAL_OUTCOMES = ("approved", "rejected", "timeout")
@@ -259,6 +262,9 @@ def validate_definition(document: Any) -> None:
                 )
             check_template(step["question"], f"steps.{name}.question")
         elif kind == "task":
+            validate_agent_name(step["agent"], f"steps.{name}.agent")
+            validate_labels(step.get("labels", {}), f"steps.{name}.labels")
+            step_policy(step, 1, f"steps.{name}.policy")
             check_template(step.get("input", {}), f"steps.{name}.input")
             if "output_schema" in step:
                 try:
@@ -291,6 +297,17 @@ def validate_definition(document: Any) -> None:
             raise InvalidArgument(
                 f"is not a JSON Schema: {exc.message}", field="input_schema"
             ) from None
+
+
+def step_policy(step: dict[str, Any], default_max_attempts: int, where: str) -> TaskPolicy:
+    """A task step's policy as a validated TaskPolicy (InvalidArgument naming the field)."""
+    fields = dict(step.get("policy", {}))
+    policy = TaskPolicy(
+        max_attempts=fields.pop("max_attempts", default_max_attempts),
+        required_labels=dict(fields.pop("required_labels", {})),
+        **fields,
+    )
+    return validate_policy(policy, where)
 
 
 def branches_of(step: dict[str, Any]) -> dict[str, list[str]]:

@@ -79,6 +79,18 @@ def test_json_is_accepted_as_well_as_yaml() -> None:
             "already a branch of 'c'",
         ),
         ("name: x\nsteps: [1, 2]", "steps", "is not of type 'object'"),
+        ("name: x\nsteps: {a_: {type: wait, duration: 1}}", "steps", "does not match"),
+        ("name: x\nsteps: {a: {type: task, agent: Echo}}", "steps.a.agent", "valid agent name"),
+        (
+            "name: x\nsteps: {a: {type: task, agent: e, labels: {k: 'v v'}}}",
+            "steps.a.labels",
+            "not a valid label value",
+        ),
+        (
+            "name: x\nsteps: {a: {type: task, agent: e, policy: {priority: 100000}}}",
+            "steps.a.policy.priority",
+            "greater than the maximum of 1000",
+        ),
         ("name: x\nsteps: {a: {type: wait, duration: 1}\n", "definition", "line 3"),
     ],
 )

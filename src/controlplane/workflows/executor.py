@@ -40,7 +40,7 @@ from taskrun.core.errors import (
     Unavailable,
 )
 from taskrun.core.ids import TaskId
-from taskrun.core.models import Task, TaskPolicy, TaskSpec, utcnow
+from taskrun.core.models import Task, TaskSpec, utcnow
 from taskrun.core.status import TaskStatus
 from taskrun.core.store import ChangeSet
 from taskrun.core.text import quoted
@@ -61,6 +61,7 @@ from taskrun.core.workflow import (
     ready_steps,
     render,
     result_json,
+    step_policy,
     task_key,
     truthy,
     wait_due,
@@ -580,10 +581,8 @@ class WorkflowExecutor:
         rendered = render(spec.get("input", {}), context)
         text = json.dumps(rendered)
         validate_input(text, f"steps.{step.name}.input")
-        policy_fields = dict(spec.get("policy", {}))
-        policy = TaskPolicy(
-            max_attempts=policy_fields.pop("max_attempts", self.engine.config.default_max_attempts),
-            **policy_fields,
+        policy = step_policy(
+            spec, self.engine.config.default_max_attempts, f"steps.{step.name}.policy"
         )
         step.attempt = step.attempt or 1
         policy.idempotency_key = task_key(run.id, step.name, step.attempt)
