@@ -453,6 +453,7 @@ def schedule_to_pb(s: Schedule) -> schedules_pb2.Schedule:
         paused=s.paused,
         last_task_id=s.last_task_id or "",
         last_outcome=s.last_outcome,
+        workflow=s.workflow,
     )
     policy_to_pb(s.policy, out.policy)
     ts_to_pb(s.created_at, out.created_at)
@@ -500,6 +501,7 @@ def schedule_from_pb(
         next_fire_time=ts_from_pb(m, "next_fire_time"),
         last_task_id=TaskId(m.last_task_id) if m.last_task_id else None,
         last_outcome=m.last_outcome,
+        workflow=m.workflow,
     )
 
 

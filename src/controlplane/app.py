@@ -167,6 +167,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     workflows = WorkflowExecutor(engine)  # issue 17
     workflows.on_inbox_item = engine.events.announce_inbox_item
     await workflows.load()
+    scheduler.workflows = workflows  # a schedule may start a workflow
     access = AccessControl(engine, config)
     await access.load()
     webhooks = WebhookDispatcher(engine, config)  # issue 16

@@ -611,3 +611,56 @@ steps:
     still = await client.get_workflow_run(run.id)
     assert still.version == 1 and list(still.steps) == ["research"]
     await client.cancel_workflow_run(run.id)
+
+
+async def test_a_schedule_starts_a_workflow_at_each_occurrence_once(cluster: Cluster) -> None:
+    from taskrun.core.schedule import OverlapPolicy, Schedule
+
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    await client.put_workflow(TWO_STEPS)
+    await client.put_workflow(WAIT)  # a run of it lasts two seconds
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.create_schedule(
+            Schedule(name="bad", agent="", workflow="nope", timezone="UTC", rrule="FREQ=DAILY")
+        )
+    assert (
+        info.value.details()
+        == "schedule.workflow: no workflow 'nope' (workflows: later, two-steps)"
+    )
+    every = dict(timezone="UTC", rrule="FREQ=SECONDLY")
+    await client.create_schedule(
+        Schedule(name="tick", agent="", workflow="two-steps", input='{"topic": "t"}', **every)
+    )
+    await client.create_schedule(
+        Schedule(name="slow", agent="", workflow="later", overlap=OverlapPolicy.SKIP, **every)
+    )
+
+    async def runs_of(name: str) -> list[WorkflowRun]:
+        return [r for r in await client.list_workflow_runs(name) if r.idempotency_key]
+
+    async def two_completed() -> bool:
+        runs = await runs_of("two-steps")
+        return sum(r.status is WorkflowRunStatus.COMPLETED for r in runs) >= 2
+
+    await eventually(two_completed)
+    runs = await runs_of("two-steps")
+    keys = [r.idempotency_key for r in runs]
+    assert len(set(keys)) == len(keys) and all(k.startswith("schedule:tick:") for k in keys)
+    tick = await client.get_schedule("tick")
+    assert tick.workflow == "two-steps" and "workflow run" in tick.last_outcome
+
+    async def skipped() -> bool:
+        return (await client.get_schedule("slow")).last_outcome.startswith(
+            "skipped: previous workflow run still running"
+        )
+
+    await eventually(skipped)
+    await client.delete_schedule("tick")
+    await client.delete_schedule("slow")
+    slow_runs = await runs_of("later")
+    assert len(slow_runs) <= 2  # one at a time: the others were skipped
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.create_schedule(Schedule(name="both", agent="echo", workflow="later", **every))
+    assert (info.value.details() or "").startswith("schedule.agent: must be empty")

@@ -287,6 +287,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         ) WITHOUT ROWID""",
         "CREATE INDEX workflow_runs_of ON workflow_runs (workflow, created_at)",
         "CREATE INDEX workflow_runs_unfinished ON workflow_runs (status) WHERE status = 1",
+        # a schedule may start a workflow instead of a task
+        "ALTER TABLE schedules ADD COLUMN workflow TEXT NOT NULL DEFAULT ''",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -670,6 +672,7 @@ _SCHEDULE_COLUMNS: Final = (
     "next_fire_time",
     "last_task_id",
     "last_outcome",
+    "workflow",
 )
 _UPSERT_SCHEDULE: Final = (
     f"INSERT INTO schedules ({', '.join(_SCHEDULE_COLUMNS)})"
@@ -700,6 +703,7 @@ def _schedule_row(s: Schedule) -> Row:
         _us_or_none(s.next_fire_time),
         s.last_task_id,
         s.last_outcome,
+        s.workflow,
     )
 
 
@@ -722,6 +726,7 @@ def _schedule(r: Row) -> Schedule:
         next_fire_time=_dt_or_none(r[14]),
         last_task_id=r[15],
         last_outcome=r[16],
+        workflow=r[17],
     )
 
 

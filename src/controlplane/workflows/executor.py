@@ -260,6 +260,11 @@ class WorkflowExecutor:
     async def list_runs(self, workflow: str = "", limit: int = 100) -> list[WorkflowRun]:
         return await self.store.list_workflow_runs(workflow, limit=limit)
 
+    def unfinished_of_schedule(self, schedule: str) -> list[tuple[str, str]]:
+        """(run id, idempotency key) of the unfinished runs a schedule started, oldest first."""
+        runs = [r for r in self._visible.values() if r.schedule == schedule]
+        return [(r.id, r.idempotency_key) for r in sorted(runs, key=lambda r: r.created_at)]
+
     def inbox(self) -> list[InboxItem]:
         items = [
             item
