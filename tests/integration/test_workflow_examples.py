@@ -167,3 +167,38 @@ async def test_code_review_rejected_three_times_fails_naming_the_last_round(
     assert run.status is WorkflowRunStatus.FAILED
     assert run.error.startswith("step 'review_3': rejected by ") and run.error.endswith(": no 3")
     assert run.steps["apply"].status is StepStatus.CANCELLED
+
+
+async def test_a_schedule_starts_the_morning_briefing(cluster: Cluster, api: FakeAnthropic) -> None:
+    from taskrun.core.schedule import Schedule
+
+    api.default = lambda request: Text(
+        '{"headline": "H", "summary": "S"}'
+        if "briefing as JSON" in request.last_user_text()
+        else "ok"
+    )
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["anthropic", "echo"])
+    client = cluster.client()
+    await client.put_workflow((EXAMPLES / "morning-briefing.yaml").read_text())
+    await client.create_schedule(
+        Schedule(
+            name="briefing",
+            agent="",
+            workflow="morning-briefing",
+            input='{"city": "Lisbon", "topics": "energy"}',
+            timezone="Europe/Lisbon",
+            rrule="FREQ=SECONDLY",
+        )
+    )
+    async with asyncio.timeout(20):
+        while not (items := await client.list_inbox()):
+            await asyncio.sleep(0.05)
+    await client.delete_schedule("briefing")  # later occurrences were skipped (overlap)
+    run = await client.get_workflow_run(items[0].run_id)
+    assert run.idempotency_key.startswith("schedule:briefing:")
+    await client.answer_inbox_item(items[0].id, approve=True, choice="send")
+    run = await run_until(client, run.id, lambda r: r.status.finished)
+    assert run.status is WorkflowRunStatus.COMPLETED, run.error
+    runs = await client.list_workflow_runs("morning-briefing")
+    assert [r.id for r in runs] == [run.id]  # overlap skip: one run at a time
