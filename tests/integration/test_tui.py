@@ -200,7 +200,7 @@ async def test_the_footer_shows_every_main_key_within_80_columns(cluster: Cluste
         await pilot.press("question_mark")
         await pilot.pause()
         help_text = str(app.screen.query_one("Static").render())
-        for key in ("1 / 2 / 3", "enter", "\n  c ", "\n  r ", "\n  d ", "\n  R ", "s / a", "/"):
+        for key in ("1 / 2 / 3 / 4", "enter", "\n  c ", "\n  r ", "\n  d ", "\n  R ", "s / a", "/"):
             assert key in help_text, key
 
 

@@ -23,7 +23,7 @@ from taskrun.core.models import OutputKind, Task
 
 HELP = """\
 [b]Keys[/b]
-  1 2 3 4     workers, tasks, events, inbox (answer: taskrun approve ID)
+  1 / 2 / 3 / 4  workers, tasks, events, inbox (taskrun approve ID)
   n           new task: agent from those announced, JSON input checked
   enter       the selected task's run: live output, events, usage
   c           cancel the selected task

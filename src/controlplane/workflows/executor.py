@@ -369,6 +369,9 @@ class WorkflowExecutor:
         if run.status.finished:
             self.runs.pop(run.id, None)
             self._visible.pop(run.id, None)
+            # every path checks the run is still unfinished after taking its lock, so a
+            # waiter on this lock, or a new one, finds it gone and does nothing
+            self._locks.pop(run.id, None)
             for step in run.steps.values():
                 handle = self._timers.pop((run.id, step.name), None)
                 if handle is not None:
