@@ -202,3 +202,46 @@ async def test_a_schedule_starts_the_morning_briefing(cluster: Cluster, api: Fak
     assert run.status is WorkflowRunStatus.COMPLETED, run.error
     runs = await client.list_workflow_runs("morning-briefing")
     assert [r.id for r in runs] == [run.id]  # overlap skip: one run at a time
+
+
+async def test_a_condition_branches_on_a_models_schema_checked_output(
+    cluster: Cluster, api: FakeAnthropic
+) -> None:
+    api.default = lambda request: Text(
+        '{"severity": 9, "why": "outage"}' if "Rate" in request.last_user_text() else "paged"
+    )
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["anthropic", "echo"])
+    client = cluster.client()
+    await client.put_workflow(
+        """
+name: triage
+steps:
+  rate:
+    type: task
+    agent: anthropic
+    input: {prompt: "Rate this ticket as JSON {severity, why}: ${input.ticket}"}
+    json_field: text
+    output_schema:
+      type: object
+      required: [severity]
+      properties: {severity: {type: integer, minimum: 0, maximum: 10}}
+  urgent:
+    type: condition
+    needs: [rate]
+    expression: "steps.rate.result.severity >= `7`"
+    then: [page]
+    else: [queue]
+  page: {type: task, agent: anthropic, input: {prompt: "Page on-call: ${steps.rate.result.why}"}}
+  queue: {type: task, agent: echo, input: {text: later}}
+"""
+    )
+    run, _ = await client.start_workflow_run("triage", {"ticket": "site down"})
+    run = await run_until(client, run.id, lambda r: r.status.finished)
+    assert run.status is WorkflowRunStatus.COMPLETED, run.error
+    assert run.steps["rate"].result == {"severity": 9, "why": "outage"}
+    assert run.steps["urgent"].result is True and run.steps["urgent"].branch == "then"
+    assert run.steps["page"].status is StepStatus.COMPLETED
+    assert run.steps["queue"].status is StepStatus.SKIPPED
+    page, _ = await client.get_task(run.steps["page"].task_id)
+    assert json.loads(page.input) == {"prompt": "Page on-call: outage"}

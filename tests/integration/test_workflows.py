@@ -396,6 +396,12 @@ async def test_approval_answered_from_the_cli_across_a_restart(
     assert code == 0 and out == "workflow publish stored as version 1\n", err
     code, out, _ = await run("workflow", "apply", str(good))
     assert out == "workflow publish unchanged at version 1\n"
+    code, out, _ = await run("workflow", "list")
+    assert code == 0 and "publish" in out and "STEPS" in out
+    code, out, _ = await run("workflow", "get", "publish", "--output", "json")
+    assert json.loads(out)["definition"]["steps"]["review"]["choices"] == ["publish", "shelve"]
+    code, out, err = await run("workflow", "get", "nope")
+    assert code != 0 and "no workflow 'nope' (workflows: publish)" in err
 
     client = cluster.client()
     watching: list[Any] = []
