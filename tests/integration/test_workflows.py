@@ -17,7 +17,7 @@ import structlog
 from taskrun.cli import main as cli
 from taskrun.cli.client import EventKind
 from taskrun.controlplane.workflows.executor import WorkflowExecutor
-from taskrun.core.errors import InvalidArgument
+from taskrun.core.errors import InvalidArgument, NotFound
 from taskrun.core.workflow import StepStatus, WorkflowRun, WorkflowRunStatus
 from tests.conftest import Cluster
 
@@ -180,6 +180,8 @@ async def test_approval_survives_a_restart_and_takes_the_chosen_branch(cluster: 
         "comment": "ship it",
     }
     assert executor(cluster).inbox() == []
+    with pytest.raises(NotFound, match="no open inbox item"):  # answered once only
+        await executor(cluster).answer(item.id, approve=False)
 
 
 async def test_approval_timeout_takes_its_branch(cluster: Cluster) -> None:

@@ -312,7 +312,10 @@ class WorkflowExecutor:
             run = self.runs.get(found.run_id)
             step = run.steps[found.step] if run is not None else None
             if run is None or step is None or step.status is not StepStatus.WAITING:
-                raise FailedPrecondition(f"inbox item {item_id} was already answered", field="id")
+                why = "its workflow run ended"
+                if step is not None and step.branch:
+                    why = f"it was decided meanwhile ({step.branch})"
+                raise FailedPrecondition(f"inbox item {item_id} is closed: {why}", field="id")
             if approve:
                 if step.choices and not choice:
                     raise InvalidArgument(
