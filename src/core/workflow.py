@@ -191,12 +191,25 @@ def _path(parts: Any) -> str:
     return out or "(document)"
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML without aliases: `*name` references could make a small document expand
+    exponentially when it is written out as JSON (a billion laughs)."""
+
+    def compose_node(self, parent: Any, index: Any) -> Any:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "aliases (*name) are not allowed in a workflow", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+
 def parse_definition(text: str) -> dict[str, Any]:
     """Parse YAML (or JSON) text and validate it; InvalidArgument names the path of the error."""
     if len(text.encode()) > MAX_DEFINITION_BYTES:
         raise InvalidArgument(f"is larger than {MAX_DEFINITION_BYTES} bytes", field="definition")
     try:
-        document = yaml.safe_load(text)
+        document = yaml.load(text, Loader=_Loader)  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""

@@ -92,6 +92,12 @@ def test_json_is_accepted_as_well_as_yaml() -> None:
             "greater than the maximum of 1000",
         ),
         ("name: x\nsteps: {a: {type: wait, duration: 1}\n", "definition", "line 3"),
+        (
+            "name: x\nsteps:\n  a: {type: task, agent: e, input: {x: &l [1, 1]}}\n"
+            "  b: {type: task, agent: e, input: {y: [*l, *l]}}\n",
+            "definition",
+            "aliases (*name) are not allowed",
+        ),
     ],
 )
 def test_invalid_definitions_name_the_path(text: str, field: str, words: str) -> None:
