@@ -16,7 +16,13 @@ from textual.widgets import Footer, Input, Label, RichLog, Select, Static
 from textual.widgets._footer import FooterKey
 
 from taskrun.cli.tui.app import TOAST_MARGIN, TaskRunApp
-from taskrun.cli.tui.screens import ConfirmScreen, HelpScreen, NewTaskScreen, RunScreen
+from taskrun.cli.tui.screens import (
+    AnswerScreen,
+    ConfirmScreen,
+    HelpScreen,
+    NewTaskScreen,
+    RunScreen,
+)
 from taskrun.cli.tui.widgets import FleetHeader, TasksTable, Transcript, WorkersTable
 from taskrun.core.agent import AgentError, AgentResult, RunContext
 from taskrun.core.ids import RunId
@@ -553,7 +559,7 @@ async def test_the_inbox_tab_lists_waiting_approvals_with_a_count_in_the_header(
     async with app.run_test(size=SIZE) as pilot:
         await until(pilot.pause, lambda: app.state.synced)
         assert "inbox 0" in header(app)
-        await client.start_workflow_run("ask", {"v": "2.1"})
+        run, _ = await client.start_workflow_run("ask", {"v": "2.1"})
         table = app.query_one(InboxTable)
         await until(pilot.pause, lambda: len(table.rows) == 1)
         assert "inbox 1" in header(app)
@@ -563,6 +569,21 @@ async def test_the_inbox_tab_lists_waiting_approvals_with_a_count_in_the_header(
         row = table.get_row(key)
         assert row[1] == "ask/ok" and row[2] == "Ship 2.1?" and row[3] == "yes_ship,no_wait"
         app.save_screenshot("tui-inbox.svg", path=str(DOCS))
-        await client.answer_inbox_item(str(key.value), approve=True, choice="yes_ship")
+        table.focus()
+        await pilot.press("enter")
+        await until(pilot.pause, lambda: isinstance(app.screen, AnswerScreen))
+        await pilot.click("#approve")  # no choice picked yet: refused in the form
+        await pilot.pause()
+        assert "pick a choice: yes_ship, no_wait" in str(app.screen.query_one("#error").render())
+        app.screen.query_one("#choice", Select).value = "yes_ship"
+        app.screen.query_one("#comment", Input).value = "looks good"
+        await pilot.pause(0.3)  # a button ignores presses during its 0.2 s "active" effect
+        await pilot.click("#approve")
         await until(pilot.pause, lambda: len(table.rows) == 0)
         assert "inbox 0" in header(app)
+    done = await client.get_workflow_run(run.id)
+    assert done.steps["ok"].result == {
+        "decision": "approved",
+        "choice": "yes_ship",
+        "comment": "looks good",
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import grpc
@@ -16,7 +17,14 @@ from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, Tab
 
 from taskrun.cli.client import Client, EventKind, FleetEvent
 from taskrun.cli.output import status_name
-from taskrun.cli.tui.screens import ConfirmScreen, HelpScreen, NewTaskScreen, RunScreen
+from taskrun.cli.tui.screens import (
+    Answer,
+    AnswerScreen,
+    ConfirmScreen,
+    HelpScreen,
+    NewTaskScreen,
+    RunScreen,
+)
 from taskrun.cli.tui.state import FleetState
 from taskrun.cli.tui.widgets import (
     EventsPane,
@@ -235,6 +243,26 @@ class TaskRunApp(App[None]):
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if isinstance(event.data_table, TasksTable) and event.row_key.value:
             self.push_screen(self.run_screen(event.row_key.value))
+        elif isinstance(event.data_table, InboxTable) and event.row_key.value:  # issue 17
+            item = self.state.inbox.get(event.row_key.value)
+            if item is not None:
+                self.push_screen(AnswerScreen(item), functools.partial(self.answered, item.id))
+
+    def answered(self, item_id: str, answer: Answer | None) -> None:
+        if answer is not None:
+            self.answer_item(item_id, *answer)
+
+    @work(group="actions")
+    async def answer_item(self, item_id: str, approve: bool, choice: str, comment: str) -> None:
+        try:
+            run = await self.client.answer_inbox_item(
+                item_id, approve=approve, choice=choice, comment=comment
+            )
+            verb = "approved" if approve else "rejected"
+            self.notify(f"{item_id} {verb}; workflow run {run.id} is {run.status.name.lower()}")
+        except grpc.aio.AioRpcError as exc:
+            self.notify(f"{exc.code().name}: {exc.details()}", severity="error")
+        self.poll_inbox()
 
     def action_cancel(self) -> None:
         task_id = self._selected_task()
