@@ -217,9 +217,27 @@ def parse_definition(text: str) -> dict[str, Any]:
             f"is neither YAML nor JSON{where}: {getattr(exc, 'problem', exc)}",
             field="definition",
         ) from None
+    _check_keys(document, [])
     validate_definition(document)
     assert isinstance(document, dict)
     return document
+
+
+def _check_keys(value: Any, path: list[Any]) -> None:
+    """Every mapping key must be text: YAML reads `no`, `yes`, `on`, `off` as booleans and `1`
+    as a number, which JSON (and JMESPath) would then see differently."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise InvalidArgument(
+                    f"key {key!r} is not text (YAML reads no/yes/on/off as booleans and digits "
+                    "as numbers): quote it",
+                    field=_path([*path, str(key)]),
+                )
+            _check_keys(item, [*path, key])
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_keys(item, [*path, i])
 
 
 def validate_definition(document: Any) -> None:
@@ -233,7 +251,10 @@ def validate_definition(document: Any) -> None:
             key=lambda e: -len(e.absolute_path),
             default=error,
         )
-        raise InvalidArgument(leaf.message, field=_path(leaf.absolute_path))
+        hint = ""
+        if leaf.validator == "type" and isinstance(leaf.instance, bool):
+            hint = " (YAML reads no/yes/on/off as booleans: quote it)"
+        raise InvalidArgument(leaf.message + hint, field=_path(leaf.absolute_path))
     steps: dict[str, dict[str, Any]] = document["steps"]
     names = set(steps)
 

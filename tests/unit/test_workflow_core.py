@@ -92,6 +92,13 @@ def test_json_is_accepted_as_well_as_yaml() -> None:
             "greater than the maximum of 1000",
         ),
         ("name: x\nsteps: {a: {type: wait, duration: 1}\n", "definition", "line 3"),
+        ("name: x\nsteps:\n  no: {type: wait, duration: 1}\n", "steps.False", "quote it"),
+        (
+            "name: x\nsteps:\n  a: {type: wait, duration: 1}\n"
+            "  b: {type: wait, duration: 1, needs: [off]}\n",
+            "steps.b.needs[0]",
+            "False is not of type 'string' (YAML reads no/yes/on/off as booleans: quote it)",
+        ),
         (
             "name: x\nsteps:\n  a: {type: task, agent: e, input: {x: &l [1, 1]}}\n"
             "  b: {type: task, agent: e, input: {y: [*l, *l]}}\n",
