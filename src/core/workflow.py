@@ -27,6 +27,7 @@ plane's executor (controlplane.workflows) drives runs.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, time, timedelta
@@ -49,6 +50,8 @@ NAME_PATTERN = r"^[a-z]([a-z0-9_-]{0,61}[a-z0-9])?$"
 STEP_PATTERN = r"^[a-z]([a-z0-9_]{0,61}[a-z0-9])?$"  # usable in JMESPath without quoting
 MAX_DEFINITION_BYTES = 256 * 1024
 MAX_STEPS = 100
+MAX_DEPTH = 64
+_TOO_DEEP = f"nests deeper than {MAX_DEPTH} levels"
 APPROVAL_OUTCOMES = ("approved", "rejected", "timeout")
 
 _POLICY_SCHEMA: dict[str, Any] = {
@@ -217,6 +220,8 @@ def parse_definition(text: str) -> dict[str, Any]:
             f"is neither YAML nor JSON{where}: {getattr(exc, 'problem', exc)}",
             field="definition",
         ) from None
+    except RecursionError:
+        raise InvalidArgument(_TOO_DEEP, field="definition") from None
     _check_keys(document, [])
     validate_definition(document)
     assert isinstance(document, dict)
@@ -224,8 +229,11 @@ def parse_definition(text: str) -> dict[str, Any]:
 
 
 def _check_keys(value: Any, path: list[Any]) -> None:
-    """Every mapping key must be text: YAML reads `no`, `yes`, `on`, `off` as booleans and `1`
-    as a number, which JSON (and JMESPath) would then see differently."""
+    """Every mapping key must be text (YAML reads `no`, `yes`, `on`, `off` as booleans and `1`
+    as a number, which JSON and JMESPath would then see differently) and every value a JSON
+    value (not a YAML date, or .nan)."""
+    if len(path) > MAX_DEPTH:
+        raise InvalidArgument(_TOO_DEEP, field=_path(path[:MAX_DEPTH]))
     if isinstance(value, dict):
         for key, item in value.items():
             if not isinstance(key, str):
@@ -238,6 +246,14 @@ def _check_keys(value: Any, path: list[Any]) -> None:
     elif isinstance(value, list):
         for i, item in enumerate(value):
             _check_keys(item, [*path, i])
+    elif not isinstance(value, str | int | float | bool | None):
+        # YAML has dates, times and binary; JSON (how definitions are stored) has not
+        raise InvalidArgument(
+            f"{value!r} is not a JSON value (YAML reads 2026-12-24 as a date): quote it",
+            field=_path(path),
+        )
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise InvalidArgument("is not a finite number", field=_path(path))
 
 
 def validate_definition(document: Any) -> None:

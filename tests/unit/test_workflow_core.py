@@ -94,6 +94,12 @@ def test_json_is_accepted_as_well_as_yaml() -> None:
         ("name: x\nsteps: {a: {type: wait, duration: 1}\n", "definition", "line 3"),
         ("name: x\nsteps:\n  no: {type: wait, duration: 1}\n", "steps.False", "quote it"),
         (
+            "name: x\nsteps: {a: {type: task, agent: e, input: {when: 2026-12-24}}}",
+            "steps.a.input.when",
+            "datetime.date(2026, 12, 24) is not a JSON value",
+        ),
+        ("name: x\nsteps: {a: {type: wait, duration: .nan}}", "steps.a.duration", "finite"),
+        (
             "name: x\nsteps:\n  a: {type: wait, duration: 1}\n"
             "  b: {type: wait, duration: 1, needs: [off]}\n",
             "steps.b.needs[0]",
@@ -192,3 +198,10 @@ def test_a_workflow_run_and_an_inbox_item_survive_the_protobuf_round_trip() -> N
     item = InboxItem("inb_1", "wfr_1", "w", "ask", "q?", ("a",), NOW, None)
     assert convert.inbox_item_from_pb(convert.inbox_item_to_pb(item)) == item
     assert convert.workflow_from_pb(convert.workflow_to_pb(wf)) == wf
+
+
+@pytest.mark.parametrize("depth", [100, 20_000])
+def test_deep_nesting_is_refused(depth: int) -> None:
+    text = "name: x\nsteps: {a: {type: task, agent: e, input: {x: " + "[" * depth
+    error = refused(text + "]" * depth + "}}}")
+    assert error.message == "nests deeper than 64 levels"
