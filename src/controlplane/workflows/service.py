@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import grpc
 
 from taskrun import convert
@@ -12,6 +10,7 @@ from taskrun.controlplane.services import domain_errors
 from taskrun.controlplane.workflows.executor import WorkflowExecutor
 from taskrun.core import errors
 from taskrun.core.access import Scope
+from taskrun.core.validation import validate_input
 from taskrun.v1 import workflows_pb2, workflows_pb2_grpc
 
 MAX_LIMIT = 1000
@@ -75,10 +74,7 @@ class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
         _bounded(request.idempotency_key, "idempotency_key", MAX_KEY, required=False)
         if request.version < 0:
             raise errors.InvalidArgument("must be 0 (the newest) or positive", field="version")
-        try:
-            data = json.loads(request.input_json or "{}")
-        except ValueError as exc:
-            raise errors.InvalidArgument(f"is not JSON: {exc}", field="input_json") from None
+        _, data = validate_input(request.input_json, "input_json")  # size, depth, an object
         run, created = await self.executor.start_run(
             request.name, data, version=request.version, key=request.idempotency_key
         )
