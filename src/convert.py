@@ -5,6 +5,7 @@ Shared by the control plane, the worker and the client; nothing else touches bot
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -42,6 +43,14 @@ from taskrun.core.webhooks import (
     WebhookDelivery,
     WebhookEvent,
 )
+from taskrun.core.workflow import (
+    InboxItem,
+    Step,
+    StepStatus,
+    Workflow,
+    WorkflowRun,
+    WorkflowRunStatus,
+)
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import (
     conversations_pb2,
@@ -50,6 +59,7 @@ from taskrun.v1 import (
     tasks_pb2,
     webhooks_pb2,
     workers_pb2,
+    workflows_pb2,
 )
 
 # --- scalars -------------------------------------------------------------------------------------
@@ -553,6 +563,7 @@ def schedule_to_pb(s: Schedule) -> schedules_pb2.Schedule:
         paused=s.paused,
         last_task_id=s.last_task_id or "",
         last_outcome=s.last_outcome,
+        workflow=s.workflow,
     )
     policy_to_pb(s.policy, out.policy)
     ts_to_pb(s.created_at, out.created_at)
@@ -600,6 +611,7 @@ def schedule_from_pb(
         next_fire_time=ts_from_pb(m, "next_fire_time"),
         last_task_id=TaskId(m.last_task_id) if m.last_task_id else None,
         last_outcome=m.last_outcome,
+        workflow=m.workflow,
     )
 
 
@@ -695,4 +707,132 @@ def delivery_from_pb(m: webhooks_pb2.WebhookDelivery) -> WebhookDelivery:
         last_status_code=m.last_status_code,
         last_error=m.last_error,
         delivered_at=ts_from_pb(m, "delivered_at"),
+    )
+
+
+# --- workflows ----------------------------------------------------------------------
+
+
+def workflow_to_pb(w: Workflow) -> workflows_pb2.Workflow:
+    out = workflows_pb2.Workflow(
+        name=w.name,
+        version=w.version,
+        description=w.description,
+        definition_json=json.dumps(w.definition),
+    )
+    ts_to_pb(w.created_at, out.created_at)
+    return out
+
+
+def workflow_from_pb(m: workflows_pb2.Workflow) -> Workflow:
+    return Workflow(
+        name=m.name,
+        version=m.version,
+        definition=json.loads(m.definition_json or "{}"),
+        created_at=ts_from_pb(m, "created_at") or datetime.fromtimestamp(0, UTC),
+        description=m.description,
+    )
+
+
+def _json_or_empty(value: Any) -> str:
+    return "" if value is None else json.dumps(value)
+
+
+def workflow_run_to_pb(r: WorkflowRun) -> workflows_pb2.WorkflowRun:
+    out = workflows_pb2.WorkflowRun(
+        id=r.id,
+        workflow=r.workflow,
+        version=r.version,
+        status=f"WORKFLOW_RUN_STATUS_{r.status.name}",
+        input_json=json.dumps(r.input),
+        idempotency_key=r.idempotency_key,
+        error=r.error,
+    )
+    ts_to_pb(r.created_at, out.created_at)
+    ts_to_pb(r.updated_at, out.updated_at)
+    ts_to_pb(r.finished_at, out.finished_at)
+    for step in r.steps.values():
+        s = out.steps.add(
+            name=step.name,
+            kind=step.kind,
+            status=f"STEP_STATUS_{step.status.name}",
+            task_id=step.task_id,
+            result_json=_json_or_empty(step.result),
+            error=step.error,
+            inbox_item_id=step.inbox_item_id,
+            branch=step.branch,
+            question=step.question,
+            choices=list(step.choices),
+            comment=step.comment,
+            answered_by=step.answered_by,
+        )
+        ts_to_pb(step.started_at, s.started_at)
+        ts_to_pb(step.finished_at, s.finished_at)
+        ts_to_pb(step.due_at, s.due_at)
+    return out
+
+
+def workflow_run_from_pb(m: workflows_pb2.WorkflowRun) -> WorkflowRun:
+    steps = {
+        s.name: Step(
+            name=s.name,
+            kind=s.kind,
+            status=StepStatus[workflows_pb2.StepStatus.Name(s.status).removeprefix("STEP_STATUS_")],
+            task_id=s.task_id,
+            result=json.loads(s.result_json) if s.result_json else None,
+            error=s.error,
+            started_at=ts_from_pb(s, "started_at"),
+            finished_at=ts_from_pb(s, "finished_at"),
+            due_at=ts_from_pb(s, "due_at"),
+            inbox_item_id=s.inbox_item_id,
+            branch=s.branch,
+            question=s.question,
+            choices=list(s.choices),
+            comment=s.comment,
+            answered_by=s.answered_by,
+        )
+        for s in m.steps
+    }
+    epoch = datetime.fromtimestamp(0, UTC)
+    return WorkflowRun(
+        id=m.id,
+        workflow=m.workflow,
+        version=m.version,
+        input=json.loads(m.input_json or "{}"),
+        status=WorkflowRunStatus[
+            workflows_pb2.WorkflowRunStatus.Name(m.status).removeprefix("WORKFLOW_RUN_STATUS_")
+        ],
+        created_at=ts_from_pb(m, "created_at") or epoch,
+        updated_at=ts_from_pb(m, "updated_at") or epoch,
+        steps=steps,
+        idempotency_key=m.idempotency_key,
+        finished_at=ts_from_pb(m, "finished_at"),
+        error=m.error,
+    )
+
+
+def inbox_item_to_pb(i: InboxItem) -> workflows_pb2.InboxItem:
+    out = workflows_pb2.InboxItem(
+        id=i.id,
+        workflow_run_id=i.run_id,
+        workflow=i.workflow,
+        step=i.step,
+        question=i.question,
+        choices=list(i.choices),
+    )
+    ts_to_pb(i.created_at, out.created_at)
+    ts_to_pb(i.due_at, out.due_at)
+    return out
+
+
+def inbox_item_from_pb(m: workflows_pb2.InboxItem) -> InboxItem:
+    return InboxItem(
+        id=m.id,
+        run_id=m.workflow_run_id,
+        workflow=m.workflow,
+        step=m.step,
+        question=m.question,
+        choices=tuple(m.choices),
+        created_at=ts_from_pb(m, "created_at") or datetime.fromtimestamp(0, UTC),
+        due_at=ts_from_pb(m, "due_at"),
     )

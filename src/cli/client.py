@@ -42,6 +42,7 @@ from taskrun.core.models import (
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.webhooks import Webhook, WebhookDelivery
+from taskrun.core.workflow import InboxItem, Workflow, WorkflowRun
 from taskrun.v1 import (
     conversations_pb2,
     conversations_pb2_grpc,
@@ -57,6 +58,8 @@ from taskrun.v1 import (
     webhooks_pb2_grpc,
     workers_pb2,
     workers_pb2_grpc,
+    workflows_pb2,
+    workflows_pb2_grpc,
 )
 
 # Keepalive only while a call is open (a follow stream): the server accepts pings every 5 s.
@@ -121,6 +124,7 @@ class EventKind(IntEnum):
     RUN_CHANGED = 5
     OUTPUT = 6
     SNAPSHOT_END = 7
+    INBOX_ITEM_CREATED = 8  # something waits for a person
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +139,7 @@ class FleetEvent:
     worker: Worker | None = None
     worker_runs: tuple[RunId, ...] = field(default=())  # runs the worker holds
     chunk: OutputChunk | None = None
+    inbox_item: InboxItem | None = None
 
 
 def _fleet_event(m: events_pb2.Event) -> FleetEvent:
@@ -148,6 +153,7 @@ def _fleet_event(m: events_pb2.Event) -> FleetEvent:
         worker=worker,
         worker_runs=tuple(worker_runs),
         chunk=convert.chunk_from_pb(m.chunk) if m.HasField("chunk") else None,
+        inbox_item=convert.inbox_item_from_pb(m.inbox_item) if m.HasField("inbox_item") else None,
     )
 
 
@@ -1008,6 +1014,88 @@ class Client:
             request.after.FromDatetime(after)
         response = await self._schedule_stub().PreviewSchedule(request, timeout=self.timeout)
         return response.timezone, [convert.fire_time_from_pb(f) for f in response.fire_times]
+
+    # --- workflows ----------------------------------------------------------------
+
+    def _workflow_stub(self) -> Any:
+        return workflows_pb2_grpc.WorkflowServiceStub(self.channel)
+
+    async def put_workflow(self, definition: str) -> tuple[Workflow, bool]:
+        """Store a definition (YAML or JSON text) as the next version; (workflow, created).
+        INVALID_ARGUMENT names the path of a bad field (`steps.draft.agent`)."""
+        m = await self._workflow_stub().PutWorkflow(
+            workflows_pb2.PutWorkflowRequest(definition=definition), timeout=self.timeout
+        )
+        return convert.workflow_from_pb(m.workflow), m.created
+
+    async def list_workflows(self) -> list[Workflow]:
+        m = await self._workflow_stub().ListWorkflows(
+            workflows_pb2.ListWorkflowsRequest(), timeout=self.timeout
+        )
+        return [convert.workflow_from_pb(w) for w in m.workflows]
+
+    async def get_workflow(self, name: str, version: int = 0) -> Workflow:
+        m = await self._workflow_stub().GetWorkflow(
+            workflows_pb2.GetWorkflowRequest(name=name, version=version), timeout=self.timeout
+        )
+        return convert.workflow_from_pb(m)
+
+    async def start_workflow_run(
+        self,
+        name: str,
+        input: Mapping[str, Any] | None = None,
+        *,
+        version: int = 0,
+        idempotency_key: str = "",
+    ) -> tuple[WorkflowRun, bool]:
+        """Start a run of the workflow (its newest version unless `version`); (run, created)."""
+        m = await self._workflow_stub().StartWorkflowRun(
+            workflows_pb2.StartWorkflowRunRequest(
+                name=name,
+                version=version,
+                input_json=json.dumps(dict(input or {})),
+                idempotency_key=idempotency_key,
+            ),
+            timeout=self.timeout,
+        )
+        return convert.workflow_run_from_pb(m.run), m.created
+
+    async def get_workflow_run(self, run_id: str) -> WorkflowRun:
+        m = await self._workflow_stub().GetWorkflowRun(
+            workflows_pb2.GetWorkflowRunRequest(id=run_id), timeout=self.timeout
+        )
+        return convert.workflow_run_from_pb(m)
+
+    async def list_workflow_runs(self, workflow: str = "", limit: int = 100) -> list[WorkflowRun]:
+        m = await self._workflow_stub().ListWorkflowRuns(
+            workflows_pb2.ListWorkflowRunsRequest(workflow=workflow, limit=limit),
+            timeout=self.timeout,
+        )
+        return [convert.workflow_run_from_pb(r) for r in m.runs]
+
+    async def cancel_workflow_run(self, run_id: str, reason: str = "") -> WorkflowRun:
+        m = await self._workflow_stub().CancelWorkflowRun(
+            workflows_pb2.CancelWorkflowRunRequest(id=run_id, reason=reason), timeout=self.timeout
+        )
+        return convert.workflow_run_from_pb(m)
+
+    async def list_inbox(self) -> list[InboxItem]:
+        m = await self._workflow_stub().ListInboxItems(
+            workflows_pb2.ListInboxItemsRequest(), timeout=self.timeout
+        )
+        return [convert.inbox_item_from_pb(i) for i in m.items]
+
+    async def answer_inbox_item(
+        self, item_id: str, *, approve: bool, choice: str = "", comment: str = ""
+    ) -> WorkflowRun:
+        """Approve (with one of the item's choices, when it has some) or reject."""
+        m = await self._workflow_stub().AnswerInboxItem(
+            workflows_pb2.AnswerInboxItemRequest(
+                id=item_id, approve=approve, choice=choice, comment=comment
+            ),
+            timeout=self.timeout,
+        )
+        return convert.workflow_run_from_pb(m)
 
 
 def _schedule(message: schedules_pb2.Schedule) -> Schedule:

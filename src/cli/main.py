@@ -33,6 +33,7 @@ from taskrun.cli import (
     schedule_cmd,
     store_cmd,
     webhook_cmd,
+    workflow_cmd,
 )
 from taskrun.cli import credentials as creds
 from taskrun.cli.client import Client, TaskChanged
@@ -656,6 +657,7 @@ def build_parser() -> argparse.ArgumentParser:
     events_cmd.register(commands)  # `taskrun events`, `taskrun tui`
     access_cmd.register(commands)  # `taskrun token`, `api-token`, `audit`
     webhook_cmd.register(commands)  # `taskrun webhook`
+    workflow_cmd.register(commands)  # `taskrun workflow`, `inbox`, `approve`, `reject`
     maintenance_cmd.register(commands)  # `taskrun backup`, `taskrun completion`
     store_cmd.register(commands)  # `taskrun store copy`
 

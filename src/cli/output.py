@@ -527,6 +527,16 @@ def event_doc(event: FleetEvent) -> dict[str, Any]:
         doc["run"] = run_doc(event.run)
     if event.chunk is not None:
         doc["chunk"] = chunk_doc(event.chunk)
+    if event.inbox_item is not None:
+        i = event.inbox_item
+        doc["inbox_item"] = {
+            "id": i.id,
+            "workflow_run_id": i.run_id,
+            "workflow": i.workflow,
+            "step": i.step,
+            "question": i.question,
+            "choices": list(i.choices),
+        }
     return doc
 
 
@@ -559,6 +569,9 @@ def event_line(event: FleetEvent) -> str:
         c = event.chunk
         data = format_event(c.data, 120) if c.kind is OutputKind.EVENT else _one_line(c.data, 120)
         text = f"{c.task_id or NONE} {c.run_id} #{c.seq} {data}"
+    elif event.inbox_item is not None:
+        i = event.inbox_item
+        text = f"{i.id} {i.workflow}/{i.step} {_one_line(i.question, 100)}"
     else:
         text = "snapshot complete; live changes follow" if event.kind.name == "SNAPSHOT_END" else ""
     marker = " (snapshot)" if event.snapshot and event.kind.name != "SNAPSHOT_END" else ""

@@ -114,7 +114,16 @@ def _rule_flags(p: argparse.ArgumentParser, *, update: bool) -> None:
 
 
 def _task_flags(p: argparse.ArgumentParser, *, update: bool) -> None:
-    p.add_argument("--agent", required=not update, help="the agent of the tasks it creates")
+    if update:
+        p.add_argument("--agent", help="the agent of the tasks it creates")
+    else:  # or a workflow it starts
+        target = p.add_mutually_exclusive_group(required=True)
+        target.add_argument("--agent", help="the agent of the tasks it creates")
+        target.add_argument(
+            "--workflow",
+            metavar="NAME",
+            help="start a run of this workflow instead (--input is the run's input)",
+        )
     source = p.add_mutually_exclusive_group()
     source.add_argument("--input", metavar="JSON", help="the task input, a JSON object")
     source.add_argument("--input-file", metavar="PATH", help="read the input from PATH (- = stdin)")
@@ -228,7 +237,8 @@ def schedule_from_args(args: argparse.Namespace) -> Schedule:
     """The schedule described by `schedule create` flags (the server validates the rest)."""
     return Schedule(
         name=args.name,
-        agent=args.agent,
+        agent=args.agent or "",
+        workflow=getattr(args, "workflow", None) or "",
         timezone=args.timezone,
         cron=args.cron or "",
         rrule=args.rrule or "",
@@ -336,7 +346,7 @@ def schedules_table(schedules: list[Schedule]) -> str:
         rows.append(
             (
                 s.name,
-                s.agent,
+                s.agent or f"workflow {s.workflow}",
                 _state(s),
                 rule_text(s),
                 s.timezone,
@@ -354,7 +364,7 @@ def schedule_detail(s: Schedule, now: datetime) -> str:
     policy = s.policy
     fields = [
         ("Name", s.name),
-        ("Agent", s.agent),
+        ("Workflow", s.workflow) if s.workflow else ("Agent", s.agent),
         ("State", _state(s)),
         ("Cron" if s.cron else "RRULE", s.cron or s.rrule.replace("\n", " ")),
         ("Timezone", s.timezone),

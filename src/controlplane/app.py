@@ -37,6 +37,8 @@ from taskrun.controlplane.store import open_store, redact
 from taskrun.controlplane.tls import ServerCertificateSource
 from taskrun.controlplane.webhook_service import WebhookService
 from taskrun.controlplane.webhooks import WebhookDispatcher
+from taskrun.controlplane.workflows.executor import WorkflowExecutor
+from taskrun.controlplane.workflows.service import WorkflowService
 from taskrun.core.store import Store
 from taskrun.metrics_http import MetricsServer
 from taskrun.ports import check_listen_address
@@ -55,6 +57,8 @@ from taskrun.v1 import (
     webhooks_pb2_grpc,
     workers_pb2,
     workers_pb2_grpc,
+    workflows_pb2,
+    workflows_pb2_grpc,
 )
 
 log = structlog.get_logger(__name__)
@@ -70,6 +74,7 @@ SERVICE_NAMES = (
     security_pb2.DESCRIPTOR.services_by_name["AccessService"].full_name,
     security_pb2.DESCRIPTOR.services_by_name["EnrollmentService"].full_name,
     webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
+    workflows_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
 )
 
 # Keepalive: notice a silent peer in seconds (see FIELD-NOTES). Workers use matching settings.
@@ -100,6 +105,7 @@ class RunningServer:
     tls_sources: tuple[ServerCertificateSource, ...] = ()
     http_server: HttpServer | None = None  # None unless config.http_listen
     webhooks: WebhookDispatcher | None = None
+    workflows: WorkflowExecutor | None = None
 
     @property
     def http_port(self) -> int:
@@ -114,6 +120,8 @@ class RunningServer:
             await self.metrics_server.close()
         if self.scheduler is not None:
             await self.scheduler.stop()
+        if self.workflows is not None:
+            await self.workflows.stop()
         if self.webhooks is not None:
             await self.webhooks.stop()
         await self.engine.stop()
@@ -160,6 +168,10 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     engine.on_health = store_health
     scheduler = Scheduler(engine, misfire_grace=config.schedule_misfire_grace)
     await scheduler.load()
+    workflows = WorkflowExecutor(engine)
+    workflows.on_inbox_item = engine.events.announce_inbox_item
+    await workflows.load()
+    scheduler.workflows = workflows  # a schedule may start a workflow
     access = AccessControl(engine, config)
     await access.load()
     webhooks = WebhookDispatcher(engine, config)
@@ -182,6 +194,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     events = EventService(engine, auth)
     admin = AccessService(auth)
     webhook_service = WebhookService(webhooks, auth)
+    workflow_service = WorkflowService(workflows, auth)
     enrollment = EnrollmentService(access)
 
     def public_services(server: grpc.aio.Server) -> None:
@@ -196,6 +209,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         events_pb2_grpc.add_EventServiceServicer_to_server(events, server)
         security_pb2_grpc.add_AccessServiceServicer_to_server(admin, server)
         webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(webhook_service, server)
+        workflows_pb2_grpc.add_WorkflowServiceServicer_to_server(workflow_service, server)
 
     # The mTLS listener: every caller presents a certificate signed by our CA.
     server = grpc.aio.server(interceptors=[metrics.interceptor(), guard], options=options)
@@ -246,7 +260,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
             log.warning("metrics not served", address=config.metrics_listen, error=str(exc))
     http_server = None
     if config.http_listen:
-        servicers = Servicers(tasks, workers, schedules, events, webhook_service)
+        servicers = Servicers(tasks, workers, schedules, events, webhook_service, workflow_service)
         api = HttpApi(servicers, max_body_bytes=config.http_max_body_bytes, openapi=build_openapi())
         mcp = McpEndpoint(servicers)
 
@@ -271,6 +285,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         await public_server.start()
     scheduler.start()
     webhooks.start()
+    workflows.start()  # after webhooks: it announces the inbox items still waiting
     if not engine.store_error:
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -296,6 +311,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         tls_sources=tuple(sources),
         http_server=http_server,
         webhooks=webhooks,
+        workflows=workflows,
     )
 
 

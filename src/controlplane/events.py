@@ -22,6 +22,7 @@ from taskrun.core.ids import RunId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker, utcnow
 from taskrun.core.status import WorkerStatus
 from taskrun.core.store import ChangeSet
+from taskrun.core.workflow import InboxItem
 from taskrun.v1 import events_pb2 as epb
 
 DEFAULT_LIMIT = 10_000
@@ -151,6 +152,17 @@ class EventHub:
                 for kind, task_id, worker_id, event in events:
                     if sub.filter.wants(kind, task_id, worker_id):
                         sub.push(event)
+
+    def announce_inbox_item(self, item: InboxItem) -> None:
+        """a new inbox item, announced by the workflow executor once it is durable."""
+        if not self._subs:
+            return
+        event = epb.Event(kind=epb.EVENT_KIND_INBOX_ITEM_CREATED)
+        event.inbox_item.CopyFrom(convert.inbox_item_to_pb(item))
+        _stamped(event, utcnow())
+        for sub in self._subs:
+            if sub.filter.wants(event.kind, "", ""):
+                sub.push(event)
 
     def observe(self, observer: Observer) -> None:
         self._observers.append(observer)

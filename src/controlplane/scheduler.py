@@ -26,6 +26,7 @@ from datetime import datetime, timedelta
 import structlog
 
 from taskrun.controlplane.engine import Engine
+from taskrun.controlplane.workflows.executor import WorkflowExecutor
 from taskrun.core.errors import (
     AlreadyExists,
     FailedPrecondition,
@@ -74,6 +75,8 @@ class _Firing:
     outcome: str = ""
     spec: TaskSpec | None = None
     cancel: list[TaskId] = field(default_factory=list)
+    start_workflow: bool = False  # start a run of the schedule's workflow
+    cancel_runs: list[str] = field(default_factory=list)  # its unfinished earlier runs
 
 
 class Scheduler:
@@ -111,6 +114,7 @@ class Scheduler:
         self._retry_at: datetime | None = None
         self._started = False
         self._closed = False
+        self.workflows: WorkflowExecutor | None = None  # set by the app
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -190,8 +194,11 @@ class Scheduler:
         async with self._lock:
             now = self.clock()
             schedule = validate_schedule(submitted, now, prefix)
-            self._check_agent(schedule.agent, f"{prefix}agent")
-            self._check_input(schedule, f"{prefix}input_json")
+            if schedule.workflow:
+                await self._check_workflow(schedule.workflow, f"{prefix}workflow")
+            else:
+                self._check_agent(schedule.agent, f"{prefix}agent")
+                self._check_input(schedule, f"{prefix}input_json")
             if schedule.name in self._schedules:
                 raise AlreadyExists(
                     f"schedule {quoted(schedule.name)} exists", field=f"{prefix}name"
@@ -243,9 +250,13 @@ class Scheduler:
                 changes["cron"] = ""
             merged = replace(copy_schedule(current), **changes)
             schedule = validate_schedule(merged, now, prefix)
-            if schedule.agent != current.agent:
+            if schedule.workflow:
+                pass  # its workflow exists (workflows are never deleted)
+            elif schedule.agent != current.agent:
                 self._check_agent(schedule.agent, f"{prefix}agent")
-            if schedule.agent != current.agent or schedule.input != current.input:
+            if not schedule.workflow and (
+                schedule.agent != current.agent or schedule.input != current.input
+            ):
                 self._check_input(schedule, f"{prefix}input_json")
             rule = compile_schedule(schedule)
             schedule.updated_at = now
@@ -297,6 +308,12 @@ class Scheduler:
         """Create one task now, outside the rhythm; the overlap policy does not apply."""
         async with self._lock:
             current = self._get(name, "name")
+            if current.workflow:
+                raise FailedPrecondition(
+                    f"schedule {quoted(name)} starts workflow {quoted(current.workflow)}: start "
+                    f"a run now with `taskrun workflow run {current.workflow}`",
+                    field="name",
+                )
             now = self.clock()
             self._check_input(current, "input_json")
             ((task, _),) = await self.engine.create_tasks([self._spec(current, None)])
@@ -317,6 +334,14 @@ class Scheduler:
             self._rules[schedule.name] = rule
         self._push(schedule)
         self._arm()
+
+    async def _check_workflow(self, name: str, field: str) -> None:
+        if self.workflows is None:
+            raise FailedPrecondition("this control plane runs no workflows", field=field)
+        try:
+            await self.workflows.get_workflow(name)
+        except NotFound as exc:
+            raise InvalidArgument(exc.message, field=field) from None
 
     def _check_agent(self, agent: str, field: str) -> None:
         for worker in self.engine.workers.values():
@@ -375,6 +400,10 @@ class Scheduler:
             for task_id in firing.cancel:
                 with contextlib.suppress(NotFound, FailedPrecondition):  # it ended meanwhile
                     await self.engine.cancel_task(task_id, reason)
+            for run_id in firing.cancel_runs:
+                assert self.workflows is not None
+                with contextlib.suppress(NotFound, FailedPrecondition):  # it ended meanwhile
+                    await self.workflows.cancel_run(run_id, reason)
         specs = [f.spec for f in firings if f.spec is not None]
         results = iter(await self.engine.create_tasks(specs) if specs else [])
         changed: list[Schedule] = []
@@ -386,6 +415,8 @@ class Scheduler:
                 if created:
                     self._active.setdefault(schedule.name, []).append(task.id)
                 firing.outcome = self._created_outcome(firing, task.id, created)
+            if firing.start_workflow:
+                firing.outcome = await self._start_workflow(firing)
             if firing.next_time is None:
                 firing.outcome += "; the rule has no further occurrence"
             schedule.last_fire_time = firing.occurrence
@@ -422,6 +453,8 @@ class Scheduler:
             )
             return firing
         key = occurrence_key(schedule.name, occurrence)
+        if schedule.workflow:
+            return self._plan_workflow(firing, key)
         unfinished = [  # this occurrence's own task (made before a crash) does not overlap it
             t for t in self._unfinished(schedule.name) if self._key_of(t) != key
         ]
@@ -437,6 +470,46 @@ class Scheduler:
             firing.cancel = unfinished
         firing.spec = self._spec(schedule, occurrence)
         return firing
+
+    def _plan_workflow(self, firing: _Firing, key: str) -> _Firing:
+        """A workflow schedule's occurrence: overlap is about its unfinished earlier runs."""
+        schedule = firing.schedule
+        running = (
+            [r for r, k in self.workflows.unfinished_of_schedule(schedule.name) if k != key]
+            if self.workflows is not None
+            else []
+        )
+        if running and schedule.overlap is OverlapPolicy.SKIP:
+            firing.outcome = f"skipped: previous workflow run still running ({running[-1]})"
+            return firing
+        if running and schedule.overlap is OverlapPolicy.CANCEL_PREVIOUS:
+            firing.cancel_runs = running
+        firing.start_workflow = True
+        return firing
+
+    async def _start_workflow(self, firing: _Firing) -> str:
+        schedule = firing.schedule
+        if self.workflows is None:
+            return "skipped: this control plane runs no workflows"
+        key = occurrence_key(schedule.name, firing.occurrence)
+        try:
+            run, created = await self.workflows.start_run(
+                schedule.workflow, json.loads(schedule.input), key=key, schedule=schedule.name
+            )
+        except (InvalidArgument, NotFound, FailedPrecondition) as exc:
+            return f"skipped: {exc}"
+        parts = [
+            f"started workflow run {run.id}"
+            if created
+            else f"workflow run {run.id} already existed for this occurrence"
+        ]
+        if firing.cancel_runs:
+            parts.append(f"cancelled previous {', '.join(firing.cancel_runs)}")
+        if firing.late:
+            parts.append("ran late (misfire policy run_once)")
+        if firing.superseded:
+            parts.append("earlier missed occurrences were not run")
+        return "; ".join(parts)
 
     @staticmethod
     def _created_outcome(firing: _Firing, task_id: TaskId, created: bool) -> str:

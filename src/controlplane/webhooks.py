@@ -60,7 +60,9 @@ log = structlog.get_logger(__name__)
 MAX_IN_FLIGHT = 16
 SUBSCRIPTION_LIMIT = 100_000
 MAX_ERROR = 500
-_TASK_CHANGES = Filter(kinds=frozenset({epb.EVENT_KIND_TASK_CHANGED}))
+_TASK_CHANGES = Filter(
+    kinds=frozenset({epb.EVENT_KIND_TASK_CHANGED, epb.EVENT_KIND_INBOX_ITEM_CREATED})
+)
 _TASK_STATUS = {
     pb.TASK_STATUS_COMPLETED: TaskStatus.COMPLETED,
     pb.TASK_STATUS_FAILED: TaskStatus.FAILED,
@@ -224,9 +226,11 @@ class WebhookDispatcher:
                 self._schedule(delivery)
 
     def _deliveries_for(self, event: epb.Event) -> list[WebhookDelivery]:
-        task = event.task
         if not self.hooks:
             return []
+        if event.kind == epb.EVENT_KIND_INBOX_ITEM_CREATED:
+            return self._inbox_deliveries(event)
+        task = event.task
         candidates: list[tuple[WebhookEvent, str]] = []
         status = _TASK_STATUS.get(task.status)
         if status is not None:
@@ -273,6 +277,38 @@ class WebhookDispatcher:
                 for hook in wanting
             )
         return out
+
+    def _inbox_deliveries(self, event: epb.Event) -> list[WebhookDelivery]:
+        """a new inbox item. Labels filter on `workflow` (the workflow's name); the
+        event key is the item's id, so an item announced again (after a restart) is stored
+        once per webhook."""
+        item = event.inbox_item
+        kind = WebhookEvent.INBOX_ITEM_CREATED
+        labels = {"workflow": item.workflow}
+        wanting = [h for h in self.hooks.values() if h.wants(kind, "", "", labels)]
+        if not wanting:
+            return []
+        payload = json.dumps(
+            {
+                "type": str(kind),
+                "timestamp": event.time.ToDatetime().isoformat() + "Z",
+                "data": {"inbox_item": convert.to_json_dict(item)},
+            },
+            separators=(",", ":"),
+        )
+        now = self.clock()
+        return [
+            WebhookDelivery(
+                id=new_delivery_id(),
+                webhook_id=hook.id,
+                event=kind,
+                event_key=f"{item.id}:created",
+                payload=payload,
+                created_at=now,
+                next_attempt_at=now,
+            )
+            for hook in wanting
+        ]
 
     # --- sending -----------------------------------------------------------------------------
 

@@ -85,6 +85,9 @@ class Schedule:
     next_fire_time: datetime | None = None  # None when paused or when the rule has ended
     last_task_id: TaskId | None = None
     last_outcome: str = ""
+    # start a run of this workflow (with `input` as its input) instead of a task;
+    # `agent` is then empty and `labels` and `policy` are not used.
+    workflow: str = ""
 
 
 def copy_schedule(s: Schedule) -> Schedule:
@@ -146,7 +149,19 @@ def validate_schedule(s: Schedule, now: datetime, prefix: str = "") -> Schedule:
     """
     p = prefix
     name = validate_schedule_name(s.name, f"{p}name")
-    agent = validate_agent_name(s.agent, f"{p}agent")
+    if s.workflow:
+        if s.agent:
+            raise InvalidArgument(
+                "must be empty when the schedule starts a workflow (give agent or workflow)",
+                field=f"{p}agent",
+            )
+        if not re.fullmatch(r"[a-z]([a-z0-9_-]{0,61}[a-z0-9])?", s.workflow):
+            raise InvalidArgument(
+                f"{quoted(s.workflow)} is not a workflow name", field=f"{p}workflow"
+            )
+        agent = ""
+    else:
+        agent = validate_agent_name(s.agent, f"{p}agent")
     text, _ = validate_input(s.input, f"{p}input_json")
     labels = validate_labels(s.labels, f"{p}labels")
     if s.policy.idempotency_key:

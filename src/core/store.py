@@ -23,6 +23,7 @@ from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Work
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.webhooks import Webhook, WebhookDelivery
+from taskrun.core.workflow import Workflow, WorkflowRun
 
 FENCED = "the store refuses writes after a failed one until the control plane recovers"
 
@@ -45,6 +46,10 @@ class ChangeSet:
     conversations: list[Conversation] = field(default_factory=list)
     turns: list[Turn] = field(default_factory=list)
     deleted_conversations: list[ConversationId] = field(default_factory=list)
+    # Workflow definitions are inserted (a (name, version) is never rewritten);
+    # workflow runs are upserts by id (their steps' state included).
+    workflows: list[Workflow] = field(default_factory=list)
+    workflow_runs: list[WorkflowRun] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -60,6 +65,8 @@ class ChangeSet:
             or self.conversations
             or self.turns
             or self.deleted_conversations
+            or self.workflows
+            or self.workflow_runs
         )
 
     def merge(self, other: ChangeSet) -> None:
@@ -75,6 +82,8 @@ class ChangeSet:
         self.conversations.extend(other.conversations)
         self.turns.extend(other.turns)
         self.deleted_conversations.extend(other.deleted_conversations)
+        self.workflows.extend(other.workflows)
+        self.workflow_runs.extend(other.workflow_runs)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,6 +220,26 @@ class ConversationStore(Protocol):
         ...
 
 
+class WorkflowStore(Protocol):
+    """Workflow definitions (every version) and workflow runs."""
+
+    async def get_workflow(self, name: str, version: int = 0) -> Workflow | None:
+        """That version of the workflow; the newest when `version` is 0."""
+        ...
+
+    async def list_workflows(self) -> list[Workflow]:
+        """The newest version of every workflow, ordered by name."""
+        ...
+
+    async def get_workflow_run(self, run_id: str) -> WorkflowRun | None: ...
+    async def get_workflow_run_by_key(self, key: str) -> WorkflowRun | None: ...
+    async def list_workflow_runs(
+        self, workflow: str = "", *, unfinished: bool = False, limit: int = 100
+    ) -> list[WorkflowRun]:
+        """Newest first (all of them when `unfinished`), of one workflow when it is named."""
+        ...
+
+
 class Store(
     TaskStore,
     RunStore,
@@ -221,6 +250,7 @@ class Store(
     AuditStore,
     WebhookStore,
     ConversationStore,
+    WorkflowStore,
     Protocol,
 ):
     async def open(self) -> None: ...

@@ -39,6 +39,7 @@ class WebhookEvent(StrEnum):
     TASK_FAILED = "task.failed"
     TASK_CANCELLED = "task.cancelled"
     SCHEDULE_FIRED = "schedule.fired"  # a schedule created a task (its `data.task`)
+    INBOX_ITEM_CREATED = "inbox.item_created"  # an approval waits (`data.inbox_item`)
     WEBHOOK_TEST = "webhook.test"  # `taskrun webhook test`: sent on request, never subscribed
 
 

@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from taskrun.v1 import common_pb2 as taskrun_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ataskrun/v1/schedules.proto\x12\ntaskrun.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17taskrun/v1/common.proto\"\xdd\x04\n\x08Schedule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x12\n\ninput_json\x18\x03 \x01(\t\x12\x30\n\x06labels\x18\x04 \x03(\x0b\x32 .taskrun.v1.Schedule.LabelsEntry\x12&\n\x06policy\x18\x05 \x01(\x0b\x32\x16.taskrun.v1.TaskPolicy\x12\x0c\n\x04\x63ron\x18\x06 \x01(\t\x12\r\n\x05rrule\x18\x07 \x01(\t\x12\x10\n\x08timezone\x18\x08 \x01(\t\x12\x31\n\x0emisfire_policy\x18\t \x01(\x0e\x32\x19.taskrun.v1.MisfirePolicy\x12\x31\n\x0eoverlap_policy\x18\n \x01(\x0e\x32\x19.taskrun.v1.OverlapPolicy\x12\x0e\n\x06paused\x18\x0b \x01(\x08\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_fire_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0enext_fire_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clast_task_id\x18\x10 \x01(\t\x12\x14\n\x0clast_outcome\x18\x11 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x15\x43reateScheduleRequest\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.taskrun.v1.Schedule\"\"\n\x12GetScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x14ListSchedulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x15ListSchedulesResponse\x12\'\n\tschedules\x18\x01 \x03(\x0b\x32\x14.taskrun.v1.Schedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x15UpdateScheduleRequest\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.taskrun.v1.Schedule\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"$\n\x14PauseScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15ResumeScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15\x44\x65leteScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteScheduleResponse\"&\n\x16TriggerScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"a\n\x17TriggerScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.taskrun.v1.Schedule\x12\x1e\n\x04task\x18\x02 \x01(\x0b\x32\x10.taskrun.v1.Task\"\x88\x01\n\x16PreviewScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08schedule\x18\x02 \x01(\x0b\x32\x14.taskrun.v1.Schedule\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12)\n\x05\x61\x66ter\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x08\x46ireTime\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlocal_time\x18\x02 \x01(\t\"U\n\x17PreviewScheduleResponse\x12\x10\n\x08timezone\x18\x01 \x01(\t\x12(\n\nfire_times\x18\x02 \x03(\x0b\x32\x14.taskrun.v1.FireTime*e\n\rMisfirePolicy\x12\x1e\n\x1aMISFIRE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13MISFIRE_POLICY_SKIP\x10\x01\x12\x1b\n\x17MISFIRE_POLICY_RUN_ONCE\x10\x02*\x86\x01\n\rOverlapPolicy\x12\x1e\n\x1aOVERLAP_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14OVERLAP_POLICY_ALLOW\x10\x01\x12\x17\n\x13OVERLAP_POLICY_SKIP\x10\x02\x12\"\n\x1eOVERLAP_POLICY_CANCEL_PREVIOUS\x10\x03\x32\xe7\x05\n\x0fScheduleService\x12I\n\x0e\x43reateSchedule\x12!.taskrun.v1.CreateScheduleRequest\x1a\x14.taskrun.v1.Schedule\x12\x43\n\x0bGetSchedule\x12\x1e.taskrun.v1.GetScheduleRequest\x1a\x14.taskrun.v1.Schedule\x12T\n\rListSchedules\x12 .taskrun.v1.ListSchedulesRequest\x1a!.taskrun.v1.ListSchedulesResponse\x12I\n\x0eUpdateSchedule\x12!.taskrun.v1.UpdateScheduleRequest\x1a\x14.taskrun.v1.Schedule\x12G\n\rPauseSchedule\x12 .taskrun.v1.PauseScheduleRequest\x1a\x14.taskrun.v1.Schedule\x12I\n\x0eResumeSchedule\x12!.taskrun.v1.ResumeScheduleRequest\x1a\x14.taskrun.v1.Schedule\x12W\n\x0e\x44\x65leteSchedule\x12!.taskrun.v1.DeleteScheduleRequest\x1a\".taskrun.v1.DeleteScheduleResponse\x12Z\n\x0fTriggerSchedule\x12\".taskrun.v1.TriggerScheduleRequest\x1a#.taskrun.v1.TriggerScheduleResponse\x12Z\n\x0fPreviewSchedule\x12\".taskrun.v1.PreviewScheduleRequest\x1a#.taskrun.v1.PreviewScheduleResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ataskrun/v1/schedules.proto\x12\ntaskrun.v1\x1a google/protobuf/field_mask.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17taskrun/v1/common.proto\"\xef\x04\n\x08Schedule\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x12\n\ninput_json\x18\x03 \x01(\t\x12\x30\n\x06labels\x18\x04 \x03(\x0b\x32 .taskrun.v1.Schedule.LabelsEntry\x12&\n\x06policy\x18\x05 \x01(\x0b\x32\x16.taskrun.v1.TaskPolicy\x12\x0c\n\x04\x63ron\x18\x06 \x01(\t\x12\r\n\x05rrule\x18\x07 \x01(\t\x12\x10\n\x08timezone\x18\x08 \x01(\t\x12\x31\n\x0emisfire_policy\x18\t \x01(\x0e\x32\x19.taskrun.v1.MisfirePolicy\x12\x31\n\x0eoverlap_policy\x18\n \x01(\x0e\x32\x19.taskrun.v1.OverlapPolicy\x12\x0e\n\x06paused\x18\x0b \x01(\x08\x12.\n\ncreated_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_fire_time\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0enext_fire_time\x18\x0f \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0clast_task_id\x18\x10 \x01(\t\x12\x14\n\x0clast_outcome\x18\x11 \x01(\t\x12\x10\n\x08workflow\x18\x12 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"?\n\x15\x43reateScheduleRequest\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.taskrun.v1.Schedule\"\"\n\x12GetScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"=\n\x14ListSchedulesRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x15ListSchedulesResponse\x12\'\n\tschedules\x18\x01 \x03(\x0b\x32\x14.taskrun.v1.Schedule\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"p\n\x15UpdateScheduleRequest\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.taskrun.v1.Schedule\x12/\n\x0bupdate_mask\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.FieldMask\"$\n\x14PauseScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15ResumeScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"%\n\x15\x44\x65leteScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"\x18\n\x16\x44\x65leteScheduleResponse\"&\n\x16TriggerScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"a\n\x17TriggerScheduleResponse\x12&\n\x08schedule\x18\x01 \x01(\x0b\x32\x14.taskrun.v1.Schedule\x12\x1e\n\x04task\x18\x02 \x01(\x0b\x32\x10.taskrun.v1.Task\"\x88\x01\n\x16PreviewScheduleRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12&\n\x08schedule\x18\x02 \x01(\x0b\x32\x14.taskrun.v1.Schedule\x12\r\n\x05\x63ount\x18\x03 \x01(\x05\x12)\n\x05\x61\x66ter\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"H\n\x08\x46ireTime\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nlocal_time\x18\x02 \x01(\t\"U\n\x17PreviewScheduleResponse\x12\x10\n\x08timezone\x18\x01 \x01(\t\x12(\n\nfire_times\x18\x02 \x03(\x0b\x32\x14.taskrun.v1.FireTime*e\n\rMisfirePolicy\x12\x1e\n\x1aMISFIRE_POLICY_UNSPECIFIED\x10\x00\x12\x17\n\x13MISFIRE_POLICY_SKIP\x10\x01\x12\x1b\n\x17MISFIRE_POLICY_RUN_ONCE\x10\x02*\x86\x01\n\rOverlapPolicy\x12\x1e\n\x1aOVERLAP_POLICY_UNSPECIFIED\x10\x00\x12\x18\n\x14OVERLAP_POLICY_ALLOW\x10\x01\x12\x17\n\x13OVERLAP_POLICY_SKIP\x10\x02\x12\"\n\x1eOVERLAP_POLICY_CANCEL_PREVIOUS\x10\x03\x32\xe7\x05\n\x0fScheduleService\x12I\n\x0e\x43reateSchedule\x12!.taskrun.v1.CreateScheduleRequest\x1a\x14.taskrun.v1.Schedule\x12\x43\n\x0bGetSchedule\x12\x1e.taskrun.v1.GetScheduleRequest\x1a\x14.taskrun.v1.Schedule\x12T\n\rListSchedules\x12 .taskrun.v1.ListSchedulesRequest\x1a!.taskrun.v1.ListSchedulesResponse\x12I\n\x0eUpdateSchedule\x12!.taskrun.v1.UpdateScheduleRequest\x1a\x14.taskrun.v1.Schedule\x12G\n\rPauseSchedule\x12 .taskrun.v1.PauseScheduleRequest\x1a\x14.taskrun.v1.Schedule\x12I\n\x0eResumeSchedule\x12!.taskrun.v1.ResumeScheduleRequest\x1a\x14.taskrun.v1.Schedule\x12W\n\x0e\x44\x65leteSchedule\x12!.taskrun.v1.DeleteScheduleRequest\x1a\".taskrun.v1.DeleteScheduleResponse\x12Z\n\x0fTriggerSchedule\x12\".taskrun.v1.TriggerScheduleRequest\x1a#.taskrun.v1.TriggerScheduleResponse\x12Z\n\x0fPreviewSchedule\x12\".taskrun.v1.PreviewScheduleRequest\x1a#.taskrun.v1.PreviewScheduleResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,42 +36,42 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_SCHEDULE_LABELSENTRY']._loaded_options = None
   _globals['_SCHEDULE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_MISFIREPOLICY']._serialized_start=1692
-  _globals['_MISFIREPOLICY']._serialized_end=1793
-  _globals['_OVERLAPPOLICY']._serialized_start=1796
-  _globals['_OVERLAPPOLICY']._serialized_end=1930
+  _globals['_MISFIREPOLICY']._serialized_start=1710
+  _globals['_MISFIREPOLICY']._serialized_end=1811
+  _globals['_OVERLAPPOLICY']._serialized_start=1814
+  _globals['_OVERLAPPOLICY']._serialized_end=1948
   _globals['_SCHEDULE']._serialized_start=135
-  _globals['_SCHEDULE']._serialized_end=740
-  _globals['_SCHEDULE_LABELSENTRY']._serialized_start=695
-  _globals['_SCHEDULE_LABELSENTRY']._serialized_end=740
-  _globals['_CREATESCHEDULEREQUEST']._serialized_start=742
-  _globals['_CREATESCHEDULEREQUEST']._serialized_end=805
-  _globals['_GETSCHEDULEREQUEST']._serialized_start=807
-  _globals['_GETSCHEDULEREQUEST']._serialized_end=841
-  _globals['_LISTSCHEDULESREQUEST']._serialized_start=843
-  _globals['_LISTSCHEDULESREQUEST']._serialized_end=904
-  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=906
-  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=995
-  _globals['_UPDATESCHEDULEREQUEST']._serialized_start=997
-  _globals['_UPDATESCHEDULEREQUEST']._serialized_end=1109
-  _globals['_PAUSESCHEDULEREQUEST']._serialized_start=1111
-  _globals['_PAUSESCHEDULEREQUEST']._serialized_end=1147
-  _globals['_RESUMESCHEDULEREQUEST']._serialized_start=1149
-  _globals['_RESUMESCHEDULEREQUEST']._serialized_end=1186
-  _globals['_DELETESCHEDULEREQUEST']._serialized_start=1188
-  _globals['_DELETESCHEDULEREQUEST']._serialized_end=1225
-  _globals['_DELETESCHEDULERESPONSE']._serialized_start=1227
-  _globals['_DELETESCHEDULERESPONSE']._serialized_end=1251
-  _globals['_TRIGGERSCHEDULEREQUEST']._serialized_start=1253
-  _globals['_TRIGGERSCHEDULEREQUEST']._serialized_end=1291
-  _globals['_TRIGGERSCHEDULERESPONSE']._serialized_start=1293
-  _globals['_TRIGGERSCHEDULERESPONSE']._serialized_end=1390
-  _globals['_PREVIEWSCHEDULEREQUEST']._serialized_start=1393
-  _globals['_PREVIEWSCHEDULEREQUEST']._serialized_end=1529
-  _globals['_FIRETIME']._serialized_start=1531
-  _globals['_FIRETIME']._serialized_end=1603
-  _globals['_PREVIEWSCHEDULERESPONSE']._serialized_start=1605
-  _globals['_PREVIEWSCHEDULERESPONSE']._serialized_end=1690
-  _globals['_SCHEDULESERVICE']._serialized_start=1933
-  _globals['_SCHEDULESERVICE']._serialized_end=2676
+  _globals['_SCHEDULE']._serialized_end=758
+  _globals['_SCHEDULE_LABELSENTRY']._serialized_start=713
+  _globals['_SCHEDULE_LABELSENTRY']._serialized_end=758
+  _globals['_CREATESCHEDULEREQUEST']._serialized_start=760
+  _globals['_CREATESCHEDULEREQUEST']._serialized_end=823
+  _globals['_GETSCHEDULEREQUEST']._serialized_start=825
+  _globals['_GETSCHEDULEREQUEST']._serialized_end=859
+  _globals['_LISTSCHEDULESREQUEST']._serialized_start=861
+  _globals['_LISTSCHEDULESREQUEST']._serialized_end=922
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_start=924
+  _globals['_LISTSCHEDULESRESPONSE']._serialized_end=1013
+  _globals['_UPDATESCHEDULEREQUEST']._serialized_start=1015
+  _globals['_UPDATESCHEDULEREQUEST']._serialized_end=1127
+  _globals['_PAUSESCHEDULEREQUEST']._serialized_start=1129
+  _globals['_PAUSESCHEDULEREQUEST']._serialized_end=1165
+  _globals['_RESUMESCHEDULEREQUEST']._serialized_start=1167
+  _globals['_RESUMESCHEDULEREQUEST']._serialized_end=1204
+  _globals['_DELETESCHEDULEREQUEST']._serialized_start=1206
+  _globals['_DELETESCHEDULEREQUEST']._serialized_end=1243
+  _globals['_DELETESCHEDULERESPONSE']._serialized_start=1245
+  _globals['_DELETESCHEDULERESPONSE']._serialized_end=1269
+  _globals['_TRIGGERSCHEDULEREQUEST']._serialized_start=1271
+  _globals['_TRIGGERSCHEDULEREQUEST']._serialized_end=1309
+  _globals['_TRIGGERSCHEDULERESPONSE']._serialized_start=1311
+  _globals['_TRIGGERSCHEDULERESPONSE']._serialized_end=1408
+  _globals['_PREVIEWSCHEDULEREQUEST']._serialized_start=1411
+  _globals['_PREVIEWSCHEDULEREQUEST']._serialized_end=1547
+  _globals['_FIRETIME']._serialized_start=1549
+  _globals['_FIRETIME']._serialized_end=1621
+  _globals['_PREVIEWSCHEDULERESPONSE']._serialized_start=1623
+  _globals['_PREVIEWSCHEDULERESPONSE']._serialized_end=1708
+  _globals['_SCHEDULESERVICE']._serialized_start=1951
+  _globals['_SCHEDULESERVICE']._serialized_end=2694
 # @@protoc_insertion_point(module_scope)

@@ -33,7 +33,7 @@ OVERLAP_POLICY_SKIP: OverlapPolicy
 OVERLAP_POLICY_CANCEL_PREVIOUS: OverlapPolicy
 
 class Schedule(_message.Message):
-    __slots__ = ("name", "agent", "input_json", "labels", "policy", "cron", "rrule", "timezone", "misfire_policy", "overlap_policy", "paused", "created_at", "updated_at", "last_fire_time", "next_fire_time", "last_task_id", "last_outcome")
+    __slots__ = ("name", "agent", "input_json", "labels", "policy", "cron", "rrule", "timezone", "misfire_policy", "overlap_policy", "paused", "created_at", "updated_at", "last_fire_time", "next_fire_time", "last_task_id", "last_outcome", "workflow")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class Schedule(_message.Message):
     NEXT_FIRE_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     LAST_OUTCOME_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     name: str
     agent: str
     input_json: str
@@ -75,7 +76,8 @@ class Schedule(_message.Message):
     next_fire_time: _timestamp_pb2.Timestamp
     last_task_id: str
     last_outcome: str
-    def __init__(self, name: _Optional[str] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., policy: _Optional[_Union[_common_pb2.TaskPolicy, _Mapping]] = ..., cron: _Optional[str] = ..., rrule: _Optional[str] = ..., timezone: _Optional[str] = ..., misfire_policy: _Optional[_Union[MisfirePolicy, str]] = ..., overlap_policy: _Optional[_Union[OverlapPolicy, str]] = ..., paused: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_fire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_fire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_task_id: _Optional[str] = ..., last_outcome: _Optional[str] = ...) -> None: ...
+    workflow: str
+    def __init__(self, name: _Optional[str] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., policy: _Optional[_Union[_common_pb2.TaskPolicy, _Mapping]] = ..., cron: _Optional[str] = ..., rrule: _Optional[str] = ..., timezone: _Optional[str] = ..., misfire_policy: _Optional[_Union[MisfirePolicy, str]] = ..., overlap_policy: _Optional[_Union[OverlapPolicy, str]] = ..., paused: _Optional[bool] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_fire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., next_fire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_task_id: _Optional[str] = ..., last_outcome: _Optional[str] = ..., workflow: _Optional[str] = ...) -> None: ...
 
 class CreateScheduleRequest(_message.Message):
     __slots__ = ("schedule",)

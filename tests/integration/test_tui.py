@@ -17,7 +17,13 @@ from textual.widgets import Footer, Input, Label, RichLog, Select, Static
 from textual.widgets._footer import FooterKey
 
 from taskrun.cli.tui.app import TOAST_MARGIN, TaskRunApp
-from taskrun.cli.tui.screens import ConfirmScreen, HelpScreen, NewTaskScreen, RunScreen
+from taskrun.cli.tui.screens import (
+    AnswerScreen,
+    ConfirmScreen,
+    HelpScreen,
+    NewTaskScreen,
+    RunScreen,
+)
 from taskrun.cli.tui.widgets import FleetHeader, TasksTable, Transcript, WorkersTable
 from taskrun.core.agent import AgentError, AgentResult, RunContext
 from taskrun.core.ids import RunId
@@ -212,7 +218,7 @@ async def test_the_footer_shows_every_main_key_within_80_columns(cluster: Cluste
         await pilot.press("question_mark")
         await pilot.pause()
         help_text = str(app.screen.query_one("Static").render())
-        for key in ("1 / 2 / 3", "enter", "\n  c ", "\n  r ", "\n  d ", "\n  R ", "s / a", "/"):
+        for key in ("1 / 2 / 3 / 4", "enter", "\n  c ", "\n  r ", "\n  d ", "\n  R ", "s / a", "/"):
             assert key in help_text, key
 
 
@@ -605,3 +611,48 @@ async def test_a_conversation_of_an_agent_without_sessions_is_a_chat_too(cluster
             "you: again",
             "plainparrot: you said: again",
         ]
+
+
+async def test_the_inbox_tab_lists_waiting_approvals_with_a_count_in_the_header(
+    cluster: Cluster,
+) -> None:
+    from taskrun.cli.tui.widgets import InboxTable
+
+    await cluster.start_server()
+    client = cluster.client()
+    await client.put_workflow(
+        "name: ask\nsteps:\n  ok: {type: approval, question: 'Ship ${input.v}?', "
+        "choices: [yes_ship, no_wait]}\n"
+    )
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot.pause, lambda: app.state.synced)
+        assert "inbox 0" in header(app)
+        run, _ = await client.start_workflow_run("ask", {"v": "2.1"})
+        table = app.query_one(InboxTable)
+        await until(pilot.pause, lambda: len(table.rows) == 1)
+        assert "inbox 1" in header(app)
+        await pilot.press("4")
+        await pilot.pause()
+        [key] = list(table.rows)
+        row = table.get_row(key)
+        assert row[1] == "ask/ok" and row[2] == "Ship 2.1?" and row[3] == "yes_ship,no_wait"
+        app.save_screenshot("tui-inbox.svg", path=str(DOCS))
+        table.focus()
+        await pilot.press("enter")
+        await until(pilot.pause, lambda: isinstance(app.screen, AnswerScreen))
+        await pilot.click("#approve")  # no choice picked yet: refused in the form
+        await pilot.pause()
+        assert "pick a choice: yes_ship, no_wait" in str(app.screen.query_one("#error").render())
+        app.screen.query_one("#choice", Select).value = "yes_ship"
+        app.screen.query_one("#comment", Input).value = "looks good"
+        await pilot.pause(0.3)  # a button ignores presses during its 0.2 s "active" effect
+        await pilot.click("#approve")
+        await until(pilot.pause, lambda: len(table.rows) == 0)
+        assert "inbox 0" in header(app)
+    done = await client.get_workflow_run(run.id)
+    assert done.steps["ok"].result == {
+        "decision": "approved",
+        "choice": "yes_ship",
+        "comment": "looks good",
+    }

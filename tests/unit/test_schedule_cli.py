@@ -80,6 +80,15 @@ def test_create_defaults_to_run_once_and_skip() -> None:
     )
 
 
+def test_create_with_a_workflow_makes_a_workflow_schedule() -> None:
+    args = parse(
+        "schedule", "create", "m", "--workflow", "morning-briefing", "--input", '{"city": "Oslo"}',
+        "--cron", "30 7 * * MON-FRI", "--tz", "Europe/Oslo",
+    )  # fmt: skip
+    s = schedule_cmd.schedule_from_args(args)
+    assert (s.workflow, s.agent, s.input) == ("morning-briefing", "", '{"city": "Oslo"}')
+
+
 @pytest.mark.parametrize(
     "argv",
     [
@@ -87,8 +96,9 @@ def test_create_defaults_to_run_once_and_skip() -> None:
         ["--agent", "echo", "--cron", "* * * * *", "--rrule", "FREQ=DAILY", "--tz", "UTC"],
         ["--cron", "* * * * *", "--tz", "UTC"],  # no agent
         ["--agent", "echo", "--cron", "* * * * *", "--tz", "UTC", "--overlap", "queue"],
+        ["--agent", "echo", "--workflow", "w", "--cron", "* * * * *"],
     ],
-    ids=["no_rule", "both_rules", "no_agent", "bad_overlap"],
+    ids=["no_rule", "both_rules", "no_agent", "bad_overlap", "agent_and_workflow"],
 )
 def test_create_usage_errors_exit_2(argv: list[str]) -> None:
     with pytest.raises(SystemExit) as info:

@@ -57,6 +57,7 @@ from taskrun.core.webhooks import (
     WebhookEvent,
     new_secret,
 )
+from taskrun.core.workflow import StepStatus, Workflow, WorkflowRun, WorkflowRunStatus, new_run
 from tests.faults import fill, small_filesystem
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -1667,3 +1668,97 @@ async def test_list_conversations_newest_first_with_filters_and_pages(store: Sto
     assert await ids(labels=(("team", "a"),)) == [cid(5), cid(3), cid(1)]
     with pytest.raises(ValueError):
         await ids(limit=0)
+
+
+# --- workflows ----------------------------------------------------------------------
+
+
+def make_workflow(name: str, version: int) -> Workflow:
+    return Workflow(
+        name=name,
+        version=version,
+        definition={"name": name, "steps": {"a": {"type": "wait", "duration": version}}},
+        created_at=T0 + timedelta(seconds=version),
+        description=f"v{version}",
+    )
+
+
+def make_workflow_run(n: int, workflow: Workflow, key: str = "") -> WorkflowRun:
+    run = new_run(f"wfr_{n:04d}", workflow, {"n": n, "nested": [1, {"x": None}]}, T0, key)
+    run.created_at = T0 + timedelta(seconds=n)
+    return run
+
+
+async def test_workflow_versions_round_trip_and_the_newest_is_listed(store: Store) -> None:
+    v1, v2, other = make_workflow("brief", 1), make_workflow("brief", 2), make_workflow("a", 1)
+    await store.apply(ChangeSet(workflows=[v1, other]))
+    await store.apply(ChangeSet(workflows=[v2]))
+    assert await store.get_workflow("brief") == v2
+    assert await store.get_workflow("brief", 1) == v1
+    assert await store.get_workflow("brief", 3) is None
+    assert await store.get_workflow("nope") is None
+    assert await store.list_workflows() == [other, v2]
+
+
+async def test_a_stored_workflow_version_is_never_rewritten(store: Store) -> None:
+    await store.apply(ChangeSet(workflows=[make_workflow("brief", 1)]))
+    changed = make_workflow("brief", 1)
+    changed.description = "rewritten"
+    with pytest.raises((ValueError, sqlite3.IntegrityError)):
+        await store.apply(ChangeSet(workflows=[changed]))
+    await store.resume()
+    assert (await store.get_workflow("brief", 1)) == make_workflow("brief", 1)
+
+
+async def test_workflow_runs_round_trip_with_their_steps(store: Store) -> None:
+    workflow = make_workflow("brief", 1)
+    run = make_workflow_run(1, workflow, key="k1")
+    step = run.steps["a"]
+    step.status, step.result, step.started_at = StepStatus.WAITING, {"r": [1, 2]}, T0
+    step.due_at, step.branch, step.choices = T0 + timedelta(hours=1), "then", ["x", "y"]
+    await store.apply(ChangeSet(workflows=[workflow], workflow_runs=[run]))
+    assert await store.get_workflow_run(run.id) == run
+    assert await store.get_workflow_run_by_key("k1") == run
+    assert await store.get_workflow_run_by_key("k2") is None
+    done = make_workflow_run(2, workflow)
+    done.status, done.finished_at, done.error = WorkflowRunStatus.FAILED, T0, "step 'a': boom"
+    await store.apply(ChangeSet(workflow_runs=[done]))
+    assert [r.id for r in await store.list_workflow_runs()] == [done.id, run.id]
+    assert [r.id for r in await store.list_workflow_runs(unfinished=True)] == [run.id]
+    assert [r.id for r in await store.list_workflow_runs(limit=1)] == [done.id]
+    assert await store.list_workflow_runs("other") == []
+    step.status = StepStatus.COMPLETED  # an upsert replaces the steps' state
+    await store.apply(ChangeSet(workflow_runs=[run]))
+    stored = await store.get_workflow_run(run.id)
+    assert stored is not None and stored.steps["a"].status is StepStatus.COMPLETED
+
+
+async def test_a_workflow_run_needs_its_workflow_and_a_free_key(store: Store) -> None:
+    workflow = make_workflow("brief", 1)
+    with pytest.raises((ValueError, sqlite3.IntegrityError)):
+        await store.apply(ChangeSet(workflow_runs=[make_workflow_run(1, workflow)]))
+    await store.resume()
+    await store.apply(
+        ChangeSet(workflows=[workflow], workflow_runs=[make_workflow_run(1, workflow, "k")])
+    )
+    with pytest.raises((ValueError, sqlite3.IntegrityError)):
+        await store.apply(ChangeSet(workflow_runs=[make_workflow_run(2, workflow, "k")]))
+    await store.resume()
+    assert [r.id for r in await store.list_workflow_runs()] == ["wfr_0001"]
+
+
+async def test_workflow_runs_survive_reopening_the_sqlite_file(tmp_path: Path) -> None:
+    path = tmp_path / "t.db"
+    workflow = make_workflow("brief", 1)
+    run = make_workflow_run(1, workflow)
+    first = SqliteStore(path)
+    await first.open()
+    await first.apply(ChangeSet(workflows=[workflow], workflow_runs=[run]))
+    await first.close()
+    second = SqliteStore(path)
+    await second.open()
+    try:
+        assert await second.get_workflow_run(run.id) == run
+        assert await second.list_workflows() == [workflow]
+    finally:
+        await second.close()

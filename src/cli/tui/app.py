@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 from collections.abc import Callable
 
 import grpc
@@ -16,14 +17,28 @@ from textual.widgets import DataTable, Footer, Input, Static, TabbedContent, Tab
 
 from taskrun.cli.client import Client, EventKind, FleetEvent
 from taskrun.cli.output import status_name
-from taskrun.cli.tui.screens import ConfirmScreen, HelpScreen, NewTaskScreen, RunScreen
+from taskrun.cli.tui.screens import (
+    Answer,
+    AnswerScreen,
+    ConfirmScreen,
+    HelpScreen,
+    NewTaskScreen,
+    RunScreen,
+)
 from taskrun.cli.tui.state import FleetState
-from taskrun.cli.tui.widgets import EventsPane, FleetHeader, TasksTable, WorkersTable
+from taskrun.cli.tui.widgets import (
+    EventsPane,
+    FleetHeader,
+    InboxTable,
+    TasksTable,
+    WorkersTable,
+)
 from taskrun.core.ids import TaskId
 from taskrun.core.models import Task, TaskSpec
 from taskrun.core.status import TaskStatus
 
 RECENT_TASKS = 200
+INBOX_POLL = 2.0  # seconds between reads of the inbox
 # A notification with less time left than this is not shown again on another screen (seconds).
 TOAST_MARGIN = 0.5
 # Reconnecting the event stream: first wait, doubled after each failure up to the cap (seconds).
@@ -60,6 +75,7 @@ class TaskRunApp(App[None]):
         Binding("1", "tab('workers')", "workers", show=False),
         Binding("2", "tab('tasks')", "tasks", show=False),
         Binding("3", "tab('events')", "events", show=False),
+        Binding("4", "tab('inbox')", "inbox", show=False),
         Binding("n", "new_task", "new"),
         Binding("enter", "open_run", "run", show=False),
         Binding("c", "cancel", "cancel"),
@@ -90,6 +106,8 @@ class TaskRunApp(App[None]):
                 yield TasksTable(id="tasks-table")
             with TabPane("Events [3]", id="events"):
                 yield EventsPane()
+            with TabPane("Inbox [4]", id="inbox"):
+                yield InboxTable(id="inbox-table")
         yield Footer(compact=True, show_command_palette=False)  # every key fits in 80 columns
 
     def on_mount(self) -> None:
@@ -97,6 +115,8 @@ class TaskRunApp(App[None]):
         self.render_state()
         self.watch_fleet()
         self.set_interval(1.0, self.tick)  # ages and uptime only; data comes from events
+        self.poll_inbox()
+        self.set_interval(INBOX_POLL, self.poll_inbox)  # answered items leave the inbox
 
     # --- data --------------------------------------------------------------------------------
 
@@ -143,6 +163,13 @@ class TaskRunApp(App[None]):
                     self.render_state()
                     live = True
 
+    @work(exclusive=True, group="inbox")
+    async def poll_inbox(self) -> None:
+        """Read the inbox (new items also arrive as events; answered ones only leave here)."""
+        with contextlib.suppress(grpc.aio.AioRpcError):
+            self.state.set_inbox(await self.client.list_inbox())
+            self.render_state()
+
     def apply(self, event: FleetEvent) -> None:
         self.state.apply(event)
         self.render_state()
@@ -152,6 +179,7 @@ class TaskRunApp(App[None]):
         self.query_one(WorkersTable).refresh_from(self.state)
         self.query_one(TasksTable).refresh_from(self.state)
         self.query_one(EventsPane).refresh_from(self.state)
+        self.query_one(InboxTable).refresh_from(self.state)
 
     def tick(self) -> None:
         """Every second: the header's uptime and the tables' ages (data comes from events)."""
@@ -215,6 +243,26 @@ class TaskRunApp(App[None]):
     def on_data_table_row_selected(self, event: DataTable.RowSelected) -> None:
         if isinstance(event.data_table, TasksTable) and event.row_key.value:
             self.push_screen(self.run_screen(event.row_key.value))
+        elif isinstance(event.data_table, InboxTable) and event.row_key.value:
+            item = self.state.inbox.get(event.row_key.value)
+            if item is not None:
+                self.push_screen(AnswerScreen(item), functools.partial(self.answered, item.id))
+
+    def answered(self, item_id: str, answer: Answer | None) -> None:
+        if answer is not None:
+            self.answer_item(item_id, *answer)
+
+    @work(group="actions")
+    async def answer_item(self, item_id: str, approve: bool, choice: str, comment: str) -> None:
+        try:
+            run = await self.client.answer_inbox_item(
+                item_id, approve=approve, choice=choice, comment=comment
+            )
+            verb = "approved" if approve else "rejected"
+            self.notify(f"{item_id} {verb}; workflow run {run.id} is {run.status.name.lower()}")
+        except grpc.aio.AioRpcError as exc:
+            self.notify(f"{exc.code().name}: {exc.details()}", severity="error")
+        self.poll_inbox()
 
     def action_cancel(self) -> None:
         task_id = self._selected_task()

@@ -9,6 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 import grpc
+from rich.markup import escape
 from textual import work
 from textual.app import ComposeResult
 from textual.binding import Binding
@@ -21,10 +22,11 @@ from taskrun.cli.client import Client, OutputReceived, TaskChanged
 from taskrun.cli.tui.widgets import Transcript
 from taskrun.core.ids import RunId
 from taskrun.core.models import OutputKind, Run, Task
+from taskrun.core.workflow import InboxItem
 
 HELP = """\
 [b]Keys[/b]
-  1 / 2 / 3   workers, tasks, events
+  1 / 2 / 3 / 4  workers, tasks, events, inbox (enter: approve or reject)
   n           new task: agent from those announced, JSON input checked
   enter       the selected task's run: live output, events, usage
   c           cancel the selected task
@@ -37,9 +39,9 @@ HELP = """\
   escape      back;   ?  this help;   q  quit
 c, r, d and R ask first.
 
-Everything is pushed by the control plane (WatchEvents), nothing is
-polled. When the stream breaks, the header says so and the TUI
-reconnects by itself.
+Everything is pushed by the control plane (WatchEvents); only the
+inbox is also read every 2 s (answered items leave it). When the
+stream breaks, the header says so and the TUI reconnects by itself.
 """
 
 
@@ -70,6 +72,58 @@ class ConfirmScreen(ModalScreen[bool]):
 
     def action_answer(self, answer: bool) -> None:
         self.dismiss(answer)
+
+
+Answer = tuple[bool, str, str]  # (approve, choice, comment)
+
+
+class AnswerScreen(ModalScreen[Answer | None]):
+    """answer an inbox item: approve (with one of its choices) or reject."""
+
+    BINDINGS = [Binding("escape", "dismiss(None)", "cancel")]
+    DEFAULT_CSS = """
+    AnswerScreen { align: center middle; }
+    AnswerScreen > Vertical { width: 70; height: auto; border: thick $primary; padding: 0 1; }
+    AnswerScreen #error { color: $error; height: auto; width: 100%; }
+    AnswerScreen Label { width: 100%; }
+    AnswerScreen Horizontal { height: auto; }
+    """
+
+    def __init__(self, item: InboxItem) -> None:
+        super().__init__()
+        self.item = item
+
+    def compose(self) -> ComposeResult:
+        with Vertical():
+            yield Label(f"[b]{escape(self.item.workflow)}/{escape(self.item.step)}[/b]")
+            yield Label(escape(self.item.question))
+            if self.item.choices:
+                yield Select([(c, c) for c in self.item.choices], prompt="choice", id="choice")
+            yield Input(placeholder="comment (optional)", id="comment")
+            yield Label("", id="error")
+            with Horizontal():
+                yield Button("Approve", variant="success", id="approve")
+                yield Button("Reject", variant="error", id="reject")
+                yield Button("Cancel", id="cancel")
+
+    def on_button_pressed(self, event: Button.Pressed) -> None:
+        if event.button.id == "cancel":
+            self.dismiss(None)
+            return
+        comment = self.query_one("#comment", Input).value.strip()
+        if event.button.id == "reject":
+            self.dismiss((False, "", comment))
+            return
+        choice = ""
+        if self.item.choices:
+            value = self.query_one("#choice", Select).value
+            if not isinstance(value, str):
+                self.query_one("#error", Label).update(
+                    f"pick a choice: {', '.join(self.item.choices)}"
+                )
+                return
+            choice = value
+        self.dismiss((True, choice, comment))
 
 
 class HelpScreen(ModalScreen[None]):

@@ -10,6 +10,7 @@ from taskrun.cli.client import EventKind, FleetEvent
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import Run, Task, Worker
 from taskrun.core.status import TaskStatus, WorkerStatus
+from taskrun.core.workflow import InboxItem
 
 MAX_EVENTS = 500
 
@@ -27,6 +28,9 @@ class FleetState:
     synced: bool = False  # the snapshot has been received
     applied: int = 0  # events kept so far (the events pane shows the new ones)
     link: str = "connecting…"  # what is wrong with the event stream; "" while it is live
+    # what waits for a person; new items come as events, answered ones leave when the
+    # inbox is read again (every few seconds)
+    inbox: dict[str, InboxItem] = field(default_factory=dict)
 
     def apply(self, event: FleetEvent) -> None:
         if event.kind is EventKind.SNAPSHOT_END:
@@ -44,6 +48,12 @@ class FleetState:
             self.tasks[event.task.id] = event.task
         if event.run is not None:
             self.runs[event.run.id] = event.run
+        if event.inbox_item is not None:
+            self.inbox[event.inbox_item.id] = event.inbox_item
+
+    def set_inbox(self, items: list[InboxItem]) -> None:
+        """The inbox as just read from the control plane."""
+        self.inbox = {item.id: item for item in items}
 
     def add_tasks(self, tasks: list[Task]) -> None:
         """Recent history (read after each snapshot): states from events win over it."""

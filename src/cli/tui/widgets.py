@@ -34,9 +34,11 @@ class FleetHeader(Static):
         tasks = state.task_counts()
         up = output.format_span((_now() - state.started).total_seconds())
         sync = f"  [b $warning]{escape(state.link)}[/]" if state.link else ""
+        waiting = len(state.inbox)
+        inbox = f"  [b $warning]inbox {waiting}[/]" if waiting else "  inbox 0"
         self.update(
             f"[b]TaskRun[/b] {state.server}  up {up}{sync}\n"
-            f"workers {_counts(workers, WorkerStatus)}  tasks {_counts(tasks, TaskStatus)}"
+            f"workers {_counts(workers, WorkerStatus)}  tasks {_counts(tasks, TaskStatus)}{inbox}"
         )
 
 
@@ -158,6 +160,32 @@ class TasksTable(WorkersTable):
                 key=task.id,
             )
         self._restore(selected)
+
+
+class InboxTable(DataTable[str]):
+    """inbox items (approvals waiting for a person), oldest first. Answer them with
+    `taskrun approve ID` / `taskrun reject ID`."""
+
+    COLUMNS: tuple[str, ...] = ("id", "waiting in", "question", "choices", "due")
+
+    def on_mount(self) -> None:
+        self.cursor_type = "row"
+        self.add_columns(*self.COLUMNS)
+
+    def refresh_from(self, state: FleetState) -> None:
+        items = sorted(state.inbox.values(), key=lambda i: (i.created_at, i.id))
+        if [str(k.value) for k in self.rows] == [i.id for i in items]:
+            return
+        self.clear()
+        for item in items:
+            self.add_row(
+                item.id,
+                f"{item.workflow}/{item.step}",
+                output.printable(item.question)[:60],
+                ",".join(item.choices) or "-",
+                output.format_time(item.due_at) if item.due_at else "-",
+                key=item.id,
+            )
 
 
 class EventsPane(RichLog):

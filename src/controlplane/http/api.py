@@ -33,6 +33,7 @@ from taskrun.controlplane.http.problems import from_aborted, problem, sse_error
 from taskrun.controlplane.schedule_service import ScheduleService
 from taskrun.controlplane.services import TaskService, WorkerService
 from taskrun.controlplane.webhook_service import WebhookService
+from taskrun.controlplane.workflows.service import WorkflowService
 from taskrun.core import errors
 from taskrun.core.access import Scope
 from taskrun.v1 import events_pb2 as epb
@@ -63,6 +64,7 @@ class Servicers:
     schedules: ScheduleService
     events: EventService
     webhooks: WebhookService
+    workflows: WorkflowService
 
 
 class BadRequest(Exception):

@@ -6,6 +6,7 @@ constraint violations raised as ValueError. Everything stored or returned is a c
 from __future__ import annotations
 
 import asyncio
+import json
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
@@ -19,6 +20,7 @@ from taskrun.core.schedule import Schedule, copy_schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import FENCED, ChangeSet, ConversationQuery, TaskPage, TaskQuery
 from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery
+from taskrun.core.workflow import Workflow, WorkflowRun, copy_run
 
 __all__ = ["MemoryStore"]
 
@@ -33,6 +35,10 @@ def _copy_task(t: Task) -> Task:
         policy=replace(t.policy, required_labels=dict(t.policy.required_labels)),
         usage=replace(t.usage),
     )
+
+
+def _copy_workflow(w: Workflow) -> Workflow:
+    return replace(w, definition=json.loads(json.dumps(w.definition)))
 
 
 def _copy_run(r: Run) -> Run:
@@ -102,6 +108,9 @@ class MemoryStore:
         self._failing = ""  # test hook: every write fails with this reason while set
         self._webhooks: dict[str, Webhook] = {}
         self._deliveries: dict[str, WebhookDelivery] = {}
+        self._workflows: dict[tuple[str, int], Workflow] = {}
+        self._workflow_runs: dict[str, WorkflowRun] = {}
+        self._workflow_run_keys: dict[str, str] = {}
 
     async def open(self) -> None:
         """Nothing to prepare."""
@@ -196,6 +205,12 @@ class MemoryStore:
         for event in changes.audit_events:  # frozen: no copy needed
             self._last_audit_id += 1
             self._audit.append(replace(event, id=self._last_audit_id))
+        for workflow in changes.workflows:
+            self._workflows[(workflow.name, workflow.version)] = _copy_workflow(workflow)
+        for wf_run in changes.workflow_runs:
+            self._workflow_runs[wf_run.id] = copy_run(wf_run)
+            if wf_run.idempotency_key:
+                self._workflow_run_keys[wf_run.idempotency_key] = wf_run.id
         self.commits += 1
 
     def _validate(self, changes: ChangeSet) -> None:
@@ -255,6 +270,20 @@ class MemoryStore:
                 )
             if turn.task_id not in self._tasks and turn.task_id not in key_of:
                 raise ValueError(f"turn {turn.index} refers to unknown task {turn.task_id}")
+        versions: set[tuple[str, int]] = set()
+        for wf in changes.workflows:
+            _check_aware((wf.created_at,))
+            if (wf.name, wf.version) in self._workflows or (wf.name, wf.version) in versions:
+                raise ValueError(f"workflow {wf.name!r} version {wf.version} is already stored")
+            versions.add((wf.name, wf.version))
+        for wr in changes.workflow_runs:
+            _check_aware((wr.created_at, wr.updated_at, wr.finished_at))
+            pair = (wr.workflow, wr.version)
+            if pair not in self._workflows and pair not in versions:
+                raise ValueError(f"workflow run {wr.id} refers to unknown workflow {pair}")
+            holder = self._workflow_run_keys.get(wr.idempotency_key)
+            if wr.idempotency_key and holder is not None and holder != wr.id:
+                raise ValueError(f"idempotency key {wr.idempotency_key!r} belongs to run {holder}")
 
     # --- reads ---------------------------------------------------------------------------------
 
@@ -352,6 +381,46 @@ class MemoryStore:
                     return out
                 out.append(replace(stored[key], task_id=task_id))
         return out
+
+    # --- workflows -------------------------------------------------------------------
+
+    async def get_workflow(self, name: str, version: int = 0) -> Workflow | None:
+        self._check_open()
+        if not version:
+            version = max((v for n, v in self._workflows if n == name), default=0)
+        workflow = self._workflows.get((name, version))
+        return None if workflow is None else _copy_workflow(workflow)
+
+    async def list_workflows(self) -> list[Workflow]:
+        self._check_open()
+        newest: dict[str, Workflow] = {}
+        for (name, version), workflow in self._workflows.items():
+            if name not in newest or newest[name].version < version:
+                newest[name] = workflow
+        return [_copy_workflow(newest[n]) for n in sorted(newest)]
+
+    async def get_workflow_run(self, run_id: str) -> WorkflowRun | None:
+        self._check_open()
+        run = self._workflow_runs.get(run_id)
+        return None if run is None else copy_run(run)
+
+    async def get_workflow_run_by_key(self, key: str) -> WorkflowRun | None:
+        self._check_open()
+        run_id = self._workflow_run_keys.get(key)
+        return None if run_id is None else copy_run(self._workflow_runs[run_id])
+
+    async def list_workflow_runs(
+        self, workflow: str = "", *, unfinished: bool = False, limit: int = 100
+    ) -> list[WorkflowRun]:
+        self._check_open()
+        runs = [
+            r
+            for r in self._workflow_runs.values()
+            if (not workflow or r.workflow == workflow)
+            and (not unfinished or not r.status.finished)
+        ]
+        runs.sort(key=lambda r: (r.created_at, r.id), reverse=True)
+        return [copy_run(r) for r in (runs if unfinished else runs[:limit])]
 
     # --- schedules -----------------------------------------------------------------------------
 

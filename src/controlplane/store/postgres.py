@@ -54,6 +54,7 @@ from taskrun.controlplane.store.rows import (
     CHUNK_COLUMNS,
     CONVERSATION_COLUMNS,
     DELIVERY_COLUMNS,
+    LATEST_WORKFLOWS,
     RUN_COLUMNS,
     SCHEDULE_COLUMNS,
     TASK_COLUMNS,
@@ -62,6 +63,8 @@ from taskrun.controlplane.store.rows import (
     UNFINISHED_TASK_STATUSES,
     WEBHOOK_COLUMNS,
     WORKER_COLUMNS,
+    WORKFLOW_COLUMNS,
+    WORKFLOW_RUN_COLUMNS,
     Params,
     api_token_from,
     api_token_row,
@@ -95,6 +98,11 @@ from taskrun.controlplane.store.rows import (
     webhook_row,
     worker_from,
     worker_row,
+    workflow_from,
+    workflow_row,
+    workflow_run_from,
+    workflow_run_row,
+    workflow_runs_query,
 )
 from taskrun.controlplane.store.sqlite import SchemaVersionError
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
@@ -105,6 +113,7 @@ from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
 from taskrun.core.store import FENCED, ChangeSet, ConversationQuery, TaskPage, TaskQuery
 from taskrun.core.webhooks import Webhook, WebhookDelivery
+from taskrun.core.workflow import Workflow, WorkflowRun
 
 __all__ = ["APPLICATION_NAME", "CONNECTION_DEFAULTS", "SCHEMA_VERSION", "PostgresStore"]
 
@@ -349,6 +358,37 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (conversation_id, idx)
         )""",
     ),
+    # 4: workflow definitions (every version kept) and workflow runs
+    (
+        """CREATE TABLE workflows (
+            name        text NOT NULL,
+            version     integer NOT NULL,
+            definition  text NOT NULL,  -- the parsed document, as JSON
+            description text NOT NULL,
+            created_at  bigint NOT NULL,
+            PRIMARY KEY (name, version)
+        )""",
+        """CREATE TABLE workflow_runs (
+            id              text PRIMARY KEY,
+            workflow        text NOT NULL,
+            version         integer NOT NULL,
+            input           text NOT NULL,  -- JSON
+            status          integer NOT NULL,
+            created_at      bigint NOT NULL,
+            updated_at      bigint NOT NULL,
+            finished_at     bigint,
+            idempotency_key text UNIQUE,  -- NULL when none
+            error           text NOT NULL,
+            schedule        text NOT NULL,
+            steps           text NOT NULL,  -- JSON: each step's state
+            FOREIGN KEY (workflow, version) REFERENCES workflows (name, version)
+        )""",
+        "CREATE INDEX workflow_runs_of ON workflow_runs (workflow, created_at, id)",
+        "CREATE INDEX workflow_runs_new ON workflow_runs (created_at, id)",
+        "CREATE INDEX workflow_runs_unfinished ON workflow_runs (status) WHERE status = 1",
+        # a schedule may start a workflow instead of a task
+        "ALTER TABLE schedules ADD COLUMN workflow text NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -509,6 +549,8 @@ class _Pending:
         "tasks",
         "turns",
         "workers",
+        "workflow_runs",
+        "workflows",
     )
 
     def __init__(self, changes: ChangeSet, future: asyncio.Future[None]) -> None:
@@ -524,6 +566,8 @@ class _Pending:
         self.conversations = [conversation_row(c) for c in changes.conversations]
         self.turns = [turn_row(t) for t in changes.turns]
         self.deleted_conversations = [(c,) for c in changes.deleted_conversations]
+        self.workflows = [workflow_row(w) for w in changes.workflows]
+        self.workflow_runs = [workflow_run_row(w) for w in changes.workflow_runs]
         self.future = future
 
 
@@ -857,6 +901,10 @@ class PostgresStore:
                         await cur.executemany(_UPSERT_TURN, p.turns)
                     if p.deleted_conversations:
                         await cur.executemany(_DELETE_CONVERSATION, p.deleted_conversations)
+                    if p.workflows:
+                        await cur.executemany(_INSERT_WORKFLOW, p.workflows)
+                    if p.workflow_runs:
+                        await cur.executemany(_UPSERT_WORKFLOW_RUN, p.workflow_runs)
                 if last_audit_id is not None and last_audit_id > self.audit_retention:
                     await cur.execute(_TRIM_AUDIT, (last_audit_id - self.audit_retention,))
 
@@ -1101,6 +1149,36 @@ class PostgresStore:
         )
         return [turn_from(r) for r in rows]
 
+    # --- workflows -----------------------------------------------------------------------------
+
+    async def get_workflow(self, name: str, version: int = 0) -> Workflow | None:
+        if version:
+            row = await self._fetchone(
+                f"{_SELECT_WORKFLOW} WHERE name = %s AND version = %s", (name, version)
+            )
+        else:
+            row = await self._fetchone(
+                f"{_SELECT_WORKFLOW} WHERE name = %s ORDER BY version DESC LIMIT 1", (name,)
+            )
+        return None if row is None else workflow_from(row)
+
+    async def list_workflows(self) -> list[Workflow]:
+        return [workflow_from(r) for r in await self._fetchall(LATEST_WORKFLOWS)]
+
+    async def get_workflow_run(self, run_id: str) -> WorkflowRun | None:
+        row = await self._fetchone(f"{_SELECT_WORKFLOW_RUN} WHERE id = %s", (run_id,))
+        return None if row is None else workflow_run_from(row)
+
+    async def get_workflow_run_by_key(self, key: str) -> WorkflowRun | None:
+        row = await self._fetchone(f"{_SELECT_WORKFLOW_RUN} WHERE idempotency_key = %s", (key,))
+        return None if row is None else workflow_run_from(row)
+
+    async def list_workflow_runs(
+        self, workflow: str = "", *, unfinished: bool = False, limit: int = 100
+    ) -> list[WorkflowRun]:
+        sql, params = workflow_runs_query(workflow, unfinished, limit, "%s")
+        return [workflow_run_from(r) for r in await self._fetchall(sql, params)]
+
     # --- webhooks ------------------------------------------------------------------------------
 
     async def add_webhook(self, webhook: Webhook) -> None:
@@ -1165,6 +1243,13 @@ _SELECT_CONVERSATION: Final = f"SELECT {column_list(CONVERSATION_COLUMNS)} FROM 
 _UPSERT_TURN: Final = upsert_turn_sql("%s")
 _SELECT_TURN: Final = f"SELECT {column_list(TURN_COLUMNS)} FROM turns"
 _DELETE_CONVERSATION: Final = "DELETE FROM conversations WHERE id = %s"
+_INSERT_WORKFLOW: Final = (
+    f"INSERT INTO workflows ({column_list(WORKFLOW_COLUMNS)}) "
+    f"VALUES ({', '.join(['%s'] * len(WORKFLOW_COLUMNS))})"
+)
+_SELECT_WORKFLOW: Final = f"SELECT {column_list(WORKFLOW_COLUMNS)} FROM workflows"
+_UPSERT_WORKFLOW_RUN: Final = upsert_sql("workflow_runs", WORKFLOW_RUN_COLUMNS, "%s")
+_SELECT_WORKFLOW_RUN: Final = f"SELECT {column_list(WORKFLOW_RUN_COLUMNS)} FROM workflow_runs"
 _SELECT_WEBHOOK: Final = f"SELECT {column_list(WEBHOOK_COLUMNS)} FROM webhooks"
 _INSERT_WEBHOOK: Final = (
     f"INSERT INTO webhooks ({column_list(WEBHOOK_COLUMNS)}) "

@@ -41,6 +41,13 @@ from taskrun.core.models import (
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery, WebhookEvent
+from taskrun.core.workflow import (
+    Workflow,
+    WorkflowRun,
+    WorkflowRunStatus,
+    decode_run_state,
+    encode_run_state,
+)
 
 Params = tuple[Any, ...]
 
@@ -128,6 +135,7 @@ SCHEDULE_COLUMNS: Final = (
     "next_fire_time",
     "last_task_id",
     "last_outcome",
+    "workflow",
 )
 BOOTSTRAP_COLUMNS: Final = (
     "id",
@@ -479,6 +487,7 @@ def schedule_row(s: Schedule) -> Params:
         us_or_none(s.next_fire_time),
         s.last_task_id,
         s.last_outcome,
+        s.workflow,
     )
 
 
@@ -501,6 +510,7 @@ def schedule_from(r: RowLike) -> Schedule:
         next_fire_time=dt_or_none(r["next_fire_time"]),
         last_task_id=r["last_task_id"],
         last_outcome=r["last_outcome"],
+        workflow=r["workflow"],
     )
 
 
@@ -864,3 +874,96 @@ def conversations_query(
     sql += f" WHERE {' AND '.join(where)}" if where else ""
     params.append(limit)
     return f"{sql} ORDER BY id DESC LIMIT {mark}", params
+
+
+# --- workflows ---------------------------------------------------------------------------------
+
+WORKFLOW_COLUMNS: Final = ("name", "version", "definition", "description", "created_at")
+WORKFLOW_RUN_COLUMNS: Final = (
+    "id",
+    "workflow",
+    "version",
+    "input",
+    "status",
+    "created_at",
+    "updated_at",
+    "finished_at",
+    "idempotency_key",
+    "error",
+    "schedule",
+    "steps",
+)
+
+
+def workflow_row(w: Workflow) -> Params:
+    return (w.name, w.version, dumps(w.definition), w.description, us(w.created_at))
+
+
+def workflow_from(r: RowLike) -> Workflow:
+    return Workflow(
+        name=r["name"],
+        version=r["version"],
+        definition=loads(r["definition"]),
+        description=r["description"],
+        created_at=dt(r["created_at"]),
+    )
+
+
+def workflow_run_row(w: WorkflowRun) -> Params:
+    return (
+        w.id,
+        w.workflow,
+        w.version,
+        dumps(w.input),
+        int(w.status),
+        us(w.created_at),
+        us(w.updated_at),
+        us_or_none(w.finished_at),
+        w.idempotency_key or None,  # NULL when none: the unique index skips it
+        w.error,
+        w.schedule,
+        encode_run_state(w),
+    )
+
+
+def workflow_run_from(r: RowLike) -> WorkflowRun:
+    return WorkflowRun(
+        id=r["id"],
+        workflow=r["workflow"],
+        version=r["version"],
+        input=loads(r["input"]),
+        status=WorkflowRunStatus(r["status"]),
+        created_at=dt(r["created_at"]),
+        updated_at=dt(r["updated_at"]),
+        finished_at=dt_or_none(r["finished_at"]),
+        idempotency_key=r["idempotency_key"] or "",
+        error=r["error"],
+        schedule=r["schedule"],
+        steps=decode_run_state(r["steps"]),
+    )
+
+
+def workflow_runs_query(
+    workflow: str, unfinished: bool, limit: int, mark: str
+) -> tuple[str, list[Any]]:
+    """SELECT workflow runs newest first (every unfinished one when `unfinished`)."""
+    where: list[str] = []
+    params: list[Any] = []
+    if workflow:
+        where.append(f"workflow = {mark}")
+        params.append(workflow)
+    if unfinished:
+        where.append(f"status = {int(WorkflowRunStatus.RUNNING)}")
+    sql = f"SELECT {column_list(WORKFLOW_RUN_COLUMNS)} FROM workflow_runs"
+    sql += f" WHERE {' AND '.join(where)}" if where else ""
+    sql += " ORDER BY created_at DESC, id DESC"
+    if not unfinished:
+        sql += f" LIMIT {mark}"
+        params.append(limit)
+    return sql, params
+
+
+LATEST_WORKFLOWS: Final = (
+    f"SELECT {column_list(WORKFLOW_COLUMNS, 'w.')} FROM workflows w WHERE version = "
+    "(SELECT MAX(version) FROM workflows v WHERE v.name = w.name) ORDER BY name"
+)

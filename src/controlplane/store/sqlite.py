@@ -42,12 +42,15 @@ from taskrun.controlplane.store.rows import (
     CHUNK_COLUMNS,
     CONVERSATION_COLUMNS,
     DELIVERY_COLUMNS,
+    LATEST_WORKFLOWS,
     RUN_COLUMNS,
     SCHEDULE_COLUMNS,
     TASK_COLUMNS,
     TURN_COLUMNS,
     WEBHOOK_COLUMNS,
     WORKER_COLUMNS,
+    WORKFLOW_COLUMNS,
+    WORKFLOW_RUN_COLUMNS,
     api_token_from,
     api_token_row,
     audit_from,
@@ -79,6 +82,11 @@ from taskrun.controlplane.store.rows import (
     webhook_row,
     worker_from,
     worker_row,
+    workflow_from,
+    workflow_row,
+    workflow_run_from,
+    workflow_run_row,
+    workflow_runs_query,
 )
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.errors import StoreUnavailable
@@ -88,6 +96,7 @@ from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
 from taskrun.core.store import FENCED, ChangeSet, ConversationQuery, TaskPage, TaskQuery
 from taskrun.core.webhooks import Webhook, WebhookDelivery
+from taskrun.core.workflow import Workflow, WorkflowRun
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
 
@@ -316,6 +325,37 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             PRIMARY KEY (conversation_id, idx)
         ) WITHOUT ROWID""",
     ),
+    # 8: workflow definitions (every version kept) and workflow runs
+    (
+        """CREATE TABLE workflows (
+            name        TEXT NOT NULL,
+            version     INTEGER NOT NULL,
+            definition  TEXT NOT NULL,  -- the parsed document, as JSON
+            description TEXT NOT NULL,
+            created_at  INTEGER NOT NULL,  -- microseconds since the epoch, UTC
+            PRIMARY KEY (name, version)
+        ) WITHOUT ROWID""",
+        """CREATE TABLE workflow_runs (
+            id              TEXT PRIMARY KEY,
+            workflow        TEXT NOT NULL,
+            version         INTEGER NOT NULL,
+            input           TEXT NOT NULL,  -- JSON
+            status          INTEGER NOT NULL,
+            created_at      INTEGER NOT NULL,
+            updated_at      INTEGER NOT NULL,
+            finished_at     INTEGER,
+            idempotency_key TEXT,  -- NULL when none; unique otherwise
+            error           TEXT NOT NULL,
+            schedule        TEXT NOT NULL,
+            steps           TEXT NOT NULL,  -- JSON: each step's state
+            UNIQUE (idempotency_key),
+            FOREIGN KEY (workflow, version) REFERENCES workflows (name, version)
+        ) WITHOUT ROWID""",
+        "CREATE INDEX workflow_runs_of ON workflow_runs (workflow, created_at)",
+        "CREATE INDEX workflow_runs_unfinished ON workflow_runs (status) WHERE status = 1",
+        # a schedule may start a workflow instead of a task
+        "ALTER TABLE schedules ADD COLUMN workflow TEXT NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -385,6 +425,8 @@ class _Pending:
         "tasks",
         "turns",
         "workers",
+        "workflow_runs",
+        "workflows",
     )
 
     def __init__(
@@ -405,6 +447,8 @@ class _Pending:
         self.conversations = [conversation_row(c) for c in changes.conversations]
         self.turns = [turn_row(t) for t in changes.turns]
         self.deleted_conversations = [(c,) for c in changes.deleted_conversations]
+        self.workflows = [workflow_row(w) for w in changes.workflows]
+        self.workflow_runs = [workflow_run_row(w) for w in changes.workflow_runs]
         self.loop = loop
         self.future = future
 
@@ -754,6 +798,10 @@ class SqliteStore:
                         conn.executemany(_UPSERT_TURN, p.turns)
                     if p.deleted_conversations:
                         conn.executemany(_DELETE_CONVERSATION, p.deleted_conversations)
+                    if p.workflows:
+                        conn.executemany(_INSERT_WORKFLOW, p.workflows)
+                    if p.workflow_runs:
+                        conn.executemany(_UPSERT_WORKFLOW_RUN, p.workflow_runs)
                 if audited:
                     conn.execute(_TRIM_AUDIT, (self.audit_retention,))
                 conn.execute("COMMIT")
@@ -1067,6 +1115,36 @@ class SqliteStore:
         params.append(query.limit)
         return [audit_from(r) for r in await self._fetchall(sql, params)]
 
+    # --- workflows -----------------------------------------------------------------------------
+
+    async def get_workflow(self, name: str, version: int = 0) -> Workflow | None:
+        if version:
+            row = await self._fetchone(
+                f"{_SELECT_WORKFLOW} WHERE name = ? AND version = ?", (name, version)
+            )
+        else:
+            row = await self._fetchone(
+                f"{_SELECT_WORKFLOW} WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
+            )
+        return None if row is None else workflow_from(row)
+
+    async def list_workflows(self) -> list[Workflow]:
+        return [workflow_from(r) for r in await self._fetchall(LATEST_WORKFLOWS)]
+
+    async def get_workflow_run(self, run_id: str) -> WorkflowRun | None:
+        row = await self._fetchone(f"{_SELECT_WORKFLOW_RUN} WHERE id = ?", (run_id,))
+        return None if row is None else workflow_run_from(row)
+
+    async def get_workflow_run_by_key(self, key: str) -> WorkflowRun | None:
+        row = await self._fetchone(f"{_SELECT_WORKFLOW_RUN} WHERE idempotency_key = ?", (key,))
+        return None if row is None else workflow_run_from(row)
+
+    async def list_workflow_runs(
+        self, workflow: str = "", *, unfinished: bool = False, limit: int = 100
+    ) -> list[WorkflowRun]:
+        sql, params = workflow_runs_query(workflow, unfinished, limit, "?")
+        return [workflow_run_from(r) for r in await self._fetchall(sql, params)]
+
     # --- webhooks -------------------------------------------------------------------
 
     async def add_webhook(self, webhook: Webhook) -> None:
@@ -1129,6 +1207,13 @@ _SELECT_CONVERSATION: Final = f"SELECT {column_list(CONVERSATION_COLUMNS)} FROM 
 _UPSERT_TURN: Final = upsert_turn_sql("?")
 _SELECT_TURN: Final = f"SELECT {column_list(TURN_COLUMNS)} FROM turns"
 _DELETE_CONVERSATION: Final = "DELETE FROM conversations WHERE id = ?"
+_INSERT_WORKFLOW: Final = (
+    f"INSERT INTO workflows ({column_list(WORKFLOW_COLUMNS)}) "
+    f"VALUES ({', '.join(['?'] * len(WORKFLOW_COLUMNS))})"
+)
+_SELECT_WORKFLOW: Final = f"SELECT {column_list(WORKFLOW_COLUMNS)} FROM workflows"
+_UPSERT_WORKFLOW_RUN: Final = upsert_sql("workflow_runs", WORKFLOW_RUN_COLUMNS, "?")
+_SELECT_WORKFLOW_RUN: Final = f"SELECT {column_list(WORKFLOW_RUN_COLUMNS)} FROM workflow_runs"
 _SELECT_WEBHOOK: Final = f"SELECT {column_list(WEBHOOK_COLUMNS)} FROM webhooks"
 _INSERT_WEBHOOK: Final = (
     f"INSERT INTO webhooks ({column_list(WEBHOOK_COLUMNS)}) "
