@@ -16,7 +16,7 @@ from taskrun.controlplane.store.postgres import PostgresStore
 from taskrun.core.access import AuditQuery, Scope
 from taskrun.core.models import OutputChunk
 from taskrun.core.status import RunStatus, TaskStatus
-from taskrun.core.store import ChangeSet, Store, TaskQuery
+from taskrun.core.store import ChangeSet, ConversationQuery, Store, TaskQuery
 from tests.unit.test_store_contract import (
     T0,
     audit,
@@ -27,9 +27,15 @@ from tests.unit.test_store_contract import (
     full_task,
     full_worker,
     make_api_token,
+    make_conversation,
+    make_delivery,
     make_run,
     make_schedule,
     make_task,
+    make_turn,
+    make_webhook,
+    make_workflow,
+    make_workflow_run,
     rid,
     stored,
 )
@@ -55,6 +61,23 @@ async def seed(store: SqliteStore) -> None:
             audit_events=[audit(n) for n in range(1, 13)],
         )
     )
+    # conversations (turns are tasks 1 and 2), workflows in two versions with runs, webhooks
+    conversations = [make_conversation(n, session_snapshot=b"\x00zlib\xff") for n in (1, 2)]
+    workflows = [make_workflow("brief", 1), make_workflow("brief", 2), make_workflow("a", 1)]
+    await store.apply(
+        ChangeSet(
+            conversations=conversations,
+            turns=[make_turn(1, 1, 1), make_turn(1, 2, 2)],
+            workflows=workflows,
+            workflow_runs=[
+                make_workflow_run(1, workflows[0], key="k1"),
+                make_workflow_run(2, workflows[1]),
+            ],
+        )
+    )
+    hook = make_webhook(1)
+    await store.add_webhook(hook)
+    await store.add_webhook_deliveries([make_delivery(n, hook) for n in (1, 2)])
 
 
 async def everything(store: Store) -> dict[str, object]:
@@ -79,6 +102,18 @@ async def everything(store: Store) -> dict[str, object]:
         "schedules": await store.list_schedules(),
         "bootstrap": await store.list_bootstrap_tokens(),
         "api": await store.list_api_tokens(),
+        "conversations": [
+            (c, await store.list_turns(c.id))
+            for c in await store.list_conversations(ConversationQuery(limit=100))
+        ],
+        "workflows": [
+            await store.get_workflow(w.name, v)
+            for w in await store.list_workflows()
+            for v in range(1, w.version + 1)
+        ],
+        "workflow_runs": await store.list_workflow_runs(limit=100),
+        "webhooks": await store.list_webhooks(),
+        "deliveries": await store.list_webhook_deliveries(limit=100),
     }
 
 
@@ -95,6 +130,9 @@ async def test_a_sqlite_store_is_copied_into_postgresql_whole(
         assert (counts.tasks, counts.runs, counts.output_chunks) == (30, 33, 331)
         assert (counts.workers, counts.schedules, counts.bootstrap_tokens) == (2, 2, 1)
         assert (counts.api_tokens, counts.audit_events) == (1, 5)
+        assert (counts.conversations, counts.turns) == (2, 2)
+        assert (counts.workflows, counts.workflow_runs) == (3, 2)
+        assert (counts.webhooks, counts.webhook_deliveries) == (1, 2)
         copied, original = await everything(destination), await everything(source)
         assert copied == original
         assert len(copied["output"][rid(1)]) == 300  # type: ignore[index]

@@ -1,5 +1,7 @@
 """Copy everything one store holds into another, empty one (`taskrun store copy`), e.g. SQLite
-to PostgreSQL. Only through the `Store` protocol, so any pair of stores works.
+to PostgreSQL: tasks with their runs and output, workers, schedules, tokens, audit events,
+conversations with their turns, every version of every workflow and their runs, webhooks with
+their deliveries. Only through the `Store` protocol, so any pair of stores works.
 
 Run it while no control plane uses either store: what the source gains during the copy may be
 missed. Audit events keep their order and contents; the destination numbers them again from 1
@@ -17,13 +19,14 @@ import structlog
 from taskrun.core.access import AuditEvent, AuditQuery
 from taskrun.core.ids import RunId
 from taskrun.core.models import OutputChunk
-from taskrun.core.store import ChangeSet, Store, TaskQuery
+from taskrun.core.store import ChangeSet, ConversationQuery, Store, TaskQuery
 
 __all__ = ["CopyCounts", "DestinationNotEmpty", "copy_store"]
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_BATCH: Final = 500
+EVERYTHING: Final = 2**62  # a limit no store reaches (lists without pages: read them whole)
 
 
 class DestinationNotEmpty(ValueError):
@@ -42,6 +45,12 @@ class CopyCounts:
     bootstrap_tokens: int = 0
     api_tokens: int = 0
     audit_events: int = 0
+    conversations: int = 0
+    turns: int = 0
+    workflows: int = 0
+    workflow_runs: int = 0
+    webhooks: int = 0
+    webhook_deliveries: int = 0
 
     def summary(self) -> str:
         return ", ".join(
@@ -59,6 +68,9 @@ async def _holds(store: Store) -> str:
         ("bootstrap tokens", store.list_bootstrap_tokens()),
         ("API tokens", store.list_api_tokens()),
         ("audit events", store.list_audit_events(AuditQuery(limit=1))),
+        ("conversations", store.list_conversations(ConversationQuery(limit=1))),
+        ("workflows", store.list_workflows()),
+        ("webhooks", store.list_webhooks()),
     )
     found = ""
     for name, pending in checks:
@@ -113,6 +125,16 @@ async def copy_store(
     for part in _batches(api_tokens, batch):
         await destination.apply(ChangeSet(api_tokens=api_tokens[part]))
     counts.api_tokens = len(api_tokens)
+    for latest in await source.list_workflows():  # every version, oldest first
+        versions = [await source.get_workflow(latest.name, v) for v in range(1, latest.version)]
+        kept = [w for w in versions if w is not None] + [latest]
+        await destination.apply(ChangeSet(workflows=kept))
+        counts.workflows += len(kept)
+    for hook in await source.list_webhooks():
+        await destination.add_webhook(hook)
+        counts.webhooks += 1
+        deliveries = await source.list_webhook_deliveries(hook.id, limit=EVERYTHING)
+        counts.webhook_deliveries += len(await destination.add_webhook_deliveries(deliveries))
     report()
 
     before = None
@@ -129,6 +151,25 @@ async def copy_store(
         if page.next_before is None:
             break
         before = page.next_before
+
+    # after the tasks: a turn names its task
+    before_conversation = None
+    while True:
+        conversations = await source.list_conversations(
+            ConversationQuery(limit=batch, before=before_conversation)
+        )
+        if not conversations:
+            break
+        turns = [t for c in conversations for t in await source.list_turns(c.id)]
+        await destination.apply(ChangeSet(conversations=conversations, turns=turns))
+        counts.conversations += len(conversations)
+        counts.turns += len(turns)
+        before_conversation = conversations[-1].id
+    runs_of_workflows = await source.list_workflow_runs(limit=EVERYTHING)
+    for part in _batches(runs_of_workflows, batch):
+        await destination.apply(ChangeSet(workflow_runs=runs_of_workflows[part]))
+    counts.workflow_runs = len(runs_of_workflows)
+    report()
 
     events: list[AuditEvent] = []  # read newest first, written oldest first
     before_id = 0
