@@ -260,7 +260,9 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
             log.warning("metrics not served", address=config.metrics_listen, error=str(exc))
     http_server = None
     if config.http_listen:
-        servicers = Servicers(tasks, workers, schedules, events, webhook_service, workflow_service)
+        servicers = Servicers(
+            tasks, conversations, workers, schedules, events, webhook_service, workflow_service
+        )
         api = HttpApi(servicers, max_body_bytes=config.http_max_body_bytes, openapi=build_openapi())
         mcp = McpEndpoint(servicers)
 

@@ -26,6 +26,7 @@ from starlette.routing import BaseRoute, Route
 from starlette.types import ASGIApp
 
 from taskrun import convert
+from taskrun.controlplane.conversation_service import ConversationService
 from taskrun.controlplane.event_service import EventService, watch_filter
 from taskrun.controlplane.http.context import Aborted, HttpCallContext
 from taskrun.controlplane.http.endpoints import ENDPOINTS, Endpoint, Query
@@ -36,6 +37,7 @@ from taskrun.controlplane.webhook_service import WebhookService
 from taskrun.controlplane.workflows.service import WorkflowService
 from taskrun.core import errors
 from taskrun.core.access import Scope
+from taskrun.v1 import conversations_pb2 as cpb
 from taskrun.v1 import events_pb2 as epb
 from taskrun.v1 import tasks_pb2 as tpb
 
@@ -60,6 +62,7 @@ class Servicers:
     """The gRPC servicers whose methods the HTTP API calls."""
 
     tasks: TaskService
+    conversations: ConversationService
     workers: WorkerService
     schedules: ScheduleService
     events: EventService
@@ -322,6 +325,26 @@ class HttpApi:
 
         return await guarded(run, "WatchEvents")
 
+    async def send_message(self, request: Request) -> Response:
+        """The next message of a conversation, answered as server-sent events: `turn` (the new
+        turn), `update`s of its task (TaskUpdate: output and status), `turn` again as it ended."""
+
+        async def run() -> Response:
+            await self._authorize(request, Scope.SUBMIT)
+            send = cpb.SendMessageRequest()
+            parse_message(await read_json(request, self.max_body_bytes), send)
+            send.conversation_id = request.path_params["conversation_id"]
+            events = self.servicers.conversations.SendMessage(send, context_of(request))
+            # the new turn arrives at once: a refusal is an HTTP problem, not an event
+            first = await anext(events)
+            return StreamingResponse(
+                _conversation_events(first, events, self.closing),
+                media_type="text/event-stream",
+                headers=SSE_HEADERS,
+            )
+
+        return await guarded(run, "SendMessage")
+
     # --- the application ---------------------------------------------------------------------
 
     def routes(self) -> list[BaseRoute]:
@@ -331,6 +354,11 @@ class HttpApi:
             Route("/v1/tasks/{task_id}/follow", self.follow_task, methods=["GET"]),
             Route("/v1/tasks/{task_id}/output", self.task_output, methods=["GET"]),
             Route("/v1/events", self.events, methods=["GET"]),
+            Route(
+                "/v1/conversations/{conversation_id}/messages",
+                self.send_message,
+                methods=["POST"],
+            ),
         ]
         by_path: dict[str, dict[str, Callable[[Request], Awaitable[Response]]]] = {}
         for endpoint in ENDPOINTS:
@@ -515,6 +543,30 @@ async def _hub_events(
                 yield ": keepalive\n\n"
             else:
                 yield f"event: {epb.EventKind.Name(item.kind)}\ndata: {_dumps(item)}\n\n"
+    except Aborted as exc:
+        yield sse_error(exc)
+    except Closing:
+        yield sse_error(_CLOSING)
+    finally:
+        await stream.aclose()  # type: ignore[attr-defined]
+
+
+def _conversation_event(item: cpb.ConversationEvent) -> str:
+    kind = "turn" if item.HasField("turn") else "update"
+    body = item.turn if item.HasField("turn") else item.update
+    return f"event: {kind}\ndata: {_dumps(body)}\n\n"
+
+
+async def _conversation_events(
+    first: cpb.ConversationEvent,
+    stream: AsyncIterator[cpb.ConversationEvent],
+    closing: asyncio.Event,
+) -> AsyncIterator[str]:
+    try:
+        yield _conversation_event(first)
+        async for item in _relay(stream, closing):
+            yield ": keepalive\n\n" if item is None else _conversation_event(item)
+        yield "event: end\ndata: {}\n\n"
     except Aborted as exc:
         yield sse_error(exc)
     except Closing:

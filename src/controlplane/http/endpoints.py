@@ -13,6 +13,7 @@ from google.protobuf.message import Message
 
 from taskrun.core.access import Scope
 from taskrun.v1 import common_pb2 as pb
+from taskrun.v1 import conversations_pb2 as cpb
 from taskrun.v1 import schedules_pb2 as spb
 from taskrun.v1 import tasks_pb2 as tpb
 from taskrun.v1 import webhooks_pb2 as whpb
@@ -58,6 +59,54 @@ PAGE = (
 )
 
 ENDPOINTS: tuple[Endpoint, ...] = (
+    Endpoint(
+        "POST",
+        "/v1/conversations",
+        "conversations",
+        "CreateConversation",
+        cpb.CreateConversationRequest,
+        cpb.Conversation,
+        Scope.SUBMIT,
+        "Start a conversation with its first message (follow its turn's task for the answer)",
+        body=True,
+    ),
+    Endpoint(
+        "GET",
+        "/v1/conversations",
+        "conversations",
+        "ListConversations",
+        cpb.ListConversationsRequest,
+        cpb.ListConversationsResponse,
+        Scope.READ,
+        "List conversations, newest first, without their turns",
+        query=(
+            Query("agent", "agent", "only this agent"),
+            Query("label", "labels", "`key=value`; every one must match; repeatable", pairs=True),
+            *PAGE,
+        ),
+    ),
+    Endpoint(
+        "GET",
+        "/v1/conversations/{conversation_id}",
+        "conversations",
+        "GetConversation",
+        cpb.GetConversationRequest,
+        cpb.Conversation,
+        Scope.READ,
+        "A conversation with its turns in order (messages, answers, status, usage per turn)",
+        path_fields=(("conversation_id", "conversation_id"),),
+    ),
+    Endpoint(
+        "DELETE",
+        "/v1/conversations/{conversation_id}",
+        "conversations",
+        "DeleteConversation",
+        cpb.DeleteConversationRequest,
+        cpb.DeleteConversationResponse,
+        Scope.SUBMIT,
+        "Delete a conversation and its transcript (its tasks stay, as history)",
+        path_fields=(("conversation_id", "conversation_id"),),
+    ),
     Endpoint(
         "POST",
         "/v1/tasks",

@@ -197,6 +197,19 @@ def build() -> dict[str, Any]:
             {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
         ],
     )
+    paths["/v1/conversations/{conversation_id}/messages"] = {
+        "post": {
+            **_sse(
+                "Send the next message of a conversation and stream the answer",
+                "Needs scope `submit`. The body is a SendMessageRequest (`message`). Events: "
+                "`turn` (a Turn: the new one, then again as it ended), `update` (a TaskUpdate of "
+                "the turn's task: output chunks and status changes), `end`; `error` carries "
+                "problem details.",
+                [_param("conversation_id", "path")],
+            )["get"],
+            "operationId": "sendMessage",
+        }
+    }
     paths["/v1/events"] = _sse(
         "Every committed change in the control plane (`taskrun events`)",
         "Needs scope `read`. Each event is named after its EventKind; its data is an Event.",
