@@ -1,6 +1,9 @@
 """Conversion between taskrun.v1 protobuf messages and core models, in one place.
 
 Shared by the control plane, the worker and the client; nothing else touches both worlds.
+
+Why one module: ARCHITECTURE.md asks for one place where protobuf and core models meet, so
+that the gRPC and HTTP APIs cannot drift; it is long because there are many messages.
 """
 
 from __future__ import annotations

@@ -7,6 +7,9 @@ the offending field).
     async with Client.from_env() as client:
         task = await client.create_task("echo", {"text": "hello"})
         final = await client.wait(task.id)
+
+Why one module: one class with one method per RPC, so that protobuf stays in one place on
+the client side; it is long because the API is wide.
 """
 
 from __future__ import annotations

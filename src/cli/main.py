@@ -4,6 +4,11 @@ Every global flag has a TASKRUN_* environment fallback; flags win over the envir
 Exit codes: 0 success; 1 a followed task FAILED or an unexpected server error; 2 a usage,
 validation, not-found, precondition or permission error; 3 the server is unreachable;
 130 a followed task was CANCELLED, or Ctrl-C.
+
+Why one module, for now: the parser, the global settings and the task, worker, server and
+certificate commands; other command groups already have their own modules (schedule_cmd,
+access_cmd, webhook_cmd, conversation_cmd, workflow_cmd, ...), and task and worker commands
+are the next to move out.
 """
 
 from __future__ import annotations

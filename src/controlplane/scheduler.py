@@ -11,6 +11,9 @@ Misfires (fire times that passed while the control plane was not running, or lon
 MisfirePolicy.RUN_ONCE. Overlap (the schedule's previous task is unfinished) follows the
 schedule's OverlapPolicy. Pause, resume, update and delete take effect for the next occurrence at
 once. All changes are serialised by one lock, and each is durable before it is visible.
+
+Why one module: one job (turn schedules into tasks or workflow runs); the rules of schedules
+themselves live in core/schedule.py.
 """
 
 from __future__ import annotations

@@ -22,6 +22,9 @@ too, so a join after a branch runs on the branch that was taken.
 
 This module is pure: parsing, validation, templates and the state of a run as data. The control
 plane's executor (controlplane.workflows) drives runs.
+
+Why one module: a workflow's definition, its checks and the state of its runs are one model;
+the checking of definitions is the part to move out if it grows.
 """
 
 from __future__ import annotations

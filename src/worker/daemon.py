@@ -7,6 +7,11 @@ as long as the worker's lease on them lasts (see worker.lease): a worker that ca
 stops them itself, and the supervisor of every child process kills it when the lease ends. On
 SIGTERM/SIGINT the worker drains: it takes no new runs, finishes what it has (up to a deadline),
 reports it and exits; a second signal stops the runs at once.
+
+Why one module: the session loop, the lease, certificate handover and drain all act on the
+daemon's one stream and its runs and outbox; the parts that stand alone are already apart
+(lease.py, renewal.py, outbox.py, executor.py, supervise.py). The session loop is the next
+thing to move out if it grows.
 """
 
 from __future__ import annotations

@@ -30,6 +30,10 @@ processes may open one database at once) and recorded in the table ``taskrun_sch
 created in the connection's current schema (set ``options=-csearch_path=NAME`` in the URL to use
 another one). Datetimes are bigint microseconds since the epoch (UTC), exact both ways; JSON
 values are jsonb. Row mapping and encodings are shared with SQLite (rows.py).
+
+Why one module: it is one implementation of the Store protocol (writer, reads, migrations of
+one dialect); what both SQL stores share is in rows.py. Its migrations could move to a module of
+their own next.
 """
 
 from __future__ import annotations

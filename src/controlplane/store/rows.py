@@ -12,6 +12,9 @@ Encodings, the same in both dialects:
 - labels, policies, usage, agents, a run's backend, API token scopes: JSON text (SQLite TEXT,
   PostgreSQL jsonb read back as text).
 - statuses and other enums: their integer (or, for audit kinds, string) values.
+
+Why one module: one job, for every table: its columns and the mapping between its rows and
+the core models; it is long because there are many tables, not many jobs.
 """
 
 from __future__ import annotations

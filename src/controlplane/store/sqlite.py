@@ -18,6 +18,10 @@ committed data and never wait behind the writer (WAL readers do not block on the
 Rows are read by column name and mapped to models by rows.py, shared with the PostgreSQL store:
 datetimes are integer microseconds since the Unix epoch (UTC) and come back as
 timezone-aware UTC datetimes equal to what was written. Naive datetimes are rejected.
+
+Why one module: it is one implementation of the Store protocol (writer thread, reads,
+migrations of one dialect); what both SQL stores share is in rows.py. Its migrations could move
+to a module of their own next.
 """
 
 from __future__ import annotations

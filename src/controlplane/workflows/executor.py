@@ -16,6 +16,10 @@
   once durable. Changes to one run are serialised by that run's lock.
 - When a commit fails, the engine refuses writes and reloads; the executor then reloads its own
   view from the store too, once the engine accepts writes again.
+
+Why one module: it is one state machine over workflow runs (start, advance, answer, cancel,
+recover), and every method reads and writes the same committed view of them; definitions and
+their checks live in core/workflow.py, the gRPC edge in service.py.
 """
 
 from __future__ import annotations
