@@ -46,11 +46,9 @@ from taskrun.controlplane.store.rows import (
     CHUNK_COLUMNS,
     CONVERSATION_COLUMNS,
     DELIVERY_COLUMNS,
-    LATEST_WORKFLOWS,
     RUN_COLUMNS,
     SCHEDULE_COLUMNS,
     TASK_COLUMNS,
-    TURN_COLUMNS,
     WEBHOOK_COLUMNS,
     WORKER_COLUMNS,
     WORKFLOW_COLUMNS,
@@ -64,11 +62,7 @@ from taskrun.controlplane.store.rows import (
     chunk_from,
     chunk_row,
     column_list,
-    conversation_from,
     conversation_row,
-    conversations_query,
-    deliveries_query,
-    delivery_from,
     delivery_row,
     delivery_update,
     run_from,
@@ -77,30 +71,25 @@ from taskrun.controlplane.store.rows import (
     schedule_row,
     task_from,
     task_row,
-    turn_from,
     turn_row,
     upsert_sql,
     upsert_turn_sql,
     us,
-    webhook_from,
     webhook_row,
     worker_from,
     worker_row,
-    workflow_from,
     workflow_row,
-    workflow_run_from,
     workflow_run_row,
-    workflow_runs_query,
 )
+from taskrun.controlplane.store.sqlreads import SqlReads
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.errors import StoreUnavailable
-from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
-from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Worker
+from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
-from taskrun.core.store import FENCED, ChangeSet, ConversationQuery, TaskPage, TaskQuery
+from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
 from taskrun.core.webhooks import Webhook, WebhookDelivery
-from taskrun.core.workflow import Workflow, WorkflowRun
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
 
@@ -525,8 +514,14 @@ def _rollback(conn: sqlite3.Connection) -> None:
             log.warning("rollback failed", error=str(exc))
 
 
-class SqliteStore:
+class SqliteStore(SqlReads):
     """`Store` on one SQLite file. Call `open()` before use and `close()` when done."""
+
+    MARK = "?"
+    LABEL_MATCHES = (
+        "EXISTS (SELECT 1 FROM json_each(conversations.labels) AS l"
+        " WHERE l.key = ? AND l.value = ?)"
+    )
 
     def __init__(self, path: str | Path, *, audit_retention: int = 100_000) -> None:
         """`audit_retention`: how many audit events to keep; beyond it the oldest are deleted."""
@@ -1084,22 +1079,6 @@ class SqliteStore:
         rows = await self._fetchall(f"{_SELECT_API_TOKEN} ORDER BY created_at, id")
         return [api_token_from(r) for r in rows]
 
-    async def get_conversation(self, conversation_id: ConversationId) -> Conversation | None:
-        row = await self._fetchone(f"{_SELECT_CONVERSATION} WHERE id = ?", (conversation_id,))
-        return None if row is None else conversation_from(row)
-
-    async def list_conversations(self, query: ConversationQuery) -> list[Conversation]:
-        sql, params = conversations_query(
-            query.agent, query.labels, query.before, query.limit, "?", _LABEL_MATCHES
-        )
-        return [conversation_from(r) for r in await self._fetchall(sql, params)]
-
-    async def list_turns(self, conversation_id: ConversationId) -> list[Turn]:
-        rows = await self._fetchall(
-            f"{_SELECT_TURN} WHERE conversation_id = ? ORDER BY idx", (conversation_id,)
-        )
-        return [turn_from(r) for r in rows]
-
     async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
         """Newest first; at most query.limit; only ids below query.before_id when it is set."""
         if query.limit < 1:
@@ -1121,34 +1100,6 @@ class SqliteStore:
 
     # --- workflows -----------------------------------------------------------------------------
 
-    async def get_workflow(self, name: str, version: int = 0) -> Workflow | None:
-        if version:
-            row = await self._fetchone(
-                f"{_SELECT_WORKFLOW} WHERE name = ? AND version = ?", (name, version)
-            )
-        else:
-            row = await self._fetchone(
-                f"{_SELECT_WORKFLOW} WHERE name = ? ORDER BY version DESC LIMIT 1", (name,)
-            )
-        return None if row is None else workflow_from(row)
-
-    async def list_workflows(self) -> list[Workflow]:
-        return [workflow_from(r) for r in await self._fetchall(LATEST_WORKFLOWS)]
-
-    async def get_workflow_run(self, run_id: str) -> WorkflowRun | None:
-        row = await self._fetchone(f"{_SELECT_WORKFLOW_RUN} WHERE id = ?", (run_id,))
-        return None if row is None else workflow_run_from(row)
-
-    async def get_workflow_run_by_key(self, key: str) -> WorkflowRun | None:
-        row = await self._fetchone(f"{_SELECT_WORKFLOW_RUN} WHERE idempotency_key = ?", (key,))
-        return None if row is None else workflow_run_from(row)
-
-    async def list_workflow_runs(
-        self, workflow: str = "", *, unfinished: bool = False, limit: int = 100
-    ) -> list[WorkflowRun]:
-        sql, params = workflow_runs_query(workflow, unfinished, limit, "?")
-        return [workflow_run_from(r) for r in await self._fetchall(sql, params)]
-
     # --- webhooks -------------------------------------------------------------------
 
     async def add_webhook(self, webhook: Webhook) -> None:
@@ -1168,10 +1119,6 @@ class SqliteStore:
             return conn.execute("DELETE FROM webhooks WHERE id = ?", (webhook_id,)).rowcount > 0
 
         return await self._write_call(delete)
-
-    async def list_webhooks(self) -> list[Webhook]:
-        rows = await self._fetchall(f"{_SELECT_WEBHOOK} ORDER BY created_at, id")
-        return [webhook_from(r) for r in rows]
 
     async def add_webhook_deliveries(
         self, deliveries: Sequence[WebhookDelivery]
@@ -1196,29 +1143,15 @@ class SqliteStore:
 
         await self._write_call(update)
 
-    async def list_webhook_deliveries(
-        self, webhook_id: str = "", *, pending: bool = False, limit: int = 100
-    ) -> list[WebhookDelivery]:
-        sql, params = deliveries_query(webhook_id, pending, limit, "?")
-        return [delivery_from(r) for r in await self._fetchall(sql, params)]
-
 
 _UPSERT_CONVERSATION: Final = upsert_sql("conversations", CONVERSATION_COLUMNS, "?")
-_LABEL_MATCHES: Final = (
-    "EXISTS (SELECT 1 FROM json_each(conversations.labels) AS l WHERE l.key = ? AND l.value = ?)"
-)
-_SELECT_CONVERSATION: Final = f"SELECT {column_list(CONVERSATION_COLUMNS)} FROM conversations"
 _UPSERT_TURN: Final = upsert_turn_sql("?")
-_SELECT_TURN: Final = f"SELECT {column_list(TURN_COLUMNS)} FROM turns"
 _DELETE_CONVERSATION: Final = "DELETE FROM conversations WHERE id = ?"
 _INSERT_WORKFLOW: Final = (
     f"INSERT INTO workflows ({column_list(WORKFLOW_COLUMNS)}) "
     f"VALUES ({', '.join(['?'] * len(WORKFLOW_COLUMNS))})"
 )
-_SELECT_WORKFLOW: Final = f"SELECT {column_list(WORKFLOW_COLUMNS)} FROM workflows"
 _UPSERT_WORKFLOW_RUN: Final = upsert_sql("workflow_runs", WORKFLOW_RUN_COLUMNS, "?")
-_SELECT_WORKFLOW_RUN: Final = f"SELECT {column_list(WORKFLOW_RUN_COLUMNS)} FROM workflow_runs"
-_SELECT_WEBHOOK: Final = f"SELECT {column_list(WEBHOOK_COLUMNS)} FROM webhooks"
 _INSERT_WEBHOOK: Final = (
     f"INSERT INTO webhooks ({column_list(WEBHOOK_COLUMNS)}) "
     f"VALUES ({', '.join('?' * len(WEBHOOK_COLUMNS))})"

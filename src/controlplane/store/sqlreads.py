@@ -1,0 +1,115 @@
+"""Reads the SQL stores make the same way in both dialects, written once.
+
+`SqliteStore` and `PostgresStore` inherit `SqlReads`, give their placeholder (`MARK`), how they
+match one label in a JSON column (`LABEL_MATCHES`), and their `_fetchall` / `_fetchone`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, ClassVar
+
+from taskrun.controlplane.store.rows import (
+    CONVERSATION_COLUMNS,
+    LATEST_WORKFLOWS,
+    TURN_COLUMNS,
+    WEBHOOK_COLUMNS,
+    WORKFLOW_COLUMNS,
+    WORKFLOW_RUN_COLUMNS,
+    RowLike,
+    column_list,
+    conversation_from,
+    conversations_query,
+    deliveries_query,
+    delivery_from,
+    turn_from,
+    webhook_from,
+    workflow_from,
+    workflow_run_from,
+    workflow_runs_query,
+)
+from taskrun.core.ids import ConversationId
+from taskrun.core.models import Conversation, Turn
+from taskrun.core.store import ConversationQuery
+from taskrun.core.webhooks import Webhook, WebhookDelivery
+from taskrun.core.workflow import Workflow, WorkflowRun
+
+_CONVERSATIONS = f"SELECT {column_list(CONVERSATION_COLUMNS)} FROM conversations"
+_TURNS = f"SELECT {column_list(TURN_COLUMNS)} FROM turns"
+_WORKFLOWS = f"SELECT {column_list(WORKFLOW_COLUMNS)} FROM workflows"
+_WORKFLOW_RUNS = f"SELECT {column_list(WORKFLOW_RUN_COLUMNS)} FROM workflow_runs"
+_WEBHOOKS = f"SELECT {column_list(WEBHOOK_COLUMNS)} FROM webhooks"
+
+
+class SqlReads:
+    MARK: ClassVar[str]  # "?" or "%s"
+    LABEL_MATCHES: ClassVar[str]  # a condition on conversations.labels, given (key, value)
+
+    async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        raise NotImplementedError
+
+    async def _fetchone(self, sql: str, params: Sequence[Any]) -> Any:
+        raise NotImplementedError
+
+    async def _one(self, sql: str, params: Sequence[Any]) -> RowLike | None:
+        row: RowLike | None = await self._fetchone(sql, params)
+        return row
+
+    # --- conversations -------------------------------------------------------------------------
+
+    async def get_conversation(self, conversation_id: ConversationId) -> Conversation | None:
+        row = await self._one(f"{_CONVERSATIONS} WHERE id = {self.MARK}", (conversation_id,))
+        return None if row is None else conversation_from(row)
+
+    async def list_conversations(self, query: ConversationQuery) -> list[Conversation]:
+        sql, params = conversations_query(
+            query.agent, query.labels, query.before, query.limit, self.MARK, self.LABEL_MATCHES
+        )
+        return [conversation_from(r) for r in await self._fetchall(sql, params)]
+
+    async def list_turns(self, conversation_id: ConversationId) -> list[Turn]:
+        sql = f"{_TURNS} WHERE conversation_id = {self.MARK} ORDER BY idx"
+        return [turn_from(r) for r in await self._fetchall(sql, (conversation_id,))]
+
+    # --- workflows -----------------------------------------------------------------------------
+
+    async def get_workflow(self, name: str, version: int = 0) -> Workflow | None:
+        m = self.MARK
+        if version:
+            row = await self._one(
+                f"{_WORKFLOWS} WHERE name = {m} AND version = {m}", (name, version)
+            )
+        else:
+            row = await self._one(
+                f"{_WORKFLOWS} WHERE name = {m} ORDER BY version DESC LIMIT 1", (name,)
+            )
+        return None if row is None else workflow_from(row)
+
+    async def list_workflows(self) -> list[Workflow]:
+        return [workflow_from(r) for r in await self._fetchall(LATEST_WORKFLOWS)]
+
+    async def get_workflow_run(self, run_id: str) -> WorkflowRun | None:
+        row = await self._one(f"{_WORKFLOW_RUNS} WHERE id = {self.MARK}", (run_id,))
+        return None if row is None else workflow_run_from(row)
+
+    async def get_workflow_run_by_key(self, key: str) -> WorkflowRun | None:
+        row = await self._one(f"{_WORKFLOW_RUNS} WHERE idempotency_key = {self.MARK}", (key,))
+        return None if row is None else workflow_run_from(row)
+
+    async def list_workflow_runs(
+        self, workflow: str = "", *, unfinished: bool = False, limit: int = 100
+    ) -> list[WorkflowRun]:
+        sql, params = workflow_runs_query(workflow, unfinished, limit, self.MARK)
+        return [workflow_run_from(r) for r in await self._fetchall(sql, params)]
+
+    # --- webhooks ------------------------------------------------------------------------------
+
+    async def list_webhooks(self) -> list[Webhook]:
+        rows = await self._fetchall(f"{_WEBHOOKS} ORDER BY created_at, id")
+        return [webhook_from(r) for r in rows]
+
+    async def list_webhook_deliveries(
+        self, webhook_id: str = "", *, pending: bool = False, limit: int = 100
+    ) -> list[WebhookDelivery]:
+        sql, params = deliveries_query(webhook_id, pending, limit, self.MARK)
+        return [delivery_from(r) for r in await self._fetchall(sql, params)]
