@@ -28,7 +28,6 @@ import signal
 import socket
 import sys
 import tempfile
-import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -122,7 +121,6 @@ class WorkerDaemon:
         self._runs_idle.set()
         self._draining_unsent = False
         self._heartbeat_due = False
-        self._last_write = time.monotonic()
         self._signals = 0
         self._drainer: asyncio.Task[None] | None = None
         self.log = log.bind(worker_id=config.worker_id)
@@ -541,7 +539,6 @@ class WorkerDaemon:
                 msg.heartbeat.seq = self.lease.next_heartbeat()
             if msg.ByteSize():
                 await call.write(msg)
-                self._last_write = time.monotonic()
 
     async def _heartbeat_loop(self) -> None:
         """A numbered heartbeat every interval, busy or idle: each one renews the lease."""
