@@ -33,7 +33,7 @@ import random
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import structlog
@@ -89,7 +89,7 @@ from taskrun.core.status import (
     run_can_move,
     task_can_move,
 )
-from taskrun.core.store import FENCED, ChangeSet, Store
+from taskrun.core.store import FENCED, ChangeSet, LateUsage, Store
 from taskrun.core.text import clip
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
@@ -118,7 +118,10 @@ class Engine:
         self.contexts: dict[TaskId, TurnContext] = {}
         self._tools: dict[TaskId, list[dict[str, object]]] = {}
         self._locks: dict[str, tuple[asyncio.Lock, int]] = {}  # with their users; _serialized
-        self.on_usage: Callable[[str, str, Usage], None] | None = None  # metrics, once durable
+        # Runs cancelled while a worker held them: the worker's last report on each still says
+        # what it spent, which the store then adds to the run, its task, turn and conversation.
+        self._stopping: dict[RunId, _Stopping] = {}
+        self._late_usage = 0  # bumped when such a report is committed for a conversation
         self.rejected_reports = 0
         # While set, the store cannot write (or the view was lost): writes are refused with this
         # reason and the engine is recovering. Empty when healthy.
@@ -443,6 +446,8 @@ class Engine:
             was_held = run.status.active
             run.status, run.finished_at, run.error = RunStatus.CANCELLED, now, message
             changes.runs.append(run)
+            if was_held and run.worker_id:
+                self._await_last_report(task, run)
             session = self.sessions.get(run.worker_id) if run.worker_id else None
             if was_held and session is not None:
                 # The run keeps its slot on the worker until the worker confirms it stopped.
@@ -515,7 +520,11 @@ class Engine:
         self._check_idle(conversation_id)
         async with self._serialized(conversation_id):  # one new turn at a time
             self._check_idle(conversation_id)
-            conversation, earlier = await self._load_conversation(conversation_id)
+            while True:  # a cancelled turn's spending committed meanwhile: read it too
+                seen = self._late_usage
+                conversation, earlier = await self._load_conversation(conversation_id)
+                if seen == self._late_usage:
+                    break
             self._check_turn_input(
                 conversation.agent, conversation.input, message, "conversation_id"
             )
@@ -552,9 +561,13 @@ class Engine:
         options = _options(stored.input)
         self._check_turn_input(stored.agent, json.dumps(options), prompt, "task_id")
         async with self._serialized(task_id):  # one conversation around a task, not two
-            await self._settled()
-            again = await self.store.get_task(task_id)
-            runs = await self.store.list_runs(task_id)
+            while True:  # a cancelled run's spending committed meanwhile: read it too
+                seen = self._late_usage
+                await self._settled()
+                again = await self.store.get_task(task_id)
+                runs = await self.store.list_runs(task_id)
+                if seen == self._late_usage:
+                    break
             self._check_writable()
             if again is not None and again.conversation_id is None:
                 stored = await self._adopt(again, runs)
@@ -1422,8 +1435,10 @@ class Engine:
         """Apply one (parsed) status update. Returns whether a slot on the worker was freed."""
         run = self._current(session, update.run_id, update.attempt)
         if run is None:
-            # A terminal report for a run the server already ended still frees the slot.
             run_id = RunId(update.run_id)
+            if status.terminal:
+                self._late_report(session, update, changes)
+            # A terminal report for a run the server already ended still frees the slot.
             if status.terminal and run_id in session.runs and run_id not in self.runs:
                 session.runs.discard(run_id)
                 return True
@@ -1454,6 +1469,68 @@ class Engine:
         if task is not None:
             published.append((task.id, task))
         return True
+
+    def _await_last_report(self, task: Task, run: Run) -> None:
+        """`run` was cancelled while its worker ran it: the worker's report of the run's end
+        still counts what the run spent (model calls already made are paid for)."""
+        turn = self.turns.get(task.id)
+        self._stopping[run.id] = _Stopping(
+            run.id,
+            task.id,
+            task.agent,
+            run.worker_id or "",
+            run.attempt,
+            turn.conversation_id if turn else None,
+            turn.index if turn else 0,
+        )
+        grace = 2 * (self.config.lease_duration + self.config.lease_margin) + STOPPING_GRACE
+        self._later(grace, self._forget_stopping, run.id)
+
+    def _forget_stopping(self, run_id: RunId) -> None:
+        self._stopping.pop(run_id, None)
+
+    def _late_report(
+        self, session: WorkerSession, update: wpb.RunStatusUpdate, changes: ChangeSet
+    ) -> None:
+        stopping = self._stopping.get(RunId(update.run_id))
+        if (
+            stopping is None
+            or stopping.worker_id != session.worker_id
+            or stopping.attempt != update.attempt
+        ):
+            return
+        del self._stopping[stopping.run_id]
+        usage = usage_from_pb(update.usage) if update.HasField("usage") else Usage()
+        if usage.empty:
+            return
+        model = update.backend_used.model_name if update.HasField("backend_used") else ""
+        changes.late_usage.append(
+            LateUsage(
+                stopping.run_id,
+                stopping.task_id,
+                usage,
+                conversation_id=stopping.conversation_id,
+                turn=stopping.turn,
+                agent=stopping.agent,
+                model=model,
+            )
+        )
+        # A conversation with a turn in flight is written whole from the view: it must carry
+        # this too. Otherwise the rows are only in the store, and whoever is about to rewrite
+        # one from a read made before this commit reads again (send_message, continue_task).
+        conversation = self.conversations.get(stopping.conversation_id or ConversationId(""))
+        if conversation is not None:
+            conversation.usage.add(usage)
+        self._late_usage += 1
+        log.info(
+            "cancelled run's spending recorded",
+            task_id=stopping.task_id,
+            run_id=stopping.run_id,
+            worker_id=stopping.worker_id,
+            cost_usd=usage.cost_usd,
+            input_tokens=usage.input_tokens,
+            output_tokens=usage.output_tokens,
+        )
 
     def _adopt_session(self, run: Run, update: wpb.RunStatusUpdate) -> None:
         """A turn's run ended with its agent's session state: the next turn continues from it,
@@ -1521,6 +1598,22 @@ class Engine:
     def worker_runs(self, worker_id: WorkerId) -> list[RunId]:
         session = self.sessions.get(worker_id)
         return sorted(session.runs) if session else []
+
+
+# How long past two leases a cancelled run's last report is awaited: a worker stops a cancelled
+# run at once, but its report may wait for the worker's next session.
+STOPPING_GRACE = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class _Stopping:
+    run_id: RunId
+    task_id: TaskId
+    agent: str
+    worker_id: str
+    attempt: int
+    conversation_id: ConversationId | None
+    turn: int
 
 
 MAX_TOOLS_JSON = 4000  # characters of a turn's compact tool log

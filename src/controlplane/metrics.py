@@ -20,7 +20,7 @@ from prometheus_client.registry import Collector
 from taskrun.controlplane.access import AccessControl
 from taskrun.controlplane.engine import Engine
 from taskrun.core.access import AuditKind
-from taskrun.core.models import Run
+from taskrun.core.models import Run, Usage
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import ChangeSet
 
@@ -111,11 +111,16 @@ class ControlPlaneMetrics(Collector):
                     max((run.finished_at - began).total_seconds(), 0.0)
                 )
 
+        for late in captured.late_usage:  # a cancelled run's spending, reported after its end
+            self._count(late.agent, late.model, late.usage)
+
     def _count_usage(self, agent: str, run: Run) -> None:
-        usage = run.usage
+        model = run.backend_used.model_name if run.backend_used else ""
+        self._count(agent, model, run.usage)
+
+    def _count(self, agent: str, model: str, usage: Usage) -> None:
         if usage.empty:
             return
-        model = run.backend_used.model_name if run.backend_used else ""
         for kind, count in (
             ("input", usage.input_tokens),
             ("output", usage.output_tokens),

@@ -19,13 +19,30 @@ from typing import Protocol
 
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
-from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Worker
+from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Usage, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import Workflow, WorkflowRun
 
 FENCED = "the store refuses writes after a failed one until the control plane recovers"
+
+
+@dataclass(frozen=True, slots=True)
+class LateUsage:
+    """What a run spent, reported after the run had already ended in the store (its task was
+    cancelled while the worker still ran it). The store adds `usage` to the stored usage of the
+    run, its task and, for a conversation's turn, the turn and the conversation, in the write
+    transaction itself: those rows may have been rewritten since the engine last read them, and
+    a row that is gone (a deleted conversation) is left gone."""
+
+    run_id: RunId
+    task_id: TaskId
+    usage: Usage
+    conversation_id: ConversationId | None = None
+    turn: int = 0
+    agent: str = ""  # for metrics: the stores ignore them
+    model: str = ""
 
 
 @dataclass(slots=True)
@@ -50,6 +67,7 @@ class ChangeSet:
     # workflow runs are upserts by id (their steps' state included).
     workflows: list[Workflow] = field(default_factory=list)
     workflow_runs: list[WorkflowRun] = field(default_factory=list)
+    late_usage: list[LateUsage] = field(default_factory=list)  # applied after the upserts
 
     def __bool__(self) -> bool:
         return bool(
@@ -67,6 +85,7 @@ class ChangeSet:
             or self.deleted_conversations
             or self.workflows
             or self.workflow_runs
+            or self.late_usage
         )
 
     def merge(self, other: ChangeSet) -> None:
@@ -84,6 +103,7 @@ class ChangeSet:
         self.deleted_conversations.extend(other.deleted_conversations)
         self.workflows.extend(other.workflows)
         self.workflow_runs.extend(other.workflow_runs)
+        self.late_usage.extend(other.late_usage)
 
 
 @dataclass(frozen=True, slots=True)

@@ -49,7 +49,7 @@ from taskrun.core.models import (
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.store import ChangeSet, ConversationQuery, Store, TaskQuery
+from taskrun.core.store import ChangeSet, ConversationQuery, LateUsage, Store, TaskQuery
 from taskrun.core.webhooks import (
     DeliveryStatus,
     Webhook,
@@ -1646,6 +1646,33 @@ async def test_deleting_a_conversation_deletes_its_turns_not_its_tasks(store: St
     assert await store.list_turns(cid(1)) == []
     assert (await store.get_task(tid(1))) is not None
     assert [c.id for c in await store.list_conversations(ConversationQuery())] == [cid(2)]
+
+
+async def test_late_usage_adds_to_the_stored_run_task_turn_and_conversation(store: Store) -> None:
+    before = Usage(input_tokens=10, output_tokens=2, cost_usd=0.5, turns=1)
+    await store.apply(
+        ChangeSet(
+            tasks=[make_task(1, conversation_id=cid(1), turn=2, usage=replace(before))],
+            runs=[make_run(1, 1, status=RunStatus.CANCELLED)],
+            conversations=[make_conversation(1, usage=replace(before))],
+            turns=[make_turn(1, 2, 1, usage=replace(before))],
+        )
+    )
+    spent = Usage(input_tokens=7, output_tokens=1, cost_usd=0.25, turns=1)
+    late = LateUsage(rid(1), tid(1), spent, conversation_id=cid(1), turn=2)
+    await store.apply(ChangeSet(late_usage=[late]))
+    total = Usage(input_tokens=17, output_tokens=3, cost_usd=0.75, turns=2)
+    assert (await store.get_run(rid(1))).usage == spent  # type: ignore[union-attr]
+    assert (await store.get_task(tid(1))).usage == total  # type: ignore[union-attr]
+    assert (await store.get_conversation(cid(1))).usage == total  # type: ignore[union-attr]
+    assert [t.usage for t in await store.list_turns(cid(1))] == [total]
+
+    # a conversation deleted meanwhile stays deleted; the task still counts what it spent
+    await store.apply(ChangeSet(deleted_conversations=[cid(1)]))
+    await store.apply(ChangeSet(late_usage=[late]))
+    assert await store.get_conversation(cid(1)) is None
+    assert await store.list_turns(cid(1)) == []
+    assert (await store.get_task(tid(1))).usage.input_tokens == 24  # type: ignore[union-attr]
 
 
 async def test_list_conversations_newest_first_with_filters_and_pages(store: Store) -> None:

@@ -18,7 +18,14 @@ from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Worker
 from taskrun.core.schedule import Schedule, copy_schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.store import FENCED, ChangeSet, ConversationQuery, TaskPage, TaskQuery
+from taskrun.core.store import (
+    FENCED,
+    ChangeSet,
+    ConversationQuery,
+    LateUsage,
+    TaskPage,
+    TaskQuery,
+)
 from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery
 from taskrun.core.workflow import Workflow, WorkflowRun, copy_run
 
@@ -202,6 +209,8 @@ class MemoryStore:
         for conversation_id in changes.deleted_conversations:
             self._conversations.pop(conversation_id, None)
             self._turns.pop(conversation_id, None)
+        for late in changes.late_usage:
+            self._add_late_usage(late)
         for event in changes.audit_events:  # frozen: no copy needed
             self._last_audit_id += 1
             self._audit.append(replace(event, id=self._last_audit_id))
@@ -212,6 +221,19 @@ class MemoryStore:
             if wf_run.idempotency_key:
                 self._workflow_run_keys[wf_run.idempotency_key] = wf_run.id
         self.commits += 1
+
+    def _add_late_usage(self, late: LateUsage) -> None:
+        stored: list[Run | Task | Turn | Conversation | None] = [
+            self._runs.get(late.run_id),
+            self._tasks.get(late.task_id),
+        ]
+        if late.conversation_id is not None:
+            stored.append(self._turns.get(late.conversation_id, {}).get(late.turn))
+            stored.append(self._conversations.get(late.conversation_id))
+        for row in stored:
+            if row is not None:
+                row.usage = replace(row.usage)  # readers may hold the old object
+                row.usage.add(late.usage)
 
     def _validate(self, changes: ChangeSet) -> None:
         """Raise ValueError where SQLite's constraints would reject `changes`."""

@@ -81,6 +81,8 @@ from taskrun.controlplane.store.rows import (
     delivery_row,
     delivery_update,
     dumps,
+    late_usage_targets,
+    plus_usage,
     run_from,
     run_row,
     schedule_from,
@@ -537,6 +539,7 @@ class _Pending:
         "deleted_conversations",
         "deleted_schedules",
         "future",
+        "late_usage",
         "runs",
         "schedules",
         "tasks",
@@ -561,6 +564,7 @@ class _Pending:
         self.deleted_conversations = [(c,) for c in changes.deleted_conversations]
         self.workflows = [workflow_row(w) for w in changes.workflows]
         self.workflow_runs = [workflow_run_row(w) for w in changes.workflow_runs]
+        self.late_usage = changes.late_usage
         self.future = future
 
 
@@ -901,6 +905,17 @@ class PostgresStore(SqlReads):
                         await cur.executemany(_INSERT_WORKFLOW, p.workflows)
                     if p.workflow_runs:
                         await cur.executemany(_UPSERT_WORKFLOW_RUN, p.workflow_runs)
+                    for late in p.late_usage:  # read-modify-write under the rows' locks
+                        for table, where, params in late_usage_targets(late, "%s"):
+                            await cur.execute(
+                                f"SELECT usage FROM {table} WHERE {where} FOR UPDATE", params
+                            )
+                            row = await cur.fetchone()
+                            if row is not None:
+                                await cur.execute(
+                                    f"UPDATE {table} SET usage = %s WHERE {where}",
+                                    (plus_usage(row["usage"], late.usage), *params),
+                                )
                 if last_audit_id is not None and last_audit_id > self.audit_retention:
                     await cur.execute(_TRIM_AUDIT, (last_audit_id - self.audit_retention,))
 

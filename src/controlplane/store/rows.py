@@ -43,6 +43,7 @@ from taskrun.core.models import (
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.store import LateUsage
 from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery, WebhookEvent
 from taskrun.core.workflow import (
     Workflow,
@@ -794,6 +795,26 @@ def turn_from(r: RowLike) -> Turn:
         usage=usage_from(r["usage"]),
         finished_at=dt_or_none(r["finished_at"]),
     )
+
+
+def late_usage_targets(late: LateUsage, mark: str) -> list[tuple[str, str, Params]]:
+    """(table, WHERE clause, its parameters) of each row a late usage report adds to."""
+    targets: list[tuple[str, str, Params]] = [
+        ("runs", f"id = {mark}", (late.run_id,)),
+        ("tasks", f"id = {mark}", (late.task_id,)),
+    ]
+    if late.conversation_id is not None:
+        where = f"conversation_id = {mark} AND idx = {mark}"
+        targets.append(("turns", where, (late.conversation_id, late.turn)))
+        targets.append(("conversations", f"id = {mark}", (late.conversation_id,)))
+    return targets
+
+
+def plus_usage(text: str, more: Usage) -> str:
+    """A stored usage (JSON) with `more` added."""
+    total = usage_from(text)
+    total.add(more)
+    return usage_json(total)
 
 
 def upsert_turn_sql(mark: str) -> str:

@@ -65,6 +65,8 @@ from taskrun.controlplane.store.rows import (
     conversation_row,
     delivery_row,
     delivery_update,
+    late_usage_targets,
+    plus_usage,
     run_from,
     run_row,
     schedule_from,
@@ -88,7 +90,7 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
-from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
+from taskrun.core.store import FENCED, ChangeSet, LateUsage, TaskPage, TaskQuery
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
@@ -412,6 +414,7 @@ class _Pending:
         "deleted_conversations",
         "deleted_schedules",
         "future",
+        "late_usage",
         "loop",
         "runs",
         "schedules",
@@ -442,6 +445,7 @@ class _Pending:
         self.deleted_conversations = [(c,) for c in changes.deleted_conversations]
         self.workflows = [workflow_row(w) for w in changes.workflows]
         self.workflow_runs = [workflow_run_row(w) for w in changes.workflow_runs]
+        self.late_usage = changes.late_usage
         self.loop = loop
         self.future = future
 
@@ -502,6 +506,17 @@ def _settle(outcomes: list[tuple[asyncio.Future[None], BaseException | None]]) -
             future.set_result(None)
         else:
             future.set_exception(error)
+
+
+def _add_late_usage(conn: sqlite3.Connection, late: LateUsage) -> None:
+    """Read-modify-write inside the writer's transaction: no other write comes between."""
+    read = conn.cursor()
+    read.row_factory = sqlite3.Row
+    for table, where, params in late_usage_targets(late, "?"):
+        row = read.execute(f"SELECT usage FROM {table} WHERE {where}", params).fetchone()
+        if row is not None:
+            update = f"UPDATE {table} SET usage = ? WHERE {where}"
+            conn.execute(update, (plus_usage(row["usage"], late.usage), *params))
 
 
 def _rollback(conn: sqlite3.Connection) -> None:
@@ -801,6 +816,8 @@ class SqliteStore(SqlReads):
                         conn.executemany(_INSERT_WORKFLOW, p.workflows)
                     if p.workflow_runs:
                         conn.executemany(_UPSERT_WORKFLOW_RUN, p.workflow_runs)
+                    for late in p.late_usage:
+                        _add_late_usage(conn, late)
                 if audited:
                     conn.execute(_TRIM_AUDIT, (self.audit_retention,))
                 conn.execute("COMMIT")
