@@ -38,7 +38,7 @@ from datetime import UTC, datetime
 
 import structlog
 
-from taskrun.controlplane.budgets import Budgets, day_of, day_start
+from taskrun.controlplane.budgets import Budgets, Cap, day_of, day_start
 from taskrun.controlplane.catalog import AgentCatalog
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.dispatcher import PendingQueue, PendingRun
@@ -1609,8 +1609,8 @@ class Engine:
         the store failed meanwhile)."""
         if self.store_error:
             return
-        if self.budgets.roll(utcnow()):
-            self._release_parked()
+        self.budgets.roll(utcnow())
+        self._release_parked()
         self._later(self.budgets.seconds_to_next_day(utcnow()) + 0.5, self._midnight)
 
     def _release_parked(self) -> None:
@@ -1623,8 +1623,16 @@ class Engine:
         if parked:
             self.request_dispatch()
 
+    def budget_caps(self) -> list[Cap]:
+        """The daily caps with today's spending (a new day starts here too)."""
+        if self.budgets.roll(utcnow()):
+            self._release_parked()
+        return self.budgets.caps()
+
     def parked_reason(self, task: Task) -> str:
         """Why a pending task's run is held back by a budget ("" when it is not)."""
+        if self.budgets.roll(utcnow()):
+            self._release_parked()
         cap = self.budgets.blocking(task)
         return cap.reason() if cap is not None else ""
 

@@ -16,6 +16,7 @@ import grpc
 import structlog
 
 from taskrun import convert
+from taskrun.controlplane import usage
 from taskrun.controlplane.auth import Authenticator, Caller, peer_certificate_expiry
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.followers import Subscription
@@ -172,6 +173,33 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if task is None:
             raise errors.NotFound(f"no task {quoted(task_id)}", field="task_id")
         return self._task_pb(task, await store.list_runs(task_id))
+
+    @domain_errors
+    async def GetUsage(
+        self, request: tasks_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.UsageReport:
+        await self.auth.operator(context, Scope.READ)
+        now = utcnow()
+        start = usage.since(request.days, now)
+        report = tasks_pb2.UsageReport()
+        for total in usage.totals(await self.engine.store.list_spending(start)):
+            row = report.rows.add(
+                day=total.day,
+                agent=total.agent,
+                model=total.model,
+                worker_id=total.worker_id,
+                runs=total.runs,
+            )
+            convert.usage_to_pb(total.usage, row.usage)
+        for cap in self.engine.budget_caps():
+            report.budgets.add(
+                kind=cap.kind,
+                key=cap.key,
+                limit_usd=cap.limit_usd,
+                spent_usd=cap.spent_usd,
+                reached=cap.reached,
+            )
+        return report
 
     @domain_errors
     async def ListTasks(
