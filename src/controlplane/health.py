@@ -31,7 +31,8 @@ class BreakerSettings:
 
 @dataclass(slots=True)
 class _Breaker:
-    streak: int = 0  # fast failures in a row
+    streak: int = 0  # fast failures in a row towards (re)opening
+    failures: int = 0  # fast failures in a row, as shown
     trips: int = 0  # quarantines since the last success
     until: float = 0.0  # monotonic end of the current quarantine (0: none)
     until_wall: datetime | None = None
@@ -64,9 +65,10 @@ class WorkerHealth:
         s = self.settings
         breaker = self._breakers.setdefault(worker_id, _Breaker())
         if elapsed >= s.fast_failure:
-            breaker.streak = 0
+            breaker.streak = breaker.failures = 0
             return None
         breaker.streak += 1
+        breaker.failures += 1
         if s.threshold <= 0 or breaker.streak < s.threshold or breaker.until > now:
             return None
         breaker.trips += 1
@@ -74,7 +76,7 @@ class WorkerHealth:
         breaker.until = now + seconds
         breaker.until_wall = wall + timedelta(seconds=seconds)
         breaker.reason = (
-            f"{breaker.streak} runs in a row failed within {s.fast_failure:g}s; last error: "
+            f"{breaker.failures} runs in a row failed within {s.fast_failure:g}s; last error: "
             f"{error or 'no reason given'}"
         )[:500]
         # half-open when it ends: the next fast failure reopens it at once, for longer
@@ -92,5 +94,5 @@ class WorkerHealth:
         if breaker is None:
             return 0, None, ""
         if breaker.until > now:
-            return breaker.streak, breaker.until_wall, breaker.reason
-        return breaker.streak, None, ""
+            return breaker.failures, breaker.until_wall, breaker.reason
+        return breaker.failures, None, ""
