@@ -339,7 +339,7 @@ def _indent(text: str, prefix: str = "  ") -> str:
     return "".join(prefix + line + "\n" for line in text.splitlines())
 
 
-def _agent_names(agents: Sequence[AgentSpec]) -> str:
+def agent_names(agents: Sequence[AgentSpec]) -> str:
     """Agent names; one the worker cannot run now is marked with "!" (see `workers get`)."""
     return ",".join(a.name if a.available else f"{a.name}!" for a in agents) or NONE
 
@@ -361,7 +361,7 @@ def workers_table(workers: Sequence[tuple[Worker, Sequence[RunId]]], now: dateti
             status_name(w.status),
             f"{len(runs)}/{w.max_concurrent_runs}",
             _health(w, now),
-            _agent_names(w.agents),
+            agent_names(w.agents),
             format_labels(w.labels),
             _ago(w.last_heartbeat_at, now),
         )
@@ -570,7 +570,7 @@ def event_line(event: FleetEvent) -> str:
         text = (
             f"{w.id} {status_name(w.status)} host={w.hostname or NONE} "
             f"runs={len(event.worker_runs)}/{w.max_concurrent_runs} "
-            f"agents={_agent_names(w.agents)}"
+            f"agents={agent_names(w.agents)}"
         )
     elif event.task is not None:
         t = event.task

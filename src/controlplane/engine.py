@@ -1493,7 +1493,7 @@ class Engine:
         if update.session_id:
             run.session_id = update.session_id
         self._adopt_session(run, update)
-        self._note_health(session, run, status, update.error)
+        self._note_health(session, run, status, update.error, changes)
         task = self._end_run(run, status, changes, error=update.error)
         session.runs.discard(run.id)
         if task is not None:
@@ -1564,8 +1564,11 @@ class Engine:
 
     # --- worker health, agents, budgets ------------------------------------------------------
 
-    def _note_health(self, session: WorkerSession, run: Run, status: RunStatus, error: str) -> None:
-        """Feed the worker's circuit breaker with how its run ended (see controlplane.health)."""
+    def _note_health(
+        self, session: WorkerSession, run: Run, status: RunStatus, error: str, changes: ChangeSet
+    ) -> None:
+        """Feed the worker's circuit breaker with how its run ended (see controlplane.health); a
+        quarantine's start and end go out as worker events (the TUI shows them)."""
         if status is RunStatus.COMPLETED:
             self.health.succeeded(session.worker_id)
         elif status is RunStatus.FAILED:
@@ -1581,8 +1584,17 @@ class Engine:
                     seconds=round(tripped.seconds, 1),
                     reason=tripped.reason,
                 )
-                self._later(tripped.seconds + 0.05, self.request_dispatch)
+                self._later(tripped.seconds + 0.05, self._quarantine_over, session.worker_id)
+                changes.workers.append(replace(self.show_health(session.worker)))
+                return
         self.show_health(session.worker)
+
+    def _quarantine_over(self, worker_id: WorkerId) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None or self.store_error:
+            return
+        self.show_health(worker)
+        self._commit(ChangeSet(workers=[replace(worker)]), self.request_dispatch)
 
     def show_health(self, worker: Worker) -> Worker:
         """The worker with its breaker state as of now, for readers."""
