@@ -105,6 +105,15 @@ async def test_a_keyless_worker_next_to_a_good_one_gets_none_of_eight_tasks(
             assert [(r.status, r.worker_id) for r in runs] == [(RunStatus.COMPLETED, "worker-2")]
         assert len(api.message_requests) == 8
 
+    shown = await taskrun(procs, "workers", "get", "worker-1")
+    assert "[UNAVAILABLE: no Anthropic credentials" in shown
+    assert (
+        "  echo - Streams its input text back in chunks (optional delay between chunks).\n" in shown
+    )
+    assert "Health:" in shown
+    listed = await taskrun(procs, "workers", "list")
+    assert "anthropic!,echo" in listed and "HEALTH" in listed
+
 
 async def test_require_model_runs_where_the_agent_offers_it_and_the_api_receives_it(
     procs: Processes, api: FakeAnthropic
@@ -231,20 +240,3 @@ async def test_a_flapping_worker_is_quarantined_and_its_tasks_complete_elsewhere
             _, runs = await client.get_task(task.id)
             assert [r.worker_id for r in runs] == ["worker-2"]
             assert runs[0].assigned_at is not None and runs[0].assigned_at > max(failed_there)
-
-
-async def test_workers_list_and_get_show_health_and_unavailable_agents(
-    procs: Processes, api: FakeAnthropic
-) -> None:
-    procs.start_server()
-    procs.start_worker("worker-1", 1, agents="anthropic,echo", env=NO_KEY)
-    async with procs.client() as client:
-        await online(client, "worker-1")
-    shown = await taskrun(procs, "workers", "get", "worker-1")
-    assert "anthropic - " in shown and "[UNAVAILABLE: no Anthropic credentials" in shown
-    assert (
-        "  echo - Streams its input text back in chunks (optional delay between chunks).\n" in shown
-    )
-    assert "Health:" in shown and "ok" in shown
-    listed = await taskrun(procs, "workers", "list")
-    assert "anthropic!,echo" in listed and "HEALTH" in listed
