@@ -100,9 +100,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if task.status is TaskStatus.PENDING:
             clock = time.monotonic()
             message.waiting_reason = engine.parked_reason(task) or waiting_reason(
-                task,
-                [engine.show_health(w) for w in engine.workers.values()],
-                lambda w: engine.health.quarantined(w.id, clock),
+                task, engine.workers.values(), lambda w: engine.health.view(w.id, clock)[1]
             )
         return message
 

@@ -4,6 +4,7 @@ while it waits: computed at read time from the catalog and the workers connected
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
+from datetime import datetime
 
 from taskrun.controlplane.dispatcher import backends_fit
 from taskrun.core.errors import InvalidArgument
@@ -67,7 +68,9 @@ def check_offered(
 
 
 def waiting_reason(
-    task: Task, workers: Iterable[Worker], quarantined: Callable[[Worker], bool] = lambda w: False
+    task: Task,
+    workers: Iterable[Worker],
+    quarantined_until: Callable[[Worker], datetime | None] = lambda w: None,
 ) -> str:
     """Why a PENDING task has no worker: the first requirement no online worker meets.
 
@@ -106,11 +109,8 @@ def waiting_reason(
         ]
         if not candidates:
             return f"no online worker offers {wanted}"
-    healthy = [w for w, _ in candidates if not quarantined(w)]
-    if not healthy:
-        why = "; ".join(
-            f"{w.id} until {w.quarantined_until:%H:%M:%S} UTC" if w.quarantined_until else w.id
-            for w, _ in candidates[:5]
-        )
+    held = [(w, quarantined_until(w)) for w, _ in candidates]
+    if all(until is not None for _, until in held):
+        why = "; ".join(f"{w.id} until {until:%H:%M:%S} UTC" for w, until in held[:5])
         return f"every online worker that offers {wanted} is quarantined ({why})"
     return ""

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
 import pytest
 
 from taskrun.controlplane.budgets import Budgets, parse_caps
 from taskrun.controlplane.health import BreakerSettings, WorkerHealth
+from taskrun.controlplane.waiting import waiting_reason
 from taskrun.core.ids import TaskId, WorkerId
-from taskrun.core.models import Task, TaskPolicy
-from taskrun.core.status import TaskStatus
+from taskrun.core.models import AgentSpec, ModelBackend, Task, TaskPolicy, Worker
+from taskrun.core.status import TaskStatus, WorkerStatus
 
 W = WorkerId("w")
 WALL = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
@@ -135,3 +137,49 @@ def test_budgets_parse() -> None:
         "a=b": 0.5,
     }
     assert parse_caps(["nightly=5"], "schedule") == {"nightly": 5.0}
+
+
+# -- why a task waits ------------------------------------------------------------------------------
+
+
+def online(name: str, *agents: AgentSpec) -> Worker:
+    return Worker(WorkerId(name), agents=agents, status=WorkerStatus.ONLINE)
+
+
+ANTHROPIC = AgentSpec("anthropic", backends=(ModelBackend("anthropic", "claude-sonnet-5-5"),))
+
+
+def pending(agent: str = "anthropic", **policy: str) -> Task:
+    t = task({})
+    t.agent, t.policy = agent, TaskPolicy(**policy)  # type: ignore[arg-type]
+    return t
+
+
+def test_waiting_reason_names_unavailable_agents_with_their_reasons() -> None:
+    keyless = replace(ANTHROPIC, unavailable_reason="no ANTHROPIC_API_KEY")
+    reason = waiting_reason(pending(), [online("w1", keyless), online("w2", keyless)])
+    assert reason == (
+        "no online worker can run agent 'anthropic' now "
+        "(w1: no ANTHROPIC_API_KEY; w2: no ANTHROPIC_API_KEY)"
+    )
+    assert waiting_reason(pending(), [online("w1", keyless), online("w2", ANTHROPIC)]) == ""
+
+
+def test_waiting_reason_matches_the_model_per_agent() -> None:
+    echo = AgentSpec("echo", backends=(ModelBackend("none", "echo"),))
+    worker = online("w1", echo, ANTHROPIC)
+    assert waiting_reason(pending("echo", required_provider="anthropic"), [worker]) == (
+        "no online worker offers agent 'echo' with a anthropic model backend"
+    )
+    assert waiting_reason(pending(required_model="claude-sonnet-5-5"), [worker]) == ""
+
+
+def test_waiting_reason_says_when_every_fitting_worker_is_quarantined() -> None:
+    until = WALL + timedelta(seconds=30)
+    workers = [online("w1", ANTHROPIC), online("w2", ANTHROPIC)]
+    reason = waiting_reason(pending(), workers, lambda w: until)
+    assert reason == (
+        "every online worker that offers agent 'anthropic' is quarantined "
+        "(w1 until 12:00:30 UTC; w2 until 12:00:30 UTC)"
+    )
+    assert waiting_reason(pending(), workers, lambda w: until if w.id == "w1" else None) == ""
