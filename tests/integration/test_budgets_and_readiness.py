@@ -17,6 +17,7 @@ from taskrun.core.status import RunStatus, TaskStatus
 from taskrun.v1 import tasks_pb2, tasks_pb2_grpc
 from tests.conftest import Cluster
 from tests.fakes.anthropic_server import FakeAnthropic, Text
+from tests.integration.test_metrics import scrape, value
 
 KEY = "sk-ant-test-key"
 # 12 input and 1 output tokens of claude-sonnet-5-5 cost $0.000034: the cap is reached by one run
@@ -50,7 +51,9 @@ async def pending_with_reason(client, task_id: str, needle: str) -> str:  # type
 async def test_a_daily_label_cap_makes_the_next_task_wait_with_its_reason(
     api: FakeAnthropic, cluster: Cluster
 ) -> None:
-    await cluster.start_server(label_budgets={"team=research": CAP})
+    server = await cluster.start_server(
+        label_budgets={"team=research": CAP}, metrics_listen="127.0.0.1:0"
+    )
     await cluster.start_worker("worker-1", agents=["anthropic"])
     client = cluster.client()
 
@@ -82,6 +85,15 @@ async def test_a_daily_label_cap_makes_the_next_task_wait_with_its_reason(
     )
     text = usage_text(report)
     assert "team=research" in text and "reached" in text
+
+    assert server.metrics_server is not None
+    _, body = await scrape(server.metrics_server.port)
+    spent = 'taskrun_budget_spent_usd{key="team=research",kind="label"}'
+    assert value(body, spent) == pytest.approx(done.usage.cost_usd)
+    assert value(body, 'taskrun_budget_limit_usd{key="team=research",kind="label"}') == CAP
+    worker_cost = value(body, 'taskrun_worker_cost_usd_total{worker="worker-1"}')
+    assert worker_cost == pytest.approx(report.rows[0].usage.cost_usd)
+    assert value(body, 'taskrun_worker_quarantined{worker="worker-1"}') == 0
 
     # a restarted control plane still knows what was spent today (from the store)
     await cluster.stop_server()

@@ -33,6 +33,7 @@ from taskrun.worker.agents import load_agents
 from taskrun.worker.config import WorkerConfig
 from taskrun.worker.daemon import WorkerDaemon
 from tests.conftest import Cluster
+from tests.integration.test_metrics import scrape, value
 
 # Screenshots go to a temporary folder; `TASKRUN_SCREENSHOTS=docs scripts/test
 # tests/integration/test_tui.py` refreshes the ones the README shows.
@@ -225,7 +226,9 @@ class Keyless(Broken):
 async def test_the_workers_view_shows_a_quarantine_and_unavailable_agents(
     cluster: Cluster,
 ) -> None:
-    await cluster.start_server(quarantine_after=2, quarantine_base=60)
+    server = await cluster.start_server(
+        quarantine_after=2, quarantine_base=60, metrics_listen="127.0.0.1:0"
+    )
     config = WorkerConfig(
         server=cluster.address,
         worker_id="worker-1",
@@ -249,6 +252,10 @@ async def test_the_workers_view_shows_a_quarantine_and_unavailable_agents(
             failed = await client.create_task("broken", {})
             await client.wait(failed.id)
         await until(pilot.pause, lambda: workers.get_row("worker-1")[3] == "online, quarantined")
+    assert server.metrics_server is not None
+    _, body = await scrape(server.metrics_server.port)
+    assert value(body, 'taskrun_worker_quarantined{worker="worker-1"}') == 1
+    assert value(body, "taskrun_worker_quarantines_total") == 1
 
 
 async def test_the_footer_shows_every_main_key_within_80_columns(cluster: Cluster) -> None:
