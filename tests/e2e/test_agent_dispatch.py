@@ -113,6 +113,9 @@ async def test_a_keyless_worker_next_to_a_good_one_gets_none_of_eight_tasks(
     assert "Health:" in shown
     listed = await taskrun(procs, "workers", "list")
     assert "anthropic!,echo" in listed and "HEALTH" in listed
+    usage = await taskrun(procs, "usage", "--days", "1")
+    [row] = [line.split() for line in usage.splitlines() if "worker-2" in line]
+    assert row[1:5] == ["anthropic", "claude-sonnet-5-5", "worker-2", "8"]
 
 
 async def test_require_model_runs_where_the_agent_offers_it_and_the_api_receives_it(
