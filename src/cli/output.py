@@ -406,8 +406,7 @@ def worker_detail(worker: Worker, run_ids: Sequence[RunId], now: datetime) -> st
             line += f" - {agent.description}"
         if agent.supports_sessions:
             line += " [sessions]"
-        if not agent.available:
-            line += f" [UNAVAILABLE: {agent.unavailable_reason}]"
+        line += " [available]" if agent.available else f" [UNAVAILABLE: {agent.unavailable_reason}]"
         out += line + "\n"
         for backend in agent.backends:
             out += f"    {format_backend(backend)}\n"

@@ -107,9 +107,8 @@ async def test_a_keyless_worker_next_to_a_good_one_gets_none_of_eight_tasks(
 
     shown = await taskrun(procs, "workers", "get", "worker-1")
     assert "[UNAVAILABLE: no Anthropic credentials" in shown
-    assert (
-        "  echo - Streams its input text back in chunks (optional delay between chunks).\n" in shown
-    )
+    echo = "  echo - Streams its input text back in chunks (optional delay between chunks)."
+    assert f"{echo} [available]\n" in shown
     assert "Health:" in shown
     listed = await taskrun(procs, "workers", "list")
     assert "anthropic!,echo" in listed and "HEALTH" in listed

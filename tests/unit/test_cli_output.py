@@ -309,10 +309,10 @@ def test_worker_detail_shows_why_an_agent_is_unavailable_and_the_quarantine() ->
 def test_worker_detail_lists_agents_with_their_backends() -> None:
     text = output.worker_detail(make_worker(), [RunId("run_1")], NOW)
     assert (
-        "  claude - Claude Code [sessions]\n    anthropic/claude-x (200000 tokens; text,image)\n"
-        in text
+        "  claude - Claude Code [sessions] [available]\n"
+        "    anthropic/claude-x (200000 tokens; text,image)\n" in text
     )
-    assert "  echo\n" in text
+    assert "  echo [available]\n" in text
     assert "Active runs:\n  run_1\n" in text
 
 
