@@ -127,6 +127,7 @@ def agent_to_pb(a: AgentSpec) -> pb.AgentSpec:
         backends=[backend_to_pb(b) for b in a.backends],
         input_schema_json=a.input_schema,
         supports_sessions=a.supports_sessions,
+        unavailable_reason=a.unavailable_reason,
     )
 
 
@@ -137,6 +138,7 @@ def agent_from_pb(m: pb.AgentSpec) -> AgentSpec:
         backends=tuple(backend_from_pb(b) for b in m.backends),
         input_schema=m.input_schema_json,
         supports_sessions=m.supports_sessions,
+        unavailable_reason=m.unavailable_reason,
     )
 
 
@@ -435,7 +437,10 @@ def worker_to_pb(w: Worker, active_runs: list[RunId] | None = None) -> pb.Worker
         status=int(w.status),  # type: ignore[arg-type]
         run_ids=list(active_runs or ()),
         revoked_reason=w.revoked_reason,
+        consecutive_failures=w.consecutive_failures,
+        quarantine_reason=w.quarantine_reason,
     )
+    ts_to_pb(w.quarantined_until, out.quarantined_until)
     ts_to_pb(w.connected_at, out.connected_at)
     ts_to_pb(w.last_heartbeat_at, out.last_heartbeat_at)
     ts_to_pb(w.certificate_expires_at, out.certificate_expires_at)
@@ -459,6 +464,9 @@ def worker_from_pb(m: pb.Worker) -> tuple[Worker, list[RunId]]:
         certificate_expires_at=ts_from_pb(m, "certificate_expires_at"),
         revoked_at=ts_from_pb(m, "revoked_at"),
         revoked_reason=m.revoked_reason,
+        consecutive_failures=m.consecutive_failures,
+        quarantined_until=ts_from_pb(m, "quarantined_until"),
+        quarantine_reason=m.quarantine_reason,
     )
     return worker, [RunId(r) for r in m.run_ids]
 

@@ -31,12 +31,14 @@ import grpc
 from taskrun import __version__
 from taskrun.cli import (
     access_cmd,
+    agent_flags,
     conversation_cmd,
     events_cmd,
     maintenance_cmd,
     output,
     schedule_cmd,
     store_cmd,
+    usage_cmd,
     webhook_cmd,
     workflow_cmd,
 )
@@ -438,6 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="let webhooks reach this loopback or private network, e.g. 10.0.0.0/8 (repeat; "
         "TASKRUN_WEBHOOK_ALLOW_NETWORKS, comma-separated; default: only public addresses)",
     )
+    agent_flags.add_server_flags(p)
 
     # worker
     worker = _group(commands, "worker", "enroll a worker, run a worker daemon, or revoke a worker")
@@ -519,6 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="ask agents that can (claude_code) to sandbox the commands they run "
         "(needs bubblewrap: apt install bubblewrap socat)",
     )
+    agent_flags.add_worker_flags(p)
     _add_revoke(worker)
     _add_workers_list_and_get(worker)  # `worker list` = `workers list`, `worker get` = ...
 
@@ -566,19 +570,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--require-provider",
         default="",
         metavar="P",
-        help="only workers offering a model backend of this provider (e.g. anthropic)",
+        help="only workers whose AGENT has a model backend of this provider (e.g. anthropic); "
+        "refused when no online worker offers it (unless --allow-unknown-agent)",
     )
     p.add_argument(
         "--require-model",
         default="",
         metavar="M",
-        help="only workers offering a model backend with this model name",
+        help="run on this model: only workers whose AGENT offers it, and the agent uses it; "
+        "refused when no online worker offers it (unless --allow-unknown-agent)",
     )
     p.add_argument(
         "--allow-unknown-agent",
         action="store_true",
-        help="submit even if no worker has announced AGENT yet (its workers are not up yet); "
-        "without it such a task is refused",
+        help="submit even if no worker has announced AGENT yet (its workers are not up yet), "
+        "or no online worker offers the required provider/model: the task waits and `task get` "
+        "says why; without it such a task is refused",
     )
     p.add_argument(
         "--follow",
@@ -665,6 +672,7 @@ def build_parser() -> argparse.ArgumentParser:
     workflow_cmd.register(commands)  # `taskrun workflow`, `inbox`, `approve`, `reject`
     maintenance_cmd.register(commands)  # `taskrun backup`, `taskrun completion`
     store_cmd.register(commands)  # `taskrun store copy`
+    usage_cmd.register(commands)  # `taskrun usage`
 
     # dev
     p = _leaf(
@@ -1002,6 +1010,10 @@ def server_config(args: argparse.Namespace) -> Any:
     }
     values.update({k: v for k, v in optional.items() if v is not None})
     try:
+        values.update(agent_flags.server_values(args))
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    try:
         return ServerConfig(**values)
     except ValidationError as exc:
         raise CliError(_validation_message(exc)) from None
@@ -1092,6 +1104,7 @@ def worker_config(args: argparse.Namespace) -> Any:
     values["allow_cwd"] = [Path(d) for d in _arg(args, "allow_cwd") or []]
     values["keep_workspaces"] = bool(_arg(args, "keep_workspaces"))
     values["agent_sandbox"] = bool(_arg(args, "agent_sandbox"))
+    values.update(agent_flags.worker_values(args))
     state_dir = _arg(args, "state_dir") or _env("TASKRUN_STATE_DIR")
     if not state_dir and not (cert or key or _arg(args, "worker_id") or _env("TASKRUN_WORKER_ID")):
         from taskrun.worker.identity import default_state_dir
@@ -1142,6 +1155,7 @@ def cmd_worker_run(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         raise CliError(str(exc)) from None
     _setup_logging(args, daemon=True)
+    agent_flags.apply_worker_models(args)
     from taskrun.worker.daemon import run_worker
 
     code: int = asyncio.run(run_worker(config))

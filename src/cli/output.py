@@ -339,8 +339,18 @@ def _indent(text: str, prefix: str = "  ") -> str:
     return "".join(prefix + line + "\n" for line in text.splitlines())
 
 
-def _agent_names(agents: Sequence[AgentSpec]) -> str:
-    return ",".join(a.name for a in agents) or NONE
+def agent_names(agents: Sequence[AgentSpec]) -> str:
+    """Agent names; one the worker cannot run now is marked with "!" (see `workers get`)."""
+    return ",".join(a.name if a.available else f"{a.name}!" for a in agents) or NONE
+
+
+def _health(worker: Worker, now: datetime) -> str:
+    if worker.quarantined_until is not None and worker.quarantined_until > now:
+        left = (worker.quarantined_until - now).total_seconds()
+        return f"quarantined {left:.0f}s"
+    if worker.consecutive_failures:
+        return f"{worker.consecutive_failures} fast failures"
+    return "ok"
 
 
 def workers_table(workers: Sequence[tuple[Worker, Sequence[RunId]]], now: datetime) -> str:
@@ -350,14 +360,15 @@ def workers_table(workers: Sequence[tuple[Worker, Sequence[RunId]]], now: dateti
             w.hostname or NONE,
             status_name(w.status),
             f"{len(runs)}/{w.max_concurrent_runs}",
-            _agent_names(w.agents),
+            _health(w, now),
+            agent_names(w.agents),
             format_labels(w.labels),
             _ago(w.last_heartbeat_at, now),
         )
         for w, runs in workers
     ]
     return render_table(
-        ("ID", "HOST", "STATUS", "RUNS", "AGENTS", "LABELS", "LAST HEARTBEAT"), rows
+        ("ID", "HOST", "STATUS", "RUNS", "HEALTH", "AGENTS", "LABELS", "LAST HEARTBEAT"), rows
     )
 
 
@@ -379,6 +390,14 @@ def worker_detail(worker: Worker, run_ids: Sequence[RunId], now: datetime) -> st
         fields.append(
             ("Revoked", f"{format_when(worker.revoked_at, now)}: {worker.revoked_reason}")
         )
+    fields.append(("Health", _health(worker, now)))
+    if worker.quarantined_until is not None and worker.quarantined_until > now:
+        fields.append(
+            (
+                "Quarantined",
+                f"until {format_when(worker.quarantined_until, now)}: {worker.quarantine_reason}",
+            )
+        )
     out = render_fields(fields)
     out += "Agents:\n" if worker.agents else "Agents:  none\n"
     for agent in worker.agents:
@@ -387,6 +406,7 @@ def worker_detail(worker: Worker, run_ids: Sequence[RunId], now: datetime) -> st
             line += f" - {agent.description}"
         if agent.supports_sessions:
             line += " [sessions]"
+        line += " [available]" if agent.available else f" [UNAVAILABLE: {agent.unavailable_reason}]"
         out += line + "\n"
         for backend in agent.backends:
             out += f"    {format_backend(backend)}\n"
@@ -549,7 +569,7 @@ def event_line(event: FleetEvent) -> str:
         text = (
             f"{w.id} {status_name(w.status)} host={w.hostname or NONE} "
             f"runs={len(event.worker_runs)}/{w.max_concurrent_runs} "
-            f"agents={_agent_names(w.agents)}"
+            f"agents={agent_names(w.agents)}"
         )
     elif event.task is not None:
         t = event.task

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from taskrun.controlplane.health import BreakerSettings
 from taskrun.core.models import DEFAULT_MAX_ATTEMPTS
 
 
@@ -70,6 +71,39 @@ class ServerConfig(BaseModel):
     webhook_retry_max: float = Field(default=3600.0, gt=0)  # longest wait between attempts
     webhook_max_attempts: int = Field(default=12, ge=1, le=100)
     webhook_max_age: float = Field(default=24 * 3600.0, gt=0)  # give up on older deliveries
+    # Worker health (controlplane.health): after `quarantine_after` runs in a row failed within
+    # `fast_failure` seconds of their assignment, the worker gets no new runs for
+    # `quarantine_base` seconds, doubled at each reopening up to `quarantine_max`; 0 = never.
+    quarantine_after: int = Field(default=5, ge=0, le=1000)
+    fast_failure: float = Field(default=10.0, gt=0)
+    quarantine_base: float = Field(default=30.0, gt=0)
+    quarantine_max: float = Field(default=600.0, gt=0)
+    # Daily cost caps in US dollars (controlplane.budgets): per label ("team=research") and per
+    # schedule name. Once today's (UTC) spending reaches one, the runs it covers wait.
+    label_budgets: dict[str, float] = Field(default_factory=dict)
+    schedule_budgets: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("label_budgets", "schedule_budgets")
+    @classmethod
+    def _budgets(cls, values: dict[str, float]) -> dict[str, float]:
+        for key, usd in values.items():
+            if not (0 <= usd < float("inf")):
+                raise ValueError(f"the budget of {key!r} must be a finite amount >= 0")
+        return values
+
+    @field_validator("label_budgets")
+    @classmethod
+    def _label_keys(cls, values: dict[str, float]) -> dict[str, float]:
+        for key in values:
+            name, sep, value = key.partition("=")
+            if not (sep and name and value):
+                raise ValueError(f"{key!r} is not a label like 'team=research'")
+        return values
+
+    def breaker(self) -> BreakerSettings:
+        return BreakerSettings(
+            self.quarantine_after, self.fast_failure, self.quarantine_base, self.quarantine_max
+        )
 
     @field_validator("webhook_allow_networks")
     @classmethod

@@ -1,15 +1,20 @@
 """Which pending run goes to which worker. Pure logic: no I/O, no grpc, easy to test.
 
-A run fits a worker that announces its agent, has every required label, offers the required
-provider/model if any, has a free slot and is not draining. Among runs, higher priority first,
-then oldest; among fitting workers, the least loaded (by share of capacity in use) first.
+A run fits a worker that announces its agent as available, has every required label, offers
+the required provider/model *for that agent* (not merely for another agent of the worker), has a
+free slot and is not draining or quarantined. Among runs, higher priority first, then oldest;
+among fitting workers, one other than the worker that failed the previous attempt first, then
+the least loaded (by share of capacity in use).
+
+`backends_fit` and `Candidate.fits` are pure functions of (requirement, the worker's entry for
+the agent), so an index by agent and free capacity can use them unchanged.
 """
 
 from __future__ import annotations
 
 import heapq
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from taskrun.core.ids import RunId, TaskId, WorkerId
@@ -28,6 +33,7 @@ class PendingRun:
     provider: str = ""
     model: str = ""
     worker_id: str = ""  # only this worker may run it
+    avoid: str = ""  # the worker that failed the previous attempt: another one first
     order: int = 0  # creation order; set by the queue
 
     @property
@@ -35,17 +41,27 @@ class PendingRun:
         return (self.agent, self.required_labels, self.provider, self.model, self.worker_id)
 
 
+Backends = frozenset[tuple[str, str]]  # (provider, model_name) of one agent
+
+
+def backends_fit(provider: str, model: str, backends: Iterable[tuple[str, str]]) -> bool:
+    """Whether one agent's backends meet a provider/model requirement ("" = any)."""
+    if not (provider or model):
+        return True
+    return any((not provider or p == provider) and (not model or m == model) for p, m in backends)
+
+
 @dataclass(slots=True)
 class Candidate:
-    """What the dispatcher needs to know about a connected worker."""
+    """What the dispatcher needs to know about a connected worker: the agents it can run now
+    (unavailable ones left out), each with its own backends."""
 
     worker_id: WorkerId
-    agents: frozenset[str]
+    agents: Mapping[str, Backends]
     labels: dict[str, str]
-    backends: frozenset[tuple[str, str]]  # (provider, model_name)
     capacity: int
     active: int
-    draining: bool = False
+    draining: bool = False  # draining or quarantined: no new runs
 
     @property
     def free(self) -> int:
@@ -53,16 +69,12 @@ class Candidate:
 
     def fits(self, req: Requirement) -> bool:
         agent, labels, provider, model, worker_id = req
-        if agent not in self.agents or (worker_id and worker_id != self.worker_id):
+        backends = self.agents.get(agent)
+        if backends is None or (worker_id and worker_id != self.worker_id):
             return False
         if any(self.labels.get(k) != v for k, v in labels):
             return False
-        if provider or model:
-            return any(
-                (not provider or p == provider) and (not model or m == model)
-                for p, m in self.backends
-            )
-        return True
+        return backends_fit(provider, model, backends)
 
 
 @dataclass(slots=True)
@@ -134,9 +146,10 @@ class PendingQueue:
                 break
             heapq.heappop(self._groups[best_req].heap)
             entry = self._entries.pop(best_head[2])
+            avoid = entry.avoid
             worker = min(
                 (w for w in fitting[best_req] if w.free > 0),
-                key=lambda w: (w.active / w.capacity, w.active, w.worker_id),
+                key=lambda w: (w.worker_id == avoid, w.active / w.capacity, w.active, w.worker_id),
             )
             worker.active += 1
             plan.append((entry, worker.worker_id))

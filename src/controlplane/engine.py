@@ -38,11 +38,13 @@ from datetime import UTC, datetime
 
 import structlog
 
+from taskrun.controlplane.budgets import Budgets, Cap, day_of, day_start
 from taskrun.controlplane.catalog import AgentCatalog
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.dispatcher import PendingQueue, PendingRun
 from taskrun.controlplane.events import Captured, EventHub
 from taskrun.controlplane.followers import FollowHub
+from taskrun.controlplane.health import WorkerHealth
 from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.session import WorkerSession
 from taskrun.convert import backend_from_pb, turn_context_to_pb, usage_from_pb
@@ -66,6 +68,7 @@ from taskrun.core.ids import (
 from taskrun.core.models import (
     COMPACT_AT,
     KEEP_RECENT_TURNS,
+    AgentSpec,
     Conversation,
     OutputChunk,
     OutputKind,
@@ -136,6 +139,9 @@ class Engine:
         self._orphans: dict[RunId, asyncio.TimerHandle] = {}
         self._timers: set[asyncio.TimerHandle] = set()
         self._dispatch_scheduled = False
+        self.health = WorkerHealth(config.breaker())
+        self.budgets = Budgets(config.label_budgets, config.schedule_budgets, day_of(utcnow()))
+        self._parked: dict[RunId, PendingRun] = {}  # held back by a spent daily budget
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
@@ -167,7 +173,16 @@ class Engine:
             conversations[conversation.id] = conversation
             turns[unfinished.id] = turn
             earlier_turns[unfinished.id] = earlier
+        cfg = self.config
+        budgets = Budgets(cfg.label_budgets, cfg.schedule_budgets, day_of(utcnow()))
+        if budgets.configured:
+            since = day_start(budgets.day)
+            budgets.load(
+                (s.labels, s.schedule, s.run.usage.cost_usd, s.run.finished_at or since)
+                for s in await self.store.list_spending(since)
+            )
         # No await from here on: the new view replaces the old one at once.
+        self.budgets, self._parked = budgets, {}
         self.conversations, self.turns, self._tools = conversations, turns, {}
         for handle in [*self._orphans.values(), *self._timers]:
             handle.cancel()
@@ -201,6 +216,8 @@ class Engine:
                 self._orphan(run, deadline)
         if self.workers:
             await self.store.apply(ChangeSet(workers=[replace(w) for w in self.workers.values()]))
+        if budgets.configured:
+            self._later(budgets.seconds_to_next_day(utcnow()) + 0.5, self._midnight)
         log.info(
             "engine started",
             unfinished_tasks=len(self.tasks),
@@ -442,6 +459,7 @@ class Engine:
         deliver: Effect | None = None
         if run is not None:
             self.queue.remove(run.id)
+            self._parked.pop(run.id, None)
             self._forget_orphan(run.id)
             was_held = run.status.active
             run.status, run.finished_at, run.error = RunStatus.CANCELLED, now, message
@@ -806,7 +824,7 @@ class Engine:
         task.result = result
         self.tasks.pop(task.id, None)
 
-    def _enqueue(self, task: Task, run: Run, *, dispatch: bool = True) -> None:
+    def _enqueue(self, task: Task, run: Run, *, dispatch: bool = True, avoid: str = "") -> None:
         policy = task.policy
         self.queue.add(
             PendingRun(
@@ -817,6 +835,7 @@ class Engine:
                 required_labels=tuple(sorted(policy.required_labels.items())),
                 provider=policy.required_provider,
                 model=policy.required_model,
+                avoid=avoid,
             )
         )
         if policy.queue_timeout:
@@ -839,9 +858,11 @@ class Engine:
         if self.store_error:
             return
         run = self.runs.get(run_id)
-        if run is None or run.status is not RunStatus.PENDING or run_id not in self.queue:
+        queued = run_id in self.queue or run_id in self._parked
+        if run is None or run.status is not RunStatus.PENDING or not queued:
             return
         self.queue.remove(run_id)
+        self._parked.pop(run_id, None)
         reason = f"no worker took it within {timeout:g}s (queue timeout)"
         changes = ChangeSet()
         task = self._end_run(run, RunStatus.FAILED, changes, error=reason, retry=False)
@@ -934,15 +955,17 @@ class Engine:
             reason=reason,
         )
 
+        avoid = run.worker_id or ""  # another worker first, when one fits
+
         def enqueue() -> None:
             current = self.runs.get(retry.id) is retry and retry.status is RunStatus.PENDING
             if current and not self.store_error:
-                self._enqueue(task, retry)
+                self._enqueue(task, retry, avoid=avoid)
 
         if delay:
             self._later(delay, enqueue)
         else:
-            self._enqueue(task, retry, dispatch=False)  # the caller's commit plans it
+            self._enqueue(task, retry, dispatch=False, avoid=avoid)  # the caller's commit plans it
 
     # --- dispatch ----------------------------------------------------------------------------
 
@@ -965,13 +988,34 @@ class Engine:
         if not self.queue or not self.sessions:
             return []
         sessions = self.sessions
-        plan = self.queue.plan([s.candidate() for s in sessions.values() if not s.draining])
+        clock = time.monotonic()
+        plan = self.queue.plan(
+            [
+                s.candidate(quarantined=self.health.quarantined(s.worker_id, clock))
+                for s in sessions.values()
+                if not s.draining
+            ]
+        )
         now = utcnow()
+        if self.budgets.roll(now):
+            self._release_parked()
         outgoing: list[tuple[WorkerSession, Task, wpb.RunAssignment]] = []
         for entry, worker_id in plan:
             run = self.runs.get(entry.run_id)
             task = self.tasks.get(entry.task_id)
             if run is None or task is None or run.status is not RunStatus.PENDING:
+                continue
+            cap = self.budgets.blocking(task)
+            if cap is not None:  # waits for the next day; its slot goes to the next run
+                self._parked[run.id] = entry
+                log.info(
+                    "run held back by a daily budget",
+                    task_id=task.id,
+                    run_id=run.id,
+                    worker_id=None,
+                    reason=cap.reason(),
+                )
+                self.request_dispatch()
                 continue
             session = sessions[worker_id]
             run.status, run.worker_id, run.assigned_at = RunStatus.ASSIGNED, worker_id, now
@@ -1464,6 +1508,7 @@ class Engine:
         if update.session_id:
             run.session_id = update.session_id
         self._adopt_session(run, update)
+        self._note_health(session, run, status, update.error, changes)
         task = self._end_run(run, status, changes, error=update.error)
         session.runs.discard(run.id)
         if task is not None:
@@ -1478,6 +1523,8 @@ class Engine:
             run.id,
             task.id,
             task.agent,
+            task.labels,
+            task.schedule,
             run.worker_id or "",
             run.attempt,
             turn.conversation_id if turn else None,
@@ -1513,8 +1560,10 @@ class Engine:
                 turn=stopping.turn,
                 agent=stopping.agent,
                 model=model,
+                worker_id=stopping.worker_id,
             )
         )
+        self.budgets.spend(stopping.labels, stopping.schedule, usage.cost_usd, utcnow())
         # A conversation with a turn in flight is written whole from the view: it must carry
         # this too. Otherwise the rows are only in the store, and whoever is about to rewrite
         # one from a read made before this commit reads again (send_message, continue_task).
@@ -1571,6 +1620,7 @@ class Engine:
         if task is None:
             return None
         task.usage.add(run.usage)
+        self.budgets.spend(task.labels, task.schedule, run.usage.cost_usd, now)
         log_ = log.bind(
             task_id=task.id, run_id=run.id, worker_id=run.worker_id, attempt=run.attempt
         )
@@ -1593,6 +1643,92 @@ class Engine:
             self._close_turn(task, run, changes)
         return task
 
+    # --- worker health, agents, budgets ------------------------------------------------------
+
+    def _note_health(
+        self, session: WorkerSession, run: Run, status: RunStatus, error: str, changes: ChangeSet
+    ) -> None:
+        """Feed the worker's circuit breaker with how its run ended (see controlplane.health); a
+        quarantine's start and end go out as worker events (the TUI shows them)."""
+        if status is RunStatus.COMPLETED:
+            self.health.succeeded(session.worker_id)
+        elif status is RunStatus.FAILED:
+            began = run.assigned_at or run.created_at
+            elapsed = (utcnow() - began).total_seconds()
+            tripped = self.health.failed(
+                session.worker_id, elapsed, error, time.monotonic(), utcnow()
+            )
+            if tripped is not None:
+                log.warning(
+                    "worker quarantined",
+                    worker_id=session.worker_id,
+                    seconds=round(tripped.seconds, 1),
+                    reason=tripped.reason,
+                )
+                self._later(tripped.seconds + 0.05, self._quarantine_over, session.worker_id)
+                changes.workers.append(replace(self.show_health(session.worker)))
+                return
+        self.show_health(session.worker)
+
+    def _quarantine_over(self, worker_id: WorkerId) -> None:
+        worker = self.workers.get(worker_id)
+        if worker is None or self.store_error:
+            return
+        self.show_health(worker)
+        self._commit(ChangeSet(workers=[replace(worker)]), self.request_dispatch)
+
+    def show_health(self, worker: Worker) -> Worker:
+        """The worker with its breaker state as of now, for readers."""
+        view = self.health.view(worker.id, time.monotonic())
+        worker.consecutive_failures, worker.quarantined_until, worker.quarantine_reason = view
+        return worker
+
+    def update_agents(self, session: WorkerSession, agents: tuple[AgentSpec, ...]) -> None:
+        """The worker announced a change in what it can run (checked already)."""
+        if session.closed or self.store_error or agents == session.worker.agents:
+            return
+        session.set_agents(agents)
+        self.catalog.learn(agents)
+        log.info(
+            "worker agents changed",
+            worker_id=session.worker_id,
+            available=[a.name for a in agents if a.available],
+            unavailable={a.name: a.unavailable_reason for a in agents if not a.available},
+        )
+        self._commit(ChangeSet(workers=[replace(session.worker)]), self.request_dispatch)
+
+    def _midnight(self) -> None:
+        """A new UTC day: budgets start from zero (the timer is set again by the next start when
+        the store failed meanwhile)."""
+        if self.store_error:
+            return
+        self.budgets.roll(utcnow())
+        self._release_parked()
+        self._later(self.budgets.seconds_to_next_day(utcnow()) + 0.5, self._midnight)
+
+    def _release_parked(self) -> None:
+        """The runs held back by a budget go back to the queue (a new day, a new cap)."""
+        parked, self._parked = self._parked, {}
+        for entry in parked.values():
+            run, task = self.runs.get(entry.run_id), self.tasks.get(entry.task_id)
+            if run is not None and task is not None and run.status is RunStatus.PENDING:
+                self.queue.add(entry)
+        if parked:
+            self.request_dispatch()
+
+    def budget_caps(self) -> list[Cap]:
+        """The daily caps with today's spending (a new day starts here too)."""
+        if self.budgets.roll(utcnow()):
+            self._release_parked()
+        return self.budgets.caps()
+
+    def parked_reason(self, task: Task) -> str:
+        """Why a pending task's run is held back by a budget ("" when it is not)."""
+        if self.budgets.roll(utcnow()):
+            self._release_parked()
+        cap = self.budgets.blocking(task)
+        return cap.reason() if cap is not None else ""
+
     # --- reads -------------------------------------------------------------------------------
 
     def worker_runs(self, worker_id: WorkerId) -> list[RunId]:
@@ -1610,6 +1746,8 @@ class _Stopping:
     run_id: RunId
     task_id: TaskId
     agent: str
+    labels: dict[str, str]
+    schedule: str
     worker_id: str
     attempt: int
     conversation_id: ConversationId | None

@@ -8,6 +8,7 @@ are counted by a server interceptor, so handlers stay unaware of metrics.
 from __future__ import annotations
 
 import inspect
+import time
 from collections import Counter as Tally
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from typing import Any
@@ -82,6 +83,12 @@ class ControlPlaneMetrics(Collector):
             ["agent", "model"],
             registry=self.registry,
         )
+        self.worker_cost = Counter(
+            "taskrun_worker_cost_usd",
+            "Cost in US dollars of finished runs, by worker (per day: increase over 1d).",
+            ["worker"],
+            registry=self.registry,
+        )
         self.registry.register(self)
         engine.events.observe(self.observe)
 
@@ -110,15 +117,14 @@ class ControlPlaneMetrics(Collector):
                 self.run_duration.labels(agent, run.status.name.lower()).observe(
                     max((run.finished_at - began).total_seconds(), 0.0)
                 )
-
         for late in captured.late_usage:  # a cancelled run's spending, reported after its end
-            self._count(late.agent, late.model, late.usage)
+            self._count(late.agent, late.model, late.worker_id, late.usage)
 
     def _count_usage(self, agent: str, run: Run) -> None:
         model = run.backend_used.model_name if run.backend_used else ""
-        self._count(agent, model, run.usage)
+        self._count(agent, model, run.worker_id or "", run.usage)
 
-    def _count(self, agent: str, model: str, usage: Usage) -> None:
+    def _count(self, agent: str, model: str, worker_id: str, usage: Usage) -> None:
         if usage.empty:
             return
         for kind, count in (
@@ -131,6 +137,7 @@ class ControlPlaneMetrics(Collector):
                 self.tokens.labels(agent, model, kind).inc(count)
         if usage.cost_usd > 0:
             self.cost.labels(agent, model).inc(usage.cost_usd)
+            self.worker_cost.labels(worker_id).inc(usage.cost_usd)
 
     # --- read at scrape time -----------------------------------------------------------------
 
@@ -184,6 +191,7 @@ class ControlPlaneMetrics(Collector):
             if expires is not None:
                 expiry.add_metric([worker_id], expires.timestamp())
         yield expiry
+        yield from self._health_and_budgets()
         if self.access is not None:
             security = CounterMetricFamily(
                 "taskrun_security_events",
@@ -194,6 +202,40 @@ class ControlPlaneMetrics(Collector):
             for kind in AuditKind:
                 security.add_metric([kind.value], self.access.event_counts[kind])
             yield security
+
+    def _health_and_budgets(self) -> Iterable[Metric]:
+        engine = self.engine
+        now = time.monotonic()
+        quarantined = GaugeMetricFamily(
+            "taskrun_worker_quarantined",
+            "1 while a worker is quarantined by its circuit breaker (runs failing fast), else 0; "
+            "connected workers.",
+            labels=["worker"],
+        )
+        for worker_id in sorted(engine.sessions):
+            quarantined.add_metric([worker_id], int(engine.health.quarantined(worker_id, now)))
+        yield quarantined
+        trips = CounterMetricFamily(
+            "taskrun_worker_quarantines",
+            "Quarantines begun since this control plane started.",
+        )
+        trips.add_metric([], engine.health.quarantines)
+        yield trips
+        spent = GaugeMetricFamily(
+            "taskrun_budget_spent_usd",
+            "Spending today (UTC) against each daily budget, by kind (label, schedule) and key.",
+            labels=["kind", "key"],
+        )
+        limit = GaugeMetricFamily(
+            "taskrun_budget_limit_usd",
+            "Each daily budget, by kind and key.",
+            labels=["kind", "key"],
+        )
+        for cap in engine.budgets.caps():
+            spent.add_metric([cap.kind, cap.key], cap.spent_usd)
+            limit.add_metric([cap.kind, cap.key], cap.limit_usd)
+        yield spent
+        yield limit
 
     # --- the gRPC edge -----------------------------------------------------------------------
 

@@ -9,23 +9,24 @@ import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import structlog
 
 from taskrun import convert
+from taskrun.controlplane import usage
 from taskrun.controlplane.auth import Authenticator, Caller, peer_certificate_expiry
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.followers import Subscription
 from taskrun.controlplane.guard import status_code
 from taskrun.controlplane.session import WorkerSession
-from taskrun.controlplane.waiting import check_known_agent, waiting_reason
+from taskrun.controlplane.waiting import check_known_agent, check_offered, waiting_reason
 from taskrun.core import errors
 from taskrun.core.access import AuditKind, Scope
 from taskrun.core.ids import RunId, TaskId, WorkerId, is_valid_worker_id
-from taskrun.core.models import OutputChunk, OutputKind, Run, Task, Worker, utcnow
+from taskrun.core.models import AgentSpec, OutputChunk, OutputKind, Run, Task, Worker, utcnow
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.store import TaskQuery
 from taskrun.core.text import quoted
@@ -95,7 +96,12 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     def _task_pb(self, task: Task, runs: list[Run] | None = None) -> pb.Task:
         """The task as sent to callers, with why it waits when it is pending."""
         message = convert.task_to_pb(task, runs)
-        message.waiting_reason = waiting_reason(task, self.engine.workers.values())
+        engine = self.engine
+        if task.status is TaskStatus.PENDING:
+            clock = time.monotonic()
+            message.waiting_reason = engine.parked_reason(task) or waiting_reason(
+                task, engine.workers.values(), lambda w: engine.health.view(w.id, clock)[1]
+            )
         return message
 
     async def _create(
@@ -110,6 +116,14 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         for i, spec in enumerate(specs):
             if not requests[i].allow_unknown_agent:
                 check_known_agent(spec.agent, catalog.names(), f"{prefix(i)}agent")
+                policy = spec.policy
+                check_offered(
+                    spec.agent,
+                    policy.required_provider,
+                    policy.required_model,
+                    self.engine.workers.values(),
+                    prefix(i),
+                )
             catalog.check_input(spec.agent, json.loads(spec.input), f"{prefix(i)}input_json")
         results = await self.engine.create_tasks(specs)
         out = []
@@ -157,6 +171,33 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if task is None:
             raise errors.NotFound(f"no task {quoted(task_id)}", field="task_id")
         return self._task_pb(task, await store.list_runs(task_id))
+
+    @domain_errors
+    async def GetUsage(
+        self, request: tasks_pb2.GetUsageRequest, context: grpc.aio.ServicerContext
+    ) -> tasks_pb2.UsageReport:
+        await self.auth.operator(context, Scope.READ)
+        now = utcnow()
+        start = usage.since(request.days, now)
+        report = tasks_pb2.UsageReport()
+        for total in usage.totals(await self.engine.store.list_spending(start)):
+            row = report.rows.add(
+                day=total.day,
+                agent=total.agent,
+                model=total.model,
+                worker_id=total.worker_id,
+                runs=total.runs,
+            )
+            convert.usage_to_pb(total.usage, row.usage)
+        for cap in self.engine.budget_caps():
+            report.budgets.add(
+                kind=cap.kind,
+                key=cap.key,
+                limit_usd=cap.limit_usd,
+                spent_usd=cap.spent_usd,
+                reached=cap.reached,
+            )
+        return report
 
     @domain_errors
     async def ListTasks(
@@ -324,7 +365,7 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
         workers = sorted(self.engine.workers.values(), key=lambda w: w.id)
         return workers_pb2.ListWorkersResponse(
             workers=[
-                convert.worker_to_pb(w, self.engine.worker_runs(w.id))
+                convert.worker_to_pb(self.engine.show_health(w), self.engine.worker_runs(w.id))
                 for w in workers
                 if not statuses or w.status in statuses
             ]
@@ -340,7 +381,9 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
         worker = self.engine.workers.get(WorkerId(request.worker_id))
         if worker is None:
             raise errors.NotFound(f"no worker {quoted(request.worker_id)}", field="worker_id")
-        return convert.worker_to_pb(worker, self.engine.worker_runs(worker.id))
+        return convert.worker_to_pb(
+            self.engine.show_health(worker), self.engine.worker_runs(worker.id)
+        )
 
     @domain_errors
     async def DrainWorker(
@@ -381,18 +424,27 @@ def _worker_from_hello(hello: workers_pb2.WorkerHello) -> Worker:
         raise errors.InvalidArgument(
             "must be between 1 and 10000", field="hello.max_concurrent_runs"
         )
-    agents = []
-    for i, agent in enumerate(hello.agents):
-        validate_agent_name(agent.name, f"hello.agents[{i}].name")
-        agents.append(convert.agent_from_pb(agent))
     return Worker(
         id=WorkerId(hello.worker_id),
         hostname=hello.hostname[:255],
         version=hello.version[:64],
-        agents=tuple(agents),
+        agents=_agents_from(hello.agents, "hello.agents"),
         labels=validate_labels(dict(hello.labels), "hello.labels"),
         max_concurrent_runs=hello.max_concurrent_runs,
     )
+
+
+def _agents_from(agents: Sequence[pb.AgentSpec], field: str) -> tuple[AgentSpec, ...]:
+    """Validate announced agents (INVALID_ARGUMENT naming the field)."""
+    out = []
+    for i, agent in enumerate(agents):
+        validate_agent_name(agent.name, f"{field}[{i}].name")
+        if len(agent.unavailable_reason) > 1000:
+            raise errors.InvalidArgument(
+                "is longer than 1000 characters", field=f"{field}[{i}].unavailable_reason"
+            )
+        out.append(convert.agent_from_pb(agent))
+    return tuple(out)
 
 
 class RunService(workers_pb2_grpc.RunServiceServicer):
@@ -471,6 +523,13 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
                 msg = await context.read()
                 if msg is grpc.aio.EOF:
                     break
+                if msg.HasField("agents"):
+                    try:
+                        agents = _agents_from(msg.agents.agents, "agents.agents")
+                    except errors.InvalidArgument as exc:
+                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
+                        return
+                    engine.update_agents(session, agents)
                 engine.handle_reports(session, msg)
                 if engine.backlog > cfg.max_inflight_commits:
                     await engine.flush()

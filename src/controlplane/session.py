@@ -16,9 +16,9 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from taskrun.controlplane.dispatcher import Candidate
+from taskrun.controlplane.dispatcher import Backends, Candidate
 from taskrun.core.ids import RunId, WorkerId
-from taskrun.core.models import Worker
+from taskrun.core.models import AgentSpec, Worker
 from taskrun.v1 import workers_pb2 as wpb
 
 
@@ -48,24 +48,30 @@ class WorkerSession:
         self._drain = False
         self._ack = 0
         self._wake = asyncio.Event()
-        agents = frozenset(a.name for a in worker.agents)
-        backends = frozenset((b.provider, b.model_name) for a in worker.agents for b in a.backends)
-        self._agents = agents
-        self._backends = backends
+        self._agents: dict[str, Backends] = {}
+        self.set_agents(worker.agents)
 
     @property
     def worker_id(self) -> WorkerId:
         return self.worker.id
 
-    def candidate(self) -> Candidate:
+    def set_agents(self, agents: tuple[AgentSpec, ...]) -> None:
+        """What the worker announces it can run (its hello, or a later update)."""
+        self.worker.agents = agents
+        self._agents = {
+            a.name: frozenset((b.provider, b.model_name) for b in a.backends)
+            for a in agents
+            if a.available
+        }
+
+    def candidate(self, *, quarantined: bool = False) -> Candidate:
         return Candidate(
             worker_id=self.worker.id,
             agents=self._agents,
             labels=self.worker.labels,
-            backends=self._backends,
             capacity=self.worker.max_concurrent_runs,
             active=len(self.runs),
-            draining=self.draining,
+            draining=self.draining or quarantined,
         )
 
     # --- outbound ----------------------------------------------------------------------------

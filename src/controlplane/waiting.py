@@ -3,8 +3,10 @@ while it waits: computed at read time from the catalog and the workers connected
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from datetime import datetime
 
+from taskrun.controlplane.dispatcher import backends_fit
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import Task, Worker
 from taskrun.core.status import TaskStatus, WorkerStatus
@@ -22,7 +24,54 @@ def check_known_agent(agent: str, known: list[str], field: str = "agent") -> Non
     )
 
 
-def waiting_reason(task: Task, workers: Iterable[Worker]) -> str:
+def _backend_text(provider: str, model: str) -> str:
+    return " ".join(part for part in (provider, model) if part)
+
+
+def offered_backends(agent: str, workers: Iterable[Worker]) -> list[tuple[str, str]]:
+    """(provider, model) of every backend online workers announce for the agent, where they can
+    run it now."""
+    return sorted(
+        {
+            (b.provider, b.model_name)
+            for w in workers
+            if w.status is WorkerStatus.ONLINE
+            for a in w.agents
+            if a.name == agent and a.available
+            for b in a.backends
+        }
+    )
+
+
+def check_offered(
+    agent: str, provider: str, model: str, workers: Iterable[Worker], prefix: str = ""
+) -> None:
+    """Refuse a provider/model requirement that no online worker meets for the agent, naming
+    the field and what is offered. Passes when no online worker offers the agent at all (the
+    task waits for one, showing why) or nothing is required."""
+    if not (provider or model):
+        return
+    online = [w for w in workers if w.status is WorkerStatus.ONLINE]
+    if not any(a.name == agent for w in online for a in w.agents):
+        return
+    offered = offered_backends(agent, online)
+    if backends_fit(provider, model, offered):
+        return
+    field = f"{prefix}policy.required_model" if model else f"{prefix}policy.required_provider"
+    listed = ", ".join(f"{p}/{m}" for p, m in offered) or "none (no online worker can run it now)"
+    raise InvalidArgument(
+        f"no online worker offers a {_backend_text(provider, model)} model backend for agent "
+        f"{agent!r} (offered: {listed}); submit anyway with allow_unknown_agent "
+        "(`--allow-unknown-agent`) to let it wait",
+        field=field,
+    )
+
+
+def waiting_reason(
+    task: Task,
+    workers: Iterable[Worker],
+    quarantined_until: Callable[[Worker], datetime | None] = lambda w: None,
+) -> str:
     """Why a PENDING task has no worker: the first requirement no online worker meets.
 
     "" when the task is not pending or some online worker could take it (it waits for a free
@@ -31,38 +80,37 @@ def waiting_reason(task: Task, workers: Iterable[Worker]) -> str:
     if task.status is not TaskStatus.PENDING:
         return ""
     policy = task.policy
-    candidates = [
-        w
-        for w in workers
-        if w.status is WorkerStatus.ONLINE and any(a.name == task.agent for a in w.agents)
-    ]
+    online = [w for w in workers if w.status is WorkerStatus.ONLINE]
+    offering = [(w, a) for w in online for a in w.agents if a.name == task.agent]
     wanted = f"agent {task.agent!r}"
-    if not candidates:
+    if not offering:
         return f"no online worker offers {wanted}"
+    candidates = [(w, a) for w, a in offering if a.available]
+    if not candidates:
+        why = "; ".join(f"{w.id}: {a.unavailable_reason}" for w, a in offering[:5])
+        return f"no online worker can run {wanted} now ({why})"
     if policy.required_labels:
         labels = ", ".join(f"{k}={v}" for k, v in sorted(policy.required_labels.items()))
         wanted += f" with label {labels}"
         candidates = [
-            w
-            for w in candidates
+            (w, a)
+            for w, a in candidates
             if all(w.labels.get(k) == v for k, v in policy.required_labels.items())
         ]
         if not candidates:
             return f"no online worker offers {wanted}"
     provider, model = policy.required_provider, policy.required_model
     if provider or model:
-        backend = " ".join(part for part in (provider, model) if part)
-        wanted += f" with a {backend} model backend"
+        wanted += f" with a {_backend_text(provider, model)} model backend"
         candidates = [
-            w
-            for w in candidates
-            for a in w.agents
-            if a.name == task.agent
-            and any(
-                (not provider or b.provider == provider) and (not model or b.model_name == model)
-                for b in a.backends
-            )
+            (w, a)
+            for w, a in candidates
+            if backends_fit(provider, model, [(b.provider, b.model_name) for b in a.backends])
         ]
         if not candidates:
             return f"no online worker offers {wanted}"
+    held = [(w, quarantined_until(w)) for w, _ in candidates]
+    if all(until is not None for _, until in held):
+        why = "; ".join(f"{w.id} until {until:%H:%M:%S} UTC" for w, until in held[:5])
+        return f"every online worker that offers {wanted} is quarantined ({why})"
     return ""

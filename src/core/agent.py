@@ -5,6 +5,11 @@ through the `taskrun.agents` entry-point group; the entry point names a class (o
 takes no arguments. `run` streams text with `ctx.emit`, structured events with `ctx.event`,
 returns an AgentResult, raises AgentError to fail the run with a message, and must stop promptly
 when its task is cancelled (asyncio cancellation).
+
+An agent may also have `readiness() -> Readiness`: whether it can run on this worker now
+(credentials present, SDK installed, CLI found) and the models it can use. The worker calls it
+at start and periodically, and announces the agent as unavailable (with the reason) when it
+cannot run, so the control plane sends it no runs. Without it an agent is always ready.
 """
 
 from __future__ import annotations
@@ -37,6 +42,15 @@ class AgentError(Exception):
         self.session_cost_usd = session_cost_usd
 
 
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """Whether an agent can run here now: `reason` says why not ("" when it can); `backends`
+    are the models it can really use (None: those of its spec)."""
+
+    reason: str = ""
+    backends: tuple[ModelBackend, ...] | None = None
+
+
 @dataclass(slots=True)
 class AgentResult:
     result: Any = None  # JSON-serialisable
@@ -66,6 +80,9 @@ class RunContext(Protocol):
     # and have that refuse a token lower than the highest it has seen: a run that outlived its
     # lease (a frozen or cut-off worker) can then never act after its retry did.
     fencing_token: int
+    # The model the task requires (its policy's required_model, which the control plane matched
+    # against this agent's backends); "" leaves the choice to the agent (its input or default).
+    model: str
 
     def supervised_program(self, program: str) -> str:
         """An executable that runs `program` (given the same arguments) so that it, and every

@@ -34,6 +34,12 @@ class AgentSpec:
     backends: tuple[ModelBackend, ...] = ()
     input_schema: str = ""  # JSON Schema text; empty when unconstrained
     supports_sessions: bool = False
+    # why the worker cannot run it now (no credentials, SDK or CLI missing); "" when it can
+    unavailable_reason: str = ""
+
+    @property
+    def available(self) -> bool:
+        return not self.unavailable_reason
 
 
 @dataclass(slots=True)
@@ -161,6 +167,11 @@ class Worker:
     # announces in its hello, so a worker cannot claim labels it was not enrolled with.
     enrolled_labels: dict[str, str] = field(default_factory=dict)
     enrolled_at: datetime | None = None
+    # Worker health, kept in memory by the control plane (never stored): runs that failed fast
+    # in a row, and the quarantine they caused (no new runs before then).
+    consecutive_failures: int = 0
+    quarantined_until: datetime | None = None
+    quarantine_reason: str = ""
 
 
 class OutputKind(IntEnum):

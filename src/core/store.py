@@ -41,8 +41,9 @@ class LateUsage:
     usage: Usage
     conversation_id: ConversationId | None = None
     turn: int = 0
-    agent: str = ""  # for metrics: the stores ignore them
+    agent: str = ""  # for metrics: the stores ignore these three
     model: str = ""
+    worker_id: str = ""
 
 
 @dataclass(slots=True)
@@ -130,10 +131,23 @@ class TaskStore(Protocol):
     async def list_unfinished_tasks(self) -> list[Task]: ...
 
 
+@dataclass(frozen=True, slots=True)
+class RunSpending:
+    """What one ended run spent, with what its task was: for usage totals and budgets."""
+
+    run: Run
+    agent: str
+    labels: dict[str, str]
+    schedule: str
+
+
 class RunStore(Protocol):
     async def get_run(self, run_id: RunId) -> Run | None: ...
     async def list_runs(self, task_id: TaskId) -> list[Run]: ...
     async def list_unfinished_runs(self) -> list[Run]: ...
+    async def list_spending(self, since: datetime) -> list[RunSpending]:
+        """Runs that ended at or after `since`, with their task's agent, labels and schedule."""
+        ...
 
 
 class WorkerStore(Protocol):

@@ -82,18 +82,20 @@ class ModelBackend(_message.Message):
     def __init__(self, provider: _Optional[str] = ..., model_name: _Optional[str] = ..., context_window: _Optional[int] = ..., modalities: _Optional[_Iterable[str]] = ..., tools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class AgentSpec(_message.Message):
-    __slots__ = ("name", "description", "backends", "input_schema_json", "supports_sessions")
+    __slots__ = ("name", "description", "backends", "input_schema_json", "supports_sessions", "unavailable_reason")
     NAME_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
     BACKENDS_FIELD_NUMBER: _ClassVar[int]
     INPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
     SUPPORTS_SESSIONS_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_REASON_FIELD_NUMBER: _ClassVar[int]
     name: str
     description: str
     backends: _containers.RepeatedCompositeFieldContainer[ModelBackend]
     input_schema_json: str
     supports_sessions: bool
-    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[ModelBackend, _Mapping]]] = ..., input_schema_json: _Optional[str] = ..., supports_sessions: _Optional[bool] = ...) -> None: ...
+    unavailable_reason: str
+    def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[ModelBackend, _Mapping]]] = ..., input_schema_json: _Optional[str] = ..., supports_sessions: _Optional[bool] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
 
 class TaskPolicy(_message.Message):
     __slots__ = ("priority", "timeout", "max_attempts", "idempotency_key", "required_labels", "queue_timeout", "retry_on_failure", "required_provider", "required_model")
@@ -248,7 +250,7 @@ class OutputChunk(_message.Message):
     def __init__(self, run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., seq: _Optional[int] = ..., kind: _Optional[_Union[OutputKind, str]] = ..., data: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class Worker(_message.Message):
-    __slots__ = ("id", "hostname", "version", "agents", "labels", "max_concurrent_runs", "active_runs", "status", "connected_at", "last_heartbeat_at", "certificate_expires_at", "first_seen_at", "run_ids", "revoked_at", "revoked_reason")
+    __slots__ = ("id", "hostname", "version", "agents", "labels", "max_concurrent_runs", "active_runs", "status", "connected_at", "last_heartbeat_at", "certificate_expires_at", "first_seen_at", "run_ids", "revoked_at", "revoked_reason", "consecutive_failures", "quarantined_until", "quarantine_reason")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -271,6 +273,9 @@ class Worker(_message.Message):
     RUN_IDS_FIELD_NUMBER: _ClassVar[int]
     REVOKED_AT_FIELD_NUMBER: _ClassVar[int]
     REVOKED_REASON_FIELD_NUMBER: _ClassVar[int]
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINED_UNTIL_FIELD_NUMBER: _ClassVar[int]
+    QUARANTINE_REASON_FIELD_NUMBER: _ClassVar[int]
     id: str
     hostname: str
     version: str
@@ -286,4 +291,7 @@ class Worker(_message.Message):
     run_ids: _containers.RepeatedScalarFieldContainer[str]
     revoked_at: _timestamp_pb2.Timestamp
     revoked_reason: str
-    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., version: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[AgentSpec, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., max_concurrent_runs: _Optional[int] = ..., active_runs: _Optional[int] = ..., status: _Optional[_Union[WorkerStatus, str]] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_ids: _Optional[_Iterable[str]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_reason: _Optional[str] = ...) -> None: ...
+    consecutive_failures: int
+    quarantined_until: _timestamp_pb2.Timestamp
+    quarantine_reason: str
+    def __init__(self, id: _Optional[str] = ..., hostname: _Optional[str] = ..., version: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[AgentSpec, _Mapping]]] = ..., labels: _Optional[_Mapping[str, str]] = ..., max_concurrent_runs: _Optional[int] = ..., active_runs: _Optional[int] = ..., status: _Optional[_Union[WorkerStatus, str]] = ..., connected_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_heartbeat_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., certificate_expires_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., first_seen_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., run_ids: _Optional[_Iterable[str]] = ..., revoked_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., revoked_reason: _Optional[str] = ..., consecutive_failures: _Optional[int] = ..., quarantined_until: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., quarantine_reason: _Optional[str] = ...) -> None: ...

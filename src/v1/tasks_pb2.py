@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from taskrun.v1 import common_pb2 as taskrun_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16taskrun/v1/tasks.proto\x12\ntaskrun.v1\x1a\x17taskrun/v1/common.proto\"6\n\x13\x43ontinueTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"\xe5\x01\n\x11\x43reateTaskRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ninput_json\x18\x02 \x01(\t\x12\x39\n\x06labels\x18\x03 \x03(\x0b\x32).taskrun.v1.CreateTaskRequest.LabelsEntry\x12&\n\x06policy\x18\x04 \x01(\x0b\x32\x16.taskrun.v1.TaskPolicy\x12\x1b\n\x13\x61llow_unknown_agent\x18\x05 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x12\x43reateTaskResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.taskrun.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"B\n\x12\x43reateTasksRequest\x12,\n\x05tasks\x18\x01 \x03(\x0b\x32\x1d.taskrun.v1.CreateTaskRequest\"F\n\x13\x43reateTasksResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.taskrun.v1.CreateTaskResponse\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x80\x02\n\x10ListTasksRequest\x12(\n\x08statuses\x18\x01 \x03(\x0e\x32\x16.taskrun.v1.TaskStatus\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.taskrun.v1.ListTasksRequest.LabelsEntry\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x10\n\x08schedule\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x11ListTasksResponse\x12\x1f\n\x05tasks\x18\x01 \x03(\x0b\x32\x10.taskrun.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"L\n\x11\x46ollowTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x16\n\x0einclude_events\x18\x03 \x01(\x08\"U\n\nTaskUpdate\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.taskrun.v1.Task\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.taskrun.v1.OutputChunk2\xf6\x03\n\x0bTaskService\x12K\n\nCreateTask\x12\x1d.taskrun.v1.CreateTaskRequest\x1a\x1e.taskrun.v1.CreateTaskResponse\x12N\n\x0b\x43reateTasks\x12\x1e.taskrun.v1.CreateTasksRequest\x1a\x1f.taskrun.v1.CreateTasksResponse\x12\x37\n\x07GetTask\x12\x1a.taskrun.v1.GetTaskRequest\x1a\x10.taskrun.v1.Task\x12H\n\tListTasks\x12\x1c.taskrun.v1.ListTasksRequest\x1a\x1d.taskrun.v1.ListTasksResponse\x12=\n\nCancelTask\x12\x1d.taskrun.v1.CancelTaskRequest\x1a\x10.taskrun.v1.Task\x12\x45\n\nFollowTask\x12\x1d.taskrun.v1.FollowTaskRequest\x1a\x16.taskrun.v1.TaskUpdate0\x01\x12\x41\n\x0c\x43ontinueTask\x12\x1f.taskrun.v1.ContinueTaskRequest\x1a\x10.taskrun.v1.Taskb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16taskrun/v1/tasks.proto\x12\ntaskrun.v1\x1a\x17taskrun/v1/common.proto\"\x1f\n\x0fGetUsageRequest\x12\x0c\n\x04\x64\x61ys\x18\x01 \x01(\x05\"x\n\x08UsageRow\x12\x0b\n\x03\x64\x61y\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\r\n\x05model\x18\x03 \x01(\t\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x0c\n\x04runs\x18\x05 \x01(\x05\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.taskrun.v1.Usage\"`\n\x0c\x42udgetStatus\x12\x0c\n\x04kind\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\t\x12\x11\n\tlimit_usd\x18\x03 \x01(\x01\x12\x11\n\tspent_usd\x18\x04 \x01(\x01\x12\x0f\n\x07reached\x18\x05 \x01(\x08\"\\\n\x0bUsageReport\x12\"\n\x04rows\x18\x01 \x03(\x0b\x32\x14.taskrun.v1.UsageRow\x12)\n\x07\x62udgets\x18\x02 \x03(\x0b\x32\x18.taskrun.v1.BudgetStatus\"6\n\x13\x43ontinueTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"\xe5\x01\n\x11\x43reateTaskRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ninput_json\x18\x02 \x01(\t\x12\x39\n\x06labels\x18\x03 \x03(\x0b\x32).taskrun.v1.CreateTaskRequest.LabelsEntry\x12&\n\x06policy\x18\x04 \x01(\x0b\x32\x16.taskrun.v1.TaskPolicy\x12\x1b\n\x13\x61llow_unknown_agent\x18\x05 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x12\x43reateTaskResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.taskrun.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"B\n\x12\x43reateTasksRequest\x12,\n\x05tasks\x18\x01 \x03(\x0b\x32\x1d.taskrun.v1.CreateTaskRequest\"F\n\x13\x43reateTasksResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.taskrun.v1.CreateTaskResponse\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x80\x02\n\x10ListTasksRequest\x12(\n\x08statuses\x18\x01 \x03(\x0e\x32\x16.taskrun.v1.TaskStatus\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.taskrun.v1.ListTasksRequest.LabelsEntry\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x10\n\x08schedule\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x11ListTasksResponse\x12\x1f\n\x05tasks\x18\x01 \x03(\x0b\x32\x10.taskrun.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"L\n\x11\x46ollowTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x16\n\x0einclude_events\x18\x03 \x01(\x08\"U\n\nTaskUpdate\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.taskrun.v1.Task\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.taskrun.v1.OutputChunk2\xb8\x04\n\x0bTaskService\x12K\n\nCreateTask\x12\x1d.taskrun.v1.CreateTaskRequest\x1a\x1e.taskrun.v1.CreateTaskResponse\x12N\n\x0b\x43reateTasks\x12\x1e.taskrun.v1.CreateTasksRequest\x1a\x1f.taskrun.v1.CreateTasksResponse\x12\x37\n\x07GetTask\x12\x1a.taskrun.v1.GetTaskRequest\x1a\x10.taskrun.v1.Task\x12H\n\tListTasks\x12\x1c.taskrun.v1.ListTasksRequest\x1a\x1d.taskrun.v1.ListTasksResponse\x12=\n\nCancelTask\x12\x1d.taskrun.v1.CancelTaskRequest\x1a\x10.taskrun.v1.Task\x12\x45\n\nFollowTask\x12\x1d.taskrun.v1.FollowTaskRequest\x1a\x16.taskrun.v1.TaskUpdate0\x01\x12\x41\n\x0c\x43ontinueTask\x12\x1f.taskrun.v1.ContinueTaskRequest\x1a\x10.taskrun.v1.Task\x12@\n\x08GetUsage\x12\x1b.taskrun.v1.GetUsageRequest\x1a\x17.taskrun.v1.UsageReportb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,32 +36,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATETASKREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_LISTTASKSREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_LISTTASKSREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_CONTINUETASKREQUEST']._serialized_start=63
-  _globals['_CONTINUETASKREQUEST']._serialized_end=117
-  _globals['_CREATETASKREQUEST']._serialized_start=120
-  _globals['_CREATETASKREQUEST']._serialized_end=349
-  _globals['_CREATETASKREQUEST_LABELSENTRY']._serialized_start=304
-  _globals['_CREATETASKREQUEST_LABELSENTRY']._serialized_end=349
-  _globals['_CREATETASKRESPONSE']._serialized_start=351
-  _globals['_CREATETASKRESPONSE']._serialized_end=420
-  _globals['_CREATETASKSREQUEST']._serialized_start=422
-  _globals['_CREATETASKSREQUEST']._serialized_end=488
-  _globals['_CREATETASKSRESPONSE']._serialized_start=490
-  _globals['_CREATETASKSRESPONSE']._serialized_end=560
-  _globals['_GETTASKREQUEST']._serialized_start=562
-  _globals['_GETTASKREQUEST']._serialized_end=595
-  _globals['_LISTTASKSREQUEST']._serialized_start=598
-  _globals['_LISTTASKSREQUEST']._serialized_end=854
-  _globals['_LISTTASKSREQUEST_LABELSENTRY']._serialized_start=304
-  _globals['_LISTTASKSREQUEST_LABELSENTRY']._serialized_end=349
-  _globals['_LISTTASKSRESPONSE']._serialized_start=856
-  _globals['_LISTTASKSRESPONSE']._serialized_end=933
-  _globals['_CANCELTASKREQUEST']._serialized_start=935
-  _globals['_CANCELTASKREQUEST']._serialized_end=987
-  _globals['_FOLLOWTASKREQUEST']._serialized_start=989
-  _globals['_FOLLOWTASKREQUEST']._serialized_end=1065
-  _globals['_TASKUPDATE']._serialized_start=1067
-  _globals['_TASKUPDATE']._serialized_end=1152
-  _globals['_TASKSERVICE']._serialized_start=1155
-  _globals['_TASKSERVICE']._serialized_end=1657
+  _globals['_GETUSAGEREQUEST']._serialized_start=63
+  _globals['_GETUSAGEREQUEST']._serialized_end=94
+  _globals['_USAGEROW']._serialized_start=96
+  _globals['_USAGEROW']._serialized_end=216
+  _globals['_BUDGETSTATUS']._serialized_start=218
+  _globals['_BUDGETSTATUS']._serialized_end=314
+  _globals['_USAGEREPORT']._serialized_start=316
+  _globals['_USAGEREPORT']._serialized_end=408
+  _globals['_CONTINUETASKREQUEST']._serialized_start=410
+  _globals['_CONTINUETASKREQUEST']._serialized_end=464
+  _globals['_CREATETASKREQUEST']._serialized_start=467
+  _globals['_CREATETASKREQUEST']._serialized_end=696
+  _globals['_CREATETASKREQUEST_LABELSENTRY']._serialized_start=651
+  _globals['_CREATETASKREQUEST_LABELSENTRY']._serialized_end=696
+  _globals['_CREATETASKRESPONSE']._serialized_start=698
+  _globals['_CREATETASKRESPONSE']._serialized_end=767
+  _globals['_CREATETASKSREQUEST']._serialized_start=769
+  _globals['_CREATETASKSREQUEST']._serialized_end=835
+  _globals['_CREATETASKSRESPONSE']._serialized_start=837
+  _globals['_CREATETASKSRESPONSE']._serialized_end=907
+  _globals['_GETTASKREQUEST']._serialized_start=909
+  _globals['_GETTASKREQUEST']._serialized_end=942
+  _globals['_LISTTASKSREQUEST']._serialized_start=945
+  _globals['_LISTTASKSREQUEST']._serialized_end=1201
+  _globals['_LISTTASKSREQUEST_LABELSENTRY']._serialized_start=651
+  _globals['_LISTTASKSREQUEST_LABELSENTRY']._serialized_end=696
+  _globals['_LISTTASKSRESPONSE']._serialized_start=1203
+  _globals['_LISTTASKSRESPONSE']._serialized_end=1280
+  _globals['_CANCELTASKREQUEST']._serialized_start=1282
+  _globals['_CANCELTASKREQUEST']._serialized_end=1334
+  _globals['_FOLLOWTASKREQUEST']._serialized_start=1336
+  _globals['_FOLLOWTASKREQUEST']._serialized_end=1412
+  _globals['_TASKUPDATE']._serialized_start=1414
+  _globals['_TASKUPDATE']._serialized_end=1499
+  _globals['_TASKSERVICE']._serialized_start=1502
+  _globals['_TASKSERVICE']._serialized_end=2070
 # @@protoc_insertion_point(module_scope)

@@ -7,6 +7,50 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class GetUsageRequest(_message.Message):
+    __slots__ = ("days",)
+    DAYS_FIELD_NUMBER: _ClassVar[int]
+    days: int
+    def __init__(self, days: _Optional[int] = ...) -> None: ...
+
+class UsageRow(_message.Message):
+    __slots__ = ("day", "agent", "model", "worker_id", "runs", "usage")
+    DAY_FIELD_NUMBER: _ClassVar[int]
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WORKER_ID_FIELD_NUMBER: _ClassVar[int]
+    RUNS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    day: str
+    agent: str
+    model: str
+    worker_id: str
+    runs: int
+    usage: _common_pb2.Usage
+    def __init__(self, day: _Optional[str] = ..., agent: _Optional[str] = ..., model: _Optional[str] = ..., worker_id: _Optional[str] = ..., runs: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ...) -> None: ...
+
+class BudgetStatus(_message.Message):
+    __slots__ = ("kind", "key", "limit_usd", "spent_usd", "reached")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_USD_FIELD_NUMBER: _ClassVar[int]
+    SPENT_USD_FIELD_NUMBER: _ClassVar[int]
+    REACHED_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    key: str
+    limit_usd: float
+    spent_usd: float
+    reached: bool
+    def __init__(self, kind: _Optional[str] = ..., key: _Optional[str] = ..., limit_usd: _Optional[float] = ..., spent_usd: _Optional[float] = ..., reached: _Optional[bool] = ...) -> None: ...
+
+class UsageReport(_message.Message):
+    __slots__ = ("rows", "budgets")
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
+    budgets: _containers.RepeatedCompositeFieldContainer[BudgetStatus]
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ...) -> None: ...
+
 class ContinueTaskRequest(_message.Message):
     __slots__ = ("task_id", "prompt")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]

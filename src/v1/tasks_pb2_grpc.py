@@ -71,6 +71,11 @@ class TaskServiceStub:
                 request_serializer=taskrun_dot_v1_dot_tasks__pb2.ContinueTaskRequest.SerializeToString,
                 response_deserializer=taskrun_dot_v1_dot_common__pb2.Task.FromString,
                 _registered_method=True)
+        self.GetUsage = channel.unary_unary(
+                '/taskrun.v1.TaskService/GetUsage',
+                request_serializer=taskrun_dot_v1_dot_tasks__pb2.GetUsageRequest.SerializeToString,
+                response_deserializer=taskrun_dot_v1_dot_tasks__pb2.UsageReport.FromString,
+                _registered_method=True)
 
 
 class TaskServiceServicer:
@@ -123,6 +128,14 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetUsage(self, request, context):
+        """Cost and tokens of runs that ended in a time range, summed per day (UTC), agent, model and
+        worker; with the daily budgets the control plane enforces and what they have used today.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TaskServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +173,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.ContinueTask,
                     request_deserializer=taskrun_dot_v1_dot_tasks__pb2.ContinueTaskRequest.FromString,
                     response_serializer=taskrun_dot_v1_dot_common__pb2.Task.SerializeToString,
+            ),
+            'GetUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetUsage,
+                    request_deserializer=taskrun_dot_v1_dot_tasks__pb2.GetUsageRequest.FromString,
+                    response_serializer=taskrun_dot_v1_dot_tasks__pb2.UsageReport.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -352,6 +370,33 @@ class TaskService:
             '/taskrun.v1.TaskService/ContinueTask',
             taskrun_dot_v1_dot_tasks__pb2.ContinueTaskRequest.SerializeToString,
             taskrun_dot_v1_dot_common__pb2.Task.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/taskrun.v1.TaskService/GetUsage',
+            taskrun_dot_v1_dot_tasks__pb2.GetUsageRequest.SerializeToString,
+            taskrun_dot_v1_dot_tasks__pb2.UsageReport.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,7 +43,7 @@ class GetWorkerRequest(_message.Message):
     def __init__(self, worker_id: _Optional[str] = ...) -> None: ...
 
 class WorkerMessage(_message.Message):
-    __slots__ = ("hello", "heartbeat", "statuses", "chunks", "cancel_acks", "draining", "message_seq")
+    __slots__ = ("hello", "heartbeat", "statuses", "chunks", "cancel_acks", "draining", "message_seq", "agents")
     HELLO_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_FIELD_NUMBER: _ClassVar[int]
     STATUSES_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +51,7 @@ class WorkerMessage(_message.Message):
     CANCEL_ACKS_FIELD_NUMBER: _ClassVar[int]
     DRAINING_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_SEQ_FIELD_NUMBER: _ClassVar[int]
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
     hello: WorkerHello
     heartbeat: Heartbeat
     statuses: _containers.RepeatedCompositeFieldContainer[RunStatusUpdate]
@@ -58,7 +59,14 @@ class WorkerMessage(_message.Message):
     cancel_acks: _containers.RepeatedCompositeFieldContainer[CancelAck]
     draining: bool
     message_seq: int
-    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., statuses: _Optional[_Iterable[_Union[RunStatusUpdate, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.OutputChunk, _Mapping]]] = ..., cancel_acks: _Optional[_Iterable[_Union[CancelAck, _Mapping]]] = ..., draining: _Optional[bool] = ..., message_seq: _Optional[int] = ...) -> None: ...
+    agents: AgentsUpdate
+    def __init__(self, hello: _Optional[_Union[WorkerHello, _Mapping]] = ..., heartbeat: _Optional[_Union[Heartbeat, _Mapping]] = ..., statuses: _Optional[_Iterable[_Union[RunStatusUpdate, _Mapping]]] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.OutputChunk, _Mapping]]] = ..., cancel_acks: _Optional[_Iterable[_Union[CancelAck, _Mapping]]] = ..., draining: _Optional[bool] = ..., message_seq: _Optional[int] = ..., agents: _Optional[_Union[AgentsUpdate, _Mapping]] = ...) -> None: ...
+
+class AgentsUpdate(_message.Message):
+    __slots__ = ("agents",)
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedCompositeFieldContainer[_common_pb2.AgentSpec]
+    def __init__(self, agents: _Optional[_Iterable[_Union[_common_pb2.AgentSpec, _Mapping]]] = ...) -> None: ...
 
 class WorkerHello(_message.Message):
     __slots__ = ("worker_id", "hostname", "version", "agents", "labels", "max_concurrent_runs", "held_runs", "draining")

@@ -16,6 +16,8 @@ class WorkerConfig(BaseModel):
     # agent names to offer; empty = every agent found in the `taskrun.agents` entry points
     agents: list[str] = Field(default_factory=list)
     capacity: int = Field(default=4, ge=1, le=10_000)
+    # how often to check what the agents can run (credentials, SDKs, CLIs), seconds
+    agent_check_interval: float = Field(default=30.0, gt=0)
     labels: dict[str, str] = Field(default_factory=dict)
     ca_cert: Path = Path("certs/ca.pem")
     cert: Path | None = None  # default certs/<worker_id>.pem

@@ -51,6 +51,7 @@ from taskrun.worker.identity import enroll_command, fingerprint_of, load_identit
 from taskrun.worker.lease import Lease, LeaseFile
 from taskrun.worker.metrics import WorkerMetrics
 from taskrun.worker.outbox import Outbox
+from taskrun.worker.readiness import announce
 from taskrun.worker.renewal import RenewalError, RenewalRefused, renew, renewal_time
 from taskrun.worker.supervise import command as supervised_command
 
@@ -106,6 +107,8 @@ class WorkerDaemon:
         self.config = config
         self.workspaces = config.workspaces()  # ValueError for a root among the worker's keys
         self.agents = agents
+        self.announced = announce(agents)  # the specs with what can run here now
+        self._agents_due = False  # the announcement changed: send it on the session
         self.outbox = Outbox()
         self.runs: dict[RunId, ActiveRun] = {}
         self.draining = False
@@ -149,10 +152,11 @@ class WorkerDaemon:
         """
         renewer = asyncio.create_task(self._renewal_loop())
         watcher = asyncio.create_task(self._lease_watch())
+        checker = asyncio.create_task(self._readiness_loop())
         try:
             return await self._hold_sessions()
         finally:
-            for task in (renewer, watcher):
+            for task in (renewer, watcher, checker):
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
@@ -367,7 +371,7 @@ class WorkerDaemon:
             worker_id=cfg.worker_id,
             hostname=socket.gethostname(),
             version=__version__,
-            agents=[convert.agent_to_pb(a.spec) for a in self.agents.values()],
+            agents=[convert.agent_to_pb(a) for a in self.announced],
             labels=cfg.labels,
             max_concurrent_runs=cfg.capacity,
             draining=self.draining,
@@ -532,6 +536,9 @@ class WorkerDaemon:
             if self.draining and not self._draining_unsent:
                 msg.draining = True
                 self._draining_unsent = True  # sent once per session
+            if self._agents_due:
+                self._agents_due = False
+                msg.agents.agents.extend(convert.agent_to_pb(a) for a in self.announced)
             if self._heartbeat_due:
                 self._heartbeat_due = False
                 msg.heartbeat.active_runs = len(self.runs)
@@ -547,6 +554,23 @@ class WorkerDaemon:
             await asyncio.sleep(interval)
             self._heartbeat_due = True
             self.outbox.poke()
+
+    async def _readiness_loop(self) -> None:
+        """Check what the agents can run now; announce a change on the live session (a new
+        session's hello carries the newest anyway)."""
+        while True:
+            await asyncio.sleep(self.config.agent_check_interval)
+            announced = await asyncio.to_thread(announce, self.agents)
+            if announced != self.announced:
+                self.announced = announced
+                self.log.info(
+                    "agent availability changed",
+                    unavailable={
+                        a.name: a.unavailable_reason for a in announced if not a.available
+                    },
+                )
+                self._agents_due = True
+                self.outbox.poke()
 
     # --- the lease ---------------------------------------------------------------------------
 
@@ -626,6 +650,7 @@ class WorkerDaemon:
             outbox=self.outbox,
             max_chunk_bytes=self._params.max_chunk_bytes or 64 * 1024,
             fencing_token=a.fencing_token or a.attempt,
+            model=a.required_model,
             supervisor=self.supervised_program,
             workspaces=self.workspaces,
             conversation=(
@@ -634,6 +659,11 @@ class WorkerDaemon:
         )
         if agent is None:
             self.outbox.put_nowait(_failed(a, f"agent {a.agent!r} is not offered by this worker"))
+            return
+        spec = next((s for s in self.announced if s.name == a.agent), None)
+        if spec is not None and not spec.available:  # assigned before our update arrived
+            reason = f"agent {a.agent!r} cannot run on this worker now: {spec.unavailable_reason}"
+            self.outbox.put_nowait(_failed(a, reason))
             return
         try:
             ctx.input = json.loads(a.input_json or "{}")
@@ -766,6 +796,9 @@ async def run_worker(config: WorkerConfig) -> int:
         agents=sorted(agents),
         capacity=config.capacity,
     )
+    for spec in daemon.announced:
+        if not spec.available:
+            log.warning("agent unavailable", agent=spec.name, reason=spec.unavailable_reason)
     metrics_server = None
     if config.metrics_listen:
         try:

@@ -39,6 +39,7 @@ class RunContext:
     max_chunk_bytes: int
     workspaces: Workspaces
     fencing_token: int = 0
+    model: str = ""  # the task's required model; "" = the agent's choice
     supervisor: Callable[[str], str] | None = field(default=None, repr=False)
     conversation: TurnContext | None = None
     seq: int = 0

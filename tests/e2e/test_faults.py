@@ -50,10 +50,21 @@ class Processes:
             "TASKRUN_LOG_LEVEL": "info",
         }
 
-    def _spawn(self, name: str, *args: str, server: str | None = None) -> subprocess.Popen[bytes]:
+    def _spawn(
+        self,
+        name: str,
+        *args: str,
+        server: str | None = None,
+        env_changes: dict[str, str | None] | None = None,
+    ) -> subprocess.Popen[bytes]:
         env = dict(self.env)
         if server:
             env["TASKRUN_SERVER"] = server
+        for key, value in (env_changes or {}).items():  # None removes the variable
+            if value is None:
+                env.pop(key, None)
+            else:
+                env[key] = value
         log = (self.tmp / f"{name}.log").open("ab")
         return subprocess.Popen(
             [sys.executable, "-m", "taskrun.cli.main", *args],
@@ -81,7 +92,12 @@ class Processes:
         server: str | None = None,
         agents: str = "echo",
         allow_cwd: Path | None = None,
+        *,
+        flags: tuple[str, ...] = (),
+        env: dict[str, str | None] | None = None,
     ) -> None:
+        """More `flags` for `taskrun worker run`; `env` changes this worker's environment only
+        (None removes a variable)."""
         self.workers[worker_id] = self._spawn(
             worker_id,
             "worker",
@@ -93,7 +109,9 @@ class Processes:
             "--capacity",
             str(capacity),
             *(["--allow-cwd", str(allow_cwd)] if allow_cwd else []),
+            *flags,
             server=server,
+            env_changes=env,
         )
 
     def client(self) -> Client:

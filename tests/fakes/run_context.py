@@ -26,6 +26,7 @@ class RecordingContext:
     run_id: RunId = RUN_ID
     attempt: int = 1
     fencing_token: int = 1
+    model: str = ""
     texts: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     first_text: asyncio.Event = field(default_factory=asyncio.Event)

@@ -7,6 +7,7 @@ import asyncio
 import grpc
 import pytest
 
+from taskrun.core.ids import WorkerId
 from taskrun.core.status import TaskStatus
 from taskrun.core.store import TaskQuery
 from taskrun.v1 import common_pb2, tasks_pb2, tasks_pb2_grpc, workers_pb2, workers_pb2_grpc
@@ -256,6 +257,31 @@ async def test_hello_with_bad_capacity_is_invalid(cluster: Cluster) -> None:
         grpc.StatusCode.INVALID_ARGUMENT,
         "hello.max_concurrent_runs",
     )
+
+
+async def test_an_agents_update_with_a_bad_name_ends_the_session_and_changes_nothing(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    hello = workers_pb2.WorkerHello(
+        worker_id="worker-1", max_concurrent_runs=1, agents=[common_pb2.AgentSpec(name="echo")]
+    )
+
+    async def update() -> None:
+        async with channel(cluster, "worker-1") as ch:
+            call = workers_pb2_grpc.RunServiceStub(ch).StreamConnect()
+            await call.write(workers_pb2.WorkerMessage(hello=hello))
+            await call.read()  # the session parameters
+            bad = workers_pb2.AgentsUpdate(agents=[common_pb2.AgentSpec(name="bad name!")])
+            await call.write(workers_pb2.WorkerMessage(agents=bad))
+            while await call.read() is not grpc.aio.EOF:
+                pass
+            await call  # raises with the status
+
+    await expect(update(), grpc.StatusCode.INVALID_ARGUMENT, "agents.agents[0].name")
+    assert cluster.server is not None
+    worker = cluster.server.engine.workers[WorkerId("worker-1")]
+    assert [a.name for a in worker.agents] == ["echo"]
 
 
 async def test_reports_for_a_run_of_another_worker_are_rejected(cluster: Cluster) -> None:

@@ -338,6 +338,23 @@ async def test_workers_are_listed_with_their_agents_and_input_schemas(cluster: C
         assert len(online.json()["workers"]) == 1
 
 
+async def test_workers_show_which_agents_are_unavailable_and_why_and_usage_is_served(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("ANTHROPIC_API_KEY", raising=False)
+    monkeypatch.delenv("ANTHROPIC_AUTH_TOKEN", raising=False)
+    async with api(cluster, "read") as reader:
+        await cluster.start_worker("worker-1", agents=["echo", "anthropic"])
+        one = (await reader.get("/v1/workers/worker-1")).json()
+        agents = {a["name"]: a for a in one["agents"]}
+        assert agents["echo"]["unavailable_reason"] == ""
+        assert "no Anthropic credentials" in agents["anthropic"]["unavailable_reason"]
+        assert one["consecutive_failures"] == 0 and one["quarantine_reason"] == ""
+        usage = (await reader.get("/v1/usage", params={"days": "3"})).json()
+        assert usage == {"rows": [], "budgets": []}
+        assert_problem(await reader.get("/v1/usage", params={"days": "999"}), 400, "days")
+
+
 async def test_schedules_are_created_read_updated_paused_and_deleted(cluster: Cluster) -> None:
     async with api(cluster, "submit") as client:
         await cluster.start_worker("worker-1")

@@ -283,8 +283,19 @@ async def test_required_provider_and_model_pick_the_worker_that_offers_them(
         "echo", {"text": "ok"}, required_provider="none", required_model="echo"
     )
     assert (await client.wait(fits.id)).status is TaskStatus.COMPLETED
+    # no online worker offers it for echo: refused, naming the field and what is offered
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client.create_task("echo", {"text": "no"}, required_provider="anthropic")
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "policy.required_provider" in (refused.value.details() or "")
+    assert "offered: none/echo" in (refused.value.details() or "")
+    # a task that may wait does, until its queue timeout
     unfit = await client.create_task(
-        "echo", {"text": "no"}, required_provider="anthropic", queue_timeout=0.3
+        "echo",
+        {"text": "no"},
+        required_provider="anthropic",
+        queue_timeout=0.3,
+        allow_unknown_agent=True,
     )
     final = await client.wait(unfit.id)
     assert final.status is TaskStatus.FAILED and "queue timeout" in final.error

@@ -25,7 +25,7 @@ from taskrun.cli.tui.screens import (
     RunScreen,
 )
 from taskrun.cli.tui.widgets import FleetHeader, TasksTable, Transcript, WorkersTable
-from taskrun.core.agent import AgentError, AgentResult, RunContext
+from taskrun.core.agent import AgentError, AgentResult, Readiness, RunContext
 from taskrun.core.ids import RunId
 from taskrun.core.models import AgentSpec
 from taskrun.core.status import TaskStatus
@@ -33,6 +33,7 @@ from taskrun.worker.agents import load_agents
 from taskrun.worker.config import WorkerConfig
 from taskrun.worker.daemon import WorkerDaemon
 from tests.conftest import Cluster
+from tests.integration.test_metrics import scrape, value
 
 # Screenshots go to a temporary folder; `TASKRUN_SCREENSHOTS=docs scripts/test
 # tests/integration/test_tui.py` refreshes the ones the README shows.
@@ -204,6 +205,57 @@ async def test_revoke_from_the_tui_cuts_the_worker_off(cluster: Cluster) -> None
         await until(pilot.pause, lambda: workers.get_row("worker-1")[3] == "revoked")
     worker, _ = await client.get_worker("worker-1")
     assert worker.revoked_reason == "revoked from the TUI"
+
+
+class Broken:
+    """Fails every run at once; a second agent it offers lacks its credentials."""
+
+    spec = AgentSpec(name="broken")
+
+    async def run(self, ctx: RunContext) -> AgentResult:
+        raise AgentError("nothing works here")
+
+
+class Keyless(Broken):
+    spec = AgentSpec(name="keyless")
+
+    def readiness(self) -> Readiness:
+        return Readiness("no KEYLESS_KEY on the worker")
+
+
+async def test_the_workers_view_shows_a_quarantine_and_unavailable_agents(
+    cluster: Cluster,
+) -> None:
+    server = await cluster.start_server(
+        quarantine_after=2, quarantine_base=60, metrics_listen="127.0.0.1:0"
+    )
+    config = WorkerConfig(
+        server=cluster.address,
+        worker_id="worker-1",
+        ca_cert=cluster.pki.ca_cert,
+        cert=cluster.pki.worker_cert("worker-1"),
+        key=cluster.pki.worker_key("worker-1"),
+        reconnect_max_wait=0.5,
+    )
+    daemon = WorkerDaemon(config, {"broken": Broken(), "keyless": Keyless()})
+    cluster.workers["worker-1"] = (daemon, asyncio.create_task(daemon.run()))
+    await cluster.wait_registered("worker-1")
+    client = cluster.client()
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await pilot.press("1")
+        workers = app.query_one(WorkersTable)
+        await until(pilot.pause, lambda: "worker-1" in workers.rows)
+        assert workers.get_row("worker-1")[2] == "broken,keyless!"
+        assert workers.get_row("worker-1")[3] == "online"
+        for _ in range(2):
+            failed = await client.create_task("broken", {})
+            await client.wait(failed.id)
+        await until(pilot.pause, lambda: workers.get_row("worker-1")[3] == "online, quarantined")
+    assert server.metrics_server is not None
+    _, body = await scrape(server.metrics_server.port)
+    assert value(body, 'taskrun_worker_quarantined{worker="worker-1"}') == 1
+    assert value(body, "taskrun_worker_quarantines_total") == 1
 
 
 async def test_the_footer_shows_every_main_key_within_80_columns(cluster: Cluster) -> None:

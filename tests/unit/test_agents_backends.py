@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import jsonschema
 import pytest
 
-from taskrun.core.agent import AgentError
-from taskrun.core.models import Usage
+from taskrun.core.agent import AgentError, AgentResult, Readiness
+from taskrun.core.models import AgentSpec, Usage
 from taskrun.worker.agents import available_agents, load_agents
-from taskrun.worker.agents.backends import announced_backends, check_input, cost_usd
+from taskrun.worker.agents.backends import announced_backends, check_input, choose_model, cost_usd
 from taskrun.worker.agents.support_triage import INPUT_SCHEMA as TRIAGE_INPUT
 from taskrun.worker.agents.support_triage import violations
+from taskrun.worker.readiness import announce
 
 
 def test_the_four_agents_are_registered_and_load() -> None:
@@ -29,11 +31,79 @@ def test_the_four_agents_are_registered_and_load() -> None:
 
 
 def test_the_configured_default_model_is_announced_first(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("TASKRUN_ANTHROPIC_MODELS", raising=False)
     monkeypatch.setenv("TASKRUN_ANTHROPIC_MODEL", "claude-custom-1")
     backends = announced_backends()
     assert backends[0].model_name == "claude-custom-1"
     assert backends[0].context_window == 0  # unknown model: unknown window
-    assert "claude-sonnet-5-5" in [b.model_name for b in backends]
+    # only what the worker is configured for, not every model of the price table
+    assert [b.model_name for b in backends] == ["claude-custom-1"]
+
+
+def test_configured_models_are_announced_the_first_being_the_default(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("TASKRUN_ANTHROPIC_MODEL", raising=False)
+    monkeypatch.setenv(
+        "TASKRUN_ANTHROPIC_MODELS", " claude-opus-5-5, claude-haiku-5-5,,claude-opus-5-5"
+    )
+    assert [b.model_name for b in announced_backends()] == ["claude-opus-5-5", "claude-haiku-5-5"]
+    assert choose_model("", None) == "claude-opus-5-5"
+    assert choose_model("", "claude-haiku-5-5") == "claude-haiku-5-5"
+    # the task's required model wins over the input's
+    assert choose_model("claude-haiku-5-5", "claude-opus-5-5") == "claude-haiku-5-5"
+
+
+def test_without_configuration_only_the_default_model_is_announced(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    for name in ("TASKRUN_ANTHROPIC_MODEL", "TASKRUN_ANTHROPIC_MODELS"):
+        monkeypatch.delenv(name, raising=False)
+    assert [b.model_name for b in announced_backends()] == ["claude-sonnet-5-5"]
+
+
+def test_an_anthropic_agent_without_a_key_is_announced_unavailable_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "CLAUDE_CODE_OAUTH_TOKEN"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no `claude login` credentials either
+    agents = load_agents(["echo", "anthropic", "claude_code", "support_triage"])
+    specs = {s.name: s for s in announce(agents)}
+    assert specs["echo"].available
+    for name in ("anthropic", "support_triage"):
+        assert not specs[name].available
+        assert "ANTHROPIC_API_KEY" in specs[name].unavailable_reason
+    assert not specs["claude_code"].available
+    assert "credentials" in specs["claude_code"].unavailable_reason
+
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-x")
+    specs = {s.name: s for s in announce(agents)}
+    assert all(s.available for s in specs.values()), specs
+
+
+def test_claude_code_without_its_cli_is_unavailable(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-x")
+    monkeypatch.setenv("TASKRUN_CLAUDE_CLI_PATH", str(tmp_path / "no-such-claude"))
+    agents = load_agents(["claude_code"])
+    [spec] = announce(agents)
+    assert "TASKRUN_CLAUDE_CLI_PATH" in spec.unavailable_reason
+
+
+def test_a_readiness_check_that_raises_makes_the_agent_unavailable_not_the_worker_fail() -> None:
+    class Broken:
+        spec = AgentSpec("broken")
+
+        async def run(self, ctx: object) -> AgentResult:
+            raise AssertionError
+
+        def readiness(self) -> Readiness:
+            raise RuntimeError("boom")
+
+    [spec] = announce({"broken": Broken()})  # type: ignore[dict-item]
+    assert spec.unavailable_reason == "its readiness check failed: boom"
 
 
 def test_cost_uses_the_price_table_and_is_zero_for_unknown_models() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
 
 import pytest
@@ -272,24 +273,46 @@ def test_workers_table() -> None:
         "HOST",
         "STATUS",
         "RUNS",
+        "HEALTH",
         "AGENTS",
         "LABELS",
         "LAST",
         "HEARTBEAT",
     ]
     assert row.split() == [
-        *("worker-1", "gpu-box", "online", "1/4", "claude,echo", "gpu=a100,zone=b"),
+        *("worker-1", "gpu-box", "online", "1/4", "ok", "claude,echo", "gpu=a100,zone=b"),
         *("2s", "ago"),
     ]
+
+
+def test_workers_table_marks_unavailable_agents_and_quarantine() -> None:
+    worker = make_worker()
+    worker.agents = (worker.agents[0], replace(worker.agents[1], unavailable_reason="no key"))
+    worker.quarantined_until = NOW + timedelta(seconds=42)
+    worker.consecutive_failures = 5
+    row = output.workers_table([(worker, [])], NOW).splitlines()[1]
+    assert "quarantined 42s" in row and "claude,echo!" in row
+    worker.quarantined_until = None
+    assert "5 fast failures" in output.workers_table([(worker, [])], NOW)
+
+
+def test_worker_detail_shows_why_an_agent_is_unavailable_and_the_quarantine() -> None:
+    worker = make_worker()
+    worker.agents = (replace(worker.agents[0], unavailable_reason="no ANTHROPIC_API_KEY"),)
+    worker.quarantined_until = NOW + timedelta(minutes=1)
+    worker.quarantine_reason = "5 runs in a row failed within 10s; last error: boom"
+    text = output.worker_detail(worker, [], NOW)
+    assert "  claude - Claude Code [sessions] [UNAVAILABLE: no ANTHROPIC_API_KEY]\n" in text
+    assert "5 runs in a row failed within 10s; last error: boom" in text
 
 
 def test_worker_detail_lists_agents_with_their_backends() -> None:
     text = output.worker_detail(make_worker(), [RunId("run_1")], NOW)
     assert (
-        "  claude - Claude Code [sessions]\n    anthropic/claude-x (200000 tokens; text,image)\n"
-        in text
+        "  claude - Claude Code [sessions] [available]\n"
+        "    anthropic/claude-x (200000 tokens; text,image)\n" in text
     )
-    assert "  echo\n" in text
+    assert "  echo [available]\n" in text
     assert "Active runs:\n  run_1\n" in text
 
 

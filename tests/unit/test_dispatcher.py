@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from taskrun.controlplane.dispatcher import Candidate, PendingQueue, PendingRun
+from taskrun.controlplane.dispatcher import Candidate, PendingQueue, PendingRun, backends_fit
 from taskrun.core.ids import RunId, TaskId, WorkerId
 
 
@@ -19,8 +19,9 @@ def worker(
     backends: frozenset[tuple[str, str]] = frozenset(),
     draining: bool = False,
 ) -> Candidate:
+    """Every agent of the worker offers `backends` (see the per-agent tests for the rest)."""
     return Candidate(
-        WorkerId(name), frozenset(agents), labels or {}, backends, capacity, active, draining
+        WorkerId(name), dict.fromkeys(agents, backends), labels or {}, capacity, active, draining
     )
 
 
@@ -129,3 +130,63 @@ def test_follow_up_is_pinned_to_the_worker_holding_its_session() -> None:
     idle = worker("idle", capacity=4)
     assert q.plan([idle]) == []
     assert ids(q.plan([idle, worker("busy", capacity=4, active=3)])) == [("r1", "busy")]
+
+
+# -- per agent: requirements match the agent's own backends ---------------------------------------
+
+
+def test_a_provider_requirement_matches_the_agents_own_backends_not_the_workers() -> None:
+    q = PendingQueue()
+    q.add(run(1, agent="echo", provider="anthropic"))
+    mixed = Candidate(
+        WorkerId("a"),
+        {"echo": frozenset({("none", "echo")}), "anthropic": frozenset({("anthropic", "m")})},
+        {},
+        4,
+        0,
+    )
+    assert q.plan([mixed]) == []  # the worker offers anthropic, but not for echo
+    assert len(q) == 1
+
+
+def test_a_model_requirement_goes_to_the_worker_whose_agent_offers_that_model() -> None:
+    q = PendingQueue()
+    q.add(run(1, agent="anthropic", model="claude-opus-5-5"))
+    sonnet = Candidate(
+        WorkerId("a"), {"anthropic": frozenset({("anthropic", "claude-sonnet-5-5")})}, {}, 4, 0
+    )
+    opus = Candidate(
+        WorkerId("b"), {"anthropic": frozenset({("anthropic", "claude-opus-5-5")})}, {}, 4, 3
+    )
+    assert ids(q.plan([sonnet, opus])) == [("r1", "b")]  # busier, but the only fit
+
+
+def test_backends_fit_is_a_pure_match_of_provider_and_model() -> None:
+    offered = [("anthropic", "claude-sonnet-5-5"), ("openai", "gpt-x")]
+    assert backends_fit("", "", [])
+    assert backends_fit("anthropic", "", offered)
+    assert backends_fit("", "gpt-x", offered)
+    assert not backends_fit("anthropic", "gpt-x", offered)
+    assert not backends_fit("none", "", offered)
+
+
+def test_a_retry_prefers_another_worker_than_the_one_that_failed_it() -> None:
+    q = PendingQueue()
+    q.add(run(1, avoid="a"))
+    # "a" is idle and "b" busier: without the preference the idle one would win
+    assert ids(q.plan([worker("a", capacity=4), worker("b", capacity=4, active=2)])) == [
+        ("r1", "b")
+    ]
+
+
+def test_a_retry_still_goes_to_the_failed_worker_when_it_is_the_only_fit() -> None:
+    q = PendingQueue()
+    q.add(run(1, avoid="a"))
+    assert ids(q.plan([worker("a")])) == [("r1", "a")]
+
+
+def test_a_quarantined_or_draining_worker_gets_nothing() -> None:
+    q = PendingQueue()
+    q.add(run(1))
+    assert q.plan([worker("a", capacity=4, draining=True)]) == []
+    assert len(q) == 1

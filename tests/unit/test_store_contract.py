@@ -399,6 +399,22 @@ async def test_list_unfinished_runs(store: Store) -> None:
     ]
 
 
+async def test_list_spending_gives_runs_ended_since_with_their_tasks_labels_and_schedule(
+    store: Store,
+) -> None:
+    task = full_task()  # labels team=ml..., schedule "nightly"
+    ended = full_run()  # finished at T0 + 3 s
+    older = make_run(71, 7, attempt=1, status=RunStatus.FAILED, finished_at=T0 - timedelta(days=1))
+    running = make_run(72, 7, attempt=3, status=RunStatus.RUNNING)
+    await store.apply(ChangeSet(tasks=[task], runs=[ended, older, running]))
+    [spent] = await store.list_spending(T0)
+    assert spent.run == ended
+    assert (spent.agent, spent.labels, spent.schedule) == (task.agent, task.labels, "nightly")
+    both = await store.list_spending(T0 - timedelta(days=2))
+    assert [s.run.id for s in both] == [older.id, ended.id]  # in the order they ended
+    assert await store.list_spending(T0 + timedelta(hours=1)) == []
+
+
 # --- output --------------------------------------------------------------------------------------
 
 

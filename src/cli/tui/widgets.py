@@ -16,7 +16,7 @@ from textual.widgets import DataTable, RichLog, Static
 from taskrun.cli import output
 from taskrun.cli.tui.state import FleetState
 from taskrun.core.ids import RunId, TaskId, WorkerId
-from taskrun.core.models import Run
+from taskrun.core.models import Run, Worker
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 
 
@@ -40,6 +40,12 @@ class FleetHeader(Static):
             f"[b]TaskRun[/b] {state.server}  up {up}{sync}\n"
             f"workers {_counts(workers, WorkerStatus)}  tasks {_counts(tasks, TaskStatus)}{inbox}"
         )
+
+
+def _quarantined(worker: Worker, now: datetime) -> str:
+    """ ", quarantined" while the worker's circuit breaker holds it back (runs failing fast)."""
+    until = worker.quarantined_until
+    return ", quarantined" if until is not None and until > now else ""
 
 
 def _counts(counts: Counter[Any], kinds: Iterable[Any]) -> str:
@@ -94,8 +100,8 @@ class WorkersTable(DataTable[str]):
             self.add_row(
                 worker.id,
                 worker.hostname or output.NONE,
-                ",".join(a.name for a in worker.agents) or output.NONE,
-                output.status_name(worker.status),
+                output.agent_names(worker.agents),  # "name!": it cannot run there now
+                output.status_name(worker.status) + _quarantined(worker, now),
                 f"{state.active_runs(worker.id)}/{worker.max_concurrent_runs}",
                 output.format_age(worker.last_heartbeat_at, now),
                 output.format_span((expiry - now).total_seconds()) if expiry else output.NONE,

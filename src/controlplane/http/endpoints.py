@@ -156,6 +156,18 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     ),
     Endpoint(
         "GET",
+        "/v1/usage",
+        "tasks",
+        "GetUsage",
+        tpb.GetUsageRequest,
+        tpb.UsageReport,
+        Scope.READ,
+        "Cost and tokens of ended runs per UTC day, agent, model and worker, with the daily "
+        "budgets and what they used today (`taskrun usage`)",
+        query=(Query("days", "days", "today and the days before it (default 7, at most 366)"),),
+    ),
+    Endpoint(
+        "GET",
         "/v1/tasks/{task_id}",
         "tasks",
         "GetTask",

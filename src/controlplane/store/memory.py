@@ -23,6 +23,7 @@ from taskrun.core.store import (
     ChangeSet,
     ConversationQuery,
     LateUsage,
+    RunSpending,
     TaskPage,
     TaskQuery,
 )
@@ -360,6 +361,16 @@ class MemoryStore:
         self._check_open()
         runs = [r for r in self._runs.values() if r.task_id == task_id]
         return [_copy_run(r) for r in sorted(runs, key=lambda r: (r.attempt, r.id))]
+
+    async def list_spending(self, since: datetime) -> list[RunSpending]:
+        self._check_open()
+        out = []
+        for run in sorted(self._runs.values(), key=lambda r: (r.finished_at or since, r.id)):
+            task = self._tasks.get(run.task_id)
+            if run.finished_at is None or run.finished_at < since or task is None:
+                continue
+            out.append(RunSpending(_copy_run(run), task.agent, dict(task.labels), task.schedule))
+        return out
 
     async def list_unfinished_runs(self) -> list[Run]:
         self._check_open()

@@ -298,6 +298,7 @@ def agents_json(agents: Sequence[AgentSpec]) -> str:
                 "backends": [_backend_dict(b) for b in a.backends],
                 "input_schema": a.input_schema,
                 "supports_sessions": a.supports_sessions,
+                "unavailable_reason": a.unavailable_reason,
             }
             for a in agents
         ]
@@ -312,6 +313,7 @@ def agents_from(text: str) -> tuple[AgentSpec, ...]:
             backends=tuple(_backend(b) for b in a["backends"]),
             input_schema=a["input_schema"],
             supports_sessions=a["supports_sessions"],
+            unavailable_reason=a.get("unavailable_reason", ""),  # rows from before it existed
         )
         for a in loads(text)
     )

@@ -7,11 +7,13 @@ match one label in a JSON column (`LABEL_MATCHES`), and their `_fetchall` / `_fe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import datetime
 from typing import Any, ClassVar
 
 from taskrun.controlplane.store.rows import (
     CONVERSATION_COLUMNS,
     LATEST_WORKFLOWS,
+    RUN_COLUMNS,
     TURN_COLUMNS,
     WEBHOOK_COLUMNS,
     WORKFLOW_COLUMNS,
@@ -22,7 +24,10 @@ from taskrun.controlplane.store.rows import (
     conversations_query,
     deliveries_query,
     delivery_from,
+    loads,
+    run_from,
     turn_from,
+    us,
     webhook_from,
     workflow_from,
     workflow_run_from,
@@ -30,7 +35,7 @@ from taskrun.controlplane.store.rows import (
 )
 from taskrun.core.ids import ConversationId
 from taskrun.core.models import Conversation, Turn
-from taskrun.core.store import ConversationQuery
+from taskrun.core.store import ConversationQuery, RunSpending
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import Workflow, WorkflowRun
 
@@ -39,6 +44,11 @@ _TURNS = f"SELECT {column_list(TURN_COLUMNS)} FROM turns"
 _WORKFLOWS = f"SELECT {column_list(WORKFLOW_COLUMNS)} FROM workflows"
 _WORKFLOW_RUNS = f"SELECT {column_list(WORKFLOW_RUN_COLUMNS)} FROM workflow_runs"
 _WEBHOOKS = f"SELECT {column_list(WEBHOOK_COLUMNS)} FROM webhooks"
+_SPENDING = (
+    f"SELECT {column_list(RUN_COLUMNS, 'r.')}, t.agent AS task_agent, t.labels AS task_labels,"
+    " t.schedule AS task_schedule FROM runs r JOIN tasks t ON t.id = r.task_id"
+    " WHERE r.finished_at >= {mark} ORDER BY r.finished_at, r.id"
+)
 
 
 class SqlReads:
@@ -54,6 +64,15 @@ class SqlReads:
     async def _one(self, sql: str, params: Sequence[Any]) -> RowLike | None:
         row: RowLike | None = await self._fetchone(sql, params)
         return row
+
+    # --- spending --------------------------------------------------------------------------------
+
+    async def list_spending(self, since: datetime) -> list[RunSpending]:
+        rows = await self._fetchall(_SPENDING.format(mark=self.MARK), (us(since),))
+        return [
+            RunSpending(run_from(r), r["task_agent"], loads(r["task_labels"]), r["task_schedule"])
+            for r in rows
+        ]
 
     # --- conversations -------------------------------------------------------------------------
 

@@ -7,7 +7,9 @@ it first has the model summarize the older turns into one message, answers with 
 instead of them, and returns the summary for the next turns.
 
 Environment (read when a run starts): ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL,
-TASKRUN_ANTHROPIC_MODEL (default model), TASKRUN_ANTHROPIC_MAX_RETRIES (SDK retries, default 2).
+TASKRUN_ANTHROPIC_MODEL (default model), TASKRUN_ANTHROPIC_MODELS (the models it announces),
+TASKRUN_ANTHROPIC_MAX_RETRIES (SDK retries, default 2). A task's required model wins over the
+input's `model`.
 """
 
 from __future__ import annotations
@@ -18,14 +20,15 @@ from typing import Any
 
 import structlog
 
-from taskrun.core.agent import AgentResult, RunContext
+from taskrun.core.agent import AgentResult, Readiness, RunContext
 from taskrun.core.models import SUMMARY_PREFIX, AgentSpec, TranscriptMessage, Usage
 from taskrun.worker.agents.backends import (
     AnthropicBackend,
     ChatMessage,
     announced_backends,
+    anthropic_api_missing,
     check_input,
-    default_model,
+    choose_model,
 )
 
 log = structlog.get_logger(__name__)
@@ -88,10 +91,13 @@ class AnthropicAgent:
             input_schema=json.dumps(INPUT_SCHEMA),
         )
 
+    def readiness(self) -> Readiness:
+        return Readiness(anthropic_api_missing(), announced_backends())
+
     async def run(self, ctx: RunContext) -> AgentResult:
         check_input(INPUT_SCHEMA, ctx.input)
         bound = log.bind(task_id=ctx.task_id, run_id=ctx.run_id, agent="anthropic")
-        model = ctx.input.get("model") or default_model()
+        model = choose_model(ctx.model, ctx.input.get("model"))
         backend = AnthropicBackend.from_env(bound)
         turn = ctx.conversation
         history = list(turn.history) if turn is not None else []

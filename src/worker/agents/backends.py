@@ -66,8 +66,25 @@ CACHE_READ_FACTOR = 0.1
 CACHE_WRITE_FACTOR = 1.25
 
 
+def configured_models() -> list[str]:
+    """The models this worker's Anthropic-backed agents announce and accept: TASKRUN_ANTHROPIC_
+    MODELS (comma-separated; `taskrun worker run --models` sets it), else the default model."""
+    listed = os.environ.get("TASKRUN_ANTHROPIC_MODELS", "")
+    models = list(dict.fromkeys(m.strip() for m in listed.split(",") if m.strip()))
+    return models or [os.environ.get("TASKRUN_ANTHROPIC_MODEL") or DEFAULT_MODEL]
+
+
 def default_model() -> str:
-    return os.environ.get("TASKRUN_ANTHROPIC_MODEL") or DEFAULT_MODEL
+    """TASKRUN_ANTHROPIC_MODEL, else the first configured model, else claude-sonnet-5-5."""
+    return os.environ.get("TASKRUN_ANTHROPIC_MODEL") or configured_models()[0]
+
+
+def choose_model(required: str, requested: object) -> str:
+    """The model a run uses: the one its task requires (the control plane matched it against
+    what this worker announced), else the input's `model`, else the default."""
+    if required:
+        return required
+    return requested if isinstance(requested, str) and requested else default_model()
 
 
 def context_window(model: str) -> int:
@@ -91,9 +108,58 @@ def model_backend(model: str, *, tools: Sequence[str] = ()) -> ModelBackend:
 
 
 def announced_backends(*, tools: Sequence[str] = ()) -> tuple[ModelBackend, ...]:
-    """The ModelBackends an agent announces: the configured default first, then the known ones."""
-    names = [default_model(), *(m for m in MODELS if m != default_model())]
+    """The ModelBackends an agent announces: the configured models, the default first (not
+    every model of the price table: a task requiring a model must get a worker that has it)."""
+    first = default_model()
+    names = [first, *(m for m in configured_models() if m != first)]
     return tuple(model_backend(name, tools=tools) for name in names)
+
+
+# -- readiness: can this worker run the agent now? ----------------------------------------------
+
+CLAUDE_CREDENTIAL_VARIABLES = (
+    "ANTHROPIC_API_KEY",
+    "ANTHROPIC_AUTH_TOKEN",
+    "CLAUDE_CODE_OAUTH_TOKEN",
+    "CLAUDE_CODE_USE_BEDROCK",
+    "CLAUDE_CODE_USE_VERTEX",
+)
+
+
+def anthropic_api_missing() -> str:
+    """Why the Messages API cannot be called from here ("" when it can)."""
+    import importlib.util
+
+    if importlib.util.find_spec("anthropic") is None:
+        return "the anthropic SDK is not installed on the worker (pip install anthropic)"
+    if not (os.environ.get("ANTHROPIC_API_KEY") or os.environ.get("ANTHROPIC_AUTH_TOKEN")):
+        return "no Anthropic credentials: set ANTHROPIC_API_KEY in the worker's environment"
+    return ""
+
+
+def claude_code_missing() -> str:
+    """Why Claude Code cannot run here ("" when it can): the SDK, its CLI, credentials (a key
+    or token in the environment, Bedrock/Vertex, or a `claude login` in the worker's HOME)."""
+    import importlib.util
+
+    if importlib.util.find_spec("claude_agent_sdk") is None:
+        return f"claude-agent-sdk is not installed; {CLAUDE_EXTRA_HINT}"
+    configured = os.environ.get("TASKRUN_CLAUDE_CLI_PATH")
+    if configured:
+        if not os.access(configured, os.X_OK):
+            return f"TASKRUN_CLAUDE_CLI_PATH={configured} is not an executable file"
+    elif find_claude_cli(import_claude_sdk()) is None:
+        return (
+            f"the Claude Code CLI was not found (neither bundled nor on PATH); {CLAUDE_EXTRA_HINT}"
+        )
+    if any(os.environ.get(name) for name in CLAUDE_CREDENTIAL_VARIABLES):
+        return ""
+    if (Path.home() / ".claude" / ".credentials.json").is_file():
+        return ""
+    return (
+        "no credentials for Claude Code: set ANTHROPIC_API_KEY in the worker's environment "
+        "(or log in with `claude` as the worker's user)"
+    )
 
 
 def cost_usd(model: str, usage: Usage) -> float:

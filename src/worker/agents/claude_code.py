@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from taskrun.core.agent import AgentError, AgentResult, RunContext
+from taskrun.core.agent import AgentError, AgentResult, Readiness, RunContext
 from taskrun.core.models import (
     MAX_SESSION_SNAPSHOT_BYTES,
     AgentSpec,
@@ -43,10 +43,11 @@ from taskrun.worker.agents.backends import (
     StderrTail,
     announced_backends,
     check_input,
+    choose_model,
+    claude_code_missing,
     claude_options,
     claude_result_error,
     claude_session,
-    default_model,
     import_claude_sdk,
     model_backend,
     usage_from_claude,
@@ -179,10 +180,14 @@ class ClaudeCodeAgent:
             supports_sessions=True,
         )
 
+    def readiness(self) -> Readiness:
+        return Readiness(claude_code_missing(), announced_backends(tools=TOOLS))
+
     async def run(self, ctx: RunContext) -> AgentResult:
         check_input(INPUT_SCHEMA, ctx.input)
         sdk = import_claude_sdk()
         inp = ctx.input
+        model = choose_model(ctx.model, inp.get("model"))
         # the run's own workspace, or an input cwd the worker allows (input.cwd)
         cwd = str(await asyncio.to_thread(ctx.working_directory, inp.get("cwd")))
         bound = log.bind(task_id=ctx.task_id, run_id=ctx.run_id, agent="claude_code")
@@ -202,7 +207,7 @@ class ClaudeCodeAgent:
             allowed_tools=list(inp.get("allowed_tools", [])),
             disallowed_tools=list(inp.get("disallowed_tools", [])),
             permission_mode=inp.get("permission_mode"),
-            model=inp.get("model") or default_model(),
+            model=model,
             max_turns=inp.get("max_turns"),
             max_budget_usd=inp.get("max_budget_usd"),
             resume=resume,
@@ -214,7 +219,6 @@ class ClaudeCodeAgent:
         )
         bound.info("starting claude code", resume=resume, cwd=cwd)
         session_id = resume or ""
-        model = inp.get("model") or default_model()
         tools: list[str] = []
         streamed_ids: set[str] = set()  # messages whose text already went out as deltas
         current_id = ""  # the message the last emitted text belongs to

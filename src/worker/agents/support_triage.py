@@ -14,15 +14,16 @@ from typing import Any
 import jsonschema
 import structlog
 
-from taskrun.core.agent import AgentError, AgentResult, RunContext
+from taskrun.core.agent import AgentError, AgentResult, Readiness, RunContext
 from taskrun.core.models import AgentSpec, Usage
 from taskrun.worker.agents.backends import (
     ChatMessage,
     Completion,
     announced_backends,
+    anthropic_api_missing,
     backend_named,
     check_input,
-    default_model,
+    choose_model,
 )
 
 log = structlog.get_logger(__name__)
@@ -114,6 +115,10 @@ class SupportTriageAgent:
             input_schema=json.dumps(INPUT_SCHEMA),
         )
 
+    def readiness(self) -> Readiness:
+        """Ready when its default backend, the Messages API, can be called."""
+        return Readiness(anthropic_api_missing(), announced_backends())
+
     async def run(self, ctx: RunContext) -> AgentResult:
         check_input(INPUT_SCHEMA, ctx.input)
         name = ctx.input.get("backend", "anthropic")
@@ -121,7 +126,7 @@ class SupportTriageAgent:
             task_id=ctx.task_id, run_id=ctx.run_id, agent="support_triage", backend=name
         )
         backend = backend_named(name, bound, ctx.supervised_program)
-        model = ctx.input.get("model") or default_model()
+        model = choose_model(ctx.model, ctx.input.get("model"))
         messages: list[ChatMessage] = [{"role": "user", "content": ticket_prompt(ctx.input)}]
         usage = Usage()
         completion: Completion | None = None
