@@ -1,6 +1,7 @@
 """The MCP server (official `mcp` SDK, streamable HTTP, stateless, JSON answers) at /mcp.
 
-Tools create, get, wait for and cancel tasks, list workers and agents, and create schedules.
+Tools create, get, wait for and cancel tasks, list workers and agents, create schedules, and
+start, continue and read conversations (mcp_conversations.py).
 Besides the generic `create_task`, each agent an online worker announces is a tool of its own,
 `run_<agent>`, whose description and `input` schema are the agent's announced ones.
 
@@ -28,6 +29,12 @@ from starlette.types import Receive, Scope, Send
 
 from taskrun.controlplane.http.api import Servicers, context_of, to_json
 from taskrun.controlplane.http.context import Aborted, HttpCallContext
+from taskrun.controlplane.http.mcp_conversations import (
+    CHAT_TOOL_PREFIX,
+    ConversationToolFailed,
+    ConversationTools,
+    conversation_tools,
+)
 from taskrun.controlplane.http.problems import from_aborted
 from taskrun.core import errors
 from taskrun.core.access import Scope as TokenScope
@@ -222,6 +229,7 @@ class McpTools:
     def __init__(self, servicers: Servicers) -> None:
         self.servicers = servicers
         self.engine = servicers.tasks.engine
+        self.conversations = ConversationTools(servicers, self._wait)
 
     # --- listing -----------------------------------------------------------------------------
 
@@ -236,7 +244,9 @@ class McpTools:
 
     def tools(self) -> list[mt.Tool]:
         tools = list(STATIC_TOOLS)
-        for name, agent in sorted(self.agents().items()):
+        agents = self.agents()
+        tools.extend(conversation_tools(agents, _LABELS, _WAIT, _WAIT_SECONDS))
+        for name, agent in sorted(agents.items()):
             tools.append(
                 mt.Tool(
                     name=f"{AGENT_TOOL_PREFIX}{name}",
@@ -277,10 +287,16 @@ class McpTools:
             "list_workers": self._list_workers,
             "list_agents": self._list_agents,
             "create_schedule": self._create_schedule,
+            "start_conversation": self._start_conversation,
+            "send_message": self._send_message,
+            "get_conversation": self.conversations.get,
         }
         if name in handlers:
             result: dict[str, Any] = await handlers[name](arguments, context)
             return result
+        if name.startswith(CHAT_TOOL_PREFIX):
+            agent = name.removeprefix(CHAT_TOOL_PREFIX)
+            return await self._start_conversation({**arguments, "agent": agent}, context)
         if name.startswith(AGENT_TOOL_PREFIX):
             agent = name.removeprefix(AGENT_TOOL_PREFIX)
             return await self._create_task({**arguments, "agent": agent}, context)
@@ -300,6 +316,17 @@ class McpTools:
         if not wait:
             return task_summary(created.task)
         return await self._wait(created.task.id, seconds, context)
+
+    async def _start_conversation(
+        self, arguments: dict[str, Any], context: HttpCallContext
+    ) -> dict[str, Any]:
+        seconds = _wait_seconds(arguments)
+        return await self.conversations.start(arguments, context, _labels(arguments), seconds)
+
+    async def _send_message(
+        self, arguments: dict[str, Any], context: HttpCallContext
+    ) -> dict[str, Any]:
+        return await self.conversations.send(arguments, context, _wait_seconds(arguments))
 
     async def _get_task(
         self, arguments: dict[str, Any], context: HttpCallContext
@@ -449,7 +476,7 @@ class McpEndpoint:
             return _failure(f"{exc.code.name}: {exc.message}")
         except errors.TaskRunError as exc:
             return _failure(str(exc))
-        except ToolFailed as exc:
+        except (ToolFailed, ConversationToolFailed) as exc:
             return _failure(str(exc))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
