@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from taskrun.v1 import common_pb2 as taskrun_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16taskrun/v1/tasks.proto\x12\ntaskrun.v1\x1a\x17taskrun/v1/common.proto\"6\n\x13\x43ontinueTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"\xe5\x01\n\x11\x43reateTaskRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ninput_json\x18\x02 \x01(\t\x12\x39\n\x06labels\x18\x03 \x03(\x0b\x32).taskrun.v1.CreateTaskRequest.LabelsEntry\x12&\n\x06policy\x18\x04 \x01(\x0b\x32\x16.taskrun.v1.TaskPolicy\x12\x1b\n\x13\x61llow_unknown_agent\x18\x05 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x12\x43reateTaskResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.taskrun.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"B\n\x12\x43reateTasksRequest\x12,\n\x05tasks\x18\x01 \x03(\x0b\x32\x1d.taskrun.v1.CreateTaskRequest\"F\n\x13\x43reateTasksResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.taskrun.v1.CreateTaskResponse\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x80\x02\n\x10ListTasksRequest\x12(\n\x08statuses\x18\x01 \x03(\x0e\x32\x16.taskrun.v1.TaskStatus\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.taskrun.v1.ListTasksRequest.LabelsEntry\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x10\n\x08schedule\x18\x07 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x11ListTasksResponse\x12\x1f\n\x05tasks\x18\x01 \x03(\x0b\x32\x10.taskrun.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"L\n\x11\x46ollowTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x16\n\x0einclude_events\x18\x03 \x01(\x08\"U\n\nTaskUpdate\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.taskrun.v1.Task\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.taskrun.v1.OutputChunk2\xf6\x03\n\x0bTaskService\x12K\n\nCreateTask\x12\x1d.taskrun.v1.CreateTaskRequest\x1a\x1e.taskrun.v1.CreateTaskResponse\x12N\n\x0b\x43reateTasks\x12\x1e.taskrun.v1.CreateTasksRequest\x1a\x1f.taskrun.v1.CreateTasksResponse\x12\x37\n\x07GetTask\x12\x1a.taskrun.v1.GetTaskRequest\x1a\x10.taskrun.v1.Task\x12H\n\tListTasks\x12\x1c.taskrun.v1.ListTasksRequest\x1a\x1d.taskrun.v1.ListTasksResponse\x12=\n\nCancelTask\x12\x1d.taskrun.v1.CancelTaskRequest\x1a\x10.taskrun.v1.Task\x12\x45\n\nFollowTask\x12\x1d.taskrun.v1.FollowTaskRequest\x1a\x16.taskrun.v1.TaskUpdate0\x01\x12\x41\n\x0c\x43ontinueTask\x12\x1f.taskrun.v1.ContinueTaskRequest\x1a\x10.taskrun.v1.Taskb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16taskrun/v1/tasks.proto\x12\ntaskrun.v1\x1a\x17taskrun/v1/common.proto\"6\n\x13\x43ontinueTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\"\xe5\x01\n\x11\x43reateTaskRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x12\n\ninput_json\x18\x02 \x01(\t\x12\x39\n\x06labels\x18\x03 \x03(\x0b\x32).taskrun.v1.CreateTaskRequest.LabelsEntry\x12&\n\x06policy\x18\x04 \x01(\x0b\x32\x16.taskrun.v1.TaskPolicy\x12\x1b\n\x13\x61llow_unknown_agent\x18\x05 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"E\n\x12\x43reateTaskResponse\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.taskrun.v1.Task\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"B\n\x12\x43reateTasksRequest\x12,\n\x05tasks\x18\x01 \x03(\x0b\x32\x1d.taskrun.v1.CreateTaskRequest\"F\n\x13\x43reateTasksResponse\x12/\n\x07results\x18\x01 \x03(\x0b\x32\x1e.taskrun.v1.CreateTaskResponse\"!\n\x0eGetTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\"\x98\x02\n\x10ListTasksRequest\x12(\n\x08statuses\x18\x01 \x03(\x0e\x32\x16.taskrun.v1.TaskStatus\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\x38\n\x06labels\x18\x03 \x03(\x0b\x32(.taskrun.v1.ListTasksRequest.LabelsEntry\x12\x11\n\tworker_id\x18\x04 \x01(\t\x12\x11\n\tpage_size\x18\x05 \x01(\x05\x12\x12\n\npage_token\x18\x06 \x01(\t\x12\x10\n\x08schedule\x18\x07 \x01(\t\x12\x16\n\x0eparent_task_id\x18\x08 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"M\n\x11ListTasksResponse\x12\x1f\n\x05tasks\x18\x01 \x03(\x0b\x32\x10.taskrun.v1.Task\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x11\x43\x61ncelTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"L\n\x11\x46ollowTaskRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x0e\n\x06\x66ollow\x18\x02 \x01(\x08\x12\x16\n\x0einclude_events\x18\x03 \x01(\x08\"U\n\nTaskUpdate\x12\x1e\n\x04task\x18\x01 \x01(\x0b\x32\x10.taskrun.v1.Task\x12\'\n\x06\x63hunks\x18\x02 \x03(\x0b\x32\x17.taskrun.v1.OutputChunk2\xf6\x03\n\x0bTaskService\x12K\n\nCreateTask\x12\x1d.taskrun.v1.CreateTaskRequest\x1a\x1e.taskrun.v1.CreateTaskResponse\x12N\n\x0b\x43reateTasks\x12\x1e.taskrun.v1.CreateTasksRequest\x1a\x1f.taskrun.v1.CreateTasksResponse\x12\x37\n\x07GetTask\x12\x1a.taskrun.v1.GetTaskRequest\x1a\x10.taskrun.v1.Task\x12H\n\tListTasks\x12\x1c.taskrun.v1.ListTasksRequest\x1a\x1d.taskrun.v1.ListTasksResponse\x12=\n\nCancelTask\x12\x1d.taskrun.v1.CancelTaskRequest\x1a\x10.taskrun.v1.Task\x12\x45\n\nFollowTask\x12\x1d.taskrun.v1.FollowTaskRequest\x1a\x16.taskrun.v1.TaskUpdate0\x01\x12\x41\n\x0c\x43ontinueTask\x12\x1f.taskrun.v1.ContinueTaskRequest\x1a\x10.taskrun.v1.Taskb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -51,17 +51,17 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETTASKREQUEST']._serialized_start=562
   _globals['_GETTASKREQUEST']._serialized_end=595
   _globals['_LISTTASKSREQUEST']._serialized_start=598
-  _globals['_LISTTASKSREQUEST']._serialized_end=854
+  _globals['_LISTTASKSREQUEST']._serialized_end=878
   _globals['_LISTTASKSREQUEST_LABELSENTRY']._serialized_start=304
   _globals['_LISTTASKSREQUEST_LABELSENTRY']._serialized_end=349
-  _globals['_LISTTASKSRESPONSE']._serialized_start=856
-  _globals['_LISTTASKSRESPONSE']._serialized_end=933
-  _globals['_CANCELTASKREQUEST']._serialized_start=935
-  _globals['_CANCELTASKREQUEST']._serialized_end=987
-  _globals['_FOLLOWTASKREQUEST']._serialized_start=989
-  _globals['_FOLLOWTASKREQUEST']._serialized_end=1065
-  _globals['_TASKUPDATE']._serialized_start=1067
-  _globals['_TASKUPDATE']._serialized_end=1152
-  _globals['_TASKSERVICE']._serialized_start=1155
-  _globals['_TASKSERVICE']._serialized_end=1657
+  _globals['_LISTTASKSRESPONSE']._serialized_start=880
+  _globals['_LISTTASKSRESPONSE']._serialized_end=957
+  _globals['_CANCELTASKREQUEST']._serialized_start=959
+  _globals['_CANCELTASKREQUEST']._serialized_end=1011
+  _globals['_FOLLOWTASKREQUEST']._serialized_start=1013
+  _globals['_FOLLOWTASKREQUEST']._serialized_end=1089
+  _globals['_TASKUPDATE']._serialized_start=1091
+  _globals['_TASKUPDATE']._serialized_end=1176
+  _globals['_TASKSERVICE']._serialized_start=1179
+  _globals['_TASKSERVICE']._serialized_end=1681
 # @@protoc_insertion_point(module_scope)

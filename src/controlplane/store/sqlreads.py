@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from taskrun.controlplane.store.rows import (
     CONVERSATION_COLUMNS,
     LATEST_WORKFLOWS,
+    TASK_COLUMNS,
     TURN_COLUMNS,
     WEBHOOK_COLUMNS,
     WORKFLOW_COLUMNS,
@@ -22,18 +23,20 @@ from taskrun.controlplane.store.rows import (
     conversations_query,
     deliveries_query,
     delivery_from,
+    task_from,
     turn_from,
     webhook_from,
     workflow_from,
     workflow_run_from,
     workflow_runs_query,
 )
-from taskrun.core.ids import ConversationId
-from taskrun.core.models import Conversation, Turn
+from taskrun.core.ids import ConversationId, TaskId
+from taskrun.core.models import Conversation, Task, Turn
 from taskrun.core.store import ConversationQuery
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import Workflow, WorkflowRun
 
+_TASKS = f"SELECT {column_list(TASK_COLUMNS)} FROM tasks"
 _CONVERSATIONS = f"SELECT {column_list(CONVERSATION_COLUMNS)} FROM conversations"
 _TURNS = f"SELECT {column_list(TURN_COLUMNS)} FROM turns"
 _WORKFLOWS = f"SELECT {column_list(WORKFLOW_COLUMNS)} FROM workflows"
@@ -54,6 +57,14 @@ class SqlReads:
     async def _one(self, sql: str, params: Sequence[Any]) -> RowLike | None:
         row: RowLike | None = await self._fetchone(sql, params)
         return row
+
+    # --- task trees ----------------------------------------------------------------------------
+
+    async def list_task_tree(self, root_task_id: TaskId) -> list[Task]:
+        rows = await self._fetchall(
+            f"{_TASKS} WHERE root_task_id = {self.MARK} ORDER BY id", (root_task_id,)
+        )
+        return [task_from(r) for r in rows]
 
     # --- conversations -------------------------------------------------------------------------
 
