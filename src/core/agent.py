@@ -52,6 +52,17 @@ class AgentResult:
     summarized_through: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class SubtaskAccess:
+    """The control plane's MCP server as a run whose task allows sub-tasks may use it: a bearer
+    credential of this run only, which creates sub-tasks of its task and reads, waits for and
+    cancels them, and dies with the run; `ca_file` is the CA the server's certificate chains to."""
+
+    url: str
+    token: str
+    ca_file: Path | None = None
+
+
 class RunContext(Protocol):
     task_id: TaskId
     run_id: RunId
@@ -66,6 +77,8 @@ class RunContext(Protocol):
     # and have that refuse a token lower than the highest it has seen: a run that outlived its
     # lease (a frozen or cut-off worker) can then never act after its retry did.
     fencing_token: int
+    # Set when the task allows sub-tasks: how the agent reaches the MCP server to create them.
+    subtasks: SubtaskAccess | None
 
     def supervised_program(self, program: str) -> str:
         """An executable that runs `program` (given the same arguments) so that it, and every

@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from taskrun import convert
-from taskrun.core.agent import Agent, AgentError, AgentResult
+from taskrun.core.agent import Agent, AgentError, AgentResult, SubtaskAccess
 from taskrun.core.ids import RunId, TaskId
 from taskrun.core.models import TurnContext
 from taskrun.core.status import RunStatus
@@ -41,6 +41,7 @@ class RunContext:
     fencing_token: int = 0
     supervisor: Callable[[str], str] | None = field(default=None, repr=False)
     conversation: TurnContext | None = None
+    subtasks: SubtaskAccess | None = None
     seq: int = 0
     _log: Any = field(default=None, repr=False)
     _workspace: Path | None = field(default=None, repr=False)

@@ -27,6 +27,7 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from taskrun.controlplane.auth import RUN_CREDENTIAL_LIMIT
 from taskrun.controlplane.http.api import Servicers, context_of, to_json
 from taskrun.controlplane.http.context import Aborted, HttpCallContext
 from taskrun.controlplane.http.mcp_conversations import (
@@ -37,6 +38,7 @@ from taskrun.controlplane.http.mcp_conversations import (
 )
 from taskrun.controlplane.http.problems import from_aborted
 from taskrun.core import errors
+from taskrun.core.access import RUN_PREFIX
 from taskrun.core.access import Scope as TokenScope
 from taskrun.core.models import AgentSpec
 from taskrun.core.status import WorkerStatus
@@ -69,6 +71,11 @@ _WAIT_SECONDS = {
     "description": "how long to wait at most (seconds); the task goes on after that",
 }
 _TASK_ID = {"type": "string", "description": "the task id (from create_task)"}
+_ALLOW_SUBTASKS = {
+    "type": "boolean",
+    "default": False,
+    "description": "let the task's agent create sub-tasks of its own (through this server)",
+}
 
 STATIC_TOOLS: tuple[mt.Tool, ...] = (
     mt.Tool(
@@ -84,6 +91,7 @@ STATIC_TOOLS: tuple[mt.Tool, ...] = (
                 "labels": _LABELS,
                 "wait": _WAIT,
                 "wait_seconds": _WAIT_SECONDS,
+                "allow_subtasks": _ALLOW_SUBTASKS,
             },
             "required": ["agent"],
         },
@@ -259,12 +267,19 @@ class McpTools:
                             "labels": _LABELS,
                             "wait": _WAIT,
                             "wait_seconds": _WAIT_SECONDS,
+                            "allow_subtasks": _ALLOW_SUBTASKS,
                         },
                         "required": ["input"],
                     },
                 )
             )
         return tools
+
+    def run_tools(self) -> list[mt.Tool]:
+        """What a run's credential may use: create its sub-tasks, read, wait for, cancel them."""
+        return [
+            t for t in self.tools() if t.name in RUN_TOOLS or t.name.startswith(AGENT_TOOL_PREFIX)
+        ]
 
     def input_schema(self, name: str) -> dict[str, Any] | None:
         for tool in self.tools():
@@ -277,6 +292,8 @@ class McpTools:
     async def call(
         self, name: str, arguments: dict[str, Any], context: HttpCallContext
     ) -> dict[str, Any]:
+        if _is_run(context) and not (name in RUN_TOOLS or name.startswith(AGENT_TOOL_PREFIX)):
+            raise ToolFailed(f"PERMISSION_DENIED: {RUN_CREDENTIAL_LIMIT} ({name} is not one)")
         handlers: dict[
             str, Callable[[dict[str, Any], HttpCallContext], Awaitable[dict[str, Any]]]
         ] = {
@@ -308,6 +325,10 @@ class McpTools:
         request = tpb.CreateTaskRequest(
             agent=_text(arguments, "agent"), input_json=_input(arguments), labels=_labels(arguments)
         )
+        allow = arguments.get("allow_subtasks", False)
+        if not isinstance(allow, bool):
+            raise ToolFailed("allow_subtasks: must be true or false")
+        request.policy.allow_subtasks = allow
         wait = arguments.get("wait", False)
         if not isinstance(wait, bool):
             raise ToolFailed("wait: must be true or false")
@@ -416,6 +437,17 @@ class McpTools:
         return to_json(created)
 
 
+# the tools a run's credential sees (with run_<agent>): they act on its task's sub-tasks only
+RUN_TOOLS = frozenset({"create_task", "get_task", "wait_for_task", "cancel_task"})
+
+
+def _is_run(context: HttpCallContext) -> bool:
+    for key, value in context.invocation_metadata():
+        if key == "authorization":
+            return value.partition(" ")[2].strip().startswith(RUN_PREFIX)
+    return False
+
+
 _TERMINAL = {pb.TASK_STATUS_COMPLETED, pb.TASK_STATUS_FAILED, pb.TASK_STATUS_CANCELLED}
 
 
@@ -461,6 +493,9 @@ class McpEndpoint:
     async def _list_tools(
         self, ctx: ServerRequestContext[Any], params: mt.PaginatedRequestParams | None
     ) -> mt.ListToolsResult:
+        request = ctx.request
+        if isinstance(request, Request) and _is_run(context_of(request)):
+            return mt.ListToolsResult(tools=self.tools.run_tools())
         return mt.ListToolsResult(tools=self.tools.tools())
 
     async def _call_tool(
@@ -483,7 +518,7 @@ class McpEndpoint:
         """The ASGI app at /mcp: refuse a missing or bad token before the SDK sees anything."""
         if scope["type"] == "http":
             try:
-                await self.auth.operator(context_of(Request(scope)), TokenScope.READ)
+                await self.auth.operator(context_of(Request(scope)), TokenScope.READ, runs=True)
             except Aborted as exc:
                 await from_aborted(exc)(scope, receive, send)
                 return
