@@ -487,6 +487,7 @@ class Client:
         worker_id: str = "",
         page_size: int = 200,
         schedule: str = "",
+        parent_task_id: str = "",
     ) -> AsyncIterator[Task]:
         """Every matching task, newest first, fetching pages as needed."""
         token = ""
@@ -499,6 +500,7 @@ class Client:
                 limit=page_size,
                 page_token=token,
                 schedule=schedule,
+                parent_task_id=parent_task_id,
             )
             for task in tasks:
                 yield task

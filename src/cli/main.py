@@ -42,6 +42,7 @@ from taskrun.cli import (
 )
 from taskrun.cli import credentials as creds
 from taskrun.cli.client import Client, TaskChanged
+from taskrun.cli.task_tree import tree_text
 from taskrun.core.errors import TaskRunError
 from taskrun.core.models import DEFAULT_MAX_ATTEMPTS, Task, TaskPolicy, TaskSpec
 from taskrun.core.status import TaskStatus, WorkerStatus
@@ -581,6 +582,27 @@ def build_parser() -> argparse.ArgumentParser:
         "without it such a task is refused",
     )
     p.add_argument(
+        "--allow-subtasks",
+        action="store_true",
+        help="give its runs (claude_code) the MCP server with a credential of their own, to "
+        "create sub-tasks of this task and read, wait for and cancel them; needs the HTTP API",
+    )
+    p.add_argument(
+        "--max-subtasks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at most N sub-tasks in the whole tree below this task (default: no limit)",
+    )
+    p.add_argument(
+        "--subtask-budget-usd",
+        type=float,
+        default=0.0,
+        metavar="USD",
+        help="no new sub-task once the finished ones cost this much, and pending ones fail "
+        "(default: no limit)",
+    )
+    p.add_argument(
         "--follow",
         "-f",
         action="store_true",
@@ -600,6 +622,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", metavar="K=V", help="must match (repeat)")
     p.add_argument("--worker", default="", metavar="ID")
     p.add_argument("--schedule", default="", metavar="NAME", help="tasks this schedule created")
+    p.add_argument("--parent", default="", metavar="ID", help="the sub-tasks of this task")
     p.add_argument("--limit", type=int, default=50, help="page size (default 50, at most 1000)")
     p.add_argument("--page-token", default="", metavar="T")
     p.add_argument("--all", action="store_true", help="fetch every page")
@@ -784,6 +807,9 @@ def task_spec_from_args(args: argparse.Namespace) -> TaskSpec:
             retry_on_failure=args.retry_on_failure,
             required_provider=args.require_provider,
             required_model=args.require_model,
+            allow_subtasks=args.allow_subtasks,
+            max_subtasks=args.max_subtasks,
+            subtask_budget_usd=args.subtask_budget_usd,
         ),
     )
     # max_attempts 0 asks for the server's default; check the rest as the server would.
@@ -1232,6 +1258,7 @@ def cmd_task_list(args: argparse.Namespace) -> int:
                         worker_id=args.worker,
                         page_size=min(max(args.limit, 1), 1000),
                         schedule=args.schedule,
+                        parent_task_id=args.parent,
                     )
                 ]
                 return tasks, ""
@@ -1243,6 +1270,7 @@ def cmd_task_list(args: argparse.Namespace) -> int:
                 limit=args.limit,
                 page_token=args.page_token,
                 schedule=args.schedule,
+                parent_task_id=args.parent,
             )
 
     tasks, token = asyncio.run(run())
@@ -1312,11 +1340,14 @@ async def _with_task_id(
 
 
 def cmd_task_get(args: argparse.Namespace) -> int:
-    task, runs = _task_call(args, lambda c, task_id: c.get_task(task_id))
+    task, runs, below = _task_call(args, lambda c, task_id: c.get_task_tree(task_id))
     if args.output == "json":
-        _write(output.dumps(output.task_doc(task, runs)))
+        doc = output.task_doc(task, runs)
+        if below:
+            doc["subtasks"] = [output.task_doc(t) for t in below]
+        _write(output.dumps(doc))
     else:
-        _write(output.task_detail(task, runs, _now()))
+        _write(output.task_detail(task, runs, _now()) + tree_text(task, below))
     return EXIT_OK
 
 

@@ -311,3 +311,60 @@ async def test_allow_subtasks_needs_the_http_api_and_budgets_need_allow_subtasks
     assert bare_budget.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "policy.max_subtasks" in (bare_budget.value.details() or "")
     assert (await admin.list_tasks())[0] == []
+
+
+async def test_the_cli_creates_with_a_budget_lists_by_parent_and_shows_the_tree(
+    cluster: Cluster,
+) -> None:
+    from tests.integration.test_access_cli import json_of, run_cli
+
+    base, probe = await setup(cluster)
+    await cluster.start_worker("worker-2")
+    code, out, err = await run_cli(
+        cluster,
+        "task",
+        "create",
+        "probe",
+        "--allow-subtasks",
+        "--max-subtasks",
+        "5",
+        "--subtask-budget-usd",
+        "2.5",
+        "--output",
+        "json",
+    )
+    assert code == 0, err
+    root = json.loads(out)
+    assert root["policy"]["allow_subtasks"] is True
+    assert (root["policy"]["max_subtasks"], root["policy"]["subtask_budget_usd"]) == (5, 2.5)
+    async with mcp_client(cluster, base, (await probe.credential(root["id"])).token) as client:
+        middle = structured(
+            await client.call_tool(
+                "create_task",
+                {"agent": "probe", "input": {"cost": 0.25}, "allow_subtasks": True},
+            )
+        )
+    async with mcp_client(cluster, base, (await probe.credential(middle["task_id"])).token) as c:
+        leaf = structured(
+            await c.call_tool("run_echo", {"input": {"text": "leaf"}, "wait": True})
+        )
+    probe.release(middle["task_id"])
+    await ended(cluster, middle["task_id"])
+    listed = await json_of(cluster, "task", "list", "--parent", root["id"])
+    assert [t["id"] for t in listed["tasks"]] == [middle["task_id"]]
+    assert listed["tasks"][0]["parent_task_id"] == root["id"]
+    code, shown, err = await run_cli(cluster, "task", "get", root["id"])
+    assert code == 0, err
+    tree = shown[shown.index("Sub-tasks:") :].splitlines()
+    assert tree[1].split()[:3] == [root["id"], "probe", "running"]
+    assert tree[2].split()[:5] == ["└─", middle["task_id"], "probe", "completed", "$0.2500"]
+    assert tree[3].split()[:5] == ["└─", leaf["task_id"], "echo", "completed", "$0.0000"]
+    assert "sub-tasks: 2, their cost $0.2500 (budget: at most 5, $2.5)" in tree[4]
+    assert "allowed (at most 5, budget $2.5 for the tree)" in shown
+    got = await json_of(cluster, "task", "get", root["id"])
+    assert [(t["id"], t["depth"]) for t in got["subtasks"]] == [
+        (middle["task_id"], 1),
+        (leaf["task_id"], 2),
+    ]
+    assert "credential_hash" not in got["runs"][0]
+    probe.release(root["id"])
