@@ -29,7 +29,7 @@ def tree_lines(task: Task, below: Sequence[Task]) -> list[tuple[str, Task]]:
     return out
 
 
-def tree_text(task: Task, below: Sequence[Task]) -> str:
+def tree_text(task: Task, below: Sequence[Task], *, heading: bool = True) -> str:
     """The tree as `task get` prints it under "Sub-tasks:" ("" when there are none)."""
     if not below:
         return ""
@@ -50,4 +50,4 @@ def tree_text(task: Task, below: Sequence[Task]) -> str:
         if policy.subtask_budget_usd:
             limits.append(f"${policy.subtask_budget_usd:g}")
         total += f" (budget: {', '.join(limits)})"
-    return "Sub-tasks:\n" + "\n".join(rows) + "\n" + total + "\n"
+    return ("Sub-tasks:\n" if heading else "") + "\n".join(rows) + "\n" + total + "\n"

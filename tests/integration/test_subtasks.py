@@ -345,9 +345,7 @@ async def test_the_cli_creates_with_a_budget_lists_by_parent_and_shows_the_tree(
             )
         )
     async with mcp_client(cluster, base, (await probe.credential(middle["task_id"])).token) as c:
-        leaf = structured(
-            await c.call_tool("run_echo", {"input": {"text": "leaf"}, "wait": True})
-        )
+        leaf = structured(await c.call_tool("run_echo", {"input": {"text": "leaf"}, "wait": True}))
     probe.release(middle["task_id"])
     await ended(cluster, middle["task_id"])
     listed = await json_of(cluster, "task", "list", "--parent", root["id"])
@@ -368,3 +366,33 @@ async def test_the_cli_creates_with_a_budget_lists_by_parent_and_shows_the_tree(
     ]
     assert "credential_hash" not in got["runs"][0]
     probe.release(root["id"])
+
+
+async def test_the_tui_shows_the_tree_below_a_task_with_status_and_cost(cluster: Cluster) -> None:
+    from taskrun.cli.tui.app import TaskRunApp
+    from taskrun.cli.tui.screens import RunScreen
+    from tests.integration.test_tui import SIZE, until
+
+    base, probe = await setup(cluster)
+    admin = cluster.client()
+    root = await admin.create_task("probe", {}, allow_subtasks=True, max_subtasks=3)
+    async with mcp_client(cluster, base, (await probe.credential(root.id)).token) as client:
+        child = structured(
+            await client.call_tool("create_task", {"agent": "probe", "input": {"cost": 0.5}})
+        )
+    await probe.running(child["task_id"])
+    app = TaskRunApp(admin)
+    async with app.run_test(size=SIZE) as pilot:
+        screen = RunScreen(admin, root.id)
+        await app.push_screen(screen)
+        panel = screen.query_one("#subtasks")
+
+        def shown() -> str:
+            return str(panel.render())
+
+        await until(pilot.pause, lambda: child["task_id"] in shown())
+        assert screen.has_class("tree") and "running" in shown()
+        probe.release(child["task_id"])
+        await until(pilot.pause, lambda: "$0.5000" in shown())
+        assert "completed" in shown() and "budget: at most 3" in shown()
+    probe.release(root.id)
