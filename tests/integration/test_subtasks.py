@@ -86,7 +86,8 @@ async def start_probe_worker(
 
 
 async def setup(cluster: Cluster, **settings: object) -> tuple[str, Probe]:
-    server = await cluster.start_server(http_listen="127.0.0.1:0", public_listen="", **settings)
+    settings = {"http_listen": "127.0.0.1:0", "public_listen": "", **settings}
+    server = await cluster.start_server(**settings)
     base = f"https://127.0.0.1:{server.http_port}"
     probe = Probe()
     await start_probe_worker(cluster, probe)
@@ -396,3 +397,29 @@ async def test_the_tui_shows_the_tree_below_a_task_with_status_and_cost(cluster:
         await until(pilot.pause, lambda: "$0.5000" in shown())
         assert "completed" in shown() and "budget: at most 3" in shown()
     probe.release(root.id)
+
+
+async def test_a_restart_keeps_the_run_credential_and_the_trees_count(cluster: Cluster) -> None:
+    import socket
+
+    with socket.socket() as sock:  # the HTTP port stays the same across the restart
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base, probe = await setup(cluster, http_listen=f"127.0.0.1:{port}")
+    await cluster.start_worker("worker-2")
+    admin = cluster.client()
+    root = await admin.create_task("probe", {}, allow_subtasks=True, max_subtasks=2)
+    token = (await probe.credential(root.id)).token
+    echo = {"agent": "echo", "input": {"text": "x"}, "wait": True}
+    async with mcp_client(cluster, base, token) as client:
+        structured(await client.call_tool("create_task", echo))
+    await cluster.stop_server()
+    await cluster.start_server(http_listen=f"127.0.0.1:{port}", public_listen="")
+    await cluster.wait_registered("worker-1")  # it reclaims the probe's run
+    async with mcp_client(cluster, base, token) as client:
+        second = structured(await client.call_tool("create_task", echo))
+        assert second["status"] == "completed"
+        third = error_text(await client.call_tool("create_task", echo))
+    assert third.startswith("RESOURCE_EXHAUSTED") and "has 2" in third
+    probe.release(root.id)
+    assert (await ended(cluster, root.id)).status is TaskStatus.COMPLETED
