@@ -433,6 +433,19 @@ def build_parser() -> argparse.ArgumentParser:
         "default: not served)",
     )
     p.add_argument(
+        "--mcp-url",
+        metavar="URL",
+        help="the MCP server's URL as runs that allow sub-tasks reach it (TASKRUN_MCP_URL, "
+        "default https://<--http-listen host>:<port>/mcp; a wildcard host becomes the host "
+        "each worker connects to)",
+    )
+    p.add_argument(
+        "--max-subtask-depth",
+        type=int,
+        metavar="N",
+        help="how many levels of sub-tasks may nest below a task (default 3)",
+    )
+    p.add_argument(
         "--webhook-allow-network",
         action="append",
         metavar="CIDR",
@@ -1018,6 +1031,8 @@ def server_config(args: argparse.Namespace) -> Any:
         "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),
         "metrics_optional": _metrics_listen(args, "") == "",
         "http_listen": _arg(args, "http_listen") or _env("TASKRUN_HTTP_LISTEN"),
+        "mcp_url": _arg(args, "mcp_url") or _env("TASKRUN_MCP_URL"),
+        "max_subtask_depth": _arg(args, "max_subtask_depth"),
         "webhook_allow_networks": _arg(args, "webhook_allow_network")
         or [
             n.strip()
