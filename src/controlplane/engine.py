@@ -510,7 +510,10 @@ class Engine:
         changes, now = ChangeSet(), utcnow()
         delivers: list[Effect] = [self._cancel_one(task, message, now, changes)]
         above = f"cancelled with task {task_id}" + (f": {reason}" if reason else "")
-        delivers.extend(self._cancel_one(t, above, now, changes) for t in tree)
+        # (a cancelled sub-task's cost may spend the budget and fail pending ones on the way)
+        delivers.extend(
+            self._cancel_one(t, above, now, changes) for t in tree if t.id in self.tasks
+        )
         cancelled = [task, *tree]
 
         def effect() -> None:
@@ -1634,8 +1637,9 @@ class Engine:
             del self.trees[tree.root]
             return
         reason = tree.spent()
-        if not reason:
+        if not reason or tree.closing:
             return
+        tree.closing = True
         for pending in [t for t in self.tasks.values() if t.root_task_id == tree.root]:
             run = self.runs.get(pending.current_run_id) if pending.current_run_id else None
             if run is None or run.status is not RunStatus.PENDING or pending.id not in self.tasks:
@@ -1644,6 +1648,7 @@ class Engine:
             log.info("sub-task refused by its tree's budget", task_id=pending.id, run_id=run.id)
             self._end_run(run, RunStatus.FAILED, changes, error=reason, retry=False)
             self._also_publish.append(pending)
+        tree.closing = False
 
     def run_grant(self, token: str) -> tuple[Run, Task] | None:
         """The run a run credential belongs to, and its task, while that run is the task's

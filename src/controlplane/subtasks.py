@@ -27,6 +27,7 @@ class Tree:
     created: int = 0  # sub-tasks created so far
     spent_usd: float = 0.0  # cost of the finished sub-tasks
     unfinished: int = 0  # tasks of the tree, root included, not terminal yet
+    closing: bool = False  # failing its pending sub-tasks now (their ends change nothing)
 
     def spent(self) -> str:
         """Why the budget stops new sub-tasks, or "" while there is some left."""
@@ -86,6 +87,12 @@ def place(
                 f"a sub-task shares its tree's budget, set on the root task {parent.tree_root}",
                 field=f"policy.{name}",
             )
+        root = parent.tree_root
+        tree = trees.get(root)
+        if tree is None or not parent.policy.allow_subtasks:
+            raise FailedPrecondition(
+                f"task {parent.id} does not allow sub-tasks", field="parent_task_id"
+            )
         depth = parent.depth + 1
         if depth > max_depth:
             raise ResourceExhausted(
@@ -93,8 +100,6 @@ def place(
                 f"max_subtask_depth); task {parent.id} is at level {parent.depth}",
                 field="parent_task_id",
             )
-        root = parent.tree_root
-        tree = trees[root]
         if reason := tree.spent():
             raise ResourceExhausted(reason, field="parent_task_id")
         count = tree.created + adding.get(root, 0)

@@ -172,6 +172,9 @@ def task_summary(task: pb.Task) -> dict[str, Any]:
         "cost_usd": task.usage.cost_usd,
         "usage": to_json(task.usage),
     }
+    if task.parent_task_id:
+        summary["parent_task_id"] = task.parent_task_id
+        summary["depth"] = task.depth
     if task.result_json:
         summary["result"] = json.loads(task.result_json)
     if task.error:
