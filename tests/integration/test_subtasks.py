@@ -311,7 +311,38 @@ async def test_allow_subtasks_needs_the_http_api_and_budgets_need_allow_subtasks
         await admin.create_task("echo", {}, max_subtasks=3)
     assert bare_budget.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "policy.max_subtasks" in (bare_budget.value.details() or "")
+    for field, value in (("max_subtasks", -1), ("subtask_budget_usd", float("nan"))):
+        with pytest.raises(grpc.aio.AioRpcError) as bad:
+            await admin.create_task("echo", {}, allow_subtasks=True, **{field: value})
+        assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert f"policy.{field}" in (bad.value.details() or "")
     assert (await admin.list_tasks())[0] == []
+
+
+async def test_the_http_api_creates_a_task_that_allows_sub_tasks(cluster: Cluster) -> None:
+    base, probe = await setup(cluster)
+    token, _ = await cluster.client().create_api_token("ci", ["submit"])
+    async with http_client(cluster, base, token) as http:
+        made = await http.post(
+            "/v1/tasks",
+            json={
+                "agent": "probe",
+                "input_json": "{}",
+                "policy": {"allow_subtasks": True, "max_subtasks": 1},
+            },
+        )
+        assert made.status_code == 201, made.text
+        task_id = made.json()["task"]["id"]
+        access = await probe.credential(task_id)
+        async with mcp_client(cluster, base, access.token) as client:
+            child = structured(
+                await client.call_tool("run_probe", {"input": {"hold": False}, "wait": True})
+            )
+        listed = await http.get("/v1/tasks", params={"parent_task_id": task_id})
+        assert [t["id"] for t in listed.json()["tasks"]] == [child["task_id"]]
+        got = (await http.get(f"/v1/tasks/{task_id}")).json()
+        assert [t["id"] for t in got["subtasks"]] == [child["task_id"]]
+    probe.release(task_id)
 
 
 async def test_the_cli_creates_with_a_budget_lists_by_parent_and_shows_the_tree(
