@@ -311,11 +311,11 @@ async def test_allow_subtasks_needs_the_http_api_and_budgets_need_allow_subtasks
         await admin.create_task("echo", {}, max_subtasks=3)
     assert bare_budget.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "policy.max_subtasks" in (bare_budget.value.details() or "")
-    for field, value in (("max_subtasks", -1), ("subtask_budget_usd", float("nan"))):
+    for name, value in (("max_subtasks", -1), ("subtask_budget_usd", float("nan"))):
         with pytest.raises(grpc.aio.AioRpcError) as bad:
-            await admin.create_task("echo", {}, allow_subtasks=True, **{field: value})
+            await admin.create_task("echo", {}, allow_subtasks=True, **{name: value})
         assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-        assert f"policy.{field}" in (bad.value.details() or "")
+        assert f"policy.{name}" in (bad.value.details() or "")
     assert (await admin.list_tasks())[0] == []
 
 
