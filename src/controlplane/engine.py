@@ -125,6 +125,7 @@ class Engine:
         # tasks a change set ended beside the ones its caller publishes (sub-tasks the tree's
         # budget stopped): published with that change set's effect, once it is durable
         self._also_publish: list[Task] = []
+        self._credentials: dict[RunId, str] = {}  # live runs' credentials, never stored
         # where runs that allow sub-tasks reach the MCP server ("" while no HTTP API is served)
         self.mcp_url = config.mcp_url
         self.on_usage: Callable[[str, str, Usage], None] | None = None  # metrics, once durable
@@ -181,7 +182,7 @@ class Engine:
                 trees[root_id] = tree
         # No await from here on: the new view replaces the old one at once.
         self.conversations, self.turns, self._tools = conversations, turns, {}
-        self.trees, self._also_publish = trees, []
+        self.trees, self._also_publish, self._credentials = trees, [], {}
         for handle in [*self._orphans.values(), *self._timers]:
             handle.cancel()
         self._orphans.clear()
@@ -541,6 +542,7 @@ class Engine:
         if run is not None:
             self.queue.remove(run.id)
             self._forget_orphan(run.id)
+            self._credentials.pop(run.id, None)
             was_held = run.status.active
             run.status, run.finished_at, run.error = RunStatus.CANCELLED, now, message
             changes.runs.append(run)
@@ -1086,10 +1088,15 @@ class Engine:
             fencing_token=run.attempt,
         )
         if policy.allow_subtasks and self.mcp_url:
-            # a new credential per (re)send: only the hash is kept, with the run
-            issued = new_run_credential(run.id)
-            run.credential_hash = issued.secret_hash
-            assignment.mcp_url, assignment.mcp_token = self.mcp_url, issued.token
+            # Only the hash is stored, with the run. The text stays in memory while the run is
+            # live, so that a copy sent again (a worker that may have read the first) carries
+            # the same credential; after a restart a copy gets a new one.
+            token = self._credentials.get(run.id)
+            if token is None:
+                issued = new_run_credential(run.id)
+                run.credential_hash, token = issued.secret_hash, issued.token
+                self._credentials[run.id] = token
+            assignment.mcp_url, assignment.mcp_token = self.mcp_url, token
         context = self.contexts.get(task.id)
         if context is not None:
             assignment.resume_session_id = context.session_id
@@ -1162,7 +1169,7 @@ class Engine:
                 self._forget_orphan(run.id)
                 session.send_assignment(self._assignment(self.tasks[run.task_id], run))
                 if run.credential_hash:
-                    changes.runs.append(run)  # its new credential's hash
+                    changes.runs.append(run)  # a new credential's hash, after a restart
             else:
                 self._forget_orphan(run.id)
                 lost.append(
@@ -1584,6 +1591,7 @@ class Engine:
         run.started_at = run.started_at or (now if status is RunStatus.COMPLETED else None)
         run.error = error
         self.runs.pop(run.id, None)
+        self._credentials.pop(run.id, None)
         changes.runs.append(run)
         task = self.tasks.get(run.task_id)
         if task is None:
