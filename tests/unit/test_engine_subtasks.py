@@ -98,7 +98,7 @@ def test_place_checks_parent_depth_count_and_cost_before_anything_is_created() -
 
     (placed,) = subtasks.place([spec(root)], parents, trees, 3)
     assert placed == subtasks.Placement(root.id, root.id, 1)
-    with pytest.raises(ResourceExhausted, match="at most 2 sub-tasks .* and has 2"):
+    with pytest.raises(ResourceExhausted, match=r"at most 2 sub-tasks .* and has 2"):
         subtasks.place([spec(root), spec(root)], parents, trees, 3)  # the batch counts too
     with pytest.raises(ResourceExhausted, match="at most 3 levels"):
         subtasks.place([spec(deep)], parents, trees, 3)
