@@ -48,6 +48,7 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 OUTPUT_BATCH = 1000
+MAX_SUBTASKS_SHOWN = 1000  # GetTask's tree: the oldest; `task list --parent` pages the rest
 HELLO_TIMEOUT = 10.0
 
 
@@ -171,7 +172,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             tree = await store.list_task_tree(task.tree_root)
             parents = {t.id: t.parent_task_id for t in tree}
             wanted = set(subtasks.below(task.id, parents))
-            message.subtasks.extend(self._task_pb(t) for t in tree if t.id in wanted)
+            shown = [t for t in tree if t.id in wanted][:MAX_SUBTASKS_SHOWN]
+            message.subtasks.extend(self._task_pb(t) for t in shown)
         return message
 
     async def _visible(self, caller: Caller, task_id: TaskId) -> Task:
