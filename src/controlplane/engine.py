@@ -47,7 +47,7 @@ from taskrun.controlplane.followers import FollowHub
 from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.session import WorkerSession
 from taskrun.convert import backend_from_pb, turn_context_to_pb, usage_from_pb
-from taskrun.core.access import new_run_credential, parse_run_credential, secret_matches
+from taskrun.core.access import new_run_credential
 from taskrun.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -466,7 +466,7 @@ class Engine:
                 self.tasks[task.id] = task
                 self.runs[run.id] = run
                 self._enqueue(task, run, dispatch=False)
-                self._joined_tree(task)
+                subtasks.joined(self.trees, task)
             # Assign what fits right away, in the same commit as the creation.
             outgoing = self._plan(changes)
 
@@ -1622,30 +1622,11 @@ class Engine:
 
     # --- task trees (subtasks.py) ------------------------------------------------------------
 
-    def _joined_tree(self, task: Task) -> None:
-        tree = self.trees.get(task.tree_root)
-        if tree is None and task.policy.allow_subtasks and task.root_task_id is None:
-            tree = self.trees[task.id] = subtasks.Tree(
-                task.id, task.policy.max_subtasks, task.policy.subtask_budget_usd
-            )
-        if tree is not None:
-            tree.unfinished += 1
-            tree.created += 1 if task.root_task_id else 0
-
     def _left_tree(self, task: Task, changes: ChangeSet) -> None:
-        """`task` of a tree ended: count what it spent; once the sub-tasks spent the budget,
-        the tree's pending sub-tasks fail (in the same change set) instead of being run."""
-        tree = self.trees.get(task.tree_root)
-        if tree is None:
-            return
-        tree.unfinished -= 1
-        if task.root_task_id is not None:
-            tree.spent_usd += task.usage.cost_usd
-        if tree.unfinished <= 0:
-            del self.trees[tree.root]
-            return
-        reason = tree.spent()
-        if not reason or tree.closing:
+        """`task` of a tree ended: once the sub-tasks spent the budget, the tree's pending
+        sub-tasks fail (in the same change set) instead of being run."""
+        tree, reason = subtasks.left(self.trees, task)
+        if tree is None or not reason:
             return
         tree.closing = True
         for pending in [t for t in self.tasks.values() if t.root_task_id == tree.root]:
@@ -1659,20 +1640,7 @@ class Engine:
         tree.closing = False
 
     def run_grant(self, token: str) -> tuple[Run, Task] | None:
-        """The run a run credential belongs to, and its task, while that run is the task's
-        current one and active; None for anything else (the credential died with its run)."""
-        parsed = parse_run_credential(token)
-        if parsed is None:
-            return None
-        run = self.runs.get(RunId(parsed.token_id))
-        if run is None or not run.credential_hash or not run.status.active:
-            return None
-        if not secret_matches(parsed.secret, run.credential_hash):
-            return None
-        task = self.tasks.get(run.task_id)
-        if task is None or task.current_run_id != run.id:
-            return None
-        return run, task
+        return subtasks.credential_holder(token, self.runs, self.tasks)
 
     # --- reads -------------------------------------------------------------------------------
 

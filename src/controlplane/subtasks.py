@@ -12,9 +12,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
+from taskrun.core.access import parse_run_credential, secret_matches
 from taskrun.core.errors import FailedPrecondition, InvalidArgument, ResourceExhausted
-from taskrun.core.ids import TaskId
-from taskrun.core.models import Task, TaskSpec
+from taskrun.core.ids import RunId, TaskId
+from taskrun.core.models import Run, Task, TaskSpec
 
 
 @dataclass(slots=True)
@@ -50,6 +51,53 @@ def build(root: Task, below: Iterable[Task]) -> Tree:
         else:
             tree.unfinished += 1
     return tree
+
+
+def joined(trees: dict[TaskId, Tree], task: Task) -> None:
+    """A new task: a root that allows sub-tasks starts its tree; a sub-task counts in its."""
+    tree = trees.get(task.tree_root)
+    if tree is None and task.policy.allow_subtasks and task.root_task_id is None:
+        tree = trees[task.id] = Tree(
+            task.id, task.policy.max_subtasks, task.policy.subtask_budget_usd
+        )
+    if tree is not None:
+        tree.unfinished += 1
+        tree.created += 1 if task.root_task_id else 0
+
+
+def left(trees: dict[TaskId, Tree], task: Task) -> tuple[Tree | None, str]:
+    """`task` ended: count what a sub-task spent, forget a tree with nothing unfinished left.
+    Returns the tree and why its pending sub-tasks must now fail ("": they may run; also while
+    the engine is already failing them)."""
+    tree = trees.get(task.tree_root)
+    if tree is None:
+        return None, ""
+    tree.unfinished -= 1
+    if task.root_task_id is not None:
+        tree.spent_usd += task.usage.cost_usd
+    if tree.unfinished <= 0:
+        del trees[tree.root]
+        return None, ""
+    return tree, "" if tree.closing else tree.spent()
+
+
+def credential_holder(
+    token: str, runs: Mapping[RunId, Run], tasks: Mapping[TaskId, Task]
+) -> tuple[Run, Task] | None:
+    """The run a run credential belongs to, and its task, while that run is the task's current
+    one and active; None for anything else (the credential died with its run)."""
+    parsed = parse_run_credential(token)
+    if parsed is None:
+        return None
+    run = runs.get(RunId(parsed.token_id))
+    if run is None or not run.credential_hash or not run.status.active:
+        return None
+    if not secret_matches(parsed.secret, run.credential_hash):
+        return None
+    task = tasks.get(run.task_id)
+    if task is None or task.current_run_id != run.id:
+        return None
+    return run, task
 
 
 @dataclass(frozen=True, slots=True)
