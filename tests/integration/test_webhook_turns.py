@@ -62,3 +62,34 @@ async def test_a_turn_that_completes_and_one_that_fails_are_delivered_with_answe
         assert sorted(d.event_key for d in deliveries) == sorted(
             [f"{first.task_id}:turn_completed", f"{second.id}:turn_failed"]
         )
+
+
+async def test_a_cancelled_turn_is_delivered_to_a_webhook_that_asked_for_it_only(
+    cluster: Cluster,
+    fake_api: FakeAnthropic,  # noqa: F811
+) -> None:
+    await start(cluster)
+    await cluster.start_worker("worker-1", agents=["anthropic"])
+    admin = cluster.client()
+    fake_api.enqueue(Text(["slow", " answer"], delay=5.0))
+    async with receiver() as cancelled_receiver, receiver() as completed_receiver:
+        cancelled, secret = await admin.create_webhook(
+            cancelled_receiver.url, ["conversation.turn_cancelled"]
+        )
+        cancelled_receiver.secret = secret
+        other, other_secret = await admin.create_webhook(
+            completed_receiver.url, ["conversation.turn_completed"]
+        )
+        completed_receiver.secret = other_secret
+        conversation, turn = await admin.create_conversation("anthropic", "Take your time.")
+        await admin.cancel_task(turn.task_id, reason="never mind")
+        await cancelled_receiver.wait_for(1)
+        (got,) = cancelled_receiver.requests
+        body = json.loads(got.body)
+        assert got.verified and body["type"] == "conversation.turn_cancelled"
+        assert body["data"]["conversation"]["id"] == conversation.id
+        assert "never mind" in body["data"]["turn"]["error"]
+        await delivered(cluster, cancelled.id, DeliveryStatus.SUCCEEDED)
+        # deliveries are recorded together, when the event is handled: none for the other one
+        assert await admin.list_webhook_deliveries(other.id) == []
+        assert completed_receiver.requests == []
