@@ -177,6 +177,9 @@ def policy_to_pb(p: TaskPolicy, out: pb.TaskPolicy) -> None:
     out.retry_on_failure = p.retry_on_failure
     out.required_provider = p.required_provider
     out.required_model = p.required_model
+    out.allow_subtasks = p.allow_subtasks
+    out.max_subtasks = p.max_subtasks
+    out.subtask_budget_usd = p.subtask_budget_usd
 
 
 def policy_from_pb(m: pb.TaskPolicy, default_max_attempts: int) -> TaskPolicy:
@@ -190,6 +193,9 @@ def policy_from_pb(m: pb.TaskPolicy, default_max_attempts: int) -> TaskPolicy:
         retry_on_failure=m.retry_on_failure,
         required_provider=m.required_provider,
         required_model=m.required_model,
+        allow_subtasks=m.allow_subtasks,
+        max_subtasks=m.max_subtasks,
+        subtask_budget_usd=m.subtask_budget_usd,
     )
 
 
@@ -264,6 +270,9 @@ def task_to_pb(t: Task, runs: list[Run] | None = None) -> pb.Task:
         cancel_requested=t.cancel_requested,
         conversation_id=t.conversation_id or "",
         turn=t.turn,
+        parent_task_id=t.parent_task_id or "",
+        root_task_id=t.root_task_id or "",
+        depth=t.depth,
     )
     policy_to_pb(t.policy, out.policy)
     ts_to_pb(t.created_at, out.created_at)
@@ -298,8 +307,16 @@ def task_from_pb(m: pb.Task) -> tuple[Task, list[Run]]:
         waiting_reason=m.waiting_reason,
         conversation_id=ConversationId(m.conversation_id) if m.conversation_id else None,
         turn=m.turn,
+        parent_task_id=TaskId(m.parent_task_id) if m.parent_task_id else None,
+        root_task_id=TaskId(m.root_task_id) if m.root_task_id else None,
+        depth=m.depth,
     )
     return task, [run_from_pb(r) for r in m.runs]
+
+
+def subtasks_from_pb(m: pb.Task) -> list[Task]:
+    """The tasks below `m` that GetTask filled in (oldest first, each naming its parent)."""
+    return [task_from_pb(s)[0] for s in m.subtasks]
 
 
 # --- conversations -------------------------------------------------------------------------------

@@ -382,6 +382,9 @@ class Client:
         required_provider: str = "",
         required_model: str = "",
         allow_unknown_agent: bool = False,
+        allow_subtasks: bool = False,
+        max_subtasks: int = 0,
+        subtask_budget_usd: float = 0.0,
     ) -> Task:
         """Submit one task. `input` is a JSON object (as a mapping or as text).
 
@@ -390,7 +393,9 @@ class Client:
         `timeout` and `queue_timeout` are the task's policy (seconds per run, and how long it may
         wait for a worker), not deadlines of this call.
         max_attempts=0 means the server's default. With an idempotency key that was used before
-        for the same request, the existing task is returned.
+        for the same request, the existing task is returned. `allow_subtasks` gives its runs the
+        MCP server to create sub-tasks with, within `max_subtasks` and `subtask_budget_usd` for
+        the whole tree (0: no limit).
         """
         spec = TaskSpec(
             agent=agent,
@@ -406,6 +411,9 @@ class Client:
                 retry_on_failure=retry_on_failure,
                 required_provider=required_provider,
                 required_model=required_model,
+                allow_subtasks=allow_subtasks,
+                max_subtasks=max_subtasks,
+                subtask_budget_usd=subtask_budget_usd,
             ),
         )
         return await self.submit(spec, allow_unknown_agent=allow_unknown_agent)
@@ -435,6 +443,14 @@ class Client:
         )
         return convert.task_from_pb(message)
 
+    async def get_task_tree(self, task_id: str) -> tuple[Task, list[Run], list[Task]]:
+        """The task, its runs, and every task below it (sub-tasks, theirs...), oldest first."""
+        message = await self._task_stub().GetTask(
+            tasks_pb2.GetTaskRequest(task_id=task_id), timeout=self.timeout
+        )
+        task, runs = convert.task_from_pb(message)
+        return task, runs, convert.subtasks_from_pb(message)
+
     async def list_tasks(
         self,
         *,
@@ -445,8 +461,10 @@ class Client:
         limit: int = 50,
         page_token: str = "",
         schedule: str = "",
+        parent_task_id: str = "",
     ) -> tuple[list[Task], str]:
-        """One page of tasks, newest first, and the token of the next page ("" on the last)."""
+        """One page of tasks, newest first, and the token of the next page ("" on the last);
+        `parent_task_id`: only the direct sub-tasks of that task."""
         request = tasks_pb2.ListTasksRequest(
             statuses=cast(Any, [int(s) for s in statuses]),
             agent=agent,
@@ -455,6 +473,7 @@ class Client:
             page_size=limit,
             page_token=page_token,
             schedule=schedule,
+            parent_task_id=parent_task_id,
         )
         response = await self._task_stub().ListTasks(request, timeout=self.timeout)
         return [convert.task_from_pb(t)[0] for t in response.tasks], str(response.next_page_token)
@@ -468,6 +487,7 @@ class Client:
         worker_id: str = "",
         page_size: int = 200,
         schedule: str = "",
+        parent_task_id: str = "",
     ) -> AsyncIterator[Task]:
         """Every matching task, newest first, fetching pages as needed."""
         token = ""
@@ -480,6 +500,7 @@ class Client:
                 limit=page_size,
                 page_token=token,
                 schedule=schedule,
+                parent_task_id=parent_task_id,
             )
             for task in tasks:
                 yield task

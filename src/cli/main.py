@@ -44,6 +44,7 @@ from taskrun.cli import (
 )
 from taskrun.cli import credentials as creds
 from taskrun.cli.client import Client, TaskChanged
+from taskrun.cli.task_tree import tree_text
 from taskrun.core.errors import TaskRunError
 from taskrun.core.models import DEFAULT_MAX_ATTEMPTS, Task, TaskPolicy, TaskSpec
 from taskrun.core.status import TaskStatus, WorkerStatus
@@ -434,6 +435,19 @@ def build_parser() -> argparse.ArgumentParser:
         "default: not served)",
     )
     p.add_argument(
+        "--mcp-url",
+        metavar="URL",
+        help="the MCP server's URL as runs that allow sub-tasks reach it (TASKRUN_MCP_URL, "
+        "default https://<--http-listen host>:<port>/mcp; a wildcard host becomes the host "
+        "each worker connects to)",
+    )
+    p.add_argument(
+        "--max-subtask-depth",
+        type=int,
+        metavar="N",
+        help="how many levels of sub-tasks may nest below a task (default 3)",
+    )
+    p.add_argument(
         "--webhook-allow-network",
         action="append",
         metavar="CIDR",
@@ -588,6 +602,27 @@ def build_parser() -> argparse.ArgumentParser:
         "says why; without it such a task is refused",
     )
     p.add_argument(
+        "--allow-subtasks",
+        action="store_true",
+        help="give its runs (claude_code) the MCP server with a credential of their own, to "
+        "create sub-tasks of this task and read, wait for and cancel them; needs the HTTP API",
+    )
+    p.add_argument(
+        "--max-subtasks",
+        type=int,
+        default=0,
+        metavar="N",
+        help="at most N sub-tasks in the whole tree below this task (default: no limit)",
+    )
+    p.add_argument(
+        "--subtask-budget-usd",
+        type=float,
+        default=0.0,
+        metavar="USD",
+        help="no new sub-task once the finished ones cost this much, and pending ones fail "
+        "(default: no limit)",
+    )
+    p.add_argument(
         "--follow",
         "-f",
         action="store_true",
@@ -607,6 +642,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--label", action="append", metavar="K=V", help="must match (repeat)")
     p.add_argument("--worker", default="", metavar="ID")
     p.add_argument("--schedule", default="", metavar="NAME", help="tasks this schedule created")
+    p.add_argument("--parent", default="", metavar="ID", help="the sub-tasks of this task")
     p.add_argument("--limit", type=int, default=50, help="page size (default 50, at most 1000)")
     p.add_argument("--page-token", default="", metavar="T")
     p.add_argument("--all", action="store_true", help="fetch every page")
@@ -792,6 +828,9 @@ def task_spec_from_args(args: argparse.Namespace) -> TaskSpec:
             retry_on_failure=args.retry_on_failure,
             required_provider=args.require_provider,
             required_model=args.require_model,
+            allow_subtasks=args.allow_subtasks,
+            max_subtasks=args.max_subtasks,
+            subtask_budget_usd=args.subtask_budget_usd,
         ),
     )
     # max_attempts 0 asks for the server's default; check the rest as the server would.
@@ -1000,6 +1039,8 @@ def server_config(args: argparse.Namespace) -> Any:
         "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),
         "metrics_optional": _metrics_listen(args, "") == "",
         "http_listen": _arg(args, "http_listen") or _env("TASKRUN_HTTP_LISTEN"),
+        "mcp_url": _arg(args, "mcp_url") or _env("TASKRUN_MCP_URL"),
+        "max_subtask_depth": _arg(args, "max_subtask_depth"),
         "webhook_allow_networks": _arg(args, "webhook_allow_network")
         or [
             n.strip()
@@ -1246,6 +1287,7 @@ def cmd_task_list(args: argparse.Namespace) -> int:
                         worker_id=args.worker,
                         page_size=min(max(args.limit, 1), 1000),
                         schedule=args.schedule,
+                        parent_task_id=args.parent,
                     )
                 ]
                 return tasks, ""
@@ -1257,6 +1299,7 @@ def cmd_task_list(args: argparse.Namespace) -> int:
                 limit=args.limit,
                 page_token=args.page_token,
                 schedule=args.schedule,
+                parent_task_id=args.parent,
             )
 
     tasks, token = asyncio.run(run())
@@ -1326,11 +1369,14 @@ async def _with_task_id(
 
 
 def cmd_task_get(args: argparse.Namespace) -> int:
-    task, runs = _task_call(args, lambda c, task_id: c.get_task(task_id))
+    task, runs, below = _task_call(args, lambda c, task_id: c.get_task_tree(task_id))
     if args.output == "json":
-        _write(output.dumps(output.task_doc(task, runs)))
+        doc = output.task_doc(task, runs)
+        if below:
+            doc["subtasks"] = [output.task_doc(t) for t in below]
+        _write(output.dumps(doc))
     else:
-        _write(output.task_detail(task, runs, _now()))
+        _write(output.task_detail(task, runs, _now()) + tree_text(task, below))
     return EXIT_OK
 
 

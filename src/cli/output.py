@@ -71,6 +71,7 @@ def _embedded_json(text: str) -> Any:
 def run_doc(run: Run) -> dict[str, Any]:
     doc: dict[str, Any] = to_json_value(run)
     doc["result"] = _embedded_json(run.result)
+    doc.pop("credential_hash", None)  # the control plane's business, never shown
     return doc
 
 
@@ -268,7 +269,17 @@ def _policy_fields(policy: TaskPolicy) -> list[tuple[str, str]]:
         ("required labels", format_labels(policy.required_labels)),
         ("required provider", policy.required_provider or NONE),
         ("required model", policy.required_model or NONE),
+        ("sub-tasks", _subtask_policy(policy)),
     ]
+
+
+def _subtask_policy(policy: TaskPolicy) -> str:
+    if not policy.allow_subtasks:
+        return "not allowed"
+    limits = [f"at most {policy.max_subtasks}"] if policy.max_subtasks else []
+    if policy.subtask_budget_usd:
+        limits.append(f"budget ${policy.subtask_budget_usd:g}")
+    return "allowed" + (f" ({', '.join(limits)} for the tree)" if limits else "")
 
 
 def _run_duration(run: Run) -> float | None:

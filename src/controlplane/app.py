@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import signal
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from taskrun.controlplane.access import AccessControl
-from taskrun.controlplane.auth import Authenticator
+from taskrun.controlplane.auth import Authenticator, RunGrant
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.conversation_service import ConversationService
 from taskrun.controlplane.engine import Engine
@@ -132,6 +133,18 @@ class RunningServer:
         log.info("server stopped")
 
 
+def run_grant(engine: Engine, token: str) -> RunGrant | None:
+    found = engine.run_grant(token)
+    return RunGrant(found[0].id, found[1].id) if found is not None else None
+
+
+def mcp_url(host: str, port: int) -> str:
+    """The MCP server's URL for runs: a wildcard host stays, for each worker to replace with
+    the host it reaches the control plane at."""
+    host = host.strip("[]") or "0.0.0.0"
+    return f"https://{f'[{host}]' if ':' in host else host}:{port}/mcp"
+
+
 async def start_server(config: ServerConfig) -> RunningServer:
     """Open the store, load state, and start serving on `config.listen`."""
     store = open_store(config.store)
@@ -178,6 +191,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     await webhooks.load()
     metrics = ControlPlaneMetrics(engine, access)
     auth = Authenticator(access)
+    auth.run_grants = functools.partial(run_grant, engine)
     options = [
         ("grpc.max_receive_message_length", config.max_message_bytes + 1024 * 1024),
         ("grpc.max_send_message_length", config.max_message_bytes + 1024 * 1024),
@@ -282,6 +296,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         except (OSError, ValueError) as exc:
             raise OSError(f"could not serve the HTTP API on {config.http_listen}: {exc}") from None
         await http_server.start()
+        engine.mcp_url = config.mcp_url or mcp_url(http_server.host, http_server.port)
     await server.start()
     if public_server is not None:
         await public_server.start()

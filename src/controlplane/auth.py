@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import NoReturn, TypeVar
@@ -19,12 +19,21 @@ from cryptography import x509
 
 from taskrun.controlplane.access import LOGIN_UNIT_PREFIX, AccessControl
 from taskrun.core import errors
-from taskrun.core.access import API_PREFIX, AuditKind, Scope, grants, parse_token
+from taskrun.core.access import (
+    API_PREFIX,
+    RUN_PREFIX,
+    AuditKind,
+    Scope,
+    grants,
+    parse_run_credential,
+    parse_token,
+)
 from taskrun.core.identity import Principal, PrincipalKind, parse_spiffe_id
-from taskrun.core.ids import WorkerId
+from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import utcnow
 
 ALL_SCOPES = frozenset(Scope)
+RUN_SCOPES = frozenset({Scope.SUBMIT})  # narrowed further by the calls that accept runs
 T = TypeVar("T")
 
 
@@ -95,12 +104,31 @@ def _bearer(context: grpc.aio.ServicerContext) -> str | None:
 
 
 @dataclass(frozen=True, slots=True)
+class RunGrant:
+    """What a run's credential binds to: the run, and the task whose sub-tasks it may create,
+    read, wait for and cancel (nothing else)."""
+
+    run_id: RunId
+    task_id: TaskId
+
+
+# The run (and its task) a run credential belongs to while that run is live; None otherwise.
+RunGrants = Callable[[str], RunGrant | None]
+
+RUN_CREDENTIAL_LIMIT = (
+    "a run's credential may only create sub-tasks of its own task and read, wait for and "
+    "cancel them"
+)
+
+
+@dataclass(frozen=True, slots=True)
 class Caller:
     """An authenticated operator or program: who, and what it may do."""
 
-    name: str  # a SPIFFE id, or "api-token <id> (<name>)"
+    name: str  # a SPIFFE id, "api-token <id> (<name>)", or "run <id> of task <id>"
     scopes: frozenset[Scope]
     token_id: str = ""  # the API token used, if any
+    run: RunGrant | None = None  # a run's credential: it acts only on its task's sub-tasks
 
     def __str__(self) -> str:
         return self.name
@@ -109,6 +137,7 @@ class Caller:
 class Authenticator:
     def __init__(self, access: AccessControl) -> None:
         self.access = access
+        self.run_grants: RunGrants | None = None  # set by the app: the engine's live runs
 
     async def _refuse(
         self,
@@ -155,10 +184,15 @@ class Authenticator:
                 principal=str(principal or ""),
             )
 
-    async def operator(self, context: grpc.aio.ServicerContext, needed: Scope) -> Caller:
+    async def operator(
+        self, context: grpc.aio.ServicerContext, needed: Scope, *, runs: bool = False
+    ) -> Caller:
         """The caller if it holds `needed`; otherwise the call ends UNAUTHENTICATED or
-        PERMISSION_DENIED (and the refusal is audited)."""
+        PERMISSION_DENIED (and the refusal is audited). A run's credential is refused unless
+        `runs` (the few calls that scope it to its task's sub-tasks)."""
         bearer = _bearer(context)
+        if bearer is not None and bearer.startswith(RUN_PREFIX):
+            return await self._run_caller(context, bearer, needed, runs)
         if bearer is not None:
             try:
                 token = self.access.authenticate_api_token(bearer)
@@ -204,6 +238,30 @@ class Authenticator:
                 context,
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"{caller} holds scopes [{held}]; this call needs {needed.value!r}",
+                principal=caller.name,
+            )
+        return caller
+
+    async def _run_caller(
+        self, context: grpc.aio.ServicerContext, bearer: str, needed: Scope, runs: bool
+    ) -> Caller:
+        grant = self.run_grants(bearer) if self.run_grants is not None else None
+        claimed = parse_run_credential(bearer)
+        principal = f"run {claimed.token_id}" if claimed else ""
+        if grant is None:
+            await self._refuse(
+                context,
+                grpc.StatusCode.UNAUTHENTICATED,
+                "authorization: the run credential is unknown or its run has ended",
+                principal=principal,
+                claimed=True,
+            )
+        caller = Caller(f"run {grant.run_id} of task {grant.task_id}", RUN_SCOPES, run=grant)
+        if not runs or not grants(caller.scopes, needed):
+            await self._refuse(
+                context,
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{caller} may not call this: {RUN_CREDENTIAL_LIMIT}",
                 principal=caller.name,
             )
         return caller

@@ -63,6 +63,11 @@ class ServerConfig(BaseModel):
     # certificate and API tokens; host:port, empty = not served
     http_listen: str = ""
     http_max_body_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+    # Agents orchestrating agents: the MCP server's URL as runs that allow sub-tasks reach it
+    # (default: https://<http_listen host>:<its port>/mcp; a wildcard host becomes the host
+    # each worker connects to), and how deep sub-tasks may nest below their root.
+    mcp_url: str = ""
+    max_subtask_depth: int = Field(default=3, ge=1, le=100)
     # webhooks. Targets in loopback, private, link-local and other internal ranges are
     # refused unless one of these networks (CIDR) holds them.
     webhook_allow_networks: list[str] = Field(default_factory=list)

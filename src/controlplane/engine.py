@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 
 import structlog
 
+from taskrun.controlplane import subtasks
 from taskrun.controlplane.budgets import Budgets, Cap, day_of, day_start
 from taskrun.controlplane.catalog import AgentCatalog
 from taskrun.controlplane.config import ServerConfig
@@ -48,6 +49,7 @@ from taskrun.controlplane.health import WorkerHealth
 from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.session import WorkerSession
 from taskrun.convert import backend_from_pb, turn_context_to_pb, usage_from_pb
+from taskrun.core.access import new_run_credential
 from taskrun.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -125,6 +127,14 @@ class Engine:
         # what it spent, which the store then adds to the run, its task, turn and conversation.
         self._stopping: dict[RunId, _Stopping] = {}
         self._late_usage = 0  # bumped when such a report is committed for a conversation
+        # roots with an unfinished task in their tree, and the budget they share (subtasks.py)
+        self.trees: dict[TaskId, subtasks.Tree] = {}
+        # tasks a change set ended beside the ones its caller publishes (sub-tasks the tree's
+        # budget stopped): published with that change set's effect, once it is durable
+        self._also_publish: list[Task] = []
+        self._credentials: dict[RunId, str] = {}  # live runs' credentials, never stored
+        # where runs that allow sub-tasks reach the MCP server ("" while no HTTP API is served)
+        self.mcp_url = config.mcp_url
         self.rejected_reports = 0
         # While set, the store cannot write (or the view was lost): writes are refused with this
         # reason and the engine is recovering. Empty when healthy.
@@ -181,9 +191,17 @@ class Engine:
                 (s.labels, s.schedule, s.run.usage.cost_usd, s.run.finished_at or since)
                 for s in await self.store.list_spending(since)
             )
+        trees: dict[TaskId, subtasks.Tree] = {}
+        in_trees = (t for t in tasks.values() if t.root_task_id or t.policy.allow_subtasks)
+        for root_id in {t.tree_root for t in in_trees}:
+            tree = await self._load_tree(root_id, tasks)
+            if tree is not None:
+                trees[root_id] = tree
         # No await from here on: the new view replaces the old one at once.
         self.budgets, self._parked = budgets, {}
         self.conversations, self.turns, self._tools = conversations, turns, {}
+        self.trees, self._also_publish, self._credentials = trees, [], {}
+        self._stopping = {}  # their timers are cancelled below: the reload starts afresh
         for handle in [*self._orphans.values(), *self._timers]:
             handle.cancel()
         self._orphans.clear()
@@ -225,6 +243,19 @@ class Engine:
             awaiting_workers=len(self._orphans),
         )
 
+    async def _load_tree(
+        self, root_id: TaskId, unfinished: dict[TaskId, Task]
+    ) -> subtasks.Tree | None:
+        """The tree of `root_id` from the store (None for a task that allows no sub-tasks and
+        has none)."""
+        root = unfinished.get(root_id) or await self.store.get_task(root_id)
+        if root is None:
+            return None
+        below = await self.store.list_task_tree(root_id)
+        if not below and not root.policy.allow_subtasks:
+            return None
+        return subtasks.build(root, below)
+
     async def stop(self) -> None:
         if self._recovery is not None:
             self._recovery.cancel()
@@ -251,6 +282,9 @@ class Engine:
         effect.
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if self._also_publish:
+            effect = functools.partial(self._publish_all, effect, self._also_publish)
+            self._also_publish = []
         if self.store_error:
             done.set_exception(Unavailable(self.store_error))
             return done
@@ -292,6 +326,12 @@ class Engine:
         self.events.emit(captured)  # after the commit and its effect
         if not done.done():
             done.set_result(None)
+
+    def _publish_all(self, effect: Effect | None, tasks: list[Task]) -> None:
+        if effect is not None:
+            effect()
+        for task in tasks:
+            self.hub.publish(task.id, task)
 
     def commit(self, changes: ChangeSet) -> Awaitable[None]:
         """Commit changes that hold no engine state (tokens, audit) in order with the rest."""
@@ -377,7 +417,26 @@ class Engine:
                 found = await self.store.get_task_by_idempotency_key(key)
                 if found is not None:
                     existing[key] = found
+        for spec in specs:
+            parent = self.tasks.get(spec.parent_task_id) if spec.parent_task_id else None
+            if parent is not None and parent.tree_root not in self.trees:
+                tree = await self._load_tree(parent.tree_root, self.tasks)
+                if tree is not None:
+                    self.trees.setdefault(tree.root, tree)
         self._check_writable()
+        fresh = [
+            s
+            for s in specs
+            if not (s.policy.idempotency_key and s.policy.idempotency_key in existing)
+            and s.policy.idempotency_key not in self._idempotency
+        ]
+        placements = dict(
+            zip(
+                map(id, fresh),
+                subtasks.place(fresh, self.tasks, self.trees, self.config.max_subtask_depth),
+                strict=True,
+            )
+        )
         now = utcnow()
         changes = ChangeSet()
         results: list[tuple[Task, bool]] = []
@@ -415,6 +474,10 @@ class Engine:
                 current_run_id=run.id,
                 schedule=spec.schedule,
             )
+            placed = placements.get(id(spec))
+            if placed is not None:
+                task.parent_task_id, task.root_task_id = placed.parent, placed.root
+                task.depth = placed.depth
             changes.tasks.append(task)
             changes.runs.append(run)
             created.append((task, run))
@@ -424,6 +487,7 @@ class Engine:
                 self.tasks[task.id] = task
                 self.runs[run.id] = run
                 self._enqueue(task, run, dispatch=False)
+                subtasks.joined(self.trees, task)
             # Assign what fits right away, in the same commit as the creation.
             outgoing = self._plan(changes)
 
@@ -443,6 +507,8 @@ class Engine:
         return results
 
     async def cancel_task(self, task_id: TaskId, reason: str) -> Task:
+        """Cancel the task and every unfinished task below it (its sub-tasks, theirs...), in one
+        change set."""
         self._check_writable()
         task = self.tasks.get(task_id)
         if task is None:
@@ -452,45 +518,70 @@ class Engine:
             raise FailedPrecondition(
                 f"task {task_id} is already {stored.status.name.lower()}", field="task_id"
             )
-        run = self.runs.pop(task.current_run_id) if task.current_run_id else None
-        now = utcnow()
+        parents: dict[TaskId, TaskId | None] = {}
+        if task.tree_root in self.trees:  # finished tasks of the tree link the unfinished ones
+            below = await self.store.list_task_tree(task.tree_root)
+            parents = {t.id: t.parent_task_id for t in below}
+        self._check_writable()
+        task = self.tasks.get(task_id)
+        if task is None:
+            raise FailedPrecondition(f"task {task_id} ended meanwhile", field="task_id")
+        parents.update({t.id: t.parent_task_id for t in self.tasks.values()})
+        tree = [self.tasks[i] for i in subtasks.below(task_id, parents) if i in self.tasks]
         message = f"cancelled: {reason}" if reason else "cancelled by an operator"
-        changes = ChangeSet()
-        deliver: Effect | None = None
-        if run is not None:
-            self.queue.remove(run.id)
-            self._parked.pop(run.id, None)
-            self._forget_orphan(run.id)
-            was_held = run.status.active
-            run.status, run.finished_at, run.error = RunStatus.CANCELLED, now, message
-            changes.runs.append(run)
-            if was_held and run.worker_id:
-                self._await_last_report(task, run)
-            session = self.sessions.get(run.worker_id) if run.worker_id else None
-            if was_held and session is not None:
-                # The run keeps its slot on the worker until the worker confirms it stopped.
-                def deliver(s: WorkerSession = session, r: Run = run) -> None:
-                    s.send_cancel(r.id, r.attempt, message)
-
-        task.cancel_requested = True
-        self._finish_task(task, TaskStatus.CANCELLED, now, error=message)
-        changes.tasks.append(task)
-        self._close_turn(task, run, changes)
+        changes, now = ChangeSet(), utcnow()
+        delivers: list[Effect] = [self._cancel_one(task, message, now, changes)]
+        above = f"cancelled with task {task_id}" + (f": {reason}" if reason else "")
+        # (a cancelled sub-task's cost may spend the budget and fail pending ones on the way)
+        delivers.extend(
+            self._cancel_one(t, above, now, changes) for t in tree if t.id in self.tasks
+        )
+        cancelled = [task, *tree]
 
         def effect() -> None:
-            if deliver is not None:
+            for deliver in delivers:
                 deliver()
-            self.hub.publish(task.id, task)
+            for t in cancelled:
+                self.hub.publish(t.id, t)
 
         await asyncio.shield(self._commit(changes, effect))
         log.info(
             "task cancelled",
             task_id=task.id,
-            run_id=run.id if run else None,
-            worker_id=run.worker_id if run else None,
-            attempt=run.attempt if run else None,
+            run_id=task.current_run_id,
+            worker_id=task.worker_id,
+            attempt=task.attempts,
+            subtasks_cancelled=len(tree),
         )
         return task
+
+    def _cancel_one(self, task: Task, message: str, now: datetime, changes: ChangeSet) -> Effect:
+        """Cancel one unfinished task into `changes`; returns what tells its worker, once
+        committed (the run keeps its slot until the worker confirms it stopped)."""
+        run = self.runs.pop(task.current_run_id) if task.current_run_id in self.runs else None
+        session: WorkerSession | None = None
+        if run is not None:
+            self.queue.remove(run.id)
+            self._parked.pop(run.id, None)
+            self._forget_orphan(run.id)
+            self._credentials.pop(run.id, None)
+            was_held = run.status.active
+            run.status, run.finished_at, run.error = RunStatus.CANCELLED, now, message
+            changes.runs.append(run)
+            if was_held and run.worker_id:
+                self._await_last_report(task, run)
+            session = self.sessions.get(run.worker_id) if run.worker_id and was_held else None
+        task.cancel_requested = True
+        self._finish_task(task, TaskStatus.CANCELLED, now, error=message)
+        changes.tasks.append(task)
+        self._close_turn(task, run, changes)
+        self._left_tree(task, changes)
+
+        def deliver() -> None:
+            if session is not None and run is not None:
+                session.send_cancel(run.id, run.attempt, message)
+
+        return deliver
 
     # --- conversations -----------------------------------------------------------------------
 
@@ -1054,6 +1145,16 @@ class Engine:
             required_model=policy.required_model,
             fencing_token=run.attempt,
         )
+        if policy.allow_subtasks and self.mcp_url:
+            # Only the hash is stored, with the run. The text stays in memory while the run is
+            # live, so that a copy sent again (a worker that may have read the first) carries
+            # the same credential; after a restart a copy gets a new one.
+            token = self._credentials.get(run.id)
+            if token is None:
+                issued = new_run_credential(run.id)
+                run.credential_hash, token = issued.secret_hash, issued.token
+                self._credentials[run.id] = token
+            assignment.mcp_url, assignment.mcp_token = self.mcp_url, token
         context = self.contexts.get(task.id)
         if context is not None:
             assignment.resume_session_id = context.session_id
@@ -1125,6 +1226,8 @@ class Engine:
                 session.runs.add(run.id)
                 self._forget_orphan(run.id)
                 session.send_assignment(self._assignment(self.tasks[run.task_id], run))
+                if run.credential_hash:
+                    changes.runs.append(run)  # a new credential's hash, after a restart
             else:
                 self._forget_orphan(run.id)
                 lost.append(
@@ -1615,6 +1718,7 @@ class Engine:
         run.started_at = run.started_at or (now if status is RunStatus.COMPLETED else None)
         run.error = error
         self.runs.pop(run.id, None)
+        self._credentials.pop(run.id, None)
         changes.runs.append(run)
         task = self.tasks.get(run.task_id)
         if task is None:
@@ -1641,6 +1745,7 @@ class Engine:
         changes.tasks.append(task)
         if task.status.terminal:
             self._close_turn(task, run, changes)
+            self._left_tree(task, changes)
         return task
 
     # --- worker health, agents, budgets ------------------------------------------------------
@@ -1728,6 +1833,28 @@ class Engine:
             self._release_parked()
         cap = self.budgets.blocking(task)
         return cap.reason() if cap is not None else ""
+
+    # --- task trees (subtasks.py) ------------------------------------------------------------
+
+    def _left_tree(self, task: Task, changes: ChangeSet) -> None:
+        """`task` of a tree ended: once the sub-tasks spent the budget, the tree's pending
+        sub-tasks fail (in the same change set) instead of being run."""
+        tree, reason = subtasks.left(self.trees, task)
+        if tree is None or not reason:
+            return
+        tree.closing = True
+        for pending in [t for t in self.tasks.values() if t.root_task_id == tree.root]:
+            run = self.runs.get(pending.current_run_id) if pending.current_run_id else None
+            if run is None or run.status is not RunStatus.PENDING or pending.id not in self.tasks:
+                continue
+            self.queue.remove(run.id)
+            log.info("sub-task refused by its tree's budget", task_id=pending.id, run_id=run.id)
+            self._end_run(run, RunStatus.FAILED, changes, error=reason, retry=False)
+            self._also_publish.append(pending)
+        tree.closing = False
+
+    def run_grant(self, token: str) -> tuple[Run, Task] | None:
+        return subtasks.credential_holder(token, self.runs, self.tasks)
 
     # --- reads -------------------------------------------------------------------------------
 

@@ -16,7 +16,7 @@ import grpc
 import structlog
 
 from taskrun import convert
-from taskrun.controlplane import usage
+from taskrun.controlplane import subtasks, usage
 from taskrun.controlplane.auth import Authenticator, Caller, peer_certificate_expiry
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.followers import Subscription
@@ -48,6 +48,7 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 OUTPUT_BATCH = 1000
+MAX_SUBTASKS_SHOWN = 1000  # GetTask's tree: the oldest; `task list --parent` pages the rest
 HELLO_TIMEOUT = 10.0
 
 
@@ -105,7 +106,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         return message
 
     async def _create(
-        self, requests: list[tasks_pb2.CreateTaskRequest], prefix: Callable[[int], str]
+        self,
+        requests: list[tasks_pb2.CreateTaskRequest],
+        prefix: Callable[[int], str],
+        caller: Caller,
     ) -> list[tasks_pb2.CreateTaskResponse]:
         default_attempts = self.engine.config.default_max_attempts
         specs = [
@@ -114,6 +118,14 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         ]
         catalog = self.engine.catalog
         for i, spec in enumerate(specs):
+            if caller.run is not None:  # a run's credential creates sub-tasks of its task
+                spec.parent_task_id = caller.run.task_id
+            if spec.policy.allow_subtasks and not self.engine.mcp_url:
+                raise errors.FailedPrecondition(
+                    "needs the HTTP API, whose MCP server sub-tasks are created through: start "
+                    "the server with --http-listen",
+                    field=f"{prefix(i)}policy.allow_subtasks",
+                )
             if not requests[i].allow_unknown_agent:
                 check_known_agent(spec.agent, catalog.names(), f"{prefix(i)}agent")
                 policy = spec.policy
@@ -142,35 +154,56 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def CreateTask(
         self, request: tasks_pb2.CreateTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.CreateTaskResponse:
-        await self.auth.operator(context, Scope.SUBMIT)
-        (response,) = await self._create([request], lambda _: "")
+        caller = await self.auth.operator(context, Scope.SUBMIT, runs=True)
+        (response,) = await self._create([request], lambda _: "", caller)
         return response
 
     @domain_errors
     async def CreateTasks(
         self, request: tasks_pb2.CreateTasksRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.CreateTasksResponse:
-        await self.auth.operator(context, Scope.SUBMIT)
+        caller = await self.auth.operator(context, Scope.SUBMIT, runs=True)
         if not request.tasks:
             raise errors.InvalidArgument("must hold at least one task", field="tasks")
         if len(request.tasks) > MAX_BATCH:
             raise errors.InvalidArgument(
                 f"holds {len(request.tasks)} tasks, at most {MAX_BATCH}", field="tasks"
             )
-        results = await self._create(list(request.tasks), lambda i: f"tasks[{i}].")
+        results = await self._create(list(request.tasks), lambda i: f"tasks[{i}].", caller)
         return tasks_pb2.CreateTasksResponse(results=results)
 
     @domain_errors
     async def GetTask(
         self, request: tasks_pb2.GetTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.Task:
-        await self.auth.operator(context, Scope.READ)
+        caller = await self.auth.operator(context, Scope.READ, runs=True)
         task_id = _task_id(request.task_id)
         store = self.engine.store
-        task = await store.get_task(task_id)
+        task = await self._visible(caller, task_id)
+        message = self._task_pb(task, await store.list_runs(task_id))
+        if task.root_task_id or task.policy.allow_subtasks:
+            tree = await store.list_task_tree(task.tree_root)
+            parents = {t.id: t.parent_task_id for t in tree}
+            wanted = set(subtasks.below(task.id, parents))
+            shown = [t for t in tree if t.id in wanted][:MAX_SUBTASKS_SHOWN]
+            message.subtasks.extend(self._task_pb(t) for t in shown)
+        return message
+
+    async def _visible(self, caller: Caller, task_id: TaskId) -> Task:
+        """The task, if the caller may see it: anyone but a run's credential sees every task;
+        that sees only the tasks below its own (NOT_FOUND for any other, as for none)."""
+        task = await self.engine.store.get_task(task_id)
+        if task is not None and caller.run is not None:
+            ancestor: Task | None = task
+            while ancestor is not None and ancestor.parent_task_id != caller.run.task_id:
+                up = ancestor.parent_task_id
+                ancestor = await self.engine.store.get_task(up) if up else None
+            if ancestor is None:
+                task = None
         if task is None:
-            raise errors.NotFound(f"no task {quoted(task_id)}", field="task_id")
-        return self._task_pb(task, await store.list_runs(task_id))
+            below = f" among the sub-tasks of task {caller.run.task_id}" if caller.run else ""
+            raise errors.NotFound(f"no task {quoted(task_id)}{below}", field="task_id")
+        return task
 
     @domain_errors
     async def GetUsage(
@@ -224,6 +257,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             labels=tuple(sorted(labels.items())),
             worker_id=request.worker_id,
             schedule=request.schedule,
+            parent_task_id=_task_id(request.parent_task_id, "parent_task_id")
+            if request.parent_task_id
+            else "",
             limit=size,
             before=_decode_token(request.page_token),
         )
@@ -237,10 +273,11 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def CancelTask(
         self, request: tasks_pb2.CancelTaskRequest, context: grpc.aio.ServicerContext
     ) -> pb.Task:
-        principal = await self.auth.operator(context, Scope.SUBMIT)
+        principal = await self.auth.operator(context, Scope.SUBMIT, runs=True)
         task_id = _task_id(request.task_id)
         if len(request.reason) > 1024:
             raise errors.InvalidArgument("must be at most 1024 characters", field="reason")
+        await self._visible(principal, task_id)
         task = await self.engine.cancel_task(task_id, request.reason)
         log.info("cancel requested", task_id=task_id, by=str(principal))
         return convert.task_to_pb(task)
@@ -264,9 +301,11 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def FollowTask(
         self, request: tasks_pb2.FollowTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
-        caller = await self.auth.operator(context, Scope.READ)
+        caller = await self.auth.operator(context, Scope.READ, runs=True)
         try:
             task_id = _task_id(request.task_id)
+            if caller.run is not None:
+                await self._visible(caller, task_id)
         except errors.TaskRunError as exc:
             await context.abort(status_code(exc), str(exc))
         engine = self.engine

@@ -35,10 +35,12 @@ from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.events import EventSubscription, Filter, Overflowed
 from taskrun.core import errors
-from taskrun.core.models import utcnow
+from taskrun.core.ids import ConversationId
+from taskrun.core.models import Turn, utcnow
 from taskrun.core.status import TaskStatus
 from taskrun.core.webhooks import (
     EVENT_OF_STATUS,
+    TURN_EVENT_OF_STATUS,
     DeliveryStatus,
     Webhook,
     WebhookDelivery,
@@ -53,9 +55,17 @@ from taskrun.core.webhooks import (
     validate_webhook,
 )
 from taskrun.v1 import common_pb2 as pb
+from taskrun.v1 import conversations_pb2 as cpb
 from taskrun.v1 import events_pb2 as epb
 
 log = structlog.get_logger(__name__)
+
+
+def _turn_pb(turn: Turn) -> cpb.Turn:
+    out = cpb.Turn()
+    convert.turn_to_pb(turn, out)
+    return out
+
 
 MAX_IN_FLIGHT = 16
 SUBSCRIPTION_LIMIT = 100_000
@@ -215,6 +225,8 @@ class WebhookDispatcher:
                 self._sub = self.engine.events.subscribe(_TASK_CHANGES, limit=SUBSCRIPTION_LIMIT)
                 continue
             deliveries = [d for event in events for d in self._deliveries_for(event)]
+            for event in events:
+                deliveries.extend(await self._turn_deliveries(event))
             if not deliveries:
                 continue
             try:
@@ -277,6 +289,62 @@ class WebhookDispatcher:
                 for hook in wanting
             )
         return out
+
+    async def _turn_deliveries(self, event: epb.Event) -> list[WebhookDelivery]:
+        """A conversation's turn ended: its answer and usage come from the stored turn, which
+        the engine commits with the task's end (so it is there when the event is). Filters
+        apply to the turn's task (its agent and labels, the conversation's); the event key is
+        the task's, so a turn is announced once per webhook."""
+        task = event.task
+        status = _TASK_STATUS.get(task.status) if event.HasField("task") else None
+        if status is None or not task.conversation_id or not self.hooks:
+            return []
+        kind = TURN_EVENT_OF_STATUS[status]
+        labels = dict(task.labels)
+        wanting = [h for h in self.hooks.values() if h.wants(kind, task.agent, "", labels)]
+        if not wanting:
+            return []
+        conversation_id = ConversationId(task.conversation_id)
+        try:
+            conversation = await self.store.get_conversation(conversation_id)
+            turns = await self.store.list_turns(conversation_id) if conversation else []
+        except Exception as exc:  # the store failed: say so, keep serving
+            log.error("turn not announced", task_id=task.id, error=str(exc))
+            return []
+        turn = next((t for t in turns if t.index == task.turn), None)
+        if conversation is None or turn is None:
+            return []  # deleted meanwhile
+        turn_json = convert.to_json_dict(_turn_pb(turn))
+        payload = json.dumps(
+            {
+                "type": str(kind),
+                "timestamp": event.time.ToDatetime().isoformat() + "Z",
+                "data": {
+                    "conversation": {
+                        "id": conversation.id,
+                        "agent": conversation.agent,
+                        "title": conversation.title,
+                        "labels": conversation.labels,
+                        "turn_count": conversation.turns,
+                    },
+                    "turn": turn_json,
+                },
+            },
+            separators=(",", ":"),
+        )
+        now = self.clock()
+        return [
+            WebhookDelivery(
+                id=new_delivery_id(),
+                webhook_id=hook.id,
+                event=kind,
+                event_key=f"{task.id}:turn_{status.name.lower()}",
+                payload=payload,
+                created_at=now,
+                next_attempt_at=now,
+            )
+            for hook in wanting
+        ]
 
     def _inbox_deliveries(self, event: epb.Event) -> list[WebhookDelivery]:
         """a new inbox item. Labels filter on `workflow` (the workflow's name); the

@@ -19,7 +19,9 @@ from taskrun.core.ids import WorkerId
 
 BOOTSTRAP_PREFIX = "trb_"
 API_PREFIX = "tra_"
+RUN_PREFIX = "trr_"
 _TOKEN = re.compile(r"(tr[ab]_)([0-9a-f]{16})\.([A-Za-z0-9_-]{43})")
+_RUN_TOKEN = re.compile(r"trr_(run_[0-9a-z]{26})\.([A-Za-z0-9_-]{43})")
 
 
 class Scope(StrEnum):
@@ -81,6 +83,21 @@ def parse_token(text: str, prefix: str) -> ParsedToken | None:
     if match is None or match.group(1) != prefix:
         return None
     return ParsedToken(match.group(1), match.group(2), match.group(3))
+
+
+def new_run_credential(run_id: str) -> IssuedToken:
+    """A credential for one run (`trr_<run id>.<secret>`): it names its run, whose stored hash
+    and state decide whether it is accepted, so it ends with the run without being revoked."""
+    secret = secrets.token_urlsafe(32)
+    return IssuedToken(f"{RUN_PREFIX}{run_id}.{secret}", run_id, hash_secret(secret))
+
+
+def parse_run_credential(text: str) -> ParsedToken | None:
+    """The run id and secret of a run credential, or None when the text is not one."""
+    match = _RUN_TOKEN.fullmatch(text.strip())
+    if match is None:
+        return None
+    return ParsedToken(RUN_PREFIX, match.group(1), match.group(2))
 
 
 def secret_matches(secret: str, secret_hash: str) -> bool:

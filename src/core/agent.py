@@ -66,6 +66,17 @@ class AgentResult:
     summarized_through: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class SubtaskAccess:
+    """The control plane's MCP server as a run whose task allows sub-tasks may use it: a bearer
+    credential of this run only, which creates sub-tasks of its task and reads, waits for and
+    cancels them, and dies with the run; `ca_file` is the CA the server's certificate chains to."""
+
+    url: str
+    token: str
+    ca_file: Path | None = None
+
+
 class RunContext(Protocol):
     task_id: TaskId
     run_id: RunId
@@ -83,6 +94,8 @@ class RunContext(Protocol):
     # The model the task requires (its policy's required_model, which the control plane matched
     # against this agent's backends); "" leaves the choice to the agent (its input or default).
     model: str
+    # Set when the task allows sub-tasks: how the agent reaches the MCP server to create them.
+    subtasks: SubtaskAccess | None
 
     def supervised_program(self, program: str) -> str:
         """An executable that runs `program` (given the same arguments) so that it, and every

@@ -82,6 +82,12 @@ class TaskPolicy:
     retry_on_failure: bool = False
     required_provider: str = ""
     required_model: str = ""
+    # Agents orchestrating agents: the run may create sub-tasks through the MCP server, within
+    # the tree's budget (given to its root: sub-tasks in all, cost of the finished ones; 0 = no
+    # limit).
+    allow_subtasks: bool = False
+    max_subtasks: int = 0
+    subtask_budget_usd: float = 0.0
 
 
 @dataclass(slots=True)
@@ -93,6 +99,7 @@ class TaskSpec:
     labels: dict[str, str] = field(default_factory=dict)
     policy: TaskPolicy = field(default_factory=TaskPolicy)
     schedule: str = ""
+    parent_task_id: TaskId | None = None  # a sub-task: a run of this task created it
 
 
 @dataclass(slots=True)
@@ -118,6 +125,13 @@ class Task:
     waiting_reason: str = ""
     conversation_id: ConversationId | None = None  # set when the task is a conversation's turn
     turn: int = 0  # its index in the conversation, from 1
+    parent_task_id: TaskId | None = None  # a sub-task: a run of this task created it
+    root_task_id: TaskId | None = None  # the top of its tree (None for a root)
+    depth: int = 0  # 0 for a root; parent's depth + 1
+
+    @property
+    def tree_root(self) -> TaskId:
+        return self.root_task_id or self.id
 
     def same_request(self, spec: TaskSpec) -> bool:
         """Whether `spec` asks for exactly this task (idempotent resubmission)."""
@@ -126,6 +140,7 @@ class Task:
             and self.input == spec.input
             and self.labels == spec.labels
             and self.policy == spec.policy
+            and self.parent_task_id == spec.parent_task_id
         )
 
 
@@ -146,6 +161,8 @@ class Run:
     backend_used: ModelBackend | None = None
     session_id: str = ""
     prompt: str = ""
+    # SHA-256 of the run's sub-task credential (a task that allows sub-tasks); "" for none
+    credential_hash: str = ""
 
 
 @dataclass(slots=True)

@@ -114,6 +114,7 @@ class TaskQuery:
     labels: tuple[tuple[str, str], ...] = ()
     worker_id: str = ""
     schedule: str = ""
+    parent_task_id: str = ""  # only the direct sub-tasks of this task
     limit: int = 50
     before: TaskId | None = None  # newest first: only ids smaller than this
 
@@ -129,6 +130,9 @@ class TaskStore(Protocol):
     async def get_task_by_idempotency_key(self, key: str) -> Task | None: ...
     async def list_tasks(self, query: TaskQuery) -> TaskPage: ...
     async def list_unfinished_tasks(self) -> list[Task]: ...
+    async def list_task_tree(self, root_task_id: TaskId) -> list[Task]:
+        """Every task below this root (its sub-tasks, theirs...), oldest first."""
+        ...
 
 
 @dataclass(frozen=True, slots=True)

@@ -162,7 +162,33 @@ def validate_policy(policy: TaskPolicy, field: str = "policy") -> TaskPolicy:
         retry_on_failure=policy.retry_on_failure,
         required_provider=policy.required_provider,
         required_model=policy.required_model,
+        **_subtask_policy(policy, field),
     )
+
+
+MAX_SUBTASKS_LIMIT = 10_000
+
+
+def _subtask_policy(policy: TaskPolicy, field: str) -> dict[str, Any]:
+    if not 0 <= policy.max_subtasks <= MAX_SUBTASKS_LIMIT:
+        raise InvalidArgument(
+            f"must be between 0 (no limit) and {MAX_SUBTASKS_LIMIT}", field=f"{field}.max_subtasks"
+        )
+    budget = policy.subtask_budget_usd
+    if not (math.isfinite(budget) and budget >= 0):
+        raise InvalidArgument(
+            "must be a finite number >= 0 (0: no limit)", field=f"{field}.subtask_budget_usd"
+        )
+    if (policy.max_subtasks or budget) and not policy.allow_subtasks:
+        name = "max_subtasks" if policy.max_subtasks else "subtask_budget_usd"
+        raise InvalidArgument(
+            "is a budget for sub-tasks: set allow_subtasks too", field=f"{field}.{name}"
+        )
+    return {
+        "allow_subtasks": policy.allow_subtasks,
+        "max_subtasks": policy.max_subtasks,
+        "subtask_budget_usd": budget,
+    }
 
 
 def validate_task_spec(spec: TaskSpec, field_prefix: str = "") -> TaskSpec:
@@ -176,4 +202,5 @@ def validate_task_spec(spec: TaskSpec, field_prefix: str = "") -> TaskSpec:
         labels=validate_labels(spec.labels, f"{p}labels"),
         policy=validate_policy(spec.policy, f"{p}policy"),
         schedule=spec.schedule,
+        parent_task_id=spec.parent_task_id,
     )

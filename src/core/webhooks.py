@@ -40,6 +40,10 @@ class WebhookEvent(StrEnum):
     TASK_CANCELLED = "task.cancelled"
     SCHEDULE_FIRED = "schedule.fired"  # a schedule created a task (its `data.task`)
     INBOX_ITEM_CREATED = "inbox.item_created"  # an approval waits (`data.inbox_item`)
+    # a conversation's turn ended (`data.conversation`, `data.turn` with its answer and usage)
+    TURN_COMPLETED = "conversation.turn_completed"
+    TURN_FAILED = "conversation.turn_failed"
+    TURN_CANCELLED = "conversation.turn_cancelled"
     WEBHOOK_TEST = "webhook.test"  # `taskrun webhook test`: sent on request, never subscribed
 
 
@@ -50,6 +54,12 @@ EVENT_OF_STATUS: dict[TaskStatus, WebhookEvent] = {
     TaskStatus.COMPLETED: WebhookEvent.TASK_COMPLETED,
     TaskStatus.FAILED: WebhookEvent.TASK_FAILED,
     TaskStatus.CANCELLED: WebhookEvent.TASK_CANCELLED,
+}
+
+TURN_EVENT_OF_STATUS: dict[TaskStatus, WebhookEvent] = {
+    TaskStatus.COMPLETED: WebhookEvent.TURN_COMPLETED,
+    TaskStatus.FAILED: WebhookEvent.TURN_FAILED,
+    TaskStatus.CANCELLED: WebhookEvent.TURN_CANCELLED,
 }
 
 

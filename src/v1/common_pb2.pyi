@@ -98,7 +98,7 @@ class AgentSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[ModelBackend, _Mapping]]] = ..., input_schema_json: _Optional[str] = ..., supports_sessions: _Optional[bool] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
 
 class TaskPolicy(_message.Message):
-    __slots__ = ("priority", "timeout", "max_attempts", "idempotency_key", "required_labels", "queue_timeout", "retry_on_failure", "required_provider", "required_model")
+    __slots__ = ("priority", "timeout", "max_attempts", "idempotency_key", "required_labels", "queue_timeout", "retry_on_failure", "required_provider", "required_model", "allow_subtasks", "max_subtasks", "subtask_budget_usd")
     class RequiredLabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,9 @@ class TaskPolicy(_message.Message):
     RETRY_ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_SUBTASKS_FIELD_NUMBER: _ClassVar[int]
+    MAX_SUBTASKS_FIELD_NUMBER: _ClassVar[int]
+    SUBTASK_BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
     priority: int
     timeout: _duration_pb2.Duration
     max_attempts: int
@@ -124,7 +127,10 @@ class TaskPolicy(_message.Message):
     retry_on_failure: bool
     required_provider: str
     required_model: str
-    def __init__(self, priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_attempts: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., required_labels: _Optional[_Mapping[str, str]] = ..., queue_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_on_failure: _Optional[bool] = ..., required_provider: _Optional[str] = ..., required_model: _Optional[str] = ...) -> None: ...
+    allow_subtasks: bool
+    max_subtasks: int
+    subtask_budget_usd: float
+    def __init__(self, priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_attempts: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., required_labels: _Optional[_Mapping[str, str]] = ..., queue_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_on_failure: _Optional[bool] = ..., required_provider: _Optional[str] = ..., required_model: _Optional[str] = ..., allow_subtasks: _Optional[bool] = ..., max_subtasks: _Optional[int] = ..., subtask_budget_usd: _Optional[float] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens", "cost_usd", "turns", "duration_ms")
@@ -179,7 +185,7 @@ class Run(_message.Message):
     def __init__(self, id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assigned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., backend_used: _Optional[_Union[ModelBackend, _Mapping]] = ..., session_id: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("id", "agent", "input_json", "labels", "policy", "status", "attempts", "current_run_id", "worker_id", "created_at", "updated_at", "finished_at", "error", "result_json", "usage", "runs", "schedule", "cancel_requested", "waiting_reason", "conversation_id", "turn")
+    __slots__ = ("id", "agent", "input_json", "labels", "policy", "status", "attempts", "current_run_id", "worker_id", "created_at", "updated_at", "finished_at", "error", "result_json", "usage", "runs", "schedule", "cancel_requested", "waiting_reason", "conversation_id", "turn", "parent_task_id", "root_task_id", "depth", "subtasks")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -208,6 +214,10 @@ class Task(_message.Message):
     WAITING_REASON_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
     TURN_FIELD_NUMBER: _ClassVar[int]
+    PARENT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ROOT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    DEPTH_FIELD_NUMBER: _ClassVar[int]
+    SUBTASKS_FIELD_NUMBER: _ClassVar[int]
     id: str
     agent: str
     input_json: str
@@ -229,7 +239,11 @@ class Task(_message.Message):
     waiting_reason: str
     conversation_id: str
     turn: int
-    def __init__(self, id: _Optional[str] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., policy: _Optional[_Union[TaskPolicy, _Mapping]] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., attempts: _Optional[int] = ..., current_run_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., runs: _Optional[_Iterable[_Union[Run, _Mapping]]] = ..., schedule: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., waiting_reason: _Optional[str] = ..., conversation_id: _Optional[str] = ..., turn: _Optional[int] = ...) -> None: ...
+    parent_task_id: str
+    root_task_id: str
+    depth: int
+    subtasks: _containers.RepeatedCompositeFieldContainer[Task]
+    def __init__(self, id: _Optional[str] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., policy: _Optional[_Union[TaskPolicy, _Mapping]] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., attempts: _Optional[int] = ..., current_run_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., runs: _Optional[_Iterable[_Union[Run, _Mapping]]] = ..., schedule: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., waiting_reason: _Optional[str] = ..., conversation_id: _Optional[str] = ..., turn: _Optional[int] = ..., parent_task_id: _Optional[str] = ..., root_task_id: _Optional[str] = ..., depth: _Optional[int] = ..., subtasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
 
 class OutputChunk(_message.Message):
     __slots__ = ("run_id", "attempt", "seq", "kind", "data", "time", "task_id")

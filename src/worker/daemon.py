@@ -31,6 +31,7 @@ import tempfile
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import grpc
 import structlog
@@ -38,7 +39,7 @@ from cryptography import x509
 from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 
 from taskrun import __version__, convert
-from taskrun.core.agent import Agent
+from taskrun.core.agent import Agent, SubtaskAccess
 from taskrun.core.ids import RunId, TaskId
 from taskrun.metrics_http import MetricsServer
 from taskrun.v1 import common_pb2 as pb
@@ -634,6 +635,18 @@ class WorkerDaemon:
         if msg.drain:
             self.begin_drain()
 
+    def _subtask_access(self, a: wpb.RunAssignment) -> SubtaskAccess | None:
+        """The MCP server for a run that may create sub-tasks. A wildcard host in its URL (the
+        control plane listens on every address) becomes the host this worker connects to; the
+        server's certificate chains to the CA the worker trusts."""
+        if not (a.mcp_url and a.mcp_token):
+            return None
+        url = urlsplit(a.mcp_url)
+        if url.hostname in ("0.0.0.0", "::", ""):
+            host = self.config.server.rpartition(":")[0] or "127.0.0.1"
+            url = url._replace(netloc=f"{host}:{url.port}" if url.port else host)
+        return SubtaskAccess(urlunsplit(url), a.mcp_token, self.config.ca_cert)
+
     def _start(self, a: wpb.RunAssignment) -> None:
         run_id = RunId(a.run_id)
         if run_id in self.runs:
@@ -656,6 +669,7 @@ class WorkerDaemon:
             conversation=(
                 convert.turn_context_from_pb(a.conversation) if a.HasField("conversation") else None
             ),
+            subtasks=self._subtask_access(a),
         )
         if agent is None:
             self.outbox.put_nowait(_failed(a, f"agent {a.agent!r} is not offered by this worker"))

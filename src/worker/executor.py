@@ -13,7 +13,7 @@ from typing import Any
 import structlog
 
 from taskrun import convert
-from taskrun.core.agent import Agent, AgentError, AgentResult
+from taskrun.core.agent import Agent, AgentError, AgentResult, SubtaskAccess
 from taskrun.core.ids import RunId, TaskId
 from taskrun.core.models import TurnContext
 from taskrun.core.status import RunStatus
@@ -42,6 +42,7 @@ class RunContext:
     model: str = ""  # the task's required model; "" = the agent's choice
     supervisor: Callable[[str], str] | None = field(default=None, repr=False)
     conversation: TurnContext | None = None
+    subtasks: SubtaskAccess | None = None
     seq: int = 0
     _log: Any = field(default=None, repr=False)
     _workspace: Path | None = field(default=None, repr=False)

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from taskrun.core.agent import SubtaskAccess
 from taskrun.core.ids import RunId, TaskId
 from taskrun.core.models import TurnContext
 from taskrun.worker.workspace import Workspaces
@@ -27,6 +28,7 @@ class RecordingContext:
     attempt: int = 1
     fencing_token: int = 1
     model: str = ""
+    subtasks: SubtaskAccess | None = None
     texts: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     first_text: asyncio.Event = field(default_factory=asyncio.Event)

@@ -47,6 +47,9 @@ TASK_KEYS = [
     "waiting_reason",
     "conversation_id",
     "turn",
+    "parent_task_id",
+    "root_task_id",
+    "depth",
 ]
 RUN_KEYS = [
     "id",
@@ -140,6 +143,9 @@ def test_task_document_has_stable_snake_case_keys() -> None:
         "retry_on_failure",
         "required_provider",
         "required_model",
+        "allow_subtasks",
+        "max_subtasks",
+        "subtask_budget_usd",
     ]
     assert list(doc["usage"]) == [
         "input_tokens",

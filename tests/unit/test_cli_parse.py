@@ -496,10 +496,10 @@ def test_server_errors_are_one_line_without_traceback(
 
     init_pki(tmp_path / "certs", workers=())
 
-    async def get_task(self: Client, task_id: str) -> None:
+    async def get_task_tree(self: Client, task_id: str) -> None:
         raise rpc_error(code, f"task_id: no task {task_id!r}")
 
-    monkeypatch.setattr(Client, "get_task", get_task)
+    monkeypatch.setattr(Client, "get_task_tree", get_task_tree)  # what `task get` calls
     full_id = "tsk_" + "0" * 26  # a whole id is sent as it is (a prefix would be looked up)
     assert cli.main(["task", "get", full_id]) == exit_code
     err = capsys.readouterr().err

@@ -146,6 +146,9 @@ def full_task() -> Task:
             retry_on_failure=True,
             required_provider="anthropic",
             required_model="claude",
+            allow_subtasks=True,
+            max_subtasks=4,
+            subtask_budget_usd=0.75,
         ),
         status=TaskStatus.RUNNING,
         attempts=2,
@@ -158,6 +161,9 @@ def full_task() -> Task:
         usage=Usage(1, 2, 3, 4, 0.125, 6, 7000),
         schedule="nightly",
         cancel_requested=True,
+        parent_task_id=tid(3),
+        root_task_id=tid(1),
+        depth=2,
     )
 
 
@@ -177,6 +183,7 @@ def full_run() -> Run:
         backend_used=ModelBackend("anthropic", "claude", 200_000, ("text", "image"), ("bash",)),
         session_id="sess-1",
         prompt="do it",
+        credential_hash="ab" * 32,
     )
 
 
@@ -334,6 +341,44 @@ async def test_list_tasks_filter(store: Store, case: str) -> None:
     page = await store.list_tasks(query)
     assert [t.id for t in page.tasks] == [tid(n) for n in expected]
     assert page.next_before is None
+
+
+async def seed_tree(store: Store) -> None:
+    """1 and 7 are roots; 2, 3 below 1; 4 below 3; 5 below 2; 6 below 7."""
+    below = {2: 1, 3: 1, 4: 3, 5: 2, 6: 7}
+    roots = {2: 1, 3: 1, 4: 1, 5: 1, 6: 7}
+    tasks = [make_task(1), make_task(7)] + [
+        make_task(
+            n, parent_task_id=tid(below[n]), root_task_id=tid(roots[n]), depth=1 + (n in (4, 5))
+        )
+        for n in below
+    ]
+    await store.apply(ChangeSet(tasks=tasks))
+
+
+async def test_list_tasks_filters_by_parent(store: Store) -> None:
+    await seed_tree(store)
+    children = await store.list_tasks(TaskQuery(parent_task_id=tid(1)))
+    assert [t.id for t in children.tasks] == [tid(3), tid(2)]
+    grandchildren = await store.list_tasks(TaskQuery(parent_task_id=tid(3)))
+    assert [(t.id, t.root_task_id, t.depth) for t in grandchildren.tasks] == [(tid(4), tid(1), 2)]
+    assert (await store.list_tasks(TaskQuery(parent_task_id=tid(4)))).tasks == []
+    paged = await store.list_tasks(TaskQuery(parent_task_id=tid(1), limit=1))
+    assert [t.id for t in paged.tasks] == [tid(3)] and paged.next_before == tid(3)
+
+
+async def test_list_task_tree_returns_every_task_below_a_root_oldest_first(store: Store) -> None:
+    await seed_tree(store)
+    tree = await store.list_task_tree(tid(1))
+    assert [(t.id, t.parent_task_id) for t in tree] == [
+        (tid(2), tid(1)),
+        (tid(3), tid(1)),
+        (tid(4), tid(3)),
+        (tid(5), tid(2)),
+    ]
+    assert [t.id for t in await store.list_task_tree(tid(7))] == [tid(6)]
+    assert await store.list_task_tree(tid(6)) == []  # not a root
+    assert await store.list_task_tree(tid(99)) == []
 
 
 async def test_list_tasks_paginates_newest_first_without_gaps(store: Store) -> None:

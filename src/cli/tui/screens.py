@@ -19,6 +19,7 @@ from textual.widgets import Button, Footer, Input, Label, RichLog, Select, Stati
 
 from taskrun.cli import output
 from taskrun.cli.client import Client, OutputReceived, TaskChanged
+from taskrun.cli.task_tree import tree_text
 from taskrun.cli.tui.widgets import Transcript
 from taskrun.core.ids import RunId
 from taskrun.core.models import OutputKind, Run, Task
@@ -218,6 +219,9 @@ class NewTaskScreen(ModalScreen[Task | None]):
         self.dismiss(task)
 
 
+TREE_REFRESH = 2.0  # seconds between reads of a task's sub-tasks while its screen shows
+
+
 class RunScreen(Screen[None]):
     """One task's run: status, usage, live output and events (FollowTask). For an agent with
     sessions, a chat: every turn of its conversation, and an input box for the next message."""
@@ -231,6 +235,8 @@ class RunScreen(Screen[None]):
     ]
     DEFAULT_CSS = """
     RunScreen #summary { height: auto; max-height: 6; background: $primary-background; }
+    RunScreen #subtasks { height: auto; max-height: 8; display: none; border: round $accent; }
+    RunScreen.tree #subtasks { display: block; }
     RunScreen #output { height: 1fr; border: round $primary; }
     RunScreen #partial { height: auto; max-height: 3; padding: 0 1; display: none; }
     RunScreen #run-events { height: 6; border: round $secondary; }
@@ -264,6 +270,7 @@ class RunScreen(Screen[None]):
 
     def compose(self) -> ComposeResult:
         yield Static(f"task {self.task_id}", id="summary")
+        yield Static("", id="subtasks", markup=False)
         yield Transcript(id="output")
         yield Static("", id="partial")  # the output line still being streamed
         yield RichLog(id="run-events", wrap=False, markup=False)
@@ -274,7 +281,25 @@ class RunScreen(Screen[None]):
         self.query_one(Transcript).border_title = "output"
         self.query_one(Transcript).partial = self.query_one("#partial", Static)
         self.query_one("#run-events", RichLog).border_title = "events"
+        self.query_one("#subtasks", Static).border_title = "sub-tasks"
         self.follow()
+        self.set_interval(TREE_REFRESH, self.refresh_tree)  # sub-tasks change on their own
+
+    @work(exclusive=True, group="tree")
+    async def refresh_tree(self) -> None:
+        """The tree below the task (sub-tasks its runs created), each with status and cost."""
+        task = self.task_state
+        if task is not None and not (task.policy.allow_subtasks or task.root_task_id):
+            return
+        try:
+            task, _, below = await self.client.get_task_tree(self.task_id)
+        except grpc.aio.AioRpcError:
+            return
+        if below:
+            self.query_one("#subtasks", Static).update(
+                tree_text(task, below, heading=False).rstrip()
+            )
+            self.add_class("tree")
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         return self.chat if action == "reply" else True

@@ -188,6 +188,10 @@ def _set_path(message: Message, path: str, value: str) -> None:
     setattr(target, last, value)
 
 
+# the task calls a run's credential may make (the servicers limit them to its sub-tasks)
+RUN_RPCS = frozenset({"CreateTask", "CreateTasks", "GetTask", "CancelTask", "FollowTask"})
+
+
 class HttpApi:
     """Builds the Starlette application around the servicers and the authenticator."""
 
@@ -204,9 +208,10 @@ class HttpApi:
         self.openapi = openapi
         self.closing = asyncio.Event()  # set when the server stops: open streams end
 
-    async def _authorize(self, request: Request, scope: Scope) -> None:
-        """Refuse a missing, bad or too weak token before the body is even read (401/403)."""
-        await self.auth.operator(context_of(request), scope)
+    async def _authorize(self, request: Request, scope: Scope, rpc: str = "") -> None:
+        """Refuse a missing, bad or too weak token before the body is even read (401/403). A
+        run's credential passes only to the calls that scope it to its task's sub-tasks."""
+        await self.auth.operator(context_of(request), scope, runs=rpc in RUN_RPCS)
 
     def _rpc(self, endpoint: Endpoint) -> Callable[[Message, HttpCallContext], Awaitable[Message]]:
         servicer = getattr(self.servicers, endpoint.service)
@@ -220,7 +225,7 @@ class HttpApi:
 
         async def handle(request: Request) -> Response:
             async def run() -> Response:
-                await self._authorize(request, endpoint.scope)
+                await self._authorize(request, endpoint.scope, endpoint.rpc)
                 message = endpoint.request()
                 values = query_dict(request, endpoint.query, message)
                 if endpoint.body:
@@ -246,7 +251,7 @@ class HttpApi:
         `Last-Event-ID` gets only what came after it."""
 
         async def run() -> Response:
-            await self._authorize(request, Scope.READ)
+            await self._authorize(request, Scope.READ, "FollowTask")
             follow = tpb.FollowTaskRequest(task_id=request.path_params["task_id"], follow=True)
             values = query_dict(
                 request,

@@ -151,6 +151,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
             Query("label", "labels", "`key=value`; every one must match; repeatable", pairs=True),
             Query("worker_id", "worker_id", "only tasks whose current run is on this worker"),
             Query("schedule", "schedule", "only tasks created by this schedule"),
+            Query("parent_task_id", "parent_task_id", "only the direct sub-tasks of this task"),
             *PAGE,
         ),
     ),

@@ -1,6 +1,7 @@
 """The MCP server (official `mcp` SDK, streamable HTTP, stateless, JSON answers) at /mcp.
 
-Tools create, get, wait for and cancel tasks, list workers and agents, and create schedules.
+Tools create, get, wait for and cancel tasks, list workers and agents, create schedules, and
+start, continue and read conversations (mcp_conversations.py).
 Besides the generic `create_task`, each agent an online worker announces is a tool of its own,
 `run_<agent>`, whose description and `input` schema are the agent's announced ones.
 
@@ -26,10 +27,18 @@ from mcp.server.transport_security import TransportSecuritySettings
 from starlette.requests import Request
 from starlette.types import Receive, Scope, Send
 
+from taskrun.controlplane.auth import RUN_CREDENTIAL_LIMIT
 from taskrun.controlplane.http.api import Servicers, context_of, to_json
 from taskrun.controlplane.http.context import Aborted, HttpCallContext
+from taskrun.controlplane.http.mcp_conversations import (
+    CHAT_TOOL_PREFIX,
+    ConversationToolFailed,
+    ConversationTools,
+    conversation_tools,
+)
 from taskrun.controlplane.http.problems import from_aborted
 from taskrun.core import errors
+from taskrun.core.access import RUN_PREFIX
 from taskrun.core.access import Scope as TokenScope
 from taskrun.core.models import AgentSpec
 from taskrun.core.status import WorkerStatus
@@ -62,6 +71,11 @@ _WAIT_SECONDS = {
     "description": "how long to wait at most (seconds); the task goes on after that",
 }
 _TASK_ID = {"type": "string", "description": "the task id (from create_task)"}
+_ALLOW_SUBTASKS = {
+    "type": "boolean",
+    "default": False,
+    "description": "let the task's agent create sub-tasks of its own (through this server)",
+}
 
 STATIC_TOOLS: tuple[mt.Tool, ...] = (
     mt.Tool(
@@ -77,6 +91,7 @@ STATIC_TOOLS: tuple[mt.Tool, ...] = (
                 "labels": _LABELS,
                 "wait": _WAIT,
                 "wait_seconds": _WAIT_SECONDS,
+                "allow_subtasks": _ALLOW_SUBTASKS,
             },
             "required": ["agent"],
         },
@@ -157,6 +172,9 @@ def task_summary(task: pb.Task) -> dict[str, Any]:
         "cost_usd": task.usage.cost_usd,
         "usage": to_json(task.usage),
     }
+    if task.parent_task_id:
+        summary["parent_task_id"] = task.parent_task_id
+        summary["depth"] = task.depth
     if task.result_json:
         summary["result"] = json.loads(task.result_json)
     if task.error:
@@ -222,6 +240,7 @@ class McpTools:
     def __init__(self, servicers: Servicers) -> None:
         self.servicers = servicers
         self.engine = servicers.tasks.engine
+        self.conversations = ConversationTools(servicers, self._wait)
 
     # --- listing -----------------------------------------------------------------------------
 
@@ -236,7 +255,9 @@ class McpTools:
 
     def tools(self) -> list[mt.Tool]:
         tools = list(STATIC_TOOLS)
-        for name, agent in sorted(self.agents().items()):
+        agents = self.agents()
+        tools.extend(conversation_tools(agents, _LABELS, _WAIT, _WAIT_SECONDS))
+        for name, agent in sorted(agents.items()):
             tools.append(
                 mt.Tool(
                     name=f"{AGENT_TOOL_PREFIX}{name}",
@@ -249,12 +270,19 @@ class McpTools:
                             "labels": _LABELS,
                             "wait": _WAIT,
                             "wait_seconds": _WAIT_SECONDS,
+                            "allow_subtasks": _ALLOW_SUBTASKS,
                         },
                         "required": ["input"],
                     },
                 )
             )
         return tools
+
+    def run_tools(self) -> list[mt.Tool]:
+        """What a run's credential may use: create its sub-tasks, read, wait for, cancel them."""
+        return [
+            t for t in self.tools() if t.name in RUN_TOOLS or t.name.startswith(AGENT_TOOL_PREFIX)
+        ]
 
     def input_schema(self, name: str) -> dict[str, Any] | None:
         for tool in self.tools():
@@ -267,6 +295,8 @@ class McpTools:
     async def call(
         self, name: str, arguments: dict[str, Any], context: HttpCallContext
     ) -> dict[str, Any]:
+        if _is_run(context) and not (name in RUN_TOOLS or name.startswith(AGENT_TOOL_PREFIX)):
+            raise ToolFailed(f"PERMISSION_DENIED: {RUN_CREDENTIAL_LIMIT} ({name} is not one)")
         handlers: dict[
             str, Callable[[dict[str, Any], HttpCallContext], Awaitable[dict[str, Any]]]
         ] = {
@@ -277,10 +307,16 @@ class McpTools:
             "list_workers": self._list_workers,
             "list_agents": self._list_agents,
             "create_schedule": self._create_schedule,
+            "start_conversation": self._start_conversation,
+            "send_message": self._send_message,
+            "get_conversation": self.conversations.get,
         }
         if name in handlers:
             result: dict[str, Any] = await handlers[name](arguments, context)
             return result
+        if name.startswith(CHAT_TOOL_PREFIX):
+            agent = name.removeprefix(CHAT_TOOL_PREFIX)
+            return await self._start_conversation({**arguments, "agent": agent}, context)
         if name.startswith(AGENT_TOOL_PREFIX):
             agent = name.removeprefix(AGENT_TOOL_PREFIX)
             return await self._create_task({**arguments, "agent": agent}, context)
@@ -292,6 +328,10 @@ class McpTools:
         request = tpb.CreateTaskRequest(
             agent=_text(arguments, "agent"), input_json=_input(arguments), labels=_labels(arguments)
         )
+        allow = arguments.get("allow_subtasks", False)
+        if not isinstance(allow, bool):
+            raise ToolFailed("allow_subtasks: must be true or false")
+        request.policy.allow_subtasks = allow
         wait = arguments.get("wait", False)
         if not isinstance(wait, bool):
             raise ToolFailed("wait: must be true or false")
@@ -300,6 +340,17 @@ class McpTools:
         if not wait:
             return task_summary(created.task)
         return await self._wait(created.task.id, seconds, context)
+
+    async def _start_conversation(
+        self, arguments: dict[str, Any], context: HttpCallContext
+    ) -> dict[str, Any]:
+        seconds = _wait_seconds(arguments)
+        return await self.conversations.start(arguments, context, _labels(arguments), seconds)
+
+    async def _send_message(
+        self, arguments: dict[str, Any], context: HttpCallContext
+    ) -> dict[str, Any]:
+        return await self.conversations.send(arguments, context, _wait_seconds(arguments))
 
     async def _get_task(
         self, arguments: dict[str, Any], context: HttpCallContext
@@ -389,6 +440,17 @@ class McpTools:
         return to_json(created)
 
 
+# the tools a run's credential sees (with run_<agent>): they act on its task's sub-tasks only
+RUN_TOOLS = frozenset({"create_task", "get_task", "wait_for_task", "cancel_task"})
+
+
+def _is_run(context: HttpCallContext) -> bool:
+    for key, value in context.invocation_metadata():
+        if key == "authorization":
+            return value.partition(" ")[2].strip().startswith(RUN_PREFIX)
+    return False
+
+
 _TERMINAL = {pb.TASK_STATUS_COMPLETED, pb.TASK_STATUS_FAILED, pb.TASK_STATUS_CANCELLED}
 
 
@@ -434,6 +496,9 @@ class McpEndpoint:
     async def _list_tools(
         self, ctx: ServerRequestContext[Any], params: mt.PaginatedRequestParams | None
     ) -> mt.ListToolsResult:
+        request = ctx.request
+        if isinstance(request, Request) and _is_run(context_of(request)):
+            return mt.ListToolsResult(tools=self.tools.run_tools())
         return mt.ListToolsResult(tools=self.tools.tools())
 
     async def _call_tool(
@@ -449,14 +514,14 @@ class McpEndpoint:
             return _failure(f"{exc.code.name}: {exc.message}")
         except errors.TaskRunError as exc:
             return _failure(str(exc))
-        except ToolFailed as exc:
+        except (ToolFailed, ConversationToolFailed) as exc:
             return _failure(str(exc))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI app at /mcp: refuse a missing or bad token before the SDK sees anything."""
         if scope["type"] == "http":
             try:
-                await self.auth.operator(context_of(Request(scope)), TokenScope.READ)
+                await self.auth.operator(context_of(Request(scope)), TokenScope.READ, runs=True)
             except Aborted as exc:
                 await from_aborted(exc)(scope, receive, send)
                 return

@@ -335,6 +335,7 @@ class MemoryStore:
                 or (query.agent and t.agent != query.agent)
                 or (query.worker_id and t.worker_id != query.worker_id)
                 or (query.schedule and t.schedule != query.schedule)
+                or (query.parent_task_id and t.parent_task_id != query.parent_task_id)
                 or any(t.labels.get(k) != v for k, v in query.labels)
             ):
                 continue
@@ -343,6 +344,14 @@ class MemoryStore:
                 break
             page.append(_copy_task(t))
         return TaskPage(page, page[-1].id if more else None)
+
+    async def list_task_tree(self, root_task_id: TaskId) -> list[Task]:
+        self._check_open()
+        return [
+            _copy_task(self._tasks[i])
+            for i in sorted(self._tasks)
+            if self._tasks[i].root_task_id == root_task_id
+        ]
 
     async def list_unfinished_tasks(self) -> list[Task]:
         self._check_open()

@@ -384,6 +384,16 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # a schedule may start a workflow instead of a task
         "ALTER TABLE schedules ADD COLUMN workflow text NOT NULL DEFAULT ''",
     ),
+    # sub-tasks: a task created by a run of another names it, and the root of its tree; a
+    # run of a task that allows sub-tasks holds the hash of its credential
+    (
+        'ALTER TABLE tasks ADD COLUMN parent_task_id text COLLATE "C"',
+        'ALTER TABLE tasks ADD COLUMN root_task_id text COLLATE "C"',
+        "ALTER TABLE tasks ADD COLUMN depth integer NOT NULL DEFAULT 0",
+        "CREATE INDEX tasks_parent ON tasks (parent_task_id, id) WHERE parent_task_id IS NOT NULL",
+        "CREATE INDEX tasks_root ON tasks (root_task_id, id) WHERE root_task_id IS NOT NULL",
+        "ALTER TABLE runs ADD COLUMN credential_hash text NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -1005,6 +1015,9 @@ class PostgresStore(SqlReads):
         if query.schedule:
             where.append("schedule = %s AND schedule <> ''")  # lets the partial index serve it
             params.append(query.schedule)
+        if query.parent_task_id:
+            where.append("parent_task_id = %s")
+            params.append(query.parent_task_id)
         if query.before:
             where.append("id < %s")
             params.append(query.before)

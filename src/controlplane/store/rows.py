@@ -85,6 +85,9 @@ TASK_COLUMNS: Final = (
     "conversation_id",
     "turn",
     "idempotency_key",  # a copy of policy.idempotency_key, for its unique index
+    "parent_task_id",
+    "root_task_id",
+    "depth",
 )
 RUN_COLUMNS: Final = (
     "id",
@@ -102,6 +105,7 @@ RUN_COLUMNS: Final = (
     "backend_used",
     "session_id",
     "prompt",
+    "credential_hash",
 )
 WORKER_COLUMNS: Final = (
     "id",
@@ -253,6 +257,9 @@ def policy_json(p: TaskPolicy) -> str:
             "retry_on_failure": p.retry_on_failure,
             "required_provider": p.required_provider,
             "required_model": p.required_model,
+            "allow_subtasks": p.allow_subtasks,
+            "max_subtasks": p.max_subtasks,
+            "subtask_budget_usd": p.subtask_budget_usd,
         }
     )
 
@@ -345,6 +352,9 @@ def task_row(t: Task) -> Params:
         t.conversation_id,
         t.turn,
         p.idempotency_key,
+        t.parent_task_id,
+        t.root_task_id,
+        t.depth,
     )
 
 
@@ -369,6 +379,9 @@ def task_from(r: RowLike) -> Task:
         cancel_requested=bool(r["cancel_requested"]),
         conversation_id=r["conversation_id"],
         turn=r["turn"],
+        parent_task_id=r["parent_task_id"],
+        root_task_id=r["root_task_id"],
+        depth=r["depth"],
     )
 
 
@@ -390,6 +403,7 @@ def run_row(r: Run) -> Params:
         None if b is None else dumps(_backend_dict(b)),
         r.session_id,
         r.prompt,
+        r.credential_hash,
     )
 
 
@@ -411,6 +425,7 @@ def run_from(r: RowLike) -> Run:
         backend_used=None if backend is None else _backend(loads(backend)),
         session_id=r["session_id"],
         prompt=r["prompt"],
+        credential_hash=r["credential_hash"],
     )
 
 

@@ -351,6 +351,16 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # a schedule may start a workflow instead of a task
         "ALTER TABLE schedules ADD COLUMN workflow TEXT NOT NULL DEFAULT ''",
     ),
+    # sub-tasks: a task created by a run of another names it, and the root of its tree; a
+    # run of a task that allows sub-tasks holds the hash of its credential
+    (
+        "ALTER TABLE tasks ADD COLUMN parent_task_id TEXT",
+        "ALTER TABLE tasks ADD COLUMN root_task_id TEXT",
+        "ALTER TABLE tasks ADD COLUMN depth INTEGER NOT NULL DEFAULT 0",
+        "CREATE INDEX tasks_parent ON tasks (parent_task_id, id) WHERE parent_task_id IS NOT NULL",
+        "CREATE INDEX tasks_root ON tasks (root_task_id, id) WHERE root_task_id IS NOT NULL",
+        "ALTER TABLE runs ADD COLUMN credential_hash TEXT NOT NULL DEFAULT ''",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -974,6 +984,9 @@ class SqliteStore(SqlReads):
         if query.schedule:
             where.append("schedule = ? AND schedule <> ''")  # lets the partial index serve it
             params.append(query.schedule)
+        if query.parent_task_id:
+            where.append("parent_task_id = ?")
+            params.append(query.parent_task_id)
         if query.before:
             where.append("id < ?")
             params.append(query.before)

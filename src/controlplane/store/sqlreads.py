@@ -14,6 +14,7 @@ from taskrun.controlplane.store.rows import (
     CONVERSATION_COLUMNS,
     LATEST_WORKFLOWS,
     RUN_COLUMNS,
+    TASK_COLUMNS,
     TURN_COLUMNS,
     WEBHOOK_COLUMNS,
     WORKFLOW_COLUMNS,
@@ -26,6 +27,7 @@ from taskrun.controlplane.store.rows import (
     delivery_from,
     loads,
     run_from,
+    task_from,
     turn_from,
     us,
     webhook_from,
@@ -33,12 +35,13 @@ from taskrun.controlplane.store.rows import (
     workflow_run_from,
     workflow_runs_query,
 )
-from taskrun.core.ids import ConversationId
-from taskrun.core.models import Conversation, Turn
+from taskrun.core.ids import ConversationId, TaskId
+from taskrun.core.models import Conversation, Task, Turn
 from taskrun.core.store import ConversationQuery, RunSpending
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import Workflow, WorkflowRun
 
+_TASKS = f"SELECT {column_list(TASK_COLUMNS)} FROM tasks"
 _CONVERSATIONS = f"SELECT {column_list(CONVERSATION_COLUMNS)} FROM conversations"
 _TURNS = f"SELECT {column_list(TURN_COLUMNS)} FROM turns"
 _WORKFLOWS = f"SELECT {column_list(WORKFLOW_COLUMNS)} FROM workflows"
@@ -73,6 +76,14 @@ class SqlReads:
             RunSpending(run_from(r), r["task_agent"], loads(r["task_labels"]), r["task_schedule"])
             for r in rows
         ]
+
+    # --- task trees ----------------------------------------------------------------------------
+
+    async def list_task_tree(self, root_task_id: TaskId) -> list[Task]:
+        rows = await self._fetchall(
+            f"{_TASKS} WHERE root_task_id = {self.MARK} ORDER BY id", (root_task_id,)
+        )
+        return [task_from(r) for r in rows]
 
     # --- conversations -------------------------------------------------------------------------
 

@@ -31,7 +31,7 @@ from typing import Any
 
 import structlog
 
-from taskrun.core.agent import AgentError, AgentResult, Readiness, RunContext
+from taskrun.core.agent import AgentError, AgentResult, Readiness, RunContext, SubtaskAccess
 from taskrun.core.models import (
     MAX_SESSION_SNAPSHOT_BYTES,
     AgentSpec,
@@ -85,6 +85,29 @@ def run_environment(ctx: RunContext) -> dict[str, str]:
         "TASKRUN_ATTEMPT": str(ctx.attempt),
         "TASKRUN_FENCING_TOKEN": str(ctx.fencing_token),
     }
+
+
+MCP_SERVER = "taskrun"  # its tools reach the model as mcp__taskrun__<tool>
+
+
+def with_taskrun_mcp(options: Any, access: SubtaskAccess | None) -> None:
+    """A task that allows sub-tasks: give the CLI the control plane's MCP server (streamable
+    HTTP, this run's own credential as bearer), allow its tools, and have Node trust the CA the
+    server's certificate chains to."""
+    if access is None:
+        return
+    servers = options.mcp_servers if isinstance(options.mcp_servers, dict) else {}
+    options.mcp_servers = {
+        **servers,
+        MCP_SERVER: {
+            "type": "http",
+            "url": access.url,
+            "headers": {"Authorization": f"Bearer {access.token}"},
+        },
+    }
+    options.allowed_tools = [*options.allowed_tools, f"mcp__{MCP_SERVER}"]
+    if access.ca_file is not None:
+        options.env = {**options.env, "NODE_EXTRA_CA_CERTS": str(access.ca_file.resolve())}
 
 
 def _text_of(content: Any) -> str:
@@ -217,6 +240,7 @@ class ClaudeCodeAgent:
             supervise=ctx.supervised_program,
             **kept_away_from(ctx.protected_paths, sandbox=ctx.sandbox),
         )
+        with_taskrun_mcp(options, ctx.subtasks)
         bound.info("starting claude code", resume=resume, cwd=cwd)
         session_id = resume or ""
         tools: list[str] = []
