@@ -45,7 +45,12 @@ from taskrun.controlplane.events import Captured, EventHub
 from taskrun.controlplane.followers import FollowHub
 from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.session import WorkerSession
-from taskrun.convert import backend_from_pb, turn_context_to_pb, usage_from_pb
+from taskrun.convert import (
+    backend_from_pb,
+    run_options_to_pb,
+    turn_context_to_pb,
+    usage_from_pb,
+)
 from taskrun.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -997,6 +1002,7 @@ class Engine:
             required_model=policy.required_model,
             fencing_token=run.attempt,
         )
+        run_options_to_pb(policy, assignment)
         context = self.contexts.get(task.id)
         if context is not None:
             assignment.resume_session_id = context.session_id

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from taskrun.core.ids import RunId, TaskId
-from taskrun.core.models import AgentSpec, ModelBackend, TurnContext, Usage
+from taskrun.core.models import AgentSpec, ModelBackend, RunOptions, TurnContext, Usage
 
 
 class AgentError(Exception):
@@ -35,6 +35,18 @@ class AgentError(Exception):
         self.session_id = session_id
         self.session_snapshot = session_snapshot
         self.session_cost_usd = session_cost_usd
+
+
+class CostLimitReached(AgentError):
+    """The run spent more than its task's max_cost_usd; raised by RunContext.report_usage."""
+
+    def __init__(self, spent: Usage, limit: float) -> None:
+        super().__init__(
+            f"cost limit reached: the run spent ${spent.cost_usd:.4f}, over the task's limit of "
+            f"${limit:.4f} (max_cost_usd); it was stopped",
+            usage=spent,
+        )
+        self.limit = limit
 
 
 @dataclass(slots=True)
@@ -66,6 +78,15 @@ class RunContext(Protocol):
     # and have that refuse a token lower than the highest it has seen: a run that outlived its
     # lease (a frozen or cut-off worker) can then never act after its retry did.
     fencing_token: int
+    # What the task asks beyond the input: the schema the result must match (ask the model for
+    # it, re-ask up to output_retries times), model settings, and the cost limit.
+    options: RunOptions
+
+    async def report_usage(self, usage: Usage) -> None:
+        """What this run has spent so far (a running total, cost included). Raises
+        CostLimitReached, carrying `usage`, once the cost is over the task's max_cost_usd: let it
+        propagate (stopping whatever the agent started) and the run fails with that usage kept."""
+        ...
 
     def supervised_program(self, program: str) -> str:
         """An executable that runs `program` (given the same arguments) so that it, and every

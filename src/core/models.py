@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import IntEnum
+from typing import Any
 
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
@@ -61,6 +62,28 @@ class Usage:
 
 
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_OUTPUT_RETRIES = 2  # re-asks after a reply that does not match the output schema
+
+
+@dataclass(slots=True)
+class ModelSettings:
+    """What a task asks of the model behind its agent; empty fields leave the agent's defaults.
+    `append_system_prompt`, `env`, `mcp_servers` (a JSON object, as text) and the tool lists are
+    for claude_code; other agents ignore them."""
+
+    system_prompt: str = ""
+    max_tokens: int = 0
+    temperature: float | None = None
+    stop_sequences: list[str] = field(default_factory=list)
+    append_system_prompt: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    mcp_servers: str = ""
+    allowed_tools: list[str] = field(default_factory=list)
+    disallowed_tools: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self == ModelSettings()
 
 
 @dataclass(slots=True)
@@ -76,6 +99,22 @@ class TaskPolicy:
     retry_on_failure: bool = False
     required_provider: str = ""
     required_model: str = ""
+    output_schema: str = ""  # a JSON Schema object, as text; empty: any result
+    output_retries: int = DEFAULT_OUTPUT_RETRIES
+    model_settings: ModelSettings = field(default_factory=ModelSettings)
+    max_cost_usd: float = 0.0  # the worker stops a run that spends more; 0: no limit
+
+
+@dataclass(slots=True)
+class RunOptions:
+    """What a run's task asks of its agent beyond the input (from the policy, checked at
+    submission): the schema its result must match, how often to re-ask the model for it, the
+    model settings, and the cost at which the worker stops the run (0: none)."""
+
+    output_schema: dict[str, Any] | None = None
+    output_retries: int = DEFAULT_OUTPUT_RETRIES
+    model_settings: ModelSettings = field(default_factory=ModelSettings)
+    max_cost_usd: float = 0.0
 
 
 @dataclass(slots=True)

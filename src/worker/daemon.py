@@ -631,6 +631,7 @@ class WorkerDaemon:
             conversation=(
                 convert.turn_context_from_pb(a.conversation) if a.HasField("conversation") else None
             ),
+            options=convert.run_options_from_pb(a),
         )
         if agent is None:
             self.outbox.put_nowait(_failed(a, f"agent {a.agent!r} is not offered by this worker"))

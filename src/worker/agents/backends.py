@@ -54,7 +54,8 @@ class ModelInfo:
 
 # List prices (platform.claude.com model pages, November 2026). Cache reads are billed at 0.1x
 # and 5-minute cache writes at 1.25x the input price. Haiku 5.5's higher rate above 100k prompt
-# tokens is not modelled. Unknown models cost 0 (and show context window 0).
+# tokens is not modelled. Other models: TASKRUN_MODEL_PRICES (see `model_info`); a model in no
+# table has cost 0 and the run says so (`cost_unknown`).
 MODELS: dict[str, ModelInfo] = {
     "claude-sonnet-5-5": ModelInfo(1_000_000, 2.0, 10.0),
     "claude-opus-5-5": ModelInfo(1_000_000, 4.0, 20.0),
@@ -64,10 +65,44 @@ MODELS: dict[str, ModelInfo] = {
 }
 CACHE_READ_FACTOR = 0.1
 CACHE_WRITE_FACTOR = 1.25
+PRICES_ENV = "TASKRUN_MODEL_PRICES"
+PRICES_HELP = (
+    f"add it on the worker: {PRICES_ENV}='MODEL=INPUT/OUTPUT' (USD per million input/output "
+    f"tokens, comma-separated for several models, e.g. {PRICES_ENV}='my-model=0.5/1.5')"
+)
 
 
 def default_model() -> str:
     return os.environ.get("TASKRUN_ANTHROPIC_MODEL") or DEFAULT_MODEL
+
+
+def configured_prices() -> dict[str, ModelInfo]:
+    """TASKRUN_MODEL_PRICES: `model=input/output[,model=input/output...]`, USD per million
+    tokens (context window unknown). Entries that do not parse are left out with a warning."""
+    prices: dict[str, ModelInfo] = {}
+    for item in os.environ.get(PRICES_ENV, "").split(","):
+        if not item.strip():
+            continue
+        name, _, rates = item.partition("=")
+        given, _, taken = rates.partition("/")
+        try:
+            info = ModelInfo(0, float(given), float(taken))
+        except ValueError:
+            log.warning("price entry left out", setting=PRICES_ENV, entry=item)
+            continue
+        if name.strip() and info.input_usd >= 0 and info.output_usd >= 0:
+            prices[name.strip()] = info
+    return prices
+
+
+def model_info(model: str, table: Mapping[str, ModelInfo] = MODELS) -> ModelInfo | None:
+    """The model's prices: TASKRUN_MODEL_PRICES first (an operator's own prices win), then
+    `table`; None when neither knows it."""
+    return configured_prices().get(model) or table.get(model)
+
+
+def unknown_cost_hint(model: str) -> str:
+    return f"cost unknown: model {model!r} is not in the price table; {PRICES_HELP}"
 
 
 def context_window(model: str) -> int:
@@ -96,9 +131,9 @@ def announced_backends(*, tools: Sequence[str] = ()) -> tuple[ModelBackend, ...]
     return tuple(model_backend(name, tools=tools) for name in names)
 
 
-def cost_usd(model: str, usage: Usage) -> float:
-    """Estimated cost from the list-price table; 0.0 for models not in it."""
-    info = MODELS.get(model)
+def cost_usd(model: str, usage: Usage, table: Mapping[str, ModelInfo] = MODELS) -> float:
+    """Estimated cost from the price tables; 0.0 for models in none (see unknown_cost_hint)."""
+    info = model_info(model, table)
     if info is None:
         return 0.0
     total = (
@@ -161,7 +196,9 @@ class Completion:
 
 
 class MessagesBackend(Protocol):
-    """Send a system prompt + messages, stream text deltas to `on_text`, return the completion."""
+    """Send a system prompt + messages, stream text deltas to `on_text`, return the completion.
+    `schema` is the JSON Schema the answer must match (the system prompt says so already); a
+    backend whose API can constrain the answer to it does."""
 
     name: str
 
@@ -173,6 +210,8 @@ class MessagesBackend(Protocol):
         model: str,
         max_tokens: int,
         temperature: float | None = None,
+        stop: Sequence[str] = (),
+        schema: Mapping[str, Any] | None = None,
         on_text: TextSink | None = None,
     ) -> Completion: ...
 
@@ -230,6 +269,8 @@ class AnthropicBackend:
         model: str,
         max_tokens: int,
         temperature: float | None = None,
+        stop: Sequence[str] = (),
+        schema: Mapping[str, Any] | None = None,
         on_text: TextSink | None = None,
     ) -> Completion:
         import anthropic
@@ -250,6 +291,7 @@ class AnthropicBackend:
                     max_tokens=max_tokens,
                     system=system or anthropic.omit,
                     messages=params,
+                    stop_sequences=list(stop) if stop else anthropic.omit,
                     extra_body=extra_body,
                 ) as stream,
             ):
@@ -501,10 +543,14 @@ class ClaudeCodeBackend:
         model: str,
         max_tokens: int,
         temperature: float | None = None,
+        stop: Sequence[str] = (),
+        schema: Mapping[str, Any] | None = None,
         on_text: TextSink | None = None,
     ) -> Completion:
         if temperature is not None:
             raise AgentError("the claude_code backend does not support temperature")
+        if stop:
+            raise AgentError("the claude_code backend does not support stop sequences")
         sdk = import_claude_sdk()
         stderr = StderrTail()
         options = claude_options(
