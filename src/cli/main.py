@@ -42,6 +42,7 @@ from taskrun.cli import (
 )
 from taskrun.cli import credentials as creds
 from taskrun.cli.client import Client, TaskChanged
+from taskrun.cli.model_opts import add_model_arguments, apply_model_arguments
 from taskrun.core.errors import TaskRunError
 from taskrun.core.models import DEFAULT_MAX_ATTEMPTS, Task, TaskPolicy, TaskSpec
 from taskrun.core.status import TaskStatus, WorkerStatus
@@ -586,6 +587,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stream the output until the task ends; the exit status is its outcome",
     )
+    add_model_arguments(p)
     _add_output(p, stream=True)
 
     p = _leaf(task, "list", cmd_task_list, help="list tasks, newest first")
@@ -786,6 +788,7 @@ def task_spec_from_args(args: argparse.Namespace) -> TaskSpec:
             required_model=args.require_model,
         ),
     )
+    apply_model_arguments(args, spec.policy)
     # max_attempts 0 asks for the server's default; check the rest as the server would.
     check = replace(
         spec,
