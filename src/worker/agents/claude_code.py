@@ -39,16 +39,18 @@ from taskrun.core.models import (
     TurnContext,
 )
 from taskrun.worker.agents.backends import (
-    CLAUDE_EXTRA_HINT,
-    StderrTail,
     announced_backends,
     check_input,
+    default_model,
+    model_backend,
+)
+from taskrun.worker.agents.claude_cli import (
+    CLAUDE_EXTRA_HINT,
+    StderrTail,
     claude_options,
     claude_result_error,
     claude_session,
-    default_model,
     import_claude_sdk,
-    model_backend,
     usage_from_claude,
 )
 

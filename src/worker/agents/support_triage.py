@@ -9,19 +9,22 @@ Runs on either backend of `backends.py` (input "backend": "anthropic" | "claude_
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 
-from taskrun.core.agent import AgentResult, RunContext
+from taskrun.core.agent import AgentError, AgentResult, RunContext
 from taskrun.core.models import AgentSpec
 from taskrun.core.output_schema import parse_reply
 from taskrun.worker.agents.backends import (
+    AnthropicBackend,
+    MessagesBackend,
     announced_backends,
-    backend_named,
     check_input,
     default_model,
 )
+from taskrun.worker.agents.claude_cli import ClaudeCodeBackend
 from taskrun.worker.agents.structured import answer
 
 log = structlog.get_logger(__name__)
@@ -76,6 +79,18 @@ def ticket_prompt(ticket: dict[str, Any]) -> str:
         f"Ticket {ticket['ticket_id']}\nSubject: {ticket['subject']}\n\n{ticket['body']}\n\n"
         "Triage this ticket."
     )
+
+
+def backend_named(
+    name: str, log: Any, supervise: Callable[[str], str] | None = None
+) -> MessagesBackend:
+    """`supervise` (RunContext.supervised_program) starts any child process under the worker's
+    supervisor."""
+    if name == "anthropic":
+        return AnthropicBackend.from_env(log)
+    if name == "claude_code":
+        return ClaudeCodeBackend(log=log, supervise=supervise)
+    raise AgentError(f"unknown backend {name!r}; use 'anthropic' or 'claude_code'")
 
 
 class SupportTriageAgent:
