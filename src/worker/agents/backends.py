@@ -217,7 +217,7 @@ def _message_param(message: ChatMessage) -> MessageParam:
     return {"role": "user", "content": message["content"]}
 
 
-def _max_retries_from_env() -> int:
+def max_retries_from_env() -> int:
     raw = os.environ.get("TASKRUN_ANTHROPIC_MAX_RETRIES", "")
     if not raw:
         return DEFAULT_MAX_RETRIES
@@ -245,7 +245,7 @@ class AnthropicBackend:
         return cls(
             api_key=os.environ.get("ANTHROPIC_API_KEY") or None,
             base_url=os.environ.get("ANTHROPIC_BASE_URL") or None,
-            max_retries=_max_retries_from_env(),
+            max_retries=max_retries_from_env(),
             log=log,
         )
 

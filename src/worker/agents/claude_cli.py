@@ -26,9 +26,11 @@ import structlog
 from taskrun.core.agent import AgentError
 from taskrun.core.models import Usage
 from taskrun.worker.agents.backends import (
+    DEFAULT_MAX_RETRIES,
     ChatMessage,
     Completion,
     TextSink,
+    max_retries_from_env,
     model_backend,
 )
 
@@ -49,13 +51,28 @@ def import_claude_sdk() -> Any:
     return claude_agent_sdk
 
 
+def cli_max_retries() -> int:
+    """How often the CLI retries a failed API call: TASKRUN_ANTHROPIC_MAX_RETRIES (the same
+    limit as the anthropic agent's), else a CLAUDE_CODE_MAX_RETRIES the worker was started
+    with, else TaskRun's default (2) rather than the CLI's own 10."""
+    if os.environ.get("TASKRUN_ANTHROPIC_MAX_RETRIES"):
+        return max_retries_from_env()
+    raw = os.environ.get("CLAUDE_CODE_MAX_RETRIES", "").strip()
+    return int(raw) if raw.isdigit() else DEFAULT_MAX_RETRIES
+
+
 def claude_options(
     *, supervise: Callable[[str], str] | None = None, **options: Any
 ) -> ClaudeAgentOptions:
     """ClaudeAgentOptions with the worker's defaults: `cli_path` from TASKRUN_CLAUDE_CLI_PATH
     (else the CLI bundled with the SDK, else `claude` on PATH), started through `supervise`
-    (RunContext.supervised_program) so that it dies with the worker and with its lease."""
+    (RunContext.supervised_program) so that it dies with the worker and with its lease, and
+    TaskRun's retry limit in its environment (`cli_max_retries`)."""
     sdk = import_claude_sdk()
+    options["env"] = {
+        **(options.get("env") or {}),
+        "CLAUDE_CODE_MAX_RETRIES": str(cli_max_retries()),
+    }
     cli_path = options.get("cli_path") or os.environ.get("TASKRUN_CLAUDE_CLI_PATH")
     cli_path = cli_path or find_claude_cli(sdk)
     if cli_path:
@@ -123,7 +140,8 @@ async def claude_session(
     except sdk.CLINotFoundError as exc:
         raise AgentError(f"Claude Code CLI not found ({exc}); {CLAUDE_EXTRA_HINT}") from exc
     except sdk.ClaudeSDKError as exc:
-        raise AgentError(f"could not start Claude Code: {exc}") from exc
+        stderr = options.stderr if isinstance(options.stderr, StderrTail) else None
+        raise AgentError(start_error(exc, stderr)) from exc
     process = _cli_process(client)
     pid = getattr(process, "pid", None)
     log.debug("claude code cli started", pid=pid)
@@ -156,21 +174,52 @@ def usage_from_claude(data: Mapping[str, Any] | None) -> Usage:
     )
 
 
+ROOT_REFUSAL = "cannot be used with root/sudo privileges"
+NO_CREDENTIALS = (
+    "no credentials for claude_code on this worker: set ANTHROPIC_API_KEY (or "
+    "CLAUDE_CODE_OAUTH_TOKEN) in the worker's environment and restart it"
+)
+
+
+def start_error(exc: Exception, stderr: StderrTail | None) -> str:
+    """Why the CLI did not start, from what it wrote to stderr (the SDK's exception only says
+    to look there)."""
+    said = stderr.text() if stderr is not None and stderr.lines else ""
+    if ROOT_REFUSAL in said:
+        return (
+            f"could not start Claude Code: {said} (the worker runs as root: run it as another "
+            "user, or give the task another permission_mode than bypassPermissions)"
+        )
+    if said:
+        return f"could not start Claude Code: {said}"
+    return f"could not start Claude Code: {exc}"
+
+
+def _endpoint() -> str:
+    return os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"
+
+
 def claude_result_error(result: Any, stderr: StderrTail | None = None) -> str:
-    """Why a ResultMessage with is_error=True failed, in one line."""
+    """Why a ResultMessage with is_error=True failed, in one line an operator can act on."""
     status = getattr(result, "api_error_status", None)
+    details = [str(e) for e in (getattr(result, "errors", None) or [])]
+    if result.result:
+        details.append(str(result.result))
+    said = "; ".join(details)
+    if "/login" in said or "Not logged in" in said:
+        return f"{NO_CREDENTIALS} (Claude Code said: {said})"
+    if status == 401:
+        return (
+            f"authentication failed: check ANTHROPIC_API_KEY (HTTP 401 from {_endpoint()}, "
+            f"after {cli_max_retries()} retries; Claude Code said: {said})"
+        )
     what = (
         "Claude Code failed"
         if result.subtype == "success"
         else f"Claude Code stopped ({result.subtype})"
     )
     if status:
-        what += f" (API status {status})"
-    details = [str(e) for e in (getattr(result, "errors", None) or [])]
-    if result.result:
-        details.append(str(result.result))
-    if status == 401:
-        details.append("authentication failed: check ANTHROPIC_API_KEY")
+        what += f" (API status {status}, after {cli_max_retries()} retries)"
     if stderr is not None and stderr.lines:
         details.append(f"stderr: {stderr.text()}")
     return f"{what}: {'; '.join(details)}" if details else what
