@@ -270,6 +270,7 @@ class ClaudeCodeAgent:
         # usage on every block of it): the worker stops the run once it is over its limit
         calls: dict[str, Usage] = {}
         results: list[Any] = []  # one ResultMessage per query (a re-ask is another)
+        failed: dict[str, str] = {}  # tool results that were errors, by tool use id
 
         async def emit(text: str, message_id: str) -> None:
             nonlocal emitted_any, ends_with_newline, current_id
@@ -311,7 +312,11 @@ class ClaudeCodeAgent:
                     model = message.data.get("model", model)
                     tools = list(message.data.get("tools", []))
                     await ctx.event(
-                        "session", session_id=session_id, model=model, resumed=bool(resume)
+                        "session",
+                        session_id=session_id,
+                        model=model,
+                        resumed=bool(resume),
+                        mcp_servers=message.data.get("mcp_servers", []),
                     )
                 elif isinstance(message, sdk.AssistantMessage):
                     model = message.model or model
@@ -326,12 +331,12 @@ class ClaudeCodeAgent:
                                 "tool_use", id=block.id, name=block.name, input=block.input
                             )
                         elif isinstance(block, sdk.ToolResultBlock):
-                            await self._tool_result(ctx, block)
+                            await self._tool_result(ctx, block, failed)
                     await spent(message)
                 elif isinstance(message, sdk.UserMessage) and isinstance(message.content, list):
                     for block in message.content:
                         if isinstance(block, sdk.ToolResultBlock):
-                            await self._tool_result(ctx, block)
+                            await self._tool_result(ctx, block, failed)
                 elif isinstance(message, sdk.ResultMessage):
                     results.append(message)
                     return message
@@ -370,7 +375,7 @@ class ClaudeCodeAgent:
             usage.duration_ms += each.duration_ms
         usage.cost_usd = max(0.0, total_cost - cost_before)
         snapshot = await asyncio.to_thread(capture_session, session_id) if turn else b""
-        refused = await self._refused(ctx, results, inp.get("permission_mode"))
+        refused = await self._refused(ctx, results, inp.get("permission_mode"), failed)
         failure = ""
         if result.is_error:
             failure = claude_result_error(result, stderr)
@@ -419,7 +424,9 @@ class ClaudeCodeAgent:
         )
 
     @staticmethod
-    async def _refused(ctx: RunContext, results: list[Any], mode: str | None) -> list[str]:
+    async def _refused(
+        ctx: RunContext, results: list[Any], mode: str | None, failed: dict[str, str]
+    ) -> list[str]:
         """Tool calls the permission mode refused: a `tool_refused` event each, and one warning
         naming them (a run that could not do what it was asked must not look clean)."""
         denials = [d for r in results for d in (getattr(r, "permission_denials", None) or [])]
@@ -434,6 +441,7 @@ class ClaudeCodeAgent:
                 tool_use_id=item.get("tool_use_id", ""),
                 input=item.get("tool_input", {}),
                 permission_mode=mode or "default",
+                reason=failed.get(str(item.get("tool_use_id", "")), ""),
             )
         if not names:
             return []
@@ -471,12 +479,15 @@ class ClaudeCodeAgent:
         return None, message
 
     @staticmethod
-    async def _tool_result(ctx: RunContext, block: Any) -> None:
+    async def _tool_result(ctx: RunContext, block: Any, failed: dict[str, str]) -> None:
+        content = _text_of(block.content)
+        if block.is_error:
+            failed[block.tool_use_id] = content
         await ctx.event(
             "tool_result",
             tool_use_id=block.tool_use_id,
             is_error=bool(block.is_error),
-            content=_text_of(block.content),
+            content=content,
         )
 
 
