@@ -699,9 +699,7 @@ class Engine:
             agent=conversation.agent,
             input=json.dumps({**options, "prompt": message}),
             labels=dict(conversation.labels),
-            policy=replace(
-                conversation.policy, required_labels=dict(conversation.policy.required_labels)
-            ),
+            policy=conversation.policy.copy(),
             status=TaskStatus.PENDING,
             created_at=now,
             updated_at=now,

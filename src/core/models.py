@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
@@ -85,6 +85,15 @@ class ModelSettings:
     def empty(self) -> bool:
         return self == ModelSettings()
 
+    def copy(self) -> ModelSettings:
+        return replace(
+            self,
+            stop_sequences=list(self.stop_sequences),
+            env=dict(self.env),
+            allowed_tools=list(self.allowed_tools),
+            disallowed_tools=list(self.disallowed_tools),
+        )
+
 
 @dataclass(slots=True)
 class TaskPolicy:
@@ -103,6 +112,14 @@ class TaskPolicy:
     output_retries: int = DEFAULT_OUTPUT_RETRIES
     model_settings: ModelSettings = field(default_factory=ModelSettings)
     max_cost_usd: float = 0.0  # the worker stops a run that spends more; 0: no limit
+
+    def copy(self) -> TaskPolicy:
+        """A copy sharing nothing mutable with this one."""
+        return replace(
+            self,
+            required_labels=dict(self.required_labels),
+            model_settings=self.model_settings.copy(),
+        )
 
 
 @dataclass(slots=True)
