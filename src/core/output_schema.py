@@ -14,6 +14,7 @@ import re
 from typing import Any
 
 import jsonschema
+from referencing.exceptions import Unresolvable
 
 MAX_PROBLEMS = 10  # listed in a re-ask or an error; the rest are counted
 
@@ -23,7 +24,13 @@ _FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
 def schema_violations(schema: dict[str, Any], value: Any) -> list[str]:
     """What about `value` does not match `schema`, one line per problem, by path; [] if it does."""
     validator = jsonschema.Draft202012Validator(schema)
-    errors = sorted(validator.iter_errors(value), key=lambda e: [str(p) for p in e.absolute_path])
+    try:
+        errors = sorted(
+            validator.iter_errors(value), key=lambda e: [str(p) for p in e.absolute_path]
+        )
+    except (jsonschema.exceptions.SchemaError, Unresolvable, RecursionError, ValueError) as exc:
+        # a schema checked at submission should not get here (an unresolvable local $ref can)
+        return [f"(schema): the output schema could not be applied ({exc})"]
     problems = [
         f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}" for e in errors
     ]

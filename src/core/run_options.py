@@ -13,12 +13,16 @@ import re
 from typing import Any
 
 import jsonschema
+from referencing import Registry
+from referencing.exceptions import Unresolvable
+from referencing.jsonschema import DRAFT202012
 
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import ModelSettings
 from taskrun.core.text import quoted
 
 MAX_SCHEMA_BYTES = 64 * 1024
+MAX_SCHEMA_DEPTH = 32
 MAX_OUTPUT_RETRIES = 10
 MAX_TOKENS_LIMIT = 1_000_000
 TEMPERATURE_RANGE = (0.0, 2.0)  # OpenAI's range; Anthropic's models take 0 to 1
@@ -68,6 +72,7 @@ def validate_output_schema(text: str, field: str) -> str:
         raise InvalidArgument(
             f"must be a JSON Schema object, got {type(schema).__name__}", field=field
         )
+    _check_nesting_and_refs(schema, field)
     try:
         jsonschema.Draft202012Validator.check_schema(schema)
     except jsonschema.SchemaError as exc:
@@ -79,6 +84,44 @@ def validate_output_schema(text: str, field: str) -> str:
         return json.dumps(schema, separators=(",", ":"), ensure_ascii=False)
     except UnicodeEncodeError:  # pragma: no cover - json.dumps keeps surrogates as text
         raise InvalidArgument("holds text that is not valid Unicode", field=field) from None
+
+
+def _check_nesting_and_refs(schema: dict[str, Any], field: str) -> None:
+    """At most MAX_SCHEMA_DEPTH levels (the validators recurse), and `$ref`s only inside the
+    schema: a worker never fetches a schema from elsewhere."""
+    stack: list[tuple[Any, int]] = [(schema, 1)]
+    refs: list[str] = []
+    scoped = False  # a nested $id changes what refs are relative to: leave those to the worker
+    while stack:
+        item, depth = stack.pop()
+        if depth > MAX_SCHEMA_DEPTH:
+            raise InvalidArgument(
+                f"is nested too deep (at most {MAX_SCHEMA_DEPTH} levels)", field=field
+            )
+        if isinstance(item, dict):
+            ref = item.get("$ref")
+            scoped = scoped or (depth > 1 and "$id" in item)
+            if isinstance(ref, str):
+                refs.append(ref)
+            if isinstance(ref, str) and not ref.startswith("#"):
+                raise InvalidArgument(
+                    f"$ref {quoted(ref)} points outside the schema; only local references "
+                    "(#/$defs/...) are supported",
+                    field=field,
+                )
+            stack.extend((child, depth + 1) for child in item.values())
+        elif isinstance(item, list):
+            stack.extend((child, depth + 1) for child in item)
+    if scoped or not refs:
+        return
+    resolver = Registry().with_resource("", DRAFT202012.create_resource(schema)).resolver()
+    for ref in refs:
+        try:
+            resolver.lookup(ref)
+        except Unresolvable:
+            raise InvalidArgument(
+                f"$ref {quoted(ref)} does not point to anything in the schema", field=field
+            ) from None
 
 
 def validate_output_retries(value: int, field: str) -> int:

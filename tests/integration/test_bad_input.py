@@ -97,6 +97,21 @@ BAD_CREATE = [
         id="output schema negative minLength",
     ),
     pytest.param(
+        dict(policy=common_pb2.TaskPolicy(output_schema_json='{"$ref": "https://x.test/s"}')),
+        ("policy.output_schema_json", "outside the schema"),
+        id="output schema remote ref",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(output_schema_json='{"$ref": "#/$defs/nope"}')),
+        ("policy.output_schema_json", "does not point to anything"),
+        id="output schema dangling ref",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(output_schema_json='{"items":' * 40 + "{}" + "}" * 40)),
+        ("policy.output_schema_json", "nested too deep"),
+        id="output schema too deep",
+    ),
+    pytest.param(
         dict(policy=common_pb2.TaskPolicy(output_retries=-1)),
         ("policy.output_retries", "between 0 and 10"),
         id="negative output retries",
