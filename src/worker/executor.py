@@ -149,7 +149,10 @@ def checked(ctx: RunContext, result: AgentResult) -> None:
     (an agent that never reported its usage on the way) and the task's output schema."""
     limit = ctx.options.max_cost_usd
     if limit and result.usage.cost_usd > limit:
-        raise CostLimitReached(result.usage, limit)
+        over = CostLimitReached(result.usage, limit)
+        over.session_id, over.session_snapshot = result.session_id, result.session_snapshot
+        over.session_cost_usd = result.session_cost_usd
+        raise over
     schema = ctx.options.output_schema
     if schema is not None:
         problems = schema_violations(schema, result.result)

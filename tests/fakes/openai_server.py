@@ -152,9 +152,7 @@ class _Handler(BaseHTTPRequestHandler):
             body: Any = json.loads(raw) if raw else None
         except ValueError:
             body = raw.decode(errors="replace")
-        request = Recorded(
-            "POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body
-        )
+        request = Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
         owner = self.owner
         if self.path.split("?")[0] != "/v1/chat/completions":
             with owner._lock:
@@ -251,7 +249,8 @@ def _chunks(
             payload["usage"] = usage
         return json.dumps(payload)
 
-    yield chunk([{"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}])
+    start = {"role": "assistant", "content": ""}
+    yield chunk([{"index": 0, "delta": start, "finish_reason": None}])
     for piece in reply.pieces:
         if reply.delay and closing.wait(reply.delay):
             return

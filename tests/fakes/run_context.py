@@ -9,8 +9,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskrun.core.ids import RunId, TaskId
 from taskrun.core.agent import CostLimitReached
+from taskrun.core.ids import RunId, TaskId
 from taskrun.core.models import RunOptions, TurnContext, Usage
 from taskrun.worker.workspace import Workspaces
 

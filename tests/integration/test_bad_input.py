@@ -132,9 +132,7 @@ BAD_CREATE = [
         id="negative max tokens",
     ),
     pytest.param(
-        dict(
-            policy=common_pb2.TaskPolicy(model_settings=common_pb2.ModelSettings(temperature=3))
-        ),
+        dict(policy=common_pb2.TaskPolicy(model_settings=common_pb2.ModelSettings(temperature=3))),
         ("policy.model_settings.temperature", "between 0 and 2"),
         id="temperature out of range",
     ),

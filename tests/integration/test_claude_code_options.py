@@ -90,7 +90,9 @@ async def test_no_credentials_says_what_to_set_on_the_worker(
     with pytest.raises(AgentError) as err:
         await ClaudeCodeAgent().run(RecordingContext(input={"prompt": "hi"}))
     message = str(err.value)
-    assert message.startswith("no credentials for claude_code on this worker: set ANTHROPIC_API_KEY")
+    assert message.startswith(
+        "no credentials for claude_code on this worker: set ANTHROPIC_API_KEY"
+    )
     assert "Please run /login" in message  # what the CLI said, kept after the explanation
     assert api.message_requests == []
 

@@ -228,9 +228,7 @@ def test_task_create_reads_the_model_flags(tmp_path: Path) -> None:
         (["--temperature", "2.5"], "policy.model_settings.temperature"),
     ],
 )
-def test_task_create_refuses_bad_model_flags_naming_the_field(
-    flags: list[str], field: str
-) -> None:
+def test_task_create_refuses_bad_model_flags_naming_the_field(flags: list[str], field: str) -> None:
     with pytest.raises(InvalidArgument) as err:
         cli.task_spec_from_args(parse("task", "create", "anthropic", *flags))
     assert err.value.field == field

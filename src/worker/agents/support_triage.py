@@ -113,13 +113,16 @@ class SupportTriageAgent:
         )
         backend = backend_named(name, bound, ctx.supervised_program)
         model = ctx.input.get("model") or default_model()
+        settings = ctx.options.model_settings  # its own system prompt and schema stay
         answered = await answer(
             ctx,
             backend,
             system=SYSTEM_PROMPT,
             messages=[{"role": "user", "content": ticket_prompt(ctx.input)}],
             model=model,
-            max_tokens=ctx.input.get("max_tokens", 512),
+            max_tokens=settings.max_tokens or ctx.input.get("max_tokens", 512),
+            temperature=settings.temperature,
+            stop=settings.stop_sequences,
             schema=TRIAGE_SCHEMA,
             retries=MAX_RETRIES,
             on_text=ctx.emit,
