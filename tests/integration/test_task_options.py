@@ -13,8 +13,10 @@ import pytest
 
 from taskrun.core.models import ModelSettings
 from taskrun.core.status import RunStatus, TaskStatus
+from taskrun.worker.agents.anthropic_api import AnthropicAgent
 from tests.conftest import Cluster
 from tests.fakes.anthropic_server import FakeAnthropic, Text
+from tests.fakes.run_context import RecordingContext
 from tests.integration.test_http_api import api as http_api
 from tests.integration.test_http_api import assert_problem, start_http
 from tests.integration.test_mcp import error_text, mcp_client, structured
@@ -213,3 +215,20 @@ async def test_mcp_create_task_takes_an_output_schema(cluster: Cluster) -> None:
     [task] = [t for t in (await cluster.client().list_tasks())[0] if t.id == done["task_id"]]
     assert json.loads(task.policy.output_schema) == {"required": ["answer"]}
     assert task.policy.max_cost_usd == 1
+
+
+async def test_a_model_missing_from_the_price_table_says_its_cost_is_unknown(
+    api: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    ctx = RecordingContext(input={"prompt": "hi", "model": "claude-mystery-9"})
+    result = await AnthropicAgent().run(ctx)
+    assert result.usage.cost_usd == 0 and result.usage.input_tokens > 0
+    [event] = ctx.events_of("cost_unknown")
+    assert event["hint"].startswith("cost unknown: model 'claude-mystery-9' is not in the price")
+    assert "TASKRUN_MODEL_PRICES='MODEL=INPUT/OUTPUT'" in event["hint"]
+    assert result.result["warnings"] == [event["hint"]]
+    monkeypatch.setenv("TASKRUN_MODEL_PRICES", "claude-mystery-9=1000000/0")
+    ctx = RecordingContext(input={"prompt": "hi", "model": "claude-mystery-9"})
+    priced = await AnthropicAgent().run(ctx)
+    assert priced.usage.cost_usd == priced.usage.input_tokens  # $1 a token, as configured
+    assert ctx.events_of("cost_unknown") == []
