@@ -36,6 +36,7 @@ class Chat:
     cached_tokens: int = 0
     delay: float = 0.0  # seconds before each delta (a slow stream)
     usage: bool = True  # False: a server that ignores stream_options
+    drop_after: int | None = None  # close the connection after this many deltas, mid-stream
 
     @property
     def pieces(self) -> list[str]:
@@ -180,7 +181,10 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("transfer-encoding", "chunked")
         self.end_headers()
         try:
-            for data in _chunks(reply, model, include_usage, owner._closing):
+            for sent, data in enumerate(_chunks(reply, model, include_usage, owner._closing)):
+                if reply.drop_after is not None and sent > reply.drop_after:
+                    self.close_connection = True  # no terminating chunk: the body is cut
+                    return
                 self._chunk(f"data: {data}\n\n".encode())
             self._chunk(b"")
         except (BrokenPipeError, ConnectionResetError):

@@ -196,6 +196,22 @@ async def test_openai_cost_limit_stops_between_calls_with_usage_kept(api: FakeOp
     assert len(api.chat_requests) == 1
 
 
+async def test_openai_stream_cut_mid_response_fails_saying_so(api: FakeOpenAI) -> None:
+    api.enqueue(Chat(["one ", "two ", "three"], drop_after=2))
+    ctx = RecordingContext(input={"prompt": "hi"})
+    with pytest.raises(AgentError, match="broke mid-response after 3 chunks") as err:
+        await OpenAIAgent().run(ctx)
+    assert api.base_url in str(err.value)
+    assert ctx.texts == ["one ", "two "]  # what arrived was streamed
+
+
+async def test_openai_server_without_usage_still_answers(api: FakeOpenAI) -> None:
+    api.enqueue(Chat("hi", usage=False))
+    result = await OpenAIAgent().run(RecordingContext(input={"prompt": "hi"}))
+    assert result.result["text"] == "hi"
+    assert (result.usage.input_tokens, result.usage.turns) == (0, 1)
+
+
 # -- through the control plane and a worker -----------------------------------------------------
 
 

@@ -165,7 +165,7 @@ class OpenAIBackend:
         schema: Mapping[str, Any] | None = None,
         on_text: TextSink | None = None,
     ) -> Completion:
-        import httpx
+        import httpx2
         import openai
 
         response_format: Any = openai.omit
@@ -178,6 +178,7 @@ class OpenAIBackend:
         texts: list[str] = []
         usage: Usage | None = None
         used_model, finish = model, ""
+        chunks = 0  # received so far
         try:
             async with openai.AsyncOpenAI(
                 api_key=self.api_key, base_url=self.base_url, max_retries=self.max_retries
@@ -195,6 +196,7 @@ class OpenAIBackend:
                 )
                 async with stream:
                     async for chunk in stream:
+                        chunks += 1
                         used_model = chunk.model or used_model
                         if chunk.usage is not None:
                             usage = _usage(chunk.usage)
@@ -205,9 +207,17 @@ class OpenAIBackend:
                                 texts.append(text)
                                 if on_text is not None:
                                     await on_text(text)
+        except openai.APIConnectionError as exc:
+            if chunks:  # the SDK says "connection error" for a stream that broke after starting
+                cause = f": {exc.__cause__}" if exc.__cause__ else ""
+                raise AgentError(
+                    f"the connection to the OpenAI-compatible API at {self.endpoint} broke "
+                    f"mid-response after {chunks} chunks{cause}"
+                ) from exc
+            raise self._explain(exc) from exc
         except openai.OpenAIError as exc:
             raise self._explain(exc) from exc
-        except httpx.HTTPError as exc:  # a stream that broke while being read
+        except httpx2.HTTPError as exc:  # a stream that broke while being read
             raise AgentError(
                 f"the connection to the OpenAI-compatible API at {self.endpoint} broke "
                 f"mid-response: {type(exc).__name__} {exc}".rstrip()
