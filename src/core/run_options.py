@@ -7,6 +7,7 @@ state changes, rather than failing later on a worker.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import re
@@ -35,6 +36,9 @@ MAX_TOOLS = 200
 MAX_TOOL_CHARS = 512
 MAX_MCP_BYTES = 64 * 1024
 MAX_COST_USD = 1_000_000.0
+# all settings together: they travel in every assignment, next to a 1 MiB input, under gRPC's
+# 4 MiB message limit
+MAX_SETTINGS_BYTES = 256 * 1024
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 # The worker decides these: its credentials and the endpoints they are sent to, where its
@@ -241,7 +245,7 @@ def validate_model_settings(s: ModelSettings, field: str) -> ModelSettings:
                 f"each must be 1 to {MAX_STOP_SEQUENCE_CHARS} characters",
                 field=f"{field}.stop_sequences",
             )
-    return ModelSettings(
+    checked = ModelSettings(
         system_prompt=_text(s.system_prompt, MAX_PROMPT_CHARS, f"{field}.system_prompt"),
         max_tokens=s.max_tokens,
         temperature=s.temperature,
@@ -254,3 +258,9 @@ def validate_model_settings(s: ModelSettings, field: str) -> ModelSettings:
         allowed_tools=_names(s.allowed_tools, "tools", f"{field}.allowed_tools"),
         disallowed_tools=_names(s.disallowed_tools, "tools", f"{field}.disallowed_tools"),
     )
+    size = len(json.dumps(dataclasses.asdict(checked)).encode())
+    if size > MAX_SETTINGS_BYTES:
+        raise InvalidArgument(
+            f"take {size} bytes together, over the limit of {MAX_SETTINGS_BYTES}", field=field
+        )
+    return checked

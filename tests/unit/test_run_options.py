@@ -103,3 +103,10 @@ def test_many_violations_are_listed_up_to_ten_then_counted() -> None:
 def test_a_schema_that_cannot_be_applied_is_a_problem_not_a_crash() -> None:
     problems = schema_violations({"$ref": "#/$defs/missing"}, 1)
     assert problems and problems[0].startswith("(schema): the output schema could not be applied")
+
+
+def test_settings_together_are_bounded_to_fit_an_assignment() -> None:
+    big = {f"V{i}": "x" * 30_000 for i in range(20)}  # each value allowed, 600 kB together
+    with pytest.raises(InvalidArgument, match="together, over the limit") as err:
+        validate_model_settings(ModelSettings(env=big), "policy.model_settings")
+    assert err.value.field == "policy.model_settings"
