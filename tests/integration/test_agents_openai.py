@@ -8,6 +8,7 @@ control plane and worker (Cluster).
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterator
@@ -210,6 +211,20 @@ async def test_openai_server_without_usage_still_answers(api: FakeOpenAI) -> Non
     result = await OpenAIAgent().run(RecordingContext(input={"prompt": "hi"}))
     assert result.result["text"] == "hi"
     assert (result.usage.input_tokens, result.usage.turns) == (0, 1)
+
+
+async def test_openai_cancel_mid_stream_stops_reading(api: FakeOpenAI) -> None:
+    api.enqueue(Chat(["tick "] * 200, delay=0.05))
+    ctx = RecordingContext(input={"prompt": "count"})
+    run = asyncio.create_task(OpenAIAgent().run(ctx))
+    while not ctx.texts:
+        await asyncio.sleep(0.01)
+    run.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await run
+    emitted = len(ctx.texts)
+    await asyncio.sleep(0.3)  # several deltas' worth: none arrives after the cancel
+    assert len(ctx.texts) == emitted < 200
 
 
 # -- through the control plane and a worker -----------------------------------------------------
