@@ -22,12 +22,15 @@ from taskrun.core.access import ApiToken, AuditEvent, AuditKind, BootstrapToken,
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.models import (
+    DEFAULT_OUTPUT_RETRIES,
     AgentSpec,
     Conversation,
     ModelBackend,
+    ModelSettings,
     OutputChunk,
     OutputKind,
     Run,
+    RunOptions,
     Task,
     TaskPolicy,
     TaskSpec,
@@ -180,6 +183,63 @@ def policy_to_pb(p: TaskPolicy, out: pb.TaskPolicy) -> None:
     out.allow_subtasks = p.allow_subtasks
     out.max_subtasks = p.max_subtasks
     out.subtask_budget_usd = p.subtask_budget_usd
+    out.output_schema_json = p.output_schema
+    out.output_retries = p.output_retries
+    model_settings_to_pb(p.model_settings, out.model_settings)
+    out.max_cost_usd = p.max_cost_usd
+
+
+def model_settings_to_pb(s: ModelSettings, out: pb.ModelSettings) -> None:
+    out.system_prompt = s.system_prompt
+    out.max_tokens = s.max_tokens
+    if s.temperature is not None:
+        out.temperature = s.temperature
+    out.stop_sequences.extend(s.stop_sequences)
+    out.append_system_prompt = s.append_system_prompt
+    out.env.update(s.env)
+    out.mcp_servers_json = s.mcp_servers
+    out.allowed_tools.extend(s.allowed_tools)
+    out.disallowed_tools.extend(s.disallowed_tools)
+
+
+def model_settings_from_pb(m: pb.ModelSettings) -> ModelSettings:
+    return ModelSettings(
+        system_prompt=m.system_prompt,
+        max_tokens=m.max_tokens,
+        temperature=m.temperature if m.HasField("temperature") else None,
+        stop_sequences=list(m.stop_sequences),
+        append_system_prompt=m.append_system_prompt,
+        env=dict(m.env),
+        mcp_servers=m.mcp_servers_json,
+        allowed_tools=list(m.allowed_tools),
+        disallowed_tools=list(m.disallowed_tools),
+    )
+
+
+def run_options_to_pb(p: TaskPolicy, out: workers_pb2.RunAssignment) -> None:
+    """The policy's part that the agent acts on, into the run's assignment."""
+    out.output_schema_json = p.output_schema
+    out.output_retries = p.output_retries
+    model_settings_to_pb(p.model_settings, out.model_settings)
+    out.max_cost_usd = p.max_cost_usd
+
+
+def run_options_from_pb(m: workers_pb2.RunAssignment) -> RunOptions:
+    """The assignment's options (the control plane checked them at submission; a schema that
+    does not parse as an object here is ignored rather than failing every run)."""
+    schema: dict[str, Any] | None = None
+    if m.output_schema_json:
+        try:
+            parsed = json.loads(m.output_schema_json)
+        except ValueError:
+            parsed = None
+        schema = parsed if isinstance(parsed, dict) else None
+    return RunOptions(
+        output_schema=schema,
+        output_retries=m.output_retries,
+        model_settings=model_settings_from_pb(m.model_settings),
+        max_cost_usd=m.max_cost_usd,
+    )
 
 
 def policy_from_pb(m: pb.TaskPolicy, default_max_attempts: int) -> TaskPolicy:
@@ -196,6 +256,12 @@ def policy_from_pb(m: pb.TaskPolicy, default_max_attempts: int) -> TaskPolicy:
         allow_subtasks=m.allow_subtasks,
         max_subtasks=m.max_subtasks,
         subtask_budget_usd=m.subtask_budget_usd,
+        output_schema=m.output_schema_json,
+        output_retries=(
+            m.output_retries if m.HasField("output_retries") else DEFAULT_OUTPUT_RETRIES
+        ),
+        model_settings=model_settings_from_pb(m.model_settings),
+        max_cost_usd=m.max_cost_usd,
     )
 
 

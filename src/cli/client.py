@@ -33,7 +33,9 @@ from taskrun.cli.credentials import OperatorSettings, load_credentials, resolve_
 from taskrun.core.access import AuditEvent, AuditKind, TokenState
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.models import (
+    DEFAULT_OUTPUT_RETRIES,
     Conversation,
+    ModelSettings,
     OutputChunk,
     Run,
     Task,
@@ -385,8 +387,18 @@ class Client:
         allow_subtasks: bool = False,
         max_subtasks: int = 0,
         subtask_budget_usd: float = 0.0,
+        output_schema: Mapping[str, Any] | str = "",
+        output_retries: int = DEFAULT_OUTPUT_RETRIES,
+        model_settings: ModelSettings | None = None,
+        max_cost_usd: float = 0.0,
     ) -> Task:
         """Submit one task. `input` is a JSON object (as a mapping or as text).
+
+        `output_schema` (a JSON Schema, as a mapping or text): the run's result must match it;
+        agents backed by a model ask for it and re-ask up to `output_retries` times.
+        `model_settings`: system prompt, max tokens, temperature, stop sequences (and for
+        claude_code its appended system prompt, env, MCP servers, tools). `max_cost_usd`: the
+        worker stops a run that spends more (0: no limit).
 
         An agent that no worker has announced is refused (INVALID_ARGUMENT naming `agent` and
         the known agents) unless `allow_unknown_agent` (for workers that are not up yet).
@@ -414,6 +426,12 @@ class Client:
                 allow_subtasks=allow_subtasks,
                 max_subtasks=max_subtasks,
                 subtask_budget_usd=subtask_budget_usd,
+                output_schema=(
+                    output_schema if isinstance(output_schema, str) else json.dumps(output_schema)
+                ),
+                output_retries=output_retries,
+                model_settings=model_settings or ModelSettings(),
+                max_cost_usd=max_cost_usd,
             ),
         )
         return await self.submit(spec, allow_unknown_agent=allow_unknown_agent)

@@ -44,6 +44,7 @@ from taskrun.cli import (
 )
 from taskrun.cli import credentials as creds
 from taskrun.cli.client import Client, TaskChanged
+from taskrun.cli.model_opts import add_model_arguments, apply_model_arguments
 from taskrun.cli.task_tree import tree_text
 from taskrun.core.errors import TaskRunError
 from taskrun.core.models import DEFAULT_MAX_ATTEMPTS, Task, TaskPolicy, TaskSpec
@@ -628,6 +629,7 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="stream the output until the task ends; the exit status is its outcome",
     )
+    add_model_arguments(p)
     _add_output(p, stream=True)
 
     p = _leaf(task, "list", cmd_task_list, help="list tasks, newest first")
@@ -833,6 +835,7 @@ def task_spec_from_args(args: argparse.Namespace) -> TaskSpec:
             subtask_budget_usd=args.subtask_budget_usd,
         ),
     )
+    apply_model_arguments(args, spec.policy)
     # max_attempts 0 asks for the server's default; check the rest as the server would.
     check = replace(
         spec,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from enum import Enum
 from typing import IO, Any
@@ -202,12 +202,25 @@ def format_backend(backend: ModelBackend) -> str:
     return f"{name} ({'; '.join(details)})" if details else name
 
 
+# events that mean the run did not go as it seems: said in words, never cut short
+_WARNINGS: dict[str, Callable[[dict[str, Any]], str]] = {
+    "tool_refused": lambda e: (
+        f"tool refused by permission mode {e.get('permission_mode', '?')}: {e.get('name', '?')} "
+        f"{json.dumps(e.get('input', {}), ensure_ascii=False)}"
+        + (f" ({e['reason']})" if e.get("reason") else "")
+    ),
+    "cost_unknown": lambda e: str(e.get("hint", "")),
+}
+
+
 def format_event(data: str, limit: int = 200) -> str:
     """An event chunk (a JSON object with a "type") on one line: `type {rest as JSON}`."""
     try:
         value = json.loads(data)
     except json.JSONDecodeError:
         return _one_line(data, limit)
+    if isinstance(value, dict) and value.get("type") in _WARNINGS:
+        return "warning: " + _one_line(_WARNINGS[value["type"]](value), 2 * limit)
     if isinstance(value, dict) and isinstance(value.get("type"), str):
         rest = {k: v for k, v in value.items() if k != "type"}
         text = value["type"] + (" " + json.dumps(rest, ensure_ascii=False) if rest else "")
@@ -270,7 +283,28 @@ def _policy_fields(policy: TaskPolicy) -> list[tuple[str, str]]:
         ("required provider", policy.required_provider or NONE),
         ("required model", policy.required_model or NONE),
         ("sub-tasks", _subtask_policy(policy)),
+        *_model_fields(policy),
     ]
+
+
+def _model_fields(policy: TaskPolicy) -> list[tuple[str, str]]:
+    """What the task asks of the model, only the parts it set (most tasks set none)."""
+    s = policy.model_settings
+    fields = [
+        ("output schema", _one_line(policy.output_schema, 80)),
+        ("output retries", str(policy.output_retries) if policy.output_schema else ""),
+        ("max cost", f"${policy.max_cost_usd:g}" if policy.max_cost_usd else ""),
+        ("system prompt", _one_line(s.system_prompt, 80)),
+        ("max tokens", str(s.max_tokens) if s.max_tokens else ""),
+        ("temperature", f"{s.temperature:g}" if s.temperature is not None else ""),
+        ("stop sequences", ", ".join(json.dumps(x) for x in s.stop_sequences)),
+        ("append system prompt", _one_line(s.append_system_prompt, 80)),
+        ("env", ", ".join(sorted(s.env))),  # names only: values may be secrets
+        ("mcp servers", ", ".join(json.loads(s.mcp_servers)) if s.mcp_servers else ""),
+        ("allowed tools", ", ".join(s.allowed_tools)),
+        ("disallowed tools", ", ".join(s.disallowed_tools)),
+    ]
+    return [(name, value) for name, value in fields if value]
 
 
 def _subtask_policy(policy: TaskPolicy) -> str:

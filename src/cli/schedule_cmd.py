@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 from taskrun.cli import output
 from taskrun.cli.client import Client
+from taskrun.cli.model_opts import add_model_arguments, apply_model_arguments
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import Task, TaskPolicy
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
@@ -153,6 +154,7 @@ def register(subparsers: Any) -> None:
     _rule_flags(p, update=False)
     p.add_argument("--paused", action="store_true", help="create it paused")
     _policy_flags(p, update=False)
+    add_model_arguments(p)  # on create only: `schedule update` keeps what they were
     cli._add_output(p)
 
     p = cli._leaf(
@@ -244,7 +246,7 @@ def schedule_from_args(args: argparse.Namespace) -> Schedule:
         rrule=args.rrule or "",
         input=_input(args) or "{}",
         labels=parse_label_args(args.label or [], "labels"),
-        policy=_policy(args, TaskPolicy(max_attempts=0)),
+        policy=apply_model_arguments(args, _policy(args, TaskPolicy(max_attempts=0))),
         misfire=MisfirePolicy[(args.misfire or "run_once").upper()],
         overlap=OverlapPolicy[(args.overlap or "skip").upper()],
         paused=args.paused,

@@ -48,7 +48,12 @@ from taskrun.controlplane.followers import FollowHub
 from taskrun.controlplane.health import WorkerHealth
 from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.session import WorkerSession
-from taskrun.convert import backend_from_pb, turn_context_to_pb, usage_from_pb
+from taskrun.convert import (
+    backend_from_pb,
+    run_options_to_pb,
+    turn_context_to_pb,
+    usage_from_pb,
+)
 from taskrun.core.access import new_run_credential
 from taskrun.core.errors import (
     FailedPrecondition,
@@ -816,9 +821,7 @@ class Engine:
             agent=conversation.agent,
             input=json.dumps({**options, "prompt": message}),
             labels=dict(conversation.labels),
-            policy=replace(
-                conversation.policy, required_labels=dict(conversation.policy.required_labels)
-            ),
+            policy=conversation.policy.copy(),
             status=TaskStatus.PENDING,
             created_at=now,
             updated_at=now,
@@ -1155,6 +1158,7 @@ class Engine:
                 run.credential_hash, token = issued.secret_hash, issued.token
                 self._credentials[run.id] = token
             assignment.mcp_url, assignment.mcp_token = self.mcp_url, token
+        run_options_to_pb(policy, assignment)
         context = self.contexts.get(task.id)
         if context is not None:
             assignment.resume_session_id = context.session_id

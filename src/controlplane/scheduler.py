@@ -550,9 +550,8 @@ class Scheduler:
     @staticmethod
     def _spec(schedule: Schedule, occurrence: datetime | None) -> TaskSpec:
         policy = replace(
-            schedule.policy,
+            schedule.policy.copy(),
             idempotency_key=occurrence_key(schedule.name, occurrence) if occurrence else "",
-            required_labels=dict(schedule.policy.required_labels),
         )
         return TaskSpec(
             agent=schedule.agent,

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
 from taskrun.core.ids import RunId, TaskId
-from taskrun.core.models import AgentSpec, ModelBackend, TurnContext, Usage
+from taskrun.core.models import AgentSpec, ModelBackend, RunOptions, TurnContext, Usage
 
 
 class AgentError(Exception):
@@ -49,6 +49,18 @@ class Readiness:
 
     reason: str = ""
     backends: tuple[ModelBackend, ...] | None = None
+
+
+class CostLimitReached(AgentError):
+    """The run spent more than its task's max_cost_usd; raised by RunContext.report_usage."""
+
+    def __init__(self, spent: Usage, limit: float) -> None:
+        super().__init__(
+            f"cost limit reached: the run spent ${spent.cost_usd:.4f}, over the task's limit of "
+            f"${limit:.4f} (max_cost_usd); it was stopped",
+            usage=spent,
+        )
+        self.limit = limit
 
 
 @dataclass(slots=True)
@@ -96,6 +108,15 @@ class RunContext(Protocol):
     model: str
     # Set when the task allows sub-tasks: how the agent reaches the MCP server to create them.
     subtasks: SubtaskAccess | None
+    # What the task asks beyond the input: the schema the result must match (ask the model for
+    # it, re-ask up to output_retries times), model settings, and the cost limit.
+    options: RunOptions
+
+    async def report_usage(self, usage: Usage) -> None:
+        """What this run has spent so far (a running total, cost included). Raises
+        CostLimitReached, carrying `usage`, once the cost is over the task's max_cost_usd: let it
+        propagate (stopping whatever the agent started) and the run fails with that usage kept."""
+        ...
 
     def supervised_program(self, program: str) -> str:
         """An executable that runs `program` (given the same arguments) so that it, and every

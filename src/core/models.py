@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import IntEnum
+from typing import Any
 
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
@@ -67,6 +68,37 @@ class Usage:
 
 
 DEFAULT_MAX_ATTEMPTS = 3
+DEFAULT_OUTPUT_RETRIES = 2  # re-asks after a reply that does not match the output schema
+
+
+@dataclass(slots=True)
+class ModelSettings:
+    """What a task asks of the model behind its agent; empty fields leave the agent's defaults.
+    `append_system_prompt`, `env`, `mcp_servers` (a JSON object, as text) and the tool lists are
+    for claude_code; other agents ignore them."""
+
+    system_prompt: str = ""
+    max_tokens: int = 0
+    temperature: float | None = None
+    stop_sequences: list[str] = field(default_factory=list)
+    append_system_prompt: str = ""
+    env: dict[str, str] = field(default_factory=dict)
+    mcp_servers: str = ""
+    allowed_tools: list[str] = field(default_factory=list)
+    disallowed_tools: list[str] = field(default_factory=list)
+
+    @property
+    def empty(self) -> bool:
+        return self == ModelSettings()
+
+    def copy(self) -> ModelSettings:
+        return replace(
+            self,
+            stop_sequences=list(self.stop_sequences),
+            env=dict(self.env),
+            allowed_tools=list(self.allowed_tools),
+            disallowed_tools=list(self.disallowed_tools),
+        )
 
 
 @dataclass(slots=True)
@@ -82,12 +114,36 @@ class TaskPolicy:
     retry_on_failure: bool = False
     required_provider: str = ""
     required_model: str = ""
+    output_schema: str = ""  # a JSON Schema object, as text; empty: any result
+    output_retries: int = DEFAULT_OUTPUT_RETRIES
+    model_settings: ModelSettings = field(default_factory=ModelSettings)
+    max_cost_usd: float = 0.0  # the worker stops a run that spends more; 0: no limit
     # Agents orchestrating agents: the run may create sub-tasks through the MCP server, within
     # the tree's budget (given to its root: sub-tasks in all, cost of the finished ones; 0 = no
     # limit).
     allow_subtasks: bool = False
     max_subtasks: int = 0
     subtask_budget_usd: float = 0.0
+
+    def copy(self) -> TaskPolicy:
+        """A copy sharing nothing mutable with this one."""
+        return replace(
+            self,
+            required_labels=dict(self.required_labels),
+            model_settings=self.model_settings.copy(),
+        )
+
+
+@dataclass(slots=True)
+class RunOptions:
+    """What a run's task asks of its agent beyond the input (from the policy, checked at
+    submission): the schema its result must match, how often to re-ask the model for it, the
+    model settings, and the cost at which the worker stops the run (0: none)."""
+
+    output_schema: dict[str, Any] | None = None
+    output_retries: int = DEFAULT_OUTPUT_RETRIES
+    model_settings: ModelSettings = field(default_factory=ModelSettings)
+    max_cost_usd: float = 0.0
 
 
 @dataclass(slots=True)

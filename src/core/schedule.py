@@ -95,7 +95,7 @@ def copy_schedule(s: Schedule) -> Schedule:
     return replace(
         s,
         labels=dict(s.labels),
-        policy=replace(s.policy, required_labels=dict(s.policy.required_labels)),
+        policy=s.policy.copy(),
     )
 
 

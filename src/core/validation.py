@@ -10,6 +10,12 @@ from typing import Any
 
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import TaskPolicy, TaskSpec
+from taskrun.core.run_options import (
+    validate_max_cost,
+    validate_model_settings,
+    validate_output_retries,
+    validate_output_schema,
+)
 from taskrun.core.text import quoted
 
 MAX_INPUT_BYTES = 1 << 20  # 1 MiB of JSON per task input
@@ -163,6 +169,10 @@ def validate_policy(policy: TaskPolicy, field: str = "policy") -> TaskPolicy:
         required_provider=policy.required_provider,
         required_model=policy.required_model,
         **_subtask_policy(policy, field),
+        output_schema=validate_output_schema(policy.output_schema, f"{field}.output_schema_json"),
+        output_retries=validate_output_retries(policy.output_retries, f"{field}.output_retries"),
+        model_settings=validate_model_settings(policy.model_settings, f"{field}.model_settings"),
+        max_cost_usd=validate_max_cost(policy.max_cost_usd, f"{field}.max_cost_usd"),
     )
 
 

@@ -44,7 +44,7 @@ import jsonschema
 import yaml
 
 from taskrun.core.errors import InvalidArgument
-from taskrun.core.models import TaskPolicy
+from taskrun.core.models import ModelSettings, TaskPolicy
 from taskrun.core.text import quoted
 from taskrun.core.validation import validate_agent_name, validate_labels, validate_policy
 
@@ -355,9 +355,17 @@ def validate_definition(document: Any) -> None:
 def step_policy(step: dict[str, Any], default_max_attempts: int, where: str) -> TaskPolicy:
     """A task step's policy as a validated TaskPolicy (InvalidArgument naming the field)."""
     fields = dict(step.get("policy", {}))
+    settings = fields.pop("model_settings", None) or {}
+    try:
+        model_settings = ModelSettings(**settings)
+    except TypeError as exc:
+        raise InvalidArgument(
+            f"has an unknown or misplaced setting ({exc})", field=f"{where}.model_settings"
+        ) from None
     policy = TaskPolicy(
         max_attempts=fields.pop("max_attempts", default_max_attempts),
         required_labels=dict(fields.pop("required_labels", {})),
+        model_settings=model_settings,
         **fields,
     )
     return validate_policy(policy, where)

@@ -98,7 +98,7 @@ class AgentSpec(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., backends: _Optional[_Iterable[_Union[ModelBackend, _Mapping]]] = ..., input_schema_json: _Optional[str] = ..., supports_sessions: _Optional[bool] = ..., unavailable_reason: _Optional[str] = ...) -> None: ...
 
 class TaskPolicy(_message.Message):
-    __slots__ = ("priority", "timeout", "max_attempts", "idempotency_key", "required_labels", "queue_timeout", "retry_on_failure", "required_provider", "required_model", "allow_subtasks", "max_subtasks", "subtask_budget_usd")
+    __slots__ = ("priority", "timeout", "max_attempts", "idempotency_key", "required_labels", "queue_timeout", "retry_on_failure", "required_provider", "required_model", "output_schema_json", "output_retries", "model_settings", "max_cost_usd", "allow_subtasks", "max_subtasks", "subtask_budget_usd")
     class RequiredLabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -115,6 +115,10 @@ class TaskPolicy(_message.Message):
     RETRY_ON_FAILURE_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_PROVIDER_FIELD_NUMBER: _ClassVar[int]
     REQUIRED_MODEL_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
     ALLOW_SUBTASKS_FIELD_NUMBER: _ClassVar[int]
     MAX_SUBTASKS_FIELD_NUMBER: _ClassVar[int]
     SUBTASK_BUDGET_USD_FIELD_NUMBER: _ClassVar[int]
@@ -127,10 +131,43 @@ class TaskPolicy(_message.Message):
     retry_on_failure: bool
     required_provider: str
     required_model: str
+    output_schema_json: str
+    output_retries: int
+    model_settings: ModelSettings
+    max_cost_usd: float
     allow_subtasks: bool
     max_subtasks: int
     subtask_budget_usd: float
-    def __init__(self, priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_attempts: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., required_labels: _Optional[_Mapping[str, str]] = ..., queue_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_on_failure: _Optional[bool] = ..., required_provider: _Optional[str] = ..., required_model: _Optional[str] = ..., allow_subtasks: _Optional[bool] = ..., max_subtasks: _Optional[int] = ..., subtask_budget_usd: _Optional[float] = ...) -> None: ...
+    def __init__(self, priority: _Optional[int] = ..., timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., max_attempts: _Optional[int] = ..., idempotency_key: _Optional[str] = ..., required_labels: _Optional[_Mapping[str, str]] = ..., queue_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry_on_failure: _Optional[bool] = ..., required_provider: _Optional[str] = ..., required_model: _Optional[str] = ..., output_schema_json: _Optional[str] = ..., output_retries: _Optional[int] = ..., model_settings: _Optional[_Union[ModelSettings, _Mapping]] = ..., max_cost_usd: _Optional[float] = ..., allow_subtasks: _Optional[bool] = ..., max_subtasks: _Optional[int] = ..., subtask_budget_usd: _Optional[float] = ...) -> None: ...
+
+class ModelSettings(_message.Message):
+    __slots__ = ("system_prompt", "max_tokens", "temperature", "stop_sequences", "append_system_prompt", "env", "mcp_servers_json", "allowed_tools", "disallowed_tools")
+    class EnvEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    STOP_SEQUENCES_FIELD_NUMBER: _ClassVar[int]
+    APPEND_SYSTEM_PROMPT_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    MCP_SERVERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    DISALLOWED_TOOLS_FIELD_NUMBER: _ClassVar[int]
+    system_prompt: str
+    max_tokens: int
+    temperature: float
+    stop_sequences: _containers.RepeatedScalarFieldContainer[str]
+    append_system_prompt: str
+    env: _containers.ScalarMap[str, str]
+    mcp_servers_json: str
+    allowed_tools: _containers.RepeatedScalarFieldContainer[str]
+    disallowed_tools: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, system_prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., stop_sequences: _Optional[_Iterable[str]] = ..., append_system_prompt: _Optional[str] = ..., env: _Optional[_Mapping[str, str]] = ..., mcp_servers_json: _Optional[str] = ..., allowed_tools: _Optional[_Iterable[str]] = ..., disallowed_tools: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Usage(_message.Message):
     __slots__ = ("input_tokens", "output_tokens", "cache_read_tokens", "cache_creation_tokens", "cost_usd", "turns", "duration_ms")

@@ -194,7 +194,7 @@ class SessionParams(_message.Message):
     def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., lease_margin_ms: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., lease_duration_ms: _Optional[int] = ...) -> None: ...
 
 class RunAssignment(_message.Message):
-    __slots__ = ("run_id", "task_id", "attempt", "agent", "input_json", "timeout_seconds", "labels", "required_provider", "required_model", "resume_session_id", "prompt", "fencing_token", "conversation", "mcp_url", "mcp_token")
+    __slots__ = ("run_id", "task_id", "attempt", "agent", "input_json", "timeout_seconds", "labels", "required_provider", "required_model", "resume_session_id", "prompt", "fencing_token", "conversation", "output_schema_json", "output_retries", "model_settings", "max_cost_usd", "mcp_url", "mcp_token")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -215,6 +215,10 @@ class RunAssignment(_message.Message):
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     FENCING_TOKEN_FIELD_NUMBER: _ClassVar[int]
     CONVERSATION_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_SCHEMA_JSON_FIELD_NUMBER: _ClassVar[int]
+    OUTPUT_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SETTINGS_FIELD_NUMBER: _ClassVar[int]
+    MAX_COST_USD_FIELD_NUMBER: _ClassVar[int]
     MCP_URL_FIELD_NUMBER: _ClassVar[int]
     MCP_TOKEN_FIELD_NUMBER: _ClassVar[int]
     run_id: str
@@ -230,9 +234,13 @@ class RunAssignment(_message.Message):
     prompt: str
     fencing_token: int
     conversation: TurnContext
+    output_schema_json: str
+    output_retries: int
+    model_settings: _common_pb2.ModelSettings
+    max_cost_usd: float
     mcp_url: str
     mcp_token: str
-    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., required_provider: _Optional[str] = ..., required_model: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., fencing_token: _Optional[int] = ..., conversation: _Optional[_Union[TurnContext, _Mapping]] = ..., mcp_url: _Optional[str] = ..., mcp_token: _Optional[str] = ...) -> None: ...
+    def __init__(self, run_id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., timeout_seconds: _Optional[float] = ..., labels: _Optional[_Mapping[str, str]] = ..., required_provider: _Optional[str] = ..., required_model: _Optional[str] = ..., resume_session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., fencing_token: _Optional[int] = ..., conversation: _Optional[_Union[TurnContext, _Mapping]] = ..., output_schema_json: _Optional[str] = ..., output_retries: _Optional[int] = ..., model_settings: _Optional[_Union[_common_pb2.ModelSettings, _Mapping]] = ..., max_cost_usd: _Optional[float] = ..., mcp_url: _Optional[str] = ..., mcp_token: _Optional[str] = ...) -> None: ...
 
 class TurnContext(_message.Message):
     __slots__ = ("conversation_id", "turn", "history", "session_id", "session_snapshot", "session_cost_usd", "summarize_through", "session_turn")

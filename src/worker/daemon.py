@@ -670,6 +670,7 @@ class WorkerDaemon:
                 convert.turn_context_from_pb(a.conversation) if a.HasField("conversation") else None
             ),
             subtasks=self._subtask_access(a),
+            options=convert.run_options_from_pb(a),
         )
         if agent is None:
             self.outbox.put_nowait(_failed(a, f"agent {a.agent!r} is not offered by this worker"))

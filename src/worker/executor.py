@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 from collections.abc import Callable
@@ -13,9 +14,10 @@ from typing import Any
 import structlog
 
 from taskrun import convert
-from taskrun.core.agent import Agent, AgentError, AgentResult, SubtaskAccess
+from taskrun.core.agent import Agent, AgentError, AgentResult, CostLimitReached, SubtaskAccess
 from taskrun.core.ids import RunId, TaskId
-from taskrun.core.models import TurnContext
+from taskrun.core.models import RunOptions, TurnContext, Usage
+from taskrun.core.output_schema import schema_violations
 from taskrun.core.status import RunStatus
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
@@ -43,6 +45,8 @@ class RunContext:
     supervisor: Callable[[str], str] | None = field(default=None, repr=False)
     conversation: TurnContext | None = None
     subtasks: SubtaskAccess | None = None
+    options: RunOptions = field(default_factory=RunOptions)
+    spent: Usage = field(default_factory=Usage)  # the newest running total the agent reported
     seq: int = 0
     _log: Any = field(default=None, repr=False)
     _workspace: Path | None = field(default=None, repr=False)
@@ -73,6 +77,12 @@ class RunContext:
 
     def working_directory(self, requested: str | None) -> Path:
         return self.workspaces.cwd_for(requested, self.workspace)
+
+    async def report_usage(self, usage: Usage) -> None:
+        self.spent = dataclasses.replace(usage)
+        limit = self.options.max_cost_usd
+        if limit and usage.cost_usd > limit:
+            raise CostLimitReached(self.spent, limit)
 
     async def _put(self, kind: pb.OutputKind, data: str) -> None:
         self.seq += 1
@@ -115,6 +125,8 @@ def _status(
         run_id=ctx.run_id, attempt=ctx.attempt, status=status, error=error, last_seq=ctx.seq
     )
     update.time.GetCurrentTime()
+    if result is None and not ctx.spent.empty:
+        convert.usage_to_pb(ctx.spent, update.usage)  # what a run that broke had reported
     if isinstance(result, AgentResult):
         if result.result is not None:
             update.result_json = json.dumps(result.result, default=str)
@@ -122,13 +134,38 @@ def _status(
         if result.backend_used is not None:
             update.backend_used.CopyFrom(convert.backend_to_pb(result.backend_used))
         update.summary, update.summarized_through = result.summary, result.summarized_through
-    elif result is not None and result.usage is not None:
-        convert.usage_to_pb(result.usage, update.usage)  # what a failed run spent
+    elif result is not None:  # what a failed run spent, as far as anyone told
+        spent = result.usage
+        if spent is None or spent.cost_usd < ctx.spent.cost_usd:
+            spent = ctx.spent
+        convert.usage_to_pb(spent, update.usage)
     if result is not None:
         update.session_id = result.session_id
         update.session_snapshot = result.session_snapshot
         update.session_cost_usd = result.session_cost_usd
     return update
+
+
+def checked(ctx: RunContext, result: AgentResult) -> None:
+    """What the worker itself checks of a finished run, whichever agent ran it: the cost limit
+    (an agent that never reported its usage on the way) and the task's output schema."""
+    limit = ctx.options.max_cost_usd
+    if limit and result.usage.cost_usd > limit:
+        over = CostLimitReached(result.usage, limit)
+        over.session_id, over.session_snapshot = result.session_id, result.session_snapshot
+        over.session_cost_usd = result.session_cost_usd
+        raise over
+    schema = ctx.options.output_schema
+    if schema is not None:
+        problems = schema_violations(schema, result.result)
+        if problems:
+            raise AgentError(
+                "the result does not match the task's output schema: " + "; ".join(problems),
+                usage=result.usage,
+                session_id=result.session_id,
+                session_snapshot=result.session_snapshot,
+                session_cost_usd=result.session_cost_usd,
+            )
 
 
 async def execute(agent: Agent, active: ActiveRun) -> None:
@@ -148,6 +185,7 @@ async def execute(agent: Agent, active: ActiveRun) -> None:
     try:
         async with asyncio.timeout(timeout):
             result = await agent.run(ctx)
+        checked(ctx, result)
     except TimeoutError:
         active.status = RunStatus.FAILED
         outbox.put_nowait(_status(ctx, pb.RUN_STATUS_FAILED, error=f"timed out after {timeout:g}s"))

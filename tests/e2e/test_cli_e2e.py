@@ -257,6 +257,27 @@ def test_task_get_shows_runs_and_result(deployment: Deployment) -> None:
     assert (logs.returncode, logs.stdout) == (0, "abc")
 
 
+def test_an_output_schema_from_a_file_is_checked_by_the_worker(deployment: Deployment) -> None:
+    schema = deployment.tmp / "schema.json"
+    schema.write_text('{"type": "object", "required": ["answer"]}')
+    failed = deployment.run(
+        "task", "create", "echo", "--input", '{"text":"x"}', "--output-schema", str(schema),
+        "--max-cost", "0.5", "--follow",
+    )  # fmt: skip
+    assert failed.returncode == 1, failed.stderr
+    assert "the result does not match the task's output schema" in failed.stderr
+    assert "'answer' is a required property" in failed.stderr
+    task_id = created_id(failed.stderr.splitlines()[0])
+    shown = deployment.run("task", "get", task_id)
+    assert "output schema:" in shown.stdout and "max cost:" in shown.stdout
+    schema.write_text('{"type": "object", "required": 7}')
+    refused = deployment.run("task", "create", "echo", "--output-schema", str(schema))
+    assert refused.returncode == 2
+    assert refused.stderr.startswith("error: ") and "policy.output_schema_json" in refused.stderr
+    negative = deployment.run("task", "create", "echo", "--max-tokens", "-1")
+    assert negative.returncode == 2 and "policy.model_settings.max_tokens" in negative.stderr
+
+
 def test_a_task_is_found_by_a_unique_prefix_of_its_id_like_git(deployment: Deployment) -> None:
     created = deployment.run("task", "create", "echo", "--input", '{"text":"short"}')
     assert created.returncode == 0, created.stderr

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from taskrun.core.agent import SubtaskAccess
+from taskrun.core.agent import CostLimitReached, SubtaskAccess
 from taskrun.core.ids import RunId, TaskId
-from taskrun.core.models import TurnContext
+from taskrun.core.models import RunOptions, TurnContext, Usage
 from taskrun.worker.workspace import Workspaces
 
 TASK_ID = TaskId("task-test")
@@ -29,6 +30,8 @@ class RecordingContext:
     fencing_token: int = 1
     model: str = ""
     subtasks: SubtaskAccess | None = None
+    options: RunOptions = field(default_factory=RunOptions)
+    reported: list[Usage] = field(default_factory=list)  # every report_usage, in order
     texts: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)
     first_text: asyncio.Event = field(default_factory=asyncio.Event)
@@ -60,6 +63,12 @@ class RecordingContext:
 
     def supervised_program(self, program: str) -> str:
         return program  # tests of one agent run without a worker around it
+
+    async def report_usage(self, usage: Usage) -> None:
+        self.reported.append(dataclasses.replace(usage))
+        limit = self.options.max_cost_usd
+        if limit and usage.cost_usd > limit:
+            raise CostLimitReached(dataclasses.replace(usage), limit)
 
     async def emit(self, text: str) -> None:
         self.texts.append(text)

@@ -165,7 +165,7 @@ async def test_api_errors_reported_by_the_cli_fail_the_run(
     ctx = RecordingContext(input={"prompt": "hi", "cwd": str(workdir)})
     with pytest.raises(AgentError) as err:
         await ClaudeCodeAgent().run(ctx)
-    assert "API status 401" in str(err.value)
+    assert "HTTP 401" in str(err.value)
     assert "authentication failed: check ANTHROPIC_API_KEY" in str(err.value)
     assert cli_children() == []
 

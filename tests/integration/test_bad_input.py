@@ -77,6 +77,120 @@ BAD_CREATE = [
         ("policy.idempotency_key",),
         id="idempotency key too long",
     ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(output_schema_json="{not json")),
+        ("policy.output_schema_json", "not valid JSON"),
+        id="output schema not json",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(output_schema_json="[1]")),
+        ("policy.output_schema_json", "JSON Schema object"),
+        id="output schema not an object",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(output_schema_json='{"type": "banana"}')),
+        ("policy.output_schema_json", "not a valid JSON Schema", "type", "banana"),
+        id="output schema invalid",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(output_schema_json='{"minLength": -1}')),
+        ("policy.output_schema_json", "minLength"),
+        id="output schema negative minLength",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(output_schema_json='{"$ref": "https://x.test/s"}')),
+        ("policy.output_schema_json", "outside the schema"),
+        id="output schema remote ref",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(output_schema_json='{"$ref": "#/$defs/nope"}')),
+        ("policy.output_schema_json", "does not point to anything"),
+        id="output schema dangling ref",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(output_schema_json='{"items":' * 40 + "{}" + "}" * 40)),
+        ("policy.output_schema_json", "nested too deep"),
+        id="output schema too deep",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(output_retries=-1)),
+        ("policy.output_retries", "between 0 and 10"),
+        id="negative output retries",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(max_cost_usd=-0.5)),
+        ("policy.max_cost_usd",),
+        id="negative max cost",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(max_cost_usd=float("nan"))),
+        ("policy.max_cost_usd",),
+        id="nan max cost",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(model_settings=common_pb2.ModelSettings(max_tokens=-5))),
+        ("policy.model_settings.max_tokens", "-5"),
+        id="negative max tokens",
+    ),
+    pytest.param(
+        dict(policy=common_pb2.TaskPolicy(model_settings=common_pb2.ModelSettings(temperature=3))),
+        ("policy.model_settings.temperature", "between 0 and 2"),
+        id="temperature out of range",
+    ),
+    pytest.param(
+        dict(
+            policy=common_pb2.TaskPolicy(
+                model_settings=common_pb2.ModelSettings(stop_sequences=[""])
+            )
+        ),
+        ("policy.model_settings.stop_sequences",),
+        id="empty stop sequence",
+    ),
+    pytest.param(
+        dict(
+            policy=common_pb2.TaskPolicy(
+                model_settings=common_pb2.ModelSettings(
+                    env={"ANTHROPIC_BASE_URL": "http://evil.example"}
+                )
+            )
+        ),
+        ("policy.model_settings.env", "ANTHROPIC_BASE_URL", "set by the worker"),
+        id="env redirects the worker's key",
+    ),
+    pytest.param(
+        dict(
+            policy=common_pb2.TaskPolicy(model_settings=common_pb2.ModelSettings(env={"1X": "v"}))
+        ),
+        ("policy.model_settings.env", "not an environment variable name"),
+        id="env name syntax",
+    ),
+    pytest.param(
+        dict(
+            policy=common_pb2.TaskPolicy(
+                model_settings=common_pb2.ModelSettings(mcp_servers_json='{"db": {"type": "ws"}}')
+            )
+        ),
+        ("policy.model_settings.mcp_servers_json.db", "stdio, sse, http"),
+        id="mcp server type",
+    ),
+    pytest.param(
+        dict(
+            policy=common_pb2.TaskPolicy(
+                model_settings=common_pb2.ModelSettings(mcp_servers_json='{"db": {}}')
+            )
+        ),
+        ("policy.model_settings.mcp_servers_json.db", "'command'"),
+        id="mcp stdio server without command",
+    ),
+    pytest.param(
+        dict(
+            policy=common_pb2.TaskPolicy(
+                model_settings=common_pb2.ModelSettings(allowed_tools=["Read", " "])
+            )
+        ),
+        ("policy.model_settings.allowed_tools",),
+        id="blank tool name",
+    ),
 ]
 
 

@@ -136,7 +136,7 @@ def test_triage_accepts_a_json_object_bare_or_fenced(reply: str) -> None:
     ("reply", "needle"),
     [
         ("It is a billing question.", "not valid JSON"),
-        ("[1, 2]", "must be a JSON object, not list"),
+        ("[1, 2]", "is not of type 'object'"),
         (json.dumps({**VALID, "summary": "x" * 201}), "summary: "),
         (json.dumps({**VALID, "priority": "p0"}), "priority: 'p0' is not one of"),
         (json.dumps({**VALID, "mood": "sad"}), "Additional properties are not allowed"),

@@ -15,6 +15,7 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import (
     AgentSpec,
     ModelBackend,
+    ModelSettings,
     OutputChunk,
     OutputKind,
     Run,
@@ -143,9 +144,24 @@ def test_task_document_has_stable_snake_case_keys() -> None:
         "retry_on_failure",
         "required_provider",
         "required_model",
+        "output_schema",
+        "output_retries",
+        "model_settings",
+        "max_cost_usd",
         "allow_subtasks",
         "max_subtasks",
         "subtask_budget_usd",
+    ]
+    assert list(doc["policy"]["model_settings"]) == [
+        "system_prompt",
+        "max_tokens",
+        "temperature",
+        "stop_sequences",
+        "append_system_prompt",
+        "env",
+        "mcp_servers",
+        "allowed_tools",
+        "disallowed_tools",
     ]
     assert list(doc["usage"]) == [
         "input_tokens",
@@ -340,6 +356,23 @@ def test_event_chunks_are_one_line() -> None:
     assert output.format_event("not json\nat all") == "not json at all"
 
 
+def test_events_that_warn_are_said_in_words() -> None:
+    refused = {
+        "type": "tool_refused",
+        "name": "Bash",
+        "input": {"command": "rm -rf build"},
+        "permission_mode": "default",
+        "reason": "needs approval",
+    }
+    assert output.format_event(json.dumps(refused)) == (
+        'warning: tool refused by permission mode default: Bash {"command": "rm -rf build"} '
+        "(needs approval)"
+    )
+    hint = "cost unknown: model 'x' is not in the price table; " + "add it " * 40
+    line = output.format_event(json.dumps({"type": "cost_unknown", "model": "x", "hint": hint}))
+    assert line == "warning: " + " ".join(hint.split())  # not cut at 200 characters
+
+
 # --- following -------------------------------------------------------------------------------
 
 
@@ -397,3 +430,17 @@ def test_no_color_turns_colour_off_even_on_a_terminal(monkeypatch: pytest.Monkey
     assert not output.StreamPrinter(io.StringIO(), io.StringIO()).color  # not a terminal
     monkeypatch.setenv("NO_COLOR", "1")
     assert not output.StreamPrinter(io.StringIO(), _Terminal()).color
+
+
+def test_task_detail_shows_what_the_task_asks_of_the_model_and_no_env_values() -> None:
+    policy = TaskPolicy(
+        output_schema='{"type":"object"}',
+        max_cost_usd=0.5,
+        model_settings=ModelSettings(max_tokens=200, env={"TOKEN": "s3cret"}, stop_sequences=["#"]),
+    )
+    text = " ".join(output.task_detail(make_task(policy=policy), [], NOW).split())
+    assert 'output schema: {"type":"object"}' in text
+    assert "output retries: 2" in text and "max cost: $0.5" in text
+    assert "max tokens: 200" in text and 'stop sequences: "#"' in text
+    assert "env: TOKEN" in text and "s3cret" not in text
+    assert "system prompt" not in output.task_detail(make_task(), [], NOW)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 import grpc
@@ -12,6 +13,7 @@ from taskrun.cli import credentials as creds
 from taskrun.cli import main as cli
 from taskrun.cli.client import Client
 from taskrun.cli.dev import ready_message, resolve_listen, split_host_port
+from taskrun.core.errors import InvalidArgument
 from taskrun.core.status import TaskStatus, WorkerStatus
 
 TASKRUN_VARS = (
@@ -188,6 +190,60 @@ def test_task_create_reads_every_policy_flag() -> None:
     assert policy.queue_timeout == 60.0
     assert policy.retry_on_failure is True
     assert args.follow and args.output == "json"
+
+
+def test_task_create_reads_the_model_flags(tmp_path: Path) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object", "required": ["answer"]}')
+    mcp = tmp_path / ".mcp.json"
+    mcp.write_text('{"mcpServers": {"db": {"command": "db-mcp", "args": ["--ro"]}}}')
+    args = parse(
+        "task", "create", "claude_code", "--input", '{"prompt": "hi"}',
+        "--output-schema", str(schema), "--output-retries", "4", "--system", "Be brief.",
+        "--max-tokens", "300", "--temperature", "0.2", "--stop", "END", "--stop", "STOP",
+        "--append-system-prompt", "Use British spelling.", "--env", "MODE=ci",
+        "--mcp-config", str(mcp), "--allowed-tool", "Read", "--disallowed-tool", "Bash",
+        "--max-cost", "0.25",
+    )  # fmt: skip
+    policy = cli.task_spec_from_args(args).policy
+    assert json.loads(policy.output_schema) == {"type": "object", "required": ["answer"]}
+    assert (policy.output_retries, policy.max_cost_usd) == (4, 0.25)
+    s = policy.model_settings
+    assert (s.system_prompt, s.max_tokens, s.temperature) == ("Be brief.", 300, 0.2)
+    assert s.stop_sequences == ["END", "STOP"]
+    assert s.append_system_prompt == "Use British spelling."
+    assert s.env == {"MODE": "ci"}
+    assert json.loads(s.mcp_servers)["mcpServers"]["db"]["command"] == "db-mcp"
+    assert (s.allowed_tools, s.disallowed_tools) == (["Read"], ["Bash"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "field"),
+    [
+        (["--max-tokens", "-1"], "policy.model_settings.max_tokens"),
+        (["--max-cost", "-2"], "policy.max_cost_usd"),
+        (["--output-retries", "11"], "policy.output_retries"),
+        (["--env", "NOEQUALS"], "policy.model_settings.env"),
+        (["--env", "ANTHROPIC_API_KEY=x"], "policy.model_settings.env"),
+        (["--temperature", "2.5"], "policy.model_settings.temperature"),
+    ],
+)
+def test_task_create_refuses_bad_model_flags_naming_the_field(flags: list[str], field: str) -> None:
+    with pytest.raises(InvalidArgument) as err:
+        cli.task_spec_from_args(parse("task", "create", "anthropic", *flags))
+    assert err.value.field == field
+
+
+def test_task_create_refuses_an_invalid_output_schema_file(tmp_path: Path) -> None:
+    bad = tmp_path / "schema.json"
+    bad.write_text('{"type": 12}')
+    with pytest.raises(InvalidArgument, match="not a valid JSON Schema") as err:
+        cli.task_spec_from_args(parse("task", "create", "anthropic", "--output-schema", str(bad)))
+    assert err.value.field == "policy.output_schema_json"
+    with pytest.raises(InvalidArgument, match="cannot read"):
+        cli.task_spec_from_args(
+            parse("task", "create", "anthropic", "--output-schema", str(tmp_path / "missing"))
+        )
 
 
 def test_task_input_from_a_file(tmp_path: Path) -> None:

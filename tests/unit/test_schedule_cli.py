@@ -69,6 +69,18 @@ def test_create_flags_make_the_schedule(tmp_path: Path) -> None:
     )
 
 
+def test_create_takes_the_model_flags_for_its_tasks() -> None:
+    args = parse(
+        "schedule", "create", "nightly", "--agent", "claude_code", "--cron", "@daily",
+        "--tz", "UTC", "--max-cost", "2.5", "--append-system-prompt", "Be careful.",
+        "--disallowed-tool", "Bash",
+    )  # fmt: skip
+    policy = schedule_cmd.schedule_from_args(args).policy
+    assert policy.max_cost_usd == 2.5
+    assert policy.model_settings.append_system_prompt == "Be careful."
+    assert policy.model_settings.disallowed_tools == ["Bash"]
+
+
 def test_create_defaults_to_run_once_and_skip() -> None:
     args = parse("schedule", "create", "b", "--agent", "echo", "--cron", "@daily", "--tz", "UTC")
     s = schedule_cmd.schedule_from_args(args)

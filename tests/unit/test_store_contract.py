@@ -38,6 +38,7 @@ from taskrun.core.models import (
     AgentSpec,
     Conversation,
     ModelBackend,
+    ModelSettings,
     OutputChunk,
     OutputKind,
     Run,
@@ -149,6 +150,20 @@ def full_task() -> Task:
             allow_subtasks=True,
             max_subtasks=4,
             subtask_budget_usd=0.75,
+            output_schema='{"type":"object","required":["ok"]}',
+            output_retries=4,
+            model_settings=ModelSettings(
+                system_prompt="Be brief.",
+                max_tokens=300,
+                temperature=0.0,
+                stop_sequences=["END"],
+                append_system_prompt="ünï",
+                env={"MODE": "ci"},
+                mcp_servers='{"db":{"command":"db-mcp"}}',
+                allowed_tools=["Read"],
+                disallowed_tools=["Bash"],
+            ),
+            max_cost_usd=0.75,
         ),
         status=TaskStatus.RUNNING,
         attempts=2,
@@ -285,6 +300,8 @@ async def test_returned_and_applied_objects_are_copies(store: Store) -> None:
     await store.apply(ChangeSet(tasks=[task], runs=[run]))
     task.labels["team"] = "changed"
     task.policy.required_labels["zone"] = "us"
+    task.policy.model_settings.env["MODE"] = "changed"
+    task.policy.model_settings.stop_sequences.append("more")
     task.usage.turns = 99
     run.usage.turns = 99
     got = await store.get_task(tid(7))
@@ -292,6 +309,8 @@ async def test_returned_and_applied_objects_are_copies(store: Store) -> None:
     assert got is not None
     got.labels.clear()
     got.policy.required_labels.clear()
+    got.policy.model_settings.env.clear()
+    got.policy.model_settings.allowed_tools.clear()
     got.usage.add(Usage(turns=1))
     assert await store.get_task(tid(7)) == full_task()
     got_run = await store.get_run(rid(70))

@@ -55,9 +55,7 @@ MAIN_SCREEN_ACTIONS = frozenset(
 def retry_spec(task: Task) -> TaskSpec:
     """A new task like `task` (agent, input, labels, policy), labelled `retry_of`; no idempotency
     key, so the server creates it rather than returning an earlier one."""
-    policy = dataclasses.replace(
-        task.policy, idempotency_key="", required_labels=dict(task.policy.required_labels)
-    )
+    policy = dataclasses.replace(task.policy.copy(), idempotency_key="")
     labels = {**task.labels, "retry_of": task.id}
     return TaskSpec(agent=task.agent, input=task.input, labels=labels, policy=policy)
 

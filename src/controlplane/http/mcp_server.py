@@ -20,6 +20,7 @@ from typing import Any
 
 import mcp.types as mt
 import structlog
+from google.protobuf import json_format
 from mcp.server.context import ServerRequestContext
 from mcp.server.lowlevel import Server
 from mcp.server.streamable_http_manager import StreamableHTTPSessionManager
@@ -89,6 +90,22 @@ STATIC_TOOLS: tuple[mt.Tool, ...] = (
                 "agent": {"type": "string", "description": "the agent's name"},
                 "input": {"type": "object", "description": "the agent's input"},
                 "labels": _LABELS,
+                "output_schema": {
+                    "type": "object",
+                    "description": "a JSON Schema the result must match (the model is asked "
+                    "for it, and asked again with what did not validate)",
+                },
+                "model_settings": {
+                    "type": "object",
+                    "description": "system_prompt, max_tokens, temperature, stop_sequences; "
+                    "for claude_code also append_system_prompt, env, mcp_servers_json, "
+                    "allowed_tools, disallowed_tools",
+                },
+                "max_cost_usd": {
+                    "type": "number",
+                    "minimum": 0,
+                    "description": "the worker stops the run once it has cost more (USD)",
+                },
                 "wait": _WAIT,
                 "wait_seconds": _WAIT_SECONDS,
                 "allow_subtasks": _ALLOW_SUBTASKS,
@@ -227,6 +244,29 @@ def _input(arguments: dict[str, Any]) -> str:
     return json.dumps(value)
 
 
+def _model_options(arguments: dict[str, Any], policy: pb.TaskPolicy) -> None:
+    """output_schema, model_settings and max_cost_usd into the policy (the service validates
+    them as for any submission)."""
+    schema = arguments.get("output_schema")
+    if schema is not None:
+        if not isinstance(schema, dict):
+            raise ToolFailed("output_schema: must be a JSON Schema object")
+        policy.output_schema_json = json.dumps(schema)
+    settings = arguments.get("model_settings")
+    if settings is not None:
+        if not isinstance(settings, dict):
+            raise ToolFailed("model_settings: must be an object")
+        try:
+            json_format.ParseDict(settings, policy.model_settings)
+        except json_format.ParseError as exc:
+            raise ToolFailed(f"model_settings: {exc}") from None
+    cost = arguments.get("max_cost_usd")
+    if cost is not None:
+        if isinstance(cost, bool) or not isinstance(cost, int | float):
+            raise ToolFailed("max_cost_usd: must be a number of US dollars")
+        policy.max_cost_usd = float(cost)
+
+
 def _wait_seconds(arguments: dict[str, Any]) -> float:
     value = arguments.get("wait_seconds", DEFAULT_WAIT)
     if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value <= MAX_WAIT:
@@ -332,6 +372,7 @@ class McpTools:
         if not isinstance(allow, bool):
             raise ToolFailed("allow_subtasks: must be true or false")
         request.policy.allow_subtasks = allow
+        _model_options(arguments, request.policy)
         wait = arguments.get("wait", False)
         if not isinstance(wait, bool):
             raise ToolFailed("wait: must be true or false")

@@ -40,7 +40,7 @@ def _copy_task(t: Task) -> Task:
     return replace(
         t,
         labels=dict(t.labels),
-        policy=replace(t.policy, required_labels=dict(t.policy.required_labels)),
+        policy=t.policy.copy(),
         usage=replace(t.usage),
     )
 
@@ -62,7 +62,7 @@ def _copy_conversation(c: Conversation) -> Conversation:
     return replace(
         c,
         labels=dict(c.labels),
-        policy=replace(c.policy, required_labels=dict(c.policy.required_labels)),
+        policy=c.policy.copy(),
         usage=replace(c.usage),
     )
 

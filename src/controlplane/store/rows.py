@@ -32,6 +32,7 @@ from taskrun.core.models import (
     AgentSpec,
     Conversation,
     ModelBackend,
+    ModelSettings,
     OutputChunk,
     OutputKind,
     Run,
@@ -246,22 +247,29 @@ def usage_from(text: str) -> Usage:
 
 
 def policy_json(p: TaskPolicy) -> str:
-    return dumps(
-        {
-            "priority": p.priority,
-            "timeout": p.timeout,
-            "max_attempts": p.max_attempts,
-            "idempotency_key": p.idempotency_key,
-            "required_labels": p.required_labels,
-            "queue_timeout": p.queue_timeout,
-            "retry_on_failure": p.retry_on_failure,
-            "required_provider": p.required_provider,
-            "required_model": p.required_model,
-            "allow_subtasks": p.allow_subtasks,
-            "max_subtasks": p.max_subtasks,
-            "subtask_budget_usd": p.subtask_budget_usd,
-        }
-    )
+    fields: dict[str, Any] = {
+        "priority": p.priority,
+        "timeout": p.timeout,
+        "max_attempts": p.max_attempts,
+        "idempotency_key": p.idempotency_key,
+        "required_labels": p.required_labels,
+        "queue_timeout": p.queue_timeout,
+        "retry_on_failure": p.retry_on_failure,
+        "required_provider": p.required_provider,
+        "required_model": p.required_model,
+        "output_retries": p.output_retries,
+        "allow_subtasks": p.allow_subtasks,
+        "max_subtasks": p.max_subtasks,
+        "subtask_budget_usd": p.subtask_budget_usd,
+    }
+    # written only when set: most tasks have none, and rows from before them stay alike
+    if p.output_schema:
+        fields["output_schema"] = p.output_schema
+    if not p.model_settings.empty:
+        fields["model_settings"] = dataclasses.asdict(p.model_settings)
+    if p.max_cost_usd:
+        fields["max_cost_usd"] = p.max_cost_usd
+    return dumps(fields)
 
 
 @functools.lru_cache(maxsize=1024)  # most tasks share a handful of policies
@@ -271,8 +279,15 @@ def _policy_fields(text: str) -> dict[str, Any]:
 
 
 def policy_from(text: str) -> TaskPolicy:
-    policy = TaskPolicy(**_policy_fields(text))
+    fields = dict(_policy_fields(text))
+    settings: dict[str, Any] | None = fields.pop("model_settings", None)
+    policy = TaskPolicy(**fields)
     policy.required_labels = dict(policy.required_labels)  # never share the cached dict
+    if settings:  # a fresh object from the cached dict's values, copied likewise
+        copied: dict[str, Any] = {
+            k: v.copy() if isinstance(v, dict | list) else v for k, v in settings.items()
+        }
+        policy.model_settings = ModelSettings(**copied)
     return policy
 
 

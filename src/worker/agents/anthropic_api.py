@@ -6,30 +6,38 @@ the control plane asks for compaction (the transcript would not fit the model's 
 it first has the model summarize the older turns into one message, answers with that summary
 instead of them, and returns the summary for the next turns.
 
+The task's model settings (system prompt, max tokens, temperature, stop sequences) win over the
+input's fields of the same meaning; with an output schema the result is the model's JSON answer,
+asked again while it does not match (see `structured.py`).
+
 Environment (read when a run starts): ANTHROPIC_API_KEY, ANTHROPIC_BASE_URL,
 TASKRUN_ANTHROPIC_MODEL (default model), TASKRUN_ANTHROPIC_MODELS (the models it announces),
-TASKRUN_ANTHROPIC_MAX_RETRIES (SDK retries, default 2). A task's required model wins over the
-input's `model`.
+TASKRUN_ANTHROPIC_MAX_RETRIES (SDK retries, default 2), TASKRUN_MODEL_PRICES (prices of models
+not in the table). A task's required model wins over the input's `model`.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import structlog
 
-from taskrun.core.agent import AgentResult, Readiness, RunContext
+from taskrun.core.agent import AgentError, AgentResult, Readiness, RunContext
 from taskrun.core.models import SUMMARY_PREFIX, AgentSpec, TranscriptMessage, Usage
 from taskrun.worker.agents.backends import (
+    MODELS,
     AnthropicBackend,
     ChatMessage,
+    MessagesBackend,
+    ModelInfo,
     announced_backends,
     anthropic_api_missing,
     check_input,
-    choose_model,
+    default_model,
 )
+from taskrun.worker.agents.structured import answer, result_of, unknown_cost
 
 log = structlog.get_logger(__name__)
 
@@ -75,7 +83,15 @@ def messages(
 
 
 class AnthropicAgent:
-    """Sends `prompt` (with an optional system prompt) to the Messages API and streams the reply."""
+    """Sends `prompt` (with an optional system prompt) to the Messages API and streams the reply.
+
+    The `openai` agent is the same agent over another backend: it overrides the class attributes
+    and the three methods below `__init__`."""
+
+    name = "anthropic"
+    provider_name = "the Anthropic API"
+    max_temperature = 1.0
+    prices: Mapping[str, ModelInfo] = MODELS
 
     def __init__(self) -> None:
         # about a second on a busy machine: paid when the worker starts, not inside a run, where
@@ -94,11 +110,21 @@ class AnthropicAgent:
     def readiness(self) -> Readiness:
         return Readiness(anthropic_api_missing(), announced_backends())
 
+    def backend(self, bound: Any) -> MessagesBackend:
+        return AnthropicBackend.from_env(bound)
+
+    def default_model(self) -> str:
+        return default_model()
+
+    def input_schema(self) -> dict[str, Any]:
+        return INPUT_SCHEMA
+
     async def run(self, ctx: RunContext) -> AgentResult:
-        check_input(INPUT_SCHEMA, ctx.input)
-        bound = log.bind(task_id=ctx.task_id, run_id=ctx.run_id, agent="anthropic")
-        model = choose_model(ctx.model, ctx.input.get("model"))
-        backend = AnthropicBackend.from_env(bound)
+        check_input(self.input_schema(), ctx.input)
+        inp = ctx.input
+        bound = log.bind(task_id=ctx.task_id, run_id=ctx.run_id, agent=self.name)
+        model = ctx.model or inp.get("model") or self.default_model()
+        backend = self.backend(bound)
         turn = ctx.conversation
         history = list(turn.history) if turn is not None else []
         spent = Usage()
@@ -116,36 +142,51 @@ class AnthropicAgent:
             )
             summary = summarized.text
             spent.add(summarized.usage)
+            await ctx.report_usage(spent)
             history = [
                 TranscriptMessage("user", SUMMARY_PREFIX + summary),
                 TranscriptMessage("assistant", "Understood."),
                 *(m for m in history if m.turn > through),
             ]
             await ctx.event("compacted", summarized_through=through, summary=summary)
-        bound.info("calling the messages api", model=model, endpoint=backend.endpoint)
-        completion = await backend.complete(
-            system=ctx.input.get("system", ""),
+        settings = ctx.options.model_settings
+        temperature = (
+            settings.temperature if settings.temperature is not None else inp.get("temperature")
+        )
+        if temperature is not None and temperature > self.max_temperature:
+            raise AgentError(
+                f"temperature {temperature:g}: {self.provider_name} takes 0 to "
+                f"{self.max_temperature:g} (policy.model_settings.temperature)"
+            )
+        bound.info("calling the model", model=model, endpoint=getattr(backend, "endpoint", ""))
+        answered = await answer(
+            ctx,
+            backend,
+            system=settings.system_prompt or inp.get("system", ""),
             messages=messages(ctx, history),
             model=model,
-            max_tokens=ctx.input.get("max_tokens", DEFAULT_MAX_TOKENS),
-            temperature=ctx.input.get("temperature"),
+            max_tokens=settings.max_tokens or inp.get("max_tokens", DEFAULT_MAX_TOKENS),
+            temperature=temperature,
+            stop=settings.stop_sequences,
+            schema=ctx.options.output_schema,
+            retries=ctx.options.output_retries,
             on_text=ctx.emit,
+            spent=spent,
+            log=bound,
         )
+        completion = answered.completion
+        warnings = await unknown_cost(
+            ctx, completion.backend.model_name, answered.usage, self.prices
+        )
+        plain = {
+            "text": completion.text,
+            "stop_reason": completion.stop_reason,
+            "model": completion.backend.model_name,
+        }
         return AgentResult(
-            result={
-                "text": completion.text,
-                "stop_reason": completion.stop_reason,
-                "model": completion.backend.model_name,
-            },
-            usage=_plus(completion.usage, spent),
+            result=result_of(answered, plain, warnings),
+            usage=answered.usage,
             backend_used=completion.backend,
             summary=summary,
             summarized_through=through,
         )
-
-
-def _plus(usage: Usage, more: Usage) -> Usage:
-    total = Usage()
-    total.add(usage)
-    total.add(more)
-    return total

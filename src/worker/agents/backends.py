@@ -5,24 +5,18 @@ Two implementations of `MessagesBackend`:
   and endpoint come from the environment (`ANTHROPIC_API_KEY`, `ANTHROPIC_BASE_URL`); the SDK
   retries 408/409/429/5xx/529 and connection errors `TASKRUN_ANTHROPIC_MAX_RETRIES` times
   (default 2).
-- `ClaudeCodeBackend`: the same request through Claude Code (claude-agent-sdk, the optional
-  `taskrun-agents[claude]` extra), with no tools and one turn.
+- `ClaudeCodeBackend` (in `claude_cli.py`, with everything else that starts the Claude Code CLI):
+  the same request through Claude Code, with no tools and one turn.
+- `OpenAIBackend` (in `openai_api.py`): OpenAI-compatible chat completions.
 
-Failures become `AgentError` with a message that says what happened. `claude_session` is the
-one place a Claude Code CLI process is started and, however the run ends, stopped.
+Failures become `AgentError` with a message that says what happened.
 """
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import os
-import shutil
-import signal
-from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypedDict
 
 import jsonschema
@@ -34,13 +28,11 @@ from taskrun.core.models import ModelBackend, Usage
 if TYPE_CHECKING:
     import anthropic
     from anthropic.types import MessageParam
-    from claude_agent_sdk import ClaudeAgentOptions, ClaudeSDKClient
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_MODEL = "claude-sonnet-5-5"
 DEFAULT_MAX_RETRIES = 2
-CLAUDE_EXTRA_HINT = "install it on the worker with: pip install 'taskrun-agents[claude]'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,7 +46,8 @@ class ModelInfo:
 
 # List prices (platform.claude.com model pages, November 2026). Cache reads are billed at 0.1x
 # and 5-minute cache writes at 1.25x the input price. Haiku 5.5's higher rate above 100k prompt
-# tokens is not modelled. Unknown models cost 0 (and show context window 0).
+# tokens is not modelled. Other models: TASKRUN_MODEL_PRICES (see `model_info`); a model in no
+# table has cost 0 and the run says so (`cost_unknown`).
 MODELS: dict[str, ModelInfo] = {
     "claude-sonnet-5-5": ModelInfo(1_000_000, 2.0, 10.0),
     "claude-opus-5-5": ModelInfo(1_000_000, 4.0, 20.0),
@@ -64,6 +57,11 @@ MODELS: dict[str, ModelInfo] = {
 }
 CACHE_READ_FACTOR = 0.1
 CACHE_WRITE_FACTOR = 1.25
+PRICES_ENV = "TASKRUN_MODEL_PRICES"
+PRICES_HELP = (
+    f"add it on the worker: {PRICES_ENV}='MODEL=INPUT/OUTPUT' (USD per million input/output "
+    f"tokens, comma-separated for several models, e.g. {PRICES_ENV}='my-model=0.5/1.5')"
+)
 
 
 def configured_models() -> list[str]:
@@ -85,6 +83,35 @@ def choose_model(required: str, requested: object) -> str:
     if required:
         return required
     return requested if isinstance(requested, str) and requested else default_model()
+
+
+def configured_prices() -> dict[str, ModelInfo]:
+    """TASKRUN_MODEL_PRICES: `model=input/output[,model=input/output...]`, USD per million
+    tokens (context window unknown). Entries that do not parse are left out with a warning."""
+    prices: dict[str, ModelInfo] = {}
+    for item in os.environ.get(PRICES_ENV, "").split(","):
+        if not item.strip():
+            continue
+        name, _, rates = item.partition("=")
+        given, _, taken = rates.partition("/")
+        try:
+            info = ModelInfo(0, float(given), float(taken))
+        except ValueError:
+            log.warning("price entry left out", setting=PRICES_ENV, entry=item)
+            continue
+        if name.strip() and info.input_usd >= 0 and info.output_usd >= 0:
+            prices[name.strip()] = info
+    return prices
+
+
+def model_info(model: str, table: Mapping[str, ModelInfo] = MODELS) -> ModelInfo | None:
+    """The model's prices: TASKRUN_MODEL_PRICES first (an operator's own prices win), then
+    `table`; None when neither knows it."""
+    return configured_prices().get(model) or table.get(model)
+
+
+def unknown_cost_hint(model: str) -> str:
+    return f"cost unknown: model {model!r} is not in the price table; {PRICES_HELP}"
 
 
 def context_window(model: str) -> int:
@@ -117,14 +144,6 @@ def announced_backends(*, tools: Sequence[str] = ()) -> tuple[ModelBackend, ...]
 
 # -- readiness: can this worker run the agent now? ----------------------------------------------
 
-CLAUDE_CREDENTIAL_VARIABLES = (
-    "ANTHROPIC_API_KEY",
-    "ANTHROPIC_AUTH_TOKEN",
-    "CLAUDE_CODE_OAUTH_TOKEN",
-    "CLAUDE_CODE_USE_BEDROCK",
-    "CLAUDE_CODE_USE_VERTEX",
-)
-
 
 def anthropic_api_missing() -> str:
     """Why the Messages API cannot be called from here ("" when it can)."""
@@ -137,34 +156,9 @@ def anthropic_api_missing() -> str:
     return ""
 
 
-def claude_code_missing() -> str:
-    """Why Claude Code cannot run here ("" when it can): the SDK, its CLI, credentials (a key
-    or token in the environment, Bedrock/Vertex, or a `claude login` in the worker's HOME)."""
-    import importlib.util
-
-    if importlib.util.find_spec("claude_agent_sdk") is None:
-        return f"claude-agent-sdk is not installed; {CLAUDE_EXTRA_HINT}"
-    configured = os.environ.get("TASKRUN_CLAUDE_CLI_PATH")
-    if configured:
-        if not os.access(configured, os.X_OK):
-            return f"TASKRUN_CLAUDE_CLI_PATH={configured} is not an executable file"
-    elif find_claude_cli(import_claude_sdk()) is None:
-        return (
-            f"the Claude Code CLI was not found (neither bundled nor on PATH); {CLAUDE_EXTRA_HINT}"
-        )
-    if any(os.environ.get(name) for name in CLAUDE_CREDENTIAL_VARIABLES):
-        return ""
-    if (Path.home() / ".claude" / ".credentials.json").is_file():
-        return ""
-    return (
-        "no credentials for Claude Code: set ANTHROPIC_API_KEY in the worker's environment "
-        "(or log in with `claude` as the worker's user)"
-    )
-
-
-def cost_usd(model: str, usage: Usage) -> float:
-    """Estimated cost from the list-price table; 0.0 for models not in it."""
-    info = MODELS.get(model)
+def cost_usd(model: str, usage: Usage, table: Mapping[str, ModelInfo] = MODELS) -> float:
+    """Estimated cost from the price tables; 0.0 for models in none (see unknown_cost_hint)."""
+    info = model_info(model, table)
     if info is None:
         return 0.0
     total = (
@@ -227,7 +221,9 @@ class Completion:
 
 
 class MessagesBackend(Protocol):
-    """Send a system prompt + messages, stream text deltas to `on_text`, return the completion."""
+    """Send a system prompt + messages, stream text deltas to `on_text`, return the completion.
+    `schema` is the JSON Schema the answer must match (the system prompt says so already); a
+    backend whose API can constrain the answer to it does."""
 
     name: str
 
@@ -239,6 +235,8 @@ class MessagesBackend(Protocol):
         model: str,
         max_tokens: int,
         temperature: float | None = None,
+        stop: Sequence[str] = (),
+        schema: Mapping[str, Any] | None = None,
         on_text: TextSink | None = None,
     ) -> Completion: ...
 
@@ -252,7 +250,7 @@ def _message_param(message: ChatMessage) -> MessageParam:
     return {"role": "user", "content": message["content"]}
 
 
-def _max_retries_from_env() -> int:
+def max_retries_from_env() -> int:
     raw = os.environ.get("TASKRUN_ANTHROPIC_MAX_RETRIES", "")
     if not raw:
         return DEFAULT_MAX_RETRIES
@@ -280,7 +278,7 @@ class AnthropicBackend:
         return cls(
             api_key=os.environ.get("ANTHROPIC_API_KEY") or None,
             base_url=os.environ.get("ANTHROPIC_BASE_URL") or None,
-            max_retries=_max_retries_from_env(),
+            max_retries=max_retries_from_env(),
             log=log,
         )
 
@@ -296,6 +294,8 @@ class AnthropicBackend:
         model: str,
         max_tokens: int,
         temperature: float | None = None,
+        stop: Sequence[str] = (),
+        schema: Mapping[str, Any] | None = None,
         on_text: TextSink | None = None,
     ) -> Completion:
         import anthropic
@@ -316,6 +316,7 @@ class AnthropicBackend:
                     max_tokens=max_tokens,
                     system=system or anthropic.omit,
                     messages=params,
+                    stop_sequences=list(stop) if stop else anthropic.omit,
                     extra_body=extra_body,
                 ) as stream,
             ):
@@ -402,228 +403,3 @@ class AnthropicBackend:
                 f"could not connect to the Anthropic API at {self.endpoint} {retries}{cause}"
             )
         return AgentError(f"Anthropic SDK error: {type(exc).__name__}: {exc}")
-
-
-# -- Claude Code (claude-agent-sdk) ------------------------------------------------------------
-
-
-def import_claude_sdk() -> Any:
-    """The claude_agent_sdk module, or AgentError saying how to install it."""
-    try:
-        import claude_agent_sdk
-    except ImportError as exc:
-        raise AgentError(f"claude-agent-sdk is not installed; {CLAUDE_EXTRA_HINT}") from exc
-    return claude_agent_sdk
-
-
-def claude_options(
-    *, supervise: Callable[[str], str] | None = None, **options: Any
-) -> ClaudeAgentOptions:
-    """ClaudeAgentOptions with the worker's defaults: `cli_path` from TASKRUN_CLAUDE_CLI_PATH
-    (else the CLI bundled with the SDK, else `claude` on PATH), started through `supervise`
-    (RunContext.supervised_program) so that it dies with the worker and with its lease."""
-    sdk = import_claude_sdk()
-    cli_path = options.get("cli_path") or os.environ.get("TASKRUN_CLAUDE_CLI_PATH")
-    cli_path = cli_path or find_claude_cli(sdk)
-    if cli_path:
-        options["cli_path"] = supervise(cli_path) if supervise is not None else cli_path
-    return sdk.ClaudeAgentOptions(**options)  # type: ignore[no-any-return]
-
-
-def find_claude_cli(sdk: Any) -> str | None:
-    """The CLI the SDK would run: the one bundled in its wheel, else `claude` on PATH."""
-    bundled = Path(sdk.__file__).parent / "_bundled" / "claude"
-    if bundled.is_file():
-        return str(bundled)
-    return shutil.which("claude")
-
-
-@dataclass
-class StderrTail:
-    """Keeps the last lines the CLI wrote to stderr, for error messages."""
-
-    lines: deque[str] = field(default_factory=lambda: deque(maxlen=20))
-
-    def __call__(self, line: str) -> None:
-        self.lines.append(line)
-
-    def text(self) -> str:
-        return " | ".join(self.lines)
-
-
-def _cli_process(client: ClaudeSDKClient) -> Any:
-    """The CLI subprocess behind a connected client (an anyio Process), if the SDK exposes it."""
-    transport = getattr(client, "_transport", None)
-    return getattr(transport, "_process", None)
-
-
-async def _stop_process(process: Any, grace: float, log: Any) -> None:
-    """SIGTERM, then SIGKILL after `grace` seconds; returns once the process has exited."""
-    if process is None or process.returncode is not None:
-        return
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        with contextlib.suppress(ProcessLookupError):
-            process.send_signal(sig)
-        try:
-            async with asyncio.timeout(grace):
-                await process.wait()
-            log.info("claude code cli stopped", pid=process.pid, signal=sig.name)
-            return
-        except TimeoutError:
-            continue
-
-
-@contextlib.asynccontextmanager
-async def claude_session(
-    options: ClaudeAgentOptions, *, log: Any = log, grace: float = 3.0
-) -> AsyncIterator[ClaudeSDKClient]:
-    """A connected ClaudeSDKClient whose CLI process is gone when the block exits.
-
-    On cancellation the turn is interrupted first (so the session file stays resumable), then
-    stdin is closed; a CLI that has not exited after `grace` seconds gets SIGTERM, then SIGKILL.
-    The SDK's own close does not escalate when asyncio cancels it, hence this wrapper.
-    """
-    sdk = import_claude_sdk()
-    client: ClaudeSDKClient = sdk.ClaudeSDKClient(options=options)
-    try:
-        await client.connect()
-    except sdk.CLINotFoundError as exc:
-        raise AgentError(f"Claude Code CLI not found ({exc}); {CLAUDE_EXTRA_HINT}") from exc
-    except sdk.ClaudeSDKError as exc:
-        raise AgentError(f"could not start Claude Code: {exc}") from exc
-    process = _cli_process(client)
-    pid = getattr(process, "pid", None)
-    log.debug("claude code cli started", pid=pid)
-    interrupted = False
-    try:
-        yield client
-    except BaseException:  # cancelled, or the caller failed mid-turn: stop the turn first
-        interrupted = True
-        with contextlib.suppress(Exception, TimeoutError):
-            async with asyncio.timeout(min(grace, 2.0)):
-                await client.interrupt()
-        raise
-    finally:
-        try:
-            async with asyncio.timeout(grace):
-                await client.disconnect()
-        except (Exception, TimeoutError) as exc:
-            log.warning("claude code disconnect failed", pid=pid, error=repr(exc))
-        await _stop_process(process, grace, log)
-        log.debug("claude code cli gone", pid=pid, interrupted=interrupted)
-
-
-def usage_from_claude(data: Mapping[str, Any] | None) -> Usage:
-    data = data or {}
-    return Usage(
-        input_tokens=int(data.get("input_tokens") or 0),
-        output_tokens=int(data.get("output_tokens") or 0),
-        cache_read_tokens=int(data.get("cache_read_input_tokens") or 0),
-        cache_creation_tokens=int(data.get("cache_creation_input_tokens") or 0),
-    )
-
-
-def claude_result_error(result: Any, stderr: StderrTail | None = None) -> str:
-    """Why a ResultMessage with is_error=True failed, in one line."""
-    status = getattr(result, "api_error_status", None)
-    what = (
-        "Claude Code failed"
-        if result.subtype == "success"
-        else f"Claude Code stopped ({result.subtype})"
-    )
-    if status:
-        what += f" (API status {status})"
-    details = [str(e) for e in (getattr(result, "errors", None) or [])]
-    if result.result:
-        details.append(str(result.result))
-    if status == 401:
-        details.append("authentication failed: check ANTHROPIC_API_KEY")
-    if stderr is not None and stderr.lines:
-        details.append(f"stderr: {stderr.text()}")
-    return f"{what}: {'; '.join(details)}" if details else what
-
-
-def _flatten(messages: Sequence[ChatMessage]) -> str:
-    """One prompt for Claude Code from a conversation: earlier turns as a transcript."""
-    if len(messages) == 1:
-        return messages[0]["content"]
-    earlier = "\n\n".join(f"<{m['role']}>\n{m['content']}\n</{m['role']}>" for m in messages[:-1])
-    return f"The conversation so far:\n\n{earlier}\n\n{messages[-1]['content']}"
-
-
-@dataclass
-class ClaudeCodeBackend:
-    """One tool-less turn through Claude Code; text deltas stream via partial messages."""
-
-    log: Any = field(default=log, repr=False)
-    name: str = "claude_code"
-    supervise: Callable[[str], str] | None = field(default=None, repr=False)
-
-    async def complete(
-        self,
-        *,
-        system: str,
-        messages: Sequence[ChatMessage],
-        model: str,
-        max_tokens: int,
-        temperature: float | None = None,
-        on_text: TextSink | None = None,
-    ) -> Completion:
-        if temperature is not None:
-            raise AgentError("the claude_code backend does not support temperature")
-        sdk = import_claude_sdk()
-        stderr = StderrTail()
-        options = claude_options(
-            system_prompt=system or None,
-            model=model,
-            max_turns=1,
-            tools=[],
-            setting_sources=[],
-            include_partial_messages=True,
-            stderr=stderr,
-            env={"CLAUDE_CODE_MAX_OUTPUT_TOKENS": str(max_tokens)},
-            supervise=self.supervise,
-        )
-        streamed: list[str] = []
-        text_blocks: list[str] = []
-        used_model = model
-        result = None
-        async with claude_session(options, log=self.log) as client:
-            await client.query(_flatten(messages))
-            async for message in client.receive_response():
-                if isinstance(message, sdk.StreamEvent) and message.parent_tool_use_id is None:
-                    delta = message.event.get("delta") or {}
-                    if (
-                        message.event.get("type") == "content_block_delta"
-                        and delta.get("type") == "text_delta"
-                    ):
-                        streamed.append(delta.get("text", ""))
-                        if on_text is not None:
-                            await on_text(delta.get("text", ""))
-                elif isinstance(message, sdk.AssistantMessage):
-                    used_model = message.model or used_model
-                    text_blocks += [b.text for b in message.content if isinstance(b, sdk.TextBlock)]
-                elif isinstance(message, sdk.ResultMessage):
-                    result = message
-        if result is None:
-            raise AgentError(f"Claude Code ended without a result; stderr: {stderr.text()}")
-        if result.is_error:
-            raise AgentError(claude_result_error(result, stderr))
-        text = "".join(text_blocks) or "".join(streamed) or (result.result or "")
-        usage = usage_from_claude(result.usage)
-        usage.cost_usd = float(result.total_cost_usd or 0.0)
-        usage.turns = result.num_turns
-        usage.duration_ms = result.duration_ms
-        return Completion(text, usage, model_backend(used_model), result.stop_reason or "")
-
-
-def backend_named(
-    name: str, log: Any = log, supervise: Callable[[str], str] | None = None
-) -> MessagesBackend:
-    """`supervise` (RunContext.supervised_program) starts any child process under the worker's
-    supervisor."""
-    if name == "anthropic":
-        return AnthropicBackend.from_env(log)
-    if name == "claude_code":
-        return ClaudeCodeBackend(log=log, supervise=supervise)
-    raise AgentError(f"unknown backend {name!r}; use 'anthropic' or 'claude_code'")

@@ -37,19 +37,26 @@ from taskrun.core.models import (
     AgentSpec,
     TranscriptMessage,
     TurnContext,
+    Usage,
 )
+from taskrun.core.output_schema import exhausted, feedback, instructions, parse_reply
 from taskrun.worker.agents.backends import (
-    CLAUDE_EXTRA_HINT,
-    StderrTail,
     announced_backends,
     check_input,
     choose_model,
+    cost_usd,
+    default_model,
+    model_backend,
+    unknown_cost_hint,
+)
+from taskrun.worker.agents.claude_cli import (
+    CLAUDE_EXTRA_HINT,
+    StderrTail,
     claude_code_missing,
     claude_options,
     claude_result_error,
     claude_session,
     import_claude_sdk,
-    model_backend,
     usage_from_claude,
 )
 
@@ -70,10 +77,50 @@ INPUT_SCHEMA: dict[str, Any] = {
         "model": {"type": "string", "minLength": 1},
         "max_turns": {"type": "integer", "minimum": 1, "maximum": 1000},
         "max_budget_usd": {"type": "number", "exclusiveMinimum": 0},
+        "fail_on_refused_tools": {
+            "type": "boolean",
+            "description": "fail the run when the permission mode refused a tool call",
+        },
     },
     "required": ["prompt"],
     "additionalProperties": False,
 }
+
+
+def session_settings(ctx: RunContext, inp: dict[str, Any]) -> dict[str, Any]:
+    """ClaudeAgentOptions from the task's model settings and output schema (and the input's
+    tool lists where the settings give none; disallowed tools add up). Temperature and stop
+    sequences are refused: Claude Code sets its own."""
+    settings = ctx.options.model_settings
+    if settings.temperature is not None:
+        raise AgentError(
+            "claude_code does not take a temperature (policy.model_settings.temperature): "
+            "Claude Code sets its own"
+        )
+    if settings.stop_sequences:
+        raise AgentError(
+            "claude_code does not take stop sequences (policy.model_settings.stop_sequences)"
+        )
+    schema = ctx.options.output_schema
+    append = "\n\n".join(
+        text for text in (settings.append_system_prompt, schema and instructions(schema)) if text
+    )
+    system: Any = None
+    if settings.system_prompt:
+        system = f"{settings.system_prompt}\n\n{append}" if append else settings.system_prompt
+    elif append:
+        system = {"type": "preset", "preset": "claude_code", "append": append}
+    env = {**settings.env, **run_environment(ctx)}
+    if settings.max_tokens:
+        env["CLAUDE_CODE_MAX_OUTPUT_TOKENS"] = str(settings.max_tokens)
+    disallowed = [*inp.get("disallowed_tools", []), *settings.disallowed_tools]
+    return {
+        "system_prompt": system,
+        "env": env,
+        "mcp_servers": json.loads(settings.mcp_servers) if settings.mcp_servers else {},
+        "allowed_tools": list(settings.allowed_tools or inp.get("allowed_tools", [])),
+        "disallowed_tools": list(dict.fromkeys(disallowed)),
+    }
 
 
 def run_environment(ctx: RunContext) -> dict[str, str]:
@@ -224,11 +271,12 @@ class ClaudeCodeAgent:
             prompt = ctx.prompt if resume else inp["prompt"]
         if not prompt:
             raise AgentError("a follow-up needs a prompt (the new user message)")
+        schema = ctx.options.output_schema
+        model = inp.get("model") or default_model()
         stderr = StderrTail()
         options = claude_options(
             cwd=cwd,
-            allowed_tools=list(inp.get("allowed_tools", [])),
-            disallowed_tools=list(inp.get("disallowed_tools", [])),
+            **session_settings(ctx, inp),
             permission_mode=inp.get("permission_mode"),
             model=model,
             max_turns=inp.get("max_turns"),
@@ -236,7 +284,6 @@ class ClaudeCodeAgent:
             resume=resume,
             include_partial_messages=True,
             stderr=stderr,
-            env=run_environment(ctx),
             supervise=ctx.supervised_program,
             **kept_away_from(ctx.protected_paths, sandbox=ctx.sandbox),
         )
@@ -249,7 +296,11 @@ class ClaudeCodeAgent:
         stream_id = ""  # the message being streamed
         emitted_any = False
         ends_with_newline = True
-        result: Any = None
+        # each API call's cost as the session goes, by message id (the CLI repeats a message's
+        # usage on every block of it): the worker stops the run once it is over its limit
+        calls: dict[str, Usage] = {}
+        results: list[Any] = []  # one ResultMessage per query (a re-ask is another)
+        failed: dict[str, str] = {}  # tool results that were errors, by tool use id
 
         async def emit(text: str, message_id: str) -> None:
             nonlocal emitted_any, ends_with_newline, current_id
@@ -261,8 +312,19 @@ class ClaudeCodeAgent:
             await ctx.emit(text)
             emitted_any, ends_with_newline = True, text.endswith("\n")
 
-        async with claude_session(options, log=bound) as client:
-            await client.query(prompt)
+        async def spent(message: Any) -> None:
+            if not message.usage:
+                return
+            call = usage_from_claude(message.usage)
+            call.cost_usd = cost_usd(message.model or model, call)
+            calls[message.message_id or str(len(calls))] = call
+            so_far = Usage()
+            for each in calls.values():
+                so_far.add(each)
+            await ctx.report_usage(so_far)
+
+        async def receive(client: Any) -> Any:
+            nonlocal session_id, model, tools, stream_id
             async for message in client.receive_response():
                 if isinstance(message, sdk.StreamEvent):
                     if message.parent_tool_use_id is not None:
@@ -280,7 +342,11 @@ class ClaudeCodeAgent:
                     model = message.data.get("model", model)
                     tools = list(message.data.get("tools", []))
                     await ctx.event(
-                        "session", session_id=session_id, model=model, resumed=bool(resume)
+                        "session",
+                        session_id=session_id,
+                        model=model,
+                        resumed=bool(resume),
+                        mcp_servers=message.data.get("mcp_servers", []),
                     )
                 elif isinstance(message, sdk.AssistantMessage):
                     model = message.model or model
@@ -295,53 +361,125 @@ class ClaudeCodeAgent:
                                 "tool_use", id=block.id, name=block.name, input=block.input
                             )
                         elif isinstance(block, sdk.ToolResultBlock):
-                            await self._tool_result(ctx, block)
+                            await self._tool_result(ctx, block, failed)
+                    await spent(message)
                 elif isinstance(message, sdk.UserMessage) and isinstance(message.content, list):
                     for block in message.content:
                         if isinstance(block, sdk.ToolResultBlock):
-                            await self._tool_result(ctx, block)
+                            await self._tool_result(ctx, block, failed)
                 elif isinstance(message, sdk.ResultMessage):
-                    result = message
+                    results.append(message)
+                    return message
+            return None
+
+        value: Any = None
+        problems: list[str] = []
+        async with claude_session(options, log=bound) as client:
+            await client.query(prompt)
+            result = await receive(client)
+            attempt = 1
+            # with an output schema, the session is asked again with what did not validate
+            while schema is not None and result is not None and not result.is_error:
+                value, problems = parse_reply(result.result or "", schema)
+                await ctx.event(
+                    "output_attempt",
+                    attempt=attempt,
+                    valid=not problems,
+                    errors=problems,
+                    reply=(result.result or "")[:500],
+                )
+                if not problems or attempt > ctx.options.output_retries:
+                    break
+                bound.info("reply did not match the output schema", attempt=attempt)
+                attempt += 1
+                await client.query(feedback(problems))
+                result = await receive(client)
         if result is None:
             raise AgentError(f"Claude Code ended without a result; stderr: {stderr.text()}")
         session_id = result.session_id or session_id
         total_cost = float(result.total_cost_usd or 0.0)  # the session's running total
-        usage = usage_from_claude(result.usage)  # tokens: this run's own
+        usage = Usage()
+        for each in results:  # tokens: this run's own, over its queries
+            usage.add(usage_from_claude(each.usage))
+            usage.turns += each.num_turns
+            usage.duration_ms += each.duration_ms
         usage.cost_usd = max(0.0, total_cost - cost_before)
-        usage.turns = result.num_turns
-        usage.duration_ms = result.duration_ms
         snapshot = await asyncio.to_thread(capture_session, session_id) if turn else b""
+        refused = await self._refused(ctx, results, inp.get("permission_mode"), failed)
+        failure = ""
         if result.is_error:
+            failure = claude_result_error(result, stderr)
+        elif problems:
+            failure = exhausted(attempt, problems)
+        elif refused and inp.get("fail_on_refused_tools"):
+            failure = refused[0]
+        if failure:
             bound.info("claude code failed", subtype=result.subtype, session_id=session_id)
             raise AgentError(
-                claude_result_error(result, stderr),
+                failure,
                 usage=usage,
                 session_id=session_id,
                 session_snapshot=snapshot,
                 session_cost_usd=total_cost,
             )
+        warnings = [*refused]
+        if not total_cost and (usage.input_tokens or usage.output_tokens):
+            hint = unknown_cost_hint(model)
+            await ctx.event("cost_unknown", model=model, hint=hint)
+            warnings.append(hint)
         bound.info(
             "claude code done",
             session_id=session_id,
-            turns=result.num_turns,
+            turns=usage.turns,
             cost_usd=usage.cost_usd,
         )
+        plain: dict[str, Any] = {
+            "text": result.result or "",
+            "session_id": session_id,
+            "model": model,
+            "stop_reason": result.stop_reason or "",
+            "turns": usage.turns,
+            "duration_ms": usage.duration_ms,
+            "cost_usd": usage.cost_usd,
+        }
+        if warnings:
+            plain["warnings"] = warnings
         return AgentResult(
-            result={
-                "text": result.result or "",
-                "session_id": session_id,
-                "model": model,
-                "stop_reason": result.stop_reason or "",
-                "turns": result.num_turns,
-                "duration_ms": result.duration_ms,
-                "cost_usd": usage.cost_usd,
-            },
+            result=value if schema is not None else plain,
             usage=usage,
             backend_used=model_backend(model, tools=tools),
             session_id=session_id,
             session_snapshot=snapshot,
             session_cost_usd=total_cost,
         )
+
+    @staticmethod
+    async def _refused(
+        ctx: RunContext, results: list[Any], mode: str | None, failed: dict[str, str]
+    ) -> list[str]:
+        """Tool calls the permission mode refused: a `tool_refused` event each, and one warning
+        naming them (a run that could not do what it was asked must not look clean)."""
+        denials = [d for r in results for d in (getattr(r, "permission_denials", None) or [])]
+        names: list[str] = []
+        for denial in denials:
+            item = denial if isinstance(denial, dict) else vars(denial)
+            name = str(item.get("tool_name") or item.get("name") or "?")
+            names.append(name)
+            await ctx.event(
+                "tool_refused",
+                name=name,
+                tool_use_id=item.get("tool_use_id", ""),
+                input=item.get("tool_input", {}),
+                permission_mode=mode or "default",
+                reason=failed.get(str(item.get("tool_use_id", "")), ""),
+            )
+        if not names:
+            return []
+        return [
+            f"{len(names)} tool call{'s' if len(names) > 1 else ''} refused by permission mode "
+            f"{mode or 'default'}: {', '.join(dict.fromkeys(names))} (allow them with "
+            "allowed_tools, --allowed-tool, or another permission_mode)"
+        ]
 
     @staticmethod
     async def _continue(
@@ -371,12 +509,15 @@ class ClaudeCodeAgent:
         return None, message
 
     @staticmethod
-    async def _tool_result(ctx: RunContext, block: Any) -> None:
+    async def _tool_result(ctx: RunContext, block: Any, failed: dict[str, str]) -> None:
+        content = _text_of(block.content)
+        if block.is_error:
+            failed[block.tool_use_id] = content
         await ctx.event(
             "tool_result",
             tool_use_id=block.tool_use_id,
             is_error=bool(block.is_error),
-            content=_text_of(block.content),
+            content=content,
         )
 
 

@@ -1,30 +1,32 @@
 """The `support_triage` sample agent: classify a support ticket into schema-checked JSON.
 
-The model is asked for {category, priority, summary}; its reply is validated against
-TRIAGE_SCHEMA. On a violation the model is asked again (at most twice), told what was wrong.
+The model is asked for {category, priority, summary} matching TRIAGE_SCHEMA, the way any task
+with an output schema is (`structured.answer`): on a violation it is asked again (at most twice),
+told what was wrong.
 Runs on either backend of `backends.py` (input "backend": "anthropic" | "claude_code").
 """
 
 from __future__ import annotations
 
 import json
-import re
+from collections.abc import Callable
 from typing import Any
 
-import jsonschema
 import structlog
 
 from taskrun.core.agent import AgentError, AgentResult, Readiness, RunContext
-from taskrun.core.models import AgentSpec, Usage
+from taskrun.core.models import AgentSpec
+from taskrun.core.output_schema import parse_reply
 from taskrun.worker.agents.backends import (
-    ChatMessage,
-    Completion,
+    AnthropicBackend,
+    MessagesBackend,
     announced_backends,
     anthropic_api_missing,
-    backend_named,
     check_input,
     choose_model,
 )
+from taskrun.worker.agents.claude_cli import ClaudeCodeBackend
+from taskrun.worker.agents.structured import answer
 
 log = structlog.get_logger(__name__)
 
@@ -62,30 +64,15 @@ Answer with one JSON object and nothing else (no prose, no code fence), with exa
 - "category": one of {", ".join(CATEGORIES)}
 - "priority": one of {", ".join(PRIORITIES)}
 - "summary": one sentence of at most 200 characters saying what the customer needs
-The JSON Schema your answer must satisfy:
-{json.dumps(TRIAGE_SCHEMA)}"""
-
-_FENCE = re.compile(r"```(?:json)?\s*(.*?)\s*```", re.DOTALL)
-_validator = jsonschema.Draft202012Validator(TRIAGE_SCHEMA)
+"""
 
 
 def violations(reply: str) -> tuple[dict[str, Any] | None, list[str]]:
     """The parsed triage and an empty list, or None and what is wrong with the reply."""
-    text = reply.strip()
-    fenced = _FENCE.fullmatch(text)
-    if fenced:
-        text = fenced.group(1)
-    try:
-        value = json.loads(text)
-    except ValueError as exc:
-        return None, [f"the reply is not valid JSON ({exc})"]
-    if not isinstance(value, dict):
-        return None, [f"the reply must be a JSON object, not {type(value).__name__}"]
-    errors = sorted(_validator.iter_errors(value), key=lambda e: list(e.absolute_path))
-    problems = [
-        f"{'.'.join(str(p) for p in e.absolute_path) or '(root)'}: {e.message}" for e in errors
-    ]
-    return (value, []) if not problems else (None, problems)
+    value, problems = parse_reply(reply, TRIAGE_SCHEMA)
+    if problems or not isinstance(value, dict):
+        return None, problems or ["the reply must be a JSON object"]
+    return value, []
 
 
 def ticket_prompt(ticket: dict[str, Any]) -> str:
@@ -95,12 +82,16 @@ def ticket_prompt(ticket: dict[str, Any]) -> str:
     )
 
 
-def feedback(problems: list[str]) -> str:
-    listed = "\n".join(f"- {p}" for p in problems)
-    return (
-        f"Your answer did not match the schema:\n{listed}\n"
-        "Reply again with only the corrected JSON object."
-    )
+def backend_named(
+    name: str, log: Any, supervise: Callable[[str], str] | None = None
+) -> MessagesBackend:
+    """`supervise` (RunContext.supervised_program) starts any child process under the worker's
+    supervisor."""
+    if name == "anthropic":
+        return AnthropicBackend.from_env(log)
+    if name == "claude_code":
+        return ClaudeCodeBackend(log=log, supervise=supervise)
+    raise AgentError(f"unknown backend {name!r}; use 'anthropic' or 'claude_code'")
 
 
 class SupportTriageAgent:
@@ -127,46 +118,32 @@ class SupportTriageAgent:
         )
         backend = backend_named(name, bound, ctx.supervised_program)
         model = choose_model(ctx.model, ctx.input.get("model"))
-        messages: list[ChatMessage] = [{"role": "user", "content": ticket_prompt(ctx.input)}]
-        usage = Usage()
-        completion: Completion | None = None
-        problems: list[str] = []
-        for attempt in range(1, MAX_RETRIES + 2):
-            completion = await backend.complete(
-                system=SYSTEM_PROMPT,
-                messages=messages,
-                model=model,
-                max_tokens=ctx.input.get("max_tokens", 512),
-            )
-            usage.add(completion.usage)
-            triage, problems = violations(completion.text)
-            await ctx.event(
-                "triage_attempt",
-                attempt=attempt,
-                backend=name,
-                valid=triage is not None,
-                errors=problems,
-                reply=completion.text[:500],
-            )
-            if triage is not None:
-                bound.info("ticket triaged", attempts=attempt, **triage)
-                await ctx.emit(json.dumps(triage, indent=2) + "\n")
-                return AgentResult(
-                    result={
-                        "ticket_id": ctx.input["ticket_id"],
-                        **triage,
-                        "attempts": attempt,
-                        "backend": name,
-                    },
-                    usage=usage,
-                    backend_used=completion.backend,
-                )
-            bound.info("triage reply violated the schema", attempt=attempt, errors=problems)
-            messages += [
-                {"role": "assistant", "content": completion.text or "(empty reply)"},
-                {"role": "user", "content": feedback(problems)},
-            ]
-        raise AgentError(
-            f"the model's reply did not match the triage schema after {MAX_RETRIES + 1} "
-            f"attempts: {'; '.join(problems)}"
+        settings = ctx.options.model_settings  # its own system prompt and schema stay
+        answered = await answer(
+            ctx,
+            backend,
+            system=SYSTEM_PROMPT,
+            messages=[{"role": "user", "content": ticket_prompt(ctx.input)}],
+            model=model,
+            max_tokens=settings.max_tokens or ctx.input.get("max_tokens", 512),
+            temperature=settings.temperature,
+            stop=settings.stop_sequences,
+            schema=TRIAGE_SCHEMA,
+            retries=MAX_RETRIES,
+            on_text=ctx.emit,
+            log=bound,
+            event="triage_attempt",
+            schema_name="the triage schema",
+            event_data={"backend": name},
+        )
+        bound.info("ticket triaged", attempts=answered.attempts, **answered.value)
+        return AgentResult(
+            result={
+                "ticket_id": ctx.input["ticket_id"],
+                **answered.value,
+                "attempts": answered.attempts,
+                "backend": name,
+            },
+            usage=answered.usage,
+            backend_used=answered.completion.backend,
         )
