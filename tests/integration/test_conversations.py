@@ -178,6 +178,39 @@ async def test_a_cancelled_turn_is_history_and_the_conversation_goes_on(
     assert [t.status for t in turns] == [TaskStatus.CANCELLED, TaskStatus.COMPLETED]
 
 
+async def test_a_cancelled_turn_records_what_it_spent_and_the_totals_add_up(
+    api: FakeAnthropic, cluster: Cluster
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["anthropic"])
+    client = cluster.client()
+    # the stream's message_start bills 300 input tokens before the first word
+    api.enqueue(Text(["tick "] * 200, input_tokens=300, delay=0.05))
+    conversation, turn = await client.create_conversation("anthropic", "Count slowly.")
+    async with asyncio.timeout(20):
+        while api.streams_started == 0:
+            await asyncio.sleep(0.01)
+        while (await client.get_task(turn.task_id))[1][0].status is not RunStatus.RUNNING:
+            await asyncio.sleep(0.01)
+    await client.cancel_task(turn.task_id, "too slow")
+    async with asyncio.timeout(20):  # the worker's last report comes after the cancel
+        while (await client.get_task(turn.task_id))[0].usage.input_tokens == 0:
+            await asyncio.sleep(0.02)
+    task, [run] = await client.get_task(turn.task_id)
+    assert task.status is TaskStatus.CANCELLED  # still, and for good
+    assert run.status is RunStatus.CANCELLED
+    assert run.usage.input_tokens == task.usage.input_tokens == 300
+    assert task.usage.cost_usd > 0
+
+    api.enqueue(Text("Stopped.", input_tokens=40, output_tokens=3))
+    events = await answer(client, conversation.id, "Stop counting.")
+    assert isinstance(events[-1], TurnEnded) and events[-1].turn.status is TaskStatus.COMPLETED
+    stored, turns = await client.get_conversation(conversation.id)
+    assert [t.usage.input_tokens for t in turns] == [300, 40]
+    assert stored.usage.input_tokens == 340
+    assert stored.usage.cost_usd == pytest.approx(sum(t.usage.cost_usd for t in turns))
+
+
 async def test_a_completed_task_stays_completed_when_the_conversation_continues(
     api: FakeAnthropic, cluster: Cluster
 ) -> None:

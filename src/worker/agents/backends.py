@@ -210,6 +210,9 @@ class ChatMessage(TypedDict):
 
 
 TextSink = Callable[[str], Awaitable[None]]
+# Told what a call has spent so far, while it runs (the input tokens once the stream started): a
+# run cancelled or stopped mid-call still counts them.
+UsageSink = Callable[[Usage], Awaitable[None]]
 
 
 @dataclass(slots=True)
@@ -238,6 +241,7 @@ class MessagesBackend(Protocol):
         stop: Sequence[str] = (),
         schema: Mapping[str, Any] | None = None,
         on_text: TextSink | None = None,
+        on_usage: UsageSink | None = None,
     ) -> Completion: ...
 
 
@@ -297,6 +301,7 @@ class AnthropicBackend:
         stop: Sequence[str] = (),
         schema: Mapping[str, Any] | None = None,
         on_text: TextSink | None = None,
+        on_usage: UsageSink | None = None,
     ) -> Completion:
         import anthropic
         import httpx2
@@ -321,9 +326,18 @@ class AnthropicBackend:
                 ) as stream,
             ):
                 opened = stream
-                async for text in stream.text_stream:
-                    if on_text is not None and text:
-                        await on_text(text)
+                async for event in stream:
+                    if event.type == "message_start" and on_usage is not None:
+                        so_far = _spent(stream)  # the input is billed from here on
+                        if so_far is not None:
+                            await on_usage(so_far)
+                    elif (
+                        event.type == "content_block_delta"
+                        and event.delta.type == "text_delta"
+                        and event.delta.text
+                        and on_text is not None
+                    ):
+                        await on_text(event.delta.text)
                 final = await stream.get_final_message()
         except anthropic.CredentialsError as exc:
             raise AgentError(

@@ -30,6 +30,7 @@ from taskrun.worker.agents.backends import (
     ChatMessage,
     Completion,
     TextSink,
+    UsageSink,
     max_retries_from_env,
     model_backend,
 )
@@ -252,6 +253,7 @@ class ClaudeCodeBackend:
         stop: Sequence[str] = (),
         schema: Mapping[str, Any] | None = None,
         on_text: TextSink | None = None,
+        on_usage: UsageSink | None = None,  # told only at the end, by the result
     ) -> Completion:
         if temperature is not None:
             raise AgentError("the claude_code backend does not support temperature")

@@ -39,6 +39,7 @@ from taskrun.worker.agents.backends import (
     MessagesBackend,
     ModelInfo,
     TextSink,
+    UsageSink,
     cost_usd,
 )
 
@@ -190,6 +191,7 @@ class OpenAIBackend:
         stop: Sequence[str] = (),
         schema: Mapping[str, Any] | None = None,
         on_text: TextSink | None = None,
+        on_usage: UsageSink | None = None,  # told only at the end, by the result
     ) -> Completion:
         import httpx2
         import openai

@@ -10,12 +10,13 @@ so the worker can stop a run that goes over its cost limit between calls.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from taskrun.core.agent import AgentError, RunContext
+from taskrun.core.agent import AgentError, CostLimitReached, RunContext
 from taskrun.core.models import Usage
 from taskrun.core.output_schema import exhausted, feedback, instructions, parse_reply
 from taskrun.worker.agents.backends import (
@@ -87,7 +88,10 @@ async def answer(
                 # with a schema, the replies are events and the output is the valid answer:
                 # streamed, a rejected reply and its correction would read as one text
                 on_text=on_text if schema is None else None,
+                on_usage=functools.partial(_report_with, ctx, usage),
             )
+        except CostLimitReached:
+            raise  # raised by report_usage mid-call: it carries the run's whole total
         except AgentError as exc:
             if exc.usage is not None:
                 exc.usage.add(usage)
@@ -118,6 +122,14 @@ async def answer(
             {"role": "user", "content": feedback(problems)},
         ]
     raise AgentError(exhausted(attempts, problems, schema_name), usage=usage)
+
+
+async def _report_with(ctx: RunContext, before: Usage, call: Usage) -> None:
+    """Report what the run spent: the calls before this one, and this one so far."""
+    total = Usage()
+    total.add(before)
+    total.add(call)
+    await ctx.report_usage(total)
 
 
 async def unknown_cost(
