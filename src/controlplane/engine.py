@@ -93,6 +93,7 @@ from taskrun.core.models import (
     utcnow,
 )
 from taskrun.core.status import (
+    Fault,
     RunStatus,
     TaskStatus,
     WorkerStatus,
@@ -1615,7 +1616,7 @@ class Engine:
         if update.session_id:
             run.session_id = update.session_id
         self._adopt_session(run, update)
-        self._note_health(session, run, status, update.error, changes)
+        self._note_health(session, run, status, update, changes)
         task = self._end_run(run, status, changes, error=update.error)
         session.runs.discard(run.id)
         if task is not None:
@@ -1755,13 +1756,21 @@ class Engine:
     # --- worker health, agents, budgets ------------------------------------------------------
 
     def _note_health(
-        self, session: WorkerSession, run: Run, status: RunStatus, error: str, changes: ChangeSet
+        self,
+        session: WorkerSession,
+        run: Run,
+        status: RunStatus,
+        update: wpb.RunStatusUpdate,
+        changes: ChangeSet,
     ) -> None:
         """Feed the worker's circuit breaker with how its run ended (see controlplane.health); a
-        quarantine's start and end go out as worker events (the TUI shows them)."""
+        quarantine's start and end go out as worker events (the TUI shows them). A failure the
+        worker says was the task's (bad input, a schema never met, a cost limit) says nothing
+        about the worker: it neither counts nor ends a streak."""
+        error = update.error
         if status is RunStatus.COMPLETED:
             self.health.succeeded(session.worker_id)
-        elif status is RunStatus.FAILED:
+        elif status is RunStatus.FAILED and int(update.fault) != Fault.TASK:
             began = run.assigned_at or run.created_at
             elapsed = (utcnow() - began).total_seconds()
             tripped = self.health.failed(

@@ -31,6 +31,12 @@ class RunStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_STATUS_CANCELLED: _ClassVar[RunStatus]
     RUN_STATUS_LOST: _ClassVar[RunStatus]
 
+class RunFault(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_FAULT_UNSPECIFIED: _ClassVar[RunFault]
+    RUN_FAULT_WORKER: _ClassVar[RunFault]
+    RUN_FAULT_TASK: _ClassVar[RunFault]
+
 class WorkerStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     WORKER_STATUS_UNSPECIFIED: _ClassVar[WorkerStatus]
@@ -58,6 +64,9 @@ RUN_STATUS_COMPLETED: RunStatus
 RUN_STATUS_FAILED: RunStatus
 RUN_STATUS_CANCELLED: RunStatus
 RUN_STATUS_LOST: RunStatus
+RUN_FAULT_UNSPECIFIED: RunFault
+RUN_FAULT_WORKER: RunFault
+RUN_FAULT_TASK: RunFault
 WORKER_STATUS_UNSPECIFIED: WorkerStatus
 WORKER_STATUS_ONLINE: WorkerStatus
 WORKER_STATUS_DRAINING: WorkerStatus

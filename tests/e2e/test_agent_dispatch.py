@@ -20,10 +20,10 @@ import grpc
 import pytest
 
 from taskrun.cli.client import Client
-from taskrun.core.models import Worker
+from taskrun.core.models import ModelSettings, Worker
 from taskrun.core.status import RunStatus, TaskStatus
 from tests.e2e.test_faults import Processes, online, procs
-from tests.fakes.anthropic_server import FakeAnthropic, Text
+from tests.fakes.anthropic_server import FakeAnthropic, InvalidRequest, RecordedRequest, Reply, Text
 
 pytestmark = pytest.mark.e2e
 
@@ -242,3 +242,51 @@ async def test_a_flapping_worker_is_quarantined_and_its_tasks_complete_elsewhere
             _, runs = await client.get_task(task.id)
             assert [r.worker_id for r in runs] == ["worker-2"]
             assert runs[0].assigned_at is not None and runs[0].assigned_at > max(failed_there)
+
+
+async def test_bad_tasks_in_a_row_do_not_quarantine_a_healthy_worker(
+    procs: Processes, api: FakeAnthropic
+) -> None:
+    """Failures that are the task's (a request the API refuses, an output schema never met, a
+    cost limit, a temperature the provider does not take, the agent's own failure) leave the
+    breaker alone: the worker still gets the next task."""
+    procs.start_server("--quarantine-after", "2", "--quarantine-base", "60")
+    procs.start_worker("worker-1", 1, agents="anthropic,echo")
+
+    def reply(request: RecordedRequest) -> Reply:
+        if "huge" in request.last_user_text():
+            return InvalidRequest("prompt is too long: 1000001 tokens > 1000000 maximum")
+        return Text(["not json"])
+
+    api.default = reply
+    async with procs.client() as client:
+        await online(client, "worker-1")
+        bad = [
+            client.create_task("anthropic", {"prompt": "huge"}),
+            client.create_task(
+                "anthropic", {"prompt": "x"}, output_schema={"type": "object"}, output_retries=0
+            ),
+            client.create_task("anthropic", {"prompt": "x"}, max_cost_usd=0.000001),
+            client.create_task(
+                "anthropic", {"prompt": "x"}, model_settings=ModelSettings(temperature=1.5)
+            ),
+            client.create_task("echo", {"text": "x", "fail": "the ticket was empty"}),
+        ]
+        errors = []
+        for create in bad:  # one after the other: a streak of five on one worker
+            final = await client.wait((await create).id)
+            assert final.status is TaskStatus.FAILED
+            _, runs = await client.get_task(final.id)
+            assert [(r.status, r.worker_id) for r in runs] == [(RunStatus.FAILED, "worker-1")]
+            errors.append(final.error)
+        assert "invalid request (HTTP 400)" in errors[0]
+        assert "output schema" in errors[1]
+        assert "cost limit reached" in errors[2]
+        assert "temperature 1.5" in errors[3]
+        assert errors[4] == "the ticket was empty"
+
+        healthy = await worker(client, "worker-1")
+        assert healthy.consecutive_failures == 0
+        assert healthy.quarantined_until is None and healthy.quarantine_reason == ""
+        good = await client.create_task("anthropic", {"prompt": "fine"})
+        assert (await client.wait(good.id)).status is TaskStatus.COMPLETED
