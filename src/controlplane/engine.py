@@ -88,6 +88,7 @@ from taskrun.core.models import (
     TurnContext,
     Usage,
     Worker,
+    asked_model,
     estimated_tokens,
     transcript,
     utcnow,
@@ -929,7 +930,7 @@ class Engine:
                 priority=policy.priority,
                 required_labels=tuple(sorted(policy.required_labels.items())),
                 provider=policy.required_provider,
-                model=policy.required_model,
+                model=asked_model(policy.required_model, task.input),
                 avoid=avoid,
             )
         )

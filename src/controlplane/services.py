@@ -26,7 +26,16 @@ from taskrun.controlplane.waiting import check_known_agent, check_offered, waiti
 from taskrun.core import errors
 from taskrun.core.access import AuditKind, Scope
 from taskrun.core.ids import RunId, TaskId, WorkerId, is_valid_worker_id
-from taskrun.core.models import AgentSpec, OutputChunk, OutputKind, Run, Task, Worker, utcnow
+from taskrun.core.models import (
+    AgentSpec,
+    OutputChunk,
+    OutputKind,
+    Run,
+    Task,
+    Worker,
+    asked_model,
+    utcnow,
+)
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.store import TaskQuery
 from taskrun.core.text import quoted
@@ -129,12 +138,14 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             if not requests[i].allow_unknown_agent:
                 check_known_agent(spec.agent, catalog.names(), f"{prefix(i)}agent")
                 policy = spec.policy
+                model = asked_model(policy.required_model, spec.input)
                 check_offered(
                     spec.agent,
                     policy.required_provider,
-                    policy.required_model,
+                    model,
                     self.engine.workers.values(),
                     prefix(i),
+                    "policy.required_model" if policy.required_model else "input_json.model",
                 )
             catalog.check_input(spec.agent, json.loads(spec.input), f"{prefix(i)}input_json")
         results = await self.engine.create_tasks(specs)

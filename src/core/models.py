@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -132,6 +133,24 @@ class TaskPolicy:
             required_labels=dict(self.required_labels),
             model_settings=self.model_settings.copy(),
         )
+
+
+def asked_model(required_model: str, input_json: str) -> str:
+    """The model a task asks for: its policy's required model, else a `model` its input names
+    (a non-empty string, as the model agents take it). Either binds dispatch alike: the run goes
+    only to a worker whose agent announces that model, a task that may wait says why, and
+    submission refuses one that no online worker offers. The required model wins when both are
+    given (it is also the one the agent uses)."""
+    if required_model:
+        return required_model
+    if "model" not in input_json and "\\u" not in input_json:  # cheap: most inputs name none
+        return ""
+    try:
+        value = json.loads(input_json)
+    except ValueError:
+        return ""
+    named = value.get("model") if isinstance(value, dict) else None
+    return named if isinstance(named, str) else ""
 
 
 @dataclass(slots=True)

@@ -290,3 +290,44 @@ async def test_bad_tasks_in_a_row_do_not_quarantine_a_healthy_worker(
         assert healthy.quarantined_until is None and healthy.quarantine_reason == ""
         good = await client.create_task("anthropic", {"prompt": "fine"})
         assert (await client.wait(good.id)).status is TaskStatus.COMPLETED
+
+
+async def test_a_model_named_only_in_the_input_binds_dispatch_like_require_model(
+    procs: Processes, api: FakeAnthropic
+) -> None:
+    procs.start_server()
+    # worker-1 is the emptier one, but its anthropic agent does not announce haiku
+    procs.start_worker("worker-1", 4, agents="anthropic", flags=("--models", "claude-sonnet-5-5"))
+    procs.start_worker("worker-2", 1, agents="anthropic", flags=("--models", "claude-haiku-5-5"))
+    async with procs.client() as client:
+        await online(client, "worker-1", "worker-2")
+        tasks = [
+            await client.create_task("anthropic", {"prompt": f"n{i}", "model": "claude-haiku-5-5"})
+            for i in range(4)
+        ]
+        for task in tasks:
+            final = await client.wait(task.id)
+            assert final.status is TaskStatus.COMPLETED, final.error
+            _, runs = await client.get_task(task.id)
+            assert [r.worker_id for r in runs] == ["worker-2"]
+        assert [r.body["model"] for r in api.message_requests] == ["claude-haiku-5-5"] * 4
+
+        # nobody offers it: refused at submission, naming the input's field and what is offered
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.create_task("anthropic", {"prompt": "x", "model": "claude-opus-9"})
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = refused.value.details() or ""
+        assert "input_json.model" in details and "claude-opus-9" in details
+        assert "anthropic/claude-haiku-5-5" in details
+
+        # a task that may wait does, says why, and no worker gets it
+        waiting = await client.create_task(
+            "anthropic", {"prompt": "x", "model": "claude-opus-9"}, allow_unknown_agent=True
+        )
+        got, runs = await client.get_task(waiting.id)
+        assert got.status is TaskStatus.PENDING
+        assert got.waiting_reason == (
+            "no online worker offers agent 'anthropic' with a claude-opus-9 model backend"
+        )
+        assert [r.worker_id for r in runs] == [None]
+        assert len(api.message_requests) == 4
