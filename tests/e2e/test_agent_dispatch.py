@@ -331,3 +331,37 @@ async def test_a_model_named_only_in_the_input_binds_dispatch_like_require_model
         )
         assert [r.worker_id for r in runs] == [None]
         assert len(api.message_requests) == 4
+
+
+async def test_support_triage_runs_on_claude_code_where_that_is_all_the_worker_has(
+    procs: Processes, api: FakeAnthropic
+) -> None:
+    pytest.importorskip("claude_agent_sdk", reason="needs the taskrun[claude] extra")
+    procs.start_server("--quarantine-after", "2")
+    only_cli = {"ANTHROPIC_API_KEY": None, "CLAUDE_CODE_OAUTH_TOKEN": KEY}
+    procs.start_worker("worker-1", 1, agents="anthropic,support_triage", env=only_cli)
+    triage = {"category": "bug", "priority": "high", "summary": "Checkout crashes."}
+    api.default = Text(json.dumps(triage))
+    ticket = {"ticket_id": "T-1", "subject": "Checkout", "body": "It crashes."}
+    async with procs.client() as client:
+        await online(client, "worker-1")
+        announced = await worker(client, "worker-1")
+        assert not agent(announced, "anthropic").available
+        assert agent(announced, "support_triage").available
+
+        for asked in ({"backend": "claude_code"}, {}):  # named, or the one this worker has
+            task = await client.create_task("support_triage", {**ticket, **asked})
+            final = await client.wait(task.id)
+            assert final.status is TaskStatus.COMPLETED, final.error
+            assert json.loads(final.result)["backend"] == "claude_code"
+        assert len(api.message_requests) == 2
+        assert all("Bearer" in r.headers.get("authorization", "") for r in api.message_requests)
+
+        # a backend it cannot use: a clear failure before any call, and not the worker's fault
+        for _ in range(2):
+            task = await client.create_task("support_triage", {**ticket, "backend": "anthropic"})
+            final = await client.wait(task.id)
+            assert final.status is TaskStatus.FAILED
+            assert final.error.startswith("input.backend: 'anthropic' cannot run on this worker")
+        assert len(api.message_requests) == 2
+        assert (await worker(client, "worker-1")).quarantined_until is None
