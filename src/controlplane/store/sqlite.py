@@ -361,6 +361,9 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX tasks_root ON tasks (root_task_id, id) WHERE root_task_id IS NOT NULL",
         "ALTER TABLE runs ADD COLUMN credential_hash TEXT NOT NULL DEFAULT ''",
     ),
+    # the day's spending is read back at start (and by `taskrun usage`) by when runs ended:
+    # without this index that read scans every run ever stored
+    ("CREATE INDEX runs_finished ON runs (finished_at, id) WHERE finished_at IS NOT NULL",),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
