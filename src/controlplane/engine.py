@@ -50,6 +50,7 @@ from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.session import WorkerSession
 from taskrun.convert import (
     backend_from_pb,
+    fault_from_pb,
     run_options_to_pb,
     turn_context_to_pb,
     usage_from_pb,
@@ -1616,8 +1617,10 @@ class Engine:
             run.backend_used = backend_from_pb(update.backend_used)
         if update.session_id:
             run.session_id = update.session_id
+        if status is RunStatus.FAILED:
+            run.fault = fault_from_pb(update.fault)
         self._adopt_session(run, update)
-        self._note_health(session, run, status, update, changes)
+        self._note_health(session, run, status, update.error, changes)
         task = self._end_run(run, status, changes, error=update.error)
         session.runs.discard(run.id)
         if task is not None:
@@ -1761,17 +1764,16 @@ class Engine:
         session: WorkerSession,
         run: Run,
         status: RunStatus,
-        update: wpb.RunStatusUpdate,
+        error: str,
         changes: ChangeSet,
     ) -> None:
         """Feed the worker's circuit breaker with how its run ended (see controlplane.health); a
         quarantine's start and end go out as worker events (the TUI shows them). A failure the
         worker says was the task's (bad input, a schema never met, a cost limit) says nothing
         about the worker: it neither counts nor ends a streak."""
-        error = update.error
         if status is RunStatus.COMPLETED:
             self.health.succeeded(session.worker_id)
-        elif status is RunStatus.FAILED and int(update.fault) != Fault.TASK:
+        elif status is RunStatus.FAILED and run.fault is not Fault.TASK:
             began = run.assigned_at or run.created_at
             elapsed = (utcnow() - began).total_seconds()
             tripped = self.health.failed(

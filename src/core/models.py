@@ -9,7 +9,7 @@ from enum import IntEnum
 from typing import Any
 
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
-from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.status import Fault, RunStatus, TaskStatus, WorkerStatus
 
 
 def utcnow() -> datetime:
@@ -238,6 +238,9 @@ class Run:
     prompt: str = ""
     # SHA-256 of the run's sub-task credential (a task that allows sub-tasks); "" for none
     credential_hash: str = ""
+    # a failed run: whose fault its worker said it was (only the worker's count towards the
+    # worker's quarantine)
+    fault: Fault = Fault.UNKNOWN
 
 
 @dataclass(slots=True)

@@ -21,7 +21,7 @@ import pytest
 
 from taskrun.cli.client import Client
 from taskrun.core.models import ModelSettings, Worker
-from taskrun.core.status import RunStatus, TaskStatus
+from taskrun.core.status import Fault, RunStatus, TaskStatus
 from tests.e2e.test_faults import Processes, online, procs
 from tests.fakes.anthropic_server import FakeAnthropic, InvalidRequest, RecordedRequest, Reply, Text
 
@@ -231,6 +231,7 @@ async def test_a_flapping_worker_is_quarantined_and_its_tasks_complete_elsewhere
             assert runs[-1].status is RunStatus.COMPLETED and runs[-1].worker_id == "worker-2"
             for run in runs[:-1]:  # a retry never went back to the worker that failed it
                 assert (run.status, run.worker_id) == (RunStatus.FAILED, "worker-1")
+                assert run.fault is Fault.WORKER  # a 401: the worker's key
                 assert run.finished_at is not None
                 failed_there.append(run.finished_at)
         assert 2 <= len(failed_there) <= 4  # at most what it held before the breaker opened
@@ -277,13 +278,18 @@ async def test_bad_tasks_in_a_row_do_not_quarantine_a_healthy_worker(
             final = await client.wait((await create).id)
             assert final.status is TaskStatus.FAILED
             _, runs = await client.get_task(final.id)
-            assert [(r.status, r.worker_id) for r in runs] == [(RunStatus.FAILED, "worker-1")]
+            assert [(r.status, r.worker_id, r.fault) for r in runs] == [
+                (RunStatus.FAILED, "worker-1", Fault.TASK)
+            ]
             errors.append(final.error)
         assert "invalid request (HTTP 400)" in errors[0]
         assert "output schema" in errors[1]
         assert "cost limit reached" in errors[2]
         assert "temperature 1.5" in errors[3]
         assert errors[4] == "the ticket was empty"
+
+        shown = await taskrun(procs, "task", "get", final.id)
+        assert "FAULT" in shown and " task " in shown
 
         healthy = await worker(client, "worker-1")
         assert healthy.consecutive_failures == 0

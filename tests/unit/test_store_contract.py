@@ -49,7 +49,7 @@ from taskrun.core.models import (
     Worker,
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
-from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.status import Fault, RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import ChangeSet, ConversationQuery, LateUsage, Store, TaskQuery
 from taskrun.core.webhooks import (
     DeliveryStatus,
@@ -199,6 +199,7 @@ def full_run() -> Run:
         session_id="sess-1",
         prompt="do it",
         credential_hash="ab" * 32,
+        fault=Fault.TASK,
     )
 
 

@@ -395,8 +395,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "ALTER TABLE runs ADD COLUMN credential_hash text NOT NULL DEFAULT ''",
     ),
     # the day's spending is read back at start (and by `taskrun usage`) by when runs ended:
-    # without this index that read scans every run ever stored
-    ("CREATE INDEX runs_finished ON runs (finished_at, id) WHERE finished_at IS NOT NULL",),
+    # without this index that read scans every run ever stored; a failed run says whose fault
+    # it was (core.status.Fault)
+    (
+        "CREATE INDEX runs_finished ON runs (finished_at, id) WHERE finished_at IS NOT NULL",
+        "ALTER TABLE runs ADD COLUMN fault smallint NOT NULL DEFAULT 0",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
