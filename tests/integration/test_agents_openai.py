@@ -236,9 +236,11 @@ async def test_openai_cancel_mid_stream_stops_reading(api: FakeOpenAI) -> None:
 
 
 async def test_openai_task_on_a_worker_streams_and_continues_the_conversation(
-    api: FakeOpenAI, cluster: Cluster
+    api: FakeOpenAI, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api.enqueue(Chat(["Hi ", "Ana."], prompt_tokens=20, completion_tokens=2))
+    # the input's model binds dispatch: the worker must announce it
+    monkeypatch.setenv("TASKRUN_OPENAI_MODELS", "gpt-4.1-mini,gpt-4o")
     await cluster.start_server()
     await cluster.start_worker("worker-1", agents=["openai"])
     client = cluster.client()
