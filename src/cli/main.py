@@ -19,7 +19,7 @@ import contextlib
 import io
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -41,7 +41,7 @@ from taskrun.cli import (
     workflow_cmd,
 )
 from taskrun.cli import credentials as creds
-from taskrun.cli.client import Client, TaskChanged
+from taskrun.cli.client import Client, TaskChanged, TaskEvent
 from taskrun.core.errors import TaskRunError
 from taskrun.core.models import DEFAULT_MAX_ATTEMPTS, Task, TaskPolicy, TaskSpec
 from taskrun.core.status import TaskStatus, WorkerStatus
@@ -820,8 +820,11 @@ async def follow_task(
     state: FollowState,
     *,
     follow: bool,
+    events: AsyncGenerator[TaskEvent, None] | None = None,
+    announce: bool = False,
 ) -> int:
-    """Print a task's output; with follow, until it ends. Returns the exit status."""
+    """Print a task's output; with follow, until it ends (from `events` when given, e.g. a
+    task created on the stream that follows it). Returns the exit status."""
     state.task_id = task_id
 
     def on_reconnect(error: grpc.aio.AioRpcError | None) -> None:
@@ -834,13 +837,21 @@ async def follow_task(
         sys.stderr.flush()
 
     try:
-        async with contextlib.aclosing(
-            client.follow(task_id, follow=follow, include_events=True, on_reconnect=on_reconnect)
-        ) as events:
+        if events is None:
+            events = client.follow(
+                task_id, follow=follow, include_events=True, on_reconnect=on_reconnect
+            )
+        async with contextlib.aclosing(events):
             async for event in events:
-                printer.event(event)
                 if isinstance(event, TaskChanged):
                     state.last = event.task
+                    if not state.task_id:  # created on this stream
+                        state.task_id = event.task.id
+                        if announce:
+                            sys.stderr.write(
+                                f"task {event.task.id} created; following its output\n"
+                            )
+                printer.event(event)
     except grpc.aio.AioRpcError:
         printer.break_line()  # the error line starts on a line of its own
         raise
@@ -849,7 +860,7 @@ async def follow_task(
             printer.finish(state.last)
         return EXIT_OK
     if state.last is None or not state.last.status.terminal:
-        state.last, _ = await client.get_task(task_id)
+        state.last, _ = await client.get_task(state.task_id)
     printer.finish(state.last)
     return exit_code_for_task(state.last.status)
 
@@ -1197,6 +1208,19 @@ def cmd_task_create(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with client:
+            if args.follow:
+                events = client.submit_and_follow(
+                    spec, include_events=True, allow_unknown_agent=args.allow_unknown_agent
+                )
+                return await follow_task(
+                    client,
+                    "",
+                    _printer(args),
+                    state,
+                    follow=True,
+                    events=events,
+                    announce=args.output == "table",
+                )
             task = await client.submit(spec, allow_unknown_agent=args.allow_unknown_agent)
             if not args.follow:
                 if args.output == "table":

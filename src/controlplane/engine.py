@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 
@@ -42,10 +42,10 @@ from taskrun.controlplane.catalog import AgentCatalog
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.dispatcher import PendingQueue, PendingRun
 from taskrun.controlplane.events import Captured, EventHub
-from taskrun.controlplane.followers import FollowHub
+from taskrun.controlplane.followers import FollowHub, Snapshots
 from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.session import WorkerSession
-from taskrun.convert import backend_from_pb, turn_context_to_pb, usage_from_pb
+from taskrun.convert import backend_from_pb, ts_to_datetime, turn_context_to_pb, usage_from_pb
 from taskrun.core.errors import (
     FailedPrecondition,
     InvalidArgument,
@@ -244,13 +244,17 @@ class Engine:
         self._idle.clear()
         self._tail = done
         captured = self.events.capture(changes, self.runs)  # emitted once durable
-        stored.add_done_callback(functools.partial(self._committed, effect, captured, done))
+        followed = self.hub.snapshot(changes.tasks)  # followers get the tasks as committed
+        stored.add_done_callback(
+            functools.partial(self._committed, effect, captured, followed, done)
+        )
         return done
 
     def _committed(
         self,
         effect: Effect | None,
         captured: Captured | None,
+        followed: Snapshots | None,
         done: asyncio.Future[None],
         future: asyncio.Future[None],
     ) -> None:
@@ -268,7 +272,8 @@ class Engine:
                 done.exception()  # retrieved: fire-and-forget commits fail quietly
             return
         if effect is not None:
-            effect()
+            with self.hub.publishing(followed):
+                effect()
         self.events.emit(captured)  # after the commit and its effect
         if not done.done():
             done.set_result(None)
@@ -341,13 +346,17 @@ class Engine:
 
     # --- tasks -------------------------------------------------------------------------------
 
-    async def create_tasks(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
+    async def create_tasks(
+        self, specs: Sequence[TaskSpec], subscribe: Callable[[Task], None] | None = None
+    ) -> list[tuple[Task, bool]]:
         """Create tasks (already validated). Returns (task, created) per spec, in order, once
         every one of them is durable.
 
         A spec whose idempotency key names an existing task returns that task, created=False;
         the caller checks that the request is the same. A key whose task is still being
-        committed waits for that commit (and fails with it).
+        committed waits for that commit (and fails with it). `subscribe` is called with each new
+        task before its commit is queued, so a follower misses nothing: the task as committed is
+        published once durable.
         """
         self._check_writable()
         existing: dict[str, Task] = {}
@@ -407,11 +416,16 @@ class Engine:
             # Assign what fits right away, in the same commit as the creation.
             outgoing = self._plan(changes)
 
+            if subscribe is not None:
+                for task, _ in created:
+                    subscribe(task)
+
             def effect() -> None:
+                self._send(outgoing)  # the worker first: it is on the way to the result
                 for task, _ in created:
                     if task.policy.idempotency_key:
                         self._idempotency.pop(task.policy.idempotency_key, None)
-                self._send(outgoing)
+                    self._publish(task)  # as committed: assigned, or waiting
 
             committing = self._commit(changes, effect)
             for task, _ in created:
@@ -1319,10 +1333,12 @@ class Engine:
         hub = self.hub
 
         def effect() -> None:
-            if seq:
-                session.send_ack(seq)
+            # Followers first: whoever waits on a result is woken before the worker's ack and
+            # its next assignments are written.
             for task_id, item in published:
                 hub.publish(task_id, item)
+            if seq:
+                session.send_ack(seq)
             self._send(outgoing)
 
         self._commit(changes, effect)
@@ -1379,7 +1395,7 @@ class Engine:
             self._reject(session, "output", pc.run_id, pc.attempt, f"unknown kind {pc.kind}")
             return None
         try:
-            at = pc.time.ToDatetime(tzinfo=UTC) if pc.HasField("time") else received
+            at = ts_to_datetime(pc.time) if pc.HasField("time") else received
         except (ValueError, OverflowError, OSError):
             self._reject(session, "output", pc.run_id, pc.attempt, "time is out of range")
             return None

@@ -99,7 +99,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         return message
 
     async def _create(
-        self, requests: list[tasks_pb2.CreateTaskRequest], prefix: Callable[[int], str]
+        self,
+        requests: list[tasks_pb2.CreateTaskRequest],
+        prefix: Callable[[int], str],
+        subscribe: Callable[[Task], None] | None = None,
     ) -> list[tasks_pb2.CreateTaskResponse]:
         default_attempts = self.engine.config.default_max_attempts
         specs = [
@@ -111,7 +114,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             if not requests[i].allow_unknown_agent:
                 check_known_agent(spec.agent, catalog.names(), f"{prefix(i)}agent")
             catalog.check_input(spec.agent, json.loads(spec.input), f"{prefix(i)}input_json")
-        results = await self.engine.create_tasks(specs)
+        results = await self.engine.create_tasks(specs, subscribe)
         out = []
         for i, (spec, (task, created)) in enumerate(zip(specs, results, strict=True)):
             if not created and not task.same_request(spec):
@@ -145,6 +148,39 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             )
         results = await self._create(list(request.tasks), lambda i: f"tasks[{i}].")
         return tasks_pb2.CreateTasksResponse(results=results)
+
+    async def CreateAndFollowTask(
+        self, request: tasks_pb2.CreateAndFollowTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
+        """CreateTask, then FollowTask(follow=true) on the same stream. The subscription is
+        made before the task's commit is queued, so the stream needs no read of the store: the
+        first update is the task as committed, published by the commit itself."""
+        caller = await self.auth.operator(context, Scope.SUBMIT)
+        hub = self.engine.hub
+        subs: list[Subscription] = []
+        follow = tasks_pb2.FollowTaskRequest(follow=True, include_events=request.include_events)
+        try:
+            try:
+                (response,) = await self._create(
+                    [request.task], lambda _: "task.", lambda t: subs.append(hub.subscribe(t.id))
+                )
+            except errors.TaskRunError as exc:
+                await context.abort(status_code(exc), str(exc))
+            task_id = TaskId(response.task.id)
+            follow.task_id = task_id
+            if response.created:
+                updates = self._follow(task_id, follow, subs[0], caller, context, fresh=True)
+            else:  # an idempotent replay: follow the existing task as FollowTask does
+                subs.append(hub.subscribe(task_id))
+                updates = self._follow(task_id, follow, subs[-1], caller, context)
+            first = True
+            async for update in updates:
+                if first:
+                    update.created, first = response.created, False
+                yield update
+        finally:
+            for sub in subs:
+                hub.unsubscribe(sub)
 
     @domain_errors
     async def GetTask(
@@ -244,16 +280,27 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         sub: Subscription | None,
         caller: Caller,
         context: grpc.aio.ServicerContext,
+        *,
+        fresh: bool = False,
     ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
+        """The task's stored output and state, then (with `sub`) what is published for it.
+
+        `fresh`: the task was just created with `sub` subscribed before its commit, so there
+        is nothing stored to read: its first update is the task its commit published.
+        """
         store = self.engine.store
-        # Read after subscribing, from the store (never the engine's view, which may hold a
-        # change still being committed): whatever commits later reaches the subscription.
-        task = await store.get_task(task_id)
-        runs: list[RunId] = [r.id for r in await store.list_runs(task_id)] if task else []
-        if task is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"task_id: no task {quoted(task_id)}")
-            return
         seen: dict[RunId, int] = {}
+        runs: list[RunId] = []
+        if not fresh:
+            # Read after subscribing, from the store (never the engine's view, which may hold
+            # a change still being committed): whatever commits later reaches the subscription.
+            task = await store.get_task(task_id)
+            runs = [r.id for r in await store.list_runs(task_id)] if task else []
+            if task is None:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"task_id: no task {quoted(task_id)}"
+                )
+                return
 
         def keep(chunk: OutputChunk) -> bool:
             if chunk.seq <= seen.get(chunk.run_id, 0):
@@ -278,11 +325,13 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 convert.chunk_to_pb(c, update.chunks.add())
             return update
 
-        history = await stored()
-        for start in range(0, max(len(history), 1), OUTPUT_BATCH):
-            yield message(task if start == 0 else None, history[start : start + OUTPUT_BATCH])
-        if sub is None or task.status.terminal:
-            return
+        if not fresh:
+            history = await stored()
+            for start in range(0, max(len(history), 1), OUTPUT_BATCH):
+                yield message(task if start == 0 else None, history[start : start + OUTPUT_BATCH])
+            if sub is None or task is None or task.status.terminal:
+                return
+        assert sub is not None
         while True:
             items, lagged = await self.auth.until_revoked(caller, context, sub.wait())
             chunks: list[OutputChunk] = []
