@@ -112,7 +112,7 @@ def _status(
     update = wpb.RunStatusUpdate(
         run_id=ctx.run_id, attempt=ctx.attempt, status=status, error=error, last_seq=ctx.seq
     )
-    update.time.GetCurrentTime()
+    convert.now_to_pb(update.time)
     if isinstance(result, AgentResult):
         if result.result is not None:
             update.result_json = json.dumps(result.result, default=str)
