@@ -40,7 +40,7 @@ import structlog
 
 from taskrun.controlplane.catalog import AgentCatalog
 from taskrun.controlplane.config import ServerConfig
-from taskrun.controlplane.dispatcher import PendingQueue, PendingRun
+from taskrun.controlplane.dispatcher import PendingQueue, PendingRun, WorkerIndex
 from taskrun.controlplane.events import Captured, EventHub
 from taskrun.controlplane.followers import FollowHub, Snapshots
 from taskrun.controlplane.ratelimit import LogLimiter
@@ -104,6 +104,8 @@ class Engine:
         self.store = store
         self.config = config
         self.queue = PendingQueue()
+        self.index = WorkerIndex()  # connected workers by agent and load, for the queue
+        self._moved: set[WorkerSession] = set()  # sessions whose load changed since the plan
         self.hub = FollowHub()
         self.events = EventHub(runs_of=self.worker_runs)  # WatchEvents and metrics
         self.catalog = AgentCatalog()
@@ -171,6 +173,7 @@ class Engine:
         self._orphans.clear()
         self._timers.clear()
         self.queue = PendingQueue()
+        self.index, self._moved = WorkerIndex(), set()
         self._idempotency.clear()
         self.runs = {}
         self.workers = {}
@@ -963,10 +966,14 @@ class Engine:
 
     def _plan(self, changes: ChangeSet) -> list[tuple[WorkerSession, Task, wpb.RunAssignment]]:
         """Assign pending runs to free slots, recording the changes; send after the commit."""
-        if not self.queue or not self.sessions:
-            return []
         sessions = self.sessions
-        plan = self.queue.plan([s.candidate() for s in sessions.values() if not s.draining])
+        for moved in self._moved:
+            if sessions.get(moved.worker_id) is moved:  # not replaced or gone since
+                self.index.put(moved.candidate())
+        self._moved.clear()
+        if not self.queue or not sessions:
+            return []
+        plan = self.queue.plan(self.index)
         now = utcnow()
         outgoing: list[tuple[WorkerSession, Task, wpb.RunAssignment]] = []
         for entry, worker_id in plan:
@@ -1062,6 +1069,8 @@ class Engine:
             self.config.max_message_bytes,  # the server may send 1 MiB more (app.py)
         )
         session.draining = hello.draining
+        session.on_load_change = self._moved.add
+        self._moved.add(session)
         self.sessions[worker.id] = session
         self.workers[worker.id] = worker
         self.catalog.learn(worker.agents)
@@ -1116,6 +1125,7 @@ class Engine:
         if self.sessions.get(session.worker_id) is not session:
             return  # replaced by a newer session (or dropped in recovery)
         del self.sessions[session.worker_id]
+        self.index.remove(session.worker_id)
         worker = session.worker
         worker.status = WorkerStatus.OFFLINE
         deadline = session.lease_expires + self.config.lease_margin
@@ -1162,6 +1172,7 @@ class Engine:
             )
         reason = reason or "revoked by an operator"
         session = self.sessions.pop(worker_id, None)
+        self.index.remove(worker_id)
         if session is not None:
             worker = session.worker
             session.closed = True
@@ -1212,6 +1223,7 @@ class Engine:
         if session.draining or self.store_error:
             return
         session.draining = True
+        self._moved.add(session)
         session.worker.status = WorkerStatus.DRAINING
         self._commit(ChangeSet(workers=[replace(session.worker)]))
         log.info("worker draining", worker_id=session.worker_id, runs=len(session.runs))

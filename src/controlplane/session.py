@@ -22,6 +22,25 @@ from taskrun.core.models import Worker
 from taskrun.v1 import workers_pb2 as wpb
 
 
+class RunSet(set[RunId]):
+    """The runs a worker holds; tells its session when their number may have changed (the
+    dispatcher's index orders workers by load)."""
+
+    __slots__ = ("changed",)
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        super().__init__()
+        self.changed = changed
+
+    def add(self, run_id: RunId) -> None:
+        super().add(run_id)
+        self.changed()
+
+    def discard(self, run_id: object) -> None:
+        super().discard(run_id)
+        self.changed()
+
+
 class WorkerSession:
     def __init__(
         self,
@@ -36,7 +55,9 @@ class WorkerSession:
         self.lease_duration = lease_duration
         self.lease_expires = time.monotonic() + lease_duration  # the hello starts it
         self._lease_seq = 0
-        self.runs: set[RunId] = set()  # held by the worker: assigned, running, or cancel not acked
+        # held by the worker: assigned, running, or cancel not acked
+        self.runs: set[RunId] = RunSet(self.load_changed)
+        self.on_load_change: Callable[[WorkerSession], None] | None = None  # set by the engine
         self.draining = False
         self.last_seen = time.monotonic()
         self.closed = False
@@ -50,23 +71,28 @@ class WorkerSession:
         self._wake = asyncio.Event()
         agents = frozenset(a.name for a in worker.agents)
         backends = frozenset((b.provider, b.model_name) for a in worker.agents for b in a.backends)
-        self._agents = agents
-        self._backends = backends
+        self._candidate = Candidate(
+            worker_id=worker.id,
+            agents=agents,
+            labels=worker.labels,
+            backends=backends,
+            capacity=worker.max_concurrent_runs,
+            active=0,
+        )
 
     @property
     def worker_id(self) -> WorkerId:
         return self.worker.id
 
+    def load_changed(self) -> None:
+        if self.on_load_change is not None:
+            self.on_load_change(self)
+
     def candidate(self) -> Candidate:
-        return Candidate(
-            worker_id=self.worker.id,
-            agents=self._agents,
-            labels=self.worker.labels,
-            backends=self._backends,
-            capacity=self.worker.max_concurrent_runs,
-            active=len(self.runs),
-            draining=self.draining,
-        )
+        """This worker as the dispatcher sees it (one object, brought up to date)."""
+        c = self._candidate
+        c.active, c.draining = len(self.runs), self.draining
+        return c
 
     # --- outbound ----------------------------------------------------------------------------
 
