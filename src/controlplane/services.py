@@ -48,6 +48,7 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 OUTPUT_BATCH = 1000
 HELLO_TIMEOUT = 10.0
+SWEEP_TICK = 0.2  # seconds between looks at every session's lease (at most half the margin)
 
 
 def domain_errors(handler: F) -> F:
@@ -92,10 +93,25 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         self.engine = engine
         self.auth = auth
 
-    def _task_pb(self, task: Task, runs: list[Run] | None = None) -> pb.Task:
-        """The task as sent to callers, with why it waits when it is pending."""
+    def _task_pb(
+        self,
+        task: Task,
+        runs: list[Run] | None = None,
+        reasons: dict[tuple[object, ...], str] | None = None,
+    ) -> pb.Task:
+        """The task as sent to callers, with why it waits when it is pending. `reasons` caches
+        the reason per requirement across one page (it looks at every known worker)."""
         message = convert.task_to_pb(task, runs)
-        message.waiting_reason = waiting_reason(task, self.engine.workers.values())
+        if task.status is TaskStatus.PENDING:
+            p = task.policy
+            labels = tuple(sorted(p.required_labels.items()))
+            key: tuple[object, ...] = (task.agent, labels, p.required_provider, p.required_model)
+            reason = reasons.get(key) if reasons is not None else None
+            if reason is None:
+                reason = waiting_reason(task, self.engine.workers.values())
+                if reasons is not None:
+                    reasons[key] = reason
+            message.waiting_reason = reason
         return message
 
     async def _create(
@@ -223,8 +239,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             before=_decode_token(request.page_token),
         )
         page = await self.engine.store.list_tasks(query)
+        reasons: dict[tuple[object, ...], str] = {}
         return tasks_pb2.ListTasksResponse(
-            tasks=[self._task_pb(t) for t in page.tasks],
+            tasks=[self._task_pb(t, reasons=reasons) for t in page.tasks],
             next_page_token=_encode_token(page.next_before) if page.next_before else "",
         )
 
@@ -448,6 +465,9 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
     def __init__(self, engine: Engine, auth: Authenticator) -> None:
         self.engine = engine
         self.auth = auth
+        # Sessions whose lease and certificate one sweeper task watches (see _sweep).
+        self._watched: set[WorkerSession] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def StreamConnect(
         self,
@@ -511,11 +531,10 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
             max_message_bytes=cfg.max_message_bytes,
         )
         writer: asyncio.Task[None] | None = None
-        watchdog: asyncio.Task[None] | None = None
         try:
             await context.write(workers_pb2.ServerMessage(params=params))
             writer = asyncio.create_task(session.write_loop(context.write))
-            watchdog = asyncio.create_task(self._watch(session))
+            self._watch(session)
             while True:
                 msg = await context.read()
                 if msg is grpc.aio.EOF:
@@ -530,12 +549,12 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
         finally:
             # Detach first: a writer blocked on a silent peer may take long to unwind.
             engine.detach(session)
-            for t in (writer, watchdog):
-                if t is not None:
-                    t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception, TimeoutError):
-                        async with asyncio.timeout(1.0):
-                            await t
+            self._watched.discard(session)
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception, TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await writer
         if session.kick_reason:
             code = (
                 grpc.StatusCode.PERMISSION_DENIED
@@ -544,30 +563,45 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
             )
             await context.abort(code, session.kick_reason)
 
-    async def _watch(self, session: WorkerSession) -> None:
-        """End the session when its lease ran out (plus the margin) without a renewal, or when
-        the certificate it connected with expires (a renewed worker has moved on by then).
+    def _watch(self, session: WorkerSession) -> None:
+        self._watched.add(session)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep())
 
-        A session ended here has its runs retried at once: the worker stopped them already.
+    async def _sweep(self) -> None:
+        """End each session whose lease ran out (plus the margin) without a renewal, or whose
+        certificate it connected with expired (a renewed worker has moved on by then).
+
+        One task looks at every session each tick (a fraction of the margin), instead of a
+        timer per session re-armed at every renewal. A session ended here has its runs retried
+        at once: the worker stopped them already.
         """
         margin = self.engine.config.lease_margin
+        tick = min(SWEEP_TICK, margin / 2)
+        while self._watched:
+            await asyncio.sleep(tick)
+            now, wall = time.monotonic(), utcnow()
+            ended = [
+                s
+                for s in self._watched
+                if now >= s.lease_expires + margin
+                or (
+                    s.worker.certificate_expires_at is not None
+                    and wall >= s.worker.certificate_expires_at
+                )
+            ]
+            for session in ended:
+                self._watched.discard(session)
+                self._end(session, now)
+
+    def _end(self, session: WorkerSession, now: float) -> None:
         expires = session.worker.certificate_expires_at
-        while True:
-            wait = session.lease_expires + margin - time.monotonic()
-            if expires is not None:
-                wait = min(wait, (expires - utcnow()).total_seconds())
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
-            if expires is not None and utcnow() >= expires:
-                reason = f"the client certificate expired at {expires:%Y-%m-%d %H:%M:%S} UTC"
-                log.warning("worker certificate expired", worker_id=session.worker_id)
-                session.kick(f"{reason}; renew it or enroll again")
-                return
-            silent = time.monotonic() - session.last_seen
-            log.warning(
-                "worker lease ran out", worker_id=session.worker_id, silent_s=round(silent, 1)
-            )
-            session.kick(f"the lease ran out: nothing heard from the worker for {silent:.1f}s")
-            self.engine.detach(session)  # its runs are retried now, however long the stream lingers
+        if expires is not None and utcnow() >= expires:
+            reason = f"the client certificate expired at {expires:%Y-%m-%d %H:%M:%S} UTC"
+            log.warning("worker certificate expired", worker_id=session.worker_id)
+            session.kick(f"{reason}; renew it or enroll again")
             return
+        silent = now - session.last_seen
+        log.warning("worker lease ran out", worker_id=session.worker_id, silent_s=round(silent, 1))
+        session.kick(f"the lease ran out: nothing heard from the worker for {silent:.1f}s")
+        self.engine.detach(session)  # its runs are retried now, however long the stream lingers
