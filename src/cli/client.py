@@ -437,7 +437,12 @@ class Client:
         return task
 
     async def submit_and_follow(
-        self, spec: TaskSpec, *, include_events: bool = False, allow_unknown_agent: bool = False
+        self,
+        spec: TaskSpec,
+        *,
+        include_events: bool = False,
+        allow_unknown_agent: bool = False,
+        on_reconnect: Callable[[grpc.aio.AioRpcError | None], None] | None = None,
     ) -> AsyncGenerator[TaskEvent, None]:
         """Submit one task and follow it on one stream (CreateAndFollowTask): the first event
         is a TaskChanged with the task as created, then as `follow` until it ends. If that
@@ -449,6 +454,7 @@ class Client:
         request.task.allow_unknown_agent = allow_unknown_agent
         task_id = ""
         seen: dict[RunId, int] = {}
+        broken: grpc.aio.AioRpcError | None = None
         if self._create_and_follow:
             call = self._task_stub().CreateAndFollowTask(request)
             try:
@@ -460,13 +466,21 @@ class Client:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED and not task_id:
                     self._create_and_follow = False  # an older server
-                elif not (task_id and exc.code() == grpc.StatusCode.UNAVAILABLE):
+                elif task_id and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    broken = exc  # e.g. a server restart: follow the task, reconnecting
+                else:
                     raise
             finally:
                 call.cancel()
         if not task_id:
             task_id = (await self.submit(spec, allow_unknown_agent=allow_unknown_agent)).id
-        events = self.follow(task_id, include_events=include_events, seen=seen)
+        events = self.follow(
+            task_id,
+            include_events=include_events,
+            on_reconnect=on_reconnect,
+            seen=seen,
+            broken=broken,
+        )
         async with contextlib.aclosing(events):
             async for event in events:
                 yield event
@@ -712,6 +726,7 @@ class Client:
         reconnect: bool = True,
         on_reconnect: Callable[[grpc.aio.AioRpcError | None], None] | None = None,
         seen: dict[RunId, int] | None = None,
+        broken: grpc.aio.AioRpcError | None = None,
     ) -> AsyncGenerator[TaskEvent, None]:
         """The task's stored output, then (with follow) live output and changes until it ends.
 
@@ -722,7 +737,8 @@ class Client:
         skipped; `on_reconnect` is called with the error when that starts, and with None once
         the stream works again.
         Use `contextlib.aclosing` when you may stop iterating early. `seen` (last output seq
-        per run, updated as output is yielded) skips output yielded before.
+        per run, updated as output is yielded) skips output yielded before; `broken` says an
+        earlier stream of this task just broke with that error, so this one starts reconnecting.
         """
         seen = {} if seen is None else seen
         request = tasks_pb2.FollowTaskRequest(
@@ -730,6 +746,11 @@ class Client:
         )
         connected_once, delay, give_up_at = False, 0.25, 0.0
         reconnecting = False
+        if broken is not None:  # another stream of this task broke: reconnect from here
+            connected_once = reconnecting = True
+            give_up_at = time.monotonic() + RECONNECT_FOR
+            if on_reconnect is not None:
+                on_reconnect(broken)
         while True:
             call = self._task_stub().FollowTask(request)
             received = False

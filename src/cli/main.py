@@ -798,6 +798,9 @@ def task_spec_from_args(args: argparse.Namespace) -> TaskSpec:
 # --- streaming -------------------------------------------------------------------------------
 
 
+OnReconnect = Callable[[grpc.aio.AioRpcError | None], None]
+
+
 @dataclass
 class FollowState:
     """What a follow loop has seen, for the Ctrl-C message and the exit status."""
@@ -820,7 +823,7 @@ async def follow_task(
     state: FollowState,
     *,
     follow: bool,
-    events: AsyncGenerator[TaskEvent, None] | None = None,
+    events: Callable[[OnReconnect], AsyncGenerator[TaskEvent, None]] | None = None,
     announce: bool = False,
 ) -> int:
     """Print a task's output; with follow, until it ends (from `events` when given, e.g. a
@@ -837,12 +840,13 @@ async def follow_task(
         sys.stderr.flush()
 
     try:
-        if events is None:
-            events = client.follow(
-                task_id, follow=follow, include_events=True, on_reconnect=on_reconnect
-            )
-        async with contextlib.aclosing(events):
-            async for event in events:
+        stream = (
+            client.follow(task_id, follow=follow, include_events=True, on_reconnect=on_reconnect)
+            if events is None
+            else events(on_reconnect)
+        )
+        async with contextlib.aclosing(stream):
+            async for event in stream:
                 if isinstance(event, TaskChanged):
                     state.last = event.task
                     if not state.task_id:  # created on this stream
@@ -1209,9 +1213,15 @@ def cmd_task_create(args: argparse.Namespace) -> int:
     async def run() -> int:
         async with client:
             if args.follow:
-                events = client.submit_and_follow(
-                    spec, include_events=True, allow_unknown_agent=args.allow_unknown_agent
-                )
+
+                def events(on_reconnect: OnReconnect) -> AsyncGenerator[TaskEvent, None]:
+                    return client.submit_and_follow(
+                        spec,
+                        include_events=True,
+                        allow_unknown_agent=args.allow_unknown_agent,
+                        on_reconnect=on_reconnect,
+                    )
+
                 return await follow_task(
                     client,
                     "",
