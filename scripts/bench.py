@@ -116,7 +116,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds between completion polls (0.02)",
     )
     p.add_argument(
-        "--timeout", type=float, default=300.0, metavar="S", help="overall deadline (300)"
+        "--timeout", type=float, default=900.0, metavar="S", help="overall deadline (900)"
     )
     p.add_argument(
         "--failover-rounds",
