@@ -322,6 +322,18 @@ FILTERS = {
         TaskQuery(statuses=frozenset({TaskStatus.PENDING}), agent="echo", labels=(("team", "a"),)),
         [1],
     ),
+    "agent_and_statuses_newest_first": (
+        TaskQuery(statuses=frozenset({TaskStatus.PENDING, TaskStatus.RUNNING}), agent="echo"),
+        [3, 1],
+    ),
+    "agent_and_statuses_after_a_token": (
+        TaskQuery(
+            statuses=frozenset({TaskStatus.PENDING, TaskStatus.RUNNING}),
+            agent="echo",
+            before=tid(3),
+        ),
+        [1],
+    ),
     "combined_schedule_and_worker": (TaskQuery(schedule="daily", worker_id="w1"), [4]),
     "no_match": (TaskQuery(agent="echo", labels=(("env", "staging"),)), []),
     "before": (TaskQuery(before=tid(4)), [3, 2, 1]),

@@ -382,6 +382,11 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # a schedule may start a workflow instead of a task
         "ALTER TABLE schedules ADD COLUMN workflow text NOT NULL DEFAULT ''",
     ),
+    (
+        # ListTasks by agent and status (an agent's unfinished tasks) without walking a deep
+        # queue of other agents' pending tasks, or every finished task of the agent
+        "CREATE INDEX tasks_agent_status ON tasks (agent, status, id)",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

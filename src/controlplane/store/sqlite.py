@@ -353,6 +353,11 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # a schedule may start a workflow instead of a task
         "ALTER TABLE schedules ADD COLUMN workflow TEXT NOT NULL DEFAULT ''",
     ),
+    (
+        # ListTasks by agent and status (an agent's unfinished tasks) without walking a deep
+        # queue of other agents' pending tasks, or every finished task of the agent
+        "CREATE INDEX tasks_agent_status ON tasks (agent, status, id)",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -1016,6 +1021,11 @@ class SqliteStore(SqlReads):
             where.append(_LABEL_MATCH)
             params.extend((key, value))
         sql = _SELECT_TASK
+        if query.agent and query.statuses:
+            # Without statistics SQLite walks the agent's tasks newest first and checks each
+            # status (every finished one, to find the few unfinished); this index finds them
+            # directly and sorts only those.
+            sql += " INDEXED BY tasks_agent_status"
         if where:
             sql += " WHERE " + " AND ".join(where)
         sql += " ORDER BY id DESC LIMIT ?"
