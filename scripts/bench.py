@@ -165,6 +165,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="queue N tasks no worker can take, then measure ListTasks and dispatch (10000; "
         "0 skips)",
     )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="with --compare-ref: throughput in this many rounds per side, taking turns (4)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead")
     p.add_argument(
         "--profile",
@@ -174,7 +180,16 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--serve-baseline", type=Path, metavar="CERTS", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("tasks", "clients", "batch", "latency_tasks", "unary", "stream", "capacity"):
+    for name in (
+        "tasks",
+        "clients",
+        "batch",
+        "latency_tasks",
+        "unary",
+        "stream",
+        "capacity",
+        "rounds",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
     if min(args.idle_workers, args.deep_queue) < 0 or args.fleet_procs < 1:
@@ -689,66 +704,128 @@ async def measure_throughput(
     )
 
 
+class _Sequential:
+    """One side's sequential tasks: a client, and the samples taken so far."""
+
+    def __init__(self, client: Client, follow_timeout: float) -> None:
+        self.client = client
+        self.follow_timeout = follow_timeout
+        self.total: list[float] = []
+        self.create: list[float] = []
+        self.follow: list[float] = []
+        self.outcomes: Counter[str] = Counter()
+        self.missed: list[str] = []
+
+    async def one(self, measured: bool) -> None:
+        client = self.client
+        t0 = time.perf_counter()
+        t1: float | None = None
+        final: Task | None = None
+        events = client.submit_and_follow(TaskSpec(agent="echo", input=ECHO_INPUT))
+        try:
+            async with asyncio.timeout(self.follow_timeout), contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, TaskChanged):
+                        t1 = t1 or time.perf_counter()
+                        final = event.task
+        except TimeoutError:
+            pass
+        t2 = time.perf_counter()
+        if final is None or t1 is None:
+            raise BenchError(f"no task created within {self.follow_timeout:g}s")
+        if not final.status.terminal:
+            # The stream never delivered the end: look the task up so the run goes on.
+            final, _ = await client.get_task(final.id)
+            if measured:
+                self.missed.append(f"{final.id} ({final.status.name} when looked up)")
+                self.outcomes[final.status.name] += 1
+            return
+        if measured:
+            self.outcomes[final.status.name] += 1
+            self.total.append(t2 - t0)
+            self.create.append(t1 - t0)
+            self.follow.append(t2 - t1)
+
+    def result(self) -> SequentialLatency:
+        if not self.total:
+            raise BenchError(
+                f"FollowTask never reported the end of a task within {self.follow_timeout:g}s"
+            )
+        outcomes = Counter(self.outcomes)
+        completed = outcomes.pop(TaskStatus.COMPLETED.name, 0)
+        return SequentialLatency(
+            submit_to_completed=Latency.of(self.total),
+            create_call=Latency.of(self.create),
+            follow_until_completed=Latency.of(self.follow),
+            completed=completed,
+            not_completed=dict(outcomes),
+            follow_missed_end=len(self.missed),
+            follow_missed_examples=self.missed[:5],
+        )
+
+
 async def measure_latency(
-    plane: ControlPlane,
+    planes: Sequence[ControlPlane],
     pki: PkiPaths,
-    profile: Profiler,
+    profiles: Sequence[Profiler],
     n: int,
     warmup: int,
     follow_timeout: float,
-) -> SequentialLatency:
-    total: list[float] = []
-    create: list[float] = []
-    follow: list[float] = []
-    outcomes: Counter[str] = Counter()
-    missed: list[str] = []
-    async with clients(plane.address, pki, 1) as (client,):
-
-        async def one(measured: bool) -> None:
-            t0 = time.perf_counter()
-            t1: float | None = None
-            final: Task | None = None
-            events = client.submit_and_follow(TaskSpec(agent="echo", input=ECHO_INPUT))
-            try:
-                async with asyncio.timeout(follow_timeout), contextlib.aclosing(events):
-                    async for event in events:
-                        if isinstance(event, TaskChanged):
-                            t1 = t1 or time.perf_counter()
-                            final = event.task
-            except TimeoutError:
-                pass
-            t2 = time.perf_counter()
-            if final is None or t1 is None:
-                raise BenchError(f"no task created within {follow_timeout:g}s")
-            if not final.status.terminal:
-                # The stream never delivered the end: look the task up so the run goes on.
-                final, _ = await client.get_task(final.id)
-                if measured:
-                    missed.append(f"{final.id} ({final.status.name} when looked up)")
-                    outcomes[final.status.name] += 1
-                return
-            if measured:
-                outcomes[final.status.name] += 1
-                total.append(t2 - t0)
-                create.append(t1 - t0)
-                follow.append(t2 - t1)
-
+) -> list[SequentialLatency]:
+    """Sequential tasks on each plane, interleaved task by task (A B B A ...) when there are
+    several, so a change of load on the machine falls on every side alike."""
+    async with contextlib.AsyncExitStack() as stack:
+        sides = []
+        for plane in planes:
+            (client,) = await stack.enter_async_context(clients(plane.address, pki, 1))
+            sides.append(_Sequential(client, follow_timeout))
         for _ in range(warmup):
-            await one(measured=False)
-        async with profile("latency"):
-            for _ in range(n):
-                await one(measured=True)
-    if not total:
-        raise BenchError(f"FollowTask never reported the end of a task within {follow_timeout:g}s")
-    completed = outcomes.pop(TaskStatus.COMPLETED.name, 0)
-    return SequentialLatency(
-        submit_to_completed=Latency.of(total),
-        create_call=Latency.of(create),
-        follow_until_completed=Latency.of(follow),
-        completed=completed,
-        not_completed=dict(outcomes),
-        follow_missed_end=len(missed),
-        follow_missed_examples=missed[:5],
+            for side in sides:
+                await side.one(measured=False)
+        for profile in profiles:
+            await stack.enter_async_context(profile("latency"))
+        order = list(sides)
+        for _ in range(n):
+            for side in order:
+                await side.one(measured=True)
+            order.reverse()
+    return [side.result() for side in sides]
+
+
+def merge_throughput(parts: Sequence[Throughput]) -> Throughput:
+    """Rounds of one side as one figure: their tasks over their summed time."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    tasks = sum(p.tasks for p in parts)
+    submit = sum(p.submit_seconds for p in parts)
+    end = sum(p.end_to_end_seconds for p in parts)
+    polls = sum(p.completion_polls for p in parts)
+    cpu: dict[str, float | None] = {}
+    for p in parts:
+        for k, v in p.cpu_seconds.items():
+            cpu[k] = None if v is None or (k in cpu and cpu[k] is None) else (cpu.get(k) or 0) + v
+    threads: dict[str, float] = {}
+    for p in parts:
+        for k, v in p.server_threads_cpu_seconds.items():
+            threads[k] = threads.get(k, 0.0) + v
+    not_completed: Counter[str] = Counter()
+    for p in parts:
+        not_completed.update(p.not_completed)
+    return Throughput(
+        tasks=tasks,
+        clients=first.clients,
+        batch=first.batch,
+        submit_seconds=submit,
+        submit_tasks_per_s=tasks / submit,
+        end_to_end_seconds=end,
+        end_to_end_tasks_per_s=tasks / end,
+        completed=sum(p.completed for p in parts),
+        not_completed=dict(not_completed),
+        completion_polls=polls,
+        poll_round_trip_ms=sum(p.poll_round_trip_ms * p.completion_polls for p in parts) / polls,
+        cpu_seconds=cpu,
+        server_threads_cpu_seconds=threads,
     )
 
 
@@ -1148,8 +1225,8 @@ def render(this: Report, ref: Report | None = None) -> str:
     ]
     if ref is not None:
         head.append(
-            f"{ref.setup['side']}: {ref.setup['commit']} (measured in the same run, phases "
-            "alternating between the two)"
+            f"{ref.setup['side']}: {ref.setup['commit']} (measured in the same run, taking turns "
+            "with this one)"
         )
     head.append("")
     header = ["figure", "this"]
@@ -1266,46 +1343,59 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                     pki, tmp / side.name, args.capacity, started, store_url, side
                 )
 
-            def profile(side: Side, phase: str) -> contextlib.AbstractAsyncContextManager[None]:
+            def profile(
+                side: Side, phase: str, suffix: str = ""
+            ) -> contextlib.AbstractAsyncContextManager[None]:
                 plane = planes[side.name]
                 where = (
                     args.profile / side.name if args.profile and len(sides) > 1 else args.profile
                 )
-                return profiled(where, phase, plane, tmp)
+                return profiled(where, phase + suffix, plane, tmp)
 
-            # Phases alternate between the sides (ABBA), so both see the same load.
+            # The sides take turns (A B B A ...): sequential tasks one by one, throughput in
+            # rounds, the deep queue once each; so a change of load falls on both alike.
+            rounds = args.rounds if len(sides) > 1 else 1
+            parts: dict[str, list[Throughput]] = {side.name: [] for side in sides}
             order = list(sides)
-            for phase in ("throughput", "latency", "deep_queue"):
-                if phase == "deep_queue" and not args.deep_queue:
-                    continue
+            for r in range(rounds):
                 for side in order:
-                    plane, out = planes[side.name], results[side.name]
-                    if phase == "throughput":
-                        note(f"[{side.name}] throughput: {args.tasks} echo tasks")
-                        out[phase] = await measure_throughput(
-                            plane,
+                    note(f"[{side.name}] throughput: {args.tasks // rounds} echo tasks")
+                    parts[side.name].append(
+                        await measure_throughput(
+                            planes[side.name],
                             pki,
-                            functools.partial(profile, side),
-                            args.tasks,
+                            functools.partial(profile, side, suffix=f"-{r + 1}"),
+                            args.tasks // rounds,
                             args.clients,
                             args.batch,
                             args.poll_interval,
                         )
-                    elif phase == "latency":
-                        note(f"[{side.name}] latency: {args.latency_tasks} sequential tasks")
-                        out[phase] = await measure_latency(
-                            plane,
-                            pki,
-                            functools.partial(profile, side),
-                            args.latency_tasks,
-                            args.warmup,
-                            args.follow_timeout,
-                        )
-                    else:
-                        note(f"[{side.name}] deep queue: {args.deep_queue} tasks no worker takes")
-                        out[phase] = await measure_deep_queue(
-                            plane, pki, args.deep_queue, args.tasks, args.clients, args.batch
-                        )
+                    )
+                order.reverse()
+            for side in sides:
+                results[side.name]["throughput"] = merge_throughput(parts[side.name])
+            note(f"latency: {args.latency_tasks} sequential tasks per side, interleaved")
+            latencies = await measure_latency(
+                [planes[side.name] for side in sides],
+                pki,
+                [functools.partial(profile, side) for side in sides],
+                args.latency_tasks,
+                args.warmup,
+                args.follow_timeout,
+            )
+            for side, latency in zip(sides, latencies, strict=True):
+                results[side.name]["latency"] = latency
+            if args.deep_queue:
+                for side in order:
+                    note(f"[{side.name}] deep queue: {args.deep_queue} tasks no worker takes")
+                    results[side.name]["deep_queue"] = await measure_deep_queue(
+                        planes[side.name],
+                        pki,
+                        args.deep_queue,
+                        args.tasks,
+                        args.clients,
+                        args.batch,
+                    )
                 order.reverse()
             for plane in planes.values():
                 await asyncio.gather(*(stop(c) for c in plane.workers))
