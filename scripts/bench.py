@@ -138,8 +138,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--compare-ref",
         metavar="REF",
         help="also measure the commit REF (e.g. main) in the same run: its server and workers "
-        "run from `git archive REF`, the phases alternate between the two, and the table shows "
-        "both and their ratio",
+        "run from `git archive REF`; the two take turns (sequential tasks one by one, "
+        "throughput in --rounds rounds, the other phases once each), and the table shows both "
+        "and their ratio",
     )
     p.add_argument(
         "--idle-workers",
