@@ -35,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -891,32 +892,53 @@ async def _echo_rate(
         return n / (time.perf_counter() - started)
 
 
-async def measure_fleet(
+async def _fleet_plane(
+    args: argparse.Namespace,
+    pki: PkiPaths,
+    tmp: Path,
+    side: Side,
+    started: list[Child],
+    workers: Sequence[str],
+    nprocs: int,
+) -> tuple[ControlPlane, list[Child], float]:
+    """A fresh server in `tmp` and fleet processes holding `workers`, all of them ONLINE."""
+    store = f"sqlite:{tmp / 'taskrun.db'}"
+    plane = await start_control_plane(pki, tmp, 1, started, store, side, ())
+    fleet, connect = await start_fleet(
+        plane.address, pki, workers, nprocs, args.capacity, tmp, side.env
+    )
+    started.extend(fleet)
+    await wait_online(plane.address, pki, len(workers))
+    return plane, fleet, connect
+
+
+async def fleet_two(
     args: argparse.Namespace, pki: PkiPaths, tmp: Path, side: Side, started: list[Child]
-) -> Fleet:
-    """Dispatch with two fleet sessions, then idle cost, connect time and dispatch with N."""
-    n, procs = args.idle_workers, min(args.fleet_procs, args.idle_workers)
-    ids = fleet_ids(n)
-
-    async def plane_with(
-        workers: Sequence[str], nprocs: int, where: str
-    ) -> tuple[ControlPlane, list[Child], float]:
-        store = f"sqlite:{tmp / where / 'taskrun.db'}"
-        plane = await start_control_plane(pki, tmp / where, 1, started, store, side, ())
-        fleet, connect = await start_fleet(
-            plane.address, pki, workers, nprocs, args.capacity, tmp / where, side.env
-        )
-        started.extend(fleet)
-        await wait_online(plane.address, pki, len(workers))
-        return plane, fleet, connect
-
+) -> float:
+    """Dispatch rate with two fleet sessions (the reference for the many-workers figure)."""
     note(f"[{side.name}] fleet: dispatch with 2 sessions")
-    plane, fleet, _ = await plane_with(ids[:2], 1, "fleet-2")
-    two = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
+    ids = fleet_ids(args.idle_workers)[:2]
+    plane, fleet, _ = await _fleet_plane(args, pki, tmp / "fleet-2", side, started, ids, 1)
+    rate = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
     for child in [*fleet, plane.server]:
         await stop(child)
+    return rate
+
+
+async def fleet_many(
+    args: argparse.Namespace,
+    pki: PkiPaths,
+    tmp: Path,
+    side: Side,
+    started: list[Child],
+    two: float,
+) -> Fleet:
+    """Connect time, idle CPU and memory, then dispatch rate, with all N sessions."""
+    n, procs = args.idle_workers, min(args.fleet_procs, args.idle_workers)
     note(f"[{side.name}] fleet: {n} sessions from {procs} processes")
-    plane, fleet, connect = await plane_with(ids, procs, f"fleet-{n}")
+    plane, fleet, connect = await _fleet_plane(
+        args, pki, tmp / f"fleet-{n}", side, started, fleet_ids(n), procs
+    )
     await asyncio.sleep(2.0)  # let the connection storm settle
     pid = plane.server.proc.pid
     cpu0, t0 = cpu_seconds(pid), time.perf_counter()
@@ -1316,13 +1338,15 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
     if args.compare_ref:
         sides.append(ref_side(args.compare_ref, tmp))
     started: list[Child] = []
+    deadline: asyncio.Timeout | None = None
     database: Any = None  # tests.postgres.PostgresServer with --store postgresql
     results: dict[str, dict[str, Any]] = {side.name: {} for side in sides}
     labels: dict[str, str] = {}
     try:
         if args.store == "postgresql" and len(sides) > 1:
             raise BenchError("--compare-ref measures SQLite only")
-        async with asyncio.timeout(args.timeout):
+        deadline = asyncio.timeout(args.timeout)
+        async with deadline:
             note("baseline: bare grpc.aio server")
             bare, port = await start_baseline(pki, tmp)
             started.append(bare)
@@ -1402,18 +1426,32 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                 await asyncio.gather(*(stop(c) for c in plane.workers))
                 await stop(plane.server)
             if args.idle_workers:
+                two: dict[str, float] = {}
                 for side in order:
-                    results[side.name]["fleet"] = await measure_fleet(
-                        args, pki, tmp / side.name, side, started
+                    two[side.name] = await fleet_two(args, pki, tmp / side.name, side, started)
+                order.reverse()
+                for side in order:
+                    results[side.name]["fleet"] = await fleet_many(
+                        args, pki, tmp / side.name, side, started, two[side.name]
                     )
             if args.failover_rounds > 0:
                 note(f"failover: {args.failover_rounds} x kill -9, {args.failover_rounds} x cut")
                 results["this"]["failover"] = await measure_failover(
                     pki, tmp, args.failover_rounds, started
                 )
-    except TimeoutError:
+    except TimeoutError as exc:
+        if deadline is not None and deadline.expired():
+            raise BenchError(
+                f"the benchmark did not finish within --timeout {args.timeout:g}s"
+            ) from None
+        ours = [
+            f
+            for f in traceback.extract_tb(exc.__traceback__)
+            if Path(f.filename).parent == SCRIPT.parent
+        ]
+        frame = (ours or traceback.extract_tb(exc.__traceback__))[-1]
         raise BenchError(
-            f"the benchmark did not finish within --timeout {args.timeout:g}s"
+            f"a step timed out at {Path(frame.filename).name}:{frame.lineno} ({frame.line})"
         ) from None
     finally:
         # Workers first (they drain and say goodbye), then the server, then anything else.
