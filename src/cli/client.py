@@ -201,6 +201,23 @@ class ApiTokenInfo:
     created_by: str
 
 
+def _events(
+    update: tasks_pb2.TaskUpdate, task_id: TaskId, seen: dict[RunId, int]
+) -> list[TaskEvent]:
+    """A followed task's update as events: its new output (in order), then its state."""
+    events: list[TaskEvent] = []
+    for message in update.chunks:
+        chunk = convert.chunk_from_pb(message, task_id)
+        if chunk.seq <= seen.get(chunk.run_id, 0):
+            continue
+        seen[chunk.run_id] = chunk.seq
+        events.append(OutputReceived(chunk))
+    if update.HasField("task"):
+        task, _ = convert.task_from_pb(update.task)
+        events.append(TaskChanged(task))
+    return events
+
+
 def _bootstrap_info(m: security_pb2.BootstrapToken) -> BootstrapTokenInfo:
     return BootstrapTokenInfo(
         token_id=m.token_id,
@@ -278,6 +295,7 @@ class Client:
         merged.update(options)
         self._options = list(merged.items())
         self._channel: grpc.aio.Channel | None = None
+        self._create_and_follow = True  # False once the server said it lacks the call
         self._tasks: Any = None
         self._workers: Any = None
 
@@ -443,6 +461,70 @@ class Client:
         response = await self._task_stub().CreateTask(request, timeout=self.timeout)
         task, _ = convert.task_from_pb(response.task)
         return task
+
+    async def submit_and_follow(
+        self,
+        spec: TaskSpec,
+        *,
+        include_events: bool = False,
+        allow_unknown_agent: bool = False,
+        on_reconnect: Callable[[grpc.aio.AioRpcError | None], None] | None = None,
+    ) -> AsyncGenerator[TaskEvent, None]:
+        """Submit one task and follow it on one stream (CreateAndFollowTask): the first event
+        is a TaskChanged with the task as created, then as `follow` until it ends. If that
+        stream breaks once the task exists, `follow` takes over (it reconnects); a server
+        without the call gets CreateTask then FollowTask. Use `contextlib.aclosing`."""
+        request = tasks_pb2.CreateAndFollowTaskRequest(
+            task=convert.spec_to_pb(spec), include_events=include_events
+        )
+        request.task.allow_unknown_agent = allow_unknown_agent
+        task_id = ""
+        seen: dict[RunId, int] = {}
+        broken: grpc.aio.AioRpcError | None = None
+        if self._create_and_follow:
+            call = self._task_stub().CreateAndFollowTask(request)
+            try:
+                async for update in call:
+                    task_id = task_id or update.task.id
+                    for event in _events(update, TaskId(task_id), seen):
+                        yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED and not task_id:
+                    self._create_and_follow = False  # an older server
+                elif task_id and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    broken = exc  # e.g. a server restart: follow the task, reconnecting
+                else:
+                    raise
+            finally:
+                call.cancel()
+        if not task_id:
+            task_id = (await self.submit(spec, allow_unknown_agent=allow_unknown_agent)).id
+        events = self.follow(
+            task_id,
+            include_events=include_events,
+            on_reconnect=on_reconnect,
+            seen=seen,
+            broken=broken,
+        )
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
+
+    async def run(self, spec: TaskSpec, *, allow_unknown_agent: bool = False) -> Task:
+        """Submit one task and wait until it is COMPLETED, FAILED or CANCELLED (one stream);
+        returns its final state."""
+        last: Task | None = None
+        events = self.submit_and_follow(spec, allow_unknown_agent=allow_unknown_agent)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, TaskChanged):
+                    last = event.task
+        if last is None:
+            raise RuntimeError("the server ended the stream before the task was created")
+        if not last.status.terminal:
+            last, _ = await self.get_task(last.id)
+        return last
 
     async def create_tasks(
         self, specs: Sequence[TaskSpec], *, allow_unknown_agent: bool = False
@@ -682,6 +764,8 @@ class Client:
         include_events: bool = False,
         reconnect: bool = True,
         on_reconnect: Callable[[grpc.aio.AioRpcError | None], None] | None = None,
+        seen: dict[RunId, int] | None = None,
+        broken: grpc.aio.AioRpcError | None = None,
     ) -> AsyncGenerator[TaskEvent, None]:
         """The task's stored output, then (with follow) live output and changes until it ends.
 
@@ -691,14 +775,21 @@ class Client:
         to RECONNECT_FOR seconds (backing off from 0.25 s to 5 s) and output already yielded is
         skipped; `on_reconnect` is called with the error when that starts, and with None once
         the stream works again.
-        Use `contextlib.aclosing` when you may stop iterating early.
+        Use `contextlib.aclosing` when you may stop iterating early. `seen` (last output seq
+        per run, updated as output is yielded) skips output yielded before; `broken` says an
+        earlier stream of this task just broke with that error, so this one starts reconnecting.
         """
-        seen: dict[RunId, int] = {}
+        seen = {} if seen is None else seen
         request = tasks_pb2.FollowTaskRequest(
             task_id=task_id, follow=follow, include_events=include_events
         )
         connected_once, delay, give_up_at = False, 0.25, 0.0
         reconnecting = False
+        if broken is not None:  # another stream of this task broke: reconnect from here
+            connected_once = reconnecting = True
+            give_up_at = time.monotonic() + RECONNECT_FOR
+            if on_reconnect is not None:
+                on_reconnect(broken)
         while True:
             call = self._task_stub().FollowTask(request)
             received = False
@@ -709,15 +800,8 @@ class Client:
                         reconnecting = False
                         if on_reconnect is not None:
                             on_reconnect(None)
-                    for message in update.chunks:
-                        chunk = convert.chunk_from_pb(message, TaskId(task_id))
-                        if chunk.seq <= seen.get(chunk.run_id, 0):
-                            continue
-                        seen[chunk.run_id] = chunk.seq
-                        yield OutputReceived(chunk)
-                    if update.HasField("task"):
-                        task, _ = convert.task_from_pb(update.task)
-                        yield TaskChanged(task)
+                    for event in _events(update, TaskId(task_id), seen):
+                        yield event
                 return
             except grpc.aio.AioRpcError as exc:
                 unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE

@@ -19,7 +19,7 @@ import contextlib
 import io
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -43,7 +43,7 @@ from taskrun.cli import (
     workflow_cmd,
 )
 from taskrun.cli import credentials as creds
-from taskrun.cli.client import Client, TaskChanged
+from taskrun.cli.client import Client, TaskChanged, TaskEvent
 from taskrun.cli.model_opts import add_model_arguments, apply_model_arguments
 from taskrun.cli.task_tree import tree_text
 from taskrun.core.errors import TaskRunError
@@ -848,6 +848,9 @@ def task_spec_from_args(args: argparse.Namespace) -> TaskSpec:
 # --- streaming -------------------------------------------------------------------------------
 
 
+OnReconnect = Callable[[grpc.aio.AioRpcError | None], None]
+
+
 @dataclass
 class FollowState:
     """What a follow loop has seen, for the Ctrl-C message and the exit status."""
@@ -870,8 +873,11 @@ async def follow_task(
     state: FollowState,
     *,
     follow: bool,
+    events: Callable[[OnReconnect], AsyncGenerator[TaskEvent, None]] | None = None,
+    announce: bool = False,
 ) -> int:
-    """Print a task's output; with follow, until it ends. Returns the exit status."""
+    """Print a task's output; with follow, until it ends (from `events` when given, e.g. a
+    task created on the stream that follows it). Returns the exit status."""
     state.task_id = task_id
 
     def on_reconnect(error: grpc.aio.AioRpcError | None) -> None:
@@ -884,13 +890,22 @@ async def follow_task(
         sys.stderr.flush()
 
     try:
-        async with contextlib.aclosing(
+        stream = (
             client.follow(task_id, follow=follow, include_events=True, on_reconnect=on_reconnect)
-        ) as events:
-            async for event in events:
-                printer.event(event)
+            if events is None
+            else events(on_reconnect)
+        )
+        async with contextlib.aclosing(stream):
+            async for event in stream:
                 if isinstance(event, TaskChanged):
                     state.last = event.task
+                    if not state.task_id:  # created on this stream
+                        state.task_id = event.task.id
+                        if announce:
+                            sys.stderr.write(
+                                f"task {event.task.id} created; following its output\n"
+                            )
+                printer.event(event)
     except grpc.aio.AioRpcError:
         printer.break_line()  # the error line starts on a line of its own
         raise
@@ -899,7 +914,7 @@ async def follow_task(
             printer.finish(state.last)
         return EXIT_OK
     if state.last is None or not state.last.status.terminal:
-        state.last, _ = await client.get_task(task_id)
+        state.last, _ = await client.get_task(state.task_id)
     printer.finish(state.last)
     return exit_code_for_task(state.last.status)
 
@@ -1255,6 +1270,25 @@ def cmd_task_create(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with client:
+            if args.follow:
+
+                def events(on_reconnect: OnReconnect) -> AsyncGenerator[TaskEvent, None]:
+                    return client.submit_and_follow(
+                        spec,
+                        include_events=True,
+                        allow_unknown_agent=args.allow_unknown_agent,
+                        on_reconnect=on_reconnect,
+                    )
+
+                return await follow_task(
+                    client,
+                    "",
+                    _printer(args),
+                    state,
+                    follow=True,
+                    events=events,
+                    announce=args.output == "table",
+                )
             task = await client.submit(spec, allow_unknown_agent=args.allow_unknown_agent)
             if not args.follow:
                 if args.output == "table":

@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 
@@ -42,15 +42,16 @@ from taskrun.controlplane import subtasks
 from taskrun.controlplane.budgets import Budgets, Cap, day_of, day_start
 from taskrun.controlplane.catalog import AgentCatalog
 from taskrun.controlplane.config import ServerConfig
-from taskrun.controlplane.dispatcher import PendingQueue, PendingRun
+from taskrun.controlplane.dispatcher import PendingQueue, PendingRun, WorkerIndex
 from taskrun.controlplane.events import Captured, EventHub
-from taskrun.controlplane.followers import FollowHub
+from taskrun.controlplane.followers import FollowHub, Snapshots
 from taskrun.controlplane.health import WorkerHealth
 from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.session import WorkerSession
 from taskrun.convert import (
     backend_from_pb,
     run_options_to_pb,
+    ts_to_datetime,
     turn_context_to_pb,
     usage_from_pb,
 )
@@ -114,6 +115,8 @@ class Engine:
         self.store = store
         self.config = config
         self.queue = PendingQueue()
+        self.index = WorkerIndex()  # connected workers by agent and load, for the queue
+        self._moved: set[WorkerSession] = set()  # sessions whose load changed since the plan
         self.hub = FollowHub()
         self.events = EventHub(runs_of=self.worker_runs)  # WatchEvents and metrics
         self.catalog = AgentCatalog()
@@ -212,6 +215,7 @@ class Engine:
         self._orphans.clear()
         self._timers.clear()
         self.queue = PendingQueue()
+        self.index, self._moved = WorkerIndex(), set()
         self._idempotency.clear()
         self.runs = {}
         self.workers = {}
@@ -303,13 +307,17 @@ class Engine:
         self._idle.clear()
         self._tail = done
         captured = self.events.capture(changes, self.runs)  # emitted once durable
-        stored.add_done_callback(functools.partial(self._committed, effect, captured, done))
+        followed = self.hub.snapshot(changes.tasks)  # followers get the tasks as committed
+        stored.add_done_callback(
+            functools.partial(self._committed, effect, captured, followed, done)
+        )
         return done
 
     def _committed(
         self,
         effect: Effect | None,
         captured: Captured | None,
+        followed: Snapshots | None,
         done: asyncio.Future[None],
         future: asyncio.Future[None],
     ) -> None:
@@ -327,7 +335,8 @@ class Engine:
                 done.exception()  # retrieved: fire-and-forget commits fail quietly
             return
         if effect is not None:
-            effect()
+            with self.hub.publishing(followed):
+                effect()
         self.events.emit(captured)  # after the commit and its effect
         if not done.done():
             done.set_result(None)
@@ -406,13 +415,17 @@ class Engine:
 
     # --- tasks -------------------------------------------------------------------------------
 
-    async def create_tasks(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
+    async def create_tasks(
+        self, specs: Sequence[TaskSpec], subscribe: Callable[[Task], None] | None = None
+    ) -> list[tuple[Task, bool]]:
         """Create tasks (already validated). Returns (task, created) per spec, in order, once
         every one of them is durable.
 
         A spec whose idempotency key names an existing task returns that task, created=False;
         the caller checks that the request is the same. A key whose task is still being
-        committed waits for that commit (and fails with it).
+        committed waits for that commit (and fails with it). `subscribe` is called with each new
+        task before its commit is queued, so a follower misses nothing: the task as committed is
+        published once durable.
         """
         self._check_writable()
         existing: dict[str, Task] = {}
@@ -496,11 +509,16 @@ class Engine:
             # Assign what fits right away, in the same commit as the creation.
             outgoing = self._plan(changes)
 
+            if subscribe is not None:
+                for task, _ in created:
+                    subscribe(task)
+
             def effect() -> None:
+                self._send(outgoing)  # the worker first: it is on the way to the result
                 for task, _ in created:
                     if task.policy.idempotency_key:
                         self._idempotency.pop(task.policy.idempotency_key, None)
-                self._send(outgoing)
+                    self._publish(task)  # as committed: assigned, or waiting
 
             committing = self._commit(changes, effect)
             for task, _ in created:
@@ -1079,17 +1097,16 @@ class Engine:
 
     def _plan(self, changes: ChangeSet) -> list[tuple[WorkerSession, Task, wpb.RunAssignment]]:
         """Assign pending runs to free slots, recording the changes; send after the commit."""
-        if not self.queue or not self.sessions:
-            return []
         sessions = self.sessions
         clock = time.monotonic()
-        plan = self.queue.plan(
-            [
-                s.candidate(quarantined=self.health.quarantined(s.worker_id, clock))
-                for s in sessions.values()
-                if not s.draining
-            ]
-        )
+        for moved in self._moved:
+            if sessions.get(moved.worker_id) is moved:  # not replaced or gone since
+                quarantined = self.health.quarantined(moved.worker_id, clock)
+                self.index.put(moved.candidate(quarantined=quarantined))
+        self._moved.clear()
+        if not self.queue or not sessions:
+            return []
+        plan = self.queue.plan(self.index)
         now = utcnow()
         if self.budgets.roll(now):
             self._release_parked()
@@ -1098,9 +1115,11 @@ class Engine:
             run = self.runs.get(entry.run_id)
             task = self.tasks.get(entry.task_id)
             if run is None or task is None or run.status is not RunStatus.PENDING:
+                self._moved.add(sessions[worker_id])  # the slot the plan counted stays free
                 continue
             cap = self.budgets.blocking(task)
             if cap is not None:  # waits for the next day; its slot goes to the next run
+                self._moved.add(sessions[worker_id])
                 self._parked[run.id] = entry
                 log.info(
                     "run held back by a daily budget",
@@ -1210,6 +1229,8 @@ class Engine:
             self.config.max_message_bytes,  # the server may send 1 MiB more (app.py)
         )
         session.draining = hello.draining
+        session.on_load_change = self._moved.add
+        self._moved.add(session)
         self.sessions[worker.id] = session
         self.workers[worker.id] = worker
         self.catalog.learn(worker.agents)
@@ -1266,6 +1287,7 @@ class Engine:
         if self.sessions.get(session.worker_id) is not session:
             return  # replaced by a newer session (or dropped in recovery)
         del self.sessions[session.worker_id]
+        self.index.remove(session.worker_id)
         worker = session.worker
         worker.status = WorkerStatus.OFFLINE
         deadline = session.lease_expires + self.config.lease_margin
@@ -1312,6 +1334,7 @@ class Engine:
             )
         reason = reason or "revoked by an operator"
         session = self.sessions.pop(worker_id, None)
+        self.index.remove(worker_id)
         if session is not None:
             worker = session.worker
             session.closed = True
@@ -1362,6 +1385,7 @@ class Engine:
         if session.draining or self.store_error:
             return
         session.draining = True
+        self._moved.add(session)
         session.worker.status = WorkerStatus.DRAINING
         self._commit(ChangeSet(workers=[replace(session.worker)]))
         log.info("worker draining", worker_id=session.worker_id, runs=len(session.runs))
@@ -1483,10 +1507,12 @@ class Engine:
         hub = self.hub
 
         def effect() -> None:
-            if seq:
-                session.send_ack(seq)
+            # Followers first: whoever waits on a result is woken before the worker's ack and
+            # its next assignments are written.
             for task_id, item in published:
                 hub.publish(task_id, item)
+            if seq:
+                session.send_ack(seq)
             self._send(outgoing)
 
         self._commit(changes, effect)
@@ -1543,7 +1569,7 @@ class Engine:
             self._reject(session, "output", pc.run_id, pc.attempt, f"unknown kind {pc.kind}")
             return None
         try:
-            at = pc.time.ToDatetime(tzinfo=UTC) if pc.HasField("time") else received
+            at = ts_to_datetime(pc.time) if pc.HasField("time") else received
         except (ValueError, OverflowError, OSError):
             self._reject(session, "output", pc.run_id, pc.attempt, "time is out of range")
             return None
@@ -1775,6 +1801,7 @@ class Engine:
                     reason=tripped.reason,
                 )
                 self._later(tripped.seconds + 0.05, self._quarantine_over, session.worker_id)
+                self._moved.add(session)  # no new runs while it lasts
                 changes.workers.append(replace(self.show_health(session.worker)))
                 return
         self.show_health(session.worker)
@@ -1783,6 +1810,8 @@ class Engine:
         worker = self.workers.get(worker_id)
         if worker is None or self.store_error:
             return
+        if (session := self.sessions.get(worker_id)) is not None:
+            self._moved.add(session)
         self.show_health(worker)
         self._commit(ChangeSet(workers=[replace(worker)]), self.request_dispatch)
 

@@ -543,7 +543,7 @@ class WorkerDaemon:
             if self._heartbeat_due:
                 self._heartbeat_due = False
                 msg.heartbeat.active_runs = len(self.runs)
-                msg.heartbeat.time.GetCurrentTime()
+                convert.now_to_pb(msg.heartbeat.time)
                 msg.heartbeat.seq = self.lease.next_heartbeat()
             if msg.ByteSize():
                 await call.write(msg)

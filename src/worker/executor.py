@@ -124,7 +124,7 @@ def _status(
     update = wpb.RunStatusUpdate(
         run_id=ctx.run_id, attempt=ctx.attempt, status=status, error=error, last_seq=ctx.seq
     )
-    update.time.GetCurrentTime()
+    convert.now_to_pb(update.time)
     if result is None and not ctx.spent.empty:
         convert.usage_to_pb(ctx.spent, update.usage)  # what a run that broke had reported
     if isinstance(result, AgentResult):

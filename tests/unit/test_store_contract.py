@@ -5,6 +5,7 @@ PostgreSQL-only ones are in test_store_postgres.py."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sqlite3
 import sys
@@ -345,6 +346,18 @@ FILTERS = {
     "schedule": (TaskQuery(schedule="daily"), [6, 4]),
     "combined": (
         TaskQuery(statuses=frozenset({TaskStatus.PENDING}), agent="echo", labels=(("team", "a"),)),
+        [1],
+    ),
+    "agent_and_statuses_newest_first": (
+        TaskQuery(statuses=frozenset({TaskStatus.PENDING, TaskStatus.RUNNING}), agent="echo"),
+        [3, 1],
+    ),
+    "agent_and_statuses_after_a_token": (
+        TaskQuery(
+            statuses=frozenset({TaskStatus.PENDING, TaskStatus.RUNNING}),
+            agent="echo",
+            before=tid(3),
+        ),
         [1],
     ),
     "combined_schedule_and_worker": (TaskQuery(schedule="daily", worker_id="w1"), [4]),
@@ -1869,3 +1882,53 @@ async def test_workflow_runs_survive_reopening_the_sqlite_file(tmp_path: Path) -
         assert await second.list_workflows() == [workflow]
     finally:
         await second.close()
+
+
+async def test_sqlite_lone_and_grouped_change_sets_are_durable_before_they_resolve_and_in_order(
+    tmp_path: Path,
+) -> None:
+    # A change set submitted alone commits at once on the caller's thread; one submitted in a
+    # burst goes to the writer thread's group commit. Either way its future resolves only once
+    # a fresh reader sees it, and the last one submitted wins.
+    path = tmp_path / "t.db"
+    store = SqliteStore(path)
+    await store.open()
+    reader = sqlite3.connect(path)
+    seen_when_resolved: list[tuple[int, int]] = []
+
+    def check(version: int, _: asyncio.Future[None]) -> None:
+        row = reader.execute("SELECT attempts FROM tasks WHERE id = ?", (tid(1),)).fetchone()
+        seen_when_resolved.append((version, row[0]))
+
+    try:
+        version = 0
+        for burst in [1, 5, 1, 1, 40, 1, 3, 1, 200, 1]:
+            futures = []
+            for _ in range(burst):
+                version += 1
+                future = store.submit(ChangeSet(tasks=[make_task(1, attempts=version)]))
+                future.add_done_callback(functools.partial(check, version))
+                futures.append(future)
+            await asyncio.gather(*futures)
+        assert (await store.get_task(tid(1))) == make_task(1, attempts=version)
+        assert len(seen_when_resolved) == version
+        # committed in order: when version v resolved, the store held v or a later one
+        assert all(stored >= v for v, stored in seen_when_resolved)
+        assert store.commits < version  # the bursts were grouped
+    finally:
+        reader.close()
+        await store.close()
+
+
+async def test_sqlite_a_lone_change_set_that_fails_fences_the_next_until_resumed(
+    sqlite_store: SqliteStore,
+) -> None:
+    bad = ChangeSet(tasks=[make_task(500)], runs=[make_run(500, 999)])  # its run's task is missing
+    with pytest.raises(ValueError):
+        await sqlite_store.apply(bad)
+    with pytest.raises(StoreUnavailable):
+        await sqlite_store.apply(ChangeSet(tasks=[make_task(1)]))
+    assert await sqlite_store.get_task(tid(500)) is None
+    await sqlite_store.resume()
+    await sqlite_store.apply(ChangeSet(tasks=[make_task(1)]))
+    assert await sqlite_store.get_task(tid(1)) == make_task(1)

@@ -394,6 +394,11 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX tasks_root ON tasks (root_task_id, id) WHERE root_task_id IS NOT NULL",
         "ALTER TABLE runs ADD COLUMN credential_hash text NOT NULL DEFAULT ''",
     ),
+    (
+        # ListTasks by agent and status (an agent's unfinished tasks) without walking a deep
+        # queue of other agents' pending tasks, or every finished task of the agent
+        "CREATE INDEX tasks_agent_status ON tasks (agent, status, id)",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
