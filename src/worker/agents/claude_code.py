@@ -45,7 +45,6 @@ from taskrun.worker.agents.backends import (
     check_input,
     choose_model,
     cost_usd,
-    default_model,
     model_backend,
     unknown_cost_hint,
 )
@@ -272,7 +271,6 @@ class ClaudeCodeAgent:
         if not prompt:
             raise AgentError("a follow-up needs a prompt (the new user message)")
         schema = ctx.options.output_schema
-        model = inp.get("model") or default_model()
         stderr = StderrTail()
         options = claude_options(
             cwd=cwd,
