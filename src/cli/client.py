@@ -30,6 +30,7 @@ import grpc
 
 from taskrun import convert
 from taskrun.cli.credentials import OperatorSettings, load_credentials, resolve_settings
+from taskrun.cli.failover import FAILOVER_FOR, Channels, FailoverStub
 from taskrun.core.access import AuditEvent, AuditKind, TokenState
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.models import (
@@ -46,6 +47,7 @@ from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import InboxItem, Workflow, WorkflowRun
+from taskrun.servers import ServerList
 from taskrun.v1 import (
     conversations_pb2,
     conversations_pb2_grpc,
@@ -275,9 +277,11 @@ class Client:
             merged["grpc.ssl_target_name_override"] = server_name
         merged.update(options)
         self._options = list(merged.items())
-        self._channel: grpc.aio.Channel | None = None
-        self._tasks: Any = None
-        self._workers: Any = None
+        # `target` may name several control planes: calls follow the leader (cli/failover.py)
+        self.servers = ServerList(target, server_name)
+        self._channels = Channels(self.servers, self._credentials, self._options)
+        self._tasks = FailoverStub(self._channels, tasks_pb2_grpc.TaskServiceStub)
+        self._workers = FailoverStub(self._channels, workers_pb2_grpc.WorkerServiceStub)
 
     @classmethod
     def from_env(
@@ -327,23 +331,15 @@ class Client:
 
     @property
     def channel(self) -> grpc.aio.Channel:
-        """The gRPC channel, opened on first use."""
-        if self._channel is None:
-            self._channel = grpc.aio.secure_channel(
-                self.target, self._credentials, options=self._options
-            )
-            self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
-            self._workers = workers_pb2_grpc.WorkerServiceStub(self._channel)
-        return self._channel
+        """The gRPC channel to the control plane in use, opened on first use."""
+        return self._channels.channel
 
     async def wait_ready(self) -> None:
         """Wait until the channel is connected (TLS handshake done); bound it with a timeout."""
         await self.channel.channel_ready()
 
     async def close(self) -> None:
-        if self._channel is not None:
-            channel, self._channel = self._channel, None
-            await channel.close()
+        await self._channels.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -357,11 +353,9 @@ class Client:
         await self.close()
 
     def _task_stub(self) -> Any:
-        _ = self.channel
         return self._tasks
 
     def _worker_stub(self) -> Any:
-        _ = self.channel
         return self._workers
 
     # --- tasks -------------------------------------------------------------------------------
@@ -506,7 +500,7 @@ class Client:
     # --- conversations -----------------------------------------------------------------------
 
     def _conversation_stub(self) -> Any:
-        return conversations_pb2_grpc.ConversationServiceStub(self.channel)
+        return FailoverStub(self._channels, conversations_pb2_grpc.ConversationServiceStub)
 
     async def create_conversation(
         self,
@@ -659,6 +653,7 @@ class Client:
             task_id=task_id, follow=follow, include_events=include_events
         )
         connected_once, delay, give_up_at = False, 0.25, 0.0
+        failover_until = time.monotonic() + FAILOVER_FOR
         reconnecting = False
         while True:
             call = self._task_stub().FollowTask(request)
@@ -666,6 +661,7 @@ class Client:
             try:
                 async for update in call:
                     received = connected_once = True
+                    failover_until = time.monotonic() + FAILOVER_FOR
                     if reconnecting:
                         reconnecting = False
                         if on_reconnect is not None:
@@ -681,6 +677,10 @@ class Client:
                         yield TaskChanged(task)
                 return
             except grpc.aio.AioRpcError as exc:
+                moved = self._channels.failed(exc)
+                if moved and not received and time.monotonic() < failover_until:
+                    await asyncio.sleep(0.1)  # a standby refused it, or an address was down
+                    continue
                 unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
                 if not (reconnect and follow and unavailable and connected_once):
                     raise
@@ -744,7 +744,7 @@ class Client:
     # --- access control ------------------------------------------------------------
 
     def _access_stub(self) -> Any:
-        return security_pb2_grpc.AccessServiceStub(self.channel)
+        return FailoverStub(self._channels, security_pb2_grpc.AccessServiceStub)
 
     async def create_bootstrap_token(
         self,
@@ -863,7 +863,7 @@ class Client:
             include_output=include_output,
             snapshot=snapshot,
         )
-        call = events_pb2_grpc.EventServiceStub(self.channel).WatchEvents(request)
+        call = FailoverStub(self._channels, events_pb2_grpc.EventServiceStub).WatchEvents(request)
         try:
             async for message in call:
                 yield _fleet_event(message)
@@ -875,7 +875,7 @@ class Client:
     # --- webhooks ------------------------------------------------------------------
 
     def _webhook_stub(self) -> Any:
-        return webhooks_pb2_grpc.WebhookServiceStub(self.channel)
+        return FailoverStub(self._channels, webhooks_pb2_grpc.WebhookServiceStub)
 
     async def create_webhook(
         self,
@@ -932,7 +932,7 @@ class Client:
         return [convert.delivery_from_pb(d) for d in m.deliveries]
 
     def _schedule_stub(self) -> Any:
-        return schedules_pb2_grpc.ScheduleServiceStub(self.channel)
+        return FailoverStub(self._channels, schedules_pb2_grpc.ScheduleServiceStub)
 
     async def create_schedule(self, schedule: Schedule) -> Schedule:
         """Create a schedule: name, agent, timezone, cron or rrule, and the task template.
@@ -1021,7 +1021,7 @@ class Client:
     # --- workflows ----------------------------------------------------------------
 
     def _workflow_stub(self) -> Any:
-        return workflows_pb2_grpc.WorkflowServiceStub(self.channel)
+        return FailoverStub(self._channels, workflows_pb2_grpc.WorkflowServiceStub)
 
     async def put_workflow(self, definition: str) -> tuple[Workflow, bool]:
         """Store a definition (YAML or JSON text) as the next version; (workflow, created).

@@ -419,6 +419,19 @@ def build_parser() -> argparse.ArgumentParser:
         help="wait this long after a lease ran out before retrying its runs (default 0.5)",
     )
     p.add_argument(
+        "--leader-lease",
+        type=positive_float,
+        metavar="S",
+        help="with PostgreSQL, several servers share the database: one leads, the others stand "
+        "by and take over once its lease (default 2) ran out (TASKRUN_LEADER_LEASE)",
+    )
+    p.add_argument(
+        "--advertise",
+        metavar="ADDR",
+        help="host:port where workers and clients reach this server; standbys name the "
+        "leader's (TASKRUN_ADVERTISE, default: --listen)",
+    )
+    p.add_argument(
         "--metrics-listen",
         metavar="ADDR",
         help="serve Prometheus /metrics on host:port; empty disables "
@@ -989,6 +1002,8 @@ def server_config(args: argparse.Namespace) -> Any:
         "heartbeat_interval": _arg(args, "heartbeat_interval"),
         "lease_duration": _arg(args, "lease"),
         "lease_margin": _arg(args, "lease_margin"),
+        "leader_lease": _arg(args, "leader_lease") or _env("TASKRUN_LEADER_LEASE"),
+        "advertise": _arg(args, "advertise") or _env("TASKRUN_ADVERTISE"),
         "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),
         "metrics_optional": _metrics_listen(args, "") == "",
         "http_listen": _arg(args, "http_listen") or _env("TASKRUN_HTTP_LISTEN"),

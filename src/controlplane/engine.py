@@ -124,6 +124,9 @@ class Engine:
         # reason and the engine is recovering. Empty when healthy.
         self.store_error = ""
         self.on_health: Callable[[bool], None] | None = None  # told when writes fail / resume
+        # With several control planes: whether this one's leadership lease still holds. Once it
+        # ran out, no worker's lease is renewed here (another control plane may lead already).
+        self.leads: Callable[[], bool] | None = None
         self.recoveries = 0  # how often the view was reloaded after a failed write
         self._recovery: asyncio.Task[None] | None = None
         self._tail: asyncio.Future[None] | None = None  # the newest commit
@@ -1278,6 +1281,9 @@ class Engine:
         acknowledged once what it changed is durable; a heartbeat renews the lease at once.
         """
         session.last_seen = time.monotonic()
+        if self.leads is not None and not self.leads():
+            self._lose_view(StoreUnavailable("this control plane's leadership lease ran out"))
+            return
         if msg.HasField("heartbeat"):
             session.renew_lease(msg.heartbeat.seq)
         if self.store_error or session.closed:

@@ -382,6 +382,29 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # a schedule may start a workflow instead of a task
         "ALTER TABLE schedules ADD COLUMN workflow text NOT NULL DEFAULT ''",
     ),
+    # 5: leadership of several control planes (see postgres_lease.py): one lease row whose
+    # epoch every write checks, and the control planes that share the database
+    (
+        """CREATE TABLE taskrun_leader (
+            id         integer PRIMARY KEY CHECK (id = 1),
+            epoch      bigint NOT NULL,  -- +1 on every takeover
+            holder     text NOT NULL,    -- control plane id, '' when released
+            address    text NOT NULL,    -- where workers and clients reach it
+            since      bigint NOT NULL,  -- the database's clock, microseconds
+            expires_at bigint NOT NULL   -- the database's clock, microseconds
+        )""",
+        "INSERT INTO taskrun_leader VALUES (1, 0, '', '', 0, 0)",
+        """CREATE TABLE taskrun_control_planes (
+            id         text PRIMARY KEY,
+            address    text NOT NULL,
+            hostname   text NOT NULL,
+            pid        integer NOT NULL,
+            version    text NOT NULL,
+            started_at bigint NOT NULL,
+            seen_at    bigint NOT NULL,
+            workers    jsonb NOT NULL  -- ids of the workers connected to it
+        )""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -621,6 +644,10 @@ class PostgresStore(SqlReads):
         self._closed = False
         # Set by the writer when a write fails; while set, every write fails (see core.store).
         self._fence: BaseException | None = None
+        # Run first in every write transaction (the leadership's epoch check, which raises
+        # StoreUnavailable when this process no longer leads): see postgres_lease.py.
+        self.write_guard: Callable[[Connection], Awaitable[None]] | None = None
+        self.session_settings: dict[str, str] = {}  # SET on every new connection
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -669,6 +696,8 @@ class PostgresStore(SqlReads):
     async def _connect(self) -> Connection:
         conn: Connection = await psycopg.AsyncConnection.connect(self.url, **self._connect_options)
         await _configure(conn)
+        for name, value in self.session_settings.items():
+            await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
         return conn
 
     async def _connection(self) -> Connection:
@@ -923,6 +952,8 @@ class PostgresStore(SqlReads):
             committing = False
             try:
                 async with conn.transaction():
+                    if self.write_guard is not None:
+                        await self.write_guard(conn)
                     result = await body(conn)
                     committing = True  # leaving the block sends COMMIT
                 return result
