@@ -62,9 +62,10 @@ class Channels:
     def failed(self, exc: BaseException) -> bool:
         """Note a failed call; True when it may be repeated at once on the address now in use
         (a standby named the leader, or one of several addresses could not be reached)."""
+        several = self.servers.several  # before a move forgets the leaders it learned
         retry = self.servers.failed(exc)
         hinted = isinstance(exc, grpc.aio.AioRpcError) and bool(leader_of(exc))
-        return retry and (hinted or self.servers.several)
+        return retry and (hinted or several)
 
     async def close(self) -> None:
         channels = [*self._old, *([self._channel] if self._channel is not None else [])]

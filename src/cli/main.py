@@ -36,6 +36,7 @@ from taskrun.cli import (
     maintenance_cmd,
     output,
     schedule_cmd,
+    status_cmd,
     store_cmd,
     webhook_cmd,
     workflow_cmd,
@@ -673,6 +674,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_cmd.register(commands)
     conversation_cmd.register(commands)  # `taskrun chat`, `taskrun conversation`
     events_cmd.register(commands)  # `taskrun events`, `taskrun tui`
+    status_cmd.register(commands)  # `taskrun status`
     access_cmd.register(commands)  # `taskrun token`, `api-token`, `audit`
     webhook_cmd.register(commands)  # `taskrun webhook`
     workflow_cmd.register(commands)  # `taskrun workflow`, `inbox`, `approve`, `reject`
