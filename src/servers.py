@@ -134,6 +134,9 @@ class ServerList:
         call may be repeated at once (nothing was done: a standby refused it, or the address
         could not be reached)."""
         if isinstance(exc, grpc.aio.AioRpcError):
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and self.several:
+                self.next()  # a control plane that does not answer (frozen, cut off)
+                return False
             if exc.code() != grpc.StatusCode.UNAVAILABLE:
                 return False
             leader = leader_of(exc)

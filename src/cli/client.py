@@ -677,7 +677,9 @@ class Client:
                         yield TaskChanged(task)
                 return
             except grpc.aio.AioRpcError as exc:
-                moved = self._channels.failed(exc)
+                before = self.servers.current.target
+                # following only reads: it may be repeated wherever the leader is now
+                moved = self._channels.failed(exc) or self.servers.current.target != before
                 if moved and not received and time.monotonic() < failover_until:
                     await asyncio.sleep(0.1)  # a standby refused it, or an address was down
                     continue
