@@ -145,6 +145,9 @@ class FleetEvent:
     worker_runs: tuple[RunId, ...] = field(default=())  # runs the worker holds
     chunk: OutputChunk | None = None
     inbox_item: InboxItem | None = None
+    # its place in the durable event log: `watch_events(after_position=…)` resumes after it
+    # (0 for output, inbox and snapshot events; SNAPSHOT_END carries the snapshot's)
+    position: int = 0
 
 
 def _fleet_event(m: events_pb2.Event) -> FleetEvent:
@@ -159,6 +162,7 @@ def _fleet_event(m: events_pb2.Event) -> FleetEvent:
         worker_runs=tuple(worker_runs),
         chunk=convert.chunk_from_pb(m.chunk) if m.HasField("chunk") else None,
         inbox_item=convert.inbox_item_from_pb(m.inbox_item) if m.HasField("inbox_item") else None,
+        position=m.position,
     )
 
 
@@ -851,26 +855,47 @@ class Client:
         kinds: Sequence[EventKind] = (),
         include_output: bool = False,
         snapshot: bool = True,
+        after_position: int = 0,
+        reconnect: bool = True,
     ) -> AsyncGenerator[FleetEvent, None]:
         """Live events: with `snapshot`, first the current workers and unfinished tasks (ending
-        with a SNAPSHOT_END event), then every change in commit order, until cancelled.
+        with a SNAPSHOT_END event), then every change in commit order, until cancelled. With
+        `after_position`, first every logged change after it instead of a snapshot.
 
-        A watcher that reads too slowly is ended by the server with RESOURCE_EXHAUSTED.
-        Use `contextlib.aclosing` when you may stop iterating early.
+        When the stream breaks with UNAVAILABLE (a restart, a failover to another control
+        plane), it is re-opened after the last position received for up to RECONNECT_FOR
+        seconds: state changes are neither missed nor repeated (output is not in the durable
+        log: follow a task for that). A watcher that reads too slowly is ended by the server
+        with RESOURCE_EXHAUSTED. Use `contextlib.aclosing` when you may stop iterating early.
         """
-        request = events_pb2.WatchEventsRequest(
-            task_id=task_id,
-            worker_id=worker_id,
-            kinds=cast(Any, [int(k) for k in kinds]),
-            include_output=include_output,
-            snapshot=snapshot,
-        )
-        call = FailoverStub(self._channels, events_pb2_grpc.EventServiceStub).WatchEvents(request)
-        try:
-            async for message in call:
-                yield _fleet_event(message)
-        finally:
-            call.cancel()
+        last, give_up_at, delay = after_position, time.monotonic() + RECONNECT_FOR, 0.1
+        while True:
+            request = events_pb2.WatchEventsRequest(
+                task_id=task_id,
+                worker_id=worker_id,
+                kinds=cast(Any, [int(k) for k in kinds]),
+                include_output=include_output,
+                snapshot=snapshot and not last,
+                after_position=last,
+            )
+            stub = FailoverStub(self._channels, events_pb2_grpc.EventServiceStub)
+            call = stub.WatchEvents(request)
+            try:
+                async for message in call:
+                    give_up_at, delay = time.monotonic() + RECONNECT_FOR, 0.1
+                    if message.position:
+                        last = message.position
+                    yield _fleet_event(message)
+                return
+            except grpc.aio.AioRpcError as exc:
+                self._channels.failed(exc)  # a standby named the leader, or the next address
+                unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
+                if not (reconnect and unavailable and last) or time.monotonic() > give_up_at:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                call.cancel()
 
     # --- schedules ---------------------------------------------------------------------------
 

@@ -149,6 +149,7 @@ class Engine:
         its lease at the latest when the previous view ended, so by then it has stopped them.
         """
         workers = await self.store.list_workers()
+        _, newest_event = await self.store.event_positions()
         tasks = {t.id: t for t in await self.store.list_unfinished_tasks()}
         runs = await self.store.list_unfinished_runs()
         conversations: dict[ConversationId, Conversation] = {}
@@ -168,6 +169,7 @@ class Engine:
             turns[unfinished.id] = turn
             earlier_turns[unfinished.id] = earlier
         # No await from here on: the new view replaces the old one at once.
+        self.events.restart(newest_event)  # positions of failed commits are given again
         self.conversations, self.turns, self._tools = conversations, turns, {}
         for handle in [*self._orphans.values(), *self._timers]:
             handle.cancel()
@@ -237,6 +239,7 @@ class Engine:
         if self.store_error:
             done.set_exception(Unavailable(self.store_error))
             return done
+        captured = self.events.capture(changes, self.runs)  # logged with it, emitted after
         try:
             stored = asyncio.ensure_future(self.store.submit(changes))
         except Exception as exc:  # the store refused to even queue it
@@ -246,7 +249,6 @@ class Engine:
         self._inflight += 1
         self._idle.clear()
         self._tail = done
-        captured = self.events.capture(changes, self.runs)  # emitted once durable
         stored.add_done_callback(functools.partial(self._committed, effect, captured, done))
         return done
 

@@ -26,6 +26,24 @@ from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import Workflow, WorkflowRun
 
 FENCED = "the store refuses writes after a failed one until the control plane recovers"
+# How many events the durable event log keeps (the oldest are deleted beyond it).
+EVENT_RETENTION = 100_000
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedEvent:
+    """One event of the durable event log: a change a watcher can resume after.
+
+    Positions are given by the control plane that leads (one more than the newest stored when
+    it started), so they increase across control planes; the store refuses a position it
+    already holds. `data` is the event as the wire carries it (serialized taskrun.v1.Event).
+    """
+
+    position: int
+    kind: int
+    task_id: str
+    worker_id: str
+    data: bytes
 
 
 @dataclass(slots=True)
@@ -50,6 +68,8 @@ class ChangeSet:
     # workflow runs are upserts by id (their steps' state included).
     workflows: list[Workflow] = field(default_factory=list)
     workflow_runs: list[WorkflowRun] = field(default_factory=list)
+    # Appended to the event log in the same transaction as the changes they describe.
+    events: list[LoggedEvent] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -67,6 +87,7 @@ class ChangeSet:
             or self.deleted_conversations
             or self.workflows
             or self.workflow_runs
+            or self.events
         )
 
     def merge(self, other: ChangeSet) -> None:
@@ -84,6 +105,7 @@ class ChangeSet:
         self.deleted_conversations.extend(other.deleted_conversations)
         self.workflows.extend(other.workflows)
         self.workflow_runs.extend(other.workflow_runs)
+        self.events.extend(other.events)
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,6 +262,16 @@ class WorkflowStore(Protocol):
         ...
 
 
+class EventLogStore(Protocol):
+    async def read_events(self, after: int, limit: int = 1000) -> list[LoggedEvent]:
+        """Logged events with a position above `after`, oldest first, at most `limit`."""
+        ...
+
+    async def event_positions(self) -> tuple[int, int]:
+        """(oldest, newest) position in the log; (0, 0) when it is empty."""
+        ...
+
+
 class Store(
     TaskStore,
     RunStore,
@@ -251,6 +283,7 @@ class Store(
     WebhookStore,
     ConversationStore,
     WorkflowStore,
+    EventLogStore,
     Protocol,
 ):
     async def open(self) -> None: ...

@@ -23,7 +23,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from taskrun.cli.client import Client, OutputReceived
+from taskrun.cli.client import Client, EventKind, FleetEvent, OutputReceived
 from taskrun.cli.status_cmd import cluster_status
 from taskrun.controlplane.pki import PkiPaths
 from taskrun.core.models import TaskPolicy, TaskSpec
@@ -187,7 +187,20 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_10s_and_nothin
                     elif event.task.status.terminal:
                         finals.append(event.task.status)
 
+        watched: list[FleetEvent] = []
+
+        async def watch() -> None:
+            left = {t.id for t in tasks}
+            async with cps.client() as watcher:
+                async for event in watcher.watch_events(snapshot=True):
+                    watched.append(event)
+                    if event.task is not None and event.task.status.terminal:
+                        left.discard(event.task.id)
+                        if not left:
+                            return
+
         following = asyncio.create_task(follow())
+        watching = asyncio.create_task(watch())
         await asyncio.sleep(0.5)
         assert followed, "the follow stream is live before the kill"
         killed_at = time.monotonic()
@@ -196,6 +209,7 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_10s_and_nothin
         took_over = time.monotonic() - killed_at
         results = [await asyncio.wait_for(client.wait(t.id), 60) for t in tasks]
         await asyncio.wait_for(following, 30)
+        await asyncio.wait_for(watching, 30)
         status = await cluster_status(client)
         runs_of = {t.id: (await client.get_task(t.id))[1] for t in tasks}
         outputs = {t.id: await output_of(client, t.id) for t in tasks}
@@ -210,6 +224,14 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_10s_and_nothin
         assert outputs[task.id] == {runs[0].id: text}  # whole, each chunk once
     assert "".join(followed) == texts[0]  # the follower missed and repeated nothing
     assert finals == [TaskStatus.COMPLETED]
+    # the event watcher went on from its position on the new leader: the changes it saw are
+    # the log's positions one after another (none missed, none twice), each task ended once
+    changes = [e for e in watched if not e.snapshot]
+    positions = [e.position for e in changes]
+    start = next(e.position for e in watched if e.kind is EventKind.SNAPSHOT_END)
+    assert positions == list(range(start + 1, start + 1 + len(positions)))
+    ended = [e.task.id for e in changes if e.task is not None and e.task.status.terminal]
+    assert sorted(ended) == sorted(t.id for t in tasks)
 
 
 async def test_a_leader_frozen_past_its_lease_is_deposed_and_steps_down_when_it_wakes(

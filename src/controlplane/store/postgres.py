@@ -105,7 +105,7 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
-from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
+from taskrun.core.store import EVENT_RETENTION, FENCED, ChangeSet, TaskPage, TaskQuery
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 
 __all__ = ["APPLICATION_NAME", "CONNECTION_DEFAULTS", "SCHEMA_VERSION", "PostgresStore"]
@@ -405,6 +405,16 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             workers    jsonb NOT NULL  -- ids of the workers connected to it
         )""",
     ),
+    # 6: the durable event log (WatchEvents resumes after a position, also across a failover)
+    (
+        """CREATE TABLE events (
+            position  bigint PRIMARY KEY,  -- given by the leading control plane, increasing
+            kind      smallint NOT NULL,
+            task_id   text NOT NULL,
+            worker_id text NOT NULL,
+            data      bytea NOT NULL  -- the event as the wire carries it (taskrun.v1.Event)
+        )""",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
@@ -435,6 +445,10 @@ _PROBE: Final = (
     " ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at"
 )
 
+_INSERT_EVENT: Final = (
+    "INSERT INTO events (position, kind, task_id, worker_id, data) VALUES (%s, %s, %s, %s, %s)"
+)
+_TRIM_EVENTS: Final = "DELETE FROM events WHERE position <= %s"
 _SELECT_TASK: Final = f"SELECT {column_list(TASK_COLUMNS)} FROM tasks"
 _SELECT_RUN: Final = f"SELECT {column_list(RUN_COLUMNS)} FROM runs"
 _SELECT_WORKER: Final = f"SELECT {column_list(WORKER_COLUMNS)} FROM workers"
@@ -559,6 +573,7 @@ class _Pending:
         "conversations",
         "deleted_conversations",
         "deleted_schedules",
+        "events",
         "future",
         "runs",
         "schedules",
@@ -584,6 +599,7 @@ class _Pending:
         self.deleted_conversations = [(c,) for c in changes.deleted_conversations]
         self.workflows = [workflow_row(w) for w in changes.workflows]
         self.workflow_runs = [workflow_run_row(w) for w in changes.workflow_runs]
+        self.events = [(e.position, e.kind, e.task_id, e.worker_id, e.data) for e in changes.events]
         self.future = future
 
 
@@ -889,6 +905,7 @@ class PostgresStore(SqlReads):
         runs = [row for p in pending for row in p.runs]
         workers = [row for p in pending for row in p.workers]
         chunks = [row for p in pending for row in p.chunks]
+        events = [row for p in pending for row in p.events]
 
         async def write(conn: Connection) -> None:
             async with conn.cursor() as cur:
@@ -900,6 +917,9 @@ class PostgresStore(SqlReads):
                     await cur.executemany(_UPSERT_WORKER, workers)
                 if chunks:
                     await cur.executemany(_INSERT_CHUNK, chunks)
+                if events:
+                    await cur.executemany(_INSERT_EVENT, events)
+                    await cur.execute(_TRIM_EVENTS, (events[-1][0] - EVENT_RETENTION,))
                 last_audit_id: int | None = None
                 for p in pending:  # in call order
                     if p.schedules:  # upserts then deletions

@@ -88,7 +88,7 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
-from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
+from taskrun.core.store import EVENT_RETENTION, FENCED, ChangeSet, TaskPage, TaskQuery
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
@@ -348,6 +348,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX workflow_runs_unfinished ON workflow_runs (status) WHERE status = 1",
         # a schedule may start a workflow instead of a task
         "ALTER TABLE schedules ADD COLUMN workflow TEXT NOT NULL DEFAULT ''",
+    ),  # 9: the durable event log (WatchEvents resumes after a position, also across a failover)
+    (
+        """CREATE TABLE events (
+            position  INTEGER PRIMARY KEY,  -- given by the leading control plane, increasing
+            kind      INTEGER NOT NULL,
+            task_id   TEXT NOT NULL,
+            worker_id TEXT NOT NULL,
+            data      BLOB NOT NULL  -- the event as the wire carries it (taskrun.v1.Event)
+        )""",
     ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
@@ -360,6 +369,10 @@ _INSERT_CHUNK: Final = (
     f" VALUES ({', '.join('?' * len(CHUNK_COLUMNS))})"
 )
 
+_INSERT_EVENT: Final = (
+    "INSERT INTO events (position, kind, task_id, worker_id, data) VALUES (?, ?, ?, ?, ?)"
+)
+_TRIM_EVENTS: Final = "DELETE FROM events WHERE position <= ?"
 _SELECT_TASK: Final = f"SELECT {column_list(TASK_COLUMNS)} FROM tasks"
 _SELECT_RUN: Final = f"SELECT {column_list(RUN_COLUMNS)} FROM runs"
 _SELECT_WORKER: Final = f"SELECT {column_list(WORKER_COLUMNS)} FROM workers"
@@ -411,6 +424,7 @@ class _Pending:
         "conversations",
         "deleted_conversations",
         "deleted_schedules",
+        "events",
         "future",
         "loop",
         "runs",
@@ -442,6 +456,7 @@ class _Pending:
         self.deleted_conversations = [(c,) for c in changes.deleted_conversations]
         self.workflows = [workflow_row(w) for w in changes.workflows]
         self.workflow_runs = [workflow_run_row(w) for w in changes.workflow_runs]
+        self.events = [(e.position, e.kind, e.task_id, e.worker_id, e.data) for e in changes.events]
         self.loop = loop
         self.future = future
 
@@ -778,6 +793,10 @@ class SqliteStore(SqlReads):
                     conn.executemany(_UPSERT_WORKER, workers)
                 if chunks:
                     conn.executemany(_INSERT_CHUNK, chunks)
+                events = [row for p in pending for row in p.events]
+                if events:
+                    conn.executemany(_INSERT_EVENT, events)
+                    conn.execute(_TRIM_EVENTS, (events[-1][0] - EVENT_RETENTION,))
                 audited = False
                 for p in pending:  # in call order
                     if p.schedules:  # upserts then deletions
