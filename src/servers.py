@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import grpc
@@ -57,19 +57,23 @@ def is_ip(host: str) -> bool:
     return True
 
 
-def _resolve(target: str) -> list[str]:
+def lookup(host: str, port: int) -> list[str]:
+    """The IP addresses of a DNS name, as the system resolver gives them."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return []  # grpc reports the failure when it connects
+    return [str(info[4][0]) for info in infos]
+
+
+def _resolve(target: str, resolver: Callable[[str, int], list[str]]) -> list[str]:
     """The addresses a DNS name stands for (several for a name with several records)."""
     host, _, port = target.rpartition(":")
     host = host.strip("[]")
     if is_ip(host) or host == "localhost":
         return [target]
-    try:
-        infos = socket.getaddrinfo(host, int(port), type=socket.SOCK_STREAM)
-    except OSError:
-        return [target]  # grpc reports the failure when it connects
     found: list[str] = []
-    for info in infos:
-        address = str(info[4][0])
+    for address in resolver(host, int(port)):
         item = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
         if item not in found:
             found.append(item)
@@ -79,10 +83,16 @@ def _resolve(target: str) -> list[str]:
 class ServerList:
     """The addresses of the control planes, and the one in use."""
 
-    def __init__(self, servers: str | Sequence[str], server_name: str | None = None) -> None:
+    def __init__(
+        self,
+        servers: str | Sequence[str],
+        server_name: str | None = None,
+        resolver: Callable[[str, int], list[str]] = lookup,
+    ) -> None:
         given = parse_servers(servers) if isinstance(servers, str) else list(servers)
         self.given = given
         self.server_name = server_name or None
+        self._resolver = resolver
         self.endpoints = self._expand(given)
         self.index = 0
 
@@ -96,7 +106,7 @@ class ServerList:
     def _expand(self, given: Sequence[str]) -> list[Endpoint]:
         out: list[Endpoint] = []
         for target in given:
-            resolved = _resolve(target)
+            resolved = _resolve(target, self._resolver)
             name = _host(target) if resolved != [target] else None
             out.extend(self._endpoint(r, name) for r in resolved)
         return out

@@ -49,7 +49,7 @@ from taskrun.core.models import (
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.store import ChangeSet, ConversationQuery, Store, TaskQuery
+from taskrun.core.store import ChangeSet, ConversationQuery, LoggedEvent, Store, TaskQuery
 from taskrun.core.webhooks import (
     DeliveryStatus,
     Webhook,
@@ -962,6 +962,30 @@ async def test_stored_and_returned_tokens_are_copies(store: Store) -> None:
     assert consumed is not None
     consumed.labels["x"] = "y"
     assert (await store.list_bootstrap_tokens())[0].labels == {"gpu": "a100"}
+
+
+def logged(position: int, task: int = 1, data: bytes = b"\x00event") -> LoggedEvent:
+    return LoggedEvent(position, 4, str(tid(task)), "worker-1", data + bytes([position % 256]))
+
+
+async def test_the_event_log_keeps_events_with_their_change_in_order(store: Store) -> None:
+    assert await store.event_positions() == (0, 0)
+    assert await store.read_events(0) == []
+    await store.apply(ChangeSet(tasks=[make_task(1)], events=[logged(1), logged(2)]))
+    await store.apply(ChangeSet(events=[logged(3, data=b"")]))
+    assert await store.event_positions() == (1, 3)
+    assert await store.read_events(0) == [logged(1), logged(2), logged(3, data=b"")]
+    assert await store.read_events(1, limit=1) == [logged(2)]
+    assert await store.read_events(3) == []
+
+
+async def test_an_event_position_is_never_stored_twice(store: Store) -> None:
+    await store.apply(ChangeSet(events=[logged(1), logged(2)]))
+    with pytest.raises(ValueError):
+        await store.apply(ChangeSet(tasks=[make_task(5)], events=[logged(2)]))
+    await store.resume()
+    assert await store.get_task(tid(5)) is None  # the change went with its event
+    assert [e.position for e in await store.read_events(0)] == [1, 2]
 
 
 async def test_audit_events_get_increasing_ids_newest_first(store: Store) -> None:
