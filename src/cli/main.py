@@ -185,7 +185,9 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top: bool, cert: boo
     group.add_argument(
         "--server",
         default=default(None),
-        help=f"control plane address host:port (TASKRUN_SERVER, default {creds.DEFAULT_SERVER})",
+        help="control plane address host:port; several comma separated (or a DNS name with "
+        "several addresses): calls follow the leader among them "
+        f"(TASKRUN_SERVER, default {creds.DEFAULT_SERVER})",
     )
     group.add_argument(
         "--certs-dir",
