@@ -244,7 +244,11 @@ class Leadership:
         return False
 
     async def _lead(self, stop: asyncio.Event) -> None:
+        """Hold the lease (renewed from the start: loading the state may take a while) and
+        serve as the active control plane until told to stop or until the lease is lost."""
         self.terms += 1
+        lost: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+        renewer = asyncio.create_task(self._hold(stop, lost))
         store = PostgresStore(self.config.store)
         self.lease.install(store)
         try:
@@ -257,6 +261,7 @@ class Leadership:
             )
         except Exception as exc:
             log.error("could not start as the leader; standing by again", error=str(exc))
+            renewer.cancel()
             await store.close()
             await self._release()
             return
@@ -268,9 +273,12 @@ class Leadership:
             address=self.lease.address,
         )
         try:
-            reason = await self._hold(stop, running)
+            reason = await lost
             log.warning("stepping down", reason=reason, epoch=self.lease.epoch)
         finally:
+            renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await renewer
             self.running = None
             await running.stop(grace=STEP_DOWN_GRACE)
             if stop.is_set():
@@ -285,17 +293,15 @@ class Leadership:
             log.warning("could not release the leadership lease", error=str(exc))
         self.valid_until = 0.0
 
-    async def _hold(self, stop: asyncio.Event, running: RunningServer) -> str:
-        """Renew the lease until told to stop or deposed; returns why it ended."""
+    async def _hold(self, stop: asyncio.Event, lost: asyncio.Future[str]) -> None:
+        """Renew the lease until told to stop or deposed; then resolve `lost` with why."""
         while True:
             await _wait(stop, self.poll)
-            if stop.is_set():
-                return "the control plane is stopping"
+            reason = self._renewal_blocked(stop)
+            if reason:
+                lost.set_result(reason)
+                return
             started = time.monotonic()
-            if started >= self.valid_until:
-                return "its lease ran out before it could renew it (paused, or cut off)"
-            if self.lease.deposed_by is not None:
-                return str(self.lease.deposed_by)
             try:
                 async with asyncio.timeout(self.valid_until - started):
                     renewed = await self.lease.renew()
@@ -303,10 +309,21 @@ class Leadership:
                 log.warning("could not renew the leadership lease", error=str(exc) or "timeout")
                 continue
             if not renewed:
-                return "another control plane took over (a newer epoch)"
+                lost.set_result("another control plane took over (a newer epoch)")
+                return
             self.valid_until = started + self.lease.duration
-            with contextlib.suppress(StoreUnavailable):
-                await self.lease.seen(list(running.engine.sessions))
+            if self.running is not None:
+                with contextlib.suppress(StoreUnavailable):
+                    await self.lease.seen(list(self.running.engine.sessions))
+
+    def _renewal_blocked(self, stop: asyncio.Event) -> str:
+        if stop.is_set():
+            return "the control plane is stopping"
+        if time.monotonic() >= self.valid_until:
+            return "its lease ran out before it could renew it (paused, or cut off)"
+        if self.lease.deposed_by is not None:
+            return str(self.lease.deposed_by)
+        return ""
 
 
 async def run_with_leadership(config: ServerConfig, stop: asyncio.Event) -> None:
