@@ -68,8 +68,10 @@ from taskrun.v1 import (
 )
 
 # Keepalive only while a call is open (a follow stream): the server accepts pings every 5 s.
+# A frozen control plane (SIGSTOP, a hung machine) is noticed within 15 s, and a client with
+# several addresses moves on to the leader.
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.ping_timeout_ms", 5_000),
     # A follow update may batch up to 1000 output chunks.
