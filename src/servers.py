@@ -30,18 +30,16 @@ class Endpoint:
 
 
 def parse_servers(text: str) -> list[str]:
-    """`a:1, b:2` -> ["a:1", "b:2"]; ValueError naming the bad entry."""
-    out = []
-    for part in text.split(","):
-        part = part.strip()
-        if not part:
-            continue
-        host, sep, port = part.rpartition(":")
-        if not sep or not host or not port.isdigit():
-            raise ValueError(f"server address {part!r} is not host:port")
-        out.append(part)
+    """`a:1, b:2` -> ["a:1", "b:2"]; ValueError naming the bad entry. One address is taken as
+    it is (any gRPC target: `unix:PATH`, `dns:///name:port`; grpc says what is wrong)."""
+    out = [part.strip() for part in text.split(",") if part.strip()]
     if not out:
         raise ValueError("no server address given (host:port, several comma separated)")
+    if len(out) > 1:
+        for part in out:
+            host, sep, port = part.rpartition(":")
+            if not sep or not host or not port.isdigit():
+                raise ValueError(f"server address {part!r} is not host:port")
     return out
 
 
@@ -70,8 +68,8 @@ def _resolve(target: str, resolver: Callable[[str, int], list[str]]) -> list[str
     """The addresses a DNS name stands for (several for a name with several records)."""
     host, _, port = target.rpartition(":")
     host = host.strip("[]")
-    if is_ip(host) or host == "localhost":
-        return [target]
+    if is_ip(host) or host == "localhost" or not port.isdigit() or ":" in host or "/" in host:
+        return [target]  # an IP, or a target grpc resolves itself (unix:, dns:///…)
     found: list[str] = []
     for address in resolver(host, int(port)):
         item = f"[{address}]:{port}" if ":" in address else f"{address}:{port}"

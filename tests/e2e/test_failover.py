@@ -12,9 +12,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
 import random
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -212,10 +214,25 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_10s_and_nothin
         await asyncio.wait_for(watching, 30)
         status = await cluster_status(client)
         runs_of = {t.id: (await client.get_task(t.id))[1] for t in tasks}
+        shown = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "taskrun.cli.main",
+            "status",
+            "--output",
+            "json",
+            env=cps.env,
+            stdout=asyncio.subprocess.PIPE,
+        )
+        shown_out, _ = await asyncio.wait_for(shown.communicate(), 60)
+        assert shown.returncode == 0
         outputs = {t.id: await output_of(client, t.id) for t in tasks}
 
     assert took_over < 10.0, f"the standby took {took_over:.1f}s to take over"
     assert status.epoch == 2 and status.leader_address == cps.address("b")
+    doc = json.loads(shown_out)  # `taskrun status`, through the list of both addresses
+    assert doc["epoch"] == 2 and doc["leader_address"] == cps.address("b")
+    assert {p["address"]: p["role"] for p in doc["control_planes"]}[cps.address("b")] == "leader"
     assert [r.status for r in results] == [TaskStatus.COMPLETED] * len(tasks)
     assert [r.attempts for r in results] == [1] * len(tasks)  # the workers reclaimed them
     for task, text in zip(tasks, texts, strict=True):

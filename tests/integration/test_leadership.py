@@ -25,6 +25,7 @@ from taskrun.core.status import TaskStatus
 from taskrun.core.store import ChangeSet
 from taskrun.servers import LEADER_METADATA
 from taskrun.v1 import tasks_pb2, tasks_pb2_grpc
+from tests.conftest import Cluster
 from tests.e2e.test_faults import free_port
 from tests.unit.test_store_contract import make_run, make_task
 
@@ -207,3 +208,12 @@ async def test_a_standby_names_the_leader_and_takes_over_when_it_stops(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_with_sqlite_the_one_control_plane_always_leads(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    status = await cluster_status(cluster.client())
+    assert status.store == "sqlite" and status.epoch == 0
+    assert status.leader_id == status.answered_by != ""
+    assert [(p.leader, p.workers) for p in status.control_planes] == [(True, ["worker-1"])]

@@ -18,6 +18,7 @@ def test_addresses_are_comma_separated_and_checked() -> None:
     assert parse_servers(" cp1:50051, cp2:50051 ,") == ["cp1:50051", "cp2:50051"]
     with pytest.raises(ValueError, match="'cp3' is not host:port"):
         parse_servers("cp1:50051,cp3")
+    assert parse_servers("unix:/run/taskrun.sock") == ["unix:/run/taskrun.sock"]
     with pytest.raises(ValueError, match="no server address"):
         parse_servers(" , ")
 
