@@ -26,8 +26,15 @@ from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import Workflow, WorkflowRun
 
 FENCED = "the store refuses writes after a failed one until the control plane recovers"
-# How many events the durable event log keeps (the oldest are deleted beyond it).
+# How many events the durable event log keeps (the oldest are deleted beyond it, a thousand
+# at a time: a delete in every transaction cost the SQL stores a round trip each).
 EVENT_RETENTION = 100_000
+_TRIM_EVERY = 1000
+
+
+def trim_due(first: int, last: int) -> bool:
+    """Whether a transaction that logs positions first..last should delete the oldest."""
+    return last > EVENT_RETENTION and first // _TRIM_EVERY != (last + 1) // _TRIM_EVERY
 
 
 @dataclass(frozen=True, slots=True)

@@ -105,7 +105,14 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
-from taskrun.core.store import EVENT_RETENTION, FENCED, ChangeSet, TaskPage, TaskQuery
+from taskrun.core.store import (
+    EVENT_RETENTION,
+    FENCED,
+    ChangeSet,
+    TaskPage,
+    TaskQuery,
+    trim_due,
+)
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 
 __all__ = ["APPLICATION_NAME", "CONNECTION_DEFAULTS", "SCHEMA_VERSION", "PostgresStore"]
@@ -919,7 +926,8 @@ class PostgresStore(SqlReads):
                     await cur.executemany(_INSERT_CHUNK, chunks)
                 if events:
                     await cur.executemany(_INSERT_EVENT, events)
-                    await cur.execute(_TRIM_EVENTS, (events[-1][0] - EVENT_RETENTION,))
+                    if trim_due(events[0][0], events[-1][0]):
+                        await cur.execute(_TRIM_EVENTS, (events[-1][0] - EVENT_RETENTION,))
                 last_audit_id: int | None = None
                 for p in pending:  # in call order
                     if p.schedules:  # upserts then deletions

@@ -88,7 +88,14 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
-from taskrun.core.store import EVENT_RETENTION, FENCED, ChangeSet, TaskPage, TaskQuery
+from taskrun.core.store import (
+    EVENT_RETENTION,
+    FENCED,
+    ChangeSet,
+    TaskPage,
+    TaskQuery,
+    trim_due,
+)
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
@@ -796,7 +803,8 @@ class SqliteStore(SqlReads):
                 events = [row for p in pending for row in p.events]
                 if events:
                     conn.executemany(_INSERT_EVENT, events)
-                    conn.execute(_TRIM_EVENTS, (events[-1][0] - EVENT_RETENTION,))
+                    if trim_due(events[0][0], events[-1][0]):
+                        conn.execute(_TRIM_EVENTS, (events[-1][0] - EVENT_RETENTION,))
                 audited = False
                 for p in pending:  # in call order
                     if p.schedules:  # upserts then deletions
