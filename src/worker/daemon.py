@@ -40,7 +40,7 @@ from taskrun import __version__, convert
 from taskrun.core.agent import Agent
 from taskrun.core.ids import RunId, TaskId
 from taskrun.metrics_http import MetricsServer
-from taskrun.servers import ServerList
+from taskrun.servers import ServerList, leader_of
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 from taskrun.v1 import workers_pb2_grpc
@@ -396,14 +396,20 @@ class WorkerDaemon:
         return hello
 
     async def _session(self) -> None:
-        try:
-            await self._session_on(self.servers.current.target)
-        except (ConnectionError, grpc.aio.AioRpcError) as exc:
-            before = self.servers.current.target
-            self.servers.failed(exc)  # a standby named the leader, or try the next address
-            if self.servers.current.target != before:
+        for first in (True, False):
+            try:
+                await self._session_on(self.servers.current.target)
+                return
+            except (ConnectionError, grpc.aio.AioRpcError) as exc:
+                before = self.servers.current.target
+                self.servers.failed(exc)  # a standby named the leader, or try the next address
+                if self.servers.current.target == before:
+                    raise
                 self.log.info("moving to another control plane", server=self.servers.current.target)
-            raise
+                named = isinstance(exc, grpc.aio.AioRpcError) and leader_of(exc)
+                if not (first and named):
+                    raise  # the next attempt comes after the usual backoff
+                # a standby named the leader: go there at once
 
     async def _session_on(self, target: str) -> None:
         if self._fatal is not None:

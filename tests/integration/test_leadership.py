@@ -156,6 +156,26 @@ async def health_of(pki: PkiPaths, address: str) -> int:
         return int(reply.status)
 
 
+async def test_a_worker_that_knows_only_the_standby_joins_the_leader(
+    pki: PkiPaths, postgres_url: str, cluster: Cluster
+) -> None:
+    port_a, port_b = free_port(), free_port()
+    async with control_plane(_config(pki, postgres_url, port_a)) as (a, _):
+        await until(lambda: _true(a.running is not None))
+        async with control_plane(_config(pki, postgres_url, port_b)) as (b, _):
+            await until(lambda: _true(b.lease.leader.holder == a.lease.id))
+            daemon = await cluster.start_worker(
+                "worker-1", wait=False, server=f"127.0.0.1:{port_b}"
+            )
+
+            async def joined() -> bool:
+                return a.running is not None and "worker-1" in a.running.engine.sessions
+
+            await until(joined)
+            assert daemon.servers.current.target == f"127.0.0.1:{port_a}"
+            await cluster.stop_worker("worker-1")
+
+
 async def test_a_standby_names_the_leader_and_takes_over_when_it_stops(
     pki: PkiPaths, postgres_url: str, tmp_path: Path
 ) -> None:
