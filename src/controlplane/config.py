@@ -110,6 +110,14 @@ class ServerConfig(BaseModel):
             host = socket.getfqdn()
         return f"{host}:{port}"
 
+    def advertised_public_address(self) -> str:
+        """The public listener as clients reach it: the advertised host, the public port."""
+        public = self.public_address()
+        if not public:
+            return ""
+        host = self.advertised_address().rpartition(":")[0]
+        return f"{host}:{public.rpartition(':')[2]}"
+
     def ca_key_path(self) -> Path:
         return self.ca_key if self.ca_key is not None else self.ca_cert.parent / "ca-key.pem"
 

@@ -52,12 +52,20 @@ LEADER_METADATA = "taskrun-leader"  # trailing metadata of a standby's UNAVAILAB
 STEP_DOWN_GRACE = 0.5
 
 
-def standby_message(lease: LeaderLease) -> str:
+def leader_address(lease: LeaderLease, public: bool) -> str:
+    """Where the leader is, as last read: its public listener for callers of ours."""
     leader = lease.leader
-    if leader.holder and leader.address and leader.expires_in > 0:
+    if not leader.holder or leader.expires_in <= 0:
+        return ""
+    return leader.public_address if public else leader.address
+
+
+def standby_message(lease: LeaderLease, public: bool = False) -> str:
+    address = leader_address(lease, public)
+    if address:
         return (
-            f"this control plane is a standby; the leader is at {leader.address}"
-            f" (epoch {leader.epoch}): connect there"
+            f"this control plane is a standby; the leader is at {address}"
+            f" (epoch {lease.leader.epoch}): connect there"
         )
     return (
         "this control plane is a standby and no control plane leads right now; one takes over"
@@ -103,14 +111,15 @@ class ClusterStatusReader:
 class _RefuseAll(grpc.GenericRpcHandler):  # type: ignore[misc]
     """Every method a standby does not serve: UNAVAILABLE naming the leader."""
 
-    def __init__(self, lease: LeaderLease) -> None:
+    def __init__(self, lease: LeaderLease, public: bool) -> None:
         self.lease = lease
+        self.public = public  # on the TLS-only listener: name the leader's one
 
     async def _refuse(self, context: grpc.aio.ServicerContext) -> None:
-        address = self.lease.leader.address if self.lease.leader.expires_in > 0 else ""
+        address = leader_address(self.lease, self.public)
         await context.abort(
             grpc.StatusCode.UNAVAILABLE,
-            standby_message(self.lease),
+            standby_message(self.lease, self.public),
             trailing_metadata=((LEADER_METADATA, address),) if address else (),
         )
 
@@ -155,7 +164,7 @@ class StandbyServer:
             health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
             if mutual:
                 cluster_pb2_grpc.add_ClusterServiceServicer_to_server(status, server)
-            server.add_generic_rpc_handlers((_RefuseAll(self.lease),))
+            server.add_generic_rpc_handlers((_RefuseAll(self.lease, public=not mutual),))
             source = ServerCertificateSource(
                 self.config.ca_cert, self.config.server_cert, self.config.server_key
             )
@@ -186,6 +195,7 @@ class Leadership:
             config.advertised_address(),
             duration=config.leader_lease,
             version=__version__,
+            public_address=config.advertised_public_address(),
         )
         self.poll = config.leader_lease / 4
         self.valid_until = 0.0  # time.monotonic(): this process's own end of its lease

@@ -109,10 +109,10 @@ async def test_a_takeover_waits_for_a_write_in_flight_and_then_fences_it_out(
             await closing
 
 
-def _config(pki: PkiPaths, store: str, port: int) -> ServerConfig:
+def _config(pki: PkiPaths, store: str, port: int, public: int = 0) -> ServerConfig:
     return ServerConfig(
         listen=f"127.0.0.1:{port}",
-        public_listen="",
+        public_listen=f"127.0.0.1:{public}" if public else "",
         store=store,
         ca_cert=pki.ca_cert,
         server_cert=pki.server_cert,
@@ -237,3 +237,25 @@ async def test_with_sqlite_the_one_control_plane_always_leads(cluster: Cluster) 
     assert status.store == "sqlite" and status.epoch == 0
     assert status.leader_id == status.answered_by != ""
     assert [(p.leader, p.workers) for p in status.control_planes] == [(True, ["worker-1"])]
+
+
+async def test_a_program_with_an_api_token_is_sent_to_the_leaders_public_listener(
+    pki: PkiPaths, postgres_url: str
+) -> None:
+    ports = [free_port() for _ in range(4)]
+    async with control_plane(_config(pki, postgres_url, ports[0], ports[1])) as (a, _):
+        await until(lambda: _true(a.running is not None))
+        async with control_plane(_config(pki, postgres_url, ports[2], ports[3])) as (b, _):
+            await until(lambda: _true(b.lease.leader.holder == a.lease.id))
+            async with client_of(pki, f"127.0.0.1:{ports[0]}") as operator:
+                token, _ = await operator.create_api_token("program", ["read"])
+            program = Client(
+                f"127.0.0.1:{ports[3]}",  # the standby's public listener
+                ca=pki.ca_cert.read_bytes(),
+                api_token=token,
+                timeout=10,
+            )
+            async with program:
+                listed, _ = await program.list_tasks()
+                assert listed == []
+                assert program.servers.current.target == f"127.0.0.1:{ports[1]}"

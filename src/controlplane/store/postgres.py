@@ -396,11 +396,12 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             id         integer PRIMARY KEY CHECK (id = 1),
             epoch      bigint NOT NULL,  -- +1 on every takeover
             holder     text NOT NULL,    -- control plane id, '' when released
-            address    text NOT NULL,    -- where workers and clients reach it
+            address    text NOT NULL,    -- where workers and clients reach it (mTLS)
+            public_address text NOT NULL,  -- its TLS-only listener (API tokens), or ''
             since      bigint NOT NULL,  -- the database's clock, microseconds
             expires_at bigint NOT NULL   -- the database's clock, microseconds
         )""",
-        "INSERT INTO taskrun_leader VALUES (1, 0, '', '', 0, 0)",
+        "INSERT INTO taskrun_leader VALUES (1, 0, '', '', '', 0, 0)",
         """CREATE TABLE taskrun_control_planes (
             id         text PRIMARY KEY,
             address    text NOT NULL,

@@ -63,6 +63,7 @@ _FORGET_AFTER_US: Final = 3600 * 1_000_000
 _ACQUIRE: Final = f"""
     UPDATE taskrun_leader
        SET epoch = epoch + 1, holder = %(id)s, address = %(address)s,
+           public_address = %(public_address)s,
            since = {_NOW}, expires_at = {_NOW} + %(lease)s
      WHERE id = 1 AND (holder = '' OR expires_at <= {_NOW})
  RETURNING epoch, since, expires_at"""
@@ -74,7 +75,8 @@ _RELEASE: Final = """
     UPDATE taskrun_leader SET holder = '', expires_at = 0
      WHERE id = 1 AND epoch = %(epoch)s AND holder = %(id)s"""
 _LEADER: Final = (
-    f"SELECT epoch, holder, address, since, expires_at, {_NOW} AS now FROM taskrun_leader"
+    "SELECT epoch, holder, address, public_address, since, expires_at,"
+    f" {_NOW} AS now FROM taskrun_leader"
 )
 _CHECK: Final = "SELECT epoch, holder, address FROM taskrun_leader WHERE id = 1 FOR SHARE"
 _SEEN: Final = f"""
@@ -109,7 +111,8 @@ class Deposed(StoreUnavailable):
 class LeaderInfo:
     epoch: int
     holder: str  # '' when no control plane leads
-    address: str
+    address: str  # its mTLS listener, as it advertises it
+    public_address: str  # its TLS-only listener (API tokens), '' when it has none
     since: datetime | None
     expires_in: float  # seconds by the database's clock; <= 0 once it ran out
 
@@ -141,18 +144,26 @@ class LeaderLease:
     """
 
     def __init__(
-        self, url: str, control_plane_id: str, address: str, *, duration: float, version: str
+        self,
+        url: str,
+        control_plane_id: str,
+        address: str,
+        *,
+        duration: float,
+        version: str,
+        public_address: str = "",
     ) -> None:
         """`duration`: seconds a term lasts without renewal."""
         self.url = url
         self.where = describe(url)
         self.id = control_plane_id
         self.address = address
+        self.public_address = public_address
         self.duration = duration
         self.version = version
         self.epoch = 0
         self.since: datetime | None = None
-        self.leader = LeaderInfo(0, "", "", None, 0.0)  # as last read
+        self.leader = LeaderInfo(0, "", "", "", None, 0.0)  # as last read
         self.deposed_by: Deposed | None = None  # set by `guard` when a write found a newer epoch
         self._conn: Connection | None = None
         options: dict[str, Any] = {"autocommit": True, "row_factory": dict_row}
@@ -201,7 +212,13 @@ class LeaderLease:
         """Take the lease if it ran out or was released: a new epoch. True when this process
         leads now."""
         rows = await self._fetch(
-            _ACQUIRE, {"id": self.id, "address": self.address, "lease": self._lease_us()}
+            _ACQUIRE,
+            {
+                "id": self.id,
+                "address": self.address,
+                "public_address": self.public_address,
+                "lease": self._lease_us(),
+            },
         )
         if not rows:
             await self.read_leader()
@@ -209,7 +226,9 @@ class LeaderLease:
         self.epoch = int(rows[0]["epoch"])
         self.since = _time(int(rows[0]["since"]))
         self.deposed_by = None
-        self.leader = LeaderInfo(self.epoch, self.id, self.address, self.since, self.duration)
+        self.leader = LeaderInfo(
+            self.epoch, self.id, self.address, self.public_address, self.since, self.duration
+        )
         log.info("leadership acquired", epoch=self.epoch, control_plane=self.id)
         return True
 
@@ -234,6 +253,7 @@ class LeaderLease:
             epoch=int(row["epoch"]),
             holder=str(row["holder"]),
             address=str(row["address"]),
+            public_address=str(row["public_address"]),
             since=_time(int(row["since"])),
             expires_in=(int(row["expires_at"]) - int(row["now"])) / 1e6,
         )
