@@ -164,7 +164,7 @@ def status_text(status: ClusterStatus, now: datetime) -> str:
     table = output.render_table(
         ("CONTROL PLANE", "ROLE", "ADDRESS", "STARTED", "SEEN", "WORKERS"), rows
     )
-    return f"{output.render_fields(fields)}\n\n{table}"
+    return f"{output.render_fields(fields).rstrip()}\n\n{table.rstrip()}"
 
 
 def cmd_status(args: argparse.Namespace) -> int:
