@@ -148,7 +148,7 @@ class FleetEvent:
     chunk: OutputChunk | None = None
     inbox_item: InboxItem | None = None
     # its place in the durable event log: `watch_events(after_position=…)` resumes after it
-    # (0 for output, inbox and snapshot events; SNAPSHOT_END carries the snapshot's)
+    # (0 for inbox and snapshot events; SNAPSHOT_END carries the snapshot's)
     position: int = 0
 
 
@@ -866,9 +866,9 @@ class Client:
 
         When the stream breaks with UNAVAILABLE (a restart, a failover to another control
         plane), it is re-opened after the last position received for up to RECONNECT_FOR
-        seconds: state changes are neither missed nor repeated (output is not in the durable
-        log: follow a task for that). A watcher that reads too slowly is ended by the server
-        with RESOURCE_EXHAUSTED. Use `contextlib.aclosing` when you may stop iterating early.
+        seconds: changes (and output) are neither missed nor repeated. A watcher that reads
+        too slowly is ended by the server with RESOURCE_EXHAUSTED. Use `contextlib.aclosing`
+        when you may stop iterating early.
         """
         last, give_up_at, delay = after_position, time.monotonic() + RECONNECT_FOR, 0.1
         while True:

@@ -12,6 +12,7 @@ from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.events import Filter, Overflowed
 from taskrun.core import errors
 from taskrun.core.access import Scope
+from taskrun.core.ids import RunId
 from taskrun.v1 import events_pb2 as epb
 from taskrun.v1 import events_pb2_grpc
 
@@ -107,10 +108,30 @@ class EventService(events_pb2_grpc.EventServiceServicer):
         last = after
         while True:
             page = await store.read_events(last, REPLAY_PAGE)
-            for logged in page:
-                last = logged.position
-                if wanted.wants(logged.kind, logged.task_id, logged.worker_id):
-                    yield epb.Event.FromString(logged.data)
+            events = [
+                epb.Event.FromString(logged.data)
+                for logged in page
+                if wanted.wants(logged.kind, logged.task_id, logged.worker_id)
+            ]
+            await self._with_output(events)
+            for event in events:
+                yield event
+            if page:
+                last = page[-1].position
             if len(page) < REPLAY_PAGE:
                 break
         yield epb.Event(position=last)
+
+    async def _with_output(self, events: list[epb.Event]) -> None:
+        """Fill in the text of logged output events from the output table (one read per run)."""
+        wanted: dict[str, list[epb.Event]] = {}
+        for event in events:
+            if event.kind == epb.EVENT_KIND_OUTPUT:
+                wanted.setdefault(event.chunk.run_id, []).append(event)
+        for run_id, chunk_events in wanted.items():
+            run = RunId(run_id)
+            floor = min(e.chunk.seq for e in chunk_events) - 1
+            stored = await self.engine.store.read_output([run], after={run: floor})
+            texts = {(c.attempt, c.seq): c.data for c in stored}
+            for event in chunk_events:
+                event.chunk.data = texts.get((event.chunk.attempt, event.chunk.seq), "")

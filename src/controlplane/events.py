@@ -121,21 +121,21 @@ class EventHub:
     # --- producers (the engine) --------------------------------------------------------------
 
     def capture(self, changes: ChangeSet, runs: dict[RunId, Run]) -> Captured:
-        """Feed observers, and build the events of `changes` as they are now: the state
-        changes get the next positions of the event log and are added to `changes` (logged
-        in the same transaction); output events are built only for subscribers. `runs` (the
-        engine's current runs) names the worker of each chunk's run."""
+        """Feed observers, and build the events of `changes` as they are now. Each gets the
+        next position of the event log and is added to `changes` (logged in the same
+        transaction); output is logged without its text, which the output table holds (a
+        replay reads it there). `runs` (the engine's current runs) names the worker of each
+        chunk's run."""
         for observer in self._observers:
             observer(changes)
         now = utcnow()
         output: list[tuple[int, str, str, epb.Event]] = []
-        if self._subs:
-            for chunk in changes.chunks:
-                run = runs.get(chunk.run_id)
-                owner = (run.worker_id if run is not None else None) or ""
-                event = epb.Event(kind=epb.EVENT_KIND_OUTPUT)
-                convert.chunk_to_pb(chunk, event.chunk)
-                output.append((event.kind, chunk.task_id or "", owner, event))
+        for chunk in changes.chunks:
+            run = runs.get(chunk.run_id)
+            owner = (run.worker_id if run is not None else None) or ""
+            event = epb.Event(kind=epb.EVENT_KIND_OUTPUT)
+            convert.chunk_to_pb(chunk, event.chunk)
+            output.append((event.kind, chunk.task_id or "", owner, _stamped(event, now)))
         workers = [(w, self._runs_of(w.id)) for w in {w.id: w for w in changes.workers}.values()]
         changed = list(
             self._events(
@@ -145,18 +145,21 @@ class EventHub:
                 now,
             )
         )
-        logged: list[LoggedEvent] = []
-        for kind, task_id, worker_id, event in changed:
-            self.position += 1
-            event.position = self.position
-            logged.append(
-                LoggedEvent(self.position, kind, task_id, worker_id, event.SerializeToString())
-            )
-        for _, _, _, event in output:
-            _stamped(event, now)
         # workers, output, runs, tasks: the order subscribers always saw
         split = len(workers)
         events = [*changed[:split], *output, *changed[split:]]
+        logged: list[LoggedEvent] = []
+        for kind, task_id, worker_id, event in events:
+            self.position += 1
+            event.position = self.position
+            if kind == epb.EVENT_KIND_OUTPUT:
+                text = event.chunk.data
+                event.chunk.data = ""
+                data = event.SerializeToString()
+                event.chunk.data = text
+            else:
+                data = event.SerializeToString()
+            logged.append(LoggedEvent(self.position, kind, task_id, worker_id, data))
         changes.events.extend(logged)
         return Captured(events, logged)
 

@@ -194,7 +194,7 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_10s_and_nothin
         async def watch() -> None:
             left = {t.id for t in tasks}
             async with cps.client() as watcher:
-                async for event in watcher.watch_events(snapshot=True):
+                async for event in watcher.watch_events(snapshot=True, include_output=True):
                     watched.append(event)
                     if event.task is not None and event.task.status.terminal:
                         left.discard(event.task.id)
@@ -249,6 +249,11 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_10s_and_nothin
     assert positions == list(range(start + 1, start + 1 + len(positions)))
     ended = [e.task.id for e in changes if e.task is not None and e.task.status.terminal]
     assert sorted(ended) == sorted(t.id for t in tasks)
+    # output too: from where the watch began to the end, each chunk once, none missed
+    chunks = [e.chunk for e in changes if e.chunk is not None and e.chunk.task_id == tasks[1].id]
+    seqs = [c.seq for c in chunks]
+    assert seqs and seqs == list(range(seqs[0], seqs[0] + len(seqs)))
+    assert texts[1].endswith("".join(c.data for c in chunks))
 
 
 async def test_a_leader_frozen_past_its_lease_is_deposed_and_steps_down_when_it_wakes(

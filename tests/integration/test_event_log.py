@@ -20,7 +20,8 @@ async def collect(client, after: int, until_terminal: set[str]) -> list[FleetEve
     """Events after `after` until every task named has a terminal TASK_CHANGED."""
     seen: list[FleetEvent] = []
     left = set(until_terminal)
-    async with contextlib.aclosing(client.watch_events(after_position=after)) as events:
+    watching = client.watch_events(after_position=after, include_output=True)
+    async with contextlib.aclosing(watching) as events:
         async for event in events:
             seen.append(event)
             if event.kind is EventKind.TASK_CHANGED and event.task.status.terminal:
@@ -67,6 +68,9 @@ async def test_a_watcher_resumes_after_a_restart_with_nothing_missed_or_repeated
     statuses = [e.task.status for e in seen if e.task is not None and e.task.id == second.id]
     assert statuses[-1] is TaskStatus.COMPLETED and len(statuses) >= 2  # created, then ended
 
+    texts = [e.chunk.data for e in seen if e.chunk is not None and e.chunk.task_id == second.id]
+    assert "".join(texts) == "two"  # output replayed with its text, from the output table
+
     # asking again from the same position gives the same events
     again = await collect(client, mark, {second.id})
     assert [e.position for e in again] == positions[: len(again)]
@@ -88,7 +92,8 @@ async def test_server_sent_events_resume_with_last_event_id(cluster: Cluster) ->
         await cluster.start_worker("worker-1")
         client = cluster.client()
         ids: list[int] = []
-        async with http.stream("GET", "/v1/events", params={"snapshot": "false"}) as response:
+        everything = {"snapshot": "false", "include_output": "true"}
+        async with http.stream("GET", "/v1/events", params=everything) as response:
             task = await client.create_task("echo", {"text": "first"})
             async for event in sse_events(response):
                 assert event.id is not None
@@ -102,7 +107,8 @@ async def test_server_sent_events_resume_with_last_event_id(cluster: Cluster) ->
         resumed: list[int] = []
         kinds: list[tuple[str, str]] = []
         headers = {"Last-Event-ID": str(ids[-1])}
-        async with http.stream("GET", "/v1/events", headers=headers) as response:
+        resume = {"include_output": "true"}
+        async with http.stream("GET", "/v1/events", params=resume, headers=headers) as response:
             async for event in sse_events(response):
                 assert event.id is not None
                 resumed.append(int(event.id))

@@ -213,9 +213,9 @@ def build() -> dict[str, Any]:
     paths["/v1/events"] = _sse(
         "Every committed change in the control plane (`taskrun events`)",
         "Needs scope `read`. Each event is named after its EventKind; its data is an Event. "
-        "The id of a state change is its position in the durable event log: reconnect with the "
+        "The id of an event is its position in the durable event log: reconnect with the "
         "header `Last-Event-ID` (or `?after_position=`) to get every change after it, also "
-        "after a failover to another control plane (output is not replayed).",
+        "after a failover to another control plane.",
         [
             _param("task_id"),
             _param("worker_id"),
