@@ -42,12 +42,12 @@ from taskrun.controlplane.store.postgres import PostgresStore
 from taskrun.controlplane.store.postgres_lease import LeaderLease, new_control_plane_id
 from taskrun.controlplane.tls import ServerCertificateSource
 from taskrun.core.errors import StoreUnavailable
+from taskrun.servers import LEADER_METADATA, STANDBY_PREFIX
 from taskrun.v1 import cluster_pb2 as cpb
 from taskrun.v1 import cluster_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
-LEADER_METADATA = "taskrun-leader"  # trailing metadata of a standby's UNAVAILABLE: host:port
 # How long a control plane that steps down lets calls in flight finish.
 STEP_DOWN_GRACE = 0.5
 
@@ -64,11 +64,11 @@ def standby_message(lease: LeaderLease, public: bool = False) -> str:
     address = leader_address(lease, public)
     if address:
         return (
-            f"this control plane is a standby; the leader is at {address}"
+            f"{STANDBY_PREFIX}; the leader is at {address}"
             f" (epoch {lease.leader.epoch}): connect there"
         )
     return (
-        "this control plane is a standby and no control plane leads right now; one takes over"
+        f"{STANDBY_PREFIX} and no control plane leads right now; one takes over"
         f" within {lease.duration:g}s: retry shortly"
     )
 
