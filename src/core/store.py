@@ -32,9 +32,9 @@ EVENT_RETENTION = 100_000
 _TRIM_EVERY = 1000
 
 
-def trim_due(first: int, last: int) -> bool:
+def trim_due(first: int, last: int, retention: int = EVENT_RETENTION) -> bool:
     """Whether a transaction that logs positions first..last should delete the oldest."""
-    return last > EVENT_RETENTION and first // _TRIM_EVERY != (last + 1) // _TRIM_EVERY
+    return last > retention and first // _TRIM_EVERY != (last + 1) // _TRIM_EVERY
 
 
 @dataclass(frozen=True, slots=True)

@@ -988,6 +988,27 @@ async def test_an_event_position_is_never_stored_twice(store: Store) -> None:
     assert [e.position for e in await store.read_events(0)] == [1, 2]
 
 
+@pytest.fixture(params=STORES)
+async def small_log_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A store whose event log keeps 50 events (the SQL ones delete a thousand at a time)."""
+    s = new_store(request, tmp_path, event_retention=50)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_the_event_log_keeps_at_least_its_retention_and_drops_older_ones(
+    small_log_store: Store,
+) -> None:
+    store = small_log_store
+    for start in range(1, 2501, 100):
+        await store.apply(ChangeSet(events=[logged(p) for p in range(start, start + 100)]))
+    oldest, newest = await store.event_positions()
+    assert newest == 2500 and 1 < oldest <= 2500 - 50 + 1
+    kept = await store.read_events(oldest - 1, limit=5000)
+    assert [e.position for e in kept] == list(range(oldest, 2501))
+
+
 async def test_audit_events_get_increasing_ids_newest_first(store: Store) -> None:
     await store.apply(ChangeSet(audit_events=[audit(1), audit(2)]))
     await store.apply(ChangeSet(audit_events=[audit(3, AuditKind.CONNECTION_REJECTED)]))

@@ -95,7 +95,9 @@ class MemoryStore:
     At most `audit_retention` audit events are kept: the oldest are dropped beyond that.
     """
 
-    def __init__(self, *, audit_retention: int = 100_000) -> None:
+    def __init__(
+        self, *, audit_retention: int = 100_000, event_retention: int = EVENT_RETENTION
+    ) -> None:
         if audit_retention < 1:
             raise ValueError(f"audit_retention must be positive, got {audit_retention}")
         self.commits = 0
@@ -119,7 +121,7 @@ class MemoryStore:
         self._workflows: dict[tuple[str, int], Workflow] = {}
         self._workflow_runs: dict[str, WorkflowRun] = {}
         self._workflow_run_keys: dict[str, str] = {}
-        self._events: deque[LoggedEvent] = deque(maxlen=EVENT_RETENTION)  # oldest first
+        self._events: deque[LoggedEvent] = deque(maxlen=event_retention)  # oldest first
 
     async def open(self) -> None:
         """Nothing to prepare."""

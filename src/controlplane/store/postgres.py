@@ -647,10 +647,20 @@ class PostgresStore(SqlReads):
     MARK = "%s"
     LABEL_MATCHES = "(labels::jsonb ->> %s) = %s"
 
-    def __init__(self, url: str, *, audit_retention: int = 100_000) -> None:
-        """`audit_retention`: how many audit events to keep; beyond it the oldest are deleted."""
+    def __init__(
+        self,
+        url: str,
+        *,
+        audit_retention: int = 100_000,
+        event_retention: int = EVENT_RETENTION,
+    ) -> None:
+        """`audit_retention`: how many audit events to keep; beyond it the oldest are deleted;
+        `event_retention`: the same for the event log (deleted a thousand at a time)."""
         if audit_retention < 1:
             raise ValueError(f"audit_retention must be positive, got {audit_retention}")
+        if event_retention < 1:
+            raise ValueError(f"event_retention must be positive, got {event_retention}")
+        self.event_retention = event_retention
         self.url = url
         self.where = describe(url)
         self.audit_retention = audit_retention
@@ -927,8 +937,8 @@ class PostgresStore(SqlReads):
                     await cur.executemany(_INSERT_CHUNK, chunks)
                 if events:
                     await cur.executemany(_INSERT_EVENT, events)
-                    if trim_due(events[0][0], events[-1][0]):
-                        await cur.execute(_TRIM_EVENTS, (events[-1][0] - EVENT_RETENTION,))
+                    if trim_due(events[0][0], events[-1][0], self.event_retention):
+                        await cur.execute(_TRIM_EVENTS, (events[-1][0] - self.event_retention,))
                 last_audit_id: int | None = None
                 for p in pending:  # in call order
                     if p.schedules:  # upserts then deletions

@@ -545,10 +545,20 @@ class SqliteStore(SqlReads):
         " WHERE l.key = ? AND l.value = ?)"
     )
 
-    def __init__(self, path: str | Path, *, audit_retention: int = 100_000) -> None:
-        """`audit_retention`: how many audit events to keep; beyond it the oldest are deleted."""
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        audit_retention: int = 100_000,
+        event_retention: int = EVENT_RETENTION,
+    ) -> None:
+        """`audit_retention`: how many audit events to keep; beyond it the oldest are deleted;
+        `event_retention`: the same for the event log (deleted a thousand at a time)."""
         if audit_retention < 1:
             raise ValueError(f"audit_retention must be positive, got {audit_retention}")
+        if event_retention < 1:
+            raise ValueError(f"event_retention must be positive, got {event_retention}")
+        self.event_retention = event_retention
         self.path = Path(path)
         self.audit_retention = audit_retention
         self.commits = 0  # transactions committed by the writer (group commits count once)
@@ -803,8 +813,8 @@ class SqliteStore(SqlReads):
                 events = [row for p in pending for row in p.events]
                 if events:
                     conn.executemany(_INSERT_EVENT, events)
-                    if trim_due(events[0][0], events[-1][0]):
-                        conn.execute(_TRIM_EVENTS, (events[-1][0] - EVENT_RETENTION,))
+                    if trim_due(events[0][0], events[-1][0], self.event_retention):
+                        conn.execute(_TRIM_EVENTS, (events[-1][0] - self.event_retention,))
                 audited = False
                 for p in pending:  # in call order
                     if p.schedules:  # upserts then deletions
