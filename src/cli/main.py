@@ -37,6 +37,7 @@ from taskrun.cli import (
     maintenance_cmd,
     output,
     schedule_cmd,
+    status_cmd,
     store_cmd,
     usage_cmd,
     webhook_cmd,
@@ -188,7 +189,9 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top: bool, cert: boo
     group.add_argument(
         "--server",
         default=default(None),
-        help=f"control plane address host:port (TASKRUN_SERVER, default {creds.DEFAULT_SERVER})",
+        help="control plane address host:port; several comma separated (or a DNS name with "
+        "several addresses): calls follow the leader among them "
+        f"(TASKRUN_SERVER, default {creds.DEFAULT_SERVER})",
     )
     group.add_argument(
         "--certs-dir",
@@ -421,6 +424,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         metavar="S",
         help="wait this long after a lease ran out before retrying its runs (default 0.5)",
+    )
+    p.add_argument(
+        "--leader-lease",
+        type=positive_float,
+        metavar="S",
+        help="with PostgreSQL, several servers share the database: one leads, the others stand "
+        "by and take over once its lease (default 2) ran out (TASKRUN_LEADER_LEASE)",
+    )
+    p.add_argument(
+        "--advertise",
+        metavar="ADDR",
+        help="host:port where workers and clients reach this server; standbys name the "
+        "leader's (TASKRUN_ADVERTISE, default: --listen)",
     )
     p.add_argument(
         "--metrics-listen",
@@ -705,6 +721,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_cmd.register(commands)
     conversation_cmd.register(commands)  # `taskrun chat`, `taskrun conversation`
     events_cmd.register(commands)  # `taskrun events`, `taskrun tui`
+    status_cmd.register(commands)  # `taskrun status`
     access_cmd.register(commands)  # `taskrun token`, `api-token`, `audit`
     webhook_cmd.register(commands)  # `taskrun webhook`
     workflow_cmd.register(commands)  # `taskrun workflow`, `inbox`, `approve`, `reject`
@@ -1054,6 +1071,8 @@ def server_config(args: argparse.Namespace) -> Any:
         "heartbeat_interval": _arg(args, "heartbeat_interval"),
         "lease_duration": _arg(args, "lease"),
         "lease_margin": _arg(args, "lease_margin"),
+        "leader_lease": _arg(args, "leader_lease") or _env("TASKRUN_LEADER_LEASE"),
+        "advertise": _arg(args, "advertise") or _env("TASKRUN_ADVERTISE"),
         "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),
         "metrics_optional": _metrics_listen(args, "") == "",
         "http_listen": _arg(args, "http_listen") or _env("TASKRUN_HTTP_LISTEN"),

@@ -148,6 +148,9 @@ class Engine:
         # reason and the engine is recovering. Empty when healthy.
         self.store_error = ""
         self.on_health: Callable[[bool], None] | None = None  # told when writes fail / resume
+        # With several control planes: whether this one's leadership lease still holds. Once it
+        # ran out, no worker's lease is renewed here (another control plane may lead already).
+        self.leads: Callable[[], bool] | None = None
         self.recoveries = 0  # how often the view was reloaded after a failed write
         self._recovery: asyncio.Task[None] | None = None
         self._tail: asyncio.Future[None] | None = None  # the newest commit
@@ -173,6 +176,7 @@ class Engine:
         its lease at the latest when the previous view ended, so by then it has stopped them.
         """
         workers = await self.store.list_workers()
+        _, newest_event = await self.store.event_positions()
         tasks = {t.id: t for t in await self.store.list_unfinished_tasks()}
         runs = await self.store.list_unfinished_runs()
         conversations: dict[ConversationId, Conversation] = {}
@@ -207,6 +211,7 @@ class Engine:
                 trees[root_id] = tree
         # No await from here on: the new view replaces the old one at once.
         self.budgets, self._parked = budgets, {}
+        self.events.restart(newest_event)  # positions of failed commits are given again
         self.conversations, self.turns, self._tools = conversations, turns, {}
         self.trees, self._also_publish, self._credentials = trees, [], {}
         self._stopping = {}  # their timers are cancelled below: the reload starts afresh
@@ -297,6 +302,8 @@ class Engine:
         if self.store_error:
             done.set_exception(Unavailable(self.store_error))
             return done
+        captured = self.events.capture(changes, self.runs)  # logged with it, emitted after
+        followed = self.hub.snapshot(changes.tasks)  # followers get the tasks as committed
         try:
             stored = asyncio.ensure_future(self.store.submit(changes))
         except Exception as exc:  # the store refused to even queue it
@@ -306,8 +313,6 @@ class Engine:
         self._inflight += 1
         self._idle.clear()
         self._tail = done
-        captured = self.events.capture(changes, self.runs)  # emitted once durable
-        followed = self.hub.snapshot(changes.tasks)  # followers get the tasks as committed
         stored.add_done_callback(
             functools.partial(self._committed, effect, captured, followed, done)
         )
@@ -1466,6 +1471,9 @@ class Engine:
         acknowledged once what it changed is durable; a heartbeat renews the lease at once.
         """
         session.last_seen = time.monotonic()
+        if self.leads is not None and not self.leads():
+            self._lose_view(StoreUnavailable("this control plane's leadership lease ran out"))
+            return
         if msg.HasField("heartbeat"):
             session.renew_lease(msg.heartbeat.seq)
         if self.store_error or session.closed:

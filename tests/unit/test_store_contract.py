@@ -51,7 +51,14 @@ from taskrun.core.models import (
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.store import ChangeSet, ConversationQuery, LateUsage, Store, TaskQuery
+from taskrun.core.store import (
+    ChangeSet,
+    ConversationQuery,
+    LateUsage,
+    LoggedEvent,
+    Store,
+    TaskQuery,
+)
 from taskrun.core.webhooks import (
     DeliveryStatus,
     Webhook,
@@ -1055,6 +1062,51 @@ async def test_stored_and_returned_tokens_are_copies(store: Store) -> None:
     assert consumed is not None
     consumed.labels["x"] = "y"
     assert (await store.list_bootstrap_tokens())[0].labels == {"gpu": "a100"}
+
+
+def logged(position: int, task: int = 1, data: bytes = b"\x00event") -> LoggedEvent:
+    return LoggedEvent(position, 4, str(tid(task)), "worker-1", data + bytes([position % 256]))
+
+
+async def test_the_event_log_keeps_events_with_their_change_in_order(store: Store) -> None:
+    assert await store.event_positions() == (0, 0)
+    assert await store.read_events(0) == []
+    await store.apply(ChangeSet(tasks=[make_task(1)], events=[logged(1), logged(2)]))
+    await store.apply(ChangeSet(events=[logged(3, data=b"")]))
+    assert await store.event_positions() == (1, 3)
+    assert await store.read_events(0) == [logged(1), logged(2), logged(3, data=b"")]
+    assert await store.read_events(1, limit=1) == [logged(2)]
+    assert await store.read_events(3) == []
+
+
+async def test_an_event_position_is_never_stored_twice(store: Store) -> None:
+    await store.apply(ChangeSet(events=[logged(1), logged(2)]))
+    with pytest.raises(ValueError):
+        await store.apply(ChangeSet(tasks=[make_task(5)], events=[logged(2)]))
+    await store.resume()
+    assert await store.get_task(tid(5)) is None  # the change went with its event
+    assert [e.position for e in await store.read_events(0)] == [1, 2]
+
+
+@pytest.fixture(params=STORES)
+async def small_log_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A store whose event log keeps 50 events (the SQL ones delete a thousand at a time)."""
+    s = new_store(request, tmp_path, event_retention=50)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_the_event_log_keeps_at_least_its_retention_and_drops_older_ones(
+    small_log_store: Store,
+) -> None:
+    store = small_log_store
+    for start in range(1, 2501, 100):
+        await store.apply(ChangeSet(events=[logged(p) for p in range(start, start + 100)]))
+    oldest, newest = await store.event_positions()
+    assert newest == 2500 and 1 < oldest <= 2500 - 50 + 1
+    kept = await store.read_events(oldest - 1, limit=5000)
+    assert [e.position for e in kept] == list(range(oldest, 2501))
 
 
 async def test_audit_events_get_increasing_ids_newest_first(store: Store) -> None:

@@ -93,7 +93,15 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
-from taskrun.core.store import FENCED, ChangeSet, LateUsage, TaskPage, TaskQuery
+from taskrun.core.store import (
+    EVENT_RETENTION,
+    FENCED,
+    ChangeSet,
+    LateUsage,
+    TaskPage,
+    TaskQuery,
+    trim_due,
+)
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 
 __all__ = ["SCHEMA_VERSION", "SchemaVersionError", "SqliteStore"]
@@ -354,6 +362,15 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX workflow_runs_unfinished ON workflow_runs (status) WHERE status = 1",
         # a schedule may start a workflow instead of a task
         "ALTER TABLE schedules ADD COLUMN workflow TEXT NOT NULL DEFAULT ''",
+    ),  # 9: the durable event log (WatchEvents resumes after a position, also across a failover)
+    (
+        """CREATE TABLE events (
+            position  INTEGER PRIMARY KEY,  -- given by the leading control plane, increasing
+            kind      INTEGER NOT NULL,
+            task_id   TEXT NOT NULL,
+            worker_id TEXT NOT NULL,
+            data      BLOB NOT NULL  -- the event as the wire carries it (taskrun.v1.Event)
+        )""",
     ),
     # sub-tasks: a task created by a run of another names it, and the root of its tree; a
     # run of a task that allows sub-tasks holds the hash of its credential
@@ -381,6 +398,10 @@ _INSERT_CHUNK: Final = (
     f" VALUES ({', '.join('?' * len(CHUNK_COLUMNS))})"
 )
 
+_INSERT_EVENT: Final = (
+    "INSERT INTO events (position, kind, task_id, worker_id, data) VALUES (?, ?, ?, ?, ?)"
+)
+_TRIM_EVENTS: Final = "DELETE FROM events WHERE position <= ?"
 _SELECT_TASK: Final = f"SELECT {column_list(TASK_COLUMNS)} FROM tasks"
 _SELECT_RUN: Final = f"SELECT {column_list(RUN_COLUMNS)} FROM runs"
 _SELECT_WORKER: Final = f"SELECT {column_list(WORKER_COLUMNS)} FROM workers"
@@ -432,6 +453,7 @@ class _Pending:
         "conversations",
         "deleted_conversations",
         "deleted_schedules",
+        "events",
         "future",
         "late_usage",
         "loop",
@@ -465,6 +487,7 @@ class _Pending:
         self.workflows = [workflow_row(w) for w in changes.workflows]
         self.workflow_runs = [workflow_run_row(w) for w in changes.workflow_runs]
         self.late_usage = changes.late_usage
+        self.events = [(e.position, e.kind, e.task_id, e.worker_id, e.data) for e in changes.events]
         self.loop = loop
         self.future = future
 
@@ -557,10 +580,20 @@ class SqliteStore(SqlReads):
         " WHERE l.key = ? AND l.value = ?)"
     )
 
-    def __init__(self, path: str | Path, *, audit_retention: int = 100_000) -> None:
-        """`audit_retention`: how many audit events to keep; beyond it the oldest are deleted."""
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        audit_retention: int = 100_000,
+        event_retention: int = EVENT_RETENTION,
+    ) -> None:
+        """`audit_retention`: how many audit events to keep; beyond it the oldest are deleted;
+        `event_retention`: the same for the event log (deleted a thousand at a time)."""
         if audit_retention < 1:
             raise ValueError(f"audit_retention must be positive, got {audit_retention}")
+        if event_retention < 1:
+            raise ValueError(f"event_retention must be positive, got {event_retention}")
+        self.event_retention = event_retention
         self.path = Path(path)
         self.audit_retention = audit_retention
         self.commits = 0  # transactions committed by the writer (group commits count once)
@@ -853,6 +886,11 @@ class SqliteStore(SqlReads):
                     conn.executemany(_UPSERT_WORKER, workers)
                 if chunks:
                     conn.executemany(_INSERT_CHUNK, chunks)
+                events = [row for p in pending for row in p.events]
+                if events:
+                    conn.executemany(_INSERT_EVENT, events)
+                    if trim_due(events[0][0], events[-1][0], self.event_retention):
+                        conn.execute(_TRIM_EVENTS, (events[-1][0] - self.event_retention,))
                 audited = False
                 for p in pending:  # in call order
                     if p.schedules:  # upserts then deletions
