@@ -416,8 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--lease",
         type=positive_float,
         metavar="S",
-        help="the lease on a worker's runs (default 4): a worker that cannot renew it stops its "
-        "runs; the runs of a dead or cut-off worker are retried after it plus --lease-margin",
+        help="the lease on a worker's runs (default 4; on PostgreSQL 3 x --leader-lease + 2, to "
+        "outlast a takeover): a worker that cannot renew it stops its runs; the runs of a dead "
+        "or cut-off worker are retried after it plus --lease-margin",
     )
     p.add_argument(
         "--lease-margin",

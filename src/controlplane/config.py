@@ -130,6 +130,20 @@ class ServerConfig(BaseModel):
         return values
 
     @model_validator(mode="after")
+    def _leases_outlast_a_takeover(self) -> ServerConfig:
+        """On PostgreSQL a standby takes over after the leader's lease ran out; workers keep
+        their runs only if their own lease outlasts that takeover (the leader's lease, loading
+        the unfinished work, reconnecting), so the default worker lease grows with it there."""
+        takeover_safe = 3 * self.leader_lease + 2.0
+        if (
+            self.store.startswith(("postgresql:", "postgres:"))
+            and "lease_duration" not in self.model_fields_set
+            and self.lease_duration < takeover_safe
+        ):
+            self.lease_duration = takeover_safe
+        return self
+
+    @model_validator(mode="after")
     def _heartbeats_fit_the_lease(self) -> ServerConfig:
         if self.heartbeat_interval * 3 > self.lease_duration:
             raise ValueError(

@@ -160,9 +160,9 @@ async def output_of(client: Client, task_id: str) -> dict[str, str]:
 async def test_kill_9_of_the_leader_the_standby_takes_over_within_10s_and_nothing_is_lost(
     cps: TwoControlPlanes,
 ) -> None:
-    # default leadership lease; a worker lease long enough to ride the takeover on a loaded
-    # machine, so that the workers reclaim their runs (one attempt each)
-    await leader_and_standby(cps, "--lease", "8", "--heartbeat-interval", "1")
+    # the default leases: on PostgreSQL the workers' one outlasts a takeover, so that they
+    # reclaim their runs (one attempt each)
+    await leader_and_standby(cps)
     cps.start_worker("worker-1")
     cps.start_worker("worker-2")
     async with cps.client() as client:
