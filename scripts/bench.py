@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import math
 import os
@@ -34,6 +35,7 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from collections import Counter
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -41,7 +43,9 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from bench_compare import Side, ref_side, this_side
 from bench_failover import FAILOVER_WORKERS, MAX_ROUNDS, Failover, measure_failover
+from bench_fleet import Fleet, fleet_ids, rss_mb, start_fleet, wait_online
 from benchprocs import (  # scripts/ is on sys.path: this file runs as a script
     READY_WITHIN,
     STOP_GRACE,
@@ -57,14 +61,19 @@ from benchprocs import (  # scripts/ is on sys.path: this file runs as a script
     until,
 )
 
-from taskrun.cli.client import Client
+from taskrun.cli.client import Client, TaskChanged
 from taskrun.controlplane.pki import PkiPaths, init_pki
-from taskrun.core.models import TaskSpec
+from taskrun.core.models import Task, TaskSpec
 from taskrun.core.status import TaskStatus, WorkerStatus
 
-TARGET_TASKS_PER_S = 3000.0
+TARGET_TASKS_PER_S = 4000.0
 TARGET_P50_MS = 1.5
-TARGET_P99_MS = 5.0
+TARGET_P99_MS = 4.0
+TARGET_IDLE_CPU_PERCENT = 10.0  # of one core, 1,000 idle workers
+TARGET_IDLE_RSS_MB = 200.0
+TARGET_FLEET_RATIO = 0.8  # dispatch with 1,000 workers / with two
+TARGET_DEEP_RATIO = 0.8  # dispatch with 10,000 tasks queued / without
+TARGET_LIST_RATIO = 1.5  # ListTasks p50 with 10,000 tasks queued / without
 TARGET_MACHINE = "2-core machine"
 
 BARE_SERVICE = "taskrun.bench.Bare"
@@ -108,7 +117,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="seconds between completion polls (0.02)",
     )
     p.add_argument(
-        "--timeout", type=float, default=300.0, metavar="S", help="overall deadline (300)"
+        "--timeout", type=float, default=900.0, metavar="S", help="overall deadline (900)"
     )
     p.add_argument(
         "--failover-rounds",
@@ -126,6 +135,44 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "started for the run (needs the postgres extra and the server binaries); the failover "
         "figures always use SQLite",
     )
+    p.add_argument(
+        "--compare-ref",
+        metavar="REF",
+        help="also measure the commit REF (e.g. main) in the same run: its server and workers "
+        "run from `git archive REF`; the two take turns (sequential tasks one by one, "
+        "throughput in --rounds rounds, the other phases once each), and the table shows both "
+        "and their ratio",
+    )
+    p.add_argument(
+        "--idle-workers",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also start N worker sessions (own certificate and connection each, heartbeating "
+        "like the daemon) from --fleet-procs processes: server CPU and memory while idle, time "
+        "to connect them all, dispatch rate with them vs with two (0: skip; the aim is for 1000)",
+    )
+    p.add_argument("--fleet-procs", type=int, default=4, help="processes holding them (4)")
+    p.add_argument(
+        "--fleet-tasks", type=int, default=3000, help="echo tasks for the fleet dispatch rate"
+    )
+    p.add_argument(
+        "--idle-seconds", type=float, default=5.0, help="idle window for CPU and memory (5)"
+    )
+    p.add_argument(
+        "--deep-queue",
+        type=int,
+        default=10_000,
+        metavar="N",
+        help="queue N tasks no worker can take, then measure ListTasks and dispatch (10000; "
+        "0 skips)",
+    )
+    p.add_argument(
+        "--rounds",
+        type=int,
+        default=4,
+        help="with --compare-ref: throughput in this many rounds per side, taking turns (4)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON document instead")
     p.add_argument(
         "--profile",
@@ -135,9 +182,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--serve-baseline", type=Path, metavar="CERTS", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    for name in ("tasks", "clients", "batch", "latency_tasks", "unary", "stream", "capacity"):
+    for name in (
+        "tasks",
+        "clients",
+        "batch",
+        "latency_tasks",
+        "unary",
+        "stream",
+        "capacity",
+        "rounds",
+    ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
+    if min(args.idle_workers, args.deep_queue) < 0 or args.fleet_procs < 1:
+        p.error("--idle-workers and --deep-queue must be >= 0, --fleet-procs >= 1")
     if args.batch > 1000:
         p.error("--batch must be at most 1000 (the server's limit)")
     if args.warmup < 0 or min(args.poll_interval, args.timeout, args.follow_timeout) <= 0:
@@ -225,6 +283,8 @@ class Report:
     targets: dict[str, Any]
     method: dict[str, str] = field(default_factory=dict)
     failover: Failover | None = None
+    deep_queue: DeepQueue | None = None
+    fleet: Fleet | None = None
 
 
 def machine_info() -> dict[str, Any]:
@@ -410,25 +470,35 @@ class ControlPlane:
 
 
 async def start_control_plane(
-    pki: PkiPaths, tmp: Path, capacity: int, started: list[Child], store: str
+    pki: PkiPaths,
+    tmp: Path,
+    capacity: int,
+    started: list[Child],
+    store: str,
+    side: Side,
+    worker_ids: Sequence[str] = WORKER_IDS,
 ) -> ControlPlane:
-    """Server, then the workers once it answers; returns when both workers are ONLINE.
+    """Server, then the workers once it answers; returns when every worker is ONLINE.
 
-    Every child is appended to `started` as soon as it exists, so the caller can stop it.
+    Every child is appended to `started` as soon as it exists, so the caller can stop it. The
+    children of a --compare-ref side run that commit's code and carry its name in theirs.
     """
     port = free_port()
     address = f"127.0.0.1:{port}"
     common = ["--certs-dir", str(pki.directory), "--log-level", "warning"]
+    suffix = "" if side.name == "this" else f" ({side.name})"
+    tmp.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
     server = await spawn(
-        "server",
+        f"server{suffix}",
         taskrun_argv("server", "--listen", address, "--store", store, *common),
         tmp / "server.log",
+        env=side.env,
     )
     started.append(server)
     async with clients(address, pki, 1) as (client,):
         await until(lambda: _answers(client), server.check, "the server to answer")
         workers = []
-        for worker_id in WORKER_IDS:
+        for worker_id in worker_ids:
             argv = taskrun_argv(
                 "worker",
                 "run",
@@ -444,15 +514,17 @@ async def start_control_plane(
                 "5",
                 *common,
             )
-            workers.append(await spawn(worker_id, argv, tmp / f"{worker_id}.log"))
+            workers.append(
+                await spawn(f"{worker_id}{suffix}", argv, tmp / f"{worker_id}.log", env=side.env)
+            )
             started.append(workers[-1])
         plane = ControlPlane(server, workers, address)
 
         async def online() -> bool:
             listed = await client.list_workers([WorkerStatus.ONLINE])
-            return {w.id for w, _ in listed} >= set(WORKER_IDS)
+            return {w.id for w, _ in listed} >= set(worker_ids)
 
-        await until(online, plane.check, "both workers to be ONLINE")
+        await until(online, plane.check, "the workers to be ONLINE")
     return plane
 
 
@@ -482,6 +554,7 @@ async def profiled(
     if directory is None:
         yield
         return
+    directory.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - before measuring
     py_spy = find_py_spy()
     if py_spy is None:
         raise BenchError("--profile needs py-spy: .venv/bin/pip install py-spy")
@@ -633,60 +706,269 @@ async def measure_throughput(
     )
 
 
+class _Sequential:
+    """One side's sequential tasks: a client, and the samples taken so far."""
+
+    def __init__(self, client: Client, follow_timeout: float) -> None:
+        self.client = client
+        self.follow_timeout = follow_timeout
+        self.total: list[float] = []
+        self.create: list[float] = []
+        self.follow: list[float] = []
+        self.outcomes: Counter[str] = Counter()
+        self.missed: list[str] = []
+
+    async def one(self, measured: bool) -> None:
+        client = self.client
+        t0 = time.perf_counter()
+        t1: float | None = None
+        final: Task | None = None
+        events = client.submit_and_follow(TaskSpec(agent="echo", input=ECHO_INPUT))
+        try:
+            async with asyncio.timeout(self.follow_timeout), contextlib.aclosing(events):
+                async for event in events:
+                    if isinstance(event, TaskChanged):
+                        t1 = t1 or time.perf_counter()
+                        final = event.task
+        except TimeoutError:
+            pass
+        t2 = time.perf_counter()
+        if final is None or t1 is None:
+            raise BenchError(f"no task created within {self.follow_timeout:g}s")
+        if not final.status.terminal:
+            # The stream never delivered the end: look the task up so the run goes on.
+            final, _ = await client.get_task(final.id)
+            if measured:
+                self.missed.append(f"{final.id} ({final.status.name} when looked up)")
+                self.outcomes[final.status.name] += 1
+            return
+        if measured:
+            self.outcomes[final.status.name] += 1
+            self.total.append(t2 - t0)
+            self.create.append(t1 - t0)
+            self.follow.append(t2 - t1)
+
+    def result(self) -> SequentialLatency:
+        if not self.total:
+            raise BenchError(
+                f"FollowTask never reported the end of a task within {self.follow_timeout:g}s"
+            )
+        outcomes = Counter(self.outcomes)
+        completed = outcomes.pop(TaskStatus.COMPLETED.name, 0)
+        return SequentialLatency(
+            submit_to_completed=Latency.of(self.total),
+            create_call=Latency.of(self.create),
+            follow_until_completed=Latency.of(self.follow),
+            completed=completed,
+            not_completed=dict(outcomes),
+            follow_missed_end=len(self.missed),
+            follow_missed_examples=self.missed[:5],
+        )
+
+
 async def measure_latency(
-    plane: ControlPlane,
+    planes: Sequence[ControlPlane],
     pki: PkiPaths,
-    profile: Profiler,
+    profiles: Sequence[Profiler],
     n: int,
     warmup: int,
     follow_timeout: float,
-) -> SequentialLatency:
-    total: list[float] = []
-    create: list[float] = []
-    follow: list[float] = []
-    outcomes: Counter[str] = Counter()
-    missed: list[str] = []
-    async with clients(plane.address, pki, 1) as (client,):
-
-        async def one(measured: bool) -> None:
-            t0 = time.perf_counter()
-            task = await client.create_task("echo", ECHO_INPUT)
-            t1 = time.perf_counter()
-            try:
-                async with asyncio.timeout(follow_timeout):
-                    final = await client.wait(task.id)
-            except TimeoutError:
-                # FollowTask never delivered the end: look the task up so the run goes on.
-                final, _ = await client.get_task(task.id)
-                if measured:
-                    missed.append(f"{task.id} ({final.status.name} when looked up)")
-                    outcomes[final.status.name] += 1
-                return
-            t2 = time.perf_counter()
-            if measured:
-                outcomes[final.status.name] += 1
-                total.append(t2 - t0)
-                create.append(t1 - t0)
-                follow.append(t2 - t1)
-
+) -> list[SequentialLatency]:
+    """Sequential tasks on each plane, interleaved task by task (A B B A ...) when there are
+    several, so a change of load on the machine falls on every side alike."""
+    async with contextlib.AsyncExitStack() as stack:
+        sides = []
+        for plane in planes:
+            (client,) = await stack.enter_async_context(clients(plane.address, pki, 1))
+            sides.append(_Sequential(client, follow_timeout))
         for _ in range(warmup):
-            await one(measured=False)
-        async with profile("latency"):
-            for _ in range(n):
-                await one(measured=True)
-    if not total:
-        raise BenchError(f"FollowTask never reported the end of a task within {follow_timeout:g}s")
-    completed = outcomes.pop(TaskStatus.COMPLETED.name, 0)
-    return SequentialLatency(
-        submit_to_completed=Latency.of(total),
-        create_call=Latency.of(create),
-        follow_until_completed=Latency.of(follow),
-        completed=completed,
-        not_completed=dict(outcomes),
-        follow_missed_end=len(missed),
-        follow_missed_examples=missed[:5],
+            for side in sides:
+                await side.one(measured=False)
+        for profile in profiles:
+            await stack.enter_async_context(profile("latency"))
+        order = list(sides)
+        for _ in range(n):
+            for side in order:
+                await side.one(measured=True)
+            order.reverse()
+    return [side.result() for side in sides]
+
+
+def merge_throughput(parts: Sequence[Throughput]) -> Throughput:
+    """Rounds of one side as one figure: their tasks over their summed time."""
+    if len(parts) == 1:
+        return parts[0]
+    first = parts[0]
+    tasks = sum(p.tasks for p in parts)
+    submit = sum(p.submit_seconds for p in parts)
+    end = sum(p.end_to_end_seconds for p in parts)
+    polls = sum(p.completion_polls for p in parts)
+    cpu: dict[str, float | None] = {}
+    for p in parts:
+        for k, v in p.cpu_seconds.items():
+            cpu[k] = None if v is None or (k in cpu and cpu[k] is None) else (cpu.get(k) or 0) + v
+    threads: dict[str, float] = {}
+    for p in parts:
+        for k, v in p.server_threads_cpu_seconds.items():
+            threads[k] = threads.get(k, 0.0) + v
+    not_completed: Counter[str] = Counter()
+    for p in parts:
+        not_completed.update(p.not_completed)
+    return Throughput(
+        tasks=tasks,
+        clients=first.clients,
+        batch=first.batch,
+        submit_seconds=submit,
+        submit_tasks_per_s=tasks / submit,
+        end_to_end_seconds=end,
+        end_to_end_tasks_per_s=tasks / end,
+        completed=sum(p.completed for p in parts),
+        not_completed=dict(not_completed),
+        completion_polls=polls,
+        poll_round_trip_ms=sum(p.poll_round_trip_ms * p.completion_polls for p in parts) / polls,
+        cpu_seconds=cpu,
+        server_threads_cpu_seconds=threads,
     )
 
+
+@dataclass
+class DeepQueue:
+    queued: int  # tasks no worker can take, waiting while the figures below are measured
+    queue_seconds: float  # to create them (CreateTasks of 1,000)
+    list_p50_ms_before: float  # ListTasks (first page of 50), before they were queued
+    list_p50_ms: float  # the same with them queued
+    list_pending_p50_ms: float  # ListTasks(statuses=PENDING) with them queued
+    dispatch_tasks_per_s: float  # echo tasks end to end, as in the throughput figure
+
+
+BLOCKED_AGENT = "bench-blocked"  # announced by no worker: its tasks wait in the queue
+
+
+async def _list_p50(client: Client, n: int, statuses: Sequence[TaskStatus] = ()) -> float:
+    samples = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        await client.list_tasks(statuses=statuses, limit=50)
+        samples.append(time.perf_counter() - t0)
+    return statistics.median(samples) * 1000
+
+
+async def measure_deep_queue(
+    plane: ControlPlane, pki: PkiPaths, queued: int, tasks: int, n_clients: int, batch: int
+) -> DeepQueue:
+    """ListTasks latency before and after `queued` tasks that no worker can take are waiting,
+    then the dispatch rate of `tasks` echo tasks with them still waiting."""
+    async with clients(plane.address, pki, 1) as (client,):
+        before = await _list_p50(client, 50)
+        t0 = time.perf_counter()
+        spec = TaskSpec(agent=BLOCKED_AGENT, input="{}")
+        for start in range(0, queued, 1000):
+            await client.create_tasks([spec] * min(1000, queued - start), allow_unknown_agent=True)
+        queue_seconds = time.perf_counter() - t0
+        after = await _list_p50(client, 50)
+        pending = await _list_p50(client, 50, [TaskStatus.PENDING])
+    rate = await _echo_rate(plane.address, pki, tasks, n_clients, batch, plane.check)
+    return DeepQueue(queued, queue_seconds, before, after, pending, rate)
+
+
+async def _echo_rate(
+    address: str, pki: PkiPaths, n: int, n_clients: int, batch: int, check: Callable[[], None]
+) -> float:
+    """Echo tasks from `n_clients` clients in CreateTasks batches: tasks/s from the first submit
+    until ListTasks(agent=echo, PENDING or RUNNING) is empty (polled every 10 ms)."""
+    specs = [TaskSpec(agent="echo", input=ECHO_INPUT) for _ in range(n)]
+    batches = [specs[i : i + batch] for i in range(0, n, batch)]
+    async with clients(address, pki, n_clients + 1) as (monitor, *submitters):
+        started = time.perf_counter()
+
+        async def submit(i: int) -> None:
+            for chunk in batches[i::n_clients]:
+                await submitters[i].create_tasks(chunk)
+
+        await asyncio.gather(*(submit(i) for i in range(n_clients)))
+        while (await monitor.list_tasks(statuses=NON_TERMINAL, agent="echo", limit=1))[0]:
+            check()
+            await asyncio.sleep(0.01)
+        return n / (time.perf_counter() - started)
+
+
+async def _fleet_plane(
+    args: argparse.Namespace,
+    pki: PkiPaths,
+    tmp: Path,
+    side: Side,
+    started: list[Child],
+    workers: Sequence[str],
+    nprocs: int,
+) -> tuple[ControlPlane, list[Child], float]:
+    """A fresh server in `tmp` and fleet processes holding `workers`, all of them ONLINE."""
+    store = f"sqlite:{tmp / 'taskrun.db'}"
+    plane = await start_control_plane(pki, tmp, 1, started, store, side, ())
+    fleet, connect = await start_fleet(
+        plane.address, pki, workers, nprocs, args.capacity, tmp, side.env
+    )
+    started.extend(fleet)
+    await wait_online(plane.address, pki, len(workers))
+    return plane, fleet, connect
+
+
+async def fleet_two(
+    args: argparse.Namespace, pki: PkiPaths, tmp: Path, side: Side, started: list[Child]
+) -> float:
+    """Dispatch rate with two fleet sessions (the reference for the many-workers figure)."""
+    note(f"[{side.name}] fleet: dispatch with 2 sessions")
+    ids = fleet_ids(args.idle_workers)[:2]
+    plane, fleet, _ = await _fleet_plane(args, pki, tmp / "fleet-2", side, started, ids, 1)
+    rate = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
+    for child in [*fleet, plane.server]:
+        await stop(child)
+    return rate
+
+
+async def fleet_many(
+    args: argparse.Namespace,
+    pki: PkiPaths,
+    tmp: Path,
+    side: Side,
+    started: list[Child],
+    two: float,
+) -> Fleet:
+    """Connect time, idle CPU and memory, then dispatch rate, with all N sessions."""
+    n, procs = args.idle_workers, min(args.fleet_procs, args.idle_workers)
+    note(f"[{side.name}] fleet: {n} sessions from {procs} processes")
+    plane, fleet, connect = await _fleet_plane(
+        args, pki, tmp / f"fleet-{n}", side, started, fleet_ids(n), procs
+    )
+    await asyncio.sleep(2.0)  # let the connection storm settle
+    pid = plane.server.proc.pid
+    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+    await asyncio.sleep(args.idle_seconds)
+    cpu1, t1 = cpu_seconds(pid), time.perf_counter()
+    rss = rss_mb(pid)
+    plane.check()
+    note(f"[{side.name}] fleet: dispatch with {n} sessions")
+    many = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
+    for child in [*fleet, plane.server]:
+        await stop(child)
+    cpu = ((cpu1 or 0.0) - (cpu0 or 0.0)) / (t1 - t0) * 100
+    return Fleet(
+        workers=n,
+        processes=procs,
+        connect_seconds=connect,
+        idle_seconds=args.idle_seconds,
+        idle_cpu_percent=cpu,
+        idle_rss_mb=rss,
+        idle_rss_kb_per_worker=rss * 1024 / n,
+        tasks=args.fleet_tasks,
+        dispatch_tasks_per_s=many,
+        dispatch_two_workers_tasks_per_s=two,
+    )
+
+
+LATENCY_CALL = (
+    "Client.submit_and_follow: one CreateAndFollowTask stream from submit to the terminal "
+    "update (a server without it: CreateTask, then FollowTask)"
+)
 
 METHOD = {
     "baseline": "bare grpc.aio server in its own process, same CA/server/operator certificates "
@@ -699,11 +981,20 @@ METHOD = {
     "(one indexed query per poll, at most 1/interval extra calls per second, only during the "
     "tail); clocks stop at the first empty answer; the end time is therefore late by at most one "
     "poll interval plus one round trip",
-    "latency": "one client, one task at a time after --warmup unmeasured ones: CreateTask, then "
-    "Client.wait (FollowTask stream until the terminal update); timed from sending CreateTask to "
-    "receiving COMPLETED, so it includes opening the FollowTask stream; a follow without the "
-    "terminal update after --follow-timeout is abandoned, the task looked up with GetTask, and "
-    "the sample left out of the figures and counted in follow_missed_end",
+    "latency": "one client, one task at a time after --warmup unmeasured ones: "
+    "Client.submit_and_follow (one CreateAndFollowTask stream; CreateTask then FollowTask on a "
+    "server without it); timed from the call to the terminal update; 'until created' is the "
+    "first update (the task as committed); a stream without the terminal update after "
+    "--follow-timeout is abandoned, the task looked up with GetTask, and the sample left out of "
+    "the figures and counted in follow_missed_end",
+    "deep_queue": "N tasks for an agent no worker announces are created (CreateTasks of 1,000); "
+    "ListTasks p50 (first page of 50, 50 calls) before and after; then the throughput figure's "
+    "echo tasks again, timed until ListTasks(agent=echo, PENDING or RUNNING) is empty",
+    "fleet": "a fresh control plane per part; fleet processes hold sessions that each have "
+    "their own certificate and connection, heartbeat at the server's interval and complete each "
+    "assignment at once; CPU and RSS of the server over --idle-seconds after the sessions "
+    "connected and 2 s passed; dispatch: --fleet-tasks echo tasks from 4 clients, with two "
+    "sessions and with all N",
     "cpu": "user+system CPU seconds of each process during the throughput phase (/proc)",
 }
 
@@ -729,6 +1020,11 @@ def targets() -> dict[str, Any]:
         "end_to_end_tasks_per_s_min": TARGET_TASKS_PER_S,
         "submit_to_completed_p50_ms_max": TARGET_P50_MS,
         "submit_to_completed_p99_ms_max": TARGET_P99_MS,
+        "idle_workers_cpu_percent_max": TARGET_IDLE_CPU_PERCENT,
+        "idle_workers_rss_mb_max": TARGET_IDLE_RSS_MB,
+        "dispatch_many_workers_vs_two_min": TARGET_FLEET_RATIO,
+        "deep_queue_dispatch_vs_empty_min": TARGET_DEEP_RATIO,
+        "deep_queue_list_vs_empty_max": TARGET_LIST_RATIO,
         "on": TARGET_MACHINE,
     }
 
@@ -745,9 +1041,200 @@ def _met(ok: bool) -> str:
     return "met" if ok else "missed"
 
 
-def render(r: Report) -> str:
-    m, b, t, lat = r.machine, r.baseline, r.throughput, r.latency
-    s = lat.submit_to_completed
+Getter = Callable[["Report"], float | None]
+
+
+@dataclass
+class Row:
+    """One line of the table: a figure of each side, how it compares, and its aim."""
+
+    label: str
+    value: Getter | None = None  # None: a section title
+    fmt: Callable[[float], str] = str
+    bare: Callable[[Report], str] = lambda _r: ""
+    aim: str = ""
+    met: Callable[[float], bool] | None = None
+    text: Callable[[Report], str] | None = None  # shown instead of fmt(value)
+
+
+def _get(r: Report, getter: Getter) -> float | None:
+    try:
+        return getter(r)
+    except (AttributeError, TypeError, ZeroDivisionError):
+        return None  # the phase did not run on this side
+
+
+def rows() -> list[Row]:
+    tasks_s: Callable[[float], str] = lambda v: _rate(v, "tasks/s")  # noqa: E731
+    return [
+        Row("bare grpc.aio mTLS unary round trip, one in flight"),
+        Row("  p50", lambda r: r.baseline.unary.p50_ms, _ms, lambda _r: "baseline"),
+        Row("  p99", lambda r: r.baseline.unary.p99_ms, _ms, lambda _r: "baseline"),
+        Row("bare bidi stream, one way", None),
+        Row("  rate", lambda r: r.baseline.stream_msgs_per_s, lambda v: _rate(v, "msgs/s")),
+        Row("throughput: echo tasks, concurrent CreateTasks, two workers"),
+        Row(
+            "  end to end (first submit -> all COMPLETED)",
+            lambda r: r.throughput.end_to_end_tasks_per_s,
+            tasks_s,
+            lambda r: (
+                f"{r.throughput.end_to_end_tasks_per_s / r.baseline.unary_ops_per_s:.2f}"
+                " x unary ops/s"
+            ),
+            f">= {TARGET_TASKS_PER_S:,.0f}/s",
+            lambda v: v >= TARGET_TASKS_PER_S,
+        ),
+        Row("  submit only", lambda r: r.throughput.submit_tasks_per_s, tasks_s),
+        Row(
+            "  server CPU",
+            lambda r: _server_cpu(r),
+            lambda v: f"{v:.0%} of a core",
+        ),
+        Row("latency: one task at a time, submit -> COMPLETED"),
+        Row(
+            "  p50",
+            lambda r: r.latency.submit_to_completed.p50_ms,
+            _ms,
+            lambda r: (
+                f"{r.latency.submit_to_completed.p50_ms / r.baseline.unary.p50_ms:.1f} x bare p50"
+            ),
+            f"<= {TARGET_P50_MS:g} ms",
+            lambda v: v <= TARGET_P50_MS,
+        ),
+        Row(
+            "  p99",
+            lambda r: r.latency.submit_to_completed.p99_ms,
+            _ms,
+            lambda r: (
+                f"{r.latency.submit_to_completed.p99_ms / r.baseline.unary.p99_ms:.1f} x bare p99"
+            ),
+            f"<= {TARGET_P99_MS:g} ms",
+            lambda v: v <= TARGET_P99_MS,
+        ),
+        Row("  mean", lambda r: r.latency.submit_to_completed.mean_ms, _ms),
+        Row(
+            "  of which until created (p50)",
+            lambda r: r.latency.create_call.p50_ms,
+            _ms,
+            lambda r: f"{r.latency.create_call.p50_ms / r.baseline.unary.p50_ms:.1f} x bare p50",
+        ),
+        Row(
+            "  follow misses (left out above)",
+            lambda r: float(r.latency.follow_missed_end),
+            lambda v: f"{v:.0f}",
+        ),
+        Row("deep queue: tasks that no worker can take, waiting"),
+        Row("  queued", lambda r: float(r.deep_queue.queued), lambda v: f"{v:,.0f}"),  # type: ignore[union-attr]
+        Row(
+            "  ListTasks p50, empty queue",
+            lambda r: r.deep_queue.list_p50_ms_before,  # type: ignore[union-attr]
+            _ms,
+        ),
+        Row(
+            "  ListTasks p50, deep queue",
+            lambda r: r.deep_queue.list_p50_ms,  # type: ignore[union-attr]
+            _ms,
+            lambda r: (
+                f"{r.deep_queue.list_p50_ms / r.deep_queue.list_p50_ms_before:.2f}"  # type: ignore[union-attr]
+                " x empty queue"
+            ),
+            f"<= {TARGET_LIST_RATIO:g} x empty",
+            None,
+        ),
+        Row(
+            "  ListTasks(PENDING) p50, deep queue",
+            lambda r: r.deep_queue.list_pending_p50_ms,  # type: ignore[union-attr]
+            _ms,
+        ),
+        Row(
+            "  dispatch, deep queue",
+            lambda r: r.deep_queue.dispatch_tasks_per_s,  # type: ignore[union-attr]
+            tasks_s,
+            lambda r: f"{_deep_ratio(r):.2f} x without",
+            f">= {TARGET_DEEP_RATIO:g} x without",
+            None,
+        ),
+        Row("idle workers: sessions with their own certificate and connection"),
+        Row("  sessions", lambda r: float(r.fleet.workers), lambda v: f"{v:,.0f}"),  # type: ignore[union-attr]
+        Row(
+            "  all connected in",
+            lambda r: r.fleet.connect_seconds,  # type: ignore[union-attr]
+            lambda v: f"{v:.2f} s",
+        ),
+        Row(
+            "  server CPU while idle",
+            lambda r: r.fleet.idle_cpu_percent,  # type: ignore[union-attr]
+            lambda v: f"{v:.1f} % of a core",
+            aim=f"< {TARGET_IDLE_CPU_PERCENT:g} % (1,000)",
+            met=lambda v: v < TARGET_IDLE_CPU_PERCENT,
+        ),
+        Row(
+            "  server memory (RSS)",
+            lambda r: r.fleet.idle_rss_mb,  # type: ignore[union-attr]
+            lambda v: f"{v:,.0f} MB",
+            aim=f"< {TARGET_IDLE_RSS_MB:g} MB (1,000)",
+            met=lambda v: v < TARGET_IDLE_RSS_MB,
+        ),
+        Row(
+            "  dispatch, two sessions",
+            lambda r: r.fleet.dispatch_two_workers_tasks_per_s,  # type: ignore[union-attr]
+            tasks_s,
+        ),
+        Row(
+            "  dispatch, all sessions",
+            lambda r: r.fleet.dispatch_tasks_per_s,  # type: ignore[union-attr]
+            tasks_s,
+            lambda r: f"{r.fleet.dispatch_ratio:.2f} x two sessions",  # type: ignore[union-attr]
+            f">= {TARGET_FLEET_RATIO:g} x two",
+            None,
+        ),
+        Row("failover: fault -> next attempt RUNNING elsewhere (default lease)"),
+        Row(
+            "  kill -9 of the worker, slowest",
+            lambda r: max(r.failover.kill_9_to_running_s),  # type: ignore[union-attr]
+            lambda v: f"{v:.2f} s",
+            aim="<= 5 s",
+            met=lambda v: v <= 5,
+            text=lambda r: r.failover.summary(r.failover.kill_9_to_running_s),  # type: ignore[union-attr]
+        ),
+        Row(
+            "  silent network cut, slowest",
+            lambda r: max(r.failover.silent_cut_to_running_s),  # type: ignore[union-attr]
+            lambda v: f"{v:.2f} s",
+            aim="<= 15 s",
+            met=lambda v: v <= 15,
+            text=lambda r: r.failover.summary(r.failover.silent_cut_to_running_s),  # type: ignore[union-attr]
+        ),
+    ]
+
+
+def _server_cpu(r: Report) -> float | None:
+    spent = next(
+        (v for k, v in r.throughput.cpu_seconds.items() if k.split(" (")[0] == "server"), None
+    )
+    return None if spent is None else spent / r.throughput.end_to_end_seconds
+
+
+def _deep_ratio(r: Report) -> float:
+    assert r.deep_queue is not None
+    return r.deep_queue.dispatch_tasks_per_s / r.throughput.end_to_end_tasks_per_s
+
+
+# Aims stated as ratios within one side's run (they need two figures, not one).
+RATIO_AIMS: dict[str, Callable[[Report], bool]] = {
+    "  ListTasks p50, deep queue": lambda r: (
+        r.deep_queue is not None
+        and r.deep_queue.list_p50_ms <= TARGET_LIST_RATIO * r.deep_queue.list_p50_ms_before
+    ),
+    "  dispatch, deep queue": lambda r: _deep_ratio(r) >= TARGET_DEEP_RATIO,
+    "  dispatch, all sessions": lambda r: (
+        r.fleet is not None and r.fleet.dispatch_ratio >= TARGET_FLEET_RATIO
+    ),
+}
+
+
+def render(this: Report, ref: Report | None = None) -> str:
+    m = this.machine
     cores = f"{m['cores']} cores" + (
         f" ({m['usable_cores']} usable)" if m["usable_cores"] != m["cores"] else ""
     )
@@ -756,211 +1243,253 @@ def render(r: Report) -> str:
         f"TaskRun benchmark: {cores}, Python {m['python']}, grpcio {m['grpcio']}"
         + (f", load {load:.2f} at start" if load is not None else ""),
         f"control plane: server + {len(WORKER_IDS)} workers (echo, capacity "
-        f"{r.setup['capacity']} each), {r.setup['store']}, mTLS, all on 127.0.0.1",
-        "",
+        f"{this.setup['capacity']} each), {this.setup['store']}, mTLS, all on 127.0.0.1",
+        f"this: {this.setup['commit']}",
     ]
-    rows: list[tuple[str, str, str, str]] = [
-        ("figure", "value", "vs bare baseline", "target"),
-        (f"bare unary round trip, sequential (n={b.unary.count})", "", "", ""),
-        ("  p50 / p99", f"{_ms(b.unary.p50_ms)} / {_ms(b.unary.p99_ms)}", "baseline", ""),
-        ("  rate", _rate(b.unary_ops_per_s, "ops/s"), "baseline", ""),
-        (f"bare bidi stream, one way (n={b.stream_messages})", "", "", ""),
-        ("  rate", _rate(b.stream_msgs_per_s, "msgs/s"), "baseline", ""),
-        (
-            f"throughput: {t.tasks} echo tasks, {t.clients} clients x CreateTasks({t.batch})",
-            "",
-            "",
-            "",
-        ),
-        (
-            "  end to end (first submit -> all COMPLETED)",
-            _rate(t.end_to_end_tasks_per_s, "tasks/s"),
-            f"{r.ratios['end_to_end_tasks_per_s / bare_stream_msgs_per_s']:.2f} x stream msgs/s",
-            f">= {TARGET_TASKS_PER_S:,.0f}/s: "
-            + _met(t.end_to_end_tasks_per_s >= TARGET_TASKS_PER_S),
-        ),
-        (
-            "",
-            f"in {t.end_to_end_seconds:.2f} s",
-            f"{r.ratios['end_to_end_tasks_per_s / bare_unary_ops_per_s']:.2f} x unary ops/s",
-            "",
-        ),
-        (
-            "  submit only (all CreateTasks returned)",
-            _rate(t.submit_tasks_per_s, "tasks/s"),
-            f"in {t.submit_seconds:.2f} s",
-            "",
-        ),
-        (
-            "  completed / failed or cancelled",
-            f"{t.completed} / {sum(t.not_completed.values())}",
-            "",
-            "",
-        ),
-    ]
-    wall = t.end_to_end_seconds
-
-    def cpu_row(label: str, cpu: float | None) -> tuple[str, str, str, str]:
-        value = "n/a" if cpu is None else f"{cpu:.2f} s ({cpu / wall:.0%} of a core)"
-        return (label, value, "", "")
-
-    for name, cpu in t.cpu_seconds.items():
-        rows.append(cpu_row(f"  CPU {name}", cpu))
-        if name == "server":
-            for thread, spent in t.server_threads_cpu_seconds.items():
-                rows.append(cpu_row(f"    server, {thread}", spent))
-    rows += [
-        (f"latency: {s.count} sequential tasks, CreateTask -> COMPLETED", "", "", ""),
-        (
-            "  p50",
-            _ms(s.p50_ms),
-            f"{r.ratios['submit_to_completed_p50 / bare_unary_p50']:.1f} x bare unary p50",
-            f"<= {TARGET_P50_MS} ms: {_met(s.p50_ms <= TARGET_P50_MS)}",
-        ),
-        (
-            "  p99",
-            _ms(s.p99_ms),
-            f"{r.ratios['submit_to_completed_p99 / bare_unary_p99']:.1f} x bare unary p99",
-            f"<= {TARGET_P99_MS:g} ms: {_met(s.p99_ms <= TARGET_P99_MS)}",
-        ),
-        ("  mean / max", f"{_ms(s.mean_ms)} / {_ms(s.max_ms)}", "", ""),
-        (
-            "  of which CreateTask call p50",
-            _ms(lat.create_call.p50_ms),
-            f"{r.ratios['create_call_p50 / bare_unary_p50']:.1f} x bare unary p50",
-            "",
-        ),
-        (
-            "  of which FollowTask until COMPLETED p50",
-            _ms(lat.follow_until_completed.p50_ms),
-            "",
-            "",
-        ),
-    ]
-    if lat.not_completed:
-        rows.append(("  not completed", json.dumps(lat.not_completed), "", ""))
-    if lat.follow_missed_end:
-        rows.append(
-            (
-                "  FollowTask missed the end (left out above)",
-                f"{lat.follow_missed_end} of {s.count + lat.follow_missed_end}",
-                f"no terminal update within {r.setup['follow_timeout']:g} s",
-                "",
-            )
+    if ref is not None:
+        head.append(
+            f"{ref.setup['side']}: {ref.setup['commit']} (measured in the same run, taking turns "
+            "with this one)"
         )
-    if r.failover is not None:
-        f = r.failover
-        rows += [
-            ("failover: fault -> next attempt RUNNING elsewhere (default lease)", "", "", ""),
-            (
-                f"  kill -9 of the worker (n={len(f.kill_9_to_running_s)})",
-                f.summary(f.kill_9_to_running_s),
-                "",
-                "<= 5 s: " + _met(max(f.kill_9_to_running_s, default=99) <= 5),
-            ),
-            (
-                f"  silent network cut (n={len(f.silent_cut_to_running_s)})",
-                f.summary(f.silent_cut_to_running_s),
-                "",
-                "<= 15 s: " + _met(max(f.silent_cut_to_running_s, default=99) <= 15),
-            ),
-        ]
+    head.append("")
+    header = ["figure", "this"]
+    if ref is not None:
+        header += [ref.setup["side"], "this / ref"]
+    header += ["vs bare baseline", "aim"]
+    table: list[list[str]] = [header]
+    for row in rows():
+        if row.value is None:
+            table.append([row.label])
+            continue
+        mine = _get(this, row.value)
+        theirs = _get(ref, row.value) if ref is not None else None
+        if mine is None and theirs is None:
+            continue
+
+        def shown(r: Report, v: float | None, row: Row = row) -> str:
+            if v is None:
+                return "-"
+            return row.text(r) if row.text is not None else row.fmt(v)
+
+        cells = [row.label, shown(this, mine)]
+        if ref is not None:
+            ratio = f"{mine / theirs:.2f}" if mine is not None and theirs else ""
+            cells += [shown(ref, theirs), ratio]
+        try:
+            bare = row.bare(this) if mine is not None else ""
+        except (AttributeError, TypeError, ZeroDivisionError):
+            bare = ""
+        aim = row.aim
+        if aim and mine is not None:
+            ok = row.met(mine) if row.met is not None else RATIO_AIMS[row.label](this)
+            aim = f"{aim}: {_met(ok)}"
+        cells += [bare, aim]
+        table.append(cells)
     # A row with only its first cell is a section title: printed whole, not sized as a column.
-    sized = [row for row in rows if any(row[1:])]
-    widths = [max(len(row[i]) for row in sized) for i in range(4)]
+    columns = len(header)
+    sized = [r for r in table if len(r) == columns]
+    widths = [max(len(r[i]) for r in sized) for i in range(columns)]
+    # Drop section titles with no figure under them (a phase that did not run).
+    kept: list[list[str]] = []
+    for i, r in enumerate(table):
+        if len(r) == 1 and (i + 1 == len(table) or len(table[i + 1]) == 1):
+            continue
+        kept.append(r)
     lines = list(head)
-    for i, row in enumerate(rows):
-        lines.append("  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip())
+    for i, r in enumerate(kept):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip())
         if i == 0:
-            lines.append("-" * (sum(widths) + 6))
+            lines.append("-" * (sum(widths) + 2 * (columns - 1)))
+    t = this.throughput
     lines += [
         "",
-        f"targets (issue): >= {TARGET_TASKS_PER_S:,.0f} echo tasks/s end to end; sequential p50 "
-        f"<= {TARGET_P50_MS} ms, p99 <= {TARGET_P99_MS:g} ms, on a {TARGET_MACHINE}",
-        f"completion detection: ListTasks(PENDING,RUNNING, page_size=1) every "
-        f"{r.setup['poll_interval'] * 1000:g} ms after the last submit "
-        f"({t.completion_polls} polls, {t.poll_round_trip_ms:.2f} ms each); "
-        "end time late by <= one interval",
+        f"throughput: {t.tasks} echo tasks, {t.clients} clients x CreateTasks({t.batch}); "
+        f"latency: {this.latency.submit_to_completed.count} tasks after "
+        f"{this.setup['warmup_tasks']} unmeasured, {LATENCY_CALL}",
+        "aims (issue): >= 4,000 echo tasks/s end to end; sequential p50 <= 1.5 ms, p99 <= 4 ms; "
+        "1,000 idle workers < 10 % of a core and < 200 MB, dispatch with them >= 0.8 x with two; "
+        "10,000 queued tasks slow neither dispatch nor ListTasks",
     ]
     return "\n".join(lines)
 
 
-def report(r: Report, as_json: bool) -> None:
+def report(this: Report, ref: Report | None, as_json: bool) -> None:
     """The only output on stdout."""
-    text = json.dumps(asdict(r), indent=2) if as_json else render(r)
+    if as_json:
+        doc: dict[str, Any] = asdict(this)
+        if ref is not None:
+            doc = {"this": doc, "ref": asdict(ref)}
+        text = json.dumps(doc, indent=2)
+    else:
+        text = render(this, ref)
     sys.stdout.write(text + "\n")
 
 
 # --- main --------------------------------------------------------------------------------------
 
 
-async def bench(args: argparse.Namespace, tmp: Path) -> Report:
+async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | None]:
     machine = machine_info()
-    pki = init_pki(tmp / "certs", workers=(*WORKER_IDS, *FAILOVER_WORKERS))
+    fleet = fleet_ids(args.idle_workers) if args.idle_workers else []
+    if fleet:
+        note(f"certificates for {len(fleet)} fleet workers")
+    pki = init_pki(tmp / "certs", workers=(*WORKER_IDS, *FAILOVER_WORKERS, *fleet))
+    sides = [this_side()]
+    if args.compare_ref:
+        sides.append(ref_side(args.compare_ref, tmp))
     started: list[Child] = []
+    deadline: asyncio.Timeout | None = None
     database: Any = None  # tests.postgres.PostgresServer with --store postgresql
-    store_url, store_label = f"sqlite:{tmp / 'taskrun.db'}", "SQLite in a temp file"
+    results: dict[str, dict[str, Any]] = {side.name: {} for side in sides}
+    labels: dict[str, str] = {}
     try:
-        if args.store == "postgresql":
-            database = start_postgres()
-            store_url = database.url
-            store_label = "PostgreSQL on loopback (fsync on)"
-        async with asyncio.timeout(args.timeout):
+        if args.store == "postgresql" and len(sides) > 1:
+            raise BenchError("--compare-ref measures SQLite only")
+        deadline = asyncio.timeout(args.timeout)
+        async with deadline:
             note("baseline: bare grpc.aio server")
             bare, port = await start_baseline(pki, tmp)
             started.append(bare)
             baseline = await measure_baseline(f"127.0.0.1:{port}", pki, args.unary, args.stream)
             await stop(bare)
 
-            note(f"starting the control plane ({store_label}) and workers")
-            plane = await start_control_plane(pki, tmp, args.capacity, started, store_url)
-            note(f"throughput: {args.tasks} echo tasks")
+            planes: dict[str, ControlPlane] = {}
+            for side in sides:
+                store_url, labels[side.name] = (
+                    f"sqlite:{tmp / side.name / 'taskrun.db'}",
+                    ("SQLite in a temp file"),
+                )
+                if args.store == "postgresql":
+                    database = start_postgres()
+                    store_url = database.url
+                    labels[side.name] = "PostgreSQL on loopback (fsync on)"
+                note(f"[{side.name}] starting the control plane ({labels[side.name]}) and workers")
+                planes[side.name] = await start_control_plane(
+                    pki, tmp / side.name, args.capacity, started, store_url, side
+                )
 
-            def profile(phase: str) -> contextlib.AbstractAsyncContextManager[None]:
-                return profiled(args.profile, phase, plane, tmp)
+            def profile(
+                side: Side, phase: str, suffix: str = ""
+            ) -> contextlib.AbstractAsyncContextManager[None]:
+                plane = planes[side.name]
+                where = (
+                    args.profile / side.name if args.profile and len(sides) > 1 else args.profile
+                )
+                return profiled(where, phase + suffix, plane, tmp)
 
-            throughput = await measure_throughput(
-                plane, pki, profile, args.tasks, args.clients, args.batch, args.poll_interval
+            # The sides take turns (A B B A ...): sequential tasks one by one, throughput in
+            # rounds, the deep queue once each; so a change of load falls on both alike.
+            rounds = args.rounds if len(sides) > 1 else 1
+            parts: dict[str, list[Throughput]] = {side.name: [] for side in sides}
+            order = list(sides)
+            for r in range(rounds):
+                for side in order:
+                    note(f"[{side.name}] throughput: {args.tasks // rounds} echo tasks")
+                    parts[side.name].append(
+                        await measure_throughput(
+                            planes[side.name],
+                            pki,
+                            functools.partial(profile, side, suffix=f"-{r + 1}"),
+                            args.tasks // rounds,
+                            args.clients,
+                            args.batch,
+                            args.poll_interval,
+                        )
+                    )
+                order.reverse()
+            for side in sides:
+                results[side.name]["throughput"] = merge_throughput(parts[side.name])
+            note(f"latency: {args.latency_tasks} sequential tasks per side, interleaved")
+            latencies = await measure_latency(
+                [planes[side.name] for side in sides],
+                pki,
+                [functools.partial(profile, side) for side in sides],
+                args.latency_tasks,
+                args.warmup,
+                args.follow_timeout,
             )
-            note(f"latency: {args.latency_tasks} sequential tasks")
-            latency = await measure_latency(
-                plane, pki, profile, args.latency_tasks, args.warmup, args.follow_timeout
-            )
-            failover = None
+            for side, latency in zip(sides, latencies, strict=True):
+                results[side.name]["latency"] = latency
+            if args.deep_queue:
+                for side in order:
+                    note(f"[{side.name}] deep queue: {args.deep_queue} tasks no worker takes")
+                    results[side.name]["deep_queue"] = await measure_deep_queue(
+                        planes[side.name],
+                        pki,
+                        args.deep_queue,
+                        args.tasks,
+                        args.clients,
+                        args.batch,
+                    )
+                order.reverse()
+            for plane in planes.values():
+                await asyncio.gather(*(stop(c) for c in plane.workers))
+                await stop(plane.server)
+            if args.idle_workers:
+                two: dict[str, float] = {}
+                for side in order:
+                    two[side.name] = await fleet_two(args, pki, tmp / side.name, side, started)
+                order.reverse()
+                for side in order:
+                    results[side.name]["fleet"] = await fleet_many(
+                        args, pki, tmp / side.name, side, started, two[side.name]
+                    )
             if args.failover_rounds > 0:
                 note(f"failover: {args.failover_rounds} x kill -9, {args.failover_rounds} x cut")
-                failover = await measure_failover(pki, tmp, args.failover_rounds, started)
-    except TimeoutError:
+                results["this"]["failover"] = await measure_failover(
+                    pki, tmp, args.failover_rounds, started
+                )
+    except TimeoutError as exc:
+        if deadline is not None and deadline.expired():
+            raise BenchError(
+                f"the benchmark did not finish within --timeout {args.timeout:g}s"
+            ) from None
+        ours = [
+            f
+            for f in traceback.extract_tb(exc.__traceback__)
+            if Path(f.filename).parent == SCRIPT.parent
+        ]
+        frame = (ours or traceback.extract_tb(exc.__traceback__))[-1]
         raise BenchError(
-            f"the benchmark did not finish within --timeout {args.timeout:g}s"
+            f"a step timed out at {Path(frame.filename).name}:{frame.lineno} ({frame.line})"
         ) from None
     finally:
         # Workers first (they drain and say goodbye), then the server, then anything else.
-        workers = [c for c in started if c.name in WORKER_IDS]
+        workers = [c for c in started if c.name.split(" (")[0] in WORKER_IDS]
         await asyncio.gather(*(stop(c) for c in workers))
         for child in started:
             if child not in workers:
                 await stop(child)
         if database is not None:
             database.destroy()
-    return Report(
-        machine=machine,
-        setup={
-            "workers": len(WORKER_IDS),
-            "capacity": args.capacity,
-            "store": store_label,
-            "poll_interval": args.poll_interval,
-            "warmup_tasks": args.warmup,
-            "follow_timeout": args.follow_timeout,
-        },
-        baseline=baseline,
-        throughput=throughput,
-        latency=latency,
-        ratios=ratios(baseline, throughput, latency),
-        targets=targets(),
-        method=METHOD,
-        failover=failover,
-    )
+    reports = []
+    for side in sides:
+        got = results[side.name]
+        reports.append(
+            Report(
+                machine=machine,
+                setup={
+                    "side": side.name,
+                    "commit": side.commit,
+                    "workers": len(WORKER_IDS),
+                    "capacity": args.capacity,
+                    "store": labels[side.name],
+                    "poll_interval": args.poll_interval,
+                    "warmup_tasks": args.warmup,
+                    "follow_timeout": args.follow_timeout,
+                },
+                baseline=baseline,
+                throughput=got["throughput"],
+                latency=got["latency"],
+                ratios=ratios(baseline, got["throughput"], got["latency"]),
+                targets=targets(),
+                method=METHOD,
+                failover=got.get("failover"),
+                deep_queue=got.get("deep_queue"),
+                fleet=got.get("fleet"),
+            )
+        )
+    return reports[0], (reports[1] if len(reports) > 1 else None)
 
 
 def start_postgres() -> Any:
@@ -1002,7 +1531,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except KeyboardInterrupt:
             sys.stderr.write("bench: interrupted\n")
             return 130
-    report(result, args.json)
+    report(*result, as_json=args.json)
     return 0
 
 

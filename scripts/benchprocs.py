@@ -60,12 +60,22 @@ def _open_log(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
 
 
-def child_env() -> dict[str, str]:
-    """This environment without TASKRUN_* settings, so only the flags given apply."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("TASKRUN_")}
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This environment without TASKRUN_* settings, so only the flags given apply; plus
+    `extra` (PYTHONPATH pointing at another commit's source, with --compare-ref)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRUN_")}
+    env.update(extra or {})
+    return env
 
 
-async def spawn(name: str, argv: Sequence[str], log: Path, *, pipe_stdout: bool = False) -> Child:
+async def spawn(
+    name: str,
+    argv: Sequence[str],
+    log: Path,
+    *,
+    pipe_stdout: bool = False,
+    env: dict[str, str] | None = None,
+) -> Child:
     fd = _open_log(log)
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -73,7 +83,7 @@ async def spawn(name: str, argv: Sequence[str], log: Path, *, pipe_stdout: bool 
             stdin=asyncio.subprocess.DEVNULL,
             stdout=asyncio.subprocess.PIPE if pipe_stdout else fd,
             stderr=fd,
-            env=child_env(),
+            env=child_env(env),
             start_new_session=True,  # our SIGTERM decides the order of shutdown, not the tty's
         )
     finally:

@@ -30,6 +30,7 @@ import grpc
 
 from taskrun import convert
 from taskrun.cli.credentials import OperatorSettings, load_credentials, resolve_settings
+from taskrun.cli.failover import FAILOVER_FOR, Channels, FailoverStub
 from taskrun.core.access import AuditEvent, AuditKind, TokenState
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.models import (
@@ -48,6 +49,7 @@ from taskrun.core.schedule import Schedule
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import InboxItem, Workflow, WorkflowRun
+from taskrun.servers import ServerList
 from taskrun.v1 import (
     conversations_pb2,
     conversations_pb2_grpc,
@@ -68,8 +70,10 @@ from taskrun.v1 import (
 )
 
 # Keepalive only while a call is open (a follow stream): the server accepts pings every 5 s.
+# A frozen control plane (SIGSTOP, a hung machine) is noticed within 15 s, and a client with
+# several addresses moves on to the leader.
 CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
-    ("grpc.keepalive_time_ms", 20_000),
+    ("grpc.keepalive_time_ms", 10_000),
     ("grpc.keepalive_timeout_ms", 5_000),
     ("grpc.http2.ping_timeout_ms", 5_000),
     # A follow update may batch up to 1000 output chunks.
@@ -145,6 +149,9 @@ class FleetEvent:
     worker_runs: tuple[RunId, ...] = field(default=())  # runs the worker holds
     chunk: OutputChunk | None = None
     inbox_item: InboxItem | None = None
+    # its place in the durable event log: `watch_events(after_position=…)` resumes after it
+    # (0 for inbox and snapshot events; SNAPSHOT_END carries the snapshot's)
+    position: int = 0
 
 
 def _fleet_event(m: events_pb2.Event) -> FleetEvent:
@@ -159,6 +166,7 @@ def _fleet_event(m: events_pb2.Event) -> FleetEvent:
         worker_runs=tuple(worker_runs),
         chunk=convert.chunk_from_pb(m.chunk) if m.HasField("chunk") else None,
         inbox_item=convert.inbox_item_from_pb(m.inbox_item) if m.HasField("inbox_item") else None,
+        position=m.position,
     )
 
 
@@ -199,6 +207,23 @@ class ApiTokenInfo:
     expires_at: datetime | None
     revoked_at: datetime | None
     created_by: str
+
+
+def _events(
+    update: tasks_pb2.TaskUpdate, task_id: TaskId, seen: dict[RunId, int]
+) -> list[TaskEvent]:
+    """A followed task's update as events: its new output (in order), then its state."""
+    events: list[TaskEvent] = []
+    for message in update.chunks:
+        chunk = convert.chunk_from_pb(message, task_id)
+        if chunk.seq <= seen.get(chunk.run_id, 0):
+            continue
+        seen[chunk.run_id] = chunk.seq
+        events.append(OutputReceived(chunk))
+    if update.HasField("task"):
+        task, _ = convert.task_from_pb(update.task)
+        events.append(TaskChanged(task))
+    return events
 
 
 def _bootstrap_info(m: security_pb2.BootstrapToken) -> BootstrapTokenInfo:
@@ -277,9 +302,12 @@ class Client:
             merged["grpc.ssl_target_name_override"] = server_name
         merged.update(options)
         self._options = list(merged.items())
-        self._channel: grpc.aio.Channel | None = None
-        self._tasks: Any = None
-        self._workers: Any = None
+        # `target` may name several control planes: calls follow the leader (cli/failover.py)
+        self.servers = ServerList(target, server_name)
+        self._channels = Channels(self.servers, self._credentials, self._options)
+        self._tasks = FailoverStub(self._channels, tasks_pb2_grpc.TaskServiceStub)
+        self._workers = FailoverStub(self._channels, workers_pb2_grpc.WorkerServiceStub)
+        self._create_and_follow = True  # False once the server said it lacks the call
 
     @classmethod
     def from_env(
@@ -329,23 +357,15 @@ class Client:
 
     @property
     def channel(self) -> grpc.aio.Channel:
-        """The gRPC channel, opened on first use."""
-        if self._channel is None:
-            self._channel = grpc.aio.secure_channel(
-                self.target, self._credentials, options=self._options
-            )
-            self._tasks = tasks_pb2_grpc.TaskServiceStub(self._channel)
-            self._workers = workers_pb2_grpc.WorkerServiceStub(self._channel)
-        return self._channel
+        """The gRPC channel to the control plane in use, opened on first use."""
+        return self._channels.channel
 
     async def wait_ready(self) -> None:
         """Wait until the channel is connected (TLS handshake done); bound it with a timeout."""
         await self.channel.channel_ready()
 
     async def close(self) -> None:
-        if self._channel is not None:
-            channel, self._channel = self._channel, None
-            await channel.close()
+        await self._channels.close()
 
     async def __aenter__(self) -> Self:
         return self
@@ -359,11 +379,9 @@ class Client:
         await self.close()
 
     def _task_stub(self) -> Any:
-        _ = self.channel
         return self._tasks
 
     def _worker_stub(self) -> Any:
-        _ = self.channel
         return self._workers
 
     # --- tasks -------------------------------------------------------------------------------
@@ -443,6 +461,70 @@ class Client:
         response = await self._task_stub().CreateTask(request, timeout=self.timeout)
         task, _ = convert.task_from_pb(response.task)
         return task
+
+    async def submit_and_follow(
+        self,
+        spec: TaskSpec,
+        *,
+        include_events: bool = False,
+        allow_unknown_agent: bool = False,
+        on_reconnect: Callable[[grpc.aio.AioRpcError | None], None] | None = None,
+    ) -> AsyncGenerator[TaskEvent, None]:
+        """Submit one task and follow it on one stream (CreateAndFollowTask): the first event
+        is a TaskChanged with the task as created, then as `follow` until it ends. If that
+        stream breaks once the task exists, `follow` takes over (it reconnects); a server
+        without the call gets CreateTask then FollowTask. Use `contextlib.aclosing`."""
+        request = tasks_pb2.CreateAndFollowTaskRequest(
+            task=convert.spec_to_pb(spec), include_events=include_events
+        )
+        request.task.allow_unknown_agent = allow_unknown_agent
+        task_id = ""
+        seen: dict[RunId, int] = {}
+        broken: grpc.aio.AioRpcError | None = None
+        if self._create_and_follow:
+            call = self._task_stub().CreateAndFollowTask(request)
+            try:
+                async for update in call:
+                    task_id = task_id or update.task.id
+                    for event in _events(update, TaskId(task_id), seen):
+                        yield event
+                return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() == grpc.StatusCode.UNIMPLEMENTED and not task_id:
+                    self._create_and_follow = False  # an older server
+                elif task_id and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                    broken = exc  # e.g. a server restart: follow the task, reconnecting
+                else:
+                    raise
+            finally:
+                call.cancel()
+        if not task_id:
+            task_id = (await self.submit(spec, allow_unknown_agent=allow_unknown_agent)).id
+        events = self.follow(
+            task_id,
+            include_events=include_events,
+            on_reconnect=on_reconnect,
+            seen=seen,
+            broken=broken,
+        )
+        async with contextlib.aclosing(events):
+            async for event in events:
+                yield event
+
+    async def run(self, spec: TaskSpec, *, allow_unknown_agent: bool = False) -> Task:
+        """Submit one task and wait until it is COMPLETED, FAILED or CANCELLED (one stream);
+        returns its final state."""
+        last: Task | None = None
+        events = self.submit_and_follow(spec, allow_unknown_agent=allow_unknown_agent)
+        async with contextlib.aclosing(events):
+            async for event in events:
+                if isinstance(event, TaskChanged):
+                    last = event.task
+        if last is None:
+            raise RuntimeError("the server ended the stream before the task was created")
+        if not last.status.terminal:
+            last, _ = await self.get_task(last.id)
+        return last
 
     async def create_tasks(
         self, specs: Sequence[TaskSpec], *, allow_unknown_agent: bool = False
@@ -545,7 +627,7 @@ class Client:
     # --- conversations -----------------------------------------------------------------------
 
     def _conversation_stub(self) -> Any:
-        return conversations_pb2_grpc.ConversationServiceStub(self.channel)
+        return FailoverStub(self._channels, conversations_pb2_grpc.ConversationServiceStub)
 
     async def create_conversation(
         self,
@@ -682,6 +764,8 @@ class Client:
         include_events: bool = False,
         reconnect: bool = True,
         on_reconnect: Callable[[grpc.aio.AioRpcError | None], None] | None = None,
+        seen: dict[RunId, int] | None = None,
+        broken: grpc.aio.AioRpcError | None = None,
     ) -> AsyncGenerator[TaskEvent, None]:
         """The task's stored output, then (with follow) live output and changes until it ends.
 
@@ -691,35 +775,43 @@ class Client:
         to RECONNECT_FOR seconds (backing off from 0.25 s to 5 s) and output already yielded is
         skipped; `on_reconnect` is called with the error when that starts, and with None once
         the stream works again.
-        Use `contextlib.aclosing` when you may stop iterating early.
+        Use `contextlib.aclosing` when you may stop iterating early. `seen` (last output seq
+        per run, updated as output is yielded) skips output yielded before; `broken` says an
+        earlier stream of this task just broke with that error, so this one starts reconnecting.
         """
-        seen: dict[RunId, int] = {}
+        seen = {} if seen is None else seen
         request = tasks_pb2.FollowTaskRequest(
             task_id=task_id, follow=follow, include_events=include_events
         )
         connected_once, delay, give_up_at = False, 0.25, 0.0
+        failover_until = time.monotonic() + FAILOVER_FOR
         reconnecting = False
+        if broken is not None:  # another stream of this task broke: reconnect from here
+            connected_once = reconnecting = True
+            give_up_at = time.monotonic() + RECONNECT_FOR
+            if on_reconnect is not None:
+                on_reconnect(broken)
         while True:
             call = self._task_stub().FollowTask(request)
             received = False
             try:
                 async for update in call:
                     received = connected_once = True
+                    failover_until = time.monotonic() + FAILOVER_FOR
                     if reconnecting:
                         reconnecting = False
                         if on_reconnect is not None:
                             on_reconnect(None)
-                    for message in update.chunks:
-                        chunk = convert.chunk_from_pb(message, TaskId(task_id))
-                        if chunk.seq <= seen.get(chunk.run_id, 0):
-                            continue
-                        seen[chunk.run_id] = chunk.seq
-                        yield OutputReceived(chunk)
-                    if update.HasField("task"):
-                        task, _ = convert.task_from_pb(update.task)
-                        yield TaskChanged(task)
+                    for event in _events(update, TaskId(task_id), seen):
+                        yield event
                 return
             except grpc.aio.AioRpcError as exc:
+                before = self.servers.current.target
+                # following only reads: it may be repeated wherever the leader is now
+                moved = self._channels.failed(exc) or self.servers.current.target != before
+                if moved and not received and time.monotonic() < failover_until:
+                    await asyncio.sleep(0.1)  # a standby refused it, or an address was down
+                    continue
                 unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
                 if not (reconnect and follow and unavailable and connected_once):
                     raise
@@ -783,7 +875,7 @@ class Client:
     # --- access control ------------------------------------------------------------
 
     def _access_stub(self) -> Any:
-        return security_pb2_grpc.AccessServiceStub(self.channel)
+        return FailoverStub(self._channels, security_pb2_grpc.AccessServiceStub)
 
     async def create_bootstrap_token(
         self,
@@ -888,33 +980,54 @@ class Client:
         kinds: Sequence[EventKind] = (),
         include_output: bool = False,
         snapshot: bool = True,
+        after_position: int = 0,
+        reconnect: bool = True,
     ) -> AsyncGenerator[FleetEvent, None]:
         """Live events: with `snapshot`, first the current workers and unfinished tasks (ending
-        with a SNAPSHOT_END event), then every change in commit order, until cancelled.
+        with a SNAPSHOT_END event), then every change in commit order, until cancelled. With
+        `after_position`, first every logged change after it instead of a snapshot.
 
-        A watcher that reads too slowly is ended by the server with RESOURCE_EXHAUSTED.
-        Use `contextlib.aclosing` when you may stop iterating early.
+        When the stream breaks with UNAVAILABLE (a restart, a failover to another control
+        plane), it is re-opened after the last position received for up to RECONNECT_FOR
+        seconds: changes (and output) are neither missed nor repeated. A watcher that reads
+        too slowly is ended by the server with RESOURCE_EXHAUSTED. Use `contextlib.aclosing`
+        when you may stop iterating early.
         """
-        request = events_pb2.WatchEventsRequest(
-            task_id=task_id,
-            worker_id=worker_id,
-            kinds=cast(Any, [int(k) for k in kinds]),
-            include_output=include_output,
-            snapshot=snapshot,
-        )
-        call = events_pb2_grpc.EventServiceStub(self.channel).WatchEvents(request)
-        try:
-            async for message in call:
-                yield _fleet_event(message)
-        finally:
-            call.cancel()
+        last, give_up_at, delay = after_position, time.monotonic() + RECONNECT_FOR, 0.1
+        while True:
+            request = events_pb2.WatchEventsRequest(
+                task_id=task_id,
+                worker_id=worker_id,
+                kinds=cast(Any, [int(k) for k in kinds]),
+                include_output=include_output,
+                snapshot=snapshot and not last,
+                after_position=last,
+            )
+            stub = FailoverStub(self._channels, events_pb2_grpc.EventServiceStub)
+            call = stub.WatchEvents(request)
+            try:
+                async for message in call:
+                    give_up_at, delay = time.monotonic() + RECONNECT_FOR, 0.1
+                    if message.position:
+                        last = message.position
+                    yield _fleet_event(message)
+                return
+            except grpc.aio.AioRpcError as exc:
+                self._channels.failed(exc)  # a standby named the leader, or the next address
+                unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
+                if not (reconnect and unavailable and last) or time.monotonic() > give_up_at:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(delay * 2, 2.0)
+            finally:
+                call.cancel()
 
     # --- schedules ---------------------------------------------------------------------------
 
     # --- webhooks ------------------------------------------------------------------
 
     def _webhook_stub(self) -> Any:
-        return webhooks_pb2_grpc.WebhookServiceStub(self.channel)
+        return FailoverStub(self._channels, webhooks_pb2_grpc.WebhookServiceStub)
 
     async def create_webhook(
         self,
@@ -971,7 +1084,7 @@ class Client:
         return [convert.delivery_from_pb(d) for d in m.deliveries]
 
     def _schedule_stub(self) -> Any:
-        return schedules_pb2_grpc.ScheduleServiceStub(self.channel)
+        return FailoverStub(self._channels, schedules_pb2_grpc.ScheduleServiceStub)
 
     async def create_schedule(self, schedule: Schedule) -> Schedule:
         """Create a schedule: name, agent, timezone, cron or rrule, and the task template.
@@ -1060,7 +1173,7 @@ class Client:
     # --- workflows ----------------------------------------------------------------
 
     def _workflow_stub(self) -> Any:
-        return workflows_pb2_grpc.WorkflowServiceStub(self.channel)
+        return FailoverStub(self._channels, workflows_pb2_grpc.WorkflowServiceStub)
 
     async def put_workflow(self, definition: str) -> tuple[Workflow, bool]:
         """Store a definition (YAML or JSON text) as the next version; (workflow, created).

@@ -45,7 +45,9 @@ def register(subparsers: Any) -> None:
         cmd_events,
         help="stream what happens: workers, tasks, runs (and output), live",
         description="Print the current workers and unfinished tasks, then every change as it "
-        "is committed, one line per event (with --output jsonl, one JSON object per line; "
+        "is committed (across a restart or a failover to another control plane too: the "
+        "stream resumes where it was), one line per event (with --output jsonl, one JSON "
+        "object per line; "
         "json means the same here, as an endless stream is never one document). "
         "Stop with Ctrl-C.",
     )
@@ -63,6 +65,14 @@ def register(subparsers: Any) -> None:
     p.add_argument("--include-output", action="store_true", help="also stream run output")
     p.add_argument(
         "--no-snapshot", action="store_true", help="only changes, not the current state first"
+    )
+    p.add_argument(
+        "--after",
+        type=int,
+        default=0,
+        metavar="POSITION",
+        help="resume: every change after this position of the event log first (the `position` "
+        "of the jsonl output), then live; instead of a snapshot",
     )
     p.add_argument(
         "--output",
@@ -98,6 +108,7 @@ def cmd_events(args: argparse.Namespace) -> int:
                     kinds=kinds,
                     include_output=args.include_output or EventKind.OUTPUT in kinds,
                     snapshot=not args.no_snapshot,
+                    after_position=args.after,
                 )
             ) as events,
         ):

@@ -19,7 +19,7 @@ import contextlib
 import io
 import os
 import sys
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from enum import IntEnum
@@ -37,13 +37,14 @@ from taskrun.cli import (
     maintenance_cmd,
     output,
     schedule_cmd,
+    status_cmd,
     store_cmd,
     usage_cmd,
     webhook_cmd,
     workflow_cmd,
 )
 from taskrun.cli import credentials as creds
-from taskrun.cli.client import Client, TaskChanged
+from taskrun.cli.client import Client, TaskChanged, TaskEvent
 from taskrun.cli.model_opts import add_model_arguments, apply_model_arguments
 from taskrun.cli.task_tree import tree_text
 from taskrun.core.errors import TaskRunError
@@ -188,7 +189,9 @@ def _add_global_options(parser: argparse.ArgumentParser, *, top: bool, cert: boo
     group.add_argument(
         "--server",
         default=default(None),
-        help=f"control plane address host:port (TASKRUN_SERVER, default {creds.DEFAULT_SERVER})",
+        help="control plane address host:port; several comma separated (or a DNS name with "
+        "several addresses): calls follow the leader among them "
+        f"(TASKRUN_SERVER, default {creds.DEFAULT_SERVER})",
     )
     group.add_argument(
         "--certs-dir",
@@ -413,14 +416,28 @@ def build_parser() -> argparse.ArgumentParser:
         "--lease",
         type=positive_float,
         metavar="S",
-        help="the lease on a worker's runs (default 4): a worker that cannot renew it stops its "
-        "runs; the runs of a dead or cut-off worker are retried after it plus --lease-margin",
+        help="the lease on a worker's runs (default 4; on PostgreSQL 3 x --leader-lease + 2, to "
+        "outlast a takeover): a worker that cannot renew it stops its runs; the runs of a dead "
+        "or cut-off worker are retried after it plus --lease-margin",
     )
     p.add_argument(
         "--lease-margin",
         type=positive_float,
         metavar="S",
         help="wait this long after a lease ran out before retrying its runs (default 0.5)",
+    )
+    p.add_argument(
+        "--leader-lease",
+        type=positive_float,
+        metavar="S",
+        help="with PostgreSQL, several servers share the database: one leads, the others stand "
+        "by and take over once its lease (default 2) ran out (TASKRUN_LEADER_LEASE)",
+    )
+    p.add_argument(
+        "--advertise",
+        metavar="ADDR",
+        help="host:port where workers and clients reach this server; standbys name the "
+        "leader's (TASKRUN_ADVERTISE, default: --listen)",
     )
     p.add_argument(
         "--metrics-listen",
@@ -706,6 +723,7 @@ def build_parser() -> argparse.ArgumentParser:
     schedule_cmd.register(commands)
     conversation_cmd.register(commands)  # `taskrun chat`, `taskrun conversation`
     events_cmd.register(commands)  # `taskrun events`, `taskrun tui`
+    status_cmd.register(commands)  # `taskrun status`
     access_cmd.register(commands)  # `taskrun token`, `api-token`, `audit`
     webhook_cmd.register(commands)  # `taskrun webhook`
     workflow_cmd.register(commands)  # `taskrun workflow`, `inbox`, `approve`, `reject`
@@ -849,6 +867,9 @@ def task_spec_from_args(args: argparse.Namespace) -> TaskSpec:
 # --- streaming -------------------------------------------------------------------------------
 
 
+OnReconnect = Callable[[grpc.aio.AioRpcError | None], None]
+
+
 @dataclass
 class FollowState:
     """What a follow loop has seen, for the Ctrl-C message and the exit status."""
@@ -871,8 +892,11 @@ async def follow_task(
     state: FollowState,
     *,
     follow: bool,
+    events: Callable[[OnReconnect], AsyncGenerator[TaskEvent, None]] | None = None,
+    announce: bool = False,
 ) -> int:
-    """Print a task's output; with follow, until it ends. Returns the exit status."""
+    """Print a task's output; with follow, until it ends (from `events` when given, e.g. a
+    task created on the stream that follows it). Returns the exit status."""
     state.task_id = task_id
 
     def on_reconnect(error: grpc.aio.AioRpcError | None) -> None:
@@ -885,13 +909,22 @@ async def follow_task(
         sys.stderr.flush()
 
     try:
-        async with contextlib.aclosing(
+        stream = (
             client.follow(task_id, follow=follow, include_events=True, on_reconnect=on_reconnect)
-        ) as events:
-            async for event in events:
-                printer.event(event)
+            if events is None
+            else events(on_reconnect)
+        )
+        async with contextlib.aclosing(stream):
+            async for event in stream:
                 if isinstance(event, TaskChanged):
                     state.last = event.task
+                    if not state.task_id:  # created on this stream
+                        state.task_id = event.task.id
+                        if announce:
+                            sys.stderr.write(
+                                f"task {event.task.id} created; following its output\n"
+                            )
+                printer.event(event)
     except grpc.aio.AioRpcError:
         printer.break_line()  # the error line starts on a line of its own
         raise
@@ -900,7 +933,7 @@ async def follow_task(
             printer.finish(state.last)
         return EXIT_OK
     if state.last is None or not state.last.status.terminal:
-        state.last, _ = await client.get_task(task_id)
+        state.last, _ = await client.get_task(state.task_id)
     printer.finish(state.last)
     return exit_code_for_task(state.last.status)
 
@@ -1040,6 +1073,8 @@ def server_config(args: argparse.Namespace) -> Any:
         "heartbeat_interval": _arg(args, "heartbeat_interval"),
         "lease_duration": _arg(args, "lease"),
         "lease_margin": _arg(args, "lease_margin"),
+        "leader_lease": _arg(args, "leader_lease") or _env("TASKRUN_LEADER_LEASE"),
+        "advertise": _arg(args, "advertise") or _env("TASKRUN_ADVERTISE"),
         "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),
         "metrics_optional": _metrics_listen(args, "") == "",
         "http_listen": _arg(args, "http_listen") or _env("TASKRUN_HTTP_LISTEN"),
@@ -1256,6 +1291,25 @@ def cmd_task_create(args: argparse.Namespace) -> int:
 
     async def run() -> int:
         async with client:
+            if args.follow:
+
+                def events(on_reconnect: OnReconnect) -> AsyncGenerator[TaskEvent, None]:
+                    return client.submit_and_follow(
+                        spec,
+                        include_events=True,
+                        allow_unknown_agent=args.allow_unknown_agent,
+                        on_reconnect=on_reconnect,
+                    )
+
+                return await follow_task(
+                    client,
+                    "",
+                    _printer(args),
+                    state,
+                    follow=True,
+                    events=events,
+                    announce=args.output == "table",
+                )
             task = await client.submit(spec, allow_unknown_agent=args.allow_unknown_agent)
             if not args.follow:
                 if args.output == "table":

@@ -593,6 +593,8 @@ def event_doc(event: FleetEvent) -> dict[str, Any]:
         "time": format_time(event.time) if event.time else None,
         "snapshot": event.snapshot,
     }
+    if event.position:
+        doc["position"] = event.position
     if event.worker is not None:
         doc["worker"] = worker_doc(event.worker, event.worker_runs)
     if event.task is not None:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import functools
 import signal
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from taskrun.controlplane.access import AccessControl
 from taskrun.controlplane.auth import Authenticator, RunGrant
+from taskrun.controlplane.cluster_service import ClusterService, StatusSource, single_process_status
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.conversation_service import ConversationService
 from taskrun.controlplane.engine import Engine
@@ -34,7 +35,7 @@ from taskrun.controlplane.security_service import (
     EnrollmentService,
 )
 from taskrun.controlplane.services import RunService, TaskService, WorkerService
-from taskrun.controlplane.store import open_store, redact
+from taskrun.controlplane.store import POSTGRES_SCHEMES, open_store, redact
 from taskrun.controlplane.tls import ServerCertificateSource
 from taskrun.controlplane.webhook_service import WebhookService
 from taskrun.controlplane.webhooks import WebhookDispatcher
@@ -44,6 +45,8 @@ from taskrun.core.store import Store
 from taskrun.metrics_http import MetricsServer
 from taskrun.ports import check_listen_address
 from taskrun.v1 import (
+    cluster_pb2,
+    cluster_pb2_grpc,
     conversations_pb2,
     conversations_pb2_grpc,
     events_pb2,
@@ -76,6 +79,7 @@ SERVICE_NAMES = (
     security_pb2.DESCRIPTOR.services_by_name["EnrollmentService"].full_name,
     webhooks_pb2.DESCRIPTOR.services_by_name["WebhookService"].full_name,
     workflows_pb2.DESCRIPTOR.services_by_name["WorkflowService"].full_name,
+    cluster_pb2.DESCRIPTOR.services_by_name["ClusterService"].full_name,
 )
 
 # Keepalive: notice a silent peer in seconds (see FIELD-NOTES). Workers use matching settings.
@@ -145,19 +149,34 @@ def mcp_url(host: str, port: int) -> str:
     return f"https://{f'[{host}]' if ':' in host else host}:{port}/mcp"
 
 
-async def start_server(config: ServerConfig) -> RunningServer:
-    """Open the store, load state, and start serving on `config.listen`."""
-    store = open_store(config.store)
-    await store.open()
+async def start_server(
+    config: ServerConfig,
+    *,
+    store: Store | None = None,
+    cluster_status: StatusSource | None = None,
+    leads: Callable[[], bool] | None = None,
+) -> RunningServer:
+    """Open the store (unless an open one is given), load state, and start serving on
+    `config.listen`. With several control planes (see leadership.py) `cluster_status` answers
+    `taskrun status` and `leads` says whether this one's leadership lease still holds."""
+    if store is None:
+        store = open_store(config.store)
+        await store.open()
     try:
-        return await _serve(config, store)
+        return await _serve(config, store, cluster_status, leads)
     except BaseException:
         await store.close()
         raise
 
 
-async def _serve(config: ServerConfig, store: Store) -> RunningServer:
+async def _serve(
+    config: ServerConfig,
+    store: Store,
+    cluster_status: StatusSource | None = None,
+    leads: Callable[[], bool] | None = None,
+) -> RunningServer:
     engine = Engine(store, config)
+    engine.leads = leads
     await engine.start()
     health_servicer = health.aio.HealthServicer()
     background: set[asyncio.Task[None]] = set()
@@ -210,6 +229,9 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
     webhook_service = WebhookService(webhooks, auth)
     workflow_service = WorkflowService(workflows, auth)
     enrollment = EnrollmentService(access)
+    cluster = ClusterService(
+        cluster_status or single_process_status(config, lambda: list(engine.sessions)), auth
+    )
 
     def public_services(server: grpc.aio.Server) -> None:
         security_pb2_grpc.add_EnrollmentServiceServicer_to_server(enrollment, server)
@@ -224,6 +246,7 @@ async def _serve(config: ServerConfig, store: Store) -> RunningServer:
         security_pb2_grpc.add_AccessServiceServicer_to_server(admin, server)
         webhooks_pb2_grpc.add_WebhookServiceServicer_to_server(webhook_service, server)
         workflows_pb2_grpc.add_WorkflowServiceServicer_to_server(workflow_service, server)
+        cluster_pb2_grpc.add_ClusterServiceServicer_to_server(cluster, server)
 
     # The mTLS listener: every caller presents a certificate signed by our CA.
     server = grpc.aio.server(interceptors=[metrics.interceptor(), guard], options=options)
@@ -346,13 +369,21 @@ def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredent
 
 
 async def run_server(config: ServerConfig) -> None:
-    """Serve until SIGINT or SIGTERM, then stop cleanly."""
-    running = await start_server(config)
+    """Serve until SIGINT or SIGTERM, then stop cleanly.
+
+    On PostgreSQL, as one of possibly several control planes: leading or standing by
+    (leadership.py)."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         with contextlib.suppress(NotImplementedError):
             loop.add_signal_handler(sig, stop.set)
+    if config.store.startswith(POSTGRES_SCHEMES):
+        from taskrun.controlplane.leadership import run_with_leadership
+
+        await run_with_leadership(config, stop)
+        return
+    running = await start_server(config)
     try:
         await stop.wait()
         log.info("shutting down")

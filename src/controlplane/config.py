@@ -42,6 +42,15 @@ class ServerConfig(BaseModel):
     heartbeat_interval: float = Field(default=1.0, gt=0)
     lease_duration: float = Field(default=4.0, ge=0.5)
     lease_margin: float = Field(default=0.5, ge=0.1)
+    # Several control planes on one PostgreSQL database: one leads, the others stand by. The
+    # leader renews its lease four times per `leader_lease`; a standby takes over once it ran
+    # out (the database's clock decides). Keep it well under `lease_duration`, so that workers
+    # reach the new leader before their own lease runs out and keep their runs.
+    leader_lease: float = Field(default=2.0, ge=0.2)
+    # Where workers and clients reach this control plane, told to them by standbys when they
+    # call one: host:port of the mTLS listener. Empty: `listen` (this host's name when `listen`
+    # is a wildcard address).
+    advertise: str = ""
     default_max_attempts: int = Field(default=DEFAULT_MAX_ATTEMPTS, ge=1, le=100)
     max_chunks_per_message: int = Field(default=512, ge=1)
     max_chunk_bytes: int = Field(default=64 * 1024, ge=1024)
@@ -121,6 +130,20 @@ class ServerConfig(BaseModel):
         return values
 
     @model_validator(mode="after")
+    def _leases_outlast_a_takeover(self) -> ServerConfig:
+        """On PostgreSQL a standby takes over after the leader's lease ran out; workers keep
+        their runs only if their own lease outlasts that takeover (the leader's lease, loading
+        the unfinished work, reconnecting), so the default worker lease grows with it there."""
+        takeover_safe = 3 * self.leader_lease + 2.0
+        if (
+            self.store.startswith(("postgresql:", "postgres:"))
+            and "lease_duration" not in self.model_fields_set
+            and self.lease_duration < takeover_safe
+        ):
+            self.lease_duration = takeover_safe
+        return self
+
+    @model_validator(mode="after")
     def _heartbeats_fit_the_lease(self) -> ServerConfig:
         if self.heartbeat_interval * 3 > self.lease_duration:
             raise ValueError(
@@ -129,6 +152,24 @@ class ServerConfig(BaseModel):
                 "stop the runs"
             )
         return self
+
+    def advertised_address(self) -> str:
+        if self.advertise:
+            return self.advertise
+        host, _, port = self.listen.rpartition(":")
+        if host.strip("[]") in ("0.0.0.0", "::", ""):
+            import socket
+
+            host = socket.getfqdn()
+        return f"{host}:{port}"
+
+    def advertised_public_address(self) -> str:
+        """The public listener as clients reach it: the advertised host, the public port."""
+        public = self.public_address()
+        if not public:
+            return ""
+        host = self.advertised_address().rpartition(":")[0]
+        return f"{host}:{public.rpartition(':')[2]}"
 
     def ca_key_path(self) -> Path:
         return self.ca_key if self.ca_key is not None else self.ca_cert.parent / "ca-key.pem"

@@ -6,8 +6,11 @@ free slot and is not draining or quarantined. Among runs, higher priority first,
 among fitting workers, one other than the worker that failed the previous attempt first, then
 the least loaded (by share of capacity in use).
 
-`backends_fit` and `Candidate.fits` are pure functions of (requirement, the worker's entry for
-the agent), so an index by agent and free capacity can use them unchanged.
+Workers are found through a `WorkerIndex`: per agent, the workers with a free slot in load
+order, so a plan looks at the few least loaded candidates instead of every connected worker.
+Whether a candidate may take a run is `Candidate.fits(requirement)` (with `backends_fit`), a pure
+predicate applied to the candidates the index yields in order: what it checks can change without
+the index.
 """
 
 from __future__ import annotations
@@ -67,6 +70,11 @@ class Candidate:
     def free(self) -> int:
         return 0 if self.draining else max(0, self.capacity - self.active)
 
+    @property
+    def load(self) -> tuple[float, int]:
+        """Order among candidates: share of capacity in use, then runs (then the id)."""
+        return (self.active / self.capacity, self.active)
+
     def fits(self, req: Requirement) -> bool:
         agent, labels, provider, model, worker_id = req
         backends = self.agents.get(agent)
@@ -75,6 +83,90 @@ class Candidate:
         if any(self.labels.get(k) != v for k, v in labels):
             return False
         return backends_fit(provider, model, backends)
+
+
+_Entry = tuple[float, int, WorkerId]  # (share in use, active, worker) when pushed
+
+
+class WorkerIndex:
+    """Connected workers with a free slot, per agent, least loaded first.
+
+    Each agent has a heap of entries; a worker gets a new entry whenever `put` is told its
+    load or state changed, and an entry that no longer matches its worker is dropped when it
+    reaches the top (lazy deletion; the heaps are rebuilt when stale entries pile up).
+    """
+
+    def __init__(self, workers: Iterable[Candidate] = ()) -> None:
+        self._workers: dict[WorkerId, Candidate] = {}
+        self._heaps: dict[str, list[_Entry]] = {}
+        self._entries = 0
+        for w in workers:
+            self.put(w)
+
+    def __len__(self) -> int:
+        return len(self._workers)
+
+    def get(self, worker_id: str) -> Candidate | None:
+        return self._workers.get(WorkerId(worker_id))
+
+    def put(self, worker: Candidate) -> None:
+        """Add a worker, or note that its load, capacity or draining changed."""
+        self._workers[worker.worker_id] = worker
+        if worker.free > 0:
+            entry = (*worker.load, worker.worker_id)
+            for agent in worker.agents:
+                heapq.heappush(self._heaps.setdefault(agent, []), entry)
+                self._entries += 1
+        if self._entries > 4 * len(self._workers) * max(1, len(self._heaps)) + 64:
+            self._rebuild()
+
+    def remove(self, worker_id: WorkerId) -> None:
+        self._workers.pop(worker_id, None)  # its entries are dropped lazily
+
+    def _current(self, entry: _Entry) -> Candidate | None:
+        worker = self._workers.get(entry[2])
+        if worker is None or worker.free <= 0 or (entry[0], entry[1]) != worker.load:
+            return None
+        return worker
+
+    def pick(self, req: Requirement, avoid: str = "") -> Candidate | None:
+        """The least loaded worker with a free slot that fits `req`, preferring any other than
+        `avoid`; None when none fits."""
+        agent, worker_id = req[0], req[4]
+        if worker_id:  # pinned to one worker
+            pinned = self._workers.get(WorkerId(worker_id))
+            return pinned if pinned and pinned.free > 0 and pinned.fits(req) else None
+        heap = self._heaps.get(agent)
+        if not heap:
+            return None
+        skipped: list[_Entry] = []
+        found: Candidate | None = None
+        avoided: Candidate | None = None
+        while heap:
+            worker = self._current(heap[0])
+            if worker is None:
+                heapq.heappop(heap)
+                self._entries -= 1
+                continue
+            if worker.fits(req):
+                if worker.worker_id != avoid or not avoid:
+                    found = worker
+                    break
+                avoided = worker
+            skipped.append(heapq.heappop(heap))  # valid, but not for this requirement
+        for entry in skipped:
+            heapq.heappush(heap, entry)
+        return found or avoided
+
+    def _rebuild(self) -> None:
+        self._heaps, self._entries = {}, 0
+        for worker in self._workers.values():
+            if worker.free > 0:
+                for agent in worker.agents:
+                    self._heaps.setdefault(agent, []).append((*worker.load, worker.worker_id))
+                    self._entries += 1
+        for heap in self._heaps.values():
+            heapq.heapify(heap)
 
 
 @dataclass(slots=True)
@@ -118,39 +210,38 @@ class PendingQueue:
             heapq.heappop(heap)
         return heap[0] if heap else None
 
-    def plan(self, workers: Iterable[Candidate]) -> list[tuple[PendingRun, WorkerId]]:
-        """Pop as many runs as fit the free slots, best first. Mutates `active` counts."""
-        free_workers = [w for w in workers if w.free > 0]
-        if not free_workers or not self._entries:
+    def plan(self, workers: WorkerIndex | Iterable[Candidate]) -> list[tuple[PendingRun, WorkerId]]:
+        """Pop as many runs as fit the free slots, best first. Mutates `active` counts (and
+        tells the index)."""
+        index = workers if isinstance(workers, WorkerIndex) else WorkerIndex(workers)
+        if not index or not self._entries:
             return []
-        fitting: dict[Requirement, list[Candidate]] = {}
+        live: list[Requirement] = []
         for req, group in list(self._groups.items()):
             if self._head(group) is None:
                 del self._groups[req]
-                continue
-            matches = [w for w in free_workers if w.fits(req)]
-            if matches:
-                fitting[req] = matches
+            else:
+                live.append(req)
         plan: list[tuple[PendingRun, WorkerId]] = []
-        while fitting:
+        while live:
             best_req: Requirement | None = None
             best_head: tuple[int, int, RunId] | None = None
-            for req in list(fitting):
+            best_worker: Candidate | None = None
+            for req in list(live):
                 head = self._head(self._groups[req])
-                if head is None or not any(w.free > 0 for w in fitting[req]):
-                    del fitting[req]
+                worker = index.pick(req) if head is not None else None
+                if head is None or worker is None:
+                    live.remove(req)  # nothing to run, or no free worker fits it
                     continue
                 if best_head is None or head < best_head:
-                    best_req, best_head = req, head
-            if best_req is None or best_head is None:
+                    best_req, best_head, best_worker = req, head, worker
+            if best_req is None or best_head is None or best_worker is None:
                 break
             heapq.heappop(self._groups[best_req].heap)
             entry = self._entries.pop(best_head[2])
-            avoid = entry.avoid
-            worker = min(
-                (w for w in fitting[best_req] if w.free > 0),
-                key=lambda w: (w.worker_id == avoid, w.active / w.capacity, w.active, w.worker_id),
-            )
-            worker.active += 1
-            plan.append((entry, worker.worker_id))
+            if entry.avoid == best_worker.worker_id:  # a retry: another worker if one fits
+                best_worker = index.pick(best_req, avoid=entry.avoid) or best_worker
+            best_worker.active += 1
+            index.put(best_worker)
+            plan.append((entry, best_worker.worker_id))
         return plan

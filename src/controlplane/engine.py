@@ -34,7 +34,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
-from datetime import UTC, datetime
+from datetime import datetime
 
 import structlog
 
@@ -42,9 +42,9 @@ from taskrun.controlplane import subtasks
 from taskrun.controlplane.budgets import Budgets, Cap, day_of, day_start
 from taskrun.controlplane.catalog import AgentCatalog
 from taskrun.controlplane.config import ServerConfig
-from taskrun.controlplane.dispatcher import PendingQueue, PendingRun
+from taskrun.controlplane.dispatcher import PendingQueue, PendingRun, WorkerIndex
 from taskrun.controlplane.events import Captured, EventHub
-from taskrun.controlplane.followers import FollowHub
+from taskrun.controlplane.followers import FollowHub, Snapshots
 from taskrun.controlplane.health import WorkerHealth
 from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.session import WorkerSession
@@ -52,6 +52,7 @@ from taskrun.convert import (
     backend_from_pb,
     fault_from_pb,
     run_options_to_pb,
+    ts_to_datetime,
     turn_context_to_pb,
     usage_from_pb,
 )
@@ -117,6 +118,8 @@ class Engine:
         self.store = store
         self.config = config
         self.queue = PendingQueue()
+        self.index = WorkerIndex()  # connected workers by agent and load, for the queue
+        self._moved: set[WorkerSession] = set()  # sessions whose load changed since the plan
         self.hub = FollowHub()
         self.events = EventHub(runs_of=self.worker_runs)  # WatchEvents and metrics
         self.catalog = AgentCatalog()
@@ -148,6 +151,9 @@ class Engine:
         # reason and the engine is recovering. Empty when healthy.
         self.store_error = ""
         self.on_health: Callable[[bool], None] | None = None  # told when writes fail / resume
+        # With several control planes: whether this one's leadership lease still holds. Once it
+        # ran out, no worker's lease is renewed here (another control plane may lead already).
+        self.leads: Callable[[], bool] | None = None
         self.recoveries = 0  # how often the view was reloaded after a failed write
         self._recovery: asyncio.Task[None] | None = None
         self._tail: asyncio.Future[None] | None = None  # the newest commit
@@ -173,6 +179,7 @@ class Engine:
         its lease at the latest when the previous view ended, so by then it has stopped them.
         """
         workers = await self.store.list_workers()
+        _, newest_event = await self.store.event_positions()
         tasks = {t.id: t for t in await self.store.list_unfinished_tasks()}
         runs = await self.store.list_unfinished_runs()
         conversations: dict[ConversationId, Conversation] = {}
@@ -207,6 +214,7 @@ class Engine:
                 trees[root_id] = tree
         # No await from here on: the new view replaces the old one at once.
         self.budgets, self._parked = budgets, {}
+        self.events.restart(newest_event)  # positions of failed commits are given again
         self.conversations, self.turns, self._tools = conversations, turns, {}
         self.trees, self._also_publish, self._credentials = trees, [], {}
         self._stopping = {}  # their timers are cancelled below: the reload starts afresh
@@ -215,6 +223,7 @@ class Engine:
         self._orphans.clear()
         self._timers.clear()
         self.queue = PendingQueue()
+        self.index, self._moved = WorkerIndex(), set()
         self._idempotency.clear()
         self.runs = {}
         self.workers = {}
@@ -296,6 +305,8 @@ class Engine:
         if self.store_error:
             done.set_exception(Unavailable(self.store_error))
             return done
+        captured = self.events.capture(changes, self.runs)  # logged with it, emitted after
+        followed = self.hub.snapshot(changes.tasks)  # followers get the tasks as committed
         try:
             stored = asyncio.ensure_future(self.store.submit(changes))
         except Exception as exc:  # the store refused to even queue it
@@ -305,14 +316,16 @@ class Engine:
         self._inflight += 1
         self._idle.clear()
         self._tail = done
-        captured = self.events.capture(changes, self.runs)  # emitted once durable
-        stored.add_done_callback(functools.partial(self._committed, effect, captured, done))
+        stored.add_done_callback(
+            functools.partial(self._committed, effect, captured, followed, done)
+        )
         return done
 
     def _committed(
         self,
         effect: Effect | None,
         captured: Captured | None,
+        followed: Snapshots | None,
         done: asyncio.Future[None],
         future: asyncio.Future[None],
     ) -> None:
@@ -330,7 +343,8 @@ class Engine:
                 done.exception()  # retrieved: fire-and-forget commits fail quietly
             return
         if effect is not None:
-            effect()
+            with self.hub.publishing(followed):
+                effect()
         self.events.emit(captured)  # after the commit and its effect
         if not done.done():
             done.set_result(None)
@@ -409,13 +423,17 @@ class Engine:
 
     # --- tasks -------------------------------------------------------------------------------
 
-    async def create_tasks(self, specs: Sequence[TaskSpec]) -> list[tuple[Task, bool]]:
+    async def create_tasks(
+        self, specs: Sequence[TaskSpec], subscribe: Callable[[Task], None] | None = None
+    ) -> list[tuple[Task, bool]]:
         """Create tasks (already validated). Returns (task, created) per spec, in order, once
         every one of them is durable.
 
         A spec whose idempotency key names an existing task returns that task, created=False;
         the caller checks that the request is the same. A key whose task is still being
-        committed waits for that commit (and fails with it).
+        committed waits for that commit (and fails with it). `subscribe` is called with each new
+        task before its commit is queued, so a follower misses nothing: the task as committed is
+        published once durable.
         """
         self._check_writable()
         existing: dict[str, Task] = {}
@@ -499,11 +517,16 @@ class Engine:
             # Assign what fits right away, in the same commit as the creation.
             outgoing = self._plan(changes)
 
+            if subscribe is not None:
+                for task, _ in created:
+                    subscribe(task)
+
             def effect() -> None:
+                self._send(outgoing)  # the worker first: it is on the way to the result
                 for task, _ in created:
                     if task.policy.idempotency_key:
                         self._idempotency.pop(task.policy.idempotency_key, None)
-                self._send(outgoing)
+                    self._publish(task)  # as committed: assigned, or waiting
 
             committing = self._commit(changes, effect)
             for task, _ in created:
@@ -1082,17 +1105,16 @@ class Engine:
 
     def _plan(self, changes: ChangeSet) -> list[tuple[WorkerSession, Task, wpb.RunAssignment]]:
         """Assign pending runs to free slots, recording the changes; send after the commit."""
-        if not self.queue or not self.sessions:
-            return []
         sessions = self.sessions
         clock = time.monotonic()
-        plan = self.queue.plan(
-            [
-                s.candidate(quarantined=self.health.quarantined(s.worker_id, clock))
-                for s in sessions.values()
-                if not s.draining
-            ]
-        )
+        for moved in self._moved:
+            if sessions.get(moved.worker_id) is moved:  # not replaced or gone since
+                quarantined = self.health.quarantined(moved.worker_id, clock)
+                self.index.put(moved.candidate(quarantined=quarantined))
+        self._moved.clear()
+        if not self.queue or not sessions:
+            return []
+        plan = self.queue.plan(self.index)
         now = utcnow()
         if self.budgets.roll(now):
             self._release_parked()
@@ -1101,9 +1123,11 @@ class Engine:
             run = self.runs.get(entry.run_id)
             task = self.tasks.get(entry.task_id)
             if run is None or task is None or run.status is not RunStatus.PENDING:
+                self._moved.add(sessions[worker_id])  # the slot the plan counted stays free
                 continue
             cap = self.budgets.blocking(task)
             if cap is not None:  # waits for the next day; its slot goes to the next run
+                self._moved.add(sessions[worker_id])
                 self._parked[run.id] = entry
                 log.info(
                     "run held back by a daily budget",
@@ -1213,6 +1237,8 @@ class Engine:
             self.config.max_message_bytes,  # the server may send 1 MiB more (app.py)
         )
         session.draining = hello.draining
+        session.on_load_change = self._moved.add
+        self._moved.add(session)
         self.sessions[worker.id] = session
         self.workers[worker.id] = worker
         self.catalog.learn(worker.agents)
@@ -1269,6 +1295,7 @@ class Engine:
         if self.sessions.get(session.worker_id) is not session:
             return  # replaced by a newer session (or dropped in recovery)
         del self.sessions[session.worker_id]
+        self.index.remove(session.worker_id)
         worker = session.worker
         worker.status = WorkerStatus.OFFLINE
         deadline = session.lease_expires + self.config.lease_margin
@@ -1315,6 +1342,7 @@ class Engine:
             )
         reason = reason or "revoked by an operator"
         session = self.sessions.pop(worker_id, None)
+        self.index.remove(worker_id)
         if session is not None:
             worker = session.worker
             session.closed = True
@@ -1365,6 +1393,7 @@ class Engine:
         if session.draining or self.store_error:
             return
         session.draining = True
+        self._moved.add(session)
         session.worker.status = WorkerStatus.DRAINING
         self._commit(ChangeSet(workers=[replace(session.worker)]))
         log.info("worker draining", worker_id=session.worker_id, runs=len(session.runs))
@@ -1445,6 +1474,9 @@ class Engine:
         acknowledged once what it changed is durable; a heartbeat renews the lease at once.
         """
         session.last_seen = time.monotonic()
+        if self.leads is not None and not self.leads():
+            self._lose_view(StoreUnavailable("this control plane's leadership lease ran out"))
+            return
         if msg.HasField("heartbeat"):
             session.renew_lease(msg.heartbeat.seq)
         if self.store_error or session.closed:
@@ -1486,10 +1518,12 @@ class Engine:
         hub = self.hub
 
         def effect() -> None:
-            if seq:
-                session.send_ack(seq)
+            # Followers first: whoever waits on a result is woken before the worker's ack and
+            # its next assignments are written.
             for task_id, item in published:
                 hub.publish(task_id, item)
+            if seq:
+                session.send_ack(seq)
             self._send(outgoing)
 
         self._commit(changes, effect)
@@ -1546,7 +1580,7 @@ class Engine:
             self._reject(session, "output", pc.run_id, pc.attempt, f"unknown kind {pc.kind}")
             return None
         try:
-            at = pc.time.ToDatetime(tzinfo=UTC) if pc.HasField("time") else received
+            at = ts_to_datetime(pc.time) if pc.HasField("time") else received
         except (ValueError, OverflowError, OSError):
             self._reject(session, "output", pc.run_id, pc.attempt, "time is out of range")
             return None
@@ -1787,6 +1821,7 @@ class Engine:
                     reason=tripped.reason,
                 )
                 self._later(tripped.seconds + 0.05, self._quarantine_over, session.worker_id)
+                self._moved.add(session)  # no new runs while it lasts
                 changes.workers.append(replace(self.show_health(session.worker)))
                 return
         self.show_health(session.worker)
@@ -1795,6 +1830,8 @@ class Engine:
         worker = self.workers.get(worker_id)
         if worker is None or self.store_error:
             return
+        if (session := self.sessions.get(worker_id)) is not None:
+            self._moved.add(session)
         self.show_health(worker)
         self._commit(ChangeSet(workers=[replace(worker)]), self.request_dispatch)
 

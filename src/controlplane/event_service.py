@@ -12,12 +12,14 @@ from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.events import Filter, Overflowed
 from taskrun.core import errors
 from taskrun.core.access import Scope
+from taskrun.core.ids import RunId
 from taskrun.v1 import events_pb2 as epb
 from taskrun.v1 import events_pb2_grpc
 
 log = structlog.get_logger(__name__)
 
 MAX_ID = 128
+REPLAY_PAGE = 1000
 
 
 def watch_filter(request: epb.WatchEventsRequest) -> Filter:
@@ -57,8 +59,14 @@ class EventService(events_pb2_grpc.EventServiceServicer):
         log.info(
             "event watcher connected", by=str(principal), subscribers=engine.events.subscribers
         )
+        last = 0  # the newest logged position delivered: live events up to it were replayed
         try:
-            if request.snapshot:
+            if request.after_position:
+                async for event in self._replay(request.after_position, wanted, context):
+                    last = event.position
+                    if event.kind:  # not the marker of the end of the replay
+                        yield event
+            elif request.snapshot:
                 for event in engine.events.snapshot(
                     engine.workers.values(), engine.tasks.values(), engine.runs, wanted
                 ):
@@ -71,6 +79,59 @@ class EventService(events_pb2_grpc.EventServiceServicer):
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
                     return
                 for event in events:
-                    yield event
+                    if not event.position or event.position > last:
+                        yield event
         finally:
             engine.events.unsubscribe(sub)
+
+    async def _replay(
+        self, after: int, wanted: Filter, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[epb.Event]:
+        """The logged events after `after` that `wanted` matches, then a marker event (kind 0)
+        carrying the last position read."""
+        store = self.engine.store
+        if after < 0:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after_position: is negative")
+        oldest, newest = await store.event_positions()
+        if after > newest:
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"after_position: {after} is beyond the newest logged event ({newest}); it "
+                "comes from another database? Watch with a snapshot instead",
+            )
+        if after < newest and (oldest == 0 or oldest > after + 1):
+            await context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"after_position: the event log no longer holds the events after {after} (it "
+                f"starts at {oldest}); watch with a snapshot instead",
+            )
+        last = after
+        while True:
+            page = await store.read_events(last, REPLAY_PAGE)
+            events = [
+                epb.Event.FromString(logged.data)
+                for logged in page
+                if wanted.wants(logged.kind, logged.task_id, logged.worker_id)
+            ]
+            await self._with_output(events)
+            for event in events:
+                yield event
+            if page:
+                last = page[-1].position
+            if len(page) < REPLAY_PAGE:
+                break
+        yield epb.Event(position=last)
+
+    async def _with_output(self, events: list[epb.Event]) -> None:
+        """Fill in the text of logged output events from the output table (one read per run)."""
+        wanted: dict[str, list[epb.Event]] = {}
+        for event in events:
+            if event.kind == epb.EVENT_KIND_OUTPUT:
+                wanted.setdefault(event.chunk.run_id, []).append(event)
+        for run_id, chunk_events in wanted.items():
+            run = RunId(run_id)
+            floor = min(e.chunk.seq for e in chunk_events) - 1
+            stored = await self.engine.store.read_output([run], after={run: floor})
+            texts = {(c.attempt, c.seq): c.data for c in stored}
+            for event in chunk_events:
+                event.chunk.data = texts.get((event.chunk.attempt, event.chunk.seq), "")

@@ -13,15 +13,15 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field, replace
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 
 from taskrun import convert
 from taskrun.core.ids import RunId, WorkerId
-from taskrun.core.models import OutputChunk, Run, Task, Worker, utcnow
+from taskrun.core.models import Run, Task, Worker, utcnow
 from taskrun.core.status import WorkerStatus
-from taskrun.core.store import ChangeSet
+from taskrun.core.store import ChangeSet, LoggedEvent
 from taskrun.core.workflow import InboxItem
 from taskrun.v1 import events_pb2 as epb
 
@@ -37,13 +37,11 @@ WORKER_KIND: dict[WorkerStatus, epb.EventKind] = {
 
 @dataclass(frozen=True, slots=True)
 class Captured:
-    """Copies of what one ChangeSet changed, taken when it was handed to the store."""
+    """The events of one ChangeSet, built when it was handed to the store (with the state it
+    commits), and the ones of them that go into the durable event log with it."""
 
-    workers: list[tuple[Worker, list[RunId]]]
-    tasks: list[Task]
-    runs: list[Run]
-    chunks: list[OutputChunk]
-    run_workers: dict[RunId, WorkerId | None]  # worker of each changed run and chunk's run
+    events: list[tuple[int, str, str, epb.Event]]  # (kind, task_id, worker_id, event)
+    logged: list[LoggedEvent]
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,41 +115,68 @@ class EventHub:
         self._runs_of = runs_of
         self._subs: set[EventSubscription] = set()
         self._observers: list[Observer] = []
+        self.position = 0  # the last position given to a logged event
+        self.committed = 0  # the last position of a committed one
 
     # --- producers (the engine) --------------------------------------------------------------
 
-    def capture(self, changes: ChangeSet, runs: dict[RunId, Run]) -> Captured | None:
-        """Feed observers, and copy what `changes` holds now for subscribers, if there are any
-        (the copies cost a quarter of the event loop at full load). `runs` (the engine's
-        current runs) names the worker of each chunk's run."""
+    def capture(self, changes: ChangeSet, runs: dict[RunId, Run]) -> Captured:
+        """Feed observers, and build the events of `changes` as they are now. Each gets the
+        next position of the event log and is added to `changes` (logged in the same
+        transaction); output is logged without its text, which the output table holds (a
+        replay reads it there). `runs` (the engine's current runs) names the worker of each
+        chunk's run."""
         for observer in self._observers:
             observer(changes)
-        if not self._subs:
-            return None
-        tasks = {t.id: replace(t, usage=replace(t.usage)) for t in changes.tasks}
-        run_copies = {r.id: replace(r) for r in changes.runs}
-        run_workers: dict[RunId, WorkerId | None] = {r.id: r.worker_id for r in run_copies.values()}
+        now = utcnow()
+        output: list[tuple[int, str, str, epb.Event]] = []
         for chunk in changes.chunks:
-            if chunk.run_id not in run_workers:
-                run = runs.get(chunk.run_id)
-                run_workers[chunk.run_id] = run.worker_id if run else None
-        workers = {w.id: w for w in changes.workers}
-        return Captured(
-            workers=[(replace(w), self._runs_of(w.id)) for w in workers.values()],
-            tasks=list(tasks.values()),
-            runs=list(run_copies.values()),
-            chunks=list(changes.chunks),
-            run_workers=run_workers,
+            run = runs.get(chunk.run_id)
+            owner = (run.worker_id if run is not None else None) or ""
+            event = epb.Event(kind=epb.EVENT_KIND_OUTPUT)
+            convert.chunk_to_pb(chunk, event.chunk)
+            output.append((event.kind, chunk.task_id or "", owner, _stamped(event, now)))
+        workers = [(w, self._runs_of(w.id)) for w in {w.id: w for w in changes.workers}.values()]
+        changed = list(
+            self._events(
+                workers,
+                list({r.id: r for r in changes.runs}.values()),
+                list({t.id: t for t in changes.tasks}.values()),
+                now,
+            )
         )
+        # workers, output, runs, tasks: the order subscribers always saw
+        split = len(workers)
+        events = [*changed[:split], *output, *changed[split:]]
+        logged: list[LoggedEvent] = []
+        for kind, task_id, worker_id, event in events:
+            self.position += 1
+            event.position = self.position
+            if kind == epb.EVENT_KIND_OUTPUT:
+                text = event.chunk.data
+                event.chunk.data = ""
+                data = event.SerializeToString()
+                event.chunk.data = text
+            else:
+                data = event.SerializeToString()
+            logged.append(LoggedEvent(self.position, kind, task_id, worker_id, data))
+        changes.events.extend(logged)
+        return Captured(events, logged)
 
     def emit(self, captured: Captured | None) -> None:
         """Deliver a committed change to subscribers (call after the commit)."""
-        if captured is not None and self._subs:
-            events = list(self._events(captured, utcnow()))
-            for sub in self._subs:
-                for kind, task_id, worker_id, event in events:
-                    if sub.filter.wants(kind, task_id, worker_id):
-                        sub.push(event)
+        if captured is None:
+            return
+        if captured.logged:
+            self.committed = captured.logged[-1].position
+        for sub in self._subs:
+            for kind, task_id, worker_id, event in captured.events:
+                if sub.filter.wants(kind, task_id, worker_id):
+                    sub.push(event)
+
+    def restart(self, newest: int) -> None:
+        """The log's newest position, as the store holds it (at start and after recovery)."""
+        self.position = self.committed = newest
 
     def announce_inbox_item(self, item: InboxItem) -> None:
         """a new inbox item, announced by the workflow executor once it is durable."""
@@ -191,21 +216,20 @@ class EventHub:
         """Events describing the current state (workers, unfinished tasks and their runs),
         ending with SNAPSHOT_END."""
         now = utcnow()
-        task_list = list(tasks)
+        task_list = sorted(tasks, key=lambda t: t.id)
         current = [runs[t.current_run_id] for t in task_list if t.current_run_id in runs]
-        captured = Captured(
-            workers=[(w, self._runs_of(w.id)) for w in sorted(workers, key=lambda w: w.id)],
-            tasks=sorted(task_list, key=lambda t: t.id),
-            runs=sorted(current, key=lambda r: r.task_id),
-            chunks=[],
-            run_workers={r.id: r.worker_id for r in current},
-        )
         out = []
-        for kind, task_id, worker_id, event in self._events(captured, now):
+        for kind, task_id, worker_id, event in self._events(
+            [(w, self._runs_of(w.id)) for w in sorted(workers, key=lambda w: w.id)],
+            sorted(current, key=lambda r: r.task_id),
+            task_list,
+            now,
+        ):
             if filter.wants(kind, task_id, worker_id):
                 event.snapshot = True
                 out.append(event)
-        end = epb.Event(kind=epb.EVENT_KIND_SNAPSHOT_END, snapshot=True)
+        # the position the snapshot is current to: resume after it
+        end = epb.Event(kind=epb.EVENT_KIND_SNAPSHOT_END, snapshot=True, position=self.committed)
         end.time.FromDatetime(now)
         out.append(end)
         return out
@@ -213,23 +237,22 @@ class EventHub:
     # --- building events ---------------------------------------------------------------------
 
     def _events(
-        self, captured: Captured, now: datetime
+        self,
+        workers: Sequence[tuple[Worker, list[RunId]]],
+        runs: Sequence[Run],
+        tasks: Sequence[Task],
+        now: datetime,
     ) -> Iterable[tuple[int, str, str, epb.Event]]:
-        """(kind, task_id, worker_id, event) for each change: workers, output, runs, tasks."""
-        for worker, run_ids in captured.workers:
+        """(kind, task_id, worker_id, event) for each state: workers, runs, tasks."""
+        for worker, run_ids in workers:
             event = epb.Event(kind=WORKER_KIND.get(worker.status, epb.EVENT_KIND_UNSPECIFIED))
             event.worker.CopyFrom(convert.worker_to_pb(worker, run_ids))
             yield event.kind, "", worker.id, _stamped(event, now)
-        for chunk in captured.chunks:
-            event = epb.Event(kind=epb.EVENT_KIND_OUTPUT)
-            convert.chunk_to_pb(chunk, event.chunk)
-            worker_id = captured.run_workers.get(chunk.run_id) or ""
-            yield event.kind, chunk.task_id or "", worker_id, _stamped(event, now)
-        for run in captured.runs:
+        for run in runs:
             event = epb.Event(kind=epb.EVENT_KIND_RUN_CHANGED)
             convert.run_to_pb(run, event.run)
             yield event.kind, run.task_id, run.worker_id or "", _stamped(event, now)
-        for task in captured.tasks:
+        for task in tasks:
             event = epb.Event(kind=epb.EVENT_KIND_TASK_CHANGED, task=convert.task_to_pb(task))
             yield event.kind, task.id, task.worker_id or "", _stamped(event, now)
 

@@ -8,7 +8,10 @@ buffer dropped: it then re-reads from the store, so a slow reader costs memory f
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 from collections import deque
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
 from taskrun.core.ids import TaskId
@@ -43,10 +46,41 @@ class Subscription:
         return items, lagged
 
 
+# Followed tasks as a change set holds them, by id: what its commit makes durable.
+Snapshots = dict[TaskId, Task]
+
+
 class FollowHub:
+    """Followers by task. The engine publishes live objects it keeps mutating, so a task is
+    snapshotted when its change set is made (`snapshot`) and that copy is what followers get
+    when the commit's effect publishes it (`publishing`): never a later, uncommitted state."""
+
     def __init__(self, limit: int = 10_000) -> None:
         self._subs: dict[TaskId, set[Subscription]] = {}
         self._limit = limit
+        self._committed: Snapshots | None = None
+
+    def snapshot(self, tasks: Iterable[Task]) -> Snapshots | None:
+        """Copies of the followed ones among `tasks` (None when nobody follows them)."""
+        subs = self._subs
+        if not subs:
+            return None
+        out: Snapshots = {}
+        for task in tasks:
+            if task.id in subs:
+                copied = copy.copy(task)
+                copied.usage = copy.copy(task.usage)
+                out[task.id] = copied
+        return out or None
+
+    @contextlib.contextmanager
+    def publishing(self, committed: Snapshots | None) -> Iterator[None]:
+        """While a commit's effect runs: a task it publishes goes out as that commit held it."""
+        self._committed = committed
+        try:
+            yield
+        finally:
+            self._committed = None
 
     def subscribe(self, task_id: TaskId) -> Subscription:
         sub = Subscription(task_id, self._limit)
@@ -63,5 +97,10 @@ class FollowHub:
     def publish(self, task_id: TaskId, item: OutputChunk | Task) -> None:
         """Deliver to the task's followers. Call only after the item is committed: a follower
         that subscribes before the commit then either reads it from the store or gets it here."""
-        for sub in self._subs.get(task_id, ()):
+        subs = self._subs.get(task_id)
+        if not subs:
+            return
+        if self._committed is not None and isinstance(item, Task):
+            item = self._committed.get(task_id, item)
+        for sub in subs:
             sub.push(item)

@@ -59,6 +59,7 @@ DEFAULT_PAGE_SIZE = 50
 OUTPUT_BATCH = 1000
 MAX_SUBTASKS_SHOWN = 1000  # GetTask's tree: the oldest; `task list --parent` pages the rest
 HELLO_TIMEOUT = 10.0
+SWEEP_TICK = 0.2  # seconds between looks at every session's lease (at most half the margin)
 
 
 def domain_errors(handler: F) -> F:
@@ -103,15 +104,30 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         self.engine = engine
         self.auth = auth
 
-    def _task_pb(self, task: Task, runs: list[Run] | None = None) -> pb.Task:
-        """The task as sent to callers, with why it waits when it is pending."""
+    def _task_pb(
+        self,
+        task: Task,
+        runs: list[Run] | None = None,
+        reasons: dict[tuple[object, ...], str] | None = None,
+    ) -> pb.Task:
+        """The task as sent to callers, with why it waits when it is pending. `reasons` caches
+        the reason per requirement across one page (it looks at every known worker)."""
         message = convert.task_to_pb(task, runs)
         engine = self.engine
         if task.status is TaskStatus.PENDING:
-            clock = time.monotonic()
-            message.waiting_reason = engine.parked_reason(task) or waiting_reason(
-                task, engine.workers.values(), lambda w: engine.health.view(w.id, clock)[1]
-            )
+            p = task.policy
+            labels = tuple(sorted(p.required_labels.items()))
+            key: tuple[object, ...] = (task.agent, labels, p.required_provider, p.required_model)
+            reason = reasons.get(key) if reasons is not None else None
+            if reason is None:
+                clock = time.monotonic()
+                reason = waiting_reason(
+                    task, engine.workers.values(), lambda w: engine.health.view(w.id, clock)[1]
+                )
+                if reasons is not None:
+                    reasons[key] = reason
+            # a budget depends on the task's own labels and schedule: not cached
+            message.waiting_reason = engine.parked_reason(task) or reason
         return message
 
     async def _create(
@@ -119,6 +135,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         requests: list[tasks_pb2.CreateTaskRequest],
         prefix: Callable[[int], str],
         caller: Caller,
+        subscribe: Callable[[Task], None] | None = None,
     ) -> list[tasks_pb2.CreateTaskResponse]:
         default_attempts = self.engine.config.default_max_attempts
         specs = [
@@ -148,7 +165,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                     "policy.required_model" if policy.required_model else "input_json.model",
                 )
             catalog.check_input(spec.agent, json.loads(spec.input), f"{prefix(i)}input_json")
-        results = await self.engine.create_tasks(specs)
+        results = await self.engine.create_tasks(specs, subscribe)
         out = []
         for i, (spec, (task, created)) in enumerate(zip(specs, results, strict=True)):
             if not created and not task.same_request(spec):
@@ -182,6 +199,42 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             )
         results = await self._create(list(request.tasks), lambda i: f"tasks[{i}].", caller)
         return tasks_pb2.CreateTasksResponse(results=results)
+
+    async def CreateAndFollowTask(
+        self, request: tasks_pb2.CreateAndFollowTaskRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
+        """CreateTask, then FollowTask(follow=true) on the same stream. The subscription is
+        made before the task's commit is queued, so the stream needs no read of the store: the
+        first update is the task as committed, published by the commit itself."""
+        caller = await self.auth.operator(context, Scope.SUBMIT)
+        hub = self.engine.hub
+        subs: list[Subscription] = []
+        follow = tasks_pb2.FollowTaskRequest(follow=True, include_events=request.include_events)
+        try:
+            try:
+                (response,) = await self._create(
+                    [request.task],
+                    lambda _: "task.",
+                    caller,
+                    lambda t: subs.append(hub.subscribe(t.id)),
+                )
+            except errors.TaskRunError as exc:
+                await context.abort(status_code(exc), str(exc))
+            task_id = TaskId(response.task.id)
+            follow.task_id = task_id
+            if response.created:
+                updates = self._follow(task_id, follow, subs[0], caller, context, fresh=True)
+            else:  # an idempotent replay: follow the existing task as FollowTask does
+                subs.append(hub.subscribe(task_id))
+                updates = self._follow(task_id, follow, subs[-1], caller, context)
+            first = True
+            async for update in updates:
+                if first:
+                    update.created, first = response.created, False
+                yield update
+        finally:
+            for sub in subs:
+                hub.unsubscribe(sub)
 
     @domain_errors
     async def GetTask(
@@ -275,8 +328,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             before=_decode_token(request.page_token),
         )
         page = await self.engine.store.list_tasks(query)
+        reasons: dict[tuple[object, ...], str] = {}
         return tasks_pb2.ListTasksResponse(
-            tasks=[self._task_pb(t) for t in page.tasks],
+            tasks=[self._task_pb(t, reasons=reasons) for t in page.tasks],
             next_page_token=_encode_token(page.next_before) if page.next_before else "",
         )
 
@@ -335,16 +389,27 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         sub: Subscription | None,
         caller: Caller,
         context: grpc.aio.ServicerContext,
+        *,
+        fresh: bool = False,
     ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
+        """The task's stored output and state, then (with `sub`) what is published for it.
+
+        `fresh`: the task was just created with `sub` subscribed before its commit, so there
+        is nothing stored to read: its first update is the task its commit published.
+        """
         store = self.engine.store
-        # Read after subscribing, from the store (never the engine's view, which may hold a
-        # change still being committed): whatever commits later reaches the subscription.
-        task = await store.get_task(task_id)
-        runs: list[RunId] = [r.id for r in await store.list_runs(task_id)] if task else []
-        if task is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"task_id: no task {quoted(task_id)}")
-            return
         seen: dict[RunId, int] = {}
+        runs: list[RunId] = []
+        if not fresh:
+            # Read after subscribing, from the store (never the engine's view, which may hold
+            # a change still being committed): whatever commits later reaches the subscription.
+            task = await store.get_task(task_id)
+            runs = [r.id for r in await store.list_runs(task_id)] if task else []
+            if task is None:
+                await context.abort(
+                    grpc.StatusCode.NOT_FOUND, f"task_id: no task {quoted(task_id)}"
+                )
+                return
 
         def keep(chunk: OutputChunk) -> bool:
             if chunk.seq <= seen.get(chunk.run_id, 0):
@@ -369,11 +434,13 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 convert.chunk_to_pb(c, update.chunks.add())
             return update
 
-        history = await stored()
-        for start in range(0, max(len(history), 1), OUTPUT_BATCH):
-            yield message(task if start == 0 else None, history[start : start + OUTPUT_BATCH])
-        if sub is None or task.status.terminal:
-            return
+        if not fresh:
+            history = await stored()
+            for start in range(0, max(len(history), 1), OUTPUT_BATCH):
+                yield message(task if start == 0 else None, history[start : start + OUTPUT_BATCH])
+            if sub is None or task is None or task.status.terminal:
+                return
+        assert sub is not None
         while True:
             items, lagged = await self.auth.until_revoked(caller, context, sub.wait())
             chunks: list[OutputChunk] = []
@@ -501,6 +568,9 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
     def __init__(self, engine: Engine, auth: Authenticator) -> None:
         self.engine = engine
         self.auth = auth
+        # Sessions whose lease and certificate one sweeper task watches (see _sweep).
+        self._watched: set[WorkerSession] = set()
+        self._sweeper: asyncio.Task[None] | None = None
 
     async def StreamConnect(
         self,
@@ -564,11 +634,10 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
             max_message_bytes=cfg.max_message_bytes,
         )
         writer: asyncio.Task[None] | None = None
-        watchdog: asyncio.Task[None] | None = None
         try:
             await context.write(workers_pb2.ServerMessage(params=params))
             writer = asyncio.create_task(session.write_loop(context.write))
-            watchdog = asyncio.create_task(self._watch(session))
+            self._watch(session)
             while True:
                 msg = await context.read()
                 if msg is grpc.aio.EOF:
@@ -590,12 +659,12 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
         finally:
             # Detach first: a writer blocked on a silent peer may take long to unwind.
             engine.detach(session)
-            for t in (writer, watchdog):
-                if t is not None:
-                    t.cancel()
-                    with contextlib.suppress(asyncio.CancelledError, Exception, TimeoutError):
-                        async with asyncio.timeout(1.0):
-                            await t
+            self._watched.discard(session)
+            if writer is not None:
+                writer.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception, TimeoutError):
+                    async with asyncio.timeout(1.0):
+                        await writer
         if session.kick_reason:
             code = (
                 grpc.StatusCode.PERMISSION_DENIED
@@ -604,30 +673,45 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
             )
             await context.abort(code, session.kick_reason)
 
-    async def _watch(self, session: WorkerSession) -> None:
-        """End the session when its lease ran out (plus the margin) without a renewal, or when
-        the certificate it connected with expires (a renewed worker has moved on by then).
+    def _watch(self, session: WorkerSession) -> None:
+        self._watched.add(session)
+        if self._sweeper is None or self._sweeper.done():
+            self._sweeper = asyncio.create_task(self._sweep())
 
-        A session ended here has its runs retried at once: the worker stopped them already.
+    async def _sweep(self) -> None:
+        """End each session whose lease ran out (plus the margin) without a renewal, or whose
+        certificate it connected with expired (a renewed worker has moved on by then).
+
+        One task looks at every session each tick (a fraction of the margin), instead of a
+        timer per session re-armed at every renewal. A session ended here has its runs retried
+        at once: the worker stopped them already.
         """
         margin = self.engine.config.lease_margin
+        tick = min(SWEEP_TICK, margin / 2)
+        while self._watched:
+            await asyncio.sleep(tick)
+            now, wall = time.monotonic(), utcnow()
+            ended = [
+                s
+                for s in self._watched
+                if now >= s.lease_expires + margin
+                or (
+                    s.worker.certificate_expires_at is not None
+                    and wall >= s.worker.certificate_expires_at
+                )
+            ]
+            for session in ended:
+                self._watched.discard(session)
+                self._end(session, now)
+
+    def _end(self, session: WorkerSession, now: float) -> None:
         expires = session.worker.certificate_expires_at
-        while True:
-            wait = session.lease_expires + margin - time.monotonic()
-            if expires is not None:
-                wait = min(wait, (expires - utcnow()).total_seconds())
-            if wait > 0:
-                await asyncio.sleep(wait)
-                continue
-            if expires is not None and utcnow() >= expires:
-                reason = f"the client certificate expired at {expires:%Y-%m-%d %H:%M:%S} UTC"
-                log.warning("worker certificate expired", worker_id=session.worker_id)
-                session.kick(f"{reason}; renew it or enroll again")
-                return
-            silent = time.monotonic() - session.last_seen
-            log.warning(
-                "worker lease ran out", worker_id=session.worker_id, silent_s=round(silent, 1)
-            )
-            session.kick(f"the lease ran out: nothing heard from the worker for {silent:.1f}s")
-            self.engine.detach(session)  # its runs are retried now, however long the stream lingers
+        if expires is not None and utcnow() >= expires:
+            reason = f"the client certificate expired at {expires:%Y-%m-%d %H:%M:%S} UTC"
+            log.warning("worker certificate expired", worker_id=session.worker_id)
+            session.kick(f"{reason}; renew it or enroll again")
             return
+        silent = now - session.last_seen
+        log.warning("worker lease ran out", worker_id=session.worker_id, silent_s=round(silent, 1))
+        session.kick(f"the lease ran out: nothing heard from the worker for {silent:.1f}s")
+        self.engine.detach(session)  # its runs are retried now, however long the stream lingers

@@ -16,10 +16,29 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from taskrun.controlplane.dispatcher import Backends, Candidate
+from taskrun.controlplane.dispatcher import Candidate
 from taskrun.core.ids import RunId, WorkerId
 from taskrun.core.models import AgentSpec, Worker
 from taskrun.v1 import workers_pb2 as wpb
+
+
+class RunSet(set[RunId]):
+    """The runs a worker holds; tells its session when their number may have changed (the
+    dispatcher's index orders workers by load)."""
+
+    __slots__ = ("changed",)
+
+    def __init__(self, changed: Callable[[], None]) -> None:
+        super().__init__()
+        self.changed = changed
+
+    def add(self, run_id: RunId) -> None:
+        super().add(run_id)
+        self.changed()
+
+    def discard(self, run_id: object) -> None:
+        super().discard(run_id)
+        self.changed()
 
 
 class WorkerSession:
@@ -36,7 +55,9 @@ class WorkerSession:
         self.lease_duration = lease_duration
         self.lease_expires = time.monotonic() + lease_duration  # the hello starts it
         self._lease_seq = 0
-        self.runs: set[RunId] = set()  # held by the worker: assigned, running, or cancel not acked
+        # held by the worker: assigned, running, or cancel not acked
+        self.runs: set[RunId] = RunSet(self.load_changed)
+        self.on_load_change: Callable[[WorkerSession], None] | None = None  # set by the engine
         self.draining = False
         self.last_seen = time.monotonic()
         self.closed = False
@@ -48,7 +69,13 @@ class WorkerSession:
         self._drain = False
         self._ack = 0
         self._wake = asyncio.Event()
-        self._agents: dict[str, Backends] = {}
+        self._candidate = Candidate(
+            worker_id=worker.id,
+            agents={},
+            labels=worker.labels,
+            capacity=worker.max_concurrent_runs,
+            active=0,
+        )
         self.set_agents(worker.agents)
 
     @property
@@ -56,23 +83,25 @@ class WorkerSession:
         return self.worker.id
 
     def set_agents(self, agents: tuple[AgentSpec, ...]) -> None:
-        """What the worker announces it can run (its hello, or a later update)."""
+        """What the worker announces it can run (its hello, or a later update): the agents it
+        can run now, each with its own backends."""
         self.worker.agents = agents
-        self._agents = {
+        self._candidate.agents = {
             a.name: frozenset((b.provider, b.model_name) for b in a.backends)
             for a in agents
             if a.available
         }
+        self.load_changed()
+
+    def load_changed(self) -> None:
+        if self.on_load_change is not None:
+            self.on_load_change(self)
 
     def candidate(self, *, quarantined: bool = False) -> Candidate:
-        return Candidate(
-            worker_id=self.worker.id,
-            agents=self._agents,
-            labels=self.worker.labels,
-            capacity=self.worker.max_concurrent_runs,
-            active=len(self.runs),
-            draining=self.draining or quarantined,
-        )
+        """This worker as the dispatcher sees it (one object, brought up to date)."""
+        c = self._candidate
+        c.active, c.draining = len(self.runs), self.draining or quarantined
+        return c
 
     # --- outbound ----------------------------------------------------------------------------
 

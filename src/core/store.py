@@ -26,6 +26,31 @@ from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import Workflow, WorkflowRun
 
 FENCED = "the store refuses writes after a failed one until the control plane recovers"
+# How many events the durable event log keeps (the oldest are deleted beyond it, a thousand
+# at a time: a delete in every transaction cost the SQL stores a round trip each).
+EVENT_RETENTION = 100_000
+_TRIM_EVERY = 1000
+
+
+def trim_due(first: int, last: int, retention: int = EVENT_RETENTION) -> bool:
+    """Whether a transaction that logs positions first..last should delete the oldest."""
+    return last > retention and first // _TRIM_EVERY != (last + 1) // _TRIM_EVERY
+
+
+@dataclass(frozen=True, slots=True)
+class LoggedEvent:
+    """One event of the durable event log: a change a watcher can resume after.
+
+    Positions are given by the control plane that leads (one more than the newest stored when
+    it started), so they increase across control planes; the store refuses a position it
+    already holds. `data` is the event as the wire carries it (serialized taskrun.v1.Event).
+    """
+
+    position: int
+    kind: int
+    task_id: str
+    worker_id: str
+    data: bytes
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,6 +94,8 @@ class ChangeSet:
     workflows: list[Workflow] = field(default_factory=list)
     workflow_runs: list[WorkflowRun] = field(default_factory=list)
     late_usage: list[LateUsage] = field(default_factory=list)  # applied after the upserts
+    # Appended to the event log in the same transaction as the changes they describe.
+    events: list[LoggedEvent] = field(default_factory=list)
 
     def __bool__(self) -> bool:
         return bool(
@@ -87,6 +114,7 @@ class ChangeSet:
             or self.workflows
             or self.workflow_runs
             or self.late_usage
+            or self.events
         )
 
     def merge(self, other: ChangeSet) -> None:
@@ -105,6 +133,7 @@ class ChangeSet:
         self.workflows.extend(other.workflows)
         self.workflow_runs.extend(other.workflow_runs)
         self.late_usage.extend(other.late_usage)
+        self.events.extend(other.events)
 
 
 @dataclass(frozen=True, slots=True)
@@ -278,6 +307,16 @@ class WorkflowStore(Protocol):
         ...
 
 
+class EventLogStore(Protocol):
+    async def read_events(self, after: int, limit: int = 1000) -> list[LoggedEvent]:
+        """Logged events with a position above `after`, oldest first, at most `limit`."""
+        ...
+
+    async def event_positions(self) -> tuple[int, int]:
+        """(oldest, newest) position in the log; (0, 0) when it is empty."""
+        ...
+
+
 class Store(
     TaskStore,
     RunStore,
@@ -289,6 +328,7 @@ class Store(
     WebhookStore,
     ConversationStore,
     WorkflowStore,
+    EventLogStore,
     Protocol,
 ):
     async def open(self) -> None: ...

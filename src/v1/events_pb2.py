@@ -27,19 +27,19 @@ from taskrun.v1 import common_pb2 as taskrun_dot_v1_dot_common__pb2
 from taskrun.v1 import workflows_pb2 as taskrun_dot_v1_dot_workflows__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17taskrun/v1/events.proto\x12\ntaskrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17taskrun/v1/common.proto\x1a\x1ataskrun/v1/workflows.proto\"\x88\x01\n\x12WatchEventsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12$\n\x05kinds\x18\x03 \x03(\x0e\x32\x15.taskrun.v1.EventKind\x12\x16\n\x0einclude_output\x18\x04 \x01(\x08\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\"\x9d\x02\n\x05\x45vent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.taskrun.v1.EventKind\x12\x1e\n\x04task\x18\x03 \x01(\x0b\x32\x10.taskrun.v1.Task\x12\x1c\n\x03run\x18\x04 \x01(\x0b\x32\x0f.taskrun.v1.Run\x12\"\n\x06worker\x18\x05 \x01(\x0b\x32\x12.taskrun.v1.Worker\x12&\n\x05\x63hunk\x18\x06 \x01(\x0b\x32\x17.taskrun.v1.OutputChunk\x12\x10\n\x08snapshot\x18\x07 \x01(\x08\x12)\n\ninbox_item\x18\x08 \x01(\x0b\x32\x15.taskrun.v1.InboxItem*\x9c\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45VENT_KIND_WORKER_CONNECTED\x10\x01\x12\"\n\x1e\x45VENT_KIND_WORKER_DISCONNECTED\x10\x02\x12\x1e\n\x1a\x45VENT_KIND_WORKER_DRAINING\x10\x03\x12\x1b\n\x17\x45VENT_KIND_TASK_CHANGED\x10\x04\x12\x1a\n\x16\x45VENT_KIND_RUN_CHANGED\x10\x05\x12\x15\n\x11\x45VENT_KIND_OUTPUT\x10\x06\x12\x1b\n\x17\x45VENT_KIND_SNAPSHOT_END\x10\x07\x12!\n\x1d\x45VENT_KIND_INBOX_ITEM_CREATED\x10\x08\x32R\n\x0c\x45ventService\x12\x42\n\x0bWatchEvents\x12\x1e.taskrun.v1.WatchEventsRequest\x1a\x11.taskrun.v1.Event0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17taskrun/v1/events.proto\x12\ntaskrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17taskrun/v1/common.proto\x1a\x1ataskrun/v1/workflows.proto\"\xa0\x01\n\x12WatchEventsRequest\x12\x0f\n\x07task_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12$\n\x05kinds\x18\x03 \x03(\x0e\x32\x15.taskrun.v1.EventKind\x12\x16\n\x0einclude_output\x18\x04 \x01(\x08\x12\x10\n\x08snapshot\x18\x05 \x01(\x08\x12\x16\n\x0e\x61\x66ter_position\x18\x06 \x01(\x03\"\xaf\x02\n\x05\x45vent\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12#\n\x04kind\x18\x02 \x01(\x0e\x32\x15.taskrun.v1.EventKind\x12\x1e\n\x04task\x18\x03 \x01(\x0b\x32\x10.taskrun.v1.Task\x12\x1c\n\x03run\x18\x04 \x01(\x0b\x32\x0f.taskrun.v1.Run\x12\"\n\x06worker\x18\x05 \x01(\x0b\x32\x12.taskrun.v1.Worker\x12&\n\x05\x63hunk\x18\x06 \x01(\x0b\x32\x17.taskrun.v1.OutputChunk\x12\x10\n\x08snapshot\x18\x07 \x01(\x08\x12)\n\ninbox_item\x18\x08 \x01(\x0b\x32\x15.taskrun.v1.InboxItem\x12\x10\n\x08position\x18\t \x01(\x03*\x9c\x02\n\tEventKind\x12\x1a\n\x16\x45VENT_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1b\x45VENT_KIND_WORKER_CONNECTED\x10\x01\x12\"\n\x1e\x45VENT_KIND_WORKER_DISCONNECTED\x10\x02\x12\x1e\n\x1a\x45VENT_KIND_WORKER_DRAINING\x10\x03\x12\x1b\n\x17\x45VENT_KIND_TASK_CHANGED\x10\x04\x12\x1a\n\x16\x45VENT_KIND_RUN_CHANGED\x10\x05\x12\x15\n\x11\x45VENT_KIND_OUTPUT\x10\x06\x12\x1b\n\x17\x45VENT_KIND_SNAPSHOT_END\x10\x07\x12!\n\x1d\x45VENT_KIND_INBOX_ITEM_CREATED\x10\x08\x32R\n\x0c\x45ventService\x12\x42\n\x0bWatchEvents\x12\x1e.taskrun.v1.WatchEventsRequest\x1a\x11.taskrun.v1.Event0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'taskrun.v1.events_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_EVENTKIND']._serialized_start=553
-  _globals['_EVENTKIND']._serialized_end=837
+  _globals['_EVENTKIND']._serialized_start=595
+  _globals['_EVENTKIND']._serialized_end=879
   _globals['_WATCHEVENTSREQUEST']._serialized_start=126
-  _globals['_WATCHEVENTSREQUEST']._serialized_end=262
-  _globals['_EVENT']._serialized_start=265
-  _globals['_EVENT']._serialized_end=550
-  _globals['_EVENTSERVICE']._serialized_start=839
-  _globals['_EVENTSERVICE']._serialized_end=921
+  _globals['_WATCHEVENTSREQUEST']._serialized_end=286
+  _globals['_EVENT']._serialized_start=289
+  _globals['_EVENT']._serialized_end=592
+  _globals['_EVENTSERVICE']._serialized_start=881
+  _globals['_EVENTSERVICE']._serialized_end=963
 # @@protoc_insertion_point(module_scope)

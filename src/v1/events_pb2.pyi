@@ -34,21 +34,23 @@ EVENT_KIND_SNAPSHOT_END: EventKind
 EVENT_KIND_INBOX_ITEM_CREATED: EventKind
 
 class WatchEventsRequest(_message.Message):
-    __slots__ = ("task_id", "worker_id", "kinds", "include_output", "snapshot")
+    __slots__ = ("task_id", "worker_id", "kinds", "include_output", "snapshot", "after_position")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     WORKER_ID_FIELD_NUMBER: _ClassVar[int]
     KINDS_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_OUTPUT_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_POSITION_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     worker_id: str
     kinds: _containers.RepeatedScalarFieldContainer[EventKind]
     include_output: bool
     snapshot: bool
-    def __init__(self, task_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., kinds: _Optional[_Iterable[_Union[EventKind, str]]] = ..., include_output: _Optional[bool] = ..., snapshot: _Optional[bool] = ...) -> None: ...
+    after_position: int
+    def __init__(self, task_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., kinds: _Optional[_Iterable[_Union[EventKind, str]]] = ..., include_output: _Optional[bool] = ..., snapshot: _Optional[bool] = ..., after_position: _Optional[int] = ...) -> None: ...
 
 class Event(_message.Message):
-    __slots__ = ("time", "kind", "task", "run", "worker", "chunk", "snapshot", "inbox_item")
+    __slots__ = ("time", "kind", "task", "run", "worker", "chunk", "snapshot", "inbox_item", "position")
     TIME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     TASK_FIELD_NUMBER: _ClassVar[int]
@@ -57,6 +59,7 @@ class Event(_message.Message):
     CHUNK_FIELD_NUMBER: _ClassVar[int]
     SNAPSHOT_FIELD_NUMBER: _ClassVar[int]
     INBOX_ITEM_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
     time: _timestamp_pb2.Timestamp
     kind: EventKind
     task: _common_pb2.Task
@@ -65,4 +68,5 @@ class Event(_message.Message):
     chunk: _common_pb2.OutputChunk
     snapshot: bool
     inbox_item: _workflows_pb2.InboxItem
-    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[_Union[EventKind, str]] = ..., task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., run: _Optional[_Union[_common_pb2.Run, _Mapping]] = ..., worker: _Optional[_Union[_common_pb2.Worker, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.OutputChunk, _Mapping]] = ..., snapshot: _Optional[bool] = ..., inbox_item: _Optional[_Union[_workflows_pb2.InboxItem, _Mapping]] = ...) -> None: ...
+    position: int
+    def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., kind: _Optional[_Union[EventKind, str]] = ..., task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., run: _Optional[_Union[_common_pb2.Run, _Mapping]] = ..., worker: _Optional[_Union[_common_pb2.Worker, _Mapping]] = ..., chunk: _Optional[_Union[_common_pb2.OutputChunk, _Mapping]] = ..., snapshot: _Optional[bool] = ..., inbox_item: _Optional[_Union[_workflows_pb2.InboxItem, _Mapping]] = ..., position: _Optional[int] = ...) -> None: ...

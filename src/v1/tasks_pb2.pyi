@@ -149,6 +149,14 @@ class CancelTaskRequest(_message.Message):
     reason: str
     def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class CreateAndFollowTaskRequest(_message.Message):
+    __slots__ = ("task", "include_events")
+    TASK_FIELD_NUMBER: _ClassVar[int]
+    INCLUDE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    task: CreateTaskRequest
+    include_events: bool
+    def __init__(self, task: _Optional[_Union[CreateTaskRequest, _Mapping]] = ..., include_events: _Optional[bool] = ...) -> None: ...
+
 class FollowTaskRequest(_message.Message):
     __slots__ = ("task_id", "follow", "include_events")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
@@ -160,9 +168,11 @@ class FollowTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., follow: _Optional[bool] = ..., include_events: _Optional[bool] = ...) -> None: ...
 
 class TaskUpdate(_message.Message):
-    __slots__ = ("task", "chunks")
+    __slots__ = ("task", "chunks", "created")
     TASK_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_FIELD_NUMBER: _ClassVar[int]
     task: _common_pb2.Task
     chunks: _containers.RepeatedCompositeFieldContainer[_common_pb2.OutputChunk]
-    def __init__(self, task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.OutputChunk, _Mapping]]] = ...) -> None: ...
+    created: bool
+    def __init__(self, task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.OutputChunk, _Mapping]]] = ..., created: _Optional[bool] = ...) -> None: ...

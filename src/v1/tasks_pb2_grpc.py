@@ -66,6 +66,11 @@ class TaskServiceStub:
                 request_serializer=taskrun_dot_v1_dot_tasks__pb2.FollowTaskRequest.SerializeToString,
                 response_deserializer=taskrun_dot_v1_dot_tasks__pb2.TaskUpdate.FromString,
                 _registered_method=True)
+        self.CreateAndFollowTask = channel.unary_stream(
+                '/taskrun.v1.TaskService/CreateAndFollowTask',
+                request_serializer=taskrun_dot_v1_dot_tasks__pb2.CreateAndFollowTaskRequest.SerializeToString,
+                response_deserializer=taskrun_dot_v1_dot_tasks__pb2.TaskUpdate.FromString,
+                _registered_method=True)
         self.ContinueTask = channel.unary_unary(
                 '/taskrun.v1.TaskService/ContinueTask',
                 request_serializer=taskrun_dot_v1_dot_tasks__pb2.ContinueTaskRequest.SerializeToString,
@@ -120,6 +125,15 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateAndFollowTask(self, request, context):
+        """Create one task and follow it on the same stream (one call instead of CreateTask then
+        FollowTask): the first update carries the task as created (and `created`), then its live
+        output and status until it ends. Nothing is sent before the task is committed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ContinueTask(self, request, context):
         """The next message of the conversation the task belongs to (one is created around a task that
         had none): returns the new turn's task. The given task itself never changes.
@@ -167,6 +181,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
             'FollowTask': grpc.unary_stream_rpc_method_handler(
                     servicer.FollowTask,
                     request_deserializer=taskrun_dot_v1_dot_tasks__pb2.FollowTaskRequest.FromString,
+                    response_serializer=taskrun_dot_v1_dot_tasks__pb2.TaskUpdate.SerializeToString,
+            ),
+            'CreateAndFollowTask': grpc.unary_stream_rpc_method_handler(
+                    servicer.CreateAndFollowTask,
+                    request_deserializer=taskrun_dot_v1_dot_tasks__pb2.CreateAndFollowTaskRequest.FromString,
                     response_serializer=taskrun_dot_v1_dot_tasks__pb2.TaskUpdate.SerializeToString,
             ),
             'ContinueTask': grpc.unary_unary_rpc_method_handler(
@@ -342,6 +361,33 @@ class TaskService:
             target,
             '/taskrun.v1.TaskService/FollowTask',
             taskrun_dot_v1_dot_tasks__pb2.FollowTaskRequest.SerializeToString,
+            taskrun_dot_v1_dot_tasks__pb2.TaskUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateAndFollowTask(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/taskrun.v1.TaskService/CreateAndFollowTask',
+            taskrun_dot_v1_dot_tasks__pb2.CreateAndFollowTaskRequest.SerializeToString,
             taskrun_dot_v1_dot_tasks__pb2.TaskUpdate.FromString,
             options,
             channel_credentials,

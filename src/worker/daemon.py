@@ -19,7 +19,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import ipaddress
 import json
 import random
 import shlex
@@ -43,6 +42,7 @@ from taskrun.core.agent import Agent, SubtaskAccess
 from taskrun.core.ids import RunId, TaskId
 from taskrun.core.status import Fault
 from taskrun.metrics_http import MetricsServer
+from taskrun.servers import ServerList, leader_of
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 from taskrun.v1 import workers_pb2_grpc
@@ -107,6 +107,8 @@ class WorkerDaemon:
     def __init__(self, config: WorkerConfig, agents: dict[str, Agent]) -> None:
         config = config.with_identity()
         self.config = config
+        # several control planes: the one in use, following the leader (see taskrun.servers)
+        self.servers = ServerList(config.server, config.server_name or None)
         self.workspaces = config.workspaces()  # ValueError for a root among the worker's keys
         self.agents = agents
         self.announced = announce(agents)  # the specs with what can run here now
@@ -262,11 +264,10 @@ class WorkerDaemon:
             *KEEPALIVE_OPTIONS,
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
         ]
-        host = cfg.server.rsplit(":", 1)[0].strip("[]")
-        name = cfg.server_name or ("localhost" if _is_ip(host) else "")
-        if name:
-            options.append(("grpc.ssl_target_name_override", name))
-        return grpc.aio.secure_channel(cfg.server, creds, options=options)
+        endpoint = self.servers.current
+        if endpoint.tls_name:
+            options.append(("grpc.ssl_target_name_override", endpoint.tls_name))
+        return grpc.aio.secure_channel(endpoint.target, creds, options=options)
 
     def _check_not_expired(self) -> None:
         """CertificateExpired when the certificate in use is past its end (a missing or
@@ -336,8 +337,8 @@ class WorkerDaemon:
                 return False
             try:
                 renewed = await renew(
-                    server=cfg.server,
-                    server_name=cfg.server_name,
+                    server=self.servers.current.target,
+                    server_name=self.servers.current.tls_name or "",
                     ca_cert=cfg.ca_cert,
                     cert=cfg.cert_path(),
                     key=cfg.key_path(),
@@ -401,6 +402,22 @@ class WorkerDaemon:
         return hello
 
     async def _session(self) -> None:
+        for first in (True, False):
+            try:
+                await self._session_on(self.servers.current.target)
+                return
+            except (ConnectionError, grpc.aio.AioRpcError) as exc:
+                before = self.servers.current.target
+                self.servers.failed(exc)  # a standby named the leader, or try the next address
+                if self.servers.current.target == before:
+                    raise
+                self.log.info("moving to another control plane", server=self.servers.current.target)
+                named = isinstance(exc, grpc.aio.AioRpcError) and leader_of(exc)
+                if not (first and named):
+                    raise  # the next attempt comes after the usual backoff
+                # a standby named the leader: go there at once
+
+    async def _session_on(self, target: str) -> None:
         if self._fatal is not None:
             raise self._fatal
         self._check_not_expired()
@@ -416,7 +433,12 @@ class WorkerDaemon:
                     code, details = await call.code(), await call.details()
                     if code in FATAL_CODES:
                         raise FatalSessionError(f"{code.name}: {details}")
-                    raise ConnectionError(f"session refused: {code.name}: {details}")
+                    raise grpc.aio.AioRpcError(
+                        code,
+                        await call.initial_metadata(),
+                        await call.trailing_metadata(),
+                        f"session refused by {target}: {details}",
+                    )
                 self._params = first.params
                 if first.params.lease_duration_ms > 0:
                     self.lease.session_granted(first.params.lease_duration_ms / 1000)
@@ -544,7 +566,7 @@ class WorkerDaemon:
             if self._heartbeat_due:
                 self._heartbeat_due = False
                 msg.heartbeat.active_runs = len(self.runs)
-                msg.heartbeat.time.GetCurrentTime()
+                convert.now_to_pb(msg.heartbeat.time)
                 msg.heartbeat.seq = self.lease.next_heartbeat()
             if msg.ByteSize():
                 await call.write(msg)
@@ -774,14 +796,6 @@ def _failed(a: wpb.RunAssignment, error: str, fault: Fault = Fault.WORKER) -> wp
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
-
-
-def _is_ip(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return False
-    return True
 
 
 def _describe(exc: BaseException | None) -> str:

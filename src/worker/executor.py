@@ -130,7 +130,7 @@ def _status(
         last_seq=ctx.seq,
         fault=cast(pb.RunFault, int(fault)),
     )
-    update.time.GetCurrentTime()
+    convert.now_to_pb(update.time)
     if result is None and not ctx.spent.empty:
         convert.usage_to_pb(ctx.spent, update.usage)  # what a run that broke had reported
     if isinstance(result, AgentResult):

@@ -92,7 +92,7 @@ def test_chat_streams_answers_ctrl_c_cancels_the_turn_and_the_chat_goes_on(
 ) -> None:
     fake.enqueue(
         Text("Hi Ana.", input_tokens=10, output_tokens=3),
-        Text(["tick "] * 400, delay=0.05),  # twenty seconds if left alone
+        Text(["tick "] * 400, input_tokens=12, delay=0.05),  # twenty seconds if left alone
         Text("You are Ana.", input_tokens=30, output_tokens=4),
     )
     chat, popen = start_chat(deployment, "anthropic")
@@ -133,7 +133,7 @@ def test_chat_streams_answers_ctrl_c_cancels_the_turn_and_the_chat_goes_on(
     assert got.returncode == 0, got.stderr
     doc = json.loads(got.stdout)
     assert [t["status"] for t in doc["turn_list"]] == ["completed", "cancelled", "completed"]
-    assert doc["usage"]["input_tokens"] == 40
+    assert doc["usage"]["input_tokens"] == 10 + 12 + 30  # the cancelled turn was billed too
 
     # return to it later
     fake.enqueue(Text("Still Ana."))

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from taskrun.controlplane.dispatcher import Candidate, PendingQueue, PendingRun, backends_fit
+import random
+
+from taskrun.controlplane.dispatcher import (
+    Candidate,
+    PendingQueue,
+    PendingRun,
+    WorkerIndex,
+    backends_fit,
+)
 from taskrun.core.ids import RunId, TaskId, WorkerId
 
 
@@ -190,3 +198,90 @@ def test_a_quarantined_or_draining_worker_gets_nothing() -> None:
     q.add(run(1))
     assert q.plan([worker("a", capacity=4, draining=True)]) == []
     assert len(q) == 1
+
+
+def scan_plan(q: PendingQueue, workers: list[Candidate]) -> list[tuple[str, str]]:
+    """The plan by the definition: for the best pending run, the least loaded free worker that
+    fits it, by a scan over every worker (what the index must reproduce)."""
+    pending = sorted(q._entries.values(), key=lambda r: (-r.priority, r.order))
+    out: list[tuple[str, str]] = []
+    taken: set[str] = set()
+    while True:
+        for entry in pending:
+            if entry.run_id in taken:
+                continue
+            fitting = [w for w in workers if w.free > 0 and w.fits(entry.requirement)]
+            if fitting:
+                best = min(fitting, key=lambda w: (w.active / w.capacity, w.active, w.worker_id))
+                best.active += 1
+                taken.add(entry.run_id)
+                out.append((entry.run_id, best.worker_id))
+                break
+        else:
+            return out
+
+
+Shape = list[tuple[str, int, tuple[str, ...], dict[str, str], bool]]
+
+
+def fleet(shape: Shape, loads: list[int]) -> list[Candidate]:
+    return [
+        worker(n, capacity=c, active=min(c, a), agents=ag, labels=dict(lb), draining=d)
+        for (n, c, ag, lb, d), a in zip(shape, loads, strict=True)
+    ]
+
+
+def test_the_index_plans_as_a_scan_over_every_worker_would() -> None:
+    rng = random.Random(7)
+    for _ in range(200):
+        q, reference = PendingQueue(), PendingQueue()
+        for n in range(rng.randint(0, 30)):
+            kw: dict[str, object] = {"priority": rng.choice((0, 0, 1, 5))}
+            if rng.random() < 0.3:
+                kw["required_labels"] = (("gpu", rng.choice(("a", "b"))),)
+            if rng.random() < 0.1:
+                kw["worker_id"] = f"w{rng.randint(0, 9)}"
+            agent = rng.choice(("echo", "echo", "claude_code"))
+            q.add(run(n, agent=agent, **kw))
+            reference.add(run(n, agent=agent, **kw))
+        shape: Shape = [
+            (
+                f"w{i}",
+                rng.randint(1, 4),
+                rng.choice((("echo",), ("echo", "claude_code"), ("claude_code",))),
+                {"gpu": rng.choice(("a", "b"))} if rng.random() < 0.5 else {},
+                rng.random() < 0.1,
+            )
+            for i in range(rng.randint(0, 10))
+        ]
+
+        loads = [rng.randint(0, 3) for _ in shape]
+        index = WorkerIndex(fleet(shape, loads))
+        # loads change after the index was built, and the index is told
+        for i, w in enumerate(list(fleet(shape, loads))):
+            if rng.random() < 0.3 and (got := index.get(w.worker_id)) is not None:
+                got.active = max(0, got.active - 1)
+                loads[i] = got.active
+                index.put(got)
+        assert ids(q.plan(index)) == scan_plan(reference, fleet(shape, loads))
+
+
+def test_the_index_forgets_removed_workers_and_follows_load_changes() -> None:
+    a, b = worker("a", capacity=2), worker("b", capacity=2)
+    index = WorkerIndex([a, b])
+    q = PendingQueue()
+    for n in range(3):
+        q.add(run(n))
+    assert [w for _, w in q.plan(index)] == ["a", "b", "a"]
+    assert (a.active, b.active) == (2, 1)
+    a.active = 0  # a's runs ended
+    index.put(a)
+    index.remove(WorkerId("b"))
+    for n in range(3, 6):
+        q.add(run(n))
+    assert [w for _, w in q.plan(index)] == ["a", "a"]
+    a.draining = True
+    index.put(a)
+    q.add(run(9))
+    a.active = 0
+    assert q.plan(index) == []

@@ -85,3 +85,13 @@ def test_lease_file_holds_the_end_and_zero_once_ended(tmp_path) -> None:  # type
     f.end()
     assert float(f.path.read_text()) == 0.0
     assert f.path.stat().st_mode & 0o777 == 0o600
+
+
+def test_on_postgresql_the_default_worker_lease_outlasts_a_leadership_takeover() -> None:
+    from taskrun.controlplane.config import ServerConfig
+
+    pg = "postgresql://taskrun@127.0.0.1:5432/taskrun"
+    assert ServerConfig(store="sqlite:t.db").lease_duration == 4.0  # one process: no takeover
+    assert ServerConfig(store=pg).lease_duration == 3 * 2.0 + 2.0
+    assert ServerConfig(store=pg, leader_lease=4.0).lease_duration == 14.0
+    assert ServerConfig(store=pg, lease_duration=5.0).lease_duration == 5.0  # an explicit one

@@ -5,6 +5,7 @@ PostgreSQL-only ones are in test_store_postgres.py."""
 from __future__ import annotations
 
 import asyncio
+import functools
 import signal
 import sqlite3
 import sys
@@ -50,7 +51,14 @@ from taskrun.core.models import (
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import Fault, RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.store import ChangeSet, ConversationQuery, LateUsage, Store, TaskQuery
+from taskrun.core.store import (
+    ChangeSet,
+    ConversationQuery,
+    LateUsage,
+    LoggedEvent,
+    Store,
+    TaskQuery,
+)
 from taskrun.core.webhooks import (
     DeliveryStatus,
     Webhook,
@@ -346,6 +354,18 @@ FILTERS = {
     "schedule": (TaskQuery(schedule="daily"), [6, 4]),
     "combined": (
         TaskQuery(statuses=frozenset({TaskStatus.PENDING}), agent="echo", labels=(("team", "a"),)),
+        [1],
+    ),
+    "agent_and_statuses_newest_first": (
+        TaskQuery(statuses=frozenset({TaskStatus.PENDING, TaskStatus.RUNNING}), agent="echo"),
+        [3, 1],
+    ),
+    "agent_and_statuses_after_a_token": (
+        TaskQuery(
+            statuses=frozenset({TaskStatus.PENDING, TaskStatus.RUNNING}),
+            agent="echo",
+            before=tid(3),
+        ),
         [1],
     ),
     "combined_schedule_and_worker": (TaskQuery(schedule="daily", worker_id="w1"), [4]),
@@ -1075,6 +1095,51 @@ async def test_stored_and_returned_tokens_are_copies(store: Store) -> None:
     assert consumed is not None
     consumed.labels["x"] = "y"
     assert (await store.list_bootstrap_tokens())[0].labels == {"gpu": "a100"}
+
+
+def logged(position: int, task: int = 1, data: bytes = b"\x00event") -> LoggedEvent:
+    return LoggedEvent(position, 4, str(tid(task)), "worker-1", data + bytes([position % 256]))
+
+
+async def test_the_event_log_keeps_events_with_their_change_in_order(store: Store) -> None:
+    assert await store.event_positions() == (0, 0)
+    assert await store.read_events(0) == []
+    await store.apply(ChangeSet(tasks=[make_task(1)], events=[logged(1), logged(2)]))
+    await store.apply(ChangeSet(events=[logged(3, data=b"")]))
+    assert await store.event_positions() == (1, 3)
+    assert await store.read_events(0) == [logged(1), logged(2), logged(3, data=b"")]
+    assert await store.read_events(1, limit=1) == [logged(2)]
+    assert await store.read_events(3) == []
+
+
+async def test_an_event_position_is_never_stored_twice(store: Store) -> None:
+    await store.apply(ChangeSet(events=[logged(1), logged(2)]))
+    with pytest.raises(ValueError):
+        await store.apply(ChangeSet(tasks=[make_task(5)], events=[logged(2)]))
+    await store.resume()
+    assert await store.get_task(tid(5)) is None  # the change went with its event
+    assert [e.position for e in await store.read_events(0)] == [1, 2]
+
+
+@pytest.fixture(params=STORES)
+async def small_log_store(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Store]:
+    """A store whose event log keeps 50 events (the SQL ones delete a thousand at a time)."""
+    s = new_store(request, tmp_path, event_retention=50)
+    await s.open()
+    yield s
+    await s.close()
+
+
+async def test_the_event_log_keeps_at_least_its_retention_and_drops_older_ones(
+    small_log_store: Store,
+) -> None:
+    store = small_log_store
+    for start in range(1, 2501, 100):
+        await store.apply(ChangeSet(events=[logged(p) for p in range(start, start + 100)]))
+    oldest, newest = await store.event_positions()
+    assert newest == 2500 and 1 < oldest <= 2500 - 50 + 1
+    kept = await store.read_events(oldest - 1, limit=5000)
+    assert [e.position for e in kept] == list(range(oldest, 2501))
 
 
 async def test_audit_events_get_increasing_ids_newest_first(store: Store) -> None:
@@ -1902,3 +1967,53 @@ async def test_workflow_runs_survive_reopening_the_sqlite_file(tmp_path: Path) -
         assert await second.list_workflows() == [workflow]
     finally:
         await second.close()
+
+
+async def test_sqlite_lone_and_grouped_change_sets_are_durable_before_they_resolve_and_in_order(
+    tmp_path: Path,
+) -> None:
+    # A change set submitted alone commits at once on the caller's thread; one submitted in a
+    # burst goes to the writer thread's group commit. Either way its future resolves only once
+    # a fresh reader sees it, and the last one submitted wins.
+    path = tmp_path / "t.db"
+    store = SqliteStore(path)
+    await store.open()
+    reader = sqlite3.connect(path)
+    seen_when_resolved: list[tuple[int, int]] = []
+
+    def check(version: int, _: asyncio.Future[None]) -> None:
+        row = reader.execute("SELECT attempts FROM tasks WHERE id = ?", (tid(1),)).fetchone()
+        seen_when_resolved.append((version, row[0]))
+
+    try:
+        version = 0
+        for burst in [1, 5, 1, 1, 40, 1, 3, 1, 200, 1]:
+            futures = []
+            for _ in range(burst):
+                version += 1
+                future = store.submit(ChangeSet(tasks=[make_task(1, attempts=version)]))
+                future.add_done_callback(functools.partial(check, version))
+                futures.append(future)
+            await asyncio.gather(*futures)
+        assert (await store.get_task(tid(1))) == make_task(1, attempts=version)
+        assert len(seen_when_resolved) == version
+        # committed in order: when version v resolved, the store held v or a later one
+        assert all(stored >= v for v, stored in seen_when_resolved)
+        assert store.commits < version  # the bursts were grouped
+    finally:
+        reader.close()
+        await store.close()
+
+
+async def test_sqlite_a_lone_change_set_that_fails_fences_the_next_until_resumed(
+    sqlite_store: SqliteStore,
+) -> None:
+    bad = ChangeSet(tasks=[make_task(500)], runs=[make_run(500, 999)])  # its run's task is missing
+    with pytest.raises(ValueError):
+        await sqlite_store.apply(bad)
+    with pytest.raises(StoreUnavailable):
+        await sqlite_store.apply(ChangeSet(tasks=[make_task(1)]))
+    assert await sqlite_store.get_task(tid(500)) is None
+    await sqlite_store.resume()
+    await sqlite_store.apply(ChangeSet(tasks=[make_task(1)]))
+    assert await sqlite_store.get_task(tid(1)) == make_task(1)

@@ -147,7 +147,9 @@ class TaskRunApp(App[None]):
         history), then apply each change until the stream ends."""
         snapshot: list[FleetEvent] = []
         live = False
-        async with contextlib.aclosing(self.client.watch_events(snapshot=True)) as events:
+        async with contextlib.aclosing(
+            self.client.watch_events(snapshot=True, reconnect=False)  # it takes a new snapshot
+        ) as events:
             async for event in events:
                 if live:
                     self.apply(event)

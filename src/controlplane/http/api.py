@@ -313,10 +313,19 @@ class HttpApi:
                     Query("kind", "kinds", "", repeated=True, enum_prefix="EVENT_KIND_"),
                     Query("include_output", "include_output", ""),
                     Query("snapshot", "snapshot", ""),
+                    Query("after_position", "after_position", "resume after this position"),
                 ),
                 watch,
             )
             parse_message(values, watch)
+            resume = request.headers.get("last-event-id", "")  # an EventSource reconnecting
+            if resume:
+                if not resume.isdigit():
+                    raise BadRequest(
+                        "is not a position of the event log (a whole number)",
+                        field="Last-Event-ID",
+                    )
+                watch.after_position = int(resume)
             try:
                 watch_filter(watch)
             except errors.InvalidArgument as exc:
@@ -547,7 +556,10 @@ async def _hub_events(
             if item is None:
                 yield ": keepalive\n\n"
             else:
-                yield f"event: {epb.EventKind.Name(item.kind)}\ndata: {_dumps(item)}\n\n"
+                # the id is the event log's position: a reconnecting EventSource sends it back
+                # as Last-Event-ID and the stream resumes after it
+                ident = f"id: {item.position}\n" if item.position else ""
+                yield f"{ident}event: {epb.EventKind.Name(item.kind)}\ndata: {_dumps(item)}\n\n"
     except Aborted as exc:
         yield sse_error(exc)
     except Closing:

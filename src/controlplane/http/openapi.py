@@ -212,13 +212,18 @@ def build() -> dict[str, Any]:
     }
     paths["/v1/events"] = _sse(
         "Every committed change in the control plane (`taskrun events`)",
-        "Needs scope `read`. Each event is named after its EventKind; its data is an Event.",
+        "Needs scope `read`. Each event is named after its EventKind; its data is an Event. "
+        "The id of an event is its position in the durable event log: reconnect with the "
+        "header `Last-Event-ID` (or `?after_position=`) to get every change after it, also "
+        "after a failover to another control plane.",
         [
             _param("task_id"),
             _param("worker_id"),
             _param("kind", description="EventKind (`task_changed` or `EVENT_KIND_TASK_CHANGED`)"),
             _param("include_output"),
             _param("snapshot"),
+            _param("after_position"),
+            {"name": "Last-Event-ID", "in": "header", "schema": {"type": "string"}},
         ],
     )
     paths["/v1/healthz"] = {

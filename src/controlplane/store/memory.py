@@ -19,10 +19,12 @@ from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Work
 from taskrun.core.schedule import Schedule, copy_schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import (
+    EVENT_RETENTION,
     FENCED,
     ChangeSet,
     ConversationQuery,
     LateUsage,
+    LoggedEvent,
     RunSpending,
     TaskPage,
     TaskQuery,
@@ -95,7 +97,9 @@ class MemoryStore:
     At most `audit_retention` audit events are kept: the oldest are dropped beyond that.
     """
 
-    def __init__(self, *, audit_retention: int = 100_000) -> None:
+    def __init__(
+        self, *, audit_retention: int = 100_000, event_retention: int = EVENT_RETENTION
+    ) -> None:
         if audit_retention < 1:
             raise ValueError(f"audit_retention must be positive, got {audit_retention}")
         self.commits = 0
@@ -119,6 +123,7 @@ class MemoryStore:
         self._workflows: dict[tuple[str, int], Workflow] = {}
         self._workflow_runs: dict[str, WorkflowRun] = {}
         self._workflow_run_keys: dict[str, str] = {}
+        self._events: deque[LoggedEvent] = deque(maxlen=event_retention)  # oldest first
 
     async def open(self) -> None:
         """Nothing to prepare."""
@@ -221,6 +226,7 @@ class MemoryStore:
             self._workflow_runs[wf_run.id] = copy_run(wf_run)
             if wf_run.idempotency_key:
                 self._workflow_run_keys[wf_run.idempotency_key] = wf_run.id
+        self._events.extend(changes.events)  # frozen: no copy needed
         self.commits += 1
 
     def _add_late_usage(self, late: LateUsage) -> None:
@@ -281,6 +287,11 @@ class MemoryStore:
         for a in changes.api_tokens:
             _check_aware((a.created_at, a.expires_at, a.revoked_at))
         _check_aware(e.time for e in changes.audit_events)
+        newest = self._events[-1].position if self._events else 0
+        for logged in changes.events:
+            if logged.position <= newest:
+                raise ValueError(f"event position {logged.position} is already in the log")
+            newest = logged.position
         new_conversations = {c.id for c in changes.conversations}
         for conversation in changes.conversations:
             _check_aware((conversation.created_at, conversation.updated_at))
@@ -543,6 +554,16 @@ class MemoryStore:
         self._check_open()
         tokens = sorted(self._api_tokens.values(), key=lambda t: (t.created_at, t.id))
         return [_copy_api(t) for t in tokens]
+
+    async def read_events(self, after: int, limit: int = 1000) -> list[LoggedEvent]:
+        self._check_open()
+        return [e for e in self._events if e.position > after][:limit]
+
+    async def event_positions(self) -> tuple[int, int]:
+        self._check_open()
+        if not self._events:
+            return 0, 0
+        return self._events[0].position, self._events[-1].position
 
     async def list_audit_events(self, query: AuditQuery) -> list[AuditEvent]:
         """Newest first; at most query.limit; only ids below query.before_id when it is set."""

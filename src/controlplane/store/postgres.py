@@ -107,7 +107,14 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import OutputChunk, Run, Task, Worker
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import WorkerStatus
-from taskrun.core.store import FENCED, ChangeSet, TaskPage, TaskQuery
+from taskrun.core.store import (
+    EVENT_RETENTION,
+    FENCED,
+    ChangeSet,
+    TaskPage,
+    TaskQuery,
+    trim_due,
+)
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 
 __all__ = ["APPLICATION_NAME", "CONNECTION_DEFAULTS", "SCHEMA_VERSION", "PostgresStore"]
@@ -384,7 +391,7 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # a schedule may start a workflow instead of a task
         "ALTER TABLE schedules ADD COLUMN workflow text NOT NULL DEFAULT ''",
     ),
-    # sub-tasks: a task created by a run of another names it, and the root of its tree; a
+    # 5: sub-tasks: a task created by a run of another names it, and the root of its tree; a
     # run of a task that allows sub-tasks holds the hash of its credential
     (
         'ALTER TABLE tasks ADD COLUMN parent_task_id text COLLATE "C"',
@@ -394,7 +401,47 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         "CREATE INDEX tasks_root ON tasks (root_task_id, id) WHERE root_task_id IS NOT NULL",
         "ALTER TABLE runs ADD COLUMN credential_hash text NOT NULL DEFAULT ''",
     ),
-    # the day's spending is read back at start (and by `taskrun usage`) by when runs ended:
+    # 6: ListTasks by agent and status
+    (
+        # ListTasks by agent and status (an agent's unfinished tasks) without walking a deep
+        # queue of other agents' pending tasks, or every finished task of the agent
+        "CREATE INDEX tasks_agent_status ON tasks (agent, status, id)",
+    ),
+    # 7: leadership of several control planes (see postgres_lease.py): one lease row whose
+    # epoch every write checks, and the control planes that share the database
+    (
+        """CREATE TABLE taskrun_leader (
+            id         integer PRIMARY KEY CHECK (id = 1),
+            epoch      bigint NOT NULL,  -- +1 on every takeover
+            holder     text NOT NULL,    -- control plane id, '' when released
+            address    text NOT NULL,    -- where workers and clients reach it (mTLS)
+            public_address text NOT NULL,  -- its TLS-only listener (API tokens), or ''
+            since      bigint NOT NULL,  -- the database's clock, microseconds
+            expires_at bigint NOT NULL   -- the database's clock, microseconds
+        )""",
+        "INSERT INTO taskrun_leader VALUES (1, 0, '', '', '', 0, 0)",
+        """CREATE TABLE taskrun_control_planes (
+            id         text PRIMARY KEY,
+            address    text NOT NULL,
+            hostname   text NOT NULL,
+            pid        integer NOT NULL,
+            version    text NOT NULL,
+            started_at bigint NOT NULL,
+            seen_at    bigint NOT NULL,
+            workers    jsonb NOT NULL  -- ids of the workers connected to it
+        )""",
+    ),
+    # 8: the durable event log (WatchEvents resumes after a position, also across a failover)
+    (
+        """CREATE TABLE events (
+            position  bigint PRIMARY KEY,  -- given by the leading control plane, increasing
+            kind      smallint NOT NULL,
+            task_id   text NOT NULL,
+            worker_id text NOT NULL,
+            data      bytea NOT NULL  -- the event as the wire carries it (taskrun.v1.Event)
+        )""",
+    ),
+    # 9: the day's spending is read back at start (and by `taskrun usage`) by when runs ended:
     # without this index that read scans every run ever stored; a failed run says whose fault
     # it was (core.status.Fault)
     (
@@ -431,6 +478,10 @@ _PROBE: Final = (
     " ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at"
 )
 
+_INSERT_EVENT: Final = (
+    "INSERT INTO events (position, kind, task_id, worker_id, data) VALUES (%s, %s, %s, %s, %s)"
+)
+_TRIM_EVENTS: Final = "DELETE FROM events WHERE position <= %s"
 _SELECT_TASK: Final = f"SELECT {column_list(TASK_COLUMNS)} FROM tasks"
 _SELECT_RUN: Final = f"SELECT {column_list(RUN_COLUMNS)} FROM runs"
 _SELECT_WORKER: Final = f"SELECT {column_list(WORKER_COLUMNS)} FROM workers"
@@ -555,6 +606,7 @@ class _Pending:
         "conversations",
         "deleted_conversations",
         "deleted_schedules",
+        "events",
         "future",
         "late_usage",
         "runs",
@@ -582,6 +634,7 @@ class _Pending:
         self.workflows = [workflow_row(w) for w in changes.workflows]
         self.workflow_runs = [workflow_run_row(w) for w in changes.workflow_runs]
         self.late_usage = changes.late_usage
+        self.events = [(e.position, e.kind, e.task_id, e.worker_id, e.data) for e in changes.events]
         self.future = future
 
 
@@ -621,10 +674,20 @@ class PostgresStore(SqlReads):
     MARK = "%s"
     LABEL_MATCHES = "(labels::jsonb ->> %s) = %s"
 
-    def __init__(self, url: str, *, audit_retention: int = 100_000) -> None:
-        """`audit_retention`: how many audit events to keep; beyond it the oldest are deleted."""
+    def __init__(
+        self,
+        url: str,
+        *,
+        audit_retention: int = 100_000,
+        event_retention: int = EVENT_RETENTION,
+    ) -> None:
+        """`audit_retention`: how many audit events to keep; beyond it the oldest are deleted;
+        `event_retention`: the same for the event log (deleted a thousand at a time)."""
         if audit_retention < 1:
             raise ValueError(f"audit_retention must be positive, got {audit_retention}")
+        if event_retention < 1:
+            raise ValueError(f"event_retention must be positive, got {event_retention}")
+        self.event_retention = event_retention
         self.url = url
         self.where = describe(url)
         self.audit_retention = audit_retention
@@ -642,6 +705,10 @@ class PostgresStore(SqlReads):
         self._closed = False
         # Set by the writer when a write fails; while set, every write fails (see core.store).
         self._fence: BaseException | None = None
+        # Run first in every write transaction (the leadership's epoch check, which raises
+        # StoreUnavailable when this process no longer leads): see postgres_lease.py.
+        self.write_guard: Callable[[Connection], Awaitable[None]] | None = None
+        self.session_settings: dict[str, str] = {}  # SET on every new connection
 
     # --- lifecycle -----------------------------------------------------------------------------
 
@@ -690,6 +757,8 @@ class PostgresStore(SqlReads):
     async def _connect(self) -> Connection:
         conn: Connection = await psycopg.AsyncConnection.connect(self.url, **self._connect_options)
         await _configure(conn)
+        for name, value in self.session_settings.items():
+            await conn.execute("SELECT set_config(%s, %s, false)", (name, value))
         return conn
 
     async def _connection(self) -> Connection:
@@ -881,6 +950,7 @@ class PostgresStore(SqlReads):
         runs = [row for p in pending for row in p.runs]
         workers = [row for p in pending for row in p.workers]
         chunks = [row for p in pending for row in p.chunks]
+        events = [row for p in pending for row in p.events]
 
         async def write(conn: Connection) -> None:
             async with conn.cursor() as cur:
@@ -892,6 +962,10 @@ class PostgresStore(SqlReads):
                     await cur.executemany(_UPSERT_WORKER, workers)
                 if chunks:
                     await cur.executemany(_INSERT_CHUNK, chunks)
+                if events:
+                    await cur.executemany(_INSERT_EVENT, events)
+                    if trim_due(events[0][0], events[-1][0], self.event_retention):
+                        await cur.execute(_TRIM_EVENTS, (events[-1][0] - self.event_retention,))
                 last_audit_id: int | None = None
                 for p in pending:  # in call order
                     if p.schedules:  # upserts then deletions
@@ -955,6 +1029,8 @@ class PostgresStore(SqlReads):
             committing = False
             try:
                 async with conn.transaction():
+                    if self.write_guard is not None:
+                        await self.write_guard(conn)
                     result = await body(conn)
                     committing = True  # leaving the block sends COMMIT
                 return result

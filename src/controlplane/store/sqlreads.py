@@ -37,7 +37,7 @@ from taskrun.controlplane.store.rows import (
 )
 from taskrun.core.ids import ConversationId, TaskId
 from taskrun.core.models import Conversation, Task, Turn
-from taskrun.core.store import ConversationQuery, RunSpending
+from taskrun.core.store import ConversationQuery, LoggedEvent, RunSpending
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import Workflow, WorkflowRun
 
@@ -84,6 +84,34 @@ class SqlReads:
             f"{_TASKS} WHERE root_task_id = {self.MARK} ORDER BY id", (root_task_id,)
         )
         return [task_from(r) for r in rows]
+
+    # --- the event log ---------------------------------------------------------------------------
+
+    async def read_events(self, after: int, limit: int = 1000) -> list[LoggedEvent]:
+        m = self.MARK
+        rows = await self._fetchall(
+            "SELECT position, kind, task_id, worker_id, data FROM events"
+            f" WHERE position > {m} ORDER BY position LIMIT {m}",
+            (after, limit),
+        )
+        return [
+            LoggedEvent(
+                position=int(r["position"]),
+                kind=int(r["kind"]),
+                task_id=str(r["task_id"]),
+                worker_id=str(r["worker_id"]),
+                data=bytes(r["data"]),
+            )
+            for r in rows
+        ]
+
+    async def event_positions(self) -> tuple[int, int]:
+        row = await self._fetchone(
+            "SELECT coalesce(min(position), 0) AS oldest, coalesce(max(position), 0) AS newest"
+            " FROM events",
+            (),
+        )
+        return (int(row["oldest"]), int(row["newest"])) if row else (0, 0)
 
     # --- conversations -------------------------------------------------------------------------
 

@@ -1,0 +1,243 @@
+"""Many workers at once, for scripts/bench --idle-workers N.
+
+A fleet process holds COUNT worker sessions, each with its own certificate and its own
+connection (a channel with a local subchannel pool), speaking the worker protocol the way the
+daemon does: a hello, a numbered heartbeat every `heartbeat_interval_ms` the server gave it (each
+one renews its lease), and for every assignment an immediate COMPLETED status with the input as
+the result (an echo agent that costs nothing, so dispatch is what is measured). It prints
+`ready SECONDS` once every session got its SessionParams, then serves until SIGTERM.
+
+`measure_fleet` runs, against a fresh control plane each time:
+1. two fleet sessions: dispatch rate of --fleet-tasks echo tasks (the reference);
+2. N sessions from --fleet-procs processes: the time until all are connected, the server's CPU
+   (% of one core) and resident memory over --idle-seconds of idleness, then the dispatch rate of
+   the same tasks with all N connected (every session fits, so the planner sees N candidates).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from benchprocs import READY_WITHIN, BenchError, Child, clients, spawn
+
+from taskrun.controlplane.pki import PkiPaths
+from taskrun.core.status import WorkerStatus
+from taskrun.v1 import common_pb2 as pb
+from taskrun.v1 import workers_pb2 as wpb
+from taskrun.v1 import workers_pb2_grpc
+
+SCRIPT = Path(__file__).resolve()
+
+
+def fleet_ids(n: int) -> list[str]:
+    return [f"fleet-{i:05d}" for i in range(n)]
+
+
+# --- the fleet process -------------------------------------------------------------------------
+
+
+class FakeWorker:
+    """One session: hello, heartbeats, and an instant COMPLETED for each assignment."""
+
+    def __init__(self, worker_id: str, capacity: int) -> None:
+        self.worker_id = worker_id
+        self.capacity = capacity
+        self.ready = asyncio.Event()
+        self._out: list[wpb.RunStatusUpdate] = []
+        self._heartbeat = False
+        self._wake = asyncio.Event()
+        self._seq = 0
+        self._beat = 0
+
+    async def run(self, address: str, pki: PkiPaths) -> None:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=pki.ca_cert.read_bytes(),
+            private_key=pki.worker_key(self.worker_id).read_bytes(),
+            certificate_chain=pki.worker_cert(self.worker_id).read_bytes(),
+        )
+        options = [("grpc.use_local_subchannel_pool", 1)]
+        async with grpc.aio.secure_channel(address, creds, options=options) as channel:
+            call = workers_pb2_grpc.RunServiceStub(channel).StreamConnect()
+            hello = wpb.WorkerHello(
+                worker_id=self.worker_id,
+                hostname="bench",
+                version="bench",
+                agents=[pb.AgentSpec(name="echo")],
+                max_concurrent_runs=self.capacity,
+            )
+            await call.write(wpb.WorkerMessage(hello=hello))
+            first = await call.read()
+            if first is grpc.aio.EOF or not first.HasField("params"):
+                raise BenchError(f"{self.worker_id}: no session params")
+            interval = first.params.heartbeat_interval_ms / 1000 or 1.0
+            self.ready.set()
+            tasks = [
+                asyncio.create_task(self._beats(interval)),
+                asyncio.create_task(self._writes(call)),
+            ]
+            try:
+                while True:
+                    msg = await call.read()
+                    if msg is grpc.aio.EOF:
+                        return
+                    for a in msg.assignments:
+                        self._out.append(
+                            wpb.RunStatusUpdate(
+                                run_id=a.run_id,
+                                attempt=a.attempt,
+                                status=pb.RUN_STATUS_COMPLETED,
+                                result_json=a.input_json,
+                            )
+                        )
+                    if msg.assignments:
+                        self._wake.set()
+            finally:
+                for t in tasks:
+                    t.cancel()
+
+    async def _beats(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval)
+            self._heartbeat = True
+            self._wake.set()
+
+    async def _writes(self, call: grpc.aio.StreamStreamCall) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            msg = wpb.WorkerMessage()
+            if self._out:
+                msg.statuses.extend(self._out)
+                self._out = []
+                self._seq += 1
+                msg.message_seq = self._seq
+            if self._heartbeat:
+                self._heartbeat = False
+                self._beat += 1
+                msg.heartbeat.seq = self._beat
+                msg.heartbeat.time.GetCurrentTime()
+            await call.write(msg)
+
+
+async def serve_fleet(address: str, certs: Path, ids: Sequence[str], capacity: int) -> None:
+    pki = PkiPaths.at(certs)
+    workers = [FakeWorker(w, capacity) for w in ids]
+    started = time.perf_counter()
+    sessions = [asyncio.create_task(w.run(address, pki)) for w in workers]
+    ready = asyncio.gather(*(w.ready.wait() for w in workers))
+    done, _ = await asyncio.wait([ready, *sessions], return_when=asyncio.FIRST_COMPLETED)
+    if ready not in done:
+        failed = next(s for s in sessions if s.done())
+        raise BenchError(f"a session ended before all were connected: {failed.exception()}")
+    sys.stdout.write(f"ready {time.perf_counter() - started:.3f}\n")
+    sys.stdout.flush()
+    stopping = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stopping.set)
+    await stopping.wait()
+    for s in sessions:
+        s.cancel()
+    await asyncio.gather(*sessions, return_exceptions=True)
+
+
+# --- measuring ---------------------------------------------------------------------------------
+
+
+@dataclass
+class Fleet:
+    workers: int
+    processes: int
+    connect_seconds: float  # the slowest process, from its start to its last SessionParams
+    idle_seconds: float
+    idle_cpu_percent: float  # of one core, the server process
+    idle_rss_mb: float
+    idle_rss_kb_per_worker: float
+    tasks: int
+    dispatch_tasks_per_s: float
+    dispatch_two_workers_tasks_per_s: float
+
+    @property
+    def dispatch_ratio(self) -> float:
+        return self.dispatch_tasks_per_s / self.dispatch_two_workers_tasks_per_s
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+async def start_fleet(
+    address: str,
+    pki: PkiPaths,
+    ids: Sequence[str],
+    procs: int,
+    capacity: int,
+    tmp: Path,
+    env: dict[str, str] | None,
+) -> tuple[list[Child], float]:
+    """Fleet processes holding `ids` between them; returns once every session is connected."""
+    shares = [list(ids[i::procs]) for i in range(procs) if ids[i::procs]]
+    children = []
+    for i, share in enumerate(shares):
+        argv = [
+            sys.executable,
+            str(SCRIPT),
+            address,
+            str(pki.directory),
+            ",".join(share),
+            str(capacity),
+        ]
+        children.append(
+            await spawn(f"fleet-{i}", argv, tmp / f"fleet-{i}.log", pipe_stdout=True, env=env)
+        )
+    slowest = 0.0
+    for child in children:
+        assert child.proc.stdout is not None
+        try:
+            async with asyncio.timeout(READY_WITHIN * 2):
+                line = (await child.proc.stdout.readline()).decode()
+        except TimeoutError:
+            raise BenchError(f"{child.name} did not connect its sessions in time") from None
+        if not line.startswith("ready "):
+            await child.proc.wait()
+            child.check()
+            raise BenchError(f"{child.name}: {line!r}")
+        slowest = max(slowest, float(line.split()[1]))
+    return children, slowest
+
+
+async def wait_online(address: str, pki: PkiPaths, n: int) -> None:
+    async with clients(address, pki, 1) as (client,):
+        deadline = time.monotonic() + READY_WITHIN
+        while len(await client.list_workers([WorkerStatus.ONLINE])) < n:
+            if time.monotonic() > deadline:
+                raise BenchError(f"fewer than {n} workers ONLINE after {READY_WITHIN:g}s")
+            await asyncio.sleep(0.1)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench_fleet", description="hold fake worker sessions")
+    p.add_argument("address")
+    p.add_argument("certs", type=Path)
+    p.add_argument("ids", help="comma-separated worker ids (their certificates are in CERTS)")
+    p.add_argument("capacity", type=int)
+    args = p.parse_args(argv)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve_fleet(args.address, args.certs, args.ids.split(","), args.capacity))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

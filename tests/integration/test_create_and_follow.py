@@ -1,0 +1,98 @@
+"""CreateAndFollowTask: one stream creates a task and follows it to its end (real server on
+loopback with mTLS and SQLite, real worker sessions)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+
+import grpc
+import pytest
+
+from taskrun import convert
+from taskrun.cli.client import OutputReceived, TaskChanged, TaskEvent
+from taskrun.core.models import TaskPolicy, TaskSpec
+from taskrun.core.status import TaskStatus
+from taskrun.v1 import tasks_pb2
+from tests.conftest import Cluster
+
+ORDER = {TaskStatus.PENDING: 0, TaskStatus.RUNNING: 1, TaskStatus.COMPLETED: 2}
+
+
+async def test_the_stream_carries_the_created_task_then_its_output_then_its_end(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    text = "".join(f"{i:03d}" for i in range(50))
+    spec = TaskSpec(agent="echo", input=json.dumps({"text": text, "chunks": 50}))
+    events: list[TaskEvent] = []
+    async with contextlib.aclosing(client.submit_and_follow(spec)) as stream:
+        async for event in stream:
+            events.append(event)
+            if isinstance(event, TaskChanged):
+                # Durable first: a state the stream shows is already in the store.
+                stored, _ = await client.get_task(event.task.id)
+                assert ORDER[stored.status] >= ORDER[event.task.status]
+    first, last = events[0], events[-1]
+    assert isinstance(first, TaskChanged) and first.task.status is not TaskStatus.COMPLETED
+    assert isinstance(last, TaskChanged) and last.task.status is TaskStatus.COMPLETED
+    assert last.task.id == first.task.id
+    output = "".join(e.chunk.data for e in events if isinstance(e, OutputReceived))
+    assert output == text
+    stored, runs = await client.get_task(first.task.id)
+    assert stored.status is TaskStatus.COMPLETED and len(runs) == 1
+    assert (await client.run(spec)).status is TaskStatus.COMPLETED
+
+
+async def test_a_task_no_worker_can_take_yet_is_streamed_from_pending_to_its_end(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    client = cluster.client()
+    spec = TaskSpec(agent="echo", input=json.dumps({"text": "late"}))
+    stream = client.submit_and_follow(spec, allow_unknown_agent=True)
+    async with contextlib.aclosing(stream):
+        first = await anext(stream)
+        assert isinstance(first, TaskChanged) and first.task.status is TaskStatus.PENDING
+        await cluster.start_worker("worker-1")
+        statuses = [e.task.status async for e in stream if isinstance(e, TaskChanged)]
+    assert statuses[-1] is TaskStatus.COMPLETED
+
+
+async def test_an_idempotent_replay_follows_the_existing_task_and_says_it_was_not_created(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    spec = TaskSpec(
+        agent="echo", input=json.dumps({"text": "once"}), policy=TaskPolicy(idempotency_key="k-1")
+    )
+    original = await client.run(spec)
+    request = tasks_pb2.CreateAndFollowTaskRequest(task=convert.spec_to_pb(spec))
+    updates = [u async for u in client._task_stub().CreateAndFollowTask(request)]
+    assert updates[0].created is False
+    assert updates[0].task.id == original.id
+    assert updates[-1].task.status == TaskStatus.COMPLETED
+    replayed = await client.run(spec)
+    assert replayed.id == original.id
+    assert len((await client.list_tasks())[0]) == 1
+
+
+async def test_a_bad_request_names_the_field_and_creates_nothing(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    spec = TaskSpec(agent="no-such-agent", input="{}")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.run(spec)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "task.agent" in (caught.value.details() or "")
+    bad_input = TaskSpec(agent="echo", input="[1, 2]")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.run(bad_input)
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "task.input" in (caught.value.details() or "")
+    assert (await client.list_tasks())[0] == []
