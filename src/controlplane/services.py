@@ -117,7 +117,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if task.status is TaskStatus.PENDING:
             p = task.policy
             labels = tuple(sorted(p.required_labels.items()))
-            key: tuple[object, ...] = (task.agent, labels, p.required_provider, p.required_model)
+            model = asked_model(p.required_model, task.input)  # the input's model binds too
+            key: tuple[object, ...] = (task.agent, labels, p.required_provider, model)
             reason = reasons.get(key) if reasons is not None else None
             if reason is None:
                 clock = time.monotonic()

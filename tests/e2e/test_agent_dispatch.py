@@ -338,6 +338,15 @@ async def test_a_model_named_only_in_the_input_binds_dispatch_like_require_model
         assert [r.worker_id for r in runs] == [None]
         assert len(api.message_requests) == 4
 
+        # listed on one page, each waiting task names its own model
+        other = await client.create_task(
+            "anthropic", {"prompt": "x", "model": "claude-opus-8"}, allow_unknown_agent=True
+        )
+        listed, _ = await client.list_tasks(statuses=[TaskStatus.PENDING])
+        reasons = {t.id: t.waiting_reason for t in listed}
+        assert "claude-opus-9" in reasons[waiting.id]
+        assert "claude-opus-8" in reasons[other.id]
+
 
 async def test_support_triage_runs_on_claude_code_where_that_is_all_the_worker_has(
     procs: Processes, api: FakeAnthropic
