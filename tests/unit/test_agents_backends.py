@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
@@ -13,6 +14,7 @@ from taskrun.core.models import AgentSpec, Usage
 from taskrun.core.status import Fault
 from taskrun.worker.agents import available_agents, load_agents
 from taskrun.worker.agents.backends import announced_backends, check_input, choose_model, cost_usd
+from taskrun.worker.agents.claude_cli import claude_result_fault
 from taskrun.worker.agents.support_triage import INPUT_SCHEMA as TRIAGE_INPUT
 from taskrun.worker.agents.support_triage import usable_backend, violations
 from taskrun.worker.readiness import announce
@@ -186,3 +188,22 @@ def test_triage_says_what_is_wrong(reply: str, needle: str) -> None:
     triage, problems = violations(reply)
     assert triage is None
     assert any(needle in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("status", "said", "fault"),
+    [
+        (401, "Invalid API key", Fault.WORKER),
+        (529, "Overloaded", Fault.WORKER),
+        (503, "unavailable", Fault.WORKER),
+        (429, "rate limited", Fault.WORKER),
+        (None, "Not logged in · Please run /login", Fault.WORKER),
+        (400, "prompt is too long", Fault.TASK),
+        (None, "error_max_turns", Fault.TASK),
+    ],
+)
+def test_claude_codes_own_failures_say_whose_fault_they_are(
+    status: int | None, said: str, fault: Fault
+) -> None:
+    result = SimpleNamespace(api_error_status=status, errors=[], result=said, subtype="success")
+    assert claude_result_fault(result) is fault
