@@ -42,7 +42,7 @@ from taskrun.core.models import (
     Worker,
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
-from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.status import Fault, RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.text import quoted
 from taskrun.core.webhooks import (
     DeliveryStatus,
@@ -319,6 +319,15 @@ def run_to_pb(r: Run, out: pb.Run) -> None:
         out.backend_used.CopyFrom(backend_to_pb(r.backend_used))
     out.session_id = r.session_id
     out.prompt = r.prompt
+    out.fault = int(r.fault)  # type: ignore[assignment]
+
+
+def fault_from_pb(value: int) -> Fault:
+    """A RunFault as a Fault; a value this side does not know is UNKNOWN."""
+    try:
+        return Fault(value)
+    except ValueError:
+        return Fault.UNKNOWN
 
 
 def run_from_pb(m: pb.Run) -> Run:
@@ -338,6 +347,7 @@ def run_from_pb(m: pb.Run) -> Run:
         backend_used=backend_from_pb(m.backend_used) if m.HasField("backend_used") else None,
         session_id=m.session_id,
         prompt=m.prompt,
+        fault=fault_from_pb(m.fault),
     )
 
 

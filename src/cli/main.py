@@ -610,7 +610,8 @@ def build_parser() -> argparse.ArgumentParser:
         default="",
         metavar="M",
         help="run on this model: only workers whose AGENT offers it, and the agent uses it; "
-        "refused when no online worker offers it (unless --allow-unknown-agent)",
+        'refused when no online worker offers it (unless --allow-unknown-agent). A "model" '
+        "in the input binds the same way when this is not given",
     )
     p.add_argument(
         "--allow-unknown-agent",

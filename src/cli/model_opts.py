@@ -13,12 +13,20 @@ from taskrun.core.models import DEFAULT_OUTPUT_RETRIES, ModelSettings, TaskPolic
 from taskrun.core.text import quoted
 
 
-def add_model_arguments(p: argparse.ArgumentParser) -> None:
+def add_model_arguments(p: argparse.ArgumentParser, *, update: bool = False) -> None:
+    """The flags; with `update` (`schedule update`) a flag not given is None and keeps what
+    it was, a repeatable flag given replaces the whole list, and '' or 0 clears a value."""
     g = p.add_argument_group(
         "model",
         "what the agent asks of its model (agents backed by one: anthropic, openai, "
         "claude_code, support_triage); --append-system-prompt, --env, --mcp-config and the tool "
-        "flags are for claude_code",
+        "flags are for claude_code"
+        + (
+            "; only the flags given change (a repeated flag replaces its whole list; '' or 0 "
+            "clears a value)"
+            if update
+            else ""
+        ),
     )
     g.add_argument(
         "--output-schema",
@@ -29,18 +37,26 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--output-retries",
         type=int,
-        default=DEFAULT_OUTPUT_RETRIES,
+        default=None if update else DEFAULT_OUTPUT_RETRIES,
         metavar="N",
         help="re-asks after an answer that does not match (0-10, default "
         f"{DEFAULT_OUTPUT_RETRIES})",
     )
-    g.add_argument("--system", default="", metavar="TEXT", help="the system prompt")
-    g.add_argument("--max-tokens", type=int, default=0, metavar="N", help="the answer's limit")
+    g.add_argument(
+        "--system", default=None if update else "", metavar="TEXT", help="the system prompt"
+    )
+    g.add_argument(
+        "--max-tokens",
+        type=int,
+        default=None if update else 0,
+        metavar="N",
+        help="the answer's limit",
+    )
     g.add_argument("--temperature", type=float, metavar="T", help="0-1 (Anthropic), 0-2 (OpenAI)")
     g.add_argument("--stop", action="append", metavar="SEQ", help="a stop sequence (repeat)")
     g.add_argument(
         "--append-system-prompt",
-        default="",
+        default=None if update else "",
         metavar="TEXT",
         help="added to Claude Code's own system prompt",
     )
@@ -61,7 +77,7 @@ def add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--max-cost",
         type=float,
-        default=0.0,
+        default=None if update else 0.0,
         metavar="USD",
         help="the worker stops the run once its reported cost is over USD (usage kept)",
     )
@@ -104,3 +120,44 @@ def apply_model_arguments(args: argparse.Namespace, policy: TaskPolicy) -> TaskP
         disallowed_tools=list(args.disallowed_tool or []),
     )
     return policy
+
+
+def update_model_arguments(args: argparse.Namespace, policy: TaskPolicy) -> TaskPolicy | None:
+    """A copy of `policy` with the model flags that were given (see add_model_arguments with
+    `update`), or None when none was."""
+    changed = policy.copy()
+    given = False
+
+    def given_flag(name: str) -> bool:
+        nonlocal given
+        value = getattr(args, name, None)
+        given = given or value is not None
+        return value is not None
+
+    if given_flag("output_schema"):
+        text = args.output_schema
+        changed.output_schema = _read(text, "--output-schema") if text else ""
+    if given_flag("output_retries"):
+        changed.output_retries = args.output_retries
+    if given_flag("max_cost"):
+        changed.max_cost_usd = args.max_cost
+    settings = changed.model_settings
+    if given_flag("system"):
+        settings.system_prompt = args.system
+    if given_flag("max_tokens"):
+        settings.max_tokens = args.max_tokens
+    if given_flag("temperature"):
+        settings.temperature = args.temperature
+    if given_flag("stop"):
+        settings.stop_sequences = [s for s in args.stop if s]
+    if given_flag("append_system_prompt"):
+        settings.append_system_prompt = args.append_system_prompt
+    if given_flag("env"):
+        settings.env = _env([item for item in args.env if item])
+    if given_flag("mcp_config"):
+        settings.mcp_servers = _read(args.mcp_config, "--mcp-config") if args.mcp_config else ""
+    if given_flag("allowed_tool"):
+        settings.allowed_tools = [t for t in args.allowed_tool if t]
+    if given_flag("disallowed_tool"):
+        settings.disallowed_tools = [t for t in args.disallowed_tool if t]
+    return changed if given else None

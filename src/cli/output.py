@@ -28,7 +28,7 @@ from taskrun.core.models import (
     Usage,
     Worker,
 )
-from taskrun.core.status import TaskStatus
+from taskrun.core.status import Fault, RunStatus, TaskStatus
 from taskrun.logging import wants_color
 
 NONE = "-"
@@ -332,13 +332,22 @@ def runs_table(runs: Sequence[Run], now: datetime) -> str:
             r.worker_id or NONE,
             _ago(r.started_at or r.assigned_at, now),
             format_duration(_run_duration(r)),
+            _fault(r),
             _one_line(r.error, 60) or NONE,
         )
         for r in runs
     ]
     return render_table(
-        ("ATTEMPT", "RUN", "STATUS", "WORKER", "STARTED", "DURATION", "ERROR"), rows
+        ("ATTEMPT", "RUN", "STATUS", "WORKER", "STARTED", "DURATION", "FAULT", "ERROR"), rows
     )
+
+
+def _fault(run: Run) -> str:
+    """Whose fault a failed run was, as its worker said: only the worker's count towards the
+    worker's quarantine."""
+    if run.status is not RunStatus.FAILED or run.fault is Fault.UNKNOWN:
+        return NONE
+    return run.fault.name.lower()
 
 
 def task_detail(task: Task, runs: Sequence[Run], now: datetime) -> str:

@@ -19,7 +19,11 @@ from zoneinfo import ZoneInfo
 
 from taskrun.cli import output
 from taskrun.cli.client import Client
-from taskrun.cli.model_opts import add_model_arguments, apply_model_arguments
+from taskrun.cli.model_opts import (
+    add_model_arguments,
+    apply_model_arguments,
+    update_model_arguments,
+)
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import Task, TaskPolicy
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
@@ -154,7 +158,7 @@ def register(subparsers: Any) -> None:
     _rule_flags(p, update=False)
     p.add_argument("--paused", action="store_true", help="create it paused")
     _policy_flags(p, update=False)
-    add_model_arguments(p)  # on create only: `schedule update` keeps what they were
+    add_model_arguments(p)
     cli._add_output(p)
 
     p = cli._leaf(
@@ -170,6 +174,7 @@ def register(subparsers: Any) -> None:
     _task_flags(p, update=True)
     _rule_flags(p, update=True)
     _policy_flags(p, update=True)
+    add_model_arguments(p, update=True)
     cli._add_output(p)
 
     p = cli._leaf(group, "list", cmd_list, help="list schedules with their last and next fire")
@@ -289,8 +294,11 @@ def update_from_args(args: argparse.Namespace, current: Schedule) -> tuple[Sched
         change("misfire", MisfirePolicy[args.misfire.upper()])
     if args.overlap is not None:
         change("overlap", OverlapPolicy[args.overlap.upper()])
-    if any(getattr(args, f) is not None for f in _POLICY_FLAGS):
-        change("policy", _policy(args, current.policy))
+    policy_given = any(getattr(args, f) is not None for f in _POLICY_FLAGS)
+    policy = _policy(args, current.policy) if policy_given else current.policy
+    with_model = update_model_arguments(args, policy)
+    if policy_given or with_model is not None:
+        change("policy", with_model or policy)
     if not fields:
         raise InvalidArgument("give at least one field to change (see --help)", field="update")
     return replace(current, **changes), fields

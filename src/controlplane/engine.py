@@ -50,6 +50,7 @@ from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.session import WorkerSession
 from taskrun.convert import (
     backend_from_pb,
+    fault_from_pb,
     run_options_to_pb,
     ts_to_datetime,
     turn_context_to_pb,
@@ -89,11 +90,13 @@ from taskrun.core.models import (
     TurnContext,
     Usage,
     Worker,
+    asked_model,
     estimated_tokens,
     transcript,
     utcnow,
 )
 from taskrun.core.status import (
+    Fault,
     RunStatus,
     TaskStatus,
     WorkerStatus,
@@ -951,7 +954,7 @@ class Engine:
                 priority=policy.priority,
                 required_labels=tuple(sorted(policy.required_labels.items())),
                 provider=policy.required_provider,
-                model=policy.required_model,
+                model=asked_model(policy.required_model, task.input),
                 avoid=avoid,
             )
         )
@@ -1648,6 +1651,8 @@ class Engine:
             run.backend_used = backend_from_pb(update.backend_used)
         if update.session_id:
             run.session_id = update.session_id
+        if status is RunStatus.FAILED:
+            run.fault = fault_from_pb(update.fault)
         self._adopt_session(run, update)
         self._note_health(session, run, status, update.error, changes)
         task = self._end_run(run, status, changes, error=update.error)
@@ -1789,13 +1794,20 @@ class Engine:
     # --- worker health, agents, budgets ------------------------------------------------------
 
     def _note_health(
-        self, session: WorkerSession, run: Run, status: RunStatus, error: str, changes: ChangeSet
+        self,
+        session: WorkerSession,
+        run: Run,
+        status: RunStatus,
+        error: str,
+        changes: ChangeSet,
     ) -> None:
         """Feed the worker's circuit breaker with how its run ended (see controlplane.health); a
-        quarantine's start and end go out as worker events (the TUI shows them)."""
+        quarantine's start and end go out as worker events (the TUI shows them). A failure the
+        worker says was the task's (bad input, a schema never met, a cost limit) says nothing
+        about the worker: it neither counts nor ends a streak."""
         if status is RunStatus.COMPLETED:
             self.health.succeeded(session.worker_id)
-        elif status is RunStatus.FAILED:
+        elif status is RunStatus.FAILED and run.fault is not Fault.TASK:
             began = run.assigned_at or run.created_at
             elapsed = (utcnow() - began).total_seconds()
             tripped = self.health.failed(

@@ -6,7 +6,10 @@ once, so it always looks least loaded and would swallow the queue. After `thresh
 failures in a row the breaker opens: the worker gets no new runs for `base` seconds. When that
 ends the worker is tried again (half-open): one more fast failure reopens it for twice as long
 (up to `max_quarantine`); a success closes it and forgets the history. A failure that took
-longer than `fast_failure` ends the streak (the worker did work), and so does a success.
+longer than `fast_failure` ends the streak (the worker did work), and so does a success. Only
+failures that are the worker's fault are fed in: one the worker reports as the task's (input the
+agent refuses, an output schema never met, a cost limit, a request the API refused) is left out,
+so a healthy worker is not shut out by a run of bad tasks (see core.status.Fault).
 
 State lives in memory only: a restarted control plane starts every worker healthy, which is
 what a restart of the broken worker would do anyway. Times are monotonic (clock jumps do not

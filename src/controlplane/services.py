@@ -26,7 +26,16 @@ from taskrun.controlplane.waiting import check_known_agent, check_offered, waiti
 from taskrun.core import errors
 from taskrun.core.access import AuditKind, Scope
 from taskrun.core.ids import RunId, TaskId, WorkerId, is_valid_worker_id
-from taskrun.core.models import AgentSpec, OutputChunk, OutputKind, Run, Task, Worker, utcnow
+from taskrun.core.models import (
+    AgentSpec,
+    OutputChunk,
+    OutputKind,
+    Run,
+    Task,
+    Worker,
+    asked_model,
+    utcnow,
+)
 from taskrun.core.status import TaskStatus, WorkerStatus
 from taskrun.core.store import TaskQuery
 from taskrun.core.text import quoted
@@ -108,7 +117,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if task.status is TaskStatus.PENDING:
             p = task.policy
             labels = tuple(sorted(p.required_labels.items()))
-            key: tuple[object, ...] = (task.agent, labels, p.required_provider, p.required_model)
+            model = asked_model(p.required_model, task.input)  # the input's model binds too
+            key: tuple[object, ...] = (task.agent, labels, p.required_provider, model)
             reason = reasons.get(key) if reasons is not None else None
             if reason is None:
                 clock = time.monotonic()
@@ -146,12 +156,14 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             if not requests[i].allow_unknown_agent:
                 check_known_agent(spec.agent, catalog.names(), f"{prefix(i)}agent")
                 policy = spec.policy
+                model = asked_model(policy.required_model, spec.input)
                 check_offered(
                     spec.agent,
                     policy.required_provider,
-                    policy.required_model,
+                    model,
                     self.engine.workers.values(),
                     prefix(i),
+                    "policy.required_model" if policy.required_model else "input_json.model",
                 )
             catalog.check_input(spec.agent, json.loads(spec.input), f"{prefix(i)}input_json")
         results = await self.engine.create_tasks(specs, subscribe)

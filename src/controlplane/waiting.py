@@ -8,7 +8,7 @@ from datetime import datetime
 
 from taskrun.controlplane.dispatcher import backends_fit
 from taskrun.core.errors import InvalidArgument
-from taskrun.core.models import Task, Worker
+from taskrun.core.models import Task, Worker, asked_model
 from taskrun.core.status import TaskStatus, WorkerStatus
 
 
@@ -44,11 +44,17 @@ def offered_backends(agent: str, workers: Iterable[Worker]) -> list[tuple[str, s
 
 
 def check_offered(
-    agent: str, provider: str, model: str, workers: Iterable[Worker], prefix: str = ""
+    agent: str,
+    provider: str,
+    model: str,
+    workers: Iterable[Worker],
+    prefix: str = "",
+    model_field: str = "policy.required_model",
 ) -> None:
     """Refuse a provider/model requirement that no online worker meets for the agent, naming
-    the field and what is offered. Passes when no online worker offers the agent at all (the
-    task waits for one, showing why) or nothing is required."""
+    the field (`model_field` when the model is what is missing: the input's `model` binds like
+    the required model) and what is offered. Passes when no online worker offers the agent at
+    all (the task waits for one, showing why) or nothing is required."""
     if not (provider or model):
         return
     online = [w for w in workers if w.status is WorkerStatus.ONLINE]
@@ -57,7 +63,7 @@ def check_offered(
     offered = offered_backends(agent, online)
     if backends_fit(provider, model, offered):
         return
-    field = f"{prefix}policy.required_model" if model else f"{prefix}policy.required_provider"
+    field = prefix + (model_field if model else "policy.required_provider")
     listed = ", ".join(f"{p}/{m}" for p, m in offered) or "none (no online worker can run it now)"
     raise InvalidArgument(
         f"no online worker offers a {_backend_text(provider, model)} model backend for agent "
@@ -99,7 +105,7 @@ def waiting_reason(
         ]
         if not candidates:
             return f"no online worker offers {wanted}"
-    provider, model = policy.required_provider, policy.required_model
+    provider, model = policy.required_provider, asked_model(policy.required_model, task.input)
     if provider or model:
         wanted += f" with a {_backend_text(provider, model)} model backend"
         candidates = [

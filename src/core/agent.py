@@ -3,8 +3,9 @@
 An agent is any object with a `spec` (an AgentSpec) and an async `run(ctx)`. Workers find agents
 through the `taskrun.agents` entry-point group; the entry point names a class (or factory) that
 takes no arguments. `run` streams text with `ctx.emit`, structured events with `ctx.event`,
-returns an AgentResult, raises AgentError to fail the run with a message, and must stop promptly
-when its task is cancelled (asyncio cancellation).
+returns an AgentResult, raises AgentError to fail the run with a message (saying whether the
+worker or the task is at fault), and must stop promptly when its task is cancelled (asyncio
+cancellation).
 
 An agent may also have `readiness() -> Readiness`: whether it can run on this worker now
 (credentials present, SDK installed, CLI found) and the models it can use. The worker calls it
@@ -20,11 +21,18 @@ from typing import Any, Protocol, runtime_checkable
 
 from taskrun.core.ids import RunId, TaskId
 from taskrun.core.models import AgentSpec, ModelBackend, RunOptions, TurnContext, Usage
+from taskrun.core.status import Fault
 
 
 class AgentError(Exception):
     """The agent failed in a way it can explain; the run fails with this message. `usage` is
-    what the failed run spent, when the agent knows it; `session_*` as in AgentResult."""
+    what the failed run spent, when the agent knows it; `session_*` as in AgentResult.
+
+    `fault` says whose fault it is: the task's by default (its input, its schema, its limits,
+    what the model or API said about its request), `Fault.WORKER` when this worker cannot run
+    such tasks now (no credentials or refused ones, an SDK or CLI missing or broken, the
+    provider unreachable or failing after retries). Only worker faults count towards the
+    worker's quarantine: a healthy worker must not be shut out because tasks were bad."""
 
     def __init__(
         self,
@@ -34,8 +42,10 @@ class AgentError(Exception):
         session_id: str = "",
         session_snapshot: bytes = b"",
         session_cost_usd: float = 0.0,
+        fault: Fault = Fault.TASK,
     ) -> None:
         super().__init__(message)
+        self.fault = fault
         self.usage = usage
         self.session_id = session_id
         self.session_snapshot = session_snapshot

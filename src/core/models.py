@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from enum import IntEnum
 from typing import Any
 
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
-from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.status import Fault, RunStatus, TaskStatus, WorkerStatus
 
 
 def utcnow() -> datetime:
@@ -134,6 +135,24 @@ class TaskPolicy:
         )
 
 
+def asked_model(required_model: str, input_json: str) -> str:
+    """The model a task asks for: its policy's required model, else a `model` its input names
+    (a non-empty string, as the model agents take it). Either binds dispatch alike: the run goes
+    only to a worker whose agent announces that model, a task that may wait says why, and
+    submission refuses one that no online worker offers. The required model wins when both are
+    given (it is also the one the agent uses)."""
+    if required_model:
+        return required_model
+    if "model" not in input_json and "\\u" not in input_json:  # cheap: most inputs name none
+        return ""
+    try:
+        value = json.loads(input_json)
+    except ValueError:
+        return ""
+    named = value.get("model") if isinstance(value, dict) else None
+    return named if isinstance(named, str) else ""
+
+
 @dataclass(slots=True)
 class RunOptions:
     """What a run's task asks of its agent beyond the input (from the policy, checked at
@@ -219,6 +238,9 @@ class Run:
     prompt: str = ""
     # SHA-256 of the run's sub-task credential (a task that allows sub-tasks); "" for none
     credential_hash: str = ""
+    # a failed run: whose fault its worker said it was (only the worker's count towards the
+    # worker's quarantine)
+    fault: Fault = Fault.UNKNOWN
 
 
 @dataclass(slots=True)

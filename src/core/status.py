@@ -40,6 +40,22 @@ class RunStatus(IntEnum):
         return self in (RunStatus.ASSIGNED, RunStatus.RUNNING)
 
 
+class Fault(IntEnum):
+    """Whose fault a failed run is (the values of the protocol's RunFault).
+
+    WORKER: the worker cannot run such tasks now (credentials missing or refused, an SDK or CLI
+    missing or crashing, the provider unreachable or failing after retries); it counts towards
+    the worker's quarantine. TASK: the task asked for what cannot be done (input the agent
+    refuses, an output schema the model never met, its cost limit, a request the API refused,
+    the agent's own reported failure); it says nothing about the worker. UNKNOWN (a worker that
+    does not say) counts as the worker's, as before workers said.
+    """
+
+    UNKNOWN = 0
+    WORKER = 1
+    TASK = 2
+
+
 class WorkerStatus(IntEnum):
     ONLINE = 1
     DRAINING = 2

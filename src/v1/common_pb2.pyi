@@ -31,6 +31,12 @@ class RunStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     RUN_STATUS_CANCELLED: _ClassVar[RunStatus]
     RUN_STATUS_LOST: _ClassVar[RunStatus]
 
+class RunFault(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RUN_FAULT_UNSPECIFIED: _ClassVar[RunFault]
+    RUN_FAULT_WORKER: _ClassVar[RunFault]
+    RUN_FAULT_TASK: _ClassVar[RunFault]
+
 class WorkerStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
     WORKER_STATUS_UNSPECIFIED: _ClassVar[WorkerStatus]
@@ -58,6 +64,9 @@ RUN_STATUS_COMPLETED: RunStatus
 RUN_STATUS_FAILED: RunStatus
 RUN_STATUS_CANCELLED: RunStatus
 RUN_STATUS_LOST: RunStatus
+RUN_FAULT_UNSPECIFIED: RunFault
+RUN_FAULT_WORKER: RunFault
+RUN_FAULT_TASK: RunFault
 WORKER_STATUS_UNSPECIFIED: WorkerStatus
 WORKER_STATUS_ONLINE: WorkerStatus
 WORKER_STATUS_DRAINING: WorkerStatus
@@ -188,7 +197,7 @@ class Usage(_message.Message):
     def __init__(self, input_tokens: _Optional[int] = ..., output_tokens: _Optional[int] = ..., cache_read_tokens: _Optional[int] = ..., cache_creation_tokens: _Optional[int] = ..., cost_usd: _Optional[float] = ..., turns: _Optional[int] = ..., duration_ms: _Optional[int] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("id", "task_id", "attempt", "worker_id", "status", "created_at", "assigned_at", "started_at", "finished_at", "error", "result_json", "usage", "backend_used", "session_id", "prompt")
+    __slots__ = ("id", "task_id", "attempt", "worker_id", "status", "created_at", "assigned_at", "started_at", "finished_at", "error", "result_json", "usage", "backend_used", "session_id", "prompt", "fault")
     ID_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -204,6 +213,7 @@ class Run(_message.Message):
     BACKEND_USED_FIELD_NUMBER: _ClassVar[int]
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
+    FAULT_FIELD_NUMBER: _ClassVar[int]
     id: str
     task_id: str
     attempt: int
@@ -219,7 +229,8 @@ class Run(_message.Message):
     backend_used: ModelBackend
     session_id: str
     prompt: str
-    def __init__(self, id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assigned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., backend_used: _Optional[_Union[ModelBackend, _Mapping]] = ..., session_id: _Optional[str] = ..., prompt: _Optional[str] = ...) -> None: ...
+    fault: RunFault
+    def __init__(self, id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assigned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., backend_used: _Optional[_Union[ModelBackend, _Mapping]] = ..., session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., fault: _Optional[_Union[RunFault, str]] = ...) -> None: ...
 
 class Task(_message.Message):
     __slots__ = ("id", "agent", "input_json", "labels", "policy", "status", "attempts", "current_run_id", "worker_id", "created_at", "updated_at", "finished_at", "error", "result_json", "usage", "runs", "schedule", "cancel_requested", "waiting_reason", "conversation_id", "turn", "parent_task_id", "root_task_id", "depth", "subtasks")

@@ -118,7 +118,7 @@ class Heartbeat(_message.Message):
     def __init__(self, time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., active_runs: _Optional[int] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class RunStatusUpdate(_message.Message):
-    __slots__ = ("run_id", "attempt", "status", "error", "result_json", "usage", "backend_used", "session_id", "time", "last_seq", "session_snapshot", "session_cost_usd", "summary", "summarized_through")
+    __slots__ = ("run_id", "attempt", "status", "error", "result_json", "usage", "backend_used", "session_id", "time", "last_seq", "session_snapshot", "session_cost_usd", "summary", "summarized_through", "fault")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -133,6 +133,7 @@ class RunStatusUpdate(_message.Message):
     SESSION_COST_USD_FIELD_NUMBER: _ClassVar[int]
     SUMMARY_FIELD_NUMBER: _ClassVar[int]
     SUMMARIZED_THROUGH_FIELD_NUMBER: _ClassVar[int]
+    FAULT_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     attempt: int
     status: _common_pb2.RunStatus
@@ -147,7 +148,8 @@ class RunStatusUpdate(_message.Message):
     session_cost_usd: float
     summary: str
     summarized_through: int
-    def __init__(self, run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., status: _Optional[_Union[_common_pb2.RunStatus, str]] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., backend_used: _Optional[_Union[_common_pb2.ModelBackend, _Mapping]] = ..., session_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., session_snapshot: _Optional[bytes] = ..., session_cost_usd: _Optional[float] = ..., summary: _Optional[str] = ..., summarized_through: _Optional[int] = ...) -> None: ...
+    fault: _common_pb2.RunFault
+    def __init__(self, run_id: _Optional[str] = ..., attempt: _Optional[int] = ..., status: _Optional[_Union[_common_pb2.RunStatus, str]] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., backend_used: _Optional[_Union[_common_pb2.ModelBackend, _Mapping]] = ..., session_id: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_seq: _Optional[int] = ..., session_snapshot: _Optional[bytes] = ..., session_cost_usd: _Optional[float] = ..., summary: _Optional[str] = ..., summarized_through: _Optional[int] = ..., fault: _Optional[_Union[_common_pb2.RunFault, str]] = ...) -> None: ...
 
 class CancelAck(_message.Message):
     __slots__ = ("run_id", "attempt")

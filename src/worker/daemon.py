@@ -40,6 +40,7 @@ from tenacity import AsyncRetrying, retry_if_exception, wait_random_exponential
 from taskrun import __version__, convert
 from taskrun.core.agent import Agent, SubtaskAccess
 from taskrun.core.ids import RunId, TaskId
+from taskrun.core.status import Fault
 from taskrun.metrics_http import MetricsServer
 from taskrun.servers import ServerList, leader_of
 from taskrun.v1 import common_pb2 as pb
@@ -705,7 +706,7 @@ class WorkerDaemon:
         try:
             ctx.input = json.loads(a.input_json or "{}")
         except ValueError as exc:
-            self.outbox.put_nowait(_failed(a, f"input is not valid JSON: {exc}"))
+            self.outbox.put_nowait(_failed(a, f"input is not valid JSON: {exc}", Fault.TASK))
             return
         if ctx.conversation is not None and ctx.resume_session_id:
             # for agents written against a session's resume_session_id + prompt
@@ -781,9 +782,15 @@ def _retryable(exc: BaseException) -> bool:
     return isinstance(exc, Exception) and not isinstance(exc, FatalSessionError | SessionLost)
 
 
-def _failed(a: wpb.RunAssignment, error: str) -> wpb.RunStatusUpdate:
+def _failed(a: wpb.RunAssignment, error: str, fault: Fault = Fault.WORKER) -> wpb.RunStatusUpdate:
+    """A run refused before its agent started: by default because of this worker (it does not
+    offer the agent, or cannot run it now), which counts towards its quarantine."""
     return wpb.RunStatusUpdate(
-        run_id=a.run_id, attempt=a.attempt, status=pb.RUN_STATUS_FAILED, error=error
+        run_id=a.run_id,
+        attempt=a.attempt,
+        status=pb.RUN_STATUS_FAILED,
+        error=error,
+        fault=cast(pb.RunFault, int(fault)),
     )
 
 

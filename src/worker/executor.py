@@ -9,7 +9,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import structlog
 
@@ -18,7 +18,7 @@ from taskrun.core.agent import Agent, AgentError, AgentResult, CostLimitReached,
 from taskrun.core.ids import RunId, TaskId
 from taskrun.core.models import RunOptions, TurnContext, Usage
 from taskrun.core.output_schema import schema_violations
-from taskrun.core.status import RunStatus
+from taskrun.core.status import Fault, RunStatus
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 from taskrun.worker.outbox import Outbox
@@ -120,9 +120,15 @@ def _status(
     *,
     error: str = "",
     result: AgentResult | AgentError | None = None,
+    fault: Fault = Fault.UNKNOWN,
 ) -> wpb.RunStatusUpdate:
     update = wpb.RunStatusUpdate(
-        run_id=ctx.run_id, attempt=ctx.attempt, status=status, error=error, last_seq=ctx.seq
+        run_id=ctx.run_id,
+        attempt=ctx.attempt,
+        status=status,
+        error=error,
+        last_seq=ctx.seq,
+        fault=cast(pb.RunFault, int(fault)),
     )
     convert.now_to_pb(update.time)
     if result is None and not ctx.spent.empty:
@@ -188,7 +194,9 @@ async def execute(agent: Agent, active: ActiveRun) -> None:
         checked(ctx, result)
     except TimeoutError:
         active.status = RunStatus.FAILED
-        outbox.put_nowait(_status(ctx, pb.RUN_STATUS_FAILED, error=f"timed out after {timeout:g}s"))
+        # the task's own limit: a provider that hangs shows up in a slow run, not a fast one
+        why = f"timed out after {timeout:g}s"
+        outbox.put_nowait(_status(ctx, pb.RUN_STATUS_FAILED, error=why, fault=Fault.TASK))
         bound.info("run timed out", timeout_s=timeout)
     except asyncio.CancelledError:
         active.status = RunStatus.CANCELLED
@@ -200,12 +208,13 @@ async def execute(agent: Agent, active: ActiveRun) -> None:
         raise
     except AgentError as exc:
         active.status = RunStatus.FAILED
-        update = _status(ctx, pb.RUN_STATUS_FAILED, error=str(exc), result=exc)
+        update = _status(ctx, pb.RUN_STATUS_FAILED, error=str(exc), result=exc, fault=exc.fault)
         outbox.put_nowait(update, 64 + len(update.session_snapshot))
-        bound.info("run failed", error=str(exc))
-    except Exception as exc:
+        bound.info("run failed", error=str(exc), fault=exc.fault.name)
+    except Exception as exc:  # a bug or a broken install on this worker, not the task's doing
         active.status = RunStatus.FAILED
-        outbox.put_nowait(_status(ctx, pb.RUN_STATUS_FAILED, error=f"{type(exc).__name__}: {exc}"))
+        crashed = f"{type(exc).__name__}: {exc}"
+        outbox.put_nowait(_status(ctx, pb.RUN_STATUS_FAILED, error=crashed, fault=Fault.WORKER))
         bound.exception("agent crashed")
     else:
         active.status = RunStatus.COMPLETED

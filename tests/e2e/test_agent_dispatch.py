@@ -20,10 +20,10 @@ import grpc
 import pytest
 
 from taskrun.cli.client import Client
-from taskrun.core.models import Worker
-from taskrun.core.status import RunStatus, TaskStatus
+from taskrun.core.models import ModelSettings, Worker
+from taskrun.core.status import Fault, RunStatus, TaskStatus
 from tests.e2e.test_faults import Processes, online, procs
-from tests.fakes.anthropic_server import FakeAnthropic, Text
+from tests.fakes.anthropic_server import FakeAnthropic, InvalidRequest, RecordedRequest, Reply, Text
 
 pytestmark = pytest.mark.e2e
 
@@ -231,6 +231,7 @@ async def test_a_flapping_worker_is_quarantined_and_its_tasks_complete_elsewhere
             assert runs[-1].status is RunStatus.COMPLETED and runs[-1].worker_id == "worker-2"
             for run in runs[:-1]:  # a retry never went back to the worker that failed it
                 assert (run.status, run.worker_id) == (RunStatus.FAILED, "worker-1")
+                assert run.fault is Fault.WORKER  # a 401: the worker's key
                 assert run.finished_at is not None
                 failed_there.append(run.finished_at)
         assert 2 <= len(failed_there) <= 4  # at most what it held before the breaker opened
@@ -242,3 +243,140 @@ async def test_a_flapping_worker_is_quarantined_and_its_tasks_complete_elsewhere
             _, runs = await client.get_task(task.id)
             assert [r.worker_id for r in runs] == ["worker-2"]
             assert runs[0].assigned_at is not None and runs[0].assigned_at > max(failed_there)
+
+
+async def test_bad_tasks_in_a_row_do_not_quarantine_a_healthy_worker(
+    procs: Processes, api: FakeAnthropic
+) -> None:
+    """Failures that are the task's (a request the API refuses, an output schema never met, a
+    cost limit, a temperature the provider does not take, the agent's own failure) leave the
+    breaker alone: the worker still gets the next task."""
+    procs.start_server("--quarantine-after", "2", "--quarantine-base", "60")
+    procs.start_worker("worker-1", 1, agents="anthropic,echo")
+
+    def reply(request: RecordedRequest) -> Reply:
+        if "huge" in request.last_user_text():
+            return InvalidRequest("prompt is too long: 1000001 tokens > 1000000 maximum")
+        return Text(["not json"])
+
+    api.default = reply
+    async with procs.client() as client:
+        await online(client, "worker-1")
+        bad = [
+            client.create_task("anthropic", {"prompt": "huge"}),
+            client.create_task(
+                "anthropic", {"prompt": "x"}, output_schema={"type": "object"}, output_retries=0
+            ),
+            client.create_task("anthropic", {"prompt": "x"}, max_cost_usd=0.000001),
+            client.create_task(
+                "anthropic", {"prompt": "x"}, model_settings=ModelSettings(temperature=1.5)
+            ),
+            client.create_task("echo", {"text": "x", "fail": "the ticket was empty"}),
+        ]
+        errors = []
+        for create in bad:  # one after the other: a streak of five on one worker
+            final = await client.wait((await create).id)
+            assert final.status is TaskStatus.FAILED
+            _, runs = await client.get_task(final.id)
+            assert [(r.status, r.worker_id, r.fault) for r in runs] == [
+                (RunStatus.FAILED, "worker-1", Fault.TASK)
+            ]
+            errors.append(final.error)
+        assert "invalid request (HTTP 400)" in errors[0]
+        assert "output schema" in errors[1]
+        assert "cost limit reached" in errors[2]
+        assert "temperature 1.5" in errors[3]
+        assert errors[4] == "the ticket was empty"
+
+        shown = await taskrun(procs, "task", "get", final.id)
+        assert "FAULT" in shown and " task " in shown
+
+        healthy = await worker(client, "worker-1")
+        assert healthy.consecutive_failures == 0
+        assert healthy.quarantined_until is None and healthy.quarantine_reason == ""
+        good = await client.create_task("anthropic", {"prompt": "fine"})
+        assert (await client.wait(good.id)).status is TaskStatus.COMPLETED
+
+
+async def test_a_model_named_only_in_the_input_binds_dispatch_like_require_model(
+    procs: Processes, api: FakeAnthropic
+) -> None:
+    procs.start_server()
+    # worker-1 is the emptier one, but its anthropic agent does not announce haiku
+    procs.start_worker("worker-1", 4, agents="anthropic", flags=("--models", "claude-sonnet-5-5"))
+    procs.start_worker("worker-2", 1, agents="anthropic", flags=("--models", "claude-haiku-5-5"))
+    async with procs.client() as client:
+        await online(client, "worker-1", "worker-2")
+        tasks = [
+            await client.create_task("anthropic", {"prompt": f"n{i}", "model": "claude-haiku-5-5"})
+            for i in range(4)
+        ]
+        for task in tasks:
+            final = await client.wait(task.id)
+            assert final.status is TaskStatus.COMPLETED, final.error
+            _, runs = await client.get_task(task.id)
+            assert [r.worker_id for r in runs] == ["worker-2"]
+        assert [r.body["model"] for r in api.message_requests] == ["claude-haiku-5-5"] * 4
+
+        # nobody offers it: refused at submission, naming the input's field and what is offered
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.create_task("anthropic", {"prompt": "x", "model": "claude-opus-9"})
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        details = refused.value.details() or ""
+        assert "input_json.model" in details and "claude-opus-9" in details
+        assert "anthropic/claude-haiku-5-5" in details
+
+        # a task that may wait does, says why, and no worker gets it
+        waiting = await client.create_task(
+            "anthropic", {"prompt": "x", "model": "claude-opus-9"}, allow_unknown_agent=True
+        )
+        got, runs = await client.get_task(waiting.id)
+        assert got.status is TaskStatus.PENDING
+        assert got.waiting_reason == (
+            "no online worker offers agent 'anthropic' with a claude-opus-9 model backend"
+        )
+        assert [r.worker_id for r in runs] == [None]
+        assert len(api.message_requests) == 4
+
+        # listed on one page, each waiting task names its own model
+        other = await client.create_task(
+            "anthropic", {"prompt": "x", "model": "claude-opus-8"}, allow_unknown_agent=True
+        )
+        listed, _ = await client.list_tasks(statuses=[TaskStatus.PENDING])
+        reasons = {t.id: t.waiting_reason for t in listed}
+        assert "claude-opus-9" in reasons[waiting.id]
+        assert "claude-opus-8" in reasons[other.id]
+
+
+async def test_support_triage_runs_on_claude_code_where_that_is_all_the_worker_has(
+    procs: Processes, api: FakeAnthropic
+) -> None:
+    pytest.importorskip("claude_agent_sdk", reason="needs the taskrun[claude] extra")
+    procs.start_server("--quarantine-after", "2")
+    only_cli = {"ANTHROPIC_API_KEY": None, "CLAUDE_CODE_OAUTH_TOKEN": KEY}
+    procs.start_worker("worker-1", 1, agents="anthropic,support_triage", env=only_cli)
+    triage = {"category": "bug", "priority": "high", "summary": "Checkout crashes."}
+    api.default = Text(json.dumps(triage))
+    ticket = {"ticket_id": "T-1", "subject": "Checkout", "body": "It crashes."}
+    async with procs.client() as client:
+        await online(client, "worker-1")
+        announced = await worker(client, "worker-1")
+        assert not agent(announced, "anthropic").available
+        assert agent(announced, "support_triage").available
+
+        for asked in ({"backend": "claude_code"}, {}):  # named, or the one this worker has
+            task = await client.create_task("support_triage", {**ticket, **asked})
+            final = await client.wait(task.id)
+            assert final.status is TaskStatus.COMPLETED, final.error
+            assert json.loads(final.result)["backend"] == "claude_code"
+        assert len(api.message_requests) == 2
+        assert all("Bearer" in r.headers.get("authorization", "") for r in api.message_requests)
+
+        # a backend it cannot use: a clear failure before any call, and not the worker's fault
+        for _ in range(2):
+            task = await client.create_task("support_triage", {**ticket, "backend": "anthropic"})
+            final = await client.wait(task.id)
+            assert final.status is TaskStatus.FAILED
+            assert final.error.startswith("input.backend: 'anthropic' cannot run on this worker")
+        assert len(api.message_requests) == 2
+        assert (await worker(client, "worker-1")).quarantined_until is None

@@ -19,7 +19,7 @@ import pytest
 
 from taskrun.cli.client import OutputReceived
 from taskrun.core.agent import AgentError, AgentResult
-from taskrun.core.status import RunStatus, TaskStatus
+from taskrun.core.status import Fault, RunStatus, TaskStatus
 from taskrun.worker.agents.anthropic_api import AnthropicAgent
 from taskrun.worker.agents.support_triage import SupportTriageAgent
 from tests.conftest import Cluster
@@ -55,12 +55,17 @@ async def run_anthropic(**input: object) -> tuple[RecordingContext, AgentResult]
     return ctx, await AnthropicAgent().run(ctx)
 
 
-async def fails_with(agent_input: dict[str, object], *needles: str) -> RecordingContext:
+async def fails_with(
+    agent_input: dict[str, object], *needles: str, fault: Fault = Fault.TASK
+) -> RecordingContext:
+    """The run fails saying each of `needles`, and whose fault it is (only the worker's count
+    towards its quarantine)."""
     ctx = RecordingContext(input=agent_input)
     with pytest.raises(AgentError) as err:
         await AnthropicAgent().run(ctx)
     for needle in needles:
         assert needle in str(err.value), str(err.value)
+    assert err.value.fault is fault, str(err.value)
     return ctx
 
 
@@ -164,7 +169,9 @@ async def test_anthropic_overloaded_after_all_retries_fails_saying_so(
 ) -> None:
     monkeypatch.setenv("TASKRUN_ANTHROPIC_MAX_RETRIES", "1")
     api.enqueue(Overloaded(), Overloaded(), Text("never sent"))
-    await fails_with({"prompt": "hi"}, "overloaded (HTTP 529) after 1 retries", "Overloaded")
+    await fails_with(
+        {"prompt": "hi"}, "overloaded (HTTP 529) after 1 retries", "Overloaded", fault=Fault.WORKER
+    )
     assert len(api.message_requests) == 2
 
 
@@ -173,7 +180,10 @@ async def test_anthropic_bad_key_fails_with_authentication_failed(
 ) -> None:
     monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-wrong")
     await fails_with(
-        {"prompt": "hi"}, "authentication failed: check ANTHROPIC_API_KEY", "invalid x-api-key"
+        {"prompt": "hi"},
+        "authentication failed: check ANTHROPIC_API_KEY",
+        "invalid x-api-key",
+        fault=Fault.WORKER,
     )
     assert len(api.requests) == 1  # a 401 is not retried
 
@@ -183,11 +193,12 @@ async def test_anthropic_missing_key_says_how_to_fix_it(
 ) -> None:
     monkeypatch.delenv("ANTHROPIC_API_KEY")
     # with a config dir the SDK looks for a profile there; without one it finds nothing at all
-    await fails_with({"prompt": "hi"}, "no Anthropic credentials: set ANTHROPIC_API_KEY")
+    missing = "no Anthropic credentials: set ANTHROPIC_API_KEY"
+    await fails_with({"prompt": "hi"}, missing, fault=Fault.WORKER)
     monkeypatch.delenv("ANTHROPIC_CONFIG_DIR")
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.delenv("XDG_CONFIG_HOME", raising=False)
-    await fails_with({"prompt": "hi"}, "no Anthropic credentials: set ANTHROPIC_API_KEY")
+    await fails_with({"prompt": "hi"}, missing, fault=Fault.WORKER)
     assert api.requests == []
 
 
@@ -202,8 +213,13 @@ async def test_anthropic_invalid_request_carries_the_api_message(api: FakeAnthro
 
 async def test_anthropic_error_event_mid_stream_fails_the_run(api: FakeAnthropic) -> None:
     api.enqueue(ErrorMidStream(before=["partial "], type="overloaded_error", message="Overloaded"))
-    ctx = await fails_with({"prompt": "hi"}, "stream failed mid-response (overloaded_error)")
+    ctx = await fails_with(
+        {"prompt": "hi"}, "stream failed mid-response (overloaded_error)", fault=Fault.WORKER
+    )
     assert ctx.texts == ["partial "]  # what came before the error was streamed
+    # an error about the request itself is the task's, mid-stream too
+    api.enqueue(ErrorMidStream(type="invalid_request_error", message="bad image"))
+    await fails_with({"prompt": "hi"}, "(invalid_request_error): bad image", fault=Fault.TASK)
 
 
 async def test_anthropic_connection_failure_names_the_endpoint(
@@ -216,7 +232,9 @@ async def test_anthropic_connection_failure_names_the_endpoint(
     monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
     monkeypatch.setenv("TASKRUN_ANTHROPIC_MAX_RETRIES", "0")
     await fails_with(
-        {"prompt": "hi"}, f"could not connect to the Anthropic API at http://127.0.0.1:{port}"
+        {"prompt": "hi"},
+        f"could not connect to the Anthropic API at http://127.0.0.1:{port}",
+        fault=Fault.WORKER,
     )
 
 
@@ -225,6 +243,7 @@ async def test_anthropic_connection_dropped_mid_stream_fails_the_run(api: FakeAn
     ctx = await fails_with(
         {"prompt": "hi"},
         f"the connection to the Anthropic API at {api.base_url} broke mid-response",
+        fault=Fault.WORKER,
     )
     assert ctx.texts == ["partial "]
 
@@ -240,7 +259,7 @@ async def test_anthropic_bad_retry_setting_is_reported(
     api: FakeAnthropic, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("TASKRUN_ANTHROPIC_MAX_RETRIES", "many")
-    await fails_with({"prompt": "hi"}, "TASKRUN_ANTHROPIC_MAX_RETRIES")
+    await fails_with({"prompt": "hi"}, "TASKRUN_ANTHROPIC_MAX_RETRIES", fault=Fault.WORKER)
 
 
 async def test_anthropic_cancel_mid_stream_stops_promptly(api: FakeAnthropic) -> None:
@@ -310,6 +329,7 @@ async def test_triage_fails_clearly_after_two_retries(api: FakeAnthropic) -> Non
     with pytest.raises(AgentError, match="did not match the triage schema after 3 attempts") as err:
         await SupportTriageAgent().run(ctx)
     assert "'priority' is a required property" in str(err.value)
+    assert err.value.fault is Fault.TASK  # the model never met the schema: not the worker's doing
     assert len(api.message_requests) == 3
     assert [e["valid"] for e in ctx.events_of("triage_attempt")] == [False, False, False]
     assert "not valid JSON" in ctx.events_of("triage_attempt")[0]["errors"][0]

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from taskrun.core.agent import AgentError
-from taskrun.core.status import RunStatus, TaskStatus
+from taskrun.core.status import Fault, RunStatus, TaskStatus
 from taskrun.worker.agents.claude_code import ClaudeCodeAgent
 from taskrun.worker.agents.support_triage import SupportTriageAgent
 from taskrun.worker.workspace import Workspaces
@@ -167,6 +167,7 @@ async def test_api_errors_reported_by_the_cli_fail_the_run(
         await ClaudeCodeAgent().run(ctx)
     assert "HTTP 401" in str(err.value)
     assert "authentication failed: check ANTHROPIC_API_KEY" in str(err.value)
+    assert err.value.fault is Fault.WORKER
     assert cli_children() == []
 
 
@@ -176,20 +177,23 @@ async def test_max_turns_stops_the_session(api: FakeAnthropic, workdir: Path) ->
     ctx = RecordingContext(
         input={"prompt": "loop", "cwd": str(workdir), "allowed_tools": ["Read"], "max_turns": 1}
     )
-    with pytest.raises(AgentError, match="error_max_turns"):
+    with pytest.raises(AgentError, match="error_max_turns") as err:
         await ClaudeCodeAgent().run(ctx)
+    assert err.value.fault is Fault.TASK  # the task's own turn limit
 
 
 async def test_missing_cli_and_bad_cwd_are_reported(
     api: FakeAnthropic, workdir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(AgentError, match="is not a directory"):
+    with pytest.raises(AgentError, match="is not a directory") as err:
         await ClaudeCodeAgent().run(
             RecordingContext(input={"prompt": "hi", "cwd": str(workdir / "nope")})
         )
+    assert err.value.fault is Fault.TASK
     monkeypatch.setenv("TASKRUN_CLAUDE_CLI_PATH", str(workdir / "no-such-claude"))
-    with pytest.raises(AgentError, match="Claude Code CLI not found"):
+    with pytest.raises(AgentError, match="Claude Code CLI not found") as err:
         await ClaudeCodeAgent().run(RecordingContext(input={"prompt": "hi", "cwd": str(workdir)}))
+    assert err.value.fault is Fault.WORKER
     assert api.requests == []
 
 

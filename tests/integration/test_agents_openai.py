@@ -19,7 +19,7 @@ from taskrun.cli.client import OutputReceived
 from taskrun.core.agent import AgentError, CostLimitReached
 from taskrun.core.ids import ConversationId
 from taskrun.core.models import ModelSettings, RunOptions, TranscriptMessage, TurnContext
-from taskrun.core.status import RunStatus, TaskStatus
+from taskrun.core.status import Fault, RunStatus, TaskStatus
 from taskrun.worker.agents.openai_api import OpenAIAgent
 from tests.conftest import Cluster
 from tests.fakes.openai_server import Chat, Error, FakeOpenAI
@@ -159,6 +159,7 @@ async def test_openai_bad_key_fails_saying_so(
     with pytest.raises(AgentError, match="authentication failed: check OPENAI_API_KEY") as err:
         await OpenAIAgent().run(RecordingContext(input={"prompt": "hi"}))
     assert "Incorrect API key provided" in str(err.value)
+    assert err.value.fault is Fault.WORKER  # counts towards the worker's quarantine
 
 
 async def test_openai_without_key_or_base_url_says_how_to_configure(
@@ -166,8 +167,9 @@ async def test_openai_without_key_or_base_url_says_how_to_configure(
 ) -> None:
     monkeypatch.delenv("OPENAI_API_KEY")
     monkeypatch.delenv("OPENAI_BASE_URL")
-    with pytest.raises(AgentError, match="set OPENAI_API_KEY on the worker"):
+    with pytest.raises(AgentError, match="set OPENAI_API_KEY on the worker") as err:
         await OpenAIAgent().run(RecordingContext(input={"prompt": "hi"}))
+    assert err.value.fault is Fault.WORKER
     assert api.requests == []
 
 
@@ -181,8 +183,9 @@ async def test_openai_local_server_needs_no_key(monkeypatch: pytest.MonkeyPatch)
 
 async def test_openai_server_error_carries_the_message(api: FakeOpenAI) -> None:
     api.enqueue(Error(500, "the GPU fell over", "server_error"))
-    with pytest.raises(AgentError, match=r"HTTP 500\) \(retries off\): the GPU fell over"):
+    with pytest.raises(AgentError, match=r"HTTP 500\) \(retries off\): the GPU fell over") as err:
         await OpenAIAgent().run(RecordingContext(input={"prompt": "hi"}))
+    assert err.value.fault is Fault.WORKER
 
 
 async def test_openai_cost_limit_stops_between_calls_with_usage_kept(api: FakeOpenAI) -> None:
@@ -195,6 +198,7 @@ async def test_openai_cost_limit_stops_between_calls_with_usage_kept(api: FakeOp
         await OpenAIAgent().run(ctx)
     assert err.value.usage is not None and err.value.usage.input_tokens == 100_000
     assert len(api.chat_requests) == 1
+    assert err.value.fault is Fault.TASK  # the task's own limit: not the worker's doing
 
 
 async def test_openai_stream_cut_mid_response_fails_saying_so(api: FakeOpenAI) -> None:
@@ -203,6 +207,7 @@ async def test_openai_stream_cut_mid_response_fails_saying_so(api: FakeOpenAI) -
     with pytest.raises(AgentError, match="broke mid-response after 3 chunks") as err:
         await OpenAIAgent().run(ctx)
     assert api.base_url in str(err.value)
+    assert err.value.fault is Fault.WORKER
     assert ctx.texts == ["one ", "two "]  # what arrived was streamed
 
 
@@ -231,9 +236,11 @@ async def test_openai_cancel_mid_stream_stops_reading(api: FakeOpenAI) -> None:
 
 
 async def test_openai_task_on_a_worker_streams_and_continues_the_conversation(
-    api: FakeOpenAI, cluster: Cluster
+    api: FakeOpenAI, cluster: Cluster, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     api.enqueue(Chat(["Hi ", "Ana."], prompt_tokens=20, completion_tokens=2))
+    # the input's model binds dispatch: the worker must announce it
+    monkeypatch.setenv("TASKRUN_OPENAI_MODELS", "gpt-4.1-mini,gpt-4o")
     await cluster.start_server()
     await cluster.start_worker("worker-1", agents=["openai"])
     client = cluster.client()

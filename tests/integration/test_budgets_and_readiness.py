@@ -13,8 +13,12 @@ import grpc
 import pytest
 
 from taskrun.cli.usage_cmd import get_usage, usage_text
-from taskrun.core.status import RunStatus, TaskStatus
+from taskrun.core.agent import AgentResult, RunContext
+from taskrun.core.models import AgentSpec
+from taskrun.core.status import Fault, RunStatus, TaskStatus
 from taskrun.v1 import tasks_pb2, tasks_pb2_grpc
+from taskrun.worker.config import WorkerConfig
+from taskrun.worker.daemon import WorkerDaemon
 from tests.conftest import Cluster
 from tests.fakes.anthropic_server import FakeAnthropic, Text
 from tests.integration.test_metrics import scrape, value
@@ -151,3 +155,57 @@ async def test_a_worker_that_gets_its_key_later_announces_it_and_the_waiting_tas
     assert all(a.available for a in worker.agents)
     _, runs = await client.get_task(task.id)
     assert len(runs) == 1  # it was never sent to the worker while it could not run it
+
+
+class Crashing:
+    """A plugin whose SDK is broken on this worker: every run raises at once."""
+
+    spec = AgentSpec(name="crashing")
+
+    async def run(self, ctx: RunContext) -> AgentResult:
+        raise RuntimeError("cannot import its SDK")
+
+
+class Slow:
+    """Never answers within the tasks' (short) timeouts."""
+
+    spec = AgentSpec(name="slow")
+
+    async def run(self, ctx: RunContext) -> AgentResult:
+        await asyncio.sleep(60)
+        return AgentResult()
+
+
+async def test_timeouts_are_the_tasks_fault_and_crashes_the_workers(cluster: Cluster) -> None:
+    await cluster.start_server(quarantine_after=2, quarantine_base=60)
+    config = WorkerConfig(
+        server=cluster.address,
+        worker_id="worker-1",
+        ca_cert=cluster.pki.ca_cert,
+        cert=cluster.pki.worker_cert("worker-1"),
+        key=cluster.pki.worker_key("worker-1"),
+        reconnect_max_wait=0.5,
+    )
+    daemon = WorkerDaemon(config, {"slow": Slow(), "crashing": Crashing()})
+    cluster.workers["worker-1"] = (daemon, asyncio.create_task(daemon.run()))
+    await cluster.wait_registered("worker-1")
+    client = cluster.client()
+
+    for _ in range(3):  # the task's own limit, however fast: the worker stays in service
+        task = await client.create_task("slow", {}, timeout=0.2)
+        final = await client.wait(task.id)
+        assert final.error == "timed out after 0.2s"
+        _, [run] = await client.get_task(task.id)
+        assert (run.status, run.fault) == (RunStatus.FAILED, Fault.TASK)
+    worker, _ = await client.get_worker("worker-1")
+    assert worker.quarantined_until is None and worker.consecutive_failures == 0
+
+    for _ in range(2):  # an agent that crashes is the worker's problem
+        task = await client.create_task("crashing", {})
+        final = await client.wait(task.id)
+        assert final.error == "RuntimeError: cannot import its SDK"
+        _, [run] = await client.get_task(task.id)
+        assert run.fault is Fault.WORKER
+    worker, _ = await client.get_worker("worker-1")
+    assert worker.quarantined_until is not None
+    assert "RuntimeError: cannot import its SDK" in worker.quarantine_reason

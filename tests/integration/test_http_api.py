@@ -524,3 +524,18 @@ async def test_boolean_query_parameters_read_true_and_false_and_refuse_anything_
         assert with_events.status_code == 200
         bad = await reader.get("/v1/events", params={"snapshot": "maybe"})
         assert assert_problem(bad, 400, "maybe")["field"] == "snapshot"
+
+
+async def test_a_model_named_in_the_input_that_no_worker_offers_is_a_400_naming_it(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-ant-never-used")  # the agent is ready, unused
+    monkeypatch.delenv("TASKRUN_ANTHROPIC_MODELS", raising=False)
+    monkeypatch.setenv("TASKRUN_ANTHROPIC_MODEL", "claude-sonnet-5-5")
+    async with api(cluster, "submit") as client:
+        await cluster.start_worker("worker-1", agents=["anthropic"])
+        body = {"agent": "anthropic", "input_json": '{"prompt": "x", "model": "claude-opus-9"}'}
+        problem = assert_problem(await client.post("/v1/tasks", json=body), 400, "claude-opus-9")
+        assert problem.get("field") == "input_json.model", problem
+        assert "anthropic/claude-sonnet-5-5" in problem["detail"]
+        assert (await client.get("/v1/tasks")).json()["tasks"] == []

@@ -333,10 +333,11 @@ async def test_schedule_commands(
     code, out, _ = await run("schedule", "next", "morning-brief")
     assert "LOCAL (Europe/Chisinau)" in out and "UTC" in out
 
-    code, out, _ = await run(
-        "schedule", "update", "morning-brief", "--cron", "0 9 * * *", "--priority", "7"
-    )
-    assert code == 0 and "updated" in out
+    code, out, err = await run(
+        "schedule", "update", "morning-brief", "--cron", "0 9 * * *", "--priority", "7",
+        "--max-cost", "0.5", "--system", "Be brief.",
+    )  # fmt: skip
+    assert code == 0 and "updated" in out, err
     code, out, _ = await run("schedule", "get", "morning-brief")
     assert "Cron:" in out and "0 9 * * *" in out and "allow" in out
 
@@ -347,6 +348,9 @@ async def test_schedule_commands(
     tasks = json.loads(out)["tasks"]
     assert [t["id"] for t in tasks] == [task_id]
     assert tasks[0]["policy"]["priority"] == 7
+    # the model flags of `schedule update` reach the tasks it creates
+    assert tasks[0]["policy"]["max_cost_usd"] == 0.5
+    assert tasks[0]["policy"]["model_settings"]["system_prompt"] == "Be brief."
 
     code, out, _ = await run("schedule", "pause", "morning-brief")
     assert out == "schedule morning-brief paused\n"

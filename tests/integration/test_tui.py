@@ -28,7 +28,7 @@ from taskrun.cli.tui.widgets import FleetHeader, TasksTable, Transcript, Workers
 from taskrun.core.agent import AgentError, AgentResult, Readiness, RunContext
 from taskrun.core.ids import RunId
 from taskrun.core.models import AgentSpec
-from taskrun.core.status import TaskStatus
+from taskrun.core.status import Fault, TaskStatus
 from taskrun.worker.agents import load_agents
 from taskrun.worker.config import WorkerConfig
 from taskrun.worker.daemon import WorkerDaemon
@@ -213,7 +213,7 @@ class Broken:
     spec = AgentSpec(name="broken")
 
     async def run(self, ctx: RunContext) -> AgentResult:
-        raise AgentError("nothing works here")
+        raise AgentError("nothing works here", fault=Fault.WORKER)  # the worker's, not the task's
 
 
 class Keyless(Broken):

@@ -4,16 +4,19 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import jsonschema
 import pytest
 
 from taskrun.core.agent import AgentError, AgentResult, Readiness
 from taskrun.core.models import AgentSpec, Usage
+from taskrun.core.status import Fault
 from taskrun.worker.agents import available_agents, load_agents
 from taskrun.worker.agents.backends import announced_backends, check_input, choose_model, cost_usd
+from taskrun.worker.agents.claude_cli import claude_result_fault
 from taskrun.worker.agents.support_triage import INPUT_SCHEMA as TRIAGE_INPUT
-from taskrun.worker.agents.support_triage import violations
+from taskrun.worker.agents.support_triage import usable_backend, violations
 from taskrun.worker.readiness import announce
 
 
@@ -92,6 +95,44 @@ def test_claude_code_without_its_cli_is_unavailable(
     assert "TASKRUN_CLAUDE_CLI_PATH" in spec.unavailable_reason
 
 
+def test_support_triage_is_available_where_either_backend_can_run(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    pytest.importorskip("claude_agent_sdk", reason="needs the taskrun-agents[claude] extra")
+    for name in ("ANTHROPIC_API_KEY", "ANTHROPIC_AUTH_TOKEN", "TASKRUN_CLAUDE_CLI_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("CLAUDE_CODE_OAUTH_TOKEN", "token")  # Claude Code only
+    agents = load_agents(["anthropic", "claude_code", "support_triage"])
+    specs = {s.name: s for s in announce(agents)}
+    assert not specs["anthropic"].available
+    assert specs["claude_code"].available and specs["support_triage"].available
+
+    monkeypatch.delenv("CLAUDE_CODE_OAUTH_TOKEN")  # neither
+    [spec] = announce({"support_triage": agents["support_triage"]})
+    assert spec.unavailable_reason.startswith("neither backend can run here (backend anthropic: ")
+    assert "backend claude_code: no credentials for Claude Code" in spec.unavailable_reason
+
+
+def test_support_triage_picks_a_backend_this_worker_has_or_says_why_not() -> None:
+    only_cli = {"anthropic": "no Anthropic credentials", "claude_code": ""}
+    both = {"anthropic": "", "claude_code": ""}
+    assert usable_backend(None, both) == "anthropic"
+    assert usable_backend(None, only_cli) == "claude_code"
+    assert usable_backend("claude_code", only_cli) == "claude_code"
+    with pytest.raises(AgentError) as err:
+        usable_backend("anthropic", only_cli)
+    assert str(err.value) == (
+        "input.backend: 'anthropic' cannot run on this worker (no Anthropic credentials); it has "
+        "backend 'claude_code': leave `backend` out to use it, or run the task where anthropic "
+        "can run"
+    )
+    assert err.value.fault is Fault.TASK  # the worker serves other triage tasks
+    with pytest.raises(AgentError) as err:
+        usable_backend(None, {"anthropic": "no key", "claude_code": "no CLI"})
+    assert err.value.fault is Fault.WORKER
+
+
 def test_a_readiness_check_that_raises_makes_the_agent_unavailable_not_the_worker_fail() -> None:
     class Broken:
         spec = AgentSpec("broken")
@@ -147,3 +188,22 @@ def test_triage_says_what_is_wrong(reply: str, needle: str) -> None:
     triage, problems = violations(reply)
     assert triage is None
     assert any(needle in p for p in problems), problems
+
+
+@pytest.mark.parametrize(
+    ("status", "said", "fault"),
+    [
+        (401, "Invalid API key", Fault.WORKER),
+        (529, "Overloaded", Fault.WORKER),
+        (503, "unavailable", Fault.WORKER),
+        (429, "rate limited", Fault.WORKER),
+        (None, "Not logged in · Please run /login", Fault.WORKER),
+        (400, "prompt is too long", Fault.TASK),
+        (None, "error_max_turns", Fault.TASK),
+    ],
+)
+def test_claude_codes_own_failures_say_whose_fault_they_are(
+    status: int | None, said: str, fault: Fault
+) -> None:
+    result = SimpleNamespace(api_error_status=status, errors=[], result=said, subtype="success")
+    assert claude_result_fault(result) is fault

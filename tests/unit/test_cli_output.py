@@ -24,7 +24,7 @@ from taskrun.core.models import (
     Usage,
     Worker,
 )
-from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.status import Fault, RunStatus, TaskStatus, WorkerStatus
 
 NOW = datetime(2026, 11, 2, 12, 0, 0, tzinfo=UTC)
 TASK_KEYS = [
@@ -68,6 +68,7 @@ RUN_KEYS = [
     "backend_used",
     "session_id",
     "prompt",
+    "fault",
 ]
 
 
@@ -198,6 +199,7 @@ def test_task_get_document_adds_runs() -> None:
     (run,) = doc["runs"]
     assert list(run) == RUN_KEYS
     assert run["status"] == "failed"
+    assert run["fault"] == "unknown"
     assert run["backend_used"] == {
         "provider": "anthropic",
         "model_name": "claude-x",
@@ -273,7 +275,8 @@ def test_task_detail_shows_policy_runs_result_and_usage() -> None:
     assert "required labels:    gpu=a100" in text
     runs = text.split("Runs:\n")[1].splitlines()
     assert runs[0].split()[:4] == ["ATTEMPT", "RUN", "STATUS", "WORKER"]
-    assert runs[1].split() == ["1", "run_1", "failed", "worker-1", "4m", "ago", "4.0s", "boom"]
+    # the worker did not say whose fault it was
+    assert runs[1].split() == ["1", "run_1", "failed", "worker-1", "4m", "ago", "4.0s", "-", "boom"]
 
 
 def test_task_detail_of_a_turn_names_its_conversation() -> None:
@@ -444,3 +447,14 @@ def test_task_detail_shows_what_the_task_asks_of_the_model_and_no_env_values() -
     assert "max tokens: 200" in text and 'stop sequences: "#"' in text
     assert "env: TOKEN" in text and "s3cret" not in text
     assert "system prompt" not in output.task_detail(make_task(), [], NOW)
+
+
+def test_the_runs_table_says_whose_fault_a_failed_run_was() -> None:
+    runs = [
+        make_run(fault=Fault.WORKER, error="authentication failed"),
+        make_run(attempt=2, fault=Fault.TASK, error="cost limit reached"),
+        make_run(attempt=3, status=RunStatus.LOST, fault=Fault.WORKER, error="lease ended"),
+    ]
+    lines = output.runs_table(runs, NOW).splitlines()
+    assert lines[0].split()[6:] == ["FAULT", "ERROR"]
+    assert [line.split()[7] for line in lines[1:]] == ["worker", "task", "-"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
@@ -11,7 +12,7 @@ from taskrun.controlplane.budgets import Budgets, parse_caps
 from taskrun.controlplane.health import BreakerSettings, WorkerHealth
 from taskrun.controlplane.waiting import waiting_reason
 from taskrun.core.ids import TaskId, WorkerId
-from taskrun.core.models import AgentSpec, ModelBackend, Task, TaskPolicy, Worker
+from taskrun.core.models import AgentSpec, ModelBackend, Task, TaskPolicy, Worker, asked_model
 from taskrun.core.status import TaskStatus, WorkerStatus
 
 W = WorkerId("w")
@@ -172,6 +173,39 @@ def test_waiting_reason_matches_the_model_per_agent() -> None:
         "no online worker offers agent 'echo' with a anthropic model backend"
     )
     assert waiting_reason(pending(required_model="claude-sonnet-5-5"), [worker]) == ""
+
+
+def test_a_model_named_in_the_input_binds_like_the_required_model() -> None:
+    worker = online("w1", ANTHROPIC)
+    named = pending()
+    named.input = json.dumps({"prompt": "x", "model": "claude-opus-9"})
+    assert waiting_reason(named, [worker]) == (
+        "no online worker offers agent 'anthropic' with a claude-opus-9 model backend"
+    )
+    named.input = json.dumps({"prompt": "x", "model": "claude-sonnet-5-5"})
+    assert waiting_reason(named, [worker]) == ""
+    # the required model wins over the input's (it is the one the agent runs)
+    named.policy.required_model = "claude-sonnet-5-5"
+    named.input = json.dumps({"prompt": "x", "model": "claude-opus-9"})
+    assert waiting_reason(named, [worker]) == ""
+
+
+@pytest.mark.parametrize(
+    ("required", "text", "asked"),
+    [
+        ("", "{}", ""),
+        ("", '{"prompt": "model"}', ""),
+        ("", '{"model": "m1"}', "m1"),
+        ("", '{"\\u006dodel": "m1"}', "m1"),  # spelled with an escape, still the key
+        ("", '{"model": 3}', ""),  # not a model name: the agent's schema refuses it
+        ("", '{"model": ""}', ""),
+        ("", '["model"]', ""),
+        ("", "not json, model", ""),
+        ("m2", '{"model": "m1"}', "m2"),
+    ],
+)
+def test_asked_model(required: str, text: str, asked: str) -> None:
+    assert asked_model(required, text) == asked
 
 
 def test_waiting_reason_says_when_every_fitting_worker_is_quarantined() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -12,7 +13,7 @@ import pytest
 from taskrun.cli import main as cli
 from taskrun.cli import schedule_cmd
 from taskrun.core.errors import InvalidArgument
-from taskrun.core.models import TaskPolicy
+from taskrun.core.models import ModelSettings, TaskPolicy
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 
 
@@ -144,6 +145,44 @@ def test_update_changes_only_the_fields_given() -> None:
     assert changed.rrule == "FREQ=HOURLY"
     assert changed.policy == TaskPolicy(priority=9, max_attempts=5, required_labels={"zone": "eu"})
     assert (changed.agent, changed.timezone) == ("echo", "UTC")
+
+
+def test_update_takes_the_model_flags_changing_only_those_given(tmp_path: Path) -> None:
+    schema = tmp_path / "schema.json"
+    schema.write_text('{"type": "object"}')
+    current = replace(
+        CURRENT,
+        policy=TaskPolicy(
+            priority=3,
+            max_cost_usd=1.0,
+            model_settings=ModelSettings(
+                system_prompt="Be brief.", temperature=0.2, disallowed_tools=["Bash"]
+            ),
+        ),
+    )
+    args = parse(
+        "schedule", "update", "b", "--max-cost", "2.5", "--output-schema", str(schema),
+        "--allowed-tool", "Read", "--allowed-tool", "Grep", "--max-tokens", "300",
+    )  # fmt: skip
+    changed, fields = schedule_cmd.update_from_args(args, current)
+    assert fields == ["policy"]
+    policy = changed.policy
+    assert (policy.max_cost_usd, policy.output_schema) == (2.5, '{"type": "object"}')
+    settings = policy.model_settings
+    assert settings.allowed_tools == ["Read", "Grep"] and settings.max_tokens == 300
+    # what was not given stays
+    assert policy.priority == 3 and settings.system_prompt == "Be brief."
+    assert settings.temperature == 0.2 and settings.disallowed_tools == ["Bash"]
+    assert current.policy.model_settings.allowed_tools == []  # the current one is untouched
+
+    # '' and 0 clear; a repeated flag given replaces its whole list
+    args = parse(
+        "schedule", "update", "b", "--system", "", "--max-cost", "0", "--disallowed-tool", "",
+    )  # fmt: skip
+    cleared = schedule_cmd.update_from_args(args, current)[0].policy
+    assert cleared.max_cost_usd == 0 and cleared.model_settings.system_prompt == ""
+    assert cleared.model_settings.disallowed_tools == []
+    assert cleared.priority == 3
 
 
 def test_update_without_flags_is_an_error() -> None:

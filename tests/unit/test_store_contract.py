@@ -50,7 +50,7 @@ from taskrun.core.models import (
     Worker,
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
-from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.status import Fault, RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import (
     ChangeSet,
     ConversationQuery,
@@ -207,6 +207,7 @@ def full_run() -> Run:
         session_id="sess-1",
         prompt="do it",
         credential_hash="ab" * 32,
+        fault=Fault.TASK,
     )
 
 
@@ -497,6 +498,38 @@ async def test_list_spending_gives_runs_ended_since_with_their_tasks_labels_and_
     both = await store.list_spending(T0 - timedelta(days=2))
     assert [s.run.id for s in both] == [older.id, ended.id]  # in the order they ended
     assert await store.list_spending(T0 + timedelta(hours=1)) == []
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
+async def test_the_spending_read_is_served_by_an_index_on_when_runs_ended(
+    store: Store, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Read at every start for today's budgets: it must not scan every run ever stored. The
+    planner is asked about the very query the store ran, with scans priced out where it can."""
+    await store.apply(ChangeSet(tasks=[full_task()], runs=[full_run()]))
+    ran: list[tuple[str, Any]] = []
+    real = store._fetchall  # type: ignore[attr-defined]
+
+    async def spy(sql: str, params: Any = ()) -> Any:
+        ran.append((sql, params))
+        return await real(sql, params)
+
+    monkeypatch.setattr(store, "_fetchall", spy)
+    assert len(await store.list_spending(T0)) == 1
+    [(sql, params)] = ran
+    if isinstance(store, SqliteStore):
+        with sqlite3.connect(tmp_path / "t.db") as conn:
+            plan = " | ".join(row[-1] for row in conn.execute(f"EXPLAIN QUERY PLAN {sql}", params))
+        assert "USING INDEX runs_finished" in plan, plan
+        assert "SCAN r" not in plan, plan
+    else:
+        import psycopg
+
+        with psycopg.connect(request.getfixturevalue("postgres_url"), autocommit=True) as pg:
+            pg.execute("SET enable_seqscan = off")
+            row = pg.execute(f"EXPLAIN {sql}", params).fetchall()
+        plan = " | ".join(r[0] for r in row)
+        assert "runs_finished" in plan, plan
 
 
 # --- output --------------------------------------------------------------------------------------

@@ -441,6 +441,13 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
             data      bytea NOT NULL  -- the event as the wire carries it (taskrun.v1.Event)
         )""",
     ),
+    # 9: the day's spending is read back at start (and by `taskrun usage`) by when runs ended:
+    # without this index that read scans every run ever stored; a failed run says whose fault
+    # it was (core.status.Fault)
+    (
+        "CREATE INDEX runs_finished ON runs (finished_at, id) WHERE finished_at IS NOT NULL",
+        "ALTER TABLE runs ADD COLUMN fault smallint NOT NULL DEFAULT 0",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

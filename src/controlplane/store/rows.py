@@ -43,7 +43,7 @@ from taskrun.core.models import (
     Worker,
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
-from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.status import Fault, RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import LateUsage
 from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery, WebhookEvent
 from taskrun.core.workflow import (
@@ -107,6 +107,7 @@ RUN_COLUMNS: Final = (
     "session_id",
     "prompt",
     "credential_hash",
+    "fault",
 )
 WORKER_COLUMNS: Final = (
     "id",
@@ -419,6 +420,7 @@ def run_row(r: Run) -> Params:
         r.session_id,
         r.prompt,
         r.credential_hash,
+        int(r.fault),
     )
 
 
@@ -441,6 +443,7 @@ def run_from(r: RowLike) -> Run:
         session_id=r["session_id"],
         prompt=r["prompt"],
         credential_hash=r["credential_hash"],
+        fault=Fault(r["fault"]),
     )
 
 

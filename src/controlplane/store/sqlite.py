@@ -387,6 +387,13 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
         # queue of other agents' pending tasks, or every finished task of the agent
         "CREATE INDEX tasks_agent_status ON tasks (agent, status, id)",
     ),
+    # 12: the day's spending is read back at start (and by `taskrun usage`) by when runs ended:
+    # without this index that read scans every run ever stored; a failed run says whose fault
+    # it was (core.status.Fault)
+    (
+        "CREATE INDEX runs_finished ON runs (finished_at, id) WHERE finished_at IS NOT NULL",
+        "ALTER TABLE runs ADD COLUMN fault INTEGER NOT NULL DEFAULT 0",
+    ),
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 

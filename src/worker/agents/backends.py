@@ -9,7 +9,8 @@ Two implementations of `MessagesBackend`:
   the same request through Claude Code, with no tools and one turn.
 - `OpenAIBackend` (in `openai_api.py`): OpenAI-compatible chat completions.
 
-Failures become `AgentError` with a message that says what happened.
+Failures become `AgentError` with a message that says what happened and whose fault it is (the
+worker's: credentials, the provider unreachable or failing; or the task's request).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import structlog
 
 from taskrun.core.agent import AgentError
 from taskrun.core.models import ModelBackend, Usage
+from taskrun.core.status import Fault
 
 if TYPE_CHECKING:
     import anthropic
@@ -263,7 +265,10 @@ def max_retries_from_env() -> int:
     except ValueError:
         value = -1
     if value < 0:
-        raise AgentError(f"TASKRUN_ANTHROPIC_MAX_RETRIES must be a whole number >= 0, not {raw!r}")
+        raise AgentError(
+            f"TASKRUN_ANTHROPIC_MAX_RETRIES must be a whole number >= 0, not {raw!r}",
+            fault=Fault.WORKER,
+        )
     return value
 
 
@@ -341,7 +346,8 @@ class AnthropicBackend:
                 final = await stream.get_final_message()
         except anthropic.CredentialsError as exc:
             raise AgentError(
-                f"no Anthropic credentials: set ANTHROPIC_API_KEY on the worker ({exc})"
+                f"no Anthropic credentials: set ANTHROPIC_API_KEY on the worker ({exc})",
+                fault=Fault.WORKER,
             ) from exc
         except anthropic.AnthropicError as exc:
             error = self._explain(exc)
@@ -352,11 +358,13 @@ class AnthropicBackend:
                 f"the connection to the Anthropic API at {self.endpoint} broke mid-response: "
                 f"{type(exc).__name__} {exc}".rstrip(),
                 usage=_spent(opened),
+                fault=Fault.WORKER,
             ) from exc
         except TypeError as exc:
             if "authentication method" in str(exc):
                 raise AgentError(
-                    "no Anthropic credentials: set ANTHROPIC_API_KEY on the worker"
+                    "no Anthropic credentials: set ANTHROPIC_API_KEY on the worker",
+                    fault=Fault.WORKER,
                 ) from exc
             raise
         text = "".join(b.text for b in final.content if b.type == "text")
@@ -379,7 +387,10 @@ class AnthropicBackend:
         return Completion(text, usage, model_backend(final.model), final.stop_reason or "")
 
     def _explain(self, exc: anthropic.AnthropicError) -> AgentError:
-        """Turn an SDK exception into a message an operator can act on."""
+        """Turn an SDK exception into a message an operator can act on, saying whose fault it
+        is: a request the API refused (400, 413, 422...) is the task's; credentials refused, a
+        missing model or endpoint (404: the worker announced what it cannot reach), the API
+        failing or overloaded after retries, or unreachable, are the worker's."""
         import anthropic
 
         retries = f"after {self.max_retries} retries" if self.max_retries else "(retries off)"
@@ -387,33 +398,47 @@ class AnthropicBackend:
             detail = exc.api_message or str(exc.body or exc.message)
             kind = exc.type or "error"
             if exc.status_code == 200:  # an `event: error` frame inside a started stream
-                return AgentError(f"the API stream failed mid-response ({kind}): {detail}")
+                return AgentError(
+                    f"the API stream failed mid-response ({kind}): {detail}",
+                    fault=Fault.TASK if kind == "invalid_request_error" else Fault.WORKER,
+                )
             if isinstance(exc, anthropic.AuthenticationError):
                 return AgentError(
-                    f"authentication failed: check ANTHROPIC_API_KEY (HTTP 401: {detail})"
+                    f"authentication failed: check ANTHROPIC_API_KEY (HTTP 401: {detail})",
+                    fault=Fault.WORKER,
                 )
             if isinstance(exc, anthropic.PermissionDeniedError):
-                return AgentError(f"permission denied (HTTP 403): {detail}")
+                return AgentError(f"permission denied (HTTP 403): {detail}", fault=Fault.WORKER)
             if isinstance(exc, anthropic.OverloadedError):
-                return AgentError(f"the Anthropic API is overloaded (HTTP 529) {retries}: {detail}")
+                return AgentError(
+                    f"the Anthropic API is overloaded (HTTP 529) {retries}: {detail}",
+                    fault=Fault.WORKER,
+                )
             if isinstance(exc, anthropic.RateLimitError):
-                return AgentError(f"rate limited (HTTP 429) {retries}: {detail}")
+                return AgentError(
+                    f"rate limited (HTTP 429) {retries}: {detail}", fault=Fault.WORKER
+                )
             if isinstance(exc, anthropic.BadRequestError):
                 return AgentError(f"invalid request (HTTP 400): {detail}")
             if isinstance(exc, anthropic.NotFoundError):
-                return AgentError(f"not found (HTTP 404): {detail}")
+                return AgentError(f"not found (HTTP 404): {detail}", fault=Fault.WORKER)
             if exc.status_code >= 500:
                 return AgentError(
-                    f"the Anthropic API failed (HTTP {exc.status_code}, {kind}) {retries}: {detail}"
+                    f"the Anthropic API failed (HTTP {exc.status_code}, {kind}) {retries}: "
+                    f"{detail}",
+                    fault=Fault.WORKER,
                 )
             return AgentError(
                 f"the Anthropic API refused the request (HTTP {exc.status_code}, {kind}): {detail}"
             )
         if isinstance(exc, anthropic.APITimeoutError):
-            return AgentError(f"the request to {self.endpoint} timed out {retries}")
+            return AgentError(
+                f"the request to {self.endpoint} timed out {retries}", fault=Fault.WORKER
+            )
         if isinstance(exc, anthropic.APIConnectionError):
             cause = f": {exc.__cause__}" if exc.__cause__ else ""
             return AgentError(
-                f"could not connect to the Anthropic API at {self.endpoint} {retries}{cause}"
+                f"could not connect to the Anthropic API at {self.endpoint} {retries}{cause}",
+                fault=Fault.WORKER,
             )
-        return AgentError(f"Anthropic SDK error: {type(exc).__name__}: {exc}")
+        return AgentError(f"Anthropic SDK error: {type(exc).__name__}: {exc}", fault=Fault.WORKER)

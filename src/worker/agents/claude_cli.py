@@ -25,6 +25,7 @@ import structlog
 
 from taskrun.core.agent import AgentError
 from taskrun.core.models import Usage
+from taskrun.core.status import Fault
 from taskrun.worker.agents.backends import (
     DEFAULT_MAX_RETRIES,
     ChatMessage,
@@ -48,7 +49,9 @@ def import_claude_sdk() -> Any:
     try:
         import claude_agent_sdk
     except ImportError as exc:
-        raise AgentError(f"claude-agent-sdk is not installed; {CLAUDE_EXTRA_HINT}") from exc
+        raise AgentError(
+            f"claude-agent-sdk is not installed; {CLAUDE_EXTRA_HINT}", fault=Fault.WORKER
+        ) from exc
     return claude_agent_sdk
 
 
@@ -139,10 +142,14 @@ async def claude_session(
     try:
         await client.connect()
     except sdk.CLINotFoundError as exc:
-        raise AgentError(f"Claude Code CLI not found ({exc}); {CLAUDE_EXTRA_HINT}") from exc
+        raise AgentError(
+            f"Claude Code CLI not found ({exc}); {CLAUDE_EXTRA_HINT}", fault=Fault.WORKER
+        ) from exc
     except sdk.ClaudeSDKError as exc:
         stderr = options.stderr if isinstance(options.stderr, StderrTail) else None
-        raise AgentError(start_error(exc, stderr)) from exc
+        said = start_error(exc, stderr)
+        # as root only bypassPermissions is refused: other tasks still run on this worker
+        raise AgentError(said, fault=Fault.TASK if ROOT_REFUSAL in said else Fault.WORKER) from exc
     process = _cli_process(client)
     pid = getattr(process, "pid", None)
     log.debug("claude code cli started", pid=pid)
@@ -198,6 +205,22 @@ def start_error(exc: Exception, stderr: StderrTail | None) -> str:
 
 def _endpoint() -> str:
     return os.environ.get("ANTHROPIC_BASE_URL") or "https://api.anthropic.com"
+
+
+WORKER_STATUSES = frozenset({401, 403, 404, 429, 529})  # and every 5xx
+
+
+def claude_result_fault(result: Any) -> Fault:
+    """Whose fault a ResultMessage with is_error=True is: the worker's when Claude Code could
+    not use the API (no or refused credentials, the API failing, overloaded or rate limited
+    after retries), else the task's (its turn or budget limit, what the model did)."""
+    status = getattr(result, "api_error_status", None) or 0
+    if status in WORKER_STATUSES or status >= 500:
+        return Fault.WORKER
+    said = "; ".join(
+        [str(e) for e in (getattr(result, "errors", None) or [])] + [result.result or ""]
+    )
+    return Fault.WORKER if "/login" in said or "Not logged in" in said else Fault.TASK
 
 
 def claude_result_error(result: Any, stderr: StderrTail | None = None) -> str:
@@ -294,9 +317,11 @@ class ClaudeCodeBackend:
                 elif isinstance(message, sdk.ResultMessage):
                     result = message
         if result is None:
-            raise AgentError(f"Claude Code ended without a result; stderr: {stderr.text()}")
+            raise AgentError(
+                f"Claude Code ended without a result; stderr: {stderr.text()}", fault=Fault.WORKER
+            )
         if result.is_error:
-            raise AgentError(claude_result_error(result, stderr))
+            raise AgentError(claude_result_error(result, stderr), fault=claude_result_fault(result))
         text = "".join(text_blocks) or "".join(streamed) or (result.result or "")
         usage = usage_from_claude(result.usage)
         usage.cost_usd = float(result.total_cost_usd or 0.0)

@@ -40,6 +40,7 @@ from taskrun.core.models import (
     Usage,
 )
 from taskrun.core.output_schema import exhausted, feedback, instructions, parse_reply
+from taskrun.core.status import Fault
 from taskrun.worker.agents.backends import (
     announced_backends,
     check_input,
@@ -54,6 +55,7 @@ from taskrun.worker.agents.claude_cli import (
     claude_code_missing,
     claude_options,
     claude_result_error,
+    claude_result_fault,
     claude_session,
     import_claude_sdk,
     usage_from_claude,
@@ -393,7 +395,9 @@ class ClaudeCodeAgent:
                 await client.query(feedback(problems))
                 result = await receive(client)
         if result is None:
-            raise AgentError(f"Claude Code ended without a result; stderr: {stderr.text()}")
+            raise AgentError(
+                f"Claude Code ended without a result; stderr: {stderr.text()}", fault=Fault.WORKER
+            )
         session_id = result.session_id or session_id
         total_cost = float(result.total_cost_usd or 0.0)  # the session's running total
         usage = Usage()
@@ -404,9 +408,9 @@ class ClaudeCodeAgent:
         usage.cost_usd = max(0.0, total_cost - cost_before)
         snapshot = await asyncio.to_thread(capture_session, session_id) if turn else b""
         refused = await self._refused(ctx, results, inp.get("permission_mode"), failed)
-        failure = ""
+        failure, fault = "", Fault.TASK
         if result.is_error:
-            failure = claude_result_error(result, stderr)
+            failure, fault = claude_result_error(result, stderr), claude_result_fault(result)
         elif problems:
             failure = exhausted(attempt, problems)
         elif refused and inp.get("fail_on_refused_tools"):
@@ -419,6 +423,7 @@ class ClaudeCodeAgent:
                 session_id=session_id,
                 session_snapshot=snapshot,
                 session_cost_usd=total_cost,
+                fault=fault,
             )
         warnings = [*refused]
         if not total_cost and (usage.input_tokens or usage.output_tokens):

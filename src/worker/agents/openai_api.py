@@ -31,6 +31,7 @@ import structlog
 
 from taskrun.core.agent import AgentError, Readiness
 from taskrun.core.models import AgentSpec, ModelBackend, Usage
+from taskrun.core.status import Fault
 from taskrun.worker.agents.anthropic_api import INPUT_SCHEMA as ANTHROPIC_INPUT
 from taskrun.worker.agents.anthropic_api import AnthropicAgent
 from taskrun.worker.agents.backends import (
@@ -116,7 +117,7 @@ def _setting(name: str, default: int) -> int:
     if not raw:
         return default
     if not raw.isdigit():
-        raise AgentError(f"{name} must be a whole number >= 0, not {raw!r}")
+        raise AgentError(f"{name} must be a whole number >= 0, not {raw!r}", fault=Fault.WORKER)
     return int(raw)
 
 
@@ -158,13 +159,15 @@ class OpenAIBackend:
         if api_key is None and base_url is None:
             raise AgentError(
                 "no OpenAI credentials: set OPENAI_API_KEY on the worker (or OPENAI_BASE_URL "
-                "alone for a local server that needs no key)"
+                "alone for a local server that needs no key)",
+                fault=Fault.WORKER,
             )
         field_name = os.environ.get("TASKRUN_OPENAI_MAX_TOKENS_FIELD") or "max_completion_tokens"
         if field_name not in ("max_completion_tokens", "max_tokens"):
             raise AgentError(
                 "TASKRUN_OPENAI_MAX_TOKENS_FIELD must be max_completion_tokens or max_tokens, "
-                f"not {field_name!r}"
+                f"not {field_name!r}",
+                fault=Fault.WORKER,
             )
         return cls(
             # a local server ignores the key, but the SDK insists on one
@@ -240,7 +243,8 @@ class OpenAIBackend:
                 cause = f": {exc.__cause__}" if exc.__cause__ else ""
                 raise AgentError(
                     f"the connection to the OpenAI-compatible API at {self.endpoint} broke "
-                    f"mid-response after {chunks} chunks{cause}"
+                    f"mid-response after {chunks} chunks{cause}",
+                    fault=Fault.WORKER,
                 ) from exc
             raise self._explain(exc) from exc
         except openai.OpenAIError as exc:
@@ -248,7 +252,8 @@ class OpenAIBackend:
         except httpx2.HTTPError as exc:  # a stream that broke while being read
             raise AgentError(
                 f"the connection to the OpenAI-compatible API at {self.endpoint} broke "
-                f"mid-response: {type(exc).__name__} {exc}".rstrip()
+                f"mid-response: {type(exc).__name__} {exc}".rstrip(),
+                fault=Fault.WORKER,
             ) from exc
         if usage is None:
             # a server that ignores stream_options: the answer stands, its size is unknown
@@ -258,6 +263,8 @@ class OpenAIBackend:
         return Completion("".join(texts), usage, openai_backend(used_model), finish)
 
     def _explain(self, exc: openai.OpenAIError) -> AgentError:
+        """An SDK exception as a message an operator can act on, with whose fault it is (as
+        for the Anthropic API: a refused request is the task's, the rest the worker's)."""
         import openai
 
         retries = f"after {self.max_retries} retries" if self.max_retries else "(retries off)"
@@ -268,25 +275,42 @@ class OpenAIBackend:
             status = exc.status_code
             if isinstance(exc, openai.AuthenticationError):
                 return AgentError(
-                    f"authentication failed: check OPENAI_API_KEY (HTTP 401 from {where}: {detail})"
+                    "authentication failed: check OPENAI_API_KEY "
+                    f"(HTTP 401 from {where}: {detail})",
+                    fault=Fault.WORKER,
                 )
             if isinstance(exc, openai.RateLimitError):
-                return AgentError(f"rate limited (HTTP 429) {retries}: {detail}")
+                return AgentError(
+                    f"rate limited (HTTP 429) {retries}: {detail}", fault=Fault.WORKER
+                )
             if isinstance(exc, openai.BadRequestError):
                 return AgentError(f"invalid request (HTTP 400): {detail}")
             if isinstance(exc, openai.NotFoundError):
-                return AgentError(f"not found (HTTP 404 from {where}): {detail}")
+                return AgentError(
+                    f"not found (HTTP 404 from {where}): {detail}", fault=Fault.WORKER
+                )
             if status >= 500:
-                return AgentError(f"the API at {where} failed (HTTP {status}) {retries}: {detail}")
+                return AgentError(
+                    f"the API at {where} failed (HTTP {status}) {retries}: {detail}",
+                    fault=Fault.WORKER,
+                )
+            if status == 403:
+                return AgentError(
+                    f"permission denied (HTTP 403 from {where}): {detail}", fault=Fault.WORKER
+                )
             return AgentError(f"the API at {where} refused the request (HTTP {status}): {detail}")
         if isinstance(exc, openai.APITimeoutError):
-            return AgentError(f"the request to {where} timed out {retries}")
+            return AgentError(f"the request to {where} timed out {retries}", fault=Fault.WORKER)
         if isinstance(exc, openai.APIConnectionError):
             cause = f": {exc.__cause__}" if exc.__cause__ else ""
-            return AgentError(f"could not connect to the API at {where} {retries}{cause}")
+            return AgentError(
+                f"could not connect to the API at {where} {retries}{cause}", fault=Fault.WORKER
+            )
         if isinstance(exc, openai.APIError):  # an error inside a started stream
-            return AgentError(f"the API stream failed mid-response: {exc.message}")
-        return AgentError(f"OpenAI SDK error: {exc}")
+            return AgentError(
+                f"the API stream failed mid-response: {exc.message}", fault=Fault.WORKER
+            )
+        return AgentError(f"OpenAI SDK error: {exc}", fault=Fault.WORKER)
 
 
 class OpenAIAgent(AnthropicAgent):

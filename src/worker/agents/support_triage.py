@@ -3,7 +3,10 @@
 The model is asked for {category, priority, summary} matching TRIAGE_SCHEMA, the way any task
 with an output schema is (`structured.answer`): on a violation it is asked again (at most twice),
 told what was wrong.
-Runs on either backend of `backends.py` (input "backend": "anthropic" | "claude_code").
+Runs on either backend of `backends.py` (input "backend": "anthropic" | "claude_code"). It is
+announced as available where either can run (a worker with only Claude Code runs it on
+claude_code); without a `backend` in the input it uses the Messages API where it can, else Claude
+Code; a task that names a backend this worker cannot use fails saying so, before any call.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import structlog
 from taskrun.core.agent import AgentError, AgentResult, Readiness, RunContext
 from taskrun.core.models import AgentSpec
 from taskrun.core.output_schema import parse_reply
+from taskrun.core.status import Fault
 from taskrun.worker.agents.backends import (
     AnthropicBackend,
     MessagesBackend,
@@ -25,7 +29,7 @@ from taskrun.worker.agents.backends import (
     check_input,
     choose_model,
 )
-from taskrun.worker.agents.claude_cli import ClaudeCodeBackend
+from taskrun.worker.agents.claude_cli import ClaudeCodeBackend, claude_code_missing
 from taskrun.worker.agents.structured import answer
 
 log = structlog.get_logger(__name__)
@@ -51,7 +55,10 @@ INPUT_SCHEMA: dict[str, Any] = {
         "ticket_id": {"type": "string", "minLength": 1},
         "subject": {"type": "string"},
         "body": {"type": "string"},
-        "backend": {"enum": ["anthropic", "claude_code"], "default": "anthropic"},
+        "backend": {
+            "enum": ["anthropic", "claude_code"],
+            "description": "default: anthropic where the worker can call the API, else claude_code",
+        },
         "model": {"type": "string", "minLength": 1},
         "max_tokens": {"type": "integer", "minimum": 64, "maximum": 8192, "default": 512},
     },
@@ -94,6 +101,32 @@ def backend_named(
     raise AgentError(f"unknown backend {name!r}; use 'anthropic' or 'claude_code'")
 
 
+def backends_missing() -> dict[str, str]:
+    """Why each backend cannot run on this worker ("" when it can)."""
+    return {"anthropic": anthropic_api_missing(), "claude_code": claude_code_missing()}
+
+
+def usable_backend(asked: object, missing: dict[str, str]) -> str:
+    """The backend a run uses: the one the input names, else the Messages API where it can
+    run, else Claude Code. AgentError when the named one cannot run here: the task's fault when
+    the other can (this worker serves other triage tasks), the worker's when neither can."""
+    if isinstance(asked, str) and asked:
+        name = asked
+    else:
+        name = "claude_code" if missing["anthropic"] and not missing["claude_code"] else "anthropic"
+    why = missing.get(name, "")
+    if not why:
+        return name
+    others = [other for other, reason in missing.items() if other != name and not reason]
+    if not others:
+        raise AgentError(f"backend {name!r} cannot run on this worker: {why}", fault=Fault.WORKER)
+    raise AgentError(
+        f"input.backend: {name!r} cannot run on this worker ({why}); it has backend "
+        f"{others[0]!r}: leave `backend` out to use it, or run the task where {name} can run",
+        fault=Fault.TASK,
+    )
+
+
 class SupportTriageAgent:
     """Classifies a ticket (category, priority, summary), retrying on schema violations."""
 
@@ -107,12 +140,16 @@ class SupportTriageAgent:
         )
 
     def readiness(self) -> Readiness:
-        """Ready when its default backend, the Messages API, can be called."""
-        return Readiness(anthropic_api_missing(), announced_backends())
+        """Ready when either backend can run here (the Messages API, or Claude Code)."""
+        missing = backends_missing()
+        if all(missing.values()):
+            why = "; ".join(f"backend {name}: {reason}" for name, reason in missing.items())
+            return Readiness(f"neither backend can run here ({why})", announced_backends())
+        return Readiness("", announced_backends())
 
     async def run(self, ctx: RunContext) -> AgentResult:
         check_input(INPUT_SCHEMA, ctx.input)
-        name = ctx.input.get("backend", "anthropic")
+        name = usable_backend(ctx.input.get("backend"), backends_missing())
         bound = log.bind(
             task_id=ctx.task_id, run_id=ctx.run_id, agent="support_triage", backend=name
         )
