@@ -13,7 +13,7 @@ import json
 import subprocess
 import sys
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import grpc
@@ -224,6 +224,7 @@ async def test_a_flapping_worker_is_quarantined_and_its_tasks_complete_elsewhere
         assert "runs in a row failed within 10s" in flapping.quarantine_reason
         assert "authentication failed" in flapping.quarantine_reason
         assert flapping.consecutive_failures >= 2
+        opened = flapping.quarantined_until - timedelta(seconds=60)  # --quarantine-base
 
         failed_there: list[datetime] = []
         for task in tasks:
@@ -232,9 +233,12 @@ async def test_a_flapping_worker_is_quarantined_and_its_tasks_complete_elsewhere
             for run in runs[:-1]:  # a retry never went back to the worker that failed it
                 assert (run.status, run.worker_id) == (RunStatus.FAILED, "worker-1")
                 assert run.fault is Fault.WORKER  # a 401: the worker's key
-                assert run.finished_at is not None
+                assert run.finished_at is not None and run.assigned_at is not None
+                # given to it before the breaker opened (a slot freed by its first failure may
+                # have been refilled before the second one tripped it), never after
+                assert run.assigned_at <= opened
                 failed_there.append(run.finished_at)
-        assert 2 <= len(failed_there) <= 4  # at most what it held before the breaker opened
+        assert len(failed_there) >= 2
 
         # while quarantined it gets nothing, though it has three times the free slots
         later = [await client.create_task("anthropic", {"prompt": "more"}) for _ in range(3)]
