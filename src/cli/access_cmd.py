@@ -22,6 +22,7 @@ from cryptography.x509.oid import NameOID
 from taskrun.cli import output
 from taskrun.cli.client import ApiTokenInfo, BootstrapTokenInfo, Client
 from taskrun.cli.credentials import target_host
+from taskrun.cli.running import main_module as _cli
 from taskrun.core.access import AuditEvent, AuditKind, Scope, TokenState
 from taskrun.core.durations import human_duration
 from taskrun.files import private_directory, write_atomic
@@ -29,12 +30,6 @@ from taskrun.files import private_directory, write_atomic
 T = TypeVar("T")
 _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400}
-
-
-def _cli() -> Any:
-    from taskrun.cli import main  # main imports this module: resolve it when it is used
-
-    return main
 
 
 def parse_duration(text: str) -> float:

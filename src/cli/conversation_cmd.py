@@ -21,6 +21,7 @@ import grpc
 
 from taskrun.cli import output
 from taskrun.cli.client import Client, OutputReceived, TurnEnded, TurnStarted
+from taskrun.cli.running import main_module as _cli
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import Conversation, OutputKind, Turn
 from taskrun.core.validation import parse_label_args, validate_input
@@ -31,12 +32,6 @@ CHAT_HELP = (
     "continues from it). Ctrl-C at the prompt or Ctrl-D ends the chat; return with "
     "--conversation ID."
 )
-
-
-def _cli() -> Any:
-    from taskrun.cli import schedule_cmd
-
-    return schedule_cmd._cli()
 
 
 def register(subparsers: Any) -> None:

@@ -14,14 +14,9 @@ from typing import Any
 
 from taskrun.cli import output
 from taskrun.cli.client import EventKind
+from taskrun.cli.running import main_module as _cli
 
 KIND_NAMES = {k.name.lower(): k for k in EventKind if k is not EventKind.SNAPSHOT_END}
-
-
-def _cli() -> Any:
-    from taskrun.cli import main  # main imports this module: resolve it when it is used
-
-    return main
 
 
 def _kinds(text: str) -> list[EventKind]:

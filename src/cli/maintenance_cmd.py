@@ -14,18 +14,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from taskrun.cli.running import main_module as _cli
+
 BACKUP_PAGES_PER_STEP = 1024  # copy in steps so the server's writers are not held up
-
-
-def _cli() -> Any:
-    """The running `taskrun` main module (it imports this one), also when it runs as
-    `python -m taskrun.cli.main`: then its CliError is the one main() catches."""
-    running = sys.modules.get("__main__")
-    if running is not None and hasattr(running, "build_parser") and hasattr(running, "CliError"):
-        return running
-    from taskrun.cli import main
-
-    return main
 
 
 def register(commands: Any) -> None:

@@ -24,6 +24,7 @@ from taskrun.cli.model_opts import (
     apply_model_arguments,
     update_model_arguments,
 )
+from taskrun.cli.running import main_module as _cli
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import Task, TaskPolicy
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
@@ -39,20 +40,6 @@ SCHEDULE_HELP = (
     "previous task is unfinished, skip (default) creates nothing, allow creates anyway, "
     "cancel_previous cancels it first."
 )
-
-
-def _cli() -> Any:
-    """The `taskrun` main module (it imports this one, so it is resolved when used), also when
-    it runs as `python -m taskrun.cli.main`, without importing it a second time."""
-    module = sys.modules.get("taskrun.cli.main")
-    if module is not None:
-        return module
-    running = sys.modules.get("__main__")
-    if running is not None and hasattr(running, "build_parser") and hasattr(running, "_leaf"):
-        return running
-    from taskrun.cli import main
-
-    return main
 
 
 # --- parser ----------------------------------------------------------------------------------

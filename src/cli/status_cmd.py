@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import sys
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 from taskrun.cli import output
 from taskrun.cli.client import Client
 from taskrun.cli.failover import FailoverStub
+from taskrun.cli.running import main_module as _cli
 from taskrun.v1 import cluster_pb2 as cpb
 from taskrun.v1 import cluster_pb2_grpc
 
@@ -84,15 +84,6 @@ async def cluster_status(client: Client) -> ClusterStatus:
             for p in reply.control_planes
         ],
     )
-
-
-def _cli() -> Any:
-    running = sys.modules.get("__main__")
-    if running is not None and hasattr(running, "build_parser") and hasattr(running, "CliError"):
-        return running
-    from taskrun.cli import main
-
-    return main
 
 
 def register(commands: Any) -> None:

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from taskrun.cli.running import main_module as _cli
+
 STORE_HELP = (
     "Stores are named as for `taskrun server --store`: sqlite:PATH, "
     "postgresql://USER:PASSWORD@HOST:PORT/DBNAME. Stop the control plane first: what it writes "
@@ -16,18 +18,6 @@ STORE_HELP = (
     "PostgreSQL database or schema without TaskRun data); its schema is created as the server "
     "would. Audit events keep their order and are numbered again from 1."
 )
-
-
-def _cli() -> Any:
-    """The running `taskrun` main module, resolved when used (it imports this one): `__main__`
-    under `python -m taskrun.cli.main` (whose `main()` catches its own CliError, even when
-    another module imported `taskrun.cli.main` a second time), else `taskrun.cli.main`."""
-    running = sys.modules.get("__main__")
-    if running is not None and hasattr(running, "build_parser") and hasattr(running, "CliError"):
-        return running
-    from taskrun.cli import main
-
-    return main
 
 
 def register(subparsers: Any) -> None:

@@ -12,20 +12,8 @@ from google.protobuf.json_format import MessageToDict
 
 from taskrun.cli import output
 from taskrun.cli.client import Client
+from taskrun.cli.running import main_module as _cli
 from taskrun.v1 import tasks_pb2
-
-
-def _cli() -> Any:
-    """The `taskrun` main module (it imports this one), also under `python -m`."""
-    module = sys.modules.get("taskrun.cli.main")
-    if module is not None:
-        return module
-    running = sys.modules.get("__main__")
-    if running is not None and hasattr(running, "build_parser") and hasattr(running, "_leaf"):
-        return running
-    from taskrun.cli import main
-
-    return main
 
 
 def register(subparsers: Any) -> None:

@@ -12,15 +12,10 @@ from typing import Any
 
 from taskrun.cli import output
 from taskrun.cli.client import Client
+from taskrun.cli.running import main_module as _cli
 from taskrun.core.webhooks import SUBSCRIBABLE, Webhook, WebhookDelivery
 
 EVENTS = [e.value for e in SUBSCRIBABLE]
-
-
-def _cli() -> Any:
-    from taskrun.cli import main  # main imports this module: resolve it when it is used
-
-    return main
 
 
 def _events(text: str) -> list[str]:

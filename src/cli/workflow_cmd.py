@@ -16,16 +16,11 @@ from typing import Any
 
 from taskrun.cli import output
 from taskrun.cli.client import Client
+from taskrun.cli.running import main_module as _cli
 from taskrun.core.models import utcnow
 from taskrun.core.workflow import InboxItem, Workflow, WorkflowRun
 
 FOLLOW_POLL = 0.5  # seconds between looks at a followed run
-
-
-def _cli() -> Any:
-    from taskrun.cli import main  # main imports this module: resolve it when it is used
-
-    return main
 
 
 def register(subparsers: Any) -> None:

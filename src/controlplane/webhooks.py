@@ -22,9 +22,10 @@ import json
 import random
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from urllib.parse import urlsplit
 
 import httpx
@@ -268,26 +269,8 @@ class WebhookDispatcher:
             ]
             if not wanting:
                 continue
-            payload = json.dumps(
-                {
-                    "type": str(kind),
-                    "timestamp": event.time.ToDatetime().isoformat() + "Z",
-                    "data": {"task": convert.to_json_dict(task)},
-                },
-                separators=(",", ":"),
-            )
-            out.extend(
-                WebhookDelivery(
-                    id=new_delivery_id(),
-                    webhook_id=hook.id,
-                    event=kind,
-                    event_key=key,
-                    payload=payload,
-                    created_at=now,
-                    next_attempt_at=now,
-                )
-                for hook in wanting
-            )
+            data = {"task": convert.to_json_dict(task)}
+            out.extend(_deliveries(wanting, kind, key, _payload(kind, event, data), now))
         return out
 
     async def _turn_deliveries(self, event: epb.Event) -> list[WebhookDelivery]:
@@ -332,19 +315,8 @@ class WebhookDispatcher:
             },
             separators=(",", ":"),
         )
-        now = self.clock()
-        return [
-            WebhookDelivery(
-                id=new_delivery_id(),
-                webhook_id=hook.id,
-                event=kind,
-                event_key=f"{task.id}:turn_{status.name.lower()}",
-                payload=payload,
-                created_at=now,
-                next_attempt_at=now,
-            )
-            for hook in wanting
-        ]
+        key = f"{task.id}:turn_{status.name.lower()}"
+        return _deliveries(wanting, kind, key, payload, self.clock())
 
     def _inbox_deliveries(self, event: epb.Event) -> list[WebhookDelivery]:
         """a new inbox item. Labels filter on `workflow` (the workflow's name); the
@@ -356,27 +328,8 @@ class WebhookDispatcher:
         wanting = [h for h in self.hooks.values() if h.wants(kind, "", "", labels)]
         if not wanting:
             return []
-        payload = json.dumps(
-            {
-                "type": str(kind),
-                "timestamp": event.time.ToDatetime().isoformat() + "Z",
-                "data": {"inbox_item": convert.to_json_dict(item)},
-            },
-            separators=(",", ":"),
-        )
-        now = self.clock()
-        return [
-            WebhookDelivery(
-                id=new_delivery_id(),
-                webhook_id=hook.id,
-                event=kind,
-                event_key=f"{item.id}:created",
-                payload=payload,
-                created_at=now,
-                next_attempt_at=now,
-            )
-            for hook in wanting
-        ]
+        payload = _payload(kind, event, {"inbox_item": convert.to_json_dict(item)})
+        return _deliveries(wanting, kind, f"{item.id}:created", payload, self.clock())
 
     # --- sending -----------------------------------------------------------------------------
 
@@ -500,3 +453,27 @@ class WebhookDispatcher:
             self._schedule(updated)
         else:
             self._pending.pop(delivery.id, None)
+
+
+def _payload(kind: WebhookEvent, event: epb.Event, data: dict[str, Any]) -> str:
+    """A delivery's body: the event's type, its time and what it is about."""
+    body = {"type": str(kind), "timestamp": event.time.ToDatetime().isoformat() + "Z", "data": data}
+    return json.dumps(body, separators=(",", ":"))
+
+
+def _deliveries(
+    hooks: Iterable[Webhook], kind: WebhookEvent, key: str, payload: str, now: datetime
+) -> list[WebhookDelivery]:
+    """One delivery of `payload` to each of `hooks`, due now; `key` makes it once per hook."""
+    return [
+        WebhookDelivery(
+            id=new_delivery_id(),
+            webhook_id=hook.id,
+            event=kind,
+            event_key=key,
+            payload=payload,
+            created_at=now,
+            next_attempt_at=now,
+        )
+        for hook in hooks
+    ]
