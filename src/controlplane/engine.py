@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import copy
 import functools
 import json
 import math
@@ -516,6 +517,10 @@ class Engine:
                 subtasks.joined(self.trees, task)
             # Assign what fits right away, in the same commit as the creation.
             outgoing = self._plan(changes)
+            # The reply shows each task as this commit stores it: by the time it is durable, the
+            # view may hold a later state whose own commit is still on its way.
+            as_committed = {task.id: _snapshot(task) for task, _ in created}
+            results = [(as_committed.get(t.id, t), new) for t, new in results]
 
             if subscribe is not None:
                 for task, _ in created:
@@ -1914,6 +1919,14 @@ class Engine:
     def worker_runs(self, worker_id: WorkerId) -> list[RunId]:
         session = self.sessions.get(worker_id)
         return sorted(session.runs) if session else []
+
+
+def _snapshot(task: Task) -> Task:
+    """A copy of `task` that later changes to the view leave as it is (its mutable parts are
+    replaced, never changed in place, except usage)."""
+    copied = copy.copy(task)
+    copied.usage = copy.copy(task.usage)
+    return copied
 
 
 # How long past two leases a cancelled run's last report is awaited: a worker stops a cancelled

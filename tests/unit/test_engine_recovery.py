@@ -109,3 +109,21 @@ async def test_a_key_whose_first_commit_fails_is_not_answered_with_that_task() -
     await until(lambda: not e.store_error)
     assert await store.get_task_by_idempotency_key("k") is None
     await e.stop()
+
+
+async def test_a_created_task_is_answered_as_its_commit_stored_it_not_as_the_view_is() -> None:
+    store = GatedStore()
+    store.gate.set()
+    e = Engine(store, ServerConfig(store="memory"))
+    await e.start()
+    store.gate.clear()  # the creation is in the view; its commit waits
+    creating = asyncio.ensure_future(e.create_tasks([spec("")]))
+    await asyncio.sleep(0.01)
+    [task_id] = list(e.tasks)
+    cancelling = asyncio.ensure_future(e.cancel_task(task_id, "changed my mind"))
+    await asyncio.sleep(0.01)  # the view now says CANCELLED; neither commit is durable
+    store.gate.set()
+    [(created, new)] = await creating
+    assert new and created.status is TaskStatus.PENDING  # what the creating commit stored
+    assert (await cancelling).status is TaskStatus.CANCELLED
+    await e.stop()
