@@ -4,6 +4,10 @@ JSON documents are built from the core dataclasses: field names as in `taskrun.c
 (snake_case), enums as lower-case names ("pending"), datetimes as ISO-8601 UTC ("...Z"), None as
 null, tuples as lists. A task's `input` and `result` (JSON text in the models) are embedded as
 JSON values; `result` is null while there is none.
+
+Why one module: the tables and the JSON documents of every command share the same formatting
+rules (durations, money, labels, time); what would move out next is the task-specific part
+(policy fields, runs table), beside `cli/task_tree.py`.
 """
 
 from __future__ import annotations

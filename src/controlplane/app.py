@@ -27,6 +27,7 @@ from taskrun.controlplane.http.mcp_server import McpEndpoint
 from taskrun.controlplane.http.openapi import build as build_openapi
 from taskrun.controlplane.http.server import HttpServer
 from taskrun.controlplane.metrics import ControlPlaneMetrics
+from taskrun.controlplane.run_service import RunService
 from taskrun.controlplane.schedule_service import ScheduleService
 from taskrun.controlplane.scheduler import Scheduler
 from taskrun.controlplane.security_service import (
@@ -34,7 +35,7 @@ from taskrun.controlplane.security_service import (
     CertificateService,
     EnrollmentService,
 )
-from taskrun.controlplane.services import RunService, TaskService, WorkerService
+from taskrun.controlplane.services import TaskService, WorkerService
 from taskrun.controlplane.store import POSTGRES_SCHEMES, open_store, redact
 from taskrun.controlplane.tls import ServerCertificateSource
 from taskrun.controlplane.webhook_service import WebhookService

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import contextlib
 import functools
 import json
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -17,22 +15,19 @@ import structlog
 
 from taskrun import convert
 from taskrun.controlplane import subtasks, usage
-from taskrun.controlplane.auth import Authenticator, Caller, peer_certificate_expiry
+from taskrun.controlplane.auth import Authenticator, Caller
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.followers import Subscription
 from taskrun.controlplane.guard import status_code
-from taskrun.controlplane.session import WorkerSession
 from taskrun.controlplane.waiting import check_known_agent, check_offered, waiting_reason
 from taskrun.core import errors
 from taskrun.core.access import AuditKind, Scope
-from taskrun.core.ids import RunId, TaskId, WorkerId, is_valid_worker_id
+from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import (
-    AgentSpec,
     OutputChunk,
     OutputKind,
     Run,
     Task,
-    Worker,
     asked_model,
     utcnow,
 )
@@ -58,8 +53,6 @@ MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 OUTPUT_BATCH = 1000
 MAX_SUBTASKS_SHOWN = 1000  # GetTask's tree: the oldest; `task list --parent` pages the rest
-HELLO_TIMEOUT = 10.0
-SWEEP_TICK = 0.2  # seconds between looks at every session's lease (at most half the margin)
 
 
 def domain_errors(handler: F) -> F:
@@ -532,187 +525,3 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             detail=f"worker revoked: {worker.revoked_reason}",
         )
         return convert.worker_to_pb(worker)
-
-
-def _worker_from_hello(hello: workers_pb2.WorkerHello) -> Worker:
-    """Validate a hello (INVALID_ARGUMENT naming the field) and turn it into a Worker."""
-    if not is_valid_worker_id(hello.worker_id):
-        raise errors.InvalidArgument("is not a valid worker id", field="hello.worker_id")
-    if not 1 <= hello.max_concurrent_runs <= 10_000:
-        raise errors.InvalidArgument(
-            "must be between 1 and 10000", field="hello.max_concurrent_runs"
-        )
-    return Worker(
-        id=WorkerId(hello.worker_id),
-        hostname=hello.hostname[:255],
-        version=hello.version[:64],
-        agents=_agents_from(hello.agents, "hello.agents"),
-        labels=validate_labels(dict(hello.labels), "hello.labels"),
-        max_concurrent_runs=hello.max_concurrent_runs,
-    )
-
-
-def _agents_from(agents: Sequence[pb.AgentSpec], field: str) -> tuple[AgentSpec, ...]:
-    """Validate announced agents (INVALID_ARGUMENT naming the field)."""
-    out = []
-    for i, agent in enumerate(agents):
-        validate_agent_name(agent.name, f"{field}[{i}].name")
-        if len(agent.unavailable_reason) > 1000:
-            raise errors.InvalidArgument(
-                "is longer than 1000 characters", field=f"{field}[{i}].unavailable_reason"
-            )
-        out.append(convert.agent_from_pb(agent))
-    return tuple(out)
-
-
-class RunService(workers_pb2_grpc.RunServiceServicer):
-    def __init__(self, engine: Engine, auth: Authenticator) -> None:
-        self.engine = engine
-        self.auth = auth
-        # Sessions whose lease and certificate one sweeper task watches (see _sweep).
-        self._watched: set[WorkerSession] = set()
-        self._sweeper: asyncio.Task[None] | None = None
-
-    async def StreamConnect(
-        self,
-        request_iterator: AsyncIterator[workers_pb2.WorkerMessage],
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        worker_id = await self.auth.worker(context)
-        try:
-            first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
-        except TimeoutError:
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within 10s")
-            return
-        if first is grpc.aio.EOF or not first.HasField("hello"):
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT, "hello: the first message must be a hello"
-            )
-            return
-        hello = first.hello
-        try:
-            if hello.worker_id != worker_id:
-                raise errors.PermissionDenied(
-                    f"hello.worker_id {quoted(hello.worker_id)} does not match the certificate "
-                    f"identity {quoted(worker_id)}"
-                )
-            self.engine.check_not_revoked(worker_id)
-            worker = _worker_from_hello(hello)
-        except errors.TaskRunError as exc:
-            self.auth.access.audit(
-                AuditKind.CONNECTION_REJECTED,
-                principal=f"worker {worker_id}",
-                subject=hello.worker_id[:64],
-                peer=context.peer() or "",
-                detail=str(exc),
-                rejection=True,
-            )
-            await context.abort(status_code(exc), str(exc))
-            return
-        worker.certificate_expires_at = peer_certificate_expiry(context)
-        await self._serve(worker, hello, context)
-
-    async def _serve(
-        self,
-        worker: Worker,
-        hello: workers_pb2.WorkerHello,
-        context: grpc.aio.ServicerContext,
-    ) -> None:
-        engine, cfg = self.engine, self.engine.config
-        try:
-            session = engine.attach(worker, hello)
-        except errors.Unavailable as exc:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
-            return
-        session.handler = asyncio.current_task()
-        params = workers_pb2.SessionParams(
-            session_id=session.session_id,
-            heartbeat_interval_ms=int(cfg.heartbeat_interval * 1000),
-            lease_duration_ms=int(cfg.lease_duration * 1000),
-            lease_margin_ms=int(cfg.lease_margin * 1000),
-            max_chunks_per_message=cfg.max_chunks_per_message,
-            max_chunk_bytes=cfg.max_chunk_bytes,
-            max_message_bytes=cfg.max_message_bytes,
-        )
-        writer: asyncio.Task[None] | None = None
-        try:
-            await context.write(workers_pb2.ServerMessage(params=params))
-            writer = asyncio.create_task(session.write_loop(context.write))
-            self._watch(session)
-            while True:
-                msg = await context.read()
-                if msg is grpc.aio.EOF:
-                    break
-                if msg.HasField("agents"):
-                    try:
-                        agents = _agents_from(msg.agents.agents, "agents.agents")
-                    except errors.InvalidArgument as exc:
-                        await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
-                        return
-                    engine.update_agents(session, agents)
-                engine.handle_reports(session, msg)
-                if engine.backlog > cfg.max_inflight_commits:
-                    await engine.flush()
-        except asyncio.CancelledError:
-            if not session.kick_reason:
-                raise
-            # kicked by the engine: end the call with the reason instead of a bare CANCELLED
-        finally:
-            # Detach first: a writer blocked on a silent peer may take long to unwind.
-            engine.detach(session)
-            self._watched.discard(session)
-            if writer is not None:
-                writer.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception, TimeoutError):
-                    async with asyncio.timeout(1.0):
-                        await writer
-        if session.kick_reason:
-            code = (
-                grpc.StatusCode.PERMISSION_DENIED
-                if session.kick_denied
-                else grpc.StatusCode.UNAVAILABLE
-            )
-            await context.abort(code, session.kick_reason)
-
-    def _watch(self, session: WorkerSession) -> None:
-        self._watched.add(session)
-        if self._sweeper is None or self._sweeper.done():
-            self._sweeper = asyncio.create_task(self._sweep())
-
-    async def _sweep(self) -> None:
-        """End each session whose lease ran out (plus the margin) without a renewal, or whose
-        certificate it connected with expired (a renewed worker has moved on by then).
-
-        One task looks at every session each tick (a fraction of the margin), instead of a
-        timer per session re-armed at every renewal. A session ended here has its runs retried
-        at once: the worker stopped them already.
-        """
-        margin = self.engine.config.lease_margin
-        tick = min(SWEEP_TICK, margin / 2)
-        while self._watched:
-            await asyncio.sleep(tick)
-            now, wall = time.monotonic(), utcnow()
-            ended = [
-                s
-                for s in self._watched
-                if now >= s.lease_expires + margin
-                or (
-                    s.worker.certificate_expires_at is not None
-                    and wall >= s.worker.certificate_expires_at
-                )
-            ]
-            for session in ended:
-                self._watched.discard(session)
-                self._end(session, now)
-
-    def _end(self, session: WorkerSession, now: float) -> None:
-        expires = session.worker.certificate_expires_at
-        if expires is not None and utcnow() >= expires:
-            reason = f"the client certificate expired at {expires:%Y-%m-%d %H:%M:%S} UTC"
-            log.warning("worker certificate expired", worker_id=session.worker_id)
-            session.kick(f"{reason}; renew it or enroll again")
-            return
-        silent = now - session.last_seen
-        log.warning("worker lease ran out", worker_id=session.worker_id, silent_s=round(silent, 1))
-        session.kick(f"the lease ran out: nothing heard from the worker for {silent:.1f}s")
-        self.engine.detach(session)  # its runs are retried now, however long the stream lingers

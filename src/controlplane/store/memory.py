@@ -1,6 +1,10 @@
 """In-memory `Store` for tests. It mirrors `SqliteStore`: same ordering, pagination, output
 dedupe and constraints (foreign keys, unique idempotency keys, timezone-aware datetimes), with
 constraint violations raised as ValueError. Everything stored or returned is a copy.
+
+Why one module: it is one implementation of the Store protocol, and the contract suite holds it
+to the SQL stores table by table; splitting it by table would scatter the single lock-free
+validate-then-apply step that makes each change set all or nothing.
 """
 
 from __future__ import annotations
