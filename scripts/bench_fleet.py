@@ -1,11 +1,14 @@
 """Many workers at once, for scripts/bench --idle-workers N.
 
 A fleet process holds COUNT worker sessions, each with its own certificate and its own
-connection (a channel with a local subchannel pool), speaking the worker protocol the way the
-daemon does: a hello, a numbered heartbeat every `heartbeat_interval_ms` the server gave it (each
-one renews its lease), and for every assignment an immediate COMPLETED status with the input as
-the result (an echo agent that costs nothing, so dispatch is what is measured). It prints
-`ready SECONDS` once every session got its SessionParams, then serves until SIGTERM.
+connection (a channel with the daemon's options and a local subchannel pool), speaking the worker
+protocol the way the daemon does: a hello, a numbered heartbeat (each one renews its lease)
+every `heartbeat_interval_ms` the server gave it while it held a run since the last one, else
+every `idle_heartbeat_interval_ms`; for every assignment an immediate COMPLETED status with the
+input as the result (an echo agent that costs nothing, so dispatch is what is measured), once
+its lease is fresh enough (else after the renewal of a heartbeat sent at once, as the daemon
+waits for it). It prints `ready SECONDS` once every session got its SessionParams, then serves
+until SIGTERM.
 
 `measure_fleet` runs, against a fresh control plane each time:
 1. two fleet sessions: dispatch rate of --fleet-tasks echo tasks (the reference);
@@ -34,6 +37,7 @@ from taskrun.core.status import WorkerStatus
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 from taskrun.v1 import workers_pb2_grpc
+from taskrun.worker.daemon import KEEPALIVE_OPTIONS
 
 SCRIPT = Path(__file__).resolve()
 
@@ -53,10 +57,17 @@ class FakeWorker:
         self.capacity = capacity
         self.ready = asyncio.Event()
         self._out: list[wpb.RunStatusUpdate] = []
+        self._waiting: list[wpb.RunAssignment] = []  # until the lease is renewed
         self._heartbeat = False
         self._wake = asyncio.Event()
+        self._beat_now = False  # the lease lapsed and a run waits: heartbeat at once
+        self._nudge = asyncio.Event()  # a run came: the heartbeat pace may change
         self._seq = 0
         self._beat = 0
+        self._sent: dict[int, float] = {}  # heartbeat seq -> when sent
+        self._lease = 0.0
+        self._expires = 0.0
+        self._held = False  # held a run since the last heartbeat
 
     async def run(self, address: str, pki: PkiPaths) -> None:
         creds = grpc.ssl_channel_credentials(
@@ -64,7 +75,7 @@ class FakeWorker:
             private_key=pki.worker_key(self.worker_id).read_bytes(),
             certificate_chain=pki.worker_cert(self.worker_id).read_bytes(),
         )
-        options = [("grpc.use_local_subchannel_pool", 1)]
+        options = [*KEEPALIVE_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
         async with grpc.aio.secure_channel(address, creds, options=options) as channel:
             call = workers_pb2_grpc.RunServiceStub(channel).StreamConnect()
             hello = wpb.WorkerHello(
@@ -74,14 +85,20 @@ class FakeWorker:
                 agents=[pb.AgentSpec(name="echo")],
                 max_concurrent_runs=self.capacity,
             )
+            hello_sent = time.monotonic()
             await call.write(wpb.WorkerMessage(hello=hello))
             first = await call.read()
             if first is grpc.aio.EOF or not first.HasField("params"):
                 raise BenchError(f"{self.worker_id}: no session params")
-            interval = first.params.heartbeat_interval_ms / 1000 or 1.0
+            params = first.params
+            busy = params.heartbeat_interval_ms / 1000 or 1.0
+            # getattr: a --compare-ref side's generated code may predate the field
+            idle = max(busy, getattr(params, "idle_heartbeat_interval_ms", 0) / 1000)
+            self._lease = params.lease_duration_ms / 1000
+            self._expires = hello_sent + self._lease
             self.ready.set()
             tasks = [
-                asyncio.create_task(self._beats(interval)),
+                asyncio.create_task(self._beats(busy, idle)),
                 asyncio.create_task(self._writes(call)),
             ]
             try:
@@ -89,24 +106,54 @@ class FakeWorker:
                     msg = await call.read()
                     if msg is grpc.aio.EOF:
                         return
-                    for a in msg.assignments:
-                        self._out.append(
-                            wpb.RunStatusUpdate(
-                                run_id=a.run_id,
-                                attempt=a.attempt,
-                                status=pb.RUN_STATUS_COMPLETED,
-                                result_json=a.input_json,
-                            )
-                        )
+                    if msg.lease_seq:
+                        self._granted(msg.lease_seq)
                     if msg.assignments:
+                        self._held = True
+                        self._waiting.extend(msg.assignments)
+                        self._beat_now = not self._fresh()
+                        self._nudge.set()
+                    if self._waiting and self._fresh():
+                        for a in self._waiting:
+                            self._out.append(
+                                wpb.RunStatusUpdate(
+                                    run_id=a.run_id,
+                                    attempt=a.attempt,
+                                    status=pb.RUN_STATUS_COMPLETED,
+                                    result_json=a.input_json,
+                                )
+                            )
+                        self._waiting = []
                         self._wake.set()
             finally:
                 for t in tasks:
                     t.cancel()
 
-    async def _beats(self, interval: float) -> None:
+    def _granted(self, seq: int) -> None:
+        sent = self._sent.get(seq)
+        for old in [s for s in self._sent if s <= seq]:
+            del self._sent[old]
+        if sent is not None:
+            self._expires = max(self._expires, sent + self._lease)
+
+    def _fresh(self) -> bool:
+        """The daemon's Lease.ready_to_start (no lease at all: an old server, always fresh)."""
+        lead = min(1.0, self._lease / 4)
+        return not self._lease or self._expires - time.monotonic() > 2 * lead
+
+    async def _beats(self, busy: float, idle: float) -> None:
+        last = time.monotonic()
         while True:
-            await asyncio.sleep(interval)
+            wait = last + (busy if self._held else idle) - time.monotonic()
+            if wait > 0 and not self._beat_now:
+                self._nudge.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._nudge.wait()
+                continue
+            self._beat_now = False
+            self._held = bool(self._waiting)
+            last = time.monotonic()
             self._heartbeat = True
             self._wake.set()
 
@@ -124,6 +171,7 @@ class FakeWorker:
                 self._heartbeat = False
                 self._beat += 1
                 msg.heartbeat.seq = self._beat
+                self._sent[self._beat] = time.monotonic()
                 msg.heartbeat.time.GetCurrentTime()
             await call.write(msg)
 

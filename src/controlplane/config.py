@@ -40,6 +40,11 @@ class ServerConfig(BaseModel):
     # tick at slightly different rates). Their sum bounds how long a dead worker's runs wait;
     # the lease also bounds how long a control-plane restart may take before runs are stopped.
     heartbeat_interval: float = Field(default=1.0, gt=0)
+    # A worker that holds no runs heartbeats only every `idle_heartbeat_interval` (0: every
+    # `heartbeat_interval`): its lease may lapse meanwhile, since it has nothing to stop, and
+    # it renews before it starts a run given to it then. An idle session silent for this plus
+    # the lease and the margin is ended (its worker is then shown offline).
+    idle_heartbeat_interval: float = Field(default=5.0, ge=0)
     lease_duration: float = Field(default=4.0, ge=0.5)
     lease_margin: float = Field(default=0.5, ge=0.1)
     # Several control planes on one PostgreSQL database: one leads, the others stand by. The
@@ -150,6 +155,11 @@ class ServerConfig(BaseModel):
                 f"heartbeat_interval ({self.heartbeat_interval:g}s) must be at most a third of "
                 f"lease_duration ({self.lease_duration:g}s), so a lost heartbeat or two does not "
                 "stop the runs"
+            )
+        if 0 < self.idle_heartbeat_interval < self.heartbeat_interval:
+            raise ValueError(
+                f"idle_heartbeat_interval ({self.idle_heartbeat_interval:g}s) must be 0 (off) or "
+                f"at least heartbeat_interval ({self.heartbeat_interval:g}s)"
             )
         return self
 

@@ -139,6 +139,7 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
             heartbeat_interval_ms=int(cfg.heartbeat_interval * 1000),
             lease_duration_ms=int(cfg.lease_duration * 1000),
             lease_margin_ms=int(cfg.lease_margin * 1000),
+            idle_heartbeat_interval_ms=int(cfg.idle_heartbeat_interval * 1000),
             max_chunks_per_message=cfg.max_chunks_per_message,
             max_chunk_bytes=cfg.max_chunk_bytes,
             max_message_bytes=cfg.max_message_bytes,
@@ -189,14 +190,16 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
             self._sweeper = asyncio.create_task(self._sweep())
 
     async def _sweep(self) -> None:
-        """End each session whose lease ran out (plus the margin) without a renewal, or whose
+        """End each session whose lease ran out (plus the margin) without a renewal (an idle
+        one: its next idle heartbeat is that late, see WorkerSession.renew_deadline), or whose
         certificate it connected with expired (a renewed worker has moved on by then).
 
         One task looks at every session each tick (a fraction of the margin), instead of a
         timer per session re-armed at every renewal. A session ended here has its runs retried
-        at once: the worker stopped them already.
+        at once: the worker stopped them already, or never started them without a renewal.
         """
         margin = self.engine.config.lease_margin
+        idle = self.engine.config.idle_heartbeat_interval
         tick = min(SWEEP_TICK, margin / 2)
         while self._watched:
             await asyncio.sleep(tick)
@@ -204,7 +207,7 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
             ended = [
                 s
                 for s in self._watched
-                if now >= s.lease_expires + margin
+                if now >= s.renew_deadline(idle) + margin
                 or (
                     s.worker.certificate_expires_at is not None
                     and wall >= s.worker.certificate_expires_at

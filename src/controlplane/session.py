@@ -8,6 +8,12 @@ session snapshot); the rest go in the next write.
 The lease: the worker numbers its heartbeats and remembers when it sent each; the server renews
 the lease when one arrives (now + duration) and answers with its number, from which the worker
 counts the same duration. The worker's lease therefore always ends before the server's.
+
+A worker that holds no runs heartbeats less often (`idle_heartbeat_interval`), and its lease may
+lapse between them: it has nothing to stop. Given a run then, it renews before starting it, so
+the session with runs waits for that renewal one lease from when it got its first run
+(`busy_since`), not from the lapsed lease: the bound a run assigned to a silent worker waits is
+the same as for a worker that went silent just after its last renewal.
 """
 
 from __future__ import annotations
@@ -26,13 +32,16 @@ class RunSet(set[RunId]):
     """The runs a worker holds; tells its session when their number may have changed (the
     dispatcher's index orders workers by load)."""
 
-    __slots__ = ("changed",)
+    __slots__ = ("busy_since", "changed")
 
     def __init__(self, changed: Callable[[], None]) -> None:
         super().__init__()
         self.changed = changed
+        self.busy_since = 0.0  # time.monotonic() when it last went from no runs to some
 
     def add(self, run_id: RunId) -> None:
+        if not self:
+            self.busy_since = time.monotonic()
         super().add(run_id)
         self.changed()
 
@@ -56,7 +65,7 @@ class WorkerSession:
         self.lease_expires = time.monotonic() + lease_duration  # the hello starts it
         self._lease_seq = 0
         # held by the worker: assigned, running, or cancel not acked
-        self.runs: set[RunId] = RunSet(self.load_changed)
+        self.runs = RunSet(self.load_changed)
         self.on_load_change: Callable[[WorkerSession], None] | None = None  # set by the engine
         self.draining = False
         self.last_seen = time.monotonic()
@@ -125,6 +134,17 @@ class WorkerSession:
         if heartbeat_seq > self._lease_seq:
             self._lease_seq = heartbeat_seq
             self._wake.set()
+
+    def renew_deadline(self, idle_interval: float) -> float:
+        """When (time.monotonic()) the worker must have renewed its lease, short of the margin.
+
+        With runs: when its lease runs out, or a lease after it got its first run while it held
+        none (its lease may have lapsed then; it renews before starting). Without: one idle
+        heartbeat interval later (its next idle heartbeat is due by then).
+        """
+        if not self.runs:
+            return self.lease_expires + idle_interval
+        return max(self.lease_expires, self.runs.busy_since + self.lease_duration)
 
     def send_drain(self) -> None:
         self._drain = True

@@ -178,7 +178,7 @@ class ServerMessage(_message.Message):
     def __init__(self, params: _Optional[_Union[SessionParams, _Mapping]] = ..., assignments: _Optional[_Iterable[_Union[RunAssignment, _Mapping]]] = ..., cancels: _Optional[_Iterable[_Union[CancelRun, _Mapping]]] = ..., drain: _Optional[bool] = ..., forget_run_ids: _Optional[_Iterable[str]] = ..., ack_seq: _Optional[int] = ..., lease_seq: _Optional[int] = ...) -> None: ...
 
 class SessionParams(_message.Message):
-    __slots__ = ("session_id", "heartbeat_interval_ms", "lease_margin_ms", "max_chunks_per_message", "max_chunk_bytes", "max_message_bytes", "lease_duration_ms")
+    __slots__ = ("session_id", "heartbeat_interval_ms", "lease_margin_ms", "max_chunks_per_message", "max_chunk_bytes", "max_message_bytes", "lease_duration_ms", "idle_heartbeat_interval_ms")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     LEASE_MARGIN_MS_FIELD_NUMBER: _ClassVar[int]
@@ -186,6 +186,7 @@ class SessionParams(_message.Message):
     MAX_CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     LEASE_DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    IDLE_HEARTBEAT_INTERVAL_MS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     heartbeat_interval_ms: int
     lease_margin_ms: int
@@ -193,7 +194,8 @@ class SessionParams(_message.Message):
     max_chunk_bytes: int
     max_message_bytes: int
     lease_duration_ms: int
-    def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., lease_margin_ms: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., lease_duration_ms: _Optional[int] = ...) -> None: ...
+    idle_heartbeat_interval_ms: int
+    def __init__(self, session_id: _Optional[str] = ..., heartbeat_interval_ms: _Optional[int] = ..., lease_margin_ms: _Optional[int] = ..., max_chunks_per_message: _Optional[int] = ..., max_chunk_bytes: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., lease_duration_ms: _Optional[int] = ..., idle_heartbeat_interval_ms: _Optional[int] = ...) -> None: ...
 
 class RunAssignment(_message.Message):
     __slots__ = ("run_id", "task_id", "attempt", "agent", "input_json", "timeout_seconds", "labels", "required_provider", "required_model", "resume_session_id", "prompt", "fencing_token", "conversation", "output_schema_json", "output_retries", "model_settings", "max_cost_usd", "mcp_url", "mcp_token")

@@ -27,6 +27,7 @@ import signal
 import socket
 import sys
 import tempfile
+import time
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, cast
@@ -50,7 +51,7 @@ from taskrun.worker.agents import load_agents
 from taskrun.worker.config import WorkerConfig
 from taskrun.worker.executor import ActiveRun, RunContext, execute
 from taskrun.worker.identity import enroll_command, fingerprint_of, load_identity
-from taskrun.worker.lease import Lease, LeaseFile
+from taskrun.worker.lease import HeartbeatPace, Lease, LeaseFile
 from taskrun.worker.metrics import WorkerMetrics
 from taskrun.worker.outbox import Outbox
 from taskrun.worker.readiness import announce
@@ -128,6 +129,13 @@ class WorkerDaemon:
         self._runs_idle.set()
         self._draining_unsent = False
         self._heartbeat_due = False
+        self._pace = HeartbeatPace(1.0, 1.0)  # set per session from its SessionParams
+        self._pace_changed = asyncio.Event()  # a run started: the heartbeat pace may be faster
+        self._beat_asked = 0.0  # time.monotonic() when a heartbeat was last asked for
+        # Assignments that came while the lease had lapsed (an idle worker): they start once a
+        # heartbeat sent for them renewed it, and are dropped with the session otherwise (the
+        # server sends them again to a new session, or retries them elsewhere).
+        self._waiting: list[wpb.RunAssignment] = []
         self._signals = 0
         self._drainer: asyncio.Task[None] | None = None
         self.log = log.bind(worker_id=config.worker_id)
@@ -471,6 +479,9 @@ class WorkerDaemon:
             self.log.info("resending reports the server did not acknowledge", items=resent)
         self._writes_open.set()
         self._lease_lost.clear()
+        p = self._params
+        busy = max(0.05, p.heartbeat_interval_ms / 1000 or 1.0)
+        self._pace = HeartbeatPace(busy, p.idle_heartbeat_interval_ms / 1000)
         writer = asyncio.create_task(self._write_loop(call))
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         lease_lost = asyncio.create_task(self._lease_lost.wait())
@@ -525,6 +536,7 @@ class WorkerDaemon:
                 ):
                     raise SessionMoved("the certificate was renewed")
         finally:
+            self._waiting.clear()  # never started: not held, so a new session gets them again
             for t in (writer, heartbeat, moving, reader, lease_lost):
                 if t is None:
                     continue
@@ -568,16 +580,32 @@ class WorkerDaemon:
                 msg.heartbeat.active_runs = len(self.runs)
                 convert.now_to_pb(msg.heartbeat.time)
                 msg.heartbeat.seq = self.lease.next_heartbeat()
+                self._pace.sent(self._holding())
             if msg.ByteSize():
                 await call.write(msg)
 
     async def _heartbeat_loop(self) -> None:
-        """A numbered heartbeat every interval, busy or idle: each one renews the lease."""
-        interval = max(0.05, self._params.heartbeat_interval_ms / 1000 or 1.0)
+        """A numbered heartbeat (each renews the lease) every interval while the worker holds
+        runs or held one since the last, else every idle interval (see worker.lease)."""
+        pace = self._pace
         while True:
-            await asyncio.sleep(interval)
-            self._heartbeat_due = True
-            self.outbox.poke()
+            last = max(self.lease.last_sent, self._beat_asked)
+            wait = pace.due_in(last, time.monotonic(), self._holding())
+            if wait > 0:
+                self._pace_changed.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._pace_changed.wait()
+                continue
+            self._heartbeat_now()
+
+    def _heartbeat_now(self) -> None:
+        self._beat_asked = time.monotonic()
+        self._heartbeat_due = True
+        self.outbox.poke()
+
+    def _holding(self) -> bool:
+        return bool(self.runs or self._waiting)
 
     async def _readiness_loop(self) -> None:
         """Check what the agents can run now; announce a change on the live session (a new
@@ -607,6 +635,12 @@ class WorkerDaemon:
 
     def _fence_if_expired(self) -> None:
         lease = self.lease
+        if not self.runs:
+            # Nothing to stop: an idle worker's lease lapses between its heartbeats. The
+            # session is dead only if the server stopped answering them.
+            if lease.overdue():
+                self._lease_lost.set()
+            return
         if lease.expires is None or lease.remaining() > lease.fence_lead():
             return
         if self._fenced_expiry == lease.expires:
@@ -649,8 +683,17 @@ class WorkerDaemon:
             self._lease_changed()
         if msg.ack_seq:
             self.outbox.ack(msg.ack_seq)
-        for assignment in msg.assignments:
-            self._start(assignment)
+        if msg.assignments:
+            self._waiting.extend(msg.assignments)
+            self._pace.started()
+            self._pace_changed.set()  # holding runs now: heartbeat at the busy pace
+            if not self.lease.ready_to_start():
+                # An idle worker's lease lapsed: renew before starting (see worker.lease).
+                self._heartbeat_now()
+        if self._waiting and self.lease.ready_to_start():
+            waiting, self._waiting = self._waiting, []
+            for assignment in waiting:
+                self._start(assignment)
         for cancel in msg.cancels:
             self._cancel(cancel.run_id, cancel.attempt, cancel.reason or "cancelled")
         for run_id in msg.forget_run_ids:
@@ -729,6 +772,11 @@ class WorkerDaemon:
             self._runs_idle.set()
 
     def _cancel(self, run_id: str, attempt: int | None, reason: str) -> None:
+        self._waiting = [
+            a
+            for a in self._waiting
+            if not (a.run_id == run_id and (attempt is None or a.attempt == attempt))
+        ]
         active = self.runs.get(RunId(run_id))
         if active is None or (attempt is not None and active.assignment.attempt != attempt):
             # Already finished: confirm so the server frees the slot.
@@ -739,6 +787,7 @@ class WorkerDaemon:
         active.task.cancel()
 
     def _stop_all_runs(self, reason: str) -> None:
+        self._waiting.clear()
         for active in list(self.runs.values()):
             if not active.task.done():
                 active.stop_reason = active.stop_reason or reason

@@ -8,6 +8,11 @@ the child processes of its agents are killed by their supervisor when it ends (`
 the control plane, which retries them only after its own copy ran out plus a margin, never has
 two attempts of a run alive at once. Clocks: both sides measure durations with monotonic clocks;
 only their rates must agree (to well within the margin), not their readings.
+
+A worker that holds no runs heartbeats less often (`idle_heartbeat_interval_ms`), so its lease
+may lapse between heartbeats: it has nothing to stop. A run given to it then waits for the
+renewal of a heartbeat sent at once (`ready_to_start`), and the session is judged alive by
+whether the server answers heartbeats (`overdue`) instead of by the lease.
 """
 
 from __future__ import annotations
@@ -24,10 +29,11 @@ class Lease:
         self._hello_sent = 0.0
         self._seq = 0
         self._sent: dict[int, float] = {}
+        self.last_sent = 0.0  # time.monotonic() of the newest heartbeat (or hello)
 
     def hello_sent(self) -> None:
         """A new session starts: heartbeats are numbered afresh."""
-        self._hello_sent = time.monotonic()
+        self._hello_sent = self.last_sent = time.monotonic()
         self._seq = 0
         self._sent.clear()
 
@@ -39,7 +45,7 @@ class Lease:
     def next_heartbeat(self) -> int:
         """Number a heartbeat about to be sent."""
         self._seq += 1
-        self._sent[self._seq] = time.monotonic()
+        self._sent[self._seq] = self.last_sent = time.monotonic()
         return self._seq
 
     def granted(self, seq: int) -> None:
@@ -63,6 +69,41 @@ class Lease:
     def fence_lead(self) -> float:
         """How long before the end the worker starts stopping its runs."""
         return min(1.0, self.duration / 4)
+
+    def ready_to_start(self) -> bool:
+        """Whether a run may start now: the lease has more than twice the fence lead left (a
+        heartbeat's renewal can then arrive before the run would have to stop)."""
+        return self.remaining() > 2 * self.fence_lead()
+
+    def overdue(self) -> bool:
+        """Whether a heartbeat sent a whole lease ago is still unanswered (the session is dead
+        even if the worker, holding no runs, lets its lease lapse)."""
+        if not self._sent or not self.duration:
+            return False
+        return time.monotonic() - min(self._sent.values()) >= self.duration
+
+
+class HeartbeatPace:
+    """When the next heartbeat is due: every `busy` seconds while the worker holds runs or held
+    one since its last heartbeat, else every `idle` seconds (counted from the last one sent)."""
+
+    def __init__(self, busy: float, idle: float) -> None:
+        self.busy = busy
+        self.idle = max(busy, idle)
+        self.held_since_last = False
+
+    def sent(self, holding: bool) -> None:
+        """A heartbeat went out; `holding`: the worker holds runs now."""
+        self.held_since_last = holding
+
+    def started(self) -> None:
+        """A run started (or waits for a renewal to start)."""
+        self.held_since_last = True
+
+    def due_in(self, last_sent: float, now: float, holding: bool) -> float:
+        """Seconds until the next heartbeat (0 or less: now)."""
+        busy = holding or self.held_since_last
+        return last_sent + (self.busy if busy else self.idle) - now
 
 
 class LeaseFile:
