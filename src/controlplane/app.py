@@ -8,6 +8,7 @@ import functools
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import grpc
 import structlog
@@ -22,10 +23,6 @@ from taskrun.controlplane.conversation_service import ConversationService
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.event_service import EventService
 from taskrun.controlplane.guard import RequestGuard
-from taskrun.controlplane.http.api import HttpApi, Servicers
-from taskrun.controlplane.http.mcp_server import McpEndpoint
-from taskrun.controlplane.http.openapi import build as build_openapi
-from taskrun.controlplane.http.server import HttpServer
 from taskrun.controlplane.metrics import ControlPlaneMetrics
 from taskrun.controlplane.run_service import RunService
 from taskrun.controlplane.schedule_service import ScheduleService
@@ -65,6 +62,9 @@ from taskrun.v1 import (
     workflows_pb2,
     workflows_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from taskrun.controlplane.http.server import HttpServer
 
 log = structlog.get_logger(__name__)
 
@@ -298,6 +298,12 @@ async def _serve(
             log.warning("metrics not served", address=config.metrics_listen, error=str(exc))
     http_server = None
     if config.http_listen:
+        # Imported only when served: the HTTP and MCP stack is about 40 MB of resident modules.
+        from taskrun.controlplane.http.api import HttpApi, Servicers
+        from taskrun.controlplane.http.mcp_server import McpEndpoint
+        from taskrun.controlplane.http.openapi import build as build_openapi
+        from taskrun.controlplane.http.server import HttpServer
+
         servicers = Servicers(
             tasks, conversations, workers, schedules, events, webhook_service, workflow_service
         )

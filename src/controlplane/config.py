@@ -44,7 +44,7 @@ class ServerConfig(BaseModel):
     # `heartbeat_interval`): its lease may lapse meanwhile, since it has nothing to stop, and
     # it renews before it starts a run given to it then. An idle session silent for this plus
     # the lease and the margin is ended (its worker is then shown offline).
-    idle_heartbeat_interval: float = Field(default=5.0, ge=0)
+    idle_heartbeat_interval: float = Field(default=10.0, ge=0)
     lease_duration: float = Field(default=4.0, ge=0.5)
     lease_margin: float = Field(default=0.5, ge=0.1)
     # Several control planes on one PostgreSQL database: one leads, the others stand by. The
