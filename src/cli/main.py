@@ -413,6 +413,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="how often workers renew their lease (default 1; at most a third of --lease)",
     )
     p.add_argument(
+        "--idle-heartbeat-interval",
+        type=positive_float,
+        metavar="S",
+        help="how often a worker holding no runs renews it (default 10; 0 = every "
+        "--heartbeat-interval): it renews before starting a run given to it then; a silent "
+        "idle worker is shown offline after this plus --lease and --lease-margin",
+    )
+    p.add_argument(
         "--lease",
         type=positive_float,
         metavar="S",
@@ -1071,6 +1079,7 @@ def server_config(args: argparse.Namespace) -> Any:
         "operator_cert_lifetime": _arg(args, "operator_cert_lifetime"),
         "store": resolve_store(args),
         "heartbeat_interval": _arg(args, "heartbeat_interval"),
+        "idle_heartbeat_interval": _arg(args, "idle_heartbeat_interval"),
         "lease_duration": _arg(args, "lease"),
         "lease_margin": _arg(args, "lease_margin"),
         "leader_lease": _arg(args, "leader_lease") or _env("TASKRUN_LEADER_LEASE"),

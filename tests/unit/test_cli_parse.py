@@ -375,6 +375,19 @@ def test_server_flags(monkeypatch: pytest.MonkeyPatch) -> None:
     )
 
 
+def test_idle_heartbeat_interval_flag_default_and_off() -> None:
+    assert cli.server_config(parse("server")).idle_heartbeat_interval == 10.0
+    config = cli.server_config(parse("server", "--idle-heartbeat-interval", "0"))
+    assert config.idle_heartbeat_interval == 0.0
+    config = cli.server_config(parse("server", "--idle-heartbeat-interval", "3"))
+    assert config.idle_heartbeat_interval == 3.0
+
+
+def test_an_idle_heartbeat_interval_shorter_than_the_busy_one_is_refused() -> None:
+    with pytest.raises(cli.CliError, match=r"idle_heartbeat_interval \(0.5s\) must be 0 \(off\)"):
+        cli.server_config(parse("server", "--idle-heartbeat-interval", "0.5"))
+
+
 def test_a_heartbeat_interval_too_long_for_the_lease_is_refused() -> None:
     with pytest.raises(cli.CliError, match=r"at most a third of lease_duration"):
         cli.server_config(parse("server", "--heartbeat-interval", "2", "--lease", "4"))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from taskrun.worker import lease as lease_module
-from taskrun.worker.lease import Lease, LeaseFile
+from taskrun.worker.lease import HeartbeatPace, Lease, LeaseFile
 
 
 class Clock:
@@ -95,3 +95,79 @@ def test_on_postgresql_the_default_worker_lease_outlasts_a_leadership_takeover()
     assert ServerConfig(store=pg).lease_duration == 3 * 2.0 + 2.0
     assert ServerConfig(store=pg, leader_lease=4.0).lease_duration == 14.0
     assert ServerConfig(store=pg, lease_duration=5.0).lease_duration == 5.0  # an explicit one
+
+
+# --- an idle worker's heartbeats ---------------------------------------------------------------
+
+
+def test_a_run_starts_at_once_only_while_the_lease_has_twice_the_fence_lead_left(
+    clock: Clock,
+) -> None:
+    lease = Lease()
+    lease.hello_sent()
+    lease.session_granted(4.0)  # fence lead 1 s
+    clock.now += 1.9
+    assert lease.ready_to_start()
+    clock.now += 0.2  # 1.9 s left: a renewal might not come before the run had to stop
+    assert not lease.ready_to_start()
+    seq = lease.next_heartbeat()
+    clock.now += 0.01
+    lease.granted(seq)
+    assert lease.ready_to_start()
+
+
+def test_an_idle_lease_that_lapsed_is_not_overdue_while_heartbeats_are_answered(
+    clock: Clock,
+) -> None:
+    lease = Lease()
+    lease.hello_sent()
+    lease.session_granted(4.0)
+    clock.now += 10.0  # an idle interval: the lease lapsed, nothing was asked yet
+    assert lease.remaining() < 0 and not lease.overdue()
+    seq = lease.next_heartbeat()
+    clock.now += 3.9
+    assert not lease.overdue()
+    lease.granted(seq)
+    clock.now += 10.0
+    assert not lease.overdue()
+
+
+def test_a_heartbeat_unanswered_for_a_whole_lease_is_overdue(clock: Clock) -> None:
+    lease = Lease()
+    lease.hello_sent()
+    lease.session_granted(4.0)
+    first = lease.next_heartbeat()
+    clock.now += 2.0
+    lease.next_heartbeat()  # a later one does not hide the older one's silence
+    clock.now += 2.0
+    assert lease.overdue()
+    lease.granted(first + 1)  # answering the newer one answers both
+    assert not lease.overdue()
+
+
+def test_a_new_session_forgets_the_unanswered_heartbeats_of_the_last(clock: Clock) -> None:
+    lease = Lease()
+    lease.hello_sent()
+    lease.session_granted(4.0)
+    lease.next_heartbeat()
+    clock.now += 5.0
+    assert lease.overdue()
+    lease.hello_sent()
+    assert not lease.overdue()
+
+
+def test_heartbeats_pace_busy_while_holding_or_having_held_a_run_since_the_last() -> None:
+    pace = HeartbeatPace(busy=1.0, idle=10.0)
+    assert pace.due_in(last_sent=0.0, now=0.5, holding=False) == pytest.approx(9.5)
+    assert pace.due_in(last_sent=0.0, now=0.5, holding=True) == pytest.approx(0.5)
+    pace.started()  # a run came and finished before the next heartbeat
+    assert pace.due_in(last_sent=0.0, now=0.5, holding=False) == pytest.approx(0.5)
+    pace.sent(holding=False)  # the heartbeat after it: idle again
+    assert pace.due_in(last_sent=1.0, now=1.5, holding=False) == pytest.approx(9.5)
+    pace.sent(holding=True)
+    assert pace.due_in(last_sent=2.0, now=2.5, holding=False) == pytest.approx(0.5)
+
+
+def test_an_idle_interval_below_the_busy_one_or_unset_means_every_interval() -> None:
+    assert HeartbeatPace(busy=1.0, idle=0.0).due_in(0.0, 0.0, holding=False) == 1.0
+    assert HeartbeatPace(busy=1.0, idle=0.5).due_in(0.0, 0.0, holding=False) == 1.0
