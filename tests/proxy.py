@@ -8,13 +8,15 @@ import contextlib
 
 class SilentProxy:
     """A loopback TCP proxy; `cut()` stops forwarding without closing anything (a silent
-    network path), `restore()` forwards again."""
+    network path), `cut_upstream()` only what the client sends, `restore()` forwards again."""
 
     def __init__(self, target_port: int) -> None:
         self.target_port = target_port
         self.port = 0
         self.forwarding = asyncio.Event()
         self.forwarding.set()
+        self.upstream = asyncio.Event()  # client -> target
+        self.upstream.set()
         self._server: asyncio.Server | None = None
         self._writers: list[asyncio.StreamWriter] = []
 
@@ -35,25 +37,36 @@ class SilentProxy:
             return
         self._writers += [writer, up_writer]
 
-        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+        async def pipe(
+            src: asyncio.StreamReader, dst: asyncio.StreamWriter, *gates: asyncio.Event
+        ) -> None:
             with contextlib.suppress(OSError, asyncio.CancelledError):
                 while data := await src.read(65536):
-                    await self.forwarding.wait()  # cut: hold the bytes, close nothing
+                    for gate in gates:  # cut: hold the bytes, close nothing
+                        await gate.wait()
                     dst.write(data)
                     await dst.drain()
             with contextlib.suppress(OSError):
                 dst.close()
 
-        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        await asyncio.gather(
+            pipe(reader, up_writer, self.forwarding, self.upstream),
+            pipe(up_reader, writer, self.forwarding),
+        )
 
     def cut(self) -> None:
         self.forwarding.clear()
 
+    def cut_upstream(self) -> None:
+        self.upstream.clear()
+
     def restore(self) -> None:
         self.forwarding.set()
+        self.upstream.set()
 
     async def close(self) -> None:
         self.forwarding.set()
+        self.upstream.set()
         if self._server is not None:
             self._server.close()
         for w in self._writers:
