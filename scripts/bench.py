@@ -157,7 +157,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--fleet-tasks", type=int, default=3000, help="echo tasks for the fleet dispatch rate"
     )
     p.add_argument(
-        "--idle-seconds", type=float, default=5.0, help="idle window for CPU and memory (5)"
+        "--idle-seconds",
+        type=float,
+        default=10.0,
+        help="idle window for CPU and memory (10: keep it a multiple of the server's idle "
+        "heartbeat interval, or it may catch one round of idle heartbeats more or less)",
     )
     p.add_argument(
         "--deep-queue",
@@ -991,8 +995,9 @@ METHOD = {
     "ListTasks p50 (first page of 50, 50 calls) before and after; then the throughput figure's "
     "echo tasks again, timed until ListTasks(agent=echo, PENDING or RUNNING) is empty",
     "fleet": "a fresh control plane per part; fleet processes hold sessions that each have "
-    "their own certificate and connection, heartbeat at the server's interval and complete each "
-    "assignment at once; CPU and RSS of the server over --idle-seconds after the sessions "
+    "their own certificate and connection, heartbeat like the daemon (the server's interval "
+    "while holding a run, its idle interval otherwise) and complete each assignment at once "
+    "(after renewing a lapsed lease); CPU and RSS of the server over --idle-seconds after the sessions "
     "connected and 2 s passed; dispatch: --fleet-tasks echo tasks from 4 clients, with two "
     "sessions and with all N",
     "cpu": "user+system CPU seconds of each process during the throughput phase (/proc)",
