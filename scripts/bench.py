@@ -936,8 +936,10 @@ async def fleet_many(
     side: Side,
     started: list[Child],
     two: float,
+    profile: Path | None = None,
 ) -> Fleet:
-    """Connect time, idle CPU and memory, then dispatch rate, with all N sessions."""
+    """Connect time, idle CPU and memory, then dispatch rate, with all N sessions; with
+    `profile`, py-spy records the server over the idle window (DIR/idle-server.txt)."""
     n, procs = args.idle_workers, min(args.fleet_procs, args.idle_workers)
     note(f"[{side.name}] fleet: {n} sessions from {procs} processes")
     plane, fleet, connect = await _fleet_plane(
@@ -945,9 +947,10 @@ async def fleet_many(
     )
     await asyncio.sleep(2.0)  # let the connection storm settle
     pid = plane.server.proc.pid
-    cpu0, t0 = cpu_seconds(pid), time.perf_counter()
-    await asyncio.sleep(args.idle_seconds)
-    cpu1, t1 = cpu_seconds(pid), time.perf_counter()
+    async with profiled(profile, "idle", plane, tmp):
+        cpu0, t0 = cpu_seconds(pid), time.perf_counter()
+        await asyncio.sleep(args.idle_seconds)
+        cpu1, t1 = cpu_seconds(pid), time.perf_counter()
     rss = rss_mb(pid)
     plane.check()
     note(f"[{side.name}] fleet: dispatch with {n} sessions")
@@ -997,9 +1000,9 @@ METHOD = {
     "fleet": "a fresh control plane per part; fleet processes hold sessions that each have "
     "their own certificate and connection, heartbeat like the daemon (the server's interval "
     "while holding a run, its idle interval otherwise) and complete each assignment at once "
-    "(after renewing a lapsed lease); CPU and RSS of the server over --idle-seconds after the sessions "
-    "connected and 2 s passed; dispatch: --fleet-tasks echo tasks from 4 clients, with two "
-    "sessions and with all N",
+    "(after renewing a lapsed lease); CPU and RSS of the server over --idle-seconds after the "
+    "sessions connected and 2 s passed; dispatch: --fleet-tasks echo tasks from 4 clients, "
+    "with two sessions and with all N",
     "cpu": "user+system CPU seconds of each process during the throughput phase (/proc)",
 }
 
@@ -1436,8 +1439,13 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                     two[side.name] = await fleet_two(args, pki, tmp / side.name, side, started)
                 order.reverse()
                 for side in order:
+                    where = (
+                        args.profile / side.name
+                        if args.profile and len(sides) > 1
+                        else args.profile
+                    )
                     results[side.name]["fleet"] = await fleet_many(
-                        args, pki, tmp / side.name, side, started, two[side.name]
+                        args, pki, tmp / side.name, side, started, two[side.name], where
                     )
             if args.failover_rounds > 0:
                 note(f"failover: {args.failover_rounds} x kill -9, {args.failover_rounds} x cut")
