@@ -109,10 +109,13 @@ class FakeWorker:
                     if msg.lease_seq:
                         self._granted(msg.lease_seq)
                     if msg.assignments:
+                        if not self._held:
+                            self._nudge.set()  # it was idle: heartbeat at the busy pace
                         self._held = True
                         self._waiting.extend(msg.assignments)
-                        self._beat_now = not self._fresh()
-                        self._nudge.set()
+                        if not self._fresh():
+                            self._beat_now = True
+                            self._nudge.set()
                     if self._waiting and self._fresh():
                         for a in self._waiting:
                             self._out.append(

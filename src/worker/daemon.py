@@ -684,9 +684,10 @@ class WorkerDaemon:
         if msg.ack_seq:
             self.outbox.ack(msg.ack_seq)
         if msg.assignments:
+            if not (self._holding() or self._pace.held_since_last):
+                self._pace_changed.set()  # it was idle: heartbeat at the busy pace from now
             self._waiting.extend(msg.assignments)
             self._pace.started()
-            self._pace_changed.set()  # holding runs now: heartbeat at the busy pace
             if not self.lease.ready_to_start():
                 # An idle worker's lease lapsed: renew before starting (see worker.lease).
                 self._heartbeat_now()
