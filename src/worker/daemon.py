@@ -690,6 +690,7 @@ class WorkerDaemon:
             self._pace.started()
             if not self.lease.ready_to_start():
                 # An idle worker's lease lapsed: renew before starting (see worker.lease).
+                self.log.debug("renewing the lease before starting", runs=len(self._waiting))
                 self._heartbeat_now()
         if self._waiting and self.lease.ready_to_start():
             waiting, self._waiting = self._waiting, []
