@@ -263,7 +263,8 @@ async def test_following_quick_tasks_never_misses_their_output(cluster: Cluster)
 
 
 async def test_last_heartbeat_moves_while_a_worker_is_connected(cluster: Cluster) -> None:
-    await cluster.start_server(heartbeat_interval=0.1)
+    # idle (no runs), the worker heartbeats every idle interval
+    await cluster.start_server(heartbeat_interval=0.1, idle_heartbeat_interval=0.2)
     await cluster.start_worker("worker-1")
     client = cluster.client()
     first, _ = await client.get_worker("worker-1")
