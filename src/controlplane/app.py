@@ -298,7 +298,7 @@ async def _serve(
             log.warning("metrics not served", address=config.metrics_listen, error=str(exc))
     http_server = None
     if config.http_listen:
-        # Imported only when served: the HTTP and MCP stack is about 40 MB of resident modules.
+        # Imported only when served: the HTTP and MCP stack is about 20 MB of resident memory.
         from taskrun.controlplane.http.api import HttpApi, Servicers
         from taskrun.controlplane.http.mcp_server import McpEndpoint
         from taskrun.controlplane.http.openapi import build as build_openapi
