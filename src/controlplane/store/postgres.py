@@ -51,6 +51,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.string import TextLoader
 
+from taskrun.controlplane.store.eventlog import stored_events
 from taskrun.controlplane.store.rows import (
     API_TOKEN_COLUMNS,
     AUDIT_COLUMNS,
@@ -634,7 +635,7 @@ class _Pending:
         self.workflows = [workflow_row(w) for w in changes.workflows]
         self.workflow_runs = [workflow_run_row(w) for w in changes.workflow_runs]
         self.late_usage = changes.late_usage
-        self.events = [(e.position, e.kind, e.task_id, e.worker_id, e.data) for e in changes.events]
+        self.events = stored_events(changes, self.tasks, self.runs)
         self.future = future
 
 

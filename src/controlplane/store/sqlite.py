@@ -42,6 +42,7 @@ from typing import Any, Final, Generic, TypeVar
 
 import structlog
 
+from taskrun.controlplane.store.eventlog import stored_events
 from taskrun.controlplane.store.rows import (
     API_TOKEN_COLUMNS,
     AUDIT_COLUMNS,
@@ -494,7 +495,7 @@ class _Pending:
         self.workflows = [workflow_row(w) for w in changes.workflows]
         self.workflow_runs = [workflow_run_row(w) for w in changes.workflow_runs]
         self.late_usage = changes.late_usage
-        self.events = [(e.position, e.kind, e.task_id, e.worker_id, e.data) for e in changes.events]
+        self.events = stored_events(changes, self.tasks, self.runs)
         self.loop = loop
         self.future = future
 
