@@ -1152,6 +1152,25 @@ async def test_a_task_or_run_change_is_logged_as_it_was_committed(store: Store) 
     assert task_event.time.ToDatetime(tzinfo=UTC) == at
 
 
+async def test_a_change_set_naming_a_task_or_run_twice_stores_its_last_state(
+    store: Store,
+) -> None:
+    """Created, then assigned in the same commit: the engine names the objects twice."""
+    first, run = make_task(8), make_run(8, task=8)
+    later = replace(first, status=TaskStatus.RUNNING, worker_id=WorkerId("worker-2"))
+    assigned = replace(run, status=RunStatus.ASSIGNED, worker_id=WorkerId("worker-2"))
+    await store.apply(
+        ChangeSet(tasks=[first, make_task(9), later], runs=[run, assigned, make_run(9, task=9)])
+    )
+    stored = await store.get_task(tid(8))
+    assert stored is not None and stored.status is TaskStatus.RUNNING
+    assert stored.worker_id == "worker-2"
+    assert [(r.id, r.status) for r in await store.list_runs(tid(8))] == [
+        (rid(8), RunStatus.ASSIGNED)
+    ]
+    assert await store.get_task(tid(9)) is not None
+
+
 async def test_an_event_position_is_never_stored_twice(store: Store) -> None:
     await store.apply(ChangeSet(events=[logged(1), logged(2)]))
     with pytest.raises(ValueError):

@@ -12,7 +12,7 @@ serialized protobuf message (its wire type would be 7, which does not exist).
 from __future__ import annotations
 
 import marshal
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Final
 
 from taskrun import convert
@@ -25,7 +25,7 @@ from taskrun.controlplane.store.rows import (
     task_from,
     task_row,
 )
-from taskrun.core.models import Task
+from taskrun.core.models import Run, Task
 from taskrun.core.store import ChangeSet, LoggedEvent
 from taskrun.v1 import events_pb2 as epb
 
@@ -44,16 +44,17 @@ def encode(time_us: int, row: Params) -> bytes:
 
 
 def stored_events(
-    changes: ChangeSet, task_rows: Sequence[Params], run_rows: Sequence[Params]
+    changes: ChangeSet,
+    task_rows: Iterable[tuple[Task, Params]],
+    run_rows: Iterable[tuple[Run, Params]],
 ) -> list[StoredEvent]:
-    """The log rows of `changes`, whose tasks and runs the store encoded as `task_rows` and
-    `run_rows` (in the order of `changes.tasks` and `changes.runs`)."""
+    """The log rows of `changes`, whose tasks and runs the store encoded as the rows given."""
     if not changes.events:
         return []
     rows: dict[int, Params] = {}
-    for task, row in zip(changes.tasks, task_rows, strict=True):
+    for task, row in task_rows:
         rows[id(task)] = row
-    for run, row in zip(changes.runs, run_rows, strict=True):
+    for run, row in run_rows:
         rows[id(run)] = row
     return [(e.position, e.kind, e.task_id, e.worker_id, _data(e, rows)) for e in changes.events]
 
