@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import base64
-import os
+import random
 import re
 import time
 from typing import NewType
@@ -26,8 +26,11 @@ def _sortable(prefix: str) -> str:
 
     The 26 base-32 digits of the 130-bit number (time << 80 | random), most significant first;
     shifted up 6 bits into 17 bytes, the first 26 digits base32 gives are exactly those.
+    Ids need to be unique, not secret (every call is authorized on its own): the randomness is
+    `random`'s, seeded from the system at start and again in a forked child, without a system
+    call per id.
     """
-    value = (time.time_ns() // 1_000_000) << 80 | int.from_bytes(os.urandom(10), "big")
+    value = (time.time_ns() // 1_000_000) << 80 | random.getrandbits(80)
     digits = base64.b32encode((value << 6).to_bytes(17, "big"))[:26]
     return prefix + digits.translate(_FROM_RFC4648).decode()
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
@@ -37,8 +37,7 @@ def trim_due(first: int, last: int, retention: int = EVENT_RETENTION) -> bool:
     return last > retention and first // _TRIM_EVERY != (last + 1) // _TRIM_EVERY
 
 
-@dataclass(frozen=True, slots=True)
-class LoggedEvent:
+class LoggedEvent(NamedTuple):  # a tuple: made for every change, it must be cheap to make
     """One event of the durable event log: a change a watcher can resume after.
 
     Positions are given by the control plane that leads (one more than the newest stored when
