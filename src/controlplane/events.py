@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from taskrun import convert
+from taskrun.controlplane.store import eventlog
 from taskrun.controlplane.store.rows import us
 from taskrun.core.ids import RunId, WorkerId
 from taskrun.core.models import Run, Task, Worker, utcnow
@@ -149,19 +150,18 @@ class EventHub:
                 LoggedEvent(position, kind, task_id, worker_id, event.SerializeToString())
             )
             events.append((kind, task_id, worker_id, event))
+        stamp = us(now)
         for chunk in changes.chunks:
             run = runs.get(chunk.run_id)
             owner = (run.worker_id if run is not None else None) or ""
             position += 1
-            event = epb.Event(kind=epb.EVENT_KIND_OUTPUT, position=position)
-            convert.chunk_to_pb(chunk, event.chunk)
-            _stamped(event, now)
-            text, event.chunk.data = event.chunk.data, ""
-            data = event.SerializeToString()
-            event.chunk.data = text
-            logged.append(LoggedEvent(position, event.kind, chunk.task_id or "", owner, data))
-            events.append((event.kind, chunk.task_id or "", owner, event))
-        stamp = us(now)
+            output = epb.EVENT_KIND_OUTPUT
+            data = eventlog.encode_output(stamp, chunk)
+            logged.append(LoggedEvent(position, output, chunk.task_id or "", owner, data))
+            if watched:
+                event = epb.Event(kind=output, position=position)
+                convert.chunk_to_pb(chunk, event.chunk)
+                events.append((output, chunk.task_id or "", owner, _stamped(event, now)))
         changed: list[Run | Task] = [*{r.id: r for r in changes.runs}.values()]
         changed.extend({t.id: t for t in changes.tasks}.values())
         for subject in changed:

@@ -1,12 +1,13 @@
-"""The durable event log's compact form for task and run changes, shared by every store.
+"""The durable event log's compact form, shared by every store.
 
-Most logged events are a task or a run changing. Building a taskrun.v1.Event for each and
-serializing it, whether or not anyone watches, cost about a third of the engine's time under
-load. So such an event is logged as the row the store writes for that task or run in the same
-transaction (already encoded by `rows.py`), marshalled, behind a marker byte; a replay, which is
-rare, turns it back into the Event the wire carries. Other events (workers, output) keep the
-serialized Event. Both forms sit side by side in one log: the marker byte 0xFF never starts a
-serialized protobuf message (its wire type would be 7, which does not exist).
+Most logged events are a task or a run changing, or output. Building a taskrun.v1.Event for each
+and serializing it, whether or not anyone watches, cost about a third of the engine's time under
+load. So a task or run change is logged as the row the store writes for it in the same
+transaction (already encoded by `rows.py`), and output as the chunk's identity and time (its text
+is in the output table), marshalled behind a marker byte; a replay, which is rare, turns them
+back into the Event the wire carries. Worker changes keep the serialized Event. Both forms sit
+side by side in one log: the marker byte 0xFF never starts a serialized protobuf message (its
+wire type would be 7, which does not exist).
 """
 
 from __future__ import annotations
@@ -20,12 +21,15 @@ from taskrun.controlplane.store.rows import (
     RUN_COLUMNS,
     TASK_COLUMNS,
     Params,
+    dt_or_none,
     run_from,
     run_row,
     task_from,
     task_row,
+    us_or_none,
 )
-from taskrun.core.models import Run, Task
+from taskrun.core.ids import RunId
+from taskrun.core.models import OutputChunk, OutputKind, Run, Task
 from taskrun.core.store import ChangeSet, LoggedEvent
 from taskrun.v1 import events_pb2 as epb
 
@@ -41,6 +45,20 @@ StoredEvent = tuple[int, int, str, str, bytes]  # (position, kind, task_id, work
 
 def encode(time_us: int, row: Params) -> bytes:
     return _MARK + marshal.dumps((_FORMAT, time_us, row), _MARSHAL_VERSION)
+
+
+def encode_output(time_us: int, chunk: OutputChunk) -> bytes:
+    """An output event: the chunk without its text, which the output table holds (a replay
+    reads it there)."""
+    row = (
+        chunk.run_id,
+        chunk.attempt,
+        chunk.seq,
+        int(chunk.kind),
+        us_or_none(chunk.time),
+        chunk.task_id,
+    )
+    return encode(time_us, row)
 
 
 def stored_events(
@@ -85,6 +103,13 @@ def decode(logged: LoggedEvent) -> epb.Event:
     if logged.kind == epb.EVENT_KIND_TASK_CHANGED:
         task = task_from(dict(zip(TASK_COLUMNS, row, strict=True)))
         event = epb.Event(kind=epb.EVENT_KIND_TASK_CHANGED, task=convert.task_to_pb(task))
+    elif logged.kind == epb.EVENT_KIND_OUTPUT:
+        run_id, attempt, seq, kind, at, task_id = row
+        chunk = OutputChunk(
+            RunId(run_id), attempt, seq, "", OutputKind(kind), dt_or_none(at), task_id
+        )
+        event = epb.Event(kind=epb.EVENT_KIND_OUTPUT)
+        convert.chunk_to_pb(chunk, event.chunk)
     else:
         event = epb.Event(kind=epb.EVENT_KIND_RUN_CHANGED)
         convert.run_to_pb(run_from(dict(zip(RUN_COLUMNS, row, strict=True))), event.run)
