@@ -990,6 +990,13 @@ async def _fleet_plane(
     return plane, fleet, connect
 
 
+def _profile_dir(args: argparse.Namespace, side: Side) -> Path | None:
+    """Where --profile puts a side's stacks (a subdirectory per side with --compare-ref)."""
+    if args.profile is None:
+        return None
+    return args.profile / side.name if args.compare_ref else args.profile
+
+
 async def fleet_two(
     args: argparse.Namespace, pki: PkiPaths, tmp: Path, side: Side, started: list[Child]
 ) -> float:
@@ -997,7 +1004,8 @@ async def fleet_two(
     note(f"[{side.name}] fleet: dispatch with 2 sessions")
     ids = fleet_ids(args.idle_workers)[:2]
     plane, fleet, _ = await _fleet_plane(args, pki, tmp / "fleet-2", side, started, ids, 1)
-    rate = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
+    async with profiled(_profile_dir(args, side), "fleet-2", plane, tmp):
+        rate = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
     for child in [*fleet, plane.server]:
         await stop(child)
     return rate
@@ -1025,7 +1033,8 @@ async def fleet_many(
     rss = rss_mb(pid)
     plane.check()
     note(f"[{side.name}] fleet: dispatch with {n} sessions")
-    many = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
+    async with profiled(_profile_dir(args, side), f"fleet-{n}", plane, tmp):
+        many = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
     for child in [*fleet, plane.server]:
         await stop(child)
     cpu = ((cpu1 or 0.0) - (cpu0 or 0.0)) / (t1 - t0) * 100
