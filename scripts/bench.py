@@ -1309,6 +1309,12 @@ def rows() -> list[Row]:
             lambda v: f"{v:.3f} ms",
             lambda r: f"{r.fleet.dispatch_cpu_ratio:.2f} x two sessions",  # type: ignore[union-attr]
         ),
+        Row(
+            "    less the idle sessions' cost",
+            lambda r: r.fleet.dispatch_cpu_net_ms_per_task,  # type: ignore[union-attr]
+            lambda v: f"{v:.3f} ms",
+            lambda r: f"{r.fleet.dispatch_cpu_net_ratio:.2f} x two sessions",  # type: ignore[union-attr]
+        ),
         Row("failover: fault -> next attempt RUNNING elsewhere (default lease)"),
         Row(
             "  kill -9 of the worker, slowest",
