@@ -17,8 +17,8 @@ next runs of the same requirement, up to a share of the runs that were waiting f
 (`ceil(waiting / ROUND_SPREAD)`) or until its slots are full; the next batch goes to the then
 least loaded worker. A single run (a trickle) therefore goes to the least loaded worker as
 before, a burst of a few runs is still spread one per worker, and a burst of hundreds reaches
-about `ROUND_SPREAD` workers instead of hundreds: each batch is one message to the worker and
-comes back as one report, where one run per worker costs three messages per run.
+about `ROUND_SPREAD` workers instead of hundreds: a batch is one message to its worker and comes
+back as one report, where a run per worker costs its own assignment, report and acknowledgement.
 """
 
 from __future__ import annotations
