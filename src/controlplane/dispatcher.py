@@ -32,6 +32,7 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 
 # A plan spreads the runs waiting for one requirement over about this many workers at most
 # (fewer when fewer fit, more when their free slots run out first): see the module docstring.
+# The server's `dispatch_spread` setting; 0 = no batches, every run to the least loaded worker.
 ROUND_SPREAD = 16
 
 # agent, labels, provider, model, worker (a run may be pinned to one worker)
@@ -242,7 +243,7 @@ class PendingQueue:
                 del self._groups[req]
             else:
                 live.append(req)
-                share[req] = max(1, -(-group.waiting // max(1, spread)))
+                share[req] = max(1, -(-group.waiting // spread)) if spread > 0 else 1
         # per requirement: the worker taking its current batch, and how many more it may take
         batch: dict[Requirement, tuple[Candidate, int]] = {}
         plan: list[tuple[PendingRun, WorkerId]] = []

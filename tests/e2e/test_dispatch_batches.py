@@ -99,3 +99,17 @@ async def test_a_burst_is_packed_per_worker_and_a_trickle_is_spread_least_loaded
         assert max(r.assigned_at for r in spread) < min(
             r.finished_at for r in spread if r.finished_at
         )
+
+
+async def test_a_server_told_not_to_batch_places_a_burst_one_run_per_worker(
+    procs: Processes,
+) -> None:
+    procs.start_server("--dispatch-spread", "0")
+    for worker_id in WORKERS:
+        procs.start_worker(worker_id, CAPACITY)
+    async with procs.client() as client:
+        await online(client, *WORKERS)
+        created = await client.create_tasks([TaskSpec(agent="echo", input=SLOW)] * 6)
+        runs = await runs_of(client, [t.id for t in created])
+        assert len({r.assigned_at for r in runs}) == 1  # one plan
+        assert [r.worker_id for r in runs] == [*WORKERS, *WORKERS]

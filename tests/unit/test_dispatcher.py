@@ -400,3 +400,11 @@ def test_removed_runs_do_not_count_in_a_batch_share() -> None:
         q.remove(RunId(f"r{n}"))
     # 16 left: a share of one each, as if the removed ones had never been queued
     assert set(per_worker(q.plan(many(32, capacity=4))).values()) == {1}
+
+
+def test_a_spread_of_zero_places_every_run_on_the_least_loaded_worker() -> None:
+    q = PendingQueue()
+    for n in range(100):
+        q.add(run(n))
+    counts = per_worker(q.plan(many(1000, capacity=256), spread=0))
+    assert len(counts) == 100 and set(counts.values()) == {1}
