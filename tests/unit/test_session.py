@@ -34,7 +34,9 @@ async def test_an_ack_alone_waits_for_company_and_goes_with_the_next_assignment(
         assert written == []  # not written on its own at once
         session.send_assignment(wpb.RunAssignment(run_id="run_1", attempt=1))
         await _settle()
-        assert [(m.ack_seq, [a.run_id for a in m.assignments]) for m in written] == [(7, ["run_1"])]
+        assert [(m.ack_seq, [a.run_id for a in m.assignments]) for m in written] == [
+            (7, ["run_1"])
+        ]
     finally:
         writer.cancel()
 
