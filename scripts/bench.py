@@ -990,17 +990,39 @@ async def _fleet_plane(
     return plane, fleet, connect
 
 
+def _profile_dir(args: argparse.Namespace, side: Side) -> Path | None:
+    """Where --profile puts a side's stacks (a subdirectory per side with --compare-ref)."""
+    directory: Path | None = args.profile
+    if directory is None:
+        return None
+    return directory / side.name if args.compare_ref else directory
+
+
+async def _fleet_dispatch(
+    args: argparse.Namespace, plane: ControlPlane, pki: PkiPaths, phase: str, side: Side, tmp: Path
+) -> tuple[float, float]:
+    """Dispatch rate of --fleet-tasks echo tasks, and the server's CPU milliseconds per task
+    over that window (less sensitive than the rate to what else loads a shared machine)."""
+    pid = plane.server.proc.pid
+    async with profiled(_profile_dir(args, side), phase, plane, tmp):
+        cpu0 = cpu_seconds(pid)
+        rate = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
+        cpu1 = cpu_seconds(pid)
+    return rate, ((cpu1 or 0.0) - (cpu0 or 0.0)) * 1000 / args.fleet_tasks
+
+
 async def fleet_two(
     args: argparse.Namespace, pki: PkiPaths, tmp: Path, side: Side, started: list[Child]
-) -> float:
-    """Dispatch rate with two fleet sessions (the reference for the many-workers figure)."""
+) -> tuple[float, float]:
+    """Dispatch rate and server CPU per task with two fleet sessions (the reference for the
+    many-workers figures)."""
     note(f"[{side.name}] fleet: dispatch with 2 sessions")
     ids = fleet_ids(args.idle_workers)[:2]
     plane, fleet, _ = await _fleet_plane(args, pki, tmp / "fleet-2", side, started, ids, 1)
-    rate = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
+    two = await _fleet_dispatch(args, plane, pki, "fleet-2", side, tmp)
     for child in [*fleet, plane.server]:
         await stop(child)
-    return rate
+    return two
 
 
 async def fleet_many(
@@ -1009,7 +1031,7 @@ async def fleet_many(
     tmp: Path,
     side: Side,
     started: list[Child],
-    two: float,
+    two: tuple[float, float],
 ) -> Fleet:
     """Connect time, idle CPU and memory, then dispatch rate, with all N sessions."""
     n, procs = args.idle_workers, min(args.fleet_procs, args.idle_workers)
@@ -1025,7 +1047,7 @@ async def fleet_many(
     rss = rss_mb(pid)
     plane.check()
     note(f"[{side.name}] fleet: dispatch with {n} sessions")
-    many = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
+    many, many_cpu = await _fleet_dispatch(args, plane, pki, f"fleet-{n}", side, tmp)
     for child in [*fleet, plane.server]:
         await stop(child)
     cpu = ((cpu1 or 0.0) - (cpu0 or 0.0)) / (t1 - t0) * 100
@@ -1039,7 +1061,9 @@ async def fleet_many(
         idle_rss_kb_per_worker=rss * 1024 / n,
         tasks=args.fleet_tasks,
         dispatch_tasks_per_s=many,
-        dispatch_two_workers_tasks_per_s=two,
+        dispatch_two_workers_tasks_per_s=two[0],
+        dispatch_cpu_ms_per_task=many_cpu,
+        dispatch_two_workers_cpu_ms_per_task=two[1],
     )
 
 
@@ -1075,7 +1099,8 @@ METHOD = {
     "their own certificate and connection, heartbeat at the server's interval and complete each "
     "assignment at once; CPU and RSS of the server over --idle-seconds after the sessions "
     "connected and 2 s passed; dispatch: --fleet-tasks echo tasks from 4 clients, with two "
-    "sessions and with all N",
+    "sessions and with all N; the server's CPU (user+system) over each dispatch window per task "
+    "(with all N it includes their heartbeats during the window)",
     "cpu": "user+system CPU seconds of each process during the throughput phase (/proc)",
 }
 
@@ -1272,6 +1297,23 @@ def rows() -> list[Row]:
             lambda r: f"{r.fleet.dispatch_ratio:.2f} x two sessions",  # type: ignore[union-attr]
             f">= {TARGET_FLEET_RATIO:g} x two",
             None,
+        ),
+        Row(
+            "  server CPU per task, two sessions",
+            lambda r: r.fleet.dispatch_two_workers_cpu_ms_per_task,  # type: ignore[union-attr]
+            lambda v: f"{v:.3f} ms",
+        ),
+        Row(
+            "  server CPU per task, all sessions",
+            lambda r: r.fleet.dispatch_cpu_ms_per_task,  # type: ignore[union-attr]
+            lambda v: f"{v:.3f} ms",
+            lambda r: f"{r.fleet.dispatch_cpu_ratio:.2f} x two sessions",  # type: ignore[union-attr]
+        ),
+        Row(
+            "    less the idle sessions' cost",
+            lambda r: r.fleet.dispatch_cpu_net_ms_per_task,  # type: ignore[union-attr]
+            lambda v: f"{v:.3f} ms",
+            lambda r: f"{r.fleet.dispatch_cpu_net_ratio:.2f} x two sessions",  # type: ignore[union-attr]
         ),
         Row("failover: fault -> next attempt RUNNING elsewhere (default lease)"),
         Row(
@@ -1524,7 +1566,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                 await asyncio.gather(*(stop(c) for c in plane.workers))
                 await stop(plane.server)
             if args.idle_workers:
-                two: dict[str, float] = {}
+                two: dict[str, tuple[float, float]] = {}
                 for side in order:
                     two[side.name] = await fleet_two(args, pki, tmp / side.name, side, started)
                 order.reverse()
