@@ -78,6 +78,7 @@ TARGET_MACHINE = "2-core machine"
 
 BARE_SERVICE = "taskrun.bench.Bare"
 BARE_PAYLOAD = b"x" * 64  # about the size of a CreateTask request for echo {"text": "x"}
+RELAY_KEY = 8  # the relay's requests start with their number
 ECHO_INPUT = '{"text":"x"}'
 NON_TERMINAL = (TaskStatus.PENDING, TaskStatus.RUNNING)
 WORKER_IDS = ("worker-1", "worker-2")
@@ -185,6 +186,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="record server and workers with py-spy into DIR (py-spy must be installed)",
     )
     p.add_argument("--serve-baseline", type=Path, metavar="CERTS", help=argparse.SUPPRESS)
+    p.add_argument("--bare-worker", nargs=2, metavar=("CERTS", "ADDRESS"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for name in (
         "tasks",
@@ -244,6 +246,9 @@ class Baseline:
     stream_messages: int
     stream_seconds: float
     stream_msgs_per_s: float
+    # A call whose answer comes from a worker process over a stream it holds: the path of a
+    # task, with nothing stored, validated or converted (see serve_baseline).
+    relay: Latency | None = None
 
 
 @dataclass
@@ -363,6 +368,35 @@ async def serve_baseline(certs: Path) -> None:
     async def unary(request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]) -> bytes:
         return request
 
+    # The relay: a bare worker holds a Work stream; a Relay call answers at once ("created"),
+    # hands its request to the worker, and answers again with the worker's reply: the shape
+    # of CreateAndFollowTask with a worker in the loop, the floor for any design that has one.
+    to_worker: asyncio.Queue[bytes] = asyncio.Queue()
+    waiting: dict[bytes, asyncio.Future[bytes]] = {}
+
+    async def work(
+        replies: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        async def read() -> None:
+            async for reply in replies:
+                waiting.pop(reply[:RELAY_KEY]).set_result(reply)
+
+        reader = asyncio.create_task(read())
+        try:
+            while True:
+                yield await to_worker.get()
+        finally:
+            reader.cancel()
+
+    async def relay(
+        request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        answered: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        waiting[request[:RELAY_KEY]] = answered
+        to_worker.put_nowait(request)
+        yield b"created"
+        yield await answered
+
     async def stream(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> AsyncIterator[bytes]:
@@ -379,6 +413,8 @@ async def serve_baseline(certs: Path) -> None:
                 {
                     "Unary": grpc.unary_unary_rpc_method_handler(unary),
                     "Stream": grpc.stream_stream_rpc_method_handler(stream),
+                    "Work": grpc.stream_stream_rpc_method_handler(work),
+                    "Relay": grpc.unary_stream_rpc_method_handler(relay),
                 },
             ),
         )
@@ -393,6 +429,20 @@ async def serve_baseline(certs: Path) -> None:
         loop.add_signal_handler(sig, done.set)
     await done.wait()
     await server.stop(1.0)
+
+
+async def bare_worker(certs: Path, address: str) -> None:
+    """The relay's worker: holds one Work stream and answers each request with itself."""
+    paths = PkiPaths.at(certs)
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=paths.ca_cert.read_bytes(),
+        private_key=paths.operator_key.read_bytes(),
+        certificate_chain=paths.operator_cert.read_bytes(),
+    )
+    async with grpc.aio.secure_channel(address, creds) as channel:
+        call = channel.stream_stream(f"/{BARE_SERVICE}/Work")()
+        async for request in call:
+            await call.write(request)
 
 
 async def start_baseline(pki: PkiPaths, tmp: Path) -> tuple[Child, int]:
@@ -453,6 +503,34 @@ async def measure_baseline(address: str, pki: PkiPaths, unary_n: int, stream_n: 
         stream_seconds=stream_seconds,
         stream_msgs_per_s=stream_n / stream_seconds,
     )
+
+
+async def measure_relay(address: str, pki: PkiPaths, tmp: Path, n: int, warmup: int) -> Latency:
+    """Sequential Relay calls through a bare worker process, from the call to its second
+    answer (the worker's), as the latency figure measures a task."""
+    argv = [sys.executable, str(SCRIPT), "--bare-worker", str(pki.directory), address]
+    worker = await spawn("bare worker", argv, tmp / "bare-worker.log")
+    try:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=pki.ca_cert.read_bytes(),
+            private_key=pki.operator_key.read_bytes(),
+            certificate_chain=pki.operator_cert.read_bytes(),
+        )
+        async with grpc.aio.secure_channel(address, creds) as channel:
+            relay = channel.unary_stream(f"/{BARE_SERVICE}/Relay")
+            samples: list[float] = []
+            for i in range(warmup + n):
+                request = i.to_bytes(RELAY_KEY, "big") + BARE_PAYLOAD
+                t0 = time.perf_counter()
+                async with asyncio.timeout(READY_WITHIN):
+                    answers = [answer async for answer in relay(request)]
+                if answers != [b"created", request]:
+                    raise BenchError(f"bare relay: answered {answers!r}")
+                if i >= warmup:
+                    samples.append(time.perf_counter() - t0)
+        return Latency.of(samples)
+    finally:
+        await stop(worker)
 
 
 # --- the control plane -------------------------------------------------------------------------
@@ -916,17 +994,39 @@ async def _fleet_plane(
     return plane, fleet, connect
 
 
+def _profile_dir(args: argparse.Namespace, side: Side) -> Path | None:
+    """Where --profile puts a side's stacks (a subdirectory per side with --compare-ref)."""
+    directory: Path | None = args.profile
+    if directory is None:
+        return None
+    return directory / side.name if args.compare_ref else directory
+
+
+async def _fleet_dispatch(
+    args: argparse.Namespace, plane: ControlPlane, pki: PkiPaths, phase: str, side: Side, tmp: Path
+) -> tuple[float, float]:
+    """Dispatch rate of --fleet-tasks echo tasks, and the server's CPU milliseconds per task
+    over that window (less sensitive than the rate to what else loads a shared machine)."""
+    pid = plane.server.proc.pid
+    async with profiled(_profile_dir(args, side), phase, plane, tmp):
+        cpu0 = cpu_seconds(pid)
+        rate = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
+        cpu1 = cpu_seconds(pid)
+    return rate, ((cpu1 or 0.0) - (cpu0 or 0.0)) * 1000 / args.fleet_tasks
+
+
 async def fleet_two(
     args: argparse.Namespace, pki: PkiPaths, tmp: Path, side: Side, started: list[Child]
-) -> float:
-    """Dispatch rate with two fleet sessions (the reference for the many-workers figure)."""
+) -> tuple[float, float]:
+    """Dispatch rate and server CPU per task with two fleet sessions (the reference for the
+    many-workers figures)."""
     note(f"[{side.name}] fleet: dispatch with 2 sessions")
     ids = fleet_ids(args.idle_workers)[:2]
     plane, fleet, _ = await _fleet_plane(args, pki, tmp / "fleet-2", side, started, ids, 1)
-    rate = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
+    two = await _fleet_dispatch(args, plane, pki, "fleet-2", side, tmp)
     for child in [*fleet, plane.server]:
         await stop(child)
-    return rate
+    return two
 
 
 async def fleet_many(
@@ -935,7 +1035,7 @@ async def fleet_many(
     tmp: Path,
     side: Side,
     started: list[Child],
-    two: float,
+    two: tuple[float, float],
     profile: Path | None = None,
 ) -> Fleet:
     """Connect time, idle CPU and memory, then dispatch rate, with all N sessions; with
@@ -954,7 +1054,7 @@ async def fleet_many(
     rss = rss_mb(pid)
     plane.check()
     note(f"[{side.name}] fleet: dispatch with {n} sessions")
-    many = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
+    many, many_cpu = await _fleet_dispatch(args, plane, pki, f"fleet-{n}", side, tmp)
     for child in [*fleet, plane.server]:
         await stop(child)
     cpu = ((cpu1 or 0.0) - (cpu0 or 0.0)) / (t1 - t0) * 100
@@ -968,7 +1068,9 @@ async def fleet_many(
         idle_rss_kb_per_worker=rss * 1024 / n,
         tasks=args.fleet_tasks,
         dispatch_tasks_per_s=many,
-        dispatch_two_workers_tasks_per_s=two,
+        dispatch_two_workers_tasks_per_s=two[0],
+        dispatch_cpu_ms_per_task=many_cpu,
+        dispatch_two_workers_cpu_ms_per_task=two[1],
     )
 
 
@@ -981,7 +1083,10 @@ METHOD = {
     "baseline": "bare grpc.aio server in its own process, same CA/server/operator certificates "
     "(mTLS), generic handlers on raw bytes; unary: sequential echo of 64 bytes after 200 warm-up "
     "calls; stream: one stream_stream call, the client writes N 64-byte messages, the server "
-    "counts them and answers once at the end",
+    "counts them and answers once at the end; relay: a Relay call (unary_stream) answers "
+    "'created', hands its 72 bytes to a bare worker process over the Work stream it holds, and "
+    "answers with the worker's reply: the shape of a task's round trip with nothing stored, "
+    "validated or converted (as many calls as sequential tasks, one at a time)",
     "throughput": "clocks start before the first CreateTasks; clients each submit their share of "
     "batches one call at a time; after the last submit returns, one extra client polls "
     "ListTasks(statuses=PENDING,RUNNING, page_size=1) every --poll-interval until it is empty "
@@ -1002,7 +1107,8 @@ METHOD = {
     "while holding a run, its idle interval otherwise) and complete each assignment at once "
     "(after renewing a lapsed lease); CPU and RSS of the server over --idle-seconds after the "
     "sessions connected and 2 s passed; dispatch: --fleet-tasks echo tasks from 4 clients, "
-    "with two sessions and with all N",
+    "with two sessions and with all N; the server's CPU (user+system) over each dispatch window "
+    "per task (with all N it includes their heartbeats during the window)",
     "cpu": "user+system CPU seconds of each process during the throughput phase (/proc)",
 }
 
@@ -1020,6 +1126,11 @@ def ratios(b: Baseline, t: Throughput, lat: SequentialLatency) -> dict[str, floa
         "submit_to_completed_p50 / bare_unary_p50": s.p50_ms / b.unary.p50_ms,
         "submit_to_completed_p99 / bare_unary_p99": s.p99_ms / b.unary.p99_ms,
         "create_call_p50 / bare_unary_p50": lat.create_call.p50_ms / b.unary.p50_ms,
+        **(
+            {"submit_to_completed_p50 / bare_relay_p50": s.p50_ms / b.relay.p50_ms}
+            if b.relay is not None
+            else {}
+        ),
     }
 
 
@@ -1078,6 +1189,9 @@ def rows() -> list[Row]:
         Row("bare grpc.aio mTLS unary round trip, one in flight"),
         Row("  p50", lambda r: r.baseline.unary.p50_ms, _ms, lambda _r: "baseline"),
         Row("  p99", lambda r: r.baseline.unary.p99_ms, _ms, lambda _r: "baseline"),
+        Row("bare relay: call -> worker process -> answer, one in flight (the floor below)"),
+        Row("  p50", lambda r: r.baseline.relay.p50_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
+        Row("  p99", lambda r: r.baseline.relay.p99_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
         Row("bare bidi stream, one way", None),
         Row("  rate", lambda r: r.baseline.stream_msgs_per_s, lambda v: _rate(v, "msgs/s")),
         Row("throughput: echo tasks, concurrent CreateTasks, two workers"),
@@ -1103,9 +1217,7 @@ def rows() -> list[Row]:
             "  p50",
             lambda r: r.latency.submit_to_completed.p50_ms,
             _ms,
-            lambda r: (
-                f"{r.latency.submit_to_completed.p50_ms / r.baseline.unary.p50_ms:.1f} x bare p50"
-            ),
+            lambda r: _vs_bare(r, r.latency.submit_to_completed.p50_ms, "p50"),
             f"<= {TARGET_P50_MS:g} ms",
             lambda v: v <= TARGET_P50_MS,
         ),
@@ -1113,9 +1225,7 @@ def rows() -> list[Row]:
             "  p99",
             lambda r: r.latency.submit_to_completed.p99_ms,
             _ms,
-            lambda r: (
-                f"{r.latency.submit_to_completed.p99_ms / r.baseline.unary.p99_ms:.1f} x bare p99"
-            ),
+            lambda r: _vs_bare(r, r.latency.submit_to_completed.p99_ms, "p99"),
             f"<= {TARGET_P99_MS:g} ms",
             lambda v: v <= TARGET_P99_MS,
         ),
@@ -1196,6 +1306,23 @@ def rows() -> list[Row]:
             f">= {TARGET_FLEET_RATIO:g} x two",
             None,
         ),
+        Row(
+            "  server CPU per task, two sessions",
+            lambda r: r.fleet.dispatch_two_workers_cpu_ms_per_task,  # type: ignore[union-attr]
+            lambda v: f"{v:.3f} ms",
+        ),
+        Row(
+            "  server CPU per task, all sessions",
+            lambda r: r.fleet.dispatch_cpu_ms_per_task,  # type: ignore[union-attr]
+            lambda v: f"{v:.3f} ms",
+            lambda r: f"{r.fleet.dispatch_cpu_ratio:.2f} x two sessions",  # type: ignore[union-attr]
+        ),
+        Row(
+            "    less the idle sessions' cost",
+            lambda r: r.fleet.dispatch_cpu_net_ms_per_task,  # type: ignore[union-attr]
+            lambda v: f"{v:.3f} ms",
+            lambda r: f"{r.fleet.dispatch_cpu_net_ratio:.2f} x two sessions",  # type: ignore[union-attr]
+        ),
         Row("failover: fault -> next attempt RUNNING elsewhere (default lease)"),
         Row(
             "  kill -9 of the worker, slowest",
@@ -1214,6 +1341,15 @@ def rows() -> list[Row]:
             text=lambda r: r.failover.summary(r.failover.silent_cut_to_running_s),  # type: ignore[union-attr]
         ),
     ]
+
+
+def _vs_bare(r: Report, ms: float, which: str) -> str:
+    """A latency against the bare unary round trip and, when measured, the bare relay."""
+    unary = getattr(r.baseline.unary, f"{which}_ms")
+    out = f"{ms / unary:.1f} x bare {which}"
+    if r.baseline.relay is not None:
+        out += f", {ms / getattr(r.baseline.relay, f'{which}_ms'):.1f} x relay"
+    return out
 
 
 def _server_cpu(r: Report) -> float | None:
@@ -1359,6 +1495,10 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
             bare, port = await start_baseline(pki, tmp)
             started.append(bare)
             baseline = await measure_baseline(f"127.0.0.1:{port}", pki, args.unary, args.stream)
+            note("baseline: bare relay through a bare worker process")
+            baseline.relay = await measure_relay(
+                f"127.0.0.1:{port}", pki, tmp, args.latency_tasks, max(args.warmup, 20)
+            )
             await stop(bare)
 
             planes: dict[str, ControlPlane] = {}
@@ -1434,7 +1574,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                 await asyncio.gather(*(stop(c) for c in plane.workers))
                 await stop(plane.server)
             if args.idle_workers:
-                two: dict[str, float] = {}
+                two: dict[str, tuple[float, float]] = {}
                 for side in order:
                     two[side.name] = await fleet_two(args, pki, tmp / side.name, side, started)
                 order.reverse()
@@ -1532,6 +1672,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     if args.serve_baseline is not None:
         asyncio.run(serve_baseline(args.serve_baseline))
+        return 0
+    if args.bare_worker is not None:
+        asyncio.run(bare_worker(Path(args.bare_worker[0]), args.bare_worker[1]))
         return 0
     if args.profile is not None:
         args.profile.mkdir(parents=True, exist_ok=True)

@@ -216,10 +216,30 @@ class Fleet:
     tasks: int
     dispatch_tasks_per_s: float
     dispatch_two_workers_tasks_per_s: float
+    # the server's CPU over each dispatch window, per task
+    dispatch_cpu_ms_per_task: float = 0.0
+    dispatch_two_workers_cpu_ms_per_task: float = 0.0
 
     @property
     def dispatch_ratio(self) -> float:
         return self.dispatch_tasks_per_s / self.dispatch_two_workers_tasks_per_s
+
+    @property
+    def dispatch_cpu_ratio(self) -> float:
+        return self.dispatch_cpu_ms_per_task / (self.dispatch_two_workers_cpu_ms_per_task or 1.0)
+
+    @property
+    def dispatch_cpu_net_ms_per_task(self) -> float:
+        """CPU per task with all sessions, less what they cost idle (their heartbeats) over the
+        same window: what dispatching itself cost."""
+        idle_ms_per_s = self.idle_cpu_percent * 10
+        return self.dispatch_cpu_ms_per_task - idle_ms_per_s / self.dispatch_tasks_per_s
+
+    @property
+    def dispatch_cpu_net_ratio(self) -> float:
+        return self.dispatch_cpu_net_ms_per_task / (
+            self.dispatch_two_workers_cpu_ms_per_task or 1.0
+        )
 
 
 def rss_mb(pid: int) -> float:

@@ -211,6 +211,8 @@ def policy_to_pb(p: TaskPolicy, out: pb.TaskPolicy) -> None:
 
 
 def model_settings_to_pb(s: ModelSettings, out: pb.ModelSettings) -> None:
+    if s.empty:  # most tasks: nothing to write, and the message reads back as empty settings
+        return
     out.system_prompt = s.system_prompt
     out.max_tokens = s.max_tokens
     if s.temperature is not None:

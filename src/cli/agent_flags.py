@@ -1,6 +1,7 @@
 """Flags of `taskrun server` and `taskrun worker run` about agents, worker health and budgets.
 
-Server: --quarantine-after / --fast-failure / --quarantine-base / --quarantine-max (the circuit
+Server: --dispatch-spread (how many workers a burst of runs goes to, controlplane.dispatcher),
+--quarantine-after / --fast-failure / --quarantine-base / --quarantine-max (the circuit
 breaker of controlplane.health) and --label-budget / --schedule-budget (daily cost caps, also
 TASKRUN_LABEL_BUDGETS and TASKRUN_SCHEDULE_BUDGETS, comma-separated). Worker: --models (the
 models its Anthropic-backed agents announce and accept, TASKRUN_ANTHROPIC_MODELS) and
@@ -27,7 +28,15 @@ def _float(value: str) -> float:
 
 
 def add_server_flags(p: argparse.ArgumentParser) -> None:
-    group = p.add_argument_group("worker health and budgets")
+    group = p.add_argument_group("dispatch, worker health and budgets")
+    group.add_argument(
+        "--dispatch-spread",
+        type=int,
+        metavar="N",
+        help="runs placed together (a burst of tasks) go to about N workers, several to each, "
+        "instead of one to each of as many workers; single tasks always go to the least loaded "
+        "(default 16; 0 = one run per worker)",
+    )
     group.add_argument(
         "--quarantine-after",
         type=int,
@@ -75,6 +84,7 @@ def _listed(args: argparse.Namespace, name: str, variable: str) -> list[str]:
 def server_values(args: argparse.Namespace) -> dict[str, Any]:
     """ServerConfig fields from these flags (ValueError naming a bad budget)."""
     values: dict[str, Any] = {
+        "dispatch_spread": getattr(args, "dispatch_spread", None),
         "quarantine_after": getattr(args, "quarantine_after", None),
         "fast_failure": getattr(args, "fast_failure", None),
         "quarantine_base": getattr(args, "quarantine_base", None),

@@ -638,9 +638,12 @@ class Client:
         labels: Mapping[str, str] | None = None,
         options: Mapping[str, Any] | None = None,
         policy: TaskPolicy | None = None,
+        allow_unknown_agent: bool = False,
     ) -> tuple[Conversation, Turn]:
         """A new conversation with `agent`, its first turn carrying `message`. `options` are the
         agent's input fields every turn shares (not "prompt": each turn's prompt is its message).
+        Refused (INVALID_ARGUMENT) when no worker has announced the agent, or no online worker
+        offers the provider or model asked for, unless `allow_unknown_agent` (its turns wait).
         """
         request = conversations_pb2.CreateConversationRequest(
             agent=agent,
@@ -648,6 +651,7 @@ class Client:
             title=title,
             labels=dict(labels or {}),
             input_json=json.dumps(dict(options or {})),
+            allow_unknown_agent=allow_unknown_agent,
         )
         if policy is not None:
             convert.policy_to_pb(policy, request.policy)
@@ -729,6 +733,7 @@ class Client:
         options: Mapping[str, Any] | None = None,
         labels: Mapping[str, str] | None = None,
         title: str = "",
+        allow_unknown_agent: bool = False,
     ) -> AsyncGenerator[ChatEvent, None]:
         """Send `message` and follow the answer: to `conversation_id`, or to a new conversation
         with `agent` (TurnStarted then carries it). Events: TurnStarted, OutputReceived (text
@@ -747,7 +752,12 @@ class Client:
         if not agent:
             raise ValueError("chat needs an agent (a new conversation) or a conversation_id")
         conversation, turn = await self.create_conversation(
-            agent, message, options=options, labels=labels, title=title
+            agent,
+            message,
+            options=options,
+            labels=labels,
+            title=title,
+            allow_unknown_agent=allow_unknown_agent,
         )
         yield TurnStarted(turn, conversation)
         async with contextlib.aclosing(self.follow(turn.task_id, include_events=True)) as events:

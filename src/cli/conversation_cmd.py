@@ -57,6 +57,12 @@ def register(subparsers: Any) -> None:
     p.add_argument("--title", default="", help="default: the start of the first message")
     p.add_argument("--label", action="append", metavar="K=V", help="label (repeat)")
     p.add_argument("--events", action="store_true", help="show tool calls and other events")
+    p.add_argument(
+        "--allow-unknown-agent",
+        action="store_true",
+        help="start even if no worker has announced AGENT yet, or no online worker offers the "
+        'model asked for (a "model" in --input): the turns wait; without it that is refused',
+    )
 
     group = cli._group(subparsers, "conversation", "conversations with agents, kept by the server")
     p = cli._leaf(group, "list", cmd_list, help="list conversations, newest first")
@@ -252,6 +258,7 @@ async def _chat(
             options=options,
             labels=labels,
             title=args.title,
+            allow_unknown_agent=args.allow_unknown_agent,
         )
         async with contextlib.aclosing(stream) as events:
             async for event in events:

@@ -80,9 +80,15 @@ class FailoverStub:
     def __init__(self, channels: Channels, stub_class: Any) -> None:
         self._channels = channels
         self._stub_class = stub_class
+        self._stub: tuple[grpc.aio.Channel, Any] | None = None  # made once per channel
+
+    def _on(self, channel: grpc.aio.Channel) -> Any:
+        if self._stub is None or self._stub[0] is not channel:
+            self._stub = (channel, self._stub_class(channel))
+        return self._stub[1]
 
     def __getattr__(self, name: str) -> Any:
-        method = getattr(self._stub_class(self._channels.channel), name)
+        method = getattr(self._on(self._channels.channel), name)
         if not isinstance(method, grpc.aio.UnaryUnaryMultiCallable):
             return method  # streaming: on the address in use
 
@@ -100,6 +106,6 @@ class FailoverStub:
                 if tries % len(self._channels.servers.endpoints) == 0:
                     await asyncio.sleep(delay)  # every address refused: a takeover is under way
                     delay = min(delay * 2, 1.0)
-                current = getattr(self._stub_class(self._channels.channel), name)
+                current = getattr(self._on(self._channels.channel), name)
 
         return call

@@ -42,6 +42,7 @@ from taskrun.controlplane.workflows.service import WorkflowService
 from taskrun.core.store import Store
 from taskrun.metrics_http import MetricsServer
 from taskrun.ports import check_listen_address
+from taskrun.runtime import settle_garbage_collector
 from taskrun.v1 import (
     cluster_pb2,
     cluster_pb2_grpc,
@@ -391,6 +392,7 @@ async def run_server(config: ServerConfig) -> None:
         await run_with_leadership(config, stop)
         return
     running = await start_server(config)
+    settle_garbage_collector()
     try:
         await stop.wait()
         log.info("shutting down")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, Field, field_validator, model_validator
 
+from taskrun.controlplane.dispatcher import ROUND_SPREAD
 from taskrun.controlplane.health import BreakerSettings
 from taskrun.core.models import DEFAULT_MAX_ATTEMPTS
 
@@ -63,6 +64,9 @@ class ServerConfig(BaseModel):
     retry_backoff_base: float = Field(default=1.0, ge=0)
     retry_backoff_max: float = Field(default=60.0, ge=0)
     max_inflight_commits: int = Field(default=64, ge=1)
+    # Runs placed together (a CreateTasks call, slots freed at once) go to about this many
+    # workers at most, in batches per worker; 0 = one run per worker, least loaded first.
+    dispatch_spread: int = Field(default=ROUND_SPREAD, ge=0, le=100_000)
     # A run still active this long after its task's timeout is failed by the control plane
     # (the worker should have stopped it; this catches a worker that cannot).
     timeout_backstop: float = Field(default=10.0, ge=0)

@@ -15,10 +15,11 @@ from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.guard import status_code
 from taskrun.controlplane.services import TaskService, domain_errors
+from taskrun.controlplane.waiting import check_known_agent, check_offered
 from taskrun.core import errors
 from taskrun.core.access import Scope
 from taskrun.core.ids import ConversationId
-from taskrun.core.models import Conversation, TaskPolicy, Turn
+from taskrun.core.models import Conversation, TaskPolicy, Turn, asked_model
 from taskrun.core.store import ConversationQuery
 from taskrun.core.validation import (
     MAX_INPUT_BYTES,
@@ -109,6 +110,17 @@ class ConversationService(conversations_pb2_grpc.ConversationServiceServicer):
         if policy.idempotency_key:
             raise errors.InvalidArgument(
                 "must be empty: each turn is a new task", field="policy.idempotency_key"
+            )
+        if not request.allow_unknown_agent:
+            check_known_agent(agent, self.engine.catalog.names())
+            check_offered(
+                agent,
+                policy.required_provider,
+                asked_model(policy.required_model, text),
+                self.engine.workers.values(),
+                model_field="policy.required_model"
+                if policy.required_model
+                else "input_json.model",
             )
         self.engine.catalog.check_input(agent, {**options, "prompt": message}, "input_json")
         conversation, turn, _ = await self.engine.create_conversation(

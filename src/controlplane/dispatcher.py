@@ -11,6 +11,14 @@ order, so a plan looks at the few least loaded candidates instead of every conne
 Whether a candidate may take a run is `Candidate.fits(requirement)` (with `backends_fit`), a pure
 predicate applied to the candidates the index yields in order: what it checks can change without
 the index.
+
+Runs planned together go out in batches: in one plan, the worker chosen for a run also takes the
+next runs of the same requirement, up to a share of the runs that were waiting for it
+(`ceil(waiting / ROUND_SPREAD)`) or until its slots are full; the next batch goes to the then
+least loaded worker. A single run (a trickle) therefore goes to the least loaded worker as
+before, a burst of a few runs is still spread one per worker, and a burst of hundreds reaches
+about `ROUND_SPREAD` workers instead of hundreds: a batch is one message to its worker and comes
+back as one report, where a run per worker costs its own assignment, report and acknowledgement.
 """
 
 from __future__ import annotations
@@ -21,6 +29,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from taskrun.core.ids import RunId, TaskId, WorkerId
+
+# A plan spreads the runs waiting for one requirement over about this many workers at most
+# (fewer when fewer fit, more when their free slots run out first): see the module docstring.
+# The server's `dispatch_spread` setting; 0 = no batches, every run to the least loaded worker.
+ROUND_SPREAD = 16
 
 # agent, labels, provider, model, worker (a run may be pinned to one worker)
 Requirement = tuple[str, tuple[tuple[str, str], ...], str, str, str]
@@ -172,6 +185,7 @@ class WorkerIndex:
 @dataclass(slots=True)
 class _Group:
     heap: list[tuple[int, int, RunId]] = field(default_factory=list)
+    waiting: int = 0  # runs in the queue (the heap may also hold removed ones)
 
 
 class PendingQueue:
@@ -193,10 +207,14 @@ class PendingQueue:
         self._entries[run.run_id] = run
         group = self._groups.setdefault(run.requirement, _Group())
         heapq.heappush(group.heap, (-run.priority, run.order, run.run_id))
+        group.waiting += 1
 
     def remove(self, run_id: RunId) -> PendingRun | None:
         """Forget a run (cancelled); its heap slot is skipped lazily."""
-        return self._entries.pop(run_id, None)
+        entry = self._entries.pop(run_id, None)
+        if entry is not None and (group := self._groups.get(entry.requirement)) is not None:
+            group.waiting -= 1
+        return entry
 
     def depth_by_agent(self) -> dict[str, int]:
         depth: dict[str, int] = {}
@@ -210,18 +228,24 @@ class PendingQueue:
             heapq.heappop(heap)
         return heap[0] if heap else None
 
-    def plan(self, workers: WorkerIndex | Iterable[Candidate]) -> list[tuple[PendingRun, WorkerId]]:
-        """Pop as many runs as fit the free slots, best first. Mutates `active` counts (and
-        tells the index)."""
+    def plan(
+        self, workers: WorkerIndex | Iterable[Candidate], spread: int = ROUND_SPREAD
+    ) -> list[tuple[PendingRun, WorkerId]]:
+        """Pop as many runs as fit the free slots, best first, in batches per worker (see the
+        module docstring). Mutates `active` counts (and tells the index)."""
         index = workers if isinstance(workers, WorkerIndex) else WorkerIndex(workers)
         if not index or not self._entries:
             return []
         live: list[Requirement] = []
+        share: dict[Requirement, int] = {}
         for req, group in list(self._groups.items()):
             if self._head(group) is None:
                 del self._groups[req]
             else:
                 live.append(req)
+                share[req] = max(1, -(-group.waiting // spread)) if spread > 0 else 1
+        # per requirement: the worker taking its current batch, and how many more it may take
+        batch: dict[Requirement, tuple[Candidate, int]] = {}
         plan: list[tuple[PendingRun, WorkerId]] = []
         while live:
             best_req: Requirement | None = None
@@ -229,7 +253,7 @@ class PendingQueue:
             best_worker: Candidate | None = None
             for req in list(live):
                 head = self._head(self._groups[req])
-                worker = index.pick(req) if head is not None else None
+                worker = (self._batch_worker(batch, req) or index.pick(req)) if head else None
                 if head is None or worker is None:
                     live.remove(req)  # nothing to run, or no free worker fits it
                     continue
@@ -237,11 +261,28 @@ class PendingQueue:
                     best_req, best_head, best_worker = req, head, worker
             if best_req is None or best_head is None or best_worker is None:
                 break
-            heapq.heappop(self._groups[best_req].heap)
+            group = self._groups[best_req]
+            heapq.heappop(group.heap)
+            group.waiting -= 1
             entry = self._entries.pop(best_head[2])
-            if entry.avoid == best_worker.worker_id:  # a retry: another worker if one fits
-                best_worker = index.pick(best_req, avoid=entry.avoid) or best_worker
-            best_worker.active += 1
-            index.put(best_worker)
-            plan.append((entry, best_worker.worker_id))
+            chosen = best_worker
+            if entry.avoid == chosen.worker_id:  # a retry: another worker if one fits
+                chosen = index.pick(best_req, avoid=entry.avoid) or chosen
+            if chosen is best_worker:  # the batch goes on, or this run opens a new one
+                open_ = self._batch_worker(batch, best_req) is chosen
+                left = batch[best_req][1] if open_ else share[best_req]
+                batch[best_req] = (chosen, left - 1)
+            chosen.active += 1
+            index.put(chosen)
+            plan.append((entry, chosen.worker_id))
         return plan
+
+    @staticmethod
+    def _batch_worker(
+        batch: dict[Requirement, tuple[Candidate, int]], req: Requirement
+    ) -> Candidate | None:
+        """The worker whose batch of `req` runs is still open (it has room for more)."""
+        current = batch.get(req)
+        if current is None or current[1] <= 0 or current[0].free <= 0:
+            return None
+        return current[0]

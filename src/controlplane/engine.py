@@ -1119,7 +1119,7 @@ class Engine:
         self._moved.clear()
         if not self.queue or not sessions:
             return []
-        plan = self.queue.plan(self.index)
+        plan = self.queue.plan(self.index, self.config.dispatch_spread)
         now = utcnow()
         if self.budgets.roll(now):
             self._release_parked()

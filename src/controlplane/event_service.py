@@ -10,6 +10,7 @@ import structlog
 from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.events import Filter, Overflowed
+from taskrun.controlplane.store import eventlog
 from taskrun.core import errors
 from taskrun.core.access import Scope
 from taskrun.core.ids import RunId
@@ -109,7 +110,7 @@ class EventService(events_pb2_grpc.EventServiceServicer):
         while True:
             page = await store.read_events(last, REPLAY_PAGE)
             events = [
-                epb.Event.FromString(logged.data)
+                eventlog.decode(logged)
                 for logged in page
                 if wanted.wants(logged.kind, logged.task_id, logged.worker_id)
             ]

@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from taskrun import convert
+from taskrun.controlplane.store import eventlog
+from taskrun.controlplane.store.rows import us
 from taskrun.core.ids import RunId, WorkerId
 from taskrun.core.models import Run, Task, Worker, utcnow
 from taskrun.core.status import WorkerStatus
@@ -121,47 +123,70 @@ class EventHub:
     # --- producers (the engine) --------------------------------------------------------------
 
     def capture(self, changes: ChangeSet, runs: dict[RunId, Run]) -> Captured:
-        """Feed observers, and build the events of `changes` as they are now. Each gets the
-        next position of the event log and is added to `changes` (logged in the same
-        transaction); output is logged without its text, which the output table holds (a
-        replay reads it there). `runs` (the engine's current runs) names the worker of each
-        chunk's run."""
+        """Feed observers, log the changes of `changes` and, when someone watches, build their
+        events as they are now.
+
+        Each change gets the next position of the event log and is added to `changes` (logged
+        in the same transaction). A task or run change is logged as its object, which the store
+        encodes from the row it writes anyway (`store/eventlog.py`); worker changes and output
+        are logged as serialized events, output without its text, which the output table holds
+        (a replay reads it there). `runs` (the engine's current runs) names the worker of each
+        chunk's run. Events for subscribers are built only when there are any: one that
+        subscribes later starts from a snapshot of the engine's view, which holds these changes.
+        """
         for observer in self._observers:
             observer(changes)
         now = utcnow()
-        output: list[tuple[int, str, str, epb.Event]] = []
+        watched = bool(self._subs)
+        events: list[tuple[int, str, str, epb.Event]] = []
+        logged: list[LoggedEvent] = []
+        position = self.position
+        # workers, output, runs, tasks: the order subscribers always saw
+        workers = [(w, self._runs_of(w.id)) for w in {w.id: w for w in changes.workers}.values()]
+        for kind, task_id, worker_id, event in self._events(workers, (), (), now):
+            position += 1
+            event.position = position
+            logged.append(
+                LoggedEvent(position, kind, task_id, worker_id, event.SerializeToString())
+            )
+            events.append((kind, task_id, worker_id, event))
+        stamp = us(now)
         for chunk in changes.chunks:
             run = runs.get(chunk.run_id)
             owner = (run.worker_id if run is not None else None) or ""
-            event = epb.Event(kind=epb.EVENT_KIND_OUTPUT)
-            convert.chunk_to_pb(chunk, event.chunk)
-            output.append((event.kind, chunk.task_id or "", owner, _stamped(event, now)))
-        workers = [(w, self._runs_of(w.id)) for w in {w.id: w for w in changes.workers}.values()]
-        changed = list(
-            self._events(
-                workers,
-                list({r.id: r for r in changes.runs}.values()),
-                list({t.id: t for t in changes.tasks}.values()),
-                now,
-            )
-        )
-        # workers, output, runs, tasks: the order subscribers always saw
-        split = len(workers)
-        events = [*changed[:split], *output, *changed[split:]]
-        logged: list[LoggedEvent] = []
-        for kind, task_id, worker_id, event in events:
-            self.position += 1
-            event.position = self.position
-            if kind == epb.EVENT_KIND_OUTPUT:
-                text = event.chunk.data
-                event.chunk.data = ""
-                data = event.SerializeToString()
-                event.chunk.data = text
+            position += 1
+            output = epb.EVENT_KIND_OUTPUT
+            data = eventlog.encode_output(stamp, chunk)
+            logged.append(LoggedEvent(position, output, chunk.task_id or "", owner, data))
+            if watched:
+                event = epb.Event(kind=output, position=position)
+                convert.chunk_to_pb(chunk, event.chunk)
+                events.append((output, chunk.task_id or "", owner, _stamped(event, now)))
+        changed: list[Run | Task] = [*{r.id: r for r in changes.runs}.values()]
+        changed.extend({t.id: t for t in changes.tasks}.values())
+        for subject in changed:
+            position += 1
+            if isinstance(subject, Run):
+                kind, task_id = epb.EVENT_KIND_RUN_CHANGED, subject.task_id
             else:
-                data = event.SerializeToString()
-            logged.append(LoggedEvent(self.position, kind, task_id, worker_id, data))
+                kind, task_id = epb.EVENT_KIND_TASK_CHANGED, subject.id
+            worker_id = subject.worker_id or ""
+            logged.append(
+                LoggedEvent(position, kind, task_id, worker_id, subject=subject, time=stamp)
+            )
+        if watched and changed:
+            runs_changed = [s for s in changed if isinstance(s, Run)]
+            tasks_changed = [s for s in changed if isinstance(s, Task)]
+            at = position - len(changed)
+            for kind, task_id, worker_id, event in self._events(
+                (), runs_changed, tasks_changed, now
+            ):
+                at += 1
+                event.position = at
+                events.append((kind, task_id, worker_id, event))
+        self.position = position
         changes.events.extend(logged)
-        return Captured(events, logged)
+        return Captured(events if watched else [], logged)
 
     def emit(self, captured: Captured | None) -> None:
         """Deliver a committed change to subscribers (call after the commit)."""

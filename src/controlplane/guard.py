@@ -120,6 +120,8 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.check_credentials = check_credentials
         # a caller can cause these lines at will: at most 10 per 10 s per peer host (or method)
         self.noted = LogLimiter(log, limit=10, window=10.0)
+        # a method's handler is the same object call after call: wrap it once
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -130,6 +132,14 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         if handler is None:
             return handler
         method = details.method
+        known = self._wrapped.get(method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap_handler(handler, method)
+        self._wrapped[method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
         for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, name)
             if behavior is not None:

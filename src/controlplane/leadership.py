@@ -42,6 +42,7 @@ from taskrun.controlplane.store.postgres import PostgresStore
 from taskrun.controlplane.store.postgres_lease import LeaderLease, new_control_plane_id
 from taskrun.controlplane.tls import ServerCertificateSource
 from taskrun.core.errors import StoreUnavailable
+from taskrun.runtime import settle_garbage_collector
 from taskrun.servers import LEADER_METADATA, STANDBY_PREFIX
 from taskrun.v1 import cluster_pb2 as cpb
 from taskrun.v1 import cluster_pb2_grpc
@@ -338,4 +339,5 @@ class Leadership:
 
 async def run_with_leadership(config: ServerConfig, stop: asyncio.Event) -> None:
     """Serve as one of the control planes on `config.store` until `stop` is set."""
+    settle_garbage_collector()
     await Leadership(config).run(stop)

@@ -273,6 +273,8 @@ class _CountingContext:
 class _EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, metrics: ControlPlaneMetrics) -> None:
         self.metrics = metrics
+        # a method's handler is the same object call after call: wrap it once
+        self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
 
     async def intercept_service(
         self,
@@ -282,7 +284,15 @@ class _EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         handler = await continuation(details)
         if handler is None:
             return handler
-        counting = details.method == STREAM_METHOD
+        known = self._wrapped.get(details.method)
+        if known is not None and known[0] is handler:
+            return known[1]
+        wrapped = self._wrap_handler(handler, details.method)
+        self._wrapped[details.method] = (handler, wrapped)
+        return wrapped
+
+    def _wrap_handler(self, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
+        counting = method == STREAM_METHOD
         for name in ("unary_unary", "unary_stream", "stream_unary", "stream_stream"):
             behavior = getattr(handler, name)
             if behavior is not None:

@@ -5,6 +5,12 @@ to the stream, and it merges everything queued into one ServerMessage per write,
 assignments as fit in `max_message_bytes` (a conversation's turn may carry a large transcript or
 session snapshot); the rest go in the next write.
 
+Acknowledgements are not urgent (they let the worker forget reports it would otherwise send
+again after a reconnect), so one alone waits up to ACK_DELAY for something else to go with: the
+next assignment, a cancel, a lease renewal, a later ack. A round trip then costs the worker's
+report and the follower's update one stream write fewer, and a busy session writes one message
+where it wrote two.
+
 The lease: the worker numbers its heartbeats and remembers when it sent each; the server renews
 the lease when one arrives (now + duration) and answers with its number, from which the worker
 counts the same duration. The worker's lease therefore always ends before the server's.
@@ -26,6 +32,8 @@ from taskrun.controlplane.dispatcher import Candidate
 from taskrun.core.ids import RunId, WorkerId
 from taskrun.core.models import AgentSpec, Worker
 from taskrun.v1 import workers_pb2 as wpb
+
+ACK_DELAY = 0.02  # seconds an acknowledgement may wait for company (see the module doc)
 
 
 class RunSet(set[RunId]):
@@ -77,6 +85,7 @@ class WorkerSession:
         self._cancels: list[wpb.CancelRun] = []
         self._drain = False
         self._ack = 0
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._wake = asyncio.Event()
         self._candidate = Candidate(
             worker_id=worker.id,
@@ -126,7 +135,8 @@ class WorkerSession:
         """Acknowledge the worker's messages up to `message_seq` (they are committed)."""
         if message_seq > self._ack:
             self._ack = message_seq
-            self._wake.set()
+            if self._ack_timer is None:
+                self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._wake.set)
 
     def renew_lease(self, heartbeat_seq: int) -> None:
         """A numbered heartbeat arrived: extend the lease and tell the worker which one."""
@@ -169,6 +179,9 @@ class WorkerSession:
                 lease_seq=self._lease_seq,
             )
             self._assignments, self._cancels = self._assignments[fit:], []
+            if self._ack_timer is not None:  # the ack goes with this message
+                self._ack_timer.cancel()
+                self._ack_timer = None
             if self._assignments:
                 self._wake.set()  # the rest in the next message
             self._drain = False

@@ -65,7 +65,10 @@ class Usage:
 
     @property
     def empty(self) -> bool:
-        return self == Usage()
+        return self == _NO_USAGE
+
+
+_NO_USAGE = Usage()  # compared with, never handed out
 
 
 DEFAULT_MAX_ATTEMPTS = 3
@@ -90,7 +93,7 @@ class ModelSettings:
 
     @property
     def empty(self) -> bool:
-        return self == ModelSettings()
+        return self == _NO_SETTINGS
 
     def copy(self) -> ModelSettings:
         return replace(
@@ -100,6 +103,9 @@ class ModelSettings:
             allowed_tools=list(self.allowed_tools),
             disallowed_tools=list(self.disallowed_tools),
         )
+
+
+_NO_SETTINGS = ModelSettings()  # compared with, never handed out
 
 
 @dataclass(slots=True)

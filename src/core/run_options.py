@@ -220,6 +220,8 @@ def _mcp_servers(text: str, field: str) -> str:
 
 
 def validate_model_settings(s: ModelSettings, field: str) -> ModelSettings:
+    if s.empty:  # most tasks set none: nothing to check, and no encoding to measure
+        return ModelSettings()
     if not 0 <= s.max_tokens <= MAX_TOKENS_LIMIT:
         raise InvalidArgument(
             f"must be between 1 and {MAX_TOKENS_LIMIT} (0 = the agent's default), got "

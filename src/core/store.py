@@ -15,7 +15,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
@@ -37,20 +37,26 @@ def trim_due(first: int, last: int, retention: int = EVENT_RETENTION) -> bool:
     return last > retention and first // _TRIM_EVERY != (last + 1) // _TRIM_EVERY
 
 
-@dataclass(frozen=True, slots=True)
-class LoggedEvent:
+class LoggedEvent(NamedTuple):  # a tuple: made for every change, it must be cheap to make
     """One event of the durable event log: a change a watcher can resume after.
 
     Positions are given by the control plane that leads (one more than the newest stored when
     it started), so they increase across control planes; the store refuses a position it
-    already holds. `data` is the event as the wire carries it (serialized taskrun.v1.Event).
+    already holds. `data` is what the store keeps and gives back, opaque to it: the event as the
+    wire carries it (serialized taskrun.v1.Event), or the compact form of
+    `controlplane/store/eventlog.py`. A task or run change is logged with `subject` set and no
+    `data`: the store encodes it from the row it writes for that object in the same change set,
+    so logging the change costs next to nothing beyond writing it (`time`: microseconds since
+    the epoch).
     """
 
     position: int
     kind: int
     task_id: str
     worker_id: str
-    data: bytes
+    data: bytes = b""
+    subject: Task | Run | None = None
+    time: int = 0
 
 
 @dataclass(frozen=True, slots=True)

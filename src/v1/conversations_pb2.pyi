@@ -75,7 +75,7 @@ class Conversation(_message.Message):
     def __init__(self, id: _Optional[str] = ..., agent: _Optional[str] = ..., title: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., input_json: _Optional[str] = ..., policy: _Optional[_Union[_common_pb2.TaskPolicy, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., turn_count: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., session_id: _Optional[str] = ..., session_snapshot_bytes: _Optional[int] = ..., summarized_through: _Optional[int] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ...) -> None: ...
 
 class CreateConversationRequest(_message.Message):
-    __slots__ = ("agent", "message", "title", "labels", "input_json", "policy")
+    __slots__ = ("agent", "message", "title", "labels", "input_json", "policy", "allow_unknown_agent")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -89,13 +89,15 @@ class CreateConversationRequest(_message.Message):
     LABELS_FIELD_NUMBER: _ClassVar[int]
     INPUT_JSON_FIELD_NUMBER: _ClassVar[int]
     POLICY_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_UNKNOWN_AGENT_FIELD_NUMBER: _ClassVar[int]
     agent: str
     message: str
     title: str
     labels: _containers.ScalarMap[str, str]
     input_json: str
     policy: _common_pb2.TaskPolicy
-    def __init__(self, agent: _Optional[str] = ..., message: _Optional[str] = ..., title: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., input_json: _Optional[str] = ..., policy: _Optional[_Union[_common_pb2.TaskPolicy, _Mapping]] = ...) -> None: ...
+    allow_unknown_agent: bool
+    def __init__(self, agent: _Optional[str] = ..., message: _Optional[str] = ..., title: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., input_json: _Optional[str] = ..., policy: _Optional[_Union[_common_pb2.TaskPolicy, _Mapping]] = ..., allow_unknown_agent: _Optional[bool] = ...) -> None: ...
 
 class SendMessageRequest(_message.Message):
     __slots__ = ("conversation_id", "message")

@@ -43,6 +43,7 @@ from taskrun.core.agent import Agent, SubtaskAccess
 from taskrun.core.ids import RunId, TaskId
 from taskrun.core.status import Fault
 from taskrun.metrics_http import MetricsServer
+from taskrun.runtime import settle_garbage_collector
 from taskrun.servers import ServerList, leader_of
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
@@ -895,6 +896,7 @@ async def run_worker(config: WorkerConfig) -> int:
         except (OSError, ValueError) as exc:
             log.error("cannot serve metrics", address=config.metrics_listen, error=str(exc))
             return 2
+    settle_garbage_collector()
     try:
         return await daemon.run()
     finally:

@@ -297,6 +297,31 @@ async def test_conversation_requests_are_checked_and_deleting_keeps_the_tasks(
     assert task.status is TaskStatus.COMPLETED  # the turn's task stays, as history
 
 
+async def test_a_conversation_with_an_agent_or_model_nobody_offers_is_refused_unless_allowed(
+    api: FakeAnthropic, cluster: Cluster
+) -> None:
+    """As CreateTask: refused at the start, naming the field and what is offered, nothing
+    stored; with allow_unknown_agent it starts and its first turn waits for such a worker."""
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", agents=["anthropic"])
+    client = cluster.client()
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.create_conversation("ghost", "hi")
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    details = err.value.details() or ""
+    assert details.startswith("agent:") and "'anthropic'" in details, details
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await client.create_conversation("anthropic", "hi", options={"model": "no-such-model"})
+    assert err.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (err.value.details() or "").startswith("input_json.model:"), err.value.details()
+    assert await client.list_conversations() == []  # nothing was stored
+
+    conversation, turn = await client.create_conversation("ghost", "hi", allow_unknown_agent=True)
+    task, _ = await client.get_task(turn.task_id)
+    assert task.status is TaskStatus.PENDING and task.agent == "ghost"
+    assert [c.id for c in await client.list_conversations()] == [conversation.id]
+
+
 # --- claude_code: the session moves through the control plane -----------------------------
 
 

@@ -153,3 +153,26 @@ def test_spiffe_ids() -> None:
 )
 def test_durations_are_written_as_people_write_them(seconds: float, text: str) -> None:
     assert human_duration(seconds) == text
+
+
+def test_ids_are_the_26_base32_digits_of_time_and_randomness_most_significant_first() -> None:
+    from taskrun.core import ids
+
+    def digits(value: int) -> str:  # the definition, one digit at a time
+        out = []
+        for _ in range(26):
+            out.append(ids._ALPHABET[value & 31])
+            value >>= 5
+        return "".join(reversed(out))
+
+    before = time.time_ns() // 1_000_000
+    task_id = new_task_id()
+    after = time.time_ns() // 1_000_000
+    value = 0
+    for char in task_id.removeprefix("tsk_"):
+        value = value * 32 + ids._ALPHABET.index(char)
+    assert before <= value >> 80 <= after
+    assert digits(value) == task_id.removeprefix("tsk_")
+    for value in (0, 1, (1 << 130) - 1, 0x1234567890ABCDEF << 60 | 0xFEDCBA):
+        encoded = ids.base64.b32encode((value << 6).to_bytes(17, "big"))[:26]
+        assert encoded.translate(ids._FROM_RFC4648).decode() == digits(value)

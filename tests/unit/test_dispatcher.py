@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import random
+from collections import Counter
 
 from taskrun.controlplane.dispatcher import (
+    ROUND_SPREAD,
     Candidate,
     PendingQueue,
     PendingRun,
@@ -200,19 +202,32 @@ def test_a_quarantined_or_draining_worker_gets_nothing() -> None:
     assert len(q) == 1
 
 
-def scan_plan(q: PendingQueue, workers: list[Candidate]) -> list[tuple[str, str]]:
-    """The plan by the definition: for the best pending run, the least loaded free worker that
-    fits it, by a scan over every worker (what the index must reproduce)."""
+def scan_plan(
+    q: PendingQueue, workers: list[Candidate], spread: int = ROUND_SPREAD
+) -> list[tuple[str, str]]:
+    """The plan by the definition, by scans over every worker (what the index must reproduce):
+    the best pending run that some free worker fits goes to the worker holding an open batch of
+    its requirement, else to the least loaded free worker that fits it, which opens a batch of
+    ceil(runs waiting for that requirement / spread) runs."""
     pending = sorted(q._entries.values(), key=lambda r: (-r.priority, r.order))
+    waiting = Counter(r.requirement for r in pending)
+    batches: dict[object, tuple[Candidate, int]] = {}
     out: list[tuple[str, str]] = []
     taken: set[str] = set()
     while True:
         for entry in pending:
             if entry.run_id in taken:
                 continue
-            fitting = [w for w in workers if w.free > 0 and w.fits(entry.requirement)]
+            req = entry.requirement
+            fitting = [w for w in workers if w.free > 0 and w.fits(req)]
             if fitting:
-                best = min(fitting, key=lambda w: (w.active / w.capacity, w.active, w.worker_id))
+                held, left = batches.get(req, (None, 0))
+                if held is not None and left > 0 and held.free > 0:
+                    best, left = held, left - 1
+                else:
+                    key = lambda w: (w.active / w.capacity, w.active, w.worker_id)  # noqa: E731
+                    best, left = min(fitting, key=key), -(-waiting[req] // spread) - 1
+                batches[req] = (best, left)
                 best.active += 1
                 taken.add(entry.run_id)
                 out.append((entry.run_id, best.worker_id))
@@ -263,7 +278,9 @@ def test_the_index_plans_as_a_scan_over_every_worker_would() -> None:
                 got.active = max(0, got.active - 1)
                 loads[i] = got.active
                 index.put(got)
-        assert ids(q.plan(index)) == scan_plan(reference, fleet(shape, loads))
+        spread = rng.choice((1, 2, 3, ROUND_SPREAD))
+        expected = scan_plan(reference, fleet(shape, loads), spread)
+        assert ids(q.plan(index, spread)) == expected
 
 
 def test_the_index_forgets_removed_workers_and_follows_load_changes() -> None:
@@ -285,3 +302,109 @@ def test_the_index_forgets_removed_workers_and_follows_load_changes() -> None:
     q.add(run(9))
     a.active = 0
     assert q.plan(index) == []
+
+
+# -- batches: runs planned together go out several per worker ------------------------------------
+
+
+def many(n: int, capacity: int, prefix: str = "w") -> list[Candidate]:
+    return [worker(f"{prefix}{i:04d}", capacity=capacity) for i in range(n)]
+
+
+def per_worker(plan: list[tuple[PendingRun, WorkerId]]) -> Counter[str]:
+    return Counter(w for _, w in plan)
+
+
+def test_a_burst_goes_to_few_workers_in_batches_of_a_share_of_it() -> None:
+    q = PendingQueue()
+    for n in range(100):
+        q.add(run(n))
+    workers = many(1000, capacity=256)
+    counts = per_worker(q.plan(WorkerIndex(workers)))
+    share = -(-100 // ROUND_SPREAD)  # 7
+    assert sum(counts.values()) == 100
+    assert max(counts.values()) == share
+    assert len(counts) == -(-100 // share) <= ROUND_SPREAD  # 15 workers, not 100
+    # the batches went to the least loaded (all idle: by name), one after the other
+    assert sorted(counts) == [f"w{i:04d}" for i in range(len(counts))]
+
+
+def test_a_batch_is_in_queue_order_on_one_worker_then_the_next() -> None:
+    q = PendingQueue()
+    for n in range(6):
+        q.add(run(n))
+    plan = q.plan([worker("a", capacity=8), worker("b", capacity=8)], spread=2)
+    assert ids(plan) == [
+        ("r0", "a"),
+        ("r1", "a"),
+        ("r2", "a"),
+        ("r3", "b"),
+        ("r4", "b"),
+        ("r5", "b"),
+    ]
+
+
+def test_a_trickle_of_single_runs_is_spread_least_loaded() -> None:
+    q = PendingQueue()
+    index = WorkerIndex(many(5, capacity=256))
+    placed = []
+    for n in range(10):  # one run per plan, none finishing
+        q.add(run(n))
+        placed += [w for _, w in q.plan(index)]
+    assert placed == [f"w{i:04d}" for i in range(5)] * 2
+
+
+def test_a_burst_smaller_than_the_spread_still_gets_one_worker_per_run() -> None:
+    q = PendingQueue()
+    for n in range(ROUND_SPREAD):
+        q.add(run(n))
+    counts = per_worker(q.plan(many(100, capacity=4)))
+    assert len(counts) == ROUND_SPREAD and set(counts.values()) == {1}
+
+
+def test_a_batch_stops_at_the_workers_free_slots_and_capacity_is_never_exceeded() -> None:
+    q = PendingQueue()
+    for n in range(200):
+        q.add(run(n))
+    workers = [*many(20, capacity=3), worker("busy", capacity=3, active=2)]
+    plan = q.plan(WorkerIndex(workers))
+    assert len(plan) == 20 * 3 + 1 and len(q) == 200 - 61
+    assert all(w.active <= w.capacity for w in workers)
+    assert per_worker(plan)["busy"] == 1
+
+
+def test_batches_keep_priority_global_across_requirement_groups() -> None:
+    q = PendingQueue()
+    for n in range(40):
+        q.add(run(n))  # a share of 3 per worker
+    q.add(run(99, priority=9, required_labels=(("gpu", "yes"),)))
+    q.add(run(98, priority=5))
+    plan = q.plan([worker("a", capacity=2, labels={"gpu": "yes"}), worker("b", capacity=2)])
+    # the label group's batch is a's; the plain one opens on the least loaded, b, until b is full
+    assert ids(plan) == [("r99", "a"), ("r98", "b"), ("r0", "b"), ("r1", "a")]
+
+
+def test_a_retry_in_a_burst_still_avoids_the_worker_that_failed_it() -> None:
+    q = PendingQueue()
+    for n in range(4):
+        q.add(run(n, avoid="a" if n == 2 else ""))
+    plan = q.plan([worker("a", capacity=8), worker("b", capacity=8)], spread=1)
+    assert ids(plan) == [("r0", "a"), ("r1", "a"), ("r2", "b"), ("r3", "a")]
+
+
+def test_removed_runs_do_not_count_in_a_batch_share() -> None:
+    q = PendingQueue()
+    for n in range(32):
+        q.add(run(n))
+    for n in range(1, 32, 2):
+        q.remove(RunId(f"r{n}"))
+    # 16 left: a share of one each, as if the removed ones had never been queued
+    assert set(per_worker(q.plan(many(32, capacity=4))).values()) == {1}
+
+
+def test_a_spread_of_zero_places_every_run_on_the_least_loaded_worker() -> None:
+    q = PendingQueue()
+    for n in range(100):
+        q.add(run(n))
+    counts = per_worker(q.plan(many(1000, capacity=256), spread=0))
+    assert len(counts) == 100 and set(counts.values()) == {1}

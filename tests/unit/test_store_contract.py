@@ -22,6 +22,7 @@ from taskrun.controlplane.store import (
     MemoryStore,
     SchemaVersionError,
     SqliteStore,
+    eventlog,
     open_store,
 )
 from taskrun.controlplane.store.postgres import PostgresStore
@@ -67,6 +68,8 @@ from taskrun.core.webhooks import (
     new_secret,
 )
 from taskrun.core.workflow import StepStatus, Workflow, WorkflowRun, WorkflowRunStatus, new_run
+from taskrun.v1 import common_pb2 as pb
+from taskrun.v1 import events_pb2 as epb
 from tests.faults import fill, small_filesystem
 
 T0 = datetime(2026, 3, 1, 12, 0, 0, 123456, tzinfo=UTC)
@@ -1110,6 +1113,62 @@ async def test_the_event_log_keeps_events_with_their_change_in_order(store: Stor
     assert await store.read_events(0) == [logged(1), logged(2), logged(3, data=b"")]
     assert await store.read_events(1, limit=1) == [logged(2)]
     assert await store.read_events(3) == []
+
+
+async def test_a_task_or_run_change_is_logged_as_it_was_committed(store: Store) -> None:
+    """Logged with its object, encoded from the row the change set writes: the replay gives the
+    state of that commit, not a later one, next to events logged as serialized messages."""
+    task = make_task(7, labels={"team": "a"})
+    run = make_run(7, task=7, status=RunStatus.ASSIGNED, worker_id=WorkerId("worker-3"))
+    at = datetime(2026, 12, 2, 10, 0, 0, 123456, tzinfo=UTC)
+    stamp = int(at.timestamp()) * 1_000_000 + at.microsecond
+    changes = ChangeSet(
+        tasks=[task],
+        runs=[run],
+        events=[
+            logged(1),
+            LoggedEvent(2, epb.EVENT_KIND_RUN_CHANGED, tid(7), "worker-3", subject=run, time=stamp),
+            LoggedEvent(3, epb.EVENT_KIND_TASK_CHANGED, tid(7), "", subject=task, time=stamp),
+        ],
+    )
+    committing = store.submit(changes)
+    task.status, task.labels = TaskStatus.COMPLETED, {"team": "b"}  # after the hand-over
+    run.status = RunStatus.COMPLETED
+    await committing
+    first, ran, changed = await store.read_events(0)
+    assert first == logged(1)
+    assert (ran.position, ran.kind, ran.task_id, ran.worker_id) == (
+        2,
+        epb.EVENT_KIND_RUN_CHANGED,
+        tid(7),
+        "worker-3",
+    )
+    run_event, task_event = eventlog.decode(ran), eventlog.decode(changed)
+    assert run_event.position == 2 and task_event.position == 3
+    assert run_event.run.id == rid(7) and run_event.run.status == pb.RUN_STATUS_ASSIGNED
+    assert run_event.run.worker_id == "worker-3"
+    assert task_event.task.id == tid(7) and task_event.task.status == pb.TASK_STATUS_PENDING
+    assert dict(task_event.task.labels) == {"team": "a"}
+    assert task_event.time.ToDatetime(tzinfo=UTC) == at
+
+
+async def test_a_change_set_naming_a_task_or_run_twice_stores_its_last_state(
+    store: Store,
+) -> None:
+    """Created, then assigned in the same commit: the engine names the objects twice."""
+    first, run = make_task(8), make_run(8, task=8)
+    later = replace(first, status=TaskStatus.RUNNING, worker_id=WorkerId("worker-2"))
+    assigned = replace(run, status=RunStatus.ASSIGNED, worker_id=WorkerId("worker-2"))
+    await store.apply(
+        ChangeSet(tasks=[first, make_task(9), later], runs=[run, assigned, make_run(9, task=9)])
+    )
+    stored = await store.get_task(tid(8))
+    assert stored is not None and stored.status is TaskStatus.RUNNING
+    assert stored.worker_id == "worker-2"
+    assert [(r.id, r.status) for r in await store.list_runs(tid(8))] == [
+        (rid(8), RunStatus.ASSIGNED)
+    ]
+    assert await store.get_task(tid(9)) is not None
 
 
 async def test_an_event_position_is_never_stored_twice(store: Store) -> None:

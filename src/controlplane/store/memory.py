@@ -16,6 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import replace
 from datetime import datetime
 
+from taskrun.controlplane.store.eventlog import with_data
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.errors import StoreUnavailable
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
@@ -230,7 +231,7 @@ class MemoryStore:
             self._workflow_runs[wf_run.id] = copy_run(wf_run)
             if wf_run.idempotency_key:
                 self._workflow_run_keys[wf_run.idempotency_key] = wf_run.id
-        self._events.extend(changes.events)  # frozen: no copy needed
+        self._events.extend(map(with_data, changes.events))  # encoded as the SQL stores do
         self.commits += 1
 
     def _add_late_usage(self, late: LateUsage) -> None:

@@ -51,6 +51,7 @@ from psycopg.pq import TransactionStatus
 from psycopg.rows import DictRow, dict_row
 from psycopg.types.string import TextLoader
 
+from taskrun.controlplane.store.eventlog import stored_events
 from taskrun.controlplane.store.rows import (
     API_TOKEN_COLUMNS,
     AUDIT_COLUMNS,
@@ -82,6 +83,7 @@ from taskrun.controlplane.store.rows import (
     delivery_update,
     dumps,
     late_usage_targets,
+    once_each,
     plus_usage,
     run_from,
     run_row,
@@ -619,8 +621,9 @@ class _Pending:
     )
 
     def __init__(self, changes: ChangeSet, future: asyncio.Future[None]) -> None:
-        self.tasks = [task_row(t) for t in changes.tasks]
-        self.runs = [run_row(r) for r in changes.runs]
+        tasks, runs = once_each(changes.tasks), once_each(changes.runs)
+        self.tasks = [task_row(t) for t in tasks]
+        self.runs = [run_row(r) for r in runs]
         self.workers = [worker_row(w) for w in changes.workers]
         self.chunks = [chunk_row(c) for c in changes.chunks]
         self.schedules = [schedule_row(s) for s in changes.schedules]
@@ -634,7 +637,9 @@ class _Pending:
         self.workflows = [workflow_row(w) for w in changes.workflows]
         self.workflow_runs = [workflow_run_row(w) for w in changes.workflow_runs]
         self.late_usage = changes.late_usage
-        self.events = [(e.position, e.kind, e.task_id, e.worker_id, e.data) for e in changes.events]
+        self.events = stored_events(
+            changes, zip(tasks, self.tasks, strict=True), zip(runs, self.runs, strict=True)
+        )
         self.future = future
 
 

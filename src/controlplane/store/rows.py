@@ -24,7 +24,7 @@ import functools
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 from taskrun.core.access import ApiToken, AuditEvent, AuditKind, BootstrapToken, Scope
 from taskrun.core.ids import WorkerId
@@ -343,6 +343,18 @@ def agents_from(text: str) -> tuple[AgentSpec, ...]:
 
 
 # --- tasks, runs, workers, output --------------------------------------------------------------
+
+
+_Identified = TypeVar("_Identified", Task, Run)
+
+
+def once_each(items: list[_Identified]) -> list[_Identified]:
+    """Each id once, as its last item has it (a change set may name a task twice: created, then
+    assigned in the same commit): one upsert instead of two."""
+    if len(items) < 2:
+        return items
+    latest = {item.id: item for item in items}
+    return items if len(latest) == len(items) else list(latest.values())
 
 
 def task_row(t: Task) -> Params:
