@@ -6,21 +6,12 @@ import pytest
 
 from taskrun.worker import lease as lease_module
 from taskrun.worker.lease import HeartbeatPace, Lease, LeaseFile
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
+from tests.clock import Clock, patch_monotonic
 
 
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(lease_module.time, "monotonic", c)
-    return c
+    return patch_monotonic(monkeypatch, lease_module)
 
 
 def test_no_lease_before_the_first_session(clock: Clock) -> None:

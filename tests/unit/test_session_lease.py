@@ -9,24 +9,15 @@ from taskrun.controlplane import session as session_module
 from taskrun.controlplane.session import WorkerSession
 from taskrun.core.ids import RunId, WorkerId
 from taskrun.core.models import Worker
+from tests.clock import Clock, patch_monotonic
 
 LEASE = 4.0
 IDLE = 10.0
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 100.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 @pytest.fixture
 def clock(monkeypatch: pytest.MonkeyPatch) -> Clock:
-    c = Clock()
-    monkeypatch.setattr(session_module.time, "monotonic", c)
-    return c
+    return patch_monotonic(monkeypatch, session_module)
 
 
 def session() -> WorkerSession:
