@@ -1310,6 +1310,27 @@ async def test_sqlite_uses_wal_and_foreign_keys(sqlite_store: SqliteStore) -> No
         conn.close()
 
 
+async def test_sqlite_starts_the_wal_over_off_the_commit_path_after_a_checkpoint(
+    sqlite_store: SqliteStore,
+) -> None:
+    """Once the checkpointer copied the whole WAL back, it makes the first write itself (the
+    probe row): a commit never pays for starting the WAL over and syncing its header."""
+    await sqlite_store.apply(ChangeSet(tasks=[make_task(1)]))
+    conn = sqlite3.connect(sqlite_store.path)
+    try:
+        for _ in range(100):  # the checkpointer looks every second
+            if conn.execute("SELECT count(*) FROM store_probe").fetchone()[0]:
+                break
+            await asyncio.sleep(0.05)
+        else:
+            pytest.fail("the checkpointer wrote no probe row after a complete checkpoint")
+        busy, logged, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+        assert (busy, logged, copied) == (0, 1, 1)  # the WAL began again: one frame, the probe
+    finally:
+        conn.close()
+    assert await sqlite_store.get_task(tid(1)) is not None
+
+
 async def test_sqlite_data_survives_close_and_reopen(tmp_path: Path) -> None:
     path = tmp_path / "t.db"
     first = SqliteStore(path)
