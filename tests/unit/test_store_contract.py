@@ -1688,6 +1688,39 @@ async def test_sqlite_full_disk_fails_writes_cleanly_then_resumes(tmp_path: Path
             await store.close()
 
 
+async def test_sqlite_checkpoints_on_a_full_disk_break_nothing_and_resume_with_space(
+    tmp_path: Path,
+) -> None:
+    """The checkpointer's own writes (copying the WAL back, the first write after it) fail
+    while the disk is full: no commit is refused for it, nothing is lost, and it checkpoints
+    again once there is room."""
+    with small_filesystem(tmp_path / "small", "2m") as small:
+        store = SqliteStore(small / "t.db")
+        await store.open()
+        try:
+            big = "x" * 100_000
+            for n in range(1, 4):  # WAL pages the database file has no room for yet
+                await store.apply(ChangeSet(tasks=[replace(make_task(n), input=big)]))
+            filler = fill(small)
+            await asyncio.sleep(2.5)  # two checkpoint rounds on a full disk
+            assert all([await store.get_task(tid(n)) for n in range(1, 4)])
+            filler.unlink()
+            await store.apply(ChangeSet(tasks=[make_task(9)]))  # never fenced
+            conn = sqlite3.connect(store.path)
+            try:
+                for _ in range(100):
+                    if conn.execute("SELECT count(*) FROM store_probe").fetchone()[0]:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    pytest.fail("no complete checkpoint once the disk had room again")
+            finally:
+                conn.close()
+            assert await store.get_task(tid(9)) is not None
+        finally:
+            await store.close()
+
+
 # --- webhooks -------------------------------------------------------------------------
 
 

@@ -114,6 +114,8 @@ _T = TypeVar("_T")
 Row = sqlite3.Row  # read by column name (see rows.py)
 
 _BUSY_TIMEOUT_MS: Final = 10_000
+# The one-row table a write that changes nothing else touches (resume's test write, the first
+# write after a checkpoint).
 _TOUCH_PROBE: Final = (
     "INSERT INTO store_probe (id, written_at) VALUES (1, ?) "
     "ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at"
@@ -736,11 +738,7 @@ class SqliteStore(SqlReads):
         await self._write_call(self._probe, fenced=True)
 
     def _probe(self, conn: sqlite3.Connection) -> None:
-        conn.execute(
-            "INSERT INTO store_probe (id, written_at) VALUES (1, ?) "
-            "ON CONFLICT (id) DO UPDATE SET written_at = excluded.written_at",
-            (us(datetime.now(UTC)),),
-        )
+        conn.execute(_TOUCH_PROBE, (us(datetime.now(UTC)),))
         self._fence = None
 
     async def _write_call(
