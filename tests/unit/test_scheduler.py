@@ -492,6 +492,7 @@ async def test_idle_schedules_cost_one_timer_and_no_rounds(env: Env) -> None:
         earliest = min(s.next_fire_time for s in scheduler.list_schedules() if s.next_fire_time)
         expected = (earliest - datetime.now(UTC)).total_seconds()
         loop = asyncio.get_running_loop()
-        assert abs((timer.when() - loop.time()) - min(expected, 3600)) < 1.0
+        # armed when the last schedule was made: the sleep and the listing have passed since
+        assert abs((timer.when() - loop.time()) - min(expected, 3600)) < 5.0
     finally:
         await scheduler.stop()
