@@ -79,6 +79,9 @@ class LateUsage:
 
 @dataclass(slots=True)
 class ChangeSet:
+    # Upserts by id. What a task is created with (agent, input, labels, created_at, schedule,
+    # its place in a tree) and a run's task, attempt and created_at never change afterwards:
+    # a store may leave them as first written when the same id comes again.
     tasks: list[Task] = field(default_factory=list)
     runs: list[Run] = field(default_factory=list)
     workers: list[Worker] = field(default_factory=list)

@@ -254,6 +254,34 @@ async def test_upsert_replaces_task_and_run(store: Store) -> None:
     assert await store.get_run(rid(1)) == run
 
 
+async def test_every_field_that_changes_after_creation_is_rewritten(store: Store) -> None:
+    """A later upsert rewrites all but what a task or run is created with (core.store)."""
+    created, full = make_task(7), full_task()
+    run = make_run(1, 7)
+    await store.apply(ChangeSet(tasks=[created], runs=[run]))
+    changed = replace(
+        created,
+        policy=full.policy,
+        status=TaskStatus.FAILED,
+        attempts=3,
+        current_run_id=rid(1),
+        worker_id=WorkerId("w-1"),
+        updated_at=T0 + timedelta(hours=1),
+        finished_at=T0 + timedelta(hours=1),
+        error="boom",
+        result='{"ok": false}',
+        usage=Usage(1, 2, 3, 4, 0.5, 6, 7),
+        cancel_requested=True,
+        conversation_id=cid(1),
+        turn=1,
+    )
+    ended = replace(full_run(), id=run.id, task_id=run.task_id, attempt=run.attempt)
+    ended.created_at = run.created_at
+    await store.apply(ChangeSet(tasks=[changed], runs=[ended]))
+    assert await store.get_task(created.id) == changed
+    assert await store.get_run(run.id) == ended
+
+
 async def test_later_change_in_same_change_set_wins(store: Store) -> None:
     first, second = make_task(1), make_task(1, status=TaskStatus.RUNNING)
     await store.apply(ChangeSet(tasks=[first, second]))

@@ -60,8 +60,10 @@ from taskrun.controlplane.store.rows import (
     CONVERSATION_COLUMNS,
     DELIVERY_COLUMNS,
     RUN_COLUMNS,
+    RUN_SET_ONCE,
     SCHEDULE_COLUMNS,
     TASK_COLUMNS,
+    TASK_SET_ONCE,
     UNFINISHED_RUN_STATUSES,
     UNFINISHED_TASK_STATUSES,
     WEBHOOK_COLUMNS,
@@ -453,8 +455,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-_UPSERT_TASK: Final = upsert_sql("tasks", TASK_COLUMNS, "%s")
-_UPSERT_RUN: Final = upsert_sql("runs", RUN_COLUMNS, "%s")
+_UPSERT_TASK: Final = upsert_sql("tasks", TASK_COLUMNS, "%s", TASK_SET_ONCE)
+_UPSERT_RUN: Final = upsert_sql("runs", RUN_COLUMNS, "%s", RUN_SET_ONCE)
 _UPSERT_WORKER: Final = upsert_sql("workers", WORKER_COLUMNS, "%s")
 _INSERT_CHUNK: Final = (
     f"INSERT INTO output ({column_list(CHUNK_COLUMNS)})"

@@ -90,6 +90,21 @@ TASK_COLUMNS: Final = (
     "root_task_id",
     "depth",
 )
+# What a task or run is created with and never changes afterwards (core.store: its later upserts
+# carry the same values). An upsert of an existing row leaves them, and the indexes over them
+# (agent, schedule, tree), untouched: a status change rewrites the indexes over status and
+# worker instead of all of them.
+TASK_SET_ONCE: Final = (
+    "agent",
+    "input",
+    "labels",
+    "created_at",
+    "schedule",
+    "parent_task_id",
+    "root_task_id",
+    "depth",
+)
+RUN_SET_ONCE: Final = ("task_id", "attempt", "created_at")
 RUN_COLUMNS: Final = (
     "id",
     "task_id",
@@ -184,10 +199,11 @@ def column_list(columns: Sequence[str], prefix: str = "") -> str:
     return ", ".join(f"{prefix}{c}" for c in columns)
 
 
-def upsert_sql(table: str, columns: Sequence[str], mark: str) -> str:
+def upsert_sql(table: str, columns: Sequence[str], mark: str, set_once: Sequence[str] = ()) -> str:
     """INSERT ... ON CONFLICT (first column) DO UPDATE, with `mark` as the placeholder ("?" for
-    SQLite, "%s" for psycopg); the same statement in both dialects."""
-    updates = ", ".join(f"{c} = excluded.{c}" for c in columns[1:])
+    SQLite, "%s" for psycopg); the same statement in both dialects. The `set_once` columns are
+    written by the insert and left alone by the update, and so are the indexes over them."""
+    updates = ", ".join(f"{c} = excluded.{c}" for c in columns[1:] if c not in set_once)
     return (
         f"INSERT INTO {table} ({column_list(columns)})"
         f" VALUES ({', '.join([mark] * len(columns))})"

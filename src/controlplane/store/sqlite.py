@@ -51,8 +51,10 @@ from taskrun.controlplane.store.rows import (
     CONVERSATION_COLUMNS,
     DELIVERY_COLUMNS,
     RUN_COLUMNS,
+    RUN_SET_ONCE,
     SCHEDULE_COLUMNS,
     TASK_COLUMNS,
+    TASK_SET_ONCE,
     WEBHOOK_COLUMNS,
     WORKER_COLUMNS,
     WORKFLOW_COLUMNS,
@@ -405,8 +407,8 @@ MIGRATIONS: Final[tuple[tuple[str, ...], ...]] = (
 )
 SCHEMA_VERSION: Final = len(MIGRATIONS)
 
-_UPSERT_TASK: Final = upsert_sql("tasks", TASK_COLUMNS, "?")
-_UPSERT_RUN: Final = upsert_sql("runs", RUN_COLUMNS, "?")
+_UPSERT_TASK: Final = upsert_sql("tasks", TASK_COLUMNS, "?", TASK_SET_ONCE)
+_UPSERT_RUN: Final = upsert_sql("runs", RUN_COLUMNS, "?", RUN_SET_ONCE)
 _UPSERT_WORKER: Final = upsert_sql("workers", WORKER_COLUMNS, "?")
 _INSERT_CHUNK: Final = (
     f"INSERT OR IGNORE INTO output ({column_list(CHUNK_COLUMNS)})"
