@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import jsonschema
@@ -18,12 +18,16 @@ from taskrun.core.models import AgentSpec
 log = structlog.get_logger(__name__)
 
 MAX_ERRORS = 3
+# Input texts last found valid, per agent: tasks submitted together often share one input, and
+# validating it again costs more than the rest of their creation.
+VALID_INPUTS_KEPT = 256
 
 
 @dataclass(frozen=True, slots=True)
 class _Entry:
     spec: AgentSpec
     validator: Validator | None
+    valid_inputs: dict[str, None] = field(default_factory=dict)
 
 
 class AgentCatalog:
@@ -44,6 +48,17 @@ class AgentCatalog:
 
     def names(self) -> list[str]:
         return sorted(self._agents)
+
+    def check_input_text(self, agent: str, text: str, field: str = "input_json") -> None:
+        """`check_input` of a task's input as stored (a JSON object's text, already parsed once
+        by validation): a text found valid before passes without validating it again."""
+        entry = self._agents.get(agent)
+        if entry is None or entry.validator is None or text in entry.valid_inputs:
+            return
+        self.check_input(agent, json.loads(text), field)
+        if len(entry.valid_inputs) >= VALID_INPUTS_KEPT:
+            entry.valid_inputs.clear()
+        entry.valid_inputs[text] = None
 
     def check_input(self, agent: str, value: dict[str, Any], field: str = "input_json") -> None:
         """Validate an input against the agent's announced schema (unknown agents pass)."""

@@ -36,6 +36,7 @@ import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
+from typing import Final
 
 import structlog
 
@@ -1602,10 +1603,7 @@ class Engine:
     def _parse_status(
         self, session: WorkerSession, update: wpb.RunStatusUpdate
     ) -> tuple[wpb.RunStatusUpdate, RunStatus] | None:
-        try:
-            status: RunStatus | None = RunStatus(update.status)
-        except ValueError:
-            status = None
+        status = _RUN_STATUSES.get(update.status)
         if status is None:
             reason = f"unknown run status {update.status}"
             self._reject(session, "status", update.run_id, update.attempt, reason)
@@ -1928,6 +1926,8 @@ def _snapshot(task: Task) -> Task:
     copied.usage = copy.copy(task.usage)
     return copied
 
+
+_RUN_STATUSES: Final = {int(s): s for s in RunStatus}  # a lookup per report, not an Enum call
 
 # How long past two leases a cancelled run's last report is awaited: a worker stops a cancelled
 # run at once, but its report may wait for the worker's next session.

@@ -359,7 +359,7 @@ class Scheduler:
 
     def _check_input(self, schedule: Schedule, field: str) -> None:
         """The input must match the agent's announced input schema, as for `task create`."""
-        self.engine.catalog.check_input(schedule.agent, json.loads(schedule.input), field)
+        self.engine.catalog.check_input_text(schedule.agent, schedule.input, field)
 
     # --- firing ------------------------------------------------------------------------------
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import base64
 import binascii
 import functools
-import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
@@ -158,7 +157,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                     prefix(i),
                     "policy.required_model" if policy.required_model else "input_json.model",
                 )
-            catalog.check_input(spec.agent, json.loads(spec.input), f"{prefix(i)}input_json")
+            catalog.check_input_text(spec.agent, spec.input, f"{prefix(i)}input_json")
         results = await self.engine.create_tasks(specs, subscribe)
         out = []
         for i, (spec, (task, created)) in enumerate(zip(specs, results, strict=True)):

@@ -93,7 +93,18 @@ class ModelSettings:
 
     @property
     def empty(self) -> bool:
-        return self == _NO_SETTINGS
+        # asked of every task created and assigned: field by field, not a dataclass comparison
+        return not (
+            self.system_prompt
+            or self.max_tokens
+            or self.temperature is not None
+            or self.stop_sequences
+            or self.append_system_prompt
+            or self.env
+            or self.mcp_servers
+            or self.allowed_tools
+            or self.disallowed_tools
+        )
 
     def copy(self) -> ModelSettings:
         return replace(
@@ -103,9 +114,6 @@ class ModelSettings:
             allowed_tools=list(self.allowed_tools),
             disallowed_tools=list(self.disallowed_tools),
         )
-
-
-_NO_SETTINGS = ModelSettings()  # compared with, never handed out
 
 
 @dataclass(slots=True)

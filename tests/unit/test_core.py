@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import pytest
@@ -10,7 +11,7 @@ from taskrun.core.durations import human_duration
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.identity import Principal, PrincipalKind, parse_spiffe_id
 from taskrun.core.ids import is_valid_worker_id, new_run_id, new_task_id
-from taskrun.core.models import TaskPolicy, TaskSpec
+from taskrun.core.models import ModelSettings, TaskPolicy, TaskSpec
 from taskrun.core.status import (
     RUN_TRANSITIONS,
     TASK_TERMINAL,
@@ -176,3 +177,21 @@ def test_ids_are_the_26_base32_digits_of_time_and_randomness_most_significant_fi
     for value in (0, 1, (1 << 130) - 1, 0x1234567890ABCDEF << 60 | 0xFEDCBA):
         encoded = ids.base64.b32encode((value << 6).to_bytes(17, "big"))[:26]
         assert encoded.translate(ids._FROM_RFC4648).decode() == digits(value)
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ModelSettings)])
+def test_model_settings_with_any_one_field_set_are_not_empty(name: str) -> None:
+    samples: dict[str, object] = {
+        "system_prompt": "Be brief.",
+        "max_tokens": 300,
+        "temperature": 0.0,  # zero is a setting, unlike None
+        "stop_sequences": ["END"],
+        "append_system_prompt": "x",
+        "env": {"MODE": "ci"},
+        "mcp_servers": "{}",
+        "allowed_tools": ["Read"],
+        "disallowed_tools": ["Bash"],
+    }
+    assert name in samples, "a new ModelSettings field: add it to ModelSettings.empty and here"
+    assert ModelSettings().empty
+    assert not ModelSettings(**{name: samples[name]}).empty  # type: ignore[arg-type]
