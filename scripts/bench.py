@@ -1212,6 +1212,10 @@ def rows() -> list[Row]:
             lambda r: _server_cpu(r),
             lambda v: f"{v:.0%} of a core",
         ),
+        # CPU time per task moves less with the machine's load than a rate does
+        Row("  CPU per task: server", lambda r: _cpu_per_task(r, "server"), _us),
+        Row("  CPU per task: workers", lambda r: _cpu_per_task(r, "worker"), _us),
+        Row("  CPU per task: clients", lambda r: _cpu_per_task(r, "bench"), _us),
         Row("latency: one task at a time, submit -> COMPLETED"),
         Row(
             "  p50",
@@ -1357,6 +1361,19 @@ def _server_cpu(r: Report) -> float | None:
         (v for k, v in r.throughput.cpu_seconds.items() if k.split(" (")[0] == "server"), None
     )
     return None if spent is None else spent / r.throughput.end_to_end_seconds
+
+
+def _cpu_per_task(r: Report, process: str) -> float | None:
+    """Seconds of CPU per task spent by the processes whose name starts with `process`."""
+    spent = [
+        v for k, v in r.throughput.cpu_seconds.items() if k.startswith(process) and v is not None
+    ]
+    done = r.throughput.completed
+    return sum(spent) / done if spent and done else None
+
+
+def _us(seconds: float) -> str:
+    return f"{seconds * 1e6:,.0f} µs"
 
 
 def _deep_ratio(r: Report) -> float:
