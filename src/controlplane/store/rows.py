@@ -264,6 +264,62 @@ def usage_from(text: str) -> Usage:
 
 
 def policy_json(p: TaskPolicy) -> str:
+    if p.required_labels or p.idempotency_key or not p.model_settings.empty:
+        return _policy_json(p)
+    # the rest are scalars: tasks submitted alike share one encoding
+    return _plain_policy_json(
+        p.priority,
+        p.timeout,
+        p.max_attempts,
+        p.queue_timeout,
+        p.retry_on_failure,
+        p.required_provider,
+        p.required_model,
+        p.output_retries,
+        p.allow_subtasks,
+        p.max_subtasks,
+        p.subtask_budget_usd,
+        p.output_schema,
+        p.max_cost_usd,
+    )
+
+
+@functools.lru_cache(maxsize=256, typed=True)  # typed: 0 and 0.0 encode apart
+def _plain_policy_json(  # one argument per scalar field of TaskPolicy
+    priority: int,
+    timeout: float | None,
+    max_attempts: int,
+    queue_timeout: float | None,
+    retry_on_failure: bool,
+    required_provider: str,
+    required_model: str,
+    output_retries: int,
+    allow_subtasks: bool,
+    max_subtasks: int,
+    subtask_budget_usd: float,
+    output_schema: str,
+    max_cost_usd: float,
+) -> str:
+    return _policy_json(
+        TaskPolicy(
+            priority=priority,
+            timeout=timeout,
+            max_attempts=max_attempts,
+            queue_timeout=queue_timeout,
+            retry_on_failure=retry_on_failure,
+            required_provider=required_provider,
+            required_model=required_model,
+            output_retries=output_retries,
+            allow_subtasks=allow_subtasks,
+            max_subtasks=max_subtasks,
+            subtask_budget_usd=subtask_budget_usd,
+            output_schema=output_schema,
+            max_cost_usd=max_cost_usd,
+        )
+    )
+
+
+def _policy_json(p: TaskPolicy) -> str:
     fields: dict[str, Any] = {
         "priority": p.priority,
         "timeout": p.timeout,
@@ -379,7 +435,7 @@ def task_row(t: Task) -> Params:
         t.id,
         t.agent,
         t.input,
-        dumps(t.labels),
+        dumps(t.labels) if t.labels else "{}",
         policy_json(p),
         int(t.status),
         t.attempts,
