@@ -1368,8 +1368,7 @@ def _cpu_per_task(r: Report, process: str) -> float | None:
     spent = [
         v for k, v in r.throughput.cpu_seconds.items() if k.startswith(process) and v is not None
     ]
-    done = r.throughput.completed
-    return sum(spent) / done if spent and done else None
+    return sum(spent) / r.throughput.tasks if spent else None
 
 
 def _us(seconds: float) -> str:
