@@ -136,6 +136,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             for i, req in enumerate(requests)
         ]
         catalog = self.engine.catalog
+        known_agents = catalog.names()
         for i, spec in enumerate(specs):
             if caller.run is not None:  # a run's credential creates sub-tasks of its task
                 spec.parent_task_id = caller.run.task_id
@@ -146,7 +147,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                     field=f"{prefix(i)}policy.allow_subtasks",
                 )
             if not requests[i].allow_unknown_agent:
-                check_known_agent(spec.agent, catalog.names(), f"{prefix(i)}agent")
+                check_known_agent(spec.agent, known_agents, f"{prefix(i)}agent")
                 policy = spec.policy
                 model = asked_model(policy.required_model, spec.input)
                 check_offered(
