@@ -18,8 +18,13 @@ whether the server answers heartbeats (`overdue`) instead of by the lease.
 from __future__ import annotations
 
 import os
+import random
 import time
+from collections.abc import Callable
 from pathlib import Path
+
+# How much shorter than the idle heartbeat interval an idle wait may be drawn (a fraction).
+IDLE_SPREAD = 0.2
 
 
 class Lease:
@@ -85,16 +90,35 @@ class Lease:
 
 class HeartbeatPace:
     """When the next heartbeat is due: every `busy` seconds while the worker holds runs or held
-    one since its last heartbeat, else every `idle` seconds (counted from the last one sent)."""
+    one since its last heartbeat, else after an idle wait (counted from the last one sent).
 
-    def __init__(self, busy: float, idle: float) -> None:
+    Each idle wait is drawn anew between (1 - `spread`) * `idle` and `idle` (never below `busy`):
+    workers that connected together, as after a control-plane restart, drift apart instead of
+    heartbeating in one burst every interval. Never longer than `idle`, so the control plane's
+    reckoning of a silent idle worker (idle interval plus lease and margin) still holds.
+    """
+
+    def __init__(
+        self,
+        busy: float,
+        idle: float,
+        spread: float = IDLE_SPREAD,
+        draw: Callable[[], float] = random.random,
+    ) -> None:
         self.busy = busy
         self.idle = max(busy, idle)
+        self.spread = spread
+        self._draw = draw
+        self.idle_wait = self._next_idle_wait()
         self.held_since_last = False
+
+    def _next_idle_wait(self) -> float:
+        return max(self.busy, self.idle * (1.0 - self.spread * self._draw()))
 
     def sent(self, holding: bool) -> None:
         """A heartbeat went out; `holding`: the worker holds runs now."""
         self.held_since_last = holding
+        self.idle_wait = self._next_idle_wait()
 
     def started(self) -> None:
         """A run started (or waits for a renewal to start)."""
@@ -103,7 +127,7 @@ class HeartbeatPace:
     def due_in(self, last_sent: float, now: float, holding: bool) -> float:
         """Seconds until the next heartbeat (0 or less: now)."""
         busy = holding or self.held_since_last
-        return last_sent + (self.busy if busy else self.idle) - now
+        return last_sent + (self.busy if busy else self.idle_wait) - now
 
 
 class LeaseFile:

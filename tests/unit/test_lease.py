@@ -148,7 +148,7 @@ def test_a_new_session_forgets_the_unanswered_heartbeats_of_the_last(clock: Cloc
 
 
 def test_heartbeats_pace_busy_while_holding_or_having_held_a_run_since_the_last() -> None:
-    pace = HeartbeatPace(busy=1.0, idle=10.0)
+    pace = HeartbeatPace(busy=1.0, idle=10.0, draw=lambda: 0.0)  # no spread drawn
     assert pace.due_in(last_sent=0.0, now=0.5, holding=False) == pytest.approx(9.5)
     assert pace.due_in(last_sent=0.0, now=0.5, holding=True) == pytest.approx(0.5)
     pace.started()  # a run came and finished before the next heartbeat
@@ -157,6 +157,27 @@ def test_heartbeats_pace_busy_while_holding_or_having_held_a_run_since_the_last(
     assert pace.due_in(last_sent=1.0, now=1.5, holding=False) == pytest.approx(9.5)
     pace.sent(holding=True)
     assert pace.due_in(last_sent=2.0, now=2.5, holding=False) == pytest.approx(0.5)
+
+
+def test_idle_waits_are_drawn_apart_within_the_idle_interval_and_never_below_busy() -> None:
+    """Workers that connected together (a control-plane restart) drift apart."""
+    widest = HeartbeatPace(busy=1.0, idle=10.0, draw=lambda: 1.0)
+    assert widest.due_in(last_sent=0.0, now=0.0, holding=False) == pytest.approx(8.0)
+    paces = [HeartbeatPace(busy=1.0, idle=10.0) for _ in range(200)]
+    waits = []
+    for pace in paces:
+        pace.sent(holding=False)
+        waits.append(pace.due_in(last_sent=0.0, now=0.0, holding=False))
+    assert all(8.0 <= w <= 10.0 for w in waits)
+    assert max(waits) - min(waits) > 1.0  # spread out, not one burst
+    pace = paces[0]
+    drawn = set()
+    for _ in range(20):  # each heartbeat draws its next wait anew
+        pace.sent(holding=False)
+        drawn.add(pace.due_in(last_sent=0.0, now=0.0, holding=False))
+    assert len(drawn) > 1
+    tight = HeartbeatPace(busy=1.0, idle=1.1, draw=lambda: 1.0)
+    assert tight.due_in(last_sent=0.0, now=0.0, holding=False) == pytest.approx(1.0)
 
 
 def test_an_idle_interval_below_the_busy_one_or_unset_means_every_interval() -> None:
