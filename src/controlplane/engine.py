@@ -143,8 +143,10 @@ class Engine:
         # roots with an unfinished task in their tree, and the budget they share (subtasks.py)
         self.trees: dict[TaskId, subtasks.Tree] = {}
         # tasks a change set ended beside the ones its caller publishes (sub-tasks the tree's
-        # budget stopped): published with that change set's effect, once it is durable
+        # budget stopped), and what tells their workers to stop: published and delivered with
+        # that change set's effect, once it is durable
         self._also_publish: list[Task] = []
+        self._also_deliver: list[Effect] = []
         self._credentials: dict[RunId, str] = {}  # live runs' credentials, never stored
         # where runs that allow sub-tasks reach the MCP server ("" while no HTTP API is served)
         self.mcp_url = config.mcp_url
@@ -219,6 +221,7 @@ class Engine:
         self.events.restart(newest_event)  # positions of failed commits are given again
         self.conversations, self.turns, self._tools = conversations, turns, {}
         self.trees, self._also_publish, self._credentials = trees, [], {}
+        self._also_deliver = []
         self._stopping = {}  # their timers are cancelled below: the reload starts afresh
         for handle in [*self._orphans.values(), *self._timers]:
             handle.cancel()
@@ -301,9 +304,11 @@ class Engine:
         effect.
         """
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        if self._also_publish:
-            effect = functools.partial(self._publish_all, effect, self._also_publish)
-            self._also_publish = []
+        if self._also_publish or self._also_deliver:
+            effect = functools.partial(
+                self._publish_all, effect, self._also_publish, self._also_deliver
+            )
+            self._also_publish, self._also_deliver = [], []
         if self.store_error:
             done.set_exception(Unavailable(self.store_error))
             return done
@@ -351,9 +356,13 @@ class Engine:
         if not done.done():
             done.set_result(None)
 
-    def _publish_all(self, effect: Effect | None, tasks: list[Task]) -> None:
+    def _publish_all(
+        self, effect: Effect | None, tasks: list[Task], delivers: list[Effect]
+    ) -> None:
         if effect is not None:
             effect()
+        for deliver in delivers:
+            deliver()
         for task in tasks:
             self.hub.publish(task.id, task)
 
@@ -1893,20 +1902,32 @@ class Engine:
     # --- task trees (subtasks.py) ------------------------------------------------------------
 
     def _left_tree(self, task: Task, changes: ChangeSet) -> None:
-        """`task` of a tree ended: once the sub-tasks spent the budget, the tree's pending
-        sub-tasks fail (in the same change set) instead of being run."""
+        """`task` of a tree ended: once the sub-tasks spent the budget, the rest of the tree's
+        sub-tasks end in the same change set: a pending one fails instead of being run, one
+        that runs is cancelled (its worker is told once the change set is durable). The root
+        goes on."""
         tree, reason = subtasks.left(self.trees, task)
         if tree is None or not reason:
             return
         tree.closing = True
-        for pending in [t for t in self.tasks.values() if t.root_task_id == tree.root]:
-            run = self.runs.get(pending.current_run_id) if pending.current_run_id else None
-            if run is None or run.status is not RunStatus.PENDING or pending.id not in self.tasks:
+        now = utcnow()
+        for below in [t for t in self.tasks.values() if t.root_task_id == tree.root]:
+            if below.id not in self.tasks:  # ended on the way (a retry's failure, say)
                 continue
-            self.queue.remove(run.id)
-            log.info("sub-task refused by its tree's budget", task_id=pending.id, run_id=run.id)
-            self._end_run(run, RunStatus.FAILED, changes, error=reason, retry=False)
-            self._also_publish.append(pending)
+            run = self.runs.get(below.current_run_id) if below.current_run_id else None
+            if run is not None and run.status is RunStatus.PENDING:
+                self.queue.remove(run.id)
+                log.info("sub-task refused by its tree's budget", task_id=below.id, run_id=run.id)
+                self._end_run(run, RunStatus.FAILED, changes, error=reason, retry=False)
+            else:
+                log.info(
+                    "sub-task stopped by its tree's budget",
+                    task_id=below.id,
+                    run_id=run.id if run else None,
+                    worker_id=run.worker_id if run else None,
+                )
+                self._also_deliver.append(self._cancel_one(below, reason, now, changes))
+            self._also_publish.append(below)
         tree.closing = False
 
     def run_grant(self, token: str) -> tuple[Run, Task] | None:

@@ -265,6 +265,41 @@ async def test_a_sub_task_that_spends_the_budget_fails_the_pending_ones_and_stop
     assert probe.access.get(queued["task_id"]) is None
 
 
+async def test_a_sub_task_that_spends_the_budget_stops_the_running_ones_not_the_root(
+    cluster: Cluster,
+) -> None:
+    base, probe = await setup(cluster)
+    admin = cluster.client()
+    root = await admin.create_task("probe", {}, allow_subtasks=True, subtask_budget_usd=0.5)
+    async with mcp_client(cluster, base, (await probe.credential(root.id)).token) as client:
+        holder = structured(await client.call_tool("create_task", {"agent": "probe", "input": {}}))
+        spender = structured(
+            await client.call_tool("create_task", {"agent": "probe", "input": {"cost": 0.75}})
+        )
+        await probe.running(holder["task_id"])
+        await probe.running(spender["task_id"])
+        probe.release(spender["task_id"])
+        stopped = structured(
+            await client.call_tool("wait_for_task", {"task_id": holder["task_id"]})
+        )
+    assert stopped["status"] == "cancelled"
+    assert "spent $0.7500 of their budget of $0.5" in stopped["error"]
+    spent = (await admin.get_task(spender["task_id"]))[0]
+    held, runs = await admin.get_task(holder["task_id"])
+    assert spent.status is TaskStatus.COMPLETED and spent.finished_at is not None
+    assert held.finished_at is not None and held.finished_at >= spent.finished_at
+    async with asyncio.timeout(10):  # the worker was told, and its agent really stopped
+        while runs[0].status is not RunStatus.CANCELLED or holder["task_id"] in {
+            r.assignment.task_id for r in cluster.workers["worker-1"][0].runs.values()
+        }:
+            await asyncio.sleep(0.05)
+            _, runs = await admin.get_task(holder["task_id"])
+    assert not probe.released.get(holder["task_id"], asyncio.Event()).is_set()
+    assert (await admin.get_task(root.id))[0].status is TaskStatus.RUNNING  # the root goes on
+    probe.release(root.id)
+    assert (await ended(cluster, root.id)).status is TaskStatus.COMPLETED
+
+
 async def test_cancelling_a_parent_cancels_its_whole_tree_in_one_change(cluster: Cluster) -> None:
     base, probe = await setup(cluster)
     await cluster.start_worker("worker-2")
