@@ -1687,6 +1687,7 @@ class Engine:
             run.attempt,
             turn.conversation_id if turn else None,
             turn.index if turn else 0,
+            task.root_task_id,
         )
         grace = 2 * (self.config.lease_duration + self.config.lease_margin) + STOPPING_GRACE
         self._later(grace, self._forget_stopping, run.id)
@@ -1722,6 +1723,11 @@ class Engine:
             )
         )
         self.budgets.spend(stopping.labels, stopping.schedule, usage.cost_usd, utcnow())
+        tree = self.trees.get(stopping.tree_root) if stopping.tree_root else None
+        if tree is not None and not tree.closing:
+            tree.spent_usd += usage.cost_usd
+            if reason := tree.spent():
+                self._close_tree(tree, reason, changes)
         # A conversation with a turn in flight is written whole from the view: it must carry
         # this too. Otherwise the rows are only in the store, and whoever is about to rewrite
         # one from a read made before this commit reads again (send_message, continue_task).
@@ -1907,8 +1913,11 @@ class Engine:
         that runs is cancelled (its worker is told once the change set is durable). The root
         goes on."""
         tree, reason = subtasks.left(self.trees, task)
-        if tree is None or not reason:
-            return
+        if tree is not None and reason:
+            self._close_tree(tree, reason, changes)
+
+    def _close_tree(self, tree: subtasks.Tree, reason: str, changes: ChangeSet) -> None:
+        """The sub-tasks of `tree` spent its budget: end the ones not ended yet (see above)."""
         tree.closing = True
         now = utcnow()
         for below in [t for t in self.tasks.values() if t.root_task_id == tree.root]:
@@ -1966,6 +1975,7 @@ class _Stopping:
     attempt: int
     conversation_id: ConversationId | None
     turn: int
+    tree_root: TaskId | None  # a sub-task's root: what it spent counts in the tree's budget
 
 
 MAX_TOOLS_JSON = 4000  # characters of a turn's compact tool log

@@ -45,6 +45,8 @@ class Probe:
         async with self.started:
             self.access[ctx.task_id] = ctx.subtasks
             self.started.notify_all()
+        if "spend" in ctx.input:  # spent on the way, known to the server only when the run ends
+            await ctx.report_usage(Usage(cost_usd=float(ctx.input["spend"])))
         if ctx.input.get("hold", True):
             await release.wait()
         return AgentResult({"ok": True}, usage=Usage(cost_usd=float(ctx.input.get("cost", 0))))
@@ -298,6 +300,30 @@ async def test_a_sub_task_that_spends_the_budget_stops_the_running_ones_not_the_
     assert (await admin.get_task(root.id))[0].status is TaskStatus.RUNNING  # the root goes on
     probe.release(root.id)
     assert (await ended(cluster, root.id)).status is TaskStatus.COMPLETED
+
+
+async def test_what_a_cancelled_sub_task_spent_counts_in_the_tree_budget(cluster: Cluster) -> None:
+    base, probe = await setup(cluster)
+    admin = cluster.client()
+    root = await admin.create_task("probe", {}, allow_subtasks=True, subtask_budget_usd=0.5)
+    async with mcp_client(cluster, base, (await probe.credential(root.id)).token) as client:
+        spender = structured(
+            await client.call_tool("create_task", {"agent": "probe", "input": {"spend": 0.75}})
+        )
+        other = structured(await client.call_tool("create_task", {"agent": "probe", "input": {}}))
+        await probe.running(spender["task_id"])
+        await probe.running(other["task_id"])
+        await admin.cancel_task(spender["task_id"], reason="changed my mind")
+        stopped = structured(await client.call_tool("wait_for_task", {"task_id": other["task_id"]}))
+        refused = error_text(
+            await client.call_tool("create_task", {"agent": "echo", "input": {"text": "x"}})
+        )
+    assert stopped["status"] == "cancelled"
+    assert "spent $0.7500 of their budget of $0.5" in stopped["error"]
+    assert refused.startswith("RESOURCE_EXHAUSTED") and "subtask_budget_usd" in refused
+    cancelled = (await admin.get_task(spender["task_id"]))[0]
+    assert cancelled.status is TaskStatus.CANCELLED and cancelled.usage.cost_usd == 0.75
+    assert (await admin.get_task(root.id))[0].status is TaskStatus.RUNNING
 
 
 async def test_cancelling_a_parent_cancels_its_whole_tree_in_one_change(cluster: Cluster) -> None:
