@@ -52,7 +52,12 @@ def add_model_arguments(p: argparse.ArgumentParser, *, update: bool = False) -> 
         metavar="N",
         help="the answer's limit",
     )
-    g.add_argument("--temperature", type=float, metavar="T", help="0-1 (Anthropic), 0-2 (OpenAI)")
+    g.add_argument(
+        "--temperature",
+        type=str if update else float,  # on update, '' returns to the agent's default
+        metavar="T",
+        help="0-1 (Anthropic), 0-2 (OpenAI)" + ("; '' for the agent's default" if update else ""),
+    )
     g.add_argument("--stop", action="append", metavar="SEQ", help="a stop sequence (repeat)")
     g.add_argument(
         "--append-system-prompt",
@@ -88,6 +93,20 @@ def _read(path: str, flag: str) -> str:
         return sys.stdin.read() if path == "-" else Path(path).read_text()
     except OSError as exc:
         raise InvalidArgument(f"cannot read {path}: {exc.strerror}", field=flag) from None
+
+
+def _temperature(text: str) -> float | None:
+    """`schedule update --temperature`: a number, or '' for none (the agent's default; 0 is a
+    temperature, so it cannot clear it as 0 clears the other numbers)."""
+    if not text.strip():
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise InvalidArgument(
+            f"{quoted(text)} is not a number (or '' for the agent's default)",
+            field="--temperature",
+        ) from None
 
 
 def _env(items: list[str]) -> dict[str, str]:
@@ -147,7 +166,7 @@ def update_model_arguments(args: argparse.Namespace, policy: TaskPolicy) -> Task
     if given_flag("max_tokens"):
         settings.max_tokens = args.max_tokens
     if given_flag("temperature"):
-        settings.temperature = args.temperature
+        settings.temperature = _temperature(args.temperature)
     if given_flag("stop"):
         settings.stop_sequences = [s for s in args.stop if s]
     if given_flag("append_system_prompt"):

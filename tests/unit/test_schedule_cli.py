@@ -183,6 +183,22 @@ def test_update_takes_the_model_flags_changing_only_those_given(tmp_path: Path) 
     assert cleared.max_cost_usd == 0 and cleared.model_settings.system_prompt == ""
     assert cleared.model_settings.disallowed_tools == []
     assert cleared.priority == 3
+    assert cleared.model_settings.temperature == 0.2  # not given: kept
+
+    # a temperature of 0 is a temperature; '' returns to the agent's default
+    zero = schedule_cmd.update_from_args(
+        parse("schedule", "update", "b", "--temperature", "0"), current
+    )
+    assert zero[0].policy.model_settings.temperature == 0.0
+    default = schedule_cmd.update_from_args(
+        parse("schedule", "update", "b", "--temperature", ""), current
+    )
+    assert default[0].policy.model_settings.temperature is None
+    with pytest.raises(InvalidArgument, match="'warm' is not a number") as bad:
+        schedule_cmd.update_from_args(
+            parse("schedule", "update", "b", "--temperature", "warm"), current
+        )
+    assert bad.value.field == "--temperature"
 
 
 def test_update_without_flags_is_an_error() -> None:
