@@ -16,7 +16,8 @@ from taskrun.controlplane.store.postgres import PostgresStore
 from taskrun.core.access import AuditQuery, Scope
 from taskrun.core.models import OutputChunk
 from taskrun.core.status import RunStatus, TaskStatus
-from taskrun.core.store import ChangeSet, ConversationQuery, Store, TaskQuery
+from taskrun.core.store import ChangeSet, ConversationQuery, LoggedEvent, Store, TaskQuery
+from taskrun.v1 import events_pb2 as epb
 from tests.unit.test_store_contract import (
     T0,
     audit,
@@ -26,6 +27,7 @@ from tests.unit.test_store_contract import (
     full_schedule,
     full_task,
     full_worker,
+    logged,
     make_api_token,
     make_conversation,
     make_delivery,
@@ -78,6 +80,22 @@ async def seed(store: SqliteStore) -> None:
     hook = make_webhook(1)
     await store.add_webhook(hook)
     await store.add_webhook_deliveries([make_delivery(n, hook) for n in (1, 2)])
+    # the event log: changes in their compact form and serialized events, over several pages
+    task, run = full_task(), full_run()
+    stamp = int(T0.timestamp() * 1_000_000)
+    await store.apply(
+        ChangeSet(
+            tasks=[task],
+            runs=[run],
+            events=[
+                LoggedEvent(
+                    1, epb.EVENT_KIND_RUN_CHANGED, run.task_id, "", subject=run, time=stamp
+                ),
+                LoggedEvent(2, epb.EVENT_KIND_TASK_CHANGED, task.id, "", subject=task, time=stamp),
+                *(logged(n) for n in range(3, 80)),
+            ],
+        )
+    )
 
 
 async def everything(store: Store) -> dict[str, object]:
@@ -114,6 +132,8 @@ async def everything(store: Store) -> dict[str, object]:
         "workflow_runs": await store.list_workflow_runs(limit=100),
         "webhooks": await store.list_webhooks(),
         "deliveries": await store.list_webhook_deliveries(limit=100),
+        "events": await store.read_events(0, limit=1000),
+        "event_positions": await store.event_positions(),
     }
 
 
@@ -133,8 +153,10 @@ async def test_a_sqlite_store_is_copied_into_postgresql_whole(
         assert (counts.conversations, counts.turns) == (2, 2)
         assert (counts.workflows, counts.workflow_runs) == (3, 2)
         assert (counts.webhooks, counts.webhook_deliveries) == (1, 2)
+        assert counts.events == 79
         copied, original = await everything(destination), await everything(source)
         assert copied == original
+        assert copied["event_positions"] == (1, 79)
         assert len(copied["output"][rid(1)]) == 300  # type: ignore[index]
         assert await destination.list_unfinished_runs() == await source.list_unfinished_runs()
         # audit events: same order and contents, numbered again from 1
@@ -167,6 +189,11 @@ async def test_a_destination_that_holds_anything_is_refused(
         with pytest.raises(DestinationNotEmpty, match="already holds schedules"):
             await copy_store(source, destination)
         assert (await destination.list_tasks(TaskQuery())).tasks == []
+        await destination.apply(ChangeSet(deleted_schedules=["nightly"]))
+        assert not await destination.list_schedules()
+        await destination.apply(ChangeSet(events=[logged(1)]))  # an event log alone
+        with pytest.raises(DestinationNotEmpty, match="already holds events"):
+            await copy_store(source, destination)
     finally:
         await source.close()
         await destination.close()

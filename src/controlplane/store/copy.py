@@ -1,7 +1,8 @@
 """Copy everything one store holds into another, empty one (`taskrun store copy`), e.g. SQLite
 to PostgreSQL: tasks with their runs and output, workers, schedules, tokens, audit events,
 conversations with their turns, every version of every workflow and their runs, webhooks with
-their deliveries. Only through the `Store` protocol, so any pair of stores works.
+their deliveries, and the durable event log (same positions and contents, so a watcher resumes
+after a position it saw). Only through the `Store` protocol, so any pair of stores works.
 
 Run it while no control plane uses either store: what the source gains during the copy may be
 missed. Audit events keep their order and contents; the destination numbers them again from 1
@@ -51,6 +52,7 @@ class CopyCounts:
     workflow_runs: int = 0
     webhooks: int = 0
     webhook_deliveries: int = 0
+    events: int = 0
 
     def summary(self) -> str:
         return ", ".join(
@@ -76,6 +78,8 @@ async def _holds(store: Store) -> str:
     for name, pending in checks:
         if await pending and not found:  # await every one: no coroutine left un-awaited
             found = name
+    if not found and (await store.event_positions())[1]:
+        found = "events"
     return found
 
 
@@ -184,6 +188,16 @@ async def copy_store(
         await destination.apply(ChangeSet(audit_events=events[part]))
     counts.audit_events = len(events)
     report()
+
+    position = 0  # the event log, oldest first, as stored (either form)
+    while True:
+        logged = await source.read_events(position, limit=batch * 10)
+        if not logged:
+            break
+        await destination.apply(ChangeSet(events=logged))
+        counts.events += len(logged)
+        position = logged[-1].position
+        report()
     log.info("store copied", **{f.name: getattr(counts, f.name) for f in fields(counts)})
     return counts
 
