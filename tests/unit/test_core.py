@@ -156,7 +156,9 @@ def test_durations_are_written_as_people_write_them(seconds: float, text: str) -
     assert human_duration(seconds) == text
 
 
-def test_ids_are_the_26_base32_digits_of_time_and_randomness_most_significant_first() -> None:
+def test_ids_are_the_26_base32_digits_of_time_and_randomness_most_significant_first(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from taskrun.core import ids
 
     def digits(value: int) -> str:  # the definition, one digit at a time
@@ -174,9 +176,17 @@ def test_ids_are_the_26_base32_digits_of_time_and_randomness_most_significant_fi
         value = value * 32 + ids._ALPHABET.index(char)
     assert before <= value >> 80 <= after
     assert digits(value) == task_id.removeprefix("tsk_")
-    for value in (0, 1, (1 << 130) - 1, 0x1234567890ABCDEF << 60 | 0xFEDCBA):
-        encoded = ids.base64.b32encode((value << 6).to_bytes(17, "big"))[:26]
-        assert encoded.translate(ids._FROM_RFC4648).decode() == digits(value)
+    edges = (
+        (0, 0),
+        (1, 1),
+        ((1 << 50) - 1, (1 << 80) - 1),
+        (0x1234567890A, 0xFEDCBA9876543210ABCD),
+    )
+    for ms, rnd in edges:  # each millisecond twice: the second from the kept time digits
+        monkeypatch.setattr(ids.time, "time_ns", lambda ms=ms: ms * 1_000_000)
+        monkeypatch.setattr(ids.random, "getrandbits", lambda _bits, rnd=rnd: rnd)
+        for _ in range(2):
+            assert ids._sortable("") == digits(ms << 80 | rnd)
 
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ModelSettings)])
