@@ -26,7 +26,7 @@ if _version_not_supported:
 
 
 class WorkflowServiceStub:
-    """Workflows (issue 17): stored definitions of steps (task, approval, wait, condition) and their
+    """Workflows: stored definitions of steps (task, approval, wait, condition) and their
     runs, and the inbox of what waits for a person. See README "Workflows" for the format.
     """
 
@@ -84,7 +84,7 @@ class WorkflowServiceStub:
 
 
 class WorkflowServiceServicer:
-    """Workflows (issue 17): stored definitions of steps (task, approval, wait, condition) and their
+    """Workflows: stored definitions of steps (task, approval, wait, condition) and their
     runs, and the inbox of what waits for a person. See README "Workflows" for the format.
     """
 
@@ -212,7 +212,7 @@ def add_WorkflowServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class WorkflowService:
-    """Workflows (issue 17): stored definitions of steps (task, approval, wait, condition) and their
+    """Workflows: stored definitions of steps (task, approval, wait, condition) and their
     runs, and the inbox of what waits for a person. See README "Workflows" for the format.
     """
 
