@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli_e2e import CLI, Deployment, Proc, clean_env, free_port
+from tests.e2e.test_cli_e2e import CLI, Deployment, Proc, clean_env
 from tests.fakes.anthropic_server import FakeAnthropic, Text
 
 pytestmark = pytest.mark.e2e
@@ -35,7 +35,7 @@ def deployment(tmp_path: Path, fake: FakeAnthropic) -> Iterator[Deployment]:
         [*CLI, "certs", "init"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True
     )
     assert init.returncode == 0, init.stderr
-    d = Deployment(tmp_path, f"127.0.0.1:{free_port()}", init.stdout)
+    d = Deployment.on_reserved_ports(tmp_path, init.stdout)
     try:
         d.start_server()
         env = {

@@ -13,7 +13,6 @@ import os
 import queue
 import shlex
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,17 +25,12 @@ from typing import IO
 
 import pytest
 
+from tests import ports
+
 pytestmark = pytest.mark.e2e
 
 CLI = [sys.executable, "-m", "taskrun.cli.main"]
 STARTUP = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -138,6 +132,17 @@ class Deployment:
     server: Proc | None = None
     worker: Proc | None = None
     server_args: tuple[str, ...] = ()
+    reserved: int = 0  # the server's port and the next (its public listener's), until kill()
+
+    @classmethod
+    def on_reserved_ports(
+        cls, tmp: Path, certs_init_output: str, server_args: tuple[str, ...] = ()
+    ) -> Deployment:
+        """A deployment whose server listens on reserved ports (tests/ports.py): clients are
+        told the address before the server starts, and a restarted server finds it free."""
+        port = ports.reserve(2)
+        return cls(tmp, f"127.0.0.1:{port}", certs_init_output, server_args=server_args,
+                   reserved=port)  # fmt: skip
 
     @property
     def env(self) -> dict[str, str]:
@@ -170,6 +175,7 @@ class Deployment:
             if proc is not None and proc.popen.poll() is None:
                 proc.popen.kill()
                 proc.popen.wait()
+        ports.release(self.reserved)
 
 
 def created_id(line: str) -> str:
@@ -184,7 +190,7 @@ def launch(tmp: Path, *server_args: str) -> Deployment:
         [*CLI, "certs", "init"], cwd=tmp, env=clean_env(), capture_output=True, text=True
     )
     assert init.returncode == 0, init.stderr
-    d = Deployment(tmp, f"127.0.0.1:{free_port()}", init.stdout, server_args=server_args)
+    d = Deployment.on_reserved_ports(tmp, init.stdout, server_args)
     try:
         d.start_server()
         d.worker = d.start("worker", "worker", "run", "--agents", "echo")

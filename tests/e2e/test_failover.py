@@ -30,7 +30,7 @@ from taskrun.cli.status_cmd import cluster_status
 from taskrun.controlplane.pki import PkiPaths
 from taskrun.core.models import TaskPolicy, TaskSpec
 from taskrun.core.status import RunStatus, TaskStatus
-from tests.e2e.test_faults import Processes, attempts_never_overlap, free_port, online, until
+from tests.e2e.test_faults import Processes, attempts_never_overlap, online, until
 from tests.postgres import PostgresServer, postgres_or_skip
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +42,7 @@ class TwoControlPlanes(Processes):
     def __init__(self, pki: PkiPaths, tmp: Path, store: str) -> None:
         super().__init__(pki, tmp)
         self.store = store
-        self.ports = {"a": self.port, "b": free_port()}
+        self.ports = {"a": self.port, "b": self.reserve_port()}  # with --public-listen ""
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
         self.env["TASKRUN_SERVER"] = self.addresses
         self.env["TASKRUN_METRICS_LISTEN"] = ""
@@ -139,6 +139,7 @@ async def cps(
         yield p
     finally:
         p.stop()
+        p.release()
 
 
 async def leader_and_standby(cps: TwoControlPlanes, *flags: str) -> None:

@@ -12,7 +12,6 @@ import itertools
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -24,23 +23,23 @@ from taskrun.cli.client import Client, OutputReceived
 from taskrun.controlplane.pki import PkiPaths
 from taskrun.core.models import Run, Task
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from tests import ports
 
 pytestmark = pytest.mark.e2e
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Processes:
-    """Starts `taskrun server` and `taskrun worker run` as real processes."""
+    """Starts `taskrun server` and `taskrun worker run` as real processes.
+
+    The server's port is reserved (tests/ports.py) with the next one, its public listener's:
+    workers are told the address before the server starts, and it must be free again when the
+    server restarts. `release()` gives the ports back once every process is stopped."""
 
     def __init__(self, pki: PkiPaths, tmp: Path) -> None:
         self.pki = pki
         self.tmp = tmp
-        self.port = free_port()
+        self.reserved: list[int] = []
+        self.port = self.reserve_port(2)
         self.server: subprocess.Popen[bytes] | None = None
         self.workers: dict[str, subprocess.Popen[bytes]] = {}
         self.env = {
@@ -48,7 +47,19 @@ class Processes:
             "TASKRUN_CERTS_DIR": str(pki.directory),
             "TASKRUN_SERVER": f"127.0.0.1:{self.port}",
             "TASKRUN_LOG_LEVEL": "info",
+            "TASKRUN_METRICS_LISTEN": "",  # not the fixed default port every server would share
         }
+
+    def reserve_port(self, count: int = 1) -> int:
+        """A port (the first of `count`) for this test's processes, given back by `release()`."""
+        port = ports.reserve(count)
+        self.reserved.append(port)
+        return port
+
+    def release(self) -> None:
+        for port in self.reserved:
+            ports.release(port)
+        self.reserved.clear()
 
     def _spawn(
         self,
@@ -143,6 +154,7 @@ async def procs(pki: PkiPaths, tmp_path: Path) -> AsyncIterator[Processes]:
         yield p
     finally:
         p.stop()
+        p.release()
 
 
 async def until(predicate, within: float = 20.0, every: float = 0.05) -> None:  # type: ignore[no-untyped-def]

@@ -11,12 +11,12 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli_e2e import CLI, Proc, clean_env, free_port
+from tests.e2e.test_cli_e2e import CLI, Proc, clean_env
 
 pytestmark = pytest.mark.e2e
 
@@ -42,9 +42,9 @@ def start_server(tmp: Path, port: int) -> Proc:
 
 
 @pytest.fixture
-def running_server(tmp_path: Path) -> Iterator[tuple[Path, int]]:
+def running_server(tmp_path: Path, reserve_port: Callable[..., int]) -> Iterator[tuple[Path, int]]:
     certs_init(tmp_path)
-    port = free_port()
+    port = reserve_port(3) + 1  # and its public listener's; the one below is a second server's
     server = start_server(tmp_path, port)
     try:
         yield tmp_path, port

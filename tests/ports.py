@@ -1,0 +1,117 @@
+"""Loopback ports for tests (and scripts: no pytest here).
+
+A port picked by binding port 0 and closing the socket is free only for a moment: the kernel may
+hand it to any process's next bind(0) or outgoing connection (both come from the ephemeral range),
+and a parallel test run picks the same way. A server that binds it a second later, or again after
+a restart, then fails with "port ... is already in use". So:
+
+- a server that can report its port binds port 0 and the test reads the bound port;
+- a server whose port must be known before it starts, or kept across restarts, gets a port from
+  `reserve()`: below (or above) the kernel's ephemeral range, which the kernel never hands out
+  by itself, and locked with flock(2) for this process, so that no other test run reserves it
+  too. The lock dies with the process, also on SIGKILL;
+- a port where nobody listens (connections refused) is a socket that is bound and never
+  listening (`refusing_port()`): nothing else can take it while the socket is open.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import random
+import socket
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = ["ephemeral_range", "refusing_port", "release", "reserve", "reserved_ports"]
+
+LOCK_DIR = Path(tempfile.gettempdir()) / "taskrun-test-ports"
+_held: dict[int, list[int]] = {}  # first port of a block -> lock file descriptors
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The kernel's range for bind(0) and outgoing connections (both ends included)."""
+    try:
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def _candidates(count: int) -> list[int]:
+    """First ports of blocks outside the ephemeral range, in random order (parallel runs start
+    at different places); the ephemeral range itself only when nothing is left outside it."""
+    low, high = ephemeral_range()
+    spans = [(max(1024, low - 16384), low - count), (high + 1, 65535 - count + 1)]
+    firsts = [p for start, stop in spans for p in range(start, stop)]
+    if len(firsts) < 1000:
+        firsts = list(range(low, high - count + 2))
+    random.shuffle(firsts)
+    return firsts
+
+
+def _lock(port: int) -> int | None:
+    LOCK_DIR.mkdir(exist_ok=True)
+    with contextlib.suppress(OSError):
+        LOCK_DIR.chmod(0o1777)  # shared by every user's test runs, like /tmp
+    fd = os.open(LOCK_DIR / f"{port}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _bindable(port: int, host: str) -> bool:
+    """Nobody listens on or holds the port now (with SO_REUSEADDR, as servers bind: a port
+    whose old connections wait in TIME_WAIT counts as free)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            if exc.errno in (errno.EADDRINUSE, errno.EACCES):
+                return False
+            raise
+    return True
+
+
+def reserve(count: int = 1, host: str = "127.0.0.1") -> int:
+    """The first of `count` consecutive free ports, held for this process until `release()`
+    (a `taskrun server` on port P also listens on P + 1 unless told otherwise: reserve 2)."""
+    for first in _candidates(count):
+        fds: list[int] = []
+        for port in range(first, first + count):
+            fd = _lock(port)
+            if fd is None or not _bindable(port, host):
+                break
+            fds.append(fd)
+        if len(fds) == count:
+            _held[first] = fds
+            return first
+        for fd in fds:
+            os.close(fd)
+    raise OSError(errno.EADDRNOTAVAIL, f"no {count} consecutive free ports to reserve")
+
+
+def release(first: int) -> None:
+    """Give back the block that `reserve()` returned (nothing happens for another port)."""
+    for fd in _held.pop(first, []):
+        os.close(fd)
+
+
+def reserved_ports() -> list[int]:
+    """Every port this process holds (for tests of this module)."""
+    return sorted(first + n for first, fds in _held.items() for n in range(len(fds)))
+
+
+@contextlib.contextmanager
+def refusing_port(host: str = "127.0.0.1") -> Iterator[int]:
+    """A port where connections are refused for the block: bound, never listening."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        yield int(sock.getsockname()[1])
