@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -223,6 +224,24 @@ async def test_a_standby_names_the_leader_and_takes_over_when_it_stops(
             assert status.epoch == 2 and status.leader_id == b.lease.id
             assert await health_of(pki, address_b) == health_pb2.HealthCheckResponse.SERVING
             await client.close()
+
+
+async def test_a_worker_moves_on_from_a_control_plane_that_never_answers_within_seconds(
+    cluster: Cluster,
+) -> None:
+    """A frozen control plane (SIGSTOP, a hung machine) still completes TCP handshakes in its
+    kernel and never answers the TLS one: the worker gives up on it within seconds, not grpc's
+    20 s (longer than its lease), and moves to the next address."""
+    await cluster.start_server()
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(16)  # connections wait in the backlog: never accepted, never answered
+        servers = f"127.0.0.1:{frozen.getsockname()[1]},{cluster.address}"
+        await cluster.start_worker("worker-1", wait=False, server=servers)
+        await cluster.wait_registered("worker-1")  # within 10 s
+        daemon, _ = cluster.workers["worker-1"]
+        assert daemon.servers.current.target == cluster.address
+        await cluster.stop_worker("worker-1")
 
 
 async def _true(value: bool) -> bool:
