@@ -5,6 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shutil
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -33,6 +36,31 @@ WORKERS = tuple(f"worker-{n}" for n in range(1, 7))
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
     return init_pki(tmp_path_factory.mktemp("pki") / "certs", workers=WORKERS)
+
+
+@pytest.fixture(scope="session")
+def cli_certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`taskrun certs init` run once: (the directory holding its `certs`, what it printed).
+    Copied into the CLI tests' directories: they need a PKI the command made, not a new one
+    each time (a test that needs a CA of its own runs the command itself)."""
+    where = tmp_path_factory.mktemp("cli-certs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRUN_")}
+    init = subprocess.run(
+        [sys.executable, "-m", "taskrun.cli.main", "certs", "init"],
+        cwd=where,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert init.returncode == 0, init.stderr
+    return where, init.stdout
+
+
+def copy_cli_certs(made: tuple[Path, str], into: Path) -> str:
+    """Put `cli_certs`' files in `into/certs`; returns what `certs init` printed."""
+    shutil.copytree(made[0] / "certs", into / "certs")
+    return made[1]
 
 
 @pytest.fixture

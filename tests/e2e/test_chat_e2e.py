@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli_e2e import CLI, Deployment, Proc, clean_env
+from tests.conftest import copy_cli_certs
+from tests.e2e.test_cli_e2e import CLI, Deployment, Proc
 from tests.fakes.anthropic_server import FakeAnthropic, Text
 
 pytestmark = pytest.mark.e2e
@@ -30,12 +31,10 @@ def fake() -> Iterator[FakeAnthropic]:
 
 
 @pytest.fixture
-def deployment(tmp_path: Path, fake: FakeAnthropic) -> Iterator[Deployment]:
-    init = subprocess.run(
-        [*CLI, "certs", "init"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True
-    )
-    assert init.returncode == 0, init.stderr
-    d = Deployment.on_reserved_ports(tmp_path, init.stdout)
+def deployment(
+    tmp_path: Path, fake: FakeAnthropic, cli_certs: tuple[Path, str]
+) -> Iterator[Deployment]:
+    d = Deployment.on_reserved_ports(tmp_path, copy_cli_certs(cli_certs, tmp_path))
     try:
         d.start_server()
         env = {

@@ -26,6 +26,7 @@ from typing import IO
 import pytest
 
 from tests import ports
+from tests.conftest import copy_cli_certs
 
 pytestmark = pytest.mark.e2e
 
@@ -184,13 +185,10 @@ def created_id(line: str) -> str:
     return line.split()[1]
 
 
-def launch(tmp: Path, *server_args: str) -> Deployment:
-    """`certs init`, then a server (SQLite in tmp) and worker-1 offering echo, both connected."""
-    init = subprocess.run(
-        [*CLI, "certs", "init"], cwd=tmp, env=clean_env(), capture_output=True, text=True
-    )
-    assert init.returncode == 0, init.stderr
-    d = Deployment.on_reserved_ports(tmp, init.stdout, server_args)
+def launch(tmp: Path, certs: tuple[Path, str], *server_args: str) -> Deployment:
+    """The files of `certs init` (the `cli_certs` fixture), then a server (SQLite in tmp) and
+    worker-1 offering echo, both connected."""
+    d = Deployment.on_reserved_ports(tmp, copy_cli_certs(certs, tmp), server_args)
     try:
         d.start_server()
         d.worker = d.start("worker", "worker", "run", "--agents", "echo")
@@ -202,8 +200,10 @@ def launch(tmp: Path, *server_args: str) -> Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = launch(tmp_path_factory.mktemp("cli"))
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, cli_certs: tuple[Path, str]
+) -> Iterator[Deployment]:
+    d = launch(tmp_path_factory.mktemp("cli"), cli_certs)
     try:
         yield d
     finally:
@@ -411,8 +411,8 @@ def test_cancelling_a_followed_task_makes_follow_exit_130(deployment: Deployment
     assert "cancelled: e2e" in follow.log
 
 
-def test_follow_survives_a_server_restart(tmp_path: Path) -> None:
-    d = launch(tmp_path, "--lease", "30")
+def test_follow_survives_a_server_restart(tmp_path: Path, cli_certs: tuple[Path, str]) -> None:
+    d = launch(tmp_path, cli_certs, "--lease", "30")
     try:
         text = "abcdefghijklmnopqrst"
         payload = json.dumps({"text": text, "chunks": len(text), "delay": 0.2})

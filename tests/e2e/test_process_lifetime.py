@@ -11,11 +11,13 @@ import os
 import signal
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from tests import ports
+from tests.conftest import copy_cli_certs
 from tests.e2e.test_cli_e2e import CLI, Proc, clean_env
 
 pytestmark = pytest.mark.e2e
@@ -41,15 +43,21 @@ def start_server(tmp: Path, port: int) -> Proc:
     return server
 
 
-@pytest.fixture
-def running_server(tmp_path: Path, reserve_port: Callable[..., int]) -> Iterator[tuple[Path, int]]:
-    certs_init(tmp_path)
-    port = reserve_port(3) + 1  # and its public listener's; the one below is a second server's
-    server = start_server(tmp_path, port)
+@pytest.fixture(scope="module")
+def running_server(
+    tmp_path_factory: pytest.TempPathFactory, cli_certs: tuple[Path, str]
+) -> Iterator[tuple[Path, int]]:
+    """One server for the tests that only start processes next to it (which fail) or call it."""
+    tmp = tmp_path_factory.mktemp("running")
+    copy_cli_certs(cli_certs, tmp)
+    reserved = ports.reserve(3)  # its two listeners and the port below, a second server's
+    port = reserved + 1
+    server = start_server(tmp, port)
     try:
-        yield tmp_path, port
+        yield tmp, port
     finally:
         server.stop()
+        ports.release(reserved)
 
 
 def assert_one_error_line_naming(stderr: str, port: int) -> None:
