@@ -454,6 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
         "(TASKRUN_METRICS_LISTEN, default 127.0.0.1:9464)",
     )
     p.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help='once listening, write the bound addresses to PATH as JSON ({"address": ..., '
+        '"public_address": ..., "http_address": ..., "pid": ...}): with port 0 in '
+        "--listen (any free port) it names the ports picked (TASKRUN_READY_FILE)",
+    )
+    p.add_argument(
         "--http-listen",
         metavar="ADDR",
         help="serve the HTTP API (JSON, server-sent events) and the MCP server (/mcp) on "
@@ -1087,6 +1094,7 @@ def server_config(args: argparse.Namespace) -> Any:
         "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),
         "metrics_optional": _metrics_listen(args, "") == "",
         "http_listen": _arg(args, "http_listen") or _env("TASKRUN_HTTP_LISTEN"),
+        "ready_file": _arg(args, "ready_file") or _env("TASKRUN_READY_FILE"),
         "mcp_url": _arg(args, "mcp_url") or _env("TASKRUN_MCP_URL"),
         "max_subtask_depth": _arg(args, "max_subtask_depth"),
         "webhook_allow_networks": _arg(args, "webhook_allow_network")
