@@ -398,21 +398,28 @@ async def test_soak_random_worker_kills_and_a_server_restart(procs: Processes) -
             tasks = [t async for t in client.iter_tasks()]
             return len(tasks) == 300 and all(t.status.terminal for t in tasks)
 
-        await until(all_terminal, within=90, every=0.5)
+        await until(all_terminal, within=90, every=0.2)
         tasks: list[Task] = [t async for t in client.iter_tasks()]
         assert sorted(t.id for t in tasks) == sorted(texts)
         assert all(t.status is TaskStatus.COMPLETED for t in tasks), {
             t.id: (t.status, t.error) for t in tasks if t.status is not TaskStatus.COMPLETED
         }
-        for t in tasks:
-            _, runs = await client.get_task(t.id)
+        reading = asyncio.Semaphore(32)
+
+        async def runs_and_output(task_id: str) -> tuple[list[Run], dict[str, str]]:
+            async with reading:
+                _, runs = await client.get_task(task_id)
+                by_run: dict[str, str] = {}
+                async for event in client.follow(task_id, follow=False):
+                    if isinstance(event, OutputReceived):
+                        by_run[event.chunk.run_id] = (
+                            by_run.get(event.chunk.run_id, "") + event.chunk.data
+                        )
+                return runs, by_run
+
+        found = await asyncio.gather(*(runs_and_output(t.id) for t in tasks))
+        for t, (runs, by_run) in zip(tasks, found, strict=True):
             assert [r.status for r in runs].count(RunStatus.COMPLETED) == 1
             assert runs[-1].status is RunStatus.COMPLETED
             assert attempts_never_overlap(runs)
-            by_run: dict[str, str] = {}
-            async for event in client.follow(t.id, follow=False):
-                if isinstance(event, OutputReceived):
-                    by_run[event.chunk.run_id] = (
-                        by_run.get(event.chunk.run_id, "") + event.chunk.data
-                    )
             assert by_run[runs[-1].id] == texts[t.id]
