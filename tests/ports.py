@@ -53,11 +53,23 @@ def _candidates(count: int) -> list[int]:
     return firsts
 
 
+def _open_lock_file(port: int) -> int:
+    """The port's lock file in the directory every user's test runs share (like /tmp); in one
+    of this user's own when another user's directory does not let us in."""
+    flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+    for directory in (LOCK_DIR, LOCK_DIR.with_name(f"{LOCK_DIR.name}-{os.getuid()}")):
+        try:
+            directory.mkdir(exist_ok=True)
+            with contextlib.suppress(OSError):
+                directory.chmod(0o1777)
+            return os.open(directory / f"{port}.lock", flags, 0o666)
+        except PermissionError:
+            continue
+    raise PermissionError(f"cannot create a lock file for port {port} under {LOCK_DIR.parent}")
+
+
 def _lock(port: int) -> int | None:
-    LOCK_DIR.mkdir(exist_ok=True)
-    with contextlib.suppress(OSError):
-        LOCK_DIR.chmod(0o1777)  # shared by every user's test runs, like /tmp
-    fd = os.open(LOCK_DIR / f"{port}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o666)
+    fd = _open_lock_file(port)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:

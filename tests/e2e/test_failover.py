@@ -327,7 +327,11 @@ async def test_the_database_restarted_under_the_leader_writes_fail_cleanly_then_
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await cps.one("a").create_task("echo", {"text": "while down"})
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        await asyncio.sleep(3.0)  # longer than the leadership lease: the leader steps down
+
+        async def stepped_down() -> bool:  # its leadership lease ran out unrenewed
+            return "stepping down" in (cps.tmp / "server-a.log").read_text()
+
+        await until(stepped_down, within=15)
         database.start()
 
         async def one_leads() -> bool:
