@@ -364,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     # server
     p = _leaf(commands, "server", cmd_server, help="run the control plane")
     p.add_argument(
-        "--listen", help="address to listen on (TASKRUN_LISTEN, default 127.0.0.1:50051)"
+        "--listen",
+        help="address to listen on (TASKRUN_LISTEN, default 127.0.0.1:50051; port 0 picks a free "
+        "port, logged and written to --ready-file)",
     )
     p.add_argument(
         "--store",
