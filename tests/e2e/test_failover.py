@@ -141,11 +141,16 @@ async def cps(
         p.release()
 
 
-async def leader_and_standby(cps: TwoControlPlanes, *flags: str) -> None:
-    """Start "a", wait until it leads, then "b", and wait until it stands by."""
+async def leader_and_standby(
+    cps: TwoControlPlanes, *flags: str, workers: dict[str, int] | None = None
+) -> None:
+    """Start "a", wait until it leads, then "b" and the `workers` (id: capacity), which start
+    while "b" does, and wait until "b" stands by."""
     cps.start_control_plane("a", *flags)
     await until(lambda: cps.serving("a"), within=40)
     cps.start_control_plane("b", *flags)
+    for worker_id, capacity in (workers or {}).items():
+        cps.start_worker(worker_id, capacity)
     await until(lambda: cps.standing_by("b"), within=40)
 
 
@@ -162,9 +167,7 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_10s_and_nothin
 ) -> None:
     # the default leases: on PostgreSQL the workers' one outlasts a takeover, so that they
     # reclaim their runs (one attempt each)
-    await leader_and_standby(cps)
-    cps.start_worker("worker-1")
-    cps.start_worker("worker-2")
+    await leader_and_standby(cps, workers={"worker-1": 4, "worker-2": 4})
     async with cps.client() as client:
         await online(client, "worker-1", "worker-2")
         texts = [f"<{n}:" + "".join(f"[{i:02d}]" for i in range(30)) + ">" for n in range(6)]
@@ -259,8 +262,7 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_10s_and_nothin
 async def test_a_leader_frozen_past_its_lease_is_deposed_and_steps_down_when_it_wakes(
     cps: TwoControlPlanes,
 ) -> None:
-    await leader_and_standby(cps)
-    cps.start_worker("worker-1")
+    await leader_and_standby(cps, workers={"worker-1": 4})
     async with cps.client() as client:
         await online(client, "worker-1")
         text = "".join(f"({i:02d})" for i in range(30))
@@ -309,8 +311,8 @@ async def test_the_database_restarted_under_the_leader_writes_fail_cleanly_then_
     cps: TwoControlPlanes, database: PostgresServer
 ) -> None:
     # a worker lease longer than the outage: the worker keeps its runs through it
-    await leader_and_standby(cps, "--lease", "30", "--heartbeat-interval", "1")
-    cps.start_worker("worker-1")
+    flags = ("--lease", "30", "--heartbeat-interval", "1")
+    await leader_and_standby(cps, *flags, workers={"worker-1": 4})
     async with cps.client() as client:
         await online(client, "worker-1")
         texts = [f"<{n}:" + "abcdefghij" * 3 + ">" for n in range(4)]
@@ -358,10 +360,8 @@ async def test_soak_500_tasks_random_kill_9_of_the_leader_and_of_workers(
     """Every task ends exactly once, no two attempts overlap, output complete."""
     short = ("--leader-lease", "1", "--lease", "2", "--heartbeat-interval", "0.5")
     short += ("--lease-margin", "0.2")
-    await leader_and_standby(cps, *short)
     workers = ["worker-1", "worker-2", "worker-3"]
-    for worker in workers:
-        cps.start_worker(worker, capacity=16)
+    await leader_and_standby(cps, *short, workers=dict.fromkeys(workers, 16))
     rng = random.Random(18)
     texts = [f"<{n}:" + "xyz" * rng.randint(1, 8) + ">" for n in range(SOAK_TASKS)]
     async with cps.client() as client:

@@ -213,8 +213,9 @@ async def test_kill_9_worker_mid_run_task_completes_on_another(procs: Processes)
         text = "".join(f"<{i}>" for i in range(20))
         task = await client.create_task("echo", {"text": text, "chunks": 20, "delay": 0.1})
         await running_on(client, task.id, "worker-1")
+        # worker-2 starts while worker-1's lease runs out (not before the kill: on a loaded
+        # machine its start could outlast the run, which would then end before the kill)
         procs.start_worker("worker-2")
-        await online(client, "worker-2")
         procs.workers["worker-1"].kill()
         final = await asyncio.wait_for(client.wait(task.id), 30)
         assert final.status is TaskStatus.COMPLETED
@@ -269,8 +270,7 @@ async def test_sigstopped_worker_is_declared_lost_and_its_late_reports_are_fence
         text = "abcdefghij"
         task = await client.create_task("echo", {"text": text, "chunks": 10, "delay": 0.3})
         await running_on(client, task.id, "worker-1")
-        procs.start_worker("worker-2")
-        await online(client, "worker-2")
+        procs.start_worker("worker-2")  # it starts while worker-1's lease runs out
         frozen = procs.workers["worker-1"]
         frozen.send_signal(signal.SIGSTOP)
         final = await asyncio.wait_for(client.wait(task.id), 30)
