@@ -117,6 +117,7 @@ class TwoControlPlanes(Processes):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.release()
 
 
 @pytest.fixture
@@ -138,7 +139,6 @@ async def cps(
         yield p
     finally:
         p.stop()
-        p.release()
 
 
 async def leader_and_standby(

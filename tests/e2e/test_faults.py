@@ -33,7 +33,7 @@ class Processes:
 
     The server's port is reserved (tests/ports.py) with the next one, its public listener's:
     workers are told the address before the server starts, and it must be free again when the
-    server restarts. `release()` gives the ports back once every process is stopped."""
+    server restarts. `stop()` gives the ports back once every process is stopped."""
 
     def __init__(self, pki: PkiPaths, tmp: Path) -> None:
         self.pki = pki
@@ -51,7 +51,7 @@ class Processes:
         }
 
     def reserve_port(self, count: int = 1) -> int:
-        """A port (the first of `count`) for this test's processes, given back by `release()`."""
+        """A port (the first of `count`) for this test's processes, given back by `stop()`."""
         port = ports.reserve(count)
         self.reserved.append(port)
         return port
@@ -145,6 +145,7 @@ class Processes:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.release()
 
 
 @pytest.fixture
@@ -154,7 +155,6 @@ async def procs(pki: PkiPaths, tmp_path: Path) -> AsyncIterator[Processes]:
         yield p
     finally:
         p.stop()
-        p.release()
 
 
 async def until(predicate, within: float = 20.0, every: float = 0.05) -> None:  # type: ignore[no-untyped-def]
