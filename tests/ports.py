@@ -41,16 +41,21 @@ def ephemeral_range() -> tuple[int, int]:
         return 32768, 60999  # Linux's default
 
 
-def _candidates(count: int) -> list[int]:
-    """First ports of blocks outside the ephemeral range, in random order (parallel runs start
-    at different places); the ephemeral range itself only when nothing is left outside it."""
+def _candidates(count: int) -> Iterator[int]:
+    """First ports of blocks outside the ephemeral range, at random (parallel runs start at
+    different places); the ephemeral range itself only when there is no room outside it."""
     low, high = ephemeral_range()
-    spans = [(max(1024, low - 16384), low - count), (high + 1, 65535 - count + 1)]
-    firsts = [p for start, stop in spans for p in range(start, stop)]
-    if len(firsts) < 1000:
-        firsts = list(range(low, high - count + 2))
-    random.shuffle(firsts)
-    return firsts
+    spans = [
+        (start, stop)
+        for start, stop in ((max(1024, low - 16384), low - count + 1), (high + 1, 65536 - count))
+        if stop - start > 0
+    ]
+    sizes = [stop - start for start, stop in spans]
+    if sum(sizes) < 1000:
+        spans, sizes = [(low, high - count + 2)], [high - low - count + 2]
+    for _ in range(5000):
+        start, stop = random.choices(spans, weights=sizes)[0]
+        yield random.randrange(start, stop)
 
 
 def _open_lock_file(port: int) -> int:
