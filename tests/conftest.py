@@ -5,7 +5,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Iterator
+import shutil
+import subprocess
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -17,6 +20,7 @@ from taskrun.controlplane.pki import PkiPaths, init_pki
 from taskrun.worker.agents import load_agents
 from taskrun.worker.config import WorkerConfig
 from taskrun.worker.daemon import WorkerDaemon
+from tests import ports
 from tests.postgres import (
     URL_VARIABLE,
     PostgresServer,
@@ -32,6 +36,47 @@ WORKERS = tuple(f"worker-{n}" for n in range(1, 7))
 @pytest.fixture(scope="session")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PkiPaths:
     return init_pki(tmp_path_factory.mktemp("pki") / "certs", workers=WORKERS)
+
+
+@pytest.fixture(scope="session")
+def cli_certs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """`taskrun certs init` run once: (the directory holding its `certs`, what it printed).
+    Copied into the CLI tests' directories: they need a PKI the command made, not a new one
+    each time (a test that needs a CA of its own runs the command itself)."""
+    where = tmp_path_factory.mktemp("cli-certs")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TASKRUN_")}
+    init = subprocess.run(
+        [sys.executable, "-m", "taskrun.cli.main", "certs", "init"],
+        cwd=where,
+        env=env,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert init.returncode == 0, init.stderr
+    return where, init.stdout
+
+
+def copy_cli_certs(made: tuple[Path, str], into: Path) -> str:
+    """Put `cli_certs`' files in `into/certs`; returns what `certs init` printed."""
+    shutil.copytree(made[0] / "certs", into / "certs")
+    return made[1]
+
+
+@pytest.fixture
+def reserve_port() -> Iterator[Callable[..., int]]:
+    """`reserve_port(count=1)`: the first of `count` consecutive loopback ports for a server whose
+    port must be known before it starts or kept across restarts (tests/ports.py); given back
+    after the test. A server that can bind port 0 should do that instead."""
+    taken: list[int] = []
+
+    def reserve(count: int = 1) -> int:
+        taken.append(ports.reserve(count))
+        return taken[-1]
+
+    yield reserve
+    for port in taken:
+        ports.release(port)
 
 
 @pytest.fixture(scope="session")
@@ -67,8 +112,9 @@ class Cluster:
     pki: PkiPaths
     tmp: Path
     server: RunningServer | None = None
-    port: int = 0
+    port: int = 0  # reserved at the first start and kept across restarts (tests/ports.py)
     public_port: int = 0  # the TLS-only listener (Enroll, health, API tokens)
+    reserved: int = 0  # the first port of the block reserved for the two listeners
     workers: dict[str, tuple[WorkerDaemon, asyncio.Task[int]]] = field(default_factory=dict)
     clients: list[object] = field(default_factory=list)
 
@@ -81,6 +127,9 @@ class Cluster:
         return f"127.0.0.1:{self.public_port}"
 
     async def start_server(self, **overrides: object) -> RunningServer:
+        if not self.reserved:  # a restart must find its ports free: bind(0) ones may be taken
+            self.reserved = ports.reserve(2)
+            self.port, self.public_port = self.reserved, self.reserved + 1
         settings: dict[str, object] = {
             "listen": f"127.0.0.1:{self.port}",
             "public_listen": f"127.0.0.1:{self.public_port}",
@@ -165,6 +214,7 @@ class Cluster:
             with contextlib.suppress(BaseException):
                 await task
         await self.stop_server()
+        ports.release(self.reserved)
 
 
 @pytest.fixture

@@ -1,5 +1,11 @@
-"""A real PostgreSQL server for tests: initdb + pg_ctl in a temporary directory on a free loopback
-port, run as the `postgres` user when the tests run as root (PostgreSQL refuses root).
+"""A real PostgreSQL server for tests: initdb + pg_ctl in a temporary directory on a reserved
+loopback port (tests/ports.py), run as the `postgres` user when the tests run as root (PostgreSQL
+refuses root).
+
+The server dies with the test process, even on SIGKILL: a watchdog process (tests/pg_watchdog.py)
+stops it and removes its directory once the test process is gone. A cluster left behind anyway
+(the watchdog killed too) is stopped and removed by the next run that starts one: each cluster's
+directory names the process that owns it.
 
 `TASKRUN_TEST_POSTGRES_URL` points the tests at a server of your own instead. Without the server
 binaries the PostgreSQL tests fail on CI (CI=true) and are skipped elsewhere.
@@ -14,6 +20,7 @@ import secrets
 import shutil
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -21,6 +28,9 @@ from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+
+from tests import ports
+from tests.pg_watchdog import stop_cluster
 
 __all__ = [
     "PostgresServer",
@@ -61,11 +71,42 @@ def postgres_or_skip() -> Path:
     return found
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+PREFIX = "taskrun-pg-"
+OWNER_FILE = "owner"  # "<pid> <start time>" of the test process that owns the cluster
+UNOWNED_STALE_AFTER = 3600.0  # seconds untouched, for a directory that names no owner
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time (clock ticks after boot), which tells it from a later process
+    that got the same pid; None when it is gone."""
+    try:
+        stat = (Path("/proc") / str(pid) / "stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return None if fields[0] == "Z" else fields[19]
+
+
+def _owner_alive(directory: Path) -> bool:
+    try:
+        pid, started = (directory / OWNER_FILE).read_text().split()
+    except (OSError, ValueError):  # an older layout, or not written yet: judge by its age
+        newest = max(
+            (p.stat().st_mtime for p in (directory, directory / "log") if p.exists()), default=0
+        )
+        return time.time() - newest < UNOWNED_STALE_AFTER
+    return _start_time(int(pid)) == started
+
+
+def clean_stale(bin_dir: Path, temp: Path | None = None) -> list[Path]:
+    """Stop and remove the clusters whose test process is gone; returns their directories."""
+    temp = Path(tempfile.gettempdir()) if temp is None else temp
+    cleaned = []
+    for directory in sorted(temp.glob(f"{PREFIX}*")):
+        if directory.is_dir() and not _owner_alive(directory):
+            stop_cluster(directory, bin_dir, os.geteuid() == 0)
+            cleaned.append(directory)
+    return cleaned
 
 
 class PostgresServer:
@@ -74,22 +115,43 @@ class PostgresServer:
     def __init__(self, bin_dir: Path, *, fsync: bool = False) -> None:
         self.bin_dir = bin_dir
         self.fsync = fsync  # off by default: a test cluster need not survive a power cut
-        self.dir = Path(tempfile.mkdtemp(prefix="taskrun-pg-"))
+        clean_stale(bin_dir)
+        self.dir = Path(tempfile.mkdtemp(prefix=PREFIX))
+        me = os.getpid()
+        (self.dir / OWNER_FILE).write_text(f"{me} {_start_time(me)}\n")
         self.data = self.dir / "data"
         self.log = self.dir / "log"
-        self.port = _free_port()
+        self.port = ports.reserve()
         self._started = False
         self._as_postgres = os.geteuid() == 0
+        # before the server exists: a test process killed at any moment from now on takes it
+        # down (the watchdog's stdin is a pipe whose writing end only this process holds)
+        reading, self._lifeline = os.pipe()
+        try:
+            self._watchdog = subprocess.Popen(
+                [sys.executable, str(Path(__file__).with_name("pg_watchdog.py")), str(self.dir),
+                 str(bin_dir), "1" if self._as_postgres else "0"],
+                stdin=reading,
+                stdout=subprocess.DEVNULL,
+                start_new_session=True,
+            )  # fmt: skip
+        finally:
+            os.close(reading)
         if self._as_postgres:
             try:
                 user = pwd.getpwnam("postgres")
             except KeyError:
+                self.destroy()
                 raise RuntimeError(
                     "PostgreSQL refuses to run as root and there is no `postgres` user to run it"
                     f" as: create one, or set {URL_VARIABLE}"
                 ) from None
             os.chown(self.dir, user.pw_uid, user.pw_gid)
-        self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
+        try:
+            self._run("initdb", "-D", str(self.data), "-A", "trust", "-U", "postgres", "-E", "UTF8")
+        except BaseException:
+            self.destroy()
+            raise
 
     @property
     def url(self) -> str:
@@ -121,7 +183,8 @@ class PostgresServer:
             except RuntimeError:
                 if last:
                     raise
-                self.port = _free_port()
+                ports.release(self.port)
+                self.port = ports.reserve()
         self._started = True
         self._wait_accepting()
 
@@ -144,6 +207,15 @@ class PostgresServer:
     def destroy(self) -> None:
         self.stop("immediate")
         shutil.rmtree(self.dir, ignore_errors=True)
+        ports.release(self.port)
+        if self._lifeline >= 0:  # the watchdog wakes, finds nothing left, and exits
+            os.close(self._lifeline)
+            self._lifeline = -1
+            try:
+                self._watchdog.wait(10)
+            except subprocess.TimeoutExpired:
+                self._watchdog.kill()
+                self._watchdog.wait()
 
 
 @contextlib.contextmanager

@@ -16,10 +16,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import functools
+import json
 import os
 import shlex
 import signal
-import socket
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -51,8 +52,6 @@ READY_LINE = "taskrun dev is ready"
 PARENT_ENV = "TASKRUN_DEV_PARENT_PID"  # set for children: the pid of the `dev` they die with
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 PREFIX_COLORS = (36, 35, 34, 33, 32, 96)  # ANSI foreground colours of the name prefixes
-
-Check = Callable[[Client], Awaitable[bool]]
 
 
 @dataclass(frozen=True)
@@ -100,20 +99,11 @@ def join_host_port(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
-def free_port(host: str) -> int:
-    """A port that was free a moment ago (the server binds it right after)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    with socket.socket(family, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        port: int = sock.getsockname()[1]
-        return port
-
-
 def resolve_listen(listen: str) -> tuple[str, str]:
-    """(address the server listens on, address clients connect to); port 0 picks a free port."""
+    """(address the server listens on, address clients connect to). With port 0 the server
+    picks free ports itself and names them in its ready file (a port picked here could be taken
+    by another process before the server binds it)."""
     host, port = split_host_port(listen)
-    if port == 0:
-        port = free_port(host or "127.0.0.1")
     connect_host = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}.get(host, host)
     return join_host_port(host, port), join_host_port(connect_host, port)
 
@@ -293,7 +283,7 @@ class Dev:
             if child.returncode is not None and not child.stopping:
                 raise ChildDied(child)
 
-    async def _until(self, client: Client, check: Check, what: str) -> bool:
+    async def _until(self, check: Callable[[], Awaitable[bool]], what: str) -> bool:
         """Poll `check` until it is true; False if a stop was requested first.
 
         Raises ChildDied when a child exits, TimeoutError after `ready_timeout`.
@@ -304,7 +294,7 @@ class Dev:
         while not self.stop.is_set():
             self._check_children()
             with contextlib.suppress(Exception):
-                if await check(client):
+                if await check():
                     return True
             if loop.time() >= deadline:
                 raise TimeoutError(f"{what} within {seconds:.0f} s")
@@ -333,29 +323,19 @@ class Dev:
                 stream.on_broken.append(self._on_output_broken)
                 if stream.broken:
                     self.stop.set()
-        settings = resolve_settings(server=self.connect, certs_dir=str(self.certs), env={})
-        credentials = load_credentials(settings)
-        client = Client(
-            settings.server,
-            ca=credentials.ca,
-            cert=credentials.cert,
-            key=credentials.key,
-            server_name=settings.server_name,
-            options=FAST_RECONNECT,
-            timeout=2.0,
-        )
         code = 0
         try:
-            async with client:
-                await self._start(client)
-                if not self.stop.is_set():
-                    sys.stdout.write(
-                        ready_message(
-                            self.connect, self.certs, self.worker_ids, self.options.agents
+            if await self._start_server():
+                async with self._client() as client:
+                    await self._start(client)
+                    if not self.stop.is_set():
+                        sys.stdout.write(
+                            ready_message(
+                                self.connect, self.certs, self.worker_ids, self.options.agents
+                            )
                         )
-                    )
-                    sys.stdout.flush()
-                    await self._watch()
+                        sys.stdout.flush()
+                        await self._watch()
         except ChildDied as exc:
             log.error(
                 "child exited unexpectedly; stopping everything",
@@ -370,15 +350,43 @@ class Dev:
             clean = await self._shutdown()
         return code if code else (0 if clean else 1)
 
-    async def _start(self, client: Client) -> None:
-        server = await self._spawn(
-            "server",
-            [*self._base_argv(), "server", "--listen", self.listen, "--store", self.store],
+    def _client(self) -> Client:
+        settings = resolve_settings(server=self.connect, certs_dir=str(self.certs), env={})
+        credentials = load_credentials(settings)
+        return Client(
+            settings.server,
+            ca=credentials.ca,
+            cert=credentials.cert,
+            key=credentials.key,
+            server_name=settings.server_name,
+            options=FAST_RECONNECT,
+            timeout=2.0,
         )
+
+    async def _start_server(self) -> bool:
+        """Start the server and wait until it listens; learn its address from its ready file
+        (the ports it picked, with port 0). False if a stop was requested first."""
+        ready = self.directory / "server-ready.json"
+        ready.unlink(missing_ok=True)
+        argv = [*self._base_argv(), "server", "--listen", self.listen, "--store", self.store]
+        server = await self._spawn("server", [*argv, "--ready-file", str(ready)])
         log.info(
             "starting server", address=self.listen, store=redact(self.store), pid=server.process.pid
         )
-        if not await self._until(client, self._server_ready, "the server accepted no connection"):
+
+        async def listening() -> bool:
+            return ready.exists()
+
+        if not await self._until(listening, "the server did not start listening"):
+            return False
+        _, port = split_host_port(json.loads(ready.read_text())["address"])
+        host = split_host_port(self.connect)[0]
+        self.connect = join_host_port(host, port)
+        return True
+
+    async def _start(self, client: Client) -> None:
+        ready = functools.partial(self._server_ready, client)
+        if not await self._until(ready, "the server accepted no connection"):
             return
         for worker_id in self.worker_ids:
             argv = [
@@ -395,7 +403,8 @@ class Dev:
             if self.options.agents:
                 argv += ["--agents", self.options.agents]
             await self._spawn(worker_id, argv)
-        await self._until(client, self._workers_online, "the workers did not all connect")
+        online = functools.partial(self._workers_online, client)
+        await self._until(online, "the workers did not all connect")
 
     async def _watch(self) -> None:
         """Wait for a stop request or for a child to exit on its own."""
@@ -461,7 +470,8 @@ def run_dev(options: DevOptions) -> int:
     host, port = split_host_port(listen)
     try:  # the server's two listeners: --listen and the public one on the next port
         check_listen_address(listen)
-        check_listen_address(join_host_port(host, port + 1))
+        if port:
+            check_listen_address(join_host_port(host, port + 1))
     except AddressUnavailable as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 1

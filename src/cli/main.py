@@ -364,7 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
     # server
     p = _leaf(commands, "server", cmd_server, help="run the control plane")
     p.add_argument(
-        "--listen", help="address to listen on (TASKRUN_LISTEN, default 127.0.0.1:50051)"
+        "--listen",
+        help="address to listen on (TASKRUN_LISTEN, default 127.0.0.1:50051; port 0 picks a free "
+        "port, logged and written to --ready-file)",
     )
     p.add_argument(
         "--store",
@@ -452,6 +454,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="ADDR",
         help="serve Prometheus /metrics on host:port; empty disables "
         "(TASKRUN_METRICS_LISTEN, default 127.0.0.1:9464)",
+    )
+    p.add_argument(
+        "--ready-file",
+        metavar="PATH",
+        help='once listening, write the bound addresses to PATH as JSON ({"address": ..., '
+        '"public_address": ..., "http_address": ..., "pid": ...}): with port 0 in '
+        "--listen (any free port) it names the ports picked (TASKRUN_READY_FILE)",
     )
     p.add_argument(
         "--http-listen",
@@ -1087,6 +1096,7 @@ def server_config(args: argparse.Namespace) -> Any:
         "metrics_listen": _metrics_listen(args, DEFAULT_METRICS_LISTEN),
         "metrics_optional": _metrics_listen(args, "") == "",
         "http_listen": _arg(args, "http_listen") or _env("TASKRUN_HTTP_LISTEN"),
+        "ready_file": _arg(args, "ready_file") or _env("TASKRUN_READY_FILE"),
         "mcp_url": _arg(args, "mcp_url") or _env("TASKRUN_MCP_URL"),
         "max_subtask_depth": _arg(args, "max_subtask_depth"),
         "webhook_allow_networks": _arg(args, "webhook_allow_network")

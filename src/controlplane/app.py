@@ -5,9 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import json
+import os
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
@@ -338,14 +341,16 @@ async def _serve(
         for name in ("", *SERVICE_NAMES):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
     host = config.listen.rsplit(":", 1)[0]
-    public = f"{public_address.rsplit(':', 1)[0]}:{public_port}" if public_server else ""
-    log.info(
-        "server listening",
-        address=f"{host}:{port}",
-        public_address=public,
-        http_address=f"{http_server.host}:{http_server.port}" if http_server else "",
-        store=redact(config.store),
-    )
+    bound = {
+        "address": f"{host}:{port}",
+        "public_address": (
+            f"{public_address.rsplit(':', 1)[0]}:{public_port}" if public_server else ""
+        ),
+        "http_address": f"{http_server.host}:{http_server.port}" if http_server else "",
+    }
+    log.info("server listening", **bound, store=redact(config.store))
+    if config.ready_file:
+        write_ready_file(Path(config.ready_file), bound)
     return RunningServer(
         server,
         engine,
@@ -361,6 +366,13 @@ async def _serve(
         webhooks=webhooks,
         workflows=workflows,
     )
+
+
+def write_ready_file(path: Path, bound: dict[str, str]) -> None:
+    """The bound addresses as JSON, replaced in one step: a reader never sees half of it."""
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps({**bound, "pid": os.getpid()}) + "\n")
+    partial.replace(path)
 
 
 def _bind(server: grpc.aio.Server, address: str, credentials: grpc.ServerCredentials) -> int:

@@ -75,6 +75,9 @@ class ServerConfig(BaseModel):
     schedule_misfire_grace: float = Field(default=60.0, ge=0)
     # where to serve Prometheus `/metrics` (host:port); empty = not served
     metrics_listen: str = ""
+    # once listening, the bound addresses are written to this file as JSON (with port 0 in an
+    # address, the ports picked); empty = not written
+    ready_file: str = ""
     # a busy metrics address only logs a warning (the CLI default, not chosen explicitly)
     metrics_optional: bool = False
     # the HTTP API (JSON, server-sent events) and the MCP server, TLS with the server

@@ -82,6 +82,10 @@ KEEPALIVE_OPTIONS = [
 HANDOVER_SETTLE = 1.5
 RENEW_RETRY_MIN = 1.0
 RENEW_RETRY_MAX = 60.0
+# A control plane that froze (SIGSTOP, a hung machine) still completes TCP handshakes in its
+# kernel and never answers the TLS one; grpc waits 20 s for it by default, longer than a lease, so
+# a worker with several addresses reached the new leader only after its runs were lost.
+CONNECT_TIMEOUT_MS = 3_000
 
 
 class FatalSessionError(Exception):
@@ -272,6 +276,7 @@ class WorkerDaemon:
         options: list[tuple[str, str | int]] = [
             *KEEPALIVE_OPTIONS,
             ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS),  # also the connect timeout
         ]
         endpoint = self.servers.current
         if endpoint.tls_name:

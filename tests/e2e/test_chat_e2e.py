@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli_e2e import CLI, Deployment, Proc, clean_env, free_port
+from tests.conftest import copy_cli_certs
+from tests.e2e.test_cli_e2e import CLI, Deployment, Proc
 from tests.fakes.anthropic_server import FakeAnthropic, Text
 
 pytestmark = pytest.mark.e2e
@@ -23,19 +24,20 @@ pytestmark = pytest.mark.e2e
 KEY = "sk-ant-test-key"
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def fake() -> Iterator[FakeAnthropic]:
     with FakeAnthropic(api_key=KEY) as api:
         yield api
 
 
-@pytest.fixture
-def deployment(tmp_path: Path, fake: FakeAnthropic) -> Iterator[Deployment]:
-    init = subprocess.run(
-        [*CLI, "certs", "init"], cwd=tmp_path, env=clean_env(), capture_output=True, text=True
-    )
-    assert init.returncode == 0, init.stderr
-    d = Deployment(tmp_path, f"127.0.0.1:{free_port()}", init.stdout)
+@pytest.fixture(scope="module")
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, fake: FakeAnthropic, cli_certs: tuple[Path, str]
+) -> Iterator[Deployment]:
+    """One server and worker for the module: each test has conversations of its own, and takes
+    from the fake API exactly the answers it queued."""
+    tmp_path = tmp_path_factory.mktemp("chat")
+    d = Deployment.on_reserved_ports(tmp_path, copy_cli_certs(cli_certs, tmp_path))
     try:
         d.start_server()
         env = {
@@ -95,6 +97,7 @@ def test_chat_streams_answers_ctrl_c_cancels_the_turn_and_the_chat_goes_on(
         Text(["tick "] * 400, input_tokens=12, delay=0.05),  # twenty seconds if left alone
         Text("You are Ana.", input_tokens=30, output_tokens=4),
     )
+    streams = fake.streams_started
     chat, popen = start_chat(deployment, "anthropic")
     try:
         say(popen, "My name is Ana.")
@@ -105,7 +108,7 @@ def test_chat_streams_answers_ctrl_c_cancels_the_turn_and_the_chat_goes_on(
 
         say(popen, "Count slowly.")
         deadline = time.monotonic() + 20
-        while fake.streams_started < 2 and time.monotonic() < deadline:
+        while fake.streams_started < streams + 2 and time.monotonic() < deadline:
             time.sleep(0.02)
         time.sleep(0.3)  # some ticks went out
         popen.send_signal(signal.SIGINT)
@@ -170,6 +173,7 @@ def test_a_refused_message_is_reported_and_the_chat_goes_on(
     deployment: Deployment, fake: FakeAnthropic
 ) -> None:
     fake.enqueue(Text(["tick "] * 400, delay=0.05), Text("Hello again."))
+    streams = fake.streams_started
     first, first_popen = start_chat(deployment, "anthropic")
     second_popen: subprocess.Popen[str] | None = None
     try:
@@ -177,7 +181,7 @@ def test_a_refused_message_is_reported_and_the_chat_goes_on(
         header = seen(first, lambda line: line.startswith("conversation "), "err")
         conversation_id = header.split()[1]
         deadline = time.monotonic() + 20
-        while fake.streams_started < 1 and time.monotonic() < deadline:
+        while fake.streams_started < streams + 1 and time.monotonic() < deadline:
             time.sleep(0.02)
         # a second chat on the same conversation while the first turn still runs
         second, second_popen = start_chat(deployment, "--conversation", conversation_id)

@@ -13,7 +13,6 @@ import os
 import queue
 import shlex
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -26,17 +25,13 @@ from typing import IO
 
 import pytest
 
+from tests import ports
+from tests.conftest import copy_cli_certs
+
 pytestmark = pytest.mark.e2e
 
 CLI = [sys.executable, "-m", "taskrun.cli.main"]
 STARTUP = 20.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port: int = sock.getsockname()[1]
-        return port
 
 
 def clean_env(**extra: str) -> dict[str, str]:
@@ -138,6 +133,17 @@ class Deployment:
     server: Proc | None = None
     worker: Proc | None = None
     server_args: tuple[str, ...] = ()
+    reserved: int = 0  # the server's port and the next (its public listener's), until kill()
+
+    @classmethod
+    def on_reserved_ports(
+        cls, tmp: Path, certs_init_output: str, server_args: tuple[str, ...] = ()
+    ) -> Deployment:
+        """A deployment whose server listens on reserved ports (tests/ports.py): clients are
+        told the address before the server starts, and a restarted server finds it free."""
+        port = ports.reserve(2)
+        return cls(tmp, f"127.0.0.1:{port}", certs_init_output, server_args=server_args,
+                   reserved=port)  # fmt: skip
 
     @property
     def env(self) -> dict[str, str]:
@@ -170,6 +176,7 @@ class Deployment:
             if proc is not None and proc.popen.poll() is None:
                 proc.popen.kill()
                 proc.popen.wait()
+        ports.release(self.reserved)
 
 
 def created_id(line: str) -> str:
@@ -178,13 +185,10 @@ def created_id(line: str) -> str:
     return line.split()[1]
 
 
-def launch(tmp: Path, *server_args: str) -> Deployment:
-    """`certs init`, then a server (SQLite in tmp) and worker-1 offering echo, both connected."""
-    init = subprocess.run(
-        [*CLI, "certs", "init"], cwd=tmp, env=clean_env(), capture_output=True, text=True
-    )
-    assert init.returncode == 0, init.stderr
-    d = Deployment(tmp, f"127.0.0.1:{free_port()}", init.stdout, server_args=server_args)
+def launch(tmp: Path, certs: tuple[Path, str], *server_args: str) -> Deployment:
+    """The files of `certs init` (the `cli_certs` fixture), then a server (SQLite in tmp) and
+    worker-1 offering echo, both connected."""
+    d = Deployment.on_reserved_ports(tmp, copy_cli_certs(certs, tmp), server_args)
     try:
         d.start_server()
         d.worker = d.start("worker", "worker", "run", "--agents", "echo")
@@ -196,8 +200,10 @@ def launch(tmp: Path, *server_args: str) -> Deployment:
 
 
 @pytest.fixture(scope="module")
-def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]:
-    d = launch(tmp_path_factory.mktemp("cli"))
+def deployment(
+    tmp_path_factory: pytest.TempPathFactory, cli_certs: tuple[Path, str]
+) -> Iterator[Deployment]:
+    d = launch(tmp_path_factory.mktemp("cli"), cli_certs)
     try:
         yield d
     finally:
@@ -405,8 +411,8 @@ def test_cancelling_a_followed_task_makes_follow_exit_130(deployment: Deployment
     assert "cancelled: e2e" in follow.log
 
 
-def test_follow_survives_a_server_restart(tmp_path: Path) -> None:
-    d = launch(tmp_path, "--lease", "30")
+def test_follow_survives_a_server_restart(tmp_path: Path, cli_certs: tuple[Path, str]) -> None:
+    d = launch(tmp_path, cli_certs, "--lease", "30")
     try:
         text = "abcdefghijklmnopqrst"
         payload = json.dumps({"text": text, "chunks": len(text), "delay": 0.2})

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import random
 import signal
@@ -30,7 +29,7 @@ from taskrun.cli.status_cmd import cluster_status
 from taskrun.controlplane.pki import PkiPaths
 from taskrun.core.models import TaskPolicy, TaskSpec
 from taskrun.core.status import RunStatus, TaskStatus
-from tests.e2e.test_faults import Processes, attempts_never_overlap, free_port, online, until
+from tests.e2e.test_faults import Processes, attempts_never_overlap, online, until
 from tests.postgres import PostgresServer, postgres_or_skip
 
 pytestmark = pytest.mark.e2e
@@ -42,7 +41,7 @@ class TwoControlPlanes(Processes):
     def __init__(self, pki: PkiPaths, tmp: Path, store: str) -> None:
         super().__init__(pki, tmp)
         self.store = store
-        self.ports = {"a": self.port, "b": free_port()}
+        self.ports = {"a": self.port, "b": self.reserve_port()}  # with --public-listen ""
         self.servers: dict[str, subprocess.Popen[bytes]] = {}
         self.env["TASKRUN_SERVER"] = self.addresses
         self.env["TASKRUN_METRICS_LISTEN"] = ""
@@ -118,6 +117,7 @@ class TwoControlPlanes(Processes):
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        self.release()
 
 
 @pytest.fixture
@@ -141,11 +141,16 @@ async def cps(
         p.stop()
 
 
-async def leader_and_standby(cps: TwoControlPlanes, *flags: str) -> None:
-    """Start "a", wait until it leads, then "b", and wait until it stands by."""
+async def leader_and_standby(
+    cps: TwoControlPlanes, *flags: str, workers: dict[str, int] | None = None
+) -> None:
+    """Start "a", wait until it leads, then "b" and the `workers` (id: capacity), which start
+    while "b" does, and wait until "b" stands by."""
     cps.start_control_plane("a", *flags)
     await until(lambda: cps.serving("a"), within=40)
     cps.start_control_plane("b", *flags)
+    for worker_id, capacity in (workers or {}).items():
+        cps.start_worker(worker_id, capacity)
     await until(lambda: cps.standing_by("b"), within=40)
 
 
@@ -162,9 +167,7 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_10s_and_nothin
 ) -> None:
     # the default leases: on PostgreSQL the workers' one outlasts a takeover, so that they
     # reclaim their runs (one attempt each)
-    await leader_and_standby(cps)
-    cps.start_worker("worker-1")
-    cps.start_worker("worker-2")
+    await leader_and_standby(cps, workers={"worker-1": 4, "worker-2": 4})
     async with cps.client() as client:
         await online(client, "worker-1", "worker-2")
         texts = [f"<{n}:" + "".join(f"[{i:02d}]" for i in range(30)) + ">" for n in range(6)]
@@ -259,8 +262,7 @@ async def test_kill_9_of_the_leader_the_standby_takes_over_within_10s_and_nothin
 async def test_a_leader_frozen_past_its_lease_is_deposed_and_steps_down_when_it_wakes(
     cps: TwoControlPlanes,
 ) -> None:
-    await leader_and_standby(cps)
-    cps.start_worker("worker-1")
+    await leader_and_standby(cps, workers={"worker-1": 4})
     async with cps.client() as client:
         await online(client, "worker-1")
         text = "".join(f"({i:02d})" for i in range(30))
@@ -309,8 +311,8 @@ async def test_the_database_restarted_under_the_leader_writes_fail_cleanly_then_
     cps: TwoControlPlanes, database: PostgresServer
 ) -> None:
     # a worker lease longer than the outage: the worker keeps its runs through it
-    await leader_and_standby(cps, "--lease", "30", "--heartbeat-interval", "1")
-    cps.start_worker("worker-1")
+    flags = ("--lease", "30", "--heartbeat-interval", "1")
+    await leader_and_standby(cps, *flags, workers={"worker-1": 4})
     async with cps.client() as client:
         await online(client, "worker-1")
         texts = [f"<{n}:" + "abcdefghij" * 3 + ">" for n in range(4)]
@@ -327,7 +329,11 @@ async def test_the_database_restarted_under_the_leader_writes_fail_cleanly_then_
         with pytest.raises(grpc.aio.AioRpcError) as refused:
             await cps.one("a").create_task("echo", {"text": "while down"})
         assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
-        await asyncio.sleep(3.0)  # longer than the leadership lease: the leader steps down
+
+        async def stepped_down() -> bool:  # its leadership lease ran out unrenewed
+            return "stepping down" in (cps.tmp / "server-a.log").read_text()
+
+        await until(stepped_down, within=15)
         database.start()
 
         async def one_leads() -> bool:
@@ -354,23 +360,22 @@ async def test_soak_500_tasks_random_kill_9_of_the_leader_and_of_workers(
     """Every task ends exactly once, no two attempts overlap, output complete."""
     short = ("--leader-lease", "1", "--lease", "2", "--heartbeat-interval", "0.5")
     short += ("--lease-margin", "0.2")
-    await leader_and_standby(cps, *short)
     workers = ["worker-1", "worker-2", "worker-3"]
-    for worker in workers:
-        cps.start_worker(worker, capacity=16)
+    await leader_and_standby(cps, *short, workers=dict.fromkeys(workers, 16))
     rng = random.Random(18)
     texts = [f"<{n}:" + "xyz" * rng.randint(1, 8) + ">" for n in range(SOAK_TASKS)]
     async with cps.client() as client:
         await online(client, *workers)
-        stop_chaos = asyncio.Event()
         kills = {"control plane": 0, "worker": 0}
 
         async def chaos() -> None:
-            for turn in itertools.count():
-                await asyncio.sleep(rng.uniform(1.0, 2.5))
-                if stop_chaos.is_set():
-                    return
-                if turn % 3 == 0:  # the leader, then workers twice, at random moments
+            """The leader, then workers twice, at random moments while the tasks run, until
+            the leader was killed twice and workers four times (a fixed count: whether the
+            kills happen never depends on how fast the tasks go)."""
+            turn = 0
+            while kills["control plane"] < 2 or kills["worker"] < 4:
+                await asyncio.sleep(rng.uniform(0.4, 1.2))
+                if turn % 3 == 0:
                     serving = [n for n in ("a", "b") if await cps.serving(n)]
                     if not serving:
                         continue
@@ -385,6 +390,7 @@ async def test_soak_500_tasks_random_kill_9_of_the_leader_and_of_workers(
                     cps.workers[victim].wait()
                     kills["worker"] += 1
                     cps.start_worker(victim, capacity=16)
+                turn += 1
 
         chaotic = asyncio.create_task(chaos())
         policy = TaskPolicy(max_attempts=20)
@@ -393,7 +399,7 @@ async def test_soak_500_tasks_random_kill_9_of_the_leader_and_of_workers(
             specs = [
                 TaskSpec(
                     agent="echo",
-                    input=f'{{"text": "{texts[n]}", "chunks": 3, "delay": 0.3}}',
+                    input=f'{{"text": "{texts[n]}", "chunks": 3, "delay": 0.15}}',
                     labels={},
                     policy=TaskPolicy(
                         max_attempts=policy.max_attempts, idempotency_key=f"soak-{n}"
@@ -412,13 +418,16 @@ async def test_soak_500_tasks_random_kill_9_of_the_leader_and_of_workers(
                 return not listed
             return False
 
+        await asyncio.wait_for(chaotic, 60)
         await until(all_done, within=150)
-        stop_chaos.set()
-        await chaotic
-        results = []
-        for task_id in ids:
-            task, runs = await _retrying(lambda t=task_id: client.get_task(t))
-            results.append((task, runs, await _retrying(lambda t=task_id: output_of(client, t))))
+        reading = asyncio.Semaphore(32)
+
+        async def result_of(task_id: str):  # type: ignore[no-untyped-def]
+            async with reading:
+                task, runs = await _retrying(lambda: client.get_task(task_id))
+                return task, runs, await _retrying(lambda: output_of(client, task_id))
+
+        results = await asyncio.gather(*(result_of(task_id) for task_id in ids))
 
     assert kills["control plane"] >= 2 and kills["worker"] >= 2, kills
     assert any(len(runs) > 1 for _, runs, _ in results)  # the kills did cost attempts

@@ -7,6 +7,7 @@ user stops them (Ctrl-C on a pipeline, SIGHUP, kill -9).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -16,7 +17,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.test_cli_e2e import CLI, Proc, clean_env, free_port
+from taskrun.ports import split_host_port
+from tests import ports
+from tests.conftest import copy_cli_certs
+from tests.e2e.test_cli_e2e import CLI, Proc, clean_env
 
 pytestmark = pytest.mark.e2e
 
@@ -41,13 +45,51 @@ def start_server(tmp: Path, port: int) -> Proc:
     return server
 
 
-@pytest.fixture
-def running_server(tmp_path: Path) -> Iterator[tuple[Path, int]]:
-    certs_init(tmp_path)
-    port = free_port()
-    server = start_server(tmp_path, port)
+@pytest.fixture(scope="module")
+def running_server(
+    tmp_path_factory: pytest.TempPathFactory, cli_certs: tuple[Path, str]
+) -> Iterator[tuple[Path, int]]:
+    """One server for the tests that only start processes next to it (which fail) or call it."""
+    tmp = tmp_path_factory.mktemp("running")
+    copy_cli_certs(cli_certs, tmp)
+    reserved = ports.reserve(3)  # its two listeners and the port below, a second server's
+    port = reserved + 1
+    server = start_server(tmp, port)
     try:
-        yield tmp_path, port
+        yield tmp, port
+    finally:
+        server.stop()
+        ports.release(reserved)
+
+
+def test_a_server_on_port_0_writes_the_ports_it_bound_to_its_ready_file(
+    tmp_path: Path, cli_certs: tuple[Path, str]
+) -> None:
+    copy_cli_certs(cli_certs, tmp_path)
+    ready = tmp_path / "ready.json"
+    argv = [*CLI, "server", "--listen", "127.0.0.1:0", "--store", "memory", "--ready-file"]
+    server = Proc.start("server", [*argv, str(ready)], cwd=tmp_path, env=clean_env())
+    try:
+        logged = server.wait_for_line(lambda line: "server listening" in line, stream="err")
+        deadline = time.monotonic() + 5
+        while not ready.exists():  # written right after that line
+            assert time.monotonic() < deadline and server.popen.poll() is None, server.log
+            time.sleep(0.01)
+        doc = json.loads(ready.read_text())
+        assert set(doc) == {"address", "public_address", "http_address", "pid"}
+        assert doc["pid"] == server.popen.pid and doc["http_address"] == ""
+        ports = {split_host_port(doc[k])[1] for k in ("address", "public_address")}
+        assert len(ports) == 2 and 0 not in ports
+        assert json.loads(logged)["address"] == doc["address"]  # the log line names them too
+        listed = subprocess.run(
+            [*CLI, "--server", doc["address"], "workers", "list"],
+            cwd=tmp_path,
+            env=clean_env(),
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert listed.returncode == 0, listed.stderr
     finally:
         server.stop()
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ from tests.fakes.anthropic_server import (
     Text,
 )
 from tests.fakes.run_context import RecordingContext
+from tests.ports import refusing_port
 
 KEY = "sk-ant-test-key"
 
@@ -225,17 +225,15 @@ async def test_anthropic_error_event_mid_stream_fails_the_run(api: FakeAnthropic
 async def test_anthropic_connection_failure_names_the_endpoint(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    with socket.socket() as s:  # a port that nothing listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    monkeypatch.setenv("ANTHROPIC_BASE_URL", f"http://127.0.0.1:{port}")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
-    monkeypatch.setenv("TASKRUN_ANTHROPIC_MAX_RETRIES", "0")
-    await fails_with(
-        {"prompt": "hi"},
-        f"could not connect to the Anthropic API at http://127.0.0.1:{port}",
-        fault=Fault.WORKER,
-    )
+    with refusing_port() as port:  # nothing listens there, nothing can while it is held
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", f"http://127.0.0.1:{port}")
+        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+        monkeypatch.setenv("TASKRUN_ANTHROPIC_MAX_RETRIES", "0")
+        await fails_with(
+            {"prompt": "hi"},
+            f"could not connect to the Anthropic API at http://127.0.0.1:{port}",
+            fault=Fault.WORKER,
+        )
 
 
 async def test_anthropic_connection_dropped_mid_stream_fails_the_run(api: FakeAnthropic) -> None:

@@ -542,14 +542,18 @@ async def test_claude_code_cancelled_turn_followed_by_another_tells_the_session_
     cancelled = False
     async with contextlib.aclosing(stream) as events:
         async for event in events:
-            if isinstance(event, OutputReceived) and not cancelled:  # it answers: stop it
+            # it answers: stop it (on its answer, not on output that comes before the request,
+            # or the slow answer would be left for the next turn)
+            if isinstance(event, OutputReceived) and "tick" in event.chunk.data and not cancelled:
                 await client.cancel_task(event.chunk.task_id, "enough")
                 cancelled = True
             if isinstance(event, TurnEnded):
                 assert event.turn.status is TaskStatus.CANCELLED
+    assert cancelled
     api.enqueue(Text("Your colour is blue."))
     ended = (await answer(client, conversation.id, "What is my colour?"))[-1]
     assert isinstance(ended, TurnEnded) and ended.turn.status is TaskStatus.COMPLETED
+    assert ended.turn.answer == "Your colour is blue."
     request = api.message_requests[-1]
     sent = json.dumps(request.messages)
     assert "My colour is blue." in sent and "Noted: blue." in sent  # the resumed session

@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
+import socket
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import grpc
@@ -26,7 +27,6 @@ from taskrun.core.store import ChangeSet
 from taskrun.servers import LEADER_METADATA
 from taskrun.v1 import tasks_pb2, tasks_pb2_grpc
 from tests.conftest import Cluster
-from tests.e2e.test_faults import free_port
 from tests.unit.test_store_contract import make_run, make_task
 
 
@@ -157,9 +157,9 @@ async def health_of(pki: PkiPaths, address: str) -> int:
 
 
 async def test_a_worker_that_knows_only_the_standby_joins_the_leader(
-    pki: PkiPaths, postgres_url: str, cluster: Cluster
+    pki: PkiPaths, postgres_url: str, cluster: Cluster, reserve_port: Callable[..., int]
 ) -> None:
-    port_a, port_b = free_port(), free_port()
+    port_a, port_b = reserve_port(), reserve_port()
     async with control_plane(_config(pki, postgres_url, port_a)) as (a, _):
         await until(lambda: _true(a.running is not None))
         async with control_plane(_config(pki, postgres_url, port_b)) as (b, _):
@@ -177,9 +177,9 @@ async def test_a_worker_that_knows_only_the_standby_joins_the_leader(
 
 
 async def test_a_standby_names_the_leader_and_takes_over_when_it_stops(
-    pki: PkiPaths, postgres_url: str, tmp_path: Path
+    pki: PkiPaths, postgres_url: str, tmp_path: Path, reserve_port: Callable[..., int]
 ) -> None:
-    port_a, port_b = free_port(), free_port()
+    port_a, port_b = reserve_port(), reserve_port()
     address_a, address_b = f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"
     async with control_plane(_config(pki, postgres_url, port_a)) as (a, stop_a):
         await until(lambda: _true(a.running is not None))
@@ -226,6 +226,24 @@ async def test_a_standby_names_the_leader_and_takes_over_when_it_stops(
             await client.close()
 
 
+async def test_a_worker_moves_on_from_a_control_plane_that_never_answers_within_seconds(
+    cluster: Cluster,
+) -> None:
+    """A frozen control plane (SIGSTOP, a hung machine) still completes TCP handshakes in its
+    kernel and never answers the TLS one: the worker gives up on it within seconds, not grpc's
+    20 s (longer than its lease), and moves to the next address."""
+    await cluster.start_server()
+    with socket.socket() as frozen:
+        frozen.bind(("127.0.0.1", 0))
+        frozen.listen(16)  # connections wait in the backlog: never accepted, never answered
+        servers = f"127.0.0.1:{frozen.getsockname()[1]},{cluster.address}"
+        await cluster.start_worker("worker-1", wait=False, server=servers)
+        await cluster.wait_registered("worker-1")  # within 10 s
+        daemon, _ = cluster.workers["worker-1"]
+        assert daemon.servers.current.target == cluster.address
+        await cluster.stop_worker("worker-1")
+
+
 async def _true(value: bool) -> bool:
     return value
 
@@ -240,9 +258,9 @@ async def test_with_sqlite_the_one_control_plane_always_leads(cluster: Cluster) 
 
 
 async def test_a_program_with_an_api_token_is_sent_to_the_leaders_public_listener(
-    pki: PkiPaths, postgres_url: str
+    pki: PkiPaths, postgres_url: str, reserve_port: Callable[..., int]
 ) -> None:
-    ports = [free_port() for _ in range(4)]
+    ports = [reserve_port() for _ in range(4)]
     async with control_plane(_config(pki, postgres_url, ports[0], ports[1])) as (a, _):
         await until(lambda: _true(a.running is not None))
         async with control_plane(_config(pki, postgres_url, ports[2], ports[3])) as (b, _):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -491,12 +492,10 @@ async def test_the_tui_shows_the_tree_below_a_task_with_status_and_cost(cluster:
     probe.release(root.id)
 
 
-async def test_a_restart_keeps_the_run_credential_and_the_trees_count(cluster: Cluster) -> None:
-    import socket
-
-    with socket.socket() as sock:  # the HTTP port stays the same across the restart
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+async def test_a_restart_keeps_the_run_credential_and_the_trees_count(
+    cluster: Cluster, reserve_port: Callable[..., int]
+) -> None:
+    port = reserve_port()  # the HTTP port stays the same across the restart
     base, probe = await setup(cluster, http_listen=f"127.0.0.1:{port}")
     await cluster.start_worker("worker-2")
     admin = cluster.client()

@@ -590,11 +590,10 @@ def test_dev_defaults() -> None:
     )
 
 
-def test_dev_listen_port_zero_picks_a_free_port() -> None:
-    listen, connect = resolve_listen("127.0.0.1:0")
-    host, port = split_host_port(listen)
-    assert host == "127.0.0.1" and port > 0
-    assert connect == listen
+def test_dev_listen_port_zero_is_left_to_the_server() -> None:
+    # the server binds port 0 itself and names the ports in its ready file: a port picked
+    # here could be taken by another process before the server binds it
+    assert resolve_listen("127.0.0.1:0") == ("127.0.0.1:0", "127.0.0.1:0")
     assert resolve_listen("0.0.0.0:7000") == ("0.0.0.0:7000", "127.0.0.1:7000")
     with pytest.raises(ValueError, match="host:port"):
         split_host_port("nonsense")

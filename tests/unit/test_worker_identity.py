@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import random
-import socket
 import stat
 from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
@@ -35,6 +34,7 @@ from taskrun.worker.identity import (
     save_identity,
 )
 from taskrun.worker.renewal import renewal_time
+from tests.ports import refusing_port
 
 # --- fixtures ----------------------------------------------------------------------------------
 
@@ -245,10 +245,10 @@ async def test_a_non_ca_certificate_with_the_pinned_fingerprint_fails(
 
 
 async def test_nobody_listening_is_reported_as_unreachable(pki: PkiPaths) -> None:
-    with socket.socket() as sock:  # a port that was free a moment ago: nobody listens
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    with pytest.raises(ServerUnreachable, match="cannot reach the control plane"):
+    with (
+        refusing_port() as port,  # nothing listens there, nothing can while it is held
+        pytest.raises(ServerUnreachable, match="cannot reach the control plane"),
+    ):
         await asyncio.to_thread(fetch_pinned_ca, "127.0.0.1", port, fingerprint(pki))
 
 
