@@ -135,6 +135,9 @@ class RunningServer:
         if self.webhooks is not None:
             await self.webhooks.stop()
         await self.engine.stop()
+        # followers and event watchers end now (UNAVAILABLE: follow again), not after the grace
+        self.engine.hub.close()
+        self.engine.events.close()
         servers = (self.server, self.public_server)
         await asyncio.gather(*(server.stop(grace) for server in servers if server is not None))
         await self.engine.flush()

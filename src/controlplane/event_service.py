@@ -79,6 +79,9 @@ class EventService(events_pb2_grpc.EventServiceServicer):
                     log.warning("event watcher dropped: too slow", by=str(principal))
                     await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc))
                     return
+                except errors.Unavailable as exc:  # the control plane stops: watch again
+                    await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
+                    return
                 for event in events:
                     if not event.position or event.position > last:
                         yield event

@@ -18,8 +18,10 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 from taskrun import convert
+from taskrun.controlplane.followers import STOPPING
 from taskrun.controlplane.store import eventlog
 from taskrun.controlplane.store.rows import us
+from taskrun.core.errors import Unavailable
 from taskrun.core.ids import RunId, WorkerId
 from taskrun.core.models import Run, Task, Worker, utcnow
 from taskrun.core.status import WorkerStatus
@@ -72,6 +74,7 @@ class EventSubscription:
     items: deque[epb.Event] = field(default_factory=deque)
     overflowed: bool = False
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False  # the hub closed: what is buffered is still taken, then Unavailable
 
     def push(self, event: epb.Event) -> None:
         if self.overflowed:
@@ -84,9 +87,13 @@ class EventSubscription:
         self.wakeup.set()
 
     async def wait(self) -> list[epb.Event]:
-        """Wait for events and take them all; raises Overflowed if the buffer overflowed."""
+        """Wait for events and take them all; raises Overflowed if the buffer overflowed, and
+        Unavailable once the hub is closed and nothing is left to take."""
         await self.wakeup.wait()
-        self.wakeup.clear()
+        if self.closed and not self.items and not self.overflowed:
+            raise Unavailable(STOPPING)
+        if not self.closed:
+            self.wakeup.clear()
         if self.overflowed:
             raise Overflowed(self.limit)
         items = list(self.items)
@@ -116,6 +123,7 @@ class EventHub:
         self.limit = limit
         self._runs_of = runs_of
         self._subs: set[EventSubscription] = set()
+        self._closed = False
         self._observers: list[Observer] = []
         self.position = 0  # the last position given to a logged event
         self.committed = 0  # the last position of a committed one
@@ -222,7 +230,17 @@ class EventHub:
     def subscribe(self, filter: Filter, limit: int | None = None) -> EventSubscription:
         sub = EventSubscription(filter, limit or self.limit)
         self._subs.add(sub)
+        if self._closed:
+            sub.closed = True
+            sub.wakeup.set()
         return sub
+
+    def close(self) -> None:
+        """The control plane stops: every watcher's wait ends (after what is buffered)."""
+        self._closed = True
+        for sub in self._subs:
+            sub.closed = True
+            sub.wakeup.set()
 
     def unsubscribe(self, sub: EventSubscription) -> None:
         self._subs.discard(sub)

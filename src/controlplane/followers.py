@@ -14,8 +14,13 @@ from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 
+from taskrun.core.errors import Unavailable
 from taskrun.core.ids import TaskId
 from taskrun.core.models import OutputChunk, Task
+
+# What a follower's stream ends with when the control plane stops (UNAVAILABLE): the client
+# follows again, on this control plane once it is back or on the one that leads now.
+STOPPING = "the control plane is stopping: follow again to go on"
 
 
 @dataclass(eq=False, slots=True)
@@ -25,6 +30,7 @@ class Subscription:
     items: deque[OutputChunk | Task] = field(default_factory=deque)
     lagged: bool = False
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
+    closed: bool = False  # the hub closed: what is buffered is still taken, then Unavailable
 
     def push(self, item: OutputChunk | Task) -> None:
         if self.lagged:
@@ -37,9 +43,13 @@ class Subscription:
         self.wakeup.set()
 
     async def wait(self) -> tuple[list[OutputChunk | Task], bool]:
-        """Wait for news; returns (items, lagged) and resets both."""
+        """Wait for news; returns (items, lagged) and resets both. Raises Unavailable once the
+        hub is closed and nothing is left to take."""
         await self.wakeup.wait()
-        self.wakeup.clear()
+        if self.closed and not self.items and not self.lagged:
+            raise Unavailable(STOPPING)
+        if not self.closed:
+            self.wakeup.clear()
         items, lagged = list(self.items), self.lagged
         self.items.clear()
         self.lagged = False
@@ -59,6 +69,7 @@ class FollowHub:
         self._subs: dict[TaskId, set[Subscription]] = {}
         self._limit = limit
         self._committed: Snapshots | None = None
+        self._closed = False
 
     def snapshot(self, tasks: Iterable[Task]) -> Snapshots | None:
         """Copies of the followed ones among `tasks` (None when nobody follows them)."""
@@ -85,7 +96,19 @@ class FollowHub:
     def subscribe(self, task_id: TaskId) -> Subscription:
         sub = Subscription(task_id, self._limit)
         self._subs.setdefault(task_id, set()).add(sub)
+        if self._closed:
+            sub.closed = True
+            sub.wakeup.set()
         return sub
+
+    def close(self) -> None:
+        """The control plane stops: every follower's wait ends (after what is buffered), so
+        its stream ends at once instead of holding the server's shutdown for its grace."""
+        self._closed = True
+        for subs in self._subs.values():
+            for sub in subs:
+                sub.closed = True
+                sub.wakeup.set()
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.task_id)

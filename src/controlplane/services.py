@@ -436,7 +436,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 return
         assert sub is not None
         while True:
-            items, lagged = await self.auth.until_revoked(caller, context, sub.wait())
+            try:
+                items, lagged = await self.auth.until_revoked(caller, context, sub.wait())
+            except errors.Unavailable as exc:  # the control plane stops: follow again
+                await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             chunks: list[OutputChunk] = []
             latest: Task | None = None
             for item in items:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 
 import grpc
 import pytest
@@ -13,8 +14,9 @@ from taskrun import convert
 from taskrun.cli.client import OutputReceived, TaskChanged, TaskEvent
 from taskrun.core.models import TaskPolicy, TaskSpec
 from taskrun.core.status import TaskStatus
-from taskrun.v1 import tasks_pb2
+from taskrun.v1 import events_pb2, events_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from tests.conftest import Cluster
+from tests.integration.test_bad_input import channel
 
 ORDER = {TaskStatus.PENDING: 0, TaskStatus.RUNNING: 1, TaskStatus.COMPLETED: 2}
 
@@ -96,3 +98,35 @@ async def test_a_bad_request_names_the_field_and_creates_nothing(cluster: Cluste
     assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "task.input" in (caught.value.details() or "")
     assert (await client.list_tasks())[0] == []
+
+
+async def test_a_stopping_server_ends_followers_and_watchers_unavailable_at_once(
+    cluster: Cluster,
+) -> None:
+    """They follow again (elsewhere, or once it is back) instead of holding its shutdown for the
+    whole grace."""
+    server = await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    long = await client.create_task("echo", {"text": "ab", "chunks": 2, "delay": 60})
+    async with channel(cluster) as ch:
+        follow = tasks_pb2_grpc.TaskServiceStub(ch).FollowTask(
+            tasks_pb2.FollowTaskRequest(task_id=long.id, follow=True)
+        )
+        watch = events_pb2_grpc.EventServiceStub(ch).WatchEvents(
+            events_pb2.WatchEventsRequest(snapshot=True)
+        )
+        await follow.read()  # the task as it is: the stream is open
+        await watch.read()
+        started = time.monotonic()
+        await server.stop(grace=30.0)
+        cluster.server = None
+        stopped_in = time.monotonic() - started
+        for call in (follow, watch):
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                while True:
+                    message = await call.read()
+                    assert message is not grpc.aio.EOF
+            assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
+            assert "the control plane is stopping" in (ended.value.details() or "")
+    assert stopped_in < 15.0, f"the stop waited {stopped_in:.1f}s of its 30s grace"
