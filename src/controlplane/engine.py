@@ -33,7 +33,7 @@ import math
 import random
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Final
@@ -148,6 +148,10 @@ class Engine:
         self._also_publish: list[Task] = []
         self._also_deliver: list[Effect] = []
         self._credentials: dict[RunId, str] = {}  # live runs' credentials, never stored
+        # the highest output seq of each current run that is stored or on its way there: a
+        # worker sends again what was not acknowledged yet (after a reconnect, to a new leader),
+        # and what is already stored must not reach the event log or followers a second time
+        self._heads: dict[RunId, int] = {}
         # where runs that allow sub-tasks reach the MCP server ("" while no HTTP API is served)
         self.mcp_url = config.mcp_url
         self.rejected_reports = 0
@@ -210,6 +214,7 @@ class Engine:
                 (s.labels, s.schedule, s.run.usage.cost_usd, s.run.finished_at or since)
                 for s in await self.store.list_spending(since)
             )
+        heads = await self.store.output_heads([r.id for r in runs])
         trees: dict[TaskId, subtasks.Tree] = {}
         in_trees = (t for t in tasks.values() if t.root_task_id or t.policy.allow_subtasks)
         for root_id in {t.tree_root for t in in_trees}:
@@ -221,7 +226,7 @@ class Engine:
         self.events.restart(newest_event)  # positions of failed commits are given again
         self.conversations, self.turns, self._tools = conversations, turns, {}
         self.trees, self._also_publish, self._credentials = trees, [], {}
-        self._also_deliver = []
+        self._also_deliver, self._heads = [], heads
         self._stopping = {}  # their timers are cancelled below: the reload starts afresh
         for handle in [*self._orphans.values(), *self._timers]:
             handle.cancel()
@@ -607,6 +612,7 @@ class Engine:
         run = self.runs.pop(task.current_run_id) if task.current_run_id in self.runs else None
         session: WorkerSession | None = None
         if run is not None:
+            self._heads.pop(run.id, None)
             self.queue.remove(run.id)
             self._parked.pop(run.id, None)
             self._forget_orphan(run.id)
@@ -1503,7 +1509,9 @@ class Engine:
             self._ack_in_order(session, msg.message_seq)
             return
         received = utcnow()
-        chunks = [c for c in (self._parse_chunk(session, pc, received) for pc in msg.chunks) if c]
+        chunks = self._new_chunks(
+            c for c in (self._parse_chunk(session, pc, received) for pc in msg.chunks) if c
+        )
         statuses = [u for u in (self._parse_status(session, u) for u in msg.statuses) if u]
         for c in chunks:
             if c.kind is OutputKind.EVENT and c.task_id in self.turns:
@@ -1542,6 +1550,17 @@ class Engine:
             self._send(outgoing)
 
         self._commit(changes, effect)
+
+    def _new_chunks(self, parsed: Iterable[OutputChunk]) -> list[OutputChunk]:
+        """The chunks not stored yet: a worker numbers a run's chunks in order and sends them in
+        that order, so one at or below the run's head is a copy sent again."""
+        heads = self._heads
+        out = []
+        for chunk in parsed:
+            if chunk.seq > heads.get(chunk.run_id, 0):
+                heads[chunk.run_id] = chunk.seq
+                out.append(chunk)
+        return out
 
     def _note_tool(self, chunk: OutputChunk) -> None:
         """Keep a turn's tool calls and results, compactly, for its transcript."""
@@ -1780,6 +1799,7 @@ class Engine:
         run.error = error
         self.runs.pop(run.id, None)
         self._credentials.pop(run.id, None)
+        self._heads.pop(run.id, None)
         changes.runs.append(run)
         task = self.tasks.get(run.task_id)
         if task is None:

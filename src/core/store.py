@@ -206,6 +206,10 @@ class OutputStore(Protocol):
         """Chunks of these runs in (run order given, seq) order, after the given seq per run."""
         ...
 
+    async def output_heads(self, run_ids: Sequence[RunId]) -> dict[RunId, int]:
+        """The highest chunk seq stored of each of these runs that has output."""
+        ...
+
 
 class ScheduleStore(Protocol):
     async def get_schedule(self, name: str) -> Schedule | None: ...

@@ -11,9 +11,13 @@ import grpc
 import pytest
 
 from taskrun.cli.client import EventKind, FleetEvent
+from taskrun.controlplane.store import eventlog
 from taskrun.core.status import TaskStatus
+from taskrun.v1 import common_pb2, workers_pb2
+from taskrun.v1 import events_pb2 as epb
 from tests.conftest import Cluster
 from tests.integration.test_http_api import api, sse_events
+from tests.integration.test_security import RawWorker, raw_worker
 
 
 async def collect(client, after: int, until_terminal: set[str]) -> list[FleetEvent]:  # type: ignore[no-untyped-def]
@@ -146,3 +150,59 @@ async def test_positions_continue_after_a_failed_commit_without_gaps(cluster: Cl
     assert contiguous(positions) and positions[0] == 1
     named = [e.task_id for e in logged if e.kind == int(EventKind.TASK_CHANGED)]
     assert a.id in named and b.id in named
+
+
+async def _acked(worker: RawWorker, seq: int) -> None:
+    async with asyncio.timeout(10):
+        while True:
+            message = await worker.call.read()
+            assert message is not grpc.aio.EOF
+            if message.ack_seq >= seq:
+                return
+
+
+def _chunks(run: workers_pb2.RunAssignment, *seqs: int) -> list[common_pb2.OutputChunk]:
+    return [
+        common_pb2.OutputChunk(run_id=run.run_id, attempt=run.attempt, seq=s, data="abcd"[s - 1])
+        for s in seqs
+    ]
+
+
+async def test_output_sent_again_is_logged_and_followed_once_also_by_a_restarted_server(
+    cluster: Cluster,
+) -> None:
+    """A worker sends again what was not acknowledged (a reconnect, a new leader): what is
+    already stored reaches neither the event log nor followers a second time."""
+    server = await cluster.start_server()
+    client = cluster.client()
+    async with raw_worker(cluster, "worker-1") as worker:
+        task = await client.create_task("echo", {"text": "abcd"})
+        run = await worker.assignment()
+        running = workers_pb2.RunStatusUpdate(
+            run_id=run.run_id, attempt=run.attempt, status=common_pb2.RUN_STATUS_RUNNING
+        )
+        beat = workers_pb2.Heartbeat(seq=1)  # the lease: these reports come within it
+        await worker.report(running, chunks=_chunks(run, 1, 2), message_seq=1, heartbeat=beat)
+        await _acked(worker, 1)
+        # the ack was lost on the way: the worker sends 1 and 2 again, with 3
+        await worker.report(chunks=_chunks(run, 1, 2, 3), message_seq=2)
+        await _acked(worker, 2)
+    await cluster.stop_server()
+    server = await cluster.start_server()
+    async with raw_worker(cluster, "worker-1", held=[run]) as worker:
+        # the new control plane knows what is stored: 1-3 again are dropped, 4 is new
+        beat = workers_pb2.Heartbeat(seq=1)
+        await worker.report(chunks=_chunks(run, 2, 3, 4), message_seq=3, heartbeat=beat)
+        completed = workers_pb2.RunStatusUpdate(
+            run_id=run.run_id, attempt=run.attempt, status=common_pb2.RUN_STATUS_COMPLETED
+        )
+        await worker.report(completed, chunks=_chunks(run, 1, 4), message_seq=4)
+        final = await asyncio.wait_for(client.wait(task.id), 10)
+    assert final.status is TaskStatus.COMPLETED
+    logged = [eventlog.decode(e) for e in await server.engine.store.read_events(0, 1000)]
+    output = [e.chunk.seq for e in logged if e.kind == epb.EVENT_KIND_OUTPUT]
+    assert output == [1, 2, 3, 4]
+    text = ""
+    async for event in client.follow(task.id, follow=False):
+        text += getattr(getattr(event, "chunk", None), "data", "")
+    assert text == "abcd"

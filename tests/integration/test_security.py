@@ -23,7 +23,7 @@ import secrets
 import shutil
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -250,11 +250,22 @@ class RawWorker:
 
 
 @contextlib.asynccontextmanager
-async def raw_worker(cluster: Cluster, worker_id: str) -> AsyncIterator[RawWorker]:
+async def raw_worker(
+    cluster: Cluster, worker_id: str, held: Sequence[workers_pb2.RunAssignment] = ()
+) -> AsyncIterator[RawWorker]:
+    """`held`: runs the worker says it still runs (a reconnect)."""
     async with channel(cluster, worker_id) as ch:
         call = workers_pb2_grpc.RunServiceStub(ch).StreamConnect()
         hello = workers_pb2.WorkerHello(
-            worker_id=worker_id, max_concurrent_runs=1, agents=[common_pb2.AgentSpec(name="echo")]
+            worker_id=worker_id,
+            max_concurrent_runs=1,
+            agents=[common_pb2.AgentSpec(name="echo")],
+            held_runs=[
+                workers_pb2.HeldRun(
+                    run_id=r.run_id, attempt=r.attempt, status=common_pb2.RUN_STATUS_RUNNING
+                )
+                for r in held
+            ],
         )
         await call.write(workers_pb2.WorkerMessage(hello=hello))
         first = await call.read()

@@ -579,6 +579,16 @@ async def test_output_append_is_deduplicated(store: Store) -> None:
     assert [(c.seq, c.data) for c in got] == [(1, "first"), (2, "r1s2"), (3, "r1s3"), (4, "r1s4")]
 
 
+async def test_output_heads_are_the_highest_seq_stored_per_run(store: Store) -> None:
+    tasks = [make_task(n) for n in (1, 2, 3)]
+    runs = [make_run(n, n) for n in (1, 2, 3)]
+    await store.apply(ChangeSet(tasks=tasks, runs=runs))
+    await store.apply(ChangeSet(chunks=[chunk(1, s) for s in (1, 2, 3)] + [chunk(2, 7)]))
+    await store.apply(ChangeSet(chunks=[chunk(1, 2), chunk(1, 5)]))  # a resend, then more
+    assert await store.output_heads([rid(1), rid(2), rid(3), rid(1)]) == {rid(1): 5, rid(2): 7}
+    assert await store.output_heads([]) == {}
+
+
 async def test_read_output_round_trips_chunk_fields(store: Store) -> None:
     await seed_runs(store, 1)
     sent = OutputChunk(rid(1), 1, 1, '{"e": 1}', OutputKind.EVENT, T0, task_id=None)

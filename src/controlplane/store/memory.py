@@ -440,6 +440,14 @@ class MemoryStore:
                 out.append(replace(stored[key], task_id=task_id))
         return out
 
+    async def output_heads(self, run_ids: Sequence[RunId]) -> dict[RunId, int]:
+        self._check_open()
+        return {
+            run_id: max(seq for _, seq in stored)
+            for run_id in dict.fromkeys(run_ids)
+            if (stored := self._output.get(run_id))
+        }
+
     # --- workflows -------------------------------------------------------------------
 
     async def get_workflow(self, name: str, version: int = 0) -> Workflow | None:

@@ -35,12 +35,13 @@ from taskrun.controlplane.store.rows import (
     workflow_run_from,
     workflow_runs_query,
 )
-from taskrun.core.ids import ConversationId, TaskId
+from taskrun.core.ids import ConversationId, RunId, TaskId
 from taskrun.core.models import Conversation, Task, Turn
 from taskrun.core.store import ConversationQuery, LoggedEvent, RunSpending
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import Workflow, WorkflowRun
 
+_IN_LIST = 500  # ids per IN (...) list: far below either dialect's limit on parameters
 _TASKS = f"SELECT {column_list(TASK_COLUMNS)} FROM tasks"
 _CONVERSATIONS = f"SELECT {column_list(CONVERSATION_COLUMNS)} FROM conversations"
 _TURNS = f"SELECT {column_list(TURN_COLUMNS)} FROM turns"
@@ -76,6 +77,22 @@ class SqlReads:
             RunSpending(run_from(r), r["task_agent"], loads(r["task_labels"]), r["task_schedule"])
             for r in rows
         ]
+
+    # --- output --------------------------------------------------------------------------------
+
+    async def output_heads(self, run_ids: Sequence[RunId]) -> dict[RunId, int]:
+        heads: dict[RunId, int] = {}
+        wanted = list(dict.fromkeys(run_ids))
+        for start in range(0, len(wanted), _IN_LIST):
+            part = wanted[start : start + _IN_LIST]
+            marks = ", ".join([self.MARK] * len(part))
+            rows = await self._fetchall(
+                "SELECT run_id, MAX(seq) AS head FROM output"
+                f" WHERE run_id IN ({marks}) GROUP BY run_id",
+                part,
+            )
+            heads.update((RunId(r["run_id"]), int(r["head"])) for r in rows)
+        return heads
 
     # --- task trees ----------------------------------------------------------------------------
 
