@@ -195,13 +195,13 @@ async def serve_fleet(address: str, certs: Path, ids: Sequence[str], capacity: i
     if ready not in done:
         failed = next(s for s in sessions if s.done())
         raise BenchError(f"a session ended before all were connected: {failed.exception()}")
-    sys.stdout.write(f"ready {time.perf_counter() - started:.3f}\n")
-    sys.stdout.flush()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
-    loop.add_signal_handler(signal.SIGUSR1, _print_messages)
+    loop.add_signal_handler(signal.SIGUSR1, _print_messages)  # before anyone may send it
+    sys.stdout.write(f"ready {time.perf_counter() - started:.3f}\n")
+    sys.stdout.flush()
     await stopping.wait()
     for s in sessions:
         s.cancel()
