@@ -9,11 +9,7 @@ Acknowledgements are not urgent (they let the worker forget reports it would oth
 again after a reconnect), so one alone waits up to ACK_DELAY for something else to go with: the
 next assignment, a cancel, a lease renewal, a later ack. A round trip then costs the worker's
 report and the follower's update one stream write fewer, and a busy session writes one message
-where it wrote two. The wait is long enough for a fleet's dispatch: batches go to the least
-loaded workers, so a worker that just reported usually gets its next batch within tens of
-milliseconds, and its ack goes with it (with 1,000 workers and a 20 ms wait, one message in six
-was an ack alone, and the server spent about a quarter more per dispatched task); short beside
-what waits for acks (a renewal's handover, a drain) and what a reconnect resends.
+where it wrote two.
 
 The lease: the worker numbers its heartbeats and remembers when it sent each; the server renews
 the lease when one arrives (now + duration) and answers with its number, from which the worker
@@ -37,7 +33,7 @@ from taskrun.core.ids import RunId, WorkerId
 from taskrun.core.models import AgentSpec, Worker
 from taskrun.v1 import workers_pb2 as wpb
 
-ACK_DELAY = 0.1  # seconds an acknowledgement may wait for company (see the module doc)
+ACK_DELAY = 0.02  # seconds an acknowledgement may wait for company (see the module doc)
 
 
 class RunSet(set[RunId]):

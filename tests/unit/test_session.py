@@ -68,18 +68,3 @@ async def test_a_lease_renewal_is_not_delayed_and_carries_the_ack() -> None:
         assert len(written) == 1  # the timer of the ack that already went is gone
     finally:
         writer.cancel()
-
-
-async def test_an_ack_waits_for_the_next_batch_a_busy_fleet_gives_its_worker() -> None:
-    """A worker that just reported is among the least loaded again: dispatch usually gives it
-    its next batch within tens of milliseconds, and the ack goes with that batch."""
-    session = WorkerSession(Worker(id=WorkerId("w1")), "s1", lease_duration=4.0)
-    written, writer = await _writing(session)
-    try:
-        session.send_ack(4)
-        await asyncio.sleep(0.05)
-        session.send_assignment(wpb.RunAssignment(run_id="run_2", attempt=1))
-        await _settle()
-        assert [(m.ack_seq, [a.run_id for a in m.assignments]) for m in written] == [(4, ["run_2"])]
-    finally:
-        writer.cancel()
