@@ -45,7 +45,7 @@ from typing import Any
 import grpc
 from bench_compare import Side, ref_side, this_side
 from bench_failover import FAILOVER_WORKERS, MAX_ROUNDS, Failover, measure_failover
-from bench_fleet import Fleet, fleet_ids, rss_mb, start_fleet, wait_online
+from bench_fleet import Fleet, fleet_ids, fleet_messages, rss_mb, start_fleet, wait_online
 from benchprocs import (  # scripts/ is on sys.path: this file runs as a script
     READY_WITHIN,
     STOP_GRACE,
@@ -1002,28 +1002,54 @@ def _profile_dir(args: argparse.Namespace, side: Side) -> Path | None:
     return directory / side.name if args.compare_ref else directory
 
 
+@dataclass
+class DispatchWindow:
+    """One fleet dispatch measurement: the rate, and per task what it cost the server and the
+    fleet processes (CPU), and the stream messages both ways per 100 tasks."""
+
+    tasks_per_s: float
+    server_cpu_ms: float
+    fleet_cpu_ms: float
+    messages_per_100: float
+
+
 async def _fleet_dispatch(
-    args: argparse.Namespace, plane: ControlPlane, pki: PkiPaths, phase: str, side: Side, tmp: Path
-) -> tuple[float, float]:
-    """Dispatch rate of --fleet-tasks echo tasks, and the server's CPU milliseconds per task
+    args: argparse.Namespace,
+    plane: ControlPlane,
+    fleet: Sequence[Child],
+    pki: PkiPaths,
+    phase: str,
+    side: Side,
+    tmp: Path,
+) -> DispatchWindow:
+    """Dispatch rate of --fleet-tasks echo tasks, and the server's and the fleet's CPU per task
     over that window (less sensitive than the rate to what else loads a shared machine)."""
     pid = plane.server.proc.pid
     async with profiled(_profile_dir(args, side), phase, plane, tmp):
+        messages0 = await fleet_messages(fleet)
+        fleet0 = [cpu_seconds(c.proc.pid) or 0.0 for c in fleet]
         cpu0 = cpu_seconds(pid)
         rate = await _echo_rate(plane.address, pki, args.fleet_tasks, 4, args.batch, plane.check)
         cpu1 = cpu_seconds(pid)
-    return rate, ((cpu1 or 0.0) - (cpu0 or 0.0)) * 1000 / args.fleet_tasks
+        fleet1 = [cpu_seconds(c.proc.pid) or 0.0 for c in fleet]
+        messages1 = await fleet_messages(fleet)
+    n = args.fleet_tasks
+    return DispatchWindow(
+        tasks_per_s=rate,
+        server_cpu_ms=((cpu1 or 0.0) - (cpu0 or 0.0)) * 1000 / n,
+        fleet_cpu_ms=(sum(fleet1) - sum(fleet0)) * 1000 / n,
+        messages_per_100=(messages1 - messages0) * 100 / n,
+    )
 
 
 async def fleet_two(
     args: argparse.Namespace, pki: PkiPaths, tmp: Path, side: Side, started: list[Child]
-) -> tuple[float, float]:
-    """Dispatch rate and server CPU per task with two fleet sessions (the reference for the
-    many-workers figures)."""
+) -> DispatchWindow:
+    """Dispatch with two fleet sessions (the reference for the many-workers figures)."""
     note(f"[{side.name}] fleet: dispatch with 2 sessions")
     ids = fleet_ids(args.idle_workers)[:2]
     plane, fleet, _ = await _fleet_plane(args, pki, tmp / "fleet-2", side, started, ids, 1)
-    two = await _fleet_dispatch(args, plane, pki, "fleet-2", side, tmp)
+    two = await _fleet_dispatch(args, plane, fleet, pki, "fleet-2", side, tmp)
     for child in [*fleet, plane.server]:
         await stop(child)
     return two
@@ -1035,7 +1061,7 @@ async def fleet_many(
     tmp: Path,
     side: Side,
     started: list[Child],
-    two: tuple[float, float],
+    two: DispatchWindow,
     profile: Path | None = None,
 ) -> Fleet:
     """Connect time, idle CPU and memory, then dispatch rate, with all N sessions; with
@@ -1054,7 +1080,7 @@ async def fleet_many(
     rss = rss_mb(pid)
     plane.check()
     note(f"[{side.name}] fleet: dispatch with {n} sessions")
-    many, many_cpu = await _fleet_dispatch(args, plane, pki, f"fleet-{n}", side, tmp)
+    many = await _fleet_dispatch(args, plane, fleet, pki, f"fleet-{n}", side, tmp)
     for child in [*fleet, plane.server]:
         await stop(child)
     cpu = ((cpu1 or 0.0) - (cpu0 or 0.0)) / (t1 - t0) * 100
@@ -1067,10 +1093,14 @@ async def fleet_many(
         idle_rss_mb=rss,
         idle_rss_kb_per_worker=rss * 1024 / n,
         tasks=args.fleet_tasks,
-        dispatch_tasks_per_s=many,
-        dispatch_two_workers_tasks_per_s=two[0],
-        dispatch_cpu_ms_per_task=many_cpu,
-        dispatch_two_workers_cpu_ms_per_task=two[1],
+        dispatch_tasks_per_s=many.tasks_per_s,
+        dispatch_two_workers_tasks_per_s=two.tasks_per_s,
+        dispatch_cpu_ms_per_task=many.server_cpu_ms,
+        dispatch_two_workers_cpu_ms_per_task=two.server_cpu_ms,
+        dispatch_fleet_cpu_ms_per_task=many.fleet_cpu_ms,
+        dispatch_two_workers_fleet_cpu_ms_per_task=two.fleet_cpu_ms,
+        dispatch_messages_per_100=many.messages_per_100,
+        dispatch_two_workers_messages_per_100=two.messages_per_100,
     )
 
 
@@ -1108,7 +1138,9 @@ METHOD = {
     "(after renewing a lapsed lease); CPU and RSS of the server over --idle-seconds after the "
     "sessions connected and 2 s passed; dispatch: --fleet-tasks echo tasks from 4 clients, "
     "with two sessions and with all N; the server's CPU (user+system) over each dispatch window "
-    "per task (with all N it includes their heartbeats during the window)",
+    "per task (with all N it includes their heartbeats during the window), the fleet processes' "
+    "own CPU per task (they share the cores with the server), and the stream messages the "
+    "sessions read and wrote over the window (both ways) per 100 tasks",
     "cpu": "user+system CPU seconds of each process during the throughput phase (/proc)",
 }
 
@@ -1326,6 +1358,26 @@ def rows() -> list[Row]:
             lambda r: r.fleet.dispatch_cpu_net_ms_per_task,  # type: ignore[union-attr]
             lambda v: f"{v:.3f} ms",
             lambda r: f"{r.fleet.dispatch_cpu_net_ratio:.2f} x two sessions",  # type: ignore[union-attr]
+        ),
+        Row(
+            "  fleet processes' CPU per task, two sessions",
+            lambda r: r.fleet.dispatch_two_workers_fleet_cpu_ms_per_task,  # type: ignore[union-attr]
+            lambda v: f"{v:.3f} ms",
+        ),
+        Row(
+            "  fleet processes' CPU per task, all sessions",
+            lambda r: r.fleet.dispatch_fleet_cpu_ms_per_task,  # type: ignore[union-attr]
+            lambda v: f"{v:.3f} ms",
+        ),
+        Row(
+            "  stream messages per 100 tasks, two sessions",
+            lambda r: r.fleet.dispatch_two_workers_messages_per_100,  # type: ignore[union-attr]
+            lambda v: f"{v:.1f}",
+        ),
+        Row(
+            "  stream messages per 100 tasks, all sessions",
+            lambda r: r.fleet.dispatch_messages_per_100,  # type: ignore[union-attr]
+            lambda v: f"{v:.1f}",
         ),
         Row("failover: fault -> next attempt RUNNING elsewhere (default lease)"),
         Row(
@@ -1590,7 +1642,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                 await asyncio.gather(*(stop(c) for c in plane.workers))
                 await stop(plane.server)
             if args.idle_workers:
-                two: dict[str, tuple[float, float]] = {}
+                two: dict[str, DispatchWindow] = {}
                 for side in order:
                     two[side.name] = await fleet_two(args, pki, tmp / side.name, side, started)
                 order.reverse()

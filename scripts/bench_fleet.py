@@ -8,7 +8,8 @@ every `idle_heartbeat_interval_ms`; for every assignment an immediate COMPLETED 
 input as the result (an echo agent that costs nothing, so dispatch is what is measured), once
 its lease is fresh enough (else after the renewal of a heartbeat sent at once, as the daemon
 waits for it). It prints `ready SECONDS` once every session got its SessionParams, then serves
-until SIGTERM.
+until SIGTERM; on SIGUSR1 it prints `messages RECEIVED SENT`, what its sessions read and wrote so
+far (the server wrote and read as many).
 
 `measure_fleet` runs, against a fresh control plane each time:
 1. two fleet sessions: dispatch rate of --fleet-tasks echo tasks (the reference);
@@ -44,6 +45,9 @@ SCRIPT = Path(__file__).resolve()
 
 def fleet_ids(n: int) -> list[str]:
     return [f"fleet-{i:05d}" for i in range(n)]
+
+
+MESSAGES = [0, 0]  # read, written by this process's sessions since it started
 
 
 # --- the fleet process -------------------------------------------------------------------------
@@ -106,6 +110,7 @@ class FakeWorker:
                     msg = await call.read()
                     if msg is grpc.aio.EOF:
                         return
+                    MESSAGES[0] += 1
                     if msg.lease_seq:
                         self._granted(msg.lease_seq)
                     if msg.assignments:
@@ -176,6 +181,7 @@ class FakeWorker:
                 msg.heartbeat.seq = self._beat
                 self._sent[self._beat] = time.monotonic()
                 msg.heartbeat.time.GetCurrentTime()
+            MESSAGES[1] += 1
             await call.write(msg)
 
 
@@ -189,16 +195,22 @@ async def serve_fleet(address: str, certs: Path, ids: Sequence[str], capacity: i
     if ready not in done:
         failed = next(s for s in sessions if s.done())
         raise BenchError(f"a session ended before all were connected: {failed.exception()}")
-    sys.stdout.write(f"ready {time.perf_counter() - started:.3f}\n")
-    sys.stdout.flush()
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stopping.set)
+    loop.add_signal_handler(signal.SIGUSR1, _print_messages)  # before anyone may send it
+    sys.stdout.write(f"ready {time.perf_counter() - started:.3f}\n")
+    sys.stdout.flush()
     await stopping.wait()
     for s in sessions:
         s.cancel()
     await asyncio.gather(*sessions, return_exceptions=True)
+
+
+def _print_messages() -> None:
+    sys.stdout.write(f"messages {MESSAGES[0]} {MESSAGES[1]}\n")
+    sys.stdout.flush()
 
 
 # --- measuring ---------------------------------------------------------------------------------
@@ -219,6 +231,13 @@ class Fleet:
     # the server's CPU over each dispatch window, per task
     dispatch_cpu_ms_per_task: float = 0.0
     dispatch_two_workers_cpu_ms_per_task: float = 0.0
+    # the fleet processes' own CPU over each window, per task (they share the machine's cores)
+    dispatch_fleet_cpu_ms_per_task: float = 0.0
+    dispatch_two_workers_fleet_cpu_ms_per_task: float = 0.0
+    # stream messages over each window (both ways) per 100 tasks: assignments, reports, acks,
+    # heartbeats and their lease replies
+    dispatch_messages_per_100: float = 0.0
+    dispatch_two_workers_messages_per_100: float = 0.0
 
     @property
     def dispatch_ratio(self) -> float:
@@ -240,6 +259,20 @@ class Fleet:
         return self.dispatch_cpu_net_ms_per_task / (
             self.dispatch_two_workers_cpu_ms_per_task or 1.0
         )
+
+
+async def fleet_messages(fleet: Sequence[Child]) -> int:
+    """Stream messages the fleet processes' sessions read and wrote so far, all together."""
+    total = 0
+    for child in fleet:
+        assert child.proc.stdout is not None
+        child.proc.send_signal(signal.SIGUSR1)
+        async with asyncio.timeout(READY_WITHIN):
+            line = (await child.proc.stdout.readline()).decode().split()
+        if line[:1] != ["messages"]:
+            raise BenchError(f"{child.name}: {' '.join(line)!r} instead of its message counts")
+        total += int(line[1]) + int(line[2])
+    return total
 
 
 def rss_mb(pid: int) -> float:

@@ -35,6 +35,10 @@ from taskrun.core.ids import RunId, TaskId, WorkerId
 # The server's `dispatch_spread` setting; 0 = no batches, every run to the least loaded worker.
 ROUND_SPREAD = 16
 
+# Requirements narrower than an agent with a heap of their own in a WorkerIndex, at most; past
+# that, the heaps are dropped and made again as they are asked for.
+MAX_NARROW_HEAPS = 256
+
 # agent, labels, provider, model, worker (a run may be pinned to one worker)
 Requirement = tuple[str, tuple[tuple[str, str], ...], str, str, str]
 
@@ -107,11 +111,18 @@ class WorkerIndex:
     Each agent has a heap of entries; a worker gets a new entry whenever `put` is told its
     load or state changed, and an entry that no longer matches its worker is dropped when it
     reaches the top (lazy deletion; the heaps are rebuilt when stale entries pile up).
+
+    A requirement narrower than its agent (labels, a provider or a model) gets a heap of its
+    own, of the workers that fit it, made the first time it is asked for and kept up to date by
+    `put`: a run only a few workers may take looks at those few, not past every worker with the
+    agent that does not fit (the agent's heap would have to be popped down to them each time).
     """
 
     def __init__(self, workers: Iterable[Candidate] = ()) -> None:
         self._workers: dict[WorkerId, Candidate] = {}
         self._heaps: dict[str, list[_Entry]] = {}
+        self._narrow: dict[str, dict[Requirement, list[_Entry]]] = {}  # by agent; see above
+        self._narrowed = 0  # requirements with a heap in _narrow
         self._entries = 0
         for w in workers:
             self.put(w)
@@ -123,14 +134,19 @@ class WorkerIndex:
         return self._workers.get(WorkerId(worker_id))
 
     def put(self, worker: Candidate) -> None:
-        """Add a worker, or note that its load, capacity or draining changed."""
+        """Add a worker, or note that its load, capacity, draining or agents changed."""
         self._workers[worker.worker_id] = worker
         if worker.free > 0:
             entry = (*worker.load, worker.worker_id)
             for agent in worker.agents:
                 heapq.heappush(self._heaps.setdefault(agent, []), entry)
                 self._entries += 1
-        if self._entries > 4 * len(self._workers) * max(1, len(self._heaps)) + 64:
+                for req, heap in self._narrow.get(agent, {}).items():
+                    if worker.fits(req):
+                        heapq.heappush(heap, entry)
+                        self._entries += 1
+        heaps = len(self._heaps) + self._narrowed
+        if self._entries > 4 * len(self._workers) * max(1, heaps) + 64:
             self._rebuild()
 
     def remove(self, worker_id: WorkerId) -> None:
@@ -145,34 +161,50 @@ class WorkerIndex:
     def pick(self, req: Requirement, avoid: str = "") -> Candidate | None:
         """The least loaded worker with a free slot that fits `req`, preferring any other than
         `avoid`; None when none fits."""
-        agent, worker_id = req[0], req[4]
+        agent, labels, provider, model, worker_id = req
         if worker_id:  # pinned to one worker
             pinned = self._workers.get(WorkerId(worker_id))
             return pinned if pinned and pinned.free > 0 and pinned.fits(req) else None
-        heap = self._heaps.get(agent)
+        heap = self._narrow_heap(req) if labels or provider or model else self._heaps.get(agent)
         if not heap:
             return None
-        skipped: list[_Entry] = []
+        # Every current entry of this heap fits, but for a worker whose agents changed since
+        # it was pushed (put pushed a new one if it fits again): dropped like a stale one.
+        avoided: list[_Entry] = []  # the avoided worker's entries, put back after
         found: Candidate | None = None
-        avoided: Candidate | None = None
         while heap:
             worker = self._current(heap[0])
-            if worker is None:
+            if worker is None or not worker.fits(req):
                 heapq.heappop(heap)
                 self._entries -= 1
-                continue
-            if worker.fits(req):
-                if worker.worker_id != avoid or not avoid:
-                    found = worker
-                    break
-                avoided = worker
-            skipped.append(heapq.heappop(heap))  # valid, but not for this requirement
-        for entry in skipped:
+            elif avoid and worker.worker_id == avoid:
+                avoided.append(heapq.heappop(heap))
+            else:
+                found = worker
+                break
+        for entry in avoided:
             heapq.heappush(heap, entry)
-        return found or avoided
+        return found or (self._workers[avoided[0][2]] if avoided else None)
+
+    def _narrow_heap(self, req: Requirement) -> list[_Entry]:
+        heap = self._narrow.get(req[0], {}).get(req)
+        if heap is None:
+            if self._narrowed >= MAX_NARROW_HEAPS:  # requirements come and go: start over
+                for heaps in self._narrow.values():
+                    self._entries -= sum(len(h) for h in heaps.values())
+                self._narrow, self._narrowed = {}, 0
+            heap = [
+                (*w.load, w.worker_id) for w in self._workers.values() if w.free > 0 and w.fits(req)
+            ]
+            heapq.heapify(heap)
+            self._narrow.setdefault(req[0], {})[req] = heap
+            self._narrowed += 1
+            self._entries += len(heap)
+        return heap
 
     def _rebuild(self) -> None:
         self._heaps, self._entries = {}, 0
+        self._narrow, self._narrowed = {}, 0  # made again as they are asked for
         for worker in self._workers.values():
             if worker.free > 0:
                 for agent in worker.agents:

@@ -49,6 +49,7 @@ from taskrun.controlplane.events import Captured, EventHub
 from taskrun.controlplane.followers import FollowHub, Snapshots
 from taskrun.controlplane.health import WorkerHealth
 from taskrun.controlplane.ratelimit import LogLimiter
+from taskrun.controlplane.runview import CurrentRuns
 from taskrun.controlplane.session import WorkerSession
 from taskrun.convert import (
     backend_from_pb,
@@ -128,7 +129,7 @@ class Engine:
         self.sessions: dict[WorkerId, WorkerSession] = {}
         self.workers: dict[WorkerId, Worker] = {}
         self.tasks: dict[TaskId, Task] = {}  # unfinished tasks
-        self.runs: dict[RunId, Run] = {}  # current runs of unfinished tasks
+        self.runs = CurrentRuns()  # current runs of unfinished tasks, also by worker
         # Conversations with an unfinished turn (at most one each), that turn by its task, what
         # its assignment carries, and the tool calls its runs reported so far (compact).
         self.conversations: dict[ConversationId, Conversation] = {}
@@ -235,7 +236,7 @@ class Engine:
         self.queue = PendingQueue()
         self.index, self._moved = WorkerIndex(), set()
         self._idempotency.clear()
-        self.runs = {}
+        self.runs = CurrentRuns()
         self.workers = {}
         for worker in workers:
             if worker.status in (WorkerStatus.ONLINE, WorkerStatus.DRAINING):
@@ -609,7 +610,7 @@ class Engine:
     def _cancel_one(self, task: Task, message: str, now: datetime, changes: ChangeSet) -> Effect:
         """Cancel one unfinished task into `changes`; returns what tells its worker, once
         committed (the run keeps its slot until the worker confirms it stopped)."""
-        run = self.runs.pop(task.current_run_id) if task.current_run_id in self.runs else None
+        run = self.runs.pop(task.current_run_id, None) if task.current_run_id else None
         session: WorkerSession | None = None
         if run is not None:
             self._heads.pop(run.id, None)
@@ -1161,6 +1162,7 @@ class Engine:
                 continue
             session = sessions[worker_id]
             run.status, run.worker_id, run.assigned_at = RunStatus.ASSIGNED, worker_id, now
+            self.runs.assigned(run)
             task.status, task.worker_id, task.updated_at = TaskStatus.RUNNING, worker_id, now
             session.runs.add(run.id)
             changes.runs.append(run)
@@ -1267,7 +1269,7 @@ class Engine:
         changes = ChangeSet(workers=[replace(worker)])
         lost: list[Task | None] = []
         held = {h.run_id: h for h in hello.held_runs}
-        for run in [r for r in self.runs.values() if r.worker_id == worker.id]:
+        for run in self.runs.assigned_to(worker.id):  # not a scan of every run
             if not run.status.active:
                 continue
             claim = held.pop(run.id, None)

@@ -34,6 +34,7 @@ from taskrun.core.validation import (
     validate_agent_name,
     validate_labels,
 )
+from taskrun.runtime import BurstCollector
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2, workers_pb2_grpc
 
@@ -81,6 +82,8 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
         # Sessions whose lease and certificate one sweeper task watches (see _sweep).
         self._watched: set[WorkerSession] = set()
         self._sweeper: asyncio.Task[None] | None = None
+        # what a storm of sessions leaves is collected when it settles, not in the busy moment after
+        self._collector = BurstCollector()
 
     async def StreamConnect(
         self,
@@ -134,6 +137,7 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
             await context.abort(grpc.StatusCode.UNAVAILABLE, str(exc))
             return
         session.handler = asyncio.current_task()
+        self._collector.note()
         params = workers_pb2.SessionParams(
             session_id=session.session_id,
             heartbeat_interval_ms=int(cfg.heartbeat_interval * 1000),

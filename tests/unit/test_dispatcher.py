@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import random
 from collections import Counter
+from dataclasses import replace
 
 from taskrun.controlplane.dispatcher import (
     ROUND_SPREAD,
     Candidate,
     PendingQueue,
     PendingRun,
+    Requirement,
     WorkerIndex,
     backends_fit,
 )
@@ -408,3 +410,87 @@ def test_a_spread_of_zero_places_every_run_on_the_least_loaded_worker() -> None:
         q.add(run(n))
     counts = per_worker(q.plan(many(1000, capacity=256), spread=0))
     assert len(counts) == 100 and set(counts.values()) == {1}
+
+
+# -- requirements narrower than an agent -----------------------------------------------------------
+
+
+class Counted(Candidate):
+    """A candidate that counts how often the planner asks whether it fits."""
+
+    __slots__ = ()
+    asked = 0
+
+    def fits(self, req: Requirement) -> bool:
+        Counted.asked += 1
+        return super().fits(req)
+
+
+def test_runs_only_a_few_workers_may_take_look_at_those_few_not_past_every_worker() -> None:
+    fleet = [
+        Counted(
+            WorkerId(f"w{i:04d}"), {"echo": frozenset()}, {"gpu": "a"} if i % 400 == 7 else {}, 1, 0
+        )
+        for i in range(1200)
+    ]
+    index = WorkerIndex(fleet)
+    gpu = [w for w in fleet if w.labels]
+    q = PendingQueue()
+    for n in range(9):
+        q.add(run(n, required_labels=(("gpu", "a"),)))
+    assert sorted(w for _, w in q.plan(index)) == ["w0007", "w0407", "w0807"]
+    Counted.asked = 0
+    for round_ in range(20):  # their runs end, more come: placed on the same three
+        for w in gpu:
+            w.active = 0
+            index.put(w)
+        placed = q.plan(index)
+        assert sorted(w for _, w in placed) == ["w0007", "w0407", "w0807"]
+        for n in range(3):
+            q.add(run(100 + 3 * round_ + n, required_labels=(("gpu", "a"),)))
+    # about what the three were asked, each time: a walk past the 1,197 others would be 20 x 1,197
+    assert Counted.asked < 20 * 30
+
+
+AGENTS: list[tuple[str, ...]] = [("echo",), ("echo", "claude_code"), ("claude_code",)]
+LABELS: list[dict[str, str]] = [{}, {"gpu": "a"}, {"gpu": "b"}, {"gpu": "a", "zone": "x"}]
+BACKENDS = [frozenset(), frozenset({("anthropic", "m1")}), frozenset({("openai", "m2")})]
+
+
+def test_a_long_lived_index_plans_as_a_scan_would_while_workers_come_go_and_change() -> None:
+    rng = random.Random(11)
+    for _ in range(80):
+        index, live, n = WorkerIndex(), dict[str, Candidate](), 0
+        for _round in range(6):
+            for _change in range(rng.randint(0, 5)):
+                name = f"w{rng.randint(0, 9)}"
+                current = live.get(name)
+                if current is not None and rng.random() < 0.2:
+                    index.remove(WorkerId(name))
+                    del live[name]
+                    continue
+                if current is None:
+                    current = live[name] = worker(
+                        name,
+                        capacity=rng.randint(1, 4),
+                        agents=rng.choice(AGENTS),
+                        labels=dict(rng.choice(LABELS)),
+                        backends=rng.choice(BACKENDS),
+                    )
+                else:  # runs ended, or what it can run changed
+                    current.active = max(0, current.active - rng.randint(0, 3))
+                    if rng.random() < 0.3:
+                        current.agents = dict.fromkeys(rng.choice(AGENTS), rng.choice(BACKENDS))
+                    current.draining = rng.random() < 0.1
+                index.put(current)
+            q, reference = PendingQueue(), PendingQueue()
+            for _run in range(rng.randint(0, 12)):
+                agent, priority = rng.choice(("echo", "claude_code")), rng.choice((0, 0, 1))
+                labels = tuple(sorted(rng.choice(LABELS).items())) if rng.random() < 0.5 else ()
+                provider = rng.choice(("anthropic", "openai")) if rng.random() < 0.2 else ""
+                for queue in (q, reference):
+                    queue.add(run(n, agent, priority, required_labels=labels, provider=provider))
+                n += 1
+            spread = rng.choice((1, 2, ROUND_SPREAD))
+            expected = scan_plan(reference, [replace(w) for w in live.values()], spread)
+            assert ids(q.plan(index, spread)) == expected
