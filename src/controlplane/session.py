@@ -33,7 +33,7 @@ from taskrun.core.ids import RunId, WorkerId
 from taskrun.core.models import AgentSpec, Worker
 from taskrun.v1 import workers_pb2 as wpb
 
-ACK_DELAY = 0.02  # seconds an acknowledgement may wait for company (see the module doc)
+ACK_DELAY = 0.1  # seconds an acknowledgement may wait for company (see the module doc)
 
 
 class RunSet(set[RunId]):
