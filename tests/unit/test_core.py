@@ -182,11 +182,35 @@ def test_ids_are_the_26_base32_digits_of_time_and_randomness_most_significant_fi
         ((1 << 50) - 1, (1 << 80) - 1),
         (0x1234567890A, 0xFEDCBA9876543210ABCD),
     )
-    for ms, rnd in edges:  # each millisecond twice: the second from the kept time digits
+    for ms, rnd in edges:
+        monkeypatch.setattr(ids, "_last", (-1, "", 0))  # a fresh process
         monkeypatch.setattr(ids.time, "time_ns", lambda ms=ms: ms * 1_000_000)
         monkeypatch.setattr(ids.random, "getrandbits", lambda _bits, rnd=rnd: rnd)
-        for _ in range(2):
-            assert ids._sortable("") == digits(ms << 80 | rnd)
+        assert ids._sortable("") == digits(ms << 80 | rnd)
+
+
+def test_ids_increase_in_the_order_made_within_a_millisecond_and_when_the_clock_steps_back(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from taskrun.core import ids
+
+    now = [1_700_000_000_000]
+    monkeypatch.setattr(ids, "_last", (-1, "", 0))  # a fresh process
+    monkeypatch.setattr(ids.time, "time_ns", lambda: now[0] * 1_000_000)
+    made = [new_task_id() for _ in range(2000)]  # all in one millisecond
+    now[0] -= 5_000  # the clock steps back five seconds
+    made += [new_task_id() for _ in range(100)]
+    now[0] += 10_000
+    made += [new_task_id() for _ in range(100)]
+    assert made == sorted(made) and len(set(made)) == len(made)
+    # a millisecond whose random part is used up goes on in the next one
+    ms = now[0] + 1
+    monkeypatch.setattr(ids, "_last", (ms, "", (1 << 80) - 1))
+    later = new_task_id()
+    value = 0
+    for char in later.removeprefix("tsk_"):
+        value = value * 32 + ids._ALPHABET.index(char)
+    assert value >> 80 == ms + 1 and later > made[-1]
 
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ModelSettings)])
