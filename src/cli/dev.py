@@ -30,7 +30,7 @@ from typing import Any, TextIO
 import structlog
 
 from taskrun.cli.client import Client
-from taskrun.cli.credentials import load_credentials, resolve_settings
+from taskrun.cli.credentials import resolve_settings
 from taskrun.controlplane.store import redact
 from taskrun.core.status import WorkerStatus
 from taskrun.logging import wants_color
@@ -352,16 +352,7 @@ class Dev:
 
     def _client(self) -> Client:
         settings = resolve_settings(server=self.connect, certs_dir=str(self.certs), env={})
-        credentials = load_credentials(settings)
-        return Client(
-            settings.server,
-            ca=credentials.ca,
-            cert=credentials.cert,
-            key=credentials.key,
-            server_name=settings.server_name,
-            options=FAST_RECONNECT,
-            timeout=2.0,
-        )
+        return Client.from_settings(settings, options=FAST_RECONNECT, timeout=2.0)
 
     async def _start_server(self) -> bool:
         """Start the server and wait until it listens; learn its address from its ready file
