@@ -12,8 +12,10 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from taskrun.cli.client import OutputReceived
+from taskrun.controlplane.store import eventlog
 from taskrun.core.status import RunStatus, TaskStatus
 from taskrun.v1 import common_pb2, workers_pb2, workers_pb2_grpc
+from taskrun.v1 import events_pb2 as epb
 from tests.conftest import Cluster
 from tests.faults import fill, small_filesystem
 from tests.integration.test_bad_input import channel
@@ -118,6 +120,12 @@ async def test_reports_whose_commit_failed_are_resent_and_applied_once(
             if isinstance(e, OutputReceived)
         ]
         assert "".join(pieces) == text  # whole, each chunk once
+    # the event log too: what was resent after the outage is logged once, nothing is missing
+    logged = [eventlog.decode(e) for e in await server.engine.store.read_events(0, 10_000)]
+    output = sorted(
+        (e.chunk.task_id, e.chunk.seq) for e in logged if e.kind == epb.EVENT_KIND_OUTPUT
+    )
+    assert output == sorted((t.id, seq) for t in tasks for seq in range(1, 7))
     assert await serving(cluster)
 
 
