@@ -1,11 +1,13 @@
 """Faults underneath the control plane, for tests: a filesystem that fills up, a network path
-that goes silent. Real ones, not mocks: a tmpfs mount (CI runs as root) and a TCP proxy."""
+that goes silent, CPUs taken by others. Real ones, not mocks: a tmpfs mount (CI runs as root),
+a TCP proxy, busy processes."""
 
 from __future__ import annotations
 
 import contextlib
 import os
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 
 from tests.proxy import SilentProxy
 
-__all__ = ["SilentProxy", "fill", "small_filesystem"]
+__all__ = ["SilentProxy", "busy_cpus", "fill", "small_filesystem"]
 
 
 @contextlib.contextmanager
@@ -42,3 +44,20 @@ def fill(directory: Path) -> Path:
     finally:
         os.close(fd)
     return filler
+
+
+@contextlib.contextmanager
+def busy_cpus(count: int | None = None) -> Iterator[None]:
+    """Processes that keep `count` CPUs busy (by default one more than there are), so that the
+    threads and the event loop under test get their turns late, as on a loaded CI machine:
+    some races then happen every few runs instead of once in a while."""
+    count = count if count is not None else (os.cpu_count() or 1) + 1
+    spin = [sys.executable, "-c", "while True: pass"]
+    procs = [subprocess.Popen(spin) for _ in range(count)]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.kill()
+        for proc in procs:
+            proc.wait()

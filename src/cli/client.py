@@ -80,8 +80,16 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.max_receive_message_length", 128 * 1024 * 1024),
 )
 DEFAULT_TIMEOUT = 30.0
-# How long `follow` keeps trying to re-open a stream that broke with UNAVAILABLE.
+# How long `follow` keeps trying to re-open a stream that broke (see `_broke`).
 RECONNECT_FOR = 30.0
+
+
+def _broke(exc: grpc.aio.AioRpcError) -> bool:
+    """The stream broke under a reader, who may open it again: UNAVAILABLE (a restart, a
+    failover), or CANCELLED, which this client never causes as an error (its own cancel ends a
+    read with CancelledError): a stopping server cancels a call that came in as it stopped, and
+    what is still open when its grace ends."""
+    return exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED)
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,7 +500,7 @@ class Client:
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED and not task_id:
                     self._create_and_follow = False  # an older server
-                elif task_id and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                elif task_id and _broke(exc):
                     broken = exc  # e.g. a server restart: follow the task, reconnecting
                 else:
                     raise
@@ -781,10 +789,10 @@ class Client:
 
         The first event is a TaskChanged with the task's current state. Output of a batch is
         yielded before the task state that came with it, so the terminal TaskChanged is last.
-        When an open stream breaks with UNAVAILABLE (a server restart), it is re-opened for up
-        to RECONNECT_FOR seconds (backing off from 0.25 s to 5 s) and output already yielded is
-        skipped; `on_reconnect` is called with the error when that starts, and with None once
-        the stream works again.
+        When an open stream breaks (UNAVAILABLE or CANCELLED: a server restart), it is re-opened
+        for up to RECONNECT_FOR seconds (backing off from 0.25 s to 5 s) and output already
+        yielded is skipped; `on_reconnect` is called with the error when that starts, and with
+        None once the stream works again.
         Use `contextlib.aclosing` when you may stop iterating early. `seen` (last output seq
         per run, updated as output is yielded) skips output yielded before; `broken` says an
         earlier stream of this task just broke with that error, so this one starts reconnecting.
@@ -822,8 +830,7 @@ class Client:
                 if moved and not received and time.monotonic() < failover_until:
                     await asyncio.sleep(0.1)  # a standby refused it, or an address was down
                     continue
-                unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
-                if not (reconnect and follow and unavailable and connected_once):
+                if not (reconnect and follow and _broke(exc) and connected_once):
                     raise
                 if received:  # this stream had been working: a new reconnect window starts
                     delay, give_up_at = 0.25, time.monotonic() + RECONNECT_FOR
@@ -997,8 +1004,8 @@ class Client:
         with a SNAPSHOT_END event), then every change in commit order, until cancelled. With
         `after_position`, first every logged change after it instead of a snapshot.
 
-        When the stream breaks with UNAVAILABLE (a restart, a failover to another control
-        plane), it is re-opened after the last position received for up to RECONNECT_FOR
+        When the stream breaks (UNAVAILABLE or CANCELLED: a restart, a failover to another
+        control plane), it is re-opened after the last position received for up to RECONNECT_FOR
         seconds: changes (and output) are neither missed nor repeated. A watcher that reads
         too slowly is ended by the server with RESOURCE_EXHAUSTED. Use `contextlib.aclosing`
         when you may stop iterating early.
@@ -1024,8 +1031,7 @@ class Client:
                 return
             except grpc.aio.AioRpcError as exc:
                 self._channels.failed(exc)  # a standby named the leader, or the next address
-                unavailable = exc.code() == grpc.StatusCode.UNAVAILABLE
-                if not (reconnect and unavailable and last) or time.monotonic() > give_up_at:
+                if not (reconnect and _broke(exc) and last) or time.monotonic() > give_up_at:
                     raise
                 await asyncio.sleep(delay)
                 delay = min(delay * 2, 2.0)

@@ -135,11 +135,16 @@ class RunningServer:
         if self.webhooks is not None:
             await self.webhooks.stop()
         await self.engine.stop()
-        # followers and event watchers end now (UNAVAILABLE: follow again), not after the grace
+        servers = (self.server, self.public_server)
+        stopping = [asyncio.create_task(s.stop(grace)) for s in servers if s is not None]
+        # One turn of the loop lets each stop begin, and from then on a new call is refused
+        # (UNAVAILABLE). Only then do followers and event watchers end (UNAVAILABLE: follow
+        # again), at once rather than after the grace: a follower that came back before the
+        # stop began would be left waiting unmatched, and be cancelled (CANCELLED) by it.
+        await asyncio.sleep(0)
         self.engine.hub.close()
         self.engine.events.close()
-        servers = (self.server, self.public_server)
-        await asyncio.gather(*(server.stop(grace) for server in servers if server is not None))
+        await asyncio.gather(*stopping)
         await self.engine.flush()
         await self.engine.store.close()
         log.info("server stopped")

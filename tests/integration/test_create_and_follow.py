@@ -3,6 +3,8 @@ loopback with mTLS and SQLite, real worker sessions)."""
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import contextlib
 import json
 import time
@@ -16,6 +18,7 @@ from taskrun.core.models import TaskPolicy, TaskSpec
 from taskrun.core.status import TaskStatus
 from taskrun.v1 import events_pb2, events_pb2_grpc, tasks_pb2, tasks_pb2_grpc
 from tests.conftest import Cluster
+from tests.faults import busy_cpus
 from tests.integration.test_bad_input import channel
 
 ORDER = {TaskStatus.PENDING: 0, TaskStatus.RUNNING: 1, TaskStatus.COMPLETED: 2}
@@ -130,3 +133,43 @@ async def test_a_stopping_server_ends_followers_and_watchers_unavailable_at_once
             assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
             assert "the control plane is stopping" in (ended.value.details() or "")
     assert stopped_in < 15.0, f"the stop waited {stopped_in:.1f}s of its 30s grace"
+
+
+async def test_followers_that_come_back_at_once_while_the_server_stops_are_refused_unavailable(
+    cluster: Cluster,
+) -> None:
+    """A follower ended by a stopping server opens its stream again at once. It is refused
+    with UNAVAILABLE, which says "try again", never CANCELLED: a call that came in before the
+    listener closed, while the stop was still to begin, was cancelled by it (the CLI's follow
+    gave up). Busy CPUs and a few rounds make that window hit in most runs."""
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    long = await cluster.client().create_task("echo", {"text": "ab", "chunks": 2, "delay": 60})
+    ended: collections.Counter[str] = collections.Counter()
+
+    async def again_and_again(stub: tasks_pb2_grpc.TaskServiceStub, until: asyncio.Event) -> None:
+        while not until.is_set():
+            call = stub.FollowTask(tasks_pb2.FollowTaskRequest(task_id=long.id, follow=True))
+            try:
+                async for _ in call:
+                    pass
+            except grpc.aio.AioRpcError as exc:
+                ended[exc.code().name] += 1
+                if "refused" in (exc.details() or ""):
+                    await asyncio.sleep(0.01)  # the listener is closed: no race left
+
+    with busy_cpus():
+        for _ in range(3):
+            server = cluster.server or await cluster.start_server()
+            stopped = asyncio.Event()
+            async with channel(cluster) as ch:
+                stub = tasks_pb2_grpc.TaskServiceStub(ch)
+                loops = [asyncio.create_task(again_and_again(stub, stopped)) for _ in range(30)]
+                await asyncio.sleep(0.5)  # every stream is open (or opening again)
+                await server.stop(grace=5.0)
+                cluster.server = None
+                await asyncio.sleep(0.3)
+                stopped.set()
+                await asyncio.gather(*loops)
+    assert ended["UNAVAILABLE"] >= 90
+    assert set(ended) == {"UNAVAILABLE"}, ended
