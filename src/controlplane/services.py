@@ -161,6 +161,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             catalog.check_input_text(spec.agent, spec.input, f"{prefix(i)}input_json")
         results = await self.engine.create_tasks(specs, subscribe)
         out = []
+        reasons: dict[tuple[object, ...], str] = {}  # why tasks of one requirement wait
         for i, (spec, (task, created)) in enumerate(zip(specs, results, strict=True)):
             if not created and not task.same_request(spec):
                 raise errors.AlreadyExists(
@@ -169,7 +170,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                     "with a different request",
                     field=f"{prefix(i)}policy.idempotency_key",
                 )
-            out.append(tasks_pb2.CreateTaskResponse(task=self._task_pb(task), created=created))
+            message = self._task_pb(task, reasons=reasons)
+            out.append(tasks_pb2.CreateTaskResponse(task=message, created=created))
         return out
 
     @domain_errors

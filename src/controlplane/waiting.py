@@ -3,7 +3,7 @@ while it waits: computed at read time from the catalog and the workers connected
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable, Mapping
 from datetime import datetime
 
 from taskrun.controlplane.dispatcher import backends_fit
@@ -58,11 +58,19 @@ def check_offered(
     if not (provider or model):
         return
     online = [w for w in workers if w.status is WorkerStatus.ONLINE]
-    if not any(a.name == agent for w in online for a in w.agents):
+    offers_agent = False
+    for w in online:  # stops at the first worker that meets it: one, among thousands, will do
+        for a in w.agents:
+            if a.name != agent:
+                continue
+            offers_agent = True
+            if a.available and backends_fit(
+                provider, model, [(b.provider, b.model_name) for b in a.backends]
+            ):
+                return
+    if not offers_agent:
         return
     offered = offered_backends(agent, online)
-    if backends_fit(provider, model, offered):
-        return
     field = prefix + (model_field if model else "policy.required_provider")
     listed = ", ".join(f"{p}/{m}" for p, m in offered) or "none (no online worker can run it now)"
     raise InvalidArgument(
@@ -73,9 +81,26 @@ def check_offered(
     )
 
 
+def _could_take(
+    worker: Worker, agent: str, labels: Mapping[str, str], provider: str, model: str
+) -> bool:
+    """Whether the worker is online and offers the agent, available, with the labels and a
+    backend that fit (what `waiting_reason` checks one by one to say which is missing)."""
+    if worker.status is not WorkerStatus.ONLINE:
+        return False
+    if labels and any(worker.labels.get(k) != v for k, v in labels.items()):
+        return False
+    return any(
+        a.name == agent
+        and a.available
+        and backends_fit(provider, model, [(b.provider, b.model_name) for b in a.backends])
+        for a in worker.agents
+    )
+
+
 def waiting_reason(
     task: Task,
-    workers: Iterable[Worker],
+    workers: Collection[Worker],
     quarantined_until: Callable[[Worker], datetime | None] = lambda w: None,
 ) -> str:
     """Why a PENDING task has no worker: the first requirement no online worker meets.
@@ -86,6 +111,11 @@ def waiting_reason(
     if task.status is not TaskStatus.PENDING:
         return ""
     policy = task.policy
+    provider, model = policy.required_provider, asked_model(policy.required_model, task.input)
+    required = policy.required_labels
+    for w in workers:  # the common case, found at the first worker that could take it
+        if _could_take(w, task.agent, required, provider, model) and quarantined_until(w) is None:
+            return ""
     online = [w for w in workers if w.status is WorkerStatus.ONLINE]
     offering = [(w, a) for w in online for a in w.agents if a.name == task.agent]
     wanted = f"agent {task.agent!r}"
@@ -105,7 +135,6 @@ def waiting_reason(
         ]
         if not candidates:
             return f"no online worker offers {wanted}"
-    provider, model = policy.required_provider, asked_model(policy.required_model, task.input)
     if provider or model:
         wanted += f" with a {_backend_text(provider, model)} model backend"
         candidates = [

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, date, datetime, timedelta
 
@@ -10,7 +11,7 @@ import pytest
 
 from taskrun.controlplane.budgets import Budgets, parse_caps
 from taskrun.controlplane.health import BreakerSettings, WorkerHealth
-from taskrun.controlplane.waiting import waiting_reason
+from taskrun.controlplane.waiting import check_offered, waiting_reason
 from taskrun.core.ids import TaskId, WorkerId
 from taskrun.core.models import AgentSpec, ModelBackend, Task, TaskPolicy, Worker, asked_model
 from taskrun.core.status import TaskStatus, WorkerStatus
@@ -217,3 +218,42 @@ def test_waiting_reason_says_when_every_fitting_worker_is_quarantined() -> None:
         "(w1 until 12:00:30 UTC; w2 until 12:00:30 UTC)"
     )
     assert waiting_reason(pending(), workers, lambda w: until if w.id == "w1" else None) == ""
+
+
+class _Counted(list[Worker]):
+    """The connected workers, counting how many of them a caller looks at."""
+
+    looked_at = 0
+
+    def __iter__(self) -> Iterator[Worker]:
+        for worker in super().__iter__():
+            self.looked_at += 1
+            yield worker
+
+
+def test_a_task_that_some_worker_can_take_costs_a_look_at_one_worker_not_all() -> None:
+    """Every task CreateTasks returns pending is asked why it waits: with a thousand workers
+    connected, a look at each of them per task was most of what the thousand cost."""
+    echo = AgentSpec("echo")
+    workers = _Counted(
+        [online(f"w{i}", echo) for i in range(1000)] + [online("gpu", ANTHROPIC, echo)]
+    )
+    workers[-1].labels = {"gpu": "yes"}
+    asked: list[WorkerId] = []
+
+    def quarantined_until(worker: Worker) -> None:
+        asked.append(worker.id)
+
+    assert waiting_reason(pending("echo"), workers, quarantined_until) == ""
+    assert (workers.looked_at, asked) == (1, ["w0"])
+    check_offered("anthropic", "anthropic", "", workers)  # offered: passes
+    assert workers.looked_at == 1 + 1001  # the one that offers it is the last
+    # a requirement only the last meets: found there, the others looked at once each
+    workers.looked_at = 0
+    gpu = pending("echo")
+    gpu.policy.required_labels = {"gpu": "yes"}
+    assert waiting_reason(gpu, workers) == ""
+    assert workers.looked_at == 1001
+    # nobody can: the reason needs them all, and still names it right
+    gpu.policy.required_labels = {"gpu": "no"}
+    assert waiting_reason(gpu, workers) == "no online worker offers agent 'echo' with label gpu=no"
