@@ -35,7 +35,7 @@ def add_server_flags(p: argparse.ArgumentParser) -> None:
         metavar="N",
         help="runs placed together (a burst of tasks) go to about N workers, several to each, "
         "instead of one to each of as many workers; single tasks always go to the least loaded "
-        "(default 16; 0 = one run per worker)",
+        "(default 4; 0 = one run per worker)",
     )
     group.add_argument(
         "--quarantine-after",

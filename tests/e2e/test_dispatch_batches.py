@@ -14,7 +14,6 @@ from datetime import datetime
 import pytest
 
 from taskrun.cli.client import Client
-from taskrun.controlplane.dispatcher import ROUND_SPREAD
 from taskrun.core.models import Run, TaskSpec
 from taskrun.core.status import RunStatus, TaskStatus
 from tests.e2e.test_faults import Processes, online, procs
@@ -26,6 +25,7 @@ __all__ = ["procs"]  # the fixture, imported for these tests
 WORKERS = ("worker-1", "worker-2", "worker-3")  # ties in load go by id: in this order
 CAPACITY = 8
 SLOW = json.dumps({"text": "ab", "chunks": 2, "delay": 1.0})  # about a second each
+SPREAD = 16  # --dispatch-spread: with 48 runs waiting, batches of 3
 
 
 async def runs_of(client: Client, task_ids: list[str]) -> list[Run]:
@@ -60,7 +60,7 @@ def most_held_at_once(runs: list[Run]) -> dict[str, int]:
 async def test_a_burst_is_packed_per_worker_and_a_trickle_is_spread_least_loaded(
     procs: Processes,
 ) -> None:
-    procs.start_server()
+    procs.start_server("--dispatch-spread", str(SPREAD))
     for worker_id in WORKERS:
         procs.start_worker(worker_id, CAPACITY)
     async with procs.client() as client:
@@ -71,7 +71,7 @@ async def test_a_burst_is_packed_per_worker_and_a_trickle_is_spread_least_loaded
         created = await client.create_tasks([TaskSpec(agent="echo", input=SLOW)] * burst)
         runs = await runs_of(client, [t.id for t in created])
 
-        assert -(-burst // ROUND_SPREAD) == 3  # runs per batch
+        assert -(-burst // SPREAD) == 3  # runs per batch
         first = runs[: CAPACITY * len(WORKERS)]
         assert len({r.assigned_at for r in first}) == 1  # one plan placed them all
         # consecutive runs in batches of three on one worker, the least loaded worker next; the
