@@ -75,7 +75,11 @@ _CALLER_ERRORS = frozenset(
         grpc.StatusCode.OUT_OF_RANGE,
     }
 )
-_UNREACHABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# CANCELLED too: this CLI never causes it as an error (Ctrl-C is handled apart), so it is the
+# server ending the call as it stopped, which is to try again like a server not reached.
+_UNREACHABLE = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED}
+)
 
 FOLLOW_EXIT_HELP = (
     "With --follow the exit status is the task's outcome: 0 COMPLETED, 1 FAILED, 130 CANCELLED "
@@ -122,6 +126,12 @@ def describe_rpc_error(exc: grpc.aio.AioRpcError, server: str) -> str:
         text += (
             f"\nis the server running at {server}? (a certificate the server rejects, or a "
             "server name that does not match its certificate, also shows up as UNAVAILABLE)"
+        )
+    elif code == grpc.StatusCode.CANCELLED:
+        text += (
+            f"\nthe server at {server} ended the call, as a server that is stopping does: whether "
+            "it took effect is unknown (a task created with --idempotency-key may be created "
+            "again with the same key, and is then not created twice)"
         )
     return text
 

@@ -532,6 +532,7 @@ def test_certs_worker_refuses_a_clashing_id(
         (grpc.StatusCode.ALREADY_EXISTS, 2),
         (grpc.StatusCode.PERMISSION_DENIED, 2),
         (grpc.StatusCode.UNAVAILABLE, 3),
+        (grpc.StatusCode.CANCELLED, 3),  # the server ended the call as it stopped: try again
         (grpc.StatusCode.INTERNAL, 1),
     ],
 )
@@ -549,6 +550,12 @@ def test_unavailable_asks_whether_the_server_runs() -> None:
     text = cli.describe_rpc_error(rpc_error(grpc.StatusCode.UNAVAILABLE, "refused"), "h:1")
     assert text.startswith("error: UNAVAILABLE: refused\n")
     assert "is the server running at h:1?" in text
+
+
+def test_a_call_the_server_cancelled_says_so_and_what_may_have_happened() -> None:
+    text = cli.describe_rpc_error(rpc_error(grpc.StatusCode.CANCELLED, "CANCELLED"), "h:1")
+    assert text.startswith("error: CANCELLED: CANCELLED\nthe server at h:1 ended the call")
+    assert "whether it took effect is unknown" in text
 
 
 @pytest.mark.parametrize(
