@@ -47,7 +47,7 @@ def check_offered(
     agent: str,
     provider: str,
     model: str,
-    workers: Iterable[Worker],
+    workers: Collection[Worker],
     prefix: str = "",
     model_field: str = "policy.required_model",
 ) -> None:
@@ -57,9 +57,10 @@ def check_offered(
     all (the task waits for one, showing why) or nothing is required."""
     if not (provider or model):
         return
-    online = [w for w in workers if w.status is WorkerStatus.ONLINE]
     offers_agent = False
-    for w in online:  # stops at the first worker that meets it: one, among thousands, will do
+    for w in workers:  # stops at the first worker that meets it: one, among thousands, will do
+        if w.status is not WorkerStatus.ONLINE:
+            continue
         for a in w.agents:
             if a.name != agent:
                 continue
@@ -70,7 +71,7 @@ def check_offered(
                 return
     if not offers_agent:
         return
-    offered = offered_backends(agent, online)
+    offered = offered_backends(agent, workers)
     field = prefix + (model_field if model else "policy.required_provider")
     listed = ", ".join(f"{p}/{m}" for p, m in offered) or "none (no online worker can run it now)"
     raise InvalidArgument(
