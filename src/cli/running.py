@@ -1,8 +1,9 @@
 """The running `taskrun` main module, for the command modules that main imports.
 
-They register their parsers with main's helpers and raise main's CliError. When the CLI runs as
-`python -m taskrun.cli.main`, that module is `__main__`, not `taskrun.cli.main`: importing the
-latter would load a second copy, whose CliError main() does not catch.
+They register their parsers with main's helpers and open clients from main's global flags. When
+the CLI runs as `python -m taskrun.cli.main`, that module is `__main__`, not `taskrun.cli.main`:
+importing the latter would load a second copy, with its own parser helpers and state. (CliError
+and the exit codes are in exits.py, of which there is one copy either way.)
 """
 
 from __future__ import annotations

@@ -11,8 +11,10 @@ import pytest
 
 from taskrun.cli import credentials as creds
 from taskrun.cli import main as cli
+from taskrun.cli import task_cmd
 from taskrun.cli.client import Client
 from taskrun.cli.dev import ready_message, resolve_listen, split_host_port
+from taskrun.cli.exits import exit_code_for_task
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.status import TaskStatus, WorkerStatus
 
@@ -163,7 +165,7 @@ def test_client_from_env_uses_the_same_resolution(tmp_path: Path) -> None:
 
 def test_task_create_defaults() -> None:
     args = parse("task", "create", "echo")
-    spec = cli.task_spec_from_args(args)
+    spec = task_cmd.task_spec_from_args(args)
     assert spec.agent == "echo"
     assert spec.input == "{}"
     assert spec.labels == {}
@@ -180,7 +182,7 @@ def test_task_create_reads_every_policy_flag() -> None:
         "--idempotency-key", "k1", "--require-label", "gpu=a100", "--queue-timeout", "60",
         "--retry-on-failure", "--follow", "--output", "json",
     )  # fmt: skip
-    spec = cli.task_spec_from_args(args)
+    spec = task_cmd.task_spec_from_args(args)
     assert spec.input == '{"text": "hi"}'
     assert spec.labels == {"team": "a", "env": "dev"}
     policy = spec.policy
@@ -205,7 +207,7 @@ def test_task_create_reads_the_model_flags(tmp_path: Path) -> None:
         "--mcp-config", str(mcp), "--allowed-tool", "Read", "--disallowed-tool", "Bash",
         "--max-cost", "0.25",
     )  # fmt: skip
-    policy = cli.task_spec_from_args(args).policy
+    policy = task_cmd.task_spec_from_args(args).policy
     assert json.loads(policy.output_schema) == {"type": "object", "required": ["answer"]}
     assert (policy.output_retries, policy.max_cost_usd) == (4, 0.25)
     s = policy.model_settings
@@ -230,7 +232,7 @@ def test_task_create_reads_the_model_flags(tmp_path: Path) -> None:
 )
 def test_task_create_refuses_bad_model_flags_naming_the_field(flags: list[str], field: str) -> None:
     with pytest.raises(InvalidArgument) as err:
-        cli.task_spec_from_args(parse("task", "create", "anthropic", *flags))
+        task_cmd.task_spec_from_args(parse("task", "create", "anthropic", *flags))
     assert err.value.field == field
 
 
@@ -238,10 +240,12 @@ def test_task_create_refuses_an_invalid_output_schema_file(tmp_path: Path) -> No
     bad = tmp_path / "schema.json"
     bad.write_text('{"type": 12}')
     with pytest.raises(InvalidArgument, match="not a valid JSON Schema") as err:
-        cli.task_spec_from_args(parse("task", "create", "anthropic", "--output-schema", str(bad)))
+        task_cmd.task_spec_from_args(
+            parse("task", "create", "anthropic", "--output-schema", str(bad))
+        )
     assert err.value.field == "policy.output_schema_json"
     with pytest.raises(InvalidArgument, match="cannot read"):
-        cli.task_spec_from_args(
+        task_cmd.task_spec_from_args(
             parse("task", "create", "anthropic", "--output-schema", str(tmp_path / "missing"))
         )
 
@@ -249,7 +253,7 @@ def test_task_create_refuses_an_invalid_output_schema_file(tmp_path: Path) -> No
 def test_task_input_from_a_file(tmp_path: Path) -> None:
     path = tmp_path / "input.json"
     path.write_text('{"text": "from a file"}')
-    spec = cli.task_spec_from_args(parse("task", "create", "echo", "--input-file", str(path)))
+    spec = task_cmd.task_spec_from_args(parse("task", "create", "echo", "--input-file", str(path)))
     assert spec.input == '{"text": "from a file"}'
 
 
@@ -541,9 +545,9 @@ def test_exit_code_for_status(code: grpc.StatusCode, exit_code: int) -> None:
 
 
 def test_exit_code_for_a_followed_task() -> None:
-    assert cli.exit_code_for_task(TaskStatus.COMPLETED) == 0
-    assert cli.exit_code_for_task(TaskStatus.FAILED) == 1
-    assert cli.exit_code_for_task(TaskStatus.CANCELLED) == 130
+    assert exit_code_for_task(TaskStatus.COMPLETED) == 0
+    assert exit_code_for_task(TaskStatus.FAILED) == 1
+    assert exit_code_for_task(TaskStatus.CANCELLED) == 130
 
 
 def test_unavailable_asks_whether_the_server_runs() -> None:
