@@ -29,6 +29,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import grpc
 from benchprocs import READY_WITHIN, BenchError, Child, clients, spawn
@@ -190,8 +191,11 @@ async def serve_fleet(address: str, certs: Path, ids: Sequence[str], capacity: i
     workers = [FakeWorker(w, capacity) for w in ids]
     started = time.perf_counter()
     sessions = [asyncio.create_task(w.run(address, pki)) for w in workers]
-    ready = asyncio.gather(*(w.ready.wait() for w in workers))
-    done, _ = await asyncio.wait([ready, *sessions], return_when=asyncio.FIRST_COMPLETED)
+    ready: asyncio.Future[Any] = asyncio.ensure_future(
+        asyncio.gather(*(w.ready.wait() for w in workers))
+    )
+    waiting: list[asyncio.Future[Any]] = [ready, *sessions]
+    done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
     if ready not in done:
         failed = next(s for s in sessions if s.done())
         raise BenchError(f"a session ended before all were connected: {failed.exception()}")

@@ -253,14 +253,15 @@ def test_the_index_plans_as_a_scan_over_every_worker_would() -> None:
     for _ in range(200):
         q, reference = PendingQueue(), PendingQueue()
         for n in range(rng.randint(0, 30)):
-            kw: dict[str, object] = {"priority": rng.choice((0, 0, 1, 5))}
+            priority = rng.choice((0, 0, 1, 5))
+            kw: dict[str, object] = {}
             if rng.random() < 0.3:
                 kw["required_labels"] = (("gpu", rng.choice(("a", "b"))),)
             if rng.random() < 0.1:
                 kw["worker_id"] = f"w{rng.randint(0, 9)}"
             agent = rng.choice(("echo", "echo", "claude_code"))
-            q.add(run(n, agent=agent, **kw))
-            reference.add(run(n, agent=agent, **kw))
+            q.add(run(n, agent, priority, **kw))
+            reference.add(run(n, agent, priority, **kw))
         shape: Shape = [
             (
                 f"w{i}",
