@@ -45,7 +45,15 @@ from typing import Any
 import grpc
 from bench_compare import Side, ref_side, this_side
 from bench_failover import FAILOVER_WORKERS, MAX_ROUNDS, Failover, measure_failover
-from bench_fleet import Fleet, fleet_ids, fleet_messages, rss_mb, start_fleet, wait_online
+from bench_fleet import (
+    Fleet,
+    fleet_counts,
+    fleet_ids,
+    fleet_messages,
+    rss_mb,
+    start_fleet,
+    wait_online,
+)
 from benchprocs import (  # scripts/ is on sys.path: this file runs as a script
     READY_WITHIN,
     STOP_GRACE,
@@ -574,12 +582,7 @@ async def start_control_plane(
     common = ["--certs-dir", str(pki.directory), "--log-level", "warning"]
     suffix = "" if side.name == "this" else f" ({side.name})"
     tmp.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
-    server = await spawn(
-        f"server{suffix}",
-        taskrun_argv("server", "--listen", address, "--store", store, *common),
-        tmp / "server.log",
-        env=side.env,
-    )
+    server = await spawn_server(pki, tmp, address, store, side)
     started.append(server)
     async with clients(address, pki, 1) as (client,):
         await until(lambda: _answers(client), server.check, "the server to answer")
@@ -612,6 +615,18 @@ async def start_control_plane(
 
         await until(online, plane.check, "the workers to be ONLINE")
     return plane
+
+
+async def spawn_server(pki: PkiPaths, tmp: Path, address: str, store: str, side: Side) -> Child:
+    """The control plane's process (its log: tmp/server.log, appended to by a restart)."""
+    suffix = "" if side.name == "this" else f" ({side.name})"
+    common = ["--certs-dir", str(pki.directory), "--log-level", "warning"]
+    return await spawn(
+        f"server{suffix}",
+        taskrun_argv("server", "--listen", address, "--store", store, *common),
+        tmp / "server.log",
+        env=side.env,
+    )
 
 
 async def _answers(client: Client) -> bool:
@@ -1059,6 +1074,26 @@ async def fleet_two(
     return two
 
 
+async def _fleet_restart(
+    plane: ControlPlane, fleet: Sequence[Child], pki: PkiPaths, tmp: Path, side: Side, n: int
+) -> tuple[float, float, int]:
+    """kill -9 of the server, a new one on its address and store at once: seconds from its
+    start until it answers and until all `n` sessions are ONLINE again, and the fleet's failed
+    connection attempts meanwhile. `plane.server` is the new server afterwards."""
+    _, failed0 = await fleet_counts(fleet)
+    plane.server.proc.kill()
+    await plane.server.proc.wait()
+    started = time.perf_counter()
+    plane.server = await spawn_server(pki, tmp, plane.address, f"sqlite:{tmp / 'taskrun.db'}", side)
+    async with clients(plane.address, pki, 1) as (client,):
+        await until(lambda: _answers(client), plane.server.check, "the new server to answer")
+    answered = time.perf_counter() - started
+    await wait_online(plane.address, pki, n)
+    back = time.perf_counter() - started
+    _, failed1 = await fleet_counts(fleet)
+    return answered, back, failed1 - failed0
+
+
 async def fleet_many(
     args: argparse.Namespace,
     pki: PkiPaths,
@@ -1085,6 +1120,11 @@ async def fleet_many(
     plane.check()
     note(f"[{side.name}] fleet: dispatch with {n} sessions")
     many = await _fleet_dispatch(args, plane, fleet, pki, f"fleet-{n}", side, tmp)
+    note(f"[{side.name}] fleet: kill -9 of the control plane, then all {n} sessions back")
+    answered, restart_s, failed = await _fleet_restart(
+        plane, fleet, pki, tmp / f"fleet-{n}", side, n
+    )
+    started.append(plane.server)
     for child in [*fleet, plane.server]:
         await stop(child)
     cpu = ((cpu1 or 0.0) - (cpu0 or 0.0)) / (t1 - t0) * 100
@@ -1105,6 +1145,9 @@ async def fleet_many(
         dispatch_two_workers_fleet_cpu_ms_per_task=two.fleet_cpu_ms,
         dispatch_messages_per_100=many.messages_per_100,
         dispatch_two_workers_messages_per_100=two.messages_per_100,
+        restart_answered_seconds=answered,
+        restart_seconds=restart_s,
+        restart_failed_connects=failed,
     )
 
 
@@ -1382,6 +1425,21 @@ def rows() -> list[Row]:
             "  stream messages per 100 tasks, all sessions",
             lambda r: r.fleet.dispatch_messages_per_100,  # type: ignore[union-attr]
             lambda v: f"{v:.1f}",
+        ),
+        Row(
+            "  kill -9 of the server: a new one answers in",
+            lambda r: r.fleet.restart_answered_seconds,  # type: ignore[union-attr]
+            lambda v: f"{v:.2f} s",
+        ),
+        Row(
+            "  all sessions back in",
+            lambda r: r.fleet.restart_seconds,  # type: ignore[union-attr]
+            lambda v: f"{v:.2f} s",
+        ),
+        Row(
+            "  failed connection attempts meanwhile",
+            lambda r: float(r.fleet.restart_failed_connects),  # type: ignore[union-attr]
+            lambda v: f"{v:,.0f}",
         ),
         Row("failover: fault -> next attempt RUNNING elsewhere (default lease)"),
         Row(

@@ -7,15 +7,19 @@ every `heartbeat_interval_ms` the server gave it while it held a run since the l
 every `idle_heartbeat_interval_ms`; for every assignment an immediate COMPLETED status with the
 input as the result (an echo agent that costs nothing, so dispatch is what is measured), once
 its lease is fresh enough (else after the renewal of a heartbeat sent at once, as the daemon
-waits for it). It prints `ready SECONDS` once every session got its SessionParams, then serves
-until SIGTERM; on SIGUSR1 it prints `messages RECEIVED SENT`, what its sessions read and wrote so
-far (the server wrote and read as many).
+waits for it). A session that ends is opened again as the daemon does (at once after one that
+was up, else after a full-jitter backoff; with the daemon's connect timeout). It prints
+`ready SECONDS` once every session got its SessionParams, then serves until SIGTERM; on SIGUSR1
+it prints `messages RECEIVED SENT FAILED`, what its sessions read and wrote so far (the server
+wrote and read as many) and the connection attempts that got no session.
 
 `measure_fleet` runs, against a fresh control plane each time:
 1. two fleet sessions: dispatch rate of --fleet-tasks echo tasks (the reference);
 2. N sessions from --fleet-procs processes: the time until all are connected, the server's CPU
    (% of one core) and resident memory over --idle-seconds of idleness, then the dispatch rate of
-   the same tasks with all N connected (every session fits, so the planner sees N candidates).
+   the same tasks with all N connected (every session fits, so the planner sees N candidates),
+   then kill -9 of the server and a new one on the same address and store: the time until all N
+   are ONLINE again, and the connection attempts that failed meanwhile.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import random
 import signal
 import sys
 import time
@@ -39,7 +44,10 @@ from taskrun.core.status import WorkerStatus
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 from taskrun.v1 import workers_pb2_grpc
+from taskrun.worker import daemon as worker_daemon
 from taskrun.worker.daemon import KEEPALIVE_OPTIONS
+
+CONNECT_TIMEOUT_MS: int = getattr(worker_daemon, "CONNECT_TIMEOUT_MS", 0)
 
 SCRIPT = Path(__file__).resolve()
 
@@ -49,6 +57,7 @@ def fleet_ids(n: int) -> list[str]:
 
 
 MESSAGES = [0, 0]  # read, written by this process's sessions since it started
+FAILED_CONNECTS = [0]  # connection attempts that got no session, since it started
 
 
 # --- the fleet process -------------------------------------------------------------------------
@@ -60,7 +69,12 @@ class FakeWorker:
     def __init__(self, worker_id: str, capacity: int) -> None:
         self.worker_id = worker_id
         self.capacity = capacity
-        self.ready = asyncio.Event()
+        self.ready = asyncio.Event()  # the first session got its SessionParams
+        self._reset()
+
+    def _reset(self) -> None:
+        """A new session starts from nothing (an idle worker has nothing to resend)."""
+        self._up = False
         self._out: list[wpb.RunStatusUpdate] = []
         self._waiting: list[wpb.RunAssignment] = []  # until the lease is renewed
         self._heartbeat = False
@@ -75,12 +89,32 @@ class FakeWorker:
         self._held = False  # held a run since the last heartbeat
 
     async def run(self, address: str, pki: PkiPaths) -> None:
+        """Sessions, one after the other, as the daemon holds them: after a session that was
+        up, at once; after a failed attempt, a full-jitter backoff (0.2 s doubling, at most
+        10 s). Failed attempts are counted (FAILED_CONNECTS)."""
+        failures = 0
+        while True:
+            self._reset()
+            try:
+                await self._session(address, pki)
+            except (grpc.aio.AioRpcError, BenchError) as exc:
+                if not self._up:
+                    failures += 1
+                    FAILED_CONNECTS[0] += 1
+                    sys.stderr.write(f"{self.worker_id}: {exc}\n")
+                    await asyncio.sleep(random.uniform(0, min(10.0, 0.2 * 2**failures)))
+                    continue
+            failures = 0
+
+    async def _session(self, address: str, pki: PkiPaths) -> None:
         creds = grpc.ssl_channel_credentials(
             root_certificates=pki.ca_cert.read_bytes(),
             private_key=pki.worker_key(self.worker_id).read_bytes(),
             certificate_chain=pki.worker_cert(self.worker_id).read_bytes(),
         )
         options = [*KEEPALIVE_OPTIONS, ("grpc.use_local_subchannel_pool", 1)]
+        if CONNECT_TIMEOUT_MS:  # the daemon's connect timeout (a --compare-ref side may lack it)
+            options.append(("grpc.min_reconnect_backoff_ms", CONNECT_TIMEOUT_MS))
         async with grpc.aio.secure_channel(address, creds, options=options) as channel:
             call = workers_pb2_grpc.RunServiceStub(channel).StreamConnect()
             hello = wpb.WorkerHello(
@@ -101,6 +135,7 @@ class FakeWorker:
             idle = max(busy, getattr(params, "idle_heartbeat_interval_ms", 0) / 1000)
             self._lease = params.lease_duration_ms / 1000
             self._expires = hello_sent + self._lease
+            self._up = True
             self.ready.set()
             tasks = [
                 asyncio.create_task(self._beats(busy, idle)),
@@ -196,9 +231,9 @@ async def serve_fleet(address: str, certs: Path, ids: Sequence[str], capacity: i
     )
     waiting: list[asyncio.Future[Any]] = [ready, *sessions]
     done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
-    if ready not in done:
+    if ready not in done:  # sessions go on after any gRPC error: this is a bug of the fleet
         failed = next(s for s in sessions if s.done())
-        raise BenchError(f"a session ended before all were connected: {failed.exception()}")
+        raise BenchError(f"a session stopped before all were connected: {failed.exception()}")
     stopping = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -213,7 +248,7 @@ async def serve_fleet(address: str, certs: Path, ids: Sequence[str], capacity: i
 
 
 def _print_messages() -> None:
-    sys.stdout.write(f"messages {MESSAGES[0]} {MESSAGES[1]}\n")
+    sys.stdout.write(f"messages {MESSAGES[0]} {MESSAGES[1]} {FAILED_CONNECTS[0]}\n")
     sys.stdout.flush()
 
 
@@ -242,6 +277,13 @@ class Fleet:
     # heartbeats and their lease replies
     dispatch_messages_per_100: float = 0.0
     dispatch_two_workers_messages_per_100: float = 0.0
+    # kill -9 of the control plane with all N sessions connected and idle, and a new one on the
+    # same address and store: the time from its start until all N are ONLINE again, and the
+    # connection attempts that got no session meanwhile (refused, or given up after the
+    # daemon's connect timeout)
+    restart_answered_seconds: float = 0.0  # from its start until it answers a call
+    restart_seconds: float = 0.0
+    restart_failed_connects: int = 0
 
     @property
     def dispatch_ratio(self) -> float:
@@ -267,7 +309,13 @@ class Fleet:
 
 async def fleet_messages(fleet: Sequence[Child]) -> int:
     """Stream messages the fleet processes' sessions read and wrote so far, all together."""
-    total = 0
+    return (await fleet_counts(fleet))[0]
+
+
+async def fleet_counts(fleet: Sequence[Child]) -> tuple[int, int]:
+    """The fleet processes' stream messages (read and written) and failed connection attempts
+    so far, all together."""
+    messages = failed = 0
     for child in fleet:
         assert child.proc.stdout is not None
         child.proc.send_signal(signal.SIGUSR1)
@@ -275,8 +323,9 @@ async def fleet_messages(fleet: Sequence[Child]) -> int:
             line = (await child.proc.stdout.readline()).decode().split()
         if line[:1] != ["messages"]:
             raise BenchError(f"{child.name}: {' '.join(line)!r} instead of its message counts")
-        total += int(line[1]) + int(line[2])
-    return total
+        messages += int(line[1]) + int(line[2])
+        failed += int(line[3])
+    return messages, failed
 
 
 def rss_mb(pid: int) -> float:
@@ -327,9 +376,16 @@ async def start_fleet(
 
 
 async def wait_online(address: str, pki: PkiPaths, n: int) -> None:
+    """Until `n` workers are ONLINE (a server still starting answers UNAVAILABLE: asked again)."""
     async with clients(address, pki, 1) as (client,):
         deadline = time.monotonic() + READY_WITHIN
-        while len(await client.list_workers([WorkerStatus.ONLINE])) < n:
+        while True:
+            try:
+                if len(await client.list_workers([WorkerStatus.ONLINE])) >= n:
+                    return
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
             if time.monotonic() > deadline:
                 raise BenchError(f"fewer than {n} workers ONLINE after {READY_WITHIN:g}s")
             await asyncio.sleep(0.1)
