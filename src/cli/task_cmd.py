@@ -12,7 +12,7 @@ import argparse
 import asyncio
 import contextlib
 import sys
-from collections.abc import AsyncGenerator, Awaitable, Callable
+from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -309,6 +309,14 @@ async def follow_task(
     return exit_code_for_task(state.last.status)
 
 
+def _following(run: Callable[[], Coroutine[Any, Any, int]], state: FollowState) -> int:
+    """Run a command that may follow a task; Ctrl-C stops following, not the task."""
+    try:
+        return asyncio.run(run())
+    except KeyboardInterrupt:
+        return _stopped_following(state)
+
+
 def _stopped_following(state: FollowState) -> int:
     if state.task_id:
         sys.stderr.write(
@@ -360,10 +368,7 @@ def cmd_task_create(args: argparse.Namespace) -> int:
                 sys.stderr.write(f"task {task.id} created; following its output\n")
             return await follow_task(client, task.id, _printer(args), state, follow=True)
 
-    try:
-        return asyncio.run(run())
-    except KeyboardInterrupt:
-        return _stopped_following(state)
+    return _following(run, state)
 
 
 def cmd_task_list(args: argparse.Namespace) -> int:
@@ -498,10 +503,7 @@ def cmd_task_continue(args: argparse.Namespace) -> int:
                 return EXIT_OK
             return await follow_task(client, task.id, _printer(args), state, follow=True)
 
-    try:
-        return asyncio.run(run())
-    except KeyboardInterrupt:
-        return _stopped_following(state)
+    return _following(run, state)
 
 
 def cmd_task_logs(args: argparse.Namespace) -> int:
