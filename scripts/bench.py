@@ -1075,16 +1075,24 @@ async def fleet_two(
 
 
 async def _fleet_restart(
-    plane: ControlPlane, fleet: Sequence[Child], pki: PkiPaths, tmp: Path, side: Side, n: int
+    plane: ControlPlane,
+    fleet: Sequence[Child],
+    pki: PkiPaths,
+    tmp: Path,
+    side: Side,
+    n: int,
+    started_children: list[Child],
 ) -> tuple[float, float, int]:
     """kill -9 of the server, a new one on its address and store at once: seconds from its
     start until it answers and until all `n` sessions are ONLINE again, and the fleet's failed
-    connection attempts meanwhile. `plane.server` is the new server afterwards."""
+    connection attempts meanwhile. `plane.server` is the new server afterwards, in
+    `started_children` from its start (stopped by the caller even when this fails)."""
     _, failed0 = await fleet_counts(fleet)
     plane.server.proc.kill()
     await plane.server.proc.wait()
     started = time.perf_counter()
     plane.server = await spawn_server(pki, tmp, plane.address, f"sqlite:{tmp / 'taskrun.db'}", side)
+    started_children.append(plane.server)
     async with clients(plane.address, pki, 1) as (client,):
         await until(lambda: _answers(client), plane.server.check, "the new server to answer")
     answered = time.perf_counter() - started
@@ -1122,9 +1130,8 @@ async def fleet_many(
     many = await _fleet_dispatch(args, plane, fleet, pki, f"fleet-{n}", side, tmp)
     note(f"[{side.name}] fleet: kill -9 of the control plane, then all {n} sessions back")
     answered, restart_s, failed = await _fleet_restart(
-        plane, fleet, pki, tmp / f"fleet-{n}", side, n
+        plane, fleet, pki, tmp / f"fleet-{n}", side, n, started
     )
-    started.append(plane.server)
     for child in [*fleet, plane.server]:
         await stop(child)
     cpu = ((cpu1 or 0.0) - (cpu0 or 0.0)) / (t1 - t0) * 100
