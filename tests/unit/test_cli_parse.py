@@ -11,7 +11,7 @@ import pytest
 
 from taskrun.cli import credentials as creds
 from taskrun.cli import main as cli
-from taskrun.cli import task_cmd
+from taskrun.cli import server_cmd, task_cmd, worker_cmd
 from taskrun.cli.client import Client
 from taskrun.cli.dev import ready_message, resolve_listen, split_host_port
 from taskrun.cli.exits import exit_code_for_task
@@ -307,7 +307,7 @@ def test_revoke_is_spelled_worker_revoke_and_workers_revoke() -> None:
     for group in ("worker", "workers"):
         args = parse(group, "revoke", "worker-3", "--reason", "stolen")
         assert (args.func, args.worker_id, args.reason) == (
-            cli.cmd_workers_revoke,
+            worker_cmd.cmd_workers_revoke,
             "worker-3",
             "stolen",
         )
@@ -342,7 +342,7 @@ def test_a_group_without_a_command_prints_help(capsys: pytest.CaptureFixture[str
 
 
 def test_server_config_defaults_come_from_the_certs_dir() -> None:
-    config = cli.server_config(parse("--certs-dir", "/pki", "server"))
+    config = server_cmd.server_config(parse("--certs-dir", "/pki", "server"))
     assert config.listen == "127.0.0.1:50051"
     assert config.store == "sqlite:.taskrun/taskrun.db"
     assert config.ca_cert == Path("/pki/ca.pem")
@@ -355,12 +355,12 @@ def test_the_public_listener_defaults_to_the_next_port_and_can_be_narrowed_or_tu
 ) -> None:
     monkeypatch.delenv("TASKRUN_PUBLIC_LISTEN", raising=False)
     monkeypatch.delenv("TASKRUN_PUBLIC_API", raising=False)
-    config = cli.server_config(parse("server", "--listen", "127.0.0.1:7000"))
+    config = server_cmd.server_config(parse("server", "--listen", "127.0.0.1:7000"))
     assert (config.public_address(), config.public_operator_api) == ("127.0.0.1:7001", True)
-    config = cli.server_config(parse("server", "--public-listen", "", "--no-public-api"))
+    config = server_cmd.server_config(parse("server", "--public-listen", "", "--no-public-api"))
     assert (config.public_address(), config.public_operator_api) == ("", False)
     monkeypatch.setenv("TASKRUN_PUBLIC_API", "0")
-    assert cli.server_config(parse("server")).public_operator_api is False
+    assert server_cmd.server_config(parse("server")).public_operator_api is False
 
 
 def test_server_flags(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -369,7 +369,7 @@ def test_server_flags(monkeypatch: pytest.MonkeyPatch) -> None:
         "server", "--db", "/data/t.db", "--heartbeat-interval", "2", "--lease", "9",
         "--lease-margin", "0.7",
     )  # fmt: skip
-    config = cli.server_config(args)
+    config = server_cmd.server_config(args)
     assert config.listen == "0.0.0.0:1"
     assert config.store == "sqlite:/data/t.db"
     assert (config.heartbeat_interval, config.lease_duration, config.lease_margin) == (
@@ -380,21 +380,21 @@ def test_server_flags(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_idle_heartbeat_interval_flag_default_and_off() -> None:
-    assert cli.server_config(parse("server")).idle_heartbeat_interval == 10.0
-    config = cli.server_config(parse("server", "--idle-heartbeat-interval", "0"))
+    assert server_cmd.server_config(parse("server")).idle_heartbeat_interval == 10.0
+    config = server_cmd.server_config(parse("server", "--idle-heartbeat-interval", "0"))
     assert config.idle_heartbeat_interval == 0.0
-    config = cli.server_config(parse("server", "--idle-heartbeat-interval", "3"))
+    config = server_cmd.server_config(parse("server", "--idle-heartbeat-interval", "3"))
     assert config.idle_heartbeat_interval == 3.0
 
 
 def test_an_idle_heartbeat_interval_shorter_than_the_busy_one_is_refused() -> None:
     with pytest.raises(cli.CliError, match=r"idle_heartbeat_interval \(0.5s\) must be 0 \(off\)"):
-        cli.server_config(parse("server", "--idle-heartbeat-interval", "0.5"))
+        server_cmd.server_config(parse("server", "--idle-heartbeat-interval", "0.5"))
 
 
 def test_a_heartbeat_interval_too_long_for_the_lease_is_refused() -> None:
     with pytest.raises(cli.CliError, match=r"at most a third of lease_duration"):
-        cli.server_config(parse("server", "--heartbeat-interval", "2", "--lease", "4"))
+        server_cmd.server_config(parse("server", "--heartbeat-interval", "2", "--lease", "4"))
 
 
 @pytest.mark.parametrize(
@@ -447,7 +447,7 @@ def test_server_without_certificates_says_how_to_create_them(
 
 
 def test_worker_config_defaults() -> None:
-    config = cli.worker_config(parse("worker", "run"))
+    config = worker_cmd.worker_config(parse("worker", "run"))
     assert config.worker_id == "worker-1"
     assert config.server == "127.0.0.1:50051"
     assert config.agents == []
@@ -463,7 +463,7 @@ def test_worker_flags_and_variables(monkeypatch: pytest.MonkeyPatch) -> None:
         "--server", "cp.example.com:443", "worker", "run", "--agents", "echo, claude",
         "--capacity", "8", "--label", "gpu=a100", "--drain-timeout", "5",
     )  # fmt: skip
-    config = cli.worker_config(args)
+    config = worker_cmd.worker_config(args)
     assert config.worker_id == "gpu-7"
     assert config.agents == ["echo", "claude"]
     assert config.capacity == 8
@@ -476,7 +476,7 @@ def test_worker_flags_and_variables(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_worker_cert_flags_are_the_workers_not_the_operators() -> None:
     args = parse("--cert", "/op.pem", "worker", "run", "--cert", "/w.pem", "--key", "/w-key.pem")
-    config = cli.worker_config(args)
+    config = worker_cmd.worker_config(args)
     assert config.cert_path() == Path("/w.pem")
     assert config.key_path() == Path("/w-key.pem")
     assert cli.operator_settings(args).cert == Path("/op.pem")
@@ -623,24 +623,24 @@ def test_dev_ready_message_gives_copyable_commands() -> None:
 
 def test_the_http_api_is_off_unless_an_address_is_given(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("TASKRUN_HTTP_LISTEN", raising=False)
-    assert cli.server_config(parse("server")).http_listen == ""
-    config = cli.server_config(parse("server", "--http-listen", "0.0.0.0:8443"))
+    assert server_cmd.server_config(parse("server")).http_listen == ""
+    config = server_cmd.server_config(parse("server", "--http-listen", "0.0.0.0:8443"))
     assert config.http_listen == "0.0.0.0:8443"
     monkeypatch.setenv("TASKRUN_HTTP_LISTEN", "127.0.0.1:9443")
-    assert cli.server_config(parse("server")).http_listen == "127.0.0.1:9443"
+    assert server_cmd.server_config(parse("server")).http_listen == "127.0.0.1:9443"
 
 
 def test_webhook_networks_come_from_flags_or_the_environment(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
     monkeypatch.delenv("TASKRUN_WEBHOOK_ALLOW_NETWORKS", raising=False)
-    assert cli.server_config(parse("server")).webhook_allow_networks == []
+    assert server_cmd.server_config(parse("server")).webhook_allow_networks == []
     args = parse(
         "server", "--webhook-allow-network", "10.0.0.0/8", "--webhook-allow-network", "::1/128"
     )
-    assert cli.server_config(args).webhook_allow_networks == ["10.0.0.0/8", "::1/128"]
+    assert server_cmd.server_config(args).webhook_allow_networks == ["10.0.0.0/8", "::1/128"]
     monkeypatch.setenv("TASKRUN_WEBHOOK_ALLOW_NETWORKS", "127.0.0.0/8, 192.168.0.0/16")
-    assert cli.server_config(parse("server")).webhook_allow_networks == [
+    assert server_cmd.server_config(parse("server")).webhook_allow_networks == [
         "127.0.0.0/8",
         "192.168.0.0/16",
     ]
@@ -660,7 +660,7 @@ def test_webhook_create_refuses_an_unknown_event_before_calling(
 @pytest.mark.parametrize("group", ["worker", "workers"])
 def test_worker_list_and_get_are_spelled_both_ways(group: str) -> None:
     listed = cli.build_parser().parse_args([group, "list", "--status", "online", "-o", "json"])
-    assert listed.func is cli.cmd_workers_list
+    assert listed.func is worker_cmd.cmd_workers_list
     assert (listed.status, listed.output) == ([[WorkerStatus.ONLINE]], "json")
     shown = cli.build_parser().parse_args([group, "get", "worker-1"])
-    assert (shown.func, shown.worker_id) == (cli.cmd_workers_get, "worker-1")
+    assert (shown.func, shown.worker_id) == (worker_cmd.cmd_workers_get, "worker-1")
