@@ -1082,14 +1082,17 @@ async def _fleet_restart(
     side: Side,
     n: int,
     started_children: list[Child],
-) -> tuple[float, float, int]:
+) -> tuple[float, float, int, float, float]:
     """kill -9 of the server, a new one on its address and store at once: seconds from its
-    start until it answers and until all `n` sessions are ONLINE again, and the fleet's failed
-    connection attempts meanwhile. `plane.server` is the new server afterwards, in
-    `started_children` from its start (stopped by the caller even when this fails)."""
+    start until it answers and until all `n` sessions are ONLINE again, the fleet's failed
+    connection attempts meanwhile, and the CPU (% of one core) of the fleet processes and of
+    the new server over that window: they share the machine's cores. `plane.server` is the new
+    server afterwards, in `started_children` from its start (stopped by the caller even when
+    this fails)."""
     _, failed0 = await fleet_counts(fleet)
     plane.server.proc.kill()
     await plane.server.proc.wait()
+    fleet0 = sum(cpu_seconds(c.proc.pid) or 0.0 for c in fleet)
     started = time.perf_counter()
     plane.server = await spawn_server(pki, tmp, plane.address, f"sqlite:{tmp / 'taskrun.db'}", side)
     started_children.append(plane.server)
@@ -1098,8 +1101,10 @@ async def _fleet_restart(
     answered = time.perf_counter() - started
     await wait_online(plane.address, pki, n)
     back = time.perf_counter() - started
+    fleet_cpu = sum(cpu_seconds(c.proc.pid) or 0.0 for c in fleet) - fleet0
+    server_cpu = cpu_seconds(plane.server.proc.pid) or 0.0
     _, failed1 = await fleet_counts(fleet)
-    return answered, back, failed1 - failed0
+    return answered, back, failed1 - failed0, fleet_cpu * 100 / back, server_cpu * 100 / back
 
 
 async def fleet_many(
@@ -1129,7 +1134,7 @@ async def fleet_many(
     note(f"[{side.name}] fleet: dispatch with {n} sessions")
     many = await _fleet_dispatch(args, plane, fleet, pki, f"fleet-{n}", side, tmp)
     note(f"[{side.name}] fleet: kill -9 of the control plane, then all {n} sessions back")
-    answered, restart_s, failed = await _fleet_restart(
+    answered, restart_s, failed, fleet_cpu, server_cpu = await _fleet_restart(
         plane, fleet, pki, tmp / f"fleet-{n}", side, n, started
     )
     for child in [*fleet, plane.server]:
@@ -1155,6 +1160,8 @@ async def fleet_many(
         restart_answered_seconds=answered,
         restart_seconds=restart_s,
         restart_failed_connects=failed,
+        restart_fleet_cpu_percent=fleet_cpu,
+        restart_server_cpu_percent=server_cpu,
     )
 
 
@@ -1447,6 +1454,16 @@ def rows() -> list[Row]:
             "  failed connection attempts meanwhile",
             lambda r: float(r.fleet.restart_failed_connects),  # type: ignore[union-attr]
             lambda v: f"{v:,.0f}",
+        ),
+        Row(
+            "  CPU meanwhile: the fleet processes (they share the cores)",
+            lambda r: r.fleet.restart_fleet_cpu_percent,  # type: ignore[union-attr]
+            lambda v: f"{v:.0f} % of a core",
+        ),
+        Row(
+            "  CPU meanwhile: the new server",
+            lambda r: r.fleet.restart_server_cpu_percent,  # type: ignore[union-attr]
+            lambda v: f"{v:.0f} % of a core",
         ),
         Row("failover: fault -> next attempt RUNNING elsewhere (default lease)"),
         Row(

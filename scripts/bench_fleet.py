@@ -284,6 +284,8 @@ class Fleet:
     restart_answered_seconds: float = 0.0  # from its start until it answers a call
     restart_seconds: float = 0.0
     restart_failed_connects: int = 0
+    restart_fleet_cpu_percent: float = 0.0  # the fleet processes' CPU over that window
+    restart_server_cpu_percent: float = 0.0  # the new server's, from its start
 
     @property
     def dispatch_ratio(self) -> float:
