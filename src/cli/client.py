@@ -78,10 +78,18 @@ CHANNEL_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("grpc.http2.ping_timeout_ms", 5_000),
     # A follow update may batch up to 1000 output chunks.
     ("grpc.max_receive_message_length", 128 * 1024 * 1024),
+    # A channel that found no server tries again within a second, not after grpc's own backoff
+    # (1 s growing 1.6 x to 2 minutes): a follower resumes about a second after a restarted
+    # server answers, not several. One connection attempt a second per client while none does.
+    ("grpc.initial_reconnect_backoff_ms", 250),
+    ("grpc.max_reconnect_backoff_ms", 1_000),
 )
 DEFAULT_TIMEOUT = 30.0
 # How long `follow` keeps trying to re-open a stream that broke (see `_broke`).
 RECONNECT_FOR = 30.0
+# ... trying again at most this many seconds apart, so that it resumes within about a second of
+# the server answering again (the channel's own reconnect backoff is capped alike).
+RECONNECT_MAX_DELAY = 1.0
 
 
 def _broke(exc: grpc.aio.AioRpcError) -> bool:
@@ -790,7 +798,7 @@ class Client:
         The first event is a TaskChanged with the task's current state. Output of a batch is
         yielded before the task state that came with it, so the terminal TaskChanged is last.
         When an open stream breaks (UNAVAILABLE or CANCELLED: a server restart), it is re-opened
-        for up to RECONNECT_FOR seconds (backing off from 0.25 s to 5 s) and output already
+        for up to RECONNECT_FOR seconds (backing off from 0.25 s to 1 s) and output already
         yielded is skipped; `on_reconnect` is called with the error when that starts, and with
         None once the stream works again.
         Use `contextlib.aclosing` when you may stop iterating early. `seen` (last output seq
@@ -841,7 +849,7 @@ class Client:
                     if on_reconnect is not None:
                         on_reconnect(exc)
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
             finally:
                 call.cancel()
 
@@ -1034,7 +1042,7 @@ class Client:
                 if not (reconnect and _broke(exc) and last) or time.monotonic() > give_up_at:
                     raise
                 await asyncio.sleep(delay)
-                delay = min(delay * 2, 2.0)
+                delay = min(delay * 2, RECONNECT_MAX_DELAY)
             finally:
                 call.cancel()
 

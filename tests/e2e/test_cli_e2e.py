@@ -428,8 +428,12 @@ def test_follow_survives_a_server_restart(tmp_path: Path, cli_certs: tuple[Path,
             timeout=10,
             stream="err",
         )
-        d.start_server()  # same port, same database
+        time.sleep(3.0)  # down a while: the follower's attempts meanwhile must not back off far
+        d.start_server()  # same port, same database (returns once it listens)
+        back = time.monotonic()
         follow.wait_for_line(lambda line: line == "reconnected\n", stream="err")
+        # within about a second of the server answering (its retries are at most 1 s apart)
+        assert time.monotonic() - back < 2.5
         assert follow.popen.wait(timeout=30) == 0, follow.log
         assert follow.output("out") == text  # each piece once, none lost
     finally:
