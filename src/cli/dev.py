@@ -42,10 +42,11 @@ READY_TIMEOUT = 30.0
 WORKER_DRAIN_TIMEOUT = 10.0
 STOP_GRACE = 15.0  # after SIGTERM, how long a child may take before it is killed
 POLL_INTERVAL = 0.1
-# Reconnect quickly while the server is starting (gRPC's default backoff starts at 1 s).
+# Reconnect quickly while the server is starting (gRPC's default backoff starts at 1 s). Not
+# grpc.min_reconnect_backoff_ms: grpc takes it as the connect timeout too, and a handshake with a
+# server busy starting on a loaded machine may take longer than a fraction of a second.
 FAST_RECONNECT = (
     ("grpc.initial_reconnect_backoff_ms", 100),
-    ("grpc.min_reconnect_backoff_ms", 100),
     ("grpc.max_reconnect_backoff_ms", 500),
 )
 READY_LINE = "taskrun dev is ready"
