@@ -170,6 +170,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "0.6 s, and one collector pause or round of idle heartbeats moved the rate by 15 %%)",
     )
     p.add_argument(
+        "--fleet-rounds",
+        type=int,
+        default=3,
+        help="dispatch windows per fleet size, taking turns between a control plane with two "
+        "sessions and one with all of them (3)",
+    )
+    p.add_argument(
         "--idle-seconds",
         type=float,
         default=10.0,
@@ -1032,6 +1039,18 @@ class DispatchWindow:
     messages_per_100: float
 
 
+def _combined(windows: Sequence[DispatchWindow]) -> DispatchWindow:
+    """Windows of the same number of tasks as one: the rate over their summed time, the rest
+    per task over all of them."""
+    k = len(windows)
+    return DispatchWindow(
+        tasks_per_s=k / sum(1 / w.tasks_per_s for w in windows),
+        server_cpu_ms=sum(w.server_cpu_ms for w in windows) / k,
+        fleet_cpu_ms=sum(w.fleet_cpu_ms for w in windows) / k,
+        messages_per_100=sum(w.messages_per_100 for w in windows) / k,
+    )
+
+
 async def _fleet_dispatch(
     args: argparse.Namespace,
     plane: ControlPlane,
@@ -1059,19 +1078,6 @@ async def _fleet_dispatch(
         fleet_cpu_ms=(sum(fleet1) - sum(fleet0)) * 1000 / n,
         messages_per_100=(messages1 - messages0) * 100 / n,
     )
-
-
-async def fleet_two(
-    args: argparse.Namespace, pki: PkiPaths, tmp: Path, side: Side, started: list[Child]
-) -> DispatchWindow:
-    """Dispatch with two fleet sessions (the reference for the many-workers figures)."""
-    note(f"[{side.name}] fleet: dispatch with 2 sessions")
-    ids = fleet_ids(args.idle_workers)[:2]
-    plane, fleet, _ = await _fleet_plane(args, pki, tmp / "fleet-2", side, started, ids, 1)
-    two = await _fleet_dispatch(args, plane, fleet, pki, "fleet-2", side, tmp)
-    for child in [*fleet, plane.server]:
-        await stop(child)
-    return two
 
 
 async def _fleet_restart(
@@ -1113,12 +1119,18 @@ async def fleet_many(
     tmp: Path,
     side: Side,
     started: list[Child],
-    two: DispatchWindow,
     profile: Path | None = None,
 ) -> Fleet:
-    """Connect time, idle CPU and memory, then dispatch rate, with all N sessions; with
-    `profile`, py-spy records the server over the idle window (DIR/idle-server.txt)."""
+    """Connect time, idle CPU and memory with all N sessions; then the dispatch rate with all N
+    against a second control plane with two sessions, in --fleet-rounds rounds taking turns (so
+    that both see the machine at the same speed: on a shared VM it moves by the minute); then a
+    restart. With `profile`, py-spy records the server over the idle window
+    (DIR/idle-server.txt) and each dispatch window."""
     n, procs = args.idle_workers, min(args.fleet_procs, args.idle_workers)
+    note(f"[{side.name}] fleet: a control plane with 2 sessions, for reference")
+    ref, ref_fleet, _ = await _fleet_plane(
+        args, pki, tmp / "fleet-2", side, started, fleet_ids(n)[:2], 1
+    )
     note(f"[{side.name}] fleet: {n} sessions from {procs} processes")
     plane, fleet, connect = await _fleet_plane(
         args, pki, tmp / f"fleet-{n}", side, started, fleet_ids(n), procs
@@ -1131,8 +1143,17 @@ async def fleet_many(
         cpu1, t1 = cpu_seconds(pid), time.perf_counter()
     rss = rss_mb(pid)
     plane.check()
-    note(f"[{side.name}] fleet: dispatch with {n} sessions")
-    many = await _fleet_dispatch(args, plane, fleet, pki, f"fleet-{n}", side, tmp)
+    rounds = args.fleet_rounds
+    note(f"[{side.name}] fleet: dispatch in {rounds} rounds, 2 sessions and {n} taking turns")
+    twos: list[DispatchWindow] = []
+    manys: list[DispatchWindow] = []
+    for r in range(rounds):
+        turns = [(ref, ref_fleet, "fleet-2", twos), (plane, fleet, f"fleet-{n}", manys)]
+        for p, f, phase, windows in turns if r % 2 == 0 else reversed(turns):
+            windows.append(await _fleet_dispatch(args, p, f, pki, f"{phase}-{r}", side, tmp))
+    for child in [*ref_fleet, ref.server]:
+        await stop(child)
+    two, many = _combined(twos), _combined(manys)
     note(f"[{side.name}] fleet: kill -9 of the control plane, then all {n} sessions back")
     answered, restart_s, failed, fleet_cpu, server_cpu = await _fleet_restart(
         plane, fleet, pki, tmp / f"fleet-{n}", side, n, started
@@ -1160,6 +1181,9 @@ async def fleet_many(
         restart_answered_seconds=answered,
         restart_seconds=restart_s,
         restart_failed_connects=failed,
+        dispatch_round_ratios=[
+            m.tasks_per_s / t.tasks_per_s for t, m in zip(twos, manys, strict=True)
+        ],
         restart_fleet_cpu_percent=fleet_cpu,
         restart_server_cpu_percent=server_cpu,
     )
@@ -1193,12 +1217,15 @@ METHOD = {
     "deep_queue": "N tasks for an agent no worker announces are created (CreateTasks of 1,000); "
     "ListTasks p50 (first page of 50, 50 calls) before and after; then the throughput figure's "
     "echo tasks again, timed until ListTasks(agent=echo, PENDING or RUNNING) is empty",
-    "fleet": "a fresh control plane per part; fleet processes hold sessions that each have "
+    "fleet": "two fresh control planes, one with two sessions and one with all N; fleet "
+    "processes hold sessions that each have "
     "their own certificate and connection, heartbeat like the daemon (the server's interval "
     "while holding a run, its idle interval otherwise) and complete each assignment at once "
     "(after renewing a lapsed lease); CPU and RSS of the server over --idle-seconds after the "
     "sessions connected and 2 s passed; dispatch: --fleet-tasks echo tasks from 4 clients, "
-    "with two sessions and with all N; the server's CPU (user+system) over each dispatch window "
+    "with two sessions and with all N taking turns for --fleet-rounds rounds (the rate over the "
+    "rounds' summed time; each round's ratio shown); the server's CPU (user+system) over each "
+    "dispatch window "
     "per task (with all N it includes their heartbeats during the window), the fleet processes' "
     "own CPU per task (they share the cores with the server), and the stream messages the "
     "sessions read and wrote over the window (both ways) per 100 tasks",
@@ -1399,7 +1426,7 @@ def rows() -> list[Row]:
             "  dispatch, all sessions",
             lambda r: r.fleet.dispatch_tasks_per_s,  # type: ignore[union-attr]
             tasks_s,
-            lambda r: f"{r.fleet.dispatch_ratio:.2f} x two sessions",  # type: ignore[union-attr]
+            lambda r: _round_ratios(r.fleet),  # type: ignore[arg-type]
             f">= {TARGET_FLEET_RATIO:g} x two",
             None,
         ),
@@ -1529,6 +1556,11 @@ RATIO_AIMS: dict[str, Callable[[Report], bool]] = {
         r.fleet is not None and r.fleet.dispatch_ratio >= TARGET_FLEET_RATIO
     ),
 }
+
+
+def _round_ratios(fleet: Fleet) -> str:
+    rounds = ", ".join(f"{v:.2f}" for v in fleet.dispatch_round_ratios)
+    return f"{fleet.dispatch_ratio:.2f} x two sessions" + (f" (rounds {rounds})" if rounds else "")
 
 
 def render(this: Report, ref: Report | None = None) -> str:
@@ -1728,10 +1760,6 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                 await asyncio.gather(*(stop(c) for c in plane.workers))
                 await stop(plane.server)
             if args.idle_workers:
-                two: dict[str, DispatchWindow] = {}
-                for side in order:
-                    two[side.name] = await fleet_two(args, pki, tmp / side.name, side, started)
-                order.reverse()
                 for side in order:
                     where = (
                         args.profile / side.name
@@ -1739,7 +1767,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                         else args.profile
                     )
                     results[side.name]["fleet"] = await fleet_many(
-                        args, pki, tmp / side.name, side, started, two[side.name], where
+                        args, pki, tmp / side.name, side, started, where
                     )
             if args.failover_rounds > 0:
                 note(f"failover: {args.failover_rounds} x kill -9, {args.failover_rounds} x cut")

@@ -4,7 +4,10 @@ A fleet process holds COUNT worker sessions, each with its own certificate and i
 connection (a channel with the daemon's options and a local subchannel pool), speaking the worker
 protocol the way the daemon does: a hello, a numbered heartbeat (each one renews its lease)
 every `heartbeat_interval_ms` the server gave it while it held a run since the last one, else
-every `idle_heartbeat_interval_ms`; for every assignment an immediate COMPLETED status with the
+after an idle wait drawn anew each time between 80 % and all of `idle_heartbeat_interval_ms`
+(as the daemon does: sessions that connected together do not beat in one wave, which made a
+dispatch window that caught the wave cost 20 stream messages more per 100 tasks than one that
+did not); for every assignment an immediate COMPLETED status with the
 input as the result (an echo agent that costs nothing, so dispatch is what is measured), once
 its lease is fresh enough (else after the renewal of a heartbeat sent at once, as the daemon
 waits for it). A session that ends is opened again as the daemon does (at once after one that
@@ -13,13 +16,13 @@ was up, else after a full-jitter backoff; with the daemon's connect timeout). It
 it prints `messages RECEIVED SENT FAILED`, what its sessions read and wrote so far (the server
 wrote and read as many) and the connection attempts that got no session.
 
-`measure_fleet` runs, against a fresh control plane each time:
-1. two fleet sessions: dispatch rate of --fleet-tasks echo tasks (the reference);
-2. N sessions from --fleet-procs processes: the time until all are connected, the server's CPU
-   (% of one core) and resident memory over --idle-seconds of idleness, then the dispatch rate of
-   the same tasks with all N connected (every session fits, so the planner sees N candidates),
-   then kill -9 of the server and a new one on the same address and store: the time until all N
-   are ONLINE again, and the connection attempts that failed meanwhile.
+scripts/bench.py (`fleet_many`) starts two fresh control planes: one with two fleet sessions (the
+reference) and one with N sessions from --fleet-procs processes. With all N connected: the time
+until they are, the server's CPU (% of one core) and resident memory over --idle-seconds of
+idleness; then the dispatch rate of --fleet-tasks echo tasks on each plane, taking turns for
+--fleet-rounds rounds (every session fits, so the planner sees N candidates); then kill -9 of the
+N-session server and a new one on the same address and store: the time until all N are ONLINE
+again, the connection attempts that failed meanwhile and the CPU both sides used.
 """
 
 from __future__ import annotations
@@ -32,7 +35,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -186,9 +189,9 @@ class FakeWorker:
         return not self._lease or self._expires - time.monotonic() > 2 * lead
 
     async def _beats(self, busy: float, idle: float) -> None:
-        last = time.monotonic()
+        last, idle_wait = time.monotonic(), random.uniform(max(busy, 0.8 * idle), idle)
         while True:
-            wait = last + (busy if self._held else idle) - time.monotonic()
+            wait = last + (busy if self._held else idle_wait) - time.monotonic()
             if wait > 0 and not self._beat_now:
                 self._nudge.clear()
                 with contextlib.suppress(TimeoutError):
@@ -197,7 +200,7 @@ class FakeWorker:
                 continue
             self._beat_now = False
             self._held = bool(self._waiting)
-            last = time.monotonic()
+            last, idle_wait = time.monotonic(), random.uniform(max(busy, 0.8 * idle), idle)
             self._heartbeat = True
             self._wake.set()
 
@@ -277,6 +280,8 @@ class Fleet:
     # heartbeats and their lease replies
     dispatch_messages_per_100: float = 0.0
     dispatch_two_workers_messages_per_100: float = 0.0
+    # the rate with all N against the rate with two, in each round of the turns they took
+    dispatch_round_ratios: list[float] = field(default_factory=list)
     # kill -9 of the control plane with all N sessions connected and idle, and a new one on the
     # same address and store: the time from its start until all N are ONLINE again, and the
     # connection attempts that got no session meanwhile (refused, or given up after the
