@@ -172,6 +172,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--fleet-rounds",
         type=int,
+        choices=range(1, 11),
+        metavar="1-10",
         default=3,
         help="dispatch windows per fleet size, taking turns between a control plane with two "
         "sessions and one with all of them (3)",
