@@ -11,6 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -29,6 +30,9 @@ from tests.postgres import (
     postgres_or_skip,
     schema_url,
 )
+
+if TYPE_CHECKING:
+    from taskrun.cli.client import Client
 
 WORKERS = tuple(f"worker-{n}" for n in range(1, 7))
 
@@ -189,7 +193,7 @@ class Cluster:
         async with asyncio.timeout(15):
             return await task
 
-    def client(self, identity: str = "operator"):  # type: ignore[no-untyped-def]
+    def client(self, identity: str = "operator") -> Client:
         from taskrun.cli.client import Client
 
         if identity == "operator":

@@ -198,7 +198,7 @@ def test_a_refused_message_is_reported_and_the_chat_goes_on(
             popen.stdin.close()
             assert popen.wait(15) == 0
     finally:
-        for popen in (first_popen, second_popen):
-            if popen is not None and popen.poll() is None:
-                popen.kill()
-                popen.wait()
+        for started in (first_popen, second_popen):
+            if started is not None and started.poll() is None:
+                started.kill()
+                started.wait()

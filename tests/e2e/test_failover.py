@@ -17,8 +17,9 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import grpc
 import pytest
@@ -27,12 +28,14 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from taskrun.cli.client import Client, EventKind, FleetEvent, OutputReceived
 from taskrun.cli.status_cmd import cluster_status
 from taskrun.controlplane.pki import PkiPaths
-from taskrun.core.models import TaskPolicy, TaskSpec
+from taskrun.core.models import Run, Task, TaskPolicy, TaskSpec
 from taskrun.core.status import RunStatus, TaskStatus
 from tests.e2e.test_faults import Processes, attempts_never_overlap, online, until
 from tests.postgres import PostgresServer, postgres_or_skip
 
 pytestmark = pytest.mark.e2e
+
+T = TypeVar("T")
 
 
 class TwoControlPlanes(Processes):
@@ -358,7 +361,7 @@ async def test_soak_500_tasks_random_kill_9_of_the_leader_and_of_workers(
     cps: TwoControlPlanes,
 ) -> None:
     """Every task ends exactly once, no two attempts overlap, output complete."""
-    short = ("--leader-lease", "1", "--lease", "2", "--heartbeat-interval", "0.5")
+    short: tuple[str, ...] = ("--leader-lease", "1", "--lease", "2", "--heartbeat-interval", "0.5")
     short += ("--lease-margin", "0.2")
     workers = ["worker-1", "worker-2", "worker-3"]
     await leader_and_standby(cps, *short, workers=dict.fromkeys(workers, 16))
@@ -422,7 +425,7 @@ async def test_soak_500_tasks_random_kill_9_of_the_leader_and_of_workers(
         await until(all_done, within=150)
         reading = asyncio.Semaphore(32)
 
-        async def result_of(task_id: str):  # type: ignore[no-untyped-def]
+        async def result_of(task_id: str) -> tuple[Task, list[Run], dict[str, str]]:
             async with reading:
                 task, runs = await _retrying(lambda: client.get_task(task_id))
                 return task, runs, await _retrying(lambda: output_of(client, task_id))
@@ -440,7 +443,7 @@ async def test_soak_500_tasks_random_kill_9_of_the_leader_and_of_workers(
         assert outputs[completed[0].id] == texts[n], task.id
 
 
-async def _retrying(call):  # type: ignore[no-untyped-def]
+async def _retrying(call: Callable[[], Awaitable[T]]) -> T:
     """A read, repeated while a takeover is under way."""
     for _ in range(40):
         try:
@@ -452,6 +455,6 @@ async def _retrying(call):  # type: ignore[no-untyped-def]
     return await call()
 
 
-async def _submit(client: Client, specs: list[TaskSpec]):  # type: ignore[no-untyped-def]
+async def _submit(client: Client, specs: list[TaskSpec]) -> list[Task]:
     """Idempotency keys make a submission repeatable when its answer was lost to a kill."""
     return await _retrying(lambda: client.create_tasks(specs))

@@ -14,14 +14,14 @@ import random
 import signal
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 
 import pytest
 
 from taskrun.cli.client import Client, OutputReceived
 from taskrun.controlplane.pki import PkiPaths
-from taskrun.core.models import Run, Task
+from taskrun.core.models import Run, Task, Worker
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from tests import ports
 
@@ -66,7 +66,7 @@ class Processes:
         name: str,
         *args: str,
         server: str | None = None,
-        env_changes: dict[str, str | None] | None = None,
+        env_changes: Mapping[str, str | None] | None = None,
     ) -> subprocess.Popen[bytes]:
         env = dict(self.env)
         if server:
@@ -105,7 +105,7 @@ class Processes:
         allow_cwd: Path | None = None,
         *,
         flags: tuple[str, ...] = (),
-        env: dict[str, str | None] | None = None,
+        env: Mapping[str, str | None] | None = None,
     ) -> None:
         """More `flags` for `taskrun worker run`; `env` changes this worker's environment only
         (None removes a variable)."""
@@ -166,7 +166,7 @@ async def until(predicate, within: float = 20.0, every: float = 0.05) -> None:  
 async def online(client: Client, *worker_ids: str) -> None:
     async def check() -> bool:
         with contextlib.suppress(Exception):
-            workers = {w.id: w for w, _ in await client.list_workers()}
+            workers: dict[str, Worker] = {w.id: w for w, _ in await client.list_workers()}
             return all(
                 i in workers and workers[i].status is WorkerStatus.ONLINE for i in worker_ids
             )

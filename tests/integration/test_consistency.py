@@ -4,7 +4,7 @@ item in a worker's batch, and the control plane resuming by itself once writes s
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import grpc
@@ -39,12 +39,17 @@ async def until(predicate, within: float = 15.0) -> None:  # type: ignore[no-unt
             await asyncio.sleep(0.02)
 
 
+# grpc_health has no type stubs; its statuses are protobuf enum values, ints
+SERVING: int = health_pb2.HealthCheckResponse.SERVING
+NOT_SERVING: int = health_pb2.HealthCheckResponse.NOT_SERVING
+
+
 async def serving(cluster: Cluster) -> bool:
-    return await health(cluster) == health_pb2.HealthCheckResponse.SERVING
+    return await health(cluster) == SERVING
 
 
 async def not_serving(cluster: Cluster) -> bool:
-    return await health(cluster) == health_pb2.HealthCheckResponse.NOT_SERVING
+    return await health(cluster) == NOT_SERVING
 
 
 async def test_a_create_whose_commit_fails_is_unavailable_and_leaves_no_trace(
@@ -166,10 +171,13 @@ async def _raw_session(
                 return call, message.assignments[0]
 
 
-async def _read_until(call: grpc.aio.StreamStreamCall, check) -> workers_pb2.ServerMessage:  # type: ignore[no-untyped-def]
+async def _read_until(
+    call: grpc.aio.StreamStreamCall, check: Callable[[workers_pb2.ServerMessage], bool]
+) -> workers_pb2.ServerMessage:
     async with asyncio.timeout(10):
         while True:
-            message = await call.read()
+            # grpc is untyped: the stream's deserializer makes ServerMessages (or EOF)
+            message: workers_pb2.ServerMessage = await call.read()
             assert message is not grpc.aio.EOF
             if check(message):
                 return message

@@ -545,6 +545,7 @@ async def test_claude_code_cancelled_turn_followed_by_another_tells_the_session_
             # it answers: stop it (on its answer, not on output that comes before the request,
             # or the slow answer would be left for the next turn)
             if isinstance(event, OutputReceived) and "tick" in event.chunk.data and not cancelled:
+                assert event.chunk.task_id is not None
                 await client.cancel_task(event.chunk.task_id, "enough")
                 cancelled = True
             if isinstance(event, TurnEnded):

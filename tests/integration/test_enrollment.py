@@ -18,6 +18,7 @@ from structlog.testing import capture_logs
 
 from taskrun.controlplane.pki import issue_client_cert
 from taskrun.core.identity import Principal, PrincipalKind
+from taskrun.core.ids import WorkerId
 from taskrun.core.status import RunStatus, TaskStatus
 from taskrun.v1 import security_pb2 as spb
 from taskrun.v1 import security_pb2_grpc
@@ -38,9 +39,10 @@ async def create_token(
 ) -> spb.CreateBootstrapTokenResponse:
     client = cluster.client()
     stub = security_pb2_grpc.AccessServiceStub(client.channel)
-    return await stub.CreateBootstrapToken(
+    response: spb.CreateBootstrapTokenResponse = await stub.CreateBootstrapToken(
         spb.CreateBootstrapTokenRequest(ttl_seconds=600, worker_id=worker_id, labels=labels or {})
     )
+    return response
 
 
 async def start(cluster: Cluster, **overrides: object) -> None:
@@ -350,7 +352,10 @@ async def test_a_live_session_ends_when_its_certificate_expires_and_the_worker_s
     with capture_logs() as logs:
         await cluster.start_worker("worker-6", cert=cert_path, key=key_path)
         assert cluster.server is not None
-        assert cluster.server.engine.sessions["worker-6"].worker.certificate_expires_at == expires
+        assert (
+            cluster.server.engine.sessions[WorkerId("worker-6")].worker.certificate_expires_at
+            == expires
+        )
         _, runner = cluster.workers.pop("worker-6")
         assert await asyncio.wait_for(runner, 15) == 2
 

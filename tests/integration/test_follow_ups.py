@@ -60,7 +60,7 @@ async def test_continuing_when_the_sessions_worker_is_gone_uses_the_transcript(
     workdir: Path,  # noqa: F811
     cluster: Cluster,
 ) -> None:
-    await cluster.start_server()
+    server = await cluster.start_server()
     await cluster.start_worker("worker-1", agents=["claude_code"], allow_cwd=[workdir])
     client = cluster.client()
     api.enqueue(Text("ok, noted: blue"))
@@ -74,7 +74,7 @@ async def test_continuing_when_the_sessions_worker_is_gone_uses_the_transcript(
     # worker-1's disk is gone
     shutil.rmtree(Path(os.environ["HOME"]) / ".claude" / "projects")
     async with asyncio.timeout(10):
-        while "worker-1" in cluster.server.engine.sessions:  # type: ignore[union-attr,operator]
+        while "worker-1" in server.engine.sessions:
             await asyncio.sleep(0.01)
     api.enqueue(Text("Blue."))
     continued = await client.continue_task(task.id, "What is my colour?")

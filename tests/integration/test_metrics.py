@@ -10,6 +10,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client import generate_latest
 
+from taskrun.core.ids import WorkerId
 from taskrun.metrics_http import split_address
 from tests.conftest import Cluster
 from tests.integration.test_bad_input import channel
@@ -110,7 +111,7 @@ async def test_security_metrics_show_certificate_expiry_and_audit_events(
         await cluster.client("worker-1").list_workers()  # refused: a worker is no operator
 
     _, body = await scrape(server.metrics_server.port)
-    expires = server.engine.sessions["worker-1"].worker.certificate_expires_at
+    expires = server.engine.sessions[WorkerId("worker-1")].worker.certificate_expires_at
     assert expires is not None
     assert value(
         body, 'taskrun_worker_certificate_expiry_timestamp_seconds{worker="worker-1"}'

@@ -23,7 +23,7 @@ import secrets
 import shutil
 import socket
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -50,6 +50,7 @@ from taskrun.controlplane.pki import (
 )
 from taskrun.core.access import AuditEvent, AuditKind, TokenState
 from taskrun.core.identity import Principal, PrincipalKind
+from taskrun.core.ids import WorkerId
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import ChangeSet, TaskQuery
 from taskrun.v1 import (
@@ -239,7 +240,8 @@ class RawWorker:
     async def assignment(self) -> workers_pb2.RunAssignment:
         async with asyncio.timeout(10):
             while True:
-                message = await self.call.read()
+                # grpc is untyped: the stream's deserializer makes ServerMessages (or EOF)
+                message: workers_pb2.ServerMessage = await self.call.read()
                 assert message is not grpc.aio.EOF
                 if message.assignments:
                     (assigned,) = message.assignments
@@ -276,7 +278,7 @@ async def raw_worker(
             call.cancel()
 
 
-def status(run_id: str, attempt: int, value: int) -> workers_pb2.RunStatusUpdate:
+def status(run_id: str, attempt: int, value: common_pb2.RunStatus) -> workers_pb2.RunStatusUpdate:
     return workers_pb2.RunStatusUpdate(run_id=run_id, attempt=attempt, status=value)
 
 
@@ -581,7 +583,7 @@ async def retried_on(raw: RawWorker, admin: Client) -> tuple[str, workers_pb2.Ru
     return task.id, second
 
 
-def assert_rejected_in_log(logs: list[dict[str, Any]], run_id: str, what: set[str]) -> None:
+def assert_rejected_in_log(logs: Sequence[Mapping[str, Any]], run_id: str, what: set[str]) -> None:
     rejected = [e for e in logs if e["event"] == "report rejected" and e["run_id"] == run_id]
     assert {e["what"] for e in rejected} == what
     assert all(e["worker_id"] == "worker-4" and "not current" in e["reason"] for e in rejected)
@@ -670,7 +672,7 @@ async def test_a_rotated_server_certificate_is_served_to_new_handshakes_while_st
     copy = await start_on_copied_pki(cluster, tmp_path)
     server = running(cluster)
     await cluster.start_worker("worker-1")
-    session = server.engine.sessions["worker-1"].session_id
+    session = server.engine.sessions[WorkerId("worker-1")].session_id
     old = cert_serial(copy.server_cert)
     assert await asyncio.to_thread(presented_serial, cluster.port, cluster.pki) == old
 
@@ -682,13 +684,13 @@ async def test_a_rotated_server_certificate_is_served_to_new_handshakes_while_st
     assert await asyncio.to_thread(presented_serial, cluster.public_port, cluster.pki) == new
     assert [s.serial for s in server.tls_sources] == [new, new]
     # the worker's stream, opened under the old certificate, carries on
-    assert server.engine.sessions["worker-1"].session_id == session
+    assert server.engine.sessions[WorkerId("worker-1")].session_id == session
     fresh = cluster.client()  # a new connection, verifying the new certificate
     task = await fresh.create_task("echo", {"text": "after rotation"})
     assert (await fresh.wait(task.id)).status is TaskStatus.COMPLETED
     _, runs = await fresh.get_task(task.id)
     assert [r.worker_id for r in runs] == ["worker-1"]
-    assert server.engine.sessions["worker-1"].session_id == session
+    assert server.engine.sessions[WorkerId("worker-1")].session_id == session
 
 
 async def test_a_half_written_rotation_keeps_serving_the_old_certificate(

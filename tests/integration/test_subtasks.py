@@ -10,7 +10,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 import pytest
@@ -359,6 +359,13 @@ async def test_cancelling_a_parent_cancels_its_whole_tree_in_one_change(cluster:
         assert run.status is RunStatus.CANCELLED
 
 
+class SubtaskBudget(TypedDict, total=False):
+    """A sub-task budget, as keyword arguments of Client.create_task."""
+
+    max_subtasks: int
+    subtask_budget_usd: float
+
+
 async def test_allow_subtasks_needs_the_http_api_and_budgets_need_allow_subtasks(
     cluster: Cluster,
 ) -> None:
@@ -373,9 +380,13 @@ async def test_allow_subtasks_needs_the_http_api_and_budgets_need_allow_subtasks
         await admin.create_task("echo", {}, max_subtasks=3)
     assert bare_budget.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert "policy.max_subtasks" in (bare_budget.value.details() or "")
-    for name, value in (("max_subtasks", -1), ("subtask_budget_usd", float("nan"))):
+    bad_budgets = (
+        ("max_subtasks", SubtaskBudget(max_subtasks=-1)),
+        ("subtask_budget_usd", SubtaskBudget(subtask_budget_usd=float("nan"))),
+    )
+    for name, budget in bad_budgets:
         with pytest.raises(grpc.aio.AioRpcError) as bad:
-            await admin.create_task("echo", {}, allow_subtasks=True, **{name: value})
+            await admin.create_task("echo", {}, allow_subtasks=True, **budget)
         assert bad.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert f"policy.{name}" in (bad.value.details() or "")
     assert (await admin.list_tasks())[0] == []

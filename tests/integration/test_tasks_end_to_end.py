@@ -207,7 +207,7 @@ async def test_worker_reconnects_after_server_restart_and_keeps_its_run(cluster:
 
 
 async def test_workers_list_shows_connected_workers(cluster: Cluster) -> None:
-    await cluster.start_server()
+    server = await cluster.start_server()
     await cluster.start_worker("worker-1", capacity=3, labels={"zone": "eu"})
     client = cluster.client()
     workers = await client.list_workers()
@@ -219,7 +219,7 @@ async def test_workers_list_shows_connected_workers(cluster: Cluster) -> None:
     assert [a.name for a in worker.agents] == ["echo"]
     assert runs == []
     await cluster.stop_worker("worker-1")
-    await wait_for(lambda: "worker-1" not in cluster.server.engine.sessions)  # type: ignore[union-attr,operator]
+    await wait_for(lambda: "worker-1" not in server.engine.sessions)
     worker, _ = await client.get_worker("worker-1")
     assert worker.status is WorkerStatus.OFFLINE
 

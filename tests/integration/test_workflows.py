@@ -8,7 +8,7 @@ import io
 import json
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import grpc
 import pytest
@@ -621,6 +621,13 @@ steps:
     await client.cancel_workflow_run(run.id)
 
 
+class Every(TypedDict):
+    """When a schedule fires, as keyword arguments of Schedule."""
+
+    timezone: str
+    rrule: str
+
+
 async def test_a_schedule_starts_a_workflow_at_each_occurrence_once(cluster: Cluster) -> None:
     from taskrun.core.schedule import OverlapPolicy, Schedule
 
@@ -637,7 +644,7 @@ async def test_a_schedule_starts_a_workflow_at_each_occurrence_once(cluster: Clu
         info.value.details()
         == "schedule.workflow: no workflow 'nope' (workflows: later, two-steps)"
     )
-    every = dict(timezone="UTC", rrule="FREQ=SECONDLY")
+    every = Every(timezone="UTC", rrule="FREQ=SECONDLY")
     await client.create_schedule(
         Schedule(name="tick", agent="", workflow="two-steps", input='{"topic": "t"}', **every)
     )

@@ -143,7 +143,7 @@ def test_a_readiness_check_that_raises_makes_the_agent_unavailable_not_the_worke
         def readiness(self) -> Readiness:
             raise RuntimeError("boom")
 
-    [spec] = announce({"broken": Broken()})  # type: ignore[dict-item]
+    [spec] = announce({"broken": Broken()})
     assert spec.unavailable_reason == "its readiness check failed: boom"
 
 

@@ -13,10 +13,11 @@ from taskrun.cli import credentials as creds
 from taskrun.cli import main as cli
 from taskrun.cli import server_cmd, task_cmd, worker_cmd
 from taskrun.cli.client import Client
-from taskrun.cli.dev import ready_message, resolve_listen, split_host_port
-from taskrun.cli.exits import exit_code_for_task
+from taskrun.cli.dev import ready_message, resolve_listen
+from taskrun.cli.exits import CliError, describe_rpc_error, exit_code_for_status, exit_code_for_task
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.status import TaskStatus, WorkerStatus
+from taskrun.ports import split_host_port
 
 TASKRUN_VARS = (
     "TASKRUN_SERVER",
@@ -388,12 +389,12 @@ def test_idle_heartbeat_interval_flag_default_and_off() -> None:
 
 
 def test_an_idle_heartbeat_interval_shorter_than_the_busy_one_is_refused() -> None:
-    with pytest.raises(cli.CliError, match=r"idle_heartbeat_interval \(0.5s\) must be 0 \(off\)"):
+    with pytest.raises(CliError, match=r"idle_heartbeat_interval \(0.5s\) must be 0 \(off\)"):
         server_cmd.server_config(parse("server", "--idle-heartbeat-interval", "0.5"))
 
 
 def test_a_heartbeat_interval_too_long_for_the_lease_is_refused() -> None:
-    with pytest.raises(cli.CliError, match=r"at most a third of lease_duration"):
+    with pytest.raises(CliError, match=r"at most a third of lease_duration"):
         server_cmd.server_config(parse("server", "--heartbeat-interval", "2", "--lease", "4"))
 
 
@@ -541,7 +542,7 @@ def test_certs_worker_refuses_a_clashing_id(
     ],
 )
 def test_exit_code_for_status(code: grpc.StatusCode, exit_code: int) -> None:
-    assert cli.exit_code_for_status(code) == exit_code
+    assert exit_code_for_status(code) == exit_code
 
 
 def test_exit_code_for_a_followed_task() -> None:
@@ -551,13 +552,13 @@ def test_exit_code_for_a_followed_task() -> None:
 
 
 def test_unavailable_asks_whether_the_server_runs() -> None:
-    text = cli.describe_rpc_error(rpc_error(grpc.StatusCode.UNAVAILABLE, "refused"), "h:1")
+    text = describe_rpc_error(rpc_error(grpc.StatusCode.UNAVAILABLE, "refused"), "h:1")
     assert text.startswith("error: UNAVAILABLE: refused\n")
     assert "is the server running at h:1?" in text
 
 
 def test_a_call_the_server_cancelled_says_so_and_what_may_have_happened() -> None:
-    text = cli.describe_rpc_error(rpc_error(grpc.StatusCode.CANCELLED, "CANCELLED"), "h:1")
+    text = describe_rpc_error(rpc_error(grpc.StatusCode.CANCELLED, "CANCELLED"), "h:1")
     assert text.startswith("error: CANCELLED: CANCELLED\nthe server at h:1 ended the call")
     assert "whether it took effect is unknown" in text
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import random
 import time
 
 import pytest
@@ -184,8 +185,9 @@ def test_ids_are_the_26_base32_digits_of_time_and_randomness_most_significant_fi
     )
     for ms, rnd in edges:
         monkeypatch.setattr(ids, "_last", (-1, "", 0))  # a fresh process
-        monkeypatch.setattr(ids.time, "time_ns", lambda ms=ms: ms * 1_000_000)
-        monkeypatch.setattr(ids.random, "getrandbits", lambda _bits, rnd=rnd: rnd)
+        # ids calls both through their modules, so patching the modules reaches it
+        monkeypatch.setattr(time, "time_ns", lambda ms=ms: ms * 1_000_000)
+        monkeypatch.setattr(random, "getrandbits", lambda _bits, rnd=rnd: rnd)
         assert ids._sortable("") == digits(ms << 80 | rnd)
 
 
@@ -196,7 +198,7 @@ def test_ids_increase_in_the_order_made_within_a_millisecond_and_when_the_clock_
 
     now = [1_700_000_000_000]
     monkeypatch.setattr(ids, "_last", (-1, "", 0))  # a fresh process
-    monkeypatch.setattr(ids.time, "time_ns", lambda: now[0] * 1_000_000)
+    monkeypatch.setattr(time, "time_ns", lambda: now[0] * 1_000_000)
     made = [new_task_id() for _ in range(2000)]  # all in one millisecond
     now[0] -= 5_000  # the clock steps back five seconds
     made += [new_task_id() for _ in range(100)]

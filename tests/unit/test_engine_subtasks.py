@@ -36,7 +36,7 @@ def attach(e: Engine, held: tuple[str, ...] = ()) -> list[wpb.RunAssignment]:
     worker = Worker(WorkerId("w-1"), agents=(AgentSpec("echo"),), max_concurrent_runs=4)
     hello = wpb.WorkerHello(worker_id="w-1", held_runs=[wpb.HeldRun(run_id=r) for r in held])
     session = e.attach(worker, hello)
-    return session._assignments  # type: ignore[attr-defined,no-any-return]
+    return session._assignments
 
 
 async def until(predicate, within: float = 5.0) -> None:  # type: ignore[no-untyped-def]

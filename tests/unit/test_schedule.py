@@ -22,8 +22,10 @@ from taskrun.core.schedule import (
 NOW = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
 
 
-def utc(*args: int) -> datetime:
-    return datetime(*args, tzinfo=UTC)  # type: ignore[misc]
+def utc(
+    year: int, month: int, day: int, hour: int = 0, minute: int = 0, second: int = 0
+) -> datetime:
+    return datetime(year, month, day, hour, minute, second, tzinfo=UTC)
 
 
 def sched(
@@ -267,7 +269,7 @@ def test_valid_schedule_comes_back_canonical() -> None:
     assert got.policy.timeout is None
 
 
-BAD = {
+BAD: dict[str, tuple[dict[str, object], str, str]] = {
     "cron_four_fields": (dict(cron="* * * *"), "cron", "has 4 fields"),
     "cron_six_fields": (dict(cron="0 * * * * *"), "cron", "has 6 fields"),
     "cron_out_of_range": (dict(cron="61 * * * *"), "cron", "not a valid cron"),
