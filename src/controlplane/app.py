@@ -98,6 +98,11 @@ KEEPALIVE_OPTIONS = [
 ]
 
 
+# Before grpc's stop: wait until no call has arrived for QUIET_GAP seconds, at most QUIET_AT_MOST.
+QUIET_GAP = 0.05
+QUIET_AT_MOST = 1.0
+
+
 @dataclass
 class RunningServer:
     """A started control plane; `port` is the bound port (useful with port 0)."""
@@ -116,6 +121,7 @@ class RunningServer:
     http_server: HttpServer | None = None  # None unless config.http_listen
     webhooks: WebhookDispatcher | None = None
     workflows: WorkflowExecutor | None = None
+    guard: RequestGuard | None = None
 
     @property
     def http_port(self) -> int:
@@ -135,6 +141,11 @@ class RunningServer:
         if self.webhooks is not None:
             await self.webhooks.stop()
         await self.engine.stop()
+        if self.guard is not None:
+            # grpc's stop cancels the calls it accepted but has not handed over yet (CANCELLED,
+            # which clients take as final): let those arrive first, and be refused UNAVAILABLE
+            # or served, while streams hold their callers (no one comes back yet).
+            await self.guard.quiet(QUIET_GAP, at_most=QUIET_AT_MOST)
         servers = (self.server, self.public_server)
         stopping = [asyncio.create_task(s.stop(grace)) for s in servers if s is not None]
         # One turn of the loop lets each stop begin, and from then on a new call is refused
@@ -373,6 +384,7 @@ async def _serve(
         http_server=http_server,
         webhooks=webhooks,
         workflows=workflows,
+        guard=guard,
     )
 
 

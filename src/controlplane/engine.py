@@ -178,6 +178,10 @@ class Engine:
         self._inflight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        # Set by stop(): from then on no worker session starts and no timer is set. Calls still
+        # come in until the listener closes; a run whose worker is away stays with its lease,
+        # for the next control plane to settle, however long this one takes to stop.
+        self.stopped = False
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -285,12 +289,13 @@ class Engine:
         return subtasks.build(root, below)
 
     async def stop(self) -> None:
+        self.stopped = True
         if self._recovery is not None:
             self._recovery.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._recovery
         for session in list(self.sessions.values()):
-            session.kick("control plane shutting down")
+            session.kick(SHUTTING_DOWN)
         for handle in [*self._orphans.values(), *self._timers]:
             handle.cancel()
         await self.flush()
@@ -386,6 +391,9 @@ class Engine:
         """A commit failed (or a change could not be built): the view may hold what the store
         does not. Refuse writes, end the worker sessions, and reload once the store writes."""
         if self.store_error:
+            return
+        if self.stopped:  # the store is closing: the next control plane reloads from it
+            self.store_error = SHUTTING_DOWN
             return
         if isinstance(error, StoreUnavailable | Unavailable):
             reason = str(error)
@@ -993,6 +1001,8 @@ class Engine:
             self._timers.discard(handle)
             callback(*args)
 
+        if self.stopped:
+            return
         handle = loop.call_later(delay, fire)
         self._timers.add(handle)
 
@@ -1239,6 +1249,8 @@ class Engine:
 
         The session's lease starts now: the worker counts it from when it sent the hello.
         """
+        if self.stopped:
+            raise Unavailable(SHUTTING_DOWN)
         self._check_writable()
         old = self.sessions.pop(worker.id, None)
         if old is not None:
@@ -1425,6 +1437,8 @@ class Engine:
         """`run`'s worker is away: end the run (LOST, retried per policy) at `deadline`
         (time.monotonic()) unless the worker reclaims it first."""
         self._forget_orphan(run.id)
+        if self.stopped:
+            return
         loop = asyncio.get_running_loop()
         self._orphans[run.id] = loop.call_later(
             max(0.0, deadline - time.monotonic()), self._orphan_expired, run.id, run.attempt
@@ -1980,6 +1994,8 @@ def _snapshot(task: Task) -> Task:
 
 
 _RUN_STATUSES: Final = {int(s): s for s in RunStatus}  # a lookup per report, not an Enum call
+
+SHUTTING_DOWN = "the control plane is shutting down; reconnect shortly"
 
 # How long past two leases a cancelled run's last report is awaited: a worker stops a cancelled
 # run at once, but its report may wait for the worker's next session.

@@ -101,6 +101,10 @@ class FollowHub:
             sub.wakeup.set()
         return sub
 
+    def following(self, task_id: TaskId) -> int:
+        """How many streams follow `task_id` now."""
+        return len(self._subs.get(task_id, ()))
+
     def close(self) -> None:
         """The control plane stops: every follower's wait ends (after what is buffered), so
         its stream ends at once instead of holding the server's shutdown for its grace."""

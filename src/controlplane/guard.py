@@ -11,13 +11,16 @@ It makes three promises no handler has to remember:
   with a fixed message and one log line (never a traceback or a Python name in the reply).
 
 It also names the method being served (`current_method`), so that audit rows can say which call
-was refused.
+was refused, and notes when a call last arrived (`quiet`), so that a stopping server can wait
+for the calls grpc has accepted but not yet handed over (grpc's shutdown cancels those).
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import inspect
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -122,12 +125,27 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self.noted = LogLimiter(log, limit=10, window=10.0)
         # a method's handler is the same object call after call: wrap it once
         self._wrapped: dict[str, tuple[grpc.RpcMethodHandler, grpc.RpcMethodHandler]] = {}
+        self._last_arrival = 0.0  # time.monotonic() when the latest call was handed to us
+
+    async def quiet(self, gap: float, at_most: float) -> None:
+        """Return once no call has arrived for `gap` seconds (or after `at_most`).
+
+        grpc accepts calls faster than its Python loop hands them over, and its shutdown cancels
+        those still queued (CANCELLED, which a client takes as final). A gap with no arrival
+        means the queue has drained."""
+        deadline = time.monotonic() + at_most
+        while (now := time.monotonic()) < deadline:
+            wait = self._last_arrival + gap - now
+            if wait <= 0:
+                return
+            await asyncio.sleep(min(wait, deadline - now))
 
     async def intercept_service(
         self,
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
+        self._last_arrival = time.monotonic()
         handler = await continuation(details)
         if handler is None:
             return handler

@@ -173,3 +173,35 @@ async def test_followers_that_come_back_at_once_while_the_server_stops_are_refus
                 await asyncio.gather(*loops)
     assert ended["UNAVAILABLE"] >= 90
     assert set(ended) == {"UNAVAILABLE"}, ended
+
+
+async def test_followers_arriving_as_the_server_stops_are_refused_unavailable(
+    cluster: Cluster,
+) -> None:
+    """Sixty followers open their streams at once and the server stops as the first is served.
+    grpc's stop cancels (CANCELLED) the calls it has accepted but not handed over yet, and the
+    others were still being handed over, one by one: the server lets them all arrive first, so
+    every one ends UNAVAILABLE (follow again), none CANCELLED."""
+    server = await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    long = await cluster.client().create_task("echo", {"text": "ab", "chunks": 2, "delay": 60})
+    ended: collections.Counter[str] = collections.Counter()
+
+    async def follow(stub: tasks_pb2_grpc.TaskServiceStub) -> None:
+        call = stub.FollowTask(tasks_pb2.FollowTaskRequest(task_id=long.id, follow=True))
+        try:
+            async for _ in call:
+                pass
+        except grpc.aio.AioRpcError as exc:
+            ended[exc.code().name] += 1
+
+    async with channel(cluster) as ch:
+        await ch.channel_ready()
+        stub = tasks_pb2_grpc.TaskServiceStub(ch)
+        followers = [asyncio.create_task(follow(stub)) for _ in range(60)]
+        while not server.engine.hub.following(long.id):
+            await asyncio.sleep(0)
+        await server.stop(grace=5.0)
+        cluster.server = None
+        await asyncio.gather(*followers)
+    assert ended == {"UNAVAILABLE": 60}

@@ -6,6 +6,7 @@ import asyncio
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
 from taskrun.core.agent import AgentResult, RunContext
 from taskrun.core.models import AgentSpec
@@ -214,3 +215,37 @@ async def test_an_assignment_the_worker_may_never_have_read_is_sent_again_on_its
     assert [(a.run_id, a.attempt) for a in again] == [(sent[0].run_id, 1)]  # same run, not lost
     _, runs = await client.get_task(task.id)
     assert [r.status for r in runs] == [RunStatus.ASSIGNED]
+
+
+async def test_a_stopping_control_plane_neither_takes_workers_back_nor_gives_up_their_runs(
+    cluster: Cluster,
+) -> None:
+    """Between the engine's stop and the listener closing, a kicked worker comes back at once.
+    The stopping control plane refuses it (UNAVAILABLE: try again) instead of starting a session
+    nobody would end (it held the stop for the whole grace), and it never declares the run lost
+    while it stops, however long that takes: the next control plane finds the run where it was."""
+    server = await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    task = await client.create_task("echo", {"text": "ab", "chunks": 2, "delay": 60})
+    await wait_for(lambda: bool(cluster.workers["worker-1"][0].runs))
+
+    with capture_logs() as logs:
+        await server.engine.stop()
+        # the worker retries every 0.1-0.25 s; the lease (2 s) plus margin runs out meanwhile
+        await asyncio.sleep(3.0)
+        assert server.engine.sessions == {}
+        await cluster.stop_server()
+    lost = [e for e in logs if e["event"] == "run ended without success"]
+    assert lost == []
+    refused = [e for e in logs if "UNAVAILABLE: the control plane is shutting down" in str(e)]
+    assert refused, "the worker came back and was told to try again"
+
+    # Stopping took longer than the lease, so the worker stopped the run itself. The next
+    # control plane hears that from it and starts the second attempt (none was started twice).
+    await cluster.start_server()
+    await cluster.wait_registered("worker-1")
+    _, runs = await client.get_task(task.id)
+    assert [(r.attempt, r.status) for r in runs][:1] == [(1, RunStatus.CANCELLED)]
+    assert "worker's lease ran out" in runs[0].error
+    assert [r.attempt for r in runs] == [1, 2]
