@@ -135,6 +135,20 @@ async def test_a_stopping_server_ends_followers_and_watchers_unavailable_at_once
     assert stopped_in < 15.0, f"the stop waited {stopped_in:.1f}s of its 30s grace"
 
 
+async def follow_once(
+    stub: tasks_pb2_grpc.TaskServiceStub, task_id: str, ended: collections.Counter[str]
+) -> str:
+    """Follow until the stream ends; count its status code in `ended`, return its details."""
+    call = stub.FollowTask(tasks_pb2.FollowTaskRequest(task_id=task_id, follow=True))
+    try:
+        async for _ in call:
+            pass
+    except grpc.aio.AioRpcError as exc:
+        ended[exc.code().name] += 1
+        return exc.details() or ""
+    return ""
+
+
 async def test_followers_that_come_back_at_once_while_the_server_stops_are_refused_unavailable(
     cluster: Cluster,
 ) -> None:
@@ -149,14 +163,8 @@ async def test_followers_that_come_back_at_once_while_the_server_stops_are_refus
 
     async def again_and_again(stub: tasks_pb2_grpc.TaskServiceStub, until: asyncio.Event) -> None:
         while not until.is_set():
-            call = stub.FollowTask(tasks_pb2.FollowTaskRequest(task_id=long.id, follow=True))
-            try:
-                async for _ in call:
-                    pass
-            except grpc.aio.AioRpcError as exc:
-                ended[exc.code().name] += 1
-                if "refused" in (exc.details() or ""):
-                    await asyncio.sleep(0.01)  # the listener is closed: no race left
+            if "refused" in await follow_once(stub, long.id, ended):
+                await asyncio.sleep(0.01)  # the listener is closed: no race left
 
     with busy_cpus():
         for _ in range(3):
@@ -187,18 +195,10 @@ async def test_followers_arriving_as_the_server_stops_are_refused_unavailable(
     long = await cluster.client().create_task("echo", {"text": "ab", "chunks": 2, "delay": 60})
     ended: collections.Counter[str] = collections.Counter()
 
-    async def follow(stub: tasks_pb2_grpc.TaskServiceStub) -> None:
-        call = stub.FollowTask(tasks_pb2.FollowTaskRequest(task_id=long.id, follow=True))
-        try:
-            async for _ in call:
-                pass
-        except grpc.aio.AioRpcError as exc:
-            ended[exc.code().name] += 1
-
     async with channel(cluster) as ch:
         await ch.channel_ready()
         stub = tasks_pb2_grpc.TaskServiceStub(ch)
-        followers = [asyncio.create_task(follow(stub)) for _ in range(60)]
+        followers = [asyncio.create_task(follow_once(stub, long.id, ended)) for _ in range(60)]
         while not server.engine.hub.following(long.id):
             await asyncio.sleep(0)
         await server.stop(grace=5.0)
