@@ -994,15 +994,15 @@ class Engine:
             self.request_dispatch()
 
     def _later(self, delay: float, callback: Callable[..., None], *args: object) -> None:
-        """A timer the engine cancels when it stops."""
+        """A timer the engine cancels when it stops (and none once it has stopped)."""
+        if self.stopped:
+            return
         loop = asyncio.get_running_loop()
 
         def fire() -> None:
             self._timers.discard(handle)
             callback(*args)
 
-        if self.stopped:
-            return
         handle = loop.call_later(delay, fire)
         self._timers.add(handle)
 
