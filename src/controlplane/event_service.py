@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import grpc
@@ -21,6 +22,11 @@ log = structlog.get_logger(__name__)
 
 MAX_ID = 128
 REPLAY_PAGE = 1000
+# How long a new watcher waits for a commit that was under way when it came (its changes reach
+# the watcher from the log): longer means the database is in trouble, and the watcher is told
+# to come back.
+CATCH_UP_WAIT = 10.0
+LOG_BEHIND = "the event log is behind: a commit is taking long; watch again in a moment"
 
 
 def watch_filter(request: epb.WatchEventsRequest) -> Filter:
@@ -55,15 +61,18 @@ class EventService(events_pb2_grpc.EventServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         engine = self.engine
         # Subscribe and take the snapshot in one step (no await between): every change after
-        # the snapshot reaches the subscription.
+        # the snapshot reaches the subscription, live or, when its commit was already under
+        # way, from the log (`_catch_up`).
         sub = engine.events.subscribe(wanted)
+        captured = engine.events.position
         log.info(
             "event watcher connected", by=str(principal), subscribers=engine.events.subscribers
         )
         last = 0  # the newest logged position delivered: live events up to it were replayed
         try:
             if request.after_position:
-                async for event in self._replay(request.after_position, wanted, context):
+                await self._check_resumable(request.after_position, context)
+                async for event in self._catch_up(request.after_position, captured, wanted):
                     last = event.position
                     if event.kind:  # not the marker of the end of the replay
                         yield event
@@ -71,7 +80,13 @@ class EventService(events_pb2_grpc.EventServiceServicer):
                 for event in engine.events.snapshot(
                     engine.workers.values(), engine.tasks.values(), engine.runs, wanted
                 ):
+                    last = event.position  # SNAPSHOT_END's: the log's position it is current to
                     yield event
+                if captured > last:  # changes in the snapshot whose commit was under way
+                    async for event in self._catch_up(last, captured, wanted):
+                        last = event.position
+                        if event.kind:
+                            yield event
             while True:
                 try:
                     events = await self.auth.until_revoked(principal, context, sub.wait())
@@ -85,18 +100,16 @@ class EventService(events_pb2_grpc.EventServiceServicer):
                 for event in events:
                     if not event.position or event.position > last:
                         yield event
+        except TimeoutError:
+            await context.abort(grpc.StatusCode.UNAVAILABLE, LOG_BEHIND)
         finally:
             engine.events.unsubscribe(sub)
 
-    async def _replay(
-        self, after: int, wanted: Filter, context: grpc.aio.ServicerContext
-    ) -> AsyncIterator[epb.Event]:
-        """The logged events after `after` that `wanted` matches, then a marker event (kind 0)
-        carrying the last position read."""
-        store = self.engine.store
+    async def _check_resumable(self, after: int, context: grpc.aio.ServicerContext) -> None:
+        """FAILED_PRECONDITION unless the log holds every event after `after`."""
         if after < 0:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "after_position: is negative")
-        oldest, newest = await store.event_positions()
+        oldest, newest = await self.engine.store.event_positions()
         if after > newest:
             await context.abort(
                 grpc.StatusCode.FAILED_PRECONDITION,
@@ -109,7 +122,17 @@ class EventService(events_pb2_grpc.EventServiceServicer):
                 f"after_position: the event log no longer holds the events after {after} (it "
                 f"starts at {oldest}); watch with a snapshot instead",
             )
-        last = after
+
+    async def _catch_up(
+        self, after: int, captured: int, wanted: Filter
+    ) -> AsyncIterator[epb.Event]:
+        """The logged events after `after` that `wanted` matches, through at least `captured`
+        (the changes captured before the subscription, which it does not get live: their
+        commit may still be under way, so this waits for it), then a marker event (kind 0)
+        carrying the last position read. TimeoutError when that commit takes over
+        CATCH_UP_WAIT."""
+        store = self.engine.store
+        last, waited = after, False
         while True:
             page = await store.read_events(last, REPLAY_PAGE)
             events = [
@@ -122,8 +145,13 @@ class EventService(events_pb2_grpc.EventServiceServicer):
                 yield event
             if page:
                 last = page[-1].position
-            if len(page) < REPLAY_PAGE:
+            if len(page) == REPLAY_PAGE:
+                continue
+            if last >= captured or waited:
                 break
+            async with asyncio.timeout(CATCH_UP_WAIT):
+                await self.engine.events.logged_through(captured)
+            waited = True  # read once more: the log now holds all it ever will up to `captured`
         yield epb.Event(position=last)
 
     async def _with_output(self, events: list[epb.Event]) -> None:

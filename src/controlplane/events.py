@@ -127,6 +127,7 @@ class EventHub:
         self._observers: list[Observer] = []
         self.position = 0  # the last position given to a logged event
         self.committed = 0  # the last position of a committed one
+        self._commits: list[asyncio.Future[None]] = []  # logged_through() waiting for news
 
     # --- producers (the engine) --------------------------------------------------------------
 
@@ -202,6 +203,7 @@ class EventHub:
             return
         if captured.logged:
             self.committed = captured.logged[-1].position
+            self._wake()
         for sub in self._subs:
             for kind, task_id, worker_id, event in captured.events:
                 if sub.filter.wants(kind, task_id, worker_id):
@@ -210,6 +212,24 @@ class EventHub:
     def restart(self, newest: int) -> None:
         """The log's newest position, as the store holds it (at start and after recovery)."""
         self.position = self.committed = newest
+        self._wake()
+
+    async def logged_through(self, position: int) -> None:
+        """Return once the events up to `position` are committed, or never will be (their commit
+        failed and the log restarted below them), or the log is closed.
+
+        A subscription gets live only the changes captured after it was made: those captured
+        before, whose commit was still under way, it must read from the log, after this."""
+        while self.committed < position <= self.position and not self._closed:
+            news: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            self._commits.append(news)
+            await news
+
+    def _wake(self) -> None:
+        waiting, self._commits = self._commits, []
+        for news in waiting:
+            if not news.done():
+                news.set_result(None)
 
     def announce_inbox_item(self, item: InboxItem) -> None:
         """a new inbox item, announced by the workflow executor once it is durable."""
@@ -238,6 +258,7 @@ class EventHub:
     def close(self) -> None:
         """The control plane stops: every watcher's wait ends (after what is buffered)."""
         self._closed = True
+        self._wake()
         for sub in self._subs:
             sub.closed = True
             sub.wakeup.set()

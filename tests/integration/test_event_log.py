@@ -91,6 +91,64 @@ async def test_a_position_the_log_does_not_hold_is_refused(cluster: Cluster) -> 
     assert "after_position" in (refused.value.details() or "")
 
 
+@pytest.mark.parametrize("resume", [True, False], ids=["after_position", "snapshot"])
+async def test_a_change_whose_commit_is_under_way_when_a_watcher_comes_reaches_it(
+    cluster: Cluster, postgres_url: str, resume: bool
+) -> None:
+    """A watcher that comes while a commit is under way gets that commit's changes too, from
+    the log: its positions go on one after another, whether it resumed after a position or
+    started from a snapshot. The commit is held by a real lock on the event table."""
+    import psycopg
+
+    server = await cluster.start_server(store=postgres_url)
+    engine = server.engine
+    client = cluster.client()
+    await client.create_task("echo", {"text": "before"}, allow_unknown_agent=True)
+    _, mark = await engine.store.event_positions()
+    seen: list[FleetEvent] = []
+    ended = asyncio.Event()
+
+    async def watch() -> None:
+        events = client.watch_events(after_position=mark if resume else 0, snapshot=not resume)
+        async with contextlib.aclosing(events) as stream:
+            async for event in stream:
+                seen.append(event)
+                if event.kind is EventKind.SNAPSHOT_END:
+                    ended.set()
+
+    async with await psycopg.AsyncConnection.connect(postgres_url) as holder:
+        await holder.execute("LOCK TABLE events IN EXCLUSIVE MODE")  # inserts wait, reads go on
+        stalled = asyncio.create_task(
+            client.create_task("echo", {"text": "stalled"}, allow_unknown_agent=True)
+        )
+        async with asyncio.timeout(10):
+            while engine.events.position == mark:  # captured; its commit waits on the lock
+                await asyncio.sleep(0.01)
+        watching = asyncio.create_task(watch())
+        async with asyncio.timeout(10):
+            while not engine.events.subscribers:
+                await asyncio.sleep(0.01)
+        if resume:
+            await asyncio.sleep(0.3)  # the replay reads what is committed (it waits, fixed)
+        else:
+            await asyncio.wait_for(ended.wait(), 10)
+        await holder.rollback()  # the lock goes: the commit goes through
+    held = await asyncio.wait_for(stalled, 10)
+    after = await client.create_task("echo", {"text": "after"}, allow_unknown_agent=True)
+    async with asyncio.timeout(10):
+        while not any(e.task is not None and e.task.id == after.id for e in seen):
+            await asyncio.sleep(0.01)
+    watching.cancel()
+
+    changes = [e for e in seen if not e.snapshot]
+    positions = [e.position for e in changes]
+    start = mark if resume else next(e.position for e in seen if e.kind is EventKind.SNAPSHOT_END)
+    assert start == mark
+    assert positions == list(range(mark + 1, mark + 1 + len(positions))), positions
+    changed = [e.task.id for e in changes if e.kind is EventKind.TASK_CHANGED and e.task]
+    assert changed == [held.id, after.id]
+
+
 async def test_server_sent_events_resume_with_last_event_id(cluster: Cluster) -> None:
     async with api(cluster, "admin") as http:
         await cluster.start_worker("worker-1")
