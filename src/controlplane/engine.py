@@ -392,9 +392,6 @@ class Engine:
         does not. Refuse writes, end the worker sessions, and reload once the store writes."""
         if self.store_error:
             return
-        if self.stopped:  # the store is closing: the next control plane reloads from it
-            self.store_error = SHUTTING_DOWN
-            return
         if isinstance(error, StoreUnavailable | Unavailable):
             reason = str(error)
         else:
@@ -402,6 +399,9 @@ class Engine:
         if FENCED in reason:
             reason = "the store cannot write"
         self.store_error = reason
+        if self.stopped:  # the store is closing: the next control plane reloads from it
+            log.warning("store write failed while stopping; nothing reloaded", error=str(error))
+            return
         log.error(
             "store write failed; refusing writes until the store recovers",
             error=str(error),

@@ -10,6 +10,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from structlog.testing import capture_logs
 
 from taskrun.cli.client import OutputReceived
 from taskrun.controlplane.store import eventlog
@@ -84,6 +85,39 @@ async def test_a_create_whose_commit_fails_is_unavailable_and_leaves_no_trace(
     await cluster.start_server(store=f"sqlite:{small / 'taskrun.db'}")
     same = await cluster.client().create_task("echo", {"text": "once"}, idempotency_key="nightly-1")
     assert same.id == task.id
+
+
+async def test_a_write_that_fails_while_the_control_plane_stops_is_refused_and_not_reloaded(
+    cluster: Cluster, small: Path
+) -> None:
+    """The disk fills between the engine's stop and the listener closing. The create whose
+    commit fails is UNAVAILABLE and says why; the stopping control plane reloads nothing (the
+    next one reads the store) and stops; the next one has no trace of the refused task."""
+    store = f"sqlite:{small / 'taskrun.db'}"
+    server = await cluster.start_server(store=store)
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    before = await client.create_task("echo", {"text": "before"})
+    await client.wait(before.id)
+    filler = fill(small)
+    with capture_logs() as logs:
+        await server.engine.stop()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.create_task("echo", {"text": "x" * 300_000}, idempotency_key="k-1")
+        await cluster.stop_server()
+    assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert refused.value.details() == "the store cannot write: database or disk is full"
+    assert server.engine.recoveries == 0
+    events = [e["event"] for e in logs]
+    assert "store write failed while stopping; nothing reloaded" in events
+    assert "store write failed; refusing writes until the store recovers" not in events
+
+    filler.unlink()
+    await cluster.start_server(store=store)
+    again = await client.create_task("echo", {"text": "after"}, idempotency_key="k-1")
+    assert (await client.wait(again.id)).status is TaskStatus.COMPLETED
+    listed, _ = await client.list_tasks()
+    assert {t.id for t in listed} == {before.id, again.id}
 
 
 async def test_reports_whose_commit_failed_are_resent_and_applied_once(
