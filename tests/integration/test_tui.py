@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import re
 import tempfile
@@ -16,6 +17,7 @@ from textual.notifications import Notification
 from textual.widgets import Footer, Input, Label, RichLog, Select, Static
 from textual.widgets._footer import FooterKey
 
+from taskrun.cli.client import EventKind
 from taskrun.cli.tui.app import TOAST_MARGIN, TaskRunApp
 from taskrun.cli.tui.screens import (
     AnswerScreen,
@@ -26,7 +28,7 @@ from taskrun.cli.tui.screens import (
 )
 from taskrun.cli.tui.widgets import FleetHeader, TasksTable, Transcript, WorkersTable
 from taskrun.core.agent import AgentError, AgentResult, Readiness, RunContext
-from taskrun.core.ids import RunId
+from taskrun.core.ids import RunId, TaskId
 from taskrun.core.models import AgentSpec
 from taskrun.core.status import Fault, TaskStatus
 from taskrun.worker.agents import load_agents
@@ -570,6 +572,28 @@ async def test_the_task_filter_is_shown_above_the_table_for_as_long_as_it_applie
         assert str(shown.render()) == "filter: status=running"
         assert "task filter" not in toasts(app)  # not a popup that goes away
         assert shown.region.height == 1 and shown.display
+
+
+async def test_an_event_that_arrives_as_the_app_closes_is_kept_not_an_error(
+    cluster: Cluster,
+) -> None:
+    """The event stream's worker can hand over a change after the app's widgets are gone (a
+    loaded machine, the user quitting): the app neither fails nor loses the change."""
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    app = TaskRunApp(client)
+    async with app.run_test(size=SIZE) as pilot:
+        await until(pilot.pause, lambda: app.state.synced)
+    task_id = ""
+    async with contextlib.aclosing(client.watch_events(snapshot=True)) as events:
+        async for event in events:
+            app.apply(event)  # what follow_events does with each change
+            if event.kind is EventKind.SNAPSHOT_END:
+                task_id = (await client.create_task("echo", {"text": "late"})).id
+            elif event.task and event.task.id == task_id and event.task.status.terminal:
+                break
+    assert app.state.tasks[TaskId(task_id)].status is TaskStatus.COMPLETED
 
 
 async def test_a_long_error_in_the_new_task_form_wraps_instead_of_being_cut(

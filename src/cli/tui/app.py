@@ -175,11 +175,14 @@ class TaskRunApp(App[None]):
         self.render_state()
 
     def render_state(self) -> None:
-        self.query_one(FleetHeader).refresh_from(self.state)
-        self.query_one(WorkersTable).refresh_from(self.state)
-        self.query_one(TasksTable).refresh_from(self.state)
-        self.query_one(EventsPane).refresh_from(self.state)
-        self.query_one(InboxTable).refresh_from(self.state)
+        # an event can arrive while the app closes and its widgets are already gone: the state
+        # is kept, and nothing is left to show it
+        with contextlib.suppress(NoMatches):
+            self.query_one(FleetHeader).refresh_from(self.state)
+            self.query_one(WorkersTable).refresh_from(self.state)
+            self.query_one(TasksTable).refresh_from(self.state)
+            self.query_one(EventsPane).refresh_from(self.state)
+            self.query_one(InboxTable).refresh_from(self.state)
 
     def tick(self) -> None:
         """Every second: the header's uptime and the tables' ages (data comes from events)."""
