@@ -197,9 +197,14 @@ async def test_cost_limit_stops_a_claude_code_session_on_a_worker(
     api: FakeAnthropic, cluster: Cluster, workdir: Path
 ) -> None:
     notes = str(workdir / "notes.txt")
-    # every call asks for another Read; $2 per million input tokens: $0.02 a call
+    # every call asks for another Read; $2 per million input tokens: $0.02 a call. A call
+    # takes 0.2 s, still far quicker than a real one: an instant fake lets the CLI run calls
+    # ahead of a worker on a loaded machine (6 calls were seen), which no real API does
     api.default = Text(
-        "again", input_tokens=10_000, tool_uses=(ToolUse("Read", {"file_path": notes}),)
+        "again",
+        input_tokens=10_000,
+        tool_uses=(ToolUse("Read", {"file_path": notes}),),
+        delay=0.2,
     )
     await cluster.start_server()
     await cluster.start_worker("worker-1", agents=["claude_code"], allow_cwd=[workdir])
