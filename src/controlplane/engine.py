@@ -46,7 +46,7 @@ from taskrun.controlplane.catalog import AgentCatalog
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.dispatcher import PendingQueue, PendingRun, WorkerIndex
 from taskrun.controlplane.events import Captured, EventHub
-from taskrun.controlplane.followers import FollowHub, Snapshots
+from taskrun.controlplane.followers import Followed, FollowHub
 from taskrun.controlplane.health import WorkerHealth
 from taskrun.controlplane.ratelimit import LogLimiter
 from taskrun.controlplane.runview import CurrentRuns
@@ -343,7 +343,7 @@ class Engine:
         self,
         effect: Effect | None,
         captured: Captured | None,
-        followed: Snapshots | None,
+        followed: Followed | None,
         done: asyncio.Future[None],
         future: asyncio.Future[None],
     ) -> None:

@@ -31,6 +31,13 @@ class Subscription:
     lagged: bool = False
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False  # the hub closed: what is buffered is still taken, then Unavailable
+    since: int = 0  # change sets made before it came: those kept no copy for it
+
+    def reread(self) -> None:
+        """What it would be given is not known to be committed: it reads the store again."""
+        self.items.clear()
+        self.lagged = True
+        self.wakeup.set()
 
     def push(self, item: OutputChunk | Task) -> None:
         if self.lagged:
@@ -58,34 +65,39 @@ class Subscription:
 
 # Followed tasks as a change set holds them, by id: what its commit makes durable.
 Snapshots = dict[TaskId, Task]
+# What `FollowHub.snapshot` kept of a change set: its number, and the copies (None: none followed)
+Followed = tuple[int, Snapshots | None]
 
 
 class FollowHub:
     """Followers by task. The engine publishes live objects it keeps mutating, so a task is
     snapshotted when its change set is made (`snapshot`) and that copy is what followers get
-    when the commit's effect publishes it (`publishing`): never a later, uncommitted state."""
+    when the commit's effect publishes it (`publishing`): never a later, uncommitted state.
+    A follower that came after the change set was made has no copy: it reads the store again."""
 
     def __init__(self, limit: int = 10_000) -> None:
         self._subs: dict[TaskId, set[Subscription]] = {}
         self._limit = limit
-        self._committed: Snapshots | None = None
+        self._made = 0  # change sets made (snapshot calls) so far
+        self._committed: Followed | None = None
         self._closed = False
 
-    def snapshot(self, tasks: Iterable[Task]) -> Snapshots | None:
-        """Copies of the followed ones among `tasks` (None when nobody follows them)."""
+    def snapshot(self, tasks: Iterable[Task]) -> Followed:
+        """Copies of the followed ones among `tasks`, with the change set's number."""
+        self._made += 1
         subs = self._subs
         if not subs:
-            return None
+            return self._made, None
         out: Snapshots = {}
         for task in tasks:
             if task.id in subs:
                 copied = copy.copy(task)
                 copied.usage = copy.copy(task.usage)
                 out[task.id] = copied
-        return out or None
+        return self._made, out or None
 
     @contextlib.contextmanager
-    def publishing(self, committed: Snapshots | None) -> Iterator[None]:
+    def publishing(self, committed: Followed | None) -> Iterator[None]:
         """While a commit's effect runs: a task it publishes goes out as that commit held it."""
         self._committed = committed
         try:
@@ -94,7 +106,7 @@ class FollowHub:
             self._committed = None
 
     def subscribe(self, task_id: TaskId) -> Subscription:
-        sub = Subscription(task_id, self._limit)
+        sub = Subscription(task_id, self._limit, since=self._made)
         self._subs.setdefault(task_id, set()).add(sub)
         if self._closed:
             sub.closed = True
@@ -127,7 +139,16 @@ class FollowHub:
         subs = self._subs.get(task_id)
         if not subs:
             return
-        if self._committed is not None and isinstance(item, Task):
-            item = self._committed.get(task_id, item)
+        if self._committed is None or not isinstance(item, Task):
+            for sub in subs:
+                sub.push(item)
+            return
+        made, copies = self._committed
+        kept = copies.get(task_id) if copies else None
         for sub in subs:
-            sub.push(item)
+            if kept is not None:
+                sub.push(kept)
+            elif sub.since >= made:  # came after the change set was made: the live task may
+                sub.reread()  # already hold a later change that is not durable
+            else:
+                sub.push(item)

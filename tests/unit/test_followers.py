@@ -63,3 +63,28 @@ async def test_a_follower_gets_the_task_as_committed_not_a_later_uncommitted_sta
     await cancel
     assert [i for i in subs[0].items if isinstance(i, Task)][-1].status is TaskStatus.CANCELLED
     await engine.stop()
+
+
+async def test_a_follower_that_comes_while_the_commit_is_under_way_rereads_the_store() -> None:
+    """Nobody followed the task when its change was made, so no copy of it was kept: the live
+    task may already hold a later change that is not durable. A follower that came meanwhile
+    is told to read the store again (which holds exactly what was committed) instead."""
+    store = OneAtATime()
+    engine = Engine(store, ServerConfig(store="memory"))
+    await engine.start()
+    create = asyncio.ensure_future(engine.create_tasks([TaskSpec(agent="echo", input="{}")]))
+    await settle()
+    (task_id,) = engine.tasks
+    sub = engine.hub.subscribe(task_id)  # after the create was made, before it is durable
+    cancel = asyncio.ensure_future(engine.cancel_task(task_id, "changed my mind"))
+    await settle()
+    assert len(store.releases) == 2  # the view says CANCELLED; the store has nothing yet
+    store.releases[0].set()
+    await create
+    items, reread = await sub.wait()
+    assert reread and items == []  # not the live task, which says CANCELLED already
+    store.releases[1].set()
+    await cancel
+    items, reread = await sub.wait()
+    assert [i.status for i in items if isinstance(i, Task)] == [TaskStatus.CANCELLED]
+    await engine.stop()
