@@ -90,12 +90,15 @@ class RunService(workers_pb2_grpc.RunServiceServicer):
         request_iterator: AsyncIterator[workers_pb2.WorkerMessage],
         context: grpc.aio.ServicerContext,
     ) -> None:
-        worker_id = await self.auth.worker(context)
+        # The hello is read before the certificate is checked: a refusal that reaches the client
+        # before its first write makes that write fail with grpc's own INTERNAL ("Internal
+        # error from Core") or "RPC already finished", and the reason is lost to it.
         try:
             first = await asyncio.wait_for(context.read(), HELLO_TIMEOUT)
         except TimeoutError:
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "no hello within 10s")
             return
+        worker_id = await self.auth.worker(context)
         if first is grpc.aio.EOF or not first.HasField("hello"):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "hello: the first message must be a hello"

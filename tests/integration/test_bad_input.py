@@ -336,9 +336,13 @@ async def test_worker_certificate_cannot_call_operator_services(cluster: Cluster
     assert await count_tasks(cluster) == 0
 
 
-async def _open_session(cluster: Cluster, identity: str, hello: workers_pb2.WorkerHello) -> None:
+async def _open_session(
+    cluster: Cluster, identity: str, hello: workers_pb2.WorkerHello, pause: float = 0.0
+) -> None:
+    """Open a worker session and send `hello`, `pause` seconds after opening (a slow client)."""
     async with channel(cluster, identity) as ch:
         call = workers_pb2_grpc.RunServiceStub(ch).StreamConnect()
+        await asyncio.sleep(pause)
         await call.write(workers_pb2.WorkerMessage(hello=hello))
         await call.read()
 
@@ -355,11 +359,19 @@ async def test_hello_with_another_workers_id_is_permission_denied(cluster: Clust
     assert cluster.server is not None and not cluster.server.engine.workers
 
 
-async def test_operator_certificate_cannot_open_a_worker_session(cluster: Cluster) -> None:
+@pytest.mark.parametrize("pause", [0.0, 0.3], ids=["at once", "hello sent late"])
+async def test_operator_certificate_cannot_open_a_worker_session(
+    cluster: Cluster, pause: float
+) -> None:
+    """PERMISSION_DENIED, also for a client whose hello leaves after the server could have
+    refused: a refusal before the client's first write turns that write into grpc's own
+    INTERNAL ("Internal error from Core"), which says nothing of why."""
     await cluster.start_server()
     hello = workers_pb2.WorkerHello(worker_id="admin", max_concurrent_runs=1)
     await expect(
-        _open_session(cluster, "operator", hello), grpc.StatusCode.PERMISSION_DENIED, "worker"
+        _open_session(cluster, "operator", hello, pause),
+        grpc.StatusCode.PERMISSION_DENIED,
+        "worker",
     )
 
 
