@@ -149,6 +149,47 @@ async def test_a_change_whose_commit_is_under_way_when_a_watcher_comes_reaches_i
     assert changed == [held.id, after.id]
 
 
+async def test_a_watcher_that_waits_too_long_on_a_commit_is_told_to_come_back(
+    cluster: Cluster, postgres_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The commit a resuming watcher waits for hangs (a lock on the event table): past
+    CATCH_UP_WAIT the watch ends UNAVAILABLE, saying why, and a client that resumes from the
+    same position once the database moves gets the change."""
+    import psycopg
+
+    from taskrun.controlplane import event_service
+
+    monkeypatch.setattr(event_service, "CATCH_UP_WAIT", 0.5)
+    server = await cluster.start_server(store=postgres_url)
+    client = cluster.client()
+    await client.create_task("echo", {"text": "before"}, allow_unknown_agent=True)
+    _, mark = await server.engine.store.event_positions()
+    async with await psycopg.AsyncConnection.connect(postgres_url) as holder:
+        await holder.execute("LOCK TABLE events IN EXCLUSIVE MODE")
+        stalled = asyncio.create_task(
+            client.create_task("echo", {"text": "stalled"}, allow_unknown_agent=True)
+        )
+        async with asyncio.timeout(10):
+            while server.engine.events.position == mark:
+                await asyncio.sleep(0.01)
+        watching = client.watch_events(after_position=mark, reconnect=False)
+        with pytest.raises(grpc.aio.AioRpcError) as behind:
+            async with contextlib.aclosing(watching) as events:
+                async for _ in events:
+                    pass
+        await holder.rollback()
+    assert behind.value.code() is grpc.StatusCode.UNAVAILABLE
+    assert behind.value.details() == event_service.LOG_BEHIND
+    held = await asyncio.wait_for(stalled, 10)
+    seen: list[FleetEvent] = []
+    async with contextlib.aclosing(client.watch_events(after_position=mark)) as events:
+        async for event in events:
+            seen.append(event)
+            if event.kind is EventKind.TASK_CHANGED and event.task and event.task.id == held.id:
+                break
+    assert [e.position for e in seen] == list(range(mark + 1, mark + 1 + len(seen)))
+
+
 async def test_server_sent_events_resume_with_last_event_id(cluster: Cluster) -> None:
     async with api(cluster, "admin") as http:
         await cluster.start_worker("worker-1")
