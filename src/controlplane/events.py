@@ -226,6 +226,8 @@ class EventHub:
             await news
 
     def _wake(self) -> None:
+        if not self._commits:  # every commit calls this; a watcher rarely waits
+            return
         waiting, self._commits = self._commits, []
         for news in waiting:
             if not news.done():
