@@ -8,6 +8,9 @@ of its zone (as cron and RFC 5545 both read it); each wall time is then placed o
 - a wall time that exists twice (fall back) fires once, at its first instant (the earlier offset).
 
 Several wall times that land on the same instant (a per-minute rule inside a gap) fire once.
+
+croniter and dateutil are imported where a rule is compiled: every command of the CLI imports
+this module (through `convert`).
 """
 
 from __future__ import annotations
@@ -18,10 +21,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import IntEnum
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
-
-from croniter import CroniterError, croniter
-from dateutil.rrule import rrule, rrulestr
 
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.ids import TaskId
@@ -33,6 +34,9 @@ from taskrun.core.validation import (
     validate_labels,
     validate_policy,
 )
+
+if TYPE_CHECKING:
+    from dateutil.rrule import rrule
 
 MAX_RRULE_COUNT = 100_000  # a COUNT rule is expanded in full once; keep that bounded
 MAX_RULE_CHARS = 4096
@@ -313,6 +317,8 @@ def _offset(ts: int, zone: ZoneInfo) -> timedelta | None:
 
 def compile_cron(expr: str, zone: ZoneInfo, field: str = "cron") -> Rule:
     """5 fields (minute hour day-of-month month day-of-week), names allowed, or an @macro."""
+    from croniter import CroniterError, croniter
+
     if len(expr) > MAX_RULE_CHARS:
         raise InvalidArgument(f"is longer than {MAX_RULE_CHARS} characters", field=field)
     text = _CRON_MACROS.get(expr.lower(), expr)
@@ -452,6 +458,8 @@ def canonical_rrule(text: str, zone: ZoneInfo, now: datetime, field: str = "rrul
 
 def compile_rrule(text: str, zone: ZoneInfo, field: str = "rrule") -> Rule:
     """An RFC 5545 RRULE (with DTSTART, COUNT or UNTIL) read on the wall clock of `zone`."""
+    from dateutil.rrule import rrule, rrulestr
+
     parts = _split_rrule(text, zone, field)
     params = parts.params
     if "FREQ" not in params:

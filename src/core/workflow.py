@@ -25,10 +25,14 @@ plane's executor (controlplane.workflows) drives runs.
 
 Why one module: a workflow's definition, its checks and the state of its runs are one model;
 the checking of definitions is the part to move out if it grows.
+
+jsonschema and yaml are imported where a definition or a result is checked: every command of
+the CLI imports this module (through `convert`), and they take about 110 ms to import.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import re
@@ -40,8 +44,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jmespath
 import jmespath.exceptions
-import jsonschema
-import yaml
 
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import ModelSettings, TaskPolicy
@@ -167,7 +169,6 @@ DEFINITION_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
-_VALIDATOR = jsonschema.Draft202012Validator(DEFINITION_SCHEMA)
 _TEMPLATE = re.compile(r"\$\{([^}]*)\}")
 
 
@@ -197,25 +198,39 @@ def _path(parts: Any) -> str:
     return out or "(document)"
 
 
-class _Loader(yaml.SafeLoader):
-    """YAML without aliases: `*name` references could make a small document expand
-    exponentially when it is written out as JSON (a billion laughs)."""
+@functools.cache
+def _definition_validator() -> Any:
+    import jsonschema
 
-    def compose_node(self, parent: Any, index: Any) -> Any:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()  # type: ignore[no-untyped-call]
-            raise yaml.composer.ComposerError(
-                None, None, "aliases (*name) are not allowed in a workflow", event.start_mark
-            )
-        return super().compose_node(parent, index)
+    return jsonschema.Draft202012Validator(DEFINITION_SCHEMA)
+
+
+@functools.cache
+def _loader() -> Any:
+    """A SafeLoader without aliases: `*name` references could make a small document expand
+    exponentially when it is written out as JSON (a billion laughs)."""
+    import yaml
+
+    class Loader(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()  # type: ignore[no-untyped-call]
+                raise yaml.composer.ComposerError(
+                    None, None, "aliases (*name) are not allowed in a workflow", event.start_mark
+                )
+            return super().compose_node(parent, index)
+
+    return Loader
 
 
 def parse_definition(text: str) -> dict[str, Any]:
     """Parse YAML (or JSON) text and validate it; InvalidArgument names the path of the error."""
+    import yaml
+
     if len(text.encode()) > MAX_DEFINITION_BYTES:
         raise InvalidArgument(f"is larger than {MAX_DEFINITION_BYTES} bytes", field="definition")
     try:
-        document = yaml.load(text, Loader=_Loader)  # a SafeLoader
+        document = yaml.load(text, Loader=_loader())  # a SafeLoader
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
@@ -261,7 +276,10 @@ def _check_keys(value: Any, path: list[Any]) -> None:
 
 def validate_definition(document: Any) -> None:
     """Check a parsed definition against the schema, then the graph and the expressions."""
-    errors = sorted(_VALIDATOR.iter_errors(document), key=lambda e: list(e.absolute_path))
+    import jsonschema
+
+    validator = _definition_validator()
+    errors = sorted(validator.iter_errors(document), key=lambda e: list(e.absolute_path))
     if errors:
         # the deepest error is the most precise (an `if/then` failure reports its own part)
         error = max(errors, key=lambda e: len(e.absolute_path))
@@ -500,6 +518,8 @@ def result_json(result: Any, field: str) -> Any:
 
 def check_output(schema: dict[str, Any], result: Any) -> str:
     """'' when `result` satisfies `schema`, else the first problem with its path."""
+    import jsonschema
+
     validator = jsonschema.Draft202012Validator(schema)
     for error in sorted(validator.iter_errors(result), key=lambda e: list(e.absolute_path)):
         where = "." + _path(error.absolute_path) if error.absolute_path else ""
