@@ -39,7 +39,7 @@ import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, time, timedelta
 from enum import IntEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import jmespath
@@ -49,6 +49,10 @@ from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import ModelSettings, TaskPolicy
 from taskrun.core.text import quoted
 from taskrun.core.validation import validate_agent_name, validate_labels, validate_policy
+
+if TYPE_CHECKING:
+    import jsonschema
+    import yaml
 
 # Both end alphanumeric: they become label values (`workflow`, `step`) of the steps' tasks.
 NAME_PATTERN = r"^[a-z]([a-z0-9_-]{0,61}[a-z0-9])?$"
@@ -199,14 +203,14 @@ def _path(parts: Any) -> str:
 
 
 @functools.cache
-def _definition_validator() -> Any:
+def _definition_validator() -> jsonschema.Draft202012Validator:
     import jsonschema
 
     return jsonschema.Draft202012Validator(DEFINITION_SCHEMA)
 
 
 @functools.cache
-def _loader() -> Any:
+def _loader() -> type[yaml.SafeLoader]:
     """A SafeLoader without aliases: `*name` references could make a small document expand
     exponentially when it is written out as JSON (a billion laughs)."""
     import yaml
