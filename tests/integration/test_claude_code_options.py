@@ -4,15 +4,18 @@ directly and through a real control plane and worker."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from taskrun.core.agent import AgentError
-from taskrun.core.models import ModelSettings, RunOptions
+from taskrun.core.agent import AgentError, CostLimitReached
+from taskrun.core.models import ModelSettings, RunOptions, Usage
 from taskrun.core.status import RunStatus, TaskStatus
 from taskrun.worker.agents.claude_code import ClaudeCodeAgent
 from tests.conftest import Cluster
@@ -223,3 +226,64 @@ async def test_cost_limit_stops_a_claude_code_session_on_a_worker(
     _, [run] = await client.get_task(task.id)
     assert run.status is RunStatus.FAILED
     assert run.usage.input_tokens >= 30_000 and run.usage.cost_usd > 0.05
+
+
+@dataclass
+class _BackedUpContext(RecordingContext):
+    """A worker whose stream to the control plane is backed up: reporting usage takes a while,
+    so Claude Code (which does not wait for the worker to read its messages) runs ahead. With
+    `stop_above`, it stops the run over that cost itself, as a limit Claude Code is not told."""
+
+    stop_above: float = 0.0
+
+    async def report_usage(self, usage: Usage) -> None:
+        await asyncio.sleep(0.5)
+        await super().report_usage(usage)
+        if self.stop_above and usage.cost_usd > self.stop_above:
+            raise CostLimitReached(usage, self.stop_above)
+
+
+def _read_forever(workdir: Path) -> dict[str, Any]:
+    return {"prompt": "read it forever", "cwd": str(workdir), "allowed_tools": ["Read"],
+            "max_turns": 30}  # fmt: skip
+
+
+async def test_a_session_stopped_at_a_limit_counts_the_calls_claude_code_made_ahead(
+    api: FakeAnthropic, workdir: Path
+) -> None:
+    notes = str(workdir / "notes.txt")
+    api.default = Text(
+        "again", input_tokens=10_000, tool_uses=(ToolUse("Read", {"file_path": notes}),)
+    )
+    ctx = _BackedUpContext(input=_read_forever(workdir), stop_above=0.05)
+    with pytest.raises(CostLimitReached) as stopped:
+        await ClaudeCodeAgent().run(ctx)
+    made = len(api.message_requests)
+    assert made > 3  # the CLI ran ahead: $0.02 a call, so the limit was crossed at the third
+    # every call the API answered is in the run's usage: nothing it bills goes unrecorded
+    usage = stopped.value.usage
+    assert usage is not None
+    # the call in flight when the interrupt came may be cut off, on either side of its end
+    counted = api.streams_finished - 1
+    assert counted >= made - 2
+    assert usage.input_tokens >= 10_000 * counted
+    assert usage.cost_usd >= 0.02 * counted - 1e-9
+    spent = f"cost limit reached: the run spent ${usage.cost_usd:.4f}"
+    assert str(stopped.value).startswith(spent)
+
+
+async def test_the_task_cost_limit_bounds_claude_code_however_late_the_worker_reads(
+    api: FakeAnthropic, workdir: Path
+) -> None:
+    notes = str(workdir / "notes.txt")
+    api.default = Text(
+        "again", input_tokens=10_000, tool_uses=(ToolUse("Read", {"file_path": notes}),)
+    )
+    ctx = _BackedUpContext(input=_read_forever(workdir), options=RunOptions(max_cost_usd=0.05))
+    with pytest.raises(CostLimitReached) as stopped:
+        await ClaudeCodeAgent().run(ctx)
+    assert len(api.message_requests) == 3  # Claude Code stopped itself at the limit
+    usage = stopped.value.usage
+    assert usage is not None and usage.cost_usd >= 0.06 - 1e-9
+    assert str(stopped.value).startswith("cost limit reached: the run spent $0.06")
+    assert "max_cost_usd" in str(stopped.value)

@@ -12,6 +12,9 @@ At the end of a turn it sends the session file back (zlib-compressed, at most
 MAX_SESSION_SNAPSHOT_BYTES) for the next turn on any worker. Claude Code reports the session's
 running cost total; a turn's cost is that total minus the total before the turn. Cancelling the
 run interrupts the session and stops the CLI process (see `backends.claude_session`).
+The task's cost limit is also the CLI's own budget, so the CLI stops itself at it however late
+the worker reads; a session the worker stops is read to its end first, so the calls the CLI made
+ahead of the worker are in the run's usage.
 
 Environment: ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL (read by the CLI), TASKRUN_ANTHROPIC_MODEL
 (default model), TASKRUN_CLAUDE_CLI_PATH (use this CLI instead of the bundled one). The CLI and
@@ -22,16 +25,25 @@ runs under the worker's supervisor: it dies with the worker and when the worker'
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import dataclasses
 import importlib.util
 import json
 import re
 import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import structlog
 
-from taskrun.core.agent import AgentError, AgentResult, Readiness, RunContext, SubtaskAccess
+from taskrun.core.agent import (
+    AgentError,
+    AgentResult,
+    CostLimitReached,
+    Readiness,
+    RunContext,
+    SubtaskAccess,
+)
 from taskrun.core.models import (
     MAX_SESSION_SNAPSHOT_BYTES,
     AgentSpec,
@@ -66,6 +78,9 @@ log = structlog.get_logger(__name__)
 TOOLS = ("Read", "Write", "Edit", "Bash", "Glob", "Grep", "WebFetch", "WebSearch")
 PERMISSION_MODES = ["default", "acceptEdits", "plan", "bypassPermissions", "dontAsk", "auto"]
 MAX_EVENT_TEXT = 4000  # characters of a tool result kept in its event
+# How long a session over its cost limit gets to stop and hand over what it spent
+DRAIN_TIMEOUT = 5.0
+BUDGET_STOP = "error_max_budget_usd"  # a result's subtype: the CLI reached max_budget_usd
 
 INPUT_SCHEMA: dict[str, Any] = {
     "type": "object",
@@ -273,6 +288,13 @@ class ClaudeCodeAgent:
         if not prompt:
             raise AgentError("a follow-up needs a prompt (the new user message)")
         schema = ctx.options.output_schema
+        # The task's cost limit becomes Claude Code's own budget too: the CLI checks it after
+        # every call, however far behind the worker is in reading them (its total counts the
+        # resumed session's earlier turns, hence cost_before).
+        limit = ctx.options.max_cost_usd
+        budget, ours = inp.get("max_budget_usd"), False
+        if limit and (budget is None or cost_before + limit <= budget):
+            budget, ours = cost_before + limit, True
         stderr = StderrTail()
         options = claude_options(
             cwd=cwd,
@@ -280,7 +302,7 @@ class ClaudeCodeAgent:
             permission_mode=inp.get("permission_mode"),
             model=model,
             max_turns=inp.get("max_turns"),
-            max_budget_usd=inp.get("max_budget_usd"),
+            max_budget_usd=budget,
             resume=resume,
             include_partial_messages=True,
             stderr=stderr,
@@ -312,20 +334,62 @@ class ClaudeCodeAgent:
             await ctx.emit(text)
             emitted_any, ends_with_newline = True, text.endswith("\n")
 
-        async def spent(message: Any) -> None:
-            if not message.usage:
-                return
-            call = usage_from_claude(message.usage)
-            call.cost_usd = cost_usd(message.model or model, call)
-            calls[message.message_id or str(len(calls))] = call
-            so_far = Usage()
+        def so_far() -> Usage:
+            usage = Usage()
             for each in calls.values():
-                so_far.add(each)
-            await ctx.report_usage(so_far)
+                usage.add(each)
+            return usage
+
+        def tally(message: Any) -> Usage:
+            """The session's usage so far, with `message`'s API call counted."""
+            if message.usage:
+                call = usage_from_claude(message.usage)
+                call.cost_usd = cost_usd(message.model or model, call)
+                calls[message.message_id or str(len(calls))] = call
+            return so_far()
+
+        async def spent(message: Any) -> None:
+            if message.usage:
+                await ctx.report_usage(tally(message))
+
+        async def over_limit(client: Any, messages: Any, over: CostLimitReached) -> NoReturn:
+            """Stop the turn, then read what the CLI sent meanwhile: it does not wait for the
+            worker to read its messages, so on a busy worker its calls run ahead of the one
+            that crossed the limit, and each is billed. The run's usage counts them all."""
+            usage, total = so_far(), None
+            # The interrupt's answer comes behind the messages already on their way, which the
+            # SDK hands over only as they are read: read them while it is asked.
+            interrupting = asyncio.ensure_future(client.interrupt())
+            try:
+                with contextlib.suppress(Exception, TimeoutError):  # the limit stands anyway
+                    async with asyncio.timeout(DRAIN_TIMEOUT):
+                        async for message in messages:
+                            if isinstance(message, sdk.AssistantMessage):
+                                usage = tally(message)
+                            elif isinstance(message, sdk.ResultMessage):
+                                total = message.total_cost_usd
+                                usage = _at_least(usage, usage_from_claude(message.usage))
+                                break
+            finally:
+                interrupting.cancel()  # if the CLI never answered it
+                await asyncio.wait([interrupting])
+                if not interrupting.cancelled():
+                    interrupting.exception()  # retrieved: a failed interrupt changes nothing
+            if total is not None:
+                usage.cost_usd = max(usage.cost_usd, float(total) - cost_before)
+            bound.info("claude code stopped at the cost limit", cost_usd=usage.cost_usd)
+            raise CostLimitReached(usage, over.limit) from None
 
         async def receive(client: Any) -> Any:
+            messages = client.receive_response()
+            try:
+                return await read(messages)
+            except CostLimitReached as over:
+                await over_limit(client, messages, over)
+
+        async def read(messages: Any) -> Any:
             nonlocal session_id, model, tools, stream_id
-            async for message in client.receive_response():
+            async for message in messages:
                 if isinstance(message, sdk.StreamEvent):
                     if message.parent_tool_use_id is not None:
                         continue  # a subagent's stream
@@ -409,6 +473,11 @@ class ClaudeCodeAgent:
         snapshot = await asyncio.to_thread(capture_session, session_id) if turn else b""
         refused = await self._refused(ctx, results, inp.get("permission_mode"), failed)
         failure, fault = "", Fault.TASK
+        if result.is_error and result.subtype == BUDGET_STOP and ours and limit:
+            over = CostLimitReached(usage, limit)
+            over.session_id, over.session_snapshot = session_id, snapshot
+            over.session_cost_usd = total_cost
+            raise over
         if result.is_error:
             failure, fault = claude_result_error(result, stderr), claude_result_fault(result)
         elif problems:
@@ -522,6 +591,17 @@ class ClaudeCodeAgent:
             is_error=bool(block.is_error),
             content=content,
         )
+
+
+def _at_least(usage: Usage, reported: Usage) -> Usage:
+    """`usage` with each token count raised to at least what `reported` says."""
+    return dataclasses.replace(
+        usage,
+        input_tokens=max(usage.input_tokens, reported.input_tokens),
+        output_tokens=max(usage.output_tokens, reported.output_tokens),
+        cache_read_tokens=max(usage.cache_read_tokens, reported.cache_read_tokens),
+        cache_creation_tokens=max(usage.cache_creation_tokens, reported.cache_creation_tokens),
+    )
 
 
 def kept_away_from(protected: tuple[Path, ...], *, sandbox: bool) -> dict[str, Any]:
