@@ -270,6 +270,9 @@ class Baseline:
     # A call whose answer comes from a worker process over a stream it holds: the path of a
     # task, with nothing stored, validated or converted (see serve_baseline).
     relay: Latency | None = None
+    # CPU seconds per relay call of the bare server and the bare worker (with the client: the
+    # CPU any design with a worker process in the loop pays per task, on the same cores)
+    relay_cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -300,6 +303,9 @@ class SequentialLatency:
     # (left out of the latency figures above).
     follow_missed_end: int
     follow_missed_examples: list[str]
+    # CPU seconds per task over the measured tasks: "server", "workers" (all of them) and, when
+    # one side ran alone, "client" (this process); on two cores the round trip waits for these
+    cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -526,9 +532,12 @@ async def measure_baseline(address: str, pki: PkiPaths, unary_n: int, stream_n: 
     )
 
 
-async def measure_relay(address: str, pki: PkiPaths, tmp: Path, n: int, warmup: int) -> Latency:
+async def measure_relay(
+    address: str, pki: PkiPaths, tmp: Path, n: int, warmup: int, server_pid: int
+) -> tuple[Latency, dict[str, float]]:
     """Sequential Relay calls through a bare worker process, from the call to its second
-    answer (the worker's), as the latency figure measures a task."""
+    answer (the worker's), as the latency figure measures a task; and the CPU per call of the
+    bare server, the bare worker and this client."""
     argv = [sys.executable, str(SCRIPT), "--bare-worker", str(pki.directory), address]
     worker = await spawn("bare worker", argv, tmp / "bare-worker.log")
     try:
@@ -540,7 +549,12 @@ async def measure_relay(address: str, pki: PkiPaths, tmp: Path, n: int, warmup: 
         async with grpc.aio.secure_channel(address, creds) as channel:
             relay = channel.unary_stream(f"/{BARE_SERVICE}/Relay")
             samples: list[float] = []
+            pids = {"server": server_pid, "workers": worker.proc.pid}
+            cpu0: dict[str, float | None] = {}
             for i in range(warmup + n):
+                if i == warmup:
+                    cpu0 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+                    cpu0["client"] = time.process_time()
                 request = i.to_bytes(RELAY_KEY, "big") + BARE_PAYLOAD
                 t0 = time.perf_counter()
                 async with asyncio.timeout(READY_WITHIN):
@@ -549,7 +563,9 @@ async def measure_relay(address: str, pki: PkiPaths, tmp: Path, n: int, warmup: 
                     raise BenchError(f"bare relay: answered {answers!r}")
                 if i >= warmup:
                     samples.append(time.perf_counter() - t0)
-        return Latency.of(samples)
+            cpu1 = {k: cpu_seconds(pid) for k, pid in pids.items()}
+            cpu1["client"] = time.process_time()
+        return Latency.of(samples), _per_task(cpu0, cpu1, n)
     finally:
         await stop(worker)
 
@@ -745,6 +761,26 @@ def _cpu_delta(
     return out
 
 
+def _per_task(
+    before: dict[str, float | None], after: dict[str, float | None], n: int
+) -> dict[str, float]:
+    """CPU seconds per task by process group, for the groups measured at both ends."""
+    out: dict[str, float] = {}
+    for name, end in after.items():
+        start = before.get(name)
+        if start is not None and end is not None and n:
+            out[name] = (end - start) / n
+    return out
+
+
+def _plane_cpu(plane: ControlPlane) -> dict[str, float | None]:
+    workers = [cpu_seconds(w.proc.pid) for w in plane.workers]
+    return {
+        "server": cpu_seconds(plane.server.proc.pid),
+        "workers": None if None in workers else sum(w for w in workers if w is not None),
+    }
+
+
 async def _count(client: Client, statuses: Sequence[TaskStatus]) -> int:
     count = 0
     async for _ in client.iter_tasks(statuses=statuses, page_size=1000):
@@ -896,12 +932,21 @@ async def measure_latency(
                 await side.one(measured=False)
         for profile in profiles:
             await stack.enter_async_context(profile("latency"))
+        before = [_plane_cpu(plane) for plane in planes]
+        client0 = time.process_time()
         order = list(sides)
         for _ in range(n):
             for side in order:
                 await side.one(measured=True)
             order.reverse()
-    return [side.result() for side in sides]
+        after = [_plane_cpu(plane) for plane in planes]
+        client1 = time.process_time()
+    results = [side.result() for side in sides]
+    for result, b, a in zip(results, before, after, strict=True):
+        if len(sides) == 1:  # this process served only that side's client
+            b["client"], a["client"] = client0, client1
+        result.cpu_s = _per_task(b, a, n)
+    return results
 
 
 def merge_throughput(parts: Sequence[Throughput]) -> Throughput:
@@ -1301,8 +1346,8 @@ class Row:
 def _get(r: Report, getter: Getter) -> float | None:
     try:
         return getter(r)
-    except (AttributeError, TypeError, ZeroDivisionError):
-        return None  # the phase did not run on this side
+    except (AttributeError, KeyError, TypeError, ZeroDivisionError):
+        return None  # the phase (or that figure) did not run on this side
 
 
 def rows() -> list[Row]:
@@ -1361,6 +1406,25 @@ def rows() -> list[Row]:
             lambda r: r.latency.create_call.p50_ms,
             _ms,
             lambda r: f"{r.latency.create_call.p50_ms / r.baseline.unary.p50_ms:.1f} x bare p50",
+        ),
+        # the round trip waits for this CPU: on two cores, the processes take turns
+        Row(
+            "  CPU per task: server",
+            lambda r: r.latency.cpu_s["server"],
+            _us,
+            lambda r: _vs_relay_cpu(r, "server"),
+        ),
+        Row(
+            "  CPU per task: workers",
+            lambda r: r.latency.cpu_s["workers"],
+            _us,
+            lambda r: _vs_relay_cpu(r, "workers"),
+        ),
+        Row(
+            "  CPU per task: client",
+            lambda r: r.latency.cpu_s["client"],
+            _us,
+            lambda r: _vs_relay_cpu(r, "client"),
         ),
         Row(
             "  follow misses (left out above)",
@@ -1521,6 +1585,13 @@ def _vs_bare(r: Report, ms: float, which: str) -> str:
     if r.baseline.relay is not None:
         out += f", {ms / getattr(r.baseline.relay, f'{which}_ms'):.1f} x relay"
     return out
+
+
+def _vs_relay_cpu(r: Report, process: str) -> str:
+    relay, ours = r.baseline.relay_cpu_s.get(process), r.latency.cpu_s.get(process)
+    if not relay or ours is None:
+        return ""
+    return f"{ours / relay:.1f} x the relay's ({_us(relay)})"
 
 
 def _server_cpu(r: Report) -> float | None:
@@ -1684,8 +1755,13 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
             started.append(bare)
             baseline = await measure_baseline(f"127.0.0.1:{port}", pki, args.unary, args.stream)
             note("baseline: bare relay through a bare worker process")
-            baseline.relay = await measure_relay(
-                f"127.0.0.1:{port}", pki, tmp, args.latency_tasks, max(args.warmup, 20)
+            baseline.relay, baseline.relay_cpu_s = await measure_relay(
+                f"127.0.0.1:{port}",
+                pki,
+                tmp,
+                args.latency_tasks,
+                max(args.warmup, 20),
+                bare.proc.pid,
             )
             await stop(bare)
 
