@@ -129,7 +129,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         prefix: Callable[[int], str],
         caller: Caller,
         subscribe: Callable[[Task], None] | None = None,
-    ) -> list[tasks_pb2.CreateTaskResponse]:
+    ) -> list[tuple[Task, bool]]:
+        """Validate and create the requested tasks: (task, created) for each, in order."""
         default_attempts = self.engine.config.default_max_attempts
         specs = [
             validate_task_spec(convert.spec_from_pb(req, default_attempts), prefix(i))
@@ -160,8 +161,6 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 )
             catalog.check_input_text(spec.agent, spec.input, f"{prefix(i)}input_json")
         results = await self.engine.create_tasks(specs, subscribe)
-        out = []
-        reasons: dict[tuple[object, ...], str] = {}  # why tasks of one requirement wait
         for i, (spec, (task, created)) in enumerate(zip(specs, results, strict=True)):
             if not created and not task.same_request(spec):
                 raise errors.AlreadyExists(
@@ -170,16 +169,21 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                     "with a different request",
                     field=f"{prefix(i)}policy.idempotency_key",
                 )
-            message = self._task_pb(task, reasons=reasons)
-            out.append(tasks_pb2.CreateTaskResponse(task=message, created=created))
-        return out
+        return results
+
+    def _created_pb(self, results: list[tuple[Task, bool]]) -> list[tasks_pb2.CreateTaskResponse]:
+        reasons: dict[tuple[object, ...], str] = {}  # why tasks of one requirement wait
+        return [
+            tasks_pb2.CreateTaskResponse(task=self._task_pb(task, reasons=reasons), created=new)
+            for task, new in results
+        ]
 
     @domain_errors
     async def CreateTask(
         self, request: tasks_pb2.CreateTaskRequest, context: grpc.aio.ServicerContext
     ) -> tasks_pb2.CreateTaskResponse:
         caller = await self.auth.operator(context, Scope.SUBMIT, runs=True)
-        (response,) = await self._create([request], lambda _: "", caller)
+        (response,) = self._created_pb(await self._create([request], lambda _: "", caller))
         return response
 
     @domain_errors
@@ -194,7 +198,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 f"holds {len(request.tasks)} tasks, at most {MAX_BATCH}", field="tasks"
             )
         results = await self._create(list(request.tasks), lambda i: f"tasks[{i}].", caller)
-        return tasks_pb2.CreateTasksResponse(results=results)
+        return tasks_pb2.CreateTasksResponse(results=self._created_pb(results))
 
     async def CreateAndFollowTask(
         self, request: tasks_pb2.CreateAndFollowTaskRequest, context: grpc.aio.ServicerContext
@@ -208,7 +212,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         follow = tasks_pb2.FollowTaskRequest(follow=True, include_events=request.include_events)
         try:
             try:
-                (response,) = await self._create(
+                ((task, created),) = await self._create(
                     [request.task],
                     lambda _: "task.",
                     caller,
@@ -216,9 +220,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 )
             except errors.TaskRunError as exc:
                 await context.abort(status_code(exc), str(exc))
-            task_id = TaskId(response.task.id)
+            task_id = task.id
             follow.task_id = task_id
-            if response.created:
+            if created:
                 updates = self._follow(task_id, follow, subs[0], caller, context, fresh=True)
             else:  # an idempotent replay: follow the existing task as FollowTask does
                 subs.append(hub.subscribe(task_id))
@@ -226,7 +230,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             first = True
             async for update in updates:
                 if first:
-                    update.created, first = response.created, False
+                    update.created, first = created, False
                 yield update
         finally:
             for sub in subs:
