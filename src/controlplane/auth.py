@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import NoReturn, TypeVar
@@ -37,20 +37,27 @@ RUN_SCOPES = frozenset({Scope.SUBMIT})  # narrowed further by the calls that acc
 T = TypeVar("T")
 
 
-def _values(context: grpc.aio.ServicerContext, key: str) -> list[str]:
-    auth = context.auth_context() or {}
-    return [v.decode() if isinstance(v, bytes) else str(v) for v in auth.get(key, [])]
+def _principal(auth: Mapping[str, Sequence[bytes | str]]) -> Principal | None:
+    for key in ("peer_spiffe_id", "x509_subject_alternative_name"):
+        for value in auth.get(key, ()):
+            principal = parse_spiffe_id(value.decode() if isinstance(value, bytes) else value)
+            if principal is not None:
+                return principal
+    return None
 
 
 def peer_principal(context: grpc.aio.ServicerContext) -> Principal | None:
     """The TaskRun identity of the caller's certificate, or None."""
-    for uri in _values(context, "peer_spiffe_id") + _values(
-        context, "x509_subject_alternative_name"
-    ):
-        principal = parse_spiffe_id(uri)
-        if principal is not None:
-            return principal
-    return None
+    return _principal(context.auth_context() or {})
+
+
+def peer(
+    context: grpc.aio.ServicerContext,
+) -> tuple[Principal | None, PeerCertificate | None]:
+    """The caller's identity and certificate, read from one look at the call's auth context
+    (each look copies every property, the certificate's PEM included)."""
+    auth = context.auth_context() or {}
+    return _principal(auth), _certificate(auth)
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +86,10 @@ def login_token_id(cert: x509.Certificate) -> str:
 
 def peer_certificate(context: grpc.aio.ServicerContext) -> PeerCertificate | None:
     """The caller's client certificate, or None when it presented none."""
-    auth = context.auth_context() or {}
+    return _certificate(context.auth_context() or {})
+
+
+def _certificate(auth: Mapping[str, Sequence[bytes | str]]) -> PeerCertificate | None:
     pems = auth.get("x509_pem_cert") or []
     if not pems:
         return None
@@ -163,10 +173,9 @@ class Authenticator:
     async def check_call(self, context: grpc.aio.ServicerContext) -> None:
         """Per call, on both listeners: an expired client certificate, or a `taskrun login`
         certificate whose API token is no longer active, is refused UNAUTHENTICATED."""
-        cert = peer_certificate(context)
+        principal, cert = peer(context)
         if cert is None:
             return
-        principal = peer_principal(context)
         if utcnow() >= cert.not_after:
             await self._refuse(
                 context,
@@ -207,7 +216,7 @@ class Authenticator:
                 )
             caller = Caller(f"api-token {token.id} ({token.name})", token.scopes, token.id)
         else:
-            principal = peer_principal(context)
+            principal, cert = peer(context)
             if principal is None:
                 # the mTLS listener refuses a missing certificate in the handshake: this call
                 # came to the public listener, which never asks for one
@@ -230,7 +239,7 @@ class Authenticator:
                     f"{principal} may not call this; it needs an operator identity",
                     principal=str(principal),
                 )
-            cert = peer_certificate(context)  # a `taskrun login` certificate ends with its token
+            # a `taskrun login` certificate ends with its token
             caller = Caller(str(principal), ALL_SCOPES, cert.login_token_id if cert else "")
         if not grants(caller.scopes, needed):
             held = ", ".join(sorted(caller.scopes)) or "none"
