@@ -109,6 +109,13 @@ class SessionMoved(SessionLost):
     """The session ended on purpose, to go on over a channel with the renewed certificate."""
 
 
+@dataclasses.dataclass
+class _Handover:
+    """A session handing over to a renewed certificate ends by `settle_by` (loop time)."""
+
+    settle_by: float | None = None
+
+
 class WorkerDaemon:
     def __init__(self, config: WorkerConfig, agents: dict[str, Agent]) -> None:
         config = config.with_identity()
@@ -492,16 +499,18 @@ class WorkerDaemon:
         heartbeat = asyncio.create_task(self._heartbeat_loop())
         lease_lost = asyncio.create_task(self._lease_lost.wait())
         moving: asyncio.Task[Any] | None = asyncio.create_task(self._move.wait())
-        reader: asyncio.Future[Any] | None = None
-        settle_by: float | None = None  # handing over to a renewed certificate: end by then
+        # One task reads and handles every message: a message costs one wakeup, not a task
+        # and a wait over all of these futures. It ends at the stream's end, or once a session
+        # that hands over has nothing left unacknowledged.
+        handover = _Handover()
+        reader = asyncio.create_task(self._read_loop(call, handover))
         loop = asyncio.get_running_loop()
         try:
             while True:
-                if reader is None:
-                    reader = asyncio.ensure_future(call.read())
                 waiting: set[asyncio.Future[Any]] = {reader, writer, lease_lost}
                 if moving is not None:
                     waiting.add(moving)
+                settle_by = handover.settle_by
                 timeout = None if settle_by is None else max(0.0, settle_by - loop.time())
                 done, _ = await asyncio.wait(
                     waiting, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
@@ -515,7 +524,9 @@ class WorkerDaemon:
                     writer.result()  # raises if the writer failed
                     # Every report is out and we half-closed: the server ends the stream once
                     # it has read them all. Cancelling the call earlier could drop them.
-                    await self._await_end(call, reader)
+                    with contextlib.suppress(Exception, TimeoutError):
+                        async with asyncio.timeout(10.0):
+                            await asyncio.shield(reader)
                     return
                 if moving is not None and moving in done:
                     moving = None
@@ -525,21 +536,19 @@ class WorkerDaemon:
                         # Send nothing more here; keep reading acks until the server has
                         # committed what it got (or briefly), then reconnect with the new files.
                         self._writes_open.clear()
-                        settle_by = loop.time() + HANDOVER_SETTLE
+                        handover.settle_by = loop.time() + HANDOVER_SETTLE
+                        if not self.outbox.unacknowledged:
+                            raise SessionMoved("the certificate was renewed")
                 if reader in done:
-                    msg = reader.result()
-                    reader = None
-                    if msg is grpc.aio.EOF:
-                        code = await call.code()
-                        if code in FATAL_CODES:
-                            raise FatalSessionError(f"{code.name}: {await call.details()}")
-                        if self._exit.is_set():
-                            return
-                        raise ConnectionError(f"stream ended: {code.name}: {await call.details()}")
-                    self._handle(msg)
-                if settle_by is not None and (
-                    not self.outbox.unacknowledged or loop.time() >= settle_by
-                ):
+                    if reader.result() is not grpc.aio.EOF:  # handed over
+                        raise SessionMoved("the certificate was renewed")
+                    code = await call.code()
+                    if code in FATAL_CODES:
+                        raise FatalSessionError(f"{code.name}: {await call.details()}")
+                    if self._exit.is_set():
+                        return
+                    raise ConnectionError(f"stream ended: {code.name}: {await call.details()}")
+                if handover.settle_by is not None and loop.time() >= handover.settle_by:
                     raise SessionMoved("the certificate was renewed")
         finally:
             self._waiting.clear()  # never started: not held, so a new session gets them again
@@ -550,14 +559,16 @@ class WorkerDaemon:
                 with contextlib.suppress(BaseException):
                     await t
 
-    async def _await_end(
-        self, call: grpc.aio.StreamStreamCall, reader: asyncio.Future[object]
-    ) -> None:
-        with contextlib.suppress(Exception):
-            async with asyncio.timeout(10.0):
-                msg = await reader
-                while msg is not grpc.aio.EOF:
-                    msg = await call.read()
+    async def _read_loop(self, call: grpc.aio.StreamStreamCall, handover: _Handover) -> object:
+        """Read and handle the server's messages; returns EOF at the stream's end, or None once
+        a session handing over has had every report acknowledged."""
+        while True:
+            msg = await call.read()
+            if msg is grpc.aio.EOF:
+                return msg
+            self._handle(msg)
+            if handover.settle_by is not None and not self.outbox.unacknowledged:
+                return None
 
     async def _write_loop(self, call: grpc.aio.StreamStreamCall) -> None:
         outbox = self.outbox
