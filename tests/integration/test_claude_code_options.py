@@ -243,7 +243,12 @@ class _BackedUpContext(RecordingContext):
             raise CostLimitReached(usage, self.stop_above)
 
 
-def _read_forever(workdir: Path) -> dict[str, Any]:
+def _read_forever(api: FakeAnthropic, workdir: Path) -> dict[str, Any]:
+    """Every call asks for another Read, at once ($0.02 a call); the input that asks for it."""
+    notes = str(workdir / "notes.txt")
+    api.default = Text(
+        "again", input_tokens=10_000, tool_uses=(ToolUse("Read", {"file_path": notes}),)
+    )
     return {"prompt": "read it forever", "cwd": str(workdir), "allowed_tools": ["Read"],
             "max_turns": 30}  # fmt: skip
 
@@ -251,11 +256,7 @@ def _read_forever(workdir: Path) -> dict[str, Any]:
 async def test_a_session_stopped_at_a_limit_counts_the_calls_claude_code_made_ahead(
     api: FakeAnthropic, workdir: Path
 ) -> None:
-    notes = str(workdir / "notes.txt")
-    api.default = Text(
-        "again", input_tokens=10_000, tool_uses=(ToolUse("Read", {"file_path": notes}),)
-    )
-    ctx = _BackedUpContext(input=_read_forever(workdir), stop_above=0.05)
+    ctx = _BackedUpContext(input=_read_forever(api, workdir), stop_above=0.05)
     with pytest.raises(CostLimitReached) as stopped:
         await ClaudeCodeAgent().run(ctx)
     made = len(api.message_requests)
@@ -275,11 +276,7 @@ async def test_a_session_stopped_at_a_limit_counts_the_calls_claude_code_made_ah
 async def test_the_task_cost_limit_bounds_claude_code_however_late_the_worker_reads(
     api: FakeAnthropic, workdir: Path
 ) -> None:
-    notes = str(workdir / "notes.txt")
-    api.default = Text(
-        "again", input_tokens=10_000, tool_uses=(ToolUse("Read", {"file_path": notes}),)
-    )
-    ctx = _BackedUpContext(input=_read_forever(workdir), options=RunOptions(max_cost_usd=0.05))
+    ctx = _BackedUpContext(input=_read_forever(api, workdir), options=RunOptions(max_cost_usd=0.05))
     with pytest.raises(CostLimitReached) as stopped:
         await ClaudeCodeAgent().run(ctx)
     assert len(api.message_requests) == 3  # Claude Code stopped itself at the limit
