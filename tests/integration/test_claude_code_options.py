@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 
 from taskrun.core.agent import AgentError, CostLimitReached
-from taskrun.core.models import ModelSettings, RunOptions, Usage
+from taskrun.core.ids import ConversationId
+from taskrun.core.models import ModelSettings, RunOptions, TurnContext, Usage
 from taskrun.core.status import RunStatus, TaskStatus
 from taskrun.worker.agents.claude_code import ClaudeCodeAgent
 from tests.conftest import Cluster
@@ -284,3 +285,44 @@ async def test_the_task_cost_limit_bounds_claude_code_however_late_the_worker_re
     assert usage is not None and usage.cost_usd >= 0.06 - 1e-9
     assert str(stopped.value).startswith("cost limit reached: the run spent $0.06")
     assert "max_cost_usd" in str(stopped.value)
+
+
+async def test_a_resumed_turns_cost_limit_counts_from_the_turns_start(
+    api: FakeAnthropic, workdir: Path
+) -> None:
+    read = ToolUse("Read", {"file_path": str(workdir / "notes.txt")})
+    api.enqueue(
+        Text("a", input_tokens=10_000, tool_uses=(read,)),
+        Text("b", input_tokens=10_000, tool_uses=(read,)),
+        Text("done", input_tokens=10_000),
+    )
+    conversation = ConversationId("conv-test")
+    first = await ClaudeCodeAgent().run(
+        RecordingContext(
+            input={"prompt": "turn one", "cwd": str(workdir), "allowed_tools": ["Read"]},
+            conversation=TurnContext(conversation, 1),
+        )
+    )
+    assert first.session_cost_usd == pytest.approx(0.06, abs=1e-3)  # the session's total
+    before = len(api.message_requests)
+    turn = TurnContext(
+        conversation,
+        2,
+        session_id=first.session_id,
+        session_snapshot=first.session_snapshot,
+        session_cost_usd=first.session_cost_usd,
+        session_turn=1,
+    )
+    ctx = _BackedUpContext(
+        input=_read_forever(api, workdir), options=RunOptions(max_cost_usd=0.05), conversation=turn
+    )
+    with pytest.raises(CostLimitReached) as stopped:
+        await ClaudeCodeAgent().run(ctx)
+    # Claude Code's budget counts this turn's calls, not the session's earlier ones
+    assert len(api.message_requests) - before == 3
+    assert stopped.value.usage is not None
+    assert stopped.value.usage.cost_usd == pytest.approx(0.06, abs=1e-3)
+    # the next turn resumes the session as this one left it, and knows its running total
+    assert stopped.value.session_id == first.session_id
+    assert stopped.value.session_snapshot
+    assert stopped.value.session_cost_usd == pytest.approx(0.12, abs=1e-3)

@@ -289,12 +289,12 @@ class ClaudeCodeAgent:
             raise AgentError("a follow-up needs a prompt (the new user message)")
         schema = ctx.options.output_schema
         # The task's cost limit becomes Claude Code's own budget too: the CLI checks it after
-        # every call, however far behind the worker is in reading them (its total counts the
-        # resumed session's earlier turns, hence cost_before).
+        # every call, however far behind the worker is in reading them. It counts what this
+        # process spent, not the resumed session's earlier turns: a run's own cost.
         limit = ctx.options.max_cost_usd
         budget, ours = inp.get("max_budget_usd"), False
-        if limit and (budget is None or cost_before + limit <= budget):
-            budget, ours = cost_before + limit, True
+        if limit and (budget is None or limit <= budget):
+            budget, ours = limit, True
         stderr = StderrTail()
         options = claude_options(
             cwd=cwd,
@@ -377,8 +377,15 @@ class ClaudeCodeAgent:
                     interrupting.exception()  # retrieved: a failed interrupt changes nothing
             if total is not None:
                 usage.cost_usd = max(usage.cost_usd, float(total) - cost_before)
-            bound.info("claude code stopped at the cost limit", cost_usd=usage.cost_usd)
-            raise CostLimitReached(usage, over.limit) from None
+            bound.info(
+                "claude code stopped at the cost limit",
+                cost_usd=usage.cost_usd,
+                session_cost_usd=total,
+            )
+            stopped = CostLimitReached(usage, over.limit)
+            stopped.session_id = session_id
+            stopped.session_cost_usd = float(total) if total is not None else 0.0
+            raise stopped from None
 
         async def receive(client: Any) -> Any:
             messages = client.receive_response()
@@ -438,26 +445,33 @@ class ClaudeCodeAgent:
 
         value: Any = None
         problems: list[str] = []
-        async with claude_session(options, log=bound) as client:
-            await client.query(prompt)
-            result = await receive(client)
-            attempt = 1
-            # with an output schema, the session is asked again with what did not validate
-            while schema is not None and result is not None and not result.is_error:
-                value, problems = parse_reply(result.result or "", schema)
-                await ctx.event(
-                    "output_attempt",
-                    attempt=attempt,
-                    valid=not problems,
-                    errors=problems,
-                    reply=(result.result or "")[:500],
-                )
-                if not problems or attempt > ctx.options.output_retries:
-                    break
-                bound.info("reply did not match the output schema", attempt=attempt)
-                attempt += 1
-                await client.query(feedback(problems))
+        try:
+            async with claude_session(options, log=bound) as client:
+                await client.query(prompt)
                 result = await receive(client)
+                attempt = 1
+                # with an output schema, the session is asked again with what did not validate
+                while schema is not None and result is not None and not result.is_error:
+                    value, problems = parse_reply(result.result or "", schema)
+                    await ctx.event(
+                        "output_attempt",
+                        attempt=attempt,
+                        valid=not problems,
+                        errors=problems,
+                        reply=(result.result or "")[:500],
+                    )
+                    if not problems or attempt > ctx.options.output_retries:
+                        break
+                    bound.info("reply did not match the output schema", attempt=attempt)
+                    attempt += 1
+                    await client.query(feedback(problems))
+                    result = await receive(client)
+        except CostLimitReached as stopped:
+            if turn and stopped.session_id:  # the next turn resumes what this one did
+                stopped.session_snapshot = await asyncio.to_thread(
+                    capture_session, stopped.session_id
+                )
+            raise
         if result is None:
             raise AgentError(
                 f"Claude Code ended without a result; stderr: {stderr.text()}", fault=Fault.WORKER
