@@ -111,9 +111,11 @@ class SessionMoved(SessionLost):
 
 @dataclasses.dataclass
 class _Handover:
-    """A session handing over to a renewed certificate ends by `settle_by` (loop time)."""
+    """How a session ends: handing over to a renewed certificate by `settle_by` (loop time), or
+    `closing` (everything sent and committed, the stream half-closed: only its end is awaited)."""
 
     settle_by: float | None = None
+    closing: bool = False
 
 
 class WorkerDaemon:
@@ -524,6 +526,7 @@ class WorkerDaemon:
                     writer.result()  # raises if the writer failed
                     # Every report is out and we half-closed: the server ends the stream once
                     # it has read them all. Cancelling the call earlier could drop them.
+                    handover.closing = True
                     with contextlib.suppress(Exception, TimeoutError):
                         async with asyncio.timeout(10.0):
                             await asyncio.shield(reader)
@@ -566,6 +569,8 @@ class WorkerDaemon:
             msg = await call.read()
             if msg is grpc.aio.EOF:
                 return msg
+            if handover.closing:
+                continue  # an exiting worker starts nothing more; the server retries it
             self._handle(msg)
             if handover.settle_by is not None and not self.outbox.unacknowledged:
                 return None
