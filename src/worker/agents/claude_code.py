@@ -384,7 +384,10 @@ class ClaudeCodeAgent:
             )
             stopped = CostLimitReached(usage, over.limit)
             stopped.session_id = session_id
-            stopped.session_cost_usd = float(total) if total is not None else 0.0
+            # the running total the next turn counts from (estimated without the result)
+            stopped.session_cost_usd = (
+                float(total) if total is not None else cost_before + usage.cost_usd
+            )
             raise stopped from None
 
         async def receive(client: Any) -> Any:
