@@ -1183,7 +1183,7 @@ async def fleet_many(
         args, pki, tmp / f"fleet-{n}", side, started, fleet_ids(n), procs
     )
     # Measure the idle sessions at their steady rate: once each is past its first idle wait
-    # (drawn over the whole interval, the later ones over its last fifth: 0.9 of it on average),
+    # (each drawn over the interval's last fifth: 0.9 of it on average),
     # and the connection storm has settled. A window right after connecting catches about one
     # heartbeat per session, where steady state has 1.11 per interval.
     await asyncio.sleep(SERVER_IDLE_INTERVAL + 2.0)

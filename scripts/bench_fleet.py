@@ -1,20 +1,20 @@
 """Many workers at once, for scripts/bench --idle-workers N.
 
-A fleet process holds COUNT worker sessions, each with its own certificate and its own connection
-(a channel with the daemon's options and a local subchannel pool), speaking the worker protocol the
-way the daemon does: a hello, a numbered heartbeat (each one renews its lease) every
-`heartbeat_interval_ms` the server gave it while it held a run since the last one, else after an
-idle wait drawn anew each time between 80 % and all of `idle_heartbeat_interval_ms`, the first over
-the whole of it (as the daemon does: sessions that connected together do not beat in one wave,
-which made a dispatch window that caught the wave cost 20 stream messages more per 100 tasks than
-one that did not); for every assignment an immediate COMPLETED status with the input as the result
-(an echo agent that costs nothing, so dispatch is what is measured), once its lease is fresh enough
-(else after the renewal of a heartbeat sent at once, as the daemon waits for it). A session that
-ends is opened again as the daemon does (at once after one that was up, else after a full-jitter
-backoff; with the daemon's connect timeout). It prints `ready SECONDS` once every session got its
-SessionParams, then serves until SIGTERM; on SIGUSR1 it prints `messages RECEIVED SENT FAILED`,
-what its sessions read and wrote so far (the server wrote and read as many) and the connection
-attempts that got no session.
+A fleet process holds COUNT worker sessions, each with its own certificate and its own
+connection (a channel with the daemon's options and a local subchannel pool), speaking the worker
+protocol the way the daemon does: a hello, a numbered heartbeat (each one renews its lease)
+every `heartbeat_interval_ms` the server gave it while it held a run since the last one, else
+after an idle wait drawn anew each time between 80 % and all of `idle_heartbeat_interval_ms`
+(as the daemon does: sessions that connected together do not beat in one wave, which made a
+dispatch window that caught the wave cost 20 stream messages more per 100 tasks than one that
+did not); for every assignment an immediate COMPLETED status with the
+input as the result (an echo agent that costs nothing, so dispatch is what is measured), once
+its lease is fresh enough (else after the renewal of a heartbeat sent at once, as the daemon
+waits for it). A session that ends is opened again as the daemon does (at once after one that
+was up, else after a full-jitter backoff; with the daemon's connect timeout). It prints
+`ready SECONDS` once every session got its SessionParams, then serves until SIGTERM; on SIGUSR1
+it prints `messages RECEIVED SENT FAILED`, what its sessions read and wrote so far (the server
+wrote and read as many) and the connection attempts that got no session.
 
 scripts/bench.py (`fleet_many`) starts two fresh control planes: one with two fleet sessions (the
 reference) and one with N sessions from --fleet-procs processes. With all N connected: the time
@@ -189,8 +189,7 @@ class FakeWorker:
         return not self._lease or self._expires - time.monotonic() > 2 * lead
 
     async def _beats(self, busy: float, idle: float) -> None:
-        # the daemon's HeartbeatPace: the first idle wait over the whole interval, then 80-100 %
-        last, idle_wait = time.monotonic(), random.uniform(busy, max(busy, idle))
+        last, idle_wait = time.monotonic(), random.uniform(max(busy, 0.8 * idle), idle)
         while True:
             wait = last + (busy if self._held else idle_wait) - time.monotonic()
             if wait > 0 and not self._beat_now:

@@ -94,10 +94,8 @@ class HeartbeatPace:
 
     Each idle wait is drawn anew between (1 - `spread`) * `idle` and `idle` (never below `busy`):
     workers that connected together, as after a control-plane restart, drift apart instead of
-    heartbeating in one burst every interval. A session's first idle wait is drawn over the whole
-    interval, so that they are apart from the first heartbeat on, not only after several
-    intervals. Never longer than `idle`, so the control plane's reckoning of a silent idle worker
-    (idle interval plus lease and margin) still holds.
+    heartbeating in one burst every interval. Never longer than `idle`, so the control plane's
+    reckoning of a silent idle worker (idle interval plus lease and margin) still holds.
     """
 
     def __init__(
@@ -111,7 +109,7 @@ class HeartbeatPace:
         self.idle = max(busy, idle)
         self.spread = spread
         self._draw = draw
-        self.idle_wait = max(self.busy, self.idle * (1.0 - self._draw()))  # the first: see above
+        self.idle_wait = self._next_idle_wait()
         self.held_since_last = False
 
     def _next_idle_wait(self) -> float:
