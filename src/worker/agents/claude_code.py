@@ -20,6 +20,11 @@ Environment: ANTHROPIC_API_KEY / ANTHROPIC_BASE_URL (read by the CLI), TASKRUN_A
 (default model), TASKRUN_CLAUDE_CLI_PATH (use this CLI instead of the bundled one). The CLI and
 its tools see TASKRUN_TASK_ID, TASKRUN_RUN_ID, TASKRUN_ATTEMPT and TASKRUN_FENCING_TOKEN. The CLI
 runs under the worker's supervisor: it dies with the worker and when the worker's lease ends.
+
+Why one module: the agent's run reads one message stream whose handlers share its state (text
+streamed, calls counted, the session); the session files (restore, capture, preambles) are its
+own helpers. Starting and stopping the CLI already lives in claude_cli.py; the session-file
+helpers could move to a module of their own next.
 """
 
 from __future__ import annotations
