@@ -765,12 +765,8 @@ def _per_task(
     before: dict[str, float | None], after: dict[str, float | None], n: int
 ) -> dict[str, float]:
     """CPU seconds per task by process group, for the groups measured at both ends."""
-    out: dict[str, float] = {}
-    for name, end in after.items():
-        start = before.get(name)
-        if start is not None and end is not None and n:
-            out[name] = (end - start) / n
-    return out
+    spent = _cpu_delta(before, after)
+    return {name: v / n for name, v in spent.items() if v is not None and n}
 
 
 def _plane_cpu(plane: ControlPlane) -> dict[str, float | None]:
