@@ -242,22 +242,45 @@ class ControlPlaneMetrics(Collector):
     def interceptor(self) -> grpc.aio.ServerInterceptor:
         return _EdgeInterceptor(self)
 
-    def note_status(self, context: grpc.aio.ServicerContext) -> None:
-        code = context.code()
+    def note_code(self, code: object) -> None:
         reason = EDGE_REJECTIONS.get(code) if isinstance(code, grpc.StatusCode) else None
         if reason is not None:
             self.rejected[reason] += 1
 
 
-class _CountingContext:
-    """A ServicerContext that counts the messages read and written on a worker session."""
+class _EdgeContext:
+    """The servicer context a handler sees: a refusal is counted before its status leaves.
+
+    grpc's `abort` sends the status and only then raises, so counting as the handler ends
+    would let a caller see its refusal, scrape, and not find it. A status set without abort
+    is sent after the handler returns, and is counted then (`finish`)."""
+
+    __slots__ = ("_context", "_metrics", "_noted")
 
     def __init__(self, context: grpc.aio.ServicerContext, metrics: ControlPlaneMetrics) -> None:
         self._context = context
         self._metrics = metrics
+        self._noted = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
+
+    async def abort(self, code: grpc.StatusCode, details: str = "", *args: Any) -> None:
+        if not self._noted:
+            self._noted = True
+            self._metrics.note_code(code)
+        await self._context.abort(code, details, *args)
+
+    def finish(self) -> None:
+        if not self._noted:
+            self._noted = True
+            self._metrics.note_code(self._context.code())
+
+
+class _CountingContext(_EdgeContext):
+    """The context of a worker session, which also counts the messages read and written."""
+
+    __slots__ = ()
 
     async def read(self) -> Any:
         message = await self._context.read()
@@ -303,24 +326,27 @@ class _EdgeInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def _wrap(self, behavior: Callable[..., Any], counting: bool) -> Callable[..., Any]:
         metrics = self.metrics
 
+        edge = _CountingContext if counting else _EdgeContext
+
         if inspect.isasyncgenfunction(behavior):
 
             async def streaming(
                 request: Any, context: grpc.aio.ServicerContext
             ) -> AsyncIterator[Any]:
+                inner = edge(context, metrics)
                 try:
-                    async for item in behavior(request, context):
+                    async for item in behavior(request, inner):
                         yield item
                 finally:
-                    metrics.note_status(context)
+                    inner.finish()
 
             return streaming
 
         async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
-            inner: Any = _CountingContext(context, metrics) if counting else context
+            inner = edge(context, metrics)
             try:
                 return await behavior(request, inner)
             finally:
-                metrics.note_status(context)
+                inner.finish()
 
         return unary
