@@ -504,6 +504,8 @@ class Client:
                     task_id = task_id or update.task.id
                     for event in _events(update, TaskId(task_id), seen):
                         yield event
+                    if update.last:
+                        break  # the rest is the stream's status: no need to wait for it
                 return
             except grpc.aio.AioRpcError as exc:
                 if exc.code() == grpc.StatusCode.UNIMPLEMENTED and not task_id:
@@ -795,8 +797,9 @@ class Client:
     ) -> AsyncGenerator[TaskEvent, None]:
         """The task's stored output, then (with follow) live output and changes until it ends.
 
-        The first event is a TaskChanged with the task's current state. Output of a batch is
-        yielded before the task state that came with it, so the terminal TaskChanged is last.
+        Output is yielded before the task state that came with it: the stored output first,
+        then a TaskChanged with the task's current state, and the terminal TaskChanged is last
+        (the iteration ends there, without waiting for the stream's own end).
         When an open stream breaks (UNAVAILABLE or CANCELLED: a server restart), it is re-opened
         for up to RECONNECT_FOR seconds (backing off from 0.25 s to 1 s) and output already
         yielded is skipped; `on_reconnect` is called with the error when that starts, and with
@@ -830,6 +833,8 @@ class Client:
                             on_reconnect(None)
                     for event in _events(update, TaskId(task_id), seen):
                         yield event
+                    if update.last:
+                        break  # the rest is the stream's status: no need to wait for it
                 return
             except grpc.aio.AioRpcError as exc:
                 before = self.servers.current.target

@@ -428,17 +428,29 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 if len(batch) < OUTPUT_BATCH * 10:
                     return out
 
-        def message(t: Task | None, chunks: list[OutputChunk]) -> tasks_pb2.TaskUpdate:
-            update = tasks_pb2.TaskUpdate(task=self._task_pb(t) if t else None)
-            for c in chunks:
-                convert.chunk_to_pb(c, update.chunks.add())
-            return update
+        def messages(
+            t: Task | None, chunks: list[OutputChunk], *, opening: bool, ending: bool
+        ) -> list[tasks_pb2.TaskUpdate]:
+            """`chunks` in updates of OUTPUT_BATCH, the state `t` with the last of them (after
+            all of the output), and with the first too when `opening` (a replay's first update
+            holds the task, however much output follows); `ending` marks the last update."""
+            out = []
+            for start in range(0, max(len(chunks), 1), OUTPUT_BATCH):
+                final = start + OUTPUT_BATCH >= len(chunks)
+                shown = t if final or (opening and start == 0) else None
+                update = tasks_pb2.TaskUpdate(task=self._task_pb(shown) if shown else None)
+                for c in chunks[start : start + OUTPUT_BATCH]:
+                    convert.chunk_to_pb(c, update.chunks.add())
+                update.last = final and ending
+                out.append(update)
+            return out
 
         if not fresh:
-            history = await stored()
-            for start in range(0, max(len(history), 1), OUTPUT_BATCH):
-                yield message(task if start == 0 else None, history[start : start + OUTPUT_BATCH])
-            if sub is None or task is None or task.status.terminal:
+            assert task is not None
+            ending = sub is None or task.status.terminal
+            for update in messages(task, await stored(), opening=True, ending=ending):
+                yield update
+            if ending:
                 return
         assert sub is not None
         while True:
@@ -462,9 +474,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 latest = await store.get_task(task_id) or latest
                 runs = [r.id for r in await store.list_runs(task_id)]
                 chunks = await stored()
-            for start in range(0, max(len(chunks), 1), OUTPUT_BATCH):
-                yield message(latest if start == 0 else None, chunks[start : start + OUTPUT_BATCH])
-            if latest is not None and latest.status.terminal:
+            ending = latest is not None and latest.status.terminal
+            for update in messages(latest, chunks, opening=False, ending=ending):
+                yield update
+            if ending:
                 return
 
 

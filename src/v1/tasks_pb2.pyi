@@ -168,11 +168,13 @@ class FollowTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., follow: _Optional[bool] = ..., include_events: _Optional[bool] = ...) -> None: ...
 
 class TaskUpdate(_message.Message):
-    __slots__ = ("task", "chunks", "created")
+    __slots__ = ("task", "chunks", "created", "last")
     TASK_FIELD_NUMBER: _ClassVar[int]
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     CREATED_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
     task: _common_pb2.Task
     chunks: _containers.RepeatedCompositeFieldContainer[_common_pb2.OutputChunk]
     created: bool
-    def __init__(self, task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.OutputChunk, _Mapping]]] = ..., created: _Optional[bool] = ...) -> None: ...
+    last: bool
+    def __init__(self, task: _Optional[_Union[_common_pb2.Task, _Mapping]] = ..., chunks: _Optional[_Iterable[_Union[_common_pb2.OutputChunk, _Mapping]]] = ..., created: _Optional[bool] = ..., last: _Optional[bool] = ...) -> None: ...

@@ -120,6 +120,10 @@ class TaskServiceServicer:
 
     def FollowTask(self, request, context):
         """Stored output first, then (when follow is set) live output and status until the task ends.
+        Output is sent in updates of at most 1,000 chunks; the task's state comes with the last
+        update of each batch, after its output (and with the first update too, so a stream's first
+        update holds the task). The stream's last update (marked `last`) carries the state it ends
+        with: nothing follows it.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

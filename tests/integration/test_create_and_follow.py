@@ -86,6 +86,52 @@ async def test_an_idempotent_replay_follows_the_existing_task_and_says_it_was_no
     assert len((await client.list_tasks())[0]) == 1
 
 
+async def test_a_long_outputs_end_state_comes_after_all_of_it(cluster: Cluster) -> None:
+    """More output than one update holds (1,000 chunks) is sent in several updates: the state
+    comes with the last of them too, so nothing follows the terminal TaskChanged, live or
+    replayed."""
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    text = "x" * 2500
+    spec = TaskSpec(agent="echo", input=json.dumps({"text": text, "chunks": 2500}))
+    live = [e async for e in client.submit_and_follow(spec)]
+    task_id = live[0].task.id if isinstance(live[0], TaskChanged) else ""
+    replayed = [e async for e in client.follow(task_id)]
+    assert isinstance(live[0], TaskChanged)  # created on this stream: the task comes first
+    for events in (live, replayed):
+        last = events[-1]
+        assert isinstance(last, TaskChanged) and last.task.status is TaskStatus.COMPLETED
+        assert "".join(e.chunk.data for e in events if isinstance(e, OutputReceived)) == text
+
+
+async def test_the_last_update_of_a_stream_says_so(cluster: Cluster) -> None:
+    """A client may stop reading at an update marked last, without waiting for the stream's
+    end: exactly the final update carries the mark, with the task's state."""
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    stub = client._task_stub()
+    done = TaskSpec(agent="echo", input=json.dumps({"text": "x" * 2500, "chunks": 2500}))
+    create = tasks_pb2.CreateAndFollowTaskRequest(task=convert.spec_to_pb(done))
+    streams = [[u async for u in stub.CreateAndFollowTask(create)]]
+    task_id = streams[0][0].task.id
+    for follow in (True, False):
+        request = tasks_pb2.FollowTaskRequest(task_id=task_id, follow=follow)
+        streams.append([u async for u in stub.FollowTask(request)])
+    running = await client.create_task("echo", {"text": "ab", "chunks": 2, "delay": 60})
+    async with contextlib.aclosing(client.follow(running.id)) as events:
+        async for event in events:
+            if isinstance(event, TaskChanged) and event.task.status is TaskStatus.RUNNING:
+                break
+    request = tasks_pb2.FollowTaskRequest(task_id=running.id, follow=False)
+    streams.append([u async for u in stub.FollowTask(request)])
+    for updates in streams:
+        assert [u.last for u in updates] == [False] * (len(updates) - 1) + [True]
+        assert updates[0].HasField("task") and updates[-1].HasField("task")
+    assert [s[-1].task.status for s in streams] == [TaskStatus.COMPLETED] * 3 + [TaskStatus.RUNNING]
+
+
 async def test_a_bad_request_names_the_field_and_creates_nothing(cluster: Cluster) -> None:
     await cluster.start_server()
     await cluster.start_worker("worker-1")
