@@ -330,7 +330,12 @@ async def _serve(
         servicers = Servicers(
             tasks, conversations, workers, schedules, events, webhook_service, workflow_service
         )
-        api = HttpApi(servicers, max_body_bytes=config.http_max_body_bytes, openapi=build_openapi())
+        api = HttpApi(
+            servicers,
+            max_body_bytes=config.http_max_body_bytes,
+            openapi=build_openapi(),
+            answered=metrics.note_http_status,
+        )
         mcp = McpEndpoint(servicers)
 
         @contextlib.asynccontextmanager

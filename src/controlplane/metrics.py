@@ -33,6 +33,8 @@ EDGE_REJECTIONS = {
     grpc.StatusCode.PERMISSION_DENIED: "permission_denied",
     grpc.StatusCode.UNAUTHENTICATED: "unauthenticated",
 }
+# The same refusals over the HTTP API, by the status of the problem answer.
+HTTP_REJECTIONS = {400: "invalid_argument", 401: "unauthenticated", 403: "permission_denied"}
 STREAM_METHOD = "/taskrun.v1.RunService/StreamConnect"
 
 
@@ -173,7 +175,8 @@ class ControlPlaneMetrics(Collector):
         rejected = CounterMetricFamily(
             "taskrun_rejected_requests",
             "Requests refused, by reason: stale_report (a worker report for a run that is not "
-            "current), invalid_argument, permission_denied, unauthenticated.",
+            "current), invalid_argument, permission_denied, unauthenticated (over gRPC, and "
+            "over HTTP as 400, 403 and 401).",
             labels=["reason"],
         )
         rejected.add_metric(["stale_report"], engine.rejected_reports)
@@ -241,6 +244,11 @@ class ControlPlaneMetrics(Collector):
 
     def interceptor(self) -> grpc.aio.ServerInterceptor:
         return _EdgeInterceptor(self)
+
+    def note_http_status(self, status: int) -> None:
+        reason = HTTP_REJECTIONS.get(status)
+        if reason is not None:
+            self.rejected[reason] += 1
 
     def note_code(self, code: object) -> None:
         reason = EDGE_REJECTIONS.get(code) if isinstance(code, grpc.StatusCode) else None

@@ -14,6 +14,7 @@ from taskrun.core.ids import WorkerId
 from taskrun.metrics_http import split_address
 from tests.conftest import Cluster
 from tests.integration.test_bad_input import channel
+from tests.integration.test_http_api import http_client
 
 
 async def scrape(port: int, path: str = "/metrics") -> tuple[str, str]:
@@ -64,6 +65,28 @@ async def test_control_plane_metrics_match_what_happened(cluster: Cluster) -> No
     assert value(body, "taskrun_stream_messages_sent_total") >= 4  # params + 3 assignments
     await client.cancel_task(waiting.id)
     assert (await scrape(server.metrics_server.port, "/other"))[0].startswith("HTTP/1.1 404")
+
+
+async def test_refusals_over_http_are_counted_like_those_over_grpc(cluster: Cluster) -> None:
+    """The HTTP API is an edge too: a refused request is counted by the status it was refused
+    with, by the time its answer arrives."""
+    server = await cluster.start_server(
+        metrics_listen="127.0.0.1:0", http_listen="127.0.0.1:0", public_listen=""
+    )
+    assert server.metrics_server is not None
+    base = f"https://127.0.0.1:{server.http_port}"
+    reader, _ = await cluster.client().create_api_token("reader", ["read"])
+    async with http_client(cluster, base, None) as anonymous:
+        assert (await anonymous.get("/v1/tasks")).status_code == 401
+    async with http_client(cluster, base, reader) as client:
+        body = {"agent": "echo", "input": {"text": "hi"}}
+        assert (await client.post("/v1/tasks", json=body)).status_code == 403  # read only
+        assert (await client.get("/v1/tasks", params={"status": "NOPE"})).status_code == 400
+        assert (await client.get("/v1/tasks/tsk_nothing")).status_code == 404  # not a refusal
+        _, text = await scrape(server.metrics_server.port)
+    assert value(text, 'taskrun_rejected_requests_total{reason="unauthenticated"}') == 1
+    assert value(text, 'taskrun_rejected_requests_total{reason="permission_denied"}') == 1
+    assert value(text, 'taskrun_rejected_requests_total{reason="invalid_argument"}') == 1
 
 
 async def test_worker_metrics_count_runs_by_outcome(cluster: Cluster) -> None:

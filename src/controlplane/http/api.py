@@ -23,7 +23,9 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Receive, Send
+from starlette.types import Message as AsgiMessage
+from starlette.types import Scope as AsgiScope
 
 from taskrun import convert
 from taskrun.controlplane.conversation_service import ConversationService
@@ -201,8 +203,10 @@ class HttpApi:
         *,
         max_body_bytes: int = DEFAULT_MAX_BODY,
         openapi: dict[str, Any] | None = None,
+        answered: Callable[[int], None] | None = None,
     ) -> None:
         self.servicers = servicers
+        self.answered = answered  # told each answer's HTTP status before it is sent
         self.auth = servicers.tasks.auth
         self.max_body_bytes = max_body_bytes
         self.openapi = openapi
@@ -391,11 +395,35 @@ class HttpApi:
     ) -> Starlette:
         """The application; `apps` are ASGI apps served at exact paths (all methods)."""
         routes = self.routes() + [Route(path, endpoint=app) for path, app in apps]
-        return Starlette(
+        app = Starlette(
             routes=routes,
             lifespan=lifespan,
             exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal},
         )
+        if self.answered is not None:
+            app.add_middleware(_Statuses, answered=self.answered)
+        return app
+
+
+class _Statuses:
+    """ASGI middleware: tells `answered` each response's status as it starts, so a caller
+    that has its answer finds it counted (the metrics' refusals)."""
+
+    def __init__(self, app: ASGIApp, answered: Callable[[int], None]) -> None:
+        self.app = app
+        self.answered = answered
+
+    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def starting(message: AsgiMessage) -> None:
+            if message["type"] == "http.response.start":
+                self.answered(message["status"])
+            await send(message)
+
+        await self.app(scope, receive, starting)
 
 
 def _dispatch(
