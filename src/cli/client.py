@@ -31,6 +31,7 @@ import grpc
 from taskrun import convert
 from taskrun.cli.credentials import OperatorSettings, load_credentials, resolve_settings
 from taskrun.cli.failover import FAILOVER_FOR, Channels, FailoverStub
+from taskrun.cli.submits import Submits, request_error
 from taskrun.core.access import AuditEvent, AuditKind, TokenState
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.models import (
@@ -324,6 +325,7 @@ class Client:
         self._tasks = FailoverStub(self._channels, tasks_pb2_grpc.TaskServiceStub)
         self._workers = FailoverStub(self._channels, workers_pb2_grpc.WorkerServiceStub)
         self._create_and_follow = True  # False once the server said it lacks the call
+        self._submits = Submits(lambda: self._task_stub().SubmitTasks())
 
     @classmethod
     def from_env(
@@ -381,6 +383,7 @@ class Client:
         await self.channel.channel_ready()
 
     async def close(self) -> None:
+        await self._submits.close()
         await self._channels.close()
 
     async def __aenter__(self) -> Self:
@@ -486,10 +489,11 @@ class Client:
         allow_unknown_agent: bool = False,
         on_reconnect: Callable[[grpc.aio.AioRpcError | None], None] | None = None,
     ) -> AsyncGenerator[TaskEvent, None]:
-        """Submit one task and follow it on one stream (CreateAndFollowTask): the first event
-        is a TaskChanged with the task as created, then as `follow` until it ends. If that
-        stream breaks once the task exists, `follow` takes over (it reconnects); a server
-        without the call gets CreateTask then FollowTask. Use `contextlib.aclosing`."""
+        """Submit one task and follow it: the first event is a TaskChanged with the task as
+        created, then as `follow` until it ends. All of a client's submissions share one
+        SubmitTasks stream (cli/submits.py); a server without it gets CreateAndFollowTask,
+        and one without that CreateTask then FollowTask. If the stream breaks once the task
+        exists, `follow` takes over (it reconnects). Use `contextlib.aclosing`."""
         request = tasks_pb2.CreateAndFollowTaskRequest(
             task=convert.spec_to_pb(spec), include_events=include_events
         )
@@ -497,7 +501,35 @@ class Client:
         task_id = ""
         seen: dict[RunId, int] = {}
         broken: grpc.aio.AioRpcError | None = None
-        if self._create_and_follow:
+        if self._submits.supported:
+            request_id, queue = await self._submits.start(request)
+            ended = False
+            try:
+                while True:
+                    item = await queue.get()
+                    if isinstance(item, grpc.aio.AioRpcError):
+                        ended = True
+                        if item.code() == grpc.StatusCode.UNIMPLEMENTED and not task_id:
+                            self._submits.supported = False  # an older server
+                            break
+                        if task_id and _broke(item):
+                            broken = item  # e.g. a server restart: follow, reconnecting
+                            break
+                        raise item
+                    if item.HasField("error"):
+                        ended = True
+                        raise request_error(item.error)
+                    update = item.update
+                    task_id = task_id or update.task.id
+                    for event in _events(update, TaskId(task_id), seen):
+                        yield event
+                    if update.last:
+                        ended = True
+                        return
+            finally:
+                if not ended:  # the caller stopped early: stop following, not the task
+                    await self._submits.stop(request_id)
+        if self._create_and_follow and not task_id:
             call = self._task_stub().CreateAndFollowTask(request)
             try:
                 async for update in call:

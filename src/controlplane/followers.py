@@ -11,7 +11,7 @@ import asyncio
 import contextlib
 import copy
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 
 from taskrun.core.errors import Unavailable
@@ -81,6 +81,7 @@ class FollowHub:
         self._made = 0  # change sets made (snapshot calls) so far
         self._committed: Followed | None = None
         self._closed = False
+        self._on_close: set[Callable[[], None]] = set()
 
     def snapshot(self, tasks: Iterable[Task]) -> Followed:
         """Copies of the followed ones among `tasks`, with the change set's number."""
@@ -125,6 +126,16 @@ class FollowHub:
             for sub in subs:
                 sub.closed = True
                 sub.wakeup.set()
+        for callback in list(self._on_close):
+            callback()
+
+    def when_closed(self, callback: Callable[[], None]) -> Callable[[], None]:
+        """Call `callback` when the control plane stops (at once if it has): for a stream
+        that may be waiting for its next request, not on a follower. Returns the undo."""
+        if self._closed:
+            callback()
+        self._on_close.add(callback)
+        return lambda: self._on_close.discard(callback)
 
     def unsubscribe(self, sub: Subscription) -> None:
         subs = self._subs.get(sub.task_id)

@@ -279,6 +279,10 @@ class _EdgeContext:
             self._metrics.note_code(code)
         await self._context.abort(code, details, *args)
 
+    def refused(self, code: grpc.StatusCode) -> None:
+        """A request refused in band on a multiplexed stream (the call goes on)."""
+        self._metrics.note_code(code)
+
     def finish(self) -> None:
         if not self._noted:
             self._noted = True

@@ -6,7 +6,7 @@ import base64
 import binascii
 import functools
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar
 
 import grpc
@@ -18,6 +18,7 @@ from taskrun.controlplane.auth import Authenticator, Caller
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.followers import Subscription
 from taskrun.controlplane.guard import status_code
+from taskrun.controlplane.submit import SubmitStream
 from taskrun.controlplane.waiting import check_known_agent, check_offered, waiting_reason
 from taskrun.core import errors
 from taskrun.core.access import AuditKind, Scope
@@ -203,23 +204,37 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     async def CreateAndFollowTask(
         self, request: tasks_pb2.CreateAndFollowTaskRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[tasks_pb2.TaskUpdate]:
-        """CreateTask, then FollowTask(follow=true) on the same stream. The subscription is
-        made before the task's commit is queued, so the stream needs no read of the store: the
-        first update is the task as committed, published by the commit itself."""
+        """CreateTask, then FollowTask(follow=true) on the same stream."""
         caller = await self.auth.operator(context, Scope.SUBMIT)
+        updates = self._create_and_follow(request, caller, context)
+        try:
+            async for update in updates:
+                yield update
+        except errors.TaskRunError as exc:
+            await context.abort(status_code(exc), str(exc))
+        finally:
+            await updates.aclose()
+
+    async def _create_and_follow(
+        self,
+        request: tasks_pb2.CreateAndFollowTaskRequest,
+        caller: Caller,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncGenerator[tasks_pb2.TaskUpdate, None]:
+        """Create the task (a refusal raises its domain error before anything is yielded),
+        then follow it. The subscription is made before the task's commit is queued, so the
+        stream needs no read of the store: the first update is the task as committed,
+        published by the commit itself."""
         hub = self.engine.hub
         subs: list[Subscription] = []
         follow = tasks_pb2.FollowTaskRequest(follow=True, include_events=request.include_events)
         try:
-            try:
-                ((task, created),) = await self._create(
-                    [request.task],
-                    lambda _: "task.",
-                    caller,
-                    lambda t: subs.append(hub.subscribe(t.id)),
-                )
-            except errors.TaskRunError as exc:
-                await context.abort(status_code(exc), str(exc))
+            ((task, created),) = await self._create(
+                [request.task],
+                lambda _: "task.",
+                caller,
+                lambda t: subs.append(hub.subscribe(t.id)),
+            )
             task_id = task.id
             follow.task_id = task_id
             if created:
@@ -235,6 +250,18 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         finally:
             for sub in subs:
                 hub.unsubscribe(sub)
+
+    async def SubmitTasks(
+        self,
+        requests: AsyncIterator[tasks_pb2.SubmitRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[tasks_pb2.SubmitUpdate]:
+        """CreateAndFollowTask, many at once on one stream (see controlplane.submit). Requests
+        are read with `context.read()`, which refuses a message that does not parse."""
+        caller = await self.auth.operator(context, Scope.SUBMIT)
+        stream = SubmitStream(self.engine.hub, self.auth, self._create_and_follow, caller, context)
+        async for update in stream.serve():
+            yield update
 
     @domain_errors
     async def GetTask(

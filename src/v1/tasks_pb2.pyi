@@ -157,6 +157,34 @@ class CreateAndFollowTaskRequest(_message.Message):
     include_events: bool
     def __init__(self, task: _Optional[_Union[CreateTaskRequest, _Mapping]] = ..., include_events: _Optional[bool] = ...) -> None: ...
 
+class SubmitRequest(_message.Message):
+    __slots__ = ("request_id", "create", "stop")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CREATE_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    create: CreateAndFollowTaskRequest
+    stop: bool
+    def __init__(self, request_id: _Optional[int] = ..., create: _Optional[_Union[CreateAndFollowTaskRequest, _Mapping]] = ..., stop: _Optional[bool] = ...) -> None: ...
+
+class SubmitUpdate(_message.Message):
+    __slots__ = ("request_id", "update", "error")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    request_id: int
+    update: TaskUpdate
+    error: RequestError
+    def __init__(self, request_id: _Optional[int] = ..., update: _Optional[_Union[TaskUpdate, _Mapping]] = ..., error: _Optional[_Union[RequestError, _Mapping]] = ...) -> None: ...
+
+class RequestError(_message.Message):
+    __slots__ = ("code", "message")
+    CODE_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    code: int
+    message: str
+    def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
 class FollowTaskRequest(_message.Message):
     __slots__ = ("task_id", "follow", "include_events")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]

@@ -71,6 +71,11 @@ class TaskServiceStub:
                 request_serializer=taskrun_dot_v1_dot_tasks__pb2.CreateAndFollowTaskRequest.SerializeToString,
                 response_deserializer=taskrun_dot_v1_dot_tasks__pb2.TaskUpdate.FromString,
                 _registered_method=True)
+        self.SubmitTasks = channel.stream_stream(
+                '/taskrun.v1.TaskService/SubmitTasks',
+                request_serializer=taskrun_dot_v1_dot_tasks__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=taskrun_dot_v1_dot_tasks__pb2.SubmitUpdate.FromString,
+                _registered_method=True)
         self.ContinueTask = channel.unary_unary(
                 '/taskrun.v1.TaskService/ContinueTask',
                 request_serializer=taskrun_dot_v1_dot_tasks__pb2.ContinueTaskRequest.SerializeToString,
@@ -138,6 +143,19 @@ class TaskServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SubmitTasks(self, request_iterator, context):
+        """Many CreateAndFollowTask exchanges on one stream, for a client that submits task after task
+        (one call instead of one per task). Each request names an id of the client's choosing;
+        every update for it carries that id, ends with one marked `last`, and a request refused
+        gets an `error` instead: the stream goes on. At most 100 requests are followed at once on
+        a stream (more wait to be read). The stream ends when the client half-closes it and every
+        request it sent has ended, or for all of them (the caller's credential revoked or expired:
+        UNAUTHENTICATED; the control plane stopping: UNAVAILABLE, follow those tasks again).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ContinueTask(self, request, context):
         """The next message of the conversation the task belongs to (one is created around a task that
         had none): returns the new turn's task. The given task itself never changes.
@@ -191,6 +209,11 @@ def add_TaskServiceServicer_to_server(servicer, server):
                     servicer.CreateAndFollowTask,
                     request_deserializer=taskrun_dot_v1_dot_tasks__pb2.CreateAndFollowTaskRequest.FromString,
                     response_serializer=taskrun_dot_v1_dot_tasks__pb2.TaskUpdate.SerializeToString,
+            ),
+            'SubmitTasks': grpc.stream_stream_rpc_method_handler(
+                    servicer.SubmitTasks,
+                    request_deserializer=taskrun_dot_v1_dot_tasks__pb2.SubmitRequest.FromString,
+                    response_serializer=taskrun_dot_v1_dot_tasks__pb2.SubmitUpdate.SerializeToString,
             ),
             'ContinueTask': grpc.unary_unary_rpc_method_handler(
                     servicer.ContinueTask,
@@ -393,6 +416,33 @@ class TaskService:
             '/taskrun.v1.TaskService/CreateAndFollowTask',
             taskrun_dot_v1_dot_tasks__pb2.CreateAndFollowTaskRequest.SerializeToString,
             taskrun_dot_v1_dot_tasks__pb2.TaskUpdate.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SubmitTasks(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/taskrun.v1.TaskService/SubmitTasks',
+            taskrun_dot_v1_dot_tasks__pb2.SubmitRequest.SerializeToString,
+            taskrun_dot_v1_dot_tasks__pb2.SubmitUpdate.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,119 @@
+"""The client's side of SubmitTasks: one stream, opened on first use, that carries every
+`Client.submit_and_follow` of the client, each request's updates handed to its own queue.
+
+A call per task costs its start on both sides, the server's interceptors and credential checks;
+on this stream each task costs two messages' worth. When the stream breaks, every request on it
+gets the error (the caller follows its task again, as after a broken CreateAndFollowTask) and
+the next request opens a new stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TypeAlias
+
+import grpc
+
+from taskrun.v1 import tasks_pb2
+
+# What a request's queue receives: its updates in order, then (instead of more) the error that
+# ended the stream under it.
+Item: TypeAlias = tasks_pb2.SubmitUpdate | grpc.aio.AioRpcError
+
+
+def request_error(error: tasks_pb2.RequestError) -> grpc.aio.AioRpcError:
+    """A request refused in band, as the error its own call would have ended with."""
+    code = next((c for c in grpc.StatusCode if c.value[0] == error.code), grpc.StatusCode.UNKNOWN)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), error.message)
+
+
+@dataclass
+class _Stream:
+    call: Any  # grpc.aio.StreamStreamCall
+    queues: dict[int, asyncio.Queue[Item]] = field(default_factory=dict)
+    reader: asyncio.Task[None] | None = None
+    writing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class Submits:
+    def __init__(self, open_call: Callable[[], Any]) -> None:
+        self._open_call = open_call  # a new SubmitTasks call on the channel in use
+        self._stream: _Stream | None = None
+        self._last_id = 0
+        self.supported = True  # False once a server said it lacks the call
+
+    async def start(
+        self, request: tasks_pb2.CreateAndFollowTaskRequest
+    ) -> tuple[int, asyncio.Queue[Item]]:
+        """Send a request; returns its id and the queue its updates arrive in."""
+        stream = self._stream
+        if stream is None:
+            stream = self._stream = _Stream(self._open_call())
+            stream.reader = asyncio.create_task(self._read(stream))
+        self._last_id += 1
+        request_id = self._last_id
+        queue: asyncio.Queue[Item] = asyncio.Queue()
+        stream.queues[request_id] = queue
+        try:
+            async with stream.writing:
+                await stream.call.write(
+                    tasks_pb2.SubmitRequest(request_id=request_id, create=request)
+                )
+        except Exception:  # the stream has ended: its status says why
+            if stream.queues.pop(request_id, None) is not None:
+                queue.put_nowait(await _ended_with(stream.call))
+        return request_id, queue
+
+    async def stop(self, request_id: int) -> None:
+        """Stop following a request whose end has not arrived (its task goes on)."""
+        stream = self._stream
+        if stream is None or stream.queues.pop(request_id, None) is None:
+            return
+        with contextlib.suppress(Exception):  # a stream that ended forgot it already
+            async with stream.writing:
+                await stream.call.write(tasks_pb2.SubmitRequest(request_id=request_id, stop=True))
+
+    async def close(self) -> None:
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.call.cancel()
+            if stream.reader is not None:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await stream.reader
+
+    async def _read(self, stream: _Stream) -> None:
+        error: grpc.aio.AioRpcError | None = None
+        try:
+            while True:
+                update = await stream.call.read()
+                if update is grpc.aio.EOF:
+                    break
+                queue = stream.queues.get(update.request_id)
+                if queue is None:
+                    continue  # a request that was stopped
+                queue.put_nowait(update)
+                if update.HasField("error") or update.update.last:
+                    del stream.queues[update.request_id]
+        except grpc.aio.AioRpcError as exc:
+            error = exc
+        finally:
+            if self._stream is stream:
+                self._stream = None  # the next request opens a new stream
+            if stream.queues:
+                ended = error or await _ended_with(stream.call)
+                for queue in stream.queues.values():
+                    queue.put_nowait(ended)
+                stream.queues.clear()
+
+
+async def _ended_with(call: Any) -> grpc.aio.AioRpcError:
+    """The status a finished call ended with, as an error (UNAVAILABLE when it ended OK: the
+    server never ends a stream with requests still followed)."""
+    code = await call.code()
+    details = await call.details()
+    if code == grpc.StatusCode.OK:
+        code, details = grpc.StatusCode.UNAVAILABLE, "the submit stream ended"
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)

@@ -1,0 +1,168 @@
+"""SubmitTasks: many CreateAndFollowTask exchanges multiplexed on one stream.
+
+A client that submits one task after another (sub-tasks, chat turns, scripts) pays for a new
+call each time: its start on both sides, the interceptors, the credential checks. On this
+stream it pays once. Each request is followed in its own asyncio task, exactly as
+CreateAndFollowTask follows it, and their updates are merged in the order they are made.
+
+A refused request is answered in band (an `error` naming the field) and the stream goes on; what
+ends a call ends the stream for every request on it: the caller's credential revoked or expired
+(UNAUTHENTICATED), the control plane stopping (UNAVAILABLE), a message that does not parse
+(INVALID_ARGUMENT naming `request`: its id cannot be known).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncGenerator, AsyncIterator, Callable
+
+import grpc
+
+from taskrun.controlplane.auth import Authenticator, Caller
+from taskrun.controlplane.followers import STOPPING, FollowHub
+from taskrun.controlplane.guard import status_code
+from taskrun.core import errors
+from taskrun.core.access import Scope
+from taskrun.v1 import tasks_pb2
+
+# TaskService._create_and_follow: create one task, then yield its updates (a refusal raises)
+CreateAndFollow = Callable[
+    [tasks_pb2.CreateAndFollowTaskRequest, Caller, grpc.aio.ServicerContext],
+    AsyncGenerator[tasks_pb2.TaskUpdate, None],
+]
+
+MAX_FOLLOWED = 100  # requests followed at once on one stream; more wait to be read
+_END = object()
+_STOPPING = object()
+
+
+class SubmitStream:
+    """One SubmitTasks call."""
+
+    def __init__(
+        self,
+        hub: FollowHub,
+        auth: Authenticator,
+        create_and_follow: CreateAndFollow,
+        caller: Caller,
+        context: grpc.aio.ServicerContext,
+    ) -> None:
+        self.hub = hub
+        self.auth = auth
+        self.create_and_follow = create_and_follow
+        self.caller = caller
+        self.context = context
+        self.out: asyncio.Queue[tasks_pb2.SubmitUpdate | BaseException | object] = asyncio.Queue()
+        self.followed: dict[int, asyncio.Task[None]] = {}
+        self.room = asyncio.Event()  # set when fewer than MAX_FOLLOWED are followed
+        self.room.set()
+        self.reading = True
+
+    async def serve(self) -> AsyncIterator[tasks_pb2.SubmitUpdate]:
+        reader = asyncio.create_task(self._read())
+        # the stream may be idle, waiting for a request: end it as the control plane stops
+        undo = self.hub.when_closed(lambda: self.out.put_nowait(_STOPPING))
+        try:
+            while True:
+                item = await self.out.get()
+                if item is _END:
+                    return
+                if item is _STOPPING:
+                    await self.context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
+                if isinstance(item, BaseException):
+                    raise item
+                assert isinstance(item, tasks_pb2.SubmitUpdate)
+                yield item
+        finally:
+            undo()
+            reader.cancel()
+            followers = list(self.followed.values())
+            for task in followers:
+                task.cancel()
+            await asyncio.gather(reader, *followers, return_exceptions=True)
+
+    async def _read(self) -> None:
+        auth, context = self.auth, self.context
+        try:
+            while True:
+                await self.room.wait()
+                # an idle stream ends as soon as the caller's API token is revoked
+                request = await auth.until_revoked(self.caller, context, context.read())
+                if request is grpc.aio.EOF:
+                    break
+                await self._admit(request)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # the call ends for every request on it
+            self.out.put_nowait(exc)
+            return
+        self.reading = False
+        self._maybe_end()
+
+    async def _admit(self, request: tasks_pb2.SubmitRequest) -> None:
+        request_id = request.request_id
+        action = request.WhichOneof("action")
+        if action == "stop":
+            follower = self.followed.get(request_id)
+            if follower is not None:
+                follower.cancel()  # its task goes on; only the following stops
+            return
+        if request_id == 0:
+            self._refuse(request_id, errors.InvalidArgument("must not be 0", field="request_id"))
+        elif request_id in self.followed:
+            self._refuse(
+                request_id,
+                errors.InvalidArgument(
+                    f"{request_id} is still followed on this stream", field="request_id"
+                ),
+            )
+        elif action is None:
+            self._refuse(
+                request_id,
+                errors.InvalidArgument("names no action: set create or stop", field="create"),
+            )
+        else:
+            # Credentials are checked again per request, as per call: a certificate may have
+            # expired, an API token expired or a `taskrun login` token been revoked meanwhile.
+            await self.auth.check_call(self.context)
+            caller = await self.auth.operator(self.context, Scope.SUBMIT)
+            follower = asyncio.create_task(self._follow(request_id, request.create, caller))
+            self.followed[request_id] = follower
+            follower.add_done_callback(lambda _: self._ended(request_id, follower))
+            if len(self.followed) >= MAX_FOLLOWED:
+                self.room.clear()
+
+    async def _follow(
+        self, request_id: int, request: tasks_pb2.CreateAndFollowTaskRequest, caller: Caller
+    ) -> None:
+        updates = self.create_and_follow(request, caller, self.context)
+        try:
+            async for update in updates:
+                self.out.put_nowait(tasks_pb2.SubmitUpdate(request_id=request_id, update=update))
+        except errors.TaskRunError as exc:
+            self._refuse(request_id, exc)
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:  # an abort (the call ends for all) or a fault
+            self.out.put_nowait(exc)
+        finally:
+            await updates.aclose()
+
+    def _refuse(self, request_id: int, exc: errors.TaskRunError) -> None:
+        code = status_code(exc)
+        refused = getattr(self.context, "refused", None)  # the metrics' edge, when present
+        if refused is not None:
+            refused(code)
+        error = tasks_pb2.RequestError(code=code.value[0], message=str(exc))
+        self.out.put_nowait(tasks_pb2.SubmitUpdate(request_id=request_id, error=error))
+
+    def _ended(self, request_id: int, follower: asyncio.Task[None]) -> None:
+        if self.followed.get(request_id) is follower:
+            del self.followed[request_id]
+        if len(self.followed) < MAX_FOLLOWED:
+            self.room.set()
+        self._maybe_end()
+
+    def _maybe_end(self) -> None:
+        if not self.reading and not self.followed:
+            self.out.put_nowait(_END)

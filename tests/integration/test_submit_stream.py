@@ -1,0 +1,172 @@
+"""SubmitTasks: a client's submissions share one stream, each request followed on its own (real
+server on loopback with mTLS and SQLite, real worker sessions)."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import time
+from typing import Any
+
+import grpc
+import pytest
+
+from taskrun import convert
+from taskrun.cli.client import Client, OutputReceived, TaskChanged
+from taskrun.core.models import TaskSpec
+from taskrun.core.status import TaskStatus
+from taskrun.v1 import tasks_pb2
+from tests.conftest import Cluster
+from tests.integration.test_enrollment import start
+from tests.integration.test_metrics import scrape, value
+from tests.integration.test_security import token_client
+
+
+def echo(text: str, **more: Any) -> TaskSpec:
+    return TaskSpec(agent="echo", input=json.dumps({"text": text, **more}))
+
+
+def stream_of(client: Client) -> object:
+    stream = client._submits._stream
+    assert stream is not None
+    return stream.call
+
+
+async def output_of(client: Client, spec: TaskSpec) -> tuple[str, TaskStatus]:
+    text, status = "", TaskStatus.PENDING
+    async for event in client.submit_and_follow(spec):
+        if isinstance(event, OutputReceived):
+            text += event.chunk.data
+        elif isinstance(event, TaskChanged):
+            status = event.task.status
+    return text, status
+
+
+async def test_one_after_another_and_side_by_side_on_one_stream(cluster: Cluster) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", capacity=8)
+    client = cluster.client()
+    assert await output_of(client, echo("first")) == ("first", TaskStatus.COMPLETED)
+    call = stream_of(client)
+    for i in range(3):
+        assert await output_of(client, echo(f"next {i}")) == (f"next {i}", TaskStatus.COMPLETED)
+    texts = [f"{i:02d}" * 20 for i in range(12)]
+    results = await asyncio.gather(
+        *(output_of(client, echo(t, chunks=20, delay=0.01)) for t in texts)
+    )
+    assert results == [(t, TaskStatus.COMPLETED) for t in texts]  # nobody got another's output
+    assert stream_of(client) is call
+    assert len((await client.list_tasks(limit=100))[0]) == 16
+
+
+async def test_a_refused_request_names_its_field_and_the_stream_goes_on(
+    cluster: Cluster,
+) -> None:
+    server = await cluster.start_server(metrics_listen="127.0.0.1:0")
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    assert (await client.run(echo("up"))).status is TaskStatus.COMPLETED
+    call = stream_of(client)
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.run(TaskSpec(agent="no-such-agent", input="{}"))
+    assert caught.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "task.agent" in (caught.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await client.run(TaskSpec(agent="echo", input="[1, 2]"))
+    assert "task.input" in (caught.value.details() or "")
+    assert (await client.run(echo("still here"))).status is TaskStatus.COMPLETED
+    assert stream_of(client) is call
+    assert len((await client.list_tasks())[0]) == 2  # the refused ones created nothing
+    assert server.metrics_server is not None
+    _, text = await scrape(server.metrics_server.port)
+    assert value(text, 'taskrun_rejected_requests_total{reason="invalid_argument"}') == 2
+
+
+async def test_the_protocol_names_what_is_wrong_and_stop_leaves_the_task_running(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    long = tasks_pb2.CreateAndFollowTaskRequest(
+        task=convert.spec_to_pb(echo("ab", chunks=2, delay=60))
+    )
+    call = client._task_stub().SubmitTasks()
+    await call.write(tasks_pb2.SubmitRequest(request_id=7, create=long))
+    first = await call.read()
+    assert first.request_id == 7 and first.update.created and first.update.task.id
+    task_id = first.update.task.id
+    refusals = [
+        (tasks_pb2.SubmitRequest(request_id=7, create=long), "request_id: 7 is still followed"),
+        (tasks_pb2.SubmitRequest(request_id=0, create=long), "request_id: must not be 0"),
+        (tasks_pb2.SubmitRequest(request_id=8), "create: names no action"),
+    ]
+    for request, message in refusals:
+        await call.write(request)
+        while not (reply := await call.read()).HasField("error"):
+            assert reply.request_id == 7  # the long task's own updates go on meanwhile
+        assert reply.request_id == request.request_id
+        assert reply.error.code == grpc.StatusCode.INVALID_ARGUMENT.value[0]
+        assert reply.error.message.startswith(message)
+    await call.write(tasks_pb2.SubmitRequest(request_id=7, stop=True))
+    await call.done_writing()
+    rest = []
+    async with asyncio.timeout(5):  # nothing is followed any more: the stream ends
+        while (reply := await call.read()) is not grpc.aio.EOF:
+            rest.append(reply)
+    assert all(r.request_id == 7 and not r.update.last for r in rest)
+    assert await call.code() is grpc.StatusCode.OK
+    task, _ = await client.get_task(task_id)
+    assert task.status in (TaskStatus.PENDING, TaskStatus.RUNNING)  # stopped following only
+
+
+async def test_a_caller_that_stops_early_stops_only_its_own_request(cluster: Cluster) -> None:
+    server = await cluster.start_server()
+    await cluster.start_worker("worker-1", capacity=4)
+    client = cluster.client()
+    stream = client.submit_and_follow(echo("ab", chunks=2, delay=60))
+    async with contextlib.aclosing(stream):
+        created = await anext(stream)
+    assert isinstance(created, TaskChanged)
+    async with asyncio.timeout(5):
+        while server.engine.hub.following(created.task.id):
+            await asyncio.sleep(0.01)  # the server let go of it
+    assert await output_of(client, echo("after")) == ("after", TaskStatus.COMPLETED)
+
+
+async def test_a_revoked_api_token_ends_the_stream_at_once(cluster: Cluster) -> None:
+    await start(cluster)
+    await cluster.start_worker("worker-1")
+    admin = cluster.client()
+    secret, info = await admin.create_api_token("submitter", ["submit"])
+    program = token_client(cluster, secret)
+    assert (await program.run(echo("before"))).status is TaskStatus.COMPLETED
+    stream = program.submit_and_follow(echo("ab", chunks=2, delay=60))
+    async with contextlib.aclosing(stream):
+        await anext(stream)
+        await admin.revoke_api_token(info.token_id)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            async with asyncio.timeout(5):
+                async for _ in stream:
+                    pass
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    assert f"API token {info.token_id} was revoked" in (refused.value.details() or "")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await program.run(echo("after"))  # a new stream: refused when it opens
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_an_idle_stream_does_not_hold_the_servers_stop(cluster: Cluster) -> None:
+    """A client keeps its stream open between submissions: a stopping control plane ends it
+    (UNAVAILABLE) at once instead of waiting out its grace for it."""
+    server = await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    assert (await client.run(echo("idle after this"))).status is TaskStatus.COMPLETED
+    started = time.monotonic()
+    await server.stop(grace=20.0)
+    cluster.server = None
+    assert time.monotonic() - started < 10.0
+    await cluster.start_server()
+    assert (await client.run(echo("a new stream"))).status is TaskStatus.COMPLETED
