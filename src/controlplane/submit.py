@@ -31,7 +31,7 @@ CreateAndFollow = Callable[
     AsyncGenerator[tasks_pb2.TaskUpdate, None],
 ]
 
-MAX_FOLLOWED = 100  # requests followed at once on one stream; more wait to be read
+MAX_FOLLOWED = 10_000  # requests followed at once on one stream; one more is refused
 _END = object()
 _STOPPING = object()
 
@@ -54,8 +54,6 @@ class SubmitStream:
         self.context = context
         self.out: asyncio.Queue[tasks_pb2.SubmitUpdate | BaseException | object] = asyncio.Queue()
         self.followed: dict[int, asyncio.Task[None]] = {}
-        self.room = asyncio.Event()  # set when fewer than MAX_FOLLOWED are followed
-        self.room.set()
         self.reading = True
 
     async def serve(self) -> AsyncIterator[tasks_pb2.SubmitUpdate]:
@@ -85,7 +83,6 @@ class SubmitStream:
         auth, context = self.auth, self.context
         try:
             while True:
-                await self.room.wait()
                 # an idle stream ends as soon as the caller's API token is revoked
                 request = await auth.until_revoked(self.caller, context, context.read())
                 if request is grpc.aio.EOF:
@@ -121,6 +118,16 @@ class SubmitStream:
                 request_id,
                 errors.InvalidArgument("names no action: set create or stop", field="create"),
             )
+        elif len(self.followed) >= MAX_FOLLOWED:
+            # refused rather than left unread: a stop behind it must still be read
+            self._refuse(
+                request_id,
+                errors.ResourceExhausted(
+                    f"{MAX_FOLLOWED} requests are followed on this stream already: wait for "
+                    "one to end, stop one, or open another stream",
+                    field="request_id",
+                ),
+            )
         else:
             # Credentials are checked again per request, as per call: a certificate may have
             # expired, an API token expired or a `taskrun login` token been revoked meanwhile.
@@ -129,8 +136,6 @@ class SubmitStream:
             follower = asyncio.create_task(self._follow(request_id, request.create, caller))
             self.followed[request_id] = follower
             follower.add_done_callback(lambda _: self._ended(request_id, follower))
-            if len(self.followed) >= MAX_FOLLOWED:
-                self.room.clear()
 
     async def _follow(
         self, request_id: int, request: tasks_pb2.CreateAndFollowTaskRequest, caller: Caller
@@ -159,8 +164,6 @@ class SubmitStream:
     def _ended(self, request_id: int, follower: asyncio.Task[None]) -> None:
         if self.followed.get(request_id) is follower:
             del self.followed[request_id]
-        if len(self.followed) < MAX_FOLLOWED:
-            self.room.set()
         self._maybe_end()
 
     def _maybe_end(self) -> None:

@@ -147,10 +147,11 @@ class TaskServiceServicer:
         """Many CreateAndFollowTask exchanges on one stream, for a client that submits task after task
         (one call instead of one per task). Each request names an id of the client's choosing;
         every update for it carries that id, ends with one marked `last`, and a request refused
-        gets an `error` instead: the stream goes on. At most 100 requests are followed at once on
-        a stream (more wait to be read). The stream ends when the client half-closes it and every
-        request it sent has ended, or for all of them (the caller's credential revoked or expired:
-        UNAUTHENTICATED; the control plane stopping: UNAVAILABLE, follow those tasks again).
+        gets an `error` instead: the stream goes on. At most 10,000 requests are followed at once
+        on a stream (one more is refused RESOURCE_EXHAUSTED). The stream ends when the client
+        half-closes it and every request it sent has ended, or for all of them (the caller's
+        credential revoked or expired: UNAUTHENTICATED; the control plane stopping: UNAVAILABLE,
+        follow those tasks again).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

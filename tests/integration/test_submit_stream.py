@@ -14,6 +14,7 @@ import pytest
 
 from taskrun import convert
 from taskrun.cli.client import Client, OutputReceived, TaskChanged
+from taskrun.controlplane import submit
 from taskrun.core.models import TaskSpec
 from taskrun.core.status import TaskStatus
 from taskrun.v1 import tasks_pb2
@@ -170,3 +171,34 @@ async def test_an_idle_stream_does_not_hold_the_servers_stop(cluster: Cluster) -
     assert time.monotonic() - started < 10.0
     await cluster.start_server()
     assert (await client.run(echo("a new stream"))).status is TaskStatus.COMPLETED
+
+
+async def test_a_request_past_the_streams_limit_is_refused_and_a_stop_still_read(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(submit, "MAX_FOLLOWED", 2)
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", capacity=4)
+    client = cluster.client()
+    long = tasks_pb2.CreateAndFollowTaskRequest(
+        task=convert.spec_to_pb(echo("ab", chunks=2, delay=60))
+    )
+    call = client._task_stub().SubmitTasks()
+
+    async def reply_to(request_id: int) -> tasks_pb2.SubmitUpdate:
+        while True:
+            reply: tasks_pb2.SubmitUpdate = await call.read()
+            if reply.request_id == request_id:
+                return reply
+
+    for request_id in (1, 2, 3):
+        await call.write(tasks_pb2.SubmitRequest(request_id=request_id, create=long))
+    refused = await reply_to(3)
+    assert refused.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+    assert refused.error.message.startswith("request_id: 2 requests are followed")
+    assert len((await client.list_tasks())[0]) == 2  # the third was not created
+    await call.write(tasks_pb2.SubmitRequest(request_id=1, stop=True))
+    await call.write(tasks_pb2.SubmitRequest(request_id=3, create=long))
+    assert (await reply_to(3)).update.created  # room again once one was let go
+    assert len((await client.list_tasks())[0]) == 3
+    call.cancel()
