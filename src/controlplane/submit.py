@@ -74,7 +74,7 @@ class SubmitStream:
         finally:
             undo()
             reader.cancel()
-            followers = list(self.followed.values())
+            followers = list(self.followed.values())  # (stopped ones were cancelled already)
             for task in followers:
                 task.cancel()
             await asyncio.gather(reader, *followers, return_exceptions=True)
@@ -100,9 +100,9 @@ class SubmitStream:
         request_id = request.request_id
         action = request.WhichOneof("action")
         if action == "stop":
-            follower = self.followed.get(request_id)
-            if follower is not None:
-                follower.cancel()  # its task goes on; only the following stops
+            follower = self.followed.pop(request_id, None)
+            if follower is not None:  # its room is free at once; its task goes on
+                follower.cancel()
             return
         if request_id == 0:
             self._refuse(request_id, errors.InvalidArgument("must not be 0", field="request_id"))
