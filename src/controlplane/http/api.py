@@ -23,15 +23,14 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Route
-from starlette.types import ASGIApp, Receive, Send
-from starlette.types import Message as AsgiMessage
-from starlette.types import Scope as AsgiScope
+from starlette.types import ASGIApp
 
 from taskrun import convert
 from taskrun.controlplane.conversation_service import ConversationService
 from taskrun.controlplane.event_service import EventService, watch_filter
 from taskrun.controlplane.http.context import Aborted, HttpCallContext
 from taskrun.controlplane.http.endpoints import ENDPOINTS, Endpoint, Query
+from taskrun.controlplane.http.middleware import StatusTap
 from taskrun.controlplane.http.problems import from_aborted, problem, sse_error
 from taskrun.controlplane.schedule_service import ScheduleService
 from taskrun.controlplane.services import TaskService, WorkerService
@@ -401,29 +400,8 @@ class HttpApi:
             exception_handlers={404: _not_found, 405: _not_allowed, Exception: _internal},
         )
         if self.answered is not None:
-            app.add_middleware(_Statuses, answered=self.answered)
+            app.add_middleware(StatusTap, answered=self.answered)
         return app
-
-
-class _Statuses:
-    """ASGI middleware: tells `answered` each response's status as it starts, so a caller
-    that has its answer finds it counted (the metrics' refusals)."""
-
-    def __init__(self, app: ASGIApp, answered: Callable[[int], None]) -> None:
-        self.app = app
-        self.answered = answered
-
-    async def __call__(self, scope: AsgiScope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def starting(message: AsgiMessage) -> None:
-            if message["type"] == "http.response.start":
-                self.answered(message["status"])
-            await send(message)
-
-        await self.app(scope, receive, starting)
 
 
 def _dispatch(
