@@ -1240,8 +1240,9 @@ async def fleet_many(
 SERVER_IDLE_INTERVAL = 10.0
 
 LATENCY_CALL = (
-    "Client.submit_and_follow: one CreateAndFollowTask stream from submit to the terminal "
-    "update (a server without it: CreateTask, then FollowTask)"
+    "Client.submit_and_follow: each task a request on the client's one SubmitTasks stream, from "
+    "submit to the terminal update (a server without it: a CreateAndFollowTask stream per task, "
+    "or CreateTask, then FollowTask)"
 )
 
 METHOD = {
@@ -1259,8 +1260,9 @@ METHOD = {
     "tail); clocks stop at the first empty answer; the end time is therefore late by at most one "
     "poll interval plus one round trip",
     "latency": "one client, one task at a time after --warmup unmeasured ones: "
-    "Client.submit_and_follow (one CreateAndFollowTask stream; CreateTask then FollowTask on a "
-    "server without it); timed from the call to the terminal update; 'until created' is the "
+    "Client.submit_and_follow (a request on the client's one SubmitTasks stream; a "
+    "CreateAndFollowTask stream per task, or CreateTask then FollowTask, on a server without "
+    "it); timed from the call to the terminal update; 'until created' is the "
     "first update (the task as committed); a stream without the terminal update after "
     "--follow-timeout is abandoned, the task looked up with GetTask, and the sample left out of "
     "the figures and counted in follow_missed_end",
