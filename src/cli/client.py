@@ -31,7 +31,7 @@ import grpc
 from taskrun import convert
 from taskrun.cli.credentials import OperatorSettings, load_credentials, resolve_settings
 from taskrun.cli.failover import FAILOVER_FOR, Channels, FailoverStub
-from taskrun.cli.submits import Submits, request_error
+from taskrun.cli.submits import Broken, Submits, request_error
 from taskrun.core.access import AuditEvent, AuditKind, TokenState
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.models import (
@@ -325,7 +325,7 @@ class Client:
         self._tasks = FailoverStub(self._channels, tasks_pb2_grpc.TaskServiceStub)
         self._workers = FailoverStub(self._channels, workers_pb2_grpc.WorkerServiceStub)
         self._create_and_follow = True  # False once the server said it lacks the call
-        self._submits = Submits(lambda: self._task_stub().SubmitTasks())
+        self._submits = Submits(lambda: self._task_stub().SubmitTasks(), self._channels.failed)
 
     @classmethod
     def from_env(
@@ -501,21 +501,25 @@ class Client:
         task_id = ""
         seen: dict[RunId, int] = {}
         broken: grpc.aio.AioRpcError | None = None
-        if self._submits.supported:
+        failover_until = time.monotonic() + FAILOVER_FOR
+        while self._submits.supported and not task_id and not broken:
             request_id, queue = await self._submits.start(request)
             ended = False
             try:
                 while True:
                     item = await queue.get()
-                    if isinstance(item, grpc.aio.AioRpcError):
-                        ended = True
-                        if item.code() == grpc.StatusCode.UNIMPLEMENTED and not task_id:
+                    if isinstance(item, Broken):
+                        ended, error = True, item.error
+                        if error.code() == grpc.StatusCode.UNIMPLEMENTED and not task_id:
                             self._submits.supported = False  # an older server
                             break
-                        if task_id and _broke(item):
-                            broken = item  # e.g. a server restart: follow, reconnecting
+                        if task_id and _broke(error):
+                            broken = error  # e.g. a server restart: follow, reconnecting
                             break
-                        raise item
+                        if item.may_repeat and time.monotonic() < failover_until:
+                            await asyncio.sleep(0.1)  # a standby refused it: to the leader
+                            break
+                        raise error
                     if item.HasField("error"):
                         ended = True
                         raise request_error(item.error)

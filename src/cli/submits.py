@@ -19,9 +19,20 @@ import grpc
 
 from taskrun.v1 import tasks_pb2
 
-# What a request's queue receives: its updates in order, then (instead of more) the error that
-# ended the stream under it.
-Item: TypeAlias = tasks_pb2.SubmitUpdate | grpc.aio.AioRpcError
+
+@dataclass(frozen=True, slots=True)
+class Broken:
+    """The stream broke under a request: the error, and whether nothing of the stream was
+    done (a standby refused it, or its address could not be reached), so the request may be
+    sent again at once (the client now uses the address that leads)."""
+
+    error: grpc.aio.AioRpcError
+    may_repeat: bool
+
+
+# What a request's queue receives: its updates in order, then (instead of more) how the stream
+# broke under it.
+Item: TypeAlias = tasks_pb2.SubmitUpdate | Broken
 
 
 def request_error(error: tasks_pb2.RequestError) -> grpc.aio.AioRpcError:
@@ -36,11 +47,17 @@ class _Stream:
     queues: dict[int, asyncio.Queue[Item]] = field(default_factory=dict)
     reader: asyncio.Task[None] | None = None
     writing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    broken: Broken | None = None
 
 
 class Submits:
-    def __init__(self, open_call: Callable[[], Any]) -> None:
+    def __init__(
+        self, open_call: Callable[[], Any], failed: Callable[[BaseException], bool]
+    ) -> None:
         self._open_call = open_call  # a new SubmitTasks call on the channel in use
+        # Channels.failed: notes a broken call (moves to the leader a standby named, or on from
+        # an address that could not be reached); True when nothing of the call was done
+        self._failed = failed
         self._stream: _Stream | None = None
         self._last_id = 0
         self.supported = True  # False once a server said it lacks the call
@@ -64,7 +81,7 @@ class Submits:
                 )
         except Exception:  # the stream has ended: its status says why
             if stream.queues.pop(request_id, None) is not None:
-                queue.put_nowait(await _ended_with(stream.call))
+                queue.put_nowait(await self._broken(stream))
         return request_id, queue
 
     async def stop(self, request_id: int) -> None:
@@ -103,10 +120,18 @@ class Submits:
             if self._stream is stream:
                 self._stream = None  # the next request opens a new stream
             if stream.queues:
-                ended = error or await _ended_with(stream.call)
+                broken = await self._broken(stream, error)
                 for queue in stream.queues.values():
-                    queue.put_nowait(ended)
+                    queue.put_nowait(broken)
                 stream.queues.clear()
+
+    async def _broken(self, stream: _Stream, error: grpc.aio.AioRpcError | None = None) -> Broken:
+        """How `stream` broke, judged once for all its requests (the judgement moves the
+        client to another address)."""
+        if stream.broken is None:
+            error = error or await _ended_with(stream.call)
+            stream.broken = Broken(error, self._failed(error))
+        return stream.broken
 
 
 async def _ended_with(call: Any) -> grpc.aio.AioRpcError:
@@ -114,6 +139,7 @@ async def _ended_with(call: Any) -> grpc.aio.AioRpcError:
     server never ends a stream with requests still followed)."""
     code = await call.code()
     details = await call.details()
+    trailing = await call.trailing_metadata() or grpc.aio.Metadata()
     if code == grpc.StatusCode.OK:
         code, details = grpc.StatusCode.UNAVAILABLE, "the submit stream ended"
-    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), grpc.aio.Metadata(), details)
+    return grpc.aio.AioRpcError(code, grpc.aio.Metadata(), trailing, details)

@@ -14,7 +14,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from taskrun.cli.client import Client
+from taskrun.cli.client import Client, TaskChanged
 from taskrun.cli.status_cmd import cluster_status
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.leadership import Leadership
@@ -22,6 +22,7 @@ from taskrun.controlplane.pki import PkiPaths
 from taskrun.controlplane.store.postgres import PostgresStore
 from taskrun.controlplane.store.postgres_lease import Deposed, LeaderLease
 from taskrun.core.errors import StoreUnavailable
+from taskrun.core.models import TaskSpec
 from taskrun.core.status import TaskStatus
 from taskrun.core.store import ChangeSet
 from taskrun.servers import LEADER_METADATA
@@ -277,3 +278,26 @@ async def test_a_program_with_an_api_token_is_sent_to_the_leaders_public_listene
                 listed, _ = await program.list_tasks()
                 assert listed == []
                 assert program.servers.current.target == f"127.0.0.1:{ports[1]}"
+
+
+async def test_a_submission_to_the_standby_is_made_on_the_leader_it_names(
+    pki: PkiPaths, postgres_url: str, reserve_port: Callable[..., int]
+) -> None:
+    """SubmitTasks is a stream, which the client does not repeat on its own: a standby's
+    refusal (nothing was done) sends the request again to the leader it named."""
+    port_a, port_b = reserve_port(), reserve_port()
+    address_a, address_b = f"127.0.0.1:{port_a}", f"127.0.0.1:{port_b}"
+    async with control_plane(_config(pki, postgres_url, port_a)) as (a, _):
+        await until(lambda: _true(a.running is not None))
+        async with control_plane(_config(pki, postgres_url, port_b)) as (b, _):
+            await until(lambda: _true(b.lease.leader.holder == a.lease.id))
+            async with client_of(pki, address_b) as client:  # it knows only the standby
+                spec = TaskSpec(agent="echo", input='{"text": "hi"}')
+                events = client.submit_and_follow(spec, allow_unknown_agent=True)
+                async with contextlib.aclosing(events):
+                    first = await anext(events)
+                assert isinstance(first, TaskChanged) and first.task.status is TaskStatus.PENDING
+                assert client.servers.current.target == address_a
+                assert a.running is not None
+                stored = await a.running.engine.store.get_task(first.task.id)
+                assert stored is not None and len((await client.list_tasks())[0]) == 1
