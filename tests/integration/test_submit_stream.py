@@ -202,3 +202,39 @@ async def test_a_request_past_the_streams_limit_is_refused_and_a_stop_still_read
     assert (await reply_to(3)).update.created  # room again once one was let go
     assert len((await client.list_tasks())[0]) == 3
     call.cancel()
+
+
+async def test_a_message_that_does_not_parse_ends_the_stream_naming_request(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    client = cluster.client()
+    raw = client.channel.stream_stream("/taskrun.v1.TaskService/SubmitTasks")
+    call = raw()
+    await call.write(b"\xff\xff\xff")  # not a SubmitRequest
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await call.read()
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith("request: ")
+
+
+async def test_a_client_that_goes_away_leaves_nothing_followed(cluster: Cluster) -> None:
+    server = await cluster.start_server()
+    await cluster.start_worker("worker-1", capacity=4)
+    client = cluster.client()
+    long = tasks_pb2.CreateAndFollowTaskRequest(
+        task=convert.spec_to_pb(echo("ab", chunks=2, delay=60))
+    )
+    call = client._task_stub().SubmitTasks()
+    task_ids = []
+    for request_id in (1, 2):
+        await call.write(tasks_pb2.SubmitRequest(request_id=request_id, create=long))
+        while not (reply := await call.read()).update.created:
+            pass  # the first task's own updates
+        assert reply.request_id == request_id
+        task_ids.append(reply.update.task.id)
+    assert all(server.engine.hub.following(t) for t in task_ids)
+    call.cancel()
+    async with asyncio.timeout(5):
+        while any(server.engine.hub.following(t) for t in task_ids):
+            await asyncio.sleep(0.01)
