@@ -3,8 +3,9 @@
 
 A call per task costs its start on both sides, the server's interceptors and credential checks;
 on this stream each task costs two messages' worth. When the stream breaks, every request on it
-gets the error (the caller follows its task again, as after a broken CreateAndFollowTask) and
-the next request opens a new stream.
+learns how (`Broken`): one whose task exists follows it again, as after a broken
+CreateAndFollowTask; one that a standby refused, or that never reached a control plane, is sent
+again on the address the client uses now. The next request opens a new stream.
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class _Stream:
 
 
 class Submits:
+    """A client's submit stream: at most one open at a time, opened by the first request."""
+
     def __init__(
         self, open_call: Callable[[], Any], failed: Callable[[BaseException], bool]
     ) -> None:
