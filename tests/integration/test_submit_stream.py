@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -19,6 +20,7 @@ from taskrun.core.models import TaskSpec
 from taskrun.core.status import TaskStatus
 from taskrun.v1 import tasks_pb2
 from tests.conftest import Cluster
+from tests.faults import fill, small_filesystem
 from tests.integration.test_enrollment import start
 from tests.integration.test_metrics import scrape, value
 from tests.integration.test_security import token_client
@@ -238,3 +240,31 @@ async def test_a_client_that_goes_away_leaves_nothing_followed(cluster: Cluster)
     async with asyncio.timeout(5):
         while any(server.engine.hub.following(t) for t in task_ids):
             await asyncio.sleep(0.01)
+
+
+async def test_a_store_that_cannot_write_refuses_the_request_and_the_stream_goes_on(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    with small_filesystem(tmp_path / "small", "4m") as small:
+        await cluster.start_server(store=f"sqlite:{small / 'taskrun.db'}")
+        await cluster.start_worker("worker-1")
+        client = cluster.client()
+        assert (await client.run(echo("before"))).status is TaskStatus.COMPLETED
+        call = stream_of(client)
+        filler = fill(small)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await client.run(echo("x" * 300_000))
+        assert refused.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert refused.value.details() == "the store cannot write: database or disk is full"
+        filler.unlink()
+        async with asyncio.timeout(15):
+            while True:  # the store recovers; until then a submission is refused the same way
+                with contextlib.suppress(grpc.aio.AioRpcError):
+                    final = await client.run(echo("after"))
+                    break
+                await asyncio.sleep(0.1)
+        assert final.status is TaskStatus.COMPLETED
+        assert stream_of(client) is call  # refusals in band: the stream went on
+        tasks, _ = await client.list_tasks()
+        assert sorted(t.status for t in tasks) == [TaskStatus.COMPLETED] * 2  # nothing else
+        await cluster.stop_server()
