@@ -82,9 +82,10 @@ class Submits:
                 await stream.call.write(
                     tasks_pb2.SubmitRequest(request_id=request_id, create=request)
                 )
-        except Exception:  # the stream has ended: its status says why
+        except Exception:  # the stream ended before this request was sent: repeat it
             if stream.queues.pop(request_id, None) is not None:
-                queue.put_nowait(await self._broken(stream))
+                broken = await self._broken(stream)
+                queue.put_nowait(Broken(broken.error, may_repeat=True))
         return request_id, queue
 
     async def stop(self, request_id: int) -> None:

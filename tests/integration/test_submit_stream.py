@@ -268,3 +268,19 @@ async def test_a_store_that_cannot_write_refuses_the_request_and_the_stream_goes
         tasks, _ = await client.list_tasks()
         assert sorted(t.status for t in tasks) == [TaskStatus.COMPLETED] * 2  # nothing else
         await cluster.stop_server()
+
+
+async def test_a_request_the_ended_stream_never_sent_goes_out_on_a_new_one(
+    cluster: Cluster,
+) -> None:
+    """The stream can end between its reader noticing and the next request's write: nothing
+    of that request was sent, so it is sent again on a new stream, not failed."""
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    assert (await client.run(echo("first"))).status is TaskStatus.COMPLETED
+    ended = stream_of(client)
+    ended.cancel()  # type: ignore[attr-defined]  # the reader has not run since
+    assert (await client.run(echo("second"))).status is TaskStatus.COMPLETED
+    assert stream_of(client) is not ended
+    assert len((await client.list_tasks())[0]) == 2
