@@ -14,11 +14,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from taskrun.cli import output
 from taskrun.cli.client import ApiTokenInfo, BootstrapTokenInfo, Client
 from taskrun.cli.credentials import target_host
@@ -369,6 +364,27 @@ def default_login_dir() -> Path:
     return Path(config) / "taskrun"
 
 
+def _login_key_and_csr() -> tuple[bytes, bytes]:
+    """A new key (PEM) and its certificate request (PEM) for `taskrun login`. cryptography is
+    imported here, not with the module: it is a tenth of every other command's start-up."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "taskrun login")]))
+        .sign(key, hashes.SHA256())
+        .public_bytes(serialization.Encoding.PEM)
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    return key_pem, csr
+
+
 def cmd_login(args: argparse.Namespace) -> int:
     cli = _cli()
     settings = cli.operator_settings(args)
@@ -377,19 +393,10 @@ def cmd_login(args: argparse.Namespace) -> int:
             "login needs an admin API token: --api-token tra_… or TASKRUN_API_TOKEN "
             "(an admin creates one with `taskrun api-token create NAME --scope admin`)"
         )
-    key = ec.generate_private_key(ec.SECP256R1())
-    csr = (
-        x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "taskrun login")]))
-        .sign(key, hashes.SHA256())
-        .public_bytes(serialization.Encoding.PEM)
-    )
+    key_pem, csr = _login_key_and_csr()
     issued = cli._one_call(args, lambda c: c.issue_operator_certificate(csr, ttl=args.ttl))
     out = Path(args.out) if args.out else default_login_dir()
     private_directory(out)
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
     write_atomic(out / "operator-key.pem", key_pem, 0o600)
     write_atomic(out / "operator.pem", issued.certificate_pem, 0o644)
     write_atomic(out / "ca.pem", issued.ca_pem, 0o644)
