@@ -255,13 +255,13 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         self,
         requests: AsyncIterator[tasks_pb2.SubmitRequest],
         context: grpc.aio.ServicerContext,
-    ) -> AsyncIterator[tasks_pb2.SubmitUpdate]:
+    ) -> None:
         """CreateAndFollowTask, many at once on one stream (see controlplane.submit). Requests
-        are read with `context.read()`, which refuses a message that does not parse."""
+        are read with `context.read()`, which refuses a message that does not parse, and
+        updates written with `context.write()`."""
         caller = await self.auth.operator(context, Scope.SUBMIT)
         stream = SubmitStream(self.engine.hub, self.auth, self._create_and_follow, caller, context)
-        async for update in stream.serve():
-            yield update
+        await stream.serve()
 
     @domain_errors
     async def GetTask(

@@ -3,7 +3,9 @@
 A client that submits one task after another (sub-tasks, chat turns, scripts) pays for a new
 call each time: its start on both sides, the interceptors, the credential checks. On this
 stream it pays once. Each request is followed in its own asyncio task, exactly as
-CreateAndFollowTask follows it, and their updates are merged in the order they are made.
+CreateAndFollowTask follows it, and writes its updates to the stream itself (one write at a
+time): no hand-over to another task per update, and a client that reads slowly holds back the
+followers whose updates wait, not the server's memory.
 
 A refused request is answered in band (an `error` naming the field) and the stream goes on; what
 ends a call ends the stream for every request on it: the caller's credential revoked or expired
@@ -14,7 +16,7 @@ ends a call ends the stream for every request on it: the caller's credential rev
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 
 import grpc
 
@@ -32,8 +34,6 @@ CreateAndFollow = Callable[
 ]
 
 MAX_FOLLOWED = 10_000  # requests followed at once on one stream; one more is refused
-_END = object()
-_STOPPING = object()
 
 
 class SubmitStream:
@@ -52,25 +52,19 @@ class SubmitStream:
         self.create_and_follow = create_and_follow
         self.caller = caller
         self.context = context
-        self.out: asyncio.Queue[tasks_pb2.SubmitUpdate | BaseException | object] = asyncio.Queue()
+        self.writing = asyncio.Lock()
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.followed: dict[int, asyncio.Task[None]] = {}
         self.reading = True
 
-    async def serve(self) -> AsyncIterator[tasks_pb2.SubmitUpdate]:
+    async def serve(self) -> None:
+        """Until the client has half-closed and every request has ended, or the call ends for
+        all of them (the exception it ends with is raised)."""
         reader = asyncio.create_task(self._read())
         # the stream may be idle, waiting for a request: end it as the control plane stops
-        undo = self.hub.when_closed(lambda: self.out.put_nowait(_STOPPING))
+        undo = self.hub.when_closed(lambda: self._end(errors.Unavailable(STOPPING)))
         try:
-            while True:
-                item = await self.out.get()
-                if item is _END:
-                    return
-                if item is _STOPPING:
-                    await self.context.abort(grpc.StatusCode.UNAVAILABLE, STOPPING)
-                if isinstance(item, BaseException):
-                    raise item
-                assert isinstance(item, tasks_pb2.SubmitUpdate)
-                yield item
+            await self.ended
         finally:
             undo()
             reader.cancel()
@@ -78,6 +72,17 @@ class SubmitStream:
             for task in followers:
                 task.cancel()
             await asyncio.gather(reader, *followers, return_exceptions=True)
+
+    def _end(self, error: BaseException | None = None) -> None:
+        if not self.ended.done():
+            if error is None:
+                self.ended.set_result(None)
+            else:
+                self.ended.set_exception(error)
+
+    async def _write(self, update: tasks_pb2.SubmitUpdate) -> None:
+        async with self.writing:
+            await self.context.write(update)
 
     async def _read(self) -> None:
         auth, context = self.auth, self.context
@@ -91,7 +96,7 @@ class SubmitStream:
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # the call ends for every request on it
-            self.out.put_nowait(exc)
+            self._end(exc)
             return
         self.reading = False
         self._maybe_end()
@@ -105,22 +110,24 @@ class SubmitStream:
                 follower.cancel()
             return
         if request_id == 0:
-            self._refuse(request_id, errors.InvalidArgument("must not be 0", field="request_id"))
+            await self._refuse(
+                request_id, errors.InvalidArgument("must not be 0", field="request_id")
+            )
         elif request_id in self.followed:
-            self._refuse(
+            await self._refuse(
                 request_id,
                 errors.InvalidArgument(
                     f"{request_id} is still followed on this stream", field="request_id"
                 ),
             )
         elif action is None:
-            self._refuse(
+            await self._refuse(
                 request_id,
                 errors.InvalidArgument("names no action: set create or stop", field="create"),
             )
         elif len(self.followed) >= MAX_FOLLOWED:
             # refused rather than left unread: a stop behind it must still be read
-            self._refuse(
+            await self._refuse(
                 request_id,
                 errors.ResourceExhausted(
                     f"{MAX_FOLLOWED} requests are followed on this stream already: wait for "
@@ -143,23 +150,23 @@ class SubmitStream:
         updates = self.create_and_follow(request, caller, self.context)
         try:
             async for update in updates:
-                self.out.put_nowait(tasks_pb2.SubmitUpdate(request_id=request_id, update=update))
+                await self._write(tasks_pb2.SubmitUpdate(request_id=request_id, update=update))
         except errors.TaskRunError as exc:
-            self._refuse(request_id, exc)
+            await self._refuse(request_id, exc)
         except asyncio.CancelledError:
             raise
         except BaseException as exc:  # an abort (the call ends for all) or a fault
-            self.out.put_nowait(exc)
+            self._end(exc)
         finally:
             await updates.aclose()
 
-    def _refuse(self, request_id: int, exc: errors.TaskRunError) -> None:
+    async def _refuse(self, request_id: int, exc: errors.TaskRunError) -> None:
         code = status_code(exc)
         refused = getattr(self.context, "refused", None)  # the metrics' edge, when present
         if refused is not None:
             refused(code)
         error = tasks_pb2.RequestError(code=code.value[0], message=str(exc))
-        self.out.put_nowait(tasks_pb2.SubmitUpdate(request_id=request_id, error=error))
+        await self._write(tasks_pb2.SubmitUpdate(request_id=request_id, error=error))
 
     def _ended(self, request_id: int, follower: asyncio.Task[None]) -> None:
         if self.followed.get(request_id) is follower:
@@ -168,4 +175,4 @@ class SubmitStream:
 
     def _maybe_end(self) -> None:
         if not self.reading and not self.followed:
-            self.out.put_nowait(_END)
+            self._end()
