@@ -517,7 +517,8 @@ class Client:
                             broken = error  # e.g. a server restart: follow, reconnecting
                             break
                         if item.may_repeat and time.monotonic() < failover_until:
-                            await asyncio.sleep(0.1)  # a standby refused it: to the leader
+                            # nothing of it was done: again (to the leader a standby named)
+                            await asyncio.sleep(0.1)
                             break
                         raise error
                     if item.HasField("error"):

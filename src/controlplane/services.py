@@ -6,7 +6,7 @@ import base64
 import binascii
 import functools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
@@ -457,11 +457,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
 
         def messages(
             t: Task | None, chunks: list[OutputChunk], *, opening: bool, ending: bool
-        ) -> list[tasks_pb2.TaskUpdate]:
+        ) -> Iterator[tasks_pb2.TaskUpdate]:
             """`chunks` in updates of OUTPUT_BATCH, the state `t` with the last of them (after
             all of the output), and with the first too when `opening` (a replay's first update
             holds the task, however much output follows); `ending` marks the last update."""
-            out = []
             for start in range(0, max(len(chunks), 1), OUTPUT_BATCH):
                 final = start + OUTPUT_BATCH >= len(chunks)
                 shown = t if final or (opening and start == 0) else None
@@ -469,8 +468,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 for c in chunks[start : start + OUTPUT_BATCH]:
                     convert.chunk_to_pb(c, update.chunks.add())
                 update.last = final and ending
-                out.append(update)
-            return out
+                yield update
 
         if not fresh:
             assert task is not None
