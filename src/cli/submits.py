@@ -101,9 +101,8 @@ class Submits:
         stream, self._stream = self._stream, None
         if stream is not None:
             stream.call.cancel()
-            if stream.reader is not None:
-                with contextlib.suppress(asyncio.CancelledError):
-                    await stream.reader
+            if stream.reader is not None:  # it ends with the call (wait: a cancel of ours passes)
+                await asyncio.wait({stream.reader})
 
     async def _read(self, stream: _Stream) -> None:
         error: grpc.aio.AioRpcError | None = None
