@@ -20,7 +20,7 @@ from taskrun.core.models import TaskSpec
 from taskrun.core.status import TaskStatus
 from taskrun.v1 import tasks_pb2
 from tests.conftest import Cluster
-from tests.faults import fill, small_filesystem
+from tests.faults import SilentProxy, fill, small_filesystem
 from tests.integration.test_enrollment import start
 from tests.integration.test_metrics import scrape, value
 from tests.integration.test_security import token_client
@@ -284,3 +284,43 @@ async def test_a_request_the_ended_stream_never_sent_goes_out_on_a_new_one(
     assert (await client.run(echo("second"))).status is TaskStatus.COMPLETED
     assert stream_of(client) is not ended
     assert len((await client.list_tasks())[0]) == 2
+
+
+async def test_a_path_gone_silent_under_the_stream_is_followed_again_once_back(
+    cluster: Cluster,
+) -> None:
+    """The path under the shared stream goes silent mid-task: keepalive ends the stream, the
+    task is followed again (not submitted again) once the path is back, and the next
+    submission goes out on a new stream."""
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    proxy = await SilentProxy(int(cluster.address.rsplit(":", 1)[1])).start()
+    fast_keepalive = [("grpc.keepalive_time_ms", 1_000), ("grpc.keepalive_timeout_ms", 1_000)]
+    client = Client(
+        proxy.address,
+        ca=cluster.pki.ca_cert.read_bytes(),
+        cert=cluster.pki.operator_cert.read_bytes(),
+        key=cluster.pki.operator_key.read_bytes(),
+        options=fast_keepalive,
+    )
+    cluster.clients.append(client)
+    try:
+        stream = client.submit_and_follow(echo("abc", chunks=3, delay=1))
+        async with contextlib.aclosing(stream):
+            created = await anext(stream)
+            assert isinstance(created, TaskChanged)
+            silent = stream_of(client)
+            proxy.cut()
+            async with asyncio.timeout(10):
+                while client._submits._stream is not None:
+                    await asyncio.sleep(0.05)  # keepalive noticed: the stream ended
+            proxy.restore()
+            rest = [e async for e in stream]
+        assert isinstance(rest[-1], TaskChanged)
+        assert rest[-1].task.status is TaskStatus.COMPLETED
+        assert "".join(e.chunk.data for e in rest if isinstance(e, OutputReceived)) == "abc"
+        assert (await client.run(echo("after"))).status is TaskStatus.COMPLETED
+        assert stream_of(client) is not silent
+        assert len((await client.list_tasks())[0]) == 2  # the first was not submitted again
+    finally:
+        await proxy.close()
