@@ -18,7 +18,7 @@ Workers hold a lease on their runs, renewed by their session's heartbeats. The n
 run whose worker went away is created only once that lease has run out plus a margin; the worker
 stops the runs itself when it cannot renew (see worker.lease), so two attempts never overlap.
 
-One module, not several: every method here reads and writes the same view under the invariant
+Why one module: every method here reads and writes the same view under the invariant
 above, and keeping them together keeps that invariant checkable in one place.
 """
 
