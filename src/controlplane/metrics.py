@@ -273,11 +273,13 @@ class _EdgeContext:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._context, name)
 
-    async def abort(self, code: grpc.StatusCode, details: str = "", *args: Any) -> None:
+    async def abort(
+        self, code: grpc.StatusCode, details: str = "", *args: Any, **kwargs: Any
+    ) -> None:
         if not self._noted:
             self._noted = True
             self._metrics.note_code(code)
-        await self._context.abort(code, details, *args)
+        await self._context.abort(code, details, *args, **kwargs)  # trailing_metadata=…
 
     def refused(self, code: grpc.StatusCode) -> None:
         """A request refused in band on a multiplexed stream (the call goes on)."""

@@ -87,3 +87,26 @@ async def test_a_streaming_refusal_is_counted_before_its_status_is_sent(
             pass
     assert context.counted_when_sent == {"unauthenticated": 1}
     assert metrics.rejected == {"unauthenticated": 1}
+
+
+async def test_a_refusal_with_trailing_metadata_reaches_grpc_whole(
+    metrics: ControlPlaneMetrics,
+) -> None:
+    seen: dict[str, Any] = {}
+
+    class _Context(_AbortingContext):
+        async def abort(
+            self, code: grpc.StatusCode, details: str = "", *a: Any, **k: Any
+        ) -> NoReturn:
+            seen.update(k)
+            await super().abort(code, details)
+
+    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> NoReturn:
+        await context.abort(
+            grpc.StatusCode.UNAVAILABLE, "standby", trailing_metadata=(("leader", "a:1"),)
+        )
+        raise AssertionError("unreachable")
+
+    with pytest.raises(grpc.aio.AbortError):
+        await handlers(metrics, refuse).unary_unary(None, _Context(metrics))
+    assert seen == {"trailing_metadata": (("leader", "a:1"),)}
