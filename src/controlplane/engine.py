@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import functools
 import json
 import math
@@ -543,7 +542,7 @@ class Engine:
             outgoing = self._plan(changes)
             # The reply shows each task as this commit stores it: by the time it is durable, the
             # view may hold a later state whose own commit is still on its way.
-            as_committed = {task.id: _snapshot(task) for task, _ in created}
+            as_committed = {task.id: task.snapshot() for task, _ in created}
             results = [(as_committed.get(t.id, t), new) for t, new in results]
 
             if subscribe is not None:
@@ -1983,14 +1982,6 @@ class Engine:
     def worker_runs(self, worker_id: WorkerId) -> list[RunId]:
         session = self.sessions.get(worker_id)
         return sorted(session.runs) if session else []
-
-
-def _snapshot(task: Task) -> Task:
-    """A copy of `task` that later changes to the view leave as it is (its mutable parts are
-    replaced, never changed in place, except usage)."""
-    copied = copy.copy(task)
-    copied.usage = copy.copy(task.usage)
-    return copied
 
 
 _RUN_STATUSES: Final = {int(s): s for s in RunStatus}  # a lookup per report, not an Enum call

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -92,9 +91,7 @@ class FollowHub:
         out: Snapshots = {}
         for task in tasks:
             if task.id in subs:
-                copied = copy.copy(task)
-                copied.usage = copy.copy(task.usage)
-                out[task.id] = copied
+                out[task.id] = task.snapshot()
         return self._made, out or None
 
     @contextlib.contextmanager

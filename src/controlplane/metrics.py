@@ -22,7 +22,7 @@ from taskrun.controlplane.access import AccessControl
 from taskrun.controlplane.engine import Engine
 from taskrun.core.access import AuditKind
 from taskrun.core.models import Run, Usage
-from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
+from taskrun.core.status import RUN_TERMINAL, TASK_TERMINAL, RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import ChangeSet
 
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300)
@@ -60,6 +60,7 @@ class ControlPlaneMetrics(Collector):
             buckets=DURATION_BUCKETS,
             registry=self.registry,
         )
+        self._durations: dict[tuple[str, RunStatus], Histogram] = {}
         self.stream_in = Counter(
             "taskrun_stream_messages_received",
             "WorkerMessages received on worker sessions (StreamConnect).",
@@ -99,28 +100,36 @@ class ControlPlaneMetrics(Collector):
     def observe(self, captured: ChangeSet) -> None:
         # a change set may list one object twice (created, then assigned in the same commit)
         tasks = {t.id: t for t in captured.tasks}
-        agents = {task_id: t.agent for task_id, t in tasks.items()}
         for task in tasks.values():
-            if task.status.terminal:
+            if task.status in TASK_TERMINAL:
                 self.finished[task.status] += 1
         for run in {r.id: r for r in captured.runs}.values():
-            if run.status is RunStatus.ASSIGNED and run.assigned_at and run.created_at:
-                latency = (run.assigned_at - run.created_at).total_seconds()
-                self.dispatch_latency.observe(max(latency, 0.0))
-            elif run.status.terminal and run.finished_at:
-                live = self.engine.tasks.get(run.task_id)
-                agent = agents.get(run.task_id) or (live.agent if live else "unknown")
+            status = run.status
+            if status is RunStatus.ASSIGNED:
+                if run.assigned_at and run.created_at:
+                    latency = (run.assigned_at - run.created_at).total_seconds()
+                    self.dispatch_latency.observe(max(latency, 0.0))
+            elif status in RUN_TERMINAL and run.finished_at:
+                owner = tasks.get(run.task_id) or self.engine.tasks.get(run.task_id)
+                agent = owner.agent if owner is not None else "unknown"
                 self._count_usage(agent, run)
                 began = run.started_at or run.assigned_at
                 if began is None:
                     continue  # never reached a worker (cancelled or failed in the queue)
-                live = self.engine.tasks.get(run.task_id)
-                agent = agents.get(run.task_id) or (live.agent if live else "unknown")
-                self.run_duration.labels(agent, run.status.name.lower()).observe(
+                self._run_duration(agent, status).observe(
                     max((run.finished_at - began).total_seconds(), 0.0)
                 )
         for late in captured.late_usage:  # a cancelled run's spending, reported after its end
             self._count(late.agent, late.model, late.worker_id, late.usage)
+
+    def _run_duration(self, agent: str, status: RunStatus) -> Histogram:
+        """The duration histogram of one agent and outcome: looked up once, then kept (labels()
+        checks and locks on every call, and this is asked once per finished run)."""
+        key = (agent, status)
+        child = self._durations.get(key)
+        if child is None:
+            child = self._durations[key] = self.run_duration.labels(agent, status.name.lower())
+        return child
 
     def _count_usage(self, agent: str, run: Run) -> None:
         model = run.backend_used.model_name if run.backend_used else ""

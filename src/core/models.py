@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from datetime import UTC, datetime
 from enum import IntEnum
-from typing import Any
+from operator import attrgetter
+from typing import Any, Final
 
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
 from taskrun.core.status import Fault, RunStatus, TaskStatus, WorkerStatus
@@ -222,6 +223,15 @@ class Task:
     def tree_root(self) -> TaskId:
         return self.root_task_id or self.id
 
+    def snapshot(self) -> Task:
+        """A copy that later changes to this task leave as it is: the engine replaces a task's
+        mutable parts rather than changing them in place, except its usage, which is copied.
+        (Field by field in one call: copy.copy takes five times as long, for every task
+        created.)"""
+        copied = Task(*_TASK_FIELDS(self))
+        copied.usage = Usage(*_USAGE_FIELDS(self.usage))
+        return copied
+
     def same_request(self, spec: TaskSpec) -> bool:
         """Whether `spec` asks for exactly this task (idempotent resubmission)."""
         return (
@@ -231,6 +241,11 @@ class Task:
             and self.policy == spec.policy
             and self.parent_task_id == spec.parent_task_id
         )
+
+
+# every field of both, in __init__'s order (no field is init=False)
+_TASK_FIELDS: Final = attrgetter(*(f.name for f in fields(Task)))
+_USAGE_FIELDS: Final = attrgetter(*(f.name for f in fields(Usage)))
 
 
 @dataclass(slots=True)

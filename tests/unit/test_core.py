@@ -5,14 +5,23 @@ from __future__ import annotations
 import dataclasses
 import random
 import time
+from datetime import UTC, datetime
 
 import pytest
 
 from taskrun.core.durations import human_duration
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.identity import Principal, PrincipalKind, parse_spiffe_id
-from taskrun.core.ids import is_valid_worker_id, new_run_id, new_task_id
-from taskrun.core.models import ModelSettings, TaskPolicy, TaskSpec
+from taskrun.core.ids import (
+    ConversationId,
+    RunId,
+    TaskId,
+    WorkerId,
+    is_valid_worker_id,
+    new_run_id,
+    new_task_id,
+)
+from taskrun.core.models import ModelSettings, Task, TaskPolicy, TaskSpec, Usage
 from taskrun.core.status import (
     RUN_TRANSITIONS,
     TASK_TERMINAL,
@@ -231,3 +240,41 @@ def test_model_settings_with_any_one_field_set_are_not_empty(name: str) -> None:
     assert name in samples, "a new ModelSettings field: add it to ModelSettings.empty and here"
     assert ModelSettings().empty
     assert not ModelSettings(**{name: samples[name]}).empty  # type: ignore[arg-type]
+
+
+def test_a_task_snapshot_holds_every_field_and_none_of_later_changes() -> None:
+    now = datetime.now(UTC)
+    task = Task(
+        id=TaskId("tsk_1"),
+        agent="echo",
+        input="{}",
+        labels={"a": "b"},
+        policy=TaskPolicy(priority=2),
+        status=TaskStatus.RUNNING,
+        created_at=now,
+        updated_at=now,
+        attempts=2,
+        current_run_id=RunId("run_1"),
+        worker_id=WorkerId("w-1"),
+        finished_at=now,
+        error="e",
+        result="{}",
+        usage=Usage(input_tokens=3, cost_usd=0.5),
+        schedule="nightly",
+        cancel_requested=True,
+        waiting_reason="why",
+        conversation_id=ConversationId("cnv_1"),
+        turn=4,
+        parent_task_id=TaskId("tsk_0"),
+        root_task_id=TaskId("tsk_r"),
+        depth=1,
+    )
+    defaults = Task(TaskId(""), "", "", {}, TaskPolicy(), TaskStatus.PENDING, now, now)
+    for f in dataclasses.fields(Task):
+        if f.name not in ("created_at", "updated_at"):
+            assert getattr(task, f.name) != getattr(defaults, f.name), f"set {f.name} above"
+    copied = task.snapshot()
+    assert copied == task and copied is not task
+    task.usage.add(Usage(input_tokens=1))
+    task.status = TaskStatus.COMPLETED
+    assert copied.usage.input_tokens == 3 and copied.status is TaskStatus.RUNNING

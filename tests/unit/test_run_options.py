@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -110,3 +111,62 @@ def test_settings_together_are_bounded_to_fit_an_assignment() -> None:
     with pytest.raises(InvalidArgument, match="together, over the limit") as err:
         validate_model_settings(ModelSettings(env=big), "policy.model_settings")
     assert err.value.field == "policy.model_settings"
+
+
+_POLICY_SAMPLES: dict[str, object] = {
+    "priority": 7,
+    "timeout": 30.0,
+    "max_attempts": 5,
+    "idempotency_key": "k",
+    "required_labels": {"gpu": "a100"},
+    "queue_timeout": 60.0,
+    "retry_on_failure": True,
+    "required_provider": "anthropic",
+    "required_model": "claude-x",
+    "output_schema": '{"type":"object"}',
+    "output_retries": 0,
+    "model_settings": ModelSettings(max_tokens=5),
+    "max_cost_usd": 0.5,
+    "allow_subtasks": True,
+    "max_subtasks": 3,
+    "subtask_budget_usd": 2.0,
+}
+_SETTINGS_SAMPLES: dict[str, object] = {
+    "system_prompt": "Be brief.",
+    "max_tokens": 300,
+    "temperature": 0.0,
+    "stop_sequences": ["END"],
+    "append_system_prompt": "x",
+    "env": {"MODE": "ci"},
+    "mcp_servers": "{}",
+    "allowed_tools": ["Read"],
+    "disallowed_tools": ["Bash"],
+}
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TaskPolicy)])
+def test_any_one_policy_field_set_alone_survives_protobuf(name: str) -> None:
+    # reading skips an empty policy (and empty settings) whole: one field must be enough to read
+    assert name in _POLICY_SAMPLES, "a new TaskPolicy field: add it here and to the converters"
+    policy = TaskPolicy(**{name: _POLICY_SAMPLES[name]})  # type: ignore[arg-type]
+    message = pb.TaskPolicy()
+    convert.policy_to_pb(policy, message)
+    back = convert.policy_from_pb(pb.TaskPolicy.FromString(message.SerializeToString()), 3)
+    assert back == policy
+
+
+@pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ModelSettings)])
+def test_any_one_model_setting_set_alone_survives_protobuf(name: str) -> None:
+    assert name in _SETTINGS_SAMPLES, "a new ModelSettings field: add it here"
+    settings = ModelSettings(**{name: _SETTINGS_SAMPLES[name]})  # type: ignore[arg-type]
+    message = pb.TaskPolicy()
+    convert.policy_to_pb(TaskPolicy(model_settings=settings), message)
+    back = convert.policy_from_pb(pb.TaskPolicy.FromString(message.SerializeToString()), 3)
+    assert back.model_settings == settings
+
+
+def test_an_empty_policy_reads_as_the_defaults_with_the_servers_attempts() -> None:
+    assert convert.policy_from_pb(pb.TaskPolicy(), 4) == TaskPolicy(max_attempts=4)
+    present_but_empty = pb.TaskPolicy()
+    present_but_empty.model_settings.SetInParent()
+    assert convert.policy_from_pb(present_but_empty, 4) == TaskPolicy(max_attempts=4)
