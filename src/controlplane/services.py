@@ -92,6 +92,31 @@ def _decode_token(token: str) -> TaskId | None:
     return TaskId(text[3:])
 
 
+def _chunk_bytes(chunk: OutputChunk) -> int:
+    """About what the chunk takes in a message: its text as UTF-8, and room for the rest."""
+    data = chunk.data
+    return (len(data) if data.isascii() else len(data.encode(errors="surrogatepass"))) + 64
+
+
+def _output_bytes(chunks: list[OutputChunk]) -> int:
+    return sum(map(_chunk_bytes, chunks))
+
+
+def _output_groups(chunks: list[OutputChunk], budget: int) -> list[list[OutputChunk]]:
+    """`chunks` in order, in groups of at most OUTPUT_BATCH that fit `budget` bytes (a chunk
+    larger than it alone); one empty group when there are none."""
+    groups: list[list[OutputChunk]] = [[]]
+    used = 0
+    for chunk in chunks:
+        size = _chunk_bytes(chunk)
+        if groups[-1] and (len(groups[-1]) >= OUTPUT_BATCH or used + size > budget):
+            groups.append([])
+            used = 0
+        groups[-1].append(chunk)
+        used += size
+    return groups
+
+
 class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     def __init__(self, engine: Engine, auth: Authenticator) -> None:
         self.engine = engine
@@ -356,10 +381,19 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         page = await self.engine.store.list_tasks(query)
         reasons: dict[tuple[object, ...], str] = {}
-        return tasks_pb2.ListTasksResponse(
-            tasks=[self._task_pb(t, reasons=reasons) for t in page.tasks],
-            next_page_token=_encode_token(page.next_before) if page.next_before else "",
-        )
+        reply = tasks_pb2.ListTasksResponse()
+        budget, used = self.engine.config.max_message_bytes, 0
+        next_before = page.next_before
+        for task in page.tasks:
+            message = self._task_pb(task, reasons=reasons)
+            used += message.ByteSize() + 8
+            if reply.tasks and used > budget:  # large inputs: the rest on the next page
+                next_before = TaskId(reply.tasks[-1].id)
+                break
+            reply.tasks.append(message)
+        if next_before:
+            reply.next_page_token = _encode_token(next_before)
+        return reply
 
     @domain_errors
     async def CancelTask(
@@ -455,19 +489,35 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                 if len(batch) < OUTPUT_BATCH * 10:
                     return out
 
+        budget = self.engine.config.max_message_bytes
+
         def messages(
             t: Task | None, chunks: list[OutputChunk], *, opening: bool, ending: bool
         ) -> Iterator[tasks_pb2.TaskUpdate]:
-            """`chunks` in updates of OUTPUT_BATCH, the state `t` with the last of them (after
-            all of the output), and with the first too when `opening` (a replay's first update
-            holds the task, however much output follows); `ending` marks the last update."""
-            for start in range(0, max(len(chunks), 1), OUTPUT_BATCH):
-                final = start + OUTPUT_BATCH >= len(chunks)
-                shown = t if final or (opening and start == 0) else None
-                update = tasks_pb2.TaskUpdate(task=self._task_pb(shown) if shown else None)
-                for c in chunks[start : start + OUTPUT_BATCH]:
+            """`chunks` in updates that each fit the message budget, the state `t` with the last
+            of them (after all of the output) and, when `opening`, with the first too (a
+            replay's first update holds the task, however much output follows); the state goes
+            alone where it does not fit beside the output. `ending` marks the last update."""
+            shown = self._task_pb(t) if t is not None else None
+            parts = [(group, False) for group in _output_groups(chunks, budget)]
+            if shown is not None:
+                size = shown.ByteSize()
+                group, _ = parts[-1]
+                if not group or _output_bytes(group) + size <= budget:
+                    parts[-1] = (group, True)
+                else:
+                    parts.append(([], True))
+                if opening and not parts[0][1]:
+                    group, _ = parts[0]
+                    if _output_bytes(group) + size <= budget:
+                        parts[0] = (group, True)
+                    else:
+                        parts.insert(0, ([], True))
+            for i, (group, with_state) in enumerate(parts):
+                update = tasks_pb2.TaskUpdate(task=shown if with_state else None)
+                for c in group:
                     convert.chunk_to_pb(c, update.chunks.add())
-                update.last = final and ending
+                update.last = ending and i == len(parts) - 1
                 yield update
 
         if not fresh:
