@@ -206,6 +206,48 @@ async def test_a_request_past_the_streams_limit_is_refused_and_a_stop_still_read
     call.cancel()
 
 
+async def test_a_stream_its_client_does_not_read_holds_back_nothing_else_and_loses_nothing(
+    cluster: Cluster,
+) -> None:
+    server = await cluster.start_server()
+    server.engine.hub._limit = 16  # a follower falls behind after 16 items it has not taken
+    await cluster.start_worker("worker-1", capacity=8)
+    client = cluster.client()
+    call = client._task_stub().SubmitTasks()
+    # a character per chunk: 8 MB of updates in all, far past what the connection's windows let
+    # the server send unread
+    texts = {i: f"<{i}>".ljust(40_000, "x") for i in range(1, 5)}
+    for i, text in texts.items():
+        spec = convert.spec_to_pb(echo(text, chunks=len(text)))
+        create = tasks_pb2.CreateAndFollowTaskRequest(task=spec)
+        await call.write(tasks_pb2.SubmitRequest(request_id=i, create=create))
+    # nothing of it read: the tasks still finish, and another client is served meanwhile
+    other = cluster.client()
+    assert (await other.run(echo("meanwhile"))).status is TaskStatus.COMPLETED
+    async with asyncio.timeout(60):
+        while True:
+            tasks, _ = await other.list_tasks(limit=100)
+            if len(tasks) == 5 and all(t.status is TaskStatus.COMPLETED for t in tasks):
+                break
+            await asyncio.sleep(0.1)
+    # what this test is about: the server could not send it all, and followers fell behind
+    subs = [sub for group in server.engine.hub._subs.values() for sub in group]
+    assert any(sub.lagged for sub in subs)
+    # read at last: each request's output whole, once, in order, then its final state
+    got = dict.fromkeys(texts, "")
+    ended: set[int] = set()
+    async with asyncio.timeout(60):
+        while len(ended) < len(texts):
+            reply = await call.read()
+            assert reply.HasField("update") and reply.request_id not in ended
+            got[reply.request_id] += "".join(c.data for c in reply.update.chunks)
+            if reply.update.last:
+                assert reply.update.task.status == TaskStatus.COMPLETED
+                ended.add(reply.request_id)
+    assert got == texts
+    call.cancel()
+
+
 async def test_a_message_that_does_not_parse_ends_the_stream_naming_request(
     cluster: Cluster,
 ) -> None:
