@@ -107,6 +107,7 @@ from taskrun.core.status import (
 )
 from taskrun.core.store import FENCED, ChangeSet, LateUsage, Store
 from taskrun.core.text import clip
+from taskrun.core.validation import clip_error, result_over_limit
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 
@@ -1690,7 +1691,13 @@ class Engine:
                 run.session_id = update.session_id
             changes.runs.append(run)
             return False
-        run.result = update.result_json
+        error, result = clip_error(update.error), update.result_json
+        fault = fault_from_pb(update.fault) if status is RunStatus.FAILED else Fault.UNKNOWN
+        if over := result_over_limit(result):  # a worker that does not bound results itself
+            result = ""
+            if status is RunStatus.COMPLETED:
+                status, error, fault = RunStatus.FAILED, over, Fault.TASK
+        run.result = result
         if update.HasField("usage"):
             run.usage = usage_from_pb(update.usage)
         if update.HasField("backend_used"):
@@ -1698,10 +1705,10 @@ class Engine:
         if update.session_id:
             run.session_id = update.session_id
         if status is RunStatus.FAILED:
-            run.fault = fault_from_pb(update.fault)
+            run.fault = fault
         self._adopt_session(run, update)
-        self._note_health(session, run, status, update.error, changes)
-        task = self._end_run(run, status, changes, error=update.error)
+        self._note_health(session, run, status, error, changes)
+        task = self._end_run(run, status, changes, error=error)
         session.runs.discard(run.id)
         if task is not None:
             published.append((task.id, task))

@@ -16,9 +16,13 @@ from taskrun.core.run_options import (
     validate_output_retries,
     validate_output_schema,
 )
-from taskrun.core.text import quoted
+from taskrun.core.text import clip, quoted
 
 MAX_INPUT_BYTES = 1 << 20  # 1 MiB of JSON per task input
+# 1 MiB of JSON per run result: a task with its input and result, and a run with its result,
+# each fit a message (4 MiB by default) beside the others, as GetTask sends them.
+MAX_RESULT_BYTES = 1 << 20
+MAX_ERROR_CHARS = 16 * 1024  # a run's error is for people: its start, and how long it was
 MAX_LABELS = 64
 MAX_IDEMPOTENCY_KEY = 256
 MAX_ATTEMPTS_LIMIT = 100
@@ -73,6 +77,22 @@ def validate_input(text: str, field: str = "input_json") -> tuple[str, dict[str,
         raise InvalidArgument(f"must be a JSON object, got {type(value).__name__}", field=field)
     check_json_value(value, field)
     return text, value
+
+
+def clip_error(text: str) -> str:
+    """A run's error as it is sent and kept: its start, and how long it was (one clipped
+    already passes unchanged)."""
+    return text if len(text) <= MAX_ERROR_CHARS + 64 else clip(text, MAX_ERROR_CHARS)
+
+
+def result_over_limit(text: str) -> str:
+    """Why a run's result (JSON text) cannot be kept, or "" when it fits MAX_RESULT_BYTES."""
+    if len(text) <= MAX_RESULT_BYTES // 4:  # at most 4 bytes a character: no need to encode
+        return ""
+    size = len(text.encode(errors="surrogatepass"))
+    if size <= MAX_RESULT_BYTES:
+        return ""
+    return f"the result is {size:,} bytes as JSON, over the limit of 1 MiB ({MAX_RESULT_BYTES:,})"
 
 
 def check_json_value(value: object, field: str) -> None:

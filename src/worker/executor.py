@@ -19,6 +19,7 @@ from taskrun.core.ids import RunId, TaskId
 from taskrun.core.models import RunOptions, TurnContext, Usage
 from taskrun.core.output_schema import schema_violations
 from taskrun.core.status import Fault, RunStatus
+from taskrun.core.validation import clip_error, result_over_limit
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 from taskrun.worker.outbox import Outbox
@@ -89,7 +90,10 @@ class RunContext:
         chunk = pb.OutputChunk(
             run_id=self.run_id, attempt=self.attempt, seq=self.seq, kind=kind, data=data
         )
-        await self.outbox.put(chunk, len(data) + 48)
+        # what it takes in a message: its UTF-8, up to 4 bytes a character (a message over the
+        # server's limit would be refused, and sent again, for ever)
+        size = len(data) if data.isascii() else len(data.encode(errors="surrogatepass"))
+        await self.outbox.put(chunk, size + 48)
 
     async def emit(self, text: str) -> None:
         limit = self.max_chunk_bytes // 4  # characters, so UTF-8 can never exceed the limit
@@ -120,13 +124,14 @@ def _status(
     *,
     error: str = "",
     result: AgentResult | AgentError | None = None,
+    result_json: str | None = None,
     fault: Fault = Fault.UNKNOWN,
 ) -> wpb.RunStatusUpdate:
     update = wpb.RunStatusUpdate(
         run_id=ctx.run_id,
         attempt=ctx.attempt,
         status=status,
-        error=error,
+        error=clip_error(error),
         last_seq=ctx.seq,
         fault=cast(pb.RunFault, int(fault)),
     )
@@ -134,7 +139,9 @@ def _status(
     if result is None and not ctx.spent.empty:
         convert.usage_to_pb(ctx.spent, update.usage)  # what a run that broke had reported
     if isinstance(result, AgentResult):
-        if result.result is not None:
+        if result_json is not None:  # encoded already (see checked)
+            update.result_json = result_json
+        elif result.result is not None:
             update.result_json = json.dumps(result.result, default=str)
         convert.usage_to_pb(result.usage, update.usage)
         if result.backend_used is not None:
@@ -152,9 +159,10 @@ def _status(
     return update
 
 
-def checked(ctx: RunContext, result: AgentResult) -> None:
+def checked(ctx: RunContext, result: AgentResult) -> str:
     """What the worker itself checks of a finished run, whichever agent ran it: the cost limit
-    (an agent that never reported its usage on the way) and the task's output schema."""
+    (an agent that never reported its usage on the way), the task's output schema and the
+    result's size. Returns the result as JSON text ("" for none)."""
     limit = ctx.options.max_cost_usd
     if limit and result.usage.cost_usd > limit:
         over = CostLimitReached(result.usage, limit)
@@ -172,6 +180,16 @@ def checked(ctx: RunContext, result: AgentResult) -> None:
                 session_snapshot=result.session_snapshot,
                 session_cost_usd=result.session_cost_usd,
             )
+    text = "" if result.result is None else json.dumps(result.result, default=str)
+    if too_large := result_over_limit(text):
+        raise AgentError(
+            too_large,
+            usage=result.usage,
+            session_id=result.session_id,
+            session_snapshot=result.session_snapshot,
+            session_cost_usd=result.session_cost_usd,
+        )
+    return text
 
 
 async def execute(agent: Agent, active: ActiveRun) -> None:
@@ -191,7 +209,7 @@ async def execute(agent: Agent, active: ActiveRun) -> None:
     try:
         async with asyncio.timeout(timeout):
             result = await agent.run(ctx)
-        checked(ctx, result)
+        result_json = checked(ctx, result)
     except TimeoutError:
         active.status = RunStatus.FAILED
         # the task's own limit: a provider that hangs shows up in a slow run, not a fast one
@@ -209,7 +227,7 @@ async def execute(agent: Agent, active: ActiveRun) -> None:
     except AgentError as exc:
         active.status = RunStatus.FAILED
         update = _status(ctx, pb.RUN_STATUS_FAILED, error=str(exc), result=exc, fault=exc.fault)
-        outbox.put_nowait(update, 64 + len(update.session_snapshot))
+        outbox.put_nowait(update)
         bound.info("run failed", error=str(exc), fault=exc.fault.name)
     except Exception as exc:  # a bug or a broken install on this worker, not the task's doing
         active.status = RunStatus.FAILED
@@ -220,6 +238,6 @@ async def execute(agent: Agent, active: ActiveRun) -> None:
         active.status = RunStatus.COMPLETED
         if not result.usage.duration_ms:
             result.usage.duration_ms = int((time.monotonic() - started) * 1000)
-        update = _status(ctx, pb.RUN_STATUS_COMPLETED, result=result)
-        outbox.put_nowait(update, 64 + len(update.session_snapshot))
+        update = _status(ctx, pb.RUN_STATUS_COMPLETED, result=result, result_json=result_json)
+        outbox.put_nowait(update)
         bound.debug("run completed", chunks=ctx.seq)

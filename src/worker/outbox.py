@@ -48,8 +48,12 @@ class Outbox:
         count = len(self._items) + self._unacked_count
         return count >= self._max_items or self._bytes >= self._max_bytes
 
-    def put_nowait(self, item: Item, size: int = 64) -> None:
-        """Append without waiting (status updates and acks: small and must not be dropped)."""
+    def put_nowait(self, item: Item, size: int | None = None) -> None:
+        """Append without waiting (status updates and acks: must not be dropped). `size`: what
+        the item takes in a message, measured when not given (a status may carry a result of
+        up to 1 MiB, and a message must not pass the server's limit)."""
+        if size is None:
+            size = item.ByteSize() + 16
         self._items.append((item, size))
         self._bytes += size
         self._ready.set()

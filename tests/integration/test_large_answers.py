@@ -8,15 +8,20 @@ a few tasks of a few hundred kB reach it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 
 import grpc
 
 from taskrun.cli.client import OutputReceived, TaskChanged
-from taskrun.core.models import TaskSpec
-from taskrun.core.status import TaskStatus
-from taskrun.v1 import tasks_pb2
+from taskrun.core.agent import AgentError, AgentResult, RunContext
+from taskrun.core.models import AgentSpec, TaskSpec
+from taskrun.core.status import Fault, RunStatus, TaskStatus
+from taskrun.v1 import common_pb2, tasks_pb2, workers_pb2
+from taskrun.worker.config import WorkerConfig
+from taskrun.worker.daemon import WorkerDaemon
 from tests.conftest import Cluster
+from tests.integration.test_security import raw_worker, status
 
 SMALL = 64 * 1024
 SEND_LIMIT = SMALL + 1024 * 1024  # what the server's channel lets through (app.py)
@@ -80,3 +85,93 @@ async def test_output_too_large_for_one_update_is_replayed_and_followed_in_sever
     assert len(updates) > 1 and all(u.ByteSize() <= SEND_LIMIT for u in updates)
     assert updates[0].task.id == task.id  # a replay opens with the task
     assert updates[-1].last and updates[-1].task.status == TaskStatus.COMPLETED
+
+
+class Big:
+    """An agent whose result (or error) is as large as its input asks."""
+
+    spec = AgentSpec(name="echo")
+
+    async def run(self, ctx: RunContext) -> AgentResult:
+        if "error" in ctx.input:
+            raise AgentError("e" * int(ctx.input["error"]))
+        return AgentResult(result={"blob": "r" * int(ctx.input["size"])})
+
+
+async def big_result_worker(cluster: Cluster) -> asyncio.Task[int]:
+    config = WorkerConfig(
+        server=cluster.address,
+        worker_id="worker-1",
+        ca_cert=cluster.pki.ca_cert,
+        cert=cluster.pki.worker_cert("worker-1"),
+        key=cluster.pki.worker_key("worker-1"),
+    )
+    runner = asyncio.create_task(WorkerDaemon(config, {"echo": Big()}).run())
+    await cluster.wait_registered("worker-1")
+    return runner
+
+
+async def test_results_and_errors_too_large_fail_the_run_saying_so_and_the_task_stays_readable(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    runner = await big_result_worker(cluster)
+    try:
+        client = cluster.client()
+        fits = await client.run(TaskSpec(agent="echo", input=json.dumps({"size": 1000})))
+        assert fits.status is TaskStatus.COMPLETED
+        task = await client.create_task("echo", {"size": 3_000_000}, max_attempts=1)
+        final = await asyncio.wait_for(client.wait(task.id), 20)
+        assert final.status is TaskStatus.FAILED
+        assert "result" in final.error and "1 MiB" in final.error, final.error
+        got, runs = await client.get_task(task.id)
+        assert [r.status for r in runs] == [RunStatus.FAILED] and got.result == ""
+        # results that fit, side by side: the worker's messages stay within the server's limit
+        specs = [TaskSpec(agent="echo", input=json.dumps({"size": 1_000_000})) for _ in range(6)]
+        done = await asyncio.wait_for(asyncio.gather(*(client.run(s) for s in specs)), 30)
+        assert [t.status for t in done] == [TaskStatus.COMPLETED] * 6
+        # an error of 6 MB: the run fails with its start, and how long it was
+        task = await client.create_task("echo", {"error": 6_000_000}, max_attempts=1)
+        final = await asyncio.wait_for(client.wait(task.id), 20)
+        assert final.status is TaskStatus.FAILED
+        assert len(final.error) == 16_384 + len("… (6000000 characters)")
+        assert final.error.endswith("… (6000000 characters)")
+    finally:
+        runner.cancel()
+        with contextlib.suppress(BaseException):
+            await runner
+
+
+async def test_a_worker_that_reports_a_result_over_the_limit_fails_the_run_not_the_server(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    client = cluster.client()
+    async with raw_worker(cluster, "worker-1") as worker:
+        task = await client.create_task("echo", {"text": "x"}, max_attempts=1)
+        run = await worker.assignment()
+        completed = status(run.run_id, run.attempt, common_pb2.RUN_STATUS_COMPLETED)
+        completed.result_json = json.dumps({"blob": "r" * 1_200_000})
+        await worker.report(completed, heartbeat=workers_pb2.Heartbeat(seq=1))
+        final = await asyncio.wait_for(client.wait(task.id), 10)
+    assert final.status is TaskStatus.FAILED and final.result == ""
+    assert final.error.startswith("the result is 1,200,012 bytes as JSON, over the limit of 1 MiB")
+    _, runs = await client.get_task(task.id)
+    assert [(r.status, r.fault, r.result) for r in runs] == [(RunStatus.FAILED, Fault.TASK, "")]
+
+
+async def test_a_worker_that_reports_a_huge_error_has_it_clipped(cluster: Cluster) -> None:
+    await cluster.start_server()
+    client = cluster.client()
+    async with raw_worker(cluster, "worker-1") as worker:
+        task = await client.create_task("echo", {"text": "x"}, max_attempts=1)
+        run = await worker.assignment()
+        failed = status(run.run_id, run.attempt, common_pb2.RUN_STATUS_FAILED)
+        failed.error = "e" * 3_000_000
+        await worker.report(failed, heartbeat=workers_pb2.Heartbeat(seq=1))
+        final = await asyncio.wait_for(client.wait(task.id), 10)
+    assert final.status is TaskStatus.FAILED
+    assert len(final.error) == 16_384 + len("… (3000000 characters)")
+    assert final.error.endswith("e… (3000000 characters)")
+    _, runs = await client.get_task(task.id)  # task and run, each with the error: one message
+    assert runs[0].error == final.error
