@@ -715,12 +715,19 @@ class Client:
         return conversation, turns[0]
 
     async def get_conversation(self, conversation_id: str) -> tuple[Conversation, list[Turn]]:
-        """The conversation and its turns in order."""
-        reply = await self._conversation_stub().GetConversation(
-            conversations_pb2.GetConversationRequest(conversation_id=conversation_id),
-            timeout=self.timeout,
-        )
-        return convert.conversation_from_pb(reply)
+        """The conversation and its turns in order (all of them: a long conversation comes in
+        several replies, the latest turns first)."""
+        request = conversations_pb2.GetConversationRequest(conversation_id=conversation_id)
+        conversation: Conversation | None = None
+        turns: list[Turn] = []
+        while True:
+            reply = await self._conversation_stub().GetConversation(request, timeout=self.timeout)
+            latest, earlier = convert.conversation_from_pb(reply)
+            conversation = conversation or latest
+            turns[:0] = earlier
+            if not (reply.earlier_turns and earlier):
+                return conversation, turns
+            request.before_turn = earlier[0].index
 
     async def list_conversations(
         self, *, agent: str = "", labels: Mapping[str, str] | None = None, limit: int = 50

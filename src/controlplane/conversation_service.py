@@ -14,7 +14,7 @@ from taskrun import convert
 from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.guard import status_code
-from taskrun.controlplane.services import TaskService, domain_errors
+from taskrun.controlplane.services import TaskService, domain_errors, fitting
 from taskrun.controlplane.waiting import check_known_agent, check_offered
 from taskrun.core import errors
 from taskrun.core.access import Scope
@@ -174,8 +174,22 @@ class ConversationService(conversations_pb2_grpc.ConversationServiceServicer):
         conversation = await store.get_conversation(conversation_id)
         if conversation is None:
             raise errors.NotFound(f"no conversation {conversation_id!r}", field="conversation_id")
+        if request.before_turn < 0:
+            raise errors.InvalidArgument(
+                "must be a turn's index, or 0 for up to the latest", field="before_turn"
+            )
         turns = self._with_live_state(await store.list_turns(conversation_id))
-        return convert.conversation_to_pb(conversation, turns)
+        if request.before_turn:
+            turns = [t for t in turns if t.index < request.before_turn]
+        reply = convert.conversation_to_pb(conversation)
+        newest_first = []
+        for turn in reversed(turns):
+            convert.turn_to_pb(turn, message := conversations_pb2.Turn())
+            newest_first.append(message)
+        fit = fitting(newest_first, self.engine.config.max_message_bytes - reply.ByteSize())
+        reply.turns.extend(reversed(newest_first[:fit]))
+        reply.earlier_turns = len(turns) - fit
+        return reply
 
     @domain_errors
     async def ListConversations(
@@ -201,10 +215,12 @@ class ConversationService(conversations_pb2_grpc.ConversationServiceServicer):
             )
         )
         more = len(page) > size
-        page = page[:size]
-        token = base64.urlsafe_b64encode(f"v1:{page[-1].id}".encode()).decode() if more else ""
+        listed = [convert.conversation_to_pb(c) for c in page[:size]]
+        fit = fitting(listed, self.engine.config.max_message_bytes)  # large inputs: cut short
+        more, listed = more or fit < len(listed), listed[:fit]
+        token = base64.urlsafe_b64encode(f"v1:{listed[-1].id}".encode()).decode() if more else ""
         return conversations_pb2.ListConversationsResponse(
-            conversations=[convert.conversation_to_pb(c) for c in page], next_page_token=token
+            conversations=listed, next_page_token=token
         )
 
     @domain_errors

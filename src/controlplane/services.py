@@ -6,11 +6,12 @@ import base64
 import binascii
 import functools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import grpc
 import structlog
+from google.protobuf.message import Message
 
 from taskrun import convert
 from taskrun.controlplane import subtasks, usage
@@ -90,6 +91,17 @@ def _decode_token(token: str) -> TaskId | None:
     if not text.startswith("v1:") or len(text) > 80:
         raise errors.InvalidArgument("is not a token returned by ListTasks", field="page_token")
     return TaskId(text[3:])
+
+
+def fitting(messages: Sequence[Message], budget: int) -> int:
+    """How many of `messages`, from the first, fit in one message of `budget` bytes (at least
+    one: a single item is what the server's headroom over the budget is for)."""
+    used = 0
+    for i, message in enumerate(messages):
+        used += message.ByteSize() + 8
+        if i and used > budget:
+            return i
+    return len(messages)
 
 
 def _chunk_bytes(chunk: OutputChunk) -> int:
@@ -381,19 +393,14 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         page = await self.engine.store.list_tasks(query)
         reasons: dict[tuple[object, ...], str] = {}
-        reply = tasks_pb2.ListTasksResponse()
-        budget, used = self.engine.config.max_message_bytes, 0
-        next_before = page.next_before
-        for task in page.tasks:
-            message = self._task_pb(task, reasons=reasons)
-            used += message.ByteSize() + 8
-            if reply.tasks and used > budget:  # large inputs: the rest on the next page
-                next_before = TaskId(reply.tasks[-1].id)
-                break
-            reply.tasks.append(message)
-        if next_before:
-            reply.next_page_token = _encode_token(next_before)
-        return reply
+        tasks = [self._task_pb(t, reasons=reasons) for t in page.tasks]
+        fit = fitting(tasks, self.engine.config.max_message_bytes)
+        # large inputs: the rest on the next page
+        next_before = TaskId(tasks[fit - 1].id) if fit < len(tasks) else page.next_before
+        return tasks_pb2.ListTasksResponse(
+            tasks=tasks[:fit],
+            next_page_token=_encode_token(next_before) if next_before else "",
+        )
 
     @domain_errors
     async def CancelTask(

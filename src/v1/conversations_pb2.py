@@ -27,7 +27,7 @@ from taskrun.v1 import common_pb2 as taskrun_dot_v1_dot_common__pb2
 from taskrun.v1 import tasks_pb2 as taskrun_dot_v1_dot_tasks__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etaskrun/v1/conversations.proto\x12\ntaskrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17taskrun/v1/common.proto\x1a\x16taskrun/v1/tasks.proto\"\x95\x02\n\x04Turn\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12&\n\x06status\x18\x04 \x01(\x0e\x32\x16.taskrun.v1.TaskStatus\x12\x0e\n\x06\x61nswer\x18\x05 \x01(\t\x12\x12\n\ntools_json\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.taskrun.v1.Usage\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xe0\x03\n\x0c\x43onversation\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x34\n\x06labels\x18\x04 \x03(\x0b\x32$.taskrun.v1.Conversation.LabelsEntry\x12\x12\n\ninput_json\x18\x05 \x01(\t\x12&\n\x06policy\x18\x06 \x01(\x0b\x32\x16.taskrun.v1.TaskPolicy\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nturn_count\x18\t \x01(\x05\x12 \n\x05usage\x18\n \x01(\x0b\x32\x11.taskrun.v1.Usage\x12\x12\n\nsession_id\x18\x0b \x01(\t\x12\x1e\n\x16session_snapshot_bytes\x18\x0c \x01(\x03\x12\x1a\n\x12summarized_through\x18\r \x01(\x05\x12\x1f\n\x05turns\x18\x0e \x03(\x0b\x32\x10.taskrun.v1.Turn\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x02\n\x19\x43reateConversationRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x41\n\x06labels\x18\x04 \x03(\x0b\x32\x31.taskrun.v1.CreateConversationRequest.LabelsEntry\x12\x12\n\ninput_json\x18\x05 \x01(\t\x12&\n\x06policy\x18\x06 \x01(\x0b\x32\x16.taskrun.v1.TaskPolicy\x12\x1b\n\x13\x61llow_unknown_agent\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x12SendMessageRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"[\n\x11\x43onversationEvent\x12\x1e\n\x04turn\x18\x01 \x01(\x0b\x32\x10.taskrun.v1.Turn\x12&\n\x06update\x18\x02 \x01(\x0b\x32\x16.taskrun.v1.TaskUpdate\"1\n\x16GetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\xc1\x01\n\x18ListConversationsRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12@\n\x06labels\x18\x02 \x03(\x0b\x32\x30.taskrun.v1.ListConversationsRequest.LabelsEntry\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"e\n\x19ListConversationsResponse\x12/\n\rconversations\x18\x01 \x03(\x0b\x32\x18.taskrun.v1.Conversation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x19\x44\x65leteConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65leteConversationResponse2\xd4\x03\n\x13\x43onversationService\x12U\n\x12\x43reateConversation\x12%.taskrun.v1.CreateConversationRequest\x1a\x18.taskrun.v1.Conversation\x12N\n\x0bSendMessage\x12\x1e.taskrun.v1.SendMessageRequest\x1a\x1d.taskrun.v1.ConversationEvent0\x01\x12O\n\x0fGetConversation\x12\".taskrun.v1.GetConversationRequest\x1a\x18.taskrun.v1.Conversation\x12`\n\x11ListConversations\x12$.taskrun.v1.ListConversationsRequest\x1a%.taskrun.v1.ListConversationsResponse\x12\x63\n\x12\x44\x65leteConversation\x12%.taskrun.v1.DeleteConversationRequest\x1a&.taskrun.v1.DeleteConversationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1etaskrun/v1/conversations.proto\x12\ntaskrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17taskrun/v1/common.proto\x1a\x16taskrun/v1/tasks.proto\"\x95\x02\n\x04Turn\x12\r\n\x05index\x18\x01 \x01(\x05\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07message\x18\x03 \x01(\t\x12&\n\x06status\x18\x04 \x01(\x0e\x32\x16.taskrun.v1.TaskStatus\x12\x0e\n\x06\x61nswer\x18\x05 \x01(\t\x12\x12\n\ntools_json\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12 \n\x05usage\x18\x08 \x01(\x0b\x32\x11.taskrun.v1.Usage\x12.\n\ncreated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xf7\x03\n\x0c\x43onversation\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05\x61gent\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x34\n\x06labels\x18\x04 \x03(\x0b\x32$.taskrun.v1.Conversation.LabelsEntry\x12\x12\n\ninput_json\x18\x05 \x01(\t\x12&\n\x06policy\x18\x06 \x01(\x0b\x32\x16.taskrun.v1.TaskPolicy\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nturn_count\x18\t \x01(\x05\x12 \n\x05usage\x18\n \x01(\x0b\x32\x11.taskrun.v1.Usage\x12\x12\n\nsession_id\x18\x0b \x01(\t\x12\x1e\n\x16session_snapshot_bytes\x18\x0c \x01(\x03\x12\x1a\n\x12summarized_through\x18\r \x01(\x05\x12\x1f\n\x05turns\x18\x0e \x03(\x0b\x32\x10.taskrun.v1.Turn\x12\x15\n\rearlier_turns\x18\x0f \x01(\x05\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x95\x02\n\x19\x43reateConversationRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\r\n\x05title\x18\x03 \x01(\t\x12\x41\n\x06labels\x18\x04 \x03(\x0b\x32\x31.taskrun.v1.CreateConversationRequest.LabelsEntry\x12\x12\n\ninput_json\x18\x05 \x01(\t\x12&\n\x06policy\x18\x06 \x01(\x0b\x32\x16.taskrun.v1.TaskPolicy\x12\x1b\n\x13\x61llow_unknown_agent\x18\x07 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\">\n\x12SendMessageRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0f\n\x07message\x18\x02 \x01(\t\"[\n\x11\x43onversationEvent\x12\x1e\n\x04turn\x18\x01 \x01(\x0b\x32\x10.taskrun.v1.Turn\x12&\n\x06update\x18\x02 \x01(\x0b\x32\x16.taskrun.v1.TaskUpdate\"F\n\x16GetConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x13\n\x0b\x62\x65\x66ore_turn\x18\x02 \x01(\x05\"\xc1\x01\n\x18ListConversationsRequest\x12\r\n\x05\x61gent\x18\x01 \x01(\t\x12@\n\x06labels\x18\x02 \x03(\x0b\x32\x30.taskrun.v1.ListConversationsRequest.LabelsEntry\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x12\n\npage_token\x18\x04 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"e\n\x19ListConversationsResponse\x12/\n\rconversations\x18\x01 \x03(\x0b\x32\x18.taskrun.v1.Conversation\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"4\n\x19\x44\x65leteConversationRequest\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\"\x1c\n\x1a\x44\x65leteConversationResponse2\xd4\x03\n\x13\x43onversationService\x12U\n\x12\x43reateConversation\x12%.taskrun.v1.CreateConversationRequest\x1a\x18.taskrun.v1.Conversation\x12N\n\x0bSendMessage\x12\x1e.taskrun.v1.SendMessageRequest\x1a\x1d.taskrun.v1.ConversationEvent0\x01\x12O\n\x0fGetConversation\x12\".taskrun.v1.GetConversationRequest\x1a\x18.taskrun.v1.Conversation\x12`\n\x11ListConversations\x12$.taskrun.v1.ListConversationsRequest\x1a%.taskrun.v1.ListConversationsResponse\x12\x63\n\x12\x44\x65leteConversation\x12%.taskrun.v1.DeleteConversationRequest\x1a&.taskrun.v1.DeleteConversationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,29 +43,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TURN']._serialized_start=129
   _globals['_TURN']._serialized_end=406
   _globals['_CONVERSATION']._serialized_start=409
-  _globals['_CONVERSATION']._serialized_end=889
-  _globals['_CONVERSATION_LABELSENTRY']._serialized_start=844
-  _globals['_CONVERSATION_LABELSENTRY']._serialized_end=889
-  _globals['_CREATECONVERSATIONREQUEST']._serialized_start=892
-  _globals['_CREATECONVERSATIONREQUEST']._serialized_end=1169
-  _globals['_CREATECONVERSATIONREQUEST_LABELSENTRY']._serialized_start=844
-  _globals['_CREATECONVERSATIONREQUEST_LABELSENTRY']._serialized_end=889
-  _globals['_SENDMESSAGEREQUEST']._serialized_start=1171
-  _globals['_SENDMESSAGEREQUEST']._serialized_end=1233
-  _globals['_CONVERSATIONEVENT']._serialized_start=1235
-  _globals['_CONVERSATIONEVENT']._serialized_end=1326
-  _globals['_GETCONVERSATIONREQUEST']._serialized_start=1328
-  _globals['_GETCONVERSATIONREQUEST']._serialized_end=1377
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=1380
-  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=1573
-  _globals['_LISTCONVERSATIONSREQUEST_LABELSENTRY']._serialized_start=844
-  _globals['_LISTCONVERSATIONSREQUEST_LABELSENTRY']._serialized_end=889
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=1575
-  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=1676
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=1678
-  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=1730
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=1732
-  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=1760
-  _globals['_CONVERSATIONSERVICE']._serialized_start=1763
-  _globals['_CONVERSATIONSERVICE']._serialized_end=2231
+  _globals['_CONVERSATION']._serialized_end=912
+  _globals['_CONVERSATION_LABELSENTRY']._serialized_start=867
+  _globals['_CONVERSATION_LABELSENTRY']._serialized_end=912
+  _globals['_CREATECONVERSATIONREQUEST']._serialized_start=915
+  _globals['_CREATECONVERSATIONREQUEST']._serialized_end=1192
+  _globals['_CREATECONVERSATIONREQUEST_LABELSENTRY']._serialized_start=867
+  _globals['_CREATECONVERSATIONREQUEST_LABELSENTRY']._serialized_end=912
+  _globals['_SENDMESSAGEREQUEST']._serialized_start=1194
+  _globals['_SENDMESSAGEREQUEST']._serialized_end=1256
+  _globals['_CONVERSATIONEVENT']._serialized_start=1258
+  _globals['_CONVERSATIONEVENT']._serialized_end=1349
+  _globals['_GETCONVERSATIONREQUEST']._serialized_start=1351
+  _globals['_GETCONVERSATIONREQUEST']._serialized_end=1421
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_start=1424
+  _globals['_LISTCONVERSATIONSREQUEST']._serialized_end=1617
+  _globals['_LISTCONVERSATIONSREQUEST_LABELSENTRY']._serialized_start=867
+  _globals['_LISTCONVERSATIONSREQUEST_LABELSENTRY']._serialized_end=912
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_start=1619
+  _globals['_LISTCONVERSATIONSRESPONSE']._serialized_end=1720
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_start=1722
+  _globals['_DELETECONVERSATIONREQUEST']._serialized_end=1774
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_start=1776
+  _globals['_DELETECONVERSATIONRESPONSE']._serialized_end=1804
+  _globals['_CONVERSATIONSERVICE']._serialized_start=1807
+  _globals['_CONVERSATIONSERVICE']._serialized_end=2275
 # @@protoc_insertion_point(module_scope)

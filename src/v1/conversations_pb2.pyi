@@ -36,7 +36,7 @@ class Turn(_message.Message):
     def __init__(self, index: _Optional[int] = ..., task_id: _Optional[str] = ..., message: _Optional[str] = ..., status: _Optional[_Union[_common_pb2.TaskStatus, str]] = ..., answer: _Optional[str] = ..., tools_json: _Optional[str] = ..., error: _Optional[str] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Conversation(_message.Message):
-    __slots__ = ("id", "agent", "title", "labels", "input_json", "policy", "created_at", "updated_at", "turn_count", "usage", "session_id", "session_snapshot_bytes", "summarized_through", "turns")
+    __slots__ = ("id", "agent", "title", "labels", "input_json", "policy", "created_at", "updated_at", "turn_count", "usage", "session_id", "session_snapshot_bytes", "summarized_through", "turns", "earlier_turns")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -58,6 +58,7 @@ class Conversation(_message.Message):
     SESSION_SNAPSHOT_BYTES_FIELD_NUMBER: _ClassVar[int]
     SUMMARIZED_THROUGH_FIELD_NUMBER: _ClassVar[int]
     TURNS_FIELD_NUMBER: _ClassVar[int]
+    EARLIER_TURNS_FIELD_NUMBER: _ClassVar[int]
     id: str
     agent: str
     title: str
@@ -72,7 +73,8 @@ class Conversation(_message.Message):
     session_snapshot_bytes: int
     summarized_through: int
     turns: _containers.RepeatedCompositeFieldContainer[Turn]
-    def __init__(self, id: _Optional[str] = ..., agent: _Optional[str] = ..., title: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., input_json: _Optional[str] = ..., policy: _Optional[_Union[_common_pb2.TaskPolicy, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., turn_count: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., session_id: _Optional[str] = ..., session_snapshot_bytes: _Optional[int] = ..., summarized_through: _Optional[int] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ...) -> None: ...
+    earlier_turns: int
+    def __init__(self, id: _Optional[str] = ..., agent: _Optional[str] = ..., title: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., input_json: _Optional[str] = ..., policy: _Optional[_Union[_common_pb2.TaskPolicy, _Mapping]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., turn_count: _Optional[int] = ..., usage: _Optional[_Union[_common_pb2.Usage, _Mapping]] = ..., session_id: _Optional[str] = ..., session_snapshot_bytes: _Optional[int] = ..., summarized_through: _Optional[int] = ..., turns: _Optional[_Iterable[_Union[Turn, _Mapping]]] = ..., earlier_turns: _Optional[int] = ...) -> None: ...
 
 class CreateConversationRequest(_message.Message):
     __slots__ = ("agent", "message", "title", "labels", "input_json", "policy", "allow_unknown_agent")
@@ -116,10 +118,12 @@ class ConversationEvent(_message.Message):
     def __init__(self, turn: _Optional[_Union[Turn, _Mapping]] = ..., update: _Optional[_Union[_tasks_pb2.TaskUpdate, _Mapping]] = ...) -> None: ...
 
 class GetConversationRequest(_message.Message):
-    __slots__ = ("conversation_id",)
+    __slots__ = ("conversation_id", "before_turn")
     CONVERSATION_ID_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_TURN_FIELD_NUMBER: _ClassVar[int]
     conversation_id: str
-    def __init__(self, conversation_id: _Optional[str] = ...) -> None: ...
+    before_turn: int
+    def __init__(self, conversation_id: _Optional[str] = ..., before_turn: _Optional[int] = ...) -> None: ...
 
 class ListConversationsRequest(_message.Message):
     __slots__ = ("agent", "labels", "page_size", "page_token")

@@ -88,7 +88,9 @@ class ConversationServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def GetConversation(self, request, context):
-        """The conversation with its turns in order.
+        """The conversation with its turns in order: as many of the latest as fit one message (4 MiB
+        by default, the server's max_message_bytes); `earlier_turns` counts those left out before
+        them, which `before_turn` asks for.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

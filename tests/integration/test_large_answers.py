@@ -12,12 +12,13 @@ import contextlib
 import json
 
 import grpc
+import pytest
 
 from taskrun.cli.client import OutputReceived, TaskChanged
 from taskrun.core.agent import AgentError, AgentResult, RunContext
 from taskrun.core.models import AgentSpec, TaskSpec
 from taskrun.core.status import Fault, RunStatus, TaskStatus
-from taskrun.v1 import common_pb2, tasks_pb2, workers_pb2
+from taskrun.v1 import common_pb2, conversations_pb2, tasks_pb2, workers_pb2
 from taskrun.worker.config import WorkerConfig
 from taskrun.worker.daemon import WorkerDaemon
 from tests.conftest import Cluster
@@ -175,3 +176,54 @@ async def test_a_worker_that_reports_a_huge_error_has_it_clipped(cluster: Cluste
     assert final.error.endswith("e… (3000000 characters)")
     _, runs = await client.get_task(task.id)  # task and run, each with the error: one message
     assert runs[0].error == final.error
+
+
+async def test_a_long_conversation_comes_in_several_replies_that_the_client_joins(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server(max_message_bytes=SMALL)
+    client = cluster.client()
+    stub = client._conversation_stub()
+    messages = [f"{i}:" + "m" * 300_000 for i in range(5)]
+    conversation, turn = await client.create_conversation(
+        "nobody", messages[0], allow_unknown_agent=True
+    )
+    await client.cancel_task(turn.task_id)  # ended: the next message may follow
+    for message in messages[1:]:
+        call = stub.SendMessage(
+            conversations_pb2.SendMessageRequest(conversation_id=conversation.id, message=message)
+        )
+        started = await call.read()
+        await client.cancel_task(started.turn.task_id)
+        call.cancel()
+    _, turns = await client.get_conversation(conversation.id)
+    assert [(t.index, t.message) for t in turns] == list(enumerate(messages, 1))
+    request = conversations_pb2.GetConversationRequest(conversation_id=conversation.id)
+    latest = await stub.GetConversation(request)
+    assert latest.ByteSize() <= SEND_LIMIT and latest.earlier_turns > 0
+    assert [t.index for t in latest.turns] == list(range(latest.earlier_turns + 1, 6))
+    request.before_turn = 3
+    earlier = await stub.GetConversation(request)
+    assert [t.index for t in earlier.turns][-1] == 2
+    request.before_turn = -1
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.GetConversation(request)
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith("before_turn: ")
+
+
+async def test_a_page_of_conversations_with_large_options_is_cut_to_fit(cluster: Cluster) -> None:
+    await cluster.start_server(max_message_bytes=SMALL)
+    client = cluster.client()
+    made = []
+    for i in range(6):
+        conversation, _ = await client.create_conversation(
+            "nobody", "hi", options={"note": f"{i}" + "o" * 300_000}, allow_unknown_agent=True
+        )
+        made.append(conversation.id)
+    listed = await client.list_conversations(limit=100)
+    assert [c.id for c in listed] == made[::-1]
+    page = await client._conversation_stub().ListConversations(
+        conversations_pb2.ListConversationsRequest(page_size=100)
+    )
+    assert page.ByteSize() <= SEND_LIMIT and page.next_page_token

@@ -93,8 +93,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         cpb.GetConversationRequest,
         cpb.Conversation,
         Scope.READ,
-        "A conversation with its turns in order (messages, answers, status, usage per turn)",
+        "A conversation with its turns in order (messages, answers, status, usage per turn): as "
+        "many of the latest as fit one message; `earlier_turns` counts those before them",
         path_fields=(("conversation_id", "conversation_id"),),
+        query=(
+            Query(
+                "before_turn",
+                "before_turn",
+                "only turns before this index (default: up to the latest)",
+            ),
+        ),
     ),
     Endpoint(
         "DELETE",
