@@ -599,7 +599,9 @@ class Client:
         return convert.task_from_pb(message)
 
     async def get_task_tree(self, task_id: str) -> tuple[Task, list[Run], list[Task]]:
-        """The task, its runs, and every task below it (sub-tasks, theirs...), oldest first."""
+        """The task, its runs, and the tasks below it (sub-tasks, theirs...), oldest first: at
+        most 1,000, and as many as fit one message (`list_tasks(parent_task_id=...)` pages a
+        task's own sub-tasks)."""
         message = await self._task_stub().GetTask(
             tasks_pb2.GetTaskRequest(task_id=task_id), timeout=self.timeout
         )

@@ -53,7 +53,8 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
 OUTPUT_BATCH = 1000
-MAX_SUBTASKS_SHOWN = 1000  # GetTask's tree: the oldest; `task list --parent` pages the rest
+# GetTask's tree: the oldest, as many as fit one message; `task list --parent` pages the rest
+MAX_SUBTASKS_SHOWN = 1000
 
 
 def domain_errors(handler: F) -> F:
@@ -93,13 +94,14 @@ def _decode_token(token: str) -> TaskId | None:
     return TaskId(text[3:])
 
 
-def fitting(messages: Sequence[Message], budget: int) -> int:
-    """How many of `messages`, from the first, fit in one message of `budget` bytes (at least
-    one: a single item is what the server's headroom over the budget is for)."""
+def fitting(messages: Sequence[Message], budget: int, *, at_least: int = 1) -> int:
+    """How many of `messages`, from the first, fit in one message of `budget` bytes; `at_least`
+    whatever they take (a page's one item is what the server's headroom over the budget is
+    for)."""
     used = 0
     for i, message in enumerate(messages):
         used += message.ByteSize() + 8
-        if i and used > budget:
+        if i >= at_least and used > budget:
             return i
     return len(messages)
 
@@ -313,8 +315,10 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             tree = await store.list_task_tree(task.tree_root)
             parents = {t.id: t.parent_task_id for t in tree}
             wanted = set(subtasks.below(task.id, parents))
-            shown = [t for t in tree if t.id in wanted][:MAX_SUBTASKS_SHOWN]
-            message.subtasks.extend(self._task_pb(t) for t in shown)
+            below = [t for t in tree if t.id in wanted][:MAX_SUBTASKS_SHOWN]
+            shown = [self._task_pb(t) for t in below]
+            room = self.engine.config.max_message_bytes - message.ByteSize()
+            message.subtasks.extend(shown[: fitting(shown, room, at_least=0)])
         return message
 
     async def _visible(self, caller: Caller, task_id: TaskId) -> Task:

@@ -22,7 +22,9 @@ from taskrun.v1 import common_pb2, conversations_pb2, tasks_pb2, workers_pb2
 from taskrun.worker.config import WorkerConfig
 from taskrun.worker.daemon import WorkerDaemon
 from tests.conftest import Cluster
+from tests.integration.test_http_api import http_client
 from tests.integration.test_security import raw_worker, status
+from tests.integration.test_subtasks import setup as subtask_setup
 
 SMALL = 64 * 1024
 SEND_LIMIT = SMALL + 1024 * 1024  # what the server's channel lets through (app.py)
@@ -227,3 +229,30 @@ async def test_a_page_of_conversations_with_large_options_is_cut_to_fit(cluster:
         conversations_pb2.ListConversationsRequest(page_size=100)
     )
     assert page.ByteSize() <= SEND_LIMIT and page.next_page_token
+
+
+async def test_a_task_whose_sub_tasks_are_large_is_read_with_as_many_as_fit(
+    cluster: Cluster,
+) -> None:
+    base, probe = await subtask_setup(cluster, max_message_bytes=SMALL)
+    admin = cluster.client()
+    parent = await admin.create_task("probe", {}, allow_subtasks=True)
+    access = await probe.credential(parent.id)
+    async with http_client(cluster, base, access.token) as http:
+        for i in range(5):
+            text = f"{i}" + "s" * (300_000 if i else 10)  # the oldest small, the rest large
+            made = await http.post(
+                "/v1/tasks", json={"agent": "echo", "input_json": json.dumps({"text": text})}
+            )
+            assert made.status_code == 201, made.text
+    task, _, below = await admin.get_task_tree(parent.id)
+    assert task.id == parent.id
+    assert [t.input for t in below] == ['{"text": "0ssssssssss"}']  # the oldest, which fits
+    reply = await admin._task_stub().GetTask(tasks_pb2.GetTaskRequest(task_id=parent.id))
+    assert reply.ByteSize() <= SEND_LIMIT
+    children, token = await admin.list_tasks(parent_task_id=parent.id, limit=100)
+    while token:  # every one, paged
+        page, token = await admin.list_tasks(parent_task_id=parent.id, page_token=token)
+        children += page
+    assert len(children) == 5
+    probe.release(parent.id)
