@@ -11,7 +11,7 @@ import sys
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -158,8 +158,15 @@ class Cluster:
             self.server = None
 
     async def start_worker(
-        self, worker_id: str = "worker-1", *, wait: bool = True, **overrides: object
+        self,
+        worker_id: str = "worker-1",
+        *,
+        wait: bool = True,
+        running: dict[str, Any] | None = None,
+        **overrides: object,
     ) -> WorkerDaemon:
+        """A worker daemon in this process; `running`: agent instances by name to run instead
+        of the ones `agents` names (a test's own agent)."""
         settings: dict[str, object] = {
             "server": self.address,
             "worker_id": worker_id,
@@ -173,7 +180,7 @@ class Cluster:
             "workspace_root": self.tmp.with_name(f"{self.tmp.name}-ws") / worker_id,
         }
         config = WorkerConfig.model_validate({**settings, **overrides})
-        daemon = WorkerDaemon(config, load_agents(config.agents))
+        daemon = WorkerDaemon(config, running or load_agents(config.agents))
         task = asyncio.create_task(daemon.run())
         self.workers[worker_id] = (daemon, task)
         if wait:

@@ -8,7 +8,6 @@ a few tasks of a few hundred kB reach it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 
 import grpc
@@ -19,8 +18,6 @@ from taskrun.core.agent import AgentError, AgentResult, RunContext
 from taskrun.core.models import AgentSpec, TaskSpec
 from taskrun.core.status import Fault, RunStatus, TaskStatus
 from taskrun.v1 import common_pb2, conversations_pb2, tasks_pb2, workers_pb2
-from taskrun.worker.config import WorkerConfig
-from taskrun.worker.daemon import WorkerDaemon
 from tests.conftest import Cluster
 from tests.integration.test_http_api import http_client
 from tests.integration.test_security import raw_worker, status
@@ -101,48 +98,30 @@ class Big:
         return AgentResult(result={"blob": "r" * int(ctx.input["size"])})
 
 
-async def big_result_worker(cluster: Cluster) -> asyncio.Task[int]:
-    config = WorkerConfig(
-        server=cluster.address,
-        worker_id="worker-1",
-        ca_cert=cluster.pki.ca_cert,
-        cert=cluster.pki.worker_cert("worker-1"),
-        key=cluster.pki.worker_key("worker-1"),
-    )
-    runner = asyncio.create_task(WorkerDaemon(config, {"echo": Big()}).run())
-    await cluster.wait_registered("worker-1")
-    return runner
-
-
 async def test_results_and_errors_too_large_fail_the_run_saying_so_and_the_task_stays_readable(
     cluster: Cluster,
 ) -> None:
     await cluster.start_server()
-    runner = await big_result_worker(cluster)
-    try:
-        client = cluster.client()
-        fits = await client.run(TaskSpec(agent="echo", input=json.dumps({"size": 1000})))
-        assert fits.status is TaskStatus.COMPLETED
-        task = await client.create_task("echo", {"size": 3_000_000}, max_attempts=1)
-        final = await asyncio.wait_for(client.wait(task.id), 20)
-        assert final.status is TaskStatus.FAILED
-        assert "result" in final.error and "1 MiB" in final.error, final.error
-        got, runs = await client.get_task(task.id)
-        assert [r.status for r in runs] == [RunStatus.FAILED] and got.result == ""
-        # results that fit, side by side: the worker's messages stay within the server's limit
-        specs = [TaskSpec(agent="echo", input=json.dumps({"size": 1_000_000})) for _ in range(6)]
-        done = await asyncio.wait_for(asyncio.gather(*(client.run(s) for s in specs)), 30)
-        assert [t.status for t in done] == [TaskStatus.COMPLETED] * 6
-        # an error of 6 MB: the run fails with its start, and how long it was
-        task = await client.create_task("echo", {"error": 6_000_000}, max_attempts=1)
-        final = await asyncio.wait_for(client.wait(task.id), 20)
-        assert final.status is TaskStatus.FAILED
-        assert len(final.error) == 16_384 + len("… (6000000 characters)")
-        assert final.error.endswith("… (6000000 characters)")
-    finally:
-        runner.cancel()
-        with contextlib.suppress(BaseException):
-            await runner
+    await cluster.start_worker("worker-1", running={"echo": Big()})
+    client = cluster.client()
+    fits = await client.run(TaskSpec(agent="echo", input=json.dumps({"size": 1000})))
+    assert fits.status is TaskStatus.COMPLETED
+    task = await client.create_task("echo", {"size": 3_000_000}, max_attempts=1)
+    final = await asyncio.wait_for(client.wait(task.id), 20)
+    assert final.status is TaskStatus.FAILED
+    assert "result" in final.error and "1 MiB" in final.error, final.error
+    got, runs = await client.get_task(task.id)
+    assert [r.status for r in runs] == [RunStatus.FAILED] and got.result == ""
+    # results that fit, side by side: the worker's messages stay within the server's limit
+    specs = [TaskSpec(agent="echo", input=json.dumps({"size": 1_000_000})) for _ in range(6)]
+    done = await asyncio.wait_for(asyncio.gather(*(client.run(s) for s in specs)), 30)
+    assert [t.status for t in done] == [TaskStatus.COMPLETED] * 6
+    # an error of 6 MB: the run fails with its start, and how long it was
+    task = await client.create_task("echo", {"error": 6_000_000}, max_attempts=1)
+    final = await asyncio.wait_for(client.wait(task.id), 20)
+    assert final.status is TaskStatus.FAILED
+    assert len(final.error) == 16_384 + len("… (6000000 characters)")
+    assert final.error.endswith("… (6000000 characters)")
 
 
 async def test_a_worker_that_reports_a_result_over_the_limit_fails_the_run_not_the_server(
