@@ -224,19 +224,23 @@ def test_ids_increase_in_the_order_made_within_a_millisecond_and_when_the_clock_
     assert value >> 80 == ms + 1 and later > made[-1]
 
 
+# A value other than the default for each ModelSettings field.
+MODEL_SETTING_SAMPLES: dict[str, object] = {
+    "system_prompt": "Be brief.",
+    "max_tokens": 300,
+    "temperature": 0.0,  # zero is a setting, unlike None
+    "stop_sequences": ["END"],
+    "append_system_prompt": "x",
+    "env": {"MODE": "ci"},
+    "mcp_servers": "{}",
+    "allowed_tools": ["Read"],
+    "disallowed_tools": ["Bash"],
+}
+
+
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ModelSettings)])
 def test_model_settings_with_any_one_field_set_are_not_empty(name: str) -> None:
-    samples: dict[str, object] = {
-        "system_prompt": "Be brief.",
-        "max_tokens": 300,
-        "temperature": 0.0,  # zero is a setting, unlike None
-        "stop_sequences": ["END"],
-        "append_system_prompt": "x",
-        "env": {"MODE": "ci"},
-        "mcp_servers": "{}",
-        "allowed_tools": ["Read"],
-        "disallowed_tools": ["Bash"],
-    }
+    samples = MODEL_SETTING_SAMPLES
     assert name in samples, "a new ModelSettings field: add it to ModelSettings.empty and here"
     assert ModelSettings().empty
     assert not ModelSettings(**{name: samples[name]}).empty  # type: ignore[arg-type]

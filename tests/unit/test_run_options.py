@@ -15,6 +15,7 @@ from taskrun.core.run_options import validate_model_settings, validate_output_sc
 from taskrun.core.validation import validate_policy
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
+from tests.unit.test_core import MODEL_SETTING_SAMPLES
 
 SCHEMA = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
 
@@ -131,17 +132,6 @@ _POLICY_SAMPLES: dict[str, object] = {
     "max_subtasks": 3,
     "subtask_budget_usd": 2.0,
 }
-_SETTINGS_SAMPLES: dict[str, object] = {
-    "system_prompt": "Be brief.",
-    "max_tokens": 300,
-    "temperature": 0.0,
-    "stop_sequences": ["END"],
-    "append_system_prompt": "x",
-    "env": {"MODE": "ci"},
-    "mcp_servers": "{}",
-    "allowed_tools": ["Read"],
-    "disallowed_tools": ["Bash"],
-}
 
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(TaskPolicy)])
@@ -157,8 +147,8 @@ def test_any_one_policy_field_set_alone_survives_protobuf(name: str) -> None:
 
 @pytest.mark.parametrize("name", [f.name for f in dataclasses.fields(ModelSettings)])
 def test_any_one_model_setting_set_alone_survives_protobuf(name: str) -> None:
-    assert name in _SETTINGS_SAMPLES, "a new ModelSettings field: add it here"
-    settings = ModelSettings(**{name: _SETTINGS_SAMPLES[name]})  # type: ignore[arg-type]
+    assert name in MODEL_SETTING_SAMPLES, "a new ModelSettings field: add it here"
+    settings = ModelSettings(**{name: MODEL_SETTING_SAMPLES[name]})  # type: ignore[arg-type]
     message = pb.TaskPolicy()
     convert.policy_to_pb(TaskPolicy(model_settings=settings), message)
     back = convert.policy_from_pb(pb.TaskPolicy.FromString(message.SerializeToString()), 3)
