@@ -11,7 +11,7 @@ import grpc
 from taskrun import convert
 from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.scheduler import USER_FIELDS, Scheduler
-from taskrun.controlplane.services import domain_errors
+from taskrun.controlplane.services import domain_errors, fitting
 from taskrun.core import errors
 from taskrun.core.access import Scope
 from taskrun.core.schedule import MAX_PREVIEW, Schedule, validate_rule
@@ -87,11 +87,14 @@ class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
             )
         after = _decode_token(request.page_token)
         schedules = [s for s in self.scheduler.list_schedules() if s.name > after]
-        page = schedules[:size]
-        more = len(schedules) > size
+        listed = [convert.schedule_to_pb(s) for s in schedules[:size]]
+        budget = self.scheduler.engine.config.max_message_bytes
+        fit = fitting(listed, budget)  # large inputs: cut short, the rest on the next page
+        more = len(schedules) > fit
+        listed = listed[:fit]
         return schedules_pb2.ListSchedulesResponse(
-            schedules=[convert.schedule_to_pb(s) for s in page],
-            next_page_token=_encode_token(page[-1].name) if more else "",
+            schedules=listed,
+            next_page_token=_encode_token(listed[-1].name) if more and listed else "",
         )
 
     @domain_errors

@@ -16,8 +16,9 @@ import pytest
 from taskrun.cli.client import OutputReceived, TaskChanged
 from taskrun.core.agent import AgentError, AgentResult, RunContext
 from taskrun.core.models import AgentSpec, TaskSpec
+from taskrun.core.schedule import Schedule
 from taskrun.core.status import Fault, RunStatus, TaskStatus
-from taskrun.v1 import common_pb2, conversations_pb2, tasks_pb2, workers_pb2
+from taskrun.v1 import common_pb2, conversations_pb2, schedules_pb2, tasks_pb2, workers_pb2
 from tests.conftest import Cluster
 from tests.integration.test_http_api import http_client
 from tests.integration.test_security import raw_worker, status
@@ -235,3 +236,20 @@ async def test_a_task_whose_sub_tasks_are_large_is_read_with_as_many_as_fit(
         children += page
     assert len(children) == 5
     probe.release(parent.id)
+
+
+async def test_a_page_of_schedules_with_large_inputs_is_cut_to_fit(cluster: Cluster) -> None:
+    await cluster.start_server(max_message_bytes=SMALL)
+    await cluster.start_worker("worker-1")  # a schedule names an agent some worker announced
+    client = cluster.client()
+    names = [f"big-{i}" for i in range(6)]
+    for name in names:
+        text = json.dumps({"text": name + "s" * 300_000})
+        await client.create_schedule(
+            Schedule(name=name, agent="echo", timezone="UTC", cron="0 0 1 1 *", input=text)
+        )
+    assert [s.name for s in await client.list_schedules()] == names  # every one, paged
+    page = await client._schedule_stub().ListSchedules(
+        schedules_pb2.ListSchedulesRequest(page_size=100)
+    )
+    assert page.ByteSize() <= SEND_LIMIT and page.next_page_token
