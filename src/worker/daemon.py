@@ -450,7 +450,7 @@ class WorkerDaemon:
             call = workers_pb2_grpc.RunServiceStub(channel).StreamConnect()
             try:
                 self.lease.hello_sent()
-                await call.write(wpb.WorkerMessage(hello=self._hello()))
+                await write(call, wpb.WorkerMessage(hello=self._hello()))
                 first = await call.read()
                 if first is grpc.aio.EOF or not first.HasField("params"):
                     code, details = await call.code(), await call.details()
@@ -604,7 +604,7 @@ class WorkerDaemon:
                 msg.heartbeat.seq = self.lease.next_heartbeat()
                 self._pace.sent(self._holding())
             if msg.ByteSize():
-                await call.write(msg)
+                await write(call, msg)
 
     async def _heartbeat_loop(self) -> None:
         """A numbered heartbeat (each renews the lease) every interval while the worker holds
@@ -869,6 +869,21 @@ def _failed(a: wpb.RunAssignment, error: str, fault: Fault = Fault.WORKER) -> wp
 
 def _utcnow() -> datetime:
     return datetime.now(UTC)
+
+
+async def write(call: grpc.aio.StreamStreamCall, message: wpb.WorkerMessage) -> None:
+    """Write to the session's call, or raise the status it already ended with: grpc raises
+    InvalidStateError on a write to an ended call, which says nothing of why it ended (a
+    control plane that refused the session before reading it, stopping)."""
+    try:
+        await call.write(message)
+    except asyncio.InvalidStateError:
+        raise grpc.aio.AioRpcError(
+            await call.code(),
+            await call.initial_metadata(),
+            await call.trailing_metadata(),
+            await call.details(),
+        ) from None
 
 
 def _describe(exc: BaseException | None) -> str:
