@@ -27,6 +27,7 @@ from taskrun.cli.tui.screens import (
     RunScreen,
 )
 from taskrun.cli.tui.widgets import FleetHeader, TasksTable, Transcript, WorkersTable
+from taskrun.controlplane.app import RunningServer
 from taskrun.core.agent import AgentError, AgentResult, Readiness, RunContext
 from taskrun.core.ids import RunId, TaskId
 from taskrun.core.models import AgentSpec
@@ -41,6 +42,19 @@ from tests.integration.test_metrics import scrape, value
 # tests/integration/test_tui.py` refreshes the ones the README shows.
 DOCS = Path(os.environ.get("TASKRUN_SCREENSHOTS") or tempfile.mkdtemp(prefix="taskrun-tui-"))
 SIZE = (80, 24)
+
+
+@pytest.fixture(autouse=True)
+def patient_leases(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The TUI runs in the test's own event loop, beside the server and the worker: on a busy
+    machine a slow render stalled that loop past the suite's 2 s lease, and a run was retried
+    (a second run where the test expects one). These tests are about the TUI, not leases."""
+    start = cluster.start_server
+
+    async def patient(**overrides: object) -> RunningServer:
+        return await start(**{"lease_duration": 10.0, "heartbeat_interval": 1.0, **overrides})
+
+    monkeypatch.setattr(cluster, "start_server", patient)
 
 
 async def until(pilot_pause: Callable[[], object], predicate: Callable[[], bool]) -> None:
