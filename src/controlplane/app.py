@@ -100,7 +100,7 @@ KEEPALIVE_OPTIONS = [
 
 # Before grpc's stop: wait until no call has arrived for QUIET_GAP seconds, at most QUIET_AT_MOST.
 QUIET_GAP = 0.05
-QUIET_AT_MOST = 1.0
+QUIET_AT_MOST = 2.0
 
 
 @dataclass

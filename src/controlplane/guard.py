@@ -128,17 +128,26 @@ class RequestGuard(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         self._last_arrival = 0.0  # time.monotonic() when the latest call was handed to us
 
     async def quiet(self, gap: float, at_most: float) -> None:
-        """Return once no call has arrived for `gap` seconds (or after `at_most`).
+        """Return once no call has arrived for `gap` seconds of a responsive loop (or after
+        `at_most`).
 
         grpc accepts calls faster than its Python loop hands them over, and its shutdown cancels
-        those still queued (CANCELLED, which a client takes as final). A gap with no arrival
-        means the queue has drained."""
+        those still queued (CANCELLED, which a client takes as final; grpc/grpc#41785). A gap
+        with no arrival means the queue has drained, but only if the process could have seen
+        one: time in which the loop was stalled (a busy machine, another thread) does not
+        count."""
+        step = gap / 5
         deadline = time.monotonic() + at_most
-        while (now := time.monotonic()) < deadline:
-            wait = self._last_arrival + gap - now
-            if wait <= 0:
-                return
-            await asyncio.sleep(min(wait, deadline - now))
+        seen, quiet_for = self._last_arrival, 0.0
+        while (before := time.monotonic()) < deadline:
+            await asyncio.sleep(step)
+            took = time.monotonic() - before
+            if self._last_arrival != seen:  # one came meanwhile: start again
+                seen, quiet_for = self._last_arrival, 0.0
+            elif took <= 2 * step:
+                quiet_for += took
+                if quiet_for >= gap:
+                    return
 
     async def intercept_service(
         self,
