@@ -14,7 +14,8 @@ from taskrun import convert
 from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.guard import status_code
-from taskrun.controlplane.services import TaskService, domain_errors, fitting
+from taskrun.controlplane.services import TaskService, domain_errors
+from taskrun.controlplane.sizing import fitting
 from taskrun.controlplane.waiting import check_known_agent, check_offered
 from taskrun.core import errors
 from taskrun.core.access import Scope

@@ -11,7 +11,8 @@ import grpc
 from taskrun import convert
 from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.scheduler import USER_FIELDS, Scheduler
-from taskrun.controlplane.services import domain_errors, fitting
+from taskrun.controlplane.services import domain_errors
+from taskrun.controlplane.sizing import fitting
 from taskrun.core import errors
 from taskrun.core.access import Scope
 from taskrun.core.schedule import MAX_PREVIEW, Schedule, validate_rule

@@ -6,12 +6,11 @@ import base64
 import binascii
 import functools
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import grpc
 import structlog
-from google.protobuf.message import Message
 
 from taskrun import convert
 from taskrun.controlplane import subtasks, usage
@@ -19,6 +18,7 @@ from taskrun.controlplane.auth import Authenticator, Caller
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.followers import Subscription
 from taskrun.controlplane.guard import status_code
+from taskrun.controlplane.sizing import OUTPUT_BATCH, fitting, output_updates
 from taskrun.controlplane.submit import SubmitStream
 from taskrun.controlplane.waiting import check_known_agent, check_offered, waiting_reason
 from taskrun.core import errors
@@ -52,7 +52,6 @@ F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 MAX_PAGE_SIZE = 1000
 DEFAULT_PAGE_SIZE = 50
-OUTPUT_BATCH = 1000
 # GetTask's tree: the oldest, as many as fit one message; `task list --parent` pages the rest
 MAX_SUBTASKS_SHOWN = 1000
 
@@ -92,43 +91,6 @@ def _decode_token(token: str) -> TaskId | None:
     if not text.startswith("v1:") or len(text) > 80:
         raise errors.InvalidArgument("is not a token returned by ListTasks", field="page_token")
     return TaskId(text[3:])
-
-
-def fitting(messages: Sequence[Message], budget: int, *, at_least: int = 1) -> int:
-    """How many of `messages`, from the first, fit in one message of `budget` bytes; `at_least`
-    whatever they take (a page's one item is what the server's headroom over the budget is
-    for)."""
-    used = 0
-    for i, message in enumerate(messages):
-        used += message.ByteSize() + 8
-        if i >= at_least and used > budget:
-            return i
-    return len(messages)
-
-
-def _chunk_bytes(chunk: OutputChunk) -> int:
-    """About what the chunk takes in a message: its text as UTF-8, and room for the rest."""
-    data = chunk.data
-    return (len(data) if data.isascii() else len(data.encode(errors="surrogatepass"))) + 64
-
-
-def _output_bytes(chunks: list[OutputChunk]) -> int:
-    return sum(map(_chunk_bytes, chunks))
-
-
-def _output_groups(chunks: list[OutputChunk], budget: int) -> list[list[OutputChunk]]:
-    """`chunks` in order, in groups of at most OUTPUT_BATCH that fit `budget` bytes (a chunk
-    larger than it alone); one empty group when there are none."""
-    groups: list[list[OutputChunk]] = [[]]
-    used = 0
-    for chunk in chunks:
-        size = _chunk_bytes(chunk)
-        if groups[-1] and (len(groups[-1]) >= OUTPUT_BATCH or used + size > budget):
-            groups.append([])
-            used = 0
-        groups[-1].append(chunk)
-        used += size
-    return groups
 
 
 class TaskService(tasks_pb2_grpc.TaskServiceServicer):
@@ -510,20 +472,8 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             replay's first update holds the task, however much output follows); the state goes
             alone where it does not fit beside the output. `ending` marks the last update."""
             shown = self._task_pb(t) if t is not None else None
-            parts = [(group, False) for group in _output_groups(chunks, budget)]
-            if shown is not None:
-                size = shown.ByteSize()
-                group, _ = parts[-1]
-                if not group or _output_bytes(group) + size <= budget:
-                    parts[-1] = (group, True)
-                else:
-                    parts.append(([], True))
-                if opening and not parts[0][1]:
-                    group, _ = parts[0]
-                    if _output_bytes(group) + size <= budget:
-                        parts[0] = (group, True)
-                    else:
-                        parts.insert(0, ([], True))
+            size = shown.ByteSize() if shown is not None else None
+            parts = output_updates(chunks, size, budget, opening=opening)
             for i, (group, with_state) in enumerate(parts):
                 update = tasks_pb2.TaskUpdate(task=shown if with_state else None)
                 for c in group:

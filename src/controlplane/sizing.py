@@ -1,0 +1,71 @@
+"""Answers that fit one gRPC message.
+
+The server may send `max_message_bytes` and 1 MiB more (app.py): the budget is what a page or
+an update fills, the headroom is for one item larger than it (a task with an input and a
+result of up to 1 MiB each). A page cut short goes on through its token; a follow's output
+goes out in as many updates as it takes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from google.protobuf.message import Message
+
+from taskrun.core.models import OutputChunk
+
+OUTPUT_BATCH = 1000  # chunks in one follow update at most, whatever their size
+
+# The chunks of one follow update, and whether the task's state goes with them.
+Part = tuple[list[OutputChunk], bool]
+
+
+def fitting(messages: Sequence[Message], budget: int, *, at_least: int = 1) -> int:
+    """How many of `messages`, from the first, fit in one message of `budget` bytes; `at_least`
+    whatever they take (a page's one item is what the headroom over the budget is for)."""
+    used = 0
+    for i, message in enumerate(messages):
+        used += message.ByteSize() + 8
+        if i >= at_least and used > budget:
+            return i
+    return len(messages)
+
+
+def chunk_bytes(chunk: OutputChunk) -> int:
+    """About what the chunk takes in a message: its text as UTF-8, and room for the rest."""
+    data = chunk.data
+    return (len(data) if data.isascii() else len(data.encode(errors="surrogatepass"))) + 64
+
+
+def output_updates(
+    chunks: list[OutputChunk], state_bytes: int | None, budget: int, *, opening: bool
+) -> list[Part]:
+    """How a follow sends `chunks` and, when `state_bytes` is given, the task's state: groups of
+    at most OUTPUT_BATCH chunks within `budget` bytes, in order (one empty group when there are
+    none). The state goes with the last group (after all of the output) and, when `opening`,
+    with the first too (a replay opens with the task, however much output follows); alone
+    where it does not fit beside them."""
+    groups: list[tuple[list[OutputChunk], int]] = [([], 0)]
+    for chunk in chunks:
+        size = chunk_bytes(chunk)
+        group, used = groups[-1]
+        if group and (len(group) >= OUTPUT_BATCH or used + size > budget):
+            groups.append(([], 0))
+            group, used = groups[-1]
+        group.append(chunk)
+        groups[-1] = (group, used + size)
+    parts: list[Part] = [(group, False) for group, _ in groups]
+    if state_bytes is None:
+        return parts
+    last, used = groups[-1]
+    if not last or used + state_bytes <= budget:
+        parts[-1] = (last, True)
+    else:
+        parts.append(([], True))
+    if opening and not parts[0][1]:
+        first, used = groups[0]
+        if used + state_bytes <= budget:
+            parts[0] = (first, True)
+        else:
+            parts.insert(0, ([], True))
+    return parts
