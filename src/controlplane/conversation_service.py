@@ -183,13 +183,12 @@ class ConversationService(conversations_pb2_grpc.ConversationServiceServicer):
         if request.before_turn:
             turns = [t for t in turns if t.index < request.before_turn]
         reply = convert.conversation_to_pb(conversation)
-        newest_first = []
-        for turn in reversed(turns):
-            convert.turn_to_pb(turn, message := conversations_pb2.Turn())
-            newest_first.append(message)
-        fit = fitting(newest_first, self.engine.config.max_message_bytes - reply.ByteSize())
-        reply.turns.extend(reversed(newest_first[:fit]))
-        reply.earlier_turns = len(turns) - fit
+        newest_first, _ = fitting(
+            (_turn_pb(t) for t in reversed(turns)),
+            self.engine.config.max_message_bytes - reply.ByteSize(),
+        )
+        reply.turns.extend(reversed(newest_first))
+        reply.earlier_turns = len(turns) - len(newest_first)
         return reply
 
     @domain_errors
@@ -216,9 +215,11 @@ class ConversationService(conversations_pb2_grpc.ConversationServiceServicer):
             )
         )
         more = len(page) > size
-        listed = [convert.conversation_to_pb(c) for c in page[:size]]
-        fit = fitting(listed, self.engine.config.max_message_bytes)  # large inputs: cut short
-        more, listed = more or fit < len(listed), listed[:fit]
+        listed, cut = fitting(  # large inputs: cut short
+            (convert.conversation_to_pb(c) for c in page[:size]),
+            self.engine.config.max_message_bytes,
+        )
+        more = more or cut
         token = base64.urlsafe_b64encode(f"v1:{listed[-1].id}".encode()).decode() if more else ""
         return conversations_pb2.ListConversationsResponse(
             conversations=listed, next_page_token=token
@@ -240,3 +241,9 @@ class ConversationService(conversations_pb2_grpc.ConversationServiceServicer):
 
 
 __all__ = ["ConversationService"]
+
+
+def _turn_pb(turn: Turn) -> conversations_pb2.Turn:
+    out = conversations_pb2.Turn()
+    convert.turn_to_pb(turn, out)
+    return out

@@ -88,14 +88,14 @@ class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
             )
         after = _decode_token(request.page_token)
         schedules = [s for s in self.scheduler.list_schedules() if s.name > after]
-        listed = [convert.schedule_to_pb(s) for s in schedules[:size]]
-        budget = self.scheduler.engine.config.max_message_bytes
-        fit = fitting(listed, budget)  # large inputs: cut short, the rest on the next page
-        more = len(schedules) > fit
-        listed = listed[:fit]
+        listed, cut = fitting(  # large inputs: cut short, the rest on the next page
+            (convert.schedule_to_pb(s) for s in schedules[:size]),
+            self.scheduler.engine.config.max_message_bytes,
+        )
+        more = cut or len(schedules) > size
         return schedules_pb2.ListSchedulesResponse(
             schedules=listed,
-            next_page_token=_encode_token(listed[-1].name) if more and listed else "",
+            next_page_token=_encode_token(listed[-1].name) if more else "",
         )
 
     @domain_errors

@@ -278,9 +278,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             parents = {t.id: t.parent_task_id for t in tree}
             wanted = set(subtasks.below(task.id, parents))
             below = [t for t in tree if t.id in wanted][:MAX_SUBTASKS_SHOWN]
-            shown = [self._task_pb(t) for t in below]
             room = self.engine.config.max_message_bytes - message.ByteSize()
-            message.subtasks.extend(shown[: fitting(shown, room, at_least=0)])
+            shown, _ = fitting((self._task_pb(t) for t in below), room, at_least=0)
+            message.subtasks.extend(shown)
         return message
 
     async def _visible(self, caller: Caller, task_id: TaskId) -> Task:
@@ -359,12 +359,13 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         )
         page = await self.engine.store.list_tasks(query)
         reasons: dict[tuple[object, ...], str] = {}
-        tasks = [self._task_pb(t, reasons=reasons) for t in page.tasks]
-        fit = fitting(tasks, self.engine.config.max_message_bytes)
-        # large inputs: the rest on the next page
-        next_before = TaskId(tasks[fit - 1].id) if fit < len(tasks) else page.next_before
+        tasks, cut = fitting(
+            (self._task_pb(t, reasons=reasons) for t in page.tasks),
+            self.engine.config.max_message_bytes,
+        )
+        next_before = TaskId(tasks[-1].id) if cut else page.next_before  # large inputs: cut
         return tasks_pb2.ListTasksResponse(
-            tasks=tasks[:fit],
+            tasks=tasks,
             next_page_token=_encode_token(next_before) if next_before else "",
         )
 

@@ -8,11 +8,15 @@ goes out in as many updates as it takes.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
+from typing import TypeVar
 
 from google.protobuf.message import Message
 
 from taskrun.core.models import OutputChunk
+from taskrun.core.text import utf8_size
+
+M = TypeVar("M", bound=Message)
 
 OUTPUT_BATCH = 1000  # chunks in one follow update at most, whatever their size
 
@@ -20,21 +24,23 @@ OUTPUT_BATCH = 1000  # chunks in one follow update at most, whatever their size
 Part = tuple[list[OutputChunk], bool]
 
 
-def fitting(messages: Sequence[Message], budget: int, *, at_least: int = 1) -> int:
-    """How many of `messages`, from the first, fit in one message of `budget` bytes; `at_least`
-    whatever they take (a page's one item is what the headroom over the budget is for)."""
+def fitting(messages: Iterable[M], budget: int, *, at_least: int = 1) -> tuple[list[M], bool]:
+    """The first of `messages` that fit in one message of `budget` bytes, and whether any were
+    left out; `at_least` of them whatever they take (a page's one item is what the headroom
+    over the budget is for). Taken one by one: what is left out is never built."""
+    taken: list[M] = []
     used = 0
-    for i, message in enumerate(messages):
+    for message in messages:
         used += message.ByteSize() + 8
-        if i >= at_least and used > budget:
-            return i
-    return len(messages)
+        if len(taken) >= at_least and used > budget:
+            return taken, True
+        taken.append(message)
+    return taken, False
 
 
 def chunk_bytes(chunk: OutputChunk) -> int:
     """About what the chunk takes in a message: its text as UTF-8, and room for the rest."""
-    data = chunk.data
-    return (len(data) if data.isascii() else len(data.encode(errors="surrogatepass"))) + 64
+    return utf8_size(chunk.data) + 64
 
 
 def output_updates(

@@ -18,7 +18,7 @@ from typing import Any
 
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import ModelSettings
-from taskrun.core.text import quoted
+from taskrun.core.text import quoted, utf8_size
 
 MAX_SCHEMA_BYTES = 64 * 1024
 MAX_SCHEMA_DEPTH = 32
@@ -63,7 +63,7 @@ def validate_output_schema(text: str, field: str) -> str:
     (draft 2020-12)."""
     if not text.strip():
         return ""
-    size = len(text.encode(errors="surrogatepass"))
+    size = utf8_size(text)
     if size > MAX_SCHEMA_BYTES:
         raise InvalidArgument(f"is {size} bytes, over the limit of {MAX_SCHEMA_BYTES}", field=field)
     try:
@@ -195,7 +195,7 @@ def _env(env: dict[str, str], field: str) -> dict[str, str]:
 def _mcp_servers(text: str, field: str) -> str:
     if not text.strip():
         return ""
-    if len(text.encode(errors="surrogatepass")) > MAX_MCP_BYTES:
+    if utf8_size(text) > MAX_MCP_BYTES:
         raise InvalidArgument(f"is over the limit of {MAX_MCP_BYTES} bytes", field=field)
     try:
         servers: Any = json.loads(text)

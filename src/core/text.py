@@ -6,6 +6,12 @@ DEFAULT_LIMIT = 256
 QUOTED_LIMIT = 64
 
 
+def utf8_size(text: str) -> int:
+    """Bytes of `text` as UTF-8 (a lone surrogate counted as it would be escaped, not refused),
+    without encoding it when it is ASCII."""
+    return len(text) if text.isascii() else len(text.encode(errors="surrogatepass"))
+
+
 def clip(text: str, limit: int = DEFAULT_LIMIT) -> str:
     """`text` if it has at most `limit` characters, else its start and how long it was."""
     if len(text) <= limit:

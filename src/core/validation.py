@@ -16,7 +16,7 @@ from taskrun.core.run_options import (
     validate_output_retries,
     validate_output_schema,
 )
-from taskrun.core.text import clip, quoted
+from taskrun.core.text import clip, quoted, utf8_size
 
 MAX_INPUT_BYTES = 1 << 20  # 1 MiB of JSON per task input
 # 1 MiB of JSON per run result: a task with its input and result, and a run with its result,
@@ -58,7 +58,7 @@ def validate_input(text: str, field: str = "input_json") -> tuple[str, dict[str,
     """
     if not text.strip():
         return "{}", {}
-    size = len(text.encode(errors="surrogatepass"))
+    size = utf8_size(text)
     if size > MAX_INPUT_BYTES:
         raise InvalidArgument(f"is {size} bytes, over the limit of {MAX_INPUT_BYTES}", field=field)
     try:
@@ -87,9 +87,7 @@ def clip_error(text: str) -> str:
 
 def result_over_limit(text: str) -> str:
     """Why a run's result (JSON text) cannot be kept, or "" when it fits MAX_RESULT_BYTES."""
-    if len(text) <= MAX_RESULT_BYTES // 4:  # at most 4 bytes a character: no need to encode
-        return ""
-    size = len(text.encode(errors="surrogatepass"))
+    size = utf8_size(text)
     if size <= MAX_RESULT_BYTES:
         return ""
     return f"the result is {size:,} bytes as JSON, over the limit of 1 MiB ({MAX_RESULT_BYTES:,})"

@@ -19,6 +19,7 @@ from taskrun.core.ids import RunId, TaskId
 from taskrun.core.models import RunOptions, TurnContext, Usage
 from taskrun.core.output_schema import schema_violations
 from taskrun.core.status import Fault, RunStatus
+from taskrun.core.text import utf8_size
 from taskrun.core.validation import clip_error, result_over_limit
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
@@ -92,8 +93,7 @@ class RunContext:
         )
         # what it takes in a message: its UTF-8, up to 4 bytes a character (a message over the
         # server's limit would be refused, and sent again, for ever)
-        size = len(data) if data.isascii() else len(data.encode(errors="surrogatepass"))
-        await self.outbox.put(chunk, size + 48)
+        await self.outbox.put(chunk, utf8_size(data) + 48)
 
     async def emit(self, text: str) -> None:
         limit = self.max_chunk_bytes // 4  # characters, so UTF-8 can never exceed the limit
@@ -124,7 +124,7 @@ def _status(
     *,
     error: str = "",
     result: AgentResult | AgentError | None = None,
-    result_json: str | None = None,
+    result_json: str = "",
     fault: Fault = Fault.UNKNOWN,
 ) -> wpb.RunStatusUpdate:
     update = wpb.RunStatusUpdate(
@@ -139,10 +139,7 @@ def _status(
     if result is None and not ctx.spent.empty:
         convert.usage_to_pb(ctx.spent, update.usage)  # what a run that broke had reported
     if isinstance(result, AgentResult):
-        if result_json is not None:  # encoded already (see checked)
-            update.result_json = result_json
-        elif result.result is not None:
-            update.result_json = json.dumps(result.result, default=str)
+        update.result_json = result_json  # encoded (and its size checked) by `checked`
         convert.usage_to_pb(result.usage, update.usage)
         if result.backend_used is not None:
             update.backend_used.CopyFrom(convert.backend_to_pb(result.backend_used))

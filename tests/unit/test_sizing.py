@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from taskrun.controlplane.sizing import OUTPUT_BATCH, chunk_bytes, output_updates
+from collections.abc import Iterator
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from taskrun.controlplane.sizing import OUTPUT_BATCH, chunk_bytes, fitting, output_updates
 from taskrun.core.ids import RunId
 from taskrun.core.models import OutputChunk
 
@@ -50,3 +54,18 @@ def test_the_state_comes_after_all_output_and_opens_a_replay_alone_where_it_does
         ([1, 2, 3], False),
         ([4, 5], True),
     ]
+
+
+def test_a_page_takes_what_fits_builds_nothing_past_it_and_says_it_was_cut() -> None:
+    built: list[int] = []
+
+    def messages(n: int) -> Iterator[Timestamp]:
+        for i in range(n):
+            built.append(i)
+            yield Timestamp(seconds=10**9 + i)  # 6 bytes each, 14 with the room per item
+
+    taken, cut = fitting(messages(10), 40)
+    assert (len(taken), cut, built) == (2, True, [0, 1, 2])  # the third is seen, not taken
+    assert fitting(messages(2), 10**6) == (list(taken), False)
+    assert fitting(messages(3), 0) == ([Timestamp(seconds=10**9)], True)  # one at least
+    assert fitting(messages(3), 0, at_least=0) == ([], True)
