@@ -8,7 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -200,7 +200,10 @@ class Cluster:
         async with asyncio.timeout(15):
             return await task
 
-    def client(self, identity: str = "operator") -> Client:
+    def client(
+        self, identity: str = "operator", *, options: Sequence[tuple[str, Any]] = ()
+    ) -> Client:
+        """A client of the control plane with `identity`'s certificate; `options`: the channel's."""
         from taskrun.cli.client import Client
 
         if identity == "operator":
@@ -212,6 +215,7 @@ class Cluster:
             ca=self.pki.ca_cert.read_bytes(),
             cert=cert.read_bytes(),
             key=key.read_bytes(),
+            options=options,
         )
         self.clients.append(client)
         return client

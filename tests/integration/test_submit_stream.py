@@ -212,15 +212,8 @@ async def test_a_stream_its_client_does_not_read_holds_back_nothing_else_and_los
     server = await cluster.start_server()
     server.engine.hub._limit = 16  # a follower falls behind after 16 items it has not taken
     await cluster.start_worker("worker-1", capacity=8)
-    pki = cluster.pki
-    client = Client(  # flow control windows that stay at 64 kB: the server cannot send it all
-        cluster.address,
-        ca=pki.ca_cert.read_bytes(),
-        cert=pki.operator_cert.read_bytes(),
-        key=pki.operator_key.read_bytes(),
-        options=[("grpc.http2.bdp_probe", 0)],
-    )
-    cluster.clients.append(client)
+    # flow control windows that stay at 64 kB: the server cannot send it all
+    client = cluster.client(options=[("grpc.http2.bdp_probe", 0)])
     call = client._task_stub().SubmitTasks()
     # a character per chunk: about 1 MB of updates in all
     texts = {i: f"<{i}>".ljust(5_000, "x") for i in range(1, 5)}
