@@ -52,6 +52,7 @@ from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import InboxItem, Workflow, WorkflowRun
 from taskrun.servers import ServerList
 from taskrun.v1 import (
+    common_pb2,
     conversations_pb2,
     conversations_pb2_grpc,
     events_pb2,
@@ -593,20 +594,32 @@ class Client:
 
     async def get_task(self, task_id: str) -> tuple[Task, list[Run]]:
         """The task and all its runs, oldest first."""
-        message = await self._task_stub().GetTask(
-            tasks_pb2.GetTaskRequest(task_id=task_id), timeout=self.timeout
-        )
-        return convert.task_from_pb(message)
+        return convert.task_from_pb(await self._get_task(task_id))
 
     async def get_task_tree(self, task_id: str) -> tuple[Task, list[Run], list[Task]]:
         """The task, its runs, and the tasks below it (sub-tasks, theirs...), oldest first: at
         most 1,000, and as many as fit one message (`list_tasks(parent_task_id=...)` pages a
         task's own sub-tasks)."""
-        message = await self._task_stub().GetTask(
-            tasks_pb2.GetTaskRequest(task_id=task_id), timeout=self.timeout
-        )
+        message = await self._get_task(task_id)
         task, runs = convert.task_from_pb(message)
         return task, runs, convert.subtasks_from_pb(message)
+
+    async def _get_task(self, task_id: str) -> common_pb2.Task:
+        """GetTask's reply with every run: a task whose runs do not fit one reply comes in
+        several, the latest runs first."""
+        request = tasks_pb2.GetTaskRequest(task_id=task_id)
+        message: common_pb2.Task = await self._task_stub().GetTask(request, timeout=self.timeout)
+        earlier, runs = message.earlier_runs, list(message.runs)
+        while earlier and runs:
+            request.before_attempt = runs[0].attempt
+            reply = await self._task_stub().GetTask(request, timeout=self.timeout)
+            if not reply.runs:
+                break
+            earlier, runs = reply.earlier_runs, [*reply.runs, *runs]
+        del message.runs[:]
+        message.runs.extend(runs)
+        message.earlier_runs = earlier
+        return message
 
     async def list_tasks(
         self,

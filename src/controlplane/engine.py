@@ -1693,10 +1693,12 @@ class Engine:
             return False
         error, result = clip_error(update.error), update.result_json
         fault = fault_from_pb(update.fault) if status is RunStatus.FAILED else Fault.UNKNOWN
-        if over := result_over_limit(result):  # a worker that does not bound results itself
+        if status is not RunStatus.COMPLETED:
+            # Only an answer is kept: a failed run's "result" would be read back with each of
+            # up to 100 attempts in one GetTask.
             result = ""
-            if status is RunStatus.COMPLETED:
-                status, error, fault = RunStatus.FAILED, over, Fault.TASK
+        elif over := result_over_limit(result):  # a worker that does not bound results itself
+            result, status, error, fault = "", RunStatus.FAILED, over, Fault.TASK
         run.result = result
         if update.HasField("usage"):
             run.usage = usage_from_pb(update.usage)

@@ -270,15 +270,26 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
     ) -> pb.Task:
         caller = await self.auth.operator(context, Scope.READ, runs=True)
         task_id = _task_id(request.task_id)
+        if request.before_attempt < 0:
+            raise errors.InvalidArgument(
+                "must be an attempt's number, or 0 for up to the latest", field="before_attempt"
+            )
         store = self.engine.store
+        budget = self.engine.config.max_message_bytes
         task = await self._visible(caller, task_id)
-        message = self._task_pb(task, await store.list_runs(task_id))
-        if task.root_task_id or task.policy.allow_subtasks:
+        message = self._task_pb(task)
+        runs = await store.list_runs(task_id)
+        if request.before_attempt:
+            runs = [r for r in runs if r.attempt < request.before_attempt]
+        newest_first, _ = fitting((_run_pb(r) for r in reversed(runs)), budget - message.ByteSize())
+        message.runs.extend(reversed(newest_first))
+        message.earlier_runs = len(runs) - len(newest_first)
+        if not request.before_attempt and (task.root_task_id or task.policy.allow_subtasks):
             tree = await store.list_task_tree(task.tree_root)
             parents = {t.id: t.parent_task_id for t in tree}
             wanted = set(subtasks.below(task.id, parents))
             below = [t for t in tree if t.id in wanted][:MAX_SUBTASKS_SHOWN]
-            room = self.engine.config.max_message_bytes - message.ByteSize()
+            room = budget - message.ByteSize()
             shown, _ = fitting((self._task_pb(t) for t in below), room, at_least=0)
             message.subtasks.extend(shown)
         return message
@@ -584,3 +595,9 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             detail=f"worker revoked: {worker.revoked_reason}",
         )
         return convert.worker_to_pb(worker)
+
+
+def _run_pb(run: Run) -> pb.Run:
+    message = pb.Run()
+    convert.run_to_pb(run, message)
+    return message

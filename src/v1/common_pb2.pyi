@@ -233,7 +233,7 @@ class Run(_message.Message):
     def __init__(self, id: _Optional[str] = ..., task_id: _Optional[str] = ..., attempt: _Optional[int] = ..., worker_id: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., assigned_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., backend_used: _Optional[_Union[ModelBackend, _Mapping]] = ..., session_id: _Optional[str] = ..., prompt: _Optional[str] = ..., fault: _Optional[_Union[RunFault, str]] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("id", "agent", "input_json", "labels", "policy", "status", "attempts", "current_run_id", "worker_id", "created_at", "updated_at", "finished_at", "error", "result_json", "usage", "runs", "schedule", "cancel_requested", "waiting_reason", "conversation_id", "turn", "parent_task_id", "root_task_id", "depth", "subtasks")
+    __slots__ = ("id", "agent", "input_json", "labels", "policy", "status", "attempts", "current_run_id", "worker_id", "created_at", "updated_at", "finished_at", "error", "result_json", "usage", "runs", "schedule", "cancel_requested", "waiting_reason", "conversation_id", "turn", "parent_task_id", "root_task_id", "depth", "subtasks", "earlier_runs")
     class LabelsEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -266,6 +266,7 @@ class Task(_message.Message):
     ROOT_TASK_ID_FIELD_NUMBER: _ClassVar[int]
     DEPTH_FIELD_NUMBER: _ClassVar[int]
     SUBTASKS_FIELD_NUMBER: _ClassVar[int]
+    EARLIER_RUNS_FIELD_NUMBER: _ClassVar[int]
     id: str
     agent: str
     input_json: str
@@ -291,7 +292,8 @@ class Task(_message.Message):
     root_task_id: str
     depth: int
     subtasks: _containers.RepeatedCompositeFieldContainer[Task]
-    def __init__(self, id: _Optional[str] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., policy: _Optional[_Union[TaskPolicy, _Mapping]] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., attempts: _Optional[int] = ..., current_run_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., runs: _Optional[_Iterable[_Union[Run, _Mapping]]] = ..., schedule: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., waiting_reason: _Optional[str] = ..., conversation_id: _Optional[str] = ..., turn: _Optional[int] = ..., parent_task_id: _Optional[str] = ..., root_task_id: _Optional[str] = ..., depth: _Optional[int] = ..., subtasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ...) -> None: ...
+    earlier_runs: int
+    def __init__(self, id: _Optional[str] = ..., agent: _Optional[str] = ..., input_json: _Optional[str] = ..., labels: _Optional[_Mapping[str, str]] = ..., policy: _Optional[_Union[TaskPolicy, _Mapping]] = ..., status: _Optional[_Union[TaskStatus, str]] = ..., attempts: _Optional[int] = ..., current_run_id: _Optional[str] = ..., worker_id: _Optional[str] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., updated_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., error: _Optional[str] = ..., result_json: _Optional[str] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., runs: _Optional[_Iterable[_Union[Run, _Mapping]]] = ..., schedule: _Optional[str] = ..., cancel_requested: _Optional[bool] = ..., waiting_reason: _Optional[str] = ..., conversation_id: _Optional[str] = ..., turn: _Optional[int] = ..., parent_task_id: _Optional[str] = ..., root_task_id: _Optional[str] = ..., depth: _Optional[int] = ..., subtasks: _Optional[_Iterable[_Union[Task, _Mapping]]] = ..., earlier_runs: _Optional[int] = ...) -> None: ...
 
 class OutputChunk(_message.Message):
     __slots__ = ("run_id", "attempt", "seq", "kind", "data", "time", "task_id")

@@ -101,10 +101,12 @@ class CreateTasksResponse(_message.Message):
     def __init__(self, results: _Optional[_Iterable[_Union[CreateTaskResponse, _Mapping]]] = ...) -> None: ...
 
 class GetTaskRequest(_message.Message):
-    __slots__ = ("task_id",)
+    __slots__ = ("task_id", "before_attempt")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    BEFORE_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     task_id: str
-    def __init__(self, task_id: _Optional[str] = ...) -> None: ...
+    before_attempt: int
+    def __init__(self, task_id: _Optional[str] = ..., before_attempt: _Optional[int] = ...) -> None: ...
 
 class ListTasksRequest(_message.Message):
     __slots__ = ("statuses", "agent", "labels", "worker_id", "page_size", "page_token", "schedule", "parent_task_id")

@@ -253,3 +253,71 @@ async def test_a_page_of_schedules_with_large_inputs_is_cut_to_fit(cluster: Clus
         schedules_pb2.ListSchedulesRequest(page_size=100)
     )
     assert page.ByteSize() <= SEND_LIMIT and page.next_page_token
+
+
+async def test_a_failed_run_keeps_no_result_so_many_attempts_stay_readable(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server(retry_backoff_base=0)
+    client = cluster.client()
+    async with raw_worker(cluster, "worker-1") as worker:
+        task = await client.create_task(
+            "echo", {"text": "x"}, max_attempts=6, retry_on_failure=True
+        )
+        for seq in range(1, 7):  # six failures, each reporting a result of 1 MB
+            run = await worker.assignment()
+            failed = status(run.run_id, run.attempt, common_pb2.RUN_STATUS_FAILED)
+            failed.error, failed.result_json = "no", json.dumps({"blob": "r" * 1_000_000})
+            failed.fault = common_pb2.RUN_FAULT_TASK  # not the worker's: no quarantine
+            await worker.report(failed, heartbeat=workers_pb2.Heartbeat(seq=seq))
+        final = await asyncio.wait_for(client.wait(task.id), 10)
+    assert final.status is TaskStatus.FAILED and final.result == ""
+    _, runs = await client.get_task(task.id)
+    assert [(r.attempt, r.status, r.result) for r in runs] == [
+        (i, RunStatus.FAILED, "") for i in range(1, 7)
+    ]
+
+
+async def test_a_task_with_many_long_failures_is_read_latest_runs_first_and_joined(
+    cluster: Cluster,
+) -> None:
+    server = await cluster.start_server(
+        max_message_bytes=SMALL, retry_backoff_base=0, http_listen="127.0.0.1:0"
+    )
+    client = cluster.client()
+    attempts = 80  # 80 errors of 16 kB: more than the server may send in one message
+    async with raw_worker(cluster, "worker-1") as worker:
+        task = await client.create_task(
+            "echo", {"text": "x"}, max_attempts=attempts, retry_on_failure=True
+        )
+        for seq in range(1, attempts + 1):
+            run = await worker.assignment()
+            failed = status(run.run_id, run.attempt, common_pb2.RUN_STATUS_FAILED)
+            failed.error = f"{run.attempt}:" + "e" * 16_000
+            failed.fault = common_pb2.RUN_FAULT_TASK
+            await worker.report(failed, heartbeat=workers_pb2.Heartbeat(seq=seq))
+        final = await asyncio.wait_for(client.wait(task.id), 10)
+    assert final.status is TaskStatus.FAILED
+    got, runs = await client.get_task(task.id)  # the client joins the replies
+    assert got.attempts == attempts
+    assert [r.attempt for r in runs] == list(range(1, attempts + 1))
+    assert [r.error.split(":")[0] for r in runs] == [str(i) for i in range(1, attempts + 1)]
+    _, runs, _ = await client.get_task_tree(task.id)
+    assert [r.attempt for r in runs] == list(range(1, attempts + 1))
+    stub = client._task_stub()
+    latest = await stub.GetTask(tasks_pb2.GetTaskRequest(task_id=task.id))
+    assert latest.ByteSize() <= SEND_LIMIT and latest.earlier_runs > 0
+    assert [r.attempt for r in latest.runs] == list(range(latest.earlier_runs + 1, attempts + 1))
+    earlier = await stub.GetTask(tasks_pb2.GetTaskRequest(task_id=task.id, before_attempt=3))
+    assert [r.attempt for r in earlier.runs] == [1, 2] and earlier.earlier_runs == 0
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.GetTask(tasks_pb2.GetTaskRequest(task_id=task.id, before_attempt=-1))
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith("before_attempt: ")
+    token, _ = await client.create_api_token("reader", ["read"])
+    base = f"https://127.0.0.1:{server.http_port}"
+    async with http_client(cluster, base, token) as http:
+        page = (await http.get(f"/v1/tasks/{task.id}", params={"before_attempt": 3})).json()
+        assert [r["attempt"] for r in page["runs"]] == [1, 2]
+        bad = await http.get(f"/v1/tasks/{task.id}", params={"before_attempt": -1})
+        assert bad.status_code == 400 and "before_attempt" in bad.text

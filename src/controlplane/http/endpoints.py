@@ -183,8 +183,16 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         tpb.GetTaskRequest,
         pb.Task,
         Scope.READ,
-        "A task with every run, its result, usage and cost",
+        "A task with its runs (the latest that fit one reply; `earlier_runs` counts the rest),"
+        " its result, usage and cost",
         path_fields=(("task_id", "task_id"),),
+        query=(
+            Query(
+                "before_attempt",
+                "before_attempt",
+                "only runs of attempts before this one (default: up to the latest)",
+            ),
+        ),
     ),
     Endpoint(
         "POST",
