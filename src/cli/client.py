@@ -1272,10 +1272,15 @@ class Client:
         return convert.workflow_from_pb(m.workflow), m.created
 
     async def list_workflows(self) -> list[Workflow]:
-        m = await self._workflow_stub().ListWorkflows(
-            workflows_pb2.ListWorkflowsRequest(), timeout=self.timeout
-        )
-        return [convert.workflow_from_pb(w) for w in m.workflows]
+        """The newest version of every workflow, by name (all pages)."""
+        request = workflows_pb2.ListWorkflowsRequest()
+        out: list[Workflow] = []
+        while True:
+            m = await self._workflow_stub().ListWorkflows(request, timeout=self.timeout)
+            out += [convert.workflow_from_pb(w) for w in m.workflows]
+            if not m.next_page_token:
+                return out
+            request.page_token = m.next_page_token
 
     async def get_workflow(self, name: str, version: int = 0) -> Workflow:
         m = await self._workflow_stub().GetWorkflow(
@@ -1301,32 +1306,55 @@ class Client:
             ),
             timeout=self.timeout,
         )
-        return convert.workflow_run_from_pb(m.run), m.created
+        return await self._whole_run(m.run), m.created
 
     async def get_workflow_run(self, run_id: str) -> WorkflowRun:
+        """The run with every step's result (those that did not fit its reply asked for one by
+        one)."""
         m = await self._workflow_stub().GetWorkflowRun(
             workflows_pb2.GetWorkflowRunRequest(id=run_id), timeout=self.timeout
         )
-        return convert.workflow_run_from_pb(m)
+        return await self._whole_run(m)
 
     async def list_workflow_runs(self, workflow: str = "", limit: int = 100) -> list[WorkflowRun]:
-        m = await self._workflow_stub().ListWorkflowRuns(
-            workflows_pb2.ListWorkflowRunsRequest(workflow=workflow, limit=limit),
-            timeout=self.timeout,
-        )
-        return [convert.workflow_run_from_pb(r) for r in m.runs]
+        """Newest first, at most `limit` (all pages up to it), each with every step's result."""
+        out: list[WorkflowRun] = []
+        request = workflows_pb2.ListWorkflowRunsRequest(workflow=workflow)
+        while len(out) < limit:
+            request.limit = min(limit - len(out), 1000)
+            m = await self._workflow_stub().ListWorkflowRuns(request, timeout=self.timeout)
+            out += [await self._whole_run(r) for r in m.runs]
+            if not m.next_page_token:
+                break
+            request.page_token = m.next_page_token
+        return out
+
+    async def _whole_run(self, m: workflows_pb2.WorkflowRun) -> WorkflowRun:
+        for step in m.steps:
+            if step.result_left_out:
+                one = await self._workflow_stub().GetWorkflowRun(
+                    workflows_pb2.GetWorkflowRunRequest(id=m.id, step=step.name),
+                    timeout=self.timeout,
+                )
+                step.CopyFrom(one.steps[0])
+        return convert.workflow_run_from_pb(m)
 
     async def cancel_workflow_run(self, run_id: str, reason: str = "") -> WorkflowRun:
         m = await self._workflow_stub().CancelWorkflowRun(
             workflows_pb2.CancelWorkflowRunRequest(id=run_id, reason=reason), timeout=self.timeout
         )
-        return convert.workflow_run_from_pb(m)
+        return await self._whole_run(m)
 
     async def list_inbox(self) -> list[InboxItem]:
-        m = await self._workflow_stub().ListInboxItems(
-            workflows_pb2.ListInboxItemsRequest(), timeout=self.timeout
-        )
-        return [convert.inbox_item_from_pb(i) for i in m.items]
+        """Every approval waiting for a person, oldest first (all pages)."""
+        request = workflows_pb2.ListInboxItemsRequest()
+        out: list[InboxItem] = []
+        while True:
+            m = await self._workflow_stub().ListInboxItems(request, timeout=self.timeout)
+            out += [convert.inbox_item_from_pb(i) for i in m.items]
+            if not m.next_page_token:
+                return out
+            request.page_token = m.next_page_token
 
     async def answer_inbox_item(
         self, item_id: str, *, approve: bool, choice: str = "", comment: str = ""
@@ -1338,7 +1366,7 @@ class Client:
             ),
             timeout=self.timeout,
         )
-        return convert.workflow_run_from_pb(m)
+        return await self._whole_run(m)
 
 
 def _schedule(message: schedules_pb2.Schedule) -> Schedule:

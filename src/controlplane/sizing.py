@@ -15,6 +15,7 @@ from google.protobuf.message import Message
 
 from taskrun.core.models import OutputChunk
 from taskrun.core.text import utf8_size
+from taskrun.v1 import workflows_pb2
 
 M = TypeVar("M", bound=Message)
 
@@ -75,3 +76,19 @@ def output_updates(
         else:
             parts.insert(0, ([], True))
     return parts
+
+
+def leave_out_results(run: workflows_pb2.WorkflowRun, budget: int) -> workflows_pb2.WorkflowRun:
+    """`run` within `budget` bytes where its step results are what passes it (a hundred steps
+    may each hold a result of 1 MiB): the largest are left out first, each marked so (a
+    reader asks for them one step at a time). The steps themselves are always all there."""
+    over = run.ByteSize() - budget
+    if over <= 0:
+        return run
+    for step in sorted(run.steps, key=lambda s: len(s.result_json), reverse=True):
+        if over <= 0 or not step.result_json:
+            break
+        over -= utf8_size(step.result_json)  # and its tag and length: what is left is less
+        step.result_json = ""
+        step.result_left_out = True
+    return run

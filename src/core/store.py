@@ -314,9 +314,15 @@ class WorkflowStore(Protocol):
     async def get_workflow_run(self, run_id: str) -> WorkflowRun | None: ...
     async def get_workflow_run_by_key(self, key: str) -> WorkflowRun | None: ...
     async def list_workflow_runs(
-        self, workflow: str = "", *, unfinished: bool = False, limit: int = 100
+        self,
+        workflow: str = "",
+        *,
+        unfinished: bool = False,
+        limit: int = 100,
+        before: tuple[datetime, str] | None = None,
     ) -> list[WorkflowRun]:
-        """Newest first (all of them when `unfinished`), of one workflow when it is named."""
+        """Newest first (all of them when `unfinished`), of one workflow when it is named; only
+        runs older than `before` (created_at, id) when it is given."""
         ...
 
 

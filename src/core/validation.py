@@ -85,12 +85,12 @@ def clip_error(text: str) -> str:
     return text if len(text) <= MAX_ERROR_CHARS + 64 else clip(text, MAX_ERROR_CHARS)
 
 
-def result_over_limit(text: str) -> str:
+def result_over_limit(text: str, what: str = "result") -> str:
     """Why a run's result (JSON text) cannot be kept, or "" when it fits MAX_RESULT_BYTES."""
     size = utf8_size(text)
     if size <= MAX_RESULT_BYTES:
         return ""
-    return f"the result is {size:,} bytes as JSON, over the limit of 1 MiB ({MAX_RESULT_BYTES:,})"
+    return f"the {what} is {size:,} bytes as JSON, over the limit of 1 MiB ({MAX_RESULT_BYTES:,})"
 
 
 def check_json_value(value: object, field: str) -> None:

@@ -25,17 +25,17 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ataskrun/v1/workflows.proto\x12\ntaskrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x01\n\x08Workflow\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_json\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"(\n\x12PutWorkflowRequest\x12\x12\n\ndefinition\x18\x01 \x01(\t\"N\n\x13PutWorkflowResponse\x12&\n\x08workflow\x18\x01 \x01(\x0b\x32\x14.taskrun.v1.Workflow\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"\x16\n\x14ListWorkflowsRequest\"@\n\x15ListWorkflowsResponse\x12\'\n\tworkflows\x18\x01 \x03(\x0b\x32\x14.taskrun.v1.Workflow\"3\n\x12GetWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"\x84\x03\n\x0cWorkflowStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.taskrun.v1.StepStatus\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x64ue_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rinbox_item_id\x18\n \x01(\t\x12\x0e\n\x06\x62ranch\x18\x0b \x01(\t\x12\x10\n\x08question\x18\x0c \x01(\t\x12\x0f\n\x07\x63hoices\x18\r \x03(\t\x12\x0f\n\x07\x63omment\x18\x0e \x01(\t\x12\x13\n\x0b\x61nswered_by\x18\x0f \x01(\t\"\xe1\x02\n\x0bWorkflowRun\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12-\n\x06status\x18\x04 \x01(\x0e\x32\x1d.taskrun.v1.WorkflowRunStatus\x12\x12\n\ninput_json\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05steps\x18\x0b \x03(\x0b\x32\x18.taskrun.v1.WorkflowStep\"e\n\x17StartWorkflowRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x12\n\ninput_json\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"Q\n\x18StartWorkflowRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.taskrun.v1.WorkflowRun\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"#\n\x15GetWorkflowRunRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x17ListWorkflowRunsRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\"A\n\x18ListWorkflowRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.taskrun.v1.WorkflowRun\"6\n\x18\x43\x61ncelWorkflowRunRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xcf\x01\n\tInboxItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0fworkflow_run_id\x18\x02 \x01(\t\x12\x10\n\x08workflow\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\t\x12\x10\n\x08question\x18\x05 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x06 \x03(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x64ue_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x17\n\x15ListInboxItemsRequest\">\n\x16ListInboxItemsResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.taskrun.v1.InboxItem\"V\n\x16\x41nswerInboxItemRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0e\n\x06\x63hoice\x18\x03 \x01(\t\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t*\xbf\x01\n\x11WorkflowRunStatus\x12#\n\x1fWORKFLOW_RUN_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1bWORKFLOW_RUN_STATUS_RUNNING\x10\x01\x12!\n\x1dWORKFLOW_RUN_STATUS_COMPLETED\x10\x02\x12\x1e\n\x1aWORKFLOW_RUN_STATUS_FAILED\x10\x03\x12!\n\x1dWORKFLOW_RUN_STATUS_CANCELLED\x10\x04*\xdb\x01\n\nStepStatus\x12\x1b\n\x17STEP_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_STATUS_PENDING\x10\x01\x12\x17\n\x13STEP_STATUS_RUNNING\x10\x02\x12\x17\n\x13STEP_STATUS_WAITING\x10\x03\x12\x19\n\x15STEP_STATUS_COMPLETED\x10\x04\x12\x16\n\x12STEP_STATUS_FAILED\x10\x05\x12\x17\n\x13STEP_STATUS_SKIPPED\x10\x06\x12\x19\n\x15STEP_STATUS_CANCELLED\x10\x07\x32\x85\x06\n\x0fWorkflowService\x12N\n\x0bPutWorkflow\x12\x1e.taskrun.v1.PutWorkflowRequest\x1a\x1f.taskrun.v1.PutWorkflowResponse\x12T\n\rListWorkflows\x12 .taskrun.v1.ListWorkflowsRequest\x1a!.taskrun.v1.ListWorkflowsResponse\x12\x43\n\x0bGetWorkflow\x12\x1e.taskrun.v1.GetWorkflowRequest\x1a\x14.taskrun.v1.Workflow\x12]\n\x10StartWorkflowRun\x12#.taskrun.v1.StartWorkflowRunRequest\x1a$.taskrun.v1.StartWorkflowRunResponse\x12L\n\x0eGetWorkflowRun\x12!.taskrun.v1.GetWorkflowRunRequest\x1a\x17.taskrun.v1.WorkflowRun\x12]\n\x10ListWorkflowRuns\x12#.taskrun.v1.ListWorkflowRunsRequest\x1a$.taskrun.v1.ListWorkflowRunsResponse\x12R\n\x11\x43\x61ncelWorkflowRun\x12$.taskrun.v1.CancelWorkflowRunRequest\x1a\x17.taskrun.v1.WorkflowRun\x12W\n\x0eListInboxItems\x12!.taskrun.v1.ListInboxItemsRequest\x1a\".taskrun.v1.ListInboxItemsResponse\x12N\n\x0f\x41nswerInboxItem\x12\".taskrun.v1.AnswerInboxItemRequest\x1a\x17.taskrun.v1.WorkflowRunb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1ataskrun/v1/workflows.proto\x12\ntaskrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\x87\x01\n\x08Workflow\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x17\n\x0f\x64\x65\x66inition_json\x18\x04 \x01(\t\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"(\n\x12PutWorkflowRequest\x12\x12\n\ndefinition\x18\x01 \x01(\t\"N\n\x13PutWorkflowResponse\x12&\n\x08workflow\x18\x01 \x01(\x0b\x32\x14.taskrun.v1.Workflow\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"=\n\x14ListWorkflowsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"Y\n\x15ListWorkflowsResponse\x12\'\n\tworkflows\x18\x01 \x03(\x0b\x32\x14.taskrun.v1.Workflow\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"3\n\x12GetWorkflowRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\"\x9d\x03\n\x0cWorkflowStep\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12&\n\x06status\x18\x03 \x01(\x0e\x32\x16.taskrun.v1.StepStatus\x12\x0f\n\x07task_id\x18\x04 \x01(\t\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12\r\n\x05\x65rror\x18\x06 \x01(\t\x12.\n\nstarted_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x64ue_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rinbox_item_id\x18\n \x01(\t\x12\x0e\n\x06\x62ranch\x18\x0b \x01(\t\x12\x10\n\x08question\x18\x0c \x01(\t\x12\x0f\n\x07\x63hoices\x18\r \x03(\t\x12\x0f\n\x07\x63omment\x18\x0e \x01(\t\x12\x13\n\x0b\x61nswered_by\x18\x0f \x01(\t\x12\x17\n\x0fresult_left_out\x18\x10 \x01(\x08\"\xe1\x02\n\x0bWorkflowRun\x12\n\n\x02id\x18\x01 \x01(\t\x12\x10\n\x08workflow\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x05\x12-\n\x06status\x18\x04 \x01(\x0e\x32\x1d.taskrun.v1.WorkflowRunStatus\x12\x12\n\ninput_json\x18\x05 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x06 \x01(\t\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x12.\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12/\n\x0b\x66inished_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\'\n\x05steps\x18\x0b \x03(\x0b\x32\x18.taskrun.v1.WorkflowStep\"e\n\x17StartWorkflowRunRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\x05\x12\x12\n\ninput_json\x18\x03 \x01(\t\x12\x17\n\x0fidempotency_key\x18\x04 \x01(\t\"Q\n\x18StartWorkflowRunResponse\x12$\n\x03run\x18\x01 \x01(\x0b\x32\x17.taskrun.v1.WorkflowRun\x12\x0f\n\x07\x63reated\x18\x02 \x01(\x08\"1\n\x15GetWorkflowRunRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04step\x18\x02 \x01(\t\"N\n\x17ListWorkflowRunsRequest\x12\x10\n\x08workflow\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"Z\n\x18ListWorkflowRunsResponse\x12%\n\x04runs\x18\x01 \x03(\x0b\x32\x17.taskrun.v1.WorkflowRun\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"6\n\x18\x43\x61ncelWorkflowRunRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xcf\x01\n\tInboxItem\x12\n\n\x02id\x18\x01 \x01(\t\x12\x17\n\x0fworkflow_run_id\x18\x02 \x01(\t\x12\x10\n\x08workflow\x18\x03 \x01(\t\x12\x0c\n\x04step\x18\x04 \x01(\t\x12\x10\n\x08question\x18\x05 \x01(\t\x12\x0f\n\x07\x63hoices\x18\x06 \x03(\t\x12.\n\ncreated_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12*\n\x06\x64ue_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\">\n\x15ListInboxItemsRequest\x12\x11\n\tpage_size\x18\x01 \x01(\x05\x12\x12\n\npage_token\x18\x02 \x01(\t\"W\n\x16ListInboxItemsResponse\x12$\n\x05items\x18\x01 \x03(\x0b\x32\x15.taskrun.v1.InboxItem\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"V\n\x16\x41nswerInboxItemRequest\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0f\n\x07\x61pprove\x18\x02 \x01(\x08\x12\x0e\n\x06\x63hoice\x18\x03 \x01(\t\x12\x0f\n\x07\x63omment\x18\x04 \x01(\t*\xbf\x01\n\x11WorkflowRunStatus\x12#\n\x1fWORKFLOW_RUN_STATUS_UNSPECIFIED\x10\x00\x12\x1f\n\x1bWORKFLOW_RUN_STATUS_RUNNING\x10\x01\x12!\n\x1dWORKFLOW_RUN_STATUS_COMPLETED\x10\x02\x12\x1e\n\x1aWORKFLOW_RUN_STATUS_FAILED\x10\x03\x12!\n\x1dWORKFLOW_RUN_STATUS_CANCELLED\x10\x04*\xdb\x01\n\nStepStatus\x12\x1b\n\x17STEP_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13STEP_STATUS_PENDING\x10\x01\x12\x17\n\x13STEP_STATUS_RUNNING\x10\x02\x12\x17\n\x13STEP_STATUS_WAITING\x10\x03\x12\x19\n\x15STEP_STATUS_COMPLETED\x10\x04\x12\x16\n\x12STEP_STATUS_FAILED\x10\x05\x12\x17\n\x13STEP_STATUS_SKIPPED\x10\x06\x12\x19\n\x15STEP_STATUS_CANCELLED\x10\x07\x32\x85\x06\n\x0fWorkflowService\x12N\n\x0bPutWorkflow\x12\x1e.taskrun.v1.PutWorkflowRequest\x1a\x1f.taskrun.v1.PutWorkflowResponse\x12T\n\rListWorkflows\x12 .taskrun.v1.ListWorkflowsRequest\x1a!.taskrun.v1.ListWorkflowsResponse\x12\x43\n\x0bGetWorkflow\x12\x1e.taskrun.v1.GetWorkflowRequest\x1a\x14.taskrun.v1.Workflow\x12]\n\x10StartWorkflowRun\x12#.taskrun.v1.StartWorkflowRunRequest\x1a$.taskrun.v1.StartWorkflowRunResponse\x12L\n\x0eGetWorkflowRun\x12!.taskrun.v1.GetWorkflowRunRequest\x1a\x17.taskrun.v1.WorkflowRun\x12]\n\x10ListWorkflowRuns\x12#.taskrun.v1.ListWorkflowRunsRequest\x1a$.taskrun.v1.ListWorkflowRunsResponse\x12R\n\x11\x43\x61ncelWorkflowRun\x12$.taskrun.v1.CancelWorkflowRunRequest\x1a\x17.taskrun.v1.WorkflowRun\x12W\n\x0eListInboxItems\x12!.taskrun.v1.ListInboxItemsRequest\x1a\".taskrun.v1.ListInboxItemsResponse\x12N\n\x0f\x41nswerInboxItem\x12\".taskrun.v1.AnswerInboxItemRequest\x1a\x17.taskrun.v1.WorkflowRunb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'taskrun.v1.workflows_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_WORKFLOWRUNSTATUS']._serialized_start=2019
-  _globals['_WORKFLOWRUNSTATUS']._serialized_end=2210
-  _globals['_STEPSTATUS']._serialized_start=2213
-  _globals['_STEPSTATUS']._serialized_end=2432
+  _globals['_WORKFLOWRUNSTATUS']._serialized_start=2231
+  _globals['_WORKFLOWRUNSTATUS']._serialized_end=2422
+  _globals['_STEPSTATUS']._serialized_start=2425
+  _globals['_STEPSTATUS']._serialized_end=2644
   _globals['_WORKFLOW']._serialized_start=76
   _globals['_WORKFLOW']._serialized_end=211
   _globals['_PUTWORKFLOWREQUEST']._serialized_start=213
@@ -43,35 +43,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUTWORKFLOWRESPONSE']._serialized_start=255
   _globals['_PUTWORKFLOWRESPONSE']._serialized_end=333
   _globals['_LISTWORKFLOWSREQUEST']._serialized_start=335
-  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=357
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=359
-  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=423
-  _globals['_GETWORKFLOWREQUEST']._serialized_start=425
-  _globals['_GETWORKFLOWREQUEST']._serialized_end=476
-  _globals['_WORKFLOWSTEP']._serialized_start=479
-  _globals['_WORKFLOWSTEP']._serialized_end=867
-  _globals['_WORKFLOWRUN']._serialized_start=870
-  _globals['_WORKFLOWRUN']._serialized_end=1223
-  _globals['_STARTWORKFLOWRUNREQUEST']._serialized_start=1225
-  _globals['_STARTWORKFLOWRUNREQUEST']._serialized_end=1326
-  _globals['_STARTWORKFLOWRUNRESPONSE']._serialized_start=1328
-  _globals['_STARTWORKFLOWRUNRESPONSE']._serialized_end=1409
-  _globals['_GETWORKFLOWRUNREQUEST']._serialized_start=1411
-  _globals['_GETWORKFLOWRUNREQUEST']._serialized_end=1446
-  _globals['_LISTWORKFLOWRUNSREQUEST']._serialized_start=1448
-  _globals['_LISTWORKFLOWRUNSREQUEST']._serialized_end=1506
-  _globals['_LISTWORKFLOWRUNSRESPONSE']._serialized_start=1508
-  _globals['_LISTWORKFLOWRUNSRESPONSE']._serialized_end=1573
-  _globals['_CANCELWORKFLOWRUNREQUEST']._serialized_start=1575
-  _globals['_CANCELWORKFLOWRUNREQUEST']._serialized_end=1629
-  _globals['_INBOXITEM']._serialized_start=1632
-  _globals['_INBOXITEM']._serialized_end=1839
-  _globals['_LISTINBOXITEMSREQUEST']._serialized_start=1841
-  _globals['_LISTINBOXITEMSREQUEST']._serialized_end=1864
-  _globals['_LISTINBOXITEMSRESPONSE']._serialized_start=1866
-  _globals['_LISTINBOXITEMSRESPONSE']._serialized_end=1928
-  _globals['_ANSWERINBOXITEMREQUEST']._serialized_start=1930
-  _globals['_ANSWERINBOXITEMREQUEST']._serialized_end=2016
-  _globals['_WORKFLOWSERVICE']._serialized_start=2435
-  _globals['_WORKFLOWSERVICE']._serialized_end=3208
+  _globals['_LISTWORKFLOWSREQUEST']._serialized_end=396
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_start=398
+  _globals['_LISTWORKFLOWSRESPONSE']._serialized_end=487
+  _globals['_GETWORKFLOWREQUEST']._serialized_start=489
+  _globals['_GETWORKFLOWREQUEST']._serialized_end=540
+  _globals['_WORKFLOWSTEP']._serialized_start=543
+  _globals['_WORKFLOWSTEP']._serialized_end=956
+  _globals['_WORKFLOWRUN']._serialized_start=959
+  _globals['_WORKFLOWRUN']._serialized_end=1312
+  _globals['_STARTWORKFLOWRUNREQUEST']._serialized_start=1314
+  _globals['_STARTWORKFLOWRUNREQUEST']._serialized_end=1415
+  _globals['_STARTWORKFLOWRUNRESPONSE']._serialized_start=1417
+  _globals['_STARTWORKFLOWRUNRESPONSE']._serialized_end=1498
+  _globals['_GETWORKFLOWRUNREQUEST']._serialized_start=1500
+  _globals['_GETWORKFLOWRUNREQUEST']._serialized_end=1549
+  _globals['_LISTWORKFLOWRUNSREQUEST']._serialized_start=1551
+  _globals['_LISTWORKFLOWRUNSREQUEST']._serialized_end=1629
+  _globals['_LISTWORKFLOWRUNSRESPONSE']._serialized_start=1631
+  _globals['_LISTWORKFLOWRUNSRESPONSE']._serialized_end=1721
+  _globals['_CANCELWORKFLOWRUNREQUEST']._serialized_start=1723
+  _globals['_CANCELWORKFLOWRUNREQUEST']._serialized_end=1777
+  _globals['_INBOXITEM']._serialized_start=1780
+  _globals['_INBOXITEM']._serialized_end=1987
+  _globals['_LISTINBOXITEMSREQUEST']._serialized_start=1989
+  _globals['_LISTINBOXITEMSREQUEST']._serialized_end=2051
+  _globals['_LISTINBOXITEMSRESPONSE']._serialized_start=2053
+  _globals['_LISTINBOXITEMSRESPONSE']._serialized_end=2140
+  _globals['_ANSWERINBOXITEMREQUEST']._serialized_start=2142
+  _globals['_ANSWERINBOXITEMREQUEST']._serialized_end=2228
+  _globals['_WORKFLOWSERVICE']._serialized_start=2647
+  _globals['_WORKFLOWSERVICE']._serialized_end=3420
 # @@protoc_insertion_point(module_scope)

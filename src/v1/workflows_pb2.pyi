@@ -71,14 +71,20 @@ class PutWorkflowResponse(_message.Message):
     def __init__(self, workflow: _Optional[_Union[Workflow, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class ListWorkflowsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListWorkflowsResponse(_message.Message):
-    __slots__ = ("workflows",)
+    __slots__ = ("workflows", "next_page_token")
     WORKFLOWS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     workflows: _containers.RepeatedCompositeFieldContainer[Workflow]
-    def __init__(self, workflows: _Optional[_Iterable[_Union[Workflow, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, workflows: _Optional[_Iterable[_Union[Workflow, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class GetWorkflowRequest(_message.Message):
     __slots__ = ("name", "version")
@@ -89,7 +95,7 @@ class GetWorkflowRequest(_message.Message):
     def __init__(self, name: _Optional[str] = ..., version: _Optional[int] = ...) -> None: ...
 
 class WorkflowStep(_message.Message):
-    __slots__ = ("name", "kind", "status", "task_id", "result_json", "error", "started_at", "finished_at", "due_at", "inbox_item_id", "branch", "question", "choices", "comment", "answered_by")
+    __slots__ = ("name", "kind", "status", "task_id", "result_json", "error", "started_at", "finished_at", "due_at", "inbox_item_id", "branch", "question", "choices", "comment", "answered_by", "result_left_out")
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
@@ -105,6 +111,7 @@ class WorkflowStep(_message.Message):
     CHOICES_FIELD_NUMBER: _ClassVar[int]
     COMMENT_FIELD_NUMBER: _ClassVar[int]
     ANSWERED_BY_FIELD_NUMBER: _ClassVar[int]
+    RESULT_LEFT_OUT_FIELD_NUMBER: _ClassVar[int]
     name: str
     kind: str
     status: StepStatus
@@ -120,7 +127,8 @@ class WorkflowStep(_message.Message):
     choices: _containers.RepeatedScalarFieldContainer[str]
     comment: str
     answered_by: str
-    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[StepStatus, str]] = ..., task_id: _Optional[str] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., due_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., inbox_item_id: _Optional[str] = ..., branch: _Optional[str] = ..., question: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., comment: _Optional[str] = ..., answered_by: _Optional[str] = ...) -> None: ...
+    result_left_out: bool
+    def __init__(self, name: _Optional[str] = ..., kind: _Optional[str] = ..., status: _Optional[_Union[StepStatus, str]] = ..., task_id: _Optional[str] = ..., result_json: _Optional[str] = ..., error: _Optional[str] = ..., started_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., finished_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., due_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., inbox_item_id: _Optional[str] = ..., branch: _Optional[str] = ..., question: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., comment: _Optional[str] = ..., answered_by: _Optional[str] = ..., result_left_out: _Optional[bool] = ...) -> None: ...
 
 class WorkflowRun(_message.Message):
     __slots__ = ("id", "workflow", "version", "status", "input_json", "idempotency_key", "error", "created_at", "updated_at", "finished_at", "steps")
@@ -169,24 +177,30 @@ class StartWorkflowRunResponse(_message.Message):
     def __init__(self, run: _Optional[_Union[WorkflowRun, _Mapping]] = ..., created: _Optional[bool] = ...) -> None: ...
 
 class GetWorkflowRunRequest(_message.Message):
-    __slots__ = ("id",)
+    __slots__ = ("id", "step")
     ID_FIELD_NUMBER: _ClassVar[int]
+    STEP_FIELD_NUMBER: _ClassVar[int]
     id: str
-    def __init__(self, id: _Optional[str] = ...) -> None: ...
+    step: str
+    def __init__(self, id: _Optional[str] = ..., step: _Optional[str] = ...) -> None: ...
 
 class ListWorkflowRunsRequest(_message.Message):
-    __slots__ = ("workflow", "limit")
+    __slots__ = ("workflow", "limit", "page_token")
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     LIMIT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     workflow: str
     limit: int
-    def __init__(self, workflow: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
+    page_token: str
+    def __init__(self, workflow: _Optional[str] = ..., limit: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListWorkflowRunsResponse(_message.Message):
-    __slots__ = ("runs",)
+    __slots__ = ("runs", "next_page_token")
     RUNS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     runs: _containers.RepeatedCompositeFieldContainer[WorkflowRun]
-    def __init__(self, runs: _Optional[_Iterable[_Union[WorkflowRun, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, runs: _Optional[_Iterable[_Union[WorkflowRun, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class CancelWorkflowRunRequest(_message.Message):
     __slots__ = ("id", "reason")
@@ -217,14 +231,20 @@ class InboxItem(_message.Message):
     def __init__(self, id: _Optional[str] = ..., workflow_run_id: _Optional[str] = ..., workflow: _Optional[str] = ..., step: _Optional[str] = ..., question: _Optional[str] = ..., choices: _Optional[_Iterable[str]] = ..., created_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., due_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class ListInboxItemsRequest(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class ListInboxItemsResponse(_message.Message):
-    __slots__ = ("items",)
+    __slots__ = ("items", "next_page_token")
     ITEMS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     items: _containers.RepeatedCompositeFieldContainer[InboxItem]
-    def __init__(self, items: _Optional[_Iterable[_Union[InboxItem, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, items: _Optional[_Iterable[_Union[InboxItem, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class AnswerInboxItemRequest(_message.Message):
     __slots__ = ("id", "approve", "choice", "comment")

@@ -18,11 +18,20 @@ from taskrun.core.agent import AgentError, AgentResult, RunContext
 from taskrun.core.models import AgentSpec, TaskSpec
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import Fault, RunStatus, TaskStatus
-from taskrun.v1 import common_pb2, conversations_pb2, schedules_pb2, tasks_pb2, workers_pb2
+from taskrun.core.workflow import StepStatus, WorkflowRunStatus
+from taskrun.v1 import (
+    common_pb2,
+    conversations_pb2,
+    schedules_pb2,
+    tasks_pb2,
+    workers_pb2,
+    workflows_pb2,
+)
 from tests.conftest import Cluster
 from tests.integration.test_http_api import http_client
 from tests.integration.test_security import raw_worker, status
 from tests.integration.test_subtasks import setup as subtask_setup
+from tests.integration.test_workflows import finished as workflow_finished
 
 SMALL = 64 * 1024
 SEND_LIMIT = SMALL + 1024 * 1024  # what the server's channel lets through (app.py)
@@ -321,3 +330,113 @@ async def test_a_task_with_many_long_failures_is_read_latest_runs_first_and_join
         assert [r["attempt"] for r in page["runs"]] == [1, 2]
         bad = await http.get(f"/v1/tasks/{task.id}", params={"before_attempt": -1})
         assert bad.status_code == 400 and "before_attempt" in bad.text
+
+
+WIDE = "name: wide\nsteps:\n" + "".join(
+    f"  {name}: {{type: task, agent: echo, input: {{size: 1000000}}}}\n" for name in "abcdef"
+)
+
+
+async def test_a_workflow_run_whose_results_pass_one_message_is_read_whole(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()  # may send 5 MiB; six results of 1 MB
+    await cluster.start_worker("worker-1", capacity=6, running={"echo": Big()})
+    client = cluster.client()
+    await client.put_workflow(WIDE)
+    started, _ = await client.start_workflow_run("wide")
+    done = await workflow_finished(cluster, started.id)
+    assert done.status is WorkflowRunStatus.COMPLETED, done.error
+    blob = {"blob": "r" * 1_000_000}
+    read = await client.get_workflow_run(started.id)  # the client asks for what was left out
+    assert {name: step.result for name, step in read.steps.items()} == dict.fromkeys("abcdef", blob)
+    (listed,) = await client.list_workflow_runs("wide")
+    assert [step.result for step in listed.steps.values()] == [blob] * 6
+    stub = client._workflow_stub()
+    whole = await stub.GetWorkflowRun(workflows_pb2.GetWorkflowRunRequest(id=started.id))
+    assert whole.ByteSize() <= 4 * 1024 * 1024 + 1024 * 1024
+    assert [s.name for s in whole.steps] == list("abcdef")  # every step, in order
+    left_out = [s.name for s in whole.steps if s.result_left_out]
+    assert left_out and all(not s.result_json for s in whole.steps if s.result_left_out)
+    one = await stub.GetWorkflowRun(
+        workflows_pb2.GetWorkflowRunRequest(id=started.id, step=left_out[0])
+    )
+    assert [(s.name, json.loads(s.result_json)) for s in one.steps] == [(left_out[0], blob)]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.GetWorkflowRun(workflows_pb2.GetWorkflowRunRequest(id=started.id, step="z"))
+    assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+    assert (refused.value.details() or "").startswith("step: ")
+    page = await stub.ListWorkflowRuns(workflows_pb2.ListWorkflowRunsRequest(workflow="wide"))
+    assert page.ByteSize() <= 4 * 1024 * 1024 + 1024 * 1024
+
+
+GROWING = """
+name: growing
+steps:
+  a: {type: task, agent: echo, input: {size: 600000}}
+  b: {type: task, agent: echo, input: {size: 600000}}
+  ask: {type: approval, needs: [a], question: "Keep ${steps.a.result.blob}?"}
+  both: {type: condition, needs: [a, b], expression: "steps.*.result", then: [after]}
+  after: {type: wait, duration: 0}
+"""
+
+
+async def test_a_condition_value_over_the_limit_fails_its_step_and_a_long_question_is_clipped(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1", capacity=2, running={"echo": Big()})
+    client = cluster.client()
+    await client.put_workflow(GROWING)
+    started, _ = await client.start_workflow_run("growing")
+    done = await workflow_finished(cluster, started.id)
+    assert done.status is WorkflowRunStatus.FAILED
+    both = done.steps["both"]
+    assert both.status is StepStatus.FAILED and both.result is None
+    assert both.error.startswith("the value is 1,200,") and "over the limit of 1 MiB" in both.error
+    assert "both" in done.error
+    question = done.steps["ask"].question
+    assert question.startswith("Keep rrr") and question.endswith("… (600006 characters)")
+    assert len(question) == 16_384 + len("… (600006 characters)")
+
+
+async def test_workflows_runs_and_inbox_items_too_large_for_one_message_come_in_pages(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server(max_message_bytes=SMALL)
+    client = cluster.client()
+    stub = client._workflow_stub()
+    names = [f"big-{i}" for i in range(6)]
+    for name in names:  # definitions of 200 kB each
+        await client.put_workflow(
+            f"name: {name}\nsteps:\n  a: {{type: task, agent: echo, input: {{t: {'d' * 200_000}}}}}\n"
+        )
+    assert [w.name for w in await client.list_workflows()] == names
+    page = await stub.ListWorkflows(workflows_pb2.ListWorkflowsRequest())
+    assert page.ByteSize() <= SEND_LIMIT and page.next_page_token
+    await client.put_workflow(
+        "name: waits\nsteps:\n  ask: {type: approval, question: '${input.q}'}\n"
+    )
+    started = []
+    for i in range(6):  # each run holds its input, each question is clipped to 16 kB
+        run, _ = await client.start_workflow_run("waits", {"q": f"{i}" + "q" * 300_000})
+        started.append(run.id)
+    assert [r.id for r in await client.list_workflow_runs("waits")] == started[::-1]
+    page = await stub.ListWorkflowRuns(workflows_pb2.ListWorkflowRunsRequest(workflow="waits"))
+    assert page.ByteSize() <= SEND_LIMIT and page.next_page_token
+    assert len(page.runs) < 6
+    items = await client.list_inbox()
+    assert [i.run_id for i in items] == started  # oldest first, each once
+    assert all(len(i.question) < 17_000 for i in items)
+    inbox = await stub.ListInboxItems(workflows_pb2.ListInboxItemsRequest(page_size=2))
+    assert len(inbox.items) == 2 and inbox.next_page_token
+    for call, request in [
+        (stub.ListWorkflowRuns, workflows_pb2.ListWorkflowRunsRequest(page_token="bogus")),
+        (stub.ListInboxItems, workflows_pb2.ListInboxItemsRequest(page_token="bogus")),
+        (stub.ListWorkflows, workflows_pb2.ListWorkflowsRequest(page_token="bogus")),
+        (stub.ListWorkflows, workflows_pb2.ListWorkflowsRequest(page_size=-1)),
+    ]:
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await call(request)
+        assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+        assert (refused.value.details() or "").split(":")[0] in {"page_token", "page_size"}

@@ -2083,6 +2083,16 @@ async def test_workflow_runs_round_trip_with_their_steps(store: Store) -> None:
     assert [r.id for r in await store.list_workflow_runs(unfinished=True)] == [run.id]
     assert [r.id for r in await store.list_workflow_runs(limit=1)] == [done.id]
     assert await store.list_workflow_runs("other") == []
+    after_done = await store.list_workflow_runs(before=(done.created_at, done.id))
+    assert [r.id for r in after_done] == [run.id]
+    tie = make_workflow_run(3, workflow)  # created in the same microsecond: ordered by id
+    tie.created_at = done.created_at
+    await store.apply(ChangeSet(workflow_runs=[tie]))
+    assert [r.id for r in await store.list_workflow_runs(before=(tie.created_at, tie.id))] == [
+        done.id,
+        run.id,
+    ]
+    assert await store.list_workflow_runs(before=(run.created_at, run.id)) == []
     step.status = StepStatus.COMPLETED  # an upsert replaces the steps' state
     await store.apply(ChangeSet(workflow_runs=[run]))
     stored = await store.get_workflow_run(run.id)

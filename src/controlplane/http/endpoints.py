@@ -57,6 +57,10 @@ PAGE = (
     Query("page_size", "page_size", "at most this many (default 50 for tasks, 100 for schedules)"),
     Query("page_token", "page_token", "`next_page_token` of the previous page"),
 )
+FITTING_PAGE = (  # a page as long as fits one reply, unless asked for fewer
+    Query("page_size", "page_size", "at most this many (default: as many as fit one reply)"),
+    PAGE[1],
+)
 
 ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint(
@@ -430,6 +434,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         wfpb.ListWorkflowsResponse,
         Scope.READ,
         "The newest version of every workflow, by name",
+        query=FITTING_PAGE,
     ),
     Endpoint(
         "GET",
@@ -468,6 +473,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         query=(
             Query("workflow", "workflow", "only runs of this workflow"),
             Query("limit", "limit", "at most this many (default 100, at most 1000)"),
+            PAGE[1],
         ),
     ),
     Endpoint(
@@ -478,8 +484,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         wfpb.GetWorkflowRunRequest,
         wfpb.WorkflowRun,
         Scope.READ,
-        "A workflow run with each step's status, result and decision",
+        "A workflow run with each step's status, result and decision (a result that does not"
+        " fit the reply is left out, `result_left_out`: `?step=NAME` sends that step alone)",
         path_fields=(("id", "id"),),
+        query=(Query("step", "step", "only this step, with its result"),),
     ),
     Endpoint(
         "POST",
@@ -502,6 +510,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         wfpb.ListInboxItemsResponse,
         Scope.READ,
         "What waits for a person (approvals), oldest first",
+        query=FITTING_PAGE,
     ),
     Endpoint(
         "POST",

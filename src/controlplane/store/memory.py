@@ -476,7 +476,12 @@ class MemoryStore:
         return None if run_id is None else copy_run(self._workflow_runs[run_id])
 
     async def list_workflow_runs(
-        self, workflow: str = "", *, unfinished: bool = False, limit: int = 100
+        self,
+        workflow: str = "",
+        *,
+        unfinished: bool = False,
+        limit: int = 100,
+        before: tuple[datetime, str] | None = None,
     ) -> list[WorkflowRun]:
         self._check_open()
         runs = [
@@ -484,6 +489,7 @@ class MemoryStore:
             for r in self._workflow_runs.values()
             if (not workflow or r.workflow == workflow)
             and (not unfinished or not r.status.finished)
+            and (before is None or (r.created_at, r.id) < before)
         ]
         runs.sort(key=lambda r: (r.created_at, r.id), reverse=True)
         return [copy_run(r) for r in (runs if unfinished else runs[:limit])]

@@ -1087,14 +1087,22 @@ def workflow_run_from(r: RowLike) -> WorkflowRun:
 
 
 def workflow_runs_query(
-    workflow: str, unfinished: bool, limit: int, mark: str
+    workflow: str,
+    unfinished: bool,
+    limit: int,
+    mark: str,
+    before: tuple[datetime, str] | None = None,
 ) -> tuple[str, list[Any]]:
-    """SELECT workflow runs newest first (every unfinished one when `unfinished`)."""
+    """SELECT workflow runs newest first (every unfinished one when `unfinished`), older than
+    `before` (created_at, id) when it is given."""
     where: list[str] = []
     params: list[Any] = []
     if workflow:
         where.append(f"workflow = {mark}")
         params.append(workflow)
+    if before is not None:
+        where.append(f"(created_at < {mark} OR (created_at = {mark} AND id < {mark}))")
+        params += [us(before[0]), us(before[0]), before[1]]
     if unfinished:
         where.append(f"status = {int(WorkflowRunStatus.RUNNING)}")
     sql = f"SELECT {column_list(WORKFLOW_RUN_COLUMNS)} FROM workflow_runs"

@@ -172,9 +172,14 @@ class SqlReads:
         return None if row is None else workflow_run_from(row)
 
     async def list_workflow_runs(
-        self, workflow: str = "", *, unfinished: bool = False, limit: int = 100
+        self,
+        workflow: str = "",
+        *,
+        unfinished: bool = False,
+        limit: int = 100,
+        before: tuple[datetime, str] | None = None,
     ) -> list[WorkflowRun]:
-        sql, params = workflow_runs_query(workflow, unfinished, limit, self.MARK)
+        sql, params = workflow_runs_query(workflow, unfinished, limit, self.MARK, before)
         return [workflow_run_from(r) for r in await self._fetchall(sql, params)]
 
     # --- webhooks ------------------------------------------------------------------------------

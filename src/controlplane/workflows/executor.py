@@ -48,7 +48,7 @@ from taskrun.core.models import Task, TaskSpec, utcnow
 from taskrun.core.status import TaskStatus
 from taskrun.core.store import ChangeSet
 from taskrun.core.text import quoted
-from taskrun.core.validation import validate_input
+from taskrun.core.validation import clip_error, result_over_limit, validate_input
 from taskrun.core.workflow import (
     InboxItem,
     Step,
@@ -261,8 +261,10 @@ class WorkflowExecutor:
             raise NotFound(f"no workflow run {quoted(run_id)}", field="id")
         return stored
 
-    async def list_runs(self, workflow: str = "", limit: int = 100) -> list[WorkflowRun]:
-        return await self.store.list_workflow_runs(workflow, limit=limit)
+    async def list_runs(
+        self, workflow: str = "", limit: int = 100, before: tuple[datetime, str] | None = None
+    ) -> list[WorkflowRun]:
+        return await self.store.list_workflow_runs(workflow, limit=limit, before=before)
 
     def unfinished_of_schedule(self, schedule: str) -> list[tuple[str, str]]:
         """(run id, idempotency key) of the unfinished runs a schedule started, oldest first."""
@@ -543,6 +545,9 @@ class WorkflowExecutor:
                 await self._start_task(run, step, spec, context)
             elif step.kind == "condition":
                 value = evaluate(spec["expression"], context)
+                # kept with the run and sent with it, like a task's result: bounded alike
+                if over := result_over_limit(json.dumps(value), "value"):
+                    raise ValueError(over)
                 step.result = value
                 step.branch = "then" if truthy(value) else "else"
                 step.status, step.finished_at = StepStatus.COMPLETED, now
@@ -552,7 +557,8 @@ class WorkflowExecutor:
                 self._after_save(run, step)
             elif step.kind == "approval":
                 question = render(spec["question"], context)
-                step.question = question if isinstance(question, str) else json.dumps(question)
+                text = question if isinstance(question, str) else json.dumps(question)
+                step.question = clip_error(text)  # for a person: its start and its length
                 step.choices = list(spec.get("choices", []))
                 step.inbox_item_id = new_inbox_item_id()
                 if "timeout" in spec:

@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+from datetime import UTC, datetime
+
 import grpc
 
 from taskrun import convert
 from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.services import domain_errors
+from taskrun.controlplane.sizing import fitting, leave_out_results
 from taskrun.controlplane.workflows.executor import WorkflowExecutor
 from taskrun.core import errors
 from taskrun.core.access import Scope
+from taskrun.core.text import quoted
 from taskrun.core.validation import validate_input
+from taskrun.core.workflow import WorkflowRun
 from taskrun.v1 import workflows_pb2, workflows_pb2_grpc
 
 MAX_LIMIT = 1000
@@ -27,10 +34,56 @@ def _bounded(value: str, field: str, limit: int = MAX_ID, *, required: bool = Tr
     return value
 
 
+def _page_size(value: int, field: str = "page_size") -> int:
+    """A page's size: 0 for as many as fit one message."""
+    if not 0 <= value <= MAX_LIMIT:
+        raise errors.InvalidArgument(f"must be between 0 and {MAX_LIMIT}", field=field)
+    return value or MAX_LIMIT
+
+
+def _encode_token(*parts: str) -> str:
+    return base64.urlsafe_b64encode(":".join(("v1", *parts)).encode()).decode()
+
+
+def _decode_token(token: str, parts: int, listing: str) -> list[str]:
+    """The `parts` fields of a page token from `listing` ([] for the first page)."""
+    if not token:
+        return []
+    try:
+        fields = base64.urlsafe_b64decode(token.encode()).decode().split(":", parts)
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        fields = []
+    if len(fields) != parts + 1 or fields[0] != "v1" or len(token) > 200:
+        raise errors.InvalidArgument(f"is not a token returned by {listing}", field="page_token")
+    return fields[1:]
+
+
+def _position(token: str, listing: str) -> tuple[datetime, str] | None:
+    """(created_at, id) of the last item of the page before, from its token."""
+    if not (fields := _decode_token(token, 2, listing)):
+        return None
+    micros, item_id = fields
+    if not micros.isdigit():
+        raise errors.InvalidArgument(f"is not a token returned by {listing}", field="page_token")
+    return datetime.fromtimestamp(int(micros) / 1_000_000, UTC), item_id
+
+
+def _position_token(created_at: datetime, item_id: str) -> str:
+    return _encode_token(str(round(created_at.timestamp() * 1_000_000)), item_id)
+
+
 class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
     def __init__(self, executor: WorkflowExecutor, auth: Authenticator) -> None:
         self.executor = executor
         self.auth = auth
+
+    @property
+    def _budget(self) -> int:
+        return self.executor.engine.config.max_message_bytes
+
+    def _run_pb(self, run: WorkflowRun) -> workflows_pb2.WorkflowRun:
+        """The run as sent: every step, the results that fit."""
+        return leave_out_results(convert.workflow_run_to_pb(run), self._budget)
 
     @domain_errors
     async def PutWorkflow(
@@ -49,9 +102,15 @@ class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
         self, request: workflows_pb2.ListWorkflowsRequest, context: grpc.aio.ServicerContext
     ) -> workflows_pb2.ListWorkflowsResponse:
         await self.auth.operator(context, Scope.READ)
-        workflows = await self.executor.store.list_workflows()
+        size = _page_size(request.page_size)
+        after = _decode_token(request.page_token, 1, "ListWorkflows")
+        workflows = [
+            w for w in await self.executor.store.list_workflows() if not after or w.name > after[0]
+        ]
+        listed, cut = fitting((convert.workflow_to_pb(w) for w in workflows[:size]), self._budget)
+        more = cut or len(workflows) > size
         return workflows_pb2.ListWorkflowsResponse(
-            workflows=[convert.workflow_to_pb(w) for w in workflows]
+            workflows=listed, next_page_token=_encode_token(listed[-1].name) if more else ""
         )
 
     @domain_errors
@@ -78,9 +137,7 @@ class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
         run, created = await self.executor.start_run(
             request.name, data, version=request.version, key=request.idempotency_key
         )
-        return workflows_pb2.StartWorkflowRunResponse(
-            run=convert.workflow_run_to_pb(run), created=created
-        )
+        return workflows_pb2.StartWorkflowRunResponse(run=self._run_pb(run), created=created)
 
     @domain_errors
     async def GetWorkflowRun(
@@ -88,6 +145,16 @@ class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
     ) -> workflows_pb2.WorkflowRun:
         await self.auth.operator(context, Scope.READ)
         run = await self.executor.get_run(_bounded(request.id, "id"))
+        if not request.step:
+            return self._run_pb(run)
+        step = run.steps.get(request.step)
+        if step is None:
+            known = ", ".join(run.steps)
+            raise errors.NotFound(
+                f"no step {quoted(request.step)} in workflow run {run.id} (its steps: {known})",
+                field="step",
+            )
+        run.steps = {step.name: step}  # one result fits: each is at most 1 MiB
         return convert.workflow_run_to_pb(run)
 
     @domain_errors
@@ -99,9 +166,14 @@ class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
         limit = request.limit or 100
         if not 1 <= limit <= MAX_LIMIT:
             raise errors.InvalidArgument(f"must be between 1 and {MAX_LIMIT}", field="limit")
-        runs = await self.executor.list_runs(request.workflow, limit)
+        before = _position(request.page_token, "ListWorkflowRuns")
+        runs = await self.executor.list_runs(request.workflow, limit + 1, before)
+        listed, cut = fitting((self._run_pb(r) for r in runs[:limit]), self._budget)
+        last = runs[len(listed) - 1] if listed else None
+        more = cut or len(runs) > limit
         return workflows_pb2.ListWorkflowRunsResponse(
-            runs=[convert.workflow_run_to_pb(r) for r in runs]
+            runs=listed,
+            next_page_token=_position_token(last.created_at, last.id) if more and last else "",
         )
 
     @domain_errors
@@ -111,15 +183,22 @@ class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
         await self.auth.operator(context, Scope.SUBMIT)
         _bounded(request.reason, "reason", MAX_COMMENT, required=False)
         run = await self.executor.cancel_run(_bounded(request.id, "id"), request.reason)
-        return convert.workflow_run_to_pb(run)
+        return self._run_pb(run)
 
     @domain_errors
     async def ListInboxItems(
         self, request: workflows_pb2.ListInboxItemsRequest, context: grpc.aio.ServicerContext
     ) -> workflows_pb2.ListInboxItemsResponse:
         await self.auth.operator(context, Scope.READ)
+        size = _page_size(request.page_size)
+        after = _position(request.page_token, "ListInboxItems")
+        items = [i for i in self.executor.inbox() if after is None or (i.created_at, i.id) > after]
+        listed, cut = fitting((convert.inbox_item_to_pb(i) for i in items[:size]), self._budget)
+        last = items[len(listed) - 1] if listed else None
+        more = cut or len(items) > size
         return workflows_pb2.ListInboxItemsResponse(
-            items=[convert.inbox_item_to_pb(i) for i in self.executor.inbox()]
+            items=listed,
+            next_page_token=_position_token(last.created_at, last.id) if more and last else "",
         )
 
     @domain_errors
@@ -136,4 +215,4 @@ class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
             comment=request.comment,
             by=caller.name,
         )
-        return convert.workflow_run_to_pb(run)
+        return self._run_pb(run)
