@@ -933,12 +933,15 @@ class Client:
     async def list_workers(
         self, statuses: Sequence[WorkerStatus] = ()
     ) -> list[tuple[Worker, list[RunId]]]:
-        """Known workers (sorted by id) with the runs each currently holds."""
-        response = await self._worker_stub().ListWorkers(
-            workers_pb2.ListWorkersRequest(statuses=cast(Any, [int(s) for s in statuses])),
-            timeout=self.timeout,
-        )
-        return [convert.worker_from_pb(w) for w in response.workers]
+        """Known workers (sorted by id) with the runs each currently holds (all pages)."""
+        request = workers_pb2.ListWorkersRequest(statuses=cast(Any, [int(s) for s in statuses]))
+        out: list[tuple[Worker, list[RunId]]] = []
+        while True:
+            response = await self._worker_stub().ListWorkers(request, timeout=self.timeout)
+            out += [convert.worker_from_pb(w) for w in response.workers]
+            if not response.next_page_token:
+                return out
+            request.page_token = response.next_page_token
 
     async def get_worker(self, worker_id: str) -> tuple[Worker, list[RunId]]:
         message = await self._worker_stub().GetWorker(

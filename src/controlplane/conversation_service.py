@@ -3,8 +3,6 @@ engine. A turn is a task, so following a turn's answer is following its task."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import AsyncIterator
 
 import grpc
@@ -14,6 +12,7 @@ from taskrun import convert
 from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.guard import status_code
+from taskrun.controlplane.pages import page_token, token_field
 from taskrun.controlplane.services import TaskService, domain_errors
 from taskrun.controlplane.sizing import fitting
 from taskrun.controlplane.waiting import check_known_agent, check_offered
@@ -54,20 +53,6 @@ def _message(value: str) -> str:
             f"is over the limit of {MAX_INPUT_BYTES} bytes", field="message"
         )
     return value
-
-
-def _decode_token(token: str) -> ConversationId | None:
-    if not token:
-        return None
-    try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        text = ""
-    if not text.startswith("v1:") or len(text) > 80:
-        raise errors.InvalidArgument(
-            "is not a token returned by ListConversations", field="page_token"
-        )
-    return ConversationId(text[3:])
 
 
 class ConversationService(conversations_pb2_grpc.ConversationServiceServicer):
@@ -211,7 +196,7 @@ class ConversationService(conversations_pb2_grpc.ConversationServiceServicer):
                 agent=request.agent,
                 labels=tuple(sorted(labels.items())),
                 limit=size + 1,
-                before=_decode_token(request.page_token),
+                before=ConversationId(token_field(request.page_token, "ListConversations")) or None,
             )
         )
         more = len(page) > size
@@ -220,7 +205,7 @@ class ConversationService(conversations_pb2_grpc.ConversationServiceServicer):
             self.engine.config.max_message_bytes,
         )
         more = more or cut
-        token = base64.urlsafe_b64encode(f"v1:{listed[-1].id}".encode()).decode() if more else ""
+        token = page_token(listed[-1].id) if more else ""
         return conversations_pb2.ListConversationsResponse(
             conversations=listed, next_page_token=token
         )

@@ -62,14 +62,41 @@ def _worker_from_hello(hello: workers_pb2.WorkerHello) -> Worker:
     )
 
 
+# What a worker may announce. The control plane keeps it, and sends it with the worker and in
+# the catalog of agents: bounded so that a page of workers always has room for one.
+MAX_AGENTS = 256
+MAX_AGENT_BYTES = 128 * 1024  # one agent: its schema, backends and description together
+MAX_AGENTS_BYTES = 512 * 1024  # all of a worker's agents
+MAX_DESCRIPTION = 4096
+
+
 def _agents_from(agents: Sequence[pb.AgentSpec], field: str) -> tuple[AgentSpec, ...]:
     """Validate announced agents (INVALID_ARGUMENT naming the field)."""
+    if len(agents) > MAX_AGENTS:
+        raise errors.InvalidArgument(f"must be at most {MAX_AGENTS} agents", field=field)
     out = []
+    total = 0
     for i, agent in enumerate(agents):
         validate_agent_name(agent.name, f"{field}[{i}].name")
         if len(agent.unavailable_reason) > 1000:
             raise errors.InvalidArgument(
                 "is longer than 1000 characters", field=f"{field}[{i}].unavailable_reason"
+            )
+        if len(agent.description) > MAX_DESCRIPTION:
+            raise errors.InvalidArgument(
+                f"is longer than {MAX_DESCRIPTION} characters", field=f"{field}[{i}].description"
+            )
+        size = agent.ByteSize()
+        if size > MAX_AGENT_BYTES:
+            raise errors.InvalidArgument(
+                f"is {size:,} bytes, over the limit of {MAX_AGENT_BYTES:,} for one agent "
+                "(its input schema, backends and description)",
+                field=f"{field}[{i}]",
+            )
+        total += size
+        if total > MAX_AGENTS_BYTES:
+            raise errors.InvalidArgument(
+                f"are over {MAX_AGENTS_BYTES:,} bytes together", field=field
             )
         out.append(convert.agent_from_pb(agent))
     return tuple(out)

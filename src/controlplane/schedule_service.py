@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import itertools
 
 import grpc
 
 from taskrun import convert
 from taskrun.controlplane.auth import Authenticator
+from taskrun.controlplane.pages import page_token, token_field
 from taskrun.controlplane.scheduler import USER_FIELDS, Scheduler
 from taskrun.controlplane.services import domain_errors
 from taskrun.controlplane.sizing import fitting
@@ -29,22 +28,6 @@ _NOT_UPDATABLE = {
     "name": "a schedule cannot be renamed; create a new one and delete this one",
     "paused": "use PauseSchedule or ResumeSchedule",
 }
-
-
-def _encode_token(after: str) -> str:
-    return base64.urlsafe_b64encode(f"v1:{after}".encode()).decode()
-
-
-def _decode_token(token: str) -> str:
-    if not token:
-        return ""
-    try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        text = ""
-    if not text.startswith("v1:") or len(text) > 80:
-        raise errors.InvalidArgument("is not a token returned by ListSchedules", field="page_token")
-    return text[3:]
 
 
 class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
@@ -86,7 +69,7 @@ class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
             raise errors.InvalidArgument(
                 f"must be between 1 and {MAX_PAGE_SIZE}", field="page_size"
             )
-        after = _decode_token(request.page_token)
+        after = token_field(request.page_token, "ListSchedules")
         schedules = [s for s in self.scheduler.list_schedules() if s.name > after]
         listed, cut = fitting(  # large inputs: cut short, the rest on the next page
             (convert.schedule_to_pb(s) for s in schedules[:size]),
@@ -95,7 +78,7 @@ class ScheduleService(schedules_pb2_grpc.ScheduleServiceServicer):
         more = cut or len(schedules) > size
         return schedules_pb2.ListSchedulesResponse(
             schedules=listed,
-            next_page_token=_encode_token(listed[-1].name) if more else "",
+            next_page_token=page_token(listed[-1].name) if more else "",
         )
 
     @domain_errors

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import functools
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Iterator
@@ -18,6 +16,7 @@ from taskrun.controlplane.auth import Authenticator, Caller
 from taskrun.controlplane.engine import Engine
 from taskrun.controlplane.followers import Subscription
 from taskrun.controlplane.guard import status_code
+from taskrun.controlplane.pages import page_token, token_field
 from taskrun.controlplane.sizing import OUTPUT_BATCH, fitting, output_updates
 from taskrun.controlplane.submit import SubmitStream
 from taskrun.controlplane.waiting import check_known_agent, check_offered, waiting_reason
@@ -75,22 +74,6 @@ def _task_id(value: str, field: str = "task_id") -> TaskId:
     if len(value) > 64:
         raise errors.InvalidArgument("is too long to be a task id", field=field)
     return TaskId(value)
-
-
-def _encode_token(before: TaskId) -> str:
-    return base64.urlsafe_b64encode(f"v1:{before}".encode()).decode()
-
-
-def _decode_token(token: str) -> TaskId | None:
-    if not token:
-        return None
-    try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        text = ""
-    if not text.startswith("v1:") or len(text) > 80:
-        raise errors.InvalidArgument("is not a token returned by ListTasks", field="page_token")
-    return TaskId(text[3:])
 
 
 class TaskService(tasks_pb2_grpc.TaskServiceServicer):
@@ -366,7 +349,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
             if request.parent_task_id
             else "",
             limit=size,
-            before=_decode_token(request.page_token),
+            before=TaskId(token_field(request.page_token, "ListTasks")) or None,
         )
         page = await self.engine.store.list_tasks(query)
         reasons: dict[tuple[object, ...], str] = {}
@@ -377,7 +360,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         next_before = TaskId(tasks[-1].id) if cut else page.next_before  # large inputs: cut
         return tasks_pb2.ListTasksResponse(
             tasks=tasks,
-            next_page_token=_encode_token(next_before) if next_before else "",
+            next_page_token=page_token(next_before) if next_before else "",
         )
 
     @domain_errors
@@ -543,13 +526,30 @@ class WorkerService(workers_pb2_grpc.WorkerServiceServicer):
             statuses = {WorkerStatus(s) for s in request.statuses}
         except ValueError:
             raise errors.InvalidArgument("unknown worker status", field="statuses") from None
-        workers = sorted(self.engine.workers.values(), key=lambda w: w.id)
-        return workers_pb2.ListWorkersResponse(
-            workers=[
+        if not 0 <= request.page_size <= MAX_PAGE_SIZE:
+            raise errors.InvalidArgument(
+                f"must be between 0 and {MAX_PAGE_SIZE}", field="page_size"
+            )
+        size = request.page_size or len(self.engine.workers)
+        after = token_field(request.page_token, "ListWorkers")
+        workers = sorted(
+            (
+                w
+                for w in self.engine.workers.values()
+                if w.id > after and (not statuses or w.status in statuses)
+            ),
+            key=lambda w: w.id,
+        )
+        listed, cut = fitting(
+            (
                 convert.worker_to_pb(self.engine.show_health(w), self.engine.worker_runs(w.id))
-                for w in workers
-                if not statuses or w.status in statuses
-            ]
+                for w in workers[:size]
+            ),
+            self.engine.config.max_message_bytes,
+        )
+        more = cut or len(workers) > size
+        return workers_pb2.ListWorkersResponse(
+            workers=listed, next_page_token=page_token(listed[-1].id) if more else ""
         )
 
     @domain_errors

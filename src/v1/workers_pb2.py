@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from taskrun.v1 import common_pb2 as taskrun_dot_v1_dot_common__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18taskrun/v1/workers.proto\x12\ntaskrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17taskrun/v1/common.proto\"8\n\x13RevokeWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"@\n\x12ListWorkersRequest\x12*\n\x08statuses\x18\x01 \x03(\x0e\x32\x18.taskrun.v1.WorkerStatus\":\n\x13ListWorkersResponse\x12#\n\x07workers\x18\x01 \x03(\x0b\x32\x12.taskrun.v1.Worker\"%\n\x10GetWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\xb6\x02\n\rWorkerMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x17.taskrun.v1.WorkerHello\x12(\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.taskrun.v1.Heartbeat\x12-\n\x08statuses\x18\x03 \x03(\x0b\x32\x1b.taskrun.v1.RunStatusUpdate\x12\'\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x17.taskrun.v1.OutputChunk\x12*\n\x0b\x63\x61ncel_acks\x18\x05 \x03(\x0b\x32\x15.taskrun.v1.CancelAck\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x13\n\x0bmessage_seq\x18\x07 \x01(\x04\x12(\n\x06\x61gents\x18\x08 \x01(\x0b\x32\x18.taskrun.v1.AgentsUpdate\"5\n\x0c\x41gentsUpdate\x12%\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x15.taskrun.v1.AgentSpec\"\xa5\x02\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12%\n\x06\x61gents\x18\x04 \x03(\x0b\x32\x15.taskrun.v1.AgentSpec\x12\x33\n\x06labels\x18\x05 \x03(\x0b\x32#.taskrun.v1.WorkerHello.LabelsEntry\x12\x1b\n\x13max_concurrent_runs\x18\x06 \x01(\x05\x12&\n\theld_runs\x18\x07 \x03(\x0b\x32\x13.taskrun.v1.HeldRun\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x07HeldRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.taskrun.v1.RunStatus\x12\x10\n\x08last_seq\x18\x04 \x01(\x03\"W\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x61\x63tive_runs\x18\x02 \x01(\x05\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"\xa5\x03\n\x0fRunStatusUpdate\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.taskrun.v1.RunStatus\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.taskrun.v1.Usage\x12.\n\x0c\x62\x61\x63kend_used\x18\x07 \x01(\x0b\x32\x18.taskrun.v1.ModelBackend\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\n \x01(\x03\x12\x18\n\x10session_snapshot\x18\x0b \x01(\x0c\x12\x18\n\x10session_cost_usd\x18\x0c \x01(\x01\x12\x0f\n\x07summary\x18\r \x01(\t\x12\x1a\n\x12summarized_through\x18\x0e \x01(\x05\x12#\n\x05\x66\x61ult\x18\x0f \x01(\x0e\x32\x14.taskrun.v1.RunFault\",\n\tCancelAck\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\xdd\x01\n\rServerMessage\x12)\n\x06params\x18\x01 \x01(\x0b\x32\x19.taskrun.v1.SessionParams\x12.\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x19.taskrun.v1.RunAssignment\x12&\n\x07\x63\x61ncels\x18\x03 \x03(\x0b\x32\x15.taskrun.v1.CancelRun\x12\r\n\x05\x64rain\x18\x04 \x01(\x08\x12\x16\n\x0e\x66orget_run_ids\x18\x05 \x03(\t\x12\x0f\n\x07\x61\x63k_seq\x18\x06 \x01(\x04\x12\x11\n\tlease_seq\x18\x07 \x01(\x04\"\xee\x01\n\rSessionParams\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x17\n\x0flease_margin_ms\x18\x03 \x01(\x05\x12\x1e\n\x16max_chunks_per_message\x18\x04 \x01(\x05\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x05\x12\x19\n\x11lease_duration_ms\x18\x07 \x01(\x05\x12\"\n\x1aidle_heartbeat_interval_ms\x18\x08 \x01(\x05\"\xa8\x04\n\rRunAssignment\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x12\n\ninput_json\x18\x05 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12\x35\n\x06labels\x18\x07 \x03(\x0b\x32%.taskrun.v1.RunAssignment.LabelsEntry\x12\x19\n\x11required_provider\x18\x08 \x01(\t\x12\x16\n\x0erequired_model\x18\t \x01(\t\x12\x19\n\x11resume_session_id\x18\n \x01(\t\x12\x0e\n\x06prompt\x18\x0b \x01(\t\x12\x15\n\rfencing_token\x18\x0c \x01(\x04\x12-\n\x0c\x63onversation\x18\r \x01(\x0b\x32\x17.taskrun.v1.TurnContext\x12\x1a\n\x12output_schema_json\x18\x0e \x01(\t\x12\x16\n\x0eoutput_retries\x18\x0f \x01(\x05\x12\x31\n\x0emodel_settings\x18\x10 \x01(\x0b\x32\x19.taskrun.v1.ModelSettings\x12\x14\n\x0cmax_cost_usd\x18\x11 \x01(\x01\x12\x0f\n\x07mcp_url\x18\x12 \x01(\t\x12\x11\n\tmcp_token\x18\x13 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdd\x01\n\x0bTurnContext\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04turn\x18\x02 \x01(\x05\x12.\n\x07history\x18\x03 \x03(\x0b\x32\x1d.taskrun.v1.TranscriptMessage\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x18\n\x10session_snapshot\x18\x05 \x01(\x0c\x12\x18\n\x10session_cost_usd\x18\x06 \x01(\x01\x12\x19\n\x11summarize_through\x18\x07 \x01(\x05\x12\x14\n\x0csession_turn\x18\x08 \x01(\x05\"=\n\x11TranscriptMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04turn\x18\x03 \x01(\x05\"<\n\tCancelRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xa6\x02\n\rWorkerService\x12N\n\x0bListWorkers\x12\x1e.taskrun.v1.ListWorkersRequest\x1a\x1f.taskrun.v1.ListWorkersResponse\x12=\n\tGetWorker\x12\x1c.taskrun.v1.GetWorkerRequest\x1a\x12.taskrun.v1.Worker\x12\x41\n\x0b\x44rainWorker\x12\x1e.taskrun.v1.DrainWorkerRequest\x1a\x12.taskrun.v1.Worker\x12\x43\n\x0cRevokeWorker\x12\x1f.taskrun.v1.RevokeWorkerRequest\x1a\x12.taskrun.v1.Worker2W\n\nRunService\x12I\n\rStreamConnect\x12\x19.taskrun.v1.WorkerMessage\x1a\x19.taskrun.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18taskrun/v1/workers.proto\x12\ntaskrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17taskrun/v1/common.proto\"8\n\x13RevokeWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\'\n\x12\x44rainWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"g\n\x12ListWorkersRequest\x12*\n\x08statuses\x18\x01 \x03(\x0e\x32\x18.taskrun.v1.WorkerStatus\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"S\n\x13ListWorkersResponse\x12#\n\x07workers\x18\x01 \x03(\x0b\x32\x12.taskrun.v1.Worker\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"%\n\x10GetWorkerRequest\x12\x11\n\tworker_id\x18\x01 \x01(\t\"\xb6\x02\n\rWorkerMessage\x12&\n\x05hello\x18\x01 \x01(\x0b\x32\x17.taskrun.v1.WorkerHello\x12(\n\theartbeat\x18\x02 \x01(\x0b\x32\x15.taskrun.v1.Heartbeat\x12-\n\x08statuses\x18\x03 \x03(\x0b\x32\x1b.taskrun.v1.RunStatusUpdate\x12\'\n\x06\x63hunks\x18\x04 \x03(\x0b\x32\x17.taskrun.v1.OutputChunk\x12*\n\x0b\x63\x61ncel_acks\x18\x05 \x03(\x0b\x32\x15.taskrun.v1.CancelAck\x12\x10\n\x08\x64raining\x18\x06 \x01(\x08\x12\x13\n\x0bmessage_seq\x18\x07 \x01(\x04\x12(\n\x06\x61gents\x18\x08 \x01(\x0b\x32\x18.taskrun.v1.AgentsUpdate\"5\n\x0c\x41gentsUpdate\x12%\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x15.taskrun.v1.AgentSpec\"\xa5\x02\n\x0bWorkerHello\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12%\n\x06\x61gents\x18\x04 \x03(\x0b\x32\x15.taskrun.v1.AgentSpec\x12\x33\n\x06labels\x18\x05 \x03(\x0b\x32#.taskrun.v1.WorkerHello.LabelsEntry\x12\x1b\n\x13max_concurrent_runs\x18\x06 \x01(\x05\x12&\n\theld_runs\x18\x07 \x03(\x0b\x32\x13.taskrun.v1.HeldRun\x12\x10\n\x08\x64raining\x18\x08 \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"c\n\x07HeldRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.taskrun.v1.RunStatus\x12\x10\n\x08last_seq\x18\x04 \x01(\x03\"W\n\tHeartbeat\x12(\n\x04time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x13\n\x0b\x61\x63tive_runs\x18\x02 \x01(\x05\x12\x0b\n\x03seq\x18\x03 \x01(\x04\"\xa5\x03\n\x0fRunStatusUpdate\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.taskrun.v1.RunStatus\x12\r\n\x05\x65rror\x18\x04 \x01(\t\x12\x13\n\x0bresult_json\x18\x05 \x01(\t\x12 \n\x05usage\x18\x06 \x01(\x0b\x32\x11.taskrun.v1.Usage\x12.\n\x0c\x62\x61\x63kend_used\x18\x07 \x01(\x0b\x32\x18.taskrun.v1.ModelBackend\x12\x12\n\nsession_id\x18\x08 \x01(\t\x12(\n\x04time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08last_seq\x18\n \x01(\x03\x12\x18\n\x10session_snapshot\x18\x0b \x01(\x0c\x12\x18\n\x10session_cost_usd\x18\x0c \x01(\x01\x12\x0f\n\x07summary\x18\r \x01(\t\x12\x1a\n\x12summarized_through\x18\x0e \x01(\x05\x12#\n\x05\x66\x61ult\x18\x0f \x01(\x0e\x32\x14.taskrun.v1.RunFault\",\n\tCancelAck\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\"\xdd\x01\n\rServerMessage\x12)\n\x06params\x18\x01 \x01(\x0b\x32\x19.taskrun.v1.SessionParams\x12.\n\x0b\x61ssignments\x18\x02 \x03(\x0b\x32\x19.taskrun.v1.RunAssignment\x12&\n\x07\x63\x61ncels\x18\x03 \x03(\x0b\x32\x15.taskrun.v1.CancelRun\x12\r\n\x05\x64rain\x18\x04 \x01(\x08\x12\x16\n\x0e\x66orget_run_ids\x18\x05 \x03(\t\x12\x0f\n\x07\x61\x63k_seq\x18\x06 \x01(\x04\x12\x11\n\tlease_seq\x18\x07 \x01(\x04\"\xee\x01\n\rSessionParams\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x02 \x01(\x05\x12\x17\n\x0flease_margin_ms\x18\x03 \x01(\x05\x12\x1e\n\x16max_chunks_per_message\x18\x04 \x01(\x05\x12\x17\n\x0fmax_chunk_bytes\x18\x05 \x01(\x05\x12\x19\n\x11max_message_bytes\x18\x06 \x01(\x05\x12\x19\n\x11lease_duration_ms\x18\x07 \x01(\x05\x12\"\n\x1aidle_heartbeat_interval_ms\x18\x08 \x01(\x05\"\xa8\x04\n\rRunAssignment\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07task_id\x18\x02 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\r\n\x05\x61gent\x18\x04 \x01(\t\x12\x12\n\ninput_json\x18\x05 \x01(\t\x12\x17\n\x0ftimeout_seconds\x18\x06 \x01(\x01\x12\x35\n\x06labels\x18\x07 \x03(\x0b\x32%.taskrun.v1.RunAssignment.LabelsEntry\x12\x19\n\x11required_provider\x18\x08 \x01(\t\x12\x16\n\x0erequired_model\x18\t \x01(\t\x12\x19\n\x11resume_session_id\x18\n \x01(\t\x12\x0e\n\x06prompt\x18\x0b \x01(\t\x12\x15\n\rfencing_token\x18\x0c \x01(\x04\x12-\n\x0c\x63onversation\x18\r \x01(\x0b\x32\x17.taskrun.v1.TurnContext\x12\x1a\n\x12output_schema_json\x18\x0e \x01(\t\x12\x16\n\x0eoutput_retries\x18\x0f \x01(\x05\x12\x31\n\x0emodel_settings\x18\x10 \x01(\x0b\x32\x19.taskrun.v1.ModelSettings\x12\x14\n\x0cmax_cost_usd\x18\x11 \x01(\x01\x12\x0f\n\x07mcp_url\x18\x12 \x01(\t\x12\x11\n\tmcp_token\x18\x13 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xdd\x01\n\x0bTurnContext\x12\x17\n\x0f\x63onversation_id\x18\x01 \x01(\t\x12\x0c\n\x04turn\x18\x02 \x01(\x05\x12.\n\x07history\x18\x03 \x03(\x0b\x32\x1d.taskrun.v1.TranscriptMessage\x12\x12\n\nsession_id\x18\x04 \x01(\t\x12\x18\n\x10session_snapshot\x18\x05 \x01(\x0c\x12\x18\n\x10session_cost_usd\x18\x06 \x01(\x01\x12\x19\n\x11summarize_through\x18\x07 \x01(\x05\x12\x14\n\x0csession_turn\x18\x08 \x01(\x05\"=\n\x11TranscriptMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04turn\x18\x03 \x01(\x05\"<\n\tCancelRun\x12\x0e\n\x06run_id\x18\x01 \x01(\t\x12\x0f\n\x07\x61ttempt\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t2\xa6\x02\n\rWorkerService\x12N\n\x0bListWorkers\x12\x1e.taskrun.v1.ListWorkersRequest\x1a\x1f.taskrun.v1.ListWorkersResponse\x12=\n\tGetWorker\x12\x1c.taskrun.v1.GetWorkerRequest\x1a\x12.taskrun.v1.Worker\x12\x41\n\x0b\x44rainWorker\x12\x1e.taskrun.v1.DrainWorkerRequest\x1a\x12.taskrun.v1.Worker\x12\x43\n\x0cRevokeWorker\x12\x1f.taskrun.v1.RevokeWorkerRequest\x1a\x12.taskrun.v1.Worker2W\n\nRunService\x12I\n\rStreamConnect\x12\x19.taskrun.v1.WorkerMessage\x1a\x19.taskrun.v1.ServerMessage(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,43 +42,43 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_DRAINWORKERREQUEST']._serialized_start=156
   _globals['_DRAINWORKERREQUEST']._serialized_end=195
   _globals['_LISTWORKERSREQUEST']._serialized_start=197
-  _globals['_LISTWORKERSREQUEST']._serialized_end=261
-  _globals['_LISTWORKERSRESPONSE']._serialized_start=263
-  _globals['_LISTWORKERSRESPONSE']._serialized_end=321
-  _globals['_GETWORKERREQUEST']._serialized_start=323
-  _globals['_GETWORKERREQUEST']._serialized_end=360
-  _globals['_WORKERMESSAGE']._serialized_start=363
-  _globals['_WORKERMESSAGE']._serialized_end=673
-  _globals['_AGENTSUPDATE']._serialized_start=675
-  _globals['_AGENTSUPDATE']._serialized_end=728
-  _globals['_WORKERHELLO']._serialized_start=731
-  _globals['_WORKERHELLO']._serialized_end=1024
-  _globals['_WORKERHELLO_LABELSENTRY']._serialized_start=979
-  _globals['_WORKERHELLO_LABELSENTRY']._serialized_end=1024
-  _globals['_HELDRUN']._serialized_start=1026
-  _globals['_HELDRUN']._serialized_end=1125
-  _globals['_HEARTBEAT']._serialized_start=1127
-  _globals['_HEARTBEAT']._serialized_end=1214
-  _globals['_RUNSTATUSUPDATE']._serialized_start=1217
-  _globals['_RUNSTATUSUPDATE']._serialized_end=1638
-  _globals['_CANCELACK']._serialized_start=1640
-  _globals['_CANCELACK']._serialized_end=1684
-  _globals['_SERVERMESSAGE']._serialized_start=1687
-  _globals['_SERVERMESSAGE']._serialized_end=1908
-  _globals['_SESSIONPARAMS']._serialized_start=1911
-  _globals['_SESSIONPARAMS']._serialized_end=2149
-  _globals['_RUNASSIGNMENT']._serialized_start=2152
-  _globals['_RUNASSIGNMENT']._serialized_end=2704
-  _globals['_RUNASSIGNMENT_LABELSENTRY']._serialized_start=979
-  _globals['_RUNASSIGNMENT_LABELSENTRY']._serialized_end=1024
-  _globals['_TURNCONTEXT']._serialized_start=2707
-  _globals['_TURNCONTEXT']._serialized_end=2928
-  _globals['_TRANSCRIPTMESSAGE']._serialized_start=2930
-  _globals['_TRANSCRIPTMESSAGE']._serialized_end=2991
-  _globals['_CANCELRUN']._serialized_start=2993
-  _globals['_CANCELRUN']._serialized_end=3053
-  _globals['_WORKERSERVICE']._serialized_start=3056
-  _globals['_WORKERSERVICE']._serialized_end=3350
-  _globals['_RUNSERVICE']._serialized_start=3352
-  _globals['_RUNSERVICE']._serialized_end=3439
+  _globals['_LISTWORKERSREQUEST']._serialized_end=300
+  _globals['_LISTWORKERSRESPONSE']._serialized_start=302
+  _globals['_LISTWORKERSRESPONSE']._serialized_end=385
+  _globals['_GETWORKERREQUEST']._serialized_start=387
+  _globals['_GETWORKERREQUEST']._serialized_end=424
+  _globals['_WORKERMESSAGE']._serialized_start=427
+  _globals['_WORKERMESSAGE']._serialized_end=737
+  _globals['_AGENTSUPDATE']._serialized_start=739
+  _globals['_AGENTSUPDATE']._serialized_end=792
+  _globals['_WORKERHELLO']._serialized_start=795
+  _globals['_WORKERHELLO']._serialized_end=1088
+  _globals['_WORKERHELLO_LABELSENTRY']._serialized_start=1043
+  _globals['_WORKERHELLO_LABELSENTRY']._serialized_end=1088
+  _globals['_HELDRUN']._serialized_start=1090
+  _globals['_HELDRUN']._serialized_end=1189
+  _globals['_HEARTBEAT']._serialized_start=1191
+  _globals['_HEARTBEAT']._serialized_end=1278
+  _globals['_RUNSTATUSUPDATE']._serialized_start=1281
+  _globals['_RUNSTATUSUPDATE']._serialized_end=1702
+  _globals['_CANCELACK']._serialized_start=1704
+  _globals['_CANCELACK']._serialized_end=1748
+  _globals['_SERVERMESSAGE']._serialized_start=1751
+  _globals['_SERVERMESSAGE']._serialized_end=1972
+  _globals['_SESSIONPARAMS']._serialized_start=1975
+  _globals['_SESSIONPARAMS']._serialized_end=2213
+  _globals['_RUNASSIGNMENT']._serialized_start=2216
+  _globals['_RUNASSIGNMENT']._serialized_end=2768
+  _globals['_RUNASSIGNMENT_LABELSENTRY']._serialized_start=1043
+  _globals['_RUNASSIGNMENT_LABELSENTRY']._serialized_end=1088
+  _globals['_TURNCONTEXT']._serialized_start=2771
+  _globals['_TURNCONTEXT']._serialized_end=2992
+  _globals['_TRANSCRIPTMESSAGE']._serialized_start=2994
+  _globals['_TRANSCRIPTMESSAGE']._serialized_end=3055
+  _globals['_CANCELRUN']._serialized_start=3057
+  _globals['_CANCELRUN']._serialized_end=3117
+  _globals['_WORKERSERVICE']._serialized_start=3120
+  _globals['_WORKERSERVICE']._serialized_end=3414
+  _globals['_RUNSERVICE']._serialized_start=3416
+  _globals['_RUNSERVICE']._serialized_end=3503
 # @@protoc_insertion_point(module_scope)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+from typing import Any
 
 import grpc
 import pytest
@@ -25,9 +26,11 @@ from taskrun.v1 import (
     schedules_pb2,
     tasks_pb2,
     workers_pb2,
+    workers_pb2_grpc,
     workflows_pb2,
 )
-from tests.conftest import Cluster
+from tests.conftest import WORKERS, Cluster
+from tests.integration.test_bad_input import channel
 from tests.integration.test_http_api import http_client
 from tests.integration.test_security import raw_worker, status
 from tests.integration.test_subtasks import setup as subtask_setup
@@ -409,7 +412,8 @@ async def test_workflows_runs_and_inbox_items_too_large_for_one_message_come_in_
     names = [f"big-{i}" for i in range(6)]
     for name in names:  # definitions of 200 kB each
         await client.put_workflow(
-            f"name: {name}\nsteps:\n  a: {{type: task, agent: echo, input: {{t: {'d' * 200_000}}}}}\n"
+            f"name: {name}\nsteps:\n  a: {{type: task, agent: echo, input: {{t: {'d' * 200_000}}}}}"
+            "\n"
         )
     assert [w.name for w in await client.list_workflows()] == names
     page = await stub.ListWorkflows(workflows_pb2.ListWorkflowsRequest())
@@ -440,3 +444,67 @@ async def test_workflows_runs_and_inbox_items_too_large_for_one_message_come_in_
             await call(request)
         assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
         assert (refused.value.details() or "").split(":")[0] in {"page_token", "page_size"}
+
+
+async def hello(
+    cluster: Cluster, worker_id: str, agents: list[common_pb2.AgentSpec]
+) -> tuple[grpc.aio.Channel, Any]:
+    """A session that announced `agents`, and what its hello got back (the session's
+    parameters or the refusal)."""
+    ch = channel(cluster, worker_id)
+    call = workers_pb2_grpc.RunServiceStub(ch).StreamConnect()
+    message = workers_pb2.WorkerHello(worker_id=worker_id, max_concurrent_runs=1, agents=agents)
+    await call.write(workers_pb2.WorkerMessage(hello=message))
+    return ch, call
+
+
+async def test_a_fleet_too_large_for_one_message_is_listed_in_pages(cluster: Cluster) -> None:
+    await cluster.start_server(max_message_bytes=SMALL)
+    client = cluster.client()
+    schema = json.dumps({"type": "object", "description": "s" * 100_000})
+    ids = list(WORKERS)  # six, each announcing two agents of 100 kB
+    sessions = []
+    try:
+        for worker_id in ids:
+            agents = [common_pb2.AgentSpec(name=n, input_schema_json=schema) for n in ("a", "b")]
+            ch, call = await hello(cluster, worker_id, agents)
+            sessions.append(ch)
+            assert (await call.read()).HasField("params")
+        assert [w.id for w, _ in await client.list_workers()] == ids  # every one, paged
+        stub = client._worker_stub()
+        page = await stub.ListWorkers(workers_pb2.ListWorkersRequest())
+        assert page.ByteSize() <= SEND_LIMIT and page.next_page_token
+        page = await stub.ListWorkers(workers_pb2.ListWorkersRequest(page_size=1))
+        assert [w.id for w in page.workers] == ids[:1]
+        page = await stub.ListWorkers(
+            workers_pb2.ListWorkersRequest(page_size=1, page_token=page.next_page_token)
+        )
+        assert [w.id for w in page.workers] == ids[1:2]
+    finally:
+        for ch in sessions:
+            await ch.close()
+
+
+async def test_announcements_past_their_bounds_are_refused_naming_the_field(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    huge = json.dumps({"type": "object", "description": "s" * 200_000})
+    cases = {
+        "hello.agents": [common_pb2.AgentSpec(name=f"a{i}") for i in range(300)],
+        "hello.agents[1]": [
+            common_pb2.AgentSpec(name="small"),
+            common_pb2.AgentSpec(name="echo", input_schema_json=huge),
+        ],
+        "hello.agents[0].description": [common_pb2.AgentSpec(name="echo", description="d" * 5000)],
+    }
+    for field, agents in cases.items():
+        ch, call = await hello(cluster, "worker-1", agents)
+        try:
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await call.read()
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert (refused.value.details() or "").startswith(f"{field}: "), field
+        finally:
+            await ch.close()
+    assert await cluster.client().list_workers() == []

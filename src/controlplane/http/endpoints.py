@@ -239,6 +239,7 @@ ENDPOINTS: tuple[Endpoint, ...] = (
                 repeated=True,
                 enum_prefix="WORKER_STATUS_",
             ),
+            *FITTING_PAGE,
         ),
     ),
     Endpoint(

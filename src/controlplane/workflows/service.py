@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-from datetime import UTC, datetime
-
 import grpc
 
 from taskrun import convert
 from taskrun.controlplane.auth import Authenticator
+from taskrun.controlplane.pages import page_token, position_token, token_field, token_position
 from taskrun.controlplane.services import domain_errors
 from taskrun.controlplane.sizing import fitting, leave_out_results
 from taskrun.controlplane.workflows.executor import WorkflowExecutor
@@ -39,37 +36,6 @@ def _page_size(value: int, field: str = "page_size") -> int:
     if not 0 <= value <= MAX_LIMIT:
         raise errors.InvalidArgument(f"must be between 0 and {MAX_LIMIT}", field=field)
     return value or MAX_LIMIT
-
-
-def _encode_token(*parts: str) -> str:
-    return base64.urlsafe_b64encode(":".join(("v1", *parts)).encode()).decode()
-
-
-def _decode_token(token: str, parts: int, listing: str) -> list[str]:
-    """The `parts` fields of a page token from `listing` ([] for the first page)."""
-    if not token:
-        return []
-    try:
-        fields = base64.urlsafe_b64decode(token.encode()).decode().split(":", parts)
-    except (binascii.Error, UnicodeDecodeError, ValueError):
-        fields = []
-    if len(fields) != parts + 1 or fields[0] != "v1" or len(token) > 200:
-        raise errors.InvalidArgument(f"is not a token returned by {listing}", field="page_token")
-    return fields[1:]
-
-
-def _position(token: str, listing: str) -> tuple[datetime, str] | None:
-    """(created_at, id) of the last item of the page before, from its token."""
-    if not (fields := _decode_token(token, 2, listing)):
-        return None
-    micros, item_id = fields
-    if not micros.isdigit():
-        raise errors.InvalidArgument(f"is not a token returned by {listing}", field="page_token")
-    return datetime.fromtimestamp(int(micros) / 1_000_000, UTC), item_id
-
-
-def _position_token(created_at: datetime, item_id: str) -> str:
-    return _encode_token(str(round(created_at.timestamp() * 1_000_000)), item_id)
 
 
 class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
@@ -103,14 +69,12 @@ class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
     ) -> workflows_pb2.ListWorkflowsResponse:
         await self.auth.operator(context, Scope.READ)
         size = _page_size(request.page_size)
-        after = _decode_token(request.page_token, 1, "ListWorkflows")
-        workflows = [
-            w for w in await self.executor.store.list_workflows() if not after or w.name > after[0]
-        ]
+        after = token_field(request.page_token, "ListWorkflows")
+        workflows = [w for w in await self.executor.store.list_workflows() if w.name > after]
         listed, cut = fitting((convert.workflow_to_pb(w) for w in workflows[:size]), self._budget)
         more = cut or len(workflows) > size
         return workflows_pb2.ListWorkflowsResponse(
-            workflows=listed, next_page_token=_encode_token(listed[-1].name) if more else ""
+            workflows=listed, next_page_token=page_token(listed[-1].name) if more else ""
         )
 
     @domain_errors
@@ -166,14 +130,14 @@ class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
         limit = request.limit or 100
         if not 1 <= limit <= MAX_LIMIT:
             raise errors.InvalidArgument(f"must be between 1 and {MAX_LIMIT}", field="limit")
-        before = _position(request.page_token, "ListWorkflowRuns")
+        before = token_position(request.page_token, "ListWorkflowRuns")
         runs = await self.executor.list_runs(request.workflow, limit + 1, before)
         listed, cut = fitting((self._run_pb(r) for r in runs[:limit]), self._budget)
         last = runs[len(listed) - 1] if listed else None
         more = cut or len(runs) > limit
         return workflows_pb2.ListWorkflowRunsResponse(
             runs=listed,
-            next_page_token=_position_token(last.created_at, last.id) if more and last else "",
+            next_page_token=position_token(last.created_at, last.id) if more and last else "",
         )
 
     @domain_errors
@@ -191,14 +155,14 @@ class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
     ) -> workflows_pb2.ListInboxItemsResponse:
         await self.auth.operator(context, Scope.READ)
         size = _page_size(request.page_size)
-        after = _position(request.page_token, "ListInboxItems")
+        after = token_position(request.page_token, "ListInboxItems")
         items = [i for i in self.executor.inbox() if after is None or (i.created_at, i.id) > after]
         listed, cut = fitting((convert.inbox_item_to_pb(i) for i in items[:size]), self._budget)
         last = items[len(listed) - 1] if listed else None
         more = cut or len(items) > size
         return workflows_pb2.ListInboxItemsResponse(
             items=listed,
-            next_page_token=_position_token(last.created_at, last.id) if more and last else "",
+            next_page_token=position_token(last.created_at, last.id) if more and last else "",
         )
 
     @domain_errors
