@@ -107,7 +107,13 @@ from taskrun.core.status import (
 )
 from taskrun.core.store import FENCED, ChangeSet, LateUsage, Store
 from taskrun.core.text import clip
-from taskrun.core.validation import clip_error, result_over_limit
+from taskrun.core.validation import (
+    MAX_REPORTED_NAME,
+    bounded_backend,
+    clip_error,
+    reported_session,
+    result_over_limit,
+)
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import workers_pb2 as wpb
 
@@ -1687,8 +1693,7 @@ class Engine:
         now = utcnow()
         if status is RunStatus.RUNNING:
             run.status, run.started_at = status, now
-            if update.session_id:
-                run.session_id = update.session_id
+            run.session_id = reported_session(update.session_id, b"")[0] or run.session_id
             changes.runs.append(run)
             return False
         error, result = clip_error(update.error), update.result_json
@@ -1703,9 +1708,8 @@ class Engine:
         if update.HasField("usage"):
             run.usage = usage_from_pb(update.usage)
         if update.HasField("backend_used"):
-            run.backend_used = backend_from_pb(update.backend_used)
-        if update.session_id:
-            run.session_id = update.session_id
+            run.backend_used = bounded_backend(backend_from_pb(update.backend_used))
+        run.session_id = reported_session(update.session_id, b"")[0] or run.session_id
         if status is RunStatus.FAILED:
             run.fault = fault
         self._adopt_session(run, update)
@@ -1752,7 +1756,7 @@ class Engine:
         usage = usage_from_pb(update.usage) if update.HasField("usage") else Usage()
         if usage.empty:
             return
-        model = update.backend_used.model_name if update.HasField("backend_used") else ""
+        model = update.backend_used.model_name[:MAX_REPORTED_NAME]
         changes.late_usage.append(
             LateUsage(
                 stopping.run_id,
@@ -1798,12 +1802,13 @@ class Engine:
         if update.summary and update.summarized_through > conversation.summarized_through:
             conversation.summary = update.summary
             conversation.summarized_through = update.summarized_through
-        if not (update.session_id or update.session_snapshot):
+        session_id, snapshot = reported_session(update.session_id, update.session_snapshot)
+        if not (session_id or update.session_snapshot):
             return
         # Replaced even by nothing: an older snapshot no longer is the session (too big to move,
         # or a new session); the next worker then resumes its own copy or uses the transcript.
-        conversation.session_id = update.session_id or conversation.session_id
-        conversation.session_snapshot = update.session_snapshot
+        conversation.session_id = session_id or conversation.session_id
+        conversation.session_snapshot = snapshot
         conversation.session_cost_usd = update.session_cost_usd
         conversation.session_turn = turn.index if turn else 0
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from taskrun.core.errors import InvalidArgument
-from taskrun.core.models import TaskPolicy, TaskSpec
+from taskrun.core.models import MAX_SESSION_SNAPSHOT_BYTES, ModelBackend, TaskPolicy, TaskSpec
 from taskrun.core.run_options import (
     validate_max_cost,
     validate_model_settings,
@@ -83,6 +83,38 @@ def clip_error(text: str) -> str:
     """A run's error as it is sent and kept: its start, and how long it was (one clipped
     already passes unchanged)."""
     return text if len(text) <= MAX_ERROR_CHARS + 64 else clip(text, MAX_ERROR_CHARS)
+
+
+# What a worker reports beside a result: kept with the run, counted in usage rows and metric
+# labels, and sent with every read of the task.
+MAX_REPORTED_NAME = 256  # a model, a tool, a session id
+MAX_REPORTED_PROVIDER = 64
+MAX_REPORTED_ITEMS = 64  # tools, modalities
+
+
+def bounded_backend(backend: ModelBackend) -> ModelBackend:
+    """The backend a run says it used, as kept: names clipped, at most 64 tools and
+    modalities. Any longer is not a real model's."""
+
+    def name(text: str) -> str:
+        return text[:MAX_REPORTED_NAME]
+
+    return ModelBackend(
+        provider=backend.provider[:MAX_REPORTED_PROVIDER],
+        model_name=name(backend.model_name),
+        context_window=backend.context_window,
+        modalities=tuple(map(name, backend.modalities[:MAX_REPORTED_ITEMS])),
+        tools=tuple(map(name, backend.tools[:MAX_REPORTED_ITEMS])),
+    )
+
+
+def reported_session(session_id: str, snapshot: bytes) -> tuple[str, bytes]:
+    """A run's session as kept: an id longer than any real one is none, and a snapshot over
+    MAX_SESSION_SNAPSHOT_BYTES is too big to move (the worker keeps its own copy)."""
+    return (
+        session_id if len(session_id) <= MAX_REPORTED_NAME else "",
+        snapshot if len(snapshot) <= MAX_SESSION_SNAPSHOT_BYTES else b"",
+    )
 
 
 def result_over_limit(text: str, what: str = "result") -> str:

@@ -508,3 +508,43 @@ async def test_announcements_past_their_bounds_are_refused_naming_the_field(
         finally:
             await ch.close()
     assert await cluster.client().list_workers() == []
+
+
+async def test_what_a_worker_reports_beside_a_result_is_bounded_so_the_task_stays_readable(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server(max_message_bytes=SMALL, retry_backoff_base=0)
+    client = cluster.client()
+    async with raw_worker(cluster, "worker-1") as worker:
+        task = await client.create_task(
+            "echo", {"text": "x"}, max_attempts=4, retry_on_failure=True
+        )
+        for attempt in range(1, 5):  # three failures, then an answer; each names a long model
+            run = await worker.assignment()
+            if attempt < 4:
+                update = status(run.run_id, run.attempt, common_pb2.RUN_STATUS_FAILED)
+                update.error, update.fault = "no", common_pb2.RUN_FAULT_TASK
+            else:
+                update = status(run.run_id, run.attempt, common_pb2.RUN_STATUS_COMPLETED)
+                update.result_json = "{}"
+            update.session_id = "s" * 200_000
+            used = update.backend_used
+            used.provider, used.model_name = "p" * 1000, f"{attempt}" + "m" * 300_000
+            used.tools.extend(f"tool-{i}-" + "t" * 300 for i in range(1000))
+            used.modalities.extend(["text"] * 1000)
+            update.usage.cost_usd = 0.01
+            await worker.report(update, heartbeat=workers_pb2.Heartbeat(seq=attempt))
+        final = await asyncio.wait_for(client.wait(task.id), 10)
+    assert final.status is TaskStatus.COMPLETED
+    report = await client._task_stub().GetUsage(tasks_pb2.GetUsageRequest(days=1))
+    assert sorted(row.model for row in report.rows) == [f"{i}" + "m" * 255 for i in range(1, 5)]
+    _, runs = await client.get_task(task.id)
+    kept = runs[-1]
+    assert kept.session_id == ""  # no session id is that long: not kept
+    assert kept.backend_used is not None
+    assert (
+        kept.backend_used.model_name == "4" + "m" * 255 and kept.backend_used.provider == "p" * 64
+    )
+    assert len(kept.backend_used.tools) == 64 and len(kept.backend_used.modalities) == 64
+    assert all(len(t) <= 256 for t in kept.backend_used.tools)
+

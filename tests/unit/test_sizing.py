@@ -1,14 +1,28 @@
-"""How follow updates and pages are cut to fit one message (controlplane.sizing)."""
+"""How follow updates, pages and workflow runs are cut to fit one message (controlplane.sizing,
+controlplane.pages), and what a worker reports is bounded (core.validation)."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
+from datetime import UTC, datetime
 
+import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from taskrun.controlplane.sizing import OUTPUT_BATCH, chunk_bytes, fitting, output_updates
+from taskrun.controlplane.pages import page_token, position_token, token_field, token_position
+from taskrun.controlplane.sizing import (
+    OUTPUT_BATCH,
+    chunk_bytes,
+    fitting,
+    leave_out_results,
+    output_updates,
+)
+from taskrun.core.errors import InvalidArgument
 from taskrun.core.ids import RunId
-from taskrun.core.models import OutputChunk
+from taskrun.core.models import MAX_SESSION_SNAPSHOT_BYTES, ModelBackend, OutputChunk
+from taskrun.core.validation import bounded_backend, reported_session
+from taskrun.v1 import workflows_pb2
 
 
 def chunks(*sizes: int) -> list[OutputChunk]:
@@ -69,3 +83,50 @@ def test_a_page_takes_what_fits_builds_nothing_past_it_and_says_it_was_cut() -> 
     assert fitting(messages(2), 10**6) == (list(taken), False)
     assert fitting(messages(3), 0) == ([Timestamp(seconds=10**9)], True)  # one at least
     assert fitting(messages(3), 0, at_least=0) == ([], True)
+
+
+def test_a_workflow_run_leaves_out_its_largest_results_first_and_keeps_every_step() -> None:
+    run = workflows_pb2.WorkflowRun(id="wfr_1")
+    for name, size in [("a", 10), ("b", 5000), ("c", 3000), ("d", 0)]:
+        run.steps.add(name=name, result_json=json.dumps("r" * size) if size else "")
+    whole = run.ByteSize()
+    assert leave_out_results(run, whole).ByteSize() == whole  # fits: untouched
+    cut = leave_out_results(run, whole - 100)
+    assert [(s.name, s.result_left_out) for s in cut.steps] == [
+        ("a", False),
+        ("b", True),
+        ("c", False),
+        ("d", False),
+    ]
+    assert cut.ByteSize() <= whole - 100 and cut.steps[1].result_json == ""
+    assert [s.result_left_out for s in leave_out_results(run, 200).steps] == [
+        False,
+        True,
+        True,
+        False,
+    ]
+
+
+def test_page_tokens_round_trip_and_anything_else_is_refused_naming_the_call() -> None:
+    assert token_field(page_token("tsk_1"), "ListTasks") == "tsk_1"
+    assert token_field("", "ListTasks") == ""
+    when = datetime(2026, 12, 3, 12, 0, 0, 123456, tzinfo=UTC)
+    assert token_position(position_token(when, "wfr_a:b"), "ListWorkflowRuns") == (when, "wfr_a:b")
+    assert token_position("", "ListWorkflowRuns") is None
+    for bad in ["bogus", page_token("x", "y"), page_token("soon", "wfr_1"), "v1" * 300]:
+        with pytest.raises(InvalidArgument) as refused:
+            token_position(bad, "ListWorkflowRuns")
+        assert refused.value.field == "page_token"
+        assert "ListWorkflowRuns" in str(refused.value)
+
+
+def test_what_a_worker_reports_is_kept_within_bounds() -> None:
+    real = ModelBackend("anthropic", "claude-sonnet-5-5", 200_000, ("text",), ("Read",))
+    assert bounded_backend(real) == real
+    huge = ModelBackend("p" * 100, "m" * 1000, 1, ("text",) * 100, ("t" * 300,) * 100)
+    kept = bounded_backend(huge)
+    assert (len(kept.provider), len(kept.model_name)) == (64, 256)
+    assert len(kept.tools) == len(kept.modalities) == 64 and len(kept.tools[0]) == 256
+    assert reported_session("sess-1", b"zip") == ("sess-1", b"zip")
+    too_big = b"z" * (MAX_SESSION_SNAPSHOT_BYTES + 1)
+    assert reported_session("s" * 257, too_big) == ("", b"")
