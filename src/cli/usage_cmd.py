@@ -38,9 +38,16 @@ def register(subparsers: Any) -> None:
 
 
 async def get_usage(client: Client, days: int) -> tasks_pb2.UsageReport:
+    """The whole report: a long one comes in pages, joined here."""
+    request = tasks_pb2.GetUsageRequest(days=days)
     report: tasks_pb2.UsageReport = await client._task_stub().GetUsage(
-        tasks_pb2.GetUsageRequest(days=days), timeout=client.timeout
+        request, timeout=client.timeout
     )
+    while report.next_page_token:
+        request.page_token = report.next_page_token
+        page = await client._task_stub().GetUsage(request, timeout=client.timeout)
+        report.rows.extend(page.rows)
+        report.next_page_token = page.next_page_token
     return report
 
 

@@ -300,16 +300,20 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         await self.auth.operator(context, Scope.READ)
         now = utcnow()
         start = usage.since(request.days, now)
-        report = tasks_pb2.UsageReport()
-        for total in usage.totals(await self.engine.store.list_spending(start)):
-            row = report.rows.add(
-                day=total.day,
-                agent=total.agent,
-                model=total.model,
-                worker_id=total.worker_id,
-                runs=total.runs,
-            )
-            convert.usage_to_pb(total.usage, row.usage)
+        offset = token_field(request.page_token, "GetUsage")
+        if not offset.isdigit() and offset:
+            raise errors.InvalidArgument("is not a token returned by GetUsage", field="page_token")
+        skip = int(offset or 0)
+        totals = usage.totals(await self.engine.store.list_spending(start))
+        rows, cut = fitting(
+            (_usage_row_pb(total) for total in totals[skip:]),
+            self.engine.config.max_message_bytes,
+        )
+        report = tasks_pb2.UsageReport(rows=rows)
+        if cut:
+            report.next_page_token = page_token(str(skip + len(rows)))
+        if skip:
+            return report
         for cap in self.engine.budget_caps():
             report.budgets.add(
                 kind=cap.kind,
@@ -601,3 +605,15 @@ def _run_pb(run: Run) -> pb.Run:
     message = pb.Run()
     convert.run_to_pb(run, message)
     return message
+
+
+def _usage_row_pb(total: usage.UsageTotal) -> tasks_pb2.UsageRow:
+    row = tasks_pb2.UsageRow(
+        day=total.day,
+        agent=total.agent,
+        model=total.model,
+        worker_id=total.worker_id,
+        runs=total.runs,
+    )
+    convert.usage_to_pb(total.usage, row.usage)
+    return row

@@ -8,10 +8,12 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GetUsageRequest(_message.Message):
-    __slots__ = ("days",)
+    __slots__ = ("days", "page_token")
     DAYS_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     days: int
-    def __init__(self, days: _Optional[int] = ...) -> None: ...
+    page_token: str
+    def __init__(self, days: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
 
 class UsageRow(_message.Message):
     __slots__ = ("day", "agent", "model", "worker_id", "runs", "usage")
@@ -44,12 +46,14 @@ class BudgetStatus(_message.Message):
     def __init__(self, kind: _Optional[str] = ..., key: _Optional[str] = ..., limit_usd: _Optional[float] = ..., spent_usd: _Optional[float] = ..., reached: _Optional[bool] = ...) -> None: ...
 
 class UsageReport(_message.Message):
-    __slots__ = ("rows", "budgets")
+    __slots__ = ("rows", "budgets", "next_page_token")
     ROWS_FIELD_NUMBER: _ClassVar[int]
     BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     rows: _containers.RepeatedCompositeFieldContainer[UsageRow]
     budgets: _containers.RepeatedCompositeFieldContainer[BudgetStatus]
-    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ...) -> None: ...
+    next_page_token: str
+    def __init__(self, rows: _Optional[_Iterable[_Union[UsageRow, _Mapping]]] = ..., budgets: _Optional[_Iterable[_Union[BudgetStatus, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
 
 class ContinueTaskRequest(_message.Message):
     __slots__ = ("task_id", "prompt")

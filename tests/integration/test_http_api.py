@@ -351,7 +351,7 @@ async def test_workers_show_which_agents_are_unavailable_and_why_and_usage_is_se
         assert "no Anthropic credentials" in agents["anthropic"]["unavailable_reason"]
         assert one["consecutive_failures"] == 0 and one["quarantine_reason"] == ""
         usage = (await reader.get("/v1/usage", params={"days": "3"})).json()
-        assert usage == {"rows": [], "budgets": []}
+        assert usage == {"rows": [], "budgets": [], "next_page_token": ""}
         assert_problem(await reader.get("/v1/usage", params={"days": "999"}), 400, "days")
 
 

@@ -15,10 +15,23 @@ import grpc
 import pytest
 
 from taskrun.cli.client import OutputReceived, TaskChanged
+from taskrun.cli.usage_cmd import get_usage
+from taskrun.controlplane.store.sqlite import SqliteStore
 from taskrun.core.agent import AgentError, AgentResult, RunContext
-from taskrun.core.models import AgentSpec, TaskSpec
+from taskrun.core.ids import RunId, TaskId, WorkerId
+from taskrun.core.models import (
+    AgentSpec,
+    ModelBackend,
+    Run,
+    Task,
+    TaskPolicy,
+    TaskSpec,
+    Usage,
+    utcnow,
+)
 from taskrun.core.schedule import Schedule
 from taskrun.core.status import Fault, RunStatus, TaskStatus
+from taskrun.core.store import ChangeSet
 from taskrun.core.workflow import StepStatus, WorkflowRunStatus
 from taskrun.v1 import (
     common_pb2,
@@ -548,3 +561,55 @@ async def test_what_a_worker_reports_beside_a_result_is_bounded_so_the_task_stay
     assert len(kept.backend_used.tools) == 64 and len(kept.backend_used.modalities) == 64
     assert all(len(t) <= 256 for t in kept.backend_used.tools)
 
+
+async def test_a_usage_report_too_large_for_one_message_comes_in_pages(cluster: Cluster) -> None:
+    await cluster.start_server(max_message_bytes=SMALL)
+    await cluster.stop_server()
+    # 3,000 runs that ended today, each on its own model: a row each of 400 bytes, 1.2 MB of
+    # rows. Written underneath, with the server stopped: running them would take half a minute.
+    store = SqliteStore(cluster.tmp / "taskrun.db")
+    await store.open()
+    now = utcnow()
+    tasks, runs = [], []
+    for n in range(3000):
+        task = Task(
+            id=TaskId(f"tsk_{n:026d}"),
+            agent="a" * 64,
+            input="{}",
+            labels={},
+            policy=TaskPolicy(),
+            status=TaskStatus.COMPLETED,
+            created_at=now,
+            updated_at=now,
+            finished_at=now,
+        )
+        tasks.append(task)
+        runs.append(
+            Run(
+                id=RunId(f"run_{n:026d}"),
+                task_id=task.id,
+                attempt=1,
+                status=RunStatus.COMPLETED,
+                created_at=now,
+                worker_id=WorkerId("w" * 64),
+                finished_at=now,
+                usage=Usage(cost_usd=0.001),
+                backend_used=ModelBackend("meter", f"{n}-" + "m" * 240),
+            )
+        )
+    await store.apply(ChangeSet(tasks=tasks, runs=runs))
+    await store.close()
+    await cluster.start_server(max_message_bytes=SMALL)
+    client = cluster.client()
+    report = await get_usage(client, 1)  # the CLI's: every page
+    assert sorted(int(row.model.split("-")[0]) for row in report.rows) == list(range(3000))
+    assert all(row.runs == 1 for row in report.rows)
+    stub = client._task_stub()
+    first = await stub.GetUsage(tasks_pb2.GetUsageRequest(days=1))
+    assert first.ByteSize() <= SEND_LIMIT and first.next_page_token
+    rest = await stub.GetUsage(tasks_pb2.GetUsageRequest(days=1, page_token=first.next_page_token))
+    assert rest.rows and {r.model for r in first.rows}.isdisjoint(r.model for r in rest.rows)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.GetUsage(tasks_pb2.GetUsageRequest(days=1, page_token="bogus"))
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith("page_token: ")

@@ -177,7 +177,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
         Scope.READ,
         "Cost and tokens of ended runs per UTC day, agent, model and worker, with the daily "
         "budgets and what they used today (`taskrun usage`)",
-        query=(Query("days", "days", "today and the days before it (default 7, at most 366)"),),
+        query=(
+            Query("days", "days", "today and the days before it (default 7, at most 366)"),
+            PAGE[1],
+        ),
     ),
     Endpoint(
         "GET",
