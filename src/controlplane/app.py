@@ -36,6 +36,7 @@ from taskrun.controlplane.security_service import (
     EnrollmentService,
 )
 from taskrun.controlplane.services import TaskService, WorkerService
+from taskrun.controlplane.sizing import RECEIVE_HEADROOM, SEND_HEADROOM
 from taskrun.controlplane.store import POSTGRES_SCHEMES, open_store, redact
 from taskrun.controlplane.tls import ServerCertificateSource
 from taskrun.controlplane.webhook_service import WebhookService
@@ -236,8 +237,8 @@ async def _serve(
     auth = Authenticator(access)
     auth.run_grants = functools.partial(run_grant, engine)
     options = [
-        ("grpc.max_receive_message_length", config.max_message_bytes + 1024 * 1024),
-        ("grpc.max_send_message_length", config.max_message_bytes + 1024 * 1024),
+        ("grpc.max_receive_message_length", config.max_message_bytes + RECEIVE_HEADROOM),
+        ("grpc.max_send_message_length", config.max_message_bytes + SEND_HEADROOM),
         *KEEPALIVE_OPTIONS,
         # grpc binds with SO_REUSEPORT by default: a second server on a busy port would start and
         # share the connections. Without it, a busy port is a bind error.

@@ -1275,7 +1275,7 @@ class Engine:
             worker,
             uuid.uuid4().hex,
             self.config.lease_duration,
-            self.config.max_message_bytes,  # the server may send 1 MiB more (app.py)
+            self.config.max_message_bytes,  # the server may send more (sizing.SEND_HEADROOM)
         )
         session.draining = hello.draining
         session.on_load_change = self._moved.add

@@ -1,9 +1,10 @@
 """Answers that fit one gRPC message.
 
-The server may send `max_message_bytes` and 1 MiB more (app.py): the budget is what a page or
-an update fills, the headroom is for one item larger than it (a task with an input and a
-result of up to 1 MiB each). A page cut short goes on through its token; a follow's output
-goes out in as many updates as it takes.
+The server receives `max_message_bytes` and 1 MiB more, and may send 2 MiB more (app.py): the
+budget is what a page or an update fills; the headroom is for one item larger than it (a task
+with an input and a result of up to 1 MiB each), and a reply may hold a little more than the
+request it answers (CreateTasks answers with every task as created). A page cut short goes on
+through its token; a follow's output goes out in as many updates as it takes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from taskrun.v1 import workflows_pb2
 M = TypeVar("M", bound=Message)
 
 OUTPUT_BATCH = 1000  # chunks in one follow update at most, whatever their size
+RECEIVE_HEADROOM = 1024 * 1024  # over max_message_bytes
+SEND_HEADROOM = 2 * 1024 * 1024
 
 # The chunks of one follow update, and whether the task's state goes with them.
 Part = tuple[list[OutputChunk], bool]

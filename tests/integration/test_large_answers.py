@@ -50,7 +50,7 @@ from tests.integration.test_subtasks import setup as subtask_setup
 from tests.integration.test_workflows import finished as workflow_finished
 
 SMALL = 64 * 1024
-SEND_LIMIT = SMALL + 1024 * 1024  # what the server's channel lets through (app.py)
+SEND_LIMIT = SMALL + 1024 * 1024  # a page: the budget and room for one large item (sizing.py)
 
 
 async def test_a_page_of_large_tasks_is_cut_to_fit_and_paging_returns_each_task_once(
@@ -613,3 +613,23 @@ async def test_a_usage_report_too_large_for_one_message_comes_in_pages(cluster: 
         await stub.GetUsage(tasks_pb2.GetUsageRequest(days=1, page_token="bogus"))
     assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
     assert (refused.value.details() or "").startswith("page_token: ")
+
+
+async def test_a_batch_as_large_as_the_server_takes_is_created_and_answered_whole(
+    cluster: Cluster,
+) -> None:
+    """The reply to CreateTasks holds every task as created: a little more than the request
+    held. Refusing it after the tasks were created would invite a retry that doubles them."""
+    await cluster.start_server()
+    client = cluster.client()
+    takes = 4 * 1024 * 1024 + 1024 * 1024  # what the server receives (app.py)
+    request = tasks_pb2.CreateTasksRequest()
+    for _ in range(5):
+        request.tasks.add(agent="nobody", input_json='{"text": ""}', allow_unknown_agent=True)
+    each = (takes - request.ByteSize() - 100) // 5
+    for task in request.tasks:
+        task.input_json = json.dumps({"text": "x" * each})
+    assert takes - 200 < request.ByteSize() <= takes
+    reply = await client._task_stub().CreateTasks(request)
+    assert [r.created for r in reply.results] == [True] * 5
+    assert all(r.task.input_json == request.tasks[0].input_json for r in reply.results)
