@@ -301,7 +301,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         now = utcnow()
         start = usage.since(request.days, now)
         offset = token_field(request.page_token, "GetUsage")
-        if not offset.isdigit() and offset:
+        if offset and not offset.isdigit():
             raise errors.InvalidArgument("is not a token returned by GetUsage", field="page_token")
         skip = int(offset or 0)
         totals = usage.totals(await self.engine.store.list_spending(start))

@@ -2,14 +2,21 @@
 
 from __future__ import annotations
 
+from taskrun.core.text import clip_bytes
+
+# A message travels in a gRPC trailer, which clients take up to 16 KiB of, percent-encoded
+# (a byte may become three): a longer one would arrive as RESOURCE_EXHAUSTED, not as itself.
+MAX_MESSAGE_BYTES = 2000
+
 
 class TaskRunError(Exception):
     """Base of every domain error; `field` names the offending input when there is one."""
 
     def __init__(self, message: str, *, field: str | None = None) -> None:
+        message = clip_bytes(message, MAX_MESSAGE_BYTES)
         super().__init__(message)
         self.message = message
-        self.field = field
+        self.field = field if field is None else clip_bytes(field, 200)
 
     def __str__(self) -> str:
         return f"{self.field}: {self.message}" if self.field else self.message

@@ -19,6 +19,15 @@ def clip(text: str, limit: int = DEFAULT_LIMIT) -> str:
     return f"{text[:limit]}… ({len(text)} characters)"
 
 
+def clip_bytes(text: str, limit: int) -> str:
+    """`text` if it takes at most `limit` bytes as UTF-8, else as much of its start as does,
+    and how long it was."""
+    if utf8_size(text) <= limit:
+        return text
+    start = text.encode(errors="surrogatepass")[:limit].decode(errors="ignore")
+    return f"{start}… ({len(text)} characters)"
+
+
 def quoted(value: str, limit: int = QUOTED_LIMIT) -> str:
     """`repr(value)` for a message, of at most about `limit` characters of the value."""
     if len(value) <= limit:

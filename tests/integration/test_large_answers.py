@@ -633,3 +633,23 @@ async def test_a_batch_as_large_as_the_server_takes_is_created_and_answered_whol
     reply = await client._task_stub().CreateTasks(request)
     assert [r.created for r in reply.results] == [True] * 5
     assert all(r.task.input_json == request.tasks[0].input_json for r in reply.results)
+
+
+async def test_a_refusal_that_lists_many_choices_still_arrives_with_its_status(
+    cluster: Cluster,
+) -> None:
+    """A status message travels in a trailer, which a client takes up to 16 KiB of: a longer
+    one became RESOURCE_EXHAUSTED "received metadata size exceeds hard limit"."""
+    await cluster.start_server()
+    client = cluster.client()
+    for i in range(400):  # 22 kB of names, which a refusal lists
+        name = f"w{i:03d}" + "x" * 50
+        await client.put_workflow(f"name: {name}\nsteps:\n  a: {{type: wait, duration: 1}}\n")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client._workflow_stub().StartWorkflowRun(
+            workflows_pb2.StartWorkflowRunRequest(name="nope")
+        )
+    assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+    details = refused.value.details() or ""
+    assert details.startswith("name: no workflow 'nope'") and "w000" in details
+    assert details.endswith(" characters)") and len(details) < 2100

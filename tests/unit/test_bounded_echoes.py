@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from taskrun.controlplane.ratelimit import OVERFLOW_KEY, LogLimiter, RateLimit
-from taskrun.core.errors import InvalidArgument
-from taskrun.core.text import clip, quoted
+from taskrun.core.errors import MAX_MESSAGE_BYTES, InvalidArgument, NotFound
+from taskrun.core.text import clip, clip_bytes, quoted
 from taskrun.core.validation import validate_labels
 
 
@@ -33,6 +33,17 @@ def test_clip_and_quoted_keep_the_start_and_say_how_long_it_was() -> None:
     assert clip("x" * 1000, 10) == "xxxxxxxxxx… (1000 characters)"
     assert quoted("abc") == "'abc'"
     assert quoted("y" * 100_000) == repr("y" * 64) + "… (100000 characters)"
+
+
+def test_an_error_message_is_kept_to_what_a_status_trailer_carries() -> None:
+    assert clip_bytes("short", 10) == "short"
+    cut = clip_bytes("漢字" * 1000, 100)  # three bytes a character: never half of one
+    assert cut == "漢字" * 16 + "漢… (2000 characters)"
+    long = NotFound("no workflow 'x' (workflows: " + "w, " * 5000 + ")", field="name")
+    assert len(long.message.encode()) <= MAX_MESSAGE_BYTES + 40
+    assert str(long).startswith("name: no workflow 'x'") and str(long).endswith("characters)")
+    wide = InvalidArgument("é" * 5000, field="f" * 500)
+    assert len(wide.message.encode()) <= MAX_MESSAGE_BYTES + 40 and len(wide.field or "") < 250
 
 
 def test_a_huge_label_value_is_not_repeated_in_the_error() -> None:
