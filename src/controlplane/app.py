@@ -35,12 +35,13 @@ from taskrun.controlplane.security_service import (
     CertificateService,
     EnrollmentService,
 )
-from taskrun.controlplane.services import TaskService, WorkerService
+from taskrun.controlplane.services import TaskService
 from taskrun.controlplane.sizing import RECEIVE_HEADROOM, SEND_HEADROOM
 from taskrun.controlplane.store import POSTGRES_SCHEMES, open_store, redact
 from taskrun.controlplane.tls import ServerCertificateSource
 from taskrun.controlplane.webhook_service import WebhookService
 from taskrun.controlplane.webhooks import WebhookDispatcher
+from taskrun.controlplane.worker_service import WorkerService
 from taskrun.controlplane.workflows.executor import WorkflowExecutor
 from taskrun.controlplane.workflows.service import WorkflowService
 from taskrun.core.store import Store

@@ -33,8 +33,9 @@ from taskrun.controlplane.http.endpoints import ENDPOINTS, Endpoint, Query
 from taskrun.controlplane.http.middleware import StatusTap
 from taskrun.controlplane.http.problems import from_aborted, problem, sse_error
 from taskrun.controlplane.schedule_service import ScheduleService
-from taskrun.controlplane.services import TaskService, WorkerService
+from taskrun.controlplane.services import TaskService
 from taskrun.controlplane.webhook_service import WebhookService
+from taskrun.controlplane.worker_service import WorkerService
 from taskrun.controlplane.workflows.service import WorkflowService
 from taskrun.core import errors
 from taskrun.core.access import Scope
