@@ -604,6 +604,15 @@ class Client:
         task, runs = convert.task_from_pb(message)
         return task, runs, convert.subtasks_from_pb(message)
 
+    async def _pages(self, call: Callable[..., Any], request: Any) -> AsyncIterator[Any]:
+        """Every reply of a listing that pages with `page_token` / `next_page_token`."""
+        while True:
+            reply = await call(request, timeout=self.timeout)
+            yield reply
+            if not reply.next_page_token:
+                return
+            request.page_token = reply.next_page_token
+
     async def _get_task(self, task_id: str) -> common_pb2.Task:
         """GetTask's reply with every run: a task whose runs do not fit one reply comes in
         several, the latest runs first."""
@@ -935,13 +944,8 @@ class Client:
     ) -> list[tuple[Worker, list[RunId]]]:
         """Known workers (sorted by id) with the runs each currently holds (all pages)."""
         request = workers_pb2.ListWorkersRequest(statuses=cast(Any, [int(s) for s in statuses]))
-        out: list[tuple[Worker, list[RunId]]] = []
-        while True:
-            response = await self._worker_stub().ListWorkers(request, timeout=self.timeout)
-            out += [convert.worker_from_pb(w) for w in response.workers]
-            if not response.next_page_token:
-                return out
-            request.page_token = response.next_page_token
+        pages = self._pages(self._worker_stub().ListWorkers, request)
+        return [convert.worker_from_pb(w) async for page in pages for w in page.workers]
 
     async def get_worker(self, worker_id: str) -> tuple[Worker, list[RunId]]:
         message = await self._worker_stub().GetWorker(
@@ -1276,14 +1280,10 @@ class Client:
 
     async def list_workflows(self) -> list[Workflow]:
         """The newest version of every workflow, by name (all pages)."""
-        request = workflows_pb2.ListWorkflowsRequest()
-        out: list[Workflow] = []
-        while True:
-            m = await self._workflow_stub().ListWorkflows(request, timeout=self.timeout)
-            out += [convert.workflow_from_pb(w) for w in m.workflows]
-            if not m.next_page_token:
-                return out
-            request.page_token = m.next_page_token
+        pages = self._pages(
+            self._workflow_stub().ListWorkflows, workflows_pb2.ListWorkflowsRequest()
+        )
+        return [convert.workflow_from_pb(w) async for page in pages for w in page.workflows]
 
     async def get_workflow(self, name: str, version: int = 0) -> Workflow:
         m = await self._workflow_stub().GetWorkflow(
@@ -1351,13 +1351,8 @@ class Client:
     async def list_inbox(self) -> list[InboxItem]:
         """Every approval waiting for a person, oldest first (all pages)."""
         request = workflows_pb2.ListInboxItemsRequest()
-        out: list[InboxItem] = []
-        while True:
-            m = await self._workflow_stub().ListInboxItems(request, timeout=self.timeout)
-            out += [convert.inbox_item_from_pb(i) for i in m.items]
-            if not m.next_page_token:
-                return out
-            request.page_token = m.next_page_token
+        pages = self._pages(self._workflow_stub().ListInboxItems, request)
+        return [convert.inbox_item_from_pb(i) async for page in pages for i in page.items]
 
     async def answer_inbox_item(
         self, item_id: str, *, approve: bool, choice: str = "", comment: str = ""

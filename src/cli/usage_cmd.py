@@ -39,15 +39,11 @@ def register(subparsers: Any) -> None:
 
 async def get_usage(client: Client, days: int) -> tasks_pb2.UsageReport:
     """The whole report: a long one comes in pages, joined here."""
+    report = tasks_pb2.UsageReport()
     request = tasks_pb2.GetUsageRequest(days=days)
-    report: tasks_pb2.UsageReport = await client._task_stub().GetUsage(
-        request, timeout=client.timeout
-    )
-    while report.next_page_token:
-        request.page_token = report.next_page_token
-        page = await client._task_stub().GetUsage(request, timeout=client.timeout)
+    async for page in client._pages(client._task_stub().GetUsage, request):
         report.rows.extend(page.rows)
-        report.next_page_token = page.next_page_token
+        report.budgets.extend(page.budgets)
     return report
 
 
