@@ -1057,14 +1057,20 @@ class Client:
     async def list_audit_events(
         self, *, limit: int = 100, before_id: int = 0, kinds: Sequence[AuditKind | str] = ()
     ) -> list[AuditEvent]:
-        """Security events, newest first."""
-        m = await self._access_stub().ListAuditEvents(
-            security_pb2.ListAuditEventsRequest(
-                limit=limit, before_id=before_id, kinds=[str(k) for k in kinds]
-            ),
-            timeout=self.timeout,
+        """Security events, newest first, at most `limit` (a page that did not fit one message
+        comes shorter: the next goes on before its last event)."""
+        request = security_pb2.ListAuditEventsRequest(
+            before_id=before_id, kinds=[str(k) for k in kinds]
         )
-        return [convert.audit_event_from_pb(e) for e in m.events]
+        out: list[AuditEvent] = []
+        while len(out) < limit:
+            request.limit = limit - len(out)
+            m = await self._access_stub().ListAuditEvents(request, timeout=self.timeout)
+            out += [convert.audit_event_from_pb(e) for e in m.events]
+            if len(m.events) in (0, request.limit) or m.events[-1].id <= 1:
+                break
+            request.before_id = m.events[-1].id
+        return out
 
     # --- events ---------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ from taskrun.controlplane.access import AccessControl
 from taskrun.controlplane.auth import Authenticator
 from taskrun.controlplane.pki import cert_pem, principal_of
 from taskrun.controlplane.services import domain_errors
+from taskrun.controlplane.sizing import fitting
 from taskrun.core import errors
 from taskrun.core.access import AuditKind, AuditQuery, Scope
 from taskrun.core.models import utcnow
@@ -184,4 +185,7 @@ class AccessService(security_pb2_grpc.AccessServiceServicer):
         events = await self.access.list_audit_events(
             AuditQuery(limit=limit, before_id=request.before_id, kinds=frozenset(kinds))
         )
-        return spb.ListAuditEventsResponse(events=[convert.audit_event_to_pb(e) for e in events])
+        listed, _ = fitting(  # a shorter page where the events do not fit: before_id goes on
+            (convert.audit_event_to_pb(e) for e in events), self.access.config.max_message_bytes
+        )
+        return spb.ListAuditEventsResponse(events=listed)

@@ -17,6 +17,7 @@ import pytest
 from taskrun.cli.client import OutputReceived, TaskChanged
 from taskrun.cli.usage_cmd import get_usage
 from taskrun.controlplane.store.sqlite import SqliteStore
+from taskrun.core.access import AuditEvent, AuditKind
 from taskrun.core.agent import AgentError, AgentResult, RunContext
 from taskrun.core.ids import RunId, TaskId, WorkerId
 from taskrun.core.models import (
@@ -37,6 +38,7 @@ from taskrun.v1 import (
     common_pb2,
     conversations_pb2,
     schedules_pb2,
+    security_pb2,
     tasks_pb2,
     workers_pb2,
     workers_pb2_grpc,
@@ -653,3 +655,34 @@ async def test_a_refusal_that_lists_many_choices_still_arrives_with_its_status(
     details = refused.value.details() or ""
     assert details.startswith("name: no workflow 'nope'") and "w000" in details
     assert details.endswith(" characters)") and len(details) < 2100
+
+
+async def test_a_page_of_audit_events_too_large_for_one_message_is_cut_and_goes_on(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server(max_message_bytes=SMALL)
+    await cluster.stop_server()
+    store = SqliteStore(cluster.tmp / "taskrun.db")  # 800 events of 1.8 kB, written underneath
+    await store.open()
+    events = [
+        AuditEvent(
+            time=utcnow(),
+            kind=AuditKind.WORKER_REVOKED,
+            principal="p" * 256,
+            subject=f"worker-{n:04d}" + "s" * 245,
+            peer="e" * 256,
+            detail="d" * 1024,
+        )
+        for n in range(800)
+    ]
+    await store.apply(ChangeSet(audit_events=events))
+    await store.close()
+    await cluster.start_server(max_message_bytes=SMALL)
+    client = cluster.client()
+    reply = await client._access_stub().ListAuditEvents(
+        security_pb2.ListAuditEventsRequest(limit=1000)
+    )
+    assert reply.ByteSize() <= SEND_LIMIT and 0 < len(reply.events) < 800
+    seen = await client.list_audit_events(limit=1000)  # the client goes on with before_id
+    revoked = [e.subject[:11] for e in seen if e.kind is AuditKind.WORKER_REVOKED]
+    assert revoked == [f"worker-{n:04d}" for n in reversed(range(800))]
