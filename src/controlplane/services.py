@@ -304,7 +304,7 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if offset and not offset.isdigit():
             raise errors.InvalidArgument("is not a token returned by GetUsage", field="page_token")
         skip = int(offset or 0)
-        totals = usage.totals(await self.engine.store.list_spending(start))
+        totals = usage.totals(await self.engine.store.usage_sums(start))
         rows, cut = fitting(
             (_usage_row_pb(total) for total in totals[skip:]),
             self.engine.config.max_message_bytes,

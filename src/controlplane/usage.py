@@ -10,7 +10,7 @@ from datetime import datetime, timedelta
 from taskrun.controlplane.budgets import day_of, day_start
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.models import Usage
-from taskrun.core.store import RunSpending
+from taskrun.core.store import UsageSum
 
 DEFAULT_DAYS = 7
 MAX_DAYS = 366
@@ -34,23 +34,10 @@ def since(days: int, now: datetime) -> datetime:
     return day_start(day_of(now) - timedelta(days=days - 1))
 
 
-def totals(spending: Iterable[RunSpending]) -> list[UsageTotal]:
-    """Sums per (day, agent, model, worker), newest day first, then by cost."""
-    rows: dict[tuple[str, str, str, str], UsageTotal] = {}
-    for s in spending:
-        run = s.run
-        if run.finished_at is None:
-            continue
-        key = (
-            day_of(run.finished_at).isoformat(),
-            s.agent,
-            run.backend_used.model_name if run.backend_used else "",
-            run.worker_id or "",
-        )
-        row = rows.get(key)
-        if row is None:
-            row = rows[key] = UsageTotal(*key)
-        row.runs += 1
-        row.usage.add(run.usage)
-    by_cost = sorted(rows.values(), key=lambda r: (-r.usage.cost_usd, r.agent, r.model))
+def totals(sums: Iterable[UsageSum]) -> list[UsageTotal]:
+    """The store's sums as rows: newest day first, then by cost."""
+    rows = [
+        UsageTotal(s.day.isoformat(), s.agent, s.model, s.worker_id, s.runs, s.usage) for s in sums
+    ]
+    by_cost = sorted(rows, key=lambda r: (-r.usage.cost_usd, r.agent, r.model, r.worker_id))
     return sorted(by_cost, key=lambda r: r.day, reverse=True)  # stable: by cost within a day

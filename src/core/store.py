@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import date, datetime
 from typing import NamedTuple, Protocol
 
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
@@ -183,12 +183,29 @@ class RunSpending:
     schedule: str
 
 
+@dataclass(frozen=True, slots=True)
+class UsageSum:
+    """What the runs that ended on one UTC day spent, per agent, model and worker."""
+
+    day: date
+    agent: str
+    model: str  # "" when the runs reported none
+    worker_id: str
+    runs: int
+    usage: Usage
+
+
 class RunStore(Protocol):
     async def get_run(self, run_id: RunId) -> Run | None: ...
     async def list_runs(self, task_id: TaskId) -> list[Run]: ...
     async def list_unfinished_runs(self) -> list[Run]: ...
     async def list_spending(self, since: datetime) -> list[RunSpending]:
         """Runs that ended at or after `since`, with their task's agent, labels and schedule."""
+        ...
+
+    async def usage_sums(self, since: datetime) -> list[UsageSum]:
+        """What the runs that ended at or after `since` spent, summed per UTC day, agent, model
+        and worker (in no particular order): one row a group, however many runs it holds."""
         ...
 
 

@@ -531,6 +531,68 @@ async def test_list_spending_gives_runs_ended_since_with_their_tasks_labels_and_
     assert await store.list_spending(T0 + timedelta(hours=1)) == []
 
 
+async def test_usage_sums_group_ended_runs_per_utc_day_agent_model_and_worker(
+    store: Store,
+) -> None:
+    echo, other = make_task(1), make_task(2, agent="other")
+    late = T0.replace(hour=23, minute=59, second=59, microsecond=999_999)  # a day ends
+    claude = ModelBackend("anthropic", "claude")
+    runs = [
+        make_run(
+            1,
+            1,
+            status=RunStatus.COMPLETED,
+            worker_id=WorkerId("w-1"),
+            finished_at=late,
+            usage=Usage(10, 20, 30, 40, 0.25, 1, 100),
+            backend_used=claude,
+        ),
+        make_run(
+            2,
+            1,
+            attempt=2,
+            status=RunStatus.FAILED,
+            worker_id=WorkerId("w-1"),
+            finished_at=late,
+            usage=Usage(1, 2, 3, 4, 0.5, 2, 200),
+            backend_used=claude,
+        ),
+        make_run(
+            3,
+            1,
+            attempt=3,
+            status=RunStatus.COMPLETED,
+            worker_id=WorkerId("w-1"),
+            finished_at=late + timedelta(microseconds=1),
+            usage=Usage(cost_usd=1.0),
+            backend_used=claude,
+        ),
+        make_run(4, 2, status=RunStatus.LOST, finished_at=late),  # no worker, model or usage
+        make_run(
+            5,
+            2,
+            attempt=2,
+            status=RunStatus.COMPLETED,
+            worker_id=WorkerId("w-2"),
+            finished_at=T0 - timedelta(days=3),
+            usage=Usage(cost_usd=9.0),
+        ),
+        make_run(6, 2, attempt=3, status=RunStatus.RUNNING, worker_id=WorkerId("w-2")),
+    ]
+    await store.apply(ChangeSet(tasks=[echo, other], runs=runs))
+    sums = sorted(await store.usage_sums(T0 - timedelta(days=1)), key=lambda s: (s.day, s.agent))
+    day = late.date()
+    assert [(s.day, s.agent, s.model, s.worker_id, s.runs) for s in sums] == [
+        (day, "echo", "claude", "w-1", 2),
+        (day, "other", "", "", 1),
+        (day + timedelta(days=1), "echo", "claude", "w-1", 1),
+    ]
+    assert sums[0].usage == Usage(11, 22, 33, 44, 0.75, 3, 300)
+    assert sums[1].usage == Usage() and sums[2].usage == Usage(cost_usd=1.0)
+    assert len(await store.usage_sums(T0 - timedelta(days=5))) == 4
+    assert await store.usage_sums(late + timedelta(days=1)) == []
+
+
 @pytest.mark.parametrize("store", ["sqlite", "postgres"], indirect=True)
 async def test_the_spending_read_is_served_by_an_index_on_when_runs_ended(
     store: Store, tmp_path: Path, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch

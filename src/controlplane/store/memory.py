@@ -14,13 +14,13 @@ import json
 from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import replace
-from datetime import datetime
+from datetime import UTC, date, datetime
 
 from taskrun.controlplane.store.eventlog import with_data
 from taskrun.core.access import ApiToken, AuditEvent, AuditQuery, BootstrapToken
 from taskrun.core.errors import StoreUnavailable
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
-from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Worker
+from taskrun.core.models import Conversation, OutputChunk, Run, Task, Turn, Usage, Worker
 from taskrun.core.schedule import Schedule, copy_schedule
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from taskrun.core.store import (
@@ -33,6 +33,7 @@ from taskrun.core.store import (
     RunSpending,
     TaskPage,
     TaskQuery,
+    UsageSum,
 )
 from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery
 from taskrun.core.workflow import Workflow, WorkflowRun, copy_run
@@ -396,6 +397,18 @@ class MemoryStore:
                 continue
             out.append(RunSpending(_copy_run(run), task.agent, dict(task.labels), task.schedule))
         return out
+
+    async def usage_sums(self, since: datetime) -> list[UsageSum]:
+        groups: dict[tuple[date, str, str, str], tuple[int, Usage]] = {}
+        for spent in await self.list_spending(since):
+            run = spent.run
+            assert run.finished_at is not None  # list_spending gives ended runs only
+            model = run.backend_used.model_name if run.backend_used else ""
+            key = (run.finished_at.astimezone(UTC).date(), spent.agent, model, run.worker_id or "")
+            runs, total = groups.get(key, (0, Usage()))
+            total.add(run.usage)
+            groups[key] = (runs + 1, total)
+        return [UsageSum(*key, runs, total) for key, (runs, total) in groups.items()]
 
     async def list_unfinished_runs(self) -> list[Run]:
         self._check_open()

@@ -680,6 +680,7 @@ class PostgresStore(SqlReads):
 
     MARK = "%s"
     LABEL_MATCHES = "(labels::jsonb ->> %s) = %s"
+    JSON_FIELD = "({column}::jsonb ->> '{key}')"
 
     def __init__(
         self,

@@ -23,7 +23,7 @@ import dataclasses
 import functools
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any, Final, Protocol, TypeVar
 
 from taskrun.core.access import ApiToken, AuditEvent, AuditKind, BootstrapToken, Scope
@@ -44,7 +44,7 @@ from taskrun.core.models import (
 )
 from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 from taskrun.core.status import Fault, RunStatus, TaskStatus, WorkerStatus
-from taskrun.core.store import LateUsage
+from taskrun.core.store import LateUsage, UsageSum
 from taskrun.core.webhooks import DeliveryStatus, Webhook, WebhookDelivery, WebhookEvent
 from taskrun.core.workflow import (
     Workflow,
@@ -1118,3 +1118,47 @@ LATEST_WORKFLOWS: Final = (
     f"SELECT {column_list(WORKFLOW_COLUMNS, 'w.')} FROM workflows w WHERE version = "
     "(SELECT MAX(version) FROM workflows v WHERE v.name = w.name) ORDER BY name"
 )
+
+
+_DAY_US: Final = 86_400_000_000
+_EPOCH_DAY: Final = date(1970, 1, 1)
+_USAGE_COUNTS: Final = (
+    "input_tokens",
+    "output_tokens",
+    "cache_read_tokens",
+    "cache_creation_tokens",
+    "turns",
+    "duration_ms",
+)
+
+
+def usage_sums_query(json_field: str, mark: str) -> str:
+    """SELECT what the runs that ended since a time spent, summed per UTC day, agent, model and
+    worker. `json_field`: the dialect's expression for one key of a JSON column, with
+    `{column}` and `{key}` to fill."""
+
+    def field(column: str, key: str) -> str:
+        return json_field.format(column=column, key=key)
+
+    counts = [f"SUM(CAST({field('r.usage', k)} AS BIGINT)) AS {k}" for k in _USAGE_COUNTS]
+    cost = f"SUM(CAST({field('r.usage', 'cost_usd')} AS DOUBLE PRECISION)) AS cost_usd"
+    return (
+        f"SELECT r.finished_at / {_DAY_US} AS day, t.agent AS agent,"
+        f" COALESCE({field('r.backend_used', 'model_name')}, '') AS model,"
+        f" COALESCE(r.worker_id, '') AS worker_id, COUNT(*) AS runs, {', '.join(counts)}, {cost}"
+        f" FROM runs r JOIN tasks t ON t.id = r.task_id WHERE r.finished_at >= {mark}"
+        " GROUP BY 1, 2, 3, 4"
+    )
+
+
+def usage_sum_from(r: RowLike) -> UsageSum:
+    """A row of `usage_sums_query` (PostgreSQL sums integers as numerics: read as ints)."""
+    counts = {k: int(r[k] or 0) for k in _USAGE_COUNTS}
+    return UsageSum(
+        day=_EPOCH_DAY + timedelta(days=int(r["day"])),
+        agent=r["agent"],
+        model=r["model"],
+        worker_id=r["worker_id"],
+        runs=int(r["runs"]),
+        usage=Usage(cost_usd=float(r["cost_usd"] or 0.0), **counts),
+    )

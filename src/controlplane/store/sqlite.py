@@ -599,6 +599,7 @@ class SqliteStore(SqlReads):
         "EXISTS (SELECT 1 FROM json_each(conversations.labels) AS l"
         " WHERE l.key = ? AND l.value = ?)"
     )
+    JSON_FIELD = "json_extract({column}, '$.{key}')"
 
     def __init__(
         self,

@@ -30,6 +30,8 @@ from taskrun.controlplane.store.rows import (
     task_from,
     turn_from,
     us,
+    usage_sum_from,
+    usage_sums_query,
     webhook_from,
     workflow_from,
     workflow_run_from,
@@ -37,7 +39,7 @@ from taskrun.controlplane.store.rows import (
 )
 from taskrun.core.ids import ConversationId, RunId, TaskId
 from taskrun.core.models import Conversation, Task, Turn
-from taskrun.core.store import ConversationQuery, LoggedEvent, RunSpending
+from taskrun.core.store import ConversationQuery, LoggedEvent, RunSpending, UsageSum
 from taskrun.core.webhooks import Webhook, WebhookDelivery
 from taskrun.core.workflow import Workflow, WorkflowRun
 
@@ -58,6 +60,7 @@ _SPENDING = (
 class SqlReads:
     MARK: ClassVar[str]  # "?" or "%s"
     LABEL_MATCHES: ClassVar[str]  # a condition on conversations.labels, given (key, value)
+    JSON_FIELD: ClassVar[str]  # one key of a JSON column: "{column}" and "{key}" to fill
 
     async def _fetchall(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
         raise NotImplementedError
@@ -77,6 +80,10 @@ class SqlReads:
             RunSpending(run_from(r), r["task_agent"], loads(r["task_labels"]), r["task_schedule"])
             for r in rows
         ]
+
+    async def usage_sums(self, since: datetime) -> list[UsageSum]:
+        sql = usage_sums_query(self.JSON_FIELD, self.MARK)
+        return [usage_sum_from(r) for r in await self._fetchall(sql, (us(since),))]
 
     # --- output --------------------------------------------------------------------------------
 
