@@ -32,7 +32,7 @@ def _bounded(value: str, field: str, limit: int = MAX_ID, *, required: bool = Tr
 
 
 def _page_size(value: int, field: str = "page_size") -> int:
-    """A page's size: 0 for as many as fit one message."""
+    """A page's size: 0 for as many as fit one message, up to MAX_LIMIT."""
     if not 0 <= value <= MAX_LIMIT:
         raise errors.InvalidArgument(f"must be between 0 and {MAX_LIMIT}", field=field)
     return value or MAX_LIMIT
