@@ -998,11 +998,10 @@ class Client:
     async def list_bootstrap_tokens(
         self, *, include_inactive: bool = False
     ) -> list[BootstrapTokenInfo]:
-        m = await self._access_stub().ListBootstrapTokens(
-            security_pb2.ListBootstrapTokensRequest(include_inactive=include_inactive),
-            timeout=self.timeout,
-        )
-        return [_bootstrap_info(t) for t in m.tokens]
+        """Oldest first (all pages)."""
+        request = security_pb2.ListBootstrapTokensRequest(include_inactive=include_inactive)
+        pages = self._pages(self._access_stub().ListBootstrapTokens, request)
+        return [_bootstrap_info(t) async for page in pages for t in page.tokens]
 
     async def revoke_bootstrap_token(self, token_id: str) -> BootstrapTokenInfo:
         m = await self._access_stub().RevokeBootstrapToken(
@@ -1023,11 +1022,10 @@ class Client:
         return m.token, _api_info(m.info)
 
     async def list_api_tokens(self, *, include_inactive: bool = False) -> list[ApiTokenInfo]:
-        m = await self._access_stub().ListApiTokens(
-            security_pb2.ListApiTokensRequest(include_inactive=include_inactive),
-            timeout=self.timeout,
-        )
-        return [_api_info(t) for t in m.tokens]
+        """Oldest first (all pages)."""
+        request = security_pb2.ListApiTokensRequest(include_inactive=include_inactive)
+        pages = self._pages(self._access_stub().ListApiTokens, request)
+        return [_api_info(t) async for page in pages for t in page.tokens]
 
     async def revoke_api_token(self, token_id: str) -> ApiTokenInfo:
         m = await self._access_stub().RevokeApiToken(

@@ -7,6 +7,7 @@ import grpc
 from taskrun import convert
 from taskrun.controlplane.access import AccessControl
 from taskrun.controlplane.auth import Authenticator
+from taskrun.controlplane.pages import dated_page, page_size
 from taskrun.controlplane.pki import cert_pem, principal_of
 from taskrun.controlplane.services import domain_errors
 from taskrun.controlplane.sizing import fitting
@@ -92,11 +93,18 @@ class AccessService(security_pb2_grpc.AccessServiceServicer):
         self, request: spb.ListBootstrapTokensRequest, context: grpc.aio.ServicerContext
     ) -> spb.ListBootstrapTokensResponse:
         await self.auth.operator(context, Scope.ADMIN)
+        size = page_size(request.page_size)
         tokens = await self.access.list_bootstrap_tokens(request.include_inactive)
         now = utcnow()
-        return spb.ListBootstrapTokensResponse(
-            tokens=[convert.bootstrap_token_to_pb(t, now) for t in tokens]
+        listed, token = dated_page(
+            tokens,
+            size,
+            request.page_token,
+            "ListBootstrapTokens",
+            lambda t: convert.bootstrap_token_to_pb(t, now),
+            self.access.config.max_message_bytes,
         )
+        return spb.ListBootstrapTokensResponse(tokens=listed, next_page_token=token)
 
     @domain_errors
     async def RevokeBootstrapToken(
@@ -124,13 +132,17 @@ class AccessService(security_pb2_grpc.AccessServiceServicer):
         self, request: spb.ListApiTokensRequest, context: grpc.aio.ServicerContext
     ) -> spb.ListApiTokensResponse:
         await self.auth.operator(context, Scope.ADMIN)
+        size = page_size(request.page_size)
         now = utcnow()
-        return spb.ListApiTokensResponse(
-            tokens=[
-                convert.api_token_to_pb(t, now)
-                for t in self.access.list_api_tokens(request.include_inactive)
-            ]
+        listed, token = dated_page(
+            self.access.list_api_tokens(request.include_inactive),
+            size,
+            request.page_token,
+            "ListApiTokens",
+            lambda t: convert.api_token_to_pb(t, now),
+            self.access.config.max_message_bytes,
         )
+        return spb.ListApiTokensResponse(tokens=listed, next_page_token=token)
 
     @domain_errors
     async def RevokeApiToken(

@@ -25,7 +25,7 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19taskrun/v1/security.proto\x12\ntaskrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x10\n\x08hostname\x18\x03 \x01(\t\"\xf9\x01\n\x0e\x45nrollResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.taskrun.v1.EnrollResponse.LabelsEntry\x12\x14\n\x0csession_port\x18\x05 \x01(\x05\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x17RenewCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"c\n\x18RenewCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaa\x03\n\x0e\x42ootstrapToken\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x36\n\x06labels\x18\x03 \x03(\x0b\x32&.taskrun.v1.BootstrapToken.LabelsEntry\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.taskrun.v1.TokenState\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07used_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\t \x01(\t\x12\x14\n\x0cused_by_host\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb9\x01\n\x1b\x43reateBootstrapTokenRequest\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x43\n\x06labels\x18\x03 \x03(\x0b\x32\x33.taskrun.v1.CreateBootstrapTokenRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9a\x01\n\x1c\x43reateBootstrapTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12(\n\x04info\x18\x02 \x01(\x0b\x32\x1a.taskrun.v1.BootstrapToken\x12\x16\n\x0e\x63\x61_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0bpublic_port\x18\x04 \x01(\x05\x12\x14\n\x0csession_port\x18\x05 \x01(\x05\"6\n\x1aListBootstrapTokensRequest\x12\x18\n\x10include_inactive\x18\x01 \x01(\x08\"I\n\x1bListBootstrapTokensResponse\x12*\n\x06tokens\x18\x01 \x03(\x0b\x32\x1a.taskrun.v1.BootstrapToken\"/\n\x1bRevokeBootstrapTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"\x85\x02\n\x08\x41piToken\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.taskrun.v1.TokenState\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x08 \x01(\t\"J\n\x15\x43reateApiTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\"K\n\x16\x43reateApiTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\"\n\x04info\x18\x02 \x01(\x0b\x32\x14.taskrun.v1.ApiToken\"0\n\x14ListApiTokensRequest\x12\x18\n\x10include_inactive\x18\x01 \x01(\x08\"=\n\x15ListApiTokensResponse\x12$\n\x06tokens\x18\x01 \x03(\x0b\x32\x14.taskrun.v1.ApiToken\")\n\x15RevokeApiTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"\x92\x01\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tprincipal\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0c\n\x04peer\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\"I\n\x16ListAuditEventsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x11\n\tbefore_id\x18\x02 \x01(\x03\x12\r\n\x05kinds\x18\x03 \x03(\t\"A\n\x17ListAuditEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.taskrun.v1.AuditEvent\"G\n\x1fIssueOperatorCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"\xa3\x01\n IssueOperatorCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x10\n\x08identity\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0csession_port\x18\x05 \x01(\x05*\x89\x01\n\nTokenState\x12\x1b\n\x17TOKEN_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TOKEN_STATE_ACTIVE\x10\x01\x12\x14\n\x10TOKEN_STATE_USED\x10\x02\x12\x17\n\x13TOKEN_STATE_EXPIRED\x10\x03\x12\x17\n\x13TOKEN_STATE_REVOKED\x10\x04\x32T\n\x11\x45nrollmentService\x12?\n\x06\x45nroll\x12\x19.taskrun.v1.EnrollRequest\x1a\x1a.taskrun.v1.EnrollResponse2s\n\x12\x43\x65rtificateService\x12]\n\x10RenewCertificate\x12#.taskrun.v1.RenewCertificateRequest\x1a$.taskrun.v1.RenewCertificateResponse2\x8c\x06\n\rAccessService\x12i\n\x14\x43reateBootstrapToken\x12\'.taskrun.v1.CreateBootstrapTokenRequest\x1a(.taskrun.v1.CreateBootstrapTokenResponse\x12\x66\n\x13ListBootstrapTokens\x12&.taskrun.v1.ListBootstrapTokensRequest\x1a\'.taskrun.v1.ListBootstrapTokensResponse\x12[\n\x14RevokeBootstrapToken\x12\'.taskrun.v1.RevokeBootstrapTokenRequest\x1a\x1a.taskrun.v1.BootstrapToken\x12W\n\x0e\x43reateApiToken\x12!.taskrun.v1.CreateApiTokenRequest\x1a\".taskrun.v1.CreateApiTokenResponse\x12T\n\rListApiTokens\x12 .taskrun.v1.ListApiTokensRequest\x1a!.taskrun.v1.ListApiTokensResponse\x12I\n\x0eRevokeApiToken\x12!.taskrun.v1.RevokeApiTokenRequest\x1a\x14.taskrun.v1.ApiToken\x12Z\n\x0fListAuditEvents\x12\".taskrun.v1.ListAuditEventsRequest\x1a#.taskrun.v1.ListAuditEventsResponse\x12u\n\x18IssueOperatorCertificate\x12+.taskrun.v1.IssueOperatorCertificateRequest\x1a,.taskrun.v1.IssueOperatorCertificateResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19taskrun/v1/security.proto\x12\ntaskrun.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"A\n\rEnrollRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x0f\n\x07\x63sr_pem\x18\x02 \x01(\x0c\x12\x10\n\x08hostname\x18\x03 \x01(\t\"\xf9\x01\n\x0e\x45nrollResponse\x12\x11\n\tworker_id\x18\x01 \x01(\t\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x03 \x01(\x0c\x12\x36\n\x06labels\x18\x04 \x03(\x0b\x32&.taskrun.v1.EnrollResponse.LabelsEntry\x12\x14\n\x0csession_port\x18\x05 \x01(\x05\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"*\n\x17RenewCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"c\n\x18RenewCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12.\n\nexpires_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xaa\x03\n\x0e\x42ootstrapToken\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x36\n\x06labels\x18\x03 \x03(\x0b\x32&.taskrun.v1.BootstrapToken.LabelsEntry\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.taskrun.v1.TokenState\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07used_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\t \x01(\t\x12\x14\n\x0cused_by_host\x18\n \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xb9\x01\n\x1b\x43reateBootstrapTokenRequest\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\x03\x12\x11\n\tworker_id\x18\x02 \x01(\t\x12\x43\n\x06labels\x18\x03 \x03(\x0b\x32\x33.taskrun.v1.CreateBootstrapTokenRequest.LabelsEntry\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\x9a\x01\n\x1c\x43reateBootstrapTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12(\n\x04info\x18\x02 \x01(\x0b\x32\x1a.taskrun.v1.BootstrapToken\x12\x16\n\x0e\x63\x61_fingerprint\x18\x03 \x01(\t\x12\x13\n\x0bpublic_port\x18\x04 \x01(\x05\x12\x14\n\x0csession_port\x18\x05 \x01(\x05\"]\n\x1aListBootstrapTokensRequest\x12\x18\n\x10include_inactive\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"b\n\x1bListBootstrapTokensResponse\x12*\n\x06tokens\x18\x01 \x03(\x0b\x32\x1a.taskrun.v1.BootstrapToken\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\"/\n\x1bRevokeBootstrapTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"\x85\x02\n\x08\x41piToken\x12\x10\n\x08token_id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\x0e\n\x06scopes\x18\x03 \x03(\t\x12%\n\x05state\x18\x04 \x01(\x0e\x32\x16.taskrun.v1.TokenState\x12.\n\ncreated_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\ncreated_by\x18\x08 \x01(\t\"J\n\x15\x43reateApiTokenRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06scopes\x18\x02 \x03(\t\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x03\"K\n\x16\x43reateApiTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12\"\n\x04info\x18\x02 \x01(\x0b\x32\x14.taskrun.v1.ApiToken\"W\n\x14ListApiTokensRequest\x12\x18\n\x10include_inactive\x18\x01 \x01(\x08\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\"V\n\x15ListApiTokensResponse\x12$\n\x06tokens\x18\x01 \x03(\x0b\x32\x14.taskrun.v1.ApiToken\x12\x17\n\x0fnext_page_token\x18\x02 \x01(\t\")\n\x15RevokeApiTokenRequest\x12\x10\n\x08token_id\x18\x01 \x01(\t\"\x92\x01\n\nAuditEvent\x12\n\n\x02id\x18\x01 \x01(\x03\x12(\n\x04time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0c\n\x04kind\x18\x03 \x01(\t\x12\x11\n\tprincipal\x18\x04 \x01(\t\x12\x0f\n\x07subject\x18\x05 \x01(\t\x12\x0c\n\x04peer\x18\x06 \x01(\t\x12\x0e\n\x06\x64\x65tail\x18\x07 \x01(\t\"I\n\x16ListAuditEventsRequest\x12\r\n\x05limit\x18\x01 \x01(\x05\x12\x11\n\tbefore_id\x18\x02 \x01(\x03\x12\r\n\x05kinds\x18\x03 \x03(\t\"A\n\x17ListAuditEventsResponse\x12&\n\x06\x65vents\x18\x01 \x03(\x0b\x32\x16.taskrun.v1.AuditEvent\"G\n\x1fIssueOperatorCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\x03\"\xa3\x01\n IssueOperatorCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x0e\n\x06\x63\x61_pem\x18\x02 \x01(\x0c\x12\x10\n\x08identity\x18\x03 \x01(\t\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0csession_port\x18\x05 \x01(\x05*\x89\x01\n\nTokenState\x12\x1b\n\x17TOKEN_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12TOKEN_STATE_ACTIVE\x10\x01\x12\x14\n\x10TOKEN_STATE_USED\x10\x02\x12\x17\n\x13TOKEN_STATE_EXPIRED\x10\x03\x12\x17\n\x13TOKEN_STATE_REVOKED\x10\x04\x32T\n\x11\x45nrollmentService\x12?\n\x06\x45nroll\x12\x19.taskrun.v1.EnrollRequest\x1a\x1a.taskrun.v1.EnrollResponse2s\n\x12\x43\x65rtificateService\x12]\n\x10RenewCertificate\x12#.taskrun.v1.RenewCertificateRequest\x1a$.taskrun.v1.RenewCertificateResponse2\x8c\x06\n\rAccessService\x12i\n\x14\x43reateBootstrapToken\x12\'.taskrun.v1.CreateBootstrapTokenRequest\x1a(.taskrun.v1.CreateBootstrapTokenResponse\x12\x66\n\x13ListBootstrapTokens\x12&.taskrun.v1.ListBootstrapTokensRequest\x1a\'.taskrun.v1.ListBootstrapTokensResponse\x12[\n\x14RevokeBootstrapToken\x12\'.taskrun.v1.RevokeBootstrapTokenRequest\x1a\x1a.taskrun.v1.BootstrapToken\x12W\n\x0e\x43reateApiToken\x12!.taskrun.v1.CreateApiTokenRequest\x1a\".taskrun.v1.CreateApiTokenResponse\x12T\n\rListApiTokens\x12 .taskrun.v1.ListApiTokensRequest\x1a!.taskrun.v1.ListApiTokensResponse\x12I\n\x0eRevokeApiToken\x12!.taskrun.v1.RevokeApiTokenRequest\x1a\x14.taskrun.v1.ApiToken\x12Z\n\x0fListAuditEvents\x12\".taskrun.v1.ListAuditEventsRequest\x1a#.taskrun.v1.ListAuditEventsResponse\x12u\n\x18IssueOperatorCertificate\x12+.taskrun.v1.IssueOperatorCertificateRequest\x1a,.taskrun.v1.IssueOperatorCertificateResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -38,8 +38,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_BOOTSTRAPTOKEN_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_CREATEBOOTSTRAPTOKENREQUEST_LABELSENTRY']._loaded_options = None
   _globals['_CREATEBOOTSTRAPTOKENREQUEST_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_TOKENSTATE']._serialized_start=2596
-  _globals['_TOKENSTATE']._serialized_end=2733
+  _globals['_TOKENSTATE']._serialized_start=2724
+  _globals['_TOKENSTATE']._serialized_end=2861
   _globals['_ENROLLREQUEST']._serialized_start=74
   _globals['_ENROLLREQUEST']._serialized_end=139
   _globals['_ENROLLRESPONSE']._serialized_start=142
@@ -61,37 +61,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CREATEBOOTSTRAPTOKENRESPONSE']._serialized_start=1156
   _globals['_CREATEBOOTSTRAPTOKENRESPONSE']._serialized_end=1310
   _globals['_LISTBOOTSTRAPTOKENSREQUEST']._serialized_start=1312
-  _globals['_LISTBOOTSTRAPTOKENSREQUEST']._serialized_end=1366
-  _globals['_LISTBOOTSTRAPTOKENSRESPONSE']._serialized_start=1368
-  _globals['_LISTBOOTSTRAPTOKENSRESPONSE']._serialized_end=1441
-  _globals['_REVOKEBOOTSTRAPTOKENREQUEST']._serialized_start=1443
-  _globals['_REVOKEBOOTSTRAPTOKENREQUEST']._serialized_end=1490
-  _globals['_APITOKEN']._serialized_start=1493
-  _globals['_APITOKEN']._serialized_end=1754
-  _globals['_CREATEAPITOKENREQUEST']._serialized_start=1756
-  _globals['_CREATEAPITOKENREQUEST']._serialized_end=1830
-  _globals['_CREATEAPITOKENRESPONSE']._serialized_start=1832
-  _globals['_CREATEAPITOKENRESPONSE']._serialized_end=1907
-  _globals['_LISTAPITOKENSREQUEST']._serialized_start=1909
-  _globals['_LISTAPITOKENSREQUEST']._serialized_end=1957
-  _globals['_LISTAPITOKENSRESPONSE']._serialized_start=1959
-  _globals['_LISTAPITOKENSRESPONSE']._serialized_end=2020
-  _globals['_REVOKEAPITOKENREQUEST']._serialized_start=2022
-  _globals['_REVOKEAPITOKENREQUEST']._serialized_end=2063
-  _globals['_AUDITEVENT']._serialized_start=2066
-  _globals['_AUDITEVENT']._serialized_end=2212
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=2214
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=2287
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=2289
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=2354
-  _globals['_ISSUEOPERATORCERTIFICATEREQUEST']._serialized_start=2356
-  _globals['_ISSUEOPERATORCERTIFICATEREQUEST']._serialized_end=2427
-  _globals['_ISSUEOPERATORCERTIFICATERESPONSE']._serialized_start=2430
-  _globals['_ISSUEOPERATORCERTIFICATERESPONSE']._serialized_end=2593
-  _globals['_ENROLLMENTSERVICE']._serialized_start=2735
-  _globals['_ENROLLMENTSERVICE']._serialized_end=2819
-  _globals['_CERTIFICATESERVICE']._serialized_start=2821
-  _globals['_CERTIFICATESERVICE']._serialized_end=2936
-  _globals['_ACCESSSERVICE']._serialized_start=2939
-  _globals['_ACCESSSERVICE']._serialized_end=3719
+  _globals['_LISTBOOTSTRAPTOKENSREQUEST']._serialized_end=1405
+  _globals['_LISTBOOTSTRAPTOKENSRESPONSE']._serialized_start=1407
+  _globals['_LISTBOOTSTRAPTOKENSRESPONSE']._serialized_end=1505
+  _globals['_REVOKEBOOTSTRAPTOKENREQUEST']._serialized_start=1507
+  _globals['_REVOKEBOOTSTRAPTOKENREQUEST']._serialized_end=1554
+  _globals['_APITOKEN']._serialized_start=1557
+  _globals['_APITOKEN']._serialized_end=1818
+  _globals['_CREATEAPITOKENREQUEST']._serialized_start=1820
+  _globals['_CREATEAPITOKENREQUEST']._serialized_end=1894
+  _globals['_CREATEAPITOKENRESPONSE']._serialized_start=1896
+  _globals['_CREATEAPITOKENRESPONSE']._serialized_end=1971
+  _globals['_LISTAPITOKENSREQUEST']._serialized_start=1973
+  _globals['_LISTAPITOKENSREQUEST']._serialized_end=2060
+  _globals['_LISTAPITOKENSRESPONSE']._serialized_start=2062
+  _globals['_LISTAPITOKENSRESPONSE']._serialized_end=2148
+  _globals['_REVOKEAPITOKENREQUEST']._serialized_start=2150
+  _globals['_REVOKEAPITOKENREQUEST']._serialized_end=2191
+  _globals['_AUDITEVENT']._serialized_start=2194
+  _globals['_AUDITEVENT']._serialized_end=2340
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=2342
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=2415
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=2417
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=2482
+  _globals['_ISSUEOPERATORCERTIFICATEREQUEST']._serialized_start=2484
+  _globals['_ISSUEOPERATORCERTIFICATEREQUEST']._serialized_end=2555
+  _globals['_ISSUEOPERATORCERTIFICATERESPONSE']._serialized_start=2558
+  _globals['_ISSUEOPERATORCERTIFICATERESPONSE']._serialized_end=2721
+  _globals['_ENROLLMENTSERVICE']._serialized_start=2863
+  _globals['_ENROLLMENTSERVICE']._serialized_end=2947
+  _globals['_CERTIFICATESERVICE']._serialized_start=2949
+  _globals['_CERTIFICATESERVICE']._serialized_end=3064
+  _globals['_ACCESSSERVICE']._serialized_start=3067
+  _globals['_ACCESSSERVICE']._serialized_end=3847
 # @@protoc_insertion_point(module_scope)

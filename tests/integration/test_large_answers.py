@@ -686,3 +686,30 @@ async def test_a_page_of_audit_events_too_large_for_one_message_is_cut_and_goes_
     seen = await client.list_audit_events(limit=1000)  # the client goes on with before_id
     revoked = [e.subject[:11] for e in seen if e.kind is AuditKind.WORKER_REVOKED]
     assert revoked == [f"worker-{n:04d}" for n in reversed(range(800))]
+
+
+async def test_token_lists_too_large_for_one_message_come_in_pages(cluster: Cluster) -> None:
+    """Every enrollment leaves its bootstrap token behind (used): a fleet that comes and goes
+    piles them up. Each here carries 64 labels, 8 kB."""
+    await cluster.start_server(max_message_bytes=SMALL)
+    client = cluster.client()
+    labels = {f"k{i:02d}-" + "k" * 58: "v" * 63 for i in range(64)}
+    made = [
+        (await client.create_bootstrap_token(worker_id=f"w-{n:03d}", labels=labels)).info.token_id
+        for n in range(150)
+    ]
+    for n in range(3):
+        await client.create_api_token(f"api-{n}", ["read"])
+    assert [t.token_id for t in await client.list_bootstrap_tokens(include_inactive=True)] == made
+    stub = client._access_stub()
+    page = await stub.ListBootstrapTokens(
+        security_pb2.ListBootstrapTokensRequest(include_inactive=True)
+    )
+    assert page.ByteSize() <= SEND_LIMIT and page.next_page_token
+    page = await stub.ListApiTokens(security_pb2.ListApiTokensRequest(page_size=2))
+    assert len(page.tokens) == 2 and page.next_page_token
+    assert len(await client.list_api_tokens()) == 3
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await stub.ListApiTokens(security_pb2.ListApiTokensRequest(page_token="bogus"))
+    assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert (refused.value.details() or "").startswith("page_token: ")

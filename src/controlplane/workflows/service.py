@@ -6,7 +6,14 @@ import grpc
 
 from taskrun import convert
 from taskrun.controlplane.auth import Authenticator
-from taskrun.controlplane.pages import page_token, position_token, token_field, token_position
+from taskrun.controlplane.pages import (
+    dated_page,
+    page_size,
+    page_token,
+    position_token,
+    token_field,
+    token_position,
+)
 from taskrun.controlplane.services import domain_errors
 from taskrun.controlplane.sizing import fitting, leave_out_results
 from taskrun.controlplane.workflows.executor import WorkflowExecutor
@@ -29,13 +36,6 @@ def _bounded(value: str, field: str, limit: int = MAX_ID, *, required: bool = Tr
     if len(value) > limit:
         raise errors.InvalidArgument(f"is longer than {limit} characters", field=field)
     return value
-
-
-def _page_size(value: int, field: str = "page_size") -> int:
-    """A page's size: 0 for as many as fit one message, up to MAX_LIMIT."""
-    if not 0 <= value <= MAX_LIMIT:
-        raise errors.InvalidArgument(f"must be between 0 and {MAX_LIMIT}", field=field)
-    return value or MAX_LIMIT
 
 
 class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
@@ -68,7 +68,7 @@ class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
         self, request: workflows_pb2.ListWorkflowsRequest, context: grpc.aio.ServicerContext
     ) -> workflows_pb2.ListWorkflowsResponse:
         await self.auth.operator(context, Scope.READ)
-        size = _page_size(request.page_size)
+        size = page_size(request.page_size, MAX_LIMIT) or MAX_LIMIT  # 0: as many as fit
         after = token_field(request.page_token, "ListWorkflows")
         workflows = [w for w in await self.executor.store.list_workflows() if w.name > after]
         listed, cut = fitting((convert.workflow_to_pb(w) for w in workflows[:size]), self._budget)
@@ -154,16 +154,15 @@ class WorkflowService(workflows_pb2_grpc.WorkflowServiceServicer):
         self, request: workflows_pb2.ListInboxItemsRequest, context: grpc.aio.ServicerContext
     ) -> workflows_pb2.ListInboxItemsResponse:
         await self.auth.operator(context, Scope.READ)
-        size = _page_size(request.page_size)
-        after = token_position(request.page_token, "ListInboxItems")
-        items = [i for i in self.executor.inbox() if after is None or (i.created_at, i.id) > after]
-        listed, cut = fitting((convert.inbox_item_to_pb(i) for i in items[:size]), self._budget)
-        last = items[len(listed) - 1] if listed else None
-        more = cut or len(items) > size
-        return workflows_pb2.ListInboxItemsResponse(
-            items=listed,
-            next_page_token=position_token(last.created_at, last.id) if more and last else "",
+        listed, token = dated_page(
+            self.executor.inbox(),
+            page_size(request.page_size, MAX_LIMIT),
+            request.page_token,
+            "ListInboxItems",
+            convert.inbox_item_to_pb,
+            self._budget,
         )
+        return workflows_pb2.ListInboxItemsResponse(items=listed, next_page_token=token)
 
     @domain_errors
     async def AnswerInboxItem(
