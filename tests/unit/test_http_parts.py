@@ -7,7 +7,8 @@ import pytest
 
 from taskrun.controlplane.http.api import BadRequest, decode_cursor, encode_cursor, parse_message
 from taskrun.controlplane.http.context import Aborted
-from taskrun.v1 import tasks_pb2
+from taskrun.controlplane.http.mcp_server import task_summary
+from taskrun.v1 import common_pb2, tasks_pb2
 
 
 def test_a_cursor_round_trips_every_run_and_sequence_number() -> None:
@@ -54,3 +55,11 @@ def test_the_field_is_read_from_the_domain_message_prefix() -> None:
         "tasks[1].input_json"
     )
     assert Aborted(grpc.StatusCode.NOT_FOUND, "no task 'x'").field is None
+
+
+def test_an_agent_reading_a_task_over_mcp_is_told_when_earlier_runs_were_left_out() -> None:
+    task = common_pb2.Task(id="tsk_1", attempts=80, earlier_runs=60)
+    task.runs.add(id="run_61", attempt=61)
+    summary = task_summary(task)
+    assert summary["earlier_runs"] == 60 and [r["attempt"] for r in summary["runs"]] == [61]
+    assert "earlier_runs" not in task_summary(common_pb2.Task(id="tsk_2", attempts=1))

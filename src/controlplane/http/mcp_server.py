@@ -208,6 +208,8 @@ def task_summary(task: pb.Task) -> dict[str, Any]:
             }
             for r in task.runs
         ]
+    if task.earlier_runs:  # the runs did not all fit one reply: these are the latest
+        summary["earlier_runs"] = task.earlier_runs
     return summary
 
 
