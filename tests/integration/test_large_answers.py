@@ -505,21 +505,35 @@ async def test_announcements_past_their_bounds_are_refused_naming_the_field(
 ) -> None:
     await cluster.start_server()
     huge = json.dumps({"type": "object", "description": "s" * 200_000})
-    cases = {
-        "hello.agents": [common_pb2.AgentSpec(name=f"a{i}") for i in range(300)],
-        "hello.agents[1]": [
-            common_pb2.AgentSpec(name="small"),
-            common_pb2.AgentSpec(name="echo", input_schema_json=huge),
-        ],
-        "hello.agents[0].description": [common_pb2.AgentSpec(name="echo", description="d" * 5000)],
-    }
-    for field, agents in cases.items():
+    fits_one = json.dumps({"type": "object", "description": "s" * 120_000})
+    cases = [
+        (
+            "hello.agents: must be at most 256",
+            [common_pb2.AgentSpec(name=f"a{i}") for i in range(300)],
+        ),
+        (
+            "hello.agents[1]: is ",
+            [
+                common_pb2.AgentSpec(name="small"),
+                common_pb2.AgentSpec(name="echo", input_schema_json=huge),
+            ],
+        ),
+        (
+            "hello.agents[0].description: is longer",
+            [common_pb2.AgentSpec(name="echo", description="d" * 5000)],
+        ),
+        (  # each fits, five do not: 600 kB together
+            "hello.agents: are over 524,288 bytes together",
+            [common_pb2.AgentSpec(name=f"a{i}", input_schema_json=fits_one) for i in range(5)],
+        ),
+    ]
+    for start, agents in cases:
         ch, call = await hello(cluster, "worker-1", agents)
         try:
             with pytest.raises(grpc.aio.AioRpcError) as refused:
                 await call.read()
             assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
-            assert (refused.value.details() or "").startswith(f"{field}: "), field
+            assert (refused.value.details() or "").startswith(start), start
         finally:
             await ch.close()
     assert await cluster.client().list_workers() == []
