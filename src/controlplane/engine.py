@@ -111,7 +111,8 @@ from taskrun.core.validation import (
     MAX_REPORTED_NAME,
     bounded_backend,
     clip_error,
-    reported_session,
+    kept_session_id,
+    kept_snapshot,
     result_over_limit,
 )
 from taskrun.v1 import common_pb2 as pb
@@ -1693,7 +1694,7 @@ class Engine:
         now = utcnow()
         if status is RunStatus.RUNNING:
             run.status, run.started_at = status, now
-            run.session_id = reported_session(update.session_id, b"")[0] or run.session_id
+            run.session_id = kept_session_id(update.session_id) or run.session_id
             changes.runs.append(run)
             return False
         error, result = clip_error(update.error), update.result_json
@@ -1709,7 +1710,7 @@ class Engine:
             run.usage = usage_from_pb(update.usage)
         if update.HasField("backend_used"):
             run.backend_used = bounded_backend(backend_from_pb(update.backend_used))
-        run.session_id = reported_session(update.session_id, b"")[0] or run.session_id
+        run.session_id = kept_session_id(update.session_id) or run.session_id
         if status is RunStatus.FAILED:
             run.fault = fault
         self._adopt_session(run, update)
@@ -1802,7 +1803,10 @@ class Engine:
         if update.summary and update.summarized_through > conversation.summarized_through:
             conversation.summary = update.summary
             conversation.summarized_through = update.summarized_through
-        session_id, snapshot = reported_session(update.session_id, update.session_snapshot)
+        session_id, snapshot = (
+            kept_session_id(update.session_id),
+            kept_snapshot(update.session_snapshot),
+        )
         if not (session_id or update.session_snapshot):
             return
         # Replaced even by nothing: an older snapshot no longer is the session (too big to move,

@@ -99,6 +99,14 @@ def bounded_backend(backend: ModelBackend) -> ModelBackend:
     def name(text: str) -> str:
         return text[:MAX_REPORTED_NAME]
 
+    names = (backend.model_name, *backend.modalities, *backend.tools)
+    if (
+        len(backend.provider) <= MAX_REPORTED_PROVIDER
+        and len(backend.modalities) <= MAX_REPORTED_ITEMS
+        and len(backend.tools) <= MAX_REPORTED_ITEMS
+        and all(len(n) <= MAX_REPORTED_NAME for n in names)
+    ):
+        return backend  # every real one: nothing to copy
     return ModelBackend(
         provider=backend.provider[:MAX_REPORTED_PROVIDER],
         model_name=name(backend.model_name),
@@ -108,13 +116,15 @@ def bounded_backend(backend: ModelBackend) -> ModelBackend:
     )
 
 
-def reported_session(session_id: str, snapshot: bytes) -> tuple[str, bytes]:
-    """A run's session as kept: an id longer than any real one is none, and a snapshot over
-    MAX_SESSION_SNAPSHOT_BYTES is too big to move (the worker keeps its own copy)."""
-    return (
-        session_id if len(session_id) <= MAX_REPORTED_NAME else "",
-        snapshot if len(snapshot) <= MAX_SESSION_SNAPSHOT_BYTES else b"",
-    )
+def kept_session_id(session_id: str) -> str:
+    """A run's session id as kept: one longer than any real one is none."""
+    return session_id if len(session_id) <= MAX_REPORTED_NAME else ""
+
+
+def kept_snapshot(snapshot: bytes) -> bytes:
+    """A session snapshot as kept: one over MAX_SESSION_SNAPSHOT_BYTES is too big to move (the
+    worker keeps its own copy)."""
+    return snapshot if len(snapshot) <= MAX_SESSION_SNAPSHOT_BYTES else b""
 
 
 def result_over_limit(text: str, what: str = "result") -> str:

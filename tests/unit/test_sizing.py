@@ -21,7 +21,7 @@ from taskrun.controlplane.sizing import (
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.ids import RunId
 from taskrun.core.models import MAX_SESSION_SNAPSHOT_BYTES, ModelBackend, OutputChunk
-from taskrun.core.validation import bounded_backend, reported_session
+from taskrun.core.validation import bounded_backend, kept_session_id, kept_snapshot
 from taskrun.v1 import workflows_pb2
 
 
@@ -127,6 +127,6 @@ def test_what_a_worker_reports_is_kept_within_bounds() -> None:
     kept = bounded_backend(huge)
     assert (len(kept.provider), len(kept.model_name)) == (64, 256)
     assert len(kept.tools) == len(kept.modalities) == 64 and len(kept.tools[0]) == 256
-    assert reported_session("sess-1", b"zip") == ("sess-1", b"zip")
+    assert (kept_session_id("sess-1"), kept_snapshot(b"zip")) == ("sess-1", b"zip")
     too_big = b"z" * (MAX_SESSION_SNAPSHOT_BYTES + 1)
-    assert reported_session("s" * 257, too_big) == ("", b"")
+    assert (kept_session_id("s" * 257), kept_snapshot(too_big)) == ("", b"")
