@@ -107,6 +107,7 @@ class RecordedRequest:
     path: str
     headers: dict[str, str]  # names lower-cased
     body: Any
+    peer: tuple[str, int] = ("", 0)  # the client's address: one per connection
 
     @property
     def stream(self) -> bool:
@@ -258,7 +259,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             body = raw.decode(errors="replace")
         headers = {k.lower(): v for k, v in self.headers.items()}
-        return RecordedRequest(self.command, self.path, headers, body)
+        return RecordedRequest(self.command, self.path, headers, body, self.client_address[:2])
 
     def _json(self, status: int, payload: Any, headers: dict[str, str] | None = None) -> None:
         data = json.dumps(payload).encode()

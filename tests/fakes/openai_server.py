@@ -65,6 +65,7 @@ class Recorded:
     path: str
     headers: dict[str, str]
     body: Any
+    peer: tuple[str, int] = ("", 0)  # the client's address: one per connection
 
     @property
     def messages(self) -> list[dict[str, Any]]:
@@ -153,7 +154,8 @@ class _Handler(BaseHTTPRequestHandler):
             body: Any = json.loads(raw) if raw else None
         except ValueError:
             body = raw.decode(errors="replace")
-        request = Recorded("POST", self.path, {k.lower(): v for k, v in self.headers.items()}, body)
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        request = Recorded("POST", self.path, headers, body, self.client_address[:2])
         owner = self.owner
         if self.path.split("?")[0] != "/v1/chat/completions":
             with owner._lock:

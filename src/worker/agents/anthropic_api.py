@@ -36,6 +36,7 @@ from taskrun.worker.agents.backends import (
     anthropic_api_missing,
     check_input,
     default_model,
+    rehearse_anthropic,
 )
 from taskrun.worker.agents.structured import answer, result_of, unknown_cost
 
@@ -94,11 +95,10 @@ class AnthropicAgent:
     prices: Mapping[str, ModelInfo] = MODELS
 
     def __init__(self) -> None:
-        # about a second on a busy machine: paid when the worker starts, not inside a run, where
-        # it would hold up the worker's event loop (and its heartbeats)
-        import anthropic  # noqa: F401
-        import httpx2  # noqa: F401
-
+        # imports and the SDK's first call (about a second on a busy machine): paid when the
+        # worker starts, not inside a run, where they would hold up the worker's event loop
+        # (and its heartbeats)
+        rehearse_anthropic()
         self.spec = AgentSpec(
             name="anthropic",
             description="One Anthropic Messages API call (streaming): prompt, system, model, "

@@ -15,6 +15,7 @@ worker's: credentials, the provider unreachable or failing; or the task's reques
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import structlog
 from taskrun.core.agent import AgentError
 from taskrun.core.models import ModelBackend, Usage
 from taskrun.core.status import Fault
+from taskrun.worker.agents.clients import http_reply, rehearse, shared
 
 if TYPE_CHECKING:
     import anthropic
@@ -317,19 +319,20 @@ class AnthropicBackend:
         extra_body = {"temperature": temperature} if temperature is not None else None
         opened: Any = None  # the stream, once it started: what it spent if it breaks
         try:
-            async with (
-                anthropic.AsyncAnthropic(
+            client = shared(
+                ("anthropic", self.api_key, self.base_url, self.max_retries),
+                lambda: anthropic.AsyncAnthropic(
                     api_key=self.api_key, base_url=self.base_url, max_retries=self.max_retries
-                ) as client,
-                client.messages.stream(
-                    model=model,
-                    max_tokens=max_tokens,
-                    system=system or anthropic.omit,
-                    messages=params,
-                    stop_sequences=list(stop) if stop else anthropic.omit,
-                    extra_body=extra_body,
-                ) as stream,
-            ):
+                ),
+            )
+            async with client.messages.stream(
+                model=model,
+                max_tokens=max_tokens,
+                system=system or anthropic.omit,
+                messages=params,
+                stop_sequences=list(stop) if stop else anthropic.omit,
+                extra_body=extra_body,
+            ) as stream:
                 opened = stream
                 async for event in stream:
                     if event.type == "message_start" and on_usage is not None:
@@ -442,3 +445,68 @@ class AnthropicBackend:
                 fault=Fault.WORKER,
             )
         return AgentError(f"Anthropic SDK error: {type(exc).__name__}: {exc}", fault=Fault.WORKER)
+
+
+def _sse(*events: dict[str, Any]) -> bytes:
+    return "".join(f"event: {e['type']}\ndata: {json.dumps(e)}\n\n" for e in events).encode()
+
+
+# A whole streamed reply of one word, with the fields the Messages API sends (each kind of
+# field the SDK meets first makes it build a validator).
+_REHEARSAL_USAGE = {
+    "input_tokens": 1,
+    "cache_creation_input_tokens": 0,
+    "cache_read_input_tokens": 0,
+    "cache_creation": {"ephemeral_5m_input_tokens": 0, "ephemeral_1h_input_tokens": 0},
+    "output_tokens": 1,
+    "service_tier": "standard",
+}
+_REHEARSAL_REPLY = http_reply(
+    "text/event-stream",
+    _sse(
+        {
+            "type": "message_start",
+            "message": {
+                "id": "msg_rehearsal",
+                "type": "message",
+                "role": "assistant",
+                "model": DEFAULT_MODEL,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": _REHEARSAL_USAGE,
+            },
+        },
+        {"type": "content_block_start", "index": 0, "content_block": {"type": "text", "text": ""}},
+        {"type": "ping"},
+        {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "."}},
+        {"type": "content_block_stop", "index": 0},
+        {
+            "type": "message_delta",
+            "delta": {"stop_reason": "end_turn", "stop_sequence": None},
+            "usage": {"output_tokens": 1},
+        },
+        {"type": "message_stop"},
+    ),
+)
+
+
+async def _ignore(_: object) -> None:
+    pass
+
+
+def rehearse_anthropic() -> None:
+    """Make the Anthropic SDK's first call now, not inside a run (see `clients`)."""
+
+    async def call(base_url: str) -> None:
+        backend = AnthropicBackend("rehearsal", base_url, 0, log.bind(rehearsal=True))
+        await backend.complete(
+            system=".",
+            messages=[{"role": "user", "content": "."}],
+            model=DEFAULT_MODEL,
+            max_tokens=1,
+            on_text=_ignore,
+            on_usage=_ignore,
+        )
+
+    rehearse("anthropic", call, _REHEARSAL_REPLY)

@@ -43,6 +43,7 @@ from taskrun.worker.agents.backends import (
     UsageSink,
     cost_usd,
 )
+from taskrun.worker.agents.clients import http_reply, rehearse, shared
 
 if TYPE_CHECKING:
     import openai
@@ -211,33 +212,36 @@ class OpenAIBackend:
         used_model, finish = model, ""
         chunks = 0  # received so far
         try:
-            async with openai.AsyncOpenAI(
-                api_key=self.api_key, base_url=self.base_url, max_retries=self.max_retries
-            ) as client:
-                stream = await client.chat.completions.create(
-                    model=model,
-                    messages=cast(Any, _chat_messages(system, messages)),
-                    stream=True,
-                    stream_options={"include_usage": True},
-                    max_tokens=max_tokens if as_max_tokens else openai.omit,
-                    max_completion_tokens=openai.omit if as_max_tokens else max_tokens,
-                    temperature=temperature if temperature is not None else openai.omit,
-                    stop=list(stop) if stop else openai.omit,
-                    response_format=response_format,
-                )
-                async with stream:
-                    async for chunk in stream:
-                        chunks += 1
-                        used_model = chunk.model or used_model
-                        if chunk.usage is not None:
-                            usage = _usage(chunk.usage)
-                        for choice in chunk.choices:
-                            finish = choice.finish_reason or finish
-                            text = choice.delta.content if choice.delta else None
-                            if text:
-                                texts.append(text)
-                                if on_text is not None:
-                                    await on_text(text)
+            client = shared(
+                ("openai", self.api_key, self.base_url, self.max_retries),
+                lambda: openai.AsyncOpenAI(
+                    api_key=self.api_key, base_url=self.base_url, max_retries=self.max_retries
+                ),
+            )
+            stream = await client.chat.completions.create(
+                model=model,
+                messages=cast(Any, _chat_messages(system, messages)),
+                stream=True,
+                stream_options={"include_usage": True},
+                max_tokens=max_tokens if as_max_tokens else openai.omit,
+                max_completion_tokens=openai.omit if as_max_tokens else max_tokens,
+                temperature=temperature if temperature is not None else openai.omit,
+                stop=list(stop) if stop else openai.omit,
+                response_format=response_format,
+            )
+            async with stream:
+                async for chunk in stream:
+                    chunks += 1
+                    used_model = chunk.model or used_model
+                    if chunk.usage is not None:
+                        usage = _usage(chunk.usage)
+                    for choice in chunk.choices:
+                        finish = choice.finish_reason or finish
+                        text = choice.delta.content if choice.delta else None
+                        if text:
+                            texts.append(text)
+                            if on_text is not None:
+                                await on_text(text)
         except openai.APIConnectionError as exc:
             if chunks:  # the SDK says "connection error" for a stream that broke after starting
                 cause = f": {exc.__cause__}" if exc.__cause__ else ""
@@ -313,6 +317,68 @@ class OpenAIBackend:
         return AgentError(f"OpenAI SDK error: {exc}", fault=Fault.WORKER)
 
 
+def _rehearsal_chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None = None) -> str:
+    chunk = {
+        "id": "chatcmpl-rehearsal",
+        "object": "chat.completion.chunk",
+        "created": 0,
+        "model": DEFAULT_OPENAI_MODEL,
+        "service_tier": "default",
+        "system_fingerprint": "fp_rehearsal",
+        "choices": choices,
+        "usage": usage,
+    }
+    return f"data: {json.dumps(chunk)}\n\n"
+
+
+def _rehearsal_choice(delta: dict[str, Any], finish: str | None = None) -> dict[str, Any]:
+    return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+
+
+# A whole streamed completion of one word, with the fields OpenAI sends (each kind of field the
+# SDK meets first makes it build a validator).
+_REHEARSAL_REPLY = http_reply(
+    "text/event-stream",
+    (
+        _rehearsal_chunk([_rehearsal_choice({"role": "assistant", "content": "", "refusal": None})])
+        + _rehearsal_chunk([_rehearsal_choice({"content": "."})])
+        + _rehearsal_chunk([_rehearsal_choice({}, "stop")])
+        + _rehearsal_chunk(
+            [],
+            {
+                "prompt_tokens": 1,
+                "completion_tokens": 1,
+                "total_tokens": 2,
+                "prompt_tokens_details": {"cached_tokens": 0, "audio_tokens": 0},
+                "completion_tokens_details": {
+                    "reasoning_tokens": 0,
+                    "audio_tokens": 0,
+                    "accepted_prediction_tokens": 0,
+                    "rejected_prediction_tokens": 0,
+                },
+            },
+        )
+        + "data: [DONE]\n\n"
+    ).encode(),
+)
+
+
+def rehearse_openai() -> None:
+    """Make the OpenAI SDK's first call now, not inside a run (see `clients`)."""
+
+    async def call(base_url: str) -> None:
+        backend = OpenAIBackend("rehearsal", f"{base_url}/v1", 0, log=log.bind(rehearsal=True))
+        await backend.complete(
+            system=".",
+            messages=[{"role": "user", "content": "."}],
+            model=DEFAULT_OPENAI_MODEL,
+            max_tokens=1,
+            schema={"type": "object"},
+        )
+
+    rehearse("openai", call, _REHEARSAL_REPLY)
+
+
 class OpenAIAgent(AnthropicAgent):
     """The `anthropic` agent's behaviour over an OpenAI-compatible chat completions API."""
 
@@ -323,7 +389,7 @@ class OpenAIAgent(AnthropicAgent):
 
     def __init__(self) -> None:
         # paid when the worker starts, not inside a run (see AnthropicAgent)
-        import openai  # noqa: F401
+        rehearse_openai()
 
         self.spec = AgentSpec(
             name="openai",

@@ -1,0 +1,164 @@
+"""What a model call costs the worker's event loop, against the fake APIs on loopback.
+
+The worker's event loop also carries its heartbeats: whatever blocks it inside a run can cost
+the worker its lease. The SDKs do work on first use (imports, building their response models)
+and on every new client (an SSL context, a connection pool); the agents do the first when they
+load and keep one client per endpoint, so a model call does neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import structlog
+import structlog.testing
+
+from taskrun.worker.agents.backends import AnthropicBackend
+from taskrun.worker.agents.clients import rehearse
+from taskrun.worker.agents.openai_api import OpenAIBackend
+from tests.fakes.anthropic_server import FakeAnthropic, Text
+from tests.fakes.openai_server import Chat, FakeOpenAI
+
+KEY = "sk-test-key"
+
+# Run in a fresh interpreter (what the SDKs build once stays built for the whole process): load
+# the agent unless told "cold", then count the modules imported during the first model call,
+# and how many more calls into pydantic's model building it made than the second.
+FIRST_CALL = textwrap.dedent(
+    """
+    import asyncio, json, sys
+
+    import structlog
+
+    kind, mode = sys.argv[1], sys.argv[2]
+    if kind == "anthropic":
+        from taskrun.worker.agents.anthropic_api import AnthropicAgent as Agent
+        from taskrun.worker.agents.backends import AnthropicBackend as Backend
+    else:
+        from taskrun.worker.agents.openai_api import OpenAIAgent as Agent
+        from taskrun.worker.agents.openai_api import OpenAIBackend as Backend
+    if mode == "warm":
+        Agent()
+
+    building = 0
+
+    def profile(frame, event, arg):
+        global building
+        if event == "call" and "pydantic" in frame.f_code.co_filename and (
+            frame.f_code.co_name in ("complete_model_class", "generate_schema")
+        ):
+            building += 1
+
+    async def call():
+        global building
+        building = 0
+        backend = Backend.from_env(structlog.get_logger())
+        sys.setprofile(profile)
+        await backend.complete(
+            system="", messages=[{"role": "user", "content": "hi"}], model="m", max_tokens=8
+        )
+        sys.setprofile(None)
+        return building
+
+    async def main():
+        before = set(sys.modules)
+        first = await call()
+        imported = sorted(set(sys.modules) - before)
+        # the SDKs also build a little on every call (a TypeAdapter for a field): not first use
+        later = await call()
+        print(json.dumps({"imported": imported, "built": first - later}))
+
+    asyncio.run(main())
+    """
+)
+
+
+@pytest.fixture
+def apis(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Iterator[tuple[FakeAnthropic, FakeOpenAI]]:
+    with FakeAnthropic(api_key=KEY) as anthropic_api, FakeOpenAI(api_key=KEY) as openai_api:
+        for name in list(os.environ):
+            if name.startswith(("ANTHROPIC_", "OPENAI_", "TASKRUN_ANTHROPIC_", "TASKRUN_OPENAI_")):
+                monkeypatch.delenv(name)
+        anthropic_api.default = Text("hello")
+        openai_api.default = Chat("hello")
+        monkeypatch.setenv("ANTHROPIC_BASE_URL", anthropic_api.base_url)
+        monkeypatch.setenv("ANTHROPIC_API_KEY", KEY)
+        monkeypatch.setenv("ANTHROPIC_CONFIG_DIR", str(tmp_path / "anthropic-config"))
+        monkeypatch.setenv("OPENAI_BASE_URL", openai_api.base_url)
+        monkeypatch.setenv("OPENAI_API_KEY", KEY)
+        yield anthropic_api, openai_api
+
+
+async def first_call(kind: str, mode: str) -> dict[str, object]:
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        FIRST_CALL,
+        kind,
+        mode,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await process.communicate()
+    assert process.returncode == 0, err.decode()
+    found: dict[str, object] = json.loads(out.decode().strip().splitlines()[-1])
+    return found
+
+
+@pytest.mark.parametrize("kind", ["anthropic", "openai"])
+async def test_the_first_model_call_imports_and_builds_nothing_once_the_agent_loaded(
+    apis: tuple[FakeAnthropic, FakeOpenAI], kind: str
+) -> None:
+    cold, warm = await asyncio.gather(first_call(kind, "cold"), first_call(kind, "warm"))
+    # what the counting sees when nothing was done beforehand: it can tell
+    assert cold["imported"] and cold["built"], cold
+    assert warm == {"imported": [], "built": 0}
+
+
+async def test_anthropic_calls_share_one_connection(
+    apis: tuple[FakeAnthropic, FakeOpenAI],
+) -> None:
+    api, _ = apis
+    for _ in range(3):  # each run makes its backend anew from the environment
+        backend = AnthropicBackend.from_env(structlog.get_logger())
+        done = await backend.complete(
+            system="", messages=[{"role": "user", "content": "hi"}], model="m", max_tokens=8
+        )
+        assert done.text == "hello"
+    assert len({r.peer for r in api.message_requests}) == 1, api.message_requests
+
+
+async def test_openai_calls_share_one_connection(apis: tuple[FakeAnthropic, FakeOpenAI]) -> None:
+    _, api = apis
+    for _ in range(3):
+        backend = OpenAIBackend.from_env(structlog.get_logger())
+        done = await backend.complete(
+            system="", messages=[{"role": "user", "content": "hi"}], model="m", max_tokens=8
+        )
+        assert done.text == "hello"
+    assert len({r.peer for r in api.chat_requests}) == 1, api.chat_requests
+
+
+def test_a_rehearsal_that_fails_is_logged_and_the_agent_still_loads() -> None:
+    calls: list[str] = []
+
+    async def broken(base_url: str) -> None:
+        calls.append(base_url)
+        raise ConnectionResetError("the canned reply never came")
+
+    with structlog.testing.capture_logs() as logs:
+        rehearse("a-test-sdk", broken, b"")
+        rehearse("a-test-sdk", broken, b"")  # once per process
+    assert len(calls) == 1 and calls[0].startswith("http://127.0.0.1:")
+    assert [(e["event"], e["error"]) for e in logs] == [
+        ("the model SDK's rehearsal failed", "the canned reply never came")
+    ]
