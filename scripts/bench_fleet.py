@@ -4,7 +4,8 @@ A fleet process holds COUNT worker sessions, each with its own certificate and i
 connection (a channel with the daemon's options and a local subchannel pool), speaking the worker
 protocol the way the daemon does: a hello, a numbered heartbeat (each one renews its lease)
 every `heartbeat_interval_ms` the server gave it while it held a run since the last one, else
-after an idle wait drawn anew each time between 80 % and all of `idle_heartbeat_interval_ms`
+after an idle wait drawn anew each time between 80 % and all of `idle_heartbeat_interval_ms`,
+numbered 0 (asking for no renewal) when the lease would lapse before the next one anyway
 (as the daemon does: sessions that connected together do not beat in one wave, which made a
 dispatch window that caught the wave cost 20 stream messages more per 100 tasks than one that
 did not); for every assignment an immediate COMPLETED status with the
@@ -90,6 +91,8 @@ class FakeWorker:
         self._lease = 0.0
         self._expires = 0.0
         self._held = False  # held a run since the last heartbeat
+        self._renewal_outlasts_idle = True  # set from the session params
+        self._quiet = False  # the next heartbeat asks for no renewal
 
     async def run(self, address: str, pki: PkiPaths) -> None:
         """Sessions, one after the other, as the daemon holds them: after a session that was
@@ -137,6 +140,9 @@ class FakeWorker:
             # getattr: a --compare-ref side's generated code may predate the field
             idle = max(busy, getattr(params, "idle_heartbeat_interval_ms", 0) / 1000)
             self._lease = params.lease_duration_ms / 1000
+            # HeartbeatPace.asks_renewal: would a renewal keep it ready until the next idle beat?
+            ready_window = self._lease - 2 * min(1.0, self._lease / 4)
+            self._renewal_outlasts_idle = max(busy, 0.8 * idle) <= ready_window
             self._expires = hello_sent + self._lease
             self._up = True
             self.ready.set()
@@ -199,6 +205,8 @@ class FakeWorker:
                         await self._nudge.wait()
                 continue
             self._beat_now = False
+            # asks for no renewal, like the daemon's (HeartbeatPace.asks_renewal)
+            self._quiet = not (self._held or self._waiting or self._renewal_outlasts_idle)
             self._held = bool(self._waiting)
             last, idle_wait = time.monotonic(), random.uniform(max(busy, 0.8 * idle), idle)
             self._heartbeat = True
@@ -216,9 +224,12 @@ class FakeWorker:
                 msg.message_seq = self._seq
             if self._heartbeat:
                 self._heartbeat = False
-                self._beat += 1
-                msg.heartbeat.seq = self._beat
-                self._sent[self._beat] = time.monotonic()
+                if self._quiet:
+                    msg.heartbeat.seq = 0
+                else:
+                    self._beat += 1
+                    msg.heartbeat.seq = self._beat
+                    self._sent[self._beat] = time.monotonic()
                 msg.heartbeat.time.GetCurrentTime()
             MESSAGES[1] += 1
             await call.write(msg)

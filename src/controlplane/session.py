@@ -139,7 +139,8 @@ class WorkerSession:
                 self._ack_timer = asyncio.get_running_loop().call_later(ACK_DELAY, self._wake.set)
 
     def renew_lease(self, heartbeat_seq: int) -> None:
-        """A numbered heartbeat arrived: extend the lease and tell the worker which one."""
+        """A heartbeat arrived: extend the lease, and tell the worker which numbered one did
+        (number 0 asks for no answer: the server writes nothing for it)."""
         self.lease_expires = time.monotonic() + self.lease_duration
         if heartbeat_seq > self._lease_seq:
             self._lease_seq = heartbeat_seq

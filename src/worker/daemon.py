@@ -601,8 +601,12 @@ class WorkerDaemon:
                 self._heartbeat_due = False
                 msg.heartbeat.active_runs = len(self.runs)
                 convert.now_to_pb(msg.heartbeat.time)
-                msg.heartbeat.seq = self.lease.next_heartbeat()
-                self._pace.sent(self._holding())
+                holding = self._holding()
+                if self._pace.asks_renewal(holding, self.lease.ready_window()):
+                    msg.heartbeat.seq = self.lease.next_heartbeat()
+                else:
+                    msg.heartbeat.seq = self.lease.quiet_heartbeat()
+                self._pace.sent(holding)
             if msg.ByteSize():
                 await write(call, msg)
 

@@ -11,8 +11,11 @@ only their rates must agree (to well within the margin), not their readings.
 
 A worker that holds no runs heartbeats less often (`idle_heartbeat_interval_ms`), so its lease
 may lapse between heartbeats: it has nothing to stop. A run given to it then waits for the
-renewal of a heartbeat sent at once (`ready_to_start`), and the session is judged alive by
-whether the server answers heartbeats (`overdue`) instead of by the lease.
+renewal of a heartbeat sent at once (`ready_to_start`). When the lease would lapse before the
+next idle heartbeat anyway, an idle heartbeat asks for no renewal (number 0): the control plane
+renews its own copy and writes nothing back (`HeartbeatPace.asks_renewal`). The session is then
+judged alive by whether the server answers the numbered heartbeats (`overdue`) and, between
+them, by gRPC keepalive pings on the connection, not by the lease.
 """
 
 from __future__ import annotations
@@ -53,6 +56,11 @@ class Lease:
         self._sent[self._seq] = self.last_sent = time.monotonic()
         return self._seq
 
+    def quiet_heartbeat(self) -> int:
+        """A heartbeat about to be sent that asks for no renewal: its number is 0."""
+        self.last_sent = time.monotonic()
+        return 0
+
     def granted(self, seq: int) -> None:
         """The server renewed the lease on heartbeat `seq`."""
         sent = self._sent.get(seq)
@@ -79,6 +87,10 @@ class Lease:
         """Whether a run may start now: the lease has more than twice the fence lead left (a
         heartbeat's renewal can then arrive before the run would have to stop)."""
         return self.remaining() > 2 * self.fence_lead()
+
+    def ready_window(self) -> float:
+        """How long after a heartbeat is sent its renewal lets a run start at once."""
+        return self.duration - 2 * self.fence_lead()
 
     def overdue(self) -> bool:
         """Whether a heartbeat sent a whole lease ago is still unanswered (the session is dead
@@ -123,6 +135,19 @@ class HeartbeatPace:
     def started(self) -> None:
         """A run started (or waits for a renewal to start)."""
         self.held_since_last = True
+
+    def asks_renewal(self, holding: bool, ready_window: float) -> bool:
+        """Whether the heartbeat about to be sent should ask for a renewal of the lease.
+
+        Yes while the worker holds runs or held one since its last heartbeat. An idle heartbeat
+        asks only if its renewal would still let a run start at once when the next idle
+        heartbeat is sent (`ready_window`, see Lease): otherwise the lease lapses in between
+        anyway, a run given meanwhile waits for a heartbeat sent at once, and the answer (a
+        message written by the control plane for each idle worker every interval) buys nothing.
+        """
+        if holding or self.held_since_last:
+            return True
+        return max(self.busy, self.idle * (1.0 - self.spread)) <= ready_window
 
     def due_in(self, last_sent: float, now: float, holding: bool) -> float:
         """Seconds until the next heartbeat (0 or less: now)."""

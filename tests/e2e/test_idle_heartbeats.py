@@ -9,7 +9,9 @@ own log (debug level logs every run it starts).
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
+from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
@@ -96,7 +98,7 @@ async def test_an_idle_worker_going_silent_is_shown_offline_and_comes_back(
             await until(offline, within=20)
             assert procs.workers["worker-1"].poll() is None  # alive, only cut off
             proxy.restore()
-            await online(client, "worker-1")  # it noticed its heartbeats went unanswered
+            await online(client, "worker-1")  # the server's end of that session reaches it
     finally:
         await proxy.close()
 
@@ -159,3 +161,36 @@ async def test_a_run_given_to_an_idle_worker_that_just_froze_is_retried_within_a
     assert (first.finished_at - first.assigned_at).total_seconds() < LEASE + MARGIN + 1.0
     assert first.id not in started_runs(procs.tmp / "worker-1.log")
     assert second.id in started_runs(procs.tmp / "worker-2.log")
+
+
+async def test_an_idle_worker_whose_heartbeats_ask_no_answer_still_notices_a_silent_path(
+    procs: Processes,
+) -> None:
+    """SHORT: idle heartbeats ask for no renewal (the lease would lapse before the next anyway),
+    so nothing the server writes tells the idle worker its path went silent: gRPC's keepalive
+    pings do (every 10 s, 5 s to answer), and it connects again once the path is back."""
+    procs.start_server(*SHORT)
+    proxy = await SilentProxy(procs.port).start()
+    log = procs.tmp / "worker-1.log"
+    try:
+        procs.start_worker("worker-1", server=proxy.address)
+        async with procs.client() as client:
+            await online(client, "worker-1")
+            proxy.cut()
+            cut_at = datetime.now(UTC)
+
+            async def noticed() -> bool:
+                return "lost the control plane" in log.read_text()
+
+            await until(noticed, within=30, every=0.2)
+            lost = next(
+                json.loads(line)
+                for line in log.read_text().splitlines()
+                if "lost the control plane" in line
+            )
+            proxy.restore()
+            await online(client, "worker-1")
+    finally:
+        await proxy.close()
+    silent_for = (datetime.fromisoformat(lost["timestamp"]) - cut_at).total_seconds()
+    assert 0 < silent_for < 10 + 5 + 3, lost  # one keepalive interval and its timeout, slack

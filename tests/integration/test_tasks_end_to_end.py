@@ -11,6 +11,7 @@ import pytest
 from taskrun.cli.client import OutputReceived, TaskChanged
 from taskrun.core.status import RunStatus, TaskStatus, WorkerStatus
 from tests.conftest import Cluster
+from tests.integration.test_metrics import scrape, value
 
 
 async def output_of(client, task_id: str) -> str:  # type: ignore[no-untyped-def]
@@ -272,6 +273,35 @@ async def test_last_heartbeat_moves_while_a_worker_is_connected(cluster: Cluster
     later, _ = await client.get_worker("worker-1")
     assert first.last_heartbeat_at is not None and later.last_heartbeat_at is not None
     assert later.last_heartbeat_at > first.last_heartbeat_at
+
+
+async def test_an_idle_workers_heartbeats_are_not_answered_and_a_run_given_to_it_still_starts(
+    cluster: Cluster,
+) -> None:
+    # idle heartbeats 1.2-1.5 s apart: a renewal (a 2 s lease, ready to start runs for the first
+    # second of it) would lapse before the next, so an idle heartbeat asks for none
+    server = await cluster.start_server(metrics_listen="127.0.0.1:0", idle_heartbeat_interval=1.5)
+    assert server.metrics_server is not None
+    port = server.metrics_server.port
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    await client.wait((await client.create_task("echo", {"text": "busy"})).id)
+    await asyncio.sleep(1.0)  # the busy heartbeat after the run went out: idle from here
+    first, _ = await client.get_worker("worker-1")
+    before = (await scrape(port))[1]
+    await asyncio.sleep(3.5)  # two idle heartbeats or more
+    after = (await scrape(port))[1]
+    later, _ = await client.get_worker("worker-1")
+    assert first.last_heartbeat_at is not None and later.last_heartbeat_at is not None
+    assert later.last_heartbeat_at > first.last_heartbeat_at
+    received, sent = "taskrun_stream_messages_received_total", "taskrun_stream_messages_sent_total"
+    assert value(after, received) - value(before, received) >= 2
+    assert value(after, sent) == value(before, sent)  # not one answered
+    # a run given to it starts once a heartbeat sent at once renewed the lease, same session
+    task = await client.create_task("echo", {"text": "after a quiet spell"}, max_attempts=1)
+    assert (await client.wait(task.id)).status is TaskStatus.COMPLETED
+    again, _ = await client.get_worker("worker-1")
+    assert again.connected_at == first.connected_at
 
 
 async def test_required_provider_and_model_pick_the_worker_that_offers_them(

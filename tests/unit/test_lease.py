@@ -183,3 +183,35 @@ def test_idle_waits_are_drawn_apart_within_the_idle_interval_and_never_below_bus
 def test_an_idle_interval_below_the_busy_one_or_unset_means_every_interval() -> None:
     assert HeartbeatPace(busy=1.0, idle=0.0).due_in(0.0, 0.0, holding=False) == 1.0
     assert HeartbeatPace(busy=1.0, idle=0.5).due_in(0.0, 0.0, holding=False) == 1.0
+
+
+def test_an_idle_heartbeat_asks_for_a_renewal_only_if_it_would_outlast_the_next_idle_one(
+    clock: Clock,
+) -> None:
+    lease = Lease()
+    lease.hello_sent()
+    lease.session_granted(4.0)
+    window = lease.ready_window()  # a run starts at once for 4 - 2 x 1 s after the sending
+    assert window == pytest.approx(2.0)
+    pace = HeartbeatPace(busy=1.0, idle=10.0)  # the defaults: idle waits of 8 to 10 s
+    assert not pace.asks_renewal(holding=False, ready_window=window)
+    assert pace.asks_renewal(holding=True, ready_window=window)
+    pace.started()  # held a run since the last heartbeat: its renewal still matters
+    assert pace.asks_renewal(holding=False, ready_window=window)
+    pace.sent(holding=False)
+    assert not pace.asks_renewal(holding=False, ready_window=window)
+    # idle heartbeats close enough (the shortest idle wait 0.8 x 2.5 s) keep the worker ready
+    assert HeartbeatPace(busy=1.0, idle=2.5).asks_renewal(holding=False, ready_window=window)
+    assert not HeartbeatPace(busy=1.0, idle=2.6).asks_renewal(holding=False, ready_window=window)
+    assert HeartbeatPace(busy=1.0, idle=0.0).asks_renewal(holding=False, ready_window=window)
+
+
+def test_a_heartbeat_asking_for_no_renewal_is_number_0_and_never_overdue(clock: Clock) -> None:
+    lease = Lease()
+    lease.hello_sent()
+    lease.session_granted(4.0)
+    assert lease.quiet_heartbeat() == 0
+    assert lease.last_sent == clock.now
+    clock.now += 60.0  # never answered, and never expected to be
+    assert not lease.overdue()
+    assert lease.next_heartbeat() == 1  # the numbered ones go on from where they were
