@@ -25,19 +25,21 @@ from taskrun.worker.agents.clients import rehearse
 from taskrun.worker.agents.openai_api import OpenAIBackend
 from tests.fakes.anthropic_server import FakeAnthropic, Text
 from tests.fakes.openai_server import Chat, FakeOpenAI
+from tests.ports import refusing_port
 
 KEY = "sk-test-key"
 
 # Run in a fresh interpreter (what the SDKs build once stays built for the whole process): load
-# the agent unless told "cold", then count the modules imported during the first model call,
-# and how many more calls into pydantic's model building it made than the second.
+# the agent unless told "cold" (with proxy settings that would fail its rehearsal), then count
+# the modules imported during the first model call, and how many more calls into pydantic's
+# model building it made than the second.
 FIRST_CALL = textwrap.dedent(
     """
     import asyncio, json, sys
 
     import structlog
 
-    kind, mode = sys.argv[1], sys.argv[2]
+    kind, mode, proxy = sys.argv[1], sys.argv[2], sys.argv[3]
     if kind == "anthropic":
         from taskrun.worker.agents.anthropic_api import AnthropicAgent as Agent
         from taskrun.worker.agents.backends import AnthropicBackend as Backend
@@ -45,7 +47,14 @@ FIRST_CALL = textwrap.dedent(
         from taskrun.worker.agents.openai_api import OpenAIAgent as Agent
         from taskrun.worker.agents.openai_api import OpenAIBackend as Backend
     if mode == "warm":
+        import os
+
+        # the rehearsal must not go through a proxy: this one refuses every connection
+        proxies = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy")
+        os.environ.update(dict.fromkeys(proxies, proxy))
         Agent()
+        for name in proxies:
+            del os.environ[name]
 
     building = 0
 
@@ -98,13 +107,14 @@ def apis(
         yield anthropic_api, openai_api
 
 
-async def first_call(kind: str, mode: str) -> dict[str, object]:
+async def first_call(kind: str, mode: str, proxy: str) -> dict[str, object]:
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         "-c",
         FIRST_CALL,
         kind,
         mode,
+        proxy,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
     )
@@ -118,7 +128,11 @@ async def first_call(kind: str, mode: str) -> dict[str, object]:
 async def test_the_first_model_call_imports_and_builds_nothing_once_the_agent_loaded(
     apis: tuple[FakeAnthropic, FakeOpenAI], kind: str
 ) -> None:
-    cold, warm = await asyncio.gather(first_call(kind, "cold"), first_call(kind, "warm"))
+    with refusing_port() as port:
+        proxy = f"http://127.0.0.1:{port}"
+        cold, warm = await asyncio.gather(
+            first_call(kind, "cold", proxy), first_call(kind, "warm", proxy)
+        )
     # what the counting sees when nothing was done beforehand: it can tell
     assert cold["imported"] and cold["built"], cold
     assert warm == {"imported": [], "built": 0}

@@ -283,6 +283,7 @@ class AnthropicBackend:
     max_retries: int = DEFAULT_MAX_RETRIES
     log: Any = field(default=log, repr=False)
     name: str = "anthropic"
+    direct: bool = False  # ignore the environment's proxy settings (a loopback rehearsal)
 
     @classmethod
     def from_env(cls, log: Any = log) -> AnthropicBackend:
@@ -320,9 +321,14 @@ class AnthropicBackend:
         opened: Any = None  # the stream, once it started: what it spent if it breaks
         try:
             client = shared(
-                ("anthropic", self.api_key, self.base_url, self.max_retries),
+                ("anthropic", self.api_key, self.base_url, self.max_retries, self.direct),
                 lambda: anthropic.AsyncAnthropic(
-                    api_key=self.api_key, base_url=self.base_url, max_retries=self.max_retries
+                    api_key=self.api_key,
+                    base_url=self.base_url,
+                    max_retries=self.max_retries,
+                    http_client=(
+                        anthropic.DefaultAsyncHttpxClient(trust_env=False) if self.direct else None
+                    ),
                 ),
             )
             async with client.messages.stream(
@@ -499,7 +505,7 @@ def rehearse_anthropic() -> None:
     """Make the Anthropic SDK's first call now, not inside a run (see `clients`)."""
 
     async def call(base_url: str) -> None:
-        backend = AnthropicBackend("rehearsal", base_url, 0, log.bind(rehearsal=True))
+        backend = AnthropicBackend("rehearsal", base_url, 0, log.bind(rehearsal=True), direct=True)
         await backend.complete(
             system=".",
             messages=[{"role": "user", "content": "."}],

@@ -23,6 +23,10 @@ import structlog
 
 log = structlog.get_logger(__name__)
 
+# A rehearsal takes about a second on a busy machine; past this something is wrong (it is then
+# given up, and the first run pays what it would have)
+REHEARSAL_TIMEOUT = 15.0
+
 _clients: dict[asyncio.AbstractEventLoop, dict[Hashable, Any]] = {}
 _rehearsed: set[str] = set()
 _rehearsing = threading.Lock()
@@ -51,8 +55,9 @@ async def close_clients() -> None:
 
 def rehearse(name: str, call: Callable[[str], Awaitable[object]], reply: bytes) -> None:
     """Once per process: `call(base_url)` against a server on 127.0.0.1 that answers every
-    request with `reply` (a whole HTTP/1.1 response). Never fails the caller: a rehearsal that
-    goes wrong only leaves the first run to pay (it is logged)."""
+    request with `reply` (a whole HTTP/1.1 response); `call` must not go through the
+    environment's proxies. Never fails the caller: a rehearsal that goes wrong or takes over
+    REHEARSAL_TIMEOUT only leaves the first run to pay (it is logged)."""
     with _rehearsing:
         if name in _rehearsed:
             return
@@ -84,7 +89,7 @@ async def _rehearsal(call: Callable[[str], Awaitable[object]], reply: bytes) -> 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     try:
-        async with server:
+        async with server, asyncio.timeout(REHEARSAL_TIMEOUT):
             await call(f"http://127.0.0.1:{port}")
     finally:
         await close_clients()

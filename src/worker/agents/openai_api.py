@@ -152,6 +152,7 @@ class OpenAIBackend:
     json_schema: bool = True
     log: Any = field(default=log, repr=False)
     name: str = "openai"
+    direct: bool = False  # ignore the environment's proxy settings (a loopback rehearsal)
 
     @classmethod
     def from_env(cls, log: Any = log) -> OpenAIBackend:
@@ -213,9 +214,14 @@ class OpenAIBackend:
         chunks = 0  # received so far
         try:
             client = shared(
-                ("openai", self.api_key, self.base_url, self.max_retries),
+                ("openai", self.api_key, self.base_url, self.max_retries, self.direct),
                 lambda: openai.AsyncOpenAI(
-                    api_key=self.api_key, base_url=self.base_url, max_retries=self.max_retries
+                    api_key=self.api_key,
+                    base_url=self.base_url,
+                    max_retries=self.max_retries,
+                    http_client=(
+                        openai.DefaultAsyncHttpxClient(trust_env=False) if self.direct else None
+                    ),
                 ),
             )
             stream = await client.chat.completions.create(
@@ -367,7 +373,9 @@ def rehearse_openai() -> None:
     """Make the OpenAI SDK's first call now, not inside a run (see `clients`)."""
 
     async def call(base_url: str) -> None:
-        backend = OpenAIBackend("rehearsal", f"{base_url}/v1", 0, log=log.bind(rehearsal=True))
+        backend = OpenAIBackend(
+            "rehearsal", f"{base_url}/v1", 0, log=log.bind(rehearsal=True), direct=True
+        )
         await backend.complete(
             system=".",
             messages=[{"role": "user", "content": "."}],
