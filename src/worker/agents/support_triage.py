@@ -28,6 +28,7 @@ from taskrun.worker.agents.backends import (
     anthropic_api_missing,
     check_input,
     choose_model,
+    rehearse_anthropic,
 )
 from taskrun.worker.agents.claude_cli import ClaudeCodeBackend, claude_code_missing
 from taskrun.worker.agents.structured import answer
@@ -131,6 +132,7 @@ class SupportTriageAgent:
     """Classifies a ticket (category, priority, summary), retrying on schema violations."""
 
     def __init__(self) -> None:
+        rehearse_anthropic()  # its Messages API backend's first call, as the anthropic agent's
         self.spec = AgentSpec(
             name="support_triage",
             description="Classifies a support ticket into category, priority and a short "
