@@ -21,7 +21,7 @@ import structlog
 import structlog.testing
 
 from taskrun.worker.agents.backends import AnthropicBackend
-from taskrun.worker.agents.clients import rehearse
+from taskrun.worker.agents.clients import MAX_CLIENTS, rehearse, shared
 from taskrun.worker.agents.openai_api import OpenAIBackend
 from tests.fakes.anthropic_server import FakeAnthropic, Text
 from tests.fakes.openai_server import Chat, FakeOpenAI
@@ -176,3 +176,10 @@ def test_a_rehearsal_that_fails_is_logged_and_the_agent_still_loads() -> None:
     assert [(e["event"], e["error"]) for e in logs] == [
         ("the model SDK's rehearsal failed", "the canned reply never came")
     ]
+
+
+async def test_clients_made_for_keys_no_longer_used_do_not_pile_up() -> None:
+    made = [shared(("a-test-sdk", f"key-{n}"), object) for n in range(MAX_CLIENTS + 1)]
+    assert shared(("a-test-sdk", f"key-{MAX_CLIENTS}"), object) is made[-1]  # kept, not remade
+    assert shared(("a-test-sdk", "key-1"), object) is made[1]
+    assert shared(("a-test-sdk", "key-0"), object) is not made[0]  # the oldest was dropped

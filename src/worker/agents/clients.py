@@ -27,6 +27,11 @@ log = structlog.get_logger(__name__)
 # given up, and the first run pays what it would have)
 REHEARSAL_TIMEOUT = 15.0
 
+# Clients kept per event loop, the least recently made dropped first: a key that changes now and
+# then (a rotated API key) must not pile them up. A dropped client is not closed, a run may be
+# using it; its connections close when the last run holding it lets it go.
+MAX_CLIENTS = 16
+
 _clients: dict[asyncio.AbstractEventLoop, dict[Hashable, Any]] = {}
 _rehearsed: set[str] = set()
 _rehearsing = threading.Lock()
@@ -42,6 +47,8 @@ def shared(key: Hashable, make: Callable[[], Any]) -> Any:
         clients = _clients[loop] = {}
     client = clients.get(key)
     if client is None:
+        while len(clients) >= MAX_CLIENTS:
+            del clients[next(iter(clients))]
         client = clients[key] = make()
     return client
 
