@@ -9,6 +9,8 @@
    submit until ListTasks finds no PENDING or RUNNING task.
 5. Latency: sequential CreateTask, then FollowTask until the task is COMPLETED. A follow that
    has not delivered the end after --follow-timeout is counted apart (and the task looked up).
+   Then, unmeasured, where the time went: the p50 of each stage between the times stored with
+   each task and run (created, assigned, started, finished) and the client's clock at either end.
 6. Failover (scripts/bench_failover.py): from `kill -9` of a worker, and from a silent network
    cut, to the run's next attempt RUNNING on another worker, with the default lease.
 
@@ -306,6 +308,20 @@ class SequentialLatency:
     # CPU seconds per task over the measured tasks: "server", "workers" (all of them) and, when
     # one side ran alone, "client" (this process); on two cores the round trip waits for these
     cpu_s: dict[str, float] = field(default_factory=dict)
+    # Where the round trip's time went, p50 milliseconds per stage (STAGES), from the times the
+    # control plane stored with each task and run and this process's clock at either end (one
+    # machine, one clock); read after the measured tasks, so the reading costs them nothing.
+    stages_ms: dict[str, float] = field(default_factory=dict)
+
+
+# The stages of one sequential task, in order; each from the stored time named to the next.
+STAGES = (
+    ("to the control plane", "submitted -> the task's created_at"),
+    ("creating, assigning", "created_at -> the run's assigned_at"),
+    ("committing, to the worker, started", "assigned_at -> started_at"),
+    ("running, reported", "started_at -> finished_at"),
+    ("committing, back to the client", "finished_at -> the terminal update read"),
+)
 
 
 @dataclass
@@ -859,9 +875,12 @@ class _Sequential:
         self.follow: list[float] = []
         self.outcomes: Counter[str] = Counter()
         self.missed: list[str] = []
+        self.ends: list[tuple[str, float, float]] = []  # (task id, time.time() at either end)
+        self.stages: dict[str, float] = {}
 
     async def one(self, measured: bool) -> None:
         client = self.client
+        w0 = time.time()
         t0 = time.perf_counter()
         t1: float | None = None
         final: Task | None = None
@@ -889,6 +908,32 @@ class _Sequential:
             self.total.append(t2 - t0)
             self.create.append(t1 - t0)
             self.follow.append(t2 - t1)
+            self.ends.append((final.id, w0, w0 + (t2 - t0)))
+
+    async def read_stages(self) -> None:
+        """The p50 of each of STAGES over the measured tasks, from their stored times."""
+        samples: list[list[float]] = [[] for _ in STAGES]
+        for task_id, submitted, read in self.ends:
+            task, runs = await self.client.get_task(task_id)
+            run = runs[-1] if runs else None
+            if run is None or None in (run.assigned_at, run.started_at, run.finished_at):
+                continue
+            assert run.assigned_at and run.started_at and run.finished_at  # for mypy
+            times = [
+                submitted,
+                task.created_at.timestamp(),
+                run.assigned_at.timestamp(),
+                run.started_at.timestamp(),
+                run.finished_at.timestamp(),
+                read,
+            ]
+            for i, found in enumerate(samples):
+                found.append(times[i + 1] - times[i])
+        self.stages = {
+            name: statistics.median(found) * 1000
+            for (name, _), found in zip(STAGES, samples, strict=True)
+            if found
+        }
 
     def result(self) -> SequentialLatency:
         if not self.total:
@@ -905,6 +950,7 @@ class _Sequential:
             not_completed=dict(outcomes),
             follow_missed_end=len(self.missed),
             follow_missed_examples=self.missed[:5],
+            stages_ms=self.stages,
         )
 
 
@@ -926,17 +972,20 @@ async def measure_latency(
         for _ in range(warmup):
             for side in sides:
                 await side.one(measured=False)
-        for profile in profiles:
-            await stack.enter_async_context(profile("latency"))
-        before = [_plane_cpu(plane) for plane in planes]
-        client0 = time.process_time()
-        order = list(sides)
-        for _ in range(n):
-            for side in order:
-                await side.one(measured=True)
-            order.reverse()
-        after = [_plane_cpu(plane) for plane in planes]
-        client1 = time.process_time()
+        async with contextlib.AsyncExitStack() as profiling:
+            for profile in profiles:
+                await profiling.enter_async_context(profile("latency"))
+            before = [_plane_cpu(plane) for plane in planes]
+            client0 = time.process_time()
+            order = list(sides)
+            for _ in range(n):
+                for side in order:
+                    await side.one(measured=True)
+                order.reverse()
+            after = [_plane_cpu(plane) for plane in planes]
+            client1 = time.process_time()
+        for side in sides:  # after the measurement: the reading costs it nothing
+            await side.read_stages()
     results = [side.result() for side in sides]
     for result, b, a in zip(results, before, after, strict=True):
         if len(sides) == 1:  # this process served only that side's client
@@ -1356,6 +1405,14 @@ def _get(r: Report, getter: Getter) -> float | None:
         return None  # the phase (or that figure) did not run on this side
 
 
+def _stage(r: Report, name: str) -> float:
+    return r.latency.stages_ms[name]
+
+
+def _stage_span(_r: Report, span: str) -> str:
+    return span
+
+
 def rows() -> list[Row]:
     tasks_s: Callable[[float], str] = lambda v: _rate(v, "tasks/s")  # noqa: E731
     return [
@@ -1412,6 +1469,16 @@ def rows() -> list[Row]:
             lambda r: r.latency.create_call.p50_ms,
             _ms,
             lambda r: f"{r.latency.create_call.p50_ms / r.baseline.unary.p50_ms:.1f} x bare p50",
+        ),
+        Row("  where it went (p50 of each stage, from the times stored with the task and run)"),
+        *(
+            Row(
+                f"    {name}",
+                functools.partial(_stage, name=name),
+                _ms,
+                functools.partial(_stage_span, span=span),
+            )
+            for name, span in STAGES
         ),
         # the round trip waits for this CPU: on two cores, the processes take turns
         Row(
