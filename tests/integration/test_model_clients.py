@@ -183,3 +183,23 @@ async def test_clients_made_for_keys_no_longer_used_do_not_pile_up() -> None:
     assert shared(("a-test-sdk", f"key-{MAX_CLIENTS}"), object) is made[-1]  # kept, not remade
     assert shared(("a-test-sdk", "key-1"), object) is made[1]
     assert shared(("a-test-sdk", "key-0"), object) is not made[0]  # the oldest was dropped
+
+
+async def test_concurrent_calls_on_the_shared_client_each_get_their_own_reply(
+    apis: tuple[FakeAnthropic, FakeOpenAI],
+) -> None:
+    anthropic_api, openai_api = apis
+    anthropic_api.default = lambda request: Text(["re: ", request.last_user_text()], delay=0.05)
+    openai_api.default = lambda request: Chat(["re: ", request.messages[-1]["content"]], delay=0.05)
+    log = structlog.get_logger()
+
+    async def ask(backend: AnthropicBackend | OpenAIBackend, text: str) -> str:
+        done = await backend.complete(
+            system="", messages=[{"role": "user", "content": text}], model="m", max_tokens=8
+        )
+        return done.text
+
+    prompts = [f"question {n}" for n in range(6)]
+    for make in (AnthropicBackend.from_env, OpenAIBackend.from_env):
+        answers = await asyncio.gather(*(ask(make(log), p) for p in prompts))
+        assert answers == [f"re: {p}" for p in prompts]
