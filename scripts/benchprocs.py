@@ -21,6 +21,16 @@ STOP_GRACE = 10.0  # seconds a child gets after SIGTERM before SIGKILL
 READY_WITHIN = 30.0  # seconds for a child to come up
 
 
+def cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc); None where unavailable."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def note(text: str) -> None:
     """Progress, on stderr (stdout holds only the report)."""
     sys.stderr.write(f"bench: {text}\n")
