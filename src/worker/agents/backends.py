@@ -27,7 +27,7 @@ import structlog
 from taskrun.core.agent import AgentError
 from taskrun.core.models import ModelBackend, Usage
 from taskrun.core.status import Fault
-from taskrun.worker.agents.clients import http_reply, rehearse, shared
+from taskrun.worker.agents.clients import http_reply, rehearse, sdk_client
 
 if TYPE_CHECKING:
     import anthropic
@@ -320,16 +320,13 @@ class AnthropicBackend:
         extra_body = {"temperature": temperature} if temperature is not None else None
         opened: Any = None  # the stream, once it started: what it spent if it breaks
         try:
-            client = shared(
-                ("anthropic", self.api_key, self.base_url, self.max_retries, self.direct),
-                lambda: anthropic.AsyncAnthropic(
-                    api_key=self.api_key,
-                    base_url=self.base_url,
-                    max_retries=self.max_retries,
-                    http_client=(
-                        anthropic.DefaultAsyncHttpxClient(trust_env=False) if self.direct else None
-                    ),
-                ),
+            client = sdk_client(
+                anthropic.AsyncAnthropic,
+                anthropic.DefaultAsyncHttpxClient,
+                api_key=self.api_key,
+                base_url=self.base_url,
+                max_retries=self.max_retries,
+                direct=self.direct,
             )
             async with client.messages.stream(
                 model=model,

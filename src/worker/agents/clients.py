@@ -53,6 +53,29 @@ def shared(key: Hashable, make: Callable[[], Any]) -> Any:
     return client
 
 
+def sdk_client(
+    client_class: Callable[..., Any],
+    http_client_class: Callable[..., Any],
+    *,
+    api_key: str | None,
+    base_url: str | None,
+    max_retries: int,
+    direct: bool = False,
+) -> Any:
+    """The shared client of an SDK (`anthropic.AsyncAnthropic`, `openai.AsyncOpenAI`: the same
+    constructor). `direct`: its own connections ignore the environment's proxy settings, through
+    the SDK's default httpx client class (`http_client_class`) with `trust_env=False`."""
+    return shared(
+        (client_class, api_key, base_url, max_retries, direct),
+        lambda: client_class(
+            api_key=api_key,
+            base_url=base_url,
+            max_retries=max_retries,
+            http_client=http_client_class(trust_env=False) if direct else None,
+        ),
+    )
+
+
 async def close_clients() -> None:
     """Close the running event loop's clients (their idle connections with them)."""
     clients = _clients.pop(asyncio.get_running_loop(), {})

@@ -43,7 +43,7 @@ from taskrun.worker.agents.backends import (
     UsageSink,
     cost_usd,
 )
-from taskrun.worker.agents.clients import http_reply, rehearse, shared
+from taskrun.worker.agents.clients import http_reply, rehearse, sdk_client
 
 if TYPE_CHECKING:
     import openai
@@ -213,16 +213,13 @@ class OpenAIBackend:
         used_model, finish = model, ""
         chunks = 0  # received so far
         try:
-            client = shared(
-                ("openai", self.api_key, self.base_url, self.max_retries, self.direct),
-                lambda: openai.AsyncOpenAI(
-                    api_key=self.api_key,
-                    base_url=self.base_url,
-                    max_retries=self.max_retries,
-                    http_client=(
-                        openai.DefaultAsyncHttpxClient(trust_env=False) if self.direct else None
-                    ),
-                ),
+            client = sdk_client(
+                openai.AsyncOpenAI,
+                openai.DefaultAsyncHttpxClient,
+                api_key=self.api_key,
+                base_url=self.base_url,
+                max_retries=self.max_retries,
+                direct=self.direct,
             )
             stream = await client.chat.completions.create(
                 model=model,
