@@ -13,6 +13,7 @@ import json
 import os
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,6 +21,7 @@ import pytest
 import structlog
 import structlog.testing
 
+from taskrun.worker.agents import clients
 from taskrun.worker.agents.backends import AnthropicBackend
 from taskrun.worker.agents.clients import MAX_CLIENTS, rehearse, shared
 from taskrun.worker.agents.openai_api import OpenAIBackend
@@ -203,3 +205,21 @@ async def test_concurrent_calls_on_the_shared_client_each_get_their_own_reply(
     for make in (AnthropicBackend.from_env, OpenAIBackend.from_env):
         answers = await asyncio.gather(*(ask(make(log), p) for p in prompts))
         assert answers == [f"re: {p}" for p in prompts]
+
+
+def test_a_rehearsal_that_never_answers_is_given_up_after_its_timeout(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(clients, "REHEARSAL_TIMEOUT", 0.3)
+
+    async def hangs(base_url: str) -> None:
+        await asyncio.Event().wait()  # a proxy that swallows the request, a server gone quiet
+
+    started = time.monotonic()
+    with structlog.testing.capture_logs() as logs:
+        rehearse("a-hanging-sdk", hangs, b"")
+    # given up at its own timeout, well before the 15 s default
+    assert time.monotonic() - started < 10
+    assert [(e["event"], e["sdk"]) for e in logs] == [
+        ("the model SDK's rehearsal failed", "a-hanging-sdk")
+    ]
