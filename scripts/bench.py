@@ -1010,6 +1010,16 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                 max(args.warmup, 20),
                 bare.proc.pid,
             )
+            note("baseline: the same relay with TaskRun's two SQLite commits")
+            baseline.stored_relay, baseline.stored_relay_cpu_s = await measure_relay(
+                f"127.0.0.1:{port}",
+                pki,
+                tmp,
+                args.latency_tasks,
+                max(args.warmup, 20),
+                bare.proc.pid,
+                method="StoredRelay",
+            )
             await stop(bare)
 
             planes: dict[str, ControlPlane] = {}

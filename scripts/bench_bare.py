@@ -4,12 +4,18 @@ plane's mTLS and nothing stored, validated or converted.
 A bare grpc.aio server (`serve`, a child process) answers a unary echo, counts a one-way stream,
 and relays a call to a bare worker process (`worker`) over a stream that worker holds: the
 shape of a task's round trip, the floor for any design with a worker process in the loop.
+The stored relay does the same with TaskRun's two commits on the way, through its SQLite store
+and with the rows an echo task writes: the task and its run as created and assigned before the
+request may leave for the worker, then as completed before the answer may leave. That is the
+floor for a design that, like TaskRun, makes both durable first (what lets a crash lose or repeat
+nothing), with nothing validated, converted or scheduled.
 `measure_baseline` and `measure_relay` time them from scripts/bench.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import signal
 import sys
 import time
@@ -21,16 +27,104 @@ from bench_report import Baseline, Latency
 from benchprocs import READY_WITHIN, BenchError, Child, cpu_seconds, spawn, stop
 
 from taskrun.controlplane.pki import PkiPaths
+from taskrun.controlplane.store.rows import us
+from taskrun.controlplane.store.sqlite import SqliteStore
+from taskrun.core.ids import WorkerId, new_run_id, new_task_id
+from taskrun.core.models import Run, Task, TaskPolicy, utcnow
+from taskrun.core.status import RunStatus, TaskStatus
+from taskrun.core.store import ChangeSet, LoggedEvent
+from taskrun.logging import configure_logging
+from taskrun.v1 import events_pb2 as epb
 
 SCRIPT = Path(__file__).resolve()
 BARE_SERVICE = "taskrun.bench.Bare"
 BARE_PAYLOAD = b"x" * 64  # about the size of a CreateTask request for echo {"text": "x"}
 RELAY_KEY = 8  # the relay's requests start with their number
+STORED_INPUT = '{"text":"x"}'  # the input of the bench's echo tasks
+STORED_WORKER = WorkerId("bare-worker")
 
 
-async def serve_baseline(certs: Path) -> None:
-    """A bare grpc.aio server with the control plane's mTLS setup; prints its port, then serves
-    until SIGTERM."""
+class _Commits:
+    """The change sets TaskRun's engine commits for one echo task on its way, with the event
+    log's entries for them, through its SQLite store."""
+
+    def __init__(self, store: SqliteStore) -> None:
+        self.store = store
+        self.positions = itertools.count(1)
+
+    def _changes(self, task: Task, run: Run) -> ChangeSet:
+        time_us = us(task.updated_at)
+        return ChangeSet(
+            tasks=[task],
+            runs=[run],
+            events=[
+                LoggedEvent(
+                    next(self.positions),
+                    epb.EVENT_KIND_RUN_CHANGED,
+                    task.id,
+                    STORED_WORKER,
+                    subject=run,
+                    time=time_us,
+                ),
+                LoggedEvent(
+                    next(self.positions),
+                    epb.EVENT_KIND_TASK_CHANGED,
+                    task.id,
+                    STORED_WORKER,
+                    subject=task,
+                    time=time_us,
+                ),
+            ],
+        )
+
+    async def created(self) -> tuple[Task, Run]:
+        now = utcnow()
+        task_id = new_task_id()
+        run = Run(
+            id=new_run_id(),
+            task_id=task_id,
+            attempt=1,
+            status=RunStatus.ASSIGNED,
+            created_at=now,
+            worker_id=STORED_WORKER,
+            assigned_at=now,
+        )
+        task = Task(
+            id=task_id,
+            agent="echo",
+            input=STORED_INPUT,
+            labels={},
+            policy=TaskPolicy(),
+            status=TaskStatus.RUNNING,
+            created_at=now,
+            updated_at=now,
+            attempts=1,
+            current_run_id=run.id,
+            worker_id=STORED_WORKER,
+        )
+        await self.store.apply(self._changes(task, run))
+        return task, run
+
+    async def completed(self, task: Task, run: Run, result: str) -> None:
+        now = utcnow()
+        run.status, run.started_at, run.finished_at, run.result = (
+            RunStatus.COMPLETED,
+            now,
+            now,
+            result,
+        )
+        task.status, task.updated_at, task.finished_at, task.result = (
+            TaskStatus.COMPLETED,
+            now,
+            now,
+            result,
+        )
+        await self.store.apply(self._changes(task, run))
+
+
+async def serve_baseline(certs: Path, store_path: Path) -> None:
+    """A bare grpc.aio server with the control plane's mTLS setup and, for the stored relay,
+    TaskRun's SQLite store at `store_path`; prints its port, then serves until SIGTERM."""
     paths = PkiPaths.at(certs)
     creds = grpc.ssl_server_credentials(
         [(paths.server_key.read_bytes(), paths.server_cert.read_bytes())],
@@ -70,6 +164,22 @@ async def serve_baseline(certs: Path) -> None:
         yield b"created"
         yield await answered
 
+    store = SqliteStore(store_path)
+    await store.open()
+    commits = _Commits(store)
+
+    async def stored_relay(
+        request: bytes, context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        task, run = await commits.created()
+        answered: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        waiting[request[:RELAY_KEY]] = answered
+        to_worker.put_nowait(request)
+        yield b"created"
+        reply = await answered
+        await commits.completed(task, run, STORED_INPUT)
+        yield reply
+
     async def stream(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> AsyncIterator[bytes]:
@@ -88,6 +198,7 @@ async def serve_baseline(certs: Path) -> None:
                     "Stream": grpc.stream_stream_rpc_method_handler(stream),
                     "Work": grpc.stream_stream_rpc_method_handler(work),
                     "Relay": grpc.unary_stream_rpc_method_handler(relay),
+                    "StoredRelay": grpc.unary_stream_rpc_method_handler(stored_relay),
                 },
             ),
         )
@@ -102,6 +213,7 @@ async def serve_baseline(certs: Path) -> None:
         loop.add_signal_handler(sig, done.set)
     await done.wait()
     await server.stop(1.0)
+    await store.close()
 
 
 async def bare_worker(certs: Path, address: str) -> None:
@@ -119,7 +231,7 @@ async def bare_worker(certs: Path, address: str) -> None:
 
 
 async def start_baseline(pki: PkiPaths, tmp: Path) -> tuple[Child, int]:
-    argv = [sys.executable, str(SCRIPT), "serve", str(pki.directory)]
+    argv = [sys.executable, str(SCRIPT), "serve", str(pki.directory), str(tmp / "bare-relay.db")]
     child = await spawn("bare server", argv, tmp / "bare-server.log", pipe_stdout=True)
     assert child.proc.stdout is not None
     try:
@@ -179,11 +291,17 @@ async def measure_baseline(address: str, pki: PkiPaths, unary_n: int, stream_n: 
 
 
 async def measure_relay(
-    address: str, pki: PkiPaths, tmp: Path, n: int, warmup: int, server_pid: int
+    address: str,
+    pki: PkiPaths,
+    tmp: Path,
+    n: int,
+    warmup: int,
+    server_pid: int,
+    method: str = "Relay",
 ) -> tuple[Latency, dict[str, float]]:
-    """Sequential Relay calls through a bare worker process, from the call to its second
-    answer (the worker's), as the latency figure measures a task; and the CPU per call of the
-    bare server, the bare worker and this client."""
+    """Sequential calls of `method` (Relay or StoredRelay) through a bare worker process, from
+    the call to its second answer (the worker's), as the latency figure measures a task; and
+    the CPU per call of the bare server, the bare worker and this client."""
     argv = [sys.executable, str(SCRIPT), "worker", str(pki.directory), address]
     worker = await spawn("bare worker", argv, tmp / "bare-worker.log")
     try:
@@ -193,7 +311,7 @@ async def measure_relay(
             certificate_chain=pki.operator_cert.read_bytes(),
         )
         async with grpc.aio.secure_channel(address, creds) as channel:
-            relay = channel.unary_stream(f"/{BARE_SERVICE}/Relay")
+            relay = channel.unary_stream(f"/{BARE_SERVICE}/{method}")
             samples: list[float] = []
             pids = {"server": server_pid, "workers": worker.proc.pid}
             cpu0: dict[str, float | None] = {}
@@ -206,7 +324,7 @@ async def measure_relay(
                 async with asyncio.timeout(READY_WITHIN):
                     answers = [answer async for answer in relay(request)]
                 if answers != [b"created", request]:
-                    raise BenchError(f"bare relay: answered {answers!r}")
+                    raise BenchError(f"bare {method}: answered {answers!r}")
                 if i >= warmup:
                     samples.append(time.perf_counter() - t0)
             cpu1 = {k: cpu_seconds(pid) for k, pid in pids.items()}
@@ -229,16 +347,17 @@ def per_call(
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """`serve CERTS`: the bare server (prints its port); `worker CERTS ADDRESS`: the relay's
-    worker. Both run until stopped."""
+    """`serve CERTS STORE`: the bare server (prints its port); `worker CERTS ADDRESS`: the
+    relay's worker. Both run until stopped."""
     args = list(sys.argv[1:] if argv is None else argv)
-    if args[:1] == ["serve"] and len(args) == 2:
-        asyncio.run(serve_baseline(Path(args[1])))
+    if args[:1] == ["serve"] and len(args) == 3:
+        configure_logging(json=True, level="warning")  # stdout carries the port
+        asyncio.run(serve_baseline(Path(args[1]), Path(args[2])))
         return 0
     if args[:1] == ["worker"] and len(args) == 3:
         asyncio.run(bare_worker(Path(args[1]), args[2]))
         return 0
-    sys.stderr.write("usage: bench_bare.py serve CERTS | worker CERTS ADDRESS\n")
+    sys.stderr.write("usage: bench_bare.py serve CERTS STORE | worker CERTS ADDRESS\n")
     return 2
 
 

@@ -73,6 +73,11 @@ class Baseline:
     # CPU seconds per relay call of the bare server and the bare worker (with the client: the
     # CPU any design with a worker process in the loop pays per task, on the same cores)
     relay_cpu_s: dict[str, float] = field(default_factory=dict)
+    # The relay with TaskRun's two commits on the way (its SQLite store, an echo task's rows):
+    # the floor for a design that makes the task durable before it leaves and the result
+    # before it is answered (see bench_bare)
+    stored_relay: Latency | None = None
+    stored_relay_cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -160,7 +165,10 @@ METHOD = {
     "counts them and answers once at the end; relay: a Relay call (unary_stream) answers "
     "'created', hands its 72 bytes to a bare worker process over the Work stream it holds, and "
     "answers with the worker's reply: the shape of a task's round trip with nothing stored, "
-    "validated or converted (as many calls as sequential tasks, one at a time)",
+    "validated or converted (as many calls as sequential tasks, one at a time); stored relay: the "
+    "same, but the bare server first commits an echo task and its run as created and assigned "
+    "through TaskRun's SQLite store (the same rows and event-log entries, in a file of its own) "
+    "before handing the request on, and commits them as completed before the second answer",
     "throughput": "clocks start before the first CreateTasks; clients each submit their share of "
     "batches one call at a time; after the last submit returns, one extra client polls "
     "ListTasks(statuses=PENDING,RUNNING, page_size=1) every --poll-interval until it is empty "
@@ -210,6 +218,11 @@ def ratios(b: Baseline, t: Throughput, lat: SequentialLatency) -> dict[str, floa
         **(
             {"submit_to_completed_p50 / bare_relay_p50": s.p50_ms / b.relay.p50_ms}
             if b.relay is not None
+            else {}
+        ),
+        **(
+            {"submit_to_completed_p50 / stored_relay_p50": s.p50_ms / b.stored_relay.p50_ms}
+            if b.stored_relay is not None
             else {}
         ),
     }
@@ -281,6 +294,15 @@ def rows() -> list[Row]:
         Row("bare relay: call -> worker process -> answer, one in flight (the floor below)"),
         Row("  p50", lambda r: r.baseline.relay.p50_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
         Row("  p99", lambda r: r.baseline.relay.p99_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
+        Row("stored relay: the same with TaskRun's two SQLite commits (this design's floor)"),
+        Row("  p50", lambda r: r.baseline.stored_relay.p50_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
+        Row("  p99", lambda r: r.baseline.stored_relay.p99_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
+        Row(
+            "  CPU per call: server",
+            lambda r: r.baseline.stored_relay_cpu_s["server"],
+            _us,
+            _stored_relay_cpu,
+        ),
         Row("bare bidi stream, one way", None),
         Row("  rate", lambda r: r.baseline.stream_msgs_per_s, lambda v: _rate(v, "msgs/s")),
         Row("throughput: echo tasks, concurrent CreateTasks, two workers"),
@@ -516,7 +538,14 @@ def _vs_bare(r: Report, ms: float, which: str) -> str:
     out = f"{ms / unary:.1f} x bare {which}"
     if r.baseline.relay is not None:
         out += f", {ms / getattr(r.baseline.relay, f'{which}_ms'):.1f} x relay"
+    if r.baseline.stored_relay is not None:
+        out += f", {ms / getattr(r.baseline.stored_relay, f'{which}_ms'):.1f} x stored"
     return out
+
+
+def _stored_relay_cpu(r: Report) -> str:
+    relay = r.baseline.relay_cpu_s.get("server")
+    return f"the relay's: {_us(relay)}" if relay else ""
 
 
 def _vs_relay_cpu(r: Report, process: str) -> str:
