@@ -20,7 +20,7 @@ from collections.abc import AsyncGenerator, Callable
 
 import grpc
 
-from taskrun.controlplane.auth import Authenticator, Caller
+from taskrun.controlplane.auth import Authenticator, Caller, call_peer
 from taskrun.controlplane.followers import STOPPING, FollowHub
 from taskrun.controlplane.guard import status_code
 from taskrun.core import errors
@@ -52,6 +52,7 @@ class SubmitStream:
         self.create_and_follow = create_and_follow
         self.caller = caller
         self.context = context
+        self.peer = call_peer(context)  # fixed for the call: read once, checked per request
         self.writing = asyncio.Lock()
         self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.followed: dict[int, asyncio.Task[None]] = {}
@@ -138,8 +139,8 @@ class SubmitStream:
         else:
             # Credentials are checked again per request, as per call: a certificate may have
             # expired, an API token expired or a `taskrun login` token been revoked meanwhile.
-            await self.auth.check_call(self.context)
-            caller = await self.auth.operator(self.context, Scope.SUBMIT)
+            await self.auth.check_call(self.context, self.peer)
+            caller = await self.auth.operator(self.context, Scope.SUBMIT, known=self.peer)
             follower = asyncio.create_task(self._follow(request_id, request.create, caller))
             self.followed[request_id] = follower
             follower.add_done_callback(lambda _: self._ended(request_id, follower))

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import json
 import time
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -15,8 +16,8 @@ import pytest
 
 from taskrun import convert
 from taskrun.cli.client import Client, OutputReceived, TaskChanged
-from taskrun.controlplane import submit
-from taskrun.core.models import TaskSpec
+from taskrun.controlplane import auth, submit
+from taskrun.core.models import TaskSpec, utcnow
 from taskrun.core.status import TaskStatus
 from taskrun.v1 import tasks_pb2
 from tests.conftest import Cluster
@@ -158,6 +159,30 @@ async def test_a_revoked_api_token_ends_the_stream_at_once(cluster: Cluster) -> 
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await program.run(echo("after"))  # a new stream: refused when it opens
     assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+
+
+async def test_a_certificate_past_its_end_refuses_the_next_request_on_an_open_stream(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream reads its caller's certificate once, but checks it on every request: after
+    the control plane's clock jumps past the certificate's end, the next request on the stream
+    opened before is refused UNAUTHENTICATED and creates nothing."""
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    assert (await client.run(echo("before"))).status is TaskStatus.COMPLETED
+    call = stream_of(client)
+    jumped = utcnow() + timedelta(days=20 * 366)  # past any certificate the tests make
+    monkeypatch.setattr(auth, "utcnow", lambda: jumped)
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client.run(echo("after"))
+    assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+    # refused on the stream opened before the jump, which it ended, not when another opened
+    assert await call.code() is grpc.StatusCode.UNAUTHENTICATED  # type: ignore[attr-defined]
+    assert "the client certificate expired at" in (refused.value.details() or "")
+    monkeypatch.undo()
+    tasks, _ = await cluster.client().list_tasks(limit=10)
+    assert [t.input for t in tasks] == [echo("before").input]
 
 
 async def test_an_idle_stream_does_not_hold_the_servers_stop(cluster: Cluster) -> None:
