@@ -115,6 +115,8 @@ class SequentialLatency:
     # control plane stored with each task and run and this process's clock at either end (one
     # machine, one clock); read after the measured tasks, so the reading costs them nothing.
     stages_ms: dict[str, float] = field(default_factory=dict)
+    # the same over the slowest 1 % of the tasks (those that make the p99)
+    tail_stages_ms: dict[str, float] = field(default_factory=dict)
 
 
 # The stages of one sequential task, in order; each from the stored time named to the next.
@@ -281,8 +283,9 @@ def _stage(r: Report, name: str) -> float:
     return r.latency.stages_ms[name]
 
 
-def _stage_span(_r: Report, span: str) -> str:
-    return span
+def _stage_span(r: Report, span: str, name: str) -> str:
+    slowest = r.latency.tail_stages_ms.get(name)
+    return span if slowest is None else f"{span}; slowest 1 %: {slowest:.2f} ms"
 
 
 def rows() -> list[Row]:
@@ -357,7 +360,7 @@ def rows() -> list[Row]:
                 f"    {name}",
                 functools.partial(_stage, name=name),
                 _ms,
-                functools.partial(_stage_span, span=span),
+                functools.partial(_stage_span, span=span, name=name),
             )
             for name, span in STAGES
         ),
