@@ -5,7 +5,9 @@ PostgreSQL-only ones are in test_store_postgres.py."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import functools
+import os
 import signal
 import sqlite3
 import sys
@@ -16,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog.testing
 
 from taskrun.controlplane.store import (
     SCHEMA_VERSION,
@@ -1429,6 +1432,44 @@ async def test_sqlite_starts_the_wal_over_off_the_commit_path_after_a_checkpoint
     finally:
         conn.close()
     assert await sqlite_store.get_task(tid(1)) is not None
+
+
+async def test_sqlite_flushes_the_wal_outside_the_writers_lock_before_starting_it_over(
+    sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Starting the WAL over syncs it, with the writer's lock held: every commit meanwhile
+    waits. The checkpointer syncs the WAL first, without the lock, so that sync finds next to
+    nothing left to write; a flush that fails is logged and the WAL still begins again."""
+    flushed: list[tuple[str, bool]] = []
+    fdatasync = os.fdatasync
+
+    def recording(fd: int) -> None:
+        wal = str(Path(f"/proc/self/fd/{fd}").readlink())
+        flushed.append((wal, sqlite_store._write_lock.locked()))
+        if len(flushed) == 1:
+            raise OSError(errno.EIO, "Input/output error")
+        fdatasync(fd)
+
+    monkeypatch.setattr(os, "fdatasync", recording)
+    conn = sqlite3.connect(sqlite_store.path)
+    try:
+        with structlog.testing.capture_logs() as logs:
+            for round in range(2):  # the first flush fails, the second works
+                conn.execute("DELETE FROM store_probe")
+                conn.commit()
+                await sqlite_store.apply(ChangeSet(tasks=[make_task(round + 1)]))
+                for _ in range(100):  # the checkpointer looks every second
+                    if conn.execute("SELECT count(*) FROM store_probe").fetchone()[0]:
+                        break
+                    await asyncio.sleep(0.05)
+                else:
+                    pytest.fail("the checkpointer wrote no probe row after a complete checkpoint")
+    finally:
+        conn.close()
+    assert [e["error"] for e in logs if e["event"] == "wal flush failed"] == [
+        "[Errno 5] Input/output error"
+    ]
+    assert flushed[:2] == [(f"{sqlite_store.path.resolve()}-wal", False)] * 2
 
 
 async def test_sqlite_data_survives_close_and_reopen(tmp_path: Path) -> None:
