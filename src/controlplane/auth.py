@@ -226,9 +226,7 @@ class Authenticator:
         PERMISSION_DENIED (and the refusal is audited). A run's credential is refused unless
         `runs` (the few calls that scope it to its task's sub-tasks). `known`: the call's peer
         as read before."""
-        if known is None:
-            known = call_peer(context)
-        bearer = known.bearer
+        bearer = _bearer(context) if known is None else known.bearer
         if bearer is not None and bearer.startswith(RUN_PREFIX):
             return await self._run_caller(context, bearer, needed, runs)
         if bearer is not None:
@@ -245,7 +243,9 @@ class Authenticator:
                 )
             caller = Caller(f"api-token {token.id} ({token.name})", token.scopes, token.id)
         else:
-            principal, cert = known.principal, known.certificate
+            principal, cert = (
+                peer(context) if known is None else (known.principal, known.certificate)
+            )
             if principal is None:
                 # the mTLS listener refuses a missing certificate in the handshake: this call
                 # came to the public listener, which never asks for one
