@@ -1012,25 +1012,19 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
             bare, port = await start_baseline(pki, tmp)
             started.append(bare)
             baseline = await measure_baseline(f"127.0.0.1:{port}", pki, args.unary, args.stream)
+            relay = functools.partial(
+                measure_relay,
+                f"127.0.0.1:{port}",
+                pki,
+                tmp,
+                args.latency_tasks,
+                max(args.warmup, 20),
+                bare.proc.pid,
+            )
             note("baseline: bare relay through a bare worker process")
-            baseline.relay, baseline.relay_cpu_s = await measure_relay(
-                f"127.0.0.1:{port}",
-                pki,
-                tmp,
-                args.latency_tasks,
-                max(args.warmup, 20),
-                bare.proc.pid,
-            )
+            baseline.relay, baseline.relay_cpu_s = await relay()
             note("baseline: the same relay with TaskRun's two SQLite commits")
-            baseline.stored_relay, baseline.stored_relay_cpu_s = await measure_relay(
-                f"127.0.0.1:{port}",
-                pki,
-                tmp,
-                args.latency_tasks,
-                max(args.warmup, 20),
-                bare.proc.pid,
-                method="StoredRelay",
-            )
+            baseline.stored_relay, baseline.stored_relay_cpu_s = await relay(method="StoredRelay")
             await stop(bare)
 
             planes: dict[str, ControlPlane] = {}

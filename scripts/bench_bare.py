@@ -54,28 +54,12 @@ class _Commits:
 
     def _changes(self, task: Task, run: Run) -> ChangeSet:
         time_us = us(task.updated_at)
-        return ChangeSet(
-            tasks=[task],
-            runs=[run],
-            events=[
-                LoggedEvent(
-                    next(self.positions),
-                    epb.EVENT_KIND_RUN_CHANGED,
-                    task.id,
-                    STORED_WORKER,
-                    subject=run,
-                    time=time_us,
-                ),
-                LoggedEvent(
-                    next(self.positions),
-                    epb.EVENT_KIND_TASK_CHANGED,
-                    task.id,
-                    STORED_WORKER,
-                    subject=task,
-                    time=time_us,
-                ),
-            ],
-        )
+        changed = ((epb.EVENT_KIND_RUN_CHANGED, run), (epb.EVENT_KIND_TASK_CHANGED, task))
+        events = [
+            LoggedEvent(next(self.positions), kind, task.id, STORED_WORKER, subject=s, time=time_us)
+            for kind, s in changed
+        ]
+        return ChangeSet(tasks=[task], runs=[run], events=events)
 
     async def created(self) -> tuple[Task, Run]:
         now = utcnow()

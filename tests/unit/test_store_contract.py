@@ -1413,6 +1413,16 @@ async def test_sqlite_uses_wal_and_foreign_keys(sqlite_store: SqliteStore) -> No
         conn.close()
 
 
+async def probe_written(conn: sqlite3.Connection) -> None:
+    """Until the checkpointer wrote its probe row (its first write after a complete checkpoint,
+    which starts the WAL over)."""
+    for _ in range(100):  # the checkpointer looks every second
+        if conn.execute("SELECT count(*) FROM store_probe").fetchone()[0]:
+            return
+        await asyncio.sleep(0.05)
+    pytest.fail("the checkpointer wrote no probe row after a complete checkpoint")
+
+
 async def test_sqlite_starts_the_wal_over_off_the_commit_path_after_a_checkpoint(
     sqlite_store: SqliteStore,
 ) -> None:
@@ -1421,12 +1431,7 @@ async def test_sqlite_starts_the_wal_over_off_the_commit_path_after_a_checkpoint
     await sqlite_store.apply(ChangeSet(tasks=[make_task(1)]))
     conn = sqlite3.connect(sqlite_store.path)
     try:
-        for _ in range(100):  # the checkpointer looks every second
-            if conn.execute("SELECT count(*) FROM store_probe").fetchone()[0]:
-                break
-            await asyncio.sleep(0.05)
-        else:
-            pytest.fail("the checkpointer wrote no probe row after a complete checkpoint")
+        await probe_written(conn)
         busy, logged, copied = conn.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
         assert (busy, logged, copied) == (0, 1, 1)  # the WAL began again: one frame, the probe
     finally:
@@ -1458,12 +1463,7 @@ async def test_sqlite_flushes_the_wal_outside_the_writers_lock_before_starting_i
                 conn.execute("DELETE FROM store_probe")
                 conn.commit()
                 await sqlite_store.apply(ChangeSet(tasks=[make_task(round + 1)]))
-                for _ in range(100):  # the checkpointer looks every second
-                    if conn.execute("SELECT count(*) FROM store_probe").fetchone()[0]:
-                        break
-                    await asyncio.sleep(0.05)
-                else:
-                    pytest.fail("the checkpointer wrote no probe row after a complete checkpoint")
+                await probe_written(conn)
     finally:
         conn.close()
     assert [e["error"] for e in logs if e["event"] == "wal flush failed"] == [
