@@ -118,8 +118,9 @@ class CallPeer:
     """What a call's connection and headers say of its caller: its certificate's identity, the
     certificate, and a bearer credential. All three are fixed for the call's life (an HTTP/2
     stream keeps its TLS session and its headers), so a stream that checks each of its requests
-    reads them once (about 30 µs per read of the auth context); the checks themselves (expiry,
-    an active token, scopes) still run on each request."""
+    reads them once (each read of the auth context copies every property: about 30 µs per
+    request, measured); the checks themselves (expiry, an active token, scopes) still run on
+    each request."""
 
     principal: Principal | None
     certificate: PeerCertificate | None

@@ -1443,8 +1443,8 @@ async def test_sqlite_flushes_the_wal_outside_the_writers_lock_before_starting_i
     sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Starting the WAL over syncs it, with the writer's lock held: every commit meanwhile
-    waits. The checkpointer syncs the WAL first, without the lock, so that sync finds next to
-    nothing left to write; a flush that fails is logged and the WAL still begins again."""
+    waits. The checkpointer syncs the WAL first, without the lock, so that sync has less left
+    to write; a flush that fails is logged and the WAL still begins again."""
     flushed: list[tuple[str, bool]] = []
     fdatasync = os.fdatasync
 

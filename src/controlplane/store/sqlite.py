@@ -998,7 +998,8 @@ class SqliteStore(SqlReads):
         checkpoint. That sync also writes out every frame committed while the checkpoint ran
         (tens of milliseconds of commits under load): 10-18 ms with the writer's lock held,
         measured, which every commit meanwhile waited for. So the WAL is synced first, outside
-        the lock, and the probe's sync finds next to nothing left to write.
+        the lock, and the probe's sync has less left to write (the lock then held 5.7 ms at the
+        median instead of 10.8, measured under the same load).
         """
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         try:
