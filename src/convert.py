@@ -4,6 +4,10 @@ Shared by the control plane, the worker and the client; nothing else touches bot
 
 Why one module: ARCHITECTURE.md asks for one place where protobuf and core models meet, so
 that the gRPC and HTTP APIs cannot drift; it is long because there are many messages.
+
+A map field is given to a message's constructor as `mapping or None`, and updated only when
+not empty: protobuf fills a map through `MutableMapping.update`, Python code with ABC checks,
+about 2 µs even for an empty dict, and tasks mostly have no labels.
 """
 
 from __future__ import annotations
@@ -196,7 +200,8 @@ def policy_to_pb(p: TaskPolicy, out: pb.TaskPolicy) -> None:
     duration_to_pb(p.timeout, out.timeout)
     out.max_attempts = p.max_attempts
     out.idempotency_key = p.idempotency_key
-    out.required_labels.update(p.required_labels)
+    if p.required_labels:
+        out.required_labels.update(p.required_labels)
     duration_to_pb(p.queue_timeout, out.queue_timeout)
     out.retry_on_failure = p.retry_on_failure
     out.required_provider = p.required_provider
@@ -219,7 +224,8 @@ def model_settings_to_pb(s: ModelSettings, out: pb.ModelSettings) -> None:
         out.temperature = s.temperature
     out.stop_sequences.extend(s.stop_sequences)
     out.append_system_prompt = s.append_system_prompt
-    out.env.update(s.env)
+    if s.env:
+        out.env.update(s.env)
     out.mcp_servers_json = s.mcp_servers
     out.allowed_tools.extend(s.allowed_tools)
     out.disallowed_tools.extend(s.disallowed_tools)
@@ -293,7 +299,9 @@ def policy_from_pb(m: pb.TaskPolicy, default_max_attempts: int) -> TaskPolicy:
 
 
 def spec_to_pb(spec: TaskSpec) -> tasks_pb2.CreateTaskRequest:
-    req = tasks_pb2.CreateTaskRequest(agent=spec.agent, input_json=spec.input, labels=spec.labels)
+    req = tasks_pb2.CreateTaskRequest(
+        agent=spec.agent, input_json=spec.input, labels=spec.labels or None
+    )
     policy_to_pb(spec.policy, req.policy)
     return req
 
@@ -362,7 +370,7 @@ def task_to_pb(t: Task, runs: list[Run] | None = None) -> pb.Task:
         id=t.id,
         agent=t.agent,
         input_json=t.input,
-        labels=t.labels,
+        labels=t.labels or None,
         status=int(t.status),  # type: ignore[arg-type]
         attempts=t.attempts,
         current_run_id=t.current_run_id or "",
@@ -457,7 +465,7 @@ def conversation_to_pb(
         id=c.id,
         agent=c.agent,
         title=c.title,
-        labels=c.labels,
+        labels=c.labels or None,
         input_json=c.input,
         turn_count=c.turns,
         session_id=c.session_id,
@@ -551,7 +559,7 @@ def worker_to_pb(w: Worker, active_runs: list[RunId] | None = None) -> pb.Worker
         hostname=w.hostname,
         version=w.version,
         agents=[agent_to_pb(a) for a in w.agents],
-        labels=w.labels,
+        labels=w.labels or None,
         max_concurrent_runs=w.max_concurrent_runs,
         active_runs=len(active_runs or ()),
         status=int(w.status),  # type: ignore[arg-type]
@@ -598,7 +606,7 @@ def bootstrap_token_to_pb(t: BootstrapToken, now: datetime) -> security_pb2.Boot
     out = security_pb2.BootstrapToken(
         token_id=t.id,
         worker_id=t.worker_id,
-        labels=t.labels,
+        labels=t.labels or None,
         state=int(t.state(now)),  # type: ignore[arg-type]
         created_by=t.created_by,
         used_by_host=t.used_by_host,
@@ -685,7 +693,7 @@ def schedule_to_pb(s: Schedule) -> schedules_pb2.Schedule:
         name=s.name,
         agent=s.agent,
         input_json=s.input,
-        labels=s.labels,
+        labels=s.labels or None,
         cron=s.cron,
         rrule=s.rrule,
         timezone=s.timezone,
@@ -780,7 +788,7 @@ def webhook_to_pb(w: Webhook) -> webhooks_pb2.Webhook:
         id=w.id,
         url=w.url,
         events=sorted(str(e) for e in w.events),
-        labels=w.labels,
+        labels=w.labels or None,
         agent=w.agent,
         schedule=w.schedule,
         description=w.description,

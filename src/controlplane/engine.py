@@ -1210,7 +1210,7 @@ class Engine:
             agent=task.agent,
             input_json=task.input,
             timeout_seconds=policy.timeout or 0.0,
-            labels=task.labels,
+            labels=task.labels or None,  # see convert: an empty map costs 2 µs
             required_provider=policy.required_provider,
             required_model=policy.required_model,
             fencing_token=run.attempt,
