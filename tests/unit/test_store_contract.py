@@ -1768,6 +1768,28 @@ async def test_sqlite_group_commits_concurrent_applies(sqlite_store: SqliteStore
     assert len(await sqlite_store.list_unfinished_runs()) == 2000
 
 
+async def test_sqlite_rows_written_many_to_a_statement_keep_call_order(
+    sqlite_store: SqliteStore,
+) -> None:
+    """Rows go in statements of up to 64 rows (the writer steps once per statement, not per
+    row): counts that are no power of two and cross statement bounds all land, and a task
+    upserted by two change sets of one group keeps the later state."""
+    first = ChangeSet(tasks=[make_task(n) for n in range(1, 151)])  # 64 + 64 + 16 + 4 + 2
+    first.runs = [make_run(n, n) for n in range(1, 98)]  # 64 + 32 + 1
+    first.chunks = [chunk(n, 1) for n in range(1, 98)]
+    later = ChangeSet(
+        tasks=[make_task(n, status=TaskStatus.RUNNING, attempts=2) for n in range(100, 171)]
+    )
+    await asyncio.gather(sqlite_store.submit(first), sqlite_store.submit(later))  # queued together
+    tasks = {t.id: t for t in await sqlite_store.list_unfinished_tasks()}
+    assert len(tasks) == 170
+    assert tasks[tid(99)] == make_task(99)
+    assert tasks[tid(100)] == make_task(100, status=TaskStatus.RUNNING, attempts=2)
+    assert tasks[tid(170)].status is TaskStatus.RUNNING
+    read = await sqlite_store.read_output([rid(n) for n in range(1, 98)], after={}, limit=1000)
+    assert len(read) == 97
+
+
 async def test_sqlite_reads_see_each_committed_write(sqlite_store: SqliteStore) -> None:
     for n in range(1, 21):
         await sqlite_store.apply(ChangeSet(tasks=[make_task(n)]))
