@@ -1785,9 +1785,23 @@ async def test_sqlite_rows_written_many_to_a_statement_keep_call_order(
     assert len(tasks) == 170
     assert tasks[tid(99)] == make_task(99)
     assert tasks[tid(100)] == make_task(100, status=TaskStatus.RUNNING, attempts=2)
+    assert tasks[tid(130)].status is TaskStatus.RUNNING  # both of its rows in one statement
     assert tasks[tid(170)].status is TaskStatus.RUNNING
     read = await sqlite_store.read_output([rid(n) for n in range(1, 98)], after={}, limit=1000)
     assert len(read) == 97
+
+
+async def test_sqlite_writes_within_a_build_that_allows_few_variables_per_statement(
+    sqlite_store: SqliteStore,
+) -> None:
+    """SQLite before 3.32 allows 999 variables in a statement (a task row has 23): the writer
+    sizes its statements to the limit of the SQLite it runs on."""
+    conn = sqlite_store._conn
+    assert conn is not None
+    with sqlite_store._write_lock:  # the writer's connection: change its limit between writes
+        conn.setlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER, 999)
+    await sqlite_store.apply(ChangeSet(tasks=[make_task(n) for n in range(1, 101)]))
+    assert len(await sqlite_store.list_unfinished_tasks()) == 100
 
 
 async def test_sqlite_reads_see_each_committed_write(sqlite_store: SqliteStore) -> None:

@@ -585,6 +585,15 @@ def _rows_sql(sql: str, rows: int) -> str:
     return f"{head} VALUES {', '.join([f'({marks})'] * rows)}{tail}"
 
 
+@functools.lru_cache(maxsize=16)
+def _most_rows(sql: str, variables: int) -> int:
+    """How many rows one statement of `sql` may write: at most _ROWS_PER_STATEMENT, within
+    SQLite's limit on a statement's variables (999 in builds before 3.32), a power of two."""
+    marks = _rows_sql(sql, 1).count("?")
+    fit = max(1, min(_ROWS_PER_STATEMENT, variables // marks))
+    return 1 << (fit.bit_length() - 1)
+
+
 def _write_rows(conn: sqlite3.Connection, sql: str, rows: list[Params]) -> None:
     """Write `rows` with `sql` (an INSERT of one row, an upsert included), as few statements of
     many rows as fit, each a power of two rows (few distinct statements to prepare and cache).
@@ -593,10 +602,13 @@ def _write_rows(conn: sqlite3.Connection, sql: str, rows: list[Params]) -> None:
     each step and must take it back from the event loop's thread, which holds it while busy.
     Under load a group of a few hundred rows took 41 ms at the median against 7 ms alone,
     measured. A multi-row statement is one step; rows are taken in order, so the last upsert
-    of an id still wins."""
+    of an id still wins, also within one statement."""
+    if not rows:
+        return
+    most = _most_rows(sql, conn.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER))
     done, count = 0, len(rows)
     while done < count:
-        size = min(_ROWS_PER_STATEMENT, 1 << ((count - done).bit_length() - 1))
+        size = min(most, 1 << ((count - done).bit_length() - 1))
         chunk = rows[done : done + size]
         conn.execute(_rows_sql(sql, size), list(itertools.chain.from_iterable(chunk)))
         done += size
