@@ -1472,6 +1472,31 @@ async def test_sqlite_flushes_the_wal_outside_the_writers_lock_before_starting_i
     assert flushed[:2] == [(f"{sqlite_store.path.resolve()}-wal", False)] * 2
 
 
+async def test_sqlite_flushes_the_wal_with_fsync_where_there_is_no_fdatasync(
+    sqlite_store: SqliteStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """macOS has no os.fdatasync: the checkpointer flushes with fsync there, and goes on."""
+    synced: list[str] = []
+    fsync = os.fsync
+
+    def recording(fd: int) -> None:
+        synced.append(str(Path(f"/proc/self/fd/{fd}").readlink()))
+        fsync(fd)
+
+    monkeypatch.delattr(os, "fdatasync")
+    monkeypatch.setattr(os, "fsync", recording)
+    conn = sqlite3.connect(sqlite_store.path)
+    try:
+        for round in range(2):  # a checkpointer that had died would write no second probe
+            conn.execute("DELETE FROM store_probe")
+            conn.commit()
+            await sqlite_store.apply(ChangeSet(tasks=[make_task(round + 1)]))
+            await probe_written(conn)
+    finally:
+        conn.close()
+    assert f"{sqlite_store.path.resolve()}-wal" in synced
+
+
 async def test_sqlite_data_survives_close_and_reopen(tmp_path: Path) -> None:
     path = tmp_path / "t.db"
     first = SqliteStore(path)

@@ -1073,7 +1073,8 @@ class SqliteStore(SqlReads):
             log.warning("wal flush failed", error=str(exc))
             return
         try:
-            os.fdatasync(fd)
+            # macOS has no fdatasync: fsync there (also the metadata, a little more to write)
+            getattr(os, "fdatasync", os.fsync)(fd)
         except OSError as exc:
             log.warning("wal flush failed", error=str(exc))
         finally:
