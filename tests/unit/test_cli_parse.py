@@ -48,7 +48,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    return cli.build_parser().parse_args(list(argv))
+    return cli.build_parser(argv).parse_args(list(argv))
 
 
 def rpc_error(code: grpc.StatusCode, details: str) -> grpc.aio.AioRpcError:
@@ -660,8 +660,8 @@ def test_webhook_create_refuses_an_unknown_event_before_calling(
 
 @pytest.mark.parametrize("group", ["worker", "workers"])
 def test_worker_list_and_get_are_spelled_both_ways(group: str) -> None:
-    listed = cli.build_parser().parse_args([group, "list", "--status", "online", "-o", "json"])
+    listed = parse(group, "list", "--status", "online", "-o", "json")
     assert listed.func is worker_cmd.cmd_workers_list
     assert (listed.status, listed.output) == ([[WorkerStatus.ONLINE]], "json")
-    shown = cli.build_parser().parse_args([group, "get", "worker-1"])
+    shown = parse(group, "get", "worker-1")
     assert (shown.func, shown.worker_id) == (worker_cmd.cmd_workers_get, "worker-1")

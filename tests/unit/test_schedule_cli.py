@@ -18,7 +18,7 @@ from taskrun.core.schedule import MisfirePolicy, OverlapPolicy, Schedule
 
 
 def parse(*argv: str) -> argparse.Namespace:
-    return cli.build_parser().parse_args(list(argv))
+    return cli.build_parser(argv).parse_args(list(argv))
 
 
 def test_create_flags_make_the_schedule(tmp_path: Path) -> None:
