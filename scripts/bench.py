@@ -50,6 +50,7 @@ from typing import Any
 
 import grpc
 from bench_bare import measure_baseline, measure_relay, start_baseline
+from bench_cli import measure_cli
 from bench_compare import Side, ref_side, this_side
 from bench_failover import FAILOVER_WORKERS, MAX_ROUNDS, measure_failover
 from bench_fleet import (
@@ -200,6 +201,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "0 skips)",
     )
     p.add_argument(
+        "--cli-runs",
+        type=int,
+        default=15,
+        metavar="N",
+        help="run `taskrun task create echo --follow` N times, a new process each, beside a "
+        "Python process that imports nothing (15; 0 skips)",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=4,
@@ -225,8 +234,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if min(args.idle_workers, args.deep_queue) < 0 or args.fleet_procs < 1:
-        p.error("--idle-workers and --deep-queue must be >= 0, --fleet-procs >= 1")
+    if min(args.idle_workers, args.deep_queue, args.cli_runs) < 0 or args.fleet_procs < 1:
+        p.error("--idle-workers, --deep-queue and --cli-runs must be >= 0, --fleet-procs >= 1")
     if args.batch > 1000:
         p.error("--batch must be at most 1000 (the server's limit)")
     if args.warmup < 0 or min(args.poll_interval, args.timeout, args.follow_timeout) <= 0:
@@ -1096,6 +1105,13 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                         args.batch,
                     )
                 order.reverse()
+            if args.cli_runs:
+                note(f"the command line: {args.cli_runs} x taskrun task create --follow per side")
+                lines = await measure_cli(
+                    sides, [planes[side.name].address for side in sides], pki, args.cli_runs
+                )
+                for side, line in zip(sides, lines, strict=True):
+                    results[side.name]["cli"] = line
             for plane in planes.values():
                 await asyncio.gather(*(stop(c) for c in plane.workers))
                 await stop(plane.server)
@@ -1162,6 +1178,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                 failover=got.get("failover"),
                 deep_queue=got.get("deep_queue"),
                 fleet=got.get("fleet"),
+                cli=got.get("cli"),
             )
         )
     return reports[0], (reports[1] if len(reports) > 1 else None)

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from bench_cli import CommandLine
 from bench_failover import Failover
 from bench_fleet import Fleet
 
@@ -142,6 +143,7 @@ class Report:
     failover: Failover | None = None
     deep_queue: DeepQueue | None = None
     fleet: Fleet | None = None
+    cli: CommandLine | None = None
 
 
 @dataclass
@@ -200,6 +202,11 @@ METHOD = {
     "per task (with all N it includes their heartbeats during the window), the fleet processes' "
     "own CPU per task (they share the cores with the server), and the stream messages the "
     "sessions read and wrote over the window (both ways) per 100 tasks",
+    "cli": "the command a person types, `taskrun task create echo --input ... --follow` (the "
+    "console script beside the bench's Python), as a new process against the control plane of "
+    "the latency figure, from its start until it exited 0; beside it in each round, `python -c "
+    "pass` and `python -c 'import taskrun.cli.main'` from the same interpreter; p50 over "
+    "--cli-runs rounds, the sides taking turns",
     "cpu": "user+system CPU seconds of each process during the throughput phase (/proc)",
 }
 
@@ -387,6 +394,27 @@ def rows() -> list[Row]:
             "  follow misses (left out above)",
             lambda r: float(r.latency.follow_missed_end),
             lambda v: f"{v:.0f}",
+        ),
+        Row("the command line: taskrun task create echo --follow, a new process each time"),
+        Row(
+            "  p50, start to exit",
+            lambda r: r.cli.create_follow_ms,  # type: ignore[union-attr]
+            _ms,
+            lambda r: (
+                f"{r.cli.create_follow_ms - r.cli.python_start_ms:,.0f} ms "  # type: ignore[union-attr]
+                "more than a bare Python start"
+            ),
+        ),
+        Row(
+            "  importing the CLI alone",
+            lambda r: r.cli.cli_import_ms,  # type: ignore[union-attr]
+            _ms,
+        ),
+        Row(
+            "  a Python process that imports nothing",
+            lambda r: r.cli.python_start_ms,  # type: ignore[union-attr]
+            _ms,
+            lambda _r: "baseline",
         ),
         Row("deep queue: tasks that no worker can take, waiting"),
         Row("  queued", lambda r: float(r.deep_queue.queued), lambda v: f"{v:,.0f}"),  # type: ignore[union-attr]
