@@ -223,7 +223,8 @@ def _usage(parser: argparse.ArgumentParser) -> int:
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The `taskrun` parser. Given the command line, it has only the commands that line names,
-    all of them when it names none (`taskrun --help`, a mistyped command).
+    all of them when it names none (a mistyped command) or asks for help (`taskrun -h task`
+    lists every command).
 
     The whole CLI is about 75 parsers and 900 options; argparse takes 30-50 ms to build them
     (measured; much of it gettext looking for translations of each parser's help strings),
@@ -241,6 +242,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     words = set(argv or ())
     named = [register for names, register in COMMANDS if words.intersection(names)]
+    if words.intersection(("-h", "--help")):
+        named = []
     for register in named or [register for _names, register in COMMANDS]:
         register(commands)
     return parser
