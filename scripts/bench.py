@@ -62,6 +62,7 @@ from bench_fleet import (
     start_fleet,
     wait_online,
 )
+from bench_reach import measure_reach
 from bench_report import (
     METHOD,
     STAGES,
@@ -209,6 +210,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "Python process that imports nothing (15; 0 skips)",
     )
     p.add_argument(
+        "--reach-calls",
+        type=int,
+        default=200,
+        metavar="N",
+        help="N calls each of GET /v1/tasks/{id} and of MCP create_task with wait, one at a "
+        "time (200; 0 skips)",
+    )
+    p.add_argument(
         "--rounds",
         type=int,
         default=4,
@@ -234,8 +243,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     ):
         if getattr(args, name) < 1:
             p.error(f"--{name.replace('_', '-')} must be at least 1")
-    if min(args.idle_workers, args.deep_queue, args.cli_runs) < 0 or args.fleet_procs < 1:
-        p.error("--idle-workers, --deep-queue and --cli-runs must be >= 0, --fleet-procs >= 1")
+    if (
+        min(args.idle_workers, args.deep_queue, args.cli_runs, args.reach_calls) < 0
+        or args.fleet_procs < 1
+    ):
+        p.error(
+            "--idle-workers, --deep-queue, --cli-runs and --reach-calls must be >= 0, "
+            "--fleet-procs >= 1"
+        )
     if args.batch > 1000:
         p.error("--batch must be at most 1000 (the server's limit)")
     if args.warmup < 0 or min(args.poll_interval, args.timeout, args.follow_timeout) <= 0:
@@ -300,6 +315,7 @@ class ControlPlane:
     server: Child
     workers: list[Child]
     address: str
+    http_address: str = ""  # the HTTP API's and MCP's, when it serves them
 
     @property
     def children(self) -> list[Child]:
@@ -329,7 +345,8 @@ async def start_control_plane(
     common = ["--certs-dir", str(pki.directory), "--log-level", "warning"]
     suffix = "" if side.name == "this" else f" ({side.name})"
     tmp.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
-    server = await spawn_server(pki, tmp, address, store, side)
+    http_address = f"127.0.0.1:{free_port()}"
+    server = await spawn_server(pki, tmp, address, store, side, http_address)
     started.append(server)
     async with clients(address, pki, 1) as (client,):
         await until(lambda: _answers(client), server.check, "the server to answer")
@@ -354,7 +371,7 @@ async def start_control_plane(
                 await spawn(f"{worker_id}{suffix}", argv, tmp / f"{worker_id}.log", env=side.env)
             )
             started.append(workers[-1])
-        plane = ControlPlane(server, workers, address)
+        plane = ControlPlane(server, workers, address, http_address)
 
         async def online() -> bool:
             listed = await client.list_workers([WorkerStatus.ONLINE])
@@ -364,13 +381,17 @@ async def start_control_plane(
     return plane
 
 
-async def spawn_server(pki: PkiPaths, tmp: Path, address: str, store: str, side: Side) -> Child:
-    """The control plane's process (its log: tmp/server.log, appended to by a restart)."""
+async def spawn_server(
+    pki: PkiPaths, tmp: Path, address: str, store: str, side: Side, http_address: str = ""
+) -> Child:
+    """The control plane's process (its log: tmp/server.log, appended to by a restart); with
+    `http_address`, it serves the HTTP API and MCP there too."""
     suffix = "" if side.name == "this" else f" ({side.name})"
     common = ["--certs-dir", str(pki.directory), "--log-level", "warning"]
+    http = ["--http-listen", http_address] if http_address else []
     return await spawn(
         f"server{suffix}",
-        taskrun_argv("server", "--listen", address, "--store", store, *common),
+        taskrun_argv("server", "--listen", address, "--store", store, *http, *common),
         tmp / "server.log",
         env=side.env,
     )
@@ -1112,6 +1133,16 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                 )
                 for side, line in zip(sides, lines, strict=True):
                     results[side.name]["cli"] = line
+            if args.reach_calls:
+                note(f"the HTTP API and MCP: {args.reach_calls} calls of each per side")
+                reached = await measure_reach(
+                    [planes[side.name].http_address for side in sides],
+                    [planes[side.name].address for side in sides],
+                    pki,
+                    args.reach_calls,
+                )
+                for side, reach in zip(sides, reached, strict=True):
+                    results[side.name]["reach"] = reach
             for plane in planes.values():
                 await asyncio.gather(*(stop(c) for c in plane.workers))
                 await stop(plane.server)
@@ -1179,6 +1210,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                 deep_queue=got.get("deep_queue"),
                 fleet=got.get("fleet"),
                 cli=got.get("cli"),
+                reach=got.get("reach"),
             )
         )
     return reports[0], (reports[1] if len(reports) > 1 else None)

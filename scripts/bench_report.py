@@ -20,6 +20,7 @@ from typing import Any
 from bench_cli import CommandLine
 from bench_failover import Failover
 from bench_fleet import Fleet
+from bench_reach import Reach
 
 TARGET_TASKS_PER_S = 4000.0
 TARGET_P50_MS = 1.5
@@ -144,6 +145,7 @@ class Report:
     deep_queue: DeepQueue | None = None
     fleet: Fleet | None = None
     cli: CommandLine | None = None
+    reach: Reach | None = None
 
 
 @dataclass
@@ -207,6 +209,11 @@ METHOD = {
     "the latency figure, from its start until it exited 0; beside it in each round, `python -c "
     "pass` and `python -c 'import taskrun.cli.main'` from the same interpreter; p50 over "
     "--cli-runs rounds, the sides taking turns",
+    "reach": "against the latency figure's control plane (its HTTP API and MCP on loopback, "
+    "TLS), an API token of the submit scope, one kept-alive connection each: GET "
+    "/v1/tasks/{id} of a finished echo task (httpx) and MCP create_task of an echo task with "
+    "wait (the mcp SDK's client, streamable HTTP), one call at a time after 20 unmeasured of "
+    "each; p50 from sending until the answer was read, the sides taking turns in 5 rounds",
     "cpu": "user+system CPU seconds of each process during the throughput phase (/proc)",
 }
 
@@ -415,6 +422,22 @@ def rows() -> list[Row]:
             lambda r: r.cli.python_start_ms,  # type: ignore[union-attr]
             _ms,
             lambda _r: "baseline",
+        ),
+        Row("the HTTP API and MCP: one call at a time, TLS, an API token (an agent's sub-task)"),
+        Row(
+            "  GET /v1/tasks/{id}, p50",
+            lambda r: r.reach.get_task_ms,  # type: ignore[union-attr]
+            _ms,
+            lambda r: f"{r.reach.get_task_ms / r.baseline.unary.p50_ms:.1f} x bare p50",  # type: ignore[union-attr]
+        ),
+        Row(
+            "  MCP create_task with wait (echo), p50",
+            lambda r: r.reach.mcp_create_wait_ms,  # type: ignore[union-attr]
+            _ms,
+            lambda r: (
+                f"{r.reach.mcp_create_wait_ms / r.latency.submit_to_completed.p50_ms:.1f} x "  # type: ignore[union-attr]
+                "the sequential p50 (gRPC)"
+            ),
         ),
         Row("deep queue: tasks that no worker can take, waiting"),
         Row("  queued", lambda r: float(r.deep_queue.queued), lambda v: f"{v:,.0f}"),  # type: ignore[union-attr]
