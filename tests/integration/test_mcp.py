@@ -104,6 +104,22 @@ async def test_a_task_created_with_wait_returns_its_result_and_cost(cluster: Clu
     assert stored.labels == {"via": "mcp"}
 
 
+async def test_wait_seconds_bounds_the_wait_and_never_the_creation(cluster: Cluster) -> None:
+    base = await start_http(cluster)
+    await cluster.start_worker("worker-1")
+    token, _ = await cluster.client().create_api_token("assistant", ["submit"])
+    slow = {"text": "ab", "chunks": 2, "delay": 0.5}
+    async with mcp_client(cluster, base, token) as client:
+        for seconds in (0, 0.2):
+            args = {"agent": "echo", "input": slow, "wait": True, "wait_seconds": seconds}
+            left = structured(await client.call_tool("create_task", args))
+            assert left["status"] in ("pending", "running")
+            assert left["waited"] == f"still {left['status']} after {seconds:g}s"
+            done = structured(await client.call_tool("wait_for_task", {"task_id": left["task_id"]}))
+            assert done["status"] == "completed" and done["result"] == {"chars": 2, "chunks": 2}
+            assert [r["status"] for r in done["runs"]] == ["completed"]
+
+
 async def test_cancel_and_schedule_tools_act_on_the_control_plane(cluster: Cluster) -> None:
     base = await start_http(cluster)
     await cluster.start_worker("worker-1")
