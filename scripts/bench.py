@@ -334,18 +334,22 @@ async def start_control_plane(
     store: str,
     side: Side,
     worker_ids: Sequence[str] = WORKER_IDS,
+    *,
+    http: bool = False,
 ) -> ControlPlane:
     """Server, then the workers once it answers; returns when every worker is ONLINE.
 
     Every child is appended to `started` as soon as it exists, so the caller can stop it. The
     children of a --compare-ref side run that commit's code and carry its name in theirs.
+    With `http`, the server also serves the HTTP API and MCP (which it imports only then: the
+    fleet's figures leave it out, as their memory figure would grow by its stack).
     """
     port = free_port()
     address = f"127.0.0.1:{port}"
     common = ["--certs-dir", str(pki.directory), "--log-level", "warning"]
     suffix = "" if side.name == "this" else f" ({side.name})"
     tmp.mkdir(parents=True, exist_ok=True)  # noqa: ASYNC240 - once, before anything runs
-    http_address = f"127.0.0.1:{free_port()}"
+    http_address = f"127.0.0.1:{free_port()}" if http else ""
     server = await spawn_server(pki, tmp, address, store, side, http_address)
     started.append(server)
     async with clients(address, pki, 1) as (client,):
@@ -1069,7 +1073,13 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                     labels[side.name] = "PostgreSQL on loopback (fsync on)"
                 note(f"[{side.name}] starting the control plane ({labels[side.name]}) and workers")
                 planes[side.name] = await start_control_plane(
-                    pki, tmp / side.name, args.capacity, started, store_url, side
+                    pki,
+                    tmp / side.name,
+                    args.capacity,
+                    started,
+                    store_url,
+                    side,
+                    http=args.reach_calls > 0,
                 )
 
             def profile(
