@@ -6,8 +6,8 @@ parser, the connection (mTLS) and the task's round trip; the sequential latency 
 the last of them. With --compare-ref the sides take turns, each command run with its side's
 code (its PYTHONPATH) against its side's control plane. The commands run as installed code
 does, from bytecode caches (written by an unmeasured first round, also where this environment
-says PYTHONDONTWRITEBYTECODE): compiling TaskRun's modules at every start would add about
-200 ms, measured, that no installed copy pays.
+says PYTHONDONTWRITEBYTECODE): compiling TaskRun's modules at every start added about 135 ms
+(importing the CLI took 427 against 292 ms, measured), which no installed copy pays.
 """
 
 from __future__ import annotations
