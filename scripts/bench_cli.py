@@ -5,9 +5,7 @@ A person who types the command waits for the interpreter to start and import the
 parser, the connection (mTLS) and the task's round trip; the sequential latency figure has only
 the last of them. With --compare-ref the sides take turns, each command run with its side's
 code (its PYTHONPATH) against its side's control plane. The commands run as installed code
-does, from bytecode caches (written by an unmeasured first round, also where this environment
-says PYTHONDONTWRITEBYTECODE): compiling TaskRun's modules at every start added about 135 ms
-(importing the CLI took 427 against 292 ms, measured), which no installed copy pays.
+does, from bytecode caches (see `benchprocs.child_env`; an unmeasured first round writes them).
 """
 
 from __future__ import annotations
@@ -47,8 +45,7 @@ def _cli_script() -> list[str]:
 
 async def _timed(argv: Sequence[str], side: Side | None) -> float:
     """Seconds from starting `argv` until it exited 0."""
-    env = child_env(side.env if side is not None else None)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env = child_env(side.env if side is not None else None)  # from bytecode caches
     started = time.perf_counter()
     proc = await asyncio.create_subprocess_exec(
         *argv,
