@@ -11,7 +11,10 @@
    has not delivered the end after --follow-timeout is counted apart (and the task looked up).
    Then, unmeasured, where the time went: the p50 of each stage between the times stored with
    each task and run (created, assigned, started, finished) and the client's clock at either end.
-6. Failover (scripts/bench_failover.py): from `kill -9` of a worker, and from a silent network
+6. The command line (bench_cli.py): `taskrun task create echo --follow` as a new process, and
+   the HTTP API and MCP (bench_reach.py): GET /v1/tasks/{id} and MCP create_task with wait,
+   against the latency figure's control plane.
+7. Failover (scripts/bench_failover.py): from `kill -9` of a worker, and from a silent network
    cut, to the run's next attempt RUNNING on another worker, with the default lease.
 
 It prints a table (or, with --json, one JSON document) and never asserts. Everything listens on
@@ -21,8 +24,9 @@ workers during each measured window into DIR/<phase>-<process>.txt, as collapsed
 (one line per stack and its sample count; flamegraph.pl or speedscope render them).
 
 Apart, beside this file: the figures, aims and table (bench_report.py), the bare baseline
-(bench_bare.py), the fleet of --idle-workers (bench_fleet.py), failover (bench_failover.py), child
-processes (benchprocs.py) and a --compare-ref side (bench_compare.py). Why the phases stay in one
+(bench_bare.py), the fleet of --idle-workers (bench_fleet.py), failover (bench_failover.py), the
+command line (bench_cli.py), the HTTP API and MCP (bench_reach.py), child processes
+(benchprocs.py) and a --compare-ref side (bench_compare.py). Why the phases stay in one
 module: they share the control planes they start, the sides that take turns and the CPU
 accounting, and `bench()` interleaves them.
 """
