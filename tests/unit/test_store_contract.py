@@ -1423,6 +1423,20 @@ async def probe_written(conn: sqlite3.Connection) -> None:
     pytest.fail("the checkpointer wrote no probe row after a complete checkpoint")
 
 
+async def probes_after_commits(store: SqliteStore, rounds: int) -> None:
+    """`rounds` times: a commit, then the checkpointer's probe row written after it (the probe
+    row of the round before deleted first)."""
+    conn = sqlite3.connect(store.path)
+    try:
+        for round in range(rounds):
+            conn.execute("DELETE FROM store_probe")
+            conn.commit()
+            await store.apply(ChangeSet(tasks=[make_task(round + 1)]))
+            await probe_written(conn)
+    finally:
+        conn.close()
+
+
 async def test_sqlite_starts_the_wal_over_off_the_commit_path_after_a_checkpoint(
     sqlite_store: SqliteStore,
 ) -> None:
@@ -1456,16 +1470,8 @@ async def test_sqlite_flushes_the_wal_outside_the_writers_lock_before_starting_i
         fdatasync(fd)
 
     monkeypatch.setattr(os, "fdatasync", recording)
-    conn = sqlite3.connect(sqlite_store.path)
-    try:
-        with structlog.testing.capture_logs() as logs:
-            for round in range(2):  # the first flush fails, the second works
-                conn.execute("DELETE FROM store_probe")
-                conn.commit()
-                await sqlite_store.apply(ChangeSet(tasks=[make_task(round + 1)]))
-                await probe_written(conn)
-    finally:
-        conn.close()
+    with structlog.testing.capture_logs() as logs:
+        await probes_after_commits(sqlite_store, 2)  # the first flush fails, the second works
     assert [e["error"] for e in logs if e["event"] == "wal flush failed"] == [
         "[Errno 5] Input/output error"
     ]
@@ -1485,15 +1491,8 @@ async def test_sqlite_flushes_the_wal_with_fsync_where_there_is_no_fdatasync(
 
     monkeypatch.delattr(os, "fdatasync")
     monkeypatch.setattr(os, "fsync", recording)
-    conn = sqlite3.connect(sqlite_store.path)
-    try:
-        for round in range(2):  # a checkpointer that had died would write no second probe
-            conn.execute("DELETE FROM store_probe")
-            conn.commit()
-            await sqlite_store.apply(ChangeSet(tasks=[make_task(round + 1)]))
-            await probe_written(conn)
-    finally:
-        conn.close()
+    # a checkpointer that had died would write no second probe
+    await probes_after_commits(sqlite_store, 2)
     assert f"{sqlite_store.path.resolve()}-wal" in synced
 
 
