@@ -132,6 +132,13 @@ def call_peer(context: grpc.aio.ServicerContext) -> CallPeer:
     return CallPeer(principal, cert, _bearer(context))
 
 
+def _identity(
+    context: grpc.aio.ServicerContext, known: CallPeer | None
+) -> tuple[Principal | None, PeerCertificate | None]:
+    """The caller's certificate identity and certificate: `known`'s, or read from the call."""
+    return peer(context) if known is None else (known.principal, known.certificate)
+
+
 @dataclass(frozen=True, slots=True)
 class RunGrant:
     """What a run's credential binds to: the run, and the task whose sub-tasks it may create,
@@ -195,7 +202,7 @@ class Authenticator:
         """Per call, on both listeners: an expired client certificate, or a `taskrun login`
         certificate whose API token is no longer active, is refused UNAUTHENTICATED. `known`:
         the call's peer as read before (a stream checks each request)."""
-        principal, cert = peer(context) if known is None else (known.principal, known.certificate)
+        principal, cert = _identity(context, known)
         if cert is None:
             return
         if utcnow() >= cert.not_after:
@@ -244,9 +251,7 @@ class Authenticator:
                 )
             caller = Caller(f"api-token {token.id} ({token.name})", token.scopes, token.id)
         else:
-            principal, cert = (
-                peer(context) if known is None else (known.principal, known.certificate)
-            )
+            principal, cert = _identity(context, known)
             if principal is None:
                 # the mTLS listener refuses a missing certificate in the handshake: this call
                 # came to the public listener, which never asks for one
