@@ -241,9 +241,8 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     parser.set_defaults(func=lambda _args: _usage(parser))
     commands = parser.add_subparsers(title="commands", metavar="COMMAND")
     words = set(argv or ())
-    named = [register for names, register in COMMANDS if words.intersection(names)]
-    if words.intersection(("-h", "--help")):
-        named = []
+    asks_help = bool(words.intersection(("-h", "--help")))
+    named = [] if asks_help else [r for names, r in COMMANDS if words.intersection(names)]
     for register in named or [register for _names, register in COMMANDS]:
         register(commands)
     return parser
