@@ -1154,6 +1154,7 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                     [planes[side.name].address for side in sides],
                     pki,
                     args.reach_calls,
+                    [functools.partial(profile, side, "reach") for side in sides],
                 )
                 for side, reach in zip(sides, reached, strict=True):
                     results[side.name]["reach"] = reach

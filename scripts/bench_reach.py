@@ -14,7 +14,7 @@ import json
 import ssl
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,8 +49,14 @@ class _Side:
 
 
 async def measure_reach(
-    http_addresses: Sequence[str], grpc_addresses: Sequence[str], pki: PkiPaths, calls: int
+    http_addresses: Sequence[str],
+    grpc_addresses: Sequence[str],
+    pki: PkiPaths,
+    calls: int,
+    profiles: Sequence[Callable[[], contextlib.AbstractAsyncContextManager[None]]] = (),
 ) -> list[Reach]:
+    """The HTTP API's and MCP's round trips on each control plane, taking turns; each of
+    `profiles` is entered around the measured calls (not the warm-up)."""
     tls = ssl.create_default_context(cafile=str(pki.ca_cert))
     tls.check_hostname = False  # the server certificate names localhost, the bench 127.0.0.1
     async with contextlib.AsyncExitStack() as stack:
@@ -75,6 +81,8 @@ async def measure_reach(
             for _ in range(WARMUP):
                 await _get(side)
                 await _create_and_wait(side.mcp)
+        for profile in profiles:
+            await stack.enter_async_context(profile())
         for _ in range(ROUNDS):
             for side in sides:
                 for _ in range(max(1, calls // ROUNDS)):
