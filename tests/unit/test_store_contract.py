@@ -11,6 +11,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta, timezone
@@ -29,6 +30,7 @@ from taskrun.controlplane.store import (
     open_store,
 )
 from taskrun.controlplane.store.postgres import PostgresStore
+from taskrun.controlplane.store.sqlite import _READ_THREADS
 from taskrun.core.access import (
     ApiToken,
     AuditEvent,
@@ -1832,6 +1834,60 @@ async def test_sqlite_reads_see_each_committed_write(sqlite_store: SqliteStore) 
     for n in range(1, 21):
         await sqlite_store.apply(ChangeSet(tasks=[make_task(n)]))
         assert (await sqlite_store.get_task(tid(n))) == make_task(n)
+
+
+async def test_sqlite_point_reads_do_not_queue_behind_long_reads(
+    sqlite_store: SqliteStore,
+) -> None:
+    """A read by key answers while every thread of the read pool is busy with something long."""
+    await sqlite_store.apply(ChangeSet(tasks=[make_task(1)], runs=[make_run(1, 1)]))
+    await sqlite_store.apply(ChangeSet(workers=[full_worker()]))
+    release = threading.Event()
+    long_reads = [
+        asyncio.ensure_future(sqlite_store._read(lambda _conn: release.wait(10)))
+        for _ in range(_READ_THREADS)
+    ]
+    try:
+        async with asyncio.timeout(2):
+            assert await sqlite_store.get_task(tid(1)) == make_task(1)
+            assert await sqlite_store.list_runs(tid(1)) == [make_run(1, 1)]
+            assert await sqlite_store.get_worker(WorkerId("w-1")) == full_worker()
+        assert not any(read.done() for read in long_reads)
+    finally:
+        release.set()
+        assert await asyncio.gather(*long_reads) == [True] * _READ_THREADS
+
+
+class _BusyConnection:
+    """What a read-only SQLite connection does while another process holds the file exclusively
+    or recovers it after a crash: every statement fails with SQLITE_BUSY at once."""
+
+    def __init__(self, code: int) -> None:
+        self.code = code
+
+    def execute(self, *_args: object) -> None:
+        error = sqlite3.OperationalError("database is locked")
+        error.sqlite_errorcode = self.code
+        raise error
+
+    def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("code", [sqlite3.SQLITE_BUSY, sqlite3.SQLITE_BUSY_RECOVERY])
+async def test_sqlite_point_read_found_busy_is_read_in_the_pool(
+    sqlite_store: SqliteStore, code: int
+) -> None:
+    await sqlite_store.apply(ChangeSet(tasks=[make_task(1)], runs=[make_run(1, 1)]))
+    sqlite_store._point = _BusyConnection(code)  # type: ignore[assignment]
+    assert await sqlite_store.get_task(tid(1)) == make_task(1)
+    assert await sqlite_store.list_runs(tid(1)) == [make_run(1, 1)]
+
+
+async def test_sqlite_point_read_fails_with_any_other_error(sqlite_store: SqliteStore) -> None:
+    sqlite_store._point = _BusyConnection(sqlite3.SQLITE_IOERR)  # type: ignore[assignment]
+    with pytest.raises(sqlite3.OperationalError):
+        await sqlite_store.get_task(tid(1))
 
 
 # --- open_store ----------------------------------------------------------------------------------
