@@ -1611,7 +1611,7 @@ async def test_sqlite_refuses_newer_schema_version(tmp_path: Path) -> None:
 
 
 async def test_sqlite_migrates_a_version_1_file_keeping_its_data(tmp_path: Path) -> None:
-    from taskrun.controlplane.store.sqlite import MIGRATIONS
+    from taskrun.controlplane.store.sqlite_schema import MIGRATIONS
 
     path = tmp_path / "t.db"
     conn = sqlite3.connect(path, isolation_level=None)
@@ -1636,7 +1636,7 @@ async def test_sqlite_migrates_a_version_1_file_keeping_its_data(tmp_path: Path)
 
 
 async def test_sqlite_migrates_a_version_2_file_keeping_its_workers(tmp_path: Path) -> None:
-    from taskrun.controlplane.store.sqlite import MIGRATIONS
+    from taskrun.controlplane.store.sqlite_schema import MIGRATIONS
 
     path = tmp_path / "t.db"
     conn = sqlite3.connect(path, isolation_level=None)
@@ -1659,7 +1659,7 @@ async def test_sqlite_migrates_a_version_2_file_keeping_its_workers(tmp_path: Pa
 
 
 async def test_sqlite_migrates_a_version_3_file_keeping_its_workers(tmp_path: Path) -> None:
-    from taskrun.controlplane.store.sqlite import MIGRATIONS
+    from taskrun.controlplane.store.sqlite_schema import MIGRATIONS
 
     path = tmp_path / "t.db"
     conn = sqlite3.connect(path, isolation_level=None)

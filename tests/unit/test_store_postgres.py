@@ -17,10 +17,9 @@ from taskrun.controlplane.store.postgres import (
     _UNFINISHED_TASKS,
     APPLICATION_NAME,
     CONNECTION_DEFAULTS,
-    MIGRATIONS,
-    SCHEMA_VERSION,
     PostgresStore,
 )
+from taskrun.controlplane.store.postgres_schema import MIGRATIONS, SCHEMA_VERSION
 from taskrun.core.access import AuditQuery
 from taskrun.core.errors import StoreUnavailable
 from taskrun.core.ids import WorkerId
