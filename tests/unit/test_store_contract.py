@@ -1858,6 +1858,24 @@ async def test_sqlite_point_reads_do_not_queue_behind_long_reads(
         assert await asyncio.gather(*long_reads) == [True] * _READ_THREADS
 
 
+async def test_sqlite_point_reads_leave_no_snapshot_open(sqlite_store: SqliteStore) -> None:
+    """A read left open would pin its snapshot: later reads would not see new commits and the
+    WAL could never be reset, growing without end."""
+    await sqlite_store.apply(ChangeSet(tasks=[make_task(1)], runs=[make_run(1, 1)]))
+    assert await sqlite_store.get_task(tid(1)) == make_task(1)
+    assert await sqlite_store.list_runs(tid(1)) == [make_run(1, 1)]
+    assert await sqlite_store.get_task(tid(2)) is None
+    conn = sqlite3.connect(sqlite_store.path)
+    try:
+        conn.execute("PRAGMA busy_timeout = 0")
+        busy, frames, _ = conn.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()
+    finally:
+        conn.close()
+    assert (busy, frames) == (0, 0)  # every reader let go: the WAL was emptied
+    await sqlite_store.apply(ChangeSet(tasks=[make_task(2)]))
+    assert await sqlite_store.get_task(tid(2)) == make_task(2)
+
+
 class _BusyConnection:
     """What a read-only SQLite connection does while another process holds the file exclusively
     or recovers it after a crash: every statement fails with SQLITE_BUSY at once."""
