@@ -1876,6 +1876,33 @@ async def test_sqlite_point_reads_leave_no_snapshot_open(sqlite_store: SqliteSto
     assert await sqlite_store.get_task(tid(2)) == make_task(2)
 
 
+async def test_sqlite_open_that_cannot_read_stops_what_it_started(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    before = set(threading.enumerate())
+    connect = sqlite3.connect
+
+    def no_reading(database: str, *args: Any, **kwargs: Any) -> sqlite3.Connection:
+        if "mode=ro" in str(database):
+            raise sqlite3.OperationalError("unable to open database file")
+        opened: sqlite3.Connection = connect(database, *args, **kwargs)
+        return opened
+
+    monkeypatch.setattr(sqlite3, "connect", no_reading)
+    store = SqliteStore(tmp_path / "t.db")
+    with pytest.raises(sqlite3.OperationalError, match="unable to open"):
+        await store.open()
+    started = [t.name for t in set(threading.enumerate()) - before if t.is_alive()]
+    assert [name for name in started if name.startswith("taskrun-store")] == []
+    monkeypatch.setattr(sqlite3, "connect", connect)  # readable again: the store opens
+    await store.open()
+    try:
+        await store.apply(ChangeSet(tasks=[make_task(1)]))
+        assert await store.get_task(tid(1)) == make_task(1)
+    finally:
+        await store.close()
+
+
 class _BusyConnection:
     """What a read-only SQLite connection does while another process holds the file exclusively
     or recovers it after a crash: every statement fails with SQLITE_BUSY at once."""

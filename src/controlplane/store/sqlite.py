@@ -432,14 +432,19 @@ class SqliteStore(SqlReads):
         except BaseException:
             await asyncio.to_thread(writer.join)
             raise
+        self._read_uri = self.path.resolve().as_uri() + "?mode=ro"
+        try:
+            self._point = self._connect_reader(busy_timeout_ms=0)
+        except BaseException:
+            self._queue.put(None)  # the writer stops; `open()` may be tried again
+            await asyncio.to_thread(writer.join)
+            raise
         self._writer = writer
         self._checkpointer = threading.Thread(
             target=self._checkpoint_main, name="taskrun-store-checkpoint", daemon=True
         )
         self._checkpointer.start()
-        self._read_uri = self.path.resolve().as_uri() + "?mode=ro"
         self._readers = ThreadPoolExecutor(_READ_THREADS, thread_name_prefix="taskrun-store-read")
-        self._point = self._connect_reader(busy_timeout_ms=0)
         log.info("store opened", path=str(self.path), schema_version=SCHEMA_VERSION)
 
     async def close(self) -> None:
