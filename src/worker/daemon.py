@@ -745,7 +745,6 @@ class WorkerDaemon:
         run_id = RunId(a.run_id)
         if run_id in self.runs:
             return
-        bound = self.log.bind(task_id=a.task_id, run_id=a.run_id, attempt=a.attempt)
         agent = self.agents.get(a.agent)
         ctx = RunContext(
             task_id=TaskId(a.task_id),
@@ -787,7 +786,9 @@ class WorkerDaemon:
         self.runs[run_id] = active
         self._runs_idle.clear()
         active.task.add_done_callback(lambda _: self._run_done(run_id))
-        bound.debug("run started", agent=a.agent)
+        self.log.debug(  # `execute` binds the run's logger; this line needs none of its own
+            "run started", task_id=a.task_id, run_id=a.run_id, attempt=a.attempt, agent=a.agent
+        )
 
     def _run_done(self, run_id: RunId) -> None:
         active = self.runs.pop(run_id, None)
