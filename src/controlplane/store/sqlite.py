@@ -458,8 +458,10 @@ class SqliteStore(SqlReads):
         with self._read_lock:
             connections, self._read_connections = self._read_connections, []
         with self._point_lock:
-            point, self._point = self._point, None
-        for conn in [*connections, *([point] if point is not None else [])]:
+            if self._point is not None:
+                connections.append(self._point)
+                self._point = None
+        for conn in connections:
             conn.close()
         self._stop_checkpoints.set()
         if self._checkpointer is not None:
