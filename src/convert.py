@@ -23,6 +23,7 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from taskrun import pbjson
 from taskrun.core.access import ApiToken, AuditEvent, AuditKind, BootstrapToken, Scope
 from taskrun.core.errors import InvalidArgument
 from taskrun.core.ids import ConversationId, RunId, TaskId, WorkerId
@@ -769,10 +770,9 @@ def fire_time_from_pb(m: schedules_pb2.FireTime) -> tuple[datetime, str]:
 
 
 def to_json_dict(message: Message) -> dict[str, Any]:
-    """The protobuf JSON mapping of a message, with snake_case names and every field shown."""
-    return json_format.MessageToDict(
-        message, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    """The protobuf JSON mapping of a message, with snake_case names and every field shown
+    (json_format's answer, printed faster: see `taskrun.pbjson`)."""
+    return pbjson.to_dict(message)
 
 
 def parse_json_dict(value: dict[str, Any], message: Message) -> None:
