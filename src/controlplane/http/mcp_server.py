@@ -1,9 +1,9 @@
 """The MCP server (official `mcp` SDK, streamable HTTP, stateless, JSON answers) at /mcp.
 
 Tools create, get, wait for and cancel tasks, list workers and agents, create schedules, and
-start, continue and read conversations (mcp_conversations.py).
-Besides the generic `create_task`, each agent an online worker announces is a tool of its own,
-`run_<agent>`, whose description and `input` schema are the agent's announced ones.
+start, continue and read conversations (mcp_conversations.py). Besides the generic
+`create_task`, each agent an online worker announces is a tool of its own, `run_<agent>`: the
+list and the schemas are in mcp_catalog.py, the calls here.
 
 Every tool calls the same gRPC servicer method as the HTTP API, with the caller's bearer token
 from the HTTP request, so the token's scopes bind here exactly as there. A request without a
@@ -31,146 +31,31 @@ from starlette.types import Receive, Scope, Send
 from taskrun.controlplane.auth import RUN_CREDENTIAL_LIMIT
 from taskrun.controlplane.http.api import Servicers, context_of, to_json
 from taskrun.controlplane.http.context import Aborted, HttpCallContext
+from taskrun.controlplane.http.mcp_catalog import (
+    AGENT_TOOL_PREFIX,
+    DEFAULT_WAIT,
+    MAX_WAIT,
+    agent_schema,
+    announced_agents,
+    listed_tools,
+    tool_input_schema,
+)
 from taskrun.controlplane.http.mcp_conversations import (
     CHAT_TOOL_PREFIX,
     ConversationToolFailed,
     ConversationTools,
-    conversation_tools,
 )
 from taskrun.controlplane.http.problems import from_aborted
 from taskrun.core import errors
 from taskrun.core.access import RUN_PREFIX
 from taskrun.core.access import Scope as TokenScope
 from taskrun.core.models import AgentSpec
-from taskrun.core.status import WorkerStatus
 from taskrun.v1 import common_pb2 as pb
 from taskrun.v1 import schedules_pb2 as spb
 from taskrun.v1 import tasks_pb2 as tpb
 from taskrun.v1 import workers_pb2 as wpb
 
 log = structlog.get_logger(__name__)
-
-AGENT_TOOL_PREFIX = "run_"
-DEFAULT_WAIT = 300.0
-MAX_WAIT = 3600.0
-
-_LABELS = {
-    "type": "object",
-    "additionalProperties": {"type": "string"},
-    "description": "labels of the task (key: value)",
-}
-_WAIT = {
-    "type": "boolean",
-    "default": False,
-    "description": "wait until the task ends and return its result and cost",
-}
-_WAIT_SECONDS = {
-    "type": "number",
-    "minimum": 0,
-    "maximum": MAX_WAIT,
-    "default": DEFAULT_WAIT,
-    "description": "how long to wait at most (seconds); the task goes on after that",
-}
-_TASK_ID = {"type": "string", "description": "the task id (from create_task)"}
-_ALLOW_SUBTASKS = {
-    "type": "boolean",
-    "default": False,
-    "description": "let the task's agent create sub-tasks of its own (through this server)",
-}
-
-STATIC_TOOLS: tuple[mt.Tool, ...] = (
-    mt.Tool(
-        name="create_task",
-        description="Create a task: run an agent on a worker with a JSON input. With wait, "
-        "return when it ends, with its result and cost. Agents and their input schemas: "
-        "list_agents (or call run_<agent> directly).",
-        input_schema={
-            "type": "object",
-            "properties": {
-                "agent": {"type": "string", "description": "the agent's name"},
-                "input": {"type": "object", "description": "the agent's input"},
-                "labels": _LABELS,
-                "output_schema": {
-                    "type": "object",
-                    "description": "a JSON Schema the result must match (the model is asked "
-                    "for it, and asked again with what did not validate)",
-                },
-                "model_settings": {
-                    "type": "object",
-                    "description": "system_prompt, max_tokens, temperature, stop_sequences; "
-                    "for claude_code also append_system_prompt, env, mcp_servers_json, "
-                    "allowed_tools, disallowed_tools",
-                },
-                "max_cost_usd": {
-                    "type": "number",
-                    "minimum": 0,
-                    "description": "the worker stops the run once it has cost more (USD)",
-                },
-                "wait": _WAIT,
-                "wait_seconds": _WAIT_SECONDS,
-                "allow_subtasks": _ALLOW_SUBTASKS,
-            },
-            "required": ["agent"],
-        },
-    ),
-    mt.Tool(
-        name="get_task",
-        description="A task: status, result, error, cost (USD) and token usage, and its runs.",
-        input_schema={
-            "type": "object",
-            "properties": {"task_id": _TASK_ID},
-            "required": ["task_id"],
-        },
-    ),
-    mt.Tool(
-        name="wait_for_task",
-        description="Wait until a task ends (or wait_seconds pass); return it with its result "
-        "and cost.",
-        input_schema={
-            "type": "object",
-            "properties": {"task_id": _TASK_ID, "wait_seconds": _WAIT_SECONDS},
-            "required": ["task_id"],
-        },
-    ),
-    mt.Tool(
-        name="cancel_task",
-        description="Cancel a pending or running task; its agent is stopped.",
-        input_schema={
-            "type": "object",
-            "properties": {"task_id": _TASK_ID, "reason": {"type": "string"}},
-            "required": ["task_id"],
-        },
-    ),
-    mt.Tool(
-        name="list_workers",
-        description="Workers: status, labels, load and the agents each offers.",
-        input_schema={"type": "object", "properties": {}},
-    ),
-    mt.Tool(
-        name="list_agents",
-        description="Agents announced by online workers, with their descriptions and JSON "
-        "input schemas.",
-        input_schema={"type": "object", "properties": {}},
-    ),
-    mt.Tool(
-        name="create_schedule",
-        description="Create a schedule that creates a task at each occurrence of a cron "
-        "expression or an RFC 5545 RRULE, read in an IANA time zone.",
-        input_schema={
-            "type": "object",
-            "properties": {
-                "name": {"type": "string", "description": "lower case, digits, _ or -"},
-                "agent": {"type": "string"},
-                "input": {"type": "object"},
-                "cron": {"type": "string", "description": 'e.g. "30 8 * * MON-FRI"'},
-                "rrule": {"type": "string", "description": 'e.g. "FREQ=WEEKLY;BYDAY=FR"'},
-                "timezone": {"type": "string", "description": 'e.g. "Europe/Chisinau"'},
-                "labels": _LABELS,
-            },
-            "required": ["name", "agent", "timezone"],
-        },
-    ),
-)
 
 
 class ToolFailed(Exception):
@@ -211,16 +96,6 @@ def task_summary(task: pb.Task) -> dict[str, Any]:
     if task.earlier_runs:  # the runs did not all fit one reply: these are the latest
         summary["earlier_runs"] = task.earlier_runs
     return summary
-
-
-def _agent_schema(agent: AgentSpec) -> dict[str, Any]:
-    if not agent.input_schema:
-        return {"type": "object"}
-    try:
-        schema = json.loads(agent.input_schema)
-    except ValueError:
-        return {"type": "object"}
-    return schema if isinstance(schema, dict) else {"type": "object"}
 
 
 def _text(arguments: dict[str, Any], name: str, *, required: bool = True) -> str:
@@ -288,37 +163,10 @@ class McpTools:
 
     def agents(self) -> dict[str, AgentSpec]:
         """Agents announced by online (or draining) workers, by name (first announcement)."""
-        out: dict[str, AgentSpec] = {}
-        for worker in sorted(self.engine.workers.values(), key=lambda w: w.id):
-            if worker.status in (WorkerStatus.ONLINE, WorkerStatus.DRAINING):
-                for agent in worker.agents:
-                    out.setdefault(agent.name, agent)
-        return out
+        return announced_agents(self.engine.workers.values())
 
     def tools(self) -> list[mt.Tool]:
-        tools = list(STATIC_TOOLS)
-        agents = self.agents()
-        tools.extend(conversation_tools(agents, _LABELS, _WAIT, _WAIT_SECONDS))
-        for name, agent in sorted(agents.items()):
-            tools.append(
-                mt.Tool(
-                    name=f"{AGENT_TOOL_PREFIX}{name}",
-                    description=f"Run the agent {name!r} as a task: "
-                    f"{agent.description or 'no description announced'}",
-                    input_schema={
-                        "type": "object",
-                        "properties": {
-                            "input": _agent_schema(agent),
-                            "labels": _LABELS,
-                            "wait": _WAIT,
-                            "wait_seconds": _WAIT_SECONDS,
-                            "allow_subtasks": _ALLOW_SUBTASKS,
-                        },
-                        "required": ["input"],
-                    },
-                )
-            )
-        return tools
+        return listed_tools(self.agents())
 
     def run_tools(self) -> list[mt.Tool]:
         """What a run's credential may use: create its sub-tasks, read, wait for, cancel them."""
@@ -327,10 +175,8 @@ class McpTools:
         ]
 
     def input_schema(self, name: str) -> dict[str, Any] | None:
-        for tool in self.tools():
-            if tool.name == name:
-                return tool.input_schema
-        return None
+        """The schema of the tool `name`, which the SDK asks for on every call."""
+        return tool_input_schema(name, self.engine.workers.values())
 
     # --- calls -------------------------------------------------------------------------------
 
@@ -459,7 +305,7 @@ class McpTools:
                 {
                     "name": name,
                     "description": agent.description,
-                    "input_schema": _agent_schema(agent),
+                    "input_schema": agent_schema(agent),
                     "tool": f"{AGENT_TOOL_PREFIX}{name}",
                 }
                 for name, agent in sorted(self.agents().items())
