@@ -12,7 +12,8 @@
    Then, unmeasured, where the time went: the p50 of each stage between the times stored with
    each task and run (created, assigned, started, finished) and the client's clock at either end.
 6. The command line (bench_cli.py): `taskrun task create echo --follow` as a new process, and
-   the HTTP API and MCP (bench_reach.py): GET /v1/tasks/{id} and MCP create_task with wait,
+   the HTTP API and MCP (bench_reach.py): GET /v1/tasks/{id}, a page of 50 from GET /v1/tasks
+   and MCP create_task with wait,
    against the latency figure's control plane.
 7. Failover (scripts/bench_failover.py): from `kill -9` of a worker, and from a silent network
    cut, to the run's next attempt RUNNING on another worker, with the default lease.
@@ -218,8 +219,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         type=int,
         default=200,
         metavar="N",
-        help="N calls each of GET /v1/tasks/{id} and of MCP create_task with wait, one at a "
-        "time (200; 0 skips)",
+        help="N calls each of GET /v1/tasks/{id}, GET /v1/tasks (a page of 50) and MCP "
+        "create_task with wait, one at a time (200; 0 skips)",
     )
     p.add_argument(
         "--rounds",

@@ -431,6 +431,12 @@ def rows() -> list[Row]:
             lambda r: f"{r.reach.get_task_ms / r.baseline.unary.p50_ms:.1f} x bare p50",  # type: ignore[union-attr]
         ),
         Row(
+            "  GET /v1/tasks?page_size=50 (50 finished tasks), p50",
+            lambda r: r.reach.list_page_ms,  # type: ignore[union-attr]
+            _ms,
+            lambda r: f"{r.reach.list_page_ms / r.baseline.unary.p50_ms:.1f} x bare p50",  # type: ignore[union-attr]
+        ),
+        Row(
             "  MCP create_task with wait (echo), p50",
             lambda r: r.reach.mcp_create_wait_ms,  # type: ignore[union-attr]
             _ms,
