@@ -96,13 +96,15 @@ def _printed_by_json_format(descriptor: Descriptor) -> bool:
 
 
 def _generate(descriptor: Descriptor) -> Printer:
-    """Straight-line code for the message's fields, in their order (see the module doc). Field
-    names are identifiers (protoc checks them); a keyword is read with getattr."""
+    """Straight-line code for the message's fields, in their order (see the module doc). A name
+    enters the code only as a quoted key or, when it is an identifier and no keyword, as an
+    attribute; any other is read with getattr."""
     lines = ["def print_message(m):", "    out = {}"]
     scope: dict[str, Any] = {}
     for index, field in enumerate(descriptor.fields):
         name = field.name
-        value = f"getattr(m, {name!r})" if keyword.iskeyword(name) else f"m.{name}"
+        plain = name.isidentifier() and not keyword.iskeyword(name)
+        value = f"m.{name}" if plain else f"getattr(m, {name!r})"
         key = repr(name)
         entry = field.message_type
         if entry is not None and entry.GetOptions().map_entry:

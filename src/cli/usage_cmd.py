@@ -8,8 +8,7 @@ import asyncio
 import sys
 from typing import Any
 
-from google.protobuf.json_format import MessageToDict
-
+from taskrun import convert
 from taskrun.cli import output
 from taskrun.cli.client import Client
 from taskrun.cli.running import main_module as _cli
@@ -95,9 +94,7 @@ def cmd_usage(args: argparse.Namespace) -> int:
 
     report = asyncio.run(run())
     if args.output == "json":
-        doc = MessageToDict(
-            report, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-        )
+        doc = convert.to_json_dict(report)
         sys.stdout.write(output.dumps(doc))
     else:
         sys.stdout.write(usage_text(report))

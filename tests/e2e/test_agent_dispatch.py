@@ -115,6 +115,10 @@ async def test_a_keyless_worker_next_to_a_good_one_gets_none_of_eight_tasks(
     usage = await taskrun(procs, "usage", "--days", "1")
     [row] = [line.split() for line in usage.splitlines() if "worker-2" in line]
     assert row[1:5] == ["anthropic", "claude-sonnet-5-5", "worker-2", "8"]
+    report = json.loads(await taskrun(procs, "usage", "--days", "1", "-o", "json"))
+    [doc] = [r for r in report["rows"] if r["worker_id"] == "worker-2"]
+    assert (doc["agent"], doc["runs"], doc["usage"]["turns"]) == ("anthropic", 8, 8)
+    assert int(doc["usage"]["input_tokens"]) > 0  # int64: a string in the protobuf JSON mapping
 
 
 async def test_require_model_runs_where_the_agent_offers_it_and_the_api_receives_it(
