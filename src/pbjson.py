@@ -54,7 +54,8 @@ __all__ = ["to_dict"]
 Printer = Callable[[Message], Any]
 Convert = Callable[[Any], Any]
 
-_printers: dict[str, Printer] = {}
+# By descriptor, not by name: two descriptor pools may hold different types of the same name.
+_printers: dict[Any, Printer] = {}
 
 
 def to_dict(message: Message) -> dict[str, Any]:
@@ -72,11 +73,11 @@ def _printer(descriptor: Any) -> Printer:
     # Any: a message's DESCRIPTOR is upb's own class, which the stubs do not unify with
     # descriptor.Descriptor.
     try:
-        return _printers[descriptor.full_name]
+        return _printers[descriptor]
     except KeyError:
         pass
     printer = _json_format if _printed_by_json_format(descriptor) else _generate(descriptor)
-    _printers[descriptor.full_name] = printer
+    _printers[descriptor] = printer
     return printer
 
 
@@ -114,9 +115,12 @@ def _generate(descriptor: Descriptor) -> Printer:
             lines.append(f"    out[{key}] = {{{to_key}: {item} for k, v in {value}.items()}}")
             continue
         convert = _converter(field)
-        if field.is_repeated:
-            item = _call(scope, f"c{index}", convert, "v")
-            lines.append(f"    out[{key}] = [{item} for v in {value}]")
+        if field.is_repeated and convert is None:
+            lines.append(f"    out[{key}] = list({value})")
+        elif field.is_repeated:
+            lines.append(
+                f"    out[{key}] = [{_call(scope, f'c{index}', convert, 'v')} for v in {value}]"
+            )
         elif field.has_presence:
             lines.append(f"    if m.HasField({key}):")
             lines.append(f"        out[{key}] = {_call(scope, f'c{index}', convert, value)}")

@@ -380,4 +380,22 @@ def test_a_closed_enum_or_extensions_leave_the_message_to_json_format() -> None:
         same(message)
         fill(message, random.Random(1))
         same(message)
-        assert pbjson._printers[name] is pbjson._json_format
+        assert pbjson._printers[cls.DESCRIPTOR] is pbjson._json_format
+
+
+def test_two_types_of_one_name_in_two_pools_each_print_their_own_fields() -> None:
+    printed = []
+    for field_name in ("first", "second"):
+        f = descriptor_pb2.FileDescriptorProto(name="dup.proto", package="dup", syntax="proto3")
+        m = f.message_type.add(name="M")
+        m.field.add(
+            name=field_name,
+            number=1,
+            type=descriptor_pb2.FieldDescriptorProto.TYPE_STRING,
+            label=descriptor_pb2.FieldDescriptorProto.LABEL_OPTIONAL,
+        )
+        pool = descriptor_pool.DescriptorPool()
+        pool.Add(f)
+        cls = message_factory.GetMessageClass(pool.FindMessageTypeByName("dup.M"))
+        printed.append(pbjson.to_dict(cls(**{field_name: "x"})))
+    assert printed == [{"first": "x"}, {"second": "x"}]
