@@ -3,7 +3,9 @@ kind of field protobuf has."""
 
 from __future__ import annotations
 
+import importlib
 import math
+import pkgutil
 import random
 from collections.abc import Iterator
 from typing import Any
@@ -24,32 +26,15 @@ from google.protobuf import (
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
-from taskrun import pbjson
-from taskrun.v1 import (
-    cluster_pb2,
-    common_pb2,
-    conversations_pb2,
-    events_pb2,
-    schedules_pb2,
-    security_pb2,
-    tasks_pb2,
-    webhooks_pb2,
-    workers_pb2,
-    workflows_pb2,
-)
+from taskrun import pbjson, v1
+from taskrun.v1 import common_pb2
 
-MODULES = (
-    cluster_pb2,
-    common_pb2,
-    conversations_pb2,
-    events_pb2,
-    schedules_pb2,
-    security_pb2,
-    tasks_pb2,
-    webhooks_pb2,
-    workers_pb2,
-    workflows_pb2,
-)
+# Every message module TaskRun generates, found rather than listed, so a new .proto is covered.
+MODULES = [
+    importlib.import_module(f"taskrun.v1.{info.name}")
+    for info in pkgutil.iter_modules(v1.__path__)
+    if info.name.endswith("_pb2")
+]
 
 
 def reference(message: Message) -> Any:
