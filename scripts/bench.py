@@ -1155,6 +1155,10 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
                     [planes[side.name].address for side in sides],
                     pki,
                     args.reach_calls,
+                    [
+                        functools.partial(cpu_seconds, planes[side.name].server.proc.pid)
+                        for side in sides
+                    ],
                     [functools.partial(profile, side, "reach") for side in sides],
                 )
                 for side, reach in zip(sides, reached, strict=True):

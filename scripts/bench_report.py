@@ -445,6 +445,21 @@ def rows() -> list[Row]:
                 "the sequential p50 (gRPC)"
             ),
         ),
+        Row(
+            "  CPU per call: server, GET of one task",
+            lambda r: r.reach.get_task_cpu_s,  # type: ignore[union-attr]
+            _us,
+        ),
+        Row(
+            "  CPU per call: server, a page of 50",
+            lambda r: r.reach.list_page_cpu_s,  # type: ignore[union-attr]
+            _us,
+        ),
+        Row(
+            "  CPU per call: server, MCP create_task with wait",
+            lambda r: r.reach.mcp_create_wait_cpu_s,  # type: ignore[union-attr]
+            _us,
+        ),
         Row("deep queue: tasks that no worker can take, waiting"),
         Row("  queued", lambda r: float(r.deep_queue.queued), lambda v: f"{v:,.0f}"),  # type: ignore[union-attr]
         Row(
