@@ -1064,6 +1064,12 @@ async def bench(args: argparse.Namespace, tmp: Path) -> tuple[Report, Report | N
             baseline.relay, baseline.relay_cpu_s = await relay()
             note("baseline: the same relay with TaskRun's two SQLite commits")
             baseline.stored_relay, baseline.stored_relay_cpu_s = await relay(method="StoredRelay")
+            note("baseline: both relays again, each request a message on one client stream")
+            baseline.stream_relay, baseline.stream_relay_cpu_s = await relay(method="StreamRelay")
+            (
+                baseline.stored_stream_relay,
+                baseline.stored_stream_relay_cpu_s,
+            ) = await relay(method="StoredStreamRelay")
             await stop(bare)
 
             planes: dict[str, ControlPlane] = {}

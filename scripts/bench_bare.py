@@ -9,6 +9,9 @@ and with the rows an echo task writes: the task and its run as created and assig
 request may leave for the worker, then as completed before the answer may leave. That is the
 floor for a design that, like TaskRun, makes both durable first (what lets a crash lose or repeat
 nothing), with nothing validated, converted or scheduled.
+Both relays also run with a client's requests as messages on one stream it holds (the stream
+relays): the shape of SubmitTasks, on which the Python client's latency is measured, and so
+that figure's floor. A call per request costs more (its start on both sides).
 `measure_baseline` and `measure_relay` time them from scripts/bench.py.
 """
 
@@ -19,7 +22,7 @@ import itertools
 import signal
 import sys
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 
 import grpc
@@ -164,6 +167,22 @@ async def serve_baseline(certs: Path, store_path: Path) -> None:
         await commits.completed(task, run, STORED_INPUT)
         yield reply
 
+    # The same two relays with a client's requests as messages on one stream it holds, each
+    # answered twice on it: the shape of SubmitTasks, whose latency the bench measures.
+    async def stream_relay(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        async for request in requests:
+            async for answer in relay(request, context):
+                yield answer
+
+    async def stored_stream_relay(
+        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+    ) -> AsyncIterator[bytes]:
+        async for request in requests:
+            async for answer in stored_relay(request, context):
+                yield answer
+
     async def stream(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
     ) -> AsyncIterator[bytes]:
@@ -183,6 +202,8 @@ async def serve_baseline(certs: Path, store_path: Path) -> None:
                     "Work": grpc.stream_stream_rpc_method_handler(work),
                     "Relay": grpc.unary_stream_rpc_method_handler(relay),
                     "StoredRelay": grpc.unary_stream_rpc_method_handler(stored_relay),
+                    "StreamRelay": grpc.stream_stream_rpc_method_handler(stream_relay),
+                    "StoredStreamRelay": grpc.stream_stream_rpc_method_handler(stored_stream_relay),
                 },
             ),
         )
@@ -283,9 +304,10 @@ async def measure_relay(
     server_pid: int,
     method: str = "Relay",
 ) -> tuple[Latency, dict[str, float]]:
-    """Sequential calls of `method` (Relay or StoredRelay) through a bare worker process, from
-    the call to its second answer (the worker's), as the latency figure measures a task; and
-    the CPU per call of the bare server, the bare worker and this client."""
+    """Sequential requests to `method` through a bare worker process, from the request to its
+    second answer (the worker's), as the latency figure measures a task; and the CPU per
+    request of the bare server, the bare worker and this client. Relay and StoredRelay make a
+    call of each request; StreamRelay and StoredStreamRelay send them all on one stream."""
     argv = [sys.executable, str(SCRIPT), "worker", str(pki.directory), address]
     worker = await spawn("bare worker", argv, tmp / "bare-worker.log")
     try:
@@ -295,7 +317,7 @@ async def measure_relay(
             certificate_chain=pki.operator_cert.read_bytes(),
         )
         async with grpc.aio.secure_channel(address, creds) as channel:
-            relay = channel.unary_stream(f"/{BARE_SERVICE}/{method}")
+            ask = _asker(channel, method)
             samples: list[float] = []
             pids = {"server": server_pid, "workers": worker.proc.pid}
             cpu0: dict[str, float | None] = {}
@@ -306,7 +328,7 @@ async def measure_relay(
                 request = i.to_bytes(RELAY_KEY, "big") + BARE_PAYLOAD
                 t0 = time.perf_counter()
                 async with asyncio.timeout(READY_WITHIN):
-                    answers = [answer async for answer in relay(request)]
+                    answers = await ask(request)
                 if answers != [b"created", request]:
                     raise BenchError(f"bare {method}: answered {answers!r}")
                 if i >= warmup:
@@ -316,6 +338,25 @@ async def measure_relay(
         return Latency.of(samples), per_call(cpu0, cpu1, n)
     finally:
         await stop(worker)
+
+
+def _asker(channel: grpc.aio.Channel, method: str) -> Callable[[bytes], Awaitable[list[bytes]]]:
+    """Sends one request to `method` and returns its answers (two, when all is well)."""
+    path = f"/{BARE_SERVICE}/{method}"
+    if not method.endswith("StreamRelay"):
+        call = channel.unary_stream(path)
+
+        async def ask_call(request: bytes) -> list[bytes]:
+            return [answer async for answer in call(request)]
+
+        return ask_call
+    stream = channel.stream_stream(path)()
+
+    async def ask_stream(request: bytes) -> list[bytes]:
+        await stream.write(request)
+        return [await stream.read(), await stream.read()]
+
+    return ask_stream
 
 
 def per_call(

@@ -80,6 +80,12 @@ class Baseline:
     # before it is answered (see bench_bare)
     stored_relay: Latency | None = None
     stored_relay_cpu_s: dict[str, float] = field(default_factory=dict)
+    # Both again with a client's requests as messages on one stream it holds (SubmitTasks'
+    # shape, which the latency figure measures): the floor of that figure
+    stream_relay: Latency | None = None
+    stream_relay_cpu_s: dict[str, float] = field(default_factory=dict)
+    stored_stream_relay: Latency | None = None
+    stored_stream_relay_cpu_s: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass
@@ -174,7 +180,9 @@ METHOD = {
     "validated or converted (as many calls as sequential tasks, one at a time); stored relay: the "
     "same, but the bare server first commits an echo task and its run as created and assigned "
     "through TaskRun's SQLite store (the same rows and event-log entries, in a file of its own) "
-    "before handing the request on, and commits them as completed before the second answer",
+    "before handing the request on, and commits them as completed before the second answer; "
+    "stream relays: the same two, with every request a message on one stream_stream call the "
+    "client holds and both answers messages on it (SubmitTasks' shape)",
     "throughput": "clocks start before the first CreateTasks; clients each submit their share of "
     "batches one call at a time; after the last submit returns, one extra client polls "
     "ListTasks(statuses=PENDING,RUNNING, page_size=1) every --poll-interval until it is empty "
@@ -239,6 +247,14 @@ def ratios(b: Baseline, t: Throughput, lat: SequentialLatency) -> dict[str, floa
         **(
             {"submit_to_completed_p50 / stored_relay_p50": s.p50_ms / b.stored_relay.p50_ms}
             if b.stored_relay is not None
+            else {}
+        ),
+        **(
+            {
+                "submit_to_completed_p50 / stored_stream_relay_p50": s.p50_ms
+                / b.stored_stream_relay.p50_ms
+            }
+            if b.stored_stream_relay is not None
             else {}
         ),
     }
@@ -311,7 +327,7 @@ def rows() -> list[Row]:
         Row("bare relay: call -> worker process -> answer, one in flight (the floor below)"),
         Row("  p50", lambda r: r.baseline.relay.p50_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
         Row("  p99", lambda r: r.baseline.relay.p99_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
-        Row("stored relay: the same with TaskRun's two SQLite commits (this design's floor)"),
+        Row("stored relay: the same with TaskRun's two SQLite commits (a call per task's floor)"),
         Row("  p50", lambda r: r.baseline.stored_relay.p50_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
         Row("  p99", lambda r: r.baseline.stored_relay.p99_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
         Row(
@@ -319,6 +335,18 @@ def rows() -> list[Row]:
             lambda r: r.baseline.stored_relay_cpu_s["server"],
             _us,
             _stored_relay_cpu,
+        ),
+        Row("bare stream relay: the relay with each request a message on one client stream"),
+        Row("  p50", lambda r: r.baseline.stream_relay.p50_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
+        Row("  p99", lambda r: r.baseline.stream_relay.p99_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
+        Row("stored stream relay: the same with the two commits (the floor of the latency below)"),
+        Row("  p50", lambda r: r.baseline.stored_stream_relay.p50_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
+        Row("  p99", lambda r: r.baseline.stored_stream_relay.p99_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
+        Row(
+            "  CPU per request: server",
+            lambda r: r.baseline.stored_stream_relay_cpu_s["server"],
+            _us,
+            _stored_stream_relay_cpu,
         ),
         Row("bare bidi stream, one way", None),
         Row("  rate", lambda r: r.baseline.stream_msgs_per_s, lambda v: _rate(v, "msgs/s")),
@@ -615,6 +643,9 @@ def _vs_bare(r: Report, ms: float, which: str) -> str:
         out += f", {ms / getattr(r.baseline.relay, f'{which}_ms'):.1f} x relay"
     if r.baseline.stored_relay is not None:
         out += f", {ms / getattr(r.baseline.stored_relay, f'{which}_ms'):.1f} x stored"
+    if r.baseline.stored_stream_relay is not None:
+        floor = getattr(r.baseline.stored_stream_relay, f"{which}_ms")
+        out += f", {ms / floor:.1f} x stored stream"
     return out
 
 
@@ -623,11 +654,20 @@ def _stored_relay_cpu(r: Report) -> str:
     return f"the relay's: {_us(relay)}" if relay else ""
 
 
+def _stored_stream_relay_cpu(r: Report) -> str:
+    relay = r.baseline.stream_relay_cpu_s.get("server")
+    return f"the stream relay's: {_us(relay)}" if relay else ""
+
+
 def _vs_relay_cpu(r: Report, process: str) -> str:
-    relay, ours = r.baseline.relay_cpu_s.get(process), r.latency.cpu_s.get(process)
+    """A sequential task's CPU against the stream relay's (the same shape), else the relay's."""
+    name, spent = "stream relay", r.baseline.stream_relay_cpu_s
+    if not spent:
+        name, spent = "relay", r.baseline.relay_cpu_s
+    relay, ours = spent.get(process), r.latency.cpu_s.get(process)
     if not relay or ours is None:
         return ""
-    return f"{ours / relay:.1f} x the relay's ({_us(relay)})"
+    return f"{ours / relay:.1f} x the {name}'s ({_us(relay)})"
 
 
 def _server_cpu(r: Report) -> float | None:
