@@ -169,19 +169,19 @@ async def serve_baseline(certs: Path, store_path: Path) -> None:
 
     # The same two relays with a client's requests as messages on one stream it holds, each
     # answered twice on it: the shape of SubmitTasks, whose latency the bench measures.
-    async def stream_relay(
-        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
-    ) -> AsyncIterator[bytes]:
-        async for request in requests:
-            async for answer in relay(request, context):
-                yield answer
+    def on_one_stream(
+        one: Callable[[bytes, grpc.aio.ServicerContext[bytes, bytes]], AsyncIterator[bytes]],
+    ) -> Callable[
+        [AsyncIterator[bytes], grpc.aio.ServicerContext[bytes, bytes]], AsyncIterator[bytes]
+    ]:
+        async def streamed(
+            requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
+        ) -> AsyncIterator[bytes]:
+            async for request in requests:
+                async for answer in one(request, context):
+                    yield answer
 
-    async def stored_stream_relay(
-        requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
-    ) -> AsyncIterator[bytes]:
-        async for request in requests:
-            async for answer in stored_relay(request, context):
-                yield answer
+        return streamed
 
     async def stream(
         requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext[bytes, bytes]
@@ -202,8 +202,10 @@ async def serve_baseline(certs: Path, store_path: Path) -> None:
                     "Work": grpc.stream_stream_rpc_method_handler(work),
                     "Relay": grpc.unary_stream_rpc_method_handler(relay),
                     "StoredRelay": grpc.unary_stream_rpc_method_handler(stored_relay),
-                    "StreamRelay": grpc.stream_stream_rpc_method_handler(stream_relay),
-                    "StoredStreamRelay": grpc.stream_stream_rpc_method_handler(stored_stream_relay),
+                    "StreamRelay": grpc.stream_stream_rpc_method_handler(on_one_stream(relay)),
+                    "StoredStreamRelay": grpc.stream_stream_rpc_method_handler(
+                        on_one_stream(stored_relay)
+                    ),
                 },
             ),
         )

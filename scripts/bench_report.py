@@ -318,30 +318,45 @@ def _stage_span(r: Report, span: str, name: str) -> str:
     return span if slowest is None else f"{span}; slowest 1 %: {slowest:.2f} ms"
 
 
+def _floor(title: str, name: str) -> list[Row]:
+    """A floor measured in the same run (the Baseline's latency `name`): its title, p50, p99."""
+
+    def at(quantile: str) -> Getter:
+        return lambda r: float(getattr(getattr(r.baseline, name), quantile))
+
+    return [
+        Row(title),
+        Row("  p50", at("p50_ms"), _ms, lambda _r: "baseline"),
+        Row("  p99", at("p99_ms"), _ms, lambda _r: "baseline"),
+    ]
+
+
 def rows() -> list[Row]:
     tasks_s: Callable[[float], str] = lambda v: _rate(v, "tasks/s")  # noqa: E731
     return [
-        Row("bare grpc.aio mTLS unary round trip, one in flight"),
-        Row("  p50", lambda r: r.baseline.unary.p50_ms, _ms, lambda _r: "baseline"),
-        Row("  p99", lambda r: r.baseline.unary.p99_ms, _ms, lambda _r: "baseline"),
-        Row("bare relay: call -> worker process -> answer, one in flight (the floor below)"),
-        Row("  p50", lambda r: r.baseline.relay.p50_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
-        Row("  p99", lambda r: r.baseline.relay.p99_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
-        Row("stored relay: the same with TaskRun's two SQLite commits (a call per task's floor)"),
-        Row("  p50", lambda r: r.baseline.stored_relay.p50_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
-        Row("  p99", lambda r: r.baseline.stored_relay.p99_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
+        *_floor("bare grpc.aio mTLS unary round trip, one in flight", "unary"),
+        *_floor(
+            "bare relay: call -> worker process -> answer, one in flight (the floor below)",
+            "relay",
+        ),
+        *_floor(
+            "stored relay: the same with TaskRun's two SQLite commits (a call per task's floor)",
+            "stored_relay",
+        ),
         Row(
             "  CPU per call: server",
             lambda r: r.baseline.stored_relay_cpu_s["server"],
             _us,
             _stored_relay_cpu,
         ),
-        Row("bare stream relay: the relay with each request a message on one client stream"),
-        Row("  p50", lambda r: r.baseline.stream_relay.p50_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
-        Row("  p99", lambda r: r.baseline.stream_relay.p99_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
-        Row("stored stream relay: the same with the two commits (the floor of the latency below)"),
-        Row("  p50", lambda r: r.baseline.stored_stream_relay.p50_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
-        Row("  p99", lambda r: r.baseline.stored_stream_relay.p99_ms, _ms, lambda _r: "baseline"),  # type: ignore[union-attr]
+        *_floor(
+            "bare stream relay: the relay with each request a message on one client stream",
+            "stream_relay",
+        ),
+        *_floor(
+            "stored stream relay: the same with the two commits (the floor of the latency below)",
+            "stored_stream_relay",
+        ),
         Row(
             "  CPU per request: server",
             lambda r: r.baseline.stored_stream_relay_cpu_s["server"],
