@@ -3,12 +3,16 @@
 1. A temporary PKI and store: a SQLite file, or with --store postgresql a throwaway PostgreSQL
    server (initdb + pg_ctl on a free loopback port, fsync on, as the tests start it).
 2. Baseline: a bare grpc.aio server (a subprocess, the same mTLS certificates, raw bytes, no
-   protobuf): sequential unary round trips, and one bidi stream carrying small messages one way.
+   protobuf): sequential unary round trips, one bidi stream carrying small messages one way,
+   and the relays through a bare worker process (bench_bare.py): a call per request or every
+   request on one client stream, each bare and with TaskRun's two SQLite commits (the stored
+   stream relay is the latency figure's floor).
 3. The real control plane and two workers, as subprocesses started through the `taskrun` CLI.
 4. Throughput: echo tasks submitted by concurrent clients with CreateTasks, timed from the first
    submit until ListTasks finds no PENDING or RUNNING task.
-5. Latency: sequential CreateTask, then FollowTask until the task is COMPLETED. A follow that
-   has not delivered the end after --follow-timeout is counted apart (and the task looked up).
+5. Latency: sequential tasks through Client.submit_and_follow (each a request on the client's
+   one SubmitTasks stream) until the task is COMPLETED. A follow that has not delivered the end
+   after --follow-timeout is counted apart (and the task looked up).
    Then, unmeasured, where the time went: the p50 of each stage between the times stored with
    each task and run (created, assigned, started, finished) and the client's clock at either end.
 6. The command line (bench_cli.py): `taskrun task create echo --follow` as a new process, and
