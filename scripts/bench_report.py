@@ -331,6 +331,22 @@ def _floor(title: str, name: str) -> list[Row]:
     ]
 
 
+def _reach_p50(call: str, name: str) -> Row:
+    """An HTTP call's p50 (the Reach figure `name`), against the bare unary round trip."""
+
+    def ms(r: Report) -> float:
+        return float(getattr(r.reach, name))
+
+    return Row(
+        f"  {call}, p50", ms, _ms, lambda r: f"{ms(r) / r.baseline.unary.p50_ms:.1f} x bare p50"
+    )
+
+
+def _reach_cpu(call: str, name: str) -> Row:
+    """The server's CPU per HTTP/MCP call of one kind (the Reach figure `name`)."""
+    return Row(f"  CPU per call: server, {call}", lambda r: float(getattr(r.reach, name)), _us)
+
+
 def rows() -> list[Row]:
     tasks_s: Callable[[float], str] = lambda v: _rate(v, "tasks/s")  # noqa: E731
     return [
@@ -467,18 +483,8 @@ def rows() -> list[Row]:
             lambda _r: "baseline",
         ),
         Row("the HTTP API and MCP: one call at a time, TLS, an API token (an agent's sub-task)"),
-        Row(
-            "  GET /v1/tasks/{id}, p50",
-            lambda r: r.reach.get_task_ms,  # type: ignore[union-attr]
-            _ms,
-            lambda r: f"{r.reach.get_task_ms / r.baseline.unary.p50_ms:.1f} x bare p50",  # type: ignore[union-attr]
-        ),
-        Row(
-            "  GET /v1/tasks?page_size=50 (50 finished tasks), p50",
-            lambda r: r.reach.list_page_ms,  # type: ignore[union-attr]
-            _ms,
-            lambda r: f"{r.reach.list_page_ms / r.baseline.unary.p50_ms:.1f} x bare p50",  # type: ignore[union-attr]
-        ),
+        _reach_p50("GET /v1/tasks/{id}", "get_task_ms"),
+        _reach_p50("GET /v1/tasks?page_size=50 (50 finished tasks)", "list_page_ms"),
         Row(
             "  MCP create_task with wait (echo), p50",
             lambda r: r.reach.mcp_create_wait_ms,  # type: ignore[union-attr]
@@ -488,21 +494,9 @@ def rows() -> list[Row]:
                 "the sequential p50 (gRPC)"
             ),
         ),
-        Row(
-            "  CPU per call: server, GET of one task",
-            lambda r: r.reach.get_task_cpu_s,  # type: ignore[union-attr]
-            _us,
-        ),
-        Row(
-            "  CPU per call: server, a page of 50",
-            lambda r: r.reach.list_page_cpu_s,  # type: ignore[union-attr]
-            _us,
-        ),
-        Row(
-            "  CPU per call: server, MCP create_task with wait",
-            lambda r: r.reach.mcp_create_wait_cpu_s,  # type: ignore[union-attr]
-            _us,
-        ),
+        _reach_cpu("GET of one task", "get_task_cpu_s"),
+        _reach_cpu("a page of 50", "list_page_cpu_s"),
+        _reach_cpu("MCP create_task with wait", "mcp_create_wait_cpu_s"),
         Row("deep queue: tasks that no worker can take, waiting"),
         Row("  queued", lambda r: float(r.deep_queue.queued), lambda v: f"{v:,.0f}"),  # type: ignore[union-attr]
         Row(
