@@ -374,7 +374,13 @@ async def _serve(
         ),
         "http_address": f"{http_server.host}:{http_server.port}" if http_server else "",
     }
-    log.info("server listening", **bound, store=redact(config.store))
+    log.info(
+        "server listening",
+        **bound,
+        store=redact(config.store),
+        # gRPC's endpoints, picked as grpc loaded (taskrun.grpc_transport)
+        grpc_experiments=os.environ.get("GRPC_EXPERIMENTS", ""),
+    )
     if config.ready_file:
         write_ready_file(Path(config.ready_file), bound)
     return RunningServer(
