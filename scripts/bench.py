@@ -38,6 +38,11 @@ accounting, and `bench()` interleaves them.
 
 from __future__ import annotations
 
+# First, so that this process (the clients measured) and the ones it starts use the same gRPC
+# endpoints as TaskRun's own processes (taskrun.grpc_transport): grpc picks them as it loads.
+import taskrun  # noqa: F401
+
+# isort: split
 import argparse
 import asyncio
 import contextlib
@@ -286,6 +291,8 @@ def machine_info() -> dict[str, Any]:
         "usable_cores": usable,
         "python": platform.python_version(),
         "grpcio": grpc.__version__,
+        # what every process of the run started with (see taskrun.grpc_transport)
+        "grpc_experiments": os.environ.get("GRPC_EXPERIMENTS", ""),
         "platform": platform.platform(terse=True),
         "load_1min_at_start": load,
     }

@@ -17,6 +17,11 @@ that figure's floor. A call per request costs more (its start on both sides).
 
 from __future__ import annotations
 
+# First, so that this process (the clients measured) and the ones it starts use the same gRPC
+# endpoints as TaskRun's own processes (taskrun.grpc_transport): grpc picks them as it loads.
+import taskrun  # noqa: F401
+
+# isort: split
 import asyncio
 import itertools
 import signal

@@ -730,6 +730,8 @@ def render(this: Report, ref: Report | None = None) -> str:
     head = [
         f"TaskRun benchmark: {cores}, Python {m['python']}, grpcio {m['grpcio']}"
         + (f", load {load:.2f} at start" if load is not None else ""),
+        "gRPC experiments, every process: "
+        + (m.get("grpc_experiments") or "gRPC's defaults (GRPC_EXPERIMENTS unset or empty)"),
         f"control plane: server + {len(WORKER_IDS)} workers (echo, capacity "
         f"{this.setup['capacity']} each), {this.setup['store']}, mTLS, all on 127.0.0.1",
         f"this: {this.setup['commit']}",
