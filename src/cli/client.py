@@ -489,14 +489,18 @@ class Client:
         include_events: bool = False,
         allow_unknown_agent: bool = False,
         on_reconnect: Callable[[grpc.aio.AioRpcError | None], None] | None = None,
+        outcome_only: bool = False,
     ) -> AsyncGenerator[TaskEvent, None]:
         """Submit one task and follow it: the first event is a TaskChanged with the task as
-        created, then as `follow` until it ends. All of a client's submissions share one
+        created, then as `follow` until it ends; with `outcome_only`, the ended task's
+        TaskChanged alone (see `follow`). All of a client's submissions share one
         SubmitTasks stream (cli/submits.py); a server without it gets CreateAndFollowTask,
         and one without that CreateTask then FollowTask. If the stream breaks once the task
         exists, `follow` takes over (it reconnects). Use `contextlib.aclosing`."""
         request = tasks_pb2.CreateAndFollowTaskRequest(
-            task=convert.spec_to_pb(spec), include_events=include_events
+            task=convert.spec_to_pb(spec),
+            include_events=include_events,
+            outcome_only=outcome_only,
         )
         request.task.allow_unknown_agent = allow_unknown_agent
         task_id = ""
@@ -562,6 +566,7 @@ class Client:
             on_reconnect=on_reconnect,
             seen=seen,
             broken=broken,
+            outcome_only=outcome_only,
         )
         async with contextlib.aclosing(events):
             async for event in events:
@@ -569,9 +574,12 @@ class Client:
 
     async def run(self, spec: TaskSpec, *, allow_unknown_agent: bool = False) -> Task:
         """Submit one task and wait until it is COMPLETED, FAILED or CANCELLED (one stream);
-        returns its final state."""
+        returns its final state. Its output is not sent (`outcome_only`); `follow(task.id,
+        follow=False)` reads it afterwards when it is wanted."""
         last: Task | None = None
-        events = self.submit_and_follow(spec, allow_unknown_agent=allow_unknown_agent)
+        events = self.submit_and_follow(
+            spec, allow_unknown_agent=allow_unknown_agent, outcome_only=True
+        )
         async with contextlib.aclosing(events):
             async for event in events:
                 if isinstance(event, TaskChanged):
@@ -862,8 +870,11 @@ class Client:
         on_reconnect: Callable[[grpc.aio.AioRpcError | None], None] | None = None,
         seen: dict[RunId, int] | None = None,
         broken: grpc.aio.AioRpcError | None = None,
+        outcome_only: bool = False,
     ) -> AsyncGenerator[TaskEvent, None]:
         """The task's stored output, then (with follow) live output and changes until it ends.
+        With `outcome_only`, no output and a single TaskChanged: with `follow`, the task once
+        it has ended (for a caller that waits for the result), without, its state now.
 
         Output is yielded before the task state that came with it: the stored output first,
         then a TaskChanged with the task's current state, and the terminal TaskChanged is last
@@ -878,7 +889,10 @@ class Client:
         """
         seen = {} if seen is None else seen
         request = tasks_pb2.FollowTaskRequest(
-            task_id=task_id, follow=follow, include_events=include_events
+            task_id=task_id,
+            follow=follow,
+            include_events=include_events,
+            outcome_only=outcome_only,
         )
         connected_once, delay, give_up_at = False, 0.25, 0.0
         failover_until = time.monotonic() + FAILOVER_FOR
@@ -927,9 +941,10 @@ class Client:
                 call.cancel()
 
     async def wait(self, task_id: str) -> Task:
-        """Follow the task until it is COMPLETED, FAILED or CANCELLED; return its final state."""
+        """Follow the task until it is COMPLETED, FAILED or CANCELLED; return its final state
+        (its output is not sent: `outcome_only`)."""
         last: Task | None = None
-        async with contextlib.aclosing(self.follow(task_id)) as events:
+        async with contextlib.aclosing(self.follow(task_id, outcome_only=True)) as events:
             async for event in events:
                 if isinstance(event, TaskChanged):
                     last = event.task

@@ -31,6 +31,9 @@ class Subscription:
     wakeup: asyncio.Event = field(default_factory=asyncio.Event)
     closed: bool = False  # the hub closed: what is buffered is still taken, then Unavailable
     since: int = 0  # change sets made before it came: those kept no copy for it
+    # Only the task's end is wanted: output and the states on the way are never kept, and
+    # never wake the follower.
+    outcome_only: bool = False
 
     def reread(self) -> None:
         """What it would be given is not known to be committed: it reads the store again."""
@@ -40,6 +43,8 @@ class Subscription:
 
     def push(self, item: OutputChunk | Task) -> None:
         if self.lagged:
+            return
+        if self.outcome_only and not (isinstance(item, Task) and item.status.terminal):
             return
         if len(self.items) >= self.limit:
             self.items.clear()
@@ -103,8 +108,8 @@ class FollowHub:
         finally:
             self._committed = None
 
-    def subscribe(self, task_id: TaskId) -> Subscription:
-        sub = Subscription(task_id, self._limit, since=self._made)
+    def subscribe(self, task_id: TaskId, *, outcome_only: bool = False) -> Subscription:
+        sub = Subscription(task_id, self._limit, since=self._made, outcome_only=outcome_only)
         self._subs.setdefault(task_id, set()).add(sub)
         if self._closed:
             sub.closed = True

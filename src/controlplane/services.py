@@ -211,20 +211,23 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         published by the commit itself."""
         hub = self.engine.hub
         subs: list[Subscription] = []
-        follow = tasks_pb2.FollowTaskRequest(follow=True, include_events=request.include_events)
+        outcome_only = request.outcome_only
+        follow = tasks_pb2.FollowTaskRequest(
+            follow=True, include_events=request.include_events, outcome_only=outcome_only
+        )
         try:
             ((task, created),) = await self._create(
                 [request.task],
                 lambda _: "task.",
                 caller,
-                lambda t: subs.append(hub.subscribe(t.id)),
+                lambda t: subs.append(hub.subscribe(t.id, outcome_only=outcome_only)),
             )
             task_id = task.id
             follow.task_id = task_id
             if created:
                 updates = self._follow(task_id, follow, subs[0], caller, context, fresh=True)
             else:  # an idempotent replay: follow the existing task as FollowTask does
-                subs.append(hub.subscribe(task_id))
+                subs.append(hub.subscribe(task_id, outcome_only=outcome_only))
                 updates = self._follow(task_id, follow, subs[-1], caller, context)
             first = True
             async for update in updates:
@@ -407,7 +410,11 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         except errors.TaskRunError as exc:
             await context.abort(status_code(exc), str(exc))
         engine = self.engine
-        sub = engine.hub.subscribe(task_id) if request.follow else None
+        sub = (
+            engine.hub.subscribe(task_id, outcome_only=request.outcome_only)
+            if request.follow
+            else None
+        )
         try:
             async for update in self._follow(task_id, request, sub, caller, context):
                 yield update
@@ -429,15 +436,19 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
 
         `fresh`: the task was just created with `sub` subscribed before its commit, so there
         is nothing stored to read: its first update is the task its commit published.
+        `request.outcome_only`: no output is read or sent, and (with `sub`, subscribed for the
+        outcome only) nothing until the task has ended.
         """
         store = self.engine.store
+        outcome_only = request.outcome_only
         seen: dict[RunId, int] = {}
         runs: list[RunId] = []
         if not fresh:
             # Read after subscribing, from the store (never the engine's view, which may hold
             # a change still being committed): whatever commits later reaches the subscription.
             task = await store.get_task(task_id)
-            runs = [r.id for r in await store.list_runs(task_id)] if task else []
+            if task is not None and not outcome_only:
+                runs = [r.id for r in await store.list_runs(task_id)]
             if task is None:
                 await context.abort(
                     grpc.StatusCode.NOT_FOUND, f"task_id: no task {quoted(task_id)}"
@@ -455,11 +466,12 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
 
         async def stored() -> list[OutputChunk]:
             out: list[OutputChunk] = []
-            while True:
+            while not outcome_only:
                 batch = await store.read_output(runs, after=dict(seen), limit=OUTPUT_BATCH * 10)
                 out.extend(c for c in batch if keep(c))
                 if len(batch) < OUTPUT_BATCH * 10:
-                    return out
+                    break
+            return out
 
         budget = self.engine.config.max_message_bytes
 
@@ -483,8 +495,9 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
         if not fresh:
             assert task is not None
             ending = sub is None or task.status.terminal
-            for update in messages(task, await stored(), opening=True, ending=ending):
-                yield update
+            if ending or not outcome_only:
+                for update in messages(task, await stored(), opening=True, ending=ending):
+                    yield update
             if ending:
                 return
         assert sub is not None
@@ -507,9 +520,12 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
                         chunks.append(item)
             if lagged:
                 latest = await store.get_task(task_id) or latest
-                runs = [r.id for r in await store.list_runs(task_id)]
+                if not outcome_only:
+                    runs = [r.id for r in await store.list_runs(task_id)]
                 chunks = await stored()
             ending = latest is not None and latest.status.terminal
+            if outcome_only and not ending:
+                continue  # (a lagged follower read a task that has not ended yet)
             for update in messages(latest, chunks, opening=False, ending=ending):
                 yield update
             if ending:

@@ -156,12 +156,14 @@ class CancelTaskRequest(_message.Message):
     def __init__(self, task_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CreateAndFollowTaskRequest(_message.Message):
-    __slots__ = ("task", "include_events")
+    __slots__ = ("task", "include_events", "outcome_only")
     TASK_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_ONLY_FIELD_NUMBER: _ClassVar[int]
     task: CreateTaskRequest
     include_events: bool
-    def __init__(self, task: _Optional[_Union[CreateTaskRequest, _Mapping]] = ..., include_events: _Optional[bool] = ...) -> None: ...
+    outcome_only: bool
+    def __init__(self, task: _Optional[_Union[CreateTaskRequest, _Mapping]] = ..., include_events: _Optional[bool] = ..., outcome_only: _Optional[bool] = ...) -> None: ...
 
 class SubmitRequest(_message.Message):
     __slots__ = ("request_id", "create", "stop")
@@ -192,14 +194,16 @@ class RequestError(_message.Message):
     def __init__(self, code: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class FollowTaskRequest(_message.Message):
-    __slots__ = ("task_id", "follow", "include_events")
+    __slots__ = ("task_id", "follow", "include_events", "outcome_only")
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     INCLUDE_EVENTS_FIELD_NUMBER: _ClassVar[int]
+    OUTCOME_ONLY_FIELD_NUMBER: _ClassVar[int]
     task_id: str
     follow: bool
     include_events: bool
-    def __init__(self, task_id: _Optional[str] = ..., follow: _Optional[bool] = ..., include_events: _Optional[bool] = ...) -> None: ...
+    outcome_only: bool
+    def __init__(self, task_id: _Optional[str] = ..., follow: _Optional[bool] = ..., include_events: _Optional[bool] = ..., outcome_only: _Optional[bool] = ...) -> None: ...
 
 class TaskUpdate(_message.Message):
     __slots__ = ("task", "chunks", "created", "last")

@@ -251,3 +251,75 @@ async def test_followers_arriving_as_the_server_stops_are_refused_unavailable(
         cluster.server = None
         await asyncio.gather(*followers)
     assert ended == {"UNAVAILABLE": 60}
+
+
+async def test_outcome_only_sends_the_ended_task_alone_on_every_way_of_following(
+    cluster: Cluster,
+) -> None:
+    """A caller that waits for the result (`Client.run`, `Client.wait`, MCP's wait) asks for
+    the outcome only: one update, the task once it has ended, no output and nothing on the way;
+    live, replayed, created on a stream, and on the submit stream alike."""
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    stub = client._task_stub()
+    text = "".join(f"{i:03d}" for i in range(40))
+    # output on the way, and time to be followed while it runs
+    spec = TaskSpec(agent="echo", input=json.dumps({"text": text, "chunks": 40, "delay": 0.005}))
+    create = tasks_pb2.CreateAndFollowTaskRequest(task=convert.spec_to_pb(spec), outcome_only=True)
+    created = [u async for u in stub.CreateAndFollowTask(create)]
+    live = await client.create_task("echo", json.loads(spec.input))
+    followed = [
+        u
+        async for u in stub.FollowTask(
+            tasks_pb2.FollowTaskRequest(task_id=live.id, follow=True, outcome_only=True)
+        )
+    ]
+    replayed = [
+        u
+        async for u in stub.FollowTask(
+            tasks_pb2.FollowTaskRequest(task_id=live.id, follow=True, outcome_only=True)
+        )
+    ]
+    for updates in (created, followed, replayed):
+        assert len(updates) == 1
+        (only,) = updates
+        assert only.last and not only.chunks
+        assert only.task.status == TaskStatus.COMPLETED
+        assert json.loads(only.task.result_json) == {"chars": len(text), "chunks": 40}
+    assert created[0].created is True
+    events = [e async for e in client.submit_and_follow(spec, outcome_only=True)]
+    assert len(events) == 1
+    assert isinstance(events[0], TaskChanged) and events[0].task.status is TaskStatus.COMPLETED
+    assert (await client.run(spec)).status is TaskStatus.COMPLETED
+    assert (await client.wait(live.id)).status is TaskStatus.COMPLETED
+    # the output is stored as ever, for whoever reads it
+    stored = [e.chunk.data async for e in client.follow(live.id) if isinstance(e, OutputReceived)]
+    assert "".join(stored) == text
+
+
+async def test_outcome_only_without_follow_is_the_state_now_and_with_it_waits_for_the_end(
+    cluster: Cluster,
+) -> None:
+    await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    stub = client._task_stub()
+    running = await client.create_task("echo", {"text": "ab", "chunks": 2, "delay": 60})
+    async with contextlib.aclosing(client.follow(running.id)) as events:
+        async for event in events:
+            if isinstance(event, TaskChanged) and event.task.status is TaskStatus.RUNNING:
+                break
+    request = tasks_pb2.FollowTaskRequest(task_id=running.id, follow=False, outcome_only=True)
+    (now,) = [u async for u in stub.FollowTask(request)]
+    assert now.last and not now.chunks and now.task.status == TaskStatus.RUNNING
+    waiting = stub.FollowTask(
+        tasks_pb2.FollowTaskRequest(task_id=running.id, follow=True, outcome_only=True)
+    )
+    first = asyncio.ensure_future(anext(aiter(waiting)))
+    await asyncio.sleep(0.3)  # its output ("a" now, "b" in a minute) wakes nothing
+    assert not first.done()
+    await client.cancel_task(running.id, "enough")
+    update = await asyncio.wait_for(first, 10)
+    assert update.last and not update.chunks and update.task.status == TaskStatus.CANCELLED
+    waiting.cancel()

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import UTC, datetime
 from typing import Any
 
 from taskrun.controlplane.config import ServerConfig
 from taskrun.controlplane.engine import Engine
-from taskrun.controlplane.followers import Subscription
+from taskrun.controlplane.followers import FollowHub, Subscription
 from taskrun.controlplane.store.memory import MemoryStore
-from taskrun.core.models import Task, TaskSpec
+from taskrun.core.ids import RunId, TaskId
+from taskrun.core.models import OutputChunk, OutputKind, Task, TaskPolicy, TaskSpec
 from taskrun.core.status import TaskStatus
 from taskrun.core.store import ChangeSet
 
@@ -88,3 +90,22 @@ async def test_a_follower_that_comes_while_the_commit_is_under_way_rereads_the_s
     items, reread = await sub.wait()
     assert [i.status for i in items if isinstance(i, Task)] == [TaskStatus.CANCELLED]
     await engine.stop()
+
+
+async def test_an_outcome_only_follower_keeps_and_wakes_for_the_end_alone() -> None:
+    hub = FollowHub(limit=3)
+    now = datetime.now(UTC)
+    task = Task(TaskId("tsk_1"), "echo", "{}", {}, TaskPolicy(), TaskStatus.PENDING, now, now)
+    everything = hub.subscribe(task.id)
+    outcome = hub.subscribe(task.id, outcome_only=True)
+    for seq in range(1, 6):  # more output than the buffer holds: would lag a full follower
+        hub.publish(task.id, OutputChunk(RunId("run_1"), 1, seq, "x", OutputKind.TEXT))
+    task.status = TaskStatus.RUNNING
+    hub.publish(task.id, task.snapshot())
+    assert everything.lagged and everything.wakeup.is_set()
+    assert not outcome.lagged and not outcome.items and not outcome.wakeup.is_set()
+    task.status = TaskStatus.COMPLETED
+    hub.publish(task.id, task.snapshot())
+    items, lagged = await outcome.wait()
+    assert not lagged
+    assert [(type(i), getattr(i, "status", None)) for i in items] == [(Task, TaskStatus.COMPLETED)]

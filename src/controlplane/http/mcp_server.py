@@ -254,7 +254,7 @@ class McpTools:
 
     async def _wait(self, task_id: str, seconds: float, context: HttpCallContext) -> dict[str, Any]:
         """Follow the task (the servicer's FollowTask) until it ends, then read it whole."""
-        follow = tpb.FollowTaskRequest(task_id=task_id, follow=True)
+        follow = tpb.FollowTaskRequest(task_id=task_id, follow=True, outcome_only=True)
         updates = self.servicers.tasks.FollowTask(follow, context)
         ended = False
         try:

@@ -151,7 +151,7 @@ class WorkflowExecutor:
         if task_id in self._following or self._closed:
             return
         self._following.add(task_id)
-        sub = self.engine.hub.subscribe(task_id)
+        sub = self.engine.hub.subscribe(task_id, outcome_only=True)  # its output wakes nothing
 
         async def watch() -> None:
             try:
