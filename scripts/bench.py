@@ -625,6 +625,19 @@ class _Sequential:
         self.ends: list[tuple[str, float, float]] = []  # (task id, time.time() at either end)
         self.stages: dict[str, float] = {}
         self.tail_stages: dict[str, float] = {}
+        self.runs: list[float] = []  # Client.run, submit to the ended task
+
+    async def one_run(self) -> None:
+        """One task through Client.run: the outcome only."""
+        t0 = time.perf_counter()
+        try:
+            async with asyncio.timeout(self.follow_timeout):
+                final = await self.client.run(TaskSpec(agent="echo", input=ECHO_INPUT))
+        except TimeoutError:
+            self.missed.append(f"Client.run: no outcome within {self.follow_timeout:g}s")
+            return
+        if final.status is TaskStatus.COMPLETED:
+            self.runs.append(time.perf_counter() - t0)
 
     async def one(self, measured: bool) -> None:
         client = self.client
@@ -709,6 +722,7 @@ class _Sequential:
             follow_missed_examples=self.missed[:5],
             stages_ms=self.stages,
             tail_stages_ms=self.tail_stages,
+            run_to_completed=Latency.of(self.runs) if self.runs else None,
         )
 
 
@@ -742,6 +756,11 @@ async def measure_latency(
                 order.reverse()
             after = [_plane_cpu(plane) for plane in planes]
             client1 = time.process_time()
+        # then as many through Client.run (not profiled, no CPU counted), taking turns alike
+        for _ in range(n):
+            for side in order:
+                await side.one_run()
+            order.reverse()
         for side in sides:  # after the measurement: the reading costs it nothing
             await side.read_stages()
     results = [side.result() for side in sides]

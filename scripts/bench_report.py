@@ -125,6 +125,9 @@ class SequentialLatency:
     stages_ms: dict[str, float] = field(default_factory=dict)
     # the same over the slowest 1 % of the tasks (those that make the p99)
     tail_stages_ms: dict[str, float] = field(default_factory=dict)
+    # The same number of tasks through Client.run (the outcome only: no created update, no
+    # output), right after the others; None when nothing was measured that way.
+    run_to_completed: Latency | None = None
 
 
 # The stages of one sequential task, in order; each from the stored time named to the next.
@@ -313,6 +316,13 @@ def _stage(r: Report, name: str) -> float:
     return r.latency.stages_ms[name]
 
 
+def _run_latency(r: Report) -> str:
+    run = r.latency.run_to_completed
+    if run is None:
+        return ""
+    return f"p99 {run.p99_ms:.2f} ms; the outcome only (no created update, no output), right after"
+
+
 def _stage_span(r: Report, span: str, name: str) -> str:
     slowest = r.latency.tail_stages_ms.get(name)
     return span if slowest is None else f"{span}; slowest 1 %: {slowest:.2f} ms"
@@ -426,6 +436,12 @@ def rows() -> list[Row]:
             lambda r: r.latency.create_call.p50_ms,
             _ms,
             lambda r: f"{r.latency.create_call.p50_ms / r.baseline.unary.p50_ms:.1f} x bare p50",
+        ),
+        Row(
+            "  through Client.run (p50)",
+            lambda r: r.latency.run_to_completed.p50_ms if r.latency.run_to_completed else None,
+            _ms,
+            _run_latency,
         ),
         Row("  where it went (p50 of each stage, from the times stored with the task and run)"),
         *(
