@@ -355,17 +355,22 @@ class AnthropicBackend:
                 f"no Anthropic credentials: set ANTHROPIC_API_KEY on the worker ({exc})",
                 fault=Fault.WORKER,
             ) from exc
+        except anthropic.APIConnectionError as exc:
+            # Once the stream has started, a failure to read it is the connection breaking
+            # mid-response (anthropic 2.17 wraps it, a timeout included; earlier releases raise
+            # httpx's error, below): the SDK does not retry it, and it was connected.
+            cause = exc.__cause__ if isinstance(exc.__cause__, httpx2.HTTPError) else None
+            if opened is None or cause is None:
+                error = self._explain(exc)
+                error.usage = _spent(opened)
+                raise error from exc
+            raise self._broke(cause, opened) from exc
         except anthropic.AnthropicError as exc:
             error = self._explain(exc)
             error.usage = _spent(opened)
             raise error from exc
-        except httpx2.HTTPError as exc:  # the SDK does not wrap errors while reading a stream
-            raise AgentError(
-                f"the connection to the Anthropic API at {self.endpoint} broke mid-response: "
-                f"{type(exc).__name__} {exc}".rstrip(),
-                usage=_spent(opened),
-                fault=Fault.WORKER,
-            ) from exc
+        except httpx2.HTTPError as exc:  # read errors of a started stream, before anthropic 2.17
+            raise self._broke(exc, opened) from exc
         except TypeError as exc:
             if "authentication method" in str(exc):
                 raise AgentError(
@@ -391,6 +396,15 @@ class AnthropicBackend:
             output_tokens=usage.output_tokens,
         )
         return Completion(text, usage, model_backend(final.model), final.stop_reason or "")
+
+    def _broke(self, exc: Exception, opened: Any) -> AgentError:
+        """The stream started, then its connection broke (what it spent so far is kept)."""
+        return AgentError(
+            f"the connection to the Anthropic API at {self.endpoint} broke mid-response: "
+            f"{type(exc).__name__} {exc}".rstrip(),
+            usage=_spent(opened),
+            fault=Fault.WORKER,
+        )
 
     def _explain(self, exc: anthropic.AnthropicError) -> AgentError:
         """Turn an SDK exception into a message an operator can act on, saying whose fault it
