@@ -323,3 +323,35 @@ async def test_outcome_only_without_follow_is_the_state_now_and_with_it_waits_fo
     update = await asyncio.wait_for(first, 10)
     assert update.last and not update.chunks and update.task.status == TaskStatus.CANCELLED
     waiting.cancel()
+
+
+async def test_an_outcome_only_follower_is_refused_an_unknown_task_and_ended_by_a_stop(
+    cluster: Cluster,
+) -> None:
+    """It waits on nothing but the end, so what ends a follow otherwise must still reach it: a
+    task that does not exist, and a control plane that stops (follow again elsewhere)."""
+    server = await cluster.start_server()
+    await cluster.start_worker("worker-1")
+    client = cluster.client()
+    stub = client._task_stub()
+    missing = stub.FollowTask(
+        tasks_pb2.FollowTaskRequest(task_id="tsk_nosuchtask", follow=True, outcome_only=True)
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await missing.read()
+    assert refused.value.code() is grpc.StatusCode.NOT_FOUND
+    assert "task_id" in (refused.value.details() or "")
+    long = await client.create_task("echo", {"text": "ab", "chunks": 2, "delay": 60})
+    async with channel(cluster) as ch:
+        waiting = tasks_pb2_grpc.TaskServiceStub(ch).FollowTask(
+            tasks_pb2.FollowTaskRequest(task_id=long.id, follow=True, outcome_only=True)
+        )
+        first = asyncio.ensure_future(waiting.read())
+        await asyncio.sleep(0.3)
+        assert not first.done()  # nothing until the end
+        await server.stop(grace=30.0)
+        cluster.server = None
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            await asyncio.wait_for(first, 15)
+        assert ended.value.code() is grpc.StatusCode.UNAVAILABLE
+        assert "the control plane is stopping" in (ended.value.details() or "")
