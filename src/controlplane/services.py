@@ -466,12 +466,13 @@ class TaskService(tasks_pb2_grpc.TaskServiceServicer):
 
         async def stored() -> list[OutputChunk]:
             out: list[OutputChunk] = []
-            while not outcome_only:
+            if outcome_only:
+                return out
+            while True:
                 batch = await store.read_output(runs, after=dict(seen), limit=OUTPUT_BATCH * 10)
                 out.extend(c for c in batch if keep(c))
                 if len(batch) < OUTPUT_BATCH * 10:
-                    break
-            return out
+                    return out
 
         budget = self.engine.config.max_message_bytes
 
